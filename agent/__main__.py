@@ -1,0 +1,83 @@
+"""``virtbus-agent``: the per-host daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from virtbus.bus.factory import open_bus
+
+from agent.drivers import DRIVER_NAMES, make_driver
+from agent.service import AgentService
+from virtbus.errors import VirtbusError
+from virtbus.settings import AgentSettings, BusSettings, bus_url_from_env
+
+log = logging.getLogger("virtbus.agent")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="virtbus-agent", description="virtbus per-host agent")
+    p.add_argument("--host", default=socket.gethostname(), help="this host's name on the bus")
+    p.add_argument("--driver", default="test", choices=DRIVER_NAMES)
+    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/virtbus"))
+    p.add_argument("--run-dir", type=Path, default=None, help="default: STATE_DIR/run")
+    p.add_argument(
+        "--bus", default=None, help="bus URL (default: $VIRTBUS_BUS_URL or local RabbitMQ)"
+    )
+    p.add_argument("--heartbeat-interval", type=float, default=AgentSettings.heartbeat_interval)
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> int:
+    settings = AgentSettings(
+        host=args.host,
+        driver=args.driver,
+        state_dir=args.state_dir,
+        run_dir=args.run_dir,
+        heartbeat_interval=args.heartbeat_interval,
+    )
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+    bus_settings = BusSettings(url=bus_url_from_env(args.bus))
+    bus = open_bus(bus_settings.url, src=settings.host, settings=bus_settings)
+    service = AgentService(settings, bus, make_driver(settings), bus_settings)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.start()
+    except VirtbusError as exc:
+        log.error("agent could not start: %s", exc)
+        await service.stop()
+        return 1
+    print(f"virtbus-agent {settings.host} ready (driver {settings.driver})", flush=True)
+    failed = asyncio.create_task(service.failed.wait(), name="agent:failed-watch")
+    stopping = asyncio.create_task(stop.wait(), name="agent:signal-watch")
+    await asyncio.wait({failed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    failed.cancel()
+    stopping.cancel()
+    log.info("stopping agent %s", settings.host)
+    await service.stop()
+    return 1 if service.failed.is_set() else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    sys.exit(asyncio.run(run(args)))
+
+
+if __name__ == "__main__":
+    main()

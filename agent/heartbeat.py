@@ -1,0 +1,35 @@
+"""The host's heartbeat: who it is, what it has, what it runs — every few seconds."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from drivers.base import Driver
+from virtbus import __version__
+from virtbus.protocol.events import DomainState
+
+
+async def inventory(
+    driver: Driver, host: str, *, started_at: float, last_seq: int
+) -> dict[str, Any]:
+    """The inventory map carried by heartbeats and answered by ``host.info``."""
+    resources = await driver.host_resources()
+    domains = await driver.list_domains(include_inactive=True)
+    active = [d for d in domains if d.state != DomainState.SHUTOFF]
+    return {
+        "host": host,
+        "driver": driver.name,
+        **resources.to_map(),
+        "domains": len(domains),
+        "active_domains": len(active),
+        "allocated_memory_kib": sum(d.memory_kib for d in active),
+        "allocated_vcpus": sum(d.vcpus for d in active),
+        "running": [d.name for d in active],
+        "labels": {},
+        "draining": False,
+        "last_event_seq": last_seq,
+        "agent_version": __version__,
+        "started_at": started_at,
+        "now": time.time(),
+    }

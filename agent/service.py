@@ -1,0 +1,135 @@
+"""The per-host agent: serves its call queue, publishes events and heartbeats.
+
+Start order: driver (so events have somewhere to go), bus, outbox publisher, heartbeat,
+then the call queue. Stop is staged the other way round: stop taking calls and finish the
+ones in hand (bounded), stop heartbeats, flush events (bounded), close the driver (guests
+keep running), close the bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from agent.dispatch import Dispatcher
+from agent.handlers import domain_key, handler_for
+from agent.heartbeat import inventory
+from agent.outbox import EventOutbox
+from drivers.base import Driver, DriverEvent
+from virtbus.aio import TaskGroup
+from virtbus.bus.base import Bus, Server
+from virtbus.bus.topology import EVENTS_EXCHANGE, HEARTBEAT_KEY_SUFFIX, HOSTS_EXCHANGE
+from virtbus.errors import VirtbusError
+from virtbus.protocol import ops
+from virtbus.protocol.envelope import Envelope, Kind
+from virtbus.protocol.events import event_body, event_routing_key, routing_word
+from virtbus.settings import AgentSettings, BusSettings
+
+log = logging.getLogger(__name__)
+
+
+class AgentService:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        bus: Bus,
+        driver: Driver,
+        bus_settings: BusSettings | None = None,
+    ) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.driver = driver
+        self.host = settings.host
+        self._bus_settings = bus_settings or BusSettings()
+        self._seq = 0
+        self._started_at = time.time()
+        self._server: Server | None = None
+        self._tasks = TaskGroup(f"agent:{self.host}", on_crash=self._task_crashed)
+        self.outbox = EventOutbox(
+            self._publish_event, capacity=settings.event_buffer, retry=self._bus_settings.reconnect
+        )
+        self.dispatcher = Dispatcher(
+            self._execute,
+            lambda call: domain_key(self.driver, call),
+            command_timeout=settings.command_timeout,
+            call_memory=settings.call_memory,
+        )
+        self.failed = asyncio.Event()  # set when a supervised task died: the agent must stop
+
+    # --- events ---------------------------------------------------------------------
+    def _on_driver_event(self, event: DriverEvent) -> None:
+        """The driver's sink: stamp the sequence number now, publish later; never blocks."""
+        self._seq += 1
+        body = event_body(
+            host=self.host,
+            seq=self._seq,
+            domain=event.domain,
+            uuid=event.uuid,
+            event=event.event,
+            detail=event.detail,
+            data=event.data,
+            reconciled=event.reconciled,
+        )
+        self.outbox.put(Envelope(kind=Kind.EVENT, op=ops.EVENT_DOMAIN, body=body, src=self.host))
+
+    async def _publish_event(self, envelope: Envelope) -> None:
+        body = envelope.body
+        key = event_routing_key(self.host, body["domain"], body["event"])
+        await self.bus.publish(EVENTS_EXCHANGE, key, envelope, confirm=True)
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    # --- calls ----------------------------------------------------------------------
+    async def _execute(self, call: Envelope) -> Any:
+        if call.op == ops.HOST_INFO:
+            return await self.inventory()
+        if call.op == ops.HOST_PING:
+            return {"host": self.host}
+        return await handler_for(call.op)(self.driver, call.body)
+
+    async def inventory(self) -> dict[str, Any]:
+        return await inventory(
+            self.driver, self.host, started_at=self._started_at, last_seq=self._seq
+        )
+
+    # --- heartbeat ------------------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        key = f"{routing_word(self.host)}.{HEARTBEAT_KEY_SUFFIX}"
+        while True:
+            try:
+                body = await self.inventory()
+                envelope = Envelope(kind=Kind.HEARTBEAT, op=ops.HEARTBEAT, body=body, src=self.host)
+                await self.bus.publish(HOSTS_EXCHANGE, key, envelope)
+            except VirtbusError as exc:
+                log.warning("heartbeat not sent: %s", exc)
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    # --- lifecycle ------------------------------------------------------------------
+    def _task_crashed(self, name: str, exc: BaseException) -> None:
+        log.error("agent task %s died (%r): stopping the agent", name, exc)
+        self.failed.set()
+
+    async def start(self) -> None:
+        await self.driver.open(self._on_driver_event)
+        await self.bus.connect()
+        self._tasks.spawn(self.outbox.run(), name="outbox")
+        self._tasks.spawn(self._heartbeat_loop(), name="heartbeat")
+        self._server = await self.bus.serve(ops.agent_route(self.host), self.dispatcher.submit)
+        log.info("agent %s serving with driver %s", self.host, self.driver.name)
+
+    async def stop(self) -> None:
+        grace = self.settings.shutdown_grace
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
+        await self.dispatcher.stop(grace)
+        if not await self.outbox.flush(grace):
+            log.warning("%d events not yet published at stop", len(self.outbox))
+        await self._tasks.cancel_all()
+        await self.driver.close()
+        await self.bus.close()
+        log.info("agent %s stopped", self.host)

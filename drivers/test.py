@@ -1,0 +1,260 @@
+"""An in-memory hypervisor, like libvirt's ``test:///default``: instant and deterministic.
+
+It accepts any domain type (``test``, ``kvm``, ``qemu``, ``xen``) so the XML meant for a
+real hypervisor can be tried on it. Guests are cooperative: an ACPI shutdown powers them
+off at once. CPU time advances with wall time while a guest runs, so stats move.
+It serves the demo, unit tests and scheduler scale tests (thousands of simulated hosts).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+
+from drivers.base import DomainInfo, DomainRef, DriverEvent, EventSink, HostResources
+from virtbus.domain import DomainDefinition, parse_domain_xml
+from virtbus.errors import NoDomainError, OperationFailed, OperationInvalid
+from virtbus.protocol.events import DomainState
+
+_ACTIVE = (DomainState.RUNNING, DomainState.PAUSED, DomainState.BLOCKED, DomainState.CRASHED)
+
+
+@dataclass(slots=True)
+class _TestDomain:
+    definition: DomainDefinition
+    state: DomainState = DomainState.SHUTOFF
+    reason: str = "unknown"
+    id: int | None = None
+    cpu_time_ns: int = 0
+    running_since: float | None = None
+    memory_kib: int = 0
+
+    @property
+    def ref(self) -> DomainRef:
+        return DomainRef(self.definition.name, self.definition.uuid)
+
+    def cpu_time(self) -> int:
+        extra = 0
+        if self.running_since is not None and self.state == DomainState.RUNNING:
+            extra = int((time.monotonic() - self.running_since) * 1e9)
+        return self.cpu_time_ns + extra
+
+    def settle_cpu(self) -> None:
+        self.cpu_time_ns = self.cpu_time()
+        self.running_since = None
+
+
+@dataclass(frozen=True, slots=True)
+class TestHostSpec:
+    """The simulated machine; defaults to this machine's real size."""
+
+    cpus: int = os.cpu_count() or 1
+    memory_kib: int = 0  # 0: read /proc/meminfo
+    arch: str = platform.machine() or "x86_64"
+    cpu_model: str = "virtbus-test-cpu"
+
+
+class TestDriver:
+    """The ``test`` driver (see module docstring)."""
+
+    name = "test"
+
+    def __init__(self, host: TestHostSpec | None = None) -> None:
+        self._host = host or TestHostSpec()
+        self._domains: dict[str, _TestDomain] = {}  # by uuid
+        self._by_name: dict[str, str] = {}
+        self._next_id = 1
+        self._sink: EventSink = lambda _event: None
+
+    # --- plumbing -------------------------------------------------------------------
+    async def open(self, sink: EventSink) -> None:
+        self._sink = sink
+
+    async def close(self) -> None:
+        self._sink = lambda _event: None
+
+    def lookup(self, ref: str) -> DomainRef | None:
+        dom = self._find(ref)
+        return dom.ref if dom else None
+
+    def _find(self, ref: str) -> _TestDomain | None:
+        dom = self._domains.get(ref)
+        if dom is None:
+            uuid = self._by_name.get(ref)
+            dom = self._domains.get(uuid) if uuid else None
+        if dom is None and len(ref) == 32:  # a UUID written without dashes
+            dashed = f"{ref[:8]}-{ref[8:12]}-{ref[12:16]}-{ref[16:20]}-{ref[20:]}"
+            dom = self._domains.get(dashed.lower())
+        return dom
+
+    def _get(self, ref: str) -> _TestDomain:
+        dom = self._find(ref)
+        if dom is None:
+            raise NoDomainError(f"domain not found: no domain with matching name or uuid '{ref}'")
+        return dom
+
+    def _emit(self, dom: _TestDomain, event: str, detail: str | None = None) -> None:
+        self._sink(DriverEvent(dom.definition.name, dom.definition.uuid, event, detail))
+
+    def _set(self, dom: _TestDomain, state: DomainState, reason: str) -> None:
+        if state != DomainState.RUNNING:
+            dom.settle_cpu()
+        elif dom.running_since is None:
+            dom.running_since = time.monotonic()
+        dom.state, dom.reason = state, reason
+
+    def _require(self, dom: _TestDomain, *states: DomainState, verb: str) -> None:
+        if dom.state not in states:
+            if dom.state == DomainState.SHUTOFF:
+                raise OperationInvalid(f"domain '{dom.definition.name}' is not running")
+            raise OperationInvalid(
+                f"cannot {verb} domain '{dom.definition.name}': it is {dom.state.label}"
+            )
+
+    # --- definitions ----------------------------------------------------------------
+    async def define(self, xml: str) -> DomainRef:
+        defn = parse_domain_xml(xml)
+        by_uuid = self._domains.get(defn.uuid)
+        by_name_uuid = self._by_name.get(defn.name)
+        if by_name_uuid is not None and by_name_uuid != defn.uuid:
+            raise OperationFailed(f"domain '{defn.name}' already exists with uuid {by_name_uuid}")
+        if by_uuid is not None and by_uuid.definition.name != defn.name:
+            raise OperationFailed(
+                f"domain '{by_uuid.definition.name}' is already defined with uuid {defn.uuid}"
+            )
+        if by_uuid is not None:
+            by_uuid.definition = defn
+            self._emit(by_uuid, "defined", "updated")
+            return by_uuid.ref
+        dom = _TestDomain(definition=defn, memory_kib=defn.current_memory_kib)
+        self._domains[defn.uuid] = dom
+        self._by_name[defn.name] = defn.uuid
+        self._emit(dom, "defined", "added")
+        return dom.ref
+
+    async def undefine(self, ref: str) -> None:
+        dom = self._get(ref)
+        self._require(dom, DomainState.SHUTOFF, verb="undefine")
+        del self._domains[dom.definition.uuid]
+        del self._by_name[dom.definition.name]
+        self._emit(dom, "undefined", "removed")
+
+    # --- lifecycle ------------------------------------------------------------------
+    async def start(self, ref: str) -> None:
+        dom = self._get(ref)
+        if dom.state != DomainState.SHUTOFF:
+            raise OperationInvalid(f"domain '{dom.definition.name}' is already active")
+        dom.id = self._next_id
+        self._next_id += 1
+        dom.memory_kib = dom.definition.current_memory_kib
+        self._set(dom, DomainState.RUNNING, "booted")
+        self._emit(dom, "started", "booted")
+
+    def _stop(self, dom: _TestDomain, reason: str) -> None:
+        dom.id = None
+        self._set(dom, DomainState.SHUTOFF, reason)
+        self._emit(dom, "stopped", reason)
+
+    async def shutdown(self, ref: str, timeout: float | None = None) -> None:
+        dom = self._get(ref)
+        self._require(dom, DomainState.RUNNING, verb="shut down")
+        self._emit(dom, "shutdown", "guest")
+        action = dom.definition.on_poweroff
+        if action == "restart":
+            self._emit(dom, "reboot")
+            return
+        if action == "preserve":
+            self._set(dom, DomainState.SHUTDOWN, "user")
+            return
+        self._stop(dom, "shutdown")
+
+    async def destroy(self, ref: str) -> None:
+        dom = self._get(ref)
+        self._require(dom, *_ACTIVE, DomainState.SHUTDOWN, verb="destroy")
+        self._stop(dom, "destroyed")
+
+    async def reboot(self, ref: str) -> None:
+        dom = self._get(ref)
+        self._require(dom, DomainState.RUNNING, verb="reboot")
+        if dom.definition.on_reboot == "destroy":
+            self._emit(dom, "shutdown", "guest")
+            self._stop(dom, "shutdown")
+            return
+        self._emit(dom, "reboot")
+
+    async def reset(self, ref: str) -> None:
+        dom = self._get(ref)
+        self._require(dom, *_ACTIVE, verb="reset")
+        self._emit(dom, "reboot")
+
+    async def suspend(self, ref: str) -> None:
+        dom = self._get(ref)
+        self._require(dom, DomainState.RUNNING, verb="suspend")
+        self._set(dom, DomainState.PAUSED, "user")
+        self._emit(dom, "suspended", "paused")
+
+    async def resume(self, ref: str) -> None:
+        dom = self._get(ref)
+        self._require(dom, DomainState.PAUSED, verb="resume")
+        self._set(dom, DomainState.RUNNING, "unpaused")
+        self._emit(dom, "resumed", "unpaused")
+
+    # --- inspection -----------------------------------------------------------------
+    def _info(self, dom: _TestDomain) -> DomainInfo:
+        defn = dom.definition
+        active = dom.state != DomainState.SHUTOFF
+        return DomainInfo(
+            name=defn.name,
+            uuid=defn.uuid,
+            state=dom.state,
+            reason=dom.reason,
+            max_memory_kib=defn.memory_kib,
+            memory_kib=dom.memory_kib if active else defn.current_memory_kib,
+            vcpus=defn.current_vcpus,
+            cpu_time_ns=dom.cpu_time(),
+            id=dom.id,
+            hv_type=defn.hv_type,
+        )
+
+    async def info(self, ref: str) -> DomainInfo:
+        return self._info(self._get(ref))
+
+    async def list_domains(self, include_inactive: bool = True) -> list[DomainInfo]:
+        return [
+            self._info(dom)
+            for dom in self._domains.values()
+            if include_inactive or dom.state != DomainState.SHUTOFF
+        ]
+
+    async def xml(self, ref: str) -> str:
+        dom = self._get(ref)
+        return dom.definition.to_xml(domain_id=dom.id)
+
+    async def host_resources(self) -> HostResources:
+        total = self._host.memory_kib or _meminfo_total_kib()
+        used = sum(
+            d.definition.current_memory_kib
+            for d in self._domains.values()
+            if d.state != DomainState.SHUTOFF
+        )
+        return HostResources(
+            cpus=self._host.cpus,
+            memory_total_kib=total,
+            memory_free_kib=max(0, total - used),
+            arch=self._host.arch,
+            cpu_model=self._host.cpu_model,
+            hypervisor=self.name,
+        )
+
+
+def _meminfo_total_kib() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:  # tiny procfs read, not disk I/O
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0

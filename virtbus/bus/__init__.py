@@ -1,0 +1,1 @@
+"""Bus transports (RabbitMQ via aio-pika, in-process memory://) behind one interface."""

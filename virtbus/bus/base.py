@@ -1,0 +1,66 @@
+"""The transport interface shared by the AMQP and memory:// buses.
+
+A bus carries :class:`Envelope` values. It offers four things:
+
+- ``call``: an RPC with a deadline. The caller's deadline travels as the AMQP
+  ``expiration`` (a call that waited in a queue past it is dropped by the broker) and as
+  the ``x-deadline`` header (epoch seconds; a server drops a call it receives too late).
+  A reply with ``ok: false`` is raised as the typed error of its code; no reply in time
+  is :class:`OperationTimeout`.
+- ``serve``: consume the RPC queue for a route. The handler is called *synchronously, in
+  delivery order* and must not block: it returns an awaitable of the reply body. This is
+  what lets a server keep per-object ordering without relying on task scheduling. The
+  transport replies (when the call has a reply address) and acks after the awaitable is
+  done. Undecodable messages get an error reply or are rejected without requeue (dead-
+  lettered); they never stop the consumer.
+- ``publish``: events, metrics, heartbeats; with ``confirm=True`` it returns only once the
+  broker confirmed the message.
+- ``subscribe``: a bounded async iterator of envelopes bound to topic keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+from virtbus.protocol.envelope import Envelope
+
+# Called in delivery order, returns an awaitable of the reply body ({"ok": ...}).
+CallHandler = Callable[[Envelope], Awaitable[dict[str, Any]]]
+ConnectionListener = Callable[[bool], None]
+
+
+class Server(Protocol):
+    async def stop(self) -> None:
+        """Stop consuming; calls in hand are finished and acked, the rest stay queued."""
+
+
+class Subscription(Protocol):
+    def __aiter__(self) -> AsyncIterator[Envelope]: ...
+    async def __anext__(self) -> Envelope: ...
+    async def close(self) -> None: ...
+
+
+class Bus(Protocol):
+    src: str
+
+    @property
+    def connected(self) -> bool: ...
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        """Called with True/False whenever the connection comes up or goes down."""
+
+    async def connect(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def call(
+        self, route: str, op: str, body: dict[str, Any], *, timeout: float | None = None
+    ) -> Any: ...
+
+    async def serve(self, route: str, handler: CallHandler) -> Server: ...
+
+    async def publish(
+        self, exchange: str, routing_key: str, envelope: Envelope, *, confirm: bool = False
+    ) -> None: ...
+
+    async def subscribe(self, exchange: str, binding_keys: list[str]) -> Subscription: ...

@@ -1,0 +1,68 @@
+"""The whole RabbitMQ topology, declared in one place (and replayed on reconnect).
+
+Exchanges::
+
+    virtbus.rpc      direct  agent.<host> -> virtbus.agent.<host>, scheduler -> virtbus.scheduler
+    virtbus.events   topic   <host>.<domain>.<event>
+    virtbus.metrics  topic   <host>.<domain>  (host-wide metrics: <host>._host)
+    virtbus.hosts    topic   <host>.heartbeat
+    virtbus.dlx      fanout  rejected (undecodable) messages -> virtbus.dead
+
+Call queues are durable and dead-letter to ``virtbus.dlx``; call messages themselves are
+transient and expire at their caller's deadline. Replies use direct reply-to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+RPC_EXCHANGE: Final = "virtbus.rpc"
+EVENTS_EXCHANGE: Final = "virtbus.events"
+METRICS_EXCHANGE: Final = "virtbus.metrics"
+HOSTS_EXCHANGE: Final = "virtbus.hosts"
+DEAD_LETTER_EXCHANGE: Final = "virtbus.dlx"
+DEAD_LETTER_QUEUE: Final = "virtbus.dead"
+SCHEDULER_ROUTE: Final = "scheduler"
+SCHEDULER_QUEUE: Final = "virtbus.scheduler"
+DEADLINE_HEADER: Final = "x-deadline"
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeSpec:
+    name: str
+    type: str  # direct | topic | fanout
+    durable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    name: str
+    durable: bool = True
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+EXCHANGES: Final = (
+    ExchangeSpec(RPC_EXCHANGE, "direct"),
+    ExchangeSpec(EVENTS_EXCHANGE, "topic"),
+    ExchangeSpec(METRICS_EXCHANGE, "topic"),
+    ExchangeSpec(HOSTS_EXCHANGE, "topic"),
+    ExchangeSpec(DEAD_LETTER_EXCHANGE, "fanout"),
+)
+
+DEAD_LETTER = QueueSpec(DEAD_LETTER_QUEUE, arguments={"x-max-length": 10_000})
+
+_CALL_QUEUE_ARGS: Final = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+
+
+def call_queue_for(route: str) -> QueueSpec:
+    """The durable queue that serves an RPC route (``agent.<host>`` or ``scheduler``)."""
+    if route == SCHEDULER_ROUTE:
+        return QueueSpec(
+            SCHEDULER_QUEUE, arguments={**_CALL_QUEUE_ARGS, "x-single-active-consumer": True}
+        )
+    return QueueSpec(f"virtbus.{route}", arguments=dict(_CALL_QUEUE_ARGS))
+
+
+HEARTBEAT_KEY_SUFFIX: Final = "heartbeat"
+HOST_METRICS_WORD: Final = "_host"

@@ -1,0 +1,63 @@
+"""What every CLI command gets: the bus, the output mode, the call deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from virtbus.bus.base import Bus
+from virtbus.bus.topology import HEARTBEAT_KEY_SUFFIX, HOSTS_EXCHANGE
+from virtbus.errors import InvalidArgument, NoDomainError, NoHostError
+from virtbus.protocol import ops
+from virtbus.protocol.envelope import Kind
+
+HOST_ENV = "VIRTBUS_HOST"
+DISCOVERY_WAIT = 2.5  # s: a little more than one heartbeat interval at the default 2 s
+
+
+@dataclass(slots=True)
+class Context:
+    bus: Bus
+    json: bool
+    timeout: float
+
+    async def call(self, host: str, op: str, body: dict[str, Any]) -> Any:
+        return await self.bus.call(ops.agent_route(host), op, body, timeout=self.timeout)
+
+    async def discover_hosts(self, wait: float = DISCOVERY_WAIT) -> dict[str, dict[str, Any]]:
+        """Hosts heard from within ``wait`` seconds (their latest heartbeat, by host name)."""
+        seen: dict[str, dict[str, Any]] = {}
+        sub = await self.bus.subscribe(HOSTS_EXCHANGE, [f"*.{HEARTBEAT_KEY_SUFFIX}"])
+        try:
+            async with asyncio.timeout(wait):
+                async for env in sub:
+                    if env.kind == Kind.HEARTBEAT and isinstance(env.body.get("host"), str):
+                        seen[env.body["host"]] = env.body
+        except TimeoutError:
+            pass
+        finally:
+            await sub.close()
+        return seen
+
+    async def host_for(self, explicit: str | None, domain: str | None = None) -> str:
+        """``--host``, else ``$VIRTBUS_HOST``, else the one host that has ``domain``."""
+        host = explicit or os.environ.get(HOST_ENV)
+        if host:
+            return host
+        if domain is None:
+            raise InvalidArgument("--host is required (or set VIRTBUS_HOST)")
+        hosts = await self.discover_hosts()
+        if not hosts:
+            raise NoHostError("no agent heard on the bus — is virtbus-agent running?")
+        owners = []
+        for name in sorted(hosts):
+            found = await self.call(name, ops.DOMAIN_LIST, {"all": True})
+            if any(domain in (d["name"], d["uuid"]) for d in found["domains"]):
+                owners.append(name)
+        if not owners:
+            raise NoDomainError(f"domain '{domain}' is not defined on any host")
+        if len(owners) > 1:
+            raise InvalidArgument(f"domain '{domain}' exists on {', '.join(owners)}: pass --host")
+        return owners[0]

@@ -1,0 +1,65 @@
+"""``virtbus [--bus URL] [--json] [--timeout S] COMMAND ...`` — global options first, as virsh."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from virtbus import __version__
+from virtbus.bus.factory import open_bus
+from virtbus.cli import domain, event, host
+from virtbus.cli.context import Context
+from virtbus.cli.output import fail
+from virtbus.errors import VirtbusError
+from virtbus.settings import BusSettings, bus_url_from_env
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="virtbus", description="virsh for a cluster, over a bus")
+    p.add_argument(
+        "--bus",
+        default=None,
+        help="bus URL (default: $VIRTBUS_BUS_URL or amqp://guest:guest@127.0.0.1:5672/)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=BusSettings.call_timeout,
+        metavar="S",
+        help="deadline of each call (default %(default)s s)",
+    )
+    p.add_argument("--version", action="version", version=f"virtbus {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    host.add_parsers(sub)
+    domain.add_parsers(sub)
+    event.add_parsers(sub)
+    return p
+
+
+async def run(args: argparse.Namespace) -> int:
+    settings = BusSettings(url=bus_url_from_env(args.bus), call_timeout=args.timeout)
+    bus = open_bus(settings.url, src=f"cli-{os.getpid()}", settings=settings)
+    await bus.connect()
+    try:
+        ctx = Context(bus=bus, json=args.json, timeout=args.timeout)
+        return int(await args.func(ctx, args))
+    finally:
+        await bus.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = asyncio.run(run(args))
+    except VirtbusError as exc:
+        code = fail(exc.code, exc.message)
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Typed errors with libvirt-style codes.
+
+Every error that crosses the bus is a :class:`VirtbusError` carrying a stable ``code``
+string; the code travels in a reply's ``error`` map and is turned back into the same
+class on the caller's side by :func:`error_from_wire`. Third-party exceptions are
+wrapped at the boundary where they occur.
+
+Tree::
+
+    VirtbusError                    INTERNAL_ERROR      (root; never raised bare)
+    ├── NoDomainError               NO_DOMAIN
+    ├── NoHostError                 NO_HOST
+    ├── OperationInvalid            OPERATION_INVALID   wrong state for the command
+    ├── InvalidArgument             INVALID_ARG
+    ├── XMLError                    XML_ERROR           bad or unsafe domain XML
+    ├── ConfigUnsupported           CONFIG_UNSUPPORTED  valid XML the driver cannot honour
+    ├── NoSupport                   NO_SUPPORT          unknown op / not implemented by driver
+    ├── OperationFailed             OPERATION_FAILED
+    │   └── MigrateFailed           MIGRATE_FAILED
+    ├── AuthDenied                  AUTH_DENIED
+    ├── ProtocolError               RPC_ERROR           malformed / oversized / wrong version
+    └── RetryableError                                  (transient: may succeed if retried)
+        ├── OperationTimeout        OPERATION_TIMEOUT
+        └── BusUnavailable          BUS_UNAVAILABLE     broker unreachable
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class VirtbusError(Exception):
+    """Root of every virtbus error; ``code`` is what travels on the wire."""
+
+    code: ClassVar[str] = "INTERNAL_ERROR"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class InternalError(VirtbusError):
+    code = "INTERNAL_ERROR"
+
+
+class NoDomainError(VirtbusError):
+    code = "NO_DOMAIN"
+
+
+class NoHostError(VirtbusError):
+    code = "NO_HOST"
+
+
+class OperationInvalid(VirtbusError):
+    code = "OPERATION_INVALID"
+
+
+class InvalidArgument(VirtbusError):
+    code = "INVALID_ARG"
+
+
+class XMLError(VirtbusError):
+    code = "XML_ERROR"
+
+
+class ConfigUnsupported(VirtbusError):
+    code = "CONFIG_UNSUPPORTED"
+
+
+class NoSupport(VirtbusError):
+    code = "NO_SUPPORT"
+
+
+class OperationFailed(VirtbusError):
+    code = "OPERATION_FAILED"
+
+
+class MigrateFailed(OperationFailed):
+    code = "MIGRATE_FAILED"
+
+
+class AuthDenied(VirtbusError):
+    code = "AUTH_DENIED"
+
+
+class ProtocolError(VirtbusError):
+    code = "RPC_ERROR"
+
+
+class RetryableError(VirtbusError):
+    """A transient failure: the same request may succeed later."""
+
+    retryable = True
+
+
+class OperationTimeout(RetryableError):
+    code = "OPERATION_TIMEOUT"
+
+
+class BusUnavailable(RetryableError):
+    code = "BUS_UNAVAILABLE"
+
+
+_BY_CODE: dict[str, type[VirtbusError]] = {
+    cls.code: cls
+    for cls in (
+        InternalError,
+        NoDomainError,
+        NoHostError,
+        OperationInvalid,
+        InvalidArgument,
+        XMLError,
+        ConfigUnsupported,
+        NoSupport,
+        OperationFailed,
+        MigrateFailed,
+        AuthDenied,
+        ProtocolError,
+        OperationTimeout,
+        BusUnavailable,
+    )
+}
+
+ERROR_CODES: frozenset[str] = frozenset(_BY_CODE)
+
+
+def error_from_wire(error: Any) -> VirtbusError:
+    """Rebuild a typed error from a reply's ``error`` map (unknown codes keep their code)."""
+    if not isinstance(error, dict):
+        return ProtocolError(f"malformed error in reply: {error!r}"[:200])
+    code = str(error.get("code", "INTERNAL_ERROR"))
+    message = str(error.get("message", ""))
+    cls = _BY_CODE.get(code)
+    if cls is not None:
+        return cls(message)
+    err = InternalError(message)
+    err.code = code  # type: ignore[misc]  # keep a code from a newer peer verbatim
+    return err

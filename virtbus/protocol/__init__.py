@@ -1,0 +1,1 @@
+"""The wire protocol: envelope, codec, op names, event names. Pure data, no I/O."""

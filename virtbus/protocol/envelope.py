@@ -1,0 +1,60 @@
+"""The one envelope every bus message travels in (see README, "Protocol")."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+
+class Kind(StrEnum):
+    CALL = "call"
+    REPLY = "reply"
+    EVENT = "event"
+    METRICS = "metrics"
+    HEARTBEAT = "heartbeat"
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """``{"v", "id", "kind", "op", "ts", "src", "body"}`` — see DESIGN.md."""
+
+    kind: Kind
+    op: str
+    body: dict[str, Any]
+    src: str = ""
+    id: str = field(default_factory=new_id)
+    ts: float = field(default_factory=time.time)
+    v: int = PROTOCOL_VERSION
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "v": self.v,
+            "id": self.id,
+            "kind": str(self.kind),
+            "op": self.op,
+            "ts": self.ts,
+            "src": self.src,
+            "body": self.body,
+        }
+
+
+def ok_body(result: Any) -> dict[str, Any]:
+    return {"ok": True, "result": result}
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": code, "message": message}}
+
+
+def reply_to(call: Envelope, body: dict[str, Any], src: str) -> Envelope:
+    """A reply shares its call's id, so a caller can match it without other state."""
+    return Envelope(kind=Kind.REPLY, op=call.op, body=body, src=src, id=call.id)

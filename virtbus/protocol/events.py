@@ -1,0 +1,194 @@
+"""libvirt's lifecycle vocabulary: domain states, state reasons, event names and details.
+
+Names are libvirt's ``virDomainState`` / ``virDomainEventType`` enums in lower case, so
+a libvirt user reads them without a table. Numeric values match libvirt's, for tools
+that want to map to its integers (``state.state`` in domstats is the number).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import IntEnum, StrEnum
+from typing import Any
+
+
+class DomainState(IntEnum):
+    NOSTATE = 0
+    RUNNING = 1
+    BLOCKED = 2
+    PAUSED = 3
+    SHUTDOWN = 4
+    SHUTOFF = 5
+    CRASHED = 6
+    PMSUSPENDED = 7
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+# State reasons per state, libvirt's names (virDomain<State>Reason).
+STATE_REASONS: dict[DomainState, tuple[str, ...]] = {
+    DomainState.NOSTATE: ("unknown",),
+    DomainState.RUNNING: (
+        "unknown",
+        "booted",
+        "migrated",
+        "restored",
+        "from_snapshot",
+        "unpaused",
+        "migration_canceled",
+        "save_canceled",
+        "wakeup",
+        "crashed",
+        "postcopy",
+        "postcopy_failed",
+    ),
+    DomainState.BLOCKED: ("unknown",),
+    DomainState.PAUSED: (
+        "unknown",
+        "user",
+        "migration",
+        "save",
+        "dump",
+        "ioerror",
+        "watchdog",
+        "from_snapshot",
+        "shutting_down",
+        "snapshot",
+        "crashed",
+        "starting_up",
+        "postcopy",
+        "postcopy_failed",
+        "api_error",
+    ),
+    DomainState.SHUTDOWN: ("unknown", "user"),
+    DomainState.SHUTOFF: (
+        "unknown",
+        "shutdown",
+        "destroyed",
+        "crashed",
+        "migrated",
+        "saved",
+        "failed",
+        "from_snapshot",
+        "daemon",
+    ),
+    DomainState.CRASHED: ("unknown", "panicked"),
+    DomainState.PMSUSPENDED: ("unknown",),
+}
+
+
+def reason_code(state: DomainState, reason: str) -> int:
+    """libvirt's integer for a state reason (0, 'unknown', when not in the table)."""
+    try:
+        return STATE_REASONS[state].index(reason)
+    except ValueError:
+        return 0
+
+
+class LifecycleEvent(StrEnum):
+    DEFINED = "defined"
+    UNDEFINED = "undefined"
+    STARTED = "started"
+    SUSPENDED = "suspended"
+    RESUMED = "resumed"
+    STOPPED = "stopped"
+    SHUTDOWN = "shutdown"
+    PMSUSPENDED = "pmsuspended"
+    CRASHED = "crashed"
+
+
+LIFECYCLE_DETAILS: dict[LifecycleEvent, tuple[str, ...]] = {
+    LifecycleEvent.DEFINED: ("added", "updated", "renamed", "from_snapshot"),
+    LifecycleEvent.UNDEFINED: ("removed", "renamed"),
+    LifecycleEvent.STARTED: ("booted", "migrated", "restored", "from_snapshot", "wakeup"),
+    LifecycleEvent.SUSPENDED: (
+        "paused",
+        "migrated",
+        "ioerror",
+        "watchdog",
+        "restored",
+        "from_snapshot",
+        "api_error",
+        "postcopy",
+        "postcopy_failed",
+    ),
+    LifecycleEvent.RESUMED: (
+        "unpaused",
+        "migrated",
+        "from_snapshot",
+        "postcopy",
+        "postcopy_failed",
+    ),
+    LifecycleEvent.STOPPED: (
+        "shutdown",
+        "destroyed",
+        "crashed",
+        "migrated",
+        "saved",
+        "failed",
+        "from_snapshot",
+    ),
+    LifecycleEvent.SHUTDOWN: ("finished", "guest", "host"),
+    LifecycleEvent.PMSUSPENDED: ("memory", "disk"),
+    LifecycleEvent.CRASHED: ("panicked", "crashloaded"),
+}
+
+# Non-lifecycle event kinds (payload in ``data``).
+OTHER_EVENTS: frozenset[str] = frozenset(
+    {
+        "reboot",
+        "rtc_change",
+        "watchdog",
+        "io_error",
+        "block_job",
+        "device_added",
+        "device_removed",
+        "balloon_change",
+        "migration",
+        "job_completed",
+        "control_error",
+        "tray_change",
+        "disk_change",
+        "pmwakeup",
+        "pmsuspend",
+    }
+)
+EVENT_NAMES: frozenset[str] = frozenset(e.value for e in LifecycleEvent) | OTHER_EVENTS
+
+_UNSAFE_KEY = re.compile(r"[.*#\s]")
+
+
+def routing_word(text: str) -> str:
+    """A name made safe as one word of a topic routing key ('.', '*', '#' → '_')."""
+    return _UNSAFE_KEY.sub("_", text) or "_"
+
+
+def event_routing_key(host: str, domain: str, event: str) -> str:
+    """``<host>.<domain>.<event>`` on ``virtbus.events``; the exact names are in the body."""
+    return f"{routing_word(host)}.{routing_word(domain)}.{routing_word(event)}"
+
+
+def event_body(
+    *,
+    host: str,
+    seq: int,
+    domain: str,
+    uuid: str,
+    event: str,
+    detail: str | None = None,
+    data: dict[str, Any] | None = None,
+    reconciled: bool = False,
+) -> dict[str, Any]:
+    """The body of an ``event`` message: exact names, the per-host sequence number."""
+    return {
+        "host": host,
+        "seq": seq,
+        "domain": domain,
+        "uuid": uuid,
+        "event": event,
+        "detail": detail,
+        "data": data or {},
+        "reconciled": reconciled,
+    }
