@@ -10,10 +10,9 @@ import socket
 import sys
 from pathlib import Path
 
-from virtbus.bus.factory import open_bus
-
 from agent.drivers import DRIVER_NAMES, make_driver
 from agent.service import AgentService
+from virtbus.bus.factory import open_bus
 from virtbus.errors import VirtbusError
 from virtbus.settings import AgentSettings, BusSettings, bus_url_from_env
 
@@ -30,8 +29,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--bus", default=None, help="bus URL (default: $VIRTBUS_BUS_URL or local RabbitMQ)"
     )
     p.add_argument("--heartbeat-interval", type=float, default=AgentSettings.heartbeat_interval)
+    p.add_argument(
+        "--driver-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="driver tuning, e.g. delay=0.2 (test driver: latency of every op)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
+
+
+def _key_value(option: str) -> tuple[str, str]:
+    key, sep, value = option.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"virtbus-agent: --driver-option wants KEY=VALUE, got {option!r}")
+    return key, value
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -41,6 +54,7 @@ async def run(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         run_dir=args.run_dir,
         heartbeat_interval=args.heartbeat_interval,
+        driver_options=dict(_key_value(o) for o in args.driver_option),
     )
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     settings.runtime_dir.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,11 @@ def make_driver(settings: AgentSettings) -> Driver:
     if settings.driver == "test":
         from drivers.test import TestDriver
 
-        return TestDriver()
+        try:
+            delay = float(settings.driver_options.get("delay", 0))
+        except ValueError:
+            raise InvalidArgument("driver option delay must be a number of seconds") from None
+        return TestDriver(op_delay=delay)
     if settings.driver == "qemu":
         from drivers.qemu import QemuDriver
 

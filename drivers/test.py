@@ -8,6 +8,7 @@ It serves the demo, unit tests and scheduler scale tests (thousands of simulated
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import time
@@ -61,8 +62,9 @@ class TestDriver:
 
     name = "test"
 
-    def __init__(self, host: TestHostSpec | None = None) -> None:
+    def __init__(self, host: TestHostSpec | None = None, op_delay: float = 0.0) -> None:
         self._host = host or TestHostSpec()
+        self._op_delay = op_delay  # simulated hypervisor latency of every lifecycle op
         self._domains: dict[str, _TestDomain] = {}  # by uuid
         self._by_name: dict[str, str] = {}
         self._next_id = 1
@@ -88,6 +90,10 @@ class TestDriver:
             dashed = f"{ref[:8]}-{ref[8:12]}-{ref[12:16]}-{ref[16:20]}-{ref[20:]}"
             dom = self._domains.get(dashed.lower())
         return dom
+
+    async def _latency(self) -> None:
+        if self._op_delay:
+            await asyncio.sleep(self._op_delay)
 
     def _get(self, ref: str) -> _TestDomain:
         dom = self._find(ref)
@@ -143,6 +149,7 @@ class TestDriver:
 
     # --- lifecycle ------------------------------------------------------------------
     async def start(self, ref: str) -> None:
+        await self._latency()
         dom = self._get(ref)
         if dom.state != DomainState.SHUTOFF:
             raise OperationInvalid(f"domain '{dom.definition.name}' is already active")
@@ -158,6 +165,7 @@ class TestDriver:
         self._emit(dom, "stopped", reason)
 
     async def shutdown(self, ref: str, timeout: float | None = None) -> None:
+        await self._latency()
         dom = self._get(ref)
         self._require(dom, DomainState.RUNNING, verb="shut down")
         self._emit(dom, "shutdown", "guest")
@@ -171,11 +179,13 @@ class TestDriver:
         self._stop(dom, "shutdown")
 
     async def destroy(self, ref: str) -> None:
+        await self._latency()
         dom = self._get(ref)
         self._require(dom, *_ACTIVE, DomainState.SHUTDOWN, verb="destroy")
         self._stop(dom, "destroyed")
 
     async def reboot(self, ref: str) -> None:
+        await self._latency()
         dom = self._get(ref)
         self._require(dom, DomainState.RUNNING, verb="reboot")
         if dom.definition.on_reboot == "destroy":
@@ -185,17 +195,20 @@ class TestDriver:
         self._emit(dom, "reboot")
 
     async def reset(self, ref: str) -> None:
+        await self._latency()
         dom = self._get(ref)
         self._require(dom, *_ACTIVE, verb="reset")
         self._emit(dom, "reboot")
 
     async def suspend(self, ref: str) -> None:
+        await self._latency()
         dom = self._get(ref)
         self._require(dom, DomainState.RUNNING, verb="suspend")
         self._set(dom, DomainState.PAUSED, "user")
         self._emit(dom, "suspended", "paused")
 
     async def resume(self, ref: str) -> None:
+        await self._latency()
         dom = self._get(ref)
         self._require(dom, DomainState.PAUSED, verb="resume")
         self._set(dom, DomainState.RUNNING, "unpaused")

@@ -45,11 +45,12 @@ class AgentSettings:
     driver: str = "test"
     state_dir: Path = Path("/var/lib/virtbus")
     run_dir: Path | None = None  # default: <state_dir>/run
-    heartbeat_interval: float = 5.0
+    heartbeat_interval: float = 2.0  # the CLI listens 2.5 s for hosts
     call_memory: int = 10_000  # recent call ids remembered for redelivery
     command_timeout: float = 300.0  # a command running longer is failed
     shutdown_grace: float = 10.0  # time for the command in hand at SIGTERM
     event_buffer: int = 100_000  # events held while the broker is away
+    driver_options: dict[str, str] = field(default_factory=dict)  # --driver-option KEY=VALUE
 
     @property
     def runtime_dir(self) -> Path:

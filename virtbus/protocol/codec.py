@@ -65,7 +65,6 @@ def decode_payload(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Any:
             raw=False,
             strict_map_key=False,  # checked below with a clear error
             ext_hook=_no_ext,
-            max_buffer_size=limits.max_bytes,
             use_list=True,
         )
     except ProtocolError:

@@ -1,0 +1,94 @@
+"""The agent's dispatcher: per-domain order, cross-domain concurrency, redelivery memory."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from agent.dispatch import Dispatcher
+from virtbus.errors import OperationInvalid
+from virtbus.protocol.envelope import Envelope, Kind
+
+
+def _call(op: str, domain: str | None = None, call_id: str | None = None) -> Envelope:
+    body = {"domain": domain} if domain else {}
+    env = Envelope(kind=Kind.CALL, op=op, body=body)
+    if call_id:
+        env = Envelope(kind=Kind.CALL, op=op, body=body, id=call_id)
+    return env
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.active: dict[str, int] = {}
+        self.max_active: dict[str, int] = {}
+        self.log: list[tuple[str, str]] = []
+        self.overlap = 0
+        self.running = 0
+
+    async def execute(self, call: Envelope) -> Any:
+        dom = call.body.get("domain", "-")
+        self.active[dom] = self.active.get(dom, 0) + 1
+        self.max_active[dom] = max(self.max_active.get(dom, 0), self.active[dom])
+        self.running += 1
+        self.overlap = max(self.overlap, self.running)
+        self.log.append(("begin", call.id))
+        await asyncio.sleep(0.001)
+        self.log.append(("end", call.id))
+        self.running -= 1
+        self.active[dom] -= 1
+        if call.op == "fail":
+            raise OperationInvalid("nope")
+        if call.op == "bug":
+            raise ValueError("bug")
+        return {"id": call.id}
+
+
+def _dispatcher(rec: Recorder, timeout: float = 5.0) -> Dispatcher:
+    return Dispatcher(
+        rec.execute,
+        lambda c: c.body.get("domain"),
+        command_timeout=timeout,
+        call_memory=100,
+    )
+
+
+async def test_one_domain_strictly_ordered_many_domains_concurrent() -> None:
+    rec = Recorder()
+    d = _dispatcher(rec)
+    same = [_call("x", "d1") for _ in range(50)]
+    replies = [d.submit(c) for c in same]
+    others = [d.submit(_call("x", f"d{i}")) for i in range(2, 22)]
+    await asyncio.gather(*replies, *others)
+    assert rec.max_active["d1"] == 1
+    order = [cid for kind, cid in rec.log if kind == "begin" and cid in {c.id for c in same}]
+    assert order == [c.id for c in same]
+    assert rec.overlap >= 10
+
+
+async def test_redelivered_call_answered_not_rerun() -> None:
+    rec = Recorder()
+    d = _dispatcher(rec)
+    call = _call("x", "d1", call_id="same")
+    first = await d.submit(call)
+    again = await d.submit(call)
+    assert first == again == {"ok": True, "result": {"id": "same"}}
+    assert d.executed == 1
+
+
+async def test_errors_become_error_replies() -> None:
+    rec = Recorder()
+    d = _dispatcher(rec)
+    assert (await d.submit(_call("fail", "d1")))["error"]["code"] == "OPERATION_INVALID"
+    bug = await d.submit(_call("bug", "d1"))
+    assert bug["error"]["code"] == "INTERNAL_ERROR" and "ValueError" in bug["error"]["message"]
+    assert (await d.submit(_call("x", "d1")))["ok"] is True  # the worker survived
+
+
+async def test_command_timeout() -> None:
+    async def slow(call: Envelope) -> Any:
+        await asyncio.sleep(10)
+
+    d = Dispatcher(slow, lambda c: None, command_timeout=0.05, call_memory=10)
+    reply = await d.submit(_call("x"))
+    assert reply["error"]["code"] == "OPERATION_TIMEOUT"

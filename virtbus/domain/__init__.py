@@ -1,0 +1,70 @@
+"""libvirt domain XML: safe parsing, a typed model, and the tree written back by dumpxml.
+
+Use :func:`parse_domain_xml` to get a :class:`DomainDefinition`; its typed views (disks,
+interfaces, ...) are read-only and keep their lxml element; change the tree with the
+definition's setters or ``edit()``.
+"""
+
+from virtbus.domain.definition import NON_DEVICE_TAGS, DomainDefinition
+from virtbus.domain.model import (
+    RNG,
+    CharDevice,
+    ClockConfig,
+    Controller,
+    CPUConfig,
+    CPUFeature,
+    CPUTopology,
+    Device,
+    Disk,
+    Graphics,
+    Input,
+    Interface,
+    Loader,
+    Memballoon,
+    OSConfig,
+    Panic,
+    PMConfig,
+    Sound,
+    Timer,
+    Video,
+    Watchdog,
+)
+from virtbus.domain.serialize import dumps
+from virtbus.domain.support import unknown_attributes, unknown_devices
+from virtbus.domain.units import UNIT_FACTORS, to_kib
+from virtbus.domain.views import normalize_mac
+from virtbus.domain.xml import XMLLimits, parse_domain_xml
+
+__all__ = [
+    "NON_DEVICE_TAGS",
+    "RNG",
+    "UNIT_FACTORS",
+    "CPUConfig",
+    "CPUFeature",
+    "CPUTopology",
+    "CharDevice",
+    "ClockConfig",
+    "Controller",
+    "Device",
+    "Disk",
+    "DomainDefinition",
+    "Graphics",
+    "Input",
+    "Interface",
+    "Loader",
+    "Memballoon",
+    "OSConfig",
+    "PMConfig",
+    "Panic",
+    "Sound",
+    "Timer",
+    "Video",
+    "Watchdog",
+    "XMLLimits",
+    "dumps",
+    "normalize_mac",
+    "parse_domain_xml",
+    "to_kib",
+    "unknown_attributes",
+    "unknown_devices",
+]
