@@ -51,6 +51,8 @@ class _TestDomain:
 class TestHostSpec:
     """The simulated machine; defaults to this machine's real size."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     cpus: int = os.cpu_count() or 1
     memory_kib: int = 0  # 0: read /proc/meminfo
     arch: str = platform.machine() or "x86_64"
@@ -61,6 +63,7 @@ class TestDriver:
     """The ``test`` driver (see module docstring)."""
 
     name = "test"
+    __test__ = False  # not a pytest test class, despite the name
 
     def __init__(self, host: TestHostSpec | None = None, op_delay: float = 0.0) -> None:
         self._host = host or TestHostSpec()

@@ -1,0 +1,144 @@
+"""Real processes for tests: a ``virtbus-agent`` and the ``virtbus`` CLI, as users run them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+BUS_URL = os.environ.get("VIRTBUS_TEST_BUS_URL", "amqp://guest:guest@127.0.0.1:5672/")
+BIN = Path(sys.executable).parent
+VIRTBUS = (
+    [str(BIN / "virtbus")]
+    if (BIN / "virtbus").exists()
+    else [sys.executable, "-m", "virtbus.cli.main"]
+)
+AGENT = (
+    [str(BIN / "virtbus-agent")]
+    if (BIN / "virtbus-agent").exists()
+    else [sys.executable, "-m", "agent"]
+)
+
+
+def unique_host(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+async def cli(*args: str, bus: str = BUS_URL, timeout: float = 30.0) -> CliResult:
+    """Run ``virtbus --bus BUS ARGS...`` to completion."""
+    proc = await asyncio.create_subprocess_exec(
+        *VIRTBUS,
+        "--bus",
+        bus,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return CliResult(proc.returncode or 0, out.decode(), err.decode())
+
+
+@dataclass
+class AgentProc:
+    host: str
+    proc: asyncio.subprocess.Process
+    state_dir: Path
+
+
+@asynccontextmanager
+async def agent_process(
+    host: str, state_dir: Path, *extra: str, driver: str = "test", bus: str = BUS_URL
+) -> AsyncIterator[AgentProc]:
+    """A real agent process; stopped with SIGTERM (must exit 0) and its queue deleted."""
+    log = open(state_dir / f"agent-{host}.log", "ab")  # noqa: SIM115, ASYNC230  # closed below; tiny local file
+    proc = await asyncio.create_subprocess_exec(
+        *AGENT,
+        "--host",
+        host,
+        "--driver",
+        driver,
+        "--state-dir",
+        str(state_dir),
+        "--bus",
+        bus,
+        "--heartbeat-interval",
+        "0.5",
+        *extra,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=log,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert b"ready" in line, f"agent did not start: {line!r}"
+        yield AgentProc(host, proc, state_dir)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 20)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        log.close()
+        await delete_queues(f"virtbus.agent.{host}")
+
+
+async def delete_queues(*names: str) -> None:
+    conn = await aio_pika.connect(BUS_URL)
+    async with conn:
+        for name in names:
+            ch = await conn.channel()
+            with suppress(aio_pika.exceptions.AMQPError):
+                await ch.queue_delete(name)
+
+
+@asynccontextmanager
+async def event_listener(
+    *args: str, bus: str = BUS_URL
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``virtbus --json event ARGS`` running until its --count is reached; ready when yielded."""
+    proc = await asyncio.create_subprocess_exec(
+        *VIRTBUS,
+        "--bus",
+        bus,
+        "--json",
+        "event",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), 20)
+        assert b"listening" in line, line
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

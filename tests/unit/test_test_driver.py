@@ -1,0 +1,122 @@
+"""The driver contract, run against the in-memory test driver."""
+
+from __future__ import annotations
+
+import pytest
+
+from drivers.base import Driver, DriverEvent
+from drivers.test import TestDriver, TestHostSpec
+from virtbus.errors import NoDomainError, OperationFailed, OperationInvalid, XMLError
+from virtbus.protocol.events import DomainState
+
+XML = """<domain type='{type}'>
+  <name>{name}</name>{uuid}
+  <memory unit='MiB'>256</memory><currentMemory unit='MiB'>128</currentMemory>
+  <vcpu current='1'>2</vcpu>
+  <os><type>hvm</type></os>
+</domain>"""
+UUID = "<uuid>3f1d5a0e-8c1b-4d5e-9a55-1f0b7e6c2d41</uuid>"
+
+
+def xml(name: str = "d1", uuid: str = "", hv: str = "test") -> str:
+    return XML.format(name=name, uuid=uuid, type=hv)
+
+
+@pytest.fixture
+async def driver() -> tuple[Driver, list[DriverEvent]]:
+    events: list[DriverEvent] = []
+    drv = TestDriver(TestHostSpec(cpus=8, memory_kib=16 << 20))
+    await drv.open(events.append)
+    return drv, events
+
+
+def pairs(events: list[DriverEvent]) -> list[tuple[str, str | None]]:
+    return [(e.event, e.detail) for e in events]
+
+
+async def test_full_lifecycle_events_and_states(driver: tuple[Driver, list[DriverEvent]]) -> None:
+    drv, events = driver
+    ref = await drv.define(xml())
+    assert drv.lookup(ref.uuid) == ref and drv.lookup("d1") == ref
+    assert drv.lookup(ref.uuid.replace("-", "")) == ref
+    info = await drv.info("d1")
+    assert (info.state, info.id, info.memory_kib, info.vcpus) == (
+        DomainState.SHUTOFF,
+        None,
+        131072,
+        1,
+    )
+    await drv.start("d1")
+    running = await drv.info(ref.uuid)
+    assert running.state == DomainState.RUNNING and running.reason == "booted" and running.id
+    assert f"id='{running.id}'" in await drv.xml("d1")
+    await drv.suspend("d1")
+    assert (await drv.info("d1")).reason == "user"
+    await drv.resume("d1")
+    await drv.reboot("d1")
+    await drv.reset("d1")
+    await drv.shutdown("d1")
+    await drv.start("d1")
+    await drv.destroy("d1")
+    assert "id=" not in (await drv.xml("d1")).splitlines()[0]
+    await drv.undefine("d1")
+    assert drv.lookup("d1") is None
+    assert pairs(events) == [
+        ("defined", "added"), ("started", "booted"), ("suspended", "paused"),
+        ("resumed", "unpaused"), ("reboot", None), ("reboot", None), ("shutdown", "guest"),
+        ("stopped", "shutdown"), ("started", "booted"), ("stopped", "destroyed"),
+        ("undefined", "removed"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("hv", ["test", "kvm", "qemu", "xen"])
+async def test_accepts_every_hypervisor_type(
+    driver: tuple[Driver, list[DriverEvent]], hv: str
+) -> None:
+    drv, _ = driver
+    await drv.define(xml(hv=hv))
+    await drv.start("d1")
+    assert (await drv.info("d1")).hv_type == hv
+
+
+async def test_wrong_states_are_operation_invalid(driver: tuple[Driver, list[DriverEvent]]) -> None:
+    drv, events = driver
+    await drv.define(xml())
+    for verb in ("shutdown", "destroy", "reboot", "reset", "suspend", "resume"):
+        with pytest.raises(OperationInvalid):
+            await getattr(drv, verb)("d1")
+    await drv.start("d1")
+    for verb in ("start", "resume", "undefine"):
+        with pytest.raises(OperationInvalid):
+            await getattr(drv, verb)("d1")
+    await drv.suspend("d1")
+    with pytest.raises(OperationInvalid):
+        await drv.suspend("d1")
+    assert pairs(events)[-1] == ("suspended", "paused")  # failures emit nothing
+
+
+async def test_unknown_domain_and_duplicates(driver: tuple[Driver, list[DriverEvent]]) -> None:
+    drv, events = driver
+    for verb in ("start", "info", "xml", "undefine", "destroy"):
+        with pytest.raises(NoDomainError):
+            await getattr(drv, verb)("ghost")
+    ref = await drv.define(xml(uuid=UUID))
+    with pytest.raises(OperationFailed, match="already exists"):
+        await drv.define(xml(uuid="<uuid>11111111-2222-3333-4444-555555555555</uuid>"))
+    with pytest.raises(OperationFailed, match="already defined"):
+        await drv.define(xml(name="other", uuid=UUID))
+    again = await drv.define(xml(uuid=UUID))  # same name + uuid: an update
+    assert again == ref and pairs(events) == [("defined", "added"), ("defined", "updated")]
+    with pytest.raises(XMLError):
+        await drv.define("<domain type='test'><name>x</name></domain")
+
+
+async def test_host_resources_count_active_memory(driver: tuple[Driver, list[DriverEvent]]) -> None:
+    drv, _ = driver
+    await drv.define(xml())
+    before = await drv.host_resources()
+    await drv.start("d1")
+    after = await drv.host_resources()
+    assert before.memory_total_kib == 16 << 20 and before.cpus == 8
+    assert before.memory_free_kib - after.memory_free_kib == 131072
+    assert [d.name for d in await drv.list_domains(include_inactive=False)] == ["d1"]
