@@ -14,7 +14,12 @@ from agent.drivers import DRIVER_NAMES, make_driver
 from agent.service import AgentService
 from virtbus.bus.factory import open_bus
 from virtbus.errors import VirtbusError
-from virtbus.settings import AgentSettings, BusSettings, bus_url_from_env
+from virtbus.settings import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    AgentSettings,
+    BusSettings,
+    bus_url_from_env,
+)
 
 log = logging.getLogger("virtbus.agent")
 
@@ -28,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--bus", default=None, help="bus URL (default: $VIRTBUS_BUS_URL or local RabbitMQ)"
     )
-    p.add_argument("--heartbeat-interval", type=float, default=AgentSettings.heartbeat_interval)
+    p.add_argument("--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_INTERVAL)
     p.add_argument(
         "--driver-option",
         action="append",

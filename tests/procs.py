@@ -72,7 +72,12 @@ class AgentProc:
 
 @asynccontextmanager
 async def agent_process(
-    host: str, state_dir: Path, *extra: str, driver: str = "test", bus: str = BUS_URL
+    host: str,
+    state_dir: Path,
+    *extra: str,
+    driver: str = "test",
+    bus: str = BUS_URL,
+    keep_queue: bool = False,
 ) -> AsyncIterator[AgentProc]:
     """A real agent process; stopped with SIGTERM (must exit 0) and its queue deleted."""
     log = open(state_dir / f"agent-{host}.log", "ab")  # noqa: SIM115, ASYNC230  # closed below; tiny local file
@@ -106,7 +111,8 @@ async def agent_process(
                 proc.kill()
                 await proc.wait()
         log.close()
-        await delete_queues(f"virtbus.agent.{host}")
+        if not keep_queue:
+            await delete_queues(f"virtbus.agent.{host}")
 
 
 async def delete_queues(*names: str) -> None:

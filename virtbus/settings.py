@@ -9,6 +9,8 @@ from pathlib import Path
 from virtbus.protocol.codec import DecodeLimits
 
 DEFAULT_BUS_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_CALL_TIMEOUT = 30.0  # s
+DEFAULT_HEARTBEAT_INTERVAL = 2.0  # s; the CLI listens 2.5 s for hosts
 
 
 def bus_url_from_env(explicit: str | None = None) -> str:
@@ -29,7 +31,7 @@ class Backoff:
 @dataclass(frozen=True, slots=True)
 class BusSettings:
     url: str = DEFAULT_BUS_URL
-    call_timeout: float = 30.0  # default deadline of an RPC call (s)
+    call_timeout: float = DEFAULT_CALL_TIMEOUT  # default deadline of an RPC call
     connect_timeout: float = 5.0
     confirm_timeout: float = 10.0  # wait for a publisher confirm (s)
     prefetch: int = 64  # unacked calls an agent holds at once (bounds its work queue)
@@ -45,7 +47,7 @@ class AgentSettings:
     driver: str = "test"
     state_dir: Path = Path("/var/lib/virtbus")
     run_dir: Path | None = None  # default: <state_dir>/run
-    heartbeat_interval: float = 2.0  # the CLI listens 2.5 s for hosts
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     call_memory: int = 10_000  # recent call ids remembered for redelivery
     command_timeout: float = 300.0  # a command running longer is failed
     shutdown_grace: float = 10.0  # time for the command in hand at SIGTERM

@@ -4,7 +4,8 @@ A bus carries :class:`Envelope` values. It offers four things:
 
 - ``call``: an RPC with a deadline. The caller's deadline travels as the AMQP
   ``expiration`` (a call that waited in a queue past it is dropped by the broker) and as
-  the ``x-deadline`` header (epoch seconds; a server drops a call it receives too late).
+  the ``x-deadline`` header (integer epoch milliseconds; a server drops a call it
+  receives too late).
   A reply with ``ok: false`` is raised as the typed error of its code; no reply in time
   is :class:`OperationTimeout`.
 - ``serve``: consume the RPC queue for a route. The handler is called *synchronously, in

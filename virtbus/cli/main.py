@@ -13,7 +13,7 @@ from virtbus.cli import domain, event, host
 from virtbus.cli.context import Context
 from virtbus.cli.output import fail
 from virtbus.errors import VirtbusError
-from virtbus.settings import BusSettings, bus_url_from_env
+from virtbus.settings import DEFAULT_CALL_TIMEOUT, BusSettings, bus_url_from_env
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timeout",
         type=float,
-        default=BusSettings.call_timeout,
+        default=DEFAULT_CALL_TIMEOUT,
         metavar="S",
         help="deadline of each call (default %(default)s s)",
     )

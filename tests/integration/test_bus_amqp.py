@@ -1,0 +1,385 @@
+"""AmqpBus against the real RabbitMQ on 127.0.0.1:5672 (fails, never skips, when absent)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import msgpack
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from virtbus.bus.amqp import REPLY_TO, AmqpBus
+from virtbus.bus.topology import DEAD_LETTER_QUEUE, EVENTS_EXCHANGE, RPC_EXCHANGE, call_queue_for
+from virtbus.errors import BusUnavailable, NoDomainError, NoHostError, OperationTimeout
+from virtbus.protocol.codec import DecodeLimits, decode, encode
+from virtbus.protocol.envelope import Envelope, Kind, ok_body
+from virtbus.settings import BusSettings
+
+pytestmark = pytest.mark.rabbitmq
+
+URL = "amqp://guest:guest@127.0.0.1:5672/"
+SERVER_LIMIT = 64 * 1024
+
+
+@dataclass
+class Env:
+    server: AmqpBus
+    client: AmqpBus
+    raw: AbstractConnection
+    raw_channel: AbstractChannel
+    queues: list[str] = field(default_factory=list)
+
+    def route(self) -> str:
+        route = f"agent.t-{uuid.uuid4().hex[:10]}"
+        self.queues.append(call_queue_for(route).name)
+        return route
+
+    async def queue_depth(self, route: str) -> int:
+        queue = await self.raw_channel.declare_queue(call_queue_for(route).name, passive=True)
+        assert queue.declaration_result.message_count is not None
+        return queue.declaration_result.message_count
+
+
+@pytest.fixture
+async def env(rabbitmq: None) -> AsyncIterator[Env]:
+    server_settings = BusSettings(
+        url=URL, stop_grace=1.0, limits=DecodeLimits(max_bytes=SERVER_LIMIT)
+    )
+    server = AmqpBus(URL, "test-agent", server_settings)
+    client = AmqpBus(URL, "test-cli", BusSettings(url=URL, stop_grace=1.0))
+    await server.connect()
+    await client.connect()
+    raw = await aio_pika.connect(URL)
+    channel = await raw.channel()
+    state = Env(server, client, raw, channel)
+    try:
+        yield state
+    finally:
+        await client.close()
+        await server.close()
+        cleanup = await raw.channel()
+        for name in state.queues:
+            await cleanup.queue_delete(name)
+        await raw.close()
+
+
+def echo(calls: list[Envelope] | None = None, delay: float = 0.0) -> Any:
+    async def answer(call: Envelope) -> dict[str, Any]:
+        if delay:
+            await asyncio.sleep(delay)
+        return ok_body({"op": call.op, "body": call.body})
+
+    def handler(call: Envelope) -> Any:
+        if calls is not None:
+            calls.append(call)
+        return answer(call)
+
+    return handler
+
+
+class RawCaller:
+    """Publishes arbitrary bytes as calls and collects direct replies (no virtbus code)."""
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self.channel = channel
+        self.replies: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+    async def start(self) -> RawCaller:
+        queue = await self.channel.declare_queue(REPLY_TO, passive=True)
+        await queue.consume(self.replies.put, no_ack=True)
+        return self
+
+    async def send(
+        self, route: str, body: bytes, *, reply: bool = True, cid: str | None = None, **props: Any
+    ) -> str:
+        cid = cid or uuid.uuid4().hex
+        await self.channel.get_exchange(RPC_EXCHANGE, ensure=False)
+        exchange = await self.channel.get_exchange(RPC_EXCHANGE)
+        await exchange.publish(
+            aio_pika.Message(
+                body, correlation_id=cid, reply_to=REPLY_TO if reply else None, **props
+            ),
+            routing_key=route,
+            mandatory=False,
+        )
+        return cid
+
+    async def reply(self, timeout: float = 2.0) -> tuple[str | None, Envelope]:
+        message = await asyncio.wait_for(self.replies.get(), timeout)
+        return message.correlation_id, decode(message.body)
+
+
+def call_bytes(body: dict[str, Any], op: str = "host.ping") -> bytes:
+    return encode(Envelope(kind=Kind.CALL, op=op, body=body, src="raw"))
+
+
+async def test_call_reply_round_trip(env: Env) -> None:
+    route = env.route()
+    await env.server.serve(route, echo())
+    result = await env.client.call(route, "host.ping", {"x": [1, "a", b"\x00"]}, timeout=2)
+    assert result == {"op": "host.ping", "body": {"x": [1, "a", b"\x00"]}}
+
+
+async def test_error_reply_is_typed(env: Env) -> None:
+    route = env.route()
+
+    async def fail(call: Envelope) -> dict[str, Any]:
+        raise NoDomainError("no domain 'd1'")
+
+    await env.server.serve(route, fail)
+    with pytest.raises(NoDomainError, match="no domain 'd1'"):
+        await env.client.call(route, "domain.info", {"domain": "d1"}, timeout=2)
+
+
+async def test_handler_crash_is_internal_error_and_consumer_lives(env: Env) -> None:
+    route = env.route()
+    state = {"n": 0}
+
+    def handler(call: Envelope) -> Any:
+        state["n"] += 1
+        if state["n"] == 1:
+            raise RuntimeError("sync boom")
+        return echo()(call)
+
+    await env.server.serve(route, handler)
+    with pytest.raises(Exception, match="INTERNAL_ERROR: RuntimeError: sync boom"):
+        await env.client.call(route, "host.ping", {}, timeout=2)
+    assert (await env.client.call(route, "host.ping", {}, timeout=2))["op"] == "host.ping"
+
+
+async def test_unroutable_is_no_host_fast(env: Env) -> None:
+    route = f"agent.absent-{uuid.uuid4().hex[:10]}"
+    start = time.monotonic()
+    with pytest.raises(NoHostError, match="is virtbus-agent running"):
+        await env.client.call(route, "host.ping", {}, timeout=5)
+    assert time.monotonic() - start < 0.5
+    # The bus is still fine afterwards (the return did not break the RPC channel).
+    route2 = env.route()
+    await env.server.serve(route2, echo())
+    assert (await env.client.call(route2, "host.ping", {}, timeout=2))["op"] == "host.ping"
+
+
+async def test_queue_without_consumer_times_out_and_is_never_run_late(env: Env) -> None:
+    route = env.route()
+    server = await env.server.serve(route, echo())
+    await server.stop()  # the durable queue stays, nobody consumes it
+    start = time.monotonic()
+    with pytest.raises(OperationTimeout):
+        await env.client.call(route, "domain.start", {"domain": "late"}, timeout=0.5)
+    assert time.monotonic() - start < 1.0
+    calls: list[Envelope] = []
+    await env.server.serve(route, echo(calls))
+    await asyncio.sleep(0.5)
+    assert calls == []
+    assert await env.queue_depth(route) == 0
+
+
+async def test_server_drops_call_past_its_deadline_header(env: Env) -> None:
+    route = env.route()
+    calls: list[Envelope] = []
+    await env.server.serve(route, echo(calls))
+    raw = await RawCaller(env.raw_channel).start()
+    await raw.send(
+        route, call_bytes({"n": 1}), headers={"x-deadline": int((time.time() - 1) * 1000)}
+    )
+    cid = await raw.send(
+        route, call_bytes({"n": 2}), headers={"x-deadline": int((time.time() + 5) * 1000)}
+    )
+    got_cid, reply = await raw.reply()
+    assert got_cid == cid and reply.body["ok"] is True
+    assert [c.body["n"] for c in calls] == [2]
+
+
+async def test_malformed_with_reply_to_gets_rpc_error_and_server_lives(env: Env) -> None:
+    route = env.route()
+    await env.server.serve(route, echo())
+    raw = await RawCaller(env.raw_channel).start()
+    cid = await raw.send(route, b"\xc1 this is not msgpack")
+    got_cid, reply = await raw.reply()
+    assert got_cid == cid and reply.id == cid
+    assert reply.body == {"ok": False, "error": reply.body["error"]}
+    assert reply.body["error"]["code"] == "RPC_ERROR"
+    assert (await env.client.call(route, "host.ping", {}, timeout=2))["op"] == "host.ping"
+
+
+async def _find_dead_letter(channel: AbstractChannel, message_id: str) -> bool:
+    """Scan virtbus.dead without disturbing others: hold everything, ack only ours."""
+    queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+    found = False
+    for _ in range(5000):
+        message = await queue.get(no_ack=False, fail=False)
+        if message is None:
+            break
+        if message.message_id == message_id:
+            await message.ack()
+            found = True
+            break
+    await channel.close()  # everything else we held goes back to the queue
+    return found
+
+
+async def test_malformed_without_reply_to_is_dead_lettered(env: Env) -> None:
+    route = env.route()
+    calls: list[Envelope] = []
+    await env.server.serve(route, echo(calls))
+    raw = await RawCaller(env.raw_channel).start()
+    message_id = uuid.uuid4().hex
+    await raw.send(route, b"\xc1 garbage", reply=False, message_id=message_id)
+    await asyncio.sleep(0.3)
+    assert await env.queue_depth(route) == 0  # rejected without requeue, not redelivered
+    assert await _find_dead_letter(await env.raw.channel(), message_id)
+    assert (await env.client.call(route, "host.ping", {}, timeout=2))["op"] == "host.ping"
+    assert len(calls) == 1
+
+
+def _base_map() -> dict[str, Any]:
+    return {
+        "v": 1,
+        "id": uuid.uuid4().hex,
+        "kind": "call",
+        "op": "host.ping",
+        "ts": time.time(),
+        "src": "raw",
+        "body": {},
+    }
+
+
+def pack(obj: Any, **kwargs: Any) -> bytes:
+    data: bytes = msgpack.packb(obj, **kwargs)
+    return data
+
+
+def _oversized() -> bytes:
+    return pack({**_base_map(), "body": {"blob": b"x" * (SERVER_LIMIT + 1)}})
+
+
+def _wrong_version() -> bytes:
+    return pack({**_base_map(), "v": 2})
+
+
+def _ext_type() -> bytes:
+    return pack({**_base_map(), "body": {"x": msgpack.ExtType(7, b"abc")}})
+
+
+def _int_keys() -> bytes:
+    return pack({**_base_map(), "body": {1: "one"}}, strict_types=False)
+
+
+def _not_a_call() -> bytes:
+    return pack({**_base_map(), "kind": "event"})
+
+
+@pytest.mark.parametrize(
+    ("payload", "expect"),
+    [
+        (_oversized, "exceeds"),
+        (_wrong_version, "version"),
+        (_ext_type, "ext type"),
+        (_int_keys, "keys must be strings"),
+        (_not_a_call, "expected a call"),
+    ],
+)
+async def test_refused_payloads(env: Env, payload: Any, expect: str) -> None:
+    route = env.route()
+    calls: list[Envelope] = []
+    await env.server.serve(route, echo(calls))
+    raw = await RawCaller(env.raw_channel).start()
+    cid = await raw.send(route, payload())
+    got_cid, reply = await raw.reply()
+    assert got_cid == cid
+    assert reply.body["error"]["code"] == "RPC_ERROR"
+    assert expect in reply.body["error"]["message"]
+    assert calls == []
+    assert (await env.client.call(route, "host.ping", {}, timeout=2))["op"] == "host.ping"
+
+
+async def test_publish_confirm_and_topic_subscribe(env: Env) -> None:
+    h1, h2 = f"h{uuid.uuid4().hex[:8]}", f"h{uuid.uuid4().hex[:8]}"
+    sub = await env.client.subscribe(EVENTS_EXCHANGE, [f"{h1}.*.started", f"{h2}.#"])
+
+    def ev(n: int) -> Envelope:
+        return Envelope(kind=Kind.EVENT, op="domain.event", body={"n": n}, src=h1)
+
+    await env.server.publish(EVENTS_EXCHANGE, f"{h1}.d1.started", ev(1), confirm=True)
+    await env.server.publish(EVENTS_EXCHANGE, f"{h1}.d1.stopped", ev(2), confirm=True)
+    await env.server.publish(EVENTS_EXCHANGE, f"{h2}.d9.crashed", ev(3), confirm=True)
+    await env.server.publish(EVENTS_EXCHANGE, f"{h2}", ev(4))  # '#' matches zero words
+    got = [await asyncio.wait_for(sub.__anext__(), 2) for _ in range(3)]
+    assert [e.body["n"] for e in got] == [1, 3, 4]
+    await sub.close()
+
+
+async def test_handler_called_in_delivery_order(env: Env) -> None:
+    route = env.route()
+    calls: list[Envelope] = []
+    await env.server.serve(route, echo(calls, delay=0.001))
+    raw = await RawCaller(env.raw_channel).start()
+    for i in range(100):
+        await raw.send(route, call_bytes({"i": i}))
+    for _ in range(100):
+        await raw.reply()
+    assert [c.body["i"] for c in calls] == list(range(100))
+    results = await asyncio.gather(
+        *(env.client.call(route, "host.ping", {"i": i}, timeout=5) for i in range(100))
+    )
+    assert [r["body"]["i"] for r in results] == list(range(100))
+
+
+async def test_stop_leaves_unprocessed_calls_queued(env: Env) -> None:
+    route = env.route()
+    env.server.settings = BusSettings(url=URL, prefetch=1, stop_grace=2.0)
+    calls: list[Envelope] = []
+    started = asyncio.Event()
+    inner = echo(calls, delay=0.3)
+
+    def handler(call: Envelope) -> Any:
+        started.set()
+        return inner(call)
+
+    server = await env.server.serve(route, handler)
+    raw = await RawCaller(env.raw_channel).start()
+    for i in range(3):
+        await raw.send(route, call_bytes({"i": i}), expiration=30)
+    await asyncio.wait_for(started.wait(), 2)
+    await server.stop()
+    _, reply = await raw.reply()  # the call in hand was finished and answered
+    assert reply.body["ok"] is True
+    assert [c.body["i"] for c in calls] == [0]
+    assert await env.queue_depth(route) == 2
+
+
+def _set_when_up(event: asyncio.Event) -> Callable[[bool], None]:
+    def listener(up: bool) -> None:
+        if up:
+            event.set()
+
+    return listener
+
+
+async def test_reconnect_fails_pending_then_restores_everything(env: Env) -> None:
+    route = env.route()
+    await env.server.serve(route, echo(delay=0.5))
+    seen: list[bool] = []
+    env.client.add_connection_listener(seen.append)
+    restored = {bus: asyncio.Event() for bus in (env.client, env.server)}
+    for bus, event in restored.items():
+        bus.add_connection_listener(_set_when_up(event))
+    pending = asyncio.create_task(env.client.call(route, "host.ping", {}, timeout=5))
+    await asyncio.sleep(0.1)
+    for bus in (env.client, env.server):  # drop both sockets: client and server recover
+        transport = bus._connection.transport  # type: ignore[union-attr]
+        assert transport is not None
+        await transport.connection.close(ConnectionError("test: drop the connection"))
+    with pytest.raises(BusUnavailable):
+        await pending
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in restored.values())), 10)
+    assert seen == [False, True]
+    assert (await env.client.call(route, "host.ping", {"after": 1}, timeout=3))["body"] == {
+        "after": 1
+    }

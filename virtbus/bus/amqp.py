@@ -1,0 +1,362 @@
+"""The RabbitMQ transport (aio-pika robust connection).
+
+Channels: ``rpc`` (no confirms) declares the topology, publishes calls and consumes
+direct reply-to; ``confirm`` (publisher confirms, persistent messages) carries events;
+``fire`` (no confirms) carries metrics and heartbeats; every server and subscription has
+a channel of its own so its prefetch bounds only its own work. The robust connection
+re-declares what each channel declared, and re-consumes, after a reconnect.
+
+The call path is one publish and one future: no per-call declaration, no confirm. An
+unroutable call (``mandatory``) is detected from the broker's basic.return. aiormq only
+hands a return to the caller through its confirmation bookkeeping, which a channel
+without confirms never fills; so :meth:`AmqpBus.call` registers a private future there
+(``message_id_delivery_tag``/``confirmations``, plain attributes of aiormq's channel) —
+the one place that leans on aiormq internals, covered by the NoHostError integration test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
+from yarl import URL
+
+from virtbus.bus.amqp_consumers import (
+    AMQP_FAILURES,
+    CONTENT_TYPE,
+    AmqpServer,
+    AmqpSubscription,
+    deadline_header,
+)
+from virtbus.bus.base import CallHandler, ConnectionListener
+from virtbus.bus.rpc import no_host, result_from_reply
+from virtbus.bus.topology import (
+    DEAD_LETTER,
+    DEAD_LETTER_EXCHANGE,
+    DEADLINE_HEADER,
+    EXCHANGES,
+    RPC_EXCHANGE,
+)
+from virtbus.errors import BusUnavailable, InvalidArgument, OperationTimeout, ProtocolError
+from virtbus.protocol.codec import decode, encode
+from virtbus.protocol.envelope import Envelope, Kind
+from virtbus.settings import BusSettings
+
+log = logging.getLogger(__name__)
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+_KNOWN_EXCHANGES = frozenset(spec.name for spec in EXCHANGES)
+
+
+def redacted(url: str) -> str:
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else url
+
+
+class _Pending:
+    """One call in flight: the caller's future, and aiormq's return slot for it."""
+
+    __slots__ = ("channel", "future", "returned", "route", "tag", "timer")
+
+    def __init__(
+        self,
+        future: asyncio.Future[bytes],
+        route: str,
+        channel: aiormq.abc.AbstractChannel,
+        tag: int,
+        returned: asyncio.Future[Any],
+    ) -> None:
+        self.future = future
+        self.route = route
+        self.channel = channel
+        self.tag = tag
+        self.returned = returned
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class AmqpBus:
+    """The :class:`~virtbus.bus.base.Bus` protocol over RabbitMQ."""
+
+    def __init__(self, url: str, src: str, settings: BusSettings | None = None) -> None:
+        self.url = url
+        self.src = src
+        self.settings = settings or BusSettings(url=url)
+        self._connection: AbstractRobustConnection | None = None
+        self._rpc: AbstractRobustChannel | None = None
+        self._confirm: AbstractRobustChannel | None = None
+        self._fire: AbstractRobustChannel | None = None
+        self._rpc_underlay: aiormq.abc.AbstractChannel | None = None
+        self._confirm_underlay: aiormq.abc.AbstractChannel | None = None
+        self._fire_underlay: aiormq.abc.AbstractChannel | None = None
+        self._pending: dict[str, _Pending] = {}
+        self._return_tags = itertools.count(-1, -1)  # never collide with real delivery tags
+        self._connected = False
+        self._closing = False
+        self._listeners: list[ConnectionListener] = []
+        self._servers: set[AmqpServer] = set()
+        self._subscriptions: set[AmqpSubscription] = set()
+
+    # --- connection ---------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        """Fired on loss/restore of an established connection (not by connect/close)."""
+        self._listeners.append(listener)
+
+    async def connect(self) -> None:
+        if self._connection is not None:
+            return
+        self._closing = False
+        try:
+            connection = await aio_pika.connect_robust(
+                self.url,
+                timeout=self.settings.connect_timeout,
+                reconnect_interval=self.settings.reconnect.initial,
+                client_properties={"connection_name": f"virtbus:{self.src}"},
+            )
+        except AMQP_FAILURES as exc:
+            raise BusUnavailable(f"cannot connect to {redacted(self.url)}: {exc}") from exc
+        self._connection = connection
+        try:
+            await self._open_channels(connection)
+        except AMQP_FAILURES as exc:
+            await self._abandon()
+            raise BusUnavailable(f"cannot set up the bus topology: {exc}") from exc
+        connection.close_callbacks.add(self._on_connection_lost)
+        connection.reconnect_callbacks.add(self._on_reconnected)
+        self._connected = True
+
+    async def _open_channels(self, connection: AbstractRobustConnection) -> None:
+        timeout = self.settings.connect_timeout
+        self._rpc = await connection.channel(publisher_confirms=False)
+        self._confirm = await connection.channel(publisher_confirms=True)
+        self._fire = await connection.channel(publisher_confirms=False)
+        for spec in EXCHANGES:
+            await self._rpc.declare_exchange(
+                spec.name, type=spec.type, durable=spec.durable, timeout=timeout
+            )
+        dead = await self._rpc.declare_queue(
+            DEAD_LETTER.name, durable=DEAD_LETTER.durable, arguments=DEAD_LETTER.arguments
+        )
+        await dead.bind(DEAD_LETTER_EXCHANGE, routing_key="", timeout=timeout)
+        # Direct reply-to: consumed (no-ack) on the channel that publishes the calls.
+        replies = await self._rpc.declare_queue(REPLY_TO, passive=True, timeout=timeout)
+        await replies.consume(self._on_reply, no_ack=True, timeout=timeout)
+        for channel in (self._rpc, self._confirm, self._fire):
+            channel.reopen_callbacks.add(self._refresh_underlays)
+        await self._refresh_underlays(None)
+
+    async def _refresh_underlays(self, _sender: object) -> None:
+        """Cache the live aiormq channels: the call path must not await to find them."""
+        if self._rpc is not None:
+            self._rpc_underlay = await self._rpc.get_underlay_channel()
+        if self._confirm is not None:
+            self._confirm_underlay = await self._confirm.get_underlay_channel()
+        if self._fire is not None:
+            self._fire_underlay = await self._fire.get_underlay_channel()
+
+    def _on_connection_lost(self, _sender: object, exc: BaseException | None = None) -> None:
+        if self._closing:
+            return
+        self._fail_pending(BusUnavailable(f"connection to the broker lost: {exc}"))
+        if self._connected:
+            log.warning("bus connection lost (%s); reconnecting", exc)
+            self._set_connected(False)
+
+    async def _on_reconnected(self, _sender: object) -> None:
+        await self._refresh_underlays(None)
+        log.info("bus connection restored")
+        self._set_connected(True)
+
+    def _set_connected(self, connected: bool) -> None:
+        self._connected = connected
+        for listener in list(self._listeners):
+            try:
+                listener(connected)
+            except Exception:  # a listener bug must not break the transport
+                log.exception("connection listener failed")
+
+    def _fail_pending(self, exc: Exception) -> None:
+        for call_id in list(self._pending):
+            self._settle(call_id, exc=exc)
+
+    async def close(self) -> None:
+        self._closing = True
+        for server in list(self._servers):
+            await server.stop()
+        for sub in list(self._subscriptions):
+            await sub.close()
+        self._fail_pending(BusUnavailable("bus closed"))
+        self._connected = False
+        await self._abandon()
+
+    async def _abandon(self) -> None:
+        connection, self._connection = self._connection, None
+        self._rpc = self._confirm = self._fire = None
+        self._rpc_underlay = self._confirm_underlay = self._fire_underlay = None
+        if connection is not None:
+            try:
+                await connection.close()
+            except AMQP_FAILURES as exc:
+                log.debug("closing the bus connection: %s", exc)
+
+    def _require_connection(self) -> AbstractRobustConnection:
+        if not self._connected or self._connection is None:
+            raise BusUnavailable(f"not connected to {redacted(self.url)}")
+        return self._connection
+
+    # --- RPC ----------------------------------------------------------------------
+
+    async def call(
+        self, route: str, op: str, body: dict[str, Any], *, timeout: float | None = None
+    ) -> Any:
+        self._require_connection()
+        channel = self._rpc_underlay
+        if channel is None or channel.is_closed:
+            raise BusUnavailable("the RPC channel is being restored")
+        timeout = self.settings.call_timeout if timeout is None else timeout
+        if timeout <= 0:
+            raise InvalidArgument(f"call timeout must be positive, not {timeout!r}")
+        envelope = Envelope(kind=Kind.CALL, op=op, body=body, src=self.src)
+        data = encode(envelope)
+        if len(data) > self.settings.limits.max_bytes:
+            raise ProtocolError(f"call {op!r} of {len(data)} bytes exceeds the message limit")
+        properties = Basic.Properties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=1,
+            correlation_id=envelope.id,
+            message_id=envelope.id,
+            reply_to=REPLY_TO,
+            expiration=str(max(1, int(timeout * 1000))),
+            headers={DEADLINE_HEADER: deadline_header(envelope.ts + timeout)},
+            message_type=op,
+        )
+        call_id = envelope.id
+        loop = asyncio.get_running_loop()
+        pending = _Pending(
+            loop.create_future(), route, channel, next(self._return_tags), loop.create_future()
+        )
+        self._pending[call_id] = pending
+        channel.message_id_delivery_tag[call_id] = pending.tag  # type: ignore[attr-defined]
+        channel.confirmations[pending.tag] = pending.returned  # type: ignore[attr-defined]
+        pending.returned.add_done_callback(lambda f: self._on_returned(call_id, f))
+        pending.timer = loop.call_later(timeout, self._expire, call_id, op, route, timeout)
+        try:
+            try:
+                await channel.basic_publish(
+                    data,
+                    exchange=RPC_EXCHANGE,
+                    routing_key=route,
+                    properties=properties,
+                    mandatory=True,
+                )
+            except AMQP_FAILURES as exc:
+                raise BusUnavailable(f"cannot publish {op!r} to {route!r}: {exc}") from exc
+            raw = await pending.future
+        finally:
+            self._settle(call_id)
+        reply = decode(raw, self.settings.limits)
+        return result_from_reply(reply.body)
+
+    def _settle(
+        self, call_id: str, result: bytes | None = None, exc: BaseException | None = None
+    ) -> None:
+        """Complete (or just forget) a call; removes its aiormq return slot first."""
+        pending = self._pending.pop(call_id, None)
+        if pending is None:
+            return
+        if pending.timer is not None:
+            pending.timer.cancel()
+        slots = pending.channel.message_id_delivery_tag  # type: ignore[attr-defined]
+        if slots.get(call_id) == pending.tag:
+            del slots[call_id]
+        pending.channel.confirmations.pop(pending.tag, None)  # type: ignore[attr-defined]
+        if not pending.returned.done():
+            pending.returned.cancel()
+        if pending.future.done():
+            return
+        if exc is not None:
+            pending.future.set_exception(exc)
+        elif result is not None:
+            pending.future.set_result(result)
+
+    def _on_returned(self, call_id: str, returned: asyncio.Future[Any]) -> None:
+        if returned.cancelled():
+            return
+        pending = self._pending.get(call_id)
+        if pending is None:
+            return
+        message = returned.result() if returned.exception() is None else None
+        if isinstance(message, DeliveredMessage):
+            self._settle(call_id, exc=no_host(pending.route))
+        else:  # the channel failed under the call
+            self._settle(call_id, exc=BusUnavailable("the RPC channel closed during the call"))
+
+    def _expire(self, call_id: str, op: str, route: str, timeout: float) -> None:
+        self._settle(
+            call_id, exc=OperationTimeout(f"no reply to {op!r} on {route!r} within {timeout:g}s")
+        )
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        call_id = message.correlation_id
+        if call_id is None or call_id not in self._pending:
+            log.debug("reply %s arrived after its call was given up", call_id)
+            return
+        self._settle(call_id, result=message.body)
+
+    async def serve(self, route: str, handler: CallHandler) -> AmqpServer:
+        connection = self._require_connection()
+        server = await AmqpServer.start(self, connection, route, handler)
+        self._servers.add(server)
+        server.on_stopped = self._servers.discard
+        return server
+
+    # --- events, metrics, heartbeats --------------------------------------------
+
+    async def publish(
+        self, exchange: str, routing_key: str, envelope: Envelope, *, confirm: bool = False
+    ) -> None:
+        """``confirm=True``: persistent, returns once the broker has it (else BusUnavailable)."""
+        if exchange not in _KNOWN_EXCHANGES:
+            raise InvalidArgument(f"unknown exchange {exchange!r}")
+        self._require_connection()
+        channel = self._confirm_underlay if confirm else self._fire_underlay
+        if channel is None or channel.is_closed:
+            raise BusUnavailable("the publishing channel is being restored")
+        data = encode(envelope)
+        properties = Basic.Properties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=2 if confirm else 1,
+            message_id=envelope.id,
+            message_type=envelope.op,
+        )
+        try:
+            async with asyncio.timeout(self.settings.confirm_timeout):
+                result = await channel.basic_publish(
+                    data, exchange=exchange, routing_key=routing_key, properties=properties
+                )
+        except TimeoutError as exc:
+            raise BusUnavailable(f"no publisher confirm for {envelope.op!r} in time") from exc
+        except AMQP_FAILURES as exc:
+            raise BusUnavailable(f"cannot publish {envelope.op!r} to {exchange!r}: {exc}") from exc
+        if confirm and not isinstance(result, Basic.Ack):
+            raise BusUnavailable(f"broker did not confirm {envelope.op!r}: {result!r}")
+
+    async def subscribe(self, exchange: str, binding_keys: list[str]) -> AmqpSubscription:
+        if exchange not in _KNOWN_EXCHANGES:
+            raise InvalidArgument(f"unknown exchange {exchange!r}")
+        connection = self._require_connection()
+        sub = await AmqpSubscription.start(self, connection, exchange, binding_keys)
+        self._subscriptions.add(sub)
+        sub.on_closed = self._subscriptions.discard
+        return sub

@@ -1,0 +1,292 @@
+"""The consuming side of the RabbitMQ transport: RPC servers and topic subscriptions.
+
+Each runs on a channel of its own, so its prefetch (basic.qos) is its own bound: a server
+holds at most ``settings.prefetch`` unacked calls, a subscription at most
+``settings.subscription_buffer`` unread envelopes (acked when read, so a slow reader
+stops the broker from sending rather than growing a local queue).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import aiormq
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustQueue,
+)
+from pamqp.commands import Basic
+
+from virtbus.aio import TaskGroup
+from virtbus.bus.base import CallHandler
+from virtbus.bus.buffer import BoundedBuffer
+from virtbus.bus.rpc import body_from_exception, settle
+from virtbus.bus.topology import DEADLINE_HEADER, RPC_EXCHANGE, call_queue_for
+from virtbus.errors import ProtocolError
+from virtbus.protocol.codec import decode, encode
+from virtbus.protocol.envelope import Envelope, Kind, error_body, new_id, reply_to
+
+if TYPE_CHECKING:
+    from virtbus.bus.amqp import AmqpBus
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE: Final = "application/msgpack"
+# What aio-pika/aiormq raise when the broker or the socket fails (TimeoutError is an OSError).
+AMQP_FAILURES: Final = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    OSError,
+)
+
+
+def deadline_header(epoch_seconds: float) -> int:
+    """``x-deadline`` travels as integer epoch *milliseconds*: AMQP field tables encode a
+    Python float as a 32-bit float (pamqp), far too coarse for an epoch."""
+    return int(epoch_seconds * 1000)
+
+
+def deadline_from_header(value: Any) -> float | None:
+    """Epoch seconds from ``x-deadline``; also accepts seconds from other clients."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value / 1000 if value > 1e11 else float(value)
+
+
+async def _quietly(action: Awaitable[Any], what: str) -> None:
+    """Acks/rejects on a channel that died with its connection: the broker requeues anyway."""
+    try:
+        await action
+    except AMQP_FAILURES as exc:
+        log.debug("%s failed: %s", what, exc)
+
+
+class AmqpServer:
+    """Consumes one call queue; see :class:`virtbus.bus.base.Server`."""
+
+    def __init__(
+        self,
+        bus: AmqpBus,
+        route: str,
+        handler: CallHandler,
+        channel: AbstractRobustChannel,
+        queue: AbstractRobustQueue,
+    ) -> None:
+        self.route = route
+        self._bus = bus
+        self._handler = handler
+        self._channel = channel
+        self._queue = queue
+        self._tag: str | None = None
+        self._tasks = TaskGroup(f"amqp-server:{route}")
+        self._stopping = False
+        self.on_stopped: Callable[[AmqpServer], None] | None = None
+
+    @classmethod
+    async def start(
+        cls, bus: AmqpBus, connection: AbstractRobustConnection, route: str, handler: CallHandler
+    ) -> AmqpServer:
+        spec = call_queue_for(route)
+        timeout = bus.settings.connect_timeout
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            await channel.set_qos(prefetch_count=bus.settings.prefetch, timeout=timeout)
+            queue = await channel.declare_queue(
+                spec.name, durable=spec.durable, arguments=spec.arguments, timeout=timeout
+            )
+            await queue.bind(RPC_EXCHANGE, routing_key=route, timeout=timeout)
+            server = cls(bus, route, handler, channel, queue)
+            server._tag = await queue.consume(server._on_message, timeout=timeout)
+        except BaseException:
+            await _quietly(channel.close(), "closing a server channel")
+            raise
+        return server
+
+    @property
+    def queue_name(self) -> str:
+        return self._queue.name
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # Everything up to the handler call is synchronous: handlers see delivery order.
+        if self._stopping:
+            return  # left unacked: requeued when the channel closes
+        try:
+            call = decode(message.body, self._bus.settings.limits)
+            if call.kind is not Kind.CALL:
+                raise ProtocolError(f"expected a call, got a {call.kind}")
+        except ProtocolError as exc:
+            await self._refuse(message, exc)
+            return
+        deadline = deadline_from_header((message.headers or {}).get(DEADLINE_HEADER))
+        if deadline is not None and time.time() > deadline:
+            log.warning(
+                "dropping call %s %s from %s: its deadline passed", call.op, call.id, call.src
+            )
+            await _quietly(message.ack(), "ack of an expired call")
+            return
+        try:
+            awaitable: Awaitable[dict[str, Any]] | None = self._handler(call)
+        except Exception as exc:  # noqa: BLE001 - a handler bug is the caller's answer
+            awaitable, body = None, body_from_exception(exc, call.op)
+        else:
+            body = {}
+        self._tasks.spawn(self._answer(message, call, awaitable, body), name=f"call:{call.id}")
+
+    async def _answer(
+        self,
+        message: AbstractIncomingMessage,
+        call: Envelope,
+        awaitable: Awaitable[dict[str, Any]] | None,
+        body: dict[str, Any],
+    ) -> None:
+        if awaitable is not None:
+            body = await settle(awaitable, call.op)
+        if message.reply_to:
+            reply = reply_to(call, body, self._bus.src)
+            try:
+                data = encode(reply)
+            except ProtocolError as exc:
+                data = encode(reply_to(call, error_body(exc.code, exc.message), self._bus.src))
+            # Echo the AMQP correlation id (ours equals the envelope id; other clients may differ).
+            await self._send_reply(message.reply_to, message.correlation_id or call.id, data)
+        await _quietly(message.ack(), f"ack of call {call.id}")
+
+    async def _refuse(self, message: AbstractIncomingMessage, exc: ProtocolError) -> None:
+        """A bad message gets an RPC_ERROR reply if it can be answered, else dead-lettering."""
+        if not message.reply_to:
+            log.warning("dead-lettering an unanswerable bad message on %s: %s", self.route, exc)
+            await _quietly(message.reject(requeue=False), "reject of a bad message")
+            return
+        log.warning("answering a bad message on %s with %s: %s", self.route, exc.code, exc)
+        call_id = message.correlation_id or message.message_id or new_id()
+        reply = Envelope(
+            kind=Kind.REPLY,
+            op="invalid",
+            body=error_body(exc.code, exc.message),
+            src=self._bus.src,
+            id=call_id,
+        )
+        await self._send_reply(message.reply_to, call_id, encode(reply))
+        await _quietly(message.ack(), "ack of a bad message")
+
+    async def _send_reply(self, reply_address: str, call_id: str, data: bytes) -> None:
+        properties = Basic.Properties(
+            content_type=CONTENT_TYPE, delivery_mode=1, correlation_id=call_id
+        )
+        try:
+            channel = await self._channel.get_underlay_channel()
+            # Never mandatory: RabbitMQ may "return" a delivered direct reply-to message.
+            await channel.basic_publish(
+                data, exchange="", routing_key=reply_address, properties=properties
+            )
+        except AMQP_FAILURES as exc:
+            log.warning("cannot send the reply to %s: %s", call_id, exc)
+
+    async def stop(self) -> None:
+        """Cancel the consumer, let calls in hand finish (bounded), then close the channel
+        so that whatever was delivered but not started goes back to the queue."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._tag is not None:
+            await _quietly(self._queue.cancel(self._tag), f"cancel of {self.route} consumer")
+        await self._tasks.stop(self._bus.settings.stop_grace)
+        await _quietly(self._channel.close(), f"close of {self.route} channel")
+        if self.on_stopped is not None:
+            self.on_stopped(self)
+
+
+class AmqpSubscription:
+    """An exclusive auto-delete queue bound with topic keys, read as an async iterator."""
+
+    def __init__(
+        self,
+        bus: AmqpBus,
+        exchange: str,
+        binding_keys: list[str],
+        channel: AbstractRobustChannel,
+        queue: AbstractRobustQueue,
+    ) -> None:
+        self.exchange = exchange
+        self.binding_keys = list(binding_keys)
+        self._bus = bus
+        self._channel = channel
+        self._queue = queue
+        self._tag: str | None = None
+        self._buffer: BoundedBuffer[tuple[AbstractIncomingMessage, Envelope]] = BoundedBuffer(
+            bus.settings.subscription_buffer
+        )
+        self.on_closed: Callable[[AmqpSubscription], None] | None = None
+
+    @classmethod
+    async def start(
+        cls,
+        bus: AmqpBus,
+        connection: AbstractRobustConnection,
+        exchange: str,
+        binding_keys: list[str],
+    ) -> AmqpSubscription:
+        timeout = bus.settings.connect_timeout
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            await channel.set_qos(prefetch_count=bus.settings.subscription_buffer, timeout=timeout)
+            name = f"virtbus.sub.{bus.src}.{uuid.uuid4().hex[:12]}"
+            queue = await channel.declare_queue(
+                name, exclusive=True, auto_delete=True, timeout=timeout
+            )
+            for key in binding_keys:
+                await queue.bind(exchange, routing_key=key, timeout=timeout)
+            sub = cls(bus, exchange, binding_keys, channel, queue)
+            sub._tag = await queue.consume(sub._on_message, timeout=timeout)
+        except BaseException:
+            await _quietly(channel.close(), "closing a subscription channel")
+            raise
+        return sub
+
+    @property
+    def queue_name(self) -> str:
+        return self._queue.name
+
+    @property
+    def dropped(self) -> int:
+        """Envelopes discarded locally (only possible around a reconnect)."""
+        return self._buffer.dropped
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            envelope = decode(message.body, self._bus.settings.limits)
+        except ProtocolError as exc:
+            log.warning(
+                "skipping a bad message on %s %s: %s", self.exchange, message.routing_key, exc
+            )
+            await _quietly(message.ack(), "ack of a skipped message")
+            return
+        if self._buffer.closed:
+            return
+        dropped = self._buffer.push((message, envelope))
+        if dropped is not None:  # an unread message of a channel that died before
+            await _quietly(dropped[0].ack(), "ack of a dropped message")
+
+    def __aiter__(self) -> AmqpSubscription:
+        return self
+
+    async def __anext__(self) -> Envelope:
+        message, envelope = await self._buffer.get()
+        await _quietly(message.ack(), "ack of a read message")
+        return envelope
+
+    async def close(self) -> None:
+        if self._buffer.closed:
+            return
+        self._buffer.close()
+        if self._tag is not None:
+            await _quietly(self._queue.cancel(self._tag), "cancel of a subscription")
+        await _quietly(self._channel.close(), "close of a subscription channel")
+        if self.on_closed is not None:
+            self.on_closed(self)

@@ -1,0 +1,52 @@
+"""RPC semantics shared by both transports: how a handler's outcome becomes a reply body
+and how a reply body becomes a result or a typed error on the caller's side."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+from virtbus.errors import InternalError, NoHostError, ProtocolError, VirtbusError, error_from_wire
+from virtbus.protocol.envelope import error_body
+
+log = logging.getLogger(__name__)
+
+
+def no_host(route: str) -> NoHostError:
+    return NoHostError(f"no agent queue for route {route!r}; is virtbus-agent running?")
+
+
+def body_from_exception(exc: Exception, op: str) -> dict[str, Any]:
+    """A handler failure never kills a consumer: it becomes an error reply."""
+    if isinstance(exc, VirtbusError):
+        return error_body(exc.code, exc.message)
+    log.error("handler for %r failed", op, exc_info=exc)
+    return error_body(InternalError.code, f"{type(exc).__name__}: {exc}")
+
+
+def checked_body(body: Any, op: str) -> dict[str, Any]:
+    """A handler must return ``{"ok": ...}``; anything else is our bug, reported as such."""
+    if isinstance(body, dict) and isinstance(body.get("ok"), bool):
+        return body
+    log.error("handler for %r returned a malformed reply body: %r", op, type(body))
+    return error_body(InternalError.code, f"handler for {op!r} returned a malformed reply")
+
+
+async def settle(awaitable: Awaitable[dict[str, Any]], op: str) -> dict[str, Any]:
+    """Await a handler's result; every outcome but cancellation is a reply body."""
+    try:
+        body = await awaitable
+    except Exception as exc:  # noqa: BLE001 - the handler's failure is the caller's answer
+        return body_from_exception(exc, op)
+    return checked_body(body, op)
+
+
+def result_from_reply(body: dict[str, Any]) -> Any:
+    """``{"ok": true, "result": r}`` -> r; ``{"ok": false, "error": e}`` -> raise typed e."""
+    ok = body.get("ok")
+    if ok is True:
+        return body.get("result")
+    if ok is False:
+        raise error_from_wire(body.get("error"))
+    raise ProtocolError("reply body has no boolean 'ok'")
