@@ -1,10 +1,10 @@
 """Per-domain serialisation of commands, and the memory of recent call ids.
 
-Commands for one domain run strictly one after another (one worker per domain, created
-on demand, gone when idle); commands for different domains run concurrently. The key is
+Commands for one domain run strictly one after another; commands for different domains
+run concurrently. The key is
 the domain's *name* (a UUID ref is resolved first), so a call by name and a call by UUID
-for the same guest queue behind each other. The number of queued commands is bounded by
-the bus prefetch, so the per-domain queues need no bound of their own.
+for the same guest queue behind each other. The number of waiting commands is bounded by
+the bus prefetch, so the per-domain chains need no bound of their own.
 
 A redelivered call (same id) is answered from memory — the same future, finished or not —
 and never executed twice.
@@ -16,10 +16,8 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
-from virtbus.aio import TaskGroup
 from virtbus.errors import InternalError, OperationTimeout, VirtbusError
 from virtbus.protocol.envelope import Envelope, error_body, ok_body
 
@@ -28,12 +26,6 @@ log = logging.getLogger(__name__)
 Reply = dict[str, Any]
 Execute = Callable[[Envelope], Awaitable[Any]]
 KeyOf = Callable[[Envelope], str | None]
-
-
-@dataclass(slots=True)
-class _Job:
-    call: Envelope
-    reply: asyncio.Future[Reply]
 
 
 class CallMemory:
@@ -56,7 +48,12 @@ class CallMemory:
 
 
 class Dispatcher:
-    """Turns calls into replies: dedup, per-domain ordering, timeouts, error mapping."""
+    """Turns calls into replies: dedup, per-domain ordering, timeouts, error mapping.
+
+    Ordering is a chain, not a worker: each call for a domain waits for the reply future
+    of the call submitted before it, then runs in the transport's own task. No task and
+    no queue per call on the hot path; the chain's length is bounded by the prefetch.
+    """
 
     def __init__(
         self,
@@ -70,12 +67,11 @@ class Dispatcher:
         self._key_of = key_of
         self._timeout = command_timeout
         self._memory = CallMemory(call_memory)
-        self._queues: dict[str, asyncio.Queue[_Job]] = {}
-        self._tasks = TaskGroup("dispatch")
+        self._tails: dict[str, asyncio.Future[Reply]] = {}  # last call submitted per domain
         self.executed = 0  # commands actually run (redeliveries excluded)
 
     def submit(self, call: Envelope) -> Awaitable[Reply]:
-        """Called in delivery order; never blocks. Returns the future reply body."""
+        """Called in delivery order; never blocks. Returns the awaitable reply body."""
         known = self._memory.get(call.id)
         if known is not None:
             log.info("call %s (%s) redelivered: answering from memory", call.id, call.op)
@@ -87,51 +83,49 @@ class Dispatcher:
         except VirtbusError as exc:
             reply.set_result(error_body(exc.code, exc.message))
             return reply
-        job = _Job(call, reply)
-        if key is None:
-            self._tasks.spawn(self._run(job), name=f"call:{call.op}")
-            return reply
-        queue = self._queues.get(key)
-        if queue is None:
-            queue = self._queues[key] = asyncio.Queue()
-            self._tasks.spawn(self._worker(key, queue), name=f"domain:{key}")
-        queue.put_nowait(job)
-        return reply
+        before = None
+        if key is not None:
+            before = self._tails.get(key)
+            self._tails[key] = reply
+        return self._run(call, reply, key, before)
 
-    async def _worker(self, key: str, queue: asyncio.Queue[_Job]) -> None:
-        # No await between the emptiness check and the removal: a job submitted later
-        # either lands before the check or finds no queue and starts a new worker.
-        while not queue.empty():
-            await self._run(queue.get_nowait())
-        del self._queues[key]
+    async def _run(
+        self,
+        call: Envelope,
+        reply: asyncio.Future[Reply],
+        key: str | None,
+        before: asyncio.Future[Reply] | None,
+    ) -> Reply:
+        try:
+            if before is not None and not before.done():
+                await asyncio.wait([before])  # never cancels the predecessor
+            if not reply.done():
+                reply.set_result(await self._execute_once(call))
+        except asyncio.CancelledError:
+            if not reply.done():
+                reply.set_result(error_body("OPERATION_FAILED", "agent stopped mid-command"))
+            raise
+        finally:
+            if key is not None and self._tails.get(key) is reply:
+                del self._tails[key]
+        return reply.result()
 
-    async def _run(self, job: _Job) -> None:
-        if job.reply.done():
-            return
+    async def _execute_once(self, call: Envelope) -> Reply:
         self.executed += 1
         try:
-            result = await asyncio.wait_for(self._execute(job.call), self._timeout)
-            body = ok_body(result)
-        except asyncio.CancelledError:
-            if not job.reply.done():
-                job.reply.set_result(error_body("OPERATION_FAILED", "agent stopped mid-command"))
-            raise
+            async with asyncio.timeout(self._timeout):
+                return ok_body(await self._execute(call))
         except TimeoutError:
-            err = OperationTimeout(f"{job.call.op} did not finish within {self._timeout:g} s")
-            body = error_body(err.code, err.message)
+            err: VirtbusError = OperationTimeout(
+                f"{call.op} did not finish within {self._timeout:g} s"
+            )
         except VirtbusError as exc:
-            body = error_body(exc.code, exc.message)
-        except Exception as exc:  # a bug must become a reply, not a dead worker
-            log.exception("call %s (%s) failed unexpectedly", job.call.id, job.call.op)
+            err = exc
+        except Exception as exc:  # a bug must become a reply, not a dead consumer
+            log.exception("call %s (%s) failed unexpectedly", call.id, call.op)
             err = InternalError(f"{type(exc).__name__}: {exc}")
-            body = error_body(err.code, err.message)
-        if not job.reply.done():
-            job.reply.set_result(body)
+        return error_body(err.code, err.message)
 
     @property
-    def busy(self) -> int:
-        return len(self._tasks)
-
-    async def stop(self, grace: float) -> None:
-        """Finish the commands in hand within ``grace``; cancel the rest."""
-        await self._tasks.stop(grace)
+    def pending_domains(self) -> int:
+        return len(self._tails)

@@ -126,7 +126,6 @@ class AgentService:
         if self._server is not None:
             await self._server.stop()
             self._server = None
-        await self.dispatcher.stop(grace)
         if not await self.outbox.flush(grace):
             log.warning("%d events not yet published at stop", len(self.outbox))
         await self._tasks.cancel_all()

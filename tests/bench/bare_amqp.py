@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import time
 import uuid
@@ -22,19 +23,16 @@ URL = "amqp://guest:guest@127.0.0.1:5672/"
 WARMUP = 50
 
 
-async def bare_roundtrips(n: int, payload_size: int, url: str = URL) -> list[float]:
-    """Seconds per request/reply round trip, bare aio-pika, direct reply-to."""
-    server_conn = await aio_pika.connect_robust(url)
-    client_conn = await aio_pika.connect_robust(url)
+async def bare_server(url: str, queue_name: str, ready: asyncio.Event | None = None) -> None:
+    """Echo every request on ``queue_name`` to its direct reply-to address, until cancelled."""
+    conn = await aio_pika.connect_robust(url)
     try:
-        server_ch = await server_conn.channel(publisher_confirms=False)
-        queue = await server_ch.declare_queue(
-            f"bench.bare.{uuid.uuid4().hex[:8]}", exclusive=True, auto_delete=True
-        )
+        channel = await conn.channel(publisher_confirms=False)
+        queue = await channel.declare_queue(queue_name, auto_delete=True)
 
         async def on_request(message: AbstractIncomingMessage) -> None:
             assert message.reply_to is not None
-            await server_ch.default_exchange.publish(
+            await channel.default_exchange.publish(
                 aio_pika.Message(message.body, correlation_id=message.correlation_id),
                 routing_key=message.reply_to,
                 mandatory=False,
@@ -42,8 +40,18 @@ async def bare_roundtrips(n: int, payload_size: int, url: str = URL) -> list[flo
             await message.ack()
 
         await queue.consume(on_request)
+        if ready is not None:
+            ready.set()
+        await asyncio.Future()  # serve until cancelled
+    finally:
+        await conn.close()
 
-        client_ch = await client_conn.channel(publisher_confirms=False)
+
+async def bare_client(url: str, queue_name: str, n: int, payload_size: int) -> list[float]:
+    """Seconds per request/reply round trip against a :func:`bare_server`."""
+    conn = await aio_pika.connect_robust(url)
+    try:
+        client_ch = await conn.channel(publisher_confirms=False)
         pending: dict[str, asyncio.Future[bytes]] = {}
 
         async def on_reply(message: AbstractIncomingMessage) -> None:
@@ -63,7 +71,7 @@ async def bare_roundtrips(n: int, payload_size: int, url: str = URL) -> list[flo
             pending[cid] = fut
             await client_ch.default_exchange.publish(
                 aio_pika.Message(payload, correlation_id=cid, reply_to="amq.rabbitmq.reply-to"),
-                routing_key=queue.name,
+                routing_key=queue_name,
                 mandatory=False,
             )
             await asyncio.wait_for(fut, 5)
@@ -71,8 +79,21 @@ async def bare_roundtrips(n: int, payload_size: int, url: str = URL) -> list[flo
                 times.append(time.perf_counter() - start)
         return times
     finally:
-        await client_conn.close()
-        await server_conn.close()
+        await conn.close()
+
+
+async def bare_roundtrips(n: int, payload_size: int, url: str = URL) -> list[float]:
+    """Seconds per request/reply round trip, bare aio-pika, server in this process."""
+    queue_name = f"bench.bare.{uuid.uuid4().hex[:8]}"
+    ready = asyncio.Event()
+    server = asyncio.create_task(bare_server(url, queue_name, ready), name="bench:bare-server")
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        return await bare_client(url, queue_name, n, payload_size)
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
 
 
 async def virtbus_roundtrips(n: int, payload_size: int, url: str = URL) -> list[float]:
@@ -137,6 +158,11 @@ async def _main(n: int, payload_size: int, rounds: int) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve":  # a bare server in its own process
+        asyncio.run(bare_server(URL, sys.argv[2]))
+        sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", type=int, default=2000)
     parser.add_argument("--payload", type=int, default=64)
