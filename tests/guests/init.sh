@@ -1,0 +1,168 @@
+#!/bin/busybox sh
+# /init of the virtbus test guest (busybox, PID 1). Protocol: tests/guests/README.md.
+# Markers go to the serial console (ttyS0); commands come from the kernel command line
+# (virtbus.cmd=), the second serial port (ttyS1) and the virtio-serial port
+# "org.virtbus.guest.0". PID 1 must never exit: the kernel would panic.
+
+/bin/busybox --install -s /bin
+export PATH=/bin
+mkdir -p /proc /sys /dev /tmp /mnt
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+exec </dev/console >/dev/console 2>&1
+
+CON=/dev/console
+say() { echo "$*" >$CON; }
+
+while read -r mod; do
+    [ -n "$mod" ] && insmod "/lib/modules/$mod.ko" 2>/dev/null
+done </lib/modules/load.order
+
+TICK=0.5
+CMDS=""
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        virtbus.tick=*) TICK="${arg#virtbus.tick=}" ;;
+        virtbus.cmd=*) CMDS="${arg#virtbus.cmd=}" ;;
+    esac
+done
+
+# Wait (bounded) for the block device; virtio probing is asynchronous.
+DISK=""
+i=0
+while [ $i -lt 20 ]; do
+    for d in /dev/vda /dev/sda; do [ -b "$d" ] && DISK="$d"; done
+    [ -n "$DISK" ] && break
+    if [ -d /sys/bus/virtio/devices ] && ! grep -qs 0x0002 /sys/bus/virtio/devices/*/device; then
+        break
+    fi
+    sleep 0.1
+    i=$((i + 1))
+done
+
+# run_cmd <reply: "3" or ""> <command words...>: runs one protocol command; replies go to
+# the console and, when called from serve, back on fd 3.
+run_cmd() {
+    local out="$1" cmd="${2:-}" count j mib sum
+    shift; [ $# -gt 0 ] && shift
+    reply() { say "$*"; [ -n "$out" ] && echo "$*" >&3 2>/dev/null; }
+    case "$cmd" in
+        "") return ;;
+        ping) reply "VIRTBUS-PONG $*" ;;
+        panic)
+            reply "VIRTBUS-ACK panic"
+            echo 1 >/proc/sys/kernel/sysrq
+            echo c >/proc/sysrq-trigger ;;
+        poweroff)
+            reply "VIRTBUS-ACK poweroff"
+            sync; poweroff -f ;;
+        reboot)
+            reply "VIRTBUS-ACK reboot"
+            sync; reboot -f ;;
+        burn)
+            count="${1:-1}"; j=0
+            while [ $j -lt "$count" ]; do
+                ( while :; do :; done ) &
+                echo $! >>/tmp/burn.pids; j=$((j + 1))
+            done
+            reply "VIRTBUS-DONE burn $count" ;;
+        burn-stop)
+            [ -f /tmp/burn.pids ] && kill $(cat /tmp/burn.pids) 2>/dev/null
+            rm -f /tmp/burn.pids
+            reply "VIRTBUS-DONE burn-stop" ;;
+        read)
+            mib="${1:-8}"
+            if [ -z "$DISK" ]; then reply "VIRTBUS-ERROR read no-disk"; return; fi
+            dd if="$DISK" of=/dev/null bs=1M count="$mib" iflag=direct 2>/dev/null
+            reply "VIRTBUS-DONE read $mib" ;;
+        write)
+            mib="${1:-1}"
+            if [ -z "$DISK" ]; then reply "VIRTBUS-ERROR write no-disk"; return; fi
+            # The scratch area starts at 8 MiB; the known pattern below it stays intact.
+            dd if=/dev/zero of="$DISK" bs=1M count="$mib" seek=8 oflag=direct conv=fsync \
+                2>/dev/null
+            reply "VIRTBUS-DONE write $mib" ;;
+        disk-md5)
+            mib="${1:-1}"
+            if [ -z "$DISK" ]; then reply "VIRTBUS-ERROR disk-md5 no-disk"; return; fi
+            sum=$(dd if="$DISK" bs=1M count="$mib" iflag=direct 2>/dev/null | md5sum)
+            reply "VIRTBUS-DISK-MD5 $mib ${sum%% *}" ;;
+        *) reply "VIRTBUS-ERROR unknown $cmd" ;;
+    esac
+}
+
+# serve <device>: reads newline-terminated commands from a device forever; replies go back
+# on the same descriptor (a virtio-serial port may be open only once).
+serve() {
+    local dev="$1" line
+    while :; do
+        # A failed redirection on a compound command does not end the shell (on exec it would).
+        [ -c "$dev" ] && {
+            [ "${dev#/dev/tty}" != "$dev" ] && stty raw -echo <&3
+            while IFS= read -r line <&3; do
+                line=$(echo "$line" | tr -d '\r')
+                # shellcheck disable=SC2086
+                run_cmd 3 $line
+            done
+        } 3<>"$dev" 2>/dev/null
+        sleep 0.2   # EOF (host side not connected) or device absent: retry.
+    done
+}
+
+CTL=""
+if stty -F /dev/ttyS1 >/dev/null 2>&1; then
+    serve /dev/ttyS1 &
+    CTL="$CTL ttyS1"
+fi
+for p in /sys/class/virtio-ports/*; do
+    [ -f "$p/name" ] || continue
+    if [ "$(cat "$p/name")" = "org.virtbus.guest.0" ]; then
+        serve "/dev/${p##*/}" &
+        CTL="$CTL ${p##*/}"
+    fi
+done
+
+# ACPI power button: any input event from a "Power Button" device means power off.
+watch_button() {  # runs in its own background subshell
+    dd if="$1" of=/dev/null bs=24 count=1 2>/dev/null
+    say "VIRTBUS-POWER-BUTTON"
+    sync; poweroff -f
+}
+BUTTONS=""
+cat /proc/bus/input/devices >/tmp/input-devices
+for h in $(awk '/^N: Name=/ { name = $0 }
+        /^H: Handlers=/ && name ~ /Power Button/ {
+            for (i = 2; i <= NF; i++) { f = $i; sub(/^Handlers=/, "", f); if (f ~ /^event/) print f }
+        }' /tmp/input-devices); do
+    watch_button "/dev/input/$h" &
+    BUTTONS="$BUTTONS $h"
+done
+# READY promises that a power-button press is seen: wait until every watcher holds its device.
+i=0
+for h in $BUTTONS; do
+    while [ $i -lt 100 ] && ! ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q "/dev/input/$h"; do
+        sleep 0.02
+        i=$((i + 1))
+    done
+done
+
+say "VIRTBUS-GUEST-READY"
+say "VIRTBUS-INFO kernel=$(uname -r) disk=${DISK:-none} control=${CTL# } buttons=${BUTTONS# }"
+
+# Kernel command line commands: virtbus.cmd=<cmd>[+<arg>]@<tick>,...
+n=0
+while :; do
+    say "VIRTBUS-TICK $n"
+    if [ -n "$CMDS" ]; then
+        for item in $(echo "$CMDS" | tr ',' ' '); do
+            if [ "${item##*@}" = "$n" ]; then
+                # shellcheck disable=SC2046
+                run_cmd "" $(echo "${item%@*}" | tr '+' ' ')
+            fi
+        done
+    fi
+    n=$((n + 1))
+    sleep "$TICK"
+done
