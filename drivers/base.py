@@ -99,6 +99,59 @@ class HostResources:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class MigrationParams:
+    """What the caller asks of a live migration (libvirt's flags and QEMU's parameters)."""
+
+    bandwidth_mib_s: int | None = None  # max-bandwidth
+    max_downtime_ms: int | None = None  # downtime-limit
+    auto_converge: bool = False
+    postcopy: bool = False  # postcopy-ram; switched to postcopy after the first pass
+    parallel: int = 0  # multifd channels; 0 = off
+    listen_address: str = "127.0.0.1"  # where the destination listens for the stream
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "bandwidth_mib_s": self.bandwidth_mib_s,
+            "max_downtime_ms": self.max_downtime_ms,
+            "auto_converge": self.auto_converge,
+            "postcopy": self.postcopy,
+            "parallel": self.parallel,
+            "listen_address": self.listen_address,
+        }
+
+    @classmethod
+    def from_map(cls, data: dict[str, Any]) -> MigrationParams:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+@dataclass(slots=True)
+class MigrationStatus:
+    """Progress of a migration as QEMU's query-migrate reports it (libvirt's job info)."""
+
+    status: str  # none, setup, active, postcopy-active, completed, failed, cancelled, ...
+    transferred: int = 0
+    remaining: int = 0
+    total: int = 0
+    passes: int = 0
+    downtime_ms: int | None = None
+    total_time_ms: int | None = None
+    error: str | None = None
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "transferred": self.transferred,
+            "remaining": self.remaining,
+            "total": self.total,
+            "passes": self.passes,
+            "downtime_ms": self.downtime_ms,
+            "total_time_ms": self.total_time_ms,
+            "error": self.error,
+        }
+
+
 @runtime_checkable
 class Driver(Protocol):
     """A hypervisor. All methods are coroutines except ``lookup`` (a cheap local lookup)."""
@@ -129,3 +182,39 @@ class Driver(Protocol):
     async def list_domains(self, include_inactive: bool = True) -> list[DomainInfo]: ...
     async def xml(self, ref: str) -> str: ...
     async def host_resources(self) -> HostResources: ...
+
+    # --- statistics (libvirt domstats field names, flat maps) -----------------------
+    async def stats(
+        self, refs: list[str] | None = None, groups: frozenset[str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Per domain *name*: ``{"state.state": 1, "cpu.time": ..., ...}``; None = all/all groups.
+
+        Groups are libvirt's: state, cpu-total, balloon, vcpu, interface, block.
+        """
+
+    async def host_stats(self) -> dict[str, Any]:
+        """Host-wide figures (cpu, memory, load) for the host metrics message."""
+
+    # --- live migration: libvirt's v3 protocol (begin/prepare/perform/finish/confirm) ---
+    async def migrate_begin(self, ref: str) -> str:
+        """Source: check the domain can migrate (running or paused); its XML for the destination."""
+
+    async def migrate_prepare(self, xml: str, params: MigrationParams) -> str:
+        """Destination: start an incoming instance paused; return the URI to stream to."""
+
+    async def migrate_perform(self, ref: str, uri: str, params: MigrationParams) -> None:
+        """Source: start streaming to ``uri``; returns once started. Progress is reported by
+        ``migration`` events (data: MigrationStatus map) and ``migrate_status``."""
+
+    async def migrate_status(self, ref: str) -> MigrationStatus: ...
+
+    async def migrate_cancel(self, ref: str) -> None:
+        """Source: abort a running migration (the guest keeps running at the source)."""
+
+    async def migrate_finish(self, ref: str, success: bool) -> None:
+        """Destination: on success resume and own the definition (started/resumed(migrated));
+        on failure kill the incoming instance and forget it."""
+
+    async def migrate_confirm(self, ref: str, success: bool) -> None:
+        """Source: on success stop the old instance (stopped(migrated)) and drop the
+        definition; on failure resume the guest if the migration left it paused."""
