@@ -35,6 +35,9 @@ class DriverEvent:
 
 EventSink = Callable[[DriverEvent], None]
 
+# libvirt's domstats groups (virsh domstats --state --cpu-total ...)
+STATS_GROUPS = ("state", "cpu-total", "balloon", "vcpu", "interface", "block")
+
 
 @dataclass(frozen=True, slots=True)
 class DomainRef:

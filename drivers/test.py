@@ -13,11 +13,12 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from drivers.base import DomainInfo, DomainRef, DriverEvent, EventSink, HostResources
+from drivers.base import STATS_GROUPS, DomainInfo, DomainRef, DriverEvent, EventSink, HostResources
 from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.errors import NoDomainError, OperationFailed, OperationInvalid
-from virtbus.protocol.events import DomainState
+from virtbus.protocol.events import DomainState, reason_code
 
 _ACTIVE = (DomainState.RUNNING, DomainState.PAUSED, DomainState.BLOCKED, DomainState.CRASHED)
 
@@ -217,6 +218,22 @@ class TestDriver:
         self._set(dom, DomainState.RUNNING, "unpaused")
         self._emit(dom, "resumed", "unpaused")
 
+    # --- statistics -----------------------------------------------------------------
+    async def stats(
+        self, refs: list[str] | None = None, groups: frozenset[str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        doms = list(self._domains.values()) if refs is None else [self._get(r) for r in refs]
+        return {d.definition.name: _test_stats(d, groups) for d in doms}
+
+    async def host_stats(self) -> dict[str, Any]:
+        res = await self.host_resources()
+        return {
+            "cpu.count": res.cpus,
+            "memory.total": res.memory_total_kib,
+            "memory.free": res.memory_free_kib,
+            "domains.active": sum(d.state != DomainState.SHUTOFF for d in self._domains.values()),
+        }
+
     # --- inspection -----------------------------------------------------------------
     def _info(self, dom: _TestDomain) -> DomainInfo:
         defn = dom.definition
@@ -263,6 +280,63 @@ class TestDriver:
             cpu_model=self._host.cpu_model,
             hypervisor=self.name,
         )
+
+
+def _test_stats(dom: _TestDomain, groups: frozenset[str] | None) -> dict[str, Any]:
+    """libvirt domstats fields for a simulated guest (deterministic but moving CPU time)."""
+    want = groups or frozenset(STATS_GROUPS)
+    defn, active = dom.definition, dom.state != DomainState.SHUTOFF
+    out: dict[str, Any] = {}
+    if "state" in want:
+        out["state.state"] = int(dom.state)
+        out["state.reason"] = reason_code(dom.state, dom.reason)
+    if "cpu-total" in want and active:
+        cpu = dom.cpu_time()
+        out.update({"cpu.time": cpu, "cpu.user": cpu // 2, "cpu.system": cpu // 4})
+    if "balloon" in want:
+        out["balloon.current"] = dom.memory_kib if active else defn.current_memory_kib
+        out["balloon.maximum"] = defn.memory_kib
+    if "vcpu" in want:
+        out["vcpu.current"] = defn.current_vcpus
+        out["vcpu.maximum"] = defn.vcpus
+        if active:
+            per = dom.cpu_time() // max(1, defn.current_vcpus)
+            for n in range(defn.current_vcpus):
+                out[f"vcpu.{n}.state"] = 1
+                out[f"vcpu.{n}.time"] = per
+    if "interface" in want:
+        out["net.count"] = len(defn.interfaces) if active else 0
+        for n, iface in enumerate(defn.interfaces if active else ()):
+            out[f"net.{n}.name"] = iface.target_dev or f"vnet{n}"
+            for field in (
+                "rx.bytes",
+                "rx.pkts",
+                "rx.errs",
+                "rx.drop",
+                "tx.bytes",
+                "tx.pkts",
+                "tx.errs",
+                "tx.drop",
+            ):
+                out[f"net.{n}.{field}"] = 0
+    if "block" in want:
+        out["block.count"] = len(defn.disks)
+        for n, disk in enumerate(defn.disks):
+            out[f"block.{n}.name"] = disk.target_dev
+            if disk.source_path:
+                out[f"block.{n}.path"] = disk.source_path
+            for field in (
+                "rd.reqs",
+                "rd.bytes",
+                "rd.times",
+                "wr.reqs",
+                "wr.bytes",
+                "wr.times",
+                "fl.reqs",
+                "fl.times",
+            ):
+                out[f"block.{n}.{field}"] = 0
+    return out
 
 
 def _meminfo_total_kib() -> int:
