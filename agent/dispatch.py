@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from agent.calllog import CallLog
 from virtbus.errors import InternalError, OperationTimeout, VirtbusError
 from virtbus.protocol.envelope import Envelope, error_body, ok_body
 
@@ -62,9 +63,13 @@ class Dispatcher:
         *,
         command_timeout: float,
         call_memory: int,
+        call_log: CallLog | None = None,
+        journaled: Callable[[Envelope], bool] = lambda _call: True,
     ) -> None:
         self._execute = execute
         self._key_of = key_of
+        self._call_log = call_log
+        self._journaled = journaled
         self._timeout = command_timeout
         self._memory = CallMemory(call_memory)
         self._tails: dict[str, asyncio.Future[Reply]] = {}  # last call submitted per domain
@@ -100,7 +105,10 @@ class Dispatcher:
             if before is not None and not before.done():
                 await asyncio.wait([before])  # never cancels the predecessor
             if not reply.done():
-                reply.set_result(await self._execute_once(call))
+                body = await self._execute_once(call)
+                if self._call_log is not None and self._journaled(call):
+                    await self._call_log.record(call.id, body)  # before the ack
+                reply.set_result(body)
         except asyncio.CancelledError:
             if not reply.done():
                 reply.set_result(error_body("OPERATION_FAILED", "agent stopped mid-command"))
@@ -125,6 +133,14 @@ class Dispatcher:
             log.exception("call %s (%s) failed unexpectedly", call.id, call.op)
             err = InternalError(f"{type(exc).__name__}: {exc}")
         return error_body(err.code, err.message)
+
+    def restore(self, replies: list[tuple[str, Reply]]) -> None:
+        """Answers remembered from before a restart (oldest first)."""
+        loop = asyncio.get_running_loop()
+        for call_id, body in replies:
+            done: asyncio.Future[Reply] = loop.create_future()
+            done.set_result(body)
+            self._memory.remember(call_id, done)
 
     @property
     def pending_domains(self) -> int:

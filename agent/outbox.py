@@ -1,10 +1,16 @@
-"""Events on their way to the broker: stamped, ordered, published with confirms.
+"""Events on their way to the broker: numbered, kept on disk, published in order, confirmed.
 
-The driver's sink stamps each event with the next per-host sequence number and appends it
-here without blocking; one publisher task sends them in order and removes an event only
-after the broker confirmed it. While the broker is unreachable events wait (bounded by
-``capacity``; when full the *oldest* is dropped with a log line, so a subscriber sees the
-gap in sequence numbers rather than a silent loss).
+The driver's sink stamps each event with the next per-host sequence number and hands it
+here without blocking. One publisher task first appends new events to the on-disk log
+(``<state-dir>/outbox/events.log``, group commit), then publishes them in order with
+publisher confirms; an event leaves the outbox only once the broker confirmed it (an
+``ack`` record says so). While the broker is unreachable events keep accumulating on disk
+and in memory, and after a restart the log gives back both the unconfirmed events (with
+their original numbers) and the sequence counter, so numbers never repeat.
+
+Overflow policy: at most ``capacity`` unconfirmed events; past that the *oldest* is
+dropped with a warning, so a subscriber sees a gap in the sequence numbers rather than a
+silent loss.
 """
 
 from __future__ import annotations
@@ -13,71 +19,150 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 from virtbus.aio import backoff_delays
-from virtbus.errors import VirtbusError
+from virtbus.errors import ProtocolError, VirtbusError
+from virtbus.protocol.codec import decode, encode
 from virtbus.protocol.envelope import Envelope
 from virtbus.settings import Backoff
+from virtbus.store import RecordLog
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[[Envelope], Awaitable[None]]
+COMPACT_AFTER = 10_000  # records in the log before it is rewritten (when nothing is pending)
+
+
+def _seq(envelope: Envelope) -> int:
+    return int(envelope.body["seq"])
 
 
 class EventOutbox:
-    def __init__(self, publish: Publish, *, capacity: int, retry: Backoff) -> None:
+    def __init__(
+        self, publish: Publish, *, path: Path | None, capacity: int, retry: Backoff
+    ) -> None:
         self._publish = publish
+        self._log = RecordLog(path) if path is not None else None
         self._capacity = capacity
         self._retry = retry
-        self._pending: deque[Envelope] = deque()
+        self._seq = 0
+        self._pending: deque[Envelope] = deque()  # unconfirmed, oldest first
+        self._unsaved: list[Envelope] = []  # not yet in the log
+        self._dropped_upto = 0  # oldest events dropped on overflow, not yet recorded
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self.dropped = 0
         self.published = 0
+        self.restored = 0
+
+    # --- numbering and queueing (synchronous: called from the driver's sink) ---------
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
 
     def put(self, envelope: Envelope) -> None:
         if len(self._pending) >= self._capacity:
             lost = self._pending.popleft()
             self.dropped += 1
+            self._dropped_upto = _seq(lost)
+            if self._unsaved and self._unsaved[0] is lost:
+                self._unsaved.pop(0)
             log.warning(
-                "event outbox full (%d): dropped the oldest event seq=%s",
+                "event outbox full (%d unconfirmed): dropped the oldest event seq=%d",
                 self._capacity,
-                lost.body.get("seq"),
+                _seq(lost),
             )
         self._pending.append(envelope)
+        self._unsaved.append(envelope)
         self._idle.clear()
         self._wakeup.set()
 
     def __len__(self) -> int:
         return len(self._pending)
 
+    # --- the log ------------------------------------------------------------------
+    async def load(self) -> None:
+        """Before the first event: restore the counter and what was never confirmed."""
+        if self._log is None:
+            return
+        acked, events = 0, []
+        for record in await self._log.load():
+            if isinstance(record.get("ack"), int):
+                acked = max(acked, record["ack"])
+            elif isinstance(record.get("event"), bytes):
+                try:
+                    events.append(decode(record["event"]))
+                except ProtocolError as exc:
+                    log.warning("outbox: skipping an unreadable event record: %s", exc)
+        self._seq = max([acked, *(_seq(e) for e in events)])
+        unconfirmed = sorted((e for e in events if _seq(e) > acked), key=_seq)
+        self._pending.extend(unconfirmed[-self._capacity :])
+        self.restored = len(self._pending)
+        if self._pending:
+            self._idle.clear()
+            self._wakeup.set()
+            log.info("outbox: %d unconfirmed events from before the restart", self.restored)
+
+    async def _save(self) -> None:
+        records: list[dict[str, Any]] = []
+        if self._dropped_upto:
+            records.append({"ack": self._dropped_upto})
+            self._dropped_upto = 0
+        batch, self._unsaved = self._unsaved, []
+        records.extend({"event": encode(e)} for e in batch)
+        if self._log is not None and records:
+            await self._log.append(records)
+
+    async def _confirmed(self, seq: int) -> None:
+        if self._log is None:
+            return
+        if not self._pending and not self._unsaved and self._log.records_on_disk > COMPACT_AFTER:
+            await self._log.rewrite([{"ack": seq}])
+        elif not self._pending or seq % 64 == 0:
+            await self._log.append([{"ack": seq}])
+
+    # --- publishing ----------------------------------------------------------------
     async def run(self) -> None:
-        """Publish forever, in order; a failed publish is retried with backoff."""
+        """Publish forever, in order; a failed publish is retried with capped backoff."""
+        delays = backoff_delays(self._retry)
         while True:
+            if self._unsaved or self._dropped_upto:
+                await self._save()
             if not self._pending:
                 self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             envelope = self._pending[0]
+            try:
+                await self._publish(envelope)
+            except VirtbusError as exc:
+                delay = next(delays)
+                log.warning(
+                    "publishing event seq=%d failed (%s); retry in %.2fs",
+                    _seq(envelope),
+                    exc,
+                    delay,
+                )
+                self._wakeup.clear()
+                try:  # new events still reach the disk while we wait
+                    async with asyncio.timeout(delay):
+                        await self._wakeup.wait()
+                except TimeoutError:
+                    pass
+                continue
             delays = backoff_delays(self._retry)
-            while True:
-                try:
-                    await self._publish(envelope)
-                    break
-                except VirtbusError as exc:
-                    delay = next(delays)
-                    log.warning(
-                        "publishing event seq=%s failed (%s); retry in %.2fs",
-                        envelope.body.get("seq"),
-                        exc,
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
             if self._pending and self._pending[0] is envelope:
                 self._pending.popleft()
             self.published += 1
+            await self._confirmed(_seq(envelope))
 
     async def flush(self, timeout: float) -> bool:
         """Wait until everything queued so far was confirmed; False on timeout."""
@@ -86,3 +171,7 @@ class EventOutbox:
         except TimeoutError:
             return False
         return True
+
+    async def save_unsent(self) -> None:
+        """At stop, after the publisher task ended: what is still in memory goes to disk."""
+        await self._save()

@@ -13,8 +13,9 @@ import logging
 import time
 from typing import Any
 
+from agent.calllog import CallLog
 from agent.dispatch import Dispatcher
-from agent.handlers import domain_key, handler_for
+from agent.handlers import READ_ONLY_OPS, domain_key, handler_for
 from agent.heartbeat import inventory
 from agent.outbox import EventOutbox
 from drivers.base import Driver, DriverEvent
@@ -43,28 +44,33 @@ class AgentService:
         self.driver = driver
         self.host = settings.host
         self._bus_settings = bus_settings or BusSettings()
-        self._seq = 0
         self._started_at = time.time()
         self._server: Server | None = None
         self._tasks = TaskGroup(f"agent:{self.host}", on_crash=self._task_crashed)
         self.outbox = EventOutbox(
-            self._publish_event, capacity=settings.event_buffer, retry=self._bus_settings.reconnect
+            self._publish_event,
+            path=settings.state_dir / "outbox" / "events.log",
+            capacity=settings.event_buffer,
+            retry=self._bus_settings.reconnect,
         )
+        self.call_log = CallLog(settings.state_dir / "calls.log", keep=settings.call_memory)
         self.dispatcher = Dispatcher(
             self._execute,
             lambda call: domain_key(self.driver, call),
             command_timeout=settings.command_timeout,
             call_memory=settings.call_memory,
+            call_log=self.call_log,
+            journaled=lambda call: call.op not in READ_ONLY_OPS,
         )
         self.failed = asyncio.Event()  # set when a supervised task died: the agent must stop
+        self.draining = False  # the scheduler drains this host (host.set_draining)
 
     # --- events ---------------------------------------------------------------------
     def _on_driver_event(self, event: DriverEvent) -> None:
         """The driver's sink: stamp the sequence number now, publish later; never blocks."""
-        self._seq += 1
         body = event_body(
             host=self.host,
-            seq=self._seq,
+            seq=self.outbox.next_seq(),
             domain=event.domain,
             uuid=event.uuid,
             event=event.event,
@@ -81,7 +87,7 @@ class AgentService:
 
     @property
     def last_seq(self) -> int:
-        return self._seq
+        return self.outbox.last_seq
 
     # --- calls ----------------------------------------------------------------------
     async def _execute(self, call: Envelope) -> Any:
@@ -89,11 +95,19 @@ class AgentService:
             return await self.inventory()
         if call.op == ops.HOST_PING:
             return {"host": self.host}
+        if call.op == ops.HOST_SET_DRAINING:  # set by the scheduler; shown in heartbeats
+            self.draining = bool(call.body.get("draining", True))
+            return {"host": self.host, "draining": self.draining}
         return await handler_for(call.op)(self.driver, call.body)
 
     async def inventory(self) -> dict[str, Any]:
         return await inventory(
-            self.driver, self.host, started_at=self._started_at, last_seq=self._seq
+            self.driver,
+            self.host,
+            started_at=self._started_at,
+            last_seq=self.last_seq,
+            labels=self.settings.labels,
+            draining=self.draining,
         )
 
     # --- heartbeat ------------------------------------------------------------------
@@ -114,6 +128,8 @@ class AgentService:
         self.failed.set()
 
     async def start(self) -> None:
+        await self.outbox.load()  # sequence numbers continue where they stopped
+        self.dispatcher.restore(await self.call_log.load())
         await self.driver.open(self._on_driver_event)
         await self.bus.connect()
         self._tasks.spawn(self.outbox.run(), name="outbox")
@@ -127,8 +143,10 @@ class AgentService:
             await self._server.stop()
             self._server = None
         if not await self.outbox.flush(grace):
-            log.warning("%d events not yet published at stop", len(self.outbox))
+            log.warning("%d events not yet published at stop: kept on disk", len(self.outbox))
         await self._tasks.cancel_all()
+        await self.outbox.save_unsent()
+        await self.call_log.close()
         await self.driver.close()
         await self.bus.close()
         log.info("agent %s stopped", self.host)

@@ -80,7 +80,7 @@ async def agent_process(
     keep_queue: bool = False,
 ) -> AsyncIterator[AgentProc]:
     """A real agent process; stopped with SIGTERM (must exit 0) and its queue deleted."""
-    log = open(state_dir / f"agent-{host}.log", "ab")  # noqa: SIM115, ASYNC230  # closed below; tiny local file
+    log = open(state_dir / f"agent-{host}.log", "ab")  # noqa: SIM115  # closed below; tiny local file
     proc = await asyncio.create_subprocess_exec(
         *AGENT,
         "--host",

@@ -35,12 +35,14 @@ from virtbus.bus.amqp_consumers import (
     AmqpSubscription,
     deadline_header,
 )
-from virtbus.bus.base import CallHandler, ConnectionListener
+from virtbus.bus.base import CallHandler, ConnectionListener, HistoryStart, stream_offset
 from virtbus.bus.rpc import no_host, result_from_reply
 from virtbus.bus.topology import (
     DEAD_LETTER,
     DEAD_LETTER_EXCHANGE,
     DEADLINE_HEADER,
+    EVENT_HISTORY,
+    EVENTS_EXCHANGE,
     EXCHANGES,
     RPC_EXCHANGE,
 )
@@ -149,6 +151,10 @@ class AmqpBus:
             DEAD_LETTER.name, durable=DEAD_LETTER.durable, arguments=DEAD_LETTER.arguments
         )
         await dead.bind(DEAD_LETTER_EXCHANGE, routing_key="", timeout=timeout)
+        history = await self._rpc.declare_queue(
+            EVENT_HISTORY.name, durable=True, arguments=EVENT_HISTORY.arguments, timeout=timeout
+        )
+        await history.bind(EVENTS_EXCHANGE, routing_key="#", timeout=timeout)
         # Direct reply-to: consumed (no-ack) on the channel that publishes the calls.
         replies = await self._rpc.declare_queue(REPLY_TO, passive=True, timeout=timeout)
         await replies.consume(self._on_reply, no_ack=True, timeout=timeout)
@@ -351,6 +357,14 @@ class AmqpBus:
             raise BusUnavailable(f"cannot publish {envelope.op!r} to {exchange!r}: {exc}") from exc
         if confirm and not isinstance(result, Basic.Ack):
             raise BusUnavailable(f"broker did not confirm {envelope.op!r}: {result!r}")
+
+    async def history(self, start: HistoryStart) -> AmqpSubscription:
+        """Events from the history stream from ``start`` on, then live ones as they come."""
+        connection = self._require_connection()
+        sub = await AmqpSubscription.start_stream(self, connection, stream_offset(start))
+        self._subscriptions.add(sub)
+        sub.on_closed = self._subscriptions.discard
+        return sub
 
     async def subscribe(self, exchange: str, binding_keys: list[str]) -> AmqpSubscription:
         if exchange not in _KNOWN_EXCHANGES:

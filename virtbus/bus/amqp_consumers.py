@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 import aiormq
@@ -27,7 +28,13 @@ from virtbus.aio import TaskGroup
 from virtbus.bus.base import CallHandler
 from virtbus.bus.buffer import BoundedBuffer
 from virtbus.bus.rpc import body_from_exception, settle
-from virtbus.bus.topology import DEADLINE_HEADER, RPC_EXCHANGE, call_queue_for
+from virtbus.bus.topology import (
+    DEADLINE_HEADER,
+    EVENT_HISTORY,
+    EVENTS_EXCHANGE,
+    RPC_EXCHANGE,
+    call_queue_for,
+)
 from virtbus.errors import ProtocolError
 from virtbus.protocol.codec import decode, encode
 from virtbus.protocol.envelope import Envelope, Kind, error_body, new_id, reply_to
@@ -246,6 +253,30 @@ class AmqpSubscription:
             sub._tag = await queue.consume(sub._on_message, timeout=timeout)
         except BaseException:
             await _quietly(channel.close(), "closing a subscription channel")
+            raise
+        return sub
+
+    @classmethod
+    async def start_stream(
+        cls, bus: AmqpBus, connection: AbstractRobustConnection, offset: str | datetime
+    ) -> AmqpSubscription:
+        """Consume the event history stream from ``offset`` (streams need qos and acks)."""
+        timeout = bus.settings.connect_timeout
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            await channel.set_qos(prefetch_count=bus.settings.subscription_buffer, timeout=timeout)
+            queue = await channel.declare_queue(
+                EVENT_HISTORY.name,
+                durable=True,
+                arguments=EVENT_HISTORY.arguments,
+                timeout=timeout,
+            )
+            sub = cls(bus, EVENTS_EXCHANGE, ["#"], channel, queue)
+            sub._tag = await queue.consume(
+                sub._on_message, arguments={"x-stream-offset": offset}, timeout=timeout
+            )
+        except BaseException:
+            await _quietly(channel.close(), "closing a history channel")
             raise
         return sub
 

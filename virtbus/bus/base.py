@@ -17,14 +17,33 @@ A bus carries :class:`Envelope` values. It offers four things:
 - ``publish``: events, metrics, heartbeats; with ``confirm=True`` it returns only once the
   broker confirmed the message.
 - ``subscribe``: a bounded async iterator of envelopes bound to topic keys.
+- ``history``: replay kept events from a start point, then follow live ones (a RabbitMQ
+  stream; a bounded ring in memory://). Consumers dedup by ``(host, seq)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from virtbus.errors import InvalidArgument
 from virtbus.protocol.envelope import Envelope
+
+# Where a history replay starts: "first" (all that is kept), "next" (only new events), or
+# a point in time as epoch seconds.
+HistoryStart = str | float
+HISTORY_POSITIONS = ("first", "last", "next")
+
+
+def stream_offset(start: HistoryStart) -> str | datetime:
+    """The ``x-stream-offset`` consumer argument for a history start."""
+    if isinstance(start, str):
+        if start not in HISTORY_POSITIONS:
+            raise InvalidArgument(f"history start must be one of {HISTORY_POSITIONS} or a time")
+        return start
+    return datetime.fromtimestamp(float(start), tz=UTC)
+
 
 # Called in delivery order, returns an awaitable of the reply body ({"ok": ...}).
 CallHandler = Callable[[Envelope], Awaitable[dict[str, Any]]]
@@ -65,3 +84,6 @@ class Bus(Protocol):
     ) -> None: ...
 
     async def subscribe(self, exchange: str, binding_keys: list[str]) -> Subscription: ...
+
+    async def history(self, start: HistoryStart) -> Subscription:
+        """Every event kept in the history from ``start``, then live events, in one stream."""

@@ -18,19 +18,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from virtbus.aio import TaskGroup
-from virtbus.bus.base import CallHandler, ConnectionListener
+from virtbus.bus.base import CallHandler, ConnectionListener, HistoryStart, stream_offset
 from virtbus.bus.buffer import BoundedBuffer
 from virtbus.bus.rpc import body_from_exception, no_host, result_from_reply, settle
-from virtbus.bus.topology import EXCHANGES
+from virtbus.bus.topology import EVENTS_EXCHANGE, EXCHANGES
 from virtbus.errors import BusUnavailable, InvalidArgument, OperationTimeout, ProtocolError
 from virtbus.protocol.codec import decode, encode
 from virtbus.protocol.envelope import Envelope, Kind, error_body, reply_to
 from virtbus.settings import BusSettings
 
 log = logging.getLogger(__name__)
+
+HISTORY_LENGTH = 100_000  # events the in-process history keeps (oldest dropped first)
 
 _EXCHANGE_TYPES = {spec.name: spec.type for spec in EXCHANGES}
 
@@ -76,6 +79,8 @@ class MemoryBroker:
         self.servers: dict[str, list[MemoryServer]] = {}
         self.subscriptions: list[MemorySubscription] = []
         self.buses: set[MemoryBus] = set()
+        # The event history stream: (epoch s, routing key, encoded envelope), oldest first.
+        self.history: deque[tuple[float, str, bytes]] = deque(maxlen=HISTORY_LENGTH)
 
     def server_for(self, route: str) -> MemoryServer | None:
         """Single active consumer: the oldest running server of a route gets its calls."""
@@ -296,9 +301,32 @@ class MemoryBus:
         _check_exchange(exchange)
         self._require_connected()
         data = encode(envelope)
+        if exchange == EVENTS_EXCHANGE:
+            self.broker.history.append((time.time(), routing_key, data))
         for sub in list(self.broker.subscriptions):
             if sub.exchange == exchange:
                 sub.offer(routing_key, data)
+
+    async def history(self, start: HistoryStart) -> MemorySubscription:
+        """Kept events from ``start``, then live ones; registered in one step: no seam."""
+        offset = stream_offset(start)
+        self._require_connected()
+        sub = MemorySubscription(self, EVENTS_EXCHANGE, ["#"])
+        kept = list(self.broker.history)
+        if offset == "first":
+            replay = kept
+        elif offset == "last":
+            replay = kept[-1:]
+        elif offset == "next":
+            replay = []
+        else:
+            since = offset.timestamp()  # type: ignore[union-attr]
+            replay = [item for item in kept if item[0] >= since]
+        for _, key, data in replay:
+            sub.offer(key, data)
+        self.broker.subscriptions.append(sub)
+        self._subscriptions.append(sub)
+        return sub
 
     async def subscribe(self, exchange: str, binding_keys: list[str]) -> MemorySubscription:
         _check_exchange(exchange)

@@ -8,6 +8,10 @@ Exchanges::
     virtbus.hosts    topic   <host>.heartbeat
     virtbus.dlx      fanout  rejected (undecodable) messages -> virtbus.dead
 
+Event history: the stream queue ``virtbus.events.history`` is bound to ``virtbus.events``
+with ``#``; it keeps events by size and age so a subscriber that was away can replay them
+(``x-stream-offset``) and then keep following, with no seam between old and new.
+
 Call queues are durable and dead-letter to ``virtbus.dlx``; call messages themselves are
 transient and expire at their caller's deadline. Replies use direct reply-to.
 """
@@ -51,6 +55,18 @@ EXCHANGES: Final = (
 )
 
 DEAD_LETTER = QueueSpec(DEAD_LETTER_QUEUE, arguments={"x-max-length": 10_000})
+
+EVENT_HISTORY_QUEUE: Final = "virtbus.events.history"
+# Queue arguments must be identical wherever the queue is declared: constants, not settings.
+EVENT_HISTORY = QueueSpec(
+    EVENT_HISTORY_QUEUE,
+    arguments={
+        "x-queue-type": "stream",
+        "x-max-length-bytes": 1 << 30,  # 1 GiB
+        "x-max-age": "7D",
+        "x-stream-max-segment-size-bytes": 16 << 20,  # retention works segment by segment
+    },
+)
 
 _CALL_QUEUE_ARGS: Final = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
 

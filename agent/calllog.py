@@ -1,0 +1,66 @@
+"""The replies of commands that changed something, kept on disk for redeliveries.
+
+A command whose agent died after executing it but before acking it comes back from the
+broker (``redelivered``). The restarted agent must answer it, not run it again, so the
+reply is appended here *before* the transport acks the call. Writes are batched (group
+commit, no fsync: this guards against a crashed agent, not a lost host) and the file is
+compacted to the last ``keep`` replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from virtbus.store import RecordLog
+
+log = logging.getLogger(__name__)
+
+Reply = dict[str, Any]
+
+
+class CallLog:
+    def __init__(self, path: Path, keep: int) -> None:
+        self._log = RecordLog(path, fsync=False)
+        self._keep = keep
+        self._recent: deque[dict[str, Any]] = deque(maxlen=keep)
+        self._batch: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def load(self) -> list[tuple[str, Reply]]:
+        """The remembered (call id, reply) pairs, oldest first."""
+        for record in await self._log.load():
+            if isinstance(record.get("id"), str) and isinstance(record.get("reply"), dict):
+                self._recent.append(record)
+        return [(r["id"], r["reply"]) for r in self._recent]
+
+    def record(self, call_id: str, reply: Reply) -> asyncio.Future[None]:
+        """Queue one reply for the disk; the future is done once it was written."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._batch.append(({"id": call_id, "reply": reply}, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="agent:call-log")
+        return done
+
+    async def _write(self) -> None:
+        while self._batch:
+            batch, self._batch = self._batch, []
+            records = [record for record, _ in batch]
+            self._recent.extend(records)
+            try:
+                if self._log.records_on_disk + len(records) > 2 * self._keep:
+                    await self._log.rewrite(list(self._recent))
+                else:
+                    await self._log.append(records)
+            except OSError as exc:  # answer anyway: a lost record only risks a re-run
+                log.error("cannot record %d replies in %s: %s", len(batch), self._log.path, exc)
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await asyncio.wait([self._writer])

@@ -1,0 +1,156 @@
+"""Files that must survive a crash: atomic replacement, quarantine, append-only record logs.
+
+All I/O goes through aiofiles (a thread) so the event loop never waits on the disk.
+
+- :func:`atomic_write`: temp file, fsync, rename, fsync of the directory — a reader sees
+  the old file or the new one, never half of one.
+- :func:`quarantine`: a corrupt file is renamed aside (``NAME.corrupt-<time>``) and
+  reported, never deleted and never fatal.
+- :class:`RecordLog`: msgpack records with a length prefix, appended in batches (group
+  commit). A torn tail — the agent died mid-write — is cut off at load with a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+import msgpack
+
+from virtbus.errors import ProtocolError
+from virtbus.protocol.codec import DecodeLimits, decode_payload
+
+log = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct(">I")
+RECORD_LIMITS = DecodeLimits(max_bytes=8 * 1024 * 1024, max_depth=32)
+
+
+async def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    async with aiofiles.open(tmp, "wb") as fh:
+        await fh.write(data)
+        await fh.flush()
+        await aiofiles.os.wrap(os.fsync)(fh.fileno())
+    await aiofiles.os.replace(tmp, path)
+    await _fsync_dir(path.parent)
+
+
+async def _fsync_dir(directory: Path) -> None:
+    def sync() -> None:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    await aiofiles.os.wrap(sync)()
+
+
+async def read_bytes(path: Path) -> bytes | None:
+    """The file's content, or None when it does not exist."""
+    try:
+        async with aiofiles.open(path, "rb") as fh:
+            return await fh.read()
+    except FileNotFoundError:
+        return None
+
+
+async def quarantine(path: Path, reason: str) -> Path | None:
+    """Set a corrupt file aside (renamed, kept for a human) and say so."""
+    target = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    try:
+        await aiofiles.os.replace(path, target)
+    except FileNotFoundError:
+        return None
+    log.warning("set aside corrupt %s as %s: %s", path, target.name, reason)
+    return target
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    data = msgpack.packb(record, use_bin_type=True)
+    return _LENGTH.pack(len(data)) + data
+
+
+def decode_records(data: bytes) -> tuple[list[dict[str, Any]], int]:
+    """Records in ``data`` and the length of the valid prefix (a torn tail is left out)."""
+    records: list[dict[str, Any]] = []
+    pos = 0
+    while pos + _LENGTH.size <= len(data):
+        (size,) = _LENGTH.unpack_from(data, pos)
+        end = pos + _LENGTH.size + size
+        if size > RECORD_LIMITS.max_bytes or end > len(data):
+            break
+        try:
+            record = decode_payload(data[pos + _LENGTH.size : end], RECORD_LIMITS)
+        except ProtocolError:
+            break
+        if not isinstance(record, dict):
+            break
+        records.append(record)
+        pos = end
+    return records, pos
+
+
+class RecordLog:
+    """An append-only file of msgpack maps; ``load`` first, then ``append``/``rewrite``.
+
+    The file stays open (``O_APPEND``) and each batch is one ``os.write`` (plus ``fsync``
+    when asked) in a worker thread: one thread hop per batch, whatever its size.
+    """
+
+    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+        self.path = path
+        self._fsync = fsync
+        self._fd: int | None = None
+        self.records_on_disk = 0
+
+    async def load(self) -> list[dict[str, Any]]:
+        await aiofiles.os.makedirs(self.path.parent, exist_ok=True)
+        data = await read_bytes(self.path)
+        records, valid = decode_records(data or b"")
+        if data and valid < len(data):
+            log.warning(
+                "%s: cut a torn or corrupt tail of %d bytes after %d records",
+                self.path,
+                len(data) - valid,
+                len(records),
+            )
+            await self.rewrite(records)
+        self.records_on_disk = len(records)
+        return records
+
+    def _write(self, data: bytes) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        if self._fsync:
+            os.fsync(self._fd)
+
+    async def append(self, records: Iterable[dict[str, Any]]) -> None:
+        batch = [encode_record(r) for r in records]
+        if batch:
+            await asyncio.to_thread(self._write, b"".join(batch))
+            self.records_on_disk += len(batch)
+
+    async def rewrite(self, records: list[dict[str, Any]]) -> None:
+        """Replace the whole log (compaction) atomically."""
+        await atomic_write(self.path, b"".join(encode_record(r) for r in records))
+        self.close()  # the next append opens the new file
+        self.records_on_disk = len(records)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
