@@ -44,8 +44,8 @@ def binding_key(host: str | None, domain: str | None, event: str | None) -> str:
     return ".".join(parts)
 
 
-def _line(body: dict[str, object]) -> str:
-    ts = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+def _line(body: dict[str, object], sent: float) -> str:
+    ts = datetime.fromtimestamp(sent, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     detail = f" ({body['detail']})" if body.get("detail") else ""
     data = body.get("data") or {}
     extra = " " + " ".join(f"{k}={v}" for k, v in data.items()) if data else ""  # type: ignore[union-attr]
@@ -125,7 +125,7 @@ async def follow_events(ctx: Context, args: argparse.Namespace) -> int:
                 if ctx.json:
                     emit_json(body)
                 else:
-                    print(_line(body), flush=True)
+                    print(_line(body, env.ts), flush=True)
                 seen += 1
                 if args.count is not None and seen >= args.count:
                     return 0

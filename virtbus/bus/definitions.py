@@ -1,0 +1,164 @@
+"""RabbitMQ definitions (``rabbitmqctl import_definitions``) generated from the topology.
+
+Generated, not hand-written, so the broker an operator prepares matches exactly what
+agents and the scheduler declare (a mismatch in queue arguments would close their
+channels). ``python -m virtbus.bus.definitions --vhost /virtbus > definitions.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import sys
+from typing import Any
+
+from virtbus.bus.topology import (
+    DEAD_LETTER,
+    DEAD_LETTER_EXCHANGE,
+    EVENT_HISTORY,
+    EVENTS_EXCHANGE,
+    EXCHANGES,
+    RPC_EXCHANGE,
+    SCHEDULER_ROUTE,
+    call_queue_for,
+)
+
+# Who may do what, as RabbitMQ permission regexes (configure, write, read).
+# Agents declare their own call queue and subscriptions; clients only publish calls and
+# read their own (server-named) subscription queues.
+_EXCHANGES_RE = r"rpc|events|metrics|hosts|dlx"
+_SHARED_QUEUES_RE = r"dead|events\.history|sub\..*"
+ROLES: dict[str, tuple[str, str, str]] = {
+    # Everyone (re)declares the exchanges and the shared queues at connect.
+    "virtbus-agent": (
+        rf"^(virtbus\.({_EXCHANGES_RE}|{_SHARED_QUEUES_RE}|agent\..*)|amq\.gen.*)$",
+        r"^(virtbus\..*|amq\.default)$",
+        r"^(virtbus\..*|amq\.rabbitmq\.reply-to)$",
+    ),
+    "virtbus-scheduler": (
+        rf"^(virtbus\.({_EXCHANGES_RE}|{_SHARED_QUEUES_RE}|scheduler)|amq\.gen.*)$",
+        r"^(virtbus\..*|amq\.default)$",
+        r"^(virtbus\..*|amq\.rabbitmq\.reply-to)$",
+    ),
+    # Clients send calls and read events, metrics, heartbeats; they serve no call queue.
+    "virtbus-client": (
+        rf"^(virtbus\.({_EXCHANGES_RE}|{_SHARED_QUEUES_RE})|amq\.gen.*)$",
+        r"^(virtbus\.(rpc|dead|events\.history|sub\..*)|amq\.default)$",
+        rf"^(virtbus\.({_EXCHANGES_RE}|{_SHARED_QUEUES_RE})|amq\.rabbitmq\.reply-to)$",
+    ),
+}
+
+
+def password_hash(password: str, salt: bytes | None = None) -> str:
+    """RabbitMQ's rabbit_password_hashing_sha256: base64(salt + sha256(salt + password))."""
+    salt = salt if salt is not None else os.urandom(4)
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
+def definitions(vhost: str, password: str, salt: bytes | None = None) -> dict[str, Any]:
+    scheduler = call_queue_for(SCHEDULER_ROUTE)
+    queues = [DEAD_LETTER, EVENT_HISTORY, scheduler]
+    return {
+        "vhosts": [{"name": vhost}],
+        "users": [
+            {
+                "name": user,
+                "password_hash": password_hash(password, salt),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": "",
+            }
+            for user in ROLES
+        ],
+        "permissions": [
+            {"user": user, "vhost": vhost, "configure": c, "write": w, "read": r}
+            for user, (c, w, r) in ROLES.items()
+        ],
+        "exchanges": [
+            {
+                "name": e.name,
+                "vhost": vhost,
+                "type": e.type,
+                "durable": e.durable,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            }
+            for e in EXCHANGES
+        ],
+        "queues": [
+            {
+                "name": q.name,
+                "vhost": vhost,
+                "durable": q.durable,
+                "auto_delete": False,
+                "arguments": q.arguments,
+            }
+            for q in queues
+        ],
+        "bindings": [
+            {
+                "source": DEAD_LETTER_EXCHANGE,
+                "vhost": vhost,
+                "destination": DEAD_LETTER.name,
+                "destination_type": "queue",
+                "routing_key": "",
+                "arguments": {},
+            },
+            {
+                "source": EVENTS_EXCHANGE,
+                "vhost": vhost,
+                "destination": EVENT_HISTORY.name,
+                "destination_type": "queue",
+                "routing_key": "#",
+                "arguments": {},
+            },
+            {
+                "source": RPC_EXCHANGE,
+                "vhost": vhost,
+                "destination": scheduler.name,
+                "destination_type": "queue",
+                "routing_key": SCHEDULER_ROUTE,
+                "arguments": {},
+            },
+        ],
+        "policies": [
+            {
+                # Subscription queues of dead clients must not pile up messages.
+                "vhost": vhost,
+                "name": "virtbus-subscriptions",
+                "pattern": r"^virtbus\.sub\.",
+                "apply-to": "queues",
+                "priority": 0,
+                "definition": {"max-length": 100000, "overflow": "drop-head"},
+            },
+            {
+                # Agent queues of hosts gone for good are removed after a week unused.
+                "vhost": vhost,
+                "name": "virtbus-agent-queues",
+                "pattern": r"^virtbus\.agent\.",
+                "apply-to": "queues",
+                "priority": 0,
+                "definition": {"expires": 7 * 24 * 3600 * 1000},
+            },
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vhost", default="/virtbus")
+    p.add_argument(
+        "--password",
+        default=os.environ.get("VIRTBUS_BROKER_PASSWORD", "change-me"),
+        help="password of the three virtbus users (default: $VIRTBUS_BROKER_PASSWORD)",
+    )
+    args = p.parse_args(argv)
+    json.dump(definitions(args.vhost, args.password), sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
