@@ -1,0 +1,359 @@
+"""The QEMU command line for a libvirt domain definition (a pure function).
+
+:func:`build_command` turns a :class:`~virtbus.domain.DomainDefinition` into the argv of
+``qemu-system-x86_64`` plus what the driver needs at run time (QMP socket, pidfile, the
+MACs it must write back, chardev/socket paths, the balloon target). It does no I/O: a
+missing disk image is the driver's to catch (see :func:`disk_paths`), and ports a QEMU
+cannot pick itself (SPICE) are allocated by the driver (see :func:`graphics_needing_ports`).
+
+It follows libvirt's ``qemu_command.c`` choices: ``-nodefaults``, ``-S``, ``-blockdev`` with
+separate storage/format nodes, JSON ``-device`` values, libvirt's device ids, ``-no-shutdown``
+(the driver applies on_poweroff/on_crash itself), ``-boot strict=on`` with per-device
+``bootindex``, and a CONFIG_UNSUPPORTED error naming anything it cannot honour rather than
+a guest that silently differs from its XML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from drivers.qemu import argv_chardev as chardev
+from drivers.qemu import argv_devices as devices
+from drivers.qemu import argv_machine as mach
+from drivers.qemu import argv_storage as storage
+from drivers.qemu.argv_chardev import SpiceRuntime, VncRuntime
+from drivers.qemu.argv_common import (
+    ArgvSettings,
+    BuildContext,
+    ChardevRuntime,
+    DiskRuntime,
+    NetRuntime,
+    kv_escape,
+    unsupported,
+)
+from drivers.qemu.capabilities import QemuCapabilities
+from virtbus.domain import DomainDefinition, unknown_devices
+from virtbus.errors import ConfigUnsupported, XMLError
+
+__all__ = [
+    "ArgvSettings",
+    "ChardevRuntime",
+    "DiskRuntime",
+    "NetRuntime",
+    "QemuLaunch",
+    "QemuPaths",
+    "SpiceRuntime",
+    "VncRuntime",
+    "build_command",
+    "disk_paths",
+    "graphics_needing_ports",
+]
+
+SUPPORTED_DEVICES = (
+    "disk", "controller", "interface", "serial", "console", "channel", "input", "graphics",
+    "video", "sound", "audio", "watchdog", "rng", "panic", "memballoon", "redirdev",
+)  # fmt: skip
+_TOP_LEVEL = frozenset(
+    {
+        "name", "uuid", "title", "description", "metadata", "memory", "currentMemory",
+        "vcpu", "os", "features", "cpu", "clock", "on_poweroff", "on_reboot", "on_crash",
+        "pm", "devices", "resource", "seclabel",
+    }
+)  # fmt: skip
+_OS_CHILDREN = frozenset(
+    {"type", "boot", "kernel", "initrd", "cmdline", "loader", "nvram", "bootmenu", "smbios"}
+)
+DEFAULT_SETTINGS = ArgvSettings()
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+@dataclass(frozen=True, slots=True)
+class QemuPaths:
+    """Where a domain's runtime files live: ``<run_dir>/<uuid>.{qmp,pid,log,...}``."""
+
+    run_dir: Path
+
+    def qmp_socket(self, uuid: str) -> Path:
+        return self.run_dir / f"{uuid}.qmp"
+
+    def pidfile(self, uuid: str) -> Path:
+        return self.run_dir / f"{uuid}.pid"
+
+    def logfile(self, uuid: str) -> Path:
+        return self.run_dir / f"{uuid}.log"
+
+
+@dataclass(frozen=True, slots=True)
+class QemuLaunch:
+    """A command line plus the runtime facts the driver needs once QEMU is up."""
+
+    argv: list[str]
+    qmp_socket: Path
+    pidfile: Path
+    logfile: Path  # not passed to QEMU: the driver sends QEMU's stdout/stderr there
+    generated_macs: dict[int, str]  # interface index -> MAC to write back (set_interface_mac)
+    balloon: bool  # a virtio balloon device exists (id "balloon0")
+    balloon_target_kib: int | None  # set after start when currentMemory < memory
+    vnc: VncRuntime | None
+    spice: SpiceRuntime | None
+    guest_agent_socket: Path | None
+    chardevs: tuple[ChardevRuntime, ...]
+    disks: tuple[DiskRuntime, ...]
+    nets: tuple[NetRuntime, ...]
+    sockets: tuple[Path, ...]  # UNIX sockets QEMU creates in run_dir (QMP first): remove after
+    incoming_uri: str | None  # QEMU started with "-incoming defer": run migrate-incoming
+    accel: str  # "kvm" | "tcg"
+
+
+def disk_paths(defn: DomainDefinition) -> list[str]:
+    """Host paths QEMU opens for this domain (disk sources, kernel, initrd, firmware).
+
+    The driver checks they exist before launch (a clear error instead of a QEMU one).
+    """
+    paths = [d.source_path for d in defn.disks if d.source_path]
+    os_ = defn.os
+    paths += [p for p in (os_.kernel, os_.initrd) if p]
+    if os_.loader is not None and os_.loader.path:
+        paths.append(os_.loader.path)
+    if os_.nvram:
+        paths.append(os_.nvram)
+    return paths
+
+
+def graphics_needing_ports(defn: DomainDefinition) -> list[int]:
+    """Indices of ``<graphics>`` whose port the driver must allocate (autoport SPICE).
+
+    VNC autoport needs none: QEMU takes the first free display itself (``to=``).
+    """
+    return [
+        g.index
+        for g in defn.graphics
+        if g.type == "spice" and (g.autoport is True or g.port is None or g.port <= 0)
+    ]
+
+
+def build_command(
+    defn: DomainDefinition,
+    paths: QemuPaths,
+    *,
+    kvm_available: bool,
+    incoming: str | None = None,
+    emulator: str = "qemu-system-x86_64",
+    graphics_ports: Mapping[int, int] | None = None,
+    caps: QemuCapabilities | None = None,
+    settings: ArgvSettings = DEFAULT_SETTINGS,
+    daemonize: bool = False,
+) -> QemuLaunch:
+    """The argv for ``defn``; ConfigUnsupported naming anything it cannot honour.
+
+    ``emulator`` is the driver's choice; the XML's ``<emulator>`` is deliberately ignored
+    (a definition must not pick the binary the host runs). ``graphics_ports`` maps a
+    ``<graphics>`` index to a port the driver allocated (see :func:`graphics_needing_ports`).
+    """
+    _check_top_level(defn)
+    accel = _accel(defn, kvm_available)
+    machine = mach.machine_type(defn, caps)
+    ctx = BuildContext(
+        defn=defn,
+        run_dir=paths.run_dir,
+        q35="q35" in machine,
+        kvm=accel == "kvm",
+        settings=settings,
+        caps=caps,
+    )
+    qmp = paths.qmp_socket(defn.uuid)
+    ctx.check_socket(qmp)
+    ctx.spice = any(g.type == "spice" for g in defn.graphics)
+    if ctx.spice and caps is not None and not caps.spice:
+        raise unsupported("<graphics type='spice'>: this QEMU has no SPICE support")
+    ctx.reserve_explicit_addresses()
+    _assign_boot_order(ctx)
+
+    ctx.add(emulator, "-name", f"guest={kv_escape(defn.name)},debug-threads=on", "-S")
+    machine_opts = mach.machine_opts(ctx, machine)
+    ctx.add("-machine", machine_opts, "-accel", accel)
+    cpu = mach.cpu(ctx)
+    if cpu:
+        ctx.add("-cpu", cpu)
+    ctx.add("-m", str(-(-defn.memory_kib // 1024)), "-smp", mach.smp(defn))
+    ctx.add("-uuid", defn.uuid, "-no-user-config", "-nodefaults")
+    ctx.add("-chardev", f"socket,id=charmonitor,path={kv_escape(str(qmp))},server=on,wait=off")
+    ctx.add("-mon", "chardev=charmonitor,id=monitor,mode=control")
+    mach.clock(ctx)
+    _lifecycle(ctx)
+    mach.pm(ctx)
+    _boot(ctx)
+
+    devices.check_controller_types(ctx)
+    devices.build_pci_controllers(ctx)
+    usb_needed = bool(defn.devices_named("redirdev")) or any(
+        (i.bus or ("usb" if i.type == "tablet" else "ps2")) == "usb" for i in defn.inputs
+    )
+    devices.build_usb_controllers(ctx, usb_needed)
+    storage.build_storage_controllers(ctx)
+    vser_needed = bool(defn.channels) or any(c.target_type == "virtio" for c in defn.consoles)
+    devices.build_virtio_serial(ctx, vser_needed)
+    storage.build_disks(ctx)
+    devices.build_interfaces(ctx)
+    chardev.build_serials(ctx)
+    agent = chardev.build_channels(ctx)
+    devices.build_inputs(ctx)
+    vnc, spice = _graphics(ctx, graphics_ports or {})
+    devices.build_audio_backends(ctx)
+    devices.build_videos(ctx)
+    devices.build_sounds(ctx)
+    devices.build_watchdogs(ctx)
+    chardev.build_redirdevs(ctx)
+    balloon = devices.build_memballoon(ctx)
+    devices.build_rngs(ctx)
+    devices.build_panics(ctx)
+    if defn.has_feature("vmcoreinfo"):
+        ctx.device({"driver": "vmcoreinfo", "id": "vmcoreinfo0"})
+    if incoming is not None:
+        ctx.add("-incoming", "defer")
+    pidfile = paths.pidfile(defn.uuid)
+    ctx.add("-pidfile", str(pidfile), "-display", "none")
+    if daemonize:
+        ctx.add("-daemonize")
+    ctx.add("-sandbox", SANDBOX, "-msg", "timestamp=on")
+
+    target = defn.current_memory_kib if defn.current_memory_kib < defn.memory_kib else None
+    if target is not None and not balloon:
+        raise ConfigUnsupported("<currentMemory> below <memory> needs a virtio <memballoon>")
+    return QemuLaunch(
+        argv=ctx.argv,
+        qmp_socket=qmp,
+        pidfile=pidfile,
+        logfile=paths.logfile(defn.uuid),
+        generated_macs=dict(ctx.generated_macs),
+        balloon=balloon,
+        balloon_target_kib=target,
+        vnc=vnc,
+        spice=spice,
+        guest_agent_socket=agent,
+        chardevs=tuple(ctx.chardevs),
+        disks=tuple(ctx.disks),
+        nets=tuple(ctx.nets),
+        sockets=tuple(ctx.sockets),
+        incoming_uri=incoming,
+        accel=accel,
+    )
+
+
+# ---------------------------------------------------------------------------- pieces
+
+
+def _check_top_level(defn: DomainDefinition) -> None:
+    for child in defn.root:
+        if not isinstance(child.tag, str):
+            continue
+        if child.prefix == "qemu" or "libvirt.org/schemas/domain/qemu" in child.tag:
+            raise ConfigUnsupported(
+                "unsupported <qemu:commandline>/<qemu:*>: raw QEMU arguments are not allowed"
+            )
+        if child.tag not in _TOP_LEVEL:
+            raise unsupported(f"<{child.tag}>")
+    extra = unknown_devices(defn, SUPPORTED_DEVICES)
+    if extra:
+        raise unsupported(f"device {', '.join(extra)}")
+    vcpu = defn.root.find("vcpu")
+    if vcpu is not None and vcpu.get("cpuset"):
+        raise unsupported("<vcpu cpuset=...> (no CPU pinning)")
+    seclabel = defn.root.find("seclabel")
+    if seclabel is not None and seclabel.get("type", "dynamic") != "none":
+        raise unsupported(f"<seclabel type='{seclabel.get('type', 'dynamic')}'>")
+    if defn.os.type != "hvm":
+        raise unsupported(f"<os><type>{defn.os.type}</type>")
+    if defn.os.arch not in (None, "x86_64", "i686"):
+        raise unsupported(f"<os><type arch='{defn.os.arch}'>")
+    for child in defn.os.element:
+        if isinstance(child.tag, str) and child.tag not in _OS_CHILDREN:
+            raise unsupported(f"<os><{child.tag}>")
+    smbios = defn.os.element.find("smbios")
+    if smbios is not None and smbios.get("mode", "emulate") != "emulate":
+        raise unsupported(f"<smbios mode='{smbios.get('mode')}'>")
+
+
+def _accel(defn: DomainDefinition, kvm_available: bool) -> str:
+    if defn.hv_type == "kvm":
+        if not kvm_available:
+            raise ConfigUnsupported(
+                "<domain type='kvm'> but KVM is not available on this host (/dev/kvm)"
+            )
+        return "kvm"
+    if defn.hv_type == "qemu":
+        return "tcg"
+    raise unsupported(f"<domain type='{defn.hv_type}'> for the QEMU driver")
+
+
+def _lifecycle(ctx: BuildContext) -> None:
+    """libvirt's way: QEMU never exits on guest poweroff; the driver applies the actions."""
+    defn = ctx.defn
+    if defn.on_poweroff == "rename-restart":
+        raise unsupported("<on_poweroff>rename-restart</on_poweroff>")
+    if defn.on_reboot not in ("restart", "destroy"):
+        raise unsupported(f"<on_reboot>{defn.on_reboot}</on_reboot>")
+    if defn.on_crash not in ("destroy", "restart", "preserve"):
+        raise unsupported(f"<on_crash>{defn.on_crash}</on_crash>")
+    ctx.add("-no-shutdown")
+    if defn.on_reboot == "destroy":
+        ctx.add("-action", "reboot=shutdown")
+
+
+def _assign_boot_order(ctx: BuildContext) -> None:
+    """Per-device ``<boot order>``, or libvirt's mapping of ``<os><boot dev>`` to bootindex."""
+    defn = ctx.defn
+    per_device = {("disk", d.index): d.boot_order for d in defn.disks if d.boot_order}
+    per_device |= {("interface", i.index): i.boot_order for i in defn.interfaces if i.boot_order}
+    if per_device:
+        if defn.os.boot_devs:
+            raise XMLError("per-device <boot order> cannot be used with <os><boot dev>")
+        ctx.bootindex.update({k: v for k, v in per_device.items() if v is not None})
+        return
+    order = 1
+    for dev in defn.os.boot_devs:
+        key: tuple[str, int] | None = None
+        if dev == "hd":
+            key = next((("disk", d.index) for d in defn.disks if d.device == "disk"), None)
+        elif dev == "cdrom":
+            key = next((("disk", d.index) for d in defn.disks if d.device == "cdrom"), None)
+        elif dev == "network":
+            key = ("interface", 0) if defn.interfaces else None
+        else:
+            raise unsupported(f"<boot dev='{dev}'> (no floppy)")
+        if key is not None and key not in ctx.bootindex:
+            ctx.bootindex[key] = order
+            order += 1
+
+
+def _boot(ctx: BuildContext) -> None:
+    os_ = ctx.defn.os
+    opts = "strict=on" + (",menu=on" if os_.bootmenu else "")
+    ctx.add("-boot", opts)
+    if os_.dtb:
+        raise unsupported("<os><dtb>")
+    if os_.kernel:
+        ctx.add("-kernel", os_.kernel)
+        if os_.initrd:
+            ctx.add("-initrd", os_.initrd)
+        if os_.cmdline:
+            ctx.add("-append", os_.cmdline)
+    elif os_.initrd or os_.cmdline:
+        raise unsupported("<initrd>/<cmdline> without <kernel>")
+
+
+def _graphics(
+    ctx: BuildContext, ports: Mapping[int, int]
+) -> tuple[VncRuntime | None, SpiceRuntime | None]:
+    vnc: VncRuntime | None = None
+    spice: SpiceRuntime | None = None
+    for g in ctx.defn.graphics:
+        if g.type == "vnc" and vnc is None:
+            vnc = chardev.build_vnc(ctx, g)
+        elif g.type == "spice" and spice is None:
+            spice = chardev.build_spice(ctx, g, ports)
+        else:
+            raise unsupported(f"<graphics type='{g.type}'> (one vnc and one spice are)")
+    return vnc, spice

@@ -1,0 +1,210 @@
+"""Shared state of one command-line build: argv, id/address allocators, runtime records.
+
+The builder honours ``<address>`` elements where they are given and otherwise assigns
+addresses itself (PCI slots on the root bus, virtio-serial port numbers), so that a device
+QEMU would auto-place can never take a slot a later, explicitly addressed device needs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drivers.qemu.capabilities import QemuCapabilities
+from virtbus.domain import DomainDefinition
+from virtbus.domain.model import Element
+from virtbus.errors import ConfigUnsupported, XMLError
+
+#: UNIX socket paths longer than this do not fit ``sockaddr_un.sun_path``
+MAX_SOCKET_PATH = 107
+
+
+@dataclass(frozen=True, slots=True)
+class ArgvSettings:
+    """Tunables of the command line (a typed setting, not literals in code)."""
+
+    #: autoport VNC: QEMU tries displays 0..N-1 (ports 5900..5900+N-1) and takes the first free
+    vnc_autoport_displays: int = 100
+    #: listen address when a ``<graphics>`` gives none (libvirt's vnc_listen/spice_listen)
+    default_graphics_listen: str = "127.0.0.1"
+    #: libvirt's locally administered OUI for generated MACs
+    mac_prefix: str = "52:54:00"
+
+
+@dataclass(frozen=True, slots=True)
+class ChardevRuntime:
+    """A character device the driver may need after start (pty path, socket path)."""
+
+    kind: str  # serial | console | channel | redirdev
+    index: int  # rank among the XML elements of that kind
+    chardev_id: str  # query-chardev label; a pty's path is its "filename" minus "pty:"
+    type: str  # pty | file | unix | tcp | null | spicevmc
+    path: Path | None  # file/unix path; None for a pty until the driver asks QEMU
+    device_id: str | None  # qdev id of the front end (None when shared, e.g. console=serial)
+
+
+@dataclass(frozen=True, slots=True)
+class DiskRuntime:
+    index: int
+    target_dev: str
+    device_id: str  # qdev id (query-block "qdev", block stats)
+    node_name: str | None  # format node (None: empty cdrom)
+    path: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NetRuntime:
+    index: int
+    netdev_id: str
+    device_id: str
+    mac: str
+    ifname: str | None  # tap name when the XML gives one
+
+
+def json_arg(props: dict[str, Any]) -> str:
+    """A JSON ``-device``/``-blockdev``/``-object`` value (no keyval comma escaping needed)."""
+    return json.dumps(props, separators=(",", ":"))
+
+
+def kv_escape(value: str) -> str:
+    """Escape a value for QEMU's keyval/QemuOpts syntax (``,`` doubles)."""
+    return value.replace(",", ",,")
+
+
+def unsupported(what: str) -> ConfigUnsupported:
+    return ConfigUnsupported(f"unsupported {what}")
+
+
+def _int_attr(el: Element, name: str, what: str) -> int:
+    raw = el.get(name, "0")
+    try:
+        return int(raw, 0)
+    except ValueError:
+        raise XMLError(f"invalid {what} {name}='{raw}'") from None
+
+
+@dataclass
+class BuildContext:
+    """Everything the per-device builders share while one argv is built."""
+
+    defn: DomainDefinition
+    run_dir: Path
+    q35: bool
+    kvm: bool
+    settings: ArgvSettings
+    caps: QemuCapabilities | None
+    argv: list[str] = field(default_factory=list)
+    chardevs: list[ChardevRuntime] = field(default_factory=list)
+    disks: list[DiskRuntime] = field(default_factory=list)
+    nets: list[NetRuntime] = field(default_factory=list)
+    sockets: list[Path] = field(default_factory=list)
+    generated_macs: dict[int, str] = field(default_factory=dict)
+    bootindex: dict[tuple[str, int], int] = field(default_factory=dict)  # (tag, index) -> n
+    pci_buses: dict[int, str] = field(default_factory=dict)  # controller index -> qdev bus
+    virtio_serial: set[int] = field(default_factory=set)  # controller indices emitted
+    usb_bus: str | None = None
+    spice: bool = False
+    audio_ids: list[str] = field(default_factory=list)
+    _used_slots: set[tuple[int, int]] = field(default_factory=set)
+    _vser_ports: dict[tuple[int, int], set[int]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------ argv helpers
+
+    def add(self, *args: str) -> None:
+        self.argv.extend(args)
+
+    def device(self, props: dict[str, Any]) -> None:
+        self.require_device(str(props["driver"]))
+        self.add("-device", json_arg(props))
+
+    def require_device(self, driver: str) -> None:
+        if self.caps is not None and not self.caps.has_device(driver):
+            raise ConfigUnsupported(f"this QEMU has no device '{driver}'")
+
+    def socket_path(self, suffix: str) -> Path:
+        """``<run_dir>/<uuid>.<suffix>``, checked against the UNIX socket path limit."""
+        path = self.run_dir / f"{self.defn.uuid}.{suffix}"
+        self.check_socket(path)
+        return path
+
+    def check_socket(self, path: Path) -> None:
+        if len(str(path).encode()) > MAX_SOCKET_PATH:
+            raise ConfigUnsupported(
+                f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes (UNIX limit)"
+            )
+        self.sockets.append(path)
+
+    # ------------------------------------------------------------ PCI addresses
+
+    @property
+    def root_bus(self) -> str:
+        return "pcie.0" if self.q35 else "pci.0"
+
+    def reserve_explicit_addresses(self) -> None:
+        """Reserve every slot named by an ``<address type='pci'>`` before auto-assignment."""
+        reserved = {(0, 0), (0, 0x1F)} if self.q35 else {(0, 0), (0, 1)}
+        self._used_slots |= reserved
+        for addr in self.defn.elements("devices/*/address[@type='pci']"):
+            if _int_attr(addr, "domain", "<address type='pci'>") != 0:
+                raise unsupported("<address type='pci'> with a PCI domain other than 0")
+            bus = _int_attr(addr, "bus", "<address type='pci'>")
+            slot = _int_attr(addr, "slot", "<address type='pci'>")
+            self._used_slots.add((bus, slot))
+        for addr in self.defn.elements("devices/*/address[@type='virtio-serial']"):
+            key = (_int_attr(addr, "controller", "<address>"), _int_attr(addr, "bus", "<address>"))
+            self._vser_ports.setdefault(key, set()).add(_int_attr(addr, "port", "<address>"))
+
+    def pci_props(
+        self, address: Element | None, what: str, prefer_slot: int | None = None
+    ) -> dict[str, Any]:
+        """``bus``/``addr`` for a PCI device: its ``<address>`` or a free root-bus slot."""
+        if address is not None and address.get("type") not in (None, "pci"):
+            raise unsupported(f"<address type='{address.get('type')}'> for {what}")
+        if address is not None and address.get("type") == "pci":
+            bus = _int_attr(address, "bus", "<address>")
+            slot = _int_attr(address, "slot", "<address>")
+            fn = _int_attr(address, "function", "<address>")
+            if bus == 0:
+                bus_name = self.root_bus
+            elif bus in self.pci_buses:
+                bus_name = self.pci_buses[bus]
+            else:
+                raise ConfigUnsupported(
+                    f"{what}: <address bus='{bus:#04x}'> names no PCI controller of this domain"
+                )
+            props: dict[str, Any] = {"bus": bus_name, "addr": f"{slot:#x}.{fn:#x}"}
+            if fn == 0:
+                props["addr"] = f"{slot:#x}"
+            if address.get("multifunction") == "on":
+                props["multifunction"] = True
+            return props
+        if prefer_slot is not None and (0, prefer_slot) not in self._used_slots:
+            slot = prefer_slot
+        else:
+            free = [s for s in range(1, 0x20) if (0, s) not in self._used_slots]
+            if not free:
+                raise ConfigUnsupported(f"no free PCI slot on {self.root_bus} for {what}")
+            slot = free[0]
+        self._used_slots.add((0, slot))
+        return {"bus": self.root_bus, "addr": f"{slot:#x}"}
+
+    # ------------------------------------------------------------ virtio-serial
+
+    def virtio_serial_props(self, address: Element | None, *, console: bool) -> dict[str, Any]:
+        """``bus``/``nr`` of a virtio-serial port (port 0 is only for a virtconsole)."""
+        if address is not None and address.get("type") not in (None, "virtio-serial"):
+            raise unsupported(f"<address type='{address.get('type')}'> for a virtio port")
+        if address is not None and address.get("type") == "virtio-serial":
+            ctrl = _int_attr(address, "controller", "<address>")
+            bus = _int_attr(address, "bus", "<address>")
+            nr = _int_attr(address, "port", "<address>")
+        else:
+            ctrl, bus = 0, 0
+            used = self._vser_ports.setdefault((0, 0), set())
+            nr = next(n for n in range(0 if console else 1, 10_000) if n not in used)
+            used.add(nr)
+        if ctrl not in self.virtio_serial:
+            raise ConfigUnsupported(f"no <controller type='virtio-serial' index='{ctrl}'>")
+        return {"bus": f"virtio-serial{ctrl}.{bus}", "nr": nr}

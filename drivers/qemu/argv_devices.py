@@ -1,0 +1,363 @@
+"""PCI/USB/virtio-serial controllers, NICs, input, video, sound, watchdog, RNG, panic and
+balloon devices, with libvirt's device ids and defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from drivers.qemu.argv_common import BuildContext, NetRuntime, json_arg, kv_escape, unsupported
+from virtbus.domain.model import Controller, Interface
+from virtbus.errors import ConfigUnsupported
+
+USB_MODELS = {
+    "qemu-xhci": "qemu-xhci",
+    "nec-xhci": "nec-usb-xhci",
+    "piix3-uhci": "piix3-usb-uhci",
+    "piix4-uhci": "piix4-usb-uhci",
+    "ich9-ehci1": "ich9-usb-ehci1",
+    "ich9-uhci1": "ich9-usb-uhci1",
+    "ich9-uhci2": "ich9-usb-uhci2",
+    "ich9-uhci3": "ich9-usb-uhci3",
+}
+NIC_MODELS = {
+    "virtio": "virtio-net-pci",
+    "e1000": "e1000",
+    "e1000e": "e1000e",
+    "rtl8139": "rtl8139",
+}
+_NIC_CHILDREN = frozenset({"mac", "source", "model", "target", "address", "boot", "alias", "link"})
+VIDEO_MODELS = {  # model -> (primary device, secondary device)
+    "vga": ("VGA", None),
+    "cirrus": ("cirrus-vga", None),
+    "virtio": ("virtio-vga", "virtio-gpu-pci"),
+    "qxl": ("qxl-vga", "qxl"),
+    "bochs": ("bochs-display", "bochs-display"),
+    "ramfb": ("ramfb", None),
+}
+INPUT_DEVICES = {
+    ("tablet", "usb"): "usb-tablet",
+    ("mouse", "usb"): "usb-mouse",
+    ("keyboard", "usb"): "usb-kbd",
+    ("tablet", "virtio"): "virtio-tablet-pci",
+    ("mouse", "virtio"): "virtio-mouse-pci",
+    ("keyboard", "virtio"): "virtio-keyboard-pci",
+}
+WATCHDOG_ACTIONS = frozenset({"reset", "shutdown", "poweroff", "pause", "none", "inject-nmi"})
+
+
+# ---------------------------------------------------------------------------- controllers
+
+
+def build_pci_controllers(ctx: BuildContext) -> None:
+    """pcie-root/pci-root are implicit; root ports and PCI bridges become ``pci.N``."""
+    ctrls = sorted((c for c in ctx.defn.controllers if c.type == "pci"), key=lambda c: c.index or 0)
+    for ctrl in ctrls:
+        ctx.pci_buses[ctrl.index or 0] = f"pci.{ctrl.index or 0}"
+    ctx.pci_buses[0] = ctx.root_bus
+    for ctrl in ctrls:
+        idx = ctrl.index or 0
+        root = "pcie-root" if ctx.q35 else "pci-root"
+        if ctrl.model == root or (idx == 0 and ctrl.model is None):
+            continue
+        addr = ctrl.element.find("address")
+        target = ctrl.element.find("target")
+        if ctrl.model == "pcie-root-port" and ctx.q35:
+            name = ctrl.element.find("model")
+            driver = name.get("name", "pcie-root-port") if name is not None else "pcie-root-port"
+            if driver not in ("pcie-root-port", "ioh3420"):
+                raise unsupported(f"<controller model='pcie-root-port'><model name='{driver}'>")
+            chassis = int(target.get("chassis", str(idx)), 0) if target is not None else idx
+            port = int(target.get("port", "0"), 0) if target is not None else 0x10 + idx - 1
+            props: dict[str, Any] = {
+                "driver": driver,
+                "port": port,
+                "chassis": chassis,
+                "id": f"pci.{idx}",
+            }
+        elif ctrl.model == "pci-bridge":
+            nr = target.get("chassisNr", str(idx)) if target is not None else str(idx)
+            props = {"driver": "pci-bridge", "chassis_nr": int(nr, 0), "id": f"pci.{idx}"}
+        else:
+            raise unsupported(f"<controller type='pci' model='{ctrl.model}'> on this machine")
+        ctx.device(props | ctx.pci_props(addr, f"<controller type='pci' index='{idx}'>"))
+
+
+def build_usb_controllers(ctx: BuildContext, need_usb: bool) -> None:
+    """USB controllers; a default one (as libvirt adds) when a USB device needs it."""
+    usb = [c for c in ctx.defn.controllers if c.type == "usb"]
+    if any(c.model == "none" for c in usb):
+        if len(usb) > 1 or need_usb:
+            raise ConfigUnsupported("USB devices need a USB controller, not model='none'")
+        return
+    if not usb:
+        if need_usb:
+            driver = "qemu-xhci" if ctx.q35 else "piix3-usb-uhci"
+            ctx.device({"driver": driver, "id": "usb"} | ctx.pci_props(None, "USB controller"))
+            ctx.usb_bus = "usb.0"
+        return
+    for ctrl in usb:
+        _usb_controller(ctx, ctrl)
+    ctx.usb_bus = "usb.0"
+
+
+def _usb_controller(ctx: BuildContext, ctrl: Controller) -> None:
+    idx = ctrl.index or 0
+    if idx != 0:
+        raise unsupported(f"<controller type='usb' index='{idx}'> (one USB bus is)")
+    model = ctrl.model or ("qemu-xhci" if ctx.q35 else "piix3-uhci")
+    if model not in USB_MODELS:
+        raise unsupported(f"<controller type='usb' model='{model}'>")
+    props: dict[str, Any] = {"driver": USB_MODELS[model]}
+    master = ctrl.element.find("master")
+    if model.startswith("ich9-uhci"):
+        start = int(master.get("startport", "0")) if master is not None else 0
+        props |= {"masterbus": "usb.0", "firstport": start}
+    else:
+        props["id"] = "usb"
+    ports = ctrl.element.get("ports")
+    if ports and model in ("qemu-xhci", "nec-xhci"):
+        props |= {"p2": int(ports), "p3": int(ports)}
+    ctx.device(props | ctx.pci_props(ctrl.element.find("address"), f"USB controller {model}"))
+
+
+def build_virtio_serial(ctx: BuildContext, needed: bool) -> None:
+    ctrls = [c for c in ctx.defn.controllers if c.type == "virtio-serial"]
+    for ctrl in ctrls:
+        idx = ctrl.index or 0
+        props: dict[str, Any] = {"driver": "virtio-serial-pci", "id": f"virtio-serial{idx}"}
+        if ctrl.element.get("ports"):
+            props["max_ports"] = int(str(ctrl.element.get("ports")))
+        ctx.device(props | ctx.pci_props(ctrl.element.find("address"), "virtio-serial"))
+        ctx.virtio_serial.add(idx)
+    if needed and 0 not in ctx.virtio_serial:
+        ctx.device(
+            {"driver": "virtio-serial-pci", "id": "virtio-serial0"}
+            | ctx.pci_props(None, "virtio-serial")
+        )
+        ctx.virtio_serial.add(0)
+
+
+def check_controller_types(ctx: BuildContext) -> None:
+    for ctrl in ctx.defn.controllers:
+        if ctrl.type not in ("pci", "usb", "sata", "ide", "scsi", "virtio-serial"):
+            raise unsupported(f"<controller type='{ctrl.type}'>")
+
+
+# ---------------------------------------------------------------------------- network
+
+
+def generated_mac(prefix: str, uuid: str, index: int) -> str:
+    """A stable MAC for interface ``index`` (same domain, same MAC on every build)."""
+    digest = hashlib.sha256(f"{uuid}/{index}".encode()).digest()
+    return prefix + "".join(f":{b:02x}" for b in digest[:3])
+
+
+def _netdev(iface: Interface, netdev_id: str) -> str:
+    where = f"<interface type='{iface.type}'> #{iface.index}"
+    if iface.type == "user":
+        return f"user,id={netdev_id}"
+    if iface.type == "bridge":
+        if not iface.source_bridge:
+            raise ConfigUnsupported(f"{where} needs <source bridge=...>")
+        return f"bridge,id={netdev_id},br={kv_escape(iface.source_bridge)}"
+    if iface.type == "ethernet":
+        opts = f"tap,id={netdev_id},script=no,downscript=no"
+        return opts + (f",ifname={kv_escape(iface.target_dev)}" if iface.target_dev else "")
+    if iface.type == "network":
+        raise ConfigUnsupported(
+            f"unsupported {where} (network '{iface.source_network}'): virtbus has no libvirt "
+            "virtual networks; use type='user', 'bridge' or 'ethernet'"
+        )
+    raise unsupported(f"<interface type='{iface.type}'>")
+
+
+def build_interfaces(ctx: BuildContext) -> None:
+    for iface in ctx.defn.interfaces:
+        for child in iface.element:
+            if isinstance(child.tag, str) and child.tag not in _NIC_CHILDREN:
+                raise unsupported(f"<{child.tag}> in <interface type='{iface.type}'>")
+        link = iface.element.find("link")
+        if link is not None and link.get("state", "up") != "up":
+            raise unsupported("<link state='down'> in <interface>")
+        netdev_id, dev_id = f"hostnet{iface.index}", f"net{iface.index}"
+        ctx.add("-netdev", _netdev(iface, netdev_id))
+        model = iface.model or "rtl8139"  # libvirt's default NIC model for x86
+        if model not in NIC_MODELS:
+            raise unsupported(f"<interface><model type='{model}'>")
+        mac = iface.mac
+        if mac is None:
+            mac = generated_mac(ctx.settings.mac_prefix, ctx.defn.uuid, iface.index)
+            ctx.generated_macs[iface.index] = mac
+        props: dict[str, Any] = {
+            "driver": NIC_MODELS[model],
+            "netdev": netdev_id,
+            "id": dev_id,
+            "mac": mac,
+        } | ctx.pci_props(iface.address, f"interface #{iface.index}")
+        boot = ctx.bootindex.get(("interface", iface.index))
+        if boot is not None:
+            props["bootindex"] = boot
+        ctx.device(props)
+        ifname = iface.target_dev if iface.type == "ethernet" else None
+        ctx.nets.append(NetRuntime(iface.index, netdev_id, dev_id, mac, ifname))
+
+
+# ---------------------------------------------------------------------------- others
+
+
+def build_inputs(ctx: BuildContext) -> None:
+    for i, inp in enumerate(ctx.defn.inputs):
+        bus = inp.bus or ("usb" if inp.type == "tablet" else "ps2")
+        if bus == "ps2" and inp.type in ("mouse", "keyboard"):
+            continue  # built into the i8042 of pc/q35
+        driver = INPUT_DEVICES.get((inp.type, bus))
+        if driver is None:
+            raise unsupported(f"<input type='{inp.type}' bus='{bus}'>")
+        props: dict[str, Any] = {"driver": driver, "id": f"input{i}"}
+        addr = inp.element.find("address")
+        if bus == "usb":
+            props |= usb_props(ctx, addr)
+        else:
+            props |= ctx.pci_props(addr, f"<input type='{inp.type}'>")
+        ctx.device(props)
+
+
+def usb_props(ctx: BuildContext, addr: Any) -> dict[str, Any]:
+    if ctx.usb_bus is None:
+        raise ConfigUnsupported("a USB device needs a USB controller")
+    props: dict[str, Any] = {"bus": ctx.usb_bus}
+    if addr is not None and addr.get("type") == "usb" and addr.get("port"):
+        props["port"] = str(addr.get("port"))
+    return props
+
+
+def build_videos(ctx: BuildContext) -> None:
+    for i, video in enumerate(ctx.defn.videos):
+        model = video.model or "vga"
+        if model == "none":
+            continue
+        if model not in VIDEO_MODELS:
+            raise unsupported(f"<video><model type='{model}'>")
+        primary, secondary = VIDEO_MODELS[model]
+        driver = primary if i == 0 else secondary
+        if driver is None:
+            raise unsupported(f"secondary <video><model type='{model}'>")
+        props: dict[str, Any] = {"driver": driver, "id": f"video{i}"}
+        if model == "qxl":
+            if ctx.caps is not None and not ctx.caps.spice:
+                raise unsupported("<video><model type='qxl'> (this QEMU has no spice/qxl)")
+            m = video.element.find("model")
+            assert m is not None
+            for attr, prop in (("ram", "ram_size"), ("vram", "vram_size")):
+                if m.get(attr):
+                    props[prop] = int(str(m.get(attr))) * 1024
+            if m.get("vgamem"):
+                props["vgamem_mb"] = int(str(m.get("vgamem"))) // 1024
+        if video.heads and video.heads > 1:
+            props["max_outputs"] = video.heads
+        if driver != "ramfb":
+            preferred = (1 if ctx.q35 else 2) if i == 0 else None
+            props |= ctx.pci_props(video.element.find("address"), f"video #{i}", preferred)
+        ctx.device(props)
+
+
+def build_audio_backends(ctx: BuildContext) -> None:
+    for el in ctx.defn.elements("devices/audio"):
+        atype = el.get("type", "none")
+        if atype not in ("none", "spice"):
+            raise unsupported(f"<audio type='{atype}'> (none and spice are)")
+        if atype == "spice" and not ctx.spice:
+            raise ConfigUnsupported("<audio type='spice'> needs <graphics type='spice'>")
+        aid = f"audio{el.get('id', '1')}"
+        ctx.add("-audiodev", f"driver={atype},id={aid}")
+        ctx.audio_ids.append(aid)
+    if ctx.defn.sounds and not ctx.audio_ids:
+        ctx.add("-audiodev", "driver=none,id=audio1")
+        ctx.audio_ids.append("audio1")
+
+
+def build_sounds(ctx: BuildContext) -> None:
+    for i, sound in enumerate(ctx.defn.sounds):
+        hda = {"ich9": "ich9-intel-hda", "ich6": "intel-hda"}.get(sound.model)
+        audio_el = sound.element.find("audio")
+        audio = f"audio{audio_el.get('id')}" if audio_el is not None else ctx.audio_ids[0]
+        addr = sound.element.find("address")
+        if hda is not None:
+            ctx.device({"driver": hda, "id": f"sound{i}"} | ctx.pci_props(addr, "sound"))
+            ctx.device(
+                {
+                    "driver": "hda-duplex",
+                    "id": f"sound{i}-codec0",
+                    "bus": f"sound{i}.0",
+                    "cad": 0,
+                    "audiodev": audio,
+                }
+            )
+        elif sound.model == "ac97":
+            ctx.device(
+                {"driver": "AC97", "id": f"sound{i}", "audiodev": audio}
+                | ctx.pci_props(addr, "sound")
+            )
+        else:
+            raise unsupported(f"<sound model='{sound.model}'>")
+
+
+def build_watchdogs(ctx: BuildContext) -> None:
+    if len(ctx.defn.watchdogs) > 1:
+        raise unsupported("more than one <watchdog>")
+    for wd in ctx.defn.watchdogs:
+        action = wd.action or "reset"
+        if action not in WATCHDOG_ACTIONS:
+            raise unsupported(f"<watchdog action='{action}'>")
+        if wd.model == "i6300esb":
+            ctx.device(
+                {"driver": "i6300esb", "id": "watchdog0"}
+                | ctx.pci_props(wd.element.find("address"), "watchdog")
+            )
+        elif wd.model == "ib700" and not ctx.q35:
+            ctx.device({"driver": "ib700", "id": "watchdog0"})
+        elif wd.model == "itco" and ctx.q35:
+            ctx.add("-global", "ICH9-LPC.noreboot=off")  # the TCO timer built into ICH9
+        else:
+            raise unsupported(f"<watchdog model='{wd.model}'> on this machine")
+        ctx.add("-action", f"watchdog={action}")
+
+
+def build_rngs(ctx: BuildContext) -> None:
+    for i, rng in enumerate(ctx.defn.rngs):
+        if rng.model != "virtio":
+            raise unsupported(f"<rng model='{rng.model}'>")
+        obj: dict[str, Any] = {"id": f"objrng{i}"}
+        if rng.backend_model in (None, "random"):
+            obj |= {"qom-type": "rng-random", "filename": rng.backend_path or "/dev/urandom"}
+        elif rng.backend_model == "builtin":
+            obj["qom-type"] = "rng-builtin"
+        else:
+            raise unsupported(f"<rng><backend model='{rng.backend_model}'>")
+        ctx.add("-object", json_arg(obj))
+        props: dict[str, Any] = {"driver": "virtio-rng-pci", "rng": f"objrng{i}", "id": f"rng{i}"}
+        ctx.device(props | ctx.pci_props(rng.element.find("address"), "rng"))
+
+
+def build_panics(ctx: BuildContext) -> None:
+    for panic in ctx.defn.panics:
+        if panic.model not in (None, "isa", "pvpanic"):
+            raise unsupported(f"<panic model='{panic.model}'>")
+        ctx.device({"driver": "pvpanic", "id": "panic0"})
+
+
+def build_memballoon(ctx: BuildContext) -> bool:
+    """virtio balloon (libvirt adds one when ``<memballoon>`` is absent); True if present."""
+    bal = ctx.defn.memballoon
+    if bal is not None and bal.model == "none":
+        return False
+    if bal is not None and bal.model != "virtio":
+        raise unsupported(f"<memballoon model='{bal.model}'>")
+    props: dict[str, Any] = {"driver": "virtio-balloon-pci", "id": "balloon0"}
+    if bal is not None and bal.autodeflate:
+        props["deflate-on-oom"] = True
+    addr = bal.element.find("address") if bal is not None else None
+    ctx.device(props | ctx.pci_props(addr, "memballoon"))
+    return True
