@@ -1,0 +1,31 @@
+"""Typed settings of the QEMU driver: every wait, timeout and bound in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from virtbus.settings import Backoff
+
+
+@dataclass(frozen=True, slots=True)
+class QemuSettings:
+    """Timeouts are seconds.
+
+    The destroy waits are a bounded escalation (``quit`` over QMP, then SIGTERM, then
+    SIGKILL) so a hung QEMU never hangs the agent.
+    """
+
+    emulator: str = "qemu-system-x86_64"  # the binary (the XML's <emulator> is ignored)
+    qmp_timeout: float = 10.0  # one QMP command
+    connect_timeout: float = 10.0  # launch until the QMP socket answers
+    quit_wait: float = 1.0  # `quit` until the process is gone
+    sigterm_wait: float = 2.0
+    sigkill_wait: float = 5.0
+    shutdown_timeout: float = 120.0  # for callers: a sensible `timeout` for shutdown(); the
+    # driver itself waits only when given one (the Driver protocol: None returns at once)
+    reboot_fallback: float = 30.0  # ACPI reboot ignored by the guest -> system_reset
+    exit_wait: float = 2.0  # monitor EOF until the process is seen gone
+    exit_poll: float = 0.01  # polling of a process that is not our child
+    event_queue: int = 1024  # QMP events buffered per domain (oldest kept, newer dropped)
+    log_tail_bytes: int = 4096  # of the QEMU log quoted in a start error
+    reconnect: Backoff = field(default_factory=lambda: Backoff(initial=0.1, maximum=5.0))

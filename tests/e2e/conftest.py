@@ -1,0 +1,61 @@
+"""e2e fixtures: one session directory for every QEMU the tests start, and a guard that no
+QEMU started under it outlives the session (leftovers are killed by PID, then reported)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_LEFTOVER_KILL_WAIT = 5.0  # s, per leftover QEMU after SIGKILL
+
+
+def qemu_pids_under(root: Path) -> list[int]:
+    """PIDs of processes whose command line mentions ``root`` (our run dirs)."""
+    needle = str(root).encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except OSError:
+            continue
+        if needle in cmdline and b"qemu" in cmdline.split(b"\0", 1)[0]:
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture(scope="session")
+def e2e_root() -> Iterator[Path]:
+    """The session's directory; every run/state dir of a QEMU-starting test lives below it."""
+    root = Path(tempfile.mkdtemp(prefix="virtbus-e2e-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_qemu_left_behind(e2e_root: Path) -> Iterator[None]:
+    """Fail the session if a QEMU started by the tests is still running at its end."""
+    yield
+    leftovers = qemu_pids_under(e2e_root)
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + _LEFTOVER_KILL_WAIT
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):  # reap it if it is our child
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.01)
+    if leftovers:
+        pytest.fail(f"QEMU processes left running by the tests (killed): {leftovers}")
