@@ -8,6 +8,7 @@ QEMU would auto-place can never take a slot a later, explicitly addressed device
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,10 @@ class ArgvSettings:
     default_graphics_listen: str = "127.0.0.1"
     #: libvirt's locally administered OUI for generated MACs
     mac_prefix: str = "52:54:00"
+    #: what a libvirt network name means on this host: "user" (QEMU's NAT, like libvirt's
+    #: 'default' network gives a guest) or "bridge:<name>". virt-install writes
+    #: <interface type='network'><source network='default'/> into every guest.
+    networks: Mapping[str, str] = field(default_factory=lambda: {"default": "user"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ balloon devices, with libvirt's device ids and defaults.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 from drivers.qemu.argv_common import BuildContext, NetRuntime, json_arg, kv_escape, unsupported
@@ -154,8 +155,19 @@ def generated_mac(prefix: str, uuid: str, index: int) -> str:
     return prefix + "".join(f":{b:02x}" for b in digest[:3])
 
 
-def _netdev(iface: Interface, netdev_id: str) -> str:
+def _netdev(iface: Interface, netdev_id: str, networks: Mapping[str, str]) -> str:
     where = f"<interface type='{iface.type}'> #{iface.index}"
+    if iface.type == "network":
+        meaning = networks.get(iface.source_network or "")
+        if meaning == "user":
+            return f"user,id={netdev_id}"
+        if meaning is not None and meaning.startswith("bridge:"):
+            return f"bridge,id={netdev_id},br={kv_escape(meaning.removeprefix('bridge:'))}"
+        raise ConfigUnsupported(
+            f"unsupported {where} (network '{iface.source_network}'): this host maps only "
+            f"{', '.join(repr(n) for n in sorted(networks)) or 'no'} libvirt network names; "
+            "use type='user', 'bridge' or 'ethernet'"
+        )
     if iface.type == "user":
         return f"user,id={netdev_id}"
     if iface.type == "bridge":
@@ -165,11 +177,6 @@ def _netdev(iface: Interface, netdev_id: str) -> str:
     if iface.type == "ethernet":
         opts = f"tap,id={netdev_id},script=no,downscript=no"
         return opts + (f",ifname={kv_escape(iface.target_dev)}" if iface.target_dev else "")
-    if iface.type == "network":
-        raise ConfigUnsupported(
-            f"unsupported {where} (network '{iface.source_network}'): virtbus has no libvirt "
-            "virtual networks; use type='user', 'bridge' or 'ethernet'"
-        )
     raise unsupported(f"<interface type='{iface.type}'>")
 
 
@@ -182,7 +189,7 @@ def build_interfaces(ctx: BuildContext) -> None:
         if link is not None and link.get("state", "up") != "up":
             raise unsupported("<link state='down'> in <interface>")
         netdev_id, dev_id = f"hostnet{iface.index}", f"net{iface.index}"
-        ctx.add("-netdev", _netdev(iface, netdev_id))
+        ctx.add("-netdev", _netdev(iface, netdev_id, ctx.settings.networks))
         model = iface.model or "rtl8139"  # libvirt's default NIC model for x86
         if model not in NIC_MODELS:
             raise unsupported(f"<interface><model type='{model}'>")

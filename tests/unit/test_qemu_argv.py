@@ -630,8 +630,8 @@ UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
     ("vhostuser", {"devices": "<interface type='vhostuser'/>"}, "<interface type='vhostuser'>"),
     (
         "network",
-        {"devices": "<interface type='network'><source network='default'/></interface>"},
-        "no libvirt virtual networks",
+        {"devices": "<interface type='network'><source network='lab'/></interface>"},
+        "maps only 'default'",
     ),
     (
         "nic-model",
@@ -993,3 +993,9 @@ async def test_probe_capabilities_accepts_virt_install_default(tmp_path: Path) -
         defn, QemuPaths(RUN), kvm_available=False, graphics_ports={0: 5999}, caps=caps
     )
     assert launch.spice is not None and launch.spice.port == 5999
+
+
+def test_libvirt_default_network_is_user_networking() -> None:
+    """virt-install's <interface type='network'><source network='default'/> runs unchanged."""
+    launch = build(domain("<interface type='network'><source network='default'/></interface>"))
+    assert values(launch.argv, "-netdev") == ["user,id=hostnet0"]
