@@ -1,38 +1,39 @@
 """The QEMU driver: libvirt's QEMU driver behaviour behind virtbus' Driver protocol.
 
 Each running domain has one QEMU process (started with ``-S -no-shutdown``, outliving the
-agent), one QMP connection and one named task, ``qemu-domain-<name>``, that consumes the
-domain's event queue in order. Every lifecycle event is emitted from that task, from what
-QEMU reported (STOP, RESUME, SHUTDOWN, ...) mapped by :mod:`drivers.qemu.events`; the API
-methods send the command, mark what they asked for (``pending``) and wait for the task to
-see its effect. So an event is emitted exactly once, in QEMU's order, and suspend/resume
-cost one QMP round trip.
+agent), one QMP connection and one event task (:mod:`drivers.qemu.domain`): the API
+methods here send a command, mark what they asked for (``pending``) and wait for that
+task to see its effect, so an event is emitted exactly once, in QEMU's order, and
+suspend/resume cost one QMP round trip.
 
-Persistent definitions live in memory and in ``<state_dir>/domains/<uuid>.xml``; each
-running domain has ``<run_dir>/<uuid>.json`` (pid, QMP socket, id) so a restarted agent
-reattaches (:meth:`QemuDriver.open`). ``undefine`` is allowed only on a shut-off domain
-(virtbus has no transient domains yet).
+Definitions and per-run status files live on disk (:mod:`drivers.qemu.state`); ``open``
+reloads them, reattaches every QEMU left running and publishes, marked ``reconciled``,
+what happened while the agent was away. ``close`` leaves every guest running.
+``undefine`` is allowed only on a shut-off domain (virtbus has no transient domains yet).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import platform
-import random
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiofiles
 import aiofiles.os
 
-from drivers.base import DomainInfo, DomainRef, DriverEvent, EventSink, HostResources
+from drivers.base import (
+    DomainInfo,
+    DomainRef,
+    EventSink,
+    HostResources,
+    MigrationParams,
+    MigrationStatus,
+)
 from drivers.qemu import events as ev
+from drivers.qemu import migration as mig
 from drivers.qemu.argv import (
     QemuLaunch,
     QemuPaths,
@@ -41,19 +42,16 @@ from drivers.qemu.argv import (
     graphics_needing_ports,
 )
 from drivers.qemu.capabilities import QemuCapabilities, probe
-from drivers.qemu.monitor import EventQueue, Kick, Monitor, MonitorLost, QmpEvent
-from drivers.qemu.process import (
-    QemuProcess,
-    cpu_time_ns,
-    is_domain_process,
-    log_tail,
-    read_pidfile,
-    spawn,
-)
+from drivers.qemu.domain import Domain, Run, Runtime
+from drivers.qemu.monitor import EventQueue
+from drivers.qemu.process import cpu_time_ns, log_tail, read_pidfile, spawn
 from drivers.qemu.settings import QemuSettings
+from drivers.qemu.state import RunStatus, StateStore, UnknownQemu, remove_files
+from drivers.qemu.stats import QemuStats, StatsTarget, host_stats
 from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.errors import (
     ConfigUnsupported,
+    MigrateFailed,
     NoDomainError,
     OperationFailed,
     OperationInvalid,
@@ -61,41 +59,13 @@ from virtbus.errors import (
     VirtbusError,
 )
 from virtbus.protocol.events import DomainState
+from virtbus.store import read_bytes
 
 log = logging.getLogger(__name__)
 S = DomainState
 _HV_TYPES = ("qemu", "kvm")
-
-
-@dataclass(eq=False, slots=True)
-class _Run:
-    """A running QEMU of one domain."""
-
-    id: int
-    live: DomainDefinition  # the definition it runs with, runtime values written back
-    process: QemuProcess
-    qmp_socket: Path
-    queue: EventQueue
-    pidfile: Path | None = None
-    sockets: tuple[Path, ...] = ()  # UNIX sockets QEMU created: removed after it exits
-    monitor: Monitor | None = None
-    pending: set[ev.Pending] = field(default_factory=set)
-    task: asyncio.Task[None] | None = None
-    helpers: set[asyncio.Task[None]] = field(default_factory=set)  # stop/reboot fallbacks
-    waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = field(default_factory=list)
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-@dataclass(eq=False, slots=True)
-class _Domain:
-    defn: DomainDefinition  # persistent definition
-    state: DomainState = S.SHUTOFF
-    reason: str = "unknown"
-    run: _Run | None = None
-
-    @property
-    def ref(self) -> DomainRef:
-        return DomainRef(self.defn.name, self.defn.uuid)
+_Domain = Domain  # the names used before the split (drivers/qemu/domain.py)
+_Run = Run
 
 
 class QemuDriver:
@@ -109,55 +79,66 @@ class QemuDriver:
         self._state_dir = Path(state_dir)
         self._run_dir = Path(run_dir)
         self._settings = settings or QemuSettings()
-        self._domains: dict[str, _Domain] = {}  # by uuid
+        self._store = StateStore(self._state_dir, self._run_dir)
+        self._rt = Runtime(self._settings, self._store)
+        self._domains: dict[str, Domain] = {}  # by uuid
         self._by_name: dict[str, str] = {}
         self._next_id = 1
-        self._sink: EventSink = lambda _event: None
         self._kvm: bool | None = None
         self._caps: QemuCapabilities | None = None
+        self._stats = QemuStats()  # libvirt domstats (drivers/qemu/stats.py)
+        self.unknown_processes: list[UnknownQemu] = []  # QEMUs seen at open, not ours
+        self._migrations: dict[str, mig.Job] = {}  # by uuid: live migrations in or out
 
     # --- plumbing -----------------------------------------------------------------------
-    @property
-    def _defs_dir(self) -> Path:
-        return self._state_dir / "domains"
-
     async def open(self, sink: EventSink) -> None:
-        self._sink = sink
-        await aiofiles.os.makedirs(self._defs_dir, exist_ok=True)
-        await aiofiles.os.makedirs(self._run_dir, exist_ok=True)
-        for entry in sorted(await aiofiles.os.listdir(self._defs_dir)):
-            if not entry.endswith(".xml"):
-                continue
-            try:
-                async with aiofiles.open(self._defs_dir / entry, encoding="utf-8") as fh:
-                    defn = parse_domain_xml(await fh.read())
-            except (OSError, VirtbusError) as exc:
-                log.error("skipping definition %s: %s", entry, exc)
-                continue
+        """Load definitions, reattach every QEMU left running (concurrently), reconcile."""
+        self._rt.sink = sink
+        await self._store.prepare()
+        for defn in await self._store.load_definitions():
             self._add(defn)
-        for dom in list(self._domains.values()):
-            await self._reattach(dom)
+        found: list[tuple[Domain, RunStatus]] = []
+        for uuid in await self._store.status_uuids():
+            status = await self._store.read_status(uuid)
+            if status is None:
+                continue
+            dom = self._domains.get(uuid) or await self._restore_definition(status)
+            if dom is not None and dom.run is None:
+                found.append((dom, status))
+                self._next_id = max(self._next_id, status.id + 1)
+        await asyncio.gather(*(dom.reattach(status) for dom, status in found))
+        known = {d.run.process.pid for d in self._domains.values() if d.run is not None}
+        self.unknown_processes = await self._store.unknown_qemus(known)
+        for proc in self.unknown_processes:
+            log.warning("QEMU pid %d (uuid %s) runs in %s but is not known to this agent;"
+                        " leaving it alone", proc.pid, proc.uuid, self._run_dir)  # fmt: skip
+
+    async def _restore_definition(self, status: RunStatus) -> Domain | None:
+        """A running QEMU whose definition is lost: re-create it from the live XML."""
+        try:
+            defn = parse_domain_xml(status.xml)
+        except VirtbusError as exc:
+            log.error("status of %s has no usable XML (%s): its QEMU is left alone",
+                      status.uuid, exc)  # fmt: skip
+            return None
+        if defn.uuid != status.uuid or defn.name in self._by_name:
+            log.error("status of %s does not match its definition: left alone", status.uuid)
+            return None
+        log.warning("definition of running domain %s was missing: restored from its status",
+                    defn.name)  # fmt: skip
+        await self._persist(defn)
+        return self._add(defn)
 
     async def close(self) -> None:
-        for dom in self._domains.values():
-            run = dom.run
-            if run is None:
-                continue
-            tasks = [t for t in (run.task, *run.helpers) if t is not None]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks)
-            if run.monitor is not None:
-                await run.monitor.close()
-            dom.run = None
-        self._sink = lambda _event: None
+        """Disconnect QMP; every guest keeps running."""
+        await asyncio.gather(*(dom.close() for dom in self._domains.values()))
+        self._rt.sink = lambda _event: None
 
     def lookup(self, ref: str) -> DomainRef | None:
         dom = self._find(ref)
         return dom.ref if dom else None
 
-    def _find(self, ref: str) -> _Domain | None:
+    def _find(self, ref: str) -> Domain | None:
         dom = self._domains.get(ref) or self._domains.get(ref.lower())
         if dom is None and (uuid := self._by_name.get(ref)):
             dom = self._domains.get(uuid)
@@ -165,30 +146,17 @@ class QemuDriver:
             dom = self._domains.get(f"{ref[:8]}-{ref[8:12]}-{ref[12:16]}-{ref[16:20]}-{ref[20:]}")
         return dom
 
-    def _get(self, ref: str) -> _Domain:
+    def _get(self, ref: str) -> Domain:
         dom = self._find(ref)
         if dom is None:
             raise NoDomainError(f"domain not found: no domain with matching name or uuid '{ref}'")
         return dom
 
-    def _add(self, defn: DomainDefinition) -> _Domain:
-        dom = _Domain(defn)
+    def _add(self, defn: DomainDefinition) -> Domain:
+        dom = Domain(defn, self._rt)
         self._domains[defn.uuid] = dom
         self._by_name[defn.name] = defn.uuid
         return dom
-
-    def _emit(self, dom: _Domain, event: str, detail: str | None = None,
-              data: dict[str, Any] | None = None, reconciled: bool = False) -> None:  # fmt: skip
-        self._sink(DriverEvent(dom.defn.name, dom.defn.uuid, event, detail, data or {}, reconciled))
-
-    def _require(self, dom: _Domain, *states: DomainState, verb: str) -> _Run:
-        if dom.run is None or dom.state == S.SHUTOFF:
-            raise OperationInvalid(f"domain '{dom.defn.name}' is not running")
-        if dom.state not in states:
-            raise OperationInvalid(
-                f"cannot {verb} domain '{dom.defn.name}': it is {dom.state.label}"
-            )
-        return dom.run
 
     # --- definitions --------------------------------------------------------------------
     async def define(self, xml: str) -> DomainRef:
@@ -210,10 +178,10 @@ class QemuDriver:
         await self._persist(defn)
         if existing is not None:
             existing.defn = defn  # a running domain keeps its live definition until restarted
-            self._emit(existing, "defined", "updated")
+            existing.emit("defined", "updated")
             return existing.ref
         dom = self._add(defn)
-        self._emit(dom, "defined", "added")
+        dom.emit("defined", "added")
         return dom.ref
 
     def _validate(self, defn: DomainDefinition) -> None:
@@ -235,15 +203,13 @@ class QemuDriver:
                 f"cannot undefine domain '{dom.defn.name}': it is {dom.state.label}"
                 " (destroy it first)"
             )
-        path = self._defs_dir / f"{dom.defn.uuid}.xml"
-        if await aiofiles.os.path.exists(path):
-            await aiofiles.os.remove(path)
+        await self._store.remove_definition(dom.defn.uuid)
         del self._domains[dom.defn.uuid]
         self._by_name.pop(dom.defn.name, None)
-        self._emit(dom, "undefined", "removed")
+        dom.emit("undefined", "removed")
 
     async def _persist(self, defn: DomainDefinition) -> None:
-        await _write_atomic(self._defs_dir / f"{defn.uuid}.xml", defn.to_xml())
+        await self._store.save_definition(defn)
 
     # --- start --------------------------------------------------------------------------
     def kvm_usable(self) -> bool:
@@ -302,27 +268,27 @@ class QemuDriver:
                 await aiofiles.os.remove(stale)
         logfile = Path(launch.logfile)
         process = await spawn(list(launch.argv), uuid=live.uuid, logfile=logfile)
-        run = _Run(
+        run = Run(
             self._next_id, live, process, qmp_socket, EventQueue(self._settings.event_queue),
-            pidfile=Path(launch.pidfile), sockets=tuple(launch.sockets),
+            pidfile=Path(launch.pidfile), logfile=logfile, sockets=tuple(launch.sockets),
         )  # fmt: skip
         self._next_id += 1
         run.pending.add(ev.Pending.START)
         previous = dom.reason
         dom.run, dom.state, dom.reason = run, S.PAUSED, "starting_up"
         try:
-            await self._attach(dom, run)
+            await dom.attach(run)
             pid = await read_pidfile(Path(launch.pidfile))
             if pid is not None and pid != process.pid:
                 log.warning("pidfile of %s says %d, child is %d", live.name, pid, process.pid)
             await self._apply_runtime(run, launch)
-            await self._write_status(dom, run, logfile)
+            await dom.save_status(run)
             await run.monitor.execute("cont")  # type: ignore[union-attr]
-            await self._wait(run, lambda: ev.Pending.START not in run.pending, "start")
+            await dom.wait(run, lambda: ev.Pending.START not in run.pending, "start")
             if dom.run is not run:
                 raise OperationFailed("QEMU exited during start")
         except BaseException as exc:
-            await self._abort_start(dom, run, previous)
+            await dom.abort_start(run, previous)
             if isinstance(exc, VirtbusError | OSError):
                 tail = await log_tail(logfile, self._settings.log_tail_bytes)
                 raise OperationFailed(
@@ -344,7 +310,7 @@ class QemuDriver:
                 changed = True
         return changed
 
-    async def _apply_runtime(self, run: _Run, launch: QemuLaunch) -> None:
+    async def _apply_runtime(self, run: Run, launch: QemuLaunch) -> None:
         """Balloon target, graphics ports and pty paths, while QEMU is still stopped.
 
         Each QMP call here happens only when the definition needs it.
@@ -376,192 +342,11 @@ class QemuDriver:
                 if name.startswith("pty:"):
                     live.set_chardev_source_path(cd.kind, cd.index, name[4:])
 
-    async def _attach(self, dom: _Domain, run: _Run) -> None:
-        """Connect QMP and start the domain's event task."""
-        monitor = Monitor(dom.defn.name, run.qmp_socket, self._settings, run.queue)
-        await monitor.connect(
-            self._settings.connect_timeout, run.process.alive, self._settings.exit_poll
-        )
-        run.monitor = monitor
-        run.task = asyncio.create_task(
-            self._domain_loop(dom, run), name=f"qemu-domain-{dom.defn.name}"
-        )
-        run.task.add_done_callback(_log_task_failure)
-
-    async def _abort_start(self, dom: _Domain, run: _Run, previous_reason: str) -> None:
-        run.pending.add(ev.Pending.DESTROY)
-        if not await run.process.kill(self._settings):
-            log.error("QEMU pid %d of %s survived SIGKILL", run.process.pid, dom.defn.name)
-        await self._teardown(dom, run)
-        dom.state, dom.reason = S.SHUTOFF, previous_reason
-
-    # --- the per-domain event task ------------------------------------------------------
-    async def _domain_loop(self, dom: _Domain, run: _Run) -> None:
-        while dom.run is run:
-            item = await run.queue.get()
-            try:
-                if isinstance(item, QmpEvent):
-                    await self._on_qmp_event(dom, run, item)
-                elif isinstance(item, MonitorLost):
-                    if item.monitor is run.monitor:
-                        run.monitor = None
-                        await self._on_monitor_lost(dom, run)
-                elif isinstance(item, Kick) and not run.process.alive():
-                    await self._on_exit(dom, run)
-            except VirtbusError as exc:
-                log.warning("domain %s: handling %r failed: %s", dom.defn.name, item, exc)
-
-    async def _on_qmp_event(self, dom: _Domain, run: _Run, item: QmpEvent) -> None:
-        ctx = self._context(dom, run)
-        status_reason = None
-        if ev.needs_status(item.name, ctx) and run.monitor is not None:
-            try:
-                status = await run.monitor.execute("query-status")
-                status_reason = ev.pause_reason(str(status.get("status", "")))
-            except VirtbusError:
-                status_reason = "unknown"
-            ctx = self._context(dom, run)
-        outcome = ev.map_event(item.name, item.data, ctx, status_reason=status_reason)
-        self._apply(dom, run, outcome)
-        for action in outcome.actions:
-            if action == ev.Action.QUIT:
-                self._helper(run, self._stop_process(dom, run), f"qemu-stop-{dom.defn.name}")
-            elif run.monitor is not None:
-                try:
-                    await run.monitor.execute(action.value)
-                except VirtbusError as exc:
-                    log.warning("domain %s: %s failed: %s", dom.defn.name, action.value, exc)
-
-    def _context(self, dom: _Domain, run: _Run) -> ev.Context:
-        live = run.live
-        return ev.Context(
-            dom.state, dom.reason,
-            ev.Lifecycle(live.on_poweroff, live.on_reboot, live.on_crash),
-            frozenset(run.pending),
-        )  # fmt: skip
-
-    def _apply(self, dom: _Domain, run: _Run, outcome: ev.Outcome, *, silent: bool = False,
-               reconciled: bool = False) -> None:  # fmt: skip
-        run.pending |= outcome.add
-        run.pending -= outcome.clear
-        if outcome.state is not None:
-            dom.state, dom.reason = outcome.state
-        if not silent:
-            for event, detail, data in outcome.events:
-                self._emit(dom, event, detail, data, reconciled)
-        self._notify(run)
-
-    def _notify(self, run: _Run) -> None:
-        keep = []
-        for ready, fut in run.waiters:
-            if fut.done():
-                continue
-            if ready() or run.ended.is_set():
-                fut.set_result(None)
-            else:
-                keep.append((ready, fut))
-        run.waiters = keep
-
-    async def _wait(self, run: _Run, ready: Callable[[], bool], what: str,
-                    timeout: float | None = None) -> None:  # fmt: skip
-        """Wait until the event task made ``ready()`` true (or the run ended)."""
-        if ready() or run.ended.is_set():
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        run.waiters.append((ready, fut))
-        limit = self._settings.qmp_timeout if timeout is None else timeout
-        try:
-            await asyncio.wait_for(fut, limit)
-        except TimeoutError:
-            raise OperationTimeout(f"{what}: QEMU did not report the change in {limit}s") from None
-
-    async def _on_monitor_lost(self, dom: _Domain, run: _Run) -> None:
-        if await run.process.wait_exit(self._settings.exit_wait, self._settings.exit_poll):
-            await self._on_exit(dom, run)
-            return
-        backoff = self._settings.reconnect
-        delay = backoff.initial
-        while run.process.alive():
-            monitor = Monitor(dom.defn.name, run.qmp_socket, self._settings, run.queue)
-            try:
-                await monitor.connect(
-                    self._settings.connect_timeout, run.process.alive, self._settings.exit_poll
-                )
-            except VirtbusError as exc:
-                log.info("domain %s: QMP reconnect failed: %s", dom.defn.name, exc)
-            else:
-                run.monitor = monitor
-                await self._resync(dom, run)
-                return
-            pause = delay * (1 - backoff.jitter * random.random())
-            item = await run.queue.get_within(pause)
-            if isinstance(item, QmpEvent):
-                await self._on_qmp_event(dom, run, item)
-            delay = min(delay * backoff.factor, backoff.maximum)
-        await self._on_exit(dom, run)
-
-    async def _resync(self, dom: _Domain, run: _Run, reconciled: bool = True) -> None:
-        """After (re)connecting: take QEMU's run state as the truth."""
-        assert run.monitor is not None
-        status = await run.monitor.execute("query-status")
-        running = bool(status.get("running"))
-        if running and dom.state == S.PAUSED:
-            self._apply(dom, run, ev.Outcome(
-                events=(("resumed", "unpaused", {}),), state=(S.RUNNING, "unpaused")
-            ), reconciled=reconciled)  # fmt: skip
-        elif not running and dom.state == S.RUNNING:
-            reason = ev.pause_reason(str(status.get("status", "")))
-            self._apply(dom, run, ev.Outcome(
-                events=(("suspended", "paused", {}),), state=(S.PAUSED, reason)
-            ), reconciled=reconciled)  # fmt: skip
-
-    async def _on_exit(self, dom: _Domain, run: _Run) -> None:
-        if dom.run is not run:
-            return
-        starting = ev.Pending.START in run.pending
-        # a QEMU that dies during start() is start's error, not an event
-        self._apply(dom, run, ev.map_exit(self._context(dom, run)), silent=starting)
-        await self._teardown(dom, run)
-
-    async def _teardown(self, dom: _Domain, run: _Run) -> None:
-        """Forget the run: tasks, monitor, status file, socket. Idempotent."""
-        if dom.run is run:
-            dom.run = None
-        run.ended.set()
-        self._notify(run)
-        current = asyncio.current_task()
-        for task in (run.task, *run.helpers):
-            if task is not None and task is not current:
-                task.cancel()
-        if run.monitor is not None:
-            monitor, run.monitor = run.monitor, None
-            await monitor.close()
-        for path in (self._status_path(dom.defn.uuid), run.qmp_socket, run.pidfile, *run.sockets):
-            if path is not None and await aiofiles.os.path.exists(path):
-                await aiofiles.os.remove(path)
-
-    def _helper(self, run: _Run, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        run.helpers.add(task)
-        task.add_done_callback(run.helpers.discard)
-        task.add_done_callback(_log_task_failure)
-
-    async def _stop_process(self, dom: _Domain, run: _Run) -> None:
-        """Make QEMU exit: `quit`, then SIGTERM/SIGKILL (bounded). The exit is seen by EOF."""
-        if run.monitor is not None:
-            try:
-                await run.monitor.execute("quit", timeout=self._settings.quit_wait)
-            except VirtbusError as exc:
-                log.debug("domain %s: quit: %s", dom.defn.name, exc)
-        if not await run.process.wait_exit(self._settings.quit_wait, self._settings.exit_poll):
-            await run.process.kill(self._settings)
-        run.queue.put_control(Kick())
-
     # --- lifecycle ----------------------------------------------------------------------
     async def shutdown(self, ref: str, timeout: float | None = None) -> None:
         dom = self._get(ref)
-        run = self._require(dom, S.RUNNING, verb="shut down")
-        await self._execute(run, "system_powerdown")
+        run = dom.require(S.RUNNING, verb="shut down")
+        await dom.execute(run, "system_powerdown")
         if timeout is not None:
             try:
                 await asyncio.wait_for(run.ended.wait(), timeout)
@@ -572,9 +357,9 @@ class QemuDriver:
 
     async def destroy(self, ref: str) -> None:
         dom = self._get(ref)
-        run = self._require(dom, *[s for s in S if s != S.SHUTOFF], verb="destroy")
+        run = dom.require(*[s for s in S if s != S.SHUTOFF], verb="destroy")
         run.pending.add(ev.Pending.DESTROY)
-        await self._stop_process(dom, run)
+        await dom.stop_process(run)
         if run.process.alive():
             raise OperationFailed(
                 f"QEMU pid {run.process.pid} of '{dom.defn.name}' survived SIGKILL"
@@ -582,66 +367,61 @@ class QemuDriver:
         try:
             await asyncio.wait_for(run.ended.wait(), self._settings.exit_wait)
         except TimeoutError:
-            await self._on_exit(dom, run)  # the event task is stuck: finish it here
+            await dom.on_exit(run)  # the event task is stuck: finish it here
 
     async def reboot(self, ref: str) -> None:
         dom = self._get(ref)
-        run = self._require(dom, S.RUNNING, verb="reboot")
+        run = dom.require(S.RUNNING, verb="reboot")
         if run.live.on_reboot == "destroy":
-            await self._execute(run, "system_powerdown")  # SHUTDOWN -> stopped(shutdown)
+            await dom.execute(run, "system_powerdown")  # SHUTDOWN -> stopped(shutdown)
             return
         run.pending.add(ev.Pending.FAKE_REBOOT)
         try:
-            await self._execute(run, "system_powerdown")
+            await dom.execute(run, "system_powerdown")
         except VirtbusError:
             run.pending.discard(ev.Pending.FAKE_REBOOT)
             raise
         for task in [t for t in run.helpers if t.get_name().startswith("qemu-reboot-")]:
             task.cancel()
-        self._helper(run, self._reboot_fallback(run), f"qemu-reboot-{dom.defn.name}")
+        dom.helper(run, self._reboot_fallback(dom, run), f"qemu-reboot-{dom.defn.name}")
 
-    async def _reboot_fallback(self, run: _Run) -> None:
+    async def _reboot_fallback(self, dom: Domain, run: Run) -> None:
         """The guest ignored ACPI: reset it (its RESET event gives the reboot event)."""
         await asyncio.sleep(self._settings.reboot_fallback)
         pending = run.pending
         if ev.Pending.FAKE_REBOOT in pending and ev.Pending.NEEDS_CONT not in pending:
-            await self._execute(run, "system_reset")
+            await dom.execute(run, "system_reset")
 
     async def reset(self, ref: str) -> None:
         dom = self._get(ref)
-        run = self._require(dom, S.RUNNING, S.PAUSED, S.CRASHED, S.BLOCKED, verb="reset")
-        await self._execute(run, "system_reset")
+        run = dom.require(S.RUNNING, S.PAUSED, S.CRASHED, S.BLOCKED, verb="reset")
+        await dom.execute(run, "system_reset")
 
     async def suspend(self, ref: str) -> None:
         dom = self._get(ref)
-        run = self._require(dom, S.RUNNING, verb="suspend")
+        run = dom.require(S.RUNNING, verb="suspend")
         run.pending.add(ev.Pending.PAUSE)
         try:
-            await self._execute(run, "stop")
-            await self._wait(run, lambda: ev.Pending.PAUSE not in run.pending, "suspend")
+            await dom.execute(run, "stop")
+            await dom.wait(run, lambda: ev.Pending.PAUSE not in run.pending, "suspend")
         finally:
             run.pending.discard(ev.Pending.PAUSE)
 
     async def resume(self, ref: str) -> None:
         dom = self._get(ref)
-        run = self._require(dom, S.PAUSED, verb="resume")
+        run = dom.require(S.PAUSED, verb="resume")
         run.pending.add(ev.Pending.RESUME)
         try:
-            await self._execute(run, "cont")
-            await self._wait(run, lambda: ev.Pending.RESUME not in run.pending, "resume")
+            await dom.execute(run, "cont")
+            await dom.wait(run, lambda: ev.Pending.RESUME not in run.pending, "resume")
         finally:
             run.pending.discard(ev.Pending.RESUME)
-
-    async def _execute(self, run: _Run, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        if run.monitor is None:
-            raise OperationFailed(f"{cmd}: the monitor of this domain is reconnecting")
-        return await run.monitor.execute(cmd, args)
 
     # --- inspection ---------------------------------------------------------------------
     async def info(self, ref: str) -> DomainInfo:
         return await self._info(self._get(ref))
 
-    async def _info(self, dom: _Domain) -> DomainInfo:
+    async def _info(self, dom: Domain) -> DomainInfo:
         run = dom.run
         defn = run.live if run else dom.defn
         memory = defn.current_memory_kib
@@ -660,6 +440,7 @@ class QemuDriver:
             name=defn.name, uuid=defn.uuid, state=dom.state, reason=dom.reason,
             max_memory_kib=defn.memory_kib, memory_kib=memory, vcpus=defn.current_vcpus,
             cpu_time_ns=cpu, id=run.id if run else None, hv_type=defn.hv_type,
+            persistent=not self._incoming(dom),
         )  # fmt: skip
 
     async def list_domains(self, include_inactive: bool = True) -> list[DomainInfo]:
@@ -677,9 +458,38 @@ class QemuDriver:
         live.root.set("id", str(dom.run.id))  # libvirt's <domain id='N'> while active
         return live.to_xml()
 
+    # --- statistics (drivers/qemu/stats.py) ----------------------------------------------
+    async def stats(
+        self, refs: list[str] | None = None, groups: frozenset[str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        doms = list(self._domains.values()) if refs is None else [self._get(r) for r in refs]
+        return await self._stats.collect([self._stats_target(d) for d in doms], groups)
+
+    def _stats_target(self, dom: Domain) -> StatsTarget:
+        run = dom.run
+        if run is None:
+            return StatsTarget(dom.defn.name, dom.state, dom.reason, dom.defn)
+        monitor = run.monitor  # None while reconnecting: QMP fields are left out
+        execute = monitor.execute if monitor is not None and monitor.connected else None
+        return StatsTarget(dom.defn.name, dom.state, dom.reason, run.live, run.process.pid,
+                           execute, kvm=run.live.hv_type == "kvm")  # fmt: skip
+
+    async def host_stats(self) -> dict[str, Any]:
+        out = host_stats()
+        out["domains.active"] = sum(d.run is not None for d in self._domains.values())
+        return out
+
+    @property
+    def qmp_connections(self) -> int:
+        """Open QMP connections (the agent's health metrics)."""
+        return sum(
+            1 for d in self._domains.values()
+            if d.run is not None and d.run.monitor is not None and d.run.monitor.connected
+        )  # fmt: skip
+
     async def host_resources(self) -> HostResources:
-        meminfo = await _read_text("/proc/meminfo")
-        cpuinfo = await _read_text("/proc/cpuinfo")
+        meminfo = ((await read_bytes(Path("/proc/meminfo"))) or b"").decode(errors="replace")
+        cpuinfo = ((await read_bytes(Path("/proc/cpuinfo"))) or b"").decode(errors="replace")
         mem = {
             line.split(":")[0]: int(line.split()[1])
             for line in meminfo.splitlines()
@@ -699,55 +509,254 @@ class QemuDriver:
             hypervisor="kvm" if self.kvm_usable() else "qemu",
         )
 
-    # --- status files / reattach --------------------------------------------------------
-    def _status_path(self, uuid: str) -> Path:
-        return self._run_dir / f"{uuid}.json"
+    # --- live migration: libvirt's v3 steps (QMP sequences in drivers/qemu/migration.py) --
+    migration_settings = mig.MigrationSettings()  # replace per instance to tune
 
-    async def _write_status(self, dom: _Domain, run: _Run, logfile: Path) -> None:
-        status = {"uuid": dom.defn.uuid, "pid": run.process.pid, "id": run.id,
-                  "qmp_socket": str(run.qmp_socket), "logfile": str(logfile),
-                  "pidfile": str(run.pidfile or ""), "sockets": [str(p) for p in run.sockets],
-                  "xml": run.live.to_xml()}  # fmt: skip
-        await _write_atomic(self._status_path(dom.defn.uuid), json.dumps(status))
+    def _incoming(self, dom: Domain) -> bool:
+        """A transient domain: an incoming migration not finished yet."""
+        job = self._migrations.get(dom.defn.uuid)
+        return job is not None and job.role == "destination" and not job.finished
 
-    async def _reattach(self, dom: _Domain) -> None:
-        path = self._status_path(dom.defn.uuid)
-        if not await aiofiles.os.path.exists(path):
-            return
+    async def migrate_begin(self, ref: str) -> str:
+        dom = self._get(ref)
+        run = dom.require(S.RUNNING, S.PAUSED, verb="migrate")
+        job = self._migrations.get(dom.defn.uuid)
+        if ev.Pending.INCOMING in run.pending or (job is not None and job.active):
+            raise OperationInvalid(f"domain '{dom.defn.name}' is already migrating")
+        return run.live.to_xml()  # what the source runs: the destination must run the same
+
+    async def migrate_prepare(self, xml: str, params: MigrationParams) -> str:
+        """Start an incoming QEMU (``-incoming defer``, paused) and ``migrate-incoming``."""
+        mig.validate(params)
+        defn = parse_domain_xml(xml)
+        if defn.hv_type not in _HV_TYPES:
+            raise ConfigUnsupported(f"domain type '{defn.hv_type}' is not supported here")
+        other = self._by_name.get(defn.name)
+        if other is not None and other != defn.uuid:
+            raise OperationFailed(f"domain '{defn.name}' already exists with uuid {other}")
+        dom = self._domains.get(defn.uuid)
+        if dom is not None and (dom.run is not None or dom.state != S.SHUTOFF):
+            raise OperationInvalid(f"domain '{defn.name}' is already active on this host")
+        if defn.hv_type == "kvm" and not self.kvm_usable():
+            raise ConfigUnsupported(f"domain '{defn.name}' needs KVM: /dev/kvm is not usable")
+        await self._check_files(defn)
+        live = defn.copy()
+        ports = {index: _free_tcp_port() for index in graphics_needing_ports(live)}
+        launch = build_command(
+            live, QemuPaths(self._run_dir), kvm_available=self.kvm_usable(), incoming="defer",
+            emulator=self._settings.emulator, graphics_ports=ports, caps=await self.capabilities(),
+        )  # fmt: skip
+        qmp_socket, logfile = Path(launch.qmp_socket), Path(launch.logfile)
+        await remove_files(*launch.sockets, qmp_socket)
+        process = await spawn(list(launch.argv), uuid=live.uuid, logfile=logfile)
+        run = Run(
+            self._next_id, live, process, qmp_socket, EventQueue(self._settings.event_queue),
+            pidfile=Path(launch.pidfile), logfile=logfile, sockets=tuple(launch.sockets),
+            job={"migration": "incoming"},
+        )  # fmt: skip
+        self._next_id += 1
+        job = mig.Job("destination", params, self.migration_settings, defn=defn,
+                      new_domain=dom is None)  # fmt: skip
+        run.migration = job
+        run.pending.add(ev.Pending.INCOMING)
+        dom = dom or self._add(defn)
+        previous = dom.reason
+        dom.run, dom.state, dom.reason = run, S.PAUSED, "migration"
+        self._migrations[defn.uuid] = job
         try:
-            status = json.loads(await _read_text(path))
-            pid, run_id, qmp_socket = int(status["pid"]), int(status["id"]), status["qmp_socket"]
-            live = parse_domain_xml(status["xml"]) if status.get("xml") else dom.defn.copy()
-        except (OSError, ValueError, KeyError, TypeError, VirtbusError) as exc:
-            log.error("bad status file %s: %s", path, exc)
-            await aiofiles.os.remove(path)
-            return
-        self._next_id = max(self._next_id, run_id + 1)
-        if not is_domain_process(pid, dom.defn.uuid):
-            await aiofiles.os.remove(path)
-            dom.state, dom.reason = S.SHUTOFF, "unknown"
-            self._emit(dom, "stopped", "failed", reconciled=True)
-            return
-        run = _Run(run_id, live, QemuProcess(pid, dom.defn.uuid), Path(qmp_socket),
-                   EventQueue(self._settings.event_queue),
-                   pidfile=Path(status["pidfile"]) if status.get("pidfile") else None,
-                   sockets=tuple(Path(p) for p in status.get("sockets", ())))  # fmt: skip
-        dom.run, dom.state, dom.reason = run, S.RUNNING, "unknown"
+            await dom.attach(run)
+            execute = run.monitor.execute  # type: ignore[union-attr]
+            await mig.configure(execute, params, "destination", self.migration_settings)
+            uri = await mig.start_incoming(execute, params, self.migration_settings)
+            await dom.save_status(run)
+        except BaseException as exc:
+            await dom.abort_start(run, previous)
+            self._drop_incoming(dom, job)
+            if isinstance(exc, VirtbusError | OSError):
+                tail = await log_tail(logfile, self._settings.log_tail_bytes)
+                raise MigrateFailed(
+                    f"cannot prepare the incoming migration of '{defn.name}': {exc}"
+                    + (f"\n--- log tail ({logfile}):\n{tail}" if tail else "")
+                ) from exc
+            raise
+        dom.helper(run, self._watch_incoming(dom, run, job), f"qemu-incoming-{defn.name}")
+        dom.emit("started", "migrated")  # libvirt emits it at prepare (paused, migration)
+        return uri
+
+    async def _watch_incoming(self, dom: Domain, run: Run, job: mig.Job) -> None:
+        """An incoming QEMU that ends before finish(True) takes its transient domain along
+        (the run's teardown cancels this helper after setting ``ended``)."""
         try:
-            await self._attach(dom, run)
-            await self._resync(dom, run, reconciled=True)
+            await run.ended.wait()
+        finally:
+            if run.ended.is_set() and not job.finished:
+                self._drop_incoming(dom, job)
+
+    def _drop_incoming(self, dom: Domain, job: mig.Job) -> None:
+        if self._migrations.get(dom.defn.uuid) is job:
+            del self._migrations[dom.defn.uuid]
+        if job.new_domain and dom.run is None and self._domains.get(dom.defn.uuid) is dom:
+            del self._domains[dom.defn.uuid]  # transient: vanishes without `undefined`
+            self._by_name.pop(dom.defn.name, None)
+
+    async def migrate_perform(self, ref: str, uri: str, params: MigrationParams) -> None:
+        """Configure the source and ``migrate``; a job task follows and reports progress."""
+        mig.validate(params)
+        mig.parse_tcp_uri(uri)
+        dom = self._get(ref)
+        run = dom.require(S.RUNNING, S.PAUSED, verb="migrate")
+        old = self._migrations.get(dom.defn.uuid)
+        if ev.Pending.INCOMING in run.pending or (old is not None and old.active):
+            raise OperationInvalid(f"domain '{dom.defn.name}' is already migrating")
+
+        async def execute(cmd: str, args: dict[str, Any] | None = None) -> Any:
+            return await dom.execute(run, cmd, args)
+
+        settings = self.migration_settings
+        try:
+            await mig.configure(execute, params, "source", settings)
         except VirtbusError as exc:
-            log.error("domain %s: cannot reattach to QEMU pid %d: %s", dom.defn.name, pid, exc)
-            if run.task is None:  # no event task to reconnect: keep retrying through one
-                run.task = asyncio.create_task(
-                    self._reconnect_then_loop(dom, run), name=f"qemu-domain-{dom.defn.name}"
-                )
-                run.task.add_done_callback(_log_task_failure)
+            raise MigrateFailed(
+                f"cannot configure the migration of '{dom.defn.name}': {exc}"
+            ) from exc
+        job = mig.Job("source", params, settings)
+        self._migrations[dom.defn.uuid] = run.migration = job
+        run.pending -= {ev.Pending.MIGRATED_OUT}
+        run.pending.add(ev.Pending.MIGRATING)
+        emit = lambda st: dom.emit("migration", None, st.to_map())  # noqa: E731
+        dom.helper(run, job.follow(execute, emit), f"qemu-migrate-{dom.defn.name}")
+        try:
+            await execute("migrate", {"uri": uri})
+        except VirtbusError as exc:
+            job.end("failed", str(exc))
+            run.pending.discard(ev.Pending.MIGRATING)
+            raise MigrateFailed(f"migration of '{dom.defn.name}' to {uri} failed: {exc}") from exc
+        run.job = {"migration": "outgoing", "uri": uri}
+        await dom.save_status(run)
 
-    async def _reconnect_then_loop(self, dom: _Domain, run: _Run) -> None:
-        await self._on_monitor_lost(dom, run)
-        if dom.run is run:
-            await self._domain_loop(dom, run)
+    async def migrate_status(self, ref: str) -> MigrationStatus:
+        dom = self._get(ref)
+        job = self._migrations.get(dom.defn.uuid)
+        if job is None:
+            return MigrationStatus("none")
+        run = dom.run
+        if job.active and run is not None and run.monitor is not None:
+            try:
+                fresh = mig.status_from_query(await run.monitor.execute("query-migrate"))
+            except VirtbusError:
+                return job.status
+            if fresh.status != "none":
+                fresh.passes = max(fresh.passes, job.status.passes)
+                return fresh
+        return job.status
+
+    async def migrate_cancel(self, ref: str) -> None:
+        dom = self._get(ref)
+        job = self._migrations.get(dom.defn.uuid)
+        if job is None or job.role != "source" or not job.active or dom.run is None:
+            raise OperationInvalid(f"no migration in progress for domain '{dom.defn.name}'")
+        if job.in_postcopy:  # libvirt refuses too: the destination already runs the guest
+            raise OperationInvalid(
+                f"cannot cancel the migration of '{dom.defn.name}' in postcopy mode"
+            )
+        await dom.execute(dom.run, "migrate_cancel")
+        if not await job.wait_done(self.migration_settings.cancel_wait):
+            raise OperationTimeout(f"migration of '{dom.defn.name}' did not stop after cancel")
+
+    async def migrate_finish(self, ref: str, success: bool) -> None:
+        """Destination: resume and own the definition, or kill the incoming QEMU."""
+        dom = self._get(ref)
+        job = self._migrations.get(dom.defn.uuid)
+        run = dom.run
+        if job is None or job.role != "destination":
+            raise OperationInvalid(f"domain '{dom.defn.name}' is not an incoming migration")
+        if not success or run is None:
+            if run is not None:
+                run.pending.add(ev.Pending.DESTROY)  # with INCOMING: stopped(failed)
+                await dom.stop_process(run)
+                await self._wait_ended(dom, run)
+            self._drop_incoming(dom, job)
+            if success:
+                raise MigrateFailed(f"the incoming QEMU of '{dom.defn.name}' is gone")
+            return
+        try:
+            await self._resume_incoming(dom, run, job)
+        except VirtbusError as exc:  # as libvirt: a failed finish kills the destination
+            await self.migrate_finish(ref, False)
+            raise MigrateFailed(f"cannot finish the migration of '{dom.defn.name}': {exc}") from exc
+
+    async def _resume_incoming(self, dom: Domain, run: Run, job: mig.Job) -> None:
+        settings = self.migration_settings
+        done = ("completed", "postcopy-active")
+        if job.status.status not in done:  # the MIGRATION event may still be on its way
+            fresh = mig.status_from_query(await dom.execute(run, "query-migrate"))
+            if fresh.status in done:
+                job.status = fresh
+            elif not await job.wait_status(lambda st: st.status in done, settings.finish_wait):
+                raise MigrateFailed(f"incoming migration is '{job.status.status}', not completed")
+        job.finished = True
+        defn = job.defn or run.live.copy()
+        await self._persist(defn)
+        dom.defn = defn
+        dom.emit("defined", "added" if job.new_domain else "updated")
+        await dom.execute(run, "cont")  # RESUME with INCOMING: resumed(migrated)
+        await dom.wait(run, lambda: ev.Pending.INCOMING not in run.pending, "migrate_finish")
+        if self._migrations.get(dom.defn.uuid) is job:
+            del self._migrations[dom.defn.uuid]
+        run.migration, run.job = None, None
+        await dom.save_status(run)
+
+    async def migrate_confirm(self, ref: str, success: bool) -> None:
+        """Source: stop and forget the old instance, or resume it if the migration paused it."""
+        dom = self._get(ref)
+        uuid = dom.defn.uuid
+        job = self._migrations.get(uuid)
+        run = dom.run
+        if success:
+            if job is not None and job.active:  # its last MIGRATION event may be on its way
+                done = mig.TERMINAL
+                await job.wait_status(lambda st: st.status in done, self._settings.qmp_timeout)
+            if job is None or job.status.status != "completed":
+                raise OperationInvalid(f"migration of domain '{dom.defn.name}' has not completed")
+            if run is not None:
+                run.pending.add(ev.Pending.MIGRATED_OUT)  # its exit: stopped(migrated)
+                await dom.stop_process(run)
+                await self._wait_ended(dom, run)
+            self._migrations.pop(uuid, None)
+            await self._store.remove_definition(uuid)
+            self._domains.pop(uuid, None)
+            self._by_name.pop(dom.defn.name, None)
+            dom.emit("undefined", "removed")
+            return
+        if job is not None and job.active and not job.in_postcopy:
+            await self.migrate_cancel(ref)
+        self._migrations.pop(uuid, None)
+        if run is None:
+            return
+        run.migration, run.job = None, None
+        if job is not None and job.in_postcopy:
+            dom.state, dom.reason = S.PAUSED, "postcopy_failed"
+            dom.emit("suspended", "postcopy_failed")
+            run.pending.discard(ev.Pending.MIGRATING)
+            raise MigrateFailed(
+                f"the migration of '{dom.defn.name}' failed after switching to postcopy: the"
+                " guest's memory is split between the hosts, it cannot be resumed here"
+            )
+        if dom.state == S.PAUSED and dom.reason == "migration":
+            run.pending.add(ev.Pending.RESUME)
+            try:
+                await dom.execute(run, "cont")  # RESUME with MIGRATING: resumed(migrated)
+                await dom.wait(run, lambda: ev.Pending.RESUME not in run.pending, "confirm")
+            finally:
+                run.pending.discard(ev.Pending.RESUME)
+        run.pending.discard(ev.Pending.MIGRATING)
+        await dom.save_status(run)
+
+    async def _wait_ended(self, dom: Domain, run: Run) -> None:
+        try:
+            await asyncio.wait_for(run.ended.wait(), self._settings.exit_wait)
+        except TimeoutError:
+            await dom.on_exit(run)  # the event task is stuck: finish it here
 
 
 def _free_tcp_port() -> int:
@@ -755,23 +764,3 @@ def _free_tcp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-async def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    await aiofiles.os.makedirs(path.parent, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    async with aiofiles.open(tmp, "w", encoding="utf-8") as fh:
-        await fh.write(text)
-        await fh.flush()
-    await aiofiles.os.replace(tmp, path)
-
-
-async def _read_text(path: str | Path) -> str:
-    async with aiofiles.open(path, encoding="utf-8", errors="replace") as fh:
-        return str(await fh.read())
-
-
-def _log_task_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("task %s failed", task.get_name(), exc_info=task.exception())

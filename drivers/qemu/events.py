@@ -40,6 +40,10 @@ class Pending(StrEnum):
     FAKE_REBOOT = "fake_reboot"  # a SHUTDOWN/RESET is part of a reboot, not a power-off
     NEEDS_CONT = "needs_cont"  # the reboot's reset happens on a stopped VM: `cont` after RESET
     CRASH_DESTROY = "crash_destroy"  # on_crash=destroy: the exit is stopped(crashed)
+    # live migration (drivers/qemu/migration.py; libvirt's qemuProcessHandleResume/Stop)
+    MIGRATING = "migrating"  # source: outgoing migration; its failure's RESUME is resumed(migrated)
+    INCOMING = "incoming"  # destination: `cont` -> resumed(migrated); an exit -> stopped(failed)
+    MIGRATED_OUT = "migrated_out"  # source after success: its exit is stopped(migrated)
 
 
 class Action(StrEnum):
@@ -132,8 +136,8 @@ def map_event(
     name: str, data: dict[str, Any], ctx: Context, *, status_reason: str | None = None
 ) -> Outcome:
     """One QMP event -> what to emit/change/do. ``status_reason`` is for unrequested STOPs."""
-    if Pending.DESTROY in ctx.pending and name in _LIFECYCLE_EVENTS:
-        return NOTHING  # destroy's own SHUTDOWN/STOP noise: only its exit counts
+    if {Pending.DESTROY, Pending.MIGRATED_OUT} & ctx.pending and name in _LIFECYCLE_EVENTS:
+        return NOTHING  # destroy's / confirm's own SHUTDOWN/STOP noise: only the exit counts
     handler = _HANDLERS.get(name)
     if handler is None:
         return NOTHING
@@ -142,6 +146,10 @@ def map_event(
 
 def map_exit(ctx: Context) -> Outcome:
     """The QEMU process is gone (libvirt's processMonitorEOFEvent)."""
+    if Pending.MIGRATED_OUT in ctx.pending:
+        return _stopped("migrated", "migrated")
+    if Pending.INCOMING in ctx.pending:  # an incoming migration failed or was rolled back
+        return _stopped("failed", "failed")
     if Pending.DESTROY in ctx.pending:
         return _stopped("destroyed", "destroyed")
     if Pending.CRASH_DESTROY in ctx.pending:
@@ -226,6 +234,22 @@ def _stop(_data: dict[str, Any], ctx: Context, status_reason: str | None) -> Out
 
 
 def _resume(_data: dict[str, Any], ctx: Context, _status: str | None) -> Outcome:
+    if Pending.INCOMING in ctx.pending:  # migrate_finish's `cont` on the destination
+        return Outcome(
+            events=(("resumed", "migrated", {}),),
+            state=(DomainState.RUNNING, "migrated"),
+            clear=frozenset({Pending.INCOMING, Pending.RESUME}),
+        )
+    if (
+        Pending.MIGRATING in ctx.pending
+        and ctx.state == DomainState.PAUSED
+        and ctx.reason == "migration"
+    ):  # QEMU (or migrate_confirm) resumed the source after a failed switch-over
+        return Outcome(
+            events=(("resumed", "migrated", {}),),
+            state=(DomainState.RUNNING, "migration_canceled"),
+            clear=frozenset({Pending.MIGRATING, Pending.RESUME}),
+        )
     if Pending.START in ctx.pending:
         return Outcome(
             events=(("started", "booted", {}),),
@@ -337,7 +361,8 @@ _HANDLERS: dict[str, Handler] = {
     "DEVICE_DELETED": _simple(
         "device_removed", lambda d: {"device": d["device"]} if d.get("device") else None
     ),
-    "MIGRATION": _simple("migration", lambda d: {"status": d.get("status", "")}),
+    # MIGRATION / MIGRATION_PASS are followed by the migration job (drivers/qemu/migration.py),
+    # which publishes `migration` events with the full progress: nothing to map here.
     **{name: _block_job(name) for name in _BLOCK_JOB_STATUS},
 }
 _LIFECYCLE_EVENTS = frozenset(

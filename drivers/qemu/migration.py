@@ -1,0 +1,309 @@
+"""Live migration over QMP: the command sequences of both sides and a job that follows one.
+
+The driver's ``migrate_*`` methods (libvirt's v3 steps) are thin glue around this module:
+
+- destination (``prepare``): QEMU is started with ``-S -incoming defer``; then
+  :func:`configure` (the same capabilities as the source, ``multifd-channels``) and
+  :func:`start_incoming` (``migrate-incoming`` on a TCP port free on the listen address,
+  retried on another port if it was taken meanwhile);
+- source (``perform``): :func:`configure` (capabilities, ``max-bandwidth``,
+  ``downtime-limit``, ``multifd-channels``) and ``migrate``; a :class:`Job` then follows
+  QEMU's ``MIGRATION`` / ``MIGRATION_PASS`` events, reads ``query-migrate`` on each of them
+  (and every ``progress_interval`` while active), publishes ``migration`` events with the
+  progress, and for postcopy sends ``migrate-start-postcopy`` once the first pass is done.
+
+Every capability and parameter is set explicitly on every attempt, because QEMU keeps them
+for the life of the process: a retried migration must not inherit the last one's choices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from drivers.base import MigrationParams, MigrationStatus
+from virtbus.domain import DomainDefinition
+from virtbus.errors import InvalidArgument, MigrateFailed, OperationInvalid, VirtbusError
+
+log = logging.getLogger(__name__)
+
+Role = Literal["source", "destination"]
+Execute = Callable[..., Awaitable[Any]]  # Monitor.execute-like: (cmd, args=None, timeout=None)
+Emit = Callable[[MigrationStatus], None]
+
+QMP_EVENTS = frozenset({"MIGRATION", "MIGRATION_PASS"})
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+POSTCOPY = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
+ACTIVE = frozenset(
+    {"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug", *POSTCOPY}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationSettings:
+    """Seconds unless named otherwise."""
+
+    progress_interval: float = 0.5  # progress events while active (plus one per change)
+    incoming_attempts: int = 5  # ports tried for migrate-incoming
+    finish_wait: float = 30.0  # finish(True): wait for the incoming stream to complete
+    cancel_wait: float = 10.0  # migrate_cancel until QEMU reports the end
+    postcopy_after_passes: int = 1  # switch to postcopy once this many passes are done
+    default_downtime_ms: int = 300  # QEMU's own default, restored when none is asked
+    unlimited_bandwidth: int = 1 << 53  # bytes/s: libvirt's "no limit" (QEMU's is 128 MiB/s)
+
+
+# --- pure pieces ------------------------------------------------------------------------
+def validate(params: MigrationParams) -> None:
+    """Reject what QEMU would refuse only after the destination was prepared."""
+    if params.postcopy and params.parallel:
+        raise InvalidArgument("postcopy cannot be combined with parallel (multifd) migration")
+    if params.parallel < 0 or params.parallel > 255:
+        raise InvalidArgument("'parallel' must be between 0 and 255 channels")
+    for key in ("bandwidth_mib_s", "max_downtime_ms"):
+        value = getattr(params, key)
+        if value is not None and value <= 0:
+            raise InvalidArgument(f"'{key}' must be a positive integer")
+
+
+def capability_list(params: MigrationParams, role: Role) -> list[dict[str, Any]]:
+    """``migrate-set-capabilities`` argument; every capability we touch, on or off."""
+    caps = {
+        "events": True,  # MIGRATION / MIGRATION_PASS events
+        "postcopy-ram": params.postcopy,  # both sides
+        "multifd": params.parallel > 0,  # both sides
+    }
+    if role == "source":
+        caps["auto-converge"] = params.auto_converge
+        caps["return-path"] = params.postcopy  # postcopy needs the destination's page requests
+    return [{"capability": name, "state": state} for name, state in caps.items()]
+
+
+def parameter_map(
+    params: MigrationParams, role: Role, settings: MigrationSettings
+) -> dict[str, Any]:
+    """``migrate-set-parameters`` argument for one side."""
+    out: dict[str, Any] = {}
+    if params.parallel > 0:
+        out["multifd-channels"] = params.parallel
+    if role == "source":
+        mib = params.bandwidth_mib_s
+        out["max-bandwidth"] = mib * 1024 * 1024 if mib else settings.unlimited_bandwidth
+        out["downtime-limit"] = params.max_downtime_ms or settings.default_downtime_ms
+    return out
+
+
+def tcp_uri(host: str, port: int) -> str:
+    return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+
+
+def parse_tcp_uri(uri: str) -> tuple[str, int]:
+    """``tcp:HOST:PORT`` (HOST may be ``[v6]``) -> (host, port); InvalidArgument otherwise."""
+    scheme, _, rest = uri.partition(":")
+    host, _, port = rest.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if scheme != "tcp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"unsupported migration URI {uri!r} (expected tcp:HOST:PORT)")
+    return host, int(port)
+
+
+def free_port(address: str) -> int:
+    """A TCP port free right now on ``address`` (QEMU binds it a moment later)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((address, 0))
+        return int(sock.getsockname()[1])
+
+
+def status_from_query(reply: Any) -> MigrationStatus:
+    """``query-migrate``'s reply -> MigrationStatus (libvirt's job info fields)."""
+    data = reply if isinstance(reply, dict) else {}
+    ram = data.get("ram") if isinstance(data.get("ram"), dict) else {}
+    assert isinstance(ram, dict)
+    downtime = data.get("downtime")
+    total_time = data.get("total-time")
+    if isinstance(downtime, int) and isinstance(total_time, int) and downtime > total_time:
+        downtime = None  # QEMU 7.2 reports a timestamp here after postcopy: not a duration
+    return MigrationStatus(
+        status=str(data.get("status", "none")),
+        transferred=int(ram.get("transferred", 0)),
+        remaining=int(ram.get("remaining", 0)),
+        total=int(ram.get("total", 0)),
+        passes=int(ram.get("dirty-sync-count", 0)),
+        downtime_ms=int(downtime) if isinstance(downtime, int) else None,
+        total_time_ms=int(total_time) if isinstance(total_time, int) else None,
+        error=str(data["error-desc"]) if data.get("error-desc") else None,
+    )
+
+
+# --- QMP sequences ----------------------------------------------------------------------
+async def configure(
+    execute: Execute, params: MigrationParams, role: Role, settings: MigrationSettings
+) -> None:
+    """Capabilities then parameters (QEMU checks multifd-channels against the caps)."""
+    await execute("migrate-set-capabilities", {"capabilities": capability_list(params, role)})
+    values = parameter_map(params, role, settings)
+    if values:
+        await execute("migrate-set-parameters", values)
+
+
+async def start_incoming(
+    execute: Execute, params: MigrationParams, settings: MigrationSettings
+) -> str:
+    """``migrate-incoming`` on a free port of ``params.listen_address``; the URI to send to."""
+    address = params.listen_address
+    last: Exception | None = None
+    for _attempt in range(settings.incoming_attempts):
+        uri = tcp_uri(address, free_port(address))
+        try:
+            await execute("migrate-incoming", {"uri": uri})
+            return uri
+        except VirtbusError as exc:  # the port was taken between our probe and QEMU's bind
+            if "in use" not in str(exc).lower():
+                raise MigrateFailed(f"migrate-incoming on {uri}: {exc}") from exc
+            last = exc
+    raise MigrateFailed(f"no free port for the incoming migration on {address}: {last}")
+
+
+# --- a migration in progress ------------------------------------------------------------
+@dataclass(eq=False)
+class Job:
+    """One migration of one domain, on one side (see module docstring).
+
+    ``feed`` is called by the domain's event task with each MIGRATION/MIGRATION_PASS event;
+    on the source, :meth:`follow` (a task of its own) turns them into progress.
+    """
+
+    role: Role
+    params: MigrationParams
+    settings: MigrationSettings = field(default_factory=MigrationSettings)
+    status: MigrationStatus = field(default_factory=lambda: MigrationStatus("setup"))
+    postcopy_started: bool = False
+    defn: DomainDefinition | None = None  # destination: the definition to own after finish
+    new_domain: bool = False  # destination: no definition of it existed here before
+    finished: bool = False  # destination: finish(True) done (the domain is ours for good)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)  # for follow() only
+    _done: asyncio.Event = field(default_factory=asyncio.Event)
+    _waiters: list[asyncio.Future[None]] = field(default_factory=list)  # wait_status()
+    _transitions: list[str] = field(default_factory=list)  # statuses from events, not yet emitted
+
+    @property
+    def active(self) -> bool:
+        return not self._done.is_set()
+
+    @property
+    def in_postcopy(self) -> bool:
+        return self.postcopy_started or self.status.status in POSTCOPY
+
+    def feed(self, name: str, data: dict[str, Any]) -> None:
+        """A QMP event: note what it says at once (a query-migrate follows in ``follow``)."""
+        if name == "MIGRATION" and isinstance(data.get("status"), str):
+            self.status.status = data["status"]
+            self._transitions.append(data["status"])
+            if self.status.status in POSTCOPY:
+                self.postcopy_started = True
+        elif name == "MIGRATION_PASS" and isinstance(data.get("pass"), int):
+            self.status.passes = max(self.status.passes, int(data["pass"]))
+        if self.role == "destination" and self.status.status in TERMINAL:
+            self._done.set()
+        self._wake.set()
+        self._changed()
+
+    def _changed(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def end(self, status: str, error: str | None = None) -> None:
+        """Mark the job over from outside (the QEMU exited, the task was cancelled)."""
+        if self._done.is_set():
+            return
+        self.status.status = status
+        self.status.error = self.status.error or error
+        self._done.set()
+        self._wake.set()
+        self._changed()
+
+    async def wait_done(self, timeout: float) -> bool:
+        """True once the job reached a terminal status within ``timeout``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._done.wait(), timeout)
+        return self._done.is_set()
+
+    async def wait_status(self, ready: Callable[[MigrationStatus], bool], timeout: float) -> bool:
+        """Wait (bounded) until ``ready(status)`` holds or the job ended."""
+        deadline = time.monotonic() + timeout
+        while not ready(self.status) and not self._done.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fut, left)
+        return ready(self.status)
+
+    def _should_switch(self) -> bool:
+        return (
+            self.params.postcopy
+            and not self.postcopy_started
+            and self.status.status == "active"
+            and self.status.passes > self.settings.postcopy_after_passes
+        )
+
+    async def follow(self, execute: Execute, emit: Emit) -> None:
+        """Source: follow progress until QEMU reports the end; emits ``migration`` events."""
+        last: tuple[str, int] | None = None
+        last_emit = 0.0
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.progress_interval)
+                self._wake.clear()
+                if self._done.is_set():
+                    break
+                try:
+                    fresh = status_from_query(await execute("query-migrate"))
+                except VirtbusError as exc:
+                    log.debug("query-migrate: %s", exc)
+                    continue  # the monitor may be reconnecting; the driver ends us if QEMU died
+                if fresh.status == "none":
+                    continue
+                fresh.passes = max(fresh.passes, self.status.passes)
+                for passed in self._transitions:  # brief states (postcopy-active) a query missed
+                    if passed not in (fresh.status, last[0] if last else None):
+                        emit(dataclasses.replace(self.status, status=passed))
+                self._transitions.clear()
+                if fresh.status in POSTCOPY:
+                    self.postcopy_started = True
+                self.status = fresh
+                self._changed()
+                if self._should_switch():
+                    await self._start_postcopy(execute)
+                key = (fresh.status, fresh.passes)
+                now = time.monotonic()
+                if key != last or now - last_emit >= self.settings.progress_interval:
+                    last, last_emit = key, now
+                    emit(self.status)
+                if fresh.status in TERMINAL:
+                    self._done.set()
+                    self._changed()
+                    break
+        finally:
+            if not self._done.is_set():
+                self.end("failed", "migration job ended without a result from QEMU")
+                emit(self.status)
+
+    async def _start_postcopy(self, execute: Execute) -> None:
+        self.postcopy_started = True
+        try:
+            await execute("migrate-start-postcopy")
+        except (OperationInvalid, VirtbusError) as exc:  # e.g. already completing
+            log.info("migrate-start-postcopy: %s", exc)

@@ -1,0 +1,131 @@
+"""Agent restart with N running guests: time until every one is reattached (issue 4).
+
+Starts N firmware-only guests (64 MiB, KVM when /dev/kvm is usable, else TCG), then, 3
+times: the driver lets go of them (``close``: QEMU keeps running) and a fresh driver
+``open``s the same state/run dirs — reload definitions, read status files, reconnect QMP,
+``query-status`` each, scan /proc for unknown QEMUs. With ``--agent`` it also restarts a
+real ``virtbus-agent`` process (SIGKILL, then spawn) and times spawn -> "ready", which
+adds Python start-up and the bus connection. Prints the median of 3. Target: <= 1 s.
+
+    .venv/bin/python -m tests.bench.agent_restart [--guests 20] [--agent]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+import uuid as uuidlib
+from pathlib import Path
+
+from drivers.base import DriverEvent
+from drivers.qemu import QemuDriver
+from virtbus.errors import VirtbusError
+
+ROUNDS = 3
+
+
+def kvm_usable() -> bool:
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
+
+
+def guest_xml(name: str, hv_type: str) -> str:
+    return f"""<domain type='{hv_type}'>
+  <name>{name}</name><uuid>{uuidlib.uuid4()}</uuid>
+  <memory unit='MiB'>64</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices/>
+</domain>"""
+
+
+async def time_driver_reopen(base: Path, count: int) -> list[float]:
+    events: list[DriverEvent] = []
+    times = []
+    for _ in range(ROUNDS):
+        driver = QemuDriver(base / "state", base / "run")
+        start = time.perf_counter()
+        await driver.open(events.append)
+        times.append(time.perf_counter() - start)
+        active = await driver.list_domains(include_inactive=False)
+        assert len(active) == count, f"{len(active)} of {count} reattached"
+        await driver.close()
+    assert not any(e.reconciled for e in events), events  # nothing changed while away
+    return times
+
+
+async def time_agent_restart(base: Path) -> list[float]:
+    from tests.procs import AGENT, BUS_URL, delete_queues, unique_host
+
+    host = unique_host("bench")
+    times = []
+    log = open(base / "agent.log", "ab")  # noqa: SIM115  # closed below
+    try:
+        for _ in range(ROUNDS):
+            start = time.perf_counter()
+            proc = await asyncio.create_subprocess_exec(
+                *AGENT, "--host", host, "--driver", "qemu", "--state-dir", str(base / "state"),
+                "--run-dir", str(base / "run"), "--bus", BUS_URL,
+                stdout=asyncio.subprocess.PIPE, stderr=log,
+            )  # fmt: skip
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            times.append(time.perf_counter() - start)
+            assert b"ready" in line, line
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+    finally:
+        log.close()
+        await delete_queues(f"virtbus.agent.{host}")
+    return times
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--guests", type=int, default=20)
+    parser.add_argument("--agent", action="store_true", help="also time a real agent process")
+    args = parser.parse_args()
+    hv_type = "kvm" if kvm_usable() else "qemu"
+    base = Path(tempfile.mkdtemp(prefix="virtbus-bench-restart-"))
+    driver = QemuDriver(base / "state", base / "run")
+    await driver.open(lambda _e: None)
+    names = [f"bench-{i:02d}" for i in range(args.guests)]
+    try:
+        t0 = time.perf_counter()
+        for name in names:
+            await driver.define(guest_xml(name, hv_type))
+            await driver.start(name)
+        print(f"started {args.guests} firmware-only guests ({hv_type}, 64 MiB) "
+              f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+        await driver.close()
+        reopen = await time_driver_reopen(base, args.guests)
+        print(f"driver reattach of {args.guests} guests: median "
+              f"{statistics.median(reopen) * 1000:.0f} ms "
+              f"(runs: {', '.join(f'{t * 1000:.0f}' for t in reopen)} ms; "
+              "target <= 1000)")  # fmt: skip
+        if args.agent:
+            agent = await time_agent_restart(base)
+            print(f"agent process restart -> ready with {args.guests} guests: median "
+                  f"{statistics.median(agent) * 1000:.0f} ms "
+                  f"(runs: {', '.join(f'{t * 1000:.0f}' for t in agent)} ms)")  # fmt: skip
+    finally:
+        driver = QemuDriver(base / "state", base / "run")
+        await driver.open(lambda _e: None)
+        for name in names:
+            with contextlib.suppress(VirtbusError):
+                await driver.destroy(name)
+        await driver.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
