@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from agent.drivers import DRIVER_NAMES, make_driver
+from agent.metrics import AgentMetrics
 from agent.service import AgentService
 from virtbus.bus.factory import open_bus
 from virtbus.errors import VirtbusError
@@ -41,6 +42,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="driver tuning, e.g. delay=0.2 (test driver: latency of every op)",
     )
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label of this host in its inventory (placement, e.g. rack=r1)",
+    )
+    p.add_argument(
+        "--metrics-interval", type=float, default=10.0, metavar="S",
+        help="seconds between metrics passes on virtbus.metrics (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--metrics-listen", default=None, metavar="ADDR:PORT",
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics (default: off)",
+    )  # fmt: skip
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -60,12 +76,16 @@ async def run(args: argparse.Namespace) -> int:
         run_dir=args.run_dir,
         heartbeat_interval=args.heartbeat_interval,
         driver_options=dict(_key_value(o) for o in args.driver_option),
+        metrics_interval=args.metrics_interval,
+        metrics_listen=args.metrics_listen,
+        labels=dict(_key_value(o) for o in args.label),
     )
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     settings.runtime_dir.mkdir(parents=True, exist_ok=True)
     bus_settings = BusSettings(url=bus_url_from_env(args.bus))
     bus = open_bus(bus_settings.url, src=settings.host, settings=bus_settings)
     service = AgentService(settings, bus, make_driver(settings), bus_settings)
+    metrics = AgentMetrics(service)  # before start: it times the commands served
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -73,8 +93,10 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await service.start()
+        await metrics.start()
     except VirtbusError as exc:
         log.error("agent could not start: %s", exc)
+        await metrics.stop()
         await service.stop()
         return 1
     print(f"virtbus-agent {settings.host} ready (driver {settings.driver})", flush=True)
@@ -84,6 +106,7 @@ async def run(args: argparse.Namespace) -> int:
     failed.cancel()
     stopping.cancel()
     log.info("stopping agent %s", settings.host)
+    await metrics.stop()
     await service.stop()
     return 1 if service.failed.is_set() else 0
 

@@ -15,9 +15,12 @@ def make_driver(settings: AgentSettings) -> Driver:
 
         try:
             delay = float(settings.driver_options.get("delay", 0))
+            migration_time = float(settings.driver_options.get("migration_time", 0))
         except ValueError:
-            raise InvalidArgument("driver option delay must be a number of seconds") from None
-        return TestDriver(op_delay=delay)
+            raise InvalidArgument(
+                "driver options delay and migration_time must be numbers of seconds"
+            ) from None
+        return TestDriver(op_delay=delay, migration_time=migration_time)
     if settings.driver == "qemu":
         from drivers.qemu import QemuDriver
 

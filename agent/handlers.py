@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from drivers.base import Driver
+from agent.migration import MIGRATION_HANDLERS
+from drivers.base import STATS_GROUPS, Driver
 from virtbus.domain import parse_domain_xml
 from virtbus.errors import InvalidArgument, NoSupport
 from virtbus.protocol import ops
@@ -82,6 +83,23 @@ async def _xml_of(driver: Driver, body: dict[str, Any]) -> Any:
     return {"xml": await driver.xml(_domain_ref(body))}
 
 
+async def _stats(driver: Driver, body: dict[str, Any]) -> Any:
+    """libvirt's domstats, collected now; unknown domains or groups are INVALID_ARG/NO_DOMAIN."""
+    refs, groups = body.get("domains"), body.get("groups")
+    for key, value in (("domains", refs), ("groups", groups)):
+        if value is not None and (
+            not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)
+        ):
+            raise InvalidArgument(f"'{key}' must be a list of names")
+    unknown = sorted(set(groups or ()) - set(STATS_GROUPS))
+    if unknown:
+        raise InvalidArgument(
+            f"unknown stats group {', '.join(unknown)} (choose from {', '.join(STATS_GROUPS)})"
+        )
+    found = await driver.stats(refs or None, frozenset(groups) if groups else None)
+    return {"domains": found}
+
+
 async def _list(driver: Driver, body: dict[str, Any]) -> Any:
     include_inactive = bool(body.get("all", True))
     domains = await driver.list_domains(include_inactive=include_inactive)
@@ -113,14 +131,31 @@ HANDLERS: dict[str, Handler] = {
     ops.DOMAIN_STATE: _state,
     ops.DOMAIN_XML: _xml_of,
     ops.DOMAIN_LIST: _list,
+    ops.DOMAIN_STATS: _stats,
+    **MIGRATION_HANDLERS,  # agent/migration.py: libvirt's v3 migration steps
 }
+
+
+# Ops that change nothing: a redelivery may simply run them again, so no reply is journaled.
+READ_ONLY_OPS = frozenset(
+    {
+        ops.DOMAIN_INFO,
+        ops.DOMAIN_STATE,
+        ops.DOMAIN_XML,
+        ops.DOMAIN_LIST,
+        ops.DOMAIN_STATS,
+        ops.HOST_INFO,
+        ops.HOST_PING,
+        ops.MIGRATION_STATUS,
+    }
+)
 
 
 def domain_key(driver: Driver, call: Envelope) -> str | None:
     """The serialisation key of a call: the domain's name, or None for host-wide ops."""
-    if call.op not in ops.DOMAIN_OPS:
+    if call.op not in ops.DOMAIN_OPS and call.op not in ops.MIGRATION_DOMAIN_OPS:
         return None
-    if call.op == ops.DOMAIN_DEFINE:
+    if call.op in (ops.DOMAIN_DEFINE, ops.MIGRATION_PREPARE):
         return parse_domain_xml(_xml(call.body)).name
     ref = _domain_ref(call.body)
     known = driver.lookup(ref)

@@ -11,9 +11,19 @@ from virtbus.protocol.events import DomainState
 
 
 async def inventory(
-    driver: Driver, host: str, *, started_at: float, last_seq: int
+    driver: Driver,
+    host: str,
+    *,
+    started_at: float,
+    last_seq: int,
+    labels: dict[str, str] | None = None,
+    draining: bool = False,
 ) -> dict[str, Any]:
-    """The inventory map carried by heartbeats and answered by ``host.info``."""
+    """The inventory map carried by heartbeats and answered by ``host.info``.
+
+    ``labels`` come from the agent's settings (``--label KEY=VALUE``); ``draining`` is set by
+    the scheduler (``host.set_draining``) so every reader of heartbeats sees a drain.
+    """
     resources = await driver.host_resources()
     domains = await driver.list_domains(include_inactive=True)
     active = [d for d in domains if d.state != DomainState.SHUTOFF]
@@ -26,8 +36,8 @@ async def inventory(
         "allocated_memory_kib": sum(d.memory_kib for d in active),
         "allocated_vcpus": sum(d.vcpus for d in active),
         "running": [d.name for d in active],
-        "labels": {},
-        "draining": False,
+        "labels": dict(labels or {}),
+        "draining": draining,
         "last_event_seq": last_seq,
         "agent_version": __version__,
         "started_at": started_at,

@@ -4,20 +4,36 @@ It accepts any domain type (``test``, ``kvm``, ``qemu``, ``xen``) so the XML mea
 real hypervisor can be tried on it. Guests are cooperative: an ACPI shutdown powers them
 off at once. CPU time advances with wall time while a guest runs, so stats move.
 It serves the demo, unit tests and scheduler scale tests (thousands of simulated hosts).
+
+It migrates too, between processes: ``migrate_prepare`` opens a TCP listener for a paused
+incoming domain and ``migrate_perform`` streams simulated memory pages to it (each page
+acknowledged) over ``migration_time`` seconds, emitting ``migration`` events. A destination
+that goes away breaks the stream, so the source fails the migration as QEMU would.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from drivers.base import STATS_GROUPS, DomainInfo, DomainRef, DriverEvent, EventSink, HostResources
+from drivers.base import (
+    STATS_GROUPS,
+    DomainInfo,
+    DomainRef,
+    DriverEvent,
+    EventSink,
+    HostResources,
+    MigrationParams,
+    MigrationStatus,
+)
 from virtbus.domain import DomainDefinition, parse_domain_xml
-from virtbus.errors import NoDomainError, OperationFailed, OperationInvalid
+from virtbus.errors import MigrateFailed, NoDomainError, OperationFailed, OperationInvalid
 from virtbus.protocol.events import DomainState, reason_code
 
 _ACTIVE = (DomainState.RUNNING, DomainState.PAUSED, DomainState.BLOCKED, DomainState.CRASHED)
@@ -32,6 +48,9 @@ class _TestDomain:
     cpu_time_ns: int = 0
     running_since: float | None = None
     memory_kib: int = 0
+    persistent: bool = True
+    outgoing: _Outgoing | None = None
+    incoming: _Incoming | None = None
 
     @property
     def ref(self) -> DomainRef:
@@ -46,6 +65,34 @@ class _TestDomain:
     def settle_cpu(self) -> None:
         self.cpu_time_ns = self.cpu_time()
         self.running_since = None
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    """A migration out of this host (the source side)."""
+
+    status: MigrationStatus
+    task: asyncio.Task[None] | None = None
+    paused_by_migration: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.status.status in _MIGRATION_ACTIVE
+
+
+@dataclass(slots=True)
+class _Incoming:
+    """A migration into this host (the destination side): a listener for the stream."""
+
+    server: asyncio.Server | None = None
+    completed: bool = False
+    previous: DomainDefinition | None = None  # an inactive definition the incoming replaced
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+
+_MIGRATION_ACTIVE = frozenset({"setup", "active", "postcopy-active"})
+_MIGRATION_STEP = 0.1  # s between simulated pages
+_MIGRATION_ACK_TIMEOUT = 5.0  # s the source waits for the destination to acknowledge a page
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +113,12 @@ class TestDriver:
     name = "test"
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, host: TestHostSpec | None = None, op_delay: float = 0.0) -> None:
+    def __init__(
+        self, host: TestHostSpec | None = None, op_delay: float = 0.0, migration_time: float = 0.0
+    ) -> None:
         self._host = host or TestHostSpec()
         self._op_delay = op_delay  # simulated hypervisor latency of every lifecycle op
+        self._migration_time = migration_time  # simulated duration of a live migration
         self._domains: dict[str, _TestDomain] = {}  # by uuid
         self._by_name: dict[str, str] = {}
         self._next_id = 1
@@ -79,6 +129,8 @@ class TestDriver:
         self._sink = sink
 
     async def close(self) -> None:
+        for dom in list(self._domains.values()):
+            self._abort_migration(dom)
         self._sink = lambda _event: None
 
     def lookup(self, ref: str) -> DomainRef | None:
@@ -164,9 +216,17 @@ class TestDriver:
         self._emit(dom, "started", "booted")
 
     def _stop(self, dom: _TestDomain, reason: str) -> None:
+        self._abort_migration(dom)
         dom.id = None
         self._set(dom, DomainState.SHUTOFF, reason)
         self._emit(dom, "stopped", reason)
+        if not dom.persistent:  # a transient domain (an incoming migration) vanishes
+            self._forget(dom)
+
+    def _forget(self, dom: _TestDomain) -> None:
+        self._domains.pop(dom.definition.uuid, None)
+        if self._by_name.get(dom.definition.name) == dom.definition.uuid:
+            del self._by_name[dom.definition.name]
 
     async def shutdown(self, ref: str, timeout: float | None = None) -> None:
         await self._latency()
@@ -218,6 +278,207 @@ class TestDriver:
         self._set(dom, DomainState.RUNNING, "unpaused")
         self._emit(dom, "resumed", "unpaused")
 
+    # --- live migration (libvirt's v3 steps) ---------------------------------------
+    async def migrate_begin(self, ref: str) -> str:
+        dom = self._get(ref)
+        self._require(dom, DomainState.RUNNING, DomainState.PAUSED, verb="migrate")
+        if dom.incoming is not None or (dom.outgoing is not None and dom.outgoing.active):
+            raise OperationInvalid(f"domain '{dom.definition.name}' is already migrating")
+        return dom.definition.to_xml()
+
+    async def migrate_prepare(self, xml: str, params: MigrationParams) -> str:
+        defn = parse_domain_xml(xml)
+        previous = self._domains.get(defn.uuid)
+        if previous is not None and previous.state != DomainState.SHUTOFF:
+            raise OperationInvalid(f"domain '{defn.name}' is already active on this host")
+        other = self._by_name.get(defn.name)
+        if other is not None and other != defn.uuid:
+            raise OperationFailed(f"domain '{defn.name}' already exists with uuid {other}")
+        incoming = _Incoming(previous=previous.definition if previous else None)
+        dom = _TestDomain(definition=defn, memory_kib=defn.current_memory_kib, persistent=False)
+        dom.incoming, dom.id = incoming, self._next_id
+        self._next_id += 1
+
+        async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            incoming.writers.append(writer)
+            with contextlib.suppress(ConnectionError, OSError):
+                while line := await reader.readline():
+                    if line.startswith(b"DONE"):
+                        incoming.completed = True
+                    writer.write(b"ACK\n")
+                    await writer.drain()
+            writer.close()
+
+        incoming.server = await asyncio.start_server(receive, params.listen_address, 0)
+        port = incoming.server.sockets[0].getsockname()[1]
+        self._domains[defn.uuid] = dom
+        self._by_name[defn.name] = defn.uuid
+        self._set(dom, DomainState.PAUSED, "migration")
+        self._emit(dom, "started", "migrated")
+        return f"tcp:{params.listen_address}:{port}"
+
+    async def migrate_perform(self, ref: str, uri: str, params: MigrationParams) -> None:
+        dom = self._get(ref)
+        self._require(dom, DomainState.RUNNING, DomainState.PAUSED, verb="migrate")
+        if dom.outgoing is not None and dom.outgoing.active:
+            raise OperationInvalid(f"domain '{dom.definition.name}' is already migrating")
+        scheme, _, rest = uri.partition(":")
+        host, _, port = rest.rpartition(":")
+        if scheme != "tcp" or not host or not port.isdigit():
+            raise MigrateFailed(f"unsupported migration URI {uri!r}")
+        try:
+            reader, writer = await asyncio.open_connection(host, int(port))
+        except OSError as exc:
+            raise MigrateFailed(f"cannot connect to {uri}: {exc.strerror or exc}") from exc
+        total = dom.definition.current_memory_kib * 1024
+        out = _Outgoing(MigrationStatus("setup", remaining=total, total=total))
+        dom.outgoing = out
+        self._emit_migration(dom)
+        out.task = asyncio.create_task(
+            self._stream(dom, out, reader, writer, params),
+            name=f"test-driver:migrate:{dom.definition.name}",
+        )
+
+    def _duration(self, total: int, params: MigrationParams) -> float:
+        if params.bandwidth_mib_s:
+            return max(self._migration_time, total / (params.bandwidth_mib_s * 1024 * 1024))
+        return self._migration_time
+
+    async def _stream(
+        self,
+        dom: _TestDomain,
+        out: _Outgoing,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        params: MigrationParams,
+    ) -> None:
+        """Source side: send acknowledged pages, pause, switch over; fail on a broken stream."""
+        status, started = out.status, time.monotonic()
+        steps = max(1, math.ceil(self._duration(status.total, params) / _MIGRATION_STEP))
+        try:
+            for step in range(1, steps + 1):
+                await asyncio.sleep(self._duration(status.total, params) / steps)
+                await self._page(reader, writer, b"PAGE\n")
+                status.transferred = status.total * step // steps
+                status.remaining = status.total - status.transferred
+                status.passes = 1 if step < steps else 2
+                late = params.postcopy and step > steps // 2
+                status.status = "postcopy-active" if late else "active"
+                self._emit_migration(dom)
+            if dom.state == DomainState.RUNNING:  # the final switch-over pauses the source
+                out.paused_by_migration = True
+                self._set(dom, DomainState.PAUSED, "migration")
+                self._emit(dom, "suspended", "migrated")
+            await self._page(reader, writer, b"DONE\n")
+            status.status, status.remaining = "completed", 0
+            status.downtime_ms = 1
+            status.total_time_ms = int((time.monotonic() - started) * 1000)
+        except (OSError, EOFError, TimeoutError) as exc:
+            status.status, status.error = "failed", f"migration stream broken: {exc or 'EOF'}"
+            self._resume_after_migration(dom, out)
+        finally:
+            writer.close()
+        self._emit_migration(dom)
+
+    @staticmethod
+    async def _page(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes
+    ) -> None:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(_MIGRATION_ACK_TIMEOUT):
+            if not await reader.readline():
+                raise EOFError("destination closed the stream")
+
+    def _emit_migration(self, dom: _TestDomain) -> None:
+        if dom.outgoing is not None:
+            data = dom.outgoing.status.to_map()
+            self._sink(
+                DriverEvent(dom.definition.name, dom.definition.uuid, "migration", None, data)
+            )
+
+    def _resume_after_migration(self, dom: _TestDomain, out: _Outgoing) -> None:
+        if out.paused_by_migration and dom.state == DomainState.PAUSED:
+            out.paused_by_migration = False
+            self._set(dom, DomainState.RUNNING, "migration_canceled")
+            self._emit(dom, "resumed", "migrated")
+
+    async def migrate_status(self, ref: str) -> MigrationStatus:
+        dom = self._get(ref)
+        return dom.outgoing.status if dom.outgoing is not None else MigrationStatus("none")
+
+    async def migrate_cancel(self, ref: str) -> None:
+        dom = self._get(ref)
+        out = dom.outgoing
+        if out is None or not out.active:
+            raise OperationInvalid(f"no migration in progress for domain '{dom.definition.name}'")
+        await self._cancel_outgoing(dom, out)
+
+    async def _cancel_outgoing(self, dom: _TestDomain, out: _Outgoing) -> None:
+        if out.task is not None and not out.task.done():
+            out.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await out.task
+        if out.active:
+            out.status.status = "cancelled"
+            self._resume_after_migration(dom, out)
+            self._emit_migration(dom)
+
+    async def migrate_finish(self, ref: str, success: bool) -> None:
+        dom = self._get(ref)
+        incoming = dom.incoming
+        if incoming is None:
+            raise OperationInvalid(f"domain '{dom.definition.name}' is not an incoming migration")
+        if success and not incoming.completed:
+            raise MigrateFailed(f"incoming migration of '{dom.definition.name}' did not complete")
+        self._close_incoming(dom)
+        if not success:
+            self._stop(dom, "failed")
+            if incoming.previous is not None:  # give back the inactive definition it replaced
+                back = _TestDomain(incoming.previous, memory_kib=incoming.previous.memory_kib)
+                self._domains[back.definition.uuid] = back
+                self._by_name[back.definition.name] = back.definition.uuid
+            return
+        dom.persistent = True
+        self._emit(dom, "defined", "updated" if incoming.previous else "added")
+        self._set(dom, DomainState.RUNNING, "migrated")
+        self._emit(dom, "resumed", "migrated")
+
+    async def migrate_confirm(self, ref: str, success: bool) -> None:
+        dom = self._get(ref)
+        out = dom.outgoing
+        if success:
+            if out is None or out.status.status != "completed":
+                raise OperationInvalid(
+                    f"migration of domain '{dom.definition.name}' has not completed"
+                )
+            dom.outgoing = None
+            self._stop(dom, "migrated")
+            self._forget(dom)
+            self._emit(dom, "undefined", "removed")
+            return
+        if out is not None:
+            await self._cancel_outgoing(dom, out)
+            self._resume_after_migration(dom, out)
+            dom.outgoing = None
+
+    def _close_incoming(self, dom: _TestDomain) -> None:
+        incoming, dom.incoming = dom.incoming, None
+        if incoming is None:
+            return
+        if incoming.server is not None:
+            incoming.server.close()
+        for writer in incoming.writers:
+            writer.close()
+
+    def _abort_migration(self, dom: _TestDomain) -> None:
+        """A stopped domain takes its migration down with it (as QEMU's exit does)."""
+        self._close_incoming(dom)
+        out = dom.outgoing
+        if out is not None and out.task is not None and not out.task.done():
+            out.task.cancel()
+            out.status.status, out.status.error = "cancelled", "domain stopped"
+
     # --- statistics -----------------------------------------------------------------
     async def stats(
         self, refs: list[str] | None = None, groups: frozenset[str] | None = None
@@ -249,6 +510,7 @@ class TestDriver:
             cpu_time_ns=dom.cpu_time(),
             id=dom.id,
             hv_type=defn.hv_type,
+            persistent=dom.persistent,
         )
 
     async def info(self, ref: str) -> DomainInfo:

@@ -53,6 +53,9 @@ class AgentSettings:
     shutdown_grace: float = 10.0  # time for the command in hand at SIGTERM
     event_buffer: int = 100_000  # events held while the broker is away
     driver_options: dict[str, str] = field(default_factory=dict)  # --driver-option KEY=VALUE
+    metrics_interval: float = 10.0  # s between metrics collection passes (virtbus.metrics)
+    metrics_listen: str | None = None  # ADDR:PORT of the Prometheus /metrics page; None = off
+    labels: dict[str, str] = field(default_factory=dict)  # --label KEY=VALUE, for placement
 
     @property
     def runtime_dir(self) -> Path:

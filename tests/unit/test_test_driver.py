@@ -120,3 +120,16 @@ async def test_host_resources_count_active_memory(driver: tuple[Driver, list[Dri
     assert before.memory_total_kib == 16 << 20 and before.cpus == 8
     assert before.memory_free_kib - after.memory_free_kib == 131072
     assert [d.name for d in await drv.list_domains(include_inactive=False)] == ["d1"]
+
+
+async def test_stats_use_libvirt_field_names(driver: tuple[Driver, list[DriverEvent]]) -> None:
+    drv, _ = driver
+    await drv.define(xml())
+    await drv.start("d1")
+    stats = (await drv.stats())["d1"]
+    assert stats["state.state"] == 1 and stats["state.reason"] == 1  # running, booted
+    assert stats["balloon.maximum"] == 262144 and stats["vcpu.current"] == 1
+    assert stats["cpu.time"] >= 0 and stats["block.count"] == 0
+    only = (await drv.stats(["d1"], frozenset({"state"})))["d1"]
+    assert set(only) == {"state.state", "state.reason"}
+    assert (await drv.host_stats())["domains.active"] == 1

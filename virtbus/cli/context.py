@@ -8,13 +8,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtbus.bus.base import Bus
-from virtbus.bus.topology import HEARTBEAT_KEY_SUFFIX, HOSTS_EXCHANGE
-from virtbus.errors import InvalidArgument, NoDomainError, NoHostError
+from virtbus.bus.topology import HEARTBEAT_KEY_SUFFIX, HOSTS_EXCHANGE, SCHEDULER_ROUTE
+from virtbus.errors import (
+    BusUnavailable,
+    InvalidArgument,
+    NoDomainError,
+    NoHostError,
+    OperationTimeout,
+)
 from virtbus.protocol import ops
 from virtbus.protocol.envelope import Kind
 
 HOST_ENV = "VIRTBUS_HOST"
 DISCOVERY_WAIT = 2.5  # s: a little more than one heartbeat interval at the default 2 s
+SCHEDULER_PROBE = 2.0  # s: how long to wait for a scheduler before falling back
 
 
 @dataclass(slots=True)
@@ -25,6 +32,27 @@ class Context:
 
     async def call(self, host: str, op: str, body: dict[str, Any]) -> Any:
         return await self.bus.call(ops.agent_route(host), op, body, timeout=self.timeout)
+
+    async def scheduler(self, op: str, body: dict[str, Any], timeout: float | None = None) -> Any:
+        """A call to the active scheduler (``virtbus-scheduler``)."""
+        return await self.bus.call(SCHEDULER_ROUTE, op, body, timeout=timeout or self.timeout)
+
+    async def try_scheduler(self, op: str, body: dict[str, Any]) -> Any | None:
+        """The scheduler's answer, or None when no scheduler answers (callers fall back)."""
+        try:
+            return await self.scheduler(op, body, timeout=min(self.timeout, SCHEDULER_PROBE))
+        except (NoHostError, OperationTimeout, BusUnavailable):
+            return None
+
+    async def define_on(self, explicit: str | None, xml: str) -> tuple[str, dict[str, Any]]:
+        """Define on ``--host``/``$VIRTBUS_HOST``, else on the host the scheduler places it."""
+        host = explicit or os.environ.get(HOST_ENV)
+        if host:
+            return host, await self.call(host, ops.DOMAIN_DEFINE, {"xml": xml})
+        if await self.try_scheduler(ops.SCHEDULER_PING, {}) is None:
+            raise NoHostError("no scheduler answers: pass --host H (or start virtbus-scheduler)")
+        result = await self.scheduler(ops.SCHEDULER_DEFINE, {"xml": xml})
+        return str(result["host"]), result
 
     async def discover_hosts(self, wait: float = DISCOVERY_WAIT) -> dict[str, dict[str, Any]]:
         """Hosts heard from within ``wait`` seconds (their latest heartbeat, by host name)."""

@@ -27,7 +27,7 @@ MAX_XML_FILE = 1024 * 1024
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("define", help="define a domain from an XML file")
     p.add_argument("file", help="domain XML file ('-' for stdin)")
-    p.add_argument("--host", help="host to define it on")
+    p.add_argument("--host", help="host to define it on (default: placed by the scheduler)")
     p.set_defaults(func=define)
 
     p = sub.add_parser("undefine", help="remove a shut-off domain's definition")
@@ -82,8 +82,7 @@ def _read_xml(path: str) -> str:
 
 async def define(ctx: Context, args: argparse.Namespace) -> int:
     xml = _read_xml(args.file)
-    host = await ctx.host_for(args.host)
-    result = await ctx.call(host, ops.DOMAIN_DEFINE, {"xml": xml})
+    host, result = await ctx.define_on(args.host, xml)  # no --host: the scheduler places it
     if ctx.json:
         emit_json({"host": host, **result})
     else:

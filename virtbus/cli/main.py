@@ -9,7 +9,7 @@ import sys
 
 from virtbus import __version__
 from virtbus.bus.factory import open_bus
-from virtbus.cli import domain, event, host
+from virtbus.cli import domain, event, host, migrate, stats
 from virtbus.cli.context import Context
 from virtbus.cli.output import fail
 from virtbus.errors import VirtbusError
@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     host.add_parsers(sub)
     domain.add_parsers(sub)
     event.add_parsers(sub)
+    stats.add_parsers(sub)
+    migrate.add_parsers(sub)
     return p
 
 

@@ -1,0 +1,182 @@
+"""The cluster view: hosts from their heartbeats, domains from the agents, claims.
+
+A host is *up* while its heartbeats keep coming (``host_down_after``). Its capacity and
+allocation come from the heartbeat; domains and their anti-affinity groups from
+``domain.list``/``domain.xml`` answers. Between a placement and the heartbeat that shows
+its effect, the scheduler holds a *claim* on the chosen host, so a burst of placements
+(a drain, a batch of defines) does not pile onto the same host.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler.placement import HostCandidate
+
+
+@dataclass(slots=True)
+class Claim:
+    uuid: str
+    name: str
+    memory_kib: int
+    vcpus: int
+    groups: frozenset[str]
+    expires: float  # monotonic
+
+
+@dataclass(slots=True)
+class DomainMeta:
+    """What placement needs of a domain, from its XML (fetched once per uuid)."""
+
+    name: str
+    uuid: str
+    groups: frozenset[str]
+
+
+@dataclass(slots=True)
+class HostRecord:
+    name: str
+    inventory: dict[str, Any] = field(default_factory=dict)
+    last_seen: float = 0.0  # monotonic time of the last heartbeat
+    domains: dict[str, dict[str, Any]] = field(default_factory=dict)  # by uuid: DomainInfo map
+    claims: dict[str, Claim] = field(default_factory=dict)  # by domain uuid
+
+
+class ClusterView:
+    """Everything the scheduler knows about the cluster (see module docstring)."""
+
+    def __init__(self, host_down_after: float) -> None:
+        self.host_down_after = host_down_after
+        self.hosts: dict[str, HostRecord] = {}
+        self.draining: set[str] = set()  # the scheduler's own drain intent
+        self.meta: dict[str, DomainMeta] = {}  # by uuid
+
+    # --- observations ---------------------------------------------------------------
+    def observe_heartbeat(self, body: dict[str, Any], now: float | None = None) -> bool:
+        """Record a heartbeat; True when the host's domain set changed (refresh it)."""
+        name = body["host"]
+        record = self.hosts.get(name)
+        fresh = record is None
+        if record is None:
+            record = self.hosts[name] = HostRecord(name)
+        before = record.inventory
+        record.inventory = body
+        record.last_seen = time.monotonic() if now is None else now
+        running = set(body.get("running") or ())
+        for uuid, claim in list(record.claims.items()):
+            if claim.name in running:  # the host's allocation now includes it
+                del record.claims[uuid]
+        changed = (
+            before.get("domains") != body.get("domains")
+            or before.get("running") != body.get("running")
+            or before.get("started_at") != body.get("started_at")
+        )
+        return fresh or changed
+
+    def observe_domains(self, host: str, domains: list[dict[str, Any]]) -> list[str]:
+        """Replace a host's domain list; returns uuids whose metadata is still unknown."""
+        record = self.hosts.setdefault(host, HostRecord(host))
+        record.domains = {d["uuid"]: d for d in domains}
+        return [u for u in record.domains if u not in self.meta]
+
+    def observe_meta(self, meta: DomainMeta) -> None:
+        self.meta[meta.uuid] = meta
+
+    def domain_moved(self, uuid: str, source: str, destination: str) -> None:
+        """A migration finished: the domain is on ``destination`` now."""
+        src, dst = self.hosts.get(source), self.hosts.get(destination)
+        info = src.domains.pop(uuid, None) if src else None
+        if dst is not None and info is not None:
+            dst.domains[uuid] = {**info, "state": "running", "reason": "migrated"}
+
+    # --- queries --------------------------------------------------------------------
+    def is_up(self, host: str, now: float | None = None) -> bool:
+        record = self.hosts.get(host)
+        if record is None or not record.inventory:
+            return False
+        now = time.monotonic() if now is None else now
+        return now - record.last_seen <= self.host_down_after
+
+    def is_draining(self, host: str) -> bool:
+        record = self.hosts.get(host)
+        reported = bool(record and record.inventory.get("draining"))
+        return host in self.draining or reported
+
+    def hosts_with(self, ref: str) -> list[tuple[str, dict[str, Any]]]:
+        """(host, DomainInfo map) for every host that has a domain named or with uuid ``ref``."""
+        found = []
+        for name in sorted(self.hosts):
+            for info in self.hosts[name].domains.values():
+                if ref in (info.get("name"), info.get("uuid")):
+                    found.append((name, info))
+        return found
+
+    def candidates(self, now: float | None = None) -> list[HostCandidate]:
+        """Placement's input: every known host (down ones too, so NO_HOST can count them)."""
+        now_m = time.monotonic() if now is None else now
+        out = []
+        for name in sorted(self.hosts):
+            record = self.hosts[name]
+            inv = record.inventory
+            if not inv:
+                continue
+            for uuid in [u for u, c in record.claims.items() if c.expires < now_m]:
+                del record.claims[uuid]
+            claims = record.claims.values()
+            groups: set[str] = set()
+            for uuid in record.domains:
+                meta = self.meta.get(uuid)
+                if meta is not None:
+                    groups |= meta.groups
+            for claim in claims:
+                groups |= claim.groups
+            out.append(
+                HostCandidate(
+                    name=name,
+                    driver=str(inv.get("driver", "")),
+                    arch=str(inv.get("arch", "")),
+                    cpus=int(inv.get("cpus", 0)),
+                    memory_total_kib=int(inv.get("memory_total_kib", 0)),
+                    memory_free_kib=int(inv.get("memory_free_kib", 0))
+                    - sum(c.memory_kib for c in claims),
+                    allocated_memory_kib=int(inv.get("allocated_memory_kib", 0))
+                    + sum(c.memory_kib for c in claims),
+                    allocated_vcpus=int(inv.get("allocated_vcpus", 0))
+                    + sum(c.vcpus for c in claims),
+                    up=now_m - record.last_seen <= self.host_down_after,
+                    draining=self.is_draining(name),
+                    cpu_model=str(inv.get("cpu_model", "")),
+                    cpu_models=frozenset(inv.get("cpu_models") or ()),
+                    groups=frozenset(groups),
+                    labels=dict(inv.get("labels") or {}),
+                )
+            )
+        return out
+
+    # --- claims ---------------------------------------------------------------------
+    def claim(self, host: str, claim: Claim) -> None:
+        self.hosts.setdefault(host, HostRecord(host)).claims[claim.uuid] = claim
+
+    def release(self, host: str, uuid: str) -> None:
+        record = self.hosts.get(host)
+        if record is not None:
+            record.claims.pop(uuid, None)
+
+    def host_map(self, name: str, now: float | None = None) -> dict[str, Any]:
+        """One row of ``virtbus hosts`` (``scheduler.hosts``)."""
+        record = self.hosts[name]
+        now_m = time.monotonic() if now is None else now
+        inv = record.inventory
+        claims = record.claims.values()
+        return {
+            **{k: v for k, v in inv.items() if k != "running"},
+            "host": name,
+            "up": self.is_up(name, now_m),
+            "draining": self.is_draining(name),
+            "last_seen_s": round(now_m - record.last_seen, 3) if inv else None,
+            "claimed_memory_kib": sum(c.memory_kib for c in claims),
+            "claimed_vcpus": sum(c.vcpus for c in claims),
+            "labels": dict(inv.get("labels") or {}),
+        }

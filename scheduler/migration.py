@@ -1,0 +1,452 @@
+"""Live migration as a journaled state machine over the agents' v3 steps.
+
+Forward: ``begin`` (source: check, XML) → ``prepare`` (destination: paused incoming
+instance, URI) → ``perform`` (source: start streaming) → ``progress`` (``migration``
+events wake us; ``migration.status`` is the truth) → ``finish`` (destination resumes and
+owns the definition) → ``confirm`` (source stops, drops its definition) → ``done``.
+
+Rollback, from any failure, timeout or cancel before ``finish`` succeeded: cancel on the
+source, ``finish(success=False)`` on the destination (its instance is killed),
+``confirm(success=False)`` on the source (resumed if the migration paused it): the guest
+runs in exactly one place. Once the destination runs the guest (finish succeeded, or a
+post-copy is under way) there is no way back: the coordinator only goes forward.
+
+Every phase is written to the journal before its step, so a restarted scheduler resumes
+each migration from its phase after asking the agents what really happened
+(:meth:`MigrationCoordinator.recover`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from scheduler.inventory import ClusterView
+from scheduler.journal import Journal, MigrationRecord
+from scheduler.settings import SchedulerSettings
+from virtbus.aio import TaskGroup
+from virtbus.errors import (
+    MigrateFailed,
+    NoDomainError,
+    NoHostError,
+    OperationInvalid,
+    RetryableError,
+    VirtbusError,
+)
+from virtbus.protocol import ops
+
+log = logging.getLogger(__name__)
+
+AgentCall = Callable[[str, str, dict[str, Any], float], Awaitable[Any]]
+ACTIVE_STATUSES = frozenset({"setup", "active", "device", "pre-switchover", "wait-unplug"})
+POSTCOPY_STATUSES = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
+
+
+_GAVE_UP: Any = object()  # a cleanup step that never got an answer
+
+
+class _Rollback(Exception):
+    """Internal control flow: undo the migration with this end state."""
+
+    def __init__(self, state: str, error: str | None) -> None:
+        super().__init__(error)
+        self.state, self.error = state, error
+
+
+class MigrationCoordinator:
+    """Runs migrations within the concurrency limits; see the module docstring."""
+
+    def __init__(
+        self,
+        call: AgentCall,
+        view: ClusterView,
+        journal: Journal,
+        settings: SchedulerSettings,
+        tasks: TaskGroup,
+    ) -> None:
+        self._call = call
+        self.view = view
+        self.journal = journal
+        self.settings = settings
+        self._tasks = tasks
+        self.active: dict[str, MigrationRecord] = {}  # by id
+        self.history: collections.deque[MigrationRecord] = collections.deque(
+            maxlen=settings.history
+        )
+        self._wake: dict[str, asyncio.Event] = {}  # by id: a migration event arrived
+        self._slots = asyncio.Condition()
+        self._running_out: collections.Counter[str] = collections.Counter()
+        self._running = 0
+
+    # --- queries --------------------------------------------------------------------
+    def for_domain(self, ref: str) -> MigrationRecord | None:
+        """The migration in flight for ``ref`` (name or uuid), else the latest finished one."""
+        for rec in self.active.values():
+            if ref in (rec.domain, rec.uuid, rec.id):
+                return rec
+        for rec in reversed(self.history):
+            if ref in (rec.domain, rec.uuid, rec.id):
+                return rec
+        return None
+
+    def busy(self, uuid: str) -> bool:
+        return any(r.uuid == uuid for r in self.active.values())
+
+    # --- submission -----------------------------------------------------------------
+    async def submit(self, record: MigrationRecord) -> MigrationRecord:
+        """Journal a new (already placed) migration and start running it."""
+        if self.busy(record.uuid):
+            raise OperationInvalid(f"domain '{record.domain}' is already migrating")
+        self.active[record.id] = record
+        await self.journal.save(record)
+        self._spawn(record, counted=False)
+        return record
+
+    def _spawn(self, record: MigrationRecord, *, counted: bool) -> None:
+        self._wake[record.id] = asyncio.Event()
+        self._tasks.spawn(self._run(record, counted), name=f"migration:{record.id}")
+
+    def cancel(self, ref: str) -> MigrationRecord:
+        record = next((r for r in self.active.values() if ref in (r.domain, r.uuid, r.id)), None)
+        if record is None:
+            raise OperationInvalid(f"no migration in progress for '{ref}'")
+        record.cancel_requested = True
+        self._poke(record)
+        return record
+
+    def on_event(self, body: dict[str, Any]) -> None:
+        """A ``migration`` event from an agent: note the progress, wake its follower."""
+        for record in self.active.values():
+            if record.source == body.get("host") and record.uuid == body.get("uuid"):
+                data = body.get("data") or {}
+                if data:
+                    record.progress = dict(data)
+                self._poke(record)
+
+    def _poke(self, record: MigrationRecord) -> None:
+        wake = self._wake.get(record.id)
+        if wake is not None:
+            wake.set()
+
+    # --- limits ---------------------------------------------------------------------
+    async def _acquire(self, record: MigrationRecord) -> None:
+        """Wait for a slot within the limits (a queued migration can still be cancelled)."""
+        s = self.settings
+        async with self._slots:
+            while not (
+                self._running < s.max_migrations
+                and self._running_out[record.source] < s.max_outbound_per_host
+            ):
+                if record.cancel_requested:
+                    raise _Rollback("cancelled", "cancelled before it started")
+                try:
+                    async with asyncio.timeout(s.progress_poll):
+                        await self._slots.wait()
+                except TimeoutError:
+                    pass
+            self._take(record)
+
+    def _take(self, record: MigrationRecord) -> None:
+        self._running += 1
+        self._running_out[record.source] += 1
+
+    async def _release(self, record: MigrationRecord) -> None:
+        async with self._slots:
+            self._running -= 1
+            self._running_out[record.source] -= 1
+            self._slots.notify_all()
+
+    # --- the state machine ----------------------------------------------------------
+    async def _run(self, record: MigrationRecord, counted: bool) -> None:
+        holding = counted
+        try:
+            if not counted:
+                await self._acquire(record)
+                holding = True
+            await self._forward(record)
+        except _Rollback as rb:
+            if record.phase in ("queued",):
+                record.state, record.error = rb.state, rb.error
+            else:
+                await self._guarded_rollback(record, rb.state, rb.error)
+        except Exception as exc:  # a bug must not take the scheduler down
+            log.exception("migration %s failed unexpectedly", record.id)
+            record.state, record.error = "failed", f"internal error: {exc!r}"
+        finally:
+            if holding:
+                await self._release(record)
+            await self._finalize(record)
+
+    async def _forward(self, record: MigrationRecord) -> None:
+        """Run from the record's phase to ``done``; raise _Rollback to undo."""
+        s = self.settings
+        if record.phase == "queued":
+            record.state, record.started = "running", time.time()
+            await self._enter(record, "begin")
+        if record.phase == "begin":
+            begun = await self._step(record, record.source, ops.MIGRATION_BEGIN, {})
+            record.progress = {"status": "setup"}
+            await self._enter(record, "prepare")
+            prepared = await self._step(
+                record,
+                record.destination,
+                ops.MIGRATION_PREPARE,
+                {"xml": begun["xml"], "params": record.params},
+            )
+            record.uri = prepared["uri"]
+            await self._enter(record, "perform")
+            await self._step(
+                record,
+                record.source,
+                ops.MIGRATION_PERFORM,
+                {"uri": record.uri, "params": record.params},
+            )
+            await self._enter(record, "progress")
+        if record.phase in ("perform", "progress"):
+            await self._follow(record)
+            await self._enter(record, "finish")
+        if record.phase == "finish":
+            await self._step(
+                record, record.destination, ops.MIGRATION_FINISH, {"success": True}, forward=True
+            )
+            await self._enter(record, "confirm")
+        if record.phase == "confirm":
+            await self._retry(
+                record, record.source, ops.MIGRATION_CONFIRM, {"success": True}, s.cleanup_timeout
+            )
+            self.view.domain_moved(record.uuid, record.source, record.destination)
+            record.state = "completed"
+            await self._enter(record, "done")
+
+    async def _follow(self, record: MigrationRecord) -> None:
+        """Wait for the source to report an end state; cancel on deadline or request."""
+        s, wake = self.settings, self._wake[record.id]
+        while True:
+            try:
+                status = await self._call(
+                    record.source,
+                    ops.MIGRATION_STATUS,
+                    {"domain": record.uuid},
+                    s.step_timeout,
+                )
+            except RetryableError as exc:
+                log.warning("migration %s: status from %s: %s", record.id, record.source, exc)
+                status = None
+            except VirtbusError as exc:
+                raise _Rollback("failed", f"source lost the migration: {exc}") from None
+            if status is not None:
+                record.progress = dict(status)
+                state = status.get("status")
+                if state == "completed":
+                    return
+                if state in ("failed", "cancelled") or (
+                    state == "none" and record.phase == "progress"
+                ):
+                    why = status.get("error") or f"the source reports {state}"
+                    raise _Rollback("cancelled" if record.cancel_requested else "failed", why)
+            past_deadline = time.time() >= record.deadline
+            postcopy = record.progress.get("status") in POSTCOPY_STATUSES
+            if (record.cancel_requested or past_deadline) and not postcopy:
+                reason = "cancelled" if record.cancel_requested else "failed"
+                error = None if record.cancel_requested else f"timed out after {record.timeout:g} s"
+                raise _Rollback(reason, error)
+            wait = max(0.01, min(s.progress_poll, record.deadline - time.time()))
+            try:
+                async with asyncio.timeout(wait):
+                    await wake.wait()
+            except TimeoutError:
+                pass
+            wake.clear()
+
+    async def _guarded_rollback(
+        self, record: MigrationRecord, state: str, error: str | None
+    ) -> None:
+        try:
+            await self._rollback(record, state, error)
+        except _Rollback as again:  # going forward from a rollback failed too
+            record.state, record.error = "failed", again.error
+            await self._enter(record, "rolled_back")
+
+    async def _rollback(self, record: MigrationRecord, state: str, error: str | None) -> None:
+        """Undo on both sides so the guest runs only at the source (bounded retries).
+
+        The source is resumed only once the destination has answered that it does not run
+        the guest; if the destination may have finished (``finish`` was sent) and does not
+        answer, the source is left paused: one paused copy, never two running ones.
+        """
+        log.warning("migration %s of %s rolling back: %s", record.id, record.domain, error)
+        record.error = error
+        was = record.phase
+        finish_sent = any(p == "finish" for p, _ in record.history)
+        await self._enter(record, "rollback")
+        t, step = self.settings.cleanup_timeout, self.settings.step_timeout
+        if was in ("perform", "progress", "finish", "rollback"):
+            try:
+                await self._call(record.source, ops.MIGRATION_CANCEL, {"domain": record.uuid}, step)
+            except VirtbusError as exc:  # not running any more: fine
+                log.info("migration %s: cancel on %s: %s", record.id, record.source, exc)
+        if was != "begin":
+            answer = await self._retry(
+                record, record.destination, ops.MIGRATION_FINISH, {"success": False}, t
+            )
+            if answer is _GAVE_UP and finish_sent:
+                note = "the destination did not answer after finish: the source is left paused"
+                record.error = f"{error}; {note}" if error else note
+                record.state = "failed"
+                await self._enter(record, "rolled_back")
+                return
+            if (
+                isinstance(answer, dict)
+                and answer.get("persistent")
+                and answer.get("state") == "running"
+            ):
+                log.warning(
+                    "migration %s: the destination owns %s: going forward", record.id, record.domain
+                )
+                record.error = None
+                await self._enter(record, "confirm")
+                await self._forward(record)
+                return
+        await self._retry(record, record.source, ops.MIGRATION_CONFIRM, {"success": False}, t)
+        record.state = state
+        await self._enter(record, "rolled_back")
+
+    # --- steps ----------------------------------------------------------------------
+    async def _step(
+        self,
+        record: MigrationRecord,
+        host: str,
+        op: str,
+        body: dict[str, Any],
+        *,
+        forward: bool = False,
+    ) -> Any:
+        if record.cancel_requested and not forward:
+            raise _Rollback("cancelled", None)
+        try:
+            return await self._call(
+                host, op, {"domain": record.uuid, **body}, self.settings.step_timeout
+            )
+        except VirtbusError as exc:
+            raise _Rollback("failed", f"{op} on {host}: {exc}") from None
+
+    async def _retry(
+        self, record: MigrationRecord, host: str, op: str, body: dict[str, Any], within: float
+    ) -> Any:
+        """A cleanup step that must happen: retried on transient errors for ``within`` s."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                return await self._call(
+                    host, op, {"domain": record.uuid, **body}, self.settings.step_timeout
+                )
+            except (RetryableError, NoHostError) as exc:
+                if time.monotonic() >= deadline:
+                    note = f"{op} on {host} not done: {exc}"
+                    log.error("migration %s: %s", record.id, note)
+                    record.error = f"{record.error}; {note}" if record.error else note
+                    return _GAVE_UP
+                await asyncio.sleep(self.settings.cleanup_retry)
+            except (NoDomainError, OperationInvalid, MigrateFailed) as exc:
+                log.info("migration %s: %s on %s: %s", record.id, op, host, exc)
+                return {}
+            except VirtbusError as exc:  # the agent answered, but could not do it
+                note = f"{op} on {host} failed: {exc}"
+                log.error("migration %s: %s", record.id, note)
+                record.error = f"{record.error}; {note}" if record.error else note
+                return _GAVE_UP
+
+    async def _enter(self, record: MigrationRecord, phase: str) -> None:
+        record.enter(phase)
+        await self.journal.save(record)
+
+    async def _finalize(self, record: MigrationRecord) -> None:
+        if not record.terminal:
+            return  # cancelled by a stopping scheduler: the journal keeps it for recovery
+        record.ended = time.time()
+        self.view.release(record.destination, record.uuid)
+        self.active.pop(record.id, None)
+        self._wake.pop(record.id, None)
+        self.history.append(record)
+        await self.journal.remove(record)
+        log.info(
+            "migration %s of %s %s -> %s: %s%s",
+            record.id,
+            record.domain,
+            record.source,
+            record.destination,
+            record.state,
+            f" ({record.error})" if record.error else "",
+        )
+
+    # --- recovery after a restart ---------------------------------------------------
+    async def recover(self, records: list[MigrationRecord]) -> None:
+        """Resume every journaled migration from what the agents say really happened."""
+        for record in records:
+            if record.terminal or record.id in self.active:
+                if record.terminal:
+                    await self.journal.remove(record)
+                continue
+            self.active[record.id] = record
+            log.warning(
+                "recovering migration %s of %s (phase %s)", record.id, record.domain, record.phase
+            )
+            self._wake[record.id] = asyncio.Event()
+            async with self._slots:
+                self._take(record)
+            self._tasks.spawn(self._recover_one(record), name=f"migration:{record.id}:recover")
+
+    async def _recover_one(self, record: MigrationRecord) -> None:
+        try:
+            await self._reconcile(record)
+            await self._forward(record)
+        except _Rollback as rb:
+            await self._guarded_rollback(record, rb.state, rb.error)
+        except Exception as exc:  # a bug must not take the scheduler down
+            log.exception("recovery of migration %s failed unexpectedly", record.id)
+            record.state, record.error = "failed", f"internal error: {exc!r}"
+        finally:
+            await self._release(record)
+            await self._finalize(record)
+
+    async def _reconcile(self, record: MigrationRecord) -> None:
+        """Pick the phase to resume from, from the agents' answers."""
+        s = self.settings
+        if record.phase in ("queued", "begin"):
+            raise _Rollback("failed", "the scheduler restarted before the migration started")
+        if record.phase == "prepare":
+            raise _Rollback("failed", "the scheduler restarted while preparing the destination")
+        if record.phase == "rollback":
+            raise _Rollback(record.state if record.state != "running" else "failed", record.error)
+        if record.phase in ("perform", "progress"):
+            try:
+                status = await self._call(
+                    record.source, ops.MIGRATION_STATUS, {"domain": record.uuid}, s.step_timeout
+                )
+            except NoDomainError:
+                status = {"status": "gone"}
+            state = status.get("status")
+            if state in ACTIVE_STATUSES or state in POSTCOPY_STATUSES:
+                record.phase = "progress"  # still streaming: follow it again
+            elif state == "completed":
+                record.phase = "finish"
+            elif await self._destination_owns(record):
+                record.phase = "confirm"  # it finished before we went away
+            else:
+                raise _Rollback("failed", f"the scheduler restarted; the source reports {state}")
+
+    async def _destination_owns(self, record: MigrationRecord) -> bool:
+        try:
+            info = await self._call(
+                record.destination,
+                ops.DOMAIN_INFO,
+                {"domain": record.uuid},
+                self.settings.step_timeout,
+            )
+        except VirtbusError:
+            return False
+        return bool(info.get("persistent")) and info.get("state") == "running"

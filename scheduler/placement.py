@@ -1,0 +1,249 @@
+"""Placement: which host should run a domain. A pure function of a request and host facts.
+
+Filters remove hosts that cannot run the domain; a weigher picks among the rest, as
+OpenStack Nova's filter scheduler does. Every filter works on the whole candidate list
+at once (one list comprehension each), which keeps a decision over 1,000 hosts well under
+a millisecond. When nothing is left, :class:`NoHostError` says which filter removed how
+many hosts, so an operator sees *why* ("memory removed 3").
+
+Anti-affinity groups are declared in the domain's ``<metadata>``::
+
+    <metadata>
+      <virtbus:placement xmlns:virtbus="https://virtbus.dev/xmlns/placement/1"
+                         anti-affinity="web,db"/>
+    </metadata>
+
+Two domains sharing a group never land on the same host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from virtbus.domain import DomainDefinition, parse_domain_xml
+from virtbus.errors import InvalidArgument, NoHostError
+
+PLACEMENT_NS = "https://virtbus.dev/xmlns/placement/1"
+
+# Domain type -> host drivers that can run it (the test driver accepts every type).
+DRIVERS_FOR_TYPE: dict[str, frozenset[str]] = {
+    "kvm": frozenset({"qemu", "test"}),
+    "qemu": frozenset({"qemu", "test"}),
+    "xen": frozenset({"xen", "test"}),
+    "test": frozenset({"test"}),
+}
+# CPU modes that expose the host's own CPU: migration needs an identical CPU model.
+HOST_CPU_MODES = frozenset({"host-passthrough", "host-model", "maximum"})
+WEIGHERS = ("spread", "pack")
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRequest:
+    """What a domain needs from a host."""
+
+    name: str
+    memory_kib: int
+    vcpus: int
+    drivers: frozenset[str]  # acceptable host drivers
+    arch: str | None = None  # None: any
+    cpu_model: str | None = None  # a named model (cpu mode='custom') the host must offer
+    same_cpu_as: str | None = None  # migration with a host CPU: the source's model
+    groups: frozenset[str] = frozenset()  # anti-affinity groups
+    exclude: frozenset[str] = frozenset()  # hosts never chosen (a migration's source)
+
+
+@dataclass(slots=True)
+class HostCandidate:
+    """What placement knows of a host (from its heartbeat, plus the scheduler's claims)."""
+
+    name: str
+    driver: str
+    arch: str
+    cpus: int
+    memory_total_kib: int
+    memory_free_kib: int
+    allocated_memory_kib: int = 0
+    allocated_vcpus: int = 0
+    up: bool = True
+    draining: bool = False
+    cpu_model: str = ""
+    cpu_models: frozenset[str] = frozenset()  # named models it offers; empty: not reported
+    groups: frozenset[str] = frozenset()  # anti-affinity groups of the domains it has
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementPolicy:
+    cpu_overcommit: float = 4.0  # vCPUs allocatable per host CPU
+    memory_overcommit: float = 1.0  # memory allocatable per byte of host memory
+    weigher: str = "spread"  # spread: most free memory first; pack: least that fits
+
+    def __post_init__(self) -> None:
+        if self.weigher not in WEIGHERS:
+            raise InvalidArgument(f"unknown weigher {self.weigher!r} (use {', '.join(WEIGHERS)})")
+        if self.cpu_overcommit <= 0 or self.memory_overcommit <= 0:
+            raise InvalidArgument("overcommit ratios must be positive")
+
+
+Hosts = list[HostCandidate]
+Filter = Callable[[PlacementRequest, Hosts, PlacementPolicy], Hosts]
+
+
+def free_memory_kib(host: HostCandidate, policy: PlacementPolicy) -> float:
+    """Memory still allocatable on ``host`` under the overcommit ratio."""
+    return host.memory_total_kib * policy.memory_overcommit - host.allocated_memory_kib
+
+
+# --- filters: each takes the survivors and returns the hosts that pass ------------------
+def filter_excluded(req: PlacementRequest, hosts: Hosts, _p: PlacementPolicy) -> Hosts:
+    return [h for h in hosts if h.name not in req.exclude] if req.exclude else hosts
+
+
+def filter_up(_r: PlacementRequest, hosts: Hosts, _p: PlacementPolicy) -> Hosts:
+    return [h for h in hosts if h.up]
+
+
+def filter_not_draining(_r: PlacementRequest, hosts: Hosts, _p: PlacementPolicy) -> Hosts:
+    return [h for h in hosts if not h.draining]
+
+
+def filter_driver(req: PlacementRequest, hosts: Hosts, _p: PlacementPolicy) -> Hosts:
+    drivers = req.drivers
+    return [h for h in hosts if h.driver in drivers]
+
+
+def filter_arch(req: PlacementRequest, hosts: Hosts, _p: PlacementPolicy) -> Hosts:
+    arch = req.arch
+    return hosts if arch is None else [h for h in hosts if h.arch == arch]
+
+
+def filter_memory(req: PlacementRequest, hosts: Hosts, policy: PlacementPolicy) -> Hosts:
+    need, ratio = req.memory_kib, policy.memory_overcommit
+    if ratio <= 1.0:  # no overcommit: what the host really has free must cover it too
+        return [
+            h
+            for h in hosts
+            if h.memory_total_kib * ratio - h.allocated_memory_kib >= need
+            and h.memory_free_kib >= need
+        ]
+    return [h for h in hosts if h.memory_total_kib * ratio - h.allocated_memory_kib >= need]
+
+
+def filter_vcpus(req: PlacementRequest, hosts: Hosts, policy: PlacementPolicy) -> Hosts:
+    need, ratio = req.vcpus, policy.cpu_overcommit
+    return [h for h in hosts if h.cpus * ratio - h.allocated_vcpus >= need]
+
+
+def filter_anti_affinity(req: PlacementRequest, hosts: Hosts, _p: PlacementPolicy) -> Hosts:
+    groups = req.groups
+    return [h for h in hosts if groups.isdisjoint(h.groups)] if groups else hosts
+
+
+def filter_cpu_model(req: PlacementRequest, hosts: Hosts, _p: PlacementPolicy) -> Hosts:
+    if req.same_cpu_as is not None:
+        same = req.same_cpu_as
+        hosts = [h for h in hosts if h.cpu_model == same]
+    model = req.cpu_model
+    if model is None:
+        return hosts
+    return [h for h in hosts if h.cpu_model == model or not h.cpu_models or model in h.cpu_models]
+
+
+FILTERS: tuple[tuple[str, Filter], ...] = (
+    ("excluded", filter_excluded),
+    ("up", filter_up),
+    ("not-draining", filter_not_draining),
+    ("driver", filter_driver),
+    ("arch", filter_arch),
+    ("memory", filter_memory),
+    ("vcpus", filter_vcpus),
+    ("anti-affinity", filter_anti_affinity),
+    ("cpu-model", filter_cpu_model),
+)
+
+
+# --- weighers: pick one of the survivors (ties: the first, i.e. input order) ------------
+def weigh_spread(hosts: Hosts, policy: PlacementPolicy) -> HostCandidate:
+    ratio = policy.memory_overcommit
+    return max(hosts, key=lambda h: h.memory_total_kib * ratio - h.allocated_memory_kib)
+
+
+def weigh_pack(hosts: Hosts, policy: PlacementPolicy) -> HostCandidate:
+    ratio = policy.memory_overcommit
+    return min(hosts, key=lambda h: h.memory_total_kib * ratio - h.allocated_memory_kib)
+
+
+WEIGHER_FUNCS: dict[str, Callable[[Hosts, PlacementPolicy], HostCandidate]] = {
+    "spread": weigh_spread,
+    "pack": weigh_pack,
+}
+
+
+def place(
+    req: PlacementRequest, hosts: Sequence[HostCandidate], policy: PlacementPolicy
+) -> HostCandidate:
+    """The host for ``req``, or :class:`NoHostError` naming what removed the candidates."""
+    survivors = list(hosts)
+    removed: list[tuple[str, int]] = []
+    for name, keep in FILTERS:
+        before = len(survivors)
+        survivors = keep(req, survivors, policy)
+        if len(survivors) != before:
+            removed.append((name, before - len(survivors)))
+        if not survivors:
+            break
+    if not survivors:
+        why = ", ".join(f"{name} removed {count}" for name, count in removed) or "no hosts known"
+        raise NoHostError(f"no host can run '{req.name}' ({len(hosts)} hosts: {why})")
+    return WEIGHER_FUNCS[policy.weigher](survivors, policy)
+
+
+# --- requests from domain XML -------------------------------------------------------------
+def anti_affinity_groups(defn: DomainDefinition) -> frozenset[str]:
+    """Groups from ``<metadata><virtbus:placement anti-affinity='a,b'/>``."""
+    if defn.metadata is None:
+        return frozenset()
+    groups: set[str] = set()
+    for el in defn.metadata.iter(f"{{{PLACEMENT_NS}}}placement"):
+        raw = el.get("anti-affinity") or ""
+        groups.update(g.strip() for g in raw.split(",") if g.strip())
+    return frozenset(groups)
+
+
+def request_for(
+    defn: DomainDefinition,
+    *,
+    exclude: frozenset[str] = frozenset(),
+    source: HostCandidate | None = None,
+) -> PlacementRequest:
+    """A placement request for a new domain, or (with ``source``) for its migration."""
+    cpu = defn.cpu
+    custom_model = cpu.model if cpu is not None and cpu.mode == "custom" else None
+    host_cpu = cpu is not None and cpu.mode in HOST_CPU_MODES
+    if source is not None:
+        return PlacementRequest(
+            name=defn.name,
+            memory_kib=defn.current_memory_kib,
+            vcpus=defn.current_vcpus,
+            drivers=frozenset({source.driver}),
+            arch=source.arch,
+            cpu_model=custom_model,
+            same_cpu_as=source.cpu_model if host_cpu else None,
+            groups=anti_affinity_groups(defn),
+            exclude=exclude | {source.name},
+        )
+    return PlacementRequest(
+        name=defn.name,
+        memory_kib=defn.current_memory_kib,
+        vcpus=defn.current_vcpus,
+        drivers=DRIVERS_FOR_TYPE.get(defn.hv_type, frozenset({defn.hv_type})),
+        arch=defn.os.arch,
+        cpu_model=custom_model,
+        groups=anti_affinity_groups(defn),
+        exclude=exclude,
+    )
+
+
+def request_from_xml(xml: str, **kwargs: object) -> PlacementRequest:
+    return request_for(parse_domain_xml(xml), **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,91 @@
+"""Live migration of a real QEMU guest between two agents, driven by virtbus-scheduler.
+
+The test kernel's guest prints ``VIRTBUS-TICK n`` on its serial console every half
+second; after the move the source QEMU is gone and the ticks keep counting (only the
+destination can write them), so the guest really kept running. Migration over
+127.0.0.1 TCP, shared storage (the same paths on both "hosts").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import qemu_pids_under
+from tests.guests import ensure_test_guest
+from tests.integration.test_scheduler_cluster import (  # noqa: F401 - the vhost fixture
+    URL,
+    agents,
+    placed,
+    scheduler_process,
+    vcli,
+    vhost,
+    wait_hosts,
+)
+from tests.procs import cli
+
+pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.slow]
+TICK = re.compile(rb"VIRTBUS-TICK (\d+)")
+
+
+def kernel_xml(kernel: Path, initrd: Path, cmdline: str, serial: Path) -> str:
+    return f"""<domain type='qemu'>
+  <name>mig1</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>{cmdline}</cmdline></os>
+  <features><acpi/></features>
+  <devices><serial type='file'><source path='{serial}'/><target port='0'/></serial></devices>
+</domain>"""
+
+
+def max_tick(path: Path) -> int:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return -1
+    return max((int(m) for m in TICK.findall(data)), default=-1)
+
+
+async def wait_tick(path: Path, above: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = await asyncio.to_thread(max_tick, path)
+        if n > above:
+            return n
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"no VIRTBUS-TICK above {above} on {path}")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [(), ("--bandwidth", "64", "--auto-converge"), ("--postcopy",), ("--parallel", "2")],
+    ids=["plain", "bandwidth-autoconverge", "postcopy", "multifd"],
+)
+async def test_running_guest_moves_and_keeps_ticking(
+    vhost: str,  # noqa: F811
+    e2e_root: Path,
+    options: tuple[str, ...],
+) -> None:
+    guest = await ensure_test_guest()
+    base = e2e_root / f"mig-{time.monotonic_ns()}"
+    base.mkdir()
+    serial = base / "mig1.serial"
+    xml = base / "mig1.xml"
+    xml.write_text(kernel_xml(guest.kernel, guest.initramfs, guest.cmdline, serial))
+    async with agents(base, 2, driver="qemu") as (a, b), scheduler_process(base / "sched"):
+        await wait_hosts(2)
+        await vcli("define", str(xml), "--host", a.host)
+        await vcli("start", "mig1", "--host", a.host)
+        before = await wait_tick(serial, 2)
+        src_pids = set(qemu_pids_under(a.state_dir))
+        r = await cli("migrate", "mig1", "--to", b.host, *options, "--wait", bus=URL, timeout=120)
+        assert r.code == 0, r.err
+        assert await placed("mig1") == [(b.host, "running")]
+        await asyncio.sleep(1.0)
+        assert not (src_pids & set(qemu_pids_under(a.state_dir))), "source QEMU still runs"
+        await wait_tick(serial, before + 3)  # only the destination can write these
+        await vcli("destroy", "mig1", "--host", b.host)

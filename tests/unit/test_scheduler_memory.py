@@ -1,0 +1,241 @@
+"""Scheduler + agents (test driver) in one process over memory://: the whole path, fast."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.service import AgentService
+from drivers.test import TestDriver, TestHostSpec
+from scheduler.journal import Journal, MigrationRecord
+from scheduler.service import SchedulerService
+from scheduler.settings import SchedulerSettings
+from virtbus.bus.base import Bus
+from virtbus.bus.factory import open_bus
+from virtbus.bus.topology import SCHEDULER_ROUTE
+from virtbus.errors import NoHostError, OperationInvalid
+from virtbus.protocol import ops
+from virtbus.settings import AgentSettings
+
+XML = """<domain type='test'><name>{name}</name><memory unit='MiB'>{mem}</memory><vcpu>1</vcpu>
+<os><type arch='x86_64'>hvm</type></os>{meta}</domain>"""
+GROUP = (
+    "<metadata><virtbus:placement xmlns:virtbus='https://virtbus.dev/xmlns/placement/1' "
+    "anti-affinity='{}'/></metadata>"
+)
+SPEC = TestHostSpec(cpus=8, memory_kib=4 << 20, arch="x86_64")
+
+
+def xml(name: str, mem: int = 256, group: str | None = None) -> str:
+    return XML.format(name=name, mem=mem, meta=GROUP.format(group) if group else "")
+
+
+@dataclasses.dataclass
+class Cluster:
+    url: str
+    client: Bus
+    agents: dict[str, AgentService]
+    scheduler: SchedulerService
+    state_dir: Path
+
+    async def call(self, op: str, body: dict[str, Any], timeout: float = 10) -> Any:
+        return await self.client.call(SCHEDULER_ROUTE, op, body, timeout=timeout)
+
+    async def agent(self, host: str, op: str, body: dict[str, Any]) -> Any:
+        return await self.client.call(ops.agent_route(host), op, body, timeout=10)
+
+    async def wait_migration(self, domain: str, timeout: float = 15) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            while True:
+                rec = await self.call(ops.SCHEDULER_MIGRATION, {"domain": domain})
+                if rec["state"] in ("completed", "failed", "cancelled"):
+                    return rec  # type: ignore[no-any-return]
+                await asyncio.sleep(0.05)
+
+    async def where(self, domain: str) -> list[tuple[str, str]]:
+        found = []
+        for host, agent in self.agents.items():
+            if agent.driver.lookup(domain) is not None:
+                info = await agent.driver.info(domain)
+                found.append((host, info.state.label))
+        return sorted(found)
+
+
+async def start_agent(url: str, host: str, tmp: Path, migration_time: float) -> AgentService:
+    settings = AgentSettings(host=host, state_dir=tmp / host, heartbeat_interval=0.05)
+    driver = TestDriver(SPEC, migration_time=migration_time)
+    agent = AgentService(settings, open_bus(url, src=host), driver)
+    await agent.start()
+    return agent
+
+
+def scheduler_settings(state_dir: Path, **kw: Any) -> SchedulerSettings:
+    base = SchedulerSettings(
+        state_dir=state_dir,
+        host_down_after=0.5,
+        progress_poll=0.05,
+        step_timeout=2.0,
+        cleanup_timeout=2.0,
+        cleanup_retry=0.05,
+        leader_probe=0.1,
+    )
+    return dataclasses.replace(base, **kw)
+
+
+@asynccontextmanager
+async def cluster(
+    tmp_path: Path, hosts: tuple[str, ...] = ("a", "b", "c"), migration_time: float = 0.2, **kw: Any
+) -> AsyncIterator[Cluster]:
+    url = f"memory://sched-{tmp_path.name}"
+    agents = {h: await start_agent(url, h, tmp_path, migration_time) for h in hosts}
+    sched = SchedulerService(scheduler_settings(tmp_path / "sched", **kw), open_bus(url, src="s"))
+    await sched.start()
+    client = open_bus(url, src="client")
+    await client.connect()
+    c = Cluster(url, client, agents, sched, tmp_path / "sched")
+    try:
+        async with asyncio.timeout(5):
+            while True:
+                if len((await c.call(ops.SCHEDULER_HOSTS, {}))["hosts"]) >= len(hosts):
+                    break
+                await asyncio.sleep(0.05)
+        yield c
+    finally:
+        await client.close()
+        await c.scheduler.stop()
+        for agent in c.agents.values():
+            await agent.stop()
+
+
+async def test_define_places_with_spread_and_anti_affinity(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        placed = [
+            (await c.call(ops.SCHEDULER_DEFINE, {"xml": xml(f"w{i}", group="web")}))["host"]
+            for i in range(3)
+        ]
+        assert sorted(placed) == ["a", "b", "c"]  # anti-affinity: one per host
+        with pytest.raises(NoHostError, match="anti-affinity removed 3"):
+            await c.call(ops.SCHEDULER_DEFINE, {"xml": xml("w3", group="web")})
+        with pytest.raises(NoHostError, match="memory removed 3"):
+            await c.call(ops.SCHEDULER_PLACE, {"xml": xml("huge", mem=64 * 1024)})
+        hosts = (await c.call(ops.SCHEDULER_HOSTS, {}))["hosts"]
+        assert {h["host"] for h in hosts} == {"a", "b", "c"} and all(h["up"] for h in hosts)
+
+
+async def test_migrate_moves_the_guest_and_lists_it(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        await c.agent("a", ops.DOMAIN_DEFINE, {"xml": xml("vm1")})
+        await c.agent("a", ops.DOMAIN_START, {"domain": "vm1"})
+        rec = await c.call(ops.SCHEDULER_MIGRATE, {"domain": "vm1", "to": "b"})
+        assert (rec["source"], rec["destination"]) == ("a", "b")
+        with pytest.raises(OperationInvalid):
+            await c.call(ops.SCHEDULER_MIGRATE, {"domain": "vm1", "to": "c"})
+        done = await c.wait_migration("vm1")
+        assert done["state"] == "completed", done
+        assert await c.where("vm1") == [("b", "running")]
+        listing = (await c.call(ops.SCHEDULER_DOMAINS, {"all": True}))["domains"]
+        assert [(d["host"], d["name"]) for d in listing] == [("b", "vm1")]
+        assert list(c.state_dir.joinpath("migrations").iterdir()) == []
+        # and back again, the scheduler choosing the destination (not the source)
+        await c.call(ops.SCHEDULER_MIGRATE, {"domain": "vm1"})
+        done = await c.wait_migration("vm1")
+        assert done["state"] == "completed" and done["destination"] in ("a", "c")
+
+
+async def test_cancel_and_timeout_roll_back_to_the_source(tmp_path: Path) -> None:
+    async with cluster(tmp_path, migration_time=3.0) as c:
+        await c.agent("a", ops.DOMAIN_DEFINE, {"xml": xml("vm1")})
+        await c.agent("a", ops.DOMAIN_START, {"domain": "vm1"})
+        await c.call(ops.SCHEDULER_MIGRATE, {"domain": "vm1", "to": "b"})
+        await asyncio.sleep(0.4)
+        await c.call(ops.SCHEDULER_MIGRATE_CANCEL, {"domain": "vm1"})
+        done = await c.wait_migration("vm1")
+        assert done["state"] == "cancelled", done
+        assert await c.where("vm1") == [("a", "running")]
+        await c.call(ops.SCHEDULER_MIGRATE, {"domain": "vm1", "to": "b", "timeout": 0.5})
+        done = await c.wait_migration("vm1")
+        assert done["state"] == "failed" and "timed out" in done["error"], done
+        assert await c.where("vm1") == [("a", "running")]
+
+
+async def test_destination_killed_mid_migration(tmp_path: Path) -> None:
+    async with cluster(tmp_path, migration_time=3.0) as c:
+        await c.agent("a", ops.DOMAIN_DEFINE, {"xml": xml("vm1")})
+        await c.agent("a", ops.DOMAIN_START, {"domain": "vm1"})
+        await c.call(ops.SCHEDULER_MIGRATE, {"domain": "vm1", "to": "b"})
+        await asyncio.sleep(0.5)
+        await c.agents["b"].driver.destroy("vm1")  # the destination's instance dies
+        done = await c.wait_migration("vm1")
+        assert done["state"] == "failed", done
+        assert await c.where("vm1") == [("a", "running")]
+
+
+async def test_drain_spreads_over_the_others_within_limits(tmp_path: Path) -> None:
+    async with cluster(tmp_path, migration_time=0.3) as c:
+        for i in range(5):
+            await c.agent("a", ops.DOMAIN_DEFINE, {"xml": xml(f"d{i}")})
+            await c.agent("a", ops.DOMAIN_START, {"domain": f"d{i}"})
+        job = await c.call(ops.SCHEDULER_DRAIN, {"host": "a"})
+        assert sorted(job["domains"]) == [f"d{i}" for i in range(5)]
+        running = 0
+        async with asyncio.timeout(15):
+            while not job["done"]:
+                job = await c.call(ops.SCHEDULER_DRAIN_STATUS, {"host": "a"})
+                running = max(
+                    running, sum(d["state"] == "running" for d in job["domains"].values())
+                )
+                await asyncio.sleep(0.05)
+        assert job["ok"], job
+        assert running <= 2  # at most 2 outbound migrations per host
+        dests = [d["destination"] for d in job["domains"].values()]
+        assert set(dests) == {"b", "c"}  # spread by the claims
+        hosts = {h["host"]: h for h in (await c.call(ops.SCHEDULER_HOSTS, {}))["hosts"]}
+        assert hosts["a"]["draining"]
+        with pytest.raises(NoHostError, match="not-draining removed 1"):
+            await c.call(ops.SCHEDULER_PLACE, {"xml": xml("x", mem=3840)})
+        await c.call(ops.SCHEDULER_UNDRAIN, {"host": "a"})
+        assert (await c.call(ops.SCHEDULER_PLACE, {"xml": xml("x", mem=3840)}))["host"] == "a"
+
+
+async def test_restart_resolves_a_journaled_migration(tmp_path: Path) -> None:
+    async with cluster(tmp_path, migration_time=1.5) as c:
+        await c.agent("a", ops.DOMAIN_DEFINE, {"xml": xml("vm1")})
+        await c.agent("a", ops.DOMAIN_START, {"domain": "vm1"})
+        await c.call(ops.SCHEDULER_MIGRATE, {"domain": "vm1", "to": "b"})
+        await asyncio.sleep(0.4)
+        await c.scheduler.stop()  # "killed" mid-migration: the journal keeps it
+        records = await Journal(c.state_dir).load()
+        assert [r.phase for r in records] == ["progress"]
+        c.scheduler = SchedulerService(scheduler_settings(c.state_dir), open_bus(c.url, src="s2"))
+        await c.scheduler.start()
+        done = await c.wait_migration("vm1")
+        assert done["state"] == "completed", done
+        assert await c.where("vm1") == [("b", "running")]
+
+
+async def test_restart_in_prepare_rolls_back(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        await c.agent("a", ops.DOMAIN_DEFINE, {"xml": xml("vm1")})
+        await c.agent("a", ops.DOMAIN_START, {"domain": "vm1"})
+        uuid = c.agents["a"].driver.lookup("vm1").uuid  # type: ignore[union-attr]
+        await c.scheduler.stop()
+        # a journal as a scheduler leaves it when it dies right after preparing
+        xml_text = await c.agents["a"].driver.migrate_begin("vm1")
+        from drivers.base import MigrationParams
+
+        await c.agents["b"].driver.migrate_prepare(xml_text, MigrationParams())
+        rec = MigrationRecord("vm1", uuid, "a", "b", {}, 60.0, state="running", phase="prepare")
+        journal = Journal(c.state_dir)
+        await journal.open()
+        await journal.save(rec)
+        c.scheduler = SchedulerService(scheduler_settings(c.state_dir), open_bus(c.url, src="s2"))
+        await c.scheduler.start()
+        done = await c.wait_migration("vm1")
+        assert done["state"] == "failed"
+        assert await c.where("vm1") == [("a", "running")]

@@ -1,0 +1,185 @@
+"""Scheduler verbs: ``migrate``, ``migrate-cancel``, ``migrations``, ``drain``, ``undrain``.
+
+They talk to the active ``virtbus-scheduler``, which runs the migrations; ``--wait``
+follows a migration (and ``drain`` its domains) by polling the scheduler, printing each
+change of phase and progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from virtbus.cli.context import Context
+from virtbus.cli.output import emit_json, table
+from virtbus.errors import MigrateFailed, OperationFailed
+from virtbus.protocol import ops
+
+POLL = 0.05  # s between status queries while waiting (cheap calls to the scheduler)
+TERMINAL = ("completed", "failed", "cancelled")
+MIB = 1024 * 1024
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("migrate", help="live-migrate a running domain to another host")
+    p.add_argument("domain", help="domain name or uuid")
+    p.add_argument("--to", metavar="HOST", help="destination (default: placed by the scheduler)")
+    _migration_options(p)
+    p.add_argument("--wait", action="store_true", help="follow it until it ends")
+    p.set_defaults(func=migrate)
+
+    p = sub.add_parser("migrate-cancel", help="cancel a domain's migration (it stays put)")
+    p.add_argument("domain", help="domain name or uuid")
+    p.set_defaults(func=migrate_cancel)
+
+    p = sub.add_parser("migrations", help="list migrations in flight and recently finished")
+    p.set_defaults(func=migrations)
+
+    p = sub.add_parser("drain", help="migrate every running domain off a host")
+    p.add_argument("host")
+    _migration_options(p)
+    p.add_argument("--no-wait", action="store_true", help="return once the drain started")
+    p.set_defaults(func=drain)
+
+    p = sub.add_parser("undrain", help="let the scheduler place domains on a host again")
+    p.add_argument("host")
+    p.set_defaults(func=undrain)
+
+
+def _migration_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bandwidth", type=int, metavar="MiB/s", help="maximum bandwidth")
+    p.add_argument("--max-downtime", type=int, metavar="MS", help="maximum downtime")
+    p.add_argument("--auto-converge", action="store_true", help="throttle a busy guest")
+    p.add_argument("--postcopy", action="store_true", help="switch to post-copy after a pass")
+    p.add_argument("--parallel", type=int, default=0, metavar="N", help="multifd channels")
+    p.add_argument(
+        "--timeout",
+        dest="migration_timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="roll back when not done within S seconds",
+    )
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "auto_converge": args.auto_converge,
+        "postcopy": args.postcopy,
+        "parallel": args.parallel,
+    }
+    if args.bandwidth is not None:
+        params["bandwidth_mib_s"] = args.bandwidth
+    if args.max_downtime is not None:
+        params["max_downtime_ms"] = args.max_downtime
+    return params
+
+
+def _progress(rec: dict[str, Any]) -> str:
+    p = rec.get("progress") or {}
+    if not p.get("total"):
+        return p.get("status", "") or ""
+    pct = 100 * p.get("transferred", 0) // max(1, p["total"])
+    return (
+        f"{p.get('status')} {pct}% ({p.get('transferred', 0) // MIB}/{p['total'] // MIB} MiB, "
+        f"pass {p.get('passes', 0)})"
+    )
+
+
+def _line(rec: dict[str, Any]) -> str:
+    err = f": {rec['error']}" if rec.get("error") else ""
+    return (
+        f"Migration {rec['id']} of '{rec['domain']}' {rec['source']} -> {rec['destination']}: "
+        f"{rec['state']} [{rec['phase']}] {_progress(rec)}{err}".rstrip()
+    )
+
+
+async def migrate(ctx: Context, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"domain": args.domain, "params": _params(args)}
+    if args.to:
+        body["to"] = args.to
+    if args.migration_timeout is not None:
+        body["timeout"] = args.migration_timeout
+    rec = await ctx.scheduler(ops.SCHEDULER_MIGRATE, body)
+    if args.wait:
+        rec = await _follow(ctx, rec)
+    if ctx.json:
+        emit_json(rec)
+    elif not args.wait:
+        print(_line(rec))
+    if args.wait and rec["state"] != "completed":
+        raise MigrateFailed(f"migration of '{rec['domain']}' {rec['state']}: {rec.get('error')}")
+    return 0
+
+
+async def _follow(ctx: Context, rec: dict[str, Any]) -> dict[str, Any]:
+    last = ""
+    while True:
+        line = _line(rec)
+        if line != last and not ctx.json:
+            print(line, flush=True)
+            last = line
+        if rec["state"] in TERMINAL:
+            return rec
+        await asyncio.sleep(POLL)
+        rec = await ctx.scheduler(ops.SCHEDULER_MIGRATION, {"id": rec["id"]})
+
+
+async def migrate_cancel(ctx: Context, args: argparse.Namespace) -> int:
+    rec = await ctx.scheduler(ops.SCHEDULER_MIGRATE_CANCEL, {"domain": args.domain})
+    if ctx.json:
+        emit_json(rec)
+    else:
+        print(f"Migration {rec['id']} of '{rec['domain']}' is being cancelled")
+    return 0
+
+
+async def migrations(ctx: Context, args: argparse.Namespace) -> int:
+    recs = (await ctx.scheduler(ops.SCHEDULER_MIGRATIONS, {}))["migrations"]
+    if ctx.json:
+        emit_json(recs)
+        return 0
+    rows = [
+        (r["id"], r["domain"], r["source"], r["destination"], r["state"], r["phase"], _progress(r))
+        for r in recs
+    ]
+    print(table(["Id", "Domain", "From", "To", "State", "Phase", "Progress"], rows))
+    return 0
+
+
+async def drain(ctx: Context, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"host": args.host, "params": _params(args)}
+    if args.migration_timeout is not None:
+        body["timeout"] = args.migration_timeout
+    job = await ctx.scheduler(ops.SCHEDULER_DRAIN, body)
+    if not ctx.json:
+        print(f"Host '{args.host}' is draining: {len(job['domains'])} running domain(s) to move")
+    seen: dict[str, str] = {}
+    while not args.no_wait:
+        for name, row in sorted(job["domains"].items()):
+            dest = row.get("destination") or "-"
+            err = f": {row['error']}" if row.get("error") else ""
+            line = f"  {name}: {row['state']} -> {dest} {_progress(row)}{err}".rstrip()
+            if seen.get(name) != line and not ctx.json:
+                print(line, flush=True)
+                seen[name] = line
+        if job["done"]:
+            break
+        await asyncio.sleep(POLL)
+        job = await ctx.scheduler(ops.SCHEDULER_DRAIN_STATUS, {"host": args.host})
+    if ctx.json:
+        emit_json(job)
+    if args.no_wait or job["ok"]:
+        return 0
+    failed = [n for n, r in job["domains"].items() if r["state"] != "completed"]
+    raise OperationFailed(f"drain of '{args.host}' left {', '.join(sorted(failed))} behind")
+
+
+async def undrain(ctx: Context, args: argparse.Namespace) -> int:
+    result = await ctx.scheduler(ops.SCHEDULER_UNDRAIN, {"host": args.host})
+    if ctx.json:
+        emit_json(result)
+    else:
+        print(f"Host '{args.host}' is no longer draining")
+    return 0
