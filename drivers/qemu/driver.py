@@ -254,6 +254,12 @@ class QemuDriver:
         dom = self._get(ref)
         if dom.run is not None or dom.state != S.SHUTOFF:
             raise OperationInvalid(f"domain '{dom.defn.name}' is already active")
+        for stray in self.unknown_processes:  # its status file was lost: never run it twice
+            if stray.uuid == dom.defn.uuid and await aiofiles.os.path.exists(f"/proc/{stray.pid}"):
+                raise OperationInvalid(
+                    f"a QEMU process this agent does not manage (pid {stray.pid}) already runs "
+                    f"domain '{dom.defn.name}'; stop it before starting the domain"
+                )
         live = dom.defn.copy()
         if live.hv_type == "kvm" and not self.kvm_usable():
             raise ConfigUnsupported(

@@ -188,6 +188,8 @@ async def test_corrupt_files_are_set_aside(base: Path) -> None:
             listing = (await cli("--json", "list", "--all", "--host", host)).json()
             assert [(d["name"], d["state"]) for d in listing] == [("c-run", "shutoff")]
             assert _alive(pid), "a running guest must never be killed for a bad file"
+            again = await cli("start", "c-run", "--host", host)  # would be a second QEMU
+            assert again.code != 0 and f"pid {pid}" in again.err, again
         assert not status_file.exists() and not garbage.exists()
         aside = sorted(p.name for p in base.rglob("*.corrupt-*"))
         assert len(aside) == 2 and any(n.startswith(f"{uuid}.status") for n in aside), aside
