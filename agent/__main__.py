@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from agent.drivers import DRIVER_NAMES, make_driver
-from agent.metrics import AgentMetrics
 from agent.service import AgentService
 from virtbus.bus.factory import open_bus
+from virtbus.config import agent_keys, extras_for, parse_with_config
 from virtbus.errors import VirtbusError
 from virtbus.settings import (
     DEFAULT_HEARTBEAT_INTERVAL,
@@ -27,6 +27,10 @@ log = logging.getLogger("virtbus.agent")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="virtbus-agent", description="virtbus per-host agent")
+    p.add_argument(
+        "--config", type=Path, default=None, metavar="FILE",
+        help="TOML settings (e.g. /etc/virtbus/agent.toml); flags override it",
+    )  # fmt: skip
     p.add_argument("--host", default=socket.gethostname(), help="this host's name on the bus")
     p.add_argument("--driver", default="test", choices=DRIVER_NAMES)
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/virtbus"))
@@ -58,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="serve Prometheus metrics on http://ADDR:PORT/metrics (default: off)",
     )  # fmt: skip
     p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
+    args, file_only = parse_with_config(p, argv, agent_keys(DRIVER_NAMES))
+    args.file_settings = file_only  # keys without a flag (tables, bus.*, limits)
+    return args
 
 
 def _key_value(option: str) -> tuple[str, str]:
@@ -69,23 +75,26 @@ def _key_value(option: str) -> tuple[str, str]:
 
 
 async def run(args: argparse.Namespace) -> int:
+    extra = getattr(args, "file_settings", {})
+    labels = {**extra.get("labels", {}), **dict(_key_value(o) for o in args.label)}
+    options = {**extra.get("driver_options", {}), **dict(_key_value(o) for o in args.driver_option)}
     settings = AgentSettings(
+        **{k: v for k, v in extras_for(extra).items() if k not in ("labels", "driver_options")},
         host=args.host,
         driver=args.driver,
         state_dir=args.state_dir,
         run_dir=args.run_dir,
         heartbeat_interval=args.heartbeat_interval,
-        driver_options=dict(_key_value(o) for o in args.driver_option),
+        driver_options=options,
         metrics_interval=args.metrics_interval,
         metrics_listen=args.metrics_listen,
-        labels=dict(_key_value(o) for o in args.label),
+        labels=labels,
     )
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     settings.runtime_dir.mkdir(parents=True, exist_ok=True)
-    bus_settings = BusSettings(url=bus_url_from_env(args.bus))
+    bus_settings = BusSettings(url=bus_url_from_env(args.bus), **extras_for(extra, "bus."))
     bus = open_bus(bus_settings.url, src=settings.host, settings=bus_settings)
     service = AgentService(settings, bus, make_driver(settings), bus_settings)
-    metrics = AgentMetrics(service)  # before start: it times the commands served
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -93,10 +102,8 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await service.start()
-        await metrics.start()
     except VirtbusError as exc:
         log.error("agent could not start: %s", exc)
-        await metrics.stop()
         await service.stop()
         return 1
     print(f"virtbus-agent {settings.host} ready (driver {settings.driver})", flush=True)
@@ -106,7 +113,6 @@ async def run(args: argparse.Namespace) -> int:
     failed.cancel()
     stopping.cancel()
     log.info("stopping agent %s", settings.host)
-    await metrics.stop()
     await service.stop()
     return 1 if service.failed.is_set() else 0
 

@@ -17,6 +17,7 @@ from agent.calllog import CallLog
 from agent.dispatch import Dispatcher
 from agent.handlers import READ_ONLY_OPS, domain_key, handler_for
 from agent.heartbeat import inventory
+from agent.metrics import AgentMetrics
 from agent.outbox import EventOutbox
 from drivers.base import Driver, DriverEvent
 from virtbus.aio import TaskGroup
@@ -63,6 +64,8 @@ class AgentService:
             journaled=lambda call: call.op not in READ_ONLY_OPS,
         )
         self.failed = asyncio.Event()  # set when a supervised task died: the agent must stop
+        # Metrics wrap the dispatcher to time commands, so they exist before the queue is served.
+        self.metrics = AgentMetrics(self)
         self.draining = False  # the scheduler drains this host (host.set_draining)
 
     # --- events ---------------------------------------------------------------------
@@ -135,10 +138,12 @@ class AgentService:
         self._tasks.spawn(self.outbox.run(), name="outbox")
         self._tasks.spawn(self._heartbeat_loop(), name="heartbeat")
         self._server = await self.bus.serve(ops.agent_route(self.host), self.dispatcher.submit)
+        await self.metrics.start()
         log.info("agent %s serving with driver %s", self.host, self.driver.name)
 
     async def stop(self) -> None:
         grace = self.settings.shutdown_grace
+        await self.metrics.stop()
         if self._server is not None:
             await self._server.stop()
             self._server = None

@@ -92,6 +92,18 @@ class _Client(QMPClient):
     async def _event_dispatch(self, msg: Message) -> None:
         self._on_event(msg)
 
+    # qemu.qmp formats every message as indented JSON for a debug line even when debug
+    # logging is off: about 30% of the agent's CPU in a stats pass. Format only when on.
+    def _cb_outbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("--> %s", msg)
+        return msg
+
+    def _cb_inbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("<-- %s", msg)
+        return msg
+
 
 def _to_event(msg: Message) -> QmpEvent:
     stamp = msg.get("timestamp")

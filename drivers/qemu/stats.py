@@ -417,13 +417,12 @@ def block_fields(
     spare = iter(d for d in devices if id(d) not in used)
     spare_stats = iter(e for e in blockstats if not block)  # no query-block: by order
     out: list[dict[str, Any]] = []
-    for dev in chosen:
-        if dev is None:
-            dev = next(spare, None)
-        entry = stats_of(dev) if dev is not None else next(spare_stats, None)
+    for picked in chosen:
+        dev = picked if picked is not None else next(spare, None)
+        found: dict[str, Any] | None = stats_of(dev) if dev is not None else next(spare_stats, None)
         fields: dict[str, Any] = {}
-        if entry is not None:
-            stats = entry.get("stats") or {}
+        if found is not None:
+            stats = found.get("stats") or {}
             for name, key in _BLOCK_FIELDS.items():
                 fields[name] = int(stats.get(key, 0))
             if "wr_highest_offset" in stats:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import logging
 import os
 import sys
 
 from virtbus import __version__
 from virtbus.bus.factory import open_bus
-from virtbus.cli import domain, event, host, migrate, stats
+from virtbus.cli import completion, domain, event, host, migrate, stats
 from virtbus.cli.context import Context
 from virtbus.cli.output import fail
 from virtbus.errors import VirtbusError
@@ -38,7 +40,33 @@ def build_parser() -> argparse.ArgumentParser:
     event.add_parsers(sub)
     stats.add_parsers(sub)
     migrate.add_parsers(sub)
+    _add_demo_parser(sub)
+    completion.add_parsers(sub)
     return p
+
+
+def _add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Only the options: the demo itself (virtbus.demo) is imported when it runs."""
+    p = sub.add_parser(
+        "demo",
+        help="a guided tour: two agents and a scheduler, a guest's lifecycle, a live migration",
+    )
+    p.add_argument(
+        "--bus",
+        dest="demo_bus",
+        default=None,
+        metavar="URL",
+        help="memory:// (default: everything in this process) or amqp://... (RabbitMQ, "
+        "agents and scheduler as separate processes)",
+    )
+    p.add_argument(
+        "--driver",
+        choices=("auto", "qemu", "test"),
+        default="auto",
+        help="auto (default): QEMU with a small Linux guest when qemu-system-x86_64 is "
+        "installed, else the in-memory test driver",
+    )
+    p.set_defaults(func=None, local=True)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -53,11 +81,23 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # The CLI reports failures itself, in one line: keep the AMQP libraries' logs quiet.
+    for name in ("aiormq", "aio_pika"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    if args.command == "completion":
+        sys.stdout.write(completion.script(parser, args.shell))
+        sys.exit(0)
+    if args.command == "demo":  # the composition root: imported only when it runs
+        sys.exit(importlib.import_module("virtbus.demo.main").main(args))
     try:
         code = asyncio.run(run(args))
     except VirtbusError as exc:
-        code = fail(exc.code, exc.message)
+        message = exc.message
+        if exc.code == "BUS_UNAVAILABLE" and "cannot connect" in message:
+            message += " — is RabbitMQ running? (pass --bus URL or set VIRTBUS_BUS_URL)"
+        code = fail(exc.code, message)
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
