@@ -13,6 +13,7 @@ from scheduler.placement import WEIGHERS, PlacementPolicy
 from scheduler.service import SchedulerService
 from scheduler.settings import SchedulerSettings
 from virtbus.bus.factory import open_bus
+from virtbus.config import extras_for, parse_with_config, scheduler_keys
 from virtbus.errors import VirtbusError
 from virtbus.settings import BusSettings, bus_url_from_env
 
@@ -22,6 +23,13 @@ _DEFAULTS = SchedulerSettings()
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="virtbus-scheduler", description="virtbus cluster scheduler")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="TOML settings (e.g. /etc/virtbus/scheduler.toml); flags override it",
+    )
     p.add_argument(
         "--bus", default=None, help="bus URL (default: $VIRTBUS_BUS_URL or local RabbitMQ)"
     )
@@ -72,17 +80,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--journal-fsync",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="fsync every journal write (survives losing the host; slower)",
     )
     p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)  # fmt: skip
+    args, file_only = parse_with_config(p, argv, scheduler_keys(WEIGHERS))
+    args.file_settings = file_only  # keys without a flag (bus.*, fine tuning)
+    return args  # fmt: skip
 
 
 def settings_from(args: argparse.Namespace) -> SchedulerSettings:
     if args.max_outbound < 1 or args.max_migrations < 1:
         raise SystemExit("virtbus-scheduler: migration limits must be at least 1")
+    extra = getattr(args, "file_settings", {})
     return SchedulerSettings(
+        **extras_for(extra),
         state_dir=args.state_dir,
         host_down_after=args.host_down_after,
         placement=PlacementPolicy(
@@ -102,7 +115,8 @@ def settings_from(args: argparse.Namespace) -> SchedulerSettings:
 async def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    bus_settings = BusSettings(url=bus_url_from_env(args.bus))
+    extra = getattr(args, "file_settings", {})
+    bus_settings = BusSettings(url=bus_url_from_env(args.bus), **extras_for(extra, "bus."))
     bus = open_bus(bus_settings.url, src="scheduler", settings=bus_settings)
     service = SchedulerService(settings, bus)
     stop = asyncio.Event()

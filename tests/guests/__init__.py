@@ -1,6 +1,7 @@
 """Real QEMU guests for the test suite, built from Debian packages into a cache (see README).
 
-Build names are loaded lazily so that `python -m tests.guests.build` runs that module once.
+The builder itself lives in :mod:`virtbus.guests` (``virtbus demo`` boots the guest too);
+its names are re-exported here, loaded lazily, so existing tests keep working.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tests.guests.build import TestGuest
+    from virtbus.guests.build import TestGuest
 
 CONTROL_PORT_NAME = "org.virtbus.guest.0"  # virtio-serial port the guest reads commands from
 READY_MARKER = "VIRTBUS-GUEST-READY"
@@ -42,7 +43,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _BUILD_NAMES:
-        return getattr(importlib.import_module("tests.guests.build"), name)
+        return getattr(importlib.import_module("virtbus.guests.build"), name)
     raise AttributeError(name)
 
 

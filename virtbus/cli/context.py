@@ -31,11 +31,37 @@ class Context:
     timeout: float
 
     async def call(self, host: str, op: str, body: dict[str, Any]) -> Any:
-        return await self.bus.call(ops.agent_route(host), op, body, timeout=self.timeout)
+        try:
+            return await self.bus.call(ops.agent_route(host), op, body, timeout=self.timeout)
+        except NoHostError as exc:
+            if "route" not in exc.message:
+                raise  # the agent's own answer
+            raise NoHostError(
+                f"no agent answers for host '{host}' — is virtbus-agent running there? "
+                "(`virtbus hosts` lists the hosts heard on the bus)"
+            ) from None
+        except OperationTimeout:
+            raise OperationTimeout(
+                f"host '{host}' did not answer {op} within {self.timeout:g} s — is "
+                f"virtbus-agent running on '{host}'? (`virtbus hosts` lists live hosts)"
+            ) from None
 
     async def scheduler(self, op: str, body: dict[str, Any], timeout: float | None = None) -> Any:
         """A call to the active scheduler (``virtbus-scheduler``)."""
-        return await self.bus.call(SCHEDULER_ROUTE, op, body, timeout=timeout or self.timeout)
+        deadline = timeout or self.timeout
+        try:
+            return await self.bus.call(SCHEDULER_ROUTE, op, body, timeout=deadline)
+        except NoHostError as exc:
+            if "route" not in exc.message:
+                raise  # the scheduler's own answer (e.g. no host can run the domain)
+            raise NoHostError(
+                "no scheduler answers — is virtbus-scheduler running on this bus?"
+            ) from None
+        except OperationTimeout:
+            raise OperationTimeout(
+                f"the scheduler did not answer {op} within {deadline:g} s — is "
+                "virtbus-scheduler running on this bus?"
+            ) from None
 
     async def try_scheduler(self, op: str, body: dict[str, Any]) -> Any | None:
         """The scheduler's answer, or None when no scheduler answers (callers fall back)."""

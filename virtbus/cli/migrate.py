@@ -13,6 +13,7 @@ from typing import Any
 
 from virtbus.cli.context import Context
 from virtbus.cli.output import emit_json, table
+from virtbus.cli.term import ProgressLine, Style, bar
 from virtbus.errors import MigrateFailed, OperationFailed
 from virtbus.protocol import ops
 
@@ -76,22 +77,29 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
-def _progress(rec: dict[str, Any]) -> str:
+def _progress(rec: dict[str, Any], with_bar: bool = False) -> str:
+    """The last status map in words; ``with_bar``: a bar instead of the bare percentage."""
     p = rec.get("progress") or {}
     if not p.get("total"):
         return p.get("status", "") or ""
-    pct = 100 * p.get("transferred", 0) // max(1, p["total"])
-    return (
-        f"{p.get('status')} {pct}% ({p.get('transferred', 0) // MIB}/{p['total'] // MIB} MiB, "
-        f"pass {p.get('passes', 0)})"
-    )
+    fraction = p.get("transferred", 0) / max(1, p["total"])
+    if rec.get("state") == "completed":
+        fraction = 1.0  # dirty pages resent: transferred may end below or above total
+    amount = f"{p.get('transferred', 0) // MIB}/{p['total'] // MIB} MiB, pass {p.get('passes', 0)}"
+    if with_bar:
+        return f"{p.get('status')} {bar(fraction)} ({amount})"
+    return f"{p.get('status')} {int(100 * min(fraction, 1.0))}% ({amount})"
 
 
-def _line(rec: dict[str, Any]) -> str:
+def _line(rec: dict[str, Any], with_bar: bool = False, style: Style | None = None) -> str:
     err = f": {rec['error']}" if rec.get("error") else ""
+    state = rec["state"]
+    if style is not None:
+        colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(state)
+        state = style(state, colour) if colour else state
     return (
         f"Migration {rec['id']} of '{rec['domain']}' {rec['source']} -> {rec['destination']}: "
-        f"{rec['state']} [{rec['phase']}] {_progress(rec)}{err}".rstrip()
+        f"{state} [{rec['phase']}] {_progress(rec, with_bar)}{err}".rstrip()
     )
 
 
@@ -113,17 +121,26 @@ async def migrate(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _follow(ctx: Context, rec: dict[str, Any]) -> dict[str, Any]:
-    last = ""
-    while True:
-        line = _line(rec)
-        if line != last and not ctx.json:
-            print(line, flush=True)
-            last = line
-        if rec["state"] in TERMINAL:
-            return rec
-        await asyncio.sleep(POLL)
-        rec = await ctx.scheduler(ops.SCHEDULER_MIGRATION, {"id": rec["id"]})
+async def follow_migration(
+    ctx: Context, rec: dict[str, Any], line: ProgressLine | None = None
+) -> dict[str, Any]:
+    """Poll the scheduler until the migration ends: a redrawn bar on a terminal, else one
+    line per change of phase or progress. Returns the final record."""
+    out = line or ProgressLine()
+    style = Style(out.stream)
+    try:
+        while True:
+            if not ctx.json:
+                out.update(_line(rec, with_bar=out.tty, style=style))
+            if rec["state"] in TERMINAL:
+                return rec
+            await asyncio.sleep(POLL)
+            rec = await ctx.scheduler(ops.SCHEDULER_MIGRATION, {"id": rec["id"]})
+    finally:
+        out.clear()
+
+
+_follow = follow_migration
 
 
 async def migrate_cancel(ctx: Context, args: argparse.Namespace) -> int:
@@ -156,11 +173,12 @@ async def drain(ctx: Context, args: argparse.Namespace) -> int:
     if not ctx.json:
         print(f"Host '{args.host}' is draining: {len(job['domains'])} running domain(s) to move")
     seen: dict[str, str] = {}
+    with_bar = ProgressLine().tty  # bars on a terminal; plain percentages in a pipe
     while not args.no_wait:
         for name, row in sorted(job["domains"].items()):
             dest = row.get("destination") or "-"
             err = f": {row['error']}" if row.get("error") else ""
-            line = f"  {name}: {row['state']} -> {dest} {_progress(row)}{err}".rstrip()
+            line = f"  {name}: {row['state']} -> {dest} {_progress(row, with_bar)}{err}".rstrip()
             if seen.get(name) != line and not ctx.json:
                 print(line, flush=True)
                 seen[name] = line
