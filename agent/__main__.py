@@ -61,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--metrics-listen", default=None, metavar="ADDR:PORT",
         help="serve Prometheus metrics on http://ADDR:PORT/metrics (default: off)",
     )  # fmt: skip
+    p.add_argument(
+        "--migration-address", default="127.0.0.1", metavar="ADDR",
+        help="address other hosts stream live migrations to (default %(default)s)",
+    )  # fmt: skip
     p.add_argument("--log-level", default="INFO")
     args, file_only = parse_with_config(p, argv, agent_keys(DRIVER_NAMES))
     args.file_settings = file_only  # keys without a flag (tables, bus.*, limits)
@@ -89,6 +93,7 @@ async def run(args: argparse.Namespace) -> int:
         metrics_interval=args.metrics_interval,
         metrics_listen=args.metrics_listen,
         labels=labels,
+        migration_address=args.migration_address,
     )
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     settings.runtime_dir.mkdir(parents=True, exist_ok=True)

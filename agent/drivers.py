@@ -6,7 +6,7 @@ from drivers.base import Driver
 from virtbus.errors import InvalidArgument
 from virtbus.settings import AgentSettings
 
-DRIVER_NAMES = ("test", "qemu")
+DRIVER_NAMES = ("test", "qemu", "xen")
 
 
 def make_driver(settings: AgentSettings) -> Driver:
@@ -25,6 +25,12 @@ def make_driver(settings: AgentSettings) -> Driver:
         from drivers.qemu import QemuDriver
 
         return QemuDriver(state_dir=settings.state_dir, run_dir=settings.runtime_dir)
+    if settings.driver == "xen":
+        from drivers.xen import XenDriver, XenSettings
+
+        return XenDriver(
+            XenSettings.from_options(settings.state_dir / "xen", settings.driver_options)
+        )
     raise InvalidArgument(
         f"unknown driver '{settings.driver}' (choose from {', '.join(DRIVER_NAMES)})"
     )

@@ -18,6 +18,7 @@ async def inventory(
     last_seq: int,
     labels: dict[str, str] | None = None,
     draining: bool = False,
+    migration_address: str = "127.0.0.1",
 ) -> dict[str, Any]:
     """The inventory map carried by heartbeats and answered by ``host.info``.
 
@@ -38,6 +39,7 @@ async def inventory(
         "running": [d.name for d in active],
         "labels": dict(labels or {}),
         "draining": draining,
+        "migration_address": migration_address,
         "last_event_seq": last_seq,
         "agent_version": __version__,
         "started_at": started_at,

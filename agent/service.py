@@ -111,6 +111,7 @@ class AgentService:
             last_seq=self.last_seq,
             labels=self.settings.labels,
             draining=self.draining,
+            migration_address=self.settings.migration_address,
         )
 
     # --- heartbeat ------------------------------------------------------------------

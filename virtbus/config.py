@@ -86,6 +86,8 @@ def agent_keys(drivers: Sequence[str]) -> tuple[Key, ...]:
         Key("call_memory", "int", "recent call ids remembered for redelivery", minimum=1),
         Key("event_buffer", "int", "events held while the broker is away", minimum=1),
         Key("labels", "table", "labels of this host for placement (KEY = \"VALUE\")"),
+        Key("migration_address", "str", "address other hosts stream live migrations to",
+            dest="migration_address"),
         Key("driver_options", "table", "driver tuning (KEY = VALUE)"),
         *_bus_keys(),
     )  # fmt: skip

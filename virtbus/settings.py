@@ -52,7 +52,9 @@ class AgentSettings:
     command_timeout: float = 300.0  # a command running longer is failed
     shutdown_grace: float = 10.0  # time for the command in hand at SIGTERM
     event_buffer: int = 100_000  # events held while the broker is away
-    driver_options: dict[str, str] = field(default_factory=dict)  # --driver-option KEY=VALUE
+    driver_options: dict[str, str] = field(default_factory=dict)
+    # Where incoming live migrations listen: an address the other hosts can reach.
+    migration_address: str = "127.0.0.1"  # --driver-option KEY=VALUE
     metrics_interval: float = 10.0  # s between metrics collection passes (virtbus.metrics)
     metrics_listen: str | None = None  # ADDR:PORT of the Prometheus /metrics page; None = off
     labels: dict[str, str] = field(default_factory=dict)  # --label KEY=VALUE, for placement

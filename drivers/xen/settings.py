@@ -1,0 +1,77 @@
+"""Typed settings of the Xen driver: every timeout, interval and path lives here."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from virtbus.errors import InvalidArgument
+from virtbus.settings import Backoff
+
+DEFAULT_XENSTORED_PATH = "/run/xenstored/socket"
+
+
+def xenstored_path_from_env() -> str:
+    """``$XENSTORED_PATH`` as libxenstore honours it, else the standard socket."""
+    return os.environ.get("XENSTORED_PATH") or DEFAULT_XENSTORED_PATH
+
+
+@dataclass(frozen=True, slots=True)
+class XenStoreSettings:
+    """The XenStore wire client."""
+
+    path: str = field(default_factory=xenstored_path_from_env)
+    request_timeout: float = 10.0  # s, one request/reply
+    connect_timeout: float = 5.0
+    event_queue: int = 1024  # watch events held for the consumer; overflow = "resync"
+    transaction_retries: int = 8  # EAGAIN on commit
+    transaction_backoff: Backoff = field(
+        default_factory=lambda: Backoff(initial=0.01, maximum=0.5, factor=2.0, jitter=0.5)
+    )
+    reconnect: Backoff = field(default_factory=lambda: Backoff(initial=0.1, maximum=5.0))
+
+
+@dataclass(frozen=True, slots=True)
+class XenSettings:
+    """The Xen driver."""
+
+    xl_path: str = "xl"
+    state_dir: Path = Path("/var/lib/virtbus/xen")  # definitions (XML) + generated configs
+    xl_timeout: float = 60.0  # s, one xl command (create, shutdown -w excluded)
+    list_timeout: float = 15.0  # s, `xl list -v` / `xl info`
+    shutdown_poll: float = 0.2  # s, while waiting for a shutdown to complete
+    reconcile_interval: float = 2.0  # s, periodic reconcile (catches external xl pause)
+    debounce: float = 0.05  # s, coalesce bursts of XenStore triggers
+    start_timeout: float = 30.0  # s, wait for a created domain to show in `xl list`
+    parallel_creates: int = 2  # concurrent `xl create` (each loads a kernel through dom0)
+    migrate_timeout: float = 600.0  # s, one `xl migrate`
+    # `xl migrate -s <migrate_ssh> <domain> <host>`: the receiver transport. "ssh" on real
+    # hosts; "" runs <host> itself as the receiver command (localhost: "xl migrate-receive").
+    migrate_ssh: str = "ssh"
+    migrate_host: str = field(default_factory=socket.gethostname)  # what prepare advertises
+    xenstore: XenStoreSettings = field(default_factory=XenStoreSettings)
+
+    @classmethod
+    def from_options(cls, state_dir: Path, options: Mapping[str, str]) -> XenSettings:
+        """From the agent's ``--driver-option KEY=VALUE`` map: xl_path, xenstored_path,
+        migrate_ssh, migrate_host and the float settings (``reconcile_interval`` ...)."""
+        floats = ("xl_timeout", "list_timeout", "reconcile_interval", "debounce",
+                  "start_timeout", "migrate_timeout")  # fmt: skip
+        kwargs: dict[str, Any] = {"state_dir": state_dir}
+        for key, value in options.items():
+            if key in floats:
+                try:
+                    kwargs[key] = float(value)
+                except ValueError:
+                    raise InvalidArgument(f"xen driver option {key} must be a number") from None
+            elif key in ("xl_path", "migrate_ssh", "migrate_host"):
+                kwargs[key] = value
+            elif key == "xenstored_path":
+                kwargs["xenstore"] = XenStoreSettings(path=value)
+            else:
+                raise InvalidArgument(f"unknown xen driver option {key!r}")
+        return cls(**kwargs)

