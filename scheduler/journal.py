@@ -51,6 +51,8 @@ class MigrationRecord:
     cancel_requested: bool = False
     drain: str | None = None  # the host being drained, when a drain asked for it
     history: list[tuple[str, float]] = field(default_factory=list)  # (phase, time)
+    # steps a silent host still owes (scheduler/cleanup.py): {host, op, success}, in order
+    cleanup: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def terminal(self) -> bool:

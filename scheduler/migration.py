@@ -1,9 +1,11 @@
 """Live migration as a journaled state machine over the agents' v3 steps.
 
-Forward: ``begin`` (source: check, XML) → ``prepare`` (destination: paused incoming
-instance, URI) → ``perform`` (source: start streaming) → ``progress`` (``migration``
-events wake us; ``migration.status`` is the truth) → ``finish`` (destination resumes and
-owns the definition) → ``confirm`` (source stops, drops its definition) → ``done``.
+Forward: ``begin`` (source: check, XML) and ``prepare`` (destination: paused incoming
+instance, URI) *together* (the scheduler already holds the XML from placing it) →
+``perform`` (source: start streaming) → ``progress`` (the source's ``migration`` events
+carry the status, so the end is seen without polling; ``migration.status`` is asked at
+the start and every ``progress_poll`` without news) → ``finish`` (destination resumes
+and owns the definition) → ``confirm`` (source stops, drops its definition) → ``done``.
 
 Rollback, from any failure, timeout or cancel before ``finish`` succeeded: cancel on the
 source, ``finish(success=False)`` on the destination (its instance is killed),
@@ -11,20 +13,25 @@ source, ``finish(success=False)`` on the destination (its instance is killed),
 runs in exactly one place. Once the destination runs the guest (finish succeeded, or a
 post-copy is under way) there is no way back: the coordinator only goes forward.
 
-Every phase is written to the journal before its step, so a restarted scheduler resumes
-each migration from its phase after asking the agents what really happened
-(:meth:`MigrationCoordinator.recover`).
+Every phase that recovery tells apart is written to the journal before its step
+(``prepare``, ``perform``, ``finish``, ``confirm``, ``rollback``; a queued migration that
+never started, and ``progress``, which recovers like ``perform``, are not), so a
+restarted scheduler resumes each migration after asking the agents what really happened
+(:meth:`MigrationCoordinator.recover`). A step a silent host still owes after
+``cleanup_timeout`` is kept in the record and retried (:mod:`scheduler.cleanup`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from scheduler.cleanup import CleanupRunner, cleanup_step, destination_owns
 from scheduler.inventory import ClusterView
 from scheduler.journal import Journal, MigrationRecord
 from scheduler.settings import SchedulerSettings
@@ -46,7 +53,9 @@ ACTIVE_STATUSES = frozenset({"setup", "active", "device", "pre-switchover", "wai
 POSTCOPY_STATUSES = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
 
 
-_GAVE_UP: Any = object()  # a cleanup step that never got an answer
+_GAVE_UP: Any = object()  # a cleanup step the agent refused (it answered with an error)
+_UNREACHABLE: Any = object()  # a cleanup step whose host never answered: left to CleanupRunner
+_UNJOURNALED = frozenset({"progress"})  # recovered like the phase before: not written
 
 
 class _Rollback(Exception):
@@ -78,6 +87,9 @@ class MigrationCoordinator:
             maxlen=settings.history
         )
         self._wake: dict[str, asyncio.Event] = {}  # by id: a migration event arrived
+        self._changed: dict[str, asyncio.Event] = {}  # by id: set (and dropped) on a change
+        self._xml: dict[str, str] = {}  # by id: the source's XML from placement (not journaled)
+        self.cleanups = CleanupRunner(call, view, journal, settings, tasks)
         self._slots = asyncio.Condition()
         self._running_out: collections.Counter[str] = collections.Counter()
         self._running = 0
@@ -94,15 +106,34 @@ class MigrationCoordinator:
         return None
 
     def busy(self, uuid: str) -> bool:
-        return any(r.uuid == uuid for r in self.active.values())
+        return any(r.uuid == uuid for r in self.active.values()) or self.cleanups.busy(uuid)
+
+    async def wait_change(self, record: MigrationRecord, timeout: float) -> None:
+        """Long poll: return when ``record`` changes (phase, state, progress) or at ``timeout``."""
+        if record.terminal:
+            return
+        event = self._changed.setdefault(record.id, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await event.wait()
+
+    def _notify(self, record: MigrationRecord) -> None:
+        event = self._changed.pop(record.id, None)
+        if event is not None:
+            event.set()
 
     # --- submission -----------------------------------------------------------------
-    async def submit(self, record: MigrationRecord) -> MigrationRecord:
-        """Journal a new (already placed) migration and start running it."""
+    async def submit(self, record: MigrationRecord, xml: str | None = None) -> MigrationRecord:
+        """Start a new (already placed) migration; ``xml`` is the source's live definition.
+
+        It is journaled when it starts (``prepare``): one that was still waiting for a slot
+        when the scheduler stopped had done nothing, and is forgotten.
+        """
         if self.busy(record.uuid):
             raise OperationInvalid(f"domain '{record.domain}' is already migrating")
         self.active[record.id] = record
-        await self.journal.save(record)
+        if xml is not None:
+            self._xml[record.id] = xml
         self._spawn(record, counted=False)
         return record
 
@@ -125,6 +156,7 @@ class MigrationCoordinator:
                 data = body.get("data") or {}
                 if data:
                     record.progress = dict(data)
+                    self._notify(record)
                 self._poke(record)
 
     def _poke(self, record: MigrationRecord) -> None:
@@ -186,18 +218,9 @@ class MigrationCoordinator:
         s = self.settings
         if record.phase == "queued":
             record.state, record.started = "running", time.time()
-            await self._enter(record, "begin")
-        if record.phase == "begin":
-            begun = await self._step(record, record.source, ops.MIGRATION_BEGIN, {})
             record.progress = {"status": "setup"}
             await self._enter(record, "prepare")
-            prepared = await self._step(
-                record,
-                record.destination,
-                ops.MIGRATION_PREPARE,
-                {"xml": begun["xml"], "params": record.params},
-            )
-            record.uri = prepared["uri"]
+            record.uri = await self._begin_and_prepare(record, self._xml.pop(record.id, None))
             await self._enter(record, "perform")
             await self._step(
                 record,
@@ -215,39 +238,69 @@ class MigrationCoordinator:
             )
             await self._enter(record, "confirm")
         if record.phase == "confirm":
-            await self._retry(
+            answer = await self._retry(
                 record, record.source, ops.MIGRATION_CONFIRM, {"success": True}, s.cleanup_timeout
             )
+            if answer is _UNREACHABLE:  # the guest runs at the destination: stop the old copy later
+                record.cleanup.append(cleanup_step(record.source, ops.MIGRATION_CONFIRM, True))
             self.view.domain_moved(record.uuid, record.source, record.destination)
             record.state = "completed"
             await self._enter(record, "done")
 
+    async def _begin_and_prepare(self, record: MigrationRecord, xml: str | None) -> str:
+        """``begin`` on the source and ``prepare`` on the destination, at once when the XML
+        is already known (a failed ``begin`` rolls back the prepared destination)."""
+        body = {"params": record.params}
+        if xml is None:
+            xml = (await self._step(record, record.source, ops.MIGRATION_BEGIN, {}))["xml"]
+            prepared = await self._step(
+                record, record.destination, ops.MIGRATION_PREPARE, {"xml": xml, **body}
+            )
+            return str(prepared["uri"])
+        results = await asyncio.gather(
+            self._step(record, record.source, ops.MIGRATION_BEGIN, {}),
+            self._step(record, record.destination, ops.MIGRATION_PREPARE, {"xml": xml, **body}),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return str(results[1]["uri"])  # type: ignore[index]
+
     async def _follow(self, record: MigrationRecord) -> None:
-        """Wait for the source to report an end state; cancel on deadline or request."""
+        """Wait for the source to report an end state; cancel on deadline or request.
+
+        The source's ``migration`` events (:meth:`on_event`) carry QEMU's status, so they
+        end the wait by themselves; ``migration.status`` is asked at the start (recovery
+        resumes here too) and whenever ``progress_poll`` passes without an event.
+        """
         s, wake = self.settings, self._wake[record.id]
+        query = True
         while True:
-            try:
-                status = await self._call(
-                    record.source,
-                    ops.MIGRATION_STATUS,
-                    {"domain": record.uuid},
-                    s.step_timeout,
-                )
-            except RetryableError as exc:
-                log.warning("migration %s: status from %s: %s", record.id, record.source, exc)
-                status = None
-            except VirtbusError as exc:
-                raise _Rollback("failed", f"source lost the migration: {exc}") from None
-            if status is not None:
-                record.progress = dict(status)
-                state = status.get("status")
-                if state == "completed":
-                    return
-                if state in ("failed", "cancelled") or (
-                    state == "none" and record.phase == "progress"
-                ):
-                    why = status.get("error") or f"the source reports {state}"
-                    raise _Rollback("cancelled" if record.cancel_requested else "failed", why)
+            if query:
+                try:
+                    status = await self._call(
+                        record.source,
+                        ops.MIGRATION_STATUS,
+                        {"domain": record.uuid},
+                        s.step_timeout,
+                    )
+                except RetryableError as exc:
+                    log.warning("migration %s: status from %s: %s", record.id, record.source, exc)
+                    status = None
+                except VirtbusError as exc:
+                    raise _Rollback("failed", f"source lost the migration: {exc}") from None
+                if status is not None:
+                    record.progress = dict(status)
+                    self._notify(record)
+            state = record.progress.get("status")
+            if state == "completed":
+                return
+            if state in ("failed", "cancelled") or (
+                query and state == "none" and record.phase == "progress"
+            ):
+                why = record.progress.get("error") or f"the source reports {state}"
+                raise _Rollback("cancelled" if record.cancel_requested else "failed", why)
             past_deadline = time.time() >= record.deadline
             postcopy = record.progress.get("status") in POSTCOPY_STATUSES
             if (record.cancel_requested or past_deadline) and not postcopy:
@@ -255,11 +308,12 @@ class MigrationCoordinator:
                 error = None if record.cancel_requested else f"timed out after {record.timeout:g} s"
                 raise _Rollback(reason, error)
             wait = max(0.01, min(s.progress_poll, record.deadline - time.time()))
+            query = False
             try:
                 async with asyncio.timeout(wait):
                     await wake.wait()
             except TimeoutError:
-                pass
+                query = True  # no news for a while: ask
             wake.clear()
 
     async def _guarded_rollback(
@@ -293,17 +347,18 @@ class MigrationCoordinator:
             answer = await self._retry(
                 record, record.destination, ops.MIGRATION_FINISH, {"success": False}, t
             )
-            if answer is _GAVE_UP and finish_sent:
+            if answer is _UNREACHABLE:  # retried when its heartbeats return (cleanup.py)
+                record.cleanup.append(cleanup_step(record.destination, ops.MIGRATION_FINISH, False))
+            if answer in (_GAVE_UP, _UNREACHABLE) and finish_sent:
                 note = "the destination did not answer after finish: the source is left paused"
+                if answer is _UNREACHABLE:
+                    note += " until it does"
+                    record.cleanup.append(cleanup_step(record.source, ops.MIGRATION_CONFIRM, False))
                 record.error = f"{error}; {note}" if error else note
                 record.state = "failed"
                 await self._enter(record, "rolled_back")
                 return
-            if (
-                isinstance(answer, dict)
-                and answer.get("persistent")
-                and answer.get("state") == "running"
-            ):
+            if destination_owns(answer):
                 log.warning(
                     "migration %s: the destination owns %s: going forward", record.id, record.domain
                 )
@@ -311,7 +366,11 @@ class MigrationCoordinator:
                 await self._enter(record, "confirm")
                 await self._forward(record)
                 return
-        await self._retry(record, record.source, ops.MIGRATION_CONFIRM, {"success": False}, t)
+        answer = await self._retry(
+            record, record.source, ops.MIGRATION_CONFIRM, {"success": False}, t
+        )
+        if answer is _UNREACHABLE:
+            record.cleanup.append(cleanup_step(record.source, ops.MIGRATION_CONFIRM, False))
         record.state = state
         await self._enter(record, "rolled_back")
 
@@ -346,10 +405,10 @@ class MigrationCoordinator:
                 )
             except (RetryableError, NoHostError) as exc:
                 if time.monotonic() >= deadline:
-                    note = f"{op} on {host} not done: {exc}"
+                    note = f"{op} on {host} not done yet (retried when it answers): {exc}"
                     log.error("migration %s: %s", record.id, note)
                     record.error = f"{record.error}; {note}" if record.error else note
-                    return _GAVE_UP
+                    return _UNREACHABLE
                 await asyncio.sleep(self.settings.cleanup_retry)
             except (NoDomainError, OperationInvalid, MigrateFailed) as exc:
                 log.info("migration %s: %s on %s: %s", record.id, op, host, exc)
@@ -362,7 +421,9 @@ class MigrationCoordinator:
 
     async def _enter(self, record: MigrationRecord, phase: str) -> None:
         record.enter(phase)
-        await self.journal.save(record)
+        if phase not in _UNJOURNALED:
+            await self.journal.save(record)
+        self._notify(record)
 
     async def _finalize(self, record: MigrationRecord) -> None:
         if not record.terminal:
@@ -371,8 +432,13 @@ class MigrationCoordinator:
         self.view.release(record.destination, record.uuid)
         self.active.pop(record.id, None)
         self._wake.pop(record.id, None)
+        self._xml.pop(record.id, None)
         self.history.append(record)
-        await self.journal.remove(record)
+        self._notify(record)
+        if record.cleanup:
+            await self.cleanups.start(record)  # keeps it journaled until done
+        else:
+            await self.journal.remove(record)
         log.info(
             "migration %s of %s %s -> %s: %s%s",
             record.id,
@@ -387,6 +453,10 @@ class MigrationCoordinator:
     async def recover(self, records: list[MigrationRecord]) -> None:
         """Resume every journaled migration from what the agents say really happened."""
         for record in records:
+            if record.terminal and record.cleanup:
+                self.history.append(record)
+                await self.cleanups.start(record)
+                continue
             if record.terminal or record.id in self.active:
                 if record.terminal:
                     await self.journal.remove(record)

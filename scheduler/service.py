@@ -200,6 +200,7 @@ class SchedulerService:
             host = body["host"]
             if self.view.observe_heartbeat(body):
                 self._refresh_soon(host)
+            self.coordinator.cleanups.host_alive(host)  # retry what it still owes at once
             if self.active and host in self.view.draining and not body.get("draining"):
                 self._tasks.spawn(self._tell_draining(host, True), name=f"drain-flag:{host}")
 
@@ -346,6 +347,8 @@ class SchedulerService:
         t = self.settings.step_timeout
         xml = (await self._agent_call(source, ops.DOMAIN_XML, {"domain": info["uuid"]}, t))["xml"]
         defn = parse_domain_xml(xml)
+        defn.root.attrib.pop("id", None)  # the running id: not part of a definition
+        xml = defn.to_xml()
         candidates = self.view.candidates()
         src = next((c for c in candidates if c.name == source), None)
         if src is None:
@@ -373,7 +376,7 @@ class SchedulerService:
             drain=drain,
         )
         try:
-            return await self.coordinator.submit(record)
+            return await self.coordinator.submit(record, xml)
         except VirtbusError:
             self.view.release(destination, defn.uuid)
             raise
@@ -404,10 +407,17 @@ class SchedulerService:
         return fresh[0]
 
     async def _migration(self, body: dict[str, Any]) -> Any:
+        """One migration's record; with ``wait`` (s), a long poll: answered when it changes
+        (phase, state, progress) or after ``wait``, so a follower needs no polling loop."""
         ref = body.get("id") or _str_arg(body, "domain")
         record = self.coordinator.for_domain(str(ref))
         if record is None:
             raise NoDomainError(f"no migration known for '{ref}'")
+        wait = body.get("wait")
+        if wait is not None:
+            if not isinstance(wait, int | float) or isinstance(wait, bool) or wait < 0:
+                raise InvalidArgument("'wait' must be a non-negative number of seconds")
+            await self.coordinator.wait_change(record, min(wait, self.settings.long_poll_max))
         return record.to_map()
 
     async def _migrations(self, body: dict[str, Any]) -> Any:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scheduler.placement import PlacementPolicy
+from virtbus.settings import Backoff
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +21,9 @@ class SchedulerSettings:
     progress_poll: float = 0.5  # query migration.status at least this often (s)
     cleanup_timeout: float = 30.0  # keep retrying a rollback/confirm step this long (s)
     cleanup_retry: float = 0.5  # pause between retries of a cleanup step (s)
+    # a cleanup left to a host that stayed silent: retried this way (and on its heartbeats)
+    cleanup_backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.5, maximum=10.0))
+    long_poll_max: float = 30.0  # longest wait of a scheduler.migration long poll (s)
     claim_ttl: float = 120.0  # a placement's claim on a host, until the host reports it (s)
     fanout_timeout: float = 5.0  # deadline of calls to every host (scheduler.domains) (s)
     leader_probe: float = 1.0  # a standby checks this often whether it became active (s)

@@ -6,10 +6,13 @@
   live XML, state and reason, the job in flight) from which a restarted agent
   reattaches, as libvirt's ``/run/libvirt/qemu/<name>.xml`` status files.
 
-Both are written with :func:`virtbus.store.atomic_write` (temp file, fsync, rename), so a
-reader sees the old or the new file. A file that does not parse anyway (a disk error, a
-human) is set aside with :func:`virtbus.store.quarantine` and reported: never fatal, and
-never a reason to touch the QEMU it describes.
+Both are replaced atomically (temp file, rename), so a reader sees the old or the new
+file. Definitions are also fsynced (:func:`virtbus.store.atomic_write`): they must survive
+the host. Status files are not: they describe processes that die with the host, the page
+cache survives a killed agent, and an fsync costs 10-100 ms on the migration's hot path.
+A file that does not parse anyway (a disk error, a human) is set aside with
+:func:`virtbus.store.quarantine` and reported: never fatal, and never a reason to touch
+the QEMU it describes.
 
 It also finds QEMU processes that point into our run dir but that no status file
 describes (left by a lost status file, or by another agent with the same run dir): they
@@ -189,7 +192,7 @@ class StateStore:
         return status
 
     async def write_status(self, status: RunStatus) -> None:
-        await atomic_write(self.status_path(status.uuid), status.to_json())
+        await asyncio.to_thread(_replace, self.status_path(status.uuid), status.to_json())
 
     async def remove_status(self, uuid: str) -> None:
         await _remove(self.status_path(uuid))
@@ -219,6 +222,14 @@ def _scan_qemus(run_dir: str, known_pids: set[int]) -> list[UnknownQemu]:
                 uuid = value.decode(errors="replace")
         found.append(UnknownQemu(int(entry), uuid))
     return found
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Atomic but not durable (see the module docstring): write a temp file, rename it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
 
 
 async def _remove(path: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import socket
 import statistics
@@ -110,7 +111,52 @@ async def cli(*args: str) -> str:
     return out.decode()
 
 
-async def orchestrated(tmp: Path, runs: int) -> list[float]:
+async def in_process(runs: int, where: list[str]) -> list[float]:
+    """``scheduler.migrate`` + follow from a client already connected: no CLI start-up.
+
+    Follows with the scheduler's long poll (``scheduler.migration`` with ``wait``), so the
+    figure is the scheduler's own time plus one bus round trip. Prints the median time
+    spent in each journaled phase.
+    """
+    from virtbus.bus.factory import open_bus
+    from virtbus.bus.topology import SCHEDULER_ROUTE
+    from virtbus.protocol import ops
+
+    bus = open_bus(URL, src="bench")
+    await bus.connect()
+    times: list[float] = []
+    phases: dict[str, list[float]] = {}
+    try:
+        for i in range(runs):
+            to = where[(runs + i) % 2]
+            t0, w0 = time.perf_counter(), time.time()
+            rec = await bus.call(
+                SCHEDULER_ROUTE, ops.SCHEDULER_MIGRATE, {"domain": "bench", "to": to}, timeout=60
+            )
+            while rec["state"] not in ("completed", "failed", "cancelled"):
+                rec = await bus.call(
+                    SCHEDULER_ROUTE,
+                    ops.SCHEDULER_MIGRATION,
+                    {"id": rec["id"], "wait": 5.0},
+                    timeout=60,
+                )
+            times.append(time.perf_counter() - t0)
+            w1 = time.time()
+            assert rec["state"] == "completed", rec
+            hist = rec["history"]
+            phases.setdefault("(locate+place)", []).append(rec["created"] - w0)
+            phases.setdefault("(wait for a slot)", []).append(hist[0][1] - rec["created"])
+            phases.setdefault("(end to client)", []).append(w1 - hist[-1][1])
+            for (name, t), (_, t_next) in itertools.pairwise(hist):
+                phases.setdefault(name, []).append(t_next - t)
+    finally:
+        await bus.close()
+    breakdown = ", ".join(f"{name} {statistics.median(v) * 1e3:.0f}" for name, v in phases.items())
+    print(f"per phase p50 (ms): {breakdown}")
+    return times
+
+
+async def orchestrated(tmp: Path, runs: int) -> tuple[list[float], list[float]]:
     driver = "qemu" if QEMU_MIGRATION else "test"
     procs = []
     try:
@@ -158,6 +204,7 @@ async def orchestrated(tmp: Path, runs: int) -> list[float]:
             t0 = time.perf_counter()
             await cli("migrate", "bench", "--to", where[i % 2], "--wait")
             times.append(time.perf_counter() - t0)
+        client = await in_process(runs, where)
         floor = []
         for _ in range(runs):
             t0 = time.perf_counter()
@@ -165,8 +212,8 @@ async def orchestrated(tmp: Path, runs: int) -> list[float]:
             floor.append(time.perf_counter() - t0)
         print(f"CLI floor (`virtbus migrations`: process start + connect + 1 call): "
               f"p50 {statistics.median(floor) * 1e3:.0f} ms")  # fmt: skip
-        await cli("destroy", "bench", "--host", where[(runs - 1) % 2])
-        return times
+        await cli("destroy", "bench", "--host", where[(2 * runs - 1) % 2])
+        return times, client
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -178,11 +225,14 @@ async def amain(runs: int) -> None:
     with tempfile.TemporaryDirectory(prefix="virtbus-bench-") as t:
         tmp = Path(t)
         bare = [await bare_once(tmp) for _ in range(runs)]
-        orch = await orchestrated(tmp, runs)
+        orch, client = await orchestrated(tmp, runs)
     bare_t = statistics.median(b[0] for b in bare)
     orch_t = statistics.median(orch)
     print(f"bare QMP migrate (128 MiB idle TCG guest): p50 {bare_t * 1e3:.0f} ms, "
           f"downtime p50 {statistics.median(b[1] for b in bare)} ms")  # fmt: skip
+    client_t = statistics.median(client)
+    print(f"scheduler op from a connected client (no CLI start-up): p50 {client_t * 1e3:.0f} ms,"
+          f" overhead over bare {(client_t - bare_t) * 1e3:.0f} ms")  # fmt: skip
     kind = "QEMU driver" if QEMU_MIGRATION else "test driver, instant transfer"
     print(f"orchestrated `virtbus migrate --wait` ({kind}): p50 {orch_t * 1e3:.0f} ms")
     if QEMU_MIGRATION:

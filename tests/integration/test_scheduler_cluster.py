@@ -243,7 +243,7 @@ async def test_scheduler_killed_mid_migration_resolves_on_restart(
             sched.kill()  # SIGKILL: no chance to clean up
             await sched.wait()
         journal = [json.loads(p.read_text()) for p in (state / "migrations").glob("*.json")]
-        assert [r["phase"] for r in journal] == ["progress"]
+        assert [r["phase"] for r in journal] in (["perform"], ["progress"])
         async with scheduler_process(state):
             rec = await wait_migration("k1")
             assert rec["state"] == "completed", rec

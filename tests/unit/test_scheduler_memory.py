@@ -211,7 +211,7 @@ async def test_restart_resolves_a_journaled_migration(tmp_path: Path) -> None:
         await asyncio.sleep(0.4)
         await c.scheduler.stop()  # "killed" mid-migration: the journal keeps it
         records = await Journal(c.state_dir).load()
-        assert [r.phase for r in records] == ["progress"]
+        assert [r.phase for r in records] == ["perform"]  # progress is not journaled
         c.scheduler = SchedulerService(scheduler_settings(c.state_dir), open_bus(c.url, src="s2"))
         await c.scheduler.start()
         done = await c.wait_migration("vm1")
