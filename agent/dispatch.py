@@ -73,6 +73,7 @@ class Dispatcher:
         self._timeout = command_timeout
         self._memory = CallMemory(call_memory)
         self._tails: dict[str, asyncio.Future[Reply]] = {}  # last call submitted per domain
+        self._recording: dict[str, asyncio.Future[None]] = {}  # call id -> reply on disk
         self.executed = 0  # commands actually run (redeliveries excluded)
 
     def submit(self, call: Envelope) -> Awaitable[Reply]:
@@ -107,7 +108,8 @@ class Dispatcher:
             if not reply.done():
                 body = await self._execute_once(call)
                 if self._call_log is not None and self._journaled(call):
-                    await self._call_log.record(call.id, body)  # before the ack
+                    # Written while the reply travels; the ack waits for it (before_ack).
+                    self._recording[call.id] = self._call_log.record(call.id, body)
                 reply.set_result(body)
         except asyncio.CancelledError:
             if not reply.done():
@@ -133,6 +135,13 @@ class Dispatcher:
             log.exception("call %s (%s) failed unexpectedly", call.id, call.op)
             err = InternalError(f"{type(exc).__name__}: {exc}")
         return error_body(err.code, err.message)
+
+    async def before_ack(self, call: Envelope) -> None:
+        """The transport acks a call only once its reply is recorded: a call redelivered
+        after a crash is then answered from the log instead of being run again."""
+        recording = self._recording.pop(call.id, None)
+        if recording is not None:
+            await recording
 
     def restore(self, replies: list[tuple[str, Reply]]) -> None:
         """Answers remembered from before a restart (oldest first)."""

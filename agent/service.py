@@ -138,7 +138,11 @@ class AgentService:
         await self.bus.connect()
         self._tasks.spawn(self.outbox.run(), name="outbox")
         self._tasks.spawn(self._heartbeat_loop(), name="heartbeat")
-        self._server = await self.bus.serve(ops.agent_route(self.host), self.dispatcher.submit)
+        self._server = await self.bus.serve(
+            ops.agent_route(self.host),
+            self.dispatcher.submit,
+            before_ack=self.dispatcher.before_ack,
+        )
         await self.metrics.start()
         log.info("agent %s serving with driver %s", self.host, self.driver.name)
 

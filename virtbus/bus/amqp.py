@@ -35,7 +35,7 @@ from virtbus.bus.amqp_consumers import (
     AmqpSubscription,
     deadline_header,
 )
-from virtbus.bus.base import CallHandler, ConnectionListener, HistoryStart, stream_offset
+from virtbus.bus.base import BeforeAck, CallHandler, ConnectionListener, HistoryStart, stream_offset
 from virtbus.bus.rpc import no_host, result_from_reply
 from virtbus.bus.topology import (
     DEAD_LETTER,
@@ -320,9 +320,11 @@ class AmqpBus:
             return
         self._settle(call_id, result=message.body)
 
-    async def serve(self, route: str, handler: CallHandler) -> AmqpServer:
+    async def serve(
+        self, route: str, handler: CallHandler, *, before_ack: BeforeAck | None = None
+    ) -> AmqpServer:
         connection = self._require_connection()
-        server = await AmqpServer.start(self, connection, route, handler)
+        server = await AmqpServer.start(self, connection, route, handler, before_ack)
         self._servers.add(server)
         server.on_stopped = self._servers.discard
         return server

@@ -25,7 +25,7 @@ from aio_pika.abc import (
 from pamqp.commands import Basic
 
 from virtbus.aio import TaskGroup
-from virtbus.bus.base import CallHandler
+from virtbus.bus.base import BeforeAck, CallHandler
 from virtbus.bus.buffer import BoundedBuffer
 from virtbus.bus.rpc import body_from_exception, settle
 from virtbus.bus.topology import (
@@ -84,10 +84,12 @@ class AmqpServer:
         handler: CallHandler,
         channel: AbstractRobustChannel,
         queue: AbstractRobustQueue,
+        before_ack: BeforeAck | None = None,
     ) -> None:
         self.route = route
         self._bus = bus
         self._handler = handler
+        self._before_ack = before_ack
         self._channel = channel
         self._queue = queue
         self._tag: str | None = None
@@ -97,7 +99,12 @@ class AmqpServer:
 
     @classmethod
     async def start(
-        cls, bus: AmqpBus, connection: AbstractRobustConnection, route: str, handler: CallHandler
+        cls,
+        bus: AmqpBus,
+        connection: AbstractRobustConnection,
+        route: str,
+        handler: CallHandler,
+        before_ack: BeforeAck | None = None,
     ) -> AmqpServer:
         spec = call_queue_for(route)
         timeout = bus.settings.connect_timeout
@@ -108,7 +115,7 @@ class AmqpServer:
                 spec.name, durable=spec.durable, arguments=spec.arguments, timeout=timeout
             )
             await queue.bind(RPC_EXCHANGE, routing_key=route, timeout=timeout)
-            server = cls(bus, route, handler, channel, queue)
+            server = cls(bus, route, handler, channel, queue, before_ack)
             server._tag = await queue.consume(server._on_message, timeout=timeout)
         except BaseException:
             await _quietly(channel.close(), "closing a server channel")
@@ -162,6 +169,8 @@ class AmqpServer:
                 data = encode(reply_to(call, error_body(exc.code, exc.message), self._bus.src))
             # Echo the AMQP correlation id (ours equals the envelope id; other clients may differ).
             await self._send_reply(message.reply_to, message.correlation_id or call.id, data)
+        if self._before_ack is not None and awaitable is not None:
+            await self._before_ack(call)  # e.g. the reply is on disk: a redelivery is answered
         await _quietly(message.ack(), f"ack of call {call.id}")
 
     async def _refuse(self, message: AbstractIncomingMessage, exc: ProtocolError) -> None:

@@ -47,6 +47,9 @@ def stream_offset(start: HistoryStart) -> str | datetime:
 
 # Called in delivery order, returns an awaitable of the reply body ({"ok": ...}).
 CallHandler = Callable[[Envelope], Awaitable[dict[str, Any]]]
+# Awaited after the reply was sent and before the call is acked: what must be durable
+# before the broker forgets the call (the agent's record of its reply).
+BeforeAck = Callable[[Envelope], Awaitable[None]]
 ConnectionListener = Callable[[bool], None]
 
 
@@ -77,7 +80,9 @@ class Bus(Protocol):
         self, route: str, op: str, body: dict[str, Any], *, timeout: float | None = None
     ) -> Any: ...
 
-    async def serve(self, route: str, handler: CallHandler) -> Server: ...
+    async def serve(
+        self, route: str, handler: CallHandler, *, before_ack: BeforeAck | None = None
+    ) -> Server: ...
 
     async def publish(
         self, exchange: str, routing_key: str, envelope: Envelope, *, confirm: bool = False

@@ -22,7 +22,7 @@ from collections import deque
 from typing import Any
 
 from virtbus.aio import TaskGroup
-from virtbus.bus.base import CallHandler, ConnectionListener, HistoryStart, stream_offset
+from virtbus.bus.base import BeforeAck, CallHandler, ConnectionListener, HistoryStart, stream_offset
 from virtbus.bus.buffer import BoundedBuffer
 from virtbus.bus.rpc import body_from_exception, no_host, result_from_reply, settle
 from virtbus.bus.topology import EVENTS_EXCHANGE, EXCHANGES
@@ -115,7 +115,10 @@ def memory_broker(url: str) -> MemoryBroker:
 
 
 class MemoryServer:
-    def __init__(self, bus: MemoryBus, route: str, handler: CallHandler) -> None:
+    def __init__(
+        self, bus: MemoryBus, route: str, handler: CallHandler, before_ack: BeforeAck | None
+    ) -> None:
+        self._before_ack = before_ack
         self._bus = bus
         self._route = route
         self._handler = handler
@@ -152,6 +155,8 @@ class MemoryServer:
         except ProtocolError as exc:
             data = encode(reply_to(call, error_body(exc.code, exc.message), self._bus.src))
         _resolve(reply, data)
+        if self._before_ack is not None:
+            await self._before_ack(call)  # nothing to ack in memory, but the same order
 
     async def stop(self) -> None:
         if self._stopped:
@@ -287,9 +292,11 @@ class MemoryBus:
             self._pending.discard(reply)
         return result_from_reply(decode(raw, self.settings.limits).body)
 
-    async def serve(self, route: str, handler: CallHandler) -> MemoryServer:
+    async def serve(
+        self, route: str, handler: CallHandler, *, before_ack: BeforeAck | None = None
+    ) -> MemoryServer:
         self._require_connected()
-        server = MemoryServer(self, route, handler)
+        server = MemoryServer(self, route, handler, before_ack)
         self.broker.servers.setdefault(route, []).append(server)
         self._servers.append(server)
         return server
