@@ -408,7 +408,9 @@ class SchedulerService:
 
     async def _migration(self, body: dict[str, Any]) -> Any:
         """One migration's record; with ``wait`` (s), a long poll: answered when it changes
-        (phase, state, progress) or after ``wait``, so a follower needs no polling loop."""
+        (phase, state, progress) or after ``wait``, so a follower needs no polling loop.
+        ``seen`` is the record the follower last got: if it already differs, the answer is
+        immediate (a change between two polls is never missed)."""
         ref = body.get("id") or _str_arg(body, "domain")
         record = self.coordinator.for_domain(str(ref))
         if record is None:
@@ -417,7 +419,10 @@ class SchedulerService:
         if wait is not None:
             if not isinstance(wait, int | float) or isinstance(wait, bool) or wait < 0:
                 raise InvalidArgument("'wait' must be a non-negative number of seconds")
-            await self.coordinator.wait_change(record, min(wait, self.settings.long_poll_max))
+            if body.get("seen") in (None, record.to_map()):
+                await self.coordinator.wait_change(
+                    record, min(wait, self.settings.long_poll_max)
+                )
         return record.to_map()
 
     async def _migrations(self, body: dict[str, Any]) -> Any:

@@ -18,6 +18,7 @@ from virtbus.errors import MigrateFailed, OperationFailed
 from virtbus.protocol import ops
 
 POLL = 0.05  # s between status queries while waiting (cheap calls to the scheduler)
+LONG_POLL = 5.0  # s the scheduler may hold a follow query (well under a call deadline)
 TERMINAL = ("completed", "failed", "cancelled")
 MIB = 1024 * 1024
 
@@ -134,8 +135,10 @@ async def follow_migration(
                 out.update(_line(rec, with_bar=out.tty, style=style))
             if rec["state"] in TERMINAL:
                 return rec
-            await asyncio.sleep(POLL)
-            rec = await ctx.scheduler(ops.SCHEDULER_MIGRATION, {"id": rec["id"]})
+            # A long poll: the scheduler answers as soon as the migration changes.
+            rec = await ctx.scheduler(
+                ops.SCHEDULER_MIGRATION, {"id": rec["id"], "wait": LONG_POLL, "seen": rec}
+            )
     finally:
         out.clear()
 
