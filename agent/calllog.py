@@ -15,11 +15,21 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from virtbus.store import RecordLog
+from virtbus.store import RecordLog, encode_record
 
 log = logging.getLogger(__name__)
 
 Reply = dict[str, Any]
+
+
+def _encodable(record: dict[str, Any]) -> bool:
+    """False (and logged) for a reply msgpack cannot store; it is answered, not recorded."""
+    try:
+        encode_record(record)
+    except (TypeError, ValueError, OverflowError) as exc:
+        log.error("reply to call %s cannot be recorded: %s", record.get("id"), exc)
+        return False
+    return True
 
 
 class CallLog:
@@ -49,18 +59,28 @@ class CallLog:
         while self._batch:
             batch, self._batch = self._batch, []
             records = [record for record, _ in batch]
-            self._recent.extend(records)
             try:
-                if self._log.records_on_disk + len(records) > 2 * self._keep:
-                    await self._log.rewrite(list(self._recent))
-                else:
-                    await self._log.append(records)
+                try:
+                    await self._store(records)
+                except (TypeError, ValueError, OverflowError):  # msgpack refused a reply
+                    records = [r for r in records if _encodable(r)]
+                    await self._store(records)
             except OSError as exc:  # answer anyway: a lost record only risks a re-run
                 log.error("cannot record %d replies in %s: %s", len(batch), self._log.path, exc)
-            for _, done in batch:
-                if not done.done():
-                    done.set_result(None)
+            finally:
+                # Always settle: a call's ack waits for this, and its domain's chain too.
+                self._recent.extend(records)
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    async def _store(self, records: list[dict[str, Any]]) -> None:
+        if self._log.records_on_disk + len(records) > 2 * self._keep:
+            await self._log.rewrite([*self._recent, *records][-self._keep :])
+        else:
+            await self._log.append(records)
 
     async def close(self) -> None:
         if self._writer is not None:
             await asyncio.wait([self._writer])
+        self._log.close()

@@ -417,8 +417,7 @@ class TestDriver:
     async def _cancel_outgoing(self, dom: _TestDomain, out: _Outgoing) -> None:
         if out.task is not None and not out.task.done():
             out.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await out.task
+            await asyncio.wait([out.task])  # our own caller's cancellation still reaches us
         if out.active:
             out.status.status = "cancelled"
             self._resume_after_migration(dom, out)

@@ -454,8 +454,7 @@ class XenDriver:
         if job is None or job.finished is not None or job.task is None:
             raise OperationInvalid(f"domain '{t.name}' has no migration in progress")
         job.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await job.task
+        await asyncio.wait([job.task])  # our own caller's cancellation still reaches us
 
     async def migrate_finish(self, ref: str, success: bool) -> None:
         t = self._get(ref)

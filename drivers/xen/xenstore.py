@@ -158,7 +158,7 @@ def split_strings(payload: bytes) -> list[str]:
     parts = payload.split(b"\0")
     if parts[-1] == b"":
         parts.pop()
-    return [p.decode() for p in parts]
+    return [p.decode(errors="replace") for p in parts]  # bad bytes must not kill the reader
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,8 +191,7 @@ class XenStoreClient:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task])  # never swallows our own caller's cancellation
         if self._writer is not None:
             self._writer.close()
             with contextlib.suppress(OSError):
@@ -206,8 +205,9 @@ class XenStoreClient:
         self._pending.clear()
         if not self.closed.is_set():
             self.closed.set()
-            with contextlib.suppress(asyncio.QueueFull):
-                self._events.put_nowait(None)
+            if self._events.full():  # the end must reach the consumer: drop an event for it
+                self._events.get_nowait()
+            self._events.put_nowait(None)
 
     async def _read_loop(self) -> None:
         assert self._reader is not None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -82,8 +81,7 @@ async def build_guest(line: ProgressLine) -> str:
         guest = await asyncio.to_thread(build_test_guest, None, progress)
     finally:
         spinner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await spinner
+        await asyncio.wait([spinner])
         line.interrupt()
     print(f"  test guest: {guest.kernel.parent} ({time.monotonic() - started:.1f} s)")
     return guest_xml(guest.kernel, guest.initramfs, guest.cmdline)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -163,6 +162,5 @@ async def run_tour(ctx: Context, hosts: tuple[str, str], xml_file: Path) -> Tour
         raise OperationTimeout("the scheduler did not see both demo hosts in time") from None
     finally:
         printer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await printer
+        await asyncio.wait([printer])
     return tour
