@@ -133,15 +133,30 @@ class Domain:
         """Write the run's status file (after a state change, or a change of ``run.job``)."""
         if self.run is not run:
             return
-        status = RunStatus(
+        if run.writing is not None:  # one write at a time, in order
+            await asyncio.wait([run.writing])
+        status = self._status(run)  # taken after the previous write: never older than it
+        run.writing = asyncio.create_task(self._write(run, status), name=f"qemu-status-{run.id}")
+        await asyncio.shield(run.writing)  # a cancelled caller must not cut a write short
+
+    def save_status_soon(self, run: Run) -> None:
+        """Bring the status file up to date without holding up the event task: one
+        background write at a time, coalescing every change made meanwhile."""
+        if run.writing is None or run.writing.done():
+            run.writing = asyncio.create_task(
+                self._catch_up(run), name=f"qemu-status-{run.id}"
+            )
+
+    async def _catch_up(self, run: Run) -> None:
+        while self.run is run and run.saved != (self.state, self.reason):
+            await self._write(run, self._status(run))
+
+    def _status(self, run: Run) -> RunStatus:
+        return RunStatus(
             uuid=self.defn.uuid, pid=run.process.pid, id=run.id, qmp_socket=run.qmp_socket,
             xml=run.live.to_xml(), state=self.state, reason=self.reason, logfile=run.logfile,
             pidfile=run.pidfile, sockets=run.sockets, job=run.job,
         )  # fmt: skip
-        if run.writing is not None:  # one write at a time, in order
-            await asyncio.wait([run.writing])
-        run.writing = asyncio.create_task(self._write(run, status), name=f"qemu-status-{run.id}")
-        await asyncio.shield(run.writing)  # a cancelled caller must not cut a write short
 
     async def _write(self, run: Run, status: RunStatus) -> None:
         try:
@@ -186,7 +201,7 @@ class Domain:
             except VirtbusError as exc:
                 log.warning("domain %s: handling %r failed: %s", self.defn.name, item, exc)
             if self.run is run and run.saved != (self.state, self.reason):
-                await self.save_status(run)
+                self.save_status_soon(run)
 
     async def _on_qmp_event(self, run: Run, item: QmpEvent) -> None:
         if item.name in MIGRATION_EVENTS and run.migration is not None:
