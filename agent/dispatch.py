@@ -81,7 +81,7 @@ class Dispatcher:
         known = self._memory.get(call.id)
         if known is not None:
             log.info("call %s (%s) redelivered: answering from memory", call.id, call.op)
-            return known
+            return asyncio.shield(known)  # a cancelled waiter must not cancel the answer
         reply: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._memory.remember(call.id, reply)
         try:
@@ -109,7 +109,12 @@ class Dispatcher:
                 body = await self._execute_once(call)
                 if self._call_log is not None and self._journaled(call):
                     # Written while the reply travels; the ack waits for it (before_ack).
-                    self._recording[call.id] = self._call_log.record(call.id, body)
+                    recording = self._call_log.record(call.id, body)
+                    self._recording[call.id] = recording
+                    # Once written there is nothing to wait for: never left behind.
+                    recording.add_done_callback(
+                        lambda _f, cid=call.id: self._recording.pop(cid, None)
+                    )
                 reply.set_result(body)
         except asyncio.CancelledError:
             if not reply.done():

@@ -54,6 +54,7 @@ class EventOutbox:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._retry_now = False
         self.dropped = 0
         self.published = 0
         self.restored = 0
@@ -151,18 +152,36 @@ class EventOutbox:
                     exc,
                     delay,
                 )
-                self._wakeup.clear()
-                try:  # new events still reach the disk while we wait
-                    async with asyncio.timeout(delay):
-                        await self._wakeup.wait()
-                except TimeoutError:
-                    pass
+                await self._wait_to_retry(delay)
                 continue
             delays = backoff_delays(self._retry)
             if self._pending and self._pending[0] is envelope:
                 self._pending.popleft()
             self.published += 1
             await self._confirmed(_seq(envelope))
+
+    async def _wait_to_retry(self, delay: float) -> None:
+        """Sleep out the backoff, still saving new events to disk; a restored connection
+        (``wake(retry=True)``) ends the wait at once."""
+        deadline = asyncio.get_running_loop().time() + delay
+        self._retry_now = False
+        while not self._retry_now:
+            self._wakeup.clear()
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            try:
+                async with asyncio.timeout(left):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return
+            if self._unsaved or self._dropped_upto:
+                await self._save()
+
+    def wake(self, *, retry: bool = False) -> None:
+        """Nudge the publisher; ``retry`` cuts a backoff wait short (the bus is back)."""
+        self._retry_now = self._retry_now or retry
+        self._wakeup.set()
 
     async def flush(self, timeout: float) -> bool:
         """Wait until everything queued so far was confirmed; False on timeout."""

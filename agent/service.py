@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from enum import Enum
 from typing import Any
 
 from agent.calllog import CallLog
@@ -23,13 +24,23 @@ from drivers.base import Driver, DriverEvent
 from virtbus.aio import TaskGroup
 from virtbus.bus.base import Bus, Server
 from virtbus.bus.topology import EVENTS_EXCHANGE, HEARTBEAT_KEY_SUFFIX, HOSTS_EXCHANGE
-from virtbus.errors import VirtbusError
+from virtbus.errors import OperationInvalid, VirtbusError
 from virtbus.protocol import ops
 from virtbus.protocol.envelope import Envelope, Kind
 from virtbus.protocol.events import event_body, event_routing_key, routing_word
 from virtbus.settings import AgentSettings, BusSettings
 
 log = logging.getLogger(__name__)
+
+
+class AgentState(Enum):
+    """The service's lifecycle: start once, stop any number of times."""
+
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
 
 
 class AgentService:
@@ -63,6 +74,7 @@ class AgentService:
             call_log=self.call_log,
             journaled=lambda call: call.op not in READ_ONLY_OPS,
         )
+        self.state = AgentState.NEW
         self.failed = asyncio.Event()  # set when a supervised task died: the agent must stop
         # Metrics wrap the dispatcher to time commands, so they exist before the queue is served.
         self.metrics = AgentMetrics(self)
@@ -122,7 +134,7 @@ class AgentService:
                 body = await self.inventory()
                 envelope = Envelope(kind=Kind.HEARTBEAT, op=ops.HEARTBEAT, body=body, src=self.host)
                 await self.bus.publish(HOSTS_EXCHANGE, key, envelope)
-            except VirtbusError as exc:
+            except (VirtbusError, OSError) as exc:  # a missed beat; the next one may do
                 log.warning("heartbeat not sent: %s", exc)
             await asyncio.sleep(self.settings.heartbeat_interval)
 
@@ -131,11 +143,19 @@ class AgentService:
         log.error("agent task %s died (%r): stopping the agent", name, exc)
         self.failed.set()
 
+    def _on_connection(self, connected: bool) -> None:
+        if connected:
+            self.outbox.wake(retry=True)  # publish the backlog now, not after the backoff
+
     async def start(self) -> None:
+        if self.state is not AgentState.NEW:
+            raise OperationInvalid(f"agent {self.host} is {self.state.value}: start it once")
+        self.state = AgentState.STARTING
         await self.outbox.load()  # sequence numbers continue where they stopped
         self.dispatcher.restore(await self.call_log.load())
         await self.driver.open(self._on_driver_event)
         await self.bus.connect()
+        self.bus.add_connection_listener(self._on_connection)
         self._tasks.spawn(self.outbox.run(), name="outbox")
         self._tasks.spawn(self._heartbeat_loop(), name="heartbeat")
         self._server = await self.bus.serve(
@@ -144,9 +164,13 @@ class AgentService:
             before_ack=self.dispatcher.before_ack,
         )
         await self.metrics.start()
+        self.state = AgentState.RUNNING
         log.info("agent %s serving with driver %s", self.host, self.driver.name)
 
     async def stop(self) -> None:
+        if self.state in (AgentState.STOPPING, AgentState.STOPPED):
+            return
+        self.state = AgentState.STOPPING
         grace = self.settings.shutdown_grace
         await self.metrics.stop()
         if self._server is not None:
@@ -159,4 +183,5 @@ class AgentService:
         await self.call_log.close()
         await self.driver.close()
         await self.bus.close()
+        self.state = AgentState.STOPPED
         log.info("agent %s stopped", self.host)

@@ -36,6 +36,7 @@ from virtbus.bus.amqp_consumers import (
     deadline_header,
 )
 from virtbus.bus.base import BeforeAck, CallHandler, ConnectionListener, HistoryStart, stream_offset
+from virtbus.bus.reconnect import connection_class
 from virtbus.bus.rpc import no_host, result_from_reply
 from virtbus.bus.topology import (
     DEAD_LETTER,
@@ -123,8 +124,8 @@ class AmqpBus:
             connection = await aio_pika.connect_robust(
                 self.url,
                 timeout=self.settings.connect_timeout,
-                reconnect_interval=self.settings.reconnect.initial,
                 client_properties={"connection_name": f"virtbus:{self.src}"},
+                connection_class=connection_class(self.settings.reconnect),
             )
         except AMQP_FAILURES as exc:
             raise BusUnavailable(f"cannot connect to {redacted(self.url)}: {exc}") from exc

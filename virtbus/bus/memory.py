@@ -208,9 +208,9 @@ class MemorySubscription:
 
     async def close(self) -> None:
         self._buffer.close()
-        subs = self._bus.broker.subscriptions
-        if self in subs:
-            subs.remove(self)
+        for subs in (self._bus.broker.subscriptions, self._bus._subscriptions):
+            if self in subs:
+                subs.remove(self)
 
 
 class MemoryBus:
