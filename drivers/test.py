@@ -32,6 +32,7 @@ from drivers.base import (
     MigrationParams,
     MigrationStatus,
 )
+from virtbus.aio import TaskGroup
 from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.errors import MigrateFailed, NoDomainError, OperationFailed, OperationInvalid
 from virtbus.protocol.events import DomainState, reason_code
@@ -123,6 +124,7 @@ class TestDriver:
         self._by_name: dict[str, str] = {}
         self._next_id = 1
         self._sink: EventSink = lambda _event: None
+        self._tasks = TaskGroup("test-driver")  # outgoing migration streams
 
     # --- plumbing -------------------------------------------------------------------
     async def open(self, sink: EventSink) -> None:
@@ -131,6 +133,7 @@ class TestDriver:
     async def close(self) -> None:
         for dom in list(self._domains.values()):
             self._abort_migration(dom)
+        await self._tasks.cancel_all()
         self._sink = lambda _event: None
 
     def lookup(self, ref: str) -> DomainRef | None:
@@ -334,9 +337,8 @@ class TestDriver:
         out = _Outgoing(MigrationStatus("setup", remaining=total, total=total))
         dom.outgoing = out
         self._emit_migration(dom)
-        out.task = asyncio.create_task(
-            self._stream(dom, out, reader, writer, params),
-            name=f"test-driver:migrate:{dom.definition.name}",
+        out.task = self._tasks.spawn(
+            self._stream(dom, out, reader, writer, params), f"migrate:{dom.definition.name}"
         )
 
     def _duration(self, total: int, params: MigrationParams) -> float:

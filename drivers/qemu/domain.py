@@ -143,9 +143,7 @@ class Domain:
         """Bring the status file up to date without holding up the event task: one
         background write at a time, coalescing every change made meanwhile."""
         if run.writing is None or run.writing.done():
-            run.writing = asyncio.create_task(
-                self._catch_up(run), name=f"qemu-status-{run.id}"
-            )
+            run.writing = asyncio.create_task(self._catch_up(run), name=f"qemu-status-{run.id}")
 
     async def _catch_up(self, run: Run) -> None:
         while self.run is run and run.saved != (self.state, self.reason):
@@ -200,6 +198,8 @@ class Domain:
                     await self.on_exit(run)
             except VirtbusError as exc:
                 log.warning("domain %s: handling %r failed: %s", self.defn.name, item, exc)
+            except Exception:  # a bug or an unexpected payload: skip the item, keep following
+                log.exception("domain %s: handling %r failed", self.defn.name, item)
             if self.run is run and run.saved != (self.state, self.reason):
                 self.save_status_soon(run)
 

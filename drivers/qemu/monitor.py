@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
 from qemu.qmp.message import Message
 
 from drivers.qemu.settings import QemuSettings
@@ -148,7 +148,8 @@ class Monitor:
             try:
                 await asyncio.wait_for(self._client.connect(str(self.socket)), remaining)
                 break
-            except (ConnectError, OSError, TimeoutError) as exc:
+            except (QMPError, OSError, TimeoutError) as exc:  # ConnectError, StateError, ...
+                await self._disconnect()  # a cut-short attempt leaves the client mid-connect
                 if not alive():
                     raise OperationFailed(
                         f"QEMU exited before its monitor answered ({exc})"

@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import logging
 import platform
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from drivers.base import (
@@ -33,7 +34,7 @@ from drivers.xen.settings import XenSettings
 from drivers.xen.xenstore import WatchEvent, XenStoreSession
 from drivers.xen.xl import Xl
 from drivers.xen.xlconfig import check_supported, to_xl_config
-from virtbus.aio import TaskGroup
+from virtbus.aio import TaskGroup, backoff_delays
 from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.errors import (
     NoDomainError,
@@ -43,10 +44,12 @@ from virtbus.errors import (
     VirtbusError,
 )
 from virtbus.protocol.events import DomainState, reason_code
+from virtbus.store import quarantine
 
 log = logging.getLogger(__name__)
 WATCHES = ("@introduceDomain", "@releaseDomain")
 _LIVE = (DomainState.RUNNING, DomainState.BLOCKED)
+_LoopFactory = Callable[[], Coroutine[Any, Any, None]]
 
 
 class XenDriver:
@@ -65,7 +68,10 @@ class XenDriver:
         self._lock = asyncio.Lock()
         self._changed = asyncio.Condition()
         self._dirty = asyncio.Event()
-        self._tasks = TaskGroup("xen-driver")
+        self._tasks = TaskGroup("xen-driver", on_crash=self._on_loop_crash)
+        self._loops: dict[str, tuple[_LoopFactory, Iterator[float]]] = {}  # by task name
+        self._loop_started: dict[str, float] = {}
+        self._closing = False
         self._initial = True
         self._create_slots = asyncio.Semaphore(s.parallel_creates)
         self.session: XenStoreSession | None = None
@@ -74,25 +80,64 @@ class XenDriver:
     # --- plumbing ---------------------------------------------------------------------
     async def open(self, sink: EventSink) -> None:
         self._sink = sink
+        self._closing = False
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         for path in sorted(
             await asyncio.to_thread(lambda: list(self.settings.state_dir.glob("*.xml")))
         ):
-            defn = parse_domain_xml(await asyncio.to_thread(path.read_text))
+            try:
+                defn = parse_domain_xml(await asyncio.to_thread(path.read_text))
+                if path.stem != defn.uuid:
+                    raise ValueError(f"holds uuid {defn.uuid}, not the one its name says")
+            except (OSError, UnicodeDecodeError, ValueError, VirtbusError) as exc:
+                # one bad file must not keep the agent (and every other domain) down
+                await quarantine(path, f"not a usable domain definition: {exc}")
+                continue
             self._remember(defn)
         await self.reconcile()
-        self.session = XenStoreSession(
+        session = self.session = XenStoreSession(
             WATCHES, self._on_watch, self._on_connected, self.settings.xenstore
         )
-        self._tasks.spawn(self.session.run(), "xenstore")
-        self._tasks.spawn(self._reconcile_loop(), "reconcile")
+        self._spawn_loop("xenstore", session.run)
+        self._spawn_loop("reconcile", self._reconcile_loop)
 
     async def close(self) -> None:
+        self._closing = True
         for job in self._jobs.values():
             if job.task is not None:
                 job.task.cancel()
         await self._tasks.cancel_all()
+        self._loops.clear()
         self._sink = lambda _e: None
+
+    def _spawn_loop(self, name: str, factory: _LoopFactory, delay: float = 0.0) -> None:
+        """Run a background loop that :meth:`_on_loop_crash` restarts if it dies."""
+        task = self._tasks.spawn(self._run_loop(name, factory, delay), name)
+        if task.get_name() not in self._loops:
+            self._loops[task.get_name()] = (factory, backoff_delays(self.settings.loop_restart))
+
+    async def _run_loop(self, name: str, factory: _LoopFactory, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        self._loop_started[name] = time.monotonic()
+        await factory()
+
+    def _on_loop_crash(self, task_name: str, exc: BaseException) -> None:
+        """A loop died of a bug (TaskGroup logged it): restart it with backoff, so the
+        driver does not keep running blind to XenStore events or without reconciling."""
+        entry = self._loops.get(task_name)
+        if self._closing or entry is None:
+            return
+        factory, delays = entry
+        name = task_name.partition(":")[2]
+        policy = self.settings.loop_restart
+        if time.monotonic() - self._loop_started.get(name, 0.0) > policy.maximum:
+            delays = backoff_delays(policy)  # it had been healthy for a while: start over
+            self._loops[task_name] = (factory, delays)
+        delay = next(delays)
+        log.error("xen: %s loop died (%r); restarting in %.2f s", name, exc, delay)
+        self._dirty.set()  # resync whatever was missed meanwhile
+        self._spawn_loop(name, factory, delay)
 
     def _on_watch(self, _event: WatchEvent) -> None:
         self._dirty.set()

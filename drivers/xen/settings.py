@@ -54,6 +54,8 @@ class XenSettings:
     migrate_ssh: str = "ssh"
     migrate_host: str = field(default_factory=socket.gethostname)  # what prepare advertises
     xenstore: XenStoreSettings = field(default_factory=XenStoreSettings)
+    # a background loop (reconcile, XenStore) that dies of a bug is restarted after this
+    loop_restart: Backoff = field(default_factory=lambda: Backoff(initial=0.5, maximum=30.0))
 
     @classmethod
     def from_options(cls, state_dir: Path, options: Mapping[str, str]) -> XenSettings:

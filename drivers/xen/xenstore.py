@@ -363,16 +363,42 @@ class XenStoreSession:
                 log.warning("xenstore unavailable (%s); retry in %.2f s", exc, delay)
                 await asyncio.sleep(delay)
                 continue
-            delays = backoff_delays(self._s.reconnect)
             self.client = client
             self.connects += 1
             self.connected.set()
             try:
-                await self._on_connected()
-                async for event in client.events():
-                    self._on_event(event)
+                healthy = await self._consume(client)
             finally:
                 self.connected.clear()
                 self.client = None
                 await client.close()
-            log.warning("xenstore connection lost; reconnecting")
+            if healthy:
+                delays = backoff_delays(self._s.reconnect)
+                log.warning("xenstore connection lost; reconnecting")
+            else:  # the resync itself failed: do not hammer xenstored
+                delay = next(delays)
+                log.warning("xenstore session failed; reconnecting in %.2f s", delay)
+                await asyncio.sleep(delay)
+
+    async def _consume(self, client: XenStoreClient) -> bool:
+        """Resync, then deliver events until EOF; False if the connection failed us.
+
+        A bug in a callback is logged and skipped: it must not end the session (and with
+        it every later event); a lost or stuck connection ends this one, to reconnect.
+        """
+        try:
+            try:
+                await self._on_connected()
+            except (ConnectionLost, OperationTimeout, XenStoreError):
+                raise
+            except Exception:
+                log.exception("xenstore on_connected callback failed")
+            async for event in client.events():
+                try:
+                    self._on_event(event)
+                except Exception:
+                    log.exception("xenstore watch callback failed on %s", event.path)
+        except (ConnectionLost, OperationTimeout, XenStoreError) as exc:
+            log.warning("xenstore resync failed: %s", exc)
+            return False
+        return True

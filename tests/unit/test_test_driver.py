@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from drivers.base import Driver, DriverEvent
+from drivers.base import Driver, DriverEvent, MigrationParams
 from drivers.test import TestDriver, TestHostSpec
 from virtbus.errors import NoDomainError, OperationFailed, OperationInvalid, XMLError
 from virtbus.protocol.events import DomainState
@@ -133,3 +135,21 @@ async def test_stats_use_libvirt_field_names(driver: tuple[Driver, list[DriverEv
     only = (await drv.stats(["d1"], frozenset({"state"})))["d1"]
     assert set(only) == {"state.state", "state.reason"}
     assert (await drv.host_stats())["domains.active"] == 1
+
+
+async def test_migration_stream_is_a_supervised_task_that_close_ends() -> None:
+    src, dst = TestDriver(migration_time=30.0), TestDriver()
+    await src.open(lambda _e: None)
+    await dst.open(lambda _e: None)
+    await src.define(xml("m1"))
+    await src.start("m1")
+    params = MigrationParams()
+    uri = await dst.migrate_prepare(await src.migrate_begin("m1"), params)
+    await src.migrate_perform("m1", uri, params)
+    assert (await src.migrate_status("m1")).status in ("setup", "active")
+    tasks = [t for t in asyncio.all_tasks() if t.get_name() == "test-driver:migrate:m1"]
+    assert len(tasks) == 1 and len(src._tasks) == 1  # owned by the driver's TaskGroup
+    await src.close()  # ends the stream: nothing left running after close
+    assert tasks[0].done() and len(src._tasks) == 0
+    assert (await src.migrate_status("m1")).status == "cancelled"
+    await dst.close()

@@ -286,3 +286,44 @@ async def test_session_reconnects_rewatches_and_resyncs(xsd: FakeXenstored) -> N
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_session_survives_callback_bugs_and_a_failed_resync(xsd: FakeXenstored) -> None:
+    """A bug in a callback is logged and skipped; a resync cut off by a lost connection
+    (or a request timeout) ends that connection and the session reconnects."""
+    events: list[WatchEvent] = []
+    resyncs: list[int] = []
+
+    def on_event(event: WatchEvent) -> None:
+        events.append(event)
+        if len(events) == 1:
+            raise KeyError("bug in the watch callback")
+
+    async def on_connected() -> None:
+        resyncs.append(1)
+        if len(resyncs) == 1:
+            raise RuntimeError("bug in the resync callback")  # keeps this connection
+        if len(resyncs) == 2:
+            raise ConnectionLost("xenstored went away mid-resync")  # reconnects
+
+    session = XenStoreSession(["@introduceDomain"], on_event, on_connected, settings(xsd))
+    task = asyncio.create_task(session.run())
+    try:
+        async with asyncio.timeout(3):
+            while len(events) < 1:  # the watch fires on registration: its callback raises
+                await asyncio.sleep(0.01)
+            xsd.fire("@introduceDomain")
+            while len(events) < 2:
+                await asyncio.sleep(0.01)
+            assert session.connects == 1 and not task.done()
+            xsd.kick()
+            while len(resyncs) < 3 or not session.connected.is_set():
+                await asyncio.sleep(0.01)
+            xsd.fire("@introduceDomain")
+            while len(events) < 4:  # registration event of connection 3, then this one
+                await asyncio.sleep(0.01)
+        assert session.connects == 3 and not task.done()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

@@ -1,0 +1,108 @@
+"""XenDriver plumbing without a hypervisor: a fake ``xl`` and no xenstored.
+
+The lifecycle itself runs against real Xen in tests/xen; these cover what must hold on
+any host: a corrupt definition is set aside, and a background loop that dies is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drivers.base import DriverEvent
+from drivers.xen.driver import XenDriver
+from drivers.xen.settings import XenSettings, XenStoreSettings
+from virtbus.settings import Backoff
+
+UUID = "0b5e3c1a-2d4f-4a6b-8c9d-1e2f3a4b5c6d"
+XML = f"""<domain type='xen'><name>good</name><uuid>{UUID}</uuid>
+  <memory unit='MiB'>128</memory><vcpu>1</vcpu>
+  <os><type>linux</type><kernel>/boot/vmlinuz</kernel></os></domain>"""
+
+
+class FakeXl:
+    """``xl list -v`` with nothing running; ``bugs`` calls fail with a non-virtbus error."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.bugs = 0
+
+    async def list_verbose(self, timeout: float) -> list[Any]:
+        self.calls += 1
+        if self.bugs:
+            self.bugs -= 1
+            raise KeyError("unexpected xl output")
+        return []
+
+
+def make_settings(tmp_path: Path) -> XenSettings:
+    return XenSettings(
+        state_dir=tmp_path / "xen",
+        reconcile_interval=0.02,
+        debounce=0.0,
+        loop_restart=Backoff(initial=0.02, maximum=0.1),
+        xenstore=XenStoreSettings(
+            path=str(tmp_path / "no-xenstored"), reconnect=Backoff(0.05, 0.2)
+        ),
+    )
+
+
+@pytest.fixture
+async def driver(tmp_path: Path) -> AsyncIterator[tuple[XenDriver, FakeXl]]:
+    drv = XenDriver(make_settings(tmp_path))
+    xl = FakeXl()
+    drv.xl = xl  # type: ignore[assignment]
+    drv.settings.state_dir.mkdir(parents=True)
+    (drv.settings.state_dir / f"{UUID}.xml").write_text(XML)
+    (drv.settings.state_dir / "1c9d0e8f-0000-4000-8000-000000000001.xml").write_text("<domain")
+    events: list[DriverEvent] = []
+    await drv.open(events.append)
+    yield drv, xl
+    await drv.close()
+
+
+async def test_corrupt_definition_is_set_aside_and_the_rest_load(
+    driver: tuple[XenDriver, FakeXl],
+) -> None:
+    drv, _ = driver
+    assert drv.lookup("good") is not None and drv.lookup(UUID) is not None
+    names = sorted(p.name for p in drv.settings.state_dir.iterdir())
+    assert names[0] == f"{UUID}.xml" and len(names) == 2
+    assert names[1].startswith("1c9d0e8f-0000-4000-8000-000000000001.xml.corrupt-")
+
+
+async def test_a_dead_reconcile_loop_is_restarted(
+    driver: tuple[XenDriver, FakeXl], caplog: pytest.LogCaptureFixture
+) -> None:
+    drv, xl = driver
+    with caplog.at_level(logging.ERROR, logger="drivers.xen.driver"):
+        xl.bugs = 2  # the loop dies twice
+        async with asyncio.timeout(5):
+            while xl.bugs:
+                await asyncio.sleep(0.01)
+            passes = drv.passes
+            while drv.passes < passes + 2:  # and then reconciles again
+                await asyncio.sleep(0.01)
+    assert caplog.text.count("reconcile loop died") == 2
+    assert len(drv._tasks) == 2  # xenstore + reconcile, nothing leaked
+
+
+async def test_close_stops_a_pending_restart(tmp_path: Path) -> None:
+    drv = XenDriver(make_settings(tmp_path))
+    xl = FakeXl()
+    drv.xl = xl  # type: ignore[assignment]
+    await drv.open(lambda _e: None)
+    xl.bugs = 1
+    async with asyncio.timeout(5):
+        while xl.bugs:
+            await asyncio.sleep(0.01)
+    await drv.close()
+    assert len(drv._tasks) == 0
+    calls = xl.calls
+    await asyncio.sleep(0.2)
+    assert xl.calls == calls  # nothing restarted after close
