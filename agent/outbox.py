@@ -2,9 +2,9 @@
 
 The driver's sink stamps each event with the next per-host sequence number and hands it
 here without blocking. One publisher task first appends new events to the on-disk log
-(``<state-dir>/outbox/events.log``, group commit), then publishes them in order with
-publisher confirms; an event leaves the outbox only once the broker confirmed it (an
-``ack`` record says so). While the broker is unreachable events keep accumulating on disk
+(``<state-dir>/outbox/events.log``, group commit; fsynced while the broker is away), then
+publishes them in order with publisher confirms; an event leaves the outbox only once
+the broker confirmed it (an ``ack`` record says so). While the broker is unreachable events keep accumulating on disk
 and in memory, and after a restart the log gives back both the unconfirmed events (with
 their original numbers) and the sequence counter, so numbers never repeat.
 
@@ -55,6 +55,7 @@ class EventOutbox:
         self._idle = asyncio.Event()
         self._idle.set()
         self._retry_now = False
+        self._broker_away = False  # the last publish failed
         self.dropped = 0
         self.published = 0
         self.restored = 0
@@ -119,7 +120,9 @@ class EventOutbox:
         batch, self._unsaved = self._unsaved, []
         records.extend({"event": encode(e)} for e in batch)
         if self._log is not None and records:
-            await self._log.append(records)
+            # Written before publishing either way (an agent crash loses nothing); synced
+            # to the disk only while the broker is away, when the events depend on it.
+            await self._log.append(records, fsync=self._broker_away)
 
     async def _confirmed(self, seq: int) -> None:
         if self._log is None:
@@ -145,6 +148,7 @@ class EventOutbox:
             try:
                 await self._publish(envelope)
             except VirtbusError as exc:
+                self._broker_away = True
                 delay = next(delays)
                 log.warning(
                     "publishing event seq=%d failed (%s); retry in %.2fs",
@@ -155,6 +159,7 @@ class EventOutbox:
                 await self._wait_to_retry(delay)
                 continue
             delays = backoff_delays(self._retry)
+            self._broker_away = False
             if self._pending and self._pending[0] is envelope:
                 self._pending.popleft()
             self.published += 1

@@ -129,19 +129,21 @@ class RecordLog:
         self.records_on_disk = len(records)
         return records
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, fsync: bool) -> None:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
-        if self._fsync:
+        if fsync:
             os.fsync(self._fd)
 
-    async def append(self, records: Iterable[dict[str, Any]]) -> None:
+    async def append(self, records: Iterable[dict[str, Any]], *, fsync: bool | None = None) -> None:
+        """Append a batch; ``fsync`` overrides the log's default for this batch."""
         batch = [encode_record(r) for r in records]
         if batch:
-            await asyncio.to_thread(self._write, b"".join(batch))
+            sync = self._fsync if fsync is None else fsync
+            await asyncio.to_thread(self._write, b"".join(batch), sync)
             self.records_on_disk += len(batch)
 
     async def rewrite(self, records: list[dict[str, Any]]) -> None:
