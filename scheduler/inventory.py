@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler.placement import HostCandidate
+from scheduler.wire import HostInventory
 
 
 @dataclass(slots=True)
@@ -38,7 +39,7 @@ class DomainMeta:
 @dataclass(slots=True)
 class HostRecord:
     name: str
-    inventory: dict[str, Any] = field(default_factory=dict)
+    inventory: HostInventory | None = None  # validated at the edge (scheduler.wire)
     last_seen: float = 0.0  # monotonic time of the last heartbeat
     domains: dict[str, dict[str, Any]] = field(default_factory=dict)  # by uuid: DomainInfo map
     claims: dict[str, Claim] = field(default_factory=dict)  # by domain uuid
@@ -54,29 +55,29 @@ class ClusterView:
         self.meta: dict[str, DomainMeta] = {}  # by uuid
 
     # --- observations ---------------------------------------------------------------
-    def observe_heartbeat(self, body: dict[str, Any], now: float | None = None) -> bool:
-        """Record a heartbeat; True when the host's domain set changed (refresh it)."""
-        name = body["host"]
-        record = self.hosts.get(name)
+    def observe_heartbeat(self, inv: HostInventory, now: float | None = None) -> bool:
+        """Record a (validated) heartbeat; True when the host's domain set changed."""
+        record = self.hosts.get(inv.host)
         fresh = record is None
         if record is None:
-            record = self.hosts[name] = HostRecord(name)
+            record = self.hosts[inv.host] = HostRecord(inv.host)
         before = record.inventory
-        record.inventory = body
+        record.inventory = inv
         record.last_seen = time.monotonic() if now is None else now
-        running = set(body.get("running") or ())
+        running = set(inv.running)
         for uuid, claim in list(record.claims.items()):
             if claim.name in running:  # the host's allocation now includes it
                 del record.claims[uuid]
-        changed = (
-            before.get("domains") != body.get("domains")
-            or before.get("running") != body.get("running")
-            or before.get("started_at") != body.get("started_at")
+        changed = before is None or (before.domains, before.running, before.started_at) != (
+            inv.domains,
+            inv.running,
+            inv.started_at,
         )
         return fresh or changed
 
     def observe_domains(self, host: str, domains: list[dict[str, Any]]) -> list[str]:
-        """Replace a host's domain list; returns uuids whose metadata is still unknown."""
+        """Replace a host's domain list (DomainInfo maps checked by ``scheduler.wire``);
+        returns uuids whose metadata is still unknown."""
         record = self.hosts.setdefault(host, HostRecord(host))
         record.domains = {d["uuid"]: d for d in domains}
         return [u for u in record.domains if u not in self.meta]
@@ -94,14 +95,14 @@ class ClusterView:
     # --- queries --------------------------------------------------------------------
     def is_up(self, host: str, now: float | None = None) -> bool:
         record = self.hosts.get(host)
-        if record is None or not record.inventory:
+        if record is None or record.inventory is None:
             return False
         now = time.monotonic() if now is None else now
         return now - record.last_seen <= self.host_down_after
 
     def is_draining(self, host: str) -> bool:
         record = self.hosts.get(host)
-        reported = bool(record and record.inventory.get("draining"))
+        reported = bool(record and record.inventory and record.inventory.draining)
         return host in self.draining or reported
 
     def hosts_with(self, ref: str) -> list[tuple[str, dict[str, Any]]]:
@@ -120,7 +121,7 @@ class ClusterView:
         for name in sorted(self.hosts):
             record = self.hosts[name]
             inv = record.inventory
-            if not inv:
+            if inv is None:
                 continue
             for uuid in [u for u, c in record.claims.items() if c.expires < now_m]:
                 del record.claims[uuid]
@@ -135,22 +136,20 @@ class ClusterView:
             out.append(
                 HostCandidate(
                     name=name,
-                    driver=str(inv.get("driver", "")),
-                    arch=str(inv.get("arch", "")),
-                    cpus=int(inv.get("cpus", 0)),
-                    memory_total_kib=int(inv.get("memory_total_kib", 0)),
-                    memory_free_kib=int(inv.get("memory_free_kib", 0))
-                    - sum(c.memory_kib for c in claims),
-                    allocated_memory_kib=int(inv.get("allocated_memory_kib", 0))
+                    driver=inv.driver,
+                    arch=inv.arch,
+                    cpus=inv.cpus,
+                    memory_total_kib=inv.memory_total_kib,
+                    memory_free_kib=inv.memory_free_kib - sum(c.memory_kib for c in claims),
+                    allocated_memory_kib=inv.allocated_memory_kib
                     + sum(c.memory_kib for c in claims),
-                    allocated_vcpus=int(inv.get("allocated_vcpus", 0))
-                    + sum(c.vcpus for c in claims),
+                    allocated_vcpus=inv.allocated_vcpus + sum(c.vcpus for c in claims),
                     up=now_m - record.last_seen <= self.host_down_after,
                     draining=self.is_draining(name),
-                    cpu_model=str(inv.get("cpu_model", "")),
-                    cpu_models=frozenset(inv.get("cpu_models") or ()),
+                    cpu_model=inv.cpu_model,
+                    cpu_models=inv.cpu_models,
                     groups=frozenset(groups),
-                    labels=dict(inv.get("labels") or {}),
+                    labels=dict(inv.labels),
                 )
             )
         return out
@@ -171,12 +170,12 @@ class ClusterView:
         inv = record.inventory
         claims = record.claims.values()
         return {
-            **{k: v for k, v in inv.items() if k != "running"},
+            **{k: v for k, v in (inv.raw if inv else {}).items() if k != "running"},
             "host": name,
             "up": self.is_up(name, now_m),
             "draining": self.is_draining(name),
             "last_seen_s": round(now_m - record.last_seen, 3) if inv else None,
             "claimed_memory_kib": sum(c.memory_kib for c in claims),
             "claimed_vcpus": sum(c.vcpus for c in claims),
-            "labels": dict(inv.get("labels") or {}),
+            "labels": dict(inv.labels) if inv else {},
         }

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from virtbus.store import quarantine
+
 log = logging.getLogger(__name__)
 
 TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
@@ -124,18 +126,23 @@ class Journal:
             await asyncio.to_thread((self.dir / f"{record.id}.json").unlink, True)
 
     async def load(self) -> list[MigrationRecord]:
-        """Every record on disk; a corrupt file is set aside (``.bad``), never fatal."""
-        return await asyncio.to_thread(self._load_sync)
+        """Every record on disk; a corrupt file is set aside (quarantined), never fatal."""
+        records, bad = await asyncio.to_thread(self._load_sync)
+        for path, reason in bad:
+            try:
+                await quarantine(path, f"unreadable journal file: {reason}")
+            except OSError as exc:  # cannot even rename it: skip it, load the rest
+                log.error("journal file %s is unreadable (%s) and stays: %s", path, reason, exc)
+        return records
 
-    def _load_sync(self) -> list[MigrationRecord]:
-        records = []
+    def _load_sync(self) -> tuple[list[MigrationRecord], list[tuple[Path, str]]]:
+        records, bad = [], []
         for path in sorted(self.dir.glob("*.json")):
             try:
                 records.append(MigrationRecord.from_map(json.loads(path.read_bytes())))
-            except (OSError, ValueError, TypeError, KeyError) as exc:
-                log.error("journal file %s is unreadable (%s): set aside", path, exc)
-                path.rename(path.with_suffix(".bad"))
-        return records
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+                bad.append((path, f"{type(exc).__name__}: {exc}"))
+        return records, bad
 
     async def save_draining(self, hosts: set[str]) -> None:
         data = json.dumps(sorted(hosts)).encode()

@@ -35,12 +35,14 @@ from scheduler.cleanup import CleanupRunner, cleanup_step, destination_owns
 from scheduler.inventory import ClusterView
 from scheduler.journal import Journal, MigrationRecord
 from scheduler.settings import SchedulerSettings
+from scheduler.wire import reply_str, status_map
 from virtbus.aio import TaskGroup
 from virtbus.errors import (
     MigrateFailed,
     NoDomainError,
     NoHostError,
     OperationInvalid,
+    ProtocolError,
     RetryableError,
     VirtbusError,
 )
@@ -153,8 +155,8 @@ class MigrationCoordinator:
         """A ``migration`` event from an agent: note the progress, wake its follower."""
         for record in self.active.values():
             if record.source == body.get("host") and record.uuid == body.get("uuid"):
-                data = body.get("data") or {}
-                if data:
+                data = body.get("data")
+                if isinstance(data, dict) and data:  # any bus client can publish events
                     record.progress = dict(data)
                     self._notify(record)
                 self._poke(record)
@@ -252,20 +254,27 @@ class MigrationCoordinator:
         is already known (a failed ``begin`` rolls back the prepared destination)."""
         body = {"params": record.params}
         if xml is None:
-            xml = (await self._step(record, record.source, ops.MIGRATION_BEGIN, {}))["xml"]
-            prepared = await self._step(
-                record, record.destination, ops.MIGRATION_PREPARE, {"xml": xml, **body}
+            xml = await self._step(record, record.source, ops.MIGRATION_BEGIN, {}, key="xml")
+            return str(
+                await self._step(
+                    record,
+                    record.destination,
+                    ops.MIGRATION_PREPARE,
+                    {"xml": xml, **body},
+                    key="uri",
+                )
             )
-            return str(prepared["uri"])
         results = await asyncio.gather(
             self._step(record, record.source, ops.MIGRATION_BEGIN, {}),
-            self._step(record, record.destination, ops.MIGRATION_PREPARE, {"xml": xml, **body}),
+            self._step(
+                record, record.destination, ops.MIGRATION_PREPARE, {"xml": xml, **body}, key="uri"
+            ),
             return_exceptions=True,
         )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        return str(results[1]["uri"])  # type: ignore[index]
+        return str(results[1])
 
     async def _follow(self, record: MigrationRecord) -> None:
         """Wait for the source to report an end state; cancel on deadline or request.
@@ -279,13 +288,16 @@ class MigrationCoordinator:
         while True:
             if query:
                 try:
-                    status = await self._call(
-                        record.source,
+                    status = status_map(
+                        await self._call(
+                            record.source,
+                            ops.MIGRATION_STATUS,
+                            {"domain": record.uuid},
+                            s.step_timeout,
+                        ),
                         ops.MIGRATION_STATUS,
-                        {"domain": record.uuid},
-                        s.step_timeout,
                     )
-                except RetryableError as exc:
+                except (RetryableError, ProtocolError) as exc:  # ask again later
                     log.warning("migration %s: status from %s: %s", record.id, record.source, exc)
                     status = None
                 except VirtbusError as exc:
@@ -383,13 +395,17 @@ class MigrationCoordinator:
         body: dict[str, Any],
         *,
         forward: bool = False,
+        key: str | None = None,
     ) -> Any:
+        """One forward step; with ``key``, the answer's string ``key`` (checked: a malformed
+        answer rolls back like a failed step, never escapes as a bug)."""
         if record.cancel_requested and not forward:
             raise _Rollback("cancelled", None)
         try:
-            return await self._call(
+            answer = await self._call(
                 host, op, {"domain": record.uuid, **body}, self.settings.step_timeout
             )
+            return answer if key is None else reply_str(answer, op, key)
         except VirtbusError as exc:
             raise _Rollback("failed", f"{op} on {host}: {exc}") from None
 
@@ -494,11 +510,16 @@ class MigrationCoordinator:
             raise _Rollback(record.state if record.state != "running" else "failed", record.error)
         if record.phase in ("perform", "progress"):
             try:
-                status = await self._call(
+                reply = await self._call(
                     record.source, ops.MIGRATION_STATUS, {"domain": record.uuid}, s.step_timeout
                 )
             except NoDomainError:
-                status = {"status": "gone"}
+                reply = {"status": "gone"}
+            try:
+                status = status_map(reply, ops.MIGRATION_STATUS)
+            except ProtocolError as exc:  # decided below from the destination's answer
+                log.warning("migration %s: %s", record.id, exc)
+                status = {}
             state = status.get("status")
             if state in ACTIVE_STATUSES or state in POSTCOPY_STATUSES:
                 record.phase = "progress"  # still streaming: follow it again
@@ -519,4 +540,4 @@ class MigrationCoordinator:
             )
         except VirtbusError:
             return False
-        return bool(info.get("persistent")) and info.get("state") == "running"
+        return destination_owns(info)  # checks the answer's shape

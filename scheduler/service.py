@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid as uuidlib
@@ -24,6 +25,7 @@ from scheduler.journal import Journal, MigrationRecord
 from scheduler.migration import MigrationCoordinator
 from scheduler.placement import anti_affinity_groups, place, request_for
 from scheduler.settings import SchedulerSettings
+from scheduler.wire import domain_info, domain_list, parse_heartbeat, reply_str
 from virtbus.aio import TaskGroup
 from virtbus.bus.base import Bus, Server, Subscription
 from virtbus.bus.topology import (
@@ -69,6 +71,15 @@ def _str_arg(body: dict[str, Any], key: str) -> str:
     return value
 
 
+def _timeout_arg(body: dict[str, Any]) -> float | None:
+    timeout = body.get("timeout")
+    if timeout is None:
+        return None
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+        raise InvalidArgument("'timeout' must be a positive number of seconds")
+    return float(timeout)
+
+
 def migration_params(raw: Any) -> dict[str, Any]:
     if raw is None:
         return {}
@@ -105,6 +116,7 @@ class SchedulerService:
         self._server: Server | None = None
         self._subs: list[Subscription] = []
         self._refreshing: set[str] = set()
+        self._flagging: set[str] = set()  # hosts with a drain-flag call in flight
         self._ops: dict[str, Op] = {
             ops.SCHEDULER_PING: self._ping,
             ops.SCHEDULER_HOSTS: self._hosts,
@@ -194,20 +206,36 @@ class SchedulerService:
     # --- the view -------------------------------------------------------------------
     async def _heartbeat_loop(self, sub: Subscription) -> None:
         async for env in sub:
-            body = env.body
-            if env.kind != Kind.HEARTBEAT or not isinstance(body.get("host"), str):
+            if env.kind != Kind.HEARTBEAT:
                 continue
-            host = body["host"]
-            if self.view.observe_heartbeat(body):
+            inv = parse_heartbeat(env.body)
+            if isinstance(inv, str):  # any bus client can publish: never let it stop us
+                host = env.body.get("host") if isinstance(env.body, dict) else None
+                log.warning("dropped a heartbeat of host %r from %r: %s", host, env.src, inv)
+                continue
+            host = inv.host
+            if self.view.observe_heartbeat(inv):
                 self._refresh_soon(host)
             self.coordinator.cleanups.host_alive(host)  # retry what it still owes at once
-            if self.active and host in self.view.draining and not body.get("draining"):
-                self._tasks.spawn(self._tell_draining(host, True), name=f"drain-flag:{host}")
+            if (
+                self.active
+                and host in self.view.draining
+                and not inv.draining
+                and host not in self._flagging
+            ):
+                self._flagging.add(host)  # one call in flight per host, not one per heartbeat
+                self._tasks.spawn(self._flag_draining(host), name=f"drain-flag:{host}")
+
+    async def _flag_draining(self, host: str) -> None:
+        try:
+            await self._tell_draining(host, True)
+        finally:
+            self._flagging.discard(host)
 
     async def _event_loop(self, sub: Subscription) -> None:
         async for env in sub:
             if env.kind == Kind.EVENT and env.body.get("event") == "migration":
-                self.coordinator.on_event(env.body)
+                self.coordinator.on_event(env.body)  # checks the body's shape itself
 
     def _refresh_soon(self, host: str) -> None:
         if host not in self._refreshing:
@@ -219,9 +247,10 @@ class SchedulerService:
         t = self.settings.fanout_timeout
         try:
             listing = await self._agent_call(host, ops.DOMAIN_LIST, {"all": True}, t)
-            domains: list[dict[str, Any]] = listing["domains"]
+            domains = domain_list(listing, ops.DOMAIN_LIST)
             for uuid in self.view.observe_domains(host, domains):
-                xml = (await self._agent_call(host, ops.DOMAIN_XML, {"domain": uuid}, t))["xml"]
+                reply = await self._agent_call(host, ops.DOMAIN_XML, {"domain": uuid}, t)
+                xml = reply_str(reply, ops.DOMAIN_XML, "xml")
                 defn = parse_domain_xml(xml)
                 self.view.observe_meta(DomainMeta(defn.name, uuid, anti_affinity_groups(defn)))
             return domains
@@ -253,7 +282,7 @@ class SchedulerService:
         rows = [
             self.view.host_map(h, now)
             for h in sorted(self.view.hosts)
-            if self.view.hosts[h].inventory
+            if self.view.hosts[h].inventory is not None
         ]
         for row in rows:
             row["migrations_out"] = sum(
@@ -302,9 +331,10 @@ class SchedulerService:
         host = place(request_for(defn), self.view.candidates(), self.settings.placement).name
         self._claim(host, defn.uuid, defn.name, defn.current_memory_kib, defn.current_vcpus, groups)
         try:
-            result = await self._agent_call(
+            reply = await self._agent_call(
                 host, ops.DOMAIN_DEFINE, {"xml": xml}, self.settings.step_timeout
             )
+            result = domain_info(reply, ops.DOMAIN_DEFINE)
         except VirtbusError:
             self.view.release(host, defn.uuid)
             raise
@@ -324,11 +354,8 @@ class SchedulerService:
         to = body.get("to")
         if to is not None and not isinstance(to, str):
             raise InvalidArgument("'to' must be a host name")
-        timeout = body.get("timeout")
-        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
-            raise InvalidArgument("'timeout' must be a positive number of seconds")
         record = await self.start_migration(
-            _str_arg(body, "domain"), to, migration_params(body.get("params")), timeout
+            _str_arg(body, "domain"), to, migration_params(body.get("params")), _timeout_arg(body)
         )
         return record.to_map()
 
@@ -345,7 +372,8 @@ class SchedulerService:
         if self.coordinator.busy(info["uuid"]):
             raise OperationInvalid(f"domain '{info['name']}' is already migrating")
         t = self.settings.step_timeout
-        xml = (await self._agent_call(source, ops.DOMAIN_XML, {"domain": info["uuid"]}, t))["xml"]
+        reply = await self._agent_call(source, ops.DOMAIN_XML, {"domain": info["uuid"]}, t)
+        xml = reply_str(reply, ops.DOMAIN_XML, "xml")
         defn = parse_domain_xml(xml)
         defn.root.attrib.pop("id", None)  # the running id: not part of a definition
         xml = defn.to_xml()
@@ -362,8 +390,9 @@ class SchedulerService:
             candidates = [c for c in candidates if c.name == to]
         destination = place(req, candidates, self.settings.placement).name
         if "listen_address" not in params:
-            address = self.view.hosts[destination].inventory.get("migration_address")
-            if isinstance(address, str) and address:
+            inv = self.view.hosts[destination].inventory
+            address = inv.migration_address if inv is not None else ""
+            if address:
                 params = {**params, "listen_address": address}
         self._claim(destination, defn.uuid, defn.name, req.memory_kib, req.vcpus, req.groups)
         record = MigrationRecord(
@@ -392,9 +421,10 @@ class SchedulerService:
         fresh = []
         for host, info in found:
             try:
-                now = await self._agent_call(
+                reply = await self._agent_call(
                     host, ops.DOMAIN_INFO, {"domain": info["uuid"]}, self.settings.step_timeout
                 )
+                now = domain_info(reply, ops.DOMAIN_INFO)
             except (NoDomainError, OperationTimeout):
                 continue
             if now.get("state") in ACTIVE_STATES and now.get("persistent", True):
@@ -420,9 +450,7 @@ class SchedulerService:
             if not isinstance(wait, int | float) or isinstance(wait, bool) or wait < 0:
                 raise InvalidArgument("'wait' must be a non-negative number of seconds")
             if body.get("seen") in (None, record.to_map()):
-                await self.coordinator.wait_change(
-                    record, min(wait, self.settings.long_poll_max)
-                )
+                await self.coordinator.wait_change(record, min(wait, self.settings.long_poll_max))
         return record.to_map()
 
     async def _migrations(self, body: dict[str, Any]) -> Any:
@@ -441,14 +469,15 @@ class SchedulerService:
     async def _drain(self, body: dict[str, Any]) -> Any:
         host = self._known_host(body)
         params = migration_params(body.get("params"))
-        timeout = body.get("timeout")
+        timeout = _timeout_arg(body)
         self.view.draining.add(host)
         await self.journal.save_draining(self.view.draining)
         await self._tell_draining(host, True)
         listing = await self._agent_call(
             host, ops.DOMAIN_LIST, {"all": False}, self.settings.fanout_timeout
         )
-        running = [d for d in listing["domains"] if d.get("state") in ACTIVE_STATES]
+        domains = domain_list(listing, ops.DOMAIN_LIST)
+        running = [d for d in domains if d.get("state") in ACTIVE_STATES]
 
         async def start(uuid: str, drain_host: str) -> MigrationRecord:
             return await self.start_migration(uuid, None, params, timeout, drain=drain_host)
@@ -468,5 +497,7 @@ class SchedulerService:
         self.view.draining.discard(host)
         await self.journal.save_draining(self.view.draining)
         await self._tell_draining(host, False)
-        self.view.hosts[host].inventory["draining"] = False
+        inv = self.view.hosts[host].inventory
+        if inv is not None:  # until its next heartbeat shows it
+            self.view.hosts[host].inventory = dataclasses.replace(inv, draining=False)
         return {"host": host, "draining": False}
