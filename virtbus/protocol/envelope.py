@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -19,8 +20,14 @@ class Kind(StrEnum):
     HEARTBEAT = "heartbeat"
 
 
+_ID_PREFIX = os.urandom(8).hex()  # per process: ids stay unique across senders and restarts
+_ID_COUNTER = itertools.count(1)
+
+
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """A message id unique across processes; a counter after a random prefix is ~10x
+    cheaper than a uuid4 on the call path."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
 @dataclass(frozen=True, slots=True)
