@@ -268,7 +268,8 @@ class Domain:
         run.waiters.append((ready, fut))
         limit = self._settings.qmp_timeout if timeout is None else timeout
         try:
-            await asyncio.wait_for(fut, limit)
+            async with asyncio.timeout(limit):
+                await fut
         except TimeoutError:
             raise OperationTimeout(f"{what}: QEMU did not report the change in {limit}s") from None
 

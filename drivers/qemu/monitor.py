@@ -185,7 +185,8 @@ class Monitor:
             raise OperationFailed(f"monitor of '{self.name}' is not connected")
         limit = self._settings.qmp_timeout if timeout is None else timeout
         try:
-            return await asyncio.wait_for(self._client.execute(cmd, args), limit)
+            async with asyncio.timeout(limit):  # no extra task per command, unlike wait_for
+                return await self._client.execute(cmd, args)
         except TimeoutError:
             raise OperationTimeout(f"QMP {cmd} on '{self.name}' got no reply in {limit}s") from None
         except ExecuteError as exc:
