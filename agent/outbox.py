@@ -4,9 +4,10 @@ The driver's sink stamps each event with the next per-host sequence number and h
 here without blocking. One publisher task first appends new events to the on-disk log
 (``<state-dir>/outbox/events.log``, group commit; fsynced while the broker is away), then
 publishes them in order with publisher confirms; an event leaves the outbox only once
-the broker confirmed it (an ``ack`` record says so). While the broker is unreachable events keep accumulating on disk
-and in memory, and after a restart the log gives back both the unconfirmed events (with
-their original numbers) and the sequence counter, so numbers never repeat.
+the broker confirmed it (an ``ack`` record says so). While the broker is unreachable
+events keep accumulating on disk and in memory, and after a restart the log gives back
+both the unconfirmed events (with their original numbers) and the sequence counter, so
+numbers never repeat.
 
 Overflow policy: at most ``capacity`` unconfirmed events; past that the *oldest* is
 dropped with a warning, so a subscriber sees a gap in the sequence numbers rather than a
