@@ -5,7 +5,7 @@ this machine's Python, so the repository holds no binaries. The result lives und
 ``~/.cache/virtbus/xen/<key>/``; the key hashes the package versions and this recipe.
 
 The dom0 initramfs is two concatenated cpio archives (Linux unpacks both): the cached
-``base.cpio.gz`` (Xen tools, shared libraries, busybox, Python, lxml/msgpack, the guest
+``base.cpio.gz`` (Xen tools, shared libraries, busybox, Python, lxml/msgpack/aiofiles, the guest
 kernel and initramfs) and ``app.cpio``, the virtbus source tree, rebuilt for every run
 so a boot always tests the working tree.
 
@@ -60,7 +60,7 @@ class XenBedSettings:
     xen_tools: tuple[str, ...] = (
         "xl", "xenstored", "xen-init-dom0", "xenconsoled", "libxl-save-helper", "xenconsole",
     )  # fmt: skip
-    python_site: tuple[str, ...] = ("lxml", "msgpack")  # packages copied from the venv
+    python_site: tuple[str, ...] = ("lxml", "msgpack", "aiofiles")  # copied from the venv
     command_timeout_s: float = 600.0
 
 
