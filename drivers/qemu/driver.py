@@ -305,6 +305,7 @@ class QemuDriver(QemuReattach):
                 name = by_label.get(cd.chardev_id, "")
                 if name.startswith("pty:"):
                     live.set_chardev_source_path(cd.kind, cd.index, name[4:])
+        run.live_xml = None  # runtime values written back: serialise it again
 
     # --- lifecycle ----------------------------------------------------------------------
     async def shutdown(self, ref: str, timeout: float | None = None) -> None:
