@@ -171,10 +171,12 @@ async def lifecycle(drv: XenDriver, rec: Recorder) -> None:
     await drv.suspend("g1")
     await drv.resume("g1")
     assert first is not None
-    await drv.xl.pause(first)  # behind the driver's back: caught by the periodic reconcile
+    current = (await drv.info("g1")).id  # a guest that rebooted by itself has a new domid
+    assert current is not None
+    await drv.xl.pause(current)  # behind the driver's back: caught by the periodic reconcile
     await rec.wait("g1", [("suspended", "paused")] * 2, 45)  # TCG under load is slow
     assert (await drv.info("g1")).state == DomainState.PAUSED
-    await drv.xl.unpause(first)
+    await drv.xl.unpause(current)
     await rec.wait("g1", [("resumed", "unpaused")] * 2, 45)
     log = CONSOLE_LOGS / "guest-g1.log"
     ups = log.read_text().count("GUEST-UP")
