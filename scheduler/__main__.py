@@ -12,6 +12,7 @@ from pathlib import Path
 from scheduler.placement import WEIGHERS, PlacementPolicy
 from scheduler.service import SchedulerService
 from scheduler.settings import SchedulerSettings
+from virtbus.aio import configure_logging
 from virtbus.bus.factory import open_bus
 from virtbus.config import extras_for, parse_with_config, scheduler_keys
 from virtbus.errors import VirtbusError
@@ -143,11 +144,7 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level)
     sys.exit(asyncio.run(run(args)))
 
 

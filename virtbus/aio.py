@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -66,3 +67,12 @@ class TaskGroup:
 
     async def cancel_all(self) -> None:
         await self.stop(0)
+
+
+def configure_logging(level: str) -> None:
+    """The daemons' log format, on stderr (systemd's journal timestamps it again)."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

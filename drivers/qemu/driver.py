@@ -363,24 +363,22 @@ class QemuDriver(QemuReattach):
         await dom.execute(run, "system_reset")
 
     async def suspend(self, ref: str) -> None:
-        dom = self._get(ref)
-        run = dom.require(S.RUNNING, verb="suspend")
-        run.pending.add(ev.Pending.PAUSE)
-        try:
-            await dom.execute(run, "stop")
-            await dom.wait(run, lambda: ev.Pending.PAUSE not in run.pending, "suspend")
-        finally:
-            run.pending.discard(ev.Pending.PAUSE)
+        await self._vcpus(ref, S.RUNNING, ev.Pending.PAUSE, "stop", "suspend")
 
     async def resume(self, ref: str) -> None:
+        await self._vcpus(ref, S.PAUSED, ev.Pending.RESUME, "cont", "resume")
+
+    async def _vcpus(self, ref: str, state: S, pending: ev.Pending, cmd: str, verb: str) -> None:
+        """stop/cont, returning once the event task has seen the resulting QMP event (so
+        the event is emitted once, by that task, and no extra QMP call is needed)."""
         dom = self._get(ref)
-        run = dom.require(S.PAUSED, verb="resume")
-        run.pending.add(ev.Pending.RESUME)
+        run = dom.require(state, verb=verb)
+        run.pending.add(pending)
         try:
-            await dom.execute(run, "cont")
-            await dom.wait(run, lambda: ev.Pending.RESUME not in run.pending, "resume")
+            await dom.execute(run, cmd)
+            await dom.wait(run, lambda: pending not in run.pending, verb)
         finally:
-            run.pending.discard(ev.Pending.RESUME)
+            run.pending.discard(pending)
 
     # --- inspection ---------------------------------------------------------------------
     async def info(self, ref: str) -> DomainInfo:
