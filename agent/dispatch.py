@@ -8,25 +8,46 @@ the bus prefetch, so the per-domain chains need no bound of their own.
 
 A redelivered call (same id) is answered from memory — the same future, finished or not —
 and never executed twice.
+
+The dispatcher knows nothing of ops: ``prepare`` (the agent's) turns a call into a
+:class:`Prepared` — its declared op, its serialisation key and the handler bound to its
+decoded request — or raises the typed error that becomes the reply. Observers (metrics)
+see every call's reply when it is ready.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from agent.calllog import CallLog
 from virtbus.errors import InternalError, OperationTimeout, VirtbusError
+from virtbus.protocol.base import Message, to_wire
 from virtbus.protocol.envelope import Envelope, error_body, ok_body
+from virtbus.protocol.registry import Op
 
 log = logging.getLogger(__name__)
 
 Reply = dict[str, Any]
-Execute = Callable[[Envelope], Awaitable[Any]]
-KeyOf = Callable[[Envelope], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A call ready to run: what it is, what it is serialised on, and the bound handler."""
+
+    op: Op[Any, Any]
+    key: str | None
+    run: Callable[[], Awaitable[Message]]
+
+
+Prepare = Callable[[Envelope], Prepared]
+# (op, seconds from delivery to reply, reply body): called once per call answered.
+Observer = Callable[[str, float, Reply], None]
 
 
 class CallMemory:
@@ -58,18 +79,15 @@ class Dispatcher:
 
     def __init__(
         self,
-        execute: Execute,
-        key_of: KeyOf,
+        prepare: Prepare,
         *,
         command_timeout: float,
         call_memory: int,
         call_log: CallLog | None = None,
-        journaled: Callable[[Envelope], bool] = lambda _call: True,
     ) -> None:
-        self._execute = execute
-        self._key_of = key_of
+        self._prepare = prepare
         self._call_log = call_log
-        self._journaled = journaled
+        self._observers: list[Observer] = []
         self._timeout = command_timeout
         self._memory = CallMemory(call_memory)
         self._tails: dict[str, asyncio.Future[Reply]] = {}  # last call submitted per domain
@@ -82,39 +100,58 @@ class Dispatcher:
         if known is not None:
             log.info("call %s (%s) redelivered: answering from memory", call.id, call.op)
             return asyncio.shield(known)  # a cancelled waiter must not cancel the answer
-        reply: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Reply] = loop.create_future()
         self._memory.remember(call.id, reply)
+        if self._observers:
+            started = loop.time()
+            reply.add_done_callback(lambda f: self._observe(call.op, loop.time() - started, f))
         try:
-            key = self._key_of(call)
+            prepared = self._prepare(call)
         except VirtbusError as exc:
             reply.set_result(error_body(exc.code, exc.message))
             return reply
+        except Exception as exc:  # a bug must become a reply, not a dead consumer
+            log.exception("call %s (%s) could not be prepared", call.id, call.op)
+            reply.set_result(error_body(InternalError.code, f"{type(exc).__name__}: {exc}"))
+            return reply
         before = None
-        if key is not None:
-            before = self._tails.get(key)
-            self._tails[key] = reply
-        return self._run(call, reply, key, before)
+        if prepared.key is not None:
+            before = self._tails.get(prepared.key)
+            self._tails[prepared.key] = reply
+        return self._run(call, prepared, reply, before)
+
+    def add_observer(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def _observe(self, op: str, seconds: float, reply: asyncio.Future[Reply]) -> None:
+        if reply.cancelled():
+            return
+        for observer in self._observers:
+            try:
+                observer(op, seconds, reply.result())
+            except Exception:  # an observer's bug must not touch the call path
+                log.exception("call observer failed")
 
     async def _run(
         self,
         call: Envelope,
+        prepared: Prepared,
         reply: asyncio.Future[Reply],
-        key: str | None,
         before: asyncio.Future[Reply] | None,
     ) -> Reply:
+        key = prepared.key
         try:
             if before is not None and not before.done():
                 await asyncio.wait([before])  # never cancels the predecessor
             if not reply.done():
-                body = await self._execute_once(call)
-                if self._call_log is not None and self._journaled(call):
+                body = await self._execute_once(call, prepared)
+                if self._call_log is not None and prepared.op.mutating:
                     # Written while the reply travels; the ack waits for it (before_ack).
                     recording = self._call_log.record(call.id, body)
                     self._recording[call.id] = recording
                     # Once written there is nothing to wait for: never left behind.
-                    recording.add_done_callback(
-                        lambda _f, cid=call.id: self._recording.pop(cid, None)
-                    )
+                    recording.add_done_callback(functools.partial(self._recorded, call.id))
                 reply.set_result(body)
         except asyncio.CancelledError:
             if not reply.done():
@@ -125,11 +162,14 @@ class Dispatcher:
                 del self._tails[key]
         return reply.result()
 
-    async def _execute_once(self, call: Envelope) -> Reply:
+    def _recorded(self, call_id: str, _done: asyncio.Future[None]) -> None:
+        self._recording.pop(call_id, None)
+
+    async def _execute_once(self, call: Envelope, prepared: Prepared) -> Reply:
         self.executed += 1
         try:
             async with asyncio.timeout(self._timeout):
-                return ok_body(await self._execute(call))
+                return ok_body(to_wire(await prepared.run()))
         except TimeoutError:
             err: VirtbusError = OperationTimeout(
                 f"{call.op} did not finish within {self._timeout:g} s"

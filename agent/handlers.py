@@ -1,169 +1,136 @@
-"""The agent's ops: validate a call's body, run it on the driver, shape the result.
-
-Every op named in ``virtbus.protocol.ops.AGENT_OPS`` has a handler here; the body and
-result shapes are the README's protocol reference.
-"""
+"""The agent's domain and host ops: one typed handler per op (see :mod:`agent.table`)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agent.migration import MIGRATION_HANDLERS
-from drivers.base import STATS_GROUPS, Driver
+from agent.table import HANDLERS, AgentContext
+from drivers.base import Driver
 from virtbus.domain import parse_domain_xml
-from virtbus.errors import InvalidArgument, NoSupport
+from virtbus.errors import InternalError
 from virtbus.protocol import ops
-from virtbus.protocol.envelope import Envelope
-
-Handler = Callable[[Driver, dict[str, Any]], Awaitable[Any]]
-
-
-def _domain_ref(body: dict[str, Any]) -> str:
-    ref = body.get("domain")
-    if not isinstance(ref, str) or not ref:
-        raise InvalidArgument("'domain' (a name or uuid) is required")
-    return ref
-
-
-def _xml(body: dict[str, Any]) -> str:
-    xml = body.get("xml")
-    if not isinstance(xml, str) or not xml.strip():
-        raise InvalidArgument("'xml' (a domain definition) is required")
-    return xml
-
-
-def _optional_number(body: dict[str, Any], key: str) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-        raise InvalidArgument(f"'{key}' must be a non-negative number")
-    return float(value)
+from virtbus.protocol.base import Accepted, Empty
+from virtbus.protocol.domain import (
+    DefinedDomain,
+    DomainDefine,
+    DomainList,
+    DomainListRequest,
+    DomainShutdown,
+    DomainStats,
+    DomainStatsRequest,
+    DomainStatus,
+    DomainTarget,
+    DomainXml,
+    StateName,
+)
+from virtbus.protocol.domain import DomainInfo as DomainInfoMsg
+from virtbus.protocol.host import DrainFlag, HostInventory, Pong, SetDraining
+from virtbus.protocol.registry import Op, Target
 
 
-async def _define(driver: Driver, body: dict[str, Any]) -> Any:
-    ref = await driver.define(_xml(body))
-    return {"name": ref.name, "uuid": ref.uuid}
+def status_of(driver: Driver, ref: str) -> DomainStatus:
+    """A lifecycle op's answer: the driver's own record of the state, no I/O."""
+    state, reason = driver.state(ref)
+    return DomainStatus(state=StateName.of(state), reason=reason)
 
 
-async def _undefine(driver: Driver, body: dict[str, Any]) -> Any:
-    await driver.undefine(_domain_ref(body))
-    return {}
+@HANDLERS.on(ops.DOMAIN_DEFINE)
+async def _define(ctx: AgentContext, req: DomainDefine) -> DefinedDomain:
+    ref = await ctx.driver.define(req.xml)
+    return DefinedDomain(name=ref.name, uuid=ref.uuid)
 
 
-def _lifecycle(verb: str) -> Handler:
-    async def handle(driver: Driver, body: dict[str, Any]) -> Any:
-        ref = _domain_ref(body)
-        await getattr(driver, verb)(ref)
-        info = await driver.info(ref)
-        return {"state": info.state.label, "reason": info.reason}
+@HANDLERS.on(ops.DOMAIN_UNDEFINE)
+async def _undefine(ctx: AgentContext, req: DomainTarget) -> Accepted:
+    await ctx.driver.undefine(req.domain)
+    return Accepted()
+
+
+def _lifecycle(op: Op[DomainTarget, DomainStatus], verb: str) -> None:
+    async def handle(ctx: AgentContext, req: DomainTarget) -> DomainStatus:
+        await getattr(ctx.driver, verb)(req.domain)
+        return status_of(ctx.driver, req.domain)
 
     handle.__name__ = f"_{verb}"
-    return handle
+    HANDLERS.on(op)(handle)
 
 
-async def _shutdown(driver: Driver, body: dict[str, Any]) -> Any:
-    ref = _domain_ref(body)
-    await driver.shutdown(ref, timeout=_optional_number(body, "timeout"))
-    info = await driver.info(ref)
-    return {"state": info.state.label, "reason": info.reason}
+for _op, _verb in (
+    (ops.DOMAIN_START, "start"),
+    (ops.DOMAIN_DESTROY, "destroy"),
+    (ops.DOMAIN_REBOOT, "reboot"),
+    (ops.DOMAIN_RESET, "reset"),
+    (ops.DOMAIN_SUSPEND, "suspend"),
+    (ops.DOMAIN_RESUME, "resume"),
+):
+    _lifecycle(_op, _verb)
 
 
-async def _info(driver: Driver, body: dict[str, Any]) -> Any:
-    return (await driver.info(_domain_ref(body))).to_map()
+@HANDLERS.on(ops.DOMAIN_SHUTDOWN)
+async def _shutdown(ctx: AgentContext, req: DomainShutdown) -> DomainStatus:
+    await ctx.driver.shutdown(req.domain, timeout=req.timeout)
+    return status_of(ctx.driver, req.domain)
 
 
-async def _state(driver: Driver, body: dict[str, Any]) -> Any:
-    info = await driver.info(_domain_ref(body))
-    return {"state": info.state.label, "reason": info.reason}
+@HANDLERS.on(ops.DOMAIN_INFO)
+async def _info(ctx: AgentContext, req: DomainTarget) -> DomainInfoMsg:
+    return (await ctx.driver.info(req.domain)).to_wire()
 
 
-async def _xml_of(driver: Driver, body: dict[str, Any]) -> Any:
-    return {"xml": await driver.xml(_domain_ref(body))}
+@HANDLERS.on(ops.DOMAIN_STATE)
+async def _state(ctx: AgentContext, req: DomainTarget) -> DomainStatus:
+    return status_of(ctx.driver, req.domain)
 
 
-async def _stats(driver: Driver, body: dict[str, Any]) -> Any:
-    """libvirt's domstats, collected now; unknown domains or groups are INVALID_ARG/NO_DOMAIN."""
-    refs, groups = body.get("domains"), body.get("groups")
-    for key, value in (("domains", refs), ("groups", groups)):
-        if value is not None and (
-            not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)
-        ):
-            raise InvalidArgument(f"'{key}' must be a list of names")
-    unknown = sorted(set(groups or ()) - set(STATS_GROUPS))
-    if unknown:
-        raise InvalidArgument(
-            f"unknown stats group {', '.join(unknown)} (choose from {', '.join(STATS_GROUPS)})"
-        )
-    found = await driver.stats(refs or None, frozenset(groups) if groups else None)
-    return {"domains": found}
+@HANDLERS.on(ops.DOMAIN_XML)
+async def _xml(ctx: AgentContext, req: DomainTarget) -> DomainXml:
+    return DomainXml(xml=await ctx.driver.xml(req.domain))
 
 
-async def _list(driver: Driver, body: dict[str, Any]) -> Any:
-    include_inactive = bool(body.get("all", True))
-    domains = await driver.list_domains(include_inactive=include_inactive)
-    return {"domains": [d.to_map() for d in domains]}
+@HANDLERS.on(ops.DOMAIN_LIST)
+async def _list(ctx: AgentContext, req: DomainListRequest) -> DomainList:
+    domains = await ctx.driver.list_domains(include_inactive=req.all)
+    return DomainList(domains=[d.to_wire() for d in domains])
 
 
-async def _suspend_fast(driver: Driver, body: dict[str, Any]) -> Any:
-    # The hot path of the benchmark: no extra round trip for the state afterwards.
-    await driver.suspend(_domain_ref(body))
-    return {"state": "paused", "reason": "user"}
+@HANDLERS.on(ops.DOMAIN_STATS)
+async def _stats(ctx: AgentContext, req: DomainStatsRequest) -> DomainStats:
+    """libvirt's domstats, collected now; an unknown domain is NO_DOMAIN."""
+    groups = frozenset(req.groups) if req.groups else None
+    return DomainStats(domains=await ctx.driver.stats(req.domains or None, groups))
 
 
-async def _resume_fast(driver: Driver, body: dict[str, Any]) -> Any:
-    await driver.resume(_domain_ref(body))
-    return {"state": "running", "reason": "unpaused"}
+@HANDLERS.on(ops.HOST_INFO)
+async def _host_info(ctx: AgentContext, req: Empty) -> HostInventory:
+    return await ctx.inventory()
 
 
-HANDLERS: dict[str, Handler] = {
-    ops.DOMAIN_DEFINE: _define,
-    ops.DOMAIN_UNDEFINE: _undefine,
-    ops.DOMAIN_START: _lifecycle("start"),
-    ops.DOMAIN_SHUTDOWN: _shutdown,
-    ops.DOMAIN_DESTROY: _lifecycle("destroy"),
-    ops.DOMAIN_REBOOT: _lifecycle("reboot"),
-    ops.DOMAIN_RESET: _lifecycle("reset"),
-    ops.DOMAIN_SUSPEND: _suspend_fast,
-    ops.DOMAIN_RESUME: _resume_fast,
-    ops.DOMAIN_INFO: _info,
-    ops.DOMAIN_STATE: _state,
-    ops.DOMAIN_XML: _xml_of,
-    ops.DOMAIN_LIST: _list,
-    ops.DOMAIN_STATS: _stats,
-    **MIGRATION_HANDLERS,  # agent/migration.py: libvirt's v3 migration steps
-}
+@HANDLERS.on(ops.HOST_PING)
+async def _ping(ctx: AgentContext, req: Empty) -> Pong:
+    return Pong(host=ctx.host)
 
 
-# Ops that change nothing: a redelivery may simply run them again, so no reply is journaled.
-READ_ONLY_OPS = frozenset(
-    {
-        ops.DOMAIN_INFO,
-        ops.DOMAIN_STATE,
-        ops.DOMAIN_XML,
-        ops.DOMAIN_LIST,
-        ops.DOMAIN_STATS,
-        ops.HOST_INFO,
-        ops.HOST_PING,
-        ops.MIGRATION_STATUS,
-    }
-)
+@HANDLERS.on(ops.HOST_SET_DRAINING)
+async def _set_draining(ctx: AgentContext, req: SetDraining) -> DrainFlag:
+    ctx.draining = req.draining
+    return DrainFlag(host=ctx.host, draining=ctx.draining)
 
 
-def domain_key(driver: Driver, call: Envelope) -> str | None:
-    """The serialisation key of a call: the domain's name, or None for host-wide ops."""
-    if call.op not in ops.DOMAIN_OPS and call.op not in ops.MIGRATION_DOMAIN_OPS:
+def serial_key(driver: Driver, op: Op[Any, Any], req: Any) -> str | None:
+    """The key calls are serialised on: the target object's resolved name, or None.
+
+    Ops on one domain run strictly one after another whether the caller named it by name
+    or by UUID; ops whose target is the name inside an XML definition parse it.
+    """
+    if not op.serial:
         return None
-    if call.op in (ops.DOMAIN_DEFINE, ops.MIGRATION_PREPARE):
-        return parse_domain_xml(_xml(call.body)).name
-    ref = _domain_ref(call.body)
-    known = driver.lookup(ref)
-    return known.name if known else ref
-
-
-def handler_for(op: str) -> Handler:
-    handler = HANDLERS.get(op)
-    if handler is None:
-        raise NoSupport(f"unknown op '{op}'")
-    return handler
+    ref = op.target_of(req)
+    if ref is None:
+        xml = getattr(req, "xml", None)
+        if not isinstance(xml, str):
+            raise InternalError(f"{op.name} is serial but names no target")
+        ref = parse_domain_xml(xml).name
+    elif op.target is Target.DOMAIN:
+        known = driver.lookup(ref)
+        ref = known.name if known else ref
+    return f"{op.target}:{ref}"

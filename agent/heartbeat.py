@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from drivers.base import Driver
 from virtbus import __version__
 from virtbus.protocol.events import DomainState
+from virtbus.protocol.host import HostInventory
 
 
 async def inventory(
@@ -19,8 +19,8 @@ async def inventory(
     labels: dict[str, str] | None = None,
     draining: bool = False,
     migration_address: str = "127.0.0.1",
-) -> dict[str, Any]:
-    """The inventory map carried by heartbeats and answered by ``host.info``.
+) -> HostInventory:
+    """The inventory carried by heartbeats and answered by ``host.info``.
 
     ``labels`` come from the agent's settings (``--label KEY=VALUE``); ``draining`` is set by
     the scheduler (``host.set_draining``) so every reader of heartbeats sees a drain.
@@ -28,20 +28,25 @@ async def inventory(
     resources = await driver.host_resources()
     domains = await driver.list_domains(include_inactive=True)
     active = [d for d in domains if d.state != DomainState.SHUTOFF]
-    return {
-        "host": host,
-        "driver": driver.name,
-        **resources.to_map(),
-        "domains": len(domains),
-        "active_domains": len(active),
-        "allocated_memory_kib": sum(d.memory_kib for d in active),
-        "allocated_vcpus": sum(d.vcpus for d in active),
-        "running": [d.name for d in active],
-        "labels": dict(labels or {}),
-        "draining": draining,
-        "migration_address": migration_address,
-        "last_event_seq": last_seq,
-        "agent_version": __version__,
-        "started_at": started_at,
-        "now": time.time(),
-    }
+    return HostInventory(
+        host=host,
+        driver=driver.name,
+        cpus=resources.cpus,
+        memory_total_kib=resources.memory_total_kib,
+        memory_free_kib=resources.memory_free_kib,
+        arch=resources.arch,
+        cpu_model=resources.cpu_model,
+        hypervisor=resources.hypervisor,
+        domains=len(domains),
+        active_domains=len(active),
+        allocated_memory_kib=sum(d.memory_kib for d in active),
+        allocated_vcpus=sum(d.vcpus for d in active),
+        running=[d.name for d in active],
+        labels=dict(labels or {}),
+        draining=draining,
+        migration_address=migration_address,
+        last_event_seq=last_seq,
+        agent_version=__version__,
+        started_at=started_at,
+        now=time.time(),
+    )

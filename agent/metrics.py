@@ -25,8 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from drivers.base import Driver
@@ -43,8 +42,6 @@ if TYPE_CHECKING:
     from agent.service import AgentService
 
 log = logging.getLogger(__name__)
-
-Observe = Callable[[str, float], None]  # (op, seconds) of one command
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,39 +200,10 @@ class MetricsPublisher:
             await asyncio.sleep(next_at - now)
 
 
-@dataclass(slots=True)
-class CommandTimer:
-    """Observes each command's latency (delivery to reply) through ``observers``."""
-
-    observers: list[Observe] = field(default_factory=list)
-
-    def wrap(self, submit: Callable[[Envelope], Awaitable[Any]]) -> Callable[[Envelope], Any]:
-        def timed(call: Envelope) -> Awaitable[Any]:
-            started = time.perf_counter()
-            reply = submit(call)
-            if isinstance(reply, asyncio.Future):  # answered from memory / at once
-                reply.add_done_callback(lambda _f: self._observe(call.op, started))
-                return reply
-            return self._timed(reply, call.op, started)  # no task: the transport runs it
-
-        return timed
-
-    async def _timed(self, reply: Awaitable[Any], op: str, started: float) -> Any:
-        try:
-            return await reply
-        finally:
-            self._observe(op, started)
-
-    def _observe(self, op: str, started: float) -> None:
-        elapsed = time.perf_counter() - started
-        for observe in self.observers:
-            observe(op, elapsed)
-
-
 class AgentMetrics:
     """Composition of the agent's metrics: publisher, optional exporter, command timing.
 
-    The service creates it in its constructor (it times the commands the service serves),
+    The service creates it in its constructor (the exporter observes the dispatcher),
     starts it once the call queue is served and stops it first at stop.
     """
 
@@ -248,15 +216,15 @@ class AgentMetrics:
             bus=service.bus,
             interval=settings.metrics_interval,
         )
-        self.timer = CommandTimer()
-        dispatcher = service.dispatcher
-        dispatcher.submit = self.timer.wrap(dispatcher.submit)  # type: ignore[method-assign,assignment]
         self.exporter: MetricsExporter | None = None
         if settings.metrics_listen:
             from agent.exporter import MetricsExporter
 
-            self.exporter = MetricsExporter(settings.metrics_listen, service, self.publisher)
-            self.timer.observers.append(self.exporter.observe_command)
+            exporter = MetricsExporter(settings.metrics_listen, service, self.publisher)
+            service.dispatcher.add_observer(
+                lambda op, seconds, _reply: exporter.observe_command(op, seconds)
+            )
+            self.exporter = exporter
         self._tasks = TaskGroup(f"metrics:{service.host}", on_crash=self._crashed)
 
     def _crashed(self, name: str, exc: BaseException) -> None:

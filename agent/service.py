@@ -12,22 +12,27 @@ import asyncio
 import logging
 import time
 from enum import Enum
-from typing import Any
 
+import agent.handlers
+import agent.migration
 from agent.calllog import CallLog
-from agent.dispatch import Dispatcher
-from agent.handlers import READ_ONLY_OPS, domain_key, handler_for
+from agent.dispatch import Dispatcher, Prepared
 from agent.heartbeat import inventory
 from agent.metrics import AgentMetrics
 from agent.outbox import EventOutbox
+from agent.table import HANDLERS, AgentContext
 from drivers.base import Driver, DriverEvent
 from virtbus.aio import TaskGroup
 from virtbus.bus.base import Bus, Server
 from virtbus.bus.topology import EVENTS_EXCHANGE, HEARTBEAT_KEY_SUFFIX, HOSTS_EXCHANGE
-from virtbus.errors import OperationInvalid, VirtbusError
+from virtbus.errors import NoSupport, OperationInvalid, VirtbusError
 from virtbus.protocol import ops
+from virtbus.protocol.base import to_wire
 from virtbus.protocol.envelope import Envelope, Kind
-from virtbus.protocol.events import event_body, event_routing_key, routing_word
+from virtbus.protocol.events import event_routing_key, routing_word
+from virtbus.protocol.host import HostInventory
+from virtbus.protocol.messages import DomainEvent
+from virtbus.protocol.registry import Service
 from virtbus.settings import AgentSettings, BusSettings
 
 log = logging.getLogger(__name__)
@@ -66,24 +71,27 @@ class AgentService:
             retry=self._bus_settings.reconnect,
         )
         self.call_log = CallLog(settings.state_dir / "calls.log", keep=settings.call_memory)
+        self.context = AgentContext(host=self.host, driver=driver, inventory=self.inventory)
         self.dispatcher = Dispatcher(
-            self._execute,
-            lambda call: domain_key(self.driver, call),
+            self._prepare,
             command_timeout=settings.command_timeout,
             call_memory=settings.call_memory,
             call_log=self.call_log,
-            journaled=lambda call: call.op not in READ_ONLY_OPS,
         )
         self.state = AgentState.NEW
         self.failed = asyncio.Event()  # set when a supervised task died: the agent must stop
-        # Metrics wrap the dispatcher to time commands, so they exist before the queue is served.
+        # Metrics observe the dispatcher, so they exist before the queue is served.
         self.metrics = AgentMetrics(self)
-        self.draining = False  # the scheduler drains this host (host.set_draining)
+
+    @property
+    def draining(self) -> bool:
+        """The scheduler drains this host (``host.set_draining``)."""
+        return self.context.draining
 
     # --- events ---------------------------------------------------------------------
     def _on_driver_event(self, event: DriverEvent) -> None:
         """The driver's sink: stamp the sequence number now, publish later; never blocks."""
-        body = event_body(
+        body = DomainEvent(
             host=self.host,
             seq=self.outbox.next_seq(),
             domain=event.domain,
@@ -93,7 +101,9 @@ class AgentService:
             data=event.data,
             reconciled=event.reconciled,
         )
-        self.outbox.put(Envelope(kind=Kind.EVENT, op=ops.EVENT_DOMAIN, body=body, src=self.host))
+        self.outbox.put(
+            Envelope(kind=Kind.EVENT, op=ops.EVENT_DOMAIN, body=to_wire(body), src=self.host)
+        )
 
     async def _publish_event(self, envelope: Envelope) -> None:
         body = envelope.body
@@ -105,17 +115,19 @@ class AgentService:
         return self.outbox.last_seq
 
     # --- calls ----------------------------------------------------------------------
-    async def _execute(self, call: Envelope) -> Any:
-        if call.op == ops.HOST_INFO:
-            return await self.inventory()
-        if call.op == ops.HOST_PING:
-            return {"host": self.host}
-        if call.op == ops.HOST_SET_DRAINING:  # set by the scheduler; shown in heartbeats
-            self.draining = bool(call.body.get("draining", True))
-            return {"host": self.host, "draining": self.draining}
-        return await handler_for(call.op)(self.driver, call.body)
+    def _prepare(self, call: Envelope) -> Prepared:
+        """Decode a call into its declared request and bind its handler (synchronous:
+        the transport calls the dispatcher in delivery order)."""
+        op = ops.lookup(call.op)
+        if op.service is not Service.AGENT:
+            raise NoSupport(f"'{call.op}' is not an agent op (send it to the {op.service})")
+        request = op.decode_request(call.body)
+        handler = HANDLERS[op]
+        key = agent.handlers.serial_key(self.driver, op, request)
+        context = self.context
+        return Prepared(op, key, lambda: handler(context, request))
 
-    async def inventory(self) -> dict[str, Any]:
+    async def inventory(self) -> HostInventory:
         return await inventory(
             self.driver,
             self.host,
@@ -131,7 +143,7 @@ class AgentService:
         key = f"{routing_word(self.host)}.{HEARTBEAT_KEY_SUFFIX}"
         while True:
             try:
-                body = await self.inventory()
+                body = to_wire(await self.inventory())
                 envelope = Envelope(kind=Kind.HEARTBEAT, op=ops.HEARTBEAT, body=body, src=self.host)
                 await self.bus.publish(HOSTS_EXCHANGE, key, envelope)
             except (VirtbusError, OSError) as exc:  # a missed beat; the next one may do

@@ -18,7 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from virtbus.protocol.domain import DomainInfo as DomainInfoMessage
+from virtbus.protocol.domain import StateName
 from virtbus.protocol.events import DomainState
+from virtbus.protocol.migration import MigrationParams, MigrationStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +37,6 @@ class DriverEvent:
 
 
 EventSink = Callable[[DriverEvent], None]
-
-# libvirt's domstats groups (virsh domstats --state --cpu-total ...)
-STATS_GROUPS = ("state", "cpu-total", "balloon", "vcpu", "interface", "block")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,22 +62,22 @@ class DomainInfo:
     id: int | None = None  # hypervisor id while active, None when shut off
     hv_type: str = ""
 
-    def to_map(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "uuid": self.uuid,
-            "id": self.id,
-            "state": self.state.label,
-            "state_code": int(self.state),
-            "reason": self.reason,
-            "max_memory_kib": self.max_memory_kib,
-            "memory_kib": self.memory_kib,
-            "vcpus": self.vcpus,
-            "cpu_time_ns": self.cpu_time_ns,
-            "persistent": self.persistent,
-            "autostart": self.autostart,
-            "type": self.hv_type,
-        }
+    def to_wire(self) -> DomainInfoMessage:
+        return DomainInfoMessage(
+            name=self.name,
+            uuid=self.uuid,
+            id=self.id,
+            state=StateName.of(self.state),
+            state_code=int(self.state),
+            reason=self.reason,
+            max_memory_kib=self.max_memory_kib,
+            memory_kib=self.memory_kib,
+            vcpus=self.vcpus,
+            cpu_time_ns=self.cpu_time_ns,
+            persistent=self.persistent,
+            autostart=self.autostart,
+            type=self.hv_type,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,62 +102,10 @@ class HostResources:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class MigrationParams:
-    """What the caller asks of a live migration (libvirt's flags and QEMU's parameters)."""
-
-    bandwidth_mib_s: int | None = None  # max-bandwidth
-    max_downtime_ms: int | None = None  # downtime-limit
-    auto_converge: bool = False
-    postcopy: bool = False  # postcopy-ram; switched to postcopy after the first pass
-    parallel: int = 0  # multifd channels; 0 = off
-    listen_address: str = "127.0.0.1"  # where the destination listens for the stream
-
-    def to_map(self) -> dict[str, Any]:
-        return {
-            "bandwidth_mib_s": self.bandwidth_mib_s,
-            "max_downtime_ms": self.max_downtime_ms,
-            "auto_converge": self.auto_converge,
-            "postcopy": self.postcopy,
-            "parallel": self.parallel,
-            "listen_address": self.listen_address,
-        }
-
-    @classmethod
-    def from_map(cls, data: dict[str, Any]) -> MigrationParams:
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
-
-
-@dataclass(slots=True)
-class MigrationStatus:
-    """Progress of a migration as QEMU's query-migrate reports it (libvirt's job info)."""
-
-    status: str  # none, setup, active, postcopy-active, completed, failed, cancelled, ...
-    transferred: int = 0
-    remaining: int = 0
-    total: int = 0
-    passes: int = 0
-    downtime_ms: int | None = None
-    total_time_ms: int | None = None
-    error: str | None = None
-
-    def to_map(self) -> dict[str, Any]:
-        return {
-            "status": self.status,
-            "transferred": self.transferred,
-            "remaining": self.remaining,
-            "total": self.total,
-            "passes": self.passes,
-            "downtime_ms": self.downtime_ms,
-            "total_time_ms": self.total_time_ms,
-            "error": self.error,
-        }
-
-
 @runtime_checkable
 class Driver(Protocol):
-    """A hypervisor. All methods are coroutines except ``lookup`` (a cheap local lookup)."""
+    """A hypervisor. All methods are coroutines except ``lookup`` and ``state`` (cheap,
+    local)."""
 
     name: str
 
@@ -169,6 +117,10 @@ class Driver(Protocol):
 
     def lookup(self, ref: str) -> DomainRef | None:
         """Resolve a name or UUID without I/O; None when unknown."""
+
+    def state(self, ref: str) -> tuple[DomainState, str]:
+        """The domain's state and reason as the driver last saw it, without I/O (what a
+        lifecycle op answers); NoDomainError for an unknown ref."""
 
     async def define(self, xml: str) -> DomainRef: ...
     async def undefine(self, ref: str) -> None: ...

@@ -23,19 +23,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drivers.base import (
-    STATS_GROUPS,
     DomainInfo,
     DomainRef,
     DriverEvent,
     EventSink,
     HostResources,
-    MigrationParams,
-    MigrationStatus,
 )
 from virtbus.aio import TaskGroup
 from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.errors import MigrateFailed, NoDomainError, OperationFailed, OperationInvalid
+from virtbus.protocol.base import to_wire
+from virtbus.protocol.domain import STATS_GROUPS
 from virtbus.protocol.events import DomainState, reason_code
+from virtbus.protocol.migration import MigrationParams, MigrationState, MigrationStatus
 
 _ACTIVE = (DomainState.RUNNING, DomainState.PAUSED, DomainState.BLOCKED, DomainState.CRASHED)
 
@@ -139,6 +139,10 @@ class TestDriver:
     def lookup(self, ref: str) -> DomainRef | None:
         dom = self._find(ref)
         return dom.ref if dom else None
+
+    def state(self, ref: str) -> tuple[DomainState, str]:
+        dom = self._get(ref)
+        return dom.state, dom.reason
 
     def _find(self, ref: str) -> _TestDomain | None:
         dom = self._domains.get(ref)
@@ -312,13 +316,13 @@ class TestDriver:
                     await writer.drain()
             writer.close()
 
-        incoming.server = await asyncio.start_server(receive, params.listen_address, 0)
+        incoming.server = await asyncio.start_server(receive, params.listen, 0)
         port = incoming.server.sockets[0].getsockname()[1]
         self._domains[defn.uuid] = dom
         self._by_name[defn.name] = defn.uuid
         self._set(dom, DomainState.PAUSED, "migration")
         self._emit(dom, "started", "migrated")
-        return f"tcp:{params.listen_address}:{port}"
+        return f"tcp:{params.listen}:{port}"
 
     async def migrate_perform(self, ref: str, uri: str, params: MigrationParams) -> None:
         dom = self._get(ref)
@@ -334,7 +338,7 @@ class TestDriver:
         except OSError as exc:
             raise MigrateFailed(f"cannot connect to {uri}: {exc.strerror or exc}") from exc
         total = dom.definition.current_memory_kib * 1024
-        out = _Outgoing(MigrationStatus("setup", remaining=total, total=total))
+        out = _Outgoing(MigrationStatus(status=MigrationState.SETUP, remaining=total, total=total))
         dom.outgoing = out
         self._emit_migration(dom)
         out.task = self._tasks.spawn(
@@ -365,18 +369,21 @@ class TestDriver:
                 status.remaining = status.total - status.transferred
                 status.passes = 1 if step < steps else 2
                 late = params.postcopy and step > steps // 2
-                status.status = "postcopy-active" if late else "active"
+                status.status = MigrationState.POSTCOPY_ACTIVE if late else MigrationState.ACTIVE
                 self._emit_migration(dom)
             if dom.state == DomainState.RUNNING:  # the final switch-over pauses the source
                 out.paused_by_migration = True
                 self._set(dom, DomainState.PAUSED, "migration")
                 self._emit(dom, "suspended", "migrated")
             await self._page(reader, writer, b"DONE\n")
-            status.status, status.remaining = "completed", 0
+            status.status, status.remaining = MigrationState.COMPLETED, 0
             status.downtime_ms = 1
             status.total_time_ms = int((time.monotonic() - started) * 1000)
         except (OSError, EOFError, TimeoutError) as exc:
-            status.status, status.error = "failed", f"migration stream broken: {exc or 'EOF'}"
+            status.status, status.error = (
+                MigrationState.FAILED,
+                f"migration stream broken: {exc or 'EOF'}",
+            )
             self._resume_after_migration(dom, out)
         finally:
             writer.close()
@@ -394,7 +401,7 @@ class TestDriver:
 
     def _emit_migration(self, dom: _TestDomain) -> None:
         if dom.outgoing is not None:
-            data = dom.outgoing.status.to_map()
+            data = to_wire(dom.outgoing.status)
             self._sink(
                 DriverEvent(dom.definition.name, dom.definition.uuid, "migration", None, data)
             )
@@ -407,7 +414,11 @@ class TestDriver:
 
     async def migrate_status(self, ref: str) -> MigrationStatus:
         dom = self._get(ref)
-        return dom.outgoing.status if dom.outgoing is not None else MigrationStatus("none")
+        return (
+            dom.outgoing.status
+            if dom.outgoing is not None
+            else MigrationStatus(status=MigrationState.NONE)
+        )
 
     async def migrate_cancel(self, ref: str) -> None:
         dom = self._get(ref)
@@ -421,7 +432,7 @@ class TestDriver:
             out.task.cancel()
             await asyncio.wait([out.task])  # our own caller's cancellation still reaches us
         if out.active:
-            out.status.status = "cancelled"
+            out.status.status = MigrationState.CANCELLED
             self._resume_after_migration(dom, out)
             self._emit_migration(dom)
 
@@ -478,7 +489,7 @@ class TestDriver:
         out = dom.outgoing
         if out is not None and out.task is not None and not out.task.done():
             out.task.cancel()
-            out.status.status, out.status.error = "cancelled", "domain stopped"
+            out.status.status, out.status.error = MigrationState.CANCELLED, "domain stopped"
 
     # --- statistics -----------------------------------------------------------------
     async def stats(

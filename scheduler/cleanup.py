@@ -20,8 +20,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, Protocol, TypeVar
 
 from scheduler.inventory import ClusterView
 from scheduler.journal import Journal, MigrationRecord
@@ -36,24 +36,34 @@ from virtbus.errors import (
     VirtbusError,
 )
 from virtbus.protocol import ops
+from virtbus.protocol.base import Message
+from virtbus.protocol.domain import DomainInfo
+from virtbus.protocol.migration import MigrationEnd, MigrationOutcome, RecordState
+from virtbus.protocol.registry import Op
 
 log = logging.getLogger(__name__)
 
-AgentCall = Callable[[str, str, dict[str, Any], float], Awaitable[Any]]
+Req = TypeVar("Req", bound=Message)
+Res = TypeVar("Res", bound=Message)
+
+
+class AgentCall(Protocol):
+    """One call to a host's agent; the answer is the op's typed result, checked where it
+    enters (a malformed one is RPC_ERROR)."""
+
+    def __call__(
+        self, host: str, op: Op[Req, Res], request: Req, timeout: float
+    ) -> Awaitable[Res]: ...
 
 
 def cleanup_step(host: str, op: str, success: bool) -> dict[str, Any]:
     """One journaled cleanup step: ``op`` (finish/confirm) with ``success`` on ``host``."""
-    return {"host": host, "op": op, "success": success}
+    return {"host": host, "op": str(op), "success": success}
 
 
-def destination_owns(answer: Any) -> bool:
-    """A finish answer that says the destination runs the guest as its own."""
-    return (
-        isinstance(answer, dict)
-        and bool(answer.get("persistent"))
-        and answer.get("state") == "running"
-    )
+def destination_owns(answer: MigrationOutcome | DomainInfo | None) -> bool:
+    """A finish (or info) answer that says the destination runs the guest as its own."""
+    return answer is not None and bool(answer.persistent) and answer.state == "running"
 
 
 class CleanupRunner:
@@ -106,8 +116,8 @@ class CleanupRunner:
             try:
                 answer = await self._call(
                     host,
-                    step["op"],
-                    {"domain": record.uuid, "success": step["success"]},
+                    ops.lookup(step["op"]),
+                    MigrationEnd(domain=record.uuid, success=step["success"]),
                     self.settings.step_timeout,
                 )
             except (RetryableError, NoHostError) as exc:
@@ -116,7 +126,7 @@ class CleanupRunner:
                 continue
             except (NoDomainError, OperationInvalid, MigrateFailed) as exc:
                 log.info("migration %s: cleanup %s on %s: %s", record.id, step["op"], host, exc)
-                answer = {}  # nothing left to undo there
+                answer = None  # nothing left to undo there
             except VirtbusError as exc:  # answered but could not do it: an operator may fix it
                 log.error("migration %s: cleanup %s on %s failed: %s",
                           record.id, step["op"], host, exc)  # fmt: skip
@@ -137,7 +147,7 @@ class CleanupRunner:
             log.warning("migration %s: the destination runs %s: confirming on the source",
                         record.id, record.domain)  # fmt: skip
             record.cleanup = [cleanup_step(record.source, ops.MIGRATION_CONFIRM, True)]
-            record.state, record.error = "completed", None
+            record.state, record.error = RecordState.COMPLETED, None
             self.view.domain_moved(record.uuid, record.source, record.destination)
 
     @staticmethod

@@ -12,11 +12,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from scheduler.journal import MigrationRecord
 from scheduler.migration import MigrationCoordinator
 from virtbus.errors import VirtbusError
+from virtbus.protocol.domain import DomainInfo
+from virtbus.protocol.migration import TERMINAL_STATES, RecordState
+from virtbus.protocol.scheduler import DrainDomain, DrainStatus
 
 log = logging.getLogger(__name__)
 
@@ -28,33 +30,32 @@ StartMigration = Callable[[str, str], Awaitable[MigrationRecord]]
 class DrainJob:
     host: str
     started: float = field(default_factory=time.time)
-    domains: dict[str, dict[str, Any]] = field(default_factory=dict)  # by name
+    domains: dict[str, DrainDomain] = field(default_factory=dict)  # by name
     migrations: dict[str, str] = field(default_factory=dict)  # domain name -> migration id
 
-    def to_map(self, coordinator: MigrationCoordinator) -> dict[str, Any]:
+    def status(self, coordinator: MigrationCoordinator) -> DrainStatus:
         rows = {}
         for name, row in self.domains.items():
             mig_id = self.migrations.get(name)
             rec = coordinator.for_domain(mig_id) if mig_id else None
             if rec is not None:
-                row = {
-                    **row,
-                    "state": rec.state,
-                    "phase": rec.phase,
-                    "destination": rec.destination,
-                    "error": rec.error,
-                    "progress": rec.progress,
-                }
+                row = DrainDomain(
+                    state=rec.state,
+                    phase=rec.phase,
+                    destination=rec.destination,
+                    error=rec.error,
+                    progress=dict(rec.progress),
+                )
             rows[name] = row
-        states = [r["state"] for r in rows.values()]
-        done = all(s in ("completed", "failed", "cancelled") for s in states)
-        return {
-            "host": self.host,
-            "started": self.started,
-            "done": done,
-            "ok": done and all(s == "completed" for s in states),
-            "domains": rows,
-        }
+        states = [r.state for r in rows.values()]
+        done = all(s in TERMINAL_STATES for s in states)
+        return DrainStatus(
+            host=self.host,
+            started=self.started,
+            done=done,
+            ok=done and all(s == RecordState.COMPLETED for s in states),
+            domains=rows,
+        )
 
 
 class DrainManager:
@@ -62,21 +63,19 @@ class DrainManager:
         self._coordinator = coordinator
         self.jobs: dict[str, DrainJob] = {}
 
-    async def drain(
-        self, host: str, running: list[dict[str, Any]], start: StartMigration
-    ) -> DrainJob:
-        """Start moving ``running`` (DomainInfo maps of ``host``) away; returns at once."""
+    async def drain(self, host: str, running: list[DomainInfo], start: StartMigration) -> DrainJob:
+        """Start moving ``running`` (the domains of ``host``) away; returns at once."""
         job = DrainJob(host)
         self.jobs[host] = job
-        for info in sorted(running, key=lambda d: d["name"]):
-            name = info["name"]
+        for info in sorted(running, key=lambda d: d.name):
+            name = info.name
             try:
-                record = await start(info["uuid"], host)
+                record = await start(info.uuid, host)
             except VirtbusError as exc:
                 log.warning("drain of %s: %s stays: %s", host, name, exc)
-                job.domains[name] = {"state": "failed", "error": str(exc), "destination": None}
+                job.domains[name] = DrainDomain(state=RecordState.FAILED, error=str(exc))
                 continue
-            job.domains[name] = {"state": record.state, "destination": record.destination}
+            job.domains[name] = DrainDomain(state=record.state, destination=record.destination)
             job.migrations[name] = record.id
         return job
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+
+import msgspec
 
 from scheduler.placement import HostCandidate
-from scheduler.wire import HostInventory
+from virtbus.protocol.domain import DomainInfo, StateName
+from virtbus.protocol.host import HostInventory
+from virtbus.protocol.scheduler import HostView
 
 
 @dataclass(slots=True)
@@ -39,9 +42,9 @@ class DomainMeta:
 @dataclass(slots=True)
 class HostRecord:
     name: str
-    inventory: HostInventory | None = None  # validated at the edge (scheduler.wire)
+    inventory: HostInventory | None = None  # validated at the edge (a typed heartbeat)
     last_seen: float = 0.0  # monotonic time of the last heartbeat
-    domains: dict[str, dict[str, Any]] = field(default_factory=dict)  # by uuid: DomainInfo map
+    domains: dict[str, DomainInfo] = field(default_factory=dict)  # by uuid
     claims: dict[str, Claim] = field(default_factory=dict)  # by domain uuid
 
 
@@ -75,11 +78,10 @@ class ClusterView:
         )
         return fresh or changed
 
-    def observe_domains(self, host: str, domains: list[dict[str, Any]]) -> list[str]:
-        """Replace a host's domain list (DomainInfo maps checked by ``scheduler.wire``);
-        returns uuids whose metadata is still unknown."""
+    def observe_domains(self, host: str, domains: list[DomainInfo]) -> list[str]:
+        """Replace a host's domain list; returns uuids whose metadata is still unknown."""
         record = self.hosts.setdefault(host, HostRecord(host))
-        record.domains = {d["uuid"]: d for d in domains}
+        record.domains = {d.uuid: d for d in domains}
         return [u for u in record.domains if u not in self.meta]
 
     def observe_meta(self, meta: DomainMeta) -> None:
@@ -90,7 +92,9 @@ class ClusterView:
         src, dst = self.hosts.get(source), self.hosts.get(destination)
         info = src.domains.pop(uuid, None) if src else None
         if dst is not None and info is not None:
-            dst.domains[uuid] = {**info, "state": "running", "reason": "migrated"}
+            dst.domains[uuid] = msgspec.structs.replace(
+                info, state=StateName.RUNNING, state_code=1, reason="migrated"
+            )
 
     # --- queries --------------------------------------------------------------------
     def is_up(self, host: str, now: float | None = None) -> bool:
@@ -105,12 +109,12 @@ class ClusterView:
         reported = bool(record and record.inventory and record.inventory.draining)
         return host in self.draining or reported
 
-    def hosts_with(self, ref: str) -> list[tuple[str, dict[str, Any]]]:
-        """(host, DomainInfo map) for every host that has a domain named or with uuid ``ref``."""
+    def hosts_with(self, ref: str) -> list[tuple[str, DomainInfo]]:
+        """(host, DomainInfo) for every host that has a domain named or with uuid ``ref``."""
         found = []
         for name in sorted(self.hosts):
             for info in self.hosts[name].domains.values():
-                if ref in (info.get("name"), info.get("uuid")):
+                if ref in (info.name, info.uuid):
                     found.append((name, info))
         return found
 
@@ -147,7 +151,7 @@ class ClusterView:
                     up=now_m - record.last_seen <= self.host_down_after,
                     draining=self.is_draining(name),
                     cpu_model=inv.cpu_model,
-                    cpu_models=inv.cpu_models,
+                    cpu_models=frozenset(inv.cpu_models),
                     groups=frozenset(groups),
                     labels=dict(inv.labels),
                 )
@@ -163,19 +167,21 @@ class ClusterView:
         if record is not None:
             record.claims.pop(uuid, None)
 
-    def host_map(self, name: str, now: float | None = None) -> dict[str, Any]:
-        """One row of ``virtbus hosts`` (``scheduler.hosts``)."""
+    def host_view(self, name: str, now: float | None = None) -> HostView | None:
+        """One row of ``virtbus hosts`` (``scheduler.hosts``); None before a heartbeat."""
         record = self.hosts[name]
-        now_m = time.monotonic() if now is None else now
         inv = record.inventory
+        if inv is None:
+            return None
+        now_m = time.monotonic() if now is None else now
         claims = record.claims.values()
-        return {
-            **{k: v for k, v in (inv.raw if inv else {}).items() if k != "running"},
-            "host": name,
-            "up": self.is_up(name, now_m),
-            "draining": self.is_draining(name),
-            "last_seen_s": round(now_m - record.last_seen, 3) if inv else None,
-            "claimed_memory_kib": sum(c.memory_kib for c in claims),
-            "claimed_vcpus": sum(c.vcpus for c in claims),
-            "labels": dict(inv.labels) if inv else {},
-        }
+        fields = msgspec.structs.asdict(inv)
+        fields.update(
+            running=[],
+            draining=self.is_draining(name),
+            up=self.is_up(name, now_m),
+            last_seen_s=round(now_m - record.last_seen, 3),
+            claimed_memory_kib=sum(c.memory_kib for c in claims),
+            claimed_vcpus=sum(c.vcpus for c in claims),
+        )
+        return HostView(**fields)

@@ -18,18 +18,24 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from virtbus.errors import VirtbusError
+from virtbus.protocol.base import decode, to_wire
+from virtbus.protocol.migration import (
+    TERMINAL_STATES,
+    MigrationParams,
+    MigrationPhase,
+    RecordState,
+)
+from virtbus.protocol.migration import MigrationRecord as MigrationRecordMessage
 from virtbus.store import quarantine
 
 log = logging.getLogger(__name__)
-
-TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
-# Phases in order; a record's phase is the step it is about to take (or is taking).
-PHASES = ("queued", "begin", "prepare", "perform", "progress", "finish", "confirm", "done")
-ROLLBACK_PHASES = ("rollback", "rolled_back")
 
 
 @dataclass(slots=True)
@@ -38,11 +44,11 @@ class MigrationRecord:
     uuid: str
     source: str
     destination: str
-    params: dict[str, Any]
+    params: MigrationParams
     timeout: float
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    state: str = "queued"  # queued | running | completed | failed | cancelled
-    phase: str = "queued"
+    state: RecordState = RecordState.QUEUED
+    phase: MigrationPhase = MigrationPhase.QUEUED
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     started: float | None = None
@@ -64,22 +70,29 @@ class MigrationRecord:
     def deadline(self) -> float:
         return (self.started or self.created) + self.timeout
 
-    def enter(self, phase: str) -> None:
+    def enter(self, phase: MigrationPhase) -> None:
         now = time.time()
         self.phase, self.updated = phase, now
         self.history.append((phase, now))
 
     def to_map(self) -> dict[str, Any]:
-        data = asdict(self)
+        """Plain values: the journal's JSON, and the wire map."""
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["params"] = to_wire(self.params)
         data["history"] = [list(h) for h in self.history]
+        data["cleanup"] = [dict(step) for step in self.cleanup]
         return data
+
+    def to_wire(self) -> MigrationRecordMessage:
+        return msgspec.convert(self.to_map(), MigrationRecordMessage)
 
     @classmethod
     def from_map(cls, data: dict[str, Any]) -> MigrationRecord:
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        record = cls(**known)
-        record.history = [(str(p), float(t)) for p, t in data.get("history", [])]
-        return record
+        """A journaled record, checked as the wire type (ValueError when malformed)."""
+        msg = decode(data, MigrationRecordMessage)
+        fields = {k: getattr(msg, k) for k in cls.__dataclass_fields__}
+        fields["history"] = [(str(p), float(t)) for p, t in msg.history]
+        return cls(**fields)
 
 
 def _write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
@@ -140,7 +153,7 @@ class Journal:
         for path in sorted(self.dir.glob("*.json")):
             try:
                 records.append(MigrationRecord.from_map(json.loads(path.read_bytes())))
-            except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            except (OSError, ValueError, TypeError, KeyError, AttributeError, VirtbusError) as exc:
                 bad.append((path, f"{type(exc).__name__}: {exc}"))
         return records, bad
 

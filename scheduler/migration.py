@@ -28,14 +28,12 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from enum import Enum
 
-from scheduler.cleanup import CleanupRunner, cleanup_step, destination_owns
+from scheduler.cleanup import AgentCall, CleanupRunner, Req, Res, cleanup_step, destination_owns
 from scheduler.inventory import ClusterView
 from scheduler.journal import Journal, MigrationRecord
 from scheduler.settings import SchedulerSettings
-from scheduler.wire import reply_str, status_map
 from virtbus.aio import TaskGroup
 from virtbus.errors import (
     MigrateFailed,
@@ -47,23 +45,56 @@ from virtbus.errors import (
     VirtbusError,
 )
 from virtbus.protocol import ops
+from virtbus.protocol.base import to_wire
+from virtbus.protocol.domain import DomainTarget
+from virtbus.protocol.messages import DomainEvent
+from virtbus.protocol.migration import (
+    MigrationDomain,
+    MigrationEnd,
+    MigrationOutcome,
+    MigrationPerform,
+    MigrationPrepare,
+    MigrationState,
+    MigrationStatus,
+    RecordState,
+)
+from virtbus.protocol.migration import MigrationPhase as Phase
+from virtbus.protocol.registry import Op
 
 log = logging.getLogger(__name__)
 
-AgentCall = Callable[[str, str, dict[str, Any], float], Awaitable[Any]]
-ACTIVE_STATUSES = frozenset({"setup", "active", "device", "pre-switchover", "wait-unplug"})
-POSTCOPY_STATUSES = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
+ACTIVE_STATUSES = frozenset(
+    {
+        MigrationState.SETUP,
+        MigrationState.ACTIVE,
+        MigrationState.DEVICE,
+        MigrationState.PRE_SWITCHOVER,
+        MigrationState.WAIT_UNPLUG,
+    }
+)
+POSTCOPY_STATUSES = frozenset(
+    {
+        MigrationState.POSTCOPY_ACTIVE,
+        MigrationState.POSTCOPY_PAUSED,
+        MigrationState.POSTCOPY_RECOVER,
+        MigrationState.POSTCOPY_RECOVER_SETUP,
+    }
+)
 
 
-_GAVE_UP: Any = object()  # a cleanup step the agent refused (it answered with an error)
-_UNREACHABLE: Any = object()  # a cleanup step whose host never answered: left to CleanupRunner
-_UNJOURNALED = frozenset({"progress"})  # recovered like the phase before: not written
+class _Unfinished(Enum):
+    GAVE_UP = "gave up"  # a cleanup step the agent refused (it answered with an error)
+    UNREACHABLE = "unreachable"  # its host never answered: left to CleanupRunner
+
+
+_GAVE_UP, _UNREACHABLE = _Unfinished.GAVE_UP, _Unfinished.UNREACHABLE
+_UNJOURNALED = frozenset({Phase.PROGRESS})  # recovered like the phase before: not written
 
 
 class _Rollback(Exception):
     """Internal control flow: undo the migration with this end state."""
 
-    def __init__(self, state: str, error: str | None) -> None:
+    def __init__(self, state: RecordState, error: str | None) -> None:
         super().__init__(error)
         self.state, self.error = state, error
 
@@ -151,13 +182,12 @@ class MigrationCoordinator:
         self._poke(record)
         return record
 
-    def on_event(self, body: dict[str, Any]) -> None:
+    def on_event(self, event: DomainEvent) -> None:
         """A ``migration`` event from an agent: note the progress, wake its follower."""
         for record in self.active.values():
-            if record.source == body.get("host") and record.uuid == body.get("uuid"):
-                data = body.get("data")
-                if isinstance(data, dict) and data:  # any bus client can publish events
-                    record.progress = dict(data)
+            if record.source == event.host and record.uuid == event.uuid:
+                if event.data:
+                    record.progress = dict(event.data)
                     self._notify(record)
                 self._poke(record)
 
@@ -176,7 +206,7 @@ class MigrationCoordinator:
                 and self._running_out[record.source] < s.max_outbound_per_host
             ):
                 if record.cancel_requested:
-                    raise _Rollback("cancelled", "cancelled before it started")
+                    raise _Rollback(RecordState.CANCELLED, "cancelled before it started")
                 try:
                     async with asyncio.timeout(s.progress_poll):
                         await self._slots.wait()
@@ -203,13 +233,13 @@ class MigrationCoordinator:
                 holding = True
             await self._forward(record)
         except _Rollback as rb:
-            if record.phase in ("queued",):
+            if record.phase == Phase.QUEUED:
                 record.state, record.error = rb.state, rb.error
             else:
                 await self._guarded_rollback(record, rb.state, rb.error)
         except Exception as exc:  # a bug must not take the scheduler down
             log.exception("migration %s failed unexpectedly", record.id)
-            record.state, record.error = "failed", f"internal error: {exc!r}"
+            record.state, record.error = RecordState.FAILED, f"internal error: {exc!r}"
         finally:
             if holding:
                 await self._release(record)
@@ -218,63 +248,53 @@ class MigrationCoordinator:
     async def _forward(self, record: MigrationRecord) -> None:
         """Run from the record's phase to ``done``; raise _Rollback to undo."""
         s = self.settings
-        if record.phase == "queued":
-            record.state, record.started = "running", time.time()
+        if record.phase == Phase.QUEUED:
+            record.state, record.started = RecordState.RUNNING, time.time()
             record.progress = {"status": "setup"}
-            await self._enter(record, "prepare")
+            await self._enter(record, Phase.PREPARE)
             record.uri = await self._begin_and_prepare(record, self._xml.pop(record.id, None))
-            await self._enter(record, "perform")
-            await self._step(
-                record,
-                record.source,
-                ops.MIGRATION_PERFORM,
-                {"uri": record.uri, "params": record.params},
-            )
-            await self._enter(record, "progress")
-        if record.phase in ("perform", "progress"):
+            await self._enter(record, Phase.PERFORM)
+            perform = MigrationPerform(domain=record.uuid, uri=record.uri, params=record.params)
+            await self._step(record, record.source, ops.MIGRATION_PERFORM, perform)
+            await self._enter(record, Phase.PROGRESS)
+        if record.phase in (Phase.PERFORM, Phase.PROGRESS):
             await self._follow(record)
-            await self._enter(record, "finish")
-        if record.phase == "finish":
-            await self._step(
-                record, record.destination, ops.MIGRATION_FINISH, {"success": True}, forward=True
-            )
-            await self._enter(record, "confirm")
-        if record.phase == "confirm":
+            await self._enter(record, Phase.FINISH)
+        if record.phase == Phase.FINISH:
+            finish = MigrationEnd(domain=record.uuid, success=True)
+            await self._step(record, record.destination, ops.MIGRATION_FINISH, finish, forward=True)
+            await self._enter(record, Phase.CONFIRM)
+        if record.phase == Phase.CONFIRM:
             answer = await self._retry(
-                record, record.source, ops.MIGRATION_CONFIRM, {"success": True}, s.cleanup_timeout
+                record, record.source, ops.MIGRATION_CONFIRM, True, s.cleanup_timeout
             )
             if answer is _UNREACHABLE:  # the guest runs at the destination: stop the old copy later
                 record.cleanup.append(cleanup_step(record.source, ops.MIGRATION_CONFIRM, True))
             self.view.domain_moved(record.uuid, record.source, record.destination)
-            record.state = "completed"
-            await self._enter(record, "done")
+            record.state = RecordState.COMPLETED
+            await self._enter(record, Phase.DONE)
 
     async def _begin_and_prepare(self, record: MigrationRecord, xml: str | None) -> str:
         """``begin`` on the source and ``prepare`` on the destination, at once when the XML
         is already known (a failed ``begin`` rolls back the prepared destination)."""
-        body = {"params": record.params}
+        begin = MigrationDomain(domain=record.uuid)
         if xml is None:
-            xml = await self._step(record, record.source, ops.MIGRATION_BEGIN, {}, key="xml")
-            return str(
-                await self._step(
-                    record,
-                    record.destination,
-                    ops.MIGRATION_PREPARE,
-                    {"xml": xml, **body},
-                    key="uri",
-                )
-            )
+            source = await self._step(record, record.source, ops.MIGRATION_BEGIN, begin)
+            prepare = MigrationPrepare(xml=source.xml, params=record.params)
+            target = await self._step(record, record.destination, ops.MIGRATION_PREPARE, prepare)
+            return str(target.uri)
+        prepare = MigrationPrepare(xml=xml, params=record.params)
         results = await asyncio.gather(
-            self._step(record, record.source, ops.MIGRATION_BEGIN, {}),
-            self._step(
-                record, record.destination, ops.MIGRATION_PREPARE, {"xml": xml, **body}, key="uri"
-            ),
+            self._step(record, record.source, ops.MIGRATION_BEGIN, begin),
+            self._step(record, record.destination, ops.MIGRATION_PREPARE, prepare),
             return_exceptions=True,
         )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return str(results[1])
+        begun, prepared = results
+        if isinstance(begun, BaseException):
+            raise begun
+        if isinstance(prepared, BaseException):
+            raise prepared
+        return prepared.uri
 
     async def _follow(self, record: MigrationRecord) -> None:
         """Wait for the source to report an end state; cancel on deadline or request.
@@ -287,36 +307,37 @@ class MigrationCoordinator:
         query = True
         while True:
             if query:
+                status: MigrationStatus | None
                 try:
-                    status = status_map(
-                        await self._call(
-                            record.source,
-                            ops.MIGRATION_STATUS,
-                            {"domain": record.uuid},
-                            s.step_timeout,
-                        ),
+                    status = await self._call(
+                        record.source,
                         ops.MIGRATION_STATUS,
+                        MigrationDomain(domain=record.uuid),
+                        s.step_timeout,
                     )
                 except (RetryableError, ProtocolError) as exc:  # ask again later
                     log.warning("migration %s: status from %s: %s", record.id, record.source, exc)
                     status = None
                 except VirtbusError as exc:
-                    raise _Rollback("failed", f"source lost the migration: {exc}") from None
+                    lost = f"source lost the migration: {exc}"
+                    raise _Rollback(RecordState.FAILED, lost) from None
                 if status is not None:
-                    record.progress = dict(status)
+                    record.progress = to_wire(status)
                     self._notify(record)
             state = record.progress.get("status")
             if state == "completed":
                 return
             if state in ("failed", "cancelled") or (
-                query and state == "none" and record.phase == "progress"
+                query and state == "none" and record.phase == Phase.PROGRESS
             ):
                 why = record.progress.get("error") or f"the source reports {state}"
-                raise _Rollback("cancelled" if record.cancel_requested else "failed", why)
+                raise _Rollback(
+                    RecordState.CANCELLED if record.cancel_requested else RecordState.FAILED, why
+                )
             past_deadline = time.time() >= record.deadline
             postcopy = record.progress.get("status") in POSTCOPY_STATUSES
             if (record.cancel_requested or past_deadline) and not postcopy:
-                reason = "cancelled" if record.cancel_requested else "failed"
+                reason = RecordState.CANCELLED if record.cancel_requested else RecordState.FAILED
                 error = None if record.cancel_requested else f"timed out after {record.timeout:g} s"
                 raise _Rollback(reason, error)
             wait = max(0.01, min(s.progress_poll, record.deadline - time.time()))
@@ -329,15 +350,17 @@ class MigrationCoordinator:
             wake.clear()
 
     async def _guarded_rollback(
-        self, record: MigrationRecord, state: str, error: str | None
+        self, record: MigrationRecord, state: RecordState, error: str | None
     ) -> None:
         try:
             await self._rollback(record, state, error)
         except _Rollback as again:  # going forward from a rollback failed too
-            record.state, record.error = "failed", again.error
-            await self._enter(record, "rolled_back")
+            record.state, record.error = RecordState.FAILED, again.error
+            await self._enter(record, Phase.ROLLED_BACK)
 
-    async def _rollback(self, record: MigrationRecord, state: str, error: str | None) -> None:
+    async def _rollback(
+        self, record: MigrationRecord, state: RecordState, error: str | None
+    ) -> None:
         """Undo on both sides so the guest runs only at the source (bounded retries).
 
         The source is resumed only once the destination has answered that it does not run
@@ -347,18 +370,17 @@ class MigrationCoordinator:
         log.warning("migration %s of %s rolling back: %s", record.id, record.domain, error)
         record.error = error
         was = record.phase
-        finish_sent = any(p == "finish" for p, _ in record.history)
-        await self._enter(record, "rollback")
+        finish_sent = any(p == Phase.FINISH for p, _ in record.history)
+        await self._enter(record, Phase.ROLLBACK)
         t, step = self.settings.cleanup_timeout, self.settings.step_timeout
-        if was in ("perform", "progress", "finish", "rollback"):
+        if was in (Phase.PERFORM, Phase.PROGRESS, Phase.FINISH, Phase.ROLLBACK):
             try:
-                await self._call(record.source, ops.MIGRATION_CANCEL, {"domain": record.uuid}, step)
+                cancel = MigrationDomain(domain=record.uuid)
+                await self._call(record.source, ops.MIGRATION_CANCEL, cancel, step)
             except VirtbusError as exc:  # not running any more: fine
                 log.info("migration %s: cancel on %s: %s", record.id, record.source, exc)
-        if was != "begin":
-            answer = await self._retry(
-                record, record.destination, ops.MIGRATION_FINISH, {"success": False}, t
-            )
+        if was != Phase.BEGIN:
+            answer = await self._retry(record, record.destination, ops.MIGRATION_FINISH, False, t)
             if answer is _UNREACHABLE:  # retried when its heartbeats return (cleanup.py)
                 record.cleanup.append(cleanup_step(record.destination, ops.MIGRATION_FINISH, False))
             if answer in (_GAVE_UP, _UNREACHABLE) and finish_sent:
@@ -367,58 +389,57 @@ class MigrationCoordinator:
                     note += " until it does"
                     record.cleanup.append(cleanup_step(record.source, ops.MIGRATION_CONFIRM, False))
                 record.error = f"{error}; {note}" if error else note
-                record.state = "failed"
-                await self._enter(record, "rolled_back")
+                record.state = RecordState.FAILED
+                await self._enter(record, Phase.ROLLED_BACK)
                 return
-            if destination_owns(answer):
+            if isinstance(answer, MigrationOutcome) and destination_owns(answer):
                 log.warning(
                     "migration %s: the destination owns %s: going forward", record.id, record.domain
                 )
                 record.error = None
-                await self._enter(record, "confirm")
+                await self._enter(record, Phase.CONFIRM)
                 await self._forward(record)
                 return
-        answer = await self._retry(
-            record, record.source, ops.MIGRATION_CONFIRM, {"success": False}, t
-        )
+        answer = await self._retry(record, record.source, ops.MIGRATION_CONFIRM, False, t)
         if answer is _UNREACHABLE:
             record.cleanup.append(cleanup_step(record.source, ops.MIGRATION_CONFIRM, False))
         record.state = state
-        await self._enter(record, "rolled_back")
+        await self._enter(record, Phase.ROLLED_BACK)
 
     # --- steps ----------------------------------------------------------------------
     async def _step(
         self,
         record: MigrationRecord,
         host: str,
-        op: str,
-        body: dict[str, Any],
+        op: Op[Req, Res],
+        request: Req,
         *,
         forward: bool = False,
-        key: str | None = None,
-    ) -> Any:
-        """One forward step; with ``key``, the answer's string ``key`` (checked: a malformed
-        answer rolls back like a failed step, never escapes as a bug)."""
+    ) -> Res:
+        """One forward step and its typed answer (a malformed answer is RPC_ERROR and rolls
+        back like a failed step, never escapes as a bug)."""
         if record.cancel_requested and not forward:
-            raise _Rollback("cancelled", None)
+            raise _Rollback(RecordState.CANCELLED, None)
         try:
-            answer = await self._call(
-                host, op, {"domain": record.uuid, **body}, self.settings.step_timeout
-            )
-            return answer if key is None else reply_str(answer, op, key)
+            return await self._call(host, op, request, self.settings.step_timeout)
         except VirtbusError as exc:
-            raise _Rollback("failed", f"{op} on {host}: {exc}") from None
+            raise _Rollback(RecordState.FAILED, f"{op} on {host}: {exc}") from None
 
     async def _retry(
-        self, record: MigrationRecord, host: str, op: str, body: dict[str, Any], within: float
-    ) -> Any:
-        """A cleanup step that must happen: retried on transient errors for ``within`` s."""
+        self,
+        record: MigrationRecord,
+        host: str,
+        op: Op[MigrationEnd, MigrationOutcome],
+        success: bool,
+        within: float,
+    ) -> MigrationOutcome | _Unfinished | None:
+        """A finish/confirm step that must happen: retried on transient errors for
+        ``within`` s; None when there was nothing left to do on that host."""
         deadline = time.monotonic() + within
+        request = MigrationEnd(domain=record.uuid, success=success)
         while True:
             try:
-                return await self._call(
-                    host, op, {"domain": record.uuid, **body}, self.settings.step_timeout
-                )
+                return await self._call(host, op, request, self.settings.step_timeout)
             except (RetryableError, NoHostError) as exc:
                 if time.monotonic() >= deadline:
                     note = f"{op} on {host} not done yet (retried when it answers): {exc}"
@@ -428,14 +449,14 @@ class MigrationCoordinator:
                 await asyncio.sleep(self.settings.cleanup_retry)
             except (NoDomainError, OperationInvalid, MigrateFailed) as exc:
                 log.info("migration %s: %s on %s: %s", record.id, op, host, exc)
-                return {}
+                return None
             except VirtbusError as exc:  # the agent answered, but could not do it
                 note = f"{op} on {host} failed: {exc}"
                 log.error("migration %s: %s", record.id, note)
                 record.error = f"{record.error}; {note}" if record.error else note
                 return _GAVE_UP
 
-    async def _enter(self, record: MigrationRecord, phase: str) -> None:
+    async def _enter(self, record: MigrationRecord, phase: Phase) -> None:
         record.enter(phase)
         if phase not in _UNJOURNALED:
             await self.journal.save(record)
@@ -494,7 +515,7 @@ class MigrationCoordinator:
             await self._guarded_rollback(record, rb.state, rb.error)
         except Exception as exc:  # a bug must not take the scheduler down
             log.exception("recovery of migration %s failed unexpectedly", record.id)
-            record.state, record.error = "failed", f"internal error: {exc!r}"
+            record.state, record.error = RecordState.FAILED, f"internal error: {exc!r}"
         finally:
             await self._release(record)
             await self._finalize(record)
@@ -502,42 +523,46 @@ class MigrationCoordinator:
     async def _reconcile(self, record: MigrationRecord) -> None:
         """Pick the phase to resume from, from the agents' answers."""
         s = self.settings
-        if record.phase in ("queued", "begin"):
-            raise _Rollback("failed", "the scheduler restarted before the migration started")
-        if record.phase == "prepare":
-            raise _Rollback("failed", "the scheduler restarted while preparing the destination")
-        if record.phase == "rollback":
-            raise _Rollback(record.state if record.state != "running" else "failed", record.error)
-        if record.phase in ("perform", "progress"):
+        failed = RecordState.FAILED
+        if record.phase in (Phase.QUEUED, Phase.BEGIN):
+            raise _Rollback(failed, "the scheduler restarted before the migration started")
+        if record.phase == Phase.PREPARE:
+            raise _Rollback(failed, "the scheduler restarted while preparing the destination")
+        if record.phase == Phase.ROLLBACK:
+            was = record.state if record.state != RecordState.RUNNING else failed
+            raise _Rollback(was, record.error)
+        if record.phase in (Phase.PERFORM, Phase.PROGRESS):
+            state: str | None
             try:
-                reply = await self._call(
-                    record.source, ops.MIGRATION_STATUS, {"domain": record.uuid}, s.step_timeout
+                status = await self._call(
+                    record.source,
+                    ops.MIGRATION_STATUS,
+                    MigrationDomain(domain=record.uuid),
+                    s.step_timeout,
                 )
+                state = status.status
             except NoDomainError:
-                reply = {"status": "gone"}
-            try:
-                status = status_map(reply, ops.MIGRATION_STATUS)
+                state = "gone"
             except ProtocolError as exc:  # decided below from the destination's answer
                 log.warning("migration %s: %s", record.id, exc)
-                status = {}
-            state = status.get("status")
+                state = None
             if state in ACTIVE_STATUSES or state in POSTCOPY_STATUSES:
-                record.phase = "progress"  # still streaming: follow it again
-            elif state == "completed":
-                record.phase = "finish"
+                record.phase = Phase.PROGRESS  # still streaming: follow it again
+            elif state == MigrationState.COMPLETED:
+                record.phase = Phase.FINISH
             elif await self._destination_owns(record):
-                record.phase = "confirm"  # it finished before we went away
+                record.phase = Phase.CONFIRM  # it finished before we went away
             else:
-                raise _Rollback("failed", f"the scheduler restarted; the source reports {state}")
+                raise _Rollback(failed, f"the scheduler restarted; the source reports {state}")
 
     async def _destination_owns(self, record: MigrationRecord) -> bool:
         try:
             info = await self._call(
                 record.destination,
                 ops.DOMAIN_INFO,
-                {"domain": record.uuid},
+                DomainTarget(domain=record.uuid),
                 self.settings.step_timeout,
             )
         except VirtbusError:
             return False
-        return destination_owns(info)  # checks the answer's shape
+        return destination_owns(info)

@@ -6,18 +6,23 @@ active one when it receives a call; a standby keeps probing the queue with its o
 ``scheduler.ping`` so that it notices a takeover even when no client is calling. Only the
 active scheduler resolves the journal and drives migrations; a standby keeps its cluster
 view warm from heartbeats, so a takeover answers at once.
+
+Every body that reaches the scheduler is checked by its declared type where it enters:
+calls (``INVALID_ARG`` naming the field), heartbeats (a malformed one is dropped: any bus
+client can publish) and agents' answers (``RPC_ERROR``, handled like a failed call).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from scheduler.drain import DrainManager
 from scheduler.inventory import Claim, ClusterView, DomainMeta
@@ -25,9 +30,9 @@ from scheduler.journal import Journal, MigrationRecord
 from scheduler.migration import MigrationCoordinator
 from scheduler.placement import anti_affinity_groups, place, request_for
 from scheduler.settings import SchedulerSettings
-from scheduler.wire import domain_info, domain_list, parse_heartbeat, reply_str
 from virtbus.aio import TaskGroup
 from virtbus.bus.base import Bus, Server, Subscription
+from virtbus.bus.rpc import settle
 from virtbus.bus.topology import (
     EVENTS_EXCHANGE,
     HEARTBEAT_KEY_SUFFIX,
@@ -36,7 +41,6 @@ from virtbus.bus.topology import (
 )
 from virtbus.domain import parse_domain_xml
 from virtbus.errors import (
-    InternalError,
     InvalidArgument,
     NoDomainError,
     NoHostError,
@@ -46,56 +50,48 @@ from virtbus.errors import (
     VirtbusError,
 )
 from virtbus.protocol import ops
-from virtbus.protocol.envelope import Envelope, Kind, error_body, ok_body
+from virtbus.protocol.base import Empty, Message, decode, to_wire
+from virtbus.protocol.domain import (
+    DomainDefine,
+    DomainInfo,
+    DomainListRequest,
+    DomainTarget,
+    StateName,
+)
+from virtbus.protocol.envelope import Envelope, Kind, ok_body
+from virtbus.protocol.host import DrainFlag, HostInventory, SetDraining
+from virtbus.protocol.messages import DomainEvent
+from virtbus.protocol.migration import MigrationParams
+from virtbus.protocol.migration import MigrationRecord as MigrationRecordMessage
+from virtbus.protocol.registry import Op, Service
+from virtbus.protocol.scheduler import (
+    CancelRequest,
+    ClusterDomain,
+    ClusterDomains,
+    ClusterDomainsRequest,
+    ClusterHosts,
+    DrainRequest,
+    DrainStatus,
+    HostRequest,
+    MigrateRequest,
+    MigrationBrief,
+    MigrationList,
+    MigrationQuery,
+    PlacedDomain,
+    Placement,
+    PlaceRequest,
+    SchedulerPing,
+    SchedulerPingRequest,
+)
 
 log = logging.getLogger(__name__)
 
-Op = Callable[[dict[str, Any]], Awaitable[Any]]
-ACTIVE_STATES = frozenset({"running", "paused", "blocked"})
-PARAM_TYPES: dict[str, type | tuple[type, ...]] = {
-    "bandwidth_mib_s": int,
-    "max_downtime_ms": int,
-    "auto_converge": bool,
-    "postcopy": bool,
-    "parallel": int,
-    "listen_address": str,
-}
+Req = TypeVar("Req", bound=Message)
+Res = TypeVar("Res", bound=Message)
+OpHandler = Callable[[Any], Awaitable[Message]]
+ACTIVE_STATES = frozenset({StateName.RUNNING, StateName.PAUSED, StateName.BLOCKED})
 # Ops answered before the journal is resolved (they touch no migration).
 _EARLY_OPS = frozenset({ops.SCHEDULER_PING, ops.SCHEDULER_HOSTS, ops.SCHEDULER_DOMAINS})
-
-
-def _str_arg(body: dict[str, Any], key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str) or not value:
-        raise InvalidArgument(f"'{key}' is required")
-    return value
-
-
-def _timeout_arg(body: dict[str, Any]) -> float | None:
-    timeout = body.get("timeout")
-    if timeout is None:
-        return None
-    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
-        raise InvalidArgument("'timeout' must be a positive number of seconds")
-    return float(timeout)
-
-
-def migration_params(raw: Any) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise InvalidArgument("'params' must be a map")
-    out = {}
-    for key, value in raw.items():
-        kind = PARAM_TYPES.get(key)
-        if kind is None:
-            raise InvalidArgument(f"unknown migration parameter '{key}'")
-        if value is None:
-            continue
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise InvalidArgument(f"migration parameter '{key}' has the wrong type")
-        out[key] = value
-    return out
 
 
 class SchedulerService:
@@ -117,7 +113,7 @@ class SchedulerService:
         self._subs: list[Subscription] = []
         self._refreshing: set[str] = set()
         self._flagging: set[str] = set()  # hosts with a drain-flag call in flight
-        self._ops: dict[str, Op] = {
+        self._ops: dict[str, OpHandler] = {
             ops.SCHEDULER_PING: self._ping,
             ops.SCHEDULER_HOSTS: self._hosts,
             ops.SCHEDULER_DOMAINS: self._domains,
@@ -184,34 +180,33 @@ class SchedulerService:
     # --- calls ----------------------------------------------------------------------
     def _handle(self, call: Envelope) -> Awaitable[dict[str, Any]]:
         self._activate()  # the queue delivered to us: we are the active consumer
-        return self._answer(call)
+        return settle(self._answer(call), call.op)
 
     async def _answer(self, call: Envelope) -> dict[str, Any]:
-        try:
-            op = self._ops.get(call.op)
-            if op is None:
-                raise NoSupport(f"unknown scheduler op '{call.op}'")
-            if call.op not in _EARLY_OPS:
-                await self.ready.wait()
-            return ok_body(await op(call.body))
-        except VirtbusError as exc:
-            return error_body(exc.code, exc.message)
-        except Exception as exc:  # a bug must become a reply, not a dead consumer
-            log.exception("scheduler op %s failed", call.op)
-            return error_body(InternalError.code, f"{type(exc).__name__}: {exc}")
+        op = ops.lookup(call.op)
+        handler = self._ops.get(op)
+        if op.service is not Service.SCHEDULER or handler is None:
+            raise NoSupport(f"'{call.op}' is not a scheduler op")
+        request = op.decode_request(call.body)
+        if op not in _EARLY_OPS:
+            await self.ready.wait()
+        return ok_body(to_wire(await handler(request)))
 
-    async def _agent_call(self, host: str, op: str, body: dict[str, Any], timeout: float) -> Any:
-        return await self.bus.call(ops.agent_route(host), op, body, timeout=timeout)
+    async def _agent_call(self, host: str, op: Op[Req, Res], request: Req, timeout: float) -> Res:
+        """One agent op; its answer is checked as the op's result type (RPC_ERROR)."""
+        result = await self.bus.call(ops.agent_route(host), op, to_wire(request), timeout=timeout)
+        return op.decode_result(result)
 
     # --- the view -------------------------------------------------------------------
     async def _heartbeat_loop(self, sub: Subscription) -> None:
         async for env in sub:
             if env.kind != Kind.HEARTBEAT:
                 continue
-            inv = parse_heartbeat(env.body)
-            if isinstance(inv, str):  # any bus client can publish: never let it stop us
-                host = env.body.get("host") if isinstance(env.body, dict) else None
-                log.warning("dropped a heartbeat of host %r from %r: %s", host, env.src, inv)
+            try:
+                inv = decode(env.body, HostInventory)
+            except InvalidArgument as exc:  # any bus client can publish: never let it stop us
+                host = env.body.get("host")
+                log.warning("dropped a heartbeat of host %r from %r: %s", host, env.src, exc)
                 continue
             host = inv.host
             if self.view.observe_heartbeat(inv):
@@ -234,24 +229,27 @@ class SchedulerService:
 
     async def _event_loop(self, sub: Subscription) -> None:
         async for env in sub:
-            if env.kind == Kind.EVENT and env.body.get("event") == "migration":
-                self.coordinator.on_event(env.body)  # checks the body's shape itself
+            if env.kind != Kind.EVENT or env.body.get("event") != "migration":
+                continue
+            try:
+                self.coordinator.on_event(decode(env.body, DomainEvent))
+            except InvalidArgument as exc:
+                log.warning("dropped a migration event from %r: %s", env.src, exc)
 
     def _refresh_soon(self, host: str) -> None:
         if host not in self._refreshing:
             self._refreshing.add(host)
             self._tasks.spawn(self._refresh(host), name=f"refresh:{host}")
 
-    async def _refresh(self, host: str) -> list[dict[str, Any]] | None:
+    async def _refresh(self, host: str) -> list[DomainInfo] | None:
         """Ask a host for its domains (and the metadata of new ones); None when it is silent."""
         t = self.settings.fanout_timeout
         try:
-            listing = await self._agent_call(host, ops.DOMAIN_LIST, {"all": True}, t)
-            domains = domain_list(listing, ops.DOMAIN_LIST)
+            listing = await self._agent_call(host, ops.DOMAIN_LIST, DomainListRequest(), t)
+            domains = listing.domains
             for uuid in self.view.observe_domains(host, domains):
-                reply = await self._agent_call(host, ops.DOMAIN_XML, {"domain": uuid}, t)
-                xml = reply_str(reply, ops.DOMAIN_XML, "xml")
-                defn = parse_domain_xml(xml)
+                reply = await self._agent_call(host, ops.DOMAIN_XML, DomainTarget(domain=uuid), t)
+                defn = parse_domain_xml(reply.xml)
                 self.view.observe_meta(DomainMeta(defn.name, uuid, anti_affinity_groups(defn)))
             return domains
         except VirtbusError as exc:
@@ -263,7 +261,10 @@ class SchedulerService:
     async def _tell_draining(self, host: str, draining: bool) -> None:
         try:
             await self._agent_call(
-                host, ops.HOST_SET_DRAINING, {"draining": draining}, self.settings.step_timeout
+                host,
+                ops.HOST_SET_DRAINING,
+                SetDraining(draining=draining),
+                self.settings.step_timeout,
             )
         except VirtbusError as exc:
             log.warning(
@@ -274,27 +275,23 @@ class SchedulerService:
         return [h for h in sorted(self.view.hosts) if self.view.is_up(h)]
 
     # --- ops ------------------------------------------------------------------------
-    async def _ping(self, body: dict[str, Any]) -> Any:
-        return {"scheduler": self.id, "active": self.active, "ready": self.ready.is_set()}
+    async def _ping(self, req: SchedulerPingRequest) -> SchedulerPing:
+        return SchedulerPing(scheduler=self.id, active=self.active, ready=self.ready.is_set())
 
-    async def _hosts(self, body: dict[str, Any]) -> Any:
+    async def _hosts(self, req: Empty) -> ClusterHosts:
         now = time.monotonic()
-        rows = [
-            self.view.host_map(h, now)
-            for h in sorted(self.view.hosts)
-            if self.view.hosts[h].inventory is not None
-        ]
-        for row in rows:
-            row["migrations_out"] = sum(
-                r.source == row["host"] for r in self.coordinator.active.values()
-            )
-            row["migrations_in"] = sum(
-                r.destination == row["host"] for r in self.coordinator.active.values()
-            )
-        return {"scheduler": self.id, "hosts": rows}
+        active = list(self.coordinator.active.values())
+        rows = []
+        for host in sorted(self.view.hosts):
+            row = self.view.host_view(host, now)
+            if row is None:
+                continue
+            row.migrations_out = sum(r.source == host for r in active)
+            row.migrations_in = sum(r.destination == host for r in active)
+            rows.append(row)
+        return ClusterHosts(scheduler=self.id, hosts=rows)
 
-    async def _domains(self, body: dict[str, Any]) -> Any:
-        include_inactive = bool(body.get("all", False))
+    async def _domains(self, req: ClusterDomainsRequest) -> ClusterDomains:
         hosts = self._up_hosts()
         results = await asyncio.gather(*(self._refresh(h) for h in hosts))
         out, silent = [], []
@@ -303,46 +300,49 @@ class SchedulerService:
                 silent.append(host)
                 continue
             for info in domains:
-                if not include_inactive and info.get("state") == "shutoff":
+                if not req.all and info.state == StateName.SHUTOFF:
                     continue
-                row = {"host": host, **info}
-                rec = self.coordinator.for_domain(info["uuid"])
+                row = ClusterDomain(**msgspec.structs.asdict(info), host=host)
+                rec = self.coordinator.for_domain(info.uuid)
                 if rec is not None and not rec.terminal:
-                    row["migration"] = {
-                        "id": rec.id,
-                        "state": rec.state,
-                        "phase": rec.phase,
-                        "source": rec.source,
-                        "destination": rec.destination,
-                    }
+                    row.migration = MigrationBrief(
+                        id=rec.id,
+                        state=rec.state,
+                        phase=rec.phase,
+                        source=rec.source,
+                        destination=rec.destination,
+                    )
                 out.append(row)
-        out.sort(key=lambda d: (d["host"], d["name"]))
-        return {"domains": out, "unreachable": silent}
+        out.sort(key=lambda d: (d.host, d.name))
+        return ClusterDomains(domains=out, unreachable=silent)
 
-    async def _place(self, body: dict[str, Any]) -> Any:
-        defn = parse_domain_xml(_str_arg(body, "xml"))
+    async def _place(self, req: PlaceRequest) -> Placement:
+        defn = parse_domain_xml(req.xml)
         chosen = place(request_for(defn), self.view.candidates(), self.settings.placement)
-        return {"host": chosen.name}
+        return Placement(host=chosen.name)
 
-    async def _define(self, body: dict[str, Any]) -> Any:
-        xml = _str_arg(body, "xml")
-        defn = parse_domain_xml(xml)
+    async def _define(self, req: PlaceRequest) -> PlacedDomain:
+        defn = parse_domain_xml(req.xml)
         groups = anti_affinity_groups(defn)
         host = place(request_for(defn), self.view.candidates(), self.settings.placement).name
         self._claim(host, defn.uuid, defn.name, defn.current_memory_kib, defn.current_vcpus, groups)
         try:
-            reply = await self._agent_call(
-                host, ops.DOMAIN_DEFINE, {"xml": xml}, self.settings.step_timeout
+            result = await self._agent_call(
+                host, ops.DOMAIN_DEFINE, DomainDefine(xml=req.xml), self.settings.step_timeout
             )
-            result = domain_info(reply, ops.DOMAIN_DEFINE)
         except VirtbusError:
             self.view.release(host, defn.uuid)
             raise
-        self.view.observe_meta(DomainMeta(result["name"], result["uuid"], groups))
+        self.view.observe_meta(DomainMeta(result.name, result.uuid, groups))
         self.view.hosts[host].domains.setdefault(
-            result["uuid"], {"name": result["name"], "uuid": result["uuid"], "state": "shutoff"}
-        )
-        return {"host": host, **result}
+            result.uuid,
+            DomainInfo(
+                name=result.name, uuid=result.uuid, id=None, state=StateName.SHUTOFF,
+                state_code=5, reason="unknown", max_memory_kib=defn.memory_kib,
+                memory_kib=defn.current_memory_kib, vcpus=defn.current_vcpus,
+            ),
+        )  # fmt: skip
+        return PlacedDomain(host=host, name=result.name, uuid=result.uuid)
 
     def _claim(
         self, host: str, uuid: str, name: str, memory: int, vcpus: int, groups: frozenset[str]
@@ -350,31 +350,25 @@ class SchedulerService:
         expires = time.monotonic() + self.settings.claim_ttl
         self.view.claim(host, Claim(uuid, name, memory, vcpus, groups, expires))
 
-    async def _migrate(self, body: dict[str, Any]) -> Any:
-        to = body.get("to")
-        if to is not None and not isinstance(to, str):
-            raise InvalidArgument("'to' must be a host name")
-        record = await self.start_migration(
-            _str_arg(body, "domain"), to, migration_params(body.get("params")), _timeout_arg(body)
-        )
-        return record.to_map()
+    async def _migrate(self, req: MigrateRequest) -> MigrationRecordMessage:
+        record = await self.start_migration(req.domain, req.to, req.params, req.timeout)
+        return record.to_wire()
 
     async def start_migration(
         self,
         ref: str,
         to: str | None,
-        params: dict[str, Any],
+        params: MigrationParams,
         timeout: float | None,
         drain: str | None = None,
     ) -> MigrationRecord:
         """Find the domain, place it (or check ``to``), claim, journal, start."""
         source, info = await self._locate(ref)
-        if self.coordinator.busy(info["uuid"]):
-            raise OperationInvalid(f"domain '{info['name']}' is already migrating")
+        if self.coordinator.busy(info.uuid):
+            raise OperationInvalid(f"domain '{info.name}' is already migrating")
         t = self.settings.step_timeout
-        reply = await self._agent_call(source, ops.DOMAIN_XML, {"domain": info["uuid"]}, t)
-        xml = reply_str(reply, ops.DOMAIN_XML, "xml")
-        defn = parse_domain_xml(xml)
+        reply = await self._agent_call(source, ops.DOMAIN_XML, DomainTarget(domain=info.uuid), t)
+        defn = parse_domain_xml(reply.xml)
         defn.root.attrib.pop("id", None)  # the running id: not part of a definition
         xml = defn.to_xml()
         candidates = self.view.candidates()
@@ -389,11 +383,11 @@ class SchedulerService:
                 raise NoHostError(f"unknown host '{to}'")
             candidates = [c for c in candidates if c.name == to]
         destination = place(req, candidates, self.settings.placement).name
-        if "listen_address" not in params:
+        if params.listen_address is None:
             inv = self.view.hosts[destination].inventory
             address = inv.migration_address if inv is not None else ""
             if address:
-                params = {**params, "listen_address": address}
+                params = msgspec.structs.replace(params, listen_address=address)
         self._claim(destination, defn.uuid, defn.name, req.memory_kib, req.vcpus, req.groups)
         record = MigrationRecord(
             domain=defn.name,
@@ -410,7 +404,7 @@ class SchedulerService:
             self.view.release(destination, defn.uuid)
             raise
 
-    async def _locate(self, ref: str) -> tuple[str, dict[str, Any]]:
+    async def _locate(self, ref: str) -> tuple[str, DomainInfo]:
         """The one up host where ``ref`` is active (a persistent, running or paused domain)."""
         found = [(h, i) for h, i in self.view.hosts_with(ref) if self.view.is_up(h)]
         if not found:
@@ -421,13 +415,15 @@ class SchedulerService:
         fresh = []
         for host, info in found:
             try:
-                reply = await self._agent_call(
-                    host, ops.DOMAIN_INFO, {"domain": info["uuid"]}, self.settings.step_timeout
+                now = await self._agent_call(
+                    host,
+                    ops.DOMAIN_INFO,
+                    DomainTarget(domain=info.uuid),
+                    self.settings.step_timeout,
                 )
-                now = domain_info(reply, ops.DOMAIN_INFO)
             except (NoDomainError, OperationTimeout):
                 continue
-            if now.get("state") in ACTIVE_STATES and now.get("persistent", True):
+            if now.state in ACTIVE_STATES and now.persistent:
                 fresh.append((host, now))
         if not fresh:
             raise OperationInvalid(f"domain '{ref}' is not running")
@@ -436,68 +432,61 @@ class SchedulerService:
             raise OperationInvalid(f"domain '{ref}' is active on several hosts ({where})")
         return fresh[0]
 
-    async def _migration(self, body: dict[str, Any]) -> Any:
+    async def _migration(self, req: MigrationQuery) -> MigrationRecordMessage:
         """One migration's record; with ``wait`` (s), a long poll: answered when it changes
         (phase, state, progress) or after ``wait``, so a follower needs no polling loop.
         ``seen`` is the record the follower last got: if it already differs, the answer is
         immediate (a change between two polls is never missed)."""
-        ref = body.get("id") or _str_arg(body, "domain")
-        record = self.coordinator.for_domain(str(ref))
+        ref = req.id or req.domain
+        if ref is None:
+            raise InvalidArgument("'id' or 'domain' is required")
+        record = self.coordinator.for_domain(ref)
         if record is None:
             raise NoDomainError(f"no migration known for '{ref}'")
-        wait = body.get("wait")
-        if wait is not None:
-            if not isinstance(wait, int | float) or isinstance(wait, bool) or wait < 0:
-                raise InvalidArgument("'wait' must be a non-negative number of seconds")
-            if body.get("seen") in (None, record.to_map()):
-                await self.coordinator.wait_change(record, min(wait, self.settings.long_poll_max))
-        return record.to_map()
+        if req.wait is not None and req.seen in (None, record.to_wire()):
+            await self.coordinator.wait_change(record, min(req.wait, self.settings.long_poll_max))
+        return record.to_wire()
 
-    async def _migrations(self, body: dict[str, Any]) -> Any:
+    async def _migrations(self, req: Empty) -> MigrationList:
         records = [*self.coordinator.active.values(), *self.coordinator.history]
-        return {"migrations": [r.to_map() for r in records]}
+        return MigrationList(migrations=[r.to_wire() for r in records])
 
-    async def _migrate_cancel(self, body: dict[str, Any]) -> Any:
-        return self.coordinator.cancel(_str_arg(body, "domain")).to_map()
+    async def _migrate_cancel(self, req: CancelRequest) -> MigrationRecordMessage:
+        return self.coordinator.cancel(req.domain).to_wire()
 
-    def _known_host(self, body: dict[str, Any]) -> str:
-        host = _str_arg(body, "host")
+    def _known_host(self, host: str) -> str:
         if host not in self.view.hosts:
             raise NoHostError(f"unknown host '{host}' (no heartbeat heard)")
         return host
 
-    async def _drain(self, body: dict[str, Any]) -> Any:
-        host = self._known_host(body)
-        params = migration_params(body.get("params"))
-        timeout = _timeout_arg(body)
+    async def _drain(self, req: DrainRequest) -> DrainStatus:
+        host = self._known_host(req.host)
         self.view.draining.add(host)
         await self.journal.save_draining(self.view.draining)
         await self._tell_draining(host, True)
         listing = await self._agent_call(
-            host, ops.DOMAIN_LIST, {"all": False}, self.settings.fanout_timeout
+            host, ops.DOMAIN_LIST, DomainListRequest(all=False), self.settings.fanout_timeout
         )
-        domains = domain_list(listing, ops.DOMAIN_LIST)
-        running = [d for d in domains if d.get("state") in ACTIVE_STATES]
+        running = [d for d in listing.domains if d.state in ACTIVE_STATES]
 
         async def start(uuid: str, drain_host: str) -> MigrationRecord:
-            return await self.start_migration(uuid, None, params, timeout, drain=drain_host)
+            return await self.start_migration(uuid, None, req.params, req.timeout, drain=drain_host)
 
         job = await self.drains.drain(host, running, start)
-        return job.to_map(self.coordinator)
+        return job.status(self.coordinator)
 
-    async def _drain_status(self, body: dict[str, Any]) -> Any:
-        host = _str_arg(body, "host")
-        job = self.drains.status(host)
+    async def _drain_status(self, req: HostRequest) -> DrainStatus:
+        job = self.drains.status(req.host)
         if job is None:
-            raise NoHostError(f"no drain of host '{host}' is known")
-        return job.to_map(self.coordinator)
+            raise NoHostError(f"no drain of host '{req.host}' is known")
+        return job.status(self.coordinator)
 
-    async def _undrain(self, body: dict[str, Any]) -> Any:
-        host = self._known_host(body)
+    async def _undrain(self, req: HostRequest) -> DrainFlag:
+        host = self._known_host(req.host)
         self.view.draining.discard(host)
         await self.journal.save_draining(self.view.draining)
         await self._tell_draining(host, False)
         inv = self.view.hosts[host].inventory
         if inv is not None:  # until its next heartbeat shows it
-            self.view.hosts[host].inventory = dataclasses.replace(inv, draining=False)
-        return {"host": host, "draining": False}
+            self.view.hosts[host].inventory = msgspec.structs.replace(inv, draining=False)
+        return DrainFlag(host=host, draining=False)

@@ -96,6 +96,10 @@ class QemuDriver(QemuReattach):
         dom = self._find(ref)
         return dom.ref if dom else None
 
+    def state(self, ref: str) -> tuple[DomainState, str]:
+        dom = self._get(ref)
+        return dom.state, dom.reason
+
     def _find(self, ref: str) -> Domain | None:
         dom = self._domains.get(ref) or self._domains.get(ref.lower())
         if dom is None and (uuid := self._by_name.get(ref)):

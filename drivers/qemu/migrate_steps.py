@@ -13,7 +13,6 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drivers.base import MigrationParams, MigrationStatus
 from drivers.qemu import events as ev
 from drivers.qemu import migration as mig
 from drivers.qemu.argv import QemuPaths, build_command, graphics_needing_ports
@@ -30,7 +29,9 @@ from virtbus.errors import (
     OperationTimeout,
     VirtbusError,
 )
+from virtbus.protocol.base import to_wire
 from virtbus.protocol.events import DomainState
+from virtbus.protocol.migration import MigrationParams, MigrationState, MigrationStatus
 
 if TYPE_CHECKING:
     from drivers.qemu.capabilities import QemuCapabilities
@@ -103,7 +104,7 @@ class QemuMigrations:
         run = Run(
             self._next_id, live, process, qmp_socket, EventQueue(self._settings.event_queue),
             pidfile=Path(launch.pidfile), logfile=logfile, sockets=tuple(launch.sockets),
-            job={"migration": "incoming", "params": params.to_map(), "new_domain": dom is None},
+            job={"migration": "incoming", "params": to_wire(params), "new_domain": dom is None},
         )  # fmt: skip
         self._next_id += 1
         job = mig.Job("destination", params, self.migration_settings, defn=defn,
@@ -174,13 +175,13 @@ class QemuMigrations:
         self._migrations[dom.defn.uuid] = run.migration = job
         run.pending -= {ev.Pending.MIGRATED_OUT}
         run.pending.add(ev.Pending.MIGRATING)
-        emit = lambda st: dom.emit("migration", None, st.to_map())  # noqa: E731
+        emit = lambda st: dom.emit("migration", None, to_wire(st))  # noqa: E731
         dom.helper(run, job.follow(execute, emit), f"qemu-migrate-{dom.defn.name}")
-        run.job = {"migration": "outgoing", "uri": uri, "params": params.to_map()}
+        run.job = {"migration": "outgoing", "uri": uri, "params": to_wire(params)}
         try:
             await execute("migrate", {"uri": uri})
         except VirtbusError as exc:
-            job.end("failed", str(exc))
+            job.end(MigrationState.FAILED, str(exc))
             run.pending.discard(ev.Pending.MIGRATING)
             run.job = None
             raise MigrateFailed(f"migration of '{dom.defn.name}' to {uri} failed: {exc}") from exc
@@ -190,7 +191,7 @@ class QemuMigrations:
         dom = self._get(ref)
         job = self._migrations.get(dom.defn.uuid)
         if job is None:
-            return MigrationStatus("none")
+            return MigrationStatus(status=MigrationState.NONE)
         run = dom.run
         if job.active and run is not None and run.monitor is not None:
             try:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import socket
 import time
@@ -28,9 +27,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from drivers.base import MigrationParams, MigrationStatus
+import msgspec
+
 from virtbus.domain import DomainDefinition
 from virtbus.errors import InvalidArgument, MigrateFailed, OperationInvalid, VirtbusError
+from virtbus.protocol.migration import MigrationParams, MigrationState, MigrationStatus
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def status_from_query(reply: Any) -> MigrationStatus:
     if isinstance(downtime, int) and isinstance(total_time, int) and downtime > total_time:
         downtime = None  # QEMU 7.2 reports a timestamp here after postcopy: not a duration
     return MigrationStatus(
-        status=str(data.get("status", "none")),
+        status=MigrationState.parse(data.get("status", "none")),
         transferred=int(ram.get("transferred", 0)),
         remaining=int(ram.get("remaining", 0)),
         total=int(ram.get("total", 0)),
@@ -157,7 +158,7 @@ async def start_incoming(
     execute: Execute, params: MigrationParams, settings: MigrationSettings
 ) -> str:
     """``migrate-incoming`` on a free port of ``params.listen_address``; the URI to send to."""
-    address = params.listen_address
+    address = params.listen
     last: Exception | None = None
     for _attempt in range(settings.incoming_attempts):
         uri = tcp_uri(address, free_port(address))
@@ -183,7 +184,9 @@ class Job:
     role: Role
     params: MigrationParams
     settings: MigrationSettings = field(default_factory=MigrationSettings)
-    status: MigrationStatus = field(default_factory=lambda: MigrationStatus("setup"))
+    status: MigrationStatus = field(
+        default_factory=lambda: MigrationStatus(status=MigrationState.SETUP)
+    )
     postcopy_started: bool = False
     defn: DomainDefinition | None = None  # destination: the definition to own after finish
     new_domain: bool = False  # destination: no definition of it existed here before
@@ -191,7 +194,9 @@ class Job:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)  # for follow() only
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     _waiters: list[asyncio.Future[None]] = field(default_factory=list)  # wait_status()
-    _transitions: list[str] = field(default_factory=list)  # statuses from events, not yet emitted
+    _transitions: list[MigrationState] = field(
+        default_factory=list
+    )  # statuses from events, not yet emitted
 
     @property
     def active(self) -> bool:
@@ -203,9 +208,10 @@ class Job:
 
     def feed(self, name: str, data: dict[str, Any]) -> None:
         """A QMP event: note what it says at once (a query-migrate follows in ``follow``)."""
-        if name == "MIGRATION" and isinstance(data.get("status"), str):
-            self.status.status = data["status"]
-            self._transitions.append(data["status"])
+        status = MigrationState.lookup(data.get("status")) if name == "MIGRATION" else None
+        if status is not None:
+            self.status.status = status
+            self._transitions.append(status)
             if self.status.status in POSTCOPY:
                 self.postcopy_started = True
         elif name == "MIGRATION_PASS" and isinstance(data.get("pass"), int):
@@ -221,7 +227,7 @@ class Job:
             if not fut.done():
                 fut.set_result(None)
 
-    def end(self, status: str, error: str | None = None) -> None:
+    def end(self, status: MigrationState, error: str | None = None) -> None:
         """Mark the job over from outside (the QEMU exited, the task was cancelled)."""
         if self._done.is_set():
             return
@@ -279,7 +285,7 @@ class Job:
                 fresh.passes = max(fresh.passes, self.status.passes)
                 for passed in self._transitions:  # brief states (postcopy-active) a query missed
                     if passed not in (fresh.status, last[0] if last else None):
-                        emit(dataclasses.replace(self.status, status=passed))
+                        emit(msgspec.structs.replace(self.status, status=passed))
                 self._transitions.clear()
                 if fresh.status in POSTCOPY:
                     self.postcopy_started = True
@@ -298,7 +304,7 @@ class Job:
                     break
         finally:
             if not self._done.is_set():
-                self.end("failed", "migration job ended without a result from QEMU")
+                self.end(MigrationState.FAILED, "migration job ended without a result from QEMU")
                 emit(self.status)
 
     async def _start_postcopy(self, execute: Execute) -> None:

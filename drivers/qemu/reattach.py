@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drivers.base import EventSink, MigrationParams
+from drivers.base import EventSink
 from drivers.qemu import events as ev
 from drivers.qemu import migration as mig
 from drivers.qemu.domain import Domain, Run
@@ -20,7 +20,9 @@ from drivers.qemu.migrate_steps import QemuMigrations
 from drivers.qemu.state import RunStatus, UnknownQemu
 from virtbus.domain import parse_domain_xml
 from virtbus.errors import VirtbusError
+from virtbus.protocol.base import decode, to_wire
 from virtbus.protocol.events import DomainState
+from virtbus.protocol.migration import MigrationParams
 
 if TYPE_CHECKING:
     from drivers.qemu.domain import Runtime
@@ -104,7 +106,7 @@ class QemuReattach(QemuMigrations):
         await dom.reattach(status)
         run = dom.run
         job_map = status.job or {}
-        params = MigrationParams.from_map(dict(job_map.get("params") or {}))
+        params = decode(dict(job_map.get("params") or {}), MigrationParams)
         if kind == "incoming":
             new_domain = bool(job_map.get("new_domain", True))
             job = mig.Job("destination", params, self.migration_settings,
@@ -130,7 +132,7 @@ class QemuReattach(QemuMigrations):
             self._migrations[dom.defn.uuid] = run.migration = job
             run.pending.add(ev.Pending.MIGRATING)
             if job.active:
-                emit = lambda st: dom.emit("migration", None, st.to_map())  # noqa: E731
+                emit = lambda st: dom.emit("migration", None, to_wire(st))  # noqa: E731
 
                 async def execute(cmd: str, args: dict[str, Any] | None = None) -> Any:
                     return await dom.execute(run, cmd, args)

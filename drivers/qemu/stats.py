@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers.base import STATS_GROUPS
 from virtbus.domain import DomainDefinition
 from virtbus.errors import VirtbusError
+from virtbus.protocol.domain import STATS_GROUPS
 from virtbus.protocol.events import DomainState, reason_code
 
 log = logging.getLogger(__name__)

@@ -19,14 +19,11 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from drivers.base import (
-    STATS_GROUPS,
     DomainInfo,
     DomainRef,
     DriverEvent,
     EventSink,
     HostResources,
-    MigrationParams,
-    MigrationStatus,
 )
 from drivers.xen.migration import MigrationJob, make_uri, parse_uri
 from drivers.xen.reconcile import Tracked, observe
@@ -43,7 +40,10 @@ from virtbus.errors import (
     OperationTimeout,
     VirtbusError,
 )
+from virtbus.protocol.base import to_wire
+from virtbus.protocol.domain import STATS_GROUPS
 from virtbus.protocol.events import DomainState, reason_code
+from virtbus.protocol.migration import MigrationParams, MigrationState, MigrationStatus
 from virtbus.store import quarantine
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,10 @@ class XenDriver:
     def lookup(self, ref: str) -> DomainRef | None:
         uuid = self._resolve(ref)
         return DomainRef(self._defs[uuid].name, uuid) if uuid else None
+
+    def state(self, ref: str) -> tuple[DomainState, str]:
+        t = self._get(ref)
+        return t.state, t.reason
 
     def _resolve(self, ref: str) -> str | None:
         if ref in self._defs:
@@ -482,16 +486,16 @@ class XenDriver:
             finally:
                 if job.status != "completed" and t.intent == "migrate_out":
                     t.intent = None  # xl resumes the source itself on failure
-                self._emit(t, "migration", None, **job.to_status().to_map())
+                self._emit(t, "migration", None, **to_wire(job.to_status()))
                 self._dirty.set()
 
         job.task = self._tasks.spawn(run(), f"migrate:{t.name}")
-        self._emit(t, "migration", None, **job.to_status().to_map())
+        self._emit(t, "migration", None, **to_wire(job.to_status()))
 
     async def migrate_status(self, ref: str) -> MigrationStatus:
         t = self._get(ref)
         job = self._jobs.get(t.uuid)
-        return job.to_status() if job else MigrationStatus(status="none")
+        return job.to_status() if job else MigrationStatus(status=MigrationState.NONE)
 
     async def migrate_cancel(self, ref: str) -> None:
         t = self._get(ref)

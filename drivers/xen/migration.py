@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlsplit
 
-from drivers.base import MigrationStatus
 from drivers.xen.xl import Xl
 from virtbus.errors import InvalidArgument, VirtbusError
+from virtbus.protocol.migration import MigrationState, MigrationStatus
 
 SCHEME = "xen+ssh"
 
@@ -63,5 +63,7 @@ class MigrationJob:
     def to_status(self) -> MigrationStatus:
         end = self.finished if self.finished is not None else time.monotonic()
         return MigrationStatus(
-            status=self.status, total_time_ms=int((end - self.started) * 1000), error=self.error
+            status=MigrationState.parse(self.status),
+            total_time_ms=int((end - self.started) * 1000),
+            error=self.error,
         )

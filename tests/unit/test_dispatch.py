@@ -5,9 +5,17 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from agent.dispatch import Dispatcher
+from agent.dispatch import Dispatcher, Prepared
 from virtbus.errors import OperationInvalid
+from virtbus.protocol.base import Accepted, Empty
 from virtbus.protocol.envelope import Envelope, Kind
+from virtbus.protocol.registry import Access, Op, Service, Target
+
+# An op of this test only (not registered): the dispatcher needs only its declaration.
+TEST_OP: Op[Empty, Accepted] = Op(
+    "test.op", Empty, Accepted, Service.AGENT, "a test op", access=Access.LIFECYCLE,
+    target=Target.DOMAIN,
+)  # fmt: skip
 
 
 def _call(op: str, domain: str | None = None, call_id: str | None = None) -> Envelope:
@@ -45,12 +53,10 @@ class Recorder:
 
 
 def _dispatcher(rec: Recorder, timeout: float = 5.0) -> Dispatcher:
-    return Dispatcher(
-        rec.execute,
-        lambda c: c.body.get("domain"),
-        command_timeout=timeout,
-        call_memory=100,
-    )
+    def prepare(call: Envelope) -> Prepared:
+        return Prepared(TEST_OP, call.body.get("domain"), lambda: rec.execute(call))
+
+    return Dispatcher(prepare, command_timeout=timeout, call_memory=100)
 
 
 async def test_one_domain_strictly_ordered_many_domains_concurrent() -> None:
@@ -89,6 +95,10 @@ async def test_command_timeout() -> None:
     async def slow(call: Envelope) -> Any:
         await asyncio.sleep(10)
 
-    d = Dispatcher(slow, lambda c: None, command_timeout=0.05, call_memory=10)
+    d = Dispatcher(
+        lambda call: Prepared(TEST_OP, None, lambda: slow(call)),
+        command_timeout=0.05,
+        call_memory=10,
+    )
     reply = await d.submit(_call("x"))
     assert reply["error"]["code"] == "OPERATION_TIMEOUT"

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from agent.calllog import CallLog
-from agent.dispatch import Dispatcher
+from agent.dispatch import Dispatcher, Prepared
 from agent.outbox import EventOutbox
 from virtbus.errors import BusUnavailable
+from virtbus.protocol import ops
 from virtbus.protocol.envelope import Envelope, Kind
 from virtbus.settings import Backoff
 from virtbus.store import RecordLog, atomic_write, quarantine, read_bytes
@@ -120,16 +121,16 @@ async def test_replies_survive_a_restart_and_redelivery_is_not_rerun(tmp_path: P
 
     call = Envelope(Kind.CALL, "domain.start", {"domain": "d1"}, id="call-1")
     first_log = CallLog(tmp_path / "calls.log", keep=10)
-    first = Dispatcher(
-        execute, lambda c: "d1", command_timeout=5, call_memory=10, call_log=first_log
-    )
+
+    def prepare(c: Envelope) -> Prepared:
+        return Prepared(ops.DOMAIN_START, "d1", lambda: execute(c))
+
+    first = Dispatcher(prepare, command_timeout=5, call_memory=10, call_log=first_log)
     reply = await first.submit(call)
     await first_log.close()
 
     second_log = CallLog(tmp_path / "calls.log", keep=10)
-    second = Dispatcher(
-        execute, lambda c: "d1", command_timeout=5, call_memory=10, call_log=second_log
-    )
+    second = Dispatcher(prepare, command_timeout=5, call_memory=10, call_log=second_log)
     second.restore(await second_log.load())
     assert await second.submit(call) == reply  # the redelivery after the "crash"
     assert runs == ["call-1"]

@@ -128,7 +128,7 @@ async def test_domain_stats_op(agent) -> None:  # type: ignore[no-untyped-def]
         await client.call(route, ops.DOMAIN_STATS, {"groups": ["bogus"]})
     with pytest.raises(NoDomainError):
         await client.call(route, ops.DOMAIN_STATS, {"domains": ["nope"]})
-    assert ops.DOMAIN_STATS not in ops.DOMAIN_OPS  # never queued behind lifecycle commands
+    assert not ops.DOMAIN_STATS.serial  # never queued behind lifecycle commands
 
 
 async def test_prometheus_page_series_follow_domains(agent) -> None:  # type: ignore[no-untyped-def]

@@ -25,6 +25,7 @@ from drivers.qemu.migration import (
     validate,
 )
 from virtbus.errors import InvalidArgument, MigrateFailed, OperationFailed
+from virtbus.protocol.base import to_wire
 from virtbus.protocol.events import DomainState as S
 
 SETTINGS = MigrationSettings(progress_interval=0.05)
@@ -149,7 +150,7 @@ async def test_job_follows_to_completion_and_emits_progress() -> None:
     qemu = FakeQemu([_q("active"), _q("active", 2, 10), _q("completed", 2, 0)])
     job = Job("source", MigrationParams(), SETTINGS)
     seen: list[dict[str, Any]] = []
-    task = asyncio.create_task(job.follow(qemu.execute, lambda st: seen.append(st.to_map())))
+    task = asyncio.create_task(job.follow(qemu.execute, lambda st: seen.append(to_wire(st))))
     job.feed("MIGRATION", {"status": "active"})
     await asyncio.wait_for(task, 2)
     assert not job.active and job.status.status == "completed"

@@ -17,7 +17,6 @@ from scheduler.inventory import ClusterView
 from scheduler.journal import Journal, MigrationRecord
 from scheduler.migration import MigrationCoordinator
 from scheduler.service import SchedulerService
-from scheduler.wire import HostInventory, parse_heartbeat
 from tests.unit.test_scheduler_memory import cluster, scheduler_settings, xml
 from virtbus.aio import TaskGroup
 from virtbus.bus.base import Bus
@@ -25,7 +24,20 @@ from virtbus.bus.factory import open_bus
 from virtbus.bus.topology import EVENTS_EXCHANGE, HEARTBEAT_KEY_SUFFIX, HOSTS_EXCHANGE
 from virtbus.errors import InvalidArgument, ProtocolError
 from virtbus.protocol import ops
+from virtbus.protocol.base import decode, to_wire
 from virtbus.protocol.envelope import Envelope, Kind, ok_body
+from virtbus.protocol.host import HostInventory
+from virtbus.protocol.migration import MigrationParams
+from virtbus.protocol.registry import Op
+
+
+def parse_heartbeat(body: Any) -> HostInventory | str:
+    """What the scheduler does with a heartbeat body: the typed inventory, or why not."""
+    try:
+        return decode(body, HostInventory)
+    except InvalidArgument as exc:
+        return exc.message
+
 
 GOOD: dict[str, Any] = {
     "host": "h1",
@@ -73,8 +85,8 @@ BAD_FIELDS: list[tuple[str, Any]] = [
 def test_a_good_heartbeat_parses_into_typed_fields() -> None:
     inv = parse_heartbeat({**GOOD, "running": ["g"], "cpu_models": ["EPYC"], "extra": 1})
     assert isinstance(inv, HostInventory)
-    assert (inv.host, inv.cpus, inv.running, inv.labels) == ("h1", 8, ("g",), {"rack": "r1"})
-    assert inv.cpu_models == frozenset({"EPYC"}) and inv.raw["extra"] == 1
+    assert (inv.host, inv.cpus, inv.running, inv.labels) == ("h1", 8, ["g"], {"rack": "r1"})
+    assert inv.cpu_models == ["EPYC"]
     minimal = parse_heartbeat({"host": "h2"})  # missing fields: defaults, as before
     assert isinstance(minimal, HostInventory) and minimal.cpus == 0 and minimal.labels == {}
 
@@ -82,7 +94,7 @@ def test_a_good_heartbeat_parses_into_typed_fields() -> None:
 @pytest.mark.parametrize(("key", "value"), BAD_FIELDS)
 def test_a_bad_heartbeat_field_is_named(key: str, value: Any) -> None:
     why = parse_heartbeat({**GOOD, key: value})
-    assert isinstance(why, str) and f"'{key}'" in why
+    assert isinstance(why, str) and f"'{key}" in why
 
 
 def test_a_heartbeat_that_is_not_a_map_is_refused() -> None:
@@ -98,7 +110,8 @@ def test_the_view_places_from_a_typed_inventory() -> None:
     assert not view.observe_heartbeat(inv, now=1.0)  # nothing changed: no refresh
     (cand,) = view.candidates(now=1.0)
     assert (cand.cpus, cand.labels, cand.up) == (8, {"rack": "r1"}, True)
-    assert view.host_map("h1", now=1.0)["labels"] == {"rack": "r1"}
+    row = view.host_view("h1", now=1.0)
+    assert row is not None and row.labels == {"rack": "r1"}
 
 
 def _heartbeat(body: dict[str, Any]) -> Envelope:
@@ -204,9 +217,12 @@ async def test_a_malformed_prepare_answer_rolls_back(tmp_path: Path) -> None:
     """A destination answering prepare without a string 'uri' is a failed step: rollback."""
     calls: list[tuple[str, str, dict[str, Any]]] = []
 
-    async def call(host: str, op: str, body: dict[str, Any], timeout: float) -> Any:
-        calls.append((host, op, body))
-        return {"uri": 5} if op == ops.MIGRATION_PREPARE else {}
+    async def call(host: str, op: Op[Any, Any], request: Any, timeout: float) -> Any:
+        calls.append((host, op, to_wire(request)))
+        if op == ops.MIGRATION_PREPARE:
+            return op.decode_result({"uri": 5})  # RPC_ERROR, as a real call would raise
+        source = {"xml": "<domain/>", "name": "g", "uuid": "u-1", "state": "running"}
+        return op.decode_result(source if op == ops.MIGRATION_BEGIN else {"state": "absent"})
 
     settings = scheduler_settings(tmp_path)
     crashed: list[str] = []
@@ -214,7 +230,7 @@ async def test_a_malformed_prepare_answer_rolls_back(tmp_path: Path) -> None:
     journal = Journal(tmp_path)
     await journal.open()
     coordinator = MigrationCoordinator(call, ClusterView(1.0), journal, settings, tasks)
-    record = MigrationRecord("g", "u-1", "src", "dst", {}, timeout=5.0)
+    record = MigrationRecord("g", "u-1", "src", "dst", MigrationParams(), timeout=5.0)
     await coordinator.submit(record, "<domain/>")
     async with asyncio.timeout(5):
         while not record.terminal:
@@ -256,11 +272,11 @@ async def test_one_drain_flag_call_in_flight_per_host(tmp_path: Path) -> None:
     release = asyncio.Event()
     flags: list[str] = []
 
-    async def agent_call(host: str, op: str, body: dict[str, Any], timeout: float) -> Any:
+    async def agent_call(host: str, op: Op[Any, Any], request: Any, timeout: float) -> Any:
         if op == ops.HOST_SET_DRAINING:
             flags.append(host)
             await release.wait()
-        return {"domains": []}
+        return op.decode_result({"domains": [], "host": host, "draining": True})
 
     sched._agent_call = agent_call  # type: ignore[method-assign]
     sched.active = True

@@ -28,7 +28,8 @@ _KINDS = {k.value: k for k in Kind}
 
 def encode(envelope: Envelope) -> bytes:
     try:
-        return msgpack.packb(envelope.to_map(), use_bin_type=True, datetime=False)
+        data: bytes = msgpack.packb(envelope.to_map(), use_bin_type=True, datetime=False)
+        return data
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"cannot encode message {envelope.op!r}: {exc}") from exc
 

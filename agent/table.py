@@ -1,0 +1,76 @@
+"""How an agent op is served: a typed handler per op, and what handlers may touch.
+
+A handler receives the request already converted to its declared type (the dispatcher
+decodes every body once, where it enters) and returns the declared result type, which
+the dispatcher turns into the reply. Handlers register in :data:`HANDLERS` with
+:meth:`HandlerTable.on`; the op modules of the agent (``agent.handlers``,
+``agent.migration``, ...) register theirs on import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from drivers.base import Driver
+from virtbus.errors import NoSupport
+from virtbus.protocol.base import Message
+from virtbus.protocol.host import HostInventory
+from virtbus.protocol.registry import Op, Service
+
+Req = TypeVar("Req", bound=Message)
+Res = TypeVar("Res", bound=Message)
+
+
+@dataclass(slots=True)
+class AgentContext:
+    """What a handler may use: the host's name, its driver, its inventory, its flags.
+
+    The agent service builds one and hands it to every handler; handlers never see the
+    service itself (nor its bus, outbox or dispatcher).
+    """
+
+    host: str
+    driver: Driver
+    inventory: Callable[[], Awaitable[HostInventory]]
+    draining: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)  # managers of later rooms
+
+
+HandlerFn = Callable[[AgentContext, Req], Awaitable[Res]]
+Handler = Callable[[AgentContext, Any], Awaitable[Message]]
+
+
+class HandlerTable:
+    """op name -> handler; exactly one registration per op."""
+
+    def __init__(self) -> None:
+        self._table: dict[str, Handler] = {}
+
+    def on(self, op: Op[Req, Res]) -> Callable[[HandlerFn[Req, Res]], HandlerFn[Req, Res]]:
+        if op.service is not Service.AGENT:
+            raise ValueError(f"{op.name} is not an agent op")
+
+        def register(fn: HandlerFn[Req, Res]) -> HandlerFn[Req, Res]:
+            if op.name in self._table:
+                raise ValueError(f"{op.name} has two handlers")
+            self._table[op.name] = fn
+            return fn
+
+        return register
+
+    def __getitem__(self, name: str) -> Handler:
+        try:
+            return self._table[name]
+        except KeyError:
+            raise NoSupport(f"this agent does not serve '{name}'") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._table
+
+    def names(self) -> frozenset[str]:
+        return frozenset(self._table)
+
+
+HANDLERS = HandlerTable()

@@ -1,0 +1,236 @@
+"""Live migration on the wire: libvirt's v3 steps as agent ops, and their shapes.
+
+The scheduler (or any tool) drives a migration by calling, in turn, ``migration.begin``
+(source) → ``migration.prepare`` (destination, answers the URI) → ``migration.perform``
+(source) → ``migration.status`` until done → ``migration.finish`` (destination) →
+``migration.confirm`` (source). :class:`MigrationParams` is the one declaration of what a
+caller may ask of a migration; the scheduler checks it at submit with this same type, so
+a migration it accepts is never refused at prepare for its parameters.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from msgspec import Meta
+from msgspec import field as default
+
+from virtbus.errors import ProtocolError
+from virtbus.protocol.base import Accepted, Message, Name, NonNegInt, PosInt, XmlText
+from virtbus.protocol.registry import Access, Op, Req, Res, Service, Target, field, op
+
+MAX_PARALLEL = 255  # QEMU's multifd-channels maximum
+DEFAULT_LISTEN = "127.0.0.1"
+Address = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_\[\]%-]+$")]
+
+
+class MigrationParams(Message):
+    """What the caller asks of a live migration (libvirt's flags and QEMU's parameters)."""
+
+    bandwidth_mib_s: PosInt | None = None  # max-bandwidth
+    max_downtime_ms: PosInt | None = None  # downtime-limit
+    auto_converge: bool = False
+    postcopy: bool = False  # postcopy-ram; switched to postcopy after the first pass
+    parallel: Annotated[int, Meta(ge=0, le=MAX_PARALLEL)] = 0  # multifd channels; 0 = off
+    # where the destination listens for the stream; None: the destination host's own
+    # migration address (the scheduler fills it in from the host's heartbeat)
+    listen_address: Address | None = None
+
+    @property
+    def listen(self) -> str:
+        return self.listen_address or DEFAULT_LISTEN
+
+
+class MigrationState(StrEnum):
+    """QEMU's ``query-migrate`` statuses (the ``status`` of :class:`MigrationStatus`)."""
+
+    NONE = "none"
+    SETUP = "setup"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    ACTIVE = "active"
+    POSTCOPY_ACTIVE = "postcopy-active"
+    POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_RECOVER_SETUP = "postcopy-recover-setup"
+    POSTCOPY_RECOVER = "postcopy-recover"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    COLO = "colo"
+    PRE_SWITCHOVER = "pre-switchover"
+    DEVICE = "device"
+    WAIT_UNPLUG = "wait-unplug"
+
+    @classmethod
+    def lookup(cls, text: object) -> MigrationState | None:
+        """The member spelled ``text``, or None (an event from a newer QEMU is ignored)."""
+        return cls._value2member_map_.get(str(text))  # type: ignore[return-value]
+
+    @classmethod
+    def parse(cls, text: object) -> MigrationState:
+        """A status as QEMU (or a peer) spells it; RPC_ERROR for one it never defined."""
+        try:
+            return cls(str(text))
+        except ValueError:
+            raise ProtocolError(f"unknown migration status {text!r:.40}") from None
+
+
+class MigrationStatus(Message):
+    """Progress of a migration as QEMU reports it (libvirt's job info)."""
+
+    status: MigrationState
+    transferred: NonNegInt = 0
+    remaining: NonNegInt = 0
+    total: NonNegInt = 0
+    passes: NonNegInt = 0
+    downtime_ms: int | None = None
+    total_time_ms: int | None = None
+    error: str | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in (
+            MigrationState.COMPLETED,
+            MigrationState.FAILED,
+            MigrationState.CANCELLED,
+        )
+
+
+class RecordState(StrEnum):
+    """Where a scheduler-driven migration stands."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATES = frozenset({RecordState.COMPLETED, RecordState.FAILED, RecordState.CANCELLED})
+
+
+class MigrationPhase(StrEnum):
+    """The step a migration is about to take (or is taking); journaled before each."""
+
+    QUEUED = "queued"
+    BEGIN = "begin"
+    PREPARE = "prepare"
+    PERFORM = "perform"
+    PROGRESS = "progress"
+    FINISH = "finish"
+    CONFIRM = "confirm"
+    DONE = "done"
+    ROLLBACK = "rollback"
+    ROLLED_BACK = "rolled_back"
+
+
+class MigrationRecord(Message):
+    """A scheduler-driven migration, as ``scheduler.migration`` answers it."""
+
+    id: str
+    domain: str
+    uuid: str
+    source: str
+    destination: str
+    params: MigrationParams
+    timeout: float
+    state: RecordState
+    phase: MigrationPhase
+    created: float
+    updated: float
+    started: float | None = None
+    ended: float | None = None
+    uri: str | None = None
+    progress: dict[str, Any] = default(default_factory=dict)
+    error: str | None = None
+    cancel_requested: bool = False
+    drain: str | None = None
+    history: list[tuple[str, float]] = default(default_factory=list)
+    cleanup: list[dict[str, Any]] = default(default_factory=list)
+
+
+# --- agent step requests and results -------------------------------------------------
+class MigrationDomain(Message):
+    domain: Name
+
+
+class MigrationPrepare(Message):
+    xml: XmlText
+    params: MigrationParams = default(default_factory=MigrationParams)
+
+
+class MigrationPerform(Message):
+    domain: Name
+    uri: Annotated[str, Meta(min_length=1, max_length=1024)]
+    params: MigrationParams = default(default_factory=MigrationParams)
+
+
+class MigrationEnd(Message):
+    """``success``: finish (destination) or confirm (source) the migration, or undo it."""
+
+    domain: Name
+    success: bool
+
+
+class MigrationSource(Message):
+    xml: str
+    name: str
+    uuid: str
+    state: str
+
+
+class MigrationTarget(Message):
+    uri: str
+    name: str
+    uuid: str
+
+
+class MigrationOutcome(Message):
+    """The domain's state after finish/confirm; ``absent`` when it is gone from the host."""
+
+    state: str
+    reason: str | None = None
+    persistent: bool | None = None
+
+
+_A, _D = Service.AGENT, Target.DOMAIN
+_ref = field("domain")
+
+
+def _step(
+    name: str, request: type[Req], result: type[Res], summary: str, serial: bool = True
+) -> Op[Req, Res]:
+    return op(
+        name, request, result, _A, summary,
+        access=Access.MIGRATE, target=_D, target_of=_ref, serial=serial,
+    )  # fmt: skip
+
+
+MIGRATION_BEGIN = _step(
+    "migration.begin", MigrationDomain, MigrationSource,
+    "source: check the domain can migrate; its XML for the destination",
+)  # fmt: skip
+MIGRATION_PREPARE = op(
+    "migration.prepare", MigrationPrepare, MigrationTarget, _A,
+    "destination: start a paused incoming instance; the URI to stream to",
+    access=Access.MIGRATE, target=_D, serial=True,
+)  # fmt: skip  # its target is the name inside the XML
+MIGRATION_PERFORM = _step(
+    "migration.perform", MigrationPerform, Accepted, "source: start streaming to the URI"
+)
+MIGRATION_STATUS = _step(
+    "migration.status", MigrationDomain, MigrationStatus,
+    "source: progress of the migration", serial=False,
+)  # fmt: skip  # overtakes a busy chain
+MIGRATION_CANCEL = _step(
+    "migration.cancel", MigrationDomain, Accepted,
+    "source: abort; the guest keeps running at the source", serial=False,
+)  # fmt: skip
+MIGRATION_FINISH = _step(
+    "migration.finish", MigrationEnd, MigrationOutcome,
+    "destination: resume and own the domain, or kill the incoming one (idempotent)",
+)  # fmt: skip
+MIGRATION_CONFIRM = _step(
+    "migration.confirm", MigrationEnd, MigrationOutcome,
+    "source: drop the old instance, or resume it after a failure (idempotent)",
+)  # fmt: skip
