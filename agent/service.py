@@ -100,6 +100,7 @@ class AgentService:
             detail=event.detail,
             data=event.data,
             reconciled=event.reconciled,
+            ts=time.time(),
         )
         self.outbox.put(
             Envelope(kind=Kind.EVENT, op=ops.EVENT_DOMAIN, body=to_wire(body), src=self.host)

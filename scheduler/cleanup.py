@@ -29,8 +29,8 @@ from scheduler.settings import SchedulerSettings
 from virtbus.aio import TaskGroup, backoff_delays
 from virtbus.errors import (
     MigrateFailed,
+    NoConnect,
     NoDomainError,
-    NoHostError,
     OperationInvalid,
     RetryableError,
     VirtbusError,
@@ -120,7 +120,7 @@ class CleanupRunner:
                     MigrationEnd(domain=record.uuid, success=step["success"]),
                     self.settings.step_timeout,
                 )
-            except (RetryableError, NoHostError) as exc:
+            except (RetryableError, NoConnect) as exc:
                 log.info("migration %s: cleanup %s on %s: %s", record.id, step["op"], host, exc)
                 await self._wait_for(host, next(delays), wake_on_heartbeat=False)
                 continue

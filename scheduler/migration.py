@@ -37,8 +37,8 @@ from scheduler.settings import SchedulerSettings
 from virtbus.aio import TaskGroup
 from virtbus.errors import (
     MigrateFailed,
+    NoConnect,
     NoDomainError,
-    NoHostError,
     OperationInvalid,
     ProtocolError,
     RetryableError,
@@ -440,7 +440,7 @@ class MigrationCoordinator:
         while True:
             try:
                 return await self._call(host, op, request, self.settings.step_timeout)
-            except (RetryableError, NoHostError) as exc:
+            except (RetryableError, NoConnect) as exc:
                 if time.monotonic() >= deadline:
                     note = f"{op} on {host} not done yet (retried when it answers): {exc}"
                     log.error("migration %s: %s", record.id, note)

@@ -9,7 +9,8 @@ Tree::
 
     VirtbusError                    INTERNAL_ERROR      (root; never raised bare)
     ├── NoDomainError               NO_DOMAIN
-    ├── NoHostError                 NO_HOST
+    ├── NoHostError                 NO_HOST             no such host / no host fits
+    ├── NoConnect                   NO_CONNECT          nothing serves the route (no agent)
     ├── OperationInvalid            OPERATION_INVALID   wrong state for the command
     ├── InvalidArgument             INVALID_ARG
     ├── XMLError                    XML_ERROR           bad or unsafe domain XML
@@ -55,7 +56,16 @@ class NoDomainError(VirtbusError):
 
 
 class NoHostError(VirtbusError):
+    """No such host, or no host can run the domain (placement says which filter)."""
+
     code = "NO_HOST"
+
+
+class NoConnect(VirtbusError):
+    """Nothing serves the route a call was sent to: no agent (or scheduler) queue exists
+    (libvirt's VIR_ERR_NO_CONNECT)."""
+
+    code = "NO_CONNECT"
 
 
 class OperationInvalid(VirtbusError):
@@ -114,6 +124,7 @@ _BY_CODE: dict[str, type[VirtbusError]] = {
         InternalError,
         NoDomainError,
         NoHostError,
+        NoConnect,
         OperationInvalid,
         InvalidArgument,
         XMLError,

@@ -60,9 +60,10 @@ async def read_bytes(path: Path) -> bytes | None:
     """The file's content, or None when it does not exist."""
     try:
         async with aiofiles.open(path, "rb") as fh:
-            return await fh.read()
+            data: bytes = await fh.read()
     except FileNotFoundError:
         return None
+    return data
 
 
 async def quarantine(path: Path, reason: str) -> Path | None:
@@ -77,7 +78,7 @@ async def quarantine(path: Path, reason: str) -> Path | None:
 
 
 def encode_record(record: dict[str, Any]) -> bytes:
-    data = msgpack.packb(record, use_bin_type=True)
+    data: bytes = msgpack.packb(record, use_bin_type=True)
     return _LENGTH.pack(len(data)) + data
 
 

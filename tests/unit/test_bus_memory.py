@@ -16,8 +16,8 @@ from virtbus.bus.topology import EVENTS_EXCHANGE, METRICS_EXCHANGE
 from virtbus.errors import (
     BusUnavailable,
     InvalidArgument,
+    NoConnect,
     NoDomainError,
-    NoHostError,
     OperationTimeout,
     ProtocolError,
 )
@@ -111,7 +111,7 @@ async def test_timeout(pair: tuple[MemoryBus, MemoryBus]) -> None:
 async def test_no_server_is_no_host_at_once(pair: tuple[MemoryBus, MemoryBus]) -> None:
     _, client = pair
     start = time.monotonic()
-    with pytest.raises(NoHostError, match="is virtbus-agent running"):
+    with pytest.raises(NoConnect, match="nothing serves route"):
         await client.call("agent.nowhere", "host.ping", {}, timeout=5)
     assert time.monotonic() - start < 0.1
 
@@ -130,7 +130,7 @@ async def test_stopped_server_gets_nothing_more(pair: tuple[MemoryBus, MemoryBus
     server, client = pair
     srv = await server.serve("agent.h1", echo_handler())
     await srv.stop()
-    with pytest.raises(NoHostError):
+    with pytest.raises(NoConnect):
         await client.call("agent.h1", "host.ping", {}, timeout=0.2)
 
 

@@ -14,8 +14,8 @@ from virtbus.cli.context import Context
 from virtbus.cli.main import build_parser
 from virtbus.cli.migrate import _line
 from virtbus.cli.term import ProgressLine, Style, bar, colour_enabled
-from virtbus.errors import NoHostError, OperationTimeout
-from virtbus.protocol import ops
+from virtbus.client import Client
+from virtbus.errors import NoConnect, OperationTimeout
 
 
 class FakeTty(io.StringIO):
@@ -102,13 +102,11 @@ async def test_errors_name_the_host_and_the_daemon_to_start() -> None:
     bus = open_bus("memory://cli-polish", src="cli")
     await bus.connect()
     try:
-        ctx = Context(bus=bus, json=False, timeout=0.3)
-        with pytest.raises(
-            NoHostError, match="no agent answers for host 'ghost' — is virtbus-agent"
-        ):
-            await ctx.call("ghost", ops.DOMAIN_INFO, {"domain": "x"})
-        with pytest.raises((NoHostError, OperationTimeout), match="is virtbus-scheduler running"):
-            await ctx.scheduler(ops.SCHEDULER_PING, {})
-        assert await ctx.try_scheduler(ops.SCHEDULER_PING, {}) is None  # still falls back
+        ctx = Context(client=Client(bus, timeout=0.3), json=False, timeout=0.3)
+        with pytest.raises(NoConnect, match="no agent answers for host 'ghost' — is virtbus-agent"):
+            await ctx.client.host("ghost").domain("x").info()
+        with pytest.raises((NoConnect, OperationTimeout), match="is virtbus-scheduler running"):
+            await ctx.client.scheduler.ping()
+        assert not await ctx.scheduler_answers()  # the CLI still falls back
     finally:
         await bus.close()

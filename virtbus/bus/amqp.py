@@ -1,30 +1,28 @@
 """The RabbitMQ transport (aio-pika robust connection).
 
-Channels: ``rpc`` (no confirms) declares the topology, publishes calls and consumes
-direct reply-to; ``confirm`` (publisher confirms, persistent messages) carries events;
-``fire`` (no confirms) carries metrics and heartbeats; every server and subscription has
-a channel of its own so its prefetch bounds only its own work. The robust connection
-re-declares what each channel declared, and re-consumes, after a reconnect.
+Channels: ``rpc`` declares the topology, publishes calls and consumes direct reply-to;
+``confirm`` (persistent messages) carries events; ``fire`` (no confirms) carries metrics
+and heartbeats; every server and subscription has a channel of its own so its prefetch
+bounds only its own work. The robust connection re-declares what each channel declared,
+and re-consumes, after a reconnect.
 
-The call path is one publish and one future: no per-call declaration, no confirm. An
-unroutable call (``mandatory``) is detected from the broker's basic.return. aiormq only
-hands a return to the caller through its confirmation bookkeeping, which a channel
-without confirms never fills; so :meth:`AmqpBus.call` registers a private future there
-(``message_id_delivery_tag``/``confirmations``, plain attributes of aiormq's channel) —
-the one place that leans on aiormq internals, covered by the NoHostError integration test.
+The call path is one publish and one future: no per-call declaration. Calls are
+published ``mandatory`` on a channel with publisher confirms, because RabbitMQ hands an
+unroutable message back (basic.return) before it confirms it, and aiormq passes returns
+to aio-pika's ``return_callbacks`` only on such a channel: the callback fails the call at
+once with ``NO_CONNECT``. The confirm arrives before any reply could, so waiting for it
+costs the call no time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from typing import Any
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
-from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from yarl import URL
 
@@ -37,7 +35,7 @@ from virtbus.bus.amqp_consumers import (
 )
 from virtbus.bus.base import BeforeAck, CallHandler, ConnectionListener, HistoryStart, stream_offset
 from virtbus.bus.reconnect import connection_class
-from virtbus.bus.rpc import no_host, result_from_reply
+from virtbus.bus.rpc import no_route, result_from_reply
 from virtbus.bus.topology import (
     DEAD_LETTER,
     DEAD_LETTER_EXCHANGE,
@@ -64,23 +62,13 @@ def redacted(url: str) -> str:
 
 
 class _Pending:
-    """One call in flight: the caller's future, and aiormq's return slot for it."""
+    """One call in flight: the caller's future and its deadline."""
 
-    __slots__ = ("channel", "future", "returned", "route", "tag", "timer")
+    __slots__ = ("future", "route", "timer")
 
-    def __init__(
-        self,
-        future: asyncio.Future[bytes],
-        route: str,
-        channel: aiormq.abc.AbstractChannel,
-        tag: int,
-        returned: asyncio.Future[Any],
-    ) -> None:
+    def __init__(self, future: asyncio.Future[bytes], route: str) -> None:
         self.future = future
         self.route = route
-        self.channel = channel
-        self.tag = tag
-        self.returned = returned
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -99,7 +87,6 @@ class AmqpBus:
         self._confirm_underlay: aiormq.abc.AbstractChannel | None = None
         self._fire_underlay: aiormq.abc.AbstractChannel | None = None
         self._pending: dict[str, _Pending] = {}
-        self._return_tags = itertools.count(-1, -1)  # never collide with real delivery tags
         self._connected = False
         self._closing = False
         self._listeners: list[ConnectionListener] = []
@@ -141,7 +128,8 @@ class AmqpBus:
 
     async def _open_channels(self, connection: AbstractRobustConnection) -> None:
         timeout = self.settings.connect_timeout
-        self._rpc = await connection.channel(publisher_confirms=False)
+        self._rpc = await connection.channel(publisher_confirms=True)
+        self._rpc.return_callbacks.add(self._on_returned)
         self._confirm = await connection.channel(publisher_confirms=True)
         self._fire = await connection.channel(publisher_confirms=False)
         for spec in EXCHANGES:
@@ -250,17 +238,12 @@ class AmqpBus:
         )
         call_id = envelope.id
         loop = asyncio.get_running_loop()
-        pending = _Pending(
-            loop.create_future(), route, channel, next(self._return_tags), loop.create_future()
-        )
+        pending = _Pending(loop.create_future(), route)
         self._pending[call_id] = pending
-        channel.message_id_delivery_tag[call_id] = pending.tag  # type: ignore[attr-defined]
-        channel.confirmations[pending.tag] = pending.returned  # type: ignore[attr-defined]
-        pending.returned.add_done_callback(lambda f: self._on_returned(call_id, f))
         pending.timer = loop.call_later(timeout, self._expire, call_id, op, route, timeout)
         try:
             try:
-                await channel.basic_publish(
+                confirmation = await channel.basic_publish(
                     data,
                     exchange=RPC_EXCHANGE,
                     routing_key=route,
@@ -269,6 +252,8 @@ class AmqpBus:
                 )
             except AMQP_FAILURES as exc:
                 raise BusUnavailable(f"cannot publish {op!r} to {route!r}: {exc}") from exc
+            if isinstance(confirmation, Basic.Nack):
+                raise BusUnavailable(f"the broker refused the call {op!r} to {route!r}")
             raw = await pending.future
         finally:
             self._settle(call_id)
@@ -278,18 +263,12 @@ class AmqpBus:
     def _settle(
         self, call_id: str, result: bytes | None = None, exc: BaseException | None = None
     ) -> None:
-        """Complete (or just forget) a call; removes its aiormq return slot first."""
+        """Complete (or just forget) a call."""
         pending = self._pending.pop(call_id, None)
         if pending is None:
             return
         if pending.timer is not None:
             pending.timer.cancel()
-        slots = pending.channel.message_id_delivery_tag  # type: ignore[attr-defined]
-        if slots.get(call_id) == pending.tag:
-            del slots[call_id]
-        pending.channel.confirmations.pop(pending.tag, None)  # type: ignore[attr-defined]
-        if not pending.returned.done():
-            pending.returned.cancel()
         if pending.future.done():
             return
         if exc is not None:
@@ -297,17 +276,12 @@ class AmqpBus:
         elif result is not None:
             pending.future.set_result(result)
 
-    def _on_returned(self, call_id: str, returned: asyncio.Future[Any]) -> None:
-        if returned.cancelled():
-            return
-        pending = self._pending.get(call_id)
-        if pending is None:
-            return
-        message = returned.result() if returned.exception() is None else None
-        if isinstance(message, DeliveredMessage):
-            self._settle(call_id, exc=no_host(pending.route))
-        else:  # the channel failed under the call
-            self._settle(call_id, exc=BusUnavailable("the RPC channel closed during the call"))
+    def _on_returned(self, _channel: object, message: AbstractIncomingMessage) -> None:
+        """aio-pika's return callback: the broker had no queue for a call's route."""
+        call_id = message.correlation_id or message.message_id
+        pending = self._pending.get(call_id) if call_id else None
+        if pending is not None:
+            self._settle(call_id, exc=no_route(pending.route))  # type: ignore[arg-type]
 
     def _expire(self, call_id: str, op: str, route: str, timeout: float) -> None:
         self._settle(

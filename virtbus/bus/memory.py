@@ -24,7 +24,7 @@ from typing import Any
 from virtbus.aio import TaskGroup
 from virtbus.bus.base import BeforeAck, CallHandler, ConnectionListener, HistoryStart, stream_offset
 from virtbus.bus.buffer import BoundedBuffer
-from virtbus.bus.rpc import body_from_exception, no_host, result_from_reply, settle
+from virtbus.bus.rpc import body_from_exception, no_route, result_from_reply, settle
 from virtbus.bus.topology import EVENTS_EXCHANGE, EXCHANGES
 from virtbus.errors import BusUnavailable, InvalidArgument, OperationTimeout, ProtocolError
 from virtbus.protocol.codec import decode, encode
@@ -278,7 +278,7 @@ class MemoryBus:
         data = encode(envelope)
         server = self.broker.server_for(route)
         if server is None:
-            raise no_host(route)
+            raise no_route(route)
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[bytes] = loop.create_future()
         self._pending.add(reply)

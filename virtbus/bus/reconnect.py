@@ -31,7 +31,7 @@ class BackoffRobustConnection(RobustConnection):
         self._read_at = 0.0
         super().__init__(*args, **kwargs)
 
-    @property  # type: ignore[override]
+    @property
     def reconnect_interval(self) -> float:
         now = time.monotonic()
         if now - self._read_at > _SAME_ATTEMPT:

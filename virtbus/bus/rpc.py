@@ -7,14 +7,14 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
-from virtbus.errors import InternalError, NoHostError, ProtocolError, VirtbusError, error_from_wire
+from virtbus.errors import InternalError, NoConnect, ProtocolError, VirtbusError, error_from_wire
 from virtbus.protocol.envelope import error_body
 
 log = logging.getLogger(__name__)
 
 
-def no_host(route: str) -> NoHostError:
-    return NoHostError(f"no agent queue for route {route!r}; is virtbus-agent running?")
+def no_route(route: str) -> NoConnect:
+    return NoConnect(f"nothing serves route {route!r} (no queue bound to it)")
 
 
 def body_from_exception(exc: Exception, op: str) -> dict[str, Any]:

@@ -8,18 +8,19 @@ from pathlib import Path
 
 from virtbus.cli.context import Context
 from virtbus.cli.output import emit_json, fields, kib, state_label
-from virtbus.errors import InvalidArgument
-from virtbus.protocol import ops
+from virtbus.errors import InvalidArgument, NoConnect
+from virtbus.protocol.base import to_wire
+from virtbus.protocol.domain import DomainStatus
 
-# verb -> (op, past-tense message as virsh prints it)
+# verb -> the past-tense message virsh prints
 LIFECYCLE = {
-    "start": (ops.DOMAIN_START, "Domain '{}' started"),
-    "shutdown": (ops.DOMAIN_SHUTDOWN, "Domain '{}' is being shutdown"),
-    "destroy": (ops.DOMAIN_DESTROY, "Domain '{}' destroyed"),
-    "reboot": (ops.DOMAIN_REBOOT, "Domain '{}' is being rebooted"),
-    "reset": (ops.DOMAIN_RESET, "Domain '{}' was reset"),
-    "suspend": (ops.DOMAIN_SUSPEND, "Domain '{}' suspended"),
-    "resume": (ops.DOMAIN_RESUME, "Domain '{}' resumed"),
+    "start": "Domain '{}' started",
+    "shutdown": "Domain '{}' is being shutdown",
+    "destroy": "Domain '{}' destroyed",
+    "reboot": "Domain '{}' is being rebooted",
+    "reset": "Domain '{}' was reset",
+    "suspend": "Domain '{}' suspended",
+    "resume": "Domain '{}' resumed",
 }
 MAX_XML_FILE = 1024 * 1024
 
@@ -34,7 +35,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _domain_args(p)
     p.set_defaults(func=undefine)
 
-    for verb, (_, _msg) in LIFECYCLE.items():
+    for verb in LIFECYCLE:
         p = sub.add_parser(verb, help=f"{verb} a domain")
         _domain_args(p)
         if verb == "shutdown":
@@ -82,61 +83,68 @@ def _read_xml(path: str) -> str:
 
 async def define(ctx: Context, args: argparse.Namespace) -> int:
     xml = _read_xml(args.file)
-    host, result = await ctx.define_on(args.host, xml)  # no --host: the scheduler places it
+    host = ctx.explicit_host(args.host)
+    if host:
+        dom = await ctx.client.host(host).define(xml)
+        name, uuid = dom.ref, dom.uuid
+    else:  # the scheduler places it
+        if not await ctx.scheduler_answers():
+            raise NoConnect("no scheduler answers: pass --host H (or start virtbus-scheduler)")
+        placed = await ctx.client.scheduler.define(xml)
+        host, name, uuid = placed.host, placed.name, placed.uuid
     if ctx.json:
-        emit_json({"host": host, **result})
+        emit_json({"host": host, "name": name, "uuid": uuid})
     else:
-        print(f"Domain '{result['name']}' defined from {args.file} on {host}")
+        print(f"Domain '{name}' defined from {args.file} on {host}")
     return 0
 
 
 async def undefine(ctx: Context, args: argparse.Namespace) -> int:
-    host = await ctx.host_for(args.host, args.domain)
-    await ctx.call(host, ops.DOMAIN_UNDEFINE, {"domain": args.domain})
+    dom = await ctx.domain(args.host, args.domain)
+    await dom.undefine()
     if ctx.json:
-        emit_json({"host": host, "domain": args.domain, "undefined": True})
+        emit_json({"host": dom.host.name, "domain": args.domain, "undefined": True})
     else:
         print(f"Domain '{args.domain}' has been undefined")
     return 0
 
 
 async def lifecycle(ctx: Context, args: argparse.Namespace) -> int:
-    op, message = LIFECYCLE[args.verb]
-    host = await ctx.host_for(args.host, args.domain)
-    body: dict[str, object] = {"domain": args.domain}
-    if getattr(args, "wait", None) is not None:
-        body["timeout"] = args.wait
-        ctx.timeout = max(ctx.timeout, args.wait + 5)
-    result = await ctx.call(host, op, body)
-    if ctx.json:
-        emit_json({"host": host, "domain": args.domain, **result})
+    dom = await ctx.domain(args.host, args.domain)
+    status: DomainStatus
+    if args.verb == "shutdown":
+        status = await dom.shutdown(timeout=args.wait)
     else:
-        print(message.format(args.domain))
+        status = await getattr(dom, args.verb)()
+    if ctx.json:
+        emit_json({"host": dom.host.name, "domain": args.domain, **to_wire(status)})
+    else:
+        print(LIFECYCLE[args.verb].format(args.domain))
     return 0
 
 
 async def dominfo(ctx: Context, args: argparse.Namespace) -> int:
-    host = await ctx.host_for(args.host, args.domain)
-    info = await ctx.call(host, ops.DOMAIN_INFO, {"domain": args.domain})
+    dom = await ctx.domain(args.host, args.domain)
+    info = await dom.info()
     if ctx.json:
-        emit_json({"host": host, **info})
+        emit_json({"host": dom.host.name, **to_wire(info)})
         return 0
     print(
         fields(
             [
-                ("Id", info["id"] if info["id"] is not None else "-"),
-                ("Name", info["name"]),
-                ("UUID", info["uuid"]),
-                ("Host", host),
-                ("Type", info.get("type", "")),
-                ("State", state_label(info["state"])),
-                ("Reason", info["reason"]),
-                ("CPU(s)", info["vcpus"]),
-                ("CPU time", f"{info['cpu_time_ns'] / 1e9:.1f}s"),
-                ("Max memory", kib(info["max_memory_kib"])),
-                ("Used memory", kib(info["memory_kib"])),
-                ("Persistent", "yes" if info["persistent"] else "no"),
-                ("Autostart", "enable" if info["autostart"] else "disable"),
+                ("Id", info.id if info.id is not None else "-"),
+                ("Name", info.name),
+                ("UUID", info.uuid),
+                ("Host", dom.host.name),
+                ("Type", info.type),
+                ("State", state_label(info.state)),
+                ("Reason", info.reason),
+                ("CPU(s)", info.vcpus),
+                ("CPU time", f"{info.cpu_time_ns / 1e9:.1f}s"),
+                ("Max memory", kib(info.max_memory_kib)),
+                ("Used memory", kib(info.memory_kib)),
+                ("Persistent", "yes" if info.persistent else "no"),
+                ("Autostart", "enable" if info.autostart else "disable"),
             ]
         )
     )
@@ -144,22 +152,22 @@ async def dominfo(ctx: Context, args: argparse.Namespace) -> int:
 
 
 async def domstate(ctx: Context, args: argparse.Namespace) -> int:
-    host = await ctx.host_for(args.host, args.domain)
-    state = await ctx.call(host, ops.DOMAIN_STATE, {"domain": args.domain})
+    dom = await ctx.domain(args.host, args.domain)
+    state = await dom.state()
     if ctx.json:
-        emit_json({"host": host, "domain": args.domain, **state})
+        emit_json({"host": dom.host.name, "domain": args.domain, **to_wire(state)})
     elif args.reason:
-        print(f"{state_label(state['state'])} ({state['reason']})")
+        print(f"{state_label(state.state)} ({state.reason})")
     else:
-        print(state_label(state["state"]))
+        print(state_label(state.state))
     return 0
 
 
 async def dumpxml(ctx: Context, args: argparse.Namespace) -> int:
-    host = await ctx.host_for(args.host, args.domain)
-    result = await ctx.call(host, ops.DOMAIN_XML, {"domain": args.domain})
+    dom = await ctx.domain(args.host, args.domain)
+    xml = await dom.xml()
     if ctx.json:
-        emit_json({"host": host, "domain": args.domain, "xml": result["xml"]})
+        emit_json({"host": dom.host.name, "domain": args.domain, "xml": xml})
     else:
-        sys.stdout.write(result["xml"] if result["xml"].endswith("\n") else result["xml"] + "\n")
+        sys.stdout.write(xml if xml.endswith("\n") else xml + "\n")
     return 0

@@ -7,12 +7,12 @@ import asyncio
 import sys
 from datetime import UTC, datetime
 
-from virtbus.bus.topology import EVENTS_EXCHANGE
 from virtbus.cli.context import Context
 from virtbus.cli.output import emit_json
-from virtbus.errors import InvalidArgument, OperationTimeout
-from virtbus.protocol.envelope import Kind
-from virtbus.protocol.events import routing_word
+from virtbus.client.events import parse_since
+from virtbus.errors import OperationTimeout
+from virtbus.protocol.base import to_wire
+from virtbus.protocol.messages import DomainEvent
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -39,93 +39,37 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=follow_events)
 
 
-def binding_key(host: str | None, domain: str | None, event: str | None) -> str:
-    parts = [routing_word(v) if v else "*" for v in (host, domain, event)]
-    return ".".join(parts)
-
-
-def _line(body: dict[str, object], sent: float) -> str:
-    ts = datetime.fromtimestamp(sent, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-    detail = f" ({body['detail']})" if body.get("detail") else ""
-    data = body.get("data") or {}
-    extra = " " + " ".join(f"{k}={v}" for k, v in data.items()) if data else ""  # type: ignore[union-attr]
-    mark = " [reconciled]" if body.get("reconciled") else ""
+def _line(ev: DomainEvent) -> str:
+    detail = f" ({ev.detail})" if ev.detail else ""
+    extra = " " + " ".join(f"{k}={v}" for k, v in ev.data.items()) if ev.data else ""
+    mark = " [reconciled]" if ev.reconciled else ""
     return (
-        f"{ts}: host '{body['host']}' #{body['seq']}: event '{body['event']}' "
-        f"for domain '{body['domain']}'{detail}{extra}{mark}"
+        f"host '{ev.host}' #{ev.seq}: event '{ev.event}' for domain '{ev.domain}'"
+        f"{detail}{extra}{mark}"
     )
 
 
-def parse_since(text: str) -> tuple[int | None, float | None]:
-    """``--since``: a sequence number (an integer), or a time (ISO 8601 / epoch seconds)."""
-    if text.isdigit() and len(text) < 10:
-        return int(text), None
-    try:
-        return None, float(text)
-    except ValueError:
-        pass
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise InvalidArgument(f"--since wants a sequence number or a time, not {text!r}") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return None, when.timestamp()
-
-
-class Dedup:
-    """Drops what a host already sent (its sequence numbers only grow): no duplicates at the
-    seam between replay and live events, nor after a reconnect re-reads the stream."""
-
-    def __init__(self, after_seq: int | None) -> None:
-        self._floor = after_seq or 0
-        self._last: dict[str, int] = {}
-
-    def fresh(self, body: dict[str, object]) -> bool:
-        host, seq = str(body.get("host")), body.get("seq")
-        if not isinstance(seq, int):
-            return True
-        if seq <= max(self._last.get(host, 0), self._floor):
-            return False
-        self._last[host] = seq
-        return True
-
-
-def _matches(args: argparse.Namespace, body: dict[str, object]) -> bool:
-    return (
-        (not args.host or body.get("host") == args.host)
-        and (not args.domain or body.get("domain") == args.domain)
-        and (not args.event_name or body.get("event") == args.event_name)
-    )
+def _stamp(ts: float | None) -> str:
+    when = datetime.fromtimestamp(ts, UTC) if ts is not None else datetime.now(UTC)
+    return when.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
 async def follow_events(ctx: Context, args: argparse.Namespace) -> int:
-    if args.since is not None:
-        after_seq, since_time = parse_since(args.since)
-        sub = await ctx.bus.history("first" if since_time is None else since_time)
-        where = f"history since {args.since}"
-    else:
-        after_seq = None
-        key = binding_key(args.host, args.domain, args.event_name)
-        sub = await ctx.bus.subscribe(EVENTS_EXCHANGE, [key])
-        where = key
-    sys.stderr.write(f"listening for events on {where}\n")
+    since = parse_since(args.since) if args.since is not None else None
+    where = f"history since {args.since}" if since is not None else "live events"
+    events = await ctx.client.subscribe(
+        host=args.host, domain=args.domain, event=args.event_name, since=since
+    )
+    sys.stderr.write(f"listening for events ({where})\n")
     sys.stderr.flush()
-    dedup = Dedup(after_seq)
     seen = 0
     try:
         async with asyncio.timeout(args.event_timeout):
-            async for env in sub:
-                if env.kind != Kind.EVENT:
-                    continue
-                body = env.body
-                # Routing words are sanitised and the history has every host: filter exactly.
-                if not _matches(args, body) or not dedup.fresh(body):
-                    continue
+            async for ev in events:
                 if ctx.json:
-                    emit_json(body)
+                    emit_json(to_wire(ev))
                 else:
-                    print(_line(body, env.ts), flush=True)
+                    print(f"{_stamp(ev.ts)}: {_line(ev)}", flush=True)
                 seen += 1
                 if args.count is not None and seen >= args.count:
                     return 0
@@ -136,5 +80,5 @@ async def follow_events(ctx: Context, args: argparse.Namespace) -> int:
             ) from None
         return 0
     finally:
-        await sub.close()
+        await events.aclose()
     return 0

@@ -10,7 +10,7 @@ from typing import Any
 from virtbus.cli.context import DISCOVERY_WAIT, Context
 from virtbus.cli.output import emit_json, state_label, table
 from virtbus.errors import VirtbusError
-from virtbus.protocol import ops
+from virtbus.protocol.base import to_wire
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,11 +34,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 async def hosts(ctx: Context, args: argparse.Namespace) -> int:
     """The scheduler's cluster view when a scheduler answers, else heartbeats heard."""
-    view = await ctx.try_scheduler(ops.SCHEDULER_HOSTS, {})
-    if view is not None:
-        found = {h["host"]: h for h in view["hosts"]}
+    view = None
+    if await ctx.scheduler_answers():
+        view = await ctx.client.scheduler.hosts()
+        found = {h.host: to_wire(h) for h in view}
     else:
-        found = await ctx.discover_hosts(args.wait)
+        found = {name: to_wire(inv) for name, inv in (await ctx.hosts_heard(args.wait)).items()}
     if ctx.json:
         emit_json([found[h] for h in sorted(found)])
         return 0
@@ -65,31 +66,31 @@ async def hosts(ctx: Context, args: argparse.Namespace) -> int:
 
 
 async def _list_one(ctx: Context, host: str, include_inactive: bool) -> list[dict[str, Any]]:
-    result = await ctx.call(host, ops.DOMAIN_LIST, {"all": include_inactive})
-    return [{"host": host, **d} for d in result["domains"]]
+    found = await ctx.client.host(host).domains(all=include_inactive)
+    return [{"host": host, **to_wire(d)} for d in found]
 
 
 async def list_domains(ctx: Context, args: argparse.Namespace) -> int:
-    if not args.host:
-        view = await ctx.try_scheduler(ops.SCHEDULER_DOMAINS, {"all": args.all})
-        if view is not None:
-            for silent in view.get("unreachable", []):
-                print(f"warning: host {silent} did not answer", file=sys.stderr)
-            return _print_domains(ctx, view["domains"])
-    host_names = [args.host] if args.host else sorted(await ctx.discover_hosts())
+    host = ctx.explicit_host(args.host)
+    if not host and await ctx.scheduler_answers():
+        domains, unreachable = await ctx.client.scheduler.domains(all=args.all)
+        for silent in unreachable:
+            print(f"warning: host {silent} did not answer", file=sys.stderr)
+        return _print_domains(ctx, [to_wire(d) for d in domains])
+    host_names = [host] if host else sorted(await ctx.hosts_heard())
     results = await asyncio.gather(
         *(_list_one(ctx, h, args.all) for h in host_names), return_exceptions=True
     )
-    domains: list[dict[str, Any]] = []
-    for host, result in zip(host_names, results, strict=True):
-        if isinstance(result, VirtbusError) and not args.host:
-            print(f"warning: host {host} did not answer: {result}")
+    rows: list[dict[str, Any]] = []
+    for name, result in zip(host_names, results, strict=True):
+        if isinstance(result, VirtbusError) and not host:
+            print(f"warning: host {name} did not answer: {result}")
             continue
         if isinstance(result, BaseException):
             raise result
-        domains.extend(result)
-    domains.sort(key=lambda d: (d["host"], d["name"]))
-    return _print_domains(ctx, domains)
+        rows.extend(result)
+    rows.sort(key=lambda d: (d["host"], d["name"]))
+    return _print_domains(ctx, rows)
 
 
 def _print_domains(ctx: Context, domains: list[dict[str, Any]]) -> int:

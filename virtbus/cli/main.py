@@ -10,10 +10,10 @@ import os
 import sys
 
 from virtbus import __version__
-from virtbus.bus.factory import open_bus
 from virtbus.cli import completion, domain, event, host, migrate, stats
 from virtbus.cli.context import Context
 from virtbus.cli.output import fail
+from virtbus.client import Client
 from virtbus.errors import VirtbusError
 from virtbus.settings import DEFAULT_CALL_TIMEOUT, BusSettings, bus_url_from_env
 
@@ -71,13 +71,12 @@ def _add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 async def run(args: argparse.Namespace) -> int:
     settings = BusSettings(url=bus_url_from_env(args.bus), call_timeout=args.timeout)
-    bus = open_bus(settings.url, src=f"cli-{os.getpid()}", settings=settings)
-    await bus.connect()
-    try:
-        ctx = Context(bus=bus, json=args.json, timeout=args.timeout)
+    client = await Client.connect(
+        settings.url, src=f"cli-{os.getpid()}", timeout=args.timeout, settings=settings
+    )
+    async with client:
+        ctx = Context(client=client, json=args.json, timeout=args.timeout)
         return int(await args.func(ctx, args))
-    finally:
-        await bus.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,10 +15,10 @@ from virtbus.cli.context import Context
 from virtbus.cli.output import emit_json, table
 from virtbus.cli.term import ProgressLine, Style, bar
 from virtbus.errors import MigrateFailed, OperationFailed
-from virtbus.protocol import ops
+from virtbus.protocol.base import decode, to_wire
+from virtbus.protocol.migration import MigrationParams, MigrationRecord
 
-POLL = 0.05  # s between status queries while waiting (cheap calls to the scheduler)
-LONG_POLL = 5.0  # s the scheduler may hold a follow query (well under a call deadline)
+POLL = 0.05  # s between drain status queries while waiting (cheap calls to the scheduler)
 TERMINAL = ("completed", "failed", "cancelled")
 MIB = 1024 * 1024
 
@@ -65,17 +65,16 @@ def _migration_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _params(args: argparse.Namespace) -> dict[str, Any]:
-    params: dict[str, Any] = {
+def _params(args: argparse.Namespace) -> MigrationParams:
+    """The flags as typed params, checked here as the scheduler and agents check them."""
+    given = {
         "auto_converge": args.auto_converge,
         "postcopy": args.postcopy,
         "parallel": args.parallel,
+        "bandwidth_mib_s": args.bandwidth,
+        "max_downtime_ms": args.max_downtime,
     }
-    if args.bandwidth is not None:
-        params["bandwidth_mib_s"] = args.bandwidth
-    if args.max_downtime is not None:
-        params["max_downtime_ms"] = args.max_downtime
-    return params
+    return decode({k: v for k, v in given.items() if v is not None}, MigrationParams)
 
 
 def _progress(rec: dict[str, Any], with_bar: bool = False) -> str:
@@ -105,14 +104,12 @@ def _line(rec: dict[str, Any], with_bar: bool = False, style: Style | None = Non
 
 
 async def migrate(ctx: Context, args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"domain": args.domain, "params": _params(args)}
-    if args.to:
-        body["to"] = args.to
-    if args.migration_timeout is not None:
-        body["timeout"] = args.migration_timeout
-    rec = await ctx.scheduler(ops.SCHEDULER_MIGRATE, body)
+    record = await ctx.client.scheduler.migrate(
+        args.domain, args.to, _params(args), timeout=args.migration_timeout
+    )
     if args.wait:
-        rec = await _follow(ctx, rec)
+        record = await follow_migration(ctx, record)
+    rec = to_wire(record)
     if ctx.json:
         emit_json(rec)
     elif not args.wait:
@@ -123,31 +120,24 @@ async def migrate(ctx: Context, args: argparse.Namespace) -> int:
 
 
 async def follow_migration(
-    ctx: Context, rec: dict[str, Any], line: ProgressLine | None = None
-) -> dict[str, Any]:
-    """Poll the scheduler until the migration ends: a redrawn bar on a terminal, else one
-    line per change of phase or progress. Returns the final record."""
+    ctx: Context, record: MigrationRecord, line: ProgressLine | None = None
+) -> MigrationRecord:
+    """Follow the migration until it ends (the client's long poll): a redrawn bar on a
+    terminal, else one line per change of phase or progress. Returns the final record."""
     out = line or ProgressLine()
     style = Style(out.stream)
+    last = record
     try:
-        while True:
+        async for last in ctx.client.scheduler.follow(record.id):
             if not ctx.json:
-                out.update(_line(rec, with_bar=out.tty, style=style))
-            if rec["state"] in TERMINAL:
-                return rec
-            # A long poll: the scheduler answers as soon as the migration changes.
-            rec = await ctx.scheduler(
-                ops.SCHEDULER_MIGRATION, {"id": rec["id"], "wait": LONG_POLL, "seen": rec}
-            )
+                out.update(_line(to_wire(last), with_bar=out.tty, style=style))
     finally:
         out.clear()
-
-
-_follow = follow_migration
+    return last
 
 
 async def migrate_cancel(ctx: Context, args: argparse.Namespace) -> int:
-    rec = await ctx.scheduler(ops.SCHEDULER_MIGRATE_CANCEL, {"domain": args.domain})
+    rec = to_wire(await ctx.client.scheduler.cancel_migration(args.domain))
     if ctx.json:
         emit_json(rec)
     else:
@@ -156,7 +146,7 @@ async def migrate_cancel(ctx: Context, args: argparse.Namespace) -> int:
 
 
 async def migrations(ctx: Context, args: argparse.Namespace) -> int:
-    recs = (await ctx.scheduler(ops.SCHEDULER_MIGRATIONS, {}))["migrations"]
+    recs = [to_wire(r) for r in await ctx.client.scheduler.migrations()]
     if ctx.json:
         emit_json(recs)
         return 0
@@ -169,10 +159,9 @@ async def migrations(ctx: Context, args: argparse.Namespace) -> int:
 
 
 async def drain(ctx: Context, args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"host": args.host, "params": _params(args)}
-    if args.migration_timeout is not None:
-        body["timeout"] = args.migration_timeout
-    job = await ctx.scheduler(ops.SCHEDULER_DRAIN, body)
+    scheduler = ctx.client.scheduler
+    started = await scheduler.drain(args.host, _params(args), timeout=args.migration_timeout)
+    job = to_wire(started)
     if not ctx.json:
         print(f"Host '{args.host}' is draining: {len(job['domains'])} running domain(s) to move")
     seen: dict[str, str] = {}
@@ -188,7 +177,7 @@ async def drain(ctx: Context, args: argparse.Namespace) -> int:
         if job["done"]:
             break
         await asyncio.sleep(POLL)
-        job = await ctx.scheduler(ops.SCHEDULER_DRAIN_STATUS, {"host": args.host})
+        job = to_wire(await scheduler.drain_status(args.host))
     if ctx.json:
         emit_json(job)
     if args.no_wait or job["ok"]:
@@ -198,9 +187,9 @@ async def drain(ctx: Context, args: argparse.Namespace) -> int:
 
 
 async def undrain(ctx: Context, args: argparse.Namespace) -> int:
-    result = await ctx.scheduler(ops.SCHEDULER_UNDRAIN, {"host": args.host})
+    result = await ctx.client.scheduler.undrain(args.host)
     if ctx.json:
-        emit_json(result)
+        emit_json(to_wire(result))
     else:
         print(f"Host '{args.host}' is no longer draining")
     return 0

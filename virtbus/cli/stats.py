@@ -15,10 +15,9 @@ from typing import Any
 
 from virtbus.cli.context import Context
 from virtbus.cli.output import emit_json
-from virtbus.errors import NoHostError, VirtbusError
-from virtbus.protocol import ops
-
-GROUPS = ("state", "cpu-total", "balloon", "vcpu", "interface", "block")  # drivers.base's
+from virtbus.errors import NoConnect, VirtbusError
+from virtbus.protocol.domain import STATS_GROUPS as GROUPS
+from virtbus.protocol.domain import StatsGroup
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,30 +41,26 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 async def _fetch(
-    ctx: Context, host: str, domains: list[str], groups: list[str]
+    ctx: Context, host: str, domains: list[str], groups: list[StatsGroup]
 ) -> dict[str, dict[str, Any]]:
-    body: dict[str, Any] = {}
-    if domains:
-        body["domains"] = domains
-    if groups:
-        body["groups"] = sorted(set(groups))
-    result = await ctx.call(host, ops.DOMAIN_STATS, body)
-    found: dict[str, dict[str, Any]] = result["domains"]
-    return found
+    found = await ctx.client.host(host).stats(domains or None, sorted(set(groups)) or None)
+    return dict(found)
 
 
 async def _targets(ctx: Context, args: argparse.Namespace) -> dict[str, list[str]]:
     """host -> domains to ask it for ([] = all of them)."""
-    if args.host or not args.domains:
-        if args.host:
-            return {args.host: list(args.domains)}
-        hosts = sorted(await ctx.discover_hosts())
+    host = ctx.explicit_host(args.host)
+    if host or not args.domains:
+        if host:
+            return {host: list(args.domains)}
+        hosts = sorted(await ctx.hosts_heard())
         if not hosts:
-            raise NoHostError("no agent heard on the bus — is virtbus-agent running?")
+            raise NoConnect("no agent heard on the bus — is virtbus-agent running?")
         return {h: [] for h in hosts}
     by_host: dict[str, list[str]] = {}
     for domain in args.domains:
-        by_host.setdefault(await ctx.host_for(None, domain), []).append(domain)
+        dom = await ctx.domain(None, domain)
+        by_host.setdefault(dom.host.name, []).append(domain)
     return by_host
 
 
@@ -92,7 +87,7 @@ async def domstats(ctx: Context, args: argparse.Namespace) -> int:
     )
     merged: dict[str, dict[str, Any]] = {}
     for host, result in zip(hosts, results, strict=True):
-        if isinstance(result, VirtbusError) and not args.host and not args.domains:
+        if isinstance(result, VirtbusError) and len(hosts) > 1 and not args.domains:
             print(f"warning: host {host} did not answer: {result}")
             continue
         if isinstance(result, BaseException):

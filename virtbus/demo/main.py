@@ -24,6 +24,7 @@ from virtbus.bus.factory import open_bus
 from virtbus.cli.context import Context
 from virtbus.cli.output import fail
 from virtbus.cli.term import ProgressLine, Style
+from virtbus.client import Client
 from virtbus.demo.cluster import DemoSettings, InProcessCluster, ProcessCluster, kill_qemus_under
 from virtbus.demo.tour import NAME, run_tour
 from virtbus.errors import VirtbusError
@@ -111,7 +112,8 @@ async def _demo(url: str, requested: str, root: Path) -> int:
     await bus.connect()
     try:
         await cluster.start()
-        await run_tour(Context(bus=bus, json=False, timeout=CALL_TIMEOUT), settings.hosts, xml_file)
+        ctx = Context(client=Client(bus, timeout=CALL_TIMEOUT), json=False, timeout=CALL_TIMEOUT)
+        await run_tour(ctx, settings.hosts, xml_file)
     finally:
         print(style("cleaning up: guests destroyed, agents and scheduler stopped", "dim"))
         if isinstance(cluster, ProcessCluster):

@@ -11,22 +11,20 @@ import argparse
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
-from virtbus.bus.base import Subscription
-from virtbus.bus.topology import EVENTS_EXCHANGE
 from virtbus.cli import domain, host
 from virtbus.cli.context import Context
 from virtbus.cli.event import _line as event_line
 from virtbus.cli.migrate import follow_migration
 from virtbus.cli.output import table
 from virtbus.cli.term import ProgressLine, Style
+from virtbus.client.events import EventStream
 from virtbus.errors import MigrateFailed, OperationTimeout
-from virtbus.protocol import ops
-from virtbus.protocol.envelope import Kind
+from virtbus.protocol.domain import StatsGroup
+from virtbus.protocol.messages import DomainEvent
 
 NAME = "demo"
-STATS_GROUPS = ["state", "cpu-total", "balloon", "vcpu"]
+STATS_GROUPS: list[StatsGroup] = ["state", "cpu-total", "balloon", "vcpu"]
 STATE_NAMES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown",
                5: "shutoff", 6: "crashed", 7: "pmsuspended"}  # fmt: skip
 HOSTS_WAIT = 20.0  # s for the scheduler to see both hosts
@@ -37,7 +35,7 @@ class Tour:
         self.ctx, self.hosts, self.xml_file = ctx, hosts, xml_file
         self.progress = ProgressLine()
         self.style = Style()
-        self.events: list[dict[str, Any]] = []
+        self.events: list[DomainEvent] = []
 
     def say(self, text: str) -> None:
         self.progress.interrupt()
@@ -56,35 +54,31 @@ class Tour:
         self.say(self.style(f"# {why}", "dim"))
         self.say(self.style(f"$ virtbus {command}", "bold", "cyan"))
 
-    async def follow_events(self, sub: Subscription) -> None:
+    async def follow_events(self, events: EventStream) -> None:
         """Print every domain event of the demo's hosts as it arrives (not progress ticks)."""
         try:
-            async for env in sub:
-                body = env.body
-                if env.kind != Kind.EVENT or body.get("host") not in self.hosts:
+            async for ev in events:
+                if ev.host not in self.hosts:
                     continue
-                self.events.append(body)
-                if body.get("event") != "migration":
-                    self.say(self.style("  event: " + event_line(body, env.ts), "magenta"))
+                self.events.append(ev)
+                if ev.event != "migration":
+                    self.say(self.style("  event: " + event_line(ev), "magenta"))
         finally:
-            await sub.close()
+            await events.aclose()
 
     async def wait_hosts(self) -> None:
         async with asyncio.timeout(HOSTS_WAIT):
             while True:
-                view = await self.ctx.try_scheduler(ops.SCHEDULER_HOSTS, {})
-                up = {h["host"] for h in (view or {}).get("hosts", []) if h.get("up")}
+                up: set[str] = set()
+                if await self.ctx.scheduler_answers():
+                    up = {h.host for h in await self.ctx.client.scheduler.hosts() if h.up}
                 if set(self.hosts) <= up:
                     return
                 await asyncio.sleep(0.2)
 
     async def stats_table(self, where: str) -> None:
         """A compact ``virtbus domstats`` of the guest, as a table."""
-        stats = (
-            await self.ctx.call(
-                where, ops.DOMAIN_STATS, {"domains": [NAME], "groups": STATS_GROUPS}
-            )
-        )["domains"]
+        stats = await self.ctx.client.host(where).stats([NAME], STATS_GROUPS)
         rows = []
         for name, f in stats.items():
             rows.append(
@@ -92,9 +86,9 @@ class Tour:
                     where,
                     name,
                     STATE_NAMES.get(int(f.get("state.state", 0)), "?"),
-                    f"{f.get('cpu.time', 0) / 1e9:.2f}",
-                    f"{f.get('balloon.current', 0) // 1024}",
-                    f"{f.get('balloon.rss', 0) // 1024}" if "balloon.rss" in f else "-",
+                    f"{float(f.get('cpu.time', 0)) / 1e9:.2f}",
+                    f"{int(f.get('balloon.current', 0)) // 1024}",
+                    f"{int(f['balloon.rss']) // 1024}" if "balloon.rss" in f else "-",
                     f.get("vcpu.current", "-"),
                 )
             )
@@ -126,13 +120,13 @@ class Tour:
 
         self.step(f"migrate {NAME} --to {b} --wait", f"live-migrate it from {a} to {b}")
         started = time.monotonic()
-        rec = await self.ctx.scheduler(ops.SCHEDULER_MIGRATE, {"domain": NAME, "to": b})
-        rec = await follow_migration(self.ctx, rec, self.progress)
-        if rec["state"] != "completed":
-            raise MigrateFailed(f"migration {rec['state']}: {rec.get('error')}")
+        record = await self.ctx.client.scheduler.migrate(NAME, b)
+        record = await follow_migration(self.ctx, record, self.progress)
+        if record.state != "completed":
+            raise MigrateFailed(f"migration {record.state}: {record.error}")
         self.say(
             self.style(f"  migrated in {time.monotonic() - started:.1f} s", "green")
-            + f" (downtime {(rec.get('progress') or {}).get('downtime_ms', '-')} ms)"
+            + f" (downtime {record.progress.get('downtime_ms', '-')} ms)"
         )
         await self.settle()
         self.step("list --all", "the cluster view: the guest now runs on the second host")
@@ -147,15 +141,15 @@ class Tour:
             else:
                 await domain.lifecycle(self.ctx, ns(verb=verb, domain=NAME, host=b))
             await self.settle()
-        counted = [e for e in self.events if e.get("event") != "migration"]
+        counted = [e for e in self.events if e.event != "migration"]
         self.say("")
         self.say(self.style(f"Tour complete: {len(counted)} events seen.", "bold", "green"))
 
 
 async def run_tour(ctx: Context, hosts: tuple[str, str], xml_file: Path) -> Tour:
     tour = Tour(ctx, hosts, xml_file)
-    sub = await ctx.bus.subscribe(EVENTS_EXCHANGE, ["#"])  # before the first command
-    printer = asyncio.create_task(tour.follow_events(sub), name="demo:events")
+    events = await ctx.client.subscribe()  # before the first command
+    printer = asyncio.create_task(tour.follow_events(events), name="demo:events")
     try:
         await tour.run()
     except TimeoutError:

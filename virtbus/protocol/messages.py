@@ -27,6 +27,7 @@ class DomainEvent(Message):
     detail: str | None = None
     data: dict[str, Any] = default(default_factory=dict)
     reconciled: bool = False  # found by a resync rather than seen happen
+    ts: float | None = None  # when the agent saw it (epoch s); older agents: the envelope's
 
 
 class DomainMetrics(Message):

@@ -1,0 +1,431 @@
+"""The public async client: every op, typed, over any bus URL.
+
+::
+
+    async with await Client.connect("amqp://guest:guest@127.0.0.1:5672/") as c:
+        dom = await c.host("a").define(xml)
+        await dom.start()
+        await dom.suspend()
+        async for ev in c.events(host="a", since=0):
+            print(ev.domain, ev.event, ev.detail)
+
+Results are the declared result types of :mod:`virtbus.protocol` (checked as they come
+in: a malformed answer is ``RPC_ERROR``); failures raise :mod:`virtbus.errors` types with
+libvirt's codes. The CLI is a user of this client and has no other call path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncGenerator, AsyncIterator
+from types import TracebackType
+from typing import TypeVar
+
+from virtbus.bus.base import Bus
+from virtbus.bus.factory import open_bus
+from virtbus.bus.topology import HEARTBEAT_KEY_SUFFIX, HOSTS_EXCHANGE, SCHEDULER_ROUTE
+from virtbus.client.events import EventFilter, EventStream, Since, open_events
+from virtbus.errors import InvalidArgument, NoConnect, NoDomainError, OperationTimeout
+from virtbus.protocol import ops
+from virtbus.protocol.base import Empty, Message, decode, to_wire
+from virtbus.protocol.domain import (
+    DomainDefine,
+    DomainInfo,
+    DomainListRequest,
+    DomainShutdown,
+    DomainStatsRequest,
+    DomainStatus,
+    DomainTarget,
+    StatsGroup,
+    StatValue,
+)
+from virtbus.protocol.envelope import Kind
+from virtbus.protocol.host import DrainFlag, HostInventory, Pong, SetDraining
+from virtbus.protocol.messages import DomainEvent
+from virtbus.protocol.migration import TERMINAL_STATES, MigrationParams, MigrationRecord
+from virtbus.protocol.registry import Op, Service
+from virtbus.protocol.scheduler import (
+    CancelRequest,
+    ClusterDomain,
+    ClusterDomainsRequest,
+    DrainRequest,
+    DrainStatus,
+    HostRequest,
+    MigrateRequest,
+    MigrationQuery,
+    PlacedDomain,
+    PlaceRequest,
+    SchedulerPing,
+    SchedulerPingRequest,
+)
+from virtbus.protocol.scheduler import HostView as ClusterHost
+from virtbus.settings import DEFAULT_CALL_TIMEOUT, BusSettings
+
+Req = TypeVar("Req", bound=Message)
+Res = TypeVar("Res", bound=Message)
+DISCOVERY_WAIT = 2.5  # s: a little more than one heartbeat interval at the default 2 s
+FOLLOW_POLL = 5.0  # s the scheduler may hold a follow query (well under a call deadline)
+
+
+class Client:
+    """A connection to the bus and every op on it; see the module docstring."""
+
+    def __init__(self, bus: Bus, *, timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+        self.bus = bus
+        self.timeout = timeout
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str | None = None,
+        *,
+        src: str | None = None,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+        settings: BusSettings | None = None,
+    ) -> Client:
+        """Connect to ``url`` (else ``$VIRTBUS_BUS_URL``, else the local RabbitMQ)."""
+        bus = open_bus(url, src=src or f"client-{os.getpid()}", settings=settings)
+        await bus.connect()
+        return cls(bus, timeout=timeout)
+
+    async def close(self) -> None:
+        await self.bus.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- calls ----------------------------------------------------------------------
+    async def call(
+        self,
+        route: str,
+        op: Op[Req, Res],
+        request: Req | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Res:
+        """One op on ``route``; ``request`` defaults to the op's request with no fields."""
+        body = to_wire(request) if request is not None else {}
+        result = await self.bus.call(route, op, body, timeout=timeout or self.timeout)
+        return op.decode_result(result)
+
+    async def agent(
+        self,
+        host: str,
+        op: Op[Req, Res],
+        request: Req | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Res:
+        """One agent op on ``host``, with errors that say which host did not answer."""
+        if op.service is not Service.AGENT:
+            raise InvalidArgument(f"{op} is not an agent op")
+        deadline = timeout or self.timeout
+        try:
+            return await self.call(ops.agent_route(host), op, request, timeout=deadline)
+        except NoConnect:
+            raise NoConnect(
+                f"no agent answers for host '{host}' — is virtbus-agent running there? "
+                "(`virtbus hosts` lists the hosts heard on the bus)"
+            ) from None
+        except OperationTimeout:
+            raise OperationTimeout(
+                f"host '{host}' did not answer {op} within {deadline:g} s — is "
+                f"virtbus-agent running on '{host}'? (`virtbus hosts` lists live hosts)"
+            ) from None
+
+    async def scheduler_call(
+        self, op: Op[Req, Res], request: Req | None = None, *, timeout: float | None = None
+    ) -> Res:
+        """One op of the active scheduler (``virtbus-scheduler``)."""
+        if op.service is not Service.SCHEDULER:
+            raise InvalidArgument(f"{op} is not a scheduler op")
+        deadline = timeout or self.timeout
+        try:
+            return await self.call(SCHEDULER_ROUTE, op, request, timeout=deadline)
+        except NoConnect:
+            raise NoConnect(
+                "no scheduler answers — is virtbus-scheduler running on this bus?"
+            ) from None
+        except OperationTimeout:
+            raise OperationTimeout(
+                f"the scheduler did not answer {op} within {deadline:g} s — is "
+                "virtbus-scheduler running on this bus?"
+            ) from None
+
+    # --- handles --------------------------------------------------------------------
+    def host(self, name: str) -> Host:
+        return Host(self, name)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return Scheduler(self)
+
+    async def find(self, ref: str, wait: float = DISCOVERY_WAIT) -> Domain:
+        """The domain ``ref`` (name or UUID) on the one host that has it."""
+        heard = await self.heartbeats(wait)
+        if not heard:
+            raise NoConnect("no agent heard on the bus — is virtbus-agent running?")
+        owners = []
+        for name in sorted(heard):
+            found = await self.host(name).domains(all=True)
+            if any(ref in (d.name, d.uuid) for d in found):
+                owners.append(name)
+        if not owners:
+            raise NoDomainError(f"domain '{ref}' is not defined on any host")
+        if len(owners) > 1:
+            raise InvalidArgument(f"domain '{ref}' exists on {', '.join(owners)}: pass --host")
+        return self.host(owners[0]).domain(ref)
+
+    # --- what is published ----------------------------------------------------------
+    async def heartbeats(self, wait: float = DISCOVERY_WAIT) -> dict[str, HostInventory]:
+        """Hosts heard within ``wait`` seconds: their latest inventory, by host name."""
+        seen: dict[str, HostInventory] = {}
+        sub = await self.bus.subscribe(HOSTS_EXCHANGE, [f"*.{HEARTBEAT_KEY_SUFFIX}"])
+        try:
+            async with asyncio.timeout(wait):
+                async for env in sub:
+                    if env.kind != Kind.HEARTBEAT:
+                        continue
+                    try:
+                        inv = decode(env.body, HostInventory)
+                    except InvalidArgument:
+                        continue  # any bus client can publish
+                    seen[inv.host] = inv
+        except TimeoutError:
+            pass
+        finally:
+            await sub.close()
+        return seen
+
+    async def subscribe(
+        self,
+        *,
+        host: str | None = None,
+        domain: str | None = None,
+        event: str | None = None,
+        since: Since | None = None,
+    ) -> EventStream:
+        """Subscribe to events (an async iterator, already subscribed on return); with
+        ``since`` (a sequence number per host, epoch seconds, a datetime, or "first") the
+        kept history first, then live ones — no gap, no duplicate."""
+        wanted = EventFilter(host, domain, event)
+        return EventStream(await open_events(self.bus, wanted, since), wanted, since)
+
+    async def events(
+        self,
+        *,
+        host: str | None = None,
+        domain: str | None = None,
+        event: str | None = None,
+        since: Since | None = None,
+    ) -> AsyncGenerator[DomainEvent, None]:
+        """:meth:`subscribe` as an async generator (subscribed on the first ``anext``)."""
+        async with await self.subscribe(host=host, domain=domain, event=event, since=since) as s:
+            async for ev in s:
+                yield ev
+
+
+class Host:
+    """One host's agent."""
+
+    def __init__(self, client: Client, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Host({self.name!r})"
+
+    async def call(self, op: Op[Req, Res], request: Req | None = None) -> Res:
+        return await self.client.agent(self.name, op, request)
+
+    def domain(self, ref: str) -> Domain:
+        return Domain(self, ref)
+
+    async def define(self, xml: str) -> Domain:
+        """Define (or redefine) a domain from libvirt domain XML."""
+        ref = await self.call(ops.DOMAIN_DEFINE, DomainDefine(xml=xml))
+        return Domain(self, ref.name, uuid=ref.uuid)
+
+    async def domains(self, all: bool = True) -> list[DomainInfo]:
+        return (await self.call(ops.DOMAIN_LIST, DomainListRequest(all=all))).domains
+
+    async def info(self) -> HostInventory:
+        return await self.call(ops.HOST_INFO, Empty())
+
+    async def ping(self) -> Pong:
+        return await self.call(ops.HOST_PING, Empty())
+
+    async def stats(
+        self, domains: list[str] | None = None, groups: list[StatsGroup] | None = None
+    ) -> dict[str, dict[str, StatValue]]:
+        """libvirt's domstats of this host's domains (all, or ``domains``)."""
+        request = DomainStatsRequest(domains=domains, groups=groups)
+        return (await self.call(ops.DOMAIN_STATS, request)).domains
+
+    async def set_draining(self, draining: bool = True) -> DrainFlag:
+        return await self.call(ops.HOST_SET_DRAINING, SetDraining(draining=draining))
+
+
+class Domain:
+    """One domain of one host; ``ref`` is its name or UUID."""
+
+    def __init__(self, host: Host, ref: str, *, uuid: str | None = None) -> None:
+        self.host = host
+        self.ref = ref
+        self.uuid = uuid
+
+    def __repr__(self) -> str:
+        return f"Domain({self.ref!r} on {self.host.name!r})"
+
+    @property
+    def _target(self) -> DomainTarget:
+        return DomainTarget(domain=self.ref)
+
+    async def start(self) -> DomainStatus:
+        return await self.host.call(ops.DOMAIN_START, self._target)
+
+    async def shutdown(self, timeout: float | None = None) -> DomainStatus:
+        """Ask the guest to power off; with ``timeout`` wait for it to do so."""
+        request = DomainShutdown(domain=self.ref, timeout=timeout)
+        if timeout is None:
+            return await self.host.call(ops.DOMAIN_SHUTDOWN, request)
+        deadline = max(self.host.client.timeout, timeout + 5)
+        return await self.host.client.agent(
+            self.host.name, ops.DOMAIN_SHUTDOWN, request, timeout=deadline
+        )
+
+    async def destroy(self) -> DomainStatus:
+        return await self.host.call(ops.DOMAIN_DESTROY, self._target)
+
+    async def reboot(self) -> DomainStatus:
+        return await self.host.call(ops.DOMAIN_REBOOT, self._target)
+
+    async def reset(self) -> DomainStatus:
+        return await self.host.call(ops.DOMAIN_RESET, self._target)
+
+    async def suspend(self) -> DomainStatus:
+        return await self.host.call(ops.DOMAIN_SUSPEND, self._target)
+
+    async def resume(self) -> DomainStatus:
+        return await self.host.call(ops.DOMAIN_RESUME, self._target)
+
+    async def undefine(self) -> None:
+        await self.host.call(ops.DOMAIN_UNDEFINE, self._target)
+
+    async def info(self) -> DomainInfo:
+        return await self.host.call(ops.DOMAIN_INFO, self._target)
+
+    async def state(self) -> DomainStatus:
+        return await self.host.call(ops.DOMAIN_STATE, self._target)
+
+    async def xml(self) -> str:
+        return (await self.host.call(ops.DOMAIN_XML, self._target)).xml
+
+    async def stats(self, groups: list[StatsGroup] | None = None) -> dict[str, StatValue]:
+        found = await self.host.stats([self.ref], groups)
+        return next(iter(found.values()), {})
+
+    async def migrate(
+        self,
+        to: str | None = None,
+        params: MigrationParams | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> MigrationRecord:
+        """Live-migrate through the scheduler (it places the domain without ``to``)."""
+        return await self.host.client.scheduler.migrate(self.ref, to, params, timeout=timeout)
+
+    def events(self, since: Since | None = None) -> AsyncGenerator[DomainEvent, None]:
+        return self.host.client.events(host=self.host.name, domain=self.ref, since=since)
+
+
+class Scheduler:
+    """The active scheduler: the cluster view, placement, migrations, drains."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    async def call(
+        self, op: Op[Req, Res], request: Req | None = None, *, timeout: float | None = None
+    ) -> Res:
+        return await self.client.scheduler_call(op, request, timeout=timeout)
+
+    async def ping(self, timeout: float | None = None) -> SchedulerPing:
+        return await self.call(ops.SCHEDULER_PING, SchedulerPingRequest(), timeout=timeout)
+
+    async def hosts(self) -> list[ClusterHost]:
+        return (await self.call(ops.SCHEDULER_HOSTS, Empty())).hosts
+
+    async def domains(self, all: bool = False) -> tuple[list[ClusterDomain], list[str]]:
+        """Domains of every host that is up, and the hosts that did not answer."""
+        found = await self.call(ops.SCHEDULER_DOMAINS, ClusterDomainsRequest(all=all))
+        return found.domains, found.unreachable
+
+    async def place(self, xml: str) -> str:
+        return (await self.call(ops.SCHEDULER_PLACE, PlaceRequest(xml=xml))).host
+
+    async def define(self, xml: str) -> PlacedDomain:
+        """Place, claim and define a domain."""
+        return await self.call(ops.SCHEDULER_DEFINE, PlaceRequest(xml=xml))
+
+    async def migrate(
+        self,
+        domain: str,
+        to: str | None = None,
+        params: MigrationParams | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> MigrationRecord:
+        request = MigrateRequest(
+            domain=domain, to=to, params=params or MigrationParams(), timeout=timeout
+        )
+        return await self.call(ops.SCHEDULER_MIGRATE, request)
+
+    async def migration(
+        self,
+        ref: str,
+        *,
+        wait: float | None = None,
+        seen: MigrationRecord | None = None,
+    ) -> MigrationRecord:
+        """A migration's record by id or domain; ``wait``: a long poll (see the op)."""
+        request = MigrationQuery(domain=ref, wait=wait, seen=seen)
+        deadline = None if wait is None else max(self.client.timeout, wait + 5)
+        return await self.call(ops.SCHEDULER_MIGRATION, request, timeout=deadline)
+
+    async def follow(self, ref: str) -> AsyncIterator[MigrationRecord]:
+        """Each change of a migration's record until it ends (the last one yielded)."""
+        record = await self.migration(ref)
+        yield record
+        while record.state not in TERMINAL_STATES:
+            fresh = await self.migration(record.id, wait=FOLLOW_POLL, seen=record)
+            if fresh != record:
+                record = fresh
+                yield record
+
+    async def migrations(self) -> list[MigrationRecord]:
+        return (await self.call(ops.SCHEDULER_MIGRATIONS, Empty())).migrations
+
+    async def cancel_migration(self, domain: str) -> MigrationRecord:
+        return await self.call(ops.SCHEDULER_MIGRATE_CANCEL, CancelRequest(domain=domain))
+
+    async def drain(
+        self, host: str, params: MigrationParams | None = None, *, timeout: float | None = None
+    ) -> DrainStatus:
+        request = DrainRequest(host=host, params=params or MigrationParams(), timeout=timeout)
+        return await self.call(ops.SCHEDULER_DRAIN, request)
+
+    async def drain_status(self, host: str) -> DrainStatus:
+        return await self.call(ops.SCHEDULER_DRAIN_STATUS, HostRequest(host=host))
+
+    async def undrain(self, host: str) -> DrainFlag:
+        return await self.call(ops.SCHEDULER_UNDRAIN, HostRequest(host=host))
