@@ -18,7 +18,8 @@ Tree::
     ├── NoSupport                   NO_SUPPORT          unknown op / not implemented by driver
     ├── OperationFailed             OPERATION_FAILED
     │   └── MigrateFailed           MIGRATE_FAILED
-    ├── AuthDenied                  AUTH_DENIED
+    ├── AuthDenied                  AUTH_DENIED         the policy refuses the call
+    ├── AuthFailed                  AUTH_FAILED         the broker refused the login
     ├── ProtocolError               RPC_ERROR           malformed / oversized / wrong version
     └── RetryableError                                  (transient: may succeed if retried)
         ├── OperationTimeout        OPERATION_TIMEOUT
@@ -100,6 +101,12 @@ class AuthDenied(VirtbusError):
     code = "AUTH_DENIED"
 
 
+class AuthFailed(VirtbusError):
+    """The broker refused the credentials or the vhost (libvirt's VIR_ERR_AUTH_FAILED)."""
+
+    code = "AUTH_FAILED"
+
+
 class ProtocolError(VirtbusError):
     code = "RPC_ERROR"
 
@@ -133,6 +140,7 @@ _BY_CODE: dict[str, type[VirtbusError]] = {
         OperationFailed,
         MigrateFailed,
         AuthDenied,
+        AuthFailed,
         ProtocolError,
         OperationTimeout,
         BusUnavailable,

@@ -284,7 +284,9 @@ class Job:
                     continue
                 fresh.passes = max(fresh.passes, self.status.passes)
                 for passed in self._transitions:  # brief states (postcopy-active) a query missed
-                    if passed not in (fresh.status, last[0] if last else None):
+                    # Never an end state: an event may announce it before a query that was
+                    # already answered ("active") is read; the next query reports it.
+                    if passed not in (fresh.status, last[0] if last else None, *TERMINAL):
                         emit(msgspec.structs.replace(self.status, status=passed))
                 self._transitions.clear()
                 if fresh.status in POSTCOPY:

@@ -159,6 +159,26 @@ async def test_job_follows_to_completion_and_emits_progress() -> None:
     assert "migrate-start-postcopy" not in [c for c, _ in qemu.calls]
 
 
+async def test_an_end_announced_by_event_before_the_query_saw_it_is_reported_once() -> None:
+    """The race seen on a loaded machine: QEMU's MIGRATION 'completed' event is read while
+    the query answered just before still says 'active'. The end state must be reported
+    by the query that follows, once, and never before an 'active'."""
+    qemu = FakeQemu([_q("active"), _q("completed", 2, 0)])
+    job = Job("source", MigrationParams(), SETTINGS)
+    seen: list[str] = []
+
+    async def execute(cmd: str, args: Any = None, timeout: float | None = None) -> Any:
+        reply = await qemu.execute(cmd, args, timeout)
+        if cmd == "query-migrate" and reply["status"] == "active":
+            job.feed("MIGRATION", {"status": "completed"})  # arrives before the reply is read
+        return reply
+
+    task = asyncio.create_task(job.follow(execute, lambda st: seen.append(st.status)))
+    job.feed("MIGRATION", {"status": "active"})
+    await asyncio.wait_for(task, 2)
+    assert seen.count("completed") == 1 and seen[-1] == "completed", seen
+
+
 async def test_job_switches_to_postcopy_after_first_pass() -> None:
     qemu = FakeQemu([_q("active", 1), _q("active", 2), _q("postcopy-active", 2),
                      _q("completed", 2, 0)])  # fmt: skip

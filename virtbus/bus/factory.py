@@ -9,11 +9,14 @@ from virtbus.errors import InvalidArgument
 from virtbus.settings import BusSettings, bus_url_from_env
 
 
-def open_bus(url: str | None, src: str, settings: BusSettings | None = None) -> Bus:
+def open_bus(
+    url: str | None, src: str, settings: BusSettings | None = None, *, oneshot: bool = False
+) -> Bus:
     """An unconnected bus (``await bus.connect()`` next) for ``memory://`` or ``amqp(s)://``.
 
     ``url`` falls back to ``VIRTBUS_BUS_URL``, then the local RabbitMQ; the settings'
-    ``url`` is made to agree with the URL actually used.
+    ``url`` is made to agree with the URL actually used. ``oneshot``: a short-lived
+    caller's lean AMQP transport (calls, subscriptions; no reconnect, no serving).
     """
     resolved = bus_url_from_env(url)
     base = settings or BusSettings()
@@ -24,6 +27,10 @@ def open_bus(url: str | None, src: str, settings: BusSettings | None = None) -> 
         from virtbus.bus.memory import MemoryBus
 
         return MemoryBus(resolved, src, base)
+    if scheme in ("amqp", "amqps") and oneshot:
+        from virtbus.bus.oneshot import OneShotBus
+
+        return OneShotBus(resolved, src, base)
     if scheme in ("amqp", "amqps"):
         from virtbus.bus.amqp import AmqpBus  # imports aio-pika only when it is needed
 

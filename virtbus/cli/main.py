@@ -1,24 +1,25 @@
-"""``virtbus [--bus URL] [--json] [--timeout S] COMMAND ...`` — global options first, as virsh."""
+"""``virtbus [--bus URL] [--json] [--timeout S] COMMAND ...`` — global options first, as virsh.
+
+Start-up matters for a command run once: this module imports only what ``--version``
+needs, the verbs' modules are imported to build the parser, and a one-shot command talks
+to RabbitMQ over the lean transport (:mod:`virtbus.bus.oneshot`) instead of aio-pika;
+only commands that follow something for long (``event``, ``migrate --wait``, ``drain``)
+take the reconnecting transport.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import importlib
-import logging
-import os
 import sys
 
 from virtbus import __version__
-from virtbus.cli import completion, domain, event, host, migrate, stats
-from virtbus.cli.context import Context
-from virtbus.cli.output import fail
-from virtbus.client import Client
-from virtbus.errors import VirtbusError
-from virtbus.settings import DEFAULT_CALL_TIMEOUT, BusSettings, bus_url_from_env
+
+DEFAULT_TIMEOUT = 30.0  # s; virtbus.settings.DEFAULT_CALL_TIMEOUT (checked by a test)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from virtbus.cli import completion, domain, event, host, migrate, stats
+
     p = argparse.ArgumentParser(prog="virtbus", description="virsh for a cluster, over a bus")
     p.add_argument(
         "--bus",
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timeout",
         type=float,
-        default=DEFAULT_CALL_TIMEOUT,
+        default=DEFAULT_TIMEOUT,
         metavar="S",
         help="deadline of each call (default %(default)s s)",
     )
@@ -69,10 +70,29 @@ def _add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.set_defaults(func=None, local=True)
 
 
+def long_lived(args: argparse.Namespace) -> bool:
+    """Commands that follow something for long need the reconnecting transport."""
+    return (
+        args.command == "event"
+        or (args.command == "migrate" and bool(args.wait))
+        or (args.command == "drain" and not args.no_wait)
+    )
+
+
 async def run(args: argparse.Namespace) -> int:
+    import os
+
+    from virtbus.cli.context import Context
+    from virtbus.client import Client
+    from virtbus.settings import BusSettings, bus_url_from_env
+
     settings = BusSettings(url=bus_url_from_env(args.bus), call_timeout=args.timeout)
     client = await Client.connect(
-        settings.url, src=f"cli-{os.getpid()}", timeout=args.timeout, settings=settings
+        settings.url,
+        src=f"cli-{os.getpid()}",
+        timeout=args.timeout,
+        settings=settings,
+        oneshot=not long_lived(args),
     )
     async with client:
         ctx = Context(client=client, json=args.json, timeout=args.timeout)
@@ -80,6 +100,18 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    words = sys.argv[1:] if argv is None else argv
+    if words in (["--version"], ["-V"]):  # before importing anything else
+        sys.stdout.write(f"virtbus {__version__}\n")
+        sys.exit(0)
+    import asyncio
+    import importlib
+    import logging
+
+    from virtbus.cli import completion
+    from virtbus.cli.output import fail
+    from virtbus.errors import VirtbusError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     # The CLI reports failures itself, in one line: keep the AMQP libraries' logs quiet.

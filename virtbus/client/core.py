@@ -83,9 +83,14 @@ class Client:
         src: str | None = None,
         timeout: float = DEFAULT_CALL_TIMEOUT,
         settings: BusSettings | None = None,
+        oneshot: bool = False,
     ) -> Client:
-        """Connect to ``url`` (else ``$VIRTBUS_BUS_URL``, else the local RabbitMQ)."""
-        bus = open_bus(url, src=src or f"client-{os.getpid()}", settings=settings)
+        """Connect to ``url`` (else ``$VIRTBUS_BUS_URL``, else the local RabbitMQ).
+
+        ``oneshot``: a lean transport for a short-lived process (a few calls and
+        subscriptions, no reconnects), which starts about 100 ms faster."""
+        src = src or f"client-{os.getpid()}"
+        bus = open_bus(url, src=src, settings=settings, oneshot=oneshot)
         await bus.connect()
         return cls(bus, timeout=timeout)
 

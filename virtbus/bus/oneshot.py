@@ -1,0 +1,488 @@
+"""A lean AMQP 0-9-1 transport for one-shot commands (the CLI's ``list``, ``start``, ...).
+
+aio-pika and aiormq cost a one-shot process about 120 ms of imports before it sends a
+byte; a daemon pays that once, a CLI command every time. This transport speaks the few
+AMQP methods a short-lived caller needs — connect, a call over direct reply-to with
+publisher confirms (so an unroutable call comes back as basic.return: ``NO_CONNECT``),
+topic subscriptions and a history replay — on asyncio streams, with pamqp (aiormq's own
+codec) for the frames. It does not reconnect and does not serve: long-lived programs
+(the agent, the scheduler, ``virtbus event``) use :class:`virtbus.bus.amqp.AmqpBus`.
+The same envelope, deadline header and errors as that transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from pamqp import commands as spec
+from pamqp import frame as amqp_frame
+from pamqp.base import Frame
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader, ProtocolHeader
+from pamqp.heartbeat import Heartbeat
+
+from virtbus.bus.base import (
+    BeforeAck,
+    CallHandler,
+    ConnectionListener,
+    HistoryStart,
+    Server,
+    stream_offset,
+)
+from virtbus.bus.buffer import BoundedBuffer
+from virtbus.bus.rpc import no_route, result_from_reply
+from virtbus.bus.topology import (
+    DEADLINE_HEADER,
+    EVENT_HISTORY,
+    EXCHANGES,
+    RPC_EXCHANGE,
+)
+from virtbus.errors import (
+    AuthFailed,
+    BusUnavailable,
+    InvalidArgument,
+    NoSupport,
+    OperationTimeout,
+    ProtocolError,
+)
+from virtbus.protocol.codec import decode, encode
+from virtbus.protocol.envelope import Envelope, Kind
+from virtbus.settings import BusSettings
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+CONTENT_TYPE = "application/msgpack"
+_KNOWN_EXCHANGES = frozenset(spec.name for spec in EXCHANGES)
+_FRAME_END = b"\xce"
+_ACCESS_REFUSED, _NOT_ALLOWED = 403, 530
+CLIENT_PROPERTIES: dict[str, Any] = {
+    "product": "virtbus",
+    "capabilities": {
+        "publisher_confirms": True,
+        "basic.nack": True,
+        "consumer_cancel_notify": True,
+        "authentication_failure_close": True,  # a refused login is a Connection.Close
+    },
+}
+
+
+def _deadline_ms(epoch_seconds: float) -> int:
+    return int(epoch_seconds * 1000)
+
+
+class _Delivery:
+    __slots__ = ("body", "properties", "tag")
+
+    def __init__(self, tag: int, properties: spec.Basic.Properties, body: bytes) -> None:
+        self.tag, self.properties, self.body = tag, properties, body
+
+
+class _Subscription:
+    """One consumer on a channel of its own; envelopes acked as they are read."""
+
+    def __init__(self, bus: OneShotBus, channel: int, limit: int) -> None:
+        self._bus = bus
+        self.channel = channel
+        self.buffer: BoundedBuffer[_Delivery] = BoundedBuffer(limit)
+
+    def __aiter__(self) -> AsyncIterator[Envelope]:
+        return self
+
+    async def __anext__(self) -> Envelope:
+        while True:
+            delivery = await self.buffer.get()
+            self._bus._send(self.channel, spec.Basic.Ack(delivery_tag=delivery.tag))
+            try:
+                return decode(delivery.body, self._bus.settings.limits)
+            except ProtocolError:
+                continue  # a bad message from some other client: skipped, as AmqpBus does
+
+    async def close(self) -> None:
+        if not self.buffer.closed:
+            self.buffer.close()
+            self._bus._subscriptions.pop(self.channel, None)
+            if self._bus.connected:
+                self._bus._send(
+                    self.channel,
+                    spec.Channel.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0),
+                )
+
+
+class OneShotBus:
+    """The call/subscribe/history half of :class:`~virtbus.bus.base.Bus` (see module)."""
+
+    def __init__(self, url: str, src: str, settings: BusSettings | None = None) -> None:
+        self.url = url
+        self.src = src
+        self.settings = settings or BusSettings(url=url)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._frame_max = 131072
+        self._pump: asyncio.Task[None] | None = None
+        self._waiting: dict[tuple[int, type[Frame]], asyncio.Future[Frame]] = {}
+        self._calls: dict[str, asyncio.Future[bytes]] = {}
+        self._confirms: dict[int, asyncio.Future[Frame]] = {}
+        self._published = itertools.count(1)
+        self._channels = itertools.count(2)
+        self._subscriptions: dict[int, _Subscription] = {}
+        self._closed: BaseException | None = None
+        self._incoming: dict[int, list[Any]] = {}  # channel -> [method, header, parts]
+
+    # --- connection -------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and self._closed is None
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        """A one-shot connection is never restored: nothing to listen for."""
+
+    async def connect(self) -> None:
+        parts = urlsplit(self.url)
+        host = parts.hostname or "127.0.0.1"
+        tls = parts.scheme == "amqps"
+        port = parts.port or (5671 if tls else 5672)
+        user, password = unquote(parts.username or "guest"), unquote(parts.password or "guest")
+        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+        context = ssl.create_default_context() if tls else None
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                self._reader, self._writer = await asyncio.open_connection(host, port, ssl=context)
+                self._writer.write(amqp_frame.marshal(ProtocolHeader(), 0))
+                await self._expect_frame(spec.Connection.Start)
+                self._send(
+                    0,
+                    spec.Connection.StartOk(
+                        client_properties={
+                            **CLIENT_PROPERTIES,
+                            "connection_name": f"virtbus:{self.src}",
+                        },
+                        mechanism="PLAIN",
+                        response=f"\0{user}\0{password}",
+                    ),
+                )
+                tune = await self._expect_frame(spec.Connection.Tune)
+                assert isinstance(tune, spec.Connection.Tune)
+                self._frame_max = tune.frame_max or self._frame_max
+                self._send(
+                    0,
+                    spec.Connection.TuneOk(
+                        channel_max=tune.channel_max, frame_max=self._frame_max, heartbeat=0
+                    ),
+                )
+                self._send(0, spec.Connection.Open(virtual_host=vhost))
+                await self._expect_frame(spec.Connection.OpenOk)
+                self._pump = asyncio.create_task(self._read_frames(), name="oneshot:frames")
+                await self._rpc(1, spec.Channel.Open(), spec.Channel.OpenOk)
+                await self._rpc(1, spec.Confirm.Select(), spec.Confirm.SelectOk)
+                consume = spec.Basic.Consume(queue=REPLY_TO, no_ack=True)
+                await self._rpc(1, consume, spec.Basic.ConsumeOk)
+        except TimeoutError:
+            await self._drop()
+            raise BusUnavailable(f"cannot connect to {host}:{port}: timed out") from None
+        except OSError as exc:
+            await self._drop()
+            raise BusUnavailable(f"cannot connect to {host}:{port}: {exc}") from None
+        except (AuthFailed, BusUnavailable):
+            await self._drop()
+            raise
+
+    async def close(self) -> None:
+        for sub in list(self._subscriptions.values()):
+            await sub.close()
+        if self.connected:
+            self._send(
+                0, spec.Connection.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0)
+            )
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._wait_for(0, spec.Connection.CloseOk)
+            except (TimeoutError, BusUnavailable):
+                pass
+        await self._drop()
+
+    async def _drop(self) -> None:
+        self._fail_all(BusUnavailable("bus closed"))
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.wait([self._pump])
+            self._pump = None
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    # --- frames -----------------------------------------------------------------------
+    def _send(self, channel: int, *frames: Any) -> None:
+        if self._writer is None:
+            raise BusUnavailable("not connected")
+        self._writer.write(b"".join(amqp_frame.marshal(f, channel) for f in frames))
+
+    async def _read_one(self) -> tuple[int, Any]:
+        assert self._reader is not None
+        head = await self._reader.readexactly(7)
+        size = int.from_bytes(head[3:7], "big")
+        rest = await self._reader.readexactly(size + 1)
+        _, channel, value = amqp_frame.unmarshal(head + rest)
+        return channel, value
+
+    async def _expect_frame(self, kind: type[Frame]) -> Frame:
+        """During the handshake (before the pump runs): the next frame must be ``kind``."""
+        _channel, value = await self._read_one()
+        if isinstance(value, spec.Connection.Close):
+            raise self._refusal(value)
+        if not isinstance(value, kind):
+            raise ProtocolError(f"broker sent {value.name} where {kind.name} was due")
+        return value
+
+    def _refusal(self, close: spec.Connection.Close) -> Exception:
+        why = f"{close.reply_code} {close.reply_text}"
+        if close.reply_code in (_ACCESS_REFUSED, _NOT_ALLOWED):
+            return AuthFailed(
+                f"the broker refused the login ({why}) — check the user, password or "
+                "certificate and the vhost permissions in the bus URL"
+            )
+        return BusUnavailable(f"the broker closed the connection: {why}")
+
+    async def _read_frames(self) -> None:
+        try:
+            while True:
+                channel, value = await self._read_one()
+                self._dispatch(channel, value)
+        except (asyncio.IncompleteReadError, OSError) as exc:
+            self._fail_all(BusUnavailable(f"connection to the broker lost: {exc}"))
+        except ProtocolError as exc:
+            self._fail_all(exc)
+
+    def _dispatch(self, channel: int, value: Any) -> None:
+        if isinstance(value, Heartbeat):
+            return
+        if isinstance(value, (spec.Basic.Deliver, spec.Basic.Return)):
+            self._incoming[channel] = [value, None, []]
+            return
+        if isinstance(value, ContentHeader):
+            pending = self._incoming.get(channel)
+            if pending is not None:
+                pending[1] = value
+                if value.body_size == 0:
+                    self._content_done(channel)
+            return
+        if isinstance(value, ContentBody):
+            pending = self._incoming.get(channel)
+            if pending is not None and pending[1] is not None:
+                pending[2].append(value.value)
+                if sum(len(p) for p in pending[2]) >= pending[1].body_size:
+                    self._content_done(channel)
+            return
+        if isinstance(value, (spec.Basic.Ack, spec.Basic.Nack)) and channel == 1:
+            self._confirmed(value)
+            return
+        if isinstance(value, spec.Connection.Close):
+            self._send(0, spec.Connection.CloseOk())
+            self._fail_all(self._refusal(value))
+            return
+        if isinstance(value, spec.Channel.Close):
+            self._send(channel, spec.Channel.CloseOk())
+            error = BusUnavailable(f"channel {channel} closed: {value.reply_code} "
+                                   f"{value.reply_text}")  # fmt: skip
+            for key, fut in list(self._waiting.items()):
+                if key[0] == channel and not fut.done():
+                    fut.set_exception(error)
+            sub = self._subscriptions.pop(channel, None)
+            if sub is not None:
+                sub.buffer.close()
+            return
+        waiter = self._waiting.pop((channel, type(value)), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(value)
+
+    def _content_done(self, channel: int) -> None:
+        method, header, parts = self._incoming.pop(channel)
+        body = b"".join(parts)
+        properties = header.properties
+        if isinstance(method, spec.Basic.Return):
+            call_id = properties.correlation_id or properties.message_id
+            call = self._calls.pop(call_id, None) if call_id else None
+            if call is not None and not call.done():
+                route = method.routing_key or "?"
+                call.set_exception(no_route(route))
+            return
+        if channel == 1:  # a reply on direct reply-to
+            call = self._calls.pop(properties.correlation_id or "", None)
+            if call is not None and not call.done():
+                call.set_result(body)
+            return
+        sub = self._subscriptions.get(channel)
+        if sub is not None and not sub.buffer.closed:
+            sub.buffer.push(_Delivery(method.delivery_tag, properties, body))
+
+    def _confirmed(self, frame: spec.Basic.Ack | spec.Basic.Nack) -> None:
+        tags = (
+            [t for t in self._confirms if t <= frame.delivery_tag]
+            if frame.multiple
+            else [frame.delivery_tag]
+        )
+        for tag in tags:
+            fut = self._confirms.pop(tag, None)
+            if fut is not None and not fut.done():
+                fut.set_result(frame)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        if self._closed is None:
+            self._closed = exc
+        futures: list[asyncio.Future[Any]] = [
+            *self._waiting.values(),
+            *self._calls.values(),
+            *self._confirms.values(),
+        ]
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(exc)
+        self._waiting.clear()
+        self._calls.clear()
+        self._confirms.clear()
+        for sub in self._subscriptions.values():
+            sub.buffer.close()
+
+    async def _wait_for(self, channel: int, kind: type[Frame]) -> Frame:
+        if self._closed is not None:
+            raise self._closed
+        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._waiting[(channel, kind)] = fut
+        return await fut
+
+    async def _rpc(self, channel: int, method: Frame, reply: type[Frame]) -> Frame:
+        if self._closed is not None:
+            raise self._closed
+        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._waiting[(channel, reply)] = fut
+        self._send(channel, method)
+        async with asyncio.timeout(self.settings.connect_timeout):
+            return await fut
+
+    def _publish_frames(
+        self,
+        channel: int,
+        exchange: str,
+        routing_key: str,
+        data: bytes,
+        properties: spec.Basic.Properties,
+        *,
+        mandatory: bool = False,
+    ) -> None:
+        chunk = self._frame_max - 8
+        bodies = [ContentBody(data[i : i + chunk]) for i in range(0, len(data), chunk)]
+        self._send(
+            channel,
+            spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory),
+            ContentHeader(body_size=len(data), properties=properties),
+            *bodies,
+        )
+
+    # --- RPC ----------------------------------------------------------------------------
+    async def call(
+        self, route: str, op: str, body: dict[str, Any], *, timeout: float | None = None
+    ) -> Any:
+        if not self.connected:
+            raise self._closed or BusUnavailable("not connected")
+        timeout = self.settings.call_timeout if timeout is None else timeout
+        if timeout <= 0:
+            raise InvalidArgument(f"call timeout must be positive, not {timeout!r}")
+        envelope = Envelope(kind=Kind.CALL, op=op, body=body, src=self.src)
+        data = encode(envelope)
+        if len(data) > self.settings.limits.max_bytes:
+            raise ProtocolError(f"call {op!r} of {len(data)} bytes exceeds the message limit")
+        properties = spec.Basic.Properties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=1,
+            correlation_id=envelope.id,
+            message_id=envelope.id,
+            reply_to=REPLY_TO,
+            expiration=str(max(1, int(timeout * 1000))),
+            headers={DEADLINE_HEADER: _deadline_ms(envelope.ts + timeout)},
+            message_type=op,
+        )
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[bytes] = loop.create_future()
+        confirm: asyncio.Future[Frame] = loop.create_future()
+        self._calls[envelope.id] = reply
+        self._confirms[next(self._published)] = confirm
+        try:
+            self._publish_frames(1, RPC_EXCHANGE, route, data, properties, mandatory=True)
+            async with asyncio.timeout(timeout):
+                if isinstance(await confirm, spec.Basic.Nack):
+                    raise BusUnavailable(f"the broker refused the call {op!r} to {route!r}")
+                raw = await reply
+        except TimeoutError:
+            raise OperationTimeout(f"no reply to {op!r} on {route!r} within {timeout:g}s") from None
+        finally:
+            self._calls.pop(envelope.id, None)
+        return result_from_reply(decode(raw, self.settings.limits).body)
+
+    async def serve(
+        self, route: str, handler: CallHandler, *, before_ack: BeforeAck | None = None
+    ) -> Server:
+        raise NoSupport("the one-shot transport does not serve calls; use AmqpBus")
+
+    # --- events, metrics, heartbeats --------------------------------------------------
+    async def publish(
+        self, exchange: str, routing_key: str, envelope: Envelope, *, confirm: bool = False
+    ) -> None:
+        if exchange not in _KNOWN_EXCHANGES:
+            raise InvalidArgument(f"unknown exchange {exchange!r}")
+        if not self.connected:
+            raise self._closed or BusUnavailable("not connected")
+        properties = spec.Basic.Properties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=2 if confirm else 1,
+            message_id=envelope.id,
+            message_type=envelope.op,
+        )
+        done: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._confirms[next(self._published)] = done  # channel 1 confirms every publish
+        self._publish_frames(1, exchange, routing_key, encode(envelope), properties)
+        if confirm:
+            async with asyncio.timeout(self.settings.confirm_timeout):
+                if isinstance(await done, spec.Basic.Nack):
+                    raise BusUnavailable(f"broker did not confirm {envelope.op!r}")
+
+    async def _open_channel(self) -> int:
+        channel = next(self._channels)
+        await self._rpc(channel, spec.Channel.Open(), spec.Channel.OpenOk)
+        limit = self.settings.subscription_buffer
+        await self._rpc(channel, spec.Basic.Qos(prefetch_count=limit), spec.Basic.QosOk)
+        return channel
+
+    async def subscribe(self, exchange: str, binding_keys: list[str]) -> _Subscription:
+        if exchange not in _KNOWN_EXCHANGES:
+            raise InvalidArgument(f"unknown exchange {exchange!r}")
+        channel = await self._open_channel()
+        declared = await self._rpc(
+            channel,
+            spec.Queue.Declare(queue="", exclusive=True, auto_delete=True),
+            spec.Queue.DeclareOk,
+        )
+        assert isinstance(declared, spec.Queue.DeclareOk) and declared.queue
+        for key in binding_keys:
+            bind = spec.Queue.Bind(queue=declared.queue, exchange=exchange, routing_key=key)
+            await self._rpc(channel, bind, spec.Queue.BindOk)
+        return await self._consume(channel, declared.queue, None)
+
+    async def history(self, start: HistoryStart) -> _Subscription:
+        channel = await self._open_channel()
+        offset = stream_offset(start)  # a name, or a datetime (an AMQP timestamp field)
+        return await self._consume(channel, EVENT_HISTORY.name, {"x-stream-offset": offset})
+
+    async def _consume(
+        self, channel: int, queue: str, arguments: dict[str, Any] | None
+    ) -> _Subscription:
+        sub = _Subscription(self, channel, self.settings.subscription_buffer)
+        self._subscriptions[channel] = sub
+        consume = spec.Basic.Consume(queue=queue, arguments=arguments or {})
+        await self._rpc(channel, consume, spec.Basic.ConsumeOk)
+        return sub
