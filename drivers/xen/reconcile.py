@@ -3,7 +3,7 @@
 XenStore only says "something changed" (``@introduceDomain`` / ``@releaseDomain`` name no
 domain; pause/unpause say nothing), so every trigger compares a fresh ``xl list -v`` with
 what the driver believed, per tracked domain, and emits the difference. No I/O here, so
-the sequences observed on real Xen 4.17 (shared/notes/xen-testbed.md) are unit tests.
+the sequences observed on real Xen 4.17 (docs/xen-testbed.md) are unit tests.
 
 A domain is tracked by uuid and followed by domid: a reboot gives a new domid with the
 same uuid; a localhost migration shows the same uuid twice (``d--incoming`` and later

@@ -1,4 +1,4 @@
-"""DESIGN.md's layering, checked over the whole tree with ast (static imports only).
+"""docs/architecture.md's layering, checked over the whole tree with ast (static imports only).
 
 virtbus imports nothing of agent/drivers/scheduler except the demo (the composition
 root), and nothing imports the demo; drivers imports only virtbus; agent imports virtbus

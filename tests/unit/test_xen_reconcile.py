@@ -1,6 +1,6 @@
 """The reconcile state machine fed the sequences observed on real Xen 4.17.
 
-Each test is a sequence of ``xl list -v`` snapshots as shared/notes/xen-testbed.md and
+Each test is a sequence of ``xl list -v`` snapshots as docs/xen-testbed.md and
 the captures in tests/unit/data/xen/ record them (state letters ``r b p s <reason> d``).
 """
 

@@ -1,6 +1,6 @@
 """XenStore wire codec and asyncio client.
 
-A real xenstored cannot run without the hypervisor (shared/notes/xen-testbed.md), so the
+A real xenstored cannot run without the hypervisor (docs/xen-testbed.md), so the
 client is exercised here against a small in-process server speaking the same wire
 format; the real one is exercised in the nested-Xen test (tests/e2e/test_xen_nested.py).
 """

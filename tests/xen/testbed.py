@@ -25,7 +25,7 @@ MARKER = "VIRTBUS-XEN "
 
 @dataclass(frozen=True)
 class BootSettings:
-    """The nested machine (see shared/notes/xen-testbed.md for why these values)."""
+    """The nested machine (see docs/xen-testbed.md for why these values)."""
 
     qemu: str = "qemu-system-x86_64"
     memory_mib: int = 3072

@@ -1,6 +1,6 @@
 """The demo's two agents and scheduler: in this process (memory://) or as processes (AMQP).
 
-This is the composition root DESIGN.md allows: the only module under ``virtbus/`` that
+This is the composition root docs/architecture.md allows: the only module under ``virtbus/`` that
 imports ``agent``, ``drivers`` and ``scheduler``. Both clusters share one duty beyond
 starting things: leave nothing behind. ``stop()`` destroys every guest the demo's agents
 hold (an agent stopping leaves guests running, by design), stops the daemons, and as a

@@ -32,7 +32,7 @@ def new_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """``{"v", "id", "kind", "op", "ts", "src", "body"}`` — see DESIGN.md."""
+    """``{"v", "id", "kind", "op", "ts", "src", "body"}`` — see docs/architecture.md."""
 
     kind: Kind
     op: str
