@@ -5,7 +5,7 @@ interfaces, ...) are read-only and keep their lxml element; change the tree with
 definition's setters or ``edit()``.
 """
 
-from virtbus.domain.definition import NON_DEVICE_TAGS, DomainDefinition
+from virtbus.domain.definition import MAX_VCPUS, NON_DEVICE_TAGS, DomainDefinition
 from virtbus.domain.model import (
     RNG,
     CharDevice,
@@ -29,6 +29,8 @@ from virtbus.domain.model import (
     Video,
     Watchdog,
 )
+from virtbus.domain.names import MAX_NAME_BYTES, check_domain_name
+from virtbus.domain.numbers import optional_int, parse_int
 from virtbus.domain.serialize import dumps
 from virtbus.domain.support import unknown_attributes, unknown_devices
 from virtbus.domain.units import UNIT_FACTORS, to_kib
@@ -36,6 +38,8 @@ from virtbus.domain.views import normalize_mac
 from virtbus.domain.xml import XMLLimits, parse_domain_xml
 
 __all__ = [
+    "MAX_NAME_BYTES",
+    "MAX_VCPUS",
     "NON_DEVICE_TAGS",
     "RNG",
     "UNIT_FACTORS",
@@ -61,9 +65,12 @@ __all__ = [
     "Video",
     "Watchdog",
     "XMLLimits",
+    "check_domain_name",
     "dumps",
     "normalize_mac",
+    "optional_int",
     "parse_domain_xml",
+    "parse_int",
     "to_kib",
     "unknown_attributes",
     "unknown_devices",

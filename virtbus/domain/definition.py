@@ -18,12 +18,18 @@ from lxml import etree
 
 from virtbus.domain import model as m
 from virtbus.domain import views as v
+from virtbus.domain.names import check_domain_name
+from virtbus.domain.numbers import parse_int, shown
 from virtbus.domain.serialize import dumps
 from virtbus.domain.units import parse_memory_element
 from virtbus.errors import XMLError
 
 #: children of <devices> that are configuration rather than devices
 NON_DEVICE_TAGS = frozenset({"emulator"})
+#: the most vCPUs a definition may ask for: KVM's KVM_MAX_VCPUS on current kernels and
+#: above every QEMU x86 machine type (pc 255, q35 288 in QEMU 7.2); drivers check their
+#: machine's own limit, the agent the host's CPUs under its overcommit ratio at start
+MAX_VCPUS = 4096
 
 _T = TypeVar("_T")
 
@@ -267,12 +273,7 @@ class DomainDefinition:
         if name_el is None:
             raise XMLError("missing <name>")
         name = name_el.text or ""
-        if not name.strip():
-            raise XMLError("<name> must not be empty")
-        if "/" in name:
-            raise XMLError(f"<name> '{name}' must not contain '/'")
-        if any(ord(c) < 32 for c in name):
-            raise XMLError(f"<name> {name!r} must not contain control characters")
+        check_domain_name(name)
         return name
 
     @staticmethod
@@ -319,17 +320,11 @@ class DomainDefinition:
         if vcpu_el is None:
             self.vcpus = self.current_vcpus = 1  # libvirt's default
             return
-        raw = (vcpu_el.text or "").strip()
-        if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-            raise XMLError(f"<vcpu> must be a positive integer, not {raw!r}")
-        vcpus = int(raw)
+        vcpus = _vcpu_count(vcpu_el.text, "<vcpu>")
         current = vcpus
         cur_raw = vcpu_el.get("current")
         if cur_raw is not None:
-            cur = cur_raw.strip()
-            if not (cur.isascii() and cur.isdigit()) or int(cur) < 1:
-                raise XMLError(f"<vcpu current='{cur_raw}'> must be a positive integer")
-            current = int(cur)
+            current = _vcpu_count(cur_raw, f"<vcpu current='{shown(cur_raw)}'>")
             if current > vcpus:
                 raise XMLError(f"<vcpu current='{current}'> exceeds the maximum of {vcpus}")
         self.vcpus, self.current_vcpus = vcpus, current
@@ -387,3 +382,14 @@ class DomainDefinition:
         if len(balloons) > 1:
             raise XMLError("only one <memballoon> is allowed")
         self.memballoon = v.build_memballoon(balloons[0]) if balloons else None
+
+
+def _vcpu_count(raw: str | None, what: str) -> int:
+    """A vCPU count in 1..MAX_VCPUS; libvirt's wording for anything else."""
+    try:
+        return parse_int(raw, what, minimum=1, maximum=MAX_VCPUS)
+    except XMLError:
+        raise XMLError(
+            f"{what} must be a positive integer of at most {MAX_VCPUS}, "
+            f"not '{shown((raw or '').strip())}'"
+        ) from None

@@ -7,6 +7,7 @@ power of 1000; no unit means KiB. Memory is rounded *up* to whole KiB, as libvir
 
 from __future__ import annotations
 
+from virtbus.domain.numbers import MAX_DIGITS, parse_int, shown
 from virtbus.errors import XMLError
 
 _PREFIXES = "kmgtpe"
@@ -43,13 +44,18 @@ def to_kib(value: int, unit: str | None = "KiB") -> int:
 def parse_memory_element(text: str | None, unit: str | None, what: str) -> int:
     """Parse ``<what unit=...>text</what>`` to KiB, raising XMLError naming the element."""
     raw = (text or "").strip()
-    if not raw.isdigit() or not raw.isascii():
-        raise XMLError(f"<{what}> must be a non-negative integer, not {raw!r}")
+    try:
+        value = parse_int(raw, f"<{what}>", minimum=0)
+    except XMLError:
+        raise XMLError(
+            f"<{what}> must be a non-negative integer of at most {MAX_DIGITS} digits, "
+            f"not '{shown(raw)}'"
+        ) from None
     try:
         factor = unit_factor(unit)
     except ValueError:
-        raise XMLError(f"invalid <{what} unit='{unit}'>") from None
-    total = int(raw) * factor
+        raise XMLError(f"invalid <{what} unit='{shown(unit or '')}'>") from None
+    total = value * factor
     if total > MAX_MEMORY_BYTES:
         raise XMLError(f"<{what}> of {raw} {unit or 'KiB'} is too large")
     return -(-total // 1024)

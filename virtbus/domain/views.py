@@ -12,6 +12,7 @@ from collections.abc import Collection
 from lxml import etree
 
 from virtbus.domain import model as m
+from virtbus.domain.numbers import optional_int
 from virtbus.errors import XMLError
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
@@ -62,17 +63,11 @@ def yes_no(value: str | None, what: str) -> bool | None:
     raise XMLError(f"invalid {what}='{value}': expected 'yes' or 'no'")
 
 
-def int_value(value: str | None, what: str, *, minimum: int | None = None) -> int | None:
-    if value is None:
-        return None
-    raw = value.strip()
-    try:
-        number = int(raw, 0) if raw.lower().startswith("0x") else int(raw)
-    except ValueError:
-        raise XMLError(f"invalid {what}='{value}': expected an integer") from None
-    if minimum is not None and number < minimum:
-        raise XMLError(f"invalid {what}='{value}': must be at least {minimum}")
-    return number
+def int_value(
+    value: str | None, what: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int | None:
+    """An optional integer attribute (decimal or 0x hex), bounded (virtbus.domain.numbers)."""
+    return optional_int(value, what, minimum=minimum, maximum=maximum, hex_ok=True)
 
 
 def enum_value(
@@ -96,7 +91,7 @@ def normalize_mac(mac: str, where: str = "<mac>") -> str:
 
 
 def boot_order(el: m.Element, where: str) -> int | None:
-    return int_value(attr_of(el, "boot", "order"), f"{where} <boot order", minimum=1)
+    return int_value(attr_of(el, "boot", "order"), f"{where} <boot order", minimum=1, maximum=65535)
 
 
 # ---------------------------------------------------------------------------- top-level
@@ -157,7 +152,7 @@ def build_cpu(el: m.Element | None) -> m.CPUConfig | None:
     topology = None
     if topo_el is not None:
         counts = {
-            k: int_value(topo_el.get(k, "1"), f"<topology {k}", minimum=1) or 1
+            k: int_value(topo_el.get(k, "1"), f"<topology {k}", minimum=1, maximum=4096) or 1
             for k in ("sockets", "dies", "cores", "threads")
         }
         topology = m.CPUTopology(**counts)
@@ -306,6 +301,7 @@ def build_chardev(el: m.Element, kind: str, index: int) -> m.CharDevice:
             target.get("port") if target is not None else None,
             f"{where} <target port",
             minimum=0,
+            maximum=65535,
         )
         if kind != "channel"
         else None,
@@ -325,7 +321,7 @@ def build_graphics(el: m.Element, index: int) -> m.Graphics:
     return m.Graphics(
         index=index,
         type=gtype,
-        port=int_value(el.get("port"), f"<graphics type='{gtype}' port", minimum=-1),
+        port=int_value(el.get("port"), f"<graphics type='{gtype}' port", minimum=-1, maximum=65535),
         autoport=yes_no(el.get("autoport"), f"<graphics type='{gtype}' autoport"),
         listen=listen,
         element=el,
@@ -338,7 +334,9 @@ def build_controller(el: m.Element) -> m.Controller:
         raise XMLError("missing type in <controller>")
     return m.Controller(
         type=ctype,
-        index=int_value(el.get("index"), f"<controller type='{ctype}' index", minimum=0),
+        index=int_value(
+            el.get("index"), f"<controller type='{ctype}' index", minimum=0, maximum=65535
+        ),
         model=el.get("model"),
         element=el,
     )
@@ -356,8 +354,8 @@ def build_video(el: m.Element) -> m.Video:
     get = model_el.get if model_el is not None else (lambda _k: None)
     return m.Video(
         model=get("type"),
-        vram=int_value(get("vram"), "<video><model vram", minimum=0),
-        heads=int_value(get("heads"), "<video><model heads", minimum=1),
+        vram=int_value(get("vram"), "<video><model vram", minimum=0, maximum=1 << 32),
+        heads=int_value(get("heads"), "<video><model heads", minimum=1, maximum=16),
         primary=bool(yes_no(get("primary"), "<video><model primary")),
         element=el,
     )
