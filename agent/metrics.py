@@ -35,7 +35,7 @@ from virtbus.bus.topology import HOST_METRICS_WORD, METRICS_EXCHANGE
 from virtbus.errors import VirtbusError
 from virtbus.protocol import ops
 from virtbus.protocol.envelope import Envelope, Kind
-from virtbus.protocol.events import routing_word
+from virtbus.protocol.events import routing_key, routing_word
 
 if TYPE_CHECKING:
     from agent.exporter import MetricsExporter
@@ -57,11 +57,11 @@ class MetricsSnapshot:
 
 
 def domain_routing_key(host: str, domain: str) -> str:
-    return f"{routing_word(host)}.{routing_word(domain)}"
+    return routing_key(routing_word(host), routing_word(domain))
 
 
 def host_routing_key(host: str) -> str:
-    return f"{routing_word(host)}.{HOST_METRICS_WORD}"
+    return routing_key(routing_word(host), HOST_METRICS_WORD)
 
 
 @dataclass(slots=True)

@@ -29,7 +29,7 @@ from virtbus.errors import NoSupport, OperationInvalid, VirtbusError
 from virtbus.protocol import ops
 from virtbus.protocol.base import to_wire
 from virtbus.protocol.envelope import Envelope, Kind
-from virtbus.protocol.events import event_routing_key, routing_word
+from virtbus.protocol.events import event_routing_key, routing_key, routing_word
 from virtbus.protocol.host import HostInventory
 from virtbus.protocol.messages import DomainEvent
 from virtbus.protocol.registry import Service
@@ -141,7 +141,7 @@ class AgentService:
 
     # --- heartbeat ------------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:
-        key = f"{routing_word(self.host)}.{HEARTBEAT_KEY_SUFFIX}"
+        key = routing_key(routing_word(self.host), HEARTBEAT_KEY_SUFFIX)
         while True:
             try:
                 body = to_wire(await self.inventory())

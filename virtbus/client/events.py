@@ -11,7 +11,7 @@ from virtbus.bus.topology import EVENTS_EXCHANGE
 from virtbus.errors import InvalidArgument
 from virtbus.protocol.base import decode
 from virtbus.protocol.envelope import Kind
-from virtbus.protocol.events import routing_word
+from virtbus.protocol.events import routing_key, routing_word
 from virtbus.protocol.messages import DomainEvent
 
 Since = int | float | datetime | str
@@ -19,7 +19,7 @@ Since = int | float | datetime | str
 
 def binding_key(host: str | None, domain: str | None, event: str | None) -> str:
     """The topic binding of a live subscription (routing words are sanitised names)."""
-    return ".".join(routing_word(v) if v else "*" for v in (host, domain, event))
+    return routing_key(*(routing_word(v) if v else "*" for v in (host, domain, event)))
 
 
 def parse_since(text: str) -> Since:

@@ -7,6 +7,7 @@ that want to map to its integers (``state.state`` in domstats is the number).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -158,16 +159,41 @@ OTHER_EVENTS: frozenset[str] = frozenset(
 EVENT_NAMES: frozenset[str] = frozenset(e.value for e in LifecycleEvent) | OTHER_EVENTS
 
 _UNSAFE_KEY = re.compile(r"[.*#\s]")
+#: bytes of UTF-8 one routing-key word may take; three words and two dots stay far below
+#: AMQP's 255-byte limit for a routing key (a short string)
+MAX_WORD_BYTES = 64
+MAX_ROUTING_KEY_BYTES = 255
+_HASH_CHARS = 10  # hex digits of the digest that stands for a cut-off tail
 
 
 def routing_word(text: str) -> str:
-    """A name made safe as one word of a topic routing key ('.', '*', '#' → '_')."""
-    return _UNSAFE_KEY.sub("_", text) or "_"
+    """A name made safe as one word of a topic routing key ('.', '*', '#' → '_').
+
+    A word longer than ``MAX_WORD_BYTES`` keeps its start and ends in ``~`` and a digest
+    of the whole name, so long names stay distinct and every key stays under AMQP's limit.
+    Publishers and subscribers both derive words with this function; the exact names
+    travel in the message body.
+    """
+    word = _UNSAFE_KEY.sub("_", text) or "_"
+    data = word.encode("utf-8", errors="surrogatepass")
+    if len(data) <= MAX_WORD_BYTES:
+        return word
+    digest = hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
+    head = data[: MAX_WORD_BYTES - _HASH_CHARS - 1].decode("utf-8", errors="ignore")
+    return f"{head}~{digest[:_HASH_CHARS]}"
+
+
+def routing_key(*words: str) -> str:
+    """Words joined with '.' (each already a routing word or a binding wildcard)."""
+    key = ".".join(words)
+    if len(key.encode("utf-8", errors="surrogatepass")) > MAX_ROUTING_KEY_BYTES:
+        raise ValueError(f"routing key of {len(key)} characters is over the AMQP limit")
+    return key
 
 
 def event_routing_key(host: str, domain: str, event: str) -> str:
     """``<host>.<domain>.<event>`` on ``virtbus.events``; the exact names are in the body."""
-    return f"{routing_word(host)}.{routing_word(domain)}.{routing_word(event)}"
+    return routing_key(routing_word(host), routing_word(domain), routing_word(event))
 
 
 def event_body(
