@@ -2,7 +2,8 @@
 
 Decoding refuses, with :class:`ProtocolError`: messages over ``max_bytes``, nesting
 deeper than ``max_depth``, msgpack ext types, non-string map keys, a wrong protocol
-version, an unknown kind, and any envelope field of the wrong type.
+version, an unknown kind, and any envelope field of the wrong type. msgpack's timestamp
+extension (type -1) counts as an ext type, although msgpack decodes it without the hook.
 """
 
 from __future__ import annotations
@@ -39,10 +40,17 @@ def _no_ext(code: int, data: bytes) -> NoReturn:
 
 
 def _check_depth(obj: Any, max_depth: int) -> None:
-    """Iterative walk: a deep message must not be able to exhaust our own stack."""
+    """Iterative walk: a deep message must not be able to exhaust our own stack.
+
+    It also refuses msgpack's timestamp extension (type -1): msgpack decodes that one
+    natively (``timestamp=0`` leaves it a :class:`msgpack.Timestamp`) instead of calling
+    the ext hook, and "no ext types" means none.
+    """
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         item, depth = stack.pop()
+        if isinstance(item, msgpack.Timestamp):
+            raise ProtocolError("msgpack ext type -1 (timestamp) is not allowed")
         if isinstance(item, dict):
             if depth > max_depth:
                 raise ProtocolError(f"message nests deeper than {max_depth} levels")
@@ -66,6 +74,7 @@ def decode_payload(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Any:
             raw=False,
             strict_map_key=False,  # checked below with a clear error
             ext_hook=_no_ext,
+            timestamp=0,  # a Timestamp object, refused by the walk below
             use_list=True,
         )
     except ProtocolError:
