@@ -33,32 +33,62 @@ from virtbus.bus.amqp_consumers import (
     AmqpSubscription,
     deadline_header,
 )
-from virtbus.bus.base import BeforeAck, CallHandler, ConnectionListener, HistoryStart, stream_offset
+from virtbus.bus.base import (
+    BeforeAck,
+    CallHandler,
+    ConnectionListener,
+    HistoryStart,
+    auth_failed,
+    stream_offset,
+)
 from virtbus.bus.reconnect import connection_class
 from virtbus.bus.rpc import no_route, result_from_reply
 from virtbus.bus.topology import (
     DEAD_LETTER,
     DEAD_LETTER_EXCHANGE,
     DEADLINE_HEADER,
+    DIRECT_REPLY_TO,
     EVENT_HISTORY,
     EVENTS_EXCHANGE,
     EXCHANGES,
     RPC_EXCHANGE,
+    check_routing_key,
 )
-from virtbus.errors import BusUnavailable, InvalidArgument, OperationTimeout, ProtocolError
+from virtbus.errors import (
+    AuthFailed,
+    BusUnavailable,
+    InvalidArgument,
+    OperationTimeout,
+    ProtocolError,
+)
 from virtbus.protocol.codec import decode, encode
 from virtbus.protocol.envelope import Envelope, Kind
 from virtbus.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
-REPLY_TO = "amq.rabbitmq.reply-to"
+REPLY_TO = DIRECT_REPLY_TO
 _KNOWN_EXCHANGES = frozenset(spec.name for spec in EXCHANGES)
 
 
 def redacted(url: str) -> str:
     parsed = URL(url)
     return str(parsed.with_password("***")) if parsed.password else url
+
+
+def login_refused(url: str, exc: BaseException) -> AuthFailed | None:
+    """AUTH_FAILED for a connect failure that is the broker refusing us, else None.
+
+    RabbitMQ answers bad credentials with ACCESS_REFUSED (aiormq's
+    ProbableAuthenticationError) and a vhost that does not exist or that the user may not
+    use by closing the connection instead of Connection.OpenOk, which aiormq reports only
+    as an InvalidFrameError naming that Connection.Close frame.
+    """
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return auth_failed(url, vhost_refused=False)
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
+        return auth_failed(url, vhost_refused=True)
+    return None
 
 
 class _Pending:
@@ -115,6 +145,9 @@ class AmqpBus:
                 connection_class=connection_class(self.settings.reconnect),
             )
         except AMQP_FAILURES as exc:
+            refused = login_refused(self.url, exc)
+            if refused is not None:
+                raise refused from exc
             raise BusUnavailable(f"cannot connect to {redacted(self.url)}: {exc}") from exc
         self._connection = connection
         try:
@@ -222,6 +255,7 @@ class AmqpBus:
         timeout = self.settings.call_timeout if timeout is None else timeout
         if timeout <= 0:
             raise InvalidArgument(f"call timeout must be positive, not {timeout!r}")
+        check_routing_key(route, InvalidArgument)
         envelope = Envelope(kind=Kind.CALL, op=op, body=body, src=self.src)
         data = encode(envelope)
         if len(data) > self.settings.limits.max_bytes:
@@ -316,7 +350,14 @@ class AmqpBus:
         channel = self._confirm_underlay if confirm else self._fire_underlay
         if channel is None or channel.is_closed:
             raise BusUnavailable("the publishing channel is being restored")
+        # Faults of this one message (ProtocolError, not retryable), before any I/O.
+        check_routing_key(routing_key)
         data = encode(envelope)
+        if len(data) > self.settings.limits.max_bytes:
+            raise ProtocolError(
+                f"{envelope.op!r} of {len(data)} bytes exceeds the message limit "
+                f"({self.settings.limits.max_bytes}): no subscriber could decode it"
+            )
         properties = Basic.Properties(
             content_type=CONTENT_TYPE,
             delivery_mode=2 if confirm else 1,

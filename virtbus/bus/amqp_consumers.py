@@ -9,6 +9,7 @@ stops the broker from sending rather than growing a local queue).
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,12 +31,13 @@ from virtbus.bus.buffer import BoundedBuffer
 from virtbus.bus.rpc import body_from_exception, settle
 from virtbus.bus.topology import (
     DEADLINE_HEADER,
+    DIRECT_REPLY_TO,
     EVENT_HISTORY,
     EVENTS_EXCHANGE,
     RPC_EXCHANGE,
     call_queue_for,
 )
-from virtbus.errors import ProtocolError
+from virtbus.errors import ProtocolError, VirtbusError
 from virtbus.protocol.codec import decode, encode
 from virtbus.protocol.envelope import Envelope, Kind, error_body, new_id, reply_to
 
@@ -60,10 +62,35 @@ def deadline_header(epoch_seconds: float) -> int:
 
 
 def deadline_from_header(value: Any) -> float | None:
-    """Epoch seconds from ``x-deadline``; also accepts seconds from other clients."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    """Epoch seconds from ``x-deadline`` (None when absent); also accepts seconds from
+    other clients. A header of another type is a malformed call (ProtocolError): ignoring
+    it would run a call whose caller may have given up long ago."""
+    if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ProtocolError(
+            f"header {DEADLINE_HEADER} must be a number (epoch milliseconds), "
+            f"not {type(value).__name__}"
+        )
+    if not math.isfinite(value):
+        raise ProtocolError(f"header {DEADLINE_HEADER} must be finite")
     return value / 1000 if value > 1e11 else float(value)
+
+
+def direct_reply_address(message: AbstractIncomingMessage) -> str | None:
+    """The call's reply address: None when absent, ProtocolError unless direct reply-to.
+
+    A server publishes replies to the default exchange, so any other ``reply_to`` would let
+    a caller make the agent publish into a queue of the caller's choosing.
+    """
+    address = message.reply_to
+    if not address:
+        return None
+    if not address.startswith(DIRECT_REPLY_TO):
+        raise ProtocolError(
+            f"reply_to {address[:64]!r} is not RabbitMQ's direct reply-to ({DIRECT_REPLY_TO})"
+        )
+    return address
 
 
 async def _quietly(action: Awaitable[Any], what: str) -> None:
@@ -131,13 +158,18 @@ class AmqpServer:
         if self._stopping:
             return  # left unacked: requeued when the channel closes
         try:
+            address = direct_reply_address(message)
+        except ProtocolError as exc:
+            await self._dead_letter(message, exc)
+            return
+        try:
             call = decode(message.body, self._bus.settings.limits)
             if call.kind is not Kind.CALL:
                 raise ProtocolError(f"expected a call, got a {call.kind}")
+            deadline = deadline_from_header((message.headers or {}).get(DEADLINE_HEADER))
         except ProtocolError as exc:
-            await self._refuse(message, exc)
+            await self._refuse(message, address, exc)
             return
-        deadline = deadline_from_header((message.headers or {}).get(DEADLINE_HEADER))
         if deadline is not None and time.time() > deadline:
             log.warning(
                 "dropping call %s %s from %s: its deadline passed", call.op, call.id, call.src
@@ -150,34 +182,45 @@ class AmqpServer:
             awaitable, body = None, body_from_exception(exc, call.op)
         else:
             body = {}
-        self._tasks.spawn(self._answer(message, call, awaitable, body), name=f"call:{call.id}")
+        self._tasks.spawn(
+            self._answer(message, address, call, awaitable, body), name=f"call:{call.id}"
+        )
 
     async def _answer(
         self,
         message: AbstractIncomingMessage,
+        address: str | None,
         call: Envelope,
         awaitable: Awaitable[dict[str, Any]] | None,
         body: dict[str, Any],
     ) -> None:
         if awaitable is not None:
             body = await settle(awaitable, call.op)
-        if message.reply_to:
+        if address is not None:
             reply = reply_to(call, body, self._bus.src)
             try:
                 data = encode(reply)
             except ProtocolError as exc:
                 data = encode(reply_to(call, error_body(exc.code, exc.message), self._bus.src))
             # Echo the AMQP correlation id (ours equals the envelope id; other clients may differ).
-            await self._send_reply(message.reply_to, message.correlation_id or call.id, data)
+            await self._send_reply(address, message.correlation_id or call.id, data)
         if self._before_ack is not None and awaitable is not None:
             await self._before_ack(call)  # e.g. the reply is on disk: a redelivery is answered
         await _quietly(message.ack(), f"ack of call {call.id}")
 
-    async def _refuse(self, message: AbstractIncomingMessage, exc: ProtocolError) -> None:
+    async def _dead_letter(self, message: AbstractIncomingMessage, exc: VirtbusError) -> None:
+        """Reject without requeue: the queue's dead-letter exchange keeps it for a human."""
+        log.warning(
+            "dead-lettering a message on %s (id %s): %s", self.route, message.message_id, exc
+        )
+        await _quietly(message.reject(requeue=False), "reject of a bad message")
+
+    async def _refuse(
+        self, message: AbstractIncomingMessage, address: str | None, exc: ProtocolError
+    ) -> None:
         """A bad message gets an RPC_ERROR reply if it can be answered, else dead-lettering."""
-        if not message.reply_to:
-            log.warning("dead-lettering an unanswerable bad message on %s: %s", self.route, exc)
-            await _quietly(message.reject(requeue=False), "reject of a bad message")
+        if address is None:
+            await self._dead_letter(message, exc)
             return
         log.warning("answering a bad message on %s with %s: %s", self.route, exc.code, exc)
         call_id = message.correlation_id or message.message_id or new_id()
@@ -188,7 +231,7 @@ class AmqpServer:
             src=self._bus.src,
             id=call_id,
         )
-        await self._send_reply(message.reply_to, call_id, encode(reply))
+        await self._send_reply(address, call_id, encode(reply))
         await _quietly(message.ack(), "ack of a bad message")
 
     async def _send_reply(self, reply_address: str, call_id: str, data: bytes) -> None:

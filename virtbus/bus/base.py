@@ -26,8 +26,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
 
-from virtbus.errors import InvalidArgument
+from virtbus.errors import AuthFailed, InvalidArgument
 from virtbus.protocol.envelope import Envelope
 
 # Where a history replay starts: "first" (all that is kept), "next" (only new events), or
@@ -43,6 +44,26 @@ def stream_offset(start: HistoryStart) -> str | datetime:
             raise InvalidArgument(f"history start must be one of {HISTORY_POSITIONS} or a time")
         return start
     return datetime.fromtimestamp(float(start), tz=UTC)
+
+
+def auth_failed(url: str, *, vhost_refused: bool) -> AuthFailed:
+    """AUTH_FAILED naming what to check: the user and password, or the vhost's permissions
+    (both transports; the broker says ACCESS_REFUSED, or NOT_ALLOWED for the vhost)."""
+    parts = urlsplit(url)
+    user = unquote(parts.username or "guest")
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    where = f"the broker at {parts.hostname or '127.0.0.1'}"
+    check = "check the user name and password in the bus URL (--bus or VIRTBUS_BUS_URL)"
+    if vhost_refused:
+        return AuthFailed(
+            f"{where} refused access to vhost '{vhost}' for user '{user}' (the vhost does not "
+            f"exist or the user has no permission on it) — {check}, and the vhost's "
+            "permissions (rabbitmqctl list_permissions -p VHOST)"
+        )
+    return AuthFailed(
+        f"{where} refused the login of user '{user}' (wrong user name or password) — "
+        f"{check}, and that the user may access vhost '{vhost}'"
+    )
 
 
 # Called in delivery order, returns an awaitable of the reply body ({"ok": ...}).

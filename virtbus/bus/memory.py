@@ -25,7 +25,7 @@ from virtbus.aio import TaskGroup
 from virtbus.bus.base import BeforeAck, CallHandler, ConnectionListener, HistoryStart, stream_offset
 from virtbus.bus.buffer import BoundedBuffer
 from virtbus.bus.rpc import body_from_exception, no_route, result_from_reply, settle
-from virtbus.bus.topology import EVENTS_EXCHANGE, EXCHANGES
+from virtbus.bus.topology import EVENTS_EXCHANGE, EXCHANGES, check_routing_key
 from virtbus.errors import BusUnavailable, InvalidArgument, OperationTimeout, ProtocolError
 from virtbus.protocol.codec import decode, encode
 from virtbus.protocol.envelope import Envelope, Kind, error_body, reply_to
@@ -274,6 +274,7 @@ class MemoryBus:
     ) -> Any:
         self._require_connected()
         timeout = self.settings.call_timeout if timeout is None else timeout
+        check_routing_key(route, InvalidArgument)
         envelope = Envelope(kind=Kind.CALL, op=op, body=body, src=self.src)
         data = encode(envelope)
         server = self.broker.server_for(route)
@@ -307,6 +308,7 @@ class MemoryBus:
         """Delivered synchronously to every matching subscription (so always "confirmed")."""
         _check_exchange(exchange)
         self._require_connected()
+        check_routing_key(routing_key)  # as over AMQP: a fault of this one message
         data = encode(envelope)
         if exchange == EVENTS_EXCHANGE:
             self.broker.history.append((time.time(), routing_key, data))

@@ -33,6 +33,7 @@ from virtbus.bus.base import (
     ConnectionListener,
     HistoryStart,
     Server,
+    auth_failed,
     stream_offset,
 )
 from virtbus.bus.buffer import BoundedBuffer
@@ -42,6 +43,7 @@ from virtbus.bus.topology import (
     EVENT_HISTORY,
     EXCHANGES,
     RPC_EXCHANGE,
+    check_routing_key,
 )
 from virtbus.errors import (
     AuthFailed,
@@ -241,13 +243,10 @@ class OneShotBus:
         return value
 
     def _refusal(self, close: spec.Connection.Close) -> Exception:
-        why = f"{close.reply_code} {close.reply_text}"
         if close.reply_code in (_ACCESS_REFUSED, _NOT_ALLOWED):
-            return AuthFailed(
-                f"the broker refused the login ({why}) — check the user, password or "
-                "certificate and the vhost permissions in the bus URL"
-            )
-        return BusUnavailable(f"the broker closed the connection: {why}")
+            return auth_failed(self.url, vhost_refused=close.reply_code == _NOT_ALLOWED)
+        return BusUnavailable(f"the broker closed the connection: {close.reply_code} "
+                              f"{close.reply_text}")  # fmt: skip
 
     async def _read_frames(self) -> None:
         try:
@@ -393,6 +392,7 @@ class OneShotBus:
         timeout = self.settings.call_timeout if timeout is None else timeout
         if timeout <= 0:
             raise InvalidArgument(f"call timeout must be positive, not {timeout!r}")
+        check_routing_key(route, InvalidArgument)
         envelope = Envelope(kind=Kind.CALL, op=op, body=body, src=self.src)
         data = encode(envelope)
         if len(data) > self.settings.limits.max_bytes:
@@ -437,6 +437,7 @@ class OneShotBus:
             raise InvalidArgument(f"unknown exchange {exchange!r}")
         if not self.connected:
             raise self._closed or BusUnavailable("not connected")
+        check_routing_key(routing_key)
         properties = spec.Basic.Properties(
             content_type=CONTENT_TYPE,
             delivery_mode=2 if confirm else 1,

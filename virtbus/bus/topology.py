@@ -21,6 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from virtbus.errors import ProtocolError, VirtbusError
+from virtbus.protocol.events import MAX_ROUTING_KEY_BYTES
+
 RPC_EXCHANGE: Final = "virtbus.rpc"
 EVENTS_EXCHANGE: Final = "virtbus.events"
 METRICS_EXCHANGE: Final = "virtbus.metrics"
@@ -30,6 +33,9 @@ DEAD_LETTER_QUEUE: Final = "virtbus.dead"
 SCHEDULER_ROUTE: Final = "scheduler"
 SCHEDULER_QUEUE: Final = "virtbus.scheduler"
 DEADLINE_HEADER: Final = "x-deadline"
+# RabbitMQ's direct reply-to: the only reply address an RPC server answers to (the broker
+# rewrites it to "amq.rabbitmq.reply-to.<token>" on the way to the server).
+DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +88,12 @@ def call_queue_for(route: str) -> QueueSpec:
 
 HEARTBEAT_KEY_SUFFIX: Final = "heartbeat"
 HOST_METRICS_WORD: Final = "_host"
+
+
+def check_routing_key(key: str, error: type[VirtbusError] = ProtocolError) -> None:
+    """AMQP routing keys are short strings: at most 255 bytes of UTF-8."""
+    size = len(key.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_ROUTING_KEY_BYTES:
+        raise error(
+            f"routing key {key[:40]!r}... is {size} bytes: AMQP allows {MAX_ROUTING_KEY_BYTES}"
+        )
