@@ -40,17 +40,23 @@ class CallLog:
         self._batch: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    async def load(self) -> list[tuple[str, Reply]]:
-        """The remembered (call id, reply) pairs, oldest first."""
+    async def load(self) -> list[tuple[str, str | None, Reply]]:
+        """The remembered (call id, fingerprint, reply), oldest first; the fingerprint
+        (op and body digest) is None in records of versions that did not keep one."""
         for record in await self._log.load():
-            if isinstance(record.get("id"), str) and isinstance(record.get("reply"), dict):
+            fingerprint = record.get("fp")
+            if (
+                isinstance(record.get("id"), str)
+                and isinstance(record.get("reply"), dict)
+                and (fingerprint is None or isinstance(fingerprint, str))
+            ):
                 self._recent.append(record)
-        return [(r["id"], r["reply"]) for r in self._recent]
+        return [(r["id"], r.get("fp"), r["reply"]) for r in self._recent]
 
-    def record(self, call_id: str, reply: Reply) -> asyncio.Future[None]:
+    def record(self, call_id: str, fingerprint: str, reply: Reply) -> asyncio.Future[None]:
         """Queue one reply for the disk; the future is done once it was written."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._batch.append(({"id": call_id, "reply": reply}, done))
+        self._batch.append(({"id": call_id, "fp": fingerprint, "reply": reply}, done))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write(), name="agent:call-log")
         return done

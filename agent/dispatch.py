@@ -6,8 +6,11 @@ the domain's *name* (a UUID ref is resolved first), so a call by name and a call
 for the same guest queue behind each other. The number of waiting commands is bounded by
 the bus prefetch, so the per-domain chains need no bound of their own.
 
-A redelivered call (same id) is answered from memory — the same future, finished or not —
-and never executed twice.
+A redelivered call (same id, same op, same body) is answered from memory — the same
+future, finished or not — and never executed twice. A call that reuses an id for another
+op or body is refused with RPC_ERROR, never given the other call's answer. Every future
+the memory holds is completed on every path (a reply, an error reply, or "agent stopped"),
+so a redelivery can never wait on an answer that will not come.
 
 The dispatcher knows nothing of ops: ``prepare`` (the agent's) turns a call into a
 :class:`Prepared` — its declared op, its serialisation key and the handler bound to its
@@ -18,15 +21,18 @@ see every call's reply when it is ready.
 from __future__ import annotations
 
 import asyncio
-import functools
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from agent.calllog import CallLog
-from virtbus.errors import InternalError, OperationTimeout, VirtbusError
+from virtbus.bus.rpc import body_from_exception
+from virtbus.errors import InternalError, OperationTimeout, ProtocolError, VirtbusError
 from virtbus.protocol.base import Message, to_wire
 from virtbus.protocol.envelope import Envelope, error_body, ok_body
 from virtbus.protocol.registry import Op
@@ -50,18 +56,36 @@ Prepare = Callable[[Envelope], Prepared]
 Observer = Callable[[str, float, Reply], None]
 
 
+def call_fingerprint(call: Envelope) -> str:
+    """``op:digest-of-body``: what makes a second delivery of an id *the same* call
+    (maps encoded with sorted keys, so the same body always digests the same)."""
+    try:
+        packed = msgspec.msgpack.encode(call.body, order="sorted")
+    except (TypeError, ValueError, OverflowError):  # only bodies built in-process
+        packed = repr(call.body).encode()
+    return f"{call.op}:{hashlib.blake2b(packed, digest_size=16).hexdigest()}"
+
+
+def _op_of(fingerprint: str) -> str:
+    return fingerprint.rpartition(":")[0]
+
+
 class CallMemory:
-    """Bounded LRU of call id -> reply future (the answer to give a redelivery)."""
+    """Bounded LRU of call id -> (fingerprint, reply future), the answer to a redelivery.
+
+    The fingerprint is None for replies restored from a call log written before
+    fingerprints existed: those match on the id alone.
+    """
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._replies: OrderedDict[str, asyncio.Future[Reply]] = OrderedDict()
+        self._replies: OrderedDict[str, tuple[str | None, asyncio.Future[Reply]]] = OrderedDict()
 
-    def get(self, call_id: str) -> asyncio.Future[Reply] | None:
+    def get(self, call_id: str) -> tuple[str | None, asyncio.Future[Reply]] | None:
         return self._replies.get(call_id)
 
-    def remember(self, call_id: str, reply: asyncio.Future[Reply]) -> None:
-        self._replies[call_id] = reply
+    def remember(self, call_id: str, fingerprint: str | None, reply: asyncio.Future[Reply]) -> None:
+        self._replies[call_id] = (fingerprint, reply)
         while len(self._replies) > self._size:
             self._replies.popitem(last=False)
 
@@ -91,18 +115,35 @@ class Dispatcher:
         self._timeout = command_timeout
         self._memory = CallMemory(call_memory)
         self._tails: dict[str, asyncio.Future[Reply]] = {}  # last call submitted per domain
-        self._recording: dict[str, asyncio.Future[None]] = {}  # call id -> reply on disk
+        # call id -> (fingerprint, reply on disk): what before_ack waits for
+        self._recording: dict[str, tuple[str, asyncio.Future[None]]] = {}
         self.executed = 0  # commands actually run (redeliveries excluded)
 
     def submit(self, call: Envelope) -> Awaitable[Reply]:
         """Called in delivery order; never blocks. Returns the awaitable reply body."""
+        fingerprint = call_fingerprint(call)
         known = self._memory.get(call.id)
         if known is not None:
+            seen, answer = known
+            if seen is not None and seen != fingerprint:
+                log.warning(
+                    "call id %s reused for %s (first used for %s): refused",
+                    call.id,
+                    call.op,
+                    _op_of(seen),
+                )
+                return _answered(
+                    error_body(
+                        ProtocolError.code,
+                        f"call id {call.id!r} was already used for a different call "
+                        f"({_op_of(seen)}): every call needs an id of its own",
+                    )
+                )
             log.info("call %s (%s) redelivered: answering from memory", call.id, call.op)
-            return asyncio.shield(known)  # a cancelled waiter must not cancel the answer
+            return asyncio.shield(answer)  # a cancelled waiter must not cancel the answer
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Reply] = loop.create_future()
-        self._memory.remember(call.id, reply)
+        self._memory.remember(call.id, fingerprint, reply)
         if self._observers:
             started = loop.time()
             reply.add_done_callback(lambda f: self._observe(call.op, loop.time() - started, f))
@@ -119,7 +160,7 @@ class Dispatcher:
         if prepared.key is not None:
             before = self._tails.get(prepared.key)
             self._tails[prepared.key] = reply
-        return self._run(call, prepared, reply, before)
+        return self._run(call, fingerprint, prepared, reply, before)
 
     def add_observer(self, observer: Observer) -> None:
         self._observers.append(observer)
@@ -136,6 +177,7 @@ class Dispatcher:
     async def _run(
         self,
         call: Envelope,
+        fingerprint: str,
         prepared: Prepared,
         reply: asyncio.Future[Reply],
         before: asyncio.Future[Reply] | None,
@@ -147,23 +189,33 @@ class Dispatcher:
             if not reply.done():
                 body = await self._execute_once(call, prepared)
                 if self._call_log is not None and prepared.op.mutating:
-                    # Written while the reply travels; the ack waits for it (before_ack).
-                    recording = self._call_log.record(call.id, body)
-                    self._recording[call.id] = recording
-                    # Once written there is nothing to wait for: never left behind.
-                    recording.add_done_callback(functools.partial(self._recorded, call.id))
+                    self._record(call, fingerprint, body)
                 reply.set_result(body)
         except asyncio.CancelledError:
             if not reply.done():
                 reply.set_result(error_body("OPERATION_FAILED", "agent stopped mid-command"))
             raise
+        except Exception as exc:  # the future must complete, whatever failed
+            log.exception("call %s (%s): dispatch failed", call.id, call.op)
+            if not reply.done():
+                reply.set_result(body_from_exception(exc, call.op))
         finally:
             if key is not None and self._tails.get(key) is reply:
                 del self._tails[key]
         return reply.result()
 
-    def _recorded(self, call_id: str, _done: asyncio.Future[None]) -> None:
-        self._recording.pop(call_id, None)
+    def _record(self, call: Envelope, fingerprint: str, body: Reply) -> None:
+        """Written while the reply travels; the ack waits for it (before_ack)."""
+        assert self._call_log is not None
+        recording = self._call_log.record(call.id, fingerprint, body)
+        entry = (fingerprint, recording)
+        self._recording[call.id] = entry
+
+        def written(_done: asyncio.Future[None]) -> None:  # nothing left to wait for
+            if self._recording.get(call.id) is entry:
+                del self._recording[call.id]
+
+        recording.add_done_callback(written)
 
     async def _execute_once(self, call: Envelope, prepared: Prepared) -> Reply:
         self.executed += 1
@@ -184,18 +236,25 @@ class Dispatcher:
     async def before_ack(self, call: Envelope) -> None:
         """The transport acks a call only once its reply is recorded: a call redelivered
         after a crash is then answered from the log instead of being run again."""
-        recording = self._recording.pop(call.id, None)
-        if recording is not None:
-            await recording
+        entry = self._recording.get(call.id)
+        if entry is not None and entry[0] == call_fingerprint(call):
+            del self._recording[call.id]
+            await entry[1]
 
-    def restore(self, replies: list[tuple[str, Reply]]) -> None:
+    def restore(self, replies: list[tuple[str, str | None, Reply]]) -> None:
         """Answers remembered from before a restart (oldest first)."""
         loop = asyncio.get_running_loop()
-        for call_id, body in replies:
+        for call_id, fingerprint, body in replies:
             done: asyncio.Future[Reply] = loop.create_future()
             done.set_result(body)
-            self._memory.remember(call_id, done)
+            self._memory.remember(call_id, fingerprint, done)
 
     @property
     def pending_domains(self) -> int:
         return len(self._tails)
+
+
+def _answered(body: Reply) -> asyncio.Future[Reply]:
+    done: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+    done.set_result(body)
+    return done

@@ -102,3 +102,57 @@ async def test_command_timeout() -> None:
     )
     reply = await d.submit(_call("x"))
     assert reply["error"]["code"] == "OPERATION_TIMEOUT"
+
+
+async def test_a_failing_key_is_answered_and_so_is_its_redelivery() -> None:
+    """A key function that raises (e.g. a definition whose XML does not parse) must still
+    complete the remembered future: a redelivery of that id used to wait forever."""
+
+    rec = Recorder()
+
+    def prepare(call: Envelope) -> Prepared:
+        if call.body.get("domain") == "poison":
+            raise ValueError("Exceeds the limit (4300 digits) for integer string conversion")
+        return Prepared(TEST_OP, None, lambda: rec.execute(call))
+
+    d = Dispatcher(prepare, command_timeout=5, call_memory=10)
+    call = _call("x", "poison", call_id="p1")
+    first = await asyncio.wait_for(d.submit(call), 1)
+    again = await asyncio.wait_for(d.submit(call), 1)  # the redelivery: same answer, at once
+    assert first == again
+    assert first["error"]["code"] == "INTERNAL_ERROR" and "ValueError" in first["error"]["message"]
+    assert d.executed == 0
+
+
+async def test_an_id_reused_for_another_call_is_rpc_error_not_the_old_answer() -> None:
+    rec = Recorder()
+    d = _dispatcher(rec)
+    assert (await d.submit(_call("x", "d1", call_id="same")))["ok"] is True
+    other_op = await d.submit(_call("y", "d1", call_id="same"))
+    other_body = await d.submit(_call("x", "d2", call_id="same"))
+    for reply in (other_op, other_body):
+        assert reply["ok"] is False and reply["error"]["code"] == "RPC_ERROR", reply
+    assert "'x'" not in other_op["error"]["message"] and "(x)" in other_op["error"]["message"]
+    assert d.executed == 1  # neither ran, and the first answer is still the one remembered
+    assert (await d.submit(_call("x", "d1", call_id="same")))["result"] == {"id": "same"}
+
+
+async def test_fingerprint_ignores_map_order_but_not_values() -> None:
+    from agent.dispatch import call_fingerprint
+
+    a = Envelope(Kind.CALL, "op", {"a": 1, "b": {"c": [1, 2], "d": "x"}})
+    b = Envelope(Kind.CALL, "op", {"b": {"d": "x", "c": [1, 2]}, "a": 1})
+    c = Envelope(Kind.CALL, "op", {"a": 1, "b": {"c": [2, 1], "d": "x"}})
+    assert call_fingerprint(a) == call_fingerprint(b) != call_fingerprint(c)
+    assert call_fingerprint(a) != call_fingerprint(Envelope(Kind.CALL, "op2", a.body))
+
+
+async def test_restored_replies_without_fingerprint_match_on_the_id() -> None:
+    """Call logs written before fingerprints existed still answer their redeliveries."""
+    rec = Recorder()
+    d = _dispatcher(rec)
+    old = {"ok": True, "result": "from before"}
+    d.restore([("legacy", None, old), ("new", "x:00", old)])
+    assert await d.submit(_call("x", "d1", call_id="legacy")) == old
+    assert (await d.submit(_call("x", "d1", call_id="new")))["error"]["code"] == "RPC_ERROR"
+    assert d.executed == 0

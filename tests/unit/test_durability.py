@@ -140,7 +140,8 @@ async def test_call_log_compacts_to_the_last_replies(tmp_path: Path) -> None:
     log = CallLog(tmp_path / "calls.log", keep=5)
     await log.load()
     for i in range(40):
-        await log.record(f"c{i}", {"ok": True, "result": i})
+        await log.record(f"c{i}", f"op:{i}", {"ok": True, "result": i})
     await log.close()
     kept = await CallLog(tmp_path / "calls.log", keep=5).load()
-    assert [cid for cid, _ in kept] == [f"c{i}" for i in range(35, 40)]
+    assert [cid for cid, _, _ in kept] == [f"c{i}" for i in range(35, 40)]
+    assert [fp for _, fp, _ in kept] == [f"op:{i}" for i in range(35, 40)]
