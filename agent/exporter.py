@@ -318,6 +318,11 @@ class AgentCollector(Collector):
                 "Events dropped from a full outbox.",
                 service.outbox.dropped,
             ),
+            (
+                "virtbus_agent_events_rejected",
+                "Events that could not be published, set aside in outbox/rejected.log.",
+                service.outbox.rejected,
+            ),
             ("virtbus_agent_commands", "Commands executed.", service.dispatcher.executed),
             ("virtbus_agent_stats_passes", "Collection passes done.", pub.counters.passes),
             (

@@ -12,12 +12,24 @@ numbers never repeat.
 Overflow policy: at most ``capacity`` unconfirmed events; past that the *oldest* is
 dropped with a warning, so a subscriber sees a gap in the sequence numbers rather than a
 silent loss.
+
+Poison: no single event may stop the outbox. A publish that fails for a reason that
+retrying cannot fix (a non-retryable error: the event cannot be encoded, its routing key
+or size is over a limit, or an unexpected exception) sets that event aside in
+``rejected.log`` next to the event log (one JSON line each, with the error) with a warning
+and a counter, and the sequence goes on; only a retryable failure (the broker is away)
+holds the queue and retries. An event record in the log that cannot be read back — from
+an older version, or damaged — is set aside the same way at load.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
+import os
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -40,12 +52,64 @@ def _seq(envelope: Envelope) -> int:
     return int(envelope.body["seq"])
 
 
+def event_fault(envelope: Envelope) -> str | None:
+    """Why a stored event cannot be published, or None (the fields the publisher needs)."""
+    body = envelope.body
+    seq = body.get("seq")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        return f"'seq' must be a positive integer, not {seq!r}"[:200]
+    for key in ("domain", "event"):
+        if not isinstance(body.get(key), str):
+            return f"'{key}' must be a string"
+    return None
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return {"base64": base64.b64encode(value).decode()}
+    return repr(value)
+
+
+class RejectedLog:
+    """``rejected.log``: events that could not be published, one JSON line each, kept for
+    a human (never replayed). Past ``max_bytes`` it is rotated to ``rejected.log.1``."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self._max_bytes = max_bytes
+
+    async def add(self, entry: dict[str, Any]) -> None:
+        line = json.dumps({"rejected_at": time.time(), **entry}, default=_json_default)
+        await asyncio.to_thread(self._append, line + "\n")
+
+    def _append(self, line: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.path.stat().st_size + len(line) > self._max_bytes:
+                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        except FileNotFoundError:
+            pass
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+
+
 class EventOutbox:
     def __init__(
-        self, publish: Publish, *, path: Path | None, capacity: int, retry: Backoff
+        self,
+        publish: Publish,
+        *,
+        path: Path | None,
+        capacity: int,
+        retry: Backoff,
+        rejected_max_bytes: int = 16 << 20,
     ) -> None:
         self._publish = publish
         self._log = RecordLog(path) if path is not None else None
+        self._rejected = (
+            RejectedLog(path.with_name("rejected.log"), rejected_max_bytes)
+            if path is not None
+            else None
+        )
         self._capacity = capacity
         self._retry = retry
         self._seq = 0
@@ -60,6 +124,7 @@ class EventOutbox:
         self.dropped = 0
         self.published = 0
         self.restored = 0
+        self.rejected = 0  # events set aside in rejected.log (poison, never published)
 
     # --- numbering and queueing (synchronous: called from the driver's sink) ---------
     @property
@@ -95,23 +160,65 @@ class EventOutbox:
         """Before the first event: restore the counter and what was never confirmed."""
         if self._log is None:
             return
-        acked, events = 0, []
+        acked, highest, events, rejected = 0, 0, [], 0
         for record in await self._log.load():
-            if isinstance(record.get("ack"), int):
+            if isinstance(record.get("ack"), int) and not isinstance(record["ack"], bool):
                 acked = max(acked, record["ack"])
-            elif isinstance(record.get("event"), bytes):
-                try:
-                    events.append(decode(record["event"]))
-                except ProtocolError as exc:
-                    log.warning("outbox: skipping an unreadable event record: %s", exc)
-        self._seq = max([acked, *(_seq(e) for e in events)])
+                continue
+            raw = record.get("event")
+            try:
+                if not isinstance(raw, bytes):
+                    raise ProtocolError("neither an event nor an ack")
+                event = decode(raw)
+                fault = event_fault(event)
+                if fault is not None:
+                    seq = event.body.get("seq")
+                    if isinstance(seq, int) and not isinstance(seq, bool):
+                        highest = max(highest, seq)  # its number was used: never reuse it
+                    raise ProtocolError(fault)
+            except ProtocolError as exc:
+                await self._reject(None, exc, record=record)
+                rejected += 1
+                continue
+            events.append(event)
+        self._seq = max([acked, highest, *(_seq(e) for e in events)])
         unconfirmed = sorted((e for e in events if _seq(e) > acked), key=_seq)
         self._pending.extend(unconfirmed[-self._capacity :])
         self.restored = len(self._pending)
+        if rejected:  # rewrite without them, so the next start does not reject them again
+            await self._log.rewrite(
+                [{"ack": acked}, *({"event": encode(e)} for e in self._pending)]
+            )
         if self._pending:
             self._idle.clear()
             self._wakeup.set()
             log.info("outbox: %d unconfirmed events from before the restart", self.restored)
+
+    async def _reject(
+        self,
+        envelope: Envelope | None,
+        exc: BaseException,
+        *,
+        record: dict[str, Any] | None = None,
+    ) -> None:
+        """Set one poisonous event aside (rejected.log, warning, counter); never raises
+        for want of disk: the outbox must go on either way."""
+        self.rejected += 1
+        seq = envelope.body.get("seq") if envelope is not None else None
+        where = self._rejected.path if self._rejected is not None else "nowhere (no state dir)"
+        log.warning("outbox: event seq=%s cannot be published (%s): set aside in %s",
+                    seq, exc, where)  # fmt: skip
+        if self._rejected is None:
+            return
+        entry: dict[str, Any] = {"seq": seq, "error": f"{type(exc).__name__}: {exc}"}
+        if envelope is not None:
+            entry["envelope"] = envelope.to_map()
+        else:
+            entry["record"] = record
+        try:
+            await self._rejected.add(entry)
+        except OSError as err:
+            log.error("outbox: cannot write %s: %s", self._rejected.path, err)
 
     async def _save(self) -> None:
         records: list[dict[str, Any]] = []
@@ -149,6 +256,9 @@ class EventOutbox:
             try:
                 await self._publish(envelope)
             except VirtbusError as exc:
+                if not exc.retryable:  # this event's own fault: retrying cannot help
+                    await self._set_aside(envelope, exc)
+                    continue
                 self._broker_away = True
                 delay = next(delays)
                 log.warning(
@@ -159,12 +269,22 @@ class EventOutbox:
                 )
                 await self._wait_to_retry(delay)
                 continue
+            except Exception as exc:  # noqa: BLE001 - a bug must not wedge the outbox
+                await self._set_aside(envelope, exc)
+                continue
             delays = backoff_delays(self._retry)
             self._broker_away = False
             if self._pending and self._pending[0] is envelope:
                 self._pending.popleft()
             self.published += 1
             await self._confirmed(_seq(envelope))
+
+    async def _set_aside(self, envelope: Envelope, exc: BaseException) -> None:
+        """A poisonous event leaves the queue as if confirmed; the next one follows."""
+        await self._reject(envelope, exc)
+        if self._pending and self._pending[0] is envelope:
+            self._pending.popleft()
+        await self._confirmed(_seq(envelope))
 
     async def _wait_to_retry(self, delay: float) -> None:
         """Sleep out the backoff, still saving new events to disk; a restored connection
