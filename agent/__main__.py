@@ -66,6 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--migration-address", default="127.0.0.1", metavar="ADDR",
         help="address other hosts stream live migrations to (default %(default)s)",
     )  # fmt: skip
+    p.add_argument(
+        "--cpu-overcommit", type=float, default=4.0, metavar="R",
+        help="refuse a start past R vCPUs of active guests per host CPU (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--memory-overcommit", type=float, default=1.0, metavar="R",
+        help="refuse a start past R x host memory for active guests (default %(default)s)",
+    )  # fmt: skip
     p.add_argument("--log-level", default="INFO")
     args, file_only = parse_with_config(p, argv, agent_keys(DRIVER_NAMES))
     args.file_settings = file_only  # keys without a flag (tables, bus.*, limits)
@@ -95,6 +103,8 @@ async def run(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics_listen,
         labels=labels,
         migration_address=args.migration_address,
+        cpu_overcommit=args.cpu_overcommit,
+        memory_overcommit=args.memory_overcommit,
     )
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     settings.runtime_dir.mkdir(parents=True, exist_ok=True)

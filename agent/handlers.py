@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.admission import Demand
 from agent.table import HANDLERS, AgentContext
 from drivers.base import Driver
 from virtbus.domain import parse_domain_xml
@@ -55,8 +56,16 @@ def _lifecycle(op: Op[DomainTarget, DomainStatus], verb: str) -> None:
     HANDLERS.on(op)(handle)
 
 
+@HANDLERS.on(ops.DOMAIN_START)
+async def _start(ctx: AgentContext, req: DomainTarget) -> DomainStatus:
+    info = await ctx.driver.info(req.domain)
+    demand = Demand(info.uuid, info.name, info.memory_kib, info.vcpus)
+    async with ctx.admission.starting(demand):  # refuses what the host cannot hold
+        await ctx.driver.start(req.domain)
+    return status_of(ctx.driver, req.domain)
+
+
 for _op, _verb in (
-    (ops.DOMAIN_START, "start"),
     (ops.DOMAIN_DESTROY, "destroy"),
     (ops.DOMAIN_REBOOT, "reboot"),
     (ops.DOMAIN_RESET, "reset"),

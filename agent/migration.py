@@ -9,6 +9,7 @@ domain (left) all answer OK instead of an error.
 
 from __future__ import annotations
 
+from agent.admission import Demand
 from agent.table import HANDLERS, AgentContext
 from drivers.base import Driver
 from virtbus.domain import parse_domain_xml
@@ -38,8 +39,10 @@ async def _begin(ctx: AgentContext, req: MigrationDomain) -> MigrationSource:
 
 @HANDLERS.on(ops.MIGRATION_PREPARE)
 async def _prepare(ctx: AgentContext, req: MigrationPrepare) -> MigrationTarget:
-    uri = await ctx.driver.migrate_prepare(req.xml, req.params)
     defn = parse_domain_xml(req.xml)
+    demand = Demand(defn.uuid, defn.name, defn.current_memory_kib, defn.current_vcpus)
+    async with ctx.admission.starting(demand):  # the incoming guest takes the host too
+        uri = await ctx.driver.migrate_prepare(req.xml, req.params)
     return MigrationTarget(uri=uri, name=defn.name, uuid=defn.uuid)
 
 

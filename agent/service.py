@@ -15,6 +15,7 @@ from enum import Enum
 
 import agent.handlers
 import agent.migration
+from agent.admission import Admission
 from agent.calllog import CallLog
 from agent.dispatch import Dispatcher, Prepared
 from agent.heartbeat import inventory
@@ -69,9 +70,18 @@ class AgentService:
             path=settings.state_dir / "outbox" / "events.log",
             capacity=settings.event_buffer,
             retry=self._bus_settings.reconnect,
+            rejected_max_bytes=settings.rejected_events_max_bytes,
+        )
+        admission = Admission(
+            driver,
+            settings.host,
+            cpu_overcommit=settings.cpu_overcommit,
+            memory_overcommit=settings.memory_overcommit,
         )
         self.call_log = CallLog(settings.state_dir / "calls.log", keep=settings.call_memory)
-        self.context = AgentContext(host=self.host, driver=driver, inventory=self.inventory)
+        self.context = AgentContext(
+            host=self.host, driver=driver, inventory=self.inventory, admission=admission
+        )
         self.dispatcher = Dispatcher(
             self._prepare,
             command_timeout=settings.command_timeout,

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from agent.admission import Admission
 from drivers.base import Driver
 from virtbus.errors import NoSupport
 from virtbus.protocol.base import Message
@@ -25,7 +26,8 @@ Res = TypeVar("Res", bound=Message)
 
 @dataclass(slots=True)
 class AgentContext:
-    """What a handler may use: the host's name, its driver, its inventory, its flags.
+    """What a handler may use: the host's name, its driver, its inventory, its flags, and
+    the admission check every start passes (``agent.admission``).
 
     The agent service builds one and hands it to every handler; handlers never see the
     service itself (nor its bus, outbox or dispatcher).
@@ -34,6 +36,7 @@ class AgentContext:
     host: str
     driver: Driver
     inventory: Callable[[], Awaitable[HostInventory]]
+    admission: Admission
     draining: bool = False
     extras: dict[str, Any] = field(default_factory=dict)  # managers of later rooms
 

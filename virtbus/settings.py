@@ -58,6 +58,12 @@ class AgentSettings:
     metrics_interval: float = 10.0  # s between metrics collection passes (virtbus.metrics)
     metrics_listen: str | None = None  # ADDR:PORT of the Prometheus /metrics page; None = off
     labels: dict[str, str] = field(default_factory=dict)  # --label KEY=VALUE, for placement
+    # A start is refused when the host's active guests would then want more than this
+    # many vCPUs per host CPU, or this much memory per byte of host memory (the
+    # scheduler's ratios, checked again by the agent itself for every driver).
+    cpu_overcommit: float = 4.0
+    memory_overcommit: float = 1.0
+    rejected_events_max_bytes: int = 16 << 20  # outbox/rejected.log rotates past this
 
     @property
     def runtime_dir(self) -> Path:
