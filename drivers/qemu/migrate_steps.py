@@ -79,7 +79,6 @@ class QemuMigrations:
 
     async def migrate_prepare(self, xml: str, params: MigrationParams) -> str:
         """Start an incoming QEMU (``-incoming defer``, paused) and ``migrate-incoming``."""
-        mig.validate(params)
         defn = parse_domain_xml(xml)
         if defn.hv_type not in HV_TYPES:
             raise ConfigUnsupported(f"domain type '{defn.hv_type}' is not supported here")
@@ -153,7 +152,6 @@ class QemuMigrations:
 
     async def migrate_perform(self, ref: str, uri: str, params: MigrationParams) -> None:
         """Configure the source and ``migrate``; a job task follows and reports progress."""
-        mig.validate(params)
         mig.parse_tcp_uri(uri)
         dom = self._get(ref)
         run = dom.require(S.RUNNING, S.PAUSED, verb="migrate")

@@ -61,18 +61,6 @@ class MigrationSettings:
 
 
 # --- pure pieces ------------------------------------------------------------------------
-def validate(params: MigrationParams) -> None:
-    """Reject what QEMU would refuse only after the destination was prepared."""
-    if params.postcopy and params.parallel:
-        raise InvalidArgument("postcopy cannot be combined with parallel (multifd) migration")
-    if params.parallel < 0 or params.parallel > 255:
-        raise InvalidArgument("'parallel' must be between 0 and 255 channels")
-    for key in ("bandwidth_mib_s", "max_downtime_ms"):
-        value = getattr(params, key)
-        if value is not None and value <= 0:
-            raise InvalidArgument(f"'{key}' must be a positive integer")
-
-
 def capability_list(params: MigrationParams, role: Role) -> list[dict[str, Any]]:
     """``migrate-set-capabilities`` argument; every capability we touch, on or off."""
     caps = {

@@ -22,10 +22,9 @@ from drivers.qemu.migration import (
     start_incoming,
     status_from_query,
     tcp_uri,
-    validate,
 )
 from virtbus.errors import InvalidArgument, MigrateFailed, OperationFailed
-from virtbus.protocol.base import to_wire
+from virtbus.protocol.base import decode, to_wire
 from virtbus.protocol.events import DomainState as S
 
 SETTINGS = MigrationSettings(progress_interval=0.05)
@@ -65,14 +64,15 @@ def test_parameters() -> None:
     assert parameter_map(MigrationParams(), "destination", SETTINGS) == {}
 
 
-def test_validate() -> None:
-    validate(MigrationParams(postcopy=True))
+def test_params_qemu_would_refuse_are_refused_when_decoded() -> None:
+    """One check, in the type (virtbus.protocol.migration): no driver-side copy."""
+    assert decode({"postcopy": True}, MigrationParams) == MigrationParams(postcopy=True)
     with pytest.raises(InvalidArgument, match="postcopy"):
-        validate(MigrationParams(postcopy=True, parallel=2))
-    with pytest.raises(InvalidArgument):
-        validate(MigrationParams(bandwidth_mib_s=0))
-    with pytest.raises(InvalidArgument):
-        validate(MigrationParams(parallel=-1))
+        decode({"postcopy": True, "parallel": 2}, MigrationParams)
+    for bad in ({"bandwidth_mib_s": 0}, {"parallel": -1}, {"max_downtime_ms": 2_000_001},
+                {"listen_address": "::1,to=9"}):  # fmt: skip
+        with pytest.raises(InvalidArgument):
+            decode(bad, MigrationParams)
 
 
 def test_uris() -> None:

@@ -16,11 +16,14 @@ from typing import Annotated, Any
 from msgspec import Meta
 from msgspec import field as default
 
-from virtbus.errors import ProtocolError
-from virtbus.protocol.base import Accepted, Message, Name, NonNegInt, PosInt, XmlText
+from virtbus.errors import InvalidArgument, ProtocolError
+from virtbus.netaddr import is_host
+from virtbus.protocol.base import Accepted, Message, Name, NonNegInt, XmlText
 from virtbus.protocol.registry import Access, Op, Req, Res, Service, Target, field, op
 
 MAX_PARALLEL = 255  # QEMU's multifd-channels maximum
+MAX_BANDWIDTH_MIB_S = 1 << 20  # 1 TiB/s: QEMU's max-bandwidth (bytes/s) fits with room
+MAX_DOWNTIME_MS = 2_000_000  # QEMU's MAX_MIGRATE_DOWNTIME (2000 s)
 DEFAULT_LISTEN = "127.0.0.1"
 Address = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_\[\]%-]+$")]
 
@@ -28,14 +31,27 @@ Address = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-
 class MigrationParams(Message):
     """What the caller asks of a live migration (libvirt's flags and QEMU's parameters)."""
 
-    bandwidth_mib_s: PosInt | None = None  # max-bandwidth
-    max_downtime_ms: PosInt | None = None  # downtime-limit
+    bandwidth_mib_s: Annotated[int, Meta(gt=0, le=MAX_BANDWIDTH_MIB_S)] | None = None
+    max_downtime_ms: Annotated[int, Meta(gt=0, le=MAX_DOWNTIME_MS)] | None = None
     auto_converge: bool = False
     postcopy: bool = False  # postcopy-ram; switched to postcopy after the first pass
     parallel: Annotated[int, Meta(ge=0, le=MAX_PARALLEL)] = 0  # multifd channels; 0 = off
     # where the destination listens for the stream; None: the destination host's own
     # migration address (the scheduler fills it in from the host's heartbeat)
     listen_address: Address | None = None
+
+    def __post_init__(self) -> None:
+        """What QEMU would refuse only once the destination was prepared (msgspec runs this
+        on every decode, so the scheduler refuses it at submit, as the agents do)."""
+        if self.postcopy and self.parallel:
+            raise InvalidArgument(
+                "'params.postcopy' cannot be combined with 'params.parallel' (multifd)"
+            )
+        if self.listen_address is not None and not is_host(self.listen_address):
+            raise InvalidArgument(
+                f"'params.listen_address': {self.listen_address!r:.60} is not an IP address "
+                "or a host name (it goes into the tcp:HOST:PORT migration URI)"
+            )
 
     @property
     def listen(self) -> str:
