@@ -102,7 +102,8 @@ class QemuLaunch:
     chardevs: tuple[ChardevRuntime, ...]
     disks: tuple[DiskRuntime, ...]
     nets: tuple[NetRuntime, ...]
-    sockets: tuple[Path, ...]  # UNIX sockets QEMU creates in run_dir (QMP first): remove after
+    sockets: tuple[Path, ...]  # our UNIX sockets QEMU creates in run_dir (QMP first): remove after
+    bind_paths: tuple[Path, ...]  # sockets QEMU binds at paths the XML chose: must not exist
     incoming_uri: str | None  # QEMU started with "-incoming defer": run migrate-incoming
     accel: str  # "kvm" | "tcg"
 
@@ -237,6 +238,7 @@ def build_command(
         disks=tuple(ctx.disks),
         nets=tuple(ctx.nets),
         sockets=tuple(ctx.sockets),
+        bind_paths=tuple(ctx.bind_paths),
         incoming_uri=incoming,
         accel=accel,
     )

@@ -13,10 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers.qemu.argv_common import BuildContext, ChardevRuntime, kv_escape, unsupported
+from drivers.qemu.argv_common import (
+    BuildContext,
+    ChardevRuntime,
+    host_value,
+    kv_escape,
+    port_value,
+    unsupported,
+)
 from drivers.qemu.argv_devices import usb_props
 from virtbus.domain.model import CharDevice, Graphics
+from virtbus.domain.views import enum_value
 from virtbus.errors import ConfigUnsupported, InvalidArgument
+
+#: QEMU's -spice image-compression values (libvirt's <image compression> uses the same)
+SPICE_IMAGE_COMPRESSION = ("auto_glz", "auto_lz", "quic", "glz", "lz", "off")
 
 GUEST_AGENT = "org.qemu.guest_agent.0"
 SPICE_AGENT = "com.redhat.spice.0"
@@ -50,22 +61,24 @@ def _backend(
         src = cd.element.find("source")
         append = ",append=on" if src is not None and src.get("append") == "on" else ""
         return f"file,id={cid},path={kv_escape(cd.source_path)}{append}", Path(cd.source_path)
+    mode = enum_value(cd.source_mode, ("bind", "connect"), f"{where} <source mode", "bind")
+    bind = mode == "bind"
     if cd.type == "unix":
-        path = Path(cd.source_path) if cd.source_path else ctx.socket_path(default_sock)
         if cd.source_path:
-            ctx.check_socket(path)
-        server = ",server=on,wait=off" if (cd.source_mode or "bind") == "bind" else ""
+            path = ctx.user_socket(Path(cd.source_path), bind=bind)
+        else:
+            path = ctx.socket_path(default_sock)  # ours: QEMU always binds it
+            bind = True
+        server = ",server=on,wait=off" if bind else ""
         return f"socket,id={cid},path={kv_escape(str(path))}{server}", path
     if cd.type == "tcp":
         if not cd.source_host or not cd.source_service:
             raise ConfigUnsupported(f"{where} needs <source host=... service=...>")
-        server = ",server=on,wait=off" if (cd.source_mode or "bind") == "bind" else ""
+        host = host_value(cd.source_host, f"{where} <source host")
+        port = port_value(cd.source_service, f"{where} <source service")
+        server = ",server=on,wait=off" if bind else ""
         telnet = ",telnet=on" if cd.protocol == "telnet" else ""
-        return (
-            f"socket,id={cid},host={kv_escape(cd.source_host)},port={cd.source_service}"
-            f"{server}{telnet}",
-            None,
-        )
+        return f"socket,id={cid},host={kv_escape(host)},port={port}{server}{telnet}", None
     if cd.type == "spicevmc":
         if not ctx.spice:
             raise ConfigUnsupported(f"{where} needs <graphics type='spice'>")
@@ -194,12 +207,10 @@ def build_vnc(ctx: BuildContext, g: Graphics) -> VncRuntime:
     if ltype == "socket":
         assert listen_el is not None
         sock = listen_el.get("socket")
-        path = Path(sock) if sock else ctx.socket_path("vnc.sock")
-        if sock:
-            ctx.check_socket(path)
+        path = ctx.user_socket(Path(sock), bind=True) if sock else ctx.socket_path("vnc.sock")
         ctx.add("-vnc", f"unix:{kv_escape(str(path))}")
         return VncRuntime(f"unix:{path}", None, False)
-    listen = g.listen or ctx.settings.default_graphics_listen
+    listen = host_value(g.listen or ctx.settings.default_graphics_listen, "<graphics listen")
     host = f"[{listen}]" if ":" in listen else listen
     autoport = g.autoport is True or g.port in (None, -1)
     if autoport:
@@ -229,10 +240,16 @@ def build_spice(ctx: BuildContext, g: Graphics, ports: Mapping[int, int]) -> Spi
             f"<graphics type='spice'> #{g.index} has autoport: the driver must allocate a "
             "port and pass it in graphics_ports (see graphics_needing_ports())"
         )
-    listen = g.listen or ctx.settings.default_graphics_listen
+    listen = host_value(g.listen or ctx.settings.default_graphics_listen, "<graphics listen")
     opts = f"port={port},addr={kv_escape(listen)},disable-ticketing=on,seamless-migration=on"
     image = g.element.find("image")
-    if image is not None and image.get("compression"):
-        opts += f",image-compression={image.get('compression')}"
+    if image is not None:
+        for attr in image.attrib:
+            if attr != "compression":
+                raise unsupported(f"<graphics type='spice'><image {attr}=...>")
+        what = "<graphics type='spice'><image compression"
+        compression = enum_value(image.get("compression"), SPICE_IMAGE_COMPRESSION, what)
+        if compression is not None:
+            opts += f",image-compression={compression}"
     ctx.add("-spice", opts)
     return SpiceRuntime(listen, port)

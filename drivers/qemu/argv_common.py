@@ -8,15 +8,18 @@ QEMU would auto-place can never take a slot a later, explicitly addressed device
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from drivers.qemu.capabilities import QemuCapabilities
-from virtbus.domain import DomainDefinition
+from virtbus.domain import DomainDefinition, parse_int
 from virtbus.domain.model import Element
+from virtbus.domain.numbers import shown
 from virtbus.errors import ConfigUnsupported, XMLError
+from virtbus.netaddr import is_host
 
 #: UNIX socket paths longer than this do not fit ``sockaddr_un.sun_path``
 MAX_SOCKET_PATH = 107
@@ -74,20 +77,54 @@ def json_arg(props: dict[str, Any]) -> str:
 
 
 def kv_escape(value: str) -> str:
-    """Escape a value for QEMU's keyval/QemuOpts syntax (``,`` doubles)."""
+    """Escape a value for QEMU's keyval/QemuOpts syntax (``,`` doubles).
+
+    Every free-form string (paths, names, bridge and tap names) that goes into a QemuOpts
+    option is passed through this; every other value is type-checked below first.
+    """
     return value.replace(",", ",,")
+
+
+# Values that go into QEMU options unescaped must be checked against their type first:
+# options such as -cpu are split on commas with no escape at all.
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+def token(value: str | None, what: str) -> str:
+    """A QEMU identifier (machine type, CPU model or feature): letters, digits, ``._+-``."""
+    if value is None or not _TOKEN.fullmatch(value):
+        raise XMLError(f"invalid {what}='{shown(value or '')}': expected a name of letters, "
+                       "digits, '.', '_', '+' and '-'")  # fmt: skip
+    return value
+
+
+def host_value(value: str, what: str) -> str:
+    """An IP address or a DNS host name (virtbus.netaddr), else XMLError."""
+    if not is_host(value):
+        raise XMLError(f"invalid {what}='{shown(value)}': expected an IP address or a host name")
+    return value
+
+
+def port_value(value: str | None, what: str) -> int:
+    """A TCP port, 1-65535."""
+    return parse_int(value, what, minimum=1, maximum=65535)
+
+
+def _check_socket_length(path: Path) -> None:
+    if len(str(path).encode()) > MAX_SOCKET_PATH:
+        raise ConfigUnsupported(
+            f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes (UNIX limit)"
+        )
 
 
 def unsupported(what: str) -> ConfigUnsupported:
     return ConfigUnsupported(f"unsupported {what}")
 
 
-def _int_attr(el: Element, name: str, what: str) -> int:
-    raw = el.get(name, "0")
-    try:
-        return int(raw, 0)
-    except ValueError:
-        raise XMLError(f"invalid {what} {name}='{raw}'") from None
+def int_attr(el: Element, name: str, what: str, default: str = "0", maximum: int = 0xFFFF) -> int:
+    """An integer attribute of an element the builder reads (decimal or 0x hex, bounded)."""
+    return parse_int(el.get(name, default), f"{what} {name}", minimum=0, maximum=maximum,
+                     hex_ok=True)  # fmt: skip
 
 
 @dataclass
@@ -104,7 +141,8 @@ class BuildContext:
     chardevs: list[ChardevRuntime] = field(default_factory=list)
     disks: list[DiskRuntime] = field(default_factory=list)
     nets: list[NetRuntime] = field(default_factory=list)
-    sockets: list[Path] = field(default_factory=list)
+    sockets: list[Path] = field(default_factory=list)  # our own, in run_dir: removed when stale
+    bind_paths: list[Path] = field(default_factory=list)  # user paths QEMU binds: never removed
     generated_macs: dict[int, str] = field(default_factory=dict)
     bootindex: dict[tuple[str, int], int] = field(default_factory=dict)  # (tag, index) -> n
     pci_buses: dict[int, str] = field(default_factory=dict)  # controller index -> qdev bus
@@ -129,17 +167,25 @@ class BuildContext:
             raise ConfigUnsupported(f"this QEMU has no device '{driver}'")
 
     def socket_path(self, suffix: str) -> Path:
-        """``<run_dir>/<uuid>.<suffix>``, checked against the UNIX socket path limit."""
+        """``<run_dir>/<uuid>.<suffix>``: a socket of our own, checked against the UNIX
+        socket path limit; a stale one is removed before start and it is removed after."""
         path = self.run_dir / f"{self.defn.uuid}.{suffix}"
         self.check_socket(path)
         return path
 
     def check_socket(self, path: Path) -> None:
-        if len(str(path).encode()) > MAX_SOCKET_PATH:
-            raise ConfigUnsupported(
-                f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes (UNIX limit)"
-            )
+        """Record one of our own sockets (see :meth:`socket_path`)."""
+        _check_socket_length(path)
         self.sockets.append(path)
+
+    def user_socket(self, path: Path, *, bind: bool) -> Path:
+        """A socket path the definition chose. Never removed by the agent: QEMU binds it
+        (``bind``; anything already there is refused before start, because QEMU would
+        unlink it) or connects to it."""
+        _check_socket_length(path)
+        if bind:
+            self.bind_paths.append(path)
+        return path
 
     # ------------------------------------------------------------ PCI addresses
 
@@ -152,14 +198,14 @@ class BuildContext:
         reserved = {(0, 0), (0, 0x1F)} if self.q35 else {(0, 0), (0, 1)}
         self._used_slots |= reserved
         for addr in self.defn.elements("devices/*/address[@type='pci']"):
-            if _int_attr(addr, "domain", "<address type='pci'>") != 0:
+            if int_attr(addr, "domain", "<address type='pci'>") != 0:
                 raise unsupported("<address type='pci'> with a PCI domain other than 0")
-            bus = _int_attr(addr, "bus", "<address type='pci'>")
-            slot = _int_attr(addr, "slot", "<address type='pci'>")
+            bus = int_attr(addr, "bus", "<address type='pci'>", maximum=0xFF)
+            slot = int_attr(addr, "slot", "<address type='pci'>", maximum=0x1F)
             self._used_slots.add((bus, slot))
         for addr in self.defn.elements("devices/*/address[@type='virtio-serial']"):
-            key = (_int_attr(addr, "controller", "<address>"), _int_attr(addr, "bus", "<address>"))
-            self._vser_ports.setdefault(key, set()).add(_int_attr(addr, "port", "<address>"))
+            key = (int_attr(addr, "controller", "<address>"), int_attr(addr, "bus", "<address>"))
+            self._vser_ports.setdefault(key, set()).add(int_attr(addr, "port", "<address>"))
 
     def pci_props(
         self, address: Element | None, what: str, prefer_slot: int | None = None
@@ -168,9 +214,9 @@ class BuildContext:
         if address is not None and address.get("type") not in (None, "pci"):
             raise unsupported(f"<address type='{address.get('type')}'> for {what}")
         if address is not None and address.get("type") == "pci":
-            bus = _int_attr(address, "bus", "<address>")
-            slot = _int_attr(address, "slot", "<address>")
-            fn = _int_attr(address, "function", "<address>")
+            bus = int_attr(address, "bus", "<address>", maximum=0xFF)
+            slot = int_attr(address, "slot", "<address>", maximum=0x1F)
+            fn = int_attr(address, "function", "<address>", maximum=7)
             if bus == 0:
                 bus_name = self.root_bus
             elif bus in self.pci_buses:
@@ -202,9 +248,9 @@ class BuildContext:
         if address is not None and address.get("type") not in (None, "virtio-serial"):
             raise unsupported(f"<address type='{address.get('type')}'> for a virtio port")
         if address is not None and address.get("type") == "virtio-serial":
-            ctrl = _int_attr(address, "controller", "<address>")
-            bus = _int_attr(address, "bus", "<address>")
-            nr = _int_attr(address, "port", "<address>")
+            ctrl = int_attr(address, "controller", "<address>")
+            bus = int_attr(address, "bus", "<address>")
+            nr = int_attr(address, "port", "<address>")
         else:
             ctrl, bus = 0, 0
             used = self._vser_ports.setdefault((0, 0), set())

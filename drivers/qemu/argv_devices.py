@@ -8,7 +8,14 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from drivers.qemu.argv_common import BuildContext, NetRuntime, json_arg, kv_escape, unsupported
+from drivers.qemu.argv_common import (
+    BuildContext,
+    NetRuntime,
+    int_attr,
+    json_arg,
+    kv_escape,
+    unsupported,
+)
 from virtbus.domain.model import Controller, Interface
 from virtbus.errors import ConfigUnsupported
 
@@ -69,8 +76,9 @@ def build_pci_controllers(ctx: BuildContext) -> None:
             driver = name.get("name", "pcie-root-port") if name is not None else "pcie-root-port"
             if driver not in ("pcie-root-port", "ioh3420"):
                 raise unsupported(f"<controller model='pcie-root-port'><model name='{driver}'>")
-            chassis = int(target.get("chassis", str(idx)), 0) if target is not None else idx
-            port = int(target.get("port", "0"), 0) if target is not None else 0x10 + idx - 1
+            what = f"<controller type='pci' index='{idx}'><target"
+            chassis = idx if target is None else int_attr(target, "chassis", what, str(idx), 255)
+            port = 0x10 + idx - 1 if target is None else int_attr(target, "port", what, "0", 255)
             props: dict[str, Any] = {
                 "driver": driver,
                 "port": port,
@@ -78,8 +86,9 @@ def build_pci_controllers(ctx: BuildContext) -> None:
                 "id": f"pci.{idx}",
             }
         elif ctrl.model == "pci-bridge":
-            nr = target.get("chassisNr", str(idx)) if target is not None else str(idx)
-            props = {"driver": "pci-bridge", "chassis_nr": int(nr, 0), "id": f"pci.{idx}"}
+            what = f"<controller type='pci' index='{idx}'><target"
+            nr = idx if target is None else int_attr(target, "chassisNr", what, str(idx), 255)
+            props = {"driver": "pci-bridge", "chassis_nr": nr, "id": f"pci.{idx}"}
         else:
             raise unsupported(f"<controller type='pci' model='{ctrl.model}'> on this machine")
         ctx.device(props | ctx.pci_props(addr, f"<controller type='pci' index='{idx}'>"))
@@ -113,13 +122,14 @@ def _usb_controller(ctx: BuildContext, ctrl: Controller) -> None:
     props: dict[str, Any] = {"driver": USB_MODELS[model]}
     master = ctrl.element.find("master")
     if model.startswith("ich9-uhci"):
-        start = int(master.get("startport", "0")) if master is not None else 0
+        start = int_attr(master, "startport", "<master", maximum=15) if master is not None else 0
         props |= {"masterbus": "usb.0", "firstport": start}
     else:
         props["id"] = "usb"
-    ports = ctrl.element.get("ports")
-    if ports and model in ("qemu-xhci", "nec-xhci"):
-        props |= {"p2": int(ports), "p3": int(ports)}
+    if ctrl.element.get("ports") and model in ("qemu-xhci", "nec-xhci"):
+        what = f"<controller type='usb' model='{model}'"
+        ports = int_attr(ctrl.element, "ports", what, maximum=15)
+        props |= {"p2": ports, "p3": ports}
     ctx.device(props | ctx.pci_props(ctrl.element.find("address"), f"USB controller {model}"))
 
 
@@ -129,7 +139,8 @@ def build_virtio_serial(ctx: BuildContext, needed: bool) -> None:
         idx = ctrl.index or 0
         props: dict[str, Any] = {"driver": "virtio-serial-pci", "id": f"virtio-serial{idx}"}
         if ctrl.element.get("ports"):
-            props["max_ports"] = int(str(ctrl.element.get("ports")))
+            what = "<controller type='virtio-serial'"
+            props["max_ports"] = int_attr(ctrl.element, "ports", what, maximum=511)
         ctx.device(props | ctx.pci_props(ctrl.element.find("address"), "virtio-serial"))
         ctx.virtio_serial.add(idx)
     if needed and 0 not in ctx.virtio_serial:
@@ -259,9 +270,9 @@ def build_videos(ctx: BuildContext) -> None:
             assert m is not None
             for attr, prop in (("ram", "ram_size"), ("vram", "vram_size")):
                 if m.get(attr):
-                    props[prop] = int(str(m.get(attr))) * 1024
+                    props[prop] = int_attr(m, attr, "<video><model", maximum=1 << 22) * 1024
             if m.get("vgamem"):
-                props["vgamem_mb"] = int(str(m.get("vgamem"))) // 1024
+                props["vgamem_mb"] = int_attr(m, "vgamem", "<video><model", maximum=1 << 22) // 1024
         if video.heads and video.heads > 1:
             props["max_outputs"] = video.heads
         if driver != "ramfb":
@@ -277,7 +288,7 @@ def build_audio_backends(ctx: BuildContext) -> None:
             raise unsupported(f"<audio type='{atype}'> (none and spice are)")
         if atype == "spice" and not ctx.spice:
             raise ConfigUnsupported("<audio type='spice'> needs <graphics type='spice'>")
-        aid = f"audio{el.get('id', '1')}"
+        aid = f"audio{int_attr(el, 'id', '<audio', default='1', maximum=255)}"
         ctx.add("-audiodev", f"driver={atype},id={aid}")
         ctx.audio_ids.append(aid)
     if ctx.defn.sounds and not ctx.audio_ids:
@@ -289,7 +300,11 @@ def build_sounds(ctx: BuildContext) -> None:
     for i, sound in enumerate(ctx.defn.sounds):
         hda = {"ich9": "ich9-intel-hda", "ich6": "intel-hda"}.get(sound.model)
         audio_el = sound.element.find("audio")
-        audio = f"audio{audio_el.get('id')}" if audio_el is not None else ctx.audio_ids[0]
+        audio = (
+            f"audio{int_attr(audio_el, 'id', '<sound><audio', maximum=255)}"
+            if audio_el is not None
+            else ctx.audio_ids[0]
+        )
         addr = sound.element.find("address")
         if hda is not None:
             ctx.device({"driver": hda, "id": f"sound{i}"} | ctx.pci_props(addr, "sound"))

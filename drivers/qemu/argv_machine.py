@@ -4,7 +4,7 @@ topology, RTC/timers and power management, mapped the way libvirt maps them.
 
 from __future__ import annotations
 
-from drivers.qemu.argv_common import BuildContext, json_arg, unsupported
+from drivers.qemu.argv_common import BuildContext, json_arg, token, unsupported
 from drivers.qemu.capabilities import QemuCapabilities
 from virtbus.domain import DomainDefinition
 from virtbus.errors import ConfigUnsupported, XMLError
@@ -14,7 +14,7 @@ _FEATURES = frozenset({"acpi", "apic", "pae", "vmport", "smm", "vmcoreinfo"})
 
 
 def machine_type(defn: DomainDefinition, caps: QemuCapabilities | None) -> str:
-    machine = defn.os.machine or "pc"
+    machine = token(defn.os.machine or "pc", "<os><type machine")
     if not (machine in ("pc", "q35") or machine.startswith(("pc-i440fx-", "pc-q35-"))):
         raise unsupported(f"machine type '{machine}' (pc, q35, pc-i440fx-*, pc-q35-* are)")
     if caps is not None and caps.machines and machine not in caps.machines:
@@ -99,12 +99,13 @@ def cpu(ctx: BuildContext) -> str | None:
     elif cpu.mode == "maximum":
         base = "max"
     elif cpu.model:
-        base = cpu.model
+        base = token(cpu.model, "<cpu><model")
     elif cpu.features:
         raise unsupported("<cpu> features without a <model>")
     else:
         return None
-    for feat in cpu.features:
+    for feat in cpu.features:  # -cpu splits on ',' with no escaping: names are checked
+        token(feat.name, "<cpu><feature name")
         policy = feat.policy or "require"
         if policy in ("force", "require", "optional"):
             base += f",{feat.name}=on"

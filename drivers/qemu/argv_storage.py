@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drivers.qemu.argv_common import BuildContext, DiskRuntime, json_arg, unsupported
+from drivers.qemu.argv_common import BuildContext, DiskRuntime, int_attr, json_arg, unsupported
 from virtbus.domain.model import Controller, Disk
 from virtbus.errors import ConfigUnsupported
 
@@ -88,11 +88,12 @@ def _drive_address(disk: Disk) -> tuple[int, int, int, int]:
     """(controller, bus, target, unit) from ``<address type='drive'>`` or the target name."""
     addr = disk.address
     if addr is not None and addr.get("type") == "drive":
+        what = "<address type='drive'"
         return (
-            int(addr.get("controller", "0")),
-            int(addr.get("bus", "0")),
-            int(addr.get("target", "0")),
-            int(addr.get("unit", "0")),
+            int_attr(addr, "controller", what, maximum=255),
+            int_attr(addr, "bus", what, maximum=255),
+            int_attr(addr, "target", what, maximum=255),
+            int_attr(addr, "unit", what, maximum=16383),
         )
     idx = disk_name_index(disk.target_dev)
     bus = disk_bus(disk)

@@ -357,7 +357,8 @@ class Domain:
         if run.writing is not None and run.writing is not asyncio.current_task():
             await asyncio.wait([run.writing])  # else it would re-create the file
         await self._rt.store.remove_status(self.defn.uuid)
-        await remove_files(run.qmp_socket, run.pidfile, *run.sockets)
+        await remove_files(run.pidfile)
+        await self._rt.store.remove_own_sockets((run.qmp_socket, *run.sockets))
 
     def helper(self, run: Run, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

@@ -231,9 +231,8 @@ class QemuDriver(QemuReattach):
         launch = self._build(live, await self.capabilities())
         macs_generated = self._apply_generated(live, launch)
         qmp_socket = Path(launch.qmp_socket)
-        for stale in (*launch.sockets, qmp_socket):
-            if await aiofiles.os.path.exists(stale):
-                await aiofiles.os.remove(stale)
+        await self._store.check_bind_paths(launch.bind_paths)
+        await self._store.remove_own_sockets((*launch.sockets, qmp_socket))
         logfile = Path(launch.logfile)
         process = await spawn(list(launch.argv), uuid=live.uuid, logfile=logfile)
         run = Run(

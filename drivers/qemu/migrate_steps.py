@@ -19,7 +19,6 @@ from drivers.qemu.argv import QemuPaths, build_command, graphics_needing_ports
 from drivers.qemu.domain import Domain, Run
 from drivers.qemu.monitor import EventQueue
 from drivers.qemu.process import log_tail, spawn
-from drivers.qemu.state import remove_files
 from virtbus.domain import parse_domain_xml
 from virtbus.errors import (
     ConfigUnsupported,
@@ -98,7 +97,8 @@ class QemuMigrations:
             emulator=self._settings.emulator, graphics_ports=ports, caps=await self.capabilities(),
         )  # fmt: skip
         qmp_socket, logfile = Path(launch.qmp_socket), Path(launch.logfile)
-        await remove_files(*launch.sockets, qmp_socket)
+        await self._store.check_bind_paths(launch.bind_paths)
+        await self._store.remove_own_sockets((*launch.sockets, qmp_socket))
         process = await spawn(list(launch.argv), uuid=live.uuid, logfile=logfile)
         run = Run(
             self._next_id, live, process, qmp_socket, EventQueue(self._settings.event_queue),

@@ -27,6 +27,8 @@ import itertools
 import json
 import logging
 import os
+import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from typing import Any
 import aiofiles.os
 
 from virtbus.domain import DomainDefinition, parse_domain_xml
-from virtbus.errors import VirtbusError
+from virtbus.errors import OperationFailed, VirtbusError
 from virtbus.protocol.events import DomainState
 from virtbus.store import atomic_write, quarantine, read_bytes
 
@@ -196,6 +198,39 @@ class StateStore:
 
     async def remove_status(self, uuid: str) -> None:
         await _remove(self.status_path(uuid))
+
+    # --- sockets ------------------------------------------------------------------------
+    async def remove_own_sockets(self, paths: Iterable[Path]) -> None:
+        """Remove stale sockets the agent placed in its own run dir (QMP, default chardev
+        and VNC sockets). Anything else is left alone: a path outside the run dir (the
+        XML chose it) or a file there that is not a socket (someone else's)."""
+        for path in paths:
+            if path.parent != self.run_dir:
+                log.debug("not removing %s: outside the run dir %s", path, self.run_dir)
+                continue
+            try:
+                info = await asyncio.to_thread(os.lstat, path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISSOCK(info.st_mode):
+                log.warning("not removing %s: it is not a socket", path)
+                continue
+            await _remove(path)
+
+    async def check_bind_paths(self, paths: Iterable[Path]) -> None:
+        """OperationFailed when something exists where QEMU is to bind a socket the XML
+        chose: QEMU unlinks whatever is at a listening path before binding, and the agent
+        never removes a file it did not create."""
+        for path in paths:
+            try:
+                info = await asyncio.to_thread(os.lstat, path)
+            except FileNotFoundError:
+                continue
+            kind = "a socket" if stat.S_ISSOCK(info.st_mode) else "a file that is not a socket"
+            raise OperationFailed(
+                f"cannot bind a socket at {path}: {kind} already exists there, and virtbus "
+                "never removes what it did not create (remove it, or choose another path)"
+            )
 
     # --- processes nobody accounts for ---------------------------------------------------
     async def unknown_qemus(self, known_pids: set[int]) -> list[UnknownQemu]:
