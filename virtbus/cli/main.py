@@ -11,16 +11,30 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from virtbus import __version__
 
 DEFAULT_TIMEOUT = 30.0  # s; virtbus.settings.DEFAULT_CALL_TIMEOUT (checked by a test)
 
 
+class CliParser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: a bad flag or a missing argument prints one
+    line, ``error: INVALID_ARG: ...``, and exits 1 (argparse prints its usage and exits 2).
+    Subcommand parsers are of the same class (argparse creates them with ``type(self)``)."""
+
+    def error(self, message: str) -> NoReturn:
+        from virtbus.cli.output import fail
+
+        sys.exit(fail("INVALID_ARG", f"{self.prog}: {message} (see `{self.prog} --help`)"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from virtbus.cli import completion, domain, event, host, migrate, stats
 
-    p = argparse.ArgumentParser(prog="virtbus", description="virsh for a cluster, over a bus")
+    p: argparse.ArgumentParser = CliParser(
+        prog="virtbus", description="virsh for a cluster, over a bus"
+    )
     p.add_argument(
         "--bus",
         default=None,
