@@ -137,7 +137,9 @@ async def test_per_domain_order_and_cross_domain_concurrency(
     rabbitmq: None, tmp_path: Path
 ) -> None:
     host = unique_host("order")
-    async with agent_process(host, tmp_path, "--driver-option", "delay=0.2"):
+    # 20 running 1-vCPU guests: more than this machine's CPUs x the default overcommit (4)
+    extra = ("--driver-option", "delay=0.2", "--cpu-overcommit", "64")
+    async with agent_process(host, tmp_path, *extra):
         bus = open_bus(BUS_URL, src="test")
         await bus.connect()
         try:
