@@ -21,7 +21,7 @@ import pytest
 from tests.procs import AgentProc, agent_process, cli, event_listener, unique_host
 from virtbus.bus.factory import open_bus
 from virtbus.bus.topology import SCHEDULER_ROUTE
-from virtbus.errors import OperationTimeout
+from virtbus.errors import InvalidArgument, OperationTimeout
 from virtbus.protocol import ops
 
 pytestmark = pytest.mark.rabbitmq
@@ -227,6 +227,45 @@ async def test_failures_leave_the_guest_in_exactly_one_place(vhost: str, tmp_pat
         rec = await wait_migration("f1")
         assert rec["state"] == "failed", rec
         assert await placed("f1") == [(a.host, "running")]
+
+
+async def test_migration_params_the_agents_refuse_are_refused_at_submit(
+    vhost: str, tmp_path: Path
+) -> None:
+    """Issue 11, item 12: the scheduler checks params with the agents' own check."""
+    async with agents(tmp_path, 2) as ag, scheduler_process(tmp_path / "sched"):
+        a, b = ag
+        await wait_hosts(2)
+        await define_running(tmp_path, "mp1", a.host)
+        bad = [
+            (["--bandwidth", "-1"], "bandwidth_mib_s"),
+            (["--parallel", "-1"], "parallel"),
+            (["--max-downtime", "0"], "max_downtime_ms"),
+            (["--postcopy", "--parallel", "2"], "postcopy"),
+        ]
+        for flags, field in bad:
+            r = await cli("migrate", "mp1", "--to", b.host, *flags, bus=URL)
+            assert r.code == 1 and r.err.startswith("error: INVALID_ARG: "), (flags, r)
+            assert field in r.err and len(r.err.strip().splitlines()) == 1, r.err
+        bus = open_bus(URL, src="params-test")
+        await bus.connect()
+        try:
+            # (unknown keys are ignored by design: an older peer serves a newer one)
+            for params in ({"listen_address": "127.0.0.1:1,to=9"}, {"parallel": True},
+                           {"max_downtime_ms": 2_000_001}):  # fmt: skip
+                with pytest.raises(InvalidArgument, match="params"):
+                    await bus.call(SCHEDULER_ROUTE, ops.SCHEDULER_MIGRATE,
+                                   {"domain": "mp1", "to": b.host, "params": params})  # fmt: skip
+            assert (await bus.call(SCHEDULER_ROUTE, ops.SCHEDULER_PING, {}, timeout=5))["active"]
+        finally:
+            await bus.close()
+        assert await vcli("migrations") == []  # nothing was submitted
+        assert await placed("mp1") == [(a.host, "running")]
+        # and good params still migrate
+        r = await cli("migrate", "mp1", "--to", b.host, "--bandwidth", "100", "--wait", bus=URL,
+                      timeout=30)  # fmt: skip
+        assert r.code == 0, r.err
+        assert await placed("mp1") == [(b.host, "running")]
 
 
 async def test_scheduler_killed_mid_migration_resolves_on_restart(
