@@ -208,7 +208,8 @@ def build_vnc(ctx: BuildContext, g: Graphics) -> VncRuntime:
         assert listen_el is not None
         sock = listen_el.get("socket")
         path = ctx.user_socket(Path(sock), bind=True) if sock else ctx.socket_path("vnc.sock")
-        ctx.add("-vnc", f"unix:{kv_escape(str(path))}")
+        # "vnc=" spelled out: an implied first value that holds a '=' would be a key
+        ctx.add("-vnc", f"vnc=unix:{kv_escape(str(path))}")
         return VncRuntime(f"unix:{path}", None, False)
     listen = host_value(g.listen or ctx.settings.default_graphics_listen, "<graphics listen")
     host = f"[{listen}]" if ":" in listen else listen
