@@ -27,8 +27,8 @@ from virtbus.errors import XMLError
 #: children of <devices> that are configuration rather than devices
 NON_DEVICE_TAGS = frozenset({"emulator"})
 #: the most vCPUs a definition may ask for: KVM's KVM_MAX_VCPUS on current kernels and
-#: above every QEMU x86 machine type (pc 255, q35 288 in QEMU 7.2); drivers check their
-#: machine's own limit, the agent the host's CPUs under its overcommit ratio at start
+#: above every QEMU x86 machine type (pc 255, q35 288 in QEMU 7.2, which QEMU itself
+#: enforces at start); the agent checks the host's CPUs under its overcommit ratio
 MAX_VCPUS = 4096
 
 _T = TypeVar("_T")
