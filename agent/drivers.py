@@ -1,36 +1,45 @@
-"""Driver selection by name: the only place the agent names a hypervisor."""
+"""Driver selection by name: the only place the agent names a hypervisor.
+
+Each driver's tuning comes from the agent's ``driver_options`` (``--driver-option
+KEY=VALUE`` or the ``[driver_options]`` table of agent.toml) as fields of that driver's
+settings dataclass; every driver refuses a key it does not know.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from drivers.base import Driver
+from virtbus.config import options_into
 from virtbus.errors import InvalidArgument
 from virtbus.settings import AgentSettings
 
 DRIVER_NAMES = ("test", "qemu", "xen")
 
 
+@dataclass(frozen=True, slots=True)
+class TestDriverOptions:
+    delay: float = 0.0  # simulated latency of every lifecycle op (s)
+    migration_time: float = 0.0  # how long a simulated live migration lasts (s)
+
+
 def make_driver(settings: AgentSettings) -> Driver:
+    options = settings.driver_options
     if settings.driver == "test":
         from drivers.test import TestDriver
 
-        try:
-            delay = float(settings.driver_options.get("delay", 0))
-            migration_time = float(settings.driver_options.get("migration_time", 0))
-        except ValueError:
-            raise InvalidArgument(
-                "driver options delay and migration_time must be numbers of seconds"
-            ) from None
-        return TestDriver(op_delay=delay, migration_time=migration_time)
+        test = options_into(TestDriverOptions, options, "test driver")
+        return TestDriver(op_delay=test.delay, migration_time=test.migration_time)
     if settings.driver == "qemu":
         from drivers.qemu import QemuDriver
+        from drivers.qemu.settings import QemuSettings
 
-        return QemuDriver(state_dir=settings.state_dir, run_dir=settings.runtime_dir)
+        qemu = options_into(QemuSettings, options, "qemu driver")
+        return QemuDriver(state_dir=settings.state_dir, run_dir=settings.runtime_dir, settings=qemu)
     if settings.driver == "xen":
         from drivers.xen import XenDriver, XenSettings
 
-        return XenDriver(
-            XenSettings.from_options(settings.state_dir / "xen", settings.driver_options)
-        )
+        return XenDriver(XenSettings.from_options(settings.state_dir / "xen", options))
     raise InvalidArgument(
         f"unknown driver '{settings.driver}' (choose from {', '.join(DRIVER_NAMES)})"
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from virtbus.config import setting
 from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.errors import InvalidArgument, NoHostError
 
@@ -75,9 +76,17 @@ class HostCandidate:
 
 @dataclass(frozen=True, slots=True)
 class PlacementPolicy:
-    cpu_overcommit: float = 4.0  # vCPUs allocatable per host CPU
-    memory_overcommit: float = 1.0  # memory allocatable per byte of host memory
-    weigher: str = "spread"  # spread: most free memory first; pack: least that fits
+    cpu_overcommit: float = field(
+        default=4.0, metadata=setting("vCPUs per host CPU", flag=True, positive=True)
+    )
+    memory_overcommit: float = field(
+        default=1.0, metadata=setting("guest memory per host memory", flag=True, positive=True)
+    )
+    weigher: str = field(
+        default="spread",
+        metadata=setting("spread: most free memory first; pack: fill hosts up", flag=True,
+                         choices=WEIGHERS),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.weigher not in WEIGHERS:

@@ -1,31 +1,85 @@
-"""The scheduler's typed settings: every limit and timeout in one place."""
+"""The scheduler's typed settings: every limit and timeout in one place.
+
+Fields with :func:`virtbus.config.setting` metadata are the keys of ``scheduler.toml``,
+and flags of ``virtbus-scheduler`` where ``flag`` is set.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from scheduler.placement import PlacementPolicy
-from virtbus.settings import Backoff
+from virtbus.config import LOG_LEVELS, Key, keys_of, nested, setting
+from virtbus.settings import Backoff, BusSettings
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerSettings:
-    state_dir: Path = Path("/var/lib/virtbus-scheduler")
-    host_down_after: float = 6.0  # s without a heartbeat: the host is down (3 missed at 2 s)
-    placement: PlacementPolicy = field(default_factory=PlacementPolicy)
-    max_outbound_per_host: int = 2  # migrations leaving one host at once
-    max_migrations: int = 8  # migrations in flight in the whole cluster
-    migration_timeout: float = 600.0  # default --timeout of a migration (s)
-    step_timeout: float = 30.0  # deadline of each agent call of a migration step (s)
-    progress_poll: float = 0.5  # query migration.status at least this often (s)
-    cleanup_timeout: float = 30.0  # keep retrying a rollback/confirm step this long (s)
+    state_dir: Path = field(
+        default=Path("/var/lib/virtbus-scheduler"),
+        metadata=setting("journal directory (shared by standbys)", flag=True),
+    )
+    log_level: str = field(
+        default="INFO", metadata=setting("logging level", flag=True, choices=LOG_LEVELS)
+    )
+    host_down_after: float = field(
+        default=6.0,  # 3 missed heartbeats at 2 s
+        metadata=setting("a host silent this long is down (s)", flag=True, positive=True,
+                         metavar="S"),
+    )  # fmt: skip
+    placement: PlacementPolicy = field(default_factory=PlacementPolicy, metadata=nested())
+    max_outbound_per_host: int = field(
+        default=2,
+        metadata=setting("migrations leaving one host at once", flag="max_outbound",
+                         name="max_outbound", minimum=1),
+    )  # fmt: skip
+    max_migrations: int = field(
+        default=8,
+        metadata=setting("migrations in flight in the cluster", flag=True, minimum=1),
+    )
+    migration_timeout: float = field(
+        default=600.0,
+        metadata=setting("default timeout of a migration (s)", flag=True, positive=True,
+                         metavar="S"),
+    )  # fmt: skip
+    step_timeout: float = field(
+        default=30.0,
+        metadata=setting("deadline of each agent call of a migration (s)", flag=True,
+                         positive=True, metavar="S"),
+    )  # fmt: skip
+    progress_poll: float = field(
+        default=0.5, metadata=setting("poll migration.status this often (s)", positive=True)
+    )
+    cleanup_timeout: float = field(
+        default=30.0,
+        metadata=setting("retry rollback steps this long (s)", flag=True, positive=True,
+                         metavar="S"),
+    )  # fmt: skip
     cleanup_retry: float = 0.5  # pause between retries of a cleanup step (s)
     # a cleanup left to a host that stayed silent: retried this way (and on its heartbeats)
     cleanup_backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.5, maximum=10.0))
     long_poll_max: float = 30.0  # longest wait of a scheduler.migration long poll (s)
-    claim_ttl: float = 120.0  # a placement's claim on a host, until the host reports it (s)
-    fanout_timeout: float = 5.0  # deadline of calls to every host (scheduler.domains) (s)
-    leader_probe: float = 1.0  # a standby checks this often whether it became active (s)
-    journal_fsync: bool = False  # fsync each journal write (survives a host crash; slower)
-    history: int = 200  # finished migrations remembered for status queries
+    claim_ttl: float = field(
+        default=120.0, metadata=setting("a placement claims its host this long (s)", positive=True)
+    )
+    fanout_timeout: float = field(
+        default=5.0, metadata=setting("deadline of calls to every host (s)", positive=True)
+    )
+    leader_probe: float = field(
+        default=1.0,
+        metadata=setting("a standby checks for leadership this often (s)", positive=True),
+    )
+    journal_fsync: bool = field(
+        default=False,
+        metadata=setting("fsync every journal write (survives losing the host; slower)",
+                         flag=True),
+    )  # fmt: skip
+    history: int = field(default=200, metadata=setting("finished migrations remembered", minimum=0))
+    bus: BusSettings = field(default_factory=BusSettings, metadata=nested("bus."))
+
+
+def scheduler_keys(weighers: Sequence[str] | None = None) -> tuple[Key, ...]:
+    """The keys of ``scheduler.toml``."""
+    return keys_of(SchedulerSettings, choices={"weigher": weighers} if weighers else None)

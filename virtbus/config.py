@@ -1,29 +1,35 @@
-"""Daemon configuration files: one TOML file per daemon, flags override it.
+"""Daemon settings: declared once, as typed dataclasses; TOML keys and flags follow.
 
-``virtbus-agent --config /etc/virtbus/agent.toml`` and ``virtbus-scheduler --config
-/etc/virtbus/scheduler.toml`` read every setting from the file; a flag given on the
-command line wins over the file, the file wins over the built-in default. Every key is
-declared here once (type, bounds, help), so a typo, a wrong type or a negative interval
-stops the daemon at start with the key named — a daemon that silently ignores a setting
-is worse than one that refuses to start. The key tables are plain data (no import of the
-agent or scheduler), which also lets the README and the example files be checked
-against them.
+Every setting of a daemon is a field of its settings dataclass (``AgentSettings``,
+``BusSettings``, the scheduler's ``SchedulerSettings``) with its default, and, in the
+field's metadata (:func:`setting`), its help, bounds and whether a command-line flag
+overrides it. From that one declaration come the TOML keys of ``agent.toml`` /
+``scheduler.toml`` (:func:`keys_of`), the argparse flags (:func:`add_flags`) and the
+settings object itself (:func:`build`): file < flag, file over default. A typo, a wrong
+type or a negative interval stops the daemon at start with the key named — a daemon
+that silently ignores a setting is worse than one that refuses to start.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import tomllib
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 CONFIG_ERROR_EXIT = 2  # as argparse: a usage error, not a runtime failure
 BUS_SCHEMES = ("amqp://", "amqps://", "memory://")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 KINDS = ("str", "float", "int", "bool", "path", "table", "choice", "listen", "bus_url")
+_META = "virtbus.setting"
+_NESTED = "virtbus.nested"
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -33,6 +39,32 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}")
         self.key = key
         self.reason = message
+
+
+def setting(
+    help: str,
+    *,
+    flag: bool | str = False,
+    minimum: float | None = None,
+    positive: bool = False,
+    choices: tuple[str, ...] = (),
+    kind: str | None = None,
+    name: str | None = None,
+    metavar: str | None = None,
+) -> dict[str, Any]:
+    """Field metadata: a setting with a TOML key (``name``, default: the field's name) and,
+    with ``flag`` (True, or the flag's own name), a command-line flag."""
+    return {
+        _META: {
+            "help": help, "flag": flag, "minimum": minimum, "positive": positive,
+            "choices": choices, "kind": kind, "name": name, "metavar": metavar,
+        }
+    }  # fmt: skip
+
+
+def nested(prefix: str = "") -> dict[str, Any]:
+    """Field metadata: a dataclass whose settings are keys too (under ``prefix``)."""
+    return {_NESTED: prefix}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,90 +78,141 @@ class Key:
     minimum: float | None = None  # inclusive lower bound of numbers
     positive: bool = False  # numbers must be > 0
     choices: tuple[str, ...] = ()
+    path: tuple[str, ...] = ()  # attribute path in the settings object
+    metavar: str | None = None
 
     @property
     def flag(self) -> str:
         return "--" + (self.dest or self.name).replace("_", "-")
 
 
-def _bus_keys() -> tuple[Key, ...]:
-    return (
-        Key("bus.url", "bus_url", "bus URL: amqp://, amqps:// (TLS) or memory://", dest="bus"),
-        Key("bus.call_timeout", "float", "default deadline of a call (s)", positive=True),
-        Key("bus.connect_timeout", "float", "deadline of connecting to the broker (s)",
-            positive=True),
-        Key("bus.confirm_timeout", "float", "wait for a publisher confirm (s)", positive=True),
-        Key("bus.prefetch", "int", "unacknowledged calls held at once", minimum=1),
-        Key("bus.stop_grace", "float", "calls in hand may finish this long at stop (s)",
-            minimum=0),
-    )  # fmt: skip
+def _kind_of(annotation: Any, declared: str | None, choices: tuple[str, ...]) -> str:
+    if declared is not None:
+        return declared
+    if choices:
+        return "choice"
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if isinstance(annotation, types.UnionType) and len(args) == 1 else annotation
+    origin = typing.get_origin(base) or base
+    kinds: dict[Any, str] = {float: "float", int: "int", bool: "bool", str: "str", Path: "path"}
+    if origin is dict:
+        return "table"
+    if origin not in kinds:
+        raise TypeError(f"no setting kind for {annotation!r}")
+    return kinds[origin]
 
 
-def agent_keys(drivers: Sequence[str]) -> tuple[Key, ...]:
-    """The keys of ``agent.toml`` (``drivers``: the driver names this agent knows)."""
-    return (
-        Key("host", "str", "this host's name on the bus", dest="host"),
-        Key("driver", "choice", "hypervisor driver", dest="driver", choices=tuple(drivers)),
-        Key("state_dir", "path", "durable state (definitions, outbox)", dest="state_dir"),
-        Key("run_dir", "path", "sockets and pid files (default STATE_DIR/run)", dest="run_dir"),
-        Key("log_level", "choice", "logging level", dest="log_level", choices=LOG_LEVELS),
-        Key("heartbeat_interval", "float", "seconds between heartbeats",
-            dest="heartbeat_interval", positive=True),
-        Key("metrics_interval", "float", "seconds between metrics passes",
-            dest="metrics_interval", positive=True),
-        Key("metrics_listen", "listen", "ADDR:PORT of the Prometheus page (default off)",
-            dest="metrics_listen"),
-        Key("command_timeout", "float", "a command running longer is failed (s)",
-            positive=True),
-        Key("shutdown_grace", "float", "time for the commands in hand at SIGTERM (s)",
-            minimum=0),
-        Key("call_memory", "int", "recent call ids remembered for redelivery", minimum=1),
-        Key("event_buffer", "int", "events held while the broker is away", minimum=1),
-        Key("rejected_events_max_bytes", "int", "size of outbox/rejected.log before it rotates",
-            minimum=1),
-        Key("cpu_overcommit", "float", "vCPUs of active guests per host CPU (start limit)",
-            dest="cpu_overcommit", positive=True),
-        Key("memory_overcommit", "float", "guest memory per host memory (start limit)",
-            dest="memory_overcommit", positive=True),
-        Key("labels", "table", "labels of this host for placement (KEY = \"VALUE\")"),
-        Key("migration_address", "str", "address other hosts stream live migrations to",
-            dest="migration_address"),
-        Key("driver_options", "table", "driver tuning (KEY = VALUE)"),
-        *_bus_keys(),
-    )  # fmt: skip
+def keys_of(
+    cls: type[Any],
+    *,
+    prefix: str = "",
+    choices: Mapping[str, Sequence[str]] | None = None,
+    path: tuple[str, ...] = (),
+) -> tuple[Key, ...]:
+    """The keys a settings dataclass declares (``choices``: values known only at run time,
+    by field name, e.g. the agent's driver names)."""
+    hints = typing.get_type_hints(cls)
+    keys: list[Key] = []
+    for f in dataclasses.fields(cls):
+        if _NESTED in f.metadata:
+            inner = hints[f.name]
+            keys += keys_of(inner, prefix=prefix + f.metadata[_NESTED], choices=choices,
+                            path=(*path, f.name))  # fmt: skip
+            continue
+        meta = f.metadata.get(_META)
+        if meta is None:
+            continue
+        allowed = tuple((choices or {}).get(f.name, ())) or meta["choices"]
+        name = prefix + (meta["name"] or f.name)
+        flag = meta["flag"]
+        dest = (flag if isinstance(flag, str) else name.replace(".", "_")) if flag else None
+        keys.append(
+            Key(
+                name, _kind_of(hints[f.name], meta["kind"], allowed), meta["help"], dest,
+                meta["minimum"], meta["positive"], allowed, (*path, f.name), meta["metavar"],
+            )
+        )  # fmt: skip
+    return tuple(keys)
 
 
-def scheduler_keys(weighers: Sequence[str]) -> tuple[Key, ...]:
-    """The keys of ``scheduler.toml``."""
-    return (
-        Key("state_dir", "path", "journal directory (shared by standbys)", dest="state_dir"),
-        Key("log_level", "choice", "logging level", dest="log_level", choices=LOG_LEVELS),
-        Key("host_down_after", "float", "a host silent this long is down (s)",
-            dest="host_down_after", positive=True),
-        Key("cpu_overcommit", "float", "vCPUs per host CPU", dest="cpu_overcommit",
-            positive=True),
-        Key("memory_overcommit", "float", "guest memory per host memory",
-            dest="memory_overcommit", positive=True),
-        Key("weigher", "choice", "spread or pack", dest="weigher", choices=tuple(weighers)),
-        Key("max_outbound", "int", "migrations leaving one host at once", dest="max_outbound",
-            minimum=1),
-        Key("max_migrations", "int", "migrations in flight in the cluster",
-            dest="max_migrations", minimum=1),
-        Key("migration_timeout", "float", "default timeout of a migration (s)",
-            dest="migration_timeout", positive=True),
-        Key("step_timeout", "float", "deadline of each agent call of a migration (s)",
-            dest="step_timeout", positive=True),
-        Key("cleanup_timeout", "float", "retry rollback steps this long (s)",
-            dest="cleanup_timeout", positive=True),
-        Key("journal_fsync", "bool", "fsync every journal write", dest="journal_fsync"),
-        Key("progress_poll", "float", "poll migration.status this often (s)", positive=True),
-        Key("claim_ttl", "float", "a placement claims its host this long (s)", positive=True),
-        Key("fanout_timeout", "float", "deadline of calls to every host (s)", positive=True),
-        Key("leader_probe", "float", "a standby checks for leadership this often (s)",
-            positive=True),
-        Key("history", "int", "finished migrations remembered", minimum=0),
-        *_bus_keys(),
-    )  # fmt: skip
+def add_flags(parser: argparse.ArgumentParser, keys: Sequence[Key]) -> None:
+    """The flags of the keys that have one; every default is None (= not given)."""
+    for key in keys:
+        if key.dest is None:
+            continue
+        flag = "--" + key.dest.replace("_", "-")
+        if key.kind == "bool":
+            parser.add_argument(flag, dest=key.dest, action=argparse.BooleanOptionalAction,
+                                default=None, help=key.help)  # fmt: skip
+        elif key.kind == "table":
+            parser.add_argument(flag, dest=key.dest, action="append", default=None,
+                                metavar="KEY=VALUE", help=f"{key.help} (repeatable)")  # fmt: skip
+        else:
+            convert: Any = {"float": float, "int": int, "path": Path}.get(key.kind, str)
+            parser.add_argument(
+                flag, dest=key.dest, type=convert, default=None,
+                choices=key.choices or None, metavar=key.metavar, help=key.help,
+            )  # fmt: skip
+
+
+def _pairs(flag: str, items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ConfigError(flag, f"wants KEY=VALUE, got {item!r}")
+        out[k] = v
+    return out
+
+
+def parse_settings(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, keys: Sequence[Key]
+) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The arguments and every setting given (``{key name: value}``): the ``--config``
+    file's, overridden by flags (tables merge, flags winning per entry). A bad file or
+    flag value exits with status 2 and one line naming the key (file) or the flag."""
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    config = getattr(args, "config", None)
+    try:
+        if config is not None:
+            values = load_config(Path(config), keys)
+    except ConfigError as exc:
+        parser.exit(CONFIG_ERROR_EXIT, f"{parser.prog}: {config}: {exc}\n")
+    for key in keys:
+        given = getattr(args, key.dest, None) if key.dest else None
+        if given is None:
+            continue
+        try:
+            if key.kind == "table":
+                values[key.name] = {**values.get(key.name, {}), **_pairs(key.flag, given)}
+            else:
+                values[key.name] = check_value(key, given)
+        except ConfigError as exc:
+            parser.exit(CONFIG_ERROR_EXIT, f"{parser.prog}: {key.flag}: {exc.reason}\n")
+    return args, values
+
+
+def build(cls: type[T], values: Mapping[str, Any], keys: Sequence[Key], **fixed: Any) -> T:
+    """``cls`` from its defaults, then the settings ``values`` (by key name), then ``fixed``."""
+    tree: dict[str, Any] = {}
+    for key in keys:
+        if key.name in values:
+            node = tree
+            for part in key.path[:-1]:
+                node = node.setdefault(part, {})
+            node[key.path[-1]] = values[key.name]
+    return _construct(cls, {**tree, **fixed})
+
+
+def _construct(cls: type[T], tree: Mapping[str, Any]) -> T:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in tree.items():
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints.get(name)):
+            value = _construct(hints[name], value)
+        kwargs[name] = value
+    return cls(**kwargs)
 
 
 def check_value(key: Key, value: Any) -> Any:
@@ -216,46 +299,38 @@ def load_config(path: Path, keys: Sequence[Key]) -> dict[str, Any]:
     return values
 
 
-def parse_with_config(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None, keys: Sequence[Key]
-) -> tuple[argparse.Namespace, dict[str, Any]]:
-    """Parse ``argv`` with the file named by ``--config`` as defaults.
-
-    Returns the arguments (flag > file > default) and the file's values of keys without a
-    flag (by dotted name). A bad file or flag value exits with status 2 and one line naming
-    the key (file) or the flag.
-    """
-    args = parser.parse_args(argv)
-    file_values: dict[str, Any] = {}
-    if getattr(args, "config", None) is not None:
-        try:
-            file_values = load_config(Path(args.config), keys)
-        except ConfigError as exc:
-            parser.exit(CONFIG_ERROR_EXIT, f"{parser.prog}: {args.config}: {exc}\n")
-        parser.set_defaults(**{k.dest: file_values[k.name] for k in keys
-                               if k.dest and k.name in file_values})  # fmt: skip
-        args = parser.parse_args(argv)
-    for key in keys:
-        if key.dest is None or key.kind == "table":
-            continue
-        value = getattr(args, key.dest, None)
-        if value is None or (key.kind == "path" and isinstance(value, Path)):
-            continue
-        try:
-            setattr(args, key.dest, check_value(key, value))
-        except ConfigError as exc:
-            parser.exit(CONFIG_ERROR_EXIT, f"{parser.prog}: {key.flag}: {exc.reason}\n")
-    return args, {k: v for k, v in file_values.items() if not _has_dest(keys, k)}
+_CONVERT: dict[Any, Any] = {float: float, int: int, str: str, Path: Path}
 
 
-def _has_dest(keys: Sequence[Key], name: str) -> bool:
-    return any(k.name == name and k.dest for k in keys)
+def options_into(cls: type[T], options: Mapping[str, str], what: str, **fixed: Any) -> T:
+    """A driver's settings dataclass from ``--driver-option KEY=VALUE`` strings: each key
+    must be a field of plain type (number, string, path, boolean), converted and checked;
+    an unknown key or a bad value is refused naming it (INVALID_ARG), never ignored."""
+    from virtbus.errors import InvalidArgument
 
-
-def extras_for(file_values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The file-only values under ``prefix`` (e.g. ``"bus."``) by their bare field names."""
-    return {
-        name.removeprefix(prefix): value
-        for name, value in file_values.items()
-        if name.startswith(prefix) and "." not in name.removeprefix(prefix)
+    hints = typing.get_type_hints(cls)
+    plain = {
+        f.name: hints[f.name]
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if hints[f.name] in (*_CONVERT, bool) and f.name not in fixed
     }
+    kwargs = dict(fixed)
+    for key, text in options.items():
+        kind = plain.get(key)
+        if kind is None:
+            known = ", ".join(sorted(plain)) or "none"
+            raise InvalidArgument(f"unknown {what} option {key!r} (known: {known})")
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError(text)
+                kwargs[key] = text.lower() in ("true", "1", "yes", "on")
+            else:
+                kwargs[key] = _CONVERT[kind](text)
+        except ValueError:
+            raise InvalidArgument(
+                f"{what} option {key} must be {kind.__name__}, got {text!r}"
+            ) from None
+        if isinstance(kwargs[key], float) and not math.isfinite(kwargs[key]):
+            raise InvalidArgument(f"{what} option {key} must be finite, got {text!r}")
+    return cls(**kwargs)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from virtbus.config import LOG_LEVELS, Key, keys_of, nested, setting
 from virtbus.protocol.codec import DecodeLimits
 
 DEFAULT_BUS_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -30,12 +33,27 @@ class Backoff:
 
 @dataclass(frozen=True, slots=True)
 class BusSettings:
-    url: str = DEFAULT_BUS_URL
-    call_timeout: float = DEFAULT_CALL_TIMEOUT  # default deadline of an RPC call
-    connect_timeout: float = 5.0
-    confirm_timeout: float = 10.0  # wait for a publisher confirm (s)
-    prefetch: int = 64  # unacked calls an agent holds at once (bounds its work queue)
-    stop_grace: float = 10.0  # a stopping RPC server waits this long for calls in hand
+    url: str = field(
+        default=DEFAULT_BUS_URL,
+        metadata=setting("bus URL: amqp://, amqps:// (TLS) or memory://", flag="bus",
+                         kind="bus_url"),
+    )  # fmt: skip
+    call_timeout: float = field(
+        default=DEFAULT_CALL_TIMEOUT,
+        metadata=setting("default deadline of a call (s)", positive=True),
+    )
+    connect_timeout: float = field(
+        default=5.0, metadata=setting("deadline of connecting to the broker (s)", positive=True)
+    )
+    confirm_timeout: float = field(
+        default=10.0, metadata=setting("wait for a publisher confirm (s)", positive=True)
+    )
+    prefetch: int = field(
+        default=64, metadata=setting("unacknowledged calls held at once", minimum=1)
+    )  # bounds an agent's work queue
+    stop_grace: float = field(
+        default=10.0, metadata=setting("calls in hand may finish this long at stop (s)", minimum=0)
+    )
     subscription_buffer: int = 1000  # messages a subscriber may have pending
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     reconnect: Backoff = field(default_factory=Backoff)
@@ -43,28 +61,90 @@ class BusSettings:
 
 @dataclass(frozen=True, slots=True)
 class AgentSettings:
-    host: str
-    driver: str = "test"
-    state_dir: Path = Path("/var/lib/virtbus")
-    run_dir: Path | None = None  # default: <state_dir>/run
-    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
-    call_memory: int = 10_000  # recent call ids remembered for redelivery
-    command_timeout: float = 300.0  # a command running longer is failed
-    shutdown_grace: float = 10.0  # time for the command in hand at SIGTERM
-    event_buffer: int = 100_000  # events held while the broker is away
-    driver_options: dict[str, str] = field(default_factory=dict)
-    # Where incoming live migrations listen: an address the other hosts can reach.
-    migration_address: str = "127.0.0.1"  # --driver-option KEY=VALUE
-    metrics_interval: float = 10.0  # s between metrics collection passes (virtbus.metrics)
-    metrics_listen: str | None = None  # ADDR:PORT of the Prometheus /metrics page; None = off
-    labels: dict[str, str] = field(default_factory=dict)  # --label KEY=VALUE, for placement
+    host: str = field(
+        default_factory=socket.gethostname,
+        metadata=setting("this host's name on the bus", flag=True),
+    )
+    driver: str = field(
+        default="test", metadata=setting("hypervisor driver", flag=True, kind="choice")
+    )
+    state_dir: Path = field(
+        default=Path("/var/lib/virtbus"),
+        metadata=setting("durable state (definitions, outbox)", flag=True),
+    )
+    run_dir: Path | None = field(
+        default=None,
+        metadata=setting("sockets and pid files (default STATE_DIR/run)", flag=True),
+    )
+    log_level: str = field(
+        default="INFO", metadata=setting("logging level", flag=True, choices=LOG_LEVELS)
+    )
+    heartbeat_interval: float = field(
+        default=DEFAULT_HEARTBEAT_INTERVAL,
+        metadata=setting("seconds between heartbeats", flag=True, positive=True),
+    )
+    metrics_interval: float = field(
+        default=10.0,
+        metadata=setting("seconds between metrics passes on virtbus.metrics", flag=True,
+                         positive=True, metavar="S"),
+    )  # fmt: skip
+    metrics_listen: str | None = field(
+        default=None,
+        metadata=setting("serve Prometheus metrics on http://ADDR:PORT/metrics (default off)",
+                         flag=True, kind="listen", metavar="ADDR:PORT"),
+    )  # fmt: skip
+    command_timeout: float = field(
+        default=300.0, metadata=setting("a command running longer is failed (s)", positive=True)
+    )
+    shutdown_grace: float = field(
+        default=10.0,
+        metadata=setting("time for the commands in hand at SIGTERM (s)", minimum=0),
+    )
+    call_memory: int = field(
+        default=10_000, metadata=setting("recent call ids remembered for redelivery", minimum=1)
+    )
+    event_buffer: int = field(
+        default=100_000, metadata=setting("events held while the broker is away", minimum=1)
+    )
+    rejected_events_max_bytes: int = field(
+        default=16 << 20,
+        metadata=setting("size of outbox/rejected.log before it rotates", minimum=1),
+    )
     # A start is refused when the host's active guests would then want more than this
     # many vCPUs per host CPU, or this much memory per byte of host memory (the
     # scheduler's ratios, checked again by the agent itself for every driver).
-    cpu_overcommit: float = 4.0
-    memory_overcommit: float = 1.0
-    rejected_events_max_bytes: int = 16 << 20  # outbox/rejected.log rotates past this
+    cpu_overcommit: float = field(
+        default=4.0,
+        metadata=setting("vCPUs of active guests per host CPU (start limit)", flag=True,
+                         positive=True, metavar="R"),
+    )  # fmt: skip
+    memory_overcommit: float = field(
+        default=1.0,
+        metadata=setting("guest memory per host memory (start limit)", flag=True,
+                         positive=True, metavar="R"),
+    )  # fmt: skip
+    labels: dict[str, str] = field(
+        default_factory=dict,
+        metadata=setting('labels of this host for placement (KEY = "VALUE")', flag="label"),
+    )
+    # Where incoming live migrations listen: an address the other hosts can reach.
+    migration_address: str = field(
+        default="127.0.0.1",
+        metadata=setting("address other hosts stream live migrations to", flag=True,
+                         metavar="ADDR"),
+    )  # fmt: skip
+    driver_options: dict[str, str] = field(
+        default_factory=dict,
+        metadata=setting("driver tuning (KEY = VALUE; each driver refuses unknown keys)",
+                         flag="driver_option"),
+    )  # fmt: skip
+    bus: BusSettings = field(default_factory=BusSettings, metadata=nested("bus."))
 
     @property
     def runtime_dir(self) -> Path:
         return self.run_dir or self.state_dir / "run"
+
+
+def agent_keys(drivers: Sequence[str]) -> tuple[Key, ...]:
+    """The keys of ``agent.toml`` (``drivers``: the driver names this agent knows)."""
+    return keys_of(AgentSettings, choices={"driver": drivers})

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from virtbus.errors import InvalidArgument
+from virtbus.config import options_into
 from virtbus.settings import Backoff
 
 DEFAULT_XENSTORED_PATH = "/run/xenstored/socket"
@@ -59,21 +59,10 @@ class XenSettings:
 
     @classmethod
     def from_options(cls, state_dir: Path, options: Mapping[str, str]) -> XenSettings:
-        """From the agent's ``--driver-option KEY=VALUE`` map: xl_path, xenstored_path,
-        migrate_ssh, migrate_host and the float settings (``reconcile_interval`` ...)."""
-        floats = ("xl_timeout", "list_timeout", "reconcile_interval", "debounce",
-                  "start_timeout", "migrate_timeout")  # fmt: skip
-        kwargs: dict[str, Any] = {"state_dir": state_dir}
-        for key, value in options.items():
-            if key in floats:
-                try:
-                    kwargs[key] = float(value)
-                except ValueError:
-                    raise InvalidArgument(f"xen driver option {key} must be a number") from None
-            elif key in ("xl_path", "migrate_ssh", "migrate_host"):
-                kwargs[key] = value
-            elif key == "xenstored_path":
-                kwargs["xenstore"] = XenStoreSettings(path=value)
-            else:
-                raise InvalidArgument(f"unknown xen driver option {key!r}")
-        return cls(**kwargs)
+        """From the agent's ``--driver-option KEY=VALUE`` map: the plain fields (xl_path,
+        migrate_ssh, migrate_host, the timeouts ...) and ``xenstored_path``."""
+        plain = {k: v for k, v in options.items() if k != "xenstored_path"}
+        fixed: dict[str, Any] = {"state_dir": state_dir}
+        if "xenstored_path" in options:
+            fixed["xenstore"] = XenStoreSettings(path=options["xenstored_path"])
+        return options_into(cls, plain, "xen driver", **fixed)

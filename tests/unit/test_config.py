@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 
 from agent.__main__ import parse_args as agent_args
+from agent.__main__ import settings_from as agent_settings
 from scheduler.__main__ import parse_args as scheduler_args
 from scheduler.__main__ import settings_from
-from virtbus.config import ConfigError, agent_keys, load_config, scheduler_keys
+from scheduler.settings import scheduler_keys
+from virtbus.config import ConfigError, load_config
+from virtbus.settings import agent_keys
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENT_KEYS = agent_keys(("test", "qemu"))
@@ -96,30 +99,30 @@ def test_file_sets_defaults_and_flags_override(tmp_path: Path) -> None:
         "[labels]\nrack = 'r1'\nzone = 'a'\n[driver_options]\ndelay = 0.2\n"
         "[bus]\nurl = 'amqp://u:p@h:5672/v'\nprefetch = 7\n",
     )
-    args = agent_args(["--config", str(cfg), "--heartbeat-interval", "1.5", "--label", "zone=b"])
-    assert (args.host, args.heartbeat_interval, args.bus) == (
+    argv = ["--config", str(cfg), "--heartbeat-interval", "1.5", "--label", "zone=b"]
+    settings = agent_settings(agent_args(argv)[1])
+    assert (settings.host, settings.heartbeat_interval, settings.bus.url) == (
         "from-file",
         1.5,
         "amqp://u:p@h:5672/v",
     )
-    extra = args.file_settings
-    assert extra["command_timeout"] == 42.0 and extra["bus.prefetch"] == 7
-    assert extra["labels"] == {"rack": "r1", "zone": "a"} and extra["driver_options"] == {
-        "delay": "0.2"
-    }
-    args = agent_args(["--config", str(cfg), "--host", "from-flag"])
-    assert args.host == "from-flag"
+    assert settings.command_timeout == 42.0 and settings.bus.prefetch == 7
+    assert settings.labels == {"rack": "r1", "zone": "b"}  # the flag wins, per label
+    assert settings.driver_options == {"delay": "0.2"}
+    flagged = agent_settings(agent_args(["--config", str(cfg), "--host", "from-flag"])[1])
+    assert flagged.host == "from-flag"
+    assert agent_settings(agent_args([])[1]).heartbeat_interval == 2.0  # the default
 
 
 def test_scheduler_file_reaches_its_settings(tmp_path: Path) -> None:
     cfg = write(
         tmp_path, "max_outbound = 3\nweigher = 'pack'\njournal_fsync = true\nclaim_ttl = 9\n"
     )
-    settings = settings_from(scheduler_args(["--config", str(cfg), "--max-migrations", "5"]))
+    settings = settings_from(scheduler_args(["--config", str(cfg), "--max-migrations", "5"])[1])
     assert (settings.max_outbound_per_host, settings.max_migrations) == (3, 5)
     assert settings.placement.weigher == "pack" and settings.journal_fsync
     assert settings.claim_ttl == 9.0
-    no_fsync = settings_from(scheduler_args(["--config", str(cfg), "--no-journal-fsync"]))
+    no_fsync = settings_from(scheduler_args(["--config", str(cfg), "--no-journal-fsync"])[1])
     assert not no_fsync.journal_fsync
 
 
@@ -166,3 +169,31 @@ def test_examples_load_and_document_every_key(example: str, keys: tuple) -> None
             f"{example} lacks {key.name}"
         )
         assert f"`{key.name}`" in readme, f"README lacks {key.name}"
+
+
+@pytest.mark.parametrize("driver", ["test", "qemu", "xen"])
+def test_every_driver_refuses_an_unknown_or_bad_option(tmp_path: Path, driver: str) -> None:
+    from agent.drivers import make_driver
+    from virtbus.errors import InvalidArgument
+    from virtbus.settings import AgentSettings
+
+    def settings(**options: str) -> AgentSettings:
+        return AgentSettings(host="h", driver=driver, state_dir=tmp_path, driver_options=options)
+
+    with pytest.raises(InvalidArgument, match=f"unknown {driver} driver option 'bogus'"):
+        make_driver(settings(bogus="1"))
+    number = {"test": "delay", "qemu": "qmp_timeout", "xen": "xl_timeout"}[driver]
+    with pytest.raises(InvalidArgument, match=f"option {number} must be float"):
+        make_driver(settings(**{number: "soon"}))
+
+
+def test_qemu_settings_come_from_driver_options(tmp_path: Path) -> None:
+    from agent.drivers import make_driver
+    from virtbus.settings import AgentSettings
+
+    options = {"qmp_timeout": "3.5", "emulator": "/opt/qemu/bin/qemu-system-x86_64"}
+    driver = make_driver(
+        AgentSettings(host="h", driver="qemu", state_dir=tmp_path, driver_options=options)
+    )
+    assert driver._settings.qmp_timeout == 3.5  # type: ignore[attr-defined]
+    assert driver._settings.emulator.startswith("/opt/qemu")  # type: ignore[attr-defined]
