@@ -32,7 +32,13 @@ import msgspec
 
 from agent.calllog import CallLog
 from virtbus.bus.rpc import body_from_exception
-from virtbus.errors import InternalError, OperationTimeout, ProtocolError, VirtbusError
+from virtbus.errors import (
+    InternalError,
+    OperationFailed,
+    OperationTimeout,
+    ProtocolError,
+    VirtbusError,
+)
 from virtbus.protocol.base import Message, to_wire
 from virtbus.protocol.envelope import Envelope, error_body, ok_body
 from virtbus.protocol.registry import Op
@@ -134,9 +140,10 @@ class Dispatcher:
                 )
                 return _answered(
                     error_body(
-                        ProtocolError.code,
-                        f"call id {call.id!r} was already used for a different call "
-                        f"({_op_of(seen)}): every call needs an id of its own",
+                        ProtocolError(
+                            f"call id {call.id!r} was already used for a different call "
+                            f"({_op_of(seen)}): every call needs an id of its own"
+                        )
                     )
                 )
             log.info("call %s (%s) redelivered: answering from memory", call.id, call.op)
@@ -150,11 +157,11 @@ class Dispatcher:
         try:
             prepared = self._prepare(call)
         except VirtbusError as exc:
-            reply.set_result(error_body(exc.code, exc.message))
+            reply.set_result(error_body(exc))
             return reply
         except Exception as exc:  # a bug must become a reply, not a dead consumer
             log.exception("call %s (%s) could not be prepared", call.id, call.op)
-            reply.set_result(error_body(InternalError.code, f"{type(exc).__name__}: {exc}"))
+            reply.set_result(error_body(InternalError(f"{type(exc).__name__}: {exc}")))
             return reply
         before = None
         if prepared.key is not None:
@@ -193,7 +200,7 @@ class Dispatcher:
                 reply.set_result(body)
         except asyncio.CancelledError:
             if not reply.done():
-                reply.set_result(error_body("OPERATION_FAILED", "agent stopped mid-command"))
+                reply.set_result(error_body(OperationFailed("agent stopped mid-command")))
             raise
         except Exception as exc:  # the future must complete, whatever failed
             log.exception("call %s (%s): dispatch failed", call.id, call.op)
@@ -231,7 +238,7 @@ class Dispatcher:
         except Exception as exc:  # a bug must become a reply, not a dead consumer
             log.exception("call %s (%s) failed unexpectedly", call.id, call.op)
             err = InternalError(f"{type(exc).__name__}: {exc}")
-        return error_body(err.code, err.message)
+        return error_body(err)
 
     async def before_ack(self, call: Envelope) -> None:
         """The transport acks a call only once its reply is recorded: a call redelivered

@@ -82,7 +82,7 @@ def test_depth_limit() -> None:
 
 
 def test_error_reply_maps_back_to_typed_error() -> None:
-    body = error_body("NO_DOMAIN", "no such domain")
+    body = error_body(NoDomainError("no such domain"))
     err = error_from_wire(body["error"])
     assert isinstance(err, NoDomainError) and err.message == "no such domain"
     assert isinstance(

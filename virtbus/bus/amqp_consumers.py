@@ -201,7 +201,7 @@ class AmqpServer:
             try:
                 data = encode(reply)
             except ProtocolError as exc:
-                data = encode(reply_to(call, error_body(exc.code, exc.message), self._bus.src))
+                data = encode(reply_to(call, error_body(exc), self._bus.src))
             # Echo the AMQP correlation id (ours equals the envelope id; other clients may differ).
             await self._send_reply(address, message.correlation_id or call.id, data)
         if self._before_ack is not None and awaitable is not None:
@@ -227,7 +227,7 @@ class AmqpServer:
         reply = Envelope(
             kind=Kind.REPLY,
             op="invalid",
-            body=error_body(exc.code, exc.message),
+            body=error_body(exc),
             src=self._bus.src,
             id=call_id,
         )

@@ -135,7 +135,7 @@ class MemoryServer:
             if call.kind is not Kind.CALL:
                 raise ProtocolError(f"expected a call, got {call.kind}")
         except ProtocolError as exc:
-            failed = Envelope(kind=Kind.REPLY, op="invalid", body=error_body(exc.code, exc.message))
+            failed = Envelope(kind=Kind.REPLY, op="invalid", body=error_body(exc))
             _resolve(reply, encode(failed))
             return
         if time.time() > deadline:
@@ -153,7 +153,7 @@ class MemoryServer:
         try:
             data = encode(reply_to(call, body, self._bus.src))
         except ProtocolError as exc:
-            data = encode(reply_to(call, error_body(exc.code, exc.message), self._bus.src))
+            data = encode(reply_to(call, error_body(exc), self._bus.src))
         _resolve(reply, data)
         if self._before_ack is not None:
             await self._before_ack(call)  # nothing to ack in memory, but the same order

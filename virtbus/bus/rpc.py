@@ -20,9 +20,9 @@ def no_route(route: str) -> NoConnect:
 def body_from_exception(exc: Exception, op: str) -> dict[str, Any]:
     """A handler failure never kills a consumer: it becomes an error reply."""
     if isinstance(exc, VirtbusError):
-        return error_body(exc.code, exc.message)
+        return error_body(exc)
     log.error("handler for %r failed", op, exc_info=exc)
-    return error_body(InternalError.code, f"{type(exc).__name__}: {exc}")
+    return error_body(InternalError(f"{type(exc).__name__}: {exc}"))
 
 
 def checked_body(body: Any, op: str) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def checked_body(body: Any, op: str) -> dict[str, Any]:
     if isinstance(body, dict) and isinstance(body.get("ok"), bool):
         return body
     log.error("handler for %r returned a malformed reply body: %r", op, type(body))
-    return error_body(InternalError.code, f"handler for {op!r} returned a malformed reply")
+    return error_body(InternalError(f"handler for {op!r} returned a malformed reply"))
 
 
 async def settle(awaitable: Awaitable[dict[str, Any]], op: str) -> dict[str, Any]:

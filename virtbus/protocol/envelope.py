@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from virtbus.errors import VirtbusError
+
 PROTOCOL_VERSION = 1
 
 
@@ -58,8 +60,9 @@ def ok_body(result: Any) -> dict[str, Any]:
     return {"ok": True, "result": result}
 
 
-def error_body(code: str, message: str) -> dict[str, Any]:
-    return {"ok": False, "error": {"code": code, "message": message}}
+def error_body(error: VirtbusError) -> dict[str, Any]:
+    """The one way an error becomes a reply body: the error's own wire form."""
+    return {"ok": False, "error": error.to_wire()}
 
 
 def reply_to(call: Envelope, body: dict[str, Any], src: str) -> Envelope:
