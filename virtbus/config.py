@@ -148,7 +148,7 @@ def add_flags(parser: argparse.ArgumentParser, keys: Sequence[Key]) -> None:
             parser.add_argument(flag, dest=key.dest, action="append", default=None,
                                 metavar="KEY=VALUE", help=f"{key.help} (repeatable)")  # fmt: skip
         else:
-            convert: Any = {"float": float, "int": int, "path": Path}.get(key.kind, str)
+            convert: Any = {"float": float, "int": int}.get(key.kind, str)  # paths: check_value
             parser.add_argument(
                 flag, dest=key.dest, type=convert, default=None,
                 choices=key.choices or None, metavar=key.metavar, help=key.help,

@@ -197,3 +197,9 @@ def test_qemu_settings_come_from_driver_options(tmp_path: Path) -> None:
     )
     assert driver._settings.qmp_timeout == 3.5  # type: ignore[attr-defined]
     assert driver._settings.emulator.startswith("/opt/qemu")  # type: ignore[attr-defined]
+
+
+def test_path_flags_reach_the_settings(tmp_path: Path) -> None:
+    argv = ["--state-dir", str(tmp_path / "s"), "--run-dir", str(tmp_path / "r")]
+    settings = agent_settings(agent_args(argv)[1])
+    assert (settings.state_dir, settings.runtime_dir) == (tmp_path / "s", tmp_path / "r")
