@@ -8,13 +8,26 @@ TTY, and colour also respects ``NO_COLOR`` (https://no-color.org) and ``TERM=dum
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from typing import TextIO
 
 CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "blue": "34",
          "magenta": "35", "cyan": "36"}  # fmt: skip
 BAR_WIDTH = 24  # cells of a progress bar
+
+
+def columns(fallback: int = 100) -> int:
+    """The terminal's width, as shutil.get_terminal_size finds it (without importing
+    shutil, whose imports cost a one-shot command a few milliseconds)."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    stream = sys.__stdout__
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or fallback if stream else fallback
+    except (ValueError, OSError):
+        return fallback
 
 
 def is_tty(stream: TextIO | None = None) -> bool:
@@ -66,7 +79,7 @@ class ProgressLine:
             return
         self._last = text
         if self.tty:
-            cols = shutil.get_terminal_size((100, 24)).columns - 1
+            cols = columns() - 1
             self.stream.write("\r" + text[:cols].ljust(cols))
             self._drawn = True
         else:
@@ -76,7 +89,7 @@ class ProgressLine:
     def interrupt(self) -> None:
         """Erase the redrawn line (other output goes there); the next update redraws it."""
         if self.tty and self._drawn:
-            cols = shutil.get_terminal_size((100, 24)).columns - 1
+            cols = columns() - 1
             self.stream.write("\r" + " " * cols + "\r")
             self.stream.flush()
             self._drawn = False
