@@ -1,16 +1,29 @@
 """The bodies of the messages that are not calls: events, heartbeats, metrics.
 
 They are published (``kind`` event, heartbeat, metrics) rather than answered; their
-``op`` names the body type below. A subscriber decodes them with :func:`decode_message`.
+``op`` names the body type. Each is declared once with :func:`published` — its op, body
+type, exchange and routing key — in :data:`MESSAGES`, which the README tables and the
+AsyncAPI document read as they read the op registry. A subscriber decodes a body with
+:func:`decode_message`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Final
 
 from msgspec import field as default
 
+from virtbus.bus.topology import (
+    EVENTS_EXCHANGE,
+    HEARTBEAT_KEY_SUFFIX,
+    HOST_METRICS_WORD,
+    HOSTS_EXCHANGE,
+    METRICS_EXCHANGE,
+)
 from virtbus.protocol.base import HostName, Message, NonNegInt, decode
+from virtbus.protocol.envelope import Kind
+from virtbus.protocol.events import routing_word
 from virtbus.protocol.host import HostInventory
 
 StatValue = int | float | str
@@ -53,22 +66,70 @@ class HostMetrics(Message):
     stats: dict[str, StatValue] = default(default_factory=dict)
 
 
-EVENT_DOMAIN: Final = "domain.event"
-HEARTBEAT: Final = "host.heartbeat"
-METRICS_DOMAIN: Final = "metrics.domain"
-METRICS_HOST: Final = "metrics.host"
+@dataclass(frozen=True, slots=True)
+class Published:
+    """A message that is published, not answered: what it carries and where it goes.
 
-MESSAGES: Final[dict[str, type[Message]]] = {
-    EVENT_DOMAIN: DomainEvent,
-    HEARTBEAT: HostInventory,
-    METRICS_DOMAIN: DomainMetrics,
-    METRICS_HOST: HostMetrics,
-}
+    ``routing_key`` is a pattern of words, ``{host}.{domain}.{event}``: each ``{word}``
+    is a name made safe by :func:`~virtbus.protocol.events.routing_word`.
+    """
+
+    op: str
+    body: type[Message]
+    kind: Kind
+    exchange: str
+    routing_key: str
+    summary: str
+    persistent: bool = False  # published persistent, with publisher confirms
+
+    def key(self, **words: str) -> str:
+        """The routing key of one message (``key(host="a", domain="web.1", ...)``)."""
+        return self.routing_key.format_map({k: routing_word(v) for k, v in words.items()})
+
+
+MESSAGES: Final[dict[str, Published]] = {}
+
+
+def published(
+    op: str,
+    body: type[Message],
+    kind: Kind,
+    exchange: str,
+    routing_key: str,
+    summary: str,
+    *,
+    persistent: bool = False,
+) -> str:
+    """Declare and register a published message; an op is declared once."""
+    if op in MESSAGES:
+        raise ValueError(f"message {op!r} is declared twice")
+    MESSAGES[op] = Published(op, body, kind, exchange, routing_key, summary, persistent)
+    return op
+
+
+EVENT_DOMAIN: Final = published(
+    "domain.event", DomainEvent, Kind.EVENT, EVENTS_EXCHANGE, "{host}.{domain}.{event}",
+    "a domain's libvirt event (kept in the history stream virtbus.events.history)",
+    persistent=True,
+)  # fmt: skip
+HEARTBEAT: Final = published(
+    "host.heartbeat", HostInventory, Kind.HEARTBEAT,
+    HOSTS_EXCHANGE, f"{{host}}.{HEARTBEAT_KEY_SUFFIX}",
+    "an agent's inventory, every heartbeat interval (2 s by default)",
+)  # fmt: skip
+METRICS_DOMAIN: Final = published(
+    "metrics.domain", DomainMetrics, Kind.METRICS, METRICS_EXCHANGE, "{host}.{domain}",
+    "one domain's statistics of a collection pass (best effort)",
+)  # fmt: skip
+METRICS_HOST: Final = published(
+    "metrics.host", HostMetrics, Kind.METRICS, METRICS_EXCHANGE, f"{{host}}.{HOST_METRICS_WORD}",
+    "the host's figures of a collection pass (best effort)",
+)  # fmt: skip
 
 
 def decode_message(op: str, body: Any) -> Message:
     """A published body as its declared type (INVALID_ARG naming the field)."""
-    kind = MESSAGES.get(op)
-    if kind is None:
+    declared = MESSAGES.get(op)
+    if declared is None:
         raise ValueError(f"no message type for {op!r}")
-    return decode(body, kind)
+    return decode(body, declared.body)
