@@ -1,0 +1,138 @@
+"""docs/asyncapi.yaml passes AsyncAPI's own validator, and the validator has teeth.
+
+``asyncapi validate`` (npm @asyncapi/cli, installed by deploy/setup-dev into
+~/.cache/virtbus/npm) parses the document with AsyncAPI's parser: the 3.0 JSON Schema of
+the document, every $ref resolved, operations' messages within their channels, every
+payload a valid schema, and Spectral's AsyncAPI rules (warnings fail too). Its usage
+analytics stay off. The YAML is also read back with js-yaml and compared with the data it
+was written from.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from virtbus.protocol import schema
+
+PREFIX = Path(os.environ.get("VIRTBUS_NPM_PREFIX", Path.home() / ".cache" / "virtbus" / "npm"))
+CLI = PREFIX / "node_modules" / ".bin" / "asyncapi"
+ANALYTICS_OFF = PREFIX / "asyncapi-analytics.json"
+TIMEOUT = 180  # s: the CLI starts slowly on a loaded machine
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    if not CLI.exists() or not ANALYTICS_OFF.exists():
+        pytest.fail(f"AsyncAPI's CLI is not installed in {PREFIX}: run deploy/setup-dev")
+    home = tmp_path_factory.mktemp("asyncapi-home")  # its context store, not ours
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "CI": "true",
+        "ASYNCAPI_METRICS_CONFIG_PATH": str(ANALYTICS_OFF),
+        "NODE_PATH": str(PREFIX / "node_modules"),
+    }
+
+
+def validate(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(CLI), "validate", str(path), "--fail-severity", "warn"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
+
+
+def test_the_document_passes_asyncapi_validate(cli_env: dict[str, str]) -> None:
+    done = validate(schema.ASYNCAPI, cli_env)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "is valid" in out and "0 errors, 0 warnings" in out, out
+
+
+def _drop_action(doc: dict[str, Any]) -> None:
+    del doc["operations"]["domain.define"]["action"]
+
+
+def _dangling_ref(doc: dict[str, Any]) -> None:
+    payload = doc["components"]["messages"]["domain.start.call"]["payload"]
+    payload["allOf"][1]["properties"]["body"] = {"$ref": "#/components/schemas/NoSuchBody"}
+
+
+def _bad_schema(doc: dict[str, Any]) -> None:
+    doc["components"]["schemas"]["DomainTarget"]["properties"]["domain"]["type"] = "text"
+
+
+def _message_outside_its_channel(doc: dict[str, Any]) -> None:
+    doc["operations"]["domain.info"]["messages"] = [
+        {"$ref": "#/channels/reply/messages/domain.info.reply"}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("breakage", "words"),
+    [
+        pytest.param(_drop_action, "action", id="operation-without-action"),
+        pytest.param(_dangling_ref, "NoSuchBody", id="dangling-ref"),
+        pytest.param(_bad_schema, "type", id="invalid-json-schema"),
+        pytest.param(_message_outside_its_channel, "does not belong", id="message-elsewhere"),
+    ],
+)
+def test_the_validator_refuses_a_broken_document(
+    breakage: Any, words: str, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """Each breakage, alone, of the generated document makes ``asyncapi validate`` fail."""
+    doc = copy.deepcopy(schema.asyncapi())
+    breakage(doc)
+    broken = tmp_path / "asyncapi.yaml"
+    broken.write_text(schema.to_yaml(doc), encoding="utf-8")
+    done = validate(broken, cli_env)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out
+    assert "error" in out and words in out, out
+
+
+def test_the_yaml_reads_back_as_the_document(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """js-yaml (the CLI's own YAML parser) loads exactly the data the YAML was written from."""
+    expected = tmp_path / "expected.json"
+    expected.write_text(json.dumps(schema.asyncapi()), encoding="utf-8")
+    script = (
+        "const yaml = require('js-yaml'), fs = require('fs'), util = require('util');"
+        "const got = yaml.load(fs.readFileSync(process.argv[1], 'utf8'));"
+        "const want = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));"
+        "process.exit(util.isDeepStrictEqual(got, want) ? 0 : 3);"
+    )
+    done = subprocess.run(
+        ["node", "-e", script, str(schema.ASYNCAPI), str(expected)],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_tricky_strings_survive_the_yaml_writer(cli_env: dict[str, str], tmp_path: Path) -> None:
+    values = ["", "true", "No", "null", "0.1.0", "3", "#/a", "a: b", "- x", "é → ü 😀",
+              "line\nnext", '"q"', "tab\t", " lead", "$ref", "~", "@x", "*x", "&x", "!x",
+              "%x", "`x", "x #y", "{a}", "[a]", "\u2028", "\x00"]  # fmt: skip
+    data = {"values": values, "keys": {v: i for i, v in enumerate(values)}, "nest": [[1, [2]]]}
+    written = tmp_path / "t.yaml"
+    written.write_text(schema.to_yaml(data), encoding="utf-8")
+    script = (
+        "const yaml = require('js-yaml'), fs = require('fs');"
+        "process.stdout.write(JSON.stringify(yaml.load(fs.readFileSync(process.argv[1], 'utf8'))));"
+    )
+    done = subprocess.run(
+        ["node", "-e", script, str(written)], capture_output=True, text=True, env=cli_env
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == data
