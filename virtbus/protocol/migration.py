@@ -25,7 +25,10 @@ MAX_PARALLEL = 255  # QEMU's multifd-channels maximum
 MAX_BANDWIDTH_MIB_S = 1 << 20  # 1 TiB/s: QEMU's max-bandwidth (bytes/s) fits with room
 MAX_DOWNTIME_MS = 2_000_000  # QEMU's MAX_MIGRATE_DOWNTIME (2000 s)
 DEFAULT_LISTEN = "127.0.0.1"
-Address = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_\[\]%-]+$")]
+# `$(?!\n)`: Python's `$` also matches before a final newline (JSON Schema's does not)
+Address = Annotated[
+    str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_\[\]%-]+$(?!\n)")
+]
 
 
 class MigrationParams(Message):
