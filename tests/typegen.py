@@ -8,7 +8,8 @@ so this builds strategies from :func:`msgspec.inspect.type_info`:
 - :func:`out_of_range` — values of the right type that break a constraint;
 - :func:`spots` — every place in a body where a field sits (``params.parallel``,
   ``domains[0]``), to put one bad value at and to name in the expected error;
-- :func:`with_unknown_fields` — a wire value with an unknown field in every map of a struct.
+- :func:`with_unknown_fields` — a wire value with an unknown field in every map of a struct;
+- :func:`minimal` — a small valid wire value, deterministically.
 
 A type it does not know raises ``NotImplementedError``: extend it when an op uses one.
 """
@@ -322,3 +323,40 @@ def with_unknown_fields(t: mi.Type, wire: Any, extra: Any) -> Any:
     if isinstance(t, mi.DictType) and isinstance(wire, dict):
         return {k: with_unknown_fields(t.value_type, v, extra) for k, v in wire.items()}
     return wire
+
+
+def minimal(t: mi.Type) -> Any:
+    """A small valid wire value of ``t``, deterministically (for calls to a real agent)."""
+    if isinstance(t, mi.StructType):
+        return {f.encode_name: minimal(f.type) for f in t.fields if f.required}
+    if isinstance(t, mi.UnionType):
+        members = [m for m in t.types if not isinstance(m, mi.NoneType)] or list(t.types)
+        return minimal(members[0])
+    if isinstance(t, mi.StrType):
+        text = "a" * max(1, t.min_length or 0)
+        if t.pattern is not None and not re.search(t.pattern, text):
+            raise NotImplementedError(f"typegen: no minimal string for {t.pattern!r}")
+        return text
+    if isinstance(t, mi.IntType | mi.FloatType):
+        low = t.ge if t.ge is not None else t.gt + 1 if t.gt is not None else 0
+        return low if isinstance(t, mi.IntType) else float(low)
+    if isinstance(t, mi.EnumType):
+        return next(iter(t.cls)).value
+    if isinstance(t, mi.LiteralType):
+        return t.values[0]
+    simple: dict[type[mi.Type], Any] = {
+        mi.BoolType: False,
+        mi.NoneType: None,
+        mi.AnyType: None,
+        mi.ListType: [],
+        mi.VarTupleType: [],
+        mi.DictType: {},
+    }
+    for cls, value in simple.items():
+        if isinstance(t, cls):
+            if getattr(t, "min_length", None):
+                raise NotImplementedError(f"typegen: minimal non-empty container ({t!r})")
+            return value
+    if isinstance(t, mi.TupleType):
+        return [minimal(i) for i in t.item_types]
+    raise NotImplementedError(f"typegen: no minimal value for {t!r}")

@@ -317,9 +317,10 @@ def _wire_schemas() -> dict[str, Any]:
                 DEADLINE_HEADER: {
                     "type": "number",
                     "description": (
-                        "the absolute deadline: epoch milliseconds (an integer; what "
-                        "virtbus sends) or epoch seconds. A call that reaches its server "
-                        "later is dropped, never executed late."
+                        "the absolute deadline as an integer: epoch milliseconds (what "
+                        "virtbus sends) or epoch seconds (no float: header tables may carry "
+                        "it as 32 bits). A call that reaches its server later is dropped, "
+                        "never executed late."
                     ),
                 }
             },
