@@ -122,7 +122,17 @@ class Gen:
         required = {f.name: self.valid(f.type) for f in t.fields if f.required}
         optional = {f.name: self.valid(f.type) for f in t.fields if not f.required}
         cls = t.cls
-        return st.fixed_dictionaries(required, optional=optional).map(lambda kw: cls(**kw))
+
+        def build(kw: dict[str, Any]) -> Any:
+            """The struct, or None when its ``__post_init__`` refuses the combination (a
+            rule across fields, or beyond a pattern, that the type info cannot show)."""
+            try:
+                return cls(**kw)
+            except Exception:  # noqa: BLE001 - whatever a __post_init__ raises is a refusal
+                return None
+
+        fields = st.fixed_dictionaries(required, optional=optional)
+        return fields.map(build).filter(lambda value: value is not None)
 
 
 # --- which kinds of wire value a type takes ------------------------------------------
