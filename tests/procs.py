@@ -1,4 +1,5 @@
-"""Real processes for tests: a ``virtbus-agent`` and the ``virtbus`` CLI, as users run them."""
+"""Real processes for tests: ``virtbus-agent``, ``virtbus-scheduler`` and the ``virtbus`` CLI,
+as users run them (no virtbus import here: tests of raw clients use it too)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,3 +150,65 @@ async def event_listener(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+SCHEDULER = (
+    [str(BIN / "virtbus-scheduler")]
+    if (BIN / "virtbus-scheduler").exists()
+    else [sys.executable, "-m", "scheduler"]
+)
+
+
+@asynccontextmanager
+async def scheduler_process(
+    state_dir: Path, *extra: str, bus: str = BUS_URL
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A real scheduler (short host-down and step timeouts); stopped with SIGTERM. Give it
+    a vhost of its own: the scheduler queue has a single active consumer."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log = open(state_dir / "scheduler.log", "ab")  # noqa: SIM115  # closed below; tiny local file
+    proc = await asyncio.create_subprocess_exec(
+        *SCHEDULER,
+        "--bus",
+        bus,
+        "--state-dir",
+        str(state_dir),
+        "--host-down-after",
+        "3",
+        "--step-timeout",
+        "5",
+        "--cleanup-timeout",
+        "5",
+        *extra,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=log,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert b"ready" in line, f"scheduler did not start: {line!r}"
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 20)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        log.close()
+
+
+@contextmanager
+def private_vhost(name: str) -> Iterator[str]:
+    """A RabbitMQ vhost of its own (rabbitmqctl), deleted afterwards: its URL."""
+
+    def ctl(*args: str) -> None:
+        subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+    ctl("add_vhost", name)
+    try:
+        ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
+    finally:
+        ctl("delete_vhost", name)
