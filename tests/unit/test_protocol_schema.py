@@ -7,7 +7,9 @@ validator itself runs in tests/unit/test_asyncapi.py.
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from virtbus import errors
 from virtbus.bus.topology import HOSTS_EXCHANGE
 from virtbus.protocol import schema
 from virtbus.protocol.base import Message
@@ -195,3 +198,17 @@ def test_json_schemas_are_draft_07_and_complete() -> None:
     assert schemas["MigrationParams"]["properties"]["parallel"] == {
         "type": "integer", "minimum": 0, "maximum": 255, "default": 0,
     }  # fmt: skip
+
+
+def test_the_readme_lists_every_error_type_with_its_code() -> None:
+    """The client section's error table, against virtbus.errors (hand-written, so checked)."""
+    text = schema.README.read_text(encoding="utf-8")
+    table = text[text.index("| class | code | raised when |") :].split("\n\n", 1)[0]
+    listed = dict(re.findall(r"^\| `(\w+)` \| `([A-Z_]+)` \|", table, re.MULTILINE))
+    raised = {
+        name: cls.code
+        for name, cls in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(cls, errors.VirtbusError)
+        and cls not in (errors.VirtbusError, errors.RetryableError)
+    }
+    assert listed == raised
