@@ -199,13 +199,12 @@ def wrong_values(t: mi.Type) -> list[Any]:
 def out_of_range(t: mi.Type, sample: Callable[[mi.Type], Any]) -> list[Any]:
     """Values of the right kind that break one of ``t``'s constraints (``sample`` gives a
     valid value of a member type, to break a pattern with)."""
+    found: list[Any] = []
     if isinstance(t, mi.UnionType):
-        found = []
         for member in t.types:
             others = [m for m in t.types if m is not member]
             found += [v for v in out_of_range(member, sample) if not _taken(others, v)]
         return found
-    found: list[Any] = []
     if isinstance(t, mi.IntType | mi.FloatType):
         one = 1 if isinstance(t, mi.IntType) else 1.0
         if t.ge is not None:

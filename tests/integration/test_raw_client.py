@@ -210,7 +210,7 @@ async def test_errors_have_the_documented_shape(raw: RawClient, tmp_path: Path) 
     async with agent_process(host, tmp_path):
         await raw.result(host, "domain.define", {"xml": XML})
         await raw.result(host, "domain.start", {"domain": "raw1"})
-        cases = [
+        cases: list[tuple[str, dict[str, Any], str, str]] = [
             ("domain.start", {"domain": "nope"}, "NO_DOMAIN", "nope"),
             ("domain.start", {"domain": 7}, "INVALID_ARG", "'domain'"),
             ("domain.define", {}, "INVALID_ARG", "'xml'"),

@@ -79,10 +79,12 @@ def _bodies() -> list[Body]:
         found.append(Body(f"{op.name}:request", op.request, op.decode_request, InvalidArgument))
         found.append(Body(f"{op.name}:result", op.result, op.decode_result, ProtocolError))
     for m in MESSAGES:
-        found.append(
-            Body(f"{m.op}:body", m.body, lambda b, op=m.op: decode_message(op, b), InvalidArgument)
-        )
+        found.append(Body(f"{m.op}:body", m.body, _message_decoder(m.op), InvalidArgument))
     return found
+
+
+def _message_decoder(op: str) -> Callable[[Any], Any]:
+    return lambda body: decode_message(op, body)
 
 
 BODIES = _bodies()
