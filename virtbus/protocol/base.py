@@ -36,6 +36,16 @@ Seconds = Annotated[float, Meta(gt=0, le=86_400 * 366)]
 NonNegSeconds = Annotated[float, Meta(ge=0, le=86_400 * 366)]
 
 
+class BadValue(InvalidArgument, ValueError):
+    """A value a message's ``__post_init__`` refuses. It is a ValueError so that msgspec,
+    decoding, names the field's path itself (``'seen.params': ...``) and the decode
+    function maps it as any other field error (INVALID_ARG in a request, RPC_ERROR in an
+    answer); built directly in code, it is an INVALID_ARG."""
+
+    def __str__(self) -> str:  # msgspec quotes it after the field's path
+        return self.message
+
+
 class Message(msgspec.Struct, kw_only=True):
     """Base of every request, result, event and heartbeat body."""
 

@@ -16,9 +16,9 @@ from typing import Annotated, Any
 from msgspec import Meta
 from msgspec import field as default
 
-from virtbus.errors import InvalidArgument, ProtocolError
+from virtbus.errors import ProtocolError
 from virtbus.netaddr import is_host
-from virtbus.protocol.base import Accepted, Message, Name, NonNegInt, XmlText
+from virtbus.protocol.base import Accepted, BadValue, Message, Name, NonNegInt, XmlText
 from virtbus.protocol.registry import Access, Op, Req, Res, Service, Target, field, op
 
 MAX_PARALLEL = 255  # QEMU's multifd-channels maximum
@@ -47,13 +47,11 @@ class MigrationParams(Message):
         """What QEMU would refuse only once the destination was prepared (msgspec runs this
         on every decode, so the scheduler refuses it at submit, as the agents do)."""
         if self.postcopy and self.parallel:
-            raise InvalidArgument(
-                "'params.postcopy' cannot be combined with 'params.parallel' (multifd)"
-            )
+            raise BadValue("postcopy cannot be combined with parallel (multifd)")
         if self.listen_address is not None and not is_host(self.listen_address):
-            raise InvalidArgument(
-                f"'params.listen_address': {self.listen_address!r:.60} is not an IP address "
-                "or a host name (it goes into the tcp:HOST:PORT migration URI)"
+            raise BadValue(
+                f"listen_address {self.listen_address!r:.60} is not an IP address or a host "
+                "name (it goes into the tcp:HOST:PORT migration URI)"
             )
 
     @property
