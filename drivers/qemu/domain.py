@@ -37,8 +37,6 @@ from virtbus.protocol.events import DomainState
 
 log = logging.getLogger(__name__)
 S = DomainState
-# paused reason -> suspended detail (libvirt's qemuDomainPausedReasonToSuspendedEvent)
-_SUSPEND_DETAILS = {"ioerror": "ioerror", "watchdog": "watchdog", "migration": "migrated"}
 
 
 @dataclass(slots=True)
@@ -303,33 +301,12 @@ class Domain:
         await self.on_exit(run)
 
     async def resync(self, run: Run, reconciled: bool = True) -> None:
-        """After (re)connecting: take QEMU's run state as the truth, as libvirt's
-        qemuProcessUpdateState does, and emit what changed (marked ``reconciled``)."""
+        """After (re)connecting: take QEMU's run state as the truth and emit, marked
+        ``reconciled``, what changed (mapped by :func:`drivers.qemu.events.map_status`)."""
         assert run.monitor is not None
         status = await run.monitor.execute("query-status")
-        running = bool(status.get("running"))
-        qstate = str(status.get("status", ""))
-        if running:
-            if self.state == S.PAUSED:
-                outcome = ev.Outcome(events=(("resumed", "unpaused", {}),),
-                                     state=(S.RUNNING, "unpaused"))  # fmt: skip
-                self.apply(run, outcome, reconciled=reconciled)
-            elif self.state != S.RUNNING:
-                self.state, self.reason = S.RUNNING, "unknown"
-            return
-        if qstate == "shutdown" and self.state not in (S.SHUTDOWN, S.CRASHED):
-            # the guest powered off while nobody listened: as its SHUTDOWN would have
-            outcome = ev.map_event("SHUTDOWN", {}, self.context(run))
-        elif qstate == "guest-panicked" and self.state != S.CRASHED:
-            outcome = ev.map_event("GUEST_PANICKED", {}, self.context(run))
-        elif self.state == S.RUNNING:
-            reason = "user" if qstate == "paused" else ev.pause_reason(qstate)
-            detail = _SUSPEND_DETAILS.get(reason, "paused")
-            outcome = ev.Outcome(events=(("suspended", detail, {}),), state=(S.PAUSED, reason))
-        elif self.state == S.SHUTDOWN and run.live.on_poweroff == "destroy":
-            outcome = ev.Outcome(actions=(ev.Action.QUIT,))  # the agent died before its `quit`
-        else:
-            return
+        running, qstate = bool(status.get("running")), str(status.get("status", ""))
+        outcome = ev.map_status(running, qstate, self.context(run))
         self.apply(run, outcome, reconciled=reconciled)
         await self._act(run, outcome)
 

@@ -144,6 +144,31 @@ def map_event(
     return handler(data, ctx, status_reason)
 
 
+def map_status(running: bool, status: str, ctx: Context) -> Outcome:
+    """QEMU's run state (``query-status``) found after (re)connecting, against what the
+    driver last knew: the events nobody heard meanwhile (libvirt's qemuProcessUpdateState)."""
+    state = ctx.state
+    if running:
+        if state == DomainState.PAUSED:
+            return Outcome(
+                events=(("resumed", "unpaused", {}),), state=(DomainState.RUNNING, "unpaused")
+            )
+        if state != DomainState.RUNNING:
+            return Outcome(state=(DomainState.RUNNING, "unknown"))
+        return NOTHING
+    if status == "shutdown" and state not in (DomainState.SHUTDOWN, DomainState.CRASHED):
+        return map_event("SHUTDOWN", {}, ctx)  # the guest powered off while nobody listened
+    if status == "guest-panicked" and state != DomainState.CRASHED:
+        return map_event("GUEST_PANICKED", {}, ctx)
+    if state == DomainState.RUNNING:
+        reason = "user" if status == "paused" else pause_reason(status)
+        detail = _SUSPEND_DETAILS.get(reason, "paused")
+        return Outcome(events=(("suspended", detail, {}),), state=(DomainState.PAUSED, reason))
+    if state == DomainState.SHUTDOWN and ctx.lifecycle.on_poweroff == "destroy":
+        return Outcome(actions=(Action.QUIT,))  # the agent died before its `quit`
+    return NOTHING
+
+
 def map_exit(ctx: Context) -> Outcome:
     """The QEMU process is gone (libvirt's processMonitorEOFEvent)."""
     if Pending.MIGRATED_OUT in ctx.pending:

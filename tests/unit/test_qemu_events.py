@@ -14,6 +14,7 @@ from drivers.qemu.events import (
     Pending,
     map_event,
     map_exit,
+    map_status,
     needs_status,
     pause_reason,
 )
@@ -221,3 +222,46 @@ def test_needs_status_only_for_unrequested_stop() -> None:
 def test_pause_reason(status: str, reason: str) -> None:
     assert pause_reason(status) == reason
     assert reason in ("unknown", "ioerror", "watchdog", "crashed", "migration", "shutting_down")
+
+
+# (id, running, query-status status, context, expected events, state, actions)
+STATUS_CASES: list[tuple[Any, ...]] = [
+    ("still-running", True, "running", ctx(), (), None, ()),
+    ("resumed-meanwhile", True, "running", ctx((S.PAUSED, "user")),
+     ev(("resumed", "unpaused")), (S.RUNNING, "unpaused"), ()),
+    ("running-again", True, "running", ctx((S.SHUTDOWN, "unknown")),
+     (), (S.RUNNING, "unknown"), ()),
+    ("paused-meanwhile", False, "paused", ctx(),
+     ev(("suspended", "paused")), (S.PAUSED, "user"), ()),
+    ("ioerror-meanwhile", False, "io-error", ctx(),
+     ev(("suspended", "ioerror")), (S.PAUSED, "ioerror"), ()),
+    ("migration-pause", False, "postmigrate", ctx(),
+     ev(("suspended", "migrated")), (S.PAUSED, "migration"), ()),
+    ("still-paused", False, "paused", ctx((S.PAUSED, "user")), (), None, ()),
+    ("powered-off-meanwhile", False, "shutdown", ctx(),
+     ev(("shutdown", "finished")), (S.SHUTDOWN, "unknown"), (Action.QUIT,)),
+    ("powered-off-preserve", False, "shutdown", ctx(on_poweroff="preserve"),
+     ev(("shutdown", "finished")), (S.SHUTDOWN, "unknown"), ()),
+    ("panicked-meanwhile", False, "guest-panicked", ctx(),
+     ev(("crashed", "panicked")), (S.CRASHED, "panicked"), (Action.QUIT,)),
+    ("still-crashed", False, "guest-panicked", ctx((S.CRASHED, "panicked")), (), None, ()),
+    ("quit-never-sent", False, "shutdown", ctx((S.SHUTDOWN, "unknown")), (), None, (Action.QUIT,)),
+    ("shutdown-preserved", False, "shutdown", ctx((S.SHUTDOWN, "unknown"), on_poweroff="preserve"),
+     (), None, ()),
+    ("destroying", False, "shutdown", ctx(RUNNING, {P.DESTROY}), (), None, ()),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("running", "status", "context", "events", "state", "actions"),
+    [c[1:] for c in STATUS_CASES],
+    ids=[c[0] for c in STATUS_CASES],
+)
+def test_map_status(
+    running: bool, status: str, context: Context, events: tuple[Any, ...],
+    state: tuple[DomainState, str] | None, actions: tuple[Action, ...],
+) -> None:  # fmt: skip
+    """What a (re)connected monitor finds, against what the driver knew (the resync)."""
+    out = map_status(running, status, context)
+    assert (out.events, out.state, out.actions) == (events, state, actions)
+    _assert_vocabulary(out)
