@@ -106,6 +106,18 @@ def _serial_device(ctx: BuildContext, cd: CharDevice, port: int, cid: str) -> st
     return dev_id
 
 
+def _serial_port(
+    ctx: BuildContext, cd: CharDevice, kind: str, port: int, ports: dict[int, str]
+) -> None:
+    """The chardev and device of serial port ``port`` (a <serial>, or a <console> alone)."""
+    cid = f"charserial{port}"
+    backend, path = _backend(ctx, cd, cid, f"serial{port}.sock")
+    ctx.add("-chardev", backend)
+    dev_id = _serial_device(ctx, cd, port, cid)
+    ports[port] = cid
+    ctx.chardevs.append(ChardevRuntime(kind, cd.index, cid, cd.type, path, dev_id))
+
+
 def build_serials(ctx: BuildContext) -> dict[int, str]:
     """Serials and consoles; returns port -> chardev id of the serial devices."""
     ports: dict[int, str] = {}
@@ -113,12 +125,7 @@ def build_serials(ctx: BuildContext) -> dict[int, str]:
         port = cd.target_port if cd.target_port is not None else cd.index
         if port in ports:
             raise ConfigUnsupported(f"two <serial> devices with target port {port}")
-        cid = f"charserial{port}"
-        backend, path = _backend(ctx, cd, cid, f"serial{port}.sock")
-        ctx.add("-chardev", backend)
-        dev_id = _serial_device(ctx, cd, port, cid)
-        ports[port] = cid
-        ctx.chardevs.append(ChardevRuntime("serial", cd.index, cid, cd.type, path, dev_id))
+        _serial_port(ctx, cd, "serial", port, ports)
     for cd in ctx.defn.consoles:
         target = cd.target_type or "serial"
         if target == "serial":
@@ -128,12 +135,7 @@ def build_serials(ctx: BuildContext) -> dict[int, str]:
                     ChardevRuntime("console", cd.index, ports[port], cd.type, None, None)
                 )
                 continue
-            cid = f"charserial{port}"
-            backend, path = _backend(ctx, cd, cid, f"serial{port}.sock")
-            ctx.add("-chardev", backend)
-            dev_id = _serial_device(ctx, cd, port, cid)
-            ports[port] = cid
-            ctx.chardevs.append(ChardevRuntime("console", cd.index, cid, cd.type, path, dev_id))
+            _serial_port(ctx, cd, "console", port, ports)
         elif target == "virtio":
             cid, dev_id = f"charconsole{cd.index}", f"console{cd.index}"
             backend, path = _backend(ctx, cd, cid, f"console{cd.index}.sock")
