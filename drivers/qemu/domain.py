@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drivers.base import DomainRef, DriverEvent, EventSink
 from drivers.qemu import events as ev
@@ -35,6 +35,9 @@ from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.errors import OperationFailed, OperationInvalid, OperationTimeout, VirtbusError
 from virtbus.protocol.events import DomainState
 
+if TYPE_CHECKING:
+    from drivers.qemu.launch import LaunchStep
+
 log = logging.getLogger(__name__)
 S = DomainState
 
@@ -46,6 +49,16 @@ class Runtime:
     settings: QemuSettings
     store: StateStore
     sink: EventSink = lambda _event: None
+    steps: tuple[LaunchStep, ...] = ()  # what a launch acquires on the host (launch.py)
+
+    async def release(self, uuid: str) -> None:
+        """Give back what the launch steps hold for ``uuid`` (a failed launch, a run's end);
+        a step that fails is logged and the others still release."""
+        for step in self.steps:
+            try:
+                await step.release(uuid)
+            except Exception:
+                log.exception("domain %s: releasing %s failed", uuid, type(step).__name__)
 
 
 @dataclass(eq=False, slots=True)
@@ -336,6 +349,7 @@ class Domain:
         await self._rt.store.remove_status(self.defn.uuid)
         await remove_files(run.pidfile)
         await self._rt.store.remove_own_sockets((run.qmp_socket, *run.sockets))
+        await self._rt.release(self.defn.uuid)
 
     def helper(self, run: Run, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -353,6 +367,13 @@ class Domain:
         if not await run.process.wait_exit(self._settings.quit_wait, self._settings.exit_poll):
             await run.process.kill(self._settings)
         run.queue.put_control(Kick())
+
+    async def wait_ended(self, run: Run) -> None:
+        """Wait (bounded) for the event task to see the exit; if it is stuck, finish here."""
+        try:
+            await asyncio.wait_for(run.ended.wait(), self._settings.exit_wait)
+        except TimeoutError:
+            await self.on_exit(run)
 
     async def abort_start(self, run: Run, previous_reason: str) -> None:
         run.pending.add(ev.Pending.DESTROY)

@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,8 +129,13 @@ async def log_tail(path: Path, limit: int) -> str:
     return data.decode(errors="replace").strip()
 
 
-async def spawn(argv: list[str], *, uuid: str, logfile: Path) -> QemuProcess:
-    """Start QEMU detached from the agent's session; output appended to ``logfile``."""
+async def spawn(
+    argv: list[str], *, uuid: str, logfile: Path, pass_fds: Sequence[int] = ()
+) -> QemuProcess:
+    """Start QEMU detached from the agent's session; output appended to ``logfile``.
+
+    ``pass_fds`` are inherited under the same numbers (a launch step's tap or socket fds).
+    """
     stamp = f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n"
     fd = await asyncio.to_thread(_open_log, logfile, stamp)
     try:
@@ -139,6 +145,7 @@ async def spawn(argv: list[str], *, uuid: str, logfile: Path) -> QemuProcess:
             stdout=fd,
             stderr=fd,
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
     except OSError as exc:
         raise OperationFailed(f"cannot execute {argv[0]}: {exc}") from exc

@@ -301,7 +301,7 @@ async def test_monitor_loss_with_qemu_alive_reconnects(env: Env) -> None:
     drv = await _open_driver(env.base / "rc", env.rec, QemuSettings(exit_wait=0.2))
     await drv.define(firmware_xml(name))
     await drv.start(name)
-    run = drv._domains[drv.lookup(name).uuid].run  # type: ignore[union-attr]
+    run = drv._registry.get(name).run
     assert run is not None and run.monitor is not None
     old = run.monitor
     await old._client.disconnect()  # as if the socket had broken

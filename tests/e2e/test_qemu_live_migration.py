@@ -318,8 +318,9 @@ async def test_postcopy_switch_in_process(test_guest: TestGuest, e2e_root: Path)
     """
     root = e2e_root / f"pc-{uuidlib.uuid4().hex[:6]}"
     events: list[DriverEvent] = []
-    src, dst = (QemuDriver(root / h / "state", root / h / "run") for h in "ab")
-    src.migration_settings = MigrationSettings(postcopy_after_passes=0)
+    eager = MigrationSettings(postcopy_after_passes=0)  # the source switches at once
+    src = QemuDriver(root / "a" / "state", root / "a" / "run", migration=eager)
+    dst = QemuDriver(root / "b" / "state", root / "b" / "run")
     for drv in (src, dst):
         await drv.open(events.append)
     serial_a, serial_b = root / "pc-0.serial", root / "pc-1.serial"

@@ -1,0 +1,280 @@
+"""Launching a domain's QEMU: the one path that ``start`` and an incoming migration share.
+
+:meth:`Launcher.launch` checks the host (KVM, storage files, no stray QEMU of the same
+uuid), lets every launch step acquire what the domain needs on the host, builds the
+command line, spawns QEMU stopped (``-S``, or ``-incoming defer``), connects QMP, starts
+the domain's event task and writes the runtime values (balloon target, graphics ports,
+pty paths) back into the live definition. The caller's own steps (``cont`` and the wait
+for it, or the migration setup) run inside the ``async with``: if anything fails, the
+QEMU is killed, the run torn down, what the steps acquired released, and the domain is
+shut off again, with QEMU's log tail in the error.
+
+Where a launch grows: a host resource a domain needs (a volume lease, a tap fd, a helper
+process such as swtpm or virtiofsd) is a :class:`LaunchStep` handed to the driver. Its
+``acquire`` adds to the :class:`LaunchPlan` (fds QEMU inherits, inputs of the command
+line builder: add a field there and pass it on in :meth:`Launcher._command`), and its
+``release`` gives it back by uuid when the launch fails or the run ends, also after an
+agent restart (:meth:`drivers.qemu.domain.Runtime.release`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import aiofiles.os
+
+from drivers.qemu import events as ev
+from drivers.qemu.argv import (
+    QemuLaunch,
+    QemuPaths,
+    build_command,
+    disk_paths,
+    graphics_needing_ports,
+)
+from drivers.qemu.capabilities import QemuCapabilities, probe
+from drivers.qemu.domain import Domain, Run, Runtime
+from drivers.qemu.monitor import EventQueue
+from drivers.qemu.process import log_tail, read_pidfile, spawn
+from virtbus.domain import DomainDefinition
+from virtbus.errors import ConfigUnsupported, OperationFailed, OperationInvalid, VirtbusError
+from virtbus.protocol.events import DomainState
+
+if TYPE_CHECKING:
+    from drivers.qemu.registry import DomainRegistry
+
+log = logging.getLogger(__name__)
+S = DomainState
+HV_TYPES = ("qemu", "kvm")
+
+
+def check_type(defn: DomainDefinition) -> None:
+    """CONFIG_UNSUPPORTED for a domain type this driver does not run."""
+    if defn.hv_type not in HV_TYPES:
+        raise ConfigUnsupported(
+            f"domain type '{defn.hv_type}' is not supported by the qemu driver "
+            f"(use {' or '.join(HV_TYPES)})"
+        )
+
+
+@dataclass(slots=True)
+class LaunchPlan:
+    """What one launch collects before QEMU is spawned (see :class:`LaunchStep`)."""
+
+    live: DomainDefinition  # the definition QEMU runs with
+    incoming: str | None = None  # ``-incoming`` (a migration's destination)
+    graphics_ports: dict[int, int] = field(default_factory=dict)  # <graphics> index -> port
+    pass_fds: list[int] = field(default_factory=list)  # inherited by QEMU under these numbers;
+    # the agent's copies are closed once QEMU runs (or the launch failed)
+
+    def close_fds(self) -> None:
+        for fd in self.pass_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.pass_fds.clear()
+
+
+class LaunchStep(Protocol):
+    """A host resource a launch acquires for a domain before its QEMU starts."""
+
+    async def acquire(self, plan: LaunchPlan) -> None:
+        """Add to ``plan`` what the command line and the spawn need."""
+
+    async def release(self, uuid: str) -> None:
+        """Give back what ``acquire`` took for domain ``uuid`` (idempotent, by uuid only:
+        after an agent restart no plan is left)."""
+
+
+class GraphicsPorts:
+    """A TCP port for each ``<graphics>`` that QEMU cannot autoport (SPICE)."""
+
+    async def acquire(self, plan: LaunchPlan) -> None:
+        plan.graphics_ports = {i: free_tcp_port() for i in graphics_needing_ports(plan.live)}
+
+    async def release(self, uuid: str) -> None:
+        """Nothing to give back: QEMU holds the port, and closes it when it exits."""
+
+
+@dataclass(frozen=True, slots=True)
+class Launched:
+    run: Run
+    generated_macs: dict[int, str]  # <interface> index -> the MAC the builder made up
+
+
+class Launcher:
+    """Builds, spawns and attaches the QEMU of a domain (see module docstring)."""
+
+    def __init__(self, rt: Runtime, registry: DomainRegistry) -> None:
+        self._rt = rt
+        self._settings = rt.settings
+        self._registry = registry
+        self._paths = QemuPaths(rt.store.run_dir)
+        self._kvm: bool | None = None
+        self._caps: QemuCapabilities | None = None
+
+    def kvm_usable(self) -> bool:
+        """/dev/kvm is readable, writable and really opens (cached)."""
+        if self._kvm is None:
+            self._kvm = False
+            if os.access("/dev/kvm", os.R_OK | os.W_OK):
+                try:
+                    os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+                    self._kvm = True
+                except OSError:
+                    pass
+        return self._kvm
+
+    async def capabilities(self) -> QemuCapabilities | None:
+        """What the emulator supports (probed once; None if probing failed)."""
+        if self._caps is None:
+            try:
+                self._caps = await probe(self._settings.emulator)
+            except VirtbusError as exc:
+                log.warning("cannot probe %s: %s", self._settings.emulator, exc)
+                return None
+        return self._caps
+
+    def validate(self, defn: DomainDefinition) -> None:
+        """Reject at define time what a launch would reject (CONFIG_UNSUPPORTED naming it).
+
+        KVM availability and the binary's capabilities are checked at launch only: a
+        definition may be meant for another host.
+        """
+        check_type(defn)
+        ports = dict.fromkeys(graphics_needing_ports(defn), 5900)
+        self._command(LaunchPlan(defn.copy(), graphics_ports=ports), kvm=True, caps=None)
+
+    def _command(self, plan: LaunchPlan, *, kvm: bool, caps: QemuCapabilities | None) -> QemuLaunch:
+        """The one call of the command-line builder (define-time checks and launches)."""
+        return build_command(
+            plan.live, self._paths, kvm_available=kvm, incoming=plan.incoming,
+            emulator=self._settings.emulator, graphics_ports=plan.graphics_ports, caps=caps,
+        )  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def launch(
+        self, dom: Domain, live: DomainDefinition, *, pending: ev.Pending, reason: str,
+        failure: Callable[[str], VirtbusError], incoming: str | None = None,
+        job: dict[str, Any] | None = None,
+    ) -> AsyncIterator[Launched]:  # fmt: skip
+        """Run ``live`` as ``dom``'s QEMU, stopped: paused (``reason``) with ``pending`` set.
+
+        Errors before QEMU runs (host checks, the command line, exec) propagate as they
+        are and leave nothing behind. Once it runs, a failure here or in the caller's
+        ``async with`` body kills it and shuts the domain off again; a VirtbusError or
+        OSError then becomes ``failure(detail)``, the detail ending with QEMU's log tail.
+        """
+        await self._check_host(dom, live)
+        plan = LaunchPlan(live, incoming)
+        launch, run = await self._spawn(plan, job)
+        run.pending.add(pending)
+        previous = dom.reason
+        dom.run, dom.state, dom.reason = run, S.PAUSED, reason
+        try:
+            await dom.attach(run)
+            pid = await read_pidfile(Path(launch.pidfile))
+            if pid is not None and pid != run.process.pid:
+                log.warning("pidfile of %s says %d, child is %d", live.name, pid, run.process.pid)
+            await self._apply_runtime(run, launch)
+            yield Launched(run, dict(launch.generated_macs))
+        except BaseException as exc:
+            await dom.abort_start(run, previous)
+            if isinstance(exc, VirtbusError | OSError):
+                logfile = Path(launch.logfile)
+                tail = await log_tail(logfile, self._settings.log_tail_bytes)
+                raise failure(
+                    f"{exc}" + (f"\n--- log tail ({logfile}):\n{tail}" if tail else "")
+                ) from exc
+            raise
+
+    async def _check_host(self, dom: Domain, live: DomainDefinition) -> None:
+        """What this host must offer: clear errors instead of QEMU's."""
+        for stray in self._registry.strays:  # its status file was lost: never run it twice
+            if stray.uuid == live.uuid and await aiofiles.os.path.exists(f"/proc/{stray.pid}"):
+                raise OperationInvalid(
+                    f"a QEMU process this agent does not manage (pid {stray.pid}) already runs "
+                    f"domain '{dom.defn.name}'; stop it before starting the domain"
+                )
+        if live.hv_type == "kvm" and not self.kvm_usable():
+            raise ConfigUnsupported(
+                f"domain '{live.name}' has type 'kvm' but /dev/kvm is not usable on this host"
+            )
+        for path in disk_paths(live):
+            if not await aiofiles.os.path.exists(path):
+                raise OperationFailed(
+                    f"cannot access storage file '{path}' (domain '{live.name}'):"
+                    " No such file or directory"
+                )
+
+    async def _spawn(self, plan: LaunchPlan, job: dict[str, Any] | None) -> tuple[QemuLaunch, Run]:
+        """Acquire, build, spawn; on failure what the steps acquired is released."""
+        live = plan.live
+        try:
+            for step in self._rt.steps:
+                await step.acquire(plan)
+            launch = self._command(plan, kvm=self.kvm_usable(), caps=await self.capabilities())
+            for index, mac in launch.generated_macs.items():
+                live.set_interface_mac(index, mac)
+            qmp_socket, logfile = Path(launch.qmp_socket), Path(launch.logfile)
+            await self._rt.store.check_bind_paths(launch.bind_paths)
+            await self._rt.store.remove_own_sockets((*launch.sockets, qmp_socket))  # stale
+            process = await spawn(
+                list(launch.argv), uuid=live.uuid, logfile=logfile, pass_fds=plan.pass_fds
+            )
+        except BaseException:
+            await self._rt.release(live.uuid)
+            raise
+        finally:
+            plan.close_fds()
+        run = Run(
+            self._registry.new_run_id(), live, process, qmp_socket,
+            EventQueue(self._settings.event_queue), pidfile=Path(launch.pidfile),
+            logfile=logfile, sockets=tuple(launch.sockets), job=job,
+        )  # fmt: skip
+        return launch, run
+
+    async def _apply_runtime(self, run: Run, launch: QemuLaunch) -> None:
+        """Balloon target, graphics ports and pty paths, while QEMU is still stopped.
+
+        Each QMP call here happens only when the definition needs it.
+        """
+        monitor = run.monitor
+        assert monitor is not None
+        live = run.live
+        if launch.balloon and launch.balloon_target_kib is not None:
+            await monitor.execute("balloon", {"value": launch.balloon_target_kib * 1024})
+        for gfx in live.graphics:
+            if gfx.type == "vnc" and launch.vnc is not None:
+                port = None
+                if launch.vnc.autoport:
+                    vnc = await monitor.execute("query-vnc")
+                    service = str(vnc.get("service", "")) if isinstance(vnc, dict) else ""
+                    port = int(service) if service.isdigit() else None
+                elif launch.vnc.display is not None:
+                    port = 5900 + launch.vnc.display
+                if port is not None:
+                    live.set_graphics_port(gfx.index, port)
+            elif gfx.type == "spice" and launch.spice is not None:
+                live.set_graphics_port(gfx.index, launch.spice.port)
+        ptys = [c for c in launch.chardevs if c.type == "pty"]
+        if ptys:
+            found = await monitor.execute("query-chardev")
+            by_label = {c.get("label"): str(c.get("filename", "")) for c in found or []}
+            for cd in ptys:
+                name = by_label.get(cd.chardev_id, "")
+                if name.startswith("pty:"):
+                    live.set_chardev_source_path(cd.kind, cd.index, name[4:])
+        run.live_xml = None  # runtime values written back: serialise it again
+
+
+def free_tcp_port() -> int:
+    """A port free right now on 127.0.0.1, for a SPICE server QEMU cannot autoport."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
