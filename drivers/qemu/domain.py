@@ -332,9 +332,11 @@ class Domain:
         await self.teardown(run)
 
     async def teardown(self, run: Run) -> None:
-        """Forget the run: tasks, monitor, status file, sockets. Idempotent."""
+        """Forget the run: what its launch acquired, tasks, monitor, status file, sockets.
+        Idempotent."""
         if self.run is run:
             self.run = None
+        await self._rt.release(self.defn.uuid)  # before `ended`: a destroy returns after it
         run.ended.set()
         self.notify(run)
         current = asyncio.current_task()
@@ -349,7 +351,6 @@ class Domain:
         await self._rt.store.remove_status(self.defn.uuid)
         await remove_files(run.pidfile)
         await self._rt.store.remove_own_sockets((run.qmp_socket, *run.sockets))
-        await self._rt.release(self.defn.uuid)
 
     def helper(self, run: Run, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

@@ -23,6 +23,7 @@ import pytest
 
 from drivers.base import DriverEvent
 from drivers.qemu import QemuDriver
+from drivers.qemu.launch import LaunchPlan
 from drivers.qemu.monitor import EventQueue, Monitor, MonitorLost, QmpEvent
 from drivers.qemu.process import read_cmdline, spawn
 from drivers.qemu.settings import QemuSettings
@@ -326,6 +327,82 @@ async def test_start_failure_reports_log_tail(env: Env, e2e_root: Path) -> None:
         await drv.start("fw-fail")
     assert (await drv.info("fw-fail")).state == DomainState.SHUTOFF
     await drv.close()
+
+
+@dataclass
+class PipeStep:
+    """A launch step shaped as volume leases, taps and helper processes are: it hands QEMU
+    the write end of a pipe (``pass_fds``) and records what it is asked to release."""
+
+    fail: bool = False
+    read_ends: dict[str, int] = field(default_factory=dict)  # by uuid
+    write_fds: dict[str, int] = field(default_factory=dict)  # the numbers QEMU gets
+    released: list[str] = field(default_factory=list)
+
+    async def acquire(self, plan: LaunchPlan) -> None:
+        if self.fail:
+            raise OperationFailed("no lease for this domain")
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        self.read_ends[plan.live.uuid], self.write_fds[plan.live.uuid] = read, write
+        plan.pass_fds.append(write)
+
+    def held_by(self, pid: int, uuid: str) -> bool:
+        """Process ``pid`` has this pipe's write end under the number the plan gave."""
+        inode = os.fstat(self.read_ends[uuid]).st_ino
+        try:
+            return os.readlink(f"/proc/{pid}/fd/{self.write_fds[uuid]}") == f"pipe:[{inode}]"
+        except OSError:
+            return False
+
+    async def release(self, uuid: str) -> None:
+        self.released.append(uuid)
+
+    def close(self) -> None:
+        for fd in self.read_ends.values():
+            os.close(fd)
+
+    def writers_left(self, uuid: str) -> bool:
+        """True while anyone (QEMU, or the agent's copy) holds the pipe's write end."""
+        try:
+            return os.read(self.read_ends[uuid], 1) != b""
+        except BlockingIOError:
+            return True
+
+
+async def test_launch_steps_pass_fds_and_release_by_uuid(env: Env) -> None:
+    """A launch step's fd reaches QEMU under its number and only there; what it acquired is
+    released when the run ends, also by a restarted agent, and when the launch fails."""
+    base, name = env.base / "steps", "fw-steps"
+    pipe, failing = PipeStep(), PipeStep(fail=True)
+    drv = QemuDriver(base / "state", base / "run", steps=[pipe, failing])
+    await drv.open(env.rec)
+    ref = await drv.define(firmware_xml(name))
+    with pytest.raises(OperationFailed, match="no lease"):
+        await drv.start(name)
+    assert pipe.released == failing.released == [ref.uuid]  # every step, by uuid
+    assert not pipe.writers_left(ref.uuid)  # the agent's copy of the fd is closed
+    assert qemu_pids_under(base) == [] and drv.state(name)[0] == DomainState.SHUTOFF
+
+    failing.fail = False
+    await drv.start(name)
+    (pid,) = qemu_pids_under(base)
+    assert pipe.held_by(pid, ref.uuid) and failing.held_by(pid, ref.uuid)
+    assert not pipe.held_by(os.getpid(), ref.uuid)  # the agent closed its copy
+    await drv.close()  # the guest keeps running, and keeps what its launch acquired
+    assert pipe.released == [ref.uuid]
+
+    again = PipeStep()
+    drv = QemuDriver(base / "state", base / "run", steps=[again])
+    await drv.open(env.rec)
+    await drv.destroy(name)
+    assert again.released == [ref.uuid]  # a restarted agent releases by uuid
+    assert not pipe.writers_left(ref.uuid)  # only QEMU held it: gone with QEMU
+    await drv.close()
+    assert env.rec.names(name) == [("defined", "added"), ("started", "booted"),
+                                   ("stopped", "destroyed")]  # fmt: skip
+    for step in (pipe, failing):
+        step.close()
 
 
 async def test_missing_disk_is_a_clear_error(env: Env) -> None:
