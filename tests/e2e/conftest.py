@@ -29,7 +29,8 @@ def qemu_pids_under(root: Path) -> list[int]:
                 cmdline = fh.read()
         except OSError:
             continue
-        if needle in cmdline and b"qemu" in cmdline.split(b"\0", 1)[0]:
+        program = os.path.basename(cmdline.split(b"\0", 1)[0])  # not its directory's name
+        if needle in cmdline and program.startswith(b"qemu"):
             pids.append(int(entry))
     return pids
 
