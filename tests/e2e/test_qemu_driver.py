@@ -358,6 +358,19 @@ class PipeStep:
     async def release(self, uuid: str) -> None:
         self.released.append(uuid)
 
+    async def all_closed(self, uuid: str, timeout: float = EVENT_TIMEOUT) -> bool:
+        """Wait for the pipe to be readable: True at EOF (every write end closed). An exiting
+        QEMU is seen gone (its cmdline empties) a moment before the kernel closes its fds."""
+        fd, ready = self.read_ends[uuid], asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(fd, ready.set)
+        try:
+            async with asyncio.timeout(timeout):
+                await ready.wait()
+        finally:
+            loop.remove_reader(fd)
+        return os.read(fd, 1) == b""
+
     def close(self) -> None:
         for fd in self.read_ends.values():
             os.close(fd)
@@ -397,7 +410,7 @@ async def test_launch_steps_pass_fds_and_release_by_uuid(env: Env) -> None:
     await drv.open(env.rec)
     await drv.destroy(name)
     assert again.released == [ref.uuid]  # a restarted agent releases by uuid
-    assert not pipe.writers_left(ref.uuid)  # only QEMU held it: gone with QEMU
+    assert await pipe.all_closed(ref.uuid)  # only QEMU held it: gone with QEMU
     await drv.close()
     assert env.rec.names(name) == [("defined", "added"), ("started", "booted"),
                                    ("stopped", "destroyed")]  # fmt: skip
