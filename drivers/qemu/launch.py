@@ -103,6 +103,8 @@ class GraphicsPorts:
 
 @dataclass(frozen=True, slots=True)
 class Launched:
+    """What a launch hands the caller inside its ``async with``."""
+
     run: Run
     generated_macs: dict[int, str]  # <interface> index -> the MAC the builder made up
 
