@@ -1,6 +1,7 @@
 """Safe parsing of libvirt domain XML: bounded size, no DTD, no entities, no network.
 
-Entry point: :func:`parse_domain_xml`. A document with a DOCTYPE (and so any entity
+Entry points: :func:`parse_domain_xml`, and :func:`parse_untrusted_root` for the other
+libvirt documents (storage pools and volumes). A document with a DOCTYPE (and so any entity
 declaration: billion laughs, XXE) is refused outright, before and after parsing.
 """
 
@@ -38,33 +39,46 @@ def _reject_dtd(data: bytes) -> None:
     # after parsing catches the rest (e.g. UTF-16 input).
     upper = data.upper()
     if b"<!DOCTYPE" in upper or b"<!ENTITY" in upper:
-        raise XMLError("DOCTYPE and entity declarations are not allowed in domain XML")
+        raise XMLError("DOCTYPE and entity declarations are not allowed")
 
 
-def parse_domain_xml(xml: str | bytes, *, limits: XMLLimits = XMLLimits()) -> DomainDefinition:
-    """Parse and validate a ``<domain>`` document; XMLError naming what is wrong."""
+def parse_untrusted_root(
+    xml: str | bytes, what: str, *, limits: XMLLimits = XMLLimits()
+) -> etree._Element:
+    """The root element of an untrusted document (domain, pool, volume ...), parsed safely.
+
+    ``what`` names the kind of document in error messages (``"domain"`` -> "domain XML").
+    """
     if isinstance(xml, str):
         data, encoding = xml.encode("utf-8"), "utf-8"  # overrides any declared encoding
     elif isinstance(xml, bytes | bytearray | memoryview):
         data, encoding = bytes(xml), None
     else:
-        raise XMLError(f"domain XML must be str or bytes, not {type(xml).__name__}")
+        raise XMLError(f"{what} XML must be str or bytes, not {type(xml).__name__}")
     if len(data) > limits.max_bytes:
         raise XMLError(
-            f"domain XML is {len(data)} bytes, over the limit of {limits.max_bytes} bytes"
+            f"{what} XML is {len(data)} bytes, over the limit of {limits.max_bytes} bytes"
         )
     if not data.strip():
-        raise XMLError("domain XML is empty")
-    _reject_dtd(data)
+        raise XMLError(f"{what} XML is empty")
+    try:
+        _reject_dtd(data)
+    except XMLError as exc:
+        raise XMLError(f"{exc.message} in {what} XML") from None
     try:
         root = etree.fromstring(data, _parser(encoding))
     except etree.XMLSyntaxError as exc:
-        raise XMLError(f"malformed domain XML: {exc}") from None
+        raise XMLError(f"malformed {what} XML: {exc}") from None
     except ValueError as exc:  # e.g. an unknown encoding
-        raise XMLError(f"unreadable domain XML: {exc}") from None
+        raise XMLError(f"unreadable {what} XML: {exc}") from None
     tree = root.getroottree()
     if tree.docinfo.doctype or tree.docinfo.internalDTD is not None:
-        raise XMLError("DOCTYPE and entity declarations are not allowed in domain XML")
+        raise XMLError(f"DOCTYPE and entity declarations are not allowed in {what} XML")
     if any(isinstance(node, etree._Entity) for node in root.iter()):
-        raise XMLError("entity references are not allowed in domain XML")
-    return DomainDefinition(root)
+        raise XMLError(f"entity references are not allowed in {what} XML")
+    return root
+
+
+def parse_domain_xml(xml: str | bytes, *, limits: XMLLimits = XMLLimits()) -> DomainDefinition:
+    """Parse and validate a ``<domain>`` document; XMLError naming what is wrong."""
+    return DomainDefinition(parse_untrusted_root(xml, "domain", limits=limits))
