@@ -11,6 +11,8 @@ Tree::
     ├── NoDomainError               NO_DOMAIN
     ├── NoHostError                 NO_HOST             no such host / no host fits
     ├── NoConnect                   NO_CONNECT          nothing serves the route (no agent)
+    ├── NoStoragePool               NO_STORAGE_POOL
+    ├── NoStorageVol                NO_STORAGE_VOL
     ├── OperationInvalid            OPERATION_INVALID   wrong state for the command
     ├── InvalidArgument             INVALID_ARG
     ├── XMLError                    XML_ERROR           bad or unsafe domain XML
@@ -67,6 +69,14 @@ class NoConnect(VirtbusError):
     (libvirt's VIR_ERR_NO_CONNECT)."""
 
     code = "NO_CONNECT"
+
+
+class NoStoragePool(VirtbusError):
+    code = "NO_STORAGE_POOL"
+
+
+class NoStorageVol(VirtbusError):
+    code = "NO_STORAGE_VOL"
 
 
 class OperationInvalid(VirtbusError):
@@ -132,6 +142,8 @@ _BY_CODE: dict[str, type[VirtbusError]] = {
         NoDomainError,
         NoHostError,
         NoConnect,
+        NoStoragePool,
+        NoStorageVol,
         OperationInvalid,
         InvalidArgument,
         XMLError,
