@@ -14,7 +14,7 @@ types: ``NoDomainError`` for an unknown ref, ``OperationInvalid`` for a wrong st
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -100,6 +100,81 @@ class HostResources:
             "cpu_model": self.cpu_model,
             "hypervisor": self.hypervisor,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedVolume:
+    """What a ``<disk type='volume'><source pool='p' volume='v'/>`` means on this host.
+
+    ``kind`` is how QEMU opens it: ``file`` or ``block`` (``path`` is a local file or
+    device) or ``network`` (``network`` holds QEMU's blockdev options of the protocol
+    node, e.g. libiscsi's, and ``path`` its URL for humans).
+    """
+
+    pool: str
+    volume: str
+    kind: str
+    path: str
+    format: str
+    network: Mapping[str, Any] = field(default_factory=dict)
+
+
+class VolumeResolver(Protocol):
+    """The agent's storage, as a hypervisor driver sees it (drivers never import
+    drivers.storage: the agent hands its pools to the driver through this)."""
+
+    async def resolve(self, pool: str, volume: str, domain: str) -> ResolvedVolume:
+        """The volume for domain ``domain`` (a uuid), leased to it until released: a leased
+        volume cannot be deleted. NoStoragePool/NoStorageVol/OperationInvalid name the pool
+        and the volume."""
+
+    def release(self, domain: str, pool: str | None = None, volume: str | None = None) -> None:
+        """Drop the domain's lease on one volume, or (no pool/volume) on all of them."""
+
+
+@dataclass(frozen=True, slots=True)
+class Affect:
+    """libvirt's VIR_DOMAIN_AFFECT_* flags of a device change, resolved by the driver:
+    neither set means CURRENT (the live domain when it runs, else its definition)."""
+
+    live: bool = False
+    config: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BlockInfo:
+    """``virsh domblkinfo``: sizes in bytes of one disk as the hypervisor sees it."""
+
+    target: str
+    capacity: int
+    allocation: int
+    physical: int
+
+    def to_map(self) -> dict[str, Any]:
+        return {"target": self.target, "capacity": self.capacity,
+                "allocation": self.allocation, "physical": self.physical}  # fmt: skip
+
+
+@runtime_checkable
+class Hotplug(Protocol):
+    """A driver that changes a domain's devices (libvirt's attach/detach-device and
+    domblkinfo). Optional: the agent answers NO_SUPPORT for a driver without it."""
+
+    async def attach_device(self, ref: str, xml: str, affect: Affect) -> None:
+        """Add the device (a ``<disk>``) live and/or to the definition."""
+
+    async def detach_device(self, ref: str, xml: str, affect: Affect) -> None:
+        """Remove the device matching ``xml`` (a disk matches by its target dev); live,
+        it waits for the guest to let go (OPERATION_TIMEOUT when it does not)."""
+
+    async def block_info(self, ref: str, target: str) -> BlockInfo: ...
+
+
+@runtime_checkable
+class UsesVolumes(Protocol):
+    """A driver that can run ``<disk type='volume'>`` disks given the agent's resolver."""
+
+    def set_volume_resolver(self, resolver: VolumeResolver) -> None: ...
 
 
 @runtime_checkable

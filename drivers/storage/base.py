@@ -105,6 +105,9 @@ class StorageBackend(Protocol):
     async def active(self, pool: PoolDefinition) -> bool:
         """Is the pool usable as it is (after an agent restart: still mounted, still there)?"""
 
+    async def sizes(self, pool: PoolDefinition) -> PoolSizes:
+        """Capacity, allocation and available space now (cheap for file pools)."""
+
     async def scan(self, pool: PoolDefinition, known: dict[str, str]) -> PoolScan:
         """Sizes and volumes; ``known`` maps volume names to the format they were created
         with (a stored format wins over probing, so a guest cannot turn raw into qcow2)."""

@@ -235,6 +235,9 @@ class DiskBackend:
         except OperationFailed:
             return False
 
+    async def sizes(self, pool: PoolDefinition) -> PoolSizes:
+        return (await self.scan(pool, {})).sizes
+
     async def scan(self, pool: PoolDefinition, known: dict[str, str]) -> PoolScan:
         table = await self.table(pool)
         if table is None:

@@ -120,6 +120,9 @@ class IscsiDirectBackend:
             physical=size,
         )
 
+    async def sizes(self, pool: PoolDefinition) -> PoolSizes:
+        return (await self.scan(pool, {})).sizes
+
     async def scan(self, pool: PoolDefinition, known: dict[str, str]) -> PoolScan:
         vols = [
             self._facts(pool, lun, await self._capacity(pool, lun))
