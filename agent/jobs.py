@@ -233,6 +233,7 @@ class JobManager:
         await self.save(job)
         self.emit(job, "started")
         self._tasks[job.id] = self._group.spawn(self._run(job, work), name=f"job-{kind}-{job.id}")
+        await asyncio.sleep(0)  # let it enter its work: a cancel then reaches its cleanup
         return job
 
     async def _run(self, job: Job, work: Work) -> None:
@@ -295,6 +296,9 @@ class JobManager:
             return job  # already over: cancel is idempotent
         task.cancel()
         await asyncio.wait([task])
+        if job.state is JobState.RUNNING:  # cancelled before it ever ran
+            job.state = JobState.CANCELLED
+            await self._finish(job)
         return job
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
