@@ -27,8 +27,22 @@ from agent.jobs import Job, JobManager
 from agent.storage import PoolEvent, StoragePools
 from virtbus.settings import StorageSettings
 
-TOOLS = ("qemu-img", "sfdisk", "partx", "losetup", "mkfs.ext4", "mkfs.xfs", "tgtd", "tgtadm",
-         "iscsi-ls", "iscsi-readcapacity16", "scrub", "blkid", "wipefs", "virt-xml-validate")  # fmt: skip
+TOOLS = (
+    "qemu-img",
+    "sfdisk",
+    "partx",
+    "losetup",
+    "mkfs.ext4",
+    "mkfs.xfs",
+    "tgtd",
+    "tgtadm",
+    "iscsi-ls",
+    "iscsi-readcapacity16",
+    "scrub",
+    "blkid",
+    "wipefs",
+    "virt-xml-validate",
+)
 
 
 def need_tools() -> None:
@@ -109,11 +123,29 @@ class Target:
         return sh("tgtadm", "-C", str(self.control), "--lld", "iscsi", *args)
 
     def stop(self) -> None:
-        subprocess.run(["tgtadm", "-C", str(self.control), "--lld", "iscsi", "--op", "delete",
-                        "--mode", "target", "--tid", "1", "--force"], capture_output=True,
-                       check=False)  # fmt: skip
-        subprocess.run(["tgtadm", "-C", str(self.control), "--op", "delete", "--mode", "system"],
-                       capture_output=True, check=False)  # fmt: skip
+        subprocess.run(
+            [
+                "tgtadm",
+                "-C",
+                str(self.control),
+                "--lld",
+                "iscsi",
+                "--op",
+                "delete",
+                "--mode",
+                "target",
+                "--tid",
+                "1",
+                "--force",
+            ],
+            capture_output=True,
+            check=False,
+        )
+        subprocess.run(
+            ["tgtadm", "-C", str(self.control), "--op", "delete", "--mode", "system"],
+            capture_output=True,
+            check=False,
+        )
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -125,15 +157,30 @@ class Target:
 def iscsi_target(workdir: Path) -> Iterator[Target]:
     need_tools()
     port, control = free_port(), 20000 + os.getpid() % 20000
-    proc = subprocess.Popen(["tgtd", "-f", "-C", str(control), "--iscsi",
-                             f"portal=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        ["tgtd", "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     target = Target(proc, control, port, f"iqn.2024-01.dev.virtbus:{uuidlib.uuid4().hex[:8]}")
     try:
         deadline = time.monotonic() + 10
         while True:  # the management socket appears a moment after the start
-            done = subprocess.run(["tgtadm", "-C", str(control), "--lld", "iscsi", "--op",
-                                   "show", "--mode", "target"], capture_output=True, check=False)  # fmt: skip
+            done = subprocess.run(
+                [
+                    "tgtadm",
+                    "-C",
+                    str(control),
+                    "--lld",
+                    "iscsi",
+                    "--op",
+                    "show",
+                    "--mode",
+                    "target",
+                ],
+                capture_output=True,
+                check=False,
+            )
             if done.returncode == 0:
                 break
             assert time.monotonic() < deadline, f"tgtd did not answer: {done.stderr!r}"
@@ -145,8 +192,18 @@ def iscsi_target(workdir: Path) -> Iterator[Target]:
                 fh.truncate((16 * lun) << 20)
             with open(lun_file, "r+b") as fh:
                 fh.write(b"LUN-%d-DATA" % lun)
-            target.adm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", str(lun),
-                       "-b", str(lun_file))  # fmt: skip
+            target.adm(
+                "--op",
+                "new",
+                "--mode",
+                "logicalunit",
+                "--tid",
+                "1",
+                "--lun",
+                str(lun),
+                "-b",
+                str(lun_file),
+            )
         target.adm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
         yield target
     finally:
@@ -179,8 +236,9 @@ class Storage:
     root: Path
 
 
-async def open_storage(state: Path, root: Path, rec: Recorder | None = None,
-                       **settings: object) -> Storage:  # fmt: skip
+async def open_storage(
+    state: Path, root: Path, rec: Recorder | None = None, **settings: object
+) -> Storage:
     rec = rec or Recorder()
     jobs = JobManager(state / "jobs", rec.on_job)
     cfg = StorageSettings(roots=(root,), devices=("/dev/loop*",), **settings)  # type: ignore[arg-type]
@@ -191,5 +249,7 @@ async def open_storage(state: Path, root: Path, rec: Recorder | None = None,
 
 
 def dir_pool_xml(name: str, path: Path, ptype: str = "dir", source: str = "") -> str:
-    return (f"<pool type='{ptype}'><name>{name}</name>{source}"
-            f"<target><path>{path}</path></target></pool>")  # fmt: skip
+    return (
+        f"<pool type='{ptype}'><name>{name}</name>{source}"
+        f"<target><path>{path}</path></target></pool>"
+    )

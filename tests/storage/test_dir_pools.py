@@ -82,8 +82,14 @@ async def test_lifecycle_events_volumes_and_dumpxml(st: Storage, workdir: Path) 
     await pools.delete("p")
     assert not target.exists()
     await pools.undefine("p")
-    assert st.rec.pools("p") == ["defined", "started", "refreshed", "stopped", "deleted",
-                                 "undefined"]  # fmt: skip
+    assert st.rec.pools("p") == [
+        "defined",
+        "started",
+        "refreshed",
+        "stopped",
+        "deleted",
+        "undefined",
+    ]
     with pytest.raises(NoStoragePool):
         pools.get("p")
 
@@ -108,8 +114,12 @@ async def test_lookups_and_state_errors(st: Storage) -> None:
 @pytest.mark.parametrize("name", ["a/b", "..", ".", "-rf", "a\x01b"])
 async def test_bad_volume_names(st: Storage, name: str) -> None:
     with pytest.raises((InvalidArgument, XMLError)):
-        await st.pools.create_volume("p", volume_xml(name, MiB) if "\x01" not in name else
-                                     f"<volume><name>{name}</name></volume>")  # fmt: skip
+        await st.pools.create_volume(
+            "p",
+            volume_xml(name, MiB)
+            if "\x01" not in name
+            else f"<volume><name>{name}</name></volume>",
+        )
     with pytest.raises(InvalidArgument):
         await st.pools.delete_volume("p", name)
     assert os.listdir(st.root / "p") == [] and not (st.root / "b").exists()
@@ -132,8 +142,11 @@ async def test_absurd_capacity_and_unknown_formats(st: Storage) -> None:
     with pytest.raises(InvalidArgument, match="needs a capacity"):
         await pools.create_volume("p", "<volume><name>c</name></volume>")
     with pytest.raises(ConfigUnsupported, match="encrypted"):
-        await pools.create_volume("p", "<volume><name>e</name><capacity>1</capacity><target>"
-                                  "<encryption format='luks'/></target></volume>")  # fmt: skip
+        await pools.create_volume(
+            "p",
+            "<volume><name>e</name><capacity>1</capacity><target>"
+            "<encryption format='luks'/></target></volume>",
+        )
     assert os.listdir(st.root / "p") == []
     assert (await pools.create_volume("p", volume_xml("ok", MiB))).capacity == MiB  # still serves
 
@@ -214,8 +227,23 @@ async def test_restart_readopts_pools_and_keeps_stored_formats(st: Storage, work
     await pools.set_autostart("auto", True)
     raw = await pools.create_volume("p", volume_xml("guest.raw", MiB, format="raw"))
     # the guest writes a qcow2 header into its raw disk: probing would believe it
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/hostname", "-F", "raw",
-                    str(workdir / "evil.qcow2"), "1M"], check=True)  # fmt: skip
+    await asyncio.to_thread(
+        subprocess.run,
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "/etc/hostname",
+            "-F",
+            "raw",
+            str(workdir / "evil.qcow2"),
+            "1M",
+        ],
+        check=True,
+    )
     Path(raw.path).write_bytes((workdir / "evil.qcow2").read_bytes().ljust(MiB, b"\0"))
     rec = Recorder()
     again = await open_storage(st.state, st.root, rec)
@@ -259,14 +287,17 @@ async def test_leased_volume_cannot_be_deleted(st: Storage) -> None:
 
 
 async def test_every_unsupported_type_defines_and_refuses_with_a_reason(st: Storage) -> None:
-    xml = ("<pool type='logical'><source><name>vg9</name></source>"
-           "<target><path>/dev/vg9</path></target></pool>")  # fmt: skip
+    xml = (
+        "<pool type='logical'><source><name>vg9</name></source>"
+        "<target><path>/dev/vg9</path></target></pool>"
+    )
     pool = await st.pools.define(xml)
     assert pool.support is not None and "device-mapper" in pool.support
     with pytest.raises(NoSupport, match="device-mapper"):
         await st.pools.start("vg9")
-    rbd = await st.pools.define("<pool type='rbd'><source><name>r</name><host name='m'/>"
-                                "</source></pool>")  # fmt: skip
+    rbd = await st.pools.define(
+        "<pool type='rbd'><source><name>r</name><host name='m'/></source></pool>"
+    )
     with pytest.raises(NoSupport, match="Ceph"):
         await st.pools.build(rbd.name)
     assert parse_pool_xml(st.pools.xml("vg9")).name == "vg9"
@@ -278,8 +309,9 @@ async def test_clone_job_progress_and_cross_pool(st: Storage) -> None:
     await pools.start("q", build=True)
     src = await pools.create_volume("p", volume_xml("src.raw", 64 * MiB, format="raw"))
     Path(src.path).write_bytes(os.urandom(64 * MiB))
-    job = await pools.clone_volume("q", volume_xml("copy.qcow2", None, format="qcow2"), "p",
-                                   "src.raw")  # fmt: skip
+    job = await pools.clone_volume(
+        "q", volume_xml("copy.qcow2", None, format="qcow2"), "p", "src.raw"
+    )
     with pytest.raises(OperationInvalid, match="in use by a job"):
         await pools.delete_volume("p", "src.raw")  # the source is read
     done = await st.jobs.wait(job.id, timeout=120)
@@ -288,8 +320,11 @@ async def test_clone_job_progress_and_cross_pool(st: Storage) -> None:
     assert events[0] == "started" and events[-1] == "completed"
     copy = await pools.volume("q", "copy.qcow2")
     assert (copy.format, copy.capacity) == ("qcow2", 64 * MiB)
-    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", src.path, copy.path],
-                         capture_output=True)  # fmt: skip
+    cmp = await asyncio.to_thread(
+        subprocess.run,
+        ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", src.path, copy.path],
+        capture_output=True,
+    )
     assert cmp.returncode == 0, cmp.stdout
     await pools.delete_volume("p", "src.raw")  # no longer leased
 
@@ -301,8 +336,7 @@ async def test_clone_cancel_leaves_nothing(st: Storage) -> None:
         for i in range(0, 512, 8):
             fh.seek(i * MiB)
             fh.write(os.urandom(MiB))
-    job = await pools.clone_volume("p", volume_xml("c.qcow2", None, format="qcow2"), "p",
-                                   "big.raw")  # fmt: skip
+    job = await pools.clone_volume("p", volume_xml("c.qcow2", None, format="qcow2"), "p", "big.raw")
     assert pools.get("p").busy == {"c.qcow2": "cloning"}
     await st.jobs.cancel(job.id)
     assert st.jobs.get(job.id).state is JobState.CANCELLED
