@@ -137,7 +137,6 @@ class Pool:
 class Transfer:
     """A vol-upload or vol-download in progress (its job waits on it)."""
 
-    job: Job
     pool: Pool
     volume: str
     upload: bool
@@ -632,13 +631,13 @@ class StoragePools:
         return Backing(facts.path, backing.format or stored or facts.format)
 
     def _spec(self, pool: Pool, vol: VolumeDefinition, *, default_format: str | None,
-              prealloc_metadata: bool) -> VolumeSpec:  # fmt: skip
+              prealloc_metadata: bool, clone: bool = False) -> VolumeSpec:  # fmt: skip
         if vol.encrypted:
             raise ConfigUnsupported("encrypted volumes need libvirt's secrets (not in virtbus)")
         fmt = vol.format or default_format or (pool.backend.create_formats or ("raw",))[0]
         backing = self._backing(vol.backing)
         capacity, allocation = vol.capacity, vol.allocation
-        if capacity is None and backing is None and default_format is None:
+        if capacity is None and backing is None and not clone:
             raise InvalidArgument(f"volume '{vol.name}' needs a capacity")
         if capacity is not None:
             self._check_capacity(capacity, f"capacity of volume '{vol.name}'")
@@ -686,7 +685,7 @@ class StoragePools:
         vol = parse_volume_xml(xml)
         image = src_pool.backend.image(src_pool.defn, src)
         spec = self._spec(pool, vol, default_format=src.format if pool.backend.files else None,
-                          prealloc_metadata=False)  # fmt: skip
+                          prealloc_metadata=False, clone=True)  # fmt: skip
         if spec.capacity is not None and spec.capacity < src.capacity:
             raise InvalidArgument(
                 f"capacity of '{vol.name}' ({spec.capacity}) is smaller than the source's"
@@ -858,17 +857,17 @@ class StoragePools:
         except BaseException:
             self._release(pool, name)
             raise
-        transfer: Transfer | None = None
+        transfer = Transfer(pool, name, True, length, sink=sink)
 
         async def work(ctx: JobContext) -> dict[str, Any]:
-            assert transfer is not None
+            self._transfers[ctx.job.id] = transfer
             try:
                 await self._follow(transfer, ctx)
                 return transfer.result or {}
             finally:
                 if transfer.result is None:
                     await sink.abort()
-                self._transfers.pop(transfer.job.id, None)
+                self._transfers.pop(ctx.job.id, None)
                 self._release(pool, name)
 
         try:
@@ -878,8 +877,6 @@ class StoragePools:
             await sink.abort()
             self._release(pool, name)
             raise
-        transfer = Transfer(job, pool, name, True, length, sink=sink)
-        self._transfers[job.id] = transfer
         return job
 
     async def _follow(self, transfer: Transfer, ctx: JobContext) -> None:
@@ -974,15 +971,15 @@ class StoragePools:
         length = facts.physical if pool.backend.files else facts.capacity
         holder = f"download:{time.monotonic_ns()}"
         self._lease(holder, pool, name)
-        transfer: Transfer | None = None
+        transfer = Transfer(pool, name, False, length, path=path)
 
         async def work(ctx: JobContext) -> dict[str, Any]:
-            assert transfer is not None
+            self._transfers[ctx.job.id] = transfer
             try:
                 await self._follow(transfer, ctx)
                 return {"length": length}
             finally:
-                self._transfers.pop(transfer.job.id, None)
+                self._transfers.pop(ctx.job.id, None)
                 self.release(holder, pool.name, name)
 
         try:
@@ -991,8 +988,6 @@ class StoragePools:
         except BaseException:
             self.release(holder, pool.name, name)
             raise
-        transfer = Transfer(job, pool, name, False, length, path=path)
-        self._transfers[job.id] = transfer
         return job, length
 
     async def download_chunk(self, job_id: str, offset: int) -> bytes:

@@ -11,6 +11,7 @@ device's capacity, the partitions' total, and the free extents' total.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import stat
@@ -161,11 +162,15 @@ class DiskBackend:
         return int(raw.strip()) * 512
 
     async def _partx(self, pool: PoolDefinition) -> None:
-        await run(
-            ["partx", "-u", self.device(pool)],
-            timeout=self.settings.tool_timeout,
-            what="tell the kernel about the partitions",
-        )
+        try:
+            await run(
+                ["partx", "-u", self.device(pool)],
+                timeout=self.settings.tool_timeout,
+                what="tell the kernel about the partitions",
+            )
+        except ToolError as exc:
+            if "does not make sense" not in exc.stderr:  # an empty table: nothing to tell
+                raise
 
     # ------------------------------------------------------------------ pool
     async def build(self, pool: PoolDefinition, *, overwrite: bool | None) -> None:
@@ -227,7 +232,12 @@ class DiskBackend:
             timeout=self.settings.tool_timeout,
             what=f"wipe the partition table of {self.device(pool)}",
         )
-        await self._partx(pool)
+        with contextlib.suppress(ToolError):  # none left to forget is fine
+            await run(
+                ["partx", "-d", self.device(pool)],
+                timeout=self.settings.tool_timeout,
+                what="forget the partitions",
+            )
 
     async def active(self, pool: PoolDefinition) -> bool:
         try:

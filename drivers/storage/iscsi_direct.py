@@ -175,7 +175,10 @@ class IscsiDirectBackend:
             raise NoSupport(
                 f"iscsi-direct pools wipe with zeros only (as in libvirt), not '{algorithm}'"
             )
-        zeros = {"driver": "null-co", "size": facts.capacity, "read-zeroes": True}
+        zeros = {
+            "driver": "raw",
+            "file": {"driver": "null-co", "size": facts.capacity, "read-zeroes": True},
+        }
         argv = ["qemu-img", "convert", "-p", "-n", "-f", "raw", "-O", "raw",
                 "json:" + json.dumps(zeros), self.image(pool, facts).spec]  # fmt: skip
         await run_with_progress(argv, what=f"wipe {facts.name}", total=facts.capacity,
