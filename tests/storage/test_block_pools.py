@@ -171,7 +171,7 @@ async def test_disk_build_refuses_a_device_in_use(st: Storage, loops: list[Loop]
         f"<pool type='disk'><name>busy</name><source><device path='{loop.dev}'"
         "/></source><target><path>/dev</path></target></pool>"
     )
-    with pytest.raises(OperationInvalid, match="not empty .*ext4"):
+    with pytest.raises(OperationInvalid, match=r"not empty .*ext4"):
         await st.pools.build("busy")
     await st.pools.build("busy", overwrite=True)
     await st.pools.start("busy")

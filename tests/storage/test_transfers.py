@@ -99,7 +99,7 @@ async def test_abort_and_bad_chunks(st: Storage) -> None:
         await st.pools.upload_chunk(job.id, 9 * MiB, b"x")  # 8 chunks may be in flight
     with pytest.raises(InvalidArgument, match="incomplete"):
         await st.pools.upload_finish(job.id)
-    with pytest.raises((OperationInvalid, OperationFailed), match="busy|uploading"):
+    with pytest.raises((OperationInvalid, OperationFailed), match=r"busy|uploading"):
         await st.pools.delete_volume("p", "a.raw")
     await st.pools.transfer_abort(job.id)
     assert st.jobs.get(job.id).state is JobState.CANCELLED
