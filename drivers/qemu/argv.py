@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from drivers.base import ResolvedVolume
 from drivers.qemu import argv_chardev as chardev
 from drivers.qemu import argv_devices as devices
 from drivers.qemu import argv_machine as mach
@@ -49,6 +50,7 @@ __all__ = [
     "build_command",
     "disk_paths",
     "graphics_needing_ports",
+    "volume_disks",
 ]
 
 SUPPORTED_DEVICES = (
@@ -108,10 +110,29 @@ class QemuLaunch:
     accel: str  # "kvm" | "tcg"
 
 
+def volume_disks(defn: DomainDefinition) -> list[tuple[int, str, str]]:
+    """(disk index, pool, volume) of every ``<disk type='volume'>``: the agent resolves
+    them before launch (a missing one is a clear error naming the pool and volume)."""
+    out = []
+    for disk in defn.disks:
+        if disk.type != "volume":
+            continue
+        src = disk.element.find("source")
+        pool = src.get("pool") if src is not None else None
+        vol = src.get("volume") if src is not None else None
+        if not pool or not vol:
+            raise XMLError(
+                f"<disk type='volume'> {disk.target_dev} needs <source pool=... volume=...>"
+            )
+        out.append((disk.index, pool, vol))
+    return out
+
+
 def disk_paths(defn: DomainDefinition) -> list[str]:
     """Host paths QEMU opens for this domain (disk sources, kernel, initrd, firmware).
 
     The driver checks they exist before launch (a clear error instead of a QEMU one).
+    Volume disks are not here: their pool checked them when they were resolved.
     """
     paths = [d.source_path for d in defn.disks if d.source_path]
     os_ = defn.os
@@ -146,12 +167,14 @@ def build_command(
     caps: QemuCapabilities | None = None,
     settings: ArgvSettings = DEFAULT_SETTINGS,
     daemonize: bool = False,
+    volumes: Mapping[int, ResolvedVolume] | None = None,
 ) -> QemuLaunch:
     """The argv for ``defn``; ConfigUnsupported naming anything it cannot honour.
 
     ``emulator`` is the driver's choice; the XML's ``<emulator>`` is deliberately ignored
     (a definition must not pick the binary the host runs). ``graphics_ports`` maps a
     ``<graphics>`` index to a port the driver allocated (see :func:`graphics_needing_ports`).
+    ``volumes`` holds what each ``<disk type='volume'>`` resolved to (None: validating).
     """
     _check_top_level(defn)
     accel = _accel(defn, kvm_available)
@@ -163,6 +186,7 @@ def build_command(
         kvm=accel == "kvm",
         settings=settings,
         caps=caps,
+        volumes=volumes,
     )
     qmp = paths.qmp_socket(defn.uuid)
     ctx.check_socket(qmp)

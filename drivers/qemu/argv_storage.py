@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from drivers.base import ResolvedVolume
 from drivers.qemu.argv_common import BuildContext, DiskRuntime, int_attr, json_arg, unsupported
 from virtbus.domain.model import Controller, Disk
 from virtbus.errors import ConfigUnsupported
@@ -25,6 +26,8 @@ _BUS_BY_PREFIX = {"vd": "virtio", "sd": "scsi", "hd": "ide"}
 _DISK_CHILDREN = frozenset(
     {"driver", "source", "target", "readonly", "boot", "address", "serial", "alias"}
 )
+#: what a volume disk is built with while a definition is only being validated
+PLACEHOLDER = ResolvedVolume("", "", "file", "/dev/null", "raw")
 
 
 def disk_name_index(dev: str) -> int:
@@ -111,7 +114,7 @@ def _check_disk(disk: Disk) -> None:
             raise unsupported(f"<{child.tag}> in {where}")
     if disk.device not in ("disk", "cdrom"):
         raise unsupported(f"<disk device='{disk.device}'>")
-    if disk.type not in ("file", "block"):
+    if disk.type not in ("file", "block", "volume"):
         raise unsupported(f"<disk type='{disk.type}'>")
     if disk.driver_name not in (None, "qemu"):
         raise unsupported(f"<driver name='{disk.driver_name}'> in {where}")
@@ -119,7 +122,7 @@ def _check_disk(disk: Disk) -> None:
         raise unsupported(f"<driver type='{disk.driver_type}'> in {where} (raw and qcow2 are)")
     if disk.shareable:
         raise unsupported(f"<shareable/> in {where}")
-    if disk.source_path is None and disk.device != "cdrom":
+    if disk.source_path is None and disk.device != "cdrom" and disk.type != "volume":
         raise ConfigUnsupported(f"{where} has no <source>: only a cdrom may be empty")
     if disk.io == "native" and disk.cache not in ("none", "directsync"):
         raise ConfigUnsupported(
@@ -127,35 +130,62 @@ def _check_disk(disk: Disk) -> None:
         )
 
 
-def _blockdev(ctx: BuildContext, disk: Disk) -> str:
-    """Emit the storage and format nodes; return the format node's name."""
-    storage, fmt = f"disk{disk.index}-storage", f"disk{disk.index}-format"
-    driver = "file"
-    if disk.type == "block":
-        driver = "host_cdrom" if disk.device == "cdrom" else "host_device"
+def volume_of(ctx: BuildContext, disk: Disk) -> ResolvedVolume | None:
+    """What a volume disk resolved to (the placeholder while validating); None otherwise."""
+    if disk.type != "volume":
+        return None
+    if ctx.volumes is None:
+        return PLACEHOLDER
+    resolved = ctx.volumes.get(disk.index)
+    if resolved is None:
+        raise ConfigUnsupported(f"volume disk {disk.target_dev} was not resolved")
+    return resolved
+
+
+def disk_source_path(disk: Disk, resolved: ResolvedVolume | None) -> str | None:
+    return resolved.path if resolved is not None else disk.source_path
+
+
+def blockdev_nodes(
+    disk: Disk, storage: str, fmt: str, resolved: ResolvedVolume | None
+) -> list[dict[str, Any]]:
+    """The storage and format nodes of a disk (``-blockdev`` values or ``blockdev-add``
+    arguments): a file, a host device, or a network protocol node (a pool's iSCSI LUN)."""
     common: dict[str, Any] = {}
     if disk.cache not in (None, "default"):
         direct, no_flush, _ = CACHE_MODES[str(disk.cache)]
         common["cache"] = {"direct": direct, "no-flush": no_flush}
     if disk.discard not in (None, "default"):
         common["discard"] = disk.discard
-    node: dict[str, Any] = {
-        "driver": driver,
-        "filename": disk.source_path,
-        "node-name": storage,
-        "auto-read-only": True,
-    } | common
-    if disk.io not in (None, "default"):
-        node["aio"] = disk.io
-    ctx.add("-blockdev", json_arg(node))
-    ctx.add(
-        "-blockdev",
-        json_arg(
-            {"node-name": fmt, "read-only": disk.readonly, "driver": disk.driver_type or "raw"}
-            | common
-            | {"file": storage}
-        ),
+    kind = resolved.kind if resolved is not None else disk.type
+    node: dict[str, Any]
+    if kind == "network":
+        assert resolved is not None
+        node = dict(resolved.network)
+    else:
+        driver = "file"
+        if kind == "block":
+            driver = "host_cdrom" if disk.device == "cdrom" else "host_device"
+        node = {"driver": driver, "filename": disk_source_path(disk, resolved)}
+        if disk.io not in (None, "default"):
+            node["aio"] = disk.io
+    node |= {"node-name": storage, "auto-read-only": True} | common
+    image_format = disk.driver_type or (resolved.format if resolved is not None else None)
+    if image_format is not None and image_format not in FORMATS:
+        raise unsupported(f"format '{image_format}' of disk {disk.target_dev} (raw and qcow2 are)")
+    fmt_node = (
+        {"node-name": fmt, "read-only": disk.readonly, "driver": image_format or "raw"}
+        | common
+        | {"file": storage}
     )
+    return [node, fmt_node]
+
+
+def _blockdev(ctx: BuildContext, disk: Disk) -> str:
+    """Emit the storage and format nodes; return the format node's name."""
+    storage, fmt = f"disk{disk.index}-storage", f"disk{disk.index}-format"
+    for node in blockdev_nodes(disk, storage, fmt, volume_of(ctx, disk)):
+        ctx.add("-blockdev", json_arg(node))
     return fmt
 
 
@@ -197,7 +227,8 @@ def build_disks(ctx: BuildContext) -> None:
             dev_id = f"scsi{ctrl}-{dbus}-{target}-{unit}"
         else:
             raise unsupported(f"<target bus='{bus}'> for disk {disk.target_dev}")
-        node = _blockdev(ctx, disk) if disk.source_path is not None else None
+        present = disk.source_path is not None or disk.type == "volume"
+        node = _blockdev(ctx, disk) if present else None
         if node is not None:
             props["drive"] = node
         props["id"] = dev_id
@@ -209,7 +240,8 @@ def build_disks(ctx: BuildContext) -> None:
         if disk.serial:
             props["serial"] = disk.serial
         ctx.device(props)
-        ctx.disks.append(DiskRuntime(disk.index, disk.target_dev, dev_id, node, disk.source_path))
+        path = disk_source_path(disk, volume_of(ctx, disk))
+        ctx.disks.append(DiskRuntime(disk.index, disk.target_dev, dev_id, node, path))
 
 
 def _scsi_model(ctx: BuildContext, index: int) -> str | None:
@@ -217,3 +249,41 @@ def _scsi_model(ctx: BuildContext, index: int) -> str | None:
         if ctrl.type == "scsi" and (ctrl.index or 0) == index:
             return ctrl.model
     return None
+
+
+def device_id(disk: Disk) -> str:
+    """libvirt's qdev id of a disk's front end (``virtio-disk1``, ``scsi0-0-0-1`` ...)."""
+    bus = disk_bus(disk)
+    if bus == "virtio":
+        return f"virtio-disk{disk_name_index(disk.target_dev)}"
+    if bus == "scsi":
+        ctrl, dbus, target, unit = _drive_address(disk)
+        return f"scsi{ctrl}-{dbus}-{target}-{unit}"
+    ctrl, dbus, _target, unit = _drive_address(disk)
+    return f"ide0-{dbus}-{unit}" if bus == "ide" else f"sata{ctrl}-0-{unit}"
+
+
+def hotplug_device(disk: Disk, node: str, pci: dict[str, Any]) -> dict[str, Any]:
+    """``device_add`` arguments of a disk plugged into a running domain: virtio disks on a
+    free PCI(e) slot, SCSI disks on their (virtio-scsi) controller."""
+    _check_disk(disk)
+    bus = disk_bus(disk)
+    if disk.device == "cdrom":
+        raise unsupported("hot-plug of a cdrom (change its medium instead)")
+    props: dict[str, Any]
+    if bus == "virtio":
+        props = {"driver": "virtio-blk-pci"} | pci
+    elif bus == "scsi":
+        ctrl, dbus, target, unit = _drive_address(disk)
+        props = {"driver": "scsi-hd", "bus": f"scsi{ctrl}.0", "channel": dbus,
+                 "scsi-id": target, "lun": unit}  # fmt: skip
+    else:
+        raise ConfigUnsupported(
+            f"disk {disk.target_dev} on bus '{bus}' cannot be hot-plugged (virtio and scsi can)"
+        )
+    props |= {"id": device_id(disk), "drive": node}
+    if disk.cache not in (None, "default"):
+        props["write-cache"] = "on" if CACHE_MODES[str(disk.cache)][2] else "off"
+    if disk.serial:
+        props["serial"] = disk.serial
+    return props

@@ -28,4 +28,5 @@ class QemuSettings:
     exit_poll: float = 0.01  # polling of a process that is not our child
     event_queue: int = 1024  # QMP events buffered per domain (oldest kept, newer dropped)
     log_tail_bytes: int = 4096  # of the QEMU log quoted in a start error
+    detach_timeout: float = 10.0  # device_del until the guest lets go (DEVICE_DELETED)
     reconnect: Backoff = field(default_factory=lambda: Backoff(initial=0.1, maximum=5.0))

@@ -42,6 +42,16 @@ while [ $i -lt 20 ]; do
     i=$((i + 1))
 done
 
+# blocks: the guest's block devices (/sys/block, without loop and ram), on one line.
+blocks() {
+    local out="" b
+    for b in /sys/block/*; do
+        b="${b##*/}"
+        case "$b" in loop*|ram*|"*") ;; *) out="$out $b" ;; esac
+    done
+    echo "${out# }"
+}
+
 # run_cmd <reply: "3" or ""> <command words...>: runs one protocol command; replies go to
 # the console and, when called from serve, back on fd 3.
 run_cmd() {
@@ -89,6 +99,7 @@ run_cmd() {
             if [ -z "$DISK" ]; then reply "VIRTBUS-ERROR disk-md5 no-disk"; return; fi
             sum=$(dd if="$DISK" bs=1M count="$mib" iflag=direct 2>/dev/null | md5sum)
             reply "VIRTBUS-DISK-MD5 $mib ${sum%% *}" ;;
+        blocks) reply "VIRTBUS-BLOCKS $(blocks)" ;;
         *) reply "VIRTBUS-ERROR unknown $cmd" ;;
     esac
 }
@@ -152,9 +163,17 @@ say "VIRTBUS-GUEST-READY"
 say "VIRTBUS-INFO kernel=$(uname -r) disk=${DISK:-none} control=${CTL# } buttons=${BUTTONS# }"
 
 # Kernel command line commands: virtbus.cmd=<cmd>[+<arg>]@<tick>,...
+# Every change of the block devices (a disk hot-plugged or unplugged) is reported.
 n=0
+BLOCKS="$(blocks)"
+say "VIRTBUS-BLOCKS $BLOCKS"
 while :; do
     say "VIRTBUS-TICK $n"
+    now="$(blocks)"
+    if [ "$now" != "$BLOCKS" ]; then
+        BLOCKS="$now"
+        say "VIRTBUS-BLOCKS $BLOCKS"
+    fi
     if [ -n "$CMDS" ]; then
         for item in $(echo "$CMDS" | tr ',' ' '); do
             if [ "${item##*@}" = "$n" ]; then

@@ -1,0 +1,345 @@
+"""Devices of a QEMU domain that change while it lives: libvirt's attach-device,
+detach-device and domblkinfo for disks, and the volumes behind ``<disk type='volume'>``.
+
+Attach is ``blockdev-add`` (storage node, then format node) and ``device_add`` on a free
+PCI(e) slot (q35: an empty ``pcie-root-port``, as libvirt leaves spare ones; pc: a free
+slot of ``pci.0``); any failure removes what was added. Detach is ``device_del``, then a
+wait for QEMU's ``DEVICE_DELETED`` (the guest must let go; past ``detach_timeout`` it is
+OPERATION_TIMEOUT and the disk stays), then ``blockdev-del`` of both nodes. libvirt's
+flags: CURRENT (live when running, else the definition), LIVE, CONFIG, or both.
+
+A mixin of :class:`drivers.qemu.driver.QemuDriver` (its registry is declared below for
+typing); the pure parts (node and device arguments) live in :mod:`argv_storage`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from lxml import etree
+
+from drivers.base import Affect, BlockInfo, ResolvedVolume, VolumeResolver
+from drivers.qemu.argv import volume_disks
+from drivers.qemu.argv_storage import blockdev_nodes, device_id, hotplug_device
+from drivers.qemu.domain import Domain, Run
+from virtbus.domain import DomainDefinition
+from virtbus.domain.model import Disk
+from virtbus.domain.xml import parse_untrusted_root
+from virtbus.errors import (
+    ConfigUnsupported,
+    InvalidArgument,
+    OperationFailed,
+    OperationInvalid,
+    OperationTimeout,
+    VirtbusError,
+    XMLError,
+)
+from virtbus.protocol.events import DomainState
+
+if TYPE_CHECKING:
+    from drivers.qemu.domain import Runtime
+    from drivers.qemu.settings import QemuSettings
+
+log = logging.getLogger("drivers.qemu.driver")
+S = DomainState
+_LIVE_STATES = (S.RUNNING, S.PAUSED, S.BLOCKED)
+
+
+def _device_element(xml: str) -> etree._Element:
+    root = parse_untrusted_root(xml, "device")
+    if not isinstance(root.tag, str) or root.tag != "disk":
+        raise ConfigUnsupported(
+            f"only <disk> devices can be attached or detached, not <{root.tag}>"
+        )
+    return root
+
+
+def _target_of(el: etree._Element) -> str:
+    target = el.find("target")
+    dev = target.get("dev") if target is not None else None
+    if not dev:
+        raise XMLError("the <disk> needs <target dev=...>")
+    return str(dev)
+
+
+def _with_disk(defn: DomainDefinition, el: etree._Element) -> DomainDefinition:
+    """A copy of ``defn`` with the disk appended (re-validated: duplicate targets fail)."""
+    new = defn.copy()
+    with new.edit() as root:
+        devices = root.find("devices")
+        if devices is None:
+            devices = etree.SubElement(root, "devices")
+        devices.append(copy.deepcopy(el))
+    return new
+
+
+def _without_disk(defn: DomainDefinition, target: str, where: str) -> DomainDefinition:
+    new = defn.copy()
+    disk = next((d for d in new.disks if d.target_dev == target), None)
+    if disk is None:
+        raise OperationFailed(f"no target device {target} in {where}")
+    with new.edit():
+        parent = disk.element.getparent()
+        assert parent is not None
+        parent.remove(disk.element)
+    return new
+
+
+class QemuDevices:
+    """attach/detach/domblkinfo and volume resolution (see module docstring)."""
+
+    if TYPE_CHECKING:
+        _rt: Runtime
+        _settings: QemuSettings
+
+        def _get(self, ref: str) -> Domain: ...
+        def _validate(self, defn: DomainDefinition) -> None: ...
+        async def _persist(self, defn: DomainDefinition) -> None: ...
+
+    # --- volumes ------------------------------------------------------------------------
+    def set_volume_resolver(self, resolver: VolumeResolver) -> None:
+        self._rt.resolver = resolver
+
+    async def _resolve_volumes(self, defn: DomainDefinition) -> dict[int, ResolvedVolume]:
+        """Every volume disk of ``defn``, leased to it; on failure none stays leased."""
+        wanted = volume_disks(defn)
+        if not wanted:
+            return {}
+        resolver = self._rt.resolver
+        if resolver is None:
+            raise ConfigUnsupported(
+                f"domain '{defn.name}' has <disk type='volume'> but this agent has no storage"
+            )
+        out: dict[int, ResolvedVolume] = {}
+        try:
+            for index, pool, volume in wanted:
+                try:
+                    out[index] = await resolver.resolve(pool, volume, defn.uuid)
+                except VirtbusError as exc:
+                    raise type(exc)(f"cannot start domain '{defn.name}': {exc.message}") from None
+        except BaseException:
+            resolver.release(defn.uuid)
+            raise
+        return out
+
+    # --- flags --------------------------------------------------------------------------
+    @staticmethod
+    def _affect(dom: Domain, affect: Affect) -> tuple[bool, bool]:
+        running = dom.run is not None and dom.state in _LIVE_STATES
+        live, config = affect.live, affect.config
+        if not live and not config:  # CURRENT
+            live, config = running, not running
+        if live and not running:
+            raise OperationInvalid(f"domain '{dom.defn.name}' is not running")
+        return live, config
+
+    # --- attach -------------------------------------------------------------------------
+    async def attach_device(self, ref: str, xml: str, affect: Affect) -> None:
+        dom = self._get(ref)
+        el = _device_element(xml)
+        live, config = self._affect(dom, affect)
+        persistent = None
+        if config:
+            persistent = _with_disk(dom.defn, el)
+            self._validate(persistent)
+        if live:
+            assert dom.run is not None
+            await self._attach_live(dom, dom.run, el)
+        if persistent is not None:
+            await self._persist(persistent)
+            dom.defn = persistent
+
+    async def _attach_live(self, dom: Domain, run: Run, el: etree._Element) -> None:
+        trial = _with_disk(run.live, el)
+        disk = trial.disks[-1]
+        dev_id = device_id(disk)
+        storage, fmt = f"{dev_id}-storage", f"{dev_id}-format"
+        resolved = None
+        if disk.type == "volume":
+            resolved = next(iter((await self._resolve_volumes(_only(trial, disk))).values()))
+        added: list[str] = []
+        try:
+            nodes = blockdev_nodes(disk, storage, fmt, resolved)
+            pci = await self._free_slot(dom, run, disk)
+            props = hotplug_device(disk, fmt, pci)
+            for node in nodes:
+                await dom.execute(run, "blockdev-add", node)
+                added.append(str(node["node-name"]))
+            await dom.execute(run, "device_add", props)
+        except BaseException:
+            for name in reversed(added):
+                with contextlib.suppress(VirtbusError):
+                    await dom.execute(run, "blockdev-del", {"node-name": name})
+            if resolved is not None and self._rt.resolver is not None:
+                self._rt.resolver.release(dom.defn.uuid, resolved.pool, resolved.volume)
+            raise
+        run.live = trial
+        run.live_xml = None
+        run.deleted_devices.discard(dev_id)
+        await dom.save_status(run)
+        dom.emit("device_added", None, {"device": dev_id, "target": disk.target_dev})
+
+    async def _free_slot(self, dom: Domain, run: Run, disk: Disk) -> dict[str, Any]:
+        """bus/addr for a virtio disk: an empty pcie-root-port (q35) or a free pci.0 slot."""
+        if (disk.target_bus or ("virtio" if disk.target_dev.startswith("vd") else "")) != "virtio":
+            return {}
+        buses = await dom.execute(run, "query-pci")
+        devices = [d for bus in buses or [] for d in bus.get("devices", [])]
+        ports = [c for c in run.live.controllers if c.type == "pci" and c.model == "pcie-root-port"]
+        if ports:
+            used = {
+                d.get("qdev_id") for d in _walk(devices) if d.get("pci_bridge", {}).get("devices")
+            }
+            for ctrl in ports:
+                qid = f"pci.{ctrl.index or 0}"
+                if qid not in used and any(d.get("qdev_id") == qid for d in _walk(devices)):
+                    return {"bus": qid, "addr": "0x0"}
+            raise ConfigUnsupported(
+                f"no free pcie-root-port in domain '{dom.defn.name}' for disk {disk.target_dev}:"
+                " add <controller type='pci' model='pcie-root-port'/> (libvirt adds spare ones)"
+            )
+        machine = (run.live.os.machine or "").lower()
+        if "q35" in machine:
+            raise ConfigUnsupported(
+                f"domain '{dom.defn.name}' (q35) has no pcie-root-port to plug disk"
+                f" {disk.target_dev} into: add <controller type='pci' model='pcie-root-port'/>"
+            )
+        used_slots = {int(d.get("slot", -1)) for d in devices if int(d.get("bus", 0)) == 0}
+        free = next((slot for slot in range(1, 32) if slot not in used_slots), None)
+        if free is None:
+            raise ConfigUnsupported(f"no free PCI slot in domain '{dom.defn.name}'")
+        return {"bus": "pci.0", "addr": hex(free)}
+
+    # --- detach -------------------------------------------------------------------------
+    async def detach_device(self, ref: str, xml: str, affect: Affect) -> None:
+        dom = self._get(ref)
+        target = _target_of(_device_element(xml))
+        live, config = self._affect(dom, affect)
+        persistent = None
+        if config:
+            persistent = _without_disk(dom.defn, target, f"the definition of '{dom.defn.name}'")
+        if live:
+            assert dom.run is not None
+            await self._detach_live(dom, dom.run, target)
+        if persistent is not None:
+            await self._persist(persistent)
+            dom.defn = persistent
+
+    async def _detach_live(self, dom: Domain, run: Run, target: str) -> None:
+        remaining = _without_disk(run.live, target, f"running domain '{dom.defn.name}'")
+        disk = next(d for d in run.live.disks if d.target_dev == target)
+        dev_id = device_id(disk)
+        node = await self._format_node(dom, run, dev_id)
+        run.deleted_devices.discard(dev_id)
+        await dom.execute(run, "device_del", {"id": dev_id})
+        limit = self._settings.detach_timeout
+        try:
+            await dom.wait(run, lambda: dev_id in run.deleted_devices, "detach", timeout=limit)
+        except OperationTimeout:
+            raise OperationTimeout(
+                f"the guest of '{dom.defn.name}' did not release disk {target} ({dev_id})"
+                f" within {limit:g} s; it stays attached (the guest may still let it go)"
+            ) from None
+        if node is not None:
+            for name in (node, node.removesuffix("-format") + "-storage"):
+                try:
+                    await dom.execute(run, "blockdev-del", {"node-name": name})
+                except VirtbusError as exc:
+                    log.warning("domain %s: blockdev-del %s: %s", dom.defn.name, name, exc)
+        run.live = remaining
+        run.live_xml = None
+        await dom.save_status(run)
+        if disk.type == "volume" and self._rt.resolver is not None:
+            src = disk.element.find("source")
+            assert src is not None
+            self._rt.resolver.release(dom.defn.uuid, src.get("pool"), src.get("volume"))
+
+    async def _format_node(self, dom: Domain, run: Run, dev_id: str) -> str | None:
+        """The format node behind a disk's device (query-block, before it goes away)."""
+        for entry in await dom.execute(run, "query-block") or []:
+            qdev = str(entry.get("qdev", ""))
+            if qdev == dev_id or qdev.startswith(f"/machine/peripheral/{dev_id}/"):
+                inserted = entry.get("inserted") or {}
+                name = inserted.get("node-name")
+                return str(name) if name else None
+        return None
+
+    # --- domblkinfo ---------------------------------------------------------------------
+    async def block_info(self, ref: str, target: str) -> BlockInfo:
+        dom = self._get(ref)
+        run = dom.run
+        defn = run.live if run is not None else dom.defn
+        disk = next((d for d in defn.disks if d.target_dev == target), None)
+        if disk is None:
+            raise InvalidArgument(f"domain '{defn.name}' has no disk {target}")
+        if run is not None and run.monitor is not None:
+            dev_id = device_id(disk)
+            for entry in await dom.execute(run, "query-block") or []:
+                qdev = str(entry.get("qdev", ""))
+                if qdev == dev_id or qdev.startswith(f"/machine/peripheral/{dev_id}/"):
+                    image = (entry.get("inserted") or {}).get("image") or {}
+                    return await _sizes(target, str((entry.get("inserted") or {}).get("file", "")),
+                                        int(image.get("virtual-size", 0)),
+                                        int(image.get("actual-size", 0)))  # fmt: skip
+            raise OperationFailed(f"QEMU does not know disk {target} of '{defn.name}'")
+        path, fmt = disk.source_path, disk.driver_type
+        if disk.type == "volume":
+            resolved = next(iter((await self._resolve_volumes(_only(defn, disk))).values()))
+            assert self._rt.resolver is not None
+            self._rt.resolver.release(defn.uuid, resolved.pool, resolved.volume)
+            if resolved.kind == "network":
+                raise OperationInvalid(f"disk {target} is a network volume: start the domain")
+            path, fmt = resolved.path, fmt or resolved.format
+        if not path:
+            raise OperationInvalid(f"disk {target} of '{defn.name}' has no source")
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-img", "info", "--output=json", "-U", *(["-f", fmt] if fmt else []), path,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(self._settings.qmp_timeout):
+            out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise OperationFailed(f"cannot inspect {path}: {err.decode(errors='replace')[-300:]}")
+        info = json.loads(out)
+        return await _sizes(target, path, int(info.get("virtual-size", 0)),
+                            int(info.get("actual-size", 0)))  # fmt: skip
+
+
+def _walk(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every PCI device, bridges' children included (query-pci nests them)."""
+    out: list[dict[str, Any]] = []
+    for dev in devices:
+        out.append(dev)
+        out += _walk((dev.get("pci_bridge") or {}).get("devices") or [])
+    return out
+
+
+def _empty(defn: DomainDefinition) -> DomainDefinition:
+    new = defn.copy()
+    with new.edit() as root:
+        devices = root.find("devices")
+        if devices is not None:
+            for child in list(devices):
+                if child.tag == "disk":
+                    devices.remove(child)
+    return new
+
+
+def _only(defn: DomainDefinition, disk: Disk) -> DomainDefinition:
+    return _with_disk(_empty(defn), disk.element)
+
+
+async def _sizes(target: str, path: str, capacity: int, allocation: int) -> BlockInfo:
+    physical = capacity
+    if path.startswith("/"):
+        with contextlib.suppress(OSError):
+            st = await asyncio.to_thread(os.stat, path)
+            if st.st_size:
+                physical = st.st_size
+    return BlockInfo(target, capacity, allocation, physical)
