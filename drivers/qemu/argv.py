@@ -36,6 +36,7 @@ from drivers.qemu.argv_common import (
 )
 from drivers.qemu.capabilities import QemuCapabilities
 from virtbus.domain import DomainDefinition, unknown_devices
+from virtbus.domain.devices import volume_sources
 from virtbus.errors import ConfigUnsupported, XMLError
 
 __all__ = [
@@ -113,19 +114,7 @@ class QemuLaunch:
 def volume_disks(defn: DomainDefinition) -> list[tuple[int, str, str]]:
     """(disk index, pool, volume) of every ``<disk type='volume'>``: the agent resolves
     them before launch (a missing one is a clear error naming the pool and volume)."""
-    out = []
-    for disk in defn.disks:
-        if disk.type != "volume":
-            continue
-        src = disk.element.find("source")
-        pool = src.get("pool") if src is not None else None
-        vol = src.get("volume") if src is not None else None
-        if not pool or not vol:
-            raise XMLError(
-                f"<disk type='volume'> {disk.target_dev} needs <source pool=... volume=...>"
-            )
-        out.append((disk.index, pool, vol))
-    return out
+    return volume_sources(defn)
 
 
 def disk_paths(defn: DomainDefinition) -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import json
 import logging
 import os
@@ -29,8 +28,14 @@ from drivers.qemu.argv import volume_disks
 from drivers.qemu.argv_storage import blockdev_nodes, device_id, hotplug_device
 from drivers.qemu.domain import Domain, Run
 from virtbus.domain import DomainDefinition
+from virtbus.domain.devices import (
+    disk_target,
+    only_disk,
+    parse_disk_device,
+    with_disk,
+    without_disk,
+)
 from virtbus.domain.model import Disk
-from virtbus.domain.xml import parse_untrusted_root
 from virtbus.errors import (
     ConfigUnsupported,
     InvalidArgument,
@@ -38,7 +43,6 @@ from virtbus.errors import (
     OperationInvalid,
     OperationTimeout,
     VirtbusError,
-    XMLError,
 )
 from virtbus.protocol.events import DomainState
 
@@ -49,46 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("drivers.qemu.driver")
 S = DomainState
 _LIVE_STATES = (S.RUNNING, S.PAUSED, S.BLOCKED)
-
-
-def _device_element(xml: str) -> etree._Element:
-    root = parse_untrusted_root(xml, "device")
-    if not isinstance(root.tag, str) or root.tag != "disk":
-        raise ConfigUnsupported(
-            f"only <disk> devices can be attached or detached, not <{root.tag}>"
-        )
-    return root
-
-
-def _target_of(el: etree._Element) -> str:
-    target = el.find("target")
-    dev = target.get("dev") if target is not None else None
-    if not dev:
-        raise XMLError("the <disk> needs <target dev=...>")
-    return str(dev)
-
-
-def _with_disk(defn: DomainDefinition, el: etree._Element) -> DomainDefinition:
-    """A copy of ``defn`` with the disk appended (re-validated: duplicate targets fail)."""
-    new = defn.copy()
-    with new.edit() as root:
-        devices = root.find("devices")
-        if devices is None:
-            devices = etree.SubElement(root, "devices")
-        devices.append(copy.deepcopy(el))
-    return new
-
-
-def _without_disk(defn: DomainDefinition, target: str, where: str) -> DomainDefinition:
-    new = defn.copy()
-    disk = next((d for d in new.disks if d.target_dev == target), None)
-    if disk is None:
-        raise OperationFailed(f"no target device {target} in {where}")
-    with new.edit():
-        parent = disk.element.getparent()
-        assert parent is not None
-        parent.remove(disk.element)
-    return new
 
 
 class QemuDevices:
@@ -142,11 +106,11 @@ class QemuDevices:
     # --- attach -------------------------------------------------------------------------
     async def attach_device(self, ref: str, xml: str, affect: Affect) -> None:
         dom = self._get(ref)
-        el = _device_element(xml)
+        el = parse_disk_device(xml)
         live, config = self._affect(dom, affect)
         persistent = None
         if config:
-            persistent = _with_disk(dom.defn, el)
+            persistent = with_disk(dom.defn, el)
             self._validate(persistent)
         if live:
             assert dom.run is not None
@@ -156,13 +120,15 @@ class QemuDevices:
             dom.defn = persistent
 
     async def _attach_live(self, dom: Domain, run: Run, el: etree._Element) -> None:
-        trial = _with_disk(run.live, el)
+        trial = with_disk(run.live, el)
         disk = trial.disks[-1]
         dev_id = device_id(disk)
         storage, fmt = f"{dev_id}-storage", f"{dev_id}-format"
         resolved = None
         if disk.type == "volume":
-            resolved = next(iter((await self._resolve_volumes(_only(trial, disk))).values()))
+            resolved = next(
+                iter((await self._resolve_volumes(only_disk(trial, disk.element))).values())
+            )
         added: list[str] = []
         try:
             nodes = blockdev_nodes(disk, storage, fmt, resolved)
@@ -219,11 +185,11 @@ class QemuDevices:
     # --- detach -------------------------------------------------------------------------
     async def detach_device(self, ref: str, xml: str, affect: Affect) -> None:
         dom = self._get(ref)
-        target = _target_of(_device_element(xml))
+        target = disk_target(parse_disk_device(xml))
         live, config = self._affect(dom, affect)
         persistent = None
         if config:
-            persistent = _without_disk(dom.defn, target, f"the definition of '{dom.defn.name}'")
+            persistent = without_disk(dom.defn, target, f"the definition of '{dom.defn.name}'")
         if live:
             assert dom.run is not None
             await self._detach_live(dom, dom.run, target)
@@ -232,7 +198,7 @@ class QemuDevices:
             dom.defn = persistent
 
     async def _detach_live(self, dom: Domain, run: Run, target: str) -> None:
-        remaining = _without_disk(run.live, target, f"running domain '{dom.defn.name}'")
+        remaining = without_disk(run.live, target, f"running domain '{dom.defn.name}'")
         disk = next(d for d in run.live.disks if d.target_dev == target)
         dev_id = device_id(disk)
         node = await self._format_node(dom, run, dev_id)
@@ -290,7 +256,9 @@ class QemuDevices:
             raise OperationFailed(f"QEMU does not know disk {target} of '{defn.name}'")
         path, fmt = disk.source_path, disk.driver_type
         if disk.type == "volume":
-            resolved = next(iter((await self._resolve_volumes(_only(defn, disk))).values()))
+            resolved = next(
+                iter((await self._resolve_volumes(only_disk(defn, disk.element))).values())
+            )
             assert self._rt.resolver is not None
             self._rt.resolver.release(defn.uuid, resolved.pool, resolved.volume)
             if resolved.kind == "network":
@@ -318,21 +286,6 @@ def _walk(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(dev)
         out += _walk((dev.get("pci_bridge") or {}).get("devices") or [])
     return out
-
-
-def _empty(defn: DomainDefinition) -> DomainDefinition:
-    new = defn.copy()
-    with new.edit() as root:
-        devices = root.find("devices")
-        if devices is not None:
-            for child in list(devices):
-                if child.tag == "disk":
-                    devices.remove(child)
-    return new
-
-
-def _only(defn: DomainDefinition, disk: Disk) -> DomainDefinition:
-    return _with_disk(_empty(defn), disk.element)
 
 
 async def _sizes(target: str, path: str, capacity: int, allocation: int) -> BlockInfo:

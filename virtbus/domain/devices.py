@@ -1,0 +1,84 @@
+"""Device changes of a definition, shared by every driver: libvirt's attach/detach-device
+on the XML side (which disk a device XML means, the definition with it added or removed)."""
+
+from __future__ import annotations
+
+import copy
+
+from lxml import etree
+
+from virtbus.domain.definition import DomainDefinition
+from virtbus.domain.model import Element
+from virtbus.domain.xml import parse_untrusted_root
+from virtbus.errors import ConfigUnsupported, OperationFailed, XMLError
+
+
+def parse_disk_device(xml: str) -> Element:
+    """A ``<disk>`` device document (the only device virtbus attaches or detaches)."""
+    root = parse_untrusted_root(xml, "device")
+    if not isinstance(root.tag, str) or root.tag != "disk":
+        raise ConfigUnsupported(
+            f"only <disk> devices can be attached or detached, not <{root.tag}>"
+        )
+    return root
+
+
+def disk_target(el: Element) -> str:
+    target = el.find("target")
+    dev = target.get("dev") if target is not None else None
+    if not dev:
+        raise XMLError("the <disk> needs <target dev=...>")
+    return str(dev)
+
+
+def with_disk(defn: DomainDefinition, el: Element) -> DomainDefinition:
+    """A copy of ``defn`` with the disk appended (re-validated: a duplicate target fails)."""
+    new = defn.copy()
+    with new.edit() as root:
+        devices = root.find("devices")
+        if devices is None:
+            devices = etree.SubElement(root, "devices")
+        devices.append(copy.deepcopy(el))
+    return new
+
+
+def without_disk(defn: DomainDefinition, target: str, where: str) -> DomainDefinition:
+    """A copy of ``defn`` without the disk of ``target`` (OPERATION_FAILED if none)."""
+    new = defn.copy()
+    disk = next((d for d in new.disks if d.target_dev == target), None)
+    if disk is None:
+        raise OperationFailed(f"no target device {target} in {where}")
+    with new.edit():
+        parent = disk.element.getparent()
+        assert parent is not None
+        parent.remove(disk.element)
+    return new
+
+
+def only_disk(defn: DomainDefinition, el: Element) -> DomainDefinition:
+    """A copy of ``defn`` whose only disk is ``el`` (to resolve one disk's volume alone)."""
+    new = defn.copy()
+    with new.edit() as root:
+        devices = root.find("devices")
+        if devices is not None:
+            for child in list(devices):
+                if child.tag == "disk":
+                    devices.remove(child)
+    return with_disk(new, el)
+
+
+def volume_sources(defn: DomainDefinition) -> list[tuple[int, str, str]]:
+    """(disk index, pool, volume) of every ``<disk type='volume'>``."""
+    out = []
+    for disk in defn.disks:
+        if disk.type != "volume":
+            continue
+        src = disk.element.find("source")
+        pool = src.get("pool") if src is not None else None
+        vol = src.get("volume") if src is not None else None
+        if not pool or not vol:
+            raise XMLError(
+                f"<disk type='volume'> {disk.target_dev} needs <source pool=... volume=...>"
+            )
+        out.append((disk.index, str(pool), str(vol)))
+    return out
