@@ -18,11 +18,12 @@ Two domains sharing a group never land on the same host.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from virtbus.config import setting
 from virtbus.domain import DomainDefinition, parse_domain_xml
+from virtbus.domain.devices import volume_sources
 from virtbus.errors import InvalidArgument, NoHostError
 
 PLACEMENT_NS = "https://virtbus.dev/xmlns/placement/1"
@@ -52,6 +53,9 @@ class PlacementRequest:
     same_cpu_as: str | None = None  # migration with a host CPU: the source's model
     groups: frozenset[str] = frozenset()  # anti-affinity groups
     exclude: frozenset[str] = frozenset()  # hosts never chosen (a migration's source)
+    #: storage pools the domain's volume disks name -> bytes it needs there (0: the pool
+    #: must only be there and active, e.g. the volumes exist or the pool is shared)
+    storage: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -72,6 +76,7 @@ class HostCandidate:
     cpu_models: frozenset[str] = frozenset()  # named models it offers; empty: not reported
     groups: frozenset[str] = frozenset()  # anti-affinity groups of the domains it has
     labels: dict[str, str] = field(default_factory=dict)
+    pools: Mapping[str, int] = field(default_factory=dict)  # active pool -> available bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +164,18 @@ def filter_cpu_model(req: PlacementRequest, hosts: Hosts, _p: PlacementPolicy) -
     return [h for h in hosts if h.cpu_model == model or not h.cpu_models or model in h.cpu_models]
 
 
+def filter_storage(req: PlacementRequest, hosts: Hosts, _p: PlacementPolicy) -> Hosts:
+    """Every pool the domain's volumes name is active on the host, with room for them."""
+    need = req.storage
+    if not need:
+        return hosts
+    return [
+        h
+        for h in hosts
+        if all(pool in h.pools and h.pools[pool] >= size for pool, size in need.items())
+    ]
+
+
 FILTERS: tuple[tuple[str, Filter], ...] = (
     ("excluded", filter_excluded),
     ("up", filter_up),
@@ -169,6 +186,7 @@ FILTERS: tuple[tuple[str, Filter], ...] = (
     ("vcpus", filter_vcpus),
     ("anti-affinity", filter_anti_affinity),
     ("cpu-model", filter_cpu_model),
+    ("storage", filter_storage),
 )
 
 
@@ -220,13 +238,26 @@ def anti_affinity_groups(defn: DomainDefinition) -> frozenset[str]:
     return frozenset(groups)
 
 
+def storage_needs(
+    defn: DomainDefinition, sizes: Mapping[tuple[str, str], int] | None = None
+) -> dict[str, int]:
+    """Pool -> bytes for the domain's ``<disk type='volume'>`` disks; ``sizes`` gives the
+    bytes of (pool, volume) pairs that must still be made on the chosen host."""
+    need: dict[str, int] = {}
+    for _index, pool, volume in volume_sources(defn):
+        need[pool] = need.get(pool, 0) + (sizes or {}).get((pool, volume), 0)
+    return need
+
+
 def request_for(
     defn: DomainDefinition,
     *,
     exclude: frozenset[str] = frozenset(),
     source: HostCandidate | None = None,
+    volume_sizes: Mapping[tuple[str, str], int] | None = None,
 ) -> PlacementRequest:
     """A placement request for a new domain, or (with ``source``) for its migration."""
+    storage = storage_needs(defn, volume_sizes)
     cpu = defn.cpu
     custom_model = cpu.model if cpu is not None and cpu.mode == "custom" else None
     host_cpu = cpu is not None and cpu.mode in HOST_CPU_MODES
@@ -241,6 +272,7 @@ def request_for(
             same_cpu_as=source.cpu_model if host_cpu else None,
             groups=anti_affinity_groups(defn),
             exclude=exclude | {source.name},
+            storage=storage,
         )
     return PlacementRequest(
         name=defn.name,
@@ -251,6 +283,7 @@ def request_for(
         cpu_model=custom_model,
         groups=anti_affinity_groups(defn),
         exclude=exclude,
+        storage=storage,
     )
 
 
