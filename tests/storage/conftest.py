@@ -156,7 +156,7 @@ class Target:
 @pytest.fixture
 def iscsi_target(workdir: Path) -> Iterator[Target]:
     need_tools()
-    port, control = free_port(), 20000 + os.getpid() % 20000
+    port, control = free_port(), 1000 + uuidlib.uuid4().int % 30000  # tgtadm: -C < 32768
     proc = subprocess.Popen(
         ["tgtd", "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL,

@@ -88,7 +88,7 @@ async def test_pool_and_job_events_heartbeat_and_restart(rabbitmq: None, tmp_pat
         await agent.driver.destroy(ref.name)
         await pools.delete_volume("p", "b.qcow2")
         await agent.driver.define(domain_xml("vm2", "p", "gone.qcow2"))
-        with pytest.raises(NoStorageVol, match="'gone.qcow2' not found in pool 'p'"):
+        with pytest.raises(NoStorageVol, match=r"'gone\.qcow2' not found in pool 'p'"):
             await agent.driver.start("vm2")
         assert src.path
         events = await collect_until(sub, "vm2")
