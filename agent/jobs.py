@@ -165,7 +165,7 @@ class JobManager:
     async def save(self, job: Job) -> None:
         await aiofiles.os.makedirs(self.directory, exist_ok=True)
         data = json.dumps(job.record(), separators=(",", ":")).encode()
-        await atomic_write(self._path(job.id), data)
+        await atomic_write(self._path(job.id), data, fsync=False)  # survives the agent
 
     async def load(self) -> list[Job]:
         """Read the records back; jobs that were running are failed and recovered.

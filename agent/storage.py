@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -281,7 +282,7 @@ class StoragePools:
         record = {"name": name, "format": fmt, "xml": xml}
         path = self._volume_record_path(pool, name)
         await aiofiles.os.makedirs(path.parent, exist_ok=True)
-        await atomic_write(path, json.dumps(record).encode())
+        await atomic_write(path, json.dumps(record).encode(), fsync=False)  # refresh rebuilds
         pool.stored[name] = record
 
     async def _drop_volume(self, pool: Pool, name: str) -> None:
@@ -681,7 +682,9 @@ class StoragePools:
         pool = self._running(pool_ref)
         self._supported(pool)
         src_pool = self._running(source_pool)
-        src = await self.volume(source_pool, source)
+        check_name(source)
+        # libvirt clones from its cached view of the source too (refreshed by pool-refresh)
+        src = src_pool.volumes.get(source) or await self.volume(source_pool, source)
         vol = parse_volume_xml(xml)
         image = src_pool.backend.image(src_pool.defn, src)
         spec = self._spec(pool, vol, default_format=src.format if pool.backend.files else None,
@@ -691,6 +694,8 @@ class StoragePools:
                 f"capacity of '{vol.name}' ({spec.capacity}) is smaller than the source's"
                 f" ({src.capacity})"
             )
+        if spec.capacity is None:
+            spec = dataclasses.replace(spec, capacity=src.capacity)
         self._reserve(pool, vol.name, "cloning")
         holder = f"job:clone-{time.monotonic_ns()}"
         leased = False

@@ -34,15 +34,22 @@ _LENGTH = struct.Struct(">I")
 RECORD_LIMITS = DecodeLimits(max_bytes=8 * 1024 * 1024, max_depth=32)
 
 
-async def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
+async def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically and (with ``fsync``) durably.
+
+    Without ``fsync`` the replacement is still atomic for a crashed process (a reader sees
+    the old file or the new one) but a lost host may lose it: for records that only need
+    to survive the agent (job records, volume metadata rebuilt by a refresh).
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     async with aiofiles.open(tmp, "wb") as fh:
         await fh.write(data)
         await fh.flush()
-        await aiofiles.os.wrap(os.fsync)(fh.fileno())
+        if fsync:
+            await aiofiles.os.wrap(os.fsync)(fh.fileno())
     await aiofiles.os.replace(tmp, path)
-    await _fsync_dir(path.parent)
+    if fsync:
+        await _fsync_dir(path.parent)
 
 
 async def _fsync_dir(directory: Path) -> None:
