@@ -1087,6 +1087,21 @@ class StoragePools:
                     out.append((found[0].name, found[1].name))
         return out
 
+    async def remove_volumes(
+        self, volumes: Iterable[tuple[str, str]]
+    ) -> list[tuple[str, str, VirtbusError | None]]:
+        """``undefine --remove-all-storage``, after the domain is undefined: delete each
+        volume, going on past failures (as virsh does), and say what happened to each."""
+        done: list[tuple[str, str, VirtbusError | None]] = []
+        for pool, volume in volumes:
+            try:
+                await self.delete_volume(pool, volume)
+            except VirtbusError as exc:
+                done.append((pool, volume, exc))
+            else:
+                done.append((pool, volume, None))
+        return done
+
     async def image_of(self, pool_ref: str, name: str) -> ImageSource:
         pool = self._running(pool_ref)
         return pool.backend.image(pool.defn, await self.volume(pool.name, name))

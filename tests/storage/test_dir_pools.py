@@ -395,3 +395,36 @@ async def test_job_records_survive_a_restart(st: Storage) -> None:
     again_job = again.jobs.get(job.id)
     assert again_job.state is JobState.FAILED and "restarted" in str(again_job.error)
     assert ("failed" in rec.jobs(job.id)) and temps(st.root / "p") == []
+
+
+async def test_remove_all_storage_of_an_undefined_domain(st: Storage) -> None:
+    """What ``undefine --remove-all-storage`` does after the undefine: every volume of the
+    domain, named by reference or by path, is deleted; one that is gone is reported."""
+    from drivers.test import TestDriver
+    from virtbus.domain import parse_domain_xml
+
+    pools = st.pools
+    a = await pools.create_volume("p", volume_xml("a.qcow2", GiB, format="qcow2"))
+    await pools.create_volume("p", volume_xml("b.qcow2", GiB, format="qcow2"))
+    xml = (
+        "<domain type='test'><name>vm</name><memory>65536</memory><os><type>hvm</type></os>"
+        "<devices><disk type='volume'><source pool='p' volume='b.qcow2'/><target dev='vda'/>"
+        f"</disk><disk type='file'><source file='{a.path}'/><target dev='vdb'/></disk>"
+        "<disk type='file'><source file='/etc/hostname'/><target dev='vdc'/></disk>"
+        "<disk type='volume'><source pool='p' volume='gone'/><target dev='vdd'/></disk>"
+        "</devices></domain>"
+    )
+    driver = TestDriver()
+    driver.set_volume_resolver(pools)
+    await driver.define(xml)
+    defn = parse_domain_xml(await driver.xml("vm"))
+    volumes = pools.volumes_of(defn)
+    assert volumes == [("p", "b.qcow2"), ("p", "a.qcow2"), ("p", "gone")]  # not /etc/hostname
+    await driver.undefine("vm")
+    results = await pools.remove_volumes(volumes)
+    assert [(v, e is None) for _p, v, e in results] == [
+        ("b.qcow2", True),
+        ("a.qcow2", True),
+        ("gone", False),
+    ]
+    assert os.listdir(st.root / "p") == [] and Path("/etc/hostname").exists()
