@@ -10,7 +10,7 @@ from drivers.base import Driver
 from virtbus.domain import parse_domain_xml
 from virtbus.errors import InternalError
 from virtbus.protocol import ops
-from virtbus.protocol.base import Accepted, Empty
+from virtbus.protocol.base import Empty
 from virtbus.protocol.domain import (
     DefinedDomain,
     DomainDefine,
@@ -21,8 +21,11 @@ from virtbus.protocol.domain import (
     DomainStatsRequest,
     DomainStatus,
     DomainTarget,
+    DomainUndefine,
     DomainXml,
+    RemovedVolume,
     StateName,
+    Undefined,
 )
 from virtbus.protocol.domain import DomainInfo as DomainInfoMsg
 from virtbus.protocol.host import DrainFlag, HostInventory, Pong, SetDraining
@@ -42,9 +45,18 @@ async def _define(ctx: AgentContext, req: DomainDefine) -> DefinedDomain:
 
 
 @HANDLERS.on(ops.DOMAIN_UNDEFINE)
-async def _undefine(ctx: AgentContext, req: DomainTarget) -> Accepted:
+async def _undefine(ctx: AgentContext, req: DomainUndefine) -> Undefined:
+    """virsh undefine [--remove-all-storage]: the volumes go after the definition, each
+    reported (one that cannot be deleted does not stop the others)."""
+    volumes: list[tuple[str, str]] = []
+    if req.remove_all_storage:
+        volumes = ctx.storage.volumes_of(parse_domain_xml(await ctx.driver.xml(req.domain)))
     await ctx.driver.undefine(req.domain)
-    return Accepted()
+    removed = await ctx.storage.remove_volumes(volumes)
+    return Undefined(volumes=[
+        RemovedVolume(pool=p, volume=v, error=e.to_wire() if e is not None else None)
+        for p, v, e in removed
+    ])  # fmt: skip
 
 
 def _lifecycle(op: Op[DomainTarget, DomainStatus], verb: str) -> None:

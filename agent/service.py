@@ -15,25 +15,37 @@ from enum import Enum
 
 import agent.handlers
 import agent.migration
+import agent.storage_ops
 from agent.admission import Admission
 from agent.calllog import CallLog
 from agent.dispatch import Dispatcher, Prepared
 from agent.heartbeat import inventory
+from agent.jobs import Job, JobManager
 from agent.metrics import AgentMetrics
 from agent.outbox import EventOutbox
+from agent.storage import PoolEvent, StoragePools
 from agent.table import HANDLERS, AgentContext
-from drivers.base import Driver, DriverEvent
+from drivers.base import Driver, DriverEvent, UsesVolumes
 from virtbus.aio import TaskGroup
 from virtbus.bus.base import Bus, Server
 from virtbus.bus.topology import EVENTS_EXCHANGE, HEARTBEAT_KEY_SUFFIX, HOSTS_EXCHANGE
+from virtbus.domain import parse_domain_xml
 from virtbus.errors import NoSupport, OperationInvalid, VirtbusError
 from virtbus.protocol import ops
 from virtbus.protocol.base import to_wire
 from virtbus.protocol.envelope import Envelope, Kind
-from virtbus.protocol.events import event_routing_key, routing_key, routing_word
+from virtbus.protocol.events import (
+    event_routing_key,
+    job_routing_key,
+    pool_routing_key,
+    routing_key,
+    routing_word,
+)
 from virtbus.protocol.host import HostInventory
 from virtbus.protocol.messages import DomainEvent
 from virtbus.protocol.registry import Service
+from virtbus.protocol.storage import JobEvent, PoolSummary
+from virtbus.protocol.storage import PoolEvent as PoolEventMessage
 from virtbus.settings import AgentSettings, BusSettings
 
 log = logging.getLogger(__name__)
@@ -79,9 +91,18 @@ class AgentService:
             memory_overcommit=settings.memory_overcommit,
         )
         self.call_log = CallLog(settings.state_dir / "calls.log", keep=settings.call_memory)
-        self.context = AgentContext(
-            host=self.host, driver=driver, inventory=self.inventory, admission=admission
+        # Storage: pools and volumes (agent/storage.py) and long operations as jobs; the
+        # hypervisor driver resolves <disk type='volume'> through the pools.
+        self.jobs = JobManager(settings.state_dir / "jobs", self._on_job_event)
+        self.storage = StoragePools(
+            settings.state_dir, settings.storage, self.jobs, self._on_pool_event
         )
+        if isinstance(driver, UsesVolumes):
+            driver.set_volume_resolver(self.storage)
+        self.context = AgentContext(
+            host=self.host, driver=driver, inventory=self.inventory, storage=self.storage,
+            jobs=self.jobs, admission=admission,
+        )  # fmt: skip
         self.dispatcher = Dispatcher(
             self._prepare,
             command_timeout=settings.command_timeout,
@@ -116,9 +137,31 @@ class AgentService:
             Envelope(kind=Kind.EVENT, op=ops.EVENT_DOMAIN, body=to_wire(body), src=self.host)
         )
 
+    def _on_pool_event(self, event: PoolEvent) -> None:
+        """Storage pool lifecycle events: numbered and published like domain events."""
+        body = PoolEventMessage(
+            host=self.host, seq=self.outbox.next_seq(), pool=event.pool, uuid=event.uuid,
+            event=event.event, detail=event.detail, reconciled=event.reconciled, ts=time.time(),
+        )  # fmt: skip
+        self.outbox.put(
+            Envelope(kind=Kind.EVENT, op=ops.EVENT_POOL, body=to_wire(body), src=self.host)
+        )
+
+    def _on_job_event(self, job: Job, event: str) -> None:
+        body = JobEvent(host=self.host, seq=self.outbox.next_seq(), job=job.id, event=event,
+                        data=agent.storage_ops.job_info(job), ts=time.time())  # fmt: skip
+        self.outbox.put(
+            Envelope(kind=Kind.EVENT, op=ops.EVENT_JOB, body=to_wire(body), src=self.host)
+        )
+
     async def _publish_event(self, envelope: Envelope) -> None:
         body = envelope.body
-        key = event_routing_key(self.host, body["domain"], body["event"])
+        if envelope.op == ops.EVENT_POOL:
+            key = pool_routing_key(self.host, body["pool"], body["event"])
+        elif envelope.op == ops.EVENT_JOB:
+            key = job_routing_key(self.host, body["job"], body["event"])
+        else:
+            key = event_routing_key(self.host, body["domain"], body["event"])
         await self.bus.publish(EVENTS_EXCHANGE, key, envelope, confirm=True)
 
     @property
@@ -147,6 +190,7 @@ class AgentService:
             labels=self.settings.labels,
             draining=self.draining,
             migration_address=self.settings.migration_address,
+            pools=[PoolSummary(**p) for p in await self.storage.inventory()],
         )
 
     # --- heartbeat ------------------------------------------------------------------
@@ -176,7 +220,10 @@ class AgentService:
         self.state = AgentState.STARTING
         await self.outbox.load()  # sequence numbers continue where they stopped
         self.dispatcher.restore(await self.call_log.load())
+        await self.storage.open()  # pools re-adopted, autostart ones started
         await self.driver.open(self._on_driver_event)
+        await self._adopt_leases()
+        await self.jobs.load()  # jobs the last agent left running: failed, cleaned up
         await self.bus.connect()
         self.bus.add_connection_listener(self._on_connection)
         self._tasks.spawn(self.outbox.run(), name="outbox")
@@ -190,6 +237,16 @@ class AgentService:
         self.state = AgentState.RUNNING
         log.info("agent %s serving with driver %s", self.host, self.driver.name)
 
+    async def _adopt_leases(self) -> None:
+        """Volumes of domains found running are in use again (not deletable)."""
+        for info in await self.driver.list_domains(include_inactive=False):
+            try:
+                defn = parse_domain_xml(await self.driver.xml(info.uuid))
+            except VirtbusError as exc:
+                log.warning("domain %s: cannot read its volumes: %s", info.name, exc)
+                continue
+            self.storage.adopt_leases(defn.uuid, self.storage.volumes_of(defn))
+
     async def stop(self) -> None:
         if self.state in (AgentState.STOPPING, AgentState.STOPPED):
             return
@@ -199,6 +256,8 @@ class AgentService:
         if self._server is not None:
             await self._server.stop()
             self._server = None
+        await self.storage.close()
+        await self.jobs.close()  # running jobs clean up and are recorded failed
         if not await self.outbox.flush(grace):
             log.warning("%d events not yet published at stop: kept on disk", len(self.outbox))
         await self._tasks.cancel_all()

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from agent.admission import Admission
+from agent.jobs import JobManager
+from agent.storage import StoragePools
 from drivers.base import Driver
 from virtbus.errors import NoSupport
 from virtbus.protocol.base import Message
@@ -37,6 +39,8 @@ class AgentContext:
     driver: Driver
     inventory: Callable[[], Awaitable[HostInventory]]
     admission: Admission
+    storage: StoragePools  # the host's pools and volumes (agent/storage.py)
+    jobs: JobManager  # long operations (agent/jobs.py)
     draining: bool = False
     extras: dict[str, Any] = field(default_factory=dict)  # managers of later rooms
 

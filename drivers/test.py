@@ -23,15 +23,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drivers.base import (
+    Affect,
+    BlockInfo,
     DomainInfo,
     DomainRef,
     DriverEvent,
     EventSink,
     HostResources,
+    VolumeResolver,
 )
 from virtbus.aio import TaskGroup
 from virtbus.domain import DomainDefinition, parse_domain_xml
-from virtbus.errors import MigrateFailed, NoDomainError, OperationFailed, OperationInvalid
+from virtbus.domain.devices import (
+    disk_target,
+    only_disk,
+    parse_disk_device,
+    volume_sources,
+    with_disk,
+    without_disk,
+)
+from virtbus.errors import (
+    InvalidArgument,
+    MigrateFailed,
+    NoDomainError,
+    OperationFailed,
+    OperationInvalid,
+    VirtbusError,
+)
 from virtbus.protocol.base import to_wire
 from virtbus.protocol.domain import STATS_GROUPS
 from virtbus.protocol.events import DomainState, reason_code
@@ -52,6 +70,7 @@ class _TestDomain:
     persistent: bool = True
     outgoing: _Outgoing | None = None
     incoming: _Incoming | None = None
+    live: DomainDefinition | None = None  # while active: the definition it runs with
 
     @property
     def ref(self) -> DomainRef:
@@ -125,6 +144,7 @@ class TestDriver:
         self._next_id = 1
         self._sink: EventSink = lambda _event: None
         self._tasks = TaskGroup("test-driver")  # outgoing migration streams
+        self._resolver: VolumeResolver | None = None  # the agent's storage (volume disks)
 
     # --- plumbing -------------------------------------------------------------------
     async def open(self, sink: EventSink) -> None:
@@ -216,15 +236,20 @@ class TestDriver:
         dom = self._get(ref)
         if dom.state != DomainState.SHUTOFF:
             raise OperationInvalid(f"domain '{dom.definition.name}' is already active")
+        await self._resolve(dom.definition)
         dom.id = self._next_id
         self._next_id += 1
         dom.memory_kib = dom.definition.current_memory_kib
+        dom.live = dom.definition.copy()
         self._set(dom, DomainState.RUNNING, "booted")
         self._emit(dom, "started", "booted")
 
     def _stop(self, dom: _TestDomain, reason: str) -> None:
         self._abort_migration(dom)
         dom.id = None
+        dom.live = None
+        if self._resolver is not None:
+            self._resolver.release(dom.definition.uuid)
         self._set(dom, DomainState.SHUTOFF, reason)
         self._emit(dom, "stopped", reason)
         if not dom.persistent:  # a transient domain (an incoming migration) vanishes
@@ -537,7 +562,91 @@ class TestDriver:
 
     async def xml(self, ref: str) -> str:
         dom = self._get(ref)
-        return dom.definition.to_xml(domain_id=dom.id)
+        return (dom.live or dom.definition).to_xml(domain_id=dom.id)
+
+    # --- storage and devices: disks are XML only, volumes really resolved ---------------
+    def set_volume_resolver(self, resolver: VolumeResolver) -> None:
+        self._resolver = resolver
+
+    async def _resolve(self, defn: DomainDefinition) -> None:
+        """A volume disk that does not resolve fails the start, as on a real hypervisor."""
+        wanted = volume_sources(defn)
+        if not wanted:
+            return
+        if self._resolver is None:
+            raise OperationFailed(f"domain '{defn.name}' has volume disks but no storage here")
+        try:
+            for _index, pool, volume in wanted:
+                try:
+                    await self._resolver.resolve(pool, volume, defn.uuid)
+                except VirtbusError as exc:
+                    raise type(exc)(f"cannot start domain '{defn.name}': {exc.message}") from None
+        except BaseException:
+            self._resolver.release(defn.uuid)
+            raise
+
+    def _affect(self, dom: _TestDomain, affect: Affect) -> tuple[bool, bool]:
+        running = dom.live is not None
+        live, config = affect.live, affect.config
+        if not live and not config:
+            live, config = running, not running
+        if live and not running:
+            raise OperationInvalid(f"domain '{dom.definition.name}' is not running")
+        return live, config
+
+    async def attach_device(self, ref: str, xml: str, affect: Affect) -> None:
+        dom = self._get(ref)
+        el = parse_disk_device(xml)
+        live, config = self._affect(dom, affect)
+        persistent = with_disk(dom.definition, el) if config else None
+        if live:
+            assert dom.live is not None
+            trial = with_disk(dom.live, el)
+            disk = trial.disks[-1]
+            await self._resolve(only_disk(trial, el))
+            dom.live = trial
+            self._sink(DriverEvent(dom.definition.name, dom.definition.uuid, "device_added",
+                                   None, {"device": f"disk-{disk.target_dev}",
+                                          "target": disk.target_dev}))  # fmt: skip
+        if persistent is not None:
+            dom.definition = persistent
+
+    async def detach_device(self, ref: str, xml: str, affect: Affect) -> None:
+        dom = self._get(ref)
+        target = disk_target(parse_disk_device(xml))
+        live, config = self._affect(dom, affect)
+        name = dom.definition.name
+        persistent = without_disk(dom.definition, target, f"'{name}'") if config else None
+        if live:
+            assert dom.live is not None
+            disk = next((d for d in dom.live.disks if d.target_dev == target), None)
+            dom.live = without_disk(dom.live, target, f"running domain '{name}'")
+            src = disk.element.find("source") if disk is not None else None
+            if disk is not None and disk.type == "volume" and src is not None and self._resolver:
+                self._resolver.release(dom.definition.uuid, src.get("pool"), src.get("volume"))
+            self._sink(DriverEvent(name, dom.definition.uuid, "device_removed", None,
+                                   {"device": f"disk-{target}"}))  # fmt: skip
+        if persistent is not None:
+            dom.definition = persistent
+
+    async def block_info(self, ref: str, target: str) -> BlockInfo:
+        dom = self._get(ref)
+        defn = dom.live or dom.definition
+        disk = next((d for d in defn.disks if d.target_dev == target), None)
+        if disk is None:
+            raise InvalidArgument(f"domain '{defn.name}' has no disk {target}")
+        path = disk.source_path
+        if disk.type == "volume" and self._resolver is not None:
+            src = disk.element.find("source")
+            assert src is not None
+            pool, vol = str(src.get("pool")), str(src.get("volume"))
+            path = (await self._resolver.resolve(pool, vol, f"peek-{defn.uuid}")).path
+            self._resolver.release(f"peek-{defn.uuid}", pool, vol)
+        size = 0
+        if path and path.startswith("/"):
+            with contextlib.suppress(OSError):
+                size = (await asyncio.to_thread(os.stat, path)).st_size
+        return BlockInfo(target, size, size, size)
 
     async def host_resources(self) -> HostResources:
         total = self._host.memory_kib or _meminfo_total_kib()

@@ -154,7 +154,7 @@ class ClusterView:
                     cpu_models=frozenset(inv.cpu_models),
                     groups=frozenset(groups),
                     labels=dict(inv.labels),
-                    pools={p.name: p.available for p in inv.pools if p.active},
+                    pools={p.name: p.available for p in inv.pools if p.state == "running"},
                 )
             )
         return out

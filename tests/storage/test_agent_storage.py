@@ -77,9 +77,9 @@ async def test_pool_and_job_events_heartbeat_and_restart(rabbitmq: None, tmp_pat
         )
         await agent.jobs.wait(job.id, 60)
         inv = await agent.inventory()
-        (pool,) = inv["pools"]
-        assert pool["name"] == "p" and pool["state"] == "running" and pool["volumes"] == 2
-        assert pool["capacity"] > pool["available"] > 0
+        (pool,) = inv.pools
+        assert pool.name == "p" and pool.state == "running" and pool.volumes == 2
+        assert pool.capacity > pool.available > 0
         # a test-driver domain whose disk is a volume: resolved at start, leased while it runs
         ref = await agent.driver.define(domain_xml("vm", "p", "b.qcow2"))
         await agent.driver.start(ref.name)

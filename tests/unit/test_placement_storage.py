@@ -16,9 +16,11 @@ from scheduler.placement import (
     request_for,
     storage_needs,
 )
-from scheduler.wire import PoolInventory, parse_heartbeat
 from virtbus.domain import parse_domain_xml
-from virtbus.errors import NoHostError
+from virtbus.errors import InvalidArgument, NoHostError
+from virtbus.protocol.base import decode
+from virtbus.protocol.host import HostInventory
+from virtbus.protocol.storage import PoolSummary
 
 GIB = 1 << 30
 POLICY = PlacementPolicy()
@@ -48,29 +50,28 @@ def test_heartbeat_pools_are_parsed_and_checked() -> None:
          "available": 6, "volumes": 2},
         {"name": "off", "type": "fs", "state": "inactive"},
     ]}  # fmt: skip
-    inv = parse_heartbeat(body)
-    assert not isinstance(inv, str)
-    assert inv.pools == (
-        PoolInventory("fast", "dir", True, 10, 4, 6),
-        PoolInventory("off", "fs", False, 0, 0, 0),
-    )
-    assert parse_heartbeat({"host": "h1"}).pools == ()  # type: ignore[union-attr]
+    inv = decode(body, HostInventory)
+    assert inv.pools == [
+        PoolSummary(name="fast", type="dir", state="running", capacity=10, allocation=4,
+                    available=6, volumes=2),
+        PoolSummary(name="off", type="fs", state="inactive"),
+    ]  # fmt: skip
+    assert decode({"host": "h1"}, HostInventory).pools == []  # an older agent
     for bad, why in (
-        ({"pools": "x"}, "must be a list"),
-        ({"pools": [{"state": "running"}]}, "no string 'name'"),
-        ({"pools": [{"name": "p", "available": -1}]}, "non-negative"),
-        ({"pools": [{"name": "p", "available": True}]}, "non-negative"),
+        ({"pools": "x"}, "pools"),
+        ({"pools": [{"state": "running"}]}, "name"),
+        ({"pools": [{"name": "p", "available": -1}]}, "available"),
+        ({"pools": [{"name": "p", "available": True}]}, "available"),
     ):
-        result = parse_heartbeat({"host": "h", **bad})
-        assert isinstance(result, str) and why in result
+        with pytest.raises(InvalidArgument, match=why):
+            decode({"host": "h", **bad}, HostInventory)
 
 
 def test_cluster_view_candidates_carry_active_pools() -> None:
     view = ClusterView(host_down_after=60)
-    inv = parse_heartbeat({"host": "h", "driver": "qemu", "cpus": 2, "pools": [
+    inv = decode({"host": "h", "driver": "qemu", "cpus": 2, "pools": [
         {"name": "fast", "state": "running", "available": 5 * GIB},
-        {"name": "cold", "state": "inactive", "available": 9 * GIB}]})  # fmt: skip
-    assert not isinstance(inv, str)
+        {"name": "cold", "state": "inactive", "available": 9 * GIB}]}, HostInventory)  # fmt: skip
     view.observe_heartbeat(inv)
     assert view.candidates()[0].pools == {"fast": 5 * GIB}
 

@@ -26,6 +26,7 @@ from virtbus.bus.base import Bus
 from virtbus.bus.factory import open_bus
 from virtbus.bus.topology import HEARTBEAT_KEY_SUFFIX, HOSTS_EXCHANGE, SCHEDULER_ROUTE
 from virtbus.client.events import EventFilter, EventStream, Since, open_events
+from virtbus.client.storage import Job, Pool, host_jobs
 from virtbus.errors import InvalidArgument, NoConnect, NoDomainError, OperationTimeout
 from virtbus.protocol import ops
 from virtbus.protocol.base import Empty, Message, decode, to_wire
@@ -37,6 +38,8 @@ from virtbus.protocol.domain import (
     DomainStatsRequest,
     DomainStatus,
     DomainTarget,
+    DomainUndefine,
+    RemovedVolume,
     StatsGroup,
     StatValue,
 )
@@ -60,6 +63,18 @@ from virtbus.protocol.scheduler import (
     SchedulerPingRequest,
 )
 from virtbus.protocol.scheduler import HostView as ClusterHost
+from virtbus.protocol.storage import (
+    BlockInfo,
+    BlockInfoRequest,
+    DeviceChange,
+    JobInfo,
+    PoolCreate,
+    PoolInfo,
+    PoolListRequest,
+    PoolXmlRequest,
+    VolumeInfo,
+    VolumeLookup,
+)
 from virtbus.settings import DEFAULT_CALL_TIMEOUT, BusSettings
 
 Req = TypeVar("Req", bound=Message)
@@ -279,6 +294,32 @@ class Host:
     async def set_draining(self, draining: bool = True) -> DrainFlag:
         return await self.call(ops.HOST_SET_DRAINING, SetDraining(draining=draining))
 
+    # --- storage (virtbus/client/storage.py) ----------------------------------------
+    def pool(self, ref: str) -> Pool:
+        return Pool(self, ref)
+
+    async def pools(self, all: bool = True) -> list[PoolInfo]:
+        return (await self.call(ops.STORAGE_POOL_LIST, PoolListRequest(all=all))).pools
+
+    async def define_pool(self, xml: str) -> Pool:
+        ref = await self.call(ops.STORAGE_POOL_DEFINE, PoolXmlRequest(xml=xml))
+        return Pool(self, ref.name)
+
+    async def create_pool(self, xml: str, build: bool = False,
+                          overwrite: bool | None = None) -> Pool:  # fmt: skip
+        request = PoolCreate(xml=xml, build=build, overwrite=overwrite)
+        return Pool(self, (await self.call(ops.STORAGE_POOL_CREATE, request)).name)
+
+    async def find_volume(self, path: str) -> VolumeInfo:
+        """The volume whose path or key is ``path``."""
+        return await self.call(ops.STORAGE_VOL_LOOKUP, VolumeLookup(path=path))
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, JobInfo(id=job_id, kind="", target={}, state="running"))
+
+    async def jobs(self) -> list[JobInfo]:
+        return await host_jobs(self)
+
 
 class Domain:
     """One domain of one host; ``ref`` is its name or UUID."""
@@ -323,8 +364,24 @@ class Domain:
     async def resume(self) -> DomainStatus:
         return await self.host.call(ops.DOMAIN_RESUME, self._target)
 
-    async def undefine(self) -> None:
-        await self.host.call(ops.DOMAIN_UNDEFINE, self._target)
+    async def undefine(self, remove_all_storage: bool = False) -> list[RemovedVolume]:
+        """Remove the definition; with ``remove_all_storage`` its volumes too (each
+        reported, an ``error`` when it could not be deleted)."""
+        request = DomainUndefine(domain=self.ref, remove_all_storage=remove_all_storage)
+        return (await self.host.call(ops.DOMAIN_UNDEFINE, request)).volumes
+
+    async def attach_device(self, xml: str, *, live: bool = False, config: bool = False) -> None:
+        """attach-device (a ``<disk>``); neither flag is libvirt's CURRENT."""
+        request = DeviceChange(domain=self.ref, xml=xml, live=live, config=config)
+        await self.host.call(ops.DOMAIN_ATTACH_DEVICE, request)
+
+    async def detach_device(self, xml: str, *, live: bool = False, config: bool = False) -> None:
+        request = DeviceChange(domain=self.ref, xml=xml, live=live, config=config)
+        await self.host.call(ops.DOMAIN_DETACH_DEVICE, request)
+
+    async def block_info(self, target: str) -> BlockInfo:
+        request = BlockInfoRequest(domain=self.ref, target=target)
+        return await self.host.call(ops.DOMAIN_BLOCK_INFO, request)
 
     async def info(self) -> DomainInfo:
         return await self.host.call(ops.DOMAIN_INFO, self._target)

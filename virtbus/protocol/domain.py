@@ -10,9 +10,9 @@ from enum import StrEnum
 from typing import Annotated, Literal
 
 from msgspec import Meta
+from msgspec import field as default
 
 from virtbus.protocol.base import (
-    Accepted,
     Message,
     Name,
     NonNegInt,
@@ -57,6 +57,13 @@ class DomainDefine(Message):
     xml: XmlText
 
 
+class DomainUndefine(DomainTarget):
+    """``remove_all_storage``: also delete the domain's storage volumes (virsh undefine
+    --remove-all-storage), each reported in the answer."""
+
+    remove_all_storage: bool = False
+
+
 class DomainListRequest(Message):
     """``all``: include shut-off domains (the agent's default)."""
 
@@ -75,6 +82,18 @@ class DomainStatsRequest(Message):
 
 
 # --- results -------------------------------------------------------------------------
+class RemovedVolume(Message):
+    pool: str
+    volume: str
+    error: dict[str, str] | None = None  # {code, message} when it could not be deleted
+
+
+class Undefined(Message):
+    """What ``domain.undefine`` did: the volumes it deleted (remove_all_storage)."""
+
+    volumes: list[RemovedVolume] = default(default_factory=list)
+
+
 class DomainStatus(Message):
     """``{state, reason}`` as ``virsh domstate --reason``."""
 
@@ -145,7 +164,8 @@ DOMAIN_DEFINE = op(
     access=Access.CONFIG, target=_D, serial=True,
 )  # fmt: skip  # its target is the name inside the XML: the agent parses it
 DOMAIN_UNDEFINE = op(
-    "domain.undefine", DomainTarget, Accepted, _A, "remove a shut-off domain's definition",
+    "domain.undefine", DomainUndefine, Undefined, _A,
+    "remove a shut-off domain's definition (and with remove_all_storage its volumes)",
     access=Access.CONFIG, target=_D, target_of=_ref, serial=True,
 )  # fmt: skip
 DOMAIN_START = _lifecycle("domain.start", "boot a defined domain", DomainTarget)

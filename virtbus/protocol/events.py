@@ -237,34 +237,3 @@ def pool_routing_key(host: str, pool: str, event: str) -> str:
 def job_routing_key(host: str, job: str, event: str) -> str:
     """``<host>.job.<id>.<event>``."""
     return f"{routing_word(host)}.job.{routing_word(job)}.{routing_word(event)}"
-
-
-def pool_event_body(
-    *,
-    host: str,
-    seq: int,
-    pool: str,
-    uuid: str,
-    event: str,
-    detail: str | None = None,
-    data: dict[str, Any] | None = None,
-    reconciled: bool = False,
-) -> dict[str, Any]:
-    """A storage pool event: the domain event's shape with ``pool`` instead of ``domain``."""
-    return {
-        "host": host,
-        "seq": seq,
-        "pool": pool,
-        "uuid": uuid,
-        "event": event,
-        "detail": detail,
-        "data": data or {},
-        "reconciled": reconciled,
-    }
-
-
-def job_event_body(
-    *, host: str, seq: int, job: str, event: str, data: dict[str, Any]
-) -> dict[str, Any]:
-    """A job event: ``job`` is its id, ``data`` its map."""
-    return {"host": host, "seq": seq, "job": job, "event": event, "data": data}

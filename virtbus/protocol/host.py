@@ -6,6 +6,7 @@ from msgspec import field as default
 
 from virtbus.protocol.base import Empty, HostName, Message, NonNegInt
 from virtbus.protocol.registry import Access, Service, Target, op
+from virtbus.protocol.storage import PoolSummary
 
 
 class HostInventory(Message):
@@ -32,6 +33,7 @@ class HostInventory(Message):
     labels: dict[str, str] = default(default_factory=dict)
     draining: bool = False
     migration_address: str = ""
+    pools: list[PoolSummary] = default(default_factory=list)  # storage pools (bytes)
     last_event_seq: NonNegInt = 0
     agent_version: str = ""
     started_at: float | None = None

@@ -25,6 +25,7 @@ from virtbus.protocol.base import HostName, Message, NonNegInt, decode
 from virtbus.protocol.envelope import Kind
 from virtbus.protocol.events import routing_word
 from virtbus.protocol.host import HostInventory
+from virtbus.protocol.storage import JobEvent, PoolEvent
 
 StatValue = int | float | str
 
@@ -110,6 +111,16 @@ def published(
 EVENT_DOMAIN: Final = published(
     "domain.event", DomainEvent, Kind.EVENT, EVENTS_EXCHANGE, "{host}.{domain}.{event}",
     "a domain's libvirt event (kept in the history stream virtbus.events.history)",
+    persistent=True,
+)  # fmt: skip
+EVENT_POOL: Final = published(
+    "storage.pool.event", PoolEvent, Kind.EVENT, EVENTS_EXCHANGE, "{host}.pool.{pool}.{event}",
+    "a storage pool's lifecycle event (four words: *.*.* domain bindings never see it)",
+    persistent=True,
+)  # fmt: skip
+EVENT_JOB: Final = published(
+    "job.event", JobEvent, Kind.EVENT, EVENTS_EXCHANGE, "{host}.job.{job}.{event}",
+    "a job's start, progress (at most every 0.5 s), end or cancellation",
     persistent=True,
 )  # fmt: skip
 HEARTBEAT: Final = published(
