@@ -33,6 +33,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
     p = sub.add_parser("undefine", help="remove a shut-off domain's definition")
     _domain_args(p)
+    p.add_argument("--remove-all-storage", action="store_true",
+                   help="also delete the domain's storage volumes")  # fmt: skip
     p.set_defaults(func=undefine)
 
     for verb in LIFECYCLE:
@@ -67,7 +69,8 @@ def _domain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="host the domain is on (default: found on the bus)")
 
 
-def _read_xml(path: str) -> str:
+def read_xml(path: str) -> str:
+    """An XML file's text ('-': stdin), bounded in size."""
     if path == "-":
         return sys.stdin.read(MAX_XML_FILE + 1)
     try:
@@ -82,7 +85,7 @@ def _read_xml(path: str) -> str:
 
 
 async def define(ctx: Context, args: argparse.Namespace) -> int:
-    xml = _read_xml(args.file)
+    xml = read_xml(args.file)
     host = ctx.explicit_host(args.host)
     if host:
         dom = await ctx.client.host(host).define(xml)
@@ -101,11 +104,18 @@ async def define(ctx: Context, args: argparse.Namespace) -> int:
 
 async def undefine(ctx: Context, args: argparse.Namespace) -> int:
     dom = await ctx.domain(args.host, args.domain)
-    await dom.undefine()
+    removed = await dom.undefine(remove_all_storage=args.remove_all_storage)
     if ctx.json:
-        emit_json({"host": dom.host.name, "domain": args.domain, "undefined": True})
-    else:
-        print(f"Domain '{args.domain}' has been undefined")
+        emit_json({"host": dom.host.name, "domain": args.domain, "undefined": True,
+                   "volumes": [to_wire(v) for v in removed]})  # fmt: skip
+        return 0
+    print(f"Domain '{args.domain}' has been undefined")
+    for vol in removed:  # virsh's wording
+        if vol.error is None:
+            print(f"Volume '{vol.volume}'({vol.pool}) removed.")
+        else:
+            print(f"Failed to remove storage volume '{vol.volume}'({vol.pool}):"
+                  f" {vol.error.get('message', '')}")  # fmt: skip
     return 0
 
 

@@ -30,7 +30,7 @@ class CliParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from virtbus.cli import completion, domain, event, host, migrate, stats
+    from virtbus.cli import completion, disk, domain, event, host, migrate, stats, storage
 
     p: argparse.ArgumentParser = CliParser(
         prog="virtbus", description="virsh for a cluster, over a bus"
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     host.add_parsers(sub)
     domain.add_parsers(sub)
+    disk.add_parsers(sub)
+    storage.add_parsers(sub)
     event.add_parsers(sub)
     stats.add_parsers(sub)
     migrate.add_parsers(sub)
