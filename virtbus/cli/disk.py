@@ -54,7 +54,6 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         p.set_defaults(func=device_change, verb=verb)
     p = sub.add_parser("domblklist", help="list a domain's block devices")
     _target(p)
-    p.add_argument("--inactive", action="store_true", help="from the persistent definition")
     p.add_argument("--details", action="store_true", help="type and device too")
     p.set_defaults(func=domblklist)
     p = sub.add_parser("domblkinfo", help="a disk's capacity, allocation and physical size")

@@ -16,7 +16,7 @@ from virtbus.client.storage import Job, Pool, Progress, Volume
 from virtbus.errors import InvalidArgument
 from virtbus.protocol.base import to_wire
 from virtbus.protocol.storage import PoolInfo, VolumeInfo
-from virtbus.storage import Backing, format_bytes, parse_size_arg, volume_xml
+from virtbus.storage import Backing, check_name, format_bytes, parse_size_arg, volume_xml
 from virtbus.storage.builders import PoolArgs, pool_xml
 
 WIPE_ALGORITHMS = ("zero", "nnsa", "dod", "bsi", "gutmann", "schneier", "pfitzner7",
@@ -324,6 +324,7 @@ async def vol_create(ctx: Context, args: argparse.Namespace) -> int:
 
 
 async def vol_create_as(ctx: Context, args: argparse.Namespace) -> int:
+    check_name(args.name)  # an argument: INVALID_ARG, before it becomes XML
     capacity = parse_size_arg(args.capacity)
     allocation = parse_size_arg(args.allocation, "allocation") if args.allocation else None
     host = _host(ctx, args)
