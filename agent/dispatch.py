@@ -195,7 +195,7 @@ class Dispatcher:
                 await asyncio.wait([before])  # never cancels the predecessor
             if not reply.done():
                 body = await self._execute_once(call, prepared)
-                if self._call_log is not None and prepared.op.mutating:
+                if self._call_log is not None and prepared.op.journaled:
                     self._record(call, fingerprint, body)
                 reply.set_result(body)
         except asyncio.CancelledError:

@@ -49,6 +49,7 @@ from virtbus.storage import Backing, PoolDefinition, PoolSizes, VolumeFacts, che
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?:create|clone|upload)-[0-9a-f]{12}$")
 CREATE_FORMATS = ("raw", "qcow2")
 _QCOW2_MAGIC = b"QFI\xfb"
+_ZEROS = bytes(1 << 20)  # an all-zero chunk of the usual size is not written (a hole)
 
 
 def temp_name(name: str, op: str) -> str:
@@ -446,7 +447,7 @@ class FileUpload:
     async def write(self, offset: int, data: bytes) -> None:
         if self._fd is None:
             raise OperationInvalid("upload already finished")
-        if data == bytes(len(data)):
+        if len(data) == len(_ZEROS) and data == _ZEROS:
             return  # a hole: the file was truncated to its length
         fd = self._fd
 

@@ -93,5 +93,6 @@ def decode_reply(result: Any, kind: type[T], op: str) -> T:
 
 
 def to_wire(value: Any) -> Any:
-    """Plain maps, lists and scalars for msgpack (enums as their values)."""
-    return msgspec.to_builtins(value)
+    """Plain maps, lists and scalars for msgpack (enums as their values); bytes stay bytes
+    (msgpack's bin type: a volume chunk is not base64-inflated)."""
+    return msgspec.to_builtins(value, builtin_types=(bytes, bytearray, memoryview))

@@ -68,6 +68,7 @@ class Op(str, Generic[Req, Res]):
     target: Target
     target_of: TargetOf
     serial: bool
+    idempotent: bool
 
     def __new__(
         cls,
@@ -81,6 +82,7 @@ class Op(str, Generic[Req, Res]):
         target: Target,
         target_of: TargetOf | None = None,
         serial: bool = False,
+        idempotent: bool = False,
     ) -> Op[Req, Res]:
         self = super().__new__(cls, name)
         self.request = request
@@ -91,6 +93,7 @@ class Op(str, Generic[Req, Res]):
         self.target = target
         self.target_of = target_of or (lambda _req: None)
         self.serial = serial
+        self.idempotent = idempotent
         return self
 
     @property
@@ -99,8 +102,15 @@ class Op(str, Generic[Req, Res]):
 
     @property
     def mutating(self) -> bool:
-        """Changes something: a redelivery must be answered from the reply log."""
+        """Changes something (the security policy's view)."""
         return self.access is not Access.READ
+
+    @property
+    def journaled(self) -> bool:
+        """A redelivery must be answered from the reply log: it changes something and
+        running it twice would not give the same result (``idempotent`` ops, such as an
+        upload chunk written at its offset, are simply run again)."""
+        return self.mutating and not self.idempotent
 
     def decode_request(self, body: Any) -> Req:
         """The request of a call body (INVALID_ARG naming the field)."""
@@ -133,6 +143,7 @@ def op(
     target: Target,
     target_of: TargetOf | None = None,
     serial: bool = False,
+    idempotent: bool = False,
 ) -> Op[Req, Res]:
     """Declare and register an op; a name is declared once."""
     if name in REGISTRY:
@@ -147,6 +158,7 @@ def op(
         target=target,
         target_of=target_of,
         serial=serial,
+        idempotent=idempotent,
     )
     REGISTRY[name] = declared
     return declared

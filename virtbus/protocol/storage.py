@@ -390,7 +390,7 @@ STORAGE_VOL_UPLOAD = op(
 )  # fmt: skip
 STORAGE_VOL_UPLOAD_CHUNK = op(
     "storage.vol.upload_chunk", UploadChunk, TransferAck, _A, "one chunk of an upload",
-    access=Access.CONFIG, target=_V,
+    access=Access.CONFIG, target=_V, idempotent=True,  # written at its offset: a repeat is a no-op
 )  # fmt: skip
 STORAGE_VOL_UPLOAD_FINISH = op(
     "storage.vol.upload_finish", TransferTarget, VolumeInfo, _A,
