@@ -231,9 +231,9 @@ JOB_EVENTS: frozenset[str] = frozenset({"started", "progress", "completed", "fai
 
 def pool_routing_key(host: str, pool: str, event: str) -> str:
     """``<host>.pool.<pool>.<event>``: four words, so ``*.*.*`` domain bindings never see it."""
-    return f"{routing_word(host)}.pool.{routing_word(pool)}.{routing_word(event)}"
+    return routing_key(routing_word(host), "pool", routing_word(pool), routing_word(event))
 
 
 def job_routing_key(host: str, job: str, event: str) -> str:
     """``<host>.job.<id>.<event>``."""
-    return f"{routing_word(host)}.job.{routing_word(job)}.{routing_word(event)}"
+    return routing_key(routing_word(host), "job", routing_word(job), routing_word(event))
