@@ -41,7 +41,7 @@ from virtbus.errors import (
 )
 from virtbus.protocol.base import Message, to_wire
 from virtbus.protocol.envelope import Envelope, error_body, ok_body
-from virtbus.protocol.registry import Op
+from virtbus.protocol.registry import REGISTRY, Op
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,15 @@ Observer = Callable[[str, float, Reply], None]
 
 def call_fingerprint(call: Envelope) -> str:
     """``op:digest-of-body``: what makes a second delivery of an id *the same* call
-    (maps encoded with sorted keys, so the same body always digests the same)."""
+    (maps encoded with sorted keys, so the same body always digests the same).
+
+    An idempotent op (an upload chunk: 1 MiB written at its offset) is fingerprinted by
+    its op alone: running it again is harmless, and hashing every chunk would cost more
+    than writing it.
+    """
+    declared = REGISTRY.get(call.op)
+    if declared is not None and declared.idempotent:
+        return f"{call.op}:idempotent"
     try:
         packed = msgspec.msgpack.encode(call.body, order="sorted")
     except (TypeError, ValueError, OverflowError):  # only bodies built in-process

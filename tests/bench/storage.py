@@ -151,6 +151,11 @@ async def bare_upload(path: Path, chunk: int, window: int) -> float:
         await server.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -190,14 +195,20 @@ async def upload_bench(args: argparse.Namespace, base: Path) -> None:
         rss_small = peak_rss_kib(agent.proc.pid)
         ours: list[float] = []
         bare: list[float] = []
+        cpu: dict[str, list[float]] = {"agent": [], "client": [], "bare": []}
+        me = os.getpid()
         for r in range(args.rounds):
             for side in ("ours", "bare") if r % 2 == 0 else ("bare", "ours"):
+                cpu0, agent0 = cpu_seconds(me), cpu_seconds(agent.proc.pid)
                 if side == "ours":
                     start = time.perf_counter()
                     await vol.upload(big)
                     ours.append(time.perf_counter() - start)
+                    cpu["agent"].append(cpu_seconds(agent.proc.pid) - agent0)
+                    cpu["client"].append(cpu_seconds(me) - cpu0)
                 else:
                     bare.append(await bare_upload(big, MiB, 8))
+                    cpu["bare"].append(cpu_seconds(me) - cpu0)
             print(
                 f"upload round {r + 1}: virtbus {args.size_mib / ours[-1]:.0f} MiB/s, "
                 f"bare {args.size_mib / bare[-1]:.0f} MiB/s",
@@ -210,6 +221,11 @@ async def upload_bench(args: argparse.Namespace, base: Path) -> None:
         f" aio-pika median {args.size_mib / mb:.0f} MiB/s, ratio {mb / mo:.2f} of bare"
         " (target >= 0.7)"
     )
+    per = {k: statistics.median(v) for k, v in cpu.items()}
+    print(
+        f"CPU seconds per upload: agent {per['agent']:.2f}, virtbus client {per['client']:.2f};"
+        f" bare producer+consumer {per['bare']:.2f}"
+    )
     print(
         f"agent peak RSS: {rss_small // 1024} MiB after a {max(16, args.size_mib // 4)} MiB"
         f" upload, {rss_big // 1024} MiB after {args.rounds} of {args.size_mib} MiB"
@@ -219,6 +235,13 @@ async def upload_bench(args: argparse.Namespace, base: Path) -> None:
 async def main(args: argparse.Namespace) -> int:
     check_load(args.force)
     base = Path(tempfile.mkdtemp(prefix="virtbus-bench-storage-", dir=args.dir))
+    if args.only_upload:
+        try:
+            await upload_bench(args, base)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        print("load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+        return 0
     try:
         images = base / "images"
         images.mkdir()
@@ -273,6 +296,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("-n", type=int, default=1000)
     p.add_argument("--dir", default=None, help="where the pool lives (default: $TMPDIR)")
     p.add_argument("--no-upload", action="store_true", help="skip the vol-upload benchmark")
+    p.add_argument("--only-upload", action="store_true", help="only the vol-upload benchmark")
     add_force(p)
     return p.parse_args()
 
