@@ -26,7 +26,9 @@ from typing import Any, TypeVar
 CONFIG_ERROR_EXIT = 2  # as argparse: a usage error, not a runtime failure
 BUS_SCHEMES = ("amqp://", "amqps://", "memory://")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-KINDS = ("str", "float", "int", "bool", "path", "table", "choice", "listen", "bus_url")
+KINDS = (
+    "str", "float", "int", "bool", "path", "table", "choice", "listen", "bus_url", "paths", "strs",
+)  # fmt: skip
 _META = "virtbus.setting"
 _NESTED = "virtbus.nested"
 T = TypeVar("T")
@@ -97,6 +99,8 @@ def _kind_of(annotation: Any, declared: str | None, choices: tuple[str, ...]) ->
     kinds: dict[Any, str] = {float: "float", int: "int", bool: "bool", str: "str", Path: "path"}
     if origin is dict:
         return "table"
+    if origin is tuple:  # tuple[Path, ...] / tuple[str, ...]: a TOML array
+        return "paths" if typing.get_args(base)[0] is Path else "strs"
     if origin not in kinds:
         raise TypeError(f"no setting kind for {annotation!r}")
     return kinds[origin]
@@ -237,6 +241,14 @@ def check_value(key: Key, value: Any) -> Any:
         return value
     if kind == "table":
         return _table(key, value)
+    if kind in ("paths", "strs"):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(key.name, f"must be an array of strings, got {_show(value)}")
+        if kind == "strs":
+            return tuple(value)
+        if not all(v.startswith("/") for v in value):
+            raise ConfigError(key.name, f"must be absolute paths, got {value!r}")
+        return tuple(Path(v) for v in value)
     if not isinstance(value, str) or not value:
         raise ConfigError(key.name, f"must be a non-empty string, got {_show(value)}")
     if kind == "path":

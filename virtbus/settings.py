@@ -60,6 +60,33 @@ class BusSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StorageSettings:
+    """Where an agent's storage pools may live, and the bounds of volume operations."""
+
+    roots: tuple[Path, ...] = field(
+        default=(Path("/var/lib/virtbus/images"),),
+        metadata=setting("directories dir and fs pool targets must be inside"),
+    )
+    devices: tuple[str, ...] = field(
+        default=(), metadata=setting("glob patterns of the block devices pools may use")
+    )
+    max_capacity: int = field(
+        default=1 << 50, metadata=setting("largest volume capacity accepted (bytes)", minimum=1)
+    )
+    chunk_size: int = field(
+        default=1 << 20,  # below the 4 MiB frame limit
+        metadata=setting("bytes per vol-upload/vol-download chunk", minimum=4096),
+    )
+    transfer_idle_timeout: float = field(
+        default=60.0,
+        metadata=setting("a transfer without a chunk this long is failed (s)", positive=True),
+    )
+    transfer_window: int = field(
+        default=8, metadata=setting("chunks a client may have in flight", minimum=1)
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class AgentSettings:
     host: str = field(
         default_factory=socket.gethostname,
@@ -138,6 +165,7 @@ class AgentSettings:
         metadata=setting("driver tuning (KEY = VALUE; each driver refuses unknown keys)",
                          flag="driver_option"),
     )  # fmt: skip
+    storage: StorageSettings = field(default_factory=StorageSettings, metadata=nested("storage."))
     bus: BusSettings = field(default_factory=BusSettings, metadata=nested("bus."))
 
     @property
