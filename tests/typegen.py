@@ -87,6 +87,9 @@ class Gen:
             )
         if isinstance(t, mi.BoolType):
             return st.booleans()
+        if isinstance(t, mi.BytesType):  # msgpack bin (volume chunks): small ones will do
+            lo, hi = _len_bounds(t.min_length, t.max_length, MAX_TEXT)
+            return st.binary(min_size=lo, max_size=hi)
         if isinstance(t, mi.NoneType):
             return st.none()
         if isinstance(t, mi.AnyType):
@@ -159,6 +162,7 @@ def accepts(t: mi.Type, kind: str) -> bool:
         return any(_kind_of(v) == kind for v in values) and kind != "str"
     simple: dict[type[mi.Type], tuple[str, ...]] = {
         mi.StrType: ("str",),
+        mi.BytesType: ("str",),  # msgspec's convert takes base64 text for bytes too
         mi.IntType: ("int",),
         mi.FloatType: ("int", "float"),
         mi.BoolType: ("bool",),
@@ -223,6 +227,11 @@ def out_of_range(t: mi.Type, sample: Callable[[mi.Type], Any]) -> list[Any]:
         if t.pattern is not None:
             # Python's `$` also matches before a final newline: a pattern must not let one in
             found += [sample(t) + "\n", "\x00"]
+    elif isinstance(t, mi.BytesType):
+        if t.min_length:
+            found.append(b"a" * (t.min_length - 1))
+        if t.max_length is not None:
+            found.append(b"a" * (t.max_length + 1))
     elif isinstance(t, mi.ListType | mi.VarTupleType | mi.DictType) and (
         t.min_length or t.max_length is not None
     ):
@@ -355,6 +364,7 @@ def minimal(t: mi.Type) -> Any:
         return t.values[0]
     simple: dict[type[mi.Type], Any] = {
         mi.BoolType: False,
+        mi.BytesType: b"",
         mi.NoneType: None,
         mi.AnyType: None,
         mi.ListType: [],

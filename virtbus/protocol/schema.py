@@ -166,6 +166,8 @@ class Renderer:
             return "str"
         if isinstance(t, mi.BoolType):
             return "bool"
+        if isinstance(t, mi.BytesType):
+            return "bin"  # msgpack's bin type (a volume transfer chunk)
         if isinstance(t, mi.NoneType):
             return "null"
         if isinstance(t, mi.AnyType):

@@ -27,7 +27,7 @@ from virtbus.protocol.base import (
 from virtbus.protocol.registry import Access, Service, Target, field, op
 
 Bytes = Annotated[int, Meta(ge=0, le=2**63 - 1)]  # msgspec bounds are int64
-JobId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
+JobId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$(?!\n)")]
 #: a transfer chunk: at most 2 MiB on the wire (the agent's chunk_size bounds it further)
 Chunk = Annotated[bytes, Meta(max_length=2 << 20)]
 WipeAlgorithm = Literal[
