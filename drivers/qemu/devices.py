@@ -8,8 +8,10 @@ wait for QEMU's ``DEVICE_DELETED`` (the guest must let go; past ``detach_timeout
 OPERATION_TIMEOUT and the disk stays), then ``blockdev-del`` of both nodes. libvirt's
 flags: CURRENT (live when running, else the definition), LIVE, CONFIG, or both.
 
-A mixin of :class:`drivers.qemu.driver.QemuDriver` (its registry is declared below for
-typing); the pure parts (node and device arguments) live in :mod:`argv_storage`.
+Two collaborators of :class:`drivers.qemu.driver.QemuDriver`: :class:`VolumeLeases`, the
+launch step that resolves (and leases) every volume disk through the agent's pools before
+QEMU starts and releases them when the run ends, and :class:`DeviceChanges`. The pure
+parts (node and device arguments) live in :mod:`argv_storage`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from drivers.base import Affect, BlockInfo, ResolvedVolume, VolumeResolver
 from drivers.qemu.argv import volume_disks
 from drivers.qemu.argv_storage import blockdev_nodes, device_id, hotplug_device
 from drivers.qemu.domain import Domain, Run
+from drivers.qemu.launch import LaunchPlan
 from virtbus.domain import DomainDefinition
 from virtbus.domain.devices import (
     disk_target,
@@ -47,36 +50,32 @@ from virtbus.errors import (
 from virtbus.protocol.events import DomainState
 
 if TYPE_CHECKING:
-    from drivers.qemu.domain import Runtime
+    from drivers.qemu.launch import Launcher
+    from drivers.qemu.registry import DomainRegistry
     from drivers.qemu.settings import QemuSettings
+    from drivers.qemu.state import StateStore
 
 log = logging.getLogger("drivers.qemu.driver")
 S = DomainState
 _LIVE_STATES = (S.RUNNING, S.PAUSED, S.BLOCKED)
 
 
-class QemuDevices:
-    """attach/detach/domblkinfo and volume resolution (see module docstring)."""
+class VolumeLeases:
+    """The launch step of volume disks: each is resolved by the agent's pools (a file, a
+    device, an iSCSI LUN) and leased to the domain until its run ends."""
 
-    if TYPE_CHECKING:
-        _rt: Runtime
-        _settings: QemuSettings
+    def __init__(self) -> None:
+        self.resolver: VolumeResolver | None = None  # the agent hands its pools in
 
-        def _get(self, ref: str) -> Domain: ...
-        def _validate(self, defn: DomainDefinition) -> None: ...
-        async def _persist(self, defn: DomainDefinition) -> None: ...
+    async def acquire(self, plan: LaunchPlan) -> None:
+        plan.volumes = await self.resolve(plan.live)
 
-    # --- volumes ------------------------------------------------------------------------
-    def set_volume_resolver(self, resolver: VolumeResolver) -> None:
-        self._rt.resolver = resolver
-
-    async def _resolve_volumes(self, defn: DomainDefinition) -> dict[int, ResolvedVolume]:
+    async def resolve(self, defn: DomainDefinition) -> dict[int, ResolvedVolume]:
         """Every volume disk of ``defn``, leased to it; on failure none stays leased."""
         wanted = volume_disks(defn)
         if not wanted:
             return {}
-        resolver = self._rt.resolver
-        if resolver is None:
+        if self.resolver is None:
             raise ConfigUnsupported(
                 f"domain '{defn.name}' has <disk type='volume'> but this agent has no storage"
             )
@@ -84,13 +83,47 @@ class QemuDevices:
         try:
             for index, pool, volume in wanted:
                 try:
-                    out[index] = await resolver.resolve(pool, volume, defn.uuid)
+                    out[index] = await self.resolver.resolve(pool, volume, defn.uuid)
                 except VirtbusError as exc:
                     raise type(exc)(f"cannot start domain '{defn.name}': {exc.message}") from None
         except BaseException:
-            resolver.release(defn.uuid)
+            self.resolver.release(defn.uuid)
             raise
         return out
+
+    def release_one(self, uuid: str, pool: str | None, volume: str | None) -> None:
+        if self.resolver is not None:
+            self.resolver.release(uuid, pool, volume)
+
+    async def release(self, uuid: str) -> None:
+        if self.resolver is not None:
+            self.resolver.release(uuid)
+
+
+class DeviceChanges:
+    """attach/detach-device and domblkinfo of the driver's domains (see module docstring)."""
+
+    def __init__(
+        self, registry: DomainRegistry, launcher: Launcher, store: StateStore,
+        settings: QemuSettings, leases: VolumeLeases,
+    ) -> None:  # fmt: skip
+        self._registry = registry
+        self._launcher = launcher
+        self._store = store
+        self._settings = settings
+        self._leases = leases
+
+    def _get(self, ref: str) -> Domain:
+        return self._registry.get(ref)
+
+    def _validate(self, defn: DomainDefinition) -> None:
+        self._launcher.validate(defn)
+
+    async def _persist(self, defn: DomainDefinition) -> None:
+        await self._store.save_definition(defn)
+
+    async def _resolve_volumes(self, defn: DomainDefinition) -> dict[int, ResolvedVolume]:
+        return await self._leases.resolve(defn)
 
     # --- flags --------------------------------------------------------------------------
     @staticmethod
@@ -142,8 +175,8 @@ class QemuDevices:
             for name in reversed(added):
                 with contextlib.suppress(VirtbusError):
                     await dom.execute(run, "blockdev-del", {"node-name": name})
-            if resolved is not None and self._rt.resolver is not None:
-                self._rt.resolver.release(dom.defn.uuid, resolved.pool, resolved.volume)
+            if resolved is not None:
+                self._leases.release_one(dom.defn.uuid, resolved.pool, resolved.volume)
             raise
         run.live = trial
         run.live_xml = None
@@ -221,10 +254,10 @@ class QemuDevices:
         run.live = remaining
         run.live_xml = None
         await dom.save_status(run)
-        if disk.type == "volume" and self._rt.resolver is not None:
+        if disk.type == "volume":
             src = disk.element.find("source")
             assert src is not None
-            self._rt.resolver.release(dom.defn.uuid, src.get("pool"), src.get("volume"))
+            self._leases.release_one(dom.defn.uuid, src.get("pool"), src.get("volume"))
 
     async def _format_node(self, dom: Domain, run: Run, dev_id: str) -> str | None:
         """The format node behind a disk's device (query-block, before it goes away)."""
@@ -259,8 +292,7 @@ class QemuDevices:
             resolved = next(
                 iter((await self._resolve_volumes(only_disk(defn, disk.element))).values())
             )
-            assert self._rt.resolver is not None
-            self._rt.resolver.release(defn.uuid, resolved.pool, resolved.volume)
+            self._leases.release_one(defn.uuid, resolved.pool, resolved.volume)
             if resolved.kind == "network":
                 raise OperationInvalid(f"disk {target} is a network volume: start the domain")
             path, fmt = resolved.path, fmt or resolved.format

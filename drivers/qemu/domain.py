@@ -82,6 +82,7 @@ class Run:
     helpers: set[asyncio.Task[None]] = field(default_factory=set)  # stop/reboot fallbacks
     waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = field(default_factory=list)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    deleted_devices: set[str] = field(default_factory=set)  # DEVICE_DELETED ids (detach waits)
     saved: tuple[DomainState, str] | None = None  # state/reason in the status file
     writing: asyncio.Task[None] | None = None  # the status write in flight (never cut short)
 
@@ -223,6 +224,8 @@ class Domain:
                 self.save_status_soon(run)
 
     async def _on_qmp_event(self, run: Run, item: QmpEvent) -> None:
+        if item.name == "DEVICE_DELETED" and isinstance(item.data.get("device"), str):
+            run.deleted_devices.add(item.data["device"])  # a detach waits for this (notify)
         if item.name in MIGRATION_EVENTS and run.migration is not None:
             run.migration.feed(item.name, item.data)  # the migration job reports progress
         ctx = self.context(run)

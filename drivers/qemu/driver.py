@@ -31,8 +31,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from drivers.base import DomainInfo, DomainRef, EventSink, HostResources
+from drivers.base import (
+    Affect,
+    BlockInfo,
+    DomainInfo,
+    DomainRef,
+    EventSink,
+    HostResources,
+    VolumeResolver,
+)
 from drivers.qemu import events as ev
+from drivers.qemu.devices import DeviceChanges, VolumeLeases
 from drivers.qemu.domain import Domain, Run, Runtime
 from drivers.qemu.launch import GraphicsPorts, Launcher, LaunchStep
 from drivers.qemu.migrate_steps import MigrationSteps
@@ -68,9 +77,15 @@ class QemuDriver:
     ) -> None:  # fmt: skip
         self._settings = settings or QemuSettings()
         self._store = StateStore(Path(state_dir), Path(run_dir))
-        self._rt = Runtime(self._settings, self._store, steps=(GraphicsPorts(), *steps))
+        self._volumes = VolumeLeases()  # <disk type='volume'>: the agent hands its pools in
+        self._rt = Runtime(
+            self._settings, self._store, steps=(GraphicsPorts(), self._volumes, *steps)
+        )
         self._registry = DomainRegistry(self._rt)
         self._launcher = Launcher(self._rt, self._registry)
+        self._devices = DeviceChanges(
+            self._registry, self._launcher, self._store, self._settings, self._volumes
+        )
         self._migrations = MigrationSteps(
             self._registry, self._launcher, self._store, self._settings,
             migration or MigrationSettings(),
@@ -96,6 +111,19 @@ class QemuDriver:
     def state(self, ref: str) -> tuple[DomainState, str]:
         dom = self._registry.get(ref)
         return dom.state, dom.reason
+
+    # --- storage and devices (devices.py) -----------------------------------------------
+    def set_volume_resolver(self, resolver: VolumeResolver) -> None:
+        self._volumes.resolver = resolver
+
+    async def attach_device(self, ref: str, xml: str, affect: Affect) -> None:
+        await self._devices.attach_device(ref, xml, affect)
+
+    async def detach_device(self, ref: str, xml: str, affect: Affect) -> None:
+        await self._devices.detach_device(ref, xml, affect)
+
+    async def block_info(self, ref: str, target: str) -> BlockInfo:
+        return await self._devices.block_info(ref, target)
 
     # --- definitions --------------------------------------------------------------------
     async def define(self, xml: str) -> DomainRef:

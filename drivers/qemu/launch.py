@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import aiofiles.os
 
+from drivers.base import ResolvedVolume
 from drivers.qemu import events as ev
 from drivers.qemu.argv import (
     QemuLaunch,
@@ -72,6 +73,9 @@ class LaunchPlan:
     graphics_ports: dict[int, int] = field(default_factory=dict)  # <graphics> index -> port
     pass_fds: list[int] = field(default_factory=list)  # inherited by QEMU under these numbers;
     # the agent's copies are closed once QEMU runs (or the launch failed)
+    #: what each <disk type='volume'> (by disk index) resolved to (the VolumeLeases step);
+    #: None while a definition is only validated (a placeholder stands in)
+    volumes: dict[int, ResolvedVolume] | None = None
 
     def close_fds(self) -> None:
         for fd in self.pass_fds:
@@ -157,6 +161,7 @@ class Launcher:
         return build_command(
             plan.live, self._paths, kvm_available=kvm, incoming=plan.incoming,
             emulator=self._settings.emulator, graphics_ports=plan.graphics_ports, caps=caps,
+            volumes=plan.volumes,
         )  # fmt: skip
 
     @contextlib.asynccontextmanager
