@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from virtbus.protocol.migration import (
     RecordState,
 )
 from virtbus.protocol.migration import MigrationRecord as MigrationRecordMessage
-from virtbus.store import quarantine
+from virtbus.store import quarantine, replace_file
 
 log = logging.getLogger(__name__)
 
@@ -95,25 +94,6 @@ class MigrationRecord:
         return cls(**fields)
 
 
-def _write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if not fsync:
-        return
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class Journal:
     """``<state-dir>/migrations/<id>.json`` and ``<state-dir>/draining.json``."""
 
@@ -131,7 +111,7 @@ class Journal:
         data = json.dumps(record.to_map(), sort_keys=True).encode()
         async with self._lock:
             await asyncio.to_thread(
-                _write_atomic, self.dir / f"{record.id}.json", data, self._fsync
+                replace_file, self.dir / f"{record.id}.json", data, fsync=self._fsync
             )
 
     async def remove(self, record: MigrationRecord) -> None:
@@ -160,7 +140,7 @@ class Journal:
     async def save_draining(self, hosts: set[str]) -> None:
         data = json.dumps(sorted(hosts)).encode()
         async with self._lock:
-            await asyncio.to_thread(_write_atomic, self._draining, data, True)
+            await asyncio.to_thread(replace_file, self._draining, data, fsync=True)
 
     async def load_draining(self) -> set[str]:
         def read() -> set[str]:

@@ -23,6 +23,17 @@ def backoff_delays(policy: Backoff) -> Iterator[float]:
         delay = min(policy.maximum, delay * policy.factor)
 
 
+def log_task_failure(task: asyncio.Task[Any]) -> BaseException | None:
+    """A done task's failure, logged with the task's name (the one place that does it);
+    cancellation is not a failure. Also usable as a done callback."""
+    if task.cancelled():
+        return None
+    exc = task.exception()
+    if exc is not None:
+        log.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
+    return exc
+
+
 class TaskGroup:
     """Named background tasks that never fail into nowhere.
 
@@ -43,13 +54,9 @@ class TaskGroup:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            log.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
-            if self._on_crash is not None:
-                self._on_crash(task.get_name(), exc)
+        exc = log_task_failure(task)
+        if exc is not None and self._on_crash is not None:
+            self._on_crash(task.get_name(), exc)
 
     def __len__(self) -> int:
         return len(self._tasks)

@@ -34,33 +34,36 @@ _LENGTH = struct.Struct(">I")
 RECORD_LIMITS = DecodeLimits(max_bytes=8 * 1024 * 1024, max_depth=32)
 
 
-async def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    """Replace ``path`` with ``data`` atomically and (with ``fsync``) durably.
+def replace_file(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically (and with ``fsync``, durably): the one
+    implementation of it, for code that already runs in a worker thread.
 
     Without ``fsync`` the replacement is still atomic for a crashed process (a reader sees
     the old file or the new one) but a lost host may lose it: for records that only need
-    to survive the agent (job records, volume metadata rebuilt by a refresh).
+    to survive the agent (status files, job records, volume metadata rebuilt by a refresh).
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    async with aiofiles.open(tmp, "wb") as fh:
-        await fh.write(data)
-        await fh.flush()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         if fsync:
-            await aiofiles.os.wrap(os.fsync)(fh.fileno())
-    await aiofiles.os.replace(tmp, path)
-    if fsync:
-        await _fsync_dir(path.parent)
-
-
-async def _fsync_dir(directory: Path) -> None:
-    def sync() -> None:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
             os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if fsync:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
         finally:
-            os.close(fd)
+            os.close(dir_fd)
 
-    await aiofiles.os.wrap(sync)()
+
+async def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """:func:`replace_file` off the event loop (one thread hop)."""
+    await asyncio.to_thread(replace_file, path, data, fsync=fsync)
 
 
 async def read_bytes(path: Path) -> bytes | None:

@@ -30,7 +30,7 @@ from drivers.qemu.monitor import EventQueue, Kick, Monitor, MonitorLost, QmpEven
 from drivers.qemu.process import QemuProcess
 from drivers.qemu.settings import QemuSettings
 from drivers.qemu.state import RunStatus, StateStore, remove_files
-from virtbus.aio import backoff_delays
+from virtbus.aio import backoff_delays, log_task_failure
 from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.errors import OperationFailed, OperationInvalid, OperationTimeout, VirtbusError
 from virtbus.protocol.events import DomainState
@@ -416,8 +416,3 @@ class Domain:
             self.start_loop(run)
             if run.saved != (self.state, self.reason):
                 await self.save_status(run)
-
-
-def log_task_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("task %s failed", task.get_name(), exc_info=task.exception())

@@ -22,6 +22,7 @@ from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError, Ru
 from qemu.qmp.message import Message
 
 from drivers.qemu.settings import QemuSettings
+from virtbus.aio import log_task_failure
 from virtbus.errors import OperationFailed, OperationInvalid, OperationTimeout
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class Monitor:
                     ) from exc
                 await asyncio.sleep(poll)
         self._watcher = asyncio.create_task(self._watch(), name=f"qmp-watch-{self.name}")
-        self._watcher.add_done_callback(_log_crash)
+        self._watcher.add_done_callback(log_task_failure)
 
     async def _watch(self) -> None:
         """Wait for the session to end, then report it through the event queue."""
@@ -204,8 +205,3 @@ class Monitor:
             self._watcher.cancel()
             await asyncio.wait([self._watcher])
         await self._disconnect()
-
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("task %s failed", task.get_name(), exc_info=task.exception())

@@ -194,7 +194,7 @@ class StateStore:
         return status
 
     async def write_status(self, status: RunStatus) -> None:
-        await asyncio.to_thread(_replace, self.status_path(status.uuid), status.to_json())
+        await atomic_write(self.status_path(status.uuid), status.to_json(), fsync=False)
 
     async def remove_status(self, uuid: str) -> None:
         await _remove(self.status_path(uuid))
@@ -257,14 +257,6 @@ def _scan_qemus(run_dir: str, known_pids: set[int]) -> list[UnknownQemu]:
                 uuid = value.decode(errors="replace")
         found.append(UnknownQemu(int(entry), uuid))
     return found
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Atomic but not durable (see the module docstring): write a temp file, rename it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 async def _remove(path: Path) -> None:
