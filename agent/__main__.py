@@ -3,36 +3,23 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
-from pathlib import Path
-from typing import Any
 
 from agent.drivers import DRIVER_NAMES, make_driver
 from agent.service import AgentService
 from virtbus.aio import configure_logging
 from virtbus.bus.factory import open_bus
-from virtbus.config import add_flags, build, parse_settings
+from virtbus.config import build, parse_daemon_args
 from virtbus.daemon import serve
-from virtbus.settings import AgentSettings, agent_keys, bus_url_from_env
+from virtbus.settings import AgentSettings, agent_keys
 
 KEYS = agent_keys(DRIVER_NAMES)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
-    p = argparse.ArgumentParser(prog="virtbus-agent", description="virtbus per-host agent")
-    p.add_argument(
-        "--config", type=Path, default=None, metavar="FILE",
-        help="TOML settings (e.g. /etc/virtbus/agent.toml); flags override it",
-    )  # fmt: skip
-    add_flags(p, KEYS)
-    return parse_settings(p, argv, KEYS)
-
-
-def settings_from(values: dict[str, Any]) -> AgentSettings:
-    """The agent's settings: defaults < file < flags; the bus URL also from the env."""
-    values = {**values, "bus.url": bus_url_from_env(values.get("bus.url"))}
+def settings_from(argv: list[str] | None = None) -> AgentSettings:
+    """The agent's settings: defaults < file < flags (the bus URL also from the env)."""
+    values = parse_daemon_args("virtbus-agent", "virtbus per-host agent", KEYS, argv)
     return build(AgentSettings, values, KEYS)
 
 
@@ -47,8 +34,7 @@ async def run(settings: AgentSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _args, values = parse_args(argv)
-    settings = settings_from(values)
+    settings = settings_from(argv)
     configure_logging(settings.log_level)
     sys.exit(asyncio.run(run(settings)))
 

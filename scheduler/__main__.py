@@ -3,35 +3,22 @@ the fields of :class:`scheduler.settings.SchedulerSettings` (see :mod:`virtbus.c
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
-from pathlib import Path
-from typing import Any
 
 from scheduler.service import SchedulerService
 from scheduler.settings import SchedulerSettings, scheduler_keys
 from virtbus.aio import configure_logging
 from virtbus.bus.factory import open_bus
-from virtbus.config import add_flags, build, parse_settings
+from virtbus.config import build, parse_daemon_args
 from virtbus.daemon import serve
-from virtbus.settings import bus_url_from_env
 
 KEYS = scheduler_keys()
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
-    p = argparse.ArgumentParser(prog="virtbus-scheduler", description="virtbus cluster scheduler")
-    p.add_argument(
-        "--config", type=Path, default=None, metavar="FILE",
-        help="TOML settings (e.g. /etc/virtbus/scheduler.toml); flags override it",
-    )  # fmt: skip
-    add_flags(p, KEYS)
-    return parse_settings(p, argv, KEYS)
-
-
-def settings_from(values: dict[str, Any]) -> SchedulerSettings:
-    values = {**values, "bus.url": bus_url_from_env(values.get("bus.url"))}
+def settings_from(argv: list[str] | None = None) -> SchedulerSettings:
+    """The scheduler's settings: defaults < file < flags (the bus URL also from the env)."""
+    values = parse_daemon_args("virtbus-scheduler", "virtbus cluster scheduler", KEYS, argv)
     return build(SchedulerSettings, values, KEYS)
 
 
@@ -43,8 +30,7 @@ async def run(settings: SchedulerSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _args, values = parse_args(argv)
-    settings = settings_from(values)
+    settings = settings_from(argv)
     configure_logging(settings.log_level)
     sys.exit(asyncio.run(run(settings)))
 

@@ -197,6 +197,24 @@ def parse_settings(
     return args, values
 
 
+def parse_daemon_args(
+    prog: str, description: str, keys: Sequence[Key], argv: Sequence[str] | None
+) -> dict[str, Any]:
+    """A daemon's command line: ``--config FILE`` and a flag per flagged key; the settings
+    given (file < flags), by key name, with the bus URL falling back to the environment."""
+    from virtbus.settings import bus_url_from_env
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument(
+        "--config", type=Path, default=None, metavar="FILE",
+        help=f"TOML settings (e.g. /etc/virtbus/{prog.removeprefix('virtbus-')}.toml); "
+        "flags override it",
+    )  # fmt: skip
+    add_flags(parser, keys)
+    _args, values = parse_settings(parser, argv, keys)
+    return {**values, "bus.url": bus_url_from_env(values.get("bus.url"))}
+
+
 def build(cls: type[T], values: Mapping[str, Any], keys: Sequence[Key], **fixed: Any) -> T:
     """``cls`` from its defaults, then the settings ``values`` (by key name), then ``fixed``."""
     tree: dict[str, Any] = {}

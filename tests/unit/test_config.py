@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.__main__ import parse_args as agent_args
 from agent.__main__ import settings_from as agent_settings
-from scheduler.__main__ import parse_args as scheduler_args
 from scheduler.__main__ import settings_from
 from scheduler.settings import scheduler_keys
 from virtbus.config import ConfigError, load_config
@@ -100,7 +98,7 @@ def test_file_sets_defaults_and_flags_override(tmp_path: Path) -> None:
         "[bus]\nurl = 'amqp://u:p@h:5672/v'\nprefetch = 7\n",
     )
     argv = ["--config", str(cfg), "--heartbeat-interval", "1.5", "--label", "zone=b"]
-    settings = agent_settings(agent_args(argv)[1])
+    settings = agent_settings(argv)
     assert (settings.host, settings.heartbeat_interval, settings.bus.url) == (
         "from-file",
         1.5,
@@ -109,20 +107,20 @@ def test_file_sets_defaults_and_flags_override(tmp_path: Path) -> None:
     assert settings.command_timeout == 42.0 and settings.bus.prefetch == 7
     assert settings.labels == {"rack": "r1", "zone": "b"}  # the flag wins, per label
     assert settings.driver_options == {"delay": "0.2"}
-    flagged = agent_settings(agent_args(["--config", str(cfg), "--host", "from-flag"])[1])
+    flagged = agent_settings(["--config", str(cfg), "--host", "from-flag"])
     assert flagged.host == "from-flag"
-    assert agent_settings(agent_args([])[1]).heartbeat_interval == 2.0  # the default
+    assert agent_settings([]).heartbeat_interval == 2.0  # the default
 
 
 def test_scheduler_file_reaches_its_settings(tmp_path: Path) -> None:
     cfg = write(
         tmp_path, "max_outbound = 3\nweigher = 'pack'\njournal_fsync = true\nclaim_ttl = 9\n"
     )
-    settings = settings_from(scheduler_args(["--config", str(cfg), "--max-migrations", "5"])[1])
+    settings = settings_from(["--config", str(cfg), "--max-migrations", "5"])
     assert (settings.max_outbound_per_host, settings.max_migrations) == (3, 5)
     assert settings.placement.weigher == "pack" and settings.journal_fsync
     assert settings.claim_ttl == 9.0
-    no_fsync = settings_from(scheduler_args(["--config", str(cfg), "--no-journal-fsync"])[1])
+    no_fsync = settings_from(["--config", str(cfg), "--no-journal-fsync"])
     assert not no_fsync.journal_fsync
 
 
@@ -137,7 +135,7 @@ def test_scheduler_file_reaches_its_settings(tmp_path: Path) -> None:
     ],
 )
 def test_bad_flags_exit_2_with_one_line(daemon: str, argv: list[str], expect: str) -> None:
-    parse = agent_args if daemon == "agent" else scheduler_args
+    parse = agent_settings if daemon == "agent" else settings_from
     with pytest.raises(SystemExit) as caught:
         parse(argv)
     assert caught.value.code == 2
@@ -201,5 +199,5 @@ def test_qemu_settings_come_from_driver_options(tmp_path: Path) -> None:
 
 def test_path_flags_reach_the_settings(tmp_path: Path) -> None:
     argv = ["--state-dir", str(tmp_path / "s"), "--run-dir", str(tmp_path / "r")]
-    settings = agent_settings(agent_args(argv)[1])
+    settings = agent_settings(argv)
     assert (settings.state_dir, settings.runtime_dir) == (tmp_path / "s", tmp_path / "r")
