@@ -72,6 +72,11 @@ class DomainDefinition:
     rngs: tuple[m.RNG, ...]
     panics: tuple[m.Panic, ...]
     memballoon: m.Memballoon | None
+    filesystems: tuple[m.Filesystem, ...]
+    idmap: m.IdMap | None
+    memtune: m.MemTune | None
+    cputune: m.CPUTune | None
+    capabilities: m.Capabilities | None  # <features><capabilities> (containers)
 
     def __init__(self, root: m.Element) -> None:
         """Validate ``root`` (a ``<domain>`` element, owned from now on) and parse the views.
@@ -262,6 +267,10 @@ class DomainDefinition:
             value = text.strip() if text is not None else None
             setattr(self, tag, v.enum_value(value, allowed, f"<{tag}>", default))
         self.features = v.build_features(root.find("features"))
+        self.capabilities = v.build_capabilities(root.find("features"))
+        self.idmap = v.build_idmap(root.find("idmap"))
+        self.memtune = v.build_memtune(root.find("memtune"))
+        self.cputune = v.build_cputune(root.find("cputune"))
         self.cpu = v.build_cpu(root.find("cpu"))
         self.clock = v.build_clock(root.find("clock"))
         self.pm = v.build_pm(root.find("pm"))
@@ -382,6 +391,18 @@ class DomainDefinition:
         if len(balloons) > 1:
             raise XMLError("only one <memballoon> is allowed")
         self.memballoon = v.build_memballoon(balloons[0]) if balloons else None
+        self.filesystems = tuple(
+            v.build_filesystem(el, i) for i, el in enumerate(get("filesystem"))
+        )
+        targets: dict[str, int] = {}
+        for fs in self.filesystems:
+            key = fs.target_dir.rstrip("/") or "/"
+            if key in targets:
+                raise XMLError(
+                    f"<target dir='{fs.target_dir}'> duplicated for filesystems "
+                    f"#{targets[key]} and #{fs.index}"
+                )
+            targets[key] = fs.index
 
 
 def _vcpu_count(raw: str | None, what: str) -> int:

@@ -52,6 +52,9 @@ CHAR_TYPES = frozenset(
 )
 GRAPHICS_TYPES = frozenset({"sdl", "vnc", "rdp", "desktop", "spice", "egl-headless", "dbus"})
 CHAR_KINDS = ("serial", "console", "channel", "parallel")
+FILESYSTEM_TYPES = frozenset({"mount", "block", "file", "template", "ram", "bind", "volume"})
+FILESYSTEM_ACCESS_MODES = frozenset({"passthrough", "mapped", "squash"})
+CAPABILITY_POLICIES = frozenset({"default", "allow", "deny"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +81,13 @@ class OSConfig:
     nvram_template: str | None
     firmware: str | None  # <os firmware='efi'>
     bootmenu: bool | None
+    # containers (<os><type>exe</type>): the init and how it is run
+    init: str | None = None
+    initargs: tuple[str, ...] = ()
+    initenv: tuple[tuple[str, str], ...] = ()  # (name, value) in document order
+    initdir: str | None = None
+    inituser: str | None = None
+    initgroup: str | None = None
     element: Element = field(repr=False, compare=False)
 
 
@@ -169,6 +179,25 @@ class Disk:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class IPAddress:
+    """``<ip address=... prefix=... family=...>`` of an interface (containers set them)."""
+
+    address: str
+    family: str | None  # ipv4 | ipv6 (None: from the address)
+    prefix: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """``<route family=... address=... prefix=... gateway=...>`` of an interface."""
+
+    family: str | None
+    address: str
+    prefix: int | None
+    gateway: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Interface:
     index: int
     type: str  # user (libvirt's default) | bridge | network | ethernet | ...
@@ -179,7 +208,83 @@ class Interface:
     source_dev: str | None
     target_dev: str | None
     boot_order: int | None
+    guest_dev: str | None = None  # <guest dev=...>: the name inside a container
+    ips: tuple[IPAddress, ...] = ()
+    routes: tuple[Route, ...] = ()
+    mtu: int | None = None
     address: Element | None = field(default=None, repr=False, compare=False)
+    element: Element = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Filesystem:
+    """A ``<filesystem>``: for containers, the root (``target dir='/'``) and other mounts."""
+
+    index: int
+    type: str  # mount (libvirt's default) | block | file | ram | bind | template | volume
+    accessmode: str  # passthrough (default) | mapped | squash
+    driver_type: str | None  # <driver type=...>: path | handle | loop | nbd | ploop
+    driver_format: str | None  # <driver format=...>: raw | qcow2 | ...
+    source_dir: str | None
+    source_file: str | None
+    source_dev: str | None
+    source_pool: str | None  # type='volume'
+    source_volume: str | None
+    ram_kib: int | None  # type='ram': <source usage=... units=...>
+    target_dir: str
+    readonly: bool
+    element: Element = field(repr=False, compare=False)
+
+    @property
+    def source_path(self) -> str | None:
+        """The host path it exposes (directory, image file or block device), if any."""
+        return self.source_dir or self.source_file or self.source_dev
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdRange:
+    """One ``<uid>``/``<gid>`` of ``<idmap>``: container ids [start, start+count) are host
+    ids [target, target+count)."""
+
+    start: int
+    target: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdMap:
+    uid: tuple[IdRange, ...]
+    gid: tuple[IdRange, ...]
+    element: Element = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemTune:
+    """``<memtune>`` limits in KiB (None: not set)."""
+
+    hard_limit_kib: int | None
+    soft_limit_kib: int | None
+    swap_hard_limit_kib: int | None
+    min_guarantee_kib: int | None
+    element: Element = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CPUTune:
+    """The ``<cputune>`` values a cgroup can enforce (others stay in ``element``)."""
+
+    shares: int | None
+    period: int | None  # us
+    quota: int | None  # us per period; -1 = unlimited
+    element: Element = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Capabilities:
+    """``<features><capabilities policy=...>``: the container's Linux capabilities."""
+
+    policy: str  # default | allow | deny
+    toggles: tuple[tuple[str, bool], ...]  # (capability, state on?) in document order
     element: Element = field(repr=False, compare=False)
 
 

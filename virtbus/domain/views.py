@@ -6,6 +6,7 @@ and the offending value, so a user can find the line to fix.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Collection
 
@@ -13,6 +14,7 @@ from lxml import etree
 
 from virtbus.domain import model as m
 from virtbus.domain.numbers import optional_int
+from virtbus.domain.units import parse_memory_element
 from virtbus.errors import XMLError
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
@@ -121,6 +123,12 @@ def build_os(el: m.Element | None) -> m.OSConfig:
             element=loader_el,
         )
     nvram_el = el.find("nvram")
+    initenv = []
+    for env in el.findall("initenv"):
+        name = env.get("name")
+        if not name:
+            raise XMLError("missing name in <os><initenv>")
+        initenv.append((name, env.text or ""))
     return m.OSConfig(
         type=os_type,
         arch=type_el.get("arch"),
@@ -135,8 +143,18 @@ def build_os(el: m.Element | None) -> m.OSConfig:
         nvram_template=nvram_el.get("template") if nvram_el is not None else None,
         firmware=el.get("firmware"),
         bootmenu=yes_no(attr_of(el, "bootmenu", "enable"), "<bootmenu enable"),
+        init=_stripped(text_of(el, "init")),
+        initargs=tuple(a.text or "" for a in el.findall("initarg")),
+        initenv=tuple(initenv),
+        initdir=_stripped(text_of(el, "initdir")),
+        inituser=_stripped(text_of(el, "inituser")),
+        initgroup=_stripped(text_of(el, "initgroup")),
         element=el,
     )
+
+
+def _stripped(text: str | None) -> str | None:
+    return (text or "").strip() or None if text is not None else None
 
 
 def build_features(el: m.Element | None) -> dict[str, dict[str, str]]:
@@ -264,6 +282,41 @@ def build_disk(el: m.Element, index: int) -> m.Disk:
     )
 
 
+def _ips(el: m.Element, where: str) -> tuple[m.IPAddress, ...]:
+    ips = []
+    for ip in el.findall("ip"):
+        address = ip.get("address")
+        if not address:
+            raise XMLError(f"missing address in <ip> of {where}")
+        ips.append(
+            m.IPAddress(
+                address=address,
+                family=enum_value(ip.get("family"), {"ipv4", "ipv6"}, f"{where} <ip family"),
+                prefix=int_value(ip.get("prefix"), f"{where} <ip prefix", minimum=0, maximum=128),
+            )
+        )
+    return tuple(ips)
+
+
+def _routes(el: m.Element, where: str) -> tuple[m.Route, ...]:
+    routes = []
+    for route in el.findall("route"):
+        address, gateway = route.get("address"), route.get("gateway")
+        if not address or not gateway:
+            raise XMLError(f"<route> of {where} needs address and gateway")
+        routes.append(
+            m.Route(
+                family=enum_value(route.get("family"), {"ipv4", "ipv6"}, f"{where} <route family"),
+                address=address,
+                prefix=int_value(
+                    route.get("prefix"), f"{where} <route prefix", minimum=0, maximum=128
+                ),
+                gateway=gateway,
+            )
+        )
+    return tuple(routes)
+
+
 def build_interface(el: m.Element, index: int) -> m.Interface:
     where = f"{describe(el)} (interface #{index})"
     mac = attr_of(el, "mac", "address")
@@ -277,6 +330,10 @@ def build_interface(el: m.Element, index: int) -> m.Interface:
         source_dev=attr_of(el, "source", "dev"),
         target_dev=attr_of(el, "target", "dev"),
         boot_order=boot_order(el, where),
+        guest_dev=attr_of(el, "guest", "dev"),
+        ips=_ips(el, where),
+        routes=_routes(el, where),
+        mtu=int_value(attr_of(el, "mtu", "size"), f"{where} <mtu size", minimum=1, maximum=65535),
         address=el.find("address"),
         element=el,
     )
@@ -384,3 +441,117 @@ def build_memballoon(el: m.Element) -> m.Memballoon:
         autodeflate=yes_no(el.get("autodeflate"), "<memballoon autodeflate"),
         element=el,
     )
+
+
+def build_filesystem(el: m.Element, index: int) -> m.Filesystem:
+    where = f"{describe(el)} (filesystem #{index})"
+    fstype = enum_value(el.get("type"), m.FILESYSTEM_TYPES, "<filesystem type", "mount") or "mount"
+    mode = enum_value(
+        el.get("accessmode"), m.FILESYSTEM_ACCESS_MODES, f"{where} accessmode", "passthrough"
+    )
+    target = attr_of(el, "target", "dir")
+    if not target:
+        raise XMLError(f"missing <target dir=...> in {where}")
+    src = el.find("source")
+    get = src.get if src is not None else (lambda _k: None)
+    ram_kib = None
+    if fstype == "ram":
+        usage = get("usage")
+        if usage is None:
+            raise XMLError(f"missing <source usage=...> in {where}")
+        ram_kib = parse_memory_element(usage, get("units"), "filesystem source usage")
+    driver = el.find("driver")
+    return m.Filesystem(
+        index=index,
+        type=fstype,
+        accessmode=mode or "passthrough",
+        driver_type=driver.get("type") if driver is not None else None,
+        driver_format=driver.get("format") if driver is not None else None,
+        source_dir=get("dir"),
+        source_file=get("file"),
+        source_dev=get("dev"),
+        source_pool=get("pool"),
+        source_volume=get("volume"),
+        ram_kib=ram_kib,
+        target_dir=target,
+        readonly=el.find("readonly") is not None,
+        element=el,
+    )
+
+
+ID_LIMIT = 1 << 32  # uids and gids are 32-bit
+
+
+def _id_ranges(el: m.Element, tag: str) -> tuple[m.IdRange, ...]:
+    ranges = []
+    for r in el.findall(tag):
+        values = {}
+        for key in ("start", "target", "count"):
+            least = 1 if key == "count" else 0
+            value = int_value(r.get(key), f"<idmap><{tag} {key}", minimum=least,
+                              maximum=ID_LIMIT)  # fmt: skip
+            if value is None:
+                raise XMLError(f"missing {key} in <idmap><{tag}>")
+            values[key] = value
+        ranges.append(m.IdRange(**values))
+    for side in ("start", "target"):  # container ids, then host ids: each mapped once
+        ordered = sorted(ranges, key=lambda r: getattr(r, side))
+        for a, b in itertools.pairwise(ordered):
+            if getattr(a, side) + a.count > getattr(b, side):
+                raise XMLError(
+                    f"<idmap> {tag} ranges overlap: {side} {getattr(a, side)} count {a.count}"
+                    f" and {side} {getattr(b, side)} count {b.count}"
+                )
+    return tuple(ranges)
+
+
+def build_idmap(el: m.Element | None) -> m.IdMap | None:
+    if el is None:
+        return None
+    return m.IdMap(uid=_id_ranges(el, "uid"), gid=_id_ranges(el, "gid"), element=el)
+
+
+def build_memtune(el: m.Element | None) -> m.MemTune | None:
+    if el is None:
+        return None
+
+    def limit(tag: str) -> int | None:
+        child = el.find(tag)
+        if child is None:
+            return None
+        return parse_memory_element(child.text, child.get("unit"), tag)
+
+    return m.MemTune(
+        hard_limit_kib=limit("hard_limit"),
+        soft_limit_kib=limit("soft_limit"),
+        swap_hard_limit_kib=limit("swap_hard_limit"),
+        min_guarantee_kib=limit("min_guarantee"),
+        element=el,
+    )
+
+
+def build_cputune(el: m.Element | None) -> m.CPUTune | None:
+    if el is None:
+        return None
+    return m.CPUTune(
+        shares=int_value(text_of(el, "shares"), "<cputune><shares", minimum=0, maximum=1 << 32),
+        period=int_value(text_of(el, "period"), "<cputune><period", minimum=0, maximum=1 << 32),
+        quota=int_value(text_of(el, "quota"), "<cputune><quota", minimum=-1, maximum=1 << 44),
+        element=el,
+    )
+
+
+def build_capabilities(features: m.Element | None) -> m.Capabilities | None:
+    el = features.find("capabilities") if features is not None else None
+    if el is None:
+        return None
+    policy = enum_value(el.get("policy"), m.CAPABILITY_POLICIES, "<capabilities policy", "default")
+    toggles = []
+    for cap in el:
+        if not is_element(cap):
+            continue
+        state = yes_no(cap.get("state"), f"<capabilities><{local_name(cap)} state")
+        if state is None:
+            raise XMLError(f"missing state in <capabilities><{local_name(cap)}>")
+        toggles.append((local_name(cap), state))
+    return m.Capabilities(policy=policy or "default", toggles=tuple(toggles), element=el)
