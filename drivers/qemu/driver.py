@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from drivers.base import (
     HostResources,
     VolumeResolver,
 )
+from drivers.host import host_resources as read_host_resources
 from drivers.qemu import events as ev
 from drivers.qemu.devices import DeviceChanges, VolumeLeases
 from drivers.qemu.domain import Domain, Run, Runtime
@@ -56,7 +55,6 @@ from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.errors import OperationFailed, OperationInvalid, OperationTimeout, VirtbusError
 from virtbus.protocol.events import DomainState
 from virtbus.protocol.migration import MigrationParams, MigrationStatus
-from virtbus.store import read_bytes
 
 log = logging.getLogger(__name__)
 S = DomainState
@@ -336,26 +334,7 @@ class QemuDriver:
         )  # fmt: skip
 
     async def host_resources(self) -> HostResources:
-        meminfo = ((await read_bytes(Path("/proc/meminfo"))) or b"").decode(errors="replace")
-        cpuinfo = ((await read_bytes(Path("/proc/cpuinfo"))) or b"").decode(errors="replace")
-        mem = {
-            line.split(":")[0]: int(line.split()[1])
-            for line in meminfo.splitlines()
-            if line.endswith("kB")
-        }
-        model = next(
-            (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-             if line.startswith("model name")),
-            platform.processor() or "unknown",
-        )  # fmt: skip
-        return HostResources(
-            cpus=os.cpu_count() or 1,
-            memory_total_kib=mem.get("MemTotal", 0),
-            memory_free_kib=mem.get("MemAvailable", mem.get("MemFree", 0)),
-            arch=platform.machine(),
-            cpu_model=model,
-            hypervisor="kvm" if self._launcher.kvm_usable() else "qemu",
-        )
+        return await read_host_resources("kvm" if self._launcher.kvm_usable() else "qemu")
 
 
 def _adopt_macs(defn: DomainDefinition, macs: dict[int, str]) -> bool:

@@ -35,17 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from drivers.host import TICK_NS as _TICK_NS
+from drivers.host import host_stats
 from virtbus.domain import DomainDefinition
 from virtbus.errors import VirtbusError
 from virtbus.protocol.domain import STATS_GROUPS
 from virtbus.protocol.events import DomainState, reason_code
 
 log = logging.getLogger(__name__)
+__all__ = ["QemuStats", "StatsSettings", "StatsTarget", "host_stats"]
 
 Execute = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-_TICK_NS = 1_000_000_000 // _CLK_TCK
 _VCPU_RUNNING = 1  # virVcpuState
 _BALLOON_PATH = "/machine/peripheral/balloon0"  # libvirt's alias for the balloon device
 # QEMU guest-stats name -> (libvirt balloon field, divisor to KiB or 1 for counts)
@@ -465,45 +466,3 @@ def haltpoll_sums(reply: Any) -> dict[str, int]:
             if name and isinstance(stat.get("value"), int):
                 sums[name] = sums.get(name, 0) + stat["value"]
     return sums
-
-
-# --- host ----------------------------------------------------------------------------
-def host_stats(proc: Path = Path("/proc")) -> dict[str, Any]:
-    """Host cpu (ns, as ``virsh nodecpustats``), memory (KiB, ``nodememstats``) and load."""
-    out: dict[str, Any] = {"cpu.count": os.cpu_count() or 1}
-    try:
-        first = (proc / "stat").read_text().split("\n", 1)[0].split()
-        user, nice, system, idle, iowait, irq, softirq = (int(v) for v in first[1:8])
-        out.update(
-            {
-                "cpu.user": (user + nice) * _TICK_NS,
-                "cpu.system": (system + irq + softirq) * _TICK_NS,
-                "cpu.idle": idle * _TICK_NS,
-                "cpu.iowait": iowait * _TICK_NS,
-            }
-        )
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        mem = {
-            line.split(":")[0]: int(line.split()[1])
-            for line in (proc / "meminfo").read_text().splitlines()
-            if line.endswith("kB")
-        }
-        for name, key in (
-            ("total", "MemTotal"),
-            ("free", "MemFree"),
-            ("available", "MemAvailable"),
-            ("buffers", "Buffers"),
-            ("cached", "Cached"),
-        ):
-            if key in mem:
-                out[f"memory.{name}"] = mem[key]
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        load = (proc / "loadavg").read_text().split()
-        out.update({"load.1": float(load[0]), "load.5": float(load[1]), "load.15": float(load[2])})
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
