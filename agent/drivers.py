@@ -14,7 +14,7 @@ from virtbus.config import options_into
 from virtbus.errors import InvalidArgument
 from virtbus.settings import AgentSettings
 
-DRIVER_NAMES = ("test", "qemu", "xen")
+DRIVER_NAMES = ("test", "qemu", "xen", "lxc")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,10 @@ def make_driver(settings: AgentSettings) -> Driver:
         from drivers.xen import XenDriver, XenSettings
 
         return XenDriver(XenSettings.from_options(settings.state_dir / "xen", options))
+    if settings.driver == "lxc":
+        from drivers.lxc import LxcDriver, LxcSettings
+
+        return LxcDriver(LxcSettings.from_options(settings.state_dir, options))
     raise InvalidArgument(
         f"unknown driver '{settings.driver}' (choose from {', '.join(DRIVER_NAMES)})"
     )

@@ -154,6 +154,7 @@ OTHER_EVENTS: frozenset[str] = frozenset(
         "disk_change",
         "pmwakeup",
         "pmsuspend",
+        "oom_kill",  # virtbus: the OOM killer ended a process in a container (no libvirt event)
     }
 )
 EVENT_NAMES: frozenset[str] = frozenset(e.value for e in LifecycleEvent) | OTHER_EVENTS
