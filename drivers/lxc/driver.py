@@ -287,7 +287,11 @@ class LxcDriver:
                     continue  # a message arrived meanwhile: it is newer than the snapshot
                 row = rows.get(c.name)
                 rebooted = False
-                if row is not None and row.pid is not None and row.pid != c.init_pid:
+                if (
+                    row is not None
+                    and row.pid is not None
+                    and (row.pid != c.init_pid or c.cgroups is None or c.monitor_pid is None)
+                ):
                     rebooted = await self._attach_process(c, row.pid)
                 was_running = c.t.state == S.RUNNING
                 self._apply(c, ev.observe(c.t, row.state if row else None), reconciled=True)

@@ -123,6 +123,9 @@ class MonitorFifo:
             delays = backoff_delays(self._reopen)
             try:
                 await self._follow(fd)
+            except asyncio.CancelledError:
+                await asyncio.to_thread(self._unlink, fd)  # stopping: writers see ENOENT
+                raise
             finally:
                 self.connected = False
                 asyncio.get_running_loop().remove_reader(fd)
@@ -159,6 +162,11 @@ class MonitorFifo:
                     await self._lost.wait()
             if not await asyncio.to_thread(self._still_ours, fd):
                 return
+
+    def _unlink(self, fd: int) -> None:
+        if self._still_ours(fd):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
     def _still_ours(self, fd: int) -> bool:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any
 from virtbus.errors import InvalidArgument
 from virtbus.settings import Backoff
 
+NETNS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 DEFAULT_ALLOWED_ROOTS = (Path("/var/lib/virtbus/containers"), Path("/var/lib/lxc"))
 
 
@@ -48,7 +50,7 @@ class LxcSettings:
     reboot_signal: str = "SIGHUP"  # reboot: likewise
     reconcile_interval: float = 2.0  # s, cheap liveness/freezer/OOM check of each container
     run_root: Path = Path("/run")  # lxc's rundir for root: <run_root>/lxc/<lxcpath>/monitor-fifo
-    netns: str = ""  # run every lxc command in this named network namespace (ip netns)
+    netns: str = ""  # run every lxc command in this named network namespace (/run/netns)
     lxc_log_level: str = "WARN"  # lxc.log.level of each container's lxc.log
     log_tail_bytes: int = 4096  # of lxc.log quoted in a start error
     monitor_check: float = 1.0  # s between checks that the monitor FIFO is still ours
@@ -93,7 +95,11 @@ class LxcSettings:
                 if not Path(value).is_absolute():
                     raise InvalidArgument(f"lxc driver option {key} must be an absolute path")
                 kwargs[key] = Path(value)
-            elif key in ("tools_dir", "netns", "lxc_log_level"):
+            elif key == "netns":
+                if not NETNS_NAME.match(value):
+                    raise InvalidArgument(f"lxc driver option netns: invalid name {value!r}")
+                kwargs[key] = value
+            elif key in ("tools_dir", "lxc_log_level"):
                 kwargs[key] = value
             else:
                 raise InvalidArgument(f"unknown lxc driver option {key!r}")

@@ -2,9 +2,15 @@
 
 Every command names the driver's own LXCPATH (``-P``), so lxc finds each container's
 config at ``<lxcpath>/<name>/config`` and ``lxc-freeze``/``lxc-unfreeze`` work by name.
-With the ``netns`` setting every command runs through ``ip netns exec NAME``: lxc's
-command socket is abstract, so it lives in the network namespace of the container's
-monitor, and a bridge is only visible (in ``/sys``) from its own namespace.
+With the ``netns`` setting every command runs in that named network namespace
+(``/run/netns/NAME``, as ``ip netns`` makes them) through ``nsenter``: lxc's command
+socket is abstract, so it lives in the network namespace of the container's monitor.
+``lxc-start`` also needs ``/sys/class/net`` to show that namespace (lxc tells a Linux
+bridge from an Open vSwitch one there), but not ``ip netns exec``'s fresh ``/sys``,
+which hides the cgroup mounts under it: it runs in a private mount namespace where a
+sysfs of the network namespace is bound over ``/sys/class/net`` and
+``/sys/devices/virtual/net`` only (:data:`NETNS_SYSFS`, a fixed script: arguments
+reach it as ``"$@"``, never pasted into it).
 """
 
 from __future__ import annotations
@@ -15,6 +21,12 @@ from dataclasses import dataclass
 
 from drivers.lxc.settings import LxcSettings
 from virtbus.errors import OperationFailed, OperationTimeout
+
+NETNS_SYSFS = (
+    'd=$(mktemp -d) && mount -t sysfs sysfs "$d" && mount --bind "$d/class/net" /sys/class/net'
+    ' && mount --bind "$d/devices/virtual/net" /sys/devices/virtual/net && umount -l "$d"'
+    ' && rmdir "$d" && exec "$@"'
+)
 
 
 class LxcError(OperationFailed):
@@ -55,7 +67,12 @@ class LxcTools:
         self._s = settings
 
     def argv(self, tool: str, *args: str) -> list[str]:
-        prefix = ["ip", "netns", "exec", self._s.netns] if self._s.netns else []
+        prefix: list[str] = []
+        if self._s.netns:
+            prefix = ["nsenter", f"--net=/run/netns/{self._s.netns}"]
+            if tool == "lxc-start":
+                prefix += ["unshare", "--mount", "--propagation", "slave", "sh", "-c",
+                           NETNS_SYSFS, "sh"]  # fmt: skip
         return [*prefix, self._s.tool(tool), "-P", str(self._s.lxcpath), *args]
 
     async def run(self, tool: str, *args: str, timeout: float | None = None) -> str:

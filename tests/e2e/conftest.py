@@ -1,5 +1,6 @@
-"""e2e fixtures: one session directory for every QEMU the tests start, and a guard that no
-QEMU started under it outlives the session (leftovers are killed by PID, then reported)."""
+"""e2e fixtures: one session directory for every QEMU and container the tests start, and
+guards that none started under it outlives the session (leftovers are stopped or killed
+by PID, then reported)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,21 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.lxc_support import (
+    LxcHost,
+    agent_options,
+    clean_up_containers,
+    destroy_all,
+    host_events,
+    lxc_agent,
+)
+from tests.guests.lxc import LxcRootfs, build_lxc_rootfs
+from tests.procs import unique_host
 
 _LEFTOVER_KILL_WAIT = 5.0  # s, per leftover QEMU after SIGKILL
 
@@ -60,3 +72,38 @@ def no_qemu_left_behind(e2e_root: Path) -> Iterator[None]:
             time.sleep(0.01)
     if leftovers:
         pytest.fail(f"QEMU processes left running by the tests (killed): {leftovers}")
+
+
+# --- LXC: real containers (tests/e2e/lxc_support.py) --------------------------------------
+@pytest.fixture(scope="session")
+def lxc_rootfs() -> LxcRootfs:
+    """The busybox root filesystem, built once into the cache; lxc must be installed."""
+    missing = [t for t in ("lxc-start", "lxc-stop", "lxc-ls", "lxc-freeze") if not shutil.which(t)]
+    if missing:
+        pytest.fail(f"lxc is not installed ({', '.join(missing)} missing): run deploy/setup-dev")
+    return build_lxc_rootfs()
+
+
+@pytest.fixture(scope="session")
+def lxc_root(e2e_root: Path) -> Iterator[Path]:
+    """Where LXC tests keep their agents' state; no container may outlive the session."""
+    root = e2e_root / "lxc"
+    root.mkdir()
+    yield root
+    left = clean_up_containers(root)
+    if left:
+        pytest.fail(f"containers left running by the tests (stopped): {left}")
+
+
+@pytest.fixture
+async def lxc_host(lxc_root: Path, lxc_rootfs: LxcRootfs, rabbitmq: None) -> AsyncIterator[LxcHost]:
+    """A real ``virtbus-agent --driver lxc`` on RabbitMQ, and its events."""
+    host = unique_host("lxc")
+    base = Path(tempfile.mkdtemp(prefix="h", dir=lxc_root))
+    async with host_events(host) as events:
+        options = agent_options(lxc_rootfs, base)
+        async with lxc_agent(host, base, lxc_rootfs, events, options) as h:
+            try:
+                yield h
+            finally:
+                await destroy_all(h)
