@@ -8,11 +8,13 @@ from agent.admission import Demand
 from agent.table import HANDLERS, AgentContext
 from drivers.base import Driver
 from virtbus.domain import parse_domain_xml
-from virtbus.errors import InternalError
+from virtbus.errors import InternalError, NoSupport
 from virtbus.protocol import ops
 from virtbus.protocol.base import Empty
 from virtbus.protocol.domain import (
+    AutostartFlag,
     DefinedDomain,
+    DomainAutostart,
     DomainDefine,
     DomainList,
     DomainListRequest,
@@ -106,6 +108,16 @@ async def _state(ctx: AgentContext, req: DomainTarget) -> DomainStatus:
 @HANDLERS.on(ops.DOMAIN_XML)
 async def _xml(ctx: AgentContext, req: DomainTarget) -> DomainXml:
     return DomainXml(xml=await ctx.driver.xml(req.domain))
+
+
+@HANDLERS.on(ops.DOMAIN_SET_AUTOSTART)
+async def _set_autostart(ctx: AgentContext, req: DomainAutostart) -> AutostartFlag:
+    """Only drivers that start domains with the agent have ``set_autostart``."""
+    setter = getattr(ctx.driver, "set_autostart", None)
+    if setter is None:
+        raise NoSupport(f"the {ctx.driver.name} driver does not autostart domains")
+    await setter(req.domain, req.autostart)
+    return AutostartFlag(autostart=req.autostart)
 
 
 @HANDLERS.on(ops.DOMAIN_LIST)

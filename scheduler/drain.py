@@ -4,14 +4,20 @@ Each domain is placed through the filters on its own (the draining host and othe
 draining hosts are filtered out; claims spread the burst); the coordinator's limits bound
 how many run at once. A domain that cannot be placed is reported with the NO_HOST reason
 and stays where it is. Shut-off domains keep their definition on the drained host.
+
+Containers cannot move live: they are listed as ``stays`` ("cannot move live") and keep
+running, unless the drain was asked to stop them (``stop_containers``): then each is shut
+down (destroyed if it does not stop in time), its definition moved offline and started
+on its new host, one after another, in the background.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from scheduler.journal import MigrationRecord
 from scheduler.migration import MigrationCoordinator
@@ -24,6 +30,12 @@ log = logging.getLogger(__name__)
 
 # (domain uuid, drain host) -> the submitted migration (placed and journaled)
 StartMigration = Callable[[str, str], Awaitable[MigrationRecord]]
+# (domain uuid, drain host, its row to keep up to date) -> None: stop, move, start
+MoveContainer = Callable[[str, str, DrainDomain], Awaitable[None]]
+Spawn = Callable[[Coroutine[Any, Any, None], str], object]
+STAYS = "stays"  # a container left running: it cannot move live
+DONE = frozenset({*TERMINAL_STATES, STAYS})
+CONTAINER_TYPES = frozenset({"lxc"})
 
 
 @dataclass(slots=True)
@@ -48,13 +60,14 @@ class DrainJob:
                 )
             rows[name] = row
         states = [r.state for r in rows.values()]
-        done = all(s in TERMINAL_STATES for s in states)
+        done = all(s in DONE for s in states)
         return DrainStatus(
             host=self.host,
             started=self.started,
             done=done,
-            ok=done and all(s == RecordState.COMPLETED for s in states),
+            ok=done and all(s in (RecordState.COMPLETED, STAYS) for s in states),
             domains=rows,
+            left=sorted(n for n, r in rows.items() if r.state == STAYS),
         )
 
 
@@ -63,11 +76,32 @@ class DrainManager:
         self._coordinator = coordinator
         self.jobs: dict[str, DrainJob] = {}
 
-    async def drain(self, host: str, running: list[DomainInfo], start: StartMigration) -> DrainJob:
-        """Start moving ``running`` (the domains of ``host``) away; returns at once."""
+    async def drain(
+        self,
+        host: str,
+        running: list[DomainInfo],
+        start: StartMigration,
+        move_container: MoveContainer | None = None,
+        spawn: Spawn | None = None,
+    ) -> DrainJob:
+        """Start moving ``running`` (the domains of ``host``) away; returns at once.
+
+        Containers stay unless ``move_container`` is given (with ``spawn``, which runs
+        their moves in the background)."""
         job = DrainJob(host)
         self.jobs[host] = job
+        containers = sorted((d for d in running if d.type in CONTAINER_TYPES), key=lambda d: d.name)
+        for info in containers:
+            job.domains[info.name] = (
+                DrainDomain(state=STAYS, error="cannot move live")
+                if move_container is None
+                else DrainDomain(state=RecordState.QUEUED)
+            )
+        if move_container is not None and spawn is not None and containers:
+            spawn(self._move_all(host, containers, job, move_container), f"drain-move:{host}")
         for info in sorted(running, key=lambda d: d.name):
+            if info.type in CONTAINER_TYPES:
+                continue
             name = info.name
             try:
                 record = await start(info.uuid, host)
@@ -78,6 +112,11 @@ class DrainManager:
             job.domains[name] = DrainDomain(state=record.state, destination=record.destination)
             job.migrations[name] = record.id
         return job
+
+    async def _move_all(self, host: str, containers: list[DomainInfo], job: DrainJob,
+                        move: MoveContainer) -> None:  # fmt: skip
+        for info in containers:
+            await move(info.uuid, host, job.domains[info.name])
 
     def status(self, host: str) -> DrainJob | None:
         return self.jobs.get(host)

@@ -33,6 +33,7 @@ DRIVERS_FOR_TYPE: dict[str, frozenset[str]] = {
     "kvm": frozenset({"qemu", "test"}),
     "qemu": frozenset({"qemu", "test"}),
     "xen": frozenset({"xen", "test"}),
+    "lxc": frozenset({"lxc"}),  # containers only on container hosts
     "test": frozenset({"test"}),
 }
 # CPU modes that expose the host's own CPU: migration needs an identical CPU model.

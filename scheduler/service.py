@@ -24,10 +24,11 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from scheduler.drain import DrainManager
+from scheduler.drain import CONTAINER_TYPES, DrainManager
 from scheduler.inventory import Claim, ClusterView, DomainMeta
 from scheduler.journal import Journal, MigrationRecord
 from scheduler.migration import MigrationCoordinator
+from scheduler.offline import OfflineMover
 from scheduler.placement import anti_affinity_groups, place, request_for
 from scheduler.settings import SchedulerSettings
 from virtbus.aio import TaskGroup
@@ -55,13 +56,14 @@ from virtbus.protocol.domain import (
     DomainDefine,
     DomainInfo,
     DomainListRequest,
+    DomainShutdown,
     DomainTarget,
     StateName,
 )
 from virtbus.protocol.envelope import Envelope, Kind, ok_body
 from virtbus.protocol.host import DrainFlag, HostInventory, SetDraining
 from virtbus.protocol.messages import DomainEvent
-from virtbus.protocol.migration import MigrationParams
+from virtbus.protocol.migration import MigrationParams, RecordState
 from virtbus.protocol.migration import MigrationRecord as MigrationRecordMessage
 from virtbus.protocol.registry import Op, Service
 from virtbus.protocol.scheduler import (
@@ -70,6 +72,7 @@ from virtbus.protocol.scheduler import (
     ClusterDomains,
     ClusterDomainsRequest,
     ClusterHosts,
+    DrainDomain,
     DrainRequest,
     DrainStatus,
     HostRequest,
@@ -77,6 +80,8 @@ from virtbus.protocol.scheduler import (
     MigrationBrief,
     MigrationList,
     MigrationQuery,
+    OfflineMigrateRequest,
+    OfflineMigration,
     PlacedDomain,
     Placement,
     PlaceRequest,
@@ -106,6 +111,8 @@ class SchedulerService:
             self._agent_call, self.view, self.journal, settings, self._tasks
         )
         self.drains = DrainManager(self.coordinator)
+        self.offline = OfflineMover(self._agent_call, self.view, self._defined_on,
+                                    settings.placement, settings.step_timeout)  # fmt: skip
         self.active = False
         self.ready = asyncio.Event()  # active and the journal resolved
         self.failed = asyncio.Event()
@@ -123,6 +130,7 @@ class SchedulerService:
             ops.SCHEDULER_MIGRATION: self._migration,
             ops.SCHEDULER_MIGRATIONS: self._migrations,
             ops.SCHEDULER_MIGRATE_CANCEL: self._migrate_cancel,
+            ops.SCHEDULER_MIGRATE_OFFLINE: self._migrate_offline,
             ops.SCHEDULER_DRAIN: self._drain,
             ops.SCHEDULER_DRAIN_STATUS: self._drain_status,
             ops.SCHEDULER_UNDRAIN: self._undrain,
@@ -375,6 +383,11 @@ class SchedulerService:
         src = next((c for c in candidates if c.name == source), None)
         if src is None:
             raise NoHostError(f"source host '{source}' has sent no heartbeat")
+        if defn.hv_type in CONTAINER_TYPES or src.driver in CONTAINER_TYPES:
+            raise NoSupport(
+                f"domain '{defn.name}' is a container: containers cannot migrate live (nor"
+                " with libvirt's LXC driver); shut it off and use `virtbus migrate --offline`"
+            )
         req = request_for(defn, source=src)
         if to is not None:
             if to == source:
@@ -454,6 +467,42 @@ class SchedulerService:
     async def _migrate_cancel(self, req: CancelRequest) -> MigrationRecordMessage:
         return self.coordinator.cancel(req.domain).to_wire()
 
+    async def _migrate_offline(self, req: OfflineMigrateRequest) -> OfflineMigration:
+        found = await self._defined_on(req.domain)
+        if found and self.coordinator.busy(found[0][1].uuid):
+            raise OperationInvalid(f"domain '{req.domain}' is migrating")
+        return await self.offline.move(req.domain, req.to)
+
+    async def _defined_on(self, ref: str) -> list[tuple[str, DomainInfo]]:
+        """(host, DomainInfo) of every up host that has ``ref`` defined."""
+        found = [(h, i) for h, i in self.view.hosts_with(ref) if self.view.is_up(h)]
+        if not found:
+            await asyncio.gather(*(self._refresh(h) for h in self._up_hosts()))
+            found = [(h, i) for h, i in self.view.hosts_with(ref) if self.view.is_up(h)]
+        return found
+
+    async def _move_container(self, uuid: str, host: str, row: DrainDomain) -> None:
+        """A drain with stop_containers: shut it down (destroy it if it does not stop in
+        time), move its definition offline, start it on its new host."""
+        t, grace = self.settings.step_timeout, self.settings.container_stop_timeout
+        target = DomainTarget(domain=uuid)
+        try:
+            row.state = "stopping"
+            try:
+                stop = DomainShutdown(domain=uuid, timeout=grace)
+                await self._agent_call(host, ops.DOMAIN_SHUTDOWN, stop, grace + t)
+            except OperationTimeout:
+                await self._agent_call(host, ops.DOMAIN_DESTROY, target, t)
+            row.state = "moving"
+            moved = await self.offline.move(uuid, None)
+            row.destination = moved.destination
+            row.state = "starting"
+            await self._agent_call(moved.destination, ops.DOMAIN_START, target, t)
+            row.state, row.error = RecordState.COMPLETED, None
+        except VirtbusError as exc:
+            log.warning("drain of %s: container %s: %s", host, uuid, exc)
+            row.state, row.error = RecordState.FAILED, str(exc)
+
     def _known_host(self, host: str) -> str:
         if host not in self.view.hosts:
             raise NoHostError(f"unknown host '{host}' (no heartbeat heard)")
@@ -472,7 +521,11 @@ class SchedulerService:
         async def start(uuid: str, drain_host: str) -> MigrationRecord:
             return await self.start_migration(uuid, None, req.params, req.timeout, drain=drain_host)
 
-        job = await self.drains.drain(host, running, start)
+        job = await self.drains.drain(
+            host, running, start,
+            move_container=self._move_container if req.stop_containers else None,
+            spawn=self._tasks.spawn,
+        )  # fmt: skip
         return job.status(self.coordinator)
 
     async def _drain_status(self, req: HostRequest) -> DrainStatus:

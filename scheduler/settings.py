@@ -77,6 +77,10 @@ class SchedulerSettings:
                          flag=True),
     )  # fmt: skip
     history: int = field(default=200, metadata=setting("finished migrations remembered", minimum=0))
+    container_stop_timeout: float = field(
+        default=30.0,
+        metadata=setting("a drain's container shutdown, then destroy (s)", positive=True),
+    )
     bus: BusSettings = field(default_factory=BusSettings, metadata=nested("bus."))
 
 

@@ -27,15 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from drivers.base import (
-    DomainInfo,
-    DomainRef,
-    DriverEvent,
-    EventSink,
-    HostResources,
-    MigrationParams,
-    MigrationStatus,
-)
+from drivers.base import DomainInfo, DomainRef, DriverEvent, EventSink, HostResources
 from drivers.host import host_resources, host_stats
 from drivers.lxc import cgroups as cg
 from drivers.lxc import events as ev
@@ -58,6 +50,7 @@ from virtbus.errors import (
     VirtbusError,
 )
 from virtbus.protocol.events import DomainState
+from virtbus.protocol.migration import MigrationParams, MigrationState, MigrationStatus
 from virtbus.store import quarantine, read_bytes
 
 log = logging.getLogger(__name__)
@@ -416,6 +409,10 @@ class LxcDriver:
             c = self._containers.get(f"{ref[:8]}-{ref[8:12]}-{ref[12:16]}-{ref[16:20]}-{ref[20:]}")
         return c
 
+    def state(self, ref: str) -> tuple[DomainState, str]:
+        c = self._get(ref)
+        return c.t.state, c.t.reason
+
     def _get(self, ref: str) -> Container:
         c = self._find(ref)
         if c is None:
@@ -739,7 +736,7 @@ class LxcDriver:
 
     async def migrate_status(self, ref: str) -> MigrationStatus:
         self._get(ref)
-        return MigrationStatus(status="none")
+        return MigrationStatus(status=MigrationState.NONE)
 
     async def migrate_cancel(self, ref: str) -> None:
         raise OperationInvalid(f"domain '{self._get(ref).name}' has no migration in progress")

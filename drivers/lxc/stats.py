@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers.base import STATS_GROUPS
 from drivers.host import TICK_NS
 from drivers.lxc import cgroups as cg
 from virtbus.domain import DomainDefinition
+from virtbus.protocol.domain import STATS_GROUPS
 from virtbus.protocol.events import DomainState, reason_code
 
 

@@ -50,6 +50,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             )
         p.set_defaults(func=lifecycle, verb=verb)
 
+    p = sub.add_parser("autostart", help="start a domain with its host's agent (once per boot)")
+    _domain_args(p)
+    p.add_argument("--disable", action="store_true", help="no longer start it automatically")
+    p.set_defaults(func=autostart)
+
     p = sub.add_parser("dominfo", help="show a domain's information")
     _domain_args(p)
     p.set_defaults(func=dominfo)
@@ -130,6 +135,19 @@ async def lifecycle(ctx: Context, args: argparse.Namespace) -> int:
         emit_json({"host": dom.host.name, "domain": args.domain, **to_wire(status)})
     else:
         print(LIFECYCLE[args.verb].format(args.domain))
+    return 0
+
+
+async def autostart(ctx: Context, args: argparse.Namespace) -> int:
+    dom = await ctx.domain(args.host, args.domain)
+    enabled = not args.disable
+    await dom.set_autostart(enabled)
+    if ctx.json:
+        emit_json({"host": dom.host.name, "domain": args.domain, "autostart": enabled})
+    elif enabled:
+        print(f"Domain '{args.domain}' marked as autostarted")
+    else:
+        print(f"Domain '{args.domain}' unmarked as autostarted")
     return 0
 
 

@@ -27,6 +27,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = sub.add_parser("migrate", help="live-migrate a running domain to another host")
     p.add_argument("domain", help="domain name or uuid")
     p.add_argument("--to", metavar="HOST", help="destination (default: placed by the scheduler)")
+    p.add_argument(
+        "--offline", action="store_true",
+        help="move a shut-off domain's definition instead (containers move this way)",
+    )  # fmt: skip
     _migration_options(p)
     p.add_argument("--wait", action="store_true", help="follow it until it ends")
     p.set_defaults(func=migrate)
@@ -41,6 +45,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = sub.add_parser("drain", help="migrate every running domain off a host")
     p.add_argument("host")
     _migration_options(p)
+    p.add_argument(
+        "--stop-containers", action="store_true",
+        help="shut containers down, move them offline and start them elsewhere (they cannot"
+        " move live; without this they keep running here)",
+    )  # fmt: skip
     p.add_argument("--no-wait", action="store_true", help="return once the drain started")
     p.set_defaults(func=drain)
 
@@ -104,6 +113,14 @@ def _line(rec: dict[str, Any], with_bar: bool = False, style: Style | None = Non
 
 
 async def migrate(ctx: Context, args: argparse.Namespace) -> int:
+    if args.offline:
+        moved = to_wire(await ctx.client.scheduler.migrate_offline(args.domain, args.to))
+        if ctx.json:
+            emit_json(moved)
+        else:
+            print(f"Domain '{moved['domain']}' moved offline: {moved['source']} -> "
+                  f"{moved['destination']}")  # fmt: skip
+        return 0
     record = await ctx.client.scheduler.migrate(
         args.domain, args.to, _params(args), timeout=args.migration_timeout
     )
@@ -160,7 +177,10 @@ async def migrations(ctx: Context, args: argparse.Namespace) -> int:
 
 async def drain(ctx: Context, args: argparse.Namespace) -> int:
     scheduler = ctx.client.scheduler
-    started = await scheduler.drain(args.host, _params(args), timeout=args.migration_timeout)
+    started = await scheduler.drain(
+        args.host, _params(args), timeout=args.migration_timeout,
+        stop_containers=args.stop_containers,
+    )  # fmt: skip
     job = to_wire(started)
     if not ctx.json:
         print(f"Host '{args.host}' is draining: {len(job['domains'])} running domain(s) to move")
@@ -171,6 +191,8 @@ async def drain(ctx: Context, args: argparse.Namespace) -> int:
             dest = row.get("destination") or "-"
             err = f": {row['error']}" if row.get("error") else ""
             line = f"  {name}: {row['state']} -> {dest} {_progress(row, with_bar)}{err}".rstrip()
+            if row["state"] == "stays":  # a container: it keeps running here
+                line = f"  {name}: cannot move live (a container; --stop-containers moves it)"
             if seen.get(name) != line and not ctx.json:
                 print(line, flush=True)
                 seen[name] = line

@@ -31,6 +31,8 @@ from virtbus.errors import InvalidArgument, NoConnect, NoDomainError, OperationT
 from virtbus.protocol import ops
 from virtbus.protocol.base import Empty, Message, decode, to_wire
 from virtbus.protocol.domain import (
+    AutostartFlag,
+    DomainAutostart,
     DomainDefine,
     DomainInfo,
     DomainListRequest,
@@ -57,6 +59,8 @@ from virtbus.protocol.scheduler import (
     HostRequest,
     MigrateRequest,
     MigrationQuery,
+    OfflineMigrateRequest,
+    OfflineMigration,
     PlacedDomain,
     PlaceRequest,
     SchedulerPing,
@@ -383,6 +387,10 @@ class Domain:
         request = BlockInfoRequest(domain=self.ref, target=target)
         return await self.host.call(ops.DOMAIN_BLOCK_INFO, request)
 
+    async def set_autostart(self, enabled: bool = True) -> AutostartFlag:
+        request = DomainAutostart(domain=self.ref, autostart=enabled)
+        return await self.host.call(ops.DOMAIN_SET_AUTOSTART, request)
+
     async def info(self) -> DomainInfo:
         return await self.host.call(ops.DOMAIN_INFO, self._target)
 
@@ -480,10 +488,26 @@ class Scheduler:
     async def cancel_migration(self, domain: str) -> MigrationRecord:
         return await self.call(ops.SCHEDULER_MIGRATE_CANCEL, CancelRequest(domain=domain))
 
+    async def migrate_offline(self, domain: str, to: str | None = None) -> OfflineMigration:
+        """Move a shut-off domain's definition (placed by the filters without ``to``)."""
+        return await self.call(
+            ops.SCHEDULER_MIGRATE_OFFLINE, OfflineMigrateRequest(domain=domain, to=to)
+        )
+
     async def drain(
-        self, host: str, params: MigrationParams | None = None, *, timeout: float | None = None
+        self,
+        host: str,
+        params: MigrationParams | None = None,
+        *,
+        timeout: float | None = None,
+        stop_containers: bool = False,
     ) -> DrainStatus:
-        request = DrainRequest(host=host, params=params or MigrationParams(), timeout=timeout)
+        """Live-migrate every running domain off ``host``; containers stay unless
+        ``stop_containers`` (they are shut down, moved offline and started elsewhere)."""
+        request = DrainRequest(
+            host=host, params=params or MigrationParams(), timeout=timeout,
+            stop_containers=stop_containers,
+        )  # fmt: skip
         return await self.call(ops.SCHEDULER_DRAIN, request)
 
     async def drain_status(self, host: str) -> DrainStatus:

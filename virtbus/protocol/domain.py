@@ -64,6 +64,12 @@ class DomainUndefine(DomainTarget):
     remove_all_storage: bool = False
 
 
+class DomainAutostart(DomainTarget):
+    """``autostart``: start the domain when its host's agent starts (once per boot)."""
+
+    autostart: bool
+
+
 class DomainListRequest(Message):
     """``all``: include shut-off domains (the agent's default)."""
 
@@ -129,6 +135,10 @@ class DomainXml(Message):
     xml: str
 
 
+class AutostartFlag(Message):
+    autostart: bool
+
+
 class DomainList(Message):
     domains: list[DomainInfo]
 
@@ -186,6 +196,11 @@ DOMAIN_STATE = op(
 DOMAIN_XML = op(
     "domain.xml", DomainTarget, DomainXml, _A, "the domain XML, runtime values filled in",
     access=Access.READ, target=_D, target_of=_ref, serial=True,
+)  # fmt: skip
+DOMAIN_SET_AUTOSTART = op(
+    "domain.set_autostart", DomainAutostart, AutostartFlag, _A,
+    "start the domain with its host's agent, once per boot (NO_SUPPORT where the driver has no"
+    " autostart)", access=Access.CONFIG, target=_D, target_of=_ref, serial=True,
 )  # fmt: skip
 DOMAIN_LIST = op(
     "domain.list", DomainListRequest, DomainList, _A, "the host's domains",

@@ -117,10 +117,29 @@ class CancelRequest(Message):
     domain: Name
 
 
+class OfflineMigrateRequest(Message):
+    """A shut-off domain's definition, to ``to`` (placed by the filters when absent)."""
+
+    domain: Name
+    to: HostName | None = None
+
+
+class OfflineMigration(Message):
+    domain: str
+    uuid: str
+    source: str
+    destination: str
+    offline: bool = True
+
+
 class DrainRequest(Message):
+    """``stop_containers``: shut containers down, move them offline and start them on
+    their new host (they cannot move live; without it they stay, running)."""
+
     host: HostName
     params: MigrationParams = default(default_factory=MigrationParams)
     timeout: Seconds | None = None
+    stop_containers: bool = False
 
 
 class HostRequest(Message):
@@ -136,11 +155,14 @@ class DrainDomain(Message):
 
 
 class DrainStatus(Message):
+    """``left``: containers that stay on the host, running (they cannot move live)."""
+
     host: str
     started: float
     done: bool
     ok: bool
     domains: dict[str, DrainDomain]
+    left: list[str] = default(default_factory=list)
 
 
 _S = Service.SCHEDULER
@@ -184,6 +206,11 @@ SCHEDULER_MIGRATE_CANCEL = op(
     "scheduler.migrate_cancel", CancelRequest, MigrationRecord, _S,
     "cancel a migration: the guest stays on its source",
     access=Access.LIFECYCLE, target=Target.DOMAIN, target_of=field("domain"),
+)  # fmt: skip
+SCHEDULER_MIGRATE_OFFLINE = op(
+    "scheduler.migrate_offline", OfflineMigrateRequest, OfflineMigration, _S,
+    "move a shut-off domain's definition to another host (how containers move)",
+    access=Access.CONFIG, target=Target.DOMAIN, target_of=field("domain"),
 )  # fmt: skip
 SCHEDULER_DRAIN = op(
     "scheduler.drain", DrainRequest, DrainStatus, _S,
