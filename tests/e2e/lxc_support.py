@@ -94,8 +94,8 @@ class Events:
 
 
 @asynccontextmanager
-async def host_events(host: str) -> AsyncIterator[Events]:
-    bus = open_bus(BUS_URL, src="test")
+async def host_events(host: str, bus_url: str = BUS_URL) -> AsyncIterator[Events]:
+    bus = open_bus(bus_url, src="test")
     await bus.connect()
     sub = await bus.subscribe(EVENTS_EXCHANGE, [f"{routing_word(host)}.#"])
     events = Events()
@@ -123,6 +123,7 @@ class LxcHost:
     events: Events
     options: list[str] = field(default_factory=list)
     agent: AgentProc | None = None
+    bus: str = BUS_URL
 
     @property
     def lxcpath(self) -> Path:
@@ -132,12 +133,12 @@ class LxcHost:
         return self.lxcpath / name / "console.log"
 
     async def ok(self, *args: str) -> str:
-        r = await cli(*args, "--host", self.host)
+        r = await cli(*args, "--host", self.host, bus=self.bus)
         assert r.code == 0, (args, r.err)
         return r.out
 
     async def fails(self, *args: str) -> str:
-        r = await cli(*args, "--host", self.host)
+        r = await cli(*args, "--host", self.host, bus=self.bus)
         assert r.code == 1, (args, r.out)
         assert r.err.startswith("error: "), r.err
         return r.err
@@ -148,13 +149,13 @@ class LxcHost:
         await self.ok("define", str(path))
 
     async def info(self, name: str) -> dict[str, Any]:
-        r = await cli("--json", "dominfo", name, "--host", self.host)
+        r = await cli("--json", "dominfo", name, "--host", self.host, bus=self.bus)
         assert r.code == 0, r.err
         info: dict[str, Any] = r.json()
         return info
 
     async def state(self, name: str) -> tuple[str, str]:
-        r = await cli("--json", "domstate", name, "--host", self.host)
+        r = await cli("--json", "domstate", name, "--host", self.host, bus=self.bus)
         assert r.code == 0, r.err
         return r.json()["state"], r.json()["reason"]
 
@@ -191,15 +192,15 @@ async def lxc_agent(host: str, base: Path, rootfs: LxcRootfs, events: Events,
                     options: list[str], **kw: Any) -> AsyncIterator[LxcHost]:  # fmt: skip
     flags = [x for o in options for x in ("--driver-option", o)]
     async with agent_process(host, base, *flags, driver="lxc", **kw) as agent:
-        yield LxcHost(host, base, rootfs, events, options, agent)
+        yield LxcHost(host, base, rootfs, events, options, agent, kw.get("bus", BUS_URL))
 
 
 async def destroy_all(h: LxcHost) -> None:
     """Leave no container behind (the agent keeps them running when it stops)."""
-    r = await cli("--json", "list", "--host", h.host)
+    r = await cli("--json", "list", "--host", h.host, bus=h.bus)
     if r.code == 0:
         for dom in r.json():
-            await cli("destroy", dom["name"], "--host", h.host)
+            await cli("destroy", dom["name"], "--host", h.host, bus=h.bus)
 
 
 # --- the session guard ----------------------------------------------------------------------

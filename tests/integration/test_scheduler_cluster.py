@@ -51,14 +51,14 @@ def vhost() -> Iterator[str]:
 
 @asynccontextmanager
 async def scheduler_process(
-    state_dir: Path, *extra: str
+    state_dir: Path, *extra: str, bus: str = URL
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     state_dir.mkdir(parents=True, exist_ok=True)
     log = open(state_dir / "scheduler.log", "ab")  # noqa: SIM115  # closed below
     proc = await asyncio.create_subprocess_exec(
         *SCHEDULER,
         "--bus",
-        URL,
+        bus,
         "--state-dir",
         str(state_dir),
         "--host-down-after",
