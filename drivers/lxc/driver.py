@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,14 +298,13 @@ class LxcDriver:
     async def _attach_process(self, c: Container, init_pid: int) -> bool:
         """Learn init's and the monitor's PIDs and the cgroups of a running container;
         True when it replaces an init we knew (the container rebooted meanwhile)."""
-        started = await asyncio.to_thread(cg.process_start_time, init_pid)
+        facts = await asyncio.to_thread(_process_facts, init_pid, self._mounts)
+        return self._adopt_facts(c, init_pid, facts)
+
+    def _adopt_facts(self, c: Container, init_pid: int, facts: _Facts) -> bool:
+        started, monitor, cgroups = facts
         rebooted = c.init_pid is not None and (c.init_pid, c.init_started) != (init_pid, started)
-        c.init_pid, c.init_started = init_pid, started
-        c.monitor_pid = await asyncio.to_thread(_parent_of, init_pid)
-        try:
-            c.cgroups = await asyncio.to_thread(cg.container_cgroups, init_pid, self._mounts)
-        except OSError:
-            c.cgroups = None
+        c.init_pid, c.init_started, c.monitor_pid, c.cgroups = init_pid, started, monitor, cgroups
         if c.live is None:
             c.live = c.defn.copy()
         return rebooted
@@ -429,9 +429,7 @@ class LxcDriver:
     # --- definitions --------------------------------------------------------------------
     async def _validate(self, defn: DomainDefinition) -> dict[int, str]:
         check_supported(defn, platform.machine(), networks=self._networks.available())
-        sources = await asyncio.to_thread(resolve_sources, defn, self.settings.allowed_roots)
-        await asyncio.to_thread(check_init, defn, sources)
-        return sources
+        return await asyncio.to_thread(_check_paths, defn, self.settings.allowed_roots)
 
     async def define(self, xml: str) -> DomainRef:
         defn = parse_domain_xml(xml)
@@ -474,11 +472,16 @@ class LxcDriver:
         if c.t.active:
             raise OperationInvalid(f"domain '{c.name}' is already active")
         c.t.intents = {I.START}
+        began = time.perf_counter()
         try:
             await self._launch(c)
+            launched = time.perf_counter()
             await self._wait_for(
                 c, lambda: I.START not in c.t.intents, self.settings.start_timeout, "run"
             )
+            waited = time.perf_counter() - launched
+            log.debug("start %s: launched in %.1f ms, running %.1f ms later", c.name,
+                      (launched - began) * 1000, waited * 1000)  # fmt: skip
         except BaseException:
             c.t.intents.discard(I.START)
             if c.t.state == S.SHUTOFF:
@@ -490,6 +493,7 @@ class LxcDriver:
 
     async def _launch(self, c: Container) -> None:
         """Write the config and ``lxc-start -d``; returns once lxc says it runs."""
+        began = time.perf_counter()
         live = c.defn.copy()
         if self._assign_devices(c, live):
             await c.files.save_definition(c.defn.to_xml())  # generated MACs persist
@@ -498,6 +502,8 @@ class LxcDriver:
         await c.files.write_config(render(live, ctx))
         await self._wait_monitor_gone(c)
         c.live, c.t.exit_status = live, None
+        log.debug("launch %s: config written in %.1f ms", c.name,
+                  (time.perf_counter() - began) * 1000)  # fmt: skip
         try:
             await self.tools.start(c.name, init_argv(live), str(c.files.pidfile))
         except LxcError as exc:
@@ -509,13 +515,14 @@ class LxcDriver:
         await self._learn_pids(c)
 
     async def _learn_pids(self, c: Container) -> None:
-        pidfile = await read_bytes(c.files.pidfile)
-        monitor = int(pidfile) if pidfile and pidfile.strip().isdigit() else None
-        kids = await asyncio.to_thread(cg.children, monitor) if monitor else []
-        if monitor is None or not kids:
+        """After lxc-start: the monitor (its pidfile), init (its child), the cgroups —
+        in one worker-thread hop, since the start's latency counts."""
+        found = await asyncio.to_thread(_started_facts, c.files.pidfile, self._mounts)
+        if found is None:
             return  # stopped already: the monitor's messages tell what happened
-        await self._attach_process(c, kids[0])
-        c.monitor_pid = monitor
+        init_pid, facts = found
+        self._adopt_facts(c, init_pid, facts)
+        c.oom_kills = 0  # a fresh cgroup: every OOM kill from now on is reported
         self._save_soon(c)
 
     def _assign_devices(self, c: Container, live: DomainDefinition) -> bool:
@@ -775,6 +782,33 @@ async def wait_exit(pid: int, timeout: float) -> bool:
     finally:
         loop.remove_reader(fd)
         os.close(fd)
+
+
+_Facts = tuple[int | None, int | None, cg.ContainerCgroups | None]
+
+
+def _check_paths(defn: DomainDefinition, roots: tuple[Path, ...]) -> dict[int, str]:
+    sources = resolve_sources(defn, roots)
+    check_init(defn, sources)
+    return sources
+
+
+def _process_facts(init_pid: int, mounts: cg.CgroupMounts) -> _Facts:
+    """init's start time, its parent (lxc's monitor) and its cgroups."""
+    try:
+        cgroups: cg.ContainerCgroups | None = cg.container_cgroups(init_pid, mounts)
+    except OSError:
+        cgroups = None
+    return cg.process_start_time(init_pid), _parent_of(init_pid), cgroups
+
+
+def _started_facts(pidfile: Path, mounts: cg.CgroupMounts) -> tuple[int, _Facts] | None:
+    try:
+        text = pidfile.read_text().strip()
+    except OSError:
+        return None
+    kids = cg.children(int(text)) if text.isdigit() else []
+    return (kids[0], _process_facts(kids[0], mounts)) if kids else None
 
 
 def _parent_of(pid: int) -> int | None:

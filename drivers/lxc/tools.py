@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from dataclasses import dataclass
 
 from drivers.lxc.settings import LxcSettings
 from virtbus.errors import OperationFailed, OperationTimeout
 
+log = logging.getLogger(__name__)
 NETNS_SYSFS = (
     'd=$(mktemp -d) && mount -t sysfs sysfs "$d" && mount --bind "$d/class/net" /sys/class/net'
     ' && mount --bind "$d/devices/virtual/net" /sys/devices/virtual/net && umount -l "$d"'
@@ -78,6 +81,7 @@ class LxcTools:
     async def run(self, tool: str, *args: str, timeout: float | None = None) -> str:
         limit = self._s.command_timeout if timeout is None else timeout
         argv = self.argv(tool, *args)
+        began = time.perf_counter()
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -97,6 +101,8 @@ class LxcTools:
             await _kill(proc)
             raise
         stderr = err.decode(errors="replace").strip()
+        log.debug("%s %s: %.1f ms, status %s", tool, " ".join(args[:2]),
+                  (time.perf_counter() - began) * 1000, proc.returncode)  # fmt: skip
         if proc.returncode != 0:
             last = stderr.splitlines()[-1] if stderr else f"exit status {proc.returncode}"
             raise LxcError(f"{tool} failed: {last}", stderr, proc.returncode)
