@@ -75,6 +75,7 @@ libvirt_domain_memory_stats_major_fault c balloon.major_fault 1 Major page fault
 libvirt_domain_memory_stats_minor_fault c balloon.minor_fault 1 Minor page faults in the guest.
 libvirt_domain_cpu_stats_haltpoll_success_time_seconds c cpu.haltpoll.success.time ns Halt polls.
 libvirt_domain_cpu_stats_haltpoll_fail_time_seconds c cpu.haltpoll.fail.time ns Failed halt polls.
+virtbus_domain_memory_oom_kills c balloon.oom_kill 1 Processes the OOM killer ended (containers).
 """)
 
 _BLOCK_SERIES = _specs("""
