@@ -5,7 +5,9 @@ in it (``--driver-option netns=NAME``) and reads the veth's counters for domstat
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -48,6 +50,22 @@ async def ping(ns: str, address: str, count: int = 3) -> subprocess.CompletedPro
     )  # fmt: skip
 
 
+def host_side(ns: str, dev: str) -> dict[str, dict[str, int]]:
+    """The host side's own counters (``ip -s -j link``), as the kernel keeps them."""
+    r = ip("-n", ns, "-s", "-j", "link", "show", dev)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)[0]["stats64"]
+    return {"rx": stats["rx"], "tx": stats["tx"]}
+
+
+async def blast(ns: str, address: str) -> None:
+    code = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"for _ in range(40): s.sendto(b'x' * 1400, ('{address}', 9))")  # fmt: skip
+    argv = ["ip", "netns", "exec", ns, sys.executable, "-c", code]
+    r = await asyncio.to_thread(subprocess.run, argv, capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
 async def test_veth_on_a_bridge_in_a_namespace(
     netns: str, lxc_root: Path, lxc_rootfs: LxcRootfs, rabbitmq: None
 ) -> None:
@@ -73,12 +91,17 @@ async def test_veth_on_a_bridge_in_a_namespace(
         assert ip("-o", "link", "show", veth).returncode != 0  # never on the host's own side
         result = await ping(netns, GUEST_IP)
         assert result.returncode == 0, result.stdout + result.stderr
+        await blast(netns, GUEST_IP)  # 1400-byte datagrams in, small ICMP errors out
+        before = host_side(netns, veth)
         stats = (await cli("--json", "domstats", c, "--group", "interface", "--host",
                            host)).json()[c]  # fmt: skip
+        after = host_side(netns, veth)
         assert stats["net.count"] == 1 and stats["net.0.name"] == veth
-        # swapped as libvirt does: what the bridge sent the container, the container received
-        assert stats["net.0.rx.pkts"] >= 3 and stats["net.0.tx.pkts"] >= 3, stats
-        assert stats["net.0.rx.bytes"] > 0 and stats["net.0.tx.bytes"] > 0
+        # swapped as libvirt does: what the host side sent, the container received
+        assert before["tx"]["bytes"] <= stats["net.0.rx.bytes"] <= after["tx"]["bytes"], stats
+        assert before["rx"]["bytes"] <= stats["net.0.tx.bytes"] <= after["rx"]["bytes"], stats
+        assert stats["net.0.rx.bytes"] > 2 * stats["net.0.tx.bytes"]  # the premise: asymmetric
+        assert stats["net.0.rx.pkts"] >= 20 and stats["net.0.tx.pkts"] >= 3, stats
         await h.ok("suspend", c)  # lxc's command socket lives in the namespace: still reached
         await h.ok("resume", c)
         await h.ok("destroy", c)
