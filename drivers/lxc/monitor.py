@@ -167,6 +167,7 @@ class MonitorFifo:
         if self._still_ours(fd):
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
+                self.path.parent.rmdir()  # made for this FIFO; kept if lxc put more there
 
     def _still_ours(self, fd: int) -> bool:
         try:

@@ -232,7 +232,13 @@ def clean_up_containers(root: Path, kill_wait: float = 5.0) -> list[str]:
     deadline = time.monotonic() + kill_wait
     while monitors_under(root) and time.monotonic() < deadline:
         time.sleep(0.05)
-    shutil.rmtree(Path("/run/lxc") / str(root).lstrip("/"), ignore_errors=True)  # FIFOs
+    run = Path("/run/lxc") / str(root).lstrip("/")
+    shutil.rmtree(run, ignore_errors=True)  # monitor FIFOs of agents killed -9
+    for parent in run.parents:  # and the directories made for them
+        if parent == Path("/run/lxc"):
+            break
+        with contextlib.suppress(OSError):
+            parent.rmdir()
     for hierarchy in Path("/sys/fs/cgroup").glob("*"):
         for d in [*hierarchy.glob(f"lxc.*.{TOKEN}-*"), *hierarchy.glob(f"*/lxc.*.{TOKEN}-*")]:
             with contextlib.suppress(OSError):

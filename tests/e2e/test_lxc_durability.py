@@ -97,3 +97,35 @@ async def test_lost_monitor_fifo_is_reopened_and_reconciled(
         assert events.full(c, since=mark)[-1]["reconciled"] is False
         await h.ok("destroy", c)
         await events.wait(c, "stopped", "destroyed", since=mark)
+
+
+async def test_autostart_once_per_boot(
+    lxc_root: Path, lxc_rootfs: LxcRootfs, rabbitmq: None
+) -> None:
+    host = unique_host("lxca")
+    base = Path(tempfile.mkdtemp(prefix="a", dir=lxc_root))
+    c, other = cname("auto"), cname("manual")
+    options = agent_options(lxc_rootfs, base)
+    async with host_events(host) as events:
+        try:
+            async with lxc_agent(host, base, lxc_rootfs, events, options, keep_queue=True) as h:
+                await h.define(c)
+                await h.define(other)
+                await h.ok("autostart", c)
+                assert (await h.info(c))["autostart"] is True
+                assert (await h.info(other))["autostart"] is False
+            marker = fifo_of(h).parent / "virtbus-autostarted"
+            assert marker.exists()  # the premise: this boot's autostart is done
+            mark = len(events.seen)
+            async with lxc_agent(host, base, lxc_rootfs, events, options, keep_queue=True) as h:
+                assert (await h.state(c))[0] == "shutoff"  # not twice in one boot
+            marker.unlink()  # as a reboot empties /run
+            async with lxc_agent(host, base, lxc_rootfs, events, options) as h:
+                await events.wait(c, "started", "booted", since=mark)
+                await h.wait_console(c, READY)
+                assert await h.state(other) == ("shutoff", "unknown")
+                await h.ok("autostart", c, "--disable")
+                assert (await h.info(c))["autostart"] is False
+                await h.ok("destroy", c)
+        finally:
+            await delete_queues(f"virtbus.agent.{host}")
