@@ -60,9 +60,9 @@ async def bench(rounds: int) -> dict[str, list[float]]:
     base = Path(tempfile.mkdtemp(prefix="vb-lxc-bench-"))
     host, name = unique_host("bench-lxc"), f"bvb{uuid.uuid4().hex[:6]}"
     bare_name, bare_path = f"{name}-bare", base / "bare"
-    times: dict[str, list[float]] = {k: [] for k in
-                                      ("virtbus start", "bare lxc-start -d", "virtbus destroy",
-                                       "bare lxc-stop -k", "virtbus domain.state (floor)")}  # fmt: skip
+    labels = ("virtbus start", "bare lxc-start -d", "virtbus destroy", "bare lxc-stop -k",
+              "virtbus domain.state (floor)")  # fmt: skip
+    times: dict[str, list[float]] = {k: [] for k in labels}
     options = [f"allowed_roots={rootfs.cache_dir}", "reconcile_interval=2"]
     flags = [x for o in options for x in ("--driver-option", o)]
     bus = open_bus(BUS_URL, src="bench")
