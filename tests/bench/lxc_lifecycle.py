@@ -119,9 +119,14 @@ async def bench(rounds: int) -> dict[str, list[float]]:
     return times
 
 
+def _pids(daemon: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-x", daemon], capture_output=True, text=True, check=False)
+    return found.stdout.split()
+
+
 def libvirt_side(rounds: int) -> tuple[dict[str, list[float]], str]:
     """libvirt's LXC driver on the same XML, or why it cannot run here."""
-    started = None
+    started: list[str] = []
     if subprocess.run(["virsh", "-c", "lxc:///system", "version"], capture_output=True,
                       check=False).returncode != 0:  # fmt: skip
         if not Path("/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/"
@@ -129,11 +134,9 @@ def libvirt_side(rounds: int) -> tuple[dict[str, list[float]], str]:
             subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
                             "libvirt-daemon", "libvirt-daemon-driver-lxc"], check=True,
                            capture_output=True, timeout=600)  # fmt: skip
-        before = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, check=False)
+        running = {d: _pids(d) for d in ("libvirtd", "virtlogd")}
         subprocess.run(["bash", str(HERE / "libvirt_setup.sh")], check=True, timeout=120)
-        if before.returncode != 0:
-            started = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True,
-                                     text=True, check=False).stdout.split()  # fmt: skip
+        started = [p for d, before in running.items() for p in _pids(d) if p not in before]
     rootfs = build_lxc_rootfs()
     work = Path(tempfile.mkdtemp(prefix="vb-lxc-libvirt-"))
     root = work / "rootfs"
@@ -158,7 +161,7 @@ def libvirt_side(rounds: int) -> tuple[dict[str, list[float]], str]:
     finally:
         subprocess.run([*virsh, "undefine", name], capture_output=True, check=False)
         shutil.rmtree(work, ignore_errors=True)
-        for pid in started or []:
+        for pid in started:  # only the daemons this run started
             os.kill(int(pid), 15)
     return times, why
 

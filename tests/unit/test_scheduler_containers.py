@@ -11,10 +11,12 @@ from scheduler.drain import DrainJob, DrainManager
 from scheduler.inventory import ClusterView
 from scheduler.offline import OfflineMover
 from scheduler.placement import HostCandidate, PlacementPolicy, place, request_for
-from scheduler.wire import HostInventory
 from virtbus.domain import parse_domain_xml
 from virtbus.errors import MigrateFailed, NoHostError, OperationInvalid
 from virtbus.protocol import ops
+from virtbus.protocol.domain import DefinedDomain, DomainInfo, DomainXml, StateName
+from virtbus.protocol.host import HostInventory
+from virtbus.protocol.scheduler import DrainDomain
 
 GIB = 1 << 20
 LXC = ("<domain type='lxc'><name>c1</name><uuid>0a6f4e52-4d3c-4c8e-9a51-2b0d2f6a7c10</uuid>"
@@ -42,8 +44,12 @@ class Coordinator:
         return None
 
 
+def container(name: str = "c1", uuid: str = "u1") -> DomainInfo:
+    return DomainInfo(name=name, uuid=uuid, state=StateName.RUNNING, type="lxc")
+
+
 async def test_drain_lists_containers_and_leaves_them() -> None:
-    running = [{"name": "c1", "uuid": "u1", "type": "lxc", "state": "running"}]
+    running = [container()]
     started: list[str] = []
 
     async def start(uuid: str, _host: str) -> Any:
@@ -51,21 +57,20 @@ async def test_drain_lists_containers_and_leaves_them() -> None:
         raise AssertionError("containers are never migrated live")
 
     job = await DrainManager(Coordinator()).drain("h", running, start)  # type: ignore[arg-type]
-    out = job.to_map(Coordinator())  # type: ignore[arg-type]
-    assert out["domains"]["c1"] == {"state": "stays", "destination": None,
-                                    "error": "cannot move live"}  # fmt: skip
-    assert (out["done"], out["ok"], out["left"]) == (True, True, ["c1"])
+    out = job.status(Coordinator())  # type: ignore[arg-type]
+    assert out.domains["c1"] == DrainDomain(state="stays", error="cannot move live")
+    assert (out.done, out.ok, out.left) == (True, True, ["c1"])
     assert started == []
 
 
 async def test_drain_with_stop_containers_moves_them() -> None:
-    running = [{"name": "c1", "uuid": "u1", "type": "lxc", "state": "running"}]
+    running = [container()]
     moved: list[tuple[str, str]] = []
     spawned: list[Any] = []
 
-    async def move(uuid: str, host: str, row: dict[str, Any]) -> None:
+    async def move(uuid: str, host: str, row: DrainDomain) -> None:
         moved.append((uuid, host))
-        row.update(state="completed", destination="h2")
+        row.state, row.destination = "completed", "h2"
 
     async def start(uuid: str, _host: str) -> Any:
         raise AssertionError("never live")
@@ -74,10 +79,10 @@ async def test_drain_with_stop_containers_moves_them() -> None:
         "h", running, start, move_container=move, spawn=lambda coro, _name: spawned.append(coro)
     )
     assert isinstance(job, DrainJob)
-    assert job.to_map(Coordinator())["done"] is False  # type: ignore[arg-type]  # queued
+    assert job.status(Coordinator()).done is False  # type: ignore[arg-type]  # queued
     await spawned[0]
-    out = job.to_map(Coordinator())  # type: ignore[arg-type]
-    assert moved == [("u1", "h")] and out["ok"] and out["domains"]["c1"]["destination"] == "h2"
+    out = job.status(Coordinator())  # type: ignore[arg-type]
+    assert moved == [("u1", "h")] and out.ok and out.domains["c1"].destination == "h2"
 
 
 def view_with(*hosts: tuple[str, str]) -> ClusterView:
@@ -96,20 +101,23 @@ class Agents:
         self.calls: list[tuple[str, str]] = []
         self.refuse, self.state = refuse, state
 
-    async def __call__(self, host: str, op: str, body: dict[str, Any], _t: float) -> Any:
+    async def __call__(self, host: str, op: str, request: Any, _t: float) -> Any:
         self.calls.append((host, op))
         if (host, op) == self.refuse:
             raise OperationInvalid("cannot undefine domain 'c1': it is running")
         if op == ops.DOMAIN_INFO:
-            return {"name": "c1", "uuid": body["domain"], "state": self.state}
+            return DomainInfo(name="c1", uuid=request.domain, state=StateName(self.state))
         if op == ops.DOMAIN_XML:
-            return {"xml": LXC}
-        return {"name": "c1", "uuid": "0a6f4e52-4d3c-4c8e-9a51-2b0d2f6a7c10"}
+            return DomainXml(xml=LXC)
+        return DefinedDomain(name="c1", uuid=UUID)
+
+
+UUID = "0a6f4e52-4d3c-4c8e-9a51-2b0d2f6a7c10"
 
 
 def mover(agents: Agents, view: ClusterView) -> OfflineMover:
-    async def locate(_ref: str) -> list[tuple[str, dict[str, Any]]]:
-        return [("a", {"name": "c1", "uuid": "0a6f4e52-4d3c-4c8e-9a51-2b0d2f6a7c10"})]
+    async def locate(_ref: str) -> list[tuple[str, DomainInfo]]:
+        return [("a", DomainInfo(name="c1", uuid=UUID, state=StateName.SHUTOFF))]
 
     return OfflineMover(agents, view, locate, PlacementPolicy(), 5.0)
 
@@ -118,7 +126,7 @@ async def test_offline_migration_defines_there_then_undefines_here() -> None:
     agents = Agents()
     view = view_with(("a", "lxc"), ("b", "lxc"), ("v", "test"))
     out = await mover(agents, view).move("c1", None)
-    assert (out["source"], out["destination"], out["offline"]) == ("a", "b", True)
+    assert (out.source, out.destination, out.offline) == ("a", "b", True)
     assert agents.calls == [("a", ops.DOMAIN_INFO), ("a", ops.DOMAIN_XML),
                             ("b", ops.DOMAIN_DEFINE), ("a", ops.DOMAIN_UNDEFINE)]  # fmt: skip
 
