@@ -7,7 +7,7 @@ very config the agent generated (copied to an LXCPATH of its own), same argv. Ro
 alternate which side goes first; medians and p90 of each, their differences and the
 load average are printed. Targets: start <= bare + 30 ms, destroy <= bare + 30 ms.
 
-    .venv/bin/python -m tests.bench.lxc_lifecycle [--rounds 20] [--libvirt]
+    .venv/bin/python -m tests.bench.lxc_lifecycle [--rounds 20] [--libvirt] [--force]
 
 ``--libvirt`` also tries libvirt's own LXC driver (``virsh -c lxc:///system``) on the
 same XML: it installs libvirt-daemon-driver-lxc and starts libvirtd through
@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 
 from drivers.lxc.driver import wait_exit
+from tests.bench.common import add_force, check_load
 from tests.e2e.lxc_support import clean_up_containers, container_xml
 from tests.guests.lxc import build_lxc_rootfs
 from tests.procs import BUS_URL, agent_process, delete_queues, unique_host
@@ -170,7 +171,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--libvirt", action="store_true", help="also libvirt's LXC driver")
+    add_force(p)
     args = p.parse_args()
+    check_load(args.force)
     load_before = os.getloadavg()
     times = asyncio.run(bench(args.rounds))
     load_after = os.getloadavg()
