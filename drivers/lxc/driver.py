@@ -24,7 +24,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -103,7 +103,6 @@ class Container:
     restart: asyncio.Task[None] | None = None
     saving: asyncio.Task[None] | None = None
     saved: tuple[Any, ...] | None = None  # what run.json holds
-    helpers: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -160,8 +159,8 @@ class LxcDriver:
         self._tasks.spawn(self._check_loop(), "check")
 
     def _on_loop_crash(self, task_name: str, exc: BaseException) -> None:
-        """A loop died of a bug (TaskGroup logged it): restart both with backoff rather
-        than run blind to lxc's events."""
+        """The monitor or the check loop died of a bug (TaskGroup logged it): restart it
+        with backoff rather than run blind to lxc's events."""
         if self._closing or not task_name.endswith((":monitor", ":check")):
             return
         delay = next(self._loop_delays)
@@ -239,7 +238,7 @@ class LxcDriver:
         for event, detail in outcome.events:
             self._emit(c, event, detail, reconciled)
         if outcome.restart and (c.restart is None or c.restart.done()):
-            c.restart = asyncio.create_task(self._restart(c), name=f"lxc-restart-{c.name}")
+            c.restart = self._tasks.spawn(self._restart(c), f"restart:{c.name}")
         if c.t.state == S.SHUTOFF and not c.t.active:
             c.cgroups = None
         self._save_soon(c)
@@ -377,7 +376,7 @@ class LxcDriver:
         if self._status_key(c) == c.saved or self._by_name.get(c.name) != c.defn.uuid:
             return
         if c.saving is None or c.saving.done():
-            c.saving = asyncio.create_task(self._catch_up(c), name=f"lxc-status-{c.name}")
+            c.saving = self._tasks.spawn(self._catch_up(c), f"status:{c.name}")
 
     async def _catch_up(self, c: Container) -> None:
         while self._status_key(c) != c.saved and self._by_name.get(c.name) == c.defn.uuid:
@@ -393,7 +392,7 @@ class LxcDriver:
         if c.saving is not None:
             await asyncio.wait([c.saving])
         if self._status_key(c) != c.saved and self._by_name.get(c.name) == c.defn.uuid:
-            c.saving = asyncio.create_task(self._catch_up(c), name=f"lxc-status-{c.name}")
+            c.saving = self._tasks.spawn(self._catch_up(c), f"status:{c.name}")
             await asyncio.shield(c.saving)
 
     # --- lookup -------------------------------------------------------------------------
