@@ -155,8 +155,9 @@ async def test_domstats_cpu_time_grows_while_the_container_burns(lxc_host: LxcHo
     await h.wait_console(burn, f"{TICK} 3")  # two heartbeats later
     after = await cpu()
     burnt, idled = after[burn] - before[burn], after[idle] - before[idle]
-    assert burnt > 300_000_000, (before, after)  # well over 0.3 s of CPU in ~2 s of burning
-    assert idled * 10 < burnt, (before, after)  # the idle one barely moved: the premise
+    # no absolute figure (a busy machine gives the burner less): it grew, and far more than
+    # the idle container's over the same two heartbeats (the premise: idle barely moves)
+    assert burnt > 0 and idled * 10 < burnt, (before, after)
     await h.ok("destroy", burn)
     await h.ok("destroy", idle)
 
