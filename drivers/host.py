@@ -6,13 +6,14 @@ never a disk), as the stats passes of the drivers do.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import platform
 from pathlib import Path
 from typing import Any
 
 from drivers.base import HostResources
-from virtbus.store import read_bytes
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 TICK_NS = 1_000_000_000 // _CLK_TCK  # one USER_HZ tick (procfs, cpuacct.stat) in ns
@@ -60,24 +61,39 @@ def host_stats(proc: Path = Path("/proc")) -> dict[str, Any]:
 
 
 async def host_resources(hypervisor: str) -> HostResources:
-    """CPUs, memory, arch and CPU model of this host, for heartbeats and placement."""
-    meminfo = ((await read_bytes(Path("/proc/meminfo"))) or b"").decode(errors="replace")
-    cpuinfo = ((await read_bytes(Path("/proc/cpuinfo"))) or b"").decode(errors="replace")
+    """CPUs, memory, arch and CPU model of this host, for heartbeats, placement and the
+    agent's admission check before every start: one worker-thread hop."""
+    return await asyncio.to_thread(_host_resources, hypervisor)
+
+
+@functools.cache
+def _cpu_model() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        cpuinfo = ""
+    return next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+         if line.startswith("model name")),
+        platform.processor() or "unknown",
+    )  # fmt: skip
+
+
+def _host_resources(hypervisor: str) -> HostResources:
+    try:
+        meminfo = Path("/proc/meminfo").read_text(errors="replace")
+    except OSError:
+        meminfo = ""
     mem = {
         line.split(":")[0]: int(line.split()[1])
         for line in meminfo.splitlines()
         if line.endswith("kB")
     }
-    model = next(
-        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-         if line.startswith("model name")),
-        platform.processor() or "unknown",
-    )  # fmt: skip
     return HostResources(
         cpus=os.cpu_count() or 1,
         memory_total_kib=mem.get("MemTotal", 0),
         memory_free_kib=mem.get("MemAvailable", mem.get("MemFree", 0)),
         arch=platform.machine(),
-        cpu_model=model,
+        cpu_model=_cpu_model(),
         hypervisor=hypervisor,
     )

@@ -97,6 +97,7 @@ class Container:
     init_pid: int | None = None
     init_started: int | None = None
     monitor_pid: int | None = None
+    monitor_fd: int | None = None  # a pidfd: that very process, whoever reuses its PID later
     cgroups: cg.ContainerCgroups | None = None
     oom_kills: int | None = None
     autostart: bool = False
@@ -107,6 +108,15 @@ class Container:
     @property
     def name(self) -> str:
         return self.defn.name
+
+    def watch_monitor(self, pid: int | None) -> None:
+        """Follow lxc's monitor process ``pid`` (None: stop following the last one)."""
+        if self.monitor_fd is not None:
+            os.close(self.monitor_fd)
+        self.monitor_pid, self.monitor_fd = pid, None
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.monitor_fd = os.pidfd_open(pid)
 
     @property
     def running_defn(self) -> DomainDefinition:
@@ -184,6 +194,7 @@ class LxcDriver:
         await self._tasks.cancel_all()
         for c in self._containers.values():
             await self._save_now(c)
+            c.watch_monitor(None)  # closes its pidfd; the container keeps running
         self._sink = lambda _e: None
 
     async def _load(self) -> None:
@@ -303,7 +314,9 @@ class LxcDriver:
     def _adopt_facts(self, c: Container, init_pid: int, facts: _Facts) -> bool:
         started, monitor, cgroups = facts
         rebooted = c.init_pid is not None and (c.init_pid, c.init_started) != (init_pid, started)
-        c.init_pid, c.init_started, c.monitor_pid, c.cgroups = init_pid, started, monitor, cgroups
+        c.init_pid, c.init_started, c.cgroups = init_pid, started, cgroups
+        if monitor != c.monitor_pid:
+            c.watch_monitor(monitor)
         if c.live is None:
             c.live = c.defn.copy()
         return rebooted
@@ -563,15 +576,15 @@ class LxcDriver:
     async def _wait_monitor_gone(self, c: Container) -> None:
         """A stopped container's monitor process exits a moment after STOPPED; a new
         lxc-start (or an undefine) waits for it rather than race its command socket."""
-        pid = c.monitor_pid
-        if pid is None:
+        pid, fd = c.monitor_pid, c.monitor_fd
+        if fd is None:
             return
-        if not await wait_exit(pid, self.settings.stop_timeout):
+        if not await wait_readable(fd, self.settings.stop_timeout):
             raise OperationTimeout(
                 f"the lxc monitor (pid {pid}) of '{c.name}' did not exit after its container"
                 " stopped"
             )
-        c.monitor_pid = None
+        c.watch_monitor(None)
 
     async def _restart(self, c: Container) -> None:
         """The driver's half of a reboot or reset: start the container again."""
@@ -764,6 +777,14 @@ async def wait_exit(pid: int, timeout: float) -> bool:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return True
+    try:
+        return await wait_readable(fd, timeout)
+    finally:
+        os.close(fd)
+
+
+async def wait_readable(fd: int, timeout: float) -> bool:
+    """Wait (bounded) until ``fd`` (a pidfd: its process exited) is readable."""
     loop = asyncio.get_running_loop()
     gone: asyncio.Future[None] = loop.create_future()
 
@@ -780,7 +801,6 @@ async def wait_exit(pid: int, timeout: float) -> bool:
         return False
     finally:
         loop.remove_reader(fd)
-        os.close(fd)
 
 
 _Facts = tuple[int | None, int | None, cg.ContainerCgroups | None]
