@@ -19,11 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from drivers.base import ResolvedVolume
 from drivers.qemu import argv_chardev as chardev
+from drivers.qemu import argv_controllers as ctl
 from drivers.qemu import argv_devices as devices
 from drivers.qemu import argv_machine as mach
 from drivers.qemu import argv_storage as storage
+from drivers.qemu import postparse
 from drivers.qemu.argv_chardev import SpiceRuntime, VncRuntime
 from drivers.qemu.argv_common import (
     ArgvSettings,
@@ -36,7 +37,6 @@ from drivers.qemu.argv_common import (
 )
 from drivers.qemu.capabilities import QemuCapabilities
 from virtbus.domain import DomainDefinition, unknown_devices
-from virtbus.domain.devices import volume_sources
 from virtbus.errors import ConfigUnsupported, XMLError
 
 __all__ = [
@@ -51,18 +51,17 @@ __all__ = [
     "build_command",
     "disk_paths",
     "graphics_needing_ports",
-    "volume_disks",
 ]
 
 SUPPORTED_DEVICES = (
     "disk", "controller", "interface", "serial", "console", "channel", "input", "graphics",
-    "video", "sound", "audio", "watchdog", "rng", "panic", "memballoon", "redirdev",
+    "video", "sound", "audio", "watchdog", "rng", "panic", "memballoon", "redirdev", "hub",
 )  # fmt: skip
 _TOP_LEVEL = frozenset(
     {
         "name", "uuid", "title", "description", "metadata", "memory", "currentMemory",
         "vcpu", "os", "features", "cpu", "clock", "on_poweroff", "on_reboot", "on_crash",
-        "pm", "devices", "resource", "seclabel",
+        "pm", "devices", "resource", "seclabel", "throttlegroups",
     }
 )  # fmt: skip
 _OS_CHILDREN = frozenset(
@@ -111,17 +110,10 @@ class QemuLaunch:
     accel: str  # "kvm" | "tcg"
 
 
-def volume_disks(defn: DomainDefinition) -> list[tuple[int, str, str]]:
-    """(disk index, pool, volume) of every ``<disk type='volume'>``: the agent resolves
-    them before launch (a missing one is a clear error naming the pool and volume)."""
-    return volume_sources(defn)
-
-
 def disk_paths(defn: DomainDefinition) -> list[str]:
     """Host paths QEMU opens for this domain (disk sources, kernel, initrd, firmware).
 
     The driver checks they exist before launch (a clear error instead of a QEMU one).
-    Volume disks are not here: their pool checked them when they were resolved.
     """
     paths = [d.source_path for d in defn.disks if d.source_path]
     os_ = defn.os
@@ -156,15 +148,16 @@ def build_command(
     caps: QemuCapabilities | None = None,
     settings: ArgvSettings = DEFAULT_SETTINGS,
     daemonize: bool = False,
-    volumes: Mapping[int, ResolvedVolume] | None = None,
 ) -> QemuLaunch:
     """The argv for ``defn``; ConfigUnsupported naming anything it cannot honour.
 
     ``emulator`` is the driver's choice; the XML's ``<emulator>`` is deliberately ignored
     (a definition must not pick the binary the host runs). ``graphics_ports`` maps a
     ``<graphics>`` index to a port the driver allocated (see :func:`graphics_needing_ports`).
-    ``volumes`` holds what each ``<disk type='volume'>`` resolved to (None: validating).
+    ``defn`` is completed in place first, as libvirt completes a definition at define and
+    at start (:mod:`drivers.qemu.postparse`: implicit controllers, defaults, addresses).
     """
+    postparse.complete(defn, live=True)
     _check_top_level(defn)
     accel = _accel(defn, kvm_available)
     machine = mach.machine_type(defn, caps)
@@ -175,14 +168,13 @@ def build_command(
         kvm=accel == "kvm",
         settings=settings,
         caps=caps,
-        volumes=volumes,
+        machine=machine,
     )
     qmp = paths.qmp_socket(defn.uuid)
     ctx.check_socket(qmp)
     ctx.spice = any(g.type == "spice" for g in defn.graphics)
     if ctx.spice and caps is not None and not caps.spice:
         raise unsupported("<graphics type='spice'>: this QEMU has no SPICE support")
-    ctx.reserve_explicit_addresses()
     _assign_boot_order(ctx)
 
     ctx.add(emulator, "-name", f"guest={kv_escape(defn.name)},debug-threads=on", "-S")
@@ -200,15 +192,14 @@ def build_command(
     mach.pm(ctx)
     _boot(ctx)
 
-    devices.check_controller_types(ctx)
-    devices.build_pci_controllers(ctx)
-    usb_needed = bool(defn.devices_named("redirdev")) or any(
-        (i.bus or ("usb" if i.type == "tablet" else "ps2")) == "usb" for i in defn.inputs
-    )
-    devices.build_usb_controllers(ctx, usb_needed)
-    storage.build_storage_controllers(ctx)
-    vser_needed = bool(defn.channels) or any(c.target_type == "virtio" for c in defn.consoles)
-    devices.build_virtio_serial(ctx, vser_needed)
+    ctl.check_types(ctx)
+    ctl.usb_master_checks(ctx)
+    ctl.register_aliases(ctx)
+    storage.check_disks(ctx)
+    ctl.build_controllers(ctx)
+    ctl.build_hubs(ctx)
+    ctl.build_ccid(ctx)
+    storage.build_throttle_groups(ctx)
     storage.build_disks(ctx)
     devices.build_interfaces(ctx)
     chardev.build_serials(ctx)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drivers.base import ResolvedVolume
 from drivers.qemu.capabilities import QemuCapabilities
 from virtbus.domain import DomainDefinition, parse_int
 from virtbus.domain.model import Element
@@ -40,6 +39,11 @@ class ArgvSettings:
     #: 'default' network gives a guest) or "bridge:<name>". virt-install writes
     #: <interface type='network'><source network='default'/> into every guest.
     networks: Mapping[str, str] = field(default_factory=lambda: {"default": "user"})
+    #: where the driver keeps secret values (base64), one file per libvirt secret uuid or
+    #: usage; QEMU reads them through ``-object secret,file=``
+    secrets_dir: Path = Path("/etc/virtbus/secrets")
+    #: x509 credentials for NBD disks with ``tls='yes'`` (libvirt's nbd_tls_x509_cert_dir)
+    nbd_tls_dir: str = "/etc/pki/qemu"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,9 +142,7 @@ class BuildContext:
     kvm: bool
     settings: ArgvSettings
     caps: QemuCapabilities | None
-    #: ``<disk type='volume'>`` by disk index, resolved by the agent's pools; None while
-    #: validating a definition (a placeholder stands in for each volume)
-    volumes: Mapping[int, ResolvedVolume] | None = None
+    machine: str = "pc"
     argv: list[str] = field(default_factory=list)
     chardevs: list[ChardevRuntime] = field(default_factory=list)
     disks: list[DiskRuntime] = field(default_factory=list)
@@ -152,8 +154,16 @@ class BuildContext:
     pci_buses: dict[int, str] = field(default_factory=dict)  # controller index -> qdev bus
     virtio_serial: set[int] = field(default_factory=set)  # controller indices emitted
     usb_bus: str | None = None
+    usb_aliases: dict[int, str] = field(default_factory=dict)  # USB controller index -> id
+    vser_aliases: dict[int, str] = field(default_factory=dict)  # virtio-serial index -> id
     spice: bool = False
     audio_ids: list[str] = field(default_factory=list)
+    secrets: list[Any] = field(default_factory=list)  # argv_storage.SecretRef
+    host_devices: list[str] = field(default_factory=list)  # sysfs paths start must find
+    objects: set[str] = field(default_factory=set)  # -object ids already emitted
+    throttle_groups: set[str] = field(default_factory=set)
+    fdc_boot: dict[int, int] = field(default_factory=dict)  # floppy unit -> bootindex
+    floppy_props: list[dict[str, Any]] = field(default_factory=list)
     _used_slots: set[tuple[int, int]] = field(default_factory=set)
     _vser_ports: dict[tuple[int, int], set[int]] = field(default_factory=dict)
 
@@ -232,8 +242,8 @@ class BuildContext:
             props: dict[str, Any] = {"bus": bus_name, "addr": f"{slot:#x}.{fn:#x}"}
             if fn == 0:
                 props["addr"] = f"{slot:#x}"
-            if address.get("multifunction") == "on":
-                props["multifunction"] = True
+            if address.get("multifunction") in ("on", "off"):
+                props["multifunction"] = address.get("multifunction") == "on"
             return props
         if prefer_slot is not None and (0, prefer_slot) not in self._used_slots:
             slot = prefer_slot
@@ -244,6 +254,48 @@ class BuildContext:
             slot = free[0]
         self._used_slots.add((0, slot))
         return {"bus": self.root_bus, "addr": f"{slot:#x}"}
+
+    def addr_props(self, el: Element, what: str) -> dict[str, Any]:
+        """``bus``/``addr``/``port``/``nr``... for a device's completed ``<address>``
+        (``qemuBuildDeviceAddressProps``), plus its ``<acpi index>``."""
+        a = el.find("address")
+        props: dict[str, Any] = {}
+        atype = a.get("type") if a is not None else None
+        if atype == "pci":
+            props = self.pci_props(a, what)
+        elif atype == "usb":
+            assert a is not None
+            bus = _int_attr(a, "bus", "<address type='usb'>")
+            alias = self.usb_aliases.get(bus)
+            if alias is None:
+                raise ConfigUnsupported(f"{what}: no USB controller with index {bus}")
+            props = {"bus": f"{alias}.0"}
+            if a.get("port"):
+                props["port"] = str(a.get("port"))
+        elif atype == "virtio-serial":
+            assert a is not None
+            ctrl = _int_attr(a, "controller", "<address>")
+            alias = self.vser_aliases.get(ctrl)
+            if alias is None:
+                raise ConfigUnsupported(f"no <controller type='virtio-serial' index='{ctrl}'>")
+            props = {"bus": f"{alias}.{_int_attr(a, 'bus', '<address>')}",
+                     "nr": _int_attr(a, "port", "<address>")}  # fmt: skip
+        elif atype == "isa":
+            assert a is not None
+            props = {"iobase": _int_attr(a, "iobase", "<address type='isa'>")}
+            if a.get("irq"):
+                props["irq"] = _int_attr(a, "irq", "<address type='isa'>")
+        elif atype == "dimm":
+            assert a is not None
+            props = {"slot": _int_attr(a, "slot", "<address type='dimm'>")}
+            if a.get("base"):
+                props["addr"] = _int_attr(a, "base", "<address type='dimm'>")
+        elif atype not in (None, "drive", "ccid", "unassigned"):
+            raise ConfigUnsupported(f"unsupported <address type='{atype}'> for {what}")
+        acpi = el.find("acpi")
+        if acpi is not None and acpi.get("index") is not None:
+            props["acpi-index"] = _int_attr(acpi, "index", "<acpi>")
+        return props
 
     # ------------------------------------------------------------ virtio-serial
 

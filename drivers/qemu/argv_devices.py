@@ -243,10 +243,17 @@ def build_inputs(ctx: BuildContext) -> None:
 
 
 def usb_props(ctx: BuildContext, addr: Any) -> dict[str, Any]:
+    """``bus``/``port`` of a USB device from its (completed) ``<address type='usb'>``."""
     if ctx.usb_bus is None:
         raise ConfigUnsupported("a USB device needs a USB controller")
-    props: dict[str, Any] = {"bus": ctx.usb_bus}
-    if addr is not None and addr.get("type") == "usb" and addr.get("port"):
+    if addr is None or addr.get("type") != "usb":
+        return {"bus": ctx.usb_bus}
+    bus = int(addr.get("bus", "0"))
+    alias = ctx.usb_aliases.get(bus)
+    if alias is None:
+        raise ConfigUnsupported(f"a USB device names USB bus {bus}, which has no controller")
+    props: dict[str, Any] = {"bus": f"{alias}.0"}
+    if addr.get("port"):
         props["port"] = str(addr.get("port"))
     return props
 
@@ -327,24 +334,35 @@ def build_sounds(ctx: BuildContext) -> None:
 
 
 def build_watchdogs(ctx: BuildContext) -> None:
-    if len(ctx.defn.watchdogs) > 1:
-        raise unsupported("more than one <watchdog>")
-    for wd in ctx.defn.watchdogs:
-        action = wd.action or "reset"
-        if action not in WATCHDOG_ACTIONS:
-            raise unsupported(f"<watchdog action='{action}'>")
-        if wd.model == "i6300esb":
+    """Watchdog devices; q35's built-in iTCO is a pin strap, not a device. QEMU has one
+    watchdog action, so every watchdog must ask for the same one (libvirt's rule)."""
+    dogs = ctx.defn.watchdogs
+    if not dogs:
+        return
+    actions = {wd.action or "reset" for wd in dogs}
+    if len(actions) > 1:
+        raise ConfigUnsupported("watchdogs with different actions are not supported")
+    action = actions.pop()
+    if action not in WATCHDOG_ACTIONS:
+        raise unsupported(f"<watchdog action='{action}'>")
+    itco = False
+    for i, wd in enumerate(dogs):
+        if wd.model == "itco":
+            if not ctx.q35:
+                raise ConfigUnsupported("the iTCO watchdog exists only on q35 machines")
+            itco = True
+        elif wd.model == "i6300esb":
             ctx.device(
-                {"driver": "i6300esb", "id": "watchdog0"}
-                | ctx.pci_props(wd.element.find("address"), "watchdog")
+                {"driver": "i6300esb", "id": f"watchdog{i}"}
+                | ctx.addr_props(wd.element, "watchdog")
             )
-        elif wd.model == "ib700" and not ctx.q35:
-            ctx.device({"driver": "ib700", "id": "watchdog0"})
-        elif wd.model == "itco" and ctx.q35:
-            ctx.add("-global", "ICH9-LPC.noreboot=off")  # the TCO timer built into ICH9
+        elif wd.model == "ib700":
+            ctx.device({"driver": "ib700", "id": f"watchdog{i}"})
         else:
             raise unsupported(f"<watchdog model='{wd.model}'> on this machine")
-        ctx.add("-action", f"watchdog={action}")
+    if itco:
+        ctx.add("-global", "ICH9-LPC.noreboot=off")
+    ctx.add("-action", f"watchdog={action}")
 
 
 def build_rngs(ctx: BuildContext) -> None:
