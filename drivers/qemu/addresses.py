@@ -981,3 +981,29 @@ def assign_virtio_serial(root: Element, *, consoles: bool) -> None:
                 for key, value in (("type", "virtio-serial"), ("controller", str(new)),
                                    ("bus", "0"), ("port", str(first))):  # fmt: skip
                     a.set(key, value)
+
+
+def assign_memory_slots(root: Element) -> None:
+    """DIMMs of a domain with ``<maxMemory>`` get the lowest free slot (libvirt writes
+    ``<address type='dimm' slot='N'/>`` at define)."""
+    if root.find("maxMemory") is None:
+        return
+    devices = root.find("devices")
+    dimms = [d for d in _children(devices, "memory") if d.get("model") in ("dimm", "nvdimm")]
+    used = set()
+    for d in dimms:
+        a = d.find("address")
+        if a is not None and a.get("type") == "dimm" and a.get("slot") is not None:
+            slot = _int(a, "slot")
+            if slot in used:
+                raise XMLError(f"memory device slot '{slot}' is already being used")
+            used.add(slot)
+    for d in dimms:
+        a = d.find("address")
+        if a is not None and a.get("type") == "dimm" and a.get("slot") is not None:
+            continue
+        slot = next(i for i in range(len(dimms) + len(used) + 1) if i not in used)
+        used.add(slot)
+        if a is None:
+            a = etree.SubElement(d, "address", type="dimm")
+        a.set("slot", str(slot))

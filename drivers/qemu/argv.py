@@ -16,13 +16,15 @@ a guest that silently differs from its XML.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from drivers.qemu import argv_chardev as chardev
 from drivers.qemu import argv_controllers as ctl
 from drivers.qemu import argv_devices as devices
 from drivers.qemu import argv_machine as mach
+from drivers.qemu import argv_memory as memory
+from drivers.qemu import cputune
 from drivers.qemu import argv_storage as storage
 from drivers.qemu import postparse
 from drivers.qemu.argv_chardev import SpiceRuntime, VncRuntime
@@ -36,6 +38,7 @@ from drivers.qemu.argv_common import (
     unsupported,
 )
 from drivers.qemu.capabilities import QemuCapabilities
+from drivers.qemu.host import HostFacts
 from virtbus.domain import DomainDefinition, unknown_devices
 from virtbus.errors import ConfigUnsupported, XMLError
 
@@ -56,16 +59,20 @@ __all__ = [
 SUPPORTED_DEVICES = (
     "disk", "controller", "interface", "serial", "console", "channel", "input", "graphics",
     "video", "sound", "audio", "watchdog", "rng", "panic", "memballoon", "redirdev", "hub",
+    "memory",
 )  # fmt: skip
 _TOP_LEVEL = frozenset(
     {
         "name", "uuid", "title", "description", "metadata", "memory", "currentMemory",
         "vcpu", "os", "features", "cpu", "clock", "on_poweroff", "on_reboot", "on_crash",
-        "pm", "devices", "resource", "seclabel", "throttlegroups",
+        "pm", "devices", "resource", "seclabel", "throttlegroups", "maxMemory",
+        "memoryBacking", "numatune", "cputune", "iothreads", "iothreadids",
+        "defaultiothread", "vcpus", "idmap",
     }
 )  # fmt: skip
 _OS_CHILDREN = frozenset(
-    {"type", "boot", "kernel", "initrd", "cmdline", "loader", "nvram", "bootmenu", "smbios"}
+    {"type", "boot", "kernel", "initrd", "cmdline", "loader", "nvram", "bootmenu", "smbios",
+     "firmware", "bios"}
 )
 DEFAULT_SETTINGS = ArgvSettings()
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -108,6 +115,11 @@ class QemuLaunch:
     bind_paths: tuple[Path, ...]  # sockets QEMU binds at paths the XML chose: must not exist
     incoming_uri: str | None  # QEMU started with "-incoming defer": run migrate-incoming
     accel: str  # "kvm" | "tcg"
+    cpu_tuning: cputune.CpuTuning = cputune.CpuTuning()  # applied to QEMU's threads at start
+    secrets: tuple[storage.SecretRef, ...] = ()  # secret files QEMU reads: must exist
+    nvram: tuple[str, str | None] | None = None  # (NVRAM path, template to copy if missing)
+    host_devices: tuple[str, ...] = ()  # host sysfs devices that must exist at start
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for QEMU (TZ)
 
 
 def disk_paths(defn: DomainDefinition) -> list[str]:
@@ -148,6 +160,7 @@ def build_command(
     caps: QemuCapabilities | None = None,
     settings: ArgvSettings = DEFAULT_SETTINGS,
     daemonize: bool = False,
+    host: HostFacts | None = None,
 ) -> QemuLaunch:
     """The argv for ``defn``; ConfigUnsupported naming anything it cannot honour.
 
@@ -156,8 +169,13 @@ def build_command(
     ``<graphics>`` index to a port the driver allocated (see :func:`graphics_needing_ports`).
     ``defn`` is completed in place first, as libvirt completes a definition at define and
     at start (:mod:`drivers.qemu.postparse`: implicit controllers, defaults, addresses).
+    ``host`` (:func:`drivers.qemu.host.probe`) enables the checks against this host's
+    hugepages, NUMA nodes, CPUs and firmware; without it they wait for start.
     """
-    postparse.complete(defn, live=True)
+    postparse.complete(
+        defn, live=True, firmware=host.firmware if host is not None else None,
+        nvram_dir=settings.nvram_dir,
+    )  # fmt: skip
     _check_top_level(defn)
     accel = _accel(defn, kvm_available)
     machine = mach.machine_type(defn, caps)
@@ -169,6 +187,7 @@ def build_command(
         settings=settings,
         caps=caps,
         machine=machine,
+        host=host,
     )
     qmp = paths.qmp_socket(defn.uuid)
     ctx.check_socket(qmp)
@@ -177,13 +196,28 @@ def build_command(
         raise unsupported("<graphics type='spice'>: this QEMU has no SPICE support")
     _assign_boot_order(ctx)
 
+    mem = memory.parse(ctx)
+    memory.check_hotplug(ctx, mem)
+    tuning = cputune.plan(ctx)
+    if host is not None:
+        cputune.check_host(tuning, host.cpus)
+
     ctx.add(emulator, "-name", f"guest={kv_escape(defn.name)},debug-threads=on", "-S")
-    machine_opts = mach.machine_opts(ctx, machine)
+    ram = memory.ram_backend(ctx, mem)
+    machine_opts = mach.machine_opts(ctx, machine, memory.machine_options(ctx, mem, ram))
     ctx.add("-machine", machine_opts, "-accel", accel)
     cpu = mach.cpu(ctx)
     if cpu:
         ctx.add("-cpu", cpu)
-    ctx.add("-m", str(-(-defn.memory_kib // 1024)), "-smp", mach.smp(defn))
+    for value in ctx.globals:
+        ctx.add("-global", value)
+    ctx.globals.clear()
+    memory.build_memory(ctx, mem, ram)
+    ctx.add("-smp", mach.smp(defn))
+    cputune.build_iothreads(ctx)
+    cputune.check_iothread_refs(ctx)
+    storage.build_throttle_groups(ctx)
+    memory.build_numa(ctx, mem)
     ctx.add("-uuid", defn.uuid, "-no-user-config", "-nodefaults")
     ctx.add("-chardev", f"socket,id=charmonitor,path={kv_escape(str(qmp))},server=on,wait=off")
     ctx.add("-mon", "chardev=charmonitor,id=monitor,mode=control")
@@ -197,9 +231,9 @@ def build_command(
     ctl.register_aliases(ctx)
     storage.check_disks(ctx)
     ctl.build_controllers(ctx)
+    memory.build_memory_devices(ctx, mem)
     ctl.build_hubs(ctx)
     ctl.build_ccid(ctx)
-    storage.build_throttle_groups(ctx)
     storage.build_disks(ctx)
     devices.build_interfaces(ctx)
     chardev.build_serials(ctx)
@@ -226,7 +260,10 @@ def build_command(
 
     target = defn.current_memory_kib if defn.current_memory_kib < defn.memory_kib else None
     if target is not None and not balloon:
-        raise ConfigUnsupported("<currentMemory> below <memory> needs a virtio <memballoon>")
+        # nothing can take memory from the guest: it runs with all of <memory>, and the
+        # live definition says so (as libvirt's does)
+        defn.set_current_memory_kib(defn.memory_kib)
+        target = None
     return QemuLaunch(
         argv=ctx.argv,
         qmp_socket=qmp,
@@ -245,6 +282,11 @@ def build_command(
         bind_paths=tuple(ctx.bind_paths),
         incoming_uri=incoming,
         accel=accel,
+        cpu_tuning=tuning,
+        secrets=tuple(ctx.secrets),
+        nvram=mach.nvram_file(defn),
+        env=dict(ctx.env),
+        host_devices=tuple(ctx.host_devices),
     )
 
 
@@ -264,9 +306,6 @@ def _check_top_level(defn: DomainDefinition) -> None:
     extra = unknown_devices(defn, SUPPORTED_DEVICES)
     if extra:
         raise unsupported(f"device {', '.join(extra)}")
-    vcpu = defn.root.find("vcpu")
-    if vcpu is not None and vcpu.get("cpuset"):
-        raise unsupported("<vcpu cpuset=...> (no CPU pinning)")
     seclabel = defn.root.find("seclabel")
     if seclabel is not None and seclabel.get("type", "dynamic") != "none":
         raise unsupported(f"<seclabel type='{seclabel.get('type', 'dynamic')}'>")

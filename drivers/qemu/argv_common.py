@@ -44,6 +44,10 @@ class ArgvSettings:
     secrets_dir: Path = Path("/etc/virtbus/secrets")
     #: x509 credentials for NBD disks with ``tls='yes'`` (libvirt's nbd_tls_x509_cert_dir)
     nbd_tls_dir: str = "/etc/pki/qemu"
+    #: where NVRAM (UEFI variable store) files live when a definition names none
+    nvram_dir: Path = Path("/var/lib/virtbus/nvram")
+    #: where file-backed guest RAM (<memoryBacking><source type='file'/>) is created
+    memory_backing_dir: Path = Path("/var/lib/virtbus/ram")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +147,7 @@ class BuildContext:
     settings: ArgvSettings
     caps: QemuCapabilities | None
     machine: str = "pc"
+    host: Any = None  # drivers.qemu.host.HostFacts (None at define)
     argv: list[str] = field(default_factory=list)
     chardevs: list[ChardevRuntime] = field(default_factory=list)
     disks: list[DiskRuntime] = field(default_factory=list)
@@ -164,6 +169,10 @@ class BuildContext:
     throttle_groups: set[str] = field(default_factory=set)
     fdc_boot: dict[int, int] = field(default_factory=dict)  # floppy unit -> bootindex
     floppy_props: list[dict[str, Any]] = field(default_factory=list)
+    iothreads: set[int] = field(default_factory=set)
+    globals: list[str] = field(default_factory=list)  # -global values of machine options
+    env: dict[str, str] = field(default_factory=dict)  # environment of the QEMU process
+    sgx_epc: list[str] = field(default_factory=list)
     _used_slots: set[tuple[int, int]] = field(default_factory=set)
     _vser_ports: dict[tuple[int, int], set[int]] = field(default_factory=dict)
 

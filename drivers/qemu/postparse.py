@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from lxml import etree
 
+from pathlib import Path
+
 from drivers.qemu import addresses as ad
+from drivers.qemu import firmware as fw
 from virtbus.domain import DomainDefinition
 from virtbus.domain.model import Element
 from virtbus.errors import ConfigUnsupported, XMLError
@@ -33,19 +36,26 @@ def machine_of(root: Element) -> str:
     return (t.get("machine") if t is not None else None) or "pc"
 
 
-def complete(defn: DomainDefinition, *, live: bool = False) -> None:
+def complete(defn: DomainDefinition, *, live: bool = False,
+             firmware: tuple[fw.Descriptor, ...] | None = None,
+             nvram_dir: Path = Path("/var/lib/virtbus/nvram")) -> None:  # fmt: skip
     """Fill in what libvirt fills in at define (see module docstring); XMLError or
     CONFIG_UNSUPPORTED for what libvirt refuses while doing so. ``live`` also assigns
-    what libvirt assigns only when a domain starts (USB ports, virtio console ports)."""
+    what libvirt assigns only when a domain starts (USB ports, virtio console ports).
+    ``firmware`` are the host's QEMU firmware descriptors (None: not known here)."""
     with defn.edit() as root:
-        complete_tree(root, live=live)
+        complete_tree(root, live=live, firmware=firmware, nvram_dir=nvram_dir)
 
 
-def complete_tree(root: Element, *, live: bool = False) -> None:
+def complete_tree(root: Element, *, live: bool = False,
+                  firmware: tuple[fw.Descriptor, ...] | None = None,
+                  nvram_dir: Path = Path("/var/lib/virtbus/nvram")) -> None:  # fmt: skip
     devices = root.find("devices")
     if devices is None:
         devices = etree.SubElement(root, "devices")
     machine = machine_of(root)
+    _numa_memory(root)
+    fw.fill(root, firmware, nvram_dir)
     _controller_indexes(devices)
     _reject_duplicate_controllers(devices)
     _disks(devices)
@@ -70,6 +80,7 @@ def complete_tree(root: Element, *, live: bool = False) -> None:
     if machine != "isapc":
         ad.PciPlan(root, machine).run()
     ad.UsbPlan(root).run(assign=live)
+    ad.assign_memory_slots(root)
 
 
 # ---------------------------------------------------------------------------- controllers
@@ -512,3 +523,29 @@ def _itco(devices: Element, machine: str) -> None:
     el = etree.Element("watchdog", model="itco", action=action)
     _place(devices, el, ("watchdog", "hub", "redirdev", "hostdev", "video", "sound", "graphics",
                          "input"))  # fmt: skip
+
+
+def _numa_memory(root: Element) -> None:
+    """With NUMA cells, ``<memory>`` is their sum plus the memory devices
+    (``virDomainDefPostParseMemory``); ``<currentMemory>`` is clamped to it."""
+    from virtbus.domain.units import to_kib
+
+    cells = root.findall("cpu/numa/cell")
+    if not cells:
+        return
+    total = sum(to_kib(int(c.get("memory", "0")), c.get("unit", "KiB")) for c in cells)
+    for dev in root.findall("devices/memory"):
+        size = dev.find("target/size")
+        if size is not None and size.text:
+            total += to_kib(int(size.text), size.get("unit", "KiB"))
+    mem = root.find("memory")
+    if mem is None:
+        mem = etree.Element("memory")
+        name = root.find("uuid")
+        (name if name is not None else root.find("name")).addnext(mem)  # type: ignore[union-attr]
+    mem.set("unit", "KiB")
+    mem.text = str(total)
+    cur = root.find("currentMemory")
+    if cur is not None and cur.text and to_kib(int(cur.text), cur.get("unit", "KiB")) > total:
+        cur.set("unit", "KiB")
+        cur.text = str(total)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from drivers.qemu.argv_common import ArgvSettings
+from drivers.qemu.host import FIRMWARE_DIRS
 from virtbus.settings import Backoff
 
 
@@ -30,3 +33,7 @@ class QemuSettings:
     log_tail_bytes: int = 4096  # of the QEMU log quoted in a start error
     detach_timeout: float = 10.0  # device_del until the guest lets go (DEVICE_DELETED)
     reconnect: Backoff = field(default_factory=lambda: Backoff(initial=0.1, maximum=5.0))
+    #: the command line's tunables; its nvram/memory/secrets dirs default to the state dir
+    argv: ArgvSettings | None = None
+    #: QEMU firmware descriptor directories, highest priority first
+    firmware_dirs: tuple[Path, ...] = FIRMWARE_DIRS

@@ -32,6 +32,9 @@ from lxml import etree
 
 from drivers.qemu.argv import QemuPaths, build_command, graphics_needing_ports
 from drivers.qemu.driver import QemuDriver
+from drivers.qemu.firmware import load_descriptors
+from drivers.qemu.host import HostFacts
+from drivers.qemu.settings import QemuSettings
 from tests.compat.corpus import Case, Corpus, ensure_corpus
 from virtbus.domain import parse_domain_xml
 from virtbus.errors import VirtbusError
@@ -91,7 +94,21 @@ class Harness:
     def __init__(self, corpus: Corpus, workdir: Path) -> None:
         self.corpus = corpus
         self.run_dir = workdir / "run"
-        self.driver = QemuDriver(workdir / "state", self.run_dir)
+        fw = corpus.firmware
+        dirs = (fw / "home/user/.config/qemu/firmware", fw / "etc/qemu/firmware",
+                fw / "usr/share/qemu/firmware")  # fmt: skip
+        self.driver = QemuDriver(
+            workdir / "state", self.run_dir, QemuSettings(firmware_dirs=dirs)
+        )
+        # what libvirt's test suite fakes (tests/testutilsqemu.c): two hugetlbfs mounts,
+        # host NUMA nodes 0-3; CPU sets are not checked when a command line is built
+        self.host = HostFacts(
+            hugepages={2048: "/dev/hugepages2M", 1048576: "/dev/hugepages1G"},
+            default_hugepage_kib=2048,
+            numa_nodes=frozenset(range(4)),
+            cpus=frozenset(range(4096)),
+            firmware=load_descriptors(dirs),
+        )
         self.schema = etree.RelaxNG(etree.parse(str(corpus.schemas / "domain.rng")))
 
     async def run_case(self, case: Case) -> Result:
@@ -111,7 +128,8 @@ class Harness:
                 defn = parse_domain_xml(dumped)
                 ports = {i: 5900 + i for i in graphics_needing_ports(defn)}
                 launch = build_command(
-                    defn, QemuPaths(self.run_dir), kvm_available=True, graphics_ports=ports
+                    defn, QemuPaths(self.run_dir), kvm_available=True, graphics_ports=ports,
+                    host=self.host,
                 )
             finally:
                 await self.driver.undefine(ref.uuid)

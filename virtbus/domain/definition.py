@@ -310,9 +310,18 @@ class DomainDefinition:
 
     def _parse_memory(self, root: m.Element) -> None:
         mem_el = root.find("memory")
-        if mem_el is None:
-            raise XMLError("missing <memory>")
-        memory = parse_memory_element(mem_el.text, mem_el.get("unit"), "memory")
+        cells = root.findall("cpu/numa/cell")
+        if mem_el is None and not cells:
+            raise XMLError(
+                "Memory size must be specified via <memory> or in the <numa> configuration"
+            )
+        if mem_el is None:  # libvirt: the NUMA cells' sizes make up the memory
+            memory = sum(
+                parse_memory_element(c.get("memory"), c.get("unit"), "cell memory")
+                for c in cells
+            )
+        else:
+            memory = parse_memory_element(mem_el.text, mem_el.get("unit"), "memory")
         if memory <= 0:
             raise XMLError("<memory> must be greater than zero")
         cur_el = root.find("currentMemory")
