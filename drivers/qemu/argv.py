@@ -21,6 +21,8 @@ from pathlib import Path
 
 from drivers.qemu import argv_chardev as chardev
 from drivers.qemu import argv_controllers as ctl
+from drivers.qemu import argv_hostdev as hostdev
+from drivers.qemu import argv_net as net
 from drivers.qemu import argv_devices as devices
 from drivers.qemu import argv_machine as mach
 from drivers.qemu import argv_memory as memory
@@ -59,7 +61,7 @@ __all__ = [
 SUPPORTED_DEVICES = (
     "disk", "controller", "interface", "serial", "console", "channel", "input", "graphics",
     "video", "sound", "audio", "watchdog", "rng", "panic", "memballoon", "redirdev", "hub",
-    "memory",
+    "memory", "hostdev",
 )  # fmt: skip
 _TOP_LEVEL = frozenset(
     {
@@ -120,6 +122,8 @@ class QemuLaunch:
     nvram: tuple[str, str | None] | None = None  # (NVRAM path, template to copy if missing)
     host_devices: tuple[str, ...] = ()  # host sysfs devices that must exist at start
     env: dict[str, str] = field(default_factory=dict)  # extra environment for QEMU (TZ)
+    net_scripts: tuple[net.IfScript, ...] = ()  # interface scripts the driver runs
+    links_down: tuple[str, ...] = ()  # NICs whose link starts down (QMP set_link)
 
 
 def disk_paths(defn: DomainDefinition) -> list[str]:
@@ -230,12 +234,13 @@ def build_command(
     ctl.usb_master_checks(ctx)
     ctl.register_aliases(ctx)
     storage.check_disks(ctx)
+    hostdev.check_hostdevs(ctx)
     ctl.build_controllers(ctx)
     memory.build_memory_devices(ctx, mem)
     ctl.build_hubs(ctx)
     ctl.build_ccid(ctx)
     storage.build_disks(ctx)
-    devices.build_interfaces(ctx)
+    net.build_interfaces(ctx)
     chardev.build_serials(ctx)
     agent = chardev.build_channels(ctx)
     devices.build_inputs(ctx)
@@ -245,6 +250,7 @@ def build_command(
     devices.build_sounds(ctx)
     devices.build_watchdogs(ctx)
     chardev.build_redirdevs(ctx)
+    hostdev.build_hostdevs(ctx)
     balloon = devices.build_memballoon(ctx)
     devices.build_rngs(ctx)
     devices.build_panics(ctx)
@@ -286,6 +292,8 @@ def build_command(
         secrets=tuple(ctx.secrets),
         nvram=mach.nvram_file(defn),
         env=dict(ctx.env),
+        net_scripts=tuple(ctx.net_scripts),
+        links_down=tuple(ctx.links_down),
         host_devices=tuple(ctx.host_devices),
     )
 

@@ -171,6 +171,8 @@ class BuildContext:
     floppy_props: list[dict[str, Any]] = field(default_factory=list)
     iothreads: set[int] = field(default_factory=set)
     globals: list[str] = field(default_factory=list)  # -global values of machine options
+    net_scripts: list[Any] = field(default_factory=list)  # argv_net.IfScript
+    links_down: list[str] = field(default_factory=list)  # NIC ids to set_link down at start
     env: dict[str, str] = field(default_factory=dict)  # environment of the QEMU process
     sgx_epc: list[str] = field(default_factory=list)
     _used_slots: set[tuple[int, int]] = field(default_factory=set)

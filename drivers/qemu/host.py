@@ -34,7 +34,9 @@ class HostFacts:
     page_size_kib: int = 4
     firmware: tuple[Descriptor, ...] = ()
     swtpm_tpm12: bool = True  # swtpm supports TPM 1.2
-    devices: frozenset[str] = field(default_factory=frozenset)  # sysfs paths that exist
+    scsi_generic: Mapping[str, str] = field(default_factory=dict)  # "H:B:T:L" -> /dev/sgN
+    #: look host devices up (False: a test host, like libvirt's mocked sysfs)
+    resolve_devices: bool = True
 
     def hugepage_mount(self, size_kib: int) -> str | None:
         return self.hugepages.get(size_kib)
@@ -81,6 +83,24 @@ def _online(path: str, fallback: frozenset[int]) -> frozenset[int]:
         return fallback
 
 
+def _scsi_generic() -> dict[str, str]:
+    out: dict[str, str] = {}
+    base = Path("/sys/bus/scsi/devices")
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return out
+    for dev in entries:
+        sg = dev / "scsi_generic"
+        try:
+            names = [p.name for p in sg.iterdir()]
+        except OSError:
+            continue
+        if names and dev.name.count(":") == 3:
+            out[dev.name] = f"/dev/{names[0]}"
+    return out
+
+
 def probe_sync(firmware_dirs: tuple[Path, ...] = FIRMWARE_DIRS) -> HostFacts:
     hugepages, default = _mounts()
     cpus = _online("/sys/devices/system/cpu/online", frozenset(range(os.cpu_count() or 1)))
@@ -91,6 +111,7 @@ def probe_sync(firmware_dirs: tuple[Path, ...] = FIRMWARE_DIRS) -> HostFacts:
         cpus=cpus,
         page_size_kib=os.sysconf("SC_PAGE_SIZE") // 1024,
         firmware=load_descriptors(firmware_dirs),
+        scsi_generic=_scsi_generic(),
     )
 
 

@@ -60,6 +60,7 @@ def complete_tree(root: Element, *, live: bool = False,
     _reject_duplicate_controllers(devices)
     _disks(devices)
     _sort_disks(devices)
+    _hostdev_scsi_addresses(devices)
     _implicit_controllers(devices)
     _implicit_video(devices)
     _default_devices(root, devices, machine)
@@ -309,6 +310,29 @@ def _check_hostdev_scsi_clash(devices: Element, dev: str, ctrl: int, unit: int) 
                 f"using disk target name '{dev}' conflicts with SCSI host device address "
                 f"controller='{ctrl}' bus='0' target='0' unit='{unit}"
             )
+
+
+def _hostdev_scsi_addresses(devices: Element) -> None:
+    """SCSI hostdevs without an address take the first free unit (libvirt's
+    ``virDomainHostdevAssignAddress``: units 0-6 of each controller in turn)."""
+    used: set[tuple[int, int, int, int]] = set()
+    for el in devices.findall("disk") + devices.findall("hostdev"):
+        a = el.find("address")
+        if a is not None and a.get("type") == "drive":
+            used.add((_int(a, "controller", 0), _int(a, "bus", 0), _int(a, "target", 0),
+                      _int(a, "unit", 0)))  # fmt: skip
+    for hd in devices.findall("hostdev"):
+        if hd.get("type") != "scsi" or hd.find("address") is not None:
+            continue
+        ctrl = 0
+        while True:
+            unit = next((u for u in range(7) if (ctrl, 0, 0, u) not in used), None)
+            if unit is not None:
+                break
+            ctrl += 1
+        used.add((ctrl, 0, 0, unit))
+        etree.SubElement(hd, "address", type="drive", controller=str(ctrl), bus="0",
+                         target="0", unit=str(unit))  # fmt: skip
 
 
 def _implicit_controllers(devices: Element) -> None:

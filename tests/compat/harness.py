@@ -108,6 +108,7 @@ class Harness:
             numa_nodes=frozenset(range(4)),
             cpus=frozenset(range(4096)),
             firmware=load_descriptors(dirs),
+            resolve_devices=False,
         )
         self.schema = etree.RelaxNG(etree.parse(str(corpus.schemas / "domain.rng")))
 
