@@ -21,6 +21,7 @@ from pathlib import Path
 
 from drivers.qemu import argv_chardev as chardev
 from drivers.qemu import argv_controllers as ctl
+from drivers.qemu import argv_graphics as graphics
 from drivers.qemu import argv_hostdev as hostdev
 from drivers.qemu import argv_net as net
 from drivers.qemu import argv_devices as devices
@@ -61,7 +62,7 @@ __all__ = [
 SUPPORTED_DEVICES = (
     "disk", "controller", "interface", "serial", "console", "channel", "input", "graphics",
     "video", "sound", "audio", "watchdog", "rng", "panic", "memballoon", "redirdev", "hub",
-    "memory", "hostdev",
+    "memory", "hostdev", "smartcard", "parallel", "redirfilter",
 )  # fmt: skip
 _TOP_LEVEL = frozenset(
     {
@@ -124,6 +125,8 @@ class QemuLaunch:
     env: dict[str, str] = field(default_factory=dict)  # extra environment for QEMU (TZ)
     net_scripts: tuple[net.IfScript, ...] = ()  # interface scripts the driver runs
     links_down: tuple[str, ...] = ()  # NICs whose link starts down (QMP set_link)
+    passwords: tuple[graphics.Password, ...] = ()  # display passwords set over QMP
+    dbus_address: str | None = None  # a D-Bus the display needs (the driver runs it)
 
 
 def disk_paths(defn: DomainDefinition) -> list[str]:
@@ -241,11 +244,13 @@ def build_command(
     ctl.build_ccid(ctx)
     storage.build_disks(ctx)
     net.build_interfaces(ctx)
+    chardev.build_smartcards(ctx)
     chardev.build_serials(ctx)
+    chardev.build_parallels(ctx)
     agent = chardev.build_channels(ctx)
     devices.build_inputs(ctx)
-    vnc, spice = _graphics(ctx, graphics_ports or {})
-    devices.build_audio_backends(ctx)
+    graphics.build_audio(ctx)
+    vnc, spice = graphics.build_graphics(ctx, graphics_ports or {})
     devices.build_videos(ctx)
     devices.build_sounds(ctx)
     devices.build_watchdogs(ctx)
@@ -259,7 +264,9 @@ def build_command(
     if incoming is not None:
         ctx.add("-incoming", "defer")
     pidfile = paths.pidfile(defn.uuid)
-    ctx.add("-pidfile", str(pidfile), "-display", "none")
+    ctx.add("-pidfile", str(pidfile))
+    for display in ctx.displays or ["none"]:
+        ctx.add("-display", display)
     if daemonize:
         ctx.add("-daemonize")
     ctx.add("-sandbox", SANDBOX, "-msg", "timestamp=on")
@@ -294,6 +301,8 @@ def build_command(
         env=dict(ctx.env),
         net_scripts=tuple(ctx.net_scripts),
         links_down=tuple(ctx.links_down),
+        passwords=tuple(ctx.passwords),
+        dbus_address=ctx.dbus_address,
         host_devices=tuple(ctx.host_devices),
     )
 
@@ -395,18 +404,3 @@ def _boot(ctx: BuildContext) -> None:
             ctx.add("-append", os_.cmdline)
     elif os_.initrd or os_.cmdline:
         raise unsupported("<initrd>/<cmdline> without <kernel>")
-
-
-def _graphics(
-    ctx: BuildContext, ports: Mapping[int, int]
-) -> tuple[VncRuntime | None, SpiceRuntime | None]:
-    vnc: VncRuntime | None = None
-    spice: SpiceRuntime | None = None
-    for g in ctx.defn.graphics:
-        if g.type == "vnc" and vnc is None:
-            vnc = chardev.build_vnc(ctx, g)
-        elif g.type == "spice" and spice is None:
-            spice = chardev.build_spice(ctx, g, ports)
-        else:
-            raise unsupported(f"<graphics type='{g.type}'> (one vnc and one spice are)")
-    return vnc, spice

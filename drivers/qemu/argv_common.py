@@ -44,6 +44,22 @@ class ArgvSettings:
     secrets_dir: Path = Path("/etc/virtbus/secrets")
     #: x509 credentials for NBD disks with ``tls='yes'`` (libvirt's nbd_tls_x509_cert_dir)
     nbd_tls_dir: str = "/etc/pki/qemu"
+    #: x509 credentials of TLS chardevs (libvirt's chardev_tls_x509_cert_dir), and whether
+    #: TCP chardevs use TLS unless the XML says tls='no' (libvirt's chardev_tls)
+    chardev_tls_dir: str = "/etc/pki/libvirt-chardev"
+    chardev_tls: bool = False
+    #: display security (libvirt's qemu.conf vnc_tls, spice_tls, *_sasl, ...)
+    vnc_tls: bool = False
+    vnc_tls_dir: str = "/etc/pki/libvirt-vnc"
+    vnc_tls_verify: bool = False
+    vnc_sasl: bool = False
+    spice_tls: bool = False
+    spice_tls_dir: str = "/etc/pki/libvirt-spice"
+    spice_sasl: bool = False
+    sasl_dir: str = "/etc/sasl2"
+    #: a display with no listen address listens on a UNIX socket in the run dir
+    vnc_auto_unix_socket: bool = False
+    spice_auto_unix_socket: bool = False
     #: where NVRAM (UEFI variable store) files live when a definition names none
     nvram_dir: Path = Path("/var/lib/virtbus/nvram")
     #: where file-backed guest RAM (<memoryBacking><source type='file'/>) is created
@@ -173,6 +189,9 @@ class BuildContext:
     globals: list[str] = field(default_factory=list)  # -global values of machine options
     net_scripts: list[Any] = field(default_factory=list)  # argv_net.IfScript
     links_down: list[str] = field(default_factory=list)  # NIC ids to set_link down at start
+    passwords: list[Any] = field(default_factory=list)  # argv_graphics.Password
+    displays: list[str] = field(default_factory=list)  # -display values (sdl, dbus, ...)
+    dbus_address: str | None = None  # the per-domain D-Bus a dbus display needs
     env: dict[str, str] = field(default_factory=dict)  # environment of the QEMU process
     sgx_epc: list[str] = field(default_factory=list)
     _used_slots: set[tuple[int, int]] = field(default_factory=set)
