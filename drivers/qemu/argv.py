@@ -21,6 +21,7 @@ from pathlib import Path
 
 from drivers.qemu import argv_chardev as chardev
 from drivers.qemu import argv_controllers as ctl
+from drivers.qemu import argv_fs as fs
 from drivers.qemu import argv_graphics as graphics
 from drivers.qemu import argv_hostdev as hostdev
 from drivers.qemu import argv_net as net
@@ -41,6 +42,7 @@ from drivers.qemu.argv_common import (
     unsupported,
 )
 from drivers.qemu.capabilities import QemuCapabilities
+from drivers.qemu.helpers import HelperSpec
 from drivers.qemu.host import HostFacts
 from virtbus.domain import DomainDefinition, unknown_devices
 from virtbus.errors import ConfigUnsupported, XMLError
@@ -62,7 +64,7 @@ __all__ = [
 SUPPORTED_DEVICES = (
     "disk", "controller", "interface", "serial", "console", "channel", "input", "graphics",
     "video", "sound", "audio", "watchdog", "rng", "panic", "memballoon", "redirdev", "hub",
-    "memory", "hostdev", "smartcard", "parallel", "redirfilter",
+    "memory", "hostdev", "smartcard", "parallel", "redirfilter", "filesystem", "tpm",
 )  # fmt: skip
 _TOP_LEVEL = frozenset(
     {
@@ -127,6 +129,7 @@ class QemuLaunch:
     links_down: tuple[str, ...] = ()  # NICs whose link starts down (QMP set_link)
     passwords: tuple[graphics.Password, ...] = ()  # display passwords set over QMP
     dbus_address: str | None = None  # a D-Bus the display needs (the driver runs it)
+    helpers: tuple[HelperSpec, ...] = ()  # per-domain processes to start before QEMU
 
 
 def disk_paths(defn: DomainDefinition) -> list[str]:
@@ -243,11 +246,13 @@ def build_command(
     ctl.build_hubs(ctx)
     ctl.build_ccid(ctx)
     storage.build_disks(ctx)
+    fs.build_filesystems(ctx)
     net.build_interfaces(ctx)
     chardev.build_smartcards(ctx)
     chardev.build_serials(ctx)
     chardev.build_parallels(ctx)
     agent = chardev.build_channels(ctx)
+    fs.build_tpms(ctx)
     devices.build_inputs(ctx)
     graphics.build_audio(ctx)
     vnc, spice = graphics.build_graphics(ctx, graphics_ports or {})
@@ -303,6 +308,7 @@ def build_command(
         links_down=tuple(ctx.links_down),
         passwords=tuple(ctx.passwords),
         dbus_address=ctx.dbus_address,
+        helpers=tuple(ctx.helpers),
         host_devices=tuple(ctx.host_devices),
     )
 

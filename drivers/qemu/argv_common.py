@@ -60,6 +60,14 @@ class ArgvSettings:
     #: a display with no listen address listens on a UNIX socket in the run dir
     vnc_auto_unix_socket: bool = False
     spice_auto_unix_socket: bool = False
+    #: include guest memory in QEMU core dumps (libvirt's dump_guest_core)
+    dump_guest_core: bool = False
+    #: per-domain helper programs, and where an emulated TPM keeps its state
+    virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+    swtpm: str = "swtpm"
+    swtpm_setup: str = "swtpm_setup"
+    dbus_daemon: str = "dbus-daemon"
+    swtpm_state_dir: Path = Path("/var/lib/virtbus/swtpm")
     #: where NVRAM (UEFI variable store) files live when a definition names none
     nvram_dir: Path = Path("/var/lib/virtbus/nvram")
     #: where file-backed guest RAM (<memoryBacking><source type='file'/>) is created
@@ -192,6 +200,7 @@ class BuildContext:
     passwords: list[Any] = field(default_factory=list)  # argv_graphics.Password
     displays: list[str] = field(default_factory=list)  # -display values (sdl, dbus, ...)
     dbus_address: str | None = None  # the per-domain D-Bus a dbus display needs
+    helpers: list[Any] = field(default_factory=list)  # helpers.HelperSpec
     env: dict[str, str] = field(default_factory=dict)  # environment of the QEMU process
     sgx_epc: list[str] = field(default_factory=list)
     _used_slots: set[tuple[int, int]] = field(default_factory=set)

@@ -144,7 +144,8 @@ def machine_opts(ctx: BuildContext, machine: str, extra: list[str]) -> str:
         opts.append("i8042=" + ("on" if ps2 else "off"))
     dump = ctx.defn.root.find("memory")
     dump_core = dump.get("dumpCore") if dump is not None else None
-    opts.append(f"dump-guest-core={'on' if dump_core == 'on' else 'off'}")
+    core = dump_core == "on" if dump_core in ("on", "off") else ctx.settings.dump_guest_core
+    opts.append(f"dump-guest-core={'on' if core else 'off'}")
     opts += extra
     opts += firmware(ctx)
     if ctx.defn.root.find("launchSecurity") is not None:

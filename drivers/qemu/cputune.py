@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drivers.qemu.argv_common import BuildContext, json_arg, unsupported
-from drivers.qemu.bitmap import parse_bitmap
+from drivers.qemu.bitmap import format_bitmap, parse_bitmap
 from virtbus.domain.model import Element
 from virtbus.errors import ConfigUnsupported, OperationFailed, XMLError
 
@@ -207,8 +207,8 @@ def check_host(tuning: CpuTuning, host_cpus: frozenset[int]) -> None:
     missing = tuning.all_cpus() - host_cpus
     if missing:
         raise OperationFailed(
-            f"CPU pinning names CPUs {sorted(missing)} that this host does not have "
-            f"(online: {sorted(host_cpus)})"
+            f"CPU pinning names CPUs {format_bitmap(missing)} that this host does not have "
+            f"(online: {format_bitmap(host_cpus)})"
         )
 
 

@@ -34,6 +34,7 @@ class HostFacts:
     page_size_kib: int = 4
     firmware: tuple[Descriptor, ...] = ()
     swtpm_tpm12: bool = True  # swtpm supports TPM 1.2
+    swtpm_tpm20: bool = True  # ... and TPM 2.0
     scsi_generic: Mapping[str, str] = field(default_factory=dict)  # "H:B:T:L" -> /dev/sgN
     #: look host devices up (False: a test host, like libvirt's mocked sysfs)
     resolve_devices: bool = True

@@ -19,12 +19,13 @@ import os
 import re
 import subprocess
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CACHE = Path(os.environ.get("VIRTBUS_CACHE", Path.home() / ".cache" / "virtbus"))
 SOURCES = ("trixie", "bookworm")  # newest first
 _MEMBERS = (  # what is unpacked from the upstream tarball
+    "tests/qemuxmlconftest.c",
     "tests/qemuxmlconfdata/",
     "tests/qemuxml2argvdata/",
     "tests/qemufirmwaredata/",
@@ -41,6 +42,9 @@ class Case:
     xml: Path
     args: Path | None  # libvirt built this command line
     err: Path | None  # libvirt refused (its message), when it stored one
+    #: the qemu.conf settings libvirt's test suite had switched on for this test
+    #: (``driver.config->spiceTLS = 1;`` before its DO_TEST line)
+    config: dict[str, str] = field(default_factory=dict)
 
     @property
     def libvirt_builds(self) -> bool:
@@ -153,11 +157,45 @@ def ensure_corpus() -> Corpus:
     return load(tree)
 
 
+_ASSIGN_RE = re.compile(r"^\s*((?:driver\.config->\w+\s*=\s*)+)([^;]+);")
+_FREE_RE = re.compile(r"VIR_FREE\(driver\.config->(\w+)\)")
+_TEST_RE = re.compile(r'DO_TEST\w*\(\s*"([^"]+)"')
+
+
+def test_configs(source: Path) -> dict[str, dict[str, str]]:
+    """The driver settings in force for each test of ``qemuxmlconftest.c``."""
+    current: dict[str, str] = {}
+    out: dict[str, dict[str, str]] = {}
+    try:
+        lines = source.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        m = _ASSIGN_RE.match(line)
+        if m:
+            for key in re.findall(r"driver\.config->(\w+)", m.group(1)):
+                current[key] = m.group(2).strip()
+            continue
+        m = _FREE_RE.search(line)
+        if m:
+            current.pop(m.group(1), None)
+            continue
+        m = _TEST_RE.search(line)
+        if m:
+            out.setdefault(m.group(1), {k: v for k, v in current.items()
+                                         if v not in ("0", "false", "NULL")})  # fmt: skip
+    return out
+
+
 def load(tree: Path) -> Corpus:
     version = tree.name.removeprefix("libvirt-")
     data = tree / "tests/qemuxmlconfdata"
     if data.is_dir():
-        cases = _cases_conf(data)
+        configs = test_configs(tree / "tests/qemuxmlconftest.c")
+        cases = tuple(
+            Case(c.name, c.xml, c.args, c.err, configs.get(c.name, {}))
+            for c in _cases_conf(data)
+        )
     else:
         data = tree / "tests/qemuxml2argvdata"
         cases = _cases_argv(data)

@@ -18,19 +18,21 @@ import argparse
 import asyncio
 import collections
 import json
+import logging
 import re
 import shlex
 import sys
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from types import MappingProxyType
 from pathlib import Path
 from typing import Any
 
 from lxml import etree
 
-from drivers.qemu.argv import QemuPaths, build_command, graphics_needing_ports
+from drivers.qemu.argv import ArgvSettings, QemuPaths, build_command, graphics_needing_ports
 from drivers.qemu.driver import QemuDriver
 from drivers.qemu.firmware import load_descriptors
 from drivers.qemu.host import HostFacts
@@ -40,6 +42,18 @@ from virtbus.domain import parse_domain_xml
 from virtbus.errors import VirtbusError
 
 FLOOR = Path(__file__).with_name("floor.json")
+#: the host configuration of libvirt's test suite that virtbus has settings for: its
+#: fake network ports are bridges here (tests/qemuxmlconftest.c, networkmock)
+BASE_SETTINGS = ArgvSettings(
+    networks=MappingProxyType({
+        "default": "user",
+        "nat-network;plug-network-basic": "bridge:virbr0",
+        "nat-network;plug-bridge-basic": "bridge:virbr0",
+        "nat-network;": "bridge:virbr0",
+        "vepa-net;plug-bridge-basic": "bridge:virbr0",
+        "openvswitch-net;plug-bridge-basic": "bridge:virbr0",
+    }),
+)  # fmt: skip
 _ELEMENT_RE = re.compile(r"<([A-Za-z][\w:.-]*)((?:\s+[\w:-]+)?)")
 
 
@@ -93,47 +107,72 @@ class Harness:
 
     def __init__(self, corpus: Corpus, workdir: Path) -> None:
         self.corpus = corpus
+        self.workdir = workdir
         self.run_dir = workdir / "run"
         fw = corpus.firmware
-        dirs = (fw / "home/user/.config/qemu/firmware", fw / "etc/qemu/firmware",
-                fw / "usr/share/qemu/firmware")  # fmt: skip
-        self.driver = QemuDriver(
-            workdir / "state", self.run_dir, QemuSettings(firmware_dirs=dirs)
-        )
+        self.firmware_dirs = (fw / "home/user/.config/qemu/firmware", fw / "etc/qemu/firmware",
+                              fw / "usr/share/qemu/firmware")  # fmt: skip
+        dirs = self.firmware_dirs
+        self.drivers: dict[str, QemuDriver] = {}
         # what libvirt's test suite fakes (tests/testutilsqemu.c): two hugetlbfs mounts,
         # host NUMA nodes 0-3; CPU sets are not checked when a command line is built
         self.host = HostFacts(
             hugepages={2048: "/dev/hugepages2M", 1048576: "/dev/hugepages1G"},
             default_hugepage_kib=2048,
             numa_nodes=frozenset(range(4)),
-            cpus=frozenset(range(4096)),
+            cpus=frozenset(range(1 << 16)),
             firmware=load_descriptors(dirs),
             resolve_devices=False,
         )
         self.schema = etree.RelaxNG(etree.parse(str(corpus.schemas / "domain.rng")))
 
+    async def driver_for(self, case: Case) -> tuple[QemuDriver, ArgvSettings]:
+        """A driver configured as libvirt's test suite configured itself for ``case``."""
+        cfg = case.config
+        settings = replace(
+            BASE_SETTINGS,
+            spice_tls="spiceTLS" in cfg, spice_sasl="spiceSASL" in cfg,
+            vnc_tls="vncTLS" in cfg, vnc_tls_verify="vncTLSx509verify" in cfg,
+            vnc_sasl="vncSASL" in cfg, chardev_tls="chardevTLS" in cfg,
+            vnc_auto_unix_socket="vncAutoUnixSocket" in cfg,
+            spice_auto_unix_socket="spiceAutoUnixSocket" in cfg,
+            dump_guest_core="dumpGuestCore" in cfg,
+        )  # fmt: skip
+        key = repr(sorted(cfg))
+        driver = self.drivers.get(key)
+        if driver is None:
+            n = len(self.drivers)
+            driver = QemuDriver(
+                self.workdir / f"state{n}", self.run_dir,
+                QemuSettings(firmware_dirs=self.firmware_dirs, argv=settings),
+            )  # fmt: skip
+            await driver.open(lambda _event: None)
+            self.drivers[key] = driver
+        return driver, settings
+
     async def run_case(self, case: Case) -> Result:
         res = Result(case.name, "build" if case.libvirt_builds else "reject", "reject", "parse")
+        driver, settings = await self.driver_for(case)
         if case.err is not None:
             res.libvirt_error = case.err.read_text(errors="replace").strip()[:300]
         xml = case.xml.read_bytes()
         try:
             parse_domain_xml(xml)
             res.stage = "define"
-            ref = await self.driver.define(xml.decode("utf-8", errors="replace"))
+            ref = await driver.define(xml.decode("utf-8", errors="replace"))
             try:
                 res.stage = "dumpxml"
-                dumped = await self.driver.xml(ref.uuid)
+                dumped = await driver.xml(ref.uuid)
                 self._check_schema(res, dumped)
                 res.stage = "argv"
                 defn = parse_domain_xml(dumped)
                 ports = {i: 5900 + i for i in graphics_needing_ports(defn)}
                 launch = build_command(
                     defn, QemuPaths(self.run_dir), kvm_available=True, graphics_ports=ports,
-                    host=self.host,
+                    host=self.host, settings=settings,
                 )
             finally:
-                await self.driver.undefine(ref.uuid)
+                await driver.undefine(ref.uuid)
         except VirtbusError as exc:
             res.code, res.message = exc.code, exc.message
             return res
@@ -156,7 +195,6 @@ class Harness:
             res.schema_error = str(self.schema.error_log.last_error)[:200]
 
     async def run(self, names: set[str] | None = None) -> list[Result]:
-        await self.driver.open(lambda _event: None)
         try:
             return [
                 await self.run_case(c)
@@ -164,10 +202,12 @@ class Harness:
                 if names is None or c.name in names
             ]
         finally:
-            await self.driver.close()
+            for driver in self.drivers.values():
+                await driver.close()
 
 
 def run_corpus(names: set[str] | None = None) -> tuple[Corpus, list[Result], float]:
+    logging.getLogger("drivers.qemu.firmware").setLevel(logging.ERROR)  # 93-invalid.json
     corpus = ensure_corpus()
     with tempfile.TemporaryDirectory(prefix="vbc-", dir="/dev/shm") as tmp:
         t0 = time.perf_counter()
