@@ -28,6 +28,7 @@ from drivers.qemu import argv_net as net
 from drivers.qemu import argv_devices as devices
 from drivers.qemu import argv_machine as mach
 from drivers.qemu import argv_memory as memory
+from drivers.qemu import argv_misc as misc
 from drivers.qemu import cputune
 from drivers.qemu import argv_storage as storage
 from drivers.qemu import postparse
@@ -65,6 +66,7 @@ SUPPORTED_DEVICES = (
     "disk", "controller", "interface", "serial", "console", "channel", "input", "graphics",
     "video", "sound", "audio", "watchdog", "rng", "panic", "memballoon", "redirdev", "hub",
     "memory", "hostdev", "smartcard", "parallel", "redirfilter", "filesystem", "tpm",
+    "iommu", "vsock", "shmem", "crypto", "pstore",
 )  # fmt: skip
 _TOP_LEVEL = frozenset(
     {
@@ -72,12 +74,12 @@ _TOP_LEVEL = frozenset(
         "vcpu", "os", "features", "cpu", "clock", "on_poweroff", "on_reboot", "on_crash",
         "pm", "devices", "resource", "seclabel", "throttlegroups", "maxMemory",
         "memoryBacking", "numatune", "cputune", "iothreads", "iothreadids",
-        "defaultiothread", "vcpus", "idmap",
+        "defaultiothread", "vcpus", "idmap", "sysinfo", "genid", "launchSecurity",
     }
 )  # fmt: skip
 _OS_CHILDREN = frozenset(
     {"type", "boot", "kernel", "initrd", "cmdline", "loader", "nvram", "bootmenu", "smbios",
-     "firmware", "bios"}
+     "firmware", "bios", "acpi"}
 )
 DEFAULT_SETTINGS = ArgvSettings()
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -228,6 +230,7 @@ def build_command(
     cputune.check_iothread_refs(ctx)
     storage.build_throttle_groups(ctx)
     memory.build_numa(ctx, mem)
+    misc.build_sysinfo(ctx)
     ctx.add("-uuid", defn.uuid, "-no-user-config", "-nodefaults")
     ctx.add("-chardev", f"socket,id=charmonitor,path={kv_escape(str(qmp))},server=on,wait=off")
     ctx.add("-mon", "chardev=charmonitor,id=monitor,mode=control")
@@ -235,6 +238,8 @@ def build_command(
     _lifecycle(ctx)
     mach.pm(ctx)
     _boot(ctx)
+    misc.build_acpi_tables(ctx)
+    misc.build_iommu(ctx)
 
     ctl.check_types(ctx)
     ctl.usb_master_checks(ctx)
@@ -263,7 +268,13 @@ def build_command(
     hostdev.build_hostdevs(ctx)
     balloon = devices.build_memballoon(ctx)
     devices.build_rngs(ctx)
+    misc.build_genid(ctx)
+    misc.build_launch_security(ctx)
     devices.build_panics(ctx)
+    misc.build_shmem(ctx)
+    misc.build_vsock(ctx)
+    misc.build_crypto(ctx)
+    misc.build_pstore(ctx)
     if defn.has_feature("vmcoreinfo"):
         ctx.device({"driver": "vmcoreinfo", "id": "vmcoreinfo0"})
     if incoming is not None:

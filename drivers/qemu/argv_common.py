@@ -201,6 +201,7 @@ class BuildContext:
     displays: list[str] = field(default_factory=list)  # -display values (sdl, dbus, ...)
     dbus_address: str | None = None  # the per-domain D-Bus a dbus display needs
     helpers: list[Any] = field(default_factory=list)  # helpers.HelperSpec
+    sev_files: list[tuple[Path, str]] = field(default_factory=list)  # files SEV reads
     env: dict[str, str] = field(default_factory=dict)  # environment of the QEMU process
     sgx_epc: list[str] = field(default_factory=list)
     _used_slots: set[tuple[int, int]] = field(default_factory=set)

@@ -8,16 +8,10 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from drivers.qemu.argv_common import (
-    BuildContext,
-    NetRuntime,
-    int_attr,
-    json_arg,
-    kv_escape,
-    unsupported,
-)
+from drivers.qemu.argv_common import BuildContext, NetRuntime, json_arg, kv_escape, unsupported
+from drivers.qemu.argv_virtio import virtio_props
 from virtbus.domain.model import Controller, Interface
-from virtbus.errors import ConfigUnsupported
+from virtbus.errors import ConfigUnsupported, XMLError
 
 USB_MODELS = {
     "qemu-xhci": "qemu-xhci",
@@ -76,9 +70,8 @@ def build_pci_controllers(ctx: BuildContext) -> None:
             driver = name.get("name", "pcie-root-port") if name is not None else "pcie-root-port"
             if driver not in ("pcie-root-port", "ioh3420"):
                 raise unsupported(f"<controller model='pcie-root-port'><model name='{driver}'>")
-            what = f"<controller type='pci' index='{idx}'><target"
-            chassis = idx if target is None else int_attr(target, "chassis", what, str(idx), 255)
-            port = 0x10 + idx - 1 if target is None else int_attr(target, "port", what, "0", 255)
+            chassis = int(target.get("chassis", str(idx)), 0) if target is not None else idx
+            port = int(target.get("port", "0"), 0) if target is not None else 0x10 + idx - 1
             props: dict[str, Any] = {
                 "driver": driver,
                 "port": port,
@@ -86,9 +79,8 @@ def build_pci_controllers(ctx: BuildContext) -> None:
                 "id": f"pci.{idx}",
             }
         elif ctrl.model == "pci-bridge":
-            what = f"<controller type='pci' index='{idx}'><target"
-            nr = idx if target is None else int_attr(target, "chassisNr", what, str(idx), 255)
-            props = {"driver": "pci-bridge", "chassis_nr": nr, "id": f"pci.{idx}"}
+            nr = target.get("chassisNr", str(idx)) if target is not None else str(idx)
+            props = {"driver": "pci-bridge", "chassis_nr": int(nr, 0), "id": f"pci.{idx}"}
         else:
             raise unsupported(f"<controller type='pci' model='{ctrl.model}'> on this machine")
         ctx.device(props | ctx.pci_props(addr, f"<controller type='pci' index='{idx}'>"))
@@ -122,14 +114,13 @@ def _usb_controller(ctx: BuildContext, ctrl: Controller) -> None:
     props: dict[str, Any] = {"driver": USB_MODELS[model]}
     master = ctrl.element.find("master")
     if model.startswith("ich9-uhci"):
-        start = int_attr(master, "startport", "<master", maximum=15) if master is not None else 0
+        start = int(master.get("startport", "0")) if master is not None else 0
         props |= {"masterbus": "usb.0", "firstport": start}
     else:
         props["id"] = "usb"
-    if ctrl.element.get("ports") and model in ("qemu-xhci", "nec-xhci"):
-        what = f"<controller type='usb' model='{model}'"
-        ports = int_attr(ctrl.element, "ports", what, maximum=15)
-        props |= {"p2": ports, "p3": ports}
+    ports = ctrl.element.get("ports")
+    if ports and model in ("qemu-xhci", "nec-xhci"):
+        props |= {"p2": int(ports), "p3": int(ports)}
     ctx.device(props | ctx.pci_props(ctrl.element.find("address"), f"USB controller {model}"))
 
 
@@ -139,8 +130,7 @@ def build_virtio_serial(ctx: BuildContext, needed: bool) -> None:
         idx = ctrl.index or 0
         props: dict[str, Any] = {"driver": "virtio-serial-pci", "id": f"virtio-serial{idx}"}
         if ctrl.element.get("ports"):
-            what = "<controller type='virtio-serial'"
-            props["max_ports"] = int_attr(ctrl.element, "ports", what, maximum=511)
+            props["max_ports"] = int(str(ctrl.element.get("ports")))
         ctx.device(props | ctx.pci_props(ctrl.element.find("address"), "virtio-serial"))
         ctx.virtio_serial.add(idx)
     if needed and 0 not in ctx.virtio_serial:
@@ -227,18 +217,59 @@ def build_interfaces(ctx: BuildContext) -> None:
 
 def build_inputs(ctx: BuildContext) -> None:
     for i, inp in enumerate(ctx.defn.inputs):
+        el = inp.element
         bus = inp.bus or ("usb" if inp.type == "tablet" else "ps2")
+        if inp.type == "evdev":
+            src = el.find("source")
+            dev = src.get("dev") if src is not None else None
+            if not dev:
+                raise ConfigUnsupported("<input type='evdev'> needs <source dev=...>")
+            obj: dict[str, Any] = {"qom-type": "input-linux", "id": f"input{i}", "evdev": dev}
+            if src is not None:
+                if src.get("repeat") in ("on", "off"):
+                    obj["repeat"] = src.get("repeat") == "on"
+                if src.get("grab") == "all":
+                    obj["grab_all"] = True
+                if src.get("grabToggle"):
+                    obj["grab-toggle"] = src.get("grabToggle")
+            ctx.add("-object", json_arg(obj))
+            ctx.host_devices.append(dev)
+            continue
         if bus == "ps2" and inp.type in ("mouse", "keyboard"):
             continue  # built into the i8042 of pc/q35
+        if inp.type == "passthrough":
+            if bus != "virtio":
+                raise unsupported(f"<input type='passthrough' bus='{bus}'>")
+            src = el.find("source")
+            evdev = src.get("evdev") if src is not None else None
+            if not evdev:
+                raise ConfigUnsupported("<input type='passthrough'> needs <source evdev=...>")
+            props = virtio_props("virtio-input-host", el, el.get("model")) | {
+                "id": f"input{i}", "evdev": evdev,
+            }  # fmt: skip
+            ctx.host_devices.append(evdev)
+            ctx.device(props | ctx.addr_props(el, "<input type='passthrough'>"))
+            continue
+        if bus == "virtio":
+            base = {"tablet": "virtio-tablet", "mouse": "virtio-mouse",
+                    "keyboard": "virtio-keyboard"}.get(inp.type)  # fmt: skip
+            if base is None:
+                raise unsupported(f"<input type='{inp.type}' bus='virtio'>")
+            props = virtio_props(base, el, el.get("model")) | {"id": f"input{i}"}
+            ctx.device(props | ctx.addr_props(el, f"<input type='{inp.type}'>"))
+            continue
+        if el.get("model") is not None:
+            raise ConfigUnsupported(
+                f"virtio (non-)transitional models are not supported for input type={inp.type}"
+            )
         driver = INPUT_DEVICES.get((inp.type, bus))
         if driver is None:
             raise unsupported(f"<input type='{inp.type}' bus='{bus}'>")
-        props: dict[str, Any] = {"driver": driver, "id": f"input{i}"}
-        addr = inp.element.find("address")
+        props = {"driver": driver, "id": f"input{i}"}
         if bus == "usb":
-            props |= usb_props(ctx, addr)
+            props |= usb_props(ctx, el.find("address"))
         else:
-            props |= ctx.pci_props(addr, f"<input type='{inp.type}'>")
+            props |= ctx.addr_props(el, f"<input type='{inp.type}'>")
         ctx.device(props)
 
 
@@ -277,9 +308,9 @@ def build_videos(ctx: BuildContext) -> None:
             assert m is not None
             for attr, prop in (("ram", "ram_size"), ("vram", "vram_size")):
                 if m.get(attr):
-                    props[prop] = int_attr(m, attr, "<video><model", maximum=1 << 22) * 1024
+                    props[prop] = int(str(m.get(attr))) * 1024
             if m.get("vgamem"):
-                props["vgamem_mb"] = int_attr(m, "vgamem", "<video><model", maximum=1 << 22) // 1024
+                props["vgamem_mb"] = int(str(m.get("vgamem"))) // 1024
         if video.heads and video.heads > 1:
             props["max_outputs"] = video.heads
         if driver != "ramfb":
@@ -295,7 +326,7 @@ def build_audio_backends(ctx: BuildContext) -> None:
             raise unsupported(f"<audio type='{atype}'> (none and spice are)")
         if atype == "spice" and not ctx.spice:
             raise ConfigUnsupported("<audio type='spice'> needs <graphics type='spice'>")
-        aid = f"audio{int_attr(el, 'id', '<audio', default='1', maximum=255)}"
+        aid = f"audio{el.get('id', '1')}"
         ctx.add("-audiodev", f"driver={atype},id={aid}")
         ctx.audio_ids.append(aid)
     if ctx.defn.sounds and not ctx.audio_ids:
@@ -303,34 +334,45 @@ def build_audio_backends(ctx: BuildContext) -> None:
         ctx.audio_ids.append("audio1")
 
 
+HDA = {"ich9": "ich9-intel-hda", "ich6": "intel-hda", "ich7": "intel-hda"}
+CODECS = {"duplex": "hda-duplex", "micro": "hda-micro", "output": "hda-output"}
+
+
 def build_sounds(ctx: BuildContext) -> None:
     for i, sound in enumerate(ctx.defn.sounds):
-        hda = {"ich9": "ich9-intel-hda", "ich6": "intel-hda"}.get(sound.model)
-        audio_el = sound.element.find("audio")
-        audio = (
-            f"audio{int_attr(audio_el, 'id', '<sound><audio', maximum=255)}"
-            if audio_el is not None
-            else ctx.audio_ids[0]
-        )
-        addr = sound.element.find("address")
-        if hda is not None:
-            ctx.device({"driver": hda, "id": f"sound{i}"} | ctx.pci_props(addr, "sound"))
-            ctx.device(
-                {
-                    "driver": "hda-duplex",
-                    "id": f"sound{i}-codec0",
-                    "bus": f"sound{i}.0",
-                    "cad": 0,
-                    "audiodev": audio,
-                }
-            )
-        elif sound.model == "ac97":
-            ctx.device(
-                {"driver": "AC97", "id": f"sound{i}", "audiodev": audio}
-                | ctx.pci_props(addr, "sound")
-            )
+        el = sound.element
+        audio_el = el.find("audio")
+        audio = f"audio{audio_el.get('id')}" if audio_el is not None else ctx.audio_ids[0]
+        model = sound.model
+        sid = f"sound{i}"
+        if model in HDA:
+            ctx.device({"driver": HDA[model], "id": sid} | ctx.addr_props(el, "sound"))
+            codecs = el.findall("codec") or [None]
+            for n, codec in enumerate(codecs):
+                ctype = codec.get("type", "duplex") if codec is not None else "duplex"
+                if ctype not in CODECS:
+                    raise XMLError(f"invalid <codec type='{ctype}'>")
+                ctx.device({"driver": CODECS[ctype], "id": f"{sid}-codec{n}", "bus": f"{sid}.0",
+                            "cad": n, "audiodev": audio})  # fmt: skip
+        elif model in ("ac97", "es1370"):
+            ctx.device({"driver": "AC97" if model == "ac97" else "ES1370", "id": sid,
+                        "audiodev": audio} | ctx.addr_props(el, "sound"))  # fmt: skip
+        elif model == "sb16":
+            ctx.device({"driver": "sb16", "id": sid, "audiodev": audio})
+        elif model == "pcspk":
+            continue  # a machine property (pcspk-audiodev)
+        elif model == "usb":
+            props = {"driver": "usb-audio", "id": sid, "audiodev": audio}
+            if el.get("multichannel") in ("yes", "no"):
+                props["multi"] = el.get("multichannel") == "yes"
+            ctx.device(props | usb_props(ctx, el.find("address")))
+        elif model == "virtio":
+            props = virtio_props("virtio-sound", el) | {"id": sid, "audiodev": audio}
+            if el.get("streams"):
+                props["streams"] = int(str(el.get("streams")))
+            ctx.device(props | ctx.addr_props(el, "sound"))
         else:
-            raise unsupported(f"<sound model='{sound.model}'>")
+            raise unsupported(f"<sound model='{model}'>")
 
 
 def build_watchdogs(ctx: BuildContext) -> None:
@@ -367,25 +409,66 @@ def build_watchdogs(ctx: BuildContext) -> None:
 
 def build_rngs(ctx: BuildContext) -> None:
     for i, rng in enumerate(ctx.defn.rngs):
-        if rng.model != "virtio":
+        el = rng.element
+        if rng.model not in ("virtio", "virtio-transitional", "virtio-non-transitional"):
             raise unsupported(f"<rng model='{rng.model}'>")
         obj: dict[str, Any] = {"id": f"objrng{i}"}
         if rng.backend_model in (None, "random"):
             obj |= {"qom-type": "rng-random", "filename": rng.backend_path or "/dev/urandom"}
+            obj = {"qom-type": obj.pop("qom-type"), **obj}
         elif rng.backend_model == "builtin":
             obj["qom-type"] = "rng-builtin"
+            obj = {"qom-type": obj.pop("qom-type"), **obj}
+        elif rng.backend_model == "egd":
+            from drivers.qemu.argv_chardev import _backend as chardev_backend
+            from virtbus.domain.model import CharDevice
+
+            backend = el.find("backend")
+            assert backend is not None
+            src = backend.find("source")
+            cd = CharDevice(kind="rng", index=i, type=backend.get("type", "pty"),
+                            source_path=src.get("path") if src is not None else None,
+                            source_mode=src.get("mode") if src is not None else None,
+                            source_host=src.get("host") if src is not None else None,
+                            source_service=src.get("service") if src is not None else None,
+                            protocol=backend.find("protocol").get("type")  # type: ignore[union-attr]
+                            if backend.find("protocol") is not None else None,
+                            target_type=None, target_port=None, target_name=None,
+                            element=backend)  # fmt: skip
+            value, _path = chardev_backend(ctx, cd, f"charrng{i}", f"rng{i}.sock")
+            ctx.add("-chardev", value)
+            obj = {"qom-type": "rng-egd", "id": f"objrng{i}", "chardev": f"charrng{i}"}
         else:
             raise unsupported(f"<rng><backend model='{rng.backend_model}'>")
         ctx.add("-object", json_arg(obj))
-        props: dict[str, Any] = {"driver": "virtio-rng-pci", "rng": f"objrng{i}", "id": f"rng{i}"}
-        ctx.device(props | ctx.pci_props(rng.element.find("address"), "rng"))
+        props = virtio_props("virtio-rng", el, rng.model if rng.model != "virtio" else None)
+        props |= {"rng": f"objrng{i}", "id": f"rng{i}"}
+        rate = el.find("rate")
+        if rate is not None and rate.get("bytes"):
+            props["max-bytes"] = int(str(rate.get("bytes")))
+            props["period"] = int(rate.get("period", "1000"))
+        ctx.device(props | ctx.addr_props(el, "rng"))
 
 
 def build_panics(ctx: BuildContext) -> None:
+    seen: set[str] = set()
     for panic in ctx.defn.panics:
-        if panic.model not in (None, "isa", "pvpanic"):
-            raise unsupported(f"<panic model='{panic.model}'>")
-        ctx.device({"driver": "pvpanic", "id": "panic0"})
+        model = panic.model or "isa"
+        if model in seen:
+            raise XMLError(f"Multiple panic devices with model '{model}'")
+        seen.add(model)
+        if model == "isa":
+            props: dict[str, Any] = {"driver": "pvpanic"}
+            a = panic.element.find("address")
+            if a is not None and a.get("type") == "isa" and a.get("iobase"):
+                props["ioport"] = int(str(a.get("iobase")), 0)
+            ctx.device(props)
+        elif model == "pvpanic":
+            ctx.device({"driver": "pvpanic-pci"} | ctx.addr_props(panic.element, "<panic>"))
+        elif model == "hyperv":
+            continue  # a CPU flag (hv-crash)
+        else:
+            raise unsupported(f"<panic model='{model}'> on x86")
 
 
 def build_memballoon(ctx: BuildContext) -> bool:
@@ -393,11 +476,18 @@ def build_memballoon(ctx: BuildContext) -> bool:
     bal = ctx.defn.memballoon
     if bal is not None and bal.model == "none":
         return False
-    if bal is not None and bal.model != "virtio":
+    if bal is not None and bal.model not in ("virtio", "virtio-transitional",
+                                             "virtio-non-transitional"):  # fmt: skip
         raise unsupported(f"<memballoon model='{bal.model}'>")
-    props: dict[str, Any] = {"driver": "virtio-balloon-pci", "id": "balloon0"}
-    if bal is not None and bal.autodeflate:
-        props["deflate-on-oom"] = True
-    addr = bal.element.find("address") if bal is not None else None
-    ctx.device(props | ctx.pci_props(addr, "memballoon"))
+    if bal is None:
+        props: dict[str, Any] = {"driver": "virtio-balloon-pci"}
+    else:
+        props = virtio_props("virtio-balloon", bal.element,
+                             bal.model if bal.model != "virtio" else None)  # fmt: skip
+    props["id"] = "balloon0"
+    if bal is not None and bal.autodeflate is not None:
+        props["deflate-on-oom"] = bal.autodeflate
+    if bal is not None and bal.element.get("freePageReporting") in ("on", "off"):
+        props["free-page-reporting"] = bal.element.get("freePageReporting") == "on"
+    ctx.device(props | (ctx.addr_props(bal.element, "memballoon") if bal is not None else {}))
     return True
