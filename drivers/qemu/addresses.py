@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from lxml import etree
 
 from drivers.qemu import pci_address as pa
-from drivers.qemu.pci_address import F, Addr, AddressSet
+from drivers.qemu.pci_address import Addr, AddressSet, F
 from virtbus.domain.model import Element
 from virtbus.errors import ConfigUnsupported, XMLError
 
@@ -75,6 +75,8 @@ def pci_address(el: Element) -> tuple[str, Addr | None]:
     atype = a.get("type")
     if atype != "pci":
         return atype or "none", None
+    if a.find("zpci") is not None:
+        raise ConfigUnsupported("This QEMU binary doesn't support zPCI")
     addr = Addr(_int(a, "domain"), _int(a, "bus"), _int(a, "slot"), _int(a, "function"))
     if addr.domain > 0xFFFF:
         raise XMLError(f"Invalid PCI address domain='{a.get('domain')}', must be <= 0xFFFF")
@@ -590,9 +592,7 @@ class PciPlan:
 
     def _write(self, devs: list[PciDev]) -> None:
         for dev in devs:
-            if dev.addr is not None and dev.el.find("address") is None:
-                set_pci_address(dev.el, dev.addr)
-            elif dev.addr is not None and pci_address(dev.el)[0] == "wanted":
+            if (dev.addr is not None and dev.el.find("address") is None) or (dev.addr is not None and pci_address(dev.el)[0] == "wanted"):
                 set_pci_address(dev.el, dev.addr)
 
     def _set_all_multi(self, devs: list[PciDev]) -> None:

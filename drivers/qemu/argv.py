@@ -21,17 +21,16 @@ from pathlib import Path
 
 from drivers.qemu import argv_chardev as chardev
 from drivers.qemu import argv_controllers as ctl
+from drivers.qemu import argv_devices as devices
 from drivers.qemu import argv_fs as fs
 from drivers.qemu import argv_graphics as graphics
 from drivers.qemu import argv_hostdev as hostdev
-from drivers.qemu import argv_net as net
-from drivers.qemu import argv_devices as devices
 from drivers.qemu import argv_machine as mach
 from drivers.qemu import argv_memory as memory
 from drivers.qemu import argv_misc as misc
-from drivers.qemu import cputune
+from drivers.qemu import argv_net as net
 from drivers.qemu import argv_storage as storage
-from drivers.qemu import postparse
+from drivers.qemu import cputune, postparse
 from drivers.qemu.argv_chardev import SpiceRuntime, VncRuntime
 from drivers.qemu.argv_common import (
     ArgvSettings,
@@ -132,6 +131,7 @@ class QemuLaunch:
     passwords: tuple[graphics.Password, ...] = ()  # display passwords set over QMP
     dbus_address: str | None = None  # a D-Bus the display needs (the driver runs it)
     helpers: tuple[HelperSpec, ...] = ()  # per-domain processes to start before QEMU
+    overlays: tuple[storage.Overlay, ...] = ()  # transient disks: create before, delete after
 
 
 def disk_paths(defn: DomainDefinition) -> list[str]:
@@ -186,7 +186,7 @@ def build_command(
     """
     postparse.complete(
         defn, live=True, firmware=host.firmware if host is not None else None,
-        nvram_dir=settings.nvram_dir,
+        nvram_dir=settings.nvram_dir, caps=caps,
     )  # fmt: skip
     _check_top_level(defn)
     accel = _accel(defn, kvm_available)
@@ -321,6 +321,7 @@ def build_command(
         dbus_address=ctx.dbus_address,
         helpers=tuple(ctx.helpers),
         host_devices=tuple(ctx.host_devices),
+        overlays=tuple(ctx.overlays),
     )
 
 
@@ -340,9 +341,7 @@ def _check_top_level(defn: DomainDefinition) -> None:
     extra = unknown_devices(defn, SUPPORTED_DEVICES)
     if extra:
         raise unsupported(f"device {', '.join(extra)}")
-    seclabel = defn.root.find("seclabel")
-    if seclabel is not None and seclabel.get("type", "dynamic") != "none":
-        raise unsupported(f"<seclabel type='{seclabel.get('type', 'dynamic')}'>")
+    _check_seclabels(defn)
     if defn.os.type != "hvm":
         raise unsupported(f"<os><type>{defn.os.type}</type>")
     if defn.os.arch not in (None, "x86_64", "i686"):
@@ -350,9 +349,37 @@ def _check_top_level(defn: DomainDefinition) -> None:
     for child in defn.os.element:
         if isinstance(child.tag, str) and child.tag not in _OS_CHILDREN:
             raise unsupported(f"<os><{child.tag}>")
-    smbios = defn.os.element.find("smbios")
-    if smbios is not None and smbios.get("mode", "emulate") != "emulate":
-        raise unsupported(f"<smbios mode='{smbios.get('mode')}'>")
+
+
+def _check_seclabels(defn: DomainDefinition) -> None:
+    """libvirt's seclabel rules; then only ``type='none'`` (virtbus has no security
+    driver, like libvirt with ``security_driver = "none"``)."""
+    labels = defn.root.findall("seclabel")
+    models: set[str] = set()
+    for label in labels:
+        model = label.get("model")
+        if model is None and len(labels) > 1:
+            raise XMLError("missing security model when using multiple labels")
+        if model is not None:
+            if model in models:
+                raise XMLError(f"seclabel for model {model} is already provided")
+            models.add(model)
+        if label.get("relabel") == "yes" and label.get("type") == "static" and (
+            label.find("label") is None
+        ):
+            raise XMLError(f"Cannot specify relabel if label is missing. model={model}")
+    for el in defn.elements("devices//seclabel"):
+        if el.get("relabel") == "yes" and el.find("label") is None and el.get("model"):
+            raise XMLError(
+                f"Cannot specify relabel if label is missing. model={el.get('model')}"
+            )
+        if len(labels) > 1 and el.get("model") is None:
+            raise XMLError("missing security model when using multiple labels")
+    for label in labels:
+        if label.get("type", "dynamic") != "none":
+            raise unsupported(
+                f"<seclabel type='{label.get('type', 'dynamic')}'> (no security driver here)"
+            )
 
 
 def _accel(defn: DomainDefinition, kvm_available: bool) -> str:
@@ -400,8 +427,10 @@ def _assign_boot_order(ctx: BuildContext) -> None:
             key = next((("disk", d.index) for d in defn.disks if d.device == "cdrom"), None)
         elif dev == "network":
             key = ("interface", 0) if defn.interfaces else None
+        elif dev == "fd":
+            key = next((("disk", d.index) for d in defn.disks if d.device == "floppy"), None)
         else:
-            raise unsupported(f"<boot dev='{dev}'> (no floppy)")
+            raise unsupported(f"<boot dev='{dev}'>")
         if key is not None and key not in ctx.bootindex:
             ctx.bootindex[key] = order
             order += 1
@@ -409,7 +438,24 @@ def _assign_boot_order(ctx: BuildContext) -> None:
 
 def _boot(ctx: BuildContext) -> None:
     os_ = ctx.defn.os
-    opts = "strict=on" + (",menu=on" if os_.bootmenu else "")
+    opts = "strict=on"
+    if os_.bootmenu is not None:
+        opts = ("menu=on," if os_.bootmenu else "menu=off,") + opts
+    menu = os_.element.find("bootmenu")
+    timeout = menu.get("timeout") if menu is not None else None
+    if timeout is not None:
+        if not timeout.isdigit() or int(timeout) > 65535:
+            raise ConfigUnsupported(
+                "invalid value for boot menu timeout, must be in range [0,65535]"
+            )
+        if os_.bootmenu:
+            opts += f",splash-time={int(timeout)}"
+    bios = os_.element.find("bios")
+    if bios is not None and bios.get("rebootTimeout") is not None:
+        reboot = int(str(bios.get("rebootTimeout")))
+        if not -1 <= reboot <= 65535:
+            raise ConfigUnsupported("invalid value for rebootTimeout, must be in range [-1,65535]")
+        opts += f",reboot-timeout={reboot}"
     ctx.add("-boot", opts)
     if os_.dtb:
         raise unsupported("<os><dtb>")

@@ -124,14 +124,15 @@ def _backend(
         return f"{kind},id={cid},path={kv_escape(cd.source_path)}{log}", None
     if cd.type == "unix":
         src = _source(el)
-        if cd.kind in ("serial", "console", "parallel", "redirdev", "smartcard") and (
+        if cd.kind in ("serial", "console", "parallel", "redirdev", "smartcard", "rng") and (
             not cd.source_path
         ):
             raise ConfigUnsupported("Missing source path attribute for char device")
         path = Path(cd.source_path) if cd.source_path else ctx.socket_path(default_sock)
         if cd.source_path:
             ctx.check_socket(path)
-        listen = (cd.source_mode or ("bind" if not cd.source_path else "connect")) == "bind"
+        # a generated path is always served by QEMU (libvirt forces listen mode)
+        listen = not cd.source_path or (cd.source_mode or "connect") == "bind"
         opts = f"socket,id={cid},path={kv_escape(str(path))}"
         if listen:
             opts += ",server=on,wait=off"
@@ -174,8 +175,10 @@ def _backend(
             opts += f",mouse={'on' if mouse is None or mouse.get('mode') == 'client' else 'off'}"
         return opts, None
     if cd.type == "dbus":
-        if not any(g.type == "dbus" for g in ctx.defn.graphics):
-            raise ConfigUnsupported(f"{where} needs <graphics type='dbus'>")
+        if ctx.dbus_address is None and not any(
+            g.type == "dbus" and g.element.get("p2p") == "yes" for g in ctx.defn.graphics
+        ):
+            ctx.dbus_address = f"unix:path={ctx.run_dir / (ctx.defn.uuid + '-dbus.sock')}"
         src = el.find("source")
         channel = src.get("channel") if src is not None else None
         name = channel or ("org.qemu.usbredir" if cd.kind == "redirdev"

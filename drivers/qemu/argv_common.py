@@ -67,11 +67,18 @@ class ArgvSettings:
     swtpm: str = "swtpm"
     swtpm_setup: str = "swtpm_setup"
     dbus_daemon: str = "dbus-daemon"
+    vhost_user_gpu: str = "/usr/lib/qemu/vhost-user-gpu"
     swtpm_state_dir: Path = Path("/var/lib/virtbus/swtpm")
     #: where NVRAM (UEFI variable store) files live when a definition names none
     nvram_dir: Path = Path("/var/lib/virtbus/nvram")
     #: where file-backed guest RAM (<memoryBacking><source type='file'/>) is created
     memory_backing_dir: Path = Path("/var/lib/virtbus/ram")
+
+
+def secret_path(settings: ArgvSettings, key: str) -> Path:
+    """The file holding a libvirt secret (by uuid or usage name), base64 as
+    ``virsh secret-set-value`` takes it; one name per secret, no path tricks."""
+    return settings.secrets_dir / "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +196,7 @@ class BuildContext:
     audio_ids: list[str] = field(default_factory=list)
     secrets: list[Any] = field(default_factory=list)  # argv_storage.SecretRef
     host_devices: list[str] = field(default_factory=list)  # sysfs paths start must find
+    overlays: list[Any] = field(default_factory=list)  # argv_storage.Overlay
     objects: set[str] = field(default_factory=set)  # -object ids already emitted
     throttle_groups: set[str] = field(default_factory=set)
     fdc_boot: dict[int, int] = field(default_factory=dict)  # floppy unit -> bootindex

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from lxml import etree
+
 from drivers.qemu.argv_common import BuildContext, NetRuntime, json_arg, kv_escape, unsupported
-from drivers.qemu.argv_virtio import virtio_props
-from virtbus.domain.model import Controller, Interface
+from drivers.qemu.argv_virtio import check_virtio_options_absent, virtio_props
+from drivers.qemu.helpers import HelperSpec
+from virtbus.domain.model import Controller, Element, Interface
 from virtbus.errors import ConfigUnsupported, XMLError
 
 USB_MODELS = {
@@ -235,6 +239,12 @@ def build_inputs(ctx: BuildContext) -> None:
             ctx.add("-object", json_arg(obj))
             ctx.host_devices.append(dev)
             continue
+        if el.get("model") is not None and (
+            bus != "virtio" or el.get("model") in ("virtio-transitional", "virtio-non-transitional")
+        ):
+            raise ConfigUnsupported(
+                f"virtio (non-)transitional models are not supported for input type={inp.type}"
+            )
         if bus == "ps2" and inp.type in ("mouse", "keyboard"):
             continue  # built into the i8042 of pc/q35
         if inp.type == "passthrough":
@@ -289,34 +299,158 @@ def usb_props(ctx: BuildContext, addr: Any) -> dict[str, Any]:
     return props
 
 
+#: models with a VGA-compatible variant for the primary card, and the secondary variant
+PRIMARY_VIDEO = {"vga": "VGA", "cirrus": "cirrus-vga", "vmvga": "vmware-svga",
+                 "qxl": "qxl-vga", "virtio": "virtio-vga", "bochs": "bochs-display",
+                 "ramfb": "ramfb"}  # fmt: skip
+SECONDARY_VIDEO = {"qxl": "qxl", "virtio": "virtio-gpu"}
+
+
+def _video_driver(ctx: BuildContext, vtype: str, primary: bool, vhost: bool,
+                  accel3d: bool) -> tuple[str, bool]:  # fmt: skip
+    """(driver, is virtio) as libvirt's qemuDeviceVideoGetModel picks them."""
+    has = ctx.caps.has_device if ctx.caps is not None else (lambda _name: True)
+    if vtype == "virtio" and primary:
+        primary = has("vhost-user-vga" if vhost else "virtio-vga")
+    if vhost:
+        return ("vhost-user-vga", False) if primary else ("vhost-user-gpu-pci", True)
+    if primary:
+        model = PRIMARY_VIDEO.get(vtype)
+        if model == "virtio-vga" and accel3d and has("virtio-vga-gl"):
+            model = "virtio-vga-gl"
+        if model is None:
+            raise unsupported(f"<video><model type='{vtype}'>")
+        return model, vtype == "virtio"
+    model = SECONDARY_VIDEO.get(vtype)
+    if model is None:
+        raise ConfigUnsupported(f"video type '{vtype}' is only valid as primary video device")
+    if model == "virtio-gpu":
+        return ("virtio-gpu-gl-pci" if accel3d and has("virtio-gpu-gl-pci")
+                else "virtio-gpu-pci"), True  # fmt: skip
+    return model, False
+
+
+def _kib(model: Element, attr: str) -> int:
+    value = model.get(attr)
+    return int(value) if value else 0
+
+
+def _check_video(vtype: str, model: Element, video: Element) -> None:
+    """libvirt's domain_validate.c and qemu_validate.c video checks."""
+    accel = model.find("acceleration")
+    if accel is not None and accel.get("accel2d") == "yes":
+        raise ConfigUnsupported("qemu does not support the accel2d setting")
+    driver = video.find("driver")
+    vhost = driver is not None and driver.get("name") == "vhostuser"
+    if vhost and vtype != "virtio":
+        raise ConfigUnsupported("'vhostuser' driver is only supported with 'virtio' device")
+    if not vhost and accel is not None and accel.get("rendernode"):
+        raise ConfigUnsupported("unsupported rendernode accel attribute without 'vhostuser'")
+    if accel is not None and accel.get("accel3d") == "yes" and vtype != "virtio" and not vhost:
+        raise ConfigUnsupported("3d acceleration is supported only with 'virtio' video device")
+    if vtype != "qxl":
+        for attr in ("ram", "vram64", "vgamem"):
+            if _kib(model, attr):
+                raise ConfigUnsupported(f"{attr} attribute only supported for video type qxl")
+    else:
+        vgamem = _kib(model, "vgamem")
+        if vgamem and vgamem < 1024:
+            raise ConfigUnsupported("value for 'vgamem' must be at least 1 MiB (1024 KiB)")
+        if vgamem & (vgamem - 1):
+            raise ConfigUnsupported("value for 'vgamem' must be power of two")
+        for attr in ("vram", "ram"):
+            if _kib(model, attr) > 0xFFFFFFFF // 1024:
+                limit = 0xFFFFFFFF // 1024
+                raise ConfigUnsupported(f"value for '{attr}' must be less than '{limit}'")
+    if vtype in ("vga", "vmvga") and 0 < _kib(model, "vram") < 1024:
+        raise ConfigUnsupported("value for 'vram' must be at least 1 MiB (1024 KiB)")
+    res = model.find("resolution")
+    if res is not None:
+        if vtype not in ("vga", "qxl", "virtio", "bochs"):
+            raise XMLError("model resolution is not supported")
+        if not int(res.get("x", "0")) or not int(res.get("y", "0")):
+            raise ConfigUnsupported("video resolution values must be greater than 0")
+    if vtype == "ramfb" and video.find("address") is not None:
+        raise ConfigUnsupported("address not supported for video type ramfb")
+    if vtype != "virtio":
+        check_virtio_options_absent(video)
+        if model.get("blob") is not None:
+            raise ConfigUnsupported(f"video type '{vtype}' does not support blob resources")
+    if vtype not in ("qxl", "virtio"):
+        heads = model.get("heads")
+        if heads is not None and heads != "1":
+            raise ConfigUnsupported(f"video type '{vtype}' doesn't support multiple 'heads'")
+
+
 def build_videos(ctx: BuildContext) -> None:
+    """``-device`` per ``<video>``, as libvirt's qemuBuildVideoCommandLine builds them."""
     for i, video in enumerate(ctx.defn.videos):
-        model = video.model or "vga"
-        if model == "none":
+        el = video.element
+        model = el.find("model")
+        vtype = (model.get("type") if model is not None else None) or "cirrus"
+        if vtype == "none":
             continue
-        if model not in VIDEO_MODELS:
-            raise unsupported(f"<video><model type='{model}'>")
-        primary, secondary = VIDEO_MODELS[model]
-        driver = primary if i == 0 else secondary
-        if driver is None:
-            raise unsupported(f"secondary <video><model type='{model}'>")
-        props: dict[str, Any] = {"driver": driver, "id": f"video{i}"}
-        if model == "qxl":
-            if ctx.caps is not None and not ctx.caps.spice:
-                raise unsupported("<video><model type='qxl'> (this QEMU has no spice/qxl)")
-            m = video.element.find("model")
-            assert m is not None
-            for attr, prop in (("ram", "ram_size"), ("vram", "vram_size")):
-                if m.get(attr):
-                    props[prop] = int(str(m.get(attr))) * 1024
-            if m.get("vgamem"):
-                props["vgamem_mb"] = int(str(m.get("vgamem"))) // 1024
-        if video.heads and video.heads > 1:
-            props["max_outputs"] = video.heads
+        if model is None:
+            model = etree.SubElement(el, "model", type=vtype)
+        _check_video(vtype, model, el)
+        if vtype == "qxl" and ctx.caps is not None and not ctx.caps.spice:
+            raise unsupported("<video><model type='qxl'> (this QEMU has no spice/qxl)")
+        drv = el.find("driver")
+        vhost = drv is not None and drv.get("name") == "vhostuser"
+        accel = model.find("acceleration")
+        accel3d = accel is not None and accel.get("accel3d") == "yes"
+        primary = video.primary or i == 0
+        if not primary and vtype not in SECONDARY_VIDEO:
+            raise ConfigUnsupported(f"video type '{vtype}' is only valid as primary video device")
+        driver, virtio = _video_driver(ctx, vtype, primary, vhost, accel3d)
+        ctx.require_device(driver)
+        vid = f"video{i}"
+        props: dict[str, Any] = (
+            virtio_props(driver, el, suffix=False) if virtio else {"driver": driver}
+        )
+        props["id"] = vid
+        heads = int(model.get("heads", "1"))
+        if vtype in ("qxl", "virtio") and heads:
+            props["max_outputs"] = heads
+        if vtype == "qxl":
+            props |= {"ram_size": _kib(model, "ram") * 1024,
+                      "vram_size": _kib(model, "vram") * 1024,
+                      "vram64_size_mb": _kib(model, "vram64") // 1024,
+                      "vgamem_mb": _kib(model, "vgamem") // 1024}  # fmt: skip
+            if not props["ram_size"]:
+                del props["ram_size"]
+            if not props["vram_size"]:
+                del props["vram_size"]
+        elif vhost:
+            chardev = f"chr-vu-{vid}"
+            socket = ctx.socket_path(f"{vid}-vhost-user-gpu.sock")
+            ctx.add("-chardev", f"socket,id={chardev},path={kv_escape(str(socket))}")
+            props["chardev"] = chardev
+            ctx.helpers.append(_vhost_user_gpu(ctx, vid, socket, accel))
+        elif vtype in ("vga", "vmvga") and _kib(model, "vram"):
+            props["vgamem_mb"] = _kib(model, "vram") // 1024
+        elif vtype == "bochs" and _kib(model, "vram"):
+            props["vgamem"] = _kib(model, "vram") * 1024
+        elif vtype == "virtio" and model.get("blob") in ("on", "off"):
+            props["blob"] = model.get("blob") == "on"
+        res = model.find("resolution")
+        if res is not None:
+            props |= {"xres": int(str(res.get("x"))), "yres": int(str(res.get("y")))}
         if driver != "ramfb":
             preferred = (1 if ctx.q35 else 2) if i == 0 else None
-            props |= ctx.pci_props(video.element.find("address"), f"video #{i}", preferred)
+            props |= ctx.pci_props(el.find("address"), f"video #{i}", preferred)
         ctx.device(props)
+
+
+def _vhost_user_gpu(ctx: BuildContext, vid: str, socket: Path,
+                    accel: Element | None) -> HelperSpec:  # fmt: skip
+    """The vhost-user-gpu backend QEMU connects to (libvirt runs it per video device)."""
+    argv = [ctx.settings.vhost_user_gpu, f"--socket-path={socket}"]
+    if accel is not None and accel.get("rendernode"):
+        argv.append(f"--render-node={accel.get('rendernode')}")
+    if accel is not None and accel.get("accel3d") == "yes":
+        argv.append("--virgl")
+    return HelperSpec("vhost-user-gpu", vid, tuple(argv), socket)
 
 
 def build_audio_backends(ctx: BuildContext) -> None:

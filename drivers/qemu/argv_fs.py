@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from drivers.qemu.argv_common import BuildContext, unsupported
+from drivers.qemu.argv_common import BuildContext, secret_path, unsupported
 from drivers.qemu.argv_virtio import virtio_props
 from drivers.qemu.helpers import HelperSpec
 from virtbus.errors import ConfigUnsupported, XMLError
@@ -66,6 +66,14 @@ def build_filesystems(ctx: BuildContext) -> None:
             boot = fs.find("boot")
             if boot is not None and boot.get("order"):
                 props["bootindex"] = int(str(boot.get("order")))
+            ctx.device(props | ctx.addr_props(fs, f"<filesystem> #{i}"))
+            continue
+        if dtype == "mtp":
+            path = src.get("dir") if src is not None else None
+            if not path:
+                raise XMLError(f"<filesystem> #{i} needs <source dir=...>")
+            props = {"driver": "usb-mtp", "id": fs_id, "rootdir": path, "desc": tag,
+                     "readonly": fs.find("readonly") is not None}  # fmt: skip
             ctx.device(props | ctx.addr_props(fs, f"<filesystem> #{i}"))
             continue
         if dtype not in (None, "path", "handle"):
@@ -194,8 +202,14 @@ def _swtpm(ctx: BuildContext, tpm: Any, backend: Any, model: str, dev_id: str,
         raise ConfigUnsupported("TPM version '1.2' is not supported")
     if host is not None and version == "2.0" and not host.swtpm_tpm20:
         raise ConfigUnsupported("TPM version '2.0' is not supported")
-    if backend.find("encryption") is not None:
-        raise unsupported("<tpm><backend><encryption> (no secret store for swtpm keys)")
+    enc = backend.find("encryption")
+    secrets: tuple[tuple[Path, Path], ...] = ()
+    if enc is not None:
+        if not enc.get("secret"):
+            raise XMLError("missing secret uuid for TPM encryption")
+        source = secret_path(ctx.settings, str(enc.get("secret")))
+        raw = ctx.run_dir / f"{ctx.defn.uuid}.{dev_id}-swtpm.pwd"
+        secrets = ((source, raw),)
     src = backend.find("source")
     if src is not None and src.get("path"):
         state = Path(str(src.get("path")))
@@ -211,17 +225,24 @@ def _swtpm(ctx: BuildContext, tpm: Any, backend: Any, model: str, dev_id: str,
             "--tpmstate", f"{state_arg},mode=0600", "--log", f"file={log}", "--terminate"]  # fmt: skip
     if version == "2.0":
         argv.append("--tpm2")
+    key: tuple[str, ...] = ()
+    if secrets:
+        # the state is encrypted at rest and in the migration stream (libvirt does both)
+        pwd = f"pwdfile={secrets[0][1]},mode=aes-256-cbc"
+        argv += ["--key", pwd, "--migration-key", pwd]
+        key = ("--pwdfile", str(secrets[0][1]), "--cipher", "aes-256-cbc")
     tpm2 = ("--tpm2",) if version == "2.0" else ()
     vmid = f"{ctx.defn.name}:{ctx.defn.uuid}"
     setup = ((ctx.settings.swtpm_setup, *tpm2, "--tpm-state", str(state), "--vmid", vmid,
               "--logfile", str(log), "--createek", "--create-ek-cert",
-              "--create-platform-cert", "--lock-nvram", "--not-overwrite"),)  # fmt: skip
+              "--create-platform-cert", "--lock-nvram", "--not-overwrite", *key),)  # fmt: skip
     pcr = backend.find("active_pcr_banks")
     if pcr is not None and version == "2.0":
         banks = ",".join(b.tag for b in pcr if isinstance(b.tag, str))
         if banks:
             setup = (*setup, (ctx.settings.swtpm_setup, "--tpm2", "--tpm-state", str(state),
-                              "--logfile", str(log), "--pcr-banks", banks))  # fmt: skip
+                              "--logfile", str(log), "--pcr-banks", banks, *key))  # fmt: skip
     incoming = ((ctx.settings.swtpm_setup, *tpm2, "--tpm-state", str(state), "--logfile",
-                 str(log), "--overwrite"),)  # fmt: skip
-    return HelperSpec("swtpm", dev_id, tuple(argv), socket, setup, incoming, state, (log,))
+                 str(log), "--overwrite", *key),)  # fmt: skip
+    return HelperSpec("swtpm", dev_id, tuple(argv), socket, setup, incoming, state, (log,),
+                      secrets)

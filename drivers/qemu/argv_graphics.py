@@ -266,7 +266,7 @@ def build_graphics(
     if gl_displays > 1:
         raise ConfigUnsupported("multiple OpenGL displays are not supported by QEMU")
     types = [g.type for g in ctx.defn.graphics]
-    if "egl-headless" in types and not any(t in ("vnc", "spice") for t in types):
+    if "egl-headless" in types and any(t not in ("vnc", "spice", "egl-headless") for t in types):
         raise ConfigUnsupported(
             "graphics type 'egl-headless' is only supported with one of: 'vnc', 'spice' "
             "graphics types"

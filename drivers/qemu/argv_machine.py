@@ -203,7 +203,7 @@ def firmware(ctx: BuildContext) -> list[str]:
     if loader.type in (None, "rom"):
         ctx.add("-bios", loader.path)
         return []
-    if ctx.defn.root.find("features/acpi") is None and ctx.q35 and os_.firmware == "efi" or (
+    if (ctx.defn.root.find("features/acpi") is None and ctx.q35 and os_.firmware == "efi") or (
         ctx.defn.root.find("features/acpi") is None and ctx.q35 and "OVMF" in loader.path
         and os_.firmware is None
     ):  # fmt: skip

@@ -128,20 +128,28 @@ def parse(ctx: BuildContext) -> Memory:
     slots = int(str(max_el.get("slots"))) if max_el is not None and max_el.get("slots") else None
     mem = Memory(pages, source, access, locked, nosharepages, discard, prealloc, threads,
                  cells, mode, placement, nodeset, memnodes, max_kib, slots)  # fmt: skip
+    for cell in cells:  # libvirt aligns cells to 1 MiB; sizes are bounded by 2^53-1 KiB
+        if -(-cell.memory_kib // 1024) * 1024 > 2**53 - 1:
+            raise ConfigUnsupported(
+                f"memory size of NUMA node '{cell.id}' overflowed after alignment"
+            )
     _check_pages(mem, ctx.host)
     return mem
 
 
 def _cells(root: Element) -> list[Cell]:
-    cells: list[Cell] = []
+    """The guest NUMA cells, by id; ids must be exactly 0..n-1 (in any order)."""
     els = root.findall("cpu/numa/cell")
-    for i, c in enumerate(els):
-        cid = int(c.get("id", str(i)))
-        if cid != i:
-            raise XMLError(
-                "Exactly one 'cell' element per guest NUMA cell allowed, non-contiguous ranges "
-                "or ranges not starting from 0 are not allowed"
-            )
+    ids = [int(c.get("id", str(i))) for i, c in enumerate(els)]
+    if sorted(ids) != list(range(len(els))):
+        raise XMLError(
+            "Exactly one 'cell' element per guest NUMA cell allowed, non-contiguous ranges "
+            "or ranges not starting from 0 are not allowed"
+        )
+    by_id = dict(zip(ids, els, strict=True))
+    cells: list[Cell] = []
+    for cid in range(len(els)):
+        c = by_id[cid]
         cpus = parse_bitmap(c.get("cpus", ""), "<cell cpus>") if c.get("cpus") else None
         mem_raw = c.get("memory")
         if mem_raw is None:
@@ -154,8 +162,8 @@ def _cells(root: Element) -> list[Cell]:
             )
         disc = c.get("discard")
         cells.append(Cell(cid, cpus, memory, access, None if disc is None else disc == "yes"))
-    for cell, c in zip(cells, els, strict=True):
-        for sib in c.findall("distances/sibling"):
+    for cell in cells:
+        for sib in by_id[cell.id].findall("distances/sibling"):
             sid = int(sib.get("id", "-1"))
             if not 0 <= sid < len(cells):
                 raise XMLError(
@@ -223,6 +231,8 @@ def _numatune(root: Element, cells: list[Cell], vcpus: int) -> tuple[
 
 def _check_pages(mem: Memory, host: HostFacts | None) -> None:
     defaults = [p for p in mem.pages if p.nodes is None]
+    if not mem.cells:  # without NUMA, a page for node 0 covers all memory too
+        defaults += [p for p in mem.pages if p.nodes is not None and 0 in p.nodes]
     if len(defaults) > 1:
         raise ConfigUnsupported(
             f"two master hugepages detected: {defaults[0].size_kib} and {defaults[1].size_kib}"

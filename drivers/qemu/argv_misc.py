@@ -12,6 +12,8 @@ from __future__ import annotations
 import uuid as _uuid
 from typing import Any
 
+from lxml import etree
+
 from drivers.qemu.argv_common import BuildContext, json_arg, kv_escape, unsupported
 from drivers.qemu.argv_virtio import virtio_props
 from virtbus.domain.model import Element
@@ -82,13 +84,14 @@ def build_iommu(ctx: BuildContext) -> None:
 def build_vsock(ctx: BuildContext) -> None:
     for el in ctx.defn.elements("devices/vsock"):
         cid = el.find("cid")
-        auto = cid is None or cid.get("auto", "yes") == "yes"
-        if auto and (cid is None or not cid.get("address")):
-            raise ConfigUnsupported(
-                "<vsock><cid auto='yes'>: virtbus does not pick guest CIDs; give "
-                "<cid auto='no' address='N'/>"
-            )
-        assert cid is not None
+        if cid is None:
+            cid = etree.SubElement(el, "cid", auto="yes")
+        if not cid.get("address"):
+            if cid.get("auto", "yes") != "yes":
+                raise XMLError("<vsock><cid auto='no'> needs an address")
+            # a stable CID from the uuid (libvirt probes the host for a free one; QEMU
+            # refuses to start on the rare collision, naming the CID)
+            cid.set("address", str(3 + _uuid.UUID(ctx.defn.uuid).int % (2**32 - 4)))
         props = virtio_props("vhost-vsock", el, el.get("model"))
         props |= {"id": "vsock0", "guest-cid": int(str(cid.get("address")))}
         ctx.device(props | ctx.addr_props(el, "<vsock>"))

@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from drivers.qemu import postparse
-from drivers.qemu.argv_common import BuildContext, DiskRuntime, json_arg, unsupported
+from drivers.qemu.argv_common import (
+    BuildContext,
+    DiskRuntime,
+    json_arg,
+    secret_path,
+    unsupported,
+)
 from drivers.qemu.argv_virtio import onoff, virtio_props
 from virtbus.domain.model import Disk, Element
 from virtbus.errors import ConfigUnsupported, XMLError
@@ -307,8 +313,7 @@ def _secret(ctx: BuildContext, secret: Element | None, object_id: str) -> str:
     key = secret.get("uuid") or secret.get("usage")
     if not key:
         raise ConfigUnsupported(f"{object_id}: <secret> needs a uuid or usage")
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-    path = ctx.settings.secrets_dir / safe
+    path = secret_path(ctx.settings, key)
     ctx.add("-object", json_arg({"qom-type": "secret", "id": object_id, "format": "base64",
                                  "file": str(path)}))  # fmt: skip
     ctx.secrets.append(SecretRef(object_id, path, key))
@@ -449,7 +454,7 @@ def _chain(disk: Disk) -> tuple[list[_Layer], bool]:
 
 
 def _storage_node(ctx: BuildContext, disk: Disk, layer: _Layer, node: str, *, top: bool,
-                  common: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+                  common: dict[str, Any], ro: bool) -> dict[str, Any]:  # fmt: skip
     src = layer.source
     if src is None:
         raise ConfigUnsupported(f"disk {disk.target_dev}: a backing layer has no <source>")
@@ -490,7 +495,7 @@ def _storage_node(ctx: BuildContext, disk: Disk, layer: _Layer, node: str, *, to
         raise unsupported(f"<disk type='{ltype}'>")
     props |= {"node-name": node}
     if top and layer.fmt == "raw" and not _needs_format_node(disk, layer):
-        props |= {"read-only": disk.readonly} | common
+        props |= {"read-only": ro} | common
     else:
         props |= {"auto-read-only": True, "discard": "unmap"}
         if "cache" in common:
@@ -521,9 +526,9 @@ def _needs_format_node(disk: Disk, layer: _Layer) -> bool:
 
 def _format_node(ctx: BuildContext, disk: Disk, layer: _Layer, node: str, storage: str,
                  backing: str | None, terminated: bool, top: bool,
-                 common: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+                 common: dict[str, Any], ro: bool) -> dict[str, Any]:  # fmt: skip
     fmt = "vvfat" if layer.fmt == "fat" else layer.fmt
-    props: dict[str, Any] = {"node-name": node, "read-only": disk.readonly if top else True,
+    props: dict[str, Any] = {"node-name": node, "read-only": ro if top else True,
                              "driver": fmt}  # fmt: skip
     if top:
         props |= common
@@ -580,6 +585,10 @@ def _blockdev(ctx: BuildContext, disk: Disk) -> str | None:
             dz = "on"
         common["detect-zeroes"] = dz
     layers, terminated = _chain(disk)
+    transient = disk.element.find("transient") is not None
+    if transient:
+        _check_transient(disk)
+    ro = bool(disk.readonly) or transient  # a transient disk's image is only read
     names = [f"disk{disk.index}-storage" if i == 0 else f"disk{disk.index}-{i}-storage"
              for i in range(len(layers))]  # fmt: skip
     top_node: str | None = None
@@ -589,19 +598,69 @@ def _blockdev(ctx: BuildContext, disk: Disk) -> str | None:
         layer, storage = layers[i], names[i]
         top = i == 0
         ctx.add("-blockdev", json_arg(_storage_node(ctx, disk, layer, storage, top=top,
-                                                    common=common)))  # fmt: skip
+                                                    common=common, ro=ro)))  # fmt: skip
         if top and layer.fmt == "raw" and not _needs_format_node(disk, layer):
             top_node = storage
             continue
         fmt_node = storage.replace("-storage", "-format")
         ctx.add("-blockdev", json_arg(
             _format_node(ctx, disk, layer, fmt_node, storage, backing,
-                         terminated and i == len(layers) - 1, top, common)
+                         terminated and i == len(layers) - 1, top, common, ro)
         ))  # fmt: skip
         backing = fmt_node
         if top:
             top_node = fmt_node
+    if transient and top_node is not None:
+        top_node = _transient_overlay(ctx, disk, layers[0], top_node, common)
     return _throttle(ctx, disk, top_node) if top_node is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Overlay:
+    """A transient disk's qcow2 overlay: created before QEMU starts, deleted after it
+    ends, so the guest's writes never reach the image (libvirt's ``<transient/>``)."""
+
+    path: Path
+    backing: str
+    backing_format: str
+
+
+def _check_transient(disk: Disk) -> None:
+    """libvirt's qemuValidateDomainDeviceDefDiskTransient."""
+    if not _has_source(disk):
+        raise ConfigUnsupported(f"transient disk '{disk.target_dev}' must not be empty")
+    if disk.readonly:
+        raise ConfigUnsupported(f"transient disk '{disk.target_dev}' must not be read-only")
+    if disk.type != "file":
+        raise ConfigUnsupported(
+            f"transient disk supported only with 'file' type ({disk.target_dev})"
+        )
+    if disk.device != "disk":
+        raise ConfigUnsupported(
+            f"transient disk supported only with 'disk' device ({disk.target_dev})"
+        )
+    if disk.shareable:
+        raise ConfigUnsupported(
+            f"transient disk '{disk.target_dev}' must not be shareable (its writes are private)"
+        )
+
+
+def _transient_overlay(ctx: BuildContext, disk: Disk, layer: _Layer, base: str,
+                       common: dict[str, Any]) -> str:  # fmt: skip
+    src = layer.source
+    image = src.get("file", "") if src is not None else ""
+    # next to the image, as libvirt names it; the image's directory must be writable
+    path = Path(f"{image}.TRANSIENT-{ctx.defn.uuid}")
+    storage, fmt = f"disk{disk.index}-transient-storage", f"disk{disk.index}-transient-format"
+    file_props = {"driver": "file", "filename": str(path), "node-name": storage,
+                  "auto-read-only": True, "discard": "unmap"}  # fmt: skip
+    if "cache" in common:
+        file_props["cache"] = common["cache"]
+    ctx.add("-blockdev", json_arg(file_props))
+    ctx.add("-blockdev", json_arg({"node-name": fmt, "read-only": False, "driver": "qcow2",
+                                   "file": storage, "backing": base} | common))  # fmt: skip
+    ctx.overlays.append(Overlay(path, image, layer.fmt))
+    return fmt
 
 
 IOTUNE = (

@@ -11,7 +11,7 @@ from typing import Any
 
 from drivers.qemu.argv_common import unsupported
 from virtbus.domain.model import Element
-from virtbus.errors import XMLError
+from virtbus.errors import ConfigUnsupported, XMLError
 
 _OPTIONS = (("iommu", "iommu_platform"), ("ats", "ats"), ("packed", "packed"),
             ("page_per_vq", "page-per-vq"))  # fmt: skip
@@ -39,6 +39,18 @@ def virtio_options(el: Element) -> dict[str, Any]:
         if value is not None:
             out[prop] = value
     return out
+
+
+def check_virtio_options_absent(el: Element) -> None:
+    """A non-virtio device must not carry virtio ``<driver>`` options (libvirt's check)."""
+    driver = el.find("driver")
+    if driver is None:
+        return
+    for attr, what in (("iommu", "iommu driver option"), ("ats", "ats driver option"),
+                       ("packed", "packed driver option"),
+                       ("page_per_vq", "page_per_vq option")):  # fmt: skip
+        if driver.get(attr) is not None:
+            raise ConfigUnsupported(f"{what} is only supported for virtio devices")
 
 
 def virtio_props(base: str, el: Element, model: str | None = None, *, suffix: bool = True,

@@ -19,9 +19,12 @@ output goes to ``<run_dir>/<uuid>.<name>.log``.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -53,6 +56,9 @@ class HelperSpec:
     incoming_setup: tuple[tuple[str, ...], ...] = ()  # instead, for an incoming migration
     state: Path | None = None  # persistent state (a TPM's keys); migrated through QEMU
     files: tuple[Path, ...] = ()  # other files it creates in run_dir (removed at stop)
+    #: (secret file, base64 as virtbus stores secrets; raw copy the helper reads): the
+    #: raw copy exists only while the helper starts (swtpm's state passphrase)
+    secrets: tuple[tuple[Path, Path], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +132,28 @@ def _tail(logfile: Path, size: int = 600) -> str:
     return data.decode(errors="replace").strip()
 
 
+def _write_secrets(pairs: tuple[tuple[Path, Path], ...]) -> None:
+    for source, raw in pairs:
+        try:
+            value = base64.b64decode(source.read_bytes(), validate=True)
+        except FileNotFoundError:
+            raise OperationFailed(f"secret file {source} does not exist") from None
+        except (OSError, binascii.Error) as exc:
+            raise OperationFailed(f"cannot read secret {source} (base64): {exc}") from None
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, value)
+        finally:
+            os.close(fd)
+
+
+def _remove_secrets(pairs: tuple[tuple[Path, Path], ...]) -> None:
+    for _source, raw in pairs:
+        with contextlib.suppress(FileNotFoundError):
+            raw.unlink()
+
+
 def _prepare_state(state: Path) -> bool:
     """Create the state dir; True when it was empty (setup must run)."""
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -142,31 +170,38 @@ async def start(specs: tuple[HelperSpec, ...], run_dir: Path, uuid: str, *,
             logfile = run_dir / f"{uuid}.{spec.name}.log"
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(spec.socket.unlink)
-            setup = spec.incoming_setup if incoming else spec.setup
-            if spec.state is not None:
-                empty = await asyncio.to_thread(_prepare_state, spec.state)
-                if empty or incoming:
-                    for cmd in setup:
-                        await _run_setup(cmd, logfile, settings)
-            fd = await asyncio.to_thread(_open_log, logfile, spec.argv)
+            await asyncio.to_thread(_write_secrets, spec.secrets)
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *spec.argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd,
-                    start_new_session=True,
-                )  # fmt: skip
-            except OSError as exc:
-                raise OperationFailed(f"cannot start {spec.kind} ({spec.argv[0]}): {exc}") from exc
+                await _start_one(spec, running, logfile, incoming, settings)
             finally:
-                os.close(fd)
-            running.children[proc.pid] = proc
-            running.processes.append(
-                HelperProcess(spec.kind, spec.name, proc.pid, spec.socket, logfile)
-            )
-            await _wait_ready(spec, proc, logfile, settings)
+                await asyncio.to_thread(_remove_secrets, spec.secrets)
     except BaseException:
         await stop(running, settings)
         raise
     return running
+
+
+async def _start_one(spec: HelperSpec, running: Running, logfile: Path, incoming: bool,
+                     settings: HelperSettings) -> None:  # fmt: skip
+    setup = spec.incoming_setup if incoming else spec.setup
+    if spec.state is not None:
+        empty = await asyncio.to_thread(_prepare_state, spec.state)
+        if empty or incoming:
+            for cmd in setup:
+                await _run_setup(cmd, logfile, settings)
+    fd = await asyncio.to_thread(_open_log, logfile, spec.argv)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *spec.argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd,
+            start_new_session=True,
+        )  # fmt: skip
+    except OSError as exc:
+        raise OperationFailed(f"cannot start {spec.kind} ({spec.argv[0]}): {exc}") from exc
+    finally:
+        os.close(fd)
+    running.children[proc.pid] = proc
+    running.processes.append(HelperProcess(spec.kind, spec.name, proc.pid, spec.socket, logfile))
+    await _wait_ready(spec, proc, logfile, settings)
 
 
 async def _wait_ready(spec: HelperSpec, proc: asyncio.subprocess.Process, logfile: Path,
@@ -244,7 +279,5 @@ async def watch(running: Running, domain: str, poll: float = 1.0) -> None:
 
 def remove_state(spec: HelperSpec) -> None:
     """Forget a helper's persistent state (a TPM moved away with its guest)."""
-    import shutil
-
     if spec.state is not None:
         shutil.rmtree(spec.state, ignore_errors=True)

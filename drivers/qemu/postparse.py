@@ -13,12 +13,14 @@ here, into the tree, before the command line is built. It is idempotent.
 
 from __future__ import annotations
 
-from lxml import etree
-
+import re
 from pathlib import Path
+
+from lxml import etree
 
 from drivers.qemu import addresses as ad
 from drivers.qemu import firmware as fw
+from drivers.qemu.capabilities import QemuCapabilities
 from virtbus.domain import DomainDefinition
 from virtbus.domain.model import Element
 from virtbus.errors import ConfigUnsupported, XMLError
@@ -38,18 +40,21 @@ def machine_of(root: Element) -> str:
 
 def complete(defn: DomainDefinition, *, live: bool = False,
              firmware: tuple[fw.Descriptor, ...] | None = None,
-             nvram_dir: Path = Path("/var/lib/virtbus/nvram")) -> None:  # fmt: skip
+             nvram_dir: Path = Path("/var/lib/virtbus/nvram"),
+             caps: QemuCapabilities | None = None) -> None:  # fmt: skip
     """Fill in what libvirt fills in at define (see module docstring); XMLError or
     CONFIG_UNSUPPORTED for what libvirt refuses while doing so. ``live`` also assigns
     what libvirt assigns only when a domain starts (USB ports, virtio console ports).
-    ``firmware`` are the host's QEMU firmware descriptors (None: not known here)."""
+    ``firmware`` are the host's QEMU firmware descriptors, ``caps`` the emulator's
+    devices (None: not known here, assume libvirt's usual choices)."""
     with defn.edit() as root:
-        complete_tree(root, live=live, firmware=firmware, nvram_dir=nvram_dir)
+        complete_tree(root, live=live, firmware=firmware, nvram_dir=nvram_dir, caps=caps)
 
 
 def complete_tree(root: Element, *, live: bool = False,
                   firmware: tuple[fw.Descriptor, ...] | None = None,
-                  nvram_dir: Path = Path("/var/lib/virtbus/nvram")) -> None:  # fmt: skip
+                  nvram_dir: Path = Path("/var/lib/virtbus/nvram"),
+                  caps: QemuCapabilities | None = None) -> None:  # fmt: skip
     devices = root.find("devices")
     if devices is None:
         devices = etree.SubElement(root, "devices")
@@ -63,7 +68,8 @@ def complete_tree(root: Element, *, live: bool = False,
     _hostdev_scsi_addresses(devices)
     _implicit_controllers(devices)
     _implicit_video(devices)
-    _default_devices(root, devices, machine)
+    _default_devices(root, devices, machine, caps)
+    _drop_generated_channel_paths(devices)
     for ctrl in devices.findall("controller"):
         _controller_defaults(ctrl, machine)
     for iface in devices.findall("interface"):
@@ -190,6 +196,15 @@ def _controller_defaults(ctrl: Element, machine: str) -> None:
             raise ConfigUnsupported(
                 "pcie-expander-bus controllers are not supported with this machine type"
             )
+        node = ctrl.find("target/node")
+        if node is not None and node.text is not None:
+            root = ctrl.getroottree().getroot()
+            ncells = len(root.findall("cpu/numa/cell"))
+            if int(node.text) >= ncells:
+                raise XMLError(
+                    f"{model} with index {idx} is configured for a NUMA node ({node.text}) "
+                    f"not present in the domain's <cpu><numa> array ({ncells})"
+                )
     elif ctype in ("virtio-serial", "ide", "sata", "fdc") and ctrl.find("driver") is not None:
         drv = ctrl.find("driver")
         assert drv is not None
@@ -365,23 +380,44 @@ def _implicit_controllers(devices: Element) -> None:
             a = etree.SubElement(card, "address", type="ccid", controller="0", slot=str(top + 1))
         idx = _int(a, "controller", 0) if a.get("type") == "ccid" else 0
         add_controller(devices, "ccid", idx)
-    top = -1
+    # SCSI hostdevs: controllers up to the highest one used, all of the model of the
+    # controller the highest-numbered hostdev so far sat on (libvirt keeps them alike)
+    top, model = -1, None
     for hd in devices.findall("hostdev"):
         a = hd.find("address")
         if hd.get("type") == "scsi" and a is not None and a.get("type") == "drive":
-            top = max(top, _int(a, "controller", 0))
+            idx = _int(a, "controller", 0)
+            if idx > top:
+                top = idx
+                ctrl = _find(devices, "scsi", idx)
+                if ctrl is not None and ctrl.get("model") not in (None, "default"):
+                    model = ctrl.get("model")
     for i in range(top + 1):
-        add_controller(devices, "scsi", i)
+        add_controller(devices, "scsi", i, model)
 
 
 # ---------------------------------------------------------------------------- defaults
 
 
-def _default_devices(root: Element, devices: Element, machine: str) -> None:
+def _default_usb_model(q35: bool, caps: QemuCapabilities | None) -> str | None:
+    """q35 gets the best USB controller this QEMU has (``""``: none at all), pc the
+    piix3 default."""
+    if not q35:
+        return None
+    for model, device in (("qemu-xhci", "qemu-xhci"), ("nec-xhci", "nec-usb-xhci"),
+                          ("ich9-ehci1", "ich9-usb-ehci1")):  # fmt: skip
+        if caps is None or caps.has_device(device):
+            return model
+    return ""
+
+
+def _default_devices(root: Element, devices: Element, machine: str,
+                     caps: QemuCapabilities | None) -> None:  # fmt: skip
     q35 = ad.is_q35(machine)
     if machine != "isapc":
-        if _find(devices, "usb", 0) is None:
-            add_controller(devices, "usb", 0, "qemu-xhci" if q35 else None)
+        usb = _default_usb_model(q35, caps)
+        if _find(devices, "usb", 0) is None and usb != "":
+            add_controller(devices, "usb", 0, usb)
         if q35:
             add_controller(devices, "sata", 0)
     root_ctrl = _find(devices, "pci", 0)
@@ -403,6 +439,29 @@ def _default_devices(root: Element, devices: Element, machine: str) -> None:
             add_controller(devices, "pci", 0, want)
     if devices.find("memballoon") is None:
         etree.SubElement(devices, "memballoon", model="virtio")
+
+
+#: where libvirt generated virtio channel sockets, which older libvirt stored in the XML:
+#: such a path is dropped (and generated again at start), as libvirt does
+_GENERATED_CHANNEL_DIR = re.compile(
+    r"^(/var)?/run/libvirt/qemu/channel|^/var/lib/libvirt/qemu/channel|^/etc/libvirt/qemu/channel"
+)
+
+
+def _drop_generated_channel_paths(devices: Element) -> None:
+    for chan in devices.findall("channel"):
+        target, src = chan.find("target"), chan.find("source")
+        if chan.get("type") != "unix" or target is None or src is None:
+            continue
+        name, path = target.get("name"), src.get("path")
+        if target.get("type") != "virtio" or not name or not path:
+            continue
+        prefix = _GENERATED_CHANNEL_DIR.match(path)
+        rest = path[prefix.end():] if prefix else ""
+        if prefix and re.fullmatch(
+            r"/(target/)?(([^/]+\.)|(domain-[^/]+/)|([0-9]+-[^/]+/))" + re.escape(name), rest
+        ):
+            del src.attrib["path"]
 
 
 def _net_model(iface: Element) -> None:

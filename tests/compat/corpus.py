@@ -170,7 +170,7 @@ def test_configs(source: Path) -> dict[str, dict[str, str]]:
         lines = source.read_text().splitlines()
     except OSError:
         return out
-    for line in lines:
+    for n, line in enumerate(lines):
         m = _ASSIGN_RE.match(line)
         if m:
             for key in re.findall(r"driver\.config->(\w+)", m.group(1)):
@@ -182,8 +182,16 @@ def test_configs(source: Path) -> dict[str, dict[str, str]]:
             continue
         m = _TEST_RE.search(line)
         if m:
-            out.setdefault(m.group(1), {k: v for k, v in current.items()
-                                         if v not in ("0", "false", "NULL")})  # fmt: skip
+            cfg = {k: v for k, v in current.items() if v not in ("0", "false", "NULL")}
+            stmt = line
+            k = n
+            while not stmt.rstrip().endswith(");") and k + 1 < len(lines):
+                k += 1
+                stmt += lines[k]
+            removed = re.search(r"ARG_QEMU_CAPS_DEL,(.*?)QEMU_CAPS_LAST", stmt)
+            if removed:
+                cfg["caps_del"] = ",".join(re.findall(r"QEMU_CAPS_(\w+)", removed.group(1)))
+            out.setdefault(m.group(1), cfg)
     return out
 
 

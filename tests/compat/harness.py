@@ -33,6 +33,7 @@ from typing import Any
 from lxml import etree
 
 from drivers.qemu.argv import ArgvSettings, QemuPaths, build_command, graphics_needing_ports
+from drivers.qemu.capabilities import QemuCapabilities
 from drivers.qemu.driver import QemuDriver
 from drivers.qemu.firmware import load_descriptors
 from drivers.qemu.host import HostFacts
@@ -42,6 +43,31 @@ from virtbus.domain import parse_domain_xml
 from virtbus.errors import VirtbusError
 
 FLOOR = Path(__file__).with_name("floor.json")
+#: libvirt capability flags the test suite removes for some tests -> the QEMU device
+CAPS_DEVICES = {
+    "PIIX3_USB_UHCI": "piix3-usb-uhci", "NEC_USB_XHCI": "nec-usb-xhci",
+    "DEVICE_QEMU_XHCI": "qemu-xhci", "ICH9_USB_EHCI1": "ich9-usb-ehci1",
+    "PCI_OHCI": "pci-ohci",
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class CorpusCaps(QemuCapabilities):
+    """The test suite's QEMU ("latest") minus the devices a test removes."""
+
+    removed: frozenset[str] = frozenset()
+
+    def has_device(self, name: str) -> bool:
+        return name not in self.removed
+
+
+def corpus_caps(case: Case) -> CorpusCaps:
+    removed = frozenset(
+        CAPS_DEVICES[c] for c in case.config.get("caps_del", "").split(",") if c in CAPS_DEVICES
+    )
+    return CorpusCaps(frozenset(), frozenset(), frozenset(), frozenset(), True, removed)
+
+
 #: the host configuration of libvirt's test suite that virtbus has settings for: its
 #: fake network ports are bridges here (tests/qemuxmlconftest.c, networkmock)
 BASE_SETTINGS = ArgvSettings(
@@ -138,13 +164,14 @@ class Harness:
             spice_auto_unix_socket="spiceAutoUnixSocket" in cfg,
             dump_guest_core="dumpGuestCore" in cfg,
         )  # fmt: skip
-        key = repr(sorted(cfg))
+        key = repr((sorted(cfg), cfg.get("caps_del")))
         driver = self.drivers.get(key)
         if driver is None:
             n = len(self.drivers)
             driver = QemuDriver(
                 self.workdir / f"state{n}", self.run_dir,
                 QemuSettings(firmware_dirs=self.firmware_dirs, argv=settings),
+                caps=corpus_caps(case),
             )  # fmt: skip
             await driver.open(lambda _event: None)
             self.drivers[key] = driver
@@ -169,7 +196,7 @@ class Harness:
                 ports = {i: 5900 + i for i in graphics_needing_ports(defn)}
                 launch = build_command(
                     defn, QemuPaths(self.run_dir), kvm_available=True, graphics_ports=ports,
-                    host=self.host, settings=settings,
+                    host=self.host, settings=settings, caps=corpus_caps(case),
                 )
             finally:
                 await driver.undefine(ref.uuid)
