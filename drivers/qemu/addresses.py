@@ -505,7 +505,7 @@ class PciPlan:
                 return el.get("model") == "vfio-pci"
             return stype in ("pci", "scsi_host")
         if kind == "memballoon":
-            return el.get("model") != "none"
+            return el.get("model") in ("virtio", "virtio-transitional", "virtio-non-transitional")
         if kind == "video":
             return _sub(el, "model", "type") not in ("none", "ramfb")
         return bool(dev.flags)

@@ -184,6 +184,7 @@ def build_command(
     ``host`` (:func:`drivers.qemu.host.probe`) enables the checks against this host's
     hugepages, NUMA nodes, CPUs and firmware; without it they wait for start.
     """
+    mach.machine_type(defn, caps)  # before completing: addresses depend on the machine
     postparse.complete(
         defn, live=True, firmware=host.firmware if host is not None else None,
         nvram_dir=settings.nvram_dir, caps=caps,

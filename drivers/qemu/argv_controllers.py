@@ -134,7 +134,9 @@ def _controller(ctx: BuildContext, ctrl: Element) -> dict[str, Any] | None:
     if ctype == "ide":
         if idx == 0 and not ctx.q35:
             return None  # the PIIX IDE of pc
-        raise ConfigUnsupported("Unsupported controller type: ide (only the built-in one of pc)")
+        if idx > 0 and not ctx.q35:
+            raise ConfigUnsupported("Only a single IDE controller is supported for this machine type")
+        raise ConfigUnsupported("IDE controllers are unsupported for this QEMU binary or machine type")
     if ctype == "sata":
         if idx == 0 and ctx.q35:
             return None  # the ICH9 AHCI of q35

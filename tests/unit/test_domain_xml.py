@@ -407,7 +407,7 @@ ERROR_CASES: list[tuple[str, str | bytes, str]] = [
     ("missing name", q35_with(_remove("name")), "missing <name>"),
     ("empty name", minimal(name=" "), "<name> must not be empty"),
     ("slash in name", minimal(name="a/b"), "must not contain '/'"),
-    ("missing memory", q35_with(_remove("memory")), "missing <memory>"),
+    ("missing memory", q35_with(_remove("memory")), "Memory size must be specified via <memory>"),
     ("bad unit", q35_with(_set("memory", "unit", "XB")), "invalid <memory unit='XB'>"),
     (
         "bad current unit",
@@ -583,7 +583,7 @@ def test_runtime_setters() -> None:
 def test_edit_rolls_back_an_invalid_change() -> None:
     d = parse_domain_xml(Q35)
     root = d.root
-    with pytest.raises(XMLError, match="missing <memory>"), d.edit() as tree:
+    with pytest.raises(XMLError, match="Memory size must be specified via <memory>"), d.edit() as tree:
         mem = tree.find("memory")
         assert mem is not None
         tree.remove(mem)
