@@ -129,9 +129,10 @@ class QemuLaunch:
     net_scripts: tuple[net.IfScript, ...] = ()  # interface scripts the driver runs
     links_down: tuple[str, ...] = ()  # NICs whose link starts down (QMP set_link)
     passwords: tuple[graphics.Password, ...] = ()  # display passwords set over QMP
-    dbus_address: str | None = None  # a D-Bus the display needs (the driver runs it)
+    dbus_address: str | None = None  # the D-Bus a dbus display or channel talks on
     helpers: tuple[HelperSpec, ...] = ()  # per-domain processes to start before QEMU
     overlays: tuple[storage.Overlay, ...] = ()  # transient disks: create before, delete after
+    directories: tuple[Path, ...] = ()  # directories QEMU creates files in (memory backing)
 
 
 def disk_paths(defn: DomainDefinition) -> list[str]:
@@ -320,9 +321,10 @@ def build_command(
         links_down=tuple(ctx.links_down),
         passwords=tuple(ctx.passwords),
         dbus_address=ctx.dbus_address,
-        helpers=tuple(ctx.helpers),
+        helpers=(*ctx.helpers, *graphics.dbus_daemon(ctx)),
         host_devices=tuple(ctx.host_devices),
         overlays=tuple(ctx.overlays),
+        directories=tuple(dict.fromkeys(ctx.directories)),
     )
 
 

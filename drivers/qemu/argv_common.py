@@ -197,6 +197,7 @@ class BuildContext:
     secrets: list[Any] = field(default_factory=list)  # argv_storage.SecretRef
     host_devices: list[str] = field(default_factory=list)  # sysfs paths start must find
     overlays: list[Any] = field(default_factory=list)  # argv_storage.Overlay
+    directories: list[Path] = field(default_factory=list)  # the driver creates them first
     objects: set[str] = field(default_factory=set)  # -object ids already emitted
     throttle_groups: set[str] = field(default_factory=set)
     fdc_boot: dict[int, int] = field(default_factory=dict)  # floppy unit -> bootindex

@@ -242,7 +242,5 @@ def _swtpm(ctx: BuildContext, tpm: Any, backend: Any, model: str, dev_id: str,
         if banks:
             setup = (*setup, (ctx.settings.swtpm_setup, "--tpm2", "--tpm-state", str(state),
                               "--logfile", str(log), "--pcr-banks", banks, *key))  # fmt: skip
-    incoming = ((ctx.settings.swtpm_setup, *tpm2, "--tpm-state", str(state), "--logfile",
-                 str(log), "--overwrite", *key),)  # fmt: skip
-    return HelperSpec("swtpm", dev_id, tuple(argv), socket, setup, incoming, state, (log,),
-                      secrets)
+    # an incoming migration brings the state in QEMU's stream: no setup (as libvirt)
+    return HelperSpec("swtpm", dev_id, tuple(argv), socket, setup, (), state, (log,), secrets)

@@ -15,6 +15,7 @@ from typing import Any
 
 from drivers.qemu.argv_chardev import SpiceRuntime, VncRuntime
 from drivers.qemu.argv_common import BuildContext, json_arg, kv_escape, unsupported
+from drivers.qemu.helpers import HelperSpec
 from virtbus.domain.model import Element, Graphics
 from virtbus.errors import ConfigUnsupported, InvalidArgument, XMLError
 
@@ -411,3 +412,15 @@ def build_audio(ctx: BuildContext) -> None:
     if ctx.defn.sounds and not ctx.audio_ids:
         ctx.add("-audiodev", json_arg({"id": "audio1", "driver": "none"}))
         ctx.audio_ids.append("audio1")
+
+
+def dbus_daemon(ctx: BuildContext) -> tuple[HelperSpec, ...]:
+    """The per-domain bus a dbus display or channel talks on, when it is virtbus' own
+    (an ``address`` the XML names is someone else's bus, already running)."""
+    own = f"unix:path={ctx.run_dir / (ctx.defn.uuid + '-dbus.sock')}"
+    if ctx.dbus_address != own:
+        return ()
+    socket = ctx.run_dir / f"{ctx.defn.uuid}-dbus.sock"
+    argv = (ctx.settings.dbus_daemon, "--session", "--nofork", "--nopidfile",
+            f"--address={own}")  # fmt: skip
+    return (HelperSpec("dbus-daemon", "dbus", argv, socket),)

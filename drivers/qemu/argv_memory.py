@@ -333,6 +333,7 @@ def backend(ctx: BuildContext, mem: Memory, alias: str, size_kib: int, *, node: 
             props["mem-path"] = mount or f"/dev/hugepages{pagesize // 1024}M"
         else:
             props["mem-path"] = str(ctx.settings.memory_backing_dir)
+            ctx.directories.append(ctx.settings.memory_backing_dir)
         if not path and discard is not None:
             props["discard-data"] = discard
         if access is not None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from drivers.base import DomainRef, DriverEvent, EventSink
+from drivers.qemu import companions as comp
 from drivers.qemu import events as ev
 from drivers.qemu.migration import QMP_EVENTS as MIGRATION_EVENTS
 from drivers.qemu.migration import Job
@@ -85,6 +86,7 @@ class Run:
     deleted_devices: set[str] = field(default_factory=set)  # DEVICE_DELETED ids (detach waits)
     saved: tuple[DomainState, str] | None = None  # state/reason in the status file
     writing: asyncio.Task[None] | None = None  # the status write in flight (never cut short)
+    companions: comp.Companions | None = None  # helpers, overlays: released after QEMU ends
 
 
 class Domain:
@@ -167,6 +169,7 @@ class Domain:
             uuid=self.defn.uuid, pid=run.process.pid, id=run.id, qmp_socket=run.qmp_socket,
             xml=self._live_xml(run), state=self.state, reason=self.reason, logfile=run.logfile,
             pidfile=run.pidfile, sockets=run.sockets, job=run.job,
+            companions=run.companions.to_json() if run.companions is not None else None,
         )  # fmt: skip
 
     @staticmethod
@@ -354,6 +357,8 @@ class Domain:
         await self._rt.store.remove_status(self.defn.uuid)
         await remove_files(run.pidfile)
         await self._rt.store.remove_own_sockets((run.qmp_socket, *run.sockets))
+        if run.companions is not None:
+            await comp.release(run.companions, self._settings.companions)
 
     def helper(self, run: Run, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -397,7 +402,8 @@ class Domain:
         run = Run(status.id, live, QemuProcess(status.pid, self.defn.uuid), status.qmp_socket,
                   EventQueue(self._settings.event_queue), pidfile=status.pidfile,
                   logfile=status.logfile, sockets=status.sockets, job=status.job,
-                  saved=(status.state, status.reason))  # fmt: skip
+                  saved=(status.state, status.reason),
+                  companions=comp.Companions.from_json(status.companions))  # fmt: skip
         self.run, self.state, self.reason = run, status.state, status.reason
         if not run.process.alive():  # gone (or the pid now belongs to someone else)
             log.warning("domain %s: QEMU pid %d is gone", self.defn.name, status.pid)
@@ -414,5 +420,8 @@ class Domain:
                 return
         if self.run is run:
             self.start_loop(run)
+            if run.companions is not None and run.companions.helpers.processes:
+                self.helper(run, comp.watch(run.companions, self.defn.name),
+                            f"qemu-helpers-{self.defn.name}")  # fmt: skip
             if run.saved != (self.state, self.reason):
                 await self.save_status(run)

@@ -55,7 +55,7 @@ class HelperSpec:
     setup: tuple[tuple[str, ...], ...] = ()  # run first when ``state`` is empty
     incoming_setup: tuple[tuple[str, ...], ...] = ()  # instead, for an incoming migration
     state: Path | None = None  # persistent state (a TPM's keys); migrated through QEMU
-    files: tuple[Path, ...] = ()  # other files it creates in run_dir (removed at stop)
+    files: tuple[Path, ...] = ()  # other files it writes in run_dir (its own log; kept)
     #: (secret file, base64 as virtbus stores secrets; raw copy the helper reads): the
     #: raw copy exists only while the helper starts (swtpm's state passphrase)
     secrets: tuple[tuple[Path, Path], ...] = ()
@@ -93,6 +93,18 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rfind(")") + 2 :].split()[0] not in ("Z", "X")
+
+
+def _is_ours(hp: HelperProcess) -> bool:
+    """The pid still runs this helper (its command line names its socket): a pid reused
+    after an agent restart is never signalled."""
+    if not _alive(hp.pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{hp.pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return str(hp.socket).encode() in cmdline
 
 
 async def _run_setup(cmd: tuple[str, ...], logfile: Path, settings: HelperSettings) -> None:
@@ -228,17 +240,13 @@ async def stop(running: Running, settings: HelperSettings = HelperSettings()) ->
     """Stop every helper of a run (bounded), reap our children, remove sockets."""
     for hp in reversed(running.processes):
         child = running.children.get(hp.pid)
-        if _alive(hp.pid):
+        if child.returncode is None if child is not None else _is_ours(hp):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(hp.pid, signal.SIGTERM)
             if not await _gone(hp.pid, child, settings.stop_wait, settings.poll):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(hp.pid, signal.SIGKILL)
                 await _gone(hp.pid, child, settings.stop_wait, settings.poll)
-        elif child is not None and child.returncode is None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(settings.stop_wait):
-                    await child.wait()
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(hp.socket.unlink)
     running.processes.clear()
@@ -268,7 +276,7 @@ async def watch(running: Running, domain: str, poll: float = 1.0) -> None:
     while running.processes:
         for hp in list(running.processes):
             child = running.children.get(hp.pid)
-            dead = child.returncode is not None if child is not None else not _alive(hp.pid)
+            dead = child.returncode is not None if child is not None else not _is_ours(hp)
             if dead and hp.pid not in reported:
                 reported.add(hp.pid)
                 tail = await asyncio.to_thread(_tail, hp.logfile)

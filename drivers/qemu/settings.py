@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from drivers.qemu.argv_common import ArgvSettings
+from drivers.qemu.companions import CompanionSettings
 from drivers.qemu.host import FIRMWARE_DIRS
 from virtbus.settings import Backoff
 
@@ -37,3 +38,5 @@ class QemuSettings:
     argv: ArgvSettings | None = None
     #: QEMU firmware descriptor directories, highest priority first
     firmware_dirs: tuple[Path, ...] = FIRMWARE_DIRS
+    #: helper processes, overlays and scripts around a run (drivers/qemu/companions.py)
+    companions: CompanionSettings = field(default_factory=CompanionSettings)

@@ -61,6 +61,7 @@ class RunStatus:
     pidfile: Path | None = None
     sockets: tuple[Path, ...] = ()
     job: dict[str, Any] | None = None  # the job in flight (e.g. a migration phase)
+    companions: dict[str, Any] | None = None  # helpers, overlays (drivers/qemu/companions.py)
     extra: dict[str, Any] = field(default_factory=dict)  # keys of newer versions, kept
 
     def to_json(self) -> bytes:
@@ -77,6 +78,7 @@ class RunStatus:
             "pidfile": str(self.pidfile) if self.pidfile else None,
             "sockets": [str(p) for p in self.sockets],
             "job": self.job,
+            "companions": self.companions,
             "xml": self.xml,
         }
         return json.dumps(doc, indent=1).encode()
@@ -88,8 +90,9 @@ class RunStatus:
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
         known = {"version", "uuid", "pid", "id", "qmp_socket", "state", "reason", "logfile",
-                 "pidfile", "sockets", "job", "xml"}  # fmt: skip
+                 "pidfile", "sockets", "job", "xml", "companions"}  # fmt: skip
         job = doc.get("job")
+        companions = doc.get("companions")
         return cls(
             uuid=str(doc["uuid"]),
             pid=int(doc["pid"]),
@@ -102,6 +105,7 @@ class RunStatus:
             pidfile=Path(doc["pidfile"]) if doc.get("pidfile") else None,
             sockets=tuple(Path(str(p)) for p in doc.get("sockets") or ()),
             job=dict(job) if isinstance(job, dict) else None,
+            companions=dict(companions) if isinstance(companions, dict) else None,
             extra={k: v for k, v in doc.items() if k not in known},
         )
 
