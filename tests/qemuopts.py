@@ -28,27 +28,140 @@ QEMUOPTS: dict[str, tuple[str | None, frozenset[str]]] = {
                 "hpet",
                 "pflash0",
                 "pflash1",
+                "kernel_irqchip",
+                "i8042",
+                "confidential-guest-support",
+                "graphics",
+                "pcspk-audiodev",
+                "memory-backend",
+                "mem-merge",
+                "nvdimm",
+                "cxl",
             }
         ),
     ),
     "-accel": ("accel", frozenset({"accel"})),
-    "-smp": ("cpus", frozenset({"cpus", "maxcpus", "sockets", "dies", "cores", "threads"})),
+    "-smp": (
+        "cpus",
+        frozenset({"cpus", "maxcpus", "sockets", "dies", "clusters", "cores", "threads"}),
+    ),
     "-chardev": (
         "backend",
         frozenset(
-            {"backend", "id", "path", "server", "wait", "host", "port", "telnet", "append", "name"}
+            {
+                "backend",
+                "id",
+                "path",
+                "server",
+                "wait",
+                "host",
+                "port",
+                "telnet",
+                "append",
+                "name",
+                "logfile",
+                "logappend",
+                "reconnect",
+                "tls-creds",
+                "localaddr",
+                "localport",
+                "fd",
+                "clipboard",
+                "mouse",
+            }
         ),
     ),
     "-mon": (None, frozenset({"chardev", "id", "mode"})),
-    "-netdev": ("type", frozenset({"type", "id", "br", "script", "downscript", "ifname"})),
-    "-vnc": ("vnc", frozenset({"vnc", "to"})),
+    "-vnc": (
+        "vnc",
+        frozenset(
+            {
+                "vnc",
+                "to",
+                "websocket",
+                "share",
+                "password",
+                "tls-creds",
+                "sasl",
+                "power-control",
+                "audiodev",
+            }
+        ),
+    ),
     "-spice": (
         None,
-        frozenset({"port", "addr", "disable-ticketing", "seamless-migration", "image-compression"}),
+        frozenset(
+            {
+                "port",
+                "tls-port",
+                "addr",
+                "unix",
+                "disable-ticketing",
+                "seamless-migration",
+                "image-compression",
+                "jpeg-wan-compression",
+                "zlib-glz-wan-compression",
+                "playback-compression",
+                "streaming-video",
+                "agent-mouse",
+                "sasl",
+                "x509-dir",
+                "tls-channel",
+                "plaintext-channel",
+                "disable-copy-paste",
+                "disable-agent-file-xfer",
+                "gl",
+                "rendernode",
+            }
+        ),
     ),
-    "-audiodev": (None, frozenset({"driver", "id"})),
     "-rtc": (None, frozenset({"base", "driftfix", "clock"})),
-    "-boot": (None, frozenset({"strict", "menu"})),
+    "-boot": (None, frozenset({"strict", "menu", "splash-time", "reboot-timeout"})),
+    "-overcommit": (None, frozenset({"mem-lock", "cpu-pm"})),
+    "-tpmdev": ("type", frozenset({"type", "id", "path", "cancel-path", "chardev"})),
+    "-fsdev": (
+        "fsdriver",
+        frozenset(
+            {
+                "fsdriver",
+                "id",
+                "path",
+                "security_model",
+                "readonly",
+                "writeout",
+                "multidevs",
+                "fmode",
+                "dmode",
+            }
+        ),
+    ),
+    "-numa": (
+        "type",
+        frozenset({"type", "nodeid", "cpus", "memdev", "initiator", "src", "dst", "val"}),
+    ),
+    "-fw_cfg": (None, frozenset({"name", "file", "string"})),
+    "-smbios": (
+        None,
+        frozenset(
+            {
+                "type",
+                "vendor",
+                "version",
+                "date",
+                "release",
+                "manufacturer",
+                "product",
+                "serial",
+                "uuid",
+                "sku",
+                "family",
+                "asset",
+                "location",
+                "value",
+            }
+        ),
+    ),
+    "-acpitable": (None, frozenset({"sig", "file"})),
     "-sandbox": (
         "enable",
         frozenset({"enable", "obsolete", "elevateprivileges", "spawn", "resourcecontrol"}),
@@ -56,7 +169,7 @@ QEMUOPTS: dict[str, tuple[str | None, frozenset[str]]] = {
     "-msg": (None, frozenset({"timestamp"})),
     "-action": (None, frozenset({"reboot", "watchdog"})),
 }
-JSON_OPTIONS = frozenset({"-device", "-blockdev", "-object"})
+JSON_OPTIONS = frozenset({"-device", "-blockdev", "-object", "-netdev", "-audiodev"})
 PLAIN = frozenset(
     {
         "-kernel",
@@ -70,6 +183,7 @@ PLAIN = frozenset(
         "-cpu",
         "-global",
         "-incoming",
+        "-k",
     }
 )
 FLAGS = frozenset({"-S", "-nodefaults", "-no-user-config", "-no-shutdown", "-daemonize"})

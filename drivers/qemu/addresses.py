@@ -18,6 +18,7 @@ from lxml import etree
 
 from drivers.qemu import pci_address as pa
 from drivers.qemu.pci_address import Addr, AddressSet, F
+from drivers.qemu.xmlnum import attr_int
 from virtbus.domain.model import Element
 from virtbus.errors import ConfigUnsupported, XMLError
 
@@ -53,14 +54,8 @@ def is_i440fx(machine: str) -> bool:
 # ---------------------------------------------------------------------------- <address>
 
 
-def _int(el: Element, name: str, default: int = 0) -> int:
-    raw = el.get(name)
-    if raw is None:
-        return default
-    try:
-        return int(raw, 16) if raw.lower().startswith("0x") else int(raw)
-    except ValueError:
-        raise XMLError(f"invalid <address {name}='{raw}'>") from None
+def _int(el: Element | None, name: str, default: int = 0) -> int:
+    return attr_int(el, name, default)
 
 
 def address_of(el: Element) -> Element | None:
@@ -126,7 +121,7 @@ class PciDev:
 
 
 def _controller_model(el: Element) -> str:
-    return el.get("model", "")
+    return str(el.get("model", ""))
 
 
 def connect_flags(kind: str, el: Element, pcie: F) -> F:
@@ -231,7 +226,7 @@ def disk_bus(el: Element) -> str:
     target = el.find("target")
     bus = target.get("bus") if target is not None else None
     if bus:
-        return bus
+        return str(bus)
     dev = target.get("dev", "") if target is not None else ""
     return {"vd": "virtio", "sd": "scsi", "hd": "ide", "fd": "fdc"}.get(dev[:2], "ide")
 
@@ -276,7 +271,8 @@ class PciPlan:
     def _root_model(self) -> str | None:
         for c in _children(self.devices, "controller"):
             if c.get("type") == "pci" and _int(c, "index", 0) == 0:
-                return c.get("model")
+                model = c.get("model")
+                return str(model) if model is not None else None
         return None
 
     def collect(self) -> list[PciDev]:
@@ -299,8 +295,21 @@ class PciPlan:
             if not isinstance(el.tag, str):
                 continue
             tag = el.tag
-            if tag in ("serial", "filesystem", "input", "watchdog", "memballoon", "rng",
-                       "shmem", "panic", "memory", "iommu", "vsock", "crypto", "pstore"):  # fmt: skip
+            if tag in (
+                "serial",
+                "filesystem",
+                "input",
+                "watchdog",
+                "memballoon",
+                "rng",
+                "shmem",
+                "panic",
+                "memory",
+                "iommu",
+                "vsock",
+                "crypto",
+                "pstore",
+            ):
                 devs.append(self._dev(tag, el, pcie))
         return devs
 
@@ -339,8 +348,10 @@ class PciPlan:
                 continue
             flags = dev.flags or F.PCI_DEVICE
             a = dev.addr
-            if dev.kind == "controller" and (a.bus, a.slot) == (0, 1) and self._piix3_builtin(
-                dev.el, a
+            if (
+                dev.kind == "controller"
+                and (a.bus, a.slot) == (0, 1)
+                and self._piix3_builtin(dev.el, a)
             ):
                 if addrs.buses and not addrs.buses[0].flags & F.PCI_DEVICE:
                     raise ConfigUnsupported(
@@ -473,7 +484,7 @@ class PciPlan:
                 if kind == "disk" and a_el is not None and a_el.get("type") != "pci":
                     raise ConfigUnsupported(
                         "virtio disk cannot have an address of type "
-                        f"'{dev.el.find('address').get('type')}'"  # type: ignore[union-attr]
+                        f"'{dev.el.find('address').get('type')}'"
                     )
                 take(dev)
 
@@ -502,7 +513,7 @@ class PciPlan:
             if el.get("mode", "subsystem") != "subsystem":
                 return False
             if stype == "mdev":
-                return el.get("model") == "vfio-pci"
+                return bool(el.get("model") == "vfio-pci")
             return stype in ("pci", "scsi_host")
         if kind == "memballoon":
             return el.get("model") in ("virtio", "virtio-transitional", "virtio-non-transitional")
@@ -512,8 +523,12 @@ class PciPlan:
 
     def _usb2(self, addrs: AddressSet, dev: PciDev, ctrls: list[PciDev]) -> None:
         idx = _int(dev.el, "index", 0)
-        fn, multi = {"ich9-ehci1": (7, None), "ich9-uhci1": (0, True),
-                     "ich9-uhci2": (1, None), "ich9-uhci3": (2, None)}[dev.el.get("model", "")]  # fmt: skip
+        fn, multi = {
+            "ich9-ehci1": (7, None),
+            "ich9-uhci1": (0, True),
+            "ich9-uhci2": (1, None),
+            "ich9-uhci3": (2, None),
+        }[dev.el.get("model", "")]
         found = next(
             (c.addr for c in ctrls
              if c.el.get("type") == "usb" and c.el.get("model") in USB2
@@ -545,8 +560,10 @@ class PciPlan:
             ):
                 addrs.reserve_next(PCI)  # a slot kept free for a future bridge
             self._assign_slots(addrs, devs)
-            if max_idx <= 0 and len(addrs.buses) > max_idx + 1 and self._root_model() == (
-                "pcie-root"
+            if (
+                max_idx <= 0
+                and len(addrs.buses) > max_idx + 1
+                and self._root_model() == ("pcie-root")
             ):
                 addrs.reserve_next(PCIE)  # one empty pcie-root-port for hotplug
             i = 1
@@ -592,7 +609,9 @@ class PciPlan:
 
     def _write(self, devs: list[PciDev]) -> None:
         for dev in devs:
-            if (dev.addr is not None and dev.el.find("address") is None) or (dev.addr is not None and pci_address(dev.el)[0] == "wanted"):
+            if (dev.addr is not None and dev.el.find("address") is None) or (
+                dev.addr is not None and pci_address(dev.el)[0] == "wanted"
+            ):
                 set_pci_address(dev.el, dev.addr)
 
     def _set_all_multi(self, devs: list[PciDev]) -> None:
@@ -645,15 +664,16 @@ class PciPlan:
                 want |= {"chassis": str(idx), "port": f"{(a.slot << 3) + a.function:#x}"}
             elif model == "pcie-switch-downstream-port" and a is not None:
                 want |= {"chassis": str(idx), "port": f"{a.slot:#x}"}
-            elif model in ("pci-expander-bus", "pcie-expander-bus"):
-                if target is None or target.get("busNr") is None:
-                    bus_nr = self._new_bus_nr()
-                    if bus_nr < 0:
-                        raise ConfigUnsupported(
-                            "No free busNr lower than current lowest busNr is available to "
-                            f"auto-assign to bus {a.bus if a else 0}. Must be manually assigned"
-                        )
-                    want["busNr"] = str(bus_nr)
+            elif model in ("pci-expander-bus", "pcie-expander-bus") and (
+                target is None or target.get("busNr") is None
+            ):
+                bus_nr = self._new_bus_nr()
+                if bus_nr < 0:
+                    raise ConfigUnsupported(
+                        "No free busNr lower than current lowest busNr is available to "
+                        f"auto-assign to bus {a.bus if a else 0}. Must be manually assigned"
+                    )
+                want["busNr"] = str(bus_nr)
             missing = {k: v for k, v in want.items() if target is None or target.get(k) is None}
             if missing:
                 if target is None:
@@ -737,25 +757,25 @@ def usb_devices(devices: Element | None, *, hubs: bool) -> list[Element]:
 
 def _is_usb(tag: str, el: Element) -> bool:
     if tag == "hub":
-        return el.get("type") == "usb"
+        return bool(el.get("type") == "usb")
     if tag == "hostdev":
-        return el.get("type") == "usb"
+        return bool(el.get("type") == "usb")
     if tag == "disk":
         return disk_bus(el) == "usb"
     if tag == "interface":
-        return _sub(el, "model", "type") == "usb-net"
+        return bool(_sub(el, "model", "type") == "usb-net")
     if tag == "controller":
-        return el.get("type") == "ccid"
+        return bool(el.get("type") == "ccid")
     if tag == "input":
-        return el.get("bus") == "usb"
+        return bool(el.get("bus") == "usb")
     if tag == "serial":
-        return _sub(el, "target", "type") == "usb-serial"
+        return bool(_sub(el, "target", "type") == "usb-serial")
     if tag == "sound":
-        return el.get("model") == "usb"
+        return bool(el.get("model") == "usb")
     if tag == "redirdev":
-        return el.get("bus", "usb") == "usb"
+        return bool(el.get("bus", "usb") == "usb")
     if tag == "filesystem":
-        return _sub(el, "driver", "type") == "mtp"
+        return bool(_sub(el, "driver", "type") == "mtp")
     return False
 
 
@@ -839,9 +859,7 @@ class UsbPlan:
             raise XMLError(f"Missing USB bus {bus}")
         for p in path[:-1]:
             if p - 1 >= len(hub.used):
-                raise XMLError(
-                    f"port {p} out of range in USB address bus: {bus} port: {port_str}"
-                )
+                raise XMLError(f"port {p} out of range in USB address bus: {bus} port: {port_str}")
             nxt = hub.hubs[p - 1]
             if nxt is None:
                 raise XMLError(

@@ -44,6 +44,7 @@ from drivers.qemu.argv_common import (
 from drivers.qemu.capabilities import QemuCapabilities
 from drivers.qemu.helpers import HelperSpec
 from drivers.qemu.host import HostFacts
+from drivers.qemu.xmlnum import num
 from virtbus.domain import DomainDefinition, unknown_devices
 from virtbus.errors import ConfigUnsupported, XMLError
 
@@ -77,8 +78,20 @@ _TOP_LEVEL = frozenset(
     }
 )  # fmt: skip
 _OS_CHILDREN = frozenset(
-    {"type", "boot", "kernel", "initrd", "cmdline", "loader", "nvram", "bootmenu", "smbios",
-     "firmware", "bios", "acpi"}
+    {
+        "type",
+        "boot",
+        "kernel",
+        "initrd",
+        "cmdline",
+        "loader",
+        "nvram",
+        "bootmenu",
+        "smbios",
+        "firmware",
+        "bios",
+        "acpi",
+    }
 )
 DEFAULT_SETTINGS = ArgvSettings()
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -121,7 +134,8 @@ class QemuLaunch:
     bind_paths: tuple[Path, ...]  # sockets QEMU binds at paths the XML chose: must not exist
     incoming_uri: str | None  # QEMU started with "-incoming defer": run migrate-incoming
     accel: str  # "kvm" | "tcg"
-    cpu_tuning: cputune.CpuTuning = cputune.CpuTuning()  # applied to QEMU's threads at start
+    #: applied to QEMU's threads at start
+    cpu_tuning: cputune.CpuTuning = field(default_factory=cputune.CpuTuning)
     secrets: tuple[storage.SecretRef, ...] = ()  # secret files QEMU reads: must exist
     nvram: tuple[str, str | None] | None = None  # (NVRAM path, template to copy if missing)
     host_devices: tuple[str, ...] = ()  # host sysfs devices that must exist at start
@@ -367,15 +381,15 @@ def _check_seclabels(defn: DomainDefinition) -> None:
             if model in models:
                 raise XMLError(f"seclabel for model {model} is already provided")
             models.add(model)
-        if label.get("relabel") == "yes" and label.get("type") == "static" and (
-            label.find("label") is None
+        if (
+            label.get("relabel") == "yes"
+            and label.get("type") == "static"
+            and (label.find("label") is None)
         ):
             raise XMLError(f"Cannot specify relabel if label is missing. model={model}")
     for el in defn.elements("devices//seclabel"):
         if el.get("relabel") == "yes" and el.find("label") is None and el.get("model"):
-            raise XMLError(
-                f"Cannot specify relabel if label is missing. model={el.get('model')}"
-            )
+            raise XMLError(f"Cannot specify relabel if label is missing. model={el.get('model')}")
         if len(labels) > 1 and el.get("model") is None:
             raise XMLError("missing security model when using multiple labels")
     for label in labels:
@@ -447,7 +461,12 @@ def _boot(ctx: BuildContext) -> None:
     menu = os_.element.find("bootmenu")
     timeout = menu.get("timeout") if menu is not None else None
     if timeout is not None:
-        if not timeout.isdigit() or int(timeout) > 65535:
+        if (
+            not timeout.isascii()
+            or not timeout.isdigit()
+            or len(timeout) > 5
+            or (int(timeout) > 65535)
+        ):
             raise ConfigUnsupported(
                 "invalid value for boot menu timeout, must be in range [0,65535]"
             )
@@ -455,7 +474,7 @@ def _boot(ctx: BuildContext) -> None:
             opts += f",splash-time={int(timeout)}"
     bios = os_.element.find("bios")
     if bios is not None and bios.get("rebootTimeout") is not None:
-        reboot = int(str(bios.get("rebootTimeout")))
+        reboot = num(bios, "rebootTimeout", minimum=None)
         if not -1 <= reboot <= 65535:
             raise ConfigUnsupported("invalid value for rebootTimeout, must be in range [-1,65535]")
         opts += f",reboot-timeout={reboot}"

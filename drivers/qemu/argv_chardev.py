@@ -8,7 +8,6 @@ has nowhere to go and is refused.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,16 @@ from typing import Any
 from drivers.qemu.argv_common import (
     BuildContext,
     ChardevRuntime,
+    host_value,
     json_arg,
     kv_escape,
+    port_value,
     unsupported,
 )
 from drivers.qemu.argv_devices import usb_props
-from virtbus.domain.model import CharDevice, Element, Graphics
+from drivers.qemu.xmlnum import num
+from virtbus.domain.model import CharDevice, Element
+from virtbus.domain.views import enum_value
 from virtbus.errors import ConfigUnsupported, InvalidArgument
 
 GUEST_AGENT = "org.qemu.guest_agent.0"
@@ -61,13 +64,16 @@ def _tcp(ctx: BuildContext, cd: CharDevice, cid: str, where: str) -> str:
         raise ConfigUnsupported(f"{where} needs <source host=... service=...>")
     src = _source(cd.element)
     assert src is not None
-    listen = (cd.source_mode or "connect") == "bind"
+    mode = enum_value(cd.source_mode, ("bind", "connect"), f"{where} <source mode", "connect")
+    listen = mode == "bind"
     proto = cd.protocol or "raw"
     if proto not in ("raw", "telnet", "tls", "telnets"):
         raise ConfigUnsupported(f"tcp chardev protocol '{proto}' not supported")
     if proto in ("tls", "telnets"):
         raise ConfigUnsupported(f"tcp chardev protocol '{proto}' not supported")
-    opts = f"socket,id={cid},host={kv_escape(cd.source_host)},port={cd.source_service}"
+    host = host_value(cd.source_host, f"{where} <source host")
+    port = port_value(cd.source_service, f"{where} <source service")
+    opts = f"socket,id={cid},host={kv_escape(host)},port={port}"
     if proto == "telnet":
         opts += ",telnet=on"
     if listen:
@@ -89,7 +95,7 @@ def _reconnect(src: Element, listen: bool, where: str) -> str:
         return ""
     if listen:
         raise ConfigUnsupported("chardev reconnect is possible only for connect mode")
-    timeout = int(rc.get("timeout", "0"))
+    timeout = num(rc, "timeout", "0")
     if timeout == 0:
         raise InvalidArgument("chardev reconnect source timeout cannot be '0'")
     return f",reconnect={timeout}"
@@ -128,11 +134,12 @@ def _backend(
             not cd.source_path
         ):
             raise ConfigUnsupported("Missing source path attribute for char device")
-        path = Path(cd.source_path) if cd.source_path else ctx.socket_path(default_sock)
-        if cd.source_path:
-            ctx.check_socket(path)
-        # a generated path is always served by QEMU (libvirt forces listen mode)
-        listen = not cd.source_path or (cd.source_mode or "connect") == "bind"
+        mode = enum_value(cd.source_mode, ("bind", "connect"), f"{where} <source mode", "connect")
+        # a generated path is ours and always served by QEMU (libvirt forces listen mode);
+        # a path the XML chose is never removed (QEMU binds it, or connects to it)
+        listen = not cd.source_path or mode == "bind"
+        path = (ctx.user_socket(Path(cd.source_path), bind=listen) if cd.source_path
+                else ctx.socket_path(default_sock))  # fmt: skip
         opts = f"socket,id={cid},path={kv_escape(str(path))}"
         if listen:
             opts += ",server=on,wait=off"
@@ -145,11 +152,15 @@ def _backend(
         connect = _source(el, "connect")
         bind = _source(el, "bind")
         host = connect.get("host", "") if connect is not None else ""
-        port = connect.get("service", "0") if connect is not None else "0"
+        port = num(connect, "service", "0", maximum=65535) if connect is not None else 0
         laddr = bind.get("host", "") if bind is not None else ""
-        lport = bind.get("service", "0") if bind is not None else "0"
-        return (f"udp,id={cid},host={kv_escape(host)},port={int(port)},"
-                f"localaddr={kv_escape(laddr)},localport={int(lport)}{log}", None)  # fmt: skip
+        lport = num(bind, "service", "0", maximum=65535) if bind is not None else 0
+        if host:
+            host_value(host, f"{where} <source mode='connect' host")
+        if laddr:
+            host_value(laddr, f"{where} <source mode='bind' host")
+        return (f"udp,id={cid},host={kv_escape(host)},port={port},"
+                f"localaddr={kv_escape(laddr)},localport={lport}{log}", None)  # fmt: skip
     if cd.type == "spicevmc":
         if not ctx.spice:
             raise ConfigUnsupported(f"{where} needs <graphics type='spice'>")
@@ -171,7 +182,8 @@ def _backend(
         if src is not None:
             clip = src.find("clipboard")
             mouse = src.find("mouse")
-            opts += f",clipboard={'on' if clip is not None and clip.get('copypaste') == 'yes' else 'off'}"
+            copypaste = clip is not None and clip.get("copypaste") == "yes"
+            opts += f",clipboard={'on' if copypaste else 'off'}"
             opts += f",mouse={'on' if mouse is None or mouse.get('mode') == 'client' else 'off'}"
         return opts, None
     if cd.type == "dbus":
@@ -319,7 +331,8 @@ def _redirfilter(ctx: BuildContext) -> str | None:
         return None
     rules = []
     for usbdev in rf.findall("usbdev"):
-        def val(attr: str) -> str:
+
+        def val(attr: str, usbdev: Element = usbdev) -> str:
             v = usbdev.get(attr)
             return "-1" if v in (None, "-1") else str(v)
 
@@ -352,7 +365,7 @@ def build_redirdevs(ctx: BuildContext) -> None:
             props["filter"] = filt
         boot = dev.element.find("boot")
         if boot is not None and boot.get("order"):
-            props["bootindex"] = int(str(boot.get("order")))
+            props["bootindex"] = num(boot, "order")
         ctx.device(props | usb_props(ctx, dev.element.find("address")))
         ctx.chardevs.append(ChardevRuntime("redirdev", i, cid, dev.type or "spicevmc", None,
                                            f"redir{i}"))  # fmt: skip
@@ -367,7 +380,7 @@ def build_smartcards(ctx: BuildContext) -> None:
     for i, card in enumerate(ctx.defn.elements("devices/smartcard")):
         mode = card.get("mode")
         a = card.find("address")
-        ccid = int(a.get("controller", "0")) if a is not None else 0
+        ccid = num(a, "controller", "0") if a is not None else 0
         props: dict[str, Any] = {"bus": f"ccid{ccid}.0", "id": f"smartcard{i}"}
         if mode == "host":
             props = {"driver": "ccid-card-emulated", "backend": "nss-emulated"} | props
@@ -378,16 +391,21 @@ def build_smartcards(ctx: BuildContext) -> None:
                     "host-certificates smartcard mode needs exactly three <certificate>s"
                 )
             db = card.find("database")
-            props = {"driver": "ccid-card-emulated", "backend": "certificates",
-                     "cert1": certs[0], "cert2": certs[1], "cert3": certs[2],
-                     "db": db.text if db is not None and db.text else "/etc/pki/nssdb"} | props  # fmt: skip
+            props = {
+                "driver": "ccid-card-emulated",
+                "backend": "certificates",
+                "cert1": certs[0],
+                "cert2": certs[1],
+                "cert3": certs[2],
+                "db": db.text if db is not None and db.text else "/etc/pki/nssdb",
+            } | props
         elif mode == "passthrough":
             cid = f"charsmartcard{i}"
             cd = CharDevice(kind="smartcard", index=i, type=card.get("type", "spicevmc"),
                             source_path=_attr(card, "path"), source_mode=_attr(card, "mode"),
                             source_host=_attr(card, "host"),
                             source_service=_attr(card, "service"),
-                            protocol=card.find("protocol").get("type")  # type: ignore[union-attr]
+                            protocol=card.find("protocol").get("type")
                             if card.find("protocol") is not None else None,
                             target_type=None, target_port=None, target_name=None,
                             element=card)  # fmt: skip
@@ -397,75 +415,3 @@ def build_smartcards(ctx: BuildContext) -> None:
         else:
             raise unsupported(f"<smartcard mode='{mode}'>")
         ctx.device(props)
-
-
-# ---------------------------------------------------------------------------- graphics
-
-_VNC_ATTRS = frozenset({"type", "port", "autoport", "listen", "keymap"})
-_SPICE_ATTRS = frozenset({"type", "port", "autoport", "listen", "keymap"})
-
-
-def _check_graphics(g: Graphics, allowed: frozenset[str], children: frozenset[str]) -> None:
-    for attr in g.element.attrib:
-        if attr not in allowed:
-            raise unsupported(f"<graphics type='{g.type}' {attr}=...>")
-    for child in g.element:
-        if isinstance(child.tag, str) and child.tag not in children:
-            raise unsupported(f"<{child.tag}> in <graphics type='{g.type}'>")
-    for listen in g.element.findall("listen"):
-        if listen.get("type", "address") not in ("address", "none", "socket"):
-            raise unsupported(f"<listen type='{listen.get('type')}'> in <graphics>")
-
-
-def build_vnc(ctx: BuildContext, g: Graphics) -> VncRuntime:
-    _check_graphics(g, _VNC_ATTRS, frozenset({"listen"}))
-    listen_el = g.element.find("listen")
-    ltype = listen_el.get("type", "address") if listen_el is not None else "address"
-    if ltype == "none":
-        ctx.add("-vnc", "none")
-        return VncRuntime("none", None, False)
-    if ltype == "socket":
-        assert listen_el is not None
-        sock = listen_el.get("socket")
-        path = Path(sock) if sock else ctx.socket_path("vnc.sock")
-        if sock:
-            ctx.check_socket(path)
-        ctx.add("-vnc", f"unix:{kv_escape(str(path))}")
-        return VncRuntime(f"unix:{path}", None, False)
-    listen = g.listen or ctx.settings.default_graphics_listen
-    host = f"[{listen}]" if ":" in listen else listen
-    autoport = g.autoport is True or g.port in (None, -1)
-    if autoport:
-        top = ctx.settings.vnc_autoport_displays - 1
-        ctx.add("-vnc", f"{host}:0,to={top}")
-        return VncRuntime(listen, 0, True)
-    assert g.port is not None
-    if g.port < 5900:
-        raise unsupported(f"<graphics type='vnc' port='{g.port}'> (VNC ports start at 5900)")
-    ctx.add("-vnc", f"{host}:{g.port - 5900}")
-    return VncRuntime(listen, g.port - 5900, False)
-
-
-def build_spice(ctx: BuildContext, g: Graphics, ports: Mapping[int, int]) -> SpiceRuntime:
-    _check_graphics(g, _SPICE_ATTRS, frozenset({"listen", "image", "gl"}))
-    gl = g.element.find("gl")
-    if gl is not None and gl.get("enable", "no") != "no":
-        raise unsupported("<graphics type='spice'><gl enable='yes'>")
-    listen_el = g.element.find("listen")
-    if listen_el is not None and listen_el.get("type", "address") != "address":
-        raise unsupported(f"<graphics type='spice'><listen type='{listen_el.get('type')}'>")
-    port = g.port if g.port is not None and g.port > 0 and g.autoport is not True else None
-    if port is None:
-        port = ports.get(g.index)
-    if port is None:
-        raise InvalidArgument(
-            f"<graphics type='spice'> #{g.index} has autoport: the driver must allocate a "
-            "port and pass it in graphics_ports (see graphics_needing_ports())"
-        )
-    listen = g.listen or ctx.settings.default_graphics_listen
-    opts = f"port={port},addr={kv_escape(listen)},disable-ticketing=on,seamless-migration=on"
-    image = g.element.find("image")
-    if image is not None and image.get("compression"):
-        opts += f",image-compression={image.get('compression')}"
-    ctx.add("-spice", opts)
-    return SpiceRuntime(listen, port)

@@ -127,6 +127,7 @@ def kv_escape(value: str) -> str:
 
 # Values that go into QEMU options unescaped must be checked against their type first:
 # options such as -cpu are split on commas with no escape at all.
+_USB_PORT = re.compile(r"[0-9]{1,3}(\.[0-9]{1,3}){0,4}")
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
 
@@ -314,36 +315,39 @@ class BuildContext:
             props = self.pci_props(a, what)
         elif atype == "usb":
             assert a is not None
-            bus = _int_attr(a, "bus", "<address type='usb'>")
+            bus = int_attr(a, "bus", "<address type='usb'>", maximum=255)
             alias = self.usb_aliases.get(bus)
             if alias is None:
                 raise ConfigUnsupported(f"{what}: no USB controller with index {bus}")
             props = {"bus": f"{alias}.0"}
             if a.get("port"):
-                props["port"] = str(a.get("port"))
+                port = str(a.get("port"))
+                if not _USB_PORT.fullmatch(port):
+                    raise XMLError(f"invalid <address type='usb' port='{shown(port)}'>")
+                props["port"] = port
         elif atype == "virtio-serial":
             assert a is not None
-            ctrl = _int_attr(a, "controller", "<address>")
+            ctrl = int_attr(a, "controller", "<address>", maximum=255)
             alias = self.vser_aliases.get(ctrl)
             if alias is None:
                 raise ConfigUnsupported(f"no <controller type='virtio-serial' index='{ctrl}'>")
-            props = {"bus": f"{alias}.{_int_attr(a, 'bus', '<address>')}",
-                     "nr": _int_attr(a, "port", "<address>")}  # fmt: skip
+            props = {"bus": f"{alias}.{int_attr(a, 'bus', '<address>', maximum=255)}",
+                     "nr": int_attr(a, "port", "<address>", maximum=511)}  # fmt: skip
         elif atype == "isa":
             assert a is not None
-            props = {"iobase": _int_attr(a, "iobase", "<address type='isa'>")}
+            props = {"iobase": int_attr(a, "iobase", "<address type='isa'>")}
             if a.get("irq"):
-                props["irq"] = _int_attr(a, "irq", "<address type='isa'>")
+                props["irq"] = int_attr(a, "irq", "<address type='isa'>", maximum=255)
         elif atype == "dimm":
             assert a is not None
-            props = {"slot": _int_attr(a, "slot", "<address type='dimm'>")}
+            props = {"slot": int_attr(a, "slot", "<address type='dimm'>", maximum=255)}
             if a.get("base"):
-                props["addr"] = _int_attr(a, "base", "<address type='dimm'>")
+                props["addr"] = int_attr(a, "base", "<address type='dimm'>", maximum=(1 << 64) - 1)
         elif atype not in (None, "drive", "ccid", "unassigned"):
             raise ConfigUnsupported(f"unsupported <address type='{atype}'> for {what}")
         acpi = el.find("acpi")
         if acpi is not None and acpi.get("index") is not None:
-            props["acpi-index"] = _int_attr(acpi, "index", "<acpi>")
+            props["acpi-index"] = int_attr(acpi, "index", "<acpi>", maximum=16383)
         return props
 
     # ------------------------------------------------------------ virtio-serial

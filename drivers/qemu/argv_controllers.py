@@ -14,8 +14,9 @@ from typing import Any
 from drivers.qemu import addresses as ad
 from drivers.qemu.argv_common import BuildContext, unsupported
 from drivers.qemu.argv_virtio import onoff, virtio_props
+from drivers.qemu.xmlnum import attr_int, num_text
 from virtbus.domain.model import Element
-from virtbus.errors import ConfigUnsupported, XMLError
+from virtbus.errors import ConfigUnsupported
 
 USB_DEVICES = {
     "piix3-uhci": "piix3-usb-uhci", "piix4-uhci": "piix4-usb-uhci", "ehci": "usb-ehci",
@@ -32,14 +33,8 @@ _ORDER = ("pci", "usb", "scsi", "ide", "sata", "virtio-serial")
 _TYPES = frozenset({*_ORDER, "fdc", "ccid"})
 
 
-def _int(el: Element, name: str, default: int = 0) -> int:
-    raw = el.get(name)
-    if raw is None:
-        return default
-    try:
-        return int(raw, 0) if raw.lower().startswith("0x") else int(raw)
-    except ValueError:
-        raise XMLError(f"invalid <{el.tag} {name}='{raw}'>") from None
+def _int(el: Element | None, name: str, default: int = 0) -> int:
+    return attr_int(el, name, default)
 
 
 def user_alias(el: Element) -> str | None:
@@ -135,8 +130,12 @@ def _controller(ctx: BuildContext, ctrl: Element) -> dict[str, Any] | None:
         if idx == 0 and not ctx.q35:
             return None  # the PIIX IDE of pc
         if idx > 0 and not ctx.q35:
-            raise ConfigUnsupported("Only a single IDE controller is supported for this machine type")
-        raise ConfigUnsupported("IDE controllers are unsupported for this QEMU binary or machine type")
+            raise ConfigUnsupported(
+                "Only a single IDE controller is supported for this machine type"
+            )
+        raise ConfigUnsupported(
+            "IDE controllers are unsupported for this QEMU binary or machine type"
+        )
     if ctype == "sata":
         if idx == 0 and ctx.q35:
             return None  # the ICH9 AHCI of q35
@@ -162,29 +161,27 @@ def _pci(ctrl: Element, alias: str, model: str) -> dict[str, Any] | None:
     if name is None:
         raise unsupported(f"<controller type='pci' model='{model}'>")
     target = ctrl.find("target")
-    tget = (lambda k: target.get(k)) if target is not None else (lambda _k: None)
     props: dict[str, Any] = {"driver": name}
-    mem_reserve = tget("memReserve")
+    mem_reserve = target.get("memReserve") if target is not None else None
     if model == "pci-bridge":
-        props["chassis_nr"] = int(tget("chassisNr") or 0, 0)
+        props["chassis_nr"] = _int(target, "chassisNr")
         if mem_reserve:
-            props["mem-reserve"] = int(mem_reserve) * 1024
+            props["mem-reserve"] = _int(target, "memReserve") * 1024
         props["id"] = alias
     elif model in ("pci-expander-bus", "pcie-expander-bus"):
-        props |= {"bus_nr": int(tget("busNr") or 0, 0), "id": alias}
+        props |= {"bus_nr": _int(target, "busNr"), "id": alias}
         node = target.find("node") if target is not None else None
         if node is not None and node.text:
-            props["numa_node"] = int(node.text)
+            props["numa_node"] = num_text(node)
     elif model in ("dmi-to-pci-bridge", "pcie-switch-upstream-port", "pcie-to-pci-bridge"):
         props["id"] = alias
     elif model in ("pcie-root-port", "pcie-switch-downstream-port"):
-        props |= {"port": int(tget("port") or 0, 0), "chassis": int(tget("chassis") or 0, 0),
-                  "id": alias}  # fmt: skip
+        props |= {"port": _int(target, "port"), "chassis": _int(target, "chassis"), "id": alias}
         hotplug = onoff(target, "hotplug", "<target>")
         if hotplug is not None:
             props["hotplug"] = hotplug
         if mem_reserve:
-            props["mem-reserve"] = int(mem_reserve) * 1024
+            props["mem-reserve"] = _int(target, "memReserve") * 1024
     else:
         raise unsupported(f"<controller type='pci' model='{model}'>")
     return props

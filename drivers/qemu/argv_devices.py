@@ -1,47 +1,22 @@
-"""PCI/USB/virtio-serial controllers, NICs, input, video, sound, watchdog, RNG, panic and
-balloon devices, with libvirt's device ids and defaults.
+"""Input, video, sound, watchdog, RNG, panic and balloon devices (and the stable MACs of
+NICs), with libvirt's device ids and defaults.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from lxml import etree
 
-from drivers.qemu.argv_common import BuildContext, NetRuntime, json_arg, kv_escape, unsupported
+from drivers.qemu.argv_common import BuildContext, json_arg, kv_escape, unsupported
 from drivers.qemu.argv_virtio import check_virtio_options_absent, virtio_props
 from drivers.qemu.helpers import HelperSpec
-from virtbus.domain.model import Controller, Element, Interface
+from drivers.qemu.xmlnum import num
+from virtbus.domain.model import Element
 from virtbus.errors import ConfigUnsupported, XMLError
 
-USB_MODELS = {
-    "qemu-xhci": "qemu-xhci",
-    "nec-xhci": "nec-usb-xhci",
-    "piix3-uhci": "piix3-usb-uhci",
-    "piix4-uhci": "piix4-usb-uhci",
-    "ich9-ehci1": "ich9-usb-ehci1",
-    "ich9-uhci1": "ich9-usb-uhci1",
-    "ich9-uhci2": "ich9-usb-uhci2",
-    "ich9-uhci3": "ich9-usb-uhci3",
-}
-NIC_MODELS = {
-    "virtio": "virtio-net-pci",
-    "e1000": "e1000",
-    "e1000e": "e1000e",
-    "rtl8139": "rtl8139",
-}
-_NIC_CHILDREN = frozenset({"mac", "source", "model", "target", "address", "boot", "alias", "link"})
-VIDEO_MODELS = {  # model -> (primary device, secondary device)
-    "vga": ("VGA", None),
-    "cirrus": ("cirrus-vga", None),
-    "virtio": ("virtio-vga", "virtio-gpu-pci"),
-    "qxl": ("qxl-vga", "qxl"),
-    "bochs": ("bochs-display", "bochs-display"),
-    "ramfb": ("ramfb", None),
-}
 INPUT_DEVICES = {
     ("tablet", "usb"): "usb-tablet",
     ("mouse", "usb"): "usb-mouse",
@@ -53,104 +28,6 @@ INPUT_DEVICES = {
 WATCHDOG_ACTIONS = frozenset({"reset", "shutdown", "poweroff", "pause", "none", "inject-nmi"})
 
 
-# ---------------------------------------------------------------------------- controllers
-
-
-def build_pci_controllers(ctx: BuildContext) -> None:
-    """pcie-root/pci-root are implicit; root ports and PCI bridges become ``pci.N``."""
-    ctrls = sorted((c for c in ctx.defn.controllers if c.type == "pci"), key=lambda c: c.index or 0)
-    for ctrl in ctrls:
-        ctx.pci_buses[ctrl.index or 0] = f"pci.{ctrl.index or 0}"
-    ctx.pci_buses[0] = ctx.root_bus
-    for ctrl in ctrls:
-        idx = ctrl.index or 0
-        root = "pcie-root" if ctx.q35 else "pci-root"
-        if ctrl.model == root or (idx == 0 and ctrl.model is None):
-            continue
-        addr = ctrl.element.find("address")
-        target = ctrl.element.find("target")
-        if ctrl.model == "pcie-root-port" and ctx.q35:
-            name = ctrl.element.find("model")
-            driver = name.get("name", "pcie-root-port") if name is not None else "pcie-root-port"
-            if driver not in ("pcie-root-port", "ioh3420"):
-                raise unsupported(f"<controller model='pcie-root-port'><model name='{driver}'>")
-            chassis = int(target.get("chassis", str(idx)), 0) if target is not None else idx
-            port = int(target.get("port", "0"), 0) if target is not None else 0x10 + idx - 1
-            props: dict[str, Any] = {
-                "driver": driver,
-                "port": port,
-                "chassis": chassis,
-                "id": f"pci.{idx}",
-            }
-        elif ctrl.model == "pci-bridge":
-            nr = target.get("chassisNr", str(idx)) if target is not None else str(idx)
-            props = {"driver": "pci-bridge", "chassis_nr": int(nr, 0), "id": f"pci.{idx}"}
-        else:
-            raise unsupported(f"<controller type='pci' model='{ctrl.model}'> on this machine")
-        ctx.device(props | ctx.pci_props(addr, f"<controller type='pci' index='{idx}'>"))
-
-
-def build_usb_controllers(ctx: BuildContext, need_usb: bool) -> None:
-    """USB controllers; a default one (as libvirt adds) when a USB device needs it."""
-    usb = [c for c in ctx.defn.controllers if c.type == "usb"]
-    if any(c.model == "none" for c in usb):
-        if len(usb) > 1 or need_usb:
-            raise ConfigUnsupported("USB devices need a USB controller, not model='none'")
-        return
-    if not usb:
-        if need_usb:
-            driver = "qemu-xhci" if ctx.q35 else "piix3-usb-uhci"
-            ctx.device({"driver": driver, "id": "usb"} | ctx.pci_props(None, "USB controller"))
-            ctx.usb_bus = "usb.0"
-        return
-    for ctrl in usb:
-        _usb_controller(ctx, ctrl)
-    ctx.usb_bus = "usb.0"
-
-
-def _usb_controller(ctx: BuildContext, ctrl: Controller) -> None:
-    idx = ctrl.index or 0
-    if idx != 0:
-        raise unsupported(f"<controller type='usb' index='{idx}'> (one USB bus is)")
-    model = ctrl.model or ("qemu-xhci" if ctx.q35 else "piix3-uhci")
-    if model not in USB_MODELS:
-        raise unsupported(f"<controller type='usb' model='{model}'>")
-    props: dict[str, Any] = {"driver": USB_MODELS[model]}
-    master = ctrl.element.find("master")
-    if model.startswith("ich9-uhci"):
-        start = int(master.get("startport", "0")) if master is not None else 0
-        props |= {"masterbus": "usb.0", "firstport": start}
-    else:
-        props["id"] = "usb"
-    ports = ctrl.element.get("ports")
-    if ports and model in ("qemu-xhci", "nec-xhci"):
-        props |= {"p2": int(ports), "p3": int(ports)}
-    ctx.device(props | ctx.pci_props(ctrl.element.find("address"), f"USB controller {model}"))
-
-
-def build_virtio_serial(ctx: BuildContext, needed: bool) -> None:
-    ctrls = [c for c in ctx.defn.controllers if c.type == "virtio-serial"]
-    for ctrl in ctrls:
-        idx = ctrl.index or 0
-        props: dict[str, Any] = {"driver": "virtio-serial-pci", "id": f"virtio-serial{idx}"}
-        if ctrl.element.get("ports"):
-            props["max_ports"] = int(str(ctrl.element.get("ports")))
-        ctx.device(props | ctx.pci_props(ctrl.element.find("address"), "virtio-serial"))
-        ctx.virtio_serial.add(idx)
-    if needed and 0 not in ctx.virtio_serial:
-        ctx.device(
-            {"driver": "virtio-serial-pci", "id": "virtio-serial0"}
-            | ctx.pci_props(None, "virtio-serial")
-        )
-        ctx.virtio_serial.add(0)
-
-
-def check_controller_types(ctx: BuildContext) -> None:
-    for ctrl in ctx.defn.controllers:
-        if ctrl.type not in ("pci", "usb", "sata", "ide", "scsi", "virtio-serial"):
-            raise unsupported(f"<controller type='{ctrl.type}'>")
-
-
 # ---------------------------------------------------------------------------- network
 
 
@@ -158,62 +35,6 @@ def generated_mac(prefix: str, uuid: str, index: int) -> str:
     """A stable MAC for interface ``index`` (same domain, same MAC on every build)."""
     digest = hashlib.sha256(f"{uuid}/{index}".encode()).digest()
     return prefix + "".join(f":{b:02x}" for b in digest[:3])
-
-
-def _netdev(iface: Interface, netdev_id: str, networks: Mapping[str, str]) -> str:
-    where = f"<interface type='{iface.type}'> #{iface.index}"
-    if iface.type == "network":
-        meaning = networks.get(iface.source_network or "")
-        if meaning == "user":
-            return f"user,id={netdev_id}"
-        if meaning is not None and meaning.startswith("bridge:"):
-            return f"bridge,id={netdev_id},br={kv_escape(meaning.removeprefix('bridge:'))}"
-        raise ConfigUnsupported(
-            f"unsupported {where} (network '{iface.source_network}'): this host maps only "
-            f"{', '.join(repr(n) for n in sorted(networks)) or 'no'} libvirt network names; "
-            "use type='user', 'bridge' or 'ethernet'"
-        )
-    if iface.type == "user":
-        return f"user,id={netdev_id}"
-    if iface.type == "bridge":
-        if not iface.source_bridge:
-            raise ConfigUnsupported(f"{where} needs <source bridge=...>")
-        return f"bridge,id={netdev_id},br={kv_escape(iface.source_bridge)}"
-    if iface.type == "ethernet":
-        opts = f"tap,id={netdev_id},script=no,downscript=no"
-        return opts + (f",ifname={kv_escape(iface.target_dev)}" if iface.target_dev else "")
-    raise unsupported(f"<interface type='{iface.type}'>")
-
-
-def build_interfaces(ctx: BuildContext) -> None:
-    for iface in ctx.defn.interfaces:
-        for child in iface.element:
-            if isinstance(child.tag, str) and child.tag not in _NIC_CHILDREN:
-                raise unsupported(f"<{child.tag}> in <interface type='{iface.type}'>")
-        link = iface.element.find("link")
-        if link is not None and link.get("state", "up") != "up":
-            raise unsupported("<link state='down'> in <interface>")
-        netdev_id, dev_id = f"hostnet{iface.index}", f"net{iface.index}"
-        ctx.add("-netdev", _netdev(iface, netdev_id, ctx.settings.networks))
-        model = iface.model or "rtl8139"  # libvirt's default NIC model for x86
-        if model not in NIC_MODELS:
-            raise unsupported(f"<interface><model type='{model}'>")
-        mac = iface.mac
-        if mac is None:
-            mac = generated_mac(ctx.settings.mac_prefix, ctx.defn.uuid, iface.index)
-            ctx.generated_macs[iface.index] = mac
-        props: dict[str, Any] = {
-            "driver": NIC_MODELS[model],
-            "netdev": netdev_id,
-            "id": dev_id,
-            "mac": mac,
-        } | ctx.pci_props(iface.address, f"interface #{iface.index}")
-        boot = ctx.bootindex.get(("interface", iface.index))
-        if boot is not None:
-            props["bootindex"] = boot
-        ctx.device(props)
-        ifname = iface.target_dev if iface.type == "ethernet" else None
-        ctx.nets.append(NetRuntime(iface.index, netdev_id, dev_id, mac, ifname))
 
 
 # ---------------------------------------------------------------------------- others
@@ -289,7 +110,7 @@ def usb_props(ctx: BuildContext, addr: Any) -> dict[str, Any]:
         raise ConfigUnsupported("a USB device needs a USB controller")
     if addr is None or addr.get("type") != "usb":
         return {"bus": ctx.usb_bus}
-    bus = int(addr.get("bus", "0"))
+    bus = num(addr, "bus", "0")
     alias = ctx.usb_aliases.get(bus)
     if alias is None:
         raise ConfigUnsupported(f"a USB device names USB bus {bus}, which has no controller")
@@ -331,8 +152,7 @@ def _video_driver(ctx: BuildContext, vtype: str, primary: bool, vhost: bool,
 
 
 def _kib(model: Element, attr: str) -> int:
-    value = model.get(attr)
-    return int(value) if value else 0
+    return num(model, attr, "0", maximum=1 << 40) if model.get(attr) else 0
 
 
 def _check_video(vtype: str, model: Element, video: Element) -> None:
@@ -368,7 +188,7 @@ def _check_video(vtype: str, model: Element, video: Element) -> None:
     if res is not None:
         if vtype not in ("vga", "qxl", "virtio", "bochs"):
             raise XMLError("model resolution is not supported")
-        if not int(res.get("x", "0")) or not int(res.get("y", "0")):
+        if not num(res, "x", "0") or not num(res, "y", "0"):
             raise ConfigUnsupported("video resolution values must be greater than 0")
     if vtype == "ramfb" and video.find("address") is not None:
         raise ConfigUnsupported("address not supported for video type ramfb")
@@ -409,7 +229,7 @@ def build_videos(ctx: BuildContext) -> None:
             virtio_props(driver, el, suffix=False) if virtio else {"driver": driver}
         )
         props["id"] = vid
-        heads = int(model.get("heads", "1"))
+        heads = num(model, "heads", "1")
         if vtype in ("qxl", "virtio") and heads:
             props["max_outputs"] = heads
         if vtype == "qxl":
@@ -435,7 +255,7 @@ def build_videos(ctx: BuildContext) -> None:
             props["blob"] = model.get("blob") == "on"
         res = model.find("resolution")
         if res is not None:
-            props |= {"xres": int(str(res.get("x"))), "yres": int(str(res.get("y")))}
+            props |= {"xres": num(res, "x"), "yres": num(res, "y")}
         if driver != "ramfb":
             preferred = (1 if ctx.q35 else 2) if i == 0 else None
             props |= ctx.pci_props(el.find("address"), f"video #{i}", preferred)
@@ -453,21 +273,6 @@ def _vhost_user_gpu(ctx: BuildContext, vid: str, socket: Path,
     return HelperSpec("vhost-user-gpu", vid, tuple(argv), socket)
 
 
-def build_audio_backends(ctx: BuildContext) -> None:
-    for el in ctx.defn.elements("devices/audio"):
-        atype = el.get("type", "none")
-        if atype not in ("none", "spice"):
-            raise unsupported(f"<audio type='{atype}'> (none and spice are)")
-        if atype == "spice" and not ctx.spice:
-            raise ConfigUnsupported("<audio type='spice'> needs <graphics type='spice'>")
-        aid = f"audio{el.get('id', '1')}"
-        ctx.add("-audiodev", f"driver={atype},id={aid}")
-        ctx.audio_ids.append(aid)
-    if ctx.defn.sounds and not ctx.audio_ids:
-        ctx.add("-audiodev", "driver=none,id=audio1")
-        ctx.audio_ids.append("audio1")
-
-
 HDA = {"ich9": "ich9-intel-hda", "ich6": "intel-hda", "ich7": "intel-hda"}
 CODECS = {"duplex": "hda-duplex", "micro": "hda-micro", "output": "hda-output"}
 
@@ -476,7 +281,9 @@ def build_sounds(ctx: BuildContext) -> None:
     for i, sound in enumerate(ctx.defn.sounds):
         el = sound.element
         audio_el = el.find("audio")
-        audio = f"audio{audio_el.get('id')}" if audio_el is not None else ctx.audio_ids[0]
+        audio = (
+            f"audio{num(audio_el, 'id', maximum=255)}" if audio_el is not None else ctx.audio_ids[0]
+        )
         model = sound.model
         sid = f"sound{i}"
         if model in HDA:
@@ -496,14 +303,14 @@ def build_sounds(ctx: BuildContext) -> None:
         elif model == "pcspk":
             continue  # a machine property (pcspk-audiodev)
         elif model == "usb":
-            props = {"driver": "usb-audio", "id": sid, "audiodev": audio}
+            props: dict[str, Any] = {"driver": "usb-audio", "id": sid, "audiodev": audio}
             if el.get("multichannel") in ("yes", "no"):
                 props["multi"] = el.get("multichannel") == "yes"
             ctx.device(props | usb_props(ctx, el.find("address")))
         elif model == "virtio":
             props = virtio_props("virtio-sound", el) | {"id": sid, "audiodev": audio}
             if el.get("streams"):
-                props["streams"] = int(str(el.get("streams")))
+                props["streams"] = num(el, "streams")
             ctx.device(props | ctx.addr_props(el, "sound"))
         else:
             raise unsupported(f"<sound model='{model}'>")
@@ -565,7 +372,7 @@ def build_rngs(ctx: BuildContext) -> None:
                             source_mode=src.get("mode") if src is not None else None,
                             source_host=src.get("host") if src is not None else None,
                             source_service=src.get("service") if src is not None else None,
-                            protocol=backend.find("protocol").get("type")  # type: ignore[union-attr]
+                            protocol=backend.find("protocol").get("type")
                             if backend.find("protocol") is not None else None,
                             target_type=None, target_port=None, target_name=None,
                             element=backend)  # fmt: skip
@@ -579,8 +386,8 @@ def build_rngs(ctx: BuildContext) -> None:
         props |= {"rng": f"objrng{i}", "id": f"rng{i}"}
         rate = el.find("rate")
         if rate is not None and rate.get("bytes"):
-            props["max-bytes"] = int(str(rate.get("bytes")))
-            props["period"] = int(rate.get("period", "1000"))
+            props["max-bytes"] = num(rate, "bytes")
+            props["period"] = num(rate, "period", "1000")
         ctx.device(props | ctx.addr_props(el, "rng"))
 
 
@@ -595,7 +402,7 @@ def build_panics(ctx: BuildContext) -> None:
             props: dict[str, Any] = {"driver": "pvpanic"}
             a = panic.element.find("address")
             if a is not None and a.get("type") == "isa" and a.get("iobase"):
-                props["ioport"] = int(str(a.get("iobase")), 0)
+                props["ioport"] = num(a, "iobase", hex_ok=True)
             ctx.device(props)
         elif model == "pvpanic":
             ctx.device({"driver": "pvpanic-pci"} | ctx.addr_props(panic.element, "<panic>"))

@@ -12,12 +12,16 @@ per-domain helper each one needs (virtiofsd, swtpm; see :mod:`drivers.qemu.helpe
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
-from drivers.qemu.argv_common import BuildContext, secret_path, unsupported
+from drivers.qemu.argv_common import BuildContext, kv_escape, secret_path, unsupported
 from drivers.qemu.argv_virtio import virtio_props
 from drivers.qemu.helpers import HelperSpec
+from drivers.qemu.xmlnum import num
+from virtbus.domain.model import Element
+from virtbus.domain.numbers import shown
 from virtbus.errors import ConfigUnsupported, XMLError
 
 FS_ACCESS = {"passthrough": "passthrough", "mapped": "mapped", "squash": "none"}
@@ -49,23 +53,23 @@ def build_filesystems(ctx: BuildContext) -> None:
             if not _shared_memory(ctx):
                 raise ConfigUnsupported("'virtiofs' requires shared memory")
             sock_path = src.get("socket") if src is not None else None
-            if sock_path:
-                socket = Path(sock_path)
+            if sock_path:  # someone else's virtiofsd: QEMU connects
+                socket = ctx.user_socket(Path(sock_path), bind=False)
             else:
                 path = src.get("dir") if src is not None else None
                 if not path:
                     raise XMLError(f"<filesystem> #{i} needs <source dir=...>")
                 socket = ctx.socket_path(f"{fs_id}-fs.sock")
                 ctx.helpers.append(_virtiofsd(ctx, fs, fs_id, path, socket))
-            ctx.add("-chardev", f"socket,id=chr-vu-{fs_id},path={socket}")
+            ctx.add("-chardev", f"socket,id=chr-vu-{fs_id},path={kv_escape(str(socket))}")
             props: dict[str, Any] = virtio_props("vhost-user-fs", fs, fs.get("model"))
             props |= {"id": fs_id, "chardev": f"chr-vu-{fs_id}"}
             if driver is not None and driver.get("queue"):
-                props["queue-size"] = int(str(driver.get("queue")))
+                props["queue-size"] = num(driver, "queue")
             props["tag"] = tag
             boot = fs.find("boot")
             if boot is not None and boot.get("order"):
-                props["bootindex"] = int(str(boot.get("order")))
+                props["bootindex"] = num(boot, "order")
             ctx.device(props | ctx.addr_props(fs, f"<filesystem> #{i}"))
             continue
         if dtype == "mtp":
@@ -96,7 +100,7 @@ def build_filesystems(ctx: BuildContext) -> None:
                 opts += f",multidevs={multidevs}"
             for attr in ("fmode", "dmode"):
                 if fs.get(attr):
-                    opts += f",{attr}={int(str(fs.get(attr)), 8):04o}"
+                    opts += f",{attr}={_mode(fs, attr)}"
         wrpolicy = driver.get("wrpolicy") if driver is not None else None
         if wrpolicy:
             opts += f",writeout={wrpolicy}"
@@ -107,6 +111,14 @@ def build_filesystems(ctx: BuildContext) -> None:
         props = virtio_props("virtio-9p", fs, fs.get("model"))
         props |= {"id": fs_id, "fsdev": f"fsdev-{fs_id}", "mount_tag": tag}
         ctx.device(props | ctx.addr_props(fs, f"<filesystem> #{i}"))
+
+
+def _mode(el: Element, attr: str) -> str:
+    """A file mode (octal, as in ``<filesystem fmode='644'>``)."""
+    raw = str(el.get(attr))
+    if not re.fullmatch(r"0?[0-7]{1,4}", raw):
+        raise XMLError(f"invalid <filesystem {attr}='{shown(raw)}'>: expected an octal mode")
+    return f"{int(raw, 8):04o}"
 
 
 def _virtiofsd(ctx: BuildContext, fs: Any, fs_id: str, path: str, socket: Path) -> HelperSpec:
@@ -136,10 +148,10 @@ def _virtiofsd(ctx: BuildContext, fs: Any, fs_id: str, path: str, socket: Path) 
                     opts += f",{name}" if value == "on" else f",no_{name}"
         pool = binary.find("thread_pool")
         if pool is not None and pool.get("size"):
-            argv.append(f"--thread-pool-size={int(str(pool.get('size')))}")
+            argv.append(f"--thread-pool-size={num(pool, 'size')}")
         rlimit = binary.find("openfiles")
         if rlimit is not None and rlimit.get("max"):
-            argv.append(f"--rlimit-nofile={int(str(rlimit.get('max')))}")
+            argv.append(f"--rlimit-nofile={num(rlimit, 'max')}")
     argv += ["-o", opts]
     for child in fs.findall("idmap/uid"):
         argv.append(f"--uid-map=:{child.get('start')}:{child.get('target')}:{child.get('count')}:")
@@ -169,8 +181,11 @@ def build_tpms(ctx: BuildContext) -> None:
             path = dev.get("path") if dev is not None else None
             path = path or "/dev/tpm0"
             name = Path(path).name
-            ctx.add("-tpmdev", f"passthrough,id={tpmdev},path={path},"
-                    f"cancel-path=/sys/class/misc/{name}/device/cancel")  # fmt: skip
+            ctx.add(
+                "-tpmdev",
+                f"passthrough,id={tpmdev},path={kv_escape(path)},"
+                f"cancel-path={kv_escape(f'/sys/class/misc/{name}/device/cancel')}",
+            )
             ctx.host_devices.append(path)
         elif btype in ("emulator", "external"):
             if btype == "external":
@@ -178,11 +193,11 @@ def build_tpms(ctx: BuildContext) -> None:
                 path = src.get("path") if src is not None else None
                 if not path:
                     raise XMLError("<backend type='external'> needs <source type='unix' path>")
-                socket = Path(path)
+                socket = ctx.user_socket(Path(path), bind=False)
             else:
                 socket = ctx.socket_path(f"{dev_id}-swtpm.sock")
                 ctx.helpers.append(_swtpm(ctx, tpm, backend, model, dev_id, socket))
-            ctx.add("-chardev", f"socket,id=chr{tpmdev},path={socket}")
+            ctx.add("-chardev", f"socket,id=chr{tpmdev},path={kv_escape(str(socket))}")
             ctx.add("-tpmdev", f"emulator,id={tpmdev},chardev=chr{tpmdev}")
         else:
             raise unsupported(f"<tpm><backend type='{btype}'>")
@@ -216,13 +231,24 @@ def _swtpm(ctx: BuildContext, tpm: Any, backend: Any, model: str, dev_id: str,
         state_arg = (f"backend-uri=file://{state}" if src.get("type") == "file"
                      else f"dir={state}")  # fmt: skip
     else:
-        state = ctx.settings.swtpm_state_dir / ctx.defn.uuid / (
-            "tpm2" if version == "2.0" else "tpm1.2"
+        state = (
+            ctx.settings.swtpm_state_dir
+            / ctx.defn.uuid
+            / ("tpm2" if version == "2.0" else "tpm1.2")
         )
         state_arg = f"dir={state}"
     log = ctx.run_dir / f"{ctx.defn.uuid}.{dev_id}-swtpm.log"
-    argv = [ctx.settings.swtpm, "socket", "--ctrl", f"type=unixio,path={socket},mode=0600",
-            "--tpmstate", f"{state_arg},mode=0600", "--log", f"file={log}", "--terminate"]  # fmt: skip
+    argv = [
+        ctx.settings.swtpm,
+        "socket",
+        "--ctrl",
+        f"type=unixio,path={socket},mode=0600",
+        "--tpmstate",
+        f"{state_arg},mode=0600",
+        "--log",
+        f"file={log}",
+        "--terminate",
+    ]
     if version == "2.0":
         argv.append("--tpm2")
     key: tuple[str, ...] = ()
@@ -233,6 +259,7 @@ def _swtpm(ctx: BuildContext, tpm: Any, backend: Any, model: str, dev_id: str,
         key = ("--pwdfile", str(secrets[0][1]), "--cipher", "aes-256-cbc")
     tpm2 = ("--tpm2",) if version == "2.0" else ()
     vmid = f"{ctx.defn.name}:{ctx.defn.uuid}"
+    setup: tuple[tuple[str, ...], ...]
     setup = ((ctx.settings.swtpm_setup, *tpm2, "--tpm-state", str(state), "--vmid", vmid,
               "--logfile", str(log), "--createek", "--create-ek-cert",
               "--create-platform-cert", "--lock-nvram", "--not-overwrite", *key),)  # fmt: skip

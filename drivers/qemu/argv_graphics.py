@@ -14,8 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from drivers.qemu.argv_chardev import SpiceRuntime, VncRuntime
-from drivers.qemu.argv_common import BuildContext, json_arg, kv_escape, unsupported
+from drivers.qemu.argv_common import (
+    BuildContext,
+    host_value,
+    json_arg,
+    kv_escape,
+    port_value,
+    token,
+    unsupported,
+)
 from drivers.qemu.helpers import HelperSpec
+from drivers.qemu.xmlnum import num
 from virtbus.domain.model import Element, Graphics
 from virtbus.errors import ConfigUnsupported, InvalidArgument, XMLError
 
@@ -71,7 +80,7 @@ def _password(ctx: BuildContext, g: Graphics) -> None:
 def _audio_id(ctx: BuildContext, el: Element) -> str:
     audio = el.find("audio")
     if audio is not None and audio.get("id"):
-        return f"audio{audio.get('id')}"
+        return f"audio{num(audio, 'id', maximum=255)}"
     return ctx.audio_ids[0] if ctx.audio_ids else "audio1"
 
 
@@ -83,13 +92,12 @@ def build_vnc(ctx: BuildContext, g: Graphics) -> VncRuntime:
         opts = "none"
         runtime = VncRuntime("none", None, False)
     elif ltype == "socket":
-        path = Path(where) if where else ctx.socket_path("vnc.sock")
-        if where:
-            ctx.check_socket(path)
-        opts = f"unix:{kv_escape(str(path))}"
+        path = ctx.user_socket(Path(where), bind=True) if where else ctx.socket_path("vnc.sock")
+        # "vnc=" spelled out: an implied first value that holds a '=' would be a key
+        opts = f"vnc=unix:{kv_escape(str(path))}"
         runtime = VncRuntime(f"unix:{path}", None, False)
     else:
-        listen = where or ctx.settings.default_graphics_listen
+        listen = host_value(where or ctx.settings.default_graphics_listen, "<graphics listen")
         host = f"[{listen}]" if ":" in listen else listen
         autoport = g.autoport is True or g.port in (None, -1)
         if autoport:
@@ -103,7 +111,7 @@ def build_vnc(ctx: BuildContext, g: Graphics) -> VncRuntime:
             runtime = VncRuntime(listen, g.port - 5900, False)
         ws = el.get("websocket")
         if ws is not None and ws != "-1":
-            opts += f",websocket={int(ws)}"
+            opts += f",websocket={port_value(ws, '<graphics websocket')}"
     share = el.get("sharePolicy")
     if share is not None:
         if share not in ("allow-exclusive", "force-shared", "ignore"):
@@ -126,7 +134,7 @@ def build_vnc(ctx: BuildContext, g: Graphics) -> VncRuntime:
     opts += f",audiodev={_audio_id(ctx, el)}"
     ctx.add("-vnc", opts)
     if el.get("keymap"):
-        ctx.add("-k", str(el.get("keymap")))
+        ctx.add("-k", token(el.get("keymap"), "<graphics keymap"))
     _password(ctx, g)
     return runtime
 
@@ -139,11 +147,9 @@ def build_spice(ctx: BuildContext, g: Graphics, ports: Mapping[int, int]) -> Spi
     port = 0
     listen = ctx.settings.default_graphics_listen
     tls_raw = el.get("tlsPort")
-    tls_port = int(tls_raw) if tls_raw is not None else 0
+    tls_port = num(el, "tlsPort", minimum=-1, maximum=65535) if tls_raw is not None else 0
     if ltype == "socket":
-        path = Path(where) if where else ctx.socket_path("spice.sock")
-        if where:
-            ctx.check_socket(path)
+        path = ctx.user_socket(Path(where), bind=True) if where else ctx.socket_path("spice.sock")
         opts.append(f"unix=on,addr={kv_escape(str(path))}")
         insecure = True
         listen = f"unix:{path}"
@@ -170,7 +176,7 @@ def build_spice(ctx: BuildContext, g: Graphics, ports: Mapping[int, int]) -> Spi
         if tls_port > 0:
             opts.append(f"tls-port={tls_port}")
             secure = True
-        listen = where or listen
+        listen = host_value(where or listen, "<graphics listen")
         if port > 0 or tls_port > 0:
             opts.append(f"addr={kv_escape(listen)}")
     else:
@@ -247,7 +253,7 @@ def build_spice(ctx: BuildContext, g: Graphics, ports: Mapping[int, int]) -> Spi
     opts.append("seamless-migration=on")
     ctx.add("-spice", ",".join(opts))
     if el.get("keymap"):
-        ctx.add("-k", str(el.get("keymap")))
+        ctx.add("-k", token(el.get("keymap"), "<graphics keymap"))
     _password(ctx, g)
     return SpiceRuntime(listen, port)
 
@@ -317,7 +323,7 @@ def build_graphics(
                 opts += f",rendernode={kv_escape(str(gl.get('rendernode')))}"
             audio = el.find("audio")
             if audio is not None and audio.get("id"):
-                opts += f",audiodev=audio{audio.get('id')}"
+                opts += f",audiodev=audio{num(audio, 'id', maximum=255)}"
             ctx.displays.append(opts)
         elif g.type == "rdp":
             raise unsupported("<graphics type='rdp'> (needs qemu-rdp, not installed)")
@@ -343,21 +349,21 @@ def _io(el: Element | None, atype: str) -> dict[str, Any]:
             out[prop] = el.get(attr) == "yes"
     for attr, prop in (("voices", "voices"), ("bufferLength", "buffer-length")):
         if el.get(attr):
-            out[prop] = int(str(el.get(attr)))
+            out[prop] = num(el, attr)
     if el.get("fixedSettings") == "yes":
         settings = el.find("settings")
         if settings is not None:
             for attr in ("frequency", "channels"):
                 if settings.get(attr):
-                    out[attr] = int(str(settings.get(attr)))
+                    out[attr] = num(settings, attr)
             if settings.get("format"):
                 out["format"] = settings.get("format")
     if atype in ("alsa", "oss") and el.get("dev"):
         out["dev"] = el.get("dev")
     if atype == "coreaudio" and el.get("bufferCount"):
-        out["buffer-count"] = int(str(el.get("bufferCount")))
+        out["buffer-count"] = num(el, "bufferCount")
     if atype == "oss" and el.get("bufferCount"):
-        out["buffer-count"] = int(str(el.get("bufferCount")))
+        out["buffer-count"] = num(el, "bufferCount")
     if atype == "oss" and el.get("tryPoll") in ("yes", "no"):
         out["try-poll"] = el.get("tryPoll") == "yes"
     if atype in ("pulseaudio", "pipewire"):
@@ -365,7 +371,7 @@ def _io(el: Element | None, atype: str) -> dict[str, Any]:
             if el.get(attr):
                 out[prop] = el.get(attr)
         if el.get("latency"):
-            out["latency"] = int(str(el.get("latency")))
+            out["latency"] = num(el, "latency")
     if atype == "jack":
         for attr, prop in (("serverName", "server-name"), ("clientName", "client-name"),
                            ("connectPorts", "connect-ports")):  # fmt: skip
@@ -374,7 +380,7 @@ def _io(el: Element | None, atype: str) -> dict[str, Any]:
         if el.get("exactName") in ("yes", "no"):
             out["exact-name"] = el.get("exactName") == "yes"
     if atype == "sdl" and el.get("bufferCount"):
-        out["buffer-count"] = int(str(el.get("bufferCount")))
+        out["buffer-count"] = num(el, "bufferCount")
     return out
 
 
@@ -385,16 +391,16 @@ def build_audio(ctx: BuildContext) -> None:
             raise XMLError(f"invalid <audio type='{atype}'>")
         if atype == "spice" and not ctx.spice:
             raise ConfigUnsupported("<audio type='spice'> needs <graphics type='spice'>")
-        aid = f"audio{el.get('id', '1')}"
+        aid = f"audio{num(el, 'id', '1', maximum=255)}"
         props: dict[str, Any] = {"id": aid, "driver": "pa" if atype == "pulseaudio" else atype}
         if el.get("timerPeriod"):
-            props["timer-period"] = int(str(el.get("timerPeriod")))
+            props["timer-period"] = num(el, "timerPeriod")
         if atype == "oss":
             for attr, prop in (("tryMMap", "try-mmap"), ("exclusive", "exclusive")):
                 if el.get(attr) in ("yes", "no"):
                     props[prop] = el.get(attr) == "yes"
             if el.get("dspPolicy"):
-                props["dsp-policy"] = int(str(el.get("dspPolicy")))
+                props["dsp-policy"] = num(el, "dspPolicy")
         if atype == "pulseaudio" and el.get("serverName"):
             props["server"] = el.get("serverName")
         if atype == "file" and el.get("path"):

@@ -15,20 +15,13 @@ from typing import Any
 from drivers.qemu.argv_common import BuildContext, json_arg, unsupported
 from drivers.qemu.argv_controllers import user_alias
 from drivers.qemu.argv_virtio import onoff, virtio_props
+from drivers.qemu.xmlnum import attr_int, num
 from virtbus.domain.model import Element
 from virtbus.errors import ConfigUnsupported, XMLError
 
 
 def _int(el: Element | None, name: str, default: int = 0) -> int:
-    if el is None:
-        return default
-    raw = el.get(name)
-    if raw is None:
-        return default
-    try:
-        return int(raw, 0) if raw.lower().startswith("0x") else int(raw)
-    except ValueError:
-        raise XMLError(f"invalid <{el.tag} {name}='{raw}'>") from None
+    return attr_int(el, name, default)
 
 
 def pci_host_address(src: Element | None, what: str) -> str:
@@ -114,13 +107,13 @@ def check_hostdevs(ctx: BuildContext) -> None:
         a = hd.find("address")
         if hd.get("type") != "scsi" or a is None or a.get("type") != "drive":
             continue
-        key = (_int(a, "controller"), _int(a, "bus"), _int(a, "target"), _int(a, "unit"))
-        if key in drives:
+        drive = (_int(a, "controller"), _int(a, "bus"), _int(a, "target"), _int(a, "unit"))
+        if drive in drives:
             raise ConfigUnsupported(
-                f"SCSI host address controller='{key[0]}' bus='{key[1]}' target='{key[2]}' "
-                f"unit='{key[3]}' in use by another SCSI host device"
+                f"SCSI host address controller='{drive[0]}' bus='{drive[1]}' "
+                f"target='{drive[2]}' unit='{drive[3]}' in use by another SCSI host device"
             )
-        drives[key] = "hostdev"
+        drives[drive] = "hostdev"
 
 
 def _rom(el: Element, props: dict[str, Any]) -> None:
@@ -216,8 +209,8 @@ def build_hostdevs(ctx: BuildContext) -> None:
                 props["hostdevice"] = path
                 ctx.host_devices.append(path)
             elif vendor is not None and product is not None:
-                props |= {"vendorid": int(str(vendor.get("id")), 16),
-                          "productid": int(str(product.get("id")), 16)}  # fmt: skip
+                props |= {"vendorid": num(vendor, "id", maximum=0xFFFF, hex_ok=True),
+                          "productid": num(product, "id", maximum=0xFFFF, hex_ok=True)}  # fmt: skip
             else:
                 raise ConfigUnsupported("USB host device is missing bus/device information")
             props["id"] = dev_id

@@ -9,9 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from drivers.qemu.argv_common import BuildContext, json_arg, unsupported
+from drivers.qemu.argv_common import BuildContext, json_arg, token, unsupported
 from drivers.qemu.capabilities import QemuCapabilities
-from virtbus.domain import DomainDefinition
+from drivers.qemu.xmlnum import num, num_text
+from virtbus.domain import MAX_VCPUS, DomainDefinition, parse_int
 from virtbus.domain.model import Element
 from virtbus.errors import ConfigUnsupported, XMLError
 
@@ -24,13 +25,28 @@ _FEATURES = frozenset({
     "xen", "capabilities", "msrs",
 })  # fmt: skip
 _PSERIES = ("hpt", "htm", "nested-hv", "ccf-assist", "cfpc", "sbbc", "ibs")
-HYPERV = ("relaxed", "vapic", "vpindex", "runtime", "synic", "stimer", "reset", "frequencies",
-          "reenlightenment", "tlbflush", "ipi", "evmcs", "avic", "emsr_bitmap", "xmm_input")  # fmt: skip
+HYPERV = (
+    "relaxed",
+    "vapic",
+    "vpindex",
+    "runtime",
+    "synic",
+    "stimer",
+    "reset",
+    "frequencies",
+    "reenlightenment",
+    "tlbflush",
+    "ipi",
+    "evmcs",
+    "avic",
+    "emsr_bitmap",
+    "xmm_input",
+)
 _HV_QEMU = {"emsr_bitmap": "hv-emsr-bitmap", "xmm_input": "hv-xmm-input"}
 
 
 def machine_type(defn: DomainDefinition, caps: QemuCapabilities | None) -> str:
-    machine = defn.os.machine or "pc"
+    machine = token(defn.os.machine or "pc", "<os><type machine")
     if not (machine in ("pc", "q35") or machine.startswith(("pc-i440fx-", "pc-q35-", "pc-0.",
                                                             "pc-1."))):  # fmt: skip
         raise unsupported(f"machine type '{machine}' (pc, q35, pc-i440fx-*, pc-q35-* are)")
@@ -66,9 +82,10 @@ def check_features(ctx: BuildContext) -> None:
             raise unsupported(f"<features><{name}>")
         where = (f"The '{name}' feature is not supported for architecture 'x86_64' or "
                  f"machine type '{ctx.machine}'")  # fmt: skip
-        if name in _PSERIES or name in ("gic", "aia"):
-            if name != "gic" or _state(child) is not False:
-                raise ConfigUnsupported(where)
+        if (name in _PSERIES or name in ("gic", "aia")) and (
+            name != "gic" or _state(child) is not False
+        ):
+            raise ConfigUnsupported(where)
         if name == "ras":
             raise ConfigUnsupported("ras feature is only supported with ARM Virt machines")
         if name in ("hap", "privnet", "viridian", "xen"):
@@ -84,7 +101,7 @@ def check_features(ctx: BuildContext) -> None:
             if tb is not None and tb.text:
                 from virtbus.domain.units import to_kib
 
-                size = to_kib(int(tb.text), tb.get("unit", "MiB"))
+                size = to_kib(num_text(tb), tb.get("unit", "MiB"))
                 if size % 1024:
                     raise ConfigUnsupported("tb-cache size must be an integer multiple of MiB")
     vmport = _state(_feature(ctx, "vmport"))
@@ -102,7 +119,7 @@ def check_features(ctx: BuildContext) -> None:
                 raise ConfigUnsupported("SMM TSEG is only supported with q35 machine type")
             from virtbus.domain.units import to_kib
 
-            size = to_kib(int(tseg.text or "0"), tseg.get("unit", "MiB"))
+            size = to_kib(num_text(tseg, "0"), tseg.get("unit", "MiB"))
             if size % 1024:
                 raise ConfigUnsupported("SMM TSEG size must be divisible by 1 MiB")
             if _state(smm) is False:
@@ -117,13 +134,15 @@ def check_features(ctx: BuildContext) -> None:
                 continue
             if child.tag not in (*HYPERV, "spinlocks", "vendor_id"):
                 raise unsupported(f"<hyperv><{child.tag}>")
-            if child.tag == "spinlocks" and _state(child) and child.get("retries"):
-                if int(str(child.get("retries"))) < 4095:
-                    raise XMLError("HyperV spinlock retry count must be at least 4095")
+            retries = child.get("retries") if child.tag == "spinlocks" and _state(child) else None
+            if retries is not None and num(child, "retries") < 4095:
+                raise XMLError("HyperV spinlock retry count must be at least 4095")
             if child.tag == "vendor_id" and _state(child):
                 value = child.get("value", "")
                 if not value or len(value) > 12:
                     raise XMLError("HyperV vendor_id value must be 1-12 characters")
+                if "," in value or "=" in value:  # -cpu has no escaping
+                    raise XMLError(f"invalid HyperV vendor_id '{value}': no ',' or '='")
 
 
 def machine_opts(ctx: BuildContext, machine: str, extra: list[str]) -> str:
@@ -159,14 +178,16 @@ def machine_opts(ctx: BuildContext, machine: str, extra: list[str]) -> str:
     for sound in defn.sounds:
         if sound.model == "pcspk":
             audio = sound.element.find("audio")
-            opts.append(f"pcspk-audiodev=audio{audio.get('id') if audio is not None else 1}")
+            opts.append(
+                f"pcspk-audiodev=audio{num(audio, 'id', maximum=255) if audio is not None else 1}"
+            )
             break
     opts.append("acpi=on" if defn.has_feature("acpi") else "acpi=off")
     tseg = ctx.defn.root.find("features/smm/tseg")
     if tseg is not None:
         from virtbus.domain.units import to_kib
 
-        size = to_kib(int(tseg.text or "0"), tseg.get("unit", "MiB"))
+        size = to_kib(num_text(tseg, "0"), tseg.get("unit", "MiB"))
         ctx.globals.append(f"mch.extended-tseg-mbytes={size // 1024}")
     return ",".join(opts)
 
@@ -270,7 +291,7 @@ def _cpu_flags(ctx: BuildContext) -> str:
         elif t.name == "hypervclock" and t.present:
             out += ",hv-time=on"
         elif t.name == "tsc" and t.element.get("frequency"):
-            out += f",tsc-frequency={int(str(t.element.get('frequency')))}"
+            out += f",tsc-frequency={num(t.element, 'frequency')}"
     apic = _feature(ctx, "apic")
     if apic is not None and apic.get("eoi"):
         out += f",kvm-pv-eoi={'on' if apic.get('eoi') == 'on' else 'off'}"
@@ -286,7 +307,7 @@ def _cpu_flags(ctx: BuildContext) -> str:
             if child is None or not _state(child):
                 continue
             if name == "spinlocks":
-                out += f",hv-spinlocks={int(str(child.get('retries', '4095'))):#x}"
+                out += f",hv-spinlocks={num(child, 'retries', '4095', maximum=0xFFFFFFFF):#x}"
             elif name == "vendor_id":
                 out += f",hv-vendor-id={child.get('value')}"
             else:
@@ -352,10 +373,10 @@ def _cpu_flags(ctx: BuildContext) -> str:
                 )
             out += ",host-phys-bits=on"
             if addr.get("limit"):
-                out += f",host-phys-bits-limit={int(str(addr.get('limit')))}"
+                out += f",host-phys-bits-limit={num(addr, 'limit')}"
         elif amode == "emulate":
             bits = addr.get("bits")
-            out += f",phys-bits={int(bits)}" if bits else ",host-phys-bits=off"
+            out += f",phys-bits={num(addr, 'bits', maximum=64)}" if bits else ",host-phys-bits=off"
         else:
             raise XMLError(f"invalid <maxphysaddr mode='{amode}'>")
     return out
@@ -384,13 +405,14 @@ def cpu(ctx: BuildContext) -> str | None:
             if cpu.migratable is not None:
                 base += f",migratable={'on' if cpu.migratable else 'off'}"
         elif cpu.model:
-            base = cpu.model
+            base = token(cpu.model, "<cpu><model")
         elif cpu.features:
             raise unsupported("<cpu> features without a <model>")
         if base is not None:
             if cpu.vendor and cpu.mode == "custom":
-                base += f",vendor={cpu.vendor}"
-            for feat in cpu.features:
+                base += f",vendor={token(cpu.vendor, '<cpu><vendor')}"
+            for feat in cpu.features:  # -cpu splits on ',' with no escaping: names are checked
+                token(feat.name, "<cpu><feature name")
                 policy = feat.policy or "require"
                 if policy in ("force", "require"):
                     base += f",{feat.name}=on"
@@ -422,8 +444,8 @@ def smp(defn: DomainDefinition) -> str:
     topo_el = defn.cpu.element.find("topology") if defn.cpu is not None else None
     if topo_el is None:
         return out + f",sockets={defn.vcpus},cores=1,threads=1"
-    counts = {k: int(topo_el.get(k, "1")) for k in ("sockets", "dies", "clusters", "cores",
-                                                     "threads")}  # fmt: skip
+    counts = {k: num(topo_el, k, "1", minimum=1, maximum=MAX_VCPUS)
+              for k in ("sockets", "dies", "clusters", "cores", "threads")}  # fmt: skip
     total = 1
     for v in counts.values():
         total *= v
@@ -449,14 +471,15 @@ def clock(ctx: BuildContext) -> None:
             ctx.env["TZ"] = clock.timezone
     elif offset == "variable":
         assert clock is not None
-        adjustment = int(clock.adjustment or "0")
+        adjustment = parse_int(clock.adjustment or "0", "<clock adjustment", minimum=-(10**12),
+                               maximum=10**12)  # fmt: skip
         if clock.basis == "localtime":
             adjustment += time.localtime().tm_gmtoff
         then = time.gmtime(time.time() + adjustment)
         rtc = ["base=" + time.strftime("%Y-%m-%dT%H:%M:%S", then)]
     elif offset == "absolute":
         assert clock is not None
-        start = int(clock.element.get("start", "0"))
+        start = num(clock.element, "start", "0")
         rtc = ["base=" + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start))]
     else:
         raise unsupported(f"<clock offset='{offset}'>")

@@ -17,6 +17,8 @@ from drivers.qemu.argv_common import BuildContext, json_arg, unsupported
 from drivers.qemu.argv_virtio import virtio_props
 from drivers.qemu.bitmap import format_bitmap, parse_bitmap
 from drivers.qemu.host import HostFacts
+from drivers.qemu.xmlnum import num, num_text
+from virtbus.domain import MAX_VCPUS
 from virtbus.domain.model import Element
 from virtbus.domain.units import to_kib
 from virtbus.errors import ConfigUnsupported, XMLError
@@ -30,7 +32,7 @@ def _size(el: Element | None, what: str) -> int | None:
     if el is None or el.text is None:
         return None
     try:
-        return to_kib(int(el.text.strip()), el.get("unit", "KiB"))
+        return to_kib(num_text(el), el.get("unit", "KiB"))
     except (ValueError, KeyError):
         raise XMLError(f"invalid {what} '{el.text}'") from None
 
@@ -100,10 +102,12 @@ def parse(ctx: BuildContext) -> Memory:
             if not page_els:
                 pages.append(Page(0, None))
             for p in page_els:
-                size = to_kib(int(p.get("size", "0")), p.get("unit", "KiB"))
-                nodes = parse_bitmap(p.get("nodeset", ""), "<page nodeset>") if p.get(
-                    "nodeset"
-                ) else None
+                size = to_kib(num(p, "size", "0"), p.get("unit", "KiB"))
+                nodes = (
+                    parse_bitmap(p.get("nodeset", ""), "<page nodeset>")
+                    if p.get("nodeset")
+                    else None
+                )
                 pages.append(Page(size, nodes))
         nosharepages = mb.find("nosharepages") is not None
         locked = mb.find("locked") is not None
@@ -119,13 +123,13 @@ def parse(ctx: BuildContext) -> Memory:
         if alloc is not None:
             prealloc = alloc.get("mode") == "immediate"
             if alloc.get("threads"):
-                threads = int(str(alloc.get("threads")))
+                threads = num(alloc, "threads")
         discard = True if mb.find("discard") is not None else None
     cells = _cells(root)
     mode, placement, nodeset, memnodes = _numatune(root, cells, ctx.defn.vcpus)
     max_el = root.find("maxMemory")
     max_kib = _size(max_el, "<maxMemory>")
-    slots = int(str(max_el.get("slots"))) if max_el is not None and max_el.get("slots") else None
+    slots = num(max_el, "slots") if max_el is not None and max_el.get("slots") else None
     mem = Memory(pages, source, access, locked, nosharepages, discard, prealloc, threads,
                  cells, mode, placement, nodeset, memnodes, max_kib, slots)  # fmt: skip
     for cell in cells:  # libvirt aligns cells to 1 MiB; sizes are bounded by 2^53-1 KiB
@@ -140,7 +144,7 @@ def parse(ctx: BuildContext) -> Memory:
 def _cells(root: Element) -> list[Cell]:
     """The guest NUMA cells, by id; ids must be exactly 0..n-1 (in any order)."""
     els = root.findall("cpu/numa/cell")
-    ids = [int(c.get("id", str(i))) for i, c in enumerate(els)]
+    ids = [num(c, "id", str(i), maximum=MAX_VCPUS) for i, c in enumerate(els)]
     if sorted(ids) != list(range(len(els))):
         raise XMLError(
             "Exactly one 'cell' element per guest NUMA cell allowed, non-contiguous ranges "
@@ -154,7 +158,7 @@ def _cells(root: Element) -> list[Cell]:
         mem_raw = c.get("memory")
         if mem_raw is None:
             raise XMLError(f"missing 'memory' attribute in NUMA cell {cid}")
-        memory = to_kib(int(mem_raw), c.get("unit", "KiB"))
+        memory = to_kib(num(c, "memory"), c.get("unit", "KiB"))
         access = c.get("memAccess")
         if access not in (None, "shared", "private"):
             raise XMLError(
@@ -164,13 +168,13 @@ def _cells(root: Element) -> list[Cell]:
         cells.append(Cell(cid, cpus, memory, access, None if disc is None else disc == "yes"))
     for cell in cells:
         for sib in by_id[cell.id].findall("distances/sibling"):
-            sid = int(sib.get("id", "-1"))
+            sid = num(sib, "id", "-1", minimum=-1)
             if not 0 <= sid < len(cells):
                 raise XMLError(
                     f"'sibling_id {sid}' does not refer to a valid cell within NUMA "
                     f"'cell id {cell.id}'"
                 )
-            cell.distances[sid] = int(sib.get("value", "10"))
+            cell.distances[sid] = num(sib, "value", "10")
     return cells
 
 
@@ -190,9 +194,7 @@ def _numatune(root: Element, cells: list[Cell], vcpus: int) -> tuple[
         try:
             nodeset = parse_bitmap(str(mem.get("nodeset")), "<numatune nodeset>")
         except XMLError:
-            raise ConfigUnsupported(
-                f"Invalid value of 'nodeset': {mem.get('nodeset')}"
-            ) from None
+            raise ConfigUnsupported(f"Invalid value of 'nodeset': {mem.get('nodeset')}") from None
     vcpu = root.find("vcpu")
     if placement is None:
         placement = "static" if nodeset is not None or (
@@ -206,7 +208,7 @@ def _numatune(root: Element, cells: list[Cell], vcpus: int) -> tuple[
     for mn in nt.findall("memnode"):
         if not cells:
             raise XMLError("Element 'memnode' is invalid without any guest NUMA cells")
-        cellid = int(mn.get("cellid", "-1"))
+        cellid = num(mn, "cellid", "-1", minimum=-1)
         if not 0 <= cellid < len(cells):
             raise XMLError(f"Argument 'cellid' in memnode element must correspond to existing "
                            f"guest's NUMA cell (cellid {cellid})")  # fmt: skip
@@ -248,9 +250,7 @@ def _check_pages(mem: Memory, host: HostFacts | None) -> None:
     for p in mem.pages:
         size = p.size_kib or host.default_hugepage_kib or 0
         if size and size != host.page_size_kib and host.hugepage_mount(size) is None:
-            raise ConfigUnsupported(
-                f"Unable to find any usable hugetlbfs mount for {size} KiB"
-            )
+            raise ConfigUnsupported(f"Unable to find any usable hugetlbfs mount for {size} KiB")
     for nodes in [mem.nodeset, *(m.nodeset for m in mem.memnodes.values())]:
         for node in sorted(nodes or ()):
             if node not in host.numa_nodes:
@@ -306,7 +306,7 @@ def backend(ctx: BuildContext, mem: Memory, alias: str, size_kib: int, *, node: 
     pagesize, huge = _page_for(mem, node, explicit, ctx.host)
     path = None
     if src is not None and src.find("path") is not None:
-        path = (src.find("path").text or "").strip()  # type: ignore[union-attr]
+        path = (src.find("path").text or "").strip()
     prealloc = mem.prealloc or huge
     if path and model == "nvdimm" and src is not None and src.find("pmem") is None:
         prealloc = True
@@ -358,7 +358,7 @@ def backend(ctx: BuildContext, mem: Memory, alias: str, size_kib: int, *, node: 
             props["pmem"] = True
     nodemask = None
     if src is not None and src.find("nodemask") is not None:
-        nodemask = parse_bitmap(src.find("nodemask").text or "", "<nodemask>")  # type: ignore[union-attr]
+        nodemask = parse_bitmap(src.find("nodemask").text or "", "<nodemask>")
     has_source_nodes = nodemask is not None
     mode = mem.mode
     if node is not None and node in mem.memnodes:
@@ -479,7 +479,7 @@ def check_hotplug(ctx: BuildContext, mem: Memory) -> None:
     for d in devs:
         node_el = d.find("target/node")
         if node_el is not None and node_el.text is not None:
-            node = int(node_el.text)
+            node = num_text(node_el)
             if node >= len(mem.cells):
                 raise ConfigUnsupported(
                     f"can't add memory backend for guest node '{node}' as the guest has only "
@@ -487,7 +487,7 @@ def check_hotplug(ctx: BuildContext, mem: Memory) -> None:
                 )
         base = d.find("target/address")
         if base is not None and base.get("base"):
-            start = int(str(base.get("base")), 0)
+            start = num(base, "base", hex_ok=True)
             end = start + _dev_size(d) * 1024
             for s, e in used:
                 if start < e and s < end:
@@ -511,7 +511,7 @@ def build_memory_devices(ctx: BuildContext, mem: Memory) -> None:
         counters[prefix] = n + 1
         alias = f"{prefix}{n}"
         node_el = d.find("target/node")
-        node = int(node_el.text) if node_el is not None and node_el.text else None
+        node = num_text(node_el) if node_el is not None and node_el.text else None
         size = _dev_size(d)
         if model == "virtio-pmem" and d.get("access") is None:
             d.set("access", "shared")
@@ -554,7 +554,7 @@ def build_memory_devices(ctx: BuildContext, mem: Memory) -> None:
         if model in ("virtio-mem", "virtio-pmem") and target is not None:
             base = target.find("address")
             if base is not None and base.get("base"):
-                dev["memaddr"] = int(str(base.get("base")), 0)
+                dev["memaddr"] = num(base, "base", hex_ok=True)
             if model == "virtio-mem" and target.get("dynamicMemslots") in ("yes", "no"):
                 dev["dynamic-memslots"] = target.get("dynamicMemslots") == "yes"
         dev["id"] = alias

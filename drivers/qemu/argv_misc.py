@@ -16,6 +16,8 @@ from lxml import etree
 
 from drivers.qemu.argv_common import BuildContext, json_arg, kv_escape, unsupported
 from drivers.qemu.argv_virtio import virtio_props
+from drivers.qemu.xmlnum import num, num_text
+from virtbus.domain import parse_int
 from virtbus.domain.model import Element
 from virtbus.domain.units import to_kib
 from virtbus.errors import ConfigUnsupported, XMLError
@@ -37,9 +39,7 @@ def build_iommu(ctx: BuildContext) -> None:
         acpi = ctx.defn.root.find("features/acpi") is not None
         if model == "intel":
             if not ctx.q35:
-                raise ConfigUnsupported(
-                    "IOMMU device: 'intel' is only supported with Q35 machines"
-                )
+                raise ConfigUnsupported("IOMMU device: 'intel' is only supported with Q35 machines")
             props: dict[str, Any] = {"driver": "intel-iommu", "id": "iommu0"}
             if driver is not None:
                 for attr, prop in (("intremap", "intremap"), ("eim", "eim")):
@@ -51,7 +51,7 @@ def build_iommu(ctx: BuildContext) -> None:
                     if value is not None:
                         props[prop] = value
                 if driver.get("aw_bits"):
-                    props["aw-bits"] = int(str(driver.get("aw_bits")))
+                    props["aw-bits"] = num(driver, "aw_bits")
                 ioapic = ctx.defn.root.find("features/ioapic")
                 if driver.get("intremap") == "on" and (
                     ioapic is None or ioapic.get("driver") != "qemu"
@@ -60,9 +60,7 @@ def build_iommu(ctx: BuildContext) -> None:
                         "IOMMU interrupt remapping requires split I/O APIC (ioapic driver='qemu')"
                     )
                 if driver.get("eim") == "on" and driver.get("intremap") != "on":
-                    raise ConfigUnsupported(
-                        "IOMMU eim requires interrupt remapping to be enabled"
-                    )
+                    raise ConfigUnsupported("IOMMU eim requires interrupt remapping to be enabled")
             ctx.device(props)
         elif model == "virtio":
             if not ctx.q35:
@@ -93,7 +91,7 @@ def build_vsock(ctx: BuildContext) -> None:
             # refuses to start on the rare collision, naming the CID)
             cid.set("address", str(3 + _uuid.UUID(ctx.defn.uuid).int % (2**32 - 4)))
         props = virtio_props("vhost-vsock", el, el.get("model"))
-        props |= {"id": "vsock0", "guest-cid": int(str(cid.get("address")))}
+        props |= {"id": "vsock0", "guest-cid": num(cid, "address")}
         ctx.device(props | ctx.addr_props(el, "<vsock>"))
         ctx.host_devices.append("/dev/vhost-vsock")
 
@@ -119,7 +117,11 @@ def _check_date(sysinfo: Element) -> None:
     if entry is None or entry.text is None:
         return
     parts = entry.text.split("/")
-    ok = len(parts) == 3 and all(p.isdigit() for p in parts) and len(parts[2]) in (2, 4)
+    ok = (
+        len(parts) == 3
+        and all(p.isascii() and p.isdigit() and len(p) <= 4 for p in parts)
+        and (len(parts[2]) in (2, 4))
+    )
     if ok:
         month, day = int(parts[0]), int(parts[1])
         ok = 1 <= month <= 12 and 1 <= day <= 31
@@ -152,9 +154,13 @@ def build_sysinfo(ctx: BuildContext) -> None:
                 if not name.startswith("opt/"):
                     raise XMLError(f"fw_cfg entry '{name}' must start with 'opt/'")
                 if entry.get("file"):
-                    ctx.add("-fw_cfg", f"name={kv_escape(name)},file={kv_escape(entry.get('file', ''))}")
+                    ctx.add(
+                        "-fw_cfg", f"name={kv_escape(name)},file={kv_escape(entry.get('file', ''))}"
+                    )
                 else:
-                    ctx.add("-fw_cfg", f"name={kv_escape(name)},string={kv_escape(entry.text or '')}")
+                    ctx.add(
+                        "-fw_cfg", f"name={kv_escape(name)},string={kv_escape(entry.text or '')}"
+                    )
     if mode in ("emulate", "none"):
         return
     if mode == "host":
@@ -234,10 +240,14 @@ def build_launch_security(ctx: BuildContext) -> None:
         )
     policy = text("policy")
     props: dict[str, Any] = {"qom-type": "sev-guest" if stype == "sev" else "sev-snp-guest",
-                             "id": "lsec0", "cbitpos": int(cbit),
-                             "reduced-phys-bits": int(rpb)}  # fmt: skip
+                             "id": "lsec0",
+                             "cbitpos": parse_int(cbit, "<cbitpos>", minimum=0, maximum=63),
+                             "reduced-phys-bits": parse_int(rpb, "<reducedPhysBits>", minimum=0,
+                                                            maximum=63)}  # fmt: skip
     if policy is not None:
-        props["policy"] = int(policy, 16)
+        raw = policy if policy.lower().startswith("0x") else "0x" + policy
+        props["policy"] = parse_int(raw, "<policy>", minimum=0, maximum=(1 << 64) - 1,
+                                    hex_ok=True)  # fmt: skip
     if stype == "sev":
         for tag, prop in (("dhCert", "dh-cert-file"), ("session", "session-file")):
             if text(tag):
@@ -270,7 +280,7 @@ def build_pstore(ctx: BuildContext) -> None:
         size = el.find("size")
         if path is None or size is None or not path.text or not size.text:
             raise XMLError("<pstore> needs <path> and <size>")
-        kib = to_kib(int(size.text), size.get("unit", "KiB"))
+        kib = to_kib(num_text(size), size.get("unit", "KiB"))
         ctx.add("-object", json_arg({"qom-type": "memory-backend-file", "id": "pstore0",
                                      "mem-path": path.text, "size": kib * 1024,
                                      "share": True}))  # fmt: skip
@@ -285,9 +295,15 @@ def build_shmem(ctx: BuildContext) -> None:
         mtype = model.get("type") if model is not None else "ivshmem-plain"
         a = el.find("address")
         if a is not None and a.get("type") != "pci":
-            raise ConfigUnsupported("only 'pci' addresses are supported for the shared memory device")
+            raise ConfigUnsupported(
+                "only 'pci' addresses are supported for the shared memory device"
+            )
         size_el = el.find("size")
-        size = to_kib(int(size_el.text or "0"), size_el.get("unit", "KiB")) if size_el is not None else 4096
+        size = (
+            to_kib(num_text(size_el, "0"), size_el.get("unit", "KiB"))
+            if size_el is not None
+            else 4096
+        )
         server = el.find("server")
         msi = el.find("msi")
         if size and (size < 1024 or size & (size - 1)):
@@ -300,7 +316,11 @@ def build_shmem(ctx: BuildContext) -> None:
             ctx.add("-object", json_arg({"qom-type": "memory-backend-file", "id": f"shmmem-{sid}",
                                          "mem-path": f"/dev/shm/{name}", "size": size * 1024,
                                          "share": True}))  # fmt: skip
-            props: dict[str, Any] = {"driver": "ivshmem-plain", "id": sid, "memdev": f"shmmem-{sid}"}
+            props: dict[str, Any] = {
+                "driver": "ivshmem-plain",
+                "id": sid,
+                "memdev": f"shmmem-{sid}",
+            }
             if role in ("master", "peer"):
                 props["master"] = "on" if role == "master" else "off"
         elif mtype == "ivshmem-doorbell":
@@ -308,7 +328,7 @@ def build_shmem(ctx: BuildContext) -> None:
             path = path or f"/var/lib/libvirt/shmem-{name}-sock"
             props = {"driver": "ivshmem-doorbell", "id": sid, "chardev": f"char{sid}"}
             if msi is not None and msi.get("vectors"):
-                props["vectors"] = int(str(msi.get("vectors")))
+                props["vectors"] = num(msi, "vectors")
             props["ioeventfd"] = msi is None or msi.get("ioeventfd", "on") == "on"
             if role in ("master", "peer"):
                 props["master"] = "on" if role == "master" else "off"
@@ -316,7 +336,7 @@ def build_shmem(ctx: BuildContext) -> None:
             raise unsupported(f"<shmem><model type='{mtype}'>")
         ctx.device(props | ctx.addr_props(el, "<shmem>"))
         if mtype == "ivshmem-doorbell":
-            ctx.add("-chardev", f"socket,id=char{sid},path={kv_escape(path)}")
+            ctx.add("-chardev", f"socket,id=char{sid},path={kv_escape(str(path))}")
 
 
 def build_crypto(ctx: BuildContext) -> None:
@@ -325,7 +345,7 @@ def build_crypto(ctx: BuildContext) -> None:
             raise unsupported(f"<crypto model='{el.get('model')}' type='{el.get('type')}'>")
         backend = el.find("backend")
         bmodel = backend.get("model") if backend is not None else "builtin"
-        queues = int(backend.get("queues", "1")) if backend is not None else 1
+        queues = num(backend, "queues", "1") if backend is not None else 1
         obj_id = f"objcrypto{i}"
         if bmodel == "builtin":
             ctx.add("-object", json_arg({"qom-type": "cryptodev-backend-builtin", "id": obj_id,

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from drivers.qemu import argv_hostdev
-from drivers.qemu.argv_common import BuildContext, NetRuntime, json_arg, unsupported
+from drivers.qemu.argv_common import BuildContext, NetRuntime, json_arg, kv_escape, unsupported
 from drivers.qemu.argv_controllers import user_alias
 from drivers.qemu.argv_devices import generated_mac
 from drivers.qemu.argv_virtio import onoff, virtio_props
+from drivers.qemu.xmlnum import num, num_text
+from virtbus.domain import parse_int
 from virtbus.domain.model import Element
+from virtbus.domain.views import enum_value
 from virtbus.errors import ConfigUnsupported, XMLError
 
 MODELS = {
@@ -106,7 +110,8 @@ def _netdev(ctx: BuildContext, iface: Element, index: int, netdev_id: str,
             else:
                 props["ipv6-prefix"] = address
                 if prefix:
-                    props["ipv6-prefixlen"] = int(prefix)
+                    props["ipv6-prefixlen"] = parse_int(prefix, "<ip prefix", minimum=0,
+                                                        maximum=128)  # fmt: skip
         return props | {"id": netdev_id}
     if itype == "bridge":
         br = src.get("bridge") if src is not None else None
@@ -130,7 +135,7 @@ def _netdev(ctx: BuildContext, iface: Element, index: int, netdev_id: str,
             props["vhost"] = True  # QEMU opens /dev/vhost-net
         sndbuf = iface.find("tune/sndbuf")
         if sndbuf is not None and sndbuf.text:
-            props["sndbuf"] = int(sndbuf.text)
+            props["sndbuf"] = num_text(sndbuf)
         return props | {"id": netdev_id}
     if itype in ("server", "client", "mcast"):
         key = {"server": "listen", "client": "connect", "mcast": "mcast"}[itype]
@@ -139,8 +144,12 @@ def _netdev(ctx: BuildContext, iface: Element, index: int, netdev_id: str,
         local = src.find("local") if src is not None else None
         if local is None:
             raise ConfigUnsupported(f"{where} needs <source><local address= port=>")
-        return {"type": "socket", "udp": _addr(src, where),
-                "localaddr": f"{local.get('address')}:{local.get('port')}", "id": netdev_id}  # fmt: skip
+        return {
+            "type": "socket",
+            "udp": _addr(src, where),
+            "localaddr": f"{local.get('address')}:{local.get('port')}",
+            "id": netdev_id,
+        }
     if itype == "vhostuser":
         if ifname:
             raise ConfigUnsupported(
@@ -149,13 +158,14 @@ def _netdev(ctx: BuildContext, iface: Element, index: int, netdev_id: str,
             )
         if src is None or src.get("type", "unix") != "unix" or not src.get("path"):
             raise ConfigUnsupported(f"{where} needs <source type='unix' path=...>")
-        mode = src.get("mode", "client")
-        chardev = f"socket,id=char{dev_id},path={src.get('path')}"
+        mode = enum_value(src.get("mode"), ("client", "server"), f"{where} <source mode", "client")
+        path = ctx.user_socket(Path(str(src.get("path"))), bind=mode == "server")
+        chardev = f"socket,id=char{dev_id},path={kv_escape(str(path))}"
         if mode == "server":
             chardev += ",server=on,wait=off"
         reconnect = src.find("reconnect")
         if reconnect is not None and reconnect.get("enabled") == "yes":
-            chardev += f",reconnect={int(reconnect.get('timeout', '1'))}"
+            chardev += f",reconnect={num(reconnect, 'timeout', '1')}"
         ctx.add("-chardev", chardev)
         props = {"type": "vhost-user", "chardev": f"char{dev_id}"}
         queues = _driver_int(iface, "queues")
@@ -174,9 +184,7 @@ def _netdev(ctx: BuildContext, iface: Element, index: int, netdev_id: str,
         return props | {"id": netdev_id}
     if itype == "direct":
         raise unsupported(f"{where} (macvtap devices are not created here)")
-    raise ConfigUnsupported(
-        f"network device type '{itype}' is not supported by this hypervisor"
-    )
+    raise ConfigUnsupported(f"network device type '{itype}' is not supported by this hypervisor")
 
 
 def _mac(iface: Element) -> str | None:
@@ -249,7 +257,7 @@ def _nic(ctx: BuildContext, iface: Element, index: int, netdev_id: str, dev_id: 
                     props[prop] = value
         mtu = iface.find("mtu")
         if mtu is not None and mtu.get("size"):
-            props["host_mtu"] = int(str(mtu.get("size")))
+            props["host_mtu"] = num(mtu, "size")
         teaming = iface.find("teaming")
         if teaming is not None and teaming.get("type") == "persistent":
             props["failover"] = True

@@ -22,10 +22,14 @@ from drivers.qemu.argv_common import (
     BuildContext,
     DiskRuntime,
     json_arg,
+    kv_escape,
+    port_value,
     secret_path,
     unsupported,
 )
 from drivers.qemu.argv_virtio import onoff, virtio_props
+from drivers.qemu.xmlnum import attr_int, num, num_text
+from virtbus.domain import parse_int
 from virtbus.domain.model import Disk, Element
 from virtbus.errors import ConfigUnsupported, XMLError
 
@@ -77,14 +81,8 @@ def disk_bus(disk: Disk) -> str:
     return disk.target_bus or _BUS_BY_PREFIX.get(disk.target_dev[:2], "ide")
 
 
-def _int(el: Element, name: str, default: int = 0) -> int:
-    raw = el.get(name)
-    if raw is None:
-        return default
-    try:
-        return int(raw, 0) if raw.lower().startswith("0x") else int(raw)
-    except ValueError:
-        raise XMLError(f"invalid <{el.tag} {name}='{raw}'>") from None
+def _int(el: Element | None, name: str, default: int = 0) -> int:
+    return attr_int(el, name, default)
 
 
 def _drive_address(disk: Disk) -> tuple[int, int, int, int]:
@@ -172,9 +170,7 @@ def _check_disk(ctx: BuildContext, disk: Disk) -> None:
         raise unsupported(f"<target bus='{bus}'> for disk {dev}")
     if disk.device == "lun":
         if disk.type not in ("block", "network"):
-            raise ConfigUnsupported(
-                "disk device='lun' is only valid for block type disk source"
-            )
+            raise ConfigUnsupported("disk device='lun' is only valid for block type disk source")
         if bus not in ("scsi", "virtio"):
             raise ConfigUnsupported(f"disk device='lun' is not supported for bus='{bus}'")
         if bus == "virtio":
@@ -189,8 +185,10 @@ def _check_disk(ctx: BuildContext, disk: Disk) -> None:
         raise ConfigUnsupported(f"disk {dev} on bus 'fdc' must be a floppy")
     if bus == "fdc" and ctx.q35 and not ctx.machine.startswith("pc-q35-"):
         pass
-    if disk.source_path is None and not _has_source(disk) and disk.device not in (
-        "cdrom", "floppy"
+    if (
+        disk.source_path is None
+        and not _has_source(disk)
+        and disk.device not in ("cdrom", "floppy")
     ):
         raise ConfigUnsupported(f"{where} has no <source>: only a cdrom or floppy may be empty")
     if bus == "usb" and not _has_source(disk):
@@ -231,9 +229,7 @@ def _check_disk(ctx: BuildContext, disk: Disk) -> None:
                 "encryption is supported only with 'raw' and 'qcow2' image format"
             )
         if enc.find("cipher") is not None or enc.find("ivgen") is not None:
-            raise ConfigUnsupported(
-                "supplying <cipher> for domain disk definition is unnecessary"
-            )
+            raise ConfigUnsupported("supplying <cipher> for domain disk definition is unnecessary")
     if el.find("iotune") is not None and el.find("throttlefilters") is not None:
         raise ConfigUnsupported(
             f"block 'throttlefilters' can't be used together with 'iotune' for disk '{dev}'"
@@ -347,13 +343,17 @@ def _network_props(ctx: BuildContext, src: Element, node: str, auth: Element | N
         target, _, lun = name.partition("/")
         h = hosts[0]
         host_name = h.get("name", "")
-        port = h.get("port") or "3260"
+        port = port_value(h.get("port") or "3260", "<host port")
         try:
             v6 = isinstance(ipaddress.ip_address(host_name), ipaddress.IPv6Address)
         except ValueError:
             v6 = False
-        props |= {"portal": f"[{host_name}]:{port}" if v6 else f"{host_name}:{port}",
-                  "target": target, "lun": int(lun or 0), "transport": "tcp"}  # fmt: skip
+        props |= {
+            "portal": f"[{host_name}]:{port}" if v6 else f"{host_name}:{port}",
+            "target": target,
+            "lun": parse_int(lun or "0", "iSCSI LUN", minimum=0, maximum=16383),
+            "transport": "tcp",
+        }
         if auth is not None:
             props["user"] = auth.get("username")
             props["password-secret"] = _secret(ctx, auth.find("secret"), f"{node}-auth-secret0")
@@ -383,8 +383,8 @@ def _network_props(ctx: BuildContext, src: Element, node: str, auth: Element | N
     elif proto in CURL:
         h = hosts[0] if hosts else None
         host_part = h.get("name", "") if h is not None else ""
-        port = h.get("port") if h is not None else None
-        url = f"{proto}://{host_part}{':' + port if port else ''}/{name.lstrip('/')}"
+        url_port = h.get("port") if h is not None else None
+        url = f"{proto}://{host_part}{':' + url_port if url_port else ''}/{name.lstrip('/')}"
         if src.get("query"):
             url += "?" + str(src.get("query"))
         props["url"] = url
@@ -420,8 +420,9 @@ def _network_props(ctx: BuildContext, src: Element, node: str, auth: Element | N
         ident = src.find("identity")
         if ident is not None:
             for attr, prop in (("user", "user"), ("group", "group")):
-                if ident.get(attr) and ident.get(attr, "").lstrip("+").isdigit():
-                    props[prop] = int(ident.get(attr, "0").lstrip("+"))
+                raw = ident.get(attr, "").lstrip("+")
+                if raw.isascii() and raw.isdigit():
+                    props[prop] = parse_int(raw, f"<identity {attr}", maximum=0xFFFFFFFF)
     else:
         raise unsupported(f"<source protocol='{proto}'>")
     return props
@@ -533,7 +534,7 @@ def _format_node(ctx: BuildContext, disk: Disk, layer: _Layer, node: str, storag
     if top:
         props |= common
     src = layer.source
-    enc = (disk.element.find("encryption") if top else None)
+    enc = disk.element.find("encryption") if top else None
     if enc is None and src is not None:
         enc = src.find("encryption")
     if enc is not None and enc.get("engine") != "librbd":
@@ -555,7 +556,7 @@ def _format_node(ctx: BuildContext, disk: Disk, layer: _Layer, node: str, storag
             unit = metadata.get("unit", "bytes")
             from virtbus.domain.units import to_kib
 
-            props["cache-size"] = to_kib(int(metadata.text), unit) * 1024
+            props["cache-size"] = to_kib(num_text(metadata), unit) * 1024
         if fmt == "qcow2" and top:
             drv = disk.element.find("driver")
             if drv is not None and drv.get("discard_no_unref") in ("on", "off"):
@@ -687,7 +688,7 @@ def iotune_limits(iotune: Element, where: str) -> dict[str, int]:
         child = iotune.find(tag)
         if child is not None and child.text is not None:
             try:
-                values[tag] = int(child.text)
+                values[tag] = num_text(child)
             except ValueError:
                 raise XMLError(f"invalid <{tag}> in {where}") from None
             limits[prop] = values[tag]
@@ -810,7 +811,7 @@ def _device(ctx: BuildContext, disk: Disk, node: str | None, dev_id: str) -> dic
             if mapping:
                 props["iothread-vq-mapping"] = [
                     {"iothread": f"iothread{m.get('id')}"}
-                    | ({"vqs": [int(q.get("id", 0)) for q in m.findall("queue")]}
+                    | ({"vqs": [num(q, "id", "0", maximum=1024) for q in m.findall("queue")]}
                        if m.findall("queue") else {})
                     for m in mapping
                 ]  # fmt: skip
@@ -915,7 +916,8 @@ def build_disks(ctx: BuildContext) -> None:
             path = src.get("path") if src is not None else None
             if not path:
                 raise ConfigUnsupported(f"vhostuser disk {disk.target_dev} needs <source path>")
-            ctx.add("-chardev", f"socket,id=chr-vu-{dev_id},path={path}")
+            ctx.user_socket(Path(path), bind=False)
+            ctx.add("-chardev", f"socket,id=chr-vu-{dev_id},path={kv_escape(path)}")
             node = None
         else:
             node = _blockdev(ctx, disk)

@@ -50,7 +50,7 @@ Execute = Callable[..., Awaitable[Any]]
 class CompanionSettings:
     qemu_img: str = "qemu-img"
     command_timeout: float = 30.0  # s for qemu-img and an interface script
-    helpers: hp.HelperSettings = hp.HelperSettings()
+    helpers: hp.HelperSettings = field(default_factory=hp.HelperSettings)
 
 
 @dataclass(slots=True)
@@ -83,9 +83,7 @@ async def prepare(launch: QemuLaunch, run_dir: Path, uuid: str, *, incoming: boo
                   settings: CompanionSettings = CompanionSettings()) -> Companions:  # fmt: skip
     """Everything QEMU needs before it is spawned (see module docstring)."""
     await asyncio.to_thread(_check_host, launch)
-    comp = Companions(
-        down_scripts=tuple((s.path, s.ifname) for s in launch.net_scripts if s.down)
-    )
+    comp = Companions(down_scripts=tuple((s.path, s.ifname) for s in launch.net_scripts if s.down))
     try:
         await asyncio.to_thread(_directories, launch)
         if launch.nvram is not None:

@@ -20,6 +20,8 @@ from typing import Any
 
 from drivers.qemu.argv_common import BuildContext, json_arg, unsupported
 from drivers.qemu.bitmap import format_bitmap, parse_bitmap
+from drivers.qemu.xmlnum import num, num_text
+from virtbus.domain import parse_int
 from virtbus.domain.model import Element
 from virtbus.errors import ConfigUnsupported, OperationFailed, XMLError
 
@@ -29,6 +31,8 @@ _BANDWIDTH = ("shares", "period", "quota", "global_period", "global_quota", "emu
               "emulator_quota", "iothread_period", "iothread_quota")  # fmt: skip
 _CPUTUNE = frozenset({*_BANDWIDTH, "vcpupin", "emulatorpin", "iothreadpin", "vcpusched",
                       "iothreadsched", "emulatorsched", "cachetune", "memorytune"})  # fmt: skip
+
+MAX_IOTHREADS = 4096  # bounds <iothreads> (each is a thread of QEMU)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +55,15 @@ class CpuTuning:
 
     @property
     def empty(self) -> bool:
-        return not (self.emulator or self.vcpus or self.iothreads or self.vcpu_sched
-                    or self.iothread_sched or self.emulator_sched or self.auto_placement)  # fmt: skip
+        return not (
+            self.emulator
+            or self.vcpus
+            or self.iothreads
+            or self.vcpu_sched
+            or self.iothread_sched
+            or self.emulator_sched
+            or self.auto_placement
+        )
 
     def all_cpus(self) -> frozenset[int]:
         out: set[int] = set(self.emulator or ())
@@ -65,13 +76,13 @@ def iothread_ids(root: Element) -> list[int]:
     """``<iothreads>`` count completed by ``<iothreadids>`` (listed ids first, then the
     lowest unused ids), libvirt's ``virDomainIOThreadIDDefArrayInit``."""
     count_el = root.find("iothreads")
-    listed = [int(t.get("id", "0")) for t in root.findall("iothreadids/iothread")]
+    listed = [num(t, "id", "0") for t in root.findall("iothreadids/iothread")]
     for tid in listed:
         if tid <= 0:
             raise XMLError(f"invalid iothread id '{tid}' (must be > 0)")
     if len(set(listed)) != len(listed):
         raise XMLError("duplicate iothread id in <iothreadids>")
-    count = int((count_el.text or "0").strip()) if count_el is not None else 0
+    count = num_text(count_el, "0", maximum=MAX_IOTHREADS) if count_el is not None else 0
     count = max(count, len(listed))
     ids = list(listed)
     nxt = 1
@@ -90,7 +101,7 @@ def _sched(el: Element, what: str) -> Sched:
     if policy in ("fifo", "rr"):
         if prio is None:
             raise XMLError(f"<{what}> with scheduler '{policy}' needs a priority")
-        return Sched(policy, int(prio))
+        return Sched(policy, parse_int(prio, f"<{what} priority", minimum=1, maximum=99))
     return Sched(policy, None)
 
 
@@ -122,7 +133,7 @@ def plan(ctx: BuildContext) -> CpuTuning:
                     "and resctrl management, which virtbus does not do)"
                 )
         for pin in ct.findall("vcpupin"):
-            vid = int(pin.get("vcpu", "-1"))
+            vid = num(pin, "vcpu", "-1", minimum=-1)
             if not 0 <= vid < maxv:
                 raise XMLError(f"vcpupin vcpu id '{vid}' must be lower than <vcpu> ({maxv})")
             if vid in vcpus:
@@ -132,7 +143,7 @@ def plan(ctx: BuildContext) -> CpuTuning:
         if ep is not None:
             emulator = parse_bitmap(ep.get("cpuset", ""), "<emulatorpin cpuset>")
         for pin in ct.findall("iothreadpin"):
-            tid = int(pin.get("iothread", "0"))
+            tid = num(pin, "iothread", "0")
             if tid not in threads:
                 raise XMLError(f"Cannot find 'iothread' : {tid}")
             iothreads[tid] = parse_bitmap(pin.get("cpuset", ""), "<iothreadpin cpuset>")
@@ -164,7 +175,7 @@ def plan(ctx: BuildContext) -> CpuTuning:
 
 def build_iothreads(ctx: BuildContext) -> None:
     root = ctx.defn.root
-    by_id = {int(t.get("id", "0")): t for t in root.findall("iothreadids/iothread")}
+    by_id = {num(t, "id", "0"): t for t in root.findall("iothreadids/iothread")}
     for tid in iothread_ids(root):
         props: dict[str, Any] = {"qom-type": "iothread", "id": f"iothread{tid}"}
         el = by_id.get(tid)
@@ -172,13 +183,13 @@ def build_iothreads(ctx: BuildContext) -> None:
             for attr, prop in (("thread_pool_min", "thread-pool-min"),
                                ("thread_pool_max", "thread-pool-max")):  # fmt: skip
                 if el.get(attr) is not None:
-                    props[prop] = int(str(el.get(attr)))
+                    props[prop] = num(el, attr)
             poll = el.find("poll")
             if poll is not None:
                 for attr, prop in (("max", "poll-max-ns"), ("grow", "poll-grow"),
                                    ("shrink", "poll-shrink")):  # fmt: skip
                     if poll.get(attr) is not None:
-                        props[prop] = int(str(poll.get(attr)))
+                        props[prop] = num(poll, attr)
         ctx.add("-object", json_arg(props))
         ctx.iothreads.add(tid)
     default = root.find("defaultiothread")
@@ -187,14 +198,14 @@ def build_iothreads(ctx: BuildContext) -> None:
         for attr, prop in (("thread_pool_min", "thread-pool-min"),
                            ("thread_pool_max", "thread-pool-max")):  # fmt: skip
             if default.get(attr) is not None:
-                props[prop] = int(str(default.get(attr)))
+                props[prop] = num(default, attr)
         ctx.add("-object", json_arg(props))
 
 
 def check_iothread_refs(ctx: BuildContext) -> None:
     """Disks and controllers may only name iothreads the domain has."""
     for el in ctx.defn.elements("devices/*/driver[@iothread]"):
-        tid = int(str(el.get("iothread")))
+        tid = num(el, "iothread")
         if tid not in ctx.iothreads:
             raise ConfigUnsupported(f"Disk iothread '{tid}' not defined in iothreadid")
 

@@ -134,9 +134,7 @@ def validate_os(root: Element) -> None:
         if loader is None:
             return
         if not (loader.text or "").strip():
-            raise XMLError(
-                "no loader path specified and firmware auto selection disabled"
-            )
+            raise XMLError("no loader path specified and firmware auto selection disabled")
     if loader is None:
         return
     stateless = _yes(loader.get("stateless"))

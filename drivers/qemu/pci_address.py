@@ -108,8 +108,8 @@ class Bus:
             self.flags = F.AUTOASSIGN | F.PCI_DEVICE | F.PCI_BRIDGE | hp
             self.min_slot, self.max_slot = 0, SLOT_LAST
         elif model == "pcie-root":
-            self.flags = F.PCIE_DEVICE | F.PCIE_ROOT_PORT | F.DMI_TO_PCI_BRIDGE | (
-                F.PCIE_EXPANDER_BUS
+            self.flags = (
+                F.PCIE_DEVICE | F.PCIE_ROOT_PORT | F.DMI_TO_PCI_BRIDGE | (F.PCIE_EXPANDER_BUS)
             )
             self.min_slot, self.max_slot = 1, SLOT_LAST
         elif model == "dmi-to-pci-bridge":

@@ -21,12 +21,20 @@ from lxml import etree
 from drivers.qemu import addresses as ad
 from drivers.qemu import firmware as fw
 from drivers.qemu.capabilities import QemuCapabilities
+from drivers.qemu.xmlnum import attr_int, num, num_text
 from virtbus.domain import DomainDefinition
 from virtbus.domain.model import Element
 from virtbus.errors import ConfigUnsupported, XMLError
 
 _DISK_PREFIXES = ("fd", "hd", "vd", "sd", "xvd", "ubd")
-_BUS_BY_PREFIX = {"hd": "ide", "fd": "fdc", "vd": "virtio", "xvd": "xen", "sd": "scsi", "ubd": "uml"}
+_BUS_BY_PREFIX = {
+    "hd": "ide",
+    "fd": "fdc",
+    "vd": "virtio",
+    "xvd": "xen",
+    "sd": "scsi",
+    "ubd": "uml",
+}
 XHCI_MAX_PORTS = 15
 VIDEO_RAM = {"vga": 16384, "cirrus": 16384, "vmvga": 16384, "bochs": 16384, "xen": 4096,
              "qxl": 65536}  # fmt: skip
@@ -93,15 +101,8 @@ def complete_tree(root: Element, *, live: bool = False,
 # ---------------------------------------------------------------------------- controllers
 
 
-def _int(el: Element, name: str, default: int = -1) -> int:
-    raw = el.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw, 0) if raw.lower().startswith("0x") else int(raw)
-    except ValueError:
-        raise XMLError(f"invalid {el.tag} {name}='{raw}'") from None
-    return value
+def _int(el: Element | None, name: str, default: int = -1) -> int:
+    return attr_int(el, name, default)
 
 
 def _controller_indexes(devices: Element) -> None:
@@ -118,9 +119,7 @@ def _controller_indexes(devices: Element) -> None:
         ctype = ctrl.get("type")
         chosen: int | None = None
         if pos > 0 and ctype == "usb" and ctrl.get("model") in ad.USB2:
-            prev = next(
-                (c for c in reversed(ctrls[:pos]) if c.get("type") == "usb"), None
-            )
+            prev = next((c for c in reversed(ctrls[:pos]) if c.get("type") == "usb"), None)
             if prev is not None and prev.get("model") in ad.USB2 and prev.get("index"):
                 prev_idx = _int(prev, "index")
                 clash = any(
@@ -131,9 +130,7 @@ def _controller_indexes(devices: Element) -> None:
                 if not clash:
                     chosen = prev_idx
         if chosen is None:
-            used = {
-                _int(c, "index") for c in ctrls if c.get("type") == ctype and c.get("index")
-            }
+            used = {_int(c, "index") for c in ctrls if c.get("type") == ctype and c.get("index")}
             chosen = next(i for i in range(len(ctrls) + 1) if i not in used)
         ctrl.set("index", str(chosen))
 
@@ -200,7 +197,7 @@ def _controller_defaults(ctrl: Element, machine: str) -> None:
         if node is not None and node.text is not None:
             root = ctrl.getroottree().getroot()
             ncells = len(root.findall("cpu/numa/cell"))
-            if int(node.text) >= ncells:
+            if num_text(node) >= ncells:
                 raise XMLError(
                     f"{model} with index {idx} is configured for a NUMA node ({node.text}) "
                     f"not present in the domain's <cpu><numa> array ({ncells})"
@@ -288,8 +285,8 @@ def _sort_disks(devices: Element) -> None:
         return
     order: list[Element] = []
     for disk in disks:
-        bus = disk.find("target").get("bus")  # type: ignore[union-attr]
-        idx = disk_name_index(disk.find("target").get("dev", ""))  # type: ignore[union-attr]
+        bus = disk.find("target").get("bus")
+        idx = disk_name_index(disk.find("target").get("dev", ""))
         at = -1
         for pos in range(len(order) - 1, -1, -1):
             other = order[pos].find("target")
@@ -457,7 +454,7 @@ def _drop_generated_channel_paths(devices: Element) -> None:
         if target.get("type") != "virtio" or not name or not path:
             continue
         prefix = _GENERATED_CHANNEL_DIR.match(path)
-        rest = path[prefix.end():] if prefix else ""
+        rest = path[prefix.end() :] if prefix else ""
         if prefix and re.fullmatch(
             r"/(target/)?(([^/]+\.)|(domain-[^/]+/)|([0-9]+-[^/]+/))" + re.escape(name), rest
         ):
@@ -475,7 +472,9 @@ def _net_model(iface: Element) -> None:
     else:
         model = "rtl8139"
     el = etree.Element("model", type=model)
-    anchor = next((c for t in ("target", "source", "mac") if (c := iface.find(t)) is not None), None)
+    anchor = next(
+        (c for t in ("target", "source", "mac") if (c := iface.find(t)) is not None), None
+    )
     if anchor is not None:
         anchor.addnext(el)
     else:
@@ -547,9 +546,9 @@ def _serial_target(serial: Element) -> None:
     if model is None and name is not None:
         etree.SubElement(target, "model", name=name)
     if target.get("port") is None and target.get("type") == "isa-serial":
-        ports = serial.getparent().findall("serial")  # type: ignore[union-attr]
-        taken = {_int(s.find("target"), "port") for s in ports  # type: ignore[arg-type]
-                 if s.find("target") is not None and s.find("target").get("port")}  # type: ignore[union-attr]  # fmt: skip
+        ports = serial.getparent().findall("serial")
+        taken = {_int(s.find("target"), "port") for s in ports
+                 if s.find("target") is not None and s.find("target").get("port")}  # fmt: skip
         target.set("port", str(next(p for p in range(len(ports) + 1) if p not in taken)))
 
 
@@ -616,19 +615,19 @@ def _numa_memory(root: Element) -> None:
     cells = root.findall("cpu/numa/cell")
     if not cells:
         return
-    total = sum(to_kib(int(c.get("memory", "0")), c.get("unit", "KiB")) for c in cells)
+    total = sum(to_kib(num(c, "memory", "0"), c.get("unit", "KiB")) for c in cells)
     for dev in root.findall("devices/memory"):
         size = dev.find("target/size")
         if size is not None and size.text:
-            total += to_kib(int(size.text), size.get("unit", "KiB"))
+            total += to_kib(num_text(size), size.get("unit", "KiB"))
     mem = root.find("memory")
     if mem is None:
         mem = etree.Element("memory")
         name = root.find("uuid")
-        (name if name is not None else root.find("name")).addnext(mem)  # type: ignore[union-attr]
+        (name if name is not None else root.find("name")).addnext(mem)
     mem.set("unit", "KiB")
     mem.text = str(total)
     cur = root.find("currentMemory")
-    if cur is not None and cur.text and to_kib(int(cur.text), cur.get("unit", "KiB")) > total:
+    if cur is not None and cur.text and to_kib(num_text(cur), cur.get("unit", "KiB")) > total:
         cur.set("unit", "KiB")
         cur.text = str(total)

@@ -201,8 +201,7 @@ def load(tree: Path) -> Corpus:
     if data.is_dir():
         configs = test_configs(tree / "tests/qemuxmlconftest.c")
         cases = tuple(
-            Case(c.name, c.xml, c.args, c.err, configs.get(c.name, {}))
-            for c in _cases_conf(data)
+            Case(c.name, c.xml, c.args, c.err, configs.get(c.name, {})) for c in _cases_conf(data)
         )
     else:
         data = tree / "tests/qemuxml2argvdata"

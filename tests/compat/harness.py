@@ -19,6 +19,7 @@ import asyncio
 import collections
 import json
 import logging
+import math
 import re
 import shlex
 import sys
@@ -26,8 +27,8 @@ import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
-from types import MappingProxyType
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from lxml import etree
@@ -195,8 +196,13 @@ class Harness:
                 defn = parse_domain_xml(dumped)
                 ports = {i: 5900 + i for i in graphics_needing_ports(defn)}
                 launch = build_command(
-                    defn, QemuPaths(self.run_dir), kvm_available=True, graphics_ports=ports,
-                    host=self.host, settings=settings, caps=corpus_caps(case),
+                    defn,
+                    QemuPaths(self.run_dir),
+                    kvm_available=True,
+                    graphics_ports=ports,
+                    host=self.host,
+                    settings=settings,
+                    caps=corpus_caps(case),
                 )
             finally:
                 await driver.undefine(ref.uuid)
@@ -319,9 +325,10 @@ def table(corpus: Corpus, s: dict[str, Any], seconds: float) -> str:
 
 
 def floor_of(corpus: Corpus, s: dict[str, Any]) -> dict[str, Any]:
+    """Shares rounded down (a rounded-up floor would fail the run that recorded it)."""
     return {
-        "build_share": round(s["build_share"], 4),
-        "device_match": round(s["device_match"], 4),
+        "build_share": math.floor(s["build_share"] * 10_000) / 10_000,
+        "device_match": math.floor(s["device_match"] * 10_000) / 10_000,
         "wrongly_accepted": s["wrongly_accepted"],
     }
 

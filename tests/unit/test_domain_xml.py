@@ -583,7 +583,10 @@ def test_runtime_setters() -> None:
 def test_edit_rolls_back_an_invalid_change() -> None:
     d = parse_domain_xml(Q35)
     root = d.root
-    with pytest.raises(XMLError, match="Memory size must be specified via <memory>"), d.edit() as tree:
+    with (
+        pytest.raises(XMLError, match="Memory size must be specified via <memory>"),
+        d.edit() as tree,
+    ):
         mem = tree.find("memory")
         assert mem is not None
         tree.remove(mem)

@@ -136,11 +136,12 @@ def test_free_form_strings_reach_qemu_intact_and_add_no_option(v: dict[str, str]
     assert netdevs["hostnet0"] == {"type": "bridge", "id": "hostnet0", "br": v["bridge"]}
     assert netdevs["hostnet1"] == {"type": "tap", "id": "hostnet1", "script": "no",
                                    "downscript": "no", "ifname": v["ifname"]}  # fmt: skip
-    assert options(parsed, "-vnc") == [{"vnc": f"unix:{sock(v['vnc'])}"}]
+    assert options(parsed, "-vnc") == [{"vnc": f"unix:{sock(v['vnc'])}", "audiodev": "audio1"}]
     blockdevs = options(parsed, "-blockdev")
     assert [b["filename"] for b in blockdevs if "filename" in b] == [v["disk"]]
     devices = {d["id"]: d for d in options(parsed, "-device")}
-    assert devices["virtio-disk0"]["serial"] == v["serial"]
+    # libvirt writes a serial's spaces as '\ ' (qemuBuildDiskDeviceProps); the guest sees them
+    assert devices["virtio-disk0"]["serial"] == v["serial"].replace(" ", "\\ ")
     assert devices["channel0"]["name"] == v["channel"]
     assert [o["filename"] for o in options(parsed, "-object")] == [v["rng"].strip()]  # text
 
@@ -203,11 +204,12 @@ def test_the_typed_base_builds_and_reads_back_as_meant() -> None:
     assert (tcp["host"], tcp["port"], tcp["server"]) == ("127.0.0.1", "45991", "on")
     spice = options(parsed, "-spice")[0]
     assert (spice["addr"], spice["image-compression"]) == ("127.0.0.1", "auto_glz")
-    assert options(parsed, "-vnc") == [{"vnc": "127.0.0.1:1"}]
+    assert options(parsed, "-vnc") == [{"vnc": "127.0.0.1:1", "audiodev": "audio1"}]
     assert options(parsed, "-audiodev") == [{"driver": "spice", "id": "audio1"}]
     devices = {d["driver"]: d for d in options(parsed, "-device")}
     assert devices["virtio-rng-pci"]["addr"] == "0x5"
-    assert devices["pcie-root-port"]["chassis"] == 3 and devices["qemu-xhci"]["p2"] == 4
+    by_id = {d["id"]: d for d in options(parsed, "-device")}
+    assert by_id["pci.1"]["chassis"] == 3 and devices["qemu-xhci"]["p2"] == 4
 
 
 def shape(argv: list[str]) -> list[tuple[str, tuple[str, ...]]]:

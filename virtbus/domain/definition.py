@@ -317,8 +317,7 @@ class DomainDefinition:
             )
         if mem_el is None:  # libvirt: the NUMA cells' sizes make up the memory
             memory = sum(
-                parse_memory_element(c.get("memory"), c.get("unit"), "cell memory")
-                for c in cells
+                parse_memory_element(c.get("memory"), c.get("unit"), "cell memory") for c in cells
             )
         else:
             memory = parse_memory_element(mem_el.text, mem_el.get("unit"), "memory")

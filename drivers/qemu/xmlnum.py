@@ -1,0 +1,34 @@
+"""Integers read from a definition's elements, through virtbus' one bounded parser.
+
+Every number the command-line builder and the definition completion take from the XML
+goes through here: a value that is not an integer, has too many digits or is out of range
+is an XML_ERROR naming the element and attribute (never a Python ValueError).
+"""
+
+from __future__ import annotations
+
+from virtbus.domain import parse_int
+from virtbus.domain.model import Element
+
+
+def num(el: Element, attr: str, default: str | None = None, *, minimum: int | None = 0,
+        maximum: int | None = None, hex_ok: bool = False) -> int:  # fmt: skip
+    """``el``'s attribute ``attr`` (``default`` when absent) as an integer."""
+    return parse_int(el.get(attr, default), f"<{el.tag} {attr}", minimum=minimum,
+                     maximum=maximum, hex_ok=hex_ok)  # fmt: skip
+
+
+def num_text(el: Element, default: str | None = None, *, minimum: int | None = 0,
+             maximum: int | None = None, hex_ok: bool = False) -> int:  # fmt: skip
+    """``el``'s text (``default`` when empty) as an integer."""
+    text = (el.text or "").strip() or default
+    return parse_int(text, f"<{el.tag}>", minimum=minimum, maximum=maximum, hex_ok=hex_ok)
+
+
+def attr_int(el: Element | None, name: str, default: int = 0) -> int:
+    """An optional attribute (decimal or ``0x`` hex, as libvirt writes addresses);
+    ``default`` when the element or the attribute is absent."""
+    raw = el.get(name) if el is not None else None
+    if raw is None or el is None:
+        return default
+    return parse_int(raw.strip().lstrip("+"), f"<{el.tag} {name}", minimum=None, hex_ok=True)
