@@ -152,15 +152,15 @@ class QemuLaunch:
 def disk_paths(defn: DomainDefinition) -> list[str]:
     """Host paths QEMU opens for this domain (disk sources, kernel, initrd, firmware).
 
-    The driver checks they exist before launch (a clear error instead of a QEMU one).
+    The driver checks they exist before launch (a clear error instead of a QEMU one). The
+    NVRAM is not among them: a missing one is created from its template at start
+    (:mod:`drivers.qemu.companions`).
     """
     paths = [d.source_path for d in defn.disks if d.source_path]
     os_ = defn.os
     paths += [p for p in (os_.kernel, os_.initrd) if p]
     if os_.loader is not None and os_.loader.path:
         paths.append(os_.loader.path)
-    if os_.nvram:
-        paths.append(os_.nvram)
     return paths
 
 

@@ -311,6 +311,11 @@ def _cpu_flags(ctx: BuildContext) -> str:
             elif name == "vendor_id":
                 out += f",hv-vendor-id={child.get('value')}"
             else:
+                if name == "vpindex" and not ctx.kvm:  # QEMU: "kernel doesn't allow setting"
+                    raise ConfigUnsupported(
+                        "<hyperv><vpindex> needs KVM: QEMU cannot set the Hyper-V VP index "
+                        "under TCG (the other enlightenments run there)"
+                    )
                 out += f",{_HV_QEMU.get(name, 'hv-' + name)}=on"
                 if name == "stimer" and _state(child.find("direct")):
                     out += ",hv-stimer-direct=on"

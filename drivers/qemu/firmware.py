@@ -40,10 +40,16 @@ class Descriptor:
     features: frozenset[str]
 
     def matches_machine(self, machine: str, arch: str) -> bool:
+        # libvirt matches the canonical machine name: the aliases stand for their newest
+        # versioned machine, which the descriptors' globs ("pc-q35-*") name
+        name = _MACHINE_ALIASES.get(machine, machine)
         return any(
-            _ARCH.get(a, a) == arch and any(fnmatch.fnmatchcase(machine, g) for g in globs)
+            _ARCH.get(a, a) == arch and any(fnmatch.fnmatchcase(name, g) for g in globs)
             for a, globs in self.targets
         )
+
+
+_MACHINE_ALIASES = {"q35": "pc-q35-latest", "pc": "pc-i440fx-latest"}
 
 
 def parse_descriptor(path: Path) -> Descriptor | None:

@@ -50,7 +50,7 @@ class GuestBuildSettings:
     # Loaded in dependency order; names as in modules.dep (dashes and underscores equal).
     modules: tuple[str, ...] = (
         "evdev", "button", "virtio_pci", "virtio_blk", "virtio_console", "virtio_balloon",
-        "virtio_net", "pvpanic_mmio", "pvpanic_pci",
+        "virtio_net", "pvpanic_mmio", "pvpanic_pci", "virtiofs",
     )  # fmt: skip
     disk_size_mib: int = 16
     pattern_mib: int = 8  # known data in [0, pattern_mib); scratch area above it

@@ -100,6 +100,31 @@ run_cmd() {
             sum=$(dd if="$DISK" bs=1M count="$mib" iflag=direct 2>/dev/null | md5sum)
             reply "VIRTBUS-DISK-MD5 $mib ${sum%% *}" ;;
         blocks) reply "VIRTBUS-BLOCKS $(blocks)" ;;
+        # probes of what the host gave the guest (firmware, TPM, shares); one line each
+        ls)
+            if [ -e "${1:-/}" ]; then reply "VIRTBUS-LS ${1:-/} $(ls "${1:-/}" | tr '\n' ' ')"
+            else reply "VIRTBUS-LS ${1:-/} missing"; fi ;;
+        cat)
+            if [ -r "${1:-}" ]; then reply "VIRTBUS-CAT $1 $(head -c 4096 "$1" | head -n 1)"
+            else reply "VIRTBUS-CAT ${1:-} missing"; fi ;;
+        mount)  # mount <type> <source> <dir>
+            mkdir -p "${3:-/mnt}"
+            if mount -t "${1:-}" "${2:-}" "${3:-/mnt}" 2>/dev/null; then
+                reply "VIRTBUS-MOUNT ${3:-/mnt} ok"
+            else reply "VIRTBUS-MOUNT ${3:-/mnt} failed"; fi ;;
+        tpm-extend)  # tpm-extend <pcr>: TPM2_PCR_Extend(sha256, 32 x 0x01), raw on /dev/tpm0
+            if [ ! -c /dev/tpm0 ]; then reply "VIRTBUS-ERROR tpm-extend no-tpm"; return; fi
+            j=$(printf '%03o' "${1:-16}")
+            {
+                printf '\200\002\000\000\000\101\000\000\001\202\000\000\000\'"$j"
+                printf '\000\000\000\011\100\000\000\011\000\000\000\000\000'
+                printf '\000\000\000\001\000\013'
+                k=0; while [ $k -lt 32 ]; do printf '\001'; k=$((k + 1)); done
+            } >/tmp/extend.bin
+            # the response belongs to the descriptor the command was written on
+            sum=$({ cat /tmp/extend.bin >&4 && dd bs=4096 count=1 <&4 2>/dev/null; } \
+                4<>/dev/tpm0 | od -An -tx1 | tr -d ' \n')
+            reply "VIRTBUS-TPM-EXTEND ${1:-16} ${sum:-none}" ;;
         *) reply "VIRTBUS-ERROR unknown $cmd" ;;
     esac
 }
