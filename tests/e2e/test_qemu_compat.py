@@ -493,3 +493,38 @@ def test_the_guest_tools_are_installed() -> None:
         assert shutil.which(tool), f"{tool} missing: run deploy/setup-dev"
     assert os.access("/usr/lib/qemu/virtiofsd", os.X_OK), "virtiofsd missing"
     assert Path("/usr/share/qemu/firmware/60-edk2-x86_64.json").exists(), "ovmf missing"
+
+
+# ---------------------------------------------------------------------------- pinning
+
+
+def _threads(pid: int) -> dict[str, set[int]]:
+    """QEMU's threads by name (``CPU 0/TCG``, ...) and the CPUs each may run on."""
+    out: dict[str, set[int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out[(task / "comm").read_text().strip()] = os.sched_getaffinity(int(task.name))
+    return out
+
+
+async def test_vcpu_and_emulator_pinning_on_the_real_threads(env: Env, guest: TestGuest) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    assert len(cpus) >= 2, "needs two CPUs to see a pin"
+    serial = env.base / "pin.serial"
+    xml = guest_xml(
+        guest,
+        "c-pin",
+        serial,
+        top=f"<cputune><vcpupin vcpu='0' cpuset='{cpus[1]}'/>"
+        f"<emulatorpin cpuset='{cpus[0]}'/></cputune>",
+    )
+    uuid, g = await boot(env, xml, serial)
+    try:
+        assert await g.ask("ping pin", "VIRTBUS-PONG") == "pin"
+    finally:
+        await g.close()
+    (pid,) = qemu_pids_under(env.base)
+    threads = _threads(pid)
+    assert threads["CPU 0/TCG"] == {cpus[1]}, threads
+    assert os.sched_getaffinity(pid) == {cpus[0]}, "the emulator (main) thread"
+    await env.driver.destroy(uuid)
