@@ -115,7 +115,7 @@ class PciDev:
 
     el: Element
     kind: str
-    flags: F
+    flags: int
     addr: Addr | None = None  # present (explicit, or assigned by the chipset rules)
     wanted: bool = True
 
@@ -124,7 +124,7 @@ def _controller_model(el: Element) -> str:
     return str(el.get("model", ""))
 
 
-def connect_flags(kind: str, el: Element, pcie: F) -> F:
+def connect_flags(kind: str, el: Element, pcie: int) -> int:
     """``qemuDomainDeviceCalculatePCIConnectFlags`` for x86 (virtio is PCIe-capable)."""
     virtio = pcie
     model = el.get("model") or ""
@@ -265,7 +265,7 @@ class PciPlan:
         self.i440fx = is_i440fx(machine)
 
     # -- device list ------------------------------------------------------------
-    def _pcie_flags(self) -> F:
+    def _pcie_flags(self) -> int:
         return PCIE if self._root_model() == "pcie-root" else PCI
 
     def _root_model(self) -> str | None:
@@ -314,7 +314,7 @@ class PciPlan:
         return devs
 
     @staticmethod
-    def _dev(kind: str, el: Element, pcie: F) -> PciDev:
+    def _dev(kind: str, el: Element, pcie: int) -> PciDev:
         atype, addr = pci_address(el)
         dev = PciDev(el, kind, connect_flags(kind, el, pcie))
         if atype == "pci":
@@ -375,7 +375,7 @@ class PciPlan:
         elif self.q35:
             self._ich9(addrs, devs)
 
-    def _primary_video(self, addrs: AddressSet, devs: list[PciDev], slot: int, flags: F) -> None:
+    def _primary_video(self, addrs: AddressSet, devs: list[PciDev], slot: int, flags: int) -> None:
         videos = [d for d in devs if d.kind == "video"]
         if not videos:
             return

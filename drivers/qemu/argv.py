@@ -188,6 +188,7 @@ def build_command(
     settings: ArgvSettings = DEFAULT_SETTINGS,
     daemonize: bool = False,
     host: HostFacts | None = None,
+    completed: bool = False,
 ) -> QemuLaunch:
     """The argv for ``defn``; ConfigUnsupported naming anything it cannot honour.
 
@@ -198,12 +199,15 @@ def build_command(
     at start (:mod:`drivers.qemu.postparse`: implicit controllers, defaults, addresses).
     ``host`` (:func:`drivers.qemu.host.probe`) enables the checks against this host's
     hugepages, NUMA nodes, CPUs and firmware; without it they wait for start.
+    ``completed``: ``defn`` was just completed at define; what libvirt assigns only at
+    start (USB ports, console ports) is then left out too (define's own validation).
     """
     mach.machine_type(defn, caps)  # before completing: addresses depend on the machine
-    postparse.complete(
-        defn, live=True, firmware=host.firmware if host is not None else None,
-        nvram_dir=settings.nvram_dir, caps=caps,
-    )  # fmt: skip
+    if not completed:
+        postparse.complete(
+            defn, live=True, firmware=host.firmware if host is not None else None,
+            nvram_dir=settings.nvram_dir, caps=caps,
+        )  # fmt: skip
     _check_top_level(defn)
     accel = _accel(defn, kvm_available)
     machine = mach.machine_type(defn, caps)
@@ -307,7 +311,8 @@ def build_command(
     if target is not None and not balloon:
         # nothing can take memory from the guest: it runs with all of <memory>, and the
         # live definition says so (as libvirt's does)
-        defn.set_current_memory_kib(defn.memory_kib)
+        if not completed:
+            defn.set_current_memory_kib(defn.memory_kib)
         target = None
     return QemuLaunch(
         argv=ctx.argv,

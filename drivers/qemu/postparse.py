@@ -283,27 +283,30 @@ def _sort_disks(devices: Element) -> None:
     disks = devices.findall("disk")
     if len(disks) < 2:
         return
-    order: list[Element] = []
+    keys: list[tuple[str | None, int]] = []
     for disk in disks:
-        bus = disk.find("target").get("bus")
-        idx = disk_name_index(disk.find("target").get("dev", ""))
+        target = disk.find("target")
+        assert target is not None
+        keys.append((target.get("bus"), disk_name_index(target.get("dev", ""))))
+    order: list[int] = []  # positions into disks, in libvirt's insertion order
+    for i, (bus, idx) in enumerate(keys):
         at = -1
         for pos in range(len(order) - 1, -1, -1):
-            other = order[pos].find("target")
-            assert other is not None
-            if other.get("bus") == bus and disk_name_index(other.get("dev", "")) > idx:
+            other_bus, other_idx = keys[order[pos]]
+            if other_bus == bus and other_idx > idx:
                 at = pos
-            elif other.get("bus") == bus and at == -1:
+            elif other_bus == bus and at == -1:
                 at = pos + 1
-        order.insert(at if at >= 0 else len(order), disk)
-    if order == disks:
+        order.insert(at if at >= 0 else len(order), i)
+    if order == list(range(len(disks))):
         return
+    sorted_disks = [disks[i] for i in order]
     anchor = etree.Element("anchor")
     disks[0].addprevious(anchor)
     tails = [d.tail for d in disks]
     for disk in disks:
         devices.remove(disk)
-    for disk, tail in zip(order, tails, strict=True):
+    for disk, tail in zip(sorted_disks, tails, strict=True):
         disk.tail = tail
         anchor.addprevious(disk)
     devices.remove(anchor)
@@ -348,15 +351,13 @@ def _hostdev_scsi_addresses(devices: Element) -> None:
 
 
 def _implicit_controllers(devices: Element) -> None:
-    for ctype, bus in (("scsi", "scsi"), ("fdc", "fdc"), ("ide", "ide"), ("sata", "sata")):
-        top = -1
-        for disk in devices.findall("disk"):
-            target = disk.find("target")
-            a = disk.find("address")
-            if target is None or target.get("bus") != bus or a is None:
-                continue
-            if a.get("type") == "drive":
-                top = max(top, _int(a, "controller", 0))
+    tops = {"scsi": -1, "fdc": -1, "ide": -1, "sata": -1}  # disk bus -> highest controller
+    for disk in devices.iterchildren("disk"):
+        target, a = disk.find("target"), disk.find("address")
+        bus = target.get("bus") if target is not None else None
+        if bus in tops and a is not None and a.get("type") == "drive":
+            tops[bus] = max(tops[bus], _int(a, "controller", 0))
+    for ctype, top in tops.items():  # libvirt's order: scsi, fdc, ide, sata
         for i in range(top + 1):
             add_controller(devices, ctype, i)
     for el in devices.findall("channel") + devices.findall("console"):
