@@ -343,6 +343,8 @@ class Domain:
         if self.run is run:
             self.run = None
         await self._rt.release(self.defn.uuid)  # before `ended`: a destroy returns after it
+        if run.companions is not None:
+            await comp.release(run.companions, self._settings.companions)
         run.ended.set()
         self.notify(run)
         current = asyncio.current_task()
@@ -357,8 +359,6 @@ class Domain:
         await self._rt.store.remove_status(self.defn.uuid)
         await remove_files(run.pidfile)
         await self._rt.store.remove_own_sockets((run.qmp_socket, *run.sockets))
-        if run.companions is not None:
-            await comp.release(run.companions, self._settings.companions)
 
     def helper(self, run: Run, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

@@ -41,6 +41,8 @@ from drivers.base import (
 from drivers.host import host_resources as read_host_resources
 from drivers.qemu import events as ev
 from drivers.qemu.devices import DeviceChanges, VolumeLeases
+from drivers.qemu.argv_common import ArgvSettings
+from drivers.qemu.capabilities import QemuCapabilities
 from drivers.qemu.domain import Domain, Run, Runtime
 from drivers.qemu.launch import GraphicsPorts, Launcher, LaunchStep
 from drivers.qemu.migrate_steps import MigrationSteps
@@ -72,7 +74,9 @@ class QemuDriver:
     def __init__(
         self, state_dir: Path, run_dir: Path, settings: QemuSettings | None = None, *,
         migration: MigrationSettings | None = None, steps: Sequence[LaunchStep] = (),
+        caps: QemuCapabilities | None = None,
     ) -> None:  # fmt: skip
+        """``caps``: the emulator's capabilities when already known (None: probed once)."""
         self._settings = settings or QemuSettings()
         self._store = StateStore(Path(state_dir), Path(run_dir))
         self._volumes = VolumeLeases()  # <disk type='volume'>: the agent hands its pools in
@@ -80,7 +84,12 @@ class QemuDriver:
             self._settings, self._store, steps=(GraphicsPorts(), self._volumes, *steps)
         )
         self._registry = DomainRegistry(self._rt)
-        self._launcher = Launcher(self._rt, self._registry)
+        state = Path(state_dir)
+        argv = self._settings.argv or ArgvSettings(
+            nvram_dir=state / "nvram", memory_backing_dir=state / "ram",
+            secrets_dir=state / "secrets", swtpm_state_dir=state / "swtpm",
+        )  # fmt: skip
+        self._launcher = Launcher(self._rt, self._registry, argv, caps=caps)
         self._devices = DeviceChanges(
             self._registry, self._launcher, self._store, self._settings, self._volumes
         )
@@ -126,6 +135,8 @@ class QemuDriver:
     # --- definitions --------------------------------------------------------------------
     async def define(self, xml: str) -> DomainRef:
         defn = parse_domain_xml(xml)
+        # libvirt's defaults, implicit devices, firmware and addresses, persisted
+        await self._launcher.complete(defn)
         self._launcher.validate(defn)
         self._registry.check_free(defn)
         existing = self._registry.by_uuid(defn.uuid)
@@ -146,6 +157,7 @@ class QemuDriver:
                 " (destroy it first)"
             )
         await self._store.remove_definition(dom.defn.uuid)
+        await asyncio.to_thread(self._launcher.forget, dom.defn.uuid)  # its TPM state too
         self._registry.remove(dom)
         dom.emit("undefined", "removed")
 

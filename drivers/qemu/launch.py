@@ -19,6 +19,7 @@ agent restart (:meth:`drivers.qemu.domain.Runtime.release`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -31,7 +32,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiofiles.os
 
 from drivers.base import ResolvedVolume
+from drivers.qemu import companions as comp
 from drivers.qemu import events as ev
+from drivers.qemu import postparse
 from drivers.qemu.argv import (
     QemuLaunch,
     QemuPaths,
@@ -39,8 +42,13 @@ from drivers.qemu.argv import (
     disk_paths,
     graphics_needing_ports,
 )
+from drivers.qemu.argv_common import ArgvSettings
 from drivers.qemu.capabilities import QemuCapabilities, probe
+from drivers.qemu.cputune import preexec_affinity
 from drivers.qemu.domain import Domain, Run, Runtime
+from drivers.qemu.firmware import Descriptor, load_descriptors
+from drivers.qemu.host import HostFacts
+from drivers.qemu.host import probe as host_probe
 from drivers.qemu.monitor import EventQueue
 from drivers.qemu.process import log_tail, read_pidfile, spawn
 from virtbus.domain import DomainDefinition
@@ -76,6 +84,7 @@ class LaunchPlan:
     #: what each <disk type='volume'> (by disk index) resolved to (the VolumeLeases step);
     #: None while a definition is only validated (a placeholder stands in)
     volumes: dict[int, ResolvedVolume] | None = None
+    host: HostFacts | None = None  # this host's hugepages, NUMA nodes, CPUs, firmware
 
     def close_fds(self) -> None:
         for fd in self.pass_fds:
@@ -116,13 +125,18 @@ class Launched:
 class Launcher:
     """Builds, spawns and attaches the QEMU of a domain (see module docstring)."""
 
-    def __init__(self, rt: Runtime, registry: DomainRegistry) -> None:
+    def __init__(self, rt: Runtime, registry: DomainRegistry, argv: ArgvSettings, *,
+                 caps: QemuCapabilities | None = None) -> None:  # fmt: skip
+        """``argv``: the command line's settings; ``caps``: the emulator's capabilities
+        when already known (None: probed once)."""
         self._rt = rt
         self._settings = rt.settings
         self._registry = registry
+        self._argv = argv
         self._paths = QemuPaths(rt.store.run_dir)
         self._kvm: bool | None = None
-        self._caps: QemuCapabilities | None = None
+        self._caps: QemuCapabilities | None = caps
+        self._firmware: tuple[Descriptor, ...] | None = None
 
     def kvm_usable(self) -> bool:
         """/dev/kvm is readable, writable and really opens (cached)."""
@@ -146,22 +160,44 @@ class Launcher:
                 return None
         return self._caps
 
+    async def firmware(self) -> tuple[Descriptor, ...]:
+        """QEMU's firmware descriptors on this host (read once)."""
+        if self._firmware is None:
+            self._firmware = await asyncio.to_thread(load_descriptors, self._settings.firmware_dirs)
+        return self._firmware
+
+    async def complete(self, defn: DomainDefinition) -> None:
+        """Fill in what libvirt fills in at define (:mod:`drivers.qemu.postparse`): implicit
+        devices, defaults, the firmware chosen from this host's descriptors, addresses."""
+        check_type(defn)
+        firmware, caps = await self.firmware(), await self.capabilities()
+        postparse.complete(defn, firmware=firmware, nvram_dir=self._argv.nvram_dir, caps=caps)
+
     def validate(self, defn: DomainDefinition) -> None:
-        """Reject at define time what a launch would reject (CONFIG_UNSUPPORTED naming it).
+        """Reject at define time what a launch would reject (CONFIG_UNSUPPORTED naming it);
+        ``defn`` is completed already (:meth:`complete`).
 
         KVM availability and the binary's capabilities are checked at launch only: a
         definition may be meant for another host.
         """
         check_type(defn)
         ports = dict.fromkeys(graphics_needing_ports(defn), 5900)
-        self._command(LaunchPlan(defn.copy(), graphics_ports=ports), kvm=True, caps=None)
+        plan = LaunchPlan(defn.copy(), graphics_ports=ports)
+        self._command(plan, kvm=True, caps=None, completed=True)
 
-    def _command(self, plan: LaunchPlan, *, kvm: bool, caps: QemuCapabilities | None) -> QemuLaunch:
+    def forget(self, uuid: str) -> None:
+        """The domain is gone from this host (undefined, or migrated away): its persistent
+        helper state (a TPM's) goes too, as libvirt removes it."""
+        comp.forget(self._argv, uuid)
+
+    def _command(self, plan: LaunchPlan, *, kvm: bool, caps: QemuCapabilities | None,
+                 completed: bool = False) -> QemuLaunch:  # fmt: skip
         """The one call of the command-line builder (define-time checks and launches)."""
         return build_command(
             plan.live, self._paths, kvm_available=kvm, incoming=plan.incoming,
             emulator=self._settings.emulator, graphics_ports=plan.graphics_ports, caps=caps,
             volumes=plan.volumes,
+            settings=self._argv, host=plan.host, completed=completed,
         )  # fmt: skip
 
     @contextlib.asynccontextmanager
@@ -188,6 +224,7 @@ class Launcher:
             pid = await read_pidfile(Path(launch.pidfile))
             if pid is not None and pid != run.process.pid:
                 log.warning("pidfile of %s says %d, child is %d", live.name, pid, run.process.pid)
+            await self._companions_started(dom, run, launch)
             await self._apply_runtime(run, launch)
             yield Launched(run, dict(launch.generated_macs))
         except BaseException as exc:
@@ -222,19 +259,33 @@ class Launcher:
     async def _spawn(self, plan: LaunchPlan, job: dict[str, Any] | None) -> tuple[QemuLaunch, Run]:
         """Acquire, build, spawn; on failure what the steps acquired is released."""
         live = plan.live
+        companions: comp.Companions | None = None
         try:
             for step in self._rt.steps:
                 await step.acquire(plan)
+            plan.host = await host_probe(self._settings.firmware_dirs)  # it changes: read now
             launch = self._command(plan, kvm=self.kvm_usable(), caps=await self.capabilities())
+            if plan.incoming is not None and launch.overlays:  # libvirt refuses it too
+                raise OperationInvalid(
+                    f"cannot migrate domain '{live.name}': it has transient disks (their "
+                    "overlays stay on the source)"
+                )
             for index, mac in launch.generated_macs.items():
                 live.set_interface_mac(index, mac)
             qmp_socket, logfile = Path(launch.qmp_socket), Path(launch.logfile)
             await self._rt.store.check_bind_paths(launch.bind_paths)
             await self._rt.store.remove_own_sockets((*launch.sockets, qmp_socket))  # stale
+            # an incoming swtpm starts empty: the TPM's state arrives in QEMU's stream
+            companions = await comp.prepare(launch, self._rt.store.run_dir, live.uuid,
+                                            incoming=plan.incoming is not None,
+                                            settings=self._settings.companions)  # fmt: skip
             process = await spawn(
-                list(launch.argv), uuid=live.uuid, logfile=logfile, pass_fds=plan.pass_fds
-            )
+                list(launch.argv), uuid=live.uuid, logfile=logfile, pass_fds=plan.pass_fds,
+                env=launch.env, cpus=preexec_affinity(launch.cpu_tuning),
+            )  # fmt: skip
         except BaseException:
+            if companions is not None:
+                await comp.release(companions, self._settings.companions)
             await self._rt.release(live.uuid)
             raise
         finally:
@@ -242,9 +293,18 @@ class Launcher:
         run = Run(
             self._registry.new_run_id(), live, process, qmp_socket,
             EventQueue(self._settings.event_queue), pidfile=Path(launch.pidfile),
-            logfile=logfile, sockets=tuple(launch.sockets), job=job,
+            logfile=logfile, sockets=tuple(launch.sockets), job=job, companions=companions,
         )  # fmt: skip
         return launch, run
+
+    async def _companions_started(self, dom: Domain, run: Run, launch: QemuLaunch) -> None:
+        """QEMU is up and paused: pinning, links, passwords, scripts; watch the helpers."""
+        assert run.monitor is not None and run.companions is not None
+        await comp.started(run.companions, launch, run.process.pid, run.monitor.execute,
+                           self._settings.companions)  # fmt: skip
+        if run.companions.helpers.processes:
+            dom.helper(run, comp.watch(run.companions, dom.defn.name),
+                       f"qemu-helpers-{dom.defn.name}")  # fmt: skip
 
     async def _apply_runtime(self, run: Run, launch: QemuLaunch) -> None:
         """Balloon target, graphics ports and pty paths, while QEMU is still stopped.

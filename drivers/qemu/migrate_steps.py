@@ -10,6 +10,7 @@ jobs by uuid; nothing else touches those jobs.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from typing import TYPE_CHECKING
@@ -250,6 +251,7 @@ class MigrationSteps:
                 await dom.wait_ended(run)
             self._jobs.pop(uuid, None)
             await self._store.remove_definition(uuid)
+            await asyncio.to_thread(self._launcher.forget, uuid)  # the TPM state moved
             self._registry.remove(dom)
             dom.emit("undefined", "removed")
             return

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,14 +131,18 @@ async def log_tail(path: Path, limit: int) -> str:
 
 
 async def spawn(
-    argv: list[str], *, uuid: str, logfile: Path, pass_fds: Sequence[int] = ()
-) -> QemuProcess:
+    argv: list[str], *, uuid: str, logfile: Path, pass_fds: Sequence[int] = (),
+    env: Mapping[str, str] | None = None, cpus: frozenset[int] | None = None,
+) -> QemuProcess:  # fmt: skip
     """Start QEMU detached from the agent's session; output appended to ``logfile``.
 
-    ``pass_fds`` are inherited under the same numbers (a launch step's tap or socket fds).
+    ``pass_fds`` are inherited under the same numbers (a launch step's tap or socket fds);
+    ``env`` adds to the agent's environment (a guest clock's TZ); ``cpus`` is the CPU set
+    QEMU starts on, so every thread it creates inherits it (libvirt's emulatorpin).
     """
     stamp = f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n"
     fd = await asyncio.to_thread(_open_log, logfile, stamp)
+    pin = functools.partial(os.sched_setaffinity, 0, cpus) if cpus else None
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -146,6 +151,8 @@ async def spawn(
             stderr=fd,
             start_new_session=True,
             pass_fds=tuple(pass_fds),
+            env={**os.environ, **env} if env else None,
+            preexec_fn=pin,
         )
     except OSError as exc:
         raise OperationFailed(f"cannot execute {argv[0]}: {exc}") from exc
