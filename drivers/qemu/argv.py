@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from drivers.base import ResolvedVolume
 from drivers.qemu import argv_chardev as chardev
 from drivers.qemu import argv_controllers as ctl
 from drivers.qemu import argv_devices as devices
@@ -46,6 +47,7 @@ from drivers.qemu.helpers import HelperSpec
 from drivers.qemu.host import HostFacts
 from drivers.qemu.xmlnum import num
 from virtbus.domain import DomainDefinition, unknown_devices
+from virtbus.domain.devices import volume_sources
 from virtbus.errors import ConfigUnsupported, XMLError
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "build_command",
     "disk_paths",
     "graphics_needing_ports",
+    "volume_disks",
 ]
 
 SUPPORTED_DEVICES = (
@@ -149,12 +152,19 @@ class QemuLaunch:
     directories: tuple[Path, ...] = ()  # directories QEMU creates files in (memory backing)
 
 
+def volume_disks(defn: DomainDefinition) -> list[tuple[int, str, str]]:
+    """(disk index, pool, volume) of every ``<disk type='volume'>``: the agent resolves
+    them before launch (a missing one is a clear error naming the pool and volume)."""
+    return volume_sources(defn)
+
+
 def disk_paths(defn: DomainDefinition) -> list[str]:
     """Host paths QEMU opens for this domain (disk sources, kernel, initrd, firmware).
 
     The driver checks they exist before launch (a clear error instead of a QEMU one). The
     NVRAM is not among them: a missing one is created from its template at start
-    (:mod:`drivers.qemu.companions`).
+    (:mod:`drivers.qemu.companions`); nor are volume disks: their pool checked them when
+    they were resolved.
     """
     paths = [d.source_path for d in defn.disks if d.source_path]
     os_ = defn.os
@@ -189,6 +199,7 @@ def build_command(
     daemonize: bool = False,
     host: HostFacts | None = None,
     completed: bool = False,
+    volumes: Mapping[int, ResolvedVolume] | None = None,
 ) -> QemuLaunch:
     """The argv for ``defn``; ConfigUnsupported naming anything it cannot honour.
 
@@ -199,6 +210,7 @@ def build_command(
     at start (:mod:`drivers.qemu.postparse`: implicit controllers, defaults, addresses).
     ``host`` (:func:`drivers.qemu.host.probe`) enables the checks against this host's
     hugepages, NUMA nodes, CPUs and firmware; without it they wait for start.
+    ``volumes`` holds what each ``<disk type='volume'>`` resolved to (None: validating).
     ``completed``: ``defn`` was just completed at define; what libvirt assigns only at
     start (USB ports, console ports) is then left out too (define's own validation).
     """
@@ -218,6 +230,7 @@ def build_command(
         kvm=accel == "kvm",
         settings=settings,
         caps=caps,
+        volumes=volumes,
         machine=machine,
         host=host,
     )

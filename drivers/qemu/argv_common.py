@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from drivers.base import ResolvedVolume
 from drivers.qemu.capabilities import QemuCapabilities
 from virtbus.domain import DomainDefinition, parse_int
 from virtbus.domain.model import Element
@@ -180,6 +181,9 @@ class BuildContext:
     caps: QemuCapabilities | None
     machine: str = "pc"
     host: Any = None  # drivers.qemu.host.HostFacts (None at define)
+    #: ``<disk type='volume'>`` by disk index, resolved by the agent's pools; None while
+    #: validating a definition (a placeholder stands in for each volume)
+    volumes: Mapping[int, ResolvedVolume] | None = None
     argv: list[str] = field(default_factory=list)
     chardevs: list[ChardevRuntime] = field(default_factory=list)
     disks: list[DiskRuntime] = field(default_factory=list)

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lxml import etree
+
+from drivers.base import ResolvedVolume
 from drivers.qemu import postparse
 from drivers.qemu.argv_common import (
     BuildContext,
@@ -86,11 +89,21 @@ def _int(el: Element | None, name: str, default: int = 0) -> int:
 
 
 def _drive_address(disk: Disk) -> tuple[int, int, int, int]:
-    """(controller, bus, target, unit) from the completed ``<address type='drive'>``."""
+    """(controller, bus, target, unit) from the completed ``<address type='drive'>``, or,
+    for a disk not completed yet (one being hot-plugged), from its name as libvirt
+    derives it."""
     a = disk.address
-    if a is None or a.get("type") != "drive":
-        raise ConfigUnsupported(f"disk {disk.target_dev} has no drive address")
-    return (_int(a, "controller"), _int(a, "bus"), _int(a, "target"), _int(a, "unit"))
+    if a is not None and a.get("type") == "drive":
+        return (_int(a, "controller"), _int(a, "bus"), _int(a, "target"), _int(a, "unit"))
+    idx = disk_name_index(disk.target_dev)
+    bus = disk_bus(disk)
+    if bus == "ide":
+        return (idx // 4, (idx % 4) // 2, 0, idx % 2)
+    if bus == "sata":
+        return (idx // 6, 0, 0, idx % 6)
+    if bus == "fdc":
+        return (idx // 2, 0, 0, idx % 2)
+    return (idx // 7, 0, 0, idx % 7)  # scsi
 
 
 def _controller(ctx: BuildContext, ctype: str, index: int) -> Element | None:
@@ -136,8 +149,9 @@ def _check_disk(ctx: BuildContext, disk: Disk) -> None:
         )
     if disk.device not in ("disk", "cdrom", "floppy", "lun"):
         raise unsupported(f"<disk device='{disk.device}'>")
-    if disk.type not in ("file", "block", "network", "dir", "nvme", "vhostuser", "vhostvdpa"):
-        raise unsupported(f"<disk type='{disk.type}'> (storage pool volumes are not resolved)")
+    if disk.type not in ("file", "block", "network", "dir", "nvme", "vhostuser", "vhostvdpa",
+                         "volume"):  # fmt: skip
+        raise unsupported(f"<disk type='{disk.type}'>")
     if disk.driver_name not in (None, "qemu"):
         raise ConfigUnsupported(f"unsupported driver name '{disk.driver_name}' for disk '{dev}'")
     fmt = disk.driver_type
@@ -250,6 +264,8 @@ def _text(el: Element, tag: str) -> str | None:
 
 
 def _has_source(disk: Disk) -> bool:
+    if disk.type == "volume":
+        return True  # the agent's pool resolves it (a placeholder while validating)
     src = disk.element.find("source")
     if src is None:
         return False
@@ -434,11 +450,23 @@ class _Layer:
     source: Element | None
     fmt: str
     element: Element  # <disk> or <backingStore>
+    volume: ResolvedVolume | None = None  # a volume disk's resolution
 
 
-def _chain(disk: Disk) -> tuple[list[_Layer], bool]:
+def _chain(disk: Disk, resolved: ResolvedVolume | None = None) -> tuple[list[_Layer], bool]:
     """The layers of a disk's image chain, top first; whether it is terminated
-    (``<backingStore/>``: no further backing image, QEMU must not probe one)."""
+    (``<backingStore/>``: no further backing image, QEMU must not probe one). A volume
+    disk's top layer is what its pool resolved it to."""
+    if resolved is not None:
+        fmt = disk.driver_type or resolved.format or "raw"
+        if resolved.kind == "network":
+            top = _Layer("volume-network", disk.element.find("source"), fmt, disk.element,
+                         resolved)  # fmt: skip
+        else:
+            attr = "dev" if resolved.kind == "block" else "file"
+            src = etree.Element("source", {attr: resolved.path})
+            top = _Layer(resolved.kind, src, fmt, disk.element, resolved)
+        return [top], True
     layers = [_Layer(disk.type, disk.element.find("source"), disk.driver_type or "raw",
                      disk.element)]  # fmt: skip
     el = disk.element.find("backingStore")
@@ -464,7 +492,10 @@ def _storage_node(ctx: BuildContext, disk: Disk, layer: _Layer, node: str, *, to
         auth = src.find("auth")
     ltype = layer.type
     props: dict[str, Any]
-    if ltype in ("file", "block"):
+    if ltype == "volume-network":
+        assert layer.volume is not None
+        props = dict(layer.volume.network)
+    elif ltype in ("file", "block"):
         path = src.get("file") or src.get("dev")
         if not path:
             raise ConfigUnsupported(f"disk {disk.target_dev}: <source> has no path")
@@ -585,7 +616,7 @@ def _blockdev(ctx: BuildContext, disk: Disk) -> str | None:
         if dz == "unmap" and disk.discard != "unmap":
             dz = "on"
         common["detect-zeroes"] = dz
-    layers, terminated = _chain(disk)
+    layers, terminated = _chain(disk, volume_of(ctx, disk))
     transient = disk.element.find("transient") is not None
     if transient:
         _check_transient(disk)
@@ -932,7 +963,8 @@ def build_disks(ctx: BuildContext) -> None:
             ctx.floppy_props.append(props)
             continue
         ctx.device(props)
-        ctx.disks.append(DiskRuntime(disk.index, disk.target_dev, dev_id, node, disk.source_path))
+        path = disk_source_path(disk, volume_of(ctx, disk))
+        ctx.disks.append(DiskRuntime(disk.index, disk.target_dev, dev_id, node, path))
     if ctx.floppy_props:
         _floppies(ctx)
 
@@ -951,3 +983,95 @@ def _floppies(ctx: BuildContext) -> None:
                 ctx.add("-global", f"isa-fdc.bootindex{letter}={ctx.fdc_boot[unit]}")
     for props in ctx.floppy_props:
         ctx.device(props)
+
+
+# ---------------------------------------------------------------------------- volumes, hot-plug
+
+#: what a volume disk is built with while a definition is only being validated
+PLACEHOLDER = ResolvedVolume("", "", "file", "/dev/null", "raw")
+HOTPLUG_FORMATS = ("raw", "qcow2")  # what a hot-plugged disk may be
+
+
+def volume_of(ctx: BuildContext, disk: Disk) -> ResolvedVolume | None:
+    """What a volume disk resolved to (the placeholder while validating); None otherwise."""
+    if disk.type != "volume":
+        return None
+    if ctx.volumes is None:
+        return PLACEHOLDER
+    resolved = ctx.volumes.get(disk.index)
+    if resolved is None:
+        raise ConfigUnsupported(f"volume disk {disk.target_dev} was not resolved")
+    return resolved
+
+
+def disk_source_path(disk: Disk, resolved: ResolvedVolume | None) -> str | None:
+    return resolved.path if resolved is not None else disk.source_path
+
+
+def blockdev_nodes(
+    disk: Disk, storage: str, fmt: str, resolved: ResolvedVolume | None
+) -> list[dict[str, Any]]:
+    """The storage and format nodes of a hot-plugged disk (``blockdev-add`` arguments): a
+    file, a host device, or a network protocol node (a pool's iSCSI LUN)."""
+    common: dict[str, Any] = {}
+    if disk.cache not in (None, "default"):
+        direct, no_flush, _ = CACHE_MODES[str(disk.cache)]
+        common["cache"] = {"direct": direct, "no-flush": no_flush}
+    if disk.discard not in (None, "default"):
+        common["discard"] = disk.discard
+    kind = resolved.kind if resolved is not None else disk.type
+    node: dict[str, Any]
+    if kind == "network":
+        assert resolved is not None
+        node = dict(resolved.network)
+    else:
+        driver = "file"
+        if kind == "block":
+            driver = "host_cdrom" if disk.device == "cdrom" else "host_device"
+        node = {"driver": driver, "filename": disk_source_path(disk, resolved)}
+        if disk.io not in (None, "default"):
+            node["aio"] = disk.io
+    node |= {"node-name": storage, "auto-read-only": True} | common
+    image_format = disk.driver_type or (resolved.format if resolved is not None else None)
+    if image_format is not None and image_format not in HOTPLUG_FORMATS:
+        raise unsupported(f"format '{image_format}' of disk {disk.target_dev} (raw and qcow2 are)")
+    fmt_node = (
+        {"node-name": fmt, "read-only": disk.readonly, "driver": image_format or "raw"}
+        | common
+        | {"file": storage}
+    )
+    return [node, fmt_node]
+
+
+def device_id(disk: Disk) -> str:
+    """libvirt's qdev id of a disk's front end (``virtio-disk1``, ``scsi0-0-0-1`` ...)."""
+    return _alias(disk)
+
+
+def hotplug_device(disk: Disk, node: str, pci: dict[str, Any]) -> dict[str, Any]:
+    """``device_add`` arguments of a disk plugged into a running domain: virtio disks on a
+    free PCI(e) slot, SCSI disks on their (virtio-scsi) controller."""
+    if disk.device not in ("disk", "cdrom"):
+        raise unsupported(f"hot-plug of <disk device='{disk.device}'>")
+    if disk.type not in ("file", "block", "volume"):
+        raise unsupported(f"hot-plug of <disk type='{disk.type}'> (file, block, volume are)")
+    bus = disk_bus(disk)
+    if disk.device == "cdrom":
+        raise unsupported("hot-plug of a cdrom (change its medium instead)")
+    props: dict[str, Any]
+    if bus == "virtio":
+        props = {"driver": "virtio-blk-pci"} | pci
+    elif bus == "scsi":
+        ctrl, dbus, target, unit = _drive_address(disk)
+        props = {"driver": "scsi-hd", "bus": f"scsi{ctrl}.0", "channel": dbus,
+                 "scsi-id": target, "lun": unit}  # fmt: skip
+    else:
+        raise ConfigUnsupported(
+            f"disk {disk.target_dev} on bus '{bus}' cannot be hot-plugged (virtio and scsi can)"
+        )
+    props |= {"id": device_id(disk), "drive": node}
+    if disk.cache not in (None, "default"):
+        props["write-cache"] = "on" if CACHE_MODES[str(disk.cache)][2] else "off"
+    if disk.serial:
+        props["serial"] = disk.serial.replace(" ", "\\ ")
+    return props

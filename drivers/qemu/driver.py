@@ -40,9 +40,9 @@ from drivers.base import (
 )
 from drivers.host import host_resources as read_host_resources
 from drivers.qemu import events as ev
-from drivers.qemu.devices import DeviceChanges, VolumeLeases
 from drivers.qemu.argv_common import ArgvSettings
 from drivers.qemu.capabilities import QemuCapabilities
+from drivers.qemu.devices import DeviceChanges, VolumeLeases
 from drivers.qemu.domain import Domain, Run, Runtime
 from drivers.qemu.launch import GraphicsPorts, Launcher, LaunchStep
 from drivers.qemu.migrate_steps import MigrationSteps

@@ -673,13 +673,6 @@ UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
         },
         "<vlan>",
     ),
-    (
-        "disk-volume",
-        {
-            "devices": "<disk type='volume' device='disk'><source pool='p' volume='v'/><target dev='vda'/></disk>"
-        },
-        "<disk type='volume'>",
-    ),
     ("ide-on-q35", {"devices": disk(dev="hda", bus="ide")}, "IDE controllers are unsupported"),
     (
         "virtio-cdrom",
