@@ -144,6 +144,7 @@ class DeviceChanges:
         persistent = None
         if config:
             persistent = with_disk(dom.defn, el)
+            await self._launcher.complete(persistent)  # its address, as libvirt assigns it
             self._validate(persistent)
         if live:
             assert dom.run is not None

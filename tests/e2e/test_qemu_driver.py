@@ -430,13 +430,23 @@ async def test_missing_disk_is_a_clear_error(env: Env) -> None:
 
 
 async def test_unsupported_device_names_it(env: Env) -> None:
-    hostdev = ("<hostdev mode='subsystem' type='pci' managed='yes'><source>"
-               "<address domain='0x0000' bus='0x00' slot='0x1f' function='0x0'/>"
-               "</source></hostdev>")  # fmt: skip
-    with pytest.raises(ConfigUnsupported, match="hostdev"):
-        await env.driver.define(firmware_xml("fw-unsup", devices=hostdev))
+    lease = "<lease><lockspace>s</lockspace><key>k</key><target path='/l'/></lease>"
+    with pytest.raises(ConfigUnsupported, match="<lease>"):
+        await env.driver.define(firmware_xml("fw-unsup", devices=lease))
     assert env.driver.lookup("fw-unsup") is None
     assert env.rec.names("fw-unsup") == []
+
+
+async def test_a_host_device_this_host_lacks_is_a_clear_start_error(env: Env) -> None:
+    """<hostdev> builds its argv (VFIO); without the device, start says so, nothing runs."""
+    hostdev = ("<hostdev mode='subsystem' type='pci' managed='yes'><source>"
+               "<address domain='0x0000' bus='0x7f' slot='0x1f' function='0x7'/>"
+               "</source></hostdev>")  # fmt: skip
+    await env.driver.define(firmware_xml("fw-hostdev", devices=hostdev))
+    with pytest.raises(OperationFailed, match=r"0000:7f:1f\.7 does not exist on this host"):
+        await env.driver.start("fw-hostdev")
+    assert env.driver.state("fw-hostdev")[0] == DomainState.SHUTOFF
+    assert env.pids() == []
 
 
 @pytest.mark.skipif(not kvm_usable(), reason="/dev/kvm is missing or not openable here")
