@@ -9,12 +9,15 @@ for it, or the migration setup) run inside the ``async with``: if anything fails
 QEMU is killed, the run torn down, what the steps acquired released, and the domain is
 shut off again, with QEMU's log tail in the error.
 
-Where a launch grows: a host resource a domain needs (a volume lease, a tap fd, a helper
-process such as swtpm or virtiofsd) is a :class:`LaunchStep` handed to the driver. Its
+Where a launch grows: a host resource a domain needs before the command line is built
+(a volume lease, a tap fd) is a :class:`LaunchStep` handed to the driver. Its
 ``acquire`` adds to the :class:`LaunchPlan` (fds QEMU inherits, inputs of the command
 line builder: add a field there and pass it on in :meth:`Launcher._command`), and its
 ``release`` gives it back by uuid when the launch fails or the run ends, also after an
-agent restart (:meth:`drivers.qemu.domain.Runtime.release`).
+agent restart (:meth:`drivers.qemu.domain.Runtime.release`). What the built command line
+asks for (helper processes such as swtpm or virtiofsd, transient-disk overlays, an NVRAM
+from its template) is prepared after the build by :mod:`drivers.qemu.companions` and
+released with the run.
 """
 
 from __future__ import annotations
