@@ -137,7 +137,7 @@ class Tour:
         for verb, why in (("destroy", "power it off"), ("undefine", "and forget it")):
             self.step(f"{verb} {NAME}", why)
             if verb == "undefine":
-                await domain.undefine(self.ctx, ns(domain=NAME, host=b))
+                await domain.undefine(self.ctx, ns(domain=NAME, host=b, remove_all_storage=False))
             else:
                 await domain.lifecycle(self.ctx, ns(verb=verb, domain=NAME, host=b))
             await self.settle()
