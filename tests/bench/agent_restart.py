@@ -26,6 +26,7 @@ from pathlib import Path
 
 from drivers.base import DriverEvent
 from drivers.qemu import QemuDriver
+from tests.bench.common import add_force, check_load
 from virtbus.errors import VirtbusError
 
 ROUNDS = 3
@@ -93,7 +94,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--guests", type=int, default=20)
     parser.add_argument("--agent", action="store_true", help="also time a real agent process")
+    add_force(parser)
     args = parser.parse_args()
+    check_load(args.force)
     hv_type = "kvm" if kvm_usable() else "qemu"
     base = Path(tempfile.mkdtemp(prefix="virtbus-bench-restart-"))
     driver = QemuDriver(base / "state", base / "run")

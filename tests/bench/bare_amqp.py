@@ -19,6 +19,8 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from tests.bench.common import add_force, check_load
+
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 WARMUP = 50
 
@@ -167,5 +169,7 @@ if __name__ == "__main__":
     parser.add_argument("-n", type=int, default=2000)
     parser.add_argument("--payload", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    add_force(parser)
     args = parser.parse_args()
+    check_load(args.force)
     asyncio.run(_main(args.n, args.payload, args.rounds))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from agent.service import AgentService
 from drivers.test import TestDriver
+from tests.bench.common import add_force, check_load
 from tests.procs import BUS_URL, unique_host
 from virtbus.bus.factory import open_bus
 from virtbus.settings import AgentSettings
@@ -125,5 +126,7 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=200.0, help="events per second")
     parser.add_argument("--up", type=float, default=3.0, help="s between restarts")
     parser.add_argument("--down", type=float, default=3.0, help="s the broker stays down")
+    add_force(parser)
     args = parser.parse_args()
+    check_load(args.force)
     asyncio.run(main(args.restarts, args.rate, args.up, args.down))

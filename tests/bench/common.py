@@ -8,10 +8,13 @@ run then unless ``--force`` is given (and prints the load either way).
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import os
 import statistics
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 LOAD_LIMIT = 1.0
 
@@ -31,3 +34,40 @@ def check_load(force: bool) -> None:
 
 def median_ms(samples: Sequence[float]) -> float:
     return statistics.median(samples) * 1000
+
+
+def device_drivers(argv: Sequence[str]) -> list[str]:
+    """The sorted ``-device`` drivers of a QEMU command line (``key=value`` or JSON form):
+    what a side-by-side benchmark compares to prove both sides run the same device set."""
+    out = []
+    for flag, value in itertools.pairwise(argv):
+        if flag == "-device":
+            out.append(
+                json.loads(value)["driver"] if value.startswith("{") else value.split(",")[0]
+            )
+    return sorted(out)
+
+
+def qemu_argv_of(guest: str) -> list[str]:
+    """The command line of the QEMU process running ``guest`` (``-name guest=NAME,...``)."""
+    needle = f"guest={guest},".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            raw = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in raw and b"qemu-system" in raw:
+            return raw.decode().split("\0")
+    raise LookupError(f"no QEMU runs guest {guest}")
+
+
+def firmware_guest_xml(name: str, hv: str, uuid: str) -> str:
+    """vs_libvirt's guest, the same on both sides: firmware only, 128 MiB, 1 vCPU, q35, and
+    every device spelled out (no USB controller, no balloon) so neither side adds defaults
+    the other lacks; the bench still compares the two QEMUs' ``-device`` lists."""
+    return f"""<domain type='{hv}'><name>{name}</name><uuid>{uuid}</uuid>
+  <memory unit='MiB'>128</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices><controller type='usb' model='none'/><memballoon model='none'/></devices></domain>"""

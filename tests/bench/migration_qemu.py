@@ -41,6 +41,7 @@ from drivers.qemu.argv import QemuPaths, build_command
 from drivers.qemu.migration import tcp_uri
 from drivers.qemu.process import QemuProcess, spawn
 from drivers.qemu.settings import QemuSettings
+from tests.bench.common import add_force, check_load
 from virtbus.domain import parse_domain_xml
 
 STARTED: list[BareQemu] = []
@@ -214,7 +215,9 @@ async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    add_force(parser)
     args = parser.parse_args(argv)
+    check_load(args.force)
     kvm = kvm_usable() if args.accel == "auto" else args.accel == "kvm"
     xml = guest_xml("kvm" if kvm else "qemu")
     base = Path(tempfile.mkdtemp(prefix="virtbus-bench-mig-"))

@@ -14,6 +14,7 @@ import statistics
 import time
 
 from scheduler.placement import HostCandidate, PlacementPolicy, PlacementRequest, place
+from tests.bench.common import add_force, check_load
 
 GIB = 1 << 20
 
@@ -22,7 +23,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--hosts", type=int, default=1000)
     p.add_argument("--decisions", type=int, default=10_000)
+    add_force(p)
     args = p.parse_args()
+    check_load(args.force)
     rng = random.Random(1)
     hosts = [
         HostCandidate(

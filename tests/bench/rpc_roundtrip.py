@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from tests.bench.bare_amqp import bare_client, bare_roundtrips, percentiles
+from tests.bench.common import add_force, check_load
 from tests.procs import BUS_URL, agent_process, unique_host
 from virtbus.bus.factory import open_bus
 from virtbus.protocol import ops
@@ -111,5 +112,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=1000, help="pairs per round")
     parser.add_argument("--rounds", type=int, default=3)
+    add_force(parser)
     args = parser.parse_args()
+    check_load(args.force)
     asyncio.run(main(args.n, args.rounds))

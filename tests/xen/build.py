@@ -60,7 +60,8 @@ class XenBedSettings:
     xen_tools: tuple[str, ...] = (
         "xl", "xenstored", "xen-init-dom0", "xenconsoled", "libxl-save-helper", "xenconsole",
     )  # fmt: skip
-    python_site: tuple[str, ...] = ("lxml", "msgpack", "msgspec", "aiofiles")  # copied from the venv
+    # copied from the venv
+    python_site: tuple[str, ...] = ("lxml", "msgpack", "msgspec", "aiofiles")
     command_timeout_s: float = 600.0
 
 
