@@ -4,7 +4,16 @@ The driver's sink stamps each event with the next per-host sequence number and h
 here without blocking. One publisher task first appends new events to the on-disk log
 (``<state-dir>/outbox/events.log``, group commit; fsynced while the broker is away), then
 publishes them in order with publisher confirms; an event leaves the outbox only once
-the broker confirmed it (an ``ack`` record says so). While the broker is unreachable
+the broker confirmed it (an ``ack`` record says so).
+
+Confirms are pipelined: up to ``window`` events are published before the first confirm is
+awaited (aiormq writes a channel's publishes in the order they are made, and the broker
+routes them in that order), then their confirms are taken in order. One confirm round trip
+covers a window instead of one event: a backlog after an outage replays at the broker's
+pace, not at one round trip per event. When a publish of the window fails retryably, the
+events from that one on are published again, in order, after the backoff; some of them
+may have been confirmed meanwhile, so a subscriber can see a duplicate (it deduplicates by
+``(host, seq)``, as after any redelivery), never a gap. While the broker is unreachable
 events keep accumulating on disk and in memory, and after a restart the log gives back
 both the unconfirmed events (with their original numbers) and the sequence counter, so
 numbers never repeat.
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import logging
 import os
@@ -102,8 +112,10 @@ class EventOutbox:
         capacity: int,
         retry: Backoff,
         rejected_max_bytes: int = 16 << 20,
+        window: int = 256,
     ) -> None:
         self._publish = publish
+        self._window = max(1, window)
         self._log = RecordLog(path) if path is not None else None
         self._rejected = (
             RejectedLog(path.with_name("rejected.log"), rejected_max_bytes)
@@ -232,17 +244,20 @@ class EventOutbox:
             # to the disk only while the broker is away, when the events depend on it.
             await self._log.append(records, fsync=self._broker_away)
 
-    async def _confirmed(self, seq: int) -> None:
+    async def _confirmed(self, seq: int, before: int) -> None:
+        """Everything up to ``seq`` is confirmed (``before``: the last seq recorded so): the
+        log gets an ack when the outbox ran empty or ``seq`` crossed a multiple of 64."""
         if self._log is None:
             return
         if not self._pending and not self._unsaved and self._log.records_on_disk > COMPACT_AFTER:
             await self._log.rewrite([{"ack": seq}])
-        elif not self._pending or seq % 64 == 0:
+        elif not self._pending or seq // 64 != before // 64:
             await self._log.append([{"ack": seq}])
 
     # --- publishing ----------------------------------------------------------------
     async def run(self) -> None:
-        """Publish forever, in order; a failed publish is retried with capped backoff."""
+        """Publish forever, in order, a window at a time; a failed publish is retried with
+        capped backoff, from that event on."""
         delays = backoff_delays(self._retry)
         while True:
             if self._unsaved or self._dropped_upto:
@@ -252,39 +267,43 @@ class EventOutbox:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            envelope = self._pending[0]
+            batch = list(itertools.islice(self._pending, self._window))
+            # Created in order, started in order: the publishes reach the channel in order.
+            flying = [asyncio.ensure_future(self._publish(e)) for e in batch]
+            before, last, failed = _seq(batch[0]) - 1, 0, None
             try:
-                await self._publish(envelope)
-            except VirtbusError as exc:
-                if not exc.retryable:  # this event's own fault: retrying cannot help
-                    await self._set_aside(envelope, exc)
-                    continue
-                self._broker_away = True
-                delay = next(delays)
-                log.warning(
-                    "publishing event seq=%d failed (%s); retry in %.2fs",
-                    _seq(envelope),
-                    exc,
-                    delay,
-                )
-                await self._wait_to_retry(delay)
+                for envelope, publish in zip(batch, flying, strict=True):
+                    try:
+                        await publish
+                    except VirtbusError as exc:
+                        if exc.retryable:
+                            failed = (envelope, exc)
+                            break
+                        await self._reject(envelope, exc)  # this event's own fault
+                    except Exception as exc:  # noqa: BLE001 - a bug must not wedge the outbox
+                        await self._reject(envelope, exc)
+                    else:
+                        self.published += 1
+                    if self._pending and self._pending[0] is envelope:
+                        self._pending.popleft()
+                    last = _seq(envelope)
+            finally:
+                rest = [f for f in flying if not f.done()]
+                for f in rest:
+                    f.cancel()
+                await asyncio.gather(*flying, return_exceptions=True)
+            if last:
+                await self._confirmed(last, before)
+            if failed is None:
+                delays = backoff_delays(self._retry)
+                self._broker_away = False
                 continue
-            except Exception as exc:  # noqa: BLE001 - a bug must not wedge the outbox
-                await self._set_aside(envelope, exc)
-                continue
-            delays = backoff_delays(self._retry)
-            self._broker_away = False
-            if self._pending and self._pending[0] is envelope:
-                self._pending.popleft()
-            self.published += 1
-            await self._confirmed(_seq(envelope))
-
-    async def _set_aside(self, envelope: Envelope, exc: BaseException) -> None:
-        """A poisonous event leaves the queue as if confirmed; the next one follows."""
-        await self._reject(envelope, exc)
-        if self._pending and self._pending[0] is envelope:
-            self._pending.popleft()
-        await self._confirmed(_seq(envelope))
+            stuck, error = failed
+            self._broker_away = True
+            delay = next(delays)
+            log.warning("publishing event seq=%d failed (%s); retry in %.2fs",
+                        _seq(stuck), error, delay)  # fmt: skip
+            await self._wait_to_retry(delay)
 
     async def _wait_to_retry(self, delay: float) -> None:
         """Sleep out the backoff, still saving new events to disk; a restored connection

@@ -83,6 +83,7 @@ class AgentService:
             capacity=settings.event_buffer,
             retry=self._bus_settings.reconnect,
             rejected_max_bytes=settings.rejected_events_max_bytes,
+            window=settings.event_publish_window,
         )
         admission = Admission(
             driver,

@@ -133,6 +133,10 @@ class AgentSettings:
     event_buffer: int = field(
         default=100_000, metadata=setting("events held while the broker is away", minimum=1)
     )
+    event_publish_window: int = field(
+        default=256,
+        metadata=setting("events published before their confirms are awaited", minimum=1),
+    )
     rejected_events_max_bytes: int = field(
         default=16 << 20,
         metadata=setting("size of outbox/rejected.log before it rotates", minimum=1),

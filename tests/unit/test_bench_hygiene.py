@@ -13,8 +13,9 @@ import pytest
 from tests.bench import common
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-# Children of vs_libvirt/stats_cost, run in Debian's python3 by a parent that checked the load.
-CHILDREN = {"libvirt_side.py", "libvirt_stats.py"}
+# Children run by a parent that checked the load: libvirt's sides (Debian's python3) and
+# the profiled agent of command_path.
+CHILDREN = {"libvirt_side.py", "libvirt_stats.py", "cpu_profile.py"}
 
 
 def _scripts() -> list[Path]:
