@@ -1056,6 +1056,10 @@ class StoragePools:
         return ResolvedVolume(found.name, volume, image.kind, facts.path, image.format,
                               dict(image.network))  # fmt: skip
 
+    def pool_targets(self) -> tuple[str, ...]:
+        """The VolumeResolver's pool targets (active pools with a local target path)."""
+        return tuple(p.defn.target_path for p in self.pools() if p.active and p.defn.target_path)
+
     def release(self, domain: str, pool: str | None = None, volume: str | None = None) -> None:
         holder = domain if ":" in domain else f"domain:{domain}"
         uuid = self._pools[self._by_name[pool]].defn.uuid if pool in self._by_name else None

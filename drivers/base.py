@@ -131,6 +131,10 @@ class VolumeResolver(Protocol):
     def release(self, domain: str, pool: str | None = None, volume: str | None = None) -> None:
         """Drop the domain's lease on one volume, or (no pool/volume) on all of them."""
 
+    def pool_targets(self) -> tuple[str, ...]:
+        """The target paths of the active pools: a domain's host paths may be inside one
+        (the QEMU driver's path confinement, drivers/qemu/confine.py)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Affect:

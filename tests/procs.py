@@ -14,9 +14,12 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
+
+if TYPE_CHECKING:
+    from drivers.qemu.settings import QemuSettings
 
 BUS_URL = os.environ.get("VIRTBUS_TEST_BUS_URL", "amqp://guest:guest@127.0.0.1:5672/")
 BIN = Path(sys.executable).parent
@@ -72,6 +75,22 @@ class AgentProc:
     state_dir: Path
 
 
+def qemu_allowed_dirs(*dirs: Path) -> tuple[Path, ...]:
+    """The directories a test's QEMU domains may name files in (path confinement,
+    drivers/qemu/confine.py): the test guests' cache (kernels, images) and ``dirs``."""
+    from virtbus.guests.build import default_cache_root  # only tests of QEMU need it
+
+    return (default_cache_root(), *dirs)
+
+
+def qemu_test_settings(base: Path, **fields: Any) -> QemuSettings:
+    """QEMU driver settings for a test whose files live under ``base``'s parent (see
+    :func:`qemu_allowed_dirs`); ``fields`` are further settings."""
+    from drivers.qemu.settings import QemuSettings
+
+    return QemuSettings(allowed_dirs=qemu_allowed_dirs(base.parent), **fields)
+
+
 @asynccontextmanager
 async def agent_process(
     host: str,
@@ -80,8 +99,16 @@ async def agent_process(
     driver: str = "test",
     bus: str = BUS_URL,
     keep_queue: bool = False,
+    allowed_dirs: tuple[Path, ...] | None = None,
 ) -> AsyncIterator[AgentProc]:
-    """A real agent process; stopped with SIGTERM (must exit 0) and its queue deleted."""
+    """A real agent process; stopped with SIGTERM (must exit 0) and its queue deleted.
+
+    A QEMU agent's domains may name files in ``allowed_dirs``, by default the guest cache
+    and the parent of ``state_dir`` (where the tests put disks, serial logs and sockets).
+    """
+    if driver == "qemu":
+        dirs = qemu_allowed_dirs(state_dir.parent) if allowed_dirs is None else allowed_dirs
+        extra = ("--driver-option", "allowed_dirs=" + ":".join(map(str, dirs)), *extra)
     log = open(state_dir / f"agent-{host}.log", "ab")  # noqa: SIM115  # closed below; tiny local file
     proc = await asyncio.create_subprocess_exec(
         *AGENT,

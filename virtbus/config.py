@@ -329,7 +329,24 @@ def load_config(path: Path, keys: Sequence[Key]) -> dict[str, Any]:
     return values
 
 
-_CONVERT: dict[Any, Any] = {float: float, int: int, str: str, Path: Path}
+def _path_list(text: str) -> tuple[Path, ...]:
+    """``/a:/b`` (as $PATH): absolute paths only; empty gives none."""
+    paths = tuple(Path(p) for p in text.split(":") if p)
+    if any(not p.is_absolute() for p in paths):
+        raise ValueError(text)
+    return paths
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(p for p in text.split(":") if p)
+
+
+_CONVERT: dict[Any, Any] = {
+    float: float, int: int, str: str, Path: Path,
+    tuple[Path, ...]: _path_list, tuple[str, ...]: _str_list,
+}  # fmt: skip
+_KIND_NAMES = {tuple[Path, ...]: "a ':'-separated list of absolute paths",
+               tuple[str, ...]: "a ':'-separated list"}  # fmt: skip
 
 
 def options_into(cls: type[T], options: Mapping[str, str], what: str, **fixed: Any) -> T:
@@ -358,9 +375,8 @@ def options_into(cls: type[T], options: Mapping[str, str], what: str, **fixed: A
             else:
                 kwargs[key] = _CONVERT[kind](text)
         except ValueError:
-            raise InvalidArgument(
-                f"{what} option {key} must be {kind.__name__}, got {text!r}"
-            ) from None
+            name = _KIND_NAMES.get(kind) or kind.__name__
+            raise InvalidArgument(f"{what} option {key} must be {name}, got {text!r}") from None
         if isinstance(kwargs[key], float) and not math.isfinite(kwargs[key]):
             raise InvalidArgument(f"{what} option {key} must be finite, got {text!r}")
     return cls(**kwargs)

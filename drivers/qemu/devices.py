@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
@@ -91,6 +92,12 @@ class VolumeLeases:
             raise
         return out
 
+    def pool_targets(self) -> tuple[Path, ...]:
+        """Where the agent's active pools keep their volumes (none without storage)."""
+        if self.resolver is None:
+            return ()
+        return tuple(Path(t) for t in self.resolver.pool_targets())
+
     def release_one(self, uuid: str, pool: str | None, volume: str | None) -> None:
         if self.resolver is not None:
             self.resolver.release(uuid, pool, volume)
@@ -140,6 +147,7 @@ class DeviceChanges:
     async def attach_device(self, ref: str, xml: str, affect: Affect) -> None:
         dom = self._get(ref)
         el = parse_disk_device(xml)
+        await self._launcher.confine(dom.defn, el)  # its host paths, before anything else
         live, config = self._affect(dom, affect)
         persistent = None
         if config:

@@ -89,7 +89,8 @@ class QemuDriver:
             nvram_dir=state / "nvram", memory_backing_dir=state / "ram",
             secrets_dir=state / "secrets", swtpm_state_dir=state / "swtpm",
         )  # fmt: skip
-        self._launcher = Launcher(self._rt, self._registry, argv, caps=caps)
+        self._launcher = Launcher(self._rt, self._registry, argv, caps=caps,
+                                  pools=self._volumes.pool_targets)  # fmt: skip
         self._devices = DeviceChanges(
             self._registry, self._launcher, self._store, self._settings, self._volumes
         )
@@ -138,6 +139,7 @@ class QemuDriver:
         # libvirt's defaults, implicit devices, firmware and addresses, persisted
         await self._launcher.complete(defn)
         self._launcher.validate(defn)
+        await self._launcher.confine(defn)  # every host path it names (drivers/qemu/confine.py)
         self._registry.check_free(defn)
         existing = self._registry.by_uuid(defn.uuid)
         await self._store.save_definition(defn)

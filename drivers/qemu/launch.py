@@ -36,8 +36,8 @@ import aiofiles.os
 
 from drivers.base import ResolvedVolume
 from drivers.qemu import companions as comp
+from drivers.qemu import confine, postparse
 from drivers.qemu import events as ev
-from drivers.qemu import postparse
 from drivers.qemu.argv import (
     QemuLaunch,
     QemuPaths,
@@ -55,6 +55,7 @@ from drivers.qemu.host import probe as host_probe
 from drivers.qemu.monitor import EventQueue
 from drivers.qemu.process import log_tail, read_pidfile, spawn
 from virtbus.domain import DomainDefinition
+from virtbus.domain.model import Element
 from virtbus.errors import ConfigUnsupported, OperationFailed, OperationInvalid, VirtbusError
 from virtbus.protocol.events import DomainState
 
@@ -129,9 +130,12 @@ class Launcher:
     """Builds, spawns and attaches the QEMU of a domain (see module docstring)."""
 
     def __init__(self, rt: Runtime, registry: DomainRegistry, argv: ArgvSettings, *,
-                 caps: QemuCapabilities | None = None) -> None:  # fmt: skip
+                 caps: QemuCapabilities | None = None,
+                 pools: Callable[[], tuple[Path, ...]] = tuple) -> None:  # fmt: skip
         """``argv``: the command line's settings; ``caps``: the emulator's capabilities
-        when already known (None: probed once)."""
+        when already known (None: probed once); ``pools``: the active storage pools'
+        targets now (a domain's files may be inside one)."""
+        self._pools = pools
         self._rt = rt
         self._settings = rt.settings
         self._registry = registry
@@ -187,6 +191,27 @@ class Launcher:
         ports = dict.fromkeys(graphics_needing_ports(defn), 5900)
         plan = LaunchPlan(defn.copy(), graphics_ports=ports)
         self._command(plan, kvm=True, caps=None, completed=True)
+
+    async def confine(self, defn: DomainDefinition, device: Element | None = None, *,
+                      images: bool = False) -> None:  # fmt: skip
+        """AUTH_DENIED for a host path of ``defn`` (or of the one ``device`` being added to
+        it) that this host does not let a domain use (:mod:`drivers.qemu.confine`): at
+        define, at hot-plug and at start (``images``: the qcow2 headers are read too)."""
+        settings = self._settings.confinement()
+        if not settings.enforce:
+            return
+        firmware = frozenset(
+            p for d in await self.firmware() for p in (d.executable, d.nvram_template) if p
+        )
+        roots = confine.Roots(
+            settings, confine.own_dir(self._rt.store.run_dir, defn.uuid), pools=self._pools(),
+            nvram_dir=self._argv.nvram_dir, firmware=firmware,
+        )  # fmt: skip
+        if device is not None:
+            for hp in confine.host_paths(device):
+                await asyncio.to_thread(confine.check_path, hp, roots, defn.name)
+            return
+        await asyncio.to_thread(confine.check, defn, roots, images=images)
 
     def forget(self, uuid: str) -> None:
         """The domain is gone from this host (undefined, or migrated away): its persistent
@@ -248,6 +273,9 @@ class Launcher:
                     f"a QEMU process this agent does not manage (pid {stray.pid}) already runs "
                     f"domain '{dom.defn.name}'; stop it before starting the domain"
                 )
+        await self.confine(live, images=True)  # pools and symlinks may have changed
+        await aiofiles.os.makedirs(confine.own_dir(self._rt.store.run_dir, live.uuid),
+                                   mode=0o700, exist_ok=True)  # fmt: skip
         if live.hv_type == "kvm" and not self.kvm_usable():
             raise ConfigUnsupported(
                 f"domain '{live.name}' has type 'kvm' but /dev/kvm is not usable on this host"

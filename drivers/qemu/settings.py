@@ -7,6 +7,12 @@ from pathlib import Path
 
 from drivers.qemu.argv_common import ArgvSettings
 from drivers.qemu.companions import CompanionSettings
+from drivers.qemu.confine import (
+    DEFAULT_DEVICES,
+    DEFAULT_FIRMWARE_ROOTS,
+    DEFAULT_PROGRAM_DIRS,
+    ConfineSettings,
+)
 from drivers.qemu.host import FIRMWARE_DIRS
 from virtbus.settings import Backoff
 
@@ -40,3 +46,21 @@ class QemuSettings:
     firmware_dirs: tuple[Path, ...] = FIRMWARE_DIRS
     #: helper processes, overlays and scripts around a run (drivers/qemu/companions.py)
     companions: CompanionSettings = field(default_factory=CompanionSettings)
+    #: path confinement (drivers/qemu/confine.py): besides storage pool targets and the
+    #: domain's own run dir, the directories any domain may name files and sockets in
+    #: (``--driver-option allowed_dirs=/srv/images:/srv/iso``)
+    allowed_dirs: tuple[Path, ...] = ()
+    allowed_devices: tuple[str, ...] = DEFAULT_DEVICES  # device nodes (globs) any domain may use
+    firmware_roots: tuple[Path, ...] = DEFAULT_FIRMWARE_ROOTS  # read-only loaders, templates
+    program_dirs: tuple[Path, ...] = DEFAULT_PROGRAM_DIRS  # interface scripts, virtiofsd
+    #: False: accept any host path (libvirt without sVirt). The operator's explicit
+    #: opt-out, and the compatibility harness's (libvirt's test inputs name any path)
+    confine_paths: bool = True
+
+    def confinement(self) -> ConfineSettings:
+        """The confinement rules these settings give."""
+        return ConfineSettings(
+            enforce=self.confine_paths, allowed_dirs=self.allowed_dirs,
+            allowed_devices=self.allowed_devices, firmware_roots=self.firmware_roots,
+            program_dirs=self.program_dirs,
+        )  # fmt: skip

@@ -42,6 +42,7 @@ from drivers.qemu.migration import tcp_uri
 from drivers.qemu.process import QemuProcess, spawn
 from drivers.qemu.settings import QemuSettings
 from tests.bench.common import add_force, check_load
+from tests.procs import qemu_test_settings
 from virtbus.domain import parse_domain_xml
 
 STARTED: list[BareQemu] = []
@@ -166,7 +167,8 @@ async def bench_bare(xml: str, base: Path, kvm: bool, rounds: int) -> list[tuple
 
 # --- the driver ----------------------------------------------------------------------------
 async def bench_driver(xml: str, base: Path, rounds: int) -> list[tuple[float, int]]:
-    drivers = [QemuDriver(base / f"drv-{h}" / "state", base / f"drv-{h}" / "run") for h in "ab"]
+    drivers = [QemuDriver(base / f"drv-{h}" / "state", base / f"drv-{h}" / "run",
+                          qemu_test_settings(base / h)) for h in "ab"]  # fmt: skip
     completed: list[asyncio.Future[dict[str, Any]]] = []
 
     def sink(event: DriverEvent) -> None:

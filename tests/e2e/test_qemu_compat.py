@@ -34,6 +34,7 @@ from drivers.qemu.process import read_cmdline
 from tests.e2e.conftest import qemu_pids_under
 from tests.e2e.test_qemu_driver import Recorder, wait_serial
 from tests.guests import TestGuest, build_test_guest, expected_disk_md5
+from tests.procs import qemu_test_settings
 from virtbus.errors import ConfigUnsupported, OperationFailed, VirtbusError
 from virtbus.protocol.migration import MigrationParams
 
@@ -61,7 +62,7 @@ class Env:
 
 async def _open(base: Path) -> Env:
     rec = Recorder()
-    driver = QemuDriver(base / "state", base / "run")
+    driver = QemuDriver(base / "state", base / "run", qemu_test_settings(base))
     await driver.open(rec)
     return Env(driver, rec, base)
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ from drivers.qemu.process import read_cmdline, spawn
 from drivers.qemu.settings import QemuSettings
 from tests.e2e.conftest import qemu_pids_under
 from tests.guests import TestGuest, build_test_guest
+from tests.procs import qemu_allowed_dirs, qemu_test_settings
 from virtbus.errors import (
     ConfigUnsupported,
     OperationFailed,
@@ -92,7 +93,8 @@ class Env:
 async def _open_driver(
     base: Path, rec: Recorder, settings: QemuSettings | None = None
 ) -> QemuDriver:
-    driver = QemuDriver(base / "state", base / "run", settings or QemuSettings())
+    settings = replace(settings or QemuSettings(), allowed_dirs=qemu_allowed_dirs(base.parent))
+    driver = QemuDriver(base / "state", base / "run", settings)
     await driver.open(rec)
     return driver
 
@@ -273,7 +275,7 @@ async def test_definitions_persist_and_duplicates_fail(env: Env) -> None:
     with pytest.raises(OperationFailed):
         await env.driver.define(firmware_xml("fw-def"))  # same name, other uuid
     assert env.rec.names("fw-def") == [("defined", "added"), ("defined", "updated")]
-    again = QemuDriver(env.base / "state", env.base / "run")
+    again = QemuDriver(env.base / "state", env.base / "run", qemu_test_settings(env.base))
     await again.open(lambda _e: None)
     assert again.lookup("fw-def") == ref
     await again.close()
@@ -388,7 +390,7 @@ async def test_launch_steps_pass_fds_and_release_by_uuid(env: Env) -> None:
     released when the run ends, also by a restarted agent, and when the launch fails."""
     base, name = env.base / "steps", "fw-steps"
     pipe, failing = PipeStep(), PipeStep(fail=True)
-    drv = QemuDriver(base / "state", base / "run", steps=[pipe, failing])
+    drv = QemuDriver(base / "state", base / "run", qemu_test_settings(base), steps=[pipe, failing])
     await drv.open(env.rec)
     ref = await drv.define(firmware_xml(name))
     with pytest.raises(OperationFailed, match="no lease"):
@@ -406,7 +408,7 @@ async def test_launch_steps_pass_fds_and_release_by_uuid(env: Env) -> None:
     assert pipe.released == [ref.uuid]
 
     again = PipeStep()
-    drv = QemuDriver(base / "state", base / "run", steps=[again])
+    drv = QemuDriver(base / "state", base / "run", qemu_test_settings(base), steps=[again])
     await drv.open(env.rec)
     await drv.destroy(name)
     assert again.released == [ref.uuid]  # a restarted agent releases by uuid

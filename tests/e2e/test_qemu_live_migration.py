@@ -30,7 +30,7 @@ from drivers.qemu import QemuDriver
 from drivers.qemu.migration import MigrationSettings
 from tests.e2e.conftest import qemu_pids_under
 from tests.guests import TestGuest, build_test_guest
-from tests.procs import BUS_URL, agent_process, unique_host
+from tests.procs import BUS_URL, agent_process, qemu_test_settings, unique_host
 from virtbus.bus.factory import open_bus
 from virtbus.bus.topology import EVENTS_EXCHANGE
 from virtbus.errors import VirtbusError
@@ -319,8 +319,9 @@ async def test_postcopy_switch_in_process(test_guest: TestGuest, e2e_root: Path)
     root = e2e_root / f"pc-{uuidlib.uuid4().hex[:6]}"
     events: list[DriverEvent] = []
     eager = MigrationSettings(postcopy_after_passes=0)  # the source switches at once
-    src = QemuDriver(root / "a" / "state", root / "a" / "run", migration=eager)
-    dst = QemuDriver(root / "b" / "state", root / "b" / "run")
+    src = QemuDriver(root / "a" / "state", root / "a" / "run", qemu_test_settings(root / "a"),
+                     migration=eager)  # fmt: skip
+    dst = QemuDriver(root / "b" / "state", root / "b" / "run", qemu_test_settings(root / "b"))
     for drv in (src, dst):
         await drv.open(events.append)
     serial_a, serial_b = root / "pc-0.serial", root / "pc-1.serial"

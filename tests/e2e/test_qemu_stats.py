@@ -179,7 +179,7 @@ async def test_agent_publishes_one_message_per_domain_per_interval(
 ) -> None:
     from agent.service import AgentService
     from drivers.qemu import QemuDriver
-    from tests.procs import BUS_URL, unique_host
+    from tests.procs import BUS_URL, qemu_test_settings, unique_host
     from virtbus.bus.factory import open_bus
     from virtbus.bus.topology import METRICS_EXCHANGE
     from virtbus.errors import VirtbusError
@@ -193,7 +193,9 @@ async def test_agent_publishes_one_message_per_domain_per_interval(
         heartbeat_interval=60.0, metrics_interval=AGENT_INTERVAL,
     )  # fmt: skip
     service = AgentService(
-        settings, open_bus(BUS_URL, src=host), QemuDriver(settings.state_dir, settings.runtime_dir)
+        settings,
+        open_bus(BUS_URL, src=host),
+        QemuDriver(settings.state_dir, settings.runtime_dir, qemu_test_settings(base)),
     )
     client = open_bus(BUS_URL, src=f"{host}-client")
     await service.start()  # with its metrics publisher

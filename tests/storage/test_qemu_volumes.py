@@ -21,6 +21,7 @@ from drivers.qemu import QemuDriver
 from drivers.qemu.settings import QemuSettings
 from tests.e2e.conftest import qemu_pids_under
 from tests.guests import TestGuest, build_test_guest
+from tests.procs import qemu_allowed_dirs
 from tests.storage.conftest import Storage, Target, dir_pool_xml, need_tools, open_storage
 from virtbus.errors import NoStorageVol, OperationInvalid, OperationTimeout, VirtbusError
 from virtbus.protocol.events import DomainState
@@ -72,7 +73,12 @@ async def env(workdir: Path) -> AsyncIterator[Env]:
     await storage.pools.define(dir_pool_xml("vms", root / "vms"))
     await storage.pools.start("vms", build=True)
     events = Events()
-    driver = QemuDriver(workdir / "qstate", workdir / "run", QemuSettings(detach_timeout=2.0))
+    (workdir / "logs").mkdir()  # the serial log's allowed dir: the disks are the pool's
+    driver = QemuDriver(
+        workdir / "qstate",
+        workdir / "run",
+        QemuSettings(detach_timeout=2.0, allowed_dirs=qemu_allowed_dirs(workdir / "logs")),
+    )
     driver.set_volume_resolver(storage.pools)
     await driver.open(events)
     yield Env(driver, storage, events, workdir)
@@ -142,7 +148,7 @@ async def test_volume_disk_hotplug_seen_by_the_guest(env: Env, guest: TestGuest)
     await pools.create_volume(
         "vms", volume_xml("root.qcow2", None, format="qcow2", backing=_backing(base.path))
     )
-    serial = env.base / "console.log"
+    serial = env.base / "logs" / "console.log"
     xml = kernel_domain(guest, "vol-guest", serial, volume_disk("vms", "root.qcow2", "vda"))
     ref = await env.driver.define(xml)
     await env.driver.start(ref.name)

@@ -47,6 +47,12 @@ class DemoSettings:
 
 
 def driver_options(driver: str, settings: DemoSettings) -> dict[str, str]:
+    """The test driver's migration time; the QEMU driver lets the demo guest use the guest
+    cache (its kernel and initrd live there, outside any storage pool)."""
+    if driver == "qemu":
+        from virtbus.guests.build import default_cache_root
+
+        return {"allowed_dirs": str(default_cache_root())}
     return {"migration_time": str(settings.test_migration_time)} if driver == "test" else {}
 
 
