@@ -23,6 +23,9 @@ from virtbus.protocol.events import DomainState
 
 Event = tuple[str, str | None]  # (event, detail) in libvirt's vocabulary
 RESTARTING = frozenset({"restart", "rename-restart", "coredump-restart"})
+# intents during which the driver's own `xl destroy` runs; libxl's destroy pauses the
+# domain first, so a pass that lists it meanwhile sees ``--p---``
+TEARING_DOWN = frozenset({"destroy", "reset", "reap"})
 
 
 @dataclass
@@ -60,8 +63,12 @@ def _adoptable(t: Tracked, row: XlDomain) -> bool:
 
 def _has_run(row: XlDomain) -> bool:
     """A domain someone else (the xl monitor's restart) is still building is not adopted:
-    it shows ``------``, then ``--p---``, and only then runs."""
-    return row.shutdown or row.dying or (not row.paused and (row.running or row.blocked))
+    it shows ``------`` with no CPU time, then ``--p---``, and only then runs. A running
+    guest that is merely waiting for a CPU also shows ``------`` (most of the time, on a
+    loaded host): its CPU time tells it from one being built."""
+    if row.shutdown or row.dying:
+        return True
+    return not row.paused and (row.running or row.blocked or row.cpu_time_s > 0)
 
 
 def _set(t: Tracked, state: DomainState, reason: str) -> None:
@@ -97,6 +104,8 @@ def _on_live_row(t: Tracked, row: XlDomain, out: list[Event]) -> None:
         _on_shutdown_row(t, row, out)
         return
     t.seen_reason = None  # e.g. a failed migration resumed the source
+    if row.paused and t.intent in TEARING_DOWN:
+        return  # libxl pauses a domain before destroying it: not a guest suspend
     if row.paused and t.state != DomainState.PAUSED:
         if not t.incoming:
             out.append(("suspended", "paused"))

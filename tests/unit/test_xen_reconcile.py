@@ -17,9 +17,9 @@ DOM0 = XlDomain(
 REASON = {"-": 0, "r": 1, "s": 2, "c": 3, "w": 4}
 
 
-def row(domid: int, state: str, name: str = "d1", uuid: str = UUID) -> XlDomain:
+def row(domid: int, state: str, name: str = "d1", uuid: str = UUID, cpu: float = 1.0) -> XlDomain:
     code = REASON.get(state[4]) if state[3] == "s" else None
-    return XlDomain(name, domid, 128, 1, state, 1.0, uuid, code)
+    return XlDomain(name, domid, 128, 1, state, cpu, uuid, code)
 
 
 def feed(t: Tracked, *snapshots: list[XlDomain], initial: bool = False) -> list[Event]:
@@ -158,12 +158,26 @@ def test_other_uuids_and_names_are_ignored() -> None:
 
 def test_own_create_in_flight_is_not_adopted_and_restarts_wait_until_running() -> None:
     t = Tracked("d1", UUID, intent="start", creating=True)
-    assert feed(t, [row(5, "------")], [row(5, "r-----")]) == [] and t.domid is None
+    assert feed(t, [row(5, "------", cpu=0.0)], [row(5, "r-----")]) == [] and t.domid is None
     t.creating = False
     assert feed(t, [row(5, "r-----")]) == [("started", "booted")]
     ext = Tracked("d1", UUID)  # someone else's xl create: ------ and --p--- are not adopted
-    assert feed(ext, [row(6, "------")], [row(6, "--p---")]) == []
+    assert feed(ext, [row(6, "------", cpu=0.0)], [row(6, "--p---", cpu=0.0)]) == []
     assert feed(ext, [row(6, "-b----")]) == [("started", "booted")]
+
+
+def test_a_guest_waiting_for_a_cpu_is_adopted() -> None:
+    # on a loaded host a booting guest is mostly runnable-not-running: ------ with CPU time
+    # (tests/unit/data/xen/xl-list-v-1.txt: p3); never seeing it r or b must not matter
+    t = Tracked("d1", UUID, intent="start")
+    assert feed(t, [row(5, "------", cpu=0.0)], [row(5, "------", cpu=0.4)]) == [
+        ("started", "booted")
+    ]
+    rebooted = started()
+    rebooted.intent = "reboot"
+    restart = [row(6, "------", cpu=0.0)], [row(6, "--p---", cpu=0.0)], [row(6, "------", cpu=0.2)]
+    assert feed(rebooted, [row(5, "---sr-")], [], *restart) == [("reboot", None)]
+    assert (rebooted.domid, rebooted.state) == (6, DomainState.RUNNING)
 
 
 def test_destroy_policies_are_reaped_by_the_driver() -> None:
@@ -179,3 +193,16 @@ def test_destroy_policies_are_reaped_by_the_driver() -> None:
     kept = started(on_crash="preserve")
     feed(kept, [row(5, "---sc-")])
     assert not kept.reap
+
+
+def test_the_pause_of_our_own_destroy_is_not_a_suspend() -> None:
+    # libxl's destroy pauses the domain first: a pass listing it meanwhile sees --p---
+    t = started()
+    t.intent = "destroy"
+    assert feed(t, [row(5, "--p---")], []) == [("stopped", "destroyed")]
+    r = started()
+    r.intent = "reset"  # the driver destroys, then re-creates (it reports the reboot)
+    assert feed(r, [row(5, "--p---")], [], [row(6, "r-----")]) == []
+    assert (r.domid, r.state, r.intent) == (6, DomainState.RUNNING, None)
+    ext = started()  # nobody of ours is destroying: a pause is a pause
+    assert feed(ext, [row(5, "--p---")]) == [("suspended", "paused")]

@@ -24,7 +24,7 @@ xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/c
 echo "VIRTBUS-DOM0 toolstack up $(cut -d' ' -f1 /proc/uptime)"
 ARGS=""
 for arg in $(cat /proc/cmdline); do
-    case "$arg" in virtbus.args=*) ARGS="$(echo "${arg#virtbus.args=}" | tr , ' ')" ;; esac
+    case "$arg" in virtbus.args=*) ARGS="$(echo "${arg#virtbus.args=}" | tr + ' ')" ;; esac
 done
 cd /opt/virtbus
 PYTHONPATH=/opt/virtbus PYTHONDONTWRITEBYTECODE=1 python3 -m tests.xen.scenarios $ARGS

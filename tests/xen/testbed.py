@@ -51,7 +51,12 @@ class BootResult:
 def qemu_argv(bed: XenBed, initramfs: Path, args: list[str], s: BootSettings) -> list[str]:
     dom0 = f"{bed.vmlinuz} {s.dom0_args}"
     if args:
-        dom0 += " virtbus.args=" + ",".join(args)
+        # QEMU splits -initrd at commas (the module list) and Xen the command line at
+        # spaces, so the runner's arguments travel joined by '+' (dom0_init.sh splits them)
+        bad = [a for a in args if not a or any(c in a for c in ", +")]
+        if bad:
+            raise ValueError(f"dom0 runner arguments cannot hold ',', ' ' or '+': {bad}")
+        dom0 += " virtbus.args=" + "+".join(args)
     return [
         s.qemu, "-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm,+npt",
         "-m", str(s.memory_mib), "-smp", str(s.cpus), "-nographic", "-nodefaults",
