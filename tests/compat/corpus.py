@@ -29,6 +29,8 @@ _MEMBERS = (  # what is unpacked from the upstream tarball
     "tests/qemuxmlconfdata/",
     "tests/qemuxml2argvdata/",
     "tests/qemufirmwaredata/",
+    "tests/storagepoolxml2xmlin/",  # the storage XML tests round-trip these
+    "tests/storagevolxml2xmlin/",
     "src/conf/schemas/",
     "docs/schemas/",
 )
@@ -135,7 +137,8 @@ def _find_tree() -> Path | None:
     trees = [
         p
         for p in src.glob("libvirt-*")
-        if (p / "tests/qemuxmlconfdata").is_dir() or (p / "tests/qemuxml2argvdata").is_dir()
+        if ((p / "tests/qemuxmlconfdata").is_dir() or (p / "tests/qemuxml2argvdata").is_dir())
+        and (p / "tests/storagepoolxml2xmlin").is_dir()  # unpacked before storage joined: again
     ]
     trees.sort(key=lambda p: [int(x) for x in re.findall(r"\d+", p.name)], reverse=True)
     return trees[0] if trees else None

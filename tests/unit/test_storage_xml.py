@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.compat.corpus import ensure_corpus
 from virtbus.errors import InvalidArgument, XMLError
 from virtbus.storage import (
     POOL_TYPES,
@@ -21,8 +22,6 @@ from virtbus.storage import (
     parse_volume_xml,
     volume_xml,
 )
-
-CORPUS = Path.home() / ".cache/virtbus/libvirt-src/libvirt-9.0.0/tests"
 
 # One minimal definition per libvirt pool type (from storagepool.rng's requirements).
 MINIMAL = {
@@ -69,9 +68,10 @@ def test_every_pool_type_parses_and_dumps_valid_xml(tmp_path: Path) -> None:
 
 
 def test_libvirt_corpus_round_trips_and_validates(tmp_path: Path) -> None:
-    pools = sorted((CORPUS / "storagepoolxml2xmlin").glob("*.xml"))
-    vols = sorted((CORPUS / "storagevolxml2xmlin").glob("*.xml"))
-    assert len(pools) > 30 and len(vols) > 20, f"libvirt's test corpus is missing in {CORPUS}"
+    corpus = ensure_corpus().root / "tests"  # libvirt's source, fetched into the cache once
+    pools = sorted((corpus / "storagepoolxml2xmlin").glob("*.xml"))
+    vols = sorted((corpus / "storagevolxml2xmlin").glob("*.xml"))
+    assert len(pools) > 30 and len(vols) > 20, f"libvirt's test corpus is missing in {corpus}"
     for path in pools:
         pool = parse_pool_xml(path.read_bytes())
         again = parse_pool_xml(pool.to_xml())
