@@ -42,6 +42,7 @@ from drivers.host import host_resources as read_host_resources
 from drivers.qemu import events as ev
 from drivers.qemu.argv_common import ArgvSettings
 from drivers.qemu.capabilities import QemuCapabilities
+from drivers.qemu.dac import DacLabels
 from drivers.qemu.devices import DeviceChanges, VolumeLeases
 from drivers.qemu.domain import Domain, Run, Runtime
 from drivers.qemu.launch import GraphicsPorts, Launcher, LaunchStep
@@ -80,9 +81,12 @@ class QemuDriver:
         self._settings = settings or QemuSettings()
         self._store = StateStore(Path(state_dir), Path(run_dir))
         self._volumes = VolumeLeases()  # <disk type='volume'>: the agent hands its pools in
+        # after the volumes: their paths are given to the QEMU user too
+        self._dac = DacLabels(self._settings.qemu_user, Path(run_dir))
         self._rt = Runtime(
-            self._settings, self._store, steps=(GraphicsPorts(), self._volumes, *steps)
-        )
+            self._settings, self._store,
+            steps=(GraphicsPorts(), self._volumes, self._dac, *steps),
+        )  # fmt: skip
         self._registry = DomainRegistry(self._rt)
         state = Path(state_dir)
         argv = self._settings.argv or ArgvSettings(
@@ -90,7 +94,7 @@ class QemuDriver:
             secrets_dir=state / "secrets", swtpm_state_dir=state / "swtpm",
         )  # fmt: skip
         self._launcher = Launcher(self._rt, self._registry, argv, caps=caps,
-                                  pools=self._volumes.pool_targets)  # fmt: skip
+                                  pools=self._volumes.pool_targets, dac=self._dac)  # fmt: skip
         self._devices = DeviceChanges(
             self._registry, self._launcher, self._store, self._settings, self._volumes
         )

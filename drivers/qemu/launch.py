@@ -48,6 +48,7 @@ from drivers.qemu.argv import (
 from drivers.qemu.argv_common import ArgvSettings
 from drivers.qemu.capabilities import QemuCapabilities, probe
 from drivers.qemu.cputune import preexec_affinity
+from drivers.qemu.dac import DacLabels
 from drivers.qemu.domain import Domain, Run, Runtime
 from drivers.qemu.firmware import Descriptor, load_descriptors
 from drivers.qemu.host import HostFacts
@@ -131,11 +132,14 @@ class Launcher:
 
     def __init__(self, rt: Runtime, registry: DomainRegistry, argv: ArgvSettings, *,
                  caps: QemuCapabilities | None = None,
-                 pools: Callable[[], tuple[Path, ...]] = tuple) -> None:  # fmt: skip
+                 pools: Callable[[], tuple[Path, ...]] = tuple,
+                 dac: DacLabels | None = None) -> None:  # fmt: skip
         """``argv``: the command line's settings; ``caps``: the emulator's capabilities
         when already known (None: probed once); ``pools``: the active storage pools'
-        targets now (a domain's files may be inside one)."""
+        targets now (a domain's files may be inside one); ``dac``: the launch step that
+        gives the domain's files to the QEMU user (:mod:`drivers.qemu.dac`), if any."""
         self._pools = pools
+        self._dac = dac
         self._rt = rt
         self._settings = rt.settings
         self._registry = registry
@@ -313,6 +317,7 @@ class Launcher:
             process = await spawn(
                 list(launch.argv), uuid=live.uuid, logfile=logfile, pass_fds=plan.pass_fds,
                 env=launch.env, cpus=preexec_affinity(launch.cpu_tuning),
+                user=self._dac.user() if self._dac is not None else None,
             )  # fmt: skip
         except BaseException:
             if companions is not None:

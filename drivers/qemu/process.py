@@ -25,6 +25,7 @@ from pathlib import Path
 
 import aiofiles
 
+from drivers.qemu.dac import QemuUser
 from drivers.qemu.settings import QemuSettings
 from virtbus.errors import OperationFailed
 
@@ -133,12 +134,14 @@ async def log_tail(path: Path, limit: int) -> str:
 async def spawn(
     argv: list[str], *, uuid: str, logfile: Path, pass_fds: Sequence[int] = (),
     env: Mapping[str, str] | None = None, cpus: frozenset[int] | None = None,
+    user: QemuUser | None = None,
 ) -> QemuProcess:  # fmt: skip
     """Start QEMU detached from the agent's session; output appended to ``logfile``.
 
     ``pass_fds`` are inherited under the same numbers (a launch step's tap or socket fds);
     ``env`` adds to the agent's environment (a guest clock's TZ); ``cpus`` is the CPU set
-    QEMU starts on, so every thread it creates inherits it (libvirt's emulatorpin).
+    QEMU starts on, so every thread it creates inherits it (libvirt's emulatorpin);
+    ``user``: QEMU is exec'd with that uid, gid and groups (drivers/qemu/dac.py).
     """
     stamp = f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n"
     fd = await asyncio.to_thread(_open_log, logfile, stamp)
@@ -153,6 +156,9 @@ async def spawn(
             pass_fds=tuple(pass_fds),
             env={**os.environ, **env} if env else None,
             preexec_fn=pin,
+            user=user.uid if user else None,
+            group=user.gid if user else None,
+            extra_groups=list(user.groups) if user else None,
         )
     except OSError as exc:
         raise OperationFailed(f"cannot execute {argv[0]}: {exc}") from exc

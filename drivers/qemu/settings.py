@@ -56,6 +56,10 @@ class QemuSettings:
     #: False: accept any host path (libvirt without sVirt). The operator's explicit
     #: opt-out, and the compatibility harness's (libvirt's test inputs name any path)
     confine_paths: bool = True
+    #: the user QEMU runs as (drivers/qemu/dac.py): "virtbus-qemu" (deploy/setup-dev creates
+    #: it) gives each QEMU that uid and chowns the domain's files to it for the run; empty:
+    #: QEMU runs as the agent's user (root), as before
+    qemu_user: str = ""
 
     def confinement(self) -> ConfineSettings:
         """The confinement rules these settings give."""
