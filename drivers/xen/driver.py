@@ -76,6 +76,7 @@ class XenDriver:
         self._create_slots = asyncio.Semaphore(s.parallel_creates)
         self.session: XenStoreSession | None = None
         self.passes = 0
+        self.pass_seconds = 0.0  # how long the last `xl list -v` took
 
     # --- plumbing ---------------------------------------------------------------------
     async def open(self, sink: EventSink) -> None:
@@ -146,9 +147,14 @@ class XenDriver:
         self._dirty.set()  # anything may have happened while we were away: full resync
 
     async def _reconcile_loop(self) -> None:
+        s = self.settings
         while True:
+            # the periodic pass idles a multiple of what the last pass took: `xl list -v`
+            # in a starved dom0 takes seconds, and back-to-back passes would hold a dom0 CPU
+            # that the guests' creates and boots need (triggered passes are not delayed)
+            idle = max(s.reconcile_interval, s.reconcile_idle_factor * self.pass_seconds)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.reconcile_interval):
+                async with asyncio.timeout(idle):
                     await self._dirty.wait()
             await asyncio.sleep(self.settings.debounce)
             self._dirty.clear()
@@ -160,7 +166,11 @@ class XenDriver:
     async def reconcile(self) -> None:
         """One pass: ``xl list -v`` against every defined domain; emit the differences."""
         async with self._lock:
-            rows = await self.xl.list_verbose(timeout=self.settings.list_timeout)
+            started = time.monotonic()
+            try:
+                rows = await self.xl.list_verbose(timeout=self.settings.list_timeout)
+            finally:
+                self.pass_seconds = time.monotonic() - started
             initial, self._initial = self._initial, False
             reap: list[tuple[Tracked, int]] = []
             for t in list(self._tracked.values()):
@@ -180,12 +190,13 @@ class XenDriver:
             self._dirty.set()
 
     async def _wait_for(self, pred: Callable[[], bool], timeout: float, what: str) -> None:
+        """Until ``pred`` holds after some pass. One fresh pass is asked for; after it the
+        XenStore triggers and the periodic tick bring the news (asking for a pass after
+        every pass kept `xl list -v` running back to back for as long as anyone waited)."""
         try:
-            async with asyncio.timeout(timeout):
-                while not pred():
-                    self._dirty.set()
-                    async with self._changed:
-                        await self._changed.wait()
+            async with asyncio.timeout(timeout), self._changed:
+                self._dirty.set()
+                await self._changed.wait_for(pred)
         except TimeoutError:
             raise OperationTimeout(f"timed out after {timeout} s waiting for {what}") from None
 

@@ -45,6 +45,7 @@ class XenSettings:
     list_timeout: float = 15.0  # s, `xl list -v` / `xl info`
     shutdown_poll: float = 0.2  # s, while waiting for a shutdown to complete
     reconcile_interval: float = 2.0  # s, periodic reconcile (catches external xl pause)
+    reconcile_idle_factor: float = 4.0  # the periodic pass idles >= this x the last pass
     debounce: float = 0.05  # s, coalesce bursts of XenStore triggers
     start_timeout: float = 30.0  # s, wait for a created domain to show in `xl list`
     parallel_creates: int = 2  # concurrent `xl create` (each loads a kernel through dom0)

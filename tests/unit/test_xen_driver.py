@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,48 @@ async def test_a_created_domain_is_started_though_a_list_times_out(
     await drv.start("good")
     assert xl.slow == 0 and drv.state("good") == (DomainState.RUNNING, "booted")
     assert [(e.event, e.detail) for e in xl.events] == [("started", "booted")]
+
+
+async def test_a_waiting_start_does_not_run_passes_back_to_back(tmp_path: Path) -> None:
+    """Waiting asks for one fresh pass; the periodic tick does the rest (it used to ask
+    for a new pass after every pass: `xl list -v` back to back in dom0 for the whole wait)."""
+    settings = replace(make_settings(tmp_path), reconcile_interval=0.2, start_timeout=1.0)
+    drv = XenDriver(settings)
+    xl = FakeXl()
+    xl.create = _create_nothing  # type: ignore[method-assign]
+    drv.xl = xl  # type: ignore[assignment]
+    await drv.open(xl.events.append)
+    try:
+        await drv.define(XML)
+        before = xl.calls
+        with pytest.raises(OperationTimeout):
+            await drv.start("good")  # the domain never shows up
+        assert xl.calls - before <= 8, xl.calls - before  # ~1 s / 0.2 s, plus a few
+    finally:
+        await drv.close()
+
+
+async def _create_nothing(config_path: str) -> None:
+    return None
+
+
+async def test_the_periodic_pass_idles_longer_when_passes_are_slow(tmp_path: Path) -> None:
+    """A 0.1 s `xl list -v` with the idle factor 4: at most one pass per ~0.5 s."""
+    settings = replace(make_settings(tmp_path), reconcile_interval=0.01)
+    drv = XenDriver(settings)
+    xl = FakeXl()
+    plain = xl.list_verbose
+
+    async def slow_list(timeout: float) -> list[Any]:
+        await asyncio.sleep(0.1)
+        return await plain(timeout)
+
+    xl.list_verbose = slow_list  # type: ignore[method-assign]
+    drv.xl = xl  # type: ignore[assignment]
+    await drv.open(xl.events.append)
+    try:
+        start = xl.calls
+        await asyncio.sleep(1.6)
+        assert 2 <= xl.calls - start <= 5, xl.calls - start  # 0.01 s idle would give ~14
+    finally:
+        await drv.close()
