@@ -15,6 +15,7 @@ from enum import Enum
 
 import agent.handlers
 import agent.migration
+import agent.snapshot_ops
 import agent.storage_ops
 from agent.admission import Admission
 from agent.calllog import CallLog

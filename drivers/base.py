@@ -22,6 +22,7 @@ from virtbus.protocol.domain import DomainInfo as DomainInfoMessage
 from virtbus.protocol.domain import StateName
 from virtbus.protocol.events import DomainState
 from virtbus.protocol.migration import MigrationParams, MigrationStatus
+from virtbus.protocol.snapshot import SnapshotInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +173,29 @@ class Hotplug(Protocol):
         it waits for the guest to let go (OPERATION_TIMEOUT when it does not)."""
 
     async def block_info(self, ref: str, target: str) -> BlockInfo: ...
+
+
+@runtime_checkable
+class Snapshots(Protocol):
+    """A driver with libvirt's internal snapshots (virDomainSnapshot*). Optional: the agent
+    answers NO_SUPPORT for a driver without them. ``name`` is the snapshot's name;
+    unknown names are NO_DOMAIN_SNAPSHOT, a snapshot of another domain is unknown here."""
+
+    async def snapshot_create(self, ref: str, xml: str | None) -> SnapshotInfo:
+        """Take a snapshot from a ``<domainsnapshot>`` request; it becomes current."""
+
+    async def snapshot_list(self, ref: str) -> list[SnapshotInfo]: ...
+    async def snapshot_info(self, ref: str, name: str | None) -> SnapshotInfo:
+        """One snapshot; None: the current one."""
+
+    async def snapshot_xml(self, ref: str, name: str) -> str: ...
+    async def snapshot_revert(self, ref: str, name: str, running: bool, paused: bool) -> None:
+        """Bring the domain to the snapshot; ``running``/``paused`` override its state."""
+
+    async def snapshot_delete(
+        self, ref: str, name: str, children: bool, children_only: bool, metadata: bool
+    ) -> list[str]:
+        """Delete (``metadata``: only forget) snapshots; the names deleted."""
 
 
 @runtime_checkable

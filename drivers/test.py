@@ -32,6 +32,7 @@ from drivers.base import (
     HostResources,
     VolumeResolver,
 )
+from drivers.snapshots import SnapshotStore, snapshot_disks
 from virtbus.aio import TaskGroup
 from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.domain.devices import (
@@ -42,10 +43,17 @@ from virtbus.domain.devices import (
     with_disk,
     without_disk,
 )
+from virtbus.domain.snapshot import (
+    SnapshotDef,
+    check_snapshot_name,
+    default_name,
+    parse_snapshot_request,
+)
 from virtbus.errors import (
     InvalidArgument,
     MigrateFailed,
     NoDomainError,
+    NoSupport,
     OperationFailed,
     OperationInvalid,
     VirtbusError,
@@ -54,7 +62,10 @@ from virtbus.protocol.base import to_wire
 from virtbus.protocol.domain import STATS_GROUPS
 from virtbus.protocol.events import DomainState, reason_code
 from virtbus.protocol.migration import MigrationParams, MigrationState, MigrationStatus
+from virtbus.protocol.snapshot import SnapshotInfo
 
+_SNAPSHOT_STATES = {DomainState.RUNNING: "running", DomainState.PAUSED: "paused",
+                    DomainState.SHUTOFF: "shutoff"}  # fmt: skip
 _ACTIVE = (DomainState.RUNNING, DomainState.PAUSED, DomainState.BLOCKED, DomainState.CRASHED)
 
 
@@ -145,6 +156,7 @@ class TestDriver:
         self._sink: EventSink = lambda _event: None
         self._tasks = TaskGroup("test-driver")  # outgoing migration streams
         self._resolver: VolumeResolver | None = None  # the agent's storage (volume disks)
+        self._snapshots = SnapshotStore(None)  # in memory, as test:///default keeps them
 
     # --- plumbing -------------------------------------------------------------------
     async def open(self, sink: EventSink) -> None:
@@ -226,6 +238,11 @@ class TestDriver:
     async def undefine(self, ref: str) -> None:
         dom = self._get(ref)
         self._require(dom, DomainState.SHUTOFF, verb="undefine")
+        if self._snapshots.has_any(dom.definition.uuid):  # as the QEMU driver (and libvirt)
+            raise OperationInvalid(
+                f"cannot undefine domain '{dom.definition.name}': it has snapshots;"
+                " delete them first (snapshot-delete)"
+            )
         del self._domains[dom.definition.uuid]
         del self._by_name[dom.definition.name]
         self._emit(dom, "undefined", "removed")
@@ -309,6 +326,95 @@ class TestDriver:
         self._require(dom, DomainState.PAUSED, verb="resume")
         self._set(dom, DomainState.RUNNING, "unpaused")
         self._emit(dom, "resumed", "unpaused")
+
+    # --- snapshots: the QEMU driver's checks and events, no data -------------------
+    async def snapshot_create(self, ref: str, xml: str | None) -> SnapshotInfo:
+        await self._latency()
+        dom = self._get(ref)
+        uuid, name = dom.definition.uuid, dom.definition.name
+        req = parse_snapshot_request(xml)
+        state = _SNAPSHOT_STATES.get(dom.state)
+        if state is None:
+            raise OperationInvalid(f"cannot snapshot domain '{name}': it is {dom.state.label}")
+        active = dom.state != DomainState.SHUTOFF
+        if req.memory == "internal" and not active:
+            raise OperationInvalid(f"domain '{name}' is shut off: it has no memory to snapshot")
+        if active and req.memory == "no":
+            raise NoSupport("a disk-only snapshot of a running domain needs an external"
+                            " snapshot (--disk-only), not supported yet")  # fmt: skip
+        defn = dom.live if active and dom.live is not None else dom.definition
+        disks = snapshot_disks(defn, req.disks)
+        snap_name = req.name or default_name(set(self._snapshots.of(uuid).snapshots))
+        check_snapshot_name(snap_name)
+        self._snapshots.check_new(uuid, name, snap_name)
+        await self._snapshots.add(uuid, SnapshotDef(
+            name=snap_name, state=state, creation_time=int(time.time()), memory=active,
+            disks=tuple(d.target_dev for d in disks), domain_xml=defn.to_xml(),
+            parent=self._snapshots.of(uuid).current, description=req.description,
+        ))  # fmt: skip
+        return self._snapshots.info(uuid, name, snap_name)
+
+    async def snapshot_list(self, ref: str) -> list[SnapshotInfo]:
+        dom = self._get(ref)
+        return self._snapshots.infos(dom.definition.uuid, dom.definition.name)
+
+    async def snapshot_info(self, ref: str, name: str | None) -> SnapshotInfo:
+        dom = self._get(ref)
+        uuid, dname = dom.definition.uuid, dom.definition.name
+        return self._snapshots.info(uuid, dname, name or self._snapshots.current(uuid, dname).name)
+
+    async def snapshot_xml(self, ref: str, name: str) -> str:
+        dom = self._get(ref)
+        return self._snapshots.get(dom.definition.uuid, dom.definition.name, name).to_xml()
+
+    async def snapshot_revert(self, ref: str, name: str, running: bool, paused: bool) -> None:
+        """The QEMU driver's transitions and events (libvirt's qemuSnapshotRevert)."""
+        await self._latency()
+        dom = self._get(ref)
+        uuid = dom.definition.uuid
+        snap = self._snapshots.get(uuid, dom.definition.name, name)
+        if dom.state not in _SNAPSHOT_STATES:
+            raise OperationInvalid(
+                f"cannot revert domain '{dom.definition.name}': it is {dom.state.label}"
+            )
+        want_paused = paused or (snap.state == "paused" and not running)
+        if not snap.memory:
+            if dom.state != DomainState.SHUTOFF:
+                self._stop(dom, "from_snapshot")
+            if running or paused:
+                self._boot_from_snapshot(dom, paused)
+        elif dom.state == DomainState.SHUTOFF:
+            self._boot_from_snapshot(dom, want_paused)
+        else:
+            if dom.state == DomainState.RUNNING:
+                self._set(dom, DomainState.PAUSED, "from_snapshot")
+                self._emit(dom, "suspended", "from_snapshot")
+            if want_paused:
+                self._set(dom, DomainState.PAUSED, "from_snapshot")
+            else:
+                self._set(dom, DomainState.RUNNING, "from_snapshot")
+                self._emit(dom, "resumed", "from_snapshot")
+        await self._snapshots.set_current(uuid, name)
+
+    def _boot_from_snapshot(self, dom: _TestDomain, paused: bool) -> None:
+        dom.id = self._next_id
+        self._next_id += 1
+        dom.live = dom.definition.copy()
+        self._set(dom, DomainState.RUNNING, "from_snapshot")
+        self._emit(dom, "started", "from_snapshot")
+        if paused:
+            self._set(dom, DomainState.PAUSED, "from_snapshot")
+            self._emit(dom, "suspended", "from_snapshot")
+
+    async def snapshot_delete(
+        self, ref: str, name: str, children: bool, children_only: bool, metadata: bool
+    ) -> list[str]:
+        dom = self._get(ref)
+        uuid = dom.definition.uuid
+        names = self._snapshots.plan_delete(uuid, dom.definition.name, name, children=children,
+                                            children_only=children_only)  # fmt: skip
+        await self._snapshots.remove(uuid, names)
+        return names
 
     # --- live migration (libvirt's v3 steps) ---------------------------------------
     async def migrate_begin(self, ref: str) -> str:

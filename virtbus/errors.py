@@ -13,6 +13,7 @@ Tree::
     ├── NoConnect                   NO_CONNECT          nothing serves the route (no agent)
     ├── NoStoragePool               NO_STORAGE_POOL
     ├── NoStorageVol                NO_STORAGE_VOL
+    ├── NoDomainSnapshot            NO_DOMAIN_SNAPSHOT  no snapshot of that name (of that domain)
     ├── OperationInvalid            OPERATION_INVALID   wrong state for the command
     ├── InvalidArgument             INVALID_ARG
     ├── XMLError                    XML_ERROR           bad or unsafe domain XML
@@ -77,6 +78,10 @@ class NoStoragePool(VirtbusError):
 
 class NoStorageVol(VirtbusError):
     code = "NO_STORAGE_VOL"
+
+
+class NoDomainSnapshot(VirtbusError):
+    code = "NO_DOMAIN_SNAPSHOT"
 
 
 class OperationInvalid(VirtbusError):
@@ -144,6 +149,7 @@ _BY_CODE: dict[str, type[VirtbusError]] = {
         NoConnect,
         NoStoragePool,
         NoStorageVol,
+        NoDomainSnapshot,
         OperationInvalid,
         InvalidArgument,
         XMLError,

@@ -84,6 +84,7 @@ class Run:
     waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = field(default_factory=list)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     deleted_devices: set[str] = field(default_factory=set)  # DEVICE_DELETED ids (detach waits)
+    job_states: dict[str, str] = field(default_factory=dict)  # QMP job id -> JOB_STATUS_CHANGE
     saved: tuple[DomainState, str] | None = None  # state/reason in the status file
     writing: asyncio.Task[None] | None = None  # the status write in flight (never cut short)
     companions: comp.Companions | None = None  # helpers, overlays: released after QEMU ends
@@ -229,6 +230,8 @@ class Domain:
     async def _on_qmp_event(self, run: Run, item: QmpEvent) -> None:
         if item.name == "DEVICE_DELETED" and isinstance(item.data.get("device"), str):
             run.deleted_devices.add(item.data["device"])  # a detach waits for this (notify)
+        if item.name == "JOB_STATUS_CHANGE" and isinstance(item.data.get("id"), str):
+            run.job_states[item.data["id"]] = str(item.data.get("status", ""))  # snapshots wait
         if item.name in MIGRATION_EVENTS and run.migration is not None:
             run.migration.feed(item.name, item.data)  # the migration job reports progress
         ctx = self.context(run)

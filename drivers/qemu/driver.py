@@ -18,7 +18,9 @@ composed of collaborators, each with one job, and delegates to them:
 - :class:`~drivers.qemu.launch.Launcher`: the one launch of a QEMU (``start`` and an
   incoming migration), and the launch steps that acquire host resources for it;
 - :class:`~drivers.qemu.migrate_steps.MigrationSteps`: the live-migration steps and jobs;
-- :class:`~drivers.qemu.reattach.Reattacher`: ``open``, the reattach of running QEMUs.
+- :class:`~drivers.qemu.reattach.Reattacher`: ``open``, the reattach of running QEMUs;
+- :class:`~drivers.qemu.snapshots.QemuSnapshots`: internal snapshots (QMP jobs, qemu-img),
+  their metadata in :class:`~drivers.snapshots.SnapshotStore` under the state dir.
 """
 
 from __future__ import annotations
@@ -52,12 +54,15 @@ from drivers.qemu.process import cpu_time_ns
 from drivers.qemu.reattach import Reattacher
 from drivers.qemu.registry import DomainRegistry
 from drivers.qemu.settings import QemuSettings
+from drivers.qemu.snapshots import QemuSnapshots
 from drivers.qemu.state import StateStore
 from drivers.qemu.stats import QemuStats, StatsTarget, host_stats
+from drivers.snapshots import SnapshotStore
 from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.errors import OperationFailed, OperationInvalid, OperationTimeout, VirtbusError
 from virtbus.protocol.events import DomainState
 from virtbus.protocol.migration import MigrationParams, MigrationStatus
+from virtbus.protocol.snapshot import SnapshotInfo
 
 log = logging.getLogger(__name__)
 S = DomainState
@@ -104,11 +109,16 @@ class QemuDriver:
         )  # fmt: skip
         self._reattacher = Reattacher(self._registry, self._store, self._migrations)
         self._stats = QemuStats()  # libvirt domstats (drivers/qemu/stats.py)
+        self._snapshot_store = SnapshotStore(state / "snapshots")
+        self._snapshots = QemuSnapshots(
+            self._registry, self._launcher, self._snapshot_store, self._settings
+        )
 
     # --- plumbing -----------------------------------------------------------------------
     async def open(self, sink: EventSink) -> None:
         """Load definitions, reattach every QEMU left running, reconcile (reattach.py)."""
         self._rt.sink = sink
+        await self._snapshot_store.load()
         await self._reattacher.open()
 
     async def close(self) -> None:
@@ -137,6 +147,27 @@ class QemuDriver:
     async def block_info(self, ref: str, target: str) -> BlockInfo:
         return await self._devices.block_info(ref, target)
 
+    # --- snapshots (snapshots.py) ------------------------------------------------------
+    async def snapshot_create(self, ref: str, xml: str | None) -> SnapshotInfo:
+        return await self._snapshots.create(ref, xml)
+
+    async def snapshot_list(self, ref: str) -> list[SnapshotInfo]:
+        return self._snapshots.all(ref)
+
+    async def snapshot_info(self, ref: str, name: str | None) -> SnapshotInfo:
+        return self._snapshots.info(ref, name)
+
+    async def snapshot_xml(self, ref: str, name: str) -> str:
+        return self._snapshots.xml(ref, name)
+
+    async def snapshot_revert(self, ref: str, name: str, running: bool, paused: bool) -> None:
+        await self._snapshots.revert(ref, name, running, paused)
+
+    async def snapshot_delete(
+        self, ref: str, name: str, children: bool, children_only: bool, metadata: bool
+    ) -> list[str]:
+        return await self._snapshots.delete(ref, name, children, children_only, metadata)
+
     # --- definitions --------------------------------------------------------------------
     async def define(self, xml: str) -> DomainRef:
         defn = parse_domain_xml(xml)
@@ -161,6 +192,12 @@ class QemuDriver:
             raise OperationInvalid(
                 f"cannot undefine domain '{dom.defn.name}': it is {dom.state.label}"
                 " (destroy it first)"
+            )
+        if self._snapshot_store.has_any(dom.defn.uuid):  # libvirt refuses it too
+            count = len(self._snapshot_store.of(dom.defn.uuid).snapshots)
+            raise OperationInvalid(
+                f"cannot undefine domain '{dom.defn.name}': it has {count} snapshot(s);"
+                " delete them first (snapshot-delete)"
             )
         await self._store.remove_definition(dom.defn.uuid)
         await asyncio.to_thread(self._launcher.forget, dom.defn.uuid)  # its TPM state too

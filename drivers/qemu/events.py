@@ -44,6 +44,9 @@ class Pending(StrEnum):
     MIGRATING = "migrating"  # source: outgoing migration; its failure's RESUME is resumed(migrated)
     INCOMING = "incoming"  # destination: `cont` -> resumed(migrated); an exit -> stopped(failed)
     MIGRATED_OUT = "migrated_out"  # source after success: its exit is stopped(migrated)
+    # internal snapshots (drivers/qemu/snapshots.py; libvirt's qemuSnapshotCreateActive...)
+    SNAPSHOT = "snapshot"  # snapshot-save's own STOP/RESUME: the guest never looked paused
+    REVERT = "revert"  # snapshot-load: STOP/RESUME/start/exit carry the detail from_snapshot
 
 
 class Action(StrEnum):
@@ -128,7 +131,8 @@ def pause_reason(status: str) -> str:
 
 def needs_status(name: str, ctx: Context) -> bool:
     """True when a STOP was not asked for: the driver must query-status to name its reason."""
-    busy = {Pending.PAUSE, Pending.DESTROY, Pending.FAKE_REBOOT, Pending.START}
+    busy = {Pending.PAUSE, Pending.DESTROY, Pending.FAKE_REBOOT, Pending.START,
+            Pending.SNAPSHOT, Pending.REVERT}  # fmt: skip
     return name == "STOP" and ctx.state == DomainState.RUNNING and not (busy & ctx.pending)
 
 
@@ -173,6 +177,8 @@ def map_exit(ctx: Context) -> Outcome:
     """The QEMU process is gone (libvirt's processMonitorEOFEvent)."""
     if Pending.MIGRATED_OUT in ctx.pending:
         return _stopped("migrated", "migrated")
+    if Pending.REVERT in ctx.pending and Pending.DESTROY in ctx.pending:
+        return _stopped("from_snapshot", "from_snapshot")  # reverting to a shut-off snapshot
     if Pending.INCOMING in ctx.pending:  # an incoming migration failed or was rolled back
         return _stopped("failed", "failed")
     if Pending.DESTROY in ctx.pending:
@@ -243,6 +249,13 @@ def _reset(data: dict[str, Any], ctx: Context, _status: str | None) -> Outcome:
 
 
 def _stop(_data: dict[str, Any], ctx: Context, status_reason: str | None) -> Outcome:
+    if Pending.SNAPSHOT in ctx.pending:
+        return NOTHING
+    if Pending.REVERT in ctx.pending:
+        return Outcome(
+            events=(("suspended", "from_snapshot", {}),),
+            state=(DomainState.PAUSED, "from_snapshot"),
+        )
     if Pending.PAUSE in ctx.pending:
         return Outcome(
             events=(("suspended", "paused", {}),),
@@ -259,6 +272,15 @@ def _stop(_data: dict[str, Any], ctx: Context, status_reason: str | None) -> Out
 
 
 def _resume(_data: dict[str, Any], ctx: Context, _status: str | None) -> Outcome:
+    if Pending.SNAPSHOT in ctx.pending:
+        return NOTHING
+    if Pending.REVERT in ctx.pending:  # libvirt: started (from shut off) or resumed
+        event = "started" if Pending.START in ctx.pending else "resumed"
+        return Outcome(
+            events=((event, "from_snapshot", {}),),
+            state=(DomainState.RUNNING, "from_snapshot"),
+            clear=frozenset({Pending.START, Pending.RESUME}),
+        )
     if Pending.INCOMING in ctx.pending:  # migrate_finish's `cont` on the destination
         return Outcome(
             events=(("resumed", "migrated", {}),),

@@ -30,7 +30,7 @@ class CliParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from virtbus.cli import completion, disk, domain, event, host, migrate, stats, storage
+    from virtbus.cli import completion, disk, domain, event, host, migrate, snapshot, stats, storage
 
     p: argparse.ArgumentParser = CliParser(
         prog="virtbus", description="virsh for a cluster, over a bus"
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     host.add_parsers(sub)
     domain.add_parsers(sub)
     disk.add_parsers(sub)
+    snapshot.add_parsers(sub)
     storage.add_parsers(sub)
     event.add_parsers(sub)
     stats.add_parsers(sub)

@@ -67,6 +67,13 @@ from virtbus.protocol.scheduler import (
     SchedulerPingRequest,
 )
 from virtbus.protocol.scheduler import HostView as ClusterHost
+from virtbus.protocol.snapshot import (
+    SnapshotCreate,
+    SnapshotDelete,
+    SnapshotInfo,
+    SnapshotRevert,
+    SnapshotTarget,
+)
 from virtbus.protocol.storage import (
     BlockInfo,
     BlockInfoRequest,
@@ -416,6 +423,42 @@ class Domain:
 
     def events(self, since: Since | None = None) -> AsyncGenerator[DomainEvent, None]:
         return self.host.client.events(host=self.host.name, domain=self.ref, since=since)
+
+    # --- snapshots (libvirt's virDomainSnapshot*) ----------------------------------
+    async def snapshot_create(self, xml: str | None = None) -> SnapshotInfo:
+        """Take an internal snapshot from ``<domainsnapshot>`` XML (None: defaults)."""
+        return await self.host.call(
+            ops.DOMAIN_SNAPSHOT_CREATE, SnapshotCreate(domain=self.ref, xml=xml)
+        )
+
+    async def snapshots(self) -> list[SnapshotInfo]:
+        return (await self.host.call(ops.DOMAIN_SNAPSHOT_LIST, self._target)).snapshots
+
+    async def snapshot(self, name: str) -> SnapshotInfo:
+        request = SnapshotTarget(domain=self.ref, snapshot=name)
+        return await self.host.call(ops.DOMAIN_SNAPSHOT_INFO, request)
+
+    async def snapshot_current(self) -> SnapshotInfo:
+        return await self.host.call(ops.DOMAIN_SNAPSHOT_CURRENT, self._target)
+
+    async def snapshot_xml(self, name: str) -> str:
+        request = SnapshotTarget(domain=self.ref, snapshot=name)
+        return (await self.host.call(ops.DOMAIN_SNAPSHOT_XML, request)).xml
+
+    async def snapshot_revert(
+        self, name: str, *, running: bool = False, paused: bool = False
+    ) -> DomainStatus:
+        request = SnapshotRevert(domain=self.ref, snapshot=name, running=running, paused=paused)
+        return await self.host.call(ops.DOMAIN_SNAPSHOT_REVERT, request)
+
+    async def snapshot_delete(
+        self, name: str, *, children: bool = False, children_only: bool = False,
+        metadata: bool = False,
+    ) -> list[str]:  # fmt: skip
+        """Delete a snapshot (and its descendants with ``children``); the names deleted."""
+        request = SnapshotDelete(domain=self.ref, snapshot=name, children=children,
+                                 children_only=children_only, metadata=metadata)  # fmt: skip
+        return (await self.host.call(ops.DOMAIN_SNAPSHOT_DELETE, request)).deleted
 
 
 class Scheduler:

@@ -1,5 +1,5 @@
 """Every op, by name: the index of the op modules (``domain``, ``host``, ``migration``,
-``scheduler``), and the routing key of an agent.
+``scheduler``, ``snapshot``, ``storage``), and the routing key of an agent.
 
 Each constant is an :class:`~virtbus.protocol.registry.Op`: a ``str`` (its name, as it
 travels in the envelope's ``op``) that also carries its request and result types. New ops
@@ -59,6 +59,15 @@ from virtbus.protocol.scheduler import (
     SCHEDULER_PLACE,
     SCHEDULER_UNDRAIN,
 )
+from virtbus.protocol.snapshot import (
+    DOMAIN_SNAPSHOT_CREATE,
+    DOMAIN_SNAPSHOT_CURRENT,
+    DOMAIN_SNAPSHOT_DELETE,
+    DOMAIN_SNAPSHOT_INFO,
+    DOMAIN_SNAPSHOT_LIST,
+    DOMAIN_SNAPSHOT_REVERT,
+    DOMAIN_SNAPSHOT_XML,
+)
 from virtbus.protocol.storage import (
     DOMAIN_ATTACH_DEVICE,
     DOMAIN_BLOCK_INFO,
@@ -109,6 +118,13 @@ __all__ = [
     "DOMAIN_RESUME",
     "DOMAIN_SET_AUTOSTART",
     "DOMAIN_SHUTDOWN",
+    "DOMAIN_SNAPSHOT_CREATE",
+    "DOMAIN_SNAPSHOT_CURRENT",
+    "DOMAIN_SNAPSHOT_DELETE",
+    "DOMAIN_SNAPSHOT_INFO",
+    "DOMAIN_SNAPSHOT_LIST",
+    "DOMAIN_SNAPSHOT_REVERT",
+    "DOMAIN_SNAPSHOT_XML",
     "DOMAIN_START",
     "DOMAIN_STATE",
     "DOMAIN_STATS",

@@ -1,0 +1,343 @@
+"""Snapshot verbs under virsh's names and flags: snapshot-create, snapshot-create-as,
+snapshot-list, snapshot-info, snapshot-dumpxml, snapshot-current, snapshot-parent,
+snapshot-revert, snapshot-delete. Listing filters run here, over ``domain.snapshot.list``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from xml.sax.saxutils import escape
+
+from virtbus.cli.context import Context
+from virtbus.cli.domain import read_xml
+from virtbus.cli.output import emit_json, fields, table
+from virtbus.client import Domain
+from virtbus.errors import InvalidArgument, NoDomainSnapshot, NoSupport
+from virtbus.protocol.base import to_wire
+from virtbus.protocol.snapshot import SnapshotInfo
+
+
+def _target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", help="domain name or uuid")
+    p.add_argument("--host", help="host the domain is on (default: found on the bus)")
+
+
+def _named(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """virsh's ``[snapshotname] [--current]`` (the name is required where virsh needs it)."""
+    p.add_argument("snapshotname", nargs=None if required else "?", help="snapshot name")
+    if not required:
+        p.add_argument("--current", action="store_true", help="the current snapshot")
+
+
+def _refused(p: argparse.ArgumentParser, *flags: str) -> None:
+    """virsh flags virtbus does not implement yet: accepted by the parser, refused clearly."""
+    for flag in flags:
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("snapshot-create", help="take a snapshot from <domainsnapshot> XML")
+    _target(p)
+    p.add_argument("xmlfile", nargs="?", help="<domainsnapshot> XML ('-' for stdin)")
+    _refused(p, "--disk-only", "--redefine", "--no-metadata", "--halt", "--reuse-external",
+             "--quiesce")  # fmt: skip
+    p.add_argument("--atomic", action="store_true", help="all or nothing (always so)")
+    p.add_argument("--live", action="store_true", help="(internal snapshots pause briefly)")
+    p.set_defaults(func=snapshot_create)
+    p = sub.add_parser("snapshot-create-as", help="take a snapshot from a name and description")
+    _target(p)
+    p.add_argument("name", nargs="?", help="snapshot name (default: the time)")
+    p.add_argument("description", nargs="?", help="description")
+    p.add_argument("--name", dest="opt_name", help="snapshot name")
+    p.add_argument("--description", dest="opt_description", help="description")
+    p.add_argument("--print-xml", action="store_true", help="print the XML, take nothing")
+    p.add_argument("--memspec", help="memory: snapshot=internal|no (external: not supported)")
+    p.add_argument("--diskspec", action="append", default=[],
+                   help="disk[,snapshot=internal|no] (external: not supported)")  # fmt: skip
+    _refused(p, "--disk-only", "--no-metadata", "--halt", "--reuse-external", "--quiesce")
+    p.add_argument("--atomic", action="store_true", help="all or nothing (always so)")
+    p.add_argument("--live", action="store_true", help="(internal snapshots pause briefly)")
+    p.set_defaults(func=snapshot_create_as)
+    p = sub.add_parser("snapshot-list", help="list a domain's snapshots")
+    _target(p)
+    for flag, text in (("--parent", "add a column with the parent"),
+                       ("--roots", "only snapshots without a parent"),
+                       ("--leaves", "only snapshots without children"),
+                       ("--no-leaves", "only snapshots with children"),
+                       ("--tree", "the snapshots as a tree"),
+                       ("--current", "only the current snapshot"),
+                       ("--name", "names only"),
+                       ("--descendants", "with --from: every descendant, not only children"),
+                       ("--topological", "parents before children (always so)")):  # fmt: skip
+        p.add_argument(flag, action="store_true", help=text)
+    p.add_argument("--from", dest="from_", metavar="SNAPSHOT", help="only below this snapshot")
+    p.set_defaults(func=snapshot_list)
+    p = sub.add_parser("snapshot-info", help="a snapshot's information")
+    _target(p)
+    _named(p)
+    p.set_defaults(func=snapshot_info)
+    p = sub.add_parser("snapshot-dumpxml", help="a snapshot's <domainsnapshot> XML")
+    _target(p)
+    _named(p, required=True)
+    p.add_argument("--security-info", action="store_true", help="(nothing is hidden)")
+    p.set_defaults(func=snapshot_dumpxml)
+    p = sub.add_parser("snapshot-current", help="the current snapshot (its XML, or --name)")
+    _target(p)
+    p.add_argument("--name", action="store_true", help="its name only")
+    p.add_argument("--security-info", action="store_true", help="(nothing is hidden)")
+    p.set_defaults(func=snapshot_current)
+    p = sub.add_parser("snapshot-parent", help="a snapshot's parent")
+    _target(p)
+    _named(p)
+    p.set_defaults(func=snapshot_parent)
+    p = sub.add_parser("snapshot-revert", help="bring a domain back to a snapshot")
+    _target(p)
+    _named(p)
+    p.add_argument("--running", action="store_true", help="running afterwards")
+    p.add_argument("--paused", action="store_true", help="paused afterwards")
+    p.add_argument("--force", action="store_true", help="(accepted; nothing needs forcing)")
+    p.set_defaults(func=snapshot_revert)
+    p = sub.add_parser("snapshot-delete", help="delete a snapshot")
+    _target(p)
+    _named(p)
+    p.add_argument("--children", action="store_true", help="its descendants too")
+    p.add_argument("--children-only", action="store_true", help="only its descendants")
+    p.add_argument("--metadata", action="store_true", help="forget it, keep the images' data")
+    p.set_defaults(func=snapshot_delete)
+
+
+def _check_refused(args: argparse.Namespace) -> None:
+    for flag in ("disk_only", "redefine", "no_metadata", "halt", "reuse_external", "quiesce"):
+        if getattr(args, flag, False):
+            raise NoSupport(f"snapshot --{flag.replace('_', '-')} is not supported yet"
+                            " (internal snapshots are)")  # fmt: skip
+
+
+async def _name(dom: Domain, args: argparse.Namespace) -> str:
+    """The snapshot a verb acts on: its argument, or with --current the current one."""
+    if args.snapshotname and getattr(args, "current", False):
+        raise InvalidArgument("give a snapshot name or --current, not both")
+    if args.snapshotname:
+        return str(args.snapshotname)
+    if getattr(args, "current", False):
+        return (await dom.snapshot_current()).name
+    raise InvalidArgument("a snapshot name (or --current) is required")
+
+
+async def snapshot_create(ctx: Context, args: argparse.Namespace) -> int:
+    _check_refused(args)
+    xml = read_xml(args.xmlfile) if args.xmlfile else None
+    dom = await ctx.domain(args.host, args.domain)
+    return _created(ctx, dom, await dom.snapshot_create(xml), args.xmlfile)
+
+
+def _created(ctx: Context, dom: Domain, snap: SnapshotInfo, source: str | None) -> int:
+    if ctx.json:
+        emit_json({"host": dom.host.name, **to_wire(snap)})
+    elif source:
+        print(f"Domain snapshot {snap.name} created from '{source}'")
+    else:
+        print(f"Domain snapshot {snap.name} created")
+    return 0
+
+
+def request_xml(name: str | None, description: str | None, memspec: str | None,
+                diskspecs: list[str]) -> str:  # fmt: skip
+    """snapshot-create-as's options as a ``<domainsnapshot>`` request (virsh builds it so)."""
+    parts = ["<domainsnapshot>"]
+    if name:
+        parts.append(f"  <name>{escape(name)}</name>")
+    if description:
+        parts.append(f"  <description>{escape(description)}</description>")
+    if memspec:
+        mode = memspec.split(",")[0].removeprefix("snapshot=")
+        if "file=" in memspec or mode == "external" or mode.startswith("/"):
+            raise NoSupport("--memspec with a file (external memory) is not supported yet")
+        parts.append(f"  <memory snapshot='{_attr(mode)}'/>")
+    if diskspecs:
+        parts.append("  <disks>")
+        for spec in diskspecs:
+            disk, _, rest = spec.partition(",")
+            opts = dict(kv.partition("=")[::2] for kv in rest.split(",") if kv)
+            mode = opts.get("snapshot", "internal")
+            if mode == "external" or "file" in opts:
+                raise NoSupport(f"--diskspec {spec}: external disk snapshots are not supported yet")
+            name_attr, mode_attr = _attr(disk), _attr(mode)
+            parts.append(f"    <disk name='{name_attr}' snapshot='{mode_attr}'/>")
+        parts.append("  </disks>")
+    parts.append("</domainsnapshot>")
+    return "\n".join(parts) + "\n"
+
+
+def _attr(value: str) -> str:
+    return escape(value, {"'": "&apos;"})
+
+
+async def snapshot_create_as(ctx: Context, args: argparse.Namespace) -> int:
+    _check_refused(args)
+    name = args.opt_name or args.name
+    description = args.opt_description or args.description
+    xml = request_xml(name, description, args.memspec, args.diskspec)
+    if args.print_xml:
+        sys.stdout.write(xml)
+        return 0
+    dom = await ctx.domain(args.host, args.domain)
+    return _created(ctx, dom, await dom.snapshot_create(xml), None)
+
+
+def _when(epoch: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(epoch))
+
+
+def select(snaps: list[SnapshotInfo], args: argparse.Namespace) -> list[SnapshotInfo]:
+    """virsh snapshot-list's filters, parents before children."""
+    by_name = {s.name: s for s in snaps}
+    if args.from_:
+        if args.from_ not in by_name:
+            raise NoDomainSnapshot(f"no snapshot named '{args.from_}'")
+        below = _below(snaps, args.from_, every=args.descendants or args.tree)
+        snaps = [s for s in snaps if s.name in below]
+    if args.current:
+        snaps = [s for s in snaps if s.current]
+    if args.roots:
+        snaps = [s for s in snaps if s.parent is None]
+    if args.leaves:
+        snaps = [s for s in snaps if s.children == 0]
+    if args.no_leaves:
+        snaps = [s for s in snaps if s.children > 0]
+    return snaps
+
+
+def _below(snaps: list[SnapshotInfo], name: str, every: bool) -> set[str]:
+    found: set[str] = set()
+    todo = [name]
+    while todo:
+        parent = todo.pop()
+        for s in snaps:
+            if s.parent == parent and s.name not in found:
+                found.add(s.name)
+                if every:
+                    todo.append(s.name)
+    return found
+
+
+def tree_lines(snaps: list[SnapshotInfo], root: str | None = None) -> list[str]:
+    """virsh's ``--tree`` drawing."""
+    names = {s.name for s in snaps}
+    kids: dict[str | None, list[str]] = {}
+    for s in snaps:
+        parent = s.parent if s.parent in names else None
+        kids.setdefault(parent, []).append(s.name)
+    lines: list[str] = []
+
+    def walk(name: str, indent: str, last: bool, top: bool) -> None:
+        if top:
+            lines.append(name)
+            child_indent = ""
+        else:
+            lines.append(f"{indent}|")
+            lines.append(f"{indent}+- {name}")
+            child_indent = indent + ("    " if last else "|   ")
+        children = kids.get(name, [])
+        for i, child in enumerate(children):
+            walk(child, child_indent + ("  " if top else ""), i == len(children) - 1, False)
+
+    tops = kids.get(None, []) if root is None else [root]
+    for i, top in enumerate(tops):
+        if i:
+            lines.append("")
+        walk(top, "", True, True)
+    return lines
+
+
+async def snapshot_list(ctx: Context, args: argparse.Namespace) -> int:
+    dom = await ctx.domain(args.host, args.domain)
+    snaps = select(await dom.snapshots(), args)
+    if ctx.json:
+        emit_json([to_wire(s) for s in snaps])
+    elif args.tree:
+        for line in tree_lines(snaps):
+            print(line)
+    elif args.name:
+        for s in snaps:
+            print(s.name)
+    elif args.parent:
+        print(table(["Name", "Creation Time", "State", "Parent"],
+                    [(s.name, _when(s.creation_time), s.state, s.parent or "")
+                     for s in snaps]))  # fmt: skip
+    else:
+        print(table(["Name", "Creation Time", "State"],
+                    [(s.name, _when(s.creation_time), s.state) for s in snaps]))  # fmt: skip
+    return 0
+
+
+async def snapshot_info(ctx: Context, args: argparse.Namespace) -> int:
+    dom = await ctx.domain(args.host, args.domain)
+    snap = await dom.snapshot(await _name(dom, args))
+    if ctx.json:
+        emit_json({"host": dom.host.name, **to_wire(snap)})
+        return 0
+    print(fields([
+        ("Name", snap.name), ("Domain", snap.domain), ("Current", "yes" if snap.current else "no"),
+        ("State", snap.state), ("Location", snap.location), ("Parent", snap.parent or "-"),
+        ("Children", snap.children), ("Descendants", snap.descendants), ("Metadata", "yes"),
+    ]))  # fmt: skip
+    return 0
+
+
+async def snapshot_dumpxml(ctx: Context, args: argparse.Namespace) -> int:
+    dom = await ctx.domain(args.host, args.domain)
+    sys.stdout.write(await dom.snapshot_xml(args.snapshotname))
+    return 0
+
+
+async def snapshot_current(ctx: Context, args: argparse.Namespace) -> int:
+    dom = await ctx.domain(args.host, args.domain)
+    snap = await dom.snapshot_current()
+    if ctx.json:
+        emit_json({"host": dom.host.name, **to_wire(snap)})
+    elif args.name:
+        print(snap.name)
+    else:
+        sys.stdout.write(await dom.snapshot_xml(snap.name))
+    return 0
+
+
+async def snapshot_parent(ctx: Context, args: argparse.Namespace) -> int:
+    dom = await ctx.domain(args.host, args.domain)
+    snap = await dom.snapshot(await _name(dom, args))
+    if snap.parent is None:
+        raise NoDomainSnapshot(f"snapshot '{snap.name}' has no parent")
+    if ctx.json:
+        emit_json({"host": dom.host.name, "snapshot": snap.name, "parent": snap.parent})
+    else:
+        print(snap.parent)
+    return 0
+
+
+async def snapshot_revert(ctx: Context, args: argparse.Namespace) -> int:
+    if args.running and args.paused:
+        raise InvalidArgument("--running and --paused are mutually exclusive")
+    dom = await ctx.domain(args.host, args.domain)
+    name = await _name(dom, args)
+    status = await dom.snapshot_revert(name, running=args.running, paused=args.paused)
+    if ctx.json:
+        emit_json({"host": dom.host.name, "domain": args.domain, "snapshot": name,
+                   **to_wire(status)})  # fmt: skip
+    return 0  # virsh prints nothing
+
+
+async def snapshot_delete(ctx: Context, args: argparse.Namespace) -> int:
+    dom = await ctx.domain(args.host, args.domain)
+    name = await _name(dom, args)
+    deleted = await dom.snapshot_delete(name, children=args.children,
+                                        children_only=args.children_only,
+                                        metadata=args.metadata)  # fmt: skip
+    if ctx.json:
+        emit_json({"host": dom.host.name, "domain": args.domain, "deleted": deleted})
+    elif args.children_only:
+        print(f"Domain snapshot {name} children deleted")
+    else:
+        print(f"Domain snapshot {name} deleted")
+    return 0
