@@ -32,7 +32,8 @@ def xen_run(tmp_path_factory: pytest.TempPathFactory) -> BootResult:
     keep = os.environ.get("VIRTBUS_XEN_LOG")
     if keep:
         Path(keep).write_text(log.read_text())
-    print(f"nested Xen run: {result.seconds:.1f} s, console log {log}")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"nested Xen run: {result.seconds:.1f} s (load now {load}), console log {log}")
     return result
 
 
@@ -64,6 +65,8 @@ def test_scenario(xen_run: BootResult, name: str) -> None:
         for kind, text in kinds.items()
     )
     rows = f"\nxl list -v rows seen: {json.dumps(rec['rows'])}" if "rows" in rec else ""
+    if "xl_list_s" in rec:
+        rows += f"\nxl list -v took (s): {json.dumps(rec['xl_list_s'])}"
     assert rec["ok"], (
         f"{name} failed: {rec['error']}\nevents: {json.dumps(rec['events'])}{rows}{logs}"
     )

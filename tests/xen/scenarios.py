@@ -40,6 +40,8 @@ T0 = time.monotonic()
 Pairs = list[tuple[str, str | None]]
 # every change of an `xl list -v` row the source driver saw: (at, name, domid, state, code)
 TRANSITIONS: list[tuple[float, str, int, str, int | None]] = []
+# every `xl list -v` of the source driver: (at, seconds it took) — how starved dom0 is
+LIST_SECONDS: list[tuple[float, float]] = []
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -315,6 +317,9 @@ async def run_one(
     if error is not None:  # what the guest and its xl monitor said: the cause is often there
         record["logs"] = {n: _log_tails(n) for n in names}
         record["rows"] = [r for r in TRANSITIONS if r[1].split("--")[0] in names]
+        during = sorted(sec for at, sec in LIST_SECONDS if at >= start - T0)
+        median = during[len(during) // 2] if during else None
+        record["xl_list_s"] = {"count": len(during), "median": median, "max": max(during or [0])}
     emit(record)
     return error is None
 
@@ -354,7 +359,11 @@ async def main(selected: list[str]) -> int:
     raw_list = drv.xl.list_verbose
 
     async def recording_list(timeout: float | None = None) -> list[XlDomain]:
-        rows = await raw_list(timeout=timeout)
+        began = time.monotonic()
+        try:
+            rows = await raw_list(timeout=timeout)
+        finally:
+            LIST_SECONDS.append((round(began - T0, 1), round(time.monotonic() - began, 2)))
         for r in rows:
             if last.get(r.domid) != (r.name, r.state, r.reason_code):
                 last[r.domid] = (r.name, r.state, r.reason_code)
