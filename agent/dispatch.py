@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import signal
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -44,6 +46,11 @@ from virtbus.protocol.envelope import Envelope, error_body, ok_body
 from virtbus.protocol.registry import REGISTRY, Op
 
 log = logging.getLogger(__name__)
+
+# Fault injection for the crash tests: an agent started with this variable set to an op's
+# name stops itself (SIGSTOP) once that op's reply is sent and recorded and before its
+# ack, so a test can kill -9 it exactly where RabbitMQ redelivers an executed call.
+_STOP_BEFORE_ACK = os.environ.get("VIRTBUS_FAULT_STOP_BEFORE_ACK")
 
 Reply = dict[str, Any]
 
@@ -255,6 +262,9 @@ class Dispatcher:
         if entry is not None and entry[0] == call_fingerprint(call):
             del self._recording[call.id]
             await entry[1]
+        if call.op == _STOP_BEFORE_ACK:  # the crash window of tests/e2e/test_agent_crash.py
+            log.warning("call %s (%s): stopping before its ack (fault injection)", call.id, call.op)
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def restore(self, replies: list[tuple[str, str | None, Reply]]) -> None:
         """Answers remembered from before a restart (oldest first)."""

@@ -42,6 +42,7 @@ from virtbus.bus.topology import (
 )
 from virtbus.domain import parse_domain_xml
 from virtbus.errors import (
+    ConfigUnsupported,
     InvalidArgument,
     NoDomainError,
     NoHostError,
@@ -359,7 +360,9 @@ class SchedulerService:
         self.view.claim(host, Claim(uuid, name, memory, vcpus, groups, expires))
 
     async def _migrate(self, req: MigrateRequest) -> MigrationRecordMessage:
-        record = await self.start_migration(req.domain, req.to, req.params, req.timeout)
+        record = await self.start_migration(
+            req.domain, req.to, req.params, req.timeout, destination_xml=req.xml
+        )
         return record.to_wire()
 
     async def start_migration(
@@ -369,8 +372,10 @@ class SchedulerService:
         params: MigrationParams,
         timeout: float | None,
         drain: str | None = None,
+        destination_xml: str | None = None,
     ) -> MigrationRecord:
-        """Find the domain, place it (or check ``to``), claim, journal, start."""
+        """Find the domain, place it (or check ``to``), claim, journal, start.
+        ``destination_xml`` replaces the source's definition at the destination."""
         source, info = await self._locate(ref)
         if self.coordinator.busy(info.uuid):
             raise OperationInvalid(f"domain '{info.name}' is already migrating")
@@ -379,6 +384,8 @@ class SchedulerService:
         defn = parse_domain_xml(reply.xml)
         defn.root.attrib.pop("id", None)  # the running id: not part of a definition
         xml = defn.to_xml()
+        if destination_xml is not None:
+            xml = _destination_definition(defn.name, defn.uuid, destination_xml)
         candidates = self.view.candidates()
         src = next((c for c in candidates if c.name == source), None)
         if src is None:
@@ -543,3 +550,15 @@ class SchedulerService:
         if inv is not None:  # until its next heartbeat shows it
             self.view.hosts[host].inventory = msgspec.structs.replace(inv, draining=False)
         return DrainFlag(host=host, draining=False)
+
+
+def _destination_definition(name: str, uuid: str, xml: str) -> str:
+    """``virsh migrate --xml``: the definition the destination starts. Like libvirt's ABI
+    check it must name the same domain; other host-side values (paths) may differ."""
+    defn = parse_domain_xml(xml)  # XML_ERROR for a malformed file
+    if defn.name != name:
+        raise ConfigUnsupported(f"target domain name '{defn.name}' does not match source '{name}'")
+    if defn.uuid != uuid:
+        raise ConfigUnsupported(f"target domain uuid {defn.uuid} does not match source {uuid}")
+    defn.root.attrib.pop("id", None)
+    return defn.to_xml()

@@ -100,8 +100,11 @@ async def agent_process(
     bus: str = BUS_URL,
     keep_queue: bool = False,
     allowed_dirs: tuple[Path, ...] | None = None,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[AgentProc]:
-    """A real agent process; stopped with SIGTERM (must exit 0) and its queue deleted.
+    """A real agent process (``env``: extra environment variables); stopped with SIGTERM
+    and its queue deleted. A SIGTERM exit other than 0 fails the test (unless the test
+    already failed): the README promises a clean stop.
 
     A QEMU agent's domains may name files in ``allowed_dirs``, by default the guest cache
     and the parent of ``state_dir`` (where the tests put disks, serial logs and sockets).
@@ -125,23 +128,37 @@ async def agent_process(
         *extra,
         stdout=asyncio.subprocess.PIPE,
         stderr=log,
+        env={**os.environ, **env} if env else None,
     )
+    failed = False
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
         assert b"ready" in line, f"agent did not start: {line!r}"
         yield AgentProc(host, proc, state_dir)
+    except BaseException:
+        failed = True
+        raise
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 20)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        code = await terminate(proc)
         log.close()
         if not keep_queue:
             await delete_queues(f"virtbus.agent.{host}")
+    if code not in (None, 0) and not failed:
+        raise AssertionError(f"agent {host} exited {code} after SIGTERM (see {log.name})")
+
+
+async def terminate(proc: asyncio.subprocess.Process, grace: float = 20.0) -> int | None:
+    """SIGTERM and wait: the exit code, or None when the process had already exited (a
+    test killed it) or had to be killed after ``grace`` (then the code is -9, a failure)."""
+    if proc.returncode is not None:
+        return None
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        proc.kill()
+        return await proc.wait()
 
 
 async def delete_queues(*names: str) -> None:
@@ -190,7 +207,8 @@ SCHEDULER = (
 async def scheduler_process(
     state_dir: Path, *extra: str, bus: str = BUS_URL
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A real scheduler (short host-down and step timeouts); stopped with SIGTERM. Give it
+    """A real scheduler (short host-down and step timeouts); stopped with SIGTERM (an exit
+    other than 0 fails the test). Give it
     a vhost of its own: the scheduler queue has a single active consumer."""
     state_dir.mkdir(parents=True, exist_ok=True)
     log = open(state_dir / "scheduler.log", "ab")  # noqa: SIM115  # closed below; tiny local file
@@ -210,20 +228,20 @@ async def scheduler_process(
         stdout=asyncio.subprocess.PIPE,
         stderr=log,
     )
+    failed = False
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
         assert b"ready" in line, f"scheduler did not start: {line!r}"
         yield proc
+    except BaseException:
+        failed = True
+        raise
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 20)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        code = await terminate(proc)
         log.close()
+    if code not in (None, 0) and not failed:
+        raise AssertionError(f"scheduler exited {code} after SIGTERM (see {log.name})")
 
 
 @contextmanager

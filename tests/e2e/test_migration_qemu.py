@@ -1,9 +1,11 @@
 """Live migration of a real QEMU guest between two agents, driven by virtbus-scheduler.
 
 The test kernel's guest prints ``VIRTBUS-TICK n`` on its serial console every half
-second; after the move the source QEMU is gone and the ticks keep counting (only the
-destination can write them), so the guest really kept running. Migration over
-127.0.0.1 TCP, shared storage (the same paths on both "hosts").
+second. Each side writes its own serial file (the destination's definition is given with
+``virtbus migrate --xml``, as in test_qemu_live_migration.py): after the move the source
+QEMU is gone and the destination's file carries on from the source's last tick, so the
+guest really kept running there. Migration over 127.0.0.1 TCP, shared storage (the same
+image paths on both "hosts").
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.slow]
 TICK = re.compile(rb"VIRTBUS-TICK (\d+)")
 
 
-def kernel_xml(kernel: Path, initrd: Path, cmdline: str, serial: Path) -> str:
+def kernel_xml(kernel: Path, initrd: Path, cmdline: str, serial: Path, uuid: str = "") -> str:
     return f"""<domain type='qemu'>
-  <name>mig1</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>
+  <name>mig1</name>{f"<uuid>{uuid}</uuid>" if uuid else ""}
+  <memory unit='MiB'>128</memory><vcpu>1</vcpu>
   <os><type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>{cmdline}</cmdline></os>
   <features><acpi/></features>
@@ -73,19 +76,30 @@ async def test_running_guest_moves_and_keeps_ticking(
     guest = await ensure_test_guest()
     base = e2e_root / f"mig-{time.monotonic_ns()}"
     base.mkdir()
-    serial = base / "mig1.serial"
-    xml = base / "mig1.xml"
+    serial, dst_serial = base / "mig1-src.serial", base / "mig1-dst.serial"
+    xml, dst_xml = base / "mig1.xml", base / "mig1-dst.xml"
     xml.write_text(kernel_xml(guest.kernel, guest.initramfs, guest.cmdline, serial))
     async with agents(base, 2, driver="qemu") as (a, b), scheduler_process(base / "sched"):
         await wait_hosts(2)
         await vcli("define", str(xml), "--host", a.host)
         await vcli("start", "mig1", "--host", a.host)
-        before = await wait_tick(serial, 2)
+        uuid = (await cli("--json", "dominfo", "mig1", "--host", a.host, bus=URL)).json()["uuid"]
+        dst_xml.write_text(
+            kernel_xml(guest.kernel, guest.initramfs, guest.cmdline, dst_serial, uuid)
+        )
+        await wait_tick(serial, 2)
         src_pids = set(qemu_pids_under(a.state_dir))
-        r = await cli("migrate", "mig1", "--to", b.host, *options, "--wait", bus=URL, timeout=120)
+        r = await cli(
+            "migrate", "mig1", "--to", b.host, "--xml", str(dst_xml), *options, "--wait",
+            bus=URL, timeout=120,
+        )  # fmt: skip
         assert r.code == 0, r.err
         assert await placed("mig1") == [(b.host, "running")]
-        await asyncio.sleep(1.0)
-        assert not (src_pids & set(qemu_pids_under(a.state_dir))), "source QEMU still runs"
-        await wait_tick(serial, before + 3)  # only the destination can write these
+        last_at_source = max_tick(serial)
+        async with asyncio.timeout(30):  # confirm quit the source's QEMU; it may still exit
+            while src_pids & set(qemu_pids_under(a.state_dir)):
+                await asyncio.sleep(0.05)
+        # only the destination writes this file, from where the source stopped
+        assert await wait_tick(dst_serial, last_at_source + 2) > last_at_source + 2
+        assert max_tick(serial) == last_at_source, "the source's console still counts"
         await vcli("destroy", "mig1", "--host", b.host)

@@ -12,10 +12,20 @@ from typing import Any
 import aio_pika
 import msgpack
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 
 from virtbus.bus.amqp import REPLY_TO, AmqpBus
-from virtbus.bus.topology import DEAD_LETTER_QUEUE, EVENTS_EXCHANGE, RPC_EXCHANGE, call_queue_for
+from virtbus.bus.topology import (
+    DEAD_LETTER_EXCHANGE,
+    EVENTS_EXCHANGE,
+    RPC_EXCHANGE,
+    call_queue_for,
+)
 from virtbus.errors import BusUnavailable, NoConnect, NoDomainError, OperationTimeout
 from virtbus.protocol.codec import DecodeLimits, decode, encode
 from virtbus.protocol.envelope import Envelope, Kind, ok_body
@@ -208,32 +218,38 @@ async def test_malformed_with_reply_to_gets_rpc_error_and_server_lives(env: Env)
     assert (await env.client.call(route, "host.ping", {}, timeout=2))["op"] == "host.ping"
 
 
-async def _find_dead_letter(channel: AbstractChannel, message_id: str) -> bool:
-    """Scan virtbus.dead without disturbing others: hold everything, ack only ours."""
-    queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
-    found = False
-    for _ in range(5000):
-        message = await queue.get(no_ack=False, fail=False)
-        if message is None:
-            break
-        if message.message_id == message_id:
+async def _dead_letter_watch(channel: AbstractChannel) -> AbstractQueue:
+    """A private queue on the dead-letter fanout: it gets a copy of every message
+    dead-lettered from now on, whatever earlier runs left in virtbus.dead."""
+    queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+    await queue.bind(DEAD_LETTER_EXCHANGE)
+    return queue
+
+
+async def _dead_letter_of(queue: AbstractQueue, message_id: str, timeout: float = 10) -> Any:
+    """The dead letter ``message_id`` once it arrived on ``queue`` (others are skipped)."""
+    async with asyncio.timeout(timeout), queue.iterator() as messages:
+        async for message in messages:
             await message.ack()
-            found = True
-            break
-    await channel.close()  # everything else we held goes back to the queue
-    return found
+            if message.message_id == message_id:
+                return message
+    raise AssertionError("the watch queue closed")
 
 
 async def test_malformed_without_reply_to_is_dead_lettered(env: Env) -> None:
     route = env.route()
     calls: list[Envelope] = []
     await env.server.serve(route, echo(calls))
+    watch = await _dead_letter_watch(await env.raw.channel())
     raw = await RawCaller(env.raw_channel).start()
     message_id = uuid.uuid4().hex
     await raw.send(route, b"\xc1 garbage", reply=False, message_id=message_id)
-    await asyncio.sleep(0.3)
+    dead = await _dead_letter_of(watch, message_id)
+    assert dead.body == b"\xc1 garbage"
+    [death] = dead.headers["x-death"]  # rejected once, from our call queue
+    assert death["reason"] == "rejected" and death["count"] == 1, death
+    assert death["queue"] == call_queue_for(route).name, death
     assert await env.queue_depth(route) == 0  # rejected without requeue, not redelivered
-    assert await _find_dead_letter(await env.raw.channel(), message_id)
     assert (await env.client.call(route, "host.ping", {}, timeout=2))["op"] == "host.ping"
     assert len(calls) == 1
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.procs import AgentProc, agent_process, cli, event_listener, unique_host
+from tests.procs import AgentProc, agent_process, cli, event_listener, terminate, unique_host
 from virtbus.bus.factory import open_bus
 from virtbus.bus.topology import SCHEDULER_ROUTE
 from virtbus.errors import InvalidArgument, OperationTimeout
@@ -71,21 +70,21 @@ async def scheduler_process(
         stdout=asyncio.subprocess.PIPE,
         stderr=log,
     )
+    failed = False
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
         assert b"ready" in line, f"scheduler did not start: {line!r}"
         proc.scheduler_id = line.split()[1].decode()  # type: ignore[attr-defined]
         yield proc
+    except BaseException:
+        failed = True
+        raise
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 20)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        code = await terminate(proc)
         log.close()
+    if code not in (None, 0) and not failed:  # SIGTERM is a clean stop: exit 0
+        raise AssertionError(f"scheduler exited {code} after SIGTERM (see {log.name})")
 
 
 async def vcli(*args: str, timeout: float = 60) -> Any:

@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 from virtbus.cli.context import Context
+from virtbus.cli.domain import read_xml
 from virtbus.cli.output import emit_json, table
 from virtbus.cli.term import ProgressLine, Style, bar
 from virtbus.errors import MigrateFailed, OperationFailed
@@ -32,6 +33,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="move a shut-off domain's definition instead (containers move this way)",
     )  # fmt: skip
     _migration_options(p)
+    p.add_argument(
+        "--xml", metavar="FILE",
+        help="the definition the destination starts (host paths may differ; same name, uuid)",
+    )  # fmt: skip
     p.add_argument("--wait", action="store_true", help="follow it until it ends")
     p.set_defaults(func=migrate)
 
@@ -121,8 +126,9 @@ async def migrate(ctx: Context, args: argparse.Namespace) -> int:
             print(f"Domain '{moved['domain']}' moved offline: {moved['source']} -> "
                   f"{moved['destination']}")  # fmt: skip
         return 0
+    xml = read_xml(args.xml) if args.xml else None
     record = await ctx.client.scheduler.migrate(
-        args.domain, args.to, _params(args), timeout=args.migration_timeout
+        args.domain, args.to, _params(args), timeout=args.migration_timeout, xml=xml
     )
     if args.wait:
         record = await follow_migration(ctx, record)

@@ -497,9 +497,12 @@ class Scheduler:
         params: MigrationParams | None = None,
         *,
         timeout: float | None = None,
+        xml: str | None = None,
     ) -> MigrationRecord:
+        """Live-migrate ``domain``; ``xml``: the destination's definition (virsh migrate
+        --xml: other host paths, same name and uuid)."""
         request = MigrateRequest(
-            domain=domain, to=to, params=params or MigrationParams(), timeout=timeout
+            domain=domain, to=to, params=params or MigrationParams(), timeout=timeout, xml=xml
         )
         return await self.call(ops.SCHEDULER_MIGRATE, request)
 

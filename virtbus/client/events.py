@@ -88,6 +88,14 @@ class EventStream:
         self._sub = sub
         self._wanted = wanted
         self._dedup = Dedup(since if isinstance(since, int) and not isinstance(since, bool) else 0)
+        # A stream replays from the chunk that holds a timestamp, so earlier events come too.
+        self._from_ts = (
+            since.timestamp()
+            if isinstance(since, datetime)
+            else float(since)
+            if isinstance(since, float)
+            else None
+        )
 
     def __aiter__(self) -> EventStream:
         return self
@@ -102,6 +110,8 @@ class EventStream:
                 continue
             if ev.ts is None:
                 ev.ts = env.ts
+            if self._from_ts is not None and ev.ts is not None and ev.ts < self._from_ts:
+                continue  # replayed from before --since TIME
             # Routing words are sanitised and the history has every host: filter exactly.
             if self._wanted.matches(ev) and self._dedup.fresh(ev):
                 return ev

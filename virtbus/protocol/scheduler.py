@@ -91,12 +91,14 @@ class PlacedDomain(Message):
 
 
 class MigrateRequest(Message):
-    """``to``: the destination (placed by the filters when absent)."""
+    """``to``: the destination (placed by the filters when absent); ``xml``: the definition
+    the destination starts (virsh migrate --xml), same name and uuid as the domain's."""
 
     domain: Name
     to: HostName | None = None
     params: MigrationParams = default(default_factory=MigrationParams)
     timeout: Seconds | None = None
+    xml: XmlText | None = None
 
 
 class MigrationQuery(Message):
