@@ -338,7 +338,8 @@ def _path_list(text: str) -> tuple[Path, ...]:
 
 
 def _str_list(text: str) -> tuple[str, ...]:
-    return tuple(p for p in text.split(":") if p)
+    """``a,b`` (commas: an IPv6 address holds colons)."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 _CONVERT: dict[Any, Any] = {
@@ -346,7 +347,7 @@ _CONVERT: dict[Any, Any] = {
     tuple[Path, ...]: _path_list, tuple[str, ...]: _str_list,
 }  # fmt: skip
 _KIND_NAMES = {tuple[Path, ...]: "a ':'-separated list of absolute paths",
-               tuple[str, ...]: "a ':'-separated list"}  # fmt: skip
+               tuple[str, ...]: "a ','-separated list"}  # fmt: skip
 
 
 def options_into(cls: type[T], options: Mapping[str, str], what: str, **fixed: Any) -> T:

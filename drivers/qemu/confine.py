@@ -21,6 +21,11 @@ the path, any that lies outside what its kind may use:
 - programs the agent runs as root (interface scripts, a virtiofsd binary): only
   ``program_dirs``.
 
+What a domain listens on is the host's to decide as well: VNC/SPICE displays, TCP/UDP
+chardevs in server mode and socket NICs (``<interface type='server'>``), and the
+incoming migration (:func:`check_listen`) listen on a loopback address unless the host's
+``listen_allowed`` names the address (or ``*``); anything else is AUTH_DENIED naming it.
+
 The rules live here and nowhere else; the driver calls :func:`check` from define,
 hot-plug and start (:meth:`drivers.qemu.launch.Launcher.confine`). ``enforce=False`` is
 the operator's explicit opt-out (and the compatibility harness's, which builds libvirt's
@@ -30,6 +35,7 @@ test inputs with their arbitrary paths).
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -91,6 +97,8 @@ class ConfineSettings:
     allowed_devices: tuple[str, ...] = DEFAULT_DEVICES
     firmware_roots: tuple[Path, ...] = DEFAULT_FIRMWARE_ROOTS
     program_dirs: tuple[Path, ...] = DEFAULT_PROGRAM_DIRS
+    #: addresses besides loopback a domain may listen on ("*": any)
+    listen_allowed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +145,8 @@ def check(defn: DomainDefinition, roots: Roots, *, images: bool = False) -> None
         return
     for hp in host_paths(defn.root):
         check_path(hp, roots, defn.name)
+    for what, address in listen_addresses(defn.root):
+        check_listen(defn.name, what, address, roots.settings)
     if images:
         for hp in image_backing_paths(defn):
             check_path(hp, roots, defn.name)
@@ -165,6 +175,60 @@ def check_path(hp: HostPath, roots: Roots, domain: str) -> None:
         f"as a {hp.kind.value} ({where}); put it in a storage pool or the domain's run dir "
         "or ask the host's operator to allow it (QEMU driver option allowed_dirs)"
     )
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1 or ``localhost`` (a host name is not resolved: it is not loopback)."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen(domain: str, what: str, address: str, settings: ConfineSettings) -> None:
+    """AUTH_DENIED unless ``address`` is loopback or allowed by ``listen_allowed``."""
+    if not settings.enforce or is_loopback(address):
+        return
+    if "*" in settings.listen_allowed or address in settings.listen_allowed:
+        return
+    allowed = ", ".join(settings.listen_allowed) or "none"
+    raise AuthDenied(
+        f"domain '{domain}': {what} may not listen on '{address}': this host allows loopback "
+        f"only besides {allowed} (QEMU driver option listen_allowed)"
+    )
+
+
+def listen_addresses(root: Element) -> list[tuple[str, str]]:
+    """(what, address) of every listening address a ``<domain>`` (or one device) names."""
+    out: list[tuple[str, str]] = []
+    if root.tag == "domain":
+        devices = root.find("devices")
+        children: Iterable[Element] = devices if devices is not None else ()
+    else:
+        children = (root,)
+    for el in children:
+        if not isinstance(el.tag, str):
+            continue
+        tag = str(el.tag)
+        if tag == "graphics":
+            what = f"<graphics type='{el.get('type')}'>"
+            if address := el.get("listen"):
+                out.append((what, address))
+            for listen in el.findall("listen"):
+                if listen.get("type", "address") == "address" and (a := listen.get("address")):
+                    out.append((what, a))
+        elif tag in _CHARDEV_TAGS and el.get("type") in ("tcp", "udp"):
+            for src in el.findall("source"):
+                server = el.get("type") == "udp" or src.get("mode") == "bind"
+                if server and src.get("mode") != "connect":
+                    out.append((f"<{tag} type='{el.get('type')}'>", src.get("host") or "0.0.0.0"))
+        elif tag == "interface" and el.get("type") == "server":
+            src = el.find("source")
+            if src is not None:
+                out.append(("<interface type='server'>", src.get("address") or "0.0.0.0"))
+    return out
 
 
 # ------------------------------------------------------------- what a definition names

@@ -214,8 +214,14 @@ class Launcher:
         if device is not None:
             for hp in confine.host_paths(device):
                 await asyncio.to_thread(confine.check_path, hp, roots, defn.name)
+            for what, address in confine.listen_addresses(device):
+                confine.check_listen(defn.name, what, address, settings)
             return
         await asyncio.to_thread(confine.check, defn, roots, images=images)
+
+    def check_listen(self, domain: str, what: str, address: str) -> None:
+        """AUTH_DENIED unless this host lets ``domain`` listen on ``address``."""
+        confine.check_listen(domain, what, address, self._settings.confinement())
 
     def forget(self, uuid: str) -> None:
         """The domain is gone from this host (undefined, or migrated away): its persistent

@@ -75,6 +75,7 @@ class MigrationSteps:
         """Launch an incoming QEMU (``-incoming defer``, paused) and ``migrate-incoming``."""
         defn = parse_domain_xml(xml)
         check_type(defn)
+        self._launcher.check_listen(defn.name, "the incoming migration", params.listen)
         self._registry.check_free(defn)
         dom = self._registry.by_uuid(defn.uuid)
         if dom is not None and (dom.run is not None or dom.state != S.SHUTOFF):

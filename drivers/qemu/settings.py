@@ -61,11 +61,14 @@ class QemuSettings:
     #: it) gives each QEMU that uid and chowns the domain's files to it for the run; empty:
     #: QEMU runs as the agent's user (root), as before
     qemu_user: str = ""
+    #: addresses besides loopback that displays, TCP chardevs and incoming migrations may
+    #: listen on (``--driver-option listen_allowed=192.0.2.10,198.51.100.7``; "*": any)
+    listen_allowed: tuple[str, ...] = ()
 
     def confinement(self) -> ConfineSettings:
         """The confinement rules these settings give."""
         return ConfineSettings(
             enforce=self.confine_paths, allowed_dirs=self.allowed_dirs,
             allowed_devices=self.allowed_devices, firmware_roots=self.firmware_roots,
-            program_dirs=self.program_dirs,
+            program_dirs=self.program_dirs, listen_allowed=self.listen_allowed,
         )  # fmt: skip

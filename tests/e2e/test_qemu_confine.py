@@ -5,6 +5,7 @@ touched; a domain whose paths are inside boots; the agent keeps serving."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import tempfile
@@ -14,9 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.conftest import qemu_pids_under
 from tests.e2e.test_qemu_driver import firmware_xml, kernel_xml, wait_serial
 from tests.guests import READY_MARKER, TestGuest, build_test_guest
-from tests.procs import agent_process, cli, qemu_allowed_dirs, unique_host
+from tests.procs import BUS_URL, agent_process, cli, qemu_allowed_dirs, unique_host
+from virtbus.bus.factory import open_bus
+from virtbus.errors import VirtbusError
+from virtbus.protocol import ops
 
 pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -134,3 +139,85 @@ async def test_a_path_that_escapes_after_define_is_refused_at_start(host: Host) 
     assert r.code != 0 and "AUTH_DENIED" in r.err and "resolves to '/etc/shadow'" in r.err
     r = await cli("--json", "dominfo", "late", "--host", host.name)
     assert r.code == 0 and r.json()["state"] == "shutoff", r.out
+
+
+def vnc(extra: str = "") -> str:
+    return f"<graphics type='vnc' autoport='yes' {extra}/>"
+
+
+async def test_listening_is_loopback_unless_the_host_allows_it(host: Host) -> None:
+    """Displays, TCP chardevs and the incoming migration refuse a non-loopback address."""
+    refused = {
+        "v-any": vnc("listen='0.0.0.0'"),
+        "v-el": "<graphics type='vnc' autoport='yes'><listen type='address' address='::'/>"
+        "</graphics>",
+        "s-any": "<graphics type='spice' autoport='yes' listen='192.0.2.1'/>",
+        "tcp": "<serial type='tcp'><source mode='bind' host='0.0.0.0' service='4555'/>"
+        "<target port='0'/></serial>",
+    }
+    for name, dev in refused.items():
+        code, err = await host.define(name, firmware_xml(name, devices=dev))
+        assert code != 0 and "AUTH_DENIED" in err and "may not listen on" in err, err
+        assert "listen_allowed" in err, err
+    bus = open_bus(BUS_URL, src="confine-test")
+    await bus.connect()
+    try:
+        with pytest.raises(
+            VirtbusError, match=re.escape("incoming migration may not listen on '0.0.0.0'")
+        ):
+            await bus.call(ops.agent_route(host.name), ops.MIGRATION_PREPARE,
+                           {"xml": firmware_xml("mig"),
+                            "params": {"listen_address": "0.0.0.0"}})  # fmt: skip
+    finally:
+        await bus.close()
+    listing = await cli("--json", "list", "--all", "--host", host.name)
+    assert listing.code == 0 and listing.json() == [], listing.out  # nothing left, serves
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp{,6} spell them) listening on ``port``."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:
+                out.append(addr)
+    return out
+
+
+async def _rfb_security_types(port: int) -> list[int]:
+    """The security types a VNC server offers (RFB 3.8 handshake)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert (await reader.readexactly(12)).startswith(b"RFB 003.")
+        writer.write(b"RFB 003.008\n")
+        await writer.drain()
+        count = (await reader.readexactly(1))[0]
+        return list(await reader.readexactly(count))
+    finally:
+        writer.close()
+
+
+async def test_vnc_listens_on_loopback_and_a_password_is_asked(host: Host) -> None:
+    for name, extra in (("v-pw", "passwd='s3cret'"), ("v-open", "")):
+        code, err = await host.define(name, firmware_xml(name, devices=vnc(extra)))
+        assert code == 0, err
+        assert (await cli("start", name, "--host", host.name)).code == 0
+    ports = {}
+    for name in ("v-pw", "v-open"):
+        r = await cli("dumpxml", name, "--host", host.name)
+        found = re.search(r"<graphics type='vnc'[^>]* port='(\d+)'", r.out)
+        assert found is not None, r.out
+        ports[name] = int(found.group(1))
+        assert _listening(ports[name]) == ["0100007F"], name  # 127.0.0.1 only
+    assert await _rfb_security_types(ports["v-pw"]) == [2]  # VNC authentication
+    assert await _rfb_security_types(ports["v-open"]) == [1]  # none
+    assert "s3cret" not in Path(f"/proc/{_qemu_of(host, 'v-pw')}/cmdline").read_text()
+
+
+def _qemu_of(host: Host, name: str) -> int:
+    for pid in qemu_pids_under(host.base):
+        if f"guest={name}," in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+            return pid
+    raise AssertionError(f"no QEMU for {name}")

@@ -170,3 +170,37 @@ def test_a_qcow2_backing_file_named_in_the_image_is_checked(tmp_path: Path, root
     base.symlink_to("/etc/shadow")
     with pytest.raises(AuthDenied, match="resolves to '/etc/shadow'"):
         confine.check(parse_domain_xml(domain(ok)), roots, images=True)
+
+
+def test_listen_addresses_are_loopback_unless_allowed(roots: Roots) -> None:
+    from dataclasses import replace
+
+    def listen(dev: str, settings: ConfineSettings = roots.settings) -> None:
+        check(domain(dev), replace(roots, settings=settings))
+
+    for ok in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        listen(f"<graphics type='vnc' listen='{ok}'/>")
+    listen("<serial type='tcp'><source mode='connect' host='192.0.2.1' service='1'/></serial>")
+    bad = {
+        "<graphics type='vnc' listen='0.0.0.0'/>": "0.0.0.0",
+        "<graphics type='spice'><listen type='address' address='::'/></graphics>": "::",
+        "<graphics type='vnc' listen='myhost'/>": "myhost",  # names are not resolved
+        "<serial type='tcp'><source mode='bind' service='1'/></serial>": "0.0.0.0",
+        "<interface type='server'><source address='192.0.2.1' port='1'/></interface>": "192.0",
+    }
+    for dev, address in bad.items():
+        with pytest.raises(AuthDenied, match=re.escape(f"may not listen on '{address}")):
+            listen(dev)
+    some = ConfineSettings(listen_allowed=("192.0.2.1", "0.0.0.0"))
+    listen("<graphics type='vnc' listen='0.0.0.0'/>", some)
+    with pytest.raises(AuthDenied):
+        listen("<graphics type='vnc' listen='192.0.2.2'/>", some)
+    listen("<graphics type='vnc' listen='192.0.2.2'/>", ConfineSettings(listen_allowed=("*",)))
+
+
+def test_listen_allowed_is_a_driver_option() -> None:
+    from drivers.qemu.settings import QemuSettings
+    from virtbus.config import options_into
+
+    s = options_into(QemuSettings, {"listen_allowed": "192.0.2.1, fd00::1"}, "qemu driver")
+    assert s.confinement().listen_allowed == ("192.0.2.1", "fd00::1")
