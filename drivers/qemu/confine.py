@@ -143,17 +143,21 @@ def check(defn: DomainDefinition, roots: Roots, *, images: bool = False) -> None
     """
     if not roots.settings.enforce:
         return
+    resolved: dict[Path, str] = {}  # each root resolved once per check
     for hp in host_paths(defn.root):
-        check_path(hp, roots, defn.name)
+        check_path(hp, roots, defn.name, resolved)
     for what, address in listen_addresses(defn.root):
         check_listen(defn.name, what, address, roots.settings)
     if images:
         for hp in image_backing_paths(defn):
-            check_path(hp, roots, defn.name)
+            check_path(hp, roots, defn.name, resolved)
 
 
-def check_path(hp: HostPath, roots: Roots, domain: str) -> None:
-    """AUTH_DENIED unless ``hp`` resolves inside a root its kind may use."""
+def check_path(hp: HostPath, roots: Roots, domain: str,
+               resolved: dict[Path, str] | None = None) -> None:  # fmt: skip
+    """AUTH_DENIED unless ``hp`` resolves inside a root its kind may use (``resolved``:
+    the roots' real paths found so far, filled in)."""
+    resolved = {} if resolved is None else resolved
     if not os.path.isabs(hp.path):
         raise AuthDenied(f"domain '{domain}': {hp.what} '{hp.path}' is not an absolute path")
     real = os.path.realpath(hp.path)  # symlinks and '..' followed, as the kernel would
@@ -165,7 +169,9 @@ def check_path(hp: HostPath, roots: Roots, domain: str) -> None:
         return
     allowed = roots.allowed(hp.kind)
     for root in allowed:
-        base = os.path.realpath(root)
+        base = resolved.get(root)
+        if base is None:
+            base = resolved[root] = os.path.realpath(root)
         if real == base or real.startswith(base.rstrip("/") + "/"):
             return
     shown = f"'{hp.path}'" + (f" (resolves to '{real}')" if real != hp.path else "")
