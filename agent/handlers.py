@@ -7,7 +7,7 @@ from typing import Any
 from agent.admission import Demand
 from agent.table import HANDLERS, AgentContext
 from drivers.base import Driver
-from virtbus.domain import parse_domain_xml
+from virtbus.domain import domain_name_of, parse_domain_xml
 from virtbus.errors import InternalError, NoSupport
 from virtbus.protocol import ops
 from virtbus.protocol.base import Empty
@@ -162,7 +162,7 @@ def serial_key(driver: Driver, op: Op[Any, Any], req: Any) -> str | None:
         xml = getattr(req, "xml", None)
         if not isinstance(xml, str):
             raise InternalError(f"{op.name} is serial but names no target")
-        ref = parse_domain_xml(xml).name
+        ref = domain_name_of(xml)  # the driver parses it fully; only the name is needed here
     elif op.target is Target.DOMAIN:
         known = driver.lookup(ref)
         ref = known.name if known else ref

@@ -43,7 +43,7 @@ from virtbus.domain.serialize import dumps
 from virtbus.domain.support import unknown_attributes, unknown_devices
 from virtbus.domain.units import UNIT_FACTORS, to_kib
 from virtbus.domain.views import normalize_mac
-from virtbus.domain.xml import XMLLimits, parse_domain_xml
+from virtbus.domain.xml import XMLLimits, domain_name_of, parse_domain_xml
 
 __all__ = [
     "MAX_NAME_BYTES",
@@ -82,6 +82,7 @@ __all__ = [
     "Watchdog",
     "XMLLimits",
     "check_domain_name",
+    "domain_name_of",
     "dumps",
     "normalize_mac",
     "optional_int",
