@@ -38,6 +38,13 @@ class Events:
     def of(self, domain: str) -> list[tuple[str, str | None]]:
         return [(e["event"], e["detail"]) for e in self.seen if e["domain"] == domain]
 
+    async def wait_count(self, domain: str, event: str, detail: str | None, n: int) -> None:
+        """Until ``domain`` had ``(event, detail)`` at least ``n`` times."""
+        async with asyncio.timeout(EVENT_WAIT):
+            while self.of(domain).count((event, detail)) < n:
+                self._changed.clear()
+                await self._changed.wait()
+
     async def wait(self, domain: str, event: str, detail: str | None = None) -> None:
         async with asyncio.timeout(EVENT_WAIT):
             while (event, detail) not in self.of(domain) and not (
