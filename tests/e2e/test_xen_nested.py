@@ -65,6 +65,8 @@ def test_scenario(xen_run: BootResult, name: str) -> None:
         for kind, text in kinds.items()
     )
     rows = f"\nxl list -v rows seen: {json.dumps(rec['rows'])}" if "rows" in rec else ""
+    if "last_rows" in rec:
+        rows += f"\nlast row per domid (at, name, state, cpu s): {json.dumps(rec['last_rows'])}"
     if "xl_list_s" in rec:
         rows += f"\nxl list -v took (s): {json.dumps(rec['xl_list_s'])}"
     assert rec["ok"], (

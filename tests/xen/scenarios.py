@@ -42,6 +42,8 @@ Pairs = list[tuple[str, str | None]]
 TRANSITIONS: list[tuple[float, str, int, str, int | None]] = []
 # every `xl list -v` of the source driver: (at, seconds it took) — how starved dom0 is
 LIST_SECONDS: list[tuple[float, float]] = []
+# the last row seen of each domid, with its CPU time: (at, name, state, cpu seconds)
+LAST_ROWS: dict[int, tuple[float, str, str, float]] = {}
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -317,6 +319,8 @@ async def run_one(
     if error is not None:  # what the guest and its xl monitor said: the cause is often there
         record["logs"] = {n: _log_tails(n) for n in names}
         record["rows"] = [r for r in TRANSITIONS if r[1].split("--")[0] in names]
+        # whether the guest got CPU at all (a console still empty after minutes of "running")
+        record["last_rows"] = {d: r for d, r in LAST_ROWS.items() if r[1].split("--")[0] in names}
         during = sorted(sec for at, sec in LIST_SECONDS if at >= start - T0)
         median = during[len(during) // 2] if during else None
         record["xl_list_s"] = {"count": len(during), "median": median, "max": max(during or [0])}
@@ -365,6 +369,7 @@ async def main(selected: list[str]) -> int:
         finally:
             LIST_SECONDS.append((round(began - T0, 1), round(time.monotonic() - began, 2)))
         for r in rows:
+            LAST_ROWS[r.domid] = (round(time.monotonic() - T0, 1), r.name, r.state, r.cpu_time_s)
             if last.get(r.domid) != (r.name, r.state, r.reason_code):
                 last[r.domid] = (r.name, r.state, r.reason_code)
                 transitions.append((round(time.monotonic() - T0, 1), r.name, r.domid, r.state,
