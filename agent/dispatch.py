@@ -70,8 +70,8 @@ Observer = Callable[[str, float, Reply], None]
 
 
 def call_fingerprint(call: Envelope) -> str:
-    """``op:digest-of-body``: what makes a second delivery of an id *the same* call
-    (maps encoded with sorted keys, so the same body always digests the same).
+    """``op:digest-of-body-and-caller``: what makes a second delivery of an id *the same*
+    call (maps encoded with sorted keys, so the same body always digests the same).
 
     An idempotent op (an upload chunk: 1 MiB written at its offset) is fingerprinted by
     its op alone: running it again is harmless, and hashing every chunk would cost more
@@ -84,7 +84,12 @@ def call_fingerprint(call: Envelope) -> str:
         packed = msgspec.msgpack.encode(call.body, order="sorted")
     except (TypeError, ValueError, OverflowError):  # only bodies built in-process
         packed = repr(call.body).encode()
-    return f"{call.op}:{hashlib.blake2b(packed, digest_size=16).hexdigest()}"
+    # The caller is part of the call: another user reusing an id is refused, never given
+    # the first caller's answer.
+    digest = hashlib.blake2b(packed, digest_size=16)
+    if call.user:
+        digest.update(b"\0" + call.user.encode())
+    return f"{call.op}:{digest.hexdigest()}"
 
 
 def _op_of(fingerprint: str) -> str:

@@ -167,3 +167,20 @@ def serial_key(driver: Driver, op: Op[Any, Any], req: Any) -> str | None:
         known = driver.lookup(ref)
         ref = known.name if known else ref
     return f"{op.target}:{ref}"
+
+
+def target_name(driver: Driver, op: Op[Any, Any], req: Any, key: str | None) -> str | None:
+    """The name the policy matches a call's target by (a domain's name even when the call
+    named it by UUID; None for host-wide ops and for ops that name no object)."""
+    if op.target is Target.HOST:
+        return None
+    if key is not None:
+        return key.partition(":")[2]
+    ref = op.target_of(req)
+    if ref is None:
+        xml = getattr(req, "xml", None)
+        return parse_domain_xml(xml).name if isinstance(xml, str) else None
+    if op.target is Target.DOMAIN:
+        known = driver.lookup(ref)
+        return known.name if known else ref
+    return str(ref)

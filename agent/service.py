@@ -47,6 +47,7 @@ from virtbus.protocol.messages import DomainEvent
 from virtbus.protocol.registry import Service
 from virtbus.protocol.storage import JobEvent, PoolSummary
 from virtbus.protocol.storage import PoolEvent as PoolEventMessage
+from virtbus.security.authz import Authorizer, no_user
 from virtbus.settings import AgentSettings, BusSettings
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,9 @@ class AgentService:
             call_memory=settings.call_memory,
             call_log=self.call_log,
         )
+        # Who may call what (virtbus.security.authz); read once, at construction, so a
+        # bad policy file stops the agent before it serves anything.
+        self.authz = Authorizer.load(settings.policy, bus.user)
         self.state = AgentState.NEW
         self.failed = asyncio.Event()  # set when a supervised task died: the agent must stop
         # Metrics observe the dispatcher, so they exist before the queue is served.
@@ -174,12 +178,16 @@ class AgentService:
     def _prepare(self, call: Envelope) -> Prepared:
         """Decode a call into its declared request and bind its handler (synchronous:
         the transport calls the dispatcher in delivery order)."""
+        if not call.user:
+            raise no_user(call.op)
         op = ops.lookup(call.op)
         if op.service is not Service.AGENT:
             raise NoSupport(f"'{call.op}' is not an agent op (send it to the {op.service})")
         request = op.decode_request(call.body)
         handler = HANDLERS[op]
         key = agent.handlers.serial_key(self.driver, op, request)
+        target = agent.handlers.target_name(self.driver, op, request, key)
+        self.authz.check(call.user, op, self.host, target)
         context = self.context
         return Prepared(op, key, lambda: handler(context, request))
 

@@ -89,6 +89,7 @@ from virtbus.protocol.scheduler import (
     SchedulerPing,
     SchedulerPingRequest,
 )
+from virtbus.security.authz import Authorizer, no_user
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class SchedulerService:
         self.drains = DrainManager(self.coordinator)
         self.offline = OfflineMover(self._agent_call, self.view, self._defined_on,
                                     settings.placement, settings.step_timeout)  # fmt: skip
+        self.authz = Authorizer.load(settings.policy, bus.user)  # who may call what
         self.active = False
         self.ready = asyncio.Event()  # active and the journal resolved
         self.failed = asyncio.Event()
@@ -192,11 +194,17 @@ class SchedulerService:
         return settle(self._answer(call), call.op)
 
     async def _answer(self, call: Envelope) -> dict[str, Any]:
+        if not call.user:
+            raise no_user(call.op)
         op = ops.lookup(call.op)
         handler = self._ops.get(op)
         if op.service is not Service.SCHEDULER or handler is None:
             raise NoSupport(f"'{call.op}' is not a scheduler op")
         request = op.decode_request(call.body)
+        # The scheduler's own ops name a host only when the request does (a drain).
+        host = getattr(request, "host", None)
+        self.authz.check(call.user, op, host if isinstance(host, str) else "scheduler",
+                         op.target_of(request))  # fmt: skip
         if op not in _EARLY_OPS:
             await self.ready.wait()
         return ok_body(to_wire(await handler(request)))
@@ -218,6 +226,9 @@ class SchedulerService:
                 log.warning("dropped a heartbeat of host %r from %r: %s", host, env.src, exc)
                 continue
             host = inv.host
+            if not self.authz.speaks_for(env.user, host):  # a forged heartbeat: never believed
+                log.warning("dropped a heartbeat of host %r sent by user %r", host, env.user)
+                continue
             if self.view.observe_heartbeat(inv):
                 self._refresh_soon(host)
             self.coordinator.cleanups.host_alive(host)  # retry what it still owes at once
@@ -241,9 +252,14 @@ class SchedulerService:
             if env.kind != Kind.EVENT or env.body.get("event") != "migration":
                 continue
             try:
-                self.coordinator.on_event(decode(env.body, DomainEvent))
+                event = decode(env.body, DomainEvent)
             except InvalidArgument as exc:
                 log.warning("dropped a migration event from %r: %s", env.src, exc)
+                continue
+            if not self.authz.speaks_for(env.user, event.host):
+                log.warning("dropped a migration event of %r sent by %r", event.host, env.user)
+                continue
+            self.coordinator.on_event(event)
 
     def _refresh_soon(self, host: str) -> None:
         if host not in self._refreshing:

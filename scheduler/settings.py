@@ -12,7 +12,7 @@ from pathlib import Path
 
 from scheduler.placement import PlacementPolicy
 from virtbus.config import LOG_LEVELS, Key, keys_of, nested, setting
-from virtbus.settings import Backoff, BusSettings
+from virtbus.settings import DEFAULT_POLICY, Backoff, BusSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +81,11 @@ class SchedulerSettings:
         default=30.0,
         metadata=setting("a drain's container shutdown, then destroy (s)", positive=True),
     )
+    policy: Path = field(
+        default=DEFAULT_POLICY,
+        metadata=setting("the security policy; absent: development mode, every bus user is "
+                         "an admin", flag=True),
+    )  # fmt: skip
     bus: BusSettings = field(default_factory=BusSettings, metadata=nested("bus."))
 
 

@@ -17,9 +17,11 @@ import msgpack
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from tests.procs import BUS_URL
+from virtbus.bus.base import bus_user
 from virtbus.bus.topology import DEADLINE_HEADER, DIRECT_REPLY_TO, RPC_EXCHANGE
 
 REPLY_WAIT = 30.0
+BUS_USER = bus_user(BUS_URL)  # the user_id every call carries (the agent refuses none)
 
 
 def envelope(op: str, body: Any, call_id: str) -> dict[str, Any]:
@@ -55,6 +57,7 @@ class RawCaller:
         reply_to: str | None = DIRECT_REPLY_TO,
         headers: dict[str, Any] | None = None,
         ttl_ms: int = 60_000,
+        user_id: str | None = BUS_USER,
     ) -> str:
         """Publish one call (``data`` replaces the encoded envelope); returns its id."""
         call_id = call_id or new_call_id()
@@ -71,6 +74,7 @@ class RawCaller:
                 reply_to=reply_to,
                 expiration=ttl_ms / 1000,
                 headers=headers,
+                user_id=user_id,
             ),
             routing_key=route,
         )

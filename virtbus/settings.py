@@ -14,6 +14,7 @@ from virtbus.protocol.codec import DecodeLimits
 DEFAULT_BUS_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_CALL_TIMEOUT = 30.0  # s
 DEFAULT_HEARTBEAT_INTERVAL = 2.0  # s; the CLI listens 2.5 s for hosts
+DEFAULT_POLICY = Path("/etc/virtbus/policy.toml")  # the same file on every host
 
 
 def bus_url_from_env(explicit: str | None = None) -> str:
@@ -54,6 +55,11 @@ class BusSettings:
     stop_grace: float = field(
         default=10.0, metadata=setting("calls in hand may finish this long at stop (s)", minimum=0)
     )
+    trusted_publishers: tuple[str, ...] = field(
+        default=(),
+        metadata=setting("bus users whose events and heartbeats are believed for any host "
+                         "(else only the host's own user; a dev setup's shared agent user)"),
+    )  # fmt: skip
     subscription_buffer: int = 1000  # messages a subscriber may have pending
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     reconnect: Backoff = field(default_factory=Backoff)
@@ -168,6 +174,11 @@ class AgentSettings:
         default_factory=dict,
         metadata=setting("driver tuning (KEY = VALUE; each driver refuses unknown keys)",
                          flag="driver_option"),
+    )  # fmt: skip
+    policy: Path = field(
+        default=DEFAULT_POLICY,
+        metadata=setting("the security policy; absent: development mode, every bus user is "
+                         "an admin", flag=True),
     )  # fmt: skip
     storage: StorageSettings = field(default_factory=StorageSettings, metadata=nested("storage."))
     bus: BusSettings = field(default_factory=BusSettings, metadata=nested("bus."))

@@ -42,6 +42,7 @@ env = {"v": 1, "id": cid, "kind": "call", "op": "domain.list", "ts": now, "src":
 ch.basic_publish("virtbus.rpc", "agent." + host, msgpack.packb(env),
                  pika.BasicProperties(reply_to="amq.rabbitmq.reply-to", correlation_id=cid,
                                       expiration="30000",
+                                      user_id=pika.URLParameters(sys.argv[2]).credentials.username,
                                       headers={"x-deadline": int((now + 30) * 1000)}))
 while not got:
     conn.process_data_events(time_limit=1)

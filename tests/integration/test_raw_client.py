@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import msgpack
@@ -28,6 +29,7 @@ from tests.procs import BUS_URL, agent_process, unique_host
 pytestmark = pytest.mark.rabbitmq
 
 REPLY_TO = "amq.rabbitmq.reply-to"
+BUS_USER = unquote(urlsplit(BUS_URL).username or "guest")
 XML = """<domain type='test'><name>raw1</name><memory unit='MiB'>128</memory>
 <vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>"""
 INFO_FIELDS = {
@@ -99,6 +101,7 @@ class RawClient:
                 reply_to=REPLY_TO,
                 expiration=timeout,
                 headers={"x-deadline": deadline},
+                user_id=BUS_USER,  # the login user: RabbitMQ checks it, the agent requires it
             ),
             routing_key=f"agent.{host}",
             mandatory=True,

@@ -115,7 +115,9 @@ def test_the_view_places_from_a_typed_inventory() -> None:
 
 
 def _heartbeat(body: dict[str, Any]) -> Envelope:
-    return Envelope(kind=Kind.HEARTBEAT, op=ops.HEARTBEAT, body=body, src="evil")
+    """As it arrives from the host's own user (the AMQP user_id RabbitMQ checked)."""
+    user = body.get("host") if isinstance(body, dict) else None
+    return Envelope(kind=Kind.HEARTBEAT, op=ops.HEARTBEAT, body=body, src="evil", user=user or "x")
 
 
 async def test_bad_heartbeats_are_dropped_and_the_scheduler_keeps_serving(

@@ -39,6 +39,7 @@ from virtbus.bus.base import (
     ConnectionListener,
     HistoryStart,
     auth_failed,
+    bus_user,
     stream_offset,
 )
 from virtbus.bus.reconnect import connection_class
@@ -108,6 +109,7 @@ class AmqpBus:
     def __init__(self, url: str, src: str, settings: BusSettings | None = None) -> None:
         self.url = url
         self.src = src
+        self.user = bus_user(url)  # the user_id of every message we send
         self.settings = settings or BusSettings(url=url)
         self._connection: AbstractRobustConnection | None = None
         self._rpc: AbstractRobustChannel | None = None
@@ -269,6 +271,7 @@ class AmqpBus:
             expiration=str(max(1, int(timeout * 1000))),
             headers={DEADLINE_HEADER: deadline_header(envelope.ts + timeout)},
             message_type=op,
+            user_id=self.user,
         )
         call_id = envelope.id
         loop = asyncio.get_running_loop()
@@ -363,6 +366,7 @@ class AmqpBus:
             delivery_mode=2 if confirm else 1,
             message_id=envelope.id,
             message_type=envelope.op,
+            user_id=self.user,
         )
         try:
             async with asyncio.timeout(self.settings.confirm_timeout):

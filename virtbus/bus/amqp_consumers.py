@@ -163,7 +163,7 @@ class AmqpServer:
             await self._dead_letter(message, exc)
             return
         try:
-            call = decode(message.body, self._bus.settings.limits)
+            call = decode(message.body, self._bus.settings.limits, message.user_id)
             if call.kind is not Kind.CALL:
                 raise ProtocolError(f"expected a call, got a {call.kind}")
             deadline = deadline_from_header((message.headers or {}).get(DEADLINE_HEADER))
@@ -343,7 +343,7 @@ class AmqpSubscription:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         try:
-            envelope = decode(message.body, self._bus.settings.limits)
+            envelope = decode(message.body, self._bus.settings.limits, message.user_id)
         except ProtocolError as exc:
             log.warning(
                 "skipping a bad message on %s %s: %s", self.exchange, message.routing_key, exc

@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlsplit
 
 from virtbus.errors import AuthFailed, InvalidArgument
 from virtbus.protocol.envelope import Envelope
+from virtbus.settings import BusSettings
 
 # Where a history replay starts: "first" (all that is kept), "next" (only new events), or
 # a point in time as epoch seconds.
@@ -44,6 +45,14 @@ def stream_offset(start: HistoryStart) -> str | datetime:
             raise InvalidArgument(f"history start must be one of {HISTORY_POSITIONS} or a time")
         return start
     return datetime.fromtimestamp(float(start), tz=UTC)
+
+
+def bus_user(url: str) -> str:
+    """The user a bus URL logs in as: the AMQP ``user_id`` of everything it sends, which
+    RabbitMQ refuses unless it is the connection's own user (``memory://USER@name`` in
+    process; AMQP's default user is ``guest``, as RabbitMQ's)."""
+    parts = urlsplit(url)
+    return unquote(parts.username) if parts.username else "guest"
 
 
 def auth_failed(url: str, *, vhost_refused: bool) -> AuthFailed:
@@ -87,6 +96,8 @@ class Subscription(Protocol):
 
 class Bus(Protocol):
     src: str
+    user: str  # the login user: the user_id of everything this bus sends
+    settings: BusSettings
 
     @property
     def connected(self) -> bool: ...

@@ -22,7 +22,14 @@ from collections import deque
 from typing import Any
 
 from virtbus.aio import TaskGroup
-from virtbus.bus.base import BeforeAck, CallHandler, ConnectionListener, HistoryStart, stream_offset
+from virtbus.bus.base import (
+    BeforeAck,
+    CallHandler,
+    ConnectionListener,
+    HistoryStart,
+    bus_user,
+    stream_offset,
+)
 from virtbus.bus.buffer import BoundedBuffer
 from virtbus.bus.rpc import body_from_exception, no_route, result_from_reply, settle
 from virtbus.bus.topology import EVENTS_EXCHANGE, EXCHANGES, check_routing_key
@@ -79,8 +86,9 @@ class MemoryBroker:
         self.servers: dict[str, list[MemoryServer]] = {}
         self.subscriptions: list[MemorySubscription] = []
         self.buses: set[MemoryBus] = set()
-        # The event history stream: (epoch s, routing key, encoded envelope), oldest first.
-        self.history: deque[tuple[float, str, bytes]] = deque(maxlen=HISTORY_LENGTH)
+        # The event history stream: (epoch s, routing key, encoded envelope, sender),
+        # oldest first.
+        self.history: deque[tuple[float, str, bytes, str]] = deque(maxlen=HISTORY_LENGTH)
 
     def server_for(self, route: str) -> MemoryServer | None:
         """Single active consumer: the oldest running server of a route gets its calls."""
@@ -102,7 +110,7 @@ _BROKERS: dict[str, MemoryBroker] = {}
 def _broker_name(url: str) -> str:
     if not url.startswith("memory://"):
         raise InvalidArgument(f"not a memory:// URL: {url!r}")
-    return url.removeprefix("memory://").strip("/")
+    return url.removeprefix("memory://").rpartition("@")[2].strip("/")
 
 
 def memory_broker(url: str) -> MemoryBroker:
@@ -125,13 +133,16 @@ class MemoryServer:
         self._tasks = TaskGroup(f"memory-server:{route}")
         self._stopped = False
 
-    def deliver(self, data: bytes, deadline: float, reply: asyncio.Future[bytes]) -> None:
-        """Runs from the event loop in call order: the handler sees calls in that order."""
+    def deliver(
+        self, data: bytes, deadline: float, reply: asyncio.Future[bytes], user: str
+    ) -> None:
+        """Runs from the event loop in call order: the handler sees calls in that order;
+        ``user`` is the caller's, as RabbitMQ's validated user_id."""
         if self._stopped:
             return  # like a queue with no consumer: the caller's deadline answers
         src = self._bus.src
         try:
-            call = decode(data, self._bus.settings.limits)
+            call = decode(data, self._bus.settings.limits, user)
             if call.kind is not Kind.CALL:
                 raise ProtocolError(f"expected a call, got {call.kind}")
         except ProtocolError as exc:
@@ -185,13 +196,13 @@ class MemorySubscription:
         """Envelopes discarded because the reader fell behind (oldest first)."""
         return self._buffer.dropped
 
-    def offer(self, routing_key: str, data: bytes) -> None:
+    def offer(self, routing_key: str, data: bytes, user: str) -> None:
         if self._buffer.closed:
             return
         if not any(_binding_matches(self.exchange, k, routing_key) for k in self.binding_keys):
             return
         try:
-            envelope = decode(data, self._bus.settings.limits)
+            envelope = decode(data, self._bus.settings.limits, user)
         except ProtocolError as exc:
             log.warning(
                 "skipping undecodable message on %s %s: %s", self.exchange, routing_key, exc
@@ -219,6 +230,7 @@ class MemoryBus:
     def __init__(self, url: str, src: str, settings: BusSettings | None = None) -> None:
         self.url = url
         self.src = src
+        self.user = bus_user(url)  # memory://USER@name: the sender its messages carry
         self.settings = settings or BusSettings(url=url)
         self.broker = memory_broker(url)
         self._connected = False
@@ -283,7 +295,7 @@ class MemoryBus:
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[bytes] = loop.create_future()
         self._pending.add(reply)
-        loop.call_soon(server.deliver, data, time.time() + timeout, reply)
+        loop.call_soon(server.deliver, data, time.time() + timeout, reply, self.user)
         try:
             async with asyncio.timeout(timeout):
                 raw = await reply
@@ -311,10 +323,10 @@ class MemoryBus:
         check_routing_key(routing_key)  # as over AMQP: a fault of this one message
         data = encode(envelope)
         if exchange == EVENTS_EXCHANGE:
-            self.broker.history.append((time.time(), routing_key, data))
+            self.broker.history.append((time.time(), routing_key, data, self.user))
         for sub in list(self.broker.subscriptions):
             if sub.exchange == exchange:
-                sub.offer(routing_key, data)
+                sub.offer(routing_key, data, self.user)
 
     async def history(self, start: HistoryStart) -> MemorySubscription:
         """Kept events from ``start``, then live ones; registered in one step: no seam."""
@@ -331,8 +343,8 @@ class MemoryBus:
         else:
             since = offset.timestamp()  # type: ignore[union-attr]
             replay = [item for item in kept if item[0] >= since]
-        for _, key, data in replay:
-            sub.offer(key, data)
+        for _, key, data, user in replay:
+            sub.offer(key, data, user)
         self.broker.subscriptions.append(sub)
         self._subscriptions.append(sub)
         return sub

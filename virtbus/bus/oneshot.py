@@ -34,6 +34,7 @@ from virtbus.bus.base import (
     HistoryStart,
     Server,
     auth_failed,
+    bus_user,
     stream_offset,
 )
 from virtbus.bus.buffer import BoundedBuffer
@@ -100,7 +101,8 @@ class _Subscription:
             delivery = await self.buffer.get()
             self._bus._send(self.channel, spec.Basic.Ack(delivery_tag=delivery.tag))
             try:
-                return decode(delivery.body, self._bus.settings.limits)
+                user = delivery.properties.user_id
+                return decode(delivery.body, self._bus.settings.limits, user)
             except ProtocolError:
                 continue  # a bad message from some other client: skipped, as AmqpBus does
 
@@ -121,6 +123,7 @@ class OneShotBus:
     def __init__(self, url: str, src: str, settings: BusSettings | None = None) -> None:
         self.url = url
         self.src = src
+        self.user = bus_user(url)  # the user_id of every message we send
         self.settings = settings or BusSettings(url=url)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -406,6 +409,7 @@ class OneShotBus:
             expiration=str(max(1, int(timeout * 1000))),
             headers={DEADLINE_HEADER: _deadline_ms(envelope.ts + timeout)},
             message_type=op,
+            user_id=self.user,
         )
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[bytes] = loop.create_future()
@@ -443,6 +447,7 @@ class OneShotBus:
             delivery_mode=2 if confirm else 1,
             message_id=envelope.id,
             message_type=envelope.op,
+            user_id=self.user,
         )
         done: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._confirms[next(self._published)] = done  # channel 1 confirms every publish

@@ -16,6 +16,8 @@ from typing import NoReturn
 from virtbus import __version__
 
 DEFAULT_TIMEOUT = 30.0  # s; virtbus.settings.DEFAULT_CALL_TIMEOUT (checked by a test)
+# Bus users (comma-separated) whose events and heartbeats count for any host.
+TRUSTED_ENV = "VIRTBUS_TRUSTED_PUBLISHERS"
 
 
 class CliParser(argparse.ArgumentParser):
@@ -30,7 +32,18 @@ class CliParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from virtbus.cli import completion, disk, domain, event, host, migrate, snapshot, stats, storage
+    from virtbus.cli import (
+        acl,
+        completion,
+        disk,
+        domain,
+        event,
+        host,
+        migrate,
+        snapshot,
+        stats,
+        storage,
+    )
 
     p: argparse.ArgumentParser = CliParser(
         prog="virtbus", description="virsh for a cluster, over a bus"
@@ -58,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     event.add_parsers(sub)
     stats.add_parsers(sub)
     migrate.add_parsers(sub)
+    acl.add_parsers(sub)
     _add_demo_parser(sub)
     completion.add_parsers(sub)
     return p
@@ -103,7 +117,10 @@ async def run(args: argparse.Namespace) -> int:
     from virtbus.client import Client
     from virtbus.settings import BusSettings, bus_url_from_env
 
-    settings = BusSettings(url=bus_url_from_env(args.bus), call_timeout=args.timeout)
+    trusted = tuple(u for u in os.environ.get(TRUSTED_ENV, "").split(",") if u)
+    settings = BusSettings(
+        url=bus_url_from_env(args.bus), call_timeout=args.timeout, trusted_publishers=trusted
+    )
     client = await Client.connect(
         settings.url,
         src=f"cli-{os.getpid()}",
@@ -140,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "demo":  # the composition root: imported only when it runs
         sys.exit(importlib.import_module("virtbus.demo.main").main(args))
     try:
-        code = asyncio.run(run(args))
+        # Commands that need no bus (acl check reads the policy file) run without one.
+        code = args.func(args) if getattr(args, "offline", False) else asyncio.run(run(args))
     except VirtbusError as exc:
         message = exc.message
         if exc.code == "BUS_UNAVAILABLE" and "cannot connect" in message:

@@ -86,6 +86,7 @@ from virtbus.protocol.storage import (
     VolumeInfo,
     VolumeLookup,
 )
+from virtbus.security.authz import publisher_trusted
 from virtbus.settings import DEFAULT_CALL_TIMEOUT, BusSettings
 
 Req = TypeVar("Req", bound=Message)
@@ -100,6 +101,9 @@ class Client:
     def __init__(self, bus: Bus, *, timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
         self.bus = bus
         self.timeout = timeout
+        # Whose events and heartbeats count for any host, besides the host's own user: our
+        # own user (we could have sent them ourselves) and the configured trusted ones.
+        self.trusted_publishers = (bus.user, *bus.settings.trusted_publishers)
 
     @classmethod
     async def connect(
@@ -230,7 +234,8 @@ class Client:
                         inv = decode(env.body, HostInventory)
                     except InvalidArgument:
                         continue  # any bus client can publish
-                    seen[inv.host] = inv
+                    if publisher_trusted(env.user, inv.host, *self.trusted_publishers):
+                        seen[inv.host] = inv
         except TimeoutError:
             pass
         finally:
@@ -249,7 +254,8 @@ class Client:
         ``since`` (a sequence number per host, epoch seconds, a datetime, or "first") the
         kept history first, then live ones — no gap, no duplicate."""
         wanted = EventFilter(host, domain, event)
-        return EventStream(await open_events(self.bus, wanted, since), wanted, since)
+        sub = await open_events(self.bus, wanted, since)
+        return EventStream(sub, wanted, since, self.trusted_publishers)
 
     async def events(
         self,

@@ -13,6 +13,7 @@ from virtbus.protocol.base import decode
 from virtbus.protocol.envelope import Kind
 from virtbus.protocol.events import routing_key, routing_word
 from virtbus.protocol.messages import DomainEvent
+from virtbus.security.authz import publisher_trusted
 
 Since = int | float | datetime | str
 
@@ -81,12 +82,21 @@ async def open_events(bus: Bus, wanted: EventFilter, since: Since | None) -> Sub
 
 class EventStream:
     """Typed events of a subscription that match a filter, each host's once and in order;
-    a malformed one is skipped (any bus client can publish). Subscribed when created, so
+    a malformed one is skipped (any bus client can publish), and so is one whose verified
+    sender (AMQP user_id) is neither its host nor a ``trusted`` user. Subscribed when created, so
     nothing published after :meth:`Client.subscribe` returns is missed."""
 
-    def __init__(self, sub: Subscription, wanted: EventFilter, since: Since | None) -> None:
+    def __init__(
+        self,
+        sub: Subscription,
+        wanted: EventFilter,
+        since: Since | None,
+        trusted: tuple[str, ...] = (),
+    ) -> None:
         self._sub = sub
+        self._trusted = trusted
         self._wanted = wanted
+        self.forged = 0  # events dropped because their sender was not their host
         self._dedup = Dedup(since if isinstance(since, int) and not isinstance(since, bool) else 0)
         # A stream replays from the chunk that holds a timestamp, so earlier events come too.
         self._from_ts = (
@@ -107,6 +117,9 @@ class EventStream:
             try:
                 ev = decode(env.body, DomainEvent)
             except InvalidArgument:
+                continue
+            if not publisher_trusted(env.user, ev.host, *self._trusted):
+                self.forged += 1  # another user speaking for this host: never believed
                 continue
             if ev.ts is None:
                 ev.ts = env.ts

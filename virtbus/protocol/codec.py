@@ -85,7 +85,8 @@ def decode_payload(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Any:
     return obj
 
 
-def decode(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Envelope:
+def decode(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, user: str | None = None) -> Envelope:
+    """An envelope from the wire; ``user`` is the transport's verified sender (user_id)."""
     obj = decode_payload(data, limits)
     if not isinstance(obj, dict):
         raise ProtocolError("envelope must be a map")
@@ -106,4 +107,4 @@ def decode(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Envelope:
         raise ProtocolError("envelope 'ts' must be a number")
     if not isinstance(body, dict):
         raise ProtocolError("envelope 'body' must be a map")
-    return Envelope(kind=kind, op=op, body=body, src=src, id=msg_id, ts=float(ts), v=v)
+    return Envelope(kind=kind, op=op, body=body, src=src, id=msg_id, ts=float(ts), v=v, user=user)

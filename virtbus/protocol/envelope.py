@@ -34,7 +34,12 @@ def new_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """``{"v", "id", "kind", "op", "ts", "src", "body"}`` — see docs/architecture.md."""
+    """``{"v", "id", "kind", "op", "ts", "src", "body"}`` — see docs/architecture.md.
+
+    ``user`` is not part of the map: it is the AMQP ``user_id`` the message arrived with,
+    which RabbitMQ checks against the sender's connection (who sent it, as the broker
+    vouches; ``src`` is only what the sender says). None when the sender set none.
+    """
 
     kind: Kind
     op: str
@@ -43,6 +48,7 @@ class Envelope:
     id: str = field(default_factory=new_id)
     ts: float = field(default_factory=time.time)
     v: int = PROTOCOL_VERSION
+    user: str | None = None
 
     def to_map(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,323 @@
+"""Who may say what on the bus: the AMQP user_id of every call is authorised by a real
+agent (and the scheduler) against a policy file, on the real broker.
+
+A vhost and users of this module's own on the shared RabbitMQ (created and deleted with
+rabbitmqctl): an agent whose bus user is its host name, an admin, an operator scoped to
+``web-*`` domains, a viewer and a scheduler. Every op class (read, lifecycle, config,
+migrate, admin) is tried by each of them; forged heartbeats and events (a user speaking
+for a host it is not) are dropped by the client library and the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import msgpack
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+
+from tests.procs import agent_process, scheduler_process
+from virtbus.bus.amqp import AmqpBus
+from virtbus.bus.definitions import password_hash
+from virtbus.bus.topology import EVENTS_EXCHANGE, HOSTS_EXCHANGE, RPC_EXCHANGE
+from virtbus.client import Client
+from virtbus.errors import AuthDenied, VirtbusError
+from virtbus.protocol import ops
+from virtbus.protocol.envelope import Envelope, Kind
+from virtbus.protocol.migration import MigrationDomain
+
+pytestmark = pytest.mark.rabbitmq
+ROOT = Path(__file__).resolve().parents[2]
+TAG = uuid.uuid4().hex[:6]
+
+
+def _ctl(*args: str) -> str:
+    run = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+@dataclass(frozen=True)
+class Cluster:
+    vhost: str
+    password: str
+    host: str  # the agent's host name = its bus user
+    admin: str
+    operator: str
+    viewer: str
+    scheduler: str
+    policy: Path
+
+    def url(self, user: str) -> str:
+        return f"amqp://{user}:{self.password}@127.0.0.1:5672/{self.vhost.replace('/', '%2F')}"
+
+
+@pytest.fixture(scope="module")
+def users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    names = {r: f"{r}-{TAG}" for r in ("host", "admin", "operator", "viewer", "scheduler")}
+    vhost, password = f"/virtbus-sec-{TAG}", uuid.uuid4().hex
+    defs = {
+        "vhosts": [{"name": vhost}],
+        "users": [
+            {
+                "name": n,
+                "password_hash": password_hash(password),
+                "tags": "",
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+            }
+            for n in names.values()
+        ],
+        "permissions": [
+            {"user": n, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}
+            for n in names.values()
+        ],
+    }
+    fd, defs_path = tempfile.mkstemp(prefix="virtbus-sec-", suffix=".json")
+    os.write(fd, json.dumps(defs).encode())
+    os.close(fd)
+    os.chmod(defs_path, 0o644)  # rabbitmqctl reads it as the rabbitmq user
+    policy = tmp_path_factory.mktemp("policy") / "policy.toml"
+    policy.write_text(
+        f"""
+[users]
+{names["admin"]} = ["admin"]
+{names["viewer"]} = ["viewer"]
+{names["scheduler"]} = ["scheduler"]
+
+[[rules]]              # the operator: everything but migration and admin, on web-* only
+user = "{names["operator"]}"
+ops = ["@read", "@lifecycle", "@config"]
+targets = ["web-*"]
+
+[[rules]]              # ... and the listings, which name no domain
+user = "{names["operator"]}"
+ops = ["domain.list", "host.*", "scheduler.ping", "scheduler.hosts"]
+except = ["host.set_draining"]
+"""
+    )
+    try:
+        _ctl("import_definitions", defs_path)
+        yield Cluster(vhost, password, policy=policy, **names)
+    finally:
+        os.unlink(defs_path)
+        subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, timeout=120)
+        for name in names.values():
+            subprocess.run(["rabbitmqctl", "delete_user", name], capture_output=True, timeout=120)
+
+
+def _xml(name: str) -> str:
+    return (ROOT / "deploy/examples/minimal.xml").read_text().replace("minimal", name)
+
+
+@pytest.fixture
+async def agent(users: Cluster, tmp_path: Path) -> AsyncIterator[str]:
+    url = users.url(users.host)
+    async with agent_process(users.host, tmp_path, "--policy", str(users.policy), bus=url):
+        yield users.host
+
+
+async def _outcome(action: Any) -> str:
+    """``ok``, or the error code of the call."""
+    try:
+        await action
+    except VirtbusError as exc:
+        return exc.code
+    return "ok"
+
+
+async def test_three_user_matrix_over_every_op_class(users: Cluster, agent: str) -> None:
+    admin = await Client.connect(users.url(users.admin), oneshot=True)
+    oper = await Client.connect(users.url(users.operator), oneshot=True)
+    viewer = await Client.connect(users.url(users.viewer), oneshot=True)
+    sched = await Client.connect(users.url(users.scheduler), oneshot=True)
+    try:
+        a, o, v = admin.host(agent), oper.host(agent), viewer.host(agent)
+        await a.define(_xml("web-1"))
+        await a.define(_xml("db-1"))
+        await a.domain("db-1").start()
+
+        def migrate(c: Client, dom: str) -> Any:
+            return c.host(agent).call(ops.MIGRATION_STATUS, MigrationDomain(domain=dom))
+
+        # (who, what, expected): every op class, each user.
+        matrix: list[tuple[str, Any, str]] = [
+            # read
+            ("admin", a.domain("db-1").info(), "ok"),
+            ("operator", o.domain("web-1").info(), "ok"),
+            ("operator", o.domain("db-1").info(), "AUTH_DENIED"),
+            ("operator", o.domains(), "ok"),
+            ("viewer", v.domain("db-1").info(), "ok"),
+            ("viewer", v.domains(), "ok"),
+            # lifecycle
+            ("operator", o.domain("web-1").start(), "ok"),
+            ("operator", o.domain("web-1").suspend(), "ok"),
+            ("operator", o.domain("db-1").destroy(), "AUTH_DENIED"),
+            ("viewer", v.domain("web-1").resume(), "AUTH_DENIED"),
+            ("admin", a.domain("web-1").resume(), "ok"),
+            # config
+            ("operator", o.define(_xml("web-2")), "ok"),
+            ("operator", o.define(_xml("db-2")), "AUTH_DENIED"),
+            ("operator", o.domain("web-2").undefine(), "ok"),
+            ("viewer", v.define(_xml("web-3")), "AUTH_DENIED"),
+            ("viewer", v.domain("db-1").undefine(), "AUTH_DENIED"),
+            # admin
+            ("operator", o.set_draining(False), "AUTH_DENIED"),
+            ("viewer", v.set_draining(False), "AUTH_DENIED"),
+            ("admin", a.set_draining(False), "ok"),
+            # migrate: the scheduler role only, even for an admin
+            ("admin", migrate(admin, "db-1"), "AUTH_DENIED"),
+            ("operator", migrate(oper, "web-1"), "AUTH_DENIED"),
+            ("viewer", migrate(viewer, "db-1"), "AUTH_DENIED"),
+        ]
+        got = [(who, await _outcome(action)) for who, action, _ in matrix]
+        assert got == [(who, want) for who, _, want in matrix]
+        # The scheduler role passes the policy.
+        assert await _outcome(migrate(sched, "db-1")) != "AUTH_DENIED"
+        # A denial names the user, the op, the host and the target.
+        with pytest.raises(AuthDenied) as denied:
+            await o.domain("db-1").destroy()
+        for word in (users.operator, "domain.destroy", agent, "db-1"):
+            assert word in denied.value.message
+        assert (await o.domain("web-1").info()).state == "running"  # still serving
+    finally:
+        for c in (admin, oper, viewer, sched):
+            await c.close()
+
+
+async def _raw_call(url: str, host: str, **props: Any) -> dict[str, Any]:
+    """A call published by hand (aio-pika), with the AMQP properties given."""
+    conn = await aio_pika.connect(url)
+    async with conn:
+        ch = await conn.channel()
+        replies = await ch.get_queue("amq.rabbitmq.reply-to", ensure=False)
+        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def on_reply(message: AbstractIncomingMessage) -> None:
+            got.set_result(message.body)
+
+        await replies.consume(on_reply, no_ack=True)
+        cid = uuid.uuid4().hex
+        env = {"v": 1, "id": cid, "kind": "call", "op": "host.ping", "ts": 0.0, "src": "raw",
+               "body": {}}  # fmt: skip
+        exchange = await ch.get_exchange(RPC_EXCHANGE, ensure=False)
+        await exchange.publish(
+            aio_pika.Message(msgpack.packb(env), correlation_id=cid,
+                             reply_to="amq.rabbitmq.reply-to", **props),
+            routing_key=f"agent.{host}",
+        )  # fmt: skip
+        async with asyncio.timeout(20):
+            reply: dict[str, Any] = msgpack.unpackb(await got)["body"]
+        return reply
+
+
+async def test_calls_without_or_with_a_forged_user_id_are_refused(
+    users: Cluster, agent: str
+) -> None:
+    url = users.url(users.viewer)
+    reply = await _raw_call(url, agent)  # no user_id at all
+    assert reply["ok"] is False and reply["error"]["code"] == "AUTH_DENIED", reply
+    assert "user_id" in reply["error"]["message"]
+    # Another user's name as user_id: the broker itself refuses the publish.
+    with pytest.raises((aio_pika.exceptions.ChannelPreconditionFailed, TimeoutError)):
+        await _raw_call(url, agent, user_id=users.admin)
+    ok = await _raw_call(url, agent, user_id=users.viewer)
+    assert ok["ok"] is True, ok  # the same agent still serves, the viewer may ping
+
+
+async def _forge(url: str, stop: asyncio.Event, *messages: tuple[str, str, Envelope]) -> None:
+    """Publish ``messages`` (exchange, key, envelope) as the user of ``url`` until ``stop``."""
+    bus = AmqpBus(url, src="forger")
+    await bus.connect()
+    try:
+        while not stop.is_set():
+            for exchange, key, env in messages:
+                await bus.publish(exchange, key, env, confirm=True)
+            try:
+                async with asyncio.timeout(0.1):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+    finally:
+        await bus.close()
+
+
+def _heartbeat(host: str, cpus: int) -> Envelope:
+    body = {"host": host, "cpus": cpus, "memory_total_kib": 1 << 30, "memory_free_kib": 1 << 30}
+    return Envelope(kind=Kind.HEARTBEAT, op=ops.HEARTBEAT, body=body, src=host)
+
+
+def _event(host: str, domain: str, seq: int) -> Envelope:
+    body = {"host": host, "seq": seq, "domain": domain, "uuid": str(uuid.uuid4()),
+            "event": "stopped", "detail": "forged", "ts": 0.0}  # fmt: skip
+    return Envelope(kind=Kind.EVENT, op=ops.EVENT_DOMAIN, body=body, src=host)
+
+
+async def test_forged_heartbeats_and_events_are_not_believed(
+    users: Cluster, agent: str, tmp_path: Path
+) -> None:
+    ghost = f"ghost-{TAG}"
+    forged = (
+        (HOSTS_EXCHANGE, f"{ghost}.heartbeat", _heartbeat(ghost, 4096)),
+        (HOSTS_EXCHANGE, f"{agent}.heartbeat", _heartbeat(agent, 4096)),
+    )
+    stop = asyncio.Event()
+    forger = asyncio.create_task(_forge(users.url(users.viewer), stop, *forged))
+    oper = await Client.connect(users.url(users.operator))
+    try:
+        async with scheduler_process(
+            tmp_path / "sched", "--policy", str(users.policy), bus=users.url(users.scheduler)
+        ):
+            # The client library: the real agent is heard, the ghost and the lie are not.
+            heard = await oper.heartbeats(wait=2.0)
+            assert agent in heard and ghost not in heard, sorted(heard)
+            assert heard[agent].cpus != 4096
+            # The scheduler: the same (it places and migrates only onto what it believes).
+            async with asyncio.timeout(20):
+                while agent not in {h.host for h in await oper.scheduler.hosts()}:
+                    await asyncio.sleep(0.2)
+            view = {h.host: h for h in await oper.scheduler.hosts()}
+            assert ghost not in view and view[agent].cpus != 4096
+            # The scheduler authorises its own ops too: draining is an admin op.
+            assert await _outcome(oper.scheduler.undrain(agent)) == "AUTH_DENIED"
+        # Events: one forged for the agent's host, then a real one; only the real one counts,
+        # live and replayed from the history stream.
+        began = time.time()  # the replay starts here: earlier tests had an agent of this name
+        stream = await oper.subscribe(host=agent)
+        await _forge_once(users.url(users.viewer), _event(agent, "web-9", 1_000_000))
+        await oper.host(agent).define(_xml("web-9"))
+        async with asyncio.timeout(20):
+            event = await anext(stream)
+        assert (event.domain, event.event, event.detail != "forged") == ("web-9", "defined", True)
+        assert stream.forged == 1
+        await stream.aclose()
+        replay = await oper.subscribe(host=agent, since=began - 1)
+        async with asyncio.timeout(20):
+            while (ev := await anext(replay)).domain != "web-9":
+                assert ev.detail != "forged"
+        assert ev.event == "defined" and replay.forged == 1
+        await replay.aclose()
+    finally:
+        stop.set()
+        await forger
+        await oper.close()
+
+
+async def _forge_once(url: str, env: Envelope) -> None:
+    bus = AmqpBus(url, src="forger")
+    await bus.connect()
+    try:
+        key = f"{env.body['host']}.{env.body['domain']}.{env.body['event']}"
+        await bus.publish(EVENTS_EXCHANGE, key, env, confirm=True)
+    finally:
+        await bus.close()

@@ -1,0 +1,118 @@
+"""Authorisation of every call an agent or the scheduler serves, and whose messages count.
+
+The caller is the AMQP ``user_id`` its call arrived with: RabbitMQ refuses a message
+whose ``user_id`` is not the publishing connection's user, so it names the login (a
+password user, or a certificate's CN under SASL EXTERNAL), never what the sender claims.
+A call without one is refused (``AUTH_DENIED``) whatever the policy says.
+
+Two modes, chosen by whether the policy file exists:
+
+- **enforcing** (``/etc/virtbus/policy.toml`` or the ``policy`` setting exists): every
+  call is checked against it (:mod:`virtbus.security.policy`); ``migration.*`` (the
+  ``migrate`` access class) only from a user with the ``scheduler`` role, whatever else
+  grants it; heartbeats and events count only from the user named as the host they
+  describe (``user_id == host``).
+- **development** (no policy file): every authenticated user is an admin, and a warning
+  says so at start. The dev broker has one user (``guest``) for everything, so heartbeats
+  and events also count from the daemon's own user. A policy file that exists but cannot
+  be read or parsed is an error at start, never a fall-back to this mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from virtbus.errors import AuthDenied
+from virtbus.protocol.registry import Access, Op
+from virtbus.security.policy import Decision, Owner, Policy, Request, load_policy
+from virtbus.settings import DEFAULT_POLICY
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_POLICY", "Authorizer", "publisher_trusted"]
+SCHEDULER_ROLE = "scheduler"
+
+
+def no_user(op: str) -> AuthDenied:
+    return AuthDenied(
+        f"call {op} carries no user_id: the caller must set the AMQP user_id property "
+        "to its login user (RabbitMQ checks it), and virtbus refuses anonymous calls"
+    )
+
+
+@dataclass(slots=True)
+class Authorizer:
+    """The check every served call passes (see the module docstring)."""
+
+    policy: Policy | None  # None: development mode
+    source: str  # the policy file, for messages
+    own_user: str  # the daemon's own bus user (trusted as a publisher in dev mode)
+
+    @classmethod
+    def load(cls, path: Path, own_user: str) -> Authorizer:
+        """Enforcing when ``path`` exists (INVALID_ARG if it is not a valid policy)."""
+        if not path.exists():
+            log.warning(
+                "no policy file at %s: development mode, every authenticated bus user is "
+                "an admin (write a policy to enforce one; see README 'Security')",
+                path,
+            )
+            return cls(None, str(path), own_user)
+        return cls(load_policy(path), str(path), own_user)
+
+    @property
+    def enforcing(self) -> bool:
+        return self.policy is not None
+
+    def decide(
+        self,
+        user: str | None,
+        op: Op[Any, Any],
+        host: str,
+        target: str | None = None,
+        owner: Owner = Owner.UNKNOWN,
+    ) -> Decision:
+        """The decision for one call, with the reason (which rule, or why none)."""
+        if not user:
+            return Decision(False, None, no_user(op).message)
+        if self.policy is None:
+            return Decision(True, None, f"development mode (no policy file at {self.source})")
+        req = Request(user, op, host, target, owner)
+        if op.access is Access.MIGRATE and SCHEDULER_ROLE not in self.policy.users.get(user, ()):
+            return Decision(
+                False,
+                None,
+                f"{user!r} may not call {op} on host {host!r}"
+                + (f" for {target!r}" if target else "")
+                + ": migration steps are accepted only from the scheduler role",
+            )
+        return self.policy.check(req)
+
+    def check(
+        self,
+        user: str | None,
+        op: Op[Any, Any],
+        host: str,
+        target: str | None = None,
+        owner: Owner = Owner.UNKNOWN,
+    ) -> None:
+        """Raise AUTH_DENIED (naming user, op, host and target) unless allowed."""
+        decision = self.decide(user, op, host, target, owner)
+        if not decision.allowed:
+            raise AuthDenied(decision.reason)
+
+    def speaks_for(self, user: str | None, host: str) -> bool:
+        """May a heartbeat or event from ``user`` describe ``host``?"""
+        return publisher_trusted(user, host, self.own_user if self.policy is None else None)
+
+
+def publisher_trusted(user: str | None, host: str, *trusted: str | None) -> bool:
+    """A message about ``host`` counts when its verified sender is that host's user, or a
+    user in ``trusted`` (the reader's own user in a dev setup: it could have sent it
+    itself; an operator-configured shared agent user)."""
+    if not user:
+        return False
+    return user == host or user in trusted
