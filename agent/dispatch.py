@@ -65,6 +65,8 @@ class Prepared:
 
 
 Prepare = Callable[[Envelope], Prepared]
+# (call, seconds from delivery to reply, reply body): every call run or refused, once.
+Auditor = Callable[[Envelope, float, Reply], None]
 # (op, seconds from delivery to reply, reply body): called once per call answered.
 Observer = Callable[[str, float, Reply], None]
 
@@ -134,8 +136,10 @@ class Dispatcher:
         command_timeout: float,
         call_memory: int,
         call_log: CallLog | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
         self._prepare = prepare
+        self._auditor = auditor
         self._call_log = call_log
         self._observers: list[Observer] = []
         self._timeout = command_timeout
@@ -171,9 +175,11 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Reply] = loop.create_future()
         self._memory.remember(call.id, fingerprint, reply)
+        started = loop.time()
         if self._observers:
-            started = loop.time()
             reply.add_done_callback(lambda f: self._observe(call.op, loop.time() - started, f))
+        if self._auditor is not None:
+            reply.add_done_callback(lambda f: self._audit(call, loop.time() - started, f))
         try:
             prepared = self._prepare(call)
         except VirtbusError as exc:
@@ -191,6 +197,14 @@ class Dispatcher:
 
     def add_observer(self, observer: Observer) -> None:
         self._observers.append(observer)
+
+    def _audit(self, call: Envelope, seconds: float, reply: asyncio.Future[Reply]) -> None:
+        if reply.cancelled() or self._auditor is None:
+            return
+        try:
+            self._auditor(call, seconds, reply.result())
+        except Exception:  # the audit's bug must not touch the call path
+            log.exception("call auditor failed")
 
     def _observe(self, op: str, seconds: float, reply: asyncio.Future[Reply]) -> None:
         if reply.cancelled():

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from enum import Enum
+from typing import Any
 
 import agent.handlers
 import agent.migration
@@ -29,7 +30,12 @@ from agent.table import HANDLERS, AgentContext
 from drivers.base import Driver, DriverEvent, UsesVolumes
 from virtbus.aio import TaskGroup
 from virtbus.bus.base import Bus, Server
-from virtbus.bus.topology import EVENTS_EXCHANGE, HEARTBEAT_KEY_SUFFIX, HOSTS_EXCHANGE
+from virtbus.bus.topology import (
+    AUDIT_EXCHANGE,
+    EVENTS_EXCHANGE,
+    HEARTBEAT_KEY_SUFFIX,
+    HOSTS_EXCHANGE,
+)
 from virtbus.domain import parse_domain_xml
 from virtbus.errors import NoSupport, OperationInvalid, VirtbusError
 from virtbus.protocol import ops
@@ -47,6 +53,7 @@ from virtbus.protocol.messages import DomainEvent
 from virtbus.protocol.registry import Service
 from virtbus.protocol.storage import JobEvent, PoolSummary
 from virtbus.protocol.storage import PoolEvent as PoolEventMessage
+from virtbus.security.audit import AuditTrail
 from virtbus.security.authz import Authorizer, no_user
 from virtbus.settings import AgentSettings, BusSettings
 
@@ -106,11 +113,21 @@ class AgentService:
             host=self.host, driver=driver, inventory=self.inventory, storage=self.storage,
             jobs=self.jobs, admission=admission,
         )  # fmt: skip
+        # Every call served or refused: on disk (JSON lines, rotated) and on virtbus.audit.
+        self.audit = AuditTrail(
+            settings.state_dir / "audit" / "audit.log",
+            self.host,
+            max_bytes=settings.audit_max_bytes,
+            keep=settings.audit_keep,
+            publish=self._publish_audit,
+        )
+        self._targets: dict[str, str | None] = {}  # call id -> its target, for the audit
         self.dispatcher = Dispatcher(
             self._prepare,
             command_timeout=settings.command_timeout,
             call_memory=settings.call_memory,
             call_log=self.call_log,
+            auditor=self._audit,
         )
         # Who may call what (virtbus.security.authz); read once, at construction, so a
         # bad policy file stops the agent before it serves anything.
@@ -187,9 +204,16 @@ class AgentService:
         handler = HANDLERS[op]
         key = agent.handlers.serial_key(self.driver, op, request)
         target = agent.handlers.target_name(self.driver, op, request, key)
+        self._targets[call.id] = target
         self.authz.check(call.user, op, self.host, target)
         context = self.context
         return Prepared(op, key, lambda: handler(context, request))
+
+    def _audit(self, call: Envelope, seconds: float, reply: dict[str, Any]) -> None:
+        self.audit.record(call, self._targets.pop(call.id, None), reply, seconds)
+
+    async def _publish_audit(self, key: str, envelope: Envelope) -> None:
+        await self.bus.publish(AUDIT_EXCHANGE, key, envelope)
 
     async def inventory(self) -> HostInventory:
         return await inventory(
@@ -238,6 +262,7 @@ class AgentService:
         self.bus.add_connection_listener(self._on_connection)
         self._tasks.spawn(self.outbox.run(), name="outbox")
         self._tasks.spawn(self._heartbeat_loop(), name="heartbeat")
+        self._tasks.spawn(self.audit.run(), name="audit")
         self._server = await self.bus.serve(
             ops.agent_route(self.host),
             self.dispatcher.submit,
@@ -266,6 +291,7 @@ class AgentService:
         if self._server is not None:
             await self._server.stop()
             self._server = None
+        await self.audit.flush()  # the calls just finished are on disk (and on the bus)
         await self.storage.close()
         await self.jobs.close()  # running jobs clean up and are recorded failed
         if not await self.outbox.flush(grace):

@@ -35,6 +35,7 @@ from virtbus.aio import TaskGroup
 from virtbus.bus.base import Bus, Server, Subscription
 from virtbus.bus.rpc import settle
 from virtbus.bus.topology import (
+    AUDIT_EXCHANGE,
     EVENTS_EXCHANGE,
     HEARTBEAT_KEY_SUFFIX,
     HOSTS_EXCHANGE,
@@ -89,6 +90,7 @@ from virtbus.protocol.scheduler import (
     SchedulerPing,
     SchedulerPingRequest,
 )
+from virtbus.security.audit import AuditTrail
 from virtbus.security.authz import Authorizer, no_user
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,14 @@ class SchedulerService:
         self.offline = OfflineMover(self._agent_call, self.view, self._defined_on,
                                     settings.placement, settings.step_timeout)  # fmt: skip
         self.authz = Authorizer.load(settings.policy, bus.user)  # who may call what
+        self.audit = AuditTrail(
+            settings.state_dir / "audit.log",
+            "scheduler",
+            max_bytes=settings.audit_max_bytes,
+            keep=settings.audit_keep,
+            publish=lambda key, env: self.bus.publish(AUDIT_EXCHANGE, key, env),
+        )
+        self._targets: dict[str, str | None] = {}  # call id -> its target, for the audit
         self.active = False
         self.ready = asyncio.Event()  # active and the journal resolved
         self.failed = asyncio.Event()
@@ -152,6 +162,7 @@ class SchedulerService:
         self._subs = [heartbeats, events]
         self._tasks.spawn(self._heartbeat_loop(heartbeats), name="heartbeats")
         self._tasks.spawn(self._event_loop(events), name="migration-events")
+        self._tasks.spawn(self.audit.run(), name="audit")
         self._server = await self.bus.serve(SCHEDULER_ROUTE, self._handle)
         self._tasks.spawn(self._leader_probe(), name="leader-probe")
         log.info("scheduler %s serving (active once the queue delivers to it)", self.id)
@@ -160,6 +171,7 @@ class SchedulerService:
         if self._server is not None:
             await self._server.stop()
             self._server = None
+        await self.audit.flush()
         await self._tasks.cancel_all()  # in-flight migrations stay journaled
         for sub in self._subs:
             await sub.close()
@@ -191,7 +203,13 @@ class SchedulerService:
     # --- calls ----------------------------------------------------------------------
     def _handle(self, call: Envelope) -> Awaitable[dict[str, Any]]:
         self._activate()  # the queue delivered to us: we are the active consumer
-        return settle(self._answer(call), call.op)
+        return self._audited(call, time.monotonic())
+
+    async def _audited(self, call: Envelope, started: float) -> dict[str, Any]:
+        body = await settle(self._answer(call), call.op)
+        target = self._targets.pop(call.id, None)
+        self.audit.record(call, target, body, time.monotonic() - started)
+        return body
 
     async def _answer(self, call: Envelope) -> dict[str, Any]:
         if not call.user:
@@ -203,6 +221,7 @@ class SchedulerService:
         request = op.decode_request(call.body)
         # The scheduler's own ops name a host only when the request does (a drain).
         host = getattr(request, "host", None)
+        self._targets[call.id] = op.target_of(request)
         self.authz.check(call.user, op, host if isinstance(host, str) else "scheduler",
                          op.target_of(request))  # fmt: skip
         if op not in _EARLY_OPS:

@@ -175,6 +175,13 @@ class AgentSettings:
         metadata=setting("driver tuning (KEY = VALUE; each driver refuses unknown keys)",
                          flag="driver_option"),
     )  # fmt: skip
+    audit_max_bytes: int = field(
+        default=64 << 20,
+        metadata=setting("size of STATE_DIR/audit/audit.log before it rotates", minimum=4096),
+    )
+    audit_keep: int = field(
+        default=5, metadata=setting("rotated audit logs kept (audit.log.1 ...)", minimum=1)
+    )
     policy: Path = field(
         default=DEFAULT_POLICY,
         metadata=setting("the security policy; absent: development mode, every bus user is "

@@ -27,7 +27,7 @@ import msgpack
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from tests.procs import agent_process, scheduler_process
+from tests.procs import agent_process, cli, scheduler_process
 from virtbus.bus.amqp import AmqpBus
 from virtbus.bus.definitions import password_hash
 from virtbus.bus.topology import EVENTS_EXCHANGE, HOSTS_EXCHANGE, RPC_EXCHANGE
@@ -36,6 +36,7 @@ from virtbus.errors import AuthDenied, VirtbusError
 from virtbus.protocol import ops
 from virtbus.protocol.envelope import Envelope, Kind
 from virtbus.protocol.migration import MigrationDomain
+from virtbus.security.audit import read_log
 
 pytestmark = pytest.mark.rabbitmq
 ROOT = Path(__file__).resolve().parents[2]
@@ -321,3 +322,49 @@ async def _forge_once(url: str, env: Envelope) -> None:
         await bus.publish(EVENTS_EXCHANGE, key, env, confirm=True)
     finally:
         await bus.close()
+
+
+async def test_every_call_is_audited_on_its_daemon_and_on_the_audit_stream(
+    users: Cluster, tmp_path: Path
+) -> None:
+    began = time.time()
+    admin = await Client.connect(users.url(users.admin), oneshot=True)
+    oper = await Client.connect(users.url(users.operator), oneshot=True)
+    viewer = await Client.connect(users.url(users.viewer), oneshot=True)
+    url = users.url(users.host)
+    try:
+        async with agent_process(users.host, tmp_path, "--policy", str(users.policy), bus=url):
+            h = users.host
+            calls = [
+                (admin.host(h).define(_xml("web-a")), users.admin, "domain.define", "OK"),
+                (oper.host(h).domain("web-a").start(), users.operator, "domain.start", "OK"),
+                (viewer.host(h).domain("web-a").destroy(), users.viewer, "domain.destroy",
+                 "AUTH_DENIED"),
+                (oper.host(h).domain("db-zz").info(), users.operator, "domain.info",
+                 "AUTH_DENIED"),
+                (admin.host(h).domain("nope").info(), users.admin, "domain.info", "NO_DOMAIN"),
+            ]  # fmt: skip
+            for action, *_ in calls:
+                await _outcome(action)
+            assert (await _raw_call(users.url(users.viewer), h))["ok"] is False  # no user_id
+    finally:
+        for c in (admin, oper, viewer):
+            await c.close()
+    want = [(u, op, code) for _, u, op, code in calls] + [(None, "host.ping", "AUTH_DENIED")]
+    # The agent's own log (flushed at stop): every call, in order, denials included.
+    logged = read_log(tmp_path / "audit" / "audit.log")
+    assert [(r.user, r.op, r.code) for r in logged] == want
+    assert [r.target for r in logged] == ["web-a", "web-a", "web-a", "db-zz", "nope", None]
+    assert all(r.daemon == users.host and r.ms >= 0 and r.ts >= began - 1 for r in logged)
+    # The audit stream, through the CLI, read by the admin; published by the agent's user.
+    read = await cli("--json", "audit", "--host", users.host, "--since", str(began),
+                     bus=users.url(users.admin))  # fmt: skip
+    assert read.code == 0, read.err
+    streamed = [json.loads(line) for line in read.out.splitlines()]
+    assert [(r["user"], r["op"], r["code"]) for r in streamed] == want
+    assert {r["publisher"] for r in streamed} == {users.host}
+    denied = await cli("--json", "audit", "--user", users.viewer, "--denied", "--since",
+                       str(began), bus=users.url(users.admin))  # fmt: skip
+    assert [json.loads(x)["op"] for x in denied.out.splitlines()] == ["domain.destroy"]
+    text = await cli("audit", "--file", str(tmp_path / "audit" / "audit.log"), "--since", "0")
+    assert text.code == 0 and "AUTH_DENIED" in text.out and users.operator in text.out

@@ -13,6 +13,8 @@ from virtbus.bus.memory import MemoryBus
 from virtbus.client import Client
 from virtbus.errors import AuthDenied, InvalidArgument
 from virtbus.protocol import ops
+from virtbus.protocol.envelope import Envelope, Kind
+from virtbus.security.audit import AuditTrail, read_log
 from virtbus.security.authz import Authorizer, publisher_trusted
 from virtbus.settings import AgentSettings
 
@@ -84,5 +86,50 @@ async def test_memory_bus_calls_carry_their_user_and_the_agent_enforces(tmp_path
         with pytest.raises(AuthDenied, match=r"'vic' may not call host\.set_draining"):
             await vic.host("m1").set_draining(True)
         await vic.close()
+    finally:
+        await agent.stop()
+
+
+async def test_the_audit_log_rotates_and_reads_back_oldest_first(tmp_path: Path) -> None:
+    published: list[tuple[str, Envelope]] = []
+
+    async def publish(key: str, env: Envelope) -> None:
+        published.append((key, env))
+
+    trail = AuditTrail(tmp_path / "audit.log", "h1", max_bytes=600, keep=2, publish=publish)
+    for i in range(12):
+        call = Envelope(kind=Kind.CALL, op="domain.start", body={}, user=f"u{i}", id=f"c{i}")
+        trail.record(call, f"web-{i}", {"ok": i % 3 != 0, "error": {"code": "NO_DOMAIN"}}, 0.01)
+        await trail.flush()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["audit.log", "audit.log.1", "audit.log.2"]  # keep=2: older ones gone
+    records = read_log(tmp_path / "audit.log")
+    ids = [r.id for r in records]
+    assert ids == sorted(ids, key=lambda x: int(x[1:])) and ids[-1] == "c11" and len(ids) < 12
+    assert records[-1].code == "OK" and records[-3].code == "NO_DOMAIN"
+    assert [k for k, _ in published][:2] == ["h1.u0", "h1.u1"] and len(published) == 12
+    assert all(env.kind is Kind.AUDIT for _, env in published)
+
+
+async def test_memory_bus_agent_audits_denials_on_the_stream(tmp_path: Path) -> None:
+    (tmp_path / "p.toml").write_text(POLICY)
+    agent = AgentService(
+        AgentSettings(host="m2", state_dir=tmp_path / "s", policy=tmp_path / "p.toml"),
+        MemoryBus("memory://m2@audit", "m2"),
+        TestDriver(),
+    )
+    await agent.start()
+    try:
+        ann, bob = (Client(MemoryBus(f"memory://{u}@audit", u)) for u in ("ann", "bob"))
+        for c in (ann, bob):
+            await c.bus.connect()
+        await ann.host("m2").ping()
+        with pytest.raises(AuthDenied):
+            await bob.host("m2").ping()
+        await agent.audit.flush()
+        seen = [(r.user, r.code, by) async for r, by in ann.audit(idle=1.0)]
+        assert seen == [("ann", "OK", "m2"), ("bob", "AUTH_DENIED", "m2")]
+        for c in (ann, bob):
+            await c.close()
     finally:
         await agent.stop()

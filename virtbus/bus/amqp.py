@@ -49,11 +49,12 @@ from virtbus.bus.topology import (
     DEAD_LETTER_EXCHANGE,
     DEADLINE_HEADER,
     DIRECT_REPLY_TO,
-    EVENT_HISTORY,
     EVENTS_EXCHANGE,
     EXCHANGES,
+    HISTORIES,
     RPC_EXCHANGE,
     check_routing_key,
+    history_of,
 )
 from virtbus.errors import (
     AuthFailed,
@@ -175,10 +176,11 @@ class AmqpBus:
             DEAD_LETTER.name, durable=DEAD_LETTER.durable, arguments=DEAD_LETTER.arguments
         )
         await dead.bind(DEAD_LETTER_EXCHANGE, routing_key="", timeout=timeout)
-        history = await self._rpc.declare_queue(
-            EVENT_HISTORY.name, durable=True, arguments=EVENT_HISTORY.arguments, timeout=timeout
-        )
-        await history.bind(EVENTS_EXCHANGE, routing_key="#", timeout=timeout)
+        for exchange, stream in HISTORIES.items():
+            history = await self._rpc.declare_queue(
+                stream.name, durable=True, arguments=stream.arguments, timeout=timeout
+            )
+            await history.bind(exchange, routing_key="#", timeout=timeout)
         # Direct reply-to: consumed (no-ack) on the channel that publishes the calls.
         replies = await self._rpc.declare_queue(REPLY_TO, passive=True, timeout=timeout)
         await replies.consume(self._on_reply, no_ack=True, timeout=timeout)
@@ -380,10 +382,15 @@ class AmqpBus:
         if confirm and not isinstance(result, Basic.Ack):
             raise BusUnavailable(f"broker did not confirm {envelope.op!r}: {result!r}")
 
-    async def history(self, start: HistoryStart) -> AmqpSubscription:
-        """Events from the history stream from ``start`` on, then live ones as they come."""
+    async def history(
+        self, start: HistoryStart, exchange: str = EVENTS_EXCHANGE
+    ) -> AmqpSubscription:
+        """Messages of ``exchange`` (events, audit) from its history stream from ``start``
+        on, then live ones as they come."""
         connection = self._require_connection()
-        sub = await AmqpSubscription.start_stream(self, connection, stream_offset(start))
+        sub = await AmqpSubscription.start_stream(
+            self, connection, stream_offset(start), history_of(exchange)
+        )
         self._subscriptions.add(sub)
         sub.on_closed = self._subscriptions.discard
         return sub

@@ -33,8 +33,8 @@ from virtbus.bus.topology import (
     DEADLINE_HEADER,
     DIRECT_REPLY_TO,
     EVENT_HISTORY,
-    EVENTS_EXCHANGE,
     RPC_EXCHANGE,
+    QueueSpec,
     call_queue_for,
 )
 from virtbus.errors import ProtocolError, VirtbusError
@@ -310,20 +310,21 @@ class AmqpSubscription:
 
     @classmethod
     async def start_stream(
-        cls, bus: AmqpBus, connection: AbstractRobustConnection, offset: str | datetime
+        cls,
+        bus: AmqpBus,
+        connection: AbstractRobustConnection,
+        offset: str | datetime,
+        stream: QueueSpec = EVENT_HISTORY,
     ) -> AmqpSubscription:
-        """Consume the event history stream from ``offset`` (streams need qos and acks)."""
+        """Consume a history stream from ``offset`` (streams need qos and acks)."""
         timeout = bus.settings.connect_timeout
         channel = await connection.channel(publisher_confirms=False)
         try:
             await channel.set_qos(prefetch_count=bus.settings.subscription_buffer, timeout=timeout)
             queue = await channel.declare_queue(
-                EVENT_HISTORY.name,
-                durable=True,
-                arguments=EVENT_HISTORY.arguments,
-                timeout=timeout,
+                stream.name, durable=True, arguments=stream.arguments, timeout=timeout
             )
-            sub = cls(bus, EVENTS_EXCHANGE, ["#"], channel, queue)
+            sub = cls(bus, stream.name, ["#"], channel, queue)
             sub._tag = await queue.consume(
                 sub._on_message, arguments={"x-stream-offset": offset}, timeout=timeout
             )

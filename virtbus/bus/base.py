@@ -122,5 +122,6 @@ class Bus(Protocol):
 
     async def subscribe(self, exchange: str, binding_keys: list[str]) -> Subscription: ...
 
-    async def history(self, start: HistoryStart) -> Subscription:
-        """Every event kept in the history from ``start``, then live events, in one stream."""
+    async def history(self, start: HistoryStart, exchange: str = ...) -> Subscription:
+        """Every message of ``exchange`` (default: events) kept in its history stream from
+        ``start`` (``topology.HISTORIES``), then live ones, in one stream."""

@@ -16,6 +16,8 @@ import sys
 from typing import Any
 
 from virtbus.bus.topology import (
+    AUDIT_EXCHANGE,
+    AUDIT_HISTORY,
     DEAD_LETTER,
     DEAD_LETTER_EXCHANGE,
     EVENT_HISTORY,
@@ -29,8 +31,8 @@ from virtbus.bus.topology import (
 # Who may do what, as RabbitMQ permission regexes (configure, write, read).
 # Agents declare their own call queue and subscriptions; clients only publish calls and
 # read their own (server-named) subscription queues.
-_EXCHANGES_RE = r"rpc|events|metrics|hosts|dlx"
-_SHARED_QUEUES_RE = r"dead|events\.history|sub\..*"
+_EXCHANGES_RE = r"rpc|events|metrics|hosts|audit|dlx"
+_SHARED_QUEUES_RE = r"dead|events\.history|audit\.history|sub\..*"
 ROLES: dict[str, tuple[str, str, str]] = {
     # Everyone (re)declares the exchanges and the shared queues at connect.
     "virtbus-agent": (
@@ -46,7 +48,7 @@ ROLES: dict[str, tuple[str, str, str]] = {
     # Clients send calls and read events, metrics, heartbeats; they serve no call queue.
     "virtbus-client": (
         rf"^(virtbus\.({_EXCHANGES_RE}|{_SHARED_QUEUES_RE})|amq\.gen.*)$",
-        r"^(virtbus\.(rpc|dead|events\.history|sub\..*)|amq\.default)$",
+        r"^(virtbus\.(rpc|dead|events\.history|audit\.history|sub\..*)|amq\.default)$",
         rf"^(virtbus\.({_EXCHANGES_RE}|{_SHARED_QUEUES_RE})|amq\.rabbitmq\.reply-to)$",
     ),
 }
@@ -60,7 +62,7 @@ def password_hash(password: str, salt: bytes | None = None) -> str:
 
 def definitions(vhost: str, password: str, salt: bytes | None = None) -> dict[str, Any]:
     scheduler = call_queue_for(SCHEDULER_ROUTE)
-    queues = [DEAD_LETTER, EVENT_HISTORY, scheduler]
+    queues = [DEAD_LETTER, EVENT_HISTORY, AUDIT_HISTORY, scheduler]
     return {
         "vhosts": [{"name": vhost}],
         "users": [
@@ -111,6 +113,14 @@ def definitions(vhost: str, password: str, salt: bytes | None = None) -> dict[st
                 "source": EVENTS_EXCHANGE,
                 "vhost": vhost,
                 "destination": EVENT_HISTORY.name,
+                "destination_type": "queue",
+                "routing_key": "#",
+                "arguments": {},
+            },
+            {
+                "source": AUDIT_EXCHANGE,
+                "vhost": vhost,
+                "destination": AUDIT_HISTORY.name,
                 "destination_type": "queue",
                 "routing_key": "#",
                 "arguments": {},

@@ -32,7 +32,13 @@ from virtbus.bus.base import (
 )
 from virtbus.bus.buffer import BoundedBuffer
 from virtbus.bus.rpc import body_from_exception, no_route, result_from_reply, settle
-from virtbus.bus.topology import EVENTS_EXCHANGE, EXCHANGES, check_routing_key
+from virtbus.bus.topology import (
+    AUDIT_EXCHANGE,
+    EVENTS_EXCHANGE,
+    EXCHANGES,
+    check_routing_key,
+    history_of,
+)
 from virtbus.errors import BusUnavailable, InvalidArgument, OperationTimeout, ProtocolError
 from virtbus.protocol.codec import decode, encode
 from virtbus.protocol.envelope import Envelope, Kind, error_body, reply_to
@@ -89,6 +95,13 @@ class MemoryBroker:
         # The event history stream: (epoch s, routing key, encoded envelope, sender),
         # oldest first.
         self.history: deque[tuple[float, str, bytes, str]] = deque(maxlen=HISTORY_LENGTH)
+        self.audit: deque[tuple[float, str, bytes, str]] = deque(maxlen=HISTORY_LENGTH)
+
+    def kept(self, exchange: str) -> deque[tuple[float, str, bytes, str]] | None:
+        """The history an exchange's messages are kept in (None: not kept)."""
+        if exchange == EVENTS_EXCHANGE:
+            return self.history
+        return self.audit if exchange == AUDIT_EXCHANGE else None
 
     def server_for(self, route: str) -> MemoryServer | None:
         """Single active consumer: the oldest running server of a route gets its calls."""
@@ -322,18 +335,22 @@ class MemoryBus:
         self._require_connected()
         check_routing_key(routing_key)  # as over AMQP: a fault of this one message
         data = encode(envelope)
-        if exchange == EVENTS_EXCHANGE:
-            self.broker.history.append((time.time(), routing_key, data, self.user))
+        kept = self.broker.kept(exchange)
+        if kept is not None:
+            kept.append((time.time(), routing_key, data, self.user))
         for sub in list(self.broker.subscriptions):
             if sub.exchange == exchange:
                 sub.offer(routing_key, data, self.user)
 
-    async def history(self, start: HistoryStart) -> MemorySubscription:
-        """Kept events from ``start``, then live ones; registered in one step: no seam."""
+    async def history(
+        self, start: HistoryStart, exchange: str = EVENTS_EXCHANGE
+    ) -> MemorySubscription:
+        """Kept messages from ``start``, then live ones; registered in one step: no seam."""
         offset = stream_offset(start)
+        history_of(exchange)  # INVALID_ARG for an exchange without a history
         self._require_connected()
-        sub = MemorySubscription(self, EVENTS_EXCHANGE, ["#"])
-        kept = list(self.broker.history)
+        sub = MemorySubscription(self, exchange, ["#"])
+        kept = list(self.broker.kept(exchange) or ())
         if offset == "first":
             replay = kept
         elif offset == "last":

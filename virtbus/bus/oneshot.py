@@ -41,10 +41,11 @@ from virtbus.bus.buffer import BoundedBuffer
 from virtbus.bus.rpc import no_route, result_from_reply
 from virtbus.bus.topology import (
     DEADLINE_HEADER,
-    EVENT_HISTORY,
+    EVENTS_EXCHANGE,
     EXCHANGES,
     RPC_EXCHANGE,
     check_routing_key,
+    history_of,
 )
 from virtbus.errors import (
     AuthFailed,
@@ -479,10 +480,11 @@ class OneShotBus:
             await self._rpc(channel, bind, spec.Queue.BindOk)
         return await self._consume(channel, declared.queue, None)
 
-    async def history(self, start: HistoryStart) -> _Subscription:
+    async def history(self, start: HistoryStart, exchange: str = EVENTS_EXCHANGE) -> _Subscription:
+        stream = history_of(exchange)
         channel = await self._open_channel()
         offset = stream_offset(start)  # a name, or a datetime (an AMQP timestamp field)
-        return await self._consume(channel, EVENT_HISTORY.name, {"x-stream-offset": offset})
+        return await self._consume(channel, stream.name, {"x-stream-offset": offset})
 
     async def _consume(
         self, channel: int, queue: str, arguments: dict[str, Any] | None

@@ -6,11 +6,13 @@ Exchanges::
     virtbus.events   topic   <host>.<domain>.<event>
     virtbus.metrics  topic   <host>.<domain>  (host-wide metrics: <host>._host)
     virtbus.hosts    topic   <host>.heartbeat
+    virtbus.audit    topic   <daemon>.<user>  (every call served, and its result)
     virtbus.dlx      fanout  rejected (undecodable) messages -> virtbus.dead
 
 Event history: the stream queue ``virtbus.events.history`` is bound to ``virtbus.events``
 with ``#``; it keeps events by size and age so a subscriber that was away can replay them
-(``x-stream-offset``) and then keep following, with no seam between old and new.
+(``x-stream-offset``) and then keep following, with no seam between old and new. The
+stream ``virtbus.audit.history`` keeps the audit records of ``virtbus.audit`` the same way.
 
 Call queues are durable and dead-letter to ``virtbus.dlx``; call messages themselves are
 transient and expire at their caller's deadline. Replies use direct reply-to.
@@ -28,6 +30,7 @@ RPC_EXCHANGE: Final = "virtbus.rpc"
 EVENTS_EXCHANGE: Final = "virtbus.events"
 METRICS_EXCHANGE: Final = "virtbus.metrics"
 HOSTS_EXCHANGE: Final = "virtbus.hosts"
+AUDIT_EXCHANGE: Final = "virtbus.audit"
 DEAD_LETTER_EXCHANGE: Final = "virtbus.dlx"
 DEAD_LETTER_QUEUE: Final = "virtbus.dead"
 SCHEDULER_ROUTE: Final = "scheduler"
@@ -57,6 +60,7 @@ EXCHANGES: Final = (
     ExchangeSpec(EVENTS_EXCHANGE, "topic"),
     ExchangeSpec(METRICS_EXCHANGE, "topic"),
     ExchangeSpec(HOSTS_EXCHANGE, "topic"),
+    ExchangeSpec(AUDIT_EXCHANGE, "topic"),
     ExchangeSpec(DEAD_LETTER_EXCHANGE, "fanout"),
 )
 
@@ -73,6 +77,30 @@ EVENT_HISTORY = QueueSpec(
         "x-stream-max-segment-size-bytes": 16 << 20,  # retention works segment by segment
     },
 )
+
+AUDIT_HISTORY_QUEUE: Final = "virtbus.audit.history"
+AUDIT_HISTORY = QueueSpec(
+    AUDIT_HISTORY_QUEUE,
+    arguments={
+        "x-queue-type": "stream",
+        "x-max-length-bytes": 1 << 30,  # 1 GiB
+        "x-max-age": "30D",
+        "x-stream-max-segment-size-bytes": 16 << 20,
+    },
+)
+# The streams a subscriber can replay, by the exchange whose messages they keep.
+HISTORIES: Final = {EVENTS_EXCHANGE: EVENT_HISTORY, AUDIT_EXCHANGE: AUDIT_HISTORY}
+
+
+def history_of(exchange: str) -> QueueSpec:
+    """The stream that keeps ``exchange``'s messages (INVALID_ARG when none does)."""
+    spec = HISTORIES.get(exchange)
+    if spec is None:
+        from virtbus.errors import InvalidArgument
+
+        raise InvalidArgument(f"{exchange!r} keeps no history (only {', '.join(HISTORIES)})")
+    return spec
+
 
 _CALL_QUEUE_ARGS: Final = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
 

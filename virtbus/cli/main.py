@@ -34,6 +34,7 @@ class CliParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from virtbus.cli import (
         acl,
+        audit,
         completion,
         disk,
         domain,
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_parsers(sub)
     migrate.add_parsers(sub)
     acl.add_parsers(sub)
+    audit.add_parsers(sub)
     _add_demo_parser(sub)
     completion.add_parsers(sub)
     return p
@@ -156,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     if args.command == "demo":  # the composition root: imported only when it runs
         sys.exit(importlib.import_module("virtbus.demo.main").main(args))
+    if args.command == "audit" and args.file is not None:  # a local file: no bus
+        from virtbus.cli.audit import audit_file
+
+        args.func, args.offline = audit_file, True
     try:
         # Commands that need no bus (acl check reads the policy file) run without one.
         code = args.func(args) if getattr(args, "offline", False) else asyncio.run(run(args))

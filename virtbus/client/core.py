@@ -24,10 +24,21 @@ from typing import TypeVar
 
 from virtbus.bus.base import Bus
 from virtbus.bus.factory import open_bus
-from virtbus.bus.topology import HEARTBEAT_KEY_SUFFIX, HOSTS_EXCHANGE, SCHEDULER_ROUTE
+from virtbus.bus.topology import (
+    AUDIT_EXCHANGE,
+    HEARTBEAT_KEY_SUFFIX,
+    HOSTS_EXCHANGE,
+    SCHEDULER_ROUTE,
+)
 from virtbus.client.events import EventFilter, EventStream, Since, open_events
 from virtbus.client.storage import Job, Pool, host_jobs
-from virtbus.errors import InvalidArgument, NoConnect, NoDomainError, OperationTimeout
+from virtbus.errors import (
+    BusUnavailable,
+    InvalidArgument,
+    NoConnect,
+    NoDomainError,
+    OperationTimeout,
+)
 from virtbus.protocol import ops
 from virtbus.protocol.base import Empty, Message, decode, to_wire
 from virtbus.protocol.domain import (
@@ -47,7 +58,7 @@ from virtbus.protocol.domain import (
 )
 from virtbus.protocol.envelope import Kind
 from virtbus.protocol.host import DrainFlag, HostInventory, Pong, SetDraining
-from virtbus.protocol.messages import DomainEvent
+from virtbus.protocol.messages import AuditRecord, DomainEvent
 from virtbus.protocol.migration import TERMINAL_STATES, MigrationParams, MigrationRecord
 from virtbus.protocol.registry import Op, Service
 from virtbus.protocol.scheduler import (
@@ -241,6 +252,41 @@ class Client:
         finally:
             await sub.close()
         return seen
+
+    async def audit(
+        self,
+        since: float | str = "first",
+        *,
+        idle: float = 2.0,
+        user: str | None = None,
+        daemon: str | None = None,
+    ) -> AsyncGenerator[tuple[AuditRecord, str | None], None]:
+        """Audit records kept in ``virtbus.audit.history`` from ``since`` (epoch seconds
+        or "first"), with the bus user that published each; ends when none arrived for
+        ``idle`` seconds (a stream has no end)."""
+        try:
+            sub = await self.bus.history(since, AUDIT_EXCHANGE)
+        except BusUnavailable as exc:
+            if "NOT_FOUND" in exc.message:  # no daemon has audited a call on this vhost yet
+                return
+            raise
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        env = await anext(sub)
+                except (TimeoutError, StopAsyncIteration):
+                    return
+                if env.kind != Kind.AUDIT:
+                    continue
+                try:
+                    rec = decode(env.body, AuditRecord)
+                except InvalidArgument:
+                    continue  # any bus client can publish
+                if (user is None or rec.user == user) and (daemon is None or rec.daemon == daemon):
+                    yield rec, env.user
+        finally:
+            await sub.close()
 
     async def subscribe(
         self,

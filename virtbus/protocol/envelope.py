@@ -20,6 +20,7 @@ class Kind(StrEnum):
     EVENT = "event"
     METRICS = "metrics"
     HEARTBEAT = "heartbeat"
+    AUDIT = "audit"
 
 
 _ID_PREFIX = os.urandom(8).hex()  # per process: ids stay unique across senders and restarts

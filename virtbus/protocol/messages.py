@@ -15,6 +15,7 @@ from typing import Any, Final
 from msgspec import field as default
 
 from virtbus.bus.topology import (
+    AUDIT_EXCHANGE,
     EVENTS_EXCHANGE,
     HEARTBEAT_KEY_SUFFIX,
     HOST_METRICS_WORD,
@@ -65,6 +66,23 @@ class HostMetrics(Message):
     pass_ms: float = 0.0
     pass_cpu_ms: float = 0.0
     stats: dict[str, StatValue] = default(default_factory=dict)
+
+
+class AuditRecord(Message):
+    """One call a daemon served (or refused): who, what, on what, the result, how long.
+
+    Written as one JSON line to the daemon's audit log and published on
+    ``virtbus.audit`` (kept in the stream ``virtbus.audit.history``)."""
+
+    ts: float  # when the call arrived (epoch s)
+    daemon: str  # the host name of the agent, or "scheduler"
+    user: str | None  # the AMQP user_id of the call (None: it had none, and was refused)
+    op: str
+    target: str | None  # the object's name, None for host-wide ops
+    code: str  # "OK", or the error code of the reply (AUTH_DENIED, NO_DOMAIN, ...)
+    ms: float  # from arrival to the reply
+    id: str  # the call's id
+    src: str = ""  # what the caller says it is (the envelope's src)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +153,12 @@ METRICS_DOMAIN: Final = published(
 METRICS_HOST: Final = published(
     "metrics.host", HostMetrics, Kind.METRICS, METRICS_EXCHANGE, f"{{host}}.{HOST_METRICS_WORD}",
     "the host's figures of a collection pass (best effort)",
+)  # fmt: skip
+
+AUDIT_CALL: Final = published(
+    "audit.call", AuditRecord, Kind.AUDIT, AUDIT_EXCHANGE, "{daemon}.{user}",
+    "a call an agent or the scheduler served or refused, and its result "
+    "(kept in the stream virtbus.audit.history)",
 )  # fmt: skip
 
 

@@ -1,0 +1,155 @@
+"""The audit trail of a daemon: every call it served or refused, on disk and on the bus.
+
+Each call becomes an :class:`~virtbus.protocol.messages.AuditRecord` (user, op, target,
+result code, duration). :meth:`AuditTrail.record` is called on the call path, so it only
+appends to a bounded buffer and wakes the writer task; the writer appends the records
+as JSON lines to the daemon's audit log (in a worker thread: the event loop never waits
+on the disk), rotating it by size (``audit.log`` -> ``audit.log.1`` ... ``.N``), and
+then publishes them on ``virtbus.audit``, whose stream ``virtbus.audit.history`` keeps
+them for ``virtbus audit``. The file is the record that survives a broker outage:
+publishing is best effort (a record the broker did not take is logged, not retried).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from virtbus.errors import VirtbusError
+from virtbus.protocol.base import to_wire
+from virtbus.protocol.envelope import Envelope, Kind
+from virtbus.protocol.messages import AUDIT_CALL, MESSAGES, AuditRecord
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, Envelope], Awaitable[None]]  # (routing key, envelope)
+BUFFER = 100_000  # records waiting for the writer; the oldest go first (counted, logged)
+
+
+def result_code(reply: dict[str, Any]) -> str:
+    """``OK`` or the error code of a reply body."""
+    if reply.get("ok"):
+        return "OK"
+    error = reply.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else "RPC_ERROR"
+
+
+class AuditTrail:
+    """One daemon's audit log and its publisher (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: Path,
+        daemon: str,
+        *,
+        max_bytes: int,
+        keep: int,
+        publish: Publish | None = None,
+    ) -> None:
+        self.path = path
+        self.daemon = daemon
+        self._max_bytes = max_bytes
+        self._keep = keep
+        self._publish = publish
+        self._pending: deque[AuditRecord] = deque()
+        self._wake = asyncio.Event()
+        self.dropped = 0  # records lost because the writer fell behind by BUFFER
+        self.written = 0
+
+    def record(
+        self,
+        call: Envelope,
+        target: str | None,
+        reply: dict[str, Any],
+        seconds: float,
+    ) -> None:
+        """Note one answered call; never blocks (the writer task does the I/O)."""
+        rec = AuditRecord(
+            ts=time.time() - seconds, daemon=self.daemon, user=call.user, op=call.op, target=target,
+            code=result_code(reply), ms=round(seconds * 1000, 3), id=call.id, src=call.src,
+        )  # fmt: skip
+        if len(self._pending) >= BUFFER:
+            self._pending.popleft()
+            self.dropped += 1
+        self._pending.append(rec)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The writer: a supervised task for the daemon's lifetime."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write (and publish) what is pending now."""
+        batch = list(self._pending)
+        self._pending.clear()
+        if not batch:
+            return
+        lines = "".join(json.dumps(to_wire(r), sort_keys=True) + "\n" for r in batch)
+        try:
+            await asyncio.to_thread(self._append, lines.encode())
+            self.written += len(batch)
+        except OSError as exc:  # a full disk must not stop the daemon serving
+            log.error("cannot write the audit log %s: %s", self.path, exc)
+        if self._publish is not None:
+            for rec in batch:
+                await self._send(rec)
+
+    async def _send(self, rec: AuditRecord) -> None:
+        assert self._publish is not None
+        key = MESSAGES[AUDIT_CALL].key(daemon=rec.daemon, user=rec.user or "-")
+        env = Envelope(kind=Kind.AUDIT, op=AUDIT_CALL, body=to_wire(rec), src=self.daemon)
+        try:
+            await self._publish(key, env)
+        except VirtbusError as exc:
+            log.debug("audit record %s not published: %s", rec.id, exc)
+
+    def _append(self, data: bytes) -> None:
+        """Append, rotating first when the file would pass ``max_bytes`` (worker thread)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size and size + len(data) > self._max_bytes:
+            for i in range(self._keep - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{i}")
+                if older.exists():
+                    os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+
+def read_log(path: Path) -> list[AuditRecord]:
+    """The records of an audit log and its rotated files, oldest first (bad lines skipped)."""
+    from virtbus.protocol.base import decode
+
+    files = sorted(
+        path.parent.glob(f"{path.name}.*"),
+        key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0,
+        reverse=True,
+    )
+    records: list[AuditRecord] = []
+    for file in [*files, path]:
+        if not file.exists():
+            continue
+        for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                records.append(decode(json.loads(line), AuditRecord))
+            except (ValueError, VirtbusError):
+                continue
+    return records
