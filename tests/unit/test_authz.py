@@ -96,7 +96,7 @@ async def test_the_audit_log_rotates_and_reads_back_oldest_first(tmp_path: Path)
     async def publish(key: str, env: Envelope) -> None:
         published.append((key, env))
 
-    trail = AuditTrail(tmp_path / "audit.log", "h1", max_bytes=600, keep=2, publish=publish)
+    trail = AuditTrail(tmp_path / "audit.log", "h1", max_bytes=350, keep=2, publish=publish)
     for i in range(12):
         call = Envelope(kind=Kind.CALL, op="domain.start", body={}, user=f"u{i}", id=f"c{i}")
         trail.record(call, f"web-{i}", {"ok": i % 3 != 0, "error": {"code": "NO_DOMAIN"}}, 0.01)

@@ -21,7 +21,7 @@ Two modes, chosen by whether the policy file exists:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_POLICY", "Authorizer", "publisher_trusted"]
 SCHEDULER_ROLE = "scheduler"
+DECISION_CACHE = 65_536  # decisions remembered (cleared when full)
 
 
 def no_user(op: str) -> AuthDenied:
@@ -50,6 +51,9 @@ class Authorizer:
     policy: Policy | None  # None: development mode
     source: str  # the policy file, for messages
     own_user: str  # the daemon's own bus user (trusted as a publisher in dev mode)
+    # Decisions by (user, op, host, target, owner): the policy never changes once loaded,
+    # so a repeated call (the common case) costs a dict lookup, not a walk of its rules.
+    _cache: dict[tuple[str, str, str, str | None, Owner], Decision] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path, own_user: str) -> Authorizer:
@@ -80,6 +84,20 @@ class Authorizer:
             return Decision(False, None, no_user(op).message)
         if self.policy is None:
             return Decision(True, None, f"development mode (no policy file at {self.source})")
+        key = (user, op.name, host, target, owner)
+        known = self._cache.get(key)
+        if known is not None:
+            return known
+        decision = self._decide(user, op, host, target, owner)
+        if len(self._cache) >= DECISION_CACHE:
+            self._cache.clear()  # bounded; refilled by the calls that keep coming
+        self._cache[key] = decision
+        return decision
+
+    def _decide(
+        self, user: str, op: Op[Any, Any], host: str, target: str | None, owner: Owner
+    ) -> Decision:
+        assert self.policy is not None
         req = Request(user, op, host, target, owner)
         if op.access is Access.MIGRATE and SCHEDULER_ROLE not in self.policy.users.get(user, ()):
             return Decision(
