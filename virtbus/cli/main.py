@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         event,
         host,
         migrate,
+        pki,
         snapshot,
         stats,
         storage,
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_parsers(sub)
     acl.add_parsers(sub)
     audit.add_parsers(sub)
+    pki.add_parsers(sub)
     _add_demo_parser(sub)
     completion.add_parsers(sub)
     return p

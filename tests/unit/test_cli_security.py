@@ -1,0 +1,60 @@
+"""The bus-less security verbs as users run them: ``virtbus acl check`` and ``virtbus pki``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+POLICY = """
+[users]
+vera = ["viewer"]
+
+[[rules]]
+user = "oscar"
+ops = ["@lifecycle"]
+targets = ["web-*"]
+"""
+
+
+def virtbus(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "virtbus.cli.main", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_acl_check_explains_allow_and_deny_with_exit_status(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    ok = virtbus(
+        "--json", "acl", "check", "oscar", "domain.start", "web-1", "--policy", str(policy)
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["rule"].startswith("allow user:oscar ops=@lifecycle")
+    no = virtbus("acl", "check", "oscar", "domain.start", "db-1", "--policy", str(policy))
+    assert no.returncode == 2 and "Decision: denied" in no.stdout and "db-1" in no.stdout
+    viewer = virtbus("acl", "check", "vera", "migration.perform", "x", "--policy", str(policy))
+    assert viewer.returncode == 2 and "scheduler role" in viewer.stdout
+    bad = virtbus("acl", "check", "oscar", "domain.nope", "--policy", str(policy))
+    assert bad.returncode == 1 and "NO_SUPPORT" in bad.stderr
+
+
+def test_pki_init_and_issue_a_host_and_a_user_certificate(tmp_path: Path) -> None:
+    ca = tmp_path / "pki"
+    assert virtbus("pki", "init", "--dir", str(ca)).returncode == 0
+    again = virtbus("pki", "init", "--dir", str(ca))
+    assert again.returncode == 1 and "OPERATION_INVALID" in again.stderr
+    host = virtbus("--json", "pki", "issue", "host", "node1", "--dir", str(ca))
+    assert host.returncode == 0, host.stderr
+    cert = x509.load_pem_x509_certificate(Path(json.loads(host.stdout)["cert"]).read_bytes())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "node1"
+    assert (Path(json.loads(host.stdout)["key"]).stat().st_mode & 0o777) == 0o600
+    user = virtbus("pki", "issue", "user", "oscar", "--role", "operator", "--dir", str(ca))
+    assert user.returncode == 0 and 'oscar = ["operator"]' in user.stdout
+    bad = virtbus("pki", "issue", "host", "no such", "--dir", str(ca))
+    assert bad.returncode == 1 and "INVALID_ARG" in bad.stderr
