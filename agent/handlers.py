@@ -179,7 +179,7 @@ def target_name(driver: Driver, op: Op[Any, Any], req: Any, key: str | None) -> 
     ref = op.target_of(req)
     if ref is None:
         xml = getattr(req, "xml", None)
-        return parse_domain_xml(xml).name if isinstance(xml, str) else None
+        return domain_name_of(xml) if isinstance(xml, str) else None
     if op.target is Target.DOMAIN:
         known = driver.lookup(ref)
         return known.name if known else ref
