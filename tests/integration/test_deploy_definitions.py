@@ -31,6 +31,31 @@ def test_committed_definitions_match_the_topology() -> None:
     )
 
 
+def test_generated_definitions_have_no_default_password() -> None:
+    """Without --password, every user gets its own random password, printed once."""
+    import base64
+    import subprocess
+    import sys
+
+    from virtbus.bus.definitions import password_hash
+
+    env = {k: v for k, v in os.environ.items() if k != "VIRTBUS_BROKER_PASSWORD"}
+    runs = [
+        subprocess.run([sys.executable, "-m", "virtbus.bus.definitions"], capture_output=True,
+                       text=True, env=env, timeout=60, check=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    secrets = [
+        dict(line.strip().split(": ", 1) for line in r.stderr.splitlines()[1:]) for r in runs
+    ]
+    assert set(secrets[0]) == {"virtbus-agent", "virtbus-scheduler", "virtbus-client"}
+    assert len(set(secrets[0].values()) | set(secrets[1].values())) == 6  # all different
+    for user in json.loads(runs[0].stdout)["users"]:
+        salt = base64.b64decode(user["password_hash"])[:4]
+        assert password_hash(secrets[0][user["name"]], salt) == user["password_hash"]
+    assert "change-me" not in (ROOT / "virtbus/bus/definitions.py").read_text()
+
+
 async def rabbitmqctl(*args: str, stdin: bytes | None = None) -> str:
     proc = await asyncio.create_subprocess_exec(
         "rabbitmqctl",

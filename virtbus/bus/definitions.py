@@ -12,7 +12,9 @@ import base64
 import hashlib
 import json
 import os
+import secrets
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from virtbus.bus.topology import (
@@ -27,6 +29,7 @@ from virtbus.bus.topology import (
     SCHEDULER_ROUTE,
     call_queue_for,
 )
+from virtbus.errors import InvalidArgument
 
 # Who may do what, as RabbitMQ permission regexes (configure, write, read).
 # Agents declare their own call queue and subscriptions; clients only publish calls and
@@ -60,7 +63,19 @@ def password_hash(password: str, salt: bytes | None = None) -> str:
     return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
 
 
-def definitions(vhost: str, password: str, salt: bytes | None = None) -> dict[str, Any]:
+def random_passwords() -> dict[str, str]:
+    """A fresh random password per user: nothing ships with a default password."""
+    return {user: secrets.token_urlsafe(18) for user in ROLES}
+
+
+def definitions(
+    vhost: str, password: str | Mapping[str, str], salt: bytes | None = None
+) -> dict[str, Any]:
+    """The definitions for ``vhost``; ``password``: one for every user, or one per user."""
+    passwords = password if isinstance(password, Mapping) else dict.fromkeys(ROLES, password)
+    missing = set(ROLES) - set(passwords)
+    if missing or not all(passwords.values()):
+        raise InvalidArgument(f"no password for {', '.join(sorted(missing)) or 'a user'}")
     scheduler = call_queue_for(SCHEDULER_ROUTE)
     queues = [DEAD_LETTER, EVENT_HISTORY, AUDIT_HISTORY, scheduler]
     return {
@@ -68,7 +83,7 @@ def definitions(vhost: str, password: str, salt: bytes | None = None) -> dict[st
         "users": [
             {
                 "name": user,
-                "password_hash": password_hash(password, salt),
+                "password_hash": password_hash(passwords[user], salt),
                 "hashing_algorithm": "rabbit_password_hashing_sha256",
                 "tags": "",
             }
@@ -162,12 +177,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vhost", default="/virtbus")
     p.add_argument(
         "--password",
-        default=os.environ.get("VIRTBUS_BROKER_PASSWORD", "change-me"),
-        help="password of the three virtbus users (default: $VIRTBUS_BROKER_PASSWORD)",
+        default=os.environ.get("VIRTBUS_BROKER_PASSWORD"),
+        help="one password for every virtbus user (default: $VIRTBUS_BROKER_PASSWORD; "
+        "without either, a random password per user, printed once on stderr)",
     )
     args = p.parse_args(argv)
-    json.dump(definitions(args.vhost, args.password), sys.stdout, indent=2, sort_keys=True)
+    passwords: str | dict[str, str] = args.password or random_passwords()
+    json.dump(definitions(args.vhost, passwords), sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
+    if isinstance(passwords, dict):  # shown once: only their hashes are in the file
+        sys.stderr.write("passwords (shown once; keep them in the daemons' bus URLs):\n")
+        for user, secret in passwords.items():
+            sys.stderr.write(f"  {user}: {secret}\n")
 
 
 if __name__ == "__main__":
