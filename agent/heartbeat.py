@@ -8,6 +8,7 @@ from drivers.base import Driver
 from virtbus import __version__
 from virtbus.protocol.events import DomainState
 from virtbus.protocol.host import HostInventory
+from virtbus.protocol.network import NetworkSummary
 from virtbus.protocol.storage import PoolSummary
 
 
@@ -21,13 +22,14 @@ async def inventory(
     draining: bool = False,
     migration_address: str = "127.0.0.1",
     pools: list[PoolSummary] | None = None,
+    networks: list[NetworkSummary] | None = None,
 ) -> HostInventory:
     """The inventory carried by heartbeats and answered by ``host.info``.
 
     ``labels`` come from the agent's settings (``--label KEY=VALUE``); ``draining`` is set by
     the scheduler (``host.set_draining``) so every reader of heartbeats sees a drain.
     ``pools`` are the storage pools with their sizes: the scheduler places domains whose
-    volumes' pools are there.
+    volumes' pools are there; ``networks`` the virtual networks and whether they run.
     """
     resources = await driver.host_resources()
     domains = await driver.list_domains(include_inactive=True)
@@ -50,6 +52,7 @@ async def inventory(
         draining=draining,
         migration_address=migration_address,
         pools=list(pools or []),
+        networks=list(networks or []),
         last_event_seq=last_seq,
         agent_version=__version__,
         started_at=started_at,

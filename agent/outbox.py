@@ -62,13 +62,18 @@ def _seq(envelope: Envelope) -> int:
     return int(envelope.body["seq"])
 
 
+#: the body field each event kind's routing key names (domain events: ``domain``)
+_SUBJECTS = {"storage.pool.event": "pool", "network.event": "network", "job.event": "job"}
+
+
 def event_fault(envelope: Envelope) -> str | None:
     """Why a stored event cannot be published, or None (the fields the publisher needs)."""
     body = envelope.body
     seq = body.get("seq")
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
         return f"'seq' must be a positive integer, not {seq!r}"[:200]
-    for key in ("domain", "event"):
+    subject = _SUBJECTS.get(envelope.op, "domain")  # what the routing key names
+    for key in (subject, "event"):
         if not isinstance(body.get(key), str):
             return f"'{key}' must be a string"
     return None

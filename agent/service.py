@@ -16,6 +16,7 @@ from typing import Any
 
 import agent.handlers
 import agent.migration
+import agent.network_ops
 import agent.snapshot_ops
 import agent.storage_ops
 from agent.admission import Admission
@@ -24,6 +25,7 @@ from agent.dispatch import Dispatcher, Prepared
 from agent.heartbeat import inventory
 from agent.jobs import Job, JobManager
 from agent.metrics import AgentMetrics
+from agent.network import NetworkEvent, Networks
 from agent.outbox import EventOutbox
 from agent.storage import PoolEvent, StoragePools
 from agent.table import HANDLERS, AgentContext
@@ -44,12 +46,15 @@ from virtbus.protocol.envelope import Envelope, Kind
 from virtbus.protocol.events import (
     event_routing_key,
     job_routing_key,
+    network_routing_key,
     pool_routing_key,
     routing_key,
     routing_word,
 )
 from virtbus.protocol.host import HostInventory
 from virtbus.protocol.messages import DomainEvent
+from virtbus.protocol.network import NetworkEvent as NetworkEventMessage
+from virtbus.protocol.network import NetworkSummary
 from virtbus.protocol.registry import Service
 from virtbus.protocol.storage import JobEvent, PoolSummary
 from virtbus.protocol.storage import PoolEvent as PoolEventMessage
@@ -107,11 +112,15 @@ class AgentService:
         self.storage = StoragePools(
             settings.state_dir, settings.storage, self.jobs, self._on_pool_event
         )
+        # Virtual networks (agent/network.py), in the namespace network.namespace names.
+        self.networks = Networks(
+            settings.state_dir, settings.runtime_dir, settings.network, self._on_network_event
+        )
         if isinstance(driver, UsesVolumes):
             driver.set_volume_resolver(self.storage)
         self.context = AgentContext(
             host=self.host, driver=driver, inventory=self.inventory, storage=self.storage,
-            jobs=self.jobs, admission=admission,
+            jobs=self.jobs, networks=self.networks, admission=admission,
         )  # fmt: skip
         # Every call served or refused: on disk (JSON lines, rotated) and on virtbus.audit.
         self.audit = AuditTrail(
@@ -170,6 +179,17 @@ class AgentService:
             Envelope(kind=Kind.EVENT, op=ops.EVENT_POOL, body=to_wire(body), src=self.host)
         )
 
+    def _on_network_event(self, event: NetworkEvent) -> None:
+        """Network lifecycle events: numbered and published like domain events."""
+        body = NetworkEventMessage(
+            host=self.host, seq=self.outbox.next_seq(), network=event.network, uuid=event.uuid,
+            event=event.event, detail=event.detail, data=event.data,
+            reconciled=event.reconciled, ts=time.time(),
+        )  # fmt: skip
+        self.outbox.put(
+            Envelope(kind=Kind.EVENT, op=ops.EVENT_NETWORK, body=to_wire(body), src=self.host)
+        )
+
     def _on_job_event(self, job: Job, event: str) -> None:
         body = JobEvent(host=self.host, seq=self.outbox.next_seq(), job=job.id, event=event,
                         data=agent.storage_ops.job_info(job), ts=time.time())  # fmt: skip
@@ -181,6 +201,8 @@ class AgentService:
         body = envelope.body
         if envelope.op == ops.EVENT_POOL:
             key = pool_routing_key(self.host, body["pool"], body["event"])
+        elif envelope.op == ops.EVENT_NETWORK:
+            key = network_routing_key(self.host, body["network"], body["event"])
         elif envelope.op == ops.EVENT_JOB:
             key = job_routing_key(self.host, body["job"], body["event"])
         else:
@@ -225,6 +247,7 @@ class AgentService:
             draining=self.draining,
             migration_address=self.settings.migration_address,
             pools=[PoolSummary(**p) for p in await self.storage.inventory()],
+            networks=[NetworkSummary(**n) for n in self.networks.summaries()],
         )
 
     # --- heartbeat ------------------------------------------------------------------
@@ -255,6 +278,7 @@ class AgentService:
         await self.outbox.load()  # sequence numbers continue where they stopped
         self.dispatcher.restore(await self.call_log.load())
         await self.storage.open()  # pools re-adopted, autostart ones started
+        await self.networks.open()  # running networks adopted untouched, autostart started
         await self.driver.open(self._on_driver_event)
         await self._adopt_leases()
         await self.jobs.load()  # jobs the last agent left running: failed, cleaned up
@@ -293,6 +317,7 @@ class AgentService:
             self._server = None
         await self.audit.flush()  # the calls just finished are on disk (and on the bus)
         await self.storage.close()
+        await self.networks.close()  # networks and their dnsmasq keep running
         await self.jobs.close()  # running jobs clean up and are recorded failed
         if not await self.outbox.flush(grace):
             log.warning("%d events not yet published at stop: kept on disk", len(self.outbox))

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from agent.admission import Admission
 from agent.jobs import JobManager
+from agent.network import Networks
 from agent.storage import StoragePools
 from drivers.base import Driver
 from virtbus.errors import NoSupport
@@ -41,6 +42,7 @@ class AgentContext:
     admission: Admission
     storage: StoragePools  # the host's pools and volumes (agent/storage.py)
     jobs: JobManager  # long operations (agent/jobs.py)
+    networks: Networks  # the host's virtual networks (agent/network.py)
     draining: bool = False
     extras: dict[str, Any] = field(default_factory=dict)  # managers of later rooms
 

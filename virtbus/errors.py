@@ -14,6 +14,7 @@ Tree::
     ├── NoStoragePool               NO_STORAGE_POOL
     ├── NoStorageVol                NO_STORAGE_VOL
     ├── NoDomainSnapshot            NO_DOMAIN_SNAPSHOT  no snapshot of that name (of that domain)
+    ├── NoNetwork                   NO_NETWORK          no such virtual network
     ├── OperationInvalid            OPERATION_INVALID   wrong state for the command
     ├── InvalidArgument             INVALID_ARG
     ├── XMLError                    XML_ERROR           bad or unsafe domain XML
@@ -84,6 +85,10 @@ class NoDomainSnapshot(VirtbusError):
     code = "NO_DOMAIN_SNAPSHOT"
 
 
+class NoNetwork(VirtbusError):
+    code = "NO_NETWORK"
+
+
 class OperationInvalid(VirtbusError):
     code = "OPERATION_INVALID"
 
@@ -150,6 +155,7 @@ _BY_CODE: dict[str, type[VirtbusError]] = {
         NoStoragePool,
         NoStorageVol,
         NoDomainSnapshot,
+        NoNetwork,
         OperationInvalid,
         InvalidArgument,
         XMLError,

@@ -93,6 +93,25 @@ class StorageSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class NetworkSettings:
+    """Where an agent's virtual networks live and how their helpers are supervised."""
+
+    namespace: str | None = field(
+        default=None,
+        metadata=setting("network namespace (ip netns) the networks' bridges, firewall"
+                         " tables and dnsmasq live in (default: the host's own)"),
+    )  # fmt: skip
+    dnsmasq_restart_limit: int = field(
+        default=5,
+        metadata=setting("dnsmasq restarts within a minute before giving up", minimum=1),
+    )
+    dnsmasq_start_timeout: float = field(
+        default=10.0,
+        metadata=setting("wait for a started dnsmasq to write its pid file (s)", positive=True),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class AgentSettings:
     host: str = field(
         default_factory=socket.gethostname,
@@ -188,6 +207,7 @@ class AgentSettings:
                          "an admin", flag=True),
     )  # fmt: skip
     storage: StorageSettings = field(default_factory=StorageSettings, metadata=nested("storage."))
+    network: NetworkSettings = field(default_factory=NetworkSettings, metadata=nested("network."))
     bus: BusSettings = field(default_factory=BusSettings, metadata=nested("bus."))
 
     @property

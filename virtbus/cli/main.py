@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         event,
         host,
         migrate,
+        network,
         pki,
         snapshot,
         stats,
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     disk.add_parsers(sub)
     snapshot.add_parsers(sub)
     storage.add_parsers(sub)
+    network.add_parsers(sub)
     event.add_parsers(sub)
     stats.add_parsers(sub)
     migrate.add_parsers(sub)

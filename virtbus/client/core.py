@@ -31,6 +31,7 @@ from virtbus.bus.topology import (
     SCHEDULER_ROUTE,
 )
 from virtbus.client.events import EventFilter, EventStream, Since, open_events
+from virtbus.client.network import Network
 from virtbus.client.storage import Job, Pool, host_jobs
 from virtbus.errors import (
     BusUnavailable,
@@ -60,6 +61,7 @@ from virtbus.protocol.envelope import Kind
 from virtbus.protocol.host import DrainFlag, HostInventory, Pong, SetDraining
 from virtbus.protocol.messages import AuditRecord, DomainEvent
 from virtbus.protocol.migration import TERMINAL_STATES, MigrationParams, MigrationRecord
+from virtbus.protocol.network import NetworkInfo, NetworkListRequest, NetworkXmlRequest
 from virtbus.protocol.registry import Op, Service
 from virtbus.protocol.scheduler import (
     CancelRequest,
@@ -376,6 +378,23 @@ class Host:
     async def find_volume(self, path: str) -> VolumeInfo:
         """The volume whose path or key is ``path``."""
         return await self.call(ops.STORAGE_VOL_LOOKUP, VolumeLookup(path=path))
+
+    # --- virtual networks (virtbus/client/network.py) --------------------------------
+    def network(self, ref: str) -> Network:
+        return Network(self, ref)
+
+    async def networks(self, all: bool = True) -> list[NetworkInfo]:
+        return (await self.call(ops.NETWORK_LIST, NetworkListRequest(all=all))).networks
+
+    async def define_network(self, xml: str) -> Network:
+        """net-define: a persistent network from libvirt's <network> XML."""
+        ref = await self.call(ops.NETWORK_DEFINE, NetworkXmlRequest(xml=xml))
+        return Network(self, ref.name)
+
+    async def create_network(self, xml: str) -> Network:
+        """net-create: a transient network, started at once."""
+        ref = await self.call(ops.NETWORK_CREATE, NetworkXmlRequest(xml=xml))
+        return Network(self, ref.name)
 
     def job(self, job_id: str) -> Job:
         return Job(self, JobInfo(id=job_id, kind="", target={}, state="running"))

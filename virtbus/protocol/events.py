@@ -238,3 +238,15 @@ def pool_routing_key(host: str, pool: str, event: str) -> str:
 def job_routing_key(host: str, job: str, event: str) -> str:
     """``<host>.job.<id>.<event>``."""
     return routing_key(routing_word(host), "job", routing_word(job), routing_word(event))
+
+
+# --- network events -------------------------------------------------------------------
+#: libvirt's virNetworkEventLifecycleType, plus virtbus's ``dhcp-restarted``
+NETWORK_EVENTS: frozenset[str] = frozenset(
+    {"defined", "undefined", "started", "stopped", "dhcp-restarted"}
+)
+
+
+def network_routing_key(host: str, network: str, event: str) -> str:
+    """``<host>.network.<network>.<event>``: four words, as pool events."""
+    return routing_key(routing_word(host), "network", routing_word(network), routing_word(event))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from msgspec import field as default
 
 from virtbus.protocol.base import Empty, HostName, Message, NonNegInt
+from virtbus.protocol.network import NetworkSummary
 from virtbus.protocol.registry import Access, Service, Target, op
 from virtbus.protocol.storage import PoolSummary
 
@@ -34,6 +35,7 @@ class HostInventory(Message):
     draining: bool = False
     migration_address: str = ""
     pools: list[PoolSummary] = default(default_factory=list)  # storage pools (bytes)
+    networks: list[NetworkSummary] = default(default_factory=list)  # virtual networks
     last_event_seq: NonNegInt = 0
     agent_version: str = ""
     started_at: float | None = None

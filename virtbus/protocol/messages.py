@@ -26,6 +26,7 @@ from virtbus.protocol.base import HostName, Message, NonNegInt, decode
 from virtbus.protocol.envelope import Kind
 from virtbus.protocol.events import routing_word
 from virtbus.protocol.host import HostInventory
+from virtbus.protocol.network import NetworkEvent
 from virtbus.protocol.storage import JobEvent, PoolEvent
 
 StatValue = int | float | str
@@ -134,6 +135,11 @@ EVENT_DOMAIN: Final = published(
 EVENT_POOL: Final = published(
     "storage.pool.event", PoolEvent, Kind.EVENT, EVENTS_EXCHANGE, "{host}.pool.{pool}.{event}",
     "a storage pool's lifecycle event (four words: *.*.* domain bindings never see it)",
+    persistent=True,
+)  # fmt: skip
+EVENT_NETWORK: Final = published(
+    "network.event", NetworkEvent, Kind.EVENT, EVENTS_EXCHANGE, "{host}.network.{network}.{event}",
+    "a virtual network's lifecycle event (four words: *.*.* domain bindings never see it)",
     persistent=True,
 )  # fmt: skip
 EVENT_JOB: Final = published(

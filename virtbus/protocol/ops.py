@@ -29,6 +29,7 @@ from virtbus.protocol.host import HOST_INFO, HOST_PING, HOST_SET_DRAINING
 from virtbus.protocol.messages import (
     EVENT_DOMAIN,
     EVENT_JOB,
+    EVENT_NETWORK,
     EVENT_POOL,
     HEARTBEAT,
     METRICS_DOMAIN,
@@ -42,6 +43,18 @@ from virtbus.protocol.migration import (
     MIGRATION_PERFORM,
     MIGRATION_PREPARE,
     MIGRATION_STATUS,
+)
+from virtbus.protocol.network import (
+    NETWORK_AUTOSTART,
+    NETWORK_CREATE,
+    NETWORK_DEFINE,
+    NETWORK_DESTROY,
+    NETWORK_DHCP_LEASES,
+    NETWORK_INFO,
+    NETWORK_LIST,
+    NETWORK_START,
+    NETWORK_UNDEFINE,
+    NETWORK_XML,
 )
 from virtbus.protocol.registry import REGISTRY, Op, Service, lookup, ops_of
 from virtbus.protocol.scheduler import (
@@ -133,6 +146,7 @@ __all__ = [
     "DOMAIN_XML",
     "EVENT_DOMAIN",
     "EVENT_JOB",
+    "EVENT_NETWORK",
     "EVENT_POOL",
     "HEARTBEAT",
     "HOST_INFO",
@@ -151,6 +165,16 @@ __all__ = [
     "MIGRATION_PERFORM",
     "MIGRATION_PREPARE",
     "MIGRATION_STATUS",
+    "NETWORK_AUTOSTART",
+    "NETWORK_CREATE",
+    "NETWORK_DEFINE",
+    "NETWORK_DESTROY",
+    "NETWORK_DHCP_LEASES",
+    "NETWORK_INFO",
+    "NETWORK_LIST",
+    "NETWORK_START",
+    "NETWORK_UNDEFINE",
+    "NETWORK_XML",
     "REGISTRY",
     "SCHEDULER_DEFINE",
     "SCHEDULER_DOMAINS",

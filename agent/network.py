@@ -1,0 +1,478 @@
+"""The host's virtual networks: libvirt's network driver, composed from backends.
+
+:class:`Networks` owns what the backends (drivers/network) do not: definitions and their
+files, names, the checks between networks (no two on one subnet or one bridge), generated
+bridge names and MACs, the networks' runtime state, autostart, lifecycle events, the
+supervision of each network's dnsmasq (restarted when it dies, within
+``network.dnsmasq_restart_limit`` a minute) and its watched lease file.
+
+Files: ``<state-dir>/networks/<uuid>.xml`` (the definition, with what define generated)
+and ``<uuid>.json`` ``{autostart, active, persistent, index}`` (``index``: the bridge's
+ifindex when it started, the mark that a bridge of that name is this network's);
+``<run-dir>/networks/<uuid>/`` dnsmasq's config, pid file, hosts files and leases.
+
+A restarted agent adopts a running network without touching it: the bridge with the
+recorded ifindex is still there, so it stays (a missing firewall table is added back), a
+dnsmasq found by its pid file is watched again (one that died meanwhile is started). It
+never tears down and rebuilds a network whose guests may be running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiofiles.os
+
+from drivers.network import HostNet, NetworkBackend, backend_for, dnsmasq, dnsmasq_files, nft
+from drivers.network.dnsmasq import DnsmasqFiles
+from drivers.network.watch import ExitWatch, FileWatch
+from virtbus.errors import (
+    InvalidArgument,
+    NoNetwork,
+    NoSupport,
+    OperationFailed,
+    OperationInvalid,
+    VirtbusError,
+)
+from virtbus.network import Lease, NetworkDefinition, parse_leases, parse_network_xml
+from virtbus.settings import NetworkSettings
+from virtbus.store import atomic_write, quarantine, read_bytes
+
+log = logging.getLogger(__name__)
+
+BRIDGE_PREFIX = "virbr"
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkEvent:
+    network: str
+    uuid: str
+    event: str  # defined, undefined, started, stopped, dhcp-restarted
+    detail: str | None = None
+    reconciled: bool = False
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+NetworkSink = Callable[[NetworkEvent], None]
+
+
+@dataclass(slots=True)
+class Network:
+    defn: NetworkDefinition
+    backend: NetworkBackend
+    support: str | None  # why this host cannot run it (NO_SUPPORT), or None
+    files: DnsmasqFiles
+    persistent: bool = True
+    autostart: bool = False
+    active: bool = False
+    index: int | None = None  # the bridge's ifindex while active
+    dhcp_pid: int | None = None
+    leases: list[Lease] = field(default_factory=list)
+    restarts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    exit_watch: ExitWatch | None = None
+    lease_watch: FileWatch | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def name(self) -> str:
+        return self.defn.name
+
+
+class Networks:
+    """Every virtual network of this host (see module docstring)."""
+
+    def __init__(
+        self, state_dir: Path, run_dir: Path, settings: NetworkSettings, sink: NetworkSink
+    ) -> None:
+        self.dir = state_dir / "networks"
+        self.run_dir = run_dir / "networks"
+        self.settings = settings
+        self.net = HostNet(settings.namespace)
+        self._sink = sink
+        self._networks: dict[str, Network] = {}  # by uuid
+        self._by_name: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # ================================================================== lifecycle
+    async def open(self) -> None:
+        """Load every network and adopt what still runs (see module docstring)."""
+        await aiofiles.os.makedirs(self.dir, exist_ok=True)
+        await aiofiles.os.makedirs(self.run_dir, exist_ok=True)
+        for entry in sorted(await aiofiles.os.listdir(self.dir)):
+            if not entry.endswith(".xml"):
+                continue
+            path = self.dir / entry
+            try:
+                defn = parse_network_xml((await read_bytes(path)) or b"")
+                state = json.loads((await read_bytes(path.with_suffix(".json"))) or b"{}")
+            except (VirtbusError, ValueError) as exc:
+                await quarantine(path, str(exc))
+                continue
+            net = self._add(defn)
+            net.persistent = bool(state.get("persistent", True))
+            net.autostart = bool(state.get("autostart", False))
+            index = state.get("index")
+            index = index if isinstance(index, int) else None
+            await self._adopt(net, bool(state.get("active")), index)
+        for net in self.networks():
+            if net.autostart and not net.active and net.support is None:
+                try:
+                    await self.start(net.name)
+                except VirtbusError as exc:
+                    log.error("network %s could not be autostarted: %s", net.name, exc)
+
+    async def _adopt(self, net: Network, was_active: bool, index: int | None) -> None:
+        if not was_active:
+            return
+        try:
+            if index is not None and await net.backend.adopt(net.defn, index):
+                net.active, net.index = True, index
+                if net.backend.dhcp(net.defn):
+                    pid = await asyncio.to_thread(dnsmasq.read_pid, net.files)
+                    if pid is None:
+                        log.warning("network %s: its dnsmasq is gone; starting it", net.name)
+                        await self._start_dhcp(net)
+                        self._emit(net, "dhcp-restarted", reconciled=True,
+                                   data={"pid": net.dhcp_pid})  # fmt: skip
+                    else:
+                        net.dhcp_pid = pid
+                        self._watch(net)
+                log.info("network %s adopted (bridge %s)", net.name, net.defn.bridge)
+                return
+        except VirtbusError as exc:
+            log.error("network %s could not be adopted: %s", net.name, exc)
+        # gone: clean what is ours (never a link that is not: its ifindex differs)
+        with contextlib.suppress(VirtbusError):
+            await dnsmasq.stop(net.files)
+            await nft.remove(self.net, net.defn)
+        net.active, net.index = False, None
+        self._emit(net, "stopped", reconciled=True)
+        if net.persistent:
+            await self._save_state(net)
+        else:
+            await self._forget(net)
+
+    async def close(self) -> None:
+        """Stop watching; networks and their dnsmasq keep running for the guests."""
+        self._closed = True
+        for net in self._networks.values():
+            self._unwatch(net)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, VirtbusError):
+                await task
+
+    def _emit(self, net: Network, event: str, detail: str | None = None, *,
+              reconciled: bool = False, data: dict[str, Any] | None = None) -> None:  # fmt: skip
+        self._sink(NetworkEvent(net.name, net.defn.uuid, event, detail, reconciled, data or {}))
+
+    # ================================================================== files
+    def _path(self, uuid: str, suffix: str) -> Path:
+        return self.dir / f"{uuid}{suffix}"
+
+    async def _save_definition(self, net: Network) -> None:
+        await atomic_write(self._path(net.defn.uuid, ".xml"), net.defn.to_xml().encode())
+
+    async def _save_state(self, net: Network) -> None:
+        state = {"autostart": net.autostart, "active": net.active,
+                 "persistent": net.persistent, "index": net.index}  # fmt: skip
+        await atomic_write(self._path(net.defn.uuid, ".json"), json.dumps(state).encode())
+
+    async def _forget(self, net: Network) -> None:
+        for suffix in (".xml", ".json"):
+            with contextlib.suppress(FileNotFoundError):
+                await aiofiles.os.remove(self._path(net.defn.uuid, suffix))
+        self._networks.pop(net.defn.uuid, None)
+        if self._by_name.get(net.name) == net.defn.uuid:
+            del self._by_name[net.name]
+
+    # ================================================================== lookups
+    def _add(self, defn: NetworkDefinition) -> Network:
+        backend = backend_for(defn, self.net)
+        support = None
+        try:
+            backend.check(defn)
+        except NoSupport as exc:
+            support = exc.message
+        net = Network(defn, backend, support, dnsmasq_files(self.run_dir, defn))
+        self._networks[defn.uuid] = net
+        self._by_name[defn.name] = defn.uuid
+        return net
+
+    def get(self, ref: str) -> Network:
+        """A network by name or uuid; NO_NETWORK naming it."""
+        if not isinstance(ref, str) or not ref:
+            raise InvalidArgument("a network name or uuid is required")
+        net = self._networks.get(ref) or self._networks.get(self._by_name.get(ref, ""))
+        if net is None:
+            raise NoNetwork(f"Network not found: no network with matching name '{ref}'")
+        return net
+
+    def networks(self) -> list[Network]:
+        return sorted(self._networks.values(), key=lambda n: n.name)
+
+    def active_bridges(self) -> dict[str, str]:
+        """bridge name -> network name, of the active networks."""
+        return {n.defn.bridge: n.name for n in self._networks.values()
+                if n.active and n.defn.bridge}  # fmt: skip
+
+    # ================================================================== define
+    async def _parse_new(self, xml: str) -> tuple[NetworkDefinition, Network | None]:
+        defn = parse_network_xml(xml)
+        existing = self._networks.get(defn.uuid)
+        by_name = self._by_name.get(defn.name)
+        if by_name is not None and by_name != defn.uuid:
+            raise OperationFailed(f"network '{defn.name}' already exists with uuid {by_name}")
+        if existing is not None and existing.name != defn.name:
+            raise OperationFailed(f"network '{existing.name}' is already defined with uuid"
+                                  f" {defn.uuid}")  # fmt: skip
+        others = [n for n in self._networks.values() if n.defn.uuid != defn.uuid]
+        if defn.bridge is not None and defn.managed:
+            for other in others:
+                if other.defn.bridge == defn.bridge and other.defn.managed:
+                    raise OperationFailed(
+                        f"bridge name '{defn.bridge}' is already in use by network '{other.name}'"
+                    )
+        for ip in defn.ips:
+            for other in others:
+                for theirs in other.defn.ips:
+                    if _overlaps(ip.network, theirs.network):
+                        raise OperationFailed(
+                            f"subnet {ip.network} of network '{defn.name}' overlaps subnet"
+                            f" {theirs.network} of network '{other.name}'"
+                        )
+        if defn.managed:
+            if existing is not None:  # a redefinition keeps what was generated
+                defn.fill(bridge=existing.defn.bridge, mac=existing.defn.mac)
+            if defn.bridge is None:
+                defn.fill(bridge=await self._free_bridge(others), mac=None)
+            defn.fill(bridge=None, mac=_random_mac())
+        return defn, existing
+
+    async def _free_bridge(self, others: list[Network]) -> str | None:
+        taken = {n.defn.bridge for n in others} | {link.name for link in await self.net.links()}
+        for n in range(4096):
+            name = f"{BRIDGE_PREFIX}{n}"
+            if name not in taken:
+                return name
+        raise OperationFailed("no free bridge name virbr0..virbr4095")
+
+    async def define(self, xml: str) -> Network:
+        """net-define: a persistent network (or a new definition of one: an active network
+        keeps running with the old one until it is restarted, as in libvirt)."""
+        defn, existing = await self._parse_new(xml)
+        if existing is not None and existing.active:
+            raise OperationInvalid(f"cannot redefine network '{existing.name}' while it is active")
+        net = self._add(defn)
+        if existing is not None:
+            net.autostart = existing.autostart
+        await self._save_definition(net)
+        await self._save_state(net)
+        self._emit(net, "defined")
+        return net
+
+    async def create(self, xml: str) -> Network:
+        """net-create: a transient network, started at once."""
+        defn, existing = await self._parse_new(xml)
+        if existing is not None:
+            raise OperationFailed(f"network '{defn.name}' already exists")
+        net = self._add(defn)
+        net.persistent = False
+        try:
+            await self._start(net)
+        except BaseException:
+            await self._forget(net)
+            raise
+        await self._save_definition(net)
+        await self._save_state(net)
+        self._emit(net, "started")
+        return net
+
+    async def undefine(self, ref: str) -> None:
+        """net-undefine: an active network becomes transient (it runs until destroyed)."""
+        net = self.get(ref)
+        async with net.lock:
+            if not net.persistent:
+                raise OperationInvalid(f"network '{net.name}' is transient: nothing to undefine")
+            if net.active:
+                net.persistent = False
+                net.autostart = False
+                await self._save_state(net)
+            else:
+                await self._forget(net)
+        self._emit(net, "undefined")
+
+    async def set_autostart(self, ref: str, autostart: bool) -> Network:
+        net = self.get(ref)
+        if not net.persistent:
+            raise OperationInvalid(f"cannot set autostart for transient network '{net.name}'")
+        async with net.lock:
+            net.autostart = autostart
+            await self._save_state(net)
+        return net
+
+    # ================================================================== start/stop
+    async def start(self, ref: str) -> Network:
+        net = self.get(ref)
+        async with net.lock:
+            if net.active:
+                raise OperationInvalid(f"network '{net.name}' is already active")
+            await self._start(net)
+            await self._save_state(net)
+        self._emit(net, "started")
+        return net
+
+    async def _start(self, net: Network) -> None:
+        if net.support is not None:
+            raise NoSupport(net.support)
+        for other in self._networks.values():  # a foreign bridge may have appeared since
+            if other is not net and other.active and other.defn.bridge == net.defn.bridge:
+                raise OperationFailed(
+                    f"bridge '{net.defn.bridge}' is in use by network '{other.name}'"
+                )
+        net.index = await net.backend.start(net.defn)
+        try:
+            if net.backend.dhcp(net.defn):
+                await self._start_dhcp(net)
+        except BaseException:
+            await net.backend.stop(net.defn)
+            net.index = None
+            raise
+        net.active = True
+
+    async def _start_dhcp(self, net: Network) -> None:
+        assert net.defn.bridge is not None
+        await dnsmasq.stop(net.files)  # a stray one of this network (pid file checked)
+        net.dhcp_pid = await dnsmasq.start(
+            self.net,
+            net.defn,
+            net.defn.bridge,
+            net.files,
+            timeout=self.settings.dnsmasq_start_timeout,
+        )
+        self._watch(net)
+
+    def _watch(self, net: Network) -> None:
+        self._unwatch(net)
+        assert net.dhcp_pid is not None
+        net.exit_watch = ExitWatch(net.dhcp_pid, lambda: self._spawn(self._dhcp_died(net)))
+        net.exit_watch.start()
+        net.lease_watch = FileWatch(net.files.leases, lambda: self._read_leases(net))
+        net.lease_watch.start()
+        self._read_leases(net)
+
+    def _unwatch(self, net: Network) -> None:
+        for watch in (net.exit_watch, net.lease_watch):
+            if watch is not None:
+                watch.close()
+        net.exit_watch = net.lease_watch = None
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _read_leases(self, net: Network) -> None:
+        v4 = next((ip for ip in net.defn.ips if ip.family == "ipv4"), None)
+        try:
+            text = net.files.leases.read_text(errors="replace")  # a few KiB, page-cached
+        except OSError:
+            text = ""
+        net.leases = parse_leases(text, v4.network.prefixlen if v4 else 0)
+
+    async def _dhcp_died(self, net: Network) -> None:
+        """dnsmasq exited while the network runs: start it again (bounded), say so."""
+        async with net.lock:
+            if self._closed or not net.active or not net.backend.dhcp(net.defn):
+                return
+            old = net.dhcp_pid
+            now = time.monotonic()
+            recent = [t for t in net.restarts if now - t < 60.0]
+            if len(recent) >= self.settings.dnsmasq_restart_limit:
+                log.error("network %s: dnsmasq (pid %s) died %d times within a minute; not"
+                          " restarting it", net.name, old, len(recent))  # fmt: skip
+                net.dhcp_pid = None
+                self._unwatch(net)
+                return
+            net.restarts.append(now)
+            log.warning("network %s: dnsmasq (pid %s) died; restarting it", net.name, old)
+            try:
+                await self._start_dhcp(net)
+            except VirtbusError as exc:
+                log.error("network %s: dnsmasq could not be restarted: %s", net.name, exc)
+                net.dhcp_pid = None
+                return
+        log.warning("network %s: dnsmasq restarted (pid %s)", net.name, net.dhcp_pid)
+        self._emit(net, "dhcp-restarted", data={"old_pid": old, "pid": net.dhcp_pid})
+
+    async def destroy(self, ref: str, *, force: bool = False) -> None:
+        """net-destroy: refused while interfaces are on the bridge, unless ``force``."""
+        net = self.get(ref)
+        async with net.lock:
+            if not net.active:
+                raise OperationInvalid(f"network '{net.name}' is not active")
+            ports = await net.backend.ports(net.defn)
+            if ports and not force:
+                raise OperationInvalid(
+                    f"network '{net.name}' is in use by interface(s) {', '.join(ports)};"
+                    " destroy it with force to cut them off"
+                )
+            self._unwatch(net)
+            await dnsmasq.stop(net.files)
+            net.dhcp_pid = None
+            await net.backend.stop(net.defn)
+            net.active, net.index = False, None
+            net.leases = []
+            if net.persistent:
+                await self._save_state(net)
+            else:
+                await self._forget(net)
+        self._emit(net, "stopped", "forced" if ports else None)
+
+    # ================================================================== information
+    async def info(self, net: Network) -> dict[str, Any]:
+        ports = await net.backend.ports(net.defn) if net.active else []
+        return {
+            "name": net.name, "uuid": net.defn.uuid, "active": net.active,
+            "persistent": net.persistent, "autostart": net.autostart,
+            "bridge": net.defn.bridge or net.defn.forward_dev, "forward": net.defn.mode,
+            "ports": ports, "supported": net.support is None,
+        }  # fmt: skip
+
+    def dhcp_leases(self, ref: str, mac: str | None = None) -> list[Lease]:
+        net = self.get(ref)
+        if not net.active:
+            raise OperationInvalid(f"network '{net.name}' is not active")
+        wanted = mac.lower() if mac else None
+        return [lease for lease in net.leases if wanted is None or lease.mac == wanted]
+
+    def summaries(self) -> list[dict[str, Any]]:
+        return [
+            {"name": n.name, "uuid": n.defn.uuid, "active": n.active,
+             "bridge": n.defn.bridge or n.defn.forward_dev, "forward": n.defn.mode}
+            for n in self.networks()
+        ]  # fmt: skip
+
+
+def _random_mac() -> str:
+    """A locally administered address in QEMU's 52:54:00 range, as libvirt generates."""
+    tail = os.urandom(3)
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
+
+
+def _overlaps(a: ipaddress.IPv4Network | ipaddress.IPv6Network,
+              b: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:  # fmt: skip
+    return a.version == b.version and a.overlaps(b)

@@ -1,0 +1,96 @@
+"""The agent's ``network.*`` ops: typed handlers over :class:`agent.network.Networks`."""
+
+from __future__ import annotations
+
+from agent.network import Network
+from agent.table import HANDLERS, AgentContext
+from virtbus.errors import InvalidArgument, XMLError
+from virtbus.network import check_mac
+from virtbus.protocol import ops
+from virtbus.protocol.base import Accepted
+from virtbus.protocol.network import (
+    DhcpLease,
+    DhcpLeases,
+    NetworkAutostart,
+    NetworkDestroy,
+    NetworkInfo,
+    NetworkLeasesRequest,
+    NetworkList,
+    NetworkListRequest,
+    NetworkRef,
+    NetworkTarget,
+    NetworkXml,
+    NetworkXmlRequest,
+)
+
+
+async def network_info(ctx: AgentContext, net: Network) -> NetworkInfo:
+    return NetworkInfo(**await ctx.networks.info(net))
+
+
+def _ref(net: Network) -> NetworkRef:
+    return NetworkRef(name=net.name, uuid=net.defn.uuid)
+
+
+@HANDLERS.on(ops.NETWORK_DEFINE)
+async def _define(ctx: AgentContext, req: NetworkXmlRequest) -> NetworkRef:
+    return _ref(await ctx.networks.define(req.xml))
+
+
+@HANDLERS.on(ops.NETWORK_CREATE)
+async def _create(ctx: AgentContext, req: NetworkXmlRequest) -> NetworkRef:
+    return _ref(await ctx.networks.create(req.xml))
+
+
+@HANDLERS.on(ops.NETWORK_START)
+async def _start(ctx: AgentContext, req: NetworkTarget) -> NetworkInfo:
+    return await network_info(ctx, await ctx.networks.start(req.network))
+
+
+@HANDLERS.on(ops.NETWORK_DESTROY)
+async def _destroy(ctx: AgentContext, req: NetworkDestroy) -> Accepted:
+    await ctx.networks.destroy(req.network, force=req.force)
+    return Accepted()
+
+
+@HANDLERS.on(ops.NETWORK_UNDEFINE)
+async def _undefine(ctx: AgentContext, req: NetworkTarget) -> Accepted:
+    await ctx.networks.undefine(req.network)
+    return Accepted()
+
+
+@HANDLERS.on(ops.NETWORK_AUTOSTART)
+async def _autostart(ctx: AgentContext, req: NetworkAutostart) -> NetworkInfo:
+    return await network_info(ctx, await ctx.networks.set_autostart(req.network, req.autostart))
+
+
+@HANDLERS.on(ops.NETWORK_LIST)
+async def _list(ctx: AgentContext, req: NetworkListRequest) -> NetworkList:
+    nets = [n for n in ctx.networks.networks() if req.all or n.active]
+    return NetworkList(networks=[await network_info(ctx, n) for n in nets])
+
+
+@HANDLERS.on(ops.NETWORK_INFO)
+async def _info(ctx: AgentContext, req: NetworkTarget) -> NetworkInfo:
+    return await network_info(ctx, ctx.networks.get(req.network))
+
+
+@HANDLERS.on(ops.NETWORK_XML)
+async def _xml(ctx: AgentContext, req: NetworkTarget) -> NetworkXml:
+    return NetworkXml(xml=ctx.networks.get(req.network).defn.to_xml())
+
+
+@HANDLERS.on(ops.NETWORK_DHCP_LEASES)
+async def _leases(ctx: AgentContext, req: NetworkLeasesRequest) -> DhcpLeases:
+    mac = None
+    if req.mac is not None:
+        try:
+            mac = check_mac(req.mac, "--mac")
+        except XMLError as exc:
+            raise InvalidArgument(exc.message) from None
+    leases = ctx.networks.dhcp_leases(req.network, mac)
+    return DhcpLeases(leases=[
+        DhcpLease(expiry=lease.expiry, mac=lease.mac, type=lease.family, ip=lease.ip,
+                  prefix=lease.prefix, hostname=lease.hostname, client_id=lease.client_id)
+        for lease in leases
+    ])  # fmt: skip

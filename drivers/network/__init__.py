@@ -1,0 +1,210 @@
+"""Virtual network backends behind the NetworkBackend protocol (libvirt's network driver).
+
+:func:`backend_for` is the only place a forward mode is mapped to its backend:
+
+- isolated, nat, route, open: :class:`ManagedBridge` — virtbus makes the bridge (pyroute2),
+  its addresses, its nftables table (:mod:`drivers.network.nft`) and its dnsmasq;
+- bridge: :class:`ExistingBridge` — a bridge someone else made; virtbus only checks it;
+- private, vepa, passthrough, hostdev: NO_SUPPORT (macvtap and SR-IOV pools need devices
+  this host's tests do not have).
+
+Everything happens in one :class:`~drivers.network.host.HostNet` (the agent's namespace).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from drivers.network import dnsmasq, nft
+from drivers.network.dnsmasq import DnsmasqFiles
+from drivers.network.host import HostNet, Link
+from virtbus.errors import NoSupport, OperationFailed
+from virtbus.network import NetworkDefinition
+
+UNSUPPORTED = {
+    "private": "macvtap networks (forward mode 'private') are not supported by virtbus",
+    "vepa": "macvtap networks (forward mode 'vepa') are not supported by virtbus",
+    "passthrough": "macvtap passthrough networks are not supported by virtbus",
+    "hostdev": "SR-IOV hostdev networks are not supported by virtbus",
+}
+
+
+class NetworkBackend(Protocol):
+    """What the agent's network manager asks of a forward mode's backend."""
+
+    def check(self, defn: NetworkDefinition) -> None:
+        """NO_SUPPORT when this host cannot run the network."""
+
+    async def start(self, defn: NetworkDefinition) -> int:
+        """Make the network's objects; the bridge's ifindex (the owner mark)."""
+
+    async def adopt(self, defn: NetworkDefinition, index: int) -> bool:
+        """The objects a previous agent made are still there (bridge ``index``); repair
+        what can be repaired without a blip (a missing firewall table). False: gone."""
+
+    async def stop(self, defn: NetworkDefinition) -> None: ...
+
+    async def ports(self, defn: NetworkDefinition) -> list[str]:
+        """The interfaces on the network's bridge (what uses it)."""
+
+    def dhcp(self, defn: NetworkDefinition) -> bool:
+        """The network wants a dnsmasq."""
+
+
+class ManagedBridge:
+    """isolated, nat, route and open networks: everything is virtbus's own."""
+
+    def __init__(self, net: HostNet) -> None:
+        self.net = net
+
+    def check(self, defn: NetworkDefinition) -> None:
+        return None
+
+    def _bridge(self, defn: NetworkDefinition) -> str:
+        assert defn.bridge is not None, "a managed network gets its bridge name at define"
+        return defn.bridge
+
+    async def start(self, defn: NetworkDefinition) -> int:
+        bridge = self._bridge(defn)
+        if await self.net.link(bridge) is not None:
+            raise OperationFailed(
+                f"cannot start network '{defn.name}': interface '{bridge}' already exists"
+                f" (it belongs to someone else)"
+            )
+        if defn.forward_dev is not None and await self.net.link(defn.forward_dev) is None:
+            raise OperationFailed(
+                f"cannot start network '{defn.name}': forward device '{defn.forward_dev}'"
+                " does not exist"
+            )
+        addresses = [
+            (str(ip.address), ip.network.prefixlen,
+             str(ip.network.broadcast_address) if ip.family == "ipv4" else None)
+            for ip in defn.ips
+        ]  # fmt: skip
+        index = await self.net.add_bridge(
+            bridge, mac=defn.mac, stp=defn.stp, delay=defn.delay, mtu=defn.mtu,
+            addresses=addresses,
+        )  # fmt: skip
+        try:
+            if defn.forward in ("nat", "route", "open"):
+                if any(ip.family == "ipv4" for ip in defn.ips):
+                    await self.net.sysctl("net.ipv4.ip_forward", "1")
+                if any(ip.family == "ipv6" for ip in defn.ips):
+                    await self.net.sysctl("net.ipv6.conf.all.forwarding", "1")
+            await nft.apply(self.net, defn, bridge)
+        except BaseException:
+            await self._teardown(defn)
+            raise
+        return index
+
+    async def adopt(self, defn: NetworkDefinition, index: int) -> bool:
+        link = await self.net.link(self._bridge(defn))
+        if link is None or link.index != index or link.kind != "bridge":
+            return False
+        if nft.ruleset(defn, link.name) is not None and not await nft.present(self.net, defn):
+            await nft.apply(self.net, defn, link.name)  # a table added changes no flow
+        return True
+
+    async def stop(self, defn: NetworkDefinition) -> None:
+        await self._teardown(defn)
+
+    async def _teardown(self, defn: NetworkDefinition) -> None:
+        await nft.remove(self.net, defn)
+        await self.net.delete_link(self._bridge(defn))
+
+    async def ports(self, defn: NetworkDefinition) -> list[str]:
+        return await self.net.ports(self._bridge(defn))
+
+    def dhcp(self, defn: NetworkDefinition) -> bool:
+        return dnsmasq.wanted(defn)
+
+
+class ExistingBridge:
+    """forward mode 'bridge': guests go onto a host bridge that virtbus did not make."""
+
+    def __init__(self, net: HostNet) -> None:
+        self.net = net
+
+    def check(self, defn: NetworkDefinition) -> None:
+        return None
+
+    def _name(self, defn: NetworkDefinition) -> str:
+        name = defn.bridge or defn.forward_dev
+        assert name is not None
+        return name
+
+    async def _existing(self, defn: NetworkDefinition) -> Link:
+        link = await self.net.link(self._name(defn))
+        if link is None or link.kind != "bridge":
+            what = "does not exist" if link is None else f"is a {link.kind or 'device'}, no bridge"
+            raise OperationFailed(
+                f"cannot start network '{defn.name}': bridge '{self._name(defn)}' {what}"
+            )
+        return link
+
+    async def start(self, defn: NetworkDefinition) -> int:
+        return (await self._existing(defn)).index
+
+    async def adopt(self, defn: NetworkDefinition, index: int) -> bool:
+        link = await self.net.link(self._name(defn))
+        return link is not None and link.index == index
+
+    async def stop(self, defn: NetworkDefinition) -> None:
+        return None  # not ours: it stays
+
+    async def ports(self, defn: NetworkDefinition) -> list[str]:
+        return []  # the bridge's own ports are its owner's business
+
+    def dhcp(self, defn: NetworkDefinition) -> bool:
+        return False
+
+
+class UnsupportedBackend:
+    def __init__(self, mode: str) -> None:
+        self.reason = UNSUPPORTED[mode]
+
+    def check(self, defn: NetworkDefinition) -> None:
+        raise NoSupport(self.reason)
+
+    async def start(self, defn: NetworkDefinition) -> int:
+        raise NoSupport(self.reason)
+
+    async def adopt(self, defn: NetworkDefinition, index: int) -> bool:
+        return False
+
+    async def stop(self, defn: NetworkDefinition) -> None:
+        return None
+
+    async def ports(self, defn: NetworkDefinition) -> list[str]:
+        return []
+
+    def dhcp(self, defn: NetworkDefinition) -> bool:
+        return False
+
+
+def backend_for(defn: NetworkDefinition, net: HostNet) -> NetworkBackend:
+    if defn.managed:
+        return ManagedBridge(net)
+    if defn.forward == "bridge":
+        return ExistingBridge(net)
+    assert defn.forward is not None
+    return UnsupportedBackend(defn.forward)
+
+
+def dnsmasq_files(run_dir: Path, defn: NetworkDefinition) -> DnsmasqFiles:
+    return DnsmasqFiles(run_dir / defn.uuid)
+
+
+__all__ = [
+    "DnsmasqFiles",
+    "ExistingBridge",
+    "HostNet",
+    "Link",
+    "ManagedBridge",
+    "NetworkBackend",
+    "backend_for",
+    "dnsmasq",
+    "dnsmasq_files",
+    "nft",
+]

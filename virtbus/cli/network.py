@@ -1,0 +1,182 @@
+"""Virtual network verbs under virsh's names: net-* (one host's networks: ``--host H``,
+else ``$VIRTBUS_HOST``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from virtbus.cli.context import Context
+from virtbus.cli.domain import read_xml
+from virtbus.cli.output import emit_json, fields, table
+from virtbus.client.core import Host
+from virtbus.errors import InvalidArgument
+from virtbus.protocol.base import to_wire
+from virtbus.protocol.network import NetworkInfo
+
+_VERBS = (
+    ("net-start", "start an inactive network"),
+    ("net-destroy", "stop a network (refused while interfaces use it, unless --force)"),
+    ("net-undefine", "remove a network's definition (an active one becomes transient)"),
+    ("net-autostart", "start the network with the agent"),
+    ("net-info", "network information"),
+    ("net-dumpxml", "a network's XML"),
+    ("net-name", "a network's name from its uuid"),
+    ("net-uuid", "a network's uuid from its name"),
+)
+
+
+def _host_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="the host whose networks these are (default: $VIRTBUS_HOST)")
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for verb, helptext in (
+        ("net-define", "define a persistent network from an XML file"),
+        ("net-create", "create and start a transient network from XML"),
+    ):
+        p = sub.add_parser(verb, help=helptext)
+        p.add_argument("file", help="libvirt <network> XML ('-': stdin)")
+        _host_arg(p)
+        p.set_defaults(func=net_define, verb=verb)
+    for verb, helptext in _VERBS:
+        p = sub.add_parser(verb, help=helptext)
+        p.add_argument("network", help="network name or uuid")
+        _host_arg(p)
+        if verb == "net-destroy":
+            p.add_argument("--force", action="store_true",
+                           help="also when interfaces are still on its bridge")  # fmt: skip
+        if verb == "net-autostart":
+            p.add_argument("--disable", action="store_true")
+        p.set_defaults(func=net_verb, verb=verb)
+    p = sub.add_parser("net-list", help="list virtual networks")
+    _host_arg(p)
+    p.add_argument("--all", action="store_true", help="inactive networks too")
+    p.add_argument("--inactive", action="store_true", help="inactive networks only")
+    p.add_argument("--persistent", action="store_true")
+    p.add_argument("--transient", action="store_true")
+    p.add_argument("--autostart", action="store_true")
+    p.add_argument("--no-autostart", action="store_true")
+    p.add_argument("--name", action="store_true", help="names only")
+    p.add_argument("--uuid", action="store_true", help="uuids only")
+    p.set_defaults(func=net_list)
+    p = sub.add_parser("net-dhcp-leases", help="the DHCP leases of a network")
+    p.add_argument("network", help="network name or uuid")
+    p.add_argument("--mac", help="only the leases of this MAC address")
+    _host_arg(p)
+    p.set_defaults(func=net_dhcp_leases)
+
+
+def _host(ctx: Context, args: argparse.Namespace) -> Host:
+    name = ctx.explicit_host(args.host)
+    if not name:
+        raise InvalidArgument("networks are per host: pass --host H (or set $VIRTBUS_HOST)")
+    return ctx.client.host(name)
+
+
+def _said(ctx: Context, value: object, text: str) -> int:
+    if ctx.json:
+        emit_json(value)
+    else:
+        print(text)
+    return 0
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+async def net_define(ctx: Context, args: argparse.Namespace) -> int:
+    host = _host(ctx, args)
+    xml = read_xml(args.file)
+    if args.verb == "net-define":
+        net = await host.define_network(xml)
+        word = "defined"
+    else:
+        net = await host.create_network(xml)
+        word = "created"
+    info = await net.info()
+    return _said(ctx, to_wire(info), f"Network {info.name} {word} from {args.file}")
+
+
+def _info_fields(info: NetworkInfo) -> str:
+    return fields([("Name", info.name), ("UUID", info.uuid), ("Active", _yes(info.active)),
+                   ("Persistent", _yes(info.persistent)), ("Autostart", _yes(info.autostart)),
+                   ("Bridge", info.bridge or ""), ("Forward", info.forward)])  # fmt: skip
+
+
+async def net_verb(ctx: Context, args: argparse.Namespace) -> int:
+    net = _host(ctx, args).network(args.network)
+    verb, ref = args.verb, args.network
+    if verb in ("net-info", "net-name", "net-uuid"):
+        info = await net.info()
+        if ctx.json:
+            emit_json(to_wire(info))
+        elif verb == "net-info":
+            print(_info_fields(info))
+        else:
+            print(info.name if verb == "net-name" else info.uuid)
+        return 0
+    if verb == "net-dumpxml":
+        xml = await net.xml()
+        if ctx.json:
+            emit_json({"network": ref, "xml": xml})
+        else:
+            sys.stdout.write(xml)
+        return 0
+    if verb == "net-start":
+        info = await net.start()
+        return _said(ctx, to_wire(info), f"Network {ref} started")
+    if verb == "net-destroy":
+        await net.destroy(force=args.force)
+        return _said(ctx, {"network": ref, "destroyed": True}, f"Network {ref} destroyed")
+    if verb == "net-undefine":
+        await net.undefine()
+        return _said(ctx, {"network": ref, "undefined": True},
+                     f"Network {ref} has been undefined")  # fmt: skip
+    info = await net.set_autostart(not args.disable)  # net-autostart
+    word = "unmarked as autostarted" if args.disable else "marked as autostarted"
+    return _said(ctx, to_wire(info), f"Network {ref} {word}")
+
+
+async def net_list(ctx: Context, args: argparse.Namespace) -> int:
+    nets = await _host(ctx, args).networks(all=True)
+    if args.inactive:
+        nets = [n for n in nets if not n.active]
+    elif not args.all:
+        nets = [n for n in nets if n.active]
+    if args.persistent:
+        nets = [n for n in nets if n.persistent]
+    if args.transient:
+        nets = [n for n in nets if not n.persistent]
+    if args.autostart:
+        nets = [n for n in nets if n.autostart]
+    if args.no_autostart:
+        nets = [n for n in nets if not n.autostart]
+    if ctx.json:
+        emit_json([to_wire(n) for n in nets])
+    elif args.name or args.uuid:
+        for n in nets:
+            print(n.name if args.name else n.uuid)
+    else:
+        rows = [(n.name, "active" if n.active else "inactive", _yes(n.autostart),
+                 _yes(n.persistent)) for n in nets]  # fmt: skip
+        print(table(["Name", "State", "Autostart", "Persistent"], rows))
+    return 0
+
+
+async def net_dhcp_leases(ctx: Context, args: argparse.Namespace) -> int:
+    leases = await _host(ctx, args).network(args.network).dhcp_leases(args.mac)
+    if ctx.json:
+        emit_json([to_wire(lease) for lease in leases])
+        return 0
+    rows = [
+        (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.expiry)) if lease.expiry
+         else "never", lease.mac, lease.type, f"{lease.ip}/{lease.prefix}",
+         lease.hostname or "-", lease.client_id or "-")
+        for lease in leases
+    ]  # fmt: skip
+    print(table(["Expiry Time", "MAC address", "Protocol", "IP address", "Hostname",
+                 "Client ID or DUID"], rows))  # fmt: skip
+    return 0

@@ -1,0 +1,58 @@
+"""Virtual networks in the client: one host's networks (``Host.network(name)``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from virtbus.protocol import ops
+from virtbus.protocol.network import (
+    DhcpLease,
+    NetworkAutostart,
+    NetworkDestroy,
+    NetworkInfo,
+    NetworkLeasesRequest,
+    NetworkTarget,
+)
+
+if TYPE_CHECKING:
+    from virtbus.client.core import Host
+
+
+class Network:
+    """One virtual network of one host (``ref``: name or UUID)."""
+
+    def __init__(self, host: Host, ref: str) -> None:
+        self.host = host
+        self.ref = ref
+
+    def __repr__(self) -> str:
+        return f"Network({self.ref!r} on {self.host.name!r})"
+
+    @property
+    def _target(self) -> NetworkTarget:
+        return NetworkTarget(network=self.ref)
+
+    async def info(self) -> NetworkInfo:
+        return await self.host.call(ops.NETWORK_INFO, self._target)
+
+    async def xml(self) -> str:
+        return (await self.host.call(ops.NETWORK_XML, self._target)).xml
+
+    async def start(self) -> NetworkInfo:
+        return await self.host.call(ops.NETWORK_START, self._target)
+
+    async def destroy(self, force: bool = False) -> None:
+        """Stop it; refused (OPERATION_INVALID) while interfaces are on its bridge unless
+        ``force``."""
+        await self.host.call(ops.NETWORK_DESTROY, NetworkDestroy(network=self.ref, force=force))
+
+    async def undefine(self) -> None:
+        await self.host.call(ops.NETWORK_UNDEFINE, self._target)
+
+    async def set_autostart(self, autostart: bool = True) -> NetworkInfo:
+        request = NetworkAutostart(network=self.ref, autostart=autostart)
+        return await self.host.call(ops.NETWORK_AUTOSTART, request)
+
+    async def dhcp_leases(self, mac: str | None = None) -> list[DhcpLease]:
+        request = NetworkLeasesRequest(network=self.ref, mac=mac)
+        return (await self.host.call(ops.NETWORK_DHCP_LEASES, request)).leases

@@ -1,0 +1,156 @@
+"""The ``network.*`` ops an agent serves (libvirt's virNetwork API) and the network
+lifecycle event.
+
+A ``network`` argument is a network's name or UUID, on the host the call is routed to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from msgspec import field as default
+
+from virtbus.protocol.base import Accepted, HostName, Message, Name, NonNegInt, XmlText
+from virtbus.protocol.registry import Access, Service, Target, field, op
+
+
+class NetworkXmlRequest(Message):
+    xml: XmlText
+
+
+class NetworkTarget(Message):
+    network: Name
+
+
+class NetworkDestroy(NetworkTarget):
+    """net-destroy; ``force`` also when interfaces are still on its bridge."""
+
+    force: bool = False
+
+
+class NetworkAutostart(NetworkTarget):
+    autostart: bool = True
+
+
+class NetworkListRequest(Message):
+    all: bool = True  # inactive networks too (virsh net-list --all)
+
+
+class NetworkLeasesRequest(NetworkTarget):
+    mac: str | None = None  # net-dhcp-leases --mac
+
+
+class NetworkRef(Message):
+    name: str
+    uuid: str
+
+
+class NetworkInfo(Message):
+    """virsh net-info, plus the forward mode and what is on the bridge."""
+
+    name: str
+    uuid: str
+    active: bool
+    persistent: bool
+    autostart: bool
+    bridge: str | None = None
+    forward: str = "isolated"  # nat, route, open, bridge, ... (isolated: no <forward>)
+    ports: list[str] = default(default_factory=list)  # interfaces on the bridge
+    supported: bool = True  # False: this host cannot run the forward mode (NO_SUPPORT)
+
+
+class NetworkList(Message):
+    networks: list[NetworkInfo]
+
+
+class NetworkXml(Message):
+    xml: str
+
+
+class DhcpLease(Message):
+    """One line of virsh net-dhcp-leases."""
+
+    expiry: NonNegInt  # epoch seconds (0: never)
+    mac: str
+    type: str  # ipv4
+    ip: str
+    prefix: NonNegInt
+    hostname: str | None = None
+    client_id: str | None = None
+
+
+class DhcpLeases(Message):
+    leases: list[DhcpLease]
+
+
+class NetworkSummary(Message):
+    """One network in a heartbeat."""
+
+    name: str
+    uuid: str = ""
+    active: bool = False
+    bridge: str | None = None
+    forward: str = "isolated"
+
+
+class NetworkEvent(Message):
+    """A network lifecycle event (libvirt's defined, undefined, started, stopped), and
+    virtbus's ``dhcp-restarted`` when a dnsmasq that died was started again."""
+
+    host: HostName
+    seq: NonNegInt
+    network: str
+    uuid: str
+    event: str
+    detail: str | None = None
+    data: dict[str, Any] = default(default_factory=dict)
+    reconciled: bool = False
+    ts: float | None = None
+
+
+_A, _N = Service.AGENT, Target.NETWORK
+_net = field("network")
+
+NETWORK_DEFINE = op(
+    "network.define", NetworkXmlRequest, NetworkRef, _A, "define a virtual network from XML",
+    access=Access.CONFIG, target=_N,
+)  # fmt: skip
+NETWORK_CREATE = op(
+    "network.create", NetworkXmlRequest, NetworkRef, _A, "create and start a transient network",
+    access=Access.CONFIG, target=_N,
+)  # fmt: skip
+NETWORK_START = op(
+    "network.start", NetworkTarget, NetworkInfo, _A, "start a network (bridge, firewall, DHCP)",
+    access=Access.LIFECYCLE, target=_N, target_of=_net, serial=True,
+)  # fmt: skip
+NETWORK_DESTROY = op(
+    "network.destroy", NetworkDestroy, Accepted, _A,
+    "stop a network (refused while interfaces use it, unless forced)",
+    access=Access.LIFECYCLE, target=_N, target_of=_net, serial=True,
+)  # fmt: skip
+NETWORK_UNDEFINE = op(
+    "network.undefine", NetworkTarget, Accepted, _A, "remove a network's definition",
+    access=Access.CONFIG, target=_N, target_of=_net, serial=True,
+)  # fmt: skip
+NETWORK_AUTOSTART = op(
+    "network.set_autostart", NetworkAutostart, NetworkInfo, _A,
+    "start the network with the agent", access=Access.CONFIG, target=_N, target_of=_net,
+    serial=True,
+)  # fmt: skip
+NETWORK_LIST = op(
+    "network.list", NetworkListRequest, NetworkList, _A, "the host's virtual networks",
+    access=Access.READ, target=Target.HOST,
+)  # fmt: skip
+NETWORK_INFO = op(
+    "network.info", NetworkTarget, NetworkInfo, _A, "a network's state (net-info)",
+    access=Access.READ, target=_N, target_of=_net,
+)  # fmt: skip
+NETWORK_XML = op(
+    "network.xml", NetworkTarget, NetworkXml, _A, "a network's XML (net-dumpxml)",
+    access=Access.READ, target=_N, target_of=_net,
+)  # fmt: skip
+NETWORK_DHCP_LEASES = op(
+    "network.dhcp_leases", NetworkLeasesRequest, DhcpLeases, _A,
+    "the DHCP leases dnsmasq handed out (net-dhcp-leases)",
+    access=Access.READ, target=_N, target_of=_net,
+)  # fmt: skip
