@@ -4,12 +4,16 @@ Guests power themselves off while the agent cannot reach RabbitMQ — first thro
 proxy of ours that we cut, then during a real broker restart (``rabbitmqctl
 stop_app``/``start_app``). A subscriber reading the event history must receive every
 event exactly once, in order, with consecutive sequence numbers.
+
+The broker is a node of this module's own (tests/rabbitnode.py: its own name, ports and
+data dir), never the shared one. Each test checks its premise: the guests were running
+when the link went, and their power-off events were really held in the agent's outbox
+(unconfirmed records on disk) until it came back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -22,8 +26,10 @@ from tests.e2e.conftest import qemu_pids_under
 from tests.e2e.test_qemu_driver import kernel_xml, wait_serial
 from tests.faults import TcpProxy
 from tests.guests import TestGuest, build_test_guest
-from tests.procs import BUS_URL, agent_process, cli, unique_host
+from tests.procs import agent_process, cli, unique_host
+from tests.rabbitnode import RabbitNode, rabbit_node
 from virtbus.bus.factory import open_bus
+from virtbus.store import RecordLog
 
 pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.slow]
 WAIT = 90.0
@@ -58,9 +64,15 @@ def guest() -> TestGuest:
 
 
 @pytest.fixture
-async def history() -> AsyncIterator[tuple[str, History]]:
+async def node() -> AsyncIterator[RabbitNode]:
+    async with rabbit_node() as n:
+        yield n
+
+
+@pytest.fixture
+async def history(node: RabbitNode) -> AsyncIterator[tuple[str, History]]:
     host = unique_host("out")
-    bus = open_bus(BUS_URL, src="outage-test")
+    bus = open_bus(node.url, src="outage-test")
     await bus.connect()
     sub = await bus.history(time.time() - 1)
     hist = History(host)
@@ -80,10 +92,18 @@ async def history() -> AsyncIterator[tuple[str, History]]:
         await bus.close()
 
 
-async def rabbitmqctl(*args: str) -> None:
-    await asyncio.to_thread(
-        subprocess.run, ["rabbitmqctl", *args], check=True, capture_output=True, timeout=120
-    )
+async def unconfirmed(base: Path) -> list[dict[str, Any]]:
+    """The outbox's events on disk that the broker has not confirmed (their bodies)."""
+    from virtbus.protocol.codec import decode
+
+    records = await RecordLog(base / "outbox" / "events.log").load()
+    acked = max((r["ack"] for r in records if isinstance(r.get("ack"), int)), default=0)
+    events = [decode(r["event"]).body for r in records if isinstance(r.get("event"), bytes)]
+    return [e for e in events if e["seq"] > acked]
+
+
+def held_power_offs(events: list[dict[str, Any]], names: list[str]) -> set[tuple[str, str]]:
+    return {(e["domain"], e["event"]) for e in events if e["domain"] in names}
 
 
 async def wait_exit(base: Path, count: int) -> None:
@@ -92,12 +112,14 @@ async def wait_exit(base: Path, count: int) -> None:
             await asyncio.sleep(0.2)
 
 
-async def start_guests(host: str, base: Path, guest: TestGuest, ticks: dict[str, int]) -> None:
+async def start_guests(
+    host: str, base: Path, guest: TestGuest, ticks: dict[str, int], bus: str
+) -> None:
     for name, tick in ticks.items():
         xml = base / f"{name}.xml"
         xml.write_text(kernel_xml(guest, name, base / f"{name}.serial", cmds=f"poweroff@{tick}"))
         for verb, arg in (("define", str(xml)), ("start", name)):
-            r = await cli(verb, arg, "--host", host)
+            r = await cli(verb, arg, "--host", host, bus=bus)
             assert r.code == 0, (verb, name, r.err)
     for name in ticks:
         await wait_serial(base / f"{name}.serial", "VIRTBUS-GUEST-READY", timeout=WAIT)
@@ -117,20 +139,26 @@ def assert_complete(hist: History, names: list[str]) -> None:
 
 
 async def test_events_survive_a_cut_link(
-    history: tuple[str, History], guest: TestGuest, e2e_root: Path
+    node: RabbitNode, history: tuple[str, History], guest: TestGuest, e2e_root: Path
 ) -> None:
     host, hist = history
     base = Path(tempfile.mkdtemp(prefix="o", dir=e2e_root))
-    proxy = TcpProxy()
+    names = ["p1", "p2", "p3"]
+    proxy = TcpProxy(target_port=node.port)
     await proxy.start()
     try:
         async with agent_process(host, base, driver="qemu", bus=proxy.url()):
-            # Ticks are 0.5 s: the guests power off 10-12 s after boot, well after the cut.
-            await start_guests(host, base, guest, {"p1": 20, "p2": 22, "p3": 24})
+            # Ticks are 0.5 s: the guests power off 10-12 s after boot, after the cut.
+            await start_guests(host, base, guest, {"p1": 20, "p2": 22, "p3": 24}, node.url)
             proxy.cut()  # the guests power themselves off while the agent is cut off
             seen_at_cut = len(hist.raw)
+            # the premise: all three were still running when the link went
+            assert len(qemu_pids_under(base)) == 3, "a guest was gone before the cut"
+            assert not {e["event"] for e in hist.raw} & {"shutdown", "stopped"}, hist.raw
             await wait_exit(base, 0)
-            await asyncio.sleep(0.5)
+            async with asyncio.timeout(WAIT):  # the driver saw them go: in the outbox
+                while len(held_power_offs(await unconfirmed(base), names)) < 2 * len(names):
+                    await asyncio.sleep(0.1)
             assert len(hist.raw) == seen_at_cut, "published while cut?"
             proxy.restore()
             for name in ("p1", "p2", "p3"):
@@ -141,17 +169,22 @@ async def test_events_survive_a_cut_link(
 
 
 async def test_events_survive_a_broker_restart(
-    history: tuple[str, History], guest: TestGuest, e2e_root: Path
+    node: RabbitNode, history: tuple[str, History], guest: TestGuest, e2e_root: Path
 ) -> None:
     host, hist = history
     base = Path(tempfile.mkdtemp(prefix="r", dir=e2e_root))
-    async with agent_process(host, base, driver="qemu"):
-        await start_guests(host, base, guest, {"r1": 20, "r2": 22})
-        await rabbitmqctl("stop_app")
+    names = ["r1", "r2"]
+    async with agent_process(host, base, driver="qemu", bus=node.url):
+        await start_guests(host, base, guest, {"r1": 40, "r2": 44}, node.url)  # after stop_app
+        await node.stop_app()
         try:
+            assert len(qemu_pids_under(base)) == 2, "a guest was gone before the broker"
             await wait_exit(base, 0)
+            async with asyncio.timeout(WAIT):
+                while len(held_power_offs(await unconfirmed(base), names)) < 2 * len(names):
+                    await asyncio.sleep(0.1)
         finally:
-            await rabbitmqctl("start_app")
+            await node.start_app()
         for name in ("r1", "r2"):
             await hist.wait_for(name, "stopped", "shutdown")
     assert_complete(hist, ["r1", "r2"])
