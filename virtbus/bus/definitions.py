@@ -12,9 +12,10 @@ import base64
 import hashlib
 import json
 import os
+import re
 import secrets
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from virtbus.bus.topology import (
@@ -63,17 +64,44 @@ def password_hash(password: str, salt: bytes | None = None) -> str:
     return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
 
 
-def random_passwords() -> dict[str, str]:
+# Exchanges an agent publishes on only under its own name (topic permissions).
+_OWN_KEY_EXCHANGES = ("virtbus.events", "virtbus.metrics", "virtbus.hosts", "virtbus.audit")
+
+
+def host_permissions(host: str) -> tuple[str, str, str]:
+    """(configure, write, read) of the agent whose bus user is ``host``: its own call queue
+    and subscriptions only, never another host's queue (it could consume its calls)."""
+    h = re.escape(host)
+    return (
+        rf"^(virtbus\.({_EXCHANGES_RE}|dead|events\.history|audit\.history|agent\.{h}"
+        rf"|sub\.{h}\..*)|amq\.gen.*)$",
+        rf"^(virtbus\.({_EXCHANGES_RE}|dead|events\.history|audit\.history|agent\.{h}"
+        rf"|sub\.{h}\..*)|amq\.default)$",
+        rf"^(virtbus\.({_EXCHANGES_RE}|events\.history|audit\.history|agent\.{h}"
+        rf"|sub\.{h}\..*)|amq\.rabbitmq\.reply-to)$",
+    )
+
+
+def random_passwords(hosts: Sequence[str] = ()) -> dict[str, str]:
     """A fresh random password per user: nothing ships with a default password."""
-    return {user: secrets.token_urlsafe(18) for user in ROLES}
+    return {user: secrets.token_urlsafe(18) for user in (*ROLES, *hosts)}
 
 
 def definitions(
-    vhost: str, password: str | Mapping[str, str], salt: bytes | None = None
+    vhost: str,
+    password: str | Mapping[str, str],
+    salt: bytes | None = None,
+    hosts: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The definitions for ``vhost``; ``password``: one for every user, or one per user."""
-    passwords = password if isinstance(password, Mapping) else dict.fromkeys(ROLES, password)
-    missing = set(ROLES) - set(passwords)
+    """The definitions for ``vhost``; ``password``: one for every user, or one per user.
+
+    ``hosts``: an agent user per host, named as the host (its heartbeats and events then
+    count, see README "Security"), that reads only its own call queue and publishes on
+    the topic exchanges only under its own name (topic permissions: keys start "HOST.").
+    """
+    roles = {**ROLES, **{h: host_permissions(h) for h in hosts}}
+    passwords = password if isinstance(password, Mapping) else dict.fromkeys(roles, password)
+    missing = set(roles) - set(passwords)
     if missing or not all(passwords.values()):
         raise InvalidArgument(f"no password for {', '.join(sorted(missing)) or 'a user'}")
     scheduler = call_queue_for(SCHEDULER_ROUTE)
@@ -87,11 +115,16 @@ def definitions(
                 "hashing_algorithm": "rabbit_password_hashing_sha256",
                 "tags": "",
             }
-            for user in ROLES
+            for user in roles
         ],
         "permissions": [
             {"user": user, "vhost": vhost, "configure": c, "write": w, "read": r}
-            for user, (c, w, r) in ROLES.items()
+            for user, (c, w, r) in roles.items()
+        ],
+        "topic_permissions": [
+            {"user": h, "vhost": vhost, "exchange": x, "write": rf"^{re.escape(h)}\.", "read": ".*"}
+            for h in hosts
+            for x in _OWN_KEY_EXCHANGES
         ],
         "exchanges": [
             {
@@ -181,9 +214,16 @@ def main(argv: list[str] | None = None) -> None:
         help="one password for every virtbus user (default: $VIRTBUS_BROKER_PASSWORD; "
         "without either, a random password per user, printed once on stderr)",
     )
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="add an agent user named as this host, confined to its own queue and names",
+    )
     args = p.parse_args(argv)
-    passwords: str | dict[str, str] = args.password or random_passwords()
-    json.dump(definitions(args.vhost, passwords), sys.stdout, indent=2, sort_keys=True)
+    passwords: str | dict[str, str] = args.password or random_passwords(args.host)
+    defs = definitions(args.vhost, passwords, hosts=args.host)
+    json.dump(defs, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
     if isinstance(passwords, dict):  # shown once: only their hashes are in the file
         sys.stderr.write("passwords (shown once; keep them in the daemons' bus URLs):\n")
