@@ -58,6 +58,15 @@ class Cluster:
                     return rec  # type: ignore[no-any-return]
                 await asyncio.sleep(0.05)
 
+    async def wait_phase(self, domain: str, phase: str, timeout: float = 15) -> None:
+        """Until the migration of ``domain`` is in ``phase`` (or past it, then it fails)."""
+        async with asyncio.timeout(timeout):
+            while (rec := await self.call(ops.SCHEDULER_MIGRATION, {"domain": domain}))[
+                "phase"
+            ] != phase:
+                assert rec["state"] not in ("completed", "failed", "cancelled"), rec
+                await asyncio.sleep(0.02)
+
     async def where(self, domain: str) -> list[tuple[str, str]]:
         found = []
         for host, agent in self.agents.items():
@@ -153,7 +162,7 @@ async def test_cancel_and_timeout_roll_back_to_the_source(tmp_path: Path) -> Non
         await c.agent("a", ops.DOMAIN_DEFINE, {"xml": xml("vm1")})
         await c.agent("a", ops.DOMAIN_START, {"domain": "vm1"})
         await c.call(ops.SCHEDULER_MIGRATE, {"domain": "vm1", "to": "b"})
-        await asyncio.sleep(0.4)
+        await c.wait_phase("vm1", "progress")  # streaming (not a guess at how long it takes)
         await c.call(ops.SCHEDULER_MIGRATE_CANCEL, {"domain": "vm1"})
         done = await c.wait_migration("vm1")
         assert done["state"] == "cancelled", done
@@ -169,7 +178,7 @@ async def test_destination_killed_mid_migration(tmp_path: Path) -> None:
         await c.agent("a", ops.DOMAIN_DEFINE, {"xml": xml("vm1")})
         await c.agent("a", ops.DOMAIN_START, {"domain": "vm1"})
         await c.call(ops.SCHEDULER_MIGRATE, {"domain": "vm1", "to": "b"})
-        await asyncio.sleep(0.5)
+        await c.wait_phase("vm1", "progress")
         await c.agents["b"].driver.destroy("vm1")  # the destination's instance dies
         done = await c.wait_migration("vm1")
         assert done["state"] == "failed", done
@@ -208,7 +217,7 @@ async def test_restart_resolves_a_journaled_migration(tmp_path: Path) -> None:
         await c.agent("a", ops.DOMAIN_DEFINE, {"xml": xml("vm1")})
         await c.agent("a", ops.DOMAIN_START, {"domain": "vm1"})
         await c.call(ops.SCHEDULER_MIGRATE, {"domain": "vm1", "to": "b"})
-        await asyncio.sleep(0.4)
+        await c.wait_phase("vm1", "progress")
         await c.scheduler.stop()  # "killed" mid-migration: the journal keeps it
         records = await Journal(c.state_dir).load()
         assert [r.phase for r in records] == ["perform"]  # progress is not journaled
