@@ -17,6 +17,7 @@ from typing import Any
 import agent.handlers
 import agent.migration
 import agent.network_ops
+import agent.save_ops
 import agent.snapshot_ops
 import agent.storage_ops
 from agent.admission import Admission

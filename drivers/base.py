@@ -62,6 +62,7 @@ class DomainInfo:
     autostart: bool = False
     id: int | None = None  # hypervisor id while active, None when shut off
     hv_type: str = ""
+    managed_save: bool = False  # a managed save image waits for the next start
 
     def to_wire(self) -> DomainInfoMessage:
         return DomainInfoMessage(
@@ -78,6 +79,7 @@ class DomainInfo:
             persistent=self.persistent,
             autostart=self.autostart,
             type=self.hv_type,
+            managed_save=self.managed_save,
         )
 
 
@@ -196,6 +198,23 @@ class Snapshots(Protocol):
         self, ref: str, name: str, children: bool, children_only: bool, metadata: bool
     ) -> list[str]:
         """Delete (``metadata``: only forget) snapshots; the names deleted."""
+
+
+@runtime_checkable
+class SavedState(Protocol):
+    """A driver that saves a guest's state to a file and restores it (virDomainSave,
+    virDomainRestore, virDomainManagedSave). Optional: NO_SUPPORT without it."""
+
+    async def save(self, ref: str, file: str, running: bool, paused: bool) -> None:
+        """Save and stop the guest: stopped(saved); the file is on this host."""
+
+    async def restore(self, file: str, running: bool, paused: bool) -> DomainRef:
+        """Start the domain the file holds from it: started(restored); the file is kept."""
+
+    async def managed_save(self, ref: str, running: bool, paused: bool) -> None:
+        """Save where the next ``start`` resumes from."""
+
+    async def managed_save_remove(self, ref: str) -> None: ...
 
 
 @runtime_checkable

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import platform
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from drivers.base import (
@@ -64,6 +66,8 @@ from virtbus.protocol.events import DomainState, reason_code
 from virtbus.protocol.migration import MigrationParams, MigrationState, MigrationStatus
 from virtbus.protocol.snapshot import SnapshotInfo
 
+_TEST_SAVE_MAGIC = b"VirtbusTestSave1\n"
+_TEST_SAVE_END = b"VIRTBUS-TEST-SAVE-END\n"
 _SNAPSHOT_STATES = {DomainState.RUNNING: "running", DomainState.PAUSED: "paused",
                     DomainState.SHUTOFF: "shutoff"}  # fmt: skip
 _ACTIVE = (DomainState.RUNNING, DomainState.PAUSED, DomainState.BLOCKED, DomainState.CRASHED)
@@ -82,6 +86,7 @@ class _TestDomain:
     outgoing: _Outgoing | None = None
     incoming: _Incoming | None = None
     live: DomainDefinition | None = None  # while active: the definition it runs with
+    managed_save: bytes | None = None  # a managed save image (in memory, as test:///)
 
     @property
     def ref(self) -> DomainRef:
@@ -238,6 +243,10 @@ class TestDriver:
     async def undefine(self, ref: str) -> None:
         dom = self._get(ref)
         self._require(dom, DomainState.SHUTOFF, verb="undefine")
+        if dom.managed_save is not None:
+            raise OperationInvalid(
+                f"cannot undefine domain '{dom.definition.name}': it has a managed save image"
+            )
         if self._snapshots.has_any(dom.definition.uuid):  # as the QEMU driver (and libvirt)
             raise OperationInvalid(
                 f"cannot undefine domain '{dom.definition.name}': it has snapshots;"
@@ -254,6 +263,13 @@ class TestDriver:
         if dom.state != DomainState.SHUTOFF:
             raise OperationInvalid(f"domain '{dom.definition.name}' is already active")
         await self._resolve(dom.definition)
+        if dom.managed_save is not None:  # start resumes a managed save (kept on failure)
+            data = self._read_image(
+                dom.managed_save, f"the managed save of '{dom.definition.name}'"
+            )
+            self._boot_restored(dom, not data["running"])
+            dom.managed_save = None
+            return
         dom.id = self._next_id
         self._next_id += 1
         dom.memory_kib = dom.definition.current_memory_kib
@@ -326,6 +342,75 @@ class TestDriver:
         self._require(dom, DomainState.PAUSED, verb="resume")
         self._set(dom, DomainState.RUNNING, "unpaused")
         self._emit(dom, "resumed", "unpaused")
+
+    # --- saved state: the QEMU driver's rules and events; the file holds the definition --
+    def _save_image(self, dom: _TestDomain, running: bool, paused: bool) -> bytes:
+        self._require(dom, DomainState.RUNNING, DomainState.PAUSED, verb="save")
+        keep = (dom.state == DomainState.RUNNING or running) and not paused
+        xml = (dom.live or dom.definition).to_xml()
+        body = json.dumps({"xml": xml, "running": keep, "memory_kib": dom.memory_kib})
+        return _TEST_SAVE_MAGIC + body.encode() + b"\n" + _TEST_SAVE_END
+
+    async def save(self, ref: str, file: str, running: bool, paused: bool) -> None:
+        await self._latency()
+        dom = self._get(ref)
+        image = self._save_image(dom, running, paused)
+        path = Path(file)
+        if not path.is_absolute() or not path.parent.is_dir():
+            raise InvalidArgument(f"cannot save to '{file}': not an absolute path in a directory")
+        await asyncio.to_thread(path.write_bytes, image)
+        self._stop(dom, "saved")
+
+    async def managed_save(self, ref: str, running: bool, paused: bool) -> None:
+        await self._latency()
+        dom = self._get(ref)
+        dom.managed_save = self._save_image(dom, running, paused)
+        self._stop(dom, "saved")
+
+    async def managed_save_remove(self, ref: str) -> None:
+        dom = self._get(ref)
+        if dom.managed_save is None:
+            raise OperationInvalid(f"domain '{dom.definition.name}' has no managed save image")
+        dom.managed_save = None
+
+    @staticmethod
+    def _read_image(image: bytes, where: str) -> dict[str, Any]:
+        if not image.startswith(_TEST_SAVE_MAGIC):
+            raise InvalidArgument(f"{where} is not a virtbus save file")
+        if not image.endswith(_TEST_SAVE_END):
+            raise InvalidArgument(f"{where} is truncated: it holds no complete guest state")
+        try:
+            data = json.loads(image[len(_TEST_SAVE_MAGIC) : -len(_TEST_SAVE_END)])
+            return {"xml": str(data["xml"]), "running": bool(data["running"])}
+        except (ValueError, KeyError, TypeError):
+            raise InvalidArgument(f"{where} has a corrupt header") from None
+
+    async def restore(self, file: str, running: bool, paused: bool) -> DomainRef:
+        await self._latency()
+        try:
+            image = await asyncio.to_thread(Path(file).read_bytes)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read save file '{file}': {exc.strerror}") from None
+        data = self._read_image(image, f"save file '{file}'")
+        defn = parse_domain_xml(data["xml"])
+        dom = self._domains.get(defn.uuid)
+        if dom is None:
+            await self.define(data["xml"])
+            dom = self._domains[defn.uuid]
+        elif dom.state != DomainState.SHUTOFF:
+            raise OperationInvalid(f"domain '{dom.definition.name}' is already active")
+        self._boot_restored(dom, paused or (not data["running"] and not running))
+        return dom.ref
+
+    def _boot_restored(self, dom: _TestDomain, paused: bool) -> None:
+        dom.id = self._next_id
+        self._next_id += 1
+        dom.live = dom.definition.copy()
+        self._set(dom, DomainState.RUNNING, "restored")
+        self._emit(dom, "started", "restored")
+        if paused:
+            self._set(dom, DomainState.PAUSED, "unknown")
+            self._emit(dom, "suspended", "restored")
 
     # --- snapshots: the QEMU driver's checks and events, no data -------------------
     async def snapshot_create(self, ref: str, xml: str | None) -> SnapshotInfo:
@@ -654,6 +739,7 @@ class TestDriver:
             id=dom.id,
             hv_type=defn.hv_type,
             persistent=dom.persistent,
+            managed_save=dom.managed_save is not None,
         )
 
     async def info(self, ref: str) -> DomainInfo:

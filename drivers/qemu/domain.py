@@ -85,6 +85,7 @@ class Run:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     deleted_devices: set[str] = field(default_factory=set)  # DEVICE_DELETED ids (detach waits)
     job_states: dict[str, str] = field(default_factory=dict)  # QMP job id -> JOB_STATUS_CHANGE
+    migration_state: str | None = None  # the last MIGRATION event's status (save/restore)
     saved: tuple[DomainState, str] | None = None  # state/reason in the status file
     writing: asyncio.Task[None] | None = None  # the status write in flight (never cut short)
     companions: comp.Companions | None = None  # helpers, overlays: released after QEMU ends
@@ -230,6 +231,8 @@ class Domain:
     async def _on_qmp_event(self, run: Run, item: QmpEvent) -> None:
         if item.name == "DEVICE_DELETED" and isinstance(item.data.get("device"), str):
             run.deleted_devices.add(item.data["device"])  # a detach waits for this (notify)
+        if item.name == "MIGRATION":
+            run.migration_state = str(item.data.get("status", ""))  # save/restore wait on it
         if item.name == "JOB_STATUS_CHANGE" and isinstance(item.data.get("id"), str):
             run.job_states[item.data["id"]] = str(item.data.get("status", ""))  # snapshots wait
         if item.name in MIGRATION_EVENTS and run.migration is not None:

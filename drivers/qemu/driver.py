@@ -53,6 +53,7 @@ from drivers.qemu.migration import MigrationSettings
 from drivers.qemu.process import cpu_time_ns
 from drivers.qemu.reattach import Reattacher
 from drivers.qemu.registry import DomainRegistry
+from drivers.qemu.saves import QemuSaves
 from drivers.qemu.settings import QemuSettings
 from drivers.qemu.snapshots import QemuSnapshots
 from drivers.qemu.state import StateStore
@@ -113,6 +114,9 @@ class QemuDriver:
         self._snapshots = QemuSnapshots(
             self._registry, self._launcher, self._snapshot_store, self._settings
         )
+        self._saves = QemuSaves(
+            self._registry, self._launcher, self._store, self._settings, state / "save"
+        )
 
     # --- plumbing -----------------------------------------------------------------------
     async def open(self, sink: EventSink) -> None:
@@ -168,6 +172,19 @@ class QemuDriver:
     ) -> list[str]:
         return await self._snapshots.delete(ref, name, children, children_only, metadata)
 
+    # --- saved state (saves.py) ---------------------------------------------------------
+    async def save(self, ref: str, file: str, running: bool, paused: bool) -> None:
+        await self._saves.save(ref, Path(file), running, paused)
+
+    async def restore(self, file: str, running: bool, paused: bool) -> DomainRef:
+        return (await self._saves.restore(Path(file), running, paused)).ref
+
+    async def managed_save(self, ref: str, running: bool, paused: bool) -> None:
+        await self._saves.managed_save(ref, running, paused)
+
+    async def managed_save_remove(self, ref: str) -> None:
+        await self._saves.managed_remove(ref)
+
     # --- definitions --------------------------------------------------------------------
     async def define(self, xml: str) -> DomainRef:
         defn = parse_domain_xml(xml)
@@ -193,6 +210,11 @@ class QemuDriver:
                 f"cannot undefine domain '{dom.defn.name}': it is {dom.state.label}"
                 " (destroy it first)"
             )
+        if self._saves.has_managed(dom.defn.uuid):  # libvirt refuses it too
+            raise OperationInvalid(
+                f"cannot undefine domain '{dom.defn.name}': it has a managed save image"
+                " (managedsave-remove it first)"
+            )
         if self._snapshot_store.has_any(dom.defn.uuid):  # libvirt refuses it too
             count = len(self._snapshot_store.of(dom.defn.uuid).snapshots)
             raise OperationInvalid(
@@ -210,6 +232,8 @@ class QemuDriver:
         if dom.run is not None or dom.state != S.SHUTOFF:
             raise OperationInvalid(f"domain '{dom.defn.name}' is already active")
         name = dom.defn.name
+        if await self._saves.start_managed(dom, paused=False):  # libvirt: start resumes it
+            return
 
         def failure(detail: str) -> OperationFailed:
             return OperationFailed(f"QEMU failed to start domain '{name}': {detail}")
@@ -342,6 +366,7 @@ class QemuDriver:
             max_memory_kib=defn.memory_kib, memory_kib=memory, vcpus=defn.current_vcpus,
             cpu_time_ns=cpu, id=run.id if run else None, hv_type=defn.hv_type,
             persistent=not self._migrations.transient(dom),
+            managed_save=run is None and self._saves.has_managed(defn.uuid),
         )  # fmt: skip
 
     async def list_domains(self, include_inactive: bool = True) -> list[DomainInfo]:

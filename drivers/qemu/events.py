@@ -47,6 +47,10 @@ class Pending(StrEnum):
     # internal snapshots (drivers/qemu/snapshots.py; libvirt's qemuSnapshotCreateActive...)
     SNAPSHOT = "snapshot"  # snapshot-save's own STOP/RESUME: the guest never looked paused
     REVERT = "revert"  # snapshot-load: STOP/RESUME/start/exit carry the detail from_snapshot
+    # saved state (drivers/qemu/saves.py)
+    SAVE = "save"  # the save's own stop: no event (the guest ends stopped(saved))
+    SAVED = "saved"  # the saved guest's QEMU is stopped: its exit is stopped(saved)
+    RESTORE = "restore"  # the restore's `cont`: started(restored)
 
 
 class Action(StrEnum):
@@ -132,7 +136,7 @@ def pause_reason(status: str) -> str:
 def needs_status(name: str, ctx: Context) -> bool:
     """True when a STOP was not asked for: the driver must query-status to name its reason."""
     busy = {Pending.PAUSE, Pending.DESTROY, Pending.FAKE_REBOOT, Pending.START,
-            Pending.SNAPSHOT, Pending.REVERT}  # fmt: skip
+            Pending.SNAPSHOT, Pending.REVERT, Pending.SAVE}  # fmt: skip
     return name == "STOP" and ctx.state == DomainState.RUNNING and not (busy & ctx.pending)
 
 
@@ -177,6 +181,8 @@ def map_exit(ctx: Context) -> Outcome:
     """The QEMU process is gone (libvirt's processMonitorEOFEvent)."""
     if Pending.MIGRATED_OUT in ctx.pending:
         return _stopped("migrated", "migrated")
+    if Pending.SAVED in ctx.pending:
+        return _stopped("saved", "saved")
     if Pending.REVERT in ctx.pending and Pending.DESTROY in ctx.pending:
         return _stopped("from_snapshot", "from_snapshot")  # reverting to a shut-off snapshot
     if Pending.INCOMING in ctx.pending:  # an incoming migration failed or was rolled back
@@ -251,6 +257,8 @@ def _reset(data: dict[str, Any], ctx: Context, _status: str | None) -> Outcome:
 def _stop(_data: dict[str, Any], ctx: Context, status_reason: str | None) -> Outcome:
     if Pending.SNAPSHOT in ctx.pending:
         return NOTHING
+    if Pending.SAVE in ctx.pending:
+        return Outcome(state=(DomainState.PAUSED, "save"))
     if Pending.REVERT in ctx.pending:
         return Outcome(
             events=(("suspended", "from_snapshot", {}),),
@@ -274,6 +282,14 @@ def _stop(_data: dict[str, Any], ctx: Context, status_reason: str | None) -> Out
 def _resume(_data: dict[str, Any], ctx: Context, _status: str | None) -> Outcome:
     if Pending.SNAPSHOT in ctx.pending:
         return NOTHING
+    if Pending.RESTORE in ctx.pending and Pending.START in ctx.pending:
+        return Outcome(
+            events=(("started", "restored", {}),),
+            state=(DomainState.RUNNING, "restored"),
+            clear=frozenset({Pending.START, Pending.RESUME}),
+        )
+    if Pending.SAVE in ctx.pending:  # a failed save resumes the guest: no event either
+        return Outcome(state=(DomainState.RUNNING, "save_canceled"))
     if Pending.REVERT in ctx.pending:  # libvirt: started (from shut off) or resumed
         event = "started" if Pending.START in ctx.pending else "resumed"
         return Outcome(

@@ -223,6 +223,19 @@ class Launcher:
         """AUTH_DENIED unless this host lets ``domain`` listen on ``address``."""
         confine.check_listen(domain, what, address, self._settings.confinement())
 
+    async def confine_file(self, defn: DomainDefinition, path: str, what: str) -> None:
+        """AUTH_DENIED for a file the agent would write or read for ``defn`` (a save file)
+        outside the places a domain's files may be: the agent runs as root."""
+        settings = self._settings.confinement()
+        if not settings.enforce:
+            return
+        roots = confine.Roots(
+            settings, confine.own_dir(self._rt.store.run_dir, defn.uuid), pools=self._pools(),
+            nvram_dir=self._argv.nvram_dir, firmware=frozenset(),
+        )  # fmt: skip
+        hp = confine.HostPath(what, path, confine.Kind.FILE)
+        await asyncio.to_thread(confine.check_path, hp, roots, defn.name)
+
     def forget(self, uuid: str) -> None:
         """The domain is gone from this host (undefined, or migrated away): its persistent
         helper state (a TPM's) goes too, as libvirt removes it."""

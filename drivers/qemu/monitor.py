@@ -198,6 +198,17 @@ class Monitor:
         except (ExecInterruptedError, QMPError, EOFError, OSError) as exc:
             raise OperationFailed(f"{cmd} on '{self.name}': monitor lost ({exc!r})") from None
 
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU an open file descriptor under ``name`` (SCM_RIGHTS, then ``getfd``):
+        QEMU runs sandboxed (no exec, maybe another uid), so the agent opens its files."""
+        if not self.connected:
+            raise OperationFailed(f"monitor of '{self.name}' is not connected")
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise OperationFailed(f"cannot pass a file to '{self.name}': {exc}") from None
+        await self.execute("getfd", {"fdname": name})
+
     async def close(self) -> None:
         """Disconnect without reporting a loss (QEMU keeps running)."""
         self._closing = True

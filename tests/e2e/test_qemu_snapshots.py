@@ -136,8 +136,8 @@ class Host:
         return r.err
 
 
-@pytest.fixture
-async def host(e2e_root: Path) -> AsyncIterator[Host]:
+@asynccontextmanager
+async def events_host(e2e_root: Path) -> AsyncIterator[Host]:
     """Events of a fresh host name; the test starts (and restarts) its agent itself."""
     name = unique_host("snap")
     base = Path(tempfile.mkdtemp(prefix="s", dir=e2e_root))
@@ -158,6 +158,12 @@ async def host(e2e_root: Path) -> AsyncIterator[Host]:
         await sub.close()
         await bus.close()
         await delete_queues(f"virtbus.agent.{name}")
+
+
+@pytest.fixture
+async def host(e2e_root: Path) -> AsyncIterator[Host]:
+    async with events_host(e2e_root) as h:
+        yield h
 
 
 async def _destroy_all(h: Host) -> None:

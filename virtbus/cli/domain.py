@@ -55,6 +55,24 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--disable", action="store_true", help="no longer start it automatically")
     p.set_defaults(func=autostart)
 
+    p = sub.add_parser("save", help="save a domain's state to a file on its host, stop it")
+    _domain_args(p)
+    p.add_argument("file", help="absolute path on the domain's host")
+    _state_flags(p)
+    p.set_defaults(func=save)
+    p = sub.add_parser("restore", help="start a domain from a save file on a host")
+    p.add_argument("file", help="absolute path on that host")
+    p.add_argument("--host", required=True, help="the host that has the file")
+    _state_flags(p)
+    p.set_defaults(func=restore)
+    p = sub.add_parser("managedsave", help="save a domain's state for its next start")
+    _domain_args(p)
+    _state_flags(p)
+    p.set_defaults(func=managedsave)
+    p = sub.add_parser("managedsave-remove", help="drop a domain's managed save image")
+    _domain_args(p)
+    p.set_defaults(func=managedsave_remove)
+
     p = sub.add_parser("dominfo", help="show a domain's information")
     _domain_args(p)
     p.set_defaults(func=dominfo)
@@ -67,6 +85,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = sub.add_parser("dumpxml", help="print a domain's XML")
     _domain_args(p)
     p.set_defaults(func=dumpxml)
+
+
+def _state_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--running", action="store_true", help="running once restored")
+    p.add_argument("--paused", action="store_true", help="paused once restored")
+    p.add_argument("--bypass-cache", action="store_true", help="(accepted; no effect)")
 
 
 def _domain_args(p: argparse.ArgumentParser) -> None:
@@ -151,6 +175,48 @@ async def autostart(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+async def save(ctx: Context, args: argparse.Namespace) -> int:
+    dom = await ctx.domain(args.host, args.domain)
+    status = await dom.save(args.file, running=args.running, paused=args.paused)
+    if ctx.json:
+        emit_json({"host": dom.host.name, "domain": args.domain, "file": args.file,
+                   **to_wire(status)})  # fmt: skip
+    else:
+        print(f"Domain '{args.domain}' saved to {args.file}")
+    return 0
+
+
+async def restore(ctx: Context, args: argparse.Namespace) -> int:
+    done = await ctx.client.host(args.host).restore(
+        args.file, running=args.running, paused=args.paused
+    )
+    if ctx.json:
+        emit_json({"host": args.host, "file": args.file, **to_wire(done)})
+    else:
+        print(f"Domain restored from {args.file}")
+    return 0
+
+
+async def managedsave(ctx: Context, args: argparse.Namespace) -> int:
+    dom = await ctx.domain(args.host, args.domain)
+    status = await dom.managed_save(running=args.running, paused=args.paused)
+    if ctx.json:
+        emit_json({"host": dom.host.name, "domain": args.domain, **to_wire(status)})
+    else:
+        print(f"Domain '{args.domain}' state saved by libvirt")
+    return 0
+
+
+async def managedsave_remove(ctx: Context, args: argparse.Namespace) -> int:
+    dom = await ctx.domain(args.host, args.domain)
+    await dom.managed_save_remove()
+    if ctx.json:
+        emit_json({"host": dom.host.name, "domain": args.domain, "removed": True})
+    else:
+        print(f"Removed managedsave image for domain '{args.domain}'")
+    return 0
+
+
 async def dominfo(ctx: Context, args: argparse.Namespace) -> int:
     dom = await ctx.domain(args.host, args.domain)
     info = await dom.info()
@@ -173,6 +239,7 @@ async def dominfo(ctx: Context, args: argparse.Namespace) -> int:
                 ("Used memory", kib(info.memory_kib)),
                 ("Persistent", "yes" if info.persistent else "no"),
                 ("Autostart", "enable" if info.autostart else "disable"),
+                ("Managed save", "yes" if info.managed_save else "no"),
             ]
         )
     )

@@ -63,6 +63,7 @@ from virtbus.protocol.messages import AuditRecord, DomainEvent
 from virtbus.protocol.migration import TERMINAL_STATES, MigrationParams, MigrationRecord
 from virtbus.protocol.network import NetworkInfo, NetworkListRequest, NetworkXmlRequest
 from virtbus.protocol.registry import Op, Service
+from virtbus.protocol.save import ManagedSaveRequest, Restored, RestoreRequest, SaveRequest
 from virtbus.protocol.scheduler import (
     CancelRequest,
     ClusterDomain,
@@ -396,6 +397,11 @@ class Host:
         ref = await self.call(ops.NETWORK_CREATE, NetworkXmlRequest(xml=xml))
         return Network(self, ref.name)
 
+    async def restore(self, file: str, *, running: bool = False, paused: bool = False) -> Restored:
+        """Start the domain a save file on this host holds (virDomainRestore)."""
+        request = RestoreRequest(file=file, running=running, paused=paused)
+        return await self.call(ops.DOMAIN_RESTORE, request)
+
     def job(self, job_id: str) -> Job:
         return Job(self, JobInfo(id=job_id, kind="", target={}, state="running"))
 
@@ -494,6 +500,19 @@ class Domain:
 
     def events(self, since: Since | None = None) -> AsyncGenerator[DomainEvent, None]:
         return self.host.client.events(host=self.host.name, domain=self.ref, since=since)
+
+    # --- saved state (virDomainSave, virDomainManagedSave) ----------------------------
+    async def save(self, file: str, *, running: bool = False, paused: bool = False) -> DomainStatus:
+        """Save the guest's state to ``file`` on its host and stop it."""
+        request = SaveRequest(domain=self.ref, file=file, running=running, paused=paused)
+        return await self.host.call(ops.DOMAIN_SAVE, request)
+
+    async def managed_save(self, *, running: bool = False, paused: bool = False) -> DomainStatus:
+        request = ManagedSaveRequest(domain=self.ref, running=running, paused=paused)
+        return await self.host.call(ops.DOMAIN_MANAGED_SAVE, request)
+
+    async def managed_save_remove(self) -> DomainStatus:
+        return await self.host.call(ops.DOMAIN_MANAGED_SAVE_REMOVE, self._target)
 
     # --- snapshots (libvirt's virDomainSnapshot*) ----------------------------------
     async def snapshot_create(self, xml: str | None = None) -> SnapshotInfo:

@@ -129,6 +129,7 @@ class DomainInfo(Message):
     persistent: bool = True
     autostart: bool = False
     type: str = ""
+    managed_save: bool = False  # a managed save image waits for the next start
 
 
 class DomainXml(Message):

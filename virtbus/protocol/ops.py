@@ -57,6 +57,12 @@ from virtbus.protocol.network import (
     NETWORK_XML,
 )
 from virtbus.protocol.registry import REGISTRY, Op, Service, lookup, ops_of
+from virtbus.protocol.save import (
+    DOMAIN_MANAGED_SAVE,
+    DOMAIN_MANAGED_SAVE_REMOVE,
+    DOMAIN_RESTORE,
+    DOMAIN_SAVE,
+)
 from virtbus.protocol.scheduler import (
     SCHEDULER_DEFINE,
     SCHEDULER_DOMAINS,
@@ -126,9 +132,13 @@ __all__ = [
     "DOMAIN_DETACH_DEVICE",
     "DOMAIN_INFO",
     "DOMAIN_LIST",
+    "DOMAIN_MANAGED_SAVE",
+    "DOMAIN_MANAGED_SAVE_REMOVE",
     "DOMAIN_REBOOT",
     "DOMAIN_RESET",
+    "DOMAIN_RESTORE",
     "DOMAIN_RESUME",
+    "DOMAIN_SAVE",
     "DOMAIN_SET_AUTOSTART",
     "DOMAIN_SHUTDOWN",
     "DOMAIN_SNAPSHOT_CREATE",
