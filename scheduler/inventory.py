@@ -155,6 +155,7 @@ class ClusterView:
                     groups=frozenset(groups),
                     labels=dict(inv.labels),
                     pools={p.name: p.available for p in inv.pools if p.state == "running"},
+                    networks=frozenset(n.name for n in inv.networks if n.active),
                 )
             )
         return out

@@ -57,6 +57,9 @@ class PlacementRequest:
     #: storage pools the domain's volume disks name -> bytes it needs there (0: the pool
     #: must only be there and active, e.g. the volumes exist or the pool is shared)
     storage: Mapping[str, int] = field(default_factory=dict)
+    #: virtual networks the domain's <interface type='network'> name (but 'default', which
+    #: without a defined default network is user-mode NAT): active on the chosen host
+    networks: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -78,6 +81,7 @@ class HostCandidate:
     groups: frozenset[str] = frozenset()  # anti-affinity groups of the domains it has
     labels: dict[str, str] = field(default_factory=dict)
     pools: Mapping[str, int] = field(default_factory=dict)  # active pool -> available bytes
+    networks: frozenset[str] = frozenset()  # its active virtual networks
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +181,13 @@ def filter_storage(req: PlacementRequest, hosts: Hosts, _p: PlacementPolicy) -> 
     ]
 
 
+def filter_networks(req: PlacementRequest, hosts: Hosts, _p: PlacementPolicy) -> Hosts:
+    """Every virtual network the domain's interfaces name is active on the host."""
+    if not req.networks:
+        return hosts
+    return [h for h in hosts if req.networks <= h.networks]
+
+
 FILTERS: tuple[tuple[str, Filter], ...] = (
     ("excluded", filter_excluded),
     ("up", filter_up),
@@ -188,6 +199,7 @@ FILTERS: tuple[tuple[str, Filter], ...] = (
     ("anti-affinity", filter_anti_affinity),
     ("cpu-model", filter_cpu_model),
     ("storage", filter_storage),
+    ("networks", filter_networks),
 )
 
 
@@ -250,6 +262,15 @@ def storage_needs(
     return need
 
 
+def network_needs(defn: DomainDefinition) -> frozenset[str]:
+    """The networks of the domain's ``<interface type='network'>`` other than ``default``
+    (which, where no default network is defined, is QEMU's user-mode NAT)."""
+    return frozenset(
+        i.source_network for i in defn.interfaces
+        if i.type == "network" and i.source_network and i.source_network != "default"
+    )  # fmt: skip
+
+
 def request_for(
     defn: DomainDefinition,
     *,
@@ -274,6 +295,7 @@ def request_for(
             groups=anti_affinity_groups(defn),
             exclude=exclude | {source.name},
             storage=storage,
+            networks=network_needs(defn),
         )
     return PlacementRequest(
         name=defn.name,
@@ -285,6 +307,7 @@ def request_for(
         groups=anti_affinity_groups(defn),
         exclude=exclude,
         storage=storage,
+        networks=network_needs(defn),
     )
 
 
