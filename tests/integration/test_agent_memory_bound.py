@@ -1,10 +1,10 @@
-"""100,000 calls with unique ids to one agent: its memory settles.
+"""Many calls with unique ids to one agent (100,000 with VIRTBUS_MEMORY_CALLS): its memory settles.
 
 A real agent process (test driver, the real RabbitMQ) with ``call_memory = 2000`` gets
-100,000 journaled calls (``domain.suspend`` of a shut-off domain: each is run, answered
+``CALLS`` journaled calls (``domain.suspend`` of a shut-off domain: each is run, answered
 ``OPERATION_INVALID``, remembered for redelivery and appended to the reply log), a window
-of them in flight. The agent's RSS after 100,000 may not have grown much over its RSS
-after 20,000 (the call memory and the reply log are bounded by ``call_memory``, not by
+of them in flight. The agent's RSS after all of them may not have grown much over its RSS
+after the first quarter (the call memory and the reply log are bounded by ``call_memory``, not by
 the calls seen), the reply log on disk stays under twice ``call_memory`` records, and the
 agent still serves afterwards, answering a recent id from memory.
 """
@@ -12,6 +12,7 @@ agent still serves afterwards, answering a recent id from memory.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from pathlib import Path
@@ -27,8 +28,11 @@ from virtbus.protocol import ops
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("rabbitmq")]
 
-CALLS = 100_000
-CHECKPOINT = 20_000
+# The issue's 100,000 calls take minutes even on a quiet machine; the suite sends 40,000
+# (20 times call_memory, four times as many after the first reading as before it) and
+# VIRTBUS_MEMORY_CALLS=100000 runs the full figure.
+CALLS = int(os.environ.get("VIRTBUS_MEMORY_CALLS", "40000"))
+CHECKPOINT = CALLS // 4
 WINDOW = 400
 CALL_MEMORY = 2000
 XML = "<domain type='test'><name>d</name><memory>1024</memory><os><type>hvm</type></os></domain>"
@@ -91,7 +95,7 @@ class Sender:
                 await self.reached.wait()
 
 
-async def test_rss_settles_after_100k_calls_with_unique_ids(tmp_path: Path) -> None:
+async def test_rss_settles_after_many_calls_with_unique_ids(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
     config.write_text(f"call_memory = {CALL_MEMORY}\n")
     host = unique_host("mem")
@@ -127,7 +131,7 @@ async def test_rss_settles_after_100k_calls_with_unique_ids(tmp_path: Path) -> N
             assert sender.codes["ok"] == 2  # the agent still serves
         first, final = rss[CHECKPOINT], rss[CALLS]
         print(f"agent RSS (KiB) by calls answered: {rss}")
-        # Bounded: 80,000 more calls may not add more than 10% (+4 MiB of allocator slack).
+        # Bounded: three times more calls may not add more than 10% (+4 MiB of allocator slack).
         assert final <= first * 1.10 + 4096, rss
         records = (tmp_path / "calls.log").stat().st_size
         assert records < 2 * CALL_MEMORY * 400, f"calls.log is {records} bytes"
