@@ -23,6 +23,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from tests.procs import BUS_URL, agent_process, unique_host
+from tests.rawamqp import BUS_USER  # calls carry user_id (AUTH_DENIED without)
 from virtbus.bus.topology import DEADLINE_HEADER, DIRECT_REPLY_TO, RPC_EXCHANGE
 from virtbus.protocol import ops
 
@@ -79,7 +80,7 @@ class Sender:
         await exchange.publish(
             aio_pika.Message(
                 msgpack.packb(env), content_type="application/msgpack", correlation_id=call_id,
-                message_id=call_id, reply_to=DIRECT_REPLY_TO, expiration=120,
+                message_id=call_id, reply_to=DIRECT_REPLY_TO, expiration=120, user_id=BUS_USER,
                 headers={DEADLINE_HEADER: int((time.time() + 120) * 1000)},
             ),
             routing_key=self.route,

@@ -45,6 +45,7 @@ INFO_FIELDS = {
     "cpu_time_ns": int,
     "persistent": bool,
     "autostart": bool,
+    "managed_save": bool,
     "type": str,
 }
 

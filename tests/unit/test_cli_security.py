@@ -58,3 +58,14 @@ def test_pki_init_and_issue_a_host_and_a_user_certificate(tmp_path: Path) -> Non
     assert user.returncode == 0 and 'oscar = ["operator"]' in user.stdout
     bad = virtbus("pki", "issue", "host", "no such", "--dir", str(ca))
     assert bad.returncode == 1 and "INVALID_ARG" in bad.stderr
+
+
+def test_cli_spellings_match_the_security_types() -> None:
+    """The CLI spells pki kinds and policy owners itself (no heavy import at parse time)."""
+    from virtbus.cli.acl import OWNERS
+    from virtbus.cli.pki import KINDS
+    from virtbus.security.pki import Kind
+    from virtbus.security.policy import Owner
+
+    assert tuple(k.value for k in Kind) == KINDS
+    assert set(OWNERS) == {o.value for o in Owner}

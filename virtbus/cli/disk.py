@@ -11,7 +11,6 @@ from virtbus.cli.context import Context
 from virtbus.cli.domain import read_xml
 from virtbus.cli.output import emit_json, fields, table
 from virtbus.client import Domain
-from virtbus.domain import parse_domain_xml
 from virtbus.errors import InvalidArgument
 from virtbus.protocol.base import to_wire
 from virtbus.storage import format_bytes
@@ -125,6 +124,8 @@ def _said(ctx: Context, dom: Domain, text: str, **extra: str) -> int:
 
 async def domblklist(ctx: Context, args: argparse.Namespace) -> int:
     dom = await ctx.domain(args.host, args.domain)
+    from virtbus.domain import parse_domain_xml  # the XML model: only for this verb
+
     defn = parse_domain_xml(await dom.xml())
     rows = block_list(defn)
     if ctx.json:

@@ -165,10 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "audit" and args.file is not None:  # a local file: no bus
         from virtbus.cli.audit import audit_file
 
-        args.func, args.offline = audit_file, True
+        args.func, args.no_bus = audit_file, True
     try:
         # Commands that need no bus (acl check reads the policy file) run without one.
-        code = args.func(args) if getattr(args, "offline", False) else asyncio.run(run(args))
+        code = args.func(args) if getattr(args, "no_bus", False) else asyncio.run(run(args))
     except VirtbusError as exc:
         message = exc.message
         if exc.code == "BUS_UNAVAILABLE" and "cannot connect" in message:

@@ -12,9 +12,13 @@ import os
 from pathlib import Path
 
 from virtbus.cli.output import emit_json, fields
-from virtbus.security import pki
 
 DEFAULT_DIR = Path(os.environ.get("VIRTBUS_PKI_DIR", "/etc/virtbus/pki"))
+
+
+# pki.Kind's values, spelled here so that parsing the command line never imports
+# cryptography (every CLI command parses all subcommands; tests/unit keeps the two equal)
+KINDS = ("server", "host", "user")
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,23 +27,25 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     init = verbs.add_parser("init", help="create a CA (ca.key, ca.crt) in --dir")
     init.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="default %(default)s")
     init.add_argument("--name", default="virtbus CA", help="the CA's CN")
-    init.add_argument("--days", type=int, default=pki.CA_DAYS, help="default %(default)s")
-    init.set_defaults(func=pki_init, offline=True)
+    init.add_argument("--days", type=int, help="validity (default 3650)")
+    init.set_defaults(func=pki_init, no_bus=True)
     issue = verbs.add_parser("issue", help="issue a key and certificate signed by the CA")
-    issue.add_argument("kind", choices=[k.value for k in pki.Kind], help="server, host or user")
+    issue.add_argument("kind", choices=KINDS, help="server, host or user")
     issue.add_argument("name", metavar="NAME", help="CN: the broker node, host or user name")
     issue.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="default %(default)s")
     issue.add_argument("--role", help="user certificates: the role it is meant for (OU)")
     issue.add_argument(
         "--alt-name", action="append", default=[], help="server certificates: another DNS name/IP"
     )
-    issue.add_argument("--days", type=int, default=pki.DEFAULT_DAYS, help="default %(default)s")
+    issue.add_argument("--days", type=int, help="validity (default 365)")
     issue.add_argument("--out", type=Path, help="write key and cert here (default DIR/KINDs)")
-    issue.set_defaults(func=pki_issue, offline=True)
+    issue.set_defaults(func=pki_issue, no_bus=True)
 
 
 def pki_init(args: argparse.Namespace) -> int:
-    cert = pki.init_ca(args.dir, args.name, args.days)
+    from virtbus.security import pki  # cryptography: only when a certificate is made
+
+    cert = pki.init_ca(args.dir, args.name, args.days or pki.CA_DAYS)
     if args.json:
         emit_json({"ca": str(cert), "key": str(args.dir / pki.CA_KEY)})
     else:
@@ -48,9 +54,12 @@ def pki_init(args: argparse.Namespace) -> int:
 
 
 def pki_issue(args: argparse.Namespace) -> int:
+    from virtbus.security import pki  # cryptography: only when a certificate is made
+
     kind = pki.Kind(args.kind)
     got = pki.issue(
-        args.dir, kind, args.name, role=args.role, alt_names=args.alt_name, days=args.days,
+        args.dir, kind, args.name, role=args.role, alt_names=args.alt_name,
+        days=args.days or pki.DEFAULT_DAYS,
         out=args.out,
     )  # fmt: skip
     grant = f'{args.name} = ["{args.role or "viewer"}"]' if kind is pki.Kind.USER else None

@@ -61,6 +61,7 @@ class AuditTrail:
         self._publish = publish
         self._pending: deque[AuditRecord] = deque()
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()  # one flush at a time: records leave in call order
         self.dropped = 0  # records lost because the writer fell behind by BUFFER
         self.written = 0
 
@@ -90,20 +91,22 @@ class AuditTrail:
             await self.flush()
 
     async def flush(self) -> None:
-        """Write (and publish) what is pending now."""
-        batch = list(self._pending)
-        self._pending.clear()
-        if not batch:
-            return
-        lines = "".join(json.dumps(to_wire(r), sort_keys=True) + "\n" for r in batch)
-        try:
-            await asyncio.to_thread(self._append, lines.encode())
-            self.written += len(batch)
-        except OSError as exc:  # a full disk must not stop the daemon serving
-            log.error("cannot write the audit log %s: %s", self.path, exc)
-        if self._publish is not None:
-            for rec in batch:
-                await self._send(rec)
+        """Write (and publish) what is pending now, after any flush already under way (a
+        second flush overtaking the writer's would publish newer records first)."""
+        async with self._flushing:
+            batch = list(self._pending)
+            self._pending.clear()
+            if not batch:
+                return
+            lines = "".join(json.dumps(to_wire(r), sort_keys=True) + "\n" for r in batch)
+            try:
+                await asyncio.to_thread(self._append, lines.encode())
+                self.written += len(batch)
+            except OSError as exc:  # a full disk must not stop the daemon serving
+                log.error("cannot write the audit log %s: %s", self.path, exc)
+            if self._publish is not None:
+                for rec in batch:
+                    await self._send(rec)
 
     async def _send(self, rec: AuditRecord) -> None:
         assert self._publish is not None
