@@ -58,8 +58,9 @@ SCENARIOS = [
 
 # Known broken, open in issue 18: in the contract scenario the idle guest c1 asks Xen for a
 # reboot (shutdown reason 1) about 4 s of CPU into its boot, before its console prints
-# anything, in 2 of 2 quiet runs (load < 2) and not at load 4; the other scenarios' idle
-# guests boot. Marked, not retried: the failure report still prints in full with -rx.
+# anything, in 2 of 3 quiet runs (load < 2; it passed in the third and at load 4); the other
+# scenarios' idle guests boot. Flaky, so non-strict: an xpass is shown, not failed.
+# Marked, not retried: the failure report still prints in full with -rx.
 KNOWN_BROKEN = {
     "contract": "issue 18: the idle guest c1 reboots itself early in its boot (cause not found)",
 }
