@@ -304,6 +304,22 @@ class Domain:
         except TimeoutError:
             raise OperationTimeout(f"{what}: QEMU did not report the change in {limit}s") from None
 
+    async def come_up(self, run: Run, paused: bool, detail: str, verb: str,
+                      paused_reason: str | None = None) -> None:  # fmt: skip
+        """A run whose state was just loaded (a restore, a snapshot revert) comes up paused
+        (started + suspended with ``detail``; the state's reason ``paused_reason``, by default
+        ``detail``) or running (``cont``, then the RESUME event makes it started)."""
+        if paused:
+            run.pending.discard(ev.Pending.START)
+            self.state, self.reason = DomainState.PAUSED, paused_reason or detail
+            self.emit("started", detail)
+            self.emit("suspended", detail)
+        else:
+            await self.execute(run, "cont")
+            await self.wait(run, lambda: ev.Pending.START not in run.pending, verb)
+        if self.run is not run:
+            raise OperationFailed(f"QEMU exited during the {verb}")
+
     # --- loss, exit, reconcile ----------------------------------------------------------
     async def _on_monitor_lost(self, run: Run) -> None:
         """QMP is gone: the QEMU exited (-> stopped) or reconnect with capped jittered backoff."""

@@ -219,16 +219,7 @@ class QemuSaves:
                 await _pass_file(dom, run, file, os.O_RDONLY, header.offset, "virtbus-restore")
                 await dom.execute(run, "migrate-incoming", {"uri": "fd:virtbus-restore"})
                 await self._wait_stream(dom, run, "restore")
-                if start_paused:
-                    run.pending.discard(ev.Pending.START)
-                    dom.state, dom.reason = S.PAUSED, "unknown"
-                    dom.emit("started", "restored")
-                    dom.emit("suspended", "restored")
-                else:
-                    await dom.execute(run, "cont")
-                    await dom.wait(run, lambda: ev.Pending.START not in run.pending, "restore")
-                if dom.run is not run:
-                    raise OperationFailed("QEMU exited during the restore")
+                await dom.come_up(run, start_paused, "restored", "restore", paused_reason="unknown")
             finally:
                 run.pending.discard(ev.Pending.RESTORE)
             await dom.save_status(run)

@@ -259,16 +259,7 @@ class QemuSnapshots:
                         "tag": snap.name, "vmstate": nodes[0].node,
                         "devices": [n.node for n in nodes],
                     })  # fmt: skip
-                if want_paused:
-                    run.pending.discard(ev.Pending.START)
-                    dom.state, dom.reason = S.PAUSED, "from_snapshot"
-                    dom.emit("started", "from_snapshot")
-                    dom.emit("suspended", "from_snapshot")
-                else:
-                    await dom.execute(run, "cont")
-                    await dom.wait(run, lambda: ev.Pending.START not in run.pending, "revert")
-                if dom.run is not run:
-                    raise OperationFailed("QEMU exited during the revert")
+                await dom.come_up(run, want_paused, "from_snapshot", "revert")
             finally:
                 run.pending.discard(ev.Pending.REVERT)
             await dom.save_status(run)
