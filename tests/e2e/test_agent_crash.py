@@ -19,7 +19,6 @@ import contextlib
 import os
 import signal
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,34 +27,12 @@ import pytest
 from tests.e2e.conftest import qemu_pids_under
 from tests.e2e.test_qemu_agent import Events
 from tests.e2e.test_qemu_driver import firmware_xml, kernel_xml, wait_serial
+from tests.e2e.test_qemu_durability import host_events
 from tests.guests import READY_MARKER, TestGuest, build_test_guest
-from tests.procs import BUS_URL, agent_process, cli, unique_host
-from virtbus.bus.factory import open_bus
-from virtbus.bus.topology import EVENTS_EXCHANGE
-from virtbus.protocol.events import routing_word
+from tests.procs import agent_process, cli, unique_host
 
 pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.slow]
 WAIT = 180.0  # a loaded 2-core machine boots the TCG guest slowly: a bound, not a figure
-
-
-@contextlib.asynccontextmanager
-async def host_events(host: str) -> AsyncIterator[Events]:
-    bus = open_bus(BUS_URL, src="test")
-    await bus.connect()
-    sub = await bus.subscribe(EVENTS_EXCHANGE, [f"{routing_word(host)}.#"])
-    events = Events()
-
-    async def pump() -> None:
-        async for env in sub:
-            events.add(env.body)
-
-    pumping = asyncio.create_task(pump(), name="test-event-pump")
-    try:
-        yield events
-    finally:
-        pumping.cancel()
-        await sub.close()
-        await bus.close()
 
 
 async def until(check: Any, what: str, timeout: float = WAIT) -> None:
