@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy as _copy
 import ipaddress
 import re
-import uuid as _uuid
 from dataclasses import dataclass
 
 from lxml import etree
@@ -23,7 +22,7 @@ from lxml import etree
 from virtbus.domain.model import Element
 from virtbus.domain.serialize import dumps
 from virtbus.errors import InvalidArgument, XMLError
-from virtbus.storage.names import check_name
+from virtbus.storage.names import check_name, definition_uuid
 
 #: libvirt's forward modes; None (no <forward>) is an isolated network
 FORWARD_MODES = ("nat", "route", "open", "bridge", "private", "vepa", "passthrough", "hostdev")
@@ -182,7 +181,7 @@ class NetworkDefinition:
             self.name = check_name(name_el.text, "network")
         except InvalidArgument as exc:
             raise XMLError(exc.message) from None
-        self.uuid = self._parse_uuid(root)
+        self.uuid = definition_uuid(root, "network")
         fwd = root.find("forward")
         self.forward, self.forward_dev = None, None
         if fwd is not None:
@@ -234,26 +233,6 @@ class NetworkDefinition:
         if len(v4) > 1:
             raise XMLError(f"network '{self.name}': DHCP on more than one IPv4 <ip>")
         self.dns_hosts = self._parse_dns(root)
-
-    @staticmethod
-    def _parse_uuid(root: Element) -> str:
-        uuid_el = root.find("uuid")
-        if uuid_el is None:
-            value = str(_uuid.uuid4())
-            uuid_el = etree.Element("uuid")
-            uuid_el.text = value
-            name_el = root.find("name")
-            assert name_el is not None
-            name_el.addnext(uuid_el)
-            return value
-        raw = (uuid_el.text or "").strip()
-        try:
-            value = str(_uuid.UUID(raw))
-        except ValueError:
-            raise XMLError(f"invalid <uuid> '{raw}' in network") from None
-        if len(raw.replace("-", "")) != 32:
-            raise XMLError(f"invalid <uuid> '{raw}' in network")
-        return value
 
     def _parse_ip(self, el: Element) -> IpConfig:
         where = f"<ip> of network '{self.name}'"

@@ -9,7 +9,12 @@ every op that takes a name.
 
 from __future__ import annotations
 
-from virtbus.errors import InvalidArgument
+import uuid as _uuid
+
+from lxml import etree
+
+from virtbus.domain.model import Element
+from virtbus.errors import InvalidArgument, XMLError
 
 MAX_NAME_BYTES = 255  # NAME_MAX of Linux file systems
 
@@ -31,3 +36,25 @@ def check_name(name: object, what: str = "volume") -> str:
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         raise InvalidArgument(f"{what} name is longer than {MAX_NAME_BYTES} bytes")
     return name
+
+
+def definition_uuid(root: Element, what: str) -> str:
+    """The ``<uuid>`` of a pool or network definition, checked; one is generated and written
+    into the tree (after ``<name>``) when it has none, as libvirt does at define."""
+    uuid_el = root.find("uuid")
+    if uuid_el is None:
+        value = str(_uuid.uuid4())
+        uuid_el = etree.Element("uuid")
+        uuid_el.text = value
+        name_el = root.find("name")
+        assert name_el is not None
+        name_el.addnext(uuid_el)
+        return value
+    raw = (uuid_el.text or "").strip()
+    try:
+        value = str(_uuid.UUID(raw))
+    except ValueError:
+        raise XMLError(f"invalid <uuid> '{raw}' in {what}") from None
+    if len(raw.replace("-", "")) != 32:
+        raise XMLError(f"invalid <uuid> '{raw}' in {what}")
+    return value

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy as _copy
 import posixpath
-import uuid as _uuid
 from dataclasses import dataclass, field
 
 from lxml import etree
@@ -20,7 +19,7 @@ from lxml import etree
 from virtbus.domain.model import Element
 from virtbus.domain.serialize import dumps
 from virtbus.errors import InvalidArgument, XMLError
-from virtbus.storage.names import check_name
+from virtbus.storage.names import check_name, definition_uuid
 
 POOL_TYPES = (
     "dir", "fs", "netfs", "logical", "disk", "iscsi", "iscsi-direct", "scsi", "mpath",
@@ -228,7 +227,7 @@ class PoolDefinition:
         src_el = root.find("source")
         self.source = self._parse_source(src_el, ptype)
         self.name = self._parse_name(root, need)
-        self.uuid = self._parse_uuid(root)
+        self.uuid = definition_uuid(root, "storage pool")
         target = root.find("target")
         path = _text(target, "path") if target is not None else None
         if need.target and not path:
@@ -259,26 +258,6 @@ class PoolDefinition:
             return check_name(raw, "pool")
         except InvalidArgument as exc:
             raise XMLError(exc.message) from None
-
-    @staticmethod
-    def _parse_uuid(root: Element) -> str:
-        uuid_el = root.find("uuid")
-        if uuid_el is None:
-            value = str(_uuid.uuid4())
-            uuid_el = etree.Element("uuid")
-            uuid_el.text = value
-            name_el = root.find("name")
-            assert name_el is not None
-            name_el.addnext(uuid_el)
-            return value
-        raw = (uuid_el.text or "").strip()
-        try:
-            value = str(_uuid.UUID(raw))
-        except ValueError:
-            raise XMLError(f"invalid <uuid> '{raw}' in storage pool") from None
-        if len(raw.replace("-", "")) != 32:
-            raise XMLError(f"invalid <uuid> '{raw}' in storage pool")
-        return value
 
     @staticmethod
     def _parse_source(src: Element | None, ptype: str) -> PoolSource:
