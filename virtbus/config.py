@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import tomllib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -303,6 +302,8 @@ def _show(value: Any) -> str:
 
 def load_config(path: Path, keys: Sequence[Key]) -> dict[str, Any]:
     """The file's settings by dotted key, checked; :class:`ConfigError` names a bad key."""
+    import tomllib  # only where a file is read: the settings' users (the CLI) do without
+
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:

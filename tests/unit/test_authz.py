@@ -15,7 +15,8 @@ from virtbus.errors import AuthDenied, InvalidArgument
 from virtbus.protocol import ops
 from virtbus.protocol.envelope import Envelope, Kind
 from virtbus.security.audit import AuditTrail, read_log
-from virtbus.security.authz import Authorizer, publisher_trusted
+from virtbus.security.authz import Authorizer
+from virtbus.security.trust import publisher_trusted
 from virtbus.settings import AgentSettings
 
 POLICY = """

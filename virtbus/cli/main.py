@@ -1,7 +1,8 @@
 """``virtbus [--bus URL] [--json] [--timeout S] COMMAND ...`` — global options first, as virsh.
 
 Start-up matters for a command run once: this module imports only what ``--version``
-needs, the verbs' modules are imported to build the parser, and a one-shot command talks
+needs, a command builds the parser of its own verb's module only (:mod:`virtbus.cli.verbs`:
+``virtbus list`` imports no storage, snapshot or PKI code), and a one-shot command talks
 to RabbitMQ over the lean transport (:mod:`virtbus.bus.oneshot`) instead of aio-pika;
 only commands that follow something for long (``event``, ``migrate --wait``, ``drain``)
 take the reconnecting transport.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from virtbus import __version__
 
@@ -20,10 +21,31 @@ DEFAULT_TIMEOUT = 30.0  # s; virtbus.settings.DEFAULT_CALL_TIMEOUT (checked by a
 TRUSTED_ENV = "VIRTBUS_TRUSTED_PUBLISHERS"
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, sized as argparse sizes it (``$COLUMNS``, the terminal, else
+    80) without importing shutil: argparse builds one for every ``add_argument``."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        from virtbus.cli.term import columns
+
+        width = columns(fallback=80) - 2 if width is None else width
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 class CliParser(argparse.ArgumentParser):
     """argparse with the CLI's error contract: a bad flag or a missing argument prints one
     line, ``error: INVALID_ARG: ...``, and exits 1 (argparse prints its usage and exits 2).
     Subcommand parsers are of the same class (argparse creates them with ``type(self)``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         from virtbus.cli.output import fail
@@ -31,22 +53,12 @@ class CliParser(argparse.ArgumentParser):
         sys.exit(fail("INVALID_ARG", f"{self.prog}: {message} (see `{self.prog} --help`)"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from virtbus.cli import (
-        acl,
-        audit,
-        completion,
-        disk,
-        domain,
-        event,
-        host,
-        migrate,
-        network,
-        pki,
-        snapshot,
-        stats,
-        storage,
-    )
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; with ``verb``, only the verbs of the module that has it (see
+    :mod:`virtbus.cli.verbs`), so a command imports no other verb's module."""
+    import importlib
+
+    from virtbus.cli.verbs import MAIN, MODULE_VERBS, VERB_MODULE
 
     p: argparse.ArgumentParser = CliParser(
         prog="virtbus", description="virsh for a cluster, over a bus"
@@ -66,20 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"virtbus {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    host.add_parsers(sub)
-    domain.add_parsers(sub)
-    disk.add_parsers(sub)
-    snapshot.add_parsers(sub)
-    storage.add_parsers(sub)
-    network.add_parsers(sub)
-    event.add_parsers(sub)
-    stats.add_parsers(sub)
-    migrate.add_parsers(sub)
-    acl.add_parsers(sub)
-    audit.add_parsers(sub)
-    pki.add_parsers(sub)
-    _add_demo_parser(sub)
-    completion.add_parsers(sub)
+    modules = list(MODULE_VERBS) if verb is None else [VERB_MODULE[verb]]
+    for module in modules:
+        if module == MAIN:
+            _add_demo_parser(sub)
+        else:
+            importlib.import_module(f"virtbus.cli.{module}").add_parsers(sub)
     return p
 
 
@@ -148,17 +152,19 @@ def main(argv: list[str] | None = None) -> None:
     import importlib
     import logging
 
-    from virtbus.cli import completion
     from virtbus.cli.output import fail
+    from virtbus.cli.verbs import verb_of
     from virtbus.errors import VirtbusError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser = build_parser(verb_of(words))
+    args = parser.parse_args(words)
     # The CLI reports failures itself, in one line: keep the AMQP libraries' logs quiet.
     for name in ("aiormq", "aio_pika"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    if args.command == "completion":
-        sys.stdout.write(completion.script(parser, args.shell))
+    if args.command == "completion":  # completes every verb: the whole parser
+        from virtbus.cli.completion import script
+
+        sys.stdout.write(script(build_parser(), args.shell))
         sys.exit(0)
     if args.command == "demo":  # the composition root: imported only when it runs
         sys.exit(importlib.import_module("virtbus.demo.main").main(args))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +24,8 @@ def state_label(state: str) -> str:
 
 
 def emit_json(value: Any) -> None:
+    import json  # only with --json: a one-shot command's text output does without it
+
     sys.stdout.write(json.dumps(value, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
 

@@ -100,7 +100,7 @@ from virtbus.protocol.storage import (
     VolumeInfo,
     VolumeLookup,
 )
-from virtbus.security.authz import publisher_trusted
+from virtbus.security.trust import publisher_trusted
 from virtbus.settings import DEFAULT_CALL_TIMEOUT, BusSettings
 
 Req = TypeVar("Req", bound=Message)

@@ -13,7 +13,7 @@ from virtbus.protocol.base import decode
 from virtbus.protocol.envelope import Kind
 from virtbus.protocol.events import routing_key, routing_word
 from virtbus.protocol.messages import DomainEvent
-from virtbus.security.authz import publisher_trusted
+from virtbus.security.trust import publisher_trusted
 
 Since = int | float | datetime | str
 

@@ -7,7 +7,6 @@ that want to map to its integers (``state.state`` in domstats is the number).
 
 from __future__ import annotations
 
-import hashlib
 import re
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -179,6 +178,8 @@ def routing_word(text: str) -> str:
     data = word.encode("utf-8", errors="surrogatepass")
     if len(data) <= MAX_WORD_BYTES:
         return word
+    import hashlib  # rarely needed (long names): a one-shot client's start-up does without
+
     digest = hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
     head = data[: MAX_WORD_BYTES - _HASH_CHARS - 1].decode("utf-8", errors="ignore")
     return f"{head}~{digest[:_HASH_CHARS]}"

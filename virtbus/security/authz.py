@@ -28,11 +28,12 @@ from typing import Any
 from virtbus.errors import AuthDenied
 from virtbus.protocol.registry import Access, Op
 from virtbus.security.policy import Decision, Owner, Policy, Request, load_policy
+from virtbus.security.trust import publisher_trusted
 from virtbus.settings import DEFAULT_POLICY
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_POLICY", "Authorizer", "publisher_trusted"]
+__all__ = ["DEFAULT_POLICY", "Authorizer"]
 SCHEDULER_ROLE = "scheduler"
 DECISION_CACHE = 65_536  # decisions remembered (cleared when full)
 
@@ -125,12 +126,3 @@ class Authorizer:
     def speaks_for(self, user: str | None, host: str) -> bool:
         """May a heartbeat or event from ``user`` describe ``host``?"""
         return publisher_trusted(user, host, self.own_user if self.policy is None else None)
-
-
-def publisher_trusted(user: str | None, host: str, *trusted: str | None) -> bool:
-    """A message about ``host`` counts when its verified sender is that host's user, or a
-    user in ``trusted`` (the reader's own user in a dev setup: it could have sent it
-    itself; an operator-configured shared agent user)."""
-    if not user:
-        return False
-    return user == host or user in trusted
