@@ -13,9 +13,10 @@ import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 START_WAIT = 180.0  # s: a loaded 2-core machine starts a node slowly
 
@@ -32,10 +33,16 @@ class RabbitNode:
     port: int
     root: Path
     proc: asyncio.subprocess.Process
+    tls_port: int | None = None  # the amqps listener, when started with ``tls=``
 
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def tls_url(self, vhost: str = "") -> str:
+        """``amqps://127.0.0.1:PORT/VHOST`` (no user: the client certificate is the user)."""
+        assert self.tls_port is not None, "node started without tls="
+        return f"amqps://127.0.0.1:{self.tls_port}/{quote(vhost, safe='')}"
 
     async def ctl(self, *args: str, timeout: float = 120) -> str:
         """``rabbitmqctl -n NODE ARGS`` (this node only)."""
@@ -56,9 +63,40 @@ class RabbitNode:
         await self.ctl("await_startup")
 
 
+@dataclass(frozen=True)
+class NodeTls:
+    """The broker's side of TLS: its CA (which client certificates must chain to), its
+    certificate and key. The node gets an amqps listener that requires a client
+    certificate and logs it in by its CN (SASL EXTERNAL, rabbitmq_auth_mechanism_ssl)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def _tls_conf(root: Path, tls: NodeTls, port: int) -> str:
+    (root / "tls").mkdir()
+    for name, source in (("ca.pem", tls.ca), ("server.pem", tls.cert), ("key.pem", tls.key)):
+        shutil.copyfile(source, root / "tls" / name)
+    return (
+        f"listeners.ssl.default = 127.0.0.1:{port}\n"
+        f"ssl_options.cacertfile = {root}/tls/ca.pem\n"
+        f"ssl_options.certfile = {root}/tls/server.pem\n"
+        f"ssl_options.keyfile = {root}/tls/key.pem\n"
+        "ssl_options.verify = verify_peer\n"
+        "ssl_options.fail_if_no_peer_cert = true\n"
+        "ssl_cert_login_from = common_name\n"
+        "auth_mechanisms.1 = EXTERNAL\n"
+        "auth_mechanisms.2 = PLAIN\n"
+    )
+
+
 @contextlib.asynccontextmanager
-async def rabbit_node() -> AsyncIterator[RabbitNode]:
-    """A fresh node (about 10-30 s to start here); removed with its directory afterwards."""
+async def rabbit_node(
+    *, tls: NodeTls | None = None, plugins: Sequence[str] = ()
+) -> AsyncIterator[RabbitNode]:
+    """A fresh node (about 10-30 s to start here); removed with its directory afterwards.
+    ``tls``: also an amqps listener (``node.tls_port``) with certificate logins."""
     if shutil.which("rabbitmq-server") is None:
         raise AssertionError("rabbitmq-server is not installed: run deploy/setup-dev")
     root = Path(tempfile.mkdtemp(prefix="vbrmq-"))
@@ -66,10 +104,15 @@ async def rabbit_node() -> AsyncIterator[RabbitNode]:
     port, dist = free_port(), free_port()
     (root / "mnesia").mkdir()
     (root / "log").mkdir()
-    (root / "rabbitmq.conf").write_text(
-        f"listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"
-    )
-    (root / "enabled_plugins").write_text("[].\n")  # no management listener on 15672
+    tls_port = free_port() if tls is not None else None
+    conf = f"listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"
+    enabled = list(plugins)
+    if tls is not None and tls_port is not None:
+        conf += _tls_conf(root, tls, tls_port)
+        enabled.append("rabbitmq_auth_mechanism_ssl")
+    (root / "rabbitmq.conf").write_text(conf)
+    # No management listener on 15672 unless asked for.
+    (root / "enabled_plugins").write_text(f"[{','.join(enabled)}].\n")
     (root / "env.conf").write_text("ERL_EPMD_ADDRESS=127.0.0.1\n")
     shutil.chown(root, "rabbitmq", "rabbitmq")  # the server drops to the rabbitmq user
     for path in root.rglob("*"):
@@ -91,7 +134,7 @@ async def rabbit_node() -> AsyncIterator[RabbitNode]:
         "rabbitmq-server", stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root,
         start_new_session=True,
     )  # fmt: skip
-    node = RabbitNode(name, port, root, proc)
+    node = RabbitNode(name, port, root, proc, tls_port)
     try:
         async with asyncio.timeout(START_WAIT):
             while True:

@@ -39,6 +39,19 @@ class BusSettings:
         metadata=setting("bus URL: amqp://, amqps:// (TLS) or memory://", flag="bus",
                          kind="bus_url"),
     )  # fmt: skip
+    tls_ca: Path | None = field(
+        default=None,
+        metadata=setting("CA certificate the broker's TLS certificate must chain to "
+                         "(amqps://; default: the system's CAs)"),
+    )  # fmt: skip
+    tls_cert: Path | None = field(
+        default=None,
+        metadata=setting("client certificate (amqps://): its CN is the bus user, "
+                         "through SASL EXTERNAL (no password in the URL)"),
+    )  # fmt: skip
+    tls_key: Path | None = field(
+        default=None, metadata=setting("the client certificate's private key")
+    )
     call_timeout: float = field(
         default=DEFAULT_CALL_TIMEOUT,
         metadata=setting("default deadline of a call (s)", positive=True),

@@ -399,3 +399,32 @@ async def test_reconnect_fails_pending_then_restores_everything(env: Env) -> Non
     assert (await env.client.call(route, "host.ping", {"after": 1}, timeout=3))["body"] == {
         "after": 1
     }
+
+
+async def test_a_subscription_is_server_named_and_survives_a_reconnect(env: Env) -> None:
+    """Clients may configure only server-named queues (amq.gen-*): aio-pika's robust queue
+    would re-declare the old name (refused: amq.* is the broker's), so the subscription
+    declares a new queue, bound to the same keys, when its channel reopens."""
+    host = f"h{uuid.uuid4().hex[:8]}"
+    sub = await env.client.subscribe(EVENTS_EXCHANGE, [f"{host}.#"])
+    first = sub.queue_name  # type: ignore[attr-defined]
+    assert first.startswith("amq.gen-"), first
+
+    def ev(n: int) -> Envelope:
+        return Envelope(kind=Kind.EVENT, op="domain.event", body={"n": n}, src=host)
+
+    await env.server.publish(EVENTS_EXCHANGE, f"{host}.d.started", ev(1), confirm=True)
+    assert (await asyncio.wait_for(sub.__anext__(), 5)).body == {"n": 1}
+    restored = asyncio.Event()
+    env.client.add_connection_listener(_set_when_up(restored))
+    transport = env.client._connection.transport  # type: ignore[union-attr]
+    assert transport is not None
+    await transport.connection.close(ConnectionError("test: drop the connection"))
+    await asyncio.wait_for(restored.wait(), 10)
+    async with asyncio.timeout(10):  # the new queue is bound once the channel reopened
+        while sub.queue_name == first:  # type: ignore[attr-defined]
+            await asyncio.sleep(0.05)
+    assert sub.queue_name.startswith("amq.gen-")  # type: ignore[attr-defined]
+    await env.server.publish(EVENTS_EXCHANGE, f"{host}.d.stopped", ev(2), confirm=True)
+    assert (await asyncio.wait_for(sub.__anext__(), 5)).body == {"n": 2}
+    await sub.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -44,6 +45,7 @@ from virtbus.bus.base import (
 )
 from virtbus.bus.reconnect import connection_class
 from virtbus.bus.rpc import no_route, result_from_reply
+from virtbus.bus.tls import TlsFiles, client_context, login_user, tls_files, tls_refusal
 from virtbus.bus.topology import (
     DEAD_LETTER,
     DEAD_LETTER_EXCHANGE,
@@ -53,6 +55,8 @@ from virtbus.bus.topology import (
     EXCHANGES,
     HISTORIES,
     RPC_EXCHANGE,
+    ExchangeSpec,
+    QueueSpec,
     check_routing_key,
     history_of,
 )
@@ -78,19 +82,48 @@ def redacted(url: str) -> str:
     return str(parsed.with_password("***")) if parsed.password else url
 
 
-def login_refused(url: str, exc: BaseException) -> AuthFailed | None:
+def login_refused(
+    url: str, exc: BaseException, user: str | None = None, certificate: object = None
+) -> AuthFailed | None:
     """AUTH_FAILED for a connect failure that is the broker refusing us, else None.
 
     RabbitMQ answers bad credentials with ACCESS_REFUSED (aiormq's
     ProbableAuthenticationError) and a vhost that does not exist or that the user may not
     use by closing the connection instead of Connection.OpenOk, which aiormq reports only
-    as an InvalidFrameError naming that Connection.Close frame.
+    as an InvalidFrameError naming that Connection.Close frame. ``user``/``certificate``:
+    a certificate login (SASL EXTERNAL), whose user is the certificate's CN.
     """
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
-        return auth_failed(url, vhost_refused=False)
+        return auth_failed(url, vhost_refused=False, user=user, certificate=certificate)
     if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
-        return auth_failed(url, vhost_refused=True)
+        return auth_failed(url, vhost_refused=True, user=user, certificate=certificate)
     return None
+
+
+async def _passive_exchange(channel: aiormq.abc.AbstractChannel, name: str, t: float) -> None:
+    await channel.exchange_declare(name, passive=True, timeout=t)
+
+
+async def _passive_queue(channel: aiormq.abc.AbstractChannel, name: str, t: float) -> None:
+    await channel.queue_declare(name, passive=True, timeout=t)
+
+
+async def _declare_exchange(
+    channel: aiormq.abc.AbstractChannel, spec: ExchangeSpec, t: float
+) -> None:
+    await channel.exchange_declare(
+        spec.name, exchange_type=spec.type, durable=spec.durable, timeout=t
+    )
+
+
+async def _declare_queue(
+    channel: aiormq.abc.AbstractChannel, what: tuple[QueueSpec, str, str], t: float
+) -> None:
+    """A shared queue and its one binding (the dead-letter queue, a history stream)."""
+    queue, source, key = what
+    await channel.queue_declare(queue.name, durable=queue.durable, arguments=queue.arguments,
+                                timeout=t)  # fmt: skip
+    await channel.queue_bind(queue.name, source, routing_key=key, timeout=t)
 
 
 class _Pending:
@@ -110,8 +143,9 @@ class AmqpBus:
     def __init__(self, url: str, src: str, settings: BusSettings | None = None) -> None:
         self.url = url
         self.src = src
-        self.user = bus_user(url)  # the user_id of every message we send
+        self.user = bus_user(url)  # the user_id of every message we send (CN under TLS)
         self.settings = settings or BusSettings(url=url)
+        self._tls: TlsFiles | None = tls_files(url, self.settings)
         self._connection: AbstractRobustConnection | None = None
         self._rpc: AbstractRobustChannel | None = None
         self._confirm: AbstractRobustChannel | None = None
@@ -140,15 +174,27 @@ class AmqpBus:
         if self._connection is not None:
             return
         self._closing = False
+        url, context = self.url, None
+        if self._tls is not None:
+            files = self._tls
+            context = await asyncio.to_thread(client_context, files)
+            self.user = await asyncio.to_thread(login_user, self.url, files)
+            if files.external:
+                url = str(URL(self.url).update_query(auth="external"))
         try:
             connection = await aio_pika.connect_robust(
-                self.url,
+                url,
                 timeout=self.settings.connect_timeout,
                 client_properties={"connection_name": f"virtbus:{self.src}"},
                 connection_class=connection_class(self.settings.reconnect),
+                ssl_context=context,
             )
         except AMQP_FAILURES as exc:
-            refused = login_refused(self.url, exc)
+            cert = self._tls.cert if self._tls is not None else None
+            refused = login_refused(self.url, exc, self.user, cert)
+            if refused is None and self._tls is not None:
+                timeout = self.settings.connect_timeout
+                refused = await tls_refusal(self.url, self._tls, exc, timeout)
             if refused is not None:
                 raise refused from exc
             raise BusUnavailable(f"cannot connect to {redacted(self.url)}: {exc}") from exc
@@ -164,29 +210,72 @@ class AmqpBus:
 
     async def _open_channels(self, connection: AbstractRobustConnection) -> None:
         timeout = self.settings.connect_timeout
+        await self._ensure_topology(connection)
         self._rpc = await connection.channel(publisher_confirms=True)
         self._rpc.return_callbacks.add(self._on_returned)
         self._confirm = await connection.channel(publisher_confirms=True)
         self._fire = await connection.channel(publisher_confirms=False)
-        for spec in EXCHANGES:
-            await self._rpc.declare_exchange(
-                spec.name, type=spec.type, durable=spec.durable, timeout=timeout
-            )
-        dead = await self._rpc.declare_queue(
-            DEAD_LETTER.name, durable=DEAD_LETTER.durable, arguments=DEAD_LETTER.arguments
-        )
-        await dead.bind(DEAD_LETTER_EXCHANGE, routing_key="", timeout=timeout)
-        for exchange, stream in HISTORIES.items():
-            history = await self._rpc.declare_queue(
-                stream.name, durable=True, arguments=stream.arguments, timeout=timeout
-            )
-            await history.bind(exchange, routing_key="#", timeout=timeout)
         # Direct reply-to: consumed (no-ack) on the channel that publishes the calls.
         replies = await self._rpc.declare_queue(REPLY_TO, passive=True, timeout=timeout)
         await replies.consume(self._on_reply, no_ack=True, timeout=timeout)
         for channel in (self._rpc, self._confirm, self._fire):
             channel.reopen_callbacks.add(self._refresh_underlays)
         await self._refresh_underlays(None)
+
+    async def _ensure_topology(self, connection: AbstractRobustConnection) -> None:
+        """Check the shared topology with passive declares, and declare only what is missing.
+
+        In a deployment an admin declared it (definitions import) and no daemon or client
+        may configure it (ACCESS_REFUSED): passive declares need no permission. On a dev
+        broker without definitions (guest may configure everything) the first daemon or
+        client declares what is missing. Checked again after every reconnect (a reset
+        broker), on short-lived channels: a failed passive declare closes its channel.
+        """
+        transport = connection.transport
+        if transport is None:
+            raise BusUnavailable("the broker connection closed while it was set up")
+        amqp = transport.connection
+        timeout = self.settings.connect_timeout
+        for exchange in EXCHANGES:
+            if await self._on_short_channel(amqp, _passive_exchange, exchange.name, timeout):
+                continue
+            await self._on_short_channel(amqp, _declare_exchange, exchange, timeout, self.user)
+        queues = [(DEAD_LETTER, DEAD_LETTER_EXCHANGE, "")]
+        queues += [(stream, exchange_name, "#") for exchange_name, stream in HISTORIES.items()]
+        for queue, source, key in queues:
+            if await self._on_short_channel(amqp, _passive_queue, queue.name, timeout):
+                continue
+            await self._on_short_channel(
+                amqp, _declare_queue, (queue, source, key), timeout, self.user
+            )
+
+    @staticmethod
+    async def _on_short_channel(
+        amqp: aiormq.abc.AbstractConnection,
+        action: Callable[[aiormq.abc.AbstractChannel, Any, float], Awaitable[None]],
+        what: Any,
+        timeout: float,
+        user: str | None = None,
+    ) -> bool:
+        """Run one declare on a channel of its own: True when it succeeded, False when
+        the entity is missing (passive declare); ``user``: a refused active declare is
+        the admin's topology missing (BUS_UNAVAILABLE saying so)."""
+        channel = await amqp.channel(timeout=timeout)
+        try:
+            await action(channel, what, timeout)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            name = getattr(what, "name", None) or getattr(what[0], "name", what)
+            raise BusUnavailable(
+                f"the bus topology is incomplete ({name} is missing) and user {user!r} may "
+                "not declare it: import the definitions (python -m virtbus.bus.definitions "
+                "> definitions.json; rabbitmqctl import_definitions definitions.json)"
+            ) from exc
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        return True
 
     async def _refresh_underlays(self, _sender: object) -> None:
         """Cache the live aiormq channels: the call path must not await to find them."""
@@ -206,6 +295,11 @@ class AmqpBus:
             self._set_connected(False)
 
     async def _on_reconnected(self, _sender: object) -> None:
+        if self._connection is not None:
+            try:
+                await self._ensure_topology(self._connection)
+            except (*AMQP_FAILURES, BusUnavailable) as exc:
+                log.warning("checking the bus topology after a reconnect: %s", exc)
         await self._refresh_underlays(None)
         log.info("bus connection restored")
         self._set_connected(True)

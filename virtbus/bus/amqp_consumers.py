@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 import aiormq
+from aio_pika import Queue
 from aio_pika.abc import (
     AbstractIncomingMessage,
+    AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
     AbstractRobustQueue,
@@ -262,7 +263,14 @@ class AmqpServer:
 
 
 class AmqpSubscription:
-    """An exclusive auto-delete queue bound with topic keys, read as an async iterator."""
+    """An exclusive auto-delete queue bound with topic keys, read as an async iterator.
+
+    The queue is server-named (``amq.gen-*``): the only queues a client may configure
+    (see :mod:`virtbus.bus.definitions`). It is not an aio-pika robust queue, which would
+    be re-declared by its old name after a reconnect (names under ``amq.`` are the
+    broker's to give); instead the channel's reopen declares, binds and consumes a new
+    one. A history subscription reads the admin's stream, declared passively.
+    """
 
     def __init__(
         self,
@@ -270,7 +278,7 @@ class AmqpSubscription:
         exchange: str,
         binding_keys: list[str],
         channel: AbstractRobustChannel,
-        queue: AbstractRobustQueue,
+        queue: AbstractQueue | None,
     ) -> None:
         self.exchange = exchange
         self.binding_keys = list(binding_keys)
@@ -295,18 +303,32 @@ class AmqpSubscription:
         channel = await connection.channel(publisher_confirms=False)
         try:
             await channel.set_qos(prefetch_count=bus.settings.subscription_buffer, timeout=timeout)
-            name = f"virtbus.sub.{bus.src}.{uuid.uuid4().hex[:12]}"
-            queue = await channel.declare_queue(
-                name, exclusive=True, auto_delete=True, timeout=timeout
-            )
-            for key in binding_keys:
-                await queue.bind(exchange, routing_key=key, timeout=timeout)
-            sub = cls(bus, exchange, binding_keys, channel, queue)
-            sub._tag = await queue.consume(sub._on_message, timeout=timeout)
+            sub = cls(bus, exchange, binding_keys, channel, None)
+            await sub._declare()
         except BaseException:
             await _quietly(channel.close(), "closing a subscription channel")
             raise
+        channel.reopen_callbacks.add(sub._on_reopened)
         return sub
+
+    async def _declare(self) -> None:
+        """A new server-named queue, bound to our keys and consumed."""
+        timeout = self._bus.settings.connect_timeout
+        queue = Queue(self._channel, None, False, True, True, None)  # exclusive, auto-delete
+        await queue.declare(timeout=timeout)
+        for key in self.binding_keys:
+            await queue.bind(self.exchange, routing_key=key, timeout=timeout)
+        self._queue = queue
+        self._tag = await queue.consume(self._on_message, timeout=timeout)
+
+    async def _on_reopened(self, _sender: object) -> None:
+        """The old queue went with the old connection: declare a new one."""
+        if self._buffer.closed:
+            return
+        try:
+            await self._declare()
+        except AMQP_FAILURES as exc:  # the connection went again: the next reopen retries
+            log.warning("cannot restore the subscription to %s: %s", self.exchange, exc)
 
     @classmethod
     async def start_stream(
@@ -321,9 +343,7 @@ class AmqpSubscription:
         channel = await connection.channel(publisher_confirms=False)
         try:
             await channel.set_qos(prefetch_count=bus.settings.subscription_buffer, timeout=timeout)
-            queue = await channel.declare_queue(
-                stream.name, durable=True, arguments=stream.arguments, timeout=timeout
-            )
+            queue = await channel.declare_queue(stream.name, passive=True, timeout=timeout)
             sub = cls(bus, stream.name, ["#"], channel, queue)
             sub._tag = await queue.consume(
                 sub._on_message, arguments={"x-stream-offset": offset}, timeout=timeout
@@ -335,7 +355,7 @@ class AmqpSubscription:
 
     @property
     def queue_name(self) -> str:
-        return self._queue.name
+        return self._queue.name if self._queue is not None else ""
 
     @property
     def dropped(self) -> int:
@@ -369,7 +389,7 @@ class AmqpSubscription:
         if self._buffer.closed:
             return
         self._buffer.close()
-        if self._tag is not None:
+        if self._tag is not None and self._queue is not None:
             await _quietly(self._queue.cancel(self._tag), "cancel of a subscription")
         await _quietly(self._channel.close(), "close of a subscription channel")
         if self.on_closed is not None:

@@ -55,19 +55,30 @@ def bus_user(url: str) -> str:
     return unquote(parts.username) if parts.username else "guest"
 
 
-def auth_failed(url: str, *, vhost_refused: bool) -> AuthFailed:
-    """AUTH_FAILED naming what to check: the user and password, or the vhost's permissions
-    (both transports; the broker says ACCESS_REFUSED, or NOT_ALLOWED for the vhost)."""
+def auth_failed(
+    url: str, *, vhost_refused: bool, user: str | None = None, certificate: object = None
+) -> AuthFailed:
+    """AUTH_FAILED naming what to check: the user and password (or the certificate, under
+    SASL EXTERNAL: ``user`` is then its CN), or the vhost's permissions (both transports;
+    the broker says ACCESS_REFUSED, or NOT_ALLOWED for the vhost)."""
     parts = urlsplit(url)
-    user = unquote(parts.username or "guest")
+    user = user or unquote(parts.username or "guest")
     vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
     where = f"the broker at {parts.hostname or '127.0.0.1'}"
-    check = "check the user name and password in the bus URL (--bus or VIRTBUS_BUS_URL)"
+    check = (
+        f"check that the broker has a user named as the certificate's CN ({certificate})"
+        if certificate is not None
+        else "check the user name and password in the bus URL (--bus or VIRTBUS_BUS_URL)"
+    )
     if vhost_refused:
         return AuthFailed(
             f"{where} refused access to vhost '{vhost}' for user '{user}' (the vhost does not "
             f"exist or the user has no permission on it) — {check}, and the vhost's "
             "permissions (rabbitmqctl list_permissions -p VHOST)"
+        )
+    if certificate is not None:
+        return AuthFailed(
+            f"{where} refused the certificate login of user '{user}' (no such user) — {check}"
         )
     return AuthFailed(
         f"{where} refused the login of user '{user}' (wrong user name or password) — "

@@ -33,28 +33,39 @@ from virtbus.bus.topology import (
 from virtbus.errors import InvalidArgument
 
 # Who may do what, as RabbitMQ permission regexes (configure, write, read).
-# Agents declare their own call queue and subscriptions; clients only publish calls and
-# read their own (server-named) subscription queues.
-_EXCHANGES_RE = r"rpc|events|metrics|hosts|audit|dlx"
-_SHARED_QUEUES_RE = r"dead|events\.history|audit\.history|sub\..*"
+# The topology (exchanges, the dead-letter queue, the history streams, the scheduler's
+# queue) is declared by the admin who imports these definitions: nobody else may
+# configure (declare or delete) it, so no daemon's or client's credentials can delete
+# ``virtbus.rpc`` or a history stream. Daemons declare their topology passively.
+# Subscriptions are server-named queues (``amq.gen-*``), exclusive to their connection.
+# Declaring a call queue with a dead-letter exchange needs write on ``virtbus.dlx``;
+# binding it needs read on ``virtbus.rpc``; replies go to the default exchange.
+_PUBLISHED_RE = r"events|metrics|hosts|audit"
+_HISTORIES_RE = r"events\.history|audit\.history"
+_OWN_QUEUES = r"amq\.gen-.*"
+_REPLIES = r"amq\.rabbitmq\.reply-to"
+
+
+def _daemon(queue_re: str) -> tuple[str, str, str]:
+    """(configure, write, read) of a daemon that serves the call queue(s) ``queue_re``."""
+    return (
+        rf"^(virtbus\.({queue_re})|{_OWN_QUEUES})$",
+        rf"^(virtbus\.(rpc|dlx|{_PUBLISHED_RE}|{queue_re})|{_OWN_QUEUES}|amq\.default)$",
+        rf"^(virtbus\.(rpc|{_PUBLISHED_RE}|{_HISTORIES_RE}|{queue_re})|{_OWN_QUEUES}|{_REPLIES})$",
+    )
+
+
+# Clients send calls and read events, metrics, heartbeats and audit records; they
+# configure only their own server-named subscription queues.
+CLIENT_PERMISSIONS: tuple[str, str, str] = (
+    rf"^{_OWN_QUEUES}$",
+    rf"^(virtbus\.rpc|{_OWN_QUEUES})$",
+    rf"^(virtbus\.({_PUBLISHED_RE}|{_HISTORIES_RE})|{_OWN_QUEUES}|{_REPLIES})$",
+)
 ROLES: dict[str, tuple[str, str, str]] = {
-    # Everyone (re)declares the exchanges and the shared queues at connect.
-    "virtbus-agent": (
-        rf"^(virtbus\.({_EXCHANGES_RE}|{_SHARED_QUEUES_RE}|agent\..*)|amq\.gen.*)$",
-        r"^(virtbus\..*|amq\.default)$",
-        r"^(virtbus\..*|amq\.rabbitmq\.reply-to)$",
-    ),
-    "virtbus-scheduler": (
-        rf"^(virtbus\.({_EXCHANGES_RE}|{_SHARED_QUEUES_RE}|scheduler)|amq\.gen.*)$",
-        r"^(virtbus\..*|amq\.default)$",
-        r"^(virtbus\..*|amq\.rabbitmq\.reply-to)$",
-    ),
-    # Clients send calls and read events, metrics, heartbeats; they serve no call queue.
-    "virtbus-client": (
-        rf"^(virtbus\.({_EXCHANGES_RE}|{_SHARED_QUEUES_RE})|amq\.gen.*)$",
-        r"^(virtbus\.(rpc|dead|events\.history|audit\.history|sub\..*)|amq\.default)$",
-        rf"^(virtbus\.({_EXCHANGES_RE}|{_SHARED_QUEUES_RE})|amq\.rabbitmq\.reply-to)$",
-    ),
+    "virtbus-agent": _daemon(r"agent\..*"),
+    "virtbus-scheduler": _daemon(r"scheduler"),
+    "virtbus-client": CLIENT_PERMISSIONS,
 }
 
 
@@ -71,39 +82,45 @@ _OWN_KEY_EXCHANGES = ("virtbus.events", "virtbus.metrics", "virtbus.hosts", "vir
 def host_permissions(host: str) -> tuple[str, str, str]:
     """(configure, write, read) of the agent whose bus user is ``host``: its own call queue
     and subscriptions only, never another host's queue (it could consume its calls)."""
-    h = re.escape(host)
-    return (
-        rf"^(virtbus\.({_EXCHANGES_RE}|dead|events\.history|audit\.history|agent\.{h}"
-        rf"|sub\.{h}\..*)|amq\.gen.*)$",
-        rf"^(virtbus\.({_EXCHANGES_RE}|dead|events\.history|audit\.history|agent\.{h}"
-        rf"|sub\.{h}\..*)|amq\.default)$",
-        rf"^(virtbus\.({_EXCHANGES_RE}|events\.history|audit\.history|agent\.{h}"
-        rf"|sub\.{h}\..*)|amq\.rabbitmq\.reply-to)$",
-    )
+    return _daemon(rf"agent\.{re.escape(host)}")
 
 
-def random_passwords(hosts: Sequence[str] = ()) -> dict[str, str]:
+def random_passwords(hosts: Sequence[str] = (), clients: Sequence[str] = ()) -> dict[str, str]:
     """A fresh random password per user: nothing ships with a default password."""
-    return {user: secrets.token_urlsafe(18) for user in (*ROLES, *hosts)}
+    return {user: secrets.token_urlsafe(18) for user in (*ROLES, *hosts, *clients)}
 
 
 def definitions(
     vhost: str,
-    password: str | Mapping[str, str],
+    password: str | Mapping[str, str] | None,
     salt: bytes | None = None,
     hosts: Sequence[str] = (),
+    clients: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The definitions for ``vhost``; ``password``: one for every user, or one per user.
+    """The definitions for ``vhost``; ``password``: one for every user, or one per user,
+    or None: certificate users (no password: only a TLS client certificate whose CN is
+    the user logs in, through SASL EXTERNAL).
 
     ``hosts``: an agent user per host, named as the host (its heartbeats and events then
     count, see README "Security"), that reads only its own call queue and publishes on
     the topic exchanges only under its own name (topic permissions: keys start "HOST.").
+    ``clients``: more users with the client permissions (people and services, named as
+    their certificates' CNs).
     """
-    roles = {**ROLES, **{h: host_permissions(h) for h in hosts}}
-    passwords = password if isinstance(password, Mapping) else dict.fromkeys(roles, password)
-    missing = set(roles) - set(passwords)
-    if missing or not all(passwords.values()):
-        raise InvalidArgument(f"no password for {', '.join(sorted(missing)) or 'a user'}")
+    roles = {
+        **ROLES,
+        **{h: host_permissions(h) for h in hosts},
+        **dict.fromkeys(clients, CLIENT_PERMISSIONS),
+    }
+    hashes: dict[str, str]
+    if password is None:
+        hashes = dict.fromkeys(roles, "")  # no PLAIN login at all
+    else:
+        passwords = password if isinstance(password, Mapping) else dict.fromkeys(roles, password)
+        missing = set(roles) - set(passwords)
+        if missing or not all(passwords.values()):
+            raise InvalidArgument(f"no password for {', '.join(sorted(missing)) or 'a user'}")
+        hashes = {user: password_hash(passwords[user], salt) for user in roles}
     scheduler = call_queue_for(SCHEDULER_ROUTE)
     queues = [DEAD_LETTER, EVENT_HISTORY, AUDIT_HISTORY, scheduler]
     return {
@@ -111,7 +128,7 @@ def definitions(
         "users": [
             {
                 "name": user,
-                "password_hash": password_hash(passwords[user], salt),
+                "password_hash": hashes[user],
                 "hashing_algorithm": "rabbit_password_hashing_sha256",
                 "tags": "",
             }
@@ -187,7 +204,7 @@ def definitions(
                 # Subscription queues of dead clients must not pile up messages.
                 "vhost": vhost,
                 "name": "virtbus-subscriptions",
-                "pattern": r"^virtbus\.sub\.",
+                "pattern": r"^(virtbus\.sub\.|amq\.gen-)",
                 "apply-to": "queues",
                 "priority": 0,
                 "definition": {"max-length": 100000, "overflow": "drop-head"},
@@ -220,9 +237,25 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="add an agent user named as this host, confined to its own queue and names",
     )
+    p.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        help="add a user with the client permissions (a person or service; its CN)",
+    )
+    p.add_argument(
+        "--certificates",
+        action="store_true",
+        help="users without passwords: they log in only with a TLS client certificate "
+        "whose CN is the user (SASL EXTERNAL); no password is generated or printed",
+    )
     args = p.parse_args(argv)
-    passwords: str | dict[str, str] = args.password or random_passwords(args.host)
-    defs = definitions(args.vhost, passwords, hosts=args.host)
+    if args.certificates and args.password:
+        p.error("--certificates: users have no password (drop --password)")
+    passwords: str | dict[str, str] | None = (
+        None if args.certificates else args.password or random_passwords(args.host, args.client)
+    )
+    defs = definitions(args.vhost, passwords, hosts=args.host, clients=args.client)
     json.dump(defs, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
     if isinstance(passwords, dict):  # shown once: only their hashes are in the file

@@ -39,6 +39,7 @@ from virtbus.bus.base import (
 )
 from virtbus.bus.buffer import BoundedBuffer
 from virtbus.bus.rpc import no_route, result_from_reply
+from virtbus.bus.tls import TlsFiles, client_context, login_user, tls_files, tls_refusal
 from virtbus.bus.topology import (
     DEADLINE_HEADER,
     EVENTS_EXCHANGE,
@@ -126,6 +127,7 @@ class OneShotBus:
         self.src = src
         self.user = bus_user(url)  # the user_id of every message we send
         self.settings = settings or BusSettings(url=url)
+        self._tls: TlsFiles | None = tls_files(url, self.settings)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._frame_max = 131072
@@ -154,7 +156,15 @@ class OneShotBus:
         port = parts.port or (5671 if tls else 5672)
         user, password = unquote(parts.username or "guest"), unquote(parts.password or "guest")
         vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-        context = ssl.create_default_context() if tls else None
+        context: ssl.SSLContext | None = None
+        files = self._tls
+        if files is not None:
+            context = await asyncio.to_thread(client_context, files)
+            self.user = await asyncio.to_thread(login_user, self.url, files)
+        # SASL EXTERNAL: the certificate's CN is the user, the response is empty.
+        mechanism, response = (
+            ("EXTERNAL", "") if files and files.external else ("PLAIN", f"\0{user}\0{password}")
+        )
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 self._reader, self._writer = await asyncio.open_connection(host, port, ssl=context)
@@ -167,8 +177,8 @@ class OneShotBus:
                             **CLIENT_PROPERTIES,
                             "connection_name": f"virtbus:{self.src}",
                         },
-                        mechanism="PLAIN",
-                        response=f"\0{user}\0{password}",
+                        mechanism=mechanism,
+                        response=response,
                     ),
                 )
                 tune = await self._expect_frame(spec.Connection.Tune)
@@ -190,8 +200,12 @@ class OneShotBus:
         except TimeoutError:
             await self._drop()
             raise BusUnavailable(f"cannot connect to {host}:{port}: timed out") from None
-        except OSError as exc:
+        except (OSError, asyncio.IncompleteReadError) as exc:
             await self._drop()
+            timeout = self.settings.connect_timeout
+            refused = await tls_refusal(self.url, files, exc, timeout) if files else None
+            if refused is not None:
+                raise refused from None
             raise BusUnavailable(f"cannot connect to {host}:{port}: {exc}") from None
         except (AuthFailed, BusUnavailable):
             await self._drop()
@@ -248,7 +262,11 @@ class OneShotBus:
 
     def _refusal(self, close: spec.Connection.Close) -> Exception:
         if close.reply_code in (_ACCESS_REFUSED, _NOT_ALLOWED):
-            return auth_failed(self.url, vhost_refused=close.reply_code == _NOT_ALLOWED)
+            cert = self._tls.cert if self._tls is not None else None
+            return auth_failed(
+                self.url, vhost_refused=close.reply_code == _NOT_ALLOWED, user=self.user,
+                certificate=cert,
+            )  # fmt: skip
         return BusUnavailable(f"the broker closed the connection: {close.reply_code} "
                               f"{close.reply_text}")  # fmt: skip
 

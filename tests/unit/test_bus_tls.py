@@ -1,0 +1,101 @@
+"""The TLS options of a bus URL and settings (virtbus.bus.tls), and certificate users in
+the generated definitions; the handshakes themselves: tests/integration/test_tls_bus.py."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from virtbus.bus.definitions import CLIENT_PERMISSIONS, definitions, host_permissions
+from virtbus.bus.oneshot import OneShotBus
+from virtbus.bus.tls import client_context, login_user, tls_files
+from virtbus.errors import BusUnavailable, InvalidArgument
+from virtbus.security import pki
+from virtbus.settings import BusSettings
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("ca")
+    pki.init_ca(directory)
+    pki.issue(directory, pki.Kind.USER, "alice", role="viewer")
+    return directory
+
+
+def test_plain_urls_have_no_tls_and_amqps_takes_files_from_settings_or_query(ca: Path) -> None:
+    assert tls_files("amqp://u:p@h/", BusSettings()) is None
+    crt, key = ca / "users" / "alice.crt", ca / "users" / "alice.key"
+    settings = BusSettings(tls_ca=ca / "ca.crt", tls_cert=crt, tls_key=key)
+    files = tls_files("amqps://h/", settings)
+    assert files is not None and files.external and files.ca == ca / "ca.crt"
+    over = tls_files(f"amqps://h/?cafile=/x/ca.pem&certfile={crt}&keyfile={key}", BusSettings())
+    assert over is not None and over.ca == Path("/x/ca.pem") and over.cert == crt
+    server_only = tls_files("amqps://u:p@h/", BusSettings(tls_ca=ca / "ca.crt"))
+    assert server_only is not None and not server_only.external  # PLAIN over TLS: dev
+
+
+def test_half_an_identity_and_a_password_with_a_certificate_are_refused(ca: Path) -> None:
+    crt = ca / "users" / "alice.crt"
+    with pytest.raises(InvalidArgument, match=r"both bus\.tls_cert and bus\.tls_key"):
+        tls_files("amqps://h/", BusSettings(tls_cert=crt))
+    with pytest.raises(InvalidArgument, match="drop the password"):
+        tls_files("amqps://alice:pw@h/", BusSettings(tls_cert=crt, tls_key=crt))
+
+
+def test_the_certificate_cn_is_the_user(ca: Path) -> None:
+    crt, key = ca / "users" / "alice.crt", ca / "users" / "alice.key"
+    files = tls_files("amqps://h/", BusSettings(tls_cert=crt, tls_key=key))
+    assert files is not None
+    assert login_user("amqps://h/", files) == "alice"
+    assert login_user("amqps://alice@h/", files) == "alice"
+    with pytest.raises(InvalidArgument, match="certificate's CN is the user"):
+        login_user("amqps://bob@h/", files)
+    assert login_user("amqp://bob:pw@h/", None) == "bob"
+
+
+def test_unreadable_tls_files_are_invalid_arg_naming_them(ca: Path, tmp_path: Path) -> None:
+    crt = ca / "users" / "alice.crt"
+    files = tls_files("amqps://h/", BusSettings(tls_ca=tmp_path / "nope.crt"))
+    assert files is not None
+    with pytest.raises(InvalidArgument, match=r"nope\.crt"):
+        client_context(files)
+    mismatched = tls_files("amqps://h/", BusSettings(tls_cert=crt, tls_key=ca / "ca.key"))
+    assert mismatched is not None
+    with pytest.raises(InvalidArgument, match="cannot be loaded"):
+        client_context(mismatched)  # the CA's key is not the certificate's
+
+
+async def test_the_one_shot_transport_logs_in_as_the_cn_and_refuses_bad_files(
+    ca: Path, tmp_path: Path
+) -> None:
+    crt, key = ca / "users" / "alice.crt", ca / "users" / "alice.key"
+    closed_port = "amqps://127.0.0.1:1/"
+    bus = OneShotBus(closed_port, "t", BusSettings(tls_cert=crt, tls_key=key, connect_timeout=2))
+    with pytest.raises(BusUnavailable, match="cannot connect"):
+        await bus.connect()
+    assert bus.user == "alice"  # read from the certificate before the handshake
+    bad = OneShotBus(closed_port, "t", BusSettings(tls_ca=tmp_path / "missing.crt"))
+    with pytest.raises(InvalidArgument, match=r"missing\.crt"):
+        await bad.connect()
+
+
+def test_certificate_users_have_no_password_and_clients_configure_only_their_queues() -> None:
+    defs = definitions("/v", None, hosts=["node1"], clients=["alice"])
+    users = {u["name"]: u for u in defs["users"]}
+    assert {"alice", "node1", "virtbus-scheduler"} <= set(users)
+    assert all(u["password_hash"] == "" for u in users.values())
+    configure, write, read = CLIENT_PERMISSIONS
+    for shared in ("virtbus.rpc", "virtbus.events", "virtbus.events.history",
+                   "virtbus.audit.history", "virtbus.dead", "virtbus.scheduler"):  # fmt: skip
+        assert not re.match(configure, shared), shared
+        assert not re.match(host_permissions("node1")[0], shared), shared
+    assert re.match(configure, "amq.gen-Xy12")
+    assert re.match(write, "virtbus.rpc") and not re.match(write, "virtbus.events")
+    assert re.match(read, "virtbus.events.history")
+    agent_configure = host_permissions("node1")[0]
+    assert re.match(agent_configure, "virtbus.agent.node1")
+    assert not re.match(agent_configure, "virtbus.agent.node2")
+    with pytest.raises(InvalidArgument):
+        definitions("/v", {"alice": "x"}, clients=["alice"])  # others lack passwords
