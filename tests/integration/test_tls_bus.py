@@ -39,6 +39,7 @@ import pytest_asyncio
 from tests.procs import VIRTBUS, AgentProc, agent_process, cli
 from tests.rabbitnode import NodeTls, RabbitNode, rabbit_node
 from virtbus.bus.amqp import AmqpBus
+from virtbus.bus.definitions import CLIENT_PERMISSIONS
 from virtbus.bus.topology import (
     AUDIT_HISTORY_QUEUE,
     EVENT_HISTORY_QUEUE,
@@ -47,7 +48,7 @@ from virtbus.bus.topology import (
     RPC_EXCHANGE,
 )
 from virtbus.client import Client
-from virtbus.errors import AuthFailed
+from virtbus.errors import AuthFailed, BusUnavailable
 from virtbus.security import pki
 from virtbus.settings import BusSettings
 
@@ -145,6 +146,8 @@ async def agent(
 
 def audited_users(agent: AgentProc) -> list[str]:
     log = agent.state_dir / "audit" / "audit.log"
+    if not log.exists():  # no call served yet
+        return []
     return [json.loads(line)["user"] for line in log.read_text().splitlines()]
 
 
@@ -247,3 +250,36 @@ async def test_neither_client_nor_agent_can_delete_or_redeclare_the_topology(
     # ... and the bus works: a call reaches the agent, whose server declared passively.
     ok = await cli("--json", "list", "--all", "--host", HOST, bus=identities[USER])
     assert ok.code == 0 and ok.json() == [], ok
+
+
+async def test_a_missing_topology_is_declared_in_dev_and_refused_with_a_hint_otherwise(
+    node: RabbitNode, certs: Pki
+) -> None:
+    """Dev mode: guest on a vhost without definitions declares what is missing. A user
+    that may not configure it (the generated client permissions) is told to import the
+    definitions, instead of the channel error of a refused declare."""
+    bare = "/bare"
+    await node.ctl("add_vhost", bare)
+    await node.ctl("set_permissions", "-p", bare, "guest", ".*", ".*", ".*")
+    await node.ctl("set_permissions", "-p", bare, USER, *CLIENT_PERMISSIONS)
+    plain = f"amqp://guest:guest@127.0.0.1:{node.port}/{quote(bare, safe='')}"
+    check = await aio_pika.connect(plain, timeout=10)
+    async with check:
+        with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):  # the premise
+            await (await check.channel()).declare_exchange(RPC_EXCHANGE, passive=True)
+    refused_url = user_url(node, certs, USER).replace("%2Fvirtbus", quote(bare, safe=""))
+    refused = AmqpBus(refused_url, "tls-bare", BusSettings(url=refused_url))
+    with pytest.raises(BusUnavailable, match="may not declare it: import the definitions"):
+        await refused.connect()
+    await refused.close()
+    dev = AmqpBus(plain, "tls-dev", BusSettings(url=plain))
+    await dev.connect()  # declares the topology
+    await dev.close()
+    check = await aio_pika.connect(plain, timeout=10)
+    async with check:
+        channel = await check.channel()
+        await channel.declare_exchange(RPC_EXCHANGE, passive=True)
+        await channel.declare_queue(EVENT_HISTORY_QUEUE, passive=True)
+    again = AmqpBus(refused_url, "tls-bare", BusSettings(url=refused_url))
+    await again.connect()  # now the client only checks it, passively
+    await again.close()

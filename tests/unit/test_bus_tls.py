@@ -4,13 +4,14 @@ the generated definitions; the handshakes themselves: tests/integration/test_tls
 from __future__ import annotations
 
 import re
+import ssl
 from pathlib import Path
 
 import pytest
 
 from virtbus.bus.definitions import CLIENT_PERMISSIONS, definitions, host_permissions
 from virtbus.bus.oneshot import OneShotBus
-from virtbus.bus.tls import client_context, login_user, tls_files
+from virtbus.bus.tls import _ssl_error, client_context, login_user, tls_files
 from virtbus.errors import BusUnavailable, InvalidArgument
 from virtbus.security import pki
 from virtbus.settings import BusSettings
@@ -99,3 +100,12 @@ def test_certificate_users_have_no_password_and_clients_configure_only_their_que
     assert not re.match(agent_configure, "virtbus.agent.node2")
     with pytest.raises(InvalidArgument):
         definitions("/v", {"alice": "x"}, clients=["alice"])  # others lack passwords
+
+
+def test_the_ssl_error_inside_aiormqs_wrapper_is_found_and_cycles_end() -> None:
+    inner = ssl.SSLError(1, "[SSL: SSLV3_ALERT_CERTIFICATE_EXPIRED] ...")
+    wrapped = ConnectionError("Server communication error", inner)
+    assert _ssl_error(wrapped) is inner
+    a, b = RuntimeError("a"), RuntimeError("b")
+    a.__context__, b.__context__ = b, a  # a cycle: aiormq's errors have made one
+    assert _ssl_error(a) is None

@@ -235,15 +235,15 @@ class AmqpBus:
         if transport is None:
             raise BusUnavailable("the broker connection closed while it was set up")
         amqp = transport.connection
-        timeout = self.settings.connect_timeout
+        timeout, user = self.settings.connect_timeout, self.user
         for exchange in EXCHANGES:
-            if await self._on_short_channel(amqp, _passive_exchange, exchange.name, timeout):
+            if await self._on_short_channel(amqp, _passive_exchange, exchange.name, timeout, user):
                 continue
-            await self._on_short_channel(amqp, _declare_exchange, exchange, timeout, self.user)
+            await self._on_short_channel(amqp, _declare_exchange, exchange, timeout, user)
         queues = [(DEAD_LETTER, DEAD_LETTER_EXCHANGE, "")]
         queues += [(stream, exchange_name, "#") for exchange_name, stream in HISTORIES.items()]
         for queue, source, key in queues:
-            if await self._on_short_channel(amqp, _passive_queue, queue.name, timeout):
+            if await self._on_short_channel(amqp, _passive_queue, queue.name, timeout, user):
                 continue
             await self._on_short_channel(
                 amqp, _declare_queue, (queue, source, key), timeout, self.user

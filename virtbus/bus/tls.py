@@ -151,11 +151,28 @@ _REASONS = {
 }
 
 
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    """The SSLError behind ``exc``: aiormq wraps it (AMQPConnectionError's args)."""
+    todo: list[BaseException] = [exc]
+    seen: set[int] = set()  # causes and contexts can form cycles
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError):
+            return current
+        todo += [a for a in current.args if isinstance(a, BaseException)]
+        todo += [e for e in (current.__cause__, current.__context__) if e is not None]
+    return None
+
+
 def handshake_refused(url: str, files: TlsFiles, exc: BaseException) -> AuthFailed | None:
     """AUTH_FAILED for a TLS failure that is a refused identity (either side's certificate),
     else None (then it is a network failure: BUS_UNAVAILABLE)."""
     where = f"the broker at {urlsplit(url).hostname or '127.0.0.1'}"
     ours = f"certificate {files.cert}" if files.cert else "no client certificate"
+    exc = _ssl_error(exc) or exc
     if isinstance(exc, ssl.SSLCertVerificationError):
         return AuthFailed(
             f"{where} is not trusted: its certificate failed verification against CA "
