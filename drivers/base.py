@@ -183,8 +183,10 @@ class Snapshots(Protocol):
     answers NO_SUPPORT for a driver without them. ``name`` is the snapshot's name;
     unknown names are NO_DOMAIN_SNAPSHOT, a snapshot of another domain is unknown here."""
 
-    async def snapshot_create(self, ref: str, xml: str | None) -> SnapshotInfo:
-        """Take a snapshot from a ``<domainsnapshot>`` request; it becomes current."""
+    async def snapshot_create(self, ref: str, xml: str | None, disk_only: bool = False,
+                              quiesce: bool = False) -> SnapshotInfo:  # fmt: skip
+        """Take a snapshot from a ``<domainsnapshot>`` request (``disk_only``: external,
+        onto new overlays; ``quiesce``: through the guest agent); it becomes current."""
 
     async def snapshot_list(self, ref: str) -> list[SnapshotInfo]: ...
     async def snapshot_info(self, ref: str, name: str | None) -> SnapshotInfo:

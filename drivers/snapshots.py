@@ -7,15 +7,26 @@ change, so a restarted agent knows its snapshots again; a corrupt file is set as
 fatal. ``dir=None`` keeps everything in memory (the test driver, as test:///default).
 
 The drivers share this: what differs between them is only how the data is taken,
-reverted and deleted (QMP jobs, qemu-img, or nothing).
+reverted and deleted (QMP jobs, qemu-img, or nothing). So do the checks of an external
+snapshot (:func:`external_disks`) and the definition it leaves (:func:`with_overlays`):
+each disk's new qcow2 overlay on top, the image before it as its ``<backingStore>``.
+
+What libvirt 9.0 refuses for external snapshots is refused here too, with its error:
+a revert (CONFIG_UNSUPPORTED "revert to external snapshot not supported yet"). Deleting
+an external snapshot's data (libvirt 9.0 block-commits it) is not done yet: only
+``--metadata`` deletes one (the overlays stay the disks' images).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lxml import etree
 
 from virtbus.domain import DomainDefinition
 from virtbus.domain.model import Disk
@@ -71,7 +82,8 @@ def snapshot_disks(defn: DomainDefinition, only: dict[str, str]) -> list[Disk]:
         if fmt != "qcow2":
             raise ConfigUnsupported(
                 f"internal snapshot of disk '{disk.target_dev}' of domain '{defn.name}' needs"
-                f" a qcow2 image; its format is {fmt} (external snapshots are not supported yet)"
+                f" a qcow2 image; its format is {fmt} (an external snapshot, --disk-only, does"
+                " not)"
             )
         if disk.type not in ("file", "block") or not disk.source_path:
             raise NoSupport(
@@ -83,6 +95,105 @@ def snapshot_disks(defn: DomainDefinition, only: dict[str, str]) -> list[Disk]:
             f"domain '{defn.name}' has no writable qcow2 disk to hold an internal snapshot"
         )
     return disks
+
+
+def default_overlay(source: str, snapshot: str) -> str:
+    """libvirt's name of an external snapshot's overlay: the image's path with its suffix
+    replaced by the snapshot's name (``/p/disk.qcow2`` -> ``/p/disk.s1``)."""
+    head, tail = os.path.split(source)
+    stem = tail.rsplit(".", 1)[0] if "." in tail.lstrip(".") else tail
+    return os.path.join(head, f"{stem}.{snapshot}")
+
+
+def external_disks(defn: DomainDefinition, files: dict[str, str], only: dict[str, str],
+                   snapshot: str) -> list[tuple[Disk, str]]:  # fmt: skip
+    """The disks an external snapshot covers, each with its new overlay's path: writable
+    ``<disk type='file' device='disk'>`` minus those marked ``no``. Checked before
+    anything is written: a file disk only (a volume's overlay would be its pool's to
+    create), distinct overlays that do not exist yet."""
+    targets = {d.target_dev for d in defn.disks}
+    for target in only:
+        if target not in targets:
+            raise InvalidArgument(f"domain '{defn.name}' has no disk '{target}'")
+    out: list[tuple[Disk, str]] = []
+    seen: set[str] = set()
+    for disk in defn.disks:
+        if disk.device != "disk" or disk.readonly or only.get(disk.target_dev) == "no":
+            continue
+        if disk.type != "file" or not disk.source_path:
+            raise NoSupport(
+                f"external snapshot of <disk type='{disk.type}'> ('{disk.target_dev}') is not"
+                " supported yet (file disks are; mark it snapshot='no' to leave it out)"
+            )
+        overlay = files.get(disk.target_dev) or default_overlay(disk.source_path, snapshot)
+        if (
+            overlay in seen
+            or overlay == disk.source_path
+            or overlay in (d.source_path for d in defn.disks)
+        ):
+            raise ConfigUnsupported(f"external snapshot file '{overlay}' of disk"
+                                    f" '{disk.target_dev}' is used twice")  # fmt: skip
+        if os.path.lexists(overlay):
+            raise ConfigUnsupported(f"external snapshot file for disk '{disk.target_dev}'"
+                                    f" already exists: {overlay}")  # fmt: skip
+        seen.add(overlay)
+        out.append((disk, overlay))
+    if not out:
+        raise ConfigUnsupported(f"domain '{defn.name}' has no writable disk to snapshot")
+    return out
+
+
+def with_overlays(defn: DomainDefinition, overlays: dict[str, str]) -> DomainDefinition:
+    """A copy of ``defn`` whose disks of ``overlays`` (target -> file) run on their qcow2
+    overlay, the image before it (and its own chain) as the overlay's ``<backingStore>``,
+    as libvirt writes the definition after an external snapshot."""
+    new = defn.copy()
+    with new.edit():
+        for disk in new.disks:
+            overlay = overlays.get(disk.target_dev)
+            if overlay is None:
+                continue
+            el = disk.element
+            backing = etree.Element("backingStore", type=el.get("type", "file"))
+            etree.SubElement(backing, "format", type=disk.driver_type or "raw")
+            source = el.find("source")
+            backing.append(copy.deepcopy(source) if source is not None
+                           else etree.Element("source"))  # fmt: skip
+            old = el.find("backingStore")
+            if old is not None:
+                el.remove(old)
+                backing.append(old)
+            driver = el.find("driver")
+            if driver is None:
+                driver = etree.SubElement(el, "driver", name="qemu")
+            driver.set("type", "qcow2")
+            if source is None:
+                source = etree.SubElement(el, "source")
+            for attr in list(source.attrib):
+                if attr != "index":
+                    del source.attrib[attr]
+            source.set("file", overlay)
+            for child in list(source):
+                source.remove(child)
+            source.addnext(backing)
+    return new
+
+
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+
+def check_quiesce(defn: DomainDefinition) -> None:
+    """``--quiesce`` freezes the guest's file systems through its QEMU guest agent: a
+    domain without the agent's channel is refused as libvirt refuses it; one with it too
+    (virtbus does not speak to guest agents yet), before anything is written."""
+    channels = defn.root.findall("devices/channel/target")
+    if not any(t.get("name") == GUEST_AGENT_CHANNEL for t in channels):
+        raise ConfigUnsupported(
+            f"cannot quiesce domain '{defn.name}': QEMU guest agent is not configured"
+            f" (no <channel> named {GUEST_AGENT_CHANNEL})"
+        )
+    raise NoSupport(f"cannot quiesce domain '{defn.name}': virtbus does not talk to the QEMU"
+                    " guest agent yet; take the snapshot without --quiesce")  # fmt: skip
 
 
 class SnapshotStore:
@@ -138,6 +249,7 @@ class SnapshotStore:
             description=snap.description, current=tree.current == snap.name,
             children=len(tree.children(snap.name)),
             descendants=len(tree.descendants(snap.name)),
+            location="external" if snap.external else "internal",
         )  # fmt: skip
 
     def infos(self, uuid: str, domain: str) -> list[SnapshotInfo]:
@@ -158,22 +270,41 @@ class SnapshotStore:
         self._domains.setdefault(uuid, DomainSnapshots()).current = name
         await self._save(uuid)
 
+    def for_revert(self, uuid: str, domain: str, name: str) -> SnapshotDef:
+        """The snapshot to revert to; an external one is refused as libvirt 9.0 does."""
+        snap = self.get(uuid, domain, name)
+        if snap.external:
+            raise ConfigUnsupported(
+                f"revert to external snapshot '{name}' of domain '{domain}' not supported yet"
+            )
+        return snap
+
     def plan_delete(
-        self, uuid: str, domain: str, name: str, *, children: bool, children_only: bool
-    ) -> list[str]:
+        self, uuid: str, domain: str, name: str, *, children: bool, children_only: bool,
+        metadata: bool = False,
+    ) -> list[str]:  # fmt: skip
         """The snapshots a delete removes, children before parents; a snapshot with
         children is refused unless they go too (its images' data depends on nothing, but
         the tree would be rewritten behind the user's back)."""
         self.get(uuid, domain, name)
         below = self.of(uuid).descendants(name)
         if children_only:
-            return list(reversed(below))
-        if below and not children:
+            victims = list(reversed(below))
+        elif below and not children:
             raise OperationInvalid(
                 f"snapshot '{name}' of domain '{domain}' has {len(below)} descendant(s)"
                 f" ({', '.join(below[:5])}): delete them first, or use --children"
             )
-        return [*reversed(below), name]
+        else:
+            victims = [*reversed(below), name]
+        external = [v for v in victims if self.of(uuid).snapshots[v].external]
+        if external and not metadata:
+            raise ConfigUnsupported(
+                f"deletion of {len(external)} external disk snapshot(s) ({', '.join(external)})"
+                f" of domain '{domain}' is not supported yet: delete with --metadata (the"
+                " overlays stay the disks' images)"
+            )
+        return victims
 
     async def remove(self, uuid: str, names: list[str]) -> None:
         """Forget ``names``; a deleted current snapshot passes 'current' to its parent."""

@@ -34,7 +34,13 @@ from drivers.base import (
     HostResources,
     VolumeResolver,
 )
-from drivers.snapshots import SnapshotStore, snapshot_disks
+from drivers.snapshots import (
+    SnapshotStore,
+    check_quiesce,
+    external_disks,
+    snapshot_disks,
+    with_overlays,
+)
 from virtbus.aio import TaskGroup
 from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.domain.devices import (
@@ -47,6 +53,7 @@ from virtbus.domain.devices import (
 )
 from virtbus.domain.snapshot import (
     SnapshotDef,
+    SnapshotRequest,
     check_snapshot_name,
     default_name,
     parse_snapshot_request,
@@ -413,7 +420,8 @@ class TestDriver:
             self._emit(dom, "suspended", "restored")
 
     # --- snapshots: the QEMU driver's checks and events, no data -------------------
-    async def snapshot_create(self, ref: str, xml: str | None) -> SnapshotInfo:
+    async def snapshot_create(self, ref: str, xml: str | None, disk_only: bool = False,
+                              quiesce: bool = False) -> SnapshotInfo:  # fmt: skip
         await self._latency()
         dom = self._get(ref)
         uuid, name = dom.definition.uuid, dom.definition.name
@@ -422,6 +430,10 @@ class TestDriver:
         if state is None:
             raise OperationInvalid(f"cannot snapshot domain '{name}': it is {dom.state.label}")
         active = dom.state != DomainState.SHUTOFF
+        if req.external(disk_only):
+            return await self._snapshot_external(dom, req, active, state, quiesce)
+        if quiesce:
+            raise InvalidArgument("--quiesce needs an external disk-only snapshot (--disk-only)")
         if req.memory == "internal" and not active:
             raise OperationInvalid(f"domain '{name}' is shut off: it has no memory to snapshot")
         if active and req.memory == "no":
@@ -437,6 +449,34 @@ class TestDriver:
             disks=tuple(d.target_dev for d in disks), domain_xml=defn.to_xml(),
             parent=self._snapshots.of(uuid).current, description=req.description,
         ))  # fmt: skip
+        return self._snapshots.info(uuid, name, snap_name)
+
+    async def _snapshot_external(self, dom: _TestDomain, req: SnapshotRequest, active: bool,
+                                 state: str, quiesce: bool) -> SnapshotInfo:  # fmt: skip
+        """The QEMU driver's checks and definitions (the overlays exist in name only)."""
+        uuid, name = dom.definition.uuid, dom.definition.name
+        defn = dom.live if active and dom.live is not None else dom.definition
+        if quiesce:
+            check_quiesce(defn)
+        snap_name = req.name or default_name(set(self._snapshots.of(uuid).snapshots))
+        check_snapshot_name(snap_name)
+        self._snapshots.check_new(uuid, name, snap_name)
+        pairs = external_disks(defn, req.files, req.disks, snap_name)
+        overlays = {d.target_dev: o for d, o in pairs}
+        await self._snapshots.add(uuid, SnapshotDef(
+            name=snap_name, state="disk-snapshot" if active else state,
+            creation_time=int(time.time()), memory=False, disks=tuple(overlays),
+            domain_xml=defn.to_xml(), parent=self._snapshots.of(uuid).current,
+            description=req.description, overlays=tuple(overlays.items()),
+        ))  # fmt: skip
+        sources = {d.target_dev: d.source_path for d, _ in pairs}
+        if active and dom.live is not None:
+            dom.live = with_overlays(dom.live, overlays)
+        same = {t: o for t, o in overlays.items()
+                if any(d.target_dev == t and d.source_path == sources[t]
+                       for d in dom.definition.disks)}  # fmt: skip
+        if same:
+            dom.definition = with_overlays(dom.definition, same)
         return self._snapshots.info(uuid, name, snap_name)
 
     async def snapshot_list(self, ref: str) -> list[SnapshotInfo]:
@@ -457,7 +497,7 @@ class TestDriver:
         await self._latency()
         dom = self._get(ref)
         uuid = dom.definition.uuid
-        snap = self._snapshots.get(uuid, dom.definition.name, name)
+        snap = self._snapshots.for_revert(uuid, dom.definition.name, name)
         if dom.state not in _SNAPSHOT_STATES:
             raise OperationInvalid(
                 f"cannot revert domain '{dom.definition.name}': it is {dom.state.label}"
@@ -497,7 +537,8 @@ class TestDriver:
         dom = self._get(ref)
         uuid = dom.definition.uuid
         names = self._snapshots.plan_delete(uuid, dom.definition.name, name, children=children,
-                                            children_only=children_only)  # fmt: skip
+                                            children_only=children_only,
+                                            metadata=metadata)  # fmt: skip
         await self._snapshots.remove(uuid, names)
         return names
 

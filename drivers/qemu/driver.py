@@ -112,7 +112,7 @@ class QemuDriver:
         self._stats = QemuStats()  # libvirt domstats (drivers/qemu/stats.py)
         self._snapshot_store = SnapshotStore(state / "snapshots")
         self._snapshots = QemuSnapshots(
-            self._registry, self._launcher, self._snapshot_store, self._settings
+            self._registry, self._launcher, self._snapshot_store, self._settings, self._store
         )
         self._saves = QemuSaves(
             self._registry, self._launcher, self._store, self._settings, state / "save"
@@ -152,8 +152,9 @@ class QemuDriver:
         return await self._devices.block_info(ref, target)
 
     # --- snapshots (snapshots.py) ------------------------------------------------------
-    async def snapshot_create(self, ref: str, xml: str | None) -> SnapshotInfo:
-        return await self._snapshots.create(ref, xml)
+    async def snapshot_create(self, ref: str, xml: str | None, disk_only: bool = False,
+                              quiesce: bool = False) -> SnapshotInfo:  # fmt: skip
+        return await self._snapshots.create(ref, xml, disk_only, quiesce)
 
     async def snapshot_list(self, ref: str) -> list[SnapshotInfo]:
         return self._snapshots.all(ref)

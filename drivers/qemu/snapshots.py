@@ -12,7 +12,10 @@ paused); a revert gives libvirt's ``suspended``/``resumed``/``started``/``stoppe
 detail ``from_snapshot`` and leaves the state reason ``from_snapshot``.
 
 Internal snapshots need qcow2: a raw (or any other format) writable disk is a
-CONFIG_UNSUPPORTED naming the disk, before anything is written.
+CONFIG_UNSUPPORTED naming the disk, before anything is written. External disk-only
+snapshots (``--disk-only``, or disks asked ``snapshot='external'``) are taken by
+:mod:`drivers.qemu.external`; ``--quiesce`` needs a guest agent, which virtbus does not
+speak to yet: refused before anything is written.
 """
 
 from __future__ import annotations
@@ -25,18 +28,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from drivers.qemu import events as ev
+from drivers.qemu import external
 from drivers.qemu.argv_storage import device_id
 from drivers.qemu.domain import Domain, Run
 from drivers.qemu.launch import Launcher
 from drivers.qemu.registry import DomainRegistry
 from drivers.qemu.settings import QemuSettings
-from drivers.snapshots import SnapshotStore, snapshot_disks
+from drivers.qemu.state import StateStore
+from drivers.snapshots import SnapshotStore, check_quiesce, external_disks, snapshot_disks
 from virtbus.domain import DomainDefinition
 from virtbus.domain.model import Disk
-from virtbus.domain.snapshot import SnapshotDef, check_snapshot_name, default_name
+from virtbus.domain.snapshot import (
+    SnapshotDef,
+    SnapshotRequest,
+    check_snapshot_name,
+    default_name,
+)
 from virtbus.domain.snapshot import parse_snapshot_request as parse_request
 from virtbus.errors import (
     ConfigUnsupported,
+    InvalidArgument,
     NoSupport,
     OperationFailed,
     OperationInvalid,
@@ -64,11 +75,12 @@ class QemuSnapshots:
     """The Snapshots methods of the QEMU driver (see module docstring)."""
 
     def __init__(self, registry: DomainRegistry, launcher: Launcher, store: SnapshotStore,
-                 settings: QemuSettings) -> None:  # fmt: skip
+                 settings: QemuSettings, states: StateStore) -> None:  # fmt: skip
         self._registry = registry
         self._launcher = launcher
         self._store = store
         self._settings = settings
+        self._states = states  # the definitions an external snapshot changes
 
     # --- metadata -------------------------------------------------------------------
     def all(self, ref: str) -> list[SnapshotInfo]:
@@ -87,7 +99,8 @@ class QemuSnapshots:
         return self._store.get(dom.defn.uuid, dom.defn.name, name).to_xml()
 
     # --- create ---------------------------------------------------------------------
-    async def create(self, ref: str, xml: str | None) -> SnapshotInfo:
+    async def create(self, ref: str, xml: str | None, disk_only: bool = False,
+                     quiesce: bool = False) -> SnapshotInfo:  # fmt: skip
         dom = self._registry.get(ref)
         req = parse_request(xml)
         uuid, dname = dom.defn.uuid, dom.defn.name
@@ -95,6 +108,10 @@ class QemuSnapshots:
         if state is None:
             raise OperationInvalid(f"cannot snapshot domain '{dname}': it is {dom.state.label}")
         active = dom.run is not None and dom.state != S.SHUTOFF
+        if req.external(disk_only):
+            return await self._create_external(dom, req, active, state, quiesce)
+        if quiesce:
+            raise InvalidArgument("--quiesce needs an external disk-only snapshot (--disk-only)")
         memory = req.memory != "no" if active else False
         if req.memory == "internal" and not active:
             raise OperationInvalid(f"domain '{dname}' is shut off: it has no memory to snapshot")
@@ -117,6 +134,38 @@ class QemuSnapshots:
             parent=parent if parent in self._store.of(uuid).snapshots else None,
             description=req.description,
         )  # fmt: skip
+        await self._store.add(uuid, snap)
+        return self._store.info(uuid, dname, name)
+
+    async def _create_external(self, dom: Domain, req: SnapshotRequest, active: bool,
+                               state: str, quiesce: bool) -> SnapshotInfo:  # fmt: skip
+        """A disk-only snapshot onto new overlays (:mod:`drivers.qemu.external`)."""
+        uuid, dname = dom.defn.uuid, dom.defn.name
+        if quiesce:
+            check_quiesce(dom.run.live if active and dom.run is not None else dom.defn)
+        run = dom.run if active else None
+        defn = run.live if run is not None else dom.defn
+        taken = set(self._store.of(uuid).snapshots)
+        name = check_snapshot_name(req.name) if req.name else default_name(taken)
+        self._store.check_new(uuid, dname, name)
+        pairs = external_disks(defn, req.files, req.disks, name)
+        for disk, overlay in pairs:
+            await self._launcher.confine_file(
+                defn, overlay, f"external snapshot file of disk {disk.target_dev}"
+            )
+        if run is not None:
+            await external.take_live(dom, run, pairs, self._job)
+        else:
+            await external.take_offline(pairs)
+        parent = self._store.of(uuid).current
+        snap = SnapshotDef(
+            name=name, state="disk-snapshot" if active else state,
+            creation_time=int(time.time()), memory=False,
+            disks=tuple(d.target_dev for d, _ in pairs), domain_xml=defn.to_xml(),
+            parent=parent if parent in self._store.of(uuid).snapshots else None,
+            description=req.description, overlays=tuple((d.target_dev, o) for d, o in pairs),
+        )  # fmt: skip
+        await external.adopt(dom, run, self._states, pairs)
         await self._store.add(uuid, snap)
         return self._store.info(uuid, dname, name)
 
@@ -186,7 +235,7 @@ class QemuSnapshots:
     async def revert(self, ref: str, name: str, running: bool, paused: bool) -> None:
         dom = self._registry.get(ref)
         uuid, dname = dom.defn.uuid, dom.defn.name
-        snap = self._store.get(uuid, dname, name)
+        snap = self._store.for_revert(uuid, dname, name)
         if dom.state not in _STATE_NAMES:
             raise OperationInvalid(f"cannot revert domain '{dname}': it is {dom.state.label}")
         want_paused = paused or (snap.state == "paused" and not running)
@@ -276,7 +325,7 @@ class QemuSnapshots:
         dom = self._registry.get(ref)
         uuid, dname = dom.defn.uuid, dom.defn.name
         names = self._store.plan_delete(uuid, dname, name, children=children,
-                                        children_only=children_only)  # fmt: skip
+                                        children_only=children_only, metadata=metadata)  # fmt: skip
         done: list[str] = []
         try:
             for victim in names:

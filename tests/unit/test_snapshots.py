@@ -56,7 +56,7 @@ def test_requests_are_parsed_and_bad_ones_refused() -> None:
         parse_snapshot_request("<domainsnapshot><memory snapshot='external' file='/m'/>"
                                "</domainsnapshot>")  # fmt: skip
     with pytest.raises(NoSupport, match="'vda'"):
-        parse_snapshot_request("<domainsnapshot><disks><disk name='vda' snapshot='external'/>"
+        parse_snapshot_request("<domainsnapshot><disks><disk name='vda' snapshot='manual'/>"
                                "</disks></domainsnapshot>")  # fmt: skip
     with pytest.raises(XMLError, match="bogus"):
         parse_snapshot_request("<domainsnapshot><bogus/></domainsnapshot>")

@@ -36,12 +36,20 @@ def _refused(p: argparse.ArgumentParser, *flags: str) -> None:
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
 
 
+def _external_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--disk-only", action="store_true",
+                   help="external: each disk goes on to a new qcow2 overlay")  # fmt: skip
+    p.add_argument("--quiesce", action="store_true",
+                   help="freeze the guest's file systems through its guest agent (refused:"
+                   " virtbus does not talk to guest agents yet)")  # fmt: skip
+
+
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("snapshot-create", help="take a snapshot from <domainsnapshot> XML")
     _target(p)
     p.add_argument("xmlfile", nargs="?", help="<domainsnapshot> XML ('-' for stdin)")
-    _refused(p, "--disk-only", "--redefine", "--no-metadata", "--halt", "--reuse-external",
-             "--quiesce")  # fmt: skip
+    _refused(p, "--redefine", "--no-metadata", "--halt", "--reuse-external")
+    _external_flags(p)
     p.add_argument("--atomic", action="store_true", help="all or nothing (always so)")
     p.add_argument("--live", action="store_true", help="(internal snapshots pause briefly)")
     p.set_defaults(func=snapshot_create)
@@ -54,8 +62,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--print-xml", action="store_true", help="print the XML, take nothing")
     p.add_argument("--memspec", help="memory: snapshot=internal|no (external: not supported)")
     p.add_argument("--diskspec", action="append", default=[],
-                   help="disk[,snapshot=internal|no] (external: not supported)")  # fmt: skip
-    _refused(p, "--disk-only", "--no-metadata", "--halt", "--reuse-external", "--quiesce")
+                   help="disk[,snapshot=internal|external|no][,file=PATH]")  # fmt: skip
+    _refused(p, "--no-metadata", "--halt", "--reuse-external")
+    _external_flags(p)
     p.add_argument("--atomic", action="store_true", help="all or nothing (always so)")
     p.add_argument("--live", action="store_true", help="(internal snapshots pause briefly)")
     p.set_defaults(func=snapshot_create_as)
@@ -108,10 +117,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _check_refused(args: argparse.Namespace) -> None:
-    for flag in ("disk_only", "redefine", "no_metadata", "halt", "reuse_external", "quiesce"):
+    for flag in ("redefine", "no_metadata", "halt", "reuse_external"):
         if getattr(args, flag, False):
             raise NoSupport(f"snapshot --{flag.replace('_', '-')} is not supported yet"
-                            " (internal snapshots are)")  # fmt: skip
+                            " (internal and --disk-only snapshots are)")  # fmt: skip
 
 
 async def _name(dom: Domain, args: argparse.Namespace) -> str:
@@ -129,7 +138,8 @@ async def snapshot_create(ctx: Context, args: argparse.Namespace) -> int:
     _check_refused(args)
     xml = read_xml(args.xmlfile) if args.xmlfile else None
     dom = await ctx.domain(args.host, args.domain)
-    return _created(ctx, dom, await dom.snapshot_create(xml), args.xmlfile)
+    snap = await dom.snapshot_create(xml, disk_only=args.disk_only, quiesce=args.quiesce)
+    return _created(ctx, dom, snap, args.xmlfile)
 
 
 def _created(ctx: Context, dom: Domain, snap: SnapshotInfo, source: str | None) -> int:
@@ -160,11 +170,17 @@ def request_xml(name: str | None, description: str | None, memspec: str | None,
         for spec in diskspecs:
             disk, _, rest = spec.partition(",")
             opts = dict(kv.partition("=")[::2] for kv in rest.split(",") if kv)
-            mode = opts.get("snapshot", "internal")
-            if mode == "external" or "file" in opts:
-                raise NoSupport(f"--diskspec {spec}: external disk snapshots are not supported yet")
+            mode = opts.get("snapshot", "external" if "file" in opts else "internal")
             name_attr, mode_attr = _attr(disk), _attr(mode)
-            parts.append(f"    <disk name='{name_attr}' snapshot='{mode_attr}'/>")
+            if mode != "external":
+                parts.append(f"    <disk name='{name_attr}' snapshot='{mode_attr}'/>")
+                continue
+            parts.append(f"    <disk name='{name_attr}' snapshot='external'>")
+            if "driver" in opts:
+                parts.append(f"      <driver type='{_attr(opts['driver'])}'/>")
+            if "file" in opts:
+                parts.append(f"      <source file='{_attr(opts['file'])}'/>")
+            parts.append("    </disk>")
         parts.append("  </disks>")
     parts.append("</domainsnapshot>")
     return "\n".join(parts) + "\n"
@@ -183,7 +199,8 @@ async def snapshot_create_as(ctx: Context, args: argparse.Namespace) -> int:
         sys.stdout.write(xml)
         return 0
     dom = await ctx.domain(args.host, args.domain)
-    return _created(ctx, dom, await dom.snapshot_create(xml), None)
+    snap = await dom.snapshot_create(xml, disk_only=args.disk_only, quiesce=args.quiesce)
+    return _created(ctx, dom, snap, None)
 
 
 def _when(epoch: int) -> str:

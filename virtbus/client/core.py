@@ -515,11 +515,13 @@ class Domain:
         return await self.host.call(ops.DOMAIN_MANAGED_SAVE_REMOVE, self._target)
 
     # --- snapshots (libvirt's virDomainSnapshot*) ----------------------------------
-    async def snapshot_create(self, xml: str | None = None) -> SnapshotInfo:
-        """Take an internal snapshot from ``<domainsnapshot>`` XML (None: defaults)."""
-        return await self.host.call(
-            ops.DOMAIN_SNAPSHOT_CREATE, SnapshotCreate(domain=self.ref, xml=xml)
-        )
+    async def snapshot_create(
+        self, xml: str | None = None, *, disk_only: bool = False, quiesce: bool = False
+    ) -> SnapshotInfo:
+        """Take a snapshot from ``<domainsnapshot>`` XML (None: defaults); ``disk_only``:
+        external, onto new qcow2 overlays; ``quiesce``: through the guest agent."""
+        request = SnapshotCreate(domain=self.ref, xml=xml, disk_only=disk_only, quiesce=quiesce)
+        return await self.host.call(ops.DOMAIN_SNAPSHOT_CREATE, request)
 
     async def snapshots(self) -> list[SnapshotInfo]:
         return (await self.host.call(ops.DOMAIN_SNAPSHOT_LIST, self._target)).snapshots

@@ -2,8 +2,10 @@
 
 A request (``virsh snapshot-create``) names the snapshot, describes it and says what it
 covers: ``<memory snapshot='internal|no'/>`` and per disk ``<disk name='vda'
-snapshot='internal|no'/>``. Only internal snapshots are supported: ``external`` (and
-``manual``) is refused with NO_SUPPORT naming what is missing, before anything is done.
+snapshot='internal|external|no'>`` (an external disk may name its overlay with ``<source
+file=.../>`` and ``<driver type='qcow2'/>``). External memory (``<memory
+snapshot='external'>``) and ``manual`` disks are refused with NO_SUPPORT naming what is
+missing, before anything is done.
 
 A recorded snapshot (:class:`SnapshotDef`) adds what libvirt keeps: the state the domain
 was in, the parent, the creation time and the domain definition of that moment; its
@@ -20,10 +22,10 @@ from lxml import etree
 
 from virtbus.domain.serialize import dumps
 from virtbus.domain.xml import parse_untrusted_root
-from virtbus.errors import InvalidArgument, NoSupport, XMLError
+from virtbus.errors import ConfigUnsupported, InvalidArgument, NoSupport, XMLError
 
 MAX_SNAPSHOT_NAME = 255  # bytes: a file name, and QEMU's tag
-SNAPSHOT_STATES = ("running", "paused", "shutoff")
+SNAPSHOT_STATES = ("running", "paused", "shutoff", "disk-snapshot")
 _KNOWN = frozenset({"name", "description", "memory", "disks", "domain", "state", "parent",
                     "creationTime", "active", "inactiveDomain", "cookie"})  # fmt: skip
 
@@ -46,7 +48,26 @@ class SnapshotRequest:
     name: str | None = None
     description: str | None = None
     memory: str | None = None  # internal | no | None (the driver's default for the state)
-    disks: dict[str, str] = field(default_factory=dict)  # target -> internal | no
+    disks: dict[str, str] = field(default_factory=dict)  # target -> internal | external | no
+    files: dict[str, str] = field(default_factory=dict)  # target -> its external overlay
+
+    def external(self, disk_only: bool) -> bool:
+        """Whether this is an external (disk-only) snapshot: ``--disk-only``, or a disk
+        asked external. Mixing internal and external disks is refused, as libvirt does."""
+        modes = {m for m in self.disks.values() if m != "no"}
+        if "external" in modes and "internal" in modes:
+            raise ConfigUnsupported("mixing internal and external targets for a snapshot is"
+                                    " not supported")  # fmt: skip
+        if disk_only and "internal" in modes:
+            raise ConfigUnsupported("--disk-only snapshots are external: a disk asked"
+                                    " snapshot='internal'")  # fmt: skip
+        external = disk_only or "external" in modes
+        if external and self.memory == "internal":
+            raise ConfigUnsupported(
+                "an external disk snapshot cannot hold the memory internally"
+                " (memory snapshot='no', or --disk-only)"
+            )
+        return external
 
 
 def parse_snapshot_request(xml: str | None) -> SnapshotRequest:
@@ -72,17 +93,41 @@ def parse_snapshot_request(xml: str | None) -> SnapshotRequest:
         if memory not in ("internal", "no"):
             raise XMLError(f"unknown memory snapshot mode {memory!r} (internal, no)")
     disks: dict[str, str] = {}
+    files: dict[str, str] = {}
     for disk in root.findall("disks/disk"):
         target, mode = disk.get("name"), disk.get("snapshot") or "internal"
         if not target:
             raise XMLError("<disk> in <domainsnapshot> needs a name (its target, vda)")
-        if mode in ("external", "manual") or disk.find("source") is not None:
-            raise NoSupport(f"external disk snapshots (disk '{target}') are not supported yet:"
-                            " use an internal snapshot")  # fmt: skip
-        if mode not in ("internal", "no"):
-            raise XMLError(f"unknown snapshot mode {mode!r} of disk '{target}' (internal, no)")
+        source = disk.find("source")
+        if source is not None and disk.get("snapshot") is None:
+            mode = "external"  # libvirt: a <source> implies an external snapshot
+        if mode == "manual":
+            raise NoSupport(f"manual disk snapshots (disk '{target}') are not supported")
+        if mode not in ("internal", "external", "no"):
+            raise XMLError(f"unknown snapshot mode {mode!r} of disk '{target}'"
+                           " (internal, external, no)")  # fmt: skip
+        if target in disks:
+            raise XMLError(f"disk '{target}' is named twice in <domainsnapshot>")
         disks[target] = mode
-    return SnapshotRequest(name, _text(root, "description"), memory, disks)
+        if mode == "external":
+            fmt = disk.find("driver")
+            if fmt is not None and fmt.get("type", "qcow2") != "qcow2":
+                raise ConfigUnsupported(f"external snapshot of disk '{target}': the overlay"
+                                        f" must be qcow2, not {fmt.get('type')}")  # fmt: skip
+            if disk.get("type", "file") != "file":
+                raise NoSupport(
+                    f"external snapshot of disk '{target}' onto a"
+                    f" <disk type='{disk.get('type')}'> is not supported (file is)"
+                )
+            path = source.get("file") if source is not None else None
+            if path:
+                if not path.startswith("/"):
+                    raise InvalidArgument(f"external snapshot file '{path}' of disk"
+                                          f" '{target}' must be an absolute path")  # fmt: skip
+                files[target] = path
+        elif source is not None:
+            raise XMLError(f"disk '{target}': a <source> needs snapshot='external'")
+    return SnapshotRequest(name, _text(root, "description"), memory, disks, files)
 
 
 def _text(root: etree._Element, tag: str) -> str | None:
@@ -92,16 +137,23 @@ def _text(root: etree._Element, tag: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotDef:
-    """One recorded internal snapshot (see module docstring)."""
+    """One recorded snapshot (see module docstring): internal, or external when
+    ``overlays`` names the overlay each disk went on to (the image before it keeps the
+    data of the snapshot)."""
 
     name: str
-    state: str  # running | paused | shutoff: the domain's state when it was taken
+    state: str  # running | paused | shutoff | disk-snapshot: when it was taken
     creation_time: int
     memory: bool  # the guest's memory is in it (a revert resumes it where it was)
     disks: tuple[str, ...]  # targets that have it
     domain_xml: str  # the definition at that moment
     parent: str | None = None
     description: str | None = None
+    overlays: tuple[tuple[str, str], ...] = ()  # (target, overlay file) of an external one
+
+    @property
+    def external(self) -> bool:
+        return bool(self.overlays)
 
     def with_parent(self, parent: str | None) -> SnapshotDef:
         return replace(self, parent=parent)
@@ -117,20 +169,29 @@ class SnapshotDef:
         etree.SubElement(root, "creationTime").text = str(self.creation_time)
         etree.SubElement(root, "memory", snapshot="internal" if self.memory else "no")
         disks = etree.SubElement(root, "disks")
+        files = dict(self.overlays)
         for target in self.disks:
-            etree.SubElement(disks, "disk", name=target, snapshot="internal")
+            if target in files:
+                el = etree.SubElement(disks, "disk", name=target, snapshot="external",
+                                      type="file")  # fmt: skip
+                etree.SubElement(el, "driver", type="qcow2")
+                etree.SubElement(el, "source", file=files[target])
+            else:
+                etree.SubElement(disks, "disk", name=target, snapshot="internal")
         root.append(parse_untrusted_root(self.domain_xml, "domain"))
         return dumps(root)
 
     def to_json(self) -> dict[str, object]:
         return {"name": self.name, "state": self.state, "creation_time": self.creation_time,
                 "memory": self.memory, "disks": list(self.disks), "domain_xml": self.domain_xml,
-                "parent": self.parent, "description": self.description}  # fmt: skip
+                "parent": self.parent, "description": self.description,
+                "overlays": [list(o) for o in self.overlays]}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> SnapshotDef:
         disks = data.get("disks")
         parent, description = data.get("parent"), data.get("description")
+        overlays = data.get("overlays")
         return cls(
             name=str(data["name"]), state=str(data["state"]),
             creation_time=int(str(data["creation_time"])), memory=bool(data["memory"]),
@@ -138,6 +199,8 @@ class SnapshotDef:
             domain_xml=str(data["domain_xml"]),
             parent=str(parent) if parent is not None else None,
             description=str(description) if description is not None else None,
+            overlays=tuple((str(o[0]), str(o[1])) for o in overlays)
+            if isinstance(overlays, list) else (),
         )  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""The ``domain.snapshot.*`` ops (libvirt's virDomainSnapshot API): internal snapshots.
+"""The ``domain.snapshot.*`` ops (libvirt's virDomainSnapshot API): internal snapshots,
+and external disk-only ones (each disk goes on to a new qcow2 overlay).
 
 Snapshots are named per domain; ``snapshot`` is the name (virsh's ``snapshotname``).
 Listing filters (``--tree``, ``--roots``, ``--leaves``, ``--parent``) are applied by the
@@ -16,14 +17,18 @@ from virtbus.protocol.domain import DomainStatus, DomainTarget
 from virtbus.protocol.registry import Access, Service, Target, field, op
 
 SnapshotName = Annotated[str, Meta(min_length=1, max_length=255)]
-SnapshotState = Literal["running", "paused", "shutoff"]
+SnapshotState = Literal["running", "paused", "shutoff", "disk-snapshot"]
 
 
 class SnapshotCreate(DomainTarget):
     """``xml``: a ``<domainsnapshot>`` request (name, description, memory, disks); None
-    takes every default (named after the time, memory when the domain runs)."""
+    takes every default (named after the time, memory when the domain runs).
+    ``disk_only``: an external snapshot of the disks alone (virsh's ``--disk-only``);
+    ``quiesce``: freeze the guest's file systems through its guest agent meanwhile."""
 
     xml: str | None = None
+    disk_only: bool = False
+    quiesce: bool = False
 
 
 class SnapshotTarget(DomainTarget):
@@ -59,7 +64,7 @@ class SnapshotInfo(Message):
     current: bool = False
     children: NonNegInt = 0
     descendants: NonNegInt = 0
-    location: str = "internal"
+    location: str = "internal"  # internal | external (the disks' overlays hold what follows)
 
 
 class SnapshotList(Message):
@@ -80,7 +85,8 @@ _ref = field("domain")
 
 DOMAIN_SNAPSHOT_CREATE = op(
     "domain.snapshot.create", SnapshotCreate, SnapshotInfo, _A,
-    "take an internal snapshot (with memory while the domain runs) from <domainsnapshot> XML",
+    "take a snapshot from <domainsnapshot> XML: internal (with memory while the domain"
+    " runs) or external disk-only onto new qcow2 overlays",
     access=Access.CONFIG, target=_D, target_of=_ref, serial=True,
 )  # fmt: skip
 DOMAIN_SNAPSHOT_LIST = op(
