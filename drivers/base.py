@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from virtbus.protocol.blockjob import BlockCommit, BlockError, BlockJobInfo, BlockPull
 from virtbus.protocol.domain import DomainInfo as DomainInfoMessage
 from virtbus.protocol.domain import StateName
 from virtbus.protocol.events import DomainState
@@ -217,6 +218,26 @@ class SavedState(Protocol):
         """Save where the next ``start`` resumes from."""
 
     async def managed_save_remove(self, ref: str) -> None: ...
+
+
+@runtime_checkable
+class BlockJobs(Protocol):
+    """A driver that runs block jobs in a running domain's disk chains (virDomainBlock*
+    Commit/Pull, the BlockJob calls, virDomainGetDiskErrors). Optional: NO_SUPPORT."""
+
+    async def block_commit(self, ref: str, req: BlockCommit) -> BlockJobInfo:
+        """Start a commit; it is followed as ``block_job`` events."""
+
+    async def block_pull(self, ref: str, req: BlockPull) -> BlockJobInfo:
+        """Start a pull; it is followed as ``block_job`` events."""
+
+    async def block_job_info(self, ref: str, disk: str) -> BlockJobInfo | None: ...
+    async def block_job_abort(self, ref: str, disk: str, pivot: bool) -> None:
+        """Cancel the disk's job (``pivot``: finish a ready active commit); returns when
+        it ended."""
+
+    async def block_job_speed(self, ref: str, disk: str, bandwidth: int) -> BlockJobInfo: ...
+    async def block_errors(self, ref: str) -> list[BlockError]: ...
 
 
 @runtime_checkable

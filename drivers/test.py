@@ -34,6 +34,7 @@ from drivers.base import (
     HostResources,
     VolumeResolver,
 )
+from drivers.blockjobs import disk_chain, plan_commit, plan_pull, with_chain
 from drivers.snapshots import (
     SnapshotStore,
     check_quiesce,
@@ -51,6 +52,7 @@ from virtbus.domain.devices import (
     with_disk,
     without_disk,
 )
+from virtbus.domain.model import Disk
 from virtbus.domain.snapshot import (
     SnapshotDef,
     SnapshotRequest,
@@ -68,6 +70,13 @@ from virtbus.errors import (
     VirtbusError,
 )
 from virtbus.protocol.base import to_wire
+from virtbus.protocol.blockjob import (
+    BlockCommit,
+    BlockError,
+    BlockJobInfo,
+    BlockJobType,
+    BlockPull,
+)
 from virtbus.protocol.domain import STATS_GROUPS
 from virtbus.protocol.events import DomainState, reason_code
 from virtbus.protocol.migration import MigrationParams, MigrationState, MigrationStatus
@@ -78,6 +87,19 @@ _TEST_SAVE_END = b"VIRTBUS-TEST-SAVE-END\n"
 _SNAPSHOT_STATES = {DomainState.RUNNING: "running", DomainState.PAUSED: "paused",
                     DomainState.SHUTOFF: "shutoff"}  # fmt: skip
 _ACTIVE = (DomainState.RUNNING, DomainState.PAUSED, DomainState.BLOCKED, DomainState.CRASHED)
+
+
+@dataclass(slots=True)
+class _BlockJob:
+    """A simulated active commit, ready until pivoted onto ``base`` or aborted."""
+
+    type: BlockJobType
+    base: list[tuple[str, str]]
+    bandwidth: int
+
+    def info(self, disk: str) -> BlockJobInfo:
+        return BlockJobInfo(disk=disk, type=self.type, cur=1, end=1, bandwidth=self.bandwidth,
+                            ready=True, status="ready")  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -169,6 +191,7 @@ class TestDriver:
         self._tasks = TaskGroup("test-driver")  # outgoing migration streams
         self._resolver: VolumeResolver | None = None  # the agent's storage (volume disks)
         self._snapshots = SnapshotStore(None)  # in memory, as test:///default keeps them
+        self._block_jobs: dict[tuple[str, str], _BlockJob] = {}  # (uuid, disk) -> job
 
     # --- plumbing -------------------------------------------------------------------
     async def open(self, sink: EventSink) -> None:
@@ -541,6 +564,86 @@ class TestDriver:
                                             metadata=metadata)  # fmt: skip
         await self._snapshots.remove(uuid, names)
         return names
+
+    # --- block jobs: the QEMU driver's checks, chains and events; instant copies ------
+    def _block_disk(self, ref: str, target: str, verb: str) -> tuple[_TestDomain, Disk]:
+        dom = self._get(ref)
+        if dom.state not in (DomainState.RUNNING, DomainState.PAUSED) or dom.live is None:
+            raise OperationInvalid(f"{verb}: domain '{dom.definition.name}' is not running")
+        disk = next((d for d in dom.live.disks if d.target_dev == target), None)
+        if disk is None:
+            raise InvalidArgument(f"domain '{dom.definition.name}' has no disk '{target}'")
+        if (dom.definition.uuid, target) in self._block_jobs and verb != "blockjob":
+            raise OperationInvalid(f"disk '{target}' of domain '{dom.definition.name}'"
+                                   " already has a block job")  # fmt: skip
+        return dom, disk
+
+    def _block_event(self, dom: _TestDomain, target: str, type_: BlockJobType,
+                     status: str) -> None:  # fmt: skip
+        self._sink(DriverEvent(dom.definition.name, dom.definition.uuid, "block_job", None,
+                               {"disk": target, "type": type_, "status": status}))  # fmt: skip
+
+    def _rechain(self, dom: _TestDomain, target: str, chain: list[tuple[str, str]]) -> None:
+        assert dom.live is not None
+        before = next(d.source_path for d in dom.live.disks if d.target_dev == target)
+        dom.live = with_chain(dom.live, target, chain)
+        if any(d.target_dev == target and d.source_path == before for d in dom.definition.disks):
+            dom.definition = with_chain(dom.definition, target, chain)
+
+    async def block_commit(self, ref: str, req: BlockCommit) -> BlockJobInfo:
+        await self._latency()
+        dom, disk = self._block_disk(ref, req.disk, "blockcommit")
+        chain = disk_chain(disk)
+        top, base = plan_commit(disk.target_dev, [f for f, _ in chain], req)
+        if top == 0:  # an active commit: ready at once, until pivoted or aborted
+            job = _BlockJob("active-commit", chain[base:], req.bandwidth)
+            self._block_jobs[(dom.definition.uuid, disk.target_dev)] = job
+            self._block_event(dom, disk.target_dev, job.type, "ready")
+            return job.info(disk.target_dev)
+        self._rechain(dom, disk.target_dev, chain[:top] + chain[base:])
+        self._block_event(dom, disk.target_dev, "commit", "completed")
+        return BlockJobInfo(disk=disk.target_dev, type="commit", cur=1, end=1,
+                            bandwidth=req.bandwidth, ready=False, status="concluded")  # fmt: skip
+
+    async def block_pull(self, ref: str, req: BlockPull) -> BlockJobInfo:
+        await self._latency()
+        dom, disk = self._block_disk(ref, req.disk, "blockpull")
+        chain = disk_chain(disk)
+        base = plan_pull(disk.target_dev, [f for f, _ in chain], req)
+        self._rechain(dom, disk.target_dev, chain[:1] + (chain[base:] if base else []))
+        self._block_event(dom, disk.target_dev, "pull", "completed")
+        return BlockJobInfo(disk=disk.target_dev, type="pull", cur=1, end=1,
+                            bandwidth=req.bandwidth, ready=False, status="concluded")  # fmt: skip
+
+    async def block_job_info(self, ref: str, disk: str) -> BlockJobInfo | None:
+        dom, _disk = self._block_disk(ref, disk, "blockjob")
+        job = self._block_jobs.get((dom.definition.uuid, disk))
+        return None if job is None else job.info(disk)
+
+    async def block_job_abort(self, ref: str, disk: str, pivot: bool) -> None:
+        await self._latency()
+        dom, _disk = self._block_disk(ref, disk, "blockjob")
+        job = self._block_jobs.pop((dom.definition.uuid, disk), None)
+        if job is None:
+            raise OperationInvalid(f"disk '{disk}' of domain '{dom.definition.name}' has no"
+                                   " block job")  # fmt: skip
+        if pivot:
+            self._rechain(dom, disk, job.base)
+        self._block_event(dom, disk, job.type, "completed" if pivot else "canceled")
+
+    async def block_job_speed(self, ref: str, disk: str, bandwidth: int) -> BlockJobInfo:
+        dom, _disk = self._block_disk(ref, disk, "blockjob")
+        job = self._block_jobs.get((dom.definition.uuid, disk))
+        if job is None:
+            raise OperationInvalid(f"disk '{disk}' of domain '{dom.definition.name}' has no"
+                                   " block job")  # fmt: skip
+        job.bandwidth = bandwidth
+        return job.info(disk)
+
+    async def block_errors(self, ref: str) -> list[BlockError]:
+        dom = self._get(ref)
+        self._require(dom, DomainState.RUNNING, DomainState.PAUSED, verb="domblkerror")
+        return []  # the test driver's disks never fail
 
     # --- live migration (libvirt's v3 steps) ---------------------------------------
     async def migrate_begin(self, ref: str) -> str:

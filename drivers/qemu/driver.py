@@ -20,7 +20,10 @@ composed of collaborators, each with one job, and delegates to them:
 - :class:`~drivers.qemu.migrate_steps.MigrationSteps`: the live-migration steps and jobs;
 - :class:`~drivers.qemu.reattach.Reattacher`: ``open``, the reattach of running QEMUs;
 - :class:`~drivers.qemu.snapshots.QemuSnapshots`: internal snapshots (QMP jobs, qemu-img),
-  their metadata in :class:`~drivers.snapshots.SnapshotStore` under the state dir.
+  their metadata in :class:`~drivers.snapshots.SnapshotStore` under the state dir;
+  external disk-only ones in :mod:`drivers.qemu.external`;
+- :class:`~drivers.qemu.blockjobs.QemuBlockJobs`: block jobs (commit, pull), followed as
+  ``block_job`` events, adopted again after a restart.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from drivers.base import (
 from drivers.host import host_resources as read_host_resources
 from drivers.qemu import events as ev
 from drivers.qemu.argv_common import ArgvSettings
+from drivers.qemu.blockjobs import QemuBlockJobs
 from drivers.qemu.capabilities import QemuCapabilities
 from drivers.qemu.dac import DacLabels
 from drivers.qemu.devices import DeviceChanges, VolumeLeases
@@ -61,6 +65,7 @@ from drivers.qemu.stats import QemuStats, StatsTarget, host_stats
 from drivers.snapshots import SnapshotStore
 from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.errors import OperationFailed, OperationInvalid, OperationTimeout, VirtbusError
+from virtbus.protocol.blockjob import BlockCommit, BlockError, BlockJobInfo, BlockPull
 from virtbus.protocol.events import DomainState
 from virtbus.protocol.migration import MigrationParams, MigrationStatus
 from virtbus.protocol.snapshot import SnapshotInfo
@@ -114,6 +119,7 @@ class QemuDriver:
         self._snapshots = QemuSnapshots(
             self._registry, self._launcher, self._snapshot_store, self._settings, self._store
         )
+        self._blockjobs = QemuBlockJobs(self._registry, self._store, self._settings)
         self._saves = QemuSaves(
             self._registry, self._launcher, self._store, self._settings, state / "save"
         )
@@ -124,9 +130,11 @@ class QemuDriver:
         self._rt.sink = sink
         await self._snapshot_store.load()
         await self._reattacher.open()
+        await self._blockjobs.adopt()
 
     async def close(self) -> None:
-        """Disconnect QMP; every guest keeps running."""
+        """Disconnect QMP; every guest keeps running (and its block jobs go on)."""
+        await self._blockjobs.close()
         await asyncio.gather(*(dom.close() for dom in self._registry))
         self._rt.sink = lambda _event: None
 
@@ -172,6 +180,25 @@ class QemuDriver:
         self, ref: str, name: str, children: bool, children_only: bool, metadata: bool
     ) -> list[str]:
         return await self._snapshots.delete(ref, name, children, children_only, metadata)
+
+    # --- block jobs (blockjobs.py) -----------------------------------------------------
+    async def block_commit(self, ref: str, req: BlockCommit) -> BlockJobInfo:
+        return await self._blockjobs.commit(ref, req)
+
+    async def block_pull(self, ref: str, req: BlockPull) -> BlockJobInfo:
+        return await self._blockjobs.pull(ref, req)
+
+    async def block_job_info(self, ref: str, disk: str) -> BlockJobInfo | None:
+        return await self._blockjobs.info(ref, disk)
+
+    async def block_job_abort(self, ref: str, disk: str, pivot: bool) -> None:
+        await self._blockjobs.abort(ref, disk, pivot)
+
+    async def block_job_speed(self, ref: str, disk: str, bandwidth: int) -> BlockJobInfo:
+        return await self._blockjobs.speed(ref, disk, bandwidth)
+
+    async def block_errors(self, ref: str) -> list[BlockError]:
+        return await self._blockjobs.errors(ref)
 
     # --- saved state (saves.py) ---------------------------------------------------------
     async def save(self, ref: str, file: str, running: bool, paused: bool) -> None:

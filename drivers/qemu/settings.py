@@ -40,6 +40,7 @@ class QemuSettings:
     log_tail_bytes: int = 4096  # of the QEMU log quoted in a start error
     detach_timeout: float = 10.0  # device_del until the guest lets go (DEVICE_DELETED)
     snapshot_timeout: float = 600.0  # one snapshot-save/load/delete job until it concludes
+    block_job_progress_s: float = 1.0  # a block job's progress is read at most this often
     reconnect: Backoff = field(default_factory=lambda: Backoff(initial=0.1, maximum=5.0))
     #: the command line's tunables; its nvram/memory/secrets dirs default to the state dir
     argv: ArgvSettings | None = None

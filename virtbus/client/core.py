@@ -42,6 +42,15 @@ from virtbus.errors import (
 )
 from virtbus.protocol import ops
 from virtbus.protocol.base import Empty, Message, decode, to_wire
+from virtbus.protocol.blockjob import (
+    BlockCommit,
+    BlockError,
+    BlockJobAbort,
+    BlockJobInfo,
+    BlockJobSpeed,
+    BlockPull,
+    BlockTarget,
+)
 from virtbus.protocol.domain import (
     AutostartFlag,
     DomainAutostart,
@@ -513,6 +522,39 @@ class Domain:
 
     async def managed_save_remove(self) -> DomainStatus:
         return await self.host.call(ops.DOMAIN_MANAGED_SAVE_REMOVE, self._target)
+
+    # --- block jobs (libvirt's virDomainBlockCommit/BlockPull/BlockJob*) ------------
+    async def block_commit(
+        self, disk: str, *, base: str | None = None, top: str | None = None,
+        active: bool = False, shallow: bool = False, bandwidth: int = 0,
+    ) -> BlockJobInfo:  # fmt: skip
+        """Start merging ``top`` (default: the active layer, with ``active``) into ``base``."""
+        request = BlockCommit(domain=self.ref, disk=disk, base=base, top=top, active=active,
+                              shallow=shallow, bandwidth=bandwidth)  # fmt: skip
+        return await self.host.call(ops.DOMAIN_BLOCK_COMMIT, request)
+
+    async def block_pull(
+        self, disk: str, *, base: str | None = None, bandwidth: int = 0
+    ) -> BlockJobInfo:
+        request = BlockPull(domain=self.ref, disk=disk, base=base, bandwidth=bandwidth)
+        return await self.host.call(ops.DOMAIN_BLOCK_PULL, request)
+
+    async def block_job(self, disk: str) -> BlockJobInfo | None:
+        """The disk's block job with its progress; None when it has none."""
+        request = BlockTarget(domain=self.ref, disk=disk)
+        return (await self.host.call(ops.DOMAIN_BLOCK_JOB_INFO, request)).job
+
+    async def block_job_abort(self, disk: str, *, pivot: bool = False) -> None:
+        """Cancel the disk's job, or pivot a ready active commit; returns once it ended."""
+        request = BlockJobAbort(domain=self.ref, disk=disk, pivot=pivot)
+        await self.host.call(ops.DOMAIN_BLOCK_JOB_ABORT, request)
+
+    async def block_job_speed(self, disk: str, bandwidth: int) -> BlockJobInfo | None:
+        request = BlockJobSpeed(domain=self.ref, disk=disk, bandwidth=bandwidth)
+        return (await self.host.call(ops.DOMAIN_BLOCK_JOB_SPEED, request)).job
+
+    async def block_errors(self) -> list[BlockError]:
+        return (await self.host.call(ops.DOMAIN_BLOCK_ERRORS, self._target)).errors
 
     # --- snapshots (libvirt's virDomainSnapshot*) ----------------------------------
     async def snapshot_create(

@@ -8,6 +8,14 @@ are declared in their own module and imported here, so importing ``ops`` registe
 
 from __future__ import annotations
 
+from virtbus.protocol.blockjob import (
+    DOMAIN_BLOCK_COMMIT,
+    DOMAIN_BLOCK_ERRORS,
+    DOMAIN_BLOCK_JOB_ABORT,
+    DOMAIN_BLOCK_JOB_INFO,
+    DOMAIN_BLOCK_JOB_SPEED,
+    DOMAIN_BLOCK_PULL,
+)
 from virtbus.protocol.domain import (
     DOMAIN_DEFINE,
     DOMAIN_DESTROY,
@@ -126,7 +134,13 @@ from virtbus.protocol.storage import (
 
 __all__ = [
     "DOMAIN_ATTACH_DEVICE",
+    "DOMAIN_BLOCK_COMMIT",
+    "DOMAIN_BLOCK_ERRORS",
     "DOMAIN_BLOCK_INFO",
+    "DOMAIN_BLOCK_JOB_ABORT",
+    "DOMAIN_BLOCK_JOB_INFO",
+    "DOMAIN_BLOCK_JOB_SPEED",
+    "DOMAIN_BLOCK_PULL",
     "DOMAIN_DEFINE",
     "DOMAIN_DESTROY",
     "DOMAIN_DETACH_DEVICE",
