@@ -278,7 +278,7 @@ async def test_offline_snapshot_and_bad_input(host: Host, guest: TestGuest) -> N
         # bad requests, refused before anything is done
         await h.fails("INVALID_ARG", "snapshot-create-as", "o", "a/b")
         await h.fails("OPERATION_INVALID", "snapshot-create-as", "o", "off1")
-        await h.fails("NO_SUPPORT", "snapshot-create-as", "o", "e", "--disk-only")
+        await h.fails("NO_SUPPORT", "snapshot-create-as", "o", "e", "--reuse-external")
         await h.fails("NO_SUPPORT", "snapshot-create-as", "o", "e", "--memspec", "file=/tmp/m")
         await h.fails("OPERATION_INVALID", "undefine", "o")  # it has snapshots
         # running, then reverted to the shut-off snapshot: destroyed with from_snapshot
