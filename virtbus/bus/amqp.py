@@ -43,6 +43,7 @@ from virtbus.bus.base import (
     bus_user,
     stream_offset,
 )
+from virtbus.bus.nodes import bus_nodes, redacted
 from virtbus.bus.reconnect import connection_class
 from virtbus.bus.rpc import no_route, result_from_reply
 from virtbus.bus.tls import TlsFiles, client_context, login_user, tls_files, tls_refusal
@@ -75,11 +76,6 @@ log = logging.getLogger(__name__)
 
 REPLY_TO = DIRECT_REPLY_TO
 _KNOWN_EXCHANGES = frozenset(spec.name for spec in EXCHANGES)
-
-
-def redacted(url: str) -> str:
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else url
 
 
 def login_refused(
@@ -146,6 +142,7 @@ class AmqpBus:
         self.user = bus_user(url)  # the user_id of every message we send (CN under TLS)
         self.settings = settings or BusSettings(url=url)
         self._tls: TlsFiles | None = tls_files(url, self.settings)
+        self.nodes = bus_nodes(url)  # a cluster's nodes, tried in this order
         self._connection: AbstractRobustConnection | None = None
         self._rpc: AbstractRobustChannel | None = None
         self._confirm: AbstractRobustChannel | None = None
@@ -171,33 +168,44 @@ class AmqpBus:
         self._listeners.append(listener)
 
     async def connect(self) -> None:
+        """Connect to the first node of the bus URL that answers; the connection then
+        moves from node to node on its own when one is lost (virtbus.bus.reconnect)."""
         if self._connection is not None:
             return
         self._closing = False
-        url, context = self.url, None
+        context = None
+        nodes = self.nodes
         if self._tls is not None:
             files = self._tls
             context = await asyncio.to_thread(client_context, files)
             self.user = await asyncio.to_thread(login_user, self.url, files)
             if files.external:
-                url = str(URL(self.url).update_query(auth="external"))
-        try:
-            connection = await aio_pika.connect_robust(
-                url,
-                timeout=self.settings.connect_timeout,
-                client_properties={"connection_name": f"virtbus:{self.src}"},
-                connection_class=connection_class(self.settings.reconnect),
-                ssl_context=context,
-            )
-        except AMQP_FAILURES as exc:
-            cert = self._tls.cert if self._tls is not None else None
-            refused = login_refused(self.url, exc, self.user, cert)
-            if refused is None and self._tls is not None:
-                timeout = self.settings.connect_timeout
-                refused = await tls_refusal(self.url, self._tls, exc, timeout)
-            if refused is not None:
-                raise refused from exc
-            raise BusUnavailable(f"cannot connect to {redacted(self.url)}: {exc}") from exc
+                nodes = tuple(str(URL(n).update_query(auth="external")) for n in nodes)
+        failures: list[str] = []
+        for start in range(len(nodes)):
+            order = nodes[start:] + nodes[:start]
+            try:
+                connection = await aio_pika.connect_robust(
+                    order[0],
+                    timeout=self.settings.connect_timeout,
+                    client_properties={"connection_name": f"virtbus:{self.src}"},
+                    connection_class=connection_class(self.settings.reconnect, order),
+                    ssl_context=context,
+                )
+            except AMQP_FAILURES as exc:
+                node = self.nodes[start]
+                cert = self._tls.cert if self._tls is not None else None
+                refused = login_refused(node, exc, self.user, cert)
+                if refused is None and self._tls is not None:
+                    timeout = self.settings.connect_timeout
+                    refused = await tls_refusal(node, self._tls, exc, timeout)
+                if refused is not None:
+                    raise refused from exc
+                failures.append(f"{redacted(node)}: {exc}")
+                continue
+            break
+        else:
+            raise BusUnavailable(f"cannot connect to {'; '.join(failures)}")
         self._connection = connection
         try:
             await self._open_channels(connection)

@@ -31,6 +31,7 @@ from virtbus.bus.base import BeforeAck, CallHandler
 from virtbus.bus.buffer import BoundedBuffer
 from virtbus.bus.rpc import body_from_exception, settle
 from virtbus.bus.topology import (
+    CLASSIC_QUEUE_HELP,
     DEADLINE_HEADER,
     DIRECT_REPLY_TO,
     EVENT_HISTORY,
@@ -38,7 +39,7 @@ from virtbus.bus.topology import (
     QueueSpec,
     call_queue_for,
 )
-from virtbus.errors import ProtocolError, VirtbusError
+from virtbus.errors import OperationFailed, ProtocolError, VirtbusError
 from virtbus.protocol.codec import decode, encode
 from virtbus.protocol.envelope import Envelope, Kind, error_body, new_id, reply_to
 
@@ -102,6 +103,42 @@ async def _quietly(action: Awaitable[Any], what: str) -> None:
         log.debug("%s failed: %s", what, exc)
 
 
+async def _open_call_queue(
+    bus: AmqpBus, connection: AbstractRobustConnection, spec: QueueSpec
+) -> tuple[AbstractRobustChannel, AbstractRobustQueue]:
+    """A channel of its own (its prefetch bounds the server's work) and the call queue."""
+    timeout = bus.settings.connect_timeout
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await channel.set_qos(prefetch_count=bus.settings.prefetch, timeout=timeout)
+        queue = await channel.declare_queue(
+            spec.name, durable=spec.durable, arguments=spec.arguments, timeout=timeout
+        )
+    except BaseException:
+        await _quietly(channel.close(), "closing a server channel")
+        raise
+    return channel, queue
+
+
+async def _replace_classic_queue(
+    connection: AbstractRobustConnection, spec: QueueSpec, timeout: float
+) -> None:
+    """Delete the classic queue of a route if it is empty and unused (the broker checks
+    both atomically: no call can be lost), so that its quorum queue can be declared;
+    else OPERATION_FAILED saying what the operator has to do."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await channel.queue_delete(spec.name, if_unused=True, if_empty=True, timeout=timeout)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise OperationFailed(
+            f"the call queue {spec.name} is a classic queue from an older virtbus and is not "
+            f"empty or still consumed ({exc}): " + CLASSIC_QUEUE_HELP.format(queue=spec.name)
+        ) from exc
+    finally:
+        await _quietly(channel.close(), "closing a migration channel")
+    log.warning("replaced the empty classic call queue %s by a quorum queue", spec.name)
+
+
 class AmqpServer:
     """Consumes one call queue; see :class:`virtbus.bus.base.Server`."""
 
@@ -136,12 +173,14 @@ class AmqpServer:
     ) -> AmqpServer:
         spec = call_queue_for(route)
         timeout = bus.settings.connect_timeout
-        channel = await connection.channel(publisher_confirms=False)
         try:
-            await channel.set_qos(prefetch_count=bus.settings.prefetch, timeout=timeout)
-            queue = await channel.declare_queue(
-                spec.name, durable=spec.durable, arguments=spec.arguments, timeout=timeout
-            )
+            channel, queue = await _open_call_queue(bus, connection, spec)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            if "x-queue-type" not in str(exc):
+                raise
+            await _replace_classic_queue(connection, spec, timeout)
+            channel, queue = await _open_call_queue(bus, connection, spec)
+        try:
             await queue.bind(RPC_EXCHANGE, routing_key=route, timeout=timeout)
             server = cls(bus, route, handler, channel, queue, before_ack)
             server._tag = await queue.consume(server._on_message, timeout=timeout)

@@ -38,6 +38,7 @@ from virtbus.bus.base import (
     stream_offset,
 )
 from virtbus.bus.buffer import BoundedBuffer
+from virtbus.bus.nodes import bus_nodes
 from virtbus.bus.rpc import no_route, result_from_reply
 from virtbus.bus.tls import TlsFiles, client_context, login_user, tls_files, tls_refusal
 from virtbus.bus.topology import (
@@ -128,6 +129,8 @@ class OneShotBus:
         self.user = bus_user(url)  # the user_id of every message we send
         self.settings = settings or BusSettings(url=url)
         self._tls: TlsFiles | None = tls_files(url, self.settings)
+        self.nodes = bus_nodes(url)
+        self._node_url = self.nodes[0]
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._frame_max = 131072
@@ -150,7 +153,24 @@ class OneShotBus:
         """A one-shot connection is never restored: nothing to listen for."""
 
     async def connect(self) -> None:
-        parts = urlsplit(self.url)
+        """Connect to the first node of the bus URL that answers (a cluster's nodes are
+        alternatives); a refused login ends the search (the others would refuse it too)."""
+        failures: list[str] = []
+        for node in self.nodes:
+            self._node_url = node
+            self._closed = None  # a failed attempt on the previous node closed it
+            try:
+                await self._connect_node(node)
+            except AuthFailed:
+                raise
+            except BusUnavailable as exc:
+                failures.append(exc.message)
+                continue
+            return
+        raise BusUnavailable("; ".join(failures))
+
+    async def _connect_node(self, url: str) -> None:
+        parts = urlsplit(url)
         host = parts.hostname or "127.0.0.1"
         tls = parts.scheme == "amqps"
         port = parts.port or (5671 if tls else 5672)
@@ -203,7 +223,7 @@ class OneShotBus:
         except (OSError, asyncio.IncompleteReadError) as exc:
             await self._drop()
             timeout = self.settings.connect_timeout
-            refused = await tls_refusal(self.url, files, exc, timeout) if files else None
+            refused = await tls_refusal(url, files, exc, timeout) if files else None
             if refused is not None:
                 raise refused from None
             raise BusUnavailable(f"cannot connect to {host}:{port}: {exc}") from None
@@ -264,7 +284,7 @@ class OneShotBus:
         if close.reply_code in (_ACCESS_REFUSED, _NOT_ALLOWED):
             cert = self._tls.cert if self._tls is not None else None
             return auth_failed(
-                self.url, vhost_refused=close.reply_code == _NOT_ALLOWED, user=self.user,
+                self._node_url, vhost_refused=close.reply_code == _NOT_ALLOWED, user=self.user,
                 certificate=cert,
             )  # fmt: skip
         return BusUnavailable(f"the broker closed the connection: {close.reply_code} "

@@ -14,8 +14,17 @@ with ``#``; it keeps events by size and age so a subscriber that was away can re
 (``x-stream-offset``) and then keep following, with no seam between old and new. The
 stream ``virtbus.audit.history`` keeps the audit records of ``virtbus.audit`` the same way.
 
-Call queues are durable and dead-letter to ``virtbus.dlx``; call messages themselves are
-transient and expire at their caller's deadline. Replies use direct reply-to.
+Call queues (``virtbus.agent.<host>``, ``virtbus.scheduler``) are quorum queues: replicated
+over the nodes of a RabbitMQ cluster (Raft), they outlive the node their leader is on, and
+a consumer on any node keeps its deliveries when the leader moves. They dead-letter to
+``virtbus.dlx``; call messages themselves expire at their caller's deadline. Replies use
+direct reply-to. The scheduler's queue has a single active consumer: one scheduler acts,
+the others stand by. Streams replicate over the cluster as quorum queues do.
+
+Before quorum queues the call queues were classic queues, and RabbitMQ refuses to
+redeclare a queue with another type (PRECONDITION_FAILED). A server that meets the
+classic queue of its route replaces it when it is empty and unused (nothing is lost), and
+otherwise stops with an error that says what to do (:data:`CLASSIC_QUEUE_HELP`).
 """
 
 from __future__ import annotations
@@ -102,7 +111,16 @@ def history_of(exchange: str) -> QueueSpec:
     return spec
 
 
-_CALL_QUEUE_ARGS: Final = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+_CALL_QUEUE_ARGS: Final = {
+    "x-queue-type": "quorum",
+    "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+}
+# What an operator does about a classic call queue that holds calls or has a consumer
+# (an agent or scheduler of a virtbus from before quorum queues still running).
+CLASSIC_QUEUE_HELP: Final = (
+    "stop the old daemon that consumes it, let it drain (or accept losing the calls in it), "
+    "then delete it once: rabbitmqctl delete_queue -p VHOST {queue}"
+)
 
 
 def call_queue_for(route: str) -> QueueSpec:
