@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from virtbus.bus.nodes import bus_nodes, join_bus_urls, redacted
+from virtbus.errors import InvalidArgument
+
 CONFIG_ERROR_EXIT = 2  # as argparse: a usage error, not a runtime failure
 BUS_SCHEMES = ("amqp://", "amqps://", "memory://")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -147,6 +150,10 @@ def add_flags(parser: argparse.ArgumentParser, keys: Sequence[Key]) -> None:
         if key.kind == "bool":
             parser.add_argument(flag, dest=key.dest, action=argparse.BooleanOptionalAction,
                                 default=None, help=key.help)  # fmt: skip
+        elif key.kind == "bus_url":  # a cluster's nodes: repeat the flag, or list them
+            parser.add_argument(flag, dest=key.dest, action="append", default=None,
+                                metavar=key.metavar, help=f"{key.help} (repeatable: "
+                                "the nodes of a RabbitMQ cluster)")  # fmt: skip
         elif key.kind == "table":
             parser.add_argument(flag, dest=key.dest, action="append", default=None,
                                 metavar="KEY=VALUE", help=f"{key.help} (repeatable)")  # fmt: skip
@@ -189,6 +196,8 @@ def parse_settings(
         try:
             if key.kind == "table":
                 values[key.name] = {**values.get(key.name, {}), **_pairs(key.flag, given)}
+            elif key.kind == "bus_url":
+                values[key.name] = check_value(key, join_bus_urls(given))
             else:
                 values[key.name] = check_value(key, given)
         except ConfigError as exc:
@@ -274,8 +283,15 @@ def check_value(key: Key, value: Any) -> Any:
         value = value.upper()
     if kind == "choice" and value not in key.choices:
         raise ConfigError(key.name, f"must be one of {', '.join(key.choices)}, got {value!r}")
-    if kind == "bus_url" and not value.startswith(BUS_SCHEMES):
-        raise ConfigError(key.name, f"must start with {', '.join(BUS_SCHEMES)}, got {value!r}")
+    if kind == "bus_url":
+        try:
+            nodes = bus_nodes(value) if value.startswith(BUS_SCHEMES) else (value,)
+        except InvalidArgument as exc:
+            raise ConfigError(key.name, exc.message) from None
+        if not all(node.startswith(BUS_SCHEMES) for node in nodes):
+            raise ConfigError(
+                key.name, f"must start with {', '.join(BUS_SCHEMES)}, got {redacted(value)!r}"
+            )
     if kind == "listen":
         _addr, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:

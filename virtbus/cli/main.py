@@ -65,8 +65,11 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--bus",
+        action="append",
         default=None,
-        help="bus URL (default: $VIRTBUS_BUS_URL or amqp://guest:guest@127.0.0.1:5672/)",
+        metavar="URL",
+        help="bus URL (default: $VIRTBUS_BUS_URL or amqp://guest:guest@127.0.0.1:5672/); "
+        "a RabbitMQ cluster: amqp://USER:PW@mq1,mq2,mq3/VHOST or --bus once per node",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
@@ -123,13 +126,16 @@ def long_lived(args: argparse.Namespace) -> bool:
 async def run(args: argparse.Namespace) -> int:
     import os
 
+    from virtbus.bus.nodes import join_bus_urls
     from virtbus.cli.context import Context
     from virtbus.client import Client
     from virtbus.settings import BusSettings, bus_url_from_env
 
     trusted = tuple(u for u in os.environ.get(TRUSTED_ENV, "").split(",") if u)
     settings = BusSettings(
-        url=bus_url_from_env(args.bus), call_timeout=args.timeout, trusted_publishers=trusted
+        url=bus_url_from_env(join_bus_urls(args.bus or ())),
+        call_timeout=args.timeout,
+        trusted_publishers=trusted,
     )
     client = await Client.connect(
         settings.url,
