@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -34,6 +34,7 @@ class RabbitNode:
     root: Path
     proc: asyncio.subprocess.Process
     tls_port: int | None = None  # the amqps listener, when started with ``tls=``
+    env: dict[str, str] = field(default_factory=dict)  # a cluster's epmd port and cookie
 
     @property
     def url(self) -> str:
@@ -49,6 +50,7 @@ class RabbitNode:
         proc = await asyncio.create_subprocess_exec(
             "rabbitmqctl", "-n", self.name, *args,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **self.env} if self.env else None,
         )  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
         if proc.returncode != 0:
@@ -93,13 +95,22 @@ def _tls_conf(root: Path, tls: NodeTls, port: int) -> str:
 
 @contextlib.asynccontextmanager
 async def rabbit_node(
-    *, tls: NodeTls | None = None, plugins: Sequence[str] = ()
+    *,
+    tls: NodeTls | None = None,
+    plugins: Sequence[str] = (),
+    parent: Path | None = None,
+    cluster_env: dict[str, str] | None = None,
 ) -> AsyncIterator[RabbitNode]:
     """A fresh node (about 10-30 s to start here); removed with its directory afterwards.
-    ``tls``: also an amqps listener (``node.tls_port``) with certificate logins."""
+    ``tls``: also an amqps listener (``node.tls_port``) with certificate logins.
+
+    ``parent``: make the node's directory there (a cluster's one temp dir);
+    ``cluster_env``: the private epmd port and Erlang cookie of a cluster (see
+    :func:`rabbit_cluster`), for the node and for its ``rabbitmqctl``.
+    """
     if shutil.which("rabbitmq-server") is None:
         raise AssertionError("rabbitmq-server is not installed: run deploy/setup-dev")
-    root = Path(tempfile.mkdtemp(prefix="vbrmq-"))
+    root = Path(tempfile.mkdtemp(prefix="vbrmq-", dir=parent))
     name = f"vbt-{uuid.uuid4().hex[:8]}@localhost"
     port, dist = free_port(), free_port()
     (root / "mnesia").mkdir()
@@ -128,13 +139,14 @@ async def rabbit_node(
         "RABBITMQ_ENABLED_PLUGINS_FILE": str(root / "enabled_plugins"),
         "RABBITMQ_CONF_ENV_FILE": str(root / "env.conf"),
         "RABBITMQ_PID_FILE": str(root / "node.pid"),
+        **(cluster_env or {}),
     }
     out = open(root / "server.out", "wb")  # noqa: SIM115  # closed below
     proc = await asyncio.create_subprocess_exec(
         "rabbitmq-server", stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root,
         start_new_session=True,
     )  # fmt: skip
-    node = RabbitNode(name, port, root, proc, tls_port)
+    node = RabbitNode(name, port, root, proc, tls_port, dict(cluster_env or {}))
     try:
         async with asyncio.timeout(START_WAIT):
             while True:
@@ -167,3 +179,74 @@ def _tail(root: Path) -> str:
         return (root / "server.out").read_text(errors="replace")[-2000:]
     except OSError:
         return "(no output)"
+
+
+@dataclass
+class RabbitCluster:
+    """Nodes clustered with each other, and nothing else: their epmd listens on a port of
+    its own and their Erlang cookie is their own, so they can never join (or be reached
+    by the tools of) the shared broker on 5672."""
+
+    nodes: list[RabbitNode]
+    root: Path
+
+    @property
+    def url(self) -> str:
+        """Every node, in order: the bus URL of a client of the cluster."""
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        return f"amqp://guest:guest@{hosts}/"
+
+    def url_from(self, first: RabbitNode) -> str:
+        """Every node, ``first`` first (a client connects to the first that answers)."""
+        order = [first, *(n for n in self.nodes if n is not first)]
+        return ",".join(n.url for n in order)
+
+    def by_name(self, name: str) -> RabbitNode:
+        return next(n for n in self.nodes if n.name == name)
+
+    async def ctl(self, *args: str, timeout: float = 120) -> str:
+        """``rabbitmqctl`` on the first node that runs its app (a node may be stopped)."""
+        errors = []
+        for node in self.nodes:
+            try:
+                return await node.ctl(*args, timeout=timeout)
+            except AssertionError as exc:
+                errors.append(str(exc))
+        raise AssertionError("; ".join(errors))
+
+
+@contextlib.asynccontextmanager
+async def rabbit_cluster(size: int = 3) -> AsyncIterator[RabbitCluster]:
+    """``size`` fresh nodes under one temp dir, started in parallel and clustered
+    (``join_cluster`` to the first); everything is stopped, epmd included, afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="vbrmq-cluster-"))
+    shutil.chown(root, "rabbitmq", "rabbitmq")  # the nodes' directories are under it
+    epmd = free_port()
+    cluster_env = {
+        "ERL_EPMD_PORT": str(epmd),
+        "RABBITMQ_ERLANG_COOKIE": uuid.uuid4().hex,
+    }
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            nodes = list(
+                await asyncio.gather(
+                    *(
+                        stack.enter_async_context(rabbit_node(parent=root, cluster_env=cluster_env))
+                        for _ in range(size)
+                    )
+                )
+            )
+            first = nodes[0]
+            for node in nodes[1:]:
+                await node.ctl("stop_app")
+                await node.ctl("join_cluster", first.name)
+                await node.ctl("start_app")
+            await first.ctl("await_online_nodes", str(size))
+            yield RabbitCluster(nodes, root)
+    finally:
+        proc = await asyncio.create_subprocess_exec(
+            "epmd", "-port", str(epmd), "-kill",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        await proc.wait()  # the cluster's own epmd (it refuses while a node is registered)
+        shutil.rmtree(root, ignore_errors=True)

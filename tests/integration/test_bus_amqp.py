@@ -220,7 +220,7 @@ async def test_malformed_with_reply_to_gets_rpc_error_and_server_lives(env: Env)
 
 async def _dead_letter_watch(channel: AbstractChannel) -> AbstractQueue:
     """A private queue on the dead-letter fanout: it gets a copy of every message
-    dead-lettered from now on, whatever earlier runs left in virtbus.dead."""
+    dead-lettered from now on, whatever earlier runs left in virtbus.dead-letters."""
     queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
     await queue.bind(DEAD_LETTER_EXCHANGE)
     return queue

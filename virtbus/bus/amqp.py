@@ -17,6 +17,7 @@ costs the call no time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -352,7 +353,13 @@ class AmqpBus:
     # --- RPC ----------------------------------------------------------------------
 
     async def call(
-        self, route: str, op: str, body: dict[str, Any], *, timeout: float | None = None
+        self,
+        route: str,
+        op: str,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        call_id: str | None = None,
     ) -> Any:
         self._require_connection()
         channel = self._rpc_underlay
@@ -363,6 +370,8 @@ class AmqpBus:
             raise InvalidArgument(f"call timeout must be positive, not {timeout!r}")
         check_routing_key(route, InvalidArgument)
         envelope = Envelope(kind=Kind.CALL, op=op, body=body, src=self.src)
+        if call_id is not None:
+            envelope = dataclasses.replace(envelope, id=call_id)
         data = encode(envelope)
         if len(data) > self.settings.limits.max_bytes:
             raise ProtocolError(f"call {op!r} of {len(data)} bytes exceeds the message limit")

@@ -120,8 +120,17 @@ class Bus(Protocol):
     async def close(self) -> None: ...
 
     async def call(
-        self, route: str, op: str, body: dict[str, Any], *, timeout: float | None = None
-    ) -> Any: ...
+        self,
+        route: str,
+        op: str,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        call_id: str | None = None,
+    ) -> Any:
+        """Send a call and wait for its reply. ``call_id``: the id of an earlier attempt
+        that failed with a retryable error (BUS_UNAVAILABLE, OPERATION_TIMEOUT): a server
+        that ran it answers again from its reply log instead of running it twice."""
 
     async def serve(
         self, route: str, handler: CallHandler, *, before_ack: BeforeAck | None = None

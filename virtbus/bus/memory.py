@@ -16,6 +16,7 @@ outage for tests of reconnect logic.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -295,12 +296,20 @@ class MemoryBus:
             del _BROKERS[self.broker.name]
 
     async def call(
-        self, route: str, op: str, body: dict[str, Any], *, timeout: float | None = None
+        self,
+        route: str,
+        op: str,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        call_id: str | None = None,
     ) -> Any:
         self._require_connected()
         timeout = self.settings.call_timeout if timeout is None else timeout
         check_routing_key(route, InvalidArgument)
         envelope = Envelope(kind=Kind.CALL, op=op, body=body, src=self.src)
+        if call_id is not None:
+            envelope = dataclasses.replace(envelope, id=call_id)
         data = encode(envelope)
         server = self.broker.server_for(route)
         if server is None:

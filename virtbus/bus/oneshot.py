@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import ssl
 from collections.abc import AsyncIterator
@@ -427,7 +428,13 @@ class OneShotBus:
 
     # --- RPC ----------------------------------------------------------------------------
     async def call(
-        self, route: str, op: str, body: dict[str, Any], *, timeout: float | None = None
+        self,
+        route: str,
+        op: str,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        call_id: str | None = None,
     ) -> Any:
         if not self.connected:
             raise self._closed or BusUnavailable("not connected")
@@ -436,6 +443,8 @@ class OneShotBus:
             raise InvalidArgument(f"call timeout must be positive, not {timeout!r}")
         check_routing_key(route, InvalidArgument)
         envelope = Envelope(kind=Kind.CALL, op=op, body=body, src=self.src)
+        if call_id is not None:
+            envelope = dataclasses.replace(envelope, id=call_id)
         data = encode(envelope)
         if len(data) > self.settings.limits.max_bytes:
             raise ProtocolError(f"call {op!r} of {len(data)} bytes exceeds the message limit")

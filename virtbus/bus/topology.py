@@ -7,7 +7,7 @@ Exchanges::
     virtbus.metrics  topic   <host>.<domain>  (host-wide metrics: <host>._host)
     virtbus.hosts    topic   <host>.heartbeat
     virtbus.audit    topic   <daemon>.<user>  (every call served, and its result)
-    virtbus.dlx      fanout  rejected (undecodable) messages -> virtbus.dead
+    virtbus.dlx      fanout  rejected (undecodable) messages -> virtbus.dead-letters
 
 Event history: the stream queue ``virtbus.events.history`` is bound to ``virtbus.events``
 with ``#``; it keeps events by size and age so a subscriber that was away can replay them
@@ -41,7 +41,11 @@ METRICS_EXCHANGE: Final = "virtbus.metrics"
 HOSTS_EXCHANGE: Final = "virtbus.hosts"
 AUDIT_EXCHANGE: Final = "virtbus.audit"
 DEAD_LETTER_EXCHANGE: Final = "virtbus.dlx"
-DEAD_LETTER_QUEUE: Final = "virtbus.dead"
+# A quorum queue, as the call queues are (a classic queue would be unreachable, and every
+# connection's declaration of it refused, while its one node is down). It is not named
+# "virtbus.dead", the classic queue of older virtbus versions: RabbitMQ cannot change a
+# queue's type, and that one may hold messages for a human. Delete it once read.
+DEAD_LETTER_QUEUE: Final = "virtbus.dead-letters"
 SCHEDULER_ROUTE: Final = "scheduler"
 SCHEDULER_QUEUE: Final = "virtbus.scheduler"
 DEADLINE_HEADER: Final = "x-deadline"
@@ -73,7 +77,10 @@ EXCHANGES: Final = (
     ExchangeSpec(DEAD_LETTER_EXCHANGE, "fanout"),
 )
 
-DEAD_LETTER = QueueSpec(DEAD_LETTER_QUEUE, arguments={"x-max-length": 10_000})
+DEAD_LETTER = QueueSpec(
+    DEAD_LETTER_QUEUE,
+    arguments={"x-queue-type": "quorum", "x-max-length": 10_000, "x-overflow": "drop-head"},
+)
 
 EVENT_HISTORY_QUEUE: Final = "virtbus.events.history"
 # Queue arguments must be identical wherever the queue is declared: constants, not settings.
