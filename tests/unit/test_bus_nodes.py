@@ -46,7 +46,7 @@ def test_a_daemon_flag_checks_every_node() -> None:
         check_value(key, "amqp://a@mq1/,http://mq2/")
 
 
-def test_every_failure_moves_the_connection_to_the_next_node() -> None:
+async def test_every_failure_moves_the_connection_to_the_next_node() -> None:
     nodes = ("amqp://g:g@127.0.0.1:1/", "amqp://g:g@127.0.0.1:2/", "amqp://g:g@127.0.0.1:3/")
     cls = connection_class(Backoff(initial=0.1, maximum=0.8, factor=2.0, jitter=0.5), nodes)
     conn = cls(nodes[0])
