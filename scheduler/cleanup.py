@@ -24,7 +24,7 @@ from collections.abc import Awaitable
 from typing import Any, Protocol, TypeVar
 
 from scheduler.inventory import ClusterView
-from scheduler.journal import Journal, MigrationRecord
+from scheduler.journal import MigrationJournal, MigrationRecord
 from scheduler.settings import SchedulerSettings
 from virtbus.aio import TaskGroup, backoff_delays
 from virtbus.errors import (
@@ -73,7 +73,7 @@ class CleanupRunner:
         self,
         call: AgentCall,
         view: ClusterView,
-        journal: Journal,
+        journal: MigrationJournal,
         settings: SchedulerSettings,
         tasks: TaskGroup,
     ) -> None:

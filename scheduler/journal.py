@@ -1,4 +1,5 @@
-"""The migration journal: one JSON file per migration in flight, written atomically.
+"""The migration journal: on the bus (:class:`BusJournal`, what the scheduler uses), with
+one JSON file per migration in flight in the state dir as its local cache (:class:`Journal`).
 
 The coordinator writes a record *before* each remote step (write-ahead), so a scheduler
 that restarts knows how far a migration may have got and can ask both agents for the
@@ -19,12 +20,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
-from virtbus.errors import VirtbusError
+from virtbus.aio import backoff_delays
+from virtbus.bus.base import Bus
+from virtbus.bus.topology import JOURNAL_EXCHANGE
+from virtbus.errors import BusUnavailable, InvalidArgument, VirtbusError
 from virtbus.protocol.base import decode, to_wire
+from virtbus.protocol.envelope import Envelope, Kind
+from virtbus.protocol.messages import JOURNAL_RECORD, MESSAGES, JournalEntry
 from virtbus.protocol.migration import (
     TERMINAL_STATES,
     MigrationParams,
@@ -32,6 +38,7 @@ from virtbus.protocol.migration import (
     RecordState,
 )
 from virtbus.protocol.migration import MigrationRecord as MigrationRecordMessage
+from virtbus.settings import Backoff
 from virtbus.store import quarantine, replace_file
 
 log = logging.getLogger(__name__)
@@ -94,6 +101,17 @@ class MigrationRecord:
         return cls(**fields)
 
 
+class MigrationJournal(Protocol):
+    """What the coordinator, the cleanups and the service need of a journal."""
+
+    async def open(self) -> None: ...
+    async def save(self, record: MigrationRecord) -> None: ...
+    async def remove(self, record: MigrationRecord) -> None: ...
+    async def load(self) -> list[MigrationRecord]: ...
+    async def save_draining(self, hosts: set[str]) -> None: ...
+    async def load_draining(self) -> set[str]: ...
+
+
 class Journal:
     """``<state-dir>/migrations/<id>.json`` and ``<state-dir>/draining.json``."""
 
@@ -154,3 +172,138 @@ class Journal:
             return {str(h) for h in value} if isinstance(value, list) else set()
 
         return await asyncio.to_thread(read)
+
+
+REPLAY_TIMEOUT = 60.0  # s to read the journal stream to the replaying scheduler's mark
+
+
+class BusJournal:
+    """The journal on the bus: every save, removal and drain set is appended, persistent
+    and confirmed, to the stream ``virtbus.scheduler.journal`` (``JOURNAL_EXCHANGE``),
+    which a RabbitMQ cluster replicates like the call queues. A scheduler that becomes
+    active reads the stream up to a mark of its own; the newest entry per id wins, a
+    ``removed`` entry ends a migration. A standby on another machine therefore needs no
+    shared directory. The state dir keeps the file journal as a local cache: it adds only
+    records of ids the stream does not know at all (a scheduler upgraded from the file
+    journal, entries older than the retention), never overrides the stream.
+
+    Compaction: the active scheduler appends every live record (and the drain set) again
+    once it has replayed, so the stream's oldest segments hold only finished or
+    superseded entries and its retention (``x-max-age``) drops them.
+
+    Only entries published by the scheduler's own bus user are believed: RabbitMQ
+    checks ``user_id``, and other users may be able to publish on the exchange.
+    """
+
+    def __init__(self, bus: Bus, cache: Journal, replay_timeout: float = REPLAY_TIMEOUT) -> None:
+        self.bus = bus
+        self.cache = cache
+        self._replay_timeout = replay_timeout
+        self._replayed: tuple[dict[str, MigrationRecord], set[str]] | None = None
+        self._lock = asyncio.Lock()  # entries go out in the order they were made
+        self._delays = Backoff(initial=0.2, maximum=5.0)
+
+    async def open(self) -> None:
+        await self.cache.open()
+
+    async def save(self, record: MigrationRecord) -> None:
+        await self.cache.save(record)  # stamps record.updated
+        await self._append(JournalEntry(entry="migration", id=record.id, record=record.to_wire()))
+
+    async def remove(self, record: MigrationRecord) -> None:
+        await self.cache.remove(record)
+        await self._append(JournalEntry(entry="removed", id=record.id))
+
+    async def save_draining(self, hosts: set[str]) -> None:
+        await self.cache.save_draining(hosts)
+        await self._append(JournalEntry(entry="draining", id="draining", hosts=sorted(hosts)))
+
+    async def load(self) -> list[MigrationRecord]:
+        records, _draining = await self._replay()
+        return list(records.values())
+
+    async def load_draining(self) -> set[str]:
+        _records, draining = await self._replay()
+        return set(draining)
+
+    async def _append(self, entry: JournalEntry) -> None:
+        """Publish ``entry`` confirmed; while the bus is away, retry (write-ahead: the
+        coordinator's next remote step waits for it, and needs the bus anyway)."""
+        envelope = Envelope(kind=Kind.JOURNAL, op=JOURNAL_RECORD, body=to_wire(entry),
+                            src=self.bus.src)  # fmt: skip
+        key = MESSAGES[JOURNAL_RECORD].key(entry=entry.entry, id=entry.id)
+        delays = backoff_delays(self._delays)
+        async with self._lock:
+            while True:
+                try:
+                    await self.bus.publish(JOURNAL_EXCHANGE, key, envelope, confirm=True)
+                    return
+                except BusUnavailable as exc:
+                    delay = next(delays)
+                    log.warning("journal entry %s %s not appended (%s): retry in %.1fs",
+                                entry.entry, entry.id, exc, delay)  # fmt: skip
+                    await asyncio.sleep(delay)
+
+    async def _replay(self) -> tuple[dict[str, MigrationRecord], set[str]]:
+        if self._replayed is None:
+            self._replayed = await self._read()
+            for record in self._replayed[0].values():  # compaction (see the class)
+                await self.save(record)
+            await self.save_draining(self._replayed[1])
+            await self._sync_cache(self._replayed[0])
+        return self._replayed
+
+    async def _read(self) -> tuple[dict[str, MigrationRecord], set[str]]:
+        mark = uuid.uuid4().hex
+        sub = await self.bus.history("first", JOURNAL_EXCHANGE)
+        records: dict[str, MigrationRecord] = {}
+        seen: set[str] = set()  # every id the stream knows, removed ones included
+        draining: set[str] | None = None
+        entries = 0
+        try:
+            await self._append(JournalEntry(entry="mark", id=mark))
+            async with asyncio.timeout(self._replay_timeout):
+                async for env in sub:
+                    if env.kind != Kind.JOURNAL or env.user != self.bus.user:
+                        continue
+                    try:
+                        entry = decode(env.body, JournalEntry)
+                        if entry.entry == "migration" and entry.record is not None:
+                            record = MigrationRecord.from_map(to_wire(entry.record))
+                    except (InvalidArgument, ValueError) as exc:
+                        log.error("skipping a bad journal entry %s: %s", env.id, exc)
+                        continue
+                    entries += 1
+                    if entry.entry == "mark":
+                        if entry.id == mark:
+                            break
+                    elif entry.entry == "migration" and entry.record is not None:
+                        records[entry.id] = record
+                        seen.add(entry.id)
+                    elif entry.entry == "removed":
+                        records.pop(entry.id, None)
+                        seen.add(entry.id)
+                    elif entry.entry == "draining":
+                        draining = set(entry.hosts)
+        except TimeoutError:
+            raise BusUnavailable(
+                f"the journal stream was not read to its end within {self._replay_timeout:g}s"
+            ) from None
+        finally:
+            await sub.close()
+        # What the stream never knew (a scheduler upgraded from the file journal, entries
+        # older than the stream's retention) comes from the cache: recovery asks the agents.
+        cached = [r for r in await self.cache.load() if r.id not in seen]
+        records.update((r.id, r) for r in cached)
+        if draining is None:
+            draining = await self.cache.load_draining()
+        log.info("journal replayed: %d entries from the bus, %d record(s) only in the "
+                 "local cache, %d in flight", entries, len(cached), len(records))  # fmt: skip
+        return records, draining
+
+    async def _sync_cache(self, records: dict[str, MigrationRecord]) -> None:
+        """The local cache holds what the bus holds: stale files of migrations another
+        scheduler finished are removed."""
+        for cached in await self.cache.load():
+            if cached.id not in records:
+                await self.cache.remove(cached)

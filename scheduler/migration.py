@@ -32,7 +32,7 @@ from enum import Enum
 
 from scheduler.cleanup import AgentCall, CleanupRunner, Req, Res, cleanup_step, destination_owns
 from scheduler.inventory import ClusterView
-from scheduler.journal import Journal, MigrationRecord
+from scheduler.journal import MigrationJournal, MigrationRecord
 from scheduler.settings import SchedulerSettings
 from virtbus.aio import TaskGroup
 from virtbus.errors import (
@@ -106,7 +106,7 @@ class MigrationCoordinator:
         self,
         call: AgentCall,
         view: ClusterView,
-        journal: Journal,
+        journal: MigrationJournal,
         settings: SchedulerSettings,
         tasks: TaskGroup,
     ) -> None:

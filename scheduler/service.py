@@ -26,7 +26,7 @@ import msgspec
 
 from scheduler.drain import CONTAINER_TYPES, DrainManager
 from scheduler.inventory import Claim, ClusterView, DomainMeta
-from scheduler.journal import Journal, MigrationRecord
+from scheduler.journal import BusJournal, Journal, MigrationRecord
 from scheduler.migration import MigrationCoordinator
 from scheduler.offline import OfflineMover
 from scheduler.placement import anti_affinity_groups, place, request_for
@@ -109,7 +109,8 @@ class SchedulerService:
         self.bus = bus
         self.id = f"scheduler-{uuidlib.uuid4().hex[:8]}"
         self.view = ClusterView(settings.host_down_after)
-        self.journal = Journal(settings.state_dir, fsync=settings.journal_fsync)
+        # On the bus (a cluster replicates it); the state dir keeps only a local cache.
+        self.journal = BusJournal(bus, Journal(settings.state_dir, fsync=settings.journal_fsync))
         self._tasks = TaskGroup("scheduler", on_crash=self._task_crashed)
         self.coordinator = MigrationCoordinator(
             self._agent_call, self.view, self.journal, settings, self._tasks

@@ -26,6 +26,8 @@ from virtbus.bus.topology import (
     EVENT_HISTORY,
     EVENTS_EXCHANGE,
     EXCHANGES,
+    JOURNAL,
+    JOURNAL_EXCHANGE,
     RPC_EXCHANGE,
     SCHEDULER_ROUTE,
     call_queue_for,
@@ -46,12 +48,14 @@ _OWN_QUEUES = r"amq\.gen-.*"
 _REPLIES = r"amq\.rabbitmq\.reply-to"
 
 
-def _daemon(queue_re: str) -> tuple[str, str, str]:
+def _daemon(
+    queue_re: str, published: str = _PUBLISHED_RE, histories: str = _HISTORIES_RE
+) -> tuple[str, str, str]:
     """(configure, write, read) of a daemon that serves the call queue(s) ``queue_re``."""
     return (
         rf"^(virtbus\.({queue_re})|{_OWN_QUEUES})$",
-        rf"^(virtbus\.(rpc|dlx|{_PUBLISHED_RE}|{queue_re})|{_OWN_QUEUES}|amq\.default)$",
-        rf"^(virtbus\.(rpc|{_PUBLISHED_RE}|{_HISTORIES_RE}|{queue_re})|{_OWN_QUEUES}|{_REPLIES})$",
+        rf"^(virtbus\.(rpc|dlx|{published}|{queue_re})|{_OWN_QUEUES}|amq\.default)$",
+        rf"^(virtbus\.(rpc|{published}|{histories}|{queue_re})|{_OWN_QUEUES}|{_REPLIES})$",
     )
 
 
@@ -64,7 +68,10 @@ CLIENT_PERMISSIONS: tuple[str, str, str] = (
 )
 ROLES: dict[str, tuple[str, str, str]] = {
     "virtbus-agent": _daemon(r"agent\..*"),
-    "virtbus-scheduler": _daemon(r"scheduler"),
+    # Only the scheduler writes and reads its journal (virtbus.journal, the stream).
+    "virtbus-scheduler": _daemon(
+        r"scheduler", rf"{_PUBLISHED_RE}|journal", rf"{_HISTORIES_RE}|scheduler\.journal"
+    ),
     "virtbus-client": CLIENT_PERMISSIONS,
 }
 
@@ -122,7 +129,7 @@ def definitions(
             raise InvalidArgument(f"no password for {', '.join(sorted(missing)) or 'a user'}")
         hashes = {user: password_hash(passwords[user], salt) for user in roles}
     scheduler = call_queue_for(SCHEDULER_ROUTE)
-    queues = [DEAD_LETTER, EVENT_HISTORY, AUDIT_HISTORY, scheduler]
+    queues = [DEAD_LETTER, EVENT_HISTORY, AUDIT_HISTORY, JOURNAL, scheduler]
     return {
         "vhosts": [{"name": vhost}],
         "users": [
@@ -186,6 +193,14 @@ def definitions(
                 "source": AUDIT_EXCHANGE,
                 "vhost": vhost,
                 "destination": AUDIT_HISTORY.name,
+                "destination_type": "queue",
+                "routing_key": "#",
+                "arguments": {},
+            },
+            {
+                "source": JOURNAL_EXCHANGE,
+                "vhost": vhost,
+                "destination": JOURNAL.name,
                 "destination_type": "queue",
                 "routing_key": "#",
                 "arguments": {},

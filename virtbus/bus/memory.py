@@ -37,6 +37,7 @@ from virtbus.bus.topology import (
     AUDIT_EXCHANGE,
     EVENTS_EXCHANGE,
     EXCHANGES,
+    JOURNAL_EXCHANGE,
     check_routing_key,
     history_of,
 )
@@ -97,12 +98,13 @@ class MemoryBroker:
         # oldest first.
         self.history: deque[tuple[float, str, bytes, str]] = deque(maxlen=HISTORY_LENGTH)
         self.audit: deque[tuple[float, str, bytes, str]] = deque(maxlen=HISTORY_LENGTH)
+        self.journal: deque[tuple[float, str, bytes, str]] = deque(maxlen=HISTORY_LENGTH)
 
     def kept(self, exchange: str) -> deque[tuple[float, str, bytes, str]] | None:
         """The history an exchange's messages are kept in (None: not kept)."""
-        if exchange == EVENTS_EXCHANGE:
-            return self.history
-        return self.audit if exchange == AUDIT_EXCHANGE else None
+        kept = {EVENTS_EXCHANGE: self.history, AUDIT_EXCHANGE: self.audit,
+                JOURNAL_EXCHANGE: self.journal}  # fmt: skip
+        return kept.get(exchange)
 
     def server_for(self, route: str) -> MemoryServer | None:
         """Single active consumer: the oldest running server of a route gets its calls."""

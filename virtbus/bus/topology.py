@@ -8,11 +8,14 @@ Exchanges::
     virtbus.hosts    topic   <host>.heartbeat
     virtbus.audit    topic   <daemon>.<user>  (every call served, and its result)
     virtbus.dlx      fanout  rejected (undecodable) messages -> virtbus.dead-letters
+    virtbus.journal  topic   <entry>.<id>  (the scheduler's journal of migrations and drains)
 
 Event history: the stream queue ``virtbus.events.history`` is bound to ``virtbus.events``
 with ``#``; it keeps events by size and age so a subscriber that was away can replay them
 (``x-stream-offset``) and then keep following, with no seam between old and new. The
-stream ``virtbus.audit.history`` keeps the audit records of ``virtbus.audit`` the same way.
+stream ``virtbus.audit.history`` keeps the audit records of ``virtbus.audit`` the same way,
+and the stream ``virtbus.scheduler.journal`` the scheduler's journal (scheduler/journal.py):
+replicated by a RabbitMQ cluster, so a standby on any machine can take over.
 
 Call queues (``virtbus.agent.<host>``, ``virtbus.scheduler``) are quorum queues: replicated
 over the nodes of a RabbitMQ cluster (Raft), they outlive the node their leader is on, and
@@ -48,6 +51,7 @@ DEAD_LETTER_EXCHANGE: Final = "virtbus.dlx"
 DEAD_LETTER_QUEUE: Final = "virtbus.dead-letters"
 SCHEDULER_ROUTE: Final = "scheduler"
 SCHEDULER_QUEUE: Final = "virtbus.scheduler"
+JOURNAL_EXCHANGE: Final = "virtbus.journal"
 DEADLINE_HEADER: Final = "x-deadline"
 # RabbitMQ's direct reply-to: the only reply address an RPC server answers to (the broker
 # rewrites it to "amq.rabbitmq.reply-to.<token>" on the way to the server).
@@ -75,6 +79,7 @@ EXCHANGES: Final = (
     ExchangeSpec(HOSTS_EXCHANGE, "topic"),
     ExchangeSpec(AUDIT_EXCHANGE, "topic"),
     ExchangeSpec(DEAD_LETTER_EXCHANGE, "fanout"),
+    ExchangeSpec(JOURNAL_EXCHANGE, "topic"),
 )
 
 DEAD_LETTER = QueueSpec(
@@ -104,8 +109,24 @@ AUDIT_HISTORY = QueueSpec(
         "x-stream-max-segment-size-bytes": 16 << 20,
     },
 )
+JOURNAL_QUEUE: Final = "virtbus.scheduler.journal"
+# The newest entry per migration wins on replay; an active scheduler appends every live
+# record again when it takes over, so retention drops only what finished long ago.
+JOURNAL = QueueSpec(
+    JOURNAL_QUEUE,
+    arguments={
+        "x-queue-type": "stream",
+        "x-max-length-bytes": 256 << 20,  # 256 MiB
+        "x-max-age": "7D",  # the history limit of finished records
+        "x-stream-max-segment-size-bytes": 1 << 20,  # small segments: retention bites early
+    },
+)
 # The streams a subscriber can replay, by the exchange whose messages they keep.
-HISTORIES: Final = {EVENTS_EXCHANGE: EVENT_HISTORY, AUDIT_EXCHANGE: AUDIT_HISTORY}
+HISTORIES: Final = {
+    EVENTS_EXCHANGE: EVENT_HISTORY,
+    AUDIT_EXCHANGE: AUDIT_HISTORY,
+    JOURNAL_EXCHANGE: JOURNAL,
+}
 
 
 def history_of(exchange: str) -> QueueSpec:

@@ -21,6 +21,7 @@ class Kind(StrEnum):
     METRICS = "metrics"
     HEARTBEAT = "heartbeat"
     AUDIT = "audit"
+    JOURNAL = "journal"
 
 
 _ID_PREFIX = os.urandom(8).hex()  # per process: ids stay unique across senders and restarts

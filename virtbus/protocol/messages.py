@@ -10,7 +10,7 @@ AsyncAPI document read as they read the op registry. A subscriber decodes a body
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from msgspec import field as default
 
@@ -20,12 +20,14 @@ from virtbus.bus.topology import (
     HEARTBEAT_KEY_SUFFIX,
     HOST_METRICS_WORD,
     HOSTS_EXCHANGE,
+    JOURNAL_EXCHANGE,
     METRICS_EXCHANGE,
 )
 from virtbus.protocol.base import HostName, Message, NonNegInt, decode
 from virtbus.protocol.envelope import Kind
 from virtbus.protocol.events import routing_word
 from virtbus.protocol.host import HostInventory
+from virtbus.protocol.migration import MigrationRecord
 from virtbus.protocol.network import NetworkEvent
 from virtbus.protocol.storage import JobEvent, PoolEvent
 
@@ -84,6 +86,20 @@ class AuditRecord(Message):
     ms: float  # from arrival to the reply
     id: str  # the call's id
     src: str = ""  # what the caller says it is (the envelope's src)
+
+
+class JournalEntry(Message):
+    """One entry of the scheduler's journal (the stream virtbus.scheduler.journal).
+
+    ``migration``: the record as of now (the newest per id wins on replay); ``removed``:
+    the migration is done with; ``draining``: the whole set of draining hosts; ``mark``:
+    a replaying scheduler's own marker, the end of what it has to read.
+    """
+
+    entry: Literal["migration", "removed", "draining", "mark"]
+    id: str
+    record: MigrationRecord | None = None
+    hosts: list[str] = default(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +181,13 @@ AUDIT_CALL: Final = published(
     "audit.call", AuditRecord, Kind.AUDIT, AUDIT_EXCHANGE, "{daemon}.{user}",
     "a call an agent or the scheduler served or refused, and its result "
     "(kept in the stream virtbus.audit.history)",
+)  # fmt: skip
+
+JOURNAL_RECORD: Final = published(
+    "scheduler.journal", JournalEntry, Kind.JOURNAL, JOURNAL_EXCHANGE, "{entry}.{id}",
+    "the active scheduler's journal of migrations and drains, replayed by the next active "
+    "one (kept in the stream virtbus.scheduler.journal)",
+    persistent=True,
 )  # fmt: skip
 
 

@@ -1,0 +1,106 @@
+"""The scheduler's journal on the bus (scheduler/journal.py BusJournal), over memory://:
+a standby with a state dir of its own takes over a migration in flight, the newest entry
+per id wins, removals end a record, only the scheduler's own user is believed, and a
+replay appends every live record again (compaction)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from scheduler.journal import BusJournal, Journal, MigrationRecord
+from scheduler.service import SchedulerService
+from tests.unit.test_scheduler_memory import cluster, scheduler_settings, xml
+from virtbus.bus.factory import open_bus
+from virtbus.bus.memory import MemoryBus
+from virtbus.protocol import ops
+from virtbus.protocol.codec import decode
+from virtbus.protocol.envelope import Kind
+
+
+def record(domain: str, phase: str = "perform") -> MigrationRecord:
+    return MigrationRecord(domain, f"uuid-{domain}", "a", "b", {}, 60.0, state="running",
+                           phase=phase)  # type: ignore[arg-type]  # fmt: skip
+
+
+def journal_entries(bus: MemoryBus) -> list[dict[str, object]]:
+    return [decode(data).body for _, _, data, _ in bus.broker.journal]
+
+
+async def test_a_standby_with_its_own_state_dir_takes_over(tmp_path: Path) -> None:
+    async with cluster(tmp_path, migration_time=1.5) as c:
+        await c.agent("a", ops.DOMAIN_DEFINE, {"xml": xml("vm1")})
+        await c.agent("a", ops.DOMAIN_START, {"domain": "vm1"})
+        await c.call(ops.SCHEDULER_MIGRATE, {"domain": "vm1", "to": "b"})
+        await c.wait_phase("vm1", "progress")
+        await c.scheduler.stop()  # "killed" mid-migration, its machine gone with its disk
+        elsewhere = tmp_path / "another-machine"
+        c.scheduler = SchedulerService(scheduler_settings(elsewhere), open_bus(c.url, src="s2"))
+        await c.scheduler.start()
+        done = await c.wait_migration("vm1")
+        assert done["state"] == "completed", done
+        assert await c.where("vm1") == [("b", "running")]
+        assert await Journal(elsewhere).load() == []  # its cache: nothing left in flight
+
+
+async def test_newest_entry_wins_and_removal_ends_a_record(tmp_path: Path) -> None:
+    url = f"memory://journal-{tmp_path.name}"
+    writer = open_bus(url, src="s1")
+    await writer.connect()
+    first = BusJournal(writer, Journal(tmp_path / "one"))
+    await first.open()
+    one, two = record("vm1", "prepare"), record("vm2")
+    await first.save(one)
+    one.phase = "perform"  # type: ignore[assignment]
+    await first.save(one)
+    await first.save(two)
+    await first.remove(two)
+    await first.save_draining({"a"})
+    await first.save_draining({"a", "c"})
+    reader = open_bus(url, src="s2")
+    await reader.connect()
+    second = BusJournal(reader, Journal(tmp_path / "two"))  # no shared directory
+    await second.open()
+    assert await second.load_draining() == {"a", "c"}
+    [got] = await second.load()
+    assert (got.id, got.phase) == (one.id, "perform")
+    assert [r.id for r in await Journal(tmp_path / "two").load()] == [one.id]  # the cache
+    await writer.close()
+    await reader.close()
+
+
+async def test_only_the_schedulers_own_user_is_believed(tmp_path: Path) -> None:
+    name = f"forged-{tmp_path.name}"
+    intruder = open_bus(f"memory://mallory@{name}", src="agent-x")
+    await intruder.connect()
+    forger = BusJournal(intruder, Journal(tmp_path / "x"))
+    await forger.open()
+    await forger.save(record("vm9"))
+    scheduler_bus = open_bus(f"memory://scheduler@{name}", src="s")
+    await scheduler_bus.connect()
+    journal = BusJournal(scheduler_bus, Journal(tmp_path / "s"))
+    await journal.open()
+    assert await journal.load() == []
+    await intruder.close()
+    await scheduler_bus.close()
+
+
+async def test_a_replay_appends_every_live_record_again(tmp_path: Path) -> None:
+    url = f"memory://compact-{tmp_path.name}"
+    bus = open_bus(url, src="s1")
+    await bus.connect()
+    assert isinstance(bus, MemoryBus)
+    old = BusJournal(bus, Journal(tmp_path / "one"))
+    await old.open()
+    live = record("vm1")
+    await old.save(live)
+    before = len(bus.broker.journal)
+    new = BusJournal(bus, Journal(tmp_path / "two"))
+    await new.open()
+    await new.load()
+    after = journal_entries(bus)[before:]
+    assert [e["entry"] for e in after] == ["mark", "migration", "draining"]
+    assert after[1]["id"] == live.id  # the live record, now at the stream's head
+    assert {kind for _, _, data, _ in bus.broker.journal for kind in [decode(data).kind]} == {
+        Kind.JOURNAL
+    }
+    await bus.close()
