@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import aio_pika
 
+from virtbus.bus.topology import JOURNAL_QUEUE
+
 if TYPE_CHECKING:
     from drivers.qemu.settings import QemuSettings
 
@@ -170,6 +172,17 @@ async def delete_queues(*names: str) -> None:
                 await ch.queue_delete(name)
 
 
+async def fresh_journal(bus: str) -> None:
+    """Delete the scheduler journal stream of ``bus``'s vhost. The journal lives on the bus
+    (scheduler/journal.py): a module's tests share a vhost, and a record one test left in
+    flight would be taken over by the next test's scheduler, as a standby would."""
+    conn = await aio_pika.connect(bus)
+    async with conn:
+        ch = await conn.channel()
+        with suppress(aio_pika.exceptions.AMQPError):
+            await ch.queue_delete(JOURNAL_QUEUE)
+
+
 @asynccontextmanager
 async def event_listener(
     *args: str, bus: str = BUS_URL
@@ -209,7 +222,10 @@ async def scheduler_process(
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """A real scheduler (short host-down and step timeouts); stopped with SIGTERM (an exit
     other than 0 fails the test). Give it
-    a vhost of its own: the scheduler queue has a single active consumer."""
+    a vhost of its own: the scheduler queue has a single active consumer. A scheduler
+    with a new state dir starts a new cluster (see :func:`fresh_journal`)."""
+    if not state_dir.exists():
+        await fresh_journal(bus)
     state_dir.mkdir(parents=True, exist_ok=True)
     log = open(state_dir / "scheduler.log", "ab")  # noqa: SIM115  # closed below; tiny local file
     proc = await asyncio.create_subprocess_exec(

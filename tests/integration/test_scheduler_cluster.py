@@ -17,7 +17,15 @@ from typing import Any
 
 import pytest
 
-from tests.procs import AgentProc, agent_process, cli, event_listener, terminate, unique_host
+from tests.procs import (
+    AgentProc,
+    agent_process,
+    cli,
+    event_listener,
+    fresh_journal,
+    terminate,
+    unique_host,
+)
 from virtbus.bus.factory import open_bus
 from virtbus.bus.topology import SCHEDULER_ROUTE
 from virtbus.errors import InvalidArgument, OperationTimeout
@@ -52,6 +60,8 @@ def vhost() -> Iterator[str]:
 async def scheduler_process(
     state_dir: Path, *extra: str, bus: str = URL
 ) -> AsyncIterator[asyncio.subprocess.Process]:
+    if not state_dir.exists():  # a new cluster (the module's tests share the vhost)
+        await fresh_journal(bus)
     state_dir.mkdir(parents=True, exist_ok=True)
     log = open(state_dir / "scheduler.log", "ab")  # noqa: SIM115  # closed below
     proc = await asyncio.create_subprocess_exec(
