@@ -19,7 +19,7 @@ from virtbus.settings import DEFAULT_POLICY, Backoff, BusSettings
 class SchedulerSettings:
     state_dir: Path = field(
         default=Path("/var/lib/virtbus-scheduler"),
-        metadata=setting("journal directory (shared by standbys)", flag=True),
+        metadata=setting("local cache of the journal (the journal is on the bus)", flag=True),
     )
     log_level: str = field(
         default="INFO", metadata=setting("logging level", flag=True, choices=LOG_LEVELS)
