@@ -24,6 +24,7 @@ import agent.storage_ops
 from agent.admission import Admission
 from agent.calllog import CallLog
 from agent.dispatch import Dispatcher, Prepared
+from agent.guest_taps import GuestTaps
 from agent.heartbeat import inventory
 from agent.jobs import Job, JobManager
 from agent.metrics import AgentMetrics
@@ -31,7 +32,7 @@ from agent.network import NetworkEvent, Networks
 from agent.outbox import EventOutbox
 from agent.storage import PoolEvent, StoragePools
 from agent.table import HANDLERS, AgentContext
-from drivers.base import Driver, DriverEvent, UsesVolumes
+from drivers.base import Driver, DriverEvent, UsesNetworks, UsesVolumes
 from virtbus.aio import TaskGroup
 from virtbus.bus.base import Bus, Server
 from virtbus.bus.topology import (
@@ -120,6 +121,8 @@ class AgentService:
         )
         if isinstance(driver, UsesVolumes):
             driver.set_volume_resolver(self.storage)
+        if isinstance(driver, UsesNetworks):  # guests' taps on these networks
+            driver.set_tap_provider(GuestTaps(self.networks))
         self.context = AgentContext(
             host=self.host, driver=driver, inventory=self.inventory, storage=self.storage,
             jobs=self.jobs, networks=self.networks, admission=admission,

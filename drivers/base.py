@@ -141,6 +141,42 @@ class VolumeResolver(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class ResolvedTap:
+    """A tap made for one guest NIC on a virtual network's bridge, in the agent's network
+    namespace. ``fd`` is the agent's open descriptor of it: QEMU inherits (or is handed)
+    it, so QEMU never needs CAP_NET_ADMIN; the tap is not persistent, so it goes away
+    with the last descriptor (QEMU's exit) even when nobody removes it."""
+
+    network: str
+    bridge: str
+    ifname: str
+    fd: int
+
+
+class TapProvider(Protocol):
+    """The agent's virtual networks, as a hypervisor driver sees them (drivers never
+    import drivers.network: the agent hands its networks in through this)."""
+
+    def has_network(self, name: str) -> bool:
+        """A network of that name is defined on this host (active or not)."""
+
+    async def open_tap(self, network: str, domain: str, mac: str) -> ResolvedTap:
+        """A tap for domain ``domain`` (a uuid) on ``network``'s bridge, up, its MAC
+        derived from the guest's ``mac`` (libvirt's fe:..); NO_NETWORK for an unknown
+        network, OPERATION_INVALID for an inactive one."""
+
+    async def release_taps(self, domain: str, ifname: str | None = None) -> None:
+        """Remove the domain's taps (or the one named ``ifname``); idempotent."""
+
+
+@runtime_checkable
+class UsesNetworks(Protocol):
+    """A driver that can run ``<interface type='network'>`` NICs on the agent's networks."""
+
+    def set_tap_provider(self, provider: TapProvider) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
 class Affect:
     """libvirt's VIR_DOMAIN_AFFECT_* flags of a device change, resolved by the driver:
     neither set means CURRENT (the live domain when it runs, else its definition)."""

@@ -14,8 +14,11 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import os
+import re
 import signal
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +27,10 @@ from virtbus.errors import OperationFailed, OperationTimeout, VirtbusError
 
 TOOL_TIMEOUT = 30.0  # s; nft and sysctl answer in milliseconds
 _CLONE_NEWNET = 0x40000000
+# <linux/if_tun.h>: a tap (no packet info; virtio-net headers, QEMU probes them)
+_TUNSETIFF = 0x400454CA
+_IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+_IFREQ_SIZE = 40
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -219,3 +226,59 @@ class HostNet:
 
     async def sysctl(self, key: str, value: str) -> None:
         await self.run(["sysctl", "-qw", f"{key}={value}"], what=f"sysctl {key}")
+
+    # ------------------------------------------------------------------ taps
+    async def open_tap(self, template: str, bridge: str, mac: str) -> tuple[int, str]:
+        """A new tap named after ``template`` (``%d``: the kernel picks the number) on
+        ``bridge``, with ``mac``, up: (its open descriptor, its name).
+
+        TUNSETIFF makes the tap in the calling thread's namespace, so it is made in the
+        worker thread that entered ours. Not persistent: it goes when the last copy of
+        the descriptor is closed; on any failure here it is closed (and the tap gone).
+        """
+
+        def make() -> tuple[int, str]:
+            from pyroute2 import IPRoute
+
+            with self._entered():
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    flags = _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR
+                    req = struct.pack("16sH", template.encode(), flags).ljust(_IFREQ_SIZE, b"\0")
+                    got = fcntl.ioctl(fd, _TUNSETIFF, req)
+                    name = got[:16].split(b"\0", 1)[0].decode()
+                    ipr = IPRoute()
+                    try:
+                        (master,) = ipr.link_lookup(ifname=bridge) or (None,)
+                        if master is None:
+                            raise OperationFailed(f"bridge '{bridge}' does not exist")
+                        (index,) = ipr.link_lookup(ifname=name)
+                        ipr.link("set", index=index, address=mac)
+                        ipr.link("set", index=index, master=master, state="up")
+                    finally:
+                        ipr.close()
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return fd, name
+
+        result: tuple[int, str] = await self._call(make)
+        return result
+
+    async def delete_links_matching(self, pattern: str) -> list[str]:
+        """Delete every link whose whole name matches the regex ``pattern``; their names."""
+        wanted = re.compile(pattern)
+
+        def drop() -> list[str]:
+            gone = []
+            with self._ipr() as ipr:
+                for msg in ipr.get_links():
+                    name = str(msg.get_attr("IFLA_IFNAME"))
+                    if wanted.fullmatch(name):
+                        with contextlib.suppress(Exception):  # gone meanwhile (QEMU exited)
+                            ipr.link("del", index=msg["index"])
+                            gone.append(name)
+            return gone
+
+        result: list[str] = await self._call(drop)
+        return result

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from drivers.base import ResolvedVolume
+from drivers.base import ResolvedTap, ResolvedVolume
 from drivers.qemu import argv_chardev as chardev
 from drivers.qemu import argv_controllers as ctl
 from drivers.qemu import argv_devices as devices
@@ -200,6 +200,7 @@ def build_command(
     host: HostFacts | None = None,
     completed: bool = False,
     volumes: Mapping[int, ResolvedVolume] | None = None,
+    taps: Mapping[int, ResolvedTap] | None = None,
 ) -> QemuLaunch:
     """The argv for ``defn``; ConfigUnsupported naming anything it cannot honour.
 
@@ -210,7 +211,8 @@ def build_command(
     at start (:mod:`drivers.qemu.postparse`: implicit controllers, defaults, addresses).
     ``host`` (:func:`drivers.qemu.host.probe`) enables the checks against this host's
     hugepages, NUMA nodes, CPUs and firmware; without it they wait for start.
-    ``volumes`` holds what each ``<disk type='volume'>`` resolved to (None: validating).
+    ``volumes`` holds what each ``<disk type='volume'>`` resolved to (None: validating);
+    ``taps`` the tap (its inherited fd) of each NIC on one of the agent's networks.
     ``completed``: ``defn`` was just completed at define; what libvirt assigns only at
     start (USB ports, console ports) is then left out too (define's own validation).
     """
@@ -231,6 +233,7 @@ def build_command(
         settings=settings,
         caps=caps,
         volumes=volumes,
+        taps=taps or {},
         machine=machine,
         host=host,
     )

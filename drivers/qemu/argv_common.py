@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drivers.base import ResolvedVolume
+from drivers.base import ResolvedTap, ResolvedVolume
 from drivers.qemu.capabilities import QemuCapabilities
 from virtbus.domain import DomainDefinition, parse_int
 from virtbus.domain.model import Element
@@ -184,6 +184,8 @@ class BuildContext:
     #: ``<disk type='volume'>`` by disk index, resolved by the agent's pools; None while
     #: validating a definition (a placeholder stands in for each volume)
     volumes: Mapping[int, ResolvedVolume] | None = None
+    #: NICs on the agent's networks by interface index: their taps (drivers/qemu/taps.py)
+    taps: Mapping[int, ResolvedTap] = field(default_factory=dict)
     argv: list[str] = field(default_factory=list)
     chardevs: list[ChardevRuntime] = field(default_factory=list)
     disks: list[DiskRuntime] = field(default_factory=list)

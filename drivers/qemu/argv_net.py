@@ -1,10 +1,12 @@
 """Network interfaces: the host side (``-netdev``) and the guest NIC (``-device``), as
 libvirt's ``qemuBuildHostNetProps`` and ``qemuBuildNicDevProps`` build them.
 
-Host sides: QEMU's user-mode stack (with guest addresses), libvirt network names mapped by
-:attr:`ArgvSettings.networks`, bridges (qemu-bridge-helper), taps (``ethernet``, with the
-interface scripts the driver runs), sockets (server, client, mcast, udp), vhost-user and
-vhost-vDPA. ``hostdev`` interfaces are VFIO devices (:mod:`drivers.qemu.argv_hostdev`).
+Host sides: QEMU's user-mode stack (with guest addresses), the taps of NICs on the
+agent's networks (``-netdev tap,fd=N``, opened by the agent: drivers/qemu/taps.py),
+libvirt network names mapped by :attr:`ArgvSettings.networks`, bridges
+(qemu-bridge-helper), taps (``ethernet``, with the interface scripts the driver runs),
+sockets (server, client, mcast, udp), vhost-user and vhost-vDPA. ``hostdev`` interfaces
+are VFIO devices (:mod:`drivers.qemu.argv_hostdev`).
 What needs host network management virtbus does not do (VLAN tags, Open vSwitch
 virtualports, bandwidth shaping, macvtap) is refused by name.
 """
@@ -76,9 +78,12 @@ def _netdev(ctx: BuildContext, iface: Element, index: int, netdev_id: str,
         raise ConfigUnsupported(f"scripts are not supported on interfaces of type {itype}")
     if itype == "network":
         net = src.get("network") if src is not None else None
-        meaning = ctx.settings.networks.get(net or "")
         if src is not None and src.get("portgroup"):
-            raise unsupported(f"{where}: <source portgroup> (no libvirt networks here)")
+            raise unsupported(f"{where}: <source portgroup> (no portgroups in virtbus networks)")
+        tap = ctx.taps.get(index)
+        if tap is not None:  # on one of the agent's networks: the tap it opened for us
+            return {"type": "tap", "fd": str(tap.fd), "id": netdev_id}
+        meaning = ctx.settings.networks.get(net or "")
         if meaning == "user":
             return {"type": "user", "id": netdev_id}
         if meaning is not None and meaning.startswith("bridge:"):
@@ -321,4 +326,6 @@ def build_interfaces(ctx: BuildContext) -> None:
             ctx.links_down.append(dev_id)
         target = iface.find("target")
         ifname = target.get("dev") if itype == "ethernet" and target is not None else None
+        if i in ctx.taps:
+            ifname = ctx.taps[i].ifname or None
         ctx.nets.append(NetRuntime(i, netdev_id, dev_id, mac, ifname))

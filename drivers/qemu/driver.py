@@ -41,6 +41,7 @@ from drivers.base import (
     DomainRef,
     EventSink,
     HostResources,
+    TapProvider,
     VolumeResolver,
 )
 from drivers.host import host_resources as read_host_resources
@@ -62,6 +63,7 @@ from drivers.qemu.settings import QemuSettings
 from drivers.qemu.snapshots import QemuSnapshots
 from drivers.qemu.state import StateStore
 from drivers.qemu.stats import QemuStats, StatsTarget, host_stats
+from drivers.qemu.taps import TapLeases
 from drivers.snapshots import SnapshotStore
 from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.errors import OperationFailed, OperationInvalid, OperationTimeout, VirtbusError
@@ -94,18 +96,20 @@ class QemuDriver:
         self._volumes = VolumeLeases()  # <disk type='volume'>: the agent hands its pools in
         # after the volumes: their paths are given to the QEMU user too
         self._dac = DacLabels(self._settings.qemu_user, Path(run_dir))
-        self._rt = Runtime(
-            self._settings, self._store,
-            steps=(GraphicsPorts(), self._volumes, self._dac, *steps),
-        )  # fmt: skip
-        self._registry = DomainRegistry(self._rt)
         state = Path(state_dir)
         argv = self._settings.argv or ArgvSettings(
             nvram_dir=state / "nvram", memory_backing_dir=state / "ram",
             secrets_dir=state / "secrets", swtpm_state_dir=state / "swtpm",
         )  # fmt: skip
+        self._taps = TapLeases(argv)  # <interface type='network'>: the agent hands its networks in
+        self._rt = Runtime(
+            self._settings, self._store,
+            steps=(GraphicsPorts(), self._volumes, self._taps, self._dac, *steps),
+        )  # fmt: skip
+        self._registry = DomainRegistry(self._rt)
         self._launcher = Launcher(self._rt, self._registry, argv, caps=caps,
-                                  pools=self._volumes.pool_targets, dac=self._dac)  # fmt: skip
+                                  pools=self._volumes.pool_targets, dac=self._dac,
+                                  tap_placeholders=self._taps.placeholders)  # fmt: skip
         self._devices = DeviceChanges(
             self._registry, self._launcher, self._store, self._settings, self._volumes
         )
@@ -149,6 +153,9 @@ class QemuDriver:
     # --- storage and devices (devices.py) -----------------------------------------------
     def set_volume_resolver(self, resolver: VolumeResolver) -> None:
         self._volumes.resolver = resolver
+
+    def set_tap_provider(self, provider: TapProvider) -> None:
+        self._taps.provider = provider
 
     async def attach_device(self, ref: str, xml: str, affect: Affect) -> None:
         await self._devices.attach_device(ref, xml, affect)

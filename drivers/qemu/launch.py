@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import aiofiles.os
 
-from drivers.base import ResolvedVolume
+from drivers.base import ResolvedTap, ResolvedVolume
 from drivers.qemu import companions as comp
 from drivers.qemu import confine, postparse
 from drivers.qemu import events as ev
@@ -89,6 +89,9 @@ class LaunchPlan:
     #: what each <disk type='volume'> (by disk index) resolved to (the VolumeLeases step);
     #: None while a definition is only validated (a placeholder stands in)
     volumes: dict[int, ResolvedVolume] | None = None
+    #: the tap of each <interface type='network'> on the agent's networks (by interface
+    #: index; drivers/qemu/taps.py), its fd in ``pass_fds``; None while only validated
+    taps: dict[int, ResolvedTap] | None = None
     host: HostFacts | None = None  # this host's hugepages, NUMA nodes, CPUs, firmware
 
     def close_fds(self) -> None:
@@ -133,11 +136,15 @@ class Launcher:
     def __init__(self, rt: Runtime, registry: DomainRegistry, argv: ArgvSettings, *,
                  caps: QemuCapabilities | None = None,
                  pools: Callable[[], tuple[Path, ...]] = tuple,
-                 dac: DacLabels | None = None) -> None:  # fmt: skip
+                 dac: DacLabels | None = None,
+                 tap_placeholders: Callable[[DomainDefinition], dict[int, ResolvedTap]]
+                 = lambda _defn: {}) -> None:  # fmt: skip
         """``argv``: the command line's settings; ``caps``: the emulator's capabilities
         when already known (None: probed once); ``pools``: the active storage pools'
         targets now (a domain's files may be inside one); ``dac``: the launch step that
-        gives the domain's files to the QEMU user (:mod:`drivers.qemu.dac`), if any."""
+        gives the domain's files to the QEMU user (:mod:`drivers.qemu.dac`), if any;
+        ``tap_placeholders``: stand-ins for the taps a definition's NICs get at start."""
+        self._tap_placeholders = tap_placeholders
         self._pools = pools
         self._dac = dac
         self._rt = rt
@@ -194,6 +201,7 @@ class Launcher:
         check_type(defn)
         ports = dict.fromkeys(graphics_needing_ports(defn), 5900)
         plan = LaunchPlan(defn.copy(), graphics_ports=ports)
+        plan.taps = self._tap_placeholders(plan.live)
         self._command(plan, kvm=True, caps=None, completed=True)
 
     async def confine(self, defn: DomainDefinition, device: Element | None = None, *,
@@ -247,7 +255,7 @@ class Launcher:
         return build_command(
             plan.live, self._paths, kvm_available=kvm, incoming=plan.incoming,
             emulator=self._settings.emulator, graphics_ports=plan.graphics_ports, caps=caps,
-            volumes=plan.volumes,
+            volumes=plan.volumes, taps=plan.taps,
             settings=self._argv, host=plan.host, completed=completed,
         )  # fmt: skip
 
@@ -326,6 +334,8 @@ class Launcher:
                 )
             for index, mac in launch.generated_macs.items():
                 live.set_interface_mac(index, mac)
+            for index, tap in (plan.taps or {}).items():
+                live.set_interface_target_dev(index, tap.ifname)
             qmp_socket, logfile = Path(launch.qmp_socket), Path(launch.logfile)
             await self._rt.store.check_bind_paths(launch.bind_paths)
             await self._rt.store.remove_own_sockets((*launch.sockets, qmp_socket))  # stale

@@ -22,10 +22,14 @@ done </lib/modules/load.order
 
 TICK=0.5
 CMDS=""
+DHCP=""
+PEER=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         virtbus.tick=*) TICK="${arg#virtbus.tick=}" ;;
         virtbus.cmd=*) CMDS="${arg#virtbus.cmd=}" ;;
+        virtbus.dhcp=*) DHCP="${arg#virtbus.dhcp=}" ;;
+        virtbus.ping=*) PEER="${arg#virtbus.ping=}" ;;
     esac
 done
 
@@ -50,6 +54,45 @@ blocks() {
         case "$b" in loop*|ram*|"*") ;; *) out="$out $b" ;; esac
     done
     echo "${out# }"
+}
+
+# nics: the guest's network interfaces (/sys/class/net, without lo), on one line.
+nics() {
+    local out="" n
+    for n in /sys/class/net/*; do
+        n="${n##*/}"
+        case "$n" in lo|"*") ;; *) out="$out $n" ;; esac
+    done
+    echo "${out# }"
+}
+
+# dhcp <nic>: udhcpc on it forever (renewing); every lease bound goes to the console.
+dhcp() {
+    cat >/tmp/udhcpc.sh <<'EOS'
+#!/bin/sh
+case "$1" in
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+    echo "VIRTBUS-LEASE $interface $ip" >/dev/console ;;
+esac
+exit 0
+EOS
+    chmod 755 /tmp/udhcpc.sh
+    ip link set "$1" up
+    udhcpc -i "$1" -f -S -t 0 -T 1 -A 1 -s /tmp/udhcpc.sh >/dev/null 2>&1 &
+}
+
+# pinger <address>: one ping a second, forever; each answer or silence on the console.
+pinger() {
+    local n=0
+    while :; do
+        if ping -c 1 -W 1 "$1" >/dev/null 2>&1; then say "VIRTBUS-PING-OK $1 $n"
+        else say "VIRTBUS-PING-FAIL $1 $n"; sleep 1; fi
+        n=$((n + 1))
+        sleep 1
+    done
 }
 
 # run_cmd <reply: "3" or ""> <command words...>: runs one protocol command; replies go to
@@ -187,17 +230,28 @@ done
 say "VIRTBUS-GUEST-READY"
 say "VIRTBUS-INFO kernel=$(uname -r) disk=${DISK:-none} control=${CTL# } buttons=${BUTTONS# }"
 
+# Networking on request (virtbus.dhcp=<nic>, virtbus.ping=<address>).
+[ -n "$DHCP" ] && dhcp "$DHCP"
+[ -n "$PEER" ] && pinger "$PEER" &
+
 # Kernel command line commands: virtbus.cmd=<cmd>[+<arg>]@<tick>,...
-# Every change of the block devices (a disk hot-plugged or unplugged) is reported.
+# Every change of the block devices or NICs (hot-plugged or unplugged) is reported.
 n=0
 BLOCKS="$(blocks)"
 say "VIRTBUS-BLOCKS $BLOCKS"
+NICS="$(nics)"
+say "VIRTBUS-NICS $NICS"
 while :; do
     say "VIRTBUS-TICK $n"
     now="$(blocks)"
     if [ "$now" != "$BLOCKS" ]; then
         BLOCKS="$now"
         say "VIRTBUS-BLOCKS $BLOCKS"
+    fi
+    now="$(nics)"
+    if [ "$now" != "$NICS" ]; then
+        NICS="$now"
+        say "VIRTBUS-NICS $NICS"
     fi
     if [ -n "$CMDS" ]; then
         for item in $(echo "$CMDS" | tr ',' ' '); do

@@ -1,0 +1,229 @@
+"""Guest NICs on virtual networks, end to end: a real ``virtbus-agent --driver qemu``
+whose networks live in a namespace the fixture made, real TCG guests (the busybox test
+guest runs udhcpc on eth0 and pings its peer, printing both on its serial console), the
+real CLI and RabbitMQ, dnsmasq and the bridge inside the namespace.
+
+One pair of guests serves the whole module (they boot once): their taps on the NAT
+network's bridge, their leases from dnsmasq, their pings to each other, ``domifaddr``
+and ``domiflist``, ``domif-setlink`` cutting the ping, a NIC attached live that shows up
+in the guest and detached again, and the bad inputs (an unknown or inactive network at
+start: a clear error, no tap, no QEMU; a network in use is not destroyed unless forced),
+each answered by an agent that still serves afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid as uuidlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from drivers.qemu.argv_devices import generated_mac
+from tests.guests import TestGuest, build_test_guest
+from tests.network.conftest import Topology
+from tests.procs import agent_process, cli, qemu_allowed_dirs, unique_host
+
+pytestmark = [
+    pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.network, pytest.mark.slow,
+    pytest.mark.asyncio(loop_scope="module"),
+]  # fmt: skip
+SUBNET = "10.81.0"
+WAIT = 60.0  # s: a TCG boot plus DHCP on a loaded 2-core machine
+
+
+def guest_xml(guest: TestGuest, name: str, uuid: str, serial: Path, *, network: str,
+              mac: str | None, peer: str) -> str:  # fmt: skip
+    mac_el = f"<mac address='{mac}'/>" if mac else ""
+    cmdline = f"{guest.cmdline} virtbus.dhcp=eth0 virtbus.ping={peer}"
+    return f"""<domain type='qemu'>
+  <name>{name}</name><uuid>{uuid}</uuid>
+  <memory unit='MiB'>192</memory><vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{guest.kernel}</kernel><initrd>{guest.initramfs}</initrd>
+    <cmdline>{cmdline}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <devices>
+    <interface type='network'>{mac_el}<source network='{network}'/><model type='virtio'/>
+    </interface>
+    <controller type='pci' model='pcie-root'/>
+    <controller type='pci' model='pcie-root-port'/>
+    <controller type='pci' model='pcie-root-port'/>
+    <controller type='pci' model='pcie-root-port'/>
+    <serial type='file'><source path='{serial}'/><target port='0'/></serial>
+  </devices>
+</domain>"""
+
+
+def network_xml(name: str, subnet: str, hosts: dict[str, str]) -> str:
+    reserved = "".join(f"<host mac='{mac}' ip='{ip}'/>" for mac, ip in hosts.items())
+    return (
+        f"<network><name>{name}</name><forward mode='nat'/>"
+        f"<ip address='{subnet}.1' netmask='255.255.255.0'><dhcp>"
+        f"<range start='{subnet}.100' end='{subnet}.150'/>{reserved}</dhcp></ip></network>"
+    )
+
+
+def read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+async def console(path: Path, pattern: str, *, after: int = 0, timeout: float = WAIT) -> str:
+    """The first line matching ``pattern`` on a serial console, past offset ``after``."""
+    deadline = time.monotonic() + timeout
+    regex = re.compile(pattern)
+    while True:
+        text = (await asyncio.to_thread(read, path))[after:]
+        found = regex.search(text)
+        if found:
+            return found.group(0)
+        assert time.monotonic() < deadline, f"{pattern!r} not on {path}:\n{text[-1500:]}"
+        await asyncio.sleep(0.2)
+
+
+@dataclass
+class Guest:
+    name: str
+    uuid: str
+    mac: str
+    ip: str
+    serial: Path
+
+
+@dataclass
+class Bed:
+    host: str
+    base: Path
+    topo: Topology
+    guests: tuple[Guest, Guest]
+
+    async def run(self, *args: str) -> tuple[int, str, str]:
+        i = 1 if args[0] != "--json" else 2
+        r = await cli(*args[:i], "--host", self.host, *args[i:])
+        return r.code, r.out, r.err
+
+    async def ok(self, *args: str) -> str:
+        code, out, err = await self.run(*args)
+        assert code == 0, (args, err)
+        return out
+
+    async def fails(self, code: str, *args: str) -> str:
+        rc, _, err = await self.run(*args)
+        assert rc == 1 and err.startswith(f"error: {code}: "), (args, rc, err)
+        await self.ok("list")  # ... and the agent still serves
+        return err
+
+    def file(self, name: str, text: str) -> str:
+        path = self.base / name
+        path.write_text(text)
+        return str(path)
+
+    def bridge_ports(self, bridge: str = "") -> list[str]:
+        out = self.topo.host_run("ip", "-o", "link", "show", "master", bridge or self.bridge)
+        return [line.split(":")[1].strip().split("@")[0] for line in out.stdout.splitlines()]
+
+    def taps(self) -> list[str]:
+        out = self.topo.host_run("ip", "-o", "link", "show", "type", "tun").stdout
+        return [line.split(":")[1].strip() for line in out.splitlines()]
+
+    bridge: str = ""
+
+
+@pytest.fixture(scope="module")
+def guest() -> TestGuest:
+    return build_test_guest()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def bed(guest: TestGuest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Bed]:
+    root = tmp_path_factory.mktemp("gnet")
+    topo = Topology(root)
+    topo.up()
+    host = unique_host("gnet")
+    base = root / "agent"
+    base.mkdir()
+    config = root / "agent.toml"
+    config.write_text(f'[network]\nnamespace = "{topo.host}"\n')
+    u1, u2 = str(uuidlib.uuid4()), str(uuidlib.uuid4())
+    g1 = Guest("gn-1", u1, "52:54:00:81:00:01", f"{SUBNET}.11", root / "gn-1.serial")
+    # gn-2 names no MAC: the one the agent generates is written back (and reserved here)
+    g2 = Guest("gn-2", u2, generated_mac("52:54:00", u2, 0), f"{SUBNET}.12", root / "gn-2.serial")
+    try:
+        async with agent_process(host, base, "--config", str(config), driver="qemu",
+                                 allowed_dirs=qemu_allowed_dirs(root)):  # fmt: skip
+            bed = Bed(host, root, topo, (g1, g2))
+            await bed.ok("net-define", bed.file("gn.xml", network_xml(
+                "gn", SUBNET, {g1.mac: g1.ip, g2.mac: g2.ip})))  # fmt: skip
+            await bed.ok("net-start", "gn")
+            bed.bridge = str(json.loads(await bed.ok("--json", "net-info", "gn"))["bridge"])
+            for me, peer in ((g1, g2), (g2, g1)):
+                xml = guest_xml(guest, me.name, me.uuid, me.serial, network="gn",
+                                mac=me.mac if me is g1 else None, peer=peer.ip)  # fmt: skip
+                await bed.ok("define", bed.file(f"{me.name}.xml", xml))
+                await bed.ok("start", me.name)
+            try:
+                yield bed
+            finally:
+                for name in ("gn-1", "gn-2", "gn-bad"):
+                    await cli("destroy", name, "--host", host)
+    finally:
+        topo.down()
+
+
+async def test_two_guests_on_a_nat_network_get_leases_and_ping_each_other(bed: Bed) -> None:
+    g1, g2 = bed.guests
+    for me, peer in ((g1, g2), (g2, g1)):
+        assert await console(me.serial, r"VIRTBUS-LEASE eth0 \S+") == f"VIRTBUS-LEASE eth0 {me.ip}"
+        await console(me.serial, rf"VIRTBUS-PING-OK {re.escape(peer.ip)} \d+")
+    # each NIC is a tap of the agent's on the network's bridge, handed to QEMU as an fd
+    taps = {}
+    for g in (g1, g2):
+        live = await bed.ok("dumpxml", g.name)
+        found = re.search(r"<target dev='(vt[0-9a-f]{8}\d+)'/>", live)
+        assert found, live
+        taps[g.name] = found.group(1)
+        assert g.uuid.replace("-", "")[:8] in taps[g.name]
+    assert sorted(bed.bridge_ports()) == sorted(taps.values())
+    assert sorted(bed.taps()) == sorted(taps.values())
+    # the generated MAC was written back into gn-2's persistent definition
+    (saved,) = (bed.base / "agent").rglob(f"domains/{g2.uuid}.xml")
+    assert f"<mac address='{g2.mac}'/>" in saved.read_text()
+    leases = json.loads(await bed.ok("--json", "net-dhcp-leases", "gn"))
+    assert {(x["mac"], x["ip"]) for x in leases} >= {(g1.mac, g1.ip), (g2.mac, g2.ip)}
+
+
+async def test_bad_networks_at_start_leave_nothing_behind(bed: Bed, guest: TestGuest) -> None:
+    serial = bed.base / "gn-bad.serial"
+    uuid = str(uuidlib.uuid4())
+    before = sorted(bed.taps())
+    xml = guest_xml(guest, "gn-bad", uuid, serial, network="nowhere", mac=None, peer="10.0.0.1")
+    await bed.ok("define", bed.file("gn-bad.xml", xml))  # libvirt too defines it: start says
+    err = await bed.fails("NO_NETWORK", "start", "gn-bad")
+    assert "'nowhere'" in err and "gn-bad" in err, err
+    assert "shut off" in await bed.ok("domstate", "gn-bad")
+    assert sorted(bed.taps()) == before
+    await bed.ok("undefine", "gn-bad")
+    # an inactive network: OPERATION_INVALID, named
+    await bed.ok("net-define", bed.file("off.xml", network_xml("gn-off", "10.82.0", {})))
+    xml = guest_xml(guest, "gn-bad", uuid, serial, network="gn-off", mac=None, peer="10.0.0.1")
+    await bed.ok("define", bed.file("gn-bad.xml", xml))
+    err = await bed.fails("OPERATION_INVALID", "start", "gn-bad")
+    assert "network 'gn-off' is not active" in err, err
+    assert "shut off" in await bed.ok("domstate", "gn-bad")
+    assert sorted(bed.taps()) == before
+    await bed.ok("undefine", "gn-bad")
+    await bed.ok("net-undefine", "gn-off")
+    # a network with running guests is not destroyed unless forced
+    err = await bed.fails("OPERATION_INVALID", "net-destroy", "gn")
+    assert all(tap in err for tap in bed.taps()), err
