@@ -4,13 +4,27 @@ from __future__ import annotations
 
 from agent.network import Network
 from agent.table import HANDLERS, AgentContext
-from virtbus.errors import InvalidArgument, XMLError
+from drivers.base import Affect, InterfaceLinks
+from virtbus.domain import parse_domain_xml
+from virtbus.errors import (
+    InvalidArgument,
+    NoDomainError,
+    NoSupport,
+    OperationInvalid,
+    XMLError,
+)
 from virtbus.network import check_mac
 from virtbus.protocol import ops
 from virtbus.protocol.base import Accepted
+from virtbus.protocol.events import DomainState
 from virtbus.protocol.network import (
     DhcpLease,
     DhcpLeases,
+    InterfaceAddress,
+    InterfaceAddresses,
+    InterfaceAddressesRequest,
+    InterfaceAddressList,
+    InterfaceLinkRequest,
     NetworkAutostart,
     NetworkDestroy,
     NetworkInfo,
@@ -94,3 +108,47 @@ async def _leases(ctx: AgentContext, req: NetworkLeasesRequest) -> DhcpLeases:
                   prefix=lease.prefix, hostname=lease.hostname, client_id=lease.client_id)
         for lease in leases
     ])  # fmt: skip
+
+
+# --- a domain's interfaces on this host's networks ---------------------------------------
+def _links(ctx: AgentContext) -> InterfaceLinks:
+    if not isinstance(ctx.driver, InterfaceLinks):
+        raise NoSupport(f"the {ctx.driver.name} driver cannot set a NIC's link")
+    return ctx.driver
+
+
+@HANDLERS.on(ops.DOMAIN_SET_INTERFACE_LINK)
+async def _set_link(ctx: AgentContext, req: InterfaceLinkRequest) -> Accepted:
+    await _links(ctx).set_interface_link(req.domain, req.interface, req.up,
+                                         Affect(req.live, req.config))  # fmt: skip
+    return Accepted()
+
+
+@HANDLERS.on(ops.DOMAIN_INTERFACE_ADDRESSES)
+async def _addresses(ctx: AgentContext, req: InterfaceAddressesRequest) -> InterfaceAddressList:
+    """domifaddr: each NIC on one of this host's networks, with the leases dnsmasq gave
+    its MAC. The guest agent is not spoken to by virtbus: ``agent`` says so."""
+    if req.source not in ("lease", "agent"):
+        raise InvalidArgument(f"unknown address source '{req.source}' (lease or agent)")
+    if req.source == "agent":
+        raise NoSupport("Guest agent is not responding: virtbus does not connect to a QEMU"
+                        " guest agent; use --source lease")  # fmt: skip
+    if ctx.driver.lookup(req.domain) is None:
+        raise NoDomainError(f"Domain not found: no domain with matching name '{req.domain}'")
+    state, _ = ctx.driver.state(req.domain)
+    if state not in (DomainState.RUNNING, DomainState.PAUSED, DomainState.BLOCKED):
+        raise OperationInvalid(f"domain '{req.domain}' is not running")
+    defn = parse_domain_xml(await ctx.driver.xml(req.domain))
+    known = {n.name for n in ctx.networks.networks() if n.active}
+    out = []
+    for iface in defn.interfaces:
+        if iface.type != "network" or iface.source_network not in known or not iface.mac:
+            continue
+        leases = ctx.networks.dhcp_leases(str(iface.source_network), iface.mac)
+        if leases:
+            out.append(InterfaceAddresses(
+                name=iface.target_dev or "-", hwaddr=iface.mac,
+                addrs=[InterfaceAddress(type=lease.family, addr=lease.ip, prefix=lease.prefix)
+                       for lease in leases],
+            ))  # fmt: skip
+    return InterfaceAddressList(interfaces=out)

@@ -205,13 +205,24 @@ class Hotplug(Protocol):
     domblkinfo). Optional: the agent answers NO_SUPPORT for a driver without it."""
 
     async def attach_device(self, ref: str, xml: str, affect: Affect) -> None:
-        """Add the device (a ``<disk>``) live and/or to the definition."""
+        """Add the device (a ``<disk>``, or an ``<interface>`` where the driver can) live
+        and/or to the definition."""
 
     async def detach_device(self, ref: str, xml: str, affect: Affect) -> None:
-        """Remove the device matching ``xml`` (a disk matches by its target dev); live,
-        it waits for the guest to let go (OPERATION_TIMEOUT when it does not)."""
+        """Remove the device matching ``xml`` (a disk by its target dev, a NIC by its MAC,
+        else its target dev); live, it waits for the guest to let go (OPERATION_TIMEOUT
+        when it does not)."""
 
     async def block_info(self, ref: str, target: str) -> BlockInfo: ...
+
+
+@runtime_checkable
+class InterfaceLinks(Protocol):
+    """A driver that sets a NIC's link up or down (domif-setlink). Optional."""
+
+    async def set_interface_link(self, ref: str, interface: str, up: bool,
+                                 affect: Affect) -> None:  # fmt: skip
+        """``interface``: the NIC's target dev or MAC; OPERATION_FAILED when none is."""
 
 
 @runtime_checkable

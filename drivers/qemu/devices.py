@@ -31,13 +31,19 @@ from drivers.qemu.argv import volume_disks
 from drivers.qemu.argv_storage import blockdev_nodes, device_id, hotplug_device
 from drivers.qemu.domain import Domain, Run
 from drivers.qemu.launch import LaunchPlan
+from drivers.qemu.nics import NicChanges, ensure_mac
+from drivers.qemu.slots import free_pci_slot
 from virtbus.domain import DomainDefinition
 from virtbus.domain.devices import (
     disk_target,
+    find_interface,
+    named_interface,
     only_disk,
-    parse_disk_device,
+    parse_device,
+    with_device,
     with_disk,
     without_disk,
+    without_interface,
 )
 from virtbus.domain.model import Disk
 from virtbus.errors import (
@@ -112,8 +118,9 @@ class DeviceChanges:
 
     def __init__(
         self, registry: DomainRegistry, launcher: Launcher, store: StateStore,
-        settings: QemuSettings, leases: VolumeLeases,
+        settings: QemuSettings, leases: VolumeLeases, nics: NicChanges,
     ) -> None:  # fmt: skip
+        self._nics = nics
         self._registry = registry
         self._launcher = launcher
         self._store = store
@@ -146,9 +153,12 @@ class DeviceChanges:
     # --- attach -------------------------------------------------------------------------
     async def attach_device(self, ref: str, xml: str, affect: Affect) -> None:
         dom = self._get(ref)
-        el = parse_disk_device(xml)
+        el = parse_device(xml)
         await self._launcher.confine(dom.defn, el)  # its host paths, before anything else
         live, config = self._affect(dom, affect)
+        if el.tag == "interface":
+            await self._attach_nic(dom, el, live, config)
+            return
         persistent = None
         if config:
             persistent = with_disk(dom.defn, el)
@@ -194,41 +204,20 @@ class DeviceChanges:
         dom.emit("device_added", None, {"device": dev_id, "target": disk.target_dev})
 
     async def _free_slot(self, dom: Domain, run: Run, disk: Disk) -> dict[str, Any]:
-        """bus/addr for a virtio disk: an empty pcie-root-port (q35) or a free pci.0 slot."""
+        """bus/addr for a virtio disk (other buses need none)."""
         if (disk.target_bus or ("virtio" if disk.target_dev.startswith("vd") else "")) != "virtio":
             return {}
-        buses = await dom.execute(run, "query-pci")
-        devices = [d for bus in buses or [] for d in bus.get("devices", [])]
-        ports = [c for c in run.live.controllers if c.type == "pci" and c.model == "pcie-root-port"]
-        if ports:
-            used = {
-                d.get("qdev_id") for d in _walk(devices) if d.get("pci_bridge", {}).get("devices")
-            }
-            for ctrl in ports:
-                qid = f"pci.{ctrl.index or 0}"
-                if qid not in used and any(d.get("qdev_id") == qid for d in _walk(devices)):
-                    return {"bus": qid, "addr": "0x0"}
-            raise ConfigUnsupported(
-                f"no free pcie-root-port in domain '{dom.defn.name}' for disk {disk.target_dev}:"
-                " add <controller type='pci' model='pcie-root-port'/> (libvirt adds spare ones)"
-            )
-        machine = (run.live.os.machine or "").lower()
-        if "q35" in machine:
-            raise ConfigUnsupported(
-                f"domain '{dom.defn.name}' (q35) has no pcie-root-port to plug disk"
-                f" {disk.target_dev} into: add <controller type='pci' model='pcie-root-port'/>"
-            )
-        used_slots = {int(d.get("slot", -1)) for d in devices if int(d.get("bus", 0)) == 0}
-        free = next((slot for slot in range(1, 32) if slot not in used_slots), None)
-        if free is None:
-            raise ConfigUnsupported(f"no free PCI slot in domain '{dom.defn.name}'")
-        return {"bus": "pci.0", "addr": hex(free)}
+        return await free_pci_slot(dom, run, f"disk {disk.target_dev}")
 
     # --- detach -------------------------------------------------------------------------
     async def detach_device(self, ref: str, xml: str, affect: Affect) -> None:
         dom = self._get(ref)
-        target = disk_target(parse_disk_device(xml))
+        el = parse_device(xml)
         live, config = self._affect(dom, affect)
+        if el.tag == "interface":
+            await self._detach_nic(dom, el, live, config)
+            return
+        target = disk_target(el)
         persistent = None
         if config:
             persistent = without_disk(dom.defn, target, f"the definition of '{dom.defn.name}'")
@@ -236,6 +225,51 @@ class DeviceChanges:
             assert dom.run is not None
             await self._detach_live(dom, dom.run, target)
         if persistent is not None:
+            await self._persist(persistent)
+            dom.defn = persistent
+
+    # --- NICs (drivers/qemu/nics.py) ---------------------------------------------------
+    async def _attach_nic(self, dom: Domain, el: etree._Element, live: bool,
+                          config: bool) -> None:  # fmt: skip
+        ensure_mac(el)  # the same generated MAC live and in the definition
+        persistent = None
+        if config:
+            persistent = with_device(dom.defn, el)
+            await self._launcher.complete(persistent)  # its PCI address, as libvirt assigns
+            self._validate(persistent)
+        if live:
+            assert dom.run is not None
+            await self._nics.attach_live(dom, dom.run, with_device(dom.run.live, el))
+        if persistent is not None:
+            await self._persist(persistent)
+            dom.defn = persistent
+
+    async def _detach_nic(self, dom: Domain, el: etree._Element, live: bool,
+                          config: bool) -> None:  # fmt: skip
+        persistent = None
+        if config:
+            where = f"the definition of '{dom.defn.name}'"
+            persistent = without_interface(dom.defn, find_interface(dom.defn, el, where).index)
+        if live:
+            assert dom.run is not None
+            await self._nics.detach_live(dom, dom.run, el)
+        if persistent is not None:
+            await self._persist(persistent)
+            dom.defn = persistent
+
+    async def set_interface_link(self, ref: str, interface: str, up: bool,
+                                 affect: Affect) -> None:  # fmt: skip
+        dom = self._get(ref)
+        live, config = self._affect(dom, affect)
+        if live:
+            assert dom.run is not None
+            where = f"running domain '{dom.defn.name}'"
+            iface = named_interface(dom.run.live, interface, where)
+            await self._nics.set_link_live(dom, dom.run, iface, up)
+        if config:
+            iface = named_interface(dom.defn, interface, f"the definition of '{dom.defn.name}'")
+            persistent = dom.defn.copy()
+            persistent.set_interface_link(iface.index, up)
             await self._persist(persistent)
             dom.defn = persistent
 
@@ -318,15 +352,6 @@ class DeviceChanges:
         info = json.loads(out)
         return await _sizes(target, path, int(info.get("virtual-size", 0)),
                             int(info.get("actual-size", 0)))  # fmt: skip
-
-
-def _walk(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every PCI device, bridges' children included (query-pci nests them)."""
-    out: list[dict[str, Any]] = []
-    for dev in devices:
-        out.append(dev)
-        out += _walk((dev.get("pci_bridge") or {}).get("devices") or [])
-    return out
 
 
 async def _sizes(target: str, path: str, capacity: int, allocation: int) -> BlockInfo:

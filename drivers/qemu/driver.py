@@ -55,6 +55,7 @@ from drivers.qemu.domain import Domain, Run, Runtime
 from drivers.qemu.launch import GraphicsPorts, Launcher, LaunchStep
 from drivers.qemu.migrate_steps import MigrationSteps
 from drivers.qemu.migration import MigrationSettings
+from drivers.qemu.nics import NicChanges
 from drivers.qemu.process import cpu_time_ns
 from drivers.qemu.reattach import Reattacher
 from drivers.qemu.registry import DomainRegistry
@@ -111,8 +112,9 @@ class QemuDriver:
                                   pools=self._volumes.pool_targets, dac=self._dac,
                                   tap_placeholders=self._taps.placeholders)  # fmt: skip
         self._devices = DeviceChanges(
-            self._registry, self._launcher, self._store, self._settings, self._volumes
-        )
+            self._registry, self._launcher, self._store, self._settings, self._volumes,
+            NicChanges(self._taps, self._settings.detach_timeout),
+        )  # fmt: skip
         self._migrations = MigrationSteps(
             self._registry, self._launcher, self._store, self._settings,
             migration or MigrationSettings(),
@@ -159,6 +161,10 @@ class QemuDriver:
 
     async def attach_device(self, ref: str, xml: str, affect: Affect) -> None:
         await self._devices.attach_device(ref, xml, affect)
+
+    async def set_interface_link(self, ref: str, interface: str, up: bool,
+                                 affect: Affect) -> None:  # fmt: skip
+        await self._devices.set_interface_link(ref, interface, up, affect)
 
     async def detach_device(self, ref: str, xml: str, affect: Affect) -> None:
         await self._devices.detach_device(ref, xml, affect)

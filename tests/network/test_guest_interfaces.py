@@ -14,13 +14,18 @@ each answered by an agent that still serves afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
+import signal
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -28,7 +33,10 @@ import pytest_asyncio
 from drivers.qemu.argv_devices import generated_mac
 from tests.guests import TestGuest, build_test_guest
 from tests.network.conftest import Topology
-from tests.procs import agent_process, cli, qemu_allowed_dirs, unique_host
+from tests.procs import BUS_URL, agent_process, cli, qemu_allowed_dirs, unique_host
+from virtbus.bus.factory import open_bus
+from virtbus.bus.topology import EVENTS_EXCHANGE
+from virtbus.protocol.events import routing_word
 
 pytestmark = [
     pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.network, pytest.mark.slow,
@@ -58,6 +66,9 @@ def guest_xml(guest: TestGuest, name: str, uuid: str, serial: Path, *, network: 
     <controller type='pci' model='pcie-root-port'/>
     <controller type='pci' model='pcie-root-port'/>
     <controller type='pci' model='pcie-root-port'/>
+    <controller type='pci' model='pcie-root-port'/>
+    <controller type='pci' model='pcie-root-port'/>
+    <controller type='pci' model='pcie-root-port'/>
     <serial type='file'><source path='{serial}'/><target port='0'/></serial>
   </devices>
 </domain>"""
@@ -79,15 +90,16 @@ def read(path: Path) -> str:
         return ""
 
 
-async def console(path: Path, pattern: str, *, after: int = 0, timeout: float = WAIT) -> str:
-    """The first line matching ``pattern`` on a serial console, past offset ``after``."""
+async def console(path: Path, pattern: str, *, after: int = 0, count: int = 1,
+                  timeout: float = WAIT) -> str:  # fmt: skip
+    """The ``count``-th match of ``pattern`` on a serial console, past offset ``after``."""
     deadline = time.monotonic() + timeout
     regex = re.compile(pattern)
     while True:
         text = (await asyncio.to_thread(read, path))[after:]
-        found = regex.search(text)
-        if found:
-            return found.group(0)
+        found = list(regex.finditer(text))
+        if len(found) >= count:
+            return found[count - 1].group(0)
         assert time.monotonic() < deadline, f"{pattern!r} not on {path}:\n{text[-1500:]}"
         await asyncio.sleep(0.2)
 
@@ -107,6 +119,7 @@ class Bed:
     base: Path
     topo: Topology
     guests: tuple[Guest, Guest]
+    restart: Callable[[], Awaitable[None]]  # the agent (SIGTERM, then a new one)
 
     async def run(self, *args: str) -> tuple[int, str, str]:
         i = 1 if args[0] != "--json" else 2
@@ -140,6 +153,44 @@ class Bed:
     bridge: str = ""
 
 
+class Events:
+    """One domain's events as a bus subscriber sees them."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.changed = asyncio.Event()
+
+    async def wait(self, event: str) -> dict[str, Any]:
+        async with asyncio.timeout(WAIT):
+            while True:
+                found = [e for e in self.seen if e["event"] == event]
+                if found:
+                    return found[0]
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@asynccontextmanager
+async def domain_events(host: str, domain: str) -> AsyncIterator[Events]:
+    bus = open_bus(BUS_URL, src="test")
+    await bus.connect()
+    sub = await bus.subscribe(EVENTS_EXCHANGE, [f"{routing_word(host)}.{routing_word(domain)}.#"])
+    events = Events()
+
+    async def pump() -> None:
+        async for env in sub:
+            events.seen.append(env.body)
+            events.changed.set()
+
+    pumping = asyncio.create_task(pump())
+    try:
+        yield events
+    finally:
+        pumping.cancel()
+        await sub.close()
+        await bus.close()
+
+
 @pytest.fixture(scope="module")
 def guest() -> TestGuest:
     return build_test_guest()
@@ -159,26 +210,58 @@ async def bed(guest: TestGuest, tmp_path_factory: pytest.TempPathFactory) -> Asy
     g1 = Guest("gn-1", u1, "52:54:00:81:00:01", f"{SUBNET}.11", root / "gn-1.serial")
     # gn-2 names no MAC: the one the agent generates is written back (and reserved here)
     g2 = Guest("gn-2", u2, generated_mac("52:54:00", u2, 0), f"{SUBNET}.12", root / "gn-2.serial")
+    running: list[contextlib.AbstractAsyncContextManager[object]] = []
+
+    async def start_agent() -> None:
+        agent = agent_process(host, base, "--config", str(config), driver="qemu",
+                              allowed_dirs=qemu_allowed_dirs(root))  # fmt: skip
+        await agent.__aenter__()
+        running.append(agent)
+
+    async def stop_agent() -> None:
+        await running.pop().__aexit__(None, None, None)  # SIGTERM: guests keep running
+
+    async def restart() -> None:
+        await stop_agent()
+        await start_agent()
+
+    bed = Bed(host, root, topo, (g1, g2), restart=restart)
     try:
-        async with agent_process(host, base, "--config", str(config), driver="qemu",
-                                 allowed_dirs=qemu_allowed_dirs(root)):  # fmt: skip
-            bed = Bed(host, root, topo, (g1, g2))
-            await bed.ok("net-define", bed.file("gn.xml", network_xml(
-                "gn", SUBNET, {g1.mac: g1.ip, g2.mac: g2.ip})))  # fmt: skip
-            await bed.ok("net-start", "gn")
-            bed.bridge = str(json.loads(await bed.ok("--json", "net-info", "gn"))["bridge"])
-            for me, peer in ((g1, g2), (g2, g1)):
-                xml = guest_xml(guest, me.name, me.uuid, me.serial, network="gn",
-                                mac=me.mac if me is g1 else None, peer=peer.ip)  # fmt: skip
-                await bed.ok("define", bed.file(f"{me.name}.xml", xml))
-                await bed.ok("start", me.name)
-            try:
-                yield bed
-            finally:
+        await start_agent()
+        await bed.ok("net-define", bed.file("gn.xml", network_xml(
+            "gn", SUBNET, {g1.mac: g1.ip, g2.mac: g2.ip})))  # fmt: skip
+        await bed.ok("net-start", "gn")
+        bed.bridge = str(json.loads(await bed.ok("--json", "net-info", "gn"))["bridge"])
+        for me, peer in ((g1, g2), (g2, g1)):
+            xml = guest_xml(guest, me.name, me.uuid, me.serial, network="gn",
+                            mac=me.mac if me is g1 else None, peer=peer.ip)  # fmt: skip
+            await bed.ok("define", bed.file(f"{me.name}.xml", xml))
+            await bed.ok("start", me.name)
+        yield bed
+    finally:
+        try:
+            if running:
                 for name in ("gn-1", "gn-2", "gn-bad"):
                     await cli("destroy", name, "--host", host)
-    finally:
-        topo.down()
+                await stop_agent()
+        finally:
+            kill_qemus_under(root)  # what the agent could not reach
+            topo.down()
+
+
+def kill_qemus_under(root: Path) -> None:
+    """SIGKILL every QEMU whose command line names ``root`` (ours only)."""
+    needle = str(root).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline and os.path.basename(cmdline.split(b"\0", 1)[0]).startswith(b"qemu"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
 
 
 async def test_two_guests_on_a_nat_network_get_leases_and_ping_each_other(bed: Bed) -> None:
@@ -227,3 +310,78 @@ async def test_bad_networks_at_start_leave_nothing_behind(bed: Bed, guest: TestG
     # a network with running guests is not destroyed unless forced
     err = await bed.fails("OPERATION_INVALID", "net-destroy", "gn")
     assert all(tap in err for tap in bed.taps()), err
+
+
+async def test_domiflist_domifaddr_and_links(bed: Bed) -> None:
+    g1, g2 = bed.guests
+    listing = json.loads(await bed.ok("--json", "domiflist", g1.name))
+    assert [(r["type"], r["source"], r["model"], r["mac"]) for r in listing] == [
+        ("network", "gn", "virtio", g1.mac)
+    ]
+    tap = listing[0]["interface"]
+    assert tap in bed.bridge_ports()
+    assert tap in await bed.ok("domiflist", g1.name)
+    addrs = json.loads(await bed.ok("--json", "domifaddr", g1.name))
+    assert addrs == [{"name": tap, "hwaddr": g1.mac,
+                      "addrs": [{"type": "ipv4", "addr": g1.ip, "prefix": 24}]}]  # fmt: skip
+    assert f"{g1.ip}/24" in await bed.ok("domifaddr", g1.name)
+    err = await bed.fails("NO_SUPPORT", "domifaddr", g1.name, "--source", "agent")
+    assert "guest agent" in err
+    # the link cut with QMP set_link: the peer's pings fail, then come back
+    assert (await bed.ok("domif-getlink", g1.name, tap)).split() == [tap, "up"]
+    await bed.ok("domif-setlink", g1.name, tap, "down")
+    assert (await bed.ok("domif-getlink", g1.name, g1.mac)).split() == [g1.mac, "down"]
+    mark = len(read(g2.serial))
+    await console(g2.serial, rf"VIRTBUS-PING-FAIL {re.escape(g1.ip)} \d+", after=mark)
+    await bed.ok("domif-setlink", g1.name, tap, "up")
+    mark = len(read(g2.serial))
+    await console(g2.serial, rf"VIRTBUS-PING-OK {re.escape(g1.ip)} \d+", after=mark)
+    await bed.fails("OPERATION_FAILED", "domif-setlink", g1.name, "vnet99", "down")
+
+
+async def test_a_nic_attached_live_shows_up_in_the_guest_and_detaches(bed: Bed) -> None:
+    g1, _ = bed.guests
+    before = sorted(bed.bridge_ports())
+    async with domain_events(bed.host, g1.name) as events:
+        mark = len(read(g1.serial))
+        out = await bed.ok("attach-interface", g1.name, "network", "gn", "--model", "virtio",
+                           "--live")  # fmt: skip
+        assert "Interface attached successfully" in out
+        await console(g1.serial, r"VIRTBUS-NICS eth0 eth1", after=mark)
+        listing = json.loads(await bed.ok("--json", "domiflist", g1.name))
+        assert len(listing) == 2 and listing[1]["source"] == "gn"
+        new_tap, new_mac = listing[1]["interface"], listing[1]["mac"]
+        assert new_mac.startswith("52:54:00:") and new_mac != g1.mac
+        assert sorted(bed.bridge_ports()) == sorted([*before, new_tap])
+        added = await events.wait("device_added")
+        assert added["data"]["mac"] == new_mac
+        # --live only: the definition has one NIC still
+        (saved,) = (bed.base / "agent").rglob(f"domains/{g1.uuid}.xml")
+        assert new_mac not in saved.read_text()
+        mark = len(read(g1.serial))
+        out = await bed.ok("detach-interface", g1.name, "network", "--mac", new_mac, "--live")
+        assert "Interface detached successfully" in out
+        await console(g1.serial, r"VIRTBUS-NICS eth0\r?\n", after=mark)
+        await events.wait("device_removed")
+    assert sorted(bed.bridge_ports()) == before
+    assert len(json.loads(await bed.ok("--json", "domiflist", g1.name))) == 1
+    # no NIC of that type: refused, nothing changed
+    err = await bed.fails("OPERATION_FAILED", "detach-interface", g1.name, "bridge")
+    assert "No interface found whose type is bridge" in err
+
+
+async def test_an_agent_restart_leaves_the_guests_pinging(bed: Bed) -> None:
+    """Last in the module: it ends with gn-2 destroyed by the new agent."""
+    g1, g2 = bed.guests
+    taps = sorted(bed.taps())
+    marks = [len(read(g.serial)) for g in (g1, g2)]
+    await bed.restart()
+    assert sorted(bed.taps()) == taps  # the same taps: nothing was rebuilt
+    for g, peer, mark in ((g1, g2, marks[0]), (g2, g1, marks[1])):
+        # two answers after the restart's, and no silence at all since the restart began
+        await console(g.serial, rf"VIRTBUS-PING-OK {re.escape(peer.ip)} \d+", after=mark, count=3)
+        assert "VIRTBUS-PING-FAIL" not in read(g.serial)[mark:]
+    # the new agent knows the taps it did not make: destroy removes gn-2's
+    (tap2,) = [t for t in taps if g2.uuid.replace("-", "")[:8] in t]
+    await bed.ok("destroy", g2.name)
+    assert tap2 not in bed.taps() and tap2 not in bed.bridge_ports()

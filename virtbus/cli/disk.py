@@ -46,7 +46,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _flags(p)
     p.set_defaults(func=detach_disk)
     for verb in ("attach-device", "detach-device"):
-        p = sub.add_parser(verb, help=f"{verb.split('-')[0]} a device (a <disk>) from XML")
+        what = verb.split("-")[0]
+        p = sub.add_parser(verb, help=f"{what} a device (a <disk> or an <interface>) from XML")
         _target(p)
         p.add_argument("file", help="device XML file ('-' for stdin)")
         _flags(p)

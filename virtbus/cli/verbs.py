@@ -21,6 +21,10 @@ MODULE_VERBS: dict[str, tuple[str, ...]] = {
         "attach-disk", "detach-disk", "attach-device", "detach-device", "domblklist",
         "domblkinfo",
     ),
+    "iface": (
+        "attach-interface", "detach-interface", "domiflist", "domif-getlink", "domif-setlink",
+        "domifaddr",
+    ),
     "snapshot": (
         "snapshot-create", "snapshot-create-as", "snapshot-list", "snapshot-info",
         "snapshot-dumpxml", "snapshot-current", "snapshot-parent", "snapshot-revert",

@@ -70,7 +70,14 @@ from virtbus.protocol.envelope import Kind
 from virtbus.protocol.host import DrainFlag, HostInventory, Pong, SetDraining
 from virtbus.protocol.messages import AuditRecord, DomainEvent
 from virtbus.protocol.migration import TERMINAL_STATES, MigrationParams, MigrationRecord
-from virtbus.protocol.network import NetworkInfo, NetworkListRequest, NetworkXmlRequest
+from virtbus.protocol.network import (
+    InterfaceAddresses,
+    InterfaceAddressesRequest,
+    InterfaceLinkRequest,
+    NetworkInfo,
+    NetworkListRequest,
+    NetworkXmlRequest,
+)
 from virtbus.protocol.registry import Op, Service
 from virtbus.protocol.save import ManagedSaveRequest, Restored, RestoreRequest, SaveRequest
 from virtbus.protocol.scheduler import (
@@ -475,6 +482,18 @@ class Domain:
     async def detach_device(self, xml: str, *, live: bool = False, config: bool = False) -> None:
         request = DeviceChange(domain=self.ref, xml=xml, live=live, config=config)
         await self.host.call(ops.DOMAIN_DETACH_DEVICE, request)
+
+    async def set_interface_link(self, interface: str, up: bool, *, live: bool = False,
+                                 config: bool = False) -> None:  # fmt: skip
+        """domif-setlink: ``interface`` is the NIC's target dev (its tap) or its MAC."""
+        request = InterfaceLinkRequest(domain=self.ref, interface=interface, up=up, live=live,
+                                       config=config)  # fmt: skip
+        await self.host.call(ops.DOMAIN_SET_INTERFACE_LINK, request)
+
+    async def interface_addresses(self, source: str = "lease") -> list[InterfaceAddresses]:
+        """domifaddr: the NICs' addresses from the networks' DHCP leases."""
+        request = InterfaceAddressesRequest(domain=self.ref, source=source)
+        return (await self.host.call(ops.DOMAIN_INTERFACE_ADDRESSES, request)).interfaces
 
     async def block_info(self, target: str) -> BlockInfo:
         request = BlockInfoRequest(domain=self.ref, target=target)

@@ -177,6 +177,18 @@ class DomainDefinition:
             el = self._nth(self.interfaces, index, "interface").element
             self._child(el, "target").set("dev", dev)
 
+    def set_interface_alias(self, index: int, name: str) -> None:
+        """Record the NIC's device id in QEMU (``<alias name=...>``, as libvirt's live XML)."""
+        with self.edit():
+            el = self._nth(self.interfaces, index, "interface").element
+            self._child(el, "alias").set("name", name)
+
+    def set_interface_link(self, index: int, up: bool) -> None:
+        """``<link state='up|down'/>`` of interface ``index`` (domif-setlink)."""
+        with self.edit():
+            el = self._nth(self.interfaces, index, "interface").element
+            self._child(el, "link").set("state", "up" if up else "down")
+
     def set_graphics_port(self, index: int, port: int) -> None:
         """Record the port a graphics device got at start."""
         with self.edit():

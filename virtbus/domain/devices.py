@@ -8,7 +8,7 @@ import copy
 from lxml import etree
 
 from virtbus.domain.definition import DomainDefinition
-from virtbus.domain.model import Element
+from virtbus.domain.model import Element, Interface
 from virtbus.domain.xml import parse_untrusted_root
 from virtbus.errors import ConfigUnsupported, OperationFailed, XMLError
 
@@ -23,6 +23,53 @@ def parse_disk_device(xml: str) -> Element:
     return root
 
 
+DEVICE_TAGS = ("disk", "interface")
+
+
+def parse_device(xml: str) -> Element:
+    """A device document virtbus attaches or detaches: a ``<disk>`` or an ``<interface>``."""
+    root = parse_untrusted_root(xml, "device")
+    if not isinstance(root.tag, str) or root.tag not in DEVICE_TAGS:
+        raise ConfigUnsupported(
+            f"only <disk> and <interface> devices can be attached or detached, not <{root.tag}>"
+        )
+    return root
+
+
+def find_interface(defn: DomainDefinition, el: Element, where: str) -> Interface:
+    """The NIC a detach-device ``<interface>`` means: by its MAC, else its target dev
+    (libvirt's matching); OPERATION_FAILED naming what was looked for when none is."""
+    mac_el, target = el.find("mac"), el.find("target")
+    mac = (mac_el.get("address") or "").lower() if mac_el is not None else ""
+    dev = target.get("dev") if target is not None else None
+    if not mac and not dev:
+        raise XMLError("the <interface> needs <mac address=...> or <target dev=...>")
+    for iface in defn.interfaces:
+        if (mac and iface.mac == mac) or (not mac and dev and iface.target_dev == dev):
+            return iface
+    raise OperationFailed(f"no interface with {'MAC ' + mac if mac else 'target ' + str(dev)}"
+                          f" in {where}")  # fmt: skip
+
+
+def named_interface(defn: DomainDefinition, name: str, where: str) -> Interface:
+    """The NIC ``name`` means in domif-setlink/getlink: its target dev or its MAC."""
+    for iface in defn.interfaces:
+        if name in (iface.target_dev, iface.mac) or name.lower() == iface.mac:
+            return iface
+    raise OperationFailed(f"interface '{name}' not found in {where}")
+
+
+def without_interface(defn: DomainDefinition, index: int) -> DomainDefinition:
+    """A copy of ``defn`` without interface ``index``."""
+    new = defn.copy()
+    with new.edit():
+        el = new.interfaces[index].element
+        parent = el.getparent()
+        assert parent is not None
+        parent.remove(el)
+    return new
+
+
 def disk_target(el: Element) -> str:
     target = el.find("target")
     dev = target.get("dev") if target is not None else None
@@ -33,6 +80,11 @@ def disk_target(el: Element) -> str:
 
 def with_disk(defn: DomainDefinition, el: Element) -> DomainDefinition:
     """A copy of ``defn`` with the disk appended (re-validated: a duplicate target fails)."""
+    return with_device(defn, el)
+
+
+def with_device(defn: DomainDefinition, el: Element) -> DomainDefinition:
+    """A copy of ``defn`` with the device appended to its ``<devices>``."""
     new = defn.copy()
     with new.edit() as root:
         devices = root.find("devices")

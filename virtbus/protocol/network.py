@@ -154,3 +154,52 @@ NETWORK_DHCP_LEASES = op(
     "the DHCP leases dnsmasq handed out (net-dhcp-leases)",
     access=Access.READ, target=_N, target_of=_net,
 )  # fmt: skip
+
+
+# --- a domain's interfaces on the host's networks ---------------------------------------
+class InterfaceLinkRequest(Message):
+    """domif-setlink: ``interface`` is the NIC's target dev (its tap) or its MAC."""
+
+    domain: Name
+    interface: Name
+    up: bool
+    live: bool = False
+    config: bool = False
+
+
+class InterfaceAddressesRequest(Message):
+    """domifaddr: ``source`` is ``lease`` (the networks' DHCP leases) or ``agent``."""
+
+    domain: Name
+    source: str = "lease"
+
+
+class InterfaceAddress(Message):
+    type: str  # ipv4 | ipv6
+    addr: str
+    prefix: NonNegInt
+
+
+class InterfaceAddresses(Message):
+    """One NIC of domifaddr: its name (the tap), MAC and addresses."""
+
+    name: str
+    hwaddr: str
+    addrs: list[InterfaceAddress]
+
+
+class InterfaceAddressList(Message):
+    interfaces: list[InterfaceAddresses]
+
+
+_dom = field("domain")
+DOMAIN_SET_INTERFACE_LINK = op(
+    "domain.set_interface_link", InterfaceLinkRequest, Accepted, _A,
+    "set a NIC's link up or down (domif-setlink; live: QMP set_link)",
+    access=Access.CONFIG, target=Target.DOMAIN, target_of=_dom, serial=True,
+)  # fmt: skip
+DOMAIN_INTERFACE_ADDRESSES = op(
+    "domain.interface_addresses", InterfaceAddressesRequest, InterfaceAddressList, _A,
+    "a domain's NIC addresses (domifaddr: from the networks' DHCP leases)",
+    access=Access.READ, target=Target.DOMAIN, target_of=_dom,
+)  # fmt: skip
