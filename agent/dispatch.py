@@ -145,8 +145,9 @@ class Dispatcher:
         self._timeout = command_timeout
         self._memory = CallMemory(call_memory)
         self._tails: dict[str, asyncio.Future[Reply]] = {}  # last call submitted per domain
-        # call id -> (fingerprint, reply on disk): what before_ack waits for
-        self._recording: dict[str, tuple[str, asyncio.Future[None]]] = {}
+        # call id -> (fingerprint, reply on disk, the delivery recorded): what before_ack
+        # waits for
+        self._recording: dict[str, tuple[str, asyncio.Future[None], Envelope]] = {}
         self.executed = 0  # commands actually run (redeliveries excluded)
 
     def submit(self, call: Envelope) -> Awaitable[Reply]:
@@ -249,7 +250,7 @@ class Dispatcher:
         """Written while the reply travels; the ack waits for it (before_ack)."""
         assert self._call_log is not None
         recording = self._call_log.record(call.id, fingerprint, body)
-        entry = (fingerprint, recording)
+        entry = (fingerprint, recording, call)
         self._recording[call.id] = entry
 
         def written(_done: asyncio.Future[None]) -> None:  # nothing left to wait for
@@ -278,7 +279,9 @@ class Dispatcher:
         """The transport acks a call only once its reply is recorded: a call redelivered
         after a crash is then answered from the log instead of being run again."""
         entry = self._recording.get(call.id)
-        if entry is not None and entry[0] == call_fingerprint(call):
+        # The delivery that ran is the same call without digesting its body again; another
+        # delivery of its id (a redelivery) waits too only if it is the same call.
+        if entry is not None and (entry[2] is call or entry[0] == call_fingerprint(call)):
             del self._recording[call.id]
             await entry[1]
         if call.op == _STOP_BEFORE_ACK:  # the crash window of tests/e2e/test_agent_crash.py

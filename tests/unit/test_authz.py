@@ -3,6 +3,7 @@ the memory:// bus carrying its user as RabbitMQ's user_id."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,28 @@ async def test_memory_bus_agent_audits_denials_on_the_stream(tmp_path: Path) -> 
             await c.close()
     finally:
         await agent.stop()
+
+
+async def test_the_audit_writer_gathers_the_calls_of_its_window_into_one_write(
+    tmp_path: Path,
+) -> None:
+    trail = AuditTrail(tmp_path / "audit.log", "h1", max_bytes=1 << 20, keep=2)
+    writes: list[bytes] = []
+    append = trail._append
+    trail._append = lambda data: (writes.append(data), append(data))[1]  # type: ignore[method-assign]
+    writer = asyncio.create_task(trail.run())
+    try:
+        for i in range(5):  # calls answered one after another, well within one window
+            call = Envelope(kind=Kind.CALL, op="domain.start", body={}, user="u", id=f"c{i}")
+            trail.record(call, "web", {"ok": True}, 0.001)
+            await asyncio.sleep(0)
+        async with asyncio.timeout(5):
+            while trail.written < 5:
+                await asyncio.sleep(0.005)
+        assert len(writes) == 1  # one write (and one thread hop) for the five calls
+        trail.record(call, "web", {"ok": True}, 0.001)
+        await trail.flush()  # a stop's flush writes at once, not after the window
+        assert trail.written == 6 and len(writes) == 2
+    finally:
+        writer.cancel()
+    assert [r.id for r in read_log(tmp_path / "audit.log")] == [f"c{i}" for i in range(5)] + ["c4"]

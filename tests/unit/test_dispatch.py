@@ -156,3 +156,51 @@ async def test_restored_replies_without_fingerprint_match_on_the_id() -> None:
     assert await d.submit(_call("x", "d1", call_id="legacy")) == old
     assert (await d.submit(_call("x", "d1", call_id="new")))["error"]["code"] == "RPC_ERROR"
     assert d.executed == 0
+
+
+class HeldLog:
+    """A call log whose writes finish when the test says (the dispatcher's before_ack
+    must wait for them)."""
+
+    def __init__(self) -> None:
+        self.writes: list[asyncio.Future[None]] = []
+
+    def record(self, call_id: str, fingerprint: str, body: Any) -> asyncio.Future[None]:
+        self.writes.append(asyncio.get_running_loop().create_future())
+        return self.writes[-1]
+
+
+async def _acked(d: Dispatcher, call: Envelope) -> bool:
+    """Whether before_ack(call) returns while the reply's write is still held."""
+    ack = asyncio.ensure_future(d.before_ack(call))
+    await asyncio.sleep(0.01)
+    done = ack.done()
+    ack.cancel()
+    return done
+
+
+def _recording_dispatcher(log: HeldLog) -> Dispatcher:
+    rec = Recorder()
+
+    def prepare(call: Envelope) -> Prepared:
+        return Prepared(TEST_OP, call.body.get("domain"), lambda: rec.execute(call))
+
+    return Dispatcher(prepare, command_timeout=5.0, call_memory=100, call_log=log)  # type: ignore[arg-type]
+
+
+def _redelivery_of(call: Envelope) -> Envelope:
+    return Envelope(kind=call.kind, op=call.op, body=dict(call.body), id=call.id, ts=call.ts)
+
+
+async def test_the_ack_waits_for_the_reply_on_disk_for_the_same_call_only() -> None:
+    assert TEST_OP.journaled  # the premise: its replies are recorded
+    reuse = Envelope(kind=Kind.CALL, op="test.op", body={"domain": "d2"}, id="c1")
+    for acked, held in ((lambda c: c, True), (_redelivery_of, True), (lambda c: reuse, False)):
+        log = HeldLog()
+        d = _recording_dispatcher(log)
+        call = _call("test.op", "d1", call_id="c1")
+        await d.submit(call)
+        assert len(log.writes) == 1 and not log.writes[0].done()
+        # The delivery that ran, or a redelivery of it, waits for its record; another
+        # call that reuses the id is not held by it.
+        assert await _acked(d, acked(call)) is not held
