@@ -1,7 +1,8 @@
 """The command path's cost in the agent, in figures a busy machine does not distort.
 
 A real agent process (QEMU driver, the real RabbitMQ) runs the firmware-only guest of
-vs_libvirt; the client sends ``--pairs`` suspend+resume pairs, then ``--infos`` dominfo
+vs_libvirt (``--driver test``: the test driver's guest, the bus path without QEMU); the
+client sends ``--pairs`` suspend+resume pairs, then ``--infos`` dominfo
 calls. For each window the agent's cost is reported as
 
 - CPU time of the agent process per call (``/proc/PID/stat``, 10 ms ticks over the window);
@@ -15,6 +16,7 @@ calls. For each window the agent's cost is reported as
 Wall-clock p50/p99 are printed too, for a quiet machine only.
 
     .venv/bin/python -m tests.bench.command_path [--pairs 200] [--infos 200] [--callgrind]
+        [--driver qemu|test]
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ from virtbus.bus.factory import open_bus
 from virtbus.protocol import ops
 
 TICK = os.sysconf("SC_CLK_TCK")
+TEST_XML = (
+    "<domain type='test'><name>{name}</name><memory>131072</memory>"
+    "<os><type>hvm</type></os></domain>"
+)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -81,12 +87,12 @@ class Callgrind:
 
 @contextlib.asynccontextmanager
 async def agent(
-    state: Path, command: list[str]
+    state: Path, command: list[str], driver: str
 ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
     host = unique_host("cmdpath")
     log = open(state / "agent.log", "ab")  # noqa: SIM115 - closed below
     proc = await asyncio.create_subprocess_exec(
-        *command, "--host", host, "--driver", "qemu", "--state-dir", str(state),
+        *command, "--host", host, "--driver", driver, "--state-dir", str(state),
         "--bus", BUS_URL, "--log-level", "WARNING", "--heartbeat-interval", "5",
         "--metrics-interval", "3600", stdout=asyncio.subprocess.PIPE, stderr=log,
     )  # fmt: skip
@@ -134,7 +140,9 @@ async def window(
 
 def agent_command(args: argparse.Namespace, grind_out: Path) -> list[str]:
     if args.callgrind:
-        return ["valgrind", "--tool=callgrind", "--collect-atstart=no",
+        # Instrumentation off until callgrind_control -i on (with --collect-atstart=no
+        # instead, -i on would count nothing: collection would stay off).
+        return ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                 f"--callgrind-out-file={grind_out}", *AGENT]  # fmt: skip
     if args.profile:
         out = str(Path(args.profile).resolve())
@@ -147,13 +155,17 @@ async def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="vbcp") as tmp:
         state = Path(tmp)
         grind_out = state / "callgrind.out"
-        async with agent(state, agent_command(args, grind_out)) as (host, proc):
+        async with agent(state, agent_command(args, grind_out), args.driver) as (host, proc):
             bus = open_bus(BUS_URL, src="bench")
             await bus.connect()
             route, name = ops.agent_route(host), f"cmdpath-{uuid.uuid4().hex[:6]}"
             timeout = 600.0
             try:
-                xml = firmware_guest_xml(name, hv, str(uuid.uuid4()))
+                xml = (
+                    firmware_guest_xml(name, hv, str(uuid.uuid4()))
+                    if args.driver == "qemu"
+                    else TEST_XML.format(name=name)
+                )
                 await bus.call(route, ops.DOMAIN_DEFINE, {"xml": xml}, timeout=timeout)
                 await bus.call(route, ops.DOMAIN_START, {"domain": name}, timeout=timeout)
                 grind = Callgrind(proc.pid, grind_out) if args.callgrind else None
@@ -181,6 +193,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--infos", type=int, default=200)
+    parser.add_argument("--driver", choices=("qemu", "test"), default="qemu")
     parser.add_argument("--callgrind", action="store_true", help="count the agent's instructions")
     parser.add_argument("--profile", metavar="FILE", help="run the agent under cProfile")
     add_force(parser)
