@@ -9,6 +9,7 @@ from virtbus.errors import NoSupport
 from virtbus.protocol import ops
 from virtbus.protocol.blockjob import (
     BlockCommit,
+    BlockCopy,
     BlockErrors,
     BlockJobAbort,
     BlockJobInfo,
@@ -36,20 +37,30 @@ async def _pull(ctx: AgentContext, req: BlockPull) -> BlockJobInfo:
     return await _jobs(ctx).block_pull(req.domain, req)
 
 
+@HANDLERS.on(ops.DOMAIN_BLOCK_COPY)
+async def _copy(ctx: AgentContext, req: BlockCopy) -> BlockJobInfo:
+    return await _jobs(ctx).block_copy(req.domain, req)
+
+
 @HANDLERS.on(ops.DOMAIN_BLOCK_JOB_INFO)
 async def _info(ctx: AgentContext, req: BlockTarget) -> BlockJobState:
-    return BlockJobState(job=await _jobs(ctx).block_job_info(req.domain, req.disk))
+    return _state(ctx, req.domain, req.disk, await _jobs(ctx).block_job_info(req.domain, req.disk))
+
+
+def _state(ctx: AgentContext, domain: str, disk: str, job: BlockJobInfo | None) -> BlockJobState:
+    return BlockJobState(job=job, last=_jobs(ctx).block_job_end(domain, disk))
 
 
 @HANDLERS.on(ops.DOMAIN_BLOCK_JOB_ABORT)
 async def _abort(ctx: AgentContext, req: BlockJobAbort) -> BlockJobState:
     await _jobs(ctx).block_job_abort(req.domain, req.disk, req.pivot)
-    return BlockJobState(job=await _jobs(ctx).block_job_info(req.domain, req.disk))
+    return _state(ctx, req.domain, req.disk, await _jobs(ctx).block_job_info(req.domain, req.disk))
 
 
 @HANDLERS.on(ops.DOMAIN_BLOCK_JOB_SPEED)
 async def _speed(ctx: AgentContext, req: BlockJobSpeed) -> BlockJobState:
-    return BlockJobState(job=await _jobs(ctx).block_job_speed(req.domain, req.disk, req.bandwidth))
+    job = await _jobs(ctx).block_job_speed(req.domain, req.disk, req.bandwidth)
+    return _state(ctx, req.domain, req.disk, job)
 
 
 @HANDLERS.on(ops.DOMAIN_BLOCK_ERRORS)

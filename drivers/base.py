@@ -18,7 +18,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from virtbus.protocol.blockjob import BlockCommit, BlockError, BlockJobInfo, BlockPull
+from virtbus.protocol.blockjob import (
+    BlockCommit,
+    BlockCopy,
+    BlockError,
+    BlockJobEnd,
+    BlockJobInfo,
+    BlockPull,
+)
 from virtbus.protocol.domain import DomainInfo as DomainInfoMessage
 from virtbus.protocol.domain import StateName
 from virtbus.protocol.events import DomainState
@@ -278,12 +285,18 @@ class BlockJobs(Protocol):
     async def block_pull(self, ref: str, req: BlockPull) -> BlockJobInfo:
         """Start a pull; it is followed as ``block_job`` events."""
 
+    async def block_copy(self, ref: str, req: BlockCopy) -> BlockJobInfo:
+        """Start mirroring a disk onto a new image; followed as ``block_job`` events."""
+
     async def block_job_info(self, ref: str, disk: str) -> BlockJobInfo | None: ...
     async def block_job_abort(self, ref: str, disk: str, pivot: bool) -> None:
         """Cancel the disk's job (``pivot``: finish a ready active commit); returns when
         it ended."""
 
     async def block_job_speed(self, ref: str, disk: str, bandwidth: int) -> BlockJobInfo: ...
+    def block_job_end(self, ref: str, disk: str) -> BlockJobEnd | None:
+        """How the disk's last job ended (None: none ended since the agent started)."""
+
     async def block_errors(self, ref: str) -> list[BlockError]: ...
 
 

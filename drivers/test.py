@@ -22,7 +22,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from drivers.base import (
     Affect,
@@ -72,7 +72,9 @@ from virtbus.errors import (
 from virtbus.protocol.base import to_wire
 from virtbus.protocol.blockjob import (
     BlockCommit,
+    BlockCopy,
     BlockError,
+    BlockJobEnd,
     BlockJobInfo,
     BlockJobType,
     BlockPull,
@@ -91,7 +93,8 @@ _ACTIVE = (DomainState.RUNNING, DomainState.PAUSED, DomainState.BLOCKED, DomainS
 
 @dataclass(slots=True)
 class _BlockJob:
-    """A simulated active commit, ready until pivoted onto ``base`` or aborted."""
+    """A simulated active commit or copy, ready until pivoted onto ``base`` (the chain
+    the disk then runs on) or aborted."""
 
     type: BlockJobType
     base: list[tuple[str, str]]
@@ -192,6 +195,7 @@ class TestDriver:
         self._resolver: VolumeResolver | None = None  # the agent's storage (volume disks)
         self._snapshots = SnapshotStore(None)  # in memory, as test:///default keeps them
         self._block_jobs: dict[tuple[str, str], _BlockJob] = {}  # (uuid, disk) -> job
+        self._block_ends: dict[tuple[str, str], BlockJobEnd] = {}  # how the last one ended
 
     # --- plumbing -------------------------------------------------------------------
     async def open(self, sink: EventSink) -> None:
@@ -579,7 +583,9 @@ class TestDriver:
         return dom, disk
 
     def _block_event(self, dom: _TestDomain, target: str, type_: BlockJobType,
-                     status: str) -> None:  # fmt: skip
+                     status: Literal["ready", "completed", "canceled"]) -> None:  # fmt: skip
+        if status != "ready":
+            self._block_ends[(dom.definition.uuid, target)] = BlockJobEnd(type=type_, status=status)
         self._sink(DriverEvent(dom.definition.name, dom.definition.uuid, "block_job", None,
                                {"disk": target, "type": type_, "status": status}))  # fmt: skip
 
@@ -614,6 +620,21 @@ class TestDriver:
         self._block_event(dom, disk.target_dev, "pull", "completed")
         return BlockJobInfo(disk=disk.target_dev, type="pull", cur=1, end=1,
                             bandwidth=req.bandwidth, ready=False, status="concluded")  # fmt: skip
+
+    async def block_copy(self, ref: str, req: BlockCopy) -> BlockJobInfo:
+        await self._latency()
+        dom, disk = self._block_disk(ref, req.disk, "blockcopy")
+        if req.shallow:
+            raise NoSupport("blockcopy --shallow is not supported yet (a full copy is)")
+        if await asyncio.to_thread(os.path.lexists, req.dest):
+            raise OperationInvalid(f"blockcopy destination {req.dest} already exists")
+        job = _BlockJob("copy", [(req.dest, req.format)], req.bandwidth)
+        self._block_jobs[(dom.definition.uuid, disk.target_dev)] = job
+        self._block_event(dom, disk.target_dev, "copy", "ready")
+        return job.info(disk.target_dev)
+
+    def block_job_end(self, ref: str, disk: str) -> BlockJobEnd | None:
+        return self._block_ends.get((self._get(ref).definition.uuid, disk))
 
     async def block_job_info(self, ref: str, disk: str) -> BlockJobInfo | None:
         dom, _disk = self._block_disk(ref, disk, "blockjob")

@@ -21,13 +21,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from drivers.blockjobs import disk_chain, plan_commit, plan_pull, with_chain
+from drivers.qemu import external
 from drivers.qemu.argv_storage import device_id
 from drivers.qemu.domain import Domain, Run
+from drivers.qemu.launch import Launcher
 from drivers.qemu.registry import DomainRegistry
 from drivers.qemu.settings import QemuSettings
 from drivers.qemu.state import StateStore
@@ -35,6 +38,7 @@ from virtbus.aio import log_task_failure
 from virtbus.domain.model import Disk
 from virtbus.errors import (
     InvalidArgument,
+    NoSupport,
     OperationFailed,
     OperationInvalid,
     OperationTimeout,
@@ -42,7 +46,9 @@ from virtbus.errors import (
 )
 from virtbus.protocol.blockjob import (
     BlockCommit,
+    BlockCopy,
     BlockError,
+    BlockJobEnd,
     BlockJobInfo,
     BlockJobType,
     BlockPull,
@@ -53,7 +59,8 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 PREFIX = "virtbus-"
 _KINDS: dict[str, BlockJobType] = {"commit": "commit", "acommit": "active-commit",
-                                   "pull": "pull"}  # fmt: skip
+                                   "pull": "pull", "copy": "copy"}  # fmt: skip
+_PIVOTS = ("active-commit", "copy")  # the jobs that become ready and can pivot
 _ENDED = ("concluded", "null")
 _ACTIVE = (DomainState.RUNNING, DomainState.PAUSED)
 
@@ -85,17 +92,22 @@ class _Job:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     aborted: bool = False
     task: asyncio.Task[None] | None = None
+    target_nodes: list[str] = field(default_factory=list)  # a copy's destination nodes
+    dest: str | None = None  # a copy's destination image
 
 
 class QemuBlockJobs:
     """The BlockJobs methods of the QEMU driver (see module docstring)."""
 
-    def __init__(self, registry: DomainRegistry, states: StateStore,
-                 settings: QemuSettings) -> None:  # fmt: skip
+    def __init__(self, registry: DomainRegistry, states: StateStore, settings: QemuSettings,
+                 launcher: Launcher, job: external.Job) -> None:  # fmt: skip
         self._registry = registry
         self._states = states
         self._settings = settings
+        self._launcher = launcher  # where a copy may be written
+        self._run_job = job  # one QMP job to its end (blockdev-create)
         self._jobs: dict[tuple[str, str], _Job] = {}  # (uuid, target) -> job
+        self._ends: dict[tuple[str, str], BlockJobEnd] = {}  # how each disk's last job ended
 
     # --- start ------------------------------------------------------------------------
     async def commit(self, ref: str, req: BlockCommit) -> BlockJobInfo:
@@ -117,12 +129,45 @@ class QemuBlockJobs:
             args["base-node"] = chain[base].node
         return await self._start(dom, run, disk, "pull", "block-stream", args, req.bandwidth)
 
-    async def _start(self, dom: Domain, run: Run, disk: Disk, kind: str, cmd: str,
-                     args: dict[str, Any], bandwidth: int) -> BlockJobInfo:  # fmt: skip
-        key = (dom.defn.uuid, disk.target_dev)
-        if key in self._jobs:
+    async def copy(self, ref: str, req: BlockCopy) -> BlockJobInfo:
+        """A mirror onto a new image QEMU creates (libvirt's blockcopy over blockdev): the
+        copy is opened first, then ``blockdev-mirror`` fills it; a failure before the
+        mirror runs closes and removes what was made."""
+        dom, run, disk = self._disk(ref, req.disk, "blockcopy")
+        self._check_free(dom, disk)
+        await self._launcher.confine_file(run.live, req.dest, f"blockcopy of disk {req.disk}")
+        if await asyncio.to_thread(os.path.lexists, req.dest):
+            raise OperationInvalid(f"blockcopy destination {req.dest} already exists")
+        if req.shallow:
+            raise NoSupport("blockcopy --shallow is not supported yet (a full copy is)")
+        chain = await _chain(dom, run, disk)
+        size = external.virtual_size((await external.inserted(dom, run, [disk]))[0])
+        backing = None
+        added: list[str] = []
+        try:
+            node = await external.new_image(dom, run, self._run_job, req.dest, req.format, size,
+                                            backing, added)  # fmt: skip
+            args = {"target": node, "sync": "full"}
+            info = await self._start(dom, run, disk, "copy", "blockdev-mirror",
+                                     {"device": chain[0].node, **args}, req.bandwidth)  # fmt: skip
+        except BaseException:
+            await external.close_nodes(dom, run, added)
+            with contextlib.suppress(OSError):
+                os.unlink(req.dest)
+            raise
+        job = self._jobs.get((dom.defn.uuid, disk.target_dev))
+        if job is not None:
+            job.target_nodes, job.dest = added, req.dest
+        return info
+
+    def _check_free(self, dom: Domain, disk: Disk) -> None:
+        if (dom.defn.uuid, disk.target_dev) in self._jobs:
             raise OperationInvalid(f"disk '{disk.target_dev}' of domain '{dom.defn.name}'"
                                    " already has a block job")  # fmt: skip
+
+    async def _start(self, dom: Domain, run: Run, disk: Disk, kind: str, cmd: str,
+                     args: dict[str, Any], bandwidth: int) -> BlockJobInfo:  # fmt: skip
+        self._check_free(dom, disk)
         jid = job_id(kind, disk.target_dev)
         if bandwidth:
             args["speed"] = bandwidth * MIB
@@ -222,6 +267,8 @@ class QemuBlockJobs:
         for j in await dom.execute(run, "query-jobs"):
             if j.get("id") == job.id:
                 error = j.get("error")
+        if job.aborted and "cancel" in str(error).lower():
+            error = None  # QEMU's "Operation canceled" of a job we cancelled is no failure
         # dismissed first: QEMU 7.2 crashes on query-named-block-nodes while a concluded
         # stream job still holds its (removed) filter node
         with contextlib.suppress(VirtbusError):
@@ -236,8 +283,15 @@ class QemuBlockJobs:
             except VirtbusError as exc:
                 log.warning("domain %s: reading the chain of %s after %s failed: %s",
                             dom.defn.name, job.target, job.id, exc)  # fmt: skip
+        if job.target_nodes and job.dest not in [f for f, _ in disk_chain_of(run, job.target)]:
+            await external.close_nodes(dom, run, job.target_nodes)  # not pivoted onto it
         run.job_states.pop(job.id, None)
-        status = "failed" if error else "canceled" if job.aborted else "completed"
+        status: Literal["completed", "canceled", "failed"] = (
+            "failed" if error else "canceled" if job.aborted else "completed"
+        )
+        self._ends[(dom.defn.uuid, job.target)] = BlockJobEnd(
+            type=job.type, status=status, error=str(error) if error else None
+        )
         data: dict[str, Any] = {"disk": job.target, "type": job.type, "status": status}
         if error:
             data["error"] = str(error)
@@ -259,7 +313,14 @@ class QemuBlockJobs:
     async def info(self, ref: str, target: str) -> BlockJobInfo | None:
         dom, run, _disk = self._disk(ref, target, "blockjob")
         job = self._jobs.get((dom.defn.uuid, target))
-        return None if job is None else await self._query(dom, run, job)
+        if job is None:
+            return None
+        # QEMU no longer lists a job whose follower is still finishing it: it is not over
+        # until its outcome is recorded (block_job_end)
+        return await self._query(dom, run, job) or BlockJobInfo(
+            disk=target, type=job.type, cur=0, end=0, bandwidth=0, ready=False,
+            status="concluded",
+        )  # fmt: skip
 
     async def abort(self, ref: str, target: str, pivot: bool) -> None:
         dom, run, _disk = self._disk(ref, target, "blockjob")
@@ -268,11 +329,10 @@ class QemuBlockJobs:
             raise OperationInvalid(f"disk '{target}' of domain '{dom.defn.name}' has no block job")
         if pivot:
             info = await self._query(dom, run, job)
-            if job.type != "active-commit" or info is None or not info.ready:
-                raise OperationInvalid(
-                    f"block job of disk '{target}' is not ready to pivot"
-                    " (an active commit is, once it copied everything)"
-                )
+            if job.type not in _PIVOTS or info is None or not info.ready:
+                raise OperationInvalid(f"block job of disk '{target}' is not ready to pivot"
+                                       " (an active commit or a copy is, once it copied"
+                                       " everything)")  # fmt: skip
             await dom.execute(run, "job-complete", {"id": job.id})
         else:
             job.aborted = True
@@ -283,6 +343,9 @@ class QemuBlockJobs:
         except TimeoutError:
             raise OperationTimeout(f"block job {job.id} did not end after"
                                    f" {'pivot' if pivot else 'abort'}") from None  # fmt: skip
+
+    def end(self, ref: str, target: str) -> BlockJobEnd | None:
+        return self._ends.get((self._registry.get(ref).defn.uuid, target))
 
     async def speed(self, ref: str, target: str, bandwidth: int) -> BlockJobInfo:
         dom, run, _disk = self._disk(ref, target, "blockjob")
@@ -329,6 +392,11 @@ class QemuBlockJobs:
 
 def _changed(run: Run, jid: str, seen: str | None) -> Callable[[], bool]:
     return lambda: run.job_states.get(jid) != seen
+
+
+def disk_chain_of(run: Run, target: str) -> list[tuple[str, str]]:
+    disk = next((d for d in run.live.disks if d.target_dev == target), None)
+    return disk_chain(disk) if disk is not None else []
 
 
 async def _drop_unused(dom: Domain, run: Run, before: list[str], after: list[str]) -> None:

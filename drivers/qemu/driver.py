@@ -68,7 +68,14 @@ from drivers.qemu.taps import TapLeases
 from drivers.snapshots import SnapshotStore
 from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.errors import OperationFailed, OperationInvalid, OperationTimeout, VirtbusError
-from virtbus.protocol.blockjob import BlockCommit, BlockError, BlockJobInfo, BlockPull
+from virtbus.protocol.blockjob import (
+    BlockCommit,
+    BlockCopy,
+    BlockError,
+    BlockJobEnd,
+    BlockJobInfo,
+    BlockPull,
+)
 from virtbus.protocol.events import DomainState
 from virtbus.protocol.migration import MigrationParams, MigrationStatus
 from virtbus.protocol.snapshot import SnapshotInfo
@@ -125,7 +132,8 @@ class QemuDriver:
         self._snapshots = QemuSnapshots(
             self._registry, self._launcher, self._snapshot_store, self._settings, self._store
         )
-        self._blockjobs = QemuBlockJobs(self._registry, self._store, self._settings)
+        self._blockjobs = QemuBlockJobs(self._registry, self._store, self._settings,
+                                        self._launcher, self._snapshots.run_job)  # fmt: skip
         self._saves = QemuSaves(
             self._registry, self._launcher, self._store, self._settings, state / "save"
         )
@@ -201,8 +209,14 @@ class QemuDriver:
     async def block_pull(self, ref: str, req: BlockPull) -> BlockJobInfo:
         return await self._blockjobs.pull(ref, req)
 
+    async def block_copy(self, ref: str, req: BlockCopy) -> BlockJobInfo:
+        return await self._blockjobs.copy(ref, req)
+
     async def block_job_info(self, ref: str, disk: str) -> BlockJobInfo | None:
         return await self._blockjobs.info(ref, disk)
+
+    def block_job_end(self, ref: str, disk: str) -> BlockJobEnd | None:
+        return self._blockjobs.end(ref, disk)
 
     async def block_job_abort(self, ref: str, disk: str, pivot: bool) -> None:
         await self._blockjobs.abort(ref, disk, pivot)

@@ -39,49 +39,73 @@ log = logging.getLogger(__name__)
 Job = Callable[[Domain, Run, str, dict[str, Any]], Awaitable[None]]
 
 
+async def new_image(dom: Domain, run: Run, job: Job, path: str, fmt: str, size: int,
+                    backing: tuple[str, str] | None, added: list[str]) -> str:  # fmt: skip
+    """QEMU creates ``path`` (``blockdev-create`` jobs: the file, then the format over it,
+    ``backing`` (image, format) recorded in a qcow2 header) and opens it without its
+    backing (``blockdev-add``); the format node's name. Each node added goes to ``added``
+    at once, so that a caller's failure path can close them."""
+    tag = f"img{secrets.token_hex(4)}"  # unique across agent restarts
+    storage, node = f"{tag}-storage", f"{tag}-format"
+    await job(dom, run, "blockdev-create", {"options": {
+        "driver": "file", "filename": path, "size": size if fmt == "raw" else 0}})  # fmt: skip
+    await dom.execute(run, "blockdev-add", {
+        "driver": "file", "filename": path, "node-name": storage, "auto-read-only": True,
+        "discard": "unmap",
+    })  # fmt: skip
+    added.append(storage)
+    if fmt == "raw":
+        await dom.execute(run, "blockdev-add", {"driver": "raw", "node-name": node,
+                                                "file": storage})  # fmt: skip
+    else:
+        options: dict[str, Any] = {"driver": "qcow2", "file": storage, "size": size}
+        if backing is not None:
+            options |= {"backing-file": backing[0], "backing-fmt": backing[1]}
+        await job(dom, run, "blockdev-create", {"options": options})
+        await dom.execute(run, "blockdev-add", {"driver": "qcow2", "node-name": node,
+                                                "file": storage, "backing": None})  # fmt: skip
+    added.append(node)
+    return node
+
+
+async def close_nodes(dom: Domain, run: Run, nodes: list[str]) -> None:
+    """``blockdev-del`` each node, the last added first; what fails is only logged."""
+    for node in reversed(nodes):
+        try:
+            await dom.execute(run, "blockdev-del", {"node-name": node})
+        except VirtbusError as exc:
+            log.warning("domain %s: blockdev-del %s: %s", dom.defn.name, node, exc)
+
+
 async def take_live(dom: Domain, run: Run, pairs: list[tuple[Disk, str]], job: Job) -> None:
     """Overlays created, opened and put on top in one transaction (module docstring)."""
-    inserted = await _inserted(dom, run, [d for d, _ in pairs])
+    infos = await inserted(dom, run, [d for d, _ in pairs])
     added: list[str] = []
     created: list[str] = []
     actions = []
     try:
-        for (disk, overlay), info in zip(pairs, inserted, strict=True):
-            tag = f"ovl{secrets.token_hex(4)}-{disk.index}"  # unique across agent restarts
-            storage, fmt = f"{tag}-storage", f"{tag}-format"
-            image = info.get("image")
-            size = int(image.get("virtual-size") or 0) if isinstance(image, dict) else 0
+        for (disk, overlay), info in zip(pairs, infos, strict=True):
             created.append(overlay)
-            await job(dom, run, "blockdev-create",
-                      {"options": {"driver": "file", "filename": overlay, "size": 0}})  # fmt: skip
-            await dom.execute(run, "blockdev-add", {
-                "driver": "file", "filename": overlay, "node-name": storage,
-                "auto-read-only": True, "discard": "unmap",
-            })  # fmt: skip
-            added.append(storage)
-            await job(dom, run, "blockdev-create", {"options": {
-                "driver": "qcow2", "file": storage, "size": size,
-                "backing-file": disk.source_path, "backing-fmt": str(info.get("drv")),
-            }})  # fmt: skip
-            await dom.execute(run, "blockdev-add", {
-                "driver": "qcow2", "node-name": fmt, "file": storage, "backing": None,
-                "read-only": False,
-            })  # fmt: skip
-            added.append(fmt)
+            assert disk.source_path is not None
+            node = await new_image(dom, run, job, overlay, "qcow2", virtual_size(info),
+                                   (disk.source_path, str(info.get("drv"))), added)  # fmt: skip
             actions.append({"type": "blockdev-snapshot",
-                            "data": {"node": str(info["node-name"]), "overlay": fmt}})  # fmt: skip
+                            "data": {"node": str(info["node-name"]), "overlay": node}})  # fmt: skip
         await dom.execute(run, "transaction", {"actions": actions})
     except BaseException:
-        for node in reversed(added):
-            with contextlib.suppress(VirtbusError):
-                await dom.execute(run, "blockdev-del", {"node-name": node})
+        await close_nodes(dom, run, added)
         for path in created:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         raise
 
 
-async def _inserted(dom: Domain, run: Run, disks: list[Disk]) -> list[dict[str, Any]]:
+def virtual_size(info: dict[str, Any]) -> int:
+    image = info.get("image")
+    return int(image.get("virtual-size") or 0) if isinstance(image, dict) else 0
+
+
+async def inserted(dom: Domain, run: Run, disks: list[Disk]) -> list[dict[str, Any]]:
     """QEMU's view (``query-block``) of each disk's top node: its node name, format, size."""
     blocks = await dom.execute(run, "query-block")
     by_qdev: dict[str, dict[str, Any]] = {}

@@ -154,7 +154,7 @@ class QemuSnapshots:
                 defn, overlay, f"external snapshot file of disk {disk.target_dev}"
             )
         if run is not None:
-            await external.take_live(dom, run, pairs, self._job)
+            await external.take_live(dom, run, pairs, self.run_job)
         else:
             await external.take_offline(pairs)
         parent = self._store.of(uuid).current
@@ -173,7 +173,7 @@ class QemuSnapshots:
         nodes = await self._nodes(dom, run, disks)
         run.pending.add(ev.Pending.SNAPSHOT)
         try:
-            await self._job(dom, run, "snapshot-save", {
+            await self.run_job(dom, run, "snapshot-save", {
                 "tag": name, "vmstate": nodes[0].node, "devices": [n.node for n in nodes]
             })  # fmt: skip
         finally:
@@ -206,7 +206,7 @@ class QemuSnapshots:
             out.append(_Node(disk.target_dev, str(inserted["node-name"])))
         return out
 
-    async def _job(self, dom: Domain, run: Run, cmd: str, args: dict[str, Any]) -> None:
+    async def run_job(self, dom: Domain, run: Run, cmd: str, args: dict[str, Any]) -> None:
         """Run one QMP job to its end, following JOB_STATUS_CHANGE; its error raised."""
         job_id = f"virtbus-{cmd}-{next(_JOB_IDS)}"
         await dom.execute(run, cmd, {"job-id": job_id, **args})
@@ -273,7 +273,7 @@ class QemuSnapshots:
             if dom.state == S.RUNNING:
                 await dom.execute(run, "stop")
                 await dom.wait(run, lambda: dom.state == S.PAUSED, "revert")
-            await self._job(dom, run, "snapshot-load", {
+            await self.run_job(dom, run, "snapshot-load", {
                 "tag": snap.name, "vmstate": nodes[0].node, "devices": [n.node for n in nodes]
             })  # fmt: skip
             if want_paused:
@@ -304,7 +304,7 @@ class QemuSnapshots:
             try:
                 if snap is not None:
                     nodes = await self._nodes(dom, run, disks)
-                    await self._job(dom, run, "snapshot-load", {
+                    await self.run_job(dom, run, "snapshot-load", {
                         "tag": snap.name, "vmstate": nodes[0].node,
                         "devices": [n.node for n in nodes],
                     })  # fmt: skip
@@ -342,7 +342,7 @@ class QemuSnapshots:
         run = dom.run
         if run is not None and dom.state != S.SHUTOFF:
             nodes = await self._nodes(dom, run, disks)
-            await self._job(dom, run, "snapshot-delete",
+            await self.run_job(dom, run, "snapshot-delete",
                             {"tag": snap.name, "devices": [n.node for n in nodes]})  # fmt: skip
         else:
             await _each_image(disks, "-d", snap.name, missing_ok=True)

@@ -6,7 +6,9 @@ the guest then writes a MiB of zeros at 8 MiB (into the overlay). ``blockcommit 
 --pivot`` must leave the disk running on the base image, which now holds the zeros;
 ``blockpull`` makes a new overlay standalone with the same content. An active commit left
 ready survives an agent restart: the restarted agent finds it (query-jobs), shows it and
-pivots it. The ``block_job`` events come with the job's progress.
+pivots it. ``blockcopy --finish`` leaves a copy with the same data, ``--pivot`` moves the
+disk onto it, and a copy onto a full file system (a 2 MiB tmpfs) fails while the disk
+stays in use and intact. The ``block_job`` events come with the job's progress.
 """
 
 from __future__ import annotations
@@ -144,7 +146,34 @@ async def _scenario(h: Host, guest: TestGuest) -> None:
         await h.ok("blockjob", "x", "vda", "--pivot")
         assert source_of(await h.ok("dumpxml", "x")) == str(overlay)
         assert "No current block job" in await h.ok("blockjob", "x", "vda")
+
+        # blockcopy --finish: a consistent copy is left, the disk stays where it was
+        copy1, copy2 = base / "copy1.qcow2", base / "copy2.raw"
+        out = await h.ok("blockcopy", "x", "vda", str(copy1), "--finish", "--verbose")
+        assert "Successfully copied" in out
+        assert source_of(await h.ok("dumpxml", "x")) == str(overlay)
+        # onto a full file system: the job fails, the disk stays in use and intact
+        full = base / "full"
+        full.mkdir()
+        mount = ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(full)]
+        await asyncio.to_thread(subprocess.run, mount, check=True)
+        try:
+            err = await h.fails("OPERATION_FAILED", "blockcopy", "x", "vda",
+                                str(full / "c.qcow2"), "--pivot")  # fmt: skip
+            assert "No space left on device" in err, err
+        finally:
+            await asyncio.to_thread(subprocess.run, ["umount", str(full)], check=True)
+        failed = await wait_jobs(h, "failed", 1)
+        assert [j["type"] for j in failed] == ["copy"], failed
+        assert source_of(await h.ok("dumpxml", "x")) == str(overlay)
+        assert "running" in await h.ok("domstate", "x")
+        # --pivot: the disk runs on its raw copy
+        out = await h.ok("blockcopy", "x", "vda", str(copy2), "--format", "raw", "--pivot")
+        assert "Successfully pivoted" in out
+        assert source_of(await h.ok("dumpxml", "x")) == str(copy2)
         await _destroy_all(h)
     # QEMU flushed and closed the images: the pulled overlay, with s3 committed into it,
-    # holds everything the guest saw
+    # and both copies hold everything the guest saw
     assert backing(overlay) is None and read_chain(overlay, base / "r.raw") == written
+    assert read_chain(copy1, base / "r.raw") == written
+    assert copy2.read_bytes() == written

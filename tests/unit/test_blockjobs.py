@@ -15,8 +15,8 @@ from drivers.qemu import events as ev
 from drivers.qemu.blockjobs import job_id, parse_job_id
 from drivers.test import TestDriver
 from virtbus.domain import parse_domain_xml
-from virtbus.errors import InvalidArgument, OperationInvalid
-from virtbus.protocol.blockjob import BlockCommit, BlockPull
+from virtbus.errors import InvalidArgument, NoSupport, OperationInvalid
+from virtbus.protocol.blockjob import BlockCommit, BlockCopy, BlockPull
 from virtbus.protocol.events import DomainState
 
 FILES = ["/i/top", "/i/mid", "/i/base"]
@@ -109,6 +109,16 @@ async def test_the_test_driver_simulates_block_jobs() -> None:
     with pytest.raises(OperationInvalid, match="no block job"):
         await drv.block_job_abort("d", "vda", False)
     assert await drv.block_errors("d") == []
+    copy = await drv.block_copy("d", BlockCopy(domain="d", disk="vda", dest="/i/copy",
+                                               format="raw"))  # fmt: skip
+    assert (copy.type, copy.ready) == ("copy", True)
+    await drv.block_job_abort("d", "vda", True)  # pivot: vda runs on the copy
+    assert disk_chain(parse_domain_xml(await drv.xml("d")).disks[0]) == [("/i/copy", "raw")]
+    end = drv.block_job_end("d", "vda")
+    assert end is not None and (end.type, end.status) == ("copy", "completed")
+    with pytest.raises(NoSupport, match="shallow"):
+        await drv.block_copy("d", BlockCopy(domain="d", disk="vda", dest="/x", shallow=True))
     statuses = [(e.data["type"], e.data["status"]) for e in seen if e.event == "block_job"]
     assert statuses == [("commit", "completed"), ("active-commit", "ready"),
-                        ("active-commit", "completed")]  # fmt: skip
+                        ("active-commit", "completed"), ("copy", "ready"),
+                        ("copy", "completed")]  # fmt: skip

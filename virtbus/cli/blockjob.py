@@ -1,5 +1,5 @@
-"""Block job verbs under virsh's names and flags: blockcommit, blockpull, blockjob,
-domblkerror. ``--wait`` / ``--pivot`` wait here, reading the job's progress as virsh does
+"""Block job verbs under virsh's names and flags: blockcommit, blockpull, blockcopy,
+blockjob, domblkerror. ``--wait`` / ``--pivot`` wait here, reading the job's progress as virsh does
 (``--verbose`` prints it); ``--pivot`` then finishes the ready active commit."""
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from virtbus.protocol.base import to_wire
 from virtbus.protocol.blockjob import BlockJobInfo
 
 POLL_S = 0.5  # virsh reads a waited job's progress twice a second too
-_TYPES = {"commit": "Block Commit", "active-commit": "Active Block Commit", "pull": "Block Pull"}
+_TYPES = {
+    "commit": "Block Commit",
+    "active-commit": "Active Block Commit",
+    "pull": "Block Pull",
+    "copy": "Block Copy",
+}
 
 
 def _target(p: argparse.ArgumentParser) -> None:
@@ -49,6 +54,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--base", help="keep this image and below (default: pull everything)")
     _waits(p)
     p.set_defaults(func=blockpull)
+    p = sub.add_parser("blockcopy", help="mirror a disk onto a new image")
+    _target(p)
+    p.add_argument("dest", help="the new image (must not exist)")
+    p.add_argument("--format", choices=("qcow2", "raw"), default="qcow2", help="its format")
+    p.add_argument("--shallow", action="store_true", help="(refused: not supported yet)")
+    p.add_argument("--pivot", action="store_true", help="then run the disk on the copy")
+    p.add_argument("--finish", action="store_true", help="then end it, the copy kept")
+    _waits(p)
+    p.set_defaults(func=blockcopy)
     p = sub.add_parser("blockjob", help="a disk's block job: info, abort, pivot, bandwidth")
     _target(p)
     p.add_argument("--info", action="store_true", help="the job's progress (default)")
@@ -73,8 +87,11 @@ async def _wait(dom: Domain, disk: str, args: argparse.Namespace, ready_ok: bool
     loop = asyncio.get_running_loop()
     deadline = None if args.wait_timeout is None else loop.time() + args.wait_timeout
     while True:
-        info = await dom.block_job(disk)
+        state = await dom.block_job_state(disk)
+        info = state.job
         if info is None:
+            if state.last is not None and state.last.status == "failed":
+                raise OperationFailed(f"block job of disk '{disk}' failed: {state.last.error}")
             return True
         if args.verbose:
             sys.stdout.write(f"\r{_progress(info)}")
@@ -114,6 +131,30 @@ async def blockcommit(ctx: Context, args: argparse.Namespace) -> int:
         emit_json(to_wire(info))
     else:
         print("Block Commit started")
+    return 0
+
+
+async def blockcopy(ctx: Context, args: argparse.Namespace) -> int:
+    if args.pivot and args.finish:
+        raise InvalidArgument("--pivot and --finish are mutually exclusive")
+    dom = await ctx.domain(args.host, args.domain)
+    info = await dom.block_copy(args.path, args.dest, format=args.format, shallow=args.shallow,
+                                bandwidth=args.bandwidth)  # fmt: skip
+    if args.pivot or args.finish or args.wait:
+        ended = await _wait(dom, args.path, args, ready_ok=True)
+        if args.verbose:
+            print()
+        if ended:
+            raise OperationFailed(f"block copy of disk '{args.path}' ended before it was ready")
+        if args.pivot or args.finish:
+            await dom.block_job_abort(args.path, pivot=args.pivot)
+        print("Successfully pivoted" if args.pivot else "Successfully copied" if args.finish
+              else "Now in mirroring phase")  # fmt: skip
+        return 0
+    if ctx.json:
+        emit_json(to_wire(info))
+    else:
+        print("Block Copy started")
     return 0
 
 

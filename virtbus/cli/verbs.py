@@ -30,7 +30,7 @@ MODULE_VERBS: dict[str, tuple[str, ...]] = {
         "snapshot-dumpxml", "snapshot-current", "snapshot-parent", "snapshot-revert",
         "snapshot-delete",
     ),
-    "blockjob": ("blockcommit", "blockpull", "blockjob", "domblkerror"),
+    "blockjob": ("blockcommit", "blockpull", "blockcopy", "blockjob", "domblkerror"),
     "storage": (
         "pool-define", "pool-define-as", "pool-create", "pool-create-as", "pool-build",
         "pool-start", "pool-destroy", "pool-delete", "pool-undefine", "pool-refresh",

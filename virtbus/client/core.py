@@ -20,7 +20,7 @@ import asyncio
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from types import TracebackType
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from virtbus.bus.base import Bus
 from virtbus.bus.factory import open_bus
@@ -44,10 +44,12 @@ from virtbus.protocol import ops
 from virtbus.protocol.base import Empty, Message, decode, to_wire
 from virtbus.protocol.blockjob import (
     BlockCommit,
+    BlockCopy,
     BlockError,
     BlockJobAbort,
     BlockJobInfo,
     BlockJobSpeed,
+    BlockJobState,
     BlockPull,
     BlockTarget,
 )
@@ -558,10 +560,23 @@ class Domain:
         request = BlockPull(domain=self.ref, disk=disk, base=base, bandwidth=bandwidth)
         return await self.host.call(ops.DOMAIN_BLOCK_PULL, request)
 
+    async def block_copy(
+        self, disk: str, dest: str, *, format: Literal["qcow2", "raw"] = "qcow2",
+        shallow: bool = False, bandwidth: int = 0,
+    ) -> BlockJobInfo:  # fmt: skip
+        """Start mirroring ``disk`` onto a new image ``dest``; pivot or abort once ready."""
+        request = BlockCopy(domain=self.ref, disk=disk, dest=dest, format=format,
+                            shallow=shallow, bandwidth=bandwidth)  # fmt: skip
+        return await self.host.call(ops.DOMAIN_BLOCK_COPY, request)
+
     async def block_job(self, disk: str) -> BlockJobInfo | None:
         """The disk's block job with its progress; None when it has none."""
+        return (await self.block_job_state(disk)).job
+
+    async def block_job_state(self, disk: str) -> BlockJobState:
+        """The disk's block job, and how its last one ended."""
         request = BlockTarget(domain=self.ref, disk=disk)
-        return (await self.host.call(ops.DOMAIN_BLOCK_JOB_INFO, request)).job
+        return await self.host.call(ops.DOMAIN_BLOCK_JOB_INFO, request)
 
     async def block_job_abort(self, disk: str, *, pivot: bool = False) -> None:
         """Cancel the disk's job, or pivot a ready active commit; returns once it ended."""

@@ -21,7 +21,7 @@ from virtbus.protocol.registry import Access, Service, Target, field, op
 DiskTarget = Annotated[str, Meta(min_length=1, max_length=64)]
 ImagePath = Annotated[str, Meta(min_length=1, max_length=4096)]
 Bandwidth = Annotated[int, Meta(ge=0, le=1 << 40)]  # MiB/s
-BlockJobType = Literal["commit", "active-commit", "pull"]
+BlockJobType = Literal["commit", "active-commit", "pull", "copy"]
 
 
 class BlockTarget(DomainTarget):
@@ -46,8 +46,20 @@ class BlockPull(BlockTarget):
     bandwidth: Bandwidth = 0
 
 
+class BlockCopy(BlockTarget):
+    """Mirror the disk onto a new image ``dest`` (``format`` qcow2 or raw; ``shallow``:
+    only the active layer, the copy backed by the same image). Once ready, ``blockjob
+    --pivot`` makes the disk run on the copy, ``--abort`` leaves a consistent copy."""
+
+    dest: ImagePath
+    format: Literal["qcow2", "raw"] = "qcow2"
+    shallow: bool = False
+    bandwidth: Bandwidth = 0
+
+
 class BlockJobAbort(BlockTarget):
-    """``pivot``: a ready active commit finishes on ``base``, the disk then runs on it."""
+    """``pivot``: a ready active commit finishes on its base (a ready copy on the copy),
+    the disk then runs on it."""
 
     pivot: bool = False
 
@@ -68,8 +80,17 @@ class BlockJobInfo(Message):
     status: str  # QEMU's: running, ready, paused, concluded, aborting ...
 
 
+class BlockJobEnd(Message):
+    """How the disk's last job ended (what a ``--wait`` reports once it is gone)."""
+
+    type: BlockJobType
+    status: Literal["completed", "canceled", "failed"]
+    error: str | None = None
+
+
 class BlockJobState(Message):
     job: BlockJobInfo | None = None  # None: no job on that disk
+    last: BlockJobEnd | None = None  # the disk's last job that ended, since the agent started
 
 
 class BlockError(Message):
@@ -92,6 +113,11 @@ DOMAIN_BLOCK_COMMIT = op(
 DOMAIN_BLOCK_PULL = op(
     "domain.block.pull", BlockPull, BlockJobInfo, _A,
     "start copying a disk's backing chain into its active layer (blockpull)",
+    access=Access.CONFIG, target=_D, target_of=_ref, serial=True,
+)  # fmt: skip
+DOMAIN_BLOCK_COPY = op(
+    "domain.block.copy", BlockCopy, BlockJobInfo, _A,
+    "start mirroring a disk onto a new image (blockcopy, blockdev-mirror)",
     access=Access.CONFIG, target=_D, target_of=_ref, serial=True,
 )  # fmt: skip
 DOMAIN_BLOCK_JOB_INFO = op(

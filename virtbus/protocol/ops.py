@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from virtbus.protocol.blockjob import (
     DOMAIN_BLOCK_COMMIT,
+    DOMAIN_BLOCK_COPY,
     DOMAIN_BLOCK_ERRORS,
     DOMAIN_BLOCK_JOB_ABORT,
     DOMAIN_BLOCK_JOB_INFO,
@@ -137,6 +138,7 @@ from virtbus.protocol.storage import (
 __all__ = [
     "DOMAIN_ATTACH_DEVICE",
     "DOMAIN_BLOCK_COMMIT",
+    "DOMAIN_BLOCK_COPY",
     "DOMAIN_BLOCK_ERRORS",
     "DOMAIN_BLOCK_INFO",
     "DOMAIN_BLOCK_JOB_ABORT",
