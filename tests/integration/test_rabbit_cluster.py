@@ -22,7 +22,7 @@ import itertools
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import pytest
@@ -46,6 +46,7 @@ DEFINE_TIME = 0.15  # s the driver takes per define: calls are in flight when th
 ATTEMPT = 8.0  # s: one attempt's deadline
 DEADLINE = 90.0  # s for all calls, node loss included (a bound, not a figure)
 BACKOFF = Backoff(initial=0.1, maximum=1.0)
+STOP_WAIT = 30.0  # s for a teardown step (a bound, not a figure)
 
 
 class CountingDriver(TestDriver):
@@ -88,7 +89,17 @@ async def bus(url: str, src: str) -> AsyncIterator[AmqpBus]:
     try:
         yield b
     finally:
-        await b.close()
+        await bounded(b.close(), f"closing {src}'s bus")
+
+
+async def bounded(action: Awaitable[None], what: str) -> None:
+    """A teardown step that must end: a test that failed (no node to reconnect to, say)
+    still stops its cluster instead of hanging in a close."""
+    try:
+        async with asyncio.timeout(STOP_WAIT):
+            await action
+    except TimeoutError:
+        raise AssertionError(f"{what} did not end within {STOP_WAIT:g} s") from None
 
 
 class Caller:
@@ -207,4 +218,4 @@ async def test_losing_the_queue_leaders_node_loses_no_call_and_runs_none_twice(
                 _kind, leader, _members = await queue_members(cluster, queue)
                 assert leader != n1.name
         finally:
-            await service.stop()
+            await bounded(service.stop(), "stopping the agent")
