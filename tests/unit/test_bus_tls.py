@@ -9,9 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from virtbus.bus.definitions import CLIENT_PERMISSIONS, definitions, host_permissions
+from virtbus.bus.definitions import CLIENT_PERMISSIONS, ROLES, definitions, host_permissions
 from virtbus.bus.oneshot import OneShotBus
 from virtbus.bus.tls import _ssl_error, client_context, login_user, tls_files
+from virtbus.bus.topology import (
+    DEAD_LETTER,
+    EXCHANGES,
+    HISTORIES,
+    JOURNAL_EXCHANGE,
+    JOURNAL_QUEUE,
+    SCHEDULER_QUEUE,
+)
 from virtbus.errors import BusUnavailable, InvalidArgument
 from virtbus.security import pki
 from virtbus.settings import BusSettings
@@ -88,10 +96,17 @@ def test_certificate_users_have_no_password_and_clients_configure_only_their_que
     assert {"alice", "node1", "virtbus-scheduler"} <= set(users)
     assert all(u["password_hash"] == "" for u in users.values())
     configure, write, read = CLIENT_PERMISSIONS
-    for shared in ("virtbus.rpc", "virtbus.events", "virtbus.events.history",
-                   "virtbus.audit.history", "virtbus.dead", "virtbus.scheduler"):  # fmt: skip
-        assert not re.match(configure, shared), shared
-        assert not re.match(host_permissions("node1")[0], shared), shared
+    # Every shared name from the topology itself, so a newly added one is checked too.
+    shared = [e.name for e in EXCHANGES] + [q.name for q in HISTORIES.values()]
+    shared += [DEAD_LETTER.name, SCHEDULER_QUEUE]
+    assert {"virtbus.dead-letters", "virtbus.scheduler.journal"} <= set(shared)  # premise
+    for name in shared:
+        assert not re.match(configure, name), name
+        assert not re.match(host_permissions("node1")[0], name), name
+    scheduler_configure = ROLES["virtbus-scheduler"][0]
+    assert [n for n in shared if re.match(scheduler_configure, n)] == [SCHEDULER_QUEUE]
+    for who in (CLIENT_PERMISSIONS, host_permissions("node1")):  # the scheduler's journal
+        assert not re.match(who[1], JOURNAL_EXCHANGE) and not re.match(who[2], JOURNAL_QUEUE)
     assert re.match(configure, "amq.gen-Xy12")
     assert re.match(write, "virtbus.rpc") and not re.match(write, "virtbus.events")
     assert re.match(read, "virtbus.events.history")
