@@ -19,17 +19,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from virtbus.bus.topology import (
-    AUDIT_EXCHANGE,
-    AUDIT_HISTORY,
     DEAD_LETTER,
     DEAD_LETTER_EXCHANGE,
-    EVENT_HISTORY,
-    EVENTS_EXCHANGE,
     EXCHANGES,
-    JOURNAL,
-    JOURNAL_EXCHANGE,
+    HISTORIES,
     RPC_EXCHANGE,
     SCHEDULER_ROUTE,
+    QueueSpec,
     call_queue_for,
 )
 from virtbus.errors import InvalidArgument
@@ -129,7 +125,11 @@ def definitions(
             raise InvalidArgument(f"no password for {', '.join(sorted(missing)) or 'a user'}")
         hashes = {user: password_hash(passwords[user], salt) for user in roles}
     scheduler = call_queue_for(SCHEDULER_ROUTE)
-    queues = [DEAD_LETTER, EVENT_HISTORY, AUDIT_HISTORY, JOURNAL, scheduler]
+    queues = [DEAD_LETTER, *HISTORIES.values(), scheduler]
+    # The same table amqp._ensure_topology declares from on a dev broker.
+    bindings: list[tuple[QueueSpec, str, str]] = [(DEAD_LETTER, DEAD_LETTER_EXCHANGE, "")]
+    bindings += [(stream, exchange, "#") for exchange, stream in HISTORIES.items()]
+    bindings.append((scheduler, RPC_EXCHANGE, SCHEDULER_ROUTE))
     return {
         "vhosts": [{"name": vhost}],
         "users": [
@@ -174,45 +174,14 @@ def definitions(
         ],
         "bindings": [
             {
-                "source": DEAD_LETTER_EXCHANGE,
+                "source": source,
                 "vhost": vhost,
-                "destination": DEAD_LETTER.name,
+                "destination": queue.name,
                 "destination_type": "queue",
-                "routing_key": "",
+                "routing_key": key,
                 "arguments": {},
-            },
-            {
-                "source": EVENTS_EXCHANGE,
-                "vhost": vhost,
-                "destination": EVENT_HISTORY.name,
-                "destination_type": "queue",
-                "routing_key": "#",
-                "arguments": {},
-            },
-            {
-                "source": AUDIT_EXCHANGE,
-                "vhost": vhost,
-                "destination": AUDIT_HISTORY.name,
-                "destination_type": "queue",
-                "routing_key": "#",
-                "arguments": {},
-            },
-            {
-                "source": JOURNAL_EXCHANGE,
-                "vhost": vhost,
-                "destination": JOURNAL.name,
-                "destination_type": "queue",
-                "routing_key": "#",
-                "arguments": {},
-            },
-            {
-                "source": RPC_EXCHANGE,
-                "vhost": vhost,
-                "destination": scheduler.name,
-                "destination_type": "queue",
-                "routing_key": SCHEDULER_ROUTE,
-                "arguments": {},
-            },
+            }
+            for queue, source, key in bindings
         ],
         "policies": [
             {
