@@ -113,8 +113,8 @@ async def node(certs: Pki) -> AsyncIterator[RabbitNode]:
     servers = certs.ca / "servers"
     tls = NodeTls(certs.ca / "ca.crt", servers / "localhost.crt", servers / "localhost.key")
     async with rabbit_node(tls=tls) as n:
-        defs = run(
-            PY, "-m", "virtbus.bus.definitions", "--vhost", VHOST, "--certificates",
+        defs = await asyncio.to_thread(  # a subprocess: not on the event loop
+            run, PY, "-m", "virtbus.bus.definitions", "--vhost", VHOST, "--certificates",
             "--host", HOST, "--client", USER, "--client", "old", "--client", "mallory",
         )  # fmt: skip
         assert all(u["password_hash"] == "" for u in json.loads(defs)["users"])  # no PLAIN
