@@ -115,6 +115,11 @@ def test_certificate_users_have_no_password_and_clients_configure_only_their_que
     assert not re.match(agent_configure, "virtbus.agent.node2")
     with pytest.raises(InvalidArgument):
         definitions("/v", {"alice": "x"}, clients=["alice"])  # others lack passwords
+    # A name given twice would get the permissions of whichever came last.
+    with pytest.raises(InvalidArgument, match="'node1' is both a host and a client"):
+        definitions("/v", None, hosts=["node1"], clients=["node1"])
+    with pytest.raises(InvalidArgument, match="'virtbus-scheduler' is both a role and a client"):
+        definitions("/v", None, clients=["virtbus-scheduler"])
 
 
 def test_the_ssl_error_inside_aiormqs_wrapper_is_found_and_cycles_end() -> None:

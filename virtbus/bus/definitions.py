@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -110,6 +111,10 @@ def definitions(
     ``clients``: more users with the client permissions (people and services, named as
     their certificates' CNs).
     """
+    kinds = {"role": set(ROLES), "host": set(hosts), "client": set(clients)}
+    for (kind, names), (other, others) in itertools.combinations(kinds.items(), 2):
+        if both := sorted(names & others):  # the later entry would silently win
+            raise InvalidArgument(f"user {both[0]!r} is both a {kind} and a {other}")
     roles = {
         **ROLES,
         **{h: host_permissions(h) for h in hosts},
