@@ -17,7 +17,6 @@ costs the call no time.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -46,7 +45,7 @@ from virtbus.bus.base import (
 )
 from virtbus.bus.nodes import bus_nodes, redacted
 from virtbus.bus.reconnect import connection_class
-from virtbus.bus.rpc import no_route, result_from_reply
+from virtbus.bus.rpc import no_route, outgoing_call, result_from_reply
 from virtbus.bus.tls import TlsFiles, client_context, login_user, tls_files, tls_refusal
 from virtbus.bus.topology import (
     DEAD_LETTER,
@@ -70,7 +69,7 @@ from virtbus.errors import (
     ProtocolError,
 )
 from virtbus.protocol.codec import decode, encode
-from virtbus.protocol.envelope import Envelope, Kind
+from virtbus.protocol.envelope import Envelope
 from virtbus.settings import BusSettings
 
 log = logging.getLogger(__name__)
@@ -365,16 +364,9 @@ class AmqpBus:
         channel = self._rpc_underlay
         if channel is None or channel.is_closed:
             raise BusUnavailable("the RPC channel is being restored")
-        timeout = self.settings.call_timeout if timeout is None else timeout
-        if timeout <= 0:
-            raise InvalidArgument(f"call timeout must be positive, not {timeout!r}")
-        check_routing_key(route, InvalidArgument)
-        envelope = Envelope(kind=Kind.CALL, op=op, body=body, src=self.src)
-        if call_id is not None:
-            envelope = dataclasses.replace(envelope, id=call_id)
-        data = encode(envelope)
-        if len(data) > self.settings.limits.max_bytes:
-            raise ProtocolError(f"call {op!r} of {len(data)} bytes exceeds the message limit")
+        envelope, data, timeout = outgoing_call(
+            self.settings, self.src, route, op, body, timeout, call_id
+        )
         properties = Basic.Properties(
             content_type=CONTENT_TYPE,
             delivery_mode=1,

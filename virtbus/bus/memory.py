@@ -16,7 +16,6 @@ outage for tests of reconnect logic.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -32,7 +31,7 @@ from virtbus.bus.base import (
     stream_offset,
 )
 from virtbus.bus.buffer import BoundedBuffer
-from virtbus.bus.rpc import body_from_exception, no_route, result_from_reply, settle
+from virtbus.bus.rpc import body_from_exception, no_route, outgoing_call, result_from_reply, settle
 from virtbus.bus.topology import (
     AUDIT_EXCHANGE,
     EVENTS_EXCHANGE,
@@ -307,12 +306,9 @@ class MemoryBus:
         call_id: str | None = None,
     ) -> Any:
         self._require_connected()
-        timeout = self.settings.call_timeout if timeout is None else timeout
-        check_routing_key(route, InvalidArgument)
-        envelope = Envelope(kind=Kind.CALL, op=op, body=body, src=self.src)
-        if call_id is not None:
-            envelope = dataclasses.replace(envelope, id=call_id)
-        data = encode(envelope)
+        _envelope, data, timeout = outgoing_call(
+            self.settings, self.src, route, op, body, timeout, call_id
+        )
         server = self.broker.server_for(route)
         if server is None:
             raise no_route(route)

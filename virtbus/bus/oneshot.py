@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import ssl
 from collections.abc import AsyncIterator
@@ -40,7 +39,7 @@ from virtbus.bus.base import (
 )
 from virtbus.bus.buffer import BoundedBuffer
 from virtbus.bus.nodes import bus_nodes
-from virtbus.bus.rpc import no_route, result_from_reply
+from virtbus.bus.rpc import no_route, outgoing_call, result_from_reply
 from virtbus.bus.tls import TlsFiles, client_context, login_user, tls_files, tls_refusal
 from virtbus.bus.topology import (
     DEADLINE_HEADER,
@@ -59,7 +58,7 @@ from virtbus.errors import (
     ProtocolError,
 )
 from virtbus.protocol.codec import decode, encode
-from virtbus.protocol.envelope import Envelope, Kind
+from virtbus.protocol.envelope import Envelope
 from virtbus.settings import BusSettings
 
 REPLY_TO = "amq.rabbitmq.reply-to"
@@ -438,16 +437,9 @@ class OneShotBus:
     ) -> Any:
         if not self.connected:
             raise self._closed or BusUnavailable("not connected")
-        timeout = self.settings.call_timeout if timeout is None else timeout
-        if timeout <= 0:
-            raise InvalidArgument(f"call timeout must be positive, not {timeout!r}")
-        check_routing_key(route, InvalidArgument)
-        envelope = Envelope(kind=Kind.CALL, op=op, body=body, src=self.src)
-        if call_id is not None:
-            envelope = dataclasses.replace(envelope, id=call_id)
-        data = encode(envelope)
-        if len(data) > self.settings.limits.max_bytes:
-            raise ProtocolError(f"call {op!r} of {len(data)} bytes exceeds the message limit")
+        envelope, data, timeout = outgoing_call(
+            self.settings, self.src, route, op, body, timeout, call_id
+        )
         properties = spec.Basic.Properties(
             content_type=CONTENT_TYPE,
             delivery_mode=1,

@@ -3,14 +3,51 @@ and how a reply body becomes a result or a typed error on the caller's side."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable
 from typing import Any
 
-from virtbus.errors import InternalError, NoConnect, ProtocolError, VirtbusError, error_from_wire
-from virtbus.protocol.envelope import error_body
+from virtbus.bus.topology import check_routing_key
+from virtbus.errors import (
+    InternalError,
+    InvalidArgument,
+    NoConnect,
+    ProtocolError,
+    VirtbusError,
+    error_from_wire,
+)
+from virtbus.protocol.codec import encode
+from virtbus.protocol.envelope import Envelope, Kind, error_body
+from virtbus.settings import BusSettings
 
 log = logging.getLogger(__name__)
+
+
+def outgoing_call(
+    settings: BusSettings,
+    src: str,
+    route: str,
+    op: str,
+    body: dict[str, Any],
+    timeout: float | None,
+    call_id: str | None,
+) -> tuple[Envelope, bytes, float]:
+    """A call's envelope, its encoding and its timeout, checked alike on every transport
+    before any I/O: a positive timeout (default ``settings.call_timeout``), a valid route,
+    the message limit. ``call_id``: the id of a failed attempt, so that a server that ran
+    it answers from its reply log."""
+    timeout = settings.call_timeout if timeout is None else timeout
+    if timeout <= 0:
+        raise InvalidArgument(f"call timeout must be positive, not {timeout!r}")
+    check_routing_key(route, InvalidArgument)
+    envelope = Envelope(kind=Kind.CALL, op=op, body=body, src=src)
+    if call_id is not None:
+        envelope = dataclasses.replace(envelope, id=call_id)
+    data = encode(envelope)
+    if len(data) > settings.limits.max_bytes:
+        raise ProtocolError(f"call {op!r} of {len(data)} bytes exceeds the message limit")
+    return envelope, data, timeout
 
 
 def no_route(route: str) -> NoConnect:
