@@ -2,13 +2,16 @@
 agent hands a hypervisor driver, over :class:`agent.network.Networks`.
 
 A tap is made in the agent's network namespace on the network's bridge, named
-``vt<first 8 hex digits of the domain's uuid><n>`` (the kernel picks ``n``), so the taps
-of a domain are found again by name after an agent restart. Its MAC is the guest's with
+``vt<10 hex digits of a hash of the domain's uuid><n>`` (the kernel picks ``n``), so the
+taps of a domain are found again by name after an agent restart. A hash of the whole uuid,
+not its first digits: user-set uuids often share a prefix, and a release by pattern would
+then delete another domain's taps. Its MAC is the guest's with
 the first byte ``fe`` (as libvirt does), so the bridge never takes the guest's address.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from agent.network import Networks
@@ -17,7 +20,10 @@ from virtbus.errors import NoSupport, OperationInvalid
 
 
 def tap_prefix(domain: str) -> str:
-    return "vt" + domain.replace("-", "")[:8].lower()
+    """``vt`` and 10 hex digits (40 bits) of the uuid's hash: with ``n`` up to 999 the
+    name fits IFNAMSIZ (15 characters)."""
+    canonical = domain.replace("-", "").lower().encode()
+    return "vt" + hashlib.blake2b(canonical, digest_size=5).hexdigest()
 
 
 def tap_mac(guest_mac: str) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from agent.guest_taps import tap_prefix
 from drivers.qemu.argv_devices import generated_mac
 from tests.guests import TestGuest, build_test_guest
 from tests.network.conftest import Topology
@@ -273,10 +274,9 @@ async def test_two_guests_on_a_nat_network_get_leases_and_ping_each_other(bed: B
     taps = {}
     for g in (g1, g2):
         live = await bed.ok("dumpxml", g.name)
-        found = re.search(r"<target dev='(vt[0-9a-f]{8}\d+)'/>", live)
+        found = re.search(rf"<target dev='({tap_prefix(g.uuid)}\d+)'/>", live)
         assert found, live
         taps[g.name] = found.group(1)
-        assert g.uuid.replace("-", "")[:8] in taps[g.name]
     assert sorted(bed.bridge_ports()) == sorted(taps.values())
     assert sorted(bed.taps()) == sorted(taps.values())
     # the generated MAC was written back into gn-2's persistent definition
@@ -382,6 +382,6 @@ async def test_an_agent_restart_leaves_the_guests_pinging(bed: Bed) -> None:
         await console(g.serial, rf"VIRTBUS-PING-OK {re.escape(peer.ip)} \d+", after=mark, count=3)
         assert "VIRTBUS-PING-FAIL" not in read(g.serial)[mark:]
     # the new agent knows the taps it did not make: destroy removes gn-2's
-    (tap2,) = [t for t in taps if g2.uuid.replace("-", "")[:8] in t]
+    (tap2,) = [t for t in taps if t.startswith(tap_prefix(g2.uuid))]
     await bed.ok("destroy", g2.name)
     assert tap2 not in bed.taps() and tap2 not in bed.bridge_ports()

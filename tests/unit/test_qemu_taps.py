@@ -66,6 +66,9 @@ def test_acquire_opens_each_tap_and_hands_its_fd_on() -> None:
 
 
 def test_tap_names_and_macs() -> None:
-    assert tap_prefix("0123ABCD-0000-4000-8000-000000000000") == "vt0123abcd"
-    assert len(tap_prefix("0123abcd-0000") + "99999") <= 15  # IFNAMSIZ - 1
+    one = tap_prefix("0123ABCD-0000-4000-8000-000000000000")
+    assert one == tap_prefix("0123abcd00004000800000000000000" + "0")  # case and dashes
+    assert one.startswith("vt") and len(one + "999") <= 15  # IFNAMSIZ - 1
+    # uuids that share their first digits (user-set ones often do) never share taps
+    assert one != tap_prefix("0123abcd-0000-4000-8000-000000000001")
     assert tap_mac("52:54:00:12:34:56") == "fe:54:00:12:34:56"
