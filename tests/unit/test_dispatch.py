@@ -171,9 +171,14 @@ class HeldLog:
 
 
 async def _acked(d: Dispatcher, call: Envelope) -> bool:
-    """Whether before_ack(call) returns while the reply's write is still held."""
+    """Whether before_ack(call) returns while the reply's write is still held: it does no
+    I/O of its own, so a bounded number of loop turns (not a wall-clock wait, which a loaded
+    machine can outrun) settles it either way."""
     ack = asyncio.ensure_future(d.before_ack(call))
-    await asyncio.sleep(0.01)
+    for _ in range(100):
+        if ack.done():
+            break
+        await asyncio.sleep(0)
     done = ack.done()
     ack.cancel()
     return done
