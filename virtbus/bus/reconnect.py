@@ -9,10 +9,17 @@ aio-pika also reconnects only to the URL it was given. Here the connection knows
 nodes of a cluster (:func:`virtbus.bus.nodes.bus_nodes`) and every failure (a lost
 connection, a failed attempt) moves it to the next node: a stopped node costs one
 attempt, not a wait for that node to come back.
+
+aio-pika (10.2) also swallows a cancellation that lands in a reconnect attempt unless the
+connection was closed, and tries again: a task cancelled by a stopping daemon or a closing
+event loop (a bus someone forgot to close) would reconnect for ever, and the loop's
+shutdown would wait for it for ever. aio-pika reads ``reconnect_interval`` in that very
+branch, so the interval re-raises a cancellation its task has pending.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -58,6 +65,9 @@ class BackoffRobustConnection(RobustConnection):
 
     @property
     def reconnect_interval(self) -> float:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError  # see the module docstring: never swallowed
         now = time.monotonic()
         if now - self._read_at > _SAME_ATTEMPT:
             self._delay = next(self._delays)
