@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import aio_pika
 
-from virtbus.bus.topology import JOURNAL_QUEUE
-
 if TYPE_CHECKING:
     from drivers.qemu.settings import QemuSettings
 
@@ -176,6 +174,8 @@ async def fresh_journal(bus: str) -> None:
     """Delete the scheduler journal stream of ``bus``'s vhost. The journal lives on the bus
     (scheduler/journal.py): a module's tests share a vhost, and a record one test left in
     flight would be taken over by the next test's scheduler, as a standby would."""
+    from virtbus.bus.topology import JOURNAL_QUEUE  # lazily: raw-client tests use this file
+
     conn = await aio_pika.connect(bus)
     async with conn:
         ch = await conn.channel()
