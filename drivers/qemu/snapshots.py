@@ -29,7 +29,6 @@ from typing import Any
 
 from drivers.qemu import events as ev
 from drivers.qemu import external
-from drivers.qemu.argv_storage import device_id
 from drivers.qemu.domain import Domain, Run
 from drivers.qemu.launch import Launcher
 from drivers.qemu.registry import DomainRegistry
@@ -182,22 +181,8 @@ class QemuSnapshots:
     async def _nodes(self, dom: Domain, run: Run, disks: list[Disk]) -> list[_Node]:
         """The format node of each disk, from ``query-block`` (QEMU's own view: the format
         it really opened is checked again, whatever the XML said)."""
-        blocks = await dom.execute(run, "query-block")
-        by_qdev: dict[str, dict[str, Any]] = {}
-        for block in blocks if isinstance(blocks, list) else []:
-            qdev = str(block.get("qdev") or block.get("device") or "")
-            inserted = block.get("inserted")
-            if isinstance(inserted, dict):
-                for part in qdev.split("/"):
-                    by_qdev.setdefault(part, inserted)
         out = []
-        for disk in disks:
-            inserted = by_qdev.get(device_id(disk))
-            if inserted is None:
-                raise OperationFailed(
-                    f"disk '{disk.target_dev}' of domain '{dom.defn.name}' is not in QEMU's"
-                    " block list (query-block)"
-                )
+        for disk, inserted in zip(disks, await external.inserted(dom, run, disks), strict=True):
             if inserted.get("drv") != "qcow2":
                 raise ConfigUnsupported(
                     f"internal snapshot of disk '{disk.target_dev}' needs qcow2; QEMU opened it"
