@@ -6,11 +6,11 @@ from typing import Any
 
 from agent.admission import Demand
 from agent.table import HANDLERS, AgentContext
-from drivers.base import Driver
+from drivers.base import Affect, Driver, MemoryTuning
 from virtbus.domain import domain_name_of, parse_domain_xml
 from virtbus.errors import InternalError, NoSupport
 from virtbus.protocol import ops
-from virtbus.protocol.base import Empty
+from virtbus.protocol.base import Accepted, Empty
 from virtbus.protocol.domain import (
     AutostartFlag,
     DefinedDomain,
@@ -18,6 +18,7 @@ from virtbus.protocol.domain import (
     DomainDefine,
     DomainList,
     DomainListRequest,
+    DomainMemoryRequest,
     DomainShutdown,
     DomainStats,
     DomainStatsRequest,
@@ -118,6 +119,14 @@ async def _set_autostart(ctx: AgentContext, req: DomainAutostart) -> AutostartFl
         raise NoSupport(f"the {ctx.driver.name} driver does not autostart domains")
     await setter(req.domain, req.autostart)
     return AutostartFlag(autostart=req.autostart)
+
+
+@HANDLERS.on(ops.DOMAIN_SET_MEMORY)
+async def _set_memory(ctx: AgentContext, req: DomainMemoryRequest) -> Accepted:
+    if not isinstance(ctx.driver, MemoryTuning):
+        raise NoSupport(f"the {ctx.driver.name} driver cannot change a domain's memory")
+    await ctx.driver.set_memory(req.domain, req.kib, req.maximum, Affect(req.live, req.config))
+    return Accepted()
 
 
 @HANDLERS.on(ops.DOMAIN_LIST)

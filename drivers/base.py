@@ -224,6 +224,18 @@ class Hotplug(Protocol):
 
 
 @runtime_checkable
+class MemoryTuning(Protocol):
+    """A driver that changes a domain's memory (setmem, setmaxmem). Optional.
+
+    Live, ``kib`` is the balloon's target: INVALID_ARG above ``<memory>``, OPERATION_INVALID
+    without a balloon; the guest reaches it in its own time (a ``balloon_change`` event).
+    ``maximum`` changes ``<memory>`` and only in the definition, as libvirt's QEMU driver:
+    live it is OPERATION_INVALID."""
+
+    async def set_memory(self, ref: str, kib: int, maximum: bool, affect: Affect) -> None: ...
+
+
+@runtime_checkable
 class InterfaceLinks(Protocol):
     """A driver that sets a NIC's link up or down (domif-setlink). Optional."""
 

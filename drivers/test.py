@@ -35,6 +35,7 @@ from drivers.base import (
     VolumeResolver,
 )
 from drivers.blockjobs import disk_chain, plan_commit, plan_pull, with_chain
+from drivers.memory import check_live_memory, with_memory
 from drivers.snapshots import (
     SnapshotStore,
     check_quiesce,
@@ -983,6 +984,23 @@ class TestDriver:
                 self._resolver.release(dom.definition.uuid, src.get("pool"), src.get("volume"))
             self._sink(DriverEvent(name, dom.definition.uuid, "device_removed", None,
                                    {"device": f"disk-{target}"}))  # fmt: skip
+        if persistent is not None:
+            dom.definition = persistent
+
+    async def set_memory(self, ref: str, kib: int, maximum: bool, affect: Affect) -> None:
+        """As the QEMU driver; the simulated guest's balloon reaches the target at once."""
+        dom = self._get(ref)
+        live, config = self._affect(dom, affect)
+        if live:
+            assert dom.live is not None
+            check_live_memory(dom.live, kib, maximum)
+        persistent = with_memory(dom.definition, kib, maximum) if config else None
+        if live:
+            assert dom.live is not None
+            dom.live = with_memory(dom.live, kib, maximum=False)
+            dom.memory_kib = kib
+            self._sink(DriverEvent(dom.definition.name, dom.definition.uuid, "balloon_change",
+                                   None, {"actual": kib}))  # fmt: skip
         if persistent is not None:
             dom.definition = persistent
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from lxml import etree
 
+from drivers.memory import has_balloon
 from drivers.qemu.argv_common import BuildContext, json_arg, kv_escape, unsupported
 from drivers.qemu.argv_virtio import check_virtio_options_absent, virtio_props
 from drivers.qemu.helpers import HelperSpec
@@ -415,7 +416,7 @@ def build_panics(ctx: BuildContext) -> None:
 def build_memballoon(ctx: BuildContext) -> bool:
     """virtio balloon (libvirt adds one when ``<memballoon>`` is absent); True if present."""
     bal = ctx.defn.memballoon
-    if bal is not None and bal.model == "none":
+    if not has_balloon(ctx.defn):
         return False
     if bal is not None and bal.model not in ("virtio", "virtio-transitional",
                                              "virtio-non-transitional"):  # fmt: skip

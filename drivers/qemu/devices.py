@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from drivers.base import Affect, BlockInfo, ResolvedVolume, VolumeResolver
+from drivers.memory import check_live_memory, with_memory
 from drivers.qemu.argv import volume_disks
 from drivers.qemu.argv_storage import blockdev_nodes, device_id, hotplug_device
 from drivers.qemu.domain import Domain, Run
@@ -313,6 +314,25 @@ class DeviceChanges:
         return None
 
     # --- domblkinfo ---------------------------------------------------------------------
+    # --- memory (setmem, setmaxmem) -----------------------------------------------------
+    async def set_memory(self, ref: str, kib: int, maximum: bool, affect: Affect) -> None:
+        """Live: the balloon's target (QMP ``balloon``; the live definition follows the
+        guest's BALLOON_CHANGE). In the definition: drivers.memory.with_memory."""
+        dom = self._get(ref)
+        live, config = self._affect(dom, affect)
+        if live:
+            assert dom.run is not None
+            check_live_memory(dom.run.live, kib, maximum)
+        persistent = with_memory(dom.defn, kib, maximum) if config else None
+        if persistent is not None:
+            self._validate(persistent)
+        if live:
+            assert dom.run is not None
+            await dom.execute(dom.run, "balloon", {"value": kib * 1024})
+        if persistent is not None:
+            await self._persist(persistent)
+            dom.defn = persistent
+
     async def block_info(self, ref: str, target: str) -> BlockInfo:
         dom = self._get(ref)
         run = dom.run

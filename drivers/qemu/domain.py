@@ -228,9 +228,20 @@ class Domain:
             if self.run is run and run.saved != (self.state, self.reason):
                 self.save_status_soon(run)
 
+    @staticmethod
+    def _balloon_changed(run: Run, kib: int) -> None:
+        """The guest gave or took memory: the live ``<currentMemory>`` says what it has, as
+        libvirt's does (clamped to ``<memory>``; a balloon never reports more)."""
+        kib = min(kib, run.live.memory_kib)
+        if kib > 0 and kib != run.live.current_memory_kib:
+            run.live.set_current_memory_kib(kib)
+            run.live_xml = None
+
     async def _on_qmp_event(self, run: Run, item: QmpEvent) -> None:
         if item.name == "DEVICE_DELETED" and isinstance(item.data.get("device"), str):
             run.deleted_devices.add(item.data["device"])  # a detach waits for this (notify)
+        if item.name == "BALLOON_CHANGE" and isinstance(item.data.get("actual"), int):
+            self._balloon_changed(run, item.data["actual"] // 1024)
         if item.name == "MIGRATION":
             run.migration_state = str(item.data.get("status", ""))  # save/restore wait on it
         if item.name == "JOB_STATUS_CHANGE" and isinstance(item.data.get("id"), str):

@@ -45,6 +45,7 @@ from drivers.base import (
     VolumeResolver,
 )
 from drivers.host import host_resources as read_host_resources
+from drivers.memory import has_balloon
 from drivers.qemu import events as ev
 from drivers.qemu.argv_common import ArgvSettings
 from drivers.qemu.blockjobs import QemuBlockJobs
@@ -173,6 +174,9 @@ class QemuDriver:
     async def set_interface_link(self, ref: str, interface: str, up: bool,
                                  affect: Affect) -> None:  # fmt: skip
         await self._devices.set_interface_link(ref, interface, up, affect)
+
+    async def set_memory(self, ref: str, kib: int, maximum: bool, affect: Affect) -> None:
+        await self._devices.set_memory(ref, kib, maximum, affect)
 
     async def detach_device(self, ref: str, xml: str, affect: Affect) -> None:
         await self._devices.detach_device(ref, xml, affect)
@@ -408,9 +412,7 @@ class QemuDriver:
         cpu = 0
         if run is not None:
             cpu = sum(cpu_time_ns(run.process.pid))
-            if run.monitor is not None and (
-                defn.memballoon is None or defn.memballoon.model != "none"
-            ):
+            if run.monitor is not None and has_balloon(defn):
                 try:
                     balloon = await run.monitor.execute("query-balloon")
                     memory = int(balloon["actual"]) // 1024

@@ -37,6 +37,7 @@ from typing import Any
 
 from drivers.host import TICK_NS as _TICK_NS
 from drivers.host import host_stats
+from drivers.memory import has_balloon
 from virtbus.domain import DomainDefinition
 from virtbus.errors import VirtbusError
 from virtbus.protocol.domain import STATS_GROUPS
@@ -173,7 +174,7 @@ class QemuStats:
         return out
 
     def _has_balloon(self, t: StatsTarget) -> bool:
-        return t.defn.memballoon is None or t.defn.memballoon.model != "none"
+        return has_balloon(t.defn)
 
     async def _queries(
         self, t: StatsTarget, want: frozenset[str], cache: _Cache, active: bool

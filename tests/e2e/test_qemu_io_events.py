@@ -6,6 +6,7 @@ from the mapping tables of tests/unit).
   guest's first read of it (the kernel probing the disk) stops the VM. ``resume`` retries
   the read, which fails again: a second pair of events, and the guest is paused again.
 
+``balloon_change``, ``rtc_change`` and ``watchdog`` are in test_qemu_guest_events.py;
 ``device_removed`` from a real hot-unplug is tested on the driver in
 tests/storage/test_qemu_volumes.py (the guest lets go of a virtio disk).
 """

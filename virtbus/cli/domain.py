@@ -1,4 +1,5 @@
-"""Domain verbs: define, undefine, the lifecycle, dominfo, domstate, dumpxml."""
+"""Domain verbs: define, undefine, the lifecycle, dominfo, domstate, dumpxml, setmem,
+setmaxmem."""
 
 from __future__ import annotations
 
@@ -85,6 +86,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = sub.add_parser("dumpxml", help="print a domain's XML")
     _domain_args(p)
     p.set_defaults(func=dumpxml)
+
+    for verb, what in (("setmem", "current"), ("setmaxmem", "maximum")):
+        p = sub.add_parser(verb, help=f"change a domain's {what} memory")
+        _domain_args(p)
+        p.add_argument("size", help="new size: a scaled integer, KiB without a unit (512M, 1G)")
+        p.add_argument("--live", action="store_true", help="affect the running domain")
+        p.add_argument("--config", action="store_true", help="affect the next boot")
+        p.add_argument("--current", action="store_true",
+                       help="live if running, else the next boot")  # fmt: skip
+        p.set_defaults(func=setmem, maximum=verb == "setmaxmem")
 
 
 def _state_flags(p: argparse.ArgumentParser) -> None:
@@ -243,6 +254,36 @@ async def dominfo(ctx: Context, args: argparse.Namespace) -> int:
             ]
         )
     )
+    return 0
+
+
+def memory_size(text: str) -> int:
+    """virsh's scaled integer (``vshCommandOptScaledInt``, default unit KiB) in KiB."""
+    from virtbus.domain.units import to_kib  # the units table: only for these verbs
+
+    raw = text.strip()
+    digits = raw.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    if not digits.isdigit() or len(digits) > 20:
+        raise InvalidArgument(f"Invalid memory size '{text}': a number with an optional unit")
+    try:
+        kib = to_kib(int(digits), raw[len(digits) :] or None)
+    except ValueError as exc:
+        raise InvalidArgument(f"Invalid memory size '{text}': {exc}") from None
+    if kib <= 0:
+        raise InvalidArgument(f"Invalid memory size '{text}': it must be above zero")
+    return kib
+
+
+async def setmem(ctx: Context, args: argparse.Namespace) -> int:
+    """virsh setmem / setmaxmem: live through the balloon, or the definition's memory."""
+    if args.current and (args.live or args.config):
+        raise InvalidArgument("--current cannot be combined with --live or --config")
+    kib = memory_size(args.size)
+    dom = await ctx.domain(args.host, args.domain)
+    await dom.set_memory(kib, maximum=args.maximum, live=args.live, config=args.config)
+    if ctx.json:
+        emit_json({"host": dom.host.name, "domain": dom.ref, "kib": kib,
+                   "maximum": args.maximum})  # fmt: skip
     return 0
 
 

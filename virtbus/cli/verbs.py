@@ -15,7 +15,7 @@ MODULE_VERBS: dict[str, tuple[str, ...]] = {
     "domain": (
         "define", "undefine", "start", "shutdown", "destroy", "reboot", "reset", "suspend",
         "resume", "autostart", "save", "restore", "managedsave", "managedsave-remove",
-        "dominfo", "domstate", "dumpxml",
+        "dominfo", "domstate", "dumpxml", "setmem", "setmaxmem",
     ),
     "disk": (
         "attach-disk", "detach-disk", "attach-device", "detach-device", "domblklist",

@@ -59,6 +59,7 @@ from virtbus.protocol.domain import (
     DomainDefine,
     DomainInfo,
     DomainListRequest,
+    DomainMemoryRequest,
     DomainShutdown,
     DomainStatsRequest,
     DomainStatus,
@@ -500,6 +501,14 @@ class Domain:
     async def block_info(self, target: str) -> BlockInfo:
         request = BlockInfoRequest(domain=self.ref, target=target)
         return await self.host.call(ops.DOMAIN_BLOCK_INFO, request)
+
+    async def set_memory(self, kib: int, *, maximum: bool = False, live: bool = False,
+                         config: bool = False) -> None:  # fmt: skip
+        """setmem (``kib`` of current memory: live, the balloon's target) or, with
+        ``maximum``, setmaxmem (the definition's ``<memory>``; never live)."""
+        request = DomainMemoryRequest(domain=self.ref, kib=kib, maximum=maximum, live=live,
+                                      config=config)  # fmt: skip
+        await self.host.call(ops.DOMAIN_SET_MEMORY, request)
 
     async def set_autostart(self, enabled: bool = True) -> AutostartFlag:
         request = DomainAutostart(domain=self.ref, autostart=enabled)

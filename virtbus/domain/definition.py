@@ -219,6 +219,20 @@ class DomainDefinition:
             cur.set("unit", "KiB")
             cur.text = str(kib)
 
+    def set_memory_kib(self, kib: int) -> None:
+        """Set ``<memory unit='KiB'>`` (setmaxmem); ``<currentMemory>`` is lowered to it."""
+        if self.element("cpu/numa/cell") is not None:
+            raise ValueError("the NUMA cells make up the memory")
+        lower = self.current_memory_kib > kib
+        with self.edit():
+            mem = self._child(self._root, "memory")
+            mem.set("unit", "KiB")
+            mem.text = str(kib)
+            cur = self._root.find("currentMemory")
+            if lower and cur is not None:
+                cur.set("unit", "KiB")
+                cur.text = str(kib)
+
     def set_current_vcpus(self, count: int) -> None:
         with self.edit():
             vcpu = self._child(self._root, "vcpu", text=str(self.vcpus))

@@ -168,8 +168,36 @@ run_cmd() {
             sum=$({ cat /tmp/extend.bin >&4 && dd bs=4096 count=1 <&4 2>/dev/null; } \
                 4<>/dev/tpm0 | od -An -tx1 | tr -d ' \n')
             reply "VIRTBUS-TPM-EXTEND ${1:-16} ${sum:-none}" ;;
+        rtc-set)  # rtc-set <seconds>: the clock moves by that much and is written to the RTC
+            date -s "@$(( $(date +%s) + ${1:-3600} ))" >/dev/null 2>&1
+            if hwclock -w -u 2>/dev/null; then reply "VIRTBUS-DONE rtc-set ${1:-3600}"
+            else reply "VIRTBUS-ERROR rtc-set failed"; fi ;;
+        watchdog-arm) watchdog_arm ;;
         *) reply "VIRTBUS-ERROR unknown $cmd" ;;
     esac
+}
+
+# watchdog_arm: starts the i6300esb's timer (about 1 s over its two stages) and never feeds
+# it. The kernel has no driver for it, so the registers are written as Linux's i6300esb.c
+# does: preloads through BAR0 (each after the 0x80, 0x86 unlock), a reload, then the enable
+# bit of the lock register in PCI config space.
+watchdog_arm() {
+    local d dev base cmdreg
+    dev=""
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat "$d/vendor")" = 0x8086 ] && [ "$(cat "$d/device")" = 0x25ab ] && dev="$d"
+    done
+    if [ -z "$dev" ]; then reply "VIRTBUS-ERROR watchdog-arm no-watchdog"; return; fi
+    base=$(( $(head -n 1 "$dev/resource" | cut -d' ' -f1) ))
+    cmdreg=$(dd if="$dev/config" bs=1 skip=4 count=1 2>/dev/null | od -An -tu1 | tr -d ' ')
+    printf "\\$(printf '%03o' $(( ${cmdreg:-0} | 2 )))" |
+        dd of="$dev/config" bs=1 seek=4 count=1 conv=notrunc 2>/dev/null  # memory decoding
+    unlock() { devmem $((base + 12)) 16 0x80; devmem $((base + 12)) 16 0x86; }
+    unlock; devmem "$base" 32 512           # stage 1: 1 s << 9, as the Linux driver
+    unlock; devmem $((base + 4)) 32 512     # stage 2
+    unlock; devmem $((base + 12)) 16 0x100  # reload
+    printf '\002' | dd of="$dev/config" bs=1 seek=104 count=1 conv=notrunc 2>/dev/null
+    reply "VIRTBUS-DONE watchdog-arm"
 }
 
 # serve <device>: reads newline-terminated commands from a device forever; replies go back

@@ -13,6 +13,7 @@ from msgspec import Meta
 from msgspec import field as default
 
 from virtbus.protocol.base import (
+    Accepted,
     Message,
     Name,
     NonNegInt,
@@ -68,6 +69,17 @@ class DomainAutostart(DomainTarget):
     """``autostart``: start the domain when its host's agent starts (once per boot)."""
 
     autostart: bool
+
+
+class DomainMemoryRequest(DomainTarget):
+    """setmem / setmaxmem: ``kib`` is the new current memory (the balloon's target when
+    live) or, with ``maximum``, the new ``<memory>``. ``live``/``config`` as virsh's flags;
+    neither means the domain's current state."""
+
+    kib: Annotated[int, Meta(gt=0, le=1 << 42)]  # 4 PiB, past any host
+    maximum: bool = False
+    live: bool = False
+    config: bool = False
 
 
 class DomainListRequest(Message):
@@ -202,6 +214,11 @@ DOMAIN_SET_AUTOSTART = op(
     "domain.set_autostart", DomainAutostart, AutostartFlag, _A,
     "start the domain with its host's agent, once per boot (NO_SUPPORT where the driver has no"
     " autostart)", access=Access.CONFIG, target=_D, target_of=_ref, serial=True,
+)  # fmt: skip
+DOMAIN_SET_MEMORY = op(
+    "domain.set_memory", DomainMemoryRequest, Accepted, _A,
+    "change a domain's memory (setmem: live through the balloon; setmaxmem: the definition)",
+    access=Access.CONFIG, target=_D, target_of=_ref, serial=True,
 )  # fmt: skip
 DOMAIN_LIST = op(
     "domain.list", DomainListRequest, DomainList, _A, "the host's domains",
