@@ -52,6 +52,8 @@ async def test_backlog_and_live_events_arrive_all_once_in_order(tmp_path: Path) 
                 if seqs[-1] == last:
                     break
         assert seqs == list(range(1, last + 1))  # none lost, none twice, in order
+        # the subscriber can have the last event before the outbox has its confirm
+        assert await service.outbox.flush(30)
         assert service.outbox.published >= last
         info = await client.call(route, ops.DOMAIN_INFO, {"domain": "d"})
         assert info["state"] == "running"  # the agent still serves
