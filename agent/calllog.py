@@ -15,6 +15,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from agent.statedisk import StateDisk
 from virtbus.store import RecordLog, encode_record
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,9 @@ def _encodable(record: dict[str, Any]) -> bool:
 
 
 class CallLog:
-    def __init__(self, path: Path, keep: int) -> None:
+    def __init__(self, path: Path, keep: int, disk: StateDisk | None = None) -> None:
         self._log = RecordLog(path, fsync=False)
+        self._disk = disk
         self._keep = keep
         self._recent: deque[dict[str, Any]] = deque(maxlen=keep)
         self._batch: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
@@ -73,6 +75,11 @@ class CallLog:
                     await self._store(records)
             except OSError as exc:  # answer anyway: a lost record only risks a re-run
                 log.error("cannot record %d replies in %s: %s", len(batch), self._log.path, exc)
+                if self._disk is not None:
+                    self._disk.failed("reply log", exc)
+            else:
+                if self._disk is not None:
+                    self._disk.ok("reply log")
             finally:
                 # Always settle: a call's ack waits for this, and its domain's chain too.
                 self._recent.extend(records)

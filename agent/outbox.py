@@ -45,6 +45,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from agent.statedisk import StateDisk
 from virtbus.aio import backoff_delays
 from virtbus.errors import ProtocolError, VirtbusError
 from virtbus.protocol.codec import decode, encode
@@ -118,8 +119,12 @@ class EventOutbox:
         retry: Backoff,
         rejected_max_bytes: int = 16 << 20,
         window: int = 256,
+        disk: StateDisk | None = None,
     ) -> None:
         self._publish = publish
+        self._disk = disk
+        if disk is not None:
+            disk.on_recover(self.wake)  # write what it owes
         self._window = max(1, window)
         self._log = RecordLog(path) if path is not None else None
         self._rejected = (
@@ -133,6 +138,8 @@ class EventOutbox:
         self._pending: deque[Envelope] = deque()  # unconfirmed, oldest first
         self._unsaved: list[Envelope] = []  # not yet in the log
         self._dropped_upto = 0  # oldest events dropped on overflow, not yet recorded
+        self._confirmed_upto = 0  # every event up to this one was confirmed
+        self._ack_owed = False  # an ack could not be written: the next save writes it
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -238,26 +245,57 @@ class EventOutbox:
             log.error("outbox: cannot write %s: %s", self._rejected.path, err)
 
     async def _save(self) -> None:
-        records: list[dict[str, Any]] = []
-        if self._dropped_upto:
-            records.append({"ack": self._dropped_upto})
-            self._dropped_upto = 0
+        """Append what is new to the log. When the log cannot be written (a full disk) the
+        events stay in memory and are published anyway, the failure goes to the
+        StateDisk (which stops new work) and the next save tries again; an event
+        confirmed meanwhile is not written any more."""
+        if self._log is None:
+            self._unsaved, self._dropped_upto = [], 0
+            return
+        dropped, self._dropped_upto = self._dropped_upto, 0
         batch, self._unsaved = self._unsaved, []
-        records.extend({"event": encode(e)} for e in batch)
-        if self._log is not None and records:
+        records: list[dict[str, Any]] = []
+        if dropped or self._ack_owed:
+            records.append({"ack": max(dropped, self._confirmed_upto)})
+        records.extend({"event": encode(e)} for e in batch if _seq(e) > self._confirmed_upto)
+        if not records:
+            return
+        try:
             # Written before publishing either way (an agent crash loses nothing); synced
             # to the disk only while the broker is away, when the events depend on it.
             await self._log.append(records, fsync=self._broker_away)
+        except OSError as exc:
+            self._unsaved = [*batch, *self._unsaved]
+            self._dropped_upto = max(self._dropped_upto, dropped)
+            self._disk_failed(exc)
+            return
+        self._ack_owed = False
+        if self._disk is not None:
+            self._disk.ok("event outbox")
+
+    def _disk_failed(self, exc: OSError) -> None:
+        self._ack_owed = True
+        if self._disk is not None:
+            self._disk.failed("event outbox", exc)
+        else:
+            log.error("outbox: cannot write its log: %s", exc)
 
     async def _confirmed(self, seq: int, before: int) -> None:
         """Everything up to ``seq`` is confirmed (``before``: the last seq recorded so): the
         log gets an ack when the outbox ran empty or ``seq`` crossed a multiple of 64."""
+        self._confirmed_upto = max(self._confirmed_upto, seq)
         if self._log is None:
             return
-        if not self._pending and not self._unsaved and self._log.records_on_disk > COMPACT_AFTER:
-            await self._log.rewrite([{"ack": seq}])
-        elif not self._pending or seq // 64 != before // 64:
-            await self._log.append([{"ack": seq}])
+        try:
+            if (not self._pending and not self._unsaved
+                    and self._log.records_on_disk > COMPACT_AFTER):  # fmt: skip
+                await self._log.rewrite([{"ack": seq}])
+            elif self._ack_owed:
+                await self._save()  # the owed ack, with what is new
+            elif not self._pending or seq // 64 != before // 64:
+                await self._log.append([{"ack": seq}])
+        except OSError as exc:
+            self._disk_failed(exc)
 
     # --- publishing ----------------------------------------------------------------
     async def run(self) -> None:
@@ -265,7 +303,7 @@ class EventOutbox:
         capped backoff, from that event on."""
         delays = backoff_delays(self._retry)
         while True:
-            if self._unsaved or self._dropped_upto:
+            if self._unsaved or self._dropped_upto or self._ack_owed:
                 await self._save()
             if not self._pending:
                 self._idle.set()
@@ -325,7 +363,7 @@ class EventOutbox:
                     await self._wakeup.wait()
             except TimeoutError:
                 return
-            if self._unsaved or self._dropped_upto:
+            if self._unsaved or self._dropped_upto or self._ack_owed:
                 await self._save()
 
     def wake(self, *, retry: bool = False) -> None:
@@ -341,6 +379,8 @@ class EventOutbox:
             return False
         return True
 
-    async def save_unsent(self) -> None:
-        """At stop, after the publisher task ended: what is still in memory goes to disk."""
+    async def save_unsent(self) -> bool:
+        """At stop, after the publisher task ended: what is still in memory goes to disk;
+        False when it could not be written (a full disk)."""
         await self._save()
+        return not self._unsaved

@@ -30,6 +30,7 @@ from agent.jobs import Job, JobManager
 from agent.metrics import AgentMetrics
 from agent.network import NetworkEvent, Networks
 from agent.outbox import EventOutbox
+from agent.statedisk import StateDisk
 from agent.storage import PoolEvent, StoragePools
 from agent.table import HANDLERS, AgentContext
 from drivers.base import Driver, DriverEvent, UsesNetworks, UsesVolumes
@@ -58,7 +59,7 @@ from virtbus.protocol.host import HostInventory
 from virtbus.protocol.messages import DomainEvent
 from virtbus.protocol.network import NetworkEvent as NetworkEventMessage
 from virtbus.protocol.network import NetworkSummary
-from virtbus.protocol.registry import Service
+from virtbus.protocol.registry import Access, Service
 from virtbus.protocol.storage import JobEvent, PoolSummary
 from virtbus.protocol.storage import PoolEvent as PoolEventMessage
 from virtbus.security.audit import AuditTrail
@@ -94,8 +95,10 @@ class AgentService:
         self._started_at = time.time()
         self._server: Server | None = None
         self._tasks = TaskGroup(f"agent:{self.host}", on_crash=self._task_crashed)
+        self.state_disk = StateDisk(settings.state_dir)
         self.outbox = EventOutbox(
             self._publish_event,
+            disk=self.state_disk,
             path=settings.state_dir / "outbox" / "events.log",
             capacity=settings.event_buffer,
             retry=self._bus_settings.reconnect,
@@ -108,7 +111,9 @@ class AgentService:
             cpu_overcommit=settings.cpu_overcommit,
             memory_overcommit=settings.memory_overcommit,
         )
-        self.call_log = CallLog(settings.state_dir / "calls.log", keep=settings.call_memory)
+        self.call_log = CallLog(
+            settings.state_dir / "calls.log", keep=settings.call_memory, disk=self.state_disk
+        )
         # Storage: pools and volumes (agent/storage.py) and long operations as jobs; the
         # hypervisor driver resolves <disk type='volume'> through the pools.
         self.jobs = JobManager(settings.state_dir / "jobs", self._on_job_event)
@@ -233,6 +238,8 @@ class AgentService:
         target = agent.handlers.target_name(self.driver, op, request, key)
         self._targets[call.id] = target
         self.authz.check(call.user, op, self.host, target)
+        if op.access is not Access.READ:
+            self.state_disk.check()  # nothing new that it could not record
         context = self.context
         return Prepared(op, key, lambda: handler(context, request))
 
@@ -324,11 +331,16 @@ class AgentService:
         await self.storage.close()
         await self.networks.close()  # networks and their dnsmasq keep running
         await self.jobs.close()  # running jobs clean up and are recorded failed
-        if not await self.outbox.flush(grace):
-            log.warning("%d events not yet published at stop: kept on disk", len(self.outbox))
+        published = await self.outbox.flush(grace)
         await self._tasks.cancel_all()
-        await self.outbox.save_unsent()
+        if not await self.outbox.save_unsent():
+            log.error("%d events not yet published at stop could not be written to %s (%s):"
+                      " they are lost", len(self.outbox), self.settings.state_dir,
+                      self.state_disk.error)  # fmt: skip
+        elif not published:
+            log.warning("%d events not yet published at stop: kept on disk", len(self.outbox))
         await self.call_log.close()
+        await self.state_disk.close()
         await self.driver.close()
         await self.bus.close()
         self.state = AgentState.STOPPED

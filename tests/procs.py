@@ -101,6 +101,7 @@ async def agent_process(
     keep_queue: bool = False,
     allowed_dirs: tuple[Path, ...] | None = None,
     env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
 ) -> AsyncIterator[AgentProc]:
     """A real agent process (``env``: extra environment variables); stopped with SIGTERM
     and its queue deleted. A SIGTERM exit other than 0 fails the test (unless the test
@@ -108,11 +109,12 @@ async def agent_process(
 
     A QEMU agent's domains may name files in ``allowed_dirs``, by default the guest cache
     and the parent of ``state_dir`` (where the tests put disks, serial logs and sockets).
+    Its log goes to ``log_dir`` (default: the state dir).
     """
     if driver == "qemu":
         dirs = qemu_allowed_dirs(state_dir.parent) if allowed_dirs is None else allowed_dirs
         extra = ("--driver-option", "allowed_dirs=" + ":".join(map(str, dirs)), *extra)
-    log = open(state_dir / f"agent-{host}.log", "ab")  # noqa: SIM115  # closed below; tiny local file
+    log = open((log_dir or state_dir) / f"agent-{host}.log", "ab")  # noqa: SIM115  # closed below; tiny local file
     proc = await asyncio.create_subprocess_exec(
         *AGENT,
         "--host",
