@@ -14,6 +14,7 @@ import time
 from enum import Enum
 from typing import Any
 
+import agent.backup_ops
 import agent.blockjob_ops
 import agent.handlers
 import agent.migration

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from virtbus.protocol.backup import BackupStarted, CheckpointInfo, DomainJobInfo
 from virtbus.protocol.blockjob import (
     BlockCommit,
     BlockCopy,
@@ -310,6 +311,27 @@ class BlockJobs(Protocol):
         """How the disk's last job ended (None: none ended since the agent started)."""
 
     async def block_errors(self, ref: str) -> list[BlockError]: ...
+
+
+@runtime_checkable
+class Backups(Protocol):
+    """A driver with libvirt's checkpoints and push-mode backups (virDomainCheckpoint*,
+    virDomainBackupBegin, the job calls for a backup). Optional: NO_SUPPORT. Unknown
+    checkpoint names are NO_DOMAIN_CHECKPOINT."""
+
+    async def checkpoint_create(self, ref: str, xml: str | None) -> CheckpointInfo: ...
+    async def checkpoint_list(self, ref: str) -> list[CheckpointInfo]: ...
+    async def checkpoint_info(self, ref: str, name: str) -> CheckpointInfo: ...
+    async def checkpoint_xml(self, ref: str, name: str) -> str: ...
+    async def checkpoint_delete(self, ref: str, name: str, metadata: bool) -> list[str]: ...
+    async def backup_begin(self, ref: str, backup_xml: str | None,
+                           checkpoint_xml: str | None) -> BackupStarted:  # fmt: skip
+        """Start a backup; it runs on, its end is a ``job_completed`` event."""
+
+    async def backup_xml(self, ref: str) -> str: ...
+    async def job_info(self, ref: str, completed: bool) -> DomainJobInfo: ...
+    async def job_abort(self, ref: str) -> DomainJobInfo:
+        """Cancel the running backup; returns once it ended (its final info)."""
 
 
 @runtime_checkable

@@ -35,6 +35,7 @@ from drivers.base import (
     VolumeResolver,
 )
 from drivers.blockjobs import disk_chain, plan_commit, plan_pull, with_chain
+from drivers.checkpoints import CheckpointStore, backup_disks, checkpoint_disks
 from drivers.memory import check_live_memory, with_memory
 from drivers.snapshots import (
     SnapshotStore,
@@ -45,6 +46,8 @@ from drivers.snapshots import (
 )
 from virtbus.aio import TaskGroup
 from virtbus.domain import DomainDefinition, parse_domain_xml
+from virtbus.domain.checkpoint import BackupDisk, parse_backup_request, parse_checkpoint_request
+from virtbus.domain.checkpoint import backup_xml as backup_xml_of
 from virtbus.domain.devices import (
     disk_target,
     only_disk,
@@ -62,6 +65,7 @@ from virtbus.domain.snapshot import (
     parse_snapshot_request,
 )
 from virtbus.errors import (
+    ConfigUnsupported,
     InvalidArgument,
     MigrateFailed,
     NoDomainError,
@@ -70,6 +74,7 @@ from virtbus.errors import (
     OperationInvalid,
     VirtbusError,
 )
+from virtbus.protocol.backup import BackupStarted, CheckpointInfo, DomainJobInfo
 from virtbus.protocol.base import to_wire
 from virtbus.protocol.blockjob import (
     BlockCommit,
@@ -104,6 +109,16 @@ class _BlockJob:
     def info(self, disk: str) -> BlockJobInfo:
         return BlockJobInfo(disk=disk, type=self.type, cur=1, end=1, bandwidth=self.bandwidth,
                             ready=True, status="ready")  # fmt: skip
+
+
+@dataclass(eq=False, slots=True)
+class _TestBackup:
+    """A simulated backup: it runs ``backup_time`` seconds, then completes."""
+
+    incremental: str | None
+    disks: list[BackupDisk]
+    started: float = field(default_factory=time.monotonic)
+    task: asyncio.Task[Any] | None = None
 
 
 @dataclass(slots=True)
@@ -183,8 +198,9 @@ class TestDriver:
     __test__ = False  # not a pytest test class, despite the name
 
     def __init__(
-        self, host: TestHostSpec | None = None, op_delay: float = 0.0, migration_time: float = 0.0
-    ) -> None:
+        self, host: TestHostSpec | None = None, op_delay: float = 0.0,
+        migration_time: float = 0.0, backup_time: float = 0.0,
+    ) -> None:  # fmt: skip
         self._host = host or TestHostSpec()
         self._op_delay = op_delay  # simulated hypervisor latency of every lifecycle op
         self._migration_time = migration_time  # simulated duration of a live migration
@@ -195,6 +211,10 @@ class TestDriver:
         self._tasks = TaskGroup("test-driver")  # outgoing migration streams
         self._resolver: VolumeResolver | None = None  # the agent's storage (volume disks)
         self._snapshots = SnapshotStore(None)  # in memory, as test:///default keeps them
+        self._checkpoints = CheckpointStore(None)
+        self._backup_time = backup_time  # simulated duration of a backup
+        self._backups: dict[str, _TestBackup] = {}  # running backups, by uuid
+        self._last_jobs: dict[str, DomainJobInfo] = {}  # the last backup that ended
         self._block_jobs: dict[tuple[str, str], _BlockJob] = {}  # (uuid, disk) -> job
         self._block_ends: dict[tuple[str, str], BlockJobEnd] = {}  # how the last one ended
 
@@ -286,6 +306,11 @@ class TestDriver:
             raise OperationInvalid(
                 f"cannot undefine domain '{dom.definition.name}': it has snapshots;"
                 " delete them first (snapshot-delete)"
+            )
+        if self._checkpoints.has_any(dom.definition.uuid):  # as the QEMU driver (and libvirt)
+            raise OperationInvalid(
+                f"cannot undefine domain '{dom.definition.name}': it has checkpoints;"
+                " delete them first (checkpoint-delete)"
             )
         del self._domains[dom.definition.uuid]
         del self._by_name[dom.definition.name]
@@ -666,6 +691,125 @@ class TestDriver:
         dom = self._get(ref)
         self._require(dom, DomainState.RUNNING, DomainState.PAUSED, verb="domblkerror")
         return []  # the test driver's disks never fail
+
+    # --- checkpoints and backups: the QEMU driver's checks and events, no data -------
+    async def checkpoint_create(self, ref: str, xml: str | None) -> CheckpointInfo:
+        await self._latency()
+        dom = self._get(ref)
+        req = parse_checkpoint_request(xml)
+        defn = dom.live if dom.live is not None and dom.state in _ACTIVE else dom.definition
+        disks = checkpoint_disks(defn, req.disks)
+        uuid, name = dom.definition.uuid, dom.definition.name
+        cp = self._checkpoints.new(uuid, name, req, disks)
+        await self._checkpoints.add(uuid, cp)
+        return self._checkpoints.info(uuid, name, cp.name)
+
+    async def checkpoint_list(self, ref: str) -> list[CheckpointInfo]:
+        dom = self._get(ref)
+        return self._checkpoints.infos(dom.definition.uuid, dom.definition.name)
+
+    async def checkpoint_info(self, ref: str, name: str) -> CheckpointInfo:
+        dom = self._get(ref)
+        return self._checkpoints.info(dom.definition.uuid, dom.definition.name, name)
+
+    async def checkpoint_xml(self, ref: str, name: str) -> str:
+        dom = self._get(ref)
+        return self._checkpoints.get(dom.definition.uuid, dom.definition.name, name).to_xml()
+
+    async def checkpoint_delete(self, ref: str, name: str, metadata: bool) -> list[str]:
+        await self._latency()
+        dom = self._get(ref)
+        uuid = dom.definition.uuid
+        self._checkpoints.get(uuid, dom.definition.name, name)
+        backup = self._backups.get(uuid)
+        if backup is not None and backup.incremental == name:
+            raise OperationInvalid(f"checkpoint '{name}' of domain '{dom.definition.name}' is"
+                                   " in use by the running backup")  # fmt: skip
+        await self._checkpoints.remove(uuid, name)
+        return [name]
+
+    async def backup_begin(self, ref: str, backup_xml: str | None,
+                           checkpoint_xml: str | None) -> BackupStarted:  # fmt: skip
+        await self._latency()
+        dom = self._get(ref)
+        uuid, name = dom.definition.uuid, dom.definition.name
+        if dom.live is None or dom.state not in _ACTIVE:
+            raise OperationInvalid(f"backup-begin: domain '{name}' is not running")
+        if uuid in self._backups:
+            raise OperationInvalid(f"domain '{name}' already has an active backup job")
+        req = parse_backup_request(backup_xml)
+        base = None
+        if req.incremental is not None:
+            base = self._checkpoints.get(uuid, name, req.incremental)
+        pairs = backup_disks(dom.live, req, time.time())
+        if base is not None:
+            for disk, _t in pairs:
+                if disk.target_dev not in base.disks:
+                    raise ConfigUnsupported(f"checkpoint '{base.name}' does not cover disk"
+                                            f" '{disk.target_dev}'")  # fmt: skip
+        cp = None
+        if checkpoint_xml is not None:
+            creq = parse_checkpoint_request(checkpoint_xml)
+            cp = self._checkpoints.new(uuid, name, creq, checkpoint_disks(dom.live, creq.disks))
+        for disk, target in pairs:
+            if await asyncio.to_thread(os.path.lexists, target.file or ""):
+                raise OperationInvalid(f"backup file {target.file} of disk '{disk.target_dev}'"
+                                       " already exists")  # fmt: skip
+        if cp is not None:
+            await self._checkpoints.add(uuid, cp)
+        backup = _TestBackup(req.incremental, [t for _d, t in pairs])
+        self._backups[uuid] = backup
+        backup.task = self._tasks.spawn(self._run_backup(dom, backup), f"backup-{name}")
+        return BackupStarted(xml=backup_xml_of(req.incremental, backup.disks),
+                             checkpoint=cp.name if cp is not None else None)  # fmt: skip
+
+    async def _run_backup(self, dom: _TestDomain, backup: _TestBackup) -> None:
+        status: Literal["completed", "cancelled"] = "cancelled"
+        try:
+            await asyncio.sleep(self._backup_time)
+            status = "completed"
+        finally:
+            self._end_backup(dom, backup, status)
+
+    def _end_backup(self, dom: _TestDomain, backup: _TestBackup,
+                    status: Literal["completed", "failed", "cancelled"]) -> None:  # fmt: skip
+        uuid = dom.definition.uuid
+        if self._backups.get(uuid) is not backup:
+            return
+        del self._backups[uuid]
+        elapsed = int((time.monotonic() - backup.started) * 1000)
+        self._last_jobs[uuid] = DomainJobInfo(type=status, operation="backup",
+                                              time_elapsed_ms=elapsed)  # fmt: skip
+        self._sink(DriverEvent(dom.definition.name, uuid, "job_completed", None,
+                               {"operation": "backup", "status": status,
+                                "time_elapsed_ms": elapsed, "data_total": 0}))  # fmt: skip
+
+    async def backup_xml(self, ref: str) -> str:
+        dom = self._get(ref)
+        backup = self._backups.get(dom.definition.uuid)
+        if backup is None:
+            raise OperationInvalid(f"domain '{dom.definition.name}' has no backup job")
+        return backup_xml_of(backup.incremental, backup.disks)
+
+    async def job_info(self, ref: str, completed: bool) -> DomainJobInfo:
+        dom = self._get(ref)
+        if completed:
+            return self._last_jobs.get(dom.definition.uuid) or DomainJobInfo(type="none")
+        backup = self._backups.get(dom.definition.uuid)
+        if backup is None:
+            return DomainJobInfo(type="none")
+        elapsed = int((time.monotonic() - backup.started) * 1000)
+        return DomainJobInfo(type="unbounded", operation="backup", time_elapsed_ms=elapsed)
+
+    async def job_abort(self, ref: str) -> DomainJobInfo:
+        dom = self._get(ref)
+        backup = self._backups.get(dom.definition.uuid)
+        if backup is None:
+            raise OperationInvalid(f"no job is active on domain '{dom.definition.name}'")
+        self._end_backup(dom, backup, "cancelled")
+        if backup.task is not None:
+            backup.task.cancel()
+        return self._last_jobs[dom.definition.uuid]
 
     # --- live migration (libvirt's v3 steps) ---------------------------------------
     async def migrate_begin(self, ref: str) -> str:

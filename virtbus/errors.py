@@ -14,6 +14,7 @@ Tree::
     ├── NoStoragePool               NO_STORAGE_POOL
     ├── NoStorageVol                NO_STORAGE_VOL
     ├── NoDomainSnapshot            NO_DOMAIN_SNAPSHOT  no snapshot of that name (of that domain)
+    ├── NoDomainCheckpoint          NO_DOMAIN_CHECKPOINT no checkpoint of that name (of that domain)
     ├── NoNetwork                   NO_NETWORK          no such virtual network
     ├── OperationInvalid            OPERATION_INVALID   wrong state for the command
     ├── InvalidArgument             INVALID_ARG
@@ -83,6 +84,10 @@ class NoStorageVol(VirtbusError):
 
 class NoDomainSnapshot(VirtbusError):
     code = "NO_DOMAIN_SNAPSHOT"
+
+
+class NoDomainCheckpoint(VirtbusError):
+    code = "NO_DOMAIN_CHECKPOINT"
 
 
 class NoNetwork(VirtbusError):
@@ -155,6 +160,7 @@ _BY_CODE: dict[str, type[VirtbusError]] = {
         NoStoragePool,
         NoStorageVol,
         NoDomainSnapshot,
+        NoDomainCheckpoint,
         NoNetwork,
         OperationInvalid,
         InvalidArgument,

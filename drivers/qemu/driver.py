@@ -22,6 +22,8 @@ composed of collaborators, each with one job, and delegates to them:
 - :class:`~drivers.qemu.snapshots.QemuSnapshots`: internal snapshots (QMP jobs, qemu-img),
   their metadata in :class:`~drivers.snapshots.SnapshotStore` under the state dir;
   external disk-only ones in :mod:`drivers.qemu.external`;
+- :class:`~drivers.qemu.backup.QemuBackups`: checkpoints (persistent dirty bitmaps, their
+  metadata in :class:`~drivers.checkpoints.CheckpointStore`) and push-mode backups;
 - :class:`~drivers.qemu.blockjobs.QemuBlockJobs`: block jobs (commit, pull), followed as
   ``block_job`` events, adopted again after a restart.
 """
@@ -44,10 +46,12 @@ from drivers.base import (
     TapProvider,
     VolumeResolver,
 )
+from drivers.checkpoints import CheckpointStore
 from drivers.host import host_resources as read_host_resources
 from drivers.memory import has_balloon
 from drivers.qemu import events as ev
 from drivers.qemu.argv_common import ArgvSettings
+from drivers.qemu.backup import QemuBackups
 from drivers.qemu.blockjobs import QemuBlockJobs
 from drivers.qemu.capabilities import QemuCapabilities
 from drivers.qemu.dac import DacLabels
@@ -69,6 +73,7 @@ from drivers.qemu.taps import TapLeases
 from drivers.snapshots import SnapshotStore
 from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.errors import OperationFailed, OperationInvalid, OperationTimeout, VirtbusError
+from virtbus.protocol.backup import BackupStarted, CheckpointInfo, DomainJobInfo
 from virtbus.protocol.blockjob import (
     BlockCommit,
     BlockCopy,
@@ -135,6 +140,9 @@ class QemuDriver:
         )
         self._blockjobs = QemuBlockJobs(self._registry, self._store, self._settings,
                                         self._launcher, self._snapshots.run_job)  # fmt: skip
+        self._checkpoint_store = CheckpointStore(state / "checkpoints")
+        self._backups = QemuBackups(self._registry, self._launcher, self._checkpoint_store,
+                                    self._settings, self._snapshots.run_job)  # fmt: skip
         self._saves = QemuSaves(
             self._registry, self._launcher, self._store, self._settings, state / "save"
         )
@@ -144,12 +152,14 @@ class QemuDriver:
         """Load definitions, reattach every QEMU left running, reconcile (reattach.py)."""
         self._rt.sink = sink
         await self._snapshot_store.load()
+        await self._checkpoint_store.load()
         await self._reattacher.open()
         await self._blockjobs.adopt()
 
     async def close(self) -> None:
         """Disconnect QMP; every guest keeps running (and its block jobs go on)."""
         await self._blockjobs.close()
+        await self._backups.close()
         await asyncio.gather(*(dom.close() for dom in self._registry))
         self._rt.sink = lambda _event: None
 
@@ -205,6 +215,35 @@ class QemuDriver:
         self, ref: str, name: str, children: bool, children_only: bool, metadata: bool
     ) -> list[str]:
         return await self._snapshots.delete(ref, name, children, children_only, metadata)
+
+    # --- checkpoints and backups (backup.py) -------------------------------------------
+    async def checkpoint_create(self, ref: str, xml: str | None) -> CheckpointInfo:
+        return await self._backups.create(ref, xml)
+
+    async def checkpoint_list(self, ref: str) -> list[CheckpointInfo]:
+        return self._backups.all(ref)
+
+    async def checkpoint_info(self, ref: str, name: str) -> CheckpointInfo:
+        return self._backups.info(ref, name)
+
+    async def checkpoint_xml(self, ref: str, name: str) -> str:
+        return self._backups.xml(ref, name)
+
+    async def checkpoint_delete(self, ref: str, name: str, metadata: bool) -> list[str]:
+        return await self._backups.delete(ref, name, metadata)
+
+    async def backup_begin(self, ref: str, backup_xml: str | None,
+                           checkpoint_xml: str | None) -> BackupStarted:  # fmt: skip
+        return await self._backups.begin(ref, backup_xml, checkpoint_xml)
+
+    async def backup_xml(self, ref: str) -> str:
+        return self._backups.dumpxml(ref)
+
+    async def job_info(self, ref: str, completed: bool) -> DomainJobInfo:
+        return await self._backups.job_info(ref, completed)
+
+    async def job_abort(self, ref: str) -> DomainJobInfo:
+        return await self._backups.job_abort(ref)
 
     # --- block jobs (blockjobs.py) -----------------------------------------------------
     async def block_commit(self, ref: str, req: BlockCommit) -> BlockJobInfo:
@@ -279,6 +318,11 @@ class QemuDriver:
             raise OperationInvalid(
                 f"cannot undefine domain '{dom.defn.name}': it has {count} snapshot(s);"
                 " delete them first (snapshot-delete)"
+            )
+        if self._checkpoint_store.has_any(dom.defn.uuid):  # libvirt refuses it too
+            raise OperationInvalid(
+                f"cannot undefine domain '{dom.defn.name}': it has checkpoints;"
+                " delete them first (checkpoint-delete)"
             )
         await self._store.remove_definition(dom.defn.uuid)
         await asyncio.to_thread(self._launcher.forget, dom.defn.uuid)  # its TPM state too

@@ -41,6 +41,9 @@ class QemuSettings:
     detach_timeout: float = 10.0  # device_del until the guest lets go (DEVICE_DELETED)
     snapshot_timeout: float = 600.0  # one snapshot-save/load/delete job until it concludes
     block_job_progress_s: float = 1.0  # a block job's progress is read at most this often
+    #: MiB/s each disk's backup job may copy (0: unlimited), so that a host's backups do
+    #: not starve its guests' I/O (``--driver-option backup_bandwidth=50``)
+    backup_bandwidth: int = 0
     reconnect: Backoff = field(default_factory=lambda: Backoff(initial=0.1, maximum=5.0))
     #: the command line's tunables; its nvram/memory/secrets dirs default to the state dir
     argv: ArgvSettings | None = None

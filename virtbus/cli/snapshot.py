@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
+from typing import Protocol
 from xml.sax.saxutils import escape
 
 from virtbus.cli.context import Context
@@ -239,8 +241,17 @@ def _below(snaps: list[SnapshotInfo], name: str, every: bool) -> set[str]:
     return found
 
 
-def tree_lines(snaps: list[SnapshotInfo], root: str | None = None) -> list[str]:
-    """virsh's ``--tree`` drawing."""
+class Node(Protocol):
+    """What a tree is drawn from: a snapshot, or a checkpoint."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def parent(self) -> str | None: ...
+
+
+def tree_lines(snaps: Sequence[Node], root: str | None = None) -> list[str]:
+    """virsh's ``--tree`` drawing (of snapshots or checkpoints)."""
     names = {s.name for s in snaps}
     kids: dict[str | None, list[str]] = {}
     for s in snaps:

@@ -31,6 +31,11 @@ MODULE_VERBS: dict[str, tuple[str, ...]] = {
         "snapshot-delete",
     ),
     "blockjob": ("blockcommit", "blockpull", "blockcopy", "blockjob", "domblkerror"),
+    "backup": (
+        "checkpoint-create", "checkpoint-create-as", "checkpoint-list", "checkpoint-info",
+        "checkpoint-dumpxml", "checkpoint-parent", "checkpoint-delete", "backup-begin",
+        "backup-dumpxml", "domjobinfo", "domjobabort",
+    ),
     "storage": (
         "pool-define", "pool-define-as", "pool-create", "pool-create-as", "pool-build",
         "pool-start", "pool-destroy", "pool-delete", "pool-undefine", "pool-refresh",

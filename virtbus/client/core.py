@@ -41,6 +41,16 @@ from virtbus.errors import (
     OperationTimeout,
 )
 from virtbus.protocol import ops
+from virtbus.protocol.backup import (
+    BackupBegin,
+    BackupStarted,
+    CheckpointCreate,
+    CheckpointDelete,
+    CheckpointInfo,
+    CheckpointTarget,
+    DomainJobInfo,
+    JobInfoRequest,
+)
 from virtbus.protocol.base import Empty, Message, decode, to_wire
 from virtbus.protocol.blockjob import (
     BlockCommit,
@@ -636,6 +646,46 @@ class Domain:
         request = SnapshotDelete(domain=self.ref, snapshot=name, children=children,
                                  children_only=children_only, metadata=metadata)  # fmt: skip
         return (await self.host.call(ops.DOMAIN_SNAPSHOT_DELETE, request)).deleted
+
+    # --- checkpoints and backups (libvirt's virDomainCheckpoint*, virDomainBackup*) -----
+    async def checkpoint_create(self, xml: str | None = None) -> CheckpointInfo:
+        """Create a checkpoint from ``<domaincheckpoint>`` XML (None: defaults)."""
+        request = CheckpointCreate(domain=self.ref, xml=xml)
+        return await self.host.call(ops.DOMAIN_CHECKPOINT_CREATE, request)
+
+    async def checkpoints(self) -> list[CheckpointInfo]:
+        return (await self.host.call(ops.DOMAIN_CHECKPOINT_LIST, self._target)).checkpoints
+
+    async def checkpoint(self, name: str) -> CheckpointInfo:
+        request = CheckpointTarget(domain=self.ref, checkpoint=name)
+        return await self.host.call(ops.DOMAIN_CHECKPOINT_INFO, request)
+
+    async def checkpoint_xml(self, name: str) -> str:
+        request = CheckpointTarget(domain=self.ref, checkpoint=name)
+        return (await self.host.call(ops.DOMAIN_CHECKPOINT_XML, request)).xml
+
+    async def checkpoint_delete(self, name: str, *, metadata: bool = False) -> list[str]:
+        request = CheckpointDelete(domain=self.ref, checkpoint=name, metadata=metadata)
+        return (await self.host.call(ops.DOMAIN_CHECKPOINT_DELETE, request)).deleted
+
+    async def backup_begin(
+        self, backup_xml: str | None = None, checkpoint_xml: str | None = None
+    ) -> BackupStarted:
+        """Start a push-mode backup (``<domainbackup>``; None: full, every disk), and a
+        checkpoint at its instant with ``checkpoint_xml``; it ends with ``job_completed``."""
+        request = BackupBegin(domain=self.ref, backup_xml=backup_xml,
+                              checkpoint_xml=checkpoint_xml)  # fmt: skip
+        return await self.host.call(ops.DOMAIN_BACKUP_BEGIN, request)
+
+    async def backup_xml(self) -> str:
+        return (await self.host.call(ops.DOMAIN_BACKUP_XML, self._target)).xml
+
+    async def job_info(self, *, completed: bool = False) -> DomainJobInfo:
+        request = JobInfoRequest(domain=self.ref, completed=completed)
+        return await self.host.call(ops.DOMAIN_JOB_INFO, request)
+
+    async def job_abort(self) -> DomainJobInfo:
+        return await self.host.call(ops.DOMAIN_JOB_ABORT, self._target)
 
 
 class Scheduler:

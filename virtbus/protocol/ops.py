@@ -8,6 +8,17 @@ are declared in their own module and imported here, so importing ``ops`` registe
 
 from __future__ import annotations
 
+from virtbus.protocol.backup import (
+    DOMAIN_BACKUP_BEGIN,
+    DOMAIN_BACKUP_XML,
+    DOMAIN_CHECKPOINT_CREATE,
+    DOMAIN_CHECKPOINT_DELETE,
+    DOMAIN_CHECKPOINT_INFO,
+    DOMAIN_CHECKPOINT_LIST,
+    DOMAIN_CHECKPOINT_XML,
+    DOMAIN_JOB_ABORT,
+    DOMAIN_JOB_INFO,
+)
 from virtbus.protocol.blockjob import (
     DOMAIN_BLOCK_COMMIT,
     DOMAIN_BLOCK_COPY,
@@ -138,6 +149,8 @@ from virtbus.protocol.storage import (
 
 __all__ = [
     "DOMAIN_ATTACH_DEVICE",
+    "DOMAIN_BACKUP_BEGIN",
+    "DOMAIN_BACKUP_XML",
     "DOMAIN_BLOCK_COMMIT",
     "DOMAIN_BLOCK_COPY",
     "DOMAIN_BLOCK_ERRORS",
@@ -146,11 +159,18 @@ __all__ = [
     "DOMAIN_BLOCK_JOB_INFO",
     "DOMAIN_BLOCK_JOB_SPEED",
     "DOMAIN_BLOCK_PULL",
+    "DOMAIN_CHECKPOINT_CREATE",
+    "DOMAIN_CHECKPOINT_DELETE",
+    "DOMAIN_CHECKPOINT_INFO",
+    "DOMAIN_CHECKPOINT_LIST",
+    "DOMAIN_CHECKPOINT_XML",
     "DOMAIN_DEFINE",
     "DOMAIN_DESTROY",
     "DOMAIN_DETACH_DEVICE",
     "DOMAIN_INFO",
     "DOMAIN_INTERFACE_ADDRESSES",
+    "DOMAIN_JOB_ABORT",
+    "DOMAIN_JOB_INFO",
     "DOMAIN_LIST",
     "DOMAIN_MANAGED_SAVE",
     "DOMAIN_MANAGED_SAVE_REMOVE",
