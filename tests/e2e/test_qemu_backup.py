@@ -6,10 +6,11 @@ The guest's disk starts as random bytes; the guest writes a MiB of zeros at 8 Mi
 write with checkpoint c1 must read as the disk then (random, zeros at 8-9 MiB); an
 incremental backup from c1 after the second write holds only what changed (nothing
 below 8 MiB) and, rebased onto the full one, reads as the guest's disk (zeros at 8-10
-MiB). The checkpoints survive an agent restart, a deleted one's bitmap is gone from the
-image and the other's is in it once QEMU closed it. Each bad input gets its code and
-the agent serves on. The agent caps backups at 8 MiB/s (``backup_bandwidth``) so that the
-full backup still runs when the second ``backup-begin`` and ``domjobinfo`` come.
+MiB). An aborted backup ends cancelled, its image removed. The checkpoints survive an
+agent restart, a deleted one's bitmap is gone from the image and the other's is in it
+once QEMU closed it. Each bad input gets its code and the agent serves on. The agent
+caps backups at 8 MiB/s (``backup_bandwidth``) so that the full backup still runs when
+the second ``backup-begin`` and ``domjobinfo`` come.
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ async def _scenario(h: Host, guest: TestGuest) -> None:
     files = {}
     for name, text in (("full", backup_xml(full)), ("inc", backup_xml(inc, "c1")),
                        ("c1", checkpoint_xml("c1")), ("c2", checkpoint_xml("c2")),
+                       ("abort", backup_xml(base / "abort.qcow2")),
                        ("outside", backup_xml(Path("/etc/virtbus-backup.qcow2"))),
                        ("unknown", backup_xml(base / "u.qcow2", "nope")),
                        ("rawinc", backup_xml(base / "r.qcow2", "c1").replace(
@@ -179,6 +181,14 @@ async def _scenario(h: Host, guest: TestGuest) -> None:
         restored = await read_image(inc, base / "r.raw")
         assert restored == two_mib_zeros
         assert restored == await read_image(disk, base / "d.raw")
+
+        # an aborted backup: cancelled, its image removed
+        await h.ok("backup-begin", "x", str(files["abort"]))
+        await h.ok("domjobabort", "x")
+        end = await wait_completed(h, 3)
+        assert end["status"] == "cancelled", end
+        assert not (base / "abort.qcow2").exists()
+        assert "Cancelled" in await h.ok("domjobinfo", "x", "--completed")
 
         listing = json.loads(await h.ok("--json", "checkpoint-list", "x"))
         assert [(c["name"], c["parent"]) for c in listing] == [("c1", None), ("c2", "c1")]
