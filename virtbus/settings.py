@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from virtbus.bus.topology import CALL_QUEUE_TYPES
 from virtbus.config import LOG_LEVELS, Key, keys_of, nested, setting
 from virtbus.protocol.codec import DecodeLimits
 
@@ -62,6 +63,12 @@ class BusSettings:
     confirm_timeout: float = field(
         default=10.0, metadata=setting("wait for a publisher confirm (s)", positive=True)
     )
+    call_queue_type: str = field(
+        default="quorum",
+        metadata=setting("type of the call queues this daemon serves: quorum (replicated, "
+                         "for a RabbitMQ cluster) or classic (one broker: quicker calls)",
+                         flag="call_queue_type", choices=CALL_QUEUE_TYPES),
+    )  # fmt: skip
     prefetch: int = field(
         default=64, metadata=setting("unacknowledged calls held at once", minimum=1)
     )  # bounds an agent's work queue

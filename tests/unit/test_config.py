@@ -54,6 +54,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[bus]\nurl = 'http://x'", "bus.url", "must start with amqp://"),
         ("[bus]\nprefetch = 0", "bus.prefetch", "must be >= 1"),
         ("[bus]\ncall_timeout = -3", "bus.call_timeout", "must be > 0"),
+        ("[bus]\ncall_queue_type = 'lazy'", "bus.call_queue_type", "must be one of quorum, clas"),
     ],
 )
 def test_bad_agent_values_name_the_key(tmp_path: Path, text: str, key: str, why: str) -> None:
@@ -130,6 +131,8 @@ def test_scheduler_file_reaches_its_settings(tmp_path: Path) -> None:
         ("agent", ["--heartbeat-interval", "-1"], "--heartbeat-interval: must be > 0"),
         ("agent", ["--metrics-listen", "nope"], "--metrics-listen: must be ADDR:PORT"),
         ("agent", ["--bus", "http://x"], "--bus: must start with amqp://"),
+        ("agent", ["--call-queue-type", "lazy"], "--call-queue-type: invalid choice"),
+        ("scheduler", ["--call-queue-type", "stream"], "--call-queue-type: invalid choice"),
         ("scheduler", ["--max-outbound", "0"], "--max-outbound: must be >= 1"),
         ("scheduler", ["--step-timeout", "0"], "--step-timeout: must be > 0"),
     ],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -31,10 +32,10 @@ from virtbus.bus.base import BeforeAck, CallHandler
 from virtbus.bus.buffer import BoundedBuffer
 from virtbus.bus.rpc import body_from_exception, settle
 from virtbus.bus.topology import (
-    CLASSIC_QUEUE_HELP,
     DEADLINE_HEADER,
     DIRECT_REPLY_TO,
     EVENT_HISTORY,
+    QUEUE_TYPE_HELP,
     RPC_EXCHANGE,
     QueueSpec,
     call_queue_for,
@@ -120,23 +121,59 @@ async def _open_call_queue(
     return channel, queue
 
 
-async def _replace_classic_queue(
-    connection: AbstractRobustConnection, spec: QueueSpec, timeout: float
+async def _replace_other_type_queue(
+    connection: AbstractRobustConnection, spec: QueueSpec, route: str, timeout: float, current: str
 ) -> None:
-    """Delete the classic queue of a route if it is empty and unused (the broker checks
-    both atomically: no call can be lost), so that its quorum queue can be declared;
-    else OPERATION_FAILED saying what the operator has to do."""
+    """Delete a route's call queue of the other type (``current``: a classic queue of an
+    older virtbus, or one left by a change of ``bus.call_queue_type``) if it is empty and
+    unused, so that the queue of the wanted type can be declared; else OPERATION_FAILED
+    saying what the operator has to do.
+
+    A classic queue is deleted with if-empty and if-unused: the broker checks both
+    atomically, no call can be lost. Quorum queues refuse both flags (NOT_IMPLEMENTED,
+    which closes the whole connection), so a quorum queue is first unbound from
+    ``virtbus.rpc`` (a call sent meanwhile comes back at once as NO_CONNECT instead of
+    landing in it), then counted (messages, consumers) and deleted only when both are 0;
+    otherwise it is bound again and kept.
+    """
+    wanted = spec.arguments["x-queue-type"]
+    refused = (
+        f"the call queue {spec.name} is a {current} queue, bus.call_queue_type is {wanted!r}, "
+        "and it is not empty or still consumed"
+    )
     channel = await connection.channel(publisher_confirms=False)
     try:
-        await channel.queue_delete(spec.name, if_unused=True, if_empty=True, timeout=timeout)
-    except aiormq.exceptions.ChannelPreconditionFailed as exc:
-        raise OperationFailed(
-            f"the call queue {spec.name} is a classic queue from an older virtbus and is not "
-            f"empty or still consumed ({exc}): " + CLASSIC_QUEUE_HELP.format(queue=spec.name)
-        ) from exc
+        if current == "classic":
+            try:
+                await channel.queue_delete(
+                    spec.name, if_unused=True, if_empty=True, timeout=timeout
+                )
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                raise OperationFailed(
+                    f"{refused} ({exc}): " + QUEUE_TYPE_HELP.format(queue=spec.name)
+                ) from exc
+        else:
+            queue = await channel.declare_queue(spec.name, passive=True, timeout=timeout)
+            await queue.unbind(RPC_EXCHANGE, routing_key=route, timeout=timeout)
+            counted = await channel.declare_queue(spec.name, passive=True, timeout=timeout)
+            result = counted.declaration_result
+            if result.message_count or result.consumer_count:
+                await queue.bind(RPC_EXCHANGE, routing_key=route, timeout=timeout)
+                raise OperationFailed(
+                    f"{refused} ({result.message_count} calls, {result.consumer_count} "
+                    "consumers): " + QUEUE_TYPE_HELP.format(queue=spec.name)
+                )
+            await channel.queue_delete(spec.name, timeout=timeout)
     finally:
-        await _quietly(channel.close(), "closing a migration channel")
-    log.warning("replaced the empty classic call queue %s by a quorum queue", spec.name)
+        await _quietly(channel.close(), "closing a queue replacement channel")
+    log.warning("replaced the empty %s call queue %s by a %s queue", current, spec.name, wanted)
+
+
+def _current_type(exc: Exception) -> str:
+    """The queue type the broker's refusal names ("current is 'quorum'"; a classic queue
+    declared without the argument, as older virtbus did: "current is none")."""
+    match = re.search(r"current is (?:the value )?'([\w-]+)'", str(exc))
+    return match.group(1) if match else "classic"
 
 
 class AmqpServer:
@@ -171,14 +208,14 @@ class AmqpServer:
         handler: CallHandler,
         before_ack: BeforeAck | None = None,
     ) -> AmqpServer:
-        spec = call_queue_for(route)
+        spec = call_queue_for(route, bus.settings.call_queue_type)
         timeout = bus.settings.connect_timeout
         try:
             channel, queue = await _open_call_queue(bus, connection, spec)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             if "x-queue-type" not in str(exc):
                 raise
-            await _replace_classic_queue(connection, spec, timeout)
+            await _replace_other_type_queue(connection, spec, route, timeout, _current_type(exc))
             channel, queue = await _open_call_queue(bus, connection, spec)
         try:
             await queue.bind(RPC_EXCHANGE, routing_key=route, timeout=timeout)

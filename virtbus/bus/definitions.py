@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from virtbus.bus.topology import (
+    CALL_QUEUE_TYPES,
     DEAD_LETTER,
     DEAD_LETTER_EXCHANGE,
     EXCHANGES,
@@ -100,6 +101,7 @@ def definitions(
     salt: bytes | None = None,
     hosts: Sequence[str] = (),
     clients: Sequence[str] = (),
+    call_queue_type: str = "quorum",
 ) -> dict[str, Any]:
     """The definitions for ``vhost``; ``password``: one for every user, or one per user,
     or None: certificate users (no password: only a TLS client certificate whose CN is
@@ -110,6 +112,8 @@ def definitions(
     the topic exchanges only under its own name (topic permissions: keys start "HOST.").
     ``clients``: more users with the client permissions (people and services, named as
     their certificates' CNs).
+    ``call_queue_type``: the scheduler's call queue, as the scheduler's
+    ``bus.call_queue_type`` (quorum for a cluster, classic for one broker).
     """
     kinds = {"role": set(ROLES), "host": set(hosts), "client": set(clients)}
     for (kind, names), (other, others) in itertools.combinations(kinds.items(), 2):
@@ -129,7 +133,7 @@ def definitions(
         if missing or not all(passwords.values()):
             raise InvalidArgument(f"no password for {', '.join(sorted(missing)) or 'a user'}")
         hashes = {user: password_hash(passwords[user], salt) for user in roles}
-    scheduler = call_queue_for(SCHEDULER_ROUTE)
+    scheduler = call_queue_for(SCHEDULER_ROUTE, call_queue_type)
     queues = [DEAD_LETTER, *HISTORIES.values(), scheduler]
     # The same table amqp._ensure_topology declares from on a dev broker.
     bindings: list[tuple[QueueSpec, str, str]] = [(DEAD_LETTER, DEAD_LETTER_EXCHANGE, "")]
@@ -238,13 +242,26 @@ def main(argv: list[str] | None = None) -> None:
         help="users without passwords: they log in only with a TLS client certificate "
         "whose CN is the user (SASL EXTERNAL); no password is generated or printed",
     )
+    p.add_argument(
+        "--call-queue-type",
+        choices=CALL_QUEUE_TYPES,
+        default=CALL_QUEUE_TYPES[0],
+        help="type of the scheduler's call queue, as the daemons' bus.call_queue_type "
+        "(default: quorum, for a RabbitMQ cluster; classic: one broker, quicker calls)",
+    )
     args = p.parse_args(argv)
     if args.certificates and args.password:
         p.error("--certificates: users have no password (drop --password)")
     passwords: str | dict[str, str] | None = (
         None if args.certificates else args.password or random_passwords(args.host, args.client)
     )
-    defs = definitions(args.vhost, passwords, hosts=args.host, clients=args.client)
+    defs = definitions(
+        args.vhost,
+        passwords,
+        hosts=args.host,
+        clients=args.client,
+        call_queue_type=args.call_queue_type,
+    )
     json.dump(defs, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
     if isinstance(passwords, dict):  # shown once: only their hashes are in the file

@@ -17,17 +17,21 @@ stream ``virtbus.audit.history`` keeps the audit records of ``virtbus.audit`` th
 and the stream ``virtbus.scheduler.journal`` the scheduler's journal (scheduler/journal.py):
 replicated by a RabbitMQ cluster, so a standby on any machine can take over.
 
-Call queues (``virtbus.agent.<host>``, ``virtbus.scheduler``) are quorum queues: replicated
-over the nodes of a RabbitMQ cluster (Raft), they outlive the node their leader is on, and
-a consumer on any node keeps its deliveries when the leader moves. They dead-letter to
+Call queues (``virtbus.agent.<host>``, ``virtbus.scheduler``) are quorum queues by default
+(``bus.call_queue_type``): replicated over the nodes of a RabbitMQ cluster (Raft), they
+outlive the node their leader is on, and a consumer on any node keeps its deliveries when
+the leader moves. On a single broker, classic call queues save the quorum log's write per
+call (about 1 ms a call on the bench machine); calls being transient messages, a classic
+queue loses the calls waiting in it when the broker restarts. Both dead-letter to
 ``virtbus.dlx``; call messages themselves expire at their caller's deadline. Replies use
 direct reply-to. The scheduler's queue has a single active consumer: one scheduler acts,
 the others stand by. Streams replicate over the cluster as quorum queues do.
 
-Before quorum queues the call queues were classic queues, and RabbitMQ refuses to
-redeclare a queue with another type (PRECONDITION_FAILED). A server that meets the
-classic queue of its route replaces it when it is empty and unused (nothing is lost), and
-otherwise stops with an error that says what to do (:data:`CLASSIC_QUEUE_HELP`).
+RabbitMQ refuses to redeclare a queue with another type (PRECONDITION_FAILED): a classic
+queue of an older virtbus (before quorum queues), or one left by a change of
+``bus.call_queue_type``. A server that meets its route's queue with the other type
+replaces it when it is empty and unused (nothing is lost), and otherwise stops with an
+error that says what to do (:data:`QUEUE_TYPE_HELP`).
 """
 
 from __future__ import annotations
@@ -139,25 +143,34 @@ def history_of(exchange: str) -> QueueSpec:
     return spec
 
 
-_CALL_QUEUE_ARGS: Final = {
-    "x-queue-type": "quorum",
-    "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
-}
-# What an operator does about a classic call queue that holds calls or has a consumer
-# (an agent or scheduler of a virtbus from before quorum queues still running).
-CLASSIC_QUEUE_HELP: Final = (
-    "stop the old daemon that consumes it, let it drain (or accept losing the calls in it), "
+CALL_QUEUE_TYPES: Final = ("quorum", "classic")  # bus.call_queue_type; quorum first: the default
+# What an operator does about a call queue of the other type that holds calls or has a
+# consumer (a daemon of an older virtbus, or one still set to the other type, running).
+QUEUE_TYPE_HELP: Final = (
+    "stop the daemon that consumes it, let it drain (or accept losing the calls in it), "
     "then delete it once: rabbitmqctl delete_queue -p VHOST {queue}"
 )
+CLASSIC_QUEUE_HELP: Final = QUEUE_TYPE_HELP  # its name before bus.call_queue_type
 
 
-def call_queue_for(route: str) -> QueueSpec:
-    """The durable queue that serves an RPC route (``agent.<host>`` or ``scheduler``)."""
-    if route == SCHEDULER_ROUTE:
-        return QueueSpec(
-            SCHEDULER_QUEUE, arguments={**_CALL_QUEUE_ARGS, "x-single-active-consumer": True}
+def call_queue_for(route: str, queue_type: str = "quorum") -> QueueSpec:
+    """The durable queue that serves an RPC route (``agent.<host>`` or ``scheduler``),
+    of ``queue_type`` (``bus.call_queue_type``: quorum or classic)."""
+    if queue_type not in CALL_QUEUE_TYPES:
+        from virtbus.errors import InvalidArgument
+
+        raise InvalidArgument(
+            f"call queue type must be one of {', '.join(CALL_QUEUE_TYPES)}, got {queue_type!r}"
         )
-    return QueueSpec(f"virtbus.{route}", arguments=dict(_CALL_QUEUE_ARGS))
+    # x-queue-type is sent for classic queues too: the broker then refuses a queue of the
+    # other type (PRECONDITION_FAILED) instead of silently serving from it.
+    args: dict[str, Any] = {
+        "x-queue-type": queue_type,
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+    }
+    if route == SCHEDULER_ROUTE:
+        return QueueSpec(SCHEDULER_QUEUE, arguments={**args, "x-single-active-consumer": True})
+    return QueueSpec(f"virtbus.{route}", arguments=args)
 
 
 HEARTBEAT_KEY_SUFFIX: Final = "heartbeat"
