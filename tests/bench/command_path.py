@@ -92,14 +92,15 @@ class Callgrind:
 
 @contextlib.asynccontextmanager
 async def agent(
-    state: Path, command: list[str], driver: str
+    state: Path, command: list[str], driver: str, queue_type: str = "quorum"
 ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
     host = unique_host("cmdpath")
     log = open(state / "agent.log", "ab")  # noqa: SIM115 - closed below
     proc = await asyncio.create_subprocess_exec(
         *command, "--host", host, "--driver", driver, "--state-dir", str(state),
         "--bus", BUS_URL, "--log-level", "WARNING", "--heartbeat-interval", "5",
-        "--metrics-interval", "3600", stdout=asyncio.subprocess.PIPE, stderr=log,
+        "--metrics-interval", "3600", "--call-queue-type", queue_type,
+        stdout=asyncio.subprocess.PIPE, stderr=log,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -160,7 +161,8 @@ async def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="vbcp") as tmp:
         state = Path(tmp)
         grind_out = state / "callgrind.out"
-        async with agent(state, agent_command(args, grind_out), args.driver) as (host, proc):
+        command = agent_command(args, grind_out)
+        async with agent(state, command, args.driver, args.call_queue_type) as (host, proc):
             bus = open_bus(BUS_URL, src="bench")
             await bus.connect()
             route, name = ops.agent_route(host), f"cmdpath-{uuid.uuid4().hex[:6]}"
@@ -201,6 +203,7 @@ if __name__ == "__main__":
     parser.add_argument("--driver", choices=("qemu", "test"), default="qemu")
     parser.add_argument("--callgrind", action="store_true", help="count the agent's instructions")
     parser.add_argument("--profile", metavar="FILE", help="run the agent under cProfile")
+    parser.add_argument("--call-queue-type", choices=("quorum", "classic"), default="quorum")
     add_force(parser)
     arguments = parser.parse_args()
     check_load(arguments.force)

@@ -5,12 +5,16 @@ sequential aio-pika request/replies (direct reply-to) with the same payload size
 encoded call. Rounds alternate between the two so machine noise hits both alike.
 
     .venv/bin/python -m tests.bench.rpc_roundtrip [-n 1000] [--rounds 3]
+        [--call-queue-type quorum|classic]
+
+``--call-queue-type both`` runs one agent of each type and alternates them round by round.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -76,33 +80,46 @@ async def bare_server_process() -> AsyncIterator[str]:
         await proc.wait()
 
 
-async def main(n: int, rounds: int) -> None:
+async def main(n: int, rounds: int, queue_types: list[str]) -> None:
     payload = len(encode(Envelope(Kind.CALL, ops.DOMAIN_SUSPEND, {"domain": "bench"}, src="bench")))
-    host = unique_host("bench")
     with tempfile.TemporaryDirectory() as state:
-        async with agent_process(host, Path(state), "--log-level", "WARNING"):
-            bus = open_bus(BUS_URL, src="bench")
-            await bus.connect()
-            await bus.call(ops.agent_route(host), ops.DOMAIN_DEFINE, {"xml": XML})
-            await bus.call(ops.agent_route(host), ops.DOMAIN_START, {"domain": "bench"})
-            await bus.close()
-            ratios: dict[str, list[tuple[float, float]]] = {"separate": [], "in-process": []}
+        async with contextlib.AsyncExitStack() as stack:
+            hosts = {}
+            for queue_type in queue_types:  # one agent per call queue type, each its own dir
+                host = unique_host(f"bench-{queue_type}")
+                (Path(state) / host).mkdir()
+                await stack.enter_async_context(agent_process(
+                    host, Path(state) / host, "--log-level", "WARNING",
+                    "--call-queue-type", queue_type,
+                ))  # fmt: skip
+                bus = open_bus(BUS_URL, src="bench")
+                await bus.connect()
+                await bus.call(ops.agent_route(host), ops.DOMAIN_DEFINE, {"xml": XML})
+                await bus.call(ops.agent_route(host), ops.DOMAIN_START, {"domain": "bench"})
+                await bus.close()
+                hosts[queue_type] = host
+            ratios: dict[str, list[tuple[float, float]]] = {}
             async with bare_server_process() as queue:
                 for r in range(rounds):
-                    ours = percentiles(await virtbus_pairs(host, n))
-                    for label, q in (("separate", queue), ("in-process", None)):
-                        bare = percentiles(await bare_pairs(n, payload, q))
-                        ratios[label].append((ours[0] / bare[0], ours[1] / bare[1]))
-                        print(
-                            f"round {r + 1}: virtbus suspend+resume pair p50={ours[0]:.3f} ms "
-                            f"p99={ours[1]:.3f} ms | bare aio-pika pair ({payload} B, server "
-                            f"{label}) p50={bare[0]:.3f} ms p99={bare[1]:.3f} ms | ratio "
-                            f"p50={ratios[label][-1][0]:.2f} p99={ratios[label][-1][1]:.2f}",
-                            flush=True,
-                        )
+                    for queue_type, host in hosts.items():  # alternated round by round
+                        ours = percentiles(await virtbus_pairs(host, n))
+                        for label, q in (("separate", queue), ("in-process", None)):
+                            bare = percentiles(await bare_pairs(n, payload, q))
+                            key = f"{queue_type} call queue vs bare server {label}"
+                            ratios.setdefault(key, []).append(
+                                (ours[0] / bare[0], ours[1] / bare[1])
+                            )
+                            print(
+                                f"round {r + 1}: virtbus ({queue_type} call queue) suspend+resume "
+                                f"pair p50={ours[0]:.3f} ms p99={ours[1]:.3f} ms | bare aio-pika "
+                                f"pair ({payload} B, server {label}) p50={bare[0]:.3f} ms "
+                                f"p99={bare[1]:.3f} ms | ratio p50={ratios[key][-1][0]:.2f} "
+                                f"p99={ratios[key][-1][1]:.2f}",
+                                flush=True,
+                            )
     for label, values in ratios.items():
         print(
-            f"median over {rounds} rounds vs bare server {label}: "
+            f"median over {rounds} rounds, {label}: "
             f"ratio p50={statistics.median(v[0] for v in values):.2f} "
             f"p99={statistics.median(v[1] for v in values):.2f} (target <= 1.3)"
         )
@@ -112,7 +129,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=1000, help="pairs per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--call-queue-type", choices=("quorum", "classic", "both"), default="quorum",
+        help="the agent's bus.call_queue_type (both: an agent of each, alternated)",
+    )  # fmt: skip
     add_force(parser)
     args = parser.parse_args()
     check_load(args.force)
-    asyncio.run(main(args.n, args.rounds))
+    types = ["quorum", "classic"] if args.call_queue_type == "both" else [args.call_queue_type]
+    asyncio.run(main(args.n, args.rounds, types))

@@ -161,7 +161,9 @@ def libvirt_ready() -> bool:
     return True
 
 
-async def main(rounds: int, pairs: int, warmup: int, with_libvirt: bool) -> int:
+async def main(
+    rounds: int, pairs: int, warmup: int, with_libvirt: bool, queue_type: str = "quorum"
+) -> int:
     hv = "kvm" if kvm_usable() else "qemu"
     ours: list[dict[str, float]] = []
     theirs: list[dict[str, Any]] = []
@@ -170,8 +172,9 @@ async def main(rounds: int, pairs: int, warmup: int, with_libvirt: bool) -> int:
     our_devices: list[str] = []
     with tempfile.TemporaryDirectory(prefix="vbb") as state:
         async with agent_process(
-            unique_host("bench"), Path(state), "--log-level", "WARNING", driver="qemu"
-        ) as agent:
+            unique_host("bench"), Path(state), "--log-level", "WARNING",
+            "--call-queue-type", queue_type, driver="qemu",
+        ) as agent:  # fmt: skip
             for _ in range(warmup):  # caches warm on both sides (capabilities, firmware)
                 await virtbus_round(agent.host, hv, pairs, our_devices)
                 if with_libvirt:
@@ -191,7 +194,8 @@ async def main(rounds: int, pairs: int, warmup: int, with_libvirt: bool) -> int:
                 print(f"round {r + 1}/{rounds} done", flush=True)
     mine = {k: statistics.median(r[k] for r in ours) for k in ours[0]}
     other = {k: statistics.median(r[k] for r in theirs) for k in mine} if theirs else {}
-    print(f"guest: firmware-only, 128 MiB, 1 vCPU, q35, {hv}; medians of {rounds} rounds")
+    print(f"guest: firmware-only, 128 MiB, 1 vCPU, q35, {hv}; medians of {rounds} rounds; "
+          f"{queue_type} call queue")  # fmt: skip
     print(f"-device on both sides: {', '.join(our_devices) or '(none)'}")
     print(f"{'figure':<22}{'virtbus':>12}{'libvirt':>12}{'ratio':>8}")
     for key, label in (
@@ -218,7 +222,11 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=1, help="unreported rounds of each side")
+    parser.add_argument("--call-queue-type", choices=("quorum", "classic"), default="quorum",
+                        help="the agent's bus.call_queue_type")  # fmt: skip
     add_force(parser)
     args = parser.parse_args()
     check_load(args.force)
-    sys.exit(asyncio.run(main(args.rounds, args.pairs, args.warmup, libvirt_ready())))
+    sys.exit(asyncio.run(main(
+        args.rounds, args.pairs, args.warmup, libvirt_ready(), args.call_queue_type
+    )))  # fmt: skip
