@@ -7,7 +7,11 @@ times: the driver lets go of them (``close``: QEMU keeps running) and a fresh dr
 real ``virtbus-agent`` process (SIGKILL, then spawn) and times spawn -> "ready", which
 adds Python start-up and the bus connection. Prints the median of 3. Target: <= 1 s.
 
-    .venv/bin/python -m tests.bench.agent_restart [--guests 20] [--agent]
+With ``--agent`` it also measures the agent's footprint (issue 19): the RSS of an idle
+agent with no guest, and the RSS and CPU share of an agent holding the N guests (QMP
+connections open, stats every 10 s) over ``--idle`` seconds after it is ready.
+
+    .venv/bin/python -m tests.bench.agent_restart [--guests 50] [--agent] [--idle 30]
 """
 
 from __future__ import annotations
@@ -90,10 +94,48 @@ async def time_agent_restart(base: Path) -> list[float]:
     return times
 
 
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise LookupError(f"no VmRSS for {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+async def footprint(base: Path, state: str, idle: float) -> tuple[int, int, float]:
+    """An agent on ``state``: (RSS once ready, RSS after ``idle`` s, CPU share meanwhile)."""
+    from tests.procs import AGENT, BUS_URL, delete_queues, terminate, unique_host
+
+    host = unique_host("foot")
+    log = open(base / "agent-footprint.log", "ab")  # noqa: SIM115  # closed below
+    proc = await asyncio.create_subprocess_exec(
+        *AGENT, "--host", host, "--driver", "qemu", "--state-dir", str(base / state),
+        "--run-dir", str(base / "run"), "--bus", BUS_URL, "--metrics-interval", "10",
+        stdout=asyncio.subprocess.PIPE, stderr=log,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert b"ready" in line, line
+        ready_rss, cpu0, t0 = rss_kib(proc.pid), cpu_seconds(proc.pid), time.monotonic()
+        await asyncio.sleep(idle)  # the idle window itself is what is measured
+        share = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
+        return ready_rss, rss_kib(proc.pid), share
+    finally:
+        await terminate(proc)
+        log.close()
+        await delete_queues(f"virtbus.agent.{host}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--guests", type=int, default=20)
     parser.add_argument("--agent", action="store_true", help="also time a real agent process")
+    parser.add_argument("--idle", type=float, default=30.0, help="footprint window (s)")
     add_force(parser)
     args = parser.parse_args()
     check_load(args.force)
@@ -120,6 +162,13 @@ async def main() -> None:
             print(f"agent process restart -> ready with {args.guests} guests: median "
                   f"{statistics.median(agent) * 1000:.0f} ms "
                   f"(runs: {', '.join(f'{t * 1000:.0f}' for t in agent)} ms)")  # fmt: skip
+            (base / "empty").mkdir()
+            ready, _, _ = await footprint(base, "empty", 1.0)
+            print(f"idle agent, no guests: RSS {ready / 1024:.1f} MiB")
+            ready, after, share = await footprint(base, "state", args.idle)
+            print(f"agent holding {args.guests} guests: RSS {ready / 1024:.1f} MiB when ready,"
+                  f" {after / 1024:.1f} MiB after {args.idle:g} s; CPU {share * 100:.2f}% of"
+                  " one core while idle (stats every 10 s)")  # fmt: skip
     finally:
         driver = QemuDriver(base / "state", base / "run")
         await driver.open(lambda _e: None)
