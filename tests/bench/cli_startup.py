@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import compileall
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.bench.common import add_force, check_load, median_ms
+from tests.bench.common import add_force, check_load, compile_tree, median_ms
 from tests.procs import BUS_URL, agent_process, unique_host
 
 VIRTBUS = str(Path(sys.executable).with_name("virtbus"))
@@ -86,9 +85,7 @@ def rounds(commands: dict[str, list[str]], n: int) -> dict[str, list[float]]:
 
 
 async def main(n: int) -> None:
-    import virtbus
-
-    assert compileall.compile_dir(Path(virtbus.__file__).parent, quiet=1), "compileall failed"
+    compile_tree()
     host = unique_host("startup")
     with tempfile.TemporaryDirectory() as tmp:
         async with agent_process(host, Path(tmp)):
