@@ -6,7 +6,8 @@ bridge names and MACs, the networks' runtime state, autostart, lifecycle events,
 supervision of each network's dnsmasq (restarted when it dies, within
 ``network.dnsmasq_restart_limit`` a minute) and its watched lease file.
 
-Files: ``<state-dir>/networks/<uuid>.xml`` (the definition, with what define generated)
+Files: ``<state-dir>/networks/<uuid>.xml`` (the definition, with what define generated;
+``<uuid>.live.xml`` the running one while a net-update made them differ)
 and ``<uuid>.json`` ``{autostart, active, persistent, index}`` (``index``: the bridge's
 ifindex when it started, the mark that a bridge of that name is this network's);
 ``<run-dir>/networks/<uuid>/`` dnsmasq's config, pid file, hosts files and leases.
@@ -46,6 +47,7 @@ from virtbus.errors import (
     VirtbusError,
 )
 from virtbus.network import Lease, NetworkDefinition, parse_leases, parse_network_xml
+from virtbus.network.update import Update, apply_update, check_update
 from virtbus.settings import NetworkSettings
 from virtbus.store import atomic_write, quarantine, read_bytes
 
@@ -69,7 +71,7 @@ NetworkSink = Callable[[NetworkEvent], None]
 
 @dataclass(slots=True)
 class Network:
-    defn: NetworkDefinition
+    defn: NetworkDefinition  # what runs (or would run at the next start)
     backend: NetworkBackend
     support: str | None  # why this host cannot run it (NO_SUPPORT), or None
     files: DnsmasqFiles
@@ -83,6 +85,9 @@ class Network:
     exit_watch: ExitWatch | None = None
     lease_watch: FileWatch | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: the persistent definition when a live-only or config-only net-update made it
+    #: differ from the running one (the next start runs it); None: they are the same
+    config: NetworkDefinition | None = None
 
     @property
     def name(self) -> str:
@@ -111,7 +116,7 @@ class Networks:
         await aiofiles.os.makedirs(self.dir, exist_ok=True)
         await aiofiles.os.makedirs(self.run_dir, exist_ok=True)
         for entry in sorted(await aiofiles.os.listdir(self.dir)):
-            if not entry.endswith(".xml"):
+            if not entry.endswith(".xml") or entry.endswith(".live.xml"):
                 continue
             path = self.dir / entry
             try:
@@ -120,7 +125,15 @@ class Networks:
             except (VirtbusError, ValueError) as exc:
                 await quarantine(path, str(exc))
                 continue
+            config = None
+            live_path = path.with_name(f"{path.stem}.live.xml")
+            if state.get("active") and await aiofiles.os.path.exists(live_path):
+                try:  # a net-update changed the running network only
+                    defn, config = parse_network_xml((await read_bytes(live_path)) or b""), defn
+                except VirtbusError as exc:
+                    await quarantine(live_path, str(exc))
             net = self._add(defn)
+            net.config = config
             net.persistent = bool(state.get("persistent", True))
             net.autostart = bool(state.get("autostart", False))
             index = state.get("index")
@@ -184,7 +197,16 @@ class Networks:
         return self.dir / f"{uuid}{suffix}"
 
     async def _save_definition(self, net: Network) -> None:
-        await atomic_write(self._path(net.defn.uuid, ".xml"), net.defn.to_xml().encode())
+        """``.xml``: the persistent definition; ``.live.xml``: the running one, while
+        they differ."""
+        live = self._path(net.defn.uuid, ".live.xml")
+        if net.config is not None:
+            await atomic_write(live, net.defn.to_xml().encode())
+        with contextlib.suppress(FileNotFoundError):
+            if net.config is None:
+                await aiofiles.os.remove(live)
+        await atomic_write(self._path(net.defn.uuid, ".xml"),
+                           (net.config or net.defn).to_xml().encode())  # fmt: skip
 
     async def _save_state(self, net: Network) -> None:
         state = {"autostart": net.autostart, "active": net.active,
@@ -192,7 +214,7 @@ class Networks:
         await atomic_write(self._path(net.defn.uuid, ".json"), json.dumps(state).encode())
 
     async def _forget(self, net: Network) -> None:
-        for suffix in (".xml", ".json"):
+        for suffix in (".xml", ".json", ".live.xml"):
             with contextlib.suppress(FileNotFoundError):
                 await aiofiles.os.remove(self._path(net.defn.uuid, suffix))
         self._networks.pop(net.defn.uuid, None)
@@ -310,6 +332,8 @@ class Networks:
             if net.active:
                 net.persistent = False
                 net.autostart = False
+                net.config = None  # a transient network has its running definition only
+                await self._save_definition(net)
                 await self._save_state(net)
             else:
                 await self._forget(net)
@@ -355,6 +379,7 @@ class Networks:
 
     async def _start_dhcp(self, net: Network) -> None:
         assert net.defn.bridge is not None
+        self._unwatch(net)  # the one stopped here is not "died": no restart of the new one
         await dnsmasq.stop(net.files)  # a stray one of this network (pid file checked)
         net.dhcp_pid = await dnsmasq.start(
             self.net,
@@ -368,7 +393,8 @@ class Networks:
     def _watch(self, net: Network) -> None:
         self._unwatch(net)
         assert net.dhcp_pid is not None
-        net.exit_watch = ExitWatch(net.dhcp_pid, lambda: self._spawn(self._dhcp_died(net)))
+        pid = net.dhcp_pid
+        net.exit_watch = ExitWatch(pid, lambda: self._spawn(self._dhcp_died(net, pid)))
         net.exit_watch.start()
         net.lease_watch = FileWatch(net.files.leases, lambda: self._read_leases(net))
         net.lease_watch.start()
@@ -393,10 +419,12 @@ class Networks:
             text = ""
         net.leases = parse_leases(text, v4.network.prefixlen if v4 else 0)
 
-    async def _dhcp_died(self, net: Network) -> None:
+    async def _dhcp_died(self, net: Network, pid: int) -> None:
         """dnsmasq exited while the network runs: start it again (bounded), say so."""
         async with net.lock:
             if self._closed or not net.active or not net.backend.dhcp(net.defn):
+                return
+            if net.dhcp_pid != pid:  # one the agent replaced itself (a net-update)
                 return
             old = net.dhcp_pid
             now = time.monotonic()
@@ -436,11 +464,75 @@ class Networks:
             await net.backend.stop(net.defn)
             net.active, net.index = False, None
             net.leases = []
+            if net.config is not None:  # the persistent definition runs at the next start
+                net.defn, net.config = net.config, None
+                await self._save_definition(net)
             if net.persistent:
                 await self._save_state(net)
             else:
                 await self._forget(net)
         self._emit(net, "stopped", "forced" if ports else None)
+
+    # ================================================================== net-update
+    async def update(self, ref: str, update: Update, *, live: bool, config: bool
+                     ) -> tuple[bool, bool, str | None]:  # fmt: skip
+        """net-update: ``update`` applied to the running network (``live``: its dnsmasq
+        re-reads its hosts files, or is started again when its config changes) and/or its
+        persistent definition (``config``); neither: the live one when active, else the
+        persistent one (libvirt's --current). Checked whole before anything changes.
+        (live, config, how dnsmasq took it: "sighup", "restart" or None)."""
+        net = self.get(ref)
+        check_update(update)
+        async with net.lock:
+            if not live and not config:
+                live, config = net.active, not net.active
+            if live and not net.active:
+                raise OperationInvalid(f"network '{net.name}' is not running: cannot update"
+                                       " its live state")  # fmt: skip
+            if config and not net.persistent:
+                raise OperationInvalid(f"cannot change the persistent config of transient"
+                                       f" network '{net.name}'")  # fmt: skip
+            base = net.config or net.defn
+            new_config = apply_update(base, update) if config else None
+            new_live = apply_update(net.defn, update) if live else None
+            dhcp = None
+            if new_live is not None:
+                dhcp = await self._update_live(net, new_live)
+                if net.config is None and not config and net.persistent:
+                    net.config = net.defn  # the persistent one stays as it was
+                net.defn = new_live
+            if new_config is not None:
+                if net.active:  # the next start runs it (the same as new_live: merged below)
+                    net.config = new_config
+                else:
+                    net.defn = new_config
+            if net.config is not None and net.config.to_xml() == net.defn.to_xml():
+                net.config = None
+            if net.persistent or new_live is not None:
+                await self._save_definition(net)
+        self._emit(net, "updated", update.section,
+                   data={"command": update.command, "live": live, "config": config})  # fmt: skip
+        return live, config, dhcp
+
+    async def _update_live(self, net: Network, new: NetworkDefinition) -> str | None:
+        if not net.backend.dhcp(new) or net.defn.bridge is None:
+            return None
+        if dnsmasq.needs_restart(net.defn, new, net.defn.bridge, net.files):
+            old = net.defn
+            net.defn = new
+            try:
+                await self._start_dhcp(net)
+            except BaseException:
+                net.defn = old
+                with contextlib.suppress(VirtbusError):
+                    await self._start_dhcp(net)  # the old one back
+                raise
+            return "restart"
+        if net.dhcp_pid is None:  # not running (gave up after restarts): files only
+            await dnsmasq.write_hosts(new, net.files)
+            return None
+        await dnsmasq.refresh(new, net.files, net.dhcp_pid)
+        return "sighup"
 
     # ================================================================== information
     async def info(self, net: Network) -> dict[str, Any]:

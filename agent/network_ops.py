@@ -14,6 +14,7 @@ from virtbus.errors import (
     XMLError,
 )
 from virtbus.network import check_mac
+from virtbus.network.update import Update
 from virtbus.protocol import ops
 from virtbus.protocol.base import Accepted
 from virtbus.protocol.events import DomainState
@@ -33,6 +34,8 @@ from virtbus.protocol.network import (
     NetworkListRequest,
     NetworkRef,
     NetworkTarget,
+    NetworkUpdated,
+    NetworkUpdateRequest,
     NetworkXml,
     NetworkXmlRequest,
 )
@@ -76,6 +79,14 @@ async def _undefine(ctx: AgentContext, req: NetworkTarget) -> Accepted:
 @HANDLERS.on(ops.NETWORK_AUTOSTART)
 async def _autostart(ctx: AgentContext, req: NetworkAutostart) -> NetworkInfo:
     return await network_info(ctx, await ctx.networks.set_autostart(req.network, req.autostart))
+
+
+@HANDLERS.on(ops.NETWORK_UPDATE)
+async def _update(ctx: AgentContext, req: NetworkUpdateRequest) -> NetworkUpdated:
+    update = Update(req.command, req.section, req.xml, req.parent_index)
+    live, config, dhcp = await ctx.networks.update(req.network, update, live=req.live,
+                                                   config=req.config)  # fmt: skip
+    return NetworkUpdated(live=live, config=config, dhcp=dhcp)
 
 
 @HANDLERS.on(ops.NETWORK_LIST)

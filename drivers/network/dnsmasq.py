@@ -148,6 +148,34 @@ async def start(
     return pid
 
 
+def needs_restart(old: NetworkDefinition, new: NetworkDefinition, bridge: str,
+                  files: DnsmasqFiles) -> bool:  # fmt: skip
+    """A change from ``old`` to ``new`` needs dnsmasq started again (its config changes:
+    a range, DHCP turned on); else a SIGHUP that re-reads the hosts files is enough.
+    ``dhcp-lease-max`` counts the hosts, but like libvirt a host added does not restart
+    dnsmasq for it (the next start writes the new count)."""
+
+    def significant(defn: NetworkDefinition) -> list[str]:
+        return [line for line in config(defn, bridge, files).splitlines()
+                if not line.startswith("dhcp-lease-max=")]  # fmt: skip
+
+    return significant(old) != significant(new)
+
+
+async def write_hosts(defn: NetworkDefinition, files: DnsmasqFiles) -> None:
+    await atomic_write(files.hosts, hosts_file(defn).encode(), fsync=False)
+    await atomic_write(files.addn_hosts, addn_hosts_file(defn).encode(), fsync=False)
+
+
+async def refresh(defn: NetworkDefinition, files: DnsmasqFiles, pid: int) -> None:
+    """Write the hosts files of ``defn`` and have dnsmasq ``pid`` re-read them (SIGHUP:
+    dhcp-hostsfile and addn-hosts; its leases and its sockets stay)."""
+    await write_hosts(defn, files)
+    if not pid_alive(pid, files):
+        raise OperationFailed(f"dnsmasq of network '{defn.name}' (pid {pid}) is not running")
+    os.kill(pid, signal.SIGHUP)
+
+
 async def stop(files: DnsmasqFiles) -> None:
     """Stop this network's dnsmasq if it runs (SIGTERM, SIGKILL after STOP_TIMEOUT)."""
     pid = read_pid(files)

@@ -61,6 +61,26 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--name", action="store_true", help="names only")
     p.add_argument("--uuid", action="store_true", help="uuids only")
     p.set_defaults(func=net_list)
+    p = sub.add_parser("net-update", help="update parts of a network's configuration")
+    p.add_argument("network", help="network name or uuid")
+    p.add_argument("command", help="add, add-first, add-last, delete or modify")
+    p.add_argument("section", help="ip-dhcp-host, ip-dhcp-range or dns-host")
+    p.add_argument("xml", help="the section's element: XML text or a file name ('-': stdin)")
+    p.add_argument(
+        "--parent-index",
+        type=int,
+        default=None,
+        help="which <ip> of the network (default: the one whose subnet fits)",
+    )
+    p.add_argument("--live", action="store_true", help="affect the running network")
+    p.add_argument("--config", action="store_true", help="affect the persistent definition")
+    p.add_argument(
+        "--current",
+        action="store_true",
+        help="the running network when active, else the definition (default)",
+    )
+    _host_arg(p)
+    p.set_defaults(func=net_update)
     p = sub.add_parser("net-dhcp-leases", help="the DHCP leases of a network")
     p.add_argument("network", help="network name or uuid")
     p.add_argument("--mac", help="only the leases of this MAC address")
@@ -180,3 +200,19 @@ async def net_dhcp_leases(ctx: Context, args: argparse.Namespace) -> int:
     print(table(["Expiry Time", "MAC address", "Protocol", "IP address", "Hostname",
                  "Client ID or DUID"], rows))  # fmt: skip
     return 0
+
+
+async def net_update(ctx: Context, args: argparse.Namespace) -> int:
+    """virsh net-update: XML is the element itself when it starts with '<', else a file."""
+    if args.current and (args.live or args.config):
+        raise InvalidArgument("--current is exclusive of --live and --config")
+    if args.parent_index is not None and args.parent_index < 0:
+        raise InvalidArgument(f"--parent-index must be 0 or more, not {args.parent_index}")
+    xml = args.xml if args.xml.lstrip().startswith("<") else read_xml(args.xml)
+    net = _host(ctx, args).network(args.network)
+    done = await net.update(args.command, args.section, xml, parent_index=args.parent_index,
+                            live=args.live, config=args.config)  # fmt: skip
+    what = ("persistent config and live state" if done.live and done.config
+            else "live state" if done.live else "persistent config")  # fmt: skip
+    value = {"network": args.network, **to_wire(done)}
+    return _said(ctx, value, f"Updated network {args.network} {what}")

@@ -12,6 +12,8 @@ from virtbus.protocol.network import (
     NetworkInfo,
     NetworkLeasesRequest,
     NetworkTarget,
+    NetworkUpdated,
+    NetworkUpdateRequest,
 )
 
 if TYPE_CHECKING:
@@ -56,3 +58,14 @@ class Network:
     async def dhcp_leases(self, mac: str | None = None) -> list[DhcpLease]:
         request = NetworkLeasesRequest(network=self.ref, mac=mac)
         return (await self.host.call(ops.NETWORK_DHCP_LEASES, request)).leases
+
+    async def update(self, command: str, section: str, xml: str, *,
+                     parent_index: int | None = None, live: bool = False,
+                     config: bool = False) -> NetworkUpdated:  # fmt: skip
+        """net-update: ``command`` (add, add-first, add-last, delete, modify) on
+        ``section`` (ip-dhcp-host, ip-dhcp-range, dns-host) with its element ``xml``;
+        neither ``live`` nor ``config``: the live state when active, else the config."""
+        request = NetworkUpdateRequest(network=self.ref, command=command, section=section,
+                                       xml=xml, parent_index=parent_index, live=live,
+                                       config=config)  # fmt: skip
+        return await self.host.call(ops.NETWORK_UPDATE, request)

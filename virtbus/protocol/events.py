@@ -242,9 +242,10 @@ def job_routing_key(host: str, job: str, event: str) -> str:
 
 
 # --- network events -------------------------------------------------------------------
-#: libvirt's virNetworkEventLifecycleType, plus virtbus's ``dhcp-restarted``
+#: libvirt's virNetworkEventLifecycleType, plus virtbus's ``dhcp-restarted`` and
+#: ``updated`` (a net-update; detail: the section)
 NETWORK_EVENTS: frozenset[str] = frozenset(
-    {"defined", "undefined", "started", "stopped", "dhcp-restarted"}
+    {"defined", "undefined", "started", "stopped", "dhcp-restarted", "updated"}
 )
 
 

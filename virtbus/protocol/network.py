@@ -40,6 +40,28 @@ class NetworkLeasesRequest(NetworkTarget):
     mac: str | None = None  # net-dhcp-leases --mac
 
 
+class NetworkUpdateRequest(NetworkTarget):
+    """net-update: ``command`` add, add-first, add-last, delete or modify; ``section``
+    ip-dhcp-host, ip-dhcp-range or dns-host; ``xml`` the section's element. Neither
+    ``live`` nor ``config``: the live state when active, else the persistent config."""
+
+    command: Name
+    section: Name
+    xml: XmlText
+    parent_index: NonNegInt | None = None  # which <ip> (default: the one whose subnet fits)
+    live: bool = False
+    config: bool = False
+
+
+class NetworkUpdated(Message):
+    """What net-update changed, and how the running dnsmasq took it (``sighup``: it
+    re-read its hosts files; ``restart``: it was started again; None: not touched)."""
+
+    live: bool
+    config: bool
+    dhcp: str | None = None
+
+
 class NetworkRef(Message):
     name: str
     uuid: str
@@ -140,6 +162,11 @@ NETWORK_AUTOSTART = op(
 NETWORK_LIST = op(
     "network.list", NetworkListRequest, NetworkList, _A, "the host's virtual networks",
     access=Access.READ, target=Target.HOST,
+)  # fmt: skip
+NETWORK_UPDATE = op(
+    "network.update", NetworkUpdateRequest, NetworkUpdated, _A,
+    "change a section of a network, live and/or persistent (net-update)",
+    access=Access.CONFIG, target=_N, target_of=_net, serial=True,
 )  # fmt: skip
 NETWORK_INFO = op(
     "network.info", NetworkTarget, NetworkInfo, _A, "a network's state (net-info)",

@@ -77,6 +77,7 @@ from virtbus.protocol.network import (
     NETWORK_LIST,
     NETWORK_START,
     NETWORK_UNDEFINE,
+    NETWORK_UPDATE,
     NETWORK_XML,
 )
 from virtbus.protocol.registry import REGISTRY, Op, Service, lookup, ops_of
@@ -226,6 +227,7 @@ __all__ = [
     "NETWORK_LIST",
     "NETWORK_START",
     "NETWORK_UNDEFINE",
+    "NETWORK_UPDATE",
     "NETWORK_XML",
     "REGISTRY",
     "SCHEDULER_DEFINE",
