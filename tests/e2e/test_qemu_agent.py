@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,13 @@ class Events:
         """Until ``domain`` had ``(event, detail)`` at least ``n`` times."""
         async with asyncio.timeout(EVENT_WAIT):
             while self.of(domain).count((event, detail)) < n:
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def until(self, done: Callable[[], bool], timeout: float = EVENT_WAIT) -> None:
+        """Until ``done()`` holds, checked whenever an event arrives."""
+        async with asyncio.timeout(timeout):
+            while not done():
                 self._changed.clear()
                 await self._changed.wait()
 

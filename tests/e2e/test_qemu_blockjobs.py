@@ -22,9 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_qemu_agent import EVENT_WAIT
 from tests.e2e.test_qemu_driver import wait_serial
-from tests.e2e.test_qemu_external_snapshots import MIB, random_qcow2, read_chain
+from tests.e2e.test_qemu_external_snapshots import MIB, qemu_img, random_qcow2, read_chain
 from tests.e2e.test_qemu_snapshots import (
     Host,
     _destroy_all,
@@ -44,10 +43,10 @@ def guest() -> TestGuest:
     return build_test_guest()
 
 
-def backing(path: Path) -> str | None:
-    argv = ["qemu-img", "info", "-U", "--output=json", str(path)]
-    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    value = json.loads(out).get("backing-filename")
+async def backing(path: Path) -> str | None:
+    value = json.loads(await qemu_img("info", "-U", "--output=json", str(path))).get(
+        "backing-filename"
+    )
     return str(value) if value else None
 
 
@@ -66,9 +65,7 @@ def jobs(h: Host, status: str) -> list[dict[str, Any]]:
 
 async def wait_jobs(h: Host, status: str, n: int) -> list[dict[str, Any]]:
     """Until ``n`` block_job events of ``status`` arrived (they follow the reply)."""
-    async with asyncio.timeout(EVENT_WAIT):
-        while len(jobs(h, status)) < n:
-            await asyncio.sleep(0.05)
+    await h.events.until(lambda: len(jobs(h, status)) >= n)
     return jobs(h, status)
 
 
@@ -87,7 +84,7 @@ async def test_block_jobs_commit_pull_and_survive_a_restart(
 async def _scenario(h: Host, guest: TestGuest) -> None:
     base = h.base
     serial, disk = base / "x.serial", base / "x.qcow2"
-    data = random_qcow2(disk)
+    data = await asyncio.to_thread(random_qcow2, disk)
     xml = guest_xml(guest, "x", serial, disk_xml(disk)).replace(
         "virtbus.tick=0.2", f"virtbus.tick=0.2 virtbus.cmd=write+1@{WRITE_TICK}"
     )
@@ -100,7 +97,7 @@ async def _scenario(h: Host, guest: TestGuest) -> None:
         await h.ok("snapshot-create-as", "x", "s1", "--disk-only")
         assert "VIRTBUS-DONE write" not in serial.read_text(errors="replace"), "premise"
         await wait_serial(serial, "VIRTBUS-DONE write 1")
-        assert read_chain(disk, base / "r.raw") == data  # premise: the zeros are above
+        assert await read_chain(disk, base / "r.raw") == data  # premise: the zeros are above
 
         # bad input first: clear errors, nothing started
         err = await h.fails("INVALID_ARG", "blockcommit", "x", "vda")
@@ -114,16 +111,16 @@ async def _scenario(h: Host, guest: TestGuest) -> None:
         out = await h.ok("blockcommit", "x", "vda", "--active", "--pivot", "--verbose")
         assert "Successfully pivoted" in out
         assert source_of(await h.ok("dumpxml", "x")) == str(disk)
-        assert read_chain(disk, base / "r.raw") == written
+        assert await read_chain(disk, base / "r.raw") == written
         assert [j["type"] for j in await wait_jobs(h, "completed", 1)] == ["active-commit"]
         assert jobs(h, "ready") and all(j["cur"] == j["end"] for j in jobs(h, "ready"))
 
         # a pull: a new overlay becomes standalone, with the same content
         await h.ok("snapshot-create-as", "x", "s2", "--disk-only")
         overlay = base / "x.s2"
-        assert backing(overlay) == str(disk)
+        assert await backing(overlay) == str(disk)
         assert "Pull complete" in await h.ok("blockpull", "x", "vda", "--wait")
-        assert backing(overlay) is None  # its content is read once QEMU flushed it (below)
+        assert await backing(overlay) is None  # its content is read once QEMU flushed it (below)
         assert source_of(await h.ok("dumpxml", "x")) == str(overlay)
         done = await wait_jobs(h, "completed", 2)
         assert [j["type"] for j in done] == ["active-commit", "pull"]
@@ -174,6 +171,6 @@ async def _scenario(h: Host, guest: TestGuest) -> None:
         await _destroy_all(h)
     # QEMU flushed and closed the images: the pulled overlay, with s3 committed into it,
     # and both copies hold everything the guest saw
-    assert backing(overlay) is None and read_chain(overlay, base / "r.raw") == written
-    assert read_chain(copy1, base / "r.raw") == written
+    assert await backing(overlay) is None and await read_chain(overlay, base / "r.raw") == written
+    assert await read_chain(copy1, base / "r.raw") == written
     assert copy2.read_bytes() == written

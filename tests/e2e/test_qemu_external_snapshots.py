@@ -11,6 +11,7 @@ chain the definition now names.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -54,18 +55,26 @@ def random_qcow2(path: Path) -> bytes:
     return data
 
 
-def read_chain(path: Path, out: Path) -> bytes:
+async def qemu_img(*args: str) -> str:
+    """``qemu-img ARGS`` without blocking the loop the agent's events arrive on; stdout."""
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, (args, err.decode(errors="replace"))
+    return out.decode()
+
+
+async def read_chain(path: Path, out: Path) -> bytes:
     """What the guest would read through ``path``'s chain (-U: the guest may run)."""
-    subprocess.run(["qemu-img", "convert", "-U", "-q", "-O", "raw", str(path), str(out)],
-                   check=True)  # fmt: skip
+    await qemu_img("convert", "-U", "-q", "-O", "raw", str(path), str(out))
     data = out.read_bytes()
     out.unlink()
     return data
 
 
-def backing_chain(path: Path) -> list[str]:
-    argv = ["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(path)]
-    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+async def backing_chain(path: Path) -> list[str]:
+    out = await qemu_img("info", "-U", "--backing-chain", "--output=json", str(path))
     return [layer["filename"] for layer in json.loads(out)]
 
 
@@ -86,7 +95,7 @@ async def test_external_disk_only_snapshots_live_and_offline(
 async def _scenario(h: Host, guest: TestGuest) -> None:
     base = h.base
     serial, disk = base / "x.serial", base / "x.qcow2"
-    data = random_qcow2(disk)
+    data = await asyncio.to_thread(random_qcow2, disk)
     xml = guest_xml(guest, "x", serial, disk_xml(disk)).replace(
         "virtbus.tick=0.2", f"virtbus.tick=0.2 virtbus.cmd=write+1@{WRITE_TICK}"
     )
@@ -110,11 +119,11 @@ async def _scenario(h: Host, guest: TestGuest) -> None:
         out = await h.ok("snapshot-create-as", "x", "s1", "--disk-only", "--description", "ext")
         assert "Domain snapshot s1 created" in out
         assert ticks(serial)[-1] < WRITE_TICK, "premise: the guest had not written yet"
-        assert backing_chain(overlay) == [str(overlay), str(disk)]
+        assert await backing_chain(overlay) == [str(overlay), str(disk)]
         await wait_serial(serial, "VIRTBUS-DONE write 1")
         # the base image holds the snapshot: the guest's write went to the overlay
-        assert read_chain(disk, base / "b.raw") == data
-        chain = read_chain(overlay, base / "o.raw")
+        assert await read_chain(disk, base / "b.raw") == data
+        chain = await read_chain(overlay, base / "o.raw")
         assert chain[8 * MIB : 9 * MIB] == bytes(MIB), "the write is not in the overlay's chain"
         assert chain[: 8 * MIB] == data[: 8 * MIB] and chain[9 * MIB :] == data[9 * MIB :]
 
@@ -141,7 +150,7 @@ async def _scenario(h: Host, guest: TestGuest) -> None:
         await h.ok("destroy", "x")
         on_overlay(await h.ok("dumpxml", "x"), overlay, disk)  # and so does the persistent one
         await h.ok("snapshot-create-as", "x", "s2", "--disk-only")
-        assert backing_chain(overlay2) == [str(overlay2), str(overlay), str(disk)]
+        assert await backing_chain(overlay2) == [str(overlay2), str(overlay), str(disk)]
         tree = await h.ok("snapshot-list", "x", "--tree")
         assert tree.splitlines() == ["s1", "  |", "  +- s2"], tree
         assert "<state>shutoff</state>" in await h.ok("snapshot-dumpxml", "x", "s2")
