@@ -7,7 +7,7 @@ from typing import Any
 from agent.admission import Demand
 from agent.table import HANDLERS, AgentContext
 from drivers.base import Affect, Driver, MemoryTuning
-from virtbus.domain import domain_name_of, parse_domain_xml
+from virtbus.domain import domain_name_of, parse_domain_xml, without_secrets
 from virtbus.errors import InternalError, NoSupport
 from virtbus.protocol import ops
 from virtbus.protocol.base import Accepted, Empty
@@ -108,6 +108,11 @@ async def _state(ctx: AgentContext, req: DomainTarget) -> DomainStatus:
 
 @HANDLERS.on(ops.DOMAIN_XML)
 async def _xml(ctx: AgentContext, req: DomainTarget) -> DomainXml:
+    return DomainXml(xml=without_secrets(await ctx.driver.xml(req.domain)))
+
+
+@HANDLERS.on(ops.DOMAIN_READ_SECURE)
+async def _xml_secure(ctx: AgentContext, req: DomainTarget) -> DomainXml:
     return DomainXml(xml=await ctx.driver.xml(req.domain))
 
 

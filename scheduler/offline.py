@@ -66,7 +66,8 @@ class OfflineMover:
                 f"domain '{now.name}' is {now.state}: offline migration moves shut-off domains"
                 " only (shut it off first)"
             )
-        xml = (await self._call(source, ops.DOMAIN_XML, target, self._t)).xml
+        # with its secrets (graphics passwords): the destination is defined with it
+        xml = (await self._call(source, ops.DOMAIN_READ_SECURE, target, self._t)).xml
         defn = parse_domain_xml(xml)
         destination = self._place(defn, source, to)
         await self._call(destination, ops.DOMAIN_DEFINE, DomainDefine(xml=xml), self._t)

@@ -416,7 +416,9 @@ class SchedulerService:
         if self.coordinator.busy(info.uuid):
             raise OperationInvalid(f"domain '{info.name}' is already migrating")
         t = self.settings.step_timeout
-        reply = await self._agent_call(source, ops.DOMAIN_XML, DomainTarget(domain=info.uuid), t)
+        # With its secrets (graphics passwords): the destination starts this definition.
+        secure = ops.DOMAIN_READ_SECURE
+        reply = await self._agent_call(source, secure, DomainTarget(domain=info.uuid), t)
         defn = parse_domain_xml(reply.xml)
         defn.root.attrib.pop("id", None)  # the running id: not part of a definition
         xml = defn.to_xml()

@@ -196,6 +196,45 @@ async def test_three_user_matrix_over_every_op_class(users: Cluster, agent: str)
             await c.close()
 
 
+async def test_dumpxml_hides_graphics_passwords_unless_security_info_is_granted(
+    users: Cluster, agent: str
+) -> None:
+    """libvirt's VIR_DOMAIN_XML_SECURE: ``dumpxml`` leaves ``<graphics passwd>`` out;
+    ``--security-info`` is ``domain.read_secure``, which the viewer role is not granted."""
+    secret = f"pw-{TAG}"
+    graphics = f"<graphics type='vnc' port='-1' autoport='yes' passwd='{secret}'/>"
+    xml = _xml("web-pw").replace("</devices>", f"{graphics}</devices>")
+    admin = await Client.connect(users.url(users.admin), oneshot=True)
+    try:
+        await admin.host(agent).define(xml)
+    finally:
+        await admin.close()
+    try:
+
+        async def dump(user: str, *flags: str) -> Any:
+            return await cli("dumpxml", "--host", agent, *flags, "web-pw", bus=users.url(user))
+
+        for user in (users.viewer, users.admin):  # nobody sees it without asking
+            plain = await dump(user)
+            assert plain.code == 0, plain.err
+            assert "<graphics type='vnc'" in plain.out and "autoport='yes'" in plain.out
+            assert secret not in plain.out and "passwd" not in plain.out
+        denied = await dump(users.viewer, "--security-info")
+        assert denied.code != 0 and "AUTH_DENIED" in denied.err, denied.err
+        assert secret not in denied.out + denied.err
+        assert "domain.read_secure" in denied.err
+        granted = await dump(users.admin, "--security-info")
+        assert granted.code == 0, granted.err
+        assert f"passwd='{secret}'" in granted.out
+        assert (await dump(users.viewer)).code == 0  # the agent still serves the viewer
+    finally:
+        admin = await Client.connect(users.url(users.admin), oneshot=True)
+        try:
+            await admin.host(agent).domain("web-pw").undefine()
+        finally:
+            await admin.close()
+
+
 async def _raw_call(url: str, host: str, **props: Any) -> dict[str, Any]:
     """A call published by hand (aio-pika), with the AMQP properties given."""
     conn = await aio_pika.connect(url)

@@ -107,7 +107,7 @@ class Agents:
             raise OperationInvalid("cannot undefine domain 'c1': it is running")
         if op == ops.DOMAIN_INFO:
             return DomainInfo(name="c1", uuid=request.domain, state=StateName(self.state))
-        if op == ops.DOMAIN_XML:
+        if op == ops.DOMAIN_READ_SECURE:
             return DomainXml(xml=LXC)
         return DefinedDomain(name="c1", uuid=UUID)
 
@@ -127,7 +127,7 @@ async def test_offline_migration_defines_there_then_undefines_here() -> None:
     view = view_with(("a", "lxc"), ("b", "lxc"), ("v", "test"))
     out = await mover(agents, view).move("c1", None)
     assert (out.source, out.destination, out.offline) == ("a", "b", True)
-    assert agents.calls == [("a", ops.DOMAIN_INFO), ("a", ops.DOMAIN_XML),
+    assert agents.calls == [("a", ops.DOMAIN_INFO), ("a", ops.DOMAIN_READ_SECURE),
                             ("b", ops.DOMAIN_DEFINE), ("a", ops.DOMAIN_UNDEFINE)]  # fmt: skip
 
 

@@ -85,6 +85,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
     p = sub.add_parser("dumpxml", help="print a domain's XML")
     _domain_args(p)
+    p.add_argument(
+        "--security-info",
+        action="store_true",
+        help="include secrets (graphics passwords); needs domain.read_secure",
+    )
     p.set_defaults(func=dumpxml)
 
     for verb, what in (("setmem", "current"), ("setmaxmem", "maximum")):
@@ -301,7 +306,7 @@ async def domstate(ctx: Context, args: argparse.Namespace) -> int:
 
 async def dumpxml(ctx: Context, args: argparse.Namespace) -> int:
     dom = await ctx.domain(args.host, args.domain)
-    xml = await dom.xml()
+    xml = await dom.xml(security_info=args.security_info)
     if ctx.json:
         emit_json({"host": dom.host.name, "domain": args.domain, "xml": xml})
     else:

@@ -530,8 +530,11 @@ class Domain:
     async def state(self) -> DomainStatus:
         return await self.host.call(ops.DOMAIN_STATE, self._target)
 
-    async def xml(self) -> str:
-        return (await self.host.call(ops.DOMAIN_XML, self._target)).xml
+    async def xml(self, security_info: bool = False) -> str:
+        """The domain XML; ``security_info``: with its secrets (graphics passwords), as
+        ``domain.read_secure``, which the policy grants apart from reading."""
+        op = ops.DOMAIN_READ_SECURE if security_info else ops.DOMAIN_XML
+        return (await self.host.call(op, self._target)).xml
 
     async def stats(self, groups: list[StatsGroup] | None = None) -> dict[str, StatValue]:
         found = await self.host.stats([self.ref], groups)

@@ -43,7 +43,7 @@ from virtbus.domain.serialize import dumps
 from virtbus.domain.support import unknown_attributes, unknown_devices
 from virtbus.domain.units import UNIT_FACTORS, to_kib
 from virtbus.domain.views import normalize_mac
-from virtbus.domain.xml import XMLLimits, domain_name_of, parse_domain_xml
+from virtbus.domain.xml import XMLLimits, domain_name_of, parse_domain_xml, without_secrets
 
 __all__ = [
     "MAX_NAME_BYTES",
@@ -91,4 +91,5 @@ __all__ = [
     "to_kib",
     "unknown_attributes",
     "unknown_devices",
+    "without_secrets",
 ]

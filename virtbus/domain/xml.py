@@ -97,3 +97,22 @@ def domain_name_of(xml: str | bytes, *, limits: XMLLimits = XMLLimits()) -> str:
 def parse_domain_xml(xml: str | bytes, *, limits: XMLLimits = XMLLimits()) -> DomainDefinition:
     """Parse and validate a ``<domain>`` document; XMLError naming what is wrong."""
     return DomainDefinition(parse_untrusted_root(xml, "domain", limits=limits))
+
+
+SECRET_ATTRIBUTES = (("./devices/graphics", "passwd"),)  # libvirt's VIR_DOMAIN_XML_SECURE
+
+
+def without_secrets(xml: str) -> str:
+    """``xml`` as dumpxml shows it without ``--security-info``: the graphics passwords
+    (``<graphics passwd=...>``) left out, as libvirt leaves them out unless asked for
+    VIR_DOMAIN_XML_SECURE (and the caller may read secrets)."""
+    if "passwd" not in xml:  # the common case: nothing to hide, no second parse
+        return xml
+    defn = parse_domain_xml(xml)
+    hidden = False
+    for path, attribute in SECRET_ATTRIBUTES:
+        for el in defn.root.findall(path):
+            if attribute in el.attrib:
+                del el.attrib[attribute]
+                hidden = True
+    return defn.to_xml() if hidden else xml

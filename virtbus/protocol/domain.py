@@ -207,8 +207,16 @@ DOMAIN_STATE = op(
     access=Access.READ, target=_D, target_of=_ref, serial=True,
 )  # fmt: skip
 DOMAIN_XML = op(
-    "domain.xml", DomainTarget, DomainXml, _A, "the domain XML, runtime values filled in",
+    "domain.xml", DomainTarget, DomainXml, _A,
+    "the domain XML, runtime values filled in, secrets (graphics passwords) left out",
     access=Access.READ, target=_D, target_of=_ref, serial=True,
+)  # fmt: skip
+# libvirt's domain:read_secure: its own op, so the policy grants it apart from reading
+# (a config-class op: the viewer role reads, it does not see passwords).
+DOMAIN_READ_SECURE = op(
+    "domain.read_secure", DomainTarget, DomainXml, _A,
+    "the domain XML with its secrets (dumpxml --security-info)",
+    access=Access.CONFIG, target=_D, target_of=_ref, serial=True,
 )  # fmt: skip
 DOMAIN_SET_AUTOSTART = op(
     "domain.set_autostart", DomainAutostart, AutostartFlag, _A,

@@ -18,7 +18,8 @@ users roles, and lists rules::
 The shipped roles (:data:`BUILTIN_RULES`) come first and can be extended: ``admin``
 (everything), ``operator`` (read, lifecycle and creating objects; no undefine/delete of
 objects it does not own unless a rule grants it), ``viewer`` (read-only ops),
-``scheduler`` (migration steps, drain flags, define on placement, reads) and ``agent``
+``scheduler`` (migration steps, drain flags, define on placement, reads, the
+definitions it moves with their secrets: ``domain.read_secure``) and ``agent``
 (nothing: agents answer, they do not call). A ``deny`` that matches wins over any
 ``allow``; nothing matching is a deny.
 
@@ -162,7 +163,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "role:scheduler",
-        ("@read", "@migrate", "host.set_draining", "domain.define"),
+        ("@read", "@migrate", "host.set_draining", "domain.define", "domain.read_secure"),
         origin="builtin",
     ),
 )
