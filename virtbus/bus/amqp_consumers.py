@@ -58,6 +58,21 @@ AMQP_FAILURES: Final = (
 )
 
 
+# POISONED REPLIES. RabbitMQ 3.10 and 3.11 (Debian bookworm ships 3.10.8) crash the
+# channel, and so close the whole connection with 541 INTERNAL_ERROR, when a reply is
+# published to the direct reply-to address of a caller whose node is not running:
+# rabbit_direct_reply_to:decode_reply_to_v2 returns a bare ``error`` there, which
+# rabbit_channel:deliver_reply does not match (a case_clause; 3.12 returns
+# ``{error, target_node_not_found}``, rabbitmq-server commit 87017827e0). A server that
+# replies before it acks then loses the ack with the connection, the call comes back,
+# its reply (from the call memory) kills the next connection too, and so on for ever: a
+# node stopped under a caller kept an agent off the bus (issue 18). So a *redelivered*
+# call is acked before its reply goes: a poisoned reply costs one more reconnect, never
+# a loop. A first delivery keeps reply-then-ack (its reply does not wait for the reply
+# log's write) and comes back at most once for this. A reply lost so is the caller's
+# timeout, a retryable error: a retry under the same call id is answered from memory.
+
+
 def deadline_header(epoch_seconds: float) -> int:
     """``x-deadline`` travels as integer epoch *milliseconds*: AMQP field tables encode a
     Python float as a 32-bit float (pamqp), far too coarse for an epoch."""
@@ -273,14 +288,37 @@ class AmqpServer:
     ) -> None:
         if awaitable is not None:
             body = await settle(awaitable, call.op)
+        if message.redelivered:
+            # Acked before the reply goes (POISONED REPLIES, above).
+            await self._settle(message, call, awaitable)
+            if address is not None:
+                await self._reply(address, message, call, body)
+            return
         if address is not None:
-            reply = reply_to(call, body, self._bus.src)
-            try:
-                data = encode(reply)
-            except ProtocolError as exc:
-                data = encode(reply_to(call, error_body(exc), self._bus.src))
-            # Echo the AMQP correlation id (ours equals the envelope id; other clients may differ).
-            await self._send_reply(address, message.correlation_id or call.id, data)
+            await self._reply(address, message, call, body)
+        await self._settle(message, call, awaitable)
+
+    async def _reply(
+        self,
+        address: str,
+        message: AbstractIncomingMessage,
+        call: Envelope,
+        body: dict[str, Any],
+    ) -> None:
+        reply = reply_to(call, body, self._bus.src)
+        try:
+            data = encode(reply)
+        except ProtocolError as exc:
+            data = encode(reply_to(call, error_body(exc), self._bus.src))
+        # Echo the AMQP correlation id (ours equals the envelope id; other clients may differ).
+        await self._send_reply(address, message.correlation_id or call.id, data)
+
+    async def _settle(
+        self,
+        message: AbstractIncomingMessage,
+        call: Envelope,
+        awaitable: Awaitable[dict[str, Any]] | None,
+    ) -> None:
         if self._before_ack is not None and awaitable is not None:
             await self._before_ack(call)  # e.g. the reply is on disk: a redelivery is answered
         await _quietly(message.ack(), f"ack of call {call.id}")
