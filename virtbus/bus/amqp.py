@@ -122,6 +122,20 @@ async def _declare_queue(
     await channel.queue_bind(queue.name, source, routing_key=key, timeout=t)
 
 
+async def _open_underlay(
+    channel: AbstractRobustChannel | None,
+) -> aiormq.abc.AbstractChannel | None:
+    """The aiormq channel under a robust one if it is open, else None, at once: the base
+    class's accessor, not the robust one, which first waits for the connection."""
+    if channel is None:
+        return None
+    assert isinstance(channel, aio_pika.Channel)  # aio-pika's RobustChannel
+    try:
+        return await aio_pika.Channel.get_underlay_channel(channel)
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return None
+
+
 class _Pending:
     """One call in flight: the caller's future and its deadline."""
 
@@ -286,13 +300,16 @@ class AmqpBus:
         return True
 
     async def _refresh_underlays(self, _sender: object) -> None:
-        """Cache the live aiormq channels: the call path must not await to find them."""
-        if self._rpc is not None:
-            self._rpc_underlay = await self._rpc.get_underlay_channel()
-        if self._confirm is not None:
-            self._confirm_underlay = await self._confirm.get_underlay_channel()
-        if self._fire is not None:
-            self._fire_underlay = await self._fire.get_underlay_channel()
+        """Cache the live aiormq channels: the call path must not await to find them.
+
+        Never waits for the connection: this runs in aio-pika's reconnect task (reopen
+        and reconnect callbacks), and a connection that closed meanwhile is made ready
+        again only by that very task (issue 18: an agent that never came back). A
+        channel not open now is None (the call path says BUS_UNAVAILABLE) until its
+        reopen calls this again."""
+        self._rpc_underlay = await _open_underlay(self._rpc)
+        self._confirm_underlay = await _open_underlay(self._confirm)
+        self._fire_underlay = await _open_underlay(self._fire)
 
     def _on_connection_lost(self, _sender: object, exc: BaseException | None = None) -> None:
         if self._closing:
@@ -309,6 +326,9 @@ class AmqpBus:
             except (*AMQP_FAILURES, BusUnavailable) as exc:
                 log.warning("checking the bus topology after a reconnect: %s", exc)
         await self._refresh_underlays(None)
+        transport = self._connection.transport if self._connection is not None else None
+        if transport is None or transport.connection.is_closed:
+            return  # lost again meanwhile: the next reconnect says it is restored
         log.info("bus connection restored")
         self._set_connected(True)
 

@@ -39,6 +39,15 @@ log = logging.getLogger(__name__)
 _SAME_ATTEMPT = 0.05  # s
 
 
+_CANCEL_WAIT = 5.0  # s for a cancelled restore to end
+
+
+def _consume_result(task: asyncio.Future[None]) -> None:
+    """Retrieve a given-up restore's outcome (no "exception never retrieved")."""
+    if not task.cancelled():
+        task.exception()
+
+
 class BackoffRobustConnection(RobustConnection):
     policy: Backoff = Backoff()
     nodes: tuple[URL, ...] = ()  # empty: only the URL aio-pika was given
@@ -89,7 +98,42 @@ class BackoffRobustConnection(RobustConnection):
             log.info("bus: the next attempt goes to %s", redacted(str(self.nodes[self._node])))
 
     async def _on_connected(self) -> None:
-        await super()._on_connected()
+        """aio-pika's restore of the channels and its reconnect callbacks, given up (a
+        failed attempt) if the new connection closes meanwhile.
+
+        aio-pika (10.2) runs them in its reconnect task, and they wait for the connection
+        to be ready (``RobustChannel.get_underlay_channel`` waits for ``connected``, in
+        aio-pika's own ``_on_open`` too). A connection that the broker closes right after
+        it opened (a cluster node that went: issue 18) clears ``connected`` while they
+        wait, and only that very task would set it again: the connection never came back
+        and every wait on it (an agent's stop) hung. Raced against the connection's
+        closing here, the attempt fails instead and the task tries the next node.
+        """
+        transport = self.transport
+        closing = transport.connection.closing if transport is not None else None
+        restore = asyncio.ensure_future(super()._on_connected())
+        lost = False
+        try:
+            if closing is not None:
+                await asyncio.wait((restore, closing), return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.wait((restore,))
+            lost = not restore.done()
+        finally:
+            if closing is not None:
+                closing.cancel()  # an observer only: the connection is not touched
+            if not restore.done():
+                restore.cancel()
+                # Bounded: aiormq turns a cancellation that lands in an RPC of a closed
+                # connection into the connection's error (aiormq.abc.TaskWrapper), which
+                # a callback may catch and go on.
+                await asyncio.wait((restore,), timeout=_CANCEL_WAIT)
+                if not restore.done():
+                    log.warning("bus: a cancelled connection restore goes on: left alone")
+                restore.add_done_callback(_consume_result)
+        if lost:
+            raise ConnectionError("the broker closed the connection while it was restored")
+        restore.result()
         self._delays = backoff_delays(self.policy)
         self._read_at = 0.0
         self._connected_since_draw = True
