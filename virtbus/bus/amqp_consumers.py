@@ -8,6 +8,7 @@ stops the broker from sending rather than growing a local queue).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
@@ -117,6 +118,21 @@ async def _quietly(action: Awaitable[Any], what: str) -> None:
         await action
     except AMQP_FAILURES as exc:
         log.debug("%s failed: %s", what, exc)
+
+
+async def _bounded(action: Awaitable[Any], bus: AmqpBus) -> Any:
+    """A broker round trip of a stop or close: bounded by the connect timeout (a timeout
+    is an OSError, quiet in :func:`_quietly`), since a robust channel's operations wait
+    for the connection to come back, and a stopping daemon must not wait for that."""
+    return await asyncio.wait_for(action, bus.settings.connect_timeout)
+
+
+async def _cancel(bus: AmqpBus, queue: AbstractQueue, tag: str) -> None:
+    """Cancel a consumer, unless the bus is down: then the consumer went with the
+    connection, and the robust queue would wait for a reconnect to cancel it."""
+    if not bus.connected:
+        return
+    await _bounded(queue.cancel(tag), bus)
 
 
 async def _open_call_queue(
@@ -369,9 +385,11 @@ class AmqpServer:
             return
         self._stopping = True
         if self._tag is not None:
-            await _quietly(self._queue.cancel(self._tag), f"cancel of {self.route} consumer")
+            await _quietly(
+                _cancel(self._bus, self._queue, self._tag), f"cancel of {self.route} consumer"
+            )
         await self._tasks.stop(self._bus.settings.stop_grace)
-        await _quietly(self._channel.close(), f"close of {self.route} channel")
+        await _quietly(_bounded(self._channel.close(), self._bus), f"close of {self.route} channel")
         if self.on_stopped is not None:
             self.on_stopped(self)
 
@@ -504,7 +522,9 @@ class AmqpSubscription:
             return
         self._buffer.close()
         if self._tag is not None and self._queue is not None:
-            await _quietly(self._queue.cancel(self._tag), "cancel of a subscription")
-        await _quietly(self._channel.close(), "close of a subscription channel")
+            await _quietly(_cancel(self._bus, self._queue, self._tag), "cancel of a subscription")
+        await _quietly(
+            _bounded(self._channel.close(), self._bus), "close of a subscription channel"
+        )
         if self.on_closed is not None:
             self.on_closed(self)
