@@ -12,6 +12,12 @@ While calls are in flight, node 1's RabbitMQ stops. Then:
 - no call runs twice: the driver counts each domain's define (the side effect itself);
 - no event is lost: the replicated history stream holds every sequence number;
 - the agent and client A are connected again, to another node, and the agent serves.
+
+Its two causes, fixed in virtbus/bus (tests/integration/test_bus_node_loss.py has a focused
+test of each): RabbitMQ 3.10/3.11 close a connection that replies to a caller of the
+stopped node (the redelivered call came back for ever: amqp_consumers.py, POISONED
+REPLIES), and aio-pika's restore of a connection closed meanwhile waited for itself
+(reconnect.py, ``_on_connected``).
 """
 
 from __future__ import annotations
@@ -126,16 +132,6 @@ class Caller:
                 await asyncio.sleep(0.2)
 
 
-# Not retried into green: in each of 3 runs on a quiet machine (2026-12-02; it had passed
-# in its author's runs on a loaded one) the agent's bus did not come back after the
-# leader's node stopped (its outbox retried one event for 120 s) and stopping the agent
-# then hung; the cause is not found. xfail, not strict, so the run still reports it,
-# until the reconnect after a node loss is fixed (issue 18).
-@pytest.mark.xfail(
-    reason="after the leader's node stops the agent's bus sometimes never reconnects "
-    "(3 of 3 quiet runs); cause not found",
-    strict=False,
-)
 async def test_losing_the_queue_leaders_node_loses_no_call_and_runs_none_twice(
     tmp_path: Path,
 ) -> None:
