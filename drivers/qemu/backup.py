@@ -18,19 +18,24 @@ qemu_backup.c do them over blockdev.
   with QEMU's error, or cancelled); the targets of a failed or cancelled backup are
   removed. One backup per domain; ``backup_bandwidth`` caps each job's rate.
 
-Not done yet: pull mode (an NBD export), a backup found again after an agent restart
-(the follower stops with the agent; QEMU's job goes on), checkpoints whose bitmaps went
-into a backing image after an external snapshot.
+A running backup is recorded in the state dir (``backups/<uuid>.json``: its jobs, nodes
+and images): an agent that stops leaves QEMU's jobs running, and the restarted agent
+follows them again (a job that ended meanwhile stays concluded until it is dismissed).
+
+Not done yet: pull mode (an NBD export), checkpoints whose bitmaps went into a backing
+image after an external snapshot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from drivers.checkpoints import CheckpointStore, backup_disks, checkpoint_disks
@@ -59,6 +64,7 @@ from virtbus.errors import (
 )
 from virtbus.protocol.backup import BackupStarted, CheckpointInfo, DomainJobInfo
 from virtbus.protocol.events import DomainState
+from virtbus.store import atomic_write, quarantine, read_bytes
 
 log = logging.getLogger(__name__)
 _ACTIVE = (DomainState.RUNNING, DomainState.PAUSED)
@@ -70,7 +76,7 @@ _TMP = "virtbus-backup-tmp"  # the temporary bitmap of an incremental backup
 class _Backup:
     incremental: str | None
     disks: list[BackupDisk]
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.time)
     jobs: list[str] = field(default_factory=list)  # QMP job ids
     nodes: list[str] = field(default_factory=list)  # the targets' nodes, in adding order
     tmp_nodes: list[str] = field(default_factory=list)  # nodes holding a temporary bitmap
@@ -78,13 +84,29 @@ class _Backup:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
+    def to_json(self) -> dict[str, object]:
+        return {"incremental": self.incremental, "started": self.started, "jobs": self.jobs,
+                "nodes": self.nodes, "tmp_nodes": self.tmp_nodes,
+                "disks": [[d.target, d.file, d.format] for d in self.disks]}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> _Backup:
+        inc = data.get("incremental")
+        return cls(
+            incremental=str(inc) if inc is not None else None,
+            disks=[BackupDisk(str(t), str(f), str(fmt)) for t, f, fmt in data["disks"]],
+            started=float(data["started"]), jobs=[str(j) for j in data["jobs"]],
+            nodes=[str(n) for n in data["nodes"]], tmp_nodes=[str(n) for n in data["tmp_nodes"]],
+        )  # fmt: skip
+
 
 class QemuBackups:
     """The Backups methods of the QEMU driver (see module docstring)."""
 
     def __init__(self, registry: DomainRegistry, launcher: Launcher, store: CheckpointStore,
-                 settings: QemuSettings, job: external.Job) -> None:  # fmt: skip
+                 settings: QemuSettings, job: external.Job, directory: Path) -> None:  # fmt: skip
         self._registry = registry
+        self._dir = directory  # one record per running backup (<uuid>.json)
         self._launcher = launcher
         self._store = store
         self._settings = settings
@@ -197,6 +219,7 @@ class QemuBackups:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
             raise
+        await self._save_record(uuid, backup)
         if cp is not None:
             await self._store.add(uuid, cp)
         backup.task = asyncio.create_task(self._follow(dom, run, backup),
@@ -243,13 +266,18 @@ class QemuBackups:
         return actions
 
     async def _follow(self, dom: Domain, run: Run, backup: _Backup) -> None:
+        """Until every job concluded (or QEMU exited), then :meth:`_finish`. Cancelled
+        (the agent stops), it leaves QEMU's jobs and the record to a restarted agent."""
+        await dom.wait(run, lambda: all(run.job_states.get(j) in _ENDED
+                                        for j in backup.jobs), "backup")  # fmt: skip
+        await self._finish(dom, run, backup)
+
+    async def _finish(self, dom: Domain, run: Run, backup: _Backup) -> None:
         uuid = dom.defn.uuid
         status: Literal["completed", "failed", "cancelled"] = "failed"
         error: str | None = None
         total = 0
         try:
-            await dom.wait(run, lambda: all(run.job_states.get(j) in _ENDED
-                                            for j in backup.jobs), "backup")  # fmt: skip
             if dom.run is not run:
                 error = "QEMU exited during the backup"
             else:
@@ -270,28 +298,83 @@ class QemuBackups:
                     status = "completed"
         except VirtbusError as exc:
             error = str(exc)
-        finally:
+        for jid in backup.jobs:
+            run.job_states.pop(jid, None)
+        if dom.run is run:
+            await self._cleanup(dom, run, backup)
+        self._ended(dom, backup, status, error, total)
+        await self._drop_record(uuid)
+
+    def _ended(self, dom: Domain, backup: _Backup,
+               status: Literal["completed", "failed", "cancelled"], error: str | None,
+               total: int) -> None:  # fmt: skip
+        """The outcome recorded and published; a failed or cancelled backup's images go."""
+        if status != "completed":
+            for disk in backup.disks:
+                with contextlib.suppress(OSError):
+                    os.unlink(disk.file or "")
+        elapsed = max(int((time.time() - backup.started) * 1000), 0)
+        self._last[dom.defn.uuid] = DomainJobInfo(
+            type=status, operation="backup", time_elapsed_ms=elapsed,
+            data_processed=total if status == "completed" else 0, data_total=total,
+            error=error,
+        )  # fmt: skip
+        if self._backups.get(dom.defn.uuid) is backup:
+            del self._backups[dom.defn.uuid]
+        backup.done.set()
+        data: dict[str, Any] = {"operation": "backup", "status": status,
+                                "time_elapsed_ms": elapsed, "data_total": total}  # fmt: skip
+        if error:
+            data["error"] = error
+        dom.emit("job_completed", None, data)
+
+    # --- the record a restarted agent follows again -----------------------------------
+    async def _save_record(self, uuid: str, backup: _Backup) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        await atomic_write(self._dir / f"{uuid}.json", json.dumps(backup.to_json()).encode())
+
+    async def _drop_record(self, uuid: str) -> None:
+        await asyncio.to_thread((self._dir / f"{uuid}.json").unlink, missing_ok=True)
+
+    async def adopt(self) -> None:
+        """After an agent restart: follow each recorded backup again (its jobs as QEMU
+        has them, ``query-jobs``); one whose QEMU is gone failed with it."""
+        if not self._dir.is_dir():
+            return
+        for path in sorted(self._dir.glob("*.json")):
+            data = await read_bytes(path)
+            if data is None:
+                continue
+            try:
+                backup = _Backup.from_json(json.loads(data))
+            except (ValueError, KeyError, TypeError) as exc:
+                await quarantine(path, f"unreadable backup record: {exc}")
+                continue
+            dom = self._registry.find(path.stem)
+            run = dom.run if dom is not None and dom.state in _ACTIVE else None
+            if dom is None or run is None:
+                if dom is not None:
+                    self._ended(dom, backup, "failed", "QEMU exited during the backup", 0)
+                else:
+                    for disk in backup.disks:
+                        with contextlib.suppress(OSError):
+                            os.unlink(disk.file or "")
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                jobs = await dom.execute(run, "query-jobs")
+            except VirtbusError as exc:
+                log.warning("domain %s: query-jobs failed: %s", dom.defn.name, exc)
+                continue
+            states = {str(j.get("id")): str(j.get("status", ""))
+                      for j in (jobs if isinstance(jobs, list) else [])}  # fmt: skip
             for jid in backup.jobs:
-                run.job_states.pop(jid, None)
-            if dom.run is run:
-                await self._cleanup(dom, run, backup)
-            if status != "completed":
-                for disk in backup.disks:
-                    with contextlib.suppress(OSError):
-                        os.unlink(disk.file or "")
-            elapsed = int((time.monotonic() - backup.started) * 1000)
-            self._last[uuid] = DomainJobInfo(
-                type=status, operation="backup", time_elapsed_ms=elapsed,
-                data_processed=total if status == "completed" else 0, data_total=total,
-                error=error,
-            )  # fmt: skip
-            self._backups.pop(uuid, None)
-            backup.done.set()
-            data: dict[str, Any] = {"operation": "backup", "status": status,
-                                    "time_elapsed_ms": elapsed, "data_total": total}  # fmt: skip
-            if error:
-                data["error"] = error
-            dom.emit("job_completed", None, data)
+                run.job_states[jid] = states.get(jid, "null")
+            log.info("domain %s: following its backup again", dom.defn.name)
+            self._backups[dom.defn.uuid] = backup
+            backup.task = asyncio.create_task(self._follow(dom, run, backup),
+                                              name=f"qemu-backup-{dom.defn.name}")  # fmt: skip
+            backup.task.add_done_callback(log_task_failure)
 
     async def _cleanup(self, dom: Domain, run: Run, backup: _Backup) -> None:
         await external.close_nodes(dom, run, backup.nodes)
@@ -325,7 +408,7 @@ class QemuBackups:
                 total += int(j.get("total-progress", 0))
         return DomainJobInfo(
             type="unbounded", operation="backup",
-            time_elapsed_ms=int((time.monotonic() - backup.started) * 1000),
+            time_elapsed_ms=max(int((time.time() - backup.started) * 1000), 0),
             data_processed=done, data_total=total, data_remaining=max(total - done, 0),
         )  # fmt: skip
 

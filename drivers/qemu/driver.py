@@ -142,7 +142,8 @@ class QemuDriver:
                                         self._launcher, self._snapshots.run_job)  # fmt: skip
         self._checkpoint_store = CheckpointStore(state / "checkpoints")
         self._backups = QemuBackups(self._registry, self._launcher, self._checkpoint_store,
-                                    self._settings, self._snapshots.run_job)  # fmt: skip
+                                    self._settings, self._snapshots.run_job,
+                                    state / "backups")  # fmt: skip
         self._saves = QemuSaves(
             self._registry, self._launcher, self._store, self._settings, state / "save"
         )
@@ -155,6 +156,7 @@ class QemuDriver:
         await self._checkpoint_store.load()
         await self._reattacher.open()
         await self._blockjobs.adopt()
+        await self._backups.adopt()
 
     async def close(self) -> None:
         """Disconnect QMP; every guest keeps running (and its block jobs go on)."""

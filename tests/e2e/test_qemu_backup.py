@@ -6,11 +6,12 @@ The guest's disk starts as random bytes; the guest writes a MiB of zeros at 8 Mi
 write with checkpoint c1 must read as the disk then (random, zeros at 8-9 MiB); an
 incremental backup from c1 after the second write holds only what changed (nothing
 below 8 MiB) and, rebased onto the full one, reads as the guest's disk (zeros at 8-10
-MiB). An aborted backup ends cancelled, its image removed. The checkpoints survive an
+MiB). An aborted backup ends cancelled, its image removed. A backup left running by an agent
+that stopped is followed (and aborted) by the restarted one. The checkpoints survive an
 agent restart, a deleted one's bitmap is gone from the image and the other's is in it
 once QEMU closed it. Each bad input gets its code and the agent serves on. The agent
-caps backups at 8 MiB/s (``backup_bandwidth``) so that the full backup still runs when
-the second ``backup-begin`` and ``domjobinfo`` come.
+caps backups at 4 MiB/s (``backup_bandwidth``) so that the full backup (4 s) still runs
+when the second ``backup-begin`` and ``domjobinfo`` come.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ async def wait_completed(h: Host, n: int) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def agent(h: Host) -> AsyncIterator[None]:
-    async with agent_process(h.name, h.base, "--driver-option", "backup_bandwidth=8",
+async def agent(h: Host, bandwidth: int = 4) -> AsyncIterator[None]:
+    async with agent_process(h.name, h.base, "--driver-option", f"backup_bandwidth={bandwidth}",
                              driver="qemu", keep_queue=True):  # fmt: skip
         try:
             yield
@@ -127,6 +128,7 @@ async def _scenario(h: Host, guest: TestGuest) -> None:
     for name, text in (("full", backup_xml(full)), ("inc", backup_xml(inc, "c1")),
                        ("c1", checkpoint_xml("c1")), ("c2", checkpoint_xml("c2")),
                        ("abort", backup_xml(base / "abort.qcow2")),
+                       ("slow", backup_xml(base / "slow.qcow2")),
                        ("outside", backup_xml(Path("/etc/virtbus-backup.qcow2"))),
                        ("unknown", backup_xml(base / "u.qcow2", "nope")),
                        ("rawinc", backup_xml(base / "r.qcow2", "c1").replace(
@@ -154,13 +156,13 @@ async def _scenario(h: Host, guest: TestGuest) -> None:
         # the full backup, checkpoint c1 at its instant
         out = await h.ok("backup-begin", "x", str(files["full"]), str(files["c1"]))
         assert "Backup started" in out
-        assert ticks(serial)[-1] < WRITE2, "premise: the guest had not written again yet"
-        info = await h.ok("domjobinfo", "x")
-        assert "Unbounded" in info and "Backup" in info, info
-        assert str(full) in await h.ok("backup-dumpxml", "x")
         err = await h.fails("OPERATION_INVALID", "backup-begin", "x", str(files["inc"]))
         assert "active backup job" in err
         assert not inc.exists()
+        info = await h.ok("domjobinfo", "x")
+        assert "Unbounded" in info and "Backup" in info, info
+        assert str(full) in await h.ok("backup-dumpxml", "x")
+        assert ticks(serial)[-1] < WRITE2, "premise: the guest had not written again yet"
         end = await wait_completed(h, 1)
         assert end["status"] == "completed" and end["operation"] == "backup", end
         assert "Completed" in await h.ok("domjobinfo", "x", "--completed")
@@ -194,7 +196,17 @@ async def _scenario(h: Host, guest: TestGuest) -> None:
         assert [(c["name"], c["parent"]) for c in listing] == [("c1", None), ("c2", "c1")]
         assert "<name>c1</name>" in await h.ok("checkpoint-dumpxml", "x", "c2")
 
-    async with agent(h):  # a restarted agent knows them, and QEMU still has the bitmaps
+    async with agent(h, bandwidth=1):  # a backup that takes 16 s, left running at a stop
+        await h.ok("backup-begin", "x", str(files["slow"]))
+        assert "Unbounded" in await h.ok("domjobinfo", "x")
+
+    async with agent(h):  # a restarted agent follows the backup, knows the checkpoints
+        assert "Unbounded" in await h.ok("domjobinfo", "x")
+        assert str(base / "slow.qcow2") in await h.ok("backup-dumpxml", "x")
+        await h.ok("domjobabort", "x")
+        end = await wait_completed(h, 4)
+        assert end["status"] == "cancelled" and len(completed(h)) == 4, completed(h)
+        assert not (base / "slow.qcow2").exists()
         assert "Parent:" in (info := await h.ok("checkpoint-info", "x", "c2")) and "c1" in info
         await h.ok("checkpoint-delete", "x", "c1")
         listing = json.loads(await h.ok("--json", "checkpoint-list", "x"))
