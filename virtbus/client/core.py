@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from types import TracebackType
 from typing import Literal, TypeVar
 
+from virtbus.aio import backoff_delays
 from virtbus.bus.base import Bus
 from virtbus.bus.factory import open_bus
 from virtbus.bus.topology import (
@@ -79,7 +80,7 @@ from virtbus.protocol.domain import (
     StatsGroup,
     StatValue,
 )
-from virtbus.protocol.envelope import Kind
+from virtbus.protocol.envelope import Kind, new_id
 from virtbus.protocol.host import DrainFlag, HostInventory, Pong, SetDraining
 from virtbus.protocol.messages import AuditRecord, DomainEvent
 from virtbus.protocol.migration import TERMINAL_STATES, MigrationParams, MigrationRecord
@@ -141,9 +142,14 @@ FOLLOW_POLL = 5.0  # s the scheduler may hold a follow query (well under a call 
 class Client:
     """A connection to the bus and every op on it; see the module docstring."""
 
-    def __init__(self, bus: Bus, *, timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+    def __init__(
+        self, bus: Bus, *, timeout: float = DEFAULT_CALL_TIMEOUT, retries: int = 0
+    ) -> None:
+        if retries < 0:
+            raise InvalidArgument(f"retries must be >= 0, not {retries}")
         self.bus = bus
         self.timeout = timeout
+        self.retries = retries  # see call()
         # Whose events and heartbeats count for any host, besides the host's own user: our
         # own user (we could have sent them ourselves) and the configured trusted ones.
         self.trusted_publishers = (bus.user, *bus.settings.trusted_publishers)
@@ -157,15 +163,17 @@ class Client:
         timeout: float = DEFAULT_CALL_TIMEOUT,
         settings: BusSettings | None = None,
         oneshot: bool = False,
+        retries: int = 0,
     ) -> Client:
         """Connect to ``url`` (else ``$VIRTBUS_BUS_URL``, else the local RabbitMQ).
 
         ``oneshot``: a lean transport for a short-lived process (a few calls and
-        subscriptions, no reconnects), which starts about 100 ms faster."""
+        subscriptions, no reconnects), which starts about 100 ms faster. ``retries``:
+        how often a call is retried after a retryable failure (see :meth:`call`)."""
         src = src or f"client-{os.getpid()}"
         bus = open_bus(url, src=src, settings=settings, oneshot=oneshot)
         await bus.connect()
-        return cls(bus, timeout=timeout)
+        return cls(bus, timeout=timeout, retries=retries)
 
     async def close(self) -> None:
         await self.bus.close()
@@ -189,11 +197,36 @@ class Client:
         request: Req | None = None,
         *,
         timeout: float | None = None,
+        retries: int | None = None,
+        call_id: str | None = None,
     ) -> Res:
-        """One op on ``route``; ``request`` defaults to the op's request with no fields."""
+        """One op on ``route``; ``request`` defaults to the op's request with no fields.
+
+        A call that fails with BUS_UNAVAILABLE (the connection went, or is coming back)
+        or OPERATION_TIMEOUT (no reply within ``timeout``, each attempt's own deadline)
+        is sent again up to ``retries`` times (default: the client's), after the bus's
+        reconnect backoff, under the *same* call id: a server that already ran it answers
+        from its reply log instead of running it twice. ``call_id``: the id to use (an
+        attempt of an earlier call of yours); a new one by default. The last failure is
+        raised."""
         body = to_wire(request) if request is not None else {}
-        result = await self.bus.call(route, op, body, timeout=timeout or self.timeout)
-        return op.decode_result(result)
+        left = self.retries if retries is None else retries
+        if left < 0:
+            raise InvalidArgument(f"retries must be >= 0, not {left}")
+        call_id = call_id or new_id()
+        delays = backoff_delays(self.bus.settings.reconnect)
+        while True:
+            try:
+                result = await self.bus.call(
+                    route, op, body, timeout=timeout or self.timeout, call_id=call_id
+                )
+            except (BusUnavailable, OperationTimeout):
+                if left <= 0:
+                    raise
+                left -= 1
+                await asyncio.sleep(next(delays))
+                continue
+            return op.decode_result(result)
 
     async def agent(
         self,
@@ -202,13 +235,17 @@ class Client:
         request: Req | None = None,
         *,
         timeout: float | None = None,
+        retries: int | None = None,
     ) -> Res:
-        """One agent op on ``host``, with errors that say which host did not answer."""
+        """One agent op on ``host``, with errors that say which host did not answer
+        (``retries``: see :meth:`call`)."""
         if op.service is not Service.AGENT:
             raise InvalidArgument(f"{op} is not an agent op")
         deadline = timeout or self.timeout
         try:
-            return await self.call(ops.agent_route(host), op, request, timeout=deadline)
+            return await self.call(
+                ops.agent_route(host), op, request, timeout=deadline, retries=retries
+            )
         except NoConnect:
             raise NoConnect(
                 f"no agent answers for host '{host}' — is virtbus-agent running there? "
@@ -221,14 +258,20 @@ class Client:
             ) from None
 
     async def scheduler_call(
-        self, op: Op[Req, Res], request: Req | None = None, *, timeout: float | None = None
+        self,
+        op: Op[Req, Res],
+        request: Req | None = None,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
     ) -> Res:
-        """One op of the active scheduler (``virtbus-scheduler``)."""
+        """One op of the active scheduler (``virtbus-scheduler``; ``retries``: see
+        :meth:`call`)."""
         if op.service is not Service.SCHEDULER:
             raise InvalidArgument(f"{op} is not a scheduler op")
         deadline = timeout or self.timeout
         try:
-            return await self.call(SCHEDULER_ROUTE, op, request, timeout=deadline)
+            return await self.call(SCHEDULER_ROUTE, op, request, timeout=deadline, retries=retries)
         except NoConnect:
             raise NoConnect(
                 "no scheduler answers — is virtbus-scheduler running on this bus?"
