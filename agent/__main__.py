@@ -11,7 +11,7 @@ from agent.service import AgentService
 from virtbus.aio import configure_logging
 from virtbus.bus.factory import open_bus
 from virtbus.config import build, parse_daemon_args
-from virtbus.daemon import serve
+from virtbus.daemon import loop_factory, serve
 from virtbus.settings import AgentSettings, agent_keys
 
 KEYS = agent_keys(DRIVER_NAMES)
@@ -36,7 +36,9 @@ async def run(settings: AgentSettings) -> int:
 def main(argv: list[str] | None = None) -> None:
     settings = settings_from(argv)
     configure_logging(settings.log_level)
-    sys.exit(asyncio.run(run(settings)))
+    factory = loop_factory(settings.uvloop)  # before anything starts: a missing uvloop exits 2
+    with asyncio.Runner(loop_factory=factory) as runner:
+        sys.exit(runner.run(run(settings)))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from scheduler.settings import SchedulerSettings, scheduler_keys
 from virtbus.aio import configure_logging
 from virtbus.bus.factory import open_bus
 from virtbus.config import build, parse_daemon_args
-from virtbus.daemon import serve
+from virtbus.daemon import loop_factory, serve
 
 KEYS = scheduler_keys()
 
@@ -32,7 +32,9 @@ async def run(settings: SchedulerSettings) -> int:
 def main(argv: list[str] | None = None) -> None:
     settings = settings_from(argv)
     configure_logging(settings.log_level)
-    sys.exit(asyncio.run(run(settings)))
+    factory = loop_factory(settings.uvloop)  # before anything starts: a missing uvloop exits 2
+    with asyncio.Runner(loop_factory=factory) as runner:
+        sys.exit(runner.run(run(settings)))
 
 
 if __name__ == "__main__":

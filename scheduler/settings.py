@@ -93,6 +93,11 @@ class SchedulerSettings:
         metadata=setting("the security policy; absent: development mode, every bus user is "
                          "an admin", flag=True),
     )  # fmt: skip
+    uvloop: bool = field(
+        default=False,
+        metadata=setting("run on uvloop's event loop (pip install 'virtbus[uvloop]')",
+                         flag=True),
+    )  # fmt: skip
     bus: BusSettings = field(default_factory=BusSettings, metadata=nested("bus."))
 
 

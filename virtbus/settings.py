@@ -226,6 +226,11 @@ class AgentSettings:
         metadata=setting("the security policy; absent: development mode, every bus user is "
                          "an admin", flag=True),
     )  # fmt: skip
+    uvloop: bool = field(
+        default=False,
+        metadata=setting("run on uvloop's event loop (pip install 'virtbus[uvloop]')",
+                         flag=True),
+    )  # fmt: skip
     storage: StorageSettings = field(default_factory=StorageSettings, metadata=nested("storage."))
     network: NetworkSettings = field(default_factory=NetworkSettings, metadata=nested("network."))
     bus: BusSettings = field(default_factory=BusSettings, metadata=nested("bus."))

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -204,7 +207,13 @@ class Monitor:
         if not self.connected:
             raise OperationFailed(f"monitor of '{self.name}' is not connected")
         try:
-            self._client.send_fd_scm(fd)
+            try:
+                self._client.send_fd_scm(fd)
+            except AttributeError:  # uvloop: its transport's socket has no asyncio _sock
+                writer = self._client._writer
+                if writer is None:
+                    raise QMPError("not connected") from None
+                send_fd(writer.transport, fd)
         except (QMPError, OSError) as exc:
             raise OperationFailed(f"cannot pass a file to '{self.name}': {exc}") from None
         await self.execute("getfd", {"fdname": name})
@@ -216,3 +225,14 @@ class Monitor:
             self._watcher.cancel()
             await asyncio.wait([self._watcher])
         await self._disconnect()
+
+
+def send_fd(transport: asyncio.BaseTransport, fd: int) -> None:
+    """``fd`` to the peer of a UNIX stream transport (SCM_RIGHTS with one byte, as qemu.qmp's
+    send_fd_scm), on any event loop: through a duplicate of the transport's descriptor,
+    since uvloop's transport socket cannot send (asyncio's is reached through ``_sock``)."""
+    conn = transport.get_extra_info("socket")
+    if conn is None or conn.family != socket.AF_UNIX:
+        raise QMPError("Sending file descriptors requires a UNIX socket.")
+    with socket.socket(fileno=os.dup(conn.fileno())) as dup:
+        dup.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("@i", fd))])

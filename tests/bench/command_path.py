@@ -16,7 +16,7 @@ calls. For each window the agent's cost is reported as
 Wall-clock p50/p99 are printed too, for a quiet machine only.
 
     .venv/bin/python -m tests.bench.command_path [--pairs 200] [--infos 200] [--callgrind]
-        [--driver qemu|test]
+        [--driver qemu|test] [--call-queue-type quorum|classic] [--uvloop]
 """
 
 from __future__ import annotations
@@ -92,14 +92,14 @@ class Callgrind:
 
 @contextlib.asynccontextmanager
 async def agent(
-    state: Path, command: list[str], driver: str, queue_type: str = "quorum"
+    state: Path, command: list[str], driver: str, queue_type: str = "quorum", *extra: str
 ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
     host = unique_host("cmdpath")
     log = open(state / "agent.log", "ab")  # noqa: SIM115 - closed below
     proc = await asyncio.create_subprocess_exec(
         *command, "--host", host, "--driver", driver, "--state-dir", str(state),
         "--bus", BUS_URL, "--log-level", "WARNING", "--heartbeat-interval", "5",
-        "--metrics-interval", "3600", "--call-queue-type", queue_type,
+        "--metrics-interval", "3600", "--call-queue-type", queue_type, *extra,
         stdout=asyncio.subprocess.PIPE, stderr=log,
     )  # fmt: skip
     try:
@@ -162,7 +162,11 @@ async def main(args: argparse.Namespace) -> int:
         state = Path(tmp)
         grind_out = state / "callgrind.out"
         command = agent_command(args, grind_out)
-        async with agent(state, command, args.driver, args.call_queue_type) as (host, proc):
+        extra = ["--uvloop"] if args.uvloop else []
+        async with agent(state, command, args.driver, args.call_queue_type, *extra) as (
+            host,
+            proc,
+        ):
             bus = open_bus(BUS_URL, src="bench")
             await bus.connect()
             route, name = ops.agent_route(host), f"cmdpath-{uuid.uuid4().hex[:6]}"
@@ -204,6 +208,7 @@ if __name__ == "__main__":
     parser.add_argument("--callgrind", action="store_true", help="count the agent's instructions")
     parser.add_argument("--profile", metavar="FILE", help="run the agent under cProfile")
     parser.add_argument("--call-queue-type", choices=("quorum", "classic"), default="quorum")
+    parser.add_argument("--uvloop", action="store_true", help="the agent runs on uvloop")
     add_force(parser)
     arguments = parser.parse_args()
     check_load(arguments.force)

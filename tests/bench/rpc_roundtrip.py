@@ -5,7 +5,7 @@ sequential aio-pika request/replies (direct reply-to) with the same payload size
 encoded call. Rounds alternate between the two so machine noise hits both alike.
 
     .venv/bin/python -m tests.bench.rpc_roundtrip [-n 1000] [--rounds 3]
-        [--call-queue-type quorum|classic]
+        [--call-queue-type quorum|classic|both] [--uvloop]
 
 ``--call-queue-type both`` runs one agent of each type and alternates them round by round.
 """
@@ -80,7 +80,7 @@ async def bare_server_process() -> AsyncIterator[str]:
         await proc.wait()
 
 
-async def main(n: int, rounds: int, queue_types: list[str]) -> None:
+async def main(n: int, rounds: int, queue_types: list[str], extra: tuple[str, ...] = ()) -> None:
     payload = len(encode(Envelope(Kind.CALL, ops.DOMAIN_SUSPEND, {"domain": "bench"}, src="bench")))
     with tempfile.TemporaryDirectory() as state:
         async with contextlib.AsyncExitStack() as stack:
@@ -90,7 +90,7 @@ async def main(n: int, rounds: int, queue_types: list[str]) -> None:
                 (Path(state) / host).mkdir()
                 await stack.enter_async_context(agent_process(
                     host, Path(state) / host, "--log-level", "WARNING",
-                    "--call-queue-type", queue_type,
+                    "--call-queue-type", queue_type, *extra,
                 ))  # fmt: skip
                 bus = open_bus(BUS_URL, src="bench")
                 await bus.connect()
@@ -133,8 +133,9 @@ if __name__ == "__main__":
         "--call-queue-type", choices=("quorum", "classic", "both"), default="quorum",
         help="the agent's bus.call_queue_type (both: an agent of each, alternated)",
     )  # fmt: skip
+    parser.add_argument("--uvloop", action="store_true", help="the agent runs on uvloop")
     add_force(parser)
     args = parser.parse_args()
     check_load(args.force)
     types = ["quorum", "classic"] if args.call_queue_type == "both" else [args.call_queue_type]
-    asyncio.run(main(args.n, args.rounds, types))
+    asyncio.run(main(args.n, args.rounds, types, ("--uvloop",) if args.uvloop else ()))
