@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiofiles
 
@@ -146,6 +147,15 @@ async def spawn(
     stamp = f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n"
     fd = await asyncio.to_thread(_open_log, logfile, stamp)
     pin = functools.partial(os.sched_setaffinity, 0, cpus) if cpus else None
+    identity: dict[str, Any] = {}
+    if user is not None:
+        if not isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):
+            os.close(fd)
+            raise OperationFailed(
+                "QEMU cannot be started as its own user (drivers/qemu/dac.py) on uvloop: "
+                "uvloop's subprocesses take no user/group; run the agent without --uvloop"
+            )
+        identity = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -156,9 +166,7 @@ async def spawn(
             pass_fds=tuple(pass_fds),
             env={**os.environ, **env} if env else None,
             preexec_fn=pin,
-            user=user.uid if user else None,
-            group=user.gid if user else None,
-            extra_groups=list(user.groups) if user else None,
+            **identity,  # only when set: uvloop refuses these keywords even as None
         )
     except OSError as exc:
         raise OperationFailed(f"cannot execute {argv[0]}: {exc}") from exc

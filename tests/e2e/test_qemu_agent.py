@@ -67,7 +67,10 @@ def guest() -> TestGuest:
 
 
 @pytest.fixture
-async def qemu_agent(e2e_root: Path) -> AsyncIterator[tuple[str, Path, Events]]:
+async def qemu_agent(
+    e2e_root: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[str, Path, Events]]:
+    extra: tuple[str, ...] = getattr(request, "param", ())  # agent flags (--uvloop)
     host = unique_host("q")
     base = Path(tempfile.mkdtemp(prefix="a", dir=e2e_root))
     bus = open_bus(BUS_URL, src="test")
@@ -81,7 +84,7 @@ async def qemu_agent(e2e_root: Path) -> AsyncIterator[tuple[str, Path, Events]]:
 
     pumping = asyncio.create_task(pump())
     try:
-        async with agent_process(host, base, driver="qemu"):
+        async with agent_process(host, base, *extra, driver="qemu"):
             yield host, base, events
             listing = await cli("--json", "list", "--host", host)
             for dom in listing.json():  # leave no guest behind: the agent keeps them running
@@ -92,6 +95,11 @@ async def qemu_agent(e2e_root: Path) -> AsyncIterator[tuple[str, Path, Events]]:
         await bus.close()
 
 
+@pytest.mark.parametrize(
+    "qemu_agent",
+    [pytest.param((), id="asyncio"), pytest.param(("--uvloop",), id="uvloop")],
+    indirect=True,
+)
 async def test_lifecycle_through_the_bus(
     qemu_agent: tuple[str, Path, Events], guest: TestGuest
 ) -> None:
