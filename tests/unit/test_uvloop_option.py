@@ -4,6 +4,7 @@ is tests/integration/test_uvloop_agent.py."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
@@ -43,3 +44,23 @@ def test_asked_for_without_the_package_exits_with_the_fix(
         loop_factory(True)
     assert caught.value.code == UVLOOP_MISSING and "virtbus[uvloop]" in UVLOOP_MISSING
     assert loop_factory(False) is None  # without the setting nothing is imported
+
+
+def test_qemu_spawn_on_uvloop_refuses_a_dac_user_and_starts_without_one(tmp_path: Path) -> None:
+    """uvloop's subprocesses take no user/group: a QEMU of the DAC user is refused with a
+    clear error, one without a user starts (the keywords are not passed at all)."""
+    uvloop = pytest.importorskip("uvloop")
+    from drivers.qemu.dac import QemuUser
+    from drivers.qemu.process import spawn
+    from virtbus.errors import OperationFailed
+
+    async def main() -> None:
+        user = QemuUser("nobody", 65534, 65534, ())
+        with pytest.raises(OperationFailed, match="--uvloop") as err:
+            await spawn(["true"], uuid="u1", logfile=tmp_path / "q1.log", user=user)
+        assert err.value.code == "OPERATION_FAILED"
+        started = await spawn(["true"], uuid="u2", logfile=tmp_path / "q2.log")
+        assert started.proc is not None and await started.proc.wait() == 0
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
