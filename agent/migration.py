@@ -9,10 +9,18 @@ domain (left) all answer OK instead of an error.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
 from agent.admission import Demand
 from agent.table import HANDLERS, AgentContext
 from drivers.base import Driver
 from virtbus.domain import parse_domain_xml
+from virtbus.errors import AuthDenied, OperationInvalid, VirtbusError
 from virtbus.protocol import ops
 from virtbus.protocol.base import Accepted
 from virtbus.protocol.events import DomainState
@@ -22,12 +30,83 @@ from virtbus.protocol.migration import (
     MigrationOutcome,
     MigrationPerform,
     MigrationPrepare,
+    MigrationRef,
     MigrationSource,
     MigrationStatus,
     MigrationTarget,
+    PreparedUri,
 )
+from virtbus.store import replace_file
 
+log = logging.getLogger(__name__)
 ABSENT = MigrationOutcome(state="absent")
+GUARD = "migration_guard"  # its key in AgentContext.extras
+MAX_PREPARED = 256  # prepared migrations remembered (the oldest are forgotten first)
+
+
+@dataclass(slots=True)
+class MigrationGuard:
+    """A migration's stream goes only where its destination's ``prepare`` said.
+
+    The destination records the URI it answered under the migration id (``prepared``, on
+    disk too: a restarted destination still vouches for it); the source, at ``perform``,
+    asks the named destination host for it (``ask``: a ``migration.prepared`` call, which
+    only that host's agent serves) and refuses any other URI with AUTH_DENIED. A user with
+    the scheduler role could otherwise stream a guest's memory to a listener of its own.
+    ``strict`` (a policy is enforced): a ``perform`` without a migration id and a
+    destination is refused too; in development mode it is let through unchecked.
+    """
+
+    path: Path
+    ask: Callable[[str, str], Awaitable[str]]  # (destination host, migration id) -> URI
+    strict: bool
+    prepared: dict[str, str] = field(default_factory=dict)
+
+    def load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("prepared migrations not read from %s: %s", self.path, exc)
+            return
+        if isinstance(data, dict):
+            self.prepared = {str(k): str(v) for k, v in data.items()}
+
+    async def record(self, migration: str, uri: str) -> None:
+        self.prepared.pop(migration, None)
+        self.prepared[migration] = uri
+        while len(self.prepared) > MAX_PREPARED:
+            del self.prepared[next(iter(self.prepared))]
+        data = json.dumps(self.prepared).encode()
+        await asyncio.to_thread(replace_file, self.path, data)
+
+    def uri_of(self, migration: str, host: str) -> str:
+        uri = self.prepared.get(migration)
+        if uri is None:
+            raise OperationInvalid(f"host {host!r} prepared no migration {migration!r}")
+        return uri
+
+    async def check(self, req: MigrationPerform) -> None:
+        if req.migration is None or req.destination is None:
+            if self.strict:
+                raise AuthDenied(
+                    f"migration.perform of {req.domain!r} names no migration id and destination:"
+                    " the URI is accepted only as that migration's prepare answered it"
+                )
+            return
+        try:
+            uri = await self.ask(req.destination, req.migration)
+        except VirtbusError as exc:
+            raise AuthDenied(
+                f"migration.perform of {req.domain!r} towards {req.uri!r} refused: host "
+                f"{req.destination!r} does not vouch for migration {req.migration!r}: {exc}"
+            ) from None
+        if uri != req.uri:
+            raise AuthDenied(
+                f"migration.perform of {req.domain!r} towards {req.uri!r} refused: migration "
+                f"{req.migration!r}'s prepare on {req.destination!r} answered {uri!r}"
+            )
 
 
 @HANDLERS.on(ops.MIGRATION_BEGIN)
@@ -43,11 +122,25 @@ async def _prepare(ctx: AgentContext, req: MigrationPrepare) -> MigrationTarget:
     demand = Demand(defn.uuid, defn.name, defn.current_memory_kib, defn.current_vcpus)
     async with ctx.admission.starting(demand):  # the incoming guest takes the host too
         uri = await ctx.driver.migrate_prepare(req.xml, req.params)
+    guard: MigrationGuard | None = ctx.extras.get(GUARD)
+    if guard is not None and req.migration is not None:
+        await guard.record(req.migration, uri)
     return MigrationTarget(uri=uri, name=defn.name, uuid=defn.uuid)
+
+
+@HANDLERS.on(ops.MIGRATION_PREPARED)
+async def _prepared(ctx: AgentContext, req: MigrationRef) -> PreparedUri:
+    guard: MigrationGuard | None = ctx.extras.get(GUARD)
+    if guard is None:
+        raise OperationInvalid(f"host {ctx.host!r} records no prepared migrations")
+    return PreparedUri(uri=guard.uri_of(req.migration, ctx.host))
 
 
 @HANDLERS.on(ops.MIGRATION_PERFORM)
 async def _perform(ctx: AgentContext, req: MigrationPerform) -> Accepted:
+    guard: MigrationGuard | None = ctx.extras.get(GUARD)
+    if guard is not None:
+        await guard.check(req)
     await ctx.driver.migrate_perform(req.domain, req.uri, req.params)
     return Accepted()
 

@@ -58,6 +58,7 @@ from virtbus.protocol.events import (
 )
 from virtbus.protocol.host import HostInventory
 from virtbus.protocol.messages import DomainEvent
+from virtbus.protocol.migration import MigrationRef
 from virtbus.protocol.network import NetworkEvent as NetworkEventMessage
 from virtbus.protocol.network import NetworkSummary
 from virtbus.protocol.registry import Access, Service
@@ -152,6 +153,13 @@ class AgentService:
         # Who may call what (virtbus.security.authz); read once, at construction, so a
         # bad policy file stops the agent before it serves anything.
         self.authz = Authorizer.load(settings.policy, bus.user)
+        # A migration streams only to the URI its destination's prepare answered.
+        guard = agent.migration.MigrationGuard(
+            settings.state_dir / "migrations-prepared.json", self._ask_prepared,
+            strict=self.authz.enforcing,
+        )  # fmt: skip
+        guard.load()
+        self.context.extras[agent.migration.GUARD] = guard
         self.state = AgentState.NEW
         self.failed = asyncio.Event()  # set when a supervised task died: the agent must stop
         # Metrics observe the dispatcher, so they exist before the queue is served.
@@ -243,6 +251,13 @@ class AgentService:
             self.state_disk.check()  # nothing new that it could not record
         context = self.context
         return Prepared(op, key, lambda: handler(context, request))
+
+    async def _ask_prepared(self, host: str, migration: str) -> str:
+        """The URI ``host``'s prepare answered for ``migration`` (its agent answers)."""
+        op, request = ops.MIGRATION_PREPARED, MigrationRef(migration=migration)
+        timeout = self.settings.prepared_timeout
+        result = await self.bus.call(ops.agent_route(host), op, to_wire(request), timeout=timeout)
+        return op.decode_result(result).uri
 
     def _audit(self, call: Envelope, seconds: float, reply: dict[str, Any]) -> None:
         self.audit.record(call, self._targets.pop(call.id, None), reply, seconds)

@@ -254,7 +254,11 @@ class MigrationCoordinator:
             await self._enter(record, Phase.PREPARE)
             record.uri = await self._begin_and_prepare(record, self._xml.pop(record.id, None))
             await self._enter(record, Phase.PERFORM)
-            perform = MigrationPerform(domain=record.uuid, uri=record.uri, params=record.params)
+            # the source checks the URI with the destination's prepare (by migration id)
+            perform = MigrationPerform(
+                domain=record.uuid, uri=record.uri, params=record.params,
+                migration=record.id, destination=record.destination,
+            )  # fmt: skip
             await self._step(record, record.source, ops.MIGRATION_PERFORM, perform)
             await self._enter(record, Phase.PROGRESS)
         if record.phase in (Phase.PERFORM, Phase.PROGRESS):
@@ -280,10 +284,10 @@ class MigrationCoordinator:
         begin = MigrationDomain(domain=record.uuid)
         if xml is None:
             source = await self._step(record, record.source, ops.MIGRATION_BEGIN, begin)
-            prepare = MigrationPrepare(xml=source.xml, params=record.params)
+            prepare = MigrationPrepare(xml=source.xml, params=record.params, migration=record.id)
             target = await self._step(record, record.destination, ops.MIGRATION_PREPARE, prepare)
             return str(target.uri)
-        prepare = MigrationPrepare(xml=xml, params=record.params)
+        prepare = MigrationPrepare(xml=xml, params=record.params, migration=record.id)
         results = await asyncio.gather(
             self._step(record, record.source, ops.MIGRATION_BEGIN, begin),
             self._step(record, record.destination, ops.MIGRATION_PREPARE, prepare),

@@ -168,6 +168,14 @@ class AgentSettings:
     command_timeout: float = field(
         default=300.0, metadata=setting("a command running longer is failed (s)", positive=True)
     )
+    prepared_timeout: float = field(
+        default=10.0,
+        metadata=setting(
+            "wait this long for a migration's destination to confirm the URI its prepare"
+            " answered, before perform is refused (s)",
+            positive=True,
+        ),
+    )
     shutdown_grace: float = field(
         default=10.0,
         metadata=setting("time for the commands in hand at SIGTERM (s)", minimum=0),

@@ -35,7 +35,12 @@ from virtbus.client import Client
 from virtbus.errors import AuthDenied, VirtbusError
 from virtbus.protocol import ops
 from virtbus.protocol.envelope import Envelope, Kind
-from virtbus.protocol.migration import MigrationDomain
+from virtbus.protocol.migration import (
+    MigrationDomain,
+    MigrationEnd,
+    MigrationPerform,
+    MigrationPrepare,
+)
 from virtbus.security.audit import read_log
 
 pytestmark = pytest.mark.rabbitmq
@@ -54,6 +59,7 @@ class Cluster:
     vhost: str
     password: str
     host: str  # the agent's host name = its bus user
+    host2: str  # a second agent's (a migration's destination)
     admin: str
     operator: str
     viewer: str
@@ -66,7 +72,8 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    names = {r: f"{r}-{TAG}" for r in ("host", "admin", "operator", "viewer", "scheduler")}
+    roles = ("host", "host2", "admin", "operator", "viewer", "scheduler")
+    names = {r: f"{r}-{TAG}" for r in roles}
     vhost, password = f"/virtbus-sec-{TAG}", uuid.uuid4().hex
     defs = {
         "vhosts": [{"name": vhost}],
@@ -92,6 +99,8 @@ def users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     policy.write_text(
         f"""
 [users]
+{names["host"]} = ["agent"]
+{names["host2"]} = ["agent"]
 {names["admin"]} = ["admin"]
 {names["viewer"]} = ["viewer"]
 {names["scheduler"]} = ["scheduler"]
@@ -233,6 +242,77 @@ async def test_dumpxml_hides_graphics_passwords_unless_security_info_is_granted(
             await admin.host(agent).domain("web-pw").undefine()
         finally:
             await admin.close()
+
+
+async def test_perform_streams_only_to_the_uri_the_destinations_prepare_answered(
+    users: Cluster, agent: str, tmp_path: Path
+) -> None:
+    """A user with the scheduler role cannot send a guest's memory to a listener of its
+    own: the source asks the named destination which URI its prepare answered."""
+    thief_calls = asyncio.Event()
+
+    def stolen(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        thief_calls.set()
+        w.close()
+
+    thief_server = await asyncio.start_server(stolen, "127.0.0.1", 0)
+    thief = f"tcp:127.0.0.1:{thief_server.sockets[0].getsockname()[1]}"
+    policy, state = ("--policy", str(users.policy)), tmp_path / "b"
+    state.mkdir()
+    async with agent_process(users.host2, state, *policy, bus=users.url(users.host2)):
+        admin = await Client.connect(users.url(users.admin), oneshot=True)
+        sched = await Client.connect(users.url(users.scheduler), oneshot=True)
+        try:
+            await admin.host(agent).define(_xml("db-mig"))
+            await admin.host(agent).domain("db-mig").start()
+            src, dst = sched.host(agent), sched.host(users.host2)
+            begun = await src.call(ops.MIGRATION_BEGIN, MigrationDomain(domain="db-mig"))
+            mid = f"mig-{TAG}"
+            prepare = MigrationPrepare(xml=begun.xml, migration=mid)
+            prepared = (await dst.call(ops.MIGRATION_PREPARE, prepare)).uri
+            assert prepared != thief
+
+            def perform(uri: str, migration: str | None, destination: str | None) -> Any:
+                req = MigrationPerform(
+                    domain="db-mig", uri=uri, migration=migration, destination=destination
+                )
+                return src.call(ops.MIGRATION_PERFORM, req)
+
+            cases = [
+                (thief, mid, users.host2),  # another address than the prepare answered
+                (thief, None, None),  # no migration named: nothing to check against
+                (thief, f"other-{TAG}", users.host2),  # a migration nobody prepared
+                (prepared, mid, agent),  # a host that did not prepare it does not vouch
+            ]
+            got = [await _outcome(perform(*case)) for case in cases]
+            assert got == ["AUTH_DENIED"] * len(cases)
+            with pytest.raises(AuthDenied) as denied:
+                await perform(thief, mid, users.host2)
+            assert thief in denied.value.message and prepared in denied.value.message
+            assert not thief_calls.is_set()  # not one byte went to the thief
+            info = await admin.host(agent).domain("db-mig").info()
+            assert info.state == "running"
+            # The URI the destination prepared is accepted (then the migration is undone).
+            await perform(prepared, mid, users.host2)
+            await _outcome(src.call(ops.MIGRATION_CANCEL, MigrationDomain(domain="db-mig")))
+            undo = MigrationEnd(domain="db-mig", success=False)
+            await _outcome(dst.call(ops.MIGRATION_FINISH, undo))
+            await _outcome(src.call(ops.MIGRATION_CONFIRM, undo))
+            # The real scheduler names the migration and its destination: it still migrates.
+            sched_dir = tmp_path / "sched"
+            async with scheduler_process(sched_dir, *policy, bus=users.url(users.scheduler)):
+                async with asyncio.timeout(30):
+                    while {agent, users.host2} - {h.host for h in await admin.scheduler.hosts()}:
+                        await asyncio.sleep(0.2)
+                    started = await admin.scheduler.migrate("db-mig", to=users.host2)
+                    record = [r async for r in admin.scheduler.follow(started.id)][-1]
+            assert (record.state, record.error) == ("completed", None)
+            moved = await admin.host(users.host2).domain("db-mig").info()
+            assert moved.state == "running"
+        finally:
+            thief_server.close()
+            for c in (admin, sched):
+                await c.close()
 
 
 async def _raw_call(url: str, host: str, **props: Any) -> dict[str, Any]:

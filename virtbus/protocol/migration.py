@@ -171,15 +171,36 @@ class MigrationDomain(Message):
     domain: Name
 
 
+MigrationId = Annotated[str, Meta(min_length=1, max_length=128)]
+
+
 class MigrationPrepare(Message):
+    """``migration``: the coordinator's id of this migration; the destination records the
+    URI it answers under it, and the source streams only to that URI (``perform``)."""
+
     xml: XmlText
     params: MigrationParams = default(default_factory=MigrationParams)
+    migration: MigrationId | None = None
 
 
 class MigrationPerform(Message):
+    """``migration`` and ``destination``: whose ``prepare`` answered ``uri``; the source asks
+    that host (``migration.prepared``) and streams only to the URI it answered. Required
+    when the agent enforces a policy (AUTH_DENIED otherwise)."""
+
     domain: Name
     uri: Annotated[str, Meta(min_length=1, max_length=1024)]
     params: MigrationParams = default(default_factory=MigrationParams)
+    migration: MigrationId | None = None
+    destination: Name | None = None
+
+
+class MigrationRef(Message):
+    migration: MigrationId
+
+
+class PreparedUri(Message):
+    uri: str
 
 
 class MigrationEnd(Message):
@@ -232,6 +253,12 @@ MIGRATION_PREPARE = op(
     "destination: start a paused incoming instance; the URI to stream to",
     access=Access.MIGRATE, target=_D, serial=True,
 )  # fmt: skip  # its target is the name inside the XML
+MIGRATION_PREPARED = op(
+    "migration.prepared", MigrationRef, PreparedUri, _A,
+    "destination: the URI its prepare answered for a migration id (the source checks"
+    " perform against it)",
+    access=Access.READ, target=Target.MIGRATION, target_of=field("migration"), serial=False,
+)  # fmt: skip
 MIGRATION_PERFORM = _step(
     "migration.perform", MigrationPerform, Accepted, "source: start streaming to the URI"
 )

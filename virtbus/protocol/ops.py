@@ -64,6 +64,7 @@ from virtbus.protocol.migration import (
     MIGRATION_FINISH,
     MIGRATION_PERFORM,
     MIGRATION_PREPARE,
+    MIGRATION_PREPARED,
     MIGRATION_STATUS,
 )
 from virtbus.protocol.network import (
@@ -219,6 +220,7 @@ __all__ = [
     "MIGRATION_FINISH",
     "MIGRATION_PERFORM",
     "MIGRATION_PREPARE",
+    "MIGRATION_PREPARED",
     "MIGRATION_STATUS",
     "NETWORK_AUTOSTART",
     "NETWORK_CREATE",

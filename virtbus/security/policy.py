@@ -20,7 +20,8 @@ The shipped roles (:data:`BUILTIN_RULES`) come first and can be extended: ``admi
 objects it does not own unless a rule grants it), ``viewer`` (read-only ops),
 ``scheduler`` (migration steps, drain flags, define on placement, reads, the
 definitions it moves with their secrets: ``domain.read_secure``) and ``agent``
-(nothing: agents answer, they do not call). A ``deny`` that matches wins over any
+(only ``migration.prepared``: a migration's source asks its destination which URI its
+prepare answered). A ``deny`` that matches wins over any
 ``allow``; nothing matching is a deny.
 
 Checks are hot (one per call), so rules are compiled once: op patterns are expanded
@@ -161,6 +162,8 @@ BUILTIN_RULES: tuple[Rule, ...] = (
         exclude=_DESTRUCTIVE,
         origin="builtin",
     ),
+    # A migration's source asks its destination what its prepare answered (and nothing else).
+    Rule("role:agent", ("migration.prepared",), origin="builtin"),
     Rule(
         "role:scheduler",
         ("@read", "@migrate", "host.set_draining", "domain.define", "domain.read_secure"),
