@@ -3,7 +3,8 @@
 :func:`backend_for` is the only place a forward mode is mapped to its backend:
 
 - isolated, nat, route, open: :class:`ManagedBridge` — virtbus makes the bridge (pyroute2),
-  its addresses, its nftables table (:mod:`drivers.network.nft`) and its dnsmasq;
+  its addresses, its nftables table (:mod:`drivers.network.nft`), its ``<bandwidth>``
+  (:mod:`drivers.network.tc`, gone with the bridge at stop) and its dnsmasq;
 - bridge: :class:`ExistingBridge` — a bridge someone else made; virtbus only checks it;
 - private, vepa, passthrough, hostdev: NO_SUPPORT (macvtap and SR-IOV pools need devices
   this host's tests do not have).
@@ -16,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from drivers.network import dnsmasq, nft
+from drivers.network import dnsmasq, nft, tc
 from drivers.network.dnsmasq import DnsmasqFiles
 from drivers.network.host import HostNet, Link
 from virtbus.errors import NoSupport, OperationFailed
@@ -93,6 +94,8 @@ class ManagedBridge:
                 if any(ip.family == "ipv6" for ip in defn.ips):
                     await self.net.sysctl("net.ipv6.conf.all.forwarding", "1")
             await nft.apply(self.net, defn, bridge)
+            if defn.bandwidth is not None:
+                await tc.apply(self.net, bridge, defn.bandwidth)
         except BaseException:
             await self._teardown(defn)
             raise
@@ -111,6 +114,8 @@ class ManagedBridge:
 
     async def _teardown(self, defn: NetworkDefinition) -> None:
         await nft.remove(self.net, defn)
+        if defn.bandwidth is not None:
+            await tc.clear(self.net, self._bridge(defn))
         await self.net.delete_link(self._bridge(defn))
 
     async def ports(self, defn: NetworkDefinition) -> list[str]:
@@ -207,4 +212,5 @@ __all__ = [
     "dnsmasq",
     "dnsmasq_files",
     "nft",
+    "tc",
 ]

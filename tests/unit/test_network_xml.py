@@ -146,3 +146,29 @@ def test_lease_file_lines() -> None:
     (a, b) = parse_leases(text, 24)
     assert (a.hostname, a.client_id, a.prefix) == ("fixed", "01:52:54:00:aa:00:01", 24)
     assert (b.mac, b.hostname, b.expiry, b.family) == ("52:54:00:aa:00:02", None, 0, "ipv4")
+
+
+def test_bandwidth_in_libvirt_units() -> None:
+    from virtbus.network.definition import Rate
+
+    defn = parse_network_xml(
+        "<network><name>b</name><bandwidth><inbound average='1000' peak='2000' burst='64'/>"
+        "<outbound average='500'/></bandwidth></network>"
+    )
+    assert defn.bandwidth is not None
+    assert defn.bandwidth.inbound == Rate(1000, 2000, 64)
+    assert defn.bandwidth.outbound == Rate(500)
+    for bad, words in (
+        ("<inbound peak='10'/>", "missing mandatory average"),
+        ("<inbound average='0'/>", "positive integer"),
+        ("<inbound average='100' peak='50'/>", "below its average"),
+        ("<outbound average='1' floor='1'/>", "floor"),
+        ("<inbound average='1'/><inbound average='2'/>", "only one <inbound>"),
+    ):
+        with pytest.raises(XMLError, match=words):
+            parse_network_xml(f"<network><name>b</name><bandwidth>{bad}</bandwidth></network>")
+    with pytest.raises(XMLError, match="bandwidth"):
+        parse_network_xml(
+            "<network><name>b</name><forward mode='bridge'/><bridge name='br0'/>"
+            "<bandwidth><inbound average='1'/></bandwidth></network>"
+        )

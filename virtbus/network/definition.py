@@ -71,6 +71,65 @@ class IpConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Rate:
+    """One direction of a ``<bandwidth>``, in libvirt's units: ``average`` and ``peak``
+    in kilobytes per second, ``burst`` in kilobytes (tc's ``kbps`` and ``kb``)."""
+
+    average: int
+    peak: int | None = None
+    burst: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Bandwidth:
+    """``<bandwidth>``: ``inbound`` shapes what goes to the network (or guest),
+    ``outbound`` polices what comes from it."""
+
+    inbound: Rate | None = None
+    outbound: Rate | None = None
+
+
+_RATE_MAX = 2**32 // 8 - 1  # tc's 32-bit rates, in bytes/s, over 1024: kilobytes/s
+
+
+def parse_bandwidth(el: Element | None, where: str) -> Bandwidth | None:
+    """A ``<bandwidth>`` element (libvirt's virNetDevBandwidthParse): each direction needs
+    an ``average`` (``floor`` is not supported); numbers are positive integers."""
+    if el is None:
+        return None
+    rates: dict[str, Rate | None] = {"inbound": None, "outbound": None}
+    for child in el:
+        if not isinstance(child.tag, str):
+            continue
+        if child.tag not in rates:
+            raise XMLError(f"unexpected <{child.tag}> in <bandwidth> of {where}")
+        if rates[child.tag] is not None:
+            raise XMLError(f"only one <{child.tag}> is allowed in <bandwidth> of {where}")
+        if child.get("floor") is not None:
+            raise XMLError(f"<{child.tag} floor=...> in {where} is not supported by virtbus")
+        values: dict[str, int | None] = {}
+        for attr in ("average", "peak", "burst"):
+            raw = child.get(attr)
+            if raw is None:
+                values[attr] = None
+                continue
+            if not raw.strip().isdigit() or not 0 < int(raw) <= _RATE_MAX * 1024:
+                raise XMLError(f"invalid <{child.tag} {attr}='{raw}'> in {where}:"
+                               " expected a positive integer")  # fmt: skip
+            values[attr] = int(raw)
+        average = values["average"]
+        if average is None:
+            raise XMLError(f"missing mandatory average attribute of <{child.tag}> in {where}")
+        if average > _RATE_MAX or (values["peak"] or 0) > _RATE_MAX:
+            raise XMLError(f"<{child.tag}> rate in {where} is over {_RATE_MAX} kilobytes/s")
+        if values["peak"] is not None and values["peak"] < average:
+            raise XMLError(f"<{child.tag} peak='{values['peak']}'> in {where} is below its"
+                           f" average {average}")  # fmt: skip
+        rates[child.tag] = Rate(average, values["peak"], values["burst"])
+    return Bandwidth(rates["inbound"], rates["outbound"])
+
+
+@dataclass(frozen=True, slots=True)
 class DnsHost:
     ip: IPAddress
     hostnames: tuple[str, ...]
@@ -122,6 +181,7 @@ class NetworkDefinition:
     domain: str | None
     ips: tuple[IpConfig, ...]
     dns_hosts: tuple[DnsHost, ...]
+    bandwidth: Bandwidth | None
 
     def __init__(self, root: Element) -> None:
         self._root = root
@@ -233,6 +293,10 @@ class NetworkDefinition:
         if len(v4) > 1:
             raise XMLError(f"network '{self.name}': DHCP on more than one IPv4 <ip>")
         self.dns_hosts = self._parse_dns(root)
+        self.bandwidth = parse_bandwidth(root.find("bandwidth"), f"network '{self.name}'")
+        if self.bandwidth is not None and not self.managed:
+            raise XMLError(f"network '{self.name}' ({self.mode}): <bandwidth> is for networks"
+                           " whose bridge virtbus makes")  # fmt: skip
 
     def _parse_ip(self, el: Element) -> IpConfig:
         where = f"<ip> of network '{self.name}'"
