@@ -43,10 +43,11 @@ from virtbus.bus.topology import (
     HEARTBEAT_KEY_SUFFIX,
     HOSTS_EXCHANGE,
 )
-from virtbus.domain import parse_domain_xml
+from virtbus.domain import owner_of, parse_domain_xml, with_owner
 from virtbus.errors import NoSupport, OperationInvalid, VirtbusError
 from virtbus.protocol import ops
 from virtbus.protocol.base import to_wire
+from virtbus.protocol.domain import DomainDefine
 from virtbus.protocol.envelope import Envelope, Kind
 from virtbus.protocol.events import (
     event_routing_key,
@@ -61,11 +62,12 @@ from virtbus.protocol.messages import DomainEvent
 from virtbus.protocol.migration import MigrationRef
 from virtbus.protocol.network import NetworkEvent as NetworkEventMessage
 from virtbus.protocol.network import NetworkSummary
-from virtbus.protocol.registry import Access, Service
+from virtbus.protocol.registry import Access, Op, Service, Target
 from virtbus.protocol.storage import JobEvent, PoolSummary
 from virtbus.protocol.storage import PoolEvent as PoolEventMessage
 from virtbus.security.audit import AuditTrail
 from virtbus.security.authz import Authorizer, no_user
+from virtbus.security.policy import Owner
 from virtbus.settings import AgentSettings, BusSettings
 
 log = logging.getLogger(__name__)
@@ -246,11 +248,45 @@ class AgentService:
         key = agent.handlers.serial_key(self.driver, op, request)
         target = agent.handlers.target_name(self.driver, op, request, key)
         self._targets[call.id] = target
-        self.authz.check(call.user, op, self.host, target)
+        user = call.user
+        # A domain's owner (who defined it) is known only from its definition, read from
+        # the driver: only when the policy's decision depends on it (an owner rule) is the
+        # check put off until the call runs (in its domain's turn, so no define overtakes).
+        deferred = (
+            self.authz.enforcing
+            and op.target is Target.DOMAIN
+            and (
+                len({self.authz.decide(user, op, self.host, target, o).allowed for o in Owner}) > 1
+            )
+        )
+        if not deferred:
+            self.authz.check(user, op, self.host, target)
         if op.access is not Access.READ:
             self.state_disk.check()  # nothing new that it could not record
-        context = self.context
-        return Prepared(op, key, lambda: handler(context, request))
+        if not deferred and op is not ops.DOMAIN_DEFINE:
+            context = self.context
+            return Prepared(op, key, lambda: handler(context, request))
+        return Prepared(op, key, lambda: self._as_owner(op, request, user, target, deferred))
+
+    async def _as_owner(
+        self, op: Op[Any, Any], request: Any, user: str, target: str | None, check: bool
+    ) -> Any:
+        """Run a call whose target's owner matters: the policy's owner rules are checked
+        (``check``), and a define records its owner in the definition's virtbus metadata
+        (the caller for a new domain; a redefined one keeps its owner)."""
+        ref = self.driver.lookup(target) if target is not None else None
+        owner: str | None = None
+        if ref is not None:
+            try:
+                owner = owner_of(await self.driver.xml(ref.uuid))
+            except VirtbusError as exc:
+                log.warning("domain %s: its owner not read: %s", ref.name, exc)
+        if check:
+            whose = Owner.UNKNOWN if owner is None else Owner.SELF if owner == user else Owner.OTHER
+            self.authz.check(user, op, self.host, target, whose)
+        if op is ops.DOMAIN_DEFINE:
+            request = DomainDefine(xml=with_owner(request.xml, owner or user))
+        return await HANDLERS[op](self.context, request)
 
     async def _ask_prepared(self, host: str, migration: str) -> str:
         """The URI ``host``'s prepare answered for ``migration`` (its agent answers)."""

@@ -32,6 +32,7 @@ from virtbus.bus.amqp import AmqpBus
 from virtbus.bus.definitions import password_hash
 from virtbus.bus.topology import EVENTS_EXCHANGE, HOSTS_EXCHANGE, RPC_EXCHANGE
 from virtbus.client import Client
+from virtbus.domain import OWNER_NS
 from virtbus.errors import AuthDenied, VirtbusError
 from virtbus.protocol import ops
 from virtbus.protocol.envelope import Envelope, Kind
@@ -62,6 +63,7 @@ class Cluster:
     host2: str  # a second agent's (a migration's destination)
     admin: str
     operator: str
+    oper2: str  # the built-in operator role (its owner rules)
     viewer: str
     scheduler: str
     policy: Path
@@ -72,7 +74,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    roles = ("host", "host2", "admin", "operator", "viewer", "scheduler")
+    roles = ("host", "host2", "admin", "operator", "oper2", "viewer", "scheduler")
     names = {r: f"{r}-{TAG}" for r in roles}
     vhost, password = f"/virtbus-sec-{TAG}", uuid.uuid4().hex
     defs = {
@@ -102,6 +104,7 @@ def users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 {names["host"]} = ["agent"]
 {names["host2"]} = ["agent"]
 {names["admin"]} = ["admin"]
+{names["oper2"]} = ["operator"]
 {names["viewer"]} = ["viewer"]
 {names["scheduler"]} = ["scheduler"]
 
@@ -313,6 +316,85 @@ async def test_perform_streams_only_to_the_uri_the_destinations_prepare_answered
             thief_server.close()
             for c in (admin, sched):
                 await c.close()
+
+
+def _qemu_xml(name: str) -> str:
+    return (
+        f"<domain type='qemu'><name>{name}</name><uuid>{uuid.uuid5(uuid.NAMESPACE_DNS, name)}"
+        "</uuid><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='q35'>hvm</type></os></domain>"
+    )
+
+
+@pytest.mark.qemu
+async def test_operators_may_not_define_over_or_undefine_others_domains(
+    users: Cluster, tmp_path: Path
+) -> None:
+    """libvirt's "no define/undefine of others' domains": the owner (the user that defined
+    it) is in the definition's virtbus metadata, kept across an agent restart; the
+    built-in operator role configures only what it owns (or what nobody owns yet)."""
+    host, oper = users.host2, users.oper2
+    forged = _qemu_xml("own-forged").replace(
+        "</vcpu>",
+        f"</vcpu><metadata><virtbus:owner xmlns:virtbus='{OWNER_NS}'>{users.admin}"
+        "</virtbus:owner></metadata>",
+    )
+    bus = users.url(host)
+    policy = ("--policy", str(users.policy))
+    async with agent_process(host, tmp_path, *policy, driver="qemu", bus=bus):
+        admin = await Client.connect(users.url(users.admin), oneshot=True)
+        op = await Client.connect(users.url(oper), oneshot=True)
+        viewer = await Client.connect(users.url(users.viewer), oneshot=True)
+        try:
+            a, o, v = admin.host(host), op.host(host), viewer.host(host)
+            await a.define(_qemu_xml("own-admin"))
+            matrix: list[tuple[str, Any, str]] = [
+                ("operator", o.define(_qemu_xml("own-op")), "ok"),  # a new domain: its own
+                ("operator", o.define(_qemu_xml("own-op")), "ok"),  # redefining its own
+                ("operator", o.define(_qemu_xml("own-admin")), "AUTH_DENIED"),  # over another's
+                ("operator", o.domain("own-admin").undefine(), "AUTH_DENIED"),
+                ("operator", o.domain("own-admin").set_autostart(True), "AUTH_DENIED"),
+                ("operator", o.domain("own-admin").info(), "ok"),  # reading is not owning
+                ("viewer", v.domain("own-op").undefine(), "AUTH_DENIED"),
+                ("viewer", v.define(_qemu_xml("own-v")), "AUTH_DENIED"),
+                ("admin", a.define(_qemu_xml("own-op")), "ok"),  # the owner stays the operator
+                ("operator", o.define(forged), "ok"),  # an owner in the XML is not believed
+            ]
+            got = [(who, await _outcome(action)) for who, action, _ in matrix]
+            assert got == [(who, want) for who, _, want in matrix]
+            with pytest.raises(AuthDenied) as denied:
+                await o.domain("own-admin").undefine()
+            assert oper in denied.value.message and "owned by another user" in denied.value.message
+        finally:
+            for c in (admin, op, viewer):
+                await c.close()
+
+    async def owner(name: str) -> str:
+        shown = await cli("dominfo", "--host", host, name, bus=users.url(users.viewer))
+        assert shown.code == 0, shown.err
+        return next(ln.split()[-1] for ln in shown.out.splitlines() if ln.startswith("Owner"))
+
+    async with agent_process(host, tmp_path, *policy, driver="qemu", bus=bus):  # restarted
+        assert [await owner(n) for n in ("own-admin", "own-op", "own-forged")] == [
+            users.admin,
+            oper,
+            oper,
+        ]
+        dumped = await cli("dumpxml", "--host", host, "own-op", bus=users.url(users.viewer))
+        assert f">{oper}</virtbus:owner>" in dumped.out and OWNER_NS in dumped.out
+        op = await Client.connect(users.url(oper), oneshot=True)
+        try:
+            o = op.host(host)
+            assert await _outcome(o.domain("own-admin").undefine()) == "AUTH_DENIED"
+            assert await _outcome(o.domain("own-op").undefine()) == "ok"
+            assert await _outcome(o.domain("own-forged").undefine()) == "ok"
+        finally:
+            await op.close()
+        admin = await Client.connect(users.url(users.admin), oneshot=True)
+        try:
+            await admin.host(host).domain("own-admin").undefine()
+        finally:
+            await admin.close()
 
 
 async def _raw_call(url: str, host: str, **props: Any) -> dict[str, Any]:

@@ -256,6 +256,7 @@ async def dominfo(ctx: Context, args: argparse.Namespace) -> int:
                 ("Persistent", "yes" if info.persistent else "no"),
                 ("Autostart", "enable" if info.autostart else "disable"),
                 ("Managed save", "yes" if info.managed_save else "no"),
+                ("Owner", info.owner or "-"),
             ]
         )
     )

@@ -43,12 +43,21 @@ from virtbus.domain.serialize import dumps
 from virtbus.domain.support import unknown_attributes, unknown_devices
 from virtbus.domain.units import UNIT_FACTORS, to_kib
 from virtbus.domain.views import normalize_mac
-from virtbus.domain.xml import XMLLimits, domain_name_of, parse_domain_xml, without_secrets
+from virtbus.domain.xml import (
+    OWNER_NS,
+    XMLLimits,
+    domain_name_of,
+    owner_of,
+    parse_domain_xml,
+    with_owner,
+    without_secrets,
+)
 
 __all__ = [
     "MAX_NAME_BYTES",
     "MAX_VCPUS",
     "NON_DEVICE_TAGS",
+    "OWNER_NS",
     "RNG",
     "UNIT_FACTORS",
     "CPUConfig",
@@ -86,10 +95,12 @@ __all__ = [
     "dumps",
     "normalize_mac",
     "optional_int",
+    "owner_of",
     "parse_domain_xml",
     "parse_int",
     "to_kib",
     "unknown_attributes",
     "unknown_devices",
+    "with_owner",
     "without_secrets",
 ]

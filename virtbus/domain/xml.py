@@ -116,3 +116,38 @@ def without_secrets(xml: str) -> str:
                 del el.attrib[attribute]
                 hidden = True
     return defn.to_xml() if hidden else xml
+
+
+OWNER_NS = "https://virtbus.dev/xmlns/owner/1"  # <metadata><virtbus:owner xmlns:virtbus=...>
+_OWNER_TAG = f"{{{OWNER_NS}}}owner"
+
+
+def owner_of(xml: str) -> str | None:
+    """The domain's owner (the bus user that defined it) from its virtbus metadata."""
+    if OWNER_NS not in xml:  # the common fast path: no second parse
+        return None
+    meta = parse_domain_xml(xml).root.find("metadata")
+    el = meta.find(_OWNER_TAG) if meta is not None else None
+    return (el.text or "").strip() or None if el is not None else None
+
+
+def with_owner(xml: str, owner: str) -> str:
+    """``xml`` with ``owner`` as its only virtbus owner (any owner the caller wrote is
+    replaced: the agent, not the definition, says who defined it)."""
+    defn = parse_domain_xml(xml)
+    root = defn.root
+    generated = root.find("uuid")
+    if generated is not None and "uuid" not in xml:  # the parse made one up: the driver
+        root.remove(generated)  # picks the uuid (a redefine by name keeps the old one)
+    meta = root.find("metadata")
+    if meta is None:
+        meta = etree.SubElement(root, "metadata")
+        name = root.find("name")  # libvirt's place for it: after name/uuid/title
+        anchor = root.find("uuid") if root.find("uuid") is not None else name
+        if anchor is not None:
+            anchor.addnext(meta)
+    for old in meta.findall(_OWNER_TAG):
+        meta.remove(old)
+    el = etree.SubElement(meta, _OWNER_TAG, nsmap={"virtbus": OWNER_NS})
+    el.text = owner
+    return defn.to_xml()

@@ -142,6 +142,7 @@ class DomainInfo(Message):
     autostart: bool = False
     type: str = ""
     managed_save: bool = False  # a managed save image waits for the next start
+    owner: str | None = None  # the bus user that defined it (its virtbus metadata)
 
 
 class DomainXml(Message):

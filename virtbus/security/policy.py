@@ -210,6 +210,8 @@ class Policy:
         what = f"{req.user!r} may not call {req.op} on host {req.host!r}"
         if req.target is not None:
             what += f" for {req.target!r}"
+            if req.owner is not Owner.UNKNOWN:  # an owner rule may decide: say whose it is
+                what += " (owned by another user)" if req.owner is Owner.OTHER else " (its own)"
         if rule is not None:
             return f"{what}: denied by {rule.describe()}"
         roles = ", ".join(self.users.get(req.user, ())) or "none"
