@@ -11,7 +11,11 @@ image paths on both "hosts").
 from __future__ import annotations
 
 import asyncio
+import os
+import pwd
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,3 +107,55 @@ async def test_running_guest_moves_and_keeps_ticking(
         assert await wait_tick(dst_serial, last_at_source + 2) > last_at_source + 2
         assert max_tick(serial) == last_at_source, "the source's console still counts"
         await vcli("destroy", "mig1", "--host", b.host)
+
+
+async def test_a_guest_of_the_unprivileged_qemu_user_migrates(
+    vhost: str,  # noqa: F811
+) -> None:
+    """Issue 13's "migration keeps working under the unprivileged uid": both agents run
+    their QEMUs as ``virtbus-qemu`` (qemu_user); the guest moves and keeps ticking, its
+    destination QEMU runs as that uid, the source's is gone."""
+    qemu_user = pwd.getpwnam("virtbus-qemu")  # made by deploy/setup-dev
+    guest = await ensure_test_guest()
+    base = Path(tempfile.mkdtemp(prefix="virtbus-migdac-"))  # searchable by the QEMU user
+    try:
+        base.chmod(0o755)
+        kernel, initrd = base / "vmlinuz", base / "initrd"
+        shutil.copyfile(guest.kernel, kernel)
+        shutil.copyfile(guest.initramfs, initrd)
+        serial, dst_serial = base / "dac1-src.serial", base / "dac1-dst.serial"
+        xml = base / "dac1.xml"
+        xml.write_text(kernel_xml(kernel, initrd, guest.cmdline, serial).replace("mig1", "dac1"))
+        user = ("--driver-option", "qemu_user=virtbus-qemu")
+        async with (
+            agents(base, 2, *user, driver="qemu") as (a, b),
+            scheduler_process(base / "sched"),
+        ):
+            await wait_hosts(2)
+            await vcli("define", str(xml), "--host", a.host)
+            await vcli("start", "dac1", "--host", a.host)
+            info = await cli("--json", "dominfo", "dac1", "--host", a.host, bus=URL)
+            dst = kernel_xml(kernel, initrd, guest.cmdline, dst_serial, info.json()["uuid"])
+            (base / "dac1-dst.xml").write_text(dst.replace("mig1", "dac1"))
+            await wait_tick(serial, 2)
+            r = await cli(
+                "migrate", "dac1", "--to", b.host, "--xml", str(base / "dac1-dst.xml"),
+                "--wait", bus=URL, timeout=120,
+            )  # fmt: skip
+            assert r.code == 0, r.err
+            assert await placed("dac1") == [(b.host, "running")]
+            (pid,) = qemu_pids_under(b.state_dir)
+            status = Path(f"/proc/{pid}/status").read_text()
+            uids = re.search(r"^Uid:\s+(.*)$", status, re.M)
+            assert uids is not None
+            assert {int(x) for x in uids.group(1).split()} == {qemu_user.pw_uid}
+            last = max_tick(serial)
+            assert await wait_tick(dst_serial, last + 2) > last + 2
+            async with asyncio.timeout(30):  # confirm quit the source's QEMU
+                while qemu_pids_under(a.state_dir):
+                    await asyncio.sleep(0.05)
+            await vcli("destroy", "dac1", "--host", b.host)
+    finally:
+        for pid in qemu_pids_under(base):  # never leave a guest behind
+            os.kill(pid, 9)
+        shutil.rmtree(base, ignore_errors=True)
