@@ -17,9 +17,12 @@ neither a QEMU nor a definition of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -74,15 +77,50 @@ async def wait_one_place(domain: str, hosts: dict[str, Path], timeout: float = 6
     )
 
 
-async def boot(base: Path, host: str) -> Path:
+@dataclass(frozen=True)
+class Guest:
+    """The test guest booted on the source; each side writes its own serial file (the
+    destination's definition goes with ``migrate --xml``), so a tick seen in a host's file
+    was printed by that host's QEMU."""
+
+    serials: dict[str, Path]
+    dst_xml: Path
+
+    async def ticks_on(self, host: str, base: Path) -> None:
+        """The guest runs on ``host``: its console there counts on by two more ticks."""
+        serial = self.serials[host]
+        before = await wait_tick(serial, -1)
+        cpu = qemu_cpu_seconds(base)
+        try:
+            await wait_tick(serial, before + 2)
+        except AssertionError as exc:  # say whether QEMU computes (a hung guest) or idles
+            raise AssertionError(
+                f"{exc}; QEMU CPU seconds before/after the wait: {cpu} / {qemu_cpu_seconds(base)}"
+            ) from None
+
+
+def qemu_cpu_seconds(base: Path) -> dict[int, float]:
+    """user+system CPU seconds of each QEMU under ``base`` (a diagnostic for failures)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for pid in qemu_pids_under(base):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+async def boot(base: Path, src: str, dst: str) -> Guest:
     guest = await ensure_test_guest()
-    serial = base / "mig1.serial"
-    xml = base / "mig1.xml"
-    xml.write_text(kernel_xml(guest.kernel, guest.initramfs, guest.cmdline, serial))
-    await vcli("define", str(xml), "--host", host)
-    await vcli("start", "mig1", "--host", host)
-    await wait_tick(serial, 2)
-    return serial
+    serials = {src: base / "mig1-src.serial", dst: base / "mig1-dst.serial"}
+    xml, dst_xml = base / "mig1.xml", base / "mig1-dst.xml"
+    xml.write_text(kernel_xml(guest.kernel, guest.initramfs, guest.cmdline, serials[src]))
+    await vcli("define", str(xml), "--host", src)
+    await vcli("start", "mig1", "--host", src)
+    uuid = (await vcli("dominfo", "mig1", "--host", src))["uuid"]
+    dst_xml.write_text(kernel_xml(guest.kernel, guest.initramfs, guest.cmdline, serials[dst], uuid))
+    await wait_tick(serials[src], 2)
+    return Guest(serials, dst_xml)
 
 
 async def test_destination_agent_killed_and_restarted(
@@ -93,11 +131,14 @@ async def test_destination_agent_killed_and_restarted(
     base.mkdir()
     a_host, b_host = unique_host("src"), unique_host("dst")
     dirs = {a_host: base / a_host, b_host: base / b_host}
-    async with qemu_agent(base, a_host) as a, scheduler_process(base / "sched"):
+    async with qemu_agent(base, a_host), scheduler_process(base / "sched"):
         async with qemu_agent(base, b_host) as b:  # its exit is a no-op once killed
             await wait_hosts(2)
-            serial = await boot(base, a.host)
-            await vcli("migrate", "mig1", "--to", b_host, "--bandwidth", BANDWIDTH)
+            guest = await boot(base, a_host, b_host)
+            await vcli(
+                "migrate", "mig1", "--to", b_host, "--xml", str(guest.dst_xml),
+                "--bandwidth", BANDWIDTH,
+            )  # fmt: skip
             await asyncio.sleep(1.5)
             assert qemu_pids_under(dirs[b_host]), "no incoming QEMU on the destination"
             await kill(b)
@@ -109,8 +150,7 @@ async def test_destination_agent_killed_and_restarted(
         async with qemu_agent(base, b_host):
             where = await wait_one_place("mig1", dirs)
             assert where == a_host
-            before = await wait_tick(serial, -1)
-            await wait_tick(serial, before + 2)  # the source really runs the guest again
+            await guest.ticks_on(a_host, base)  # the source really runs the guest again
             listing = await vcli("list", "--host", b_host, "--all")
             assert [d for d in listing if d["name"] == "mig1"] == []
             await vcli("destroy", "mig1", "--host", a_host)
@@ -125,11 +165,14 @@ async def test_source_agent_killed_and_restarted(
     base.mkdir()
     a_host, b_host = unique_host("src"), unique_host("dst")
     dirs = {a_host: base / a_host, b_host: base / b_host}
-    async with qemu_agent(base, b_host) as b, scheduler_process(base / "sched"):
+    async with qemu_agent(base, b_host), scheduler_process(base / "sched"):
         async with qemu_agent(base, a_host) as a:  # its exit is a no-op once killed
             await wait_hosts(2)
-            serial = await boot(base, a.host)
-            await vcli("migrate", "mig1", "--to", b.host, "--bandwidth", BANDWIDTH)
+            guest = await boot(base, a_host, b_host)
+            await vcli(
+                "migrate", "mig1", "--to", b_host, "--xml", str(guest.dst_xml),
+                "--bandwidth", BANDWIDTH,
+            )  # fmt: skip
             await asyncio.sleep(1.5)
             await kill(a)
         await asyncio.sleep(1.0)
@@ -138,7 +181,6 @@ async def test_source_agent_killed_and_restarted(
             assert rec["state"] in ("completed", "failed"), rec
             where = await wait_one_place("mig1", dirs)
             assert where == (b_host if rec["state"] == "completed" else a_host), rec
-            before = await wait_tick(serial, -1)
-            await wait_tick(serial, before + 2)
+            await guest.ticks_on(where, base)
             await vcli("destroy", "mig1", "--host", where)
     assert not qemu_pids_under(base)
