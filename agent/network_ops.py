@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid as uuidlib
+
 from agent.network import Network
 from agent.table import HANDLERS, AgentContext
 from drivers.base import Affect, InterfaceLinks
@@ -9,11 +11,13 @@ from virtbus.domain import parse_domain_xml
 from virtbus.errors import (
     InvalidArgument,
     NoDomainError,
+    NoNetworkPort,
     NoSupport,
     OperationInvalid,
     XMLError,
 )
 from virtbus.network import check_mac
+from virtbus.network.ports import Port, domain_ports
 from virtbus.network.update import Update
 from virtbus.protocol import ops
 from virtbus.protocol.base import Accepted
@@ -32,6 +36,9 @@ from virtbus.protocol.network import (
     NetworkLeasesRequest,
     NetworkList,
     NetworkListRequest,
+    NetworkPort,
+    NetworkPortList,
+    NetworkPortTarget,
     NetworkRef,
     NetworkTarget,
     NetworkUpdated,
@@ -119,6 +126,51 @@ async def _leases(ctx: AgentContext, req: NetworkLeasesRequest) -> DhcpLeases:
                   prefix=lease.prefix, hostname=lease.hostname, client_id=lease.client_id)
         for lease in leases
     ])  # fmt: skip
+
+
+# --- a network's ports: its running guests' NICs (virtbus/network/ports.py) -------------
+#: a domain whose NICs are plugged: its hypervisor process runs (libvirt's active)
+_PLUGGED = frozenset({DomainState.RUNNING, DomainState.BLOCKED, DomainState.PAUSED,
+                      DomainState.SHUTDOWN, DomainState.PMSUSPENDED})  # fmt: skip
+
+
+async def _ports(ctx: AgentContext, ref: str) -> list[Port]:
+    net = ctx.networks.get(ref)  # NO_NETWORK
+    if not net.active:
+        raise OperationInvalid(f"network '{net.name}' is not active")
+    out: list[Port] = []
+    for info in await ctx.driver.list_domains(include_inactive=False):
+        if info.state not in _PLUGGED:
+            continue
+        try:
+            xml = await ctx.driver.xml(info.uuid)
+        except NoDomainError:
+            continue  # gone since the list: its ports with it
+        out.extend(domain_ports(net.defn, parse_domain_xml(xml)))
+    return out
+
+
+@HANDLERS.on(ops.NETWORK_PORT_LIST)
+async def _port_list(ctx: AgentContext, req: NetworkTarget) -> NetworkPortList:
+    return NetworkPortList(ports=[
+        NetworkPort(uuid=p.uuid, domain=p.domain, domain_uuid=p.domain_uuid, mac=p.mac,
+                    plug=p.plug["type"], bridge=p.plug.get("bridge"), dev=p.plug.get("dev"),
+                    group=p.group)
+        for p in await _ports(ctx, req.network)
+    ])  # fmt: skip
+
+
+@HANDLERS.on(ops.NETWORK_PORT_XML)
+async def _port_xml(ctx: AgentContext, req: NetworkPortTarget) -> NetworkXml:
+    try:
+        wanted = str(uuidlib.UUID(req.port))
+    except ValueError:
+        raise InvalidArgument(f"invalid network port uuid '{req.port}'") from None
+    for port in await _ports(ctx, req.network):
+        if port.uuid == wanted:
+            return NetworkXml(xml=port.to_xml())
+    raise NoNetworkPort(f"Network port not found: no network port with matching uuid"
+                        f" '{req.port}' on network '{req.network}'")  # fmt: skip
 
 
 # --- a domain's interfaces on this host's networks ---------------------------------------

@@ -16,6 +16,7 @@ Tree::
     ├── NoDomainSnapshot            NO_DOMAIN_SNAPSHOT  no snapshot of that name (of that domain)
     ├── NoDomainCheckpoint          NO_DOMAIN_CHECKPOINT no checkpoint of that name (of that domain)
     ├── NoNetwork                   NO_NETWORK          no such virtual network
+    ├── NoNetworkPort               NO_NETWORK_PORT     no port of that uuid on the network
     ├── OperationInvalid            OPERATION_INVALID   wrong state for the command
     ├── InvalidArgument             INVALID_ARG
     ├── XMLError                    XML_ERROR           bad or unsafe domain XML
@@ -94,6 +95,10 @@ class NoNetwork(VirtbusError):
     code = "NO_NETWORK"
 
 
+class NoNetworkPort(VirtbusError):
+    code = "NO_NETWORK_PORT"
+
+
 class OperationInvalid(VirtbusError):
     code = "OPERATION_INVALID"
 
@@ -162,6 +167,7 @@ _BY_CODE: dict[str, type[VirtbusError]] = {
         NoDomainSnapshot,
         NoDomainCheckpoint,
         NoNetwork,
+        NoNetworkPort,
         OperationInvalid,
         InvalidArgument,
         XMLError,

@@ -11,6 +11,8 @@ from virtbus.protocol.network import (
     NetworkDestroy,
     NetworkInfo,
     NetworkLeasesRequest,
+    NetworkPort,
+    NetworkPortTarget,
     NetworkTarget,
     NetworkUpdated,
     NetworkUpdateRequest,
@@ -58,6 +60,17 @@ class Network:
     async def dhcp_leases(self, mac: str | None = None) -> list[DhcpLease]:
         request = NetworkLeasesRequest(network=self.ref, mac=mac)
         return (await self.host.call(ops.NETWORK_DHCP_LEASES, request)).leases
+
+    async def ports(self) -> list[NetworkPort]:
+        """net-port-list: the running guests' NICs plugged into it (OPERATION_INVALID
+        when it is not active)."""
+        return (await self.host.call(ops.NETWORK_PORT_LIST, self._target)).ports
+
+    async def port_xml(self, port: str) -> str:
+        """net-port-dumpxml: the ``<networkport>`` of the port with that uuid
+        (NO_NETWORK_PORT when there is none)."""
+        request = NetworkPortTarget(network=self.ref, port=port)
+        return (await self.host.call(ops.NETWORK_PORT_XML, request)).xml
 
     async def update(self, command: str, section: str, xml: str, *,
                      parent_index: int | None = None, live: bool = False,

@@ -105,6 +105,31 @@ class DhcpLeases(Message):
     leases: list[DhcpLease]
 
 
+class NetworkPortTarget(NetworkTarget):
+    """net-port-dumpxml: ``port`` is the port's uuid."""
+
+    port: Name
+
+
+class NetworkPort(Message):
+    """One port of a network (net-port-list): a running guest's NIC plugged into it.
+    ``plug`` is how: ``network`` (the network's bridge), ``bridge`` (a host bridge) or
+    ``direct`` (a macvtap on ``dev``)."""
+
+    uuid: str
+    domain: str
+    domain_uuid: str
+    mac: str
+    plug: str
+    bridge: str | None = None
+    dev: str | None = None
+    group: str | None = None
+
+
+class NetworkPortList(Message):
+    ports: list[NetworkPort]
+
+
 class NetworkSummary(Message):
     """One network in a heartbeat."""
 
@@ -179,6 +204,17 @@ NETWORK_XML = op(
 NETWORK_DHCP_LEASES = op(
     "network.dhcp_leases", NetworkLeasesRequest, DhcpLeases, _A,
     "the DHCP leases dnsmasq handed out (net-dhcp-leases)",
+    access=Access.READ, target=_N, target_of=_net,
+)  # fmt: skip
+
+NETWORK_PORT_LIST = op(
+    "network.port_list", NetworkTarget, NetworkPortList, _A,
+    "a network's ports: its running guests' NICs (net-port-list)",
+    access=Access.READ, target=_N, target_of=_net,
+)  # fmt: skip
+NETWORK_PORT_XML = op(
+    "network.port_xml", NetworkPortTarget, NetworkXml, _A,
+    "a network port's <networkport> XML (net-port-dumpxml)",
     access=Access.READ, target=_N, target_of=_net,
 )  # fmt: skip
 
