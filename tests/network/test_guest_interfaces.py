@@ -138,6 +138,10 @@ class Bed:
         await self.ok("list")  # ... and the agent still serves
         return err
 
+    async def ports(self) -> dict[str, dict[str, Any]]:
+        """net-port-list of gn, by MAC."""
+        return {p["mac"]: p for p in json.loads(await self.ok("--json", "net-port-list", "gn"))}
+
     def file(self, name: str, text: str) -> str:
         path = self.base / name
         path.write_text(text)
@@ -355,6 +359,13 @@ async def test_a_nic_attached_live_shows_up_in_the_guest_and_detaches(bed: Bed) 
         assert sorted(bed.bridge_ports()) == sorted([*before, new_tap])
         added = await events.wait("device_added")
         assert added["data"]["mac"] == new_mac
+        # the plugged NIC is a port of gn, owned by gn-1, on gn's bridge
+        port = (await bed.ports())[new_mac]
+        assert (port["domain"], port["domain_uuid"], port["plug"], port["bridge"]) == (
+            g1.name, g1.uuid, "network", bed.bridge)  # fmt: skip
+        xml = await bed.ok("net-port-dumpxml", "gn", port["uuid"])
+        assert f"<mac address='{new_mac}'/>" in xml and f"<uuid>{g1.uuid}</uuid>" in xml
+        assert f"<plug type='network' bridge='{bed.bridge}'/>" in xml
         # --live only: the definition has one NIC still
         (saved,) = (bed.base / "agent").rglob(f"domains/{g1.uuid}.xml")
         assert new_mac not in saved.read_text()
@@ -365,6 +376,8 @@ async def test_a_nic_attached_live_shows_up_in_the_guest_and_detaches(bed: Bed) 
         await events.wait("device_removed")
     assert sorted(bed.bridge_ports()) == before
     assert len(json.loads(await bed.ok("--json", "domiflist", g1.name))) == 1
+    assert new_mac not in await bed.ports()  # unplugged: the port is gone
+    await bed.fails("NO_NETWORK_PORT", "net-port-dumpxml", "gn", port["uuid"])
     # no NIC of that type: refused, nothing changed
     err = await bed.fails("OPERATION_FAILED", "detach-interface", g1.name, "bridge")
     assert "No interface found whose type is bridge" in err
@@ -375,8 +388,11 @@ async def test_an_agent_restart_leaves_the_guests_pinging(bed: Bed) -> None:
     g1, g2 = bed.guests
     taps = sorted(bed.taps())
     marks = [len(read(g.serial)) for g in (g1, g2)]
+    ports = await bed.ports()
+    assert set(ports) == {g1.mac, g2.mac}
     await bed.restart()
     assert sorted(bed.taps()) == taps  # the same taps: nothing was rebuilt
+    assert await bed.ports() == ports  # and the same ports, uuids and all
     for g, peer, mark in ((g1, g2, marks[0]), (g2, g1, marks[1])):
         # two answers after the restart's, and no silence at all since the restart began
         await console(g.serial, rf"VIRTBUS-PING-OK {re.escape(peer.ip)} \d+", after=mark, count=3)
@@ -385,3 +401,4 @@ async def test_an_agent_restart_leaves_the_guests_pinging(bed: Bed) -> None:
     (tap2,) = [t for t in taps if t.startswith(tap_prefix(g2.uuid))]
     await bed.ok("destroy", g2.name)
     assert tap2 not in bed.taps() and tap2 not in bed.bridge_ports()
+    assert set(await bed.ports()) == {g1.mac}  # gn-2's port went with it

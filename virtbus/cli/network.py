@@ -86,6 +86,17 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--mac", help="only the leases of this MAC address")
     _host_arg(p)
     p.set_defaults(func=net_dhcp_leases)
+    p = sub.add_parser("net-port-list", help="list a network's ports (its guests' NICs)")
+    p.add_argument("network", help="network name or uuid")
+    p.add_argument("--uuid", action="store_true", help="port uuids only, one a line")
+    p.add_argument("--table", action="store_true", help="a table (the default)")
+    _host_arg(p)
+    p.set_defaults(func=net_port_list)
+    p = sub.add_parser("net-port-dumpxml", help="a network port's XML")
+    p.add_argument("network", help="network name or uuid")
+    p.add_argument("port", help="the port's uuid (net-port-list)")
+    _host_arg(p)
+    p.set_defaults(func=net_port_dumpxml)
 
 
 def _host(ctx: Context, args: argparse.Namespace) -> Host:
@@ -199,6 +210,31 @@ async def net_dhcp_leases(ctx: Context, args: argparse.Namespace) -> int:
     ]  # fmt: skip
     print(table(["Expiry Time", "MAC address", "Protocol", "IP address", "Hostname",
                  "Client ID or DUID"], rows))  # fmt: skip
+    return 0
+
+
+async def net_port_list(ctx: Context, args: argparse.Namespace) -> int:
+    """virsh net-port-list: the ports' uuids (``--uuid``: bare, else a table); ``--json``
+    also says whose NIC each port is."""
+    if args.uuid and args.table:
+        raise InvalidArgument("--uuid and --table are exclusive")
+    ports = await _host(ctx, args).network(args.network).ports()
+    if ctx.json:
+        emit_json([to_wire(p) for p in ports])
+    elif args.uuid:
+        for p in ports:
+            print(p.uuid)
+    else:
+        print(table(["UUID"], [(p.uuid,) for p in ports]))
+    return 0
+
+
+async def net_port_dumpxml(ctx: Context, args: argparse.Namespace) -> int:
+    xml = await _host(ctx, args).network(args.network).port_xml(args.port)
+    if ctx.json:
+        emit_json({"network": args.network, "port": args.port, "xml": xml})
+    else:
+        sys.stdout.write(xml)
     return 0
 
 

@@ -47,7 +47,7 @@ MODULE_VERBS: dict[str, tuple[str, ...]] = {
     "network": (
         "net-define", "net-create", "net-start", "net-destroy", "net-undefine",
         "net-autostart", "net-info", "net-dumpxml", "net-name", "net-uuid", "net-list",
-        "net-update", "net-dhcp-leases",
+        "net-update", "net-dhcp-leases", "net-port-list", "net-port-dumpxml",
     ),
     "event": ("event",),
     "stats": ("domstats",),
