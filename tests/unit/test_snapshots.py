@@ -19,7 +19,8 @@ from drivers.qemu import events as ev
 from drivers.snapshots import SnapshotStore
 from drivers.test import TestDriver
 from virtbus.cli.snapshot import request_xml, select, tree_lines
-from virtbus.domain.snapshot import SnapshotDef, parse_snapshot_request
+from virtbus.domain import without_secrets
+from virtbus.domain.snapshot import SnapshotDef, parse_snapshot_request, snapshot_without_secrets
 from virtbus.errors import (
     ConfigUnsupported,
     InvalidArgument,
@@ -153,6 +154,28 @@ async def test_snapshot_xml_is_valid_libvirt_xml(tmp_path: Path) -> None:
                                        capture_output=True, text=True)  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
     assert "<parent>\n    <name>a</name>" in (tmp_path / f"{info.name}.xml").read_text()
+
+
+async def test_a_snapshots_domain_loses_its_secrets_as_dumpxml_does() -> None:
+    """snapshot_without_secrets hides what dumpxml's without_secrets hides, inside the
+    <domainsnapshot>, and nothing else; a snapshot without a secret is not re-serialised."""
+    drv = TestDriver()
+    await drv.open(lambda _e: None)
+    pw = "<graphics type='vnc' port='-1' autoport='yes' passwd='s3cret'/></devices>"
+    await drv.define(domain_xml("d").replace("</devices>", pw))
+    await drv.snapshot_create("d", "<domainsnapshot><name>a</name></domainsnapshot>")
+    full = await drv.snapshot_xml("d", "a")
+    assert "passwd='s3cret'" in full
+    hidden = snapshot_without_secrets(full)
+    assert "s3cret" not in hidden and "passwd" not in hidden
+    assert "<graphics type='vnc' port='-1' autoport='yes'/>" in hidden
+    assert hidden == full.replace(" passwd='s3cret'", "")  # only the secret is gone
+    inner = hidden[hidden.index("<domain ") : hidden.index("</domain>") + len("</domain>")]
+    assert without_secrets(inner) == inner  # the same secrets as dumpxml's
+    await drv.define(domain_xml("plain"))
+    await drv.snapshot_create("plain", "<domainsnapshot><name>b</name></domainsnapshot>")
+    plain = await drv.snapshot_xml("plain", "b")
+    assert snapshot_without_secrets(plain) is plain
 
 
 # --- the QMP event mapping of snapshot jobs -------------------------------------------------

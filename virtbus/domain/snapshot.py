@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from lxml import etree
 
 from virtbus.domain.serialize import dumps
-from virtbus.domain.xml import parse_untrusted_root
+from virtbus.domain.xml import XMLLimits, hide_secrets, may_hold_secrets, parse_untrusted_root
 from virtbus.errors import ConfigUnsupported, InvalidArgument, NoSupport, XMLError
 
 MAX_SNAPSHOT_NAME = 255  # bytes: a file name, and QEMU's tag
@@ -202,6 +202,22 @@ class SnapshotDef:
             overlays=tuple((str(o[0]), str(o[1])) for o in overlays)
             if isinstance(overlays, list) else (),
         )  # fmt: skip
+
+
+# A <domainsnapshot> is the agent's own document around a <domain> of at most the
+# domain limit (1 MiB): room for both.
+_SNAPSHOT_LIMITS = XMLLimits(max_bytes=2 * XMLLimits().max_bytes)
+
+
+def snapshot_without_secrets(xml: str) -> str:
+    """A ``<domainsnapshot>`` as snapshot-dumpxml shows it without ``--security-info``:
+    its ``<domain>`` with the secrets dumpxml hides left out (:func:`hide_secrets`, as
+    libvirt without VIR_DOMAIN_SNAPSHOT_XML_SECURE)."""
+    if not may_hold_secrets(xml):  # the common case: nothing to hide, no parse
+        return xml
+    root = parse_untrusted_root(xml, "domainsnapshot", limits=_SNAPSHOT_LIMITS)
+    hidden = [hide_secrets(domain) for domain in root.findall("domain")]
+    return dumps(root) if any(hidden) else xml
 
 
 def default_name(taken: set[str], now: float | None = None) -> str:

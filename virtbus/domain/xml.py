@@ -102,20 +102,32 @@ def parse_domain_xml(xml: str | bytes, *, limits: XMLLimits = XMLLimits()) -> Do
 SECRET_ATTRIBUTES = (("./devices/graphics", "passwd"),)  # libvirt's VIR_DOMAIN_XML_SECURE
 
 
+def may_hold_secrets(xml: str) -> bool:
+    """False when ``xml`` surely has none of the secrets (no parse needed to hide them)."""
+    return any(attribute in xml for _, attribute in SECRET_ATTRIBUTES)
+
+
+def hide_secrets(domain: etree._Element) -> bool:
+    """Take the secrets (:data:`SECRET_ATTRIBUTES`) out of a ``<domain>`` element, in
+    place; True if there were any. The one place that knows what a secret is: dumpxml
+    and every document that embeds a domain (a snapshot's) hide through it."""
+    hidden = False
+    for path, attribute in SECRET_ATTRIBUTES:
+        for el in domain.findall(path):
+            if attribute in el.attrib:
+                del el.attrib[attribute]
+                hidden = True
+    return hidden
+
+
 def without_secrets(xml: str) -> str:
     """``xml`` as dumpxml shows it without ``--security-info``: the graphics passwords
     (``<graphics passwd=...>``) left out, as libvirt leaves them out unless asked for
     VIR_DOMAIN_XML_SECURE (and the caller may read secrets)."""
-    if "passwd" not in xml:  # the common case: nothing to hide, no second parse
+    if not may_hold_secrets(xml):  # the common case: nothing to hide, no second parse
         return xml
     defn = parse_domain_xml(xml)
-    hidden = False
-    for path, attribute in SECRET_ATTRIBUTES:
-        for el in defn.root.findall(path):
-            if attribute in el.attrib:
-                del el.attrib[attribute]
-                hidden = True
-    return defn.to_xml() if hidden else xml
+    return defn.to_xml() if hide_secrets(defn.root) else xml
 
 
 OWNER_NS = "https://virtbus.dev/xmlns/owner/1"  # <metadata><virtbus:owner xmlns:virtbus=...>
