@@ -249,31 +249,43 @@ class AgentService:
         target = agent.handlers.target_name(self.driver, op, request, key)
         self._targets[call.id] = target
         user = call.user
+        # The op's own permission, and those its request's flags need as well (snapshot
+        # XML with security_info: domain.read_secure), all on the same target.
+        needed = (op, *op.required(request)) if op.flag_requires else (op,)
         # A domain's owner (who defined it) is known only from its definition, read from
         # the driver: only when the policy's decision depends on it (an owner rule) is the
         # check put off until the call runs (in its domain's turn, so no define overtakes).
         deferred = (
             self.authz.enforcing
             and op.target is Target.DOMAIN
-            and (
-                len({self.authz.decide(user, op, self.host, target, o).allowed for o in Owner}) > 1
+            and any(
+                len({self.authz.decide(user, n, self.host, target, o).allowed for o in Owner}) > 1
+                for n in needed
             )
         )
         if not deferred:
-            self.authz.check(user, op, self.host, target)
+            for n in needed:
+                self.authz.check(user, n, self.host, target)
         if op.access is not Access.READ:
             self.state_disk.check()  # nothing new that it could not record
         if not deferred and op is not ops.DOMAIN_DEFINE:
             context = self.context
             return Prepared(op, key, lambda: handler(context, request))
-        return Prepared(op, key, lambda: self._as_owner(op, request, user, target, deferred))
+        return Prepared(
+            op, key, lambda: self._as_owner(op, request, user, target, needed if deferred else ())
+        )
 
     async def _as_owner(
-        self, op: Op[Any, Any], request: Any, user: str, target: str | None, check: bool
+        self,
+        op: Op[Any, Any],
+        request: Any,
+        user: str,
+        target: str | None,
+        checks: tuple[Op[Any, Any], ...],
     ) -> Any:
         """Run a call whose target's owner matters: the policy's owner rules are checked
-        (``check``), and a define records its owner in the definition's virtbus metadata
-        (the caller for a new domain; a redefined one keeps its owner)."""
+        (for each op of ``checks``), and a define records its owner in the definition's
+        virtbus metadata (the caller for a new domain; a redefined one keeps its owner)."""
         ref = self.driver.lookup(target) if target is not None else None
         owner: str | None = None
         if ref is not None:
@@ -281,9 +293,10 @@ class AgentService:
                 owner = owner_of(await self.driver.xml(ref.uuid))
             except VirtbusError as exc:
                 log.warning("domain %s: its owner not read: %s", ref.name, exc)
-        if check:
+        if checks:
             whose = Owner.UNKNOWN if owner is None else Owner.SELF if owner == user else Owner.OTHER
-            self.authz.check(user, op, self.host, target, whose)
+            for needed in checks:
+                self.authz.check(user, needed, self.host, target, whose)
         if op is ops.DOMAIN_DEFINE:
             request = DomainDefine(xml=with_owner(request.xml, owner or user))
         return await HANDLERS[op](self.context, request)

@@ -69,6 +69,10 @@ class Op(str, Generic[Req, Res]):
     target_of: TargetOf
     serial: bool
     idempotent: bool
+    # request flag -> the op whose permission the call needs as well when the flag is set
+    # (libvirt's flag-dependent ACLs: snapshot XML with VIR_DOMAIN_SNAPSHOT_XML_SECURE
+    # needs domain:read_secure); the agent checks both, on the same target.
+    flag_requires: dict[str, Op[Any, Any]]
 
     def __new__(
         cls,
@@ -83,6 +87,7 @@ class Op(str, Generic[Req, Res]):
         target_of: TargetOf | None = None,
         serial: bool = False,
         idempotent: bool = False,
+        flag_requires: dict[str, Op[Any, Any]] | None = None,
     ) -> Op[Req, Res]:
         self = super().__new__(cls, name)
         self.request = request
@@ -94,6 +99,10 @@ class Op(str, Generic[Req, Res]):
         self.target_of = target_of or (lambda _req: None)
         self.serial = serial
         self.idempotent = idempotent
+        self.flag_requires = dict(flag_requires or {})
+        for flag in self.flag_requires:
+            if flag not in request.__struct_fields__:
+                raise ValueError(f"op {name!r}: flag_requires names {flag!r}, no request field")
         return self
 
     @property
@@ -104,6 +113,10 @@ class Op(str, Generic[Req, Res]):
     def mutating(self) -> bool:
         """Changes something (the security policy's view)."""
         return self.access is not Access.READ
+
+    def required(self, request: Any) -> list[Op[Any, Any]]:
+        """The ops whose permission ``request`` needs besides this one's (its set flags')."""
+        return [o for flag, o in self.flag_requires.items() if getattr(request, flag, False)]
 
     @property
     def journaled(self) -> bool:
@@ -144,6 +157,7 @@ def op(
     target_of: TargetOf | None = None,
     serial: bool = False,
     idempotent: bool = False,
+    flag_requires: dict[str, Op[Any, Any]] | None = None,
 ) -> Op[Req, Res]:
     """Declare and register an op; a name is declared once."""
     if name in REGISTRY:
@@ -159,6 +173,7 @@ def op(
         target_of=target_of,
         serial=serial,
         idempotent=idempotent,
+        flag_requires=flag_requires,
     )
     REGISTRY[name] = declared
     return declared

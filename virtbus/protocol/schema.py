@@ -543,6 +543,8 @@ def asyncapi() -> dict[str, Any]:
             "x-target": o.target.value,
             "x-serial": o.serial,
         }
+        if o.flag_requires:  # a set flag needs another op's permission too
+            operations[o.name]["x-flag-requires"] = {f: n.name for f, n in o.flag_requires.items()}
 
     for m in messages:
         pattern, params = _address(m.routing_key)
