@@ -6,6 +6,7 @@ from __future__ import annotations
 from agent.handlers import status_of
 from agent.table import HANDLERS, AgentContext
 from drivers.base import Snapshots
+from virtbus.domain.snapshot import snapshot_without_secrets
 from virtbus.errors import InvalidArgument, NoSupport
 from virtbus.protocol import ops
 from virtbus.protocol.domain import DomainStatus, DomainTarget
@@ -18,6 +19,7 @@ from virtbus.protocol.snapshot import (
     SnapshotsDeleted,
     SnapshotTarget,
     SnapshotXml,
+    SnapshotXmlRequest,
 )
 
 
@@ -48,8 +50,11 @@ async def _current(ctx: AgentContext, req: DomainTarget) -> SnapshotInfo:
 
 
 @HANDLERS.on(ops.DOMAIN_SNAPSHOT_XML)
-async def _xml(ctx: AgentContext, req: SnapshotTarget) -> SnapshotXml:
-    return SnapshotXml(xml=await _snapshots(ctx).snapshot_xml(req.domain, req.snapshot))
+async def _xml(ctx: AgentContext, req: SnapshotXmlRequest) -> SnapshotXml:
+    """Hidden here, for every driver: the secrets of the snapshot's ``<domain>`` unless
+    ``security_info`` (which the agent authorised as domain.read_secure too)."""
+    xml = await _snapshots(ctx).snapshot_xml(req.domain, req.snapshot)
+    return SnapshotXml(xml=xml if req.security_info else snapshot_without_secrets(xml))
 
 
 @HANDLERS.on(ops.DOMAIN_SNAPSHOT_REVERT)

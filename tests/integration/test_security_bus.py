@@ -247,6 +247,82 @@ async def test_dumpxml_hides_graphics_passwords_unless_security_info_is_granted(
             await admin.close()
 
 
+async def test_snapshot_xml_hides_the_domains_passwords_unless_read_secure_is_granted(
+    users: Cluster, agent: str
+) -> None:
+    """The ``<domain>`` inside a ``<domainsnapshot>`` is hidden as dumpxml hides it
+    (libvirt's VIR_DOMAIN_SNAPSHOT_XML_SECURE): snapshot-dumpxml and snapshot-current
+    leave ``<graphics passwd>`` out, and their ``--security-info`` needs
+    ``domain.read_secure`` besides reading: the viewer is refused, an admin sees it, the
+    built-in operator sees it on its own domain only (the owner rule, checked as the call
+    runs)."""
+    secret = f"snap-pw-{TAG}"
+    graphics = f"<graphics type='vnc' port='-1' autoport='yes' passwd='{secret}'/>"
+
+    def with_pw(name: str) -> str:  # a qcow2 disk holds the (test driver's) snapshot
+        disk = (
+            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+            f"<source file='/var/lib/virtbus-test/{name}.qcow2'/>"
+            "<target dev='vda' bus='virtio'/></disk>"
+        )
+        return _xml(name).replace("</devices>", f"{disk}{graphics}</devices>")
+
+    admin = await Client.connect(users.url(users.admin), oneshot=True)
+    oper = await Client.connect(users.url(users.oper2), oneshot=True)
+    try:
+        await admin.host(agent).define(with_pw("web-snap"))
+        await (
+            admin.host(agent)
+            .domain("web-snap")
+            .snapshot_create("<domainsnapshot><name>s1</name></domainsnapshot>")
+        )
+        await oper.host(agent).define(with_pw("own-snap"))  # the operator owns this one
+        await (
+            oper.host(agent)
+            .domain("own-snap")
+            .snapshot_create("<domainsnapshot><name>s1</name></domainsnapshot>")
+        )
+    finally:
+        await oper.close()
+    try:
+
+        async def run(user: str, verb: str, domain: str, *flags: str) -> Any:
+            args = (verb, "--host", agent, domain, *(("s1",) if verb == "snapshot-dumpxml" else ()))
+            return await cli(*args, *flags, bus=users.url(user))
+
+        verbs = ("snapshot-dumpxml", "snapshot-current")
+        for verb in verbs:
+            for user in (users.viewer, users.admin, users.oper2):  # hidden unless asked
+                plain = await run(user, verb, "web-snap")
+                assert plain.code == 0, plain.err
+                assert "<domainsnapshot>" in plain.out and "<name>web-snap</name>" in plain.out
+                assert "<graphics type='vnc'" in plain.out and "autoport='yes'" in plain.out
+                assert secret not in plain.out and "passwd" not in plain.out
+            for user in (users.viewer, users.oper2):  # read, but not read_secure, on it
+                denied = await run(user, verb, "web-snap", "--security-info")
+                assert denied.code != 0 and "AUTH_DENIED" in denied.err, denied.err
+                assert "domain.read_secure" in denied.err and user in denied.err
+                assert secret not in denied.out + denied.err
+            granted = await run(users.admin, verb, "web-snap", "--security-info")
+            assert granted.code == 0, granted.err
+            assert f"passwd='{secret}'" in granted.out and "<domainsnapshot>" in granted.out
+            own = await run(users.oper2, verb, "own-snap", "--security-info")
+            assert own.code == 0, own.err
+            assert f"passwd='{secret}'" in own.out
+            assert "passwd" not in (await run(users.oper2, verb, "own-snap")).out
+        # The agent still serves the refused viewer.
+        after = await run(users.viewer, "snapshot-dumpxml", "web-snap")
+        assert after.code == 0 and "<domainsnapshot>" in after.out, after.err
+    finally:
+        try:
+            for name in ("web-snap", "own-snap"):
+                dom = admin.host(agent).domain(name)
+                await dom.snapshot_delete("s1")
+                await dom.undefine()
+        finally:
+            await admin.close()
+
+
 async def test_perform_streams_only_to_the_uri_the_destinations_prepare_answered(
     users: Cluster, agent: str, tmp_path: Path
 ) -> None:

@@ -15,6 +15,8 @@ from virtbus.client import Client
 from virtbus.errors import AuthDenied, InvalidArgument
 from virtbus.protocol import ops
 from virtbus.protocol.envelope import Envelope, Kind
+from virtbus.protocol.registry import Access, Op, Service, Target
+from virtbus.protocol.snapshot import SnapshotXmlRequest
 from virtbus.security.audit import AuditTrail, read_log
 from virtbus.security.authz import Authorizer
 from virtbus.security.trust import publisher_trusted
@@ -160,3 +162,16 @@ async def test_the_audit_writer_gathers_the_calls_of_its_window_into_one_write(
     finally:
         writer.cancel()
     assert [r.id for r in read_log(tmp_path / "audit.log")] == [f"c{i}" for i in range(5)] + ["c4"]
+
+
+def test_a_flag_that_needs_another_ops_permission_is_declared_on_a_request_field() -> None:
+    """snapshot XML's security_info needs domain.read_secure (what the agent checks too);
+    a declaration naming no field of its request is refused when the op is made."""
+    op = ops.DOMAIN_SNAPSHOT_XML
+    plain = SnapshotXmlRequest(domain="d", snapshot="s")
+    secure = SnapshotXmlRequest(domain="d", snapshot="s", security_info=True)
+    assert op.required(plain) == [] and op.required(secure) == [ops.DOMAIN_READ_SECURE]
+    with pytest.raises(ValueError, match="no request field"):
+        Op("x.y", SnapshotXmlRequest, ops.DOMAIN_SNAPSHOT_XML.result, Service.AGENT, "",
+           access=Access.READ, target=Target.DOMAIN,
+           flag_requires={"secure": ops.DOMAIN_READ_SECURE})  # fmt: skip

@@ -19,6 +19,8 @@ from virtbus.errors import InvalidArgument, NoDomainSnapshot, NoSupport
 from virtbus.protocol.base import to_wire
 from virtbus.protocol.snapshot import SnapshotInfo
 
+_SECURE = "include the domain's secrets (graphics passwords); needs domain.read_secure"
+
 
 def _target(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", help="domain name or uuid")
@@ -91,12 +93,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = sub.add_parser("snapshot-dumpxml", help="a snapshot's <domainsnapshot> XML")
     _target(p)
     _named(p, required=True)
-    p.add_argument("--security-info", action="store_true", help="(nothing is hidden)")
+    p.add_argument("--security-info", action="store_true", help=_SECURE)
     p.set_defaults(func=snapshot_dumpxml)
     p = sub.add_parser("snapshot-current", help="the current snapshot (its XML, or --name)")
     _target(p)
     p.add_argument("--name", action="store_true", help="its name only")
-    p.add_argument("--security-info", action="store_true", help="(nothing is hidden)")
+    p.add_argument("--security-info", action="store_true", help=_SECURE)
     p.set_defaults(func=snapshot_current)
     p = sub.add_parser("snapshot-parent", help="a snapshot's parent")
     _target(p)
@@ -316,7 +318,7 @@ async def snapshot_info(ctx: Context, args: argparse.Namespace) -> int:
 
 async def snapshot_dumpxml(ctx: Context, args: argparse.Namespace) -> int:
     dom = await ctx.domain(args.host, args.domain)
-    sys.stdout.write(await dom.snapshot_xml(args.snapshotname))
+    sys.stdout.write(await dom.snapshot_xml(args.snapshotname, security_info=args.security_info))
     return 0
 
 
@@ -328,7 +330,7 @@ async def snapshot_current(ctx: Context, args: argparse.Namespace) -> int:
     elif args.name:
         print(snap.name)
     else:
-        sys.stdout.write(await dom.snapshot_xml(snap.name))
+        sys.stdout.write(await dom.snapshot_xml(snap.name, security_info=args.security_info))
     return 0
 
 

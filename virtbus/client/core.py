@@ -117,6 +117,7 @@ from virtbus.protocol.snapshot import (
     SnapshotInfo,
     SnapshotRevert,
     SnapshotTarget,
+    SnapshotXmlRequest,
 )
 from virtbus.protocol.storage import (
     BlockInfo,
@@ -674,8 +675,10 @@ class Domain:
     async def snapshot_current(self) -> SnapshotInfo:
         return await self.host.call(ops.DOMAIN_SNAPSHOT_CURRENT, self._target)
 
-    async def snapshot_xml(self, name: str) -> str:
-        request = SnapshotTarget(domain=self.ref, snapshot=name)
+    async def snapshot_xml(self, name: str, *, security_info: bool = False) -> str:
+        """The ``<domainsnapshot>``; ``security_info``: its domain's secrets included
+        (graphics passwords), which needs ``domain.read_secure`` as dumpxml's do."""
+        request = SnapshotXmlRequest(domain=self.ref, snapshot=name, security_info=security_info)
         return (await self.host.call(ops.DOMAIN_SNAPSHOT_XML, request)).xml
 
     async def snapshot_revert(

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from msgspec import Meta
 
 from virtbus.protocol.base import Message, NonNegInt
-from virtbus.protocol.domain import DomainStatus, DomainTarget
+from virtbus.protocol.domain import DOMAIN_READ_SECURE, DomainStatus, DomainTarget
 from virtbus.protocol.registry import Access, Service, Target, field, op
 
 SnapshotName = Annotated[str, Meta(min_length=1, max_length=255)]
@@ -33,6 +33,14 @@ class SnapshotCreate(DomainTarget):
 
 class SnapshotTarget(DomainTarget):
     snapshot: SnapshotName
+
+
+class SnapshotXmlRequest(SnapshotTarget):
+    """``security_info``: with the secrets of its ``<domain>`` (graphics passwords), which
+    are left out otherwise; the caller needs ``domain.read_secure`` too (libvirt's
+    VIR_DOMAIN_SNAPSHOT_XML_SECURE and its domain:read_secure ACL)."""
+
+    security_info: bool = False
 
 
 class SnapshotRevert(SnapshotTarget):
@@ -104,9 +112,11 @@ DOMAIN_SNAPSHOT_CURRENT = op(
     access=Access.READ, target=_D, target_of=_ref, serial=True,
 )  # fmt: skip
 DOMAIN_SNAPSHOT_XML = op(
-    "domain.snapshot.xml", SnapshotTarget, SnapshotXml, _A,
-    "a snapshot's <domainsnapshot> XML (snapshot-dumpxml)",
+    "domain.snapshot.xml", SnapshotXmlRequest, SnapshotXml, _A,
+    "a snapshot's <domainsnapshot> XML (snapshot-dumpxml), its domain's secrets left out"
+    " unless security_info (which needs domain.read_secure too)",
     access=Access.READ, target=_D, target_of=_ref, serial=True,
+    flag_requires={"security_info": DOMAIN_READ_SECURE},
 )  # fmt: skip
 DOMAIN_SNAPSHOT_REVERT = op(
     "domain.snapshot.revert", SnapshotRevert, DomainStatus, _A,
