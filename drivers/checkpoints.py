@@ -2,21 +2,20 @@
 and a backup share between the QEMU and test drivers.
 
 As libvirt does, the metadata (name, parent, disks, time) is the agent's and the data
-(one persistent dirty bitmap per disk, named after the checkpoint) is the image's. One
-JSON file per domain (``<dir>/<uuid>.json``), replaced atomically; ``dir=None`` keeps it
-in memory (the test driver). Every checkpoint's bitmap stays active, as in libvirt since
-6.0: a checkpoint's bitmap alone holds everything written since it, so an incremental
+(one persistent dirty bitmap per disk, named after the checkpoint) is the image's; the
+metadata is kept as :mod:`drivers.metadata` keeps every per-domain tree. Every
+checkpoint's bitmap stays active, as in libvirt since 6.0: a checkpoint's bitmap alone
+holds everything written since it, so an incremental
 backup from it copies that bitmap's clusters, and deleting a checkpoint removes only its
 own bitmaps (its children take its parent as theirs).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from drivers.metadata import TreeStore
 from virtbus.domain import DomainDefinition
 from virtbus.domain.checkpoint import (
     BackupDisk,
@@ -34,25 +33,6 @@ from virtbus.errors import (
     OperationInvalid,
 )
 from virtbus.protocol.backup import CheckpointInfo
-from virtbus.store import atomic_write, quarantine, read_bytes
-
-
-@dataclass(slots=True)
-class DomainCheckpoints:
-    checkpoints: dict[str, CheckpointDef] = field(default_factory=dict)  # creation order
-    current: str | None = None  # the newest: the next one's parent
-
-    def children(self, name: str | None) -> list[str]:
-        return [c.name for c in self.checkpoints.values() if c.parent == name]
-
-    def descendants(self, name: str) -> list[str]:
-        out: list[str] = []
-        todo = self.children(name)
-        while todo:
-            child = todo.pop(0)
-            out.append(child)
-            todo.extend(self.children(child))
-        return out
 
 
 def _writable(defn: DomainDefinition) -> list[Disk]:
@@ -118,39 +98,14 @@ def backup_disks(
     return out
 
 
-class CheckpointStore:
-    """Every domain's :class:`DomainCheckpoints`, by domain uuid (module docstring)."""
+class CheckpointStore(TreeStore[CheckpointDef]):
+    """Every domain's checkpoint tree, by domain uuid (see :mod:`drivers.metadata`)."""
 
     def __init__(self, directory: Path | None) -> None:
-        self._dir = directory
-        self._domains: dict[str, DomainCheckpoints] = {}
-
-    async def load(self) -> None:
-        if self._dir is None or not self._dir.is_dir():
-            return
-        for path in sorted(self._dir.glob("*.json")):
-            data = await read_bytes(path)
-            if data is None:
-                continue
-            try:
-                raw = json.loads(data)
-                tree = DomainCheckpoints(
-                    {c["name"]: CheckpointDef.from_json(c) for c in raw["checkpoints"]},
-                    raw.get("current"),
-                )
-            except (ValueError, KeyError, TypeError) as exc:
-                await quarantine(path, f"unreadable checkpoint metadata: {exc}")
-                continue
-            self._domains[path.stem] = tree
-
-    def of(self, uuid: str) -> DomainCheckpoints:
-        return self._domains.get(uuid) or DomainCheckpoints()
-
-    def has_any(self, uuid: str) -> bool:
-        return bool(self.of(uuid).checkpoints)
+        super().__init__(directory, key="checkpoints", from_json=CheckpointDef.from_json)
 
     def get(self, uuid: str, domain: str, name: str) -> CheckpointDef:
-        found = self.of(uuid).checkpoints.get(name)
+        found = self.of(uuid).records.get(name)
         if found is None:
             raise NoDomainCheckpoint(f"domain '{domain}' has no checkpoint named '{name}'")
         return found
@@ -165,7 +120,7 @@ class CheckpointStore:
         )  # fmt: skip
 
     def infos(self, uuid: str, domain: str) -> list[CheckpointInfo]:
-        return [self.info(uuid, domain, n) for n in self.of(uuid).checkpoints]
+        return [self.info(uuid, domain, n) for n in self.of(uuid).records]
 
     def new(self, uuid: str, domain: str, req: CheckpointRequest,
             disks: list[Disk]) -> CheckpointDef:  # fmt: skip
@@ -173,47 +128,22 @@ class CheckpointStore:
         now = time.time()
         tree = self.of(uuid)
         name = req.name or str(int(now))
-        if name in tree.checkpoints:
+        if name in tree.records:
             raise OperationInvalid(f"domain '{domain}' already has a checkpoint named '{name}'")
         return CheckpointDef(name=name, creation_time=int(now),
                              disks=tuple(d.target_dev for d in disks), parent=tree.current,
                              description=req.description)  # fmt: skip
 
-    async def add(self, uuid: str, c: CheckpointDef) -> None:
-        tree = self._domains.setdefault(uuid, DomainCheckpoints())
-        tree.checkpoints[c.name] = c
-        tree.current = c.name
-        await self._save(uuid)
-
     async def remove(self, uuid: str, name: str) -> None:
         """Forget one checkpoint: its children take its parent."""
         tree = self.of(uuid)
-        gone = tree.checkpoints.pop(name, None)
+        gone = tree.records.pop(name, None)
         if gone is None:
             return
-        for child in [c for c in tree.checkpoints.values() if c.parent == name]:
-            tree.checkpoints[child.name] = CheckpointDef(
+        for child in [c for c in tree.records.values() if c.parent == name]:
+            tree.records[child.name] = CheckpointDef(
                 child.name, child.creation_time, child.disks, gone.parent, child.description
             )
         if tree.current == name:
             tree.current = gone.parent
         await self._save(uuid)
-
-    async def forget(self, uuid: str) -> None:
-        self._domains.pop(uuid, None)
-        if self._dir is not None:
-            (self._dir / f"{uuid}.json").unlink(missing_ok=True)
-
-    async def _save(self, uuid: str) -> None:
-        tree = self.of(uuid)
-        if not tree.checkpoints:
-            self._domains.pop(uuid, None)
-            if self._dir is not None:
-                (self._dir / f"{uuid}.json").unlink(missing_ok=True)
-            return
-        if self._dir is None:
-            return
-        self._dir.mkdir(parents=True, exist_ok=True)
-        body = {"current": tree.current,
-                "checkpoints": [c.to_json() for c in tree.checkpoints.values()]}  # fmt: skip
-        await atomic_write(self._dir / f"{uuid}.json", json.dumps(body).encode())

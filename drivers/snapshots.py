@@ -2,9 +2,7 @@
 
 libvirt keeps snapshot metadata beside the images (which hold the snapshots' data): the
 tree of parents, which snapshot is current, the state and definition each was taken in.
-Here one JSON file per domain (``<dir>/<uuid>.json``), replaced atomically on every
-change, so a restarted agent knows its snapshots again; a corrupt file is set aside, never
-fatal. ``dir=None`` keeps everything in memory (the test driver, as test:///default).
+How it is kept on disk is :mod:`drivers.metadata`'s (shared with checkpoints).
 
 The drivers share this: what differs between them is only how the data is taken,
 reverted and deleted (QMP jobs, qemu-img, or nothing). So do the checks of an external
@@ -20,14 +18,13 @@ an external snapshot's data (libvirt 9.0 block-commits it) is not done yet: only
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from lxml import etree
 
+from drivers.metadata import TreeStore
 from virtbus.domain import DomainDefinition
 from virtbus.domain.model import Disk
 from virtbus.domain.snapshot import SnapshotDef
@@ -39,30 +36,8 @@ from virtbus.errors import (
     OperationInvalid,
 )
 from virtbus.protocol.snapshot import SnapshotInfo
-from virtbus.store import atomic_write, quarantine, read_bytes
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class DomainSnapshots:
-    """One domain's snapshots (insertion order is creation order) and its current one."""
-
-    snapshots: dict[str, SnapshotDef] = field(default_factory=dict)
-    current: str | None = None
-
-    def children(self, name: str | None) -> list[str]:
-        return [s.name for s in self.snapshots.values() if s.parent == name]
-
-    def descendants(self, name: str) -> list[str]:
-        """Every descendant of ``name``, parents before their children."""
-        out: list[str] = []
-        todo = self.children(name)
-        while todo:
-            child = todo.pop(0)
-            out.append(child)
-            todo.extend(self.children(child))
-        return out
 
 
 def snapshot_disks(defn: DomainDefinition, only: dict[str, str]) -> list[Disk]:
@@ -196,49 +171,23 @@ def check_quiesce(defn: DomainDefinition) -> None:
                     " guest agent yet; take the snapshot without --quiesce")  # fmt: skip
 
 
-class SnapshotStore:
-    """Every domain's :class:`DomainSnapshots`, by domain uuid (see module docstring)."""
+class SnapshotStore(TreeStore[SnapshotDef]):
+    """Every domain's snapshot tree, by domain uuid (see :mod:`drivers.metadata`)."""
 
     def __init__(self, directory: Path | None) -> None:
-        self._dir = directory
-        self._domains: dict[str, DomainSnapshots] = {}
-
-    async def load(self) -> None:
-        """Read what a previous agent recorded (corrupt files are set aside)."""
-        if self._dir is None or not self._dir.is_dir():
-            return
-        for path in sorted(self._dir.glob("*.json")):
-            data = await read_bytes(path)
-            if data is None:
-                continue
-            try:
-                raw = json.loads(data)
-                tree = DomainSnapshots(
-                    {s["name"]: SnapshotDef.from_json(s) for s in raw["snapshots"]},
-                    raw.get("current"),
-                )
-            except (ValueError, KeyError, TypeError) as exc:
-                await quarantine(path, f"unreadable snapshot metadata: {exc}")
-                continue
-            self._domains[path.stem] = tree
-
-    def of(self, uuid: str) -> DomainSnapshots:
-        return self._domains.get(uuid) or DomainSnapshots()
-
-    def has_any(self, uuid: str) -> bool:
-        return bool(self.of(uuid).snapshots)
+        super().__init__(directory, key="snapshots", from_json=SnapshotDef.from_json)
 
     def get(self, uuid: str, domain: str, name: str) -> SnapshotDef:
-        snap = self.of(uuid).snapshots.get(name)
+        snap = self.of(uuid).records.get(name)
         if snap is None:
             raise NoDomainSnapshot(f"domain '{domain}' has no snapshot named '{name}'")
         return snap
 
     def current(self, uuid: str, domain: str) -> SnapshotDef:
         tree = self.of(uuid)
-        if tree.current is None or tree.current not in tree.snapshots:
+        if tree.current is None or tree.current not in tree.records:
             raise NoDomainSnapshot(f"domain '{domain}' has no current snapshot")
-        return tree.snapshots[tree.current]
+        return tree.records[tree.current]
 
     def info(self, uuid: str, domain: str, name: str) -> SnapshotInfo:
         snap = self.get(uuid, domain, name)
@@ -253,22 +202,11 @@ class SnapshotStore:
         )  # fmt: skip
 
     def infos(self, uuid: str, domain: str) -> list[SnapshotInfo]:
-        return [self.info(uuid, domain, name) for name in self.of(uuid).snapshots]
+        return [self.info(uuid, domain, name) for name in self.of(uuid).records]
 
     def check_new(self, uuid: str, domain: str, name: str) -> None:
-        if name in self.of(uuid).snapshots:
+        if name in self.of(uuid).records:
             raise OperationInvalid(f"domain '{domain}' already has a snapshot named '{name}'")
-
-    async def add(self, uuid: str, snap: SnapshotDef) -> None:
-        """Record a new snapshot (a child of the current one) and make it current."""
-        tree = self._domains.setdefault(uuid, DomainSnapshots())
-        tree.snapshots[snap.name] = snap
-        tree.current = snap.name
-        await self._save(uuid)
-
-    async def set_current(self, uuid: str, name: str) -> None:
-        self._domains.setdefault(uuid, DomainSnapshots()).current = name
-        await self._save(uuid)
 
     def for_revert(self, uuid: str, domain: str, name: str) -> SnapshotDef:
         """The snapshot to revert to; an external one is refused as libvirt 9.0 does."""
@@ -297,7 +235,7 @@ class SnapshotStore:
             )
         else:
             victims = [*reversed(below), name]
-        external = [v for v in victims if self.of(uuid).snapshots[v].external]
+        external = [v for v in victims if self.of(uuid).records[v].external]
         if external and not metadata:
             raise ConfigUnsupported(
                 f"deletion of {len(external)} external disk snapshot(s) ({', '.join(external)})"
@@ -310,28 +248,9 @@ class SnapshotStore:
         """Forget ``names``; a deleted current snapshot passes 'current' to its parent."""
         tree = self.of(uuid)
         for name in names:
-            snap = tree.snapshots.pop(name, None)
+            snap = tree.records.pop(name, None)
             if snap is not None and tree.current == name:
                 tree.current = snap.parent
-        while tree.current is not None and tree.current not in tree.snapshots:
+        while tree.current is not None and tree.current not in tree.records:
             tree.current = None
         await self._save(uuid)
-
-    async def forget(self, uuid: str) -> None:
-        self._domains.pop(uuid, None)
-        if self._dir is not None:
-            (self._dir / f"{uuid}.json").unlink(missing_ok=True)
-
-    async def _save(self, uuid: str) -> None:
-        if self._dir is None:
-            return
-        tree = self.of(uuid)
-        path = self._dir / f"{uuid}.json"
-        if not tree.snapshots:
-            path.unlink(missing_ok=True)
-            self._domains.pop(uuid, None)
-            return
-        self._dir.mkdir(parents=True, exist_ok=True)
-        snaps = [s.to_json() for s in tree.snapshots.values()]
-        body = {"current": tree.current, "snapshots": snaps}
-        await atomic_write(path, json.dumps(body).encode())

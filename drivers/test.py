@@ -494,7 +494,7 @@ class TestDriver:
                             " snapshot (--disk-only), not supported yet")  # fmt: skip
         defn = dom.live if active and dom.live is not None else dom.definition
         disks = snapshot_disks(defn, req.disks)
-        snap_name = req.name or default_name(set(self._snapshots.of(uuid).snapshots))
+        snap_name = req.name or default_name(set(self._snapshots.of(uuid).records))
         check_snapshot_name(snap_name)
         self._snapshots.check_new(uuid, name, snap_name)
         await self._snapshots.add(uuid, SnapshotDef(
@@ -511,7 +511,7 @@ class TestDriver:
         defn = dom.live if active and dom.live is not None else dom.definition
         if quiesce:
             check_quiesce(defn)
-        snap_name = req.name or default_name(set(self._snapshots.of(uuid).snapshots))
+        snap_name = req.name or default_name(set(self._snapshots.of(uuid).records))
         check_snapshot_name(snap_name)
         self._snapshots.check_new(uuid, name, snap_name)
         pairs = external_disks(defn, req.files, req.disks, snap_name)

@@ -316,7 +316,7 @@ class QemuDriver:
                 " (managedsave-remove it first)"
             )
         if self._snapshot_store.has_any(dom.defn.uuid):  # libvirt refuses it too
-            count = len(self._snapshot_store.of(dom.defn.uuid).snapshots)
+            count = len(self._snapshot_store.of(dom.defn.uuid).records)
             raise OperationInvalid(
                 f"cannot undefine domain '{dom.defn.name}': it has {count} snapshot(s);"
                 " delete them first (snapshot-delete)"

@@ -119,7 +119,7 @@ class QemuSnapshots:
                             " snapshot (--disk-only), not supported yet")  # fmt: skip
         defn = dom.run.live if active and dom.run is not None else dom.defn
         disks = snapshot_disks(defn, req.disks)
-        taken = set(self._store.of(uuid).snapshots)
+        taken = set(self._store.of(uuid).records)
         name = check_snapshot_name(req.name) if req.name else default_name(taken)
         self._store.check_new(uuid, dname, name)
         if active and dom.run is not None:
@@ -130,7 +130,7 @@ class QemuSnapshots:
         snap = SnapshotDef(
             name=name, state=state, creation_time=int(time.time()), memory=memory,
             disks=tuple(d.target_dev for d in disks), domain_xml=defn.to_xml(),
-            parent=parent if parent in self._store.of(uuid).snapshots else None,
+            parent=parent if parent in self._store.of(uuid).records else None,
             description=req.description,
         )  # fmt: skip
         await self._store.add(uuid, snap)
@@ -144,7 +144,7 @@ class QemuSnapshots:
             check_quiesce(dom.run.live if active and dom.run is not None else dom.defn)
         run = dom.run if active else None
         defn = run.live if run is not None else dom.defn
-        taken = set(self._store.of(uuid).snapshots)
+        taken = set(self._store.of(uuid).records)
         name = check_snapshot_name(req.name) if req.name else default_name(taken)
         self._store.check_new(uuid, dname, name)
         pairs = external_disks(defn, req.files, req.disks, name)
@@ -161,7 +161,7 @@ class QemuSnapshots:
             name=name, state="disk-snapshot" if active else state,
             creation_time=int(time.time()), memory=False,
             disks=tuple(d.target_dev for d, _ in pairs), domain_xml=defn.to_xml(),
-            parent=parent if parent in self._store.of(uuid).snapshots else None,
+            parent=parent if parent in self._store.of(uuid).records else None,
             description=req.description, overlays=tuple((d.target_dev, o) for d, o in pairs),
         )  # fmt: skip
         await external.adopt(dom, run, self._states, pairs)

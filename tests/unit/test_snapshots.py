@@ -86,7 +86,7 @@ async def test_the_tree_persists_and_deletes_children_first(tmp_path: Path) -> N
     await store.remove("u", ["d"])  # the current one: its parent becomes current
     again = SnapshotStore(tmp_path / "snapshots")
     await again.load()
-    assert list(again.of("u").snapshots) == ["a", "b", "c"] and again.of("u").current == "a"
+    assert list(again.of("u").records) == ["a", "b", "c"] and again.of("u").current == "a"
     assert again.info("u", "dom", "a").descendants == 2
     with pytest.raises(NoDomainSnapshot):
         again.get("other-uuid", "other", "a")  # another domain's snapshot is unknown there
