@@ -18,7 +18,8 @@ from drivers.base import DriverEvent, Snapshots
 from drivers.qemu import events as ev
 from drivers.snapshots import SnapshotStore
 from drivers.test import TestDriver
-from virtbus.cli.snapshot import request_xml, select, tree_lines
+from virtbus.cli.snapshot import request_xml, select
+from virtbus.cli.trees import tree_lines
 from virtbus.domain import without_secrets
 from virtbus.domain.snapshot import SnapshotDef, parse_snapshot_request, snapshot_without_secrets
 from virtbus.errors import (

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from xml.sax.saxutils import escape
 
+from virtbus.cli import trees
 from virtbus.cli.context import Context
 from virtbus.cli.domain import read_xml
 from virtbus.cli.output import emit_json, fields, table
-from virtbus.cli.snapshot import tree_lines
 from virtbus.errors import InvalidArgument, NoDomainCheckpoint, NoSupport
 from virtbus.protocol.backup import CheckpointInfo, DomainJobInfo
 from virtbus.protocol.base import to_wire
@@ -150,32 +149,9 @@ async def checkpoint_create_as(ctx: Context, args: argparse.Namespace) -> int:
     return _created(ctx, dom.host.name, await dom.checkpoint_create(xml), None)
 
 
-def _when(epoch: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(epoch))
-
-
 def select(cps: list[CheckpointInfo], args: argparse.Namespace) -> list[CheckpointInfo]:
-    """virsh checkpoint-list's filters, parents before children."""
-    if args.from_:
-        if args.from_ not in {c.name for c in cps}:
-            raise NoDomainCheckpoint(f"no checkpoint named '{args.from_}'")
-        found: set[str] = set()
-        todo = [args.from_]
-        while todo:
-            parent = todo.pop()
-            for c in cps:
-                if c.parent == parent and c.name not in found:
-                    found.add(c.name)
-                    if args.descendants or args.tree:
-                        todo.append(c.name)
-        cps = [c for c in cps if c.name in found]
-    if args.roots:
-        cps = [c for c in cps if c.parent is None]
-    if args.leaves:
-        cps = [c for c in cps if c.children == 0]
-    if args.no_leaves:
-        cps = [c for c in cps if c.children > 0]
-    return cps
+    """virsh checkpoint-list's filters."""
+    return trees.select(cps, args, lambda name: NoDomainCheckpoint(f"no checkpoint named '{name}'"))
 
 
 async def checkpoint_list(ctx: Context, args: argparse.Namespace) -> int:
@@ -184,16 +160,18 @@ async def checkpoint_list(ctx: Context, args: argparse.Namespace) -> int:
     if ctx.json:
         emit_json([to_wire(c) for c in cps])
     elif args.tree:
-        for line in tree_lines(cps):
+        for line in trees.tree_lines(cps):
             print(line)
     elif args.name:
         for c in cps:
             print(c.name)
     elif args.parent:
-        print(table(["Name", "Creation Time", "Parent"],
-                    [(c.name, _when(c.creation_time), c.parent or "") for c in cps]))  # fmt: skip
+        rows = [(c.name, trees.when(c.creation_time), c.parent or "") for c in cps]
+        print(table(["Name", "Creation Time", "Parent"], rows))
     else:
-        print(table(["Name", "Creation Time"], [(c.name, _when(c.creation_time)) for c in cps]))
+        print(
+            table(["Name", "Creation Time"], [(c.name, trees.when(c.creation_time)) for c in cps])
+        )
     return 0
 
 

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Sequence
-from typing import Protocol
 from xml.sax.saxutils import escape
 
+from virtbus.cli import trees
 from virtbus.cli.context import Context
 from virtbus.cli.domain import read_xml
 from virtbus.cli.output import emit_json, fields, table
@@ -207,78 +205,10 @@ async def snapshot_create_as(ctx: Context, args: argparse.Namespace) -> int:
     return _created(ctx, dom, snap, None)
 
 
-def _when(epoch: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(epoch))
-
-
 def select(snaps: list[SnapshotInfo], args: argparse.Namespace) -> list[SnapshotInfo]:
-    """virsh snapshot-list's filters, parents before children."""
-    by_name = {s.name: s for s in snaps}
-    if args.from_:
-        if args.from_ not in by_name:
-            raise NoDomainSnapshot(f"no snapshot named '{args.from_}'")
-        below = _below(snaps, args.from_, every=args.descendants or args.tree)
-        snaps = [s for s in snaps if s.name in below]
-    if args.current:
-        snaps = [s for s in snaps if s.current]
-    if args.roots:
-        snaps = [s for s in snaps if s.parent is None]
-    if args.leaves:
-        snaps = [s for s in snaps if s.children == 0]
-    if args.no_leaves:
-        snaps = [s for s in snaps if s.children > 0]
-    return snaps
-
-
-def _below(snaps: list[SnapshotInfo], name: str, every: bool) -> set[str]:
-    found: set[str] = set()
-    todo = [name]
-    while todo:
-        parent = todo.pop()
-        for s in snaps:
-            if s.parent == parent and s.name not in found:
-                found.add(s.name)
-                if every:
-                    todo.append(s.name)
-    return found
-
-
-class Node(Protocol):
-    """What a tree is drawn from: a snapshot, or a checkpoint."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def parent(self) -> str | None: ...
-
-
-def tree_lines(snaps: Sequence[Node], root: str | None = None) -> list[str]:
-    """virsh's ``--tree`` drawing (of snapshots or checkpoints)."""
-    names = {s.name for s in snaps}
-    kids: dict[str | None, list[str]] = {}
-    for s in snaps:
-        parent = s.parent if s.parent in names else None
-        kids.setdefault(parent, []).append(s.name)
-    lines: list[str] = []
-
-    def walk(name: str, indent: str, last: bool, top: bool) -> None:
-        if top:
-            lines.append(name)
-            child_indent = ""
-        else:
-            lines.append(f"{indent}|")
-            lines.append(f"{indent}+- {name}")
-            child_indent = indent + ("    " if last else "|   ")
-        children = kids.get(name, [])
-        for i, child in enumerate(children):
-            walk(child, child_indent + ("  " if top else ""), i == len(children) - 1, False)
-
-    tops = kids.get(None, []) if root is None else [root]
-    for i, top in enumerate(tops):
-        if i:
-            lines.append("")
-        walk(top, "", True, True)
-    return lines
+    """virsh snapshot-list's filters (``--current`` besides the shared ones)."""
+    snaps = trees.select(snaps, args, lambda name: NoDomainSnapshot(f"no snapshot named '{name}'"))
+    return [s for s in snaps if s.current] if args.current else snaps
 
 
 async def snapshot_list(ctx: Context, args: argparse.Namespace) -> int:
@@ -287,18 +217,18 @@ async def snapshot_list(ctx: Context, args: argparse.Namespace) -> int:
     if ctx.json:
         emit_json([to_wire(s) for s in snaps])
     elif args.tree:
-        for line in tree_lines(snaps):
+        for line in trees.tree_lines(snaps):
             print(line)
     elif args.name:
         for s in snaps:
             print(s.name)
     elif args.parent:
         print(table(["Name", "Creation Time", "State", "Parent"],
-                    [(s.name, _when(s.creation_time), s.state, s.parent or "")
+                    [(s.name, trees.when(s.creation_time), s.state, s.parent or "")
                      for s in snaps]))  # fmt: skip
     else:
         print(table(["Name", "Creation Time", "State"],
-                    [(s.name, _when(s.creation_time), s.state) for s in snaps]))  # fmt: skip
+                    [(s.name, trees.when(s.creation_time), s.state) for s in snaps]))  # fmt: skip
     return 0
 
 
