@@ -220,37 +220,30 @@ SCHEDULER = (
 
 @asynccontextmanager
 async def scheduler_process(
-    state_dir: Path, *extra: str, bus: str = BUS_URL
+    state_dir: Path, *extra: str, bus: str = BUS_URL, new_cluster: bool | None = None
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A real scheduler (short host-down and step timeouts); stopped with SIGTERM (an exit
-    other than 0 fails the test). Give it
-    a vhost of its own: the scheduler queue has a single active consumer. A scheduler
-    with a new state dir starts a new cluster (see :func:`fresh_journal`)."""
-    if not state_dir.exists():
+    """A real scheduler (short host-down and step timeouts; ``extra`` options come after
+    them and win); stopped with SIGTERM (an exit other than 0 fails the test, unless the
+    test killed it). Give it a vhost of its own: the scheduler queue has a single active
+    consumer. ``new_cluster`` (default: the state dir is new) drops the journal on the bus
+    first (see :func:`fresh_journal`). ``proc.scheduler_id`` is the id it printed."""
+    if new_cluster is None:
+        new_cluster = not state_dir.exists()
+    if new_cluster:
         await fresh_journal(bus)
     state_dir.mkdir(parents=True, exist_ok=True)
     log = open(state_dir / "scheduler.log", "ab")  # noqa: SIM115  # closed below; tiny local file
     proc = await asyncio.create_subprocess_exec(
-        *SCHEDULER,
-        "--bus",
-        bus,
-        "--state-dir",
-        str(state_dir),
-        "--host-down-after",
-        "3",
-        "--step-timeout",
-        "5",
-        "--cleanup-timeout",
-        "5",
-        *extra,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=log,
-    )
+        *SCHEDULER, "--bus", bus, "--state-dir", str(state_dir), "--host-down-after", "3",
+        "--step-timeout", "5", "--cleanup-timeout", "5", *extra,
+        stdout=asyncio.subprocess.PIPE, stderr=log,
+    )  # fmt: skip
     failed = False
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
         assert b"ready" in line, f"scheduler did not start: {line!r}"
+        proc.scheduler_id = line.split()[1].decode()  # type: ignore[attr-defined]
         yield proc
     except BaseException:
         failed = True
@@ -258,7 +251,7 @@ async def scheduler_process(
     finally:
         code = await terminate(proc)
         log.close()
-    if code not in (None, 0) and not failed:
+    if code not in (None, 0) and not failed:  # SIGTERM is a clean stop: exit 0
         raise AssertionError(f"scheduler exited {code} after SIGTERM (see {log.name})")
 
 

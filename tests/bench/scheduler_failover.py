@@ -25,15 +25,14 @@ import asyncio
 import contextlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from tests.bench.common import add_force, check_load
-from tests.procs import agent_process, fresh_journal, terminate, unique_host
+from tests.procs import agent_process, fresh_journal, private_vhost, scheduler_process, unique_host
 from virtbus.client import Client
 from virtbus.errors import VirtbusError
 from virtbus.protocol import ops
@@ -47,28 +46,11 @@ XML = """<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory><v
 TERMINAL = ("completed", "failed", "cancelled")
 
 
-def ctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
-
-
-@contextlib.asynccontextmanager
-async def scheduler(state: Path, n: int) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    state.mkdir(parents=True, exist_ok=True)  # existing: the journal on the bus is kept
-    log = open(state / "scheduler.log", "ab")  # noqa: SIM115  # closed below
-    proc = await asyncio.create_subprocess_exec(
-        str(BIN / "virtbus-scheduler"), "--bus", URL, "--state-dir", str(state),
-        "--host-down-after", "3", "--step-timeout", "10", "--cleanup-timeout", "5",
-        "--max-migrations", str(n), "--max-outbound", str(n), "--cpu-overcommit", "64",
-        stdout=asyncio.subprocess.PIPE, stderr=log,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 20)
-        assert b"ready" in line, f"scheduler did not start: {line!r}"
-        yield proc, line.split()[1].decode()
-    finally:
-        await terminate(proc)
-        log.close()
+def scheduler(state: Path, n: int) -> AbstractAsyncContextManager[asyncio.subprocess.Process]:
+    """A scheduler that admits all ``n`` migrations at once; the journal on the bus is kept
+    (the standby must find what the active one wrote)."""
+    limits = ("--max-migrations", str(n), "--max-outbound", str(n), "--cpu-overcommit", "64")
+    return scheduler_process(state, "--step-timeout", "10", *limits, bus=URL, new_cluster=False)
 
 
 async def wait_for(what: str, check: object, timeout: float = 60) -> None:
@@ -83,9 +65,10 @@ async def one_round(
 ) -> dict[str, float]:  # fmt: skip
     sched = client.scheduler
     async with (
-        scheduler(base / f"a{rnd}", n) as (active, active_id),
-        scheduler(base / f"b{rnd}", n) as (_standby, standby_id),
+        scheduler(base / f"a{rnd}", n) as active,
+        scheduler(base / f"b{rnd}", n) as standby,
     ):
+        active_id, standby_id = active.scheduler_id, standby.scheduler_id  # type: ignore[attr-defined]
 
         async def is_active(sid: str) -> bool:
             with contextlib.suppress(VirtbusError):
@@ -150,9 +133,7 @@ async def main() -> None:
     add_force(parser)
     args = parser.parse_args()
     check_load(args.force)
-    ctl("add_vhost", VHOST)
-    ctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
-    try:
+    with private_vhost(VHOST):
         await fresh_journal(URL)
         with tempfile.TemporaryDirectory(prefix="failover") as tmp:
             base = Path(tmp)
@@ -187,8 +168,6 @@ async def main() -> None:
                 for name in names:
                     with contextlib.suppress(VirtbusError):
                         await client.host(hosts[args.rounds % 2]).domain(name).destroy()
-    finally:
-        ctl("delete_vhost", VHOST)
     med = {k: statistics.median(r[k] for r in results) for k in ("takeover", "resolved", "left")}
     print(f"median of {args.rounds}: takeover {med['takeover']:.2f} s, resolved"
           f" {med['resolved']:.2f} s (target ≤ 5 s), agents' remaining work"

@@ -9,21 +9,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import procs
 from tests.procs import (
     AgentProc,
     agent_process,
     cli,
     event_listener,
-    fresh_journal,
-    terminate,
+    private_vhost,
     unique_host,
 )
 from virtbus.bus.factory import open_bus
@@ -33,68 +32,25 @@ from virtbus.protocol import ops
 
 pytestmark = pytest.mark.rabbitmq
 
-BIN = Path(sys.executable).parent
-SCHEDULER = [str(BIN / "virtbus-scheduler")]
 VHOST = f"virtbus-sched-{os.getpid()}"
 URL = f"amqp://guest:guest@127.0.0.1:5672/{VHOST}"
 XML = """<domain type='test'><name>{name}</name><memory unit='MiB'>{mem}</memory><vcpu>1</vcpu>
 <os><type arch='x86_64'>hvm</type></os></domain>"""
 
 
-def _ctl(*args: str) -> None:
-    import subprocess
-
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def vhost() -> Iterator[str]:
     """A private vhost for this module (created with rabbitmqctl, deleted afterwards)."""
-    _ctl("add_vhost", VHOST)
-    _ctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
-    yield URL
-    _ctl("delete_vhost", VHOST)
+    with private_vhost(VHOST) as url:
+        assert url == URL
+        yield url
 
 
-@asynccontextmanager
-async def scheduler_process(
+def scheduler_process(
     state_dir: Path, *extra: str, bus: str = URL
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    if not state_dir.exists():  # a new cluster (the module's tests share the vhost)
-        await fresh_journal(bus)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    log = open(state_dir / "scheduler.log", "ab")  # noqa: SIM115  # closed below
-    proc = await asyncio.create_subprocess_exec(
-        *SCHEDULER,
-        "--bus",
-        bus,
-        "--state-dir",
-        str(state_dir),
-        "--host-down-after",
-        "3",
-        "--step-timeout",
-        "5",
-        "--cleanup-timeout",
-        "5",
-        *extra,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=log,
-    )
-    failed = False
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 20)
-        assert b"ready" in line, f"scheduler did not start: {line!r}"
-        proc.scheduler_id = line.split()[1].decode()  # type: ignore[attr-defined]
-        yield proc
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        code = await terminate(proc)
-        log.close()
-    if code not in (None, 0) and not failed:  # SIGTERM is a clean stop: exit 0
-        raise AssertionError(f"scheduler exited {code} after SIGTERM (see {log.name})")
+) -> AbstractAsyncContextManager[asyncio.subprocess.Process]:
+    """:func:`tests.procs.scheduler_process` on this module's vhost by default."""
+    return procs.scheduler_process(state_dir, *extra, bus=bus)
 
 
 async def vcli(*args: str, timeout: float = 60) -> Any:
