@@ -149,7 +149,7 @@ def test_lease_file_lines() -> None:
 
 
 def test_bandwidth_in_libvirt_units() -> None:
-    from virtbus.network.definition import Rate
+    from virtbus.domain.bandwidth import Rate
 
     defn = parse_network_xml(
         "<network><name>b</name><bandwidth><inbound average='1000' peak='2000' burst='64'/>"

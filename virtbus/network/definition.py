@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from virtbus.domain.bandwidth import Bandwidth, parse_bandwidth
 from virtbus.domain.model import Element
 from virtbus.domain.serialize import dumps
 from virtbus.errors import InvalidArgument, XMLError
@@ -68,65 +69,6 @@ class IpConfig:
     def interface(self) -> str:
         """``address/prefix`` as the bridge carries it."""
         return f"{self.address}/{self.network.prefixlen}"
-
-
-@dataclass(frozen=True, slots=True)
-class Rate:
-    """One direction of a ``<bandwidth>``, in libvirt's units: ``average`` and ``peak``
-    in kilobytes per second, ``burst`` in kilobytes (tc's ``kbps`` and ``kb``)."""
-
-    average: int
-    peak: int | None = None
-    burst: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Bandwidth:
-    """``<bandwidth>``: ``inbound`` shapes what goes to the network (or guest),
-    ``outbound`` polices what comes from it."""
-
-    inbound: Rate | None = None
-    outbound: Rate | None = None
-
-
-_RATE_MAX = 2**32 // 8 - 1  # tc's 32-bit rates, in bytes/s, over 1024: kilobytes/s
-
-
-def parse_bandwidth(el: Element | None, where: str) -> Bandwidth | None:
-    """A ``<bandwidth>`` element (libvirt's virNetDevBandwidthParse): each direction needs
-    an ``average`` (``floor`` is not supported); numbers are positive integers."""
-    if el is None:
-        return None
-    rates: dict[str, Rate | None] = {"inbound": None, "outbound": None}
-    for child in el:
-        if not isinstance(child.tag, str):
-            continue
-        if child.tag not in rates:
-            raise XMLError(f"unexpected <{child.tag}> in <bandwidth> of {where}")
-        if rates[child.tag] is not None:
-            raise XMLError(f"only one <{child.tag}> is allowed in <bandwidth> of {where}")
-        if child.get("floor") is not None:
-            raise XMLError(f"<{child.tag} floor=...> in {where} is not supported by virtbus")
-        values: dict[str, int | None] = {}
-        for attr in ("average", "peak", "burst"):
-            raw = child.get(attr)
-            if raw is None:
-                values[attr] = None
-                continue
-            if not raw.strip().isdigit() or not 0 < int(raw) <= _RATE_MAX * 1024:
-                raise XMLError(f"invalid <{child.tag} {attr}='{raw}'> in {where}:"
-                               " expected a positive integer")  # fmt: skip
-            values[attr] = int(raw)
-        average = values["average"]
-        if average is None:
-            raise XMLError(f"missing mandatory average attribute of <{child.tag}> in {where}")
-        if average > _RATE_MAX or (values["peak"] or 0) > _RATE_MAX:
-            raise XMLError(f"<{child.tag}> rate in {where} is over {_RATE_MAX} kilobytes/s")
-        if values["peak"] is not None and values["peak"] < average:
-            raise XMLError(f"<{child.tag} peak='{values['peak']}'> in {where} is below its"
-                           f" average {average}")  # fmt: skip
-        rates[child.tag] = Rate(average, values["peak"], values["burst"])
-    return Bandwidth(rates["inbound"], rates["outbound"])
 
 
 @dataclass(frozen=True, slots=True)
