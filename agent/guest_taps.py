@@ -7,16 +7,29 @@ taps of a domain are found again by name after an agent restart. A hash of the w
 not its first digits: user-set uuids often share a prefix, and a release by pattern would
 then delete another domain's taps. Its MAC is the guest's with
 the first byte ``fe`` (as libvirt does), so the bridge never takes the guest's address.
+
+A NIC's ``<bandwidth>`` is put on its tap by drivers/network/tc.py (the networks' own
+code) before the descriptor is handed over: HTB on the tap's egress (the guest's inbound),
+an nftables policer on its ingress (the guest's outbound). The policing table is named
+after the tap (``virtbus_bwtap_<tap>``), so a domain's tables are found by its prefix and
+dropped with its taps even when QEMU took the taps with it (the tables outlive them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import os
 import re
 
 from agent.network import Networks
 from drivers.base import ResolvedTap
-from virtbus.errors import NoSupport, OperationInvalid
+from drivers.network import tc
+from virtbus.domain.bandwidth import Bandwidth
+from virtbus.errors import NoSupport, OperationInvalid, VirtbusError
+
+log = logging.getLogger(__name__)
 
 
 def tap_prefix(domain: str) -> str:
@@ -30,6 +43,11 @@ def tap_mac(guest_mac: str) -> str:
     return "fe" + guest_mac[2:]
 
 
+def tap_table(ifname: str) -> str:
+    """The nftables table (netdev) that polices tap ``ifname``'s ingress."""
+    return f"virtbus_bwtap_{ifname}"
+
+
 class GuestTaps:
     """Taps for guest NICs (see module docstring)."""
 
@@ -39,7 +57,8 @@ class GuestTaps:
     def has_network(self, name: str) -> bool:
         return any(n.name == name for n in self._networks.networks())
 
-    async def open_tap(self, network: str, domain: str, mac: str) -> ResolvedTap:
+    async def open_tap(self, network: str, domain: str, mac: str,
+                       bandwidth: Bandwidth | None = None) -> ResolvedTap:  # fmt: skip
         net = self._networks.get(network)  # NO_NETWORK, in libvirt's words
         if net.support is not None:
             raise NoSupport(net.support)
@@ -50,7 +69,22 @@ class GuestTaps:
             raise NoSupport(f"network '{net.name}' has no bridge for guest interfaces")
         fd, ifname = await self._networks.net.open_tap(f"{tap_prefix(domain)}%d", bridge,
                                                        tap_mac(mac))  # fmt: skip
+        if bandwidth is not None:
+            try:
+                await tc.apply(self._networks.net, ifname, bandwidth, tap_table(ifname))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.close(fd)  # the tap goes with it
+                with contextlib.suppress(VirtbusError):
+                    await tc.drop_table(self._networks.net, tap_table(ifname))
+                raise
         return ResolvedTap(network=net.name, bridge=bridge, ifname=ifname, fd=fd)
+
+    async def set_tap_bandwidth(self, domain: str, ifname: str,
+                                bandwidth: Bandwidth | None) -> None:  # fmt: skip
+        if not ifname.startswith(tap_prefix(domain)):
+            raise OperationInvalid(f"'{ifname}' is not a tap of this domain's")
+        await tc.apply(self._networks.net, ifname, bandwidth, tap_table(ifname))
 
     async def release_taps(self, domain: str, ifname: str | None = None) -> None:
         prefix = tap_prefix(domain)
@@ -61,3 +95,13 @@ class GuestTaps:
         else:
             pattern = re.escape(prefix) + r"[0-9]+"
         await self._networks.net.delete_links_matching(pattern)
+        try:
+            if ifname is not None:
+                await tc.drop_table(self._networks.net, tap_table(ifname))
+                return
+            wanted = re.compile(re.escape(tap_table("")) + pattern)
+            for table in await tc.tables(self._networks.net):
+                if wanted.fullmatch(table):
+                    await tc.drop_table(self._networks.net, table)
+        except VirtbusError as exc:  # a stale empty table is harmless: never fail a stop
+            log.warning("domain %s: its taps' policing tables: %s", domain, exc)

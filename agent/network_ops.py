@@ -6,8 +6,9 @@ import uuid as uuidlib
 
 from agent.network import Network
 from agent.table import HANDLERS, AgentContext
-from drivers.base import Affect, InterfaceLinks
+from drivers.base import Affect, InterfaceLinks, InterfaceTuning
 from virtbus.domain import parse_domain_xml
+from virtbus.domain.bandwidth import Bandwidth, Rate, RateChange
 from virtbus.errors import (
     InvalidArgument,
     NoDomainError,
@@ -30,6 +31,10 @@ from virtbus.protocol.network import (
     InterfaceAddressesRequest,
     InterfaceAddressList,
     InterfaceLinkRequest,
+    InterfaceParameters,
+    InterfaceParametersRequest,
+    InterfaceRate,
+    InterfaceTuneRequest,
     NetworkAutostart,
     NetworkDestroy,
     NetworkInfo,
@@ -215,3 +220,45 @@ async def _addresses(ctx: AgentContext, req: InterfaceAddressesRequest) -> Inter
                        for lease in leases],
             ))  # fmt: skip
     return InterfaceAddressList(interfaces=out)
+
+
+# --- a NIC's bandwidth (domiftune) ------------------------------------------------------
+def _tuning(ctx: AgentContext) -> InterfaceTuning:
+    if not isinstance(ctx.driver, InterfaceTuning):
+        raise NoSupport(f"the {ctx.driver.name} driver cannot tune a NIC's bandwidth")
+    return ctx.driver
+
+
+def _rate(rate: Rate | None) -> InterfaceRate:
+    """libvirt's parameters of one direction: 0 where unset."""
+    if rate is None:
+        return InterfaceRate()
+    return InterfaceRate(average=rate.average, peak=rate.peak or 0, burst=rate.burst or 0)
+
+
+def _change(rate: InterfaceRate | None) -> RateChange | None:
+    if rate is None:
+        return None
+    return RateChange(rate.average, rate.peak, rate.burst, rate.floor)
+
+
+@HANDLERS.on(ops.DOMAIN_INTERFACE_PARAMETERS)
+async def _interface_parameters(
+    ctx: AgentContext, req: InterfaceParametersRequest
+) -> InterfaceParameters:
+    if req.live and req.config:  # as virDomainGetInterfaceParameters
+        raise InvalidArgument("flags 'live' and 'config' are mutually exclusive")
+    found = await _tuning(ctx).interface_bandwidth(req.domain, req.interface,
+                                                   Affect(req.live, req.config))  # fmt: skip
+    found = found or Bandwidth()
+    return InterfaceParameters(inbound=_rate(found.inbound), outbound=_rate(found.outbound))
+
+
+@HANDLERS.on(ops.DOMAIN_SET_INTERFACE_PARAMETERS)
+async def _set_interface_parameters(ctx: AgentContext, req: InterfaceTuneRequest) -> Accepted:
+    if req.inbound is None and req.outbound is None:
+        raise InvalidArgument("no bandwidth given: --inbound and/or --outbound")
+    affect = Affect(req.live, req.config)
+    await _tuning(ctx).tune_interface(req.domain, req.interface, _change(req.inbound),
+                                      _change(req.outbound), affect)  # fmt: skip
+    return Accepted()

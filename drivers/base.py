@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from virtbus.domain.bandwidth import Bandwidth, RateChange
 from virtbus.protocol.backup import BackupStarted, CheckpointInfo, DomainJobInfo
 from virtbus.protocol.blockjob import (
     BlockCommit,
@@ -168,13 +169,20 @@ class TapProvider(Protocol):
     def has_network(self, name: str) -> bool:
         """A network of that name is defined on this host (active or not)."""
 
-    async def open_tap(self, network: str, domain: str, mac: str) -> ResolvedTap:
+    async def open_tap(self, network: str, domain: str, mac: str,
+                       bandwidth: Bandwidth | None = None) -> ResolvedTap:  # fmt: skip
         """A tap for domain ``domain`` (a uuid) on ``network``'s bridge, up, its MAC
-        derived from the guest's ``mac`` (libvirt's fe:..); NO_NETWORK for an unknown
-        network, OPERATION_INVALID for an inactive one."""
+        derived from the guest's ``mac`` (libvirt's fe:..), shaped by the NIC's
+        ``bandwidth`` before it is handed over; NO_NETWORK for an unknown network,
+        OPERATION_INVALID for an inactive one."""
+
+    async def set_tap_bandwidth(self, domain: str, ifname: str,
+                                bandwidth: Bandwidth | None) -> None:  # fmt: skip
+        """Replace the shaping of the domain's tap ``ifname`` (None: none; domiftune)."""
 
     async def release_taps(self, domain: str, ifname: str | None = None) -> None:
-        """Remove the domain's taps (or the one named ``ifname``); idempotent."""
+        """Remove the domain's taps (or the one named ``ifname``) and their shaping;
+        idempotent."""
 
 
 @runtime_checkable
@@ -243,6 +251,21 @@ class InterfaceLinks(Protocol):
     async def set_interface_link(self, ref: str, interface: str, up: bool,
                                  affect: Affect) -> None:  # fmt: skip
         """``interface``: the NIC's target dev or MAC; OPERATION_FAILED when none is."""
+
+
+@runtime_checkable
+class InterfaceTuning(Protocol):
+    """A driver with libvirt's interface parameters: a NIC's ``<bandwidth>`` (domiftune).
+    Optional. ``interface``: the NIC's target dev or MAC, INVALID_ARG when none is; the
+    rules of a change are :func:`virtbus.domain.bandwidth.tuned`'s."""
+
+    async def interface_bandwidth(self, ref: str, interface: str,
+                                  affect: Affect) -> Bandwidth | None:  # fmt: skip
+        """The NIC's limits, live or in the definition (not both)."""
+
+    async def tune_interface(self, ref: str, interface: str, inbound: RateChange | None,
+                             outbound: RateChange | None, affect: Affect) -> None:  # fmt: skip
+        """Change the NIC's limits (a direction not given is kept)."""
 
 
 @runtime_checkable

@@ -46,12 +46,14 @@ from drivers.snapshots import (
 )
 from virtbus.aio import TaskGroup
 from virtbus.domain import DomainDefinition, parse_domain_xml
+from virtbus.domain.bandwidth import Bandwidth, RateChange, tuned
 from virtbus.domain.checkpoint import BackupDisk, parse_backup_request, parse_checkpoint_request
 from virtbus.domain.checkpoint import backup_xml as backup_xml_of
 from virtbus.domain.devices import (
     disk_target,
     only_disk,
     parse_disk_device,
+    tuned_interface,
     volume_sources,
     with_disk,
     without_disk,
@@ -1130,6 +1132,37 @@ class TestDriver:
                                    {"device": f"disk-{target}"}))  # fmt: skip
         if persistent is not None:
             dom.definition = persistent
+
+    async def interface_bandwidth(self, ref: str, interface: str,
+                                  affect: Affect) -> Bandwidth | None:  # fmt: skip
+        """As the QEMU driver: the NIC's ``<bandwidth>``, live or in the definition."""
+        dom = self._get(ref)
+        live, _ = self._affect(dom, affect)
+        defn = dom.live if live and dom.live is not None else dom.definition
+        where = f"{'running domain' if live else 'the definition of'} '{defn.name}'"
+        return tuned_interface(defn, interface, where).bandwidth
+
+    async def tune_interface(self, ref: str, interface: str, inbound: RateChange | None,
+                             outbound: RateChange | None, affect: Affect) -> None:  # fmt: skip
+        """As the QEMU driver (the same rules, every check before a change); the simulated
+        NIC has no tap, so only its XML carries the limits."""
+        dom = self._get(ref)
+        live, config = self._affect(dom, affect)
+        changed: list[tuple[str, DomainDefinition]] = []
+        for side, defn in (("live", dom.live if live else None),
+                           ("config", dom.definition if config else None)):  # fmt: skip
+            if defn is None:
+                continue
+            where = f"{'running domain' if side == 'live' else 'the definition of'} '{defn.name}'"
+            nic = tuned_interface(defn, interface, where)
+            new = defn.copy()
+            new.set_interface_bandwidth(nic.index, tuned(nic.bandwidth, inbound, outbound, where))
+            changed.append((side, new))
+        for side, new in changed:
+            if side == "live":
+                dom.live = new
+            else:
+                dom.definition = new
 
     async def set_memory(self, ref: str, kib: int, maximum: bool, affect: Affect) -> None:
         """As the QEMU driver; the simulated guest's balloon reaches the target at once."""

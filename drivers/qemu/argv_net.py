@@ -8,7 +8,8 @@ libvirt network names mapped by :attr:`ArgvSettings.networks`, bridges
 sockets (server, client, mcast, udp), vhost-user and vhost-vDPA. ``hostdev`` interfaces
 are VFIO devices (:mod:`drivers.qemu.argv_hostdev`).
 What needs host network management virtbus does not do (VLAN tags, Open vSwitch
-virtualports, bandwidth shaping, macvtap) is refused by name.
+virtualports, macvtap, bandwidth shaping other than on the agent's own taps) is refused
+by name.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ _CHILDREN = frozenset({
     "mtu", "coalesce", "ip", "route", "script", "downscript", "teaming", "acpi", "backend",
     "tune", "filterref", "portForward", "port", "guest",
 })  # fmt: skip
-_HOST_NETWORKING = ("vlan", "virtualport", "bandwidth")
+_HOST_NETWORKING = ("vlan", "virtualport", "bandwidth")  # bandwidth: only on the agent's taps
 _OFFLOADS = (("csum", "csum"), ("gso", "gso"), ("tso4", "host_tso4"), ("tso6", "host_tso6"),
              ("ecn", "host_ecn"), ("ufo", "host_ufo"), ("mrg_rxbuf", "mrg_rxbuf"))  # fmt: skip
 _GUEST_OFFLOADS = (("csum", "guest_csum"), ("tso4", "guest_tso4"), ("tso6", "guest_tso6"),
@@ -292,10 +293,14 @@ def build_interfaces(ctx: BuildContext) -> None:
         for child in iface:
             if not isinstance(child.tag, str):
                 continue
+            if child.tag == "bandwidth" and ctx.taps.get(i) is not None:
+                continue  # shaped on the tap the agent made (drivers/qemu/taps.py)
             if child.tag in _HOST_NETWORKING:
                 raise unsupported(
-                    f"<{child.tag}> in <interface type='{itype}'> (host network management)"
-                )
+                    f"<{child.tag}> in <interface type='{itype}'> (host network management"
+                    + (": <bandwidth> only on the host's own virtual networks)"
+                       if child.tag == "bandwidth" else ")")
+                )  # fmt: skip
             if child.tag not in _CHILDREN:
                 raise unsupported(f"<{child.tag}> in <interface type='{itype}'>")
         if iface.find("filterref") is not None:

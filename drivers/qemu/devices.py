@@ -35,18 +35,20 @@ from drivers.qemu.launch import LaunchPlan
 from drivers.qemu.nics import NicChanges, ensure_mac
 from drivers.qemu.slots import free_pci_slot
 from virtbus.domain import DomainDefinition
+from virtbus.domain.bandwidth import Bandwidth, RateChange, tuned
 from virtbus.domain.devices import (
     disk_target,
     find_interface,
     named_interface,
     only_disk,
     parse_device,
+    tuned_interface,
     with_device,
     with_disk,
     without_disk,
     without_interface,
 )
-from virtbus.domain.model import Disk
+from virtbus.domain.model import Disk, Interface
 from virtbus.errors import (
     ConfigUnsupported,
     InvalidArgument,
@@ -271,6 +273,43 @@ class DeviceChanges:
             iface = named_interface(dom.defn, interface, f"the definition of '{dom.defn.name}'")
             persistent = dom.defn.copy()
             persistent.set_interface_link(iface.index, up)
+            await self._persist(persistent)
+            dom.defn = persistent
+
+    async def interface_bandwidth(self, ref: str, interface: str,
+                                  affect: Affect) -> Bandwidth | None:  # fmt: skip
+        dom = self._get(ref)
+        live, _ = self._affect(dom, affect)
+        if live:
+            assert dom.run is not None
+            defn, where = dom.run.live, f"running domain '{dom.defn.name}'"
+        else:
+            defn, where = dom.defn, f"the definition of '{dom.defn.name}'"
+        return tuned_interface(defn, interface, where).bandwidth
+
+    async def tune_interface(self, ref: str, interface: str, inbound: RateChange | None,
+                             outbound: RateChange | None, affect: Affect) -> None:  # fmt: skip
+        """domiftune: every check (both sides) before anything changes; live first."""
+        dom = self._get(ref)
+        live, config = self._affect(dom, affect)
+        running: tuple[Interface, Bandwidth | None] | None = None
+        persistent: DomainDefinition | None = None
+        if live:
+            assert dom.run is not None
+            where = f"running domain '{dom.defn.name}'"
+            nic = tuned_interface(dom.run.live, interface, where)
+            running = nic, tuned(nic.bandwidth, inbound, outbound, where)
+        if config:
+            where = f"the definition of '{dom.defn.name}'"
+            nic = tuned_interface(dom.defn, interface, where)
+            persistent = dom.defn.copy()
+            persistent.set_interface_bandwidth(
+                nic.index, tuned(nic.bandwidth, inbound, outbound, where))  # fmt: skip
+            self._validate(persistent)
+        if running is not None:
+            assert dom.run is not None
+            await self._nics.set_bandwidth_live(dom, dom.run, *running)
+        if persistent is not None:
             await self._persist(persistent)
             dom.defn = persistent
 

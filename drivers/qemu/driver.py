@@ -72,6 +72,7 @@ from drivers.qemu.stats import QemuStats, StatsTarget, host_stats
 from drivers.qemu.taps import TapLeases
 from drivers.snapshots import SnapshotStore
 from virtbus.domain import DomainDefinition, parse_domain_xml
+from virtbus.domain.bandwidth import Bandwidth, RateChange
 from virtbus.errors import OperationFailed, OperationInvalid, OperationTimeout, VirtbusError
 from virtbus.protocol.backup import BackupStarted, CheckpointInfo, DomainJobInfo
 from virtbus.protocol.blockjob import (
@@ -186,6 +187,14 @@ class QemuDriver:
     async def set_interface_link(self, ref: str, interface: str, up: bool,
                                  affect: Affect) -> None:  # fmt: skip
         await self._devices.set_interface_link(ref, interface, up, affect)
+
+    async def interface_bandwidth(self, ref: str, interface: str,
+                                  affect: Affect) -> Bandwidth | None:  # fmt: skip
+        return await self._devices.interface_bandwidth(ref, interface, affect)
+
+    async def tune_interface(self, ref: str, interface: str, inbound: RateChange | None,
+                             outbound: RateChange | None, affect: Affect) -> None:  # fmt: skip
+        await self._devices.tune_interface(ref, interface, inbound, outbound, affect)
 
     async def set_memory(self, ref: str, kib: int, maximum: bool, affect: Affect) -> None:
         await self._devices.set_memory(ref, kib, maximum, affect)

@@ -25,6 +25,7 @@ from drivers.qemu.domain import Domain, Run
 from drivers.qemu.slots import free_pci_slot
 from drivers.qemu.taps import TapLeases, close_tap
 from virtbus.domain import DomainDefinition
+from virtbus.domain.bandwidth import Bandwidth
 from virtbus.domain.devices import find_interface, without_interface
 from virtbus.domain.model import Element, Interface
 from virtbus.errors import ConfigUnsupported, OperationTimeout, VirtbusError
@@ -64,7 +65,10 @@ class NicChanges:
 
     async def _netdev(self, dom: Domain, run: Run, trial: DomainDefinition, iface: Interface,
                       netdev_id: str) -> dict[str, Any]:  # fmt: skip
-        """The host side's netdev_add arguments; a tap is opened and handed over."""
+        """The host side's netdev_add arguments; a tap is opened (shaped) and handed over."""
+        if iface.bandwidth is not None and not self._taps.wants_tap(iface):
+            raise ConfigUnsupported("<bandwidth> in <interface type='" + iface.type + "'>:"
+                                    " only on the host's own virtual networks")  # fmt: skip
         if self._taps.wants_tap(iface):
             tap = await self._taps.open(trial, iface)
             try:
@@ -145,6 +149,19 @@ class NicChanges:
             if other.element.find("alias") is None:
                 remaining.set_interface_alias(other.index, ids[other.index + 1])
         run.live = remaining
+        run.live_xml = None
+        await dom.save_status(run)
+
+    async def set_bandwidth_live(self, dom: Domain, run: Run, iface: Interface,
+                                 bandwidth: Bandwidth | None) -> None:  # fmt: skip
+        """domiftune --live: the tap's shaping first, then the live XML that says so."""
+        if not (self._taps.wants_tap(iface) and iface.target_dev):
+            raise ConfigUnsupported(f"interface {iface.mac or iface.index}: bandwidth can be"
+                                    " tuned only on the host's own virtual networks")  # fmt: skip
+        await self._taps.set_bandwidth(run.live.uuid, iface.target_dev, bandwidth)
+        live = run.live.copy()
+        live.set_interface_bandwidth(iface.index, bandwidth)
+        run.live = live
         run.live_xml = None
         await dom.save_status(run)
 

@@ -7,6 +7,8 @@ descriptor joins the plan's ``pass_fds`` and the command line says ``-netdev
 tap,fd=N``, so QEMU needs no CAP_NET_ADMIN. ``default`` is libvirt's default network when
 one is defined on this host, else what the settings map it to (user-mode NAT). The taps
 are removed when the run ends (also after an agent restart: they are found by name).
+A NIC's ``<bandwidth>`` goes onto its tap as the agent makes it (the provider shapes it
+with the networks' tc code), so the guest never runs unshaped.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from drivers.qemu.argv_common import ArgvSettings
 from drivers.qemu.argv_devices import generated_mac
 from drivers.qemu.launch import LaunchPlan
 from virtbus.domain import DomainDefinition
+from virtbus.domain.bandwidth import Bandwidth
 from virtbus.domain.model import Interface
 from virtbus.errors import VirtbusError
 
@@ -51,11 +54,12 @@ class TapLeases:
         }  # fmt: skip
 
     async def open(self, defn: DomainDefinition, iface: Interface) -> ResolvedTap:
-        """One NIC's tap; the error names the domain and says what is wrong."""
+        """One NIC's tap, shaped by its ``<bandwidth>``; the error names the domain and
+        says what is wrong."""
         assert self.provider is not None
         try:
             return await self.provider.open_tap(iface.source_network or "", defn.uuid,
-                                                self.mac(defn, iface))  # fmt: skip
+                                                self.mac(defn, iface), iface.bandwidth)  # fmt: skip
         except VirtbusError as exc:
             raise type(exc)(
                 f"cannot start domain '{defn.name}': interface #{iface.index}: {exc.message}"
@@ -69,6 +73,11 @@ class TapLeases:
                 plan.pass_fds.append(tap.fd)  # closed by the launch, whatever happens
                 taps[iface.index] = tap
         plan.taps = taps
+
+    async def set_bandwidth(self, uuid: str, ifname: str, bandwidth: Bandwidth | None) -> None:
+        """Change the shaping of a running NIC's tap (domiftune --live)."""
+        assert self.provider is not None
+        await self.provider.set_tap_bandwidth(uuid, ifname, bandwidth)
 
     async def release(self, uuid: str) -> None:
         if self.provider is not None:

@@ -13,6 +13,7 @@ from drivers.qemu.argv_common import ArgvSettings
 from drivers.qemu.taps import TapLeases
 from tests.unit.test_qemu_argv import build, domain, values
 from virtbus.domain import parse_domain_xml
+from virtbus.domain.bandwidth import Bandwidth
 
 NIC = "<interface type='network'><source network='{}'/><model type='virtio'/></interface>"
 
@@ -27,8 +28,13 @@ class Provider:
     def has_network(self, name: str) -> bool:
         return name in self.names
 
-    async def open_tap(self, network: str, domain: str, mac: str) -> ResolvedTap:
+    async def open_tap(self, network: str, domain: str, mac: str,
+                       bandwidth: Bandwidth | None = None) -> ResolvedTap:  # fmt: skip
         return ResolvedTap(network, "virbr0", tap_prefix(domain) + "0", 42)
+
+    async def set_tap_bandwidth(self, domain: str, ifname: str,
+                                bandwidth: Bandwidth | None) -> None:  # fmt: skip
+        return None
 
     async def release_taps(self, domain: str, ifname: str | None = None) -> None:
         self.released.append((domain, ifname))

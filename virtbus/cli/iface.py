@@ -1,6 +1,6 @@
 """NIC verbs under virsh's names: attach-interface, detach-interface (with ``--live``,
-``--config``, ``--persistent``, ``--current``), domiflist, domif-getlink, domif-setlink
-and domifaddr. attach-device/detach-device with an ``<interface>`` are in disk.py.
+``--config``, ``--persistent``, ``--current``), domiflist, domif-getlink, domif-setlink,
+domifaddr and domiftune. attach-device/detach-device with an ``<interface>`` are in disk.py.
 
 domiflist and domif-getlink read the domain's XML (the live one while it runs), as virsh
 does; the others are calls."""
@@ -19,6 +19,7 @@ from virtbus.client import Domain
 from virtbus.domain.serialize import dumps
 from virtbus.errors import InvalidArgument, OperationFailed
 from virtbus.protocol.base import to_wire
+from virtbus.protocol.network import InterfaceRate
 
 TYPES = ("network", "bridge", "user")
 
@@ -30,6 +31,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("source", nargs="?", help="the network or bridge name")
     p.add_argument("--model", help="NIC model (virtio, e1000, rtl8139, ...)")
     p.add_argument("--mac", help="MAC address (default: generated, 52:54:00:...)")
+    p.add_argument("--inbound", help="average,peak,burst,floor: the guest's incoming traffic")
+    p.add_argument("--outbound", help="average,peak,burst: the guest's outgoing traffic")
     p.add_argument("--print-xml", action="store_true", help="print the XML, attach nothing")
     _flags(p)
     p.set_defaults(func=attach_interface)
@@ -62,10 +65,40 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="lease: the networks' DHCP leases (default); agent: the guest agent",
     )
     p.set_defaults(func=domifaddr)
+    p = sub.add_parser("domiftune", help="get/set a NIC's bandwidth limits")
+    _target(p)
+    p.add_argument("interface", help="target dev (the tap) or MAC")
+    p.add_argument("--inbound", help="average,peak,burst,floor (KiB/s, KiB): the guest's"
+                   " incoming traffic; an average of 0 removes the limit")  # fmt: skip
+    p.add_argument("--outbound", help="average,peak,burst: the guest's outgoing traffic")
+    p.add_argument("--config", action="store_true", help="affect the next boot")
+    p.add_argument("--live", action="store_true", help="affect the running domain")
+    p.add_argument("--current", action="store_true", help="live if running, else the next boot")
+    p.set_defaults(func=domiftune)
 
 
-def interface_xml(itype: str, source: str | None, model: str | None, mac: str | None) -> str:
-    """The ``<interface>`` virsh's attach-interface builds."""
+RATE_FIELDS = ("average", "peak", "burst", "floor")
+UINT_MAX = 2**32 - 1
+
+
+def parse_rate(text: str, direction: str) -> InterfaceRate:
+    """virsh's ``average,peak,burst,floor`` (empty fields: 0); INVALID_ARG as virsh says."""
+    fields = text.split(",")
+    if len(fields) > len(RATE_FIELDS):
+        raise InvalidArgument(f"Rate string '{text}' has too many fields")
+    if not all(f.isdigit() and f.isascii() for f in fields if f):
+        raise InvalidArgument(f"malformed rate string '{text}'")
+    values = {name: int(f) if f else 0 for name, f in zip(RATE_FIELDS, fields, strict=False)}
+    if any(v > UINT_MAX for v in values.values()):
+        raise InvalidArgument(f"{direction} rate larger than maximum {UINT_MAX}")
+    return InterfaceRate(**values)
+
+
+def interface_xml(itype: str, source: str | None, model: str | None, mac: str | None,
+                  inbound: InterfaceRate | None = None,
+                  outbound: InterfaceRate | None = None) -> str:  # fmt: skip
+    """The ``<interface>`` virsh's attach-interface builds (the agent checks its
+    ``<bandwidth>`` like any definition's)."""
     root = etree.Element("interface", type=itype)
     if mac:
         etree.SubElement(root, "mac", address=mac)
@@ -77,6 +110,12 @@ def interface_xml(itype: str, source: str | None, model: str | None, mac: str | 
         raise InvalidArgument("an interface of type user takes no source")
     if model:
         etree.SubElement(root, "model", type=model)
+    if inbound is not None or outbound is not None:
+        bw = etree.SubElement(root, "bandwidth")
+        for tag, rate in (("inbound", inbound), ("outbound", outbound)):
+            if rate is not None:
+                etree.SubElement(bw, tag, {n: str(getattr(rate, n)) for n in RATE_FIELDS
+                                           if getattr(rate, n)})  # fmt: skip
     return dumps(root)
 
 
@@ -100,7 +139,9 @@ def _row(el: etree._Element) -> tuple[str, str, str, str, str]:
 
 
 async def attach_interface(ctx: Context, args: argparse.Namespace) -> int:
-    xml = interface_xml(args.type, args.source, args.model, args.mac)
+    inbound = parse_rate(args.inbound, "inbound") if args.inbound else None
+    outbound = parse_rate(args.outbound, "outbound") if args.outbound else None
+    xml = interface_xml(args.type, args.source, args.model, args.mac, inbound, outbound)
     if args.print_xml:
         sys.stdout.write(xml)
         return 0
@@ -177,4 +218,27 @@ async def domifaddr(ctx: Context, args: argparse.Namespace) -> int:
     rows = [(i.name if n == 0 else "-", i.hwaddr if n == 0 else "-", a.type,
              f"{a.addr}/{a.prefix}") for i in found for n, a in enumerate(i.addrs)]  # fmt: skip
     print(table(["Name", "MAC address", "Protocol", "Address"], rows))
+    return 0
+
+
+async def domiftune(ctx: Context, args: argparse.Namespace) -> int:
+    if args.current and (args.live or args.config):
+        raise InvalidArgument("--current is exclusive with --live and --config")
+    inbound = parse_rate(args.inbound, "inbound") if args.inbound is not None else None
+    outbound = parse_rate(args.outbound, "outbound") if args.outbound is not None else None
+    dom = await ctx.domain(args.host, args.domain)
+    if inbound is None and outbound is None:
+        found = await dom.interface_parameters(args.interface, live=args.live,
+                                               config=args.config)  # fmt: skip
+        values = [(f"{d}.{n}", getattr(getattr(found, d), n)) for d in ("inbound", "outbound")
+                  for n in RATE_FIELDS if (d, n) != ("outbound", "floor")]  # fmt: skip
+        if ctx.json:
+            emit_json(dict(values))
+        else:
+            print("\n".join(f"{name:<15}: {value}" for name, value in values))
+        return 0
+    await dom.set_interface_parameters(args.interface, inbound=inbound, outbound=outbound,
+                                       live=args.live, config=args.config)  # fmt: skip
+    if ctx.json:
+        emit_json({"host": dom.host.name, "domain": dom.ref, "ok": True})
     return 0

@@ -23,7 +23,7 @@ MODULE_VERBS: dict[str, tuple[str, ...]] = {
     ),
     "iface": (
         "attach-interface", "detach-interface", "domiflist", "domif-getlink", "domif-setlink",
-        "domifaddr",
+        "domifaddr", "domiftune",
     ),
     "snapshot": (
         "snapshot-create", "snapshot-create-as", "snapshot-list", "snapshot-info",

@@ -88,6 +88,10 @@ from virtbus.protocol.network import (
     InterfaceAddresses,
     InterfaceAddressesRequest,
     InterfaceLinkRequest,
+    InterfaceParameters,
+    InterfaceParametersRequest,
+    InterfaceRate,
+    InterfaceTuneRequest,
     NetworkInfo,
     NetworkListRequest,
     NetworkXmlRequest,
@@ -546,6 +550,23 @@ class Domain:
         request = InterfaceLinkRequest(domain=self.ref, interface=interface, up=up, live=live,
                                        config=config)  # fmt: skip
         await self.host.call(ops.DOMAIN_SET_INTERFACE_LINK, request)
+
+    async def interface_parameters(self, interface: str, *, live: bool = False,
+                                   config: bool = False) -> InterfaceParameters:  # fmt: skip
+        """domiftune without limits: the NIC's (target dev or MAC) bandwidth, 0 unset."""
+        request = InterfaceParametersRequest(domain=self.ref, interface=interface, live=live,
+                                             config=config)  # fmt: skip
+        return await self.host.call(ops.DOMAIN_INTERFACE_PARAMETERS, request)
+
+    async def set_interface_parameters(
+        self, interface: str, *, inbound: InterfaceRate | None = None,
+        outbound: InterfaceRate | None = None, live: bool = False, config: bool = False,
+    ) -> None:  # fmt: skip
+        """domiftune: a direction given replaces its limit (average 0: removed), one
+        left out is kept; neither flag is libvirt's CURRENT."""
+        request = InterfaceTuneRequest(domain=self.ref, interface=interface, inbound=inbound,
+                                       outbound=outbound, live=live, config=config)  # fmt: skip
+        await self.host.call(ops.DOMAIN_SET_INTERFACE_PARAMETERS, request)
 
     async def interface_addresses(self, source: str = "lease") -> list[InterfaceAddresses]:
         """domifaddr: the NICs' addresses from the networks' DHCP leases."""

@@ -18,6 +18,7 @@ from lxml import etree
 
 from virtbus.domain import model as m
 from virtbus.domain import views as v
+from virtbus.domain.bandwidth import Bandwidth, bandwidth_element
 from virtbus.domain.names import check_domain_name
 from virtbus.domain.numbers import parse_int, shown
 from virtbus.domain.serialize import dumps
@@ -188,6 +189,15 @@ class DomainDefinition:
         with self.edit():
             el = self._nth(self.interfaces, index, "interface").element
             self._child(el, "link").set("state", "up" if up else "down")
+
+    def set_interface_bandwidth(self, index: int, bandwidth: Bandwidth | None) -> None:
+        """Replace interface ``index``'s ``<bandwidth>`` (None: remove it; domiftune)."""
+        with self.edit():
+            el = self._nth(self.interfaces, index, "interface").element
+            for old in el.findall("bandwidth"):
+                el.remove(old)
+            if bandwidth is not None:
+                el.append(bandwidth_element(bandwidth))
 
     def set_graphics_port(self, index: int, port: int) -> None:
         """Record the port a graphics device got at start."""

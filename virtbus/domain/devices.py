@@ -10,7 +10,7 @@ from lxml import etree
 from virtbus.domain.definition import DomainDefinition
 from virtbus.domain.model import Element, Interface
 from virtbus.domain.xml import parse_untrusted_root
-from virtbus.errors import ConfigUnsupported, OperationFailed, XMLError
+from virtbus.errors import ConfigUnsupported, InvalidArgument, OperationFailed, XMLError
 
 
 def parse_disk_device(xml: str) -> Element:
@@ -57,6 +57,15 @@ def named_interface(defn: DomainDefinition, name: str, where: str) -> Interface:
         if name in (iface.target_dev, iface.mac) or name.lower() == iface.mac:
             return iface
     raise OperationFailed(f"interface '{name}' not found in {where}")
+
+
+def tuned_interface(defn: DomainDefinition, name: str, where: str) -> Interface:
+    """The NIC ``name`` means in domiftune (target dev or MAC); INVALID_ARG when none is,
+    as libvirt's virDomainNetFind."""
+    for iface in defn.interfaces:
+        if name in (iface.target_dev, iface.mac) or name.lower() == iface.mac:
+            return iface
+    raise InvalidArgument(f"'{name}' is not a known interface of {where}")
 
 
 def without_interface(defn: DomainDefinition, index: int) -> DomainDefinition:

@@ -9,9 +9,12 @@ the definition's setters. Views never change the tree themselves.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from lxml import etree
+
+if TYPE_CHECKING:
+    from virtbus.domain.bandwidth import Bandwidth
 
 Element: TypeAlias = etree._Element
 
@@ -212,6 +215,7 @@ class Interface:
     ips: tuple[IPAddress, ...] = ()
     routes: tuple[Route, ...] = ()
     mtu: int | None = None
+    bandwidth: Bandwidth | None = None  # <bandwidth>: the tap's shaping (domiftune)
     address: Element | None = field(default=None, repr=False, compare=False)
     element: Element = field(repr=False, compare=False)
 

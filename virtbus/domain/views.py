@@ -13,6 +13,7 @@ from collections.abc import Collection
 from lxml import etree
 
 from virtbus.domain import model as m
+from virtbus.domain.bandwidth import parse_bandwidth
 from virtbus.domain.numbers import optional_int
 from virtbus.domain.units import parse_memory_element
 from virtbus.errors import XMLError
@@ -334,6 +335,7 @@ def build_interface(el: m.Element, index: int) -> m.Interface:
         ips=_ips(el, where),
         routes=_routes(el, where),
         mtu=int_value(attr_of(el, "mtu", "size"), f"{where} <mtu size", minimum=1, maximum=65535),
+        bandwidth=parse_bandwidth(el.find("bandwidth"), where),
         address=el.find("address"),
         element=el,
     )

@@ -6,8 +6,9 @@ A ``network`` argument is a network's name or UUID, on the host the call is rout
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+from msgspec import Meta
 from msgspec import field as default
 
 from virtbus.protocol.base import Accepted, HostName, Message, Name, NonNegInt, XmlText
@@ -255,6 +256,47 @@ class InterfaceAddressList(Message):
     interfaces: list[InterfaceAddresses]
 
 
+UInt32 = Annotated[int, Meta(ge=0, le=2**32 - 1)]  # virDomainSetInterfaceParameters' UINTs
+
+
+class InterfaceRate(Message):
+    """One direction of domiftune, as virsh's ``average,peak,burst,floor``: kilobytes/s
+    and kilobytes, 0 for "not given"; an average of 0 alone removes the limit."""
+
+    average: UInt32 = 0
+    peak: UInt32 = 0
+    burst: UInt32 = 0
+    floor: UInt32 = 0
+
+
+class InterfaceTuneRequest(Message):
+    """domiftune with limits: ``interface`` is the NIC's target dev or MAC; a direction
+    left out keeps its limit. Neither ``live`` nor ``config``: libvirt's CURRENT."""
+
+    domain: Name
+    interface: Name
+    inbound: InterfaceRate | None = None
+    outbound: InterfaceRate | None = None
+    live: bool = False
+    config: bool = False
+
+
+class InterfaceParametersRequest(Message):
+    """domiftune without limits: the NIC's current ones, live or config (not both)."""
+
+    domain: Name
+    interface: Name
+    live: bool = False
+    config: bool = False
+
+
+class InterfaceParameters(Message):
+    """libvirt's seven interface parameters (0: unset), named as virsh prints them."""
+
+    inbound: InterfaceRate
+    outbound: InterfaceRate
+
+
 _dom = field("domain")
 DOMAIN_SET_INTERFACE_LINK = op(
     "domain.set_interface_link", InterfaceLinkRequest, Accepted, _A,
@@ -265,4 +307,14 @@ DOMAIN_INTERFACE_ADDRESSES = op(
     "domain.interface_addresses", InterfaceAddressesRequest, InterfaceAddressList, _A,
     "a domain's NIC addresses (domifaddr: from the networks' DHCP leases)",
     access=Access.READ, target=Target.DOMAIN, target_of=_dom,
+)  # fmt: skip
+DOMAIN_INTERFACE_PARAMETERS = op(
+    "domain.interface_parameters", InterfaceParametersRequest, InterfaceParameters, _A,
+    "a NIC's bandwidth limits (domiftune without limits)",
+    access=Access.READ, target=Target.DOMAIN, target_of=_dom,
+)  # fmt: skip
+DOMAIN_SET_INTERFACE_PARAMETERS = op(
+    "domain.set_interface_parameters", InterfaceTuneRequest, Accepted, _A,
+    "change a NIC's bandwidth limits (domiftune; live: tc on its tap)",
+    access=Access.CONFIG, target=Target.DOMAIN, target_of=_dom, serial=True,
 )  # fmt: skip
