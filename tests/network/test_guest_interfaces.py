@@ -6,7 +6,9 @@ real CLI and RabbitMQ, dnsmasq and the bridge inside the namespace.
 One pair of guests serves the whole module (they boot once): their taps on the NAT
 network's bridge, their leases from dnsmasq, their pings to each other, ``domifaddr``
 and ``domiflist``, ``domif-setlink`` cutting the ping, a NIC attached live that shows up
-in the guest and detached again, and the bad inputs (an unknown or inactive network at
+in the guest and detached again, ``<bandwidth>`` on the taps (HTB and the nftables policer
+read back in the namespace, ICMP echoes of 8000 bytes clearly fewer when shaped) and
+domiftune changing it live, and the bad inputs (an unknown or inactive network at
 start: a clear error, no tap, no QEMU; a network in use is not destroyed unless forced),
 each answered by an agent that still serves afterwards.
 """
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,7 +33,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from agent.guest_taps import tap_prefix
+from agent.guest_taps import tap_prefix, tap_table
 from drivers.qemu.argv_devices import generated_mac
 from tests.guests import TestGuest, build_test_guest
 from tests.network.conftest import Topology
@@ -44,11 +47,14 @@ pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
 ]  # fmt: skip
 SUBNET = "10.81.0"
+# gn-2's NIC starts shaped: its tap carries these from the moment the agent makes it
+G2_BANDWIDTH = ("<bandwidth><inbound average='1000' peak='2000' burst='256'/>"
+                "<outbound average='800'/></bandwidth>")  # fmt: skip
 WAIT = 60.0  # s: a TCG boot plus DHCP on a loaded 2-core machine
 
 
 def guest_xml(guest: TestGuest, name: str, uuid: str, serial: Path, *, network: str,
-              mac: str | None, peer: str) -> str:  # fmt: skip
+              mac: str | None, peer: str, bandwidth: str = "") -> str:  # fmt: skip
     mac_el = f"<mac address='{mac}'/>" if mac else ""
     cmdline = f"{guest.cmdline} virtbus.dhcp=eth0 virtbus.ping={peer}"
     return f"""<domain type='qemu'>
@@ -62,7 +68,7 @@ def guest_xml(guest: TestGuest, name: str, uuid: str, serial: Path, *, network: 
   <features><acpi/></features>
   <devices>
     <interface type='network'>{mac_el}<source network='{network}'/><model type='virtio'/>
-    </interface>
+    {bandwidth}</interface>
     <controller type='pci' model='pcie-root'/>
     <controller type='pci' model='pcie-root-port'/>
     <controller type='pci' model='pcie-root-port'/>
@@ -73,6 +79,37 @@ def guest_xml(guest: TestGuest, name: str, uuid: str, serial: Path, *, network: 
     <serial type='file'><source path='{serial}'/><target port='0'/></serial>
   </devices>
 </domain>"""
+
+
+METER_WINDOW = 1.5  # s
+_ECHO_METER = """
+import os, select, socket, struct, sys, time
+dst, window = sys.argv[1], float(sys.argv[2])
+sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+ident, payload = os.getpid() & 0xFFFF, b"x" * 8000
+
+def checksum(data):
+    data += b"\\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    return ~(total + (total >> 16)) & 0xFFFF
+
+got, seq, end = 0, 0, time.monotonic() + window
+while time.monotonic() < end:
+    seq = (seq + 1) & 0xFFFF
+    head = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+    try:
+        sock.sendto(struct.pack("!BBHHH", 8, 0, checksum(head + payload), ident, seq)
+                    + payload, (dst, 0))
+    except OSError:  # ENOBUFS: the shaped tap's queue is full, as it should be
+        pass
+    while select.select([sock], [], [], 0.001)[0]:
+        packet = sock.recv(65535)
+        icmp = packet[(packet[0] & 0x0F) * 4:]
+        if icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident:
+            got += len(icmp) - 8
+print(got)
+"""
 
 
 def network_xml(name: str, subnet: str, hosts: dict[str, str]) -> str:
@@ -154,6 +191,43 @@ class Bed:
     def taps(self) -> list[str]:
         out = self.topo.host_run("ip", "-o", "link", "show", "type", "tun").stdout
         return [line.split(":")[1].strip() for line in out.splitlines()]
+
+    def htb(self, tap: str) -> str | None:
+        """The tap's HTB class (``rate .. ceil .. burst ..``), or None without an HTB root
+        (``tc -j`` for the qdisc; this iproute2 prints HTB classes only as text)."""
+        qdiscs = json.loads(self.topo.host_run("tc", "-j", "qdisc", "show", "dev", tap).stdout)
+        if not any(q["kind"] == "htb" and q.get("root") for q in qdiscs):
+            return None
+        out = self.topo.host_run("tc", "class", "show", "dev", tap, "classid", "1:1").stdout
+        found = re.search(r"rate \S+ ceil \S+ burst \S+", out)
+        assert found, out
+        return found.group(0)
+
+    def policer(self, tap: str) -> dict[str, Any] | None:
+        """The ``limit`` of the tap's policing table (``nft -j``), or None without one."""
+        done = self.topo.host_run("nft", "-j", "list", "table", "netdev", tap_table(tap),
+                                  check=False)  # fmt: skip
+        if done.returncode != 0:
+            return None
+        rules = [o["rule"] for o in json.loads(done.stdout)["nftables"] if "rule" in o]
+        (limit,) = [e["limit"] for r in rules for e in r["expr"] if "limit" in e]
+        assert f'device "{tap}"' in self.topo.host_run("nft", "list", "table", "netdev",
+                                                      tap_table(tap)).stdout  # fmt: skip
+        return dict(limit)
+
+    def tap_tables(self) -> list[str]:
+        out = self.topo.host_run("nft", "-j", "list", "tables", "netdev").stdout
+        found = [o["table"]["name"] for o in json.loads(out)["nftables"] if "table" in o]
+        return [str(n) for n in found if str(n).startswith(tap_table(""))]
+
+    async def echoes(self, ip: str) -> int:
+        """Bytes of ICMP echo replies from ``ip`` in METER_WINDOW, 8000-byte requests sent
+        every millisecond from the host namespace (both directions of the guest's NIC)."""
+        meter = self.base / "echo_meter.py"
+        meter.write_text(_ECHO_METER)
+        done = await asyncio.to_thread(self.topo.host_run, sys.executable, str(meter), ip,
+                                       str(METER_WINDOW))  # fmt: skip
+        return int(done.stdout.strip())
 
     bridge: str = ""
 
@@ -239,7 +313,8 @@ async def bed(guest: TestGuest, tmp_path_factory: pytest.TempPathFactory) -> Asy
         bed.bridge = str(json.loads(await bed.ok("--json", "net-info", "gn"))["bridge"])
         for me, peer in ((g1, g2), (g2, g1)):
             xml = guest_xml(guest, me.name, me.uuid, me.serial, network="gn",
-                            mac=me.mac if me is g1 else None, peer=peer.ip)  # fmt: skip
+                            mac=me.mac if me is g1 else None, peer=peer.ip,
+                            bandwidth=G2_BANDWIDTH if me is g2 else "")  # fmt: skip
             await bed.ok("define", bed.file(f"{me.name}.xml", xml))
             await bed.ok("start", me.name)
         yield bed
@@ -383,6 +458,100 @@ async def test_a_nic_attached_live_shows_up_in_the_guest_and_detaches(bed: Bed) 
     assert "No interface found whose type is bridge" in err
 
 
+def tune_values(out: str) -> dict[str, int]:
+    """domiftune's listing (virsh's ``%-15s: %s``) as a dict."""
+    return {k.strip(): int(v) for k, v in (line.split(":") for line in out.splitlines())}
+
+
+LIMIT = 32  # kilobytes/s: a few dozen 8000-byte echoes in a window, against hundreds
+
+
+async def test_bandwidth_on_the_taps_and_domiftune(bed: Bed, guest: TestGuest) -> None:
+    g1, g2 = bed.guests
+    tap1, tap2 = [json.loads(await bed.ok("--json", "domiflist", g.name))[0]["interface"]
+                  for g in (g1, g2)]  # fmt: skip
+    # gn-2 started shaped: HTB on its tap's egress (the guest's inbound), a policer on the
+    # tap's ingress (its outbound) whose burst is libvirt's default, the average's worth
+    assert bed.htb(tap2) == "rate 8Mbit ceil 16Mbit burst 256Kb"
+    assert bed.policer(tap2) == {"rate": 800, "burst": 800, "per": "second", "inv": True,
+                                 "rate_unit": "kbytes", "burst_unit": "kbytes"}  # fmt: skip
+    assert tune_values(await bed.ok("domiftune", g2.name, tap2)) == {
+        "inbound.average": 1000, "inbound.peak": 2000, "inbound.burst": 256,
+        "inbound.floor": 0, "outbound.average": 800, "outbound.peak": 0, "outbound.burst": 0,
+    }  # fmt: skip
+    # gn-1 has none; unshaped, a window carries many echoes (the premise)
+    assert bed.htb(tap1) is None and bed.policer(tap1) is None
+    await console(g1.serial, rf"VIRTBUS-LEASE eth0 {re.escape(g1.ip)}")  # it is up
+    fast = await bed.echoes(g1.ip)
+    assert fast > 20 * LIMIT * 1024 * METER_WINDOW, fast
+    # domiftune --live: the guest's inbound alone, then its outbound alone
+    await bed.ok("domiftune", g1.name, tap1, "--inbound", f"{LIMIT},{LIMIT},16", "--live")
+    assert bed.htb(tap1) == "rate 256Kbit ceil 256Kbit burst 16Kb"
+    assert bed.policer(tap1) is None
+    slow_in = await bed.echoes(g1.ip)
+    await bed.ok("domiftune", g1.name, g1.mac, "--inbound", "0", "--outbound", str(LIMIT))
+    assert bed.htb(tap1) is None
+    assert (bed.policer(tap1) or {})["rate"] == LIMIT  # burst: 128 KiB at least (GSO)
+    slow_out = await bed.echoes(g1.ip)
+    print("echo bytes in a window: unshaped, inbound-, outbound-limited", fast, slow_in, slow_out)
+    assert 0 < slow_in * 5 < fast and 0 < slow_out * 5 < fast, (fast, slow_in, slow_out)
+    # and roughly the rates asked for (generous: the burst, the window's edges)
+    assert slow_in < 3 * LIMIT * 1024 * METER_WINDOW, slow_in
+    assert slow_out < 3 * LIMIT * 1024 * METER_WINDOW + 128 * 1024, slow_out
+    assert tune_values(await bed.ok("domiftune", g1.name, tap1))["outbound.average"] == LIMIT
+    # --live only: the definition has no limits; --config changes only the definition
+    config = await bed.ok("domiftune", g1.name, g1.mac, "--config")  # no tap in a definition
+    assert set(tune_values(config).values()) == {0}
+    await bed.ok("domiftune", g1.name, g1.mac, "--outbound", "500", "--config")
+    (saved,) = (bed.base / "agent").rglob(f"domains/{g1.uuid}.xml")
+    assert "<outbound average='500'/>" in saved.read_text()
+    assert (bed.policer(tap1) or {})["rate"] == LIMIT
+    # bad input: clear codes, nothing changed, the agent still serves (fails checks it)
+    for code, args, words in (
+        ("INVALID_ARG", ("--inbound", "abc"), "malformed rate string 'abc'"),
+        ("INVALID_ARG", ("--inbound", "-5"), "malformed rate string"),
+        ("INVALID_ARG", ("--inbound", "0,100"), "inbound average"),
+        ("INVALID_ARG", ("--outbound", "100,50"), "below its average"),
+        ("CONFIG_UNSUPPORTED", ("--inbound", "100,,,10"), "floor"),
+    ):
+        assert words in await bed.fails(code, "domiftune", g1.name, tap1, *args, "--live")
+    err = await bed.fails("INVALID_ARG", "domiftune", g1.name, "vnet99", "--inbound", "100")
+    assert "'vnet99' is not a known interface" in err, err
+    assert bed.htb(tap1) is None and (bed.policer(tap1) or {})["rate"] == LIMIT
+    await bed.ok("domiftune", g1.name, tap1, "--outbound", "0", "--live")
+    assert bed.policer(tap1) is None and tap_table(tap1) not in bed.tap_tables()
+    # a NIC plugged shaped has its limits from the start; unplugged, its table goes too
+    mark = len(read(g1.serial))
+    await bed.ok("attach-interface", g1.name, "network", "gn", "--model", "virtio",
+                 "--inbound", "64", "--outbound", "48", "--live")  # fmt: skip
+    await console(g1.serial, r"VIRTBUS-NICS eth0 eth1", after=mark)
+    new = json.loads(await bed.ok("--json", "domiflist", g1.name))[1]
+    assert (bed.htb(new["interface"]) or "").startswith("rate 512Kbit ceil 512Kbit")
+    assert (bed.policer(new["interface"]) or {})["burst"] == 128
+    mark = len(read(g1.serial))
+    await bed.ok("detach-interface", g1.name, "network", "--mac", new["mac"], "--live")
+    await console(g1.serial, r"VIRTBUS-NICS eth0\r?\n", after=mark)
+    assert tap_table(new["interface"]) not in bed.tap_tables()
+    # bad <bandwidth> at define: XML_ERROR; on a NIC virtbus has no tap for: refused
+    uuid = str(uuidlib.uuid4())
+    xml = guest_xml(
+        guest,
+        "gn-bad",
+        uuid,
+        bed.base / "gn-bad.serial",
+        network="gn",
+        mac=None,
+        peer="10.0.0.1",
+        bandwidth="<bandwidth><inbound average='0'/></bandwidth>",
+    )
+    await bed.fails("XML_ERROR", "define", bed.file("gn-bad.xml", xml))
+    xml = guest_xml(guest, "gn-bad", uuid, bed.base / "gn-bad.serial", network="gn", mac=None,
+                    peer="10.0.0.1", bandwidth=G2_BANDWIDTH).replace(
+        "type='network'>", "type='user'>").replace("<source network='gn'/>", "")  # fmt: skip
+    err = await bed.fails("CONFIG_UNSUPPORTED", "define", bed.file("gn-bad.xml", xml))
+    assert "<bandwidth>" in err, err
+
+
 async def test_an_agent_restart_leaves_the_guests_pinging(bed: Bed) -> None:
     """Last in the module: it ends with gn-2 destroyed by the new agent."""
     g1, g2 = bed.guests
@@ -401,4 +570,5 @@ async def test_an_agent_restart_leaves_the_guests_pinging(bed: Bed) -> None:
     (tap2,) = [t for t in taps if t.startswith(tap_prefix(g2.uuid))]
     await bed.ok("destroy", g2.name)
     assert tap2 not in bed.taps() and tap2 not in bed.bridge_ports()
+    assert tap_table(tap2) not in bed.tap_tables()  # its policing table went with it
     assert set(await bed.ports()) == {g1.mac}  # gn-2's port went with it
