@@ -16,15 +16,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent import copy_storage
 from agent.admission import Demand
 from agent.table import HANDLERS, AgentContext
-from drivers.base import Driver
+from drivers.base import CopyStorage, Driver
 from virtbus.domain import parse_domain_xml
-from virtbus.errors import AuthDenied, OperationInvalid, VirtbusError
+from virtbus.errors import AuthDenied, NoSupport, OperationInvalid, VirtbusError
 from virtbus.protocol import ops
 from virtbus.protocol.base import Accepted
 from virtbus.protocol.events import DomainState
 from virtbus.protocol.migration import (
+    MigrationBegin,
     MigrationDomain,
     MigrationEnd,
     MigrationOutcome,
@@ -109,23 +111,59 @@ class MigrationGuard:
             )
 
 
+def _copier(ctx: AgentContext) -> CopyStorage:
+    if not isinstance(ctx.driver, CopyStorage):
+        raise NoSupport(f"the {ctx.driver.name} driver cannot migrate with copy-storage")
+    return ctx.driver
+
+
+def _copied(ctx: AgentContext) -> copy_storage.CopiedVolumes:
+    copied: copy_storage.CopiedVolumes | None = ctx.extras.get(copy_storage.KEY)
+    if copied is None:
+        raise NoSupport(f"host {ctx.host!r} keeps no record of copied volumes")
+    return copied
+
+
 @HANDLERS.on(ops.MIGRATION_BEGIN)
-async def _begin(ctx: AgentContext, req: MigrationDomain) -> MigrationSource:
+async def _begin(ctx: AgentContext, req: MigrationBegin) -> MigrationSource:
     xml = await ctx.driver.migrate_begin(req.domain)
+    disks = await _copier(ctx).migrate_disks(req.domain) if req.params.copy_storage_all else []
     info = await ctx.driver.info(req.domain)
-    return MigrationSource(xml=xml, name=info.name, uuid=info.uuid, state=info.state.label)
+    return MigrationSource(
+        xml=xml, name=info.name, uuid=info.uuid, state=info.state.label, disks=disks
+    )
 
 
 @HANDLERS.on(ops.MIGRATION_PREPARE)
 async def _prepare(ctx: AgentContext, req: MigrationPrepare) -> MigrationTarget:
     defn = parse_domain_xml(req.xml)
     demand = Demand(defn.uuid, defn.name, defn.current_memory_kib, defn.current_vcpus)
+    copy = req.params.copy_storage_all
+    if not copy and req.disks:
+        raise OperationInvalid("disks to copy are given without copy_storage_all")
+    nbd = None
     async with ctx.admission.starting(demand):  # the incoming guest takes the host too
-        uri = await ctx.driver.migrate_prepare(req.xml, req.params)
+        if copy:
+            copier, copied = _copier(ctx), _copied(ctx)
+            await copied.precreate(defn, req.disks)  # before the launch resolves them
+        try:
+            uri = await ctx.driver.migrate_prepare(req.xml, req.params)
+        except BaseException:
+            if copy:
+                await copied.remove(defn.uuid)
+            raise
+        if copy:
+            try:
+                targets = [d.target for d in req.disks]
+                nbd = await copier.migrate_nbd_start(defn.uuid, targets, req.params.listen)
+            except BaseException:
+                await ctx.driver.migrate_finish(defn.uuid, False)
+                await copied.remove(defn.uuid)
+                raise
     guard: MigrationGuard | None = ctx.extras.get(GUARD)
     if guard is not None and req.migration is not None:
         await guard.record(req.migration, uri)
-    return MigrationTarget(uri=uri, name=defn.name, uuid=defn.uuid)
+    return MigrationTarget(uri=uri, name=defn.name, uuid=defn.uuid, nbd=nbd)
 
 
 @HANDLERS.on(ops.MIGRATION_PREPARED)
@@ -141,7 +179,15 @@ async def _perform(ctx: AgentContext, req: MigrationPerform) -> Accepted:
     guard: MigrationGuard | None = ctx.extras.get(GUARD)
     if guard is not None:
         await guard.check(req)
-    await ctx.driver.migrate_perform(req.domain, req.uri, req.params)
+    if req.params.copy_storage_all:
+        if req.nbd is None:
+            raise OperationInvalid(
+                f"migration.perform of {req.domain!r} with copy_storage_all names no NBD"
+                " target (the destination's prepare answers it)"
+            )
+        await _copier(ctx).migrate_perform_copy(req.domain, req.uri, req.params, req.nbd)
+    else:
+        await ctx.driver.migrate_perform(req.domain, req.uri, req.params)
     return Accepted()
 
 
@@ -163,6 +209,28 @@ async def _outcome(driver: Driver, ref: str) -> MigrationOutcome:
 
 @HANDLERS.on(ops.MIGRATION_FINISH)
 async def _finish(ctx: AgentContext, req: MigrationEnd) -> MigrationOutcome:
+    """Also the end of the volumes a copy-storage prepare made: removed once a rollback
+    left no incoming instance using them, kept (forgotten) once the domain is ours."""
+    copied: copy_storage.CopiedVolumes | None = ctx.extras.get(copy_storage.KEY)
+    found = ctx.driver.lookup(req.domain)
+    uuid = found.uuid if found is not None else req.domain  # the scheduler names the uuid
+    try:
+        outcome = await _finish_domain(ctx, req)
+    finally:
+        if copied is not None and not req.success and _inactive(ctx.driver, uuid):
+            await copied.remove(uuid)
+    if copied is not None and req.success:
+        await copied.forget(uuid)
+    return outcome
+
+
+def _inactive(driver: Driver, ref: str) -> bool:
+    if driver.lookup(ref) is None:
+        return True
+    return driver.state(ref)[0] == DomainState.SHUTOFF
+
+
+async def _finish_domain(ctx: AgentContext, req: MigrationEnd) -> MigrationOutcome:
     driver, ref, success = ctx.driver, req.domain, req.success
     if driver.lookup(ref) is None:
         if success:

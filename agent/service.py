@@ -16,6 +16,7 @@ from typing import Any
 
 import agent.backup_ops
 import agent.blockjob_ops
+import agent.copy_storage
 import agent.handlers
 import agent.migration
 import agent.network_ops
@@ -162,6 +163,12 @@ class AgentService:
         )  # fmt: skip
         guard.load()
         self.context.extras[agent.migration.GUARD] = guard
+        # The volumes copy-storage migrations made here, removed again by a rollback.
+        copied = agent.copy_storage.CopiedVolumes(
+            settings.state_dir / "migrations-copied-volumes.json", self.context.storage
+        )
+        copied.load()
+        self.context.extras[agent.copy_storage.KEY] = copied
         self.state = AgentState.NEW
         self.failed = asyncio.Event()  # set when a supervised task died: the agent must stop
         # Metrics observe the dispatcher, so they exist before the queue is served.

@@ -618,6 +618,20 @@ class StoragePools:
                 " available)"
             )
 
+    async def check_room(self, pool_ref: str, need: int, what: str) -> None:
+        """OPERATION_FAILED unless the running pool has ``need`` bytes free (a
+        copy-storage migration checks the room for every disk it will write first)."""
+        pool = self._running(pool_ref)
+        self._supported(pool)
+        await self._check_space(pool, need, what)
+
+    def pool_at(self, directory: str) -> str | None:
+        """The active pool whose target directory is ``directory`` (a file disk's pool)."""
+        for pool in self.pools():
+            if pool.active and pool.defn.target_path == directory:
+                return pool.name
+        return None
+
     def _backing(self, backing: Backing | None) -> Backing | None:
         """A backing store must be a volume of an active pool here (never any host file)."""
         if backing is None:

@@ -31,7 +31,7 @@ from virtbus.protocol.blockjob import (
 from virtbus.protocol.domain import DomainInfo as DomainInfoMessage
 from virtbus.protocol.domain import StateName
 from virtbus.protocol.events import DomainState
-from virtbus.protocol.migration import MigrationParams, MigrationStatus
+from virtbus.protocol.migration import CopyDisk, MigrationParams, MigrationStatus, NbdTarget
 from virtbus.protocol.snapshot import SnapshotInfo
 
 
@@ -355,6 +355,30 @@ class Backups(Protocol):
     async def job_info(self, ref: str, completed: bool) -> DomainJobInfo: ...
     async def job_abort(self, ref: str) -> DomainJobInfo:
         """Cancel the running backup; returns once it ended (its final info)."""
+
+
+@runtime_checkable
+class CopyStorage(Protocol):
+    """A driver that live-migrates with non-shared disks (libvirt's --copy-storage-all):
+    the source mirrors each disk into an NBD export of the destination's incoming
+    instance, then migrates memory. Optional: NO_SUPPORT. The agent makes (and on a
+    rollback removes) the destination's volumes; the driver only moves the bytes."""
+
+    async def migrate_disks(self, ref: str) -> list[CopyDisk]:
+        """Source: the disks a copy would move (writable file and volume disks; read-only,
+        shareable and empty ones stay); CONFIG_UNSUPPORTED for a writable disk of another
+        type."""
+
+    async def migrate_nbd_start(self, ref: str, disks: list[str], listen: str) -> NbdTarget:
+        """Destination, after prepare: serve the incoming instance's ``disks`` (target
+        devs) writable over NBD on ``listen``."""
+
+    async def migrate_perform_copy(
+        self, ref: str, uri: str, params: MigrationParams, nbd: NbdTarget
+    ) -> None:
+        """Source: mirror the disks into ``nbd``; once every mirror is ready, stream memory
+        to ``uri``; at switchover the mirrors are cancelled (the destination keeps the
+        copy). Progress: ``migration`` events with ``phase`` disk, then memory."""
 
 
 @runtime_checkable

@@ -13,9 +13,17 @@ source, ``finish(success=False)`` on the destination (its instance is killed),
 runs in exactly one place. Once the destination runs the guest (finish succeeded, or a
 post-copy is under way) there is no way back: the coordinator only goes forward.
 
+A copy-storage migration (``params.copy_storage_all``) runs ``begin`` *then* ``prepare``
+(the destination makes its volumes from the disks the source lists, and answers the NBD
+target the source mirrors into) and has one more phase, ``storage``, between ``perform``
+and ``progress``: the source mirrors the disks, and sends memory once they are copied (its
+``migration`` events say ``phase: memory``). Rollback is the same: ``cancel`` stops the
+mirrors or the stream, ``finish(success=False)`` removes the volumes the destination made.
+
 Every phase that recovery tells apart is written to the journal before its step
-(``prepare``, ``perform``, ``finish``, ``confirm``, ``rollback``; a queued migration that
-never started, and ``progress``, which recovers like ``perform``, are not), so a
+(``prepare``, ``perform``, ``storage``, ``finish``, ``confirm``, ``rollback``; a queued
+migration that never started, and ``progress``, which recovers like ``perform``, are
+not), so a
 restarted scheduler resumes each migration after asking the agents what really happened
 (:meth:`MigrationCoordinator.recover`). A step a silent host still owes after
 ``cleanup_timeout`` is kept in the record and retried (:mod:`scheduler.cleanup`).
@@ -49,6 +57,7 @@ from virtbus.protocol.base import to_wire
 from virtbus.protocol.domain import DomainTarget
 from virtbus.protocol.messages import DomainEvent
 from virtbus.protocol.migration import (
+    MigrationBegin,
     MigrationDomain,
     MigrationEnd,
     MigrationOutcome,
@@ -56,6 +65,7 @@ from virtbus.protocol.migration import (
     MigrationPrepare,
     MigrationState,
     MigrationStatus,
+    NbdTarget,
     RecordState,
 )
 from virtbus.protocol.migration import MigrationPhase as Phase
@@ -89,6 +99,8 @@ class _Unfinished(Enum):
 
 _GAVE_UP, _UNREACHABLE = _Unfinished.GAVE_UP, _Unfinished.UNREACHABLE
 _UNJOURNALED = frozenset({Phase.PROGRESS})  # recovered like the phase before: not written
+# the source is streaming: disks first (copy-storage), then memory
+_STREAMING = frozenset({Phase.PERFORM, Phase.STORAGE, Phase.PROGRESS})
 
 
 class _Rollback(Exception):
@@ -252,16 +264,22 @@ class MigrationCoordinator:
             record.state, record.started = RecordState.RUNNING, time.time()
             record.progress = {"status": "setup"}
             await self._enter(record, Phase.PREPARE)
-            record.uri = await self._begin_and_prepare(record, self._xml.pop(record.id, None))
+            xml = self._xml.pop(record.id, None)
+            nbd = None
+            if record.params.copy_storage_all:
+                record.uri, nbd = await self._begin_then_prepare(record, xml)
+            else:
+                record.uri = await self._begin_and_prepare(record, xml)
             await self._enter(record, Phase.PERFORM)
             # the source checks the URI with the destination's prepare (by migration id)
             perform = MigrationPerform(
                 domain=record.uuid, uri=record.uri, params=record.params,
-                migration=record.id, destination=record.destination,
+                migration=record.id, destination=record.destination, nbd=nbd,
             )  # fmt: skip
             await self._step(record, record.source, ops.MIGRATION_PERFORM, perform)
-            await self._enter(record, Phase.PROGRESS)
-        if record.phase in (Phase.PERFORM, Phase.PROGRESS):
+            copying = record.params.copy_storage_all
+            await self._enter(record, Phase.STORAGE if copying else Phase.PROGRESS)
+        if record.phase in _STREAMING:
             await self._follow(record)
             await self._enter(record, Phase.FINISH)
         if record.phase == Phase.FINISH:
@@ -278,10 +296,26 @@ class MigrationCoordinator:
             record.state = RecordState.COMPLETED
             await self._enter(record, Phase.DONE)
 
+    async def _begin_then_prepare(
+        self, record: MigrationRecord, xml: str | None
+    ) -> tuple[str, NbdTarget]:
+        """Copy-storage: ``begin`` first (the source lists the disks and their sizes), then
+        ``prepare`` (the destination makes the volumes and serves them over NBD)."""
+        begin = MigrationBegin(domain=record.uuid, params=record.params)
+        source = await self._step(record, record.source, ops.MIGRATION_BEGIN, begin)
+        prepare = MigrationPrepare(
+            xml=xml or source.xml, params=record.params, migration=record.id,
+            disks=source.disks,
+        )  # fmt: skip
+        target = await self._step(record, record.destination, ops.MIGRATION_PREPARE, prepare)
+        if target.nbd is None:
+            raise _Rollback(RecordState.FAILED, f"{record.destination} serves no disks to copy")
+        return target.uri, target.nbd
+
     async def _begin_and_prepare(self, record: MigrationRecord, xml: str | None) -> str:
         """``begin`` on the source and ``prepare`` on the destination, at once when the XML
         is already known (a failed ``begin`` rolls back the prepared destination)."""
-        begin = MigrationDomain(domain=record.uuid)
+        begin = MigrationBegin(domain=record.uuid, params=record.params)
         if xml is None:
             source = await self._step(record, record.source, ops.MIGRATION_BEGIN, begin)
             prepare = MigrationPrepare(xml=source.xml, params=record.params, migration=record.id)
@@ -328,6 +362,8 @@ class MigrationCoordinator:
                 if status is not None:
                     record.progress = to_wire(status)
                     self._notify(record)
+            if record.phase == Phase.STORAGE and record.progress.get("phase") == "memory":
+                await self._enter(record, Phase.PROGRESS)  # the disks are copied
             state = record.progress.get("status")
             if state == "completed":
                 return
@@ -377,7 +413,7 @@ class MigrationCoordinator:
         finish_sent = any(p == Phase.FINISH for p, _ in record.history)
         await self._enter(record, Phase.ROLLBACK)
         t, step = self.settings.cleanup_timeout, self.settings.step_timeout
-        if was in (Phase.PERFORM, Phase.PROGRESS, Phase.FINISH, Phase.ROLLBACK):
+        if was in _STREAMING or was in (Phase.FINISH, Phase.ROLLBACK):
             try:
                 cancel = MigrationDomain(domain=record.uuid)
                 await self._call(record.source, ops.MIGRATION_CANCEL, cancel, step)
@@ -535,7 +571,7 @@ class MigrationCoordinator:
         if record.phase == Phase.ROLLBACK:
             was = record.state if record.state != RecordState.RUNNING else failed
             raise _Rollback(was, record.error)
-        if record.phase in (Phase.PERFORM, Phase.PROGRESS):
+        if record.phase in _STREAMING:
             state: str | None
             try:
                 status = await self._call(
@@ -551,7 +587,8 @@ class MigrationCoordinator:
                 log.warning("migration %s: %s", record.id, exc)
                 state = None
             if state in ACTIVE_STATUSES or state in POSTCOPY_STATUSES:
-                record.phase = Phase.PROGRESS  # still streaming: follow it again
+                if record.phase != Phase.STORAGE:
+                    record.phase = Phase.PROGRESS  # still streaming: follow it again
             elif state == MigrationState.COMPLETED:
                 record.phase = Phase.FINISH
             elif await self._destination_owns(record):

@@ -84,7 +84,7 @@ from virtbus.protocol.blockjob import (
     BlockPull,
 )
 from virtbus.protocol.events import DomainState
-from virtbus.protocol.migration import MigrationParams, MigrationStatus
+from virtbus.protocol.migration import CopyDisk, MigrationParams, MigrationStatus, NbdTarget
 from virtbus.protocol.snapshot import SnapshotInfo
 
 log = logging.getLogger(__name__)
@@ -446,6 +446,17 @@ class QemuDriver:
 
     async def migrate_status(self, ref: str) -> MigrationStatus:
         return await self._migrations.status(ref)
+
+    async def migrate_disks(self, ref: str) -> list[CopyDisk]:
+        return await self._migrations.disks(ref)
+
+    async def migrate_nbd_start(self, ref: str, disks: list[str], listen: str) -> NbdTarget:
+        return await self._migrations.nbd_start(ref, disks, listen)
+
+    async def migrate_perform_copy(
+        self, ref: str, uri: str, params: MigrationParams, nbd: NbdTarget
+    ) -> None:
+        await self._migrations.perform_copy(ref, uri, params, nbd)
 
     async def migrate_cancel(self, ref: str) -> None:
         await self._migrations.cancel(ref)

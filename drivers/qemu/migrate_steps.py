@@ -15,14 +15,28 @@ import functools
 import logging
 from typing import TYPE_CHECKING
 
+from drivers.qemu import copy_storage as cs
 from drivers.qemu import events as ev
+from drivers.qemu import external
 from drivers.qemu import migration as mig
 from drivers.qemu.launch import check_type
 from virtbus.domain import parse_domain_xml
-from virtbus.errors import MigrateFailed, OperationInvalid, OperationTimeout, VirtbusError
+from virtbus.errors import (
+    InvalidArgument,
+    MigrateFailed,
+    OperationInvalid,
+    OperationTimeout,
+    VirtbusError,
+)
 from virtbus.protocol.base import decode, to_wire
 from virtbus.protocol.events import DomainState
-from virtbus.protocol.migration import MigrationParams, MigrationState, MigrationStatus
+from virtbus.protocol.migration import (
+    CopyDisk,
+    MigrationParams,
+    MigrationState,
+    MigrationStatus,
+    NbdTarget,
+)
 
 if TYPE_CHECKING:
     from drivers.qemu.domain import Domain, Run
@@ -161,6 +175,84 @@ class MigrationSteps:
             raise MigrateFailed(f"migration of '{dom.defn.name}' to {uri} failed: {exc}") from exc
         await dom.save_status(run)
 
+    # --- copy-storage (drivers/qemu/copy_storage.py) --------------------------------------
+    async def disks(self, ref: str) -> list[CopyDisk]:
+        """Source: each disk a copy-storage migration moves, with QEMU's size and format."""
+        dom = self._registry.get(ref)
+        run = dom.require(S.RUNNING, S.PAUSED, verb="migrate")
+        disks = cs.copied_disks(run.live)
+        out = []
+        for disk, info in zip(disks, await external.inserted(dom, run, disks), strict=True):
+            image = info.get("image") if isinstance(info.get("image"), dict) else {}
+            assert isinstance(image, dict)
+            fmt = str(info.get("drv") or "raw")
+            if fmt not in ("raw", "qcow2"):
+                raise InvalidArgument(
+                    f"disk '{disk.target_dev}' of domain '{dom.defn.name}' is {fmt}:"
+                    " copy-storage makes raw and qcow2 volumes only"
+                )
+            out.append(CopyDisk(
+                target=disk.target_dev, format=fmt,
+                capacity=int(image.get("virtual-size") or 0),
+                allocation=int(image.get("actual-size") or 0),
+            ))  # fmt: skip
+        return out
+
+    async def nbd_start(self, ref: str, targets: list[str], listen: str) -> NbdTarget:
+        """Destination: serve the incoming instance's disks over NBD (once per prepare)."""
+        dom = self._registry.get(ref)
+        job, run = self._jobs.get(dom.defn.uuid), dom.run
+        if job is None or job.role != "destination" or job.finished or run is None:
+            raise OperationInvalid(f"domain '{dom.defn.name}' is not an incoming migration")
+        if job.nbd_targets:
+            raise OperationInvalid(f"the disks of '{dom.defn.name}' are already served")
+        by_target = {d.target_dev: d for d in run.live.disks}
+        unknown = sorted(set(targets) - set(by_target))
+        if unknown:
+            raise InvalidArgument(
+                f"domain '{dom.defn.name}' has no disk {', '.join(unknown)} here to copy into"
+            )
+        disks = [by_target[t] for t in targets]
+        infos = await external.inserted(dom, run, disks)
+        nodes = {d.target_dev: str(i["node-name"]) for d, i in zip(disks, infos, strict=True)}
+        execute = functools.partial(dom.execute, run)
+        served = await cs.serve(execute, nodes, listen, self._migration.incoming_attempts)
+        job.nbd_targets = list(nodes)
+        return served
+
+    async def perform_copy(
+        self, ref: str, uri: str, params: MigrationParams, nbd: NbdTarget
+    ) -> None:
+        """Source: mirror the disks into the destination's exports; the job task sends
+        memory once they are ready (:meth:`Job.copy_then_follow`)."""
+        mig.parse_tcp_uri(uri)
+        if not params.copy_storage_all:
+            raise InvalidArgument("an NBD target is given without copy_storage_all")
+        dom = self._registry.get(ref)
+        run = dom.require(S.RUNNING, S.PAUSED, verb="migrate")
+        self._check_idle(dom, run)
+        disks = cs.copied_disks(run.live)
+        infos = await external.inserted(dom, run, disks)
+        nodes = {d.target_dev: str(i["node-name"]) for d, i in zip(disks, infos, strict=True)}
+        execute = functools.partial(dom.execute, run)
+        try:
+            await mig.configure(execute, params, "source", self._migration)
+        except VirtbusError as exc:
+            raise MigrateFailed(
+                f"cannot configure the migration of '{dom.defn.name}': {exc}"
+            ) from exc
+        speed = (params.bandwidth_mib_s or 0) * cs.MIB
+        mirrors = cs.Mirrors(nbd, nodes, poll=self._migration.mirror_poll, speed=speed)
+        await mirrors.start(execute)  # undoes itself on failure
+        job = mig.Job("source", params, self._migration, mirrors=mirrors)
+        self._jobs[dom.defn.uuid] = run.migration = job
+        run.pending -= {ev.Pending.MIGRATED_OUT}
+        run.pending.add(ev.Pending.MIGRATING)
+        run.job = {"migration": "outgoing", "uri": uri, "params": to_wire(params)}
+        emit = lambda st: dom.emit("migration", None, to_wire(st))  # noqa: E731
+        dom.helper(run, job.copy_then_follow(execute, emit, uri), f"qemu-migrate-{dom.defn.name}")
+        await dom.save_status(run)
+
     async def status(self, ref: str) -> MigrationStatus:
         dom = self._registry.get(ref)
         job = self._jobs.get(dom.defn.uuid)
@@ -172,10 +264,12 @@ class MigrationSteps:
                 fresh = mig.status_from_query(await run.monitor.execute("query-migrate"))
             except VirtbusError:
                 return job.status
+            if job.mirrors is not None:
+                return job.current()  # its task follows the disks and then QEMU's status
             if fresh.status != "none":
                 fresh.passes = max(fresh.passes, job.status.passes)
                 return fresh
-        return job.status
+        return job.current() if job.mirrors is not None else job.status
 
     async def cancel(self, ref: str) -> None:
         dom = self._registry.get(ref)
@@ -186,7 +280,9 @@ class MigrationSteps:
             raise OperationInvalid(
                 f"cannot cancel the migration of '{dom.defn.name}' in postcopy mode"
             )
-        await dom.execute(dom.run, "migrate_cancel")
+        job.cancel_requested = True  # a copy-storage job still mirroring stops by itself
+        if job.mirrors is None or job.mirrors.ready:
+            await dom.execute(dom.run, "migrate_cancel")
         if not await job.wait_done(self._migration.cancel_wait):
             raise OperationTimeout(f"migration of '{dom.defn.name}' did not stop after cancel")
 
@@ -222,6 +318,9 @@ class MigrationSteps:
                 lambda st: st.status in done, self._migration.finish_wait
             ):
                 raise MigrateFailed(f"incoming migration is '{job.status.status}', not completed")
+        if job.nbd_targets:  # the source completed its mirrors before the switchover
+            await cs.stop_serving(functools.partial(dom.execute, run), job.nbd_targets)
+            job.nbd_targets = []
         job.finished = True
         defn = job.defn or run.live.copy()
         await self._store.save_definition(defn)

@@ -25,13 +25,16 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
 from virtbus.domain import DomainDefinition
 from virtbus.errors import InvalidArgument, MigrateFailed, OperationInvalid, VirtbusError
-from virtbus.protocol.migration import MigrationParams, MigrationState, MigrationStatus
+from virtbus.protocol.migration import CopyPhase, MigrationParams, MigrationState, MigrationStatus
+
+if TYPE_CHECKING:
+    from drivers.qemu.copy_storage import Mirrors
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,8 @@ class MigrationSettings:
     postcopy_after_passes: int = 1  # switch to postcopy once this many passes are done
     default_downtime_ms: int = 300  # QEMU's own default, restored when none is asked
     unlimited_bandwidth: int = 1 << 53  # bytes/s: libvirt's "no limit" (QEMU's is 128 MiB/s)
+    mirror_poll: float = 0.2  # copy-storage: query-jobs while the disks are mirrored
+    mirror_end_wait: float = 60.0  # copy-storage: cancelled ready mirrors until they ended
 
 
 # --- pure pieces ------------------------------------------------------------------------
@@ -71,6 +76,8 @@ def capability_list(params: MigrationParams, role: Role) -> list[dict[str, Any]]
     if role == "source":
         caps["auto-converge"] = params.auto_converge
         caps["return-path"] = params.postcopy  # postcopy needs the destination's page requests
+        # copy-storage: stop at pre-switchover, where the mirrors are completed (libvirt)
+        caps["pause-before-switchover"] = params.copy_storage_all
     return [{"capability": name, "state": state} for name, state in caps.items()]
 
 
@@ -179,6 +186,9 @@ class Job:
     defn: DomainDefinition | None = None  # destination: the definition to own after finish
     new_domain: bool = False  # destination: no definition of it existed here before
     finished: bool = False  # destination: finish(True) done (the domain is ours for good)
+    mirrors: Mirrors | None = None  # source of a copy-storage migration: the disk mirrors
+    nbd_targets: list[str] = field(default_factory=list)  # destination: disks it serves
+    cancel_requested: bool = False  # source: cancel while the disks are mirrored
     _wake: asyncio.Event = field(default_factory=asyncio.Event)  # for follow() only
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     _waiters: list[asyncio.Future[None]] = field(default_factory=list)  # wait_status()
@@ -244,6 +254,72 @@ class Job:
                 await asyncio.wait_for(fut, left)
         return ready(self.status)
 
+    def _decorate(self, status: MigrationStatus) -> MigrationStatus:
+        """A copy-storage status says which phase it is in, and the disks' bytes."""
+        if self.mirrors is not None:
+            status.phase = CopyPhase.MEMORY if self.mirrors.ready else CopyPhase.DISK
+            status.disk_transferred = self.mirrors.transferred
+            status.disk_total = self.mirrors.total
+        return status
+
+    def current(self) -> MigrationStatus:
+        return self._decorate(self.status)
+
+    async def copy_then_follow(self, execute: Execute, emit: Emit, uri: str) -> None:
+        """Source of a copy-storage migration: wait for the mirrors (phase ``disk``,
+        status ``setup``), then ``migrate`` and follow it (phase ``memory``)."""
+        mirrors = self.mirrors
+        assert mirrors is not None
+        started = False
+        try:
+            last = 0.0
+
+            def progress() -> None:
+                nonlocal last
+                self._decorate(self.status)
+                self._changed()
+                now = time.monotonic()
+                if now - last >= self.settings.progress_interval:
+                    last = now
+                    emit(self.status)
+
+            ready = await mirrors.wait_ready(execute, progress, lambda: self.cancel_requested)
+            if not ready:
+                await mirrors.abort(execute)
+                self.end(MigrationState.CANCELLED, "cancelled while copying the disks")
+                emit(self.current())
+                return
+            emit(self.current())
+            await execute("migrate", {"uri": uri})
+            started = True
+        except VirtbusError as exc:
+            await mirrors.abort(execute)
+            self.end(MigrationState.FAILED, f"{exc}")
+            emit(self.current())
+            return
+        finally:
+            if not started and not self._done.is_set():  # cancelled from outside
+                self.end(MigrationState.FAILED, "the disk copy was interrupted")
+        await self.follow(execute, emit)
+
+    async def _switchover(self, execute: Execute) -> MigrationStatus | None:
+        """At ``pre-switchover``: complete the mirrors, then let QEMU switch over; on a
+        failure cancel the migration (the guest resumes at the source at confirm) and
+        return its failed status."""
+        assert self.mirrors is not None
+        try:
+            await self.mirrors.finish(execute, self.settings.mirror_end_wait)
+            await execute("migrate-continue", {"state": "pre-switchover"})
+            return None
+        except VirtbusError as exc:
+            log.warning("copy-storage switchover failed: %s", exc)
+            with contextlib.suppress(VirtbusError):
+                await execute("migrate_cancel")
+            await self.mirrors.abort(execute)
+            failed = msgspec.structs.replace(self.status, status=MigrationState.FAILED)
+            failed.error = str(exc)
+            return failed
+
     def _should_switch(self) -> bool:
         return (
             self.params.postcopy
@@ -279,6 +355,12 @@ class Job:
                 self._transitions.clear()
                 if fresh.status in POSTCOPY:
                     self.postcopy_started = True
+                if self.mirrors is not None:
+                    if fresh.status == MigrationState.PRE_SWITCHOVER and not self.mirrors.done:
+                        fresh = await self._switchover(execute) or fresh
+                    elif fresh.status in TERMINAL and fresh.status != "completed":
+                        await self.mirrors.abort(execute)
+                    self._decorate(fresh)
                 self.status = fresh
                 self._changed()
                 if self._should_switch():

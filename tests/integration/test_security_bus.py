@@ -37,6 +37,7 @@ from virtbus.errors import AuthDenied, VirtbusError
 from virtbus.protocol import ops
 from virtbus.protocol.envelope import Envelope, Kind
 from virtbus.protocol.migration import (
+    MigrationBegin,
     MigrationDomain,
     MigrationEnd,
     MigrationPerform,
@@ -345,7 +346,7 @@ async def test_perform_streams_only_to_the_uri_the_destinations_prepare_answered
             await admin.host(agent).define(_xml("db-mig"))
             await admin.host(agent).domain("db-mig").start()
             src, dst = sched.host(agent), sched.host(users.host2)
-            begun = await src.call(ops.MIGRATION_BEGIN, MigrationDomain(domain="db-mig"))
+            begun = await src.call(ops.MIGRATION_BEGIN, MigrationBegin(domain="db-mig"))
             mid = f"mig-{TAG}"
             prepare = MigrationPrepare(xml=begun.xml, migration=mid)
             prepared = (await dst.call(ops.MIGRATION_PREPARE, prepare)).uri

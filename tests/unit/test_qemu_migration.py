@@ -37,7 +37,8 @@ def caps(params: MigrationParams, role: str) -> dict[str, bool]:
 def test_capabilities_plain_turns_everything_off_but_events() -> None:
     src = caps(MigrationParams(), "source")
     assert src == {"events": True, "postcopy-ram": False, "multifd": False,
-                   "auto-converge": False, "return-path": False}  # fmt: skip
+                   "auto-converge": False, "return-path": False,
+                   "pause-before-switchover": False}  # fmt: skip
     assert caps(MigrationParams(), "destination") == {
         "events": True, "postcopy-ram": False, "multifd": False,
     }  # fmt: skip
@@ -51,6 +52,13 @@ def test_capabilities_postcopy_multifd_autoconverge() -> None:
     assert "auto-converge" not in caps(pc, "destination")  # source-only
     mf = MigrationParams(parallel=2)
     assert caps(mf, "source")["multifd"] and caps(mf, "destination")["multifd"]
+
+
+def test_capabilities_copy_storage_pauses_the_source_before_switchover() -> None:
+    """The mirrors are completed at pre-switchover (libvirt's order); only the source."""
+    cs = MigrationParams(copy_storage_all=True)
+    assert caps(cs, "source")["pause-before-switchover"]
+    assert "pause-before-switchover" not in caps(cs, "destination")
 
 
 def test_parameters() -> None:

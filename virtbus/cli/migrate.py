@@ -70,6 +70,10 @@ def _migration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--postcopy", action="store_true", help="switch to post-copy after a pass")
     p.add_argument("--parallel", type=int, default=0, metavar="N", help="multifd channels")
     p.add_argument(
+        "--copy-storage-all", action="store_true",
+        help="non-shared disks: copy every writable disk to volumes the destination makes",
+    )  # fmt: skip
+    p.add_argument(
         "--timeout",
         dest="migration_timeout",
         type=float,
@@ -87,6 +91,7 @@ def _params(args: argparse.Namespace) -> MigrationParams:
         "parallel": args.parallel,
         "bandwidth_mib_s": args.bandwidth,
         "max_downtime_ms": args.max_downtime,
+        "copy_storage_all": args.copy_storage_all,
     }
     return decode({k: v for k, v in given.items() if v is not None}, MigrationParams)
 
@@ -94,15 +99,22 @@ def _params(args: argparse.Namespace) -> MigrationParams:
 def _progress(rec: dict[str, Any], with_bar: bool = False) -> str:
     """The last status map in words; ``with_bar``: a bar instead of the bare percentage."""
     p = rec.get("progress") or {}
+    if p.get("phase") == "disk":  # copy-storage: the disks first, then memory
+        done, total = p.get("disk_transferred", 0), p.get("disk_total", 0)
+        fraction = done / max(1, total)
+        amount = f"{done // MIB}/{total // MIB} MiB"
+        shown = bar(fraction) if with_bar else f"{int(100 * min(fraction, 1.0))}%"
+        return f"disk {shown} ({amount})"
     if not p.get("total"):
         return p.get("status", "") or ""
     fraction = p.get("transferred", 0) / max(1, p["total"])
     if rec.get("state") == "completed":
         fraction = 1.0  # dirty pages resent: transferred may end below or above total
     amount = f"{p.get('transferred', 0) // MIB}/{p['total'] // MIB} MiB, pass {p.get('passes', 0)}"
+    what = f"memory {p.get('status')}" if p.get("phase") == "memory" else p.get("status")
     if with_bar:
-        return f"{p.get('status')} {bar(fraction)} ({amount})"
-    return f"{p.get('status')} {int(100 * min(fraction, 1.0))}% ({amount})"
+        return f"{what} {bar(fraction)} ({amount})"
+    return f"{what} {int(100 * min(fraction, 1.0))}% ({amount})"
 
 
 def _line(rec: dict[str, Any], with_bar: bool = False, style: Style | None = None) -> str:

@@ -42,12 +42,17 @@ class MigrationParams(Message):
     # where the destination listens for the stream; None: the destination host's own
     # migration address (the scheduler fills it in from the host's heartbeat)
     listen_address: Address | None = None
+    # libvirt's VIR_MIGRATE_NON_SHARED_DISK (--copy-storage-all): the destination makes
+    # the volumes, the source mirrors every writable disk into them over NBD first
+    copy_storage_all: bool = False
 
     def __post_init__(self) -> None:
         """What QEMU would refuse only once the destination was prepared (msgspec runs this
         on every decode, so the scheduler refuses it at submit, as the agents do)."""
         if self.postcopy and self.parallel:
             raise BadValue("postcopy cannot be combined with parallel (multifd)")
+        if self.postcopy and self.copy_storage_all:  # libvirt refuses it too
+            raise BadValue("postcopy cannot be combined with copy_storage_all")
         if self.listen_address is not None and not is_host(self.listen_address):
             raise BadValue(
                 f"listen_address {self.listen_address!r:.60} is not an IP address or a host "
@@ -92,8 +97,16 @@ class MigrationState(StrEnum):
             raise ProtocolError(f"unknown migration status {text!r:.40}") from None
 
 
+class CopyPhase(StrEnum):
+    """Which part of a copy-storage migration is moving: the disks first, then memory."""
+
+    DISK = "disk"
+    MEMORY = "memory"
+
+
 class MigrationStatus(Message):
-    """Progress of a migration as QEMU reports it (libvirt's job info)."""
+    """Progress of a migration as QEMU reports it (libvirt's job info); a copy-storage
+    migration adds ``phase`` and the disks' bytes (libvirt's disk_processed/disk_total)."""
 
     status: MigrationState
     transferred: NonNegInt = 0
@@ -103,6 +116,9 @@ class MigrationStatus(Message):
     downtime_ms: int | None = None
     total_time_ms: int | None = None
     error: str | None = None
+    phase: CopyPhase | None = None
+    disk_transferred: NonNegInt = 0
+    disk_total: NonNegInt = 0
 
     @property
     def ended(self) -> bool:
@@ -133,6 +149,7 @@ class MigrationPhase(StrEnum):
     BEGIN = "begin"
     PREPARE = "prepare"
     PERFORM = "perform"
+    STORAGE = "storage"  # copy-storage: the disks are mirrored, memory not sent yet
     PROGRESS = "progress"
     FINISH = "finish"
     CONFIRM = "confirm"
@@ -171,6 +188,33 @@ class MigrationDomain(Message):
     domain: Name
 
 
+class MigrationBegin(Message):
+    """``params``: what the migration will do; with copy_storage_all the source lists the
+    disks it will copy (``MigrationSource.disks``) and refuses one it cannot."""
+
+    domain: Name
+    params: MigrationParams = default(default_factory=MigrationParams)
+
+
+class CopyDisk(Message):
+    """One disk a copy-storage migration copies: the destination makes a volume this big
+    in this format where its own definition puts the disk (``target``: its dev)."""
+
+    target: Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[a-z0-9]+$(?!\n)")]
+    format: Annotated[str, Meta(pattern=r"^(raw|qcow2)$(?!\n)")]
+    capacity: NonNegInt
+    allocation: NonNegInt = 0  # what the source's image holds now: what the copy writes
+
+
+class NbdTarget(Message):
+    """Where the destination serves the disks it made: NBD on ``host``:``port``, one
+    writable export per disk, named by its target dev."""
+
+    host: Address
+    port: Annotated[int, Meta(gt=0, lt=65536)]
+    exports: list[Annotated[str, Meta(min_length=1, max_length=32)]]
+
+
 MigrationId = Annotated[str, Meta(min_length=1, max_length=128)]
 
 
@@ -181,6 +225,7 @@ class MigrationPrepare(Message):
     xml: XmlText
     params: MigrationParams = default(default_factory=MigrationParams)
     migration: MigrationId | None = None
+    disks: list[CopyDisk] = default(default_factory=list)  # copy_storage_all: from begin
 
 
 class MigrationPerform(Message):
@@ -193,6 +238,7 @@ class MigrationPerform(Message):
     params: MigrationParams = default(default_factory=MigrationParams)
     migration: MigrationId | None = None
     destination: Name | None = None
+    nbd: NbdTarget | None = None  # copy_storage_all: what the destination's prepare serves
 
 
 class MigrationRef(Message):
@@ -215,12 +261,14 @@ class MigrationSource(Message):
     name: str
     uuid: str
     state: str
+    disks: list[CopyDisk] = default(default_factory=list)  # copy_storage_all: to copy
 
 
 class MigrationTarget(Message):
     uri: str
     name: str
     uuid: str
+    nbd: NbdTarget | None = None  # copy_storage_all: where the source mirrors the disks
 
 
 class MigrationOutcome(Message):
@@ -245,7 +293,7 @@ def _step(
 
 
 MIGRATION_BEGIN = _step(
-    "migration.begin", MigrationDomain, MigrationSource,
+    "migration.begin", MigrationBegin, MigrationSource,
     "source: check the domain can migrate; its XML for the destination",
 )  # fmt: skip
 MIGRATION_PREPARE = op(

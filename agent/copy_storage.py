@@ -1,0 +1,143 @@
+"""The destination's volumes of a copy-storage migration (libvirt's
+qemuMigrationDstPrecreateStorage): made before the incoming instance starts, removed
+again if the migration does not finish here.
+
+Each disk the source copies (``MigrationPrepare.disks``, from its ``begin``) is placed
+where the destination's own definition puts it: a ``<disk type='volume'>`` in its pool
+and volume, a ``<disk type='file'>`` in the active pool whose directory holds the path.
+Nothing that exists is ever reused or overwritten: a volume of that name already there
+is OPERATION_INVALID. The pools must have room for what the copy will write (the
+source's allocation), else OPERATION_FAILED before anything is made.
+
+What was made is recorded on disk under the domain's uuid before it is made, so a
+rollback (``finish(success=false)``), also one after an agent restart, removes exactly
+those volumes and no others; a finished migration forgets the record (the volumes are
+the domain's now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os.path
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.storage import StoragePools
+from virtbus.domain import DomainDefinition
+from virtbus.errors import InvalidArgument, NoStoragePool, OperationInvalid, VirtbusError
+from virtbus.protocol.migration import CopyDisk
+from virtbus.storage.volume import volume_xml
+from virtbus.store import replace_file
+
+log = logging.getLogger(__name__)
+KEY = "copied_volumes"  # its key in AgentContext.extras
+
+
+def placement(defn: DomainDefinition, disk: CopyDisk, storage: StoragePools) -> tuple[str, str]:
+    """(pool, volume) where this host's definition puts a copied disk."""
+    found = next((d for d in defn.disks if d.target_dev == disk.target), None)
+    if found is None:
+        raise InvalidArgument(f"domain '{defn.name}' has no disk '{disk.target}' here to copy into")
+    source = found.element.find("source")
+    if found.type == "volume" and source is not None:
+        pool, volume = source.get("pool"), source.get("volume")
+        if pool and volume:
+            return pool, volume
+    if found.type == "file" and found.source_path:
+        directory, name = os.path.split(found.source_path)
+        pool = storage.pool_at(directory)
+        if pool is None:
+            raise NoStoragePool(
+                f"no active storage pool holds {directory} on this host: copy-storage makes"
+                f" disk '{disk.target}' ({found.source_path}) as a volume of one"
+            )
+        return pool, name
+    raise InvalidArgument(
+        f"disk '{disk.target}' of domain '{defn.name}' is type='{found.type}' here:"
+        " copy-storage copies into file and volume disks only"
+    )
+
+
+@dataclass(slots=True)
+class CopiedVolumes:
+    """Volumes made for incoming copy-storage migrations, by domain uuid (on disk)."""
+
+    path: Path
+    storage: StoragePools
+    made: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+    def load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("copy-storage volumes not read from %s: %s", self.path, exc)
+            return
+        if isinstance(data, dict):
+            self.made = {str(k): [(str(p), str(v)) for p, v in vols] for k, vols in data.items()}
+
+    async def _save(self) -> None:
+        data = json.dumps(self.made).encode()
+        await asyncio.to_thread(replace_file, self.path, data)
+
+    async def precreate(self, defn: DomainDefinition, disks: list[CopyDisk]) -> None:
+        """Check every place, the names and the room first, then make the volumes; a
+        failure part-way removes the ones made."""
+        if defn.uuid in self.made:
+            raise OperationInvalid(f"domain '{defn.name}' already has volumes being copied in")
+        places = [placement(defn, disk, self.storage) for disk in disks]
+        if len(set(places)) != len(places):
+            raise InvalidArgument(f"two disks of domain '{defn.name}' share one volume here")
+        need: dict[str, int] = defaultdict(int)
+        for (pool, volume), disk in zip(places, disks, strict=True):
+            try:
+                await self.storage.volume(pool, volume)
+            except VirtbusError as exc:
+                if exc.code != "NO_STORAGE_VOL":
+                    raise
+            else:
+                raise OperationInvalid(
+                    f"storage volume '{volume}' already exists in pool '{pool}': copy-storage"
+                    " never overwrites a volume"
+                )
+            need[pool] += max(disk.allocation, 0)
+        for pool, size in need.items():
+            names = ", ".join(v for p, v in places if p == pool)
+            await self.storage.check_room(pool, size, names)
+        self.made[defn.uuid] = []
+        try:
+            for (pool, volume), disk in zip(places, disks, strict=True):
+                self.made[defn.uuid].append((pool, volume))
+                await self._save()  # recorded before it exists: a crash still removes it
+                xml = volume_xml(volume, disk.capacity, format=disk.format)
+                await self.storage.create_volume(pool, xml)
+        except BaseException:
+            await self.remove(defn.uuid)
+            raise
+
+    async def remove(self, uuid: str) -> None:
+        """The migration did not finish here: remove the volumes made for it."""
+        volumes = self.made.get(uuid)
+        if volumes is None:
+            return
+        self.storage.release(uuid)  # the incoming instance is gone: its leases too
+        for pool, volume in reversed(volumes):
+            try:
+                await self.storage.delete_volume(pool, volume)
+            except VirtbusError as exc:
+                if exc.code != "NO_STORAGE_VOL":
+                    log.error("copy-storage volume %s/%s not removed: %s", pool, volume, exc)
+                    continue  # kept in the record: a later rollback tries again
+            volumes.remove((pool, volume))
+        if not volumes:
+            del self.made[uuid]
+        await self._save()
+
+    async def forget(self, uuid: str) -> None:
+        """The migration finished: the volumes belong to the domain now."""
+        if self.made.pop(uuid, None) is not None:
+            await self._save()

@@ -1,0 +1,248 @@
+"""``virtbus migrate --copy-storage-all`` of a real QEMU guest between two agents whose
+pools are separate directories, driven by virtbus-scheduler.
+
+The guest's disk is a qcow2 volume of pool ``cs`` on the source only: 8 MiB of the test
+disk's sector pattern, then 8 MiB of 0x5A. Inside the guest, ``write 1`` puts zeros over
+[8, 9) MiB: the marker. The destination's ``cs`` starts empty; after the migration the
+guest, now running there, reads its disk back (``disk-md5 16``) and must see exactly
+pattern + marker + 0x5A: the bytes came through the NBD mirror, the guest's write too.
+
+Before that, on the same guest: each bad input is refused with its code while the guest
+keeps running on the source and both agents keep serving; and the destination QEMU is
+killed while the disks are being copied (the mirror rate-limited to 1 MiB/s): the
+migration fails, the guest runs on the source with its disk as it was, and no volume is
+left on the destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import qemu_pids_under
+from tests.guests import ensure_test_guest
+from tests.integration.test_scheduler_cluster import (  # noqa: F401 - the vhost fixture
+    URL,
+    agents,
+    placed,
+    scheduler_process,
+    vcli,
+    vhost,
+    wait_hosts,
+)
+from tests.procs import cli
+
+pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.slow]
+MIB = 1 << 20
+CONTROL = "org.virtbus.guest.0"
+REPLY_TIMEOUT = 30.0
+
+
+def guest_xml(kernel: Path, initrd: Path, cmdline: str, serial: Path, pool: str,
+              uuid: str = "") -> str:  # fmt: skip
+    return f"""<domain type='qemu'>
+  <name>cs1</name>{f"<uuid>{uuid}</uuid>" if uuid else ""}
+  <memory unit='MiB'>128</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>{cmdline}</cmdline></os>
+  <features><acpi/></features>
+  <devices>
+    <channel type='unix'><target type='virtio' name='{CONTROL}'/></channel>
+    <serial type='file'><source path='{serial}'/><target port='0'/></serial>
+    <disk type='volume' device='disk'><driver name='qemu' type='qcow2'/>
+      <source pool='{pool}' volume='disk.qcow2'/><target dev='vda' bus='virtio'/></disk>
+  </devices>
+</domain>"""
+
+
+class Guest:
+    """The guest's control port (a virtio-serial channel): one command, one reply line."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, state_dir: Path, uuid: str) -> Guest:
+        (sock,) = list(state_dir.rglob(f"{uuid}.channel0.sock"))
+        return cls(*await asyncio.open_unix_connection(str(sock)))
+
+    async def ask(self, line: str, expect: str) -> str:
+        self.writer.write(line.encode() + b"\n")
+        await self.writer.drain()
+        async with asyncio.timeout(REPLY_TIMEOUT):
+            while True:
+                raw = await self.reader.readline()
+                assert raw, f"control port closed waiting for {expect!r}"
+                text = raw.decode(errors="replace").strip()
+                if text.startswith(expect):
+                    return text[len(expect) :].strip()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+async def wait_text(path: Path, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text.encode() not in (path.read_bytes() if path.exists() else b""):
+        assert time.monotonic() < deadline, f"{text!r} never on {path}"
+        await asyncio.sleep(0.2)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs (a pool that lacks room); unmounted afterwards."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+async def migration_of(domain: str) -> dict[str, Any]:
+    recs = [r for r in await vcli("migrations") if r["domain"] == domain]
+    return max(recs, key=lambda r: r["created"]) if recs else {}
+
+
+async def refused(dst_xml: Path, to: str, code: str) -> None:
+    """A copy-storage migration that must fail with ``code`` (CLI exit 1)."""
+    r = await cli("migrate", "cs1", "--to", to, "--xml", str(dst_xml), "--copy-storage-all",
+                  "--wait", bus=URL, timeout=90)  # fmt: skip
+    assert r.code == 1 and code in r.err, (r.code, r.err)
+
+
+async def test_copy_storage_all_moves_the_guest_and_its_disk(
+    vhost: str,  # noqa: F811
+    e2e_root: Path,
+) -> None:
+    guest = await ensure_test_guest()
+    base = e2e_root / f"cs{os.getpid() % 10000}"  # short: the channel socket path is bounded
+    base.mkdir()
+    pool_a, pool_b = base / "pool-a", base / "pool-b"
+    pool_a.mkdir()
+    pool_b.mkdir()
+    # the source volume: the sector pattern, then 0x5A (the marker must overwrite data)
+    pattern = guest.disk.read_bytes()[: 8 * MIB]
+    raw = base / "disk.raw"
+    raw.write_bytes(pattern + b"\x5a" * (8 * MIB))
+    convert = ["qemu-img", "convert", "-O", "qcow2", str(raw), str(pool_a / "disk.qcow2")]
+    await asyncio.to_thread(subprocess.run, convert, check=True)
+    marked = base / "marked.raw"  # what the guest's disk holds after the marker
+    marked.write_bytes(pattern + bytes(MIB) + b"\x5a" * (7 * MIB))
+    expected = hashlib.md5(marked.read_bytes()).hexdigest()
+    serial, dst_serial = base / "cs1-src.serial", base / "cs1-dst.serial"
+    args = (guest.kernel, guest.initramfs, guest.cmdline)
+    (base / "cs1.xml").write_text(guest_xml(*args, serial, "cs"))
+    try:
+        config = base / "agent.toml"  # the pools live under the test's directory
+        config.write_text(f"[storage]\nroots = [{json.dumps(str(base))}]\n")
+        async with (
+            agents(base, 2, "--config", str(config), driver="qemu") as (a, b),
+            scheduler_process(base / "sched"),
+        ):
+            await wait_hosts(2)
+            for host, path in ((a.host, pool_a), (b.host, pool_b)):
+                await vcli("pool-create-as", "cs", "dir", "--target", str(path), "--host", host)
+            await vcli("define", str(base / "cs1.xml"), "--host", a.host)
+            await vcli("start", "cs1", "--host", a.host)
+            uuid = (await vcli("dominfo", "cs1", "--host", a.host))["uuid"]
+            await wait_text(serial, "VIRTBUS-GUEST-READY")
+            g = await Guest.connect(a.state_dir, uuid)
+            try:
+                assert await g.ask("write 1", "VIRTBUS-DONE") == "write 1"  # the marker
+                assert await g.ask("disk-md5 16", "VIRTBUS-DISK-MD5") == f"16 {expected}"
+            finally:
+                await g.close()
+
+            def dst_xml(pool: str) -> Path:
+                path = base / f"cs1-dst-{pool}.xml"
+                path.write_text(guest_xml(*args, dst_serial, pool, uuid))
+                return path
+
+            async def on_source_only() -> None:
+                """The guest runs at the source; the destination serves and holds no copy."""
+                assert await placed("cs1") == [(a.host, "running")]
+                assert [v["name"] for v in await vcli("vol-list", "cs", "--host", b.host)] == []
+                assert sorted(os.listdir(pool_b)) == []
+
+            # --- bad input: each refused with its code; nothing made, both agents serve ---
+            await refused(dst_xml("nosuch"), b.host, "NO_STORAGE_POOL")
+            await on_source_only()
+            await vcli("vol-create-as", "cs", "disk.qcow2", "16M", "--format", "qcow2",
+                       "--host", b.host)  # fmt: skip
+            await refused(dst_xml("cs"), b.host, "OPERATION_INVALID")  # never overwritten
+            await vcli("vol-delete", "disk.qcow2", "--pool", "cs", "--host", b.host)
+            with tmpfs(base / "tiny", "4m") as tiny:
+                await vcli("pool-create-as", "tiny", "dir", "--target", str(tiny), "--host", b.host)
+                await refused(dst_xml("tiny"), b.host, "OPERATION_FAILED")  # 16 MiB into 4
+                assert os.listdir(tiny) == []
+                await vcli("pool-destroy", "tiny", "--host", b.host)
+            await on_source_only()
+
+            # --- the destination QEMU dies while the disk is copied: rolled back ---
+            r = await cli("--json", "migrate", "cs1", "--to", b.host, "--xml", str(dst_xml("cs")),
+                          "--copy-storage-all", "--bandwidth", "1", bus=URL)  # fmt: skip
+            assert r.code == 0, r.err
+            async with asyncio.timeout(30):
+                while True:
+                    rec = await migration_of("cs1")
+                    progress = rec.get("progress") or {}
+                    if rec.get("phase") == "storage" and progress.get("disk_transferred", 0) > 0:
+                        break
+                    assert rec.get("state") in (None, "queued", "running"), rec.get("error")
+                    await asyncio.sleep(0.1)
+            assert progress["phase"] == "disk" and progress["disk_total"] >= 16 * MIB, progress
+            (dst_pid,) = qemu_pids_under(b.state_dir)
+            os.kill(dst_pid, signal.SIGKILL)
+            async with asyncio.timeout(60):
+                while (rec := await migration_of("cs1")).get("state") == "running":
+                    await asyncio.sleep(0.2)
+            assert rec["state"] == "failed", rec
+            await on_source_only()
+            g = await Guest.connect(a.state_dir, uuid)
+            try:
+                assert await g.ask("ping x", "VIRTBUS-PONG") == "x"
+                assert await g.ask("disk-md5 16", "VIRTBUS-DISK-MD5") == f"16 {expected}"
+            finally:
+                await g.close()
+
+            # --- the real thing: the marker is read back at the destination ---
+            r = await cli("--json", "migrate", "cs1", "--to", b.host, "--xml", str(dst_xml("cs")),
+                          "--copy-storage-all", "--wait", bus=URL, timeout=120)  # fmt: skip
+            assert r.code == 0, r.err
+            rec = json.loads(r.out)
+            phases = [p for p, _t in rec["history"]]
+            assert phases.index("storage") < phases.index("progress") < phases.index("finish"), (
+                phases
+            )
+            assert await placed("cs1") == [(b.host, "running")]
+            g = await Guest.connect(b.state_dir, uuid)
+            try:
+                assert await g.ask("disk-md5 16", "VIRTBUS-DISK-MD5") == f"16 {expected}"
+            finally:
+                await g.close()
+            assert sorted(os.listdir(pool_b)) == ["disk.qcow2"]
+            # the source's volume stays as the guest left it (libvirt keeps it too)
+            compare = ["qemu-img", "compare", "-f", "qcow2", "-F", "raw",
+                       str(pool_a / "disk.qcow2"), str(marked)]  # fmt: skip
+            check = await asyncio.to_thread(subprocess.run, compare, check=False)
+            assert check.returncode == 0, "the source's disk changed"
+            await vcli("destroy", "cs1", "--host", b.host)
+    finally:
+        for pid in qemu_pids_under(base):  # never leave a guest behind
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
