@@ -5,15 +5,17 @@ proxy of ours that we cut, then during a real broker restart (``rabbitmqctl
 stop_app``/``start_app``). A subscriber reading the event history must receive every
 event exactly once, in order, with consecutive sequence numbers.
 
-The broker is a node of this module's own (tests/rabbitnode.py: its own name, ports and
-data dir), never the shared one. Each test checks its premise: the guests were running
-when the link went, and their power-off events were really held in the agent's outbox
-(unconfirmed records on disk) until it came back.
+The cut link is a proxy of ours in front of the shared broker (only our agent's link goes
+through it); the restarted broker is a node of the test's own (tests/rabbitnode.py: its own
+name, ports and data dir), never the shared one. Each test checks its premise: the guests
+were running when the link went, and their power-off events were really held in the agent's
+outbox (unconfirmed records on disk) until it came back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -22,11 +24,12 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import RABBITMQ_PORT
 from tests.e2e.conftest import qemu_pids_under
 from tests.e2e.test_qemu_driver import kernel_xml, wait_serial
 from tests.faults import TcpProxy
 from tests.guests import TestGuest, build_test_guest
-from tests.procs import agent_process, cli, unique_host
+from tests.procs import BUS_URL, agent_process, cli, unique_host
 from tests.rabbitnode import RabbitNode, rabbit_node
 from virtbus.bus.factory import open_bus
 from virtbus.store import RecordLog
@@ -69,10 +72,11 @@ async def node() -> AsyncIterator[RabbitNode]:
         yield n
 
 
-@pytest.fixture
-async def history(node: RabbitNode) -> AsyncIterator[tuple[str, History]]:
+@contextlib.asynccontextmanager
+async def history_on(url: str) -> AsyncIterator[tuple[str, History]]:
+    """A fresh host name, and its events as a history subscriber on ``url`` sees them."""
     host = unique_host("out")
-    bus = open_bus(node.url, src="outage-test")
+    bus = open_bus(url, src="outage-test")
     await bus.connect()
     sub = await bus.history(time.time() - 1)
     hist = History(host)
@@ -138,18 +142,20 @@ def assert_complete(hist: History, names: list[str]) -> None:
         ], (name, mine)  # fmt: skip
 
 
-async def test_events_survive_a_cut_link(
-    node: RabbitNode, history: tuple[str, History], guest: TestGuest, e2e_root: Path
-) -> None:
-    host, hist = history
+async def test_events_survive_a_cut_link(guest: TestGuest, e2e_root: Path, rabbitmq: None) -> None:
+    async with history_on(BUS_URL) as (host, hist):
+        await _cut_link(host, hist, guest, e2e_root)
+
+
+async def _cut_link(host: str, hist: History, guest: TestGuest, e2e_root: Path) -> None:
     base = Path(tempfile.mkdtemp(prefix="o", dir=e2e_root))
     names = ["p1", "p2", "p3"]
-    proxy = TcpProxy(target_port=node.port)
+    proxy = TcpProxy(target_port=RABBITMQ_PORT)
     await proxy.start()
     try:
         async with agent_process(host, base, driver="qemu", bus=proxy.url()):
             # Ticks are 0.5 s: the guests power off 10-12 s after boot, after the cut.
-            await start_guests(host, base, guest, {"p1": 20, "p2": 22, "p3": 24}, node.url)
+            await start_guests(host, base, guest, {"p1": 20, "p2": 22, "p3": 24}, BUS_URL)
             proxy.cut()  # the guests power themselves off while the agent is cut off
             seen_at_cut = len(hist.raw)
             # the premise: all three were still running when the link went
@@ -169,9 +175,15 @@ async def test_events_survive_a_cut_link(
 
 
 async def test_events_survive_a_broker_restart(
-    node: RabbitNode, history: tuple[str, History], guest: TestGuest, e2e_root: Path
+    node: RabbitNode, guest: TestGuest, e2e_root: Path
 ) -> None:
-    host, hist = history
+    async with history_on(node.url) as (host, hist):
+        await _broker_restart(node, host, hist, guest, e2e_root)
+
+
+async def _broker_restart(
+    node: RabbitNode, host: str, hist: History, guest: TestGuest, e2e_root: Path
+) -> None:
     base = Path(tempfile.mkdtemp(prefix="r", dir=e2e_root))
     names = ["r1", "r2"]
     async with agent_process(host, base, driver="qemu", bus=node.url):
