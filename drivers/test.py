@@ -9,6 +9,11 @@ It migrates too, between processes: ``migrate_prepare`` opens a TCP listener for
 incoming domain and ``migrate_perform`` streams simulated memory pages to it (each page
 acknowledged) over ``migration_time`` seconds, emitting ``migration`` events. A destination
 that goes away breaks the stream, so the source fails the migration as QEMU would.
+
+With ``copy_storage_all`` the disks really move, the way the QEMU driver moves them: the
+destination serves its copies (the volumes the agent made) on a second listener, standing
+in for NBD, and the source sends each disk's bytes first, in acknowledged 1 MiB chunks at
+``bandwidth_mib_s`` if given (phase ``disk``), then the memory pages (phase ``memory``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from drivers.base import (
 )
 from drivers.blockjobs import disk_chain, plan_commit, plan_pull, with_chain
 from drivers.checkpoints import CheckpointStore, backup_disks, checkpoint_disks
+from drivers.copy_storage import copied_disks
 from drivers.memory import check_live_memory, with_memory
 from drivers.snapshots import (
     SnapshotStore,
@@ -89,7 +95,14 @@ from virtbus.protocol.blockjob import (
 )
 from virtbus.protocol.domain import STATS_GROUPS
 from virtbus.protocol.events import DomainState, reason_code
-from virtbus.protocol.migration import MigrationParams, MigrationState, MigrationStatus
+from virtbus.protocol.migration import (
+    CopyDisk,
+    CopyPhase,
+    MigrationParams,
+    MigrationState,
+    MigrationStatus,
+    NbdTarget,
+)
 from virtbus.protocol.snapshot import SnapshotInfo
 
 _TEST_SAVE_MAGIC = b"VirtbusTestSave1\n"
@@ -174,11 +187,14 @@ class _Incoming:
     completed: bool = False
     previous: DomainDefinition | None = None  # an inactive definition the incoming replaced
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    disk_server: asyncio.Server | None = None  # copy-storage: receives the disks' bytes
 
 
 _MIGRATION_ACTIVE = frozenset({"setup", "active", "postcopy-active"})
 _MIGRATION_STEP = 0.1  # s between simulated pages
 _MIGRATION_ACK_TIMEOUT = 5.0  # s the source waits for the destination to acknowledge a page
+_DISK_CHUNK = 1 << 20  # copy-storage: bytes per acknowledged chunk
+_Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 @dataclass(frozen=True, slots=True)
@@ -852,7 +868,10 @@ class TestDriver:
         self._emit(dom, "started", "migrated")
         return f"tcp:{params.listen}:{port}"
 
-    async def migrate_perform(self, ref: str, uri: str, params: MigrationParams) -> None:
+    async def migrate_perform(
+        self, ref: str, uri: str, params: MigrationParams,
+        copy: tuple[_Stream, dict[str, str | None]] | None = None,
+    ) -> None:  # fmt: skip
         dom = self._get(ref)
         self._require(dom, DomainState.RUNNING, DomainState.PAUSED, verb="migrate")
         if dom.outgoing is not None and dom.outgoing.active:
@@ -870,7 +889,7 @@ class TestDriver:
         dom.outgoing = out
         self._emit_migration(dom)
         out.task = self._tasks.spawn(
-            self._stream(dom, out, reader, writer, params), f"migrate:{dom.definition.name}"
+            self._stream(dom, out, reader, writer, params, copy), f"migrate:{dom.definition.name}"
         )
 
     def _duration(self, total: int, params: MigrationParams) -> float:
@@ -885,11 +904,15 @@ class TestDriver:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         params: MigrationParams,
-    ) -> None:
-        """Source side: send acknowledged pages, pause, switch over; fail on a broken stream."""
+        copy: tuple[_Stream, dict[str, str | None]] | None = None,
+    ) -> None:  # fmt: skip
+        """Source side: send acknowledged pages, pause, switch over; fail on a broken stream
+        (a copy-storage migration sends the disks first)."""
         status, started = out.status, time.monotonic()
         steps = max(1, math.ceil(self._duration(status.total, params) / _MIGRATION_STEP))
         try:
+            if copy is not None:
+                await self._copy_disks(dom, out, copy[0], copy[1], params)
             for step in range(1, steps + 1):
                 await asyncio.sleep(self._duration(status.total, params) / steps)
                 await self._page(reader, writer, b"PAGE\n")
@@ -939,6 +962,126 @@ class TestDriver:
             out.paused_by_migration = False
             self._set(dom, DomainState.RUNNING, "migration_canceled")
             self._emit(dom, "resumed", "migrated")
+
+    # --- copy-storage (drivers/base.py CopyStorage) --------------------------------------
+    async def _disk_path(self, defn: DomainDefinition, disk: Disk) -> str | None:
+        """Where a disk's bytes are on this host (a volume through the agent's pools)."""
+        if disk.type != "volume":
+            return disk.source_path
+        src = disk.element.find("source")
+        if self._resolver is None or src is None:
+            raise OperationFailed(f"disk '{disk.target_dev}' is a volume but no storage here")
+        pool, vol = src.get("pool") or "", src.get("volume") or ""
+        path = (await self._resolver.resolve(pool, vol, f"peek-{defn.uuid}")).path
+        self._resolver.release(f"peek-{defn.uuid}", pool, vol)
+        return path
+
+    async def migrate_disks(self, ref: str) -> list[CopyDisk]:
+        dom = self._get(ref)
+        self._require(dom, DomainState.RUNNING, DomainState.PAUSED, verb="migrate")
+        defn = dom.live or dom.definition
+        out = []
+        for disk in copied_disks(defn):
+            path = await self._disk_path(defn, disk)
+            st = await asyncio.to_thread(os.stat, path) if path else None
+            size = st.st_size if st else 0
+            used = st.st_blocks * 512 if st else 0
+            fmt = disk.driver_type or "raw"
+            out.append(CopyDisk(target=disk.target_dev, format=fmt, capacity=size, allocation=used))
+        return out
+
+    async def migrate_nbd_start(self, ref: str, disks: list[str], listen: str) -> NbdTarget:
+        dom = self._get(ref)
+        incoming = dom.incoming
+        if incoming is None or incoming.disk_server is not None:
+            raise OperationInvalid(f"domain '{dom.definition.name}' is not an incoming migration")
+        by_target = {d.target_dev: d for d in dom.definition.disks}
+        unknown = sorted(set(disks) - set(by_target))
+        if unknown:
+            raise InvalidArgument(f"domain '{dom.definition.name}' has no disk "
+                                  f"{', '.join(unknown)} here to copy into")  # fmt: skip
+        await self._resolve(dom.definition)  # the incoming instance holds its volumes
+        paths = {t: await self._disk_path(dom.definition, by_target[t]) for t in disks}
+
+        def write(path: str, offset: int, data: bytes) -> None:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, offset)
+            finally:
+                os.close(fd)
+
+        async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            incoming.writers.append(writer)
+            with contextlib.suppress(ConnectionError, OSError, ValueError,
+                                     asyncio.IncompleteReadError):  # fmt: skip
+                while line := await reader.readline():
+                    target, offset, length = line.decode().split()
+                    data = await reader.readexactly(int(length))
+                    path = paths.get(target)
+                    if path:
+                        await asyncio.to_thread(write, path, int(offset), data)
+                    writer.write(b"ACK\n")
+                    await writer.drain()
+            writer.close()
+
+        incoming.disk_server = await asyncio.start_server(receive, listen, 0)
+        port = int(incoming.disk_server.sockets[0].getsockname()[1])
+        return NbdTarget(host=listen, port=port, exports=list(disks))
+
+    async def migrate_perform_copy(
+        self, ref: str, uri: str, params: MigrationParams, nbd: NbdTarget
+    ) -> None:
+        dom = self._get(ref)
+        defn = dom.live or dom.definition
+        disks = {d.target_dev: await self._disk_path(defn, d) for d in copied_disks(defn)}
+        missing = sorted(set(disks) - set(nbd.exports))
+        if missing:
+            raise InvalidArgument(f"the destination exports no disk {', '.join(missing)}")
+        try:
+            disk_io = await asyncio.open_connection(nbd.host, nbd.port)
+        except OSError as exc:
+            raise MigrateFailed(f"cannot connect to the disks' target {nbd.host}:{nbd.port}:"
+                                f" {exc.strerror or exc}") from exc  # fmt: skip
+        try:
+            await self.migrate_perform(ref, uri, params, copy=(disk_io, disks))
+        except BaseException:
+            disk_io[1].close()
+            raise
+
+    async def _copy_disks(
+        self, dom: _TestDomain, out: _Outgoing, io: _Stream,
+        disks: dict[str, str | None], params: MigrationParams,
+    ) -> None:  # fmt: skip
+        """Send each disk's bytes (phase ``disk``), acknowledged chunk by chunk."""
+        reader, writer = io
+        status = out.status
+        sizes = {t: (await asyncio.to_thread(os.path.getsize, p)) if p else 0
+                 for t, p in disks.items()}  # fmt: skip
+        status.phase, status.disk_total = CopyPhase.DISK, sum(sizes.values())
+
+        def read(path: str, offset: int) -> bytes:
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                return fh.read(_DISK_CHUNK)
+
+        try:
+            for target, path in disks.items():
+                for offset in range(0, sizes[target], _DISK_CHUNK):
+                    assert path is not None
+                    data = await asyncio.to_thread(read, path, offset)
+                    if params.bandwidth_mib_s:
+                        await asyncio.sleep(len(data) / (params.bandwidth_mib_s << 20))
+                    writer.write(f"{target} {offset} {len(data)}\n".encode() + data)
+                    await writer.drain()
+                    async with asyncio.timeout(_MIGRATION_ACK_TIMEOUT):
+                        if not await reader.readline():
+                            raise EOFError("the destination closed the disks' stream")
+                    status.disk_transferred += len(data)
+                    self._emit_migration(dom)
+        finally:
+            writer.close()
+        status.phase = CopyPhase.MEMORY
+        self._emit_migration(dom)
 
     async def migrate_status(self, ref: str) -> MigrationStatus:
         dom = self._get(ref)
@@ -1008,6 +1151,8 @@ class TestDriver:
             return
         if incoming.server is not None:
             incoming.server.close()
+        if incoming.disk_server is not None:
+            incoming.disk_server.close()
         for writer in incoming.writers:
             writer.close()
 

@@ -30,15 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from drivers.copy_storage import copied_disks
 from drivers.qemu.migration import Execute, free_port
-from virtbus.domain import DomainDefinition
-from virtbus.domain.model import Disk
-from virtbus.errors import ConfigUnsupported, InvalidArgument, MigrateFailed, VirtbusError
+from virtbus.errors import InvalidArgument, MigrateFailed, VirtbusError
 from virtbus.protocol.migration import NbdTarget
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
-COPIED_TYPES = ("file", "volume")
+__all__ = ["Mirrors", "copied_disks", "serve", "stop_serving"]
 
 
 def job_id(target: str) -> str:
@@ -51,31 +50,6 @@ def nbd_node(target: str) -> str:
 
 def export_id(target: str) -> str:
     return f"virtbus-export-{target}"
-
-
-def copied_disks(defn: DomainDefinition) -> list[Disk]:
-    """The disks a copy-storage migration moves, as libvirt picks them: every writable,
-    unshared disk with a source; CONFIG_UNSUPPORTED for one that is not a file or a
-    volume (a block device or a network disk cannot be made on the destination)."""
-    out = []
-    for disk in defn.disks:
-        if disk.readonly or disk.shareable or disk.device not in ("disk", "lun"):
-            continue
-        source = disk.element.find("source")
-        if disk.type == "volume" or disk.source_path or source is not None:
-            if disk.type not in COPIED_TYPES:
-                raise ConfigUnsupported(
-                    f"disk '{disk.target_dev}' of domain '{defn.name}' is type='{disk.type}':"
-                    " copy-storage copies only file and volume disks (make it read-only or"
-                    " shareable to leave it out)"
-                )
-            if disk.element.find("transient") is not None:
-                raise ConfigUnsupported(
-                    f"disk '{disk.target_dev}' of domain '{defn.name}' is transient: it"
-                    " cannot be copied"
-                )
-            out.append(disk)
-    return out
 
 
 async def serve(execute: Execute, nodes: dict[str, str], listen: str, attempts: int) -> NbdTarget:

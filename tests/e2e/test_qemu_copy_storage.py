@@ -11,7 +11,7 @@ Before that, on the same guest: each bad input is refused with its code while th
 keeps running on the source and both agents keep serving; and the destination QEMU is
 killed while the disks are being copied (the mirror rate-limited to 1 MiB/s): the
 migration fails, the guest runs on the source with its disk as it was, and no volume is
-left on the destination.
+left on the destination; ``migrate-cancel`` in that phase ends the same way, cancelled.
 """
 
 from __future__ import annotations
@@ -173,6 +173,21 @@ async def test_copy_storage_all_moves_the_guest_and_its_disk(
                 path.write_text(guest_xml(*args, dst_serial, pool, uuid))
                 return path
 
+            async def storage_phase() -> None:
+                """Wait until the disk copy is under way (some bytes sent, memory not yet)."""
+                async with asyncio.timeout(30):
+                    while True:
+                        rec = await migration_of("cs1")
+                        progress = rec.get("progress") or {}
+                        if (
+                            rec.get("phase") == "storage"
+                            and progress.get("disk_transferred", 0) > 0
+                        ):
+                            break
+                        assert rec.get("state") in (None, "queued", "running"), rec.get("error")
+                        await asyncio.sleep(0.1)
+                assert progress["phase"] == "disk" and progress["disk_total"] >= 16 * MIB, progress
+
             async def on_source_only() -> None:
                 """The guest runs at the source; the destination serves and holds no copy."""
                 assert await placed("cs1") == [(a.host, "running")]
@@ -197,15 +212,7 @@ async def test_copy_storage_all_moves_the_guest_and_its_disk(
             r = await cli("--json", "migrate", "cs1", "--to", b.host, "--xml", str(dst_xml("cs")),
                           "--copy-storage-all", "--bandwidth", "1", bus=URL)  # fmt: skip
             assert r.code == 0, r.err
-            async with asyncio.timeout(30):
-                while True:
-                    rec = await migration_of("cs1")
-                    progress = rec.get("progress") or {}
-                    if rec.get("phase") == "storage" and progress.get("disk_transferred", 0) > 0:
-                        break
-                    assert rec.get("state") in (None, "queued", "running"), rec.get("error")
-                    await asyncio.sleep(0.1)
-            assert progress["phase"] == "disk" and progress["disk_total"] >= 16 * MIB, progress
+            await storage_phase()
             (dst_pid,) = qemu_pids_under(b.state_dir)
             os.kill(dst_pid, signal.SIGKILL)
             async with asyncio.timeout(60):
@@ -219,6 +226,19 @@ async def test_copy_storage_all_moves_the_guest_and_its_disk(
                 assert await g.ask("disk-md5 16", "VIRTBUS-DISK-MD5") == f"16 {expected}"
             finally:
                 await g.close()
+
+            # --- migrate-cancel while the disk is copied: rolled back the same way ---
+            r = await cli("migrate", "cs1", "--to", b.host, "--xml", str(dst_xml("cs")),
+                          "--copy-storage-all", "--bandwidth", "1", bus=URL)  # fmt: skip
+            assert r.code == 0, r.err
+            await storage_phase()
+            await vcli("migrate-cancel", "cs1")
+            async with asyncio.timeout(60):
+                while (rec := await migration_of("cs1")).get("state") == "running":
+                    await asyncio.sleep(0.2)
+            assert rec["state"] == "cancelled", rec
+            await on_source_only()
+            assert qemu_pids_under(b.state_dir) == []
 
             # --- the real thing: the marker is read back at the destination ---
             r = await cli("--json", "migrate", "cs1", "--to", b.host, "--xml", str(dst_xml("cs")),
