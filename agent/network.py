@@ -10,7 +10,9 @@ Files: ``<state-dir>/networks/<uuid>.xml`` (the definition, with what define gen
 ``<uuid>.live.xml`` the running one while a net-update made them differ)
 and ``<uuid>.json`` ``{autostart, active, persistent, index}`` (``index``: the bridge's
 ifindex when it started, the mark that a bridge of that name is this network's);
-``<run-dir>/networks/<uuid>/`` dnsmasq's config, pid file, hosts files and leases.
+``<run-dir>/networks/<uuid>/`` dnsmasq's config, pid file, hosts files and leases, and
+``ports.json`` the ports made by net-port-create (``{"ports": [<networkport> XML, ...]}``:
+they last while the network runs, across agent restarts, and go at net-destroy).
 
 A restarted agent adopts a running network without touching it: the bridge with the
 recorded ifindex is still there, so it stays (a missing firewall table is added back), a
@@ -47,6 +49,7 @@ from virtbus.errors import (
     VirtbusError,
 )
 from virtbus.network import Lease, NetworkDefinition, parse_leases, parse_network_xml
+from virtbus.network.ports import Port, parse_port_xml
 from virtbus.network.update import Update, apply_update, check_update
 from virtbus.settings import NetworkSettings
 from virtbus.store import atomic_write, quarantine, read_bytes
@@ -88,6 +91,8 @@ class Network:
     #: the persistent definition when a live-only or config-only net-update made it
     #: differ from the running one (the next start runs it); None: they are the same
     config: NetworkDefinition | None = None
+    #: ports made by net-port-create while it runs, by uuid (virtbus/network/ports.py)
+    created: dict[str, Port] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -162,6 +167,7 @@ class Networks:
                     else:
                         net.dhcp_pid = pid
                         self._watch(net)
+                await self._load_ports(net)
                 log.info("network %s adopted (bridge %s)", net.name, net.defn.bridge)
                 return
         except VirtbusError as exc:
@@ -170,6 +176,7 @@ class Networks:
         with contextlib.suppress(VirtbusError):
             await dnsmasq.stop(net.files)
             await nft.remove(self.net, net.defn)
+        await self._drop_ports(net)
         net.active, net.index = False, None
         self._emit(net, "stopped", reconciled=True)
         if net.persistent:
@@ -367,6 +374,7 @@ class Networks:
                 raise OperationFailed(
                     f"bridge '{net.defn.bridge}' is in use by network '{other.name}'"
                 )
+        await self._drop_ports(net)  # a run's ports are its own
         net.index = await net.backend.start(net.defn)
         try:
             if net.backend.dhcp(net.defn):
@@ -464,6 +472,7 @@ class Networks:
             await net.backend.stop(net.defn)
             net.active, net.index = False, None
             net.leases = []
+            await self._drop_ports(net)
             if net.config is not None:  # the persistent definition runs at the next start
                 net.defn, net.config = net.config, None
                 await self._save_definition(net)
@@ -472,6 +481,69 @@ class Networks:
             else:
                 await self._forget(net)
         self._emit(net, "stopped", "forced" if ports else None)
+
+    # ================================================================== ports
+    def _ports_file(self, net: Network) -> Path:
+        return net.files.run / "ports.json"
+
+    async def _save_ports(self, net: Network) -> None:
+        body = {"ports": [p.to_xml() for p in net.created.values()]}
+        await aiofiles.os.makedirs(net.files.run, exist_ok=True)
+        await atomic_write(self._ports_file(net), json.dumps(body).encode())
+
+    async def _load_ports(self, net: Network) -> None:
+        """The created ports of a network adopted running; a corrupt file is set aside."""
+        path = self._ports_file(net)
+        data = await read_bytes(path)
+        if data is None:
+            return
+        try:
+            ports = [parse_port_xml(x, net.defn) for x in json.loads(data)["ports"]]
+        except (ValueError, KeyError, TypeError, VirtbusError) as exc:
+            log.error("network %s: unreadable %s (%s); set aside", net.name, path, exc)
+            await quarantine(path, str(exc))
+            return
+        net.created = {p.uuid: p for p in ports}
+
+    async def _drop_ports(self, net: Network) -> None:
+        net.created = {}
+        with contextlib.suppress(FileNotFoundError):
+            await aiofiles.os.remove(self._ports_file(net))
+
+    async def create_port(self, ref: str, xml: str, taken: set[str]) -> Port:
+        """net-port-create on the running network; ``taken``: the uuids of its guests'
+        ports (computed by the caller from the running domains)."""
+        net = self.get(ref)
+        async with net.lock:
+            if not net.active:
+                raise OperationInvalid(f"network '{net.name}' is not active")
+            port = parse_port_xml(xml, net.defn)
+            if port.uuid in taken or port.uuid in net.created:
+                raise OperationInvalid(f"network port with uuid '{port.uuid}' already exists"
+                                       f" on network '{net.name}'")  # fmt: skip
+            net.created[port.uuid] = port
+            try:
+                await self._save_ports(net)
+            except BaseException:
+                del net.created[port.uuid]
+                raise
+            return port
+
+    async def delete_port(self, ref: str, uuid: str) -> bool:
+        """net-port-delete of a created port; False when the network has no such one."""
+        net = self.get(ref)
+        async with net.lock:
+            if not net.active:
+                raise OperationInvalid(f"network '{net.name}' is not active")
+            port = net.created.pop(uuid, None)
+            if port is None:
+                return False
+            try:
+                await self._save_ports(net)
+            except BaseException:
+                net.created[uuid] = port
+                raise
+            return True
 
     # ================================================================== net-update
     async def update(self, ref: str, update: Update, *, live: bool, config: bool

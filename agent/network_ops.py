@@ -42,6 +42,7 @@ from virtbus.protocol.network import (
     NetworkList,
     NetworkListRequest,
     NetworkPort,
+    NetworkPortCreate,
     NetworkPortList,
     NetworkPortTarget,
     NetworkRef,
@@ -140,6 +141,11 @@ _PLUGGED = frozenset({DomainState.RUNNING, DomainState.BLOCKED, DomainState.PAUS
 
 
 async def _ports(ctx: AgentContext, ref: str) -> list[Port]:
+    """The network's ports: its running guests' NICs, then those net-port-create made."""
+    return [*await _guest_ports(ctx, ref), *ctx.networks.get(ref).created.values()]
+
+
+async def _guest_ports(ctx: AgentContext, ref: str) -> list[Port]:
     net = ctx.networks.get(ref)  # NO_NETWORK
     if not net.active:
         raise OperationInvalid(f"network '{net.name}' is not active")
@@ -157,25 +163,51 @@ async def _ports(ctx: AgentContext, ref: str) -> list[Port]:
 
 @HANDLERS.on(ops.NETWORK_PORT_LIST)
 async def _port_list(ctx: AgentContext, req: NetworkTarget) -> NetworkPortList:
-    return NetworkPortList(ports=[
-        NetworkPort(uuid=p.uuid, domain=p.domain, domain_uuid=p.domain_uuid, mac=p.mac,
-                    plug=p.plug["type"], bridge=p.plug.get("bridge"), dev=p.plug.get("dev"),
-                    group=p.group)
-        for p in await _ports(ctx, req.network)
-    ])  # fmt: skip
+    return NetworkPortList(ports=[_wire_port(p) for p in await _ports(ctx, req.network)])
 
 
 @HANDLERS.on(ops.NETWORK_PORT_XML)
 async def _port_xml(ctx: AgentContext, req: NetworkPortTarget) -> NetworkXml:
-    try:
-        wanted = str(uuidlib.UUID(req.port))
-    except ValueError:
-        raise InvalidArgument(f"invalid network port uuid '{req.port}'") from None
+    wanted = _port_uuid(req.port)
     for port in await _ports(ctx, req.network):
         if port.uuid == wanted:
             return NetworkXml(xml=port.to_xml())
     raise NoNetworkPort(f"Network port not found: no network port with matching uuid"
                         f" '{req.port}' on network '{req.network}'")  # fmt: skip
+
+
+def _port_uuid(text: str) -> str:
+    try:
+        return str(uuidlib.UUID(text))
+    except ValueError:
+        raise InvalidArgument(f"invalid network port uuid '{text}'") from None
+
+
+def _wire_port(p: Port) -> NetworkPort:
+    return NetworkPort(uuid=p.uuid, domain=p.domain, domain_uuid=p.domain_uuid, mac=p.mac,
+                       plug=p.plug["type"], bridge=p.plug.get("bridge"),
+                       dev=p.plug.get("dev"), group=p.group)  # fmt: skip
+
+
+@HANDLERS.on(ops.NETWORK_PORT_CREATE)
+async def _port_create(ctx: AgentContext, req: NetworkPortCreate) -> NetworkPort:
+    taken = {p.uuid for p in await _guest_ports(ctx, req.network)}
+    return _wire_port(await ctx.networks.create_port(req.network, req.xml, taken))
+
+
+@HANDLERS.on(ops.NETWORK_PORT_DELETE)
+async def _port_delete(ctx: AgentContext, req: NetworkPortTarget) -> Accepted:
+    wanted = _port_uuid(req.port)
+    for port in await _guest_ports(ctx, req.network):
+        if port.uuid == wanted:
+            raise OperationInvalid(
+                f"network port '{wanted}' is interface {port.mac} of running domain"
+                f" '{port.domain}': detach-interface unplugs it"
+            )
+    if not await ctx.networks.delete_port(req.network, wanted):
+        raise NoNetworkPort(f"Network port not found: no network port with matching uuid"
+                            f" '{req.port}' on network '{req.network}'")  # fmt: skip
+    return Accepted()
 
 
 # --- a domain's interfaces on this host's networks ---------------------------------------

@@ -97,6 +97,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("port", help="the port's uuid (net-port-list)")
     _host_arg(p)
     p.set_defaults(func=net_port_dumpxml)
+    p = sub.add_parser("net-port-create", help="make a network port from an XML file")
+    p.add_argument("network", help="network name or uuid")
+    p.add_argument("file", help="a <networkport> XML file ('-': stdin)")
+    _host_arg(p)
+    p.set_defaults(func=net_port_create)
+    p = sub.add_parser("net-port-delete", help="remove a network port")
+    p.add_argument("network", help="network name or uuid")
+    p.add_argument("port", help="the port's uuid")
+    _host_arg(p)
+    p.set_defaults(func=net_port_delete)
 
 
 def _host(ctx: Context, args: argparse.Namespace) -> Host:
@@ -235,6 +245,24 @@ async def net_port_dumpxml(ctx: Context, args: argparse.Namespace) -> int:
         emit_json({"network": args.network, "port": args.port, "xml": xml})
     else:
         sys.stdout.write(xml)
+    return 0
+
+
+async def net_port_create(ctx: Context, args: argparse.Namespace) -> int:
+    port = await _host(ctx, args).network(args.network).port_create(read_xml(args.file))
+    if ctx.json:
+        emit_json(to_wire(port))
+    else:
+        print(f"Network port {port.uuid} created from {args.file}")
+    return 0
+
+
+async def net_port_delete(ctx: Context, args: argparse.Namespace) -> int:
+    await _host(ctx, args).network(args.network).port_delete(args.port)
+    if ctx.json:
+        emit_json({"network": args.network, "port": args.port, "ok": True})
+    else:
+        print(f"Network port {args.port} deleted")
     return 0
 
 

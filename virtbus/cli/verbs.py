@@ -48,6 +48,7 @@ MODULE_VERBS: dict[str, tuple[str, ...]] = {
         "net-define", "net-create", "net-start", "net-destroy", "net-undefine",
         "net-autostart", "net-info", "net-dumpxml", "net-name", "net-uuid", "net-list",
         "net-update", "net-dhcp-leases", "net-port-list", "net-port-dumpxml",
+        "net-port-create", "net-port-delete",
     ),
     "event": ("event",),
     "stats": ("domstats",),

@@ -12,6 +12,7 @@ from virtbus.protocol.network import (
     NetworkInfo,
     NetworkLeasesRequest,
     NetworkPort,
+    NetworkPortCreate,
     NetworkPortTarget,
     NetworkTarget,
     NetworkUpdated,
@@ -62,8 +63,8 @@ class Network:
         return (await self.host.call(ops.NETWORK_DHCP_LEASES, request)).leases
 
     async def ports(self) -> list[NetworkPort]:
-        """net-port-list: the running guests' NICs plugged into it (OPERATION_INVALID
-        when it is not active)."""
+        """net-port-list: the running guests' NICs plugged into it and the ports
+        net-port-create made (OPERATION_INVALID when it is not active)."""
         return (await self.host.call(ops.NETWORK_PORT_LIST, self._target)).ports
 
     async def port_xml(self, port: str) -> str:
@@ -71,6 +72,17 @@ class Network:
         (NO_NETWORK_PORT when there is none)."""
         request = NetworkPortTarget(network=self.ref, port=port)
         return (await self.host.call(ops.NETWORK_PORT_XML, request)).xml
+
+    async def port_create(self, xml: str) -> NetworkPort:
+        """net-port-create: a port from ``<networkport>`` XML on the running network."""
+        request = NetworkPortCreate(network=self.ref, xml=xml)
+        return await self.host.call(ops.NETWORK_PORT_CREATE, request)
+
+    async def port_delete(self, port: str) -> None:
+        """net-port-delete: a port net-port-create made (a running guest's NIC's port:
+        OPERATION_INVALID, detach the NIC instead)."""
+        request = NetworkPortTarget(network=self.ref, port=port)
+        await self.host.call(ops.NETWORK_PORT_DELETE, request)
 
     async def update(self, command: str, section: str, xml: str, *,
                      parent_index: int | None = None, live: bool = False,

@@ -2,7 +2,7 @@
 
 libvirt creates a port when a running guest's ``<interface type='network'>`` is plugged
 and deletes it when the NIC is unplugged (detach, destroy, shutdown). virtbus keeps no
-port records: the ports of a network are computed from the live definitions of the
+records of guests' ports: they are computed from the live definitions of the
 host's running domains, so the test and QEMU drivers answer alike and nothing can go
 stale across an agent restart or a crash.
 
@@ -11,6 +11,12 @@ the NIC's MAC. It is stable for the life of the plug (and across agent restarts)
 on the network (one MAC per NIC of a domain; libvirt refuses duplicates), and needs no
 state to clean up. Unlike libvirt, unplugging and plugging the same NIC again gives the
 same UUID back.
+
+A port can also be made by hand (net-port-create, libvirt's virNetworkPortCreateXML: what
+a hypervisor driver asks a network for before it plugs a NIC): a ``<networkport>`` with
+an ``<owner>`` and a ``<mac>``; the network fills in its ``<plug>`` as libvirt's
+networkAllocatePort does. Those ports are records the agent keeps while the network runs
+(:func:`parse_port_xml` checks them); net-port-delete removes them.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from virtbus.domain.bandwidth import parse_bandwidth
 from virtbus.domain.definition import DomainDefinition
 from virtbus.domain.model import Element, Interface
 from virtbus.domain.serialize import dumps
-from virtbus.network.definition import MANAGED_MODES, NetworkDefinition
+from virtbus.domain.xml import parse_untrusted_root
+from virtbus.errors import ConfigUnsupported, OperationInvalid, XMLError
+from virtbus.network.definition import MANAGED_MODES, NetworkDefinition, check_mac
 
 #: the namespace of port UUIDs (uuid5 over "<network uuid>/<domain uuid>/<mac>")
 PORT_NAMESPACE = uuidlib.UUID("5b0f4c2e-8d1a-4f57-9a53-6e2b1c7d9f10")
@@ -98,3 +107,52 @@ def domain_ports(net: NetworkDefinition, domain: DomainDefinition) -> list[Port]
             bandwidth=iface.element.find("bandwidth"), plug=plug,
         ))  # fmt: skip
     return out
+
+
+_PORT_CHILDREN = frozenset({"uuid", "owner", "group", "mac", "bandwidth", "plug"})
+
+
+def _uuid_text(el: Element | None, what: str) -> str | None:
+    if el is None:
+        return None
+    try:
+        return str(uuidlib.UUID((el.text or "").strip()))
+    except ValueError:
+        raise XMLError(f"invalid {what} '{(el.text or '').strip()}'") from None
+
+
+def parse_port_xml(xml: str, net: NetworkDefinition) -> Port:
+    """A ``<networkport>`` for net-port-create on ``net`` (libvirt's
+    virNetworkPortDefParseXML): ``<owner>`` with a name and a uuid and ``<mac>`` are
+    mandatory, ``<uuid>`` is generated when absent, ``<bandwidth>`` is checked as a NIC's;
+    a ``<plug>`` given must be the network's own (it is filled in otherwise). XML_ERROR
+    for what is malformed; CONFIG_UNSUPPORTED for what virtbus does not do."""
+    root = parse_untrusted_root(xml, "network port")
+    if root.tag != "networkport":
+        raise XMLError(f"expected <networkport>, not <{root.tag}>")
+    for child in root:
+        if isinstance(child.tag, str) and child.tag not in _PORT_CHILDREN:
+            raise ConfigUnsupported(f"<{child.tag}> in <networkport> is not supported by"
+                                    " virtbus")  # fmt: skip
+    owner = root.find("owner")
+    name = (owner.findtext("name") or "").strip() if owner is not None else ""
+    owner_uuid = _uuid_text(owner.find("uuid") if owner is not None else None, "owner uuid")
+    if not name or owner_uuid is None:
+        raise XMLError("a network port needs <owner> with <name> and <uuid>")
+    mac_el = root.find("mac")
+    if mac_el is None or not mac_el.get("address"):
+        raise XMLError("a network port needs <mac address=...>")
+    mac = check_mac(str(mac_el.get("address")).lower(), "<networkport>")
+    bandwidth = root.find("bandwidth")
+    parse_bandwidth(bandwidth, f"network port of '{name}'")
+    plug = plug_of(net)
+    if plug is None:
+        raise OperationInvalid(f"network '{net.name}' ({net.forward}) has no ports to plug")
+    given = root.find("plug")
+    if given is not None and {k: str(v) for k, v in given.attrib.items()} != plug:
+        raise XMLError(f"<plug> of the port is not how network '{net.name}' plugs"
+                       f" ({', '.join(f'{k}={v}' for k, v in plug.items())})")  # fmt: skip
+    group = (root.findtext("group") or "").strip() or None
+    return Port(uuid=_uuid_text(root.find("uuid"), "port uuid") or str(uuidlib.uuid4()),
+                domain=name, domain_uuid=owner_uuid, mac=mac, group=group,
+                bandwidth=bandwidth, plug=plug)  # fmt: skip

@@ -107,13 +107,20 @@ class DhcpLeases(Message):
 
 
 class NetworkPortTarget(NetworkTarget):
-    """net-port-dumpxml: ``port`` is the port's uuid."""
+    """net-port-dumpxml, net-port-delete: ``port`` is the port's uuid."""
 
     port: Name
 
 
+class NetworkPortCreate(NetworkTarget):
+    """net-port-create: ``xml`` a ``<networkport>`` (owner, mac; uuid, group, bandwidth)."""
+
+    xml: XmlText
+
+
 class NetworkPort(Message):
-    """One port of a network (net-port-list): a running guest's NIC plugged into it.
+    """One port of a network (net-port-list): a running guest's NIC plugged into it,
+    or one net-port-create made.
     ``plug`` is how: ``network`` (the network's bridge), ``bridge`` (a host bridge) or
     ``direct`` (a macvtap on ``dev``)."""
 
@@ -217,6 +224,17 @@ NETWORK_PORT_XML = op(
     "network.port_xml", NetworkPortTarget, NetworkXml, _A,
     "a network port's <networkport> XML (net-port-dumpxml)",
     access=Access.READ, target=_N, target_of=_net,
+)  # fmt: skip
+
+NETWORK_PORT_CREATE = op(
+    "network.port_create", NetworkPortCreate, NetworkPort, _A,
+    "make a port on a running network from <networkport> XML (net-port-create)",
+    access=Access.CONFIG, target=_N, target_of=_net, serial=True,
+)  # fmt: skip
+NETWORK_PORT_DELETE = op(
+    "network.port_delete", NetworkPortTarget, Accepted, _A,
+    "remove a port net-port-create made (net-port-delete)",
+    access=Access.CONFIG, target=_N, target_of=_net, serial=True,
 )  # fmt: skip
 
 
