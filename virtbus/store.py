@@ -54,11 +54,22 @@ def replace_file(path: Path, data: bytes, *, fsync: bool = True) -> None:
         os.close(fd)
     os.replace(tmp, path)
     if fsync:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_path(path.parent)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_file(path: Path) -> None:
+    """Make a file someone else wrote (QEMU, through a descriptor we passed) durable: its
+    data, then its directory entry. For code that already runs in a worker thread."""
+    _fsync_path(path)
+    _fsync_path(path.parent)
 
 
 async def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:

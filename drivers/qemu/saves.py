@@ -39,6 +39,7 @@ from virtbus.errors import (
     VirtbusError,
 )
 from virtbus.protocol.events import DomainState
+from virtbus.store import sync_file
 
 S = DomainState
 MAGIC = b"VirtbusQemuSave1\n"
@@ -138,6 +139,9 @@ class QemuSaves:
             await _pass_file(dom, run, file, os.O_WRONLY | os.O_APPEND, 0, "virtbus-save")
             await dom.execute(run, "migrate", {"uri": "fd:virtbus-save"})
             await self._wait_stream(dom, run, "save")
+            # On disk before the guest's QEMU goes (as libvirt's iohelper's fdatasync): a
+            # host lost after "saved" must not find a save file whose stream is cut short.
+            await asyncio.to_thread(sync_file, file)
         except BaseException:
             run.pending.discard(ev.Pending.SAVE)
             if dom.run is run and was_running and dom.state == S.PAUSED:
