@@ -54,10 +54,11 @@ def replace_file(path: Path, data: bytes, *, fsync: bool = True) -> None:
         os.close(fd)
     os.replace(tmp, path)
     if fsync:
-        _fsync_path(path.parent)
+        fsync_path(path.parent)
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by its path (for code in a worker thread)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -68,8 +69,8 @@ def _fsync_path(path: Path) -> None:
 def sync_file(path: Path) -> None:
     """Make a file someone else wrote (QEMU, through a descriptor we passed) durable: its
     data, then its directory entry. For code that already runs in a worker thread."""
-    _fsync_path(path)
-    _fsync_path(path.parent)
+    fsync_path(path)
+    fsync_path(path.parent)
 
 
 async def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:

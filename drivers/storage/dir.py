@@ -45,6 +45,7 @@ from virtbus.errors import (
     OperationInvalid,
 )
 from virtbus.storage import Backing, PoolDefinition, PoolSizes, VolumeFacts, check_name
+from virtbus.store import fsync_path
 
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?:create|clone|upload)-[0-9a-f]{12}$")
 CREATE_FORMATS = ("raw", "qcow2")
@@ -328,7 +329,7 @@ class DirBackend:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 await aiofiles.os.remove(temp)
-        await aiofiles.os.wrap(_fsync_path)(final.parent)
+        await aiofiles.os.wrap(fsync_path)(final.parent)
         return await self._made(pool, spec, final)
 
     async def _made(self, pool: PoolDefinition, spec: VolumeSpec, path: Path) -> VolumeFacts:
@@ -411,14 +412,6 @@ def _fallocate(path: Path, length: int) -> None:
         os.close(fd)
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class FileUpload:
     """An upload into a temporary file renamed over the volume on commit."""
 
@@ -475,7 +468,7 @@ class FileUpload:
         def finish() -> None:
             os.close(fd)  # every write is done: the rename can only show a whole upload
             os.replace(self.temp, self.final)
-            _fsync_path(self.final.parent)
+            fsync_path(self.final.parent)
 
         try:
             await asyncio.to_thread(finish)

@@ -17,22 +17,19 @@ tests/bench/libvirt_setup.sh installs and starts libvirt when absent.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from tests.bench.common import add_force, check_load, compile_tree, device_drivers, qemu_argv_of
-from tests.bench.snapshots import WAIT, guest_xml, image, ticking
+from tests.bench.common import device_drivers, qemu_argv_of
+from tests.bench.snapshots import WAIT, bench_main, guest_xml, line, ticking
+from tests.e2e.test_qemu_snapshots import image
 from tests.guests import build_test_guest
 from tests.procs import BUS_URL, agent_process, unique_host
 from virtbus.client import Client
@@ -83,13 +80,6 @@ class LibvirtSide:
 
 def libvirt_ready() -> None:
     subprocess.run([str(HERE / "libvirt_setup.sh")], check=True, timeout=600)
-
-
-def line(label: str, samples: list[float]) -> float:
-    ms = [s * 1000 for s in samples]
-    med = statistics.median(ms)
-    print(f"  {label:18s} median {med:8.1f} ms   min {min(ms):8.1f}   max {max(ms):8.1f}")
-    return med
 
 
 async def run(rounds: int, base: Path) -> None:
@@ -155,21 +145,7 @@ async def run(rounds: int, base: Path) -> None:
 
 
 async def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    add_force(parser)
-    args = parser.parse_args(argv)
-    check_load(args.force)
-    libvirt_ready()
-    compile_tree()
-    base = Path(tempfile.mkdtemp(prefix="virtbus-bench-save-"))
-    try:
-        await run(args.rounds, base)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-    one, five, _ = os.getloadavg()
-    print(f"load average at the end: {one:.2f} {five:.2f}")
-    return 0
+    return await bench_main(argv, __doc__ or "", 5, run, before=libvirt_ready)
 
 
 if __name__ == "__main__":

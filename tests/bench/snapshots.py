@@ -27,17 +27,17 @@ import contextlib
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid as uuidlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from tests.bench.common import add_force, check_load, compile_tree, device_drivers, qemu_argv_of
 from tests.bench.migration_qemu import STARTED, BareQemu
+from tests.e2e.test_qemu_snapshots import disk_xml, image
+from tests.e2e.test_qemu_snapshots import guest_xml as snapshot_guest_xml
 from tests.guests import build_test_guest
 from tests.procs import BUS_URL, agent_process, unique_host
 from virtbus.client import Client
@@ -47,26 +47,8 @@ WAIT = 120.0  # s for one step (a bound: TCG on a loaded machine)
 
 
 def guest_xml(guest: TestGuest, name: str, disk: Path, serial: Path) -> str:
-    return f"""<domain type='qemu'>
-  <name>{name}</name><uuid>{uuidlib.uuid4()}</uuid>
-  <memory unit='MiB'>256</memory><vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
-    <kernel>{guest.kernel}</kernel><initrd>{guest.initramfs}</initrd>
-    <cmdline>{guest.cmdline} virtbus.tick=0.5</cmdline>
-  </os>
-  <features><acpi/></features>
-  <devices>
-    <serial type='file'><source path='{serial}'/><target port='0'/></serial>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>
-  </devices>
-</domain>"""
-
-
-def image(path: Path) -> Path:
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
-    return path
+    """The snapshot tests' guest (256 MiB, ticking) with one qcow2 disk."""
+    return snapshot_guest_xml(guest, name, serial, disk_xml(disk))
 
 
 async def ticking(serial: Path) -> None:
@@ -215,14 +197,23 @@ async def run(rounds: int, base: Path) -> None:
         print(f"  virtbus / bare {what}: {ratio:.3f} (target <= 1.1)")
 
 
-async def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+async def bench_main(
+    argv: list[str] | None,
+    doc: str,
+    rounds: int,
+    run: Callable[[int, Path], Awaitable[None]],
+    before: Callable[[], None] = lambda: None,
+) -> int:
+    """What both guest-state benches do around their rounds: options, the load check,
+    compiled bytecode, a temp dir removed afterwards, the load at the end."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=rounds)
     add_force(parser)
     args = parser.parse_args(argv)
     check_load(args.force)
+    before()
     compile_tree()
-    base = Path(tempfile.mkdtemp(prefix="virtbus-bench-snap-"))
+    base = Path(tempfile.mkdtemp(prefix="virtbus-bench-"))
     try:
         await run(args.rounds, base)
     finally:
@@ -230,6 +221,10 @@ async def main(argv: list[str] | None = None) -> int:
     one, five, _ = os.getloadavg()
     print(f"load average at the end: {one:.2f} {five:.2f}")
     return 0
+
+
+async def main(argv: list[str] | None = None) -> int:
+    return await bench_main(argv, __doc__ or "", 7, run)
 
 
 if __name__ == "__main__":
