@@ -16,8 +16,9 @@ The flow is libvirt's (qemu_migration.c, qemuMigrationSrcNBDStorageCopy):
   switchover happen. Any failure cancels the mirrors (``force``) and closes the NBD
   nodes: the source's images were only read.
 
-Jobs are followed by polling ``query-jobs`` (every ``poll`` s): a disk copy lasts seconds
-to hours and a poll costs one QMP round trip, with no event plumbing to get wrong.
+Jobs are read from ``query-jobs`` whenever one of their ``JOB_STATUS_CHANGE`` events
+arrives (``changed``: the domain's event task wakes us), and every ``poll`` s for the
+bytes copied so far.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +111,8 @@ class Mirrors:
     nbd: NbdTarget
     nodes: dict[str, str]
     poll: float = 0.2
+    # returns when a job's status changed, or after the seconds given (None: just sleep)
+    changed: Callable[[float], Awaitable[None]] | None = None
     speed: int = 0  # bytes/s per mirror; 0: unlimited
     transferred: int = 0
     total: int = 0
@@ -144,6 +147,15 @@ class Mirrors:
             raise MigrateFailed(f"cannot mirror the disks to {self.nbd.host}:{self.nbd.port}:"
                                 f" {exc}") from exc  # fmt: skip
 
+    async def _pause(self, seconds: float) -> None:
+        if self.changed is None:
+            await asyncio.sleep(seconds)
+        else:
+            await self.changed(seconds)
+
+    def job_ids(self) -> list[str]:
+        return [job_id(t) for t in self._started]
+
     async def _jobs(self, execute: Execute) -> dict[str, dict[str, Any]]:
         return _by_id(await execute("query-jobs"))
 
@@ -175,7 +187,7 @@ class Mirrors:
             if all(j.get("status") == "ready" for j in mine):
                 self.ready = True
                 return True
-            await asyncio.sleep(self.poll)
+            await self._pause(self.poll)
         return False
 
     async def _wait_ended(self, execute: Execute, timeout: float) -> dict[str, dict[str, Any]]:
@@ -187,7 +199,7 @@ class Mirrors:
                 return jobs
             if time.monotonic() >= deadline:
                 raise MigrateFailed(f"the disk mirrors did not end within {timeout:g} s")
-            await asyncio.sleep(self.poll)
+            await self._pause(self.poll)
 
     async def finish(self, execute: Execute, timeout: float) -> None:
         """At ``pre-switchover`` (the guest stopped): cancel the ready mirrors, so each

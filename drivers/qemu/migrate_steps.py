@@ -11,6 +11,7 @@ jobs by uuid; nothing else touches those jobs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from typing import TYPE_CHECKING
@@ -218,6 +219,8 @@ class MigrationSteps:
         execute = functools.partial(dom.execute, run)
         served = await cs.serve(execute, nodes, listen, self._migration.incoming_attempts)
         job.nbd_targets = list(nodes)
+        run.job = {**(run.job or {}), "nbd": job.nbd_targets}  # a restarted agent stops it too
+        await dom.save_status(run)
         return served
 
     async def perform_copy(
@@ -242,7 +245,17 @@ class MigrationSteps:
                 f"cannot configure the migration of '{dom.defn.name}': {exc}"
             ) from exc
         speed = (params.bandwidth_mib_s or 0) * cs.MIB
-        mirrors = cs.Mirrors(nbd, nodes, poll=self._migration.mirror_poll, speed=speed)
+
+        async def changed(seconds: float) -> None:
+            """A JOB_STATUS_CHANGE of one of the mirrors (the event task notes them)."""
+            seen = {j: run.job_states.get(j) for j in mirrors.job_ids()}
+            with contextlib.suppress(OperationTimeout):
+                await dom.wait(run, lambda: any(run.job_states.get(j) != v
+                                                for j, v in seen.items()),
+                               "mirror", timeout=seconds)  # fmt: skip
+
+        mirrors = cs.Mirrors(nbd, nodes, poll=self._migration.mirror_poll, speed=speed,
+                             changed=changed)  # fmt: skip
         await mirrors.start(execute)  # undoes itself on failure
         job = mig.Job("source", params, self._migration, mirrors=mirrors)
         self._jobs[dom.defn.uuid] = run.migration = job
@@ -318,9 +331,9 @@ class MigrationSteps:
                 lambda st: st.status in done, self._migration.finish_wait
             ):
                 raise MigrateFailed(f"incoming migration is '{job.status.status}', not completed")
-        if job.nbd_targets:  # the source completed its mirrors before the switchover
+        if job.nbd_targets or job.params.copy_storage_all:  # the mirrors were completed
             await cs.stop_serving(functools.partial(dom.execute, run), job.nbd_targets)
-            job.nbd_targets = []
+            job.nbd_targets = []  # no export of the running guest's disks stays open
         job.finished = True
         defn = job.defn or run.live.copy()
         await self._store.save_definition(defn)
@@ -396,6 +409,7 @@ class MigrationSteps:
             new_domain = bool(job_map.get("new_domain", True))
             job = mig.Job("destination", params, self._migration,
                           defn=dom.defn.copy(), new_domain=new_domain)  # fmt: skip
+            job.nbd_targets = [str(t) for t in job_map.get("nbd") or []]
             if run is None:  # the incoming QEMU died meanwhile: nothing came of it
                 self._drop_incoming(dom, job)
                 return

@@ -61,7 +61,7 @@ class MigrationSettings:
     postcopy_after_passes: int = 1  # switch to postcopy once this many passes are done
     default_downtime_ms: int = 300  # QEMU's own default, restored when none is asked
     unlimited_bandwidth: int = 1 << 53  # bytes/s: libvirt's "no limit" (QEMU's is 128 MiB/s)
-    mirror_poll: float = 0.2  # copy-storage: query-jobs while the disks are mirrored
+    mirror_poll: float = 0.5  # copy-storage: query-jobs for progress (and on each job event)
     mirror_end_wait: float = 60.0  # copy-storage: cancelled ready mirrors until they ended
 
 

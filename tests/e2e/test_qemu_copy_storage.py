@@ -113,6 +113,18 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def listening_tcp(pid: int) -> int:
+    """How many TCP sockets ``pid`` listens on (an NBD server left open would be one)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] == "0A":  # LISTEN
+                inodes.add(fields[9])
+    links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    return sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in inodes)
+
+
 async def migration_of(domain: str) -> dict[str, Any]:
     recs = [r for r in await vcli("migrations") if r["domain"] == domain]
     return max(recs, key=lambda r: r["created"]) if recs else {}
@@ -256,6 +268,8 @@ async def test_copy_storage_all_moves_the_guest_and_its_disk(
             finally:
                 await g.close()
             assert sorted(os.listdir(pool_b)) == ["disk.qcow2"]
+            (dst_pid,) = qemu_pids_under(b.state_dir)
+            assert listening_tcp(dst_pid) == 0, "the NBD export of the guest's disk stays open"
             # the source's volume stays as the guest left it (libvirt keeps it too)
             compare = ["qemu-img", "compare", "-f", "qcow2", "-F", "raw",
                        str(pool_a / "disk.qcow2"), str(marked)]  # fmt: skip
