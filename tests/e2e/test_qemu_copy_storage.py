@@ -125,6 +125,18 @@ def listening_tcp(pid: int) -> int:
     return sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in inodes)
 
 
+async def wait_pool(host: str, pool: str, timeout: float = 15) -> None:
+    """The scheduler's view shows ``pool`` running on ``host`` (its placement filter
+    reads the heartbeats): a migration asked earlier would be NO_HOST."""
+    async with asyncio.timeout(timeout):
+        while True:
+            seen = [h for h in await vcli("hosts") if h["host"] == host]
+            if seen and any(p["name"] == pool and p["state"] == "running"
+                            for p in seen[0].get("pools", [])):  # fmt: skip
+                return
+            await asyncio.sleep(0.2)
+
+
 async def migration_of(domain: str) -> dict[str, Any]:
     recs = [r for r in await vcli("migrations") if r["domain"] == domain]
     return max(recs, key=lambda r: r["created"]) if recs else {}
@@ -169,6 +181,7 @@ async def test_copy_storage_all_moves_the_guest_and_its_disk(
             await wait_hosts(2)
             for host, path in ((a.host, pool_a), (b.host, pool_b)):
                 await vcli("pool-create-as", "cs", "dir", "--target", str(path), "--host", host)
+                await wait_pool(host, "cs")
             await vcli("define", str(base / "cs1.xml"), "--host", a.host)
             await vcli("start", "cs1", "--host", a.host)
             uuid = (await vcli("dominfo", "cs1", "--host", a.host))["uuid"]
@@ -215,6 +228,7 @@ async def test_copy_storage_all_moves_the_guest_and_its_disk(
             await vcli("vol-delete", "disk.qcow2", "--pool", "cs", "--host", b.host)
             with tmpfs(base / "tiny", "4m") as tiny:
                 await vcli("pool-create-as", "tiny", "dir", "--target", str(tiny), "--host", b.host)
+                await wait_pool(b.host, "tiny")
                 await refused(dst_xml("tiny"), b.host, "OPERATION_FAILED")  # 16 MiB into 4
                 assert os.listdir(tiny) == []
                 await vcli("pool-destroy", "tiny", "--host", b.host)

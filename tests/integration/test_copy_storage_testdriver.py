@@ -41,6 +41,18 @@ def xml(name: str, pool: str, extra: str = "") -> str:
 </devices></domain>"""
 
 
+async def wait_pool(host: str, pool: str, timeout: float = 15) -> None:
+    """The scheduler's view shows ``pool`` running on ``host`` (its placement filter
+    reads the heartbeats): a migration asked earlier would be NO_HOST."""
+    async with asyncio.timeout(timeout):
+        while True:
+            seen = [h for h in await vcli("hosts") if h["host"] == host]
+            if seen and any(p["name"] == pool and p["state"] == "running"
+                            for p in seen[0].get("pools", [])):  # fmt: skip
+                return
+            await asyncio.sleep(0.2)
+
+
 async def record_of(domain: str) -> dict[str, Any]:
     recs = [r for r in await vcli("migrations") if r["domain"] == domain]
     return max(recs, key=lambda r: r["created"]) if recs else {}
@@ -79,6 +91,7 @@ async def test_copy_storage_phases_cancel_and_bad_input(
         await wait_hosts(2)
         for host, path in ((a.host, pool_a), (b.host, pool_b)):
             await vcli("pool-create-as", "cs", "dir", "--target", str(path), "--host", host)
+            await wait_pool(host, "cs")
         (tmp_path / "t1.xml").write_text(xml("t1", "cs"))
         await vcli("define", str(tmp_path / "t1.xml"), "--host", a.host)
         await vcli("start", "t1", "--host", a.host)
