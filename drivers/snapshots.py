@@ -9,6 +9,10 @@ reverted and deleted (QMP jobs, qemu-img, or nothing). So do the checks of an ex
 snapshot (:func:`external_disks`) and the definition it leaves (:func:`with_overlays`):
 each disk's new qcow2 overlay on top, the image before it as its ``<backingStore>``.
 
+An external snapshot with memory (``<memory snapshot='external' file=...>``) also writes
+the guest's state to a file (:func:`check_memory_file` checks it first); the file is a
+save image, which ``restore`` loads.
+
 What libvirt 9.0 refuses for external snapshots is refused here too, with its error:
 a revert (CONFIG_UNSUPPORTED "revert to external snapshot not supported yet"). Deleting
 an external snapshot's data (libvirt 9.0 block-commits it) is not done yet: only
@@ -34,6 +38,7 @@ from virtbus.errors import (
     NoDomainSnapshot,
     NoSupport,
     OperationInvalid,
+    XMLError,
 )
 from virtbus.protocol.snapshot import SnapshotInfo
 
@@ -81,11 +86,12 @@ def default_overlay(source: str, snapshot: str) -> str:
 
 
 def external_disks(defn: DomainDefinition, files: dict[str, str], only: dict[str, str],
-                   snapshot: str) -> list[tuple[Disk, str]]:  # fmt: skip
+                   snapshot: str, memory: bool = False) -> list[tuple[Disk, str]]:  # fmt: skip
     """The disks an external snapshot covers, each with its new overlay's path: writable
     ``<disk type='file' device='disk'>`` minus those marked ``no``. Checked before
     anything is written: a file disk only (a volume's overlay would be its pool's to
-    create), distinct overlays that do not exist yet."""
+    create), distinct overlays that do not exist yet. None at all only with ``memory``
+    (libvirt takes a memory-only external snapshot)."""
     targets = {d.target_dev for d in defn.disks}
     for target in only:
         if target not in targets:
@@ -113,9 +119,27 @@ def external_disks(defn: DomainDefinition, files: dict[str, str], only: dict[str
                                     f" already exists: {overlay}")  # fmt: skip
         seen.add(overlay)
         out.append((disk, overlay))
-    if not out:
+    if not out and not memory:
         raise ConfigUnsupported(f"domain '{defn.name}' has no writable disk to snapshot")
     return out
+
+
+def check_memory_file(defn: DomainDefinition, file: str, active: bool,
+                      pairs: list[tuple[Disk, str]]) -> None:  # fmt: skip
+    """An external memory snapshot's file, checked before anything is written: the domain
+    runs (libvirt: a shut-off domain has no memory state), the file is new, in a directory
+    that exists, and is none of the disks' images or overlays."""
+    if not active:
+        raise XMLError("memory state cannot be saved with offline or disk-only snapshot"
+                       f" (domain '{defn.name}' is shut off)")  # fmt: skip
+    if file in (o for _, o in pairs) or file in (d.source_path for d in defn.disks):
+        raise ConfigUnsupported(f"external snapshot memory file '{file}' is a disk's image"
+                                " or overlay")  # fmt: skip
+    if os.path.lexists(file):
+        raise ConfigUnsupported(f"external snapshot memory file already exists: {file}")
+    if not os.path.isdir(os.path.dirname(file)):
+        raise InvalidArgument(f"cannot write the memory of domain '{defn.name}' to '{file}':"
+                              f" no directory {os.path.dirname(file)}")  # fmt: skip
 
 
 def with_overlays(defn: DomainDefinition, overlays: dict[str, str]) -> DomainDefinition:

@@ -45,6 +45,7 @@ from drivers.copy_storage import copied_disks
 from drivers.memory import check_live_memory, with_memory
 from drivers.snapshots import (
     SnapshotStore,
+    check_memory_file,
     check_quiesce,
     external_disks,
     snapshot_disks,
@@ -524,7 +525,8 @@ class TestDriver:
 
     async def _snapshot_external(self, dom: _TestDomain, req: SnapshotRequest, active: bool,
                                  state: str, quiesce: bool) -> SnapshotInfo:  # fmt: skip
-        """The QEMU driver's checks and definitions (the overlays exist in name only)."""
+        """The QEMU driver's checks and definitions (the overlays exist in name only; an
+        external memory file is this driver's save image, which its restore loads)."""
         uuid, name = dom.definition.uuid, dom.definition.name
         defn = dom.live if active and dom.live is not None else dom.definition
         if quiesce:
@@ -532,13 +534,18 @@ class TestDriver:
         snap_name = req.name or default_name(set(self._snapshots.of(uuid).records))
         check_snapshot_name(snap_name)
         self._snapshots.check_new(uuid, name, snap_name)
-        pairs = external_disks(defn, req.files, req.disks, snap_name)
+        memory = req.memory_file if req.memory == "external" else None
+        pairs = external_disks(defn, req.files, req.disks, snap_name, memory=memory is not None)
+        if memory is not None:
+            await asyncio.to_thread(check_memory_file, defn, memory, active, pairs)
+            image = self._save_image(dom, running=False, paused=False)
+            await asyncio.to_thread(Path(memory).write_bytes, image)
         overlays = {d.target_dev: o for d, o in pairs}
         await self._snapshots.add(uuid, SnapshotDef(
-            name=snap_name, state="disk-snapshot" if active else state,
-            creation_time=int(time.time()), memory=False, disks=tuple(overlays),
+            name=snap_name, state=state if memory else "disk-snapshot" if active else state,
+            creation_time=int(time.time()), memory=memory is not None, disks=tuple(overlays),
             domain_xml=defn.to_xml(), parent=self._snapshots.of(uuid).current,
-            description=req.description, overlays=tuple(overlays.items()),
+            description=req.description, overlays=tuple(overlays.items()), memory_file=memory,
         ))  # fmt: skip
         sources = {d.target_dev: d.source_path for d, _ in pairs}
         if active and dom.live is not None:

@@ -135,19 +135,18 @@ class QemuDriver:
         )  # fmt: skip
         self._reattacher = Reattacher(self._registry, self._store, self._migrations)
         self._stats = QemuStats()  # libvirt domstats (drivers/qemu/stats.py)
-        self._snapshot_store = SnapshotStore(state / "snapshots")
-        self._snapshots = QemuSnapshots(
-            self._registry, self._launcher, self._snapshot_store, self._settings, self._store
+        self._saves = QemuSaves(
+            self._registry, self._launcher, self._store, self._settings, state / "save"
         )
+        self._snapshot_store = SnapshotStore(state / "snapshots")
+        self._snapshots = QemuSnapshots(self._registry, self._launcher, self._snapshot_store,
+                                        self._settings, self._store, self._saves)  # fmt: skip
         self._blockjobs = QemuBlockJobs(self._registry, self._store, self._settings,
                                         self._launcher, self._snapshots.run_job)  # fmt: skip
         self._checkpoint_store = CheckpointStore(state / "checkpoints")
         self._backups = QemuBackups(self._registry, self._launcher, self._checkpoint_store,
                                     self._settings, self._snapshots.run_job,
                                     state / "backups")  # fmt: skip
-        self._saves = QemuSaves(
-            self._registry, self._launcher, self._store, self._settings, state / "save"
-        )
 
     # --- plumbing -----------------------------------------------------------------------
     async def open(self, sink: EventSink) -> None:

@@ -127,31 +127,43 @@ class QemuSaves:
         await self._launcher.confine_file(run.live, str(file), "save file")
         was_running = dom.state == S.RUNNING
         keep_running = (was_running or running) and not paused
-        await asyncio.to_thread(write_header, file, run.live, keep_running)
         run.pending.add(ev.Pending.SAVE)
         try:
             if was_running:
                 await dom.execute(run, "stop")
                 await dom.wait(run, lambda: dom.state == S.PAUSED, "save")
-            await dom.execute(run, "migrate-set-capabilities", _EVENTS)
-            await dom.execute(run, "migrate-set-parameters", {"max-bandwidth": UNLIMITED})
-            run.migration_state = None
-            await _pass_file(dom, run, file, os.O_WRONLY | os.O_APPEND, 0, "virtbus-save")
-            await dom.execute(run, "migrate", {"uri": "fd:virtbus-save"})
-            await self._wait_stream(dom, run, "save")
-            # On disk before the guest's QEMU goes (as libvirt's iohelper's fdatasync): a
-            # host lost after "saved" must not find a save file whose stream is cut short.
-            await asyncio.to_thread(sync_file, file)
+            await self.write_image(dom, run, file, keep_running, "save")
         except BaseException:
             run.pending.discard(ev.Pending.SAVE)
             if dom.run is run and was_running and dom.state == S.PAUSED:
                 await dom.execute(run, "cont")  # as libvirt: a failed save resumes the guest
                 await dom.wait(run, lambda: dom.state == S.RUNNING, "save")
-            await asyncio.to_thread(file.unlink, missing_ok=True)
             raise
         run.pending |= {ev.Pending.DESTROY, ev.Pending.SAVED}  # its exit: stopped(saved)
         await dom.stop_process(run)
         await dom.wait_ended(run)
+
+    async def write_image(self, dom: Domain, run: Run, file: Path, running: bool,
+                          what: str) -> None:  # fmt: skip
+        """Write the paused guest's state into ``file`` (confined by the caller): the
+        header (the live definition, ``running`` for a restore), then QEMU's migration
+        stream. QEMU stays paused; ``file`` is removed when this fails. Used by save and
+        by external snapshots with memory, so that ``restore`` loads what either wrote."""
+        try:
+            await asyncio.to_thread(write_header, file, run.live, running)
+            await dom.execute(run, "migrate-set-capabilities", _EVENTS)
+            await dom.execute(run, "migrate-set-parameters", {"max-bandwidth": UNLIMITED})
+            run.migration_state = None
+            await _pass_file(dom, run, file, os.O_WRONLY | os.O_APPEND, 0, "virtbus-save")
+            await dom.execute(run, "migrate", {"uri": "fd:virtbus-save"})
+            await self._wait_stream(dom, run, what)
+            # On disk before a save's QEMU goes or a snapshot is recorded (as libvirt's
+            # iohelper's fdatasync): a host lost after "saved" must not find a save file
+            # whose stream is cut short.
+            await asyncio.to_thread(sync_file, file)
+        except BaseException:
+            await asyncio.to_thread(file.unlink, missing_ok=True)
+            raise
 
     async def _wait_stream(self, dom: Domain, run: Run, what: str) -> None:
         """Until QEMU's MIGRATION event says the stream ended; its error raised."""

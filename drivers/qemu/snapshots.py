@@ -14,8 +14,10 @@ detail ``from_snapshot`` and leaves the state reason ``from_snapshot``.
 Internal snapshots need qcow2: a raw (or any other format) writable disk is a
 CONFIG_UNSUPPORTED naming the disk, before anything is written. External disk-only
 snapshots (``--disk-only``, or disks asked ``snapshot='external'``) are taken by
-:mod:`drivers.qemu.external`; ``--quiesce`` needs a guest agent, which virtbus does not
-speak to yet: refused before anything is written.
+:mod:`drivers.qemu.external`, with the memory in a save image first when it is asked
+external (``--memspec file=...``: :meth:`QemuSnapshots._with_memory`); ``--quiesce``
+needs a guest agent, which virtbus does not speak to yet: refused before anything is
+written.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from drivers.qemu import events as ev
@@ -32,9 +35,16 @@ from drivers.qemu import external
 from drivers.qemu.domain import Domain, Run
 from drivers.qemu.launch import Launcher
 from drivers.qemu.registry import DomainRegistry
+from drivers.qemu.saves import QemuSaves
 from drivers.qemu.settings import QemuSettings
 from drivers.qemu.state import StateStore
-from drivers.snapshots import SnapshotStore, check_quiesce, external_disks, snapshot_disks
+from drivers.snapshots import (
+    SnapshotStore,
+    check_memory_file,
+    check_quiesce,
+    external_disks,
+    snapshot_disks,
+)
 from virtbus.domain import DomainDefinition
 from virtbus.domain.model import Disk
 from virtbus.domain.snapshot import (
@@ -74,12 +84,13 @@ class QemuSnapshots:
     """The Snapshots methods of the QEMU driver (see module docstring)."""
 
     def __init__(self, registry: DomainRegistry, launcher: Launcher, store: SnapshotStore,
-                 settings: QemuSettings, states: StateStore) -> None:  # fmt: skip
+                 settings: QemuSettings, states: StateStore, saves: QemuSaves) -> None:  # fmt: skip
         self._registry = registry
         self._launcher = launcher
         self._store = store
         self._settings = settings
         self._states = states  # the definitions an external snapshot changes
+        self._saves = saves  # writes an external snapshot's memory, as a save image
 
     # --- metadata -------------------------------------------------------------------
     def all(self, ref: str) -> list[SnapshotInfo]:
@@ -138,7 +149,8 @@ class QemuSnapshots:
 
     async def _create_external(self, dom: Domain, req: SnapshotRequest, active: bool,
                                state: str, quiesce: bool) -> SnapshotInfo:  # fmt: skip
-        """A disk-only snapshot onto new overlays (:mod:`drivers.qemu.external`)."""
+        """A snapshot onto new overlays (:mod:`drivers.qemu.external`), with the memory
+        in a save image first when asked (:meth:`_with_memory`)."""
         uuid, dname = dom.defn.uuid, dom.defn.name
         if quiesce:
             check_quiesce(dom.run.live if active and dom.run is not None else dom.defn)
@@ -147,26 +159,58 @@ class QemuSnapshots:
         taken = set(self._store.of(uuid).records)
         name = check_snapshot_name(req.name) if req.name else default_name(taken)
         self._store.check_new(uuid, dname, name)
-        pairs = external_disks(defn, req.files, req.disks, name)
+        memory = req.memory_file if req.memory == "external" else None
+        pairs = external_disks(defn, req.files, req.disks, name, memory=memory is not None)
+        if memory is not None:
+            await asyncio.to_thread(check_memory_file, defn, memory, run is not None, pairs)
+            await self._launcher.confine_file(defn, memory, "external snapshot memory file")
         for disk, overlay in pairs:
             await self._launcher.confine_file(
                 defn, overlay, f"external snapshot file of disk {disk.target_dev}"
             )
-        if run is not None:
+        if run is not None and memory is not None:
+            await self._with_memory(dom, run, Path(memory), pairs)
+        elif run is not None:
             await external.take_live(dom, run, pairs, self.run_job)
         else:
             await external.take_offline(pairs)
         parent = self._store.of(uuid).current
         snap = SnapshotDef(
-            name=name, state="disk-snapshot" if active else state,
-            creation_time=int(time.time()), memory=False,
+            name=name, state=state if memory else "disk-snapshot" if active else state,
+            creation_time=int(time.time()), memory=memory is not None,
             disks=tuple(d.target_dev for d, _ in pairs), domain_xml=defn.to_xml(),
             parent=parent if parent in self._store.of(uuid).records else None,
             description=req.description, overlays=tuple((d.target_dev, o) for d, o in pairs),
+            memory_file=memory,
         )  # fmt: skip
         await external.adopt(dom, run, self._states, pairs)
         await self._store.add(uuid, snap)
         return self._store.info(uuid, dname, name)
+
+    async def _with_memory(self, dom: Domain, run: Run, file: Path,
+                           pairs: list[tuple[Disk, str]]) -> None:  # fmt: skip
+        """libvirt's qemuSnapshotCreateActiveExternal: pause a running guest, write its
+        memory to ``file`` (a save image), put the overlays on top while it is still
+        paused (so they start where the memory image stops), resume it. The guest never
+        looks paused (no events); a failure removes the file and resumes it too."""
+        was_running = dom.state == S.RUNNING
+        run.pending.add(ev.Pending.SNAPSHOT)
+        try:
+            if was_running:
+                await dom.execute(run, "stop")
+            await self._saves.write_image(dom, run, file, was_running, "memory snapshot")
+            try:
+                if pairs:
+                    await external.take_live(dom, run, pairs, self.run_job)
+            except BaseException:
+                await asyncio.to_thread(file.unlink, missing_ok=True)
+                raise
+        finally:
+            try:
+                if was_running and dom.run is run:
+                    await dom.execute(run, "cont")  # also takes the disks back from migration
+            finally:
+                run.pending.discard(ev.Pending.SNAPSHOT)
 
     async def _save(self, dom: Domain, run: Run, name: str, disks: list[Disk]) -> None:
         nodes = await self._nodes(dom, run, disks)

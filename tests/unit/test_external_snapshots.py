@@ -18,6 +18,7 @@ from virtbus.cli.snapshot import request_xml
 from virtbus.domain import parse_domain_xml
 from virtbus.domain.snapshot import SnapshotDef, parse_snapshot_request
 from virtbus.errors import ConfigUnsupported, InvalidArgument, NoSupport, XMLError
+from virtbus.protocol.events import DomainState
 
 
 def domain_xml(name: str, base: Path, extra: str = "") -> str:
@@ -138,3 +139,68 @@ def test_external_snapshots_round_trip_their_record() -> None:
     old = snap.to_json()
     del old["overlays"]  # written by an agent before external snapshots: internal
     assert not SnapshotDef.from_json(old).external
+
+
+# --- external snapshots with memory (--memspec) -------------------------------------------
+def test_memory_requests_are_parsed_as_libvirt_parses_them() -> None:
+    req = parse_snapshot_request(request_xml("m", None, "file=/p/m,snapshot=external", []))
+    assert (req.memory, req.memory_file, req.external(False)) == ("external", "/p/m", True)
+    bare = parse_snapshot_request(request_xml("m", None, "/p/m", []))  # virsh: [file=]name
+    assert (bare.memory, bare.memory_file) == ("external", "/p/m")
+    assert parse_snapshot_request(request_xml("m", None, "snapshot=no", [])).memory == "no"
+    for memspec, match in (("snapshot=external", "require a filename"),
+                           ("file=rel/m", "must be absolute"),
+                           ("file=/p/m,snapshot=internal", "requires external")):  # fmt: skip
+        with pytest.raises(XMLError, match=match):
+            parse_snapshot_request(request_xml("m", None, memspec, []))
+    with pytest.raises(InvalidArgument, match="--memspec"):
+        request_xml("m", None, "file=/a,file=/b", [])
+    with pytest.raises(XMLError, match="disk-only"):
+        req.external(True)  # --disk-only --memspec
+    mixed = request_xml("m", None, "/p/m", ["vda,snapshot=internal"])
+    with pytest.raises(ConfigUnsupported, match="mixing internal and external"):
+        parse_snapshot_request(mixed).external(False)
+
+
+async def test_the_test_driver_simulates_memory_snapshots(tmp_path: Path) -> None:
+    drv = TestDriver()
+    await drv.open(lambda _e: None)
+    await drv.define(domain_xml("d", tmp_path))
+    mem = tmp_path / "d.mem"
+    xml = request_xml("m", None, f"file={mem}", [])
+    with pytest.raises(XMLError, match="offline"):  # shut off: no memory to save
+        await drv.snapshot_create("d", xml)
+    await drv.start("d")
+    with pytest.raises(InvalidArgument, match="no directory"):
+        await drv.snapshot_create("d", request_xml("m", None, f"{tmp_path}/no/m", []))
+    mem.write_text("")
+    with pytest.raises(ConfigUnsupported, match="already exists"):
+        await drv.snapshot_create("d", xml)
+    mem.unlink()
+    with pytest.raises(ConfigUnsupported, match="disk's image"):
+        await drv.snapshot_create("d", request_xml("m", None, f"{tmp_path}/d.img", []))
+    assert not mem.exists() and await drv.snapshot_list("d") == []
+    snap = await drv.snapshot_create("d", xml)
+    assert (snap.state, snap.location, snap.memory) == ("running", "external", True)
+    assert f"{tmp_path}/d.m" in await drv.xml("d")  # the disk on its overlay
+    dumped = await drv.snapshot_xml("d", "m")
+    assert f"<memory snapshot='external' file='{mem}'/>" in dumped, dumped
+    assert "<state>running</state>" in dumped
+    assert (await drv.info("d")).state == DomainState.RUNNING  # the guest goes on
+    with pytest.raises(ConfigUnsupported, match="revert to external snapshot"):
+        await drv.snapshot_revert("d", "m", False, False)
+    await drv.destroy("d")
+    await drv.restore(str(mem), False, False)  # the memory file is a save image
+    info = await drv.info("d")
+    assert (info.state, info.reason) == (DomainState.RUNNING, "restored")
+
+
+def test_memory_snapshots_round_trip_their_record() -> None:
+    snap = SnapshotDef(name="m", state="running", creation_time=1, memory=True,
+                       disks=("vda",), domain_xml="<domain/>", overlays=(("vda", "/o"),),
+                       memory_file="/p/m")  # fmt: skip
+    again = SnapshotDef.from_json(snap.to_json())
+    assert again == snap and again.external
+    memory_only = SnapshotDef(name="m", state="paused", creation_time=1, memory=True,
+                              disks=(), domain_xml="<domain/>", memory_file="/p/m")  # fmt: skip
+    assert memory_only.external  # no overlay, still external: not revertable (libvirt 9.0)

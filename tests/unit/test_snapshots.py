@@ -54,9 +54,8 @@ def test_requests_are_parsed_and_bad_ones_refused() -> None:
                                                                   {"vdb": "no"})  # fmt: skip
     with pytest.raises(InvalidArgument, match="'/'"):
         parse_snapshot_request("<domainsnapshot><name>a/b</name></domainsnapshot>")
-    with pytest.raises(NoSupport, match="external"):
-        parse_snapshot_request("<domainsnapshot><memory snapshot='external' file='/m'/>"
-                               "</domainsnapshot>")  # fmt: skip
+    with pytest.raises(NoSupport, match="manual"):
+        parse_snapshot_request("<domainsnapshot><memory snapshot='manual'/></domainsnapshot>")
     with pytest.raises(NoSupport, match="'vda'"):
         parse_snapshot_request("<domainsnapshot><disks><disk name='vda' snapshot='manual'/>"
                                "</disks></domainsnapshot>")  # fmt: skip
@@ -231,5 +230,5 @@ def test_snapshot_list_filters_and_tree() -> None:
     parsed = parse_snapshot_request(xml)
     assert (parsed.name, parsed.description, parsed.memory, parsed.disks) == (
         "n'1", "x<y", "no", {"vda": "internal"})  # fmt: skip
-    with pytest.raises(NoSupport):
-        request_xml(None, None, "snapshot=external,file=/m", [])
+    memory = parse_snapshot_request(request_xml(None, None, "snapshot=external,file=/m", []))
+    assert (memory.memory, memory.memory_file) == ("external", "/m")

@@ -62,7 +62,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--name", dest="opt_name", help="snapshot name")
     p.add_argument("--description", dest="opt_description", help="description")
     p.add_argument("--print-xml", action="store_true", help="print the XML, take nothing")
-    p.add_argument("--memspec", help="memory: snapshot=internal|no (external: not supported)")
+    p.add_argument("--memspec", help="memory: [file=]PATH[,snapshot=external] (a save image)"
+                   " or snapshot=internal|no")  # fmt: skip
     p.add_argument("--diskspec", action="append", default=[],
                    help="disk[,snapshot=internal|external|no][,file=PATH]")  # fmt: skip
     _refused(p, "--no-metadata", "--halt", "--reuse-external")
@@ -122,7 +123,7 @@ def _check_refused(args: argparse.Namespace) -> None:
     for flag in ("redefine", "no_metadata", "halt", "reuse_external"):
         if getattr(args, flag, False):
             raise NoSupport(f"snapshot --{flag.replace('_', '-')} is not supported yet"
-                            " (internal and --disk-only snapshots are)")  # fmt: skip
+                            " (internal, --disk-only and --memspec snapshots are)")  # fmt: skip
 
 
 async def _name(dom: Domain, args: argparse.Namespace) -> str:
@@ -163,10 +164,7 @@ def request_xml(name: str | None, description: str | None, memspec: str | None,
     if description:
         parts.append(f"  <description>{escape(description)}</description>")
     if memspec:
-        mode = memspec.split(",")[0].removeprefix("snapshot=")
-        if "file=" in memspec or mode == "external" or mode.startswith("/"):
-            raise NoSupport("--memspec with a file (external memory) is not supported yet")
-        parts.append(f"  <memory snapshot='{_attr(mode)}'/>")
+        parts.append(_memory_xml(memspec))
     if diskspecs:
         parts.append("  <disks>")
         for spec in diskspecs:
@@ -186,6 +184,26 @@ def request_xml(name: str | None, description: str | None, memspec: str | None,
         parts.append("  </disks>")
     parts.append("</domainsnapshot>")
     return "\n".join(parts) + "\n"
+
+
+def _memory_xml(memspec: str) -> str:
+    """virsh's ``--memspec [file=]PATH[,snapshot=MODE]`` (or ``snapshot=MODE`` alone) as
+    ``<memory>``; a file without a mode is external, as libvirt takes it."""
+    opts: dict[str, str] = {}
+    for item in memspec.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            key, value = ("snapshot", key) if key in _MEMORY_MODES else ("file", key)
+        if key not in ("file", "snapshot") or key in opts:
+            raise InvalidArgument(f"bad --memspec {memspec!r}: [file=]PATH[,snapshot=MODE]")
+        opts[key] = value
+    attrs = f" snapshot='{_attr(opts['snapshot'])}'" if "snapshot" in opts else ""
+    if "file" in opts:
+        attrs += f" file='{_attr(opts['file'])}'"
+    return f"  <memory{attrs}/>"
+
+
+_MEMORY_MODES = ("no", "internal", "external", "manual")
 
 
 def _attr(value: str) -> str:

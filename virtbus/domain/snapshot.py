@@ -3,9 +3,9 @@
 A request (``virsh snapshot-create``) names the snapshot, describes it and says what it
 covers: ``<memory snapshot='internal|no'/>`` and per disk ``<disk name='vda'
 snapshot='internal|external|no'>`` (an external disk may name its overlay with ``<source
-file=.../>`` and ``<driver type='qcow2'/>``). External memory (``<memory
-snapshot='external'>``) and ``manual`` disks are refused with NO_SUPPORT naming what is
-missing, before anything is done.
+file=.../>`` and ``<driver type='qcow2'/>``). ``<memory snapshot='external' file=.../>``
+(a ``file`` alone implies external) asks the memory into a file, every disk then external
+by default, as libvirt aligns them; ``manual`` disks are refused with NO_SUPPORT.
 
 A recorded snapshot (:class:`SnapshotDef`) adds what libvirt keeps: the state the domain
 was in, the parent, the creation time and the domain definition of that moment; its
@@ -47,14 +47,20 @@ class SnapshotRequest:
 
     name: str | None = None
     description: str | None = None
-    memory: str | None = None  # internal | no | None (the driver's default for the state)
+    memory: str | None = None  # internal | external | no | None (the state's default)
     disks: dict[str, str] = field(default_factory=dict)  # target -> internal | external | no
     files: dict[str, str] = field(default_factory=dict)  # target -> its external overlay
+    memory_file: str | None = None  # where memory='external' writes the guest's state
 
     def external(self, disk_only: bool) -> bool:
-        """Whether this is an external (disk-only) snapshot: ``--disk-only``, or a disk
-        asked external. Mixing internal and external disks is refused, as libvirt does."""
+        """Whether this is an external snapshot: ``--disk-only``, a disk asked external,
+        or the memory asked into a file (its disks then default to external, as libvirt
+        aligns them). Mixing internal and external targets is refused, as libvirt does."""
         modes = {m for m in self.disks.values() if m != "no"}
+        if self.memory == "external":
+            if disk_only:
+                raise XMLError("memory state cannot be saved with offline or disk-only snapshot")
+            modes.add("external")
         if "external" in modes and "internal" in modes:
             raise ConfigUnsupported("mixing internal and external targets for a snapshot is"
                                     " not supported")  # fmt: skip
@@ -83,15 +89,7 @@ def parse_snapshot_request(xml: str | None) -> SnapshotRequest:
     name = _text(root, "name")
     if name is not None:
         check_snapshot_name(name)
-    memory = None
-    mem = root.find("memory")
-    if mem is not None:
-        memory = mem.get("snapshot")
-        if memory in ("external", "manual") or mem.get("file"):
-            raise NoSupport("external snapshots with memory (memory snapshot='external')"
-                            " are not supported yet: use an internal snapshot")  # fmt: skip
-        if memory not in ("internal", "no"):
-            raise XMLError(f"unknown memory snapshot mode {memory!r} (internal, no)")
+    memory, memory_file = _memory(root.find("memory"))
     disks: dict[str, str] = {}
     files: dict[str, str] = {}
     for disk in root.findall("disks/disk"):
@@ -127,7 +125,26 @@ def parse_snapshot_request(xml: str | None) -> SnapshotRequest:
                 files[target] = path
         elif source is not None:
             raise XMLError(f"disk '{target}': a <source> needs snapshot='external'")
-    return SnapshotRequest(name, _text(root, "description"), memory, disks, files)
+    return SnapshotRequest(name, _text(root, "description"), memory, disks, files, memory_file)
+
+
+def _memory(mem: etree._Element | None) -> tuple[str | None, str | None]:
+    """``<memory snapshot=... file=...>``: the mode and the file, libvirt's rules."""
+    if mem is None:
+        return None, None
+    file = mem.get("file") or None
+    mode = mem.get("snapshot") or ("external" if file else None)
+    if mode == "manual":
+        raise NoSupport("manual memory snapshots are not supported (external, internal are)")
+    if mode not in ("internal", "external", "no"):
+        raise XMLError(f"unknown memory snapshot mode {mode!r} (internal, external, no)")
+    if file and mode != "external":
+        raise XMLError(f"memory filename '{file}' requires external snapshot")
+    if mode == "external" and not file:
+        raise XMLError("external memory snapshots require a filename")
+    if file and not file.startswith("/"):
+        raise XMLError(f"memory snapshot file path ({file}) must be absolute")
+    return mode, file
 
 
 def _text(root: etree._Element, tag: str) -> str | None:
@@ -139,7 +156,7 @@ def _text(root: etree._Element, tag: str) -> str | None:
 class SnapshotDef:
     """One recorded snapshot (see module docstring): internal, or external when
     ``overlays`` names the overlay each disk went on to (the image before it keeps the
-    data of the snapshot)."""
+    data of the snapshot) or ``memory_file`` the save image holding its memory."""
 
     name: str
     state: str  # running | paused | shutoff | disk-snapshot: when it was taken
@@ -150,10 +167,11 @@ class SnapshotDef:
     parent: str | None = None
     description: str | None = None
     overlays: tuple[tuple[str, str], ...] = ()  # (target, overlay file) of an external one
+    memory_file: str | None = None  # external memory: a save image (virtbus restore FILE)
 
     @property
     def external(self) -> bool:
-        return bool(self.overlays)
+        return bool(self.overlays) or self.memory_file is not None
 
     def with_parent(self, parent: str | None) -> SnapshotDef:
         return replace(self, parent=parent)
@@ -167,7 +185,10 @@ class SnapshotDef:
         if self.parent is not None:
             etree.SubElement(etree.SubElement(root, "parent"), "name").text = self.parent
         etree.SubElement(root, "creationTime").text = str(self.creation_time)
-        etree.SubElement(root, "memory", snapshot="internal" if self.memory else "no")
+        if self.memory_file is not None:
+            etree.SubElement(root, "memory", snapshot="external", file=self.memory_file)
+        else:
+            etree.SubElement(root, "memory", snapshot="internal" if self.memory else "no")
         disks = etree.SubElement(root, "disks")
         files = dict(self.overlays)
         for target in self.disks:
@@ -185,13 +206,14 @@ class SnapshotDef:
         return {"name": self.name, "state": self.state, "creation_time": self.creation_time,
                 "memory": self.memory, "disks": list(self.disks), "domain_xml": self.domain_xml,
                 "parent": self.parent, "description": self.description,
-                "overlays": [list(o) for o in self.overlays]}  # fmt: skip
+                "overlays": [list(o) for o in self.overlays],
+                "memory_file": self.memory_file}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> SnapshotDef:
         disks = data.get("disks")
         parent, description = data.get("parent"), data.get("description")
-        overlays = data.get("overlays")
+        overlays, memory_file = data.get("overlays"), data.get("memory_file")
         return cls(
             name=str(data["name"]), state=str(data["state"]),
             creation_time=int(str(data["creation_time"])), memory=bool(data["memory"]),
@@ -201,6 +223,7 @@ class SnapshotDef:
             description=str(description) if description is not None else None,
             overlays=tuple((str(o[0]), str(o[1])) for o in overlays)
             if isinstance(overlays, list) else (),
+            memory_file=str(memory_file) if memory_file is not None else None,
         )  # fmt: skip
 
 
