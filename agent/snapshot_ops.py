@@ -31,7 +31,9 @@ def _snapshots(ctx: AgentContext) -> Snapshots:
 
 @HANDLERS.on(ops.DOMAIN_SNAPSHOT_CREATE)
 async def _create(ctx: AgentContext, req: SnapshotCreate) -> SnapshotInfo:
-    return await _snapshots(ctx).snapshot_create(req.domain, req.xml, req.disk_only, req.quiesce)
+    return await _snapshots(ctx).snapshot_create(
+        req.domain, req.xml, req.disk_only, req.quiesce, req.halt, req.live
+    )
 
 
 @HANDLERS.on(ops.DOMAIN_SNAPSHOT_LIST)

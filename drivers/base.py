@@ -275,9 +275,11 @@ class Snapshots(Protocol):
     unknown names are NO_DOMAIN_SNAPSHOT, a snapshot of another domain is unknown here."""
 
     async def snapshot_create(self, ref: str, xml: str | None, disk_only: bool = False,
-                              quiesce: bool = False) -> SnapshotInfo:  # fmt: skip
+                              quiesce: bool = False, halt: bool = False,
+                              live: bool = False) -> SnapshotInfo:  # fmt: skip
         """Take a snapshot from a ``<domainsnapshot>`` request (``disk_only``: external,
-        onto new overlays; ``quiesce``: through the guest agent); it becomes current."""
+        onto new overlays; ``quiesce``: through the guest agent; ``halt``: stop the domain
+        afterwards; ``live``: external memory without pausing first); it becomes current."""
 
     async def snapshot_list(self, ref: str) -> list[SnapshotInfo]: ...
     async def snapshot_info(self, ref: str, name: str | None) -> SnapshotInfo:

@@ -31,7 +31,7 @@ from lxml import etree
 from drivers.metadata import TreeStore
 from virtbus.domain import DomainDefinition
 from virtbus.domain.model import Disk
-from virtbus.domain.snapshot import SnapshotDef
+from virtbus.domain.snapshot import SnapshotDef, SnapshotRequest
 from virtbus.errors import (
     ConfigUnsupported,
     InvalidArgument,
@@ -122,6 +122,14 @@ def external_disks(defn: DomainDefinition, files: dict[str, str], only: dict[str
     if not out and not memory:
         raise ConfigUnsupported(f"domain '{defn.name}' has no writable disk to snapshot")
     return out
+
+
+def check_live(req: SnapshotRequest, active: bool, live: bool) -> None:
+    """libvirt's ``--live``: only for a full system snapshot (memory to a file) of an
+    active domain; NO_SUPPORT with its words otherwise."""
+    if live and (not active or req.memory != "external"):
+        raise NoSupport("live snapshot creation is supported only during full system snapshots"
+                        " (--memspec file=... of a running domain)")  # fmt: skip
 
 
 def check_memory_file(defn: DomainDefinition, file: str, active: bool,

@@ -45,6 +45,7 @@ from drivers.copy_storage import copied_disks
 from drivers.memory import check_live_memory, with_memory
 from drivers.snapshots import (
     SnapshotStore,
+    check_live,
     check_memory_file,
     check_quiesce,
     external_disks,
@@ -493,17 +494,28 @@ class TestDriver:
 
     # --- snapshots: the QEMU driver's checks and events, no data -------------------
     async def snapshot_create(self, ref: str, xml: str | None, disk_only: bool = False,
-                              quiesce: bool = False) -> SnapshotInfo:  # fmt: skip
+                              quiesce: bool = False, halt: bool = False,
+                              live: bool = False) -> SnapshotInfo:  # fmt: skip
         await self._latency()
         dom = self._get(ref)
-        uuid, name = dom.definition.uuid, dom.definition.name
         req = parse_snapshot_request(xml)
         state = _SNAPSHOT_STATES.get(dom.state)
         if state is None:
-            raise OperationInvalid(f"cannot snapshot domain '{name}': it is {dom.state.label}")
+            raise OperationInvalid(f"cannot snapshot domain '{dom.definition.name}': it is"
+                                   f" {dom.state.label}")  # fmt: skip
         active = dom.state != DomainState.SHUTOFF
+        check_live(req, active, live)
         if req.external(disk_only):
-            return await self._snapshot_external(dom, req, active, state, quiesce)
+            info = await self._snapshot_external(dom, req, active, state, quiesce)
+        else:
+            info = await self._snapshot_internal(dom, req, active, state, quiesce)
+        if halt and active:
+            self._stop(dom, "from_snapshot")  # as the QEMU driver: stopped(from_snapshot)
+        return info
+
+    async def _snapshot_internal(self, dom: _TestDomain, req: SnapshotRequest, active: bool,
+                                 state: str, quiesce: bool) -> SnapshotInfo:  # fmt: skip
+        uuid, name = dom.definition.uuid, dom.definition.name
         if quiesce:
             raise InvalidArgument("--quiesce needs an external disk-only snapshot (--disk-only)")
         if req.memory == "internal" and not active:

@@ -206,8 +206,9 @@ class QemuDriver:
 
     # --- snapshots (snapshots.py) ------------------------------------------------------
     async def snapshot_create(self, ref: str, xml: str | None, disk_only: bool = False,
-                              quiesce: bool = False) -> SnapshotInfo:  # fmt: skip
-        return await self._snapshots.create(ref, xml, disk_only, quiesce)
+                              quiesce: bool = False, halt: bool = False,
+                              live: bool = False) -> SnapshotInfo:  # fmt: skip
+        return await self._snapshots.create(ref, xml, disk_only, quiesce, halt, live)
 
     async def snapshot_list(self, ref: str) -> list[SnapshotInfo]:
         return self._snapshots.all(ref)

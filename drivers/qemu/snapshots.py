@@ -40,6 +40,7 @@ from drivers.qemu.settings import QemuSettings
 from drivers.qemu.state import StateStore
 from drivers.snapshots import (
     SnapshotStore,
+    check_live,
     check_memory_file,
     check_quiesce,
     external_disks,
@@ -110,16 +111,28 @@ class QemuSnapshots:
 
     # --- create ---------------------------------------------------------------------
     async def create(self, ref: str, xml: str | None, disk_only: bool = False,
-                     quiesce: bool = False) -> SnapshotInfo:  # fmt: skip
+                     quiesce: bool = False, halt: bool = False,
+                     live: bool = False) -> SnapshotInfo:  # fmt: skip
+        """Take the snapshot; with ``halt`` the domain is stopped afterwards, once its
+        record is written (stopped(from_snapshot), as libvirt's _HALT)."""
         dom = self._registry.get(ref)
         req = parse_request(xml)
-        uuid, dname = dom.defn.uuid, dom.defn.name
-        state = _STATE_NAMES.get(dom.state)
+        state, dname = _STATE_NAMES.get(dom.state), dom.defn.name
         if state is None:
             raise OperationInvalid(f"cannot snapshot domain '{dname}': it is {dom.state.label}")
         active = dom.run is not None and dom.state != S.SHUTOFF
+        check_live(req, active, live)
         if req.external(disk_only):
-            return await self._create_external(dom, req, active, state, quiesce)
+            info = await self._create_external(dom, req, active, state, quiesce, live, halt)
+        else:
+            info = await self._create_internal(dom, req, active, state, quiesce)
+        if halt and dom.run is not None and dom.state != S.SHUTOFF:
+            await self._stop_from_snapshot(dom, dom.run)
+        return info
+
+    async def _create_internal(self, dom: Domain, req: SnapshotRequest, active: bool,
+                               state: str, quiesce: bool) -> SnapshotInfo:  # fmt: skip
+        uuid, dname = dom.defn.uuid, dom.defn.name
         if quiesce:
             raise InvalidArgument("--quiesce needs an external disk-only snapshot (--disk-only)")
         memory = req.memory != "no" if active else False
@@ -148,7 +161,8 @@ class QemuSnapshots:
         return self._store.info(uuid, dname, name)
 
     async def _create_external(self, dom: Domain, req: SnapshotRequest, active: bool,
-                               state: str, quiesce: bool) -> SnapshotInfo:  # fmt: skip
+                               state: str, quiesce: bool, live: bool,
+                               halt: bool) -> SnapshotInfo:  # fmt: skip
         """A snapshot onto new overlays (:mod:`drivers.qemu.external`), with the memory
         in a save image first when asked (:meth:`_with_memory`)."""
         uuid, dname = dom.defn.uuid, dom.defn.name
@@ -169,7 +183,7 @@ class QemuSnapshots:
                 defn, overlay, f"external snapshot file of disk {disk.target_dev}"
             )
         if run is not None and memory is not None:
-            await self._with_memory(dom, run, Path(memory), pairs)
+            await self._with_memory(dom, run, Path(memory), pairs, live=live, resume=not halt)
         elif run is not None:
             await external.take_live(dom, run, pairs, self.run_job)
         else:
@@ -188,15 +202,18 @@ class QemuSnapshots:
         return self._store.info(uuid, dname, name)
 
     async def _with_memory(self, dom: Domain, run: Run, file: Path,
-                           pairs: list[tuple[Disk, str]]) -> None:  # fmt: skip
-        """libvirt's qemuSnapshotCreateActiveExternal: pause a running guest, write its
-        memory to ``file`` (a save image), put the overlays on top while it is still
-        paused (so they start where the memory image stops), resume it. The guest never
-        looks paused (no events); a failure removes the file and resumes it too."""
+                           pairs: list[tuple[Disk, str]], *, live: bool,
+                           resume: bool) -> None:  # fmt: skip
+        """libvirt's qemuSnapshotCreateActiveExternal: pause a running guest (``live``:
+        QEMU pauses it when the stream converges), write its memory to ``file`` (a save
+        image), put the overlays on top while it is still paused (so they start where the
+        memory image stops), resume it (not when it is to halt). The guest never looks
+        paused (no events); a failure removes the file and resumes it."""
         was_running = dom.state == S.RUNNING
         run.pending.add(ev.Pending.SNAPSHOT)
+        ok = False
         try:
-            if was_running:
+            if was_running and not live:
                 await dom.execute(run, "stop")
             await self._saves.write_image(dom, run, file, was_running, "memory snapshot")
             try:
@@ -205,9 +222,10 @@ class QemuSnapshots:
             except BaseException:
                 await asyncio.to_thread(file.unlink, missing_ok=True)
                 raise
+            ok = True
         finally:
             try:
-                if was_running and dom.run is run:
+                if was_running and dom.run is run and (resume or not ok):
                     await dom.execute(run, "cont")  # also takes the disks back from migration
             finally:
                 run.pending.discard(ev.Pending.SNAPSHOT)
@@ -276,7 +294,7 @@ class QemuSnapshots:
                 await self._load(dom, dom.run, snap, disks, want_paused)
         else:
             if dom.run is not None and dom.state != S.SHUTOFF:
-                await self._stop_for_revert(dom, dom.run)
+                await self._stop_from_snapshot(dom, dom.run)
             await _each_image(disks, "-a", snap.name)
             if running or paused:
                 await self._start_from(dom, None, disks, paused)
@@ -342,8 +360,9 @@ class QemuSnapshots:
                 run.pending.discard(ev.Pending.REVERT)
             await dom.save_status(run)
 
-    async def _stop_for_revert(self, dom: Domain, run: Run) -> None:
-        """A shut-off snapshot: the running domain is destroyed (stopped(from_snapshot))."""
+    async def _stop_from_snapshot(self, dom: Domain, run: Run) -> None:
+        """A revert to a shut-off snapshot, or a snapshot with ``halt``: the running
+        domain is destroyed (stopped(from_snapshot), shut off with that reason)."""
         run.pending |= {ev.Pending.DESTROY, ev.Pending.REVERT}
         await dom.stop_process(run)
         await dom.wait_ended(run)

@@ -123,6 +123,23 @@ async def test_memspec_snapshot_writes_memory_and_overlays_and_restores(
             first = await first_tick(serial, 0)  # QEMU truncated the serial file
             assert before <= first - 1 <= after < last - 5, (before, first, after, last)
             assert "running" in await h.ok("domstate", "x")
+
+            # --live --halt: written while it runs (QEMU pauses it at the end), then stopped
+            await h.fails("NO_SUPPORT", "snapshot-create-as", "x", "l", "--live")  # internal
+            mem2, overlay2 = base / "x2.mem", base / "x.s2"
+            await wait_tick(serial, first + 2)
+            spec2 = ["--diskspec", f"vda,snapshot=external,file={overlay2}"]
+            await h.ok("snapshot-create-as", "x", "s2", "--memspec", f"file={mem2}", "--live",
+                       "--halt", *spec2)  # fmt: skip
+            await h.events.wait("x", "stopped", "from_snapshot")
+            assert "shut off (from_snapshot)" in await h.ok("domstate", "x", "--reason")
+            halted = ticks(serial)[-1]  # halted while paused: the tick of the memory image
+            assert await backing_chain(overlay2) == [str(overlay2), str(disk)]
+            assert "<state>running</state>" in await h.ok("snapshot-dumpxml", "x", "s2")
+            await h.ok("restore", str(mem2))
+            await h.events.wait_count("x", "started", "restored", 2)
+            # the next tick (or that one again, if its bytes were still in the UART's state)
+            assert halted <= await first_tick(serial, 0) <= halted + 1
             await h.ok("destroy", "x")
-            await h.ok("snapshot-delete", "x", "s1", "--metadata")
+            await h.ok("snapshot-delete", "x", "s1", "--children", "--metadata")
             assert mem.exists() and overlay.exists()  # --metadata: the files stay

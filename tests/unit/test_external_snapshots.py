@@ -204,3 +204,24 @@ def test_memory_snapshots_round_trip_their_record() -> None:
     memory_only = SnapshotDef(name="m", state="paused", creation_time=1, memory=True,
                               disks=(), domain_xml="<domain/>", memory_file="/p/m")  # fmt: skip
     assert memory_only.external  # no overlay, still external: not revertable (libvirt 9.0)
+
+
+async def test_the_test_driver_halts_and_takes_live_memory_snapshots(tmp_path: Path) -> None:
+    seen: list[tuple[str, str | None]] = []
+    drv = TestDriver()
+    await drv.open(lambda e: seen.append((e.event, e.detail)))
+    await drv.define(domain_xml("d", tmp_path))
+    await drv.start("d")
+    with pytest.raises(NoSupport, match="full system"):  # --live: only with memory to a file
+        await drv.snapshot_create("d", None, live=True)
+    mem = tmp_path / "d.mem"
+    snap = await drv.snapshot_create("d", request_xml("m", None, str(mem), []), halt=True,
+                                     live=True)  # fmt: skip
+    assert (snap.state, snap.memory) == ("running", True) and mem.exists()
+    info = await drv.info("d")
+    assert (info.state, info.reason) == (DomainState.SHUTOFF, "from_snapshot")
+    assert seen[-1] == ("stopped", "from_snapshot")
+    with pytest.raises(NoSupport, match="full system"):  # shut off
+        await drv.snapshot_create("d", request_xml("n", None, f"{tmp_path}/n.mem", []), live=True)
+    await drv.restore(str(mem), False, False)
+    assert (await drv.info("d")).state == DomainState.RUNNING

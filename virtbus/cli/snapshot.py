@@ -44,16 +44,18 @@ def _external_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiesce", action="store_true",
                    help="freeze the guest's file systems through its guest agent (refused:"
                    " virtbus does not talk to guest agents yet)")  # fmt: skip
+    p.add_argument("--halt", action="store_true", help="stop the domain once it is taken")
+    p.add_argument("--live", action="store_true",
+                   help="with --memspec: write the memory while the guest runs")  # fmt: skip
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("snapshot-create", help="take a snapshot from <domainsnapshot> XML")
     _target(p)
     p.add_argument("xmlfile", nargs="?", help="<domainsnapshot> XML ('-' for stdin)")
-    _refused(p, "--redefine", "--no-metadata", "--halt", "--reuse-external")
+    _refused(p, "--redefine", "--no-metadata", "--reuse-external")
     _external_flags(p)
     p.add_argument("--atomic", action="store_true", help="all or nothing (always so)")
-    p.add_argument("--live", action="store_true", help="(internal snapshots pause briefly)")
     p.set_defaults(func=snapshot_create)
     p = sub.add_parser("snapshot-create-as", help="take a snapshot from a name and description")
     _target(p)
@@ -66,10 +68,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    " or snapshot=internal|no")  # fmt: skip
     p.add_argument("--diskspec", action="append", default=[],
                    help="disk[,snapshot=internal|external|no][,file=PATH]")  # fmt: skip
-    _refused(p, "--no-metadata", "--halt", "--reuse-external")
+    _refused(p, "--no-metadata", "--reuse-external")
     _external_flags(p)
     p.add_argument("--atomic", action="store_true", help="all or nothing (always so)")
-    p.add_argument("--live", action="store_true", help="(internal snapshots pause briefly)")
     p.set_defaults(func=snapshot_create_as)
     p = sub.add_parser("snapshot-list", help="list a domain's snapshots")
     _target(p)
@@ -120,7 +121,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _check_refused(args: argparse.Namespace) -> None:
-    for flag in ("redefine", "no_metadata", "halt", "reuse_external"):
+    for flag in ("redefine", "no_metadata", "reuse_external"):
         if getattr(args, flag, False):
             raise NoSupport(f"snapshot --{flag.replace('_', '-')} is not supported yet"
                             " (internal, --disk-only and --memspec snapshots are)")  # fmt: skip
@@ -141,7 +142,8 @@ async def snapshot_create(ctx: Context, args: argparse.Namespace) -> int:
     _check_refused(args)
     xml = read_xml(args.xmlfile) if args.xmlfile else None
     dom = await ctx.domain(args.host, args.domain)
-    snap = await dom.snapshot_create(xml, disk_only=args.disk_only, quiesce=args.quiesce)
+    snap = await dom.snapshot_create(xml, disk_only=args.disk_only, quiesce=args.quiesce,
+                                     halt=args.halt, live=args.live)  # fmt: skip
     return _created(ctx, dom, snap, args.xmlfile)
 
 
@@ -219,7 +221,8 @@ async def snapshot_create_as(ctx: Context, args: argparse.Namespace) -> int:
         sys.stdout.write(xml)
         return 0
     dom = await ctx.domain(args.host, args.domain)
-    snap = await dom.snapshot_create(xml, disk_only=args.disk_only, quiesce=args.quiesce)
+    snap = await dom.snapshot_create(xml, disk_only=args.disk_only, quiesce=args.quiesce,
+                                     halt=args.halt, live=args.live)  # fmt: skip
     return _created(ctx, dom, snap, None)
 
 

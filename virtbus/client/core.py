@@ -679,11 +679,14 @@ class Domain:
 
     # --- snapshots (libvirt's virDomainSnapshot*) ----------------------------------
     async def snapshot_create(
-        self, xml: str | None = None, *, disk_only: bool = False, quiesce: bool = False
-    ) -> SnapshotInfo:
+        self, xml: str | None = None, *, disk_only: bool = False, quiesce: bool = False,
+        halt: bool = False, live: bool = False,
+    ) -> SnapshotInfo:  # fmt: skip
         """Take a snapshot from ``<domainsnapshot>`` XML (None: defaults); ``disk_only``:
-        external, onto new qcow2 overlays; ``quiesce``: through the guest agent."""
-        request = SnapshotCreate(domain=self.ref, xml=xml, disk_only=disk_only, quiesce=quiesce)
+        external, onto new qcow2 overlays; ``quiesce``: through the guest agent; ``halt``:
+        stop the domain afterwards; ``live``: external memory without pausing first."""
+        request = SnapshotCreate(domain=self.ref, xml=xml, disk_only=disk_only, quiesce=quiesce,
+                                 halt=halt, live=live)  # fmt: skip
         return await self.host.call(ops.DOMAIN_SNAPSHOT_CREATE, request)
 
     async def snapshots(self) -> list[SnapshotInfo]:

@@ -24,11 +24,16 @@ class SnapshotCreate(DomainTarget):
     """``xml``: a ``<domainsnapshot>`` request (name, description, memory, disks); None
     takes every default (named after the time, memory when the domain runs).
     ``disk_only``: an external snapshot of the disks alone (virsh's ``--disk-only``);
-    ``quiesce``: freeze the guest's file systems through its guest agent meanwhile."""
+    ``quiesce``: freeze the guest's file systems through its guest agent meanwhile;
+    ``halt``: stop the domain once the snapshot is taken (virsh's ``--halt``); ``live``:
+    an external memory snapshot without pausing the guest first (``--live``: QEMU pauses
+    it only when its memory stream converges)."""
 
     xml: str | None = None
     disk_only: bool = False
     quiesce: bool = False
+    halt: bool = False
+    live: bool = False
 
 
 class SnapshotTarget(DomainTarget):
