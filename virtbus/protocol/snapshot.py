@@ -1,5 +1,6 @@
 """The ``domain.snapshot.*`` ops (libvirt's virDomainSnapshot API): internal snapshots,
-and external disk-only ones (each disk goes on to a new qcow2 overlay).
+and external ones (each disk goes on to a new qcow2 overlay; the memory, when asked, goes
+to a file that ``domain.restore`` loads).
 
 Snapshots are named per domain; ``snapshot`` is the name (virsh's ``snapshotname``).
 Listing filters (``--tree``, ``--roots``, ``--leaves``, ``--parent``) are applied by the
@@ -99,7 +100,7 @@ _ref = field("domain")
 DOMAIN_SNAPSHOT_CREATE = op(
     "domain.snapshot.create", SnapshotCreate, SnapshotInfo, _A,
     "take a snapshot from <domainsnapshot> XML: internal (with memory while the domain"
-    " runs) or external disk-only onto new qcow2 overlays",
+    " runs) or external onto new qcow2 overlays (the memory, if asked, into a save image)",
     access=Access.CONFIG, target=_D, target_of=_ref, serial=True,
 )  # fmt: skip
 DOMAIN_SNAPSHOT_LIST = op(
