@@ -18,6 +18,7 @@ from it and removes it once the guest runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import struct
@@ -162,6 +163,9 @@ class QemuSaves:
             # whose stream is cut short.
             await asyncio.to_thread(sync_file, file)
         except BaseException:
+            if dom.run is run and run.migration_state not in _DONE:
+                with contextlib.suppress(VirtbusError):  # a timed-out stream (--live) stops
+                    await dom.execute(run, "migrate_cancel")
             await asyncio.to_thread(file.unlink, missing_ok=True)
             raise
 
