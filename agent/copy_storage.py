@@ -7,7 +7,9 @@ where the destination's own definition puts it: a ``<disk type='volume'>`` in it
 and volume, a ``<disk type='file'>`` in the active pool whose directory holds the path.
 Nothing that exists is ever reused or overwritten: a volume of that name already there
 is OPERATION_INVALID. The pools must have room for what the copy will write (the
-source's allocation), else OPERATION_FAILED before anything is made.
+source's allocation), else OPERATION_FAILED before anything is made. For
+``--copy-storage-inc`` a disk's volume is made over the base the source names, which must
+be a volume of the same pool here already (NO_STORAGE_VOL).
 
 What was made is recorded on disk under the domain's uuid before it is made, so a
 rollback (``finish(success=false)``), also one after an agent restart, removes exactly
@@ -27,9 +29,15 @@ from pathlib import Path
 
 from agent.storage import StoragePools
 from virtbus.domain import DomainDefinition
-from virtbus.errors import InvalidArgument, NoStoragePool, OperationInvalid, VirtbusError
+from virtbus.errors import (
+    InvalidArgument,
+    NoStoragePool,
+    NoStorageVol,
+    OperationInvalid,
+    VirtbusError,
+)
 from virtbus.protocol.migration import CopyDisk
-from virtbus.storage.volume import volume_xml
+from virtbus.storage.volume import Backing, volume_xml
 from virtbus.store import replace_file
 
 log = logging.getLogger(__name__)
@@ -93,7 +101,9 @@ class CopiedVolumes:
         if len(set(places)) != len(places):
             raise InvalidArgument(f"two disks of domain '{defn.name}' share one volume here")
         need: dict[str, int] = defaultdict(int)
+        backings: list[Backing | None] = []
         for (pool, volume), disk in zip(places, disks, strict=True):
+            backings.append(await self._backing(pool, disk))
             try:
                 await self.storage.volume(pool, volume)
             except VirtbusError as exc:
@@ -110,14 +120,28 @@ class CopiedVolumes:
             await self.storage.check_room(pool, size, names)
         self.made[defn.uuid] = []
         try:
-            for (pool, volume), disk in zip(places, disks, strict=True):
+            for (pool, volume), disk, backing in zip(places, disks, backings, strict=True):
                 self.made[defn.uuid].append((pool, volume))
                 await self._save()  # recorded before it exists: a crash still removes it
-                xml = volume_xml(volume, disk.capacity, format=disk.format)
+                xml = volume_xml(volume, disk.capacity, format=disk.format, backing=backing)
                 await self.storage.create_volume(pool, xml)
         except BaseException:
             await self.remove(defn.uuid)
             raise
+
+    async def _backing(self, pool: str, disk: CopyDisk) -> Backing | None:
+        """copy-storage-inc: the top image goes over the base already in the same pool."""
+        if disk.backing is None:
+            return None
+        try:
+            facts = await self.storage.volume(pool, disk.backing)
+        except NoStorageVol:
+            raise NoStorageVol(
+                f"backing volume '{disk.backing}' of disk '{disk.target}' is not in pool"
+                f" '{pool}' here: copy-storage-inc copies only the top image, the base must"
+                " be on the destination already"
+            ) from None
+        return Backing(facts.path, disk.backing_format or "raw")
 
     async def remove(self, uuid: str) -> None:
         """The migration did not finish here: remove the volumes made for it."""

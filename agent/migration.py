@@ -127,7 +127,12 @@ def _copied(ctx: AgentContext) -> copy_storage.CopiedVolumes:
 @HANDLERS.on(ops.MIGRATION_BEGIN)
 async def _begin(ctx: AgentContext, req: MigrationBegin) -> MigrationSource:
     xml = await ctx.driver.migrate_begin(req.domain)
-    disks = await _copier(ctx).migrate_disks(req.domain) if req.params.copy_storage_all else []
+    params = req.params
+    disks = (
+        await _copier(ctx).migrate_disks(req.domain, params.copy_storage_inc)
+        if params.copy_storage
+        else []
+    )
     info = await ctx.driver.info(req.domain)
     return MigrationSource(
         xml=xml, name=info.name, uuid=info.uuid, state=info.state.label, disks=disks
@@ -138,9 +143,9 @@ async def _begin(ctx: AgentContext, req: MigrationBegin) -> MigrationSource:
 async def _prepare(ctx: AgentContext, req: MigrationPrepare) -> MigrationTarget:
     defn = parse_domain_xml(req.xml)
     demand = Demand(defn.uuid, defn.name, defn.current_memory_kib, defn.current_vcpus)
-    copy = req.params.copy_storage_all
+    copy = req.params.copy_storage
     if not copy and req.disks:
-        raise OperationInvalid("disks to copy are given without copy_storage_all")
+        raise OperationInvalid("disks to copy are given without copy-storage")
     nbd = None
     async with ctx.admission.starting(demand):  # the incoming guest takes the host too
         if copy:
@@ -179,10 +184,10 @@ async def _perform(ctx: AgentContext, req: MigrationPerform) -> Accepted:
     guard: MigrationGuard | None = ctx.extras.get(GUARD)
     if guard is not None:
         await guard.check(req)
-    if req.params.copy_storage_all:
+    if req.params.copy_storage:
         if req.nbd is None:
             raise OperationInvalid(
-                f"migration.perform of {req.domain!r} with copy_storage_all names no NBD"
+                f"migration.perform of {req.domain!r} with copy-storage names no NBD"
                 " target (the destination's prepare answers it)"
             )
         await _copier(ctx).migrate_perform_copy(req.domain, req.uri, req.params, req.nbd)

@@ -366,10 +366,10 @@ class CopyStorage(Protocol):
     instance, then migrates memory. Optional: NO_SUPPORT. The agent makes (and on a
     rollback removes) the destination's volumes; the driver only moves the bytes."""
 
-    async def migrate_disks(self, ref: str) -> list[CopyDisk]:
+    async def migrate_disks(self, ref: str, incremental: bool = False) -> list[CopyDisk]:
         """Source: the disks a copy would move (writable file and volume disks; read-only,
         shareable and empty ones stay); CONFIG_UNSUPPORTED for a writable disk of another
-        type."""
+        type. ``incremental`` (copy-storage-inc): each top image's backing is named."""
 
     async def migrate_nbd_start(self, ref: str, disks: list[str], listen: str) -> NbdTarget:
         """Destination, after prepare: serve the incoming instance's ``disks`` (target

@@ -995,7 +995,9 @@ class TestDriver:
         self._resolver.release(f"peek-{defn.uuid}", pool, vol)
         return path
 
-    async def migrate_disks(self, ref: str) -> list[CopyDisk]:
+    async def migrate_disks(self, ref: str, incremental: bool = False) -> list[CopyDisk]:
+        if incremental:
+            raise NoSupport("the test driver copies whole disks only (--copy-storage-all)")
         dom = self._get(ref)
         self._require(dom, DomainState.RUNNING, DomainState.PAUSED, verb="migrate")
         defn = dom.live or dom.definition

@@ -13,7 +13,7 @@ source, ``finish(success=False)`` on the destination (its instance is killed),
 runs in exactly one place. Once the destination runs the guest (finish succeeded, or a
 post-copy is under way) there is no way back: the coordinator only goes forward.
 
-A copy-storage migration (``params.copy_storage_all``) runs ``begin`` *then* ``prepare``
+A copy-storage migration (``params.copy_storage``) runs ``begin`` *then* ``prepare``
 (the destination makes its volumes from the disks the source lists, and answers the NBD
 target the source mirrors into) and has one more phase, ``storage``, between ``perform``
 and ``progress``: the source mirrors the disks, and sends memory once they are copied (its
@@ -266,7 +266,7 @@ class MigrationCoordinator:
             await self._enter(record, Phase.PREPARE)
             xml = self._xml.pop(record.id, None)
             nbd = None
-            if record.params.copy_storage_all:
+            if record.params.copy_storage:
                 record.uri, nbd = await self._begin_then_prepare(record, xml)
             else:
                 record.uri = await self._begin_and_prepare(record, xml)
@@ -277,7 +277,7 @@ class MigrationCoordinator:
                 migration=record.id, destination=record.destination, nbd=nbd,
             )  # fmt: skip
             await self._step(record, record.source, ops.MIGRATION_PERFORM, perform)
-            copying = record.params.copy_storage_all
+            copying = record.params.copy_storage
             await self._enter(record, Phase.STORAGE if copying else Phase.PROGRESS)
         if record.phase in _STREAMING:
             await self._follow(record)

@@ -7,7 +7,8 @@ The flow is libvirt's (qemu_migration.c, qemuMigrationSrcNBDStorageCopy):
   writable (``block-export-add``); QEMU activates the incoming images for that and
   defers the devices' shared permissions until the migration completes;
 - source: :class:`Mirrors` opens an NBD client node per export (``blockdev-add``) and
-  mirrors the disk onto it (``blockdev-mirror``, ``sync=full``, ``auto-dismiss`` off so
+  mirrors the disk onto it (``blockdev-mirror``, ``sync=full``; ``sync=top`` for
+  ``--copy-storage-inc``, whose destination image has the base already; ``auto-dismiss`` off so
   an end and its error stay readable in ``query-jobs``). Memory is sent only once every
   mirror is ``ready``. The source runs with ``pause-before-switchover``: at
   ``pre-switchover`` the guest is stopped and its disks are still active, so the ready
@@ -113,6 +114,7 @@ class Mirrors:
     poll: float = 0.2
     # returns when a job's status changed, or after the seconds given (None: just sleep)
     changed: Callable[[float], Awaitable[None]] | None = None
+    top_only: bool = False  # copy-storage-inc: sync=top (the base is on the destination)
     speed: int = 0  # bytes/s per mirror; 0: unlimited
     transferred: int = 0
     total: int = 0
@@ -136,7 +138,7 @@ class Mirrors:
                 self._opened.append(target)
                 args: dict[str, Any] = {
                     "job-id": job_id(target), "device": node, "target": nbd_node(target),
-                    "sync": "full", "auto-dismiss": False,
+                    "sync": "top" if self.top_only else "full", "auto-dismiss": False,
                 }  # fmt: skip
                 if self.speed:
                     args["speed"] = self.speed

@@ -447,8 +447,8 @@ class QemuDriver:
     async def migrate_status(self, ref: str) -> MigrationStatus:
         return await self._migrations.status(ref)
 
-    async def migrate_disks(self, ref: str) -> list[CopyDisk]:
-        return await self._migrations.disks(ref)
+    async def migrate_disks(self, ref: str, incremental: bool = False) -> list[CopyDisk]:
+        return await self._migrations.disks(ref, incremental)
 
     async def migrate_nbd_start(self, ref: str, disks: list[str], listen: str) -> NbdTarget:
         return await self._migrations.nbd_start(ref, disks, listen)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os.path
 from typing import TYPE_CHECKING
 
 from drivers.qemu import copy_storage as cs
@@ -177,8 +178,9 @@ class MigrationSteps:
         await dom.save_status(run)
 
     # --- copy-storage (drivers/qemu/copy_storage.py) --------------------------------------
-    async def disks(self, ref: str) -> list[CopyDisk]:
-        """Source: each disk a copy-storage migration moves, with QEMU's size and format."""
+    async def disks(self, ref: str, incremental: bool = False) -> list[CopyDisk]:
+        """Source: each disk a copy-storage migration moves, with QEMU's size and format
+        (``incremental``: and the name and format of its top image's backing)."""
         dom = self._registry.get(ref)
         run = dom.require(S.RUNNING, S.PAUSED, verb="migrate")
         disks = cs.copied_disks(run.live)
@@ -192,10 +194,19 @@ class MigrationSteps:
                     f"disk '{disk.target_dev}' of domain '{dom.defn.name}' is {fmt}:"
                     " copy-storage makes raw and qcow2 volumes only"
                 )
+            backing = image.get("backing-image") if incremental else None
+            base = base_format = None
+            if isinstance(backing, dict):
+                base = os.path.basename(str(backing.get("filename") or "")) or None
+                base_format = str(backing.get("format") or "raw")
+                if base_format not in ("raw", "qcow2"):
+                    raise InvalidArgument(f"the backing of disk '{disk.target_dev}' is"
+                                          f" {base_format}: raw and qcow2 only")  # fmt: skip
             out.append(CopyDisk(
                 target=disk.target_dev, format=fmt,
                 capacity=int(image.get("virtual-size") or 0),
                 allocation=int(image.get("actual-size") or 0),
+                backing=base, backing_format=base_format,
             ))  # fmt: skip
         return out
 
@@ -229,8 +240,8 @@ class MigrationSteps:
         """Source: mirror the disks into the destination's exports; the job task sends
         memory once they are ready (:meth:`Job.copy_then_follow`)."""
         mig.parse_tcp_uri(uri)
-        if not params.copy_storage_all:
-            raise InvalidArgument("an NBD target is given without copy_storage_all")
+        if not params.copy_storage:
+            raise InvalidArgument("an NBD target is given without copy-storage")
         dom = self._registry.get(ref)
         run = dom.require(S.RUNNING, S.PAUSED, verb="migrate")
         self._check_idle(dom, run)
@@ -255,7 +266,7 @@ class MigrationSteps:
                                "mirror", timeout=seconds)  # fmt: skip
 
         mirrors = cs.Mirrors(nbd, nodes, poll=self._migration.mirror_poll, speed=speed,
-                             changed=changed)  # fmt: skip
+                             changed=changed, top_only=params.copy_storage_inc)  # fmt: skip
         await mirrors.start(execute)  # undoes itself on failure
         job = mig.Job("source", params, self._migration, mirrors=mirrors)
         self._jobs[dom.defn.uuid] = run.migration = job
@@ -331,7 +342,7 @@ class MigrationSteps:
                 lambda st: st.status in done, self._migration.finish_wait
             ):
                 raise MigrateFailed(f"incoming migration is '{job.status.status}', not completed")
-        if job.nbd_targets or job.params.copy_storage_all:  # the mirrors were completed
+        if job.nbd_targets or job.params.copy_storage:  # the mirrors were completed
             await cs.stop_serving(functools.partial(dom.execute, run), job.nbd_targets)
             job.nbd_targets = []  # no export of the running guest's disks stays open
         job.finished = True

@@ -77,7 +77,7 @@ def capability_list(params: MigrationParams, role: Role) -> list[dict[str, Any]]
         caps["auto-converge"] = params.auto_converge
         caps["return-path"] = params.postcopy  # postcopy needs the destination's page requests
         # copy-storage: stop at pre-switchover, where the mirrors are completed (libvirt)
-        caps["pause-before-switchover"] = params.copy_storage_all
+        caps["pause-before-switchover"] = params.copy_storage
     return [{"capability": name, "state": state} for name, state in caps.items()]
 
 

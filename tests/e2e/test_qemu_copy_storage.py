@@ -1,5 +1,6 @@
-"""``virtbus migrate --copy-storage-all`` of a real QEMU guest between two agents whose
-pools are separate directories, driven by virtbus-scheduler.
+"""``virtbus migrate --copy-storage-all`` (and ``--copy-storage-inc``) of a real QEMU
+guest between two agents whose pools are separate directories, driven by
+virtbus-scheduler.
 
 The guest's disk is a qcow2 volume of pool ``cs`` on the source only: 8 MiB of the test
 disk's sector pattern, then 8 MiB of 0x5A. Inside the guest, ``write 1`` puts zeros over
@@ -12,6 +13,12 @@ keeps running on the source and both agents keep serving; and the destination QE
 killed while the disks are being copied (the mirror rate-limited to 1 MiB/s): the
 migration fails, the guest runs on the source with its disk as it was, and no volume is
 left on the destination; ``migrate-cancel`` in that phase ends the same way, cancelled.
+
+Then ``--copy-storage-inc``: a second guest runs on a qcow2 overlay (a file disk) whose
+base, the same 16 MiB, is in both pools; it writes the marker into the overlay and moves
+with only the overlay copied: it reads the marker and the base back at the destination,
+whose overlay holds less than 8 MiB over that host's base (refused with NO_STORAGE_VOL
+while the base is missing there).
 """
 
 from __future__ import annotations
@@ -51,9 +58,13 @@ REPLY_TIMEOUT = 30.0
 
 
 def guest_xml(kernel: Path, initrd: Path, cmdline: str, serial: Path, pool: str,
-              uuid: str = "") -> str:  # fmt: skip
+              uuid: str = "", name: str = "cs1", file: Path | None = None) -> str:  # fmt: skip
+    """The test guest on volume ``disk.qcow2`` of ``pool``, or on the image ``file``."""
+    disk = (f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source"
+            f" file='{file}'/>" if file else "<disk type='volume' device='disk'><driver"
+            f" name='qemu' type='qcow2'/><source pool='{pool}' volume='disk.qcow2'/>")  # fmt: skip
     return f"""<domain type='qemu'>
-  <name>cs1</name>{f"<uuid>{uuid}</uuid>" if uuid else ""}
+  <name>{name}</name>{f"<uuid>{uuid}</uuid>" if uuid else ""}
   <memory unit='MiB'>128</memory><vcpu>1</vcpu>
   <os><type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>{cmdline}</cmdline></os>
@@ -61,8 +72,7 @@ def guest_xml(kernel: Path, initrd: Path, cmdline: str, serial: Path, pool: str,
   <devices>
     <channel type='unix'><target type='virtio' name='{CONTROL}'/></channel>
     <serial type='file'><source path='{serial}'/><target port='0'/></serial>
-    <disk type='volume' device='disk'><driver name='qemu' type='qcow2'/>
-      <source pool='{pool}' volume='disk.qcow2'/><target dev='vda' bus='virtio'/></disk>
+    {disk}<target dev='vda' bus='virtio'/></disk>
   </devices>
 </domain>"""
 
@@ -121,7 +131,10 @@ def listening_tcp(pid: int) -> int:
             fields = row.split()
             if fields[3] == "0A":  # LISTEN
                 inodes.add(fields[9])
-    links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
     return sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in inodes)
 
 
@@ -142,10 +155,11 @@ async def migration_of(domain: str) -> dict[str, Any]:
     return max(recs, key=lambda r: r["created"]) if recs else {}
 
 
-async def refused(dst_xml: Path, to: str, code: str) -> None:
+async def refused(dst_xml: Path, to: str, code: str, name: str = "cs1",
+                  flag: str = "--copy-storage-all") -> None:  # fmt: skip
     """A copy-storage migration that must fail with ``code`` (CLI exit 1)."""
-    r = await cli("migrate", "cs1", "--to", to, "--xml", str(dst_xml), "--copy-storage-all",
-                  "--wait", bus=URL, timeout=90)  # fmt: skip
+    r = await cli("migrate", name, "--to", to, "--xml", str(dst_xml), flag, "--wait", bus=URL,
+                  timeout=90)  # fmt: skip
     assert r.code == 1 and code in r.err, (r.code, r.err)
 
 
@@ -290,6 +304,53 @@ async def test_copy_storage_all_moves_the_guest_and_its_disk(
             check = await asyncio.to_thread(subprocess.run, compare, check=False)
             assert check.returncode == 0, "the source's disk changed"
             await vcli("destroy", "cs1", "--host", b.host)
+
+            # --- --copy-storage-inc: only the top image moves; its base is on both hosts. A
+            # file disk (QEMU follows its image's backing; a volume disk runs alone), in the
+            # pool holding its directory: the destination's path comes with --xml ---
+            for pool in (pool_b, pool_a):  # pool_a's base comes after the refusal below
+                convert = ["qemu-img", "convert", "-O", "qcow2", str(raw), str(pool / "base.qcow2")]
+                if pool == pool_b:
+                    await asyncio.to_thread(subprocess.run, convert, check=True)
+            overlay = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
+                       "-b", str(pool_b / "base.qcow2"), str(pool_b / "top.qcow2")]  # fmt: skip
+            await asyncio.to_thread(subprocess.run, overlay, check=True)
+            await vcli("pool-refresh", "cs", "--host", b.host)
+            serial2 = base / "cs2-src.serial"
+            (base / "cs2.xml").write_text(guest_xml(*args, serial2, "cs", name="cs2",
+                                                    file=pool_b / "top.qcow2"))  # fmt: skip
+            await vcli("define", str(base / "cs2.xml"), "--host", b.host)
+            await vcli("start", "cs2", "--host", b.host)
+            uuid2 = (await vcli("dominfo", "cs2", "--host", b.host))["uuid"]
+            await wait_text(serial2, "VIRTBUS-GUEST-READY")
+            g = await Guest.connect(b.state_dir, uuid2)
+            try:
+                assert await g.ask("write 1", "VIRTBUS-DONE") == "write 1"  # into the top
+                assert await g.ask("disk-md5 16", "VIRTBUS-DISK-MD5") == f"16 {expected}"
+            finally:
+                await g.close()
+            dst2 = base / "cs2-dst.xml"
+            dst2.write_text(guest_xml(*args, base / "cs2-dst.serial", "cs", uuid2, name="cs2",
+                                      file=pool_a / "top.qcow2"))  # fmt: skip
+            await refused(dst2, a.host, "NO_STORAGE_VOL", "cs2", "--copy-storage-inc")  # no base
+            assert not (pool_a / "top.qcow2").exists()
+            await asyncio.to_thread(subprocess.run, convert, check=True)  # the base on a too
+            await vcli("pool-refresh", "cs", "--host", a.host)
+            r = await cli("migrate", "cs2", "--to", a.host, "--xml", str(dst2),
+                          "--copy-storage-inc", "--wait", bus=URL, timeout=120)  # fmt: skip
+            assert r.code == 0, r.err
+            assert await placed("cs2") == [(a.host, "running")]
+            g = await Guest.connect(a.state_dir, uuid2)
+            try:
+                assert await g.ask("disk-md5 16", "VIRTBUS-DISK-MD5") == f"16 {expected}"
+            finally:
+                await g.close()
+            info = ["qemu-img", "info", "-U", "--output=json", str(pool_a / "top.qcow2")]
+            done = await asyncio.to_thread(subprocess.run, info, check=True, capture_output=True)
+            top = json.loads(done.stdout)
+            assert top["backing-filename"] == str(pool_a / "base.qcow2"), top
+            assert top["actual-size"] < 8 * MIB, top  # the top only: the base did not move
+            await vcli("destroy", "cs2", "--host", a.host)
     finally:
         for pid in qemu_pids_under(base):  # never leave a guest behind
             os.kill(pid, signal.SIGKILL)

@@ -81,6 +81,11 @@ def test_params_qemu_would_refuse_are_refused_when_decoded() -> None:
                 {"listen_address": "::1,to=9"}):  # fmt: skip
         with pytest.raises(InvalidArgument):
             decode(bad, MigrationParams)
+    with pytest.raises(InvalidArgument, match="postcopy"):
+        decode({"postcopy": True, "copy_storage_inc": True}, MigrationParams)
+    with pytest.raises(InvalidArgument, match="alternatives"):  # virsh's flags exclude too
+        decode({"copy_storage_all": True, "copy_storage_inc": True}, MigrationParams)
+    assert decode({"copy_storage_inc": True}, MigrationParams).copy_storage
 
 
 def test_uris() -> None:

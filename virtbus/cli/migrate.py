@@ -74,6 +74,11 @@ def _migration_options(p: argparse.ArgumentParser) -> None:
         help="non-shared disks: copy every writable disk to volumes the destination makes",
     )  # fmt: skip
     p.add_argument(
+        "--copy-storage-inc", action="store_true",
+        help="non-shared disks over a shared base: copy only each disk's top image (its"
+        " backing volume must be in the same pool on the destination)",
+    )  # fmt: skip
+    p.add_argument(
         "--timeout",
         dest="migration_timeout",
         type=float,
@@ -92,6 +97,7 @@ def _params(args: argparse.Namespace) -> MigrationParams:
         "bandwidth_mib_s": args.bandwidth,
         "max_downtime_ms": args.max_downtime,
         "copy_storage_all": args.copy_storage_all,
+        "copy_storage_inc": args.copy_storage_inc,
     }
     return decode({k: v for k, v in given.items() if v is not None}, MigrationParams)
 

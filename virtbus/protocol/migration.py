@@ -45,14 +45,19 @@ class MigrationParams(Message):
     # libvirt's VIR_MIGRATE_NON_SHARED_DISK (--copy-storage-all): the destination makes
     # the volumes, the source mirrors every writable disk into them over NBD first
     copy_storage_all: bool = False
+    # VIR_MIGRATE_NON_SHARED_INC (--copy-storage-inc): only each disk's top image is
+    # copied; its backing image must already be in the same pool on the destination
+    copy_storage_inc: bool = False
 
     def __post_init__(self) -> None:
         """What QEMU would refuse only once the destination was prepared (msgspec runs this
         on every decode, so the scheduler refuses it at submit, as the agents do)."""
         if self.postcopy and self.parallel:
             raise BadValue("postcopy cannot be combined with parallel (multifd)")
-        if self.postcopy and self.copy_storage_all:  # libvirt refuses it too
-            raise BadValue("postcopy cannot be combined with copy_storage_all")
+        if self.postcopy and self.copy_storage:  # libvirt refuses it too
+            raise BadValue("postcopy cannot be combined with copy-storage")
+        if self.copy_storage_all and self.copy_storage_inc:
+            raise BadValue("copy_storage_all and copy_storage_inc are alternatives")
         if self.listen_address is not None and not is_host(self.listen_address):
             raise BadValue(
                 f"listen_address {self.listen_address!r:.60} is not an IP address or a host "
@@ -62,6 +67,11 @@ class MigrationParams(Message):
     @property
     def listen(self) -> str:
         return self.listen_address or DEFAULT_LISTEN
+
+    @property
+    def copy_storage(self) -> bool:
+        """The disks move with the guest (all of them, or their top images)."""
+        return self.copy_storage_all or self.copy_storage_inc
 
 
 class MigrationState(StrEnum):
@@ -204,6 +214,9 @@ class CopyDisk(Message):
     format: Annotated[str, Meta(pattern=r"^(raw|qcow2)$(?!\n)")]
     capacity: NonNegInt
     allocation: NonNegInt = 0  # what the source's image holds now: what the copy writes
+    # copy_storage_inc: the top image's backing (a volume name in the same pool) and format
+    backing: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    backing_format: Annotated[str, Meta(pattern=r"^(raw|qcow2)$(?!\n)")] | None = None
 
 
 class NbdTarget(Message):
