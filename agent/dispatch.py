@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 
 from agent.calllog import CallLog
+from virtbus import faults
 from virtbus.bus.rpc import body_from_exception
 from virtbus.errors import (
     InternalError,
@@ -47,10 +48,6 @@ from virtbus.protocol.registry import REGISTRY, Op
 
 log = logging.getLogger(__name__)
 
-# Fault injection for the crash tests: an agent started with this variable set to an op's
-# name stops itself (SIGSTOP) once that op's reply is sent and recorded and before its
-# ack, so a test can kill -9 it exactly where RabbitMQ redelivers an executed call.
-_STOP_BEFORE_ACK = os.environ.get("VIRTBUS_FAULT_STOP_BEFORE_ACK")
 
 Reply = dict[str, Any]
 
@@ -284,7 +281,7 @@ class Dispatcher:
         if entry is not None and (entry[2] is call or entry[0] == call_fingerprint(call)):
             del self._recording[call.id]
             await entry[1]
-        if call.op == _STOP_BEFORE_ACK:  # the crash window of tests/e2e/test_agent_crash.py
+        if faults.stop_before_ack(call.op):  # the crash window of the crash tests
             log.warning("call %s (%s): stopping before its ack (fault injection)", call.id, call.op)
             os.kill(os.getpid(), signal.SIGSTOP)
 

@@ -42,6 +42,7 @@ from scheduler.cleanup import AgentCall, CleanupRunner, Req, Res, cleanup_step, 
 from scheduler.inventory import ClusterView
 from scheduler.journal import MigrationJournal, MigrationRecord
 from scheduler.settings import SchedulerSettings
+from virtbus import faults
 from virtbus.aio import TaskGroup
 from virtbus.errors import (
     MigrateFailed,
@@ -500,6 +501,7 @@ class MigrationCoordinator:
         record.enter(phase)
         if phase not in _UNJOURNALED:
             await self.journal.save(record)
+        faults.scheduler_exit_at(phase)  # the crash tests' fault point (off unless set)
         self._notify(record)
 
     async def _finalize(self, record: MigrationRecord) -> None:

@@ -220,7 +220,11 @@ SCHEDULER = (
 
 @asynccontextmanager
 async def scheduler_process(
-    state_dir: Path, *extra: str, bus: str = BUS_URL, new_cluster: bool | None = None
+    state_dir: Path,
+    *extra: str,
+    bus: str = BUS_URL,
+    new_cluster: bool | None = None,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """A real scheduler (short host-down and step timeouts; ``extra`` options come after
     them and win); stopped with SIGTERM (an exit other than 0 fails the test, unless the
@@ -236,7 +240,7 @@ async def scheduler_process(
     proc = await asyncio.create_subprocess_exec(
         *SCHEDULER, "--bus", bus, "--state-dir", str(state_dir), "--host-down-after", "3",
         "--step-timeout", "5", "--cleanup-timeout", "5", *extra,
-        stdout=asyncio.subprocess.PIPE, stderr=log,
+        stdout=asyncio.subprocess.PIPE, stderr=log, env={**os.environ, **env} if env else None,
     )  # fmt: skip
     failed = False
     try:

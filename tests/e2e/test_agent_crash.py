@@ -6,7 +6,7 @@ process, the real CLI and RabbitMQ.
   leaves every guest running, and the next agent reattaches without a ``reconciled``
   event (nothing changed behind its back).
 - kill -9 between a call's reply and its ack (the agent stops itself there, see
-  ``VIRTBUS_FAULT_STOP_BEFORE_ACK`` in agent/dispatch.py): RabbitMQ redelivers the call and
+  ``VIRTBUS_FAULT_STOP_BEFORE_ACK`` in virtbus/faults.py): RabbitMQ redelivers the call and
   the next agent answers it from its reply log. The side effect is counted in the guest
   itself: a ``reset`` reboots the test guest, whose serial console prints its ready marker
   once per boot.
