@@ -21,6 +21,7 @@ DRIVER_NAMES = ("test", "qemu", "xen", "lxc")
 class TestDriverOptions:
     delay: float = 0.0  # simulated latency of every lifecycle op (s)
     migration_time: float = 0.0  # how long a simulated live migration lasts (s)
+    event_rate: float = 0.0  # rtc_change events per second from the running domains (0: off)
 
 
 def make_driver(settings: AgentSettings) -> Driver:
@@ -29,7 +30,9 @@ def make_driver(settings: AgentSettings) -> Driver:
         from drivers.test import TestDriver
 
         test = options_into(TestDriverOptions, options, "test driver")
-        return TestDriver(op_delay=test.delay, migration_time=test.migration_time)
+        return TestDriver(
+            op_delay=test.delay, migration_time=test.migration_time, event_rate=test.event_rate
+        )
     if settings.driver == "qemu":
         from drivers.qemu import QemuDriver
         from drivers.qemu.settings import QemuSettings

@@ -14,6 +14,11 @@ With ``copy_storage_all`` the disks really move, the way the QEMU driver moves t
 destination serves its copies (the volumes the agent made) on a second listener, standing
 in for NBD, and the source sends each disk's bytes first, in acknowledged 1 MiB chunks at
 ``bandwidth_mib_s`` if given (phase ``disk``), then the memory pages (phase ``memory``).
+
+``event_rate`` (events per second, 0 by default: off) makes the host's running domains
+emit libvirt's ``rtc_change`` event (round robin, ``data``: ``{"offset": n}`` with n
+counting the host's ticks) at that rate, so load tests have a steady event stream to
+lose, duplicate or delay (tests/integration/test_fault_matrix.py).
 """
 
 from __future__ import annotations
@@ -194,6 +199,7 @@ class _Incoming:
 
 _MIGRATION_ACTIVE = frozenset({"setup", "active", "postcopy-active"})
 _MIGRATION_STEP = 0.1  # s between simulated pages
+_TICK = 0.05  # s between bursts of ``event_rate`` events
 _MIGRATION_ACK_TIMEOUT = 5.0  # s the source waits for the destination to acknowledge a page
 _DISK_CHUNK = 1 << 20  # copy-storage: bytes per acknowledged chunk
 _Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -219,8 +225,12 @@ class TestDriver:
 
     def __init__(
         self, host: TestHostSpec | None = None, op_delay: float = 0.0,
-        migration_time: float = 0.0, backup_time: float = 0.0,
+        migration_time: float = 0.0, backup_time: float = 0.0, event_rate: float = 0.0,
     ) -> None:  # fmt: skip
+        if event_rate < 0:
+            raise InvalidArgument(f"event_rate must be >= 0, not {event_rate:g}")
+        self._event_rate = event_rate  # rtc_change events per second (0: none)
+        self._ticks = 0
         self._host = host or TestHostSpec()
         self._op_delay = op_delay  # simulated hypervisor latency of every lifecycle op
         self._migration_time = migration_time  # simulated duration of a live migration
@@ -241,6 +251,27 @@ class TestDriver:
     # --- plumbing -------------------------------------------------------------------
     async def open(self, sink: EventSink) -> None:
         self._sink = sink
+        if self._event_rate:
+            self._tasks.spawn(self._tick(), name="test-driver:events")
+
+    async def _tick(self) -> None:
+        """``event_rate`` rtc_change events a second over the running domains, in bursts
+        every 50 ms (a timer per event would cost more than the events at 200/s)."""
+        loop = asyncio.get_running_loop()
+        started, emitted = loop.time(), 0
+        while True:
+            await asyncio.sleep(_TICK)
+            due = int((loop.time() - started) * self._event_rate) - emitted
+            running = [d for d in self._domains.values() if d.state == DomainState.RUNNING]
+            if not running:
+                emitted += due  # nothing runs: no backlog either
+                continue
+            for _ in range(due):
+                dom = running[self._ticks % len(running)]
+                self._ticks += 1
+                self._sink(DriverEvent(dom.definition.name, dom.definition.uuid, "rtc_change",
+                                       data={"offset": self._ticks}))  # fmt: skip
+            emitted += due
 
     async def close(self) -> None:
         for dom in list(self._domains.values()):

@@ -8,7 +8,13 @@ import pytest
 
 from drivers.base import Driver, DriverEvent, MigrationParams
 from drivers.test import TestDriver, TestHostSpec
-from virtbus.errors import NoDomainError, OperationFailed, OperationInvalid, XMLError
+from virtbus.errors import (
+    InvalidArgument,
+    NoDomainError,
+    OperationFailed,
+    OperationInvalid,
+    XMLError,
+)
 from virtbus.protocol.events import DomainState
 
 XML = """<domain type='{type}'>
@@ -153,3 +159,31 @@ async def test_migration_stream_is_a_supervised_task_that_close_ends() -> None:
     assert tasks[0].done() and len(src._tasks) == 0
     assert (await src.migrate_status("m1")).status == "cancelled"
     await dst.close()
+
+
+async def test_event_rate_makes_running_domains_emit_rtc_change() -> None:
+    events: list[DriverEvent] = []
+    drv = TestDriver(TestHostSpec(cpus=8, memory_kib=16 << 20), event_rate=200)
+    await drv.open(events.append)
+    try:
+        await drv.define(xml("r1"))
+        await asyncio.sleep(0.3)  # nothing runs: no events, and no backlog either
+        assert [e.event for e in events] == ["defined"]
+        await drv.start("r1")
+        await asyncio.sleep(0.5)
+        ticks = [e for e in events if e.event == "rtc_change"]
+        assert 40 <= len(ticks) <= 150, len(ticks)  # ~100; a bound on a loaded machine
+        assert all(e.domain == "r1" for e in ticks)
+        assert [e.data["offset"] for e in ticks] == list(range(1, len(ticks) + 1))
+    finally:
+        await drv.close()
+    with pytest.raises(InvalidArgument):
+        TestDriver(event_rate=-1)
+    quiet: list[DriverEvent] = []
+    off = TestDriver()  # off by default
+    await off.open(quiet.append)
+    await off.define(xml("r2"))
+    await off.start("r2")
+    await asyncio.sleep(0.2)
+    await off.close()
+    assert [e.event for e in quiet] == ["defined", "started"]
