@@ -537,7 +537,8 @@ class MigrationCoordinator:
                 await self.cleanups.start(record)
                 continue
             if record.terminal or record.id in self.active:
-                if record.terminal:
+                if record.terminal:  # it ended just before the restart: still answerable
+                    self.history.append(record)
                     await self.journal.remove(record)
                 continue
             self.active[record.id] = record
