@@ -138,6 +138,7 @@ class BareSide:
         self.uuid = str(uuidlib.uuid4())
         self.where = 0  # which directory holds the running guest's image
         self.rounds = 0
+        self.downtimes: list[int] = []  # ms, QEMU's query-migrate "downtime" of each
         self.qemu: BareQemu | None = None
         self.events: Events | None = None
 
@@ -207,9 +208,11 @@ class BareSide:
         await asyncio.wait_for(asyncio.gather(*done), WAIT)
         await dst.qmp.execute("nbd-server-stop")
         await dst.qmp.execute("cont")
+        info: Any = await src.qmp.execute("query-migrate")
         await src_events.close()
         await src.quit()
         total = time.perf_counter() - t0
+        self.downtimes.append(int(info.get("downtime", -1)))
         copied(self.image(to))
         self.image(self.where).unlink()
         self.qemu, self.events, self.where = dst, dst_events, to
@@ -237,6 +240,7 @@ class VirtbusSide:
         self.client, self.hosts, self.pools, self.url = client, hosts, pools, url
         self.where = 0
         self.uuid = ""
+        self.downtimes: list[int] = []  # ms, QEMU's query-migrate "downtime" of each
 
     async def migrate(self) -> float:
         to = 1 - self.where
@@ -248,6 +252,7 @@ class VirtbusSide:
             pass
         total = time.perf_counter() - t0
         assert record.state == "completed", (record.state, record.error)
+        self.downtimes.append(int(record.progress.get("downtime_ms") or -1))
         copied(self.pools[to] / "disk.qcow2")
         # the source keeps its copy (as libvirt): drop it for the way back (untimed)
         r = await cli("vol-delete", "disk.qcow2", "--pool", "cs", "--host",
@@ -322,7 +327,11 @@ async def run(rounds: int, base: Path) -> None:
     print(f"# --copy-storage-all, 256 MiB TCG guest, 1 GiB qcow2 with {DATA_MIB} MiB data,"
           f" 127.0.0.1, {rounds} rounds")  # fmt: skip
     med = {k: line(k, v) for k, v in times.items()}
-    print(f"  virtbus / bare: {med['virtbus'] / med['bare']:.3f}")
+    print(f"  virtbus / bare: {med['virtbus'] / med['bare']:.3f}; virtbus - bare:"
+          f" {(med['virtbus'] - med['bare']) * 1000:+.0f} ms (target <= +200 ms)")  # fmt: skip
+    for label, side in (("bare", bare), ("virtbus", vb)):
+        print(f"  {label:8s} downtime median {statistics.median(side.downtimes):6.0f} ms"
+              f"   all {side.downtimes}")  # fmt: skip
 
 
 async def main(argv: list[str] | None = None) -> int:
