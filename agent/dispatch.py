@@ -134,8 +134,10 @@ class Dispatcher:
         call_memory: int,
         call_log: CallLog | None = None,
         auditor: Auditor | None = None,
+        events_durable: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._prepare = prepare
+        self._events_durable = events_durable
         self._auditor = auditor
         self._call_log = call_log
         self._observers: list[Observer] = []
@@ -274,13 +276,19 @@ class Dispatcher:
 
     async def before_ack(self, call: Envelope) -> None:
         """The transport acks a call only once its reply is recorded: a call redelivered
-        after a crash is then answered from the log instead of being run again."""
+        after a crash is then answered from the log instead of being run again. A call that
+        changed something also waits for the events stamped so far to be on disk
+        (``events_durable``): its own are among them, and an answered call whose events a
+        crash lost would not run again to make them."""
         entry = self._recording.get(call.id)
         # The delivery that ran is the same call without digesting its body again; another
         # delivery of its id (a redelivery) waits too only if it is the same call.
         if entry is not None and (entry[2] is call or entry[0] == call_fingerprint(call)):
             del self._recording[call.id]
             await entry[1]
+        declared = REGISTRY.get(call.op)
+        if self._events_durable is not None and declared is not None and declared.mutating:
+            await self._events_durable()
         if faults.stop_before_ack(call.op):  # the crash window of the crash tests
             log.warning("call %s (%s): stopping before its ack (fault injection)", call.id, call.op)
             os.kill(os.getpid(), signal.SIGSTOP)

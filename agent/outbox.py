@@ -18,6 +18,13 @@ events keep accumulating on disk and in memory, and after a restart the log give
 both the unconfirmed events (with their original numbers) and the sequence counter, so
 numbers never repeat.
 
+Only what is in the log survives a killed agent, and the publisher appends new events only
+between windows: a call's events would wait for the confirms of the window in flight. So
+the ack of a call that changed something waits for :meth:`durable` (agent/dispatch.py):
+the events stamped so far are written first, as its reply is. Otherwise a define answered
+and acked just before a kill -9 had lost its ``defined`` event for good, and the next
+agent reused its sequence number: no gap showed it.
+
 Overflow policy: at most ``capacity`` unconfirmed events; past that the *oldest* is
 dropped with a warning, so a subscriber sees a gap in the sequence numbers rather than a
 silent loss.
@@ -140,6 +147,8 @@ class EventOutbox:
         self._dropped_upto = 0  # oldest events dropped on overflow, not yet recorded
         self._confirmed_upto = 0  # every event up to this one was confirmed
         self._ack_owed = False  # an ack could not be written: the next save writes it
+        self._saved_upto = 0  # every event up to this one is in the log (or confirmed)
+        self._save_lock = asyncio.Lock()  # one append at a time: the publisher or durable()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -206,6 +215,7 @@ class EventOutbox:
                 continue
             events.append(event)
         self._seq = max([acked, highest, *(_seq(e) for e in events)])
+        self._saved_upto = self._seq
         unconfirmed = sorted((e for e in events if _seq(e) > acked), key=_seq)
         self._pending.extend(unconfirmed[-self._capacity :])
         self.restored = len(self._pending)
@@ -244,7 +254,18 @@ class EventOutbox:
         except OSError as err:
             log.error("outbox: cannot write %s: %s", self._rejected.path, err)
 
+    async def durable(self) -> None:
+        """Return once every event stamped so far is in the log (at once when it is, or
+        when it cannot be written: the StateDisk then refuses new work, see _save)."""
+        if self._log is None or self._saved_upto >= self._seq:
+            return
+        await self._save()
+
     async def _save(self) -> None:
+        async with self._save_lock:
+            await self._save_unlocked()
+
+    async def _save_unlocked(self) -> None:
         """Append what is new to the log. When the log cannot be written (a full disk) the
         events stay in memory and are published anyway, the failure goes to the
         StateDisk (which stops new work) and the next save tries again; an event
@@ -258,7 +279,9 @@ class EventOutbox:
         if dropped or self._ack_owed:
             records.append({"ack": max(dropped, self._confirmed_upto)})
         records.extend({"event": encode(e)} for e in batch if _seq(e) > self._confirmed_upto)
+        upto = max((_seq(e) for e in batch), default=0)
         if not records:
+            self._saved_upto = max(self._saved_upto, upto)
             return
         try:
             # Written before publishing either way (an agent crash loses nothing); synced
@@ -269,6 +292,7 @@ class EventOutbox:
             self._dropped_upto = max(self._dropped_upto, dropped)
             self._disk_failed(exc)
             return
+        self._saved_upto = max(self._saved_upto, upto)
         self._ack_owed = False
         if self._disk is not None:
             self._disk.ok("event outbox")
@@ -287,13 +311,14 @@ class EventOutbox:
         if self._log is None:
             return
         try:
-            if (not self._pending and not self._unsaved
-                    and self._log.records_on_disk > COMPACT_AFTER):  # fmt: skip
-                await self._log.rewrite([{"ack": seq}])
-            elif self._ack_owed:
-                await self._save()  # the owed ack, with what is new
-            elif not self._pending or seq // 64 != before // 64:
-                await self._log.append([{"ack": seq}])
+            async with self._save_lock:  # durable() may be appending meanwhile
+                if (not self._pending and not self._unsaved
+                        and self._log.records_on_disk > COMPACT_AFTER):  # fmt: skip
+                    await self._log.rewrite([{"ack": seq}])
+                elif self._ack_owed:
+                    await self._save_unlocked()  # the owed ack, with what is new
+                elif not self._pending or seq // 64 != before // 64:
+                    await self._log.append([{"ack": seq}])
         except OSError as exc:
             self._disk_failed(exc)
 

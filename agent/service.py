@@ -152,6 +152,7 @@ class AgentService:
             call_memory=settings.call_memory,
             call_log=self.call_log,
             auditor=self._audit,
+            events_durable=self.outbox.durable,
         )
         # Who may call what (virtbus.security.authz); read once, at construction, so a
         # bad policy file stops the agent before it serves anything.

@@ -7,6 +7,7 @@ from typing import Any
 
 from agent.dispatch import Dispatcher, Prepared
 from virtbus.errors import OperationInvalid
+from virtbus.protocol import ops
 from virtbus.protocol.base import Accepted, Empty
 from virtbus.protocol.envelope import Envelope, Kind
 from virtbus.protocol.registry import Access, Op, Service, Target
@@ -209,3 +210,22 @@ async def test_the_ack_waits_for_the_reply_on_disk_for_the_same_call_only() -> N
         # The delivery that ran, or a redelivery of it, waits for its record; another
         # call that reuses the id is not held by it.
         assert await _acked(d, acked(call)) is not held
+
+
+async def test_the_ack_of_a_call_that_changed_something_waits_for_the_events_on_disk() -> None:
+    """A define's ``defined`` event must be in the outbox's log before the define is acked
+    (agent/outbox.py durable()); a read changes nothing and is not held."""
+    held, asked = asyncio.Event(), []
+
+    async def durable() -> None:
+        asked.append(True)
+        await held.wait()
+
+    def prepare(call: Envelope) -> Prepared:
+        raise AssertionError("before_ack prepares nothing")
+
+    d = Dispatcher(prepare, command_timeout=5, call_memory=10, events_durable=durable)
+    assert await _acked(d, _call(ops.DOMAIN_INFO, "d1")) and asked == []
+    assert not await _acked(d, _call(ops.DOMAIN_DEFINE, "d1")) and asked == [True]
+    held.set()
+    assert await _acked(d, _call(ops.DOMAIN_DEFINE, "d1"))

@@ -128,3 +128,36 @@ async def test_a_poisonous_event_inside_a_window_is_set_aside_and_the_rest_go_on
     assert broker.sent == [s for s in range(1, 21) if s != 5]
     assert box.rejected == 1 and box.published == 19
     assert len((tmp_path / "rejected.log").read_text().splitlines()) == 1
+
+
+async def test_durable_writes_new_events_while_a_window_waits_for_its_confirms(
+    tmp_path: Path,
+) -> None:
+    """What a killed agent keeps is the log. A call's events stamped while a window waits
+    for its confirms are written only after it, unless the call's ack asks (durable()):
+    an answered, acked call must not lose its events to a kill -9 then."""
+    broker = HeldBroker()
+    path = tmp_path / "e.log"
+    box = EventOutbox(broker.publish, path=path, capacity=1000, retry=FAST, window=64)
+    runner = await run_box(box)
+    box.put(event(box.next_seq()))
+    while broker.in_flight < 1:  # seq 1 is on the wire, its confirm held
+        broker.grown.clear()
+        await broker.grown.wait()
+    box.put(event(box.next_seq()))  # the call's event, stamped meanwhile
+    for _ in range(100):  # the publisher does not write it: it waits for the window
+        await asyncio.sleep(0)
+
+    async def on_disk() -> list[int]:
+        after_kill = EventOutbox(broker.publish, path=path, capacity=1000, retry=FAST)
+        await after_kill.load()
+        return [e.body["seq"] for e in after_kill._pending]
+
+    assert await on_disk() == [1]  # the premise: a kill here would lose seq 2
+    await box.durable()  # what the call's ack waits for
+    assert await on_disk() == [1, 2]
+    await box.durable()  # nothing new: at once
+    broker.gate.set()
+    assert await box.flush(5)
+    await stop(runner)
+    assert broker.confirmed == [1, 2]
