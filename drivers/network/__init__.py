@@ -20,7 +20,7 @@ from typing import Protocol
 from drivers.network import dnsmasq, nft, tc
 from drivers.network.dnsmasq import DnsmasqFiles
 from drivers.network.host import HostNet, Link
-from virtbus.errors import NoSupport, OperationFailed
+from virtbus.errors import NoSupport, OperationFailed, OperationInvalid
 from virtbus.network import NetworkDefinition
 
 UNSUPPORTED = {
@@ -52,15 +52,32 @@ class NetworkBackend(Protocol):
     def dhcp(self, defn: NetworkDefinition) -> bool:
         """The network wants a dnsmasq."""
 
+    async def flood_peers(self, defn: NetworkDefinition) -> list[str]:
+        """A cluster network's VXLAN peers (underlay addresses); [] for others."""
+
+    async def set_flood_peers(self, defn: NetworkDefinition, peers: list[str]) -> None:
+        """Make a cluster network's VXLAN peers exactly ``peers``."""
+
+
+def vxlan_name(defn: NetworkDefinition) -> str:
+    """A cluster network's VXLAN device: one per VNI on a host (at most 15 bytes)."""
+    assert defn.cluster is not None
+    return f"vx{defn.cluster.vni}"
+
 
 class ManagedBridge:
-    """isolated, nat, route and open networks: everything is virtbus's own."""
+    """isolated, nat, route and open networks: everything is virtbus's own. A cluster
+    network's bridge also gets its VXLAN device (``underlay``: the address it uses), and
+    only its gateway host the addresses, the firewall and dnsmasq."""
 
-    def __init__(self, net: HostNet) -> None:
+    def __init__(self, net: HostNet, underlay: str | None = None) -> None:
         self.net = net
+        self.underlay = underlay
 
     def check(self, defn: NetworkDefinition) -> None:
-        return None
+        if defn.cluster is not None and self.underlay is None:
+            raise NoSupport(f"cluster network '{defn.name}' needs a VXLAN underlay address:"
+                            " this agent has no network.underlay_address")  # fmt: skip
 
     def _bridge(self, defn: NetworkDefinition) -> str:
         assert defn.bridge is not None, "a managed network gets its bridge name at define"
@@ -81,14 +98,21 @@ class ManagedBridge:
         addresses = [
             (str(ip.address), ip.network.prefixlen,
              str(ip.network.broadcast_address) if ip.family == "ipv4" else None)
-            for ip in defn.ips
+            for ip in defn.ips if defn.gateway
         ]  # fmt: skip
+        if defn.cluster is not None and await self.net.link(vxlan_name(defn)) is not None:
+            raise OperationFailed(f"cannot start network '{defn.name}': interface"
+                                  f" '{vxlan_name(defn)}' already exists")  # fmt: skip
         index = await self.net.add_bridge(
             bridge, mac=defn.mac, stp=defn.stp, delay=defn.delay, mtu=defn.mtu,
             addresses=addresses,
         )  # fmt: skip
         try:
-            if defn.forward in ("nat", "route", "open"):
+            if defn.cluster is not None:
+                assert self.underlay is not None  # check() refused it otherwise
+                await self.net.add_vxlan(vxlan_name(defn), vni=defn.cluster.vni,
+                                         local=self.underlay, bridge=bridge)  # fmt: skip
+            if defn.forward in ("nat", "route", "open") and defn.gateway:
                 if any(ip.family == "ipv4" for ip in defn.ips):
                     await self.net.sysctl("net.ipv4.ip_forward", "1")
                 if any(ip.family == "ipv6" for ip in defn.ips):
@@ -107,7 +131,8 @@ class ManagedBridge:
             return False
         if nft.ruleset(defn, link.name) is not None and not await nft.present(self.net, defn):
             await nft.apply(self.net, defn, link.name)  # a table added changes no flow
-        return True
+        # a cluster network whose overlay is gone is not adopted: it is started again
+        return defn.cluster is None or await self.net.link(vxlan_name(defn)) is not None
 
     async def stop(self, defn: NetworkDefinition) -> None:
         await self._teardown(defn)
@@ -116,13 +141,26 @@ class ManagedBridge:
         await nft.remove(self.net, defn)
         if defn.bandwidth is not None:
             await tc.clear(self.net, self._bridge(defn))
+        if defn.cluster is not None:  # an enslaved device outlives its bridge
+            await self.net.delete_link(vxlan_name(defn))
         await self.net.delete_link(self._bridge(defn))
 
     async def ports(self, defn: NetworkDefinition) -> list[str]:
-        return await self.net.ports(self._bridge(defn))
+        return [p for p in await self.net.ports(self._bridge(defn))
+                if defn.cluster is None or p != vxlan_name(defn)]  # fmt: skip
 
     def dhcp(self, defn: NetworkDefinition) -> bool:
         return dnsmasq.wanted(defn)
+
+    async def flood_peers(self, defn: NetworkDefinition) -> list[str]:
+        if defn.cluster is None:
+            return []
+        return await self.net.flood_peers(vxlan_name(defn))
+
+    async def set_flood_peers(self, defn: NetworkDefinition, peers: list[str]) -> None:
+        if defn.cluster is None:
+            raise OperationInvalid(f"network '{defn.name}' is no cluster network")
+        await self.net.set_flood_peers(vxlan_name(defn), [p for p in peers if p != self.underlay])
 
 
 class ExistingBridge:
@@ -164,6 +202,12 @@ class ExistingBridge:
     def dhcp(self, defn: NetworkDefinition) -> bool:
         return False
 
+    async def flood_peers(self, defn: NetworkDefinition) -> list[str]:
+        return []
+
+    async def set_flood_peers(self, defn: NetworkDefinition, peers: list[str]) -> None:
+        raise OperationInvalid(f"network '{defn.name}' is no cluster network")
+
 
 class UnsupportedBackend:
     def __init__(self, mode: str) -> None:
@@ -187,10 +231,18 @@ class UnsupportedBackend:
     def dhcp(self, defn: NetworkDefinition) -> bool:
         return False
 
+    async def flood_peers(self, defn: NetworkDefinition) -> list[str]:
+        return []
 
-def backend_for(defn: NetworkDefinition, net: HostNet) -> NetworkBackend:
+    async def set_flood_peers(self, defn: NetworkDefinition, peers: list[str]) -> None:
+        raise NoSupport(self.reason)
+
+
+def backend_for(
+    defn: NetworkDefinition, net: HostNet, underlay: str | None = None
+) -> NetworkBackend:
     if defn.managed:
-        return ManagedBridge(net)
+        return ManagedBridge(net, underlay)
     if defn.forward == "bridge":
         return ExistingBridge(net)
     assert defn.forward is not None
@@ -213,4 +265,5 @@ __all__ = [
     "dnsmasq_files",
     "nft",
     "tc",
+    "vxlan_name",
 ]

@@ -57,7 +57,7 @@ class DnsmasqFiles:
 def wanted(defn: NetworkDefinition) -> bool:
     """libvirt runs dnsmasq for a managed network with an IPv4 address (DNS, and DHCP
     when it has ranges or hosts); open networks too, route ones too."""
-    return defn.managed and any(ip.family == "ipv4" for ip in defn.ips)
+    return defn.managed and defn.gateway and any(ip.family == "ipv4" for ip in defn.ips)
 
 
 def config(defn: NetworkDefinition, bridge: str, files: DnsmasqFiles) -> str:

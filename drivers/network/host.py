@@ -26,6 +26,8 @@ from typing import Any
 from virtbus.errors import OperationFailed, OperationTimeout, VirtbusError
 
 TOOL_TIMEOUT = 30.0  # s; nft and sysctl answer in milliseconds
+VXLAN_PORT = 4789  # IANA's VXLAN port
+_ZERO_MAC = "00:00:00:00:00:00"  # an fdb entry for every MAC not learnt: flooding
 _CLONE_NEWNET = 0x40000000
 # <linux/if_tun.h>: a tap (no packet info; virtio-net headers, QEMU probes them)
 _TUNSETIFF = 0x400454CA
@@ -214,6 +216,63 @@ class HostNet:
 
         index: int = await self._call(make)
         return index
+
+    async def add_vxlan(self, name: str, *, vni: int, local: str, bridge: str) -> None:
+        """A kernel VXLAN device ``name`` (VNI ``vni``, UDP 4789 from ``local``) on
+        ``bridge``, up. Its remote ends are head-end replication entries
+        (:meth:`set_flood_peers`); MACs behind them are learnt from what arrives."""
+
+        def make() -> None:
+            with self._ipr() as ipr:
+                (master,) = ipr.link_lookup(ifname=bridge) or (None,)
+                if master is None:
+                    raise OperationFailed(f"bridge '{bridge}' does not exist")
+                ipr.link("add", ifname=name, kind="vxlan", vxlan_id=vni, vxlan_local=local,
+                         vxlan_port=VXLAN_PORT, vxlan_learning=1)  # fmt: skip
+                (index,) = ipr.link_lookup(ifname=name)
+                try:
+                    ipr.link("set", index=index, master=master, state="up")
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        ipr.link("del", index=index)
+                    raise
+
+        await self._call(make)
+
+    async def flood_peers(self, dev: str) -> list[str]:
+        """The underlay addresses ``dev`` replicates broadcast and unknown frames to (its
+        all-zero fdb entries)."""
+
+        def read() -> list[str]:
+            with self._ipr() as ipr:
+                (index,) = ipr.link_lookup(ifname=dev) or (None,)
+                if index is None:
+                    return []
+                return sorted(
+                    str(m.get_attr("NDA_DST")) for m in ipr.fdb("dump", ifindex=index)
+                    if m.get_attr("NDA_LLADDR") == _ZERO_MAC and m.get_attr("NDA_DST")
+                    and m["ifindex"] == index
+                )  # fmt: skip
+
+        result: list[str] = await self._call(read)
+        return result
+
+    async def set_flood_peers(self, dev: str, peers: Sequence[str]) -> None:
+        """Make ``dev``'s head-end replication list exactly ``peers`` (bridge fdb
+        ``00:00:00:00:00:00 dst PEER``): missing ones appended, gone ones deleted."""
+        have = set(await self.flood_peers(dev))
+
+        def change() -> None:
+            with self._ipr() as ipr:
+                (index,) = ipr.link_lookup(ifname=dev) or (None,)
+                if index is None:
+                    raise OperationFailed(f"VXLAN device '{dev}' does not exist")
+                for peer in sorted(set(peers) - have):
+                    ipr.fdb("append", ifindex=index, lladdr=_ZERO_MAC, dst=peer)
+                for peer in sorted(have - set(peers)):
+                    ipr.fdb("del", ifindex=index, lladdr=_ZERO_MAC, dst=peer)
+
+        await self._call(change)
 
     async def delete_link(self, name: str) -> None:
         def drop() -> None:

@@ -23,9 +23,10 @@ def table_name(defn: NetworkDefinition) -> str:
 
 
 def ruleset(defn: NetworkDefinition, bridge: str) -> str | None:
-    """The table's text for ``nft -f``, or None when the mode has no rules (open)."""
+    """The table's text for ``nft -f``, or None when the mode has no rules (open), nor
+    this host (a cluster network's hosts without its gateway only bridge)."""
     mode = defn.forward
-    if mode not in (None, "nat", "route"):
+    if mode not in (None, "nat", "route") or not defn.gateway:
         return None
     br = f'"{bridge}"'
     out_dev = f' oifname "{defn.forward_dev}"' if defn.forward_dev else ""

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from virtbus.domain.xml import XMLLimits, parse_untrusted_root
 from virtbus.network.definition import (
+    CLUSTER_NS,
     FORWARD_MODES,
     MANAGED_MODES,
+    VNI_MAX,
+    ClusterConfig,
     DhcpHost,
     DhcpRange,
     DnsHost,
@@ -18,6 +21,7 @@ from virtbus.network.definition import (
     NetworkDefinition,
     check_ifname,
     check_mac,
+    overlaps,
 )
 from virtbus.network.leases import Lease, parse_leases
 
@@ -30,8 +34,11 @@ def parse_network_xml(xml: str | bytes, *, limits: XMLLimits = _LIMITS) -> Netwo
 
 
 __all__ = [
+    "CLUSTER_NS",
     "FORWARD_MODES",
     "MANAGED_MODES",
+    "VNI_MAX",
+    "ClusterConfig",
     "DhcpHost",
     "DhcpRange",
     "DnsHost",
@@ -40,6 +47,7 @@ __all__ = [
     "NetworkDefinition",
     "check_ifname",
     "check_mac",
+    "overlaps",
     "parse_leases",
     "parse_network_xml",
 ]

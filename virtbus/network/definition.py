@@ -33,6 +33,10 @@ IFNAMSIZ = 16  # the kernel's interface name buffer: 15 bytes and a NUL
 _IFNAME_BAD = re.compile(r"[\s/:%]|^\.\.?$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
+#: virtbus's own elements inside a libvirt <network> (libvirt keeps foreign namespaces too)
+CLUSTER_NS = "https://virtbus.dev/xmlns/network/cluster/1"
+VNI_MAX = 2**24 - 1  # VXLAN network identifiers are 24 bits
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -72,9 +76,27 @@ class IpConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """``<vb:cluster vni='N' dhcp='yes|no'/>``: a network spanning hosts over VXLAN ``vni``.
+
+    ``dhcp`` is per host (the scheduler writes it): one host carries the gateway address,
+    the firewall and dnsmasq; the others only bridge, so a guest keeps its lease anywhere.
+    """
+
+    vni: int
+    dhcp: bool
+
+
+@dataclass(frozen=True, slots=True)
 class DnsHost:
     ip: IPAddress
     hostnames: tuple[str, ...]
+
+
+def overlaps(a: IPNetwork, b: IPNetwork) -> bool:
+    """Two subnets share an address (the check between networks, on a host and across
+    a cluster network's hosts)."""
+    return a.version == b.version and a.overlaps(b)
 
 
 def check_ifname(name: str, what: str) -> str:
@@ -124,6 +146,7 @@ class NetworkDefinition:
     ips: tuple[IpConfig, ...]
     dns_hosts: tuple[DnsHost, ...]
     bandwidth: Bandwidth | None
+    cluster: ClusterConfig | None
 
     def __init__(self, root: Element) -> None:
         self._root = root
@@ -146,6 +169,30 @@ class NetworkDefinition:
     @property
     def dhcp(self) -> bool:
         return any(ip.ranges or ip.hosts for ip in self.ips)
+
+    @property
+    def gateway(self) -> bool:
+        """This host carries the network's addresses, firewall and dnsmasq (every host
+        but the non-DHCP hosts of a cluster network, which only bridge)."""
+        return self.cluster is None or self.cluster.dhcp
+
+    def default_stp(self, on: bool) -> None:
+        """Set ``<bridge stp>`` unless the definition says it."""
+        el = self._root.find("bridge")
+        if el is None:
+            el = etree.SubElement(self._root, "bridge")
+        if el.get("stp") is None:
+            el.set("stp", "on" if on else "off")
+        self._load()
+
+    def set_cluster(self, vni: int, *, dhcp: bool) -> None:
+        """Write a cluster network's VNI and this host's DHCP role (the scheduler does)."""
+        el = self._root.find(f"{{{CLUSTER_NS}}}cluster")
+        if el is None:
+            el = etree.SubElement(self._root, f"{{{CLUSTER_NS}}}cluster", nsmap={"vb": CLUSTER_NS})
+        el.set("vni", str(vni))
+        el.set("dhcp", "yes" if dhcp else "no")
+        self._load()
 
     def to_xml(self) -> str:
         return dumps(self._root)
@@ -239,6 +286,26 @@ class NetworkDefinition:
         if self.bandwidth is not None and not self.managed:
             raise XMLError(f"network '{self.name}' ({self.mode}): <bandwidth> is for networks"
                            " whose bridge virtbus makes")  # fmt: skip
+        self.cluster = self._parse_cluster(root)
+
+    def _parse_cluster(self, root: Element) -> ClusterConfig | None:
+        found = root.findall(f"{{{CLUSTER_NS}}}cluster")
+        if not found:
+            return None
+        if len(found) > 1:
+            raise XMLError(f"network '{self.name}' has more than one <vb:cluster>")
+        el = found[0]
+        if not self.managed:
+            raise XMLError(f"cluster network '{self.name}' ({self.mode}) must be a network whose"
+                           " bridge virtbus makes (isolated, nat, route or open)")  # fmt: skip
+        raw = el.get("vni", "")
+        if not raw.isdigit() or not 1 <= int(raw) <= VNI_MAX:
+            raise XMLError(f"invalid <vb:cluster vni='{raw}'> in network '{self.name}':"
+                           f" expected 1..{VNI_MAX}")  # fmt: skip
+        dhcp = el.get("dhcp", "yes")
+        if dhcp not in ("yes", "no"):
+            raise XMLError(f"invalid <vb:cluster dhcp='{dhcp}'>: expected 'yes' or 'no'")
+        return ClusterConfig(int(raw), dhcp == "yes")
 
     def _parse_ip(self, el: Element) -> IpConfig:
         where = f"<ip> of network '{self.name}'"
