@@ -23,13 +23,15 @@ async def inventory(
     migration_address: str = "127.0.0.1",
     pools: list[PoolSummary] | None = None,
     networks: list[NetworkSummary] | None = None,
+    underlay_address: str | None = None,
 ) -> HostInventory:
     """The inventory carried by heartbeats and answered by ``host.info``.
 
     ``labels`` come from the agent's settings (``--label KEY=VALUE``); ``draining`` is set by
     the scheduler (``host.set_draining``) so every reader of heartbeats sees a drain.
     ``pools`` are the storage pools with their sizes: the scheduler places domains whose
-    volumes' pools are there; ``networks`` the virtual networks and whether they run.
+    volumes' pools are there; ``networks`` the virtual networks and whether they run;
+    ``underlay_address`` where this host's cluster networks' VXLAN is reached.
     """
     resources = await driver.host_resources()
     domains = await driver.list_domains(include_inactive=True)
@@ -53,6 +55,7 @@ async def inventory(
         migration_address=migration_address,
         pools=list(pools or []),
         networks=list(networks or []),
+        underlay_address=underlay_address,
         last_event_seq=last_seq,
         agent_version=__version__,
         started_at=started_at,

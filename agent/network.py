@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import os
@@ -48,7 +47,8 @@ from virtbus.errors import (
     OperationInvalid,
     VirtbusError,
 )
-from virtbus.network import Lease, NetworkDefinition, parse_leases, parse_network_xml
+from virtbus.netaddr import is_ip
+from virtbus.network import Lease, NetworkDefinition, overlaps, parse_leases, parse_network_xml
 from virtbus.network.ports import Port, parse_port_xml
 from virtbus.network.update import Update, apply_update, check_update
 from virtbus.settings import NetworkSettings
@@ -93,6 +93,8 @@ class Network:
     config: NetworkDefinition | None = None
     #: ports made by net-port-create while it runs, by uuid (virtbus/network/ports.py)
     created: dict[str, Port] = field(default_factory=dict)
+    #: a running cluster network's VXLAN peers, as programmed (read back at adoption)
+    peers: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -168,6 +170,7 @@ class Networks:
                         net.dhcp_pid = pid
                         self._watch(net)
                 await self._load_ports(net)
+                net.peers = await net.backend.flood_peers(net.defn)
                 log.info("network %s adopted (bridge %s)", net.name, net.defn.bridge)
                 return
         except VirtbusError as exc:
@@ -230,7 +233,7 @@ class Networks:
 
     # ================================================================== lookups
     def _add(self, defn: NetworkDefinition) -> Network:
-        backend = backend_for(defn, self.net)
+        backend = backend_for(defn, self.net, self.settings.underlay_address)
         support = None
         try:
             backend.check(defn)
@@ -278,7 +281,7 @@ class Networks:
         for ip in defn.ips:
             for other in others:
                 for theirs in other.defn.ips:
-                    if _overlaps(ip.network, theirs.network):
+                    if overlaps(ip.network, theirs.network):
                         raise OperationFailed(
                             f"subnet {ip.network} of network '{defn.name}' overlaps subnet"
                             f" {theirs.network} of network '{other.name}'"
@@ -375,6 +378,7 @@ class Networks:
                     f"bridge '{net.defn.bridge}' is in use by network '{other.name}'"
                 )
         await self._drop_ports(net)  # a run's ports are its own
+        net.peers = []  # a new VXLAN device floods to no one until the scheduler says
         net.index = await net.backend.start(net.defn)
         try:
             if net.backend.dhcp(net.defn):
@@ -606,6 +610,21 @@ class Networks:
         await dnsmasq.refresh(new, net.files, net.dhcp_pid)
         return "sighup"
 
+    # ================================================================== cluster
+    async def set_flood_peers(self, ref: str, peers: list[str]) -> list[str]:
+        """A running cluster network's VXLAN peers become ``peers`` (the scheduler's
+        list of the other hosts' underlay addresses); the peers now programmed."""
+        net = self.get(ref)
+        for peer in peers:
+            if not is_ip(peer):
+                raise InvalidArgument(f"invalid VXLAN peer address '{peer}'")
+        async with net.lock:
+            if not net.active:
+                raise OperationInvalid(f"network '{net.name}' is not active")
+            await net.backend.set_flood_peers(net.defn, peers)
+            net.peers = await net.backend.flood_peers(net.defn)
+        return net.peers
+
     # ================================================================== information
     async def info(self, net: Network) -> dict[str, Any]:
         ports = await net.backend.ports(net.defn) if net.active else []
@@ -624,9 +643,14 @@ class Networks:
         return [lease for lease in net.leases if wanted is None or lease.mac == wanted]
 
     def summaries(self) -> list[dict[str, Any]]:
+        """What heartbeats carry: a cluster network's VNI and peers, and every network's
+        subnets (the scheduler refuses a cluster network overlapping one)."""
         return [
             {"name": n.name, "uuid": n.defn.uuid, "active": n.active,
-             "bridge": n.defn.bridge or n.defn.forward_dev, "forward": n.defn.mode}
+             "bridge": n.defn.bridge or n.defn.forward_dev, "forward": n.defn.mode,
+             "subnets": [str(ip.network) for ip in n.defn.ips],
+             "vni": n.defn.cluster.vni if n.defn.cluster else None,
+             "peers": list(n.peers) if n.active else []}
             for n in self.networks()
         ]  # fmt: skip
 
@@ -635,8 +659,3 @@ def _random_mac() -> str:
     """A locally administered address in QEMU's 52:54:00 range, as libvirt generates."""
     tail = os.urandom(3)
     return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
-
-
-def _overlaps(a: ipaddress.IPv4Network | ipaddress.IPv6Network,
-              b: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:  # fmt: skip
-    return a.version == b.version and a.overlaps(b)

@@ -41,6 +41,8 @@ from virtbus.protocol.network import (
     NetworkLeasesRequest,
     NetworkList,
     NetworkListRequest,
+    NetworkPeerList,
+    NetworkPeers,
     NetworkPort,
     NetworkPortCreate,
     NetworkPortList,
@@ -294,3 +296,9 @@ async def _set_interface_parameters(ctx: AgentContext, req: InterfaceTuneRequest
     await _tuning(ctx).tune_interface(req.domain, req.interface, _change(req.inbound),
                                       _change(req.outbound), affect)  # fmt: skip
     return Accepted()
+
+
+# --- cluster networks: the VXLAN peers the scheduler knows (scheduler/networks.py) --------
+@HANDLERS.on(ops.NETWORK_SET_PEERS)
+async def _set_peers(ctx: AgentContext, req: NetworkPeers) -> NetworkPeerList:
+    return NetworkPeerList(peers=await ctx.networks.set_flood_peers(req.network, req.peers))

@@ -333,6 +333,7 @@ class AgentService:
             migration_address=self.settings.migration_address,
             pools=[PoolSummary(**p) for p in await self.storage.inventory()],
             networks=[NetworkSummary(**n) for n in self.networks.summaries()],
+            underlay_address=self.settings.network.underlay_address,
         )
 
     # --- heartbeat ------------------------------------------------------------------

@@ -121,6 +121,11 @@ class NetworkSettings:
         metadata=setting("network namespace (ip netns) the networks' bridges, firewall"
                          " tables and dnsmasq live in (default: the host's own)"),
     )  # fmt: skip
+    underlay_address: str | None = field(
+        default=None,
+        metadata=setting("this host's address on the underlay that carries cluster networks'"
+                         " VXLAN (in the namespace; none: no cluster networks here)"),
+    )  # fmt: skip
     dnsmasq_restart_limit: int = field(
         default=5,
         metadata=setting("dnsmasq restarts within a minute before giving up", minimum=1),

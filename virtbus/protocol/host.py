@@ -36,6 +36,7 @@ class HostInventory(Message):
     migration_address: str = ""
     pools: list[PoolSummary] = default(default_factory=list)  # storage pools (bytes)
     networks: list[NetworkSummary] = default(default_factory=list)  # virtual networks
+    underlay_address: str | None = None  # its cluster networks' VXLAN address
     last_event_seq: NonNegInt = 0
     agent_version: str = ""
     started_at: float | None = None

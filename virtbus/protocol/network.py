@@ -146,6 +146,20 @@ class NetworkSummary(Message):
     active: bool = False
     bridge: str | None = None
     forward: str = "isolated"
+    subnets: list[str] = default(default_factory=list)  # its <ip>s' subnets
+    vni: NonNegInt | None = None  # a cluster network's VXLAN identifier
+    peers: list[str] = default(default_factory=list)  # its VXLAN peers, as programmed
+
+
+class NetworkPeers(NetworkTarget):
+    """A cluster network's VXLAN peers: the other hosts' underlay addresses (the
+    scheduler sends them as hosts come and go)."""
+
+    peers: list[Annotated[str, Meta(min_length=1, max_length=64)]] = default(default_factory=list)
+
+
+class NetworkPeerList(Message):
+    peers: list[str]
 
 
 class NetworkEvent(Message):
@@ -195,6 +209,11 @@ NETWORK_AUTOSTART = op(
 NETWORK_LIST = op(
     "network.list", NetworkListRequest, NetworkList, _A, "the host's virtual networks",
     access=Access.READ, target=Target.HOST,
+)  # fmt: skip
+NETWORK_SET_PEERS = op(
+    "network.set_peers", NetworkPeers, NetworkPeerList, _A,
+    "set a running cluster network's VXLAN peers (the scheduler's head-end replication list)",
+    access=Access.CONFIG, target=_N, target_of=_net, serial=True,
 )  # fmt: skip
 NETWORK_UPDATE = op(
     "network.update", NetworkUpdateRequest, NetworkUpdated, _A,

@@ -8,6 +8,7 @@ from msgspec import Meta
 from msgspec import field as default
 
 from virtbus.protocol.base import (
+    Accepted,
     Empty,
     HostName,
     Message,
@@ -167,6 +168,34 @@ class DrainStatus(Message):
     left: list[str] = default(default_factory=list)
 
 
+class ClusterNetworkHost(Message):
+    """One host's copy of a cluster network, from its last heartbeat."""
+
+    host: str
+    active: bool = False
+    dhcp: bool = False  # this host carries the gateway address and dnsmasq
+    peers: list[str] = default(default_factory=list)
+
+
+class ClusterNetwork(Message):
+    """A network the scheduler keeps defined and running on every host (VXLAN ``vni``);
+    ``dhcp_host`` serves its DHCP."""
+
+    name: str
+    uuid: str
+    vni: NonNegInt
+    dhcp_host: str
+    hosts: list[ClusterNetworkHost] = default(default_factory=list)
+
+
+class ClusterNetworks(Message):
+    networks: list[ClusterNetwork]
+
+
+class ClusterNetworkTarget(Message):
+    network: Name
+
+
 _S = Service.SCHEDULER
 
 SCHEDULER_PING = op(
@@ -222,6 +251,20 @@ SCHEDULER_DRAIN = op(
 SCHEDULER_DRAIN_STATUS = op(
     "scheduler.drain_status", HostRequest, DrainStatus, _S, "progress of a drain",
     access=Access.READ, target=Target.HOST, target_of=field("host"),
+)  # fmt: skip
+SCHEDULER_NETWORK_DEFINE = op(
+    "scheduler.network_define", PlaceRequest, ClusterNetwork, _S,
+    "define a cluster network: on every host (and every host that joins), joined by VXLAN",
+    access=Access.CONFIG, target=Target.NETWORK,
+)  # fmt: skip
+SCHEDULER_NETWORKS = op(
+    "scheduler.networks", Empty, ClusterNetworks, _S,
+    "the cluster networks and each host's copy", access=Access.READ, target=Target.NETWORK,
+)  # fmt: skip
+SCHEDULER_NETWORK_UNDEFINE = op(
+    "scheduler.network_undefine", ClusterNetworkTarget, Accepted, _S,
+    "stop and undefine a cluster network on every host that is up",
+    access=Access.CONFIG, target=Target.NETWORK, target_of=field("network"),
 )  # fmt: skip
 SCHEDULER_UNDRAIN = op(
     "scheduler.undrain", HostRequest, DrainFlag, _S, "let the scheduler place on a host again",

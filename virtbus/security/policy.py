@@ -19,7 +19,8 @@ The shipped roles (:data:`BUILTIN_RULES`) come first and can be extended: ``admi
 (everything), ``operator`` (read, lifecycle and creating objects; no undefine/delete of
 objects it does not own unless a rule grants it), ``viewer`` (read-only ops),
 ``scheduler`` (migration steps, drain flags, define on placement, reads, the
-definitions it moves with their secrets: ``domain.read_secure``) and ``agent``
+definitions it moves with their secrets: ``domain.read_secure``, and the cluster
+networks it keeps on every host: ``network.define/start/set_peers/destroy/undefine``) and ``agent``
 (only ``migration.prepared``: a migration's source asks its destination which URI its
 prepare answered). A ``deny`` that matches wins over any
 ``allow``; nothing matching is a deny.
@@ -166,7 +167,18 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     Rule("role:agent", ("migration.prepared",), origin="builtin"),
     Rule(
         "role:scheduler",
-        ("@read", "@migrate", "host.set_draining", "domain.define", "domain.read_secure"),
+        (
+            "@read",
+            "@migrate",
+            "host.set_draining",
+            "domain.define",
+            "domain.read_secure",
+            "network.define",
+            "network.start",
+            "network.set_peers",
+            "network.destroy",
+            "network.undefine",
+        ),
         origin="builtin",
     ),
 )
