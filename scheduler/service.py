@@ -28,6 +28,7 @@ from scheduler.drain import CONTAINER_TYPES, DrainManager
 from scheduler.inventory import Claim, ClusterView, DomainMeta
 from scheduler.journal import BusJournal, Journal, MigrationRecord
 from scheduler.migration import MigrationCoordinator
+from scheduler.networks import ClusterNetworks
 from scheduler.offline import OfflineMover
 from scheduler.placement import anti_affinity_groups, place, request_for
 from scheduler.settings import SchedulerSettings
@@ -53,7 +54,7 @@ from virtbus.errors import (
     VirtbusError,
 )
 from virtbus.protocol import ops
-from virtbus.protocol.base import Empty, Message, decode, to_wire
+from virtbus.protocol.base import Accepted, Empty, Message, decode, to_wire
 from virtbus.protocol.domain import (
     DomainDefine,
     DomainInfo,
@@ -74,6 +75,8 @@ from virtbus.protocol.scheduler import (
     ClusterDomains,
     ClusterDomainsRequest,
     ClusterHosts,
+    ClusterNetwork,
+    ClusterNetworkTarget,
     DrainDomain,
     DrainRequest,
     DrainStatus,
@@ -90,6 +93,7 @@ from virtbus.protocol.scheduler import (
     SchedulerPing,
     SchedulerPingRequest,
 )
+from virtbus.protocol.scheduler import ClusterNetworks as ClusterNetworksList
 from virtbus.security.audit import AuditTrail
 from virtbus.security.authz import Authorizer, no_user
 
@@ -118,6 +122,8 @@ class SchedulerService:
         self.drains = DrainManager(self.coordinator)
         self.offline = OfflineMover(self._agent_call, self.view, self._defined_on,
                                     settings.placement, settings.step_timeout)  # fmt: skip
+        self.networks = ClusterNetworks(settings.state_dir, self.view, self._agent_call,
+                                        self._tasks, settings.step_timeout)  # fmt: skip
         self.authz = Authorizer.load(settings.policy, bus.user)  # who may call what
         self.audit = AuditTrail(
             settings.state_dir / "audit.log",
@@ -148,6 +154,9 @@ class SchedulerService:
             ops.SCHEDULER_DRAIN: self._drain,
             ops.SCHEDULER_DRAIN_STATUS: self._drain_status,
             ops.SCHEDULER_UNDRAIN: self._undrain,
+            ops.SCHEDULER_NETWORK_DEFINE: self._network_define,
+            ops.SCHEDULER_NETWORKS: self._networks,
+            ops.SCHEDULER_NETWORK_UNDEFINE: self._network_undefine,
         }
 
     # --- lifecycle ------------------------------------------------------------------
@@ -157,6 +166,7 @@ class SchedulerService:
 
     async def start(self) -> None:
         await self.journal.open()
+        await self.networks.load()
         await self.bus.connect()
         heartbeats = await self.bus.subscribe(HOSTS_EXCHANGE, [f"*.{HEARTBEAT_KEY_SUFFIX}"])
         events = await self.bus.subscribe(EVENTS_EXCHANGE, ["*.*.migration"])
@@ -252,6 +262,8 @@ class SchedulerService:
             if self.view.observe_heartbeat(inv):
                 self._refresh_soon(host)
             self.coordinator.cleanups.host_alive(host)  # retry what it still owes at once
+            if self.ready.is_set():
+                self.networks.observe(inv)
             if (
                 self.active
                 and host in self.view.draining
@@ -320,6 +332,18 @@ class SchedulerService:
         return [h for h in sorted(self.view.hosts) if self.view.is_up(h)]
 
     # --- ops ------------------------------------------------------------------------
+    async def _network_define(self, req: PlaceRequest) -> ClusterNetwork:
+        return await self.networks.define(req.xml)
+
+    async def _networks(self, req: Empty) -> ClusterNetworksList:
+        return ClusterNetworksList(
+            networks=[self.networks.describe(r) for r in self.networks.records.values()]
+        )
+
+    async def _network_undefine(self, req: ClusterNetworkTarget) -> Accepted:
+        await self.networks.undefine(req.network)
+        return Accepted()
+
     async def _ping(self, req: SchedulerPingRequest) -> SchedulerPing:
         return SchedulerPing(scheduler=self.id, active=self.active, ready=self.ready.is_set())
 

@@ -39,6 +39,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         p = sub.add_parser(verb, help=helptext)
         p.add_argument("file", help="libvirt <network> XML ('-': stdin)")
         _host_arg(p)
+        if verb == "net-define":
+            _cluster_arg(p, "through the scheduler, on every host, joined by VXLAN")
         p.set_defaults(func=net_define, verb=verb)
     for verb, helptext in _VERBS:
         p = sub.add_parser(verb, help=helptext)
@@ -49,9 +51,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                            help="also when interfaces are still on its bridge")  # fmt: skip
         if verb == "net-autostart":
             p.add_argument("--disable", action="store_true")
+        if verb == "net-undefine":
+            _cluster_arg(p, "a cluster network: stopped and undefined on every host")
         p.set_defaults(func=net_verb, verb=verb)
     p = sub.add_parser("net-list", help="list virtual networks")
     _host_arg(p)
+    _cluster_arg(p, "the cluster networks (the scheduler's), each host's copy")
     p.add_argument("--all", action="store_true", help="inactive networks too")
     p.add_argument("--inactive", action="store_true", help="inactive networks only")
     p.add_argument("--persistent", action="store_true")
@@ -109,6 +114,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=net_port_delete)
 
 
+def _cluster_arg(p: argparse.ArgumentParser, helptext: str) -> None:
+    p.add_argument("--cluster", action="store_true", help=helptext)
+
+
 def _host(ctx: Context, args: argparse.Namespace) -> Host:
     name = ctx.explicit_host(args.host)
     if not name:
@@ -129,8 +138,14 @@ def _yes(flag: bool) -> str:
 
 
 async def net_define(ctx: Context, args: argparse.Namespace) -> int:
-    host = _host(ctx, args)
     xml = read_xml(args.file)
+    if getattr(args, "cluster", False):
+        found = await ctx.client.scheduler.define_network(xml)
+        hosts = ", ".join(h.host for h in found.hosts)
+        text = (f"Cluster network {found.name} defined from {args.file} (VNI {found.vni},"
+                f" DHCP on {found.dhcp_host}; hosts {hosts})")  # fmt: skip
+        return _said(ctx, to_wire(found), text)
+    host = _host(ctx, args)
     if args.verb == "net-define":
         net = await host.define_network(xml)
         word = "defined"
@@ -148,8 +163,12 @@ def _info_fields(info: NetworkInfo) -> str:
 
 
 async def net_verb(ctx: Context, args: argparse.Namespace) -> int:
-    net = _host(ctx, args).network(args.network)
     verb, ref = args.verb, args.network
+    if verb == "net-undefine" and args.cluster:
+        await ctx.client.scheduler.undefine_network(ref)
+        return _said(ctx, {"network": ref, "undefined": True, "cluster": True},
+                     f"Cluster network {ref} has been undefined")  # fmt: skip
+    net = _host(ctx, args).network(args.network)
     if verb in ("net-info", "net-name", "net-uuid"):
         info = await net.info()
         if ctx.json:
@@ -182,6 +201,8 @@ async def net_verb(ctx: Context, args: argparse.Namespace) -> int:
 
 
 async def net_list(ctx: Context, args: argparse.Namespace) -> int:
+    if args.cluster:
+        return await _cluster_list(ctx)
     nets = await _host(ctx, args).networks(all=True)
     if args.inactive:
         nets = [n for n in nets if not n.active]
@@ -204,6 +225,21 @@ async def net_list(ctx: Context, args: argparse.Namespace) -> int:
         rows = [(n.name, "active" if n.active else "inactive", _yes(n.autostart),
                  _yes(n.persistent)) for n in nets]  # fmt: skip
         print(table(["Name", "State", "Autostart", "Persistent"], rows))
+    return 0
+
+
+async def _cluster_list(ctx: Context) -> int:
+    found = await ctx.client.scheduler.networks()
+    if ctx.json:
+        emit_json([to_wire(n) for n in found])
+        return 0
+    rows: list[tuple[object, ...]] = []
+    for n in found:
+        rows += [(n.name, n.vni, n.dhcp_host, h.host, "active" if h.active else "inactive",
+                  ",".join(h.peers) or "-") for h in n.hosts]  # fmt: skip
+        if not n.hosts:
+            rows.append((n.name, n.vni, n.dhcp_host, "-", "-", "-"))
+    print(table(["Name", "VNI", "DHCP host", "Host", "State", "VXLAN peers"], rows))
     return 0
 
 

@@ -102,6 +102,8 @@ from virtbus.protocol.scheduler import (
     CancelRequest,
     ClusterDomain,
     ClusterDomainsRequest,
+    ClusterNetwork,
+    ClusterNetworkTarget,
     DrainRequest,
     DrainStatus,
     HostRequest,
@@ -789,6 +791,16 @@ class Scheduler:
     async def define(self, xml: str) -> PlacedDomain:
         """Place, claim and define a domain."""
         return await self.call(ops.SCHEDULER_DEFINE, PlaceRequest(xml=xml))
+
+    async def define_network(self, xml: str) -> ClusterNetwork:
+        """A cluster network: defined and started on every host, joined by VXLAN."""
+        return await self.call(ops.SCHEDULER_NETWORK_DEFINE, PlaceRequest(xml=xml))
+
+    async def networks(self) -> list[ClusterNetwork]:
+        return (await self.call(ops.SCHEDULER_NETWORKS, Empty())).networks
+
+    async def undefine_network(self, name: str) -> None:
+        await self.call(ops.SCHEDULER_NETWORK_UNDEFINE, ClusterNetworkTarget(network=name))
 
     async def migrate(
         self,
