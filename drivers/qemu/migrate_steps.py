@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 S = DomainState
+#: announce-self's timing (ms), QEMU's own defaults for its announcement after a migration
+ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 
 
 def job_kind(status: RunStatus) -> str | None:
@@ -351,11 +353,21 @@ class MigrationSteps:
         dom.defn = defn
         dom.emit("defined", "added" if job.new_domain else "updated")
         await dom.execute(run, "cont")  # RESUME with INCOMING: resumed(migrated)
+        await self._announce(dom, run)
         await dom.wait(run, lambda: ev.Pending.INCOMING not in run.pending, "migrate_finish")
         if self._jobs.get(dom.defn.uuid) is job:
             del self._jobs[dom.defn.uuid]
         run.migration, run.job = None, None
         await dom.save_status(run)
+
+    async def _announce(self, dom: Domain, run: Run) -> None:
+        """RARPs of the guest's MACs from its new host, now that it runs (QEMU's own
+        announcement went while it was still paused): the bridges on the way, a cluster
+        network's other hosts too, learn where it went. Best effort: the guest runs."""
+        try:
+            await dom.execute(run, "announce-self", ANNOUNCE)
+        except VirtbusError as exc:
+            log.warning("domain %s: announce-self failed: %s", dom.defn.name, exc)
 
     async def confirm(self, ref: str, success: bool) -> None:
         """Source: stop and forget the old instance, or resume it if the migration paused it."""
