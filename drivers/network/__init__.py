@@ -109,9 +109,7 @@ class ManagedBridge:
         )  # fmt: skip
         try:
             if defn.cluster is not None:
-                assert self.underlay is not None  # check() refused it otherwise
-                await self.net.add_vxlan(vxlan_name(defn), vni=defn.cluster.vni,
-                                         local=self.underlay, bridge=bridge)  # fmt: skip
+                await self._overlay(defn, bridge)
             if defn.forward in ("nat", "route", "open") and defn.gateway:
                 if any(ip.family == "ipv4" for ip in defn.ips):
                     await self.net.sysctl("net.ipv4.ip_forward", "1")
@@ -131,8 +129,17 @@ class ManagedBridge:
             return False
         if nft.ruleset(defn, link.name) is not None and not await nft.present(self.net, defn):
             await nft.apply(self.net, defn, link.name)  # a table added changes no flow
-        # a cluster network whose overlay is gone is not adopted: it is started again
-        return defn.cluster is None or await self.net.link(vxlan_name(defn)) is not None
+        if defn.cluster is not None and await self.net.link(vxlan_name(defn)) is None:
+            await self._overlay(defn, link.name)  # made again; the scheduler sets its peers
+        return True
+
+    async def _overlay(self, defn: NetworkDefinition, bridge: str) -> None:
+        """A cluster network's VXLAN device on its bridge (no peers yet)."""
+        assert defn.cluster is not None
+        if self.underlay is None:  # check() refused it at define
+            raise NoSupport(f"cluster network '{defn.name}' needs network.underlay_address")
+        await self.net.add_vxlan(vxlan_name(defn), vni=defn.cluster.vni, local=self.underlay,
+                                 bridge=bridge)  # fmt: skip
 
     async def stop(self, defn: NetworkDefinition) -> None:
         await self._teardown(defn)
