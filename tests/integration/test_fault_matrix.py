@@ -54,7 +54,7 @@ import pytest
 from tests.faults import TcpProxy
 from tests.integration.test_rabbit_cluster import queue_members
 from tests.procs import agent_process, private_vhost, scheduler_process, unique_host
-from tests.rabbitnode import rabbit_cluster
+from tests.rabbitnode import RabbitCluster
 from virtbus.bus.amqp import AmqpBus
 from virtbus.bus.topology import SCHEDULER_ROUTE, call_queue_for
 from virtbus.errors import RetryableError, VirtbusError
@@ -610,37 +610,38 @@ async def test_scheduler_killed_in_each_migration_phase(vhost: str, tmp_path: Pa
     assert all(outcomes[p] == "completed" for p in ("finish", "confirm", "done")), outcomes
 
 
-async def test_a_broker_node_stopped_and_started(tmp_path: Path) -> None:
-    """Three nodes of the test's own; the agent on node 1 (its call queue's leader, and
-    the first node of its URL), the load's client on node 2, the reader on node 3."""
+@pytest.mark.asyncio(loop_scope="session")  # the shared cluster's (conftest.py)
+async def test_a_broker_node_stopped_and_started(tmp_path: Path, cluster: RabbitCluster) -> None:
+    """Three nodes of the tests' own (shared with test_rabbit_cluster.py); the agent on
+    node 1 (its call queue's leader, and the first node of its URL), the load's client on
+    node 2, the reader on node 3."""
     host = unique_host("fb")
     state = tmp_path / host
     state.mkdir()
-    async with rabbit_cluster(3) as cluster:
-        n1, n2, n3 = cluster.nodes
-        async with (
-            history(cluster.url_from(n3), [host]) as events,
-            connected(cluster.url_from(n2), "fault-matrix") as bus,
-            agent_process(host, state, *agent_options(), bus=cluster.url_from(n1),
-                          log_dir=tmp_path),
-        ):  # fmt: skip
-            queue = call_queue_for(ops.agent_route(host)).name
-            kind, leader, _members = await queue_members(cluster, queue)
-            assert (kind, leader) == ("quorum", n1.name)  # the premise
-            load = Load(bus, [host], "b")
-            await start_tick(bus, host)
-            load.start()
-            await load.answered_more(BEFORE)
-            cut_at = events.last_seq(host)
-            await n1.stop_app()  # its connections go; the queue elects another leader
-            await load.answered_more(AFTER)  # served through the other nodes
-            await n1.start_app()
-            await load.answered_more(AFTER)
-            await load.stop()
-            await end_marker(bus, events, host)
-            assert events.last_seq(host) > cut_at
-            row = judge("broker node stop/start", load, events, await listings(bus, [host]))
-            _kind, leader, _members = await queue_members(cluster, queue)
+    n1, n2, n3 = cluster.nodes
+    async with (
+        history(cluster.url_from(n3), [host]) as events,
+        connected(cluster.url_from(n2), "fault-matrix") as bus,
+        agent_process(host, state, *agent_options(), bus=cluster.url_from(n1),
+                      log_dir=tmp_path),
+    ):  # fmt: skip
+        queue = call_queue_for(ops.agent_route(host)).name
+        kind, leader, _members = await queue_members(cluster, queue)
+        assert (kind, leader) == ("quorum", n1.name)  # the premise
+        load = Load(bus, [host], "b")
+        await start_tick(bus, host)
+        load.start()
+        await load.answered_more(BEFORE)
+        cut_at = events.last_seq(host)
+        await n1.stop_app()  # its connections go; the queue elects another leader
+        await load.answered_more(AFTER)  # served through the other nodes
+        await n1.start_app()
+        await load.answered_more(AFTER)
+        await load.stop()
+        await end_marker(bus, events, host)
+        assert events.last_seq(host) > cut_at
+        row = judge("broker node stop/start", load, events, await listings(bus, [host]))
+        _kind, leader, _members = await queue_members(cluster, queue)
     assert_clean(row)
     assert leader != n1.name  # the agent moved with its queue's leader
     assert b"bus: the next attempt goes to" in (tmp_path / f"agent-{host}.log").read_bytes()

@@ -19,8 +19,9 @@ close a connection that replies to a caller of the stopped node (the redelivered
 back for ever: amqp_consumers.py, POISONED REPLIES), and aio-pika's restore of a
 connection closed meanwhile waited for itself (reconnect.py, ``_on_connected``).
 
-One cluster serves both tests of the module (a 3-node start is ~12 s): each test stops
-node 1, and the ``cluster`` fixture starts every node's app again before the next one.
+One cluster (tests/integration/conftest.py, shared with the fault matrix's node test: a
+3-node start is 12-25 s) serves both tests: each test stops node 1, and the ``cluster``
+fixture starts every node's app again before the next one.
 """
 
 from __future__ import annotations
@@ -36,11 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from agent.service import AgentService
 from drivers.test import TestDriver
-from tests.rabbitnode import RabbitCluster, rabbit_cluster
+from tests.rabbitnode import RabbitCluster
 from virtbus.bus.amqp import AmqpBus
 from virtbus.bus.topology import call_queue_for
 from virtbus.errors import BusUnavailable, RetryableError
@@ -51,7 +51,7 @@ from virtbus.settings import AgentSettings, Backoff, BusSettings
 pytestmark = [
     pytest.mark.rabbitmq,
     pytest.mark.slow,
-    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.asyncio(loop_scope="session"),  # the cluster fixture's loop (conftest.py)
 ]
 
 BEFORE_STOP = 15  # calls answered before node 1 stops
@@ -140,21 +140,6 @@ class Caller:
                     raise
                 self.retried[exc.code] += 1
                 await asyncio.sleep(0.2)
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def three_nodes() -> AsyncIterator[RabbitCluster]:
-    async with rabbit_cluster(3) as c:
-        yield c
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def cluster(three_nodes: RabbitCluster) -> RabbitCluster:
-    """The module's cluster with all three nodes running (``start_app`` of a running node
-    does nothing): the test before may have stopped one."""
-    await asyncio.gather(*(n.start_app() for n in three_nodes.nodes))
-    await three_nodes.nodes[0].ctl("await_online_nodes", "3")
-    return three_nodes
 
 
 async def test_losing_the_queue_leaders_node_loses_no_call_and_runs_none_twice(
