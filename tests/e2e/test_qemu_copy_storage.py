@@ -12,7 +12,11 @@ Before that, on the same guest: each bad input is refused with its code while th
 keeps running on the source and both agents keep serving; and the destination QEMU is
 killed while the disks are being copied (the mirror rate-limited to 1 MiB/s): the
 migration fails, the guest runs on the source with its disk as it was, and no volume is
-left on the destination; ``migrate-cancel`` in that phase ends the same way, cancelled.
+left on the destination; ``migrate-cancel`` in that phase ends the same way, cancelled,
+and so does one sent once the scheduler says memory is being sent (``--bandwidth 4``:
+the disks take 4 s, memory some more). After that rollback the source QEMU's QMP socket
+(the agent stopped a moment) shows no job and no NBD node left, and the last migration of
+the same guest, the real one, succeeds.
 
 Then ``--copy-storage-inc``: a second guest runs on a qcow2 overlay (a file disk) whose
 base, the same 16 MiB, is in both pools; it writes the marker into the overlay and moves
@@ -32,11 +36,12 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import QMPClient
 
 from tests.e2e.conftest import qemu_pids_under
 from tests.guests import ensure_test_guest
@@ -49,7 +54,9 @@ from tests.integration.test_scheduler_cluster import (  # noqa: F401 - the vhost
     vhost,
     wait_hosts,
 )
-from tests.procs import cli
+from tests.procs import AgentProc, agent_process, cli
+from virtbus.client import Client
+from virtbus.protocol.migration import MigrationRecord
 
 pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.slow]
 MIB = 1 << 20
@@ -150,6 +157,38 @@ async def wait_pool(host: str, pool: str, timeout: float = 15) -> None:
             await asyncio.sleep(0.2)
 
 
+async def until(mid: str, ready: Callable[[MigrationRecord], bool],
+                timeout: float = 60) -> MigrationRecord:  # fmt: skip
+    """Follow migration ``mid`` (the scheduler's long poll) until ``ready`` holds for its
+    record; fails if it ends first."""
+    async with await Client.connect(URL) as client, asyncio.timeout(timeout):
+        async for rec in client.scheduler.follow(mid):
+            if ready(rec):
+                return rec
+    raise AssertionError(f"migration {mid} ended without that: {rec}")
+
+
+async def qmp_leftovers(state_dir: Path, uuid: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The source QEMU's jobs and its copy-storage NBD nodes, asked on its QMP socket
+    while its agent is gone (QEMU serves one monitor client at a time)."""
+    status = json.loads(next(state_dir.rglob(f"{uuid}.status")).read_text())
+    client = QMPClient("cs-test")
+    await client.connect(status["qmp_socket"])
+    try:
+        jobs = await client.execute("query-jobs")
+        nodes = await client.execute("query-named-block-nodes")
+    finally:
+        await client.disconnect()
+    assert isinstance(jobs, list) and isinstance(nodes, list)
+    names = [str(n["node-name"]) for n in nodes if str(n["node-name"]).startswith("virtbus-nbd-")]
+    return jobs, names
+
+
+async def kill(agent: AgentProc) -> None:
+    agent.proc.kill()
+    await agent.proc.wait()
+
+
 async def migration_of(domain: str) -> dict[str, Any]:
     recs = [r for r in await vcli("migrations") if r["domain"] == domain]
     return max(recs, key=lambda r: r["created"]) if recs else {}
@@ -191,7 +230,16 @@ async def test_copy_storage_all_moves_the_guest_and_its_disk(
         async with (
             agents(base, 2, "--config", str(config), driver="qemu") as (a, b),
             scheduler_process(base / "sched"),
+            contextlib.AsyncExitStack() as restarted,  # the source agent after each kill
         ):
+            src = a
+
+            async def restart_source() -> AgentProc:
+                return await restarted.enter_async_context(agent_process(
+                    a.host, a.state_dir, "--config", str(config), driver="qemu", bus=URL,
+                    keep_queue=True,
+                ))  # fmt: skip
+
             await wait_hosts(2)
             for host, path in ((a.host, pool_a), (b.host, pool_b)):
                 await vcli("pool-create-as", "cs", "dir", "--target", str(path), "--host", host)
@@ -279,6 +327,37 @@ async def test_copy_storage_all_moves_the_guest_and_its_disk(
             assert rec["state"] == "cancelled", rec
             await on_source_only()
             assert qemu_pids_under(b.state_dir) == []
+
+            async def rolled_back() -> None:
+                """The guest runs on at the source, its disk as it was, the destination holds
+                nothing; the source QEMU keeps no job and no NBD node (asked on its QMP
+                socket with the agent stopped, then the agent comes back)."""
+                nonlocal src
+                await on_source_only()
+                assert qemu_pids_under(b.state_dir) == []
+                g = await Guest.connect(a.state_dir, uuid)
+                try:
+                    assert await g.ask("ping y", "VIRTBUS-PONG") == "y"
+                    assert await g.ask("disk-md5 16", "VIRTBUS-DISK-MD5") == f"16 {expected}"
+                finally:
+                    await g.close()
+                await kill(src)
+                assert await qmp_leftovers(a.state_dir, uuid) == ([], [])
+                src = await restart_source()
+
+            # --- migrate-cancel while memory is sent (after the disks were copied) ---
+            r = await cli("--json", "migrate", "cs1", "--to", b.host, "--xml", str(dst_xml("cs")),
+                          "--copy-storage-all", "--bandwidth", "4", bus=URL)  # fmt: skip
+            assert r.code == 0, r.err
+            mid = json.loads(r.out)["id"]
+            rec = await until(mid, lambda m: m.phase == "progress" and m.progress.get("phase")
+                              == "memory" and m.progress.get("status") == "active")  # fmt: skip
+            await vcli("migrate-cancel", "cs1")
+            rec = await until(mid, lambda m: m.state != "running")
+            assert rec.state == "cancelled", rec
+            phases = [p for p, _t in rec.history]
+            assert phases.index("storage") < phases.index("progress") < phases.index("rollback")
+            await rolled_back()
 
             # --- the real thing: the marker is read back at the destination ---
             r = await cli("--json", "migrate", "cs1", "--to", b.host, "--xml", str(dst_xml("cs")),
