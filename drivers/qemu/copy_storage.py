@@ -17,6 +17,10 @@ The flow is libvirt's (qemu_migration.c, qemuMigrationSrcNBDStorageCopy):
   switchover happen. Any failure cancels the mirrors (``force``) and closes the NBD
   nodes: the source's images were only read.
 
+A restarted source agent finds the mirrors and NBD nodes by their names
+(:meth:`Mirrors.found`) and aborts them: the migration is rolled back
+(``MigrationSteps._roll_back_copy`` says why).
+
 Jobs are read from ``query-jobs`` whenever one of their ``JOB_STATUS_CHANGE`` events
 arrives (``changed``: the domain's event task wakes us), and every ``poll`` s for the
 bytes copied so far.
@@ -42,12 +46,16 @@ MIB = 1 << 20
 __all__ = ["Mirrors", "copied_disks", "serve", "stop_serving"]
 
 
+JOB_PREFIX = "virtbus-migrate-"  # not a blockjobs.py kind: that module leaves it be
+NBD_PREFIX = "virtbus-nbd-"
+
+
 def job_id(target: str) -> str:
-    return f"virtbus-migrate-{target}"  # not a blockjobs.py kind: that module leaves it be
+    return f"{JOB_PREFIX}{target}"
 
 
 def nbd_node(target: str) -> str:
-    return f"virtbus-nbd-{target}"
+    return f"{NBD_PREFIX}{target}"
 
 
 def export_id(target: str) -> str:
@@ -106,10 +114,11 @@ def _by_id(reply: Any) -> dict[str, dict[str, Any]]:
 class Mirrors:
     """The source's mirrors of one migration (see module docstring).
 
-    ``nodes``: target dev -> the disk's top node in the source QEMU.
+    ``nodes``: target dev -> the disk's top node in the source QEMU. ``nbd`` is None for
+    the mirrors a restarted agent found (:meth:`found`): they can only be aborted.
     """
 
-    nbd: NbdTarget
+    nbd: NbdTarget | None
     nodes: dict[str, str]
     poll: float = 0.2
     # returns when a job's status changed, or after the seconds given (None: just sleep)
@@ -125,6 +134,8 @@ class Mirrors:
 
     async def start(self, execute: Execute) -> None:
         """NBD client nodes and one mirror per disk; on failure what was made is undone."""
+        if self.nbd is None:
+            raise InvalidArgument("no NBD target to mirror the disks to")
         missing = sorted(set(self.nodes) - set(self.nbd.exports))
         if missing:
             raise InvalidArgument(f"the destination exports no disk {', '.join(missing)}")
@@ -148,6 +159,23 @@ class Mirrors:
             await self.abort(execute)
             raise MigrateFailed(f"cannot mirror the disks to {self.nbd.host}:{self.nbd.port}:"
                                 f" {exc}") from exc  # fmt: skip
+
+    @classmethod
+    async def found(cls, execute: Execute, poll: float) -> Mirrors | None:
+        """After an agent restart: the mirror jobs and NBD client nodes a copy-storage
+        migration left in QEMU, by their names (as blockjobs.py finds its jobs again);
+        None when there are none."""
+        jobs = _by_id(await execute("query-jobs"))
+        nodes = await execute("query-named-block-nodes")
+        listed = nodes if isinstance(nodes, list) else []
+        names = {str(n.get("node-name")) for n in listed if isinstance(n, dict)}
+        started = sorted(i.removeprefix(JOB_PREFIX) for i in jobs if i.startswith(JOB_PREFIX))
+        opened = sorted(n.removeprefix(NBD_PREFIX) for n in names if n.startswith(NBD_PREFIX))
+        if not started and not opened:
+            return None
+        mirrors = cls(None, {}, poll=poll)
+        mirrors._started, mirrors._opened = started, opened
+        return mirrors
 
     async def _pause(self, seconds: float) -> None:
         if self.changed is None:

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import os.path
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from drivers.qemu import copy_storage as cs
@@ -258,17 +259,9 @@ class MigrationSteps:
                 f"cannot configure the migration of '{dom.defn.name}': {exc}"
             ) from exc
         speed = (params.bandwidth_mib_s or 0) * cs.MIB
-
-        async def changed(seconds: float) -> None:
-            """A JOB_STATUS_CHANGE of one of the mirrors (the event task notes them)."""
-            seen = {j: run.job_states.get(j) for j in mirrors.job_ids()}
-            with contextlib.suppress(OperationTimeout):
-                await dom.wait(run, lambda: any(run.job_states.get(j) != v
-                                                for j, v in seen.items()),
-                               "mirror", timeout=seconds)  # fmt: skip
-
         mirrors = cs.Mirrors(nbd, nodes, poll=self._migration.mirror_poll, speed=speed,
-                             changed=changed, top_only=params.copy_storage_inc)  # fmt: skip
+                             top_only=params.copy_storage_inc)  # fmt: skip
+        mirrors.changed = _job_changed(dom, run, mirrors)
         await mirrors.start(execute)  # undoes itself on failure
         job = mig.Job("source", params, self._migration, mirrors=mirrors)
         self._jobs[dom.defn.uuid] = run.migration = job
@@ -422,7 +415,8 @@ class MigrationSteps:
 
         An incoming QEMU whose migration was not finished stays transient and paused
         (migration): only ``finish`` resumes it or kills it. An outgoing one gets its job
-        back from ``query-migrate`` (QEMU kept migrating while we were away).
+        back from ``query-migrate`` (QEMU kept migrating while we were away); an outgoing
+        copy-storage one is rolled back (:meth:`_roll_back_copy`).
         """
         kind = job_kind(status)
         run = dom.run
@@ -444,6 +438,8 @@ class MigrationSteps:
             await self._refresh_job(dom, run, job)
             log.warning("domain %s: incoming migration reattached (%s), kept paused",
                         dom.defn.name, job.status.status)  # fmt: skip
+        elif kind == "outgoing" and run is not None and params.copy_storage:
+            await self._roll_back_copy(dom, run, params)
         elif kind == "outgoing" and run is not None:
             job = mig.Job("source", params, self._migration)
             await self._refresh_job(dom, run, job)
@@ -458,6 +454,42 @@ class MigrationSteps:
             log.warning("domain %s: outgoing migration reattached (%s)",
                         dom.defn.name, job.status.status)  # fmt: skip
 
+    async def _roll_back_copy(self, dom: Domain, run: Run, params: MigrationParams) -> None:
+        """A copy-storage migration whose source agent restarted is rolled back, as
+        libvirt's qemuProcessRecoverMigrationOut cancels an unfinished outgoing migration
+        and its NBD copy: QEMU cannot carry it on by itself (``migrate`` is sent only once
+        the mirrors are ready, and ``pause-before-switchover`` waits for us to complete
+        them), and the sequence that would was in the lost process. The stream is
+        cancelled, the mirrors found by their names are cancelled and their NBD nodes
+        closed; the job stays, failed, so the coordinator's next ``status`` rolls the
+        migration back (``finish(false)`` removes the destination's volumes,
+        ``confirm(false)`` resumes a guest the migration paused)."""
+        execute = functools.partial(dom.execute, run)
+        job = mig.Job("source", params, self._migration)
+        run.migration = job  # MIGRATION events feed it while the stream is cancelled
+        run.pending.add(ev.Pending.MIGRATING)  # a resume after the cancel: resumed(migrated)
+        try:
+            fresh = mig.status_from_query(await execute("query-migrate"))
+            if fresh.status in mig.ACTIVE:  # memory was being sent: stop it first
+                job.status = fresh
+                await execute("migrate_cancel")
+                await job.wait_status(lambda st: st.status in mig.TERMINAL,
+                                      self._migration.cancel_wait)  # fmt: skip
+            mirrors = await cs.Mirrors.found(execute, self._migration.mirror_poll)
+            if mirrors is not None:
+                mirrors.changed = _job_changed(dom, run, mirrors)
+                await mirrors.abort(execute)
+        except VirtbusError as exc:
+            log.error("domain %s: rolling back its copy-storage migration after the restart:"
+                      " %s", dom.defn.name, exc)  # fmt: skip
+        job.end(MigrationState.FAILED, "the source's agent restarted during the copy-storage"
+                " migration: the disk mirrors were cancelled")  # fmt: skip
+        self._jobs[dom.defn.uuid] = job
+        run.job = None  # nothing of it is left to undo after another restart
+        await dom.save_status(run)
+        log.warning("domain %s: copy-storage migration rolled back after the agent restarted",
+                    dom.defn.name)  # fmt: skip
+
     async def _refresh_job(self, dom: Domain, run: Run, job: mig.Job) -> None:
         """The job's status from ``query-migrate`` (an end status ends the job)."""
         try:
@@ -470,3 +502,16 @@ class MigrationSteps:
             job.postcopy_started = True
         if fresh.status in mig.TERMINAL:
             job.end(fresh.status, fresh.error)
+
+
+def _job_changed(dom: Domain, run: Run, mirrors: cs.Mirrors) -> Callable[[float], Awaitable[None]]:
+    """Mirrors' wait: until a JOB_STATUS_CHANGE of one of theirs (the event task notes
+    them in ``run.job_states``) or the seconds given."""
+
+    async def changed(seconds: float) -> None:
+        seen = {j: run.job_states.get(j) for j in mirrors.job_ids()}
+        with contextlib.suppress(OperationTimeout):
+            await dom.wait(run, lambda: any(run.job_states.get(j) != v for j, v in seen.items()),
+                           "mirror", timeout=seconds)  # fmt: skip
+
+    return changed

@@ -14,9 +14,12 @@ killed while the disks are being copied (the mirror rate-limited to 1 MiB/s): th
 migration fails, the guest runs on the source with its disk as it was, and no volume is
 left on the destination; ``migrate-cancel`` in that phase ends the same way, cancelled,
 and so does one sent once the scheduler says memory is being sent (``--bandwidth 4``:
-the disks take 4 s, memory some more). After that rollback the source QEMU's QMP socket
-(the agent stopped a moment) shows no job and no NBD node left, and the last migration of
-the same guest, the real one, succeeds.
+the disks take 4 s, memory some more). The source agent is SIGKILLed while the disks are
+copied (QEMU keeps mirroring: its mirror job and NBD node are seen on its QMP socket) and
+restarted: it cancels them and the migration fails back to the source. After each of
+these two rollbacks the source QEMU's QMP socket (the agent stopped a moment) shows no
+job and no NBD node left, and the last migration of the same guest, the real one,
+succeeds.
 
 Then ``--copy-storage-inc``: a second guest runs on a qcow2 overlay (a file disk) whose
 base, the same 16 MiB, is in both pools; it writes the marker into the overlay and moves
@@ -357,6 +360,23 @@ async def test_copy_storage_all_moves_the_guest_and_its_disk(
             assert rec.state == "cancelled", rec
             phases = [p for p, _t in rec.history]
             assert phases.index("storage") < phases.index("progress") < phases.index("rollback")
+            await rolled_back()
+
+            # --- the source agent is killed while the disks are copied, and restarted: the
+            # mirrors QEMU kept are found by their names and cancelled, the migration fails
+            # back to the source ---
+            r = await cli("--json", "migrate", "cs1", "--to", b.host, "--xml", str(dst_xml("cs")),
+                          "--copy-storage-all", "--bandwidth", "1", bus=URL)  # fmt: skip
+            assert r.code == 0, r.err
+            mid = json.loads(r.out)["id"]
+            await storage_phase()
+            await kill(src)
+            jobs, nbd_nodes = await qmp_leftovers(a.state_dir, uuid)  # premise: left running
+            assert [(j["id"], j["status"]) for j in jobs] == [("virtbus-migrate-vda", "running")]
+            assert nbd_nodes == ["virtbus-nbd-vda"]
+            src = await restart_source()
+            rec = await until(mid, lambda m: m.state != "running", timeout=90)
+            assert rec.state == "failed" and "agent restarted" in (rec.error or ""), rec
             await rolled_back()
 
             # --- the real thing: the marker is read back at the destination ---
