@@ -8,7 +8,9 @@ replication list (bridge fdb ``00:00:00:00:00:00 dst PEER``) is the other host; 
 alone has the gateway address and dnsmasq, yet the guest on host 1 gets its reserved
 lease across the overlay; the two guests ping each other across it; one is live-migrated
 to the other host while a pinger on host 0's bridge sends it 20 echo requests a second,
-and the replies go on (the lost ones are printed). Bad input (a VNI clash, a subnet
+and the replies go on (the lost ones are printed), as does a TCP connection from there
+into it (busybox nc echoing numbered lines): the same connection, opened and carrying
+data before, is echoed on by the destination, nothing lost. Bad input (a VNI clash, a subnet
 overlapping a host's network, a malformed definition) is refused with its code, and the
 scheduler still serves.
 """
@@ -17,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -54,6 +58,38 @@ VNI = 4100
 NS = "https://virtbus.dev/xmlns/network/cluster/1"
 PROBE_IP = f"{SUBNET}.99"
 PROBE_INTERVAL = 0.05  # s: 20 echo requests a second across the migration
+ECHO_PORT = 7000  # cg-1's TCP echo server (virtbus.echo=)
+STREAM_INTERVAL = 0.02  # s: a numbered line every 20 ms on the one TCP connection
+# A TCP client in the pinger's namespace: one connection to cg-1's echo server, a numbered
+# line every STREAM_INTERVAL, each echoed line printed with its arrival time; never
+# reconnects (a broken connection prints END and exits), so every echo is the same stream.
+_STREAM = """
+import socket, sys, threading, time
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+sock.settimeout(None)
+print("CONNECTED", sock.getsockname()[1], flush=True)
+
+def send():
+    n = 0
+    try:
+        while True:
+            n += 1
+            sock.sendall(b"%d\\n" % n)
+            time.sleep(float(sys.argv[3]))
+    except OSError as e:
+        print("END send", e, flush=True)
+
+threading.Thread(target=send, daemon=True).start()
+buf = b""
+try:
+    while data := sock.recv(4096):
+        *lines, buf = (buf + data).split(b"\\n")
+        for line in lines:
+            print(line.decode(), time.monotonic(), flush=True)
+    print("END eof", flush=True)
+except OSError as e:
+    print("END recv", e, flush=True)
+"""
 
 
 def cluster_xml(name: str, subnet: str, *, vni: int | None = None,
@@ -256,6 +292,11 @@ class G:
     serial: Path
 
 
+def with_echo(xml: str) -> str:
+    """The guest's XML with its TCP echo server asked for on the kernel command line."""
+    return xml.replace("virtbus.ping=", f"virtbus.echo={ECHO_PORT} virtbus.ping=", 1)
+
+
 G1 = G("cg-1", str(uuidlib.uuid4()), "52:54:00:91:00:01", f"{SUBNET}.11", Path())
 G2 = G("cg-2", str(uuidlib.uuid4()), "52:54:00:91:00:02", f"{SUBNET}.12", Path())
 
@@ -294,11 +335,14 @@ async def test_a_cluster_network_spans_hosts_and_guests_ping_across_a_migration(
         g.serial = bed.root / f"{g.name}-0.serial"
         xml = guest_xml(bed.guest, g.name, g.uuid, g.serial, network="cn", mac=g.mac,
                         peer=peer.ip)  # fmt: skip
+        if g is G1:
+            xml = with_echo(xml)
         await bed.ok("define", bed.file(f"{g.name}.xml", xml), "--host", node.host)
         await bed.ok("start", g.name, "--host", node.host)
     for g, peer in ((G1, G2), (G2, G1)):
         assert await console(g.serial, r"VIRTBUS-LEASE eth0 \S+") == f"VIRTBUS-LEASE eth0 {g.ip}"
         await console(g.serial, rf"VIRTBUS-PING-OK {re.escape(peer.ip)} \d+")
+    await console(G1.serial, f"VIRTBUS-ECHO {ECHO_PORT}")
     # live-migrate cg-1 to host 1, pinged 20 times a second from host 0 across the overlay
     a.run("ip", "link", "set", "probe", "master", await bed.bridge(a, "cn"), "up")
     pinger = await asyncio.create_subprocess_exec(
@@ -314,24 +358,63 @@ async def test_a_cluster_network_spans_hosts_and_guests_ping_across_a_migration(
                 replies.append(int(found.group(1)))
 
     collecting = asyncio.create_task(collect())
+    # ... and one TCP connection from the pinger's namespace to cg-1 streams through it
+    streamer = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", bed.probe, sys.executable, "-c", _STREAM, G1.ip,
+        str(ECHO_PORT), str(STREAM_INTERVAL), stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    echoes: list[tuple[int, float]] = []  # (line number, arrival time) of each echoed line
+    ends: list[str] = []
+
+    async def stream() -> None:
+        assert streamer.stdout is not None
+        async for raw in streamer.stdout:
+            line = raw.decode().strip()
+            if line.startswith(("CONNECTED", "END")):
+                ends.append(line)
+            else:
+                n, at = line.split()
+                echoes.append((int(n), float(at)))
+
+    streaming = asyncio.create_task(stream())
     try:
         async with asyncio.timeout(WAIT):
-            while len(replies) < 10:  # premise: answered before the migration
+            # premise: answered, and the connection carrying data, before the migration
+            while len(replies) < 10 or len(echoes) < 10:
                 await asyncio.sleep(0.05)
         before = len(replies)
+        flowed = len(echoes)
         dst_serial = bed.root / f"{G1.name}-1.serial"
-        dst_xml = guest_xml(bed.guest, G1.name, G1.uuid, dst_serial, network="cn",
-                            mac=G1.mac, peer=G2.ip)  # fmt: skip
+        dst_xml = with_echo(guest_xml(bed.guest, G1.name, G1.uuid, dst_serial, network="cn",
+                                      mac=G1.mac, peer=G2.ip))  # fmt: skip
         await bed.ok("migrate", G1.name, "--to", b.host, "--xml",
                      bed.file("cg-1-dst.xml", dst_xml), "--wait")  # fmt: skip
-        after = len(replies)
+        after, switched = len(replies), len(echoes)
         async with asyncio.timeout(WAIT):
             while len(replies) < after + 20:  # answered at its new host
                 await asyncio.sleep(0.05)
+        # the same connection flows on, echoed by host 1 (asserted below, with what came)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(15):
+                while len(echoes) < switched + 50 and not ends[1:]:
+                    await asyncio.sleep(0.05)
     finally:
         pinger.send_signal(signal.SIGINT)
+        streamer.kill()
         await pinger.wait()
+        await streamer.wait()
         collecting.cancel()
+        streaming.cancel()
+    assert ends[:1] and ends[0].startswith("CONNECTED") and not ends[1:], ends
+    numbers = [n for n, _ in echoes]
+    assert numbers == list(range(1, len(numbers) + 1)), numbers  # one stream, nothing lost
+    assert len(numbers) >= switched + 50, (
+        f"{flowed} before, {switched} by the switchover, {len(numbers)} in all"
+    )
+    stall = max(b - a for (_, a), (_, b) in itertools.pairwise(echoes[flowed - 1 :]))
+    print(f"\nTCP stream across the live migration: {flowed} lines echoed before,"
+          f" {len(numbers) - switched} after it on the same connection; longest gap"
+          f" {stall * 1000:.0f} ms")  # fmt: skip
     window = replies[before - 1 :]
     lost = (window[-1] - window[0] + 1) - len(set(window))
     print(f"\nlost ping replies across the live migration: {lost} of"

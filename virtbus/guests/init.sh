@@ -24,12 +24,14 @@ TICK=0.5
 CMDS=""
 DHCP=""
 PEER=""
+ECHO=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         virtbus.tick=*) TICK="${arg#virtbus.tick=}" ;;
         virtbus.cmd=*) CMDS="${arg#virtbus.cmd=}" ;;
         virtbus.dhcp=*) DHCP="${arg#virtbus.dhcp=}" ;;
         virtbus.ping=*) PEER="${arg#virtbus.ping=}" ;;
+        virtbus.echo=*) ECHO="${arg#virtbus.echo=}" ;;
     esac
 done
 
@@ -261,6 +263,12 @@ say "VIRTBUS-INFO kernel=$(uname -r) disk=${DISK:-none} control=${CTL# } buttons
 # Networking on request (virtbus.dhcp=<nic>, virtbus.ping=<address>).
 [ -n "$DHCP" ] && dhcp "$DHCP"
 [ -n "$PEER" ] && pinger "$PEER" &
+# A TCP echo server on request (virtbus.echo=<port>), for streams that must outlive a
+# migration; -ll: it keeps listening after the first connection ends.
+if [ -n "$ECHO" ]; then
+    nc -ll -p "$ECHO" -e cat &
+    say "VIRTBUS-ECHO $ECHO"
+fi
 
 # Kernel command line commands: virtbus.cmd=<cmd>[+<arg>]@<tick>,...
 # Every change of the block devices or NICs (hot-plugged or unplugged) is reported.
