@@ -25,6 +25,8 @@ CMDS=""
 DHCP=""
 PEER=""
 ECHO=""
+SINK=""
+ADDR=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         virtbus.tick=*) TICK="${arg#virtbus.tick=}" ;;
@@ -32,6 +34,8 @@ for arg in $(cat /proc/cmdline); do
         virtbus.dhcp=*) DHCP="${arg#virtbus.dhcp=}" ;;
         virtbus.ping=*) PEER="${arg#virtbus.ping=}" ;;
         virtbus.echo=*) ECHO="${arg#virtbus.echo=}" ;;
+        virtbus.sink=*) SINK="${arg#virtbus.sink=}" ;;
+        virtbus.ip=*) ADDR="${arg#virtbus.ip=}" ;;
     esac
 done
 
@@ -127,6 +131,9 @@ run_cmd() {
             [ -f /tmp/burn.pids ] && kill $(cat /tmp/burn.pids) 2>/dev/null
             rm -f /tmp/burn.pids
             reply "VIRTBUS-DONE burn-stop" ;;
+        send)  # send <ip> <port> <mib>: zeros over TCP to a sink, which answers its byte count
+            got=$(dd if=/dev/zero bs=64k count=$((${3:-16} * 16)) 2>/dev/null | nc "$1" "$2")
+            reply "VIRTBUS-SENT ${got:-0}" ;;
         read)
             mib="${1:-8}"
             if [ -z "$DISK" ]; then reply "VIRTBUS-ERROR read no-disk"; return; fi
@@ -262,9 +269,18 @@ say "VIRTBUS-INFO kernel=$(uname -r) disk=${DISK:-none} control=${CTL# } buttons
 
 # Networking on request (virtbus.dhcp=<nic>, virtbus.ping=<address>).
 [ -n "$DHCP" ] && dhcp "$DHCP"
+if [ -n "$ADDR" ]; then  # a static address on eth0 (virtbus.ip=<address>/<prefix>)
+    ip link set eth0 up && ip addr add "$ADDR" dev eth0 && say "VIRTBUS-IP eth0 ${ADDR%/*}"
+fi
 [ -n "$PEER" ] && pinger "$PEER" &
 # A TCP echo server on request (virtbus.echo=<port>), for streams that must outlive a
 # migration; -ll: it keeps listening after the first connection ends.
+# A TCP sink (virtbus.sink=<port>): counts what a connection brings and answers the count
+# (throughput benchmarks send to it with the send command).
+if [ -n "$SINK" ]; then
+    nc -ll -p "$SINK" -e wc -c &
+    say "VIRTBUS-SINK $SINK"
+fi
 if [ -n "$ECHO" ]; then
     nc -ll -p "$ECHO" -e cat &
     say "VIRTBUS-ECHO $ECHO"
