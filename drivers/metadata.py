@@ -104,7 +104,10 @@ class TreeStore(Generic[R]):
         await self._save(uuid)
 
     async def set_current(self, uuid: str, name: str | None) -> None:
-        self._domains.setdefault(uuid, Tree()).current = name
+        tree = self._domains.setdefault(uuid, Tree())
+        if tree.current == name and tree.records:
+            return  # e.g. a revert to the current snapshot: nothing to write (and fsync)
+        tree.current = name
         await self._save(uuid)
 
     async def forget(self, uuid: str) -> None:
