@@ -9,6 +9,7 @@ guards against losing the scheduler's *host*, not its process (the page cache su
 killed scheduler), costs 10-200 ms per phase on a busy disk, and a journal left one phase
 behind is still resolved safely because recovery asks both agents what really happened.
 A finished migration's file is removed. The set of draining hosts lives here too.
+Cluster networks live only on the bus (:meth:`BusJournal.save_network`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ from virtbus.bus.topology import JOURNAL_EXCHANGE
 from virtbus.errors import BusUnavailable, InvalidArgument, VirtbusError
 from virtbus.protocol.base import decode, to_wire
 from virtbus.protocol.envelope import Envelope, Kind
-from virtbus.protocol.messages import JOURNAL_RECORD, MESSAGES, JournalEntry
+from virtbus.protocol.messages import (
+    JOURNAL_RECORD,
+    MESSAGES,
+    ClusterNetworkRecord,
+    JournalEntry,
+)
 from virtbus.protocol.migration import (
     TERMINAL_STATES,
     MigrationParams,
@@ -177,19 +183,29 @@ class Journal:
 REPLAY_TIMEOUT = 60.0  # s to read the journal stream to the replaying scheduler's mark
 
 
+@dataclass(slots=True)
+class Replayed:
+    """What a replay of the journal stream found: the live state."""
+
+    records: dict[str, MigrationRecord]
+    draining: set[str]
+    networks: dict[str, ClusterNetworkRecord]
+
+
 class BusJournal:
     """The journal on the bus: every save, removal and drain set is appended, persistent
     and confirmed, to the stream ``virtbus.scheduler.journal`` (``JOURNAL_EXCHANGE``),
     which a RabbitMQ cluster replicates like the call queues. A scheduler that becomes
     active reads the stream up to a mark of its own; the newest entry per id wins, a
-    ``removed`` entry ends a migration. A standby on another machine therefore needs no
-    shared directory. The state dir keeps the file journal as a local cache: it adds only
-    records of ids the stream does not know at all (a scheduler upgraded from the file
-    journal, entries older than the retention), never overrides the stream.
+    ``removed`` entry ends a migration (``network-removed`` a cluster network). A standby
+    on another machine therefore needs no shared directory. The state dir keeps the file
+    journal as a local cache: it adds only records of ids the stream does not know at all
+    (a scheduler upgraded from the file journal, entries older than the retention), never
+    overrides the stream. Cluster networks have no cache: the stream is their store.
 
-    Compaction: the active scheduler appends every live record (and the drain set) again
-    once it has replayed, so the stream's oldest segments hold only finished or
-    superseded entries and its retention (``x-max-age``) drops them.
+    Compaction: the active scheduler appends every live record, every cluster network and
+    the drain set again once it has replayed, so the stream's oldest segments hold only
+    finished or superseded entries and its retention (``x-max-age``) drops them.
 
     Only entries published by the scheduler's own bus user are believed: RabbitMQ
     checks ``user_id``, and other users may be able to publish on the exchange.
@@ -199,7 +215,7 @@ class BusJournal:
         self.bus = bus
         self.cache = cache
         self._replay_timeout = replay_timeout
-        self._replayed: tuple[dict[str, MigrationRecord], set[str]] | None = None
+        self._replayed: Replayed | None = None
         self._lock = asyncio.Lock()  # entries go out in the order they were made
         self._delays = Backoff(initial=0.2, maximum=5.0)
 
@@ -218,13 +234,21 @@ class BusJournal:
         await self.cache.save_draining(hosts)
         await self._append(JournalEntry(entry="draining", id="draining", hosts=sorted(hosts)))
 
+    async def save_network(self, network: ClusterNetworkRecord) -> None:
+        """A cluster network, defined or changed (the stream is its only store)."""
+        await self._append(JournalEntry(entry="network", id=network.name, network=network))
+
+    async def remove_network(self, name: str) -> None:
+        await self._append(JournalEntry(entry="network-removed", id=name))
+
     async def load(self) -> list[MigrationRecord]:
-        records, _draining = await self._replay()
-        return list(records.values())
+        return list((await self._replay()).records.values())
 
     async def load_draining(self) -> set[str]:
-        _records, draining = await self._replay()
-        return set(draining)
+        return set((await self._replay()).draining)
+
+    async def load_networks(self) -> list[ClusterNetworkRecord]:
+        return list((await self._replay()).networks.values())
 
     async def _append(self, entry: JournalEntry) -> None:
         """Publish ``entry`` confirmed; while the bus is away, retry (write-ahead: the
@@ -244,21 +268,24 @@ class BusJournal:
                                 entry.entry, entry.id, exc, delay)  # fmt: skip
                     await asyncio.sleep(delay)
 
-    async def _replay(self) -> tuple[dict[str, MigrationRecord], set[str]]:
+    async def _replay(self) -> Replayed:
         if self._replayed is None:
             self._replayed = await self._read()
-            for record in self._replayed[0].values():  # compaction (see the class)
+            for record in self._replayed.records.values():  # compaction (see the class)
                 await self.save(record)
-            await self.save_draining(self._replayed[1])
-            await self._sync_cache(self._replayed[0])
+            for network in self._replayed.networks.values():
+                await self.save_network(network)
+            await self.save_draining(self._replayed.draining)
+            await self._sync_cache(self._replayed.records)
         return self._replayed
 
-    async def _read(self) -> tuple[dict[str, MigrationRecord], set[str]]:
+    async def _read(self) -> Replayed:
         mark = uuid.uuid4().hex
         sub = await self.bus.history("first", JOURNAL_EXCHANGE)
         records: dict[str, MigrationRecord] = {}
         seen: set[str] = set()  # every id the stream knows, removed ones included
         draining: set[str] | None = None
+        networks: dict[str, ClusterNetworkRecord] = {}
         entries = 0
         try:
             await self._append(JournalEntry(entry="mark", id=mark))
@@ -285,6 +312,10 @@ class BusJournal:
                         seen.add(entry.id)
                     elif entry.entry == "draining":
                         draining = set(entry.hosts)
+                    elif entry.entry == "network" and entry.network is not None:
+                        networks[entry.id] = entry.network
+                    elif entry.entry == "network-removed":
+                        networks.pop(entry.id, None)
         except TimeoutError:
             raise BusUnavailable(
                 f"the journal stream was not read to its end within {self._replay_timeout:g}s"
@@ -297,9 +328,10 @@ class BusJournal:
         records.update((r.id, r) for r in cached)
         if draining is None:
             draining = await self.cache.load_draining()
-        log.info("journal replayed: %d entries from the bus, %d record(s) only in the "
-                 "local cache, %d in flight", entries, len(cached), len(records))  # fmt: skip
-        return records, draining
+        log.info("journal replayed: %d entries from the bus, %d record(s) only in the local"
+                 " cache, %d in flight, %d cluster network(s)", entries, len(cached),
+                 len(records), len(networks))  # fmt: skip
+        return Replayed(records, draining, networks)
 
     async def _sync_cache(self, records: dict[str, MigrationRecord]) -> None:
         """The local cache holds what the bus holds: stale files of migrations another

@@ -13,21 +13,19 @@ VXLAN peers (its head-end replication list, reported in its heartbeat) differ fr
 underlay addresses of the other hosts that run it gets the new list. So peers follow
 hosts as they come and go, and an agent restarted with an empty list is set again.
 
-The records live in ``<state-dir>/cluster-networks.json`` (a standby that takes over
-without that file does not know them: not replicated on the bus yet).
+The records live in the scheduler's journal on the bus (``network`` entries, an undefine
+a ``network-removed`` tombstone; scheduler/journal.py), so a standby that takes over
+replays them with the migrations, and the compaction re-appends them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from scheduler.inventory import ClusterView
 from virtbus.aio import TaskGroup
@@ -36,6 +34,7 @@ from virtbus.network import VNI_MAX, NetworkDefinition, overlaps, parse_network_
 from virtbus.network.definition import IPNetwork
 from virtbus.protocol import ops
 from virtbus.protocol.host import HostInventory
+from virtbus.protocol.messages import ClusterNetworkRecord as Record
 from virtbus.protocol.network import (
     NetworkDestroy,
     NetworkPeers,
@@ -44,7 +43,6 @@ from virtbus.protocol.network import (
     NetworkXmlRequest,
 )
 from virtbus.protocol.scheduler import ClusterNetwork, ClusterNetworkHost
-from virtbus.store import atomic_write, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -52,27 +50,27 @@ AgentCall = Callable[..., Awaitable[Any]]
 RETRY_AFTER = 10.0  # s: a host that refused a step is asked again after this
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    name: str
-    uuid: str
-    vni: int
-    dhcp_host: str
-    xml: str  # the definition with its <vb:cluster vni>, without a host's DHCP role
+def for_host(record: Record, host: str) -> str:
+    """The definition ``host`` runs: its DHCP role written in."""
+    defn = parse_network_xml(record.xml)
+    defn.set_cluster(record.vni, dhcp=host == record.dhcp_host)
+    return defn.to_xml()
 
-    def for_host(self, host: str) -> str:
-        """The definition ``host`` runs: its DHCP role written in."""
-        defn = parse_network_xml(self.xml)
-        defn.set_cluster(self.vni, dhcp=host == self.dhcp_host)
-        return defn.to_xml()
+
+class NetworkJournal(Protocol):
+    """Where the records are kept (scheduler/journal.py BusJournal)."""
+
+    async def save_network(self, network: Record) -> None: ...
+    async def remove_network(self, name: str) -> None: ...
+    async def load_networks(self) -> list[Record]: ...
 
 
 class ClusterNetworks:
     """The cluster networks and their reconciliation (see module docstring)."""
 
-    def __init__(self, state_dir: Path, view: ClusterView, agent_call: AgentCall,
+    def __init__(self, journal: NetworkJournal, view: ClusterView, agent_call: AgentCall,
                  tasks: TaskGroup, timeout: float) -> None:  # fmt: skip
-        self.path = state_dir / "cluster-networks.json"
+        self.journal = journal
         self.view = view
         self._call = agent_call
         self._tasks = tasks
@@ -83,15 +81,8 @@ class ClusterNetworks:
         self._lock = asyncio.Lock()  # defines and undefines one at a time
 
     async def load(self) -> None:
-        raw = await read_bytes(self.path)
-        if raw:
-            for entry in json.loads(raw).get("networks", []):
-                record = Record(**entry)
-                self.records[record.name] = record
-
-    async def _save(self) -> None:
-        body = {"networks": [asdict(r) for r in self.records.values()]}
-        await atomic_write(self.path, json.dumps(body).encode())
+        """The records as the journal has them (an active scheduler, once it has replayed)."""
+        self.records = {r.name: r for r in await self.journal.load_networks()}
 
     # --- the view ------------------------------------------------------------------
     def _carriers(self) -> list[HostInventory]:
@@ -137,7 +128,8 @@ class ClusterNetworks:
             # VXLAN port never goes back out of it), and STP's listening and learning
             # (2 s each at least) would hold a migrated guest's new tap for seconds.
             defn.default_stp(False)
-            record = Record(defn.name, defn.uuid, vni, carriers[0].host, defn.to_xml())
+            record = Record(name=defn.name, uuid=defn.uuid, vni=vni, dhcp_host=carriers[0].host,
+                            xml=defn.to_xml())  # fmt: skip
             done: list[str] = []
             try:
                 for inv in carriers:  # the DHCP host first: the others' guests lease from it
@@ -148,8 +140,8 @@ class ClusterNetworks:
                     await self._tear_down(host, record.name, quiet=True)
                 raise type(exc)(f"cluster network '{defn.name}' on host '{inv.host}':"
                                 f" {exc.message}") from None  # fmt: skip
+            await self.journal.save_network(record)
             self.records[record.name] = record
-            await self._save()
             return self.describe(record)
 
     def _check_against(self, defn: NetworkDefinition, carriers: list[HostInventory]) -> None:
@@ -191,7 +183,7 @@ class ClusterNetworks:
             if record is None:
                 raise NoNetwork(f"Network not found: no cluster network named '{name}'")
             del self.records[name]  # first: no heartbeat brings it back meanwhile
-            await self._save()
+            await self.journal.remove_network(name)
             for inv in self._carriers():
                 if self._copy(inv, name) is not None:
                     await self._tear_down(inv.host, name, quiet=False)
@@ -199,7 +191,7 @@ class ClusterNetworks:
     async def _bring_up(self, host: str, record: Record, *, defined: bool = False) -> None:
         """Define (unless ``defined``) and start ``record`` on ``host``."""
         if not defined:
-            xml = record.for_host(host)
+            xml = for_host(record, host)
             await self._call(host, ops.NETWORK_DEFINE, NetworkXmlRequest(xml=xml), self.timeout)
         await self._call(host, ops.NETWORK_START, NetworkTarget(network=record.name), self.timeout)
         log.info("cluster network %s started on %s", record.name, host)

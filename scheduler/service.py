@@ -122,7 +122,7 @@ class SchedulerService:
         self.drains = DrainManager(self.coordinator)
         self.offline = OfflineMover(self._agent_call, self.view, self._defined_on,
                                     settings.placement, settings.step_timeout)  # fmt: skip
-        self.networks = ClusterNetworks(settings.state_dir, self.view, self._agent_call,
+        self.networks = ClusterNetworks(self.journal, self.view, self._agent_call,
                                         self._tasks, settings.step_timeout)  # fmt: skip
         self.authz = Authorizer.load(settings.policy, bus.user)  # who may call what
         self.audit = AuditTrail(
@@ -166,7 +166,6 @@ class SchedulerService:
 
     async def start(self) -> None:
         await self.journal.open()
-        await self.networks.load()
         await self.bus.connect()
         heartbeats = await self.bus.subscribe(HOSTS_EXCHANGE, [f"*.{HEARTBEAT_KEY_SUFFIX}"])
         events = await self.bus.subscribe(EVENTS_EXCHANGE, ["*.*.migration"])
@@ -209,6 +208,7 @@ class SchedulerService:
         log.info("scheduler %s is the active scheduler: resolving the journal", self.id)
         self.view.draining |= await self.journal.load_draining()
         await self.coordinator.recover(await self.journal.load())
+        await self.networks.load()  # before any heartbeat drives them (ready)
         self.ready.set()
 
     # --- calls ----------------------------------------------------------------------

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +46,14 @@ from tests.network.test_guest_interfaces import (
     kill_qemus_under,
     read,
 )
-from tests.procs import agent_process, cli, private_vhost, scheduler_process, unique_host
+from tests.procs import (
+    AgentProc,
+    agent_process,
+    cli,
+    private_vhost,
+    scheduler_process,
+    unique_host,
+)
 
 pytestmark = [
     pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.network, pytest.mark.slow,
@@ -139,6 +146,7 @@ class Bed:
     probe: str  # the pinger's namespace
     guest: TestGuest
     start_agent: Callable[[Node], Awaitable[None]]
+    agents: dict[str, AgentProc]  # the newest agent process of each host
 
     async def run(self, *args: str) -> tuple[int, str, str]:
         r = await cli(*args, bus=self.url, timeout=60)
@@ -240,34 +248,30 @@ def underlay(root: Path, tag: str, n: int) -> tuple[list[Node], list[str]]:
     return nodes, made
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def bed(guest: TestGuest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Bed]:
-    root = tmp_path_factory.mktemp("cnet")
-    tag = uuidlib.uuid4().hex[:6]
-    nodes, made = underlay(root, tag, 2)
+def agent_starter(stack: AsyncExitStack, root: Path, url: str, guest: TestGuest,
+                  agents: dict[str, AgentProc], driver: str = "qemu",
+                  ) -> Callable[[Node], Awaitable[None]]:  # fmt: skip
+    """Starts (or restarts, same state dir) a host's agent in its namespace, on ``url``."""
+
+    async def agent(node: Node) -> None:
+        base = root / node.host
+        base.mkdir(exist_ok=True)
+        conf = root / f"{node.host}.toml"
+        conf.write_text(f'[network]\nnamespace = "{node.ns}"\n'
+                        f'underlay_address = "{node.underlay}"\n')  # fmt: skip
+        agents[node.host] = await stack.enter_async_context(agent_process(
+            node.host, base, "--config", str(conf), driver=driver, bus=url,
+            allowed_dirs=(root, guest.kernel.parent)))  # fmt: skip
+
+    return agent
+
+
+@contextlib.contextmanager
+def namespaces(root: Path, n: int) -> Iterator[tuple[list[Node], list[str]]]:
+    """:func:`underlay`, and every process left in its namespaces killed, them deleted."""
+    nodes, made = underlay(root, uuidlib.uuid4().hex[:6], n)
     try:
-        with private_vhost(VHOST) as url:
-            async with AsyncExitStack() as stack:
-
-                async def agent(node: Node) -> None:
-                    base = root / node.host
-                    base.mkdir()
-                    conf = root / f"{node.host}.toml"
-                    conf.write_text(f'[network]\nnamespace = "{node.ns}"\n'
-                                    f'underlay_address = "{node.underlay}"\n')  # fmt: skip
-                    await stack.enter_async_context(agent_process(
-                        node.host, base, "--config", str(conf), driver="qemu", bus=url,
-                        allowed_dirs=(root, guest.kernel.parent)))  # fmt: skip
-
-                bed = Bed(
-                    url, root, nodes, made[-1], guest, agent
-                )  # host 1 joins later (first test)
-                await agent(nodes[0])
-                await stack.enter_async_context(scheduler_process(root / "sched", bus=url))
-                try:
-                    yield bed
-                finally:  # while every agent still serves (host 1's joined the stack last)
-                    await _destroy_guests(bed)
+        yield nodes, made
     finally:
         kill_qemus_under(root)
         for ns in reversed(made):
@@ -275,6 +279,22 @@ async def bed(guest: TestGuest, tmp_path_factory: pytest.TempPathFactory) -> Asy
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
             sh("ip", "netns", "del", ns, check=False)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def bed(guest: TestGuest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Bed]:
+    root = tmp_path_factory.mktemp("cnet")
+    with namespaces(root, 2) as (nodes, made), private_vhost(VHOST) as url:
+        async with AsyncExitStack() as stack:
+            agents: dict[str, AgentProc] = {}
+            agent = agent_starter(stack, root, url, guest, agents)
+            bed = Bed(url, root, nodes, made[-1], guest, agent, agents)
+            await agent(nodes[0])  # host 1 joins later (first test)
+            await stack.enter_async_context(scheduler_process(root / "sched", bus=url))
+            try:
+                yield bed
+            finally:  # while every agent still serves (host 1's joined the stack last)
+                await _destroy_guests(bed)
 
 
 async def _destroy_guests(bed: Bed) -> None:
@@ -467,3 +487,38 @@ async def test_bad_cluster_definitions_are_refused(bed: Bed) -> None:
                                                             "--host", node.host))]  # fmt: skip
         assert "cn2" not in names and node.flood_peers(f"vx{net['vni']}") == []
     assert set(await bed.cluster()) == {"cn"}
+
+
+async def test_a_standby_that_takes_over_knows_the_cluster_networks(
+    guest: TestGuest, tmp_path: Path
+) -> None:
+    """The cluster networks are in the journal on the bus: a standby with a state dir of
+    its own that takes over lists them, brings them to a host that joins afterwards and
+    refuses a VNI clash with them. Test-driver agents: only their networks matter here."""
+    with namespaces(tmp_path, 2) as (nodes, made), private_vhost(f"{VHOST}-failover") as url:
+        async with AsyncExitStack() as stack:
+            agents: dict[str, AgentProc] = {}
+            agent = agent_starter(stack, tmp_path, url, guest, agents, driver="test")
+            bed = Bed(url, tmp_path, nodes, made[-1], guest, agent, agents)
+            a, b = nodes
+            await agent(a)
+            first = await stack.enter_async_context(scheduler_process(tmp_path / "s1", bus=url))
+            await bed.up(1)
+            vni = VNI + 100
+            await bed.ok("net-define", "--cluster",
+                         bed.file("cf.xml", cluster_xml("cf", "10.96.0", vni=vni)))  # fmt: skip
+            await bed.settled("cf", 1)
+            await stack.enter_async_context(
+                scheduler_process(tmp_path / "s2", bus=url, new_cluster=False)
+            )
+            first.kill()  # the active scheduler and its state dir are gone
+            await first.wait()
+            net = (await bed.cluster())["cf"]  # answered by the standby, now active
+            assert (net["vni"], net["dhcp_host"]) == (vni, a.host)
+            await agent(b)  # joins after the failover
+            await bed.settled("cf", 2)
+            assert b.flood_peers(f"vx{vni}") == [a.underlay]
+            assert a.flood_peers(f"vx{vni}") == [b.underlay]
+            clash = bed.file("clash.xml", cluster_xml("cf-clash", "10.97.0", vni=vni))
+            err = await bed.fails("OPERATION_FAILED", "net-define", "--cluster", clash)
+            assert f"VNI {vni}" in err and "cluster network 'cf'" in err, err

@@ -1,7 +1,8 @@
 """The scheduler's journal on the bus (scheduler/journal.py BusJournal), over memory://:
 a standby with a state dir of its own takes over a migration in flight, the newest entry
 per id wins, removals end a record, only the scheduler's own user is believed, and a
-replay appends every live record again (compaction)."""
+replay appends every live record again (compaction); cluster networks likewise, an undefine
+a tombstone."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from virtbus.bus.memory import MemoryBus
 from virtbus.protocol import ops
 from virtbus.protocol.codec import decode
 from virtbus.protocol.envelope import Kind
+from virtbus.protocol.messages import ClusterNetworkRecord
 
 
 def record(domain: str, phase: str = "perform") -> MigrationRecord:
@@ -103,4 +105,32 @@ async def test_a_replay_appends_every_live_record_again(tmp_path: Path) -> None:
     assert {kind for _, _, data, _ in bus.broker.journal for kind in [decode(data).kind]} == {
         Kind.JOURNAL
     }
+    await bus.close()
+
+
+async def test_cluster_networks_replay_newest_wins_tombstones_and_compaction(
+    tmp_path: Path,
+) -> None:
+    url = f"memory://nets-{tmp_path.name}"
+    bus = open_bus(url, src="s1")
+    await bus.connect()
+    assert isinstance(bus, MemoryBus)
+    old = BusJournal(bus, Journal(tmp_path / "one"))
+    await old.open()
+    net = ClusterNetworkRecord(name="cn", uuid="u1", vni=7, dhcp_host="a", xml="<network/>")
+    await old.save_network(net)
+    await old.save_network(ClusterNetworkRecord(name="cn", uuid="u1", vni=7, dhcp_host="b",
+                                                xml="<network/>"))  # fmt: skip
+    await old.save_network(ClusterNetworkRecord(name="gone", uuid="u2", vni=8, dhcp_host="a",
+                                                xml="<network/>"))  # fmt: skip
+    await old.remove_network("gone")
+    before = len(bus.broker.journal)
+    new = BusJournal(bus, Journal(tmp_path / "two"))
+    await new.open()
+    [got] = await new.load_networks()
+    assert (got.name, got.dhcp_host) == ("cn", "b")  # the newest; 'gone' is tombstoned
+    after = journal_entries(bus)[before:]
+    assert [(e["entry"], e["id"]) for e in after] == [
+        ("mark", after[0]["id"]), ("network", "cn"), ("draining", "draining")
+    ]  # fmt: skip  # the live network re-appended: retention never drops it
     await bus.close()

@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 
 from scheduler.inventory import ClusterView
+from scheduler.journal import BusJournal, Journal
 from scheduler.networks import ClusterNetworks
 from virtbus.aio import TaskGroup
+from virtbus.bus.factory import open_bus
 from virtbus.errors import NoHostError, OperationFailed, XMLError
 from virtbus.network import CLUSTER_NS, parse_network_xml
 from virtbus.protocol import ops
@@ -28,11 +30,20 @@ def xml(name: str, subnet: str, vni: int | None = None) -> str:
             f"<ip address='{subnet}.1' prefix='24'/>{cluster}</network>")  # fmt: skip
 
 
+async def journal(tmp: Path, name: str) -> BusJournal:
+    """A journal on a memory bus of the test's own (``name``: another scheduler's cache)."""
+    bus = open_bus(f"memory://nets-{tmp.name}", src=name)
+    await bus.connect()
+    found = BusJournal(bus, Journal(tmp / name))
+    await found.open()
+    return found
+
+
 class Cluster:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, journal: BusJournal) -> None:
         self.view = ClusterView(60.0)
         self.calls: list[tuple[str, str, Any]] = []
-        self.nets = ClusterNetworks(tmp, self.view, self.call, TaskGroup("t"), 5.0)
+        self.nets = ClusterNetworks(journal, self.view, self.call, TaskGroup("t"), 5.0)
 
     async def call(self, host: str, op: Any, req: Any, timeout: float) -> Any:
         self.calls.append((host, str(op), req))
@@ -51,7 +62,7 @@ class Cluster:
 
 
 async def test_define_checks_then_defines_on_every_carrier(tmp_path: Path) -> None:
-    cl = Cluster(tmp_path)
+    cl = Cluster(await journal(tmp_path, "s1"))
     with pytest.raises(NoHostError):
         await cl.nets.define(xml("cn", "10.1.0", 9))
     cl.beat("b", "192.0.2.2", NetworkSummary(name="local", subnets=["10.2.0.0/16"]))
@@ -76,13 +87,13 @@ async def test_define_checks_then_defines_on_every_carrier(tmp_path: Path) -> No
     with pytest.raises(OperationFailed, match="VNI 9 of cluster network 'c2' is already used"
                        " by cluster network 'cn'"):  # fmt: skip
         await cl.nets.define(xml("c2", "10.3.0", 9))
-    again = ClusterNetworks(tmp_path, cl.view, cl.call, TaskGroup("t"), 5.0)
-    await again.load()  # kept in the state dir
+    again = ClusterNetworks(await journal(tmp_path, "s2"), cl.view, cl.call, TaskGroup("t"), 5.0)
+    await again.load()  # kept in the journal on the bus, not in the state dir
     assert list(again.records) == ["cn"]
 
 
 async def test_heartbeats_bring_joining_hosts_and_peers(tmp_path: Path) -> None:
-    cl = Cluster(tmp_path)
+    cl = Cluster(await journal(tmp_path, "s1"))
     cl.beat("a", "192.0.2.1")
     await cl.nets.define(xml("cn", "10.1.0"))  # VNI allocated: the first free one
     vni = cl.nets.records["cn"].vni

@@ -88,18 +88,32 @@ class AuditRecord(Message):
     src: str = ""  # what the caller says it is (the envelope's src)
 
 
+class ClusterNetworkRecord(Message):
+    """A cluster network as the scheduler keeps it (scheduler/networks.py): ``xml`` is the
+    definition with its ``<vb:cluster vni>``, without a host's DHCP role."""
+
+    name: str
+    uuid: str
+    vni: int
+    dhcp_host: str
+    xml: str
+
+
 class JournalEntry(Message):
     """One entry of the scheduler's journal (the stream virtbus.scheduler.journal).
 
     ``migration``: the record as of now (the newest per id wins on replay); ``removed``:
-    the migration is done with; ``draining``: the whole set of draining hosts; ``mark``:
-    a replaying scheduler's own marker, the end of what it has to read.
+    the migration is done with; ``draining``: the whole set of draining hosts; ``network``:
+    a cluster network (``id`` its name; the newest wins); ``network-removed``: its
+    tombstone (undefined); ``mark``: a replaying scheduler's own marker, the end of what
+    it has to read.
     """
 
-    entry: Literal["migration", "removed", "draining", "mark"]
+    entry: Literal["migration", "removed", "draining", "network", "network-removed", "mark"]
     id: str
     record: MigrationRecord | None = None
     hosts: list[str] = default(default_factory=list)
+    network: ClusterNetworkRecord | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,8 +199,8 @@ AUDIT_CALL: Final = published(
 
 JOURNAL_RECORD: Final = published(
     "scheduler.journal", JournalEntry, Kind.JOURNAL, JOURNAL_EXCHANGE, "{entry}.{id}",
-    "the active scheduler's journal of migrations and drains, replayed by the next active "
-    "one (kept in the stream virtbus.scheduler.journal)",
+    "the active scheduler's journal of migrations, drains and cluster networks, replayed by "
+    "the next active one (kept in the stream virtbus.scheduler.journal)",
     persistent=True,
 )  # fmt: skip
 
