@@ -52,6 +52,7 @@ from tests.procs import (
     cli,
     private_vhost,
     scheduler_process,
+    terminate,
     unique_host,
 )
 
@@ -487,6 +488,56 @@ async def test_bad_cluster_definitions_are_refused(bed: Bed) -> None:
                                                             "--host", node.host))]  # fmt: skip
         assert "cn2" not in names and node.flood_peers(f"vx{net['vni']}") == []
     assert set(await bed.cluster()) == {"cn"}
+
+
+async def probe_reaches(bed: Bed, ip: str, *, timeout: float = 20) -> bool:
+    """Whether the pinger on host 0's bridge gets an echo reply from ``ip`` in ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", bed.probe, "busybox", "ping", "-n", "-c", "1", "-W", "1", ip,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        if await proc.wait() == 0:
+            return True
+    return False
+
+
+async def test_restarted_agents_keep_the_overlay_and_rebuild_a_lost_vxlan(bed: Bed) -> None:
+    """Commit 5b5fc98: an agent restarted while its VXLAN device is gone makes it again on
+    the same bridge (adopted: the same dnsmasq), and a restart leaves the overlay as it was."""
+    a, b = bed.nodes
+    if "cn" not in await bed.cluster():
+        pytest.skip("needs the cluster network and guests of the first test")
+    dev = f"vx{VNI}"
+    bridges = {n.host: await bed.bridge(n, "cn") for n in (a, b)}
+    # premise: cg-1 (on host 1 since the migration) answers host 0's pinger over the overlay
+    assert await probe_reaches(bed, G1.ip)
+    # host 1 (both guests) restarted: the guests ping on, its overlay is untouched
+    marks = {g.name: len(read(g.serial)) for g in (G2,)}
+    cg1_serial = bed.root / f"{G1.name}-1.serial"
+    cg1_mark = len(read(cg1_serial))
+    assert await terminate(bed.agents[b.host].proc) == 0
+    await bed.start_agent(b)
+    await bed.settled("cn", 2)
+    assert b.flood_peers(dev) == [a.underlay]
+    assert dev in b.run("ip", "-o", "link", "show", "master", bridges[b.host]).stdout
+    await console(G2.serial, rf"VIRTBUS-PING-OK {re.escape(G1.ip)} \d+", after=marks[G2.name])
+    await console(cg1_serial, rf"VIRTBUS-PING-OK {re.escape(G2.ip)} \d+", after=cg1_mark)
+    assert await probe_reaches(bed, G1.ip)
+    # host 0 (the DHCP host) stopped, its VXLAN device deleted meanwhile: no overlay
+    dnsmasq = a.dnsmasqs()
+    assert len(dnsmasq) == 1
+    assert await terminate(bed.agents[a.host].proc) == 0
+    a.run("ip", "link", "del", dev)
+    assert not await probe_reaches(bed, G1.ip, timeout=1)
+    await bed.start_agent(a)  # adopts the network and makes vx4100 again; peers follow
+    await bed.settled("cn", 2)
+    assert a.flood_peers(dev) == [b.underlay] and b.flood_peers(dev) == [a.underlay]
+    assert await bed.bridge(a, "cn") == bridges[a.host]
+    assert dev in a.run("ip", "-o", "link", "show", "master", bridges[a.host]).stdout
+    assert a.dnsmasqs() == dnsmasq  # adopted, not stopped and started again
+    assert await probe_reaches(bed, G1.ip)
 
 
 async def test_a_standby_that_takes_over_knows_the_cluster_networks(
