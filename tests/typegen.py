@@ -353,7 +353,12 @@ def minimal(t: mi.Type) -> Any:
     if isinstance(t, mi.StrType):
         text = "a" * max(1, t.min_length or 0)
         if t.pattern is not None and not re.search(t.pattern, text):
-            raise NotImplementedError(f"typegen: no minimal string for {t.pattern!r}")
+            # a choice of words (``^(raw|qcow2)$``): its first word
+            choice = re.match(r"\^\(([\w|-]+)\)\$", t.pattern)
+            words = choice.group(1).split("|") if choice else []
+            if not words or not re.search(t.pattern, words[0]):
+                raise NotImplementedError(f"typegen: no minimal string for {t.pattern!r}")
+            text = words[0]
         return text
     if isinstance(t, mi.IntType | mi.FloatType):
         low = t.ge if t.ge is not None else t.gt + 1 if t.gt is not None else 0
