@@ -76,6 +76,11 @@ class LxcTools:
             if tool == "lxc-start":
                 prefix += ["unshare", "--mount", "--propagation", "slave", "sh", "-c",
                            NETNS_SYSFS, "sh"]  # fmt: skip
+        if tool == "lxc-start":
+            # A container boots with every signal at its default, as on a real boot: an agent
+            # started under nohup ignores SIGHUP, an ignored signal survives exec, and a shell
+            # init cannot trap a signal ignored on entry, so its reboot signal went unheard.
+            prefix = ["env", "--default-signal", *prefix]
         return [*prefix, self._s.tool(tool), "-P", str(self._s.lxcpath), *args]
 
     async def run(self, tool: str, *args: str, timeout: float | None = None) -> str:
