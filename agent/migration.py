@@ -63,6 +63,7 @@ class MigrationGuard:
     ask: Callable[[str, str], Awaitable[str]]  # (destination host, migration id) -> URI
     strict: bool
     prepared: dict[str, str] = field(default_factory=dict)
+    _writing: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     def load(self) -> None:
         try:
@@ -80,8 +81,11 @@ class MigrationGuard:
         self.prepared[migration] = uri
         while len(self.prepared) > MAX_PREPARED:
             del self.prepared[next(iter(self.prepared))]
-        data = json.dumps(self.prepared).encode()
-        await asyncio.to_thread(replace_file, self.path, data)
+        # one write at a time, each of the state when it starts: concurrent prepares must
+        # not let an older snapshot replace a newer one on disk
+        async with self._writing:
+            data = json.dumps(self.prepared).encode()
+            await asyncio.to_thread(replace_file, self.path, data)
 
     def uri_of(self, migration: str, host: str) -> str:
         uri = self.prepared.get(migration)

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import struct
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,17 +43,23 @@ def replace_file(path: Path, data: bytes, *, fsync: bool = True) -> None:
     the old file or the new one) but a lost host may lose it: for records that only need
     to survive the agent (status files, job records, volume metadata rebuilt by a refresh).
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # a name of its own per write (mode 0600): two threads replacing the same file at
+    # once must not share a temp file (one renamed the other's away: FileNotFoundError)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = Path(name)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if fsync:
         fsync_path(path.parent)
 

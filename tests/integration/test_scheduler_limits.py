@@ -66,7 +66,8 @@ async def test_max_migrations_bounds_the_migrations_in_flight(
         # all four at once: only the limit keeps them apart (one source allows four)
         await asyncio.gather(*(vcli("migrate", name, "--to", b.host) for name in names))
         records = [await wait_migration(name, timeout=60) for name in names]
-        assert [r["state"] for r in records] == ["completed"] * len(names), records
+        why = [(r["domain"], r["state"], r["error"], r["history"]) for r in records]
+        assert [r["state"] for r in records] == ["completed"] * len(names), why
         assert most_at_once([running_interval(r) for r in records]) == limit, records
 
 

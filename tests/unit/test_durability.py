@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from agent.calllog import CallLog
 from agent.dispatch import Dispatcher, Prepared
+from agent.migration import MigrationGuard
 from agent.outbox import EventOutbox
 from virtbus.errors import BusUnavailable
 from virtbus.protocol import ops
 from virtbus.protocol.envelope import Envelope, Kind
 from virtbus.settings import Backoff
-from virtbus.store import RecordLog, atomic_write, quarantine, read_bytes
+from virtbus.store import RecordLog, atomic_write, quarantine, read_bytes, replace_file
 
 FAST = Backoff(initial=0.01, maximum=0.02)
 
@@ -44,6 +48,58 @@ async def test_atomic_write_and_quarantine(tmp_path: Path) -> None:
     moved = await quarantine(target, "garbage")
     assert moved is not None and moved.name.startswith("d.xml.corrupt-")
     assert await read_bytes(target) is None
+
+
+def test_replace_file_from_threads_at_once(tmp_path: Path) -> None:
+    """Threads replacing one file together each write a temp file of their own: with one
+    temp name per process, one thread renamed another's away (FileNotFoundError), which
+    failed concurrent migration prepares on one destination."""
+    target = tmp_path / "f.json"
+    start, errors = threading.Barrier(6), []
+
+    def writer(n: int) -> None:
+        start.wait()
+        try:
+            for i in range(100):
+                replace_file(target, f"{n}:{i}".encode(), fsync=False)
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert target.read_text().endswith(":99")
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temp file left
+
+
+async def test_prepared_migrations_written_together_all_reach_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent prepares on one destination: the file ends holding every one (an older
+    snapshot must not replace a newer one). The first write is made slow, so without one
+    write at a time it is the last to land."""
+    first = threading.Event()
+
+    def slow_first(path: Path, data: bytes, *, fsync: bool = True) -> None:
+        if not first.is_set():
+            first.set()
+            time.sleep(0.2)
+        replace_file(path, data, fsync=fsync)
+
+    async def ask(host: str, migration: str) -> str:
+        raise AssertionError("not asked")
+
+    monkeypatch.setattr("agent.migration.replace_file", slow_first)
+    guard = MigrationGuard(tmp_path / "prepared.json", ask, strict=True)
+    await asyncio.gather(*(guard.record(f"m{i}", f"tcp:127.0.0.1:{4000 + i}") for i in range(20)))
+    on_disk = json.loads((tmp_path / "prepared.json").read_text())
+    assert on_disk == {f"m{i}": f"tcp:127.0.0.1:{4000 + i}" for i in range(20)}
+    again = MigrationGuard(tmp_path / "prepared.json", ask, strict=True)
+    again.load()
+    assert again.uri_of("m7", "h") == "tcp:127.0.0.1:4007"
 
 
 async def test_record_log_cuts_a_torn_tail(
