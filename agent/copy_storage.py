@@ -19,7 +19,6 @@ the domain's now).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os.path
@@ -38,7 +37,7 @@ from virtbus.errors import (
 )
 from virtbus.protocol.migration import CopyDisk
 from virtbus.storage.volume import Backing, volume_xml
-from virtbus.store import replace_file
+from virtbus.store import SnapshotFile
 
 log = logging.getLogger(__name__)
 KEY = "copied_volumes"  # its key in AgentContext.extras
@@ -76,6 +75,10 @@ class CopiedVolumes:
     path: Path
     storage: StoragePools
     made: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    _file: SnapshotFile = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._file = SnapshotFile(self.path)
 
     def load(self) -> None:
         try:
@@ -89,8 +92,8 @@ class CopiedVolumes:
             self.made = {str(k): [(str(p), str(v)) for p, v in vols] for k, vols in data.items()}
 
     async def _save(self) -> None:
-        data = json.dumps(self.made).encode()
-        await asyncio.to_thread(replace_file, self.path, data)
+        # two incoming copies at once: an older snapshot must not land after a newer one
+        await self._file.write(lambda: json.dumps(self.made).encode())
 
     async def precreate(self, defn: DomainDefinition, disks: list[CopyDisk]) -> None:
         """Check every place, the names and the room first, then make the volumes; a

@@ -9,7 +9,6 @@ domain (left) all answer OK instead of an error.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -38,7 +37,7 @@ from virtbus.protocol.migration import (
     MigrationTarget,
     PreparedUri,
 )
-from virtbus.store import replace_file
+from virtbus.store import SnapshotFile
 
 log = logging.getLogger(__name__)
 ABSENT = MigrationOutcome(state="absent")
@@ -63,7 +62,10 @@ class MigrationGuard:
     ask: Callable[[str, str], Awaitable[str]]  # (destination host, migration id) -> URI
     strict: bool
     prepared: dict[str, str] = field(default_factory=dict)
-    _writing: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _file: SnapshotFile = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._file = SnapshotFile(self.path)
 
     def load(self) -> None:
         try:
@@ -81,11 +83,8 @@ class MigrationGuard:
         self.prepared[migration] = uri
         while len(self.prepared) > MAX_PREPARED:
             del self.prepared[next(iter(self.prepared))]
-        # one write at a time, each of the state when it starts: concurrent prepares must
-        # not let an older snapshot replace a newer one on disk
-        async with self._writing:
-            data = json.dumps(self.prepared).encode()
-            await asyncio.to_thread(replace_file, self.path, data)
+        # concurrent prepares: an older snapshot must not replace a newer one on disk
+        await self._file.write(lambda: json.dumps(self.prepared).encode())
 
     def uri_of(self, migration: str, host: str) -> str:
         uri = self.prepared.get(migration)

@@ -18,7 +18,7 @@ import os
 import struct
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,22 @@ def sync_file(path: Path) -> None:
 async def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
     """:func:`replace_file` off the event loop (one thread hop)."""
     await asyncio.to_thread(replace_file, path, data, fsync=fsync)
+
+
+class SnapshotFile:
+    """One file rewritten whole from in-memory state that several tasks change: writes go
+    one at a time and each serialises the state when its turn comes, so an older snapshot
+    never lands after a newer one (a plain ``atomic_write`` of data taken before the
+    thread hop can)."""
+
+    __slots__ = ("_fsync", "_lock", "path")
+
+    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+        self.path, self._fsync, self._lock = path, fsync, asyncio.Lock()
+
+    async def write(self, render: Callable[[], bytes]) -> None:
+        async with self._lock:
+            await asyncio.to_thread(replace_file, self.path, render(), fsync=self._fsync)
 
 
 async def read_bytes(path: Path) -> bytes | None:

@@ -92,7 +92,7 @@ async def test_prepared_migrations_written_together_all_reach_the_disk(
     async def ask(host: str, migration: str) -> str:
         raise AssertionError("not asked")
 
-    monkeypatch.setattr("agent.migration.replace_file", slow_first)
+    monkeypatch.setattr("virtbus.store.replace_file", slow_first)
     guard = MigrationGuard(tmp_path / "prepared.json", ask, strict=True)
     await asyncio.gather(*(guard.record(f"m{i}", f"tcp:127.0.0.1:{4000 + i}") for i in range(20)))
     on_disk = json.loads((tmp_path / "prepared.json").read_text())
