@@ -3,6 +3,7 @@ the generated definitions; the handshakes themselves: tests/integration/test_tls
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
 from pathlib import Path
@@ -129,3 +130,27 @@ def test_the_ssl_error_inside_aiormqs_wrapper_is_found_and_cycles_end() -> None:
     a, b = RuntimeError("a"), RuntimeError("b")
     a.__context__, b.__context__ = b, a  # a cycle: aiormq's errors have made one
     assert _ssl_error(a) is None
+
+
+async def test_a_broker_that_never_answers_is_named_with_the_timeout() -> None:
+    """A listener that accepts and stays silent (an overloaded or wedged broker): the
+    daemon's start-up error says it timed out, not an empty reason."""
+    from virtbus.bus.amqp import AmqpBus
+
+    silent: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    bus = AmqpBus(f"amqp://guest:guest@127.0.0.1:{port}/", "t", BusSettings(connect_timeout=0.3))
+    try:
+        with pytest.raises(BusUnavailable, match=r"127\.0\.0\.1:\d+.*: timed out after 0\.3 s"):
+            await bus.connect()
+        assert silent, "the premise: the connection was accepted"
+    finally:
+        for w in silent:
+            w.close()
+        server.close()
+        await server.wait_closed()

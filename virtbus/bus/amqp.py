@@ -215,7 +215,12 @@ class AmqpBus:
                     refused = await tls_refusal(node, self._tls, exc, timeout)
                 if refused is not None:
                     raise refused from exc
-                failures.append(f"{redacted(node)}: {exc}")
+                why = str(exc) or (
+                    f"timed out after {self.settings.connect_timeout:g} s"
+                    if isinstance(exc, TimeoutError)
+                    else type(exc).__name__
+                )
+                failures.append(f"{redacted(node)}: {why}")
                 continue
             break
         else:
