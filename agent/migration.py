@@ -15,10 +15,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 from agent import copy_storage
 from agent.admission import Demand
 from agent.table import HANDLERS, AgentContext
-from drivers.base import CopyStorage, Driver
+from drivers.base import CopyStorage, Driver, MigrationTls
 from virtbus.domain import parse_domain_xml
 from virtbus.errors import AuthDenied, NoSupport, OperationInvalid, VirtbusError
 from virtbus.protocol import ops
@@ -29,6 +31,7 @@ from virtbus.protocol.migration import (
     MigrationDomain,
     MigrationEnd,
     MigrationOutcome,
+    MigrationParams,
     MigrationPerform,
     MigrationPrepare,
     MigrationRef,
@@ -127,8 +130,17 @@ def _copied(ctx: AgentContext) -> copy_storage.CopiedVolumes:
     return copied
 
 
+def _check_tls(ctx: AgentContext, params: MigrationParams) -> None:
+    """This host's TLS rules for a migration (migrate_tls_force), before anything moves."""
+    if isinstance(ctx.driver, MigrationTls):
+        ctx.driver.migrate_check_tls(params)
+    elif params.tls:
+        raise NoSupport(f"the {ctx.driver.name} driver cannot migrate over TLS")
+
+
 @HANDLERS.on(ops.MIGRATION_BEGIN)
 async def _begin(ctx: AgentContext, req: MigrationBegin) -> MigrationSource:
+    _check_tls(ctx, req.params)
     xml = await ctx.driver.migrate_begin(req.domain)
     params = req.params
     disks = (
@@ -146,6 +158,7 @@ async def _begin(ctx: AgentContext, req: MigrationBegin) -> MigrationSource:
 async def _prepare(ctx: AgentContext, req: MigrationPrepare) -> MigrationTarget:
     defn = parse_domain_xml(req.xml)
     demand = Demand(defn.uuid, defn.name, defn.current_memory_kib, defn.current_vcpus)
+    _check_tls(ctx, req.params)
     copy = req.params.copy_storage
     if not copy and req.disks:
         raise OperationInvalid("disks to copy are given without copy-storage")
@@ -187,15 +200,20 @@ async def _perform(ctx: AgentContext, req: MigrationPerform) -> Accepted:
     guard: MigrationGuard | None = ctx.extras.get(GUARD)
     if guard is not None:
         await guard.check(req)
-    if req.params.copy_storage:
+    _check_tls(ctx, req.params)
+    params = req.params
+    if params.tls and params.tls_destination is None and req.destination is not None:
+        # the destination's certificate names its host (virtbus pki: CN = host name)
+        params = msgspec.structs.replace(params, tls_destination=req.destination)
+    if params.copy_storage:
         if req.nbd is None:
             raise OperationInvalid(
                 f"migration.perform of {req.domain!r} with copy-storage names no NBD"
                 " target (the destination's prepare answers it)"
             )
-        await _copier(ctx).migrate_perform_copy(req.domain, req.uri, req.params, req.nbd)
+        await _copier(ctx).migrate_perform_copy(req.domain, req.uri, params, req.nbd)
     else:
-        await ctx.driver.migrate_perform(req.domain, req.uri, req.params)
+        await ctx.driver.migrate_perform(req.domain, req.uri, params)
     return Accepted()
 
 

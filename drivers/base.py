@@ -384,6 +384,16 @@ class CopyStorage(Protocol):
 
 
 @runtime_checkable
+class MigrationTls(Protocol):
+    """A driver that migrates over TLS (libvirt's --tls). Optional: a migration with
+    ``params.tls`` is NO_SUPPORT on a driver without it."""
+
+    def migrate_check_tls(self, params: MigrationParams) -> None:
+        """Before anything moves (begin, prepare): OPERATION_INVALID when this host refuses
+        ``params`` (it allows migration only over TLS and ``params.tls`` is off)."""
+
+
+@runtime_checkable
 class UsesVolumes(Protocol):
     """A driver that can run ``<disk type='volume'>`` disks given the agent's resolver."""
 

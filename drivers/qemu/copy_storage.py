@@ -62,16 +62,21 @@ def export_id(target: str) -> str:
     return f"virtbus-export-{target}"
 
 
-async def serve(execute: Execute, nodes: dict[str, str], listen: str, attempts: int) -> NbdTarget:
+async def serve(
+    execute: Execute, nodes: dict[str, str], listen: str, attempts: int,
+    tls_creds: str | None = None,
+) -> NbdTarget:  # fmt: skip
     """``nbd-server-start`` on a free port of ``listen`` (retried on another port if it
-    was taken meanwhile), one writable export per disk (target dev -> node)."""
+    was taken meanwhile), one writable export per disk (target dev -> node); with
+    ``tls_creds`` (a server tls-creds-x509 object) clients must start TLS first."""
     port = 0
     last: Exception | None = None
+    tls = {"tls-creds": tls_creds} if tls_creds else {}
     for _attempt in range(attempts):
         port = free_port(listen)
         addr = {"type": "inet", "data": {"host": listen, "port": str(port)}}
         try:
-            await execute("nbd-server-start", {"addr": addr})
+            await execute("nbd-server-start", {"addr": addr, **tls})
             break
         except VirtbusError as exc:
             if "in use" not in str(exc).lower():
@@ -125,6 +130,7 @@ class Mirrors:
     changed: Callable[[float], Awaitable[None]] | None = None
     top_only: bool = False  # copy-storage-inc: sync=top (the base is on the destination)
     speed: int = 0  # bytes/s per mirror; 0: unlimited
+    tls: tuple[str, str] | None = None  # (client tls-creds object, the server's name)
     transferred: int = 0
     total: int = 0
     ready: bool = False
@@ -140,11 +146,12 @@ class Mirrors:
         if missing:
             raise InvalidArgument(f"the destination exports no disk {', '.join(missing)}")
         server = {"type": "inet", "host": self.nbd.host, "port": str(self.nbd.port)}
+        tls = {"tls-creds": self.tls[0], "tls-hostname": self.tls[1]} if self.tls else {}
         try:
             for target, node in self.nodes.items():
                 await execute("blockdev-add", {
                     "driver": "nbd", "node-name": nbd_node(target), "server": server,
-                    "export": target,
+                    "export": target, **tls,
                 })  # fmt: skip
                 self._opened.append(target)
                 args: dict[str, Any] = {

@@ -447,6 +447,9 @@ class QemuDriver:
     async def migrate_status(self, ref: str) -> MigrationStatus:
         return await self._migrations.status(ref)
 
+    def migrate_check_tls(self, params: MigrationParams) -> None:
+        self._migrations.check_tls(params)
+
     async def migrate_disks(self, ref: str, incremental: bool = False) -> list[CopyDisk]:
         return await self._migrations.disks(ref, incremental)
 

@@ -84,6 +84,22 @@ class MigrationSteps:
         if ev.Pending.INCOMING in run.pending or (job is not None and job.active):
             raise OperationInvalid(f"domain '{dom.defn.name}' is already migrating")
 
+    def check_tls(self, params: MigrationParams) -> None:
+        """libvirt's migrate_tls_force: this host migrates (in or out) only over TLS; asked
+        at begin (source) and prepare (destination), before anything moves."""
+        if self._settings.migrate_tls_force and not params.tls:
+            raise OperationInvalid(
+                "this host allows migration only over TLS (migrate_tls_force): migrate with"
+                " --tls (params.tls)"
+            )
+
+    async def _tls_setup(self, execute: mig.Execute, params: MigrationParams,
+                         role: mig.Role) -> None:  # fmt: skip
+        if params.tls:
+            cfg = self._settings
+            await mig.tls_setup(execute, role, cfg.migrate_tls_x509_cert_dir,
+                                cfg.migrate_tls_x509_verify)  # fmt: skip
+
     async def begin(self, ref: str) -> str:
         dom = self._registry.get(ref)
         run = dom.require(S.RUNNING, S.PAUSED, verb="migrate")
@@ -92,6 +108,7 @@ class MigrationSteps:
 
     async def prepare(self, xml: str, params: MigrationParams) -> str:
         """Launch an incoming QEMU (``-incoming defer``, paused) and ``migrate-incoming``."""
+        self.check_tls(params)
         defn = parse_domain_xml(xml)
         check_type(defn)
         self._launcher.check_listen(defn.name, "the incoming migration", params.listen)
@@ -117,6 +134,7 @@ class MigrationSteps:
                 run = launched.run
                 run.migration = job
                 execute = functools.partial(dom.execute, run)
+                await self._tls_setup(execute, params, "destination")
                 await mig.configure(execute, params, "destination", self._migration)
                 uri = await mig.start_incoming(execute, params, self._migration)
                 await dom.save_status(run)
@@ -155,13 +173,18 @@ class MigrationSteps:
     async def perform(self, ref: str, uri: str, params: MigrationParams) -> None:
         """Configure the source and ``migrate``; a job task follows and reports progress."""
         mig.parse_tcp_uri(uri)
+        self.check_tls(params)
         dom = self._registry.get(ref)
         run = dom.require(S.RUNNING, S.PAUSED, verb="migrate")
         self._check_idle(dom, run)
         execute = functools.partial(dom.execute, run)
         try:
-            await mig.configure(execute, params, "source", self._migration)
+            await self._tls_setup(execute, params, "source")
+            await mig.configure(execute, params, "source", self._migration,
+                                mig.tls_hostname(params, uri))  # fmt: skip
         except VirtbusError as exc:
+            if params.tls:
+                await mig.tls_teardown(execute)
             raise MigrateFailed(
                 f"cannot configure the migration of '{dom.defn.name}': {exc}"
             ) from exc
@@ -177,6 +200,8 @@ class MigrationSteps:
             job.end(MigrationState.FAILED, str(exc))
             run.pending.discard(ev.Pending.MIGRATING)
             run.job = None
+            if params.tls:
+                await mig.tls_teardown(execute)
             raise MigrateFailed(f"migration of '{dom.defn.name}' to {uri} failed: {exc}") from exc
         await dom.save_status(run)
 
@@ -231,7 +256,8 @@ class MigrationSteps:
         infos = await external.inserted(dom, run, disks)
         nodes = {d.target_dev: str(i["node-name"]) for d, i in zip(disks, infos, strict=True)}
         execute = functools.partial(dom.execute, run)
-        served = await cs.serve(execute, nodes, listen, self._migration.incoming_attempts)
+        tls = mig.TLS_ID if job.params.tls else None  # prepare added the server's object
+        served = await cs.serve(execute, nodes, listen, self._migration.incoming_attempts, tls)
         job.nbd_targets = list(nodes)
         run.job = {**(run.job or {}), "nbd": job.nbd_targets}  # a restarted agent stops it too
         await dom.save_status(run)
@@ -245,6 +271,7 @@ class MigrationSteps:
         mig.parse_tcp_uri(uri)
         if not params.copy_storage:
             raise InvalidArgument("an NBD target is given without copy-storage")
+        self.check_tls(params)
         dom = self._registry.get(ref)
         run = dom.require(S.RUNNING, S.PAUSED, verb="migrate")
         self._check_idle(dom, run)
@@ -252,17 +279,27 @@ class MigrationSteps:
         infos = await external.inserted(dom, run, disks)
         nodes = {d.target_dev: str(i["node-name"]) for d, i in zip(disks, infos, strict=True)}
         execute = functools.partial(dom.execute, run)
+        hostname = mig.tls_hostname(params, uri)
         try:
-            await mig.configure(execute, params, "source", self._migration)
+            await self._tls_setup(execute, params, "source")
+            await mig.configure(execute, params, "source", self._migration, hostname)
         except VirtbusError as exc:
+            if params.tls:
+                await mig.tls_teardown(execute)
             raise MigrateFailed(
                 f"cannot configure the migration of '{dom.defn.name}': {exc}"
             ) from exc
         speed = (params.bandwidth_mib_s or 0) * cs.MIB
         mirrors = cs.Mirrors(nbd, nodes, poll=self._migration.mirror_poll, speed=speed,
-                             top_only=params.copy_storage_inc)  # fmt: skip
+                             top_only=params.copy_storage_inc,
+                             tls=(mig.TLS_ID, hostname) if params.tls else None)  # fmt: skip
         mirrors.changed = _job_changed(dom, run, mirrors)
-        await mirrors.start(execute)  # undoes itself on failure
+        try:
+            await mirrors.start(execute)  # undoes itself on failure
+        except VirtbusError:
+            if params.tls:
+                await mig.tls_teardown(execute)
+            raise
         job = mig.Job("source", params, self._migration, mirrors=mirrors)
         self._jobs[dom.defn.uuid] = run.migration = job
         run.pending -= {ev.Pending.MIGRATED_OUT}
@@ -340,6 +377,8 @@ class MigrationSteps:
         if job.nbd_targets or job.params.copy_storage:  # the mirrors were completed
             await cs.stop_serving(functools.partial(dom.execute, run), job.nbd_targets)
             job.nbd_targets = []  # no export of the running guest's disks stays open
+        if job.params.tls:  # the guest runs here now: a later migration starts plain
+            await mig.tls_teardown(functools.partial(dom.execute, run))
         job.finished = True
         defn = job.defn or run.live.copy()
         await self._store.save_definition(defn)
@@ -390,6 +429,8 @@ class MigrationSteps:
         if run is None:
             return
         run.migration, run.job = None, None
+        if job is None or job.params.tls:  # (no job: after a restart, it may have been)
+            await mig.tls_teardown(functools.partial(dom.execute, run))
         if job is not None and job.in_postcopy:
             dom.state, dom.reason = S.PAUSED, "postcopy_failed"
             dom.emit("suspended", "postcopy_failed")
@@ -479,6 +520,8 @@ class MigrationSteps:
             if mirrors is not None:
                 mirrors.changed = _job_changed(dom, run, mirrors)
                 await mirrors.abort(execute)
+            if params.tls:
+                await mig.tls_teardown(execute)
         except VirtbusError as exc:
             log.error("domain %s: rolling back its copy-storage migration after the restart:"
                       " %s", dom.defn.name, exc)  # fmt: skip

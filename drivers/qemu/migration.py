@@ -14,6 +14,16 @@ The driver's ``migrate_*`` methods (libvirt's v3 steps) are thin glue around thi
 
 Every capability and parameter is set explicitly on every attempt, because QEMU keeps them
 for the life of the process: a retried migration must not inherit the last one's choices.
+
+Over TLS (``params.tls``, libvirt's ``--tls``): before :func:`configure`, :func:`tls_setup`
+adds a ``tls-creds-x509`` object (:data:`TLS_ID`) from the host's certificate directory,
+``endpoint=server`` on the destination (``verify-peer`` per the host's setting: the
+source must show a certificate of the same CA), ``endpoint=client`` on the source, which
+always checks the destination's certificate and its name (``tls-hostname``);
+``tls-creds`` (and on the source ``tls-hostname``) then name it. The copy-storage NBD
+server and client use the same object. :func:`tls_teardown` resets both parameters and
+deletes the object: on the destination once the migration finished, on the source when
+it is rolled back (a source that migrated quits), and before each new setup.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ Emit = Callable[[MigrationStatus], None]
 QMP_EVENTS = frozenset({"MIGRATION", "MIGRATION_PASS"})
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 POSTCOPY = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
+TLS_ID = "virtbus-migrate-tls"  # the tls-creds-x509 object of a migration over TLS
 ACTIVE = frozenset(
     {"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug", *POSTCOPY}
 )
@@ -82,17 +93,62 @@ def capability_list(params: MigrationParams, role: Role) -> list[dict[str, Any]]
 
 
 def parameter_map(
-    params: MigrationParams, role: Role, settings: MigrationSettings
+    params: MigrationParams, role: Role, settings: MigrationSettings, tls_hostname: str = ""
 ) -> dict[str, Any]:
-    """``migrate-set-parameters`` argument for one side."""
+    """``migrate-set-parameters`` argument for one side; ``tls_hostname``: the source's
+    name the destination's certificate must carry (with ``params.tls``)."""
     out: dict[str, Any] = {}
     if params.parallel > 0:
         out["multifd-channels"] = params.parallel
+    out["tls-creds"] = TLS_ID if params.tls else ""  # "": plain (QEMU's own default)
     if role == "source":
         mib = params.bandwidth_mib_s
         out["max-bandwidth"] = mib * 1024 * 1024 if mib else settings.unlimited_bandwidth
         out["downtime-limit"] = params.max_downtime_ms or settings.default_downtime_ms
+        out["tls-hostname"] = tls_hostname if params.tls else ""
     return out
+
+
+def tls_hostname(params: MigrationParams, uri: str, destination: str | None = None) -> str:
+    """The name the destination's certificate must carry: ``tls_destination`` if asked,
+    else the destination host's name, else the URI's host (libvirt's default)."""
+    return params.tls_destination or destination or parse_tcp_uri(uri)[0]
+
+
+def tls_object(role: Role, cert_dir: str, verify: bool) -> dict[str, Any]:
+    """``object-add`` argument of the side's credentials: the source (client) always
+    checks the destination's certificate; ``verify``: the destination checks the source's."""
+    return {
+        "qom-type": "tls-creds-x509", "id": TLS_ID, "dir": cert_dir,
+        "endpoint": "server" if role == "destination" else "client",
+        "verify-peer": verify if role == "destination" else True,
+    }  # fmt: skip
+
+
+async def tls_setup(execute: Execute, role: Role, cert_dir: str, verify: bool) -> None:
+    """The side's ``tls-creds-x509`` object (one an earlier attempt left is replaced);
+    MigrateFailed naming the directory when QEMU cannot load it."""
+    await tls_teardown(execute)
+    try:
+        await execute("object-add", tls_object(role, cert_dir, verify))
+    except VirtbusError as exc:
+        raise MigrateFailed(
+            f"cannot load the migration TLS credentials from {cert_dir} (ca-cert.pem,"
+            f" {'server' if role == 'destination' else 'client'}-cert.pem and -key.pem): {exc}"
+        ) from exc
+
+
+async def tls_teardown(execute: Execute) -> None:
+    """Back to plain: ``tls-creds``/``tls-hostname`` reset, the object deleted. What fails
+    is only logged (there may be no object; the QEMU may be on its way out)."""
+    try:
+        await execute("migrate-set-parameters", {"tls-creds": "", "tls-hostname": ""})
+    except VirtbusError as exc:
+        log.info("migrate-set-parameters tls-creds='': %s", exc)
+    try:
+        await execute("object-del", {"id": TLS_ID})
+    except VirtbusError as exc:
+        log.debug("object-del %s: %s", TLS_ID, exc)
 
 
 def tcp_uri(host: str, port: int) -> str:
@@ -140,11 +196,13 @@ def status_from_query(reply: Any) -> MigrationStatus:
 
 # --- QMP sequences ----------------------------------------------------------------------
 async def configure(
-    execute: Execute, params: MigrationParams, role: Role, settings: MigrationSettings
-) -> None:
-    """Capabilities then parameters (QEMU checks multifd-channels against the caps)."""
+    execute: Execute, params: MigrationParams, role: Role, settings: MigrationSettings,
+    tls_hostname: str = "",
+) -> None:  # fmt: skip
+    """Capabilities then parameters (QEMU checks multifd-channels against the caps); with
+    ``params.tls`` the side's credentials must be there already (:func:`tls_setup`)."""
     await execute("migrate-set-capabilities", {"capabilities": capability_list(params, role)})
-    values = parameter_map(params, role, settings)
+    values = parameter_map(params, role, settings, tls_hostname)
     if values:
         await execute("migrate-set-parameters", values)
 

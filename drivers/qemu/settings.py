@@ -68,6 +68,15 @@ class QemuSettings:
     #: addresses besides loopback that displays, TCP chardevs and incoming migrations may
     #: listen on (``--driver-option listen_allowed=192.0.2.10,198.51.100.7``; "*": any)
     listen_allowed: tuple[str, ...] = ()
+    #: migrations over TLS (``virtbus migrate --tls``, libvirt's qemu.conf settings of the
+    #: same names): the directory of QEMU's tls-creds-x509 for the migration stream and the
+    #: NBD copy of the disks (ca-cert.pem, server-cert.pem/-key.pem, client-cert.pem/-key.pem;
+    #: ``virtbus pki issue host NAME --qemu-dir DIR`` lays it out), whether the destination
+    #: asks the source for its certificate (the source always checks the destination's),
+    #: and whether this host refuses migrations without TLS, in and out
+    migrate_tls_x509_cert_dir: str = "/etc/pki/qemu"
+    migrate_tls_x509_verify: bool = True
+    migrate_tls_force: bool = False
 
     def confinement(self) -> ConfineSettings:
         """The confinement rules these settings give."""

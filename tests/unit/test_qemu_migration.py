@@ -12,6 +12,7 @@ import pytest
 from drivers.base import MigrationParams, MigrationStatus
 from drivers.qemu import events as ev
 from drivers.qemu.migration import (
+    TLS_ID,
     Job,
     MigrationSettings,
     capability_list,
@@ -22,6 +23,8 @@ from drivers.qemu.migration import (
     start_incoming,
     status_from_query,
     tcp_uri,
+    tls_hostname,
+    tls_object,
 )
 from virtbus.errors import InvalidArgument, MigrateFailed, OperationFailed
 from virtbus.protocol.base import decode, to_wire
@@ -61,15 +64,42 @@ def test_capabilities_copy_storage_pauses_the_source_before_switchover() -> None
     assert "pause-before-switchover" not in caps(cs, "destination")
 
 
+PLAIN = {"tls-creds": ""}  # every attempt says it is not over TLS (QEMU keeps parameters)
+
+
 def test_parameters() -> None:
     params = MigrationParams(bandwidth_mib_s=50, max_downtime_ms=100, parallel=2)
     assert parameter_map(params, "source", SETTINGS) == {
         "multifd-channels": 2, "max-bandwidth": 50 * 1024 * 1024, "downtime-limit": 100,
+        **PLAIN, "tls-hostname": "",
     }  # fmt: skip
-    assert parameter_map(params, "destination", SETTINGS) == {"multifd-channels": 2}
+    assert parameter_map(params, "destination", SETTINGS) == {"multifd-channels": 2, **PLAIN}
     default = parameter_map(MigrationParams(), "source", SETTINGS)
-    assert default == {"max-bandwidth": SETTINGS.unlimited_bandwidth, "downtime-limit": 300}
-    assert parameter_map(MigrationParams(), "destination", SETTINGS) == {}
+    assert default == {"max-bandwidth": SETTINGS.unlimited_bandwidth, "downtime-limit": 300,
+                       **PLAIN, "tls-hostname": ""}  # fmt: skip
+    assert parameter_map(MigrationParams(), "destination", SETTINGS) == PLAIN
+
+
+def test_tls_parameters_and_credentials() -> None:
+    """--tls: both sides name the credentials; the source the name the destination's
+    certificate must carry (the host, unless tls_destination says otherwise)."""
+    tls = MigrationParams(tls=True)
+    src = parameter_map(tls, "source", SETTINGS, "node-b")
+    assert (src["tls-creds"], src["tls-hostname"]) == (TLS_ID, "node-b")
+    assert parameter_map(tls, "destination", SETTINGS) == {"tls-creds": TLS_ID}
+    assert tls_hostname(tls, "tcp:192.0.2.7:4444", "node-b") == "node-b"
+    assert tls_hostname(tls, "tcp:192.0.2.7:4444") == "192.0.2.7"
+    other = MigrationParams(tls=True, tls_destination="mig.example.net")
+    assert tls_hostname(other, "tcp:192.0.2.7:4444", "node-b") == "mig.example.net"
+    server = tls_object("destination", "/etc/pki/qemu", False)
+    assert server == {"qom-type": "tls-creds-x509", "id": TLS_ID, "dir": "/etc/pki/qemu",
+                      "endpoint": "server", "verify-peer": False}  # fmt: skip
+    client = tls_object("source", "/etc/pki/qemu", False)
+    assert (client["endpoint"], client["verify-peer"]) == ("client", True)  # always checks
+    with pytest.raises(InvalidArgument, match="without tls"):
+        decode({"tls_destination": "node-b"}, MigrationParams)
+    with pytest.raises(InvalidArgument, match="host name"):
+        decode({"tls": True, "tls_destination": "a_b"}, MigrationParams)
 
 
 def test_params_qemu_would_refuse_are_refused_when_decoded() -> None:
@@ -140,7 +170,7 @@ async def test_configure_order() -> None:
     assert [c for c, _ in qemu.calls] == ["migrate-set-capabilities", "migrate-set-parameters"]
     qemu.calls.clear()
     await configure(qemu.execute, MigrationParams(), "destination", SETTINGS)
-    assert [c for c, _ in qemu.calls] == ["migrate-set-capabilities"]
+    assert qemu.calls[-1] == ("migrate-set-parameters", PLAIN)
 
 
 async def test_start_incoming_retries_a_taken_port() -> None:

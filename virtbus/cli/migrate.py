@@ -79,6 +79,16 @@ def _migration_options(p: argparse.ArgumentParser) -> None:
         " backing volume must be in the same pool on the destination)",
     )  # fmt: skip
     p.add_argument(
+        "--tls", action="store_true",
+        help="the stream and the NBD disk copy over TLS with the hosts' certificates"
+        " (QEMU's migrate_tls_x509_cert_dir on each host)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tls-destination", metavar="NAME",
+        help="with --tls: the name the destination's certificate must carry (default: the"
+        " destination host's name)",
+    )  # fmt: skip
+    p.add_argument(
         "--timeout",
         dest="migration_timeout",
         type=float,
@@ -98,6 +108,8 @@ def _params(args: argparse.Namespace) -> MigrationParams:
         "max_downtime_ms": args.max_downtime,
         "copy_storage_all": args.copy_storage_all,
         "copy_storage_inc": args.copy_storage_inc,
+        "tls": args.tls,
+        "tls_destination": args.tls_destination,
     }
     return decode({k: v for k, v in given.items() if v is not None}, MigrationParams)
 

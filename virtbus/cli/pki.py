@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from virtbus.cli.output import emit_json, fields
+from virtbus.errors import InvalidArgument
 
 DEFAULT_DIR = Path(os.environ.get("VIRTBUS_PKI_DIR", "/etc/virtbus/pki"))
 
@@ -39,6 +40,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     issue.add_argument("--days", type=int, help="validity (default 365)")
     issue.add_argument("--out", type=Path, help="write key and cert here (default DIR/KINDs)")
+    issue.add_argument(
+        "--qemu-dir", type=Path, metavar="QDIR",
+        help="host certificates: also lay them out as QEMU's tls-creds-x509 directory (the"
+        " qemu driver's migrate_tls_x509_cert_dir, default /etc/pki/qemu) for migrate --tls",
+    )  # fmt: skip
     issue.set_defaults(func=pki_issue, no_bus=True)
 
 
@@ -57,21 +63,27 @@ def pki_issue(args: argparse.Namespace) -> int:
     from virtbus.security import pki  # cryptography: only when a certificate is made
 
     kind = pki.Kind(args.kind)
+    if args.qemu_dir is not None and kind is not pki.Kind.HOST:
+        raise InvalidArgument("--qemu-dir is for host certificates")
     got = pki.issue(
         args.dir, kind, args.name, role=args.role, alt_names=args.alt_name,
         days=args.days or pki.DEFAULT_DAYS,
         out=args.out,
     )  # fmt: skip
+    qemu = pki.qemu_tls_dir(got, args.qemu_dir) if args.qemu_dir is not None else None
     grant = f'{args.name} = ["{args.role or "viewer"}"]' if kind is pki.Kind.USER else None
     if args.json:
         emit_json(
             {"kind": str(kind), "name": got.name, "key": str(got.key), "cert": str(got.cert),
-             "ca": str(got.ca), "not_after": got.not_after.isoformat(), "policy_line": grant}
+             "ca": str(got.ca), "not_after": got.not_after.isoformat(), "policy_line": grant,
+             "qemu_dir": str(qemu) if qemu is not None else None}
         )  # fmt: skip
         return 0
     rows = [("Kind", str(kind)), ("CN", got.name), ("Key", str(got.key)),
             ("Certificate", str(got.cert)), ("CA", str(got.ca)),
             ("Valid until", got.not_after.isoformat())]  # fmt: skip
+    if qemu is not None:
+        rows.append(("QEMU TLS dir", str(qemu)))
     print(fields(rows))
     if grant is not None:
         print(f"\nGrant the role in the policy file's [users]:  {grant}")

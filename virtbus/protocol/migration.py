@@ -48,6 +48,13 @@ class MigrationParams(Message):
     # VIR_MIGRATE_NON_SHARED_INC (--copy-storage-inc): only each disk's top image is
     # copied; its backing image must already be in the same pool on the destination
     copy_storage_inc: bool = False
+    # VIR_MIGRATE_TLS (--tls): the stream, and a copy-storage migration's NBD copy, go
+    # over TLS with the hosts' x509 certificates (each QEMU host's
+    # migrate_tls_x509_cert_dir); the destination's certificate must name the host
+    tls: bool = False
+    # VIR_MIGRATE_PARAM_TLS_DESTINATION (--tls-destination): the name the destination's
+    # certificate must carry; None: the destination host's name (its CN under virtbus pki)
+    tls_destination: Address | None = None
 
     def __post_init__(self) -> None:
         """What QEMU would refuse only once the destination was prepared (msgspec runs this
@@ -58,6 +65,10 @@ class MigrationParams(Message):
             raise BadValue("postcopy cannot be combined with copy-storage")
         if self.copy_storage_all and self.copy_storage_inc:
             raise BadValue("copy_storage_all and copy_storage_inc are alternatives")
+        if self.tls_destination is not None and not self.tls:
+            raise BadValue("tls_destination is given without tls")
+        if self.tls_destination is not None and not is_host(self.tls_destination):
+            raise BadValue(f"tls_destination {self.tls_destination!r:.60} is not a host name")
         if self.listen_address is not None and not is_host(self.listen_address):
             raise BadValue(
                 f"listen_address {self.listen_address!r:.60} is not an IP address or a host "

@@ -5,7 +5,9 @@ broker's ``rabbitmq_auth_mechanism_ssl`` makes the certificate's CN the AMQP use
 EXTERNAL), so the CN is who the caller is:
 
 - ``server`` certificates for broker nodes (CN and subjectAltNames = the node's names);
-- ``host`` certificates for agents: CN = the host name (its queue and routing keys);
+- ``host`` certificates for agents: CN = the host name (its queue and routing keys); they
+  serve QEMU's migrations over TLS too (server and client use, subjectAltName = the name),
+  laid out as QEMU's ``tls-creds-x509`` directory by :func:`qemu_tls_dir`;
 - ``user`` certificates for people and services: CN = the user, OU = the role it is
   meant for (the policy file is what grants roles; ``issue`` prints the line to add).
 
@@ -159,6 +161,8 @@ def issue(
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     if kind is Kind.SERVER:
         usages = [ExtendedKeyUsageOID.SERVER_AUTH]
+    elif kind is Kind.HOST:  # a migration's destination QEMU serves with it
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name(attributes))
@@ -173,7 +177,7 @@ def issue(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
         )
     )
-    if kind is Kind.SERVER:
+    if kind in (Kind.SERVER, Kind.HOST):  # the name a TLS peer checks (QEMU's tls-hostname)
         builder = builder.add_extension(_san([name, *(alt_names or [])]), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     target = out or directory / f"{kind}s"
@@ -181,3 +185,28 @@ def issue(
     _write(key_path, _key_pem(key), private=True)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False)
     return Issued(kind, name, key_path, cert_path, directory / CA_CERT, cert.not_valid_after_utc)
+
+
+#: QEMU's tls-creds-x509 directory (libvirt's migrate_tls_x509_cert_dir): file -> source
+QEMU_FILES = {
+    "ca-cert.pem": "ca",
+    "server-cert.pem": "cert",
+    "server-key.pem": "key",
+    "client-cert.pem": "cert",
+    "client-key.pem": "key",
+}
+
+
+def qemu_tls_dir(issued: Issued, out: Path) -> Path:
+    """Lay a host certificate out as QEMU's ``tls-creds-x509`` wants a directory: the CA,
+    and the host's key and certificate as both server (a migration's destination) and
+    client (its source). Keys 0600; the directory must be readable by the user QEMU runs
+    as (``qemu_user``: give it the group, e.g. ``chgrp -R virtbus-qemu DIR``)."""
+    if issued.kind is not Kind.HOST:
+        raise InvalidArgument(
+            f"a QEMU TLS directory is made from a host certificate, not {issued.kind}"
+        )
+    sources = {"ca": issued.ca, "cert": issued.cert, "key": issued.key}
+    for name, what in QEMU_FILES.items():
+        _write(out / name, sources[what].read_bytes(), private=what == "key")
+    return out

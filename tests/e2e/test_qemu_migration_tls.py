@@ -1,0 +1,333 @@
+"""``virtbus migrate --tls`` of a real QEMU guest between two agents on this machine
+(loopback), driven by virtbus-scheduler, with certificates from ``virtbus pki``.
+
+Each agent's host certificate (CN = its host name) is laid out as QEMU's tls-creds-x509
+directory (``virtbus pki issue host NAME --qemu-dir``), named by the driver option
+``migrate_tls_x509_cert_dir``. That the stream really was TLS is seen on the wire: a
+packet socket on ``lo`` (root) records the first bytes each TCP flow carried, and the
+migration port's first bytes are a TLS ClientHello; the same capture of a plain migration
+back shows QEMU's own stream magic (``QEVM``), so the check can tell the two apart. For
+``--copy-storage-all --tls`` the NBD connection (the server greets with ``NBDMAGIC``)
+carries a ClientHello after NBD's STARTTLS, and the guest reads its disk back at the
+destination. A source whose certificates come from another CA fails and rolls back, the
+guest ticking on at the source; hosts with ``migrate_tls_force`` refuse a plain
+migration with OPERATION_INVALID before any QEMU starts at the destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import qemu_pids_under
+from tests.e2e.test_migration_qemu import kernel_xml, max_tick, wait_tick
+from tests.e2e.test_qemu_copy_storage import Guest, wait_pool, wait_text
+from tests.e2e.test_qemu_copy_storage import guest_xml as disk_guest_xml
+from tests.guests import TestGuest, ensure_test_guest
+from tests.integration.test_scheduler_cluster import (  # noqa: F401 - the vhost fixture
+    URL,
+    placed,
+    scheduler_process,
+    vcli,
+    vhost,
+    wait_hosts,
+)
+from tests.procs import AgentProc, agent_process, cli, unique_host
+from virtbus.security import pki
+
+pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.slow]
+MIB = 1 << 20
+PACKET_OUTGOING = 4  # sll_pkttype: lo shows each packet going out and coming in
+
+
+class Capture:
+    """The first payloads (their first bytes) of every TCP flow on ``lo`` while running,
+    by (source port, destination port)."""
+
+    def __init__(self, keep: int = 8, prefix: int = 32) -> None:
+        self.keep, self.prefix = keep, prefix
+        self.flows: dict[tuple[int, int], list[bytes]] = {}
+        self._stop = threading.Event()
+        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+        self._sock.bind(("lo", 0))
+        self._sock.settimeout(0.2)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame, addr = self._sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            if addr[2] == PACKET_OUTGOING:
+                continue
+            ip = frame[14:]  # lo's all-zero Ethernet header
+            if len(ip) < 20 or ip[9] != 6:  # TCP only
+                continue
+            ihl = (ip[0] & 0x0F) * 4
+            total = struct.unpack("!H", ip[2:4])[0]
+            tcp = ip[ihl:total]
+            sport, dport = struct.unpack("!HH", tcp[:4])
+            payload = tcp[(tcp[12] >> 4) * 4 :]
+            if not payload:
+                continue
+            seen = self.flows.setdefault((sport, dport), [])
+            if len(seen) < self.keep:
+                seen.append(bytes(payload[: self.prefix]))
+
+    def __enter__(self) -> Capture:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()
+
+    def to_port(self, port: int) -> list[list[bytes]]:
+        """The payloads of each flow towards ``port`` (client to server)."""
+        return [p for (_s, d), p in self.flows.items() if d == port]
+
+    def served_by(self, greeting: bytes) -> list[list[bytes]]:
+        """The client-to-server payloads of each flow whose server spoke ``greeting`` first."""
+        ports = [(s, d) for (s, d), p in self.flows.items() if p[0].startswith(greeting)]
+        return [self.flows.get((d, s), []) for s, d in ports]
+
+
+def client_hello(payload: bytes) -> bool:
+    """A TLS record of type handshake (0x16), version 3.x, holding a ClientHello (1)."""
+    return len(payload) > 5 and payload[0] == 0x16 and payload[1] == 3 and payload[5] == 1
+
+
+def migration_port(rec: dict[str, object]) -> int:
+    uri = str(rec["uri"])  # tcp:HOST:PORT, as the destination's prepare answered it
+    return int(uri.rsplit(":", 1)[1])
+
+
+async def last_migration(domain: str) -> dict[str, object]:
+    recs = [r for r in await vcli("migrations") if r["domain"] == domain]
+    assert recs, f"no migration of {domain}"
+    return max(recs, key=lambda r: r["created"])  # type: ignore[no-any-return]
+
+
+def ca_with_hosts(root: Path, *hosts: str) -> dict[str, Path]:
+    """A CA in ``root`` and a QEMU TLS directory per host (``virtbus pki``'s functions)."""
+    pki.init_ca(root)
+    return {h: pki.qemu_tls_dir(pki.issue(root, pki.Kind.HOST, h), root / f"qemu-{h}")
+            for h in hosts}  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def two_agents(
+    base: Path, hosts: tuple[str, str], *options: tuple[str, ...]
+) -> AsyncIterator[tuple[AgentProc, AgentProc]]:
+    """An agent per host (``options``: each one's extra arguments) and the scheduler."""
+    async with contextlib.AsyncExitStack() as stack:
+        started = []
+        for host, extra in zip(hosts, options, strict=True):
+            d = base / host
+            d.mkdir()
+            started.append(await stack.enter_async_context(
+                agent_process(host, d, *extra, driver="qemu", bus=URL, keep_queue=True)
+            ))  # fmt: skip
+        await stack.enter_async_context(scheduler_process(base / "sched"))
+        await wait_hosts(2)
+        yield started[0], started[1]
+
+
+def tls_dir(path: Path, *more: str) -> tuple[str, ...]:
+    return ("--driver-option", f"migrate_tls_x509_cert_dir={path}", *more)
+
+
+@contextlib.contextmanager
+def workdir(e2e_root: Path, name: str) -> Iterator[Path]:
+    base = e2e_root / f"{name}{time.monotonic_ns() % 10**6}"
+    base.mkdir()
+    try:
+        yield base
+    finally:
+        for pid in qemu_pids_under(base):  # never leave a guest behind
+            os.kill(pid, 9)
+
+
+async def boot(guest: TestGuest, base: Path, name: str, host: str) -> tuple[Path, str]:
+    serial = base / f"{name}-0.serial"
+    xml = base / f"{name}.xml"
+    xml.write_text(kernel_xml(guest.kernel, guest.initramfs, guest.cmdline, serial)
+                   .replace("mig1", name))  # fmt: skip
+    await vcli("define", str(xml), "--host", host)
+    await vcli("start", name, "--host", host)
+    uuid = (await vcli("dominfo", name, "--host", host))["uuid"]
+    await wait_tick(serial, 2)
+    return serial, uuid
+
+
+def dest_xml(guest: TestGuest, base: Path, name: str, uuid: str, n: int) -> tuple[Path, Path]:
+    """The destination's definition (its own console file ``n``) and that file."""
+    serial, xml = base / f"{name}-{n}.serial", base / f"{name}-{n}.xml"
+    xml.write_text(kernel_xml(guest.kernel, guest.initramfs, guest.cmdline, serial, uuid)
+                   .replace("mig1", name))  # fmt: skip
+    return xml, serial
+
+
+async def migrate(name: str, to: str, xml: Path, *flags: str) -> tuple[int, str]:
+    r = await cli("migrate", name, "--to", to, "--xml", str(xml), *flags, "--wait", bus=URL,
+                  timeout=120)  # fmt: skip
+    return r.code, r.err
+
+
+async def test_tls_migration_is_tls_on_the_wire_and_the_guest_runs_there(
+    vhost: str,  # noqa: F811
+    e2e_root: Path,
+) -> None:
+    guest = await ensure_test_guest()
+    with workdir(e2e_root, "mtls") as base:
+        hosts = (unique_host("ta"), unique_host("tb"))
+        dirs = ca_with_hosts(base / "pki", *hosts)
+        async with two_agents(base, hosts, tls_dir(dirs[hosts[0]]),
+                              tls_dir(dirs[hosts[1]])) as (a, b):  # fmt: skip
+            serial, uuid = await boot(guest, base, "tls1", a.host)
+            xml, dst_serial = dest_xml(guest, base, "tls1", uuid, 1)
+            with Capture() as cap:
+                code, err = await migrate("tls1", b.host, xml, "--tls")
+            assert code == 0, err
+            rec = await last_migration("tls1")
+            assert rec["params"]["tls"] is True  # type: ignore[index]
+            flows = cap.to_port(migration_port(rec))
+            assert flows, f"nothing captured towards {rec['uri']}"
+            assert all(client_hello(f[0]) for f in flows), [f[0][:8] for f in flows]
+            assert await placed("tls1") == [(b.host, "running")]
+            last = max_tick(serial)
+            assert await wait_tick(dst_serial, last + 2) > last + 2  # it runs at B
+            async with asyncio.timeout(30):  # confirm quit the source's QEMU
+                while qemu_pids_under(a.state_dir):
+                    await asyncio.sleep(0.05)
+
+            # the same capture of a plain migration back sees QEMU's stream in the clear
+            xml, back_serial = dest_xml(guest, base, "tls1", uuid, 2)
+            with Capture() as cap:
+                code, err = await migrate("tls1", a.host, xml)
+            assert code == 0, err
+            flows = cap.to_port(migration_port(await last_migration("tls1")))
+            assert flows and all(f[0].startswith(b"QEVM") for f in flows), flows
+            assert await placed("tls1") == [(a.host, "running")]
+            last = max_tick(dst_serial)
+            assert await wait_tick(back_serial, last + 2) > last + 2
+            await vcli("destroy", "tls1", "--host", a.host)
+
+
+async def test_a_source_of_another_ca_fails_and_the_guest_stays(
+    vhost: str,  # noqa: F811
+    e2e_root: Path,
+) -> None:
+    guest = await ensure_test_guest()
+    with workdir(e2e_root, "mca") as base:
+        hosts = (unique_host("ca"), unique_host("cb"))
+        other = ca_with_hosts(base / "pki-other", hosts[0])  # the source's CA is not B's
+        dirs = ca_with_hosts(base / "pki", hosts[1])
+        async with two_agents(base, hosts, tls_dir(other[hosts[0]]),
+                              tls_dir(dirs[hosts[1]])) as (a, b):  # fmt: skip
+            serial, uuid = await boot(guest, base, "tls2", a.host)
+            xml, dst_serial = dest_xml(guest, base, "tls2", uuid, 1)
+            code, err = await migrate("tls2", b.host, xml, "--tls")
+            assert code == 1, err
+            rec = await last_migration("tls2")
+            assert rec["state"] == "failed", rec
+            assert "rollback" in [p for p, _t in rec["history"]], rec  # type: ignore[union-attr]
+            assert await placed("tls2") == [(a.host, "running")]
+            last = max_tick(serial)
+            assert await wait_tick(serial, last + 2) > last + 2  # it ticks on at the source
+            assert max_tick(dst_serial) == -1
+            async with asyncio.timeout(30):  # the incoming QEMU was killed
+                while qemu_pids_under(b.state_dir):
+                    await asyncio.sleep(0.05)
+            await vcli("destroy", "tls2", "--host", a.host)
+
+
+async def test_force_refuses_a_plain_migration_and_lets_tls_through(
+    vhost: str,  # noqa: F811
+    e2e_root: Path,
+) -> None:
+    guest = await ensure_test_guest()
+    with workdir(e2e_root, "mforce") as base:
+        hosts = (unique_host("fa"), unique_host("fb"))
+        dirs = ca_with_hosts(base / "pki", *hosts)
+        force = ("--driver-option", "migrate_tls_force=on")
+        async with two_agents(base, hosts, tls_dir(dirs[hosts[0]], *force),
+                              tls_dir(dirs[hosts[1]], *force)) as (a, b):  # fmt: skip
+            serial, uuid = await boot(guest, base, "tls3", a.host)
+            xml, dst_serial = dest_xml(guest, base, "tls3", uuid, 1)
+            code, err = await migrate("tls3", b.host, xml)
+            assert code == 1 and "OPERATION_INVALID" in err and "only over TLS" in err, err
+            assert await placed("tls3") == [(a.host, "running")]
+            assert qemu_pids_under(b.state_dir) == []  # refused before any QEMU started
+            last = max_tick(serial)
+            assert await wait_tick(serial, last + 1) > last
+            code, err = await migrate("tls3", b.host, xml, "--tls")
+            assert code == 0, err
+            assert await placed("tls3") == [(b.host, "running")]
+            last = max_tick(serial)
+            assert await wait_tick(dst_serial, last + 2) > last + 2
+            await vcli("destroy", "tls3", "--host", b.host)
+
+
+async def test_copy_storage_over_tls_moves_the_disk_through_tls(
+    vhost: str,  # noqa: F811
+    e2e_root: Path,
+) -> None:
+    guest = await ensure_test_guest()
+    with workdir(e2e_root, "mcs") as base:
+        hosts = (unique_host("sa"), unique_host("sb"))
+        dirs = ca_with_hosts(base / "pki", *hosts)
+        pool_a, pool_b = base / "pool-a", base / "pool-b"
+        pool_a.mkdir()
+        pool_b.mkdir()
+        raw = base / "disk.raw"
+        raw.write_bytes(guest.disk.read_bytes()[: 8 * MIB] + b"\x5a" * (8 * MIB))
+        expected = hashlib.md5(raw.read_bytes()).hexdigest()
+        convert = ["qemu-img", "convert", "-O", "qcow2", str(raw), str(pool_a / "disk.qcow2")]
+        await asyncio.to_thread(subprocess.run, convert, check=True)
+        config = base / "agent.toml"  # the pools live under the test's directory
+        config.write_text(f"[storage]\nroots = [{json.dumps(str(base))}]\n")
+        cfg = ("--config", str(config))
+        args = (guest.kernel, guest.initramfs, guest.cmdline)
+        serial, dst_serial = base / "cs1-src.serial", base / "cs1-dst.serial"
+        (base / "cs1.xml").write_text(disk_guest_xml(*args, serial, "cs"))
+        async with two_agents(base, hosts, tls_dir(dirs[hosts[0]], *cfg),
+                              tls_dir(dirs[hosts[1]], *cfg)) as (a, b):  # fmt: skip
+            for host, path in ((a.host, pool_a), (b.host, pool_b)):
+                await vcli("pool-create-as", "cs", "dir", "--target", str(path), "--host", host)
+                await wait_pool(host, "cs")
+            await vcli("define", str(base / "cs1.xml"), "--host", a.host)
+            await vcli("start", "cs1", "--host", a.host)
+            uuid = (await vcli("dominfo", "cs1", "--host", a.host))["uuid"]
+            await wait_text(serial, "VIRTBUS-GUEST-READY")
+            dst = base / "cs1-dst.xml"
+            dst.write_text(disk_guest_xml(*args, dst_serial, "cs", uuid))
+            with Capture() as cap:
+                code, err = await migrate("cs1", b.host, dst, "--copy-storage-all", "--tls")
+            assert code == 0, err
+            nbd = cap.served_by(b"NBDMAGIC")
+            assert len(nbd) == 1, f"NBD connections seen: {nbd}"
+            assert any(client_hello(p) for p in nbd[0]), nbd[0]  # after NBD_OPT_STARTTLS
+            flows = cap.to_port(migration_port(await last_migration("cs1")))
+            assert flows and all(client_hello(f[0]) for f in flows), flows
+            assert await placed("cs1") == [(b.host, "running")]
+            g = await Guest.connect(b.state_dir, uuid)
+            try:
+                assert await g.ask("disk-md5 16", "VIRTBUS-DISK-MD5") == f"16 {expected}"
+            finally:
+                await g.close()
+            await vcli("destroy", "cs1", "--host", b.host)
