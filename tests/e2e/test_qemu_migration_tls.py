@@ -28,8 +28,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from qemu.qmp import QMPClient
 
 from tests.e2e.conftest import qemu_pids_under
 from tests.e2e.test_migration_qemu import kernel_xml, max_tick, wait_tick
@@ -109,6 +111,20 @@ class Capture:
 def client_hello(payload: bytes) -> bool:
     """A TLS record of type handshake (0x16), version 3.x, holding a ClientHello (1)."""
     return len(payload) > 5 and payload[0] == 0x16 and payload[1] == 3 and payload[5] == 1
+
+
+async def qmp_tls_state(state_dir: Path, uuid: str) -> tuple[list[str], dict[str, Any]]:
+    """The QEMU's user-created objects and its migration parameters, on its QMP socket."""
+    status = json.loads(next(state_dir.rglob(f"{uuid}.status")).read_text())
+    client = QMPClient("tls-test")
+    await client.connect(status["qmp_socket"])
+    try:
+        objects = await client.execute("qom-list", {"path": "/objects"})
+        params = await client.execute("query-migrate-parameters")
+    finally:
+        await client.disconnect()
+    assert isinstance(objects, list) and isinstance(params, dict)
+    return [str(o["name"]) for o in objects], params
 
 
 def migration_port(rec: dict[str, object]) -> int:
@@ -253,7 +269,13 @@ async def test_a_source_of_another_ca_fails_and_the_guest_stays(
             async with asyncio.timeout(30):  # the incoming QEMU was killed
                 while qemu_pids_under(b.state_dir):
                     await asyncio.sleep(0.05)
-            await vcli("destroy", "tls2", "--host", a.host)
+            # the rollback took the credentials back out of the source QEMU (asked on its
+            # QMP socket with the agent gone: QEMU serves one monitor client at a time)
+            a.proc.kill()
+            await a.proc.wait()
+            objects, params = await qmp_tls_state(a.state_dir, uuid)
+            assert "virtbus-migrate-tls" not in objects, objects
+            assert (params.get("tls-creds"), params.get("tls-hostname")) == ("", ""), params
 
 
 async def test_force_refuses_a_plain_migration_and_lets_tls_through(
@@ -280,7 +302,12 @@ async def test_force_refuses_a_plain_migration_and_lets_tls_through(
             assert await placed("tls3") == [(b.host, "running")]
             last = max_tick(serial)
             assert await wait_tick(dst_serial, last + 2) > last + 2
-            await vcli("destroy", "tls3", "--host", b.host)
+            # the destination, running the guest now, took the credentials back out
+            b.proc.kill()
+            await b.proc.wait()
+            objects, params = await qmp_tls_state(b.state_dir, uuid)
+            assert "virtbus-migrate-tls" not in objects, objects
+            assert params.get("tls-creds") == "", params
 
 
 async def test_copy_storage_over_tls_moves_the_disk_through_tls(
@@ -321,7 +348,9 @@ async def test_copy_storage_over_tls_moves_the_disk_through_tls(
             assert code == 0, err
             nbd = cap.served_by(b"NBDMAGIC")
             assert len(nbd) == 1, f"NBD connections seen: {nbd}"
-            assert any(client_hello(p) for p in nbd[0]), nbd[0]  # after NBD_OPT_STARTTLS
+            starttls = b"IHAVEOPT\x00\x00\x00\x05"  # NBD_OPT_STARTTLS, the first option
+            assert any(p.startswith(starttls) for p in nbd[0][:3]), nbd[0]
+            assert any(client_hello(p) for p in nbd[0]), nbd[0]
             flows = cap.to_port(migration_port(await last_migration("cs1")))
             assert flows and all(client_hello(f[0]) for f in flows), flows
             assert await placed("cs1") == [(b.host, "running")]
