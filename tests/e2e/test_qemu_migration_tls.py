@@ -150,6 +150,14 @@ async def two_agents(
     base: Path, hosts: tuple[str, str], *options: tuple[str, ...]
 ) -> AsyncIterator[tuple[AgentProc, AgentProc]]:
     """An agent per host (``options``: each one's extra arguments) and the scheduler."""
+    async with some_agents(base, hosts, *options) as started:
+        yield started[0], started[1]
+
+
+@contextlib.asynccontextmanager
+async def some_agents(
+    base: Path, hosts: tuple[str, ...], *options: tuple[str, ...]
+) -> AsyncIterator[list[AgentProc]]:
     async with contextlib.AsyncExitStack() as stack:
         started = []
         for host, extra in zip(hosts, options, strict=True):
@@ -159,8 +167,8 @@ async def two_agents(
                 agent_process(host, d, *extra, driver="qemu", bus=URL, keep_queue=True)
             ))  # fmt: skip
         await stack.enter_async_context(scheduler_process(base / "sched"))
-        await wait_hosts(2)
-        yield started[0], started[1]
+        await wait_hosts(len(hosts))
+        yield started
 
 
 def tls_dir(path: Path, *more: str) -> tuple[str, ...]:
@@ -276,6 +284,46 @@ async def test_a_source_of_another_ca_fails_and_the_guest_stays(
             objects, params = await qmp_tls_state(a.state_dir, uuid)
             assert "virtbus-migrate-tls" not in objects, objects
             assert (params.get("tls-creds"), params.get("tls-hostname")) == ("", ""), params
+
+
+async def test_verify_makes_the_destination_ask_for_the_source_certificate(
+    vhost: str,  # noqa: F811
+    e2e_root: Path,
+) -> None:
+    """migrate_tls_x509_verify: a source that trusts the destination's CA but shows no
+    certificate of its own is refused by a verifying destination, let in by one that
+    does not verify (the source checks the destination either way: its certificate must
+    carry the name asked, the host's unless --tls-destination names another)."""
+    guest = await ensure_test_guest()
+    with workdir(e2e_root, "mver") as base:
+        hosts = (unique_host("va"), unique_host("vb"), unique_host("vc"))
+        dirs = ca_with_hosts(base / "pki", *hosts)
+        for name in ("client-cert.pem", "client-key.pem", "server-cert.pem", "server-key.pem"):
+            (dirs[hosts[0]] / name).unlink()  # the source: the CA only
+        verify = ("--driver-option", "migrate_tls_x509_verify=on")
+        lenient = ("--driver-option", "migrate_tls_x509_verify=off")
+        async with some_agents(base, hosts, tls_dir(dirs[hosts[0]]),
+                               tls_dir(dirs[hosts[1]], *verify),
+                               tls_dir(dirs[hosts[2]], *lenient)) as (a, b, c):  # fmt: skip
+            serial, uuid = await boot(guest, base, "tls4", a.host)
+            xml, _ = dest_xml(guest, base, "tls4", uuid, 1)
+            code, err = await migrate("tls4", b.host, xml, "--tls")
+            assert code == 1, err
+            assert await placed("tls4") == [(a.host, "running")]
+            last = max_tick(serial)
+            assert await wait_tick(serial, last + 1) > last
+            xml, dst_serial = dest_xml(guest, base, "tls4", uuid, 2)
+            # the name checked is the host's (or --tls-destination's): another one fails
+            code, err = await migrate("tls4", c.host, xml, "--tls", "--tls-destination",
+                                      "not-" + c.host)  # fmt: skip
+            assert code == 1, err
+            assert await placed("tls4") == [(a.host, "running")]
+            code, err = await migrate("tls4", c.host, xml, "--tls")
+            assert code == 0, err
+            assert await placed("tls4") == [(c.host, "running")]
+            last = max_tick(serial)
+            assert await wait_tick(dst_serial, last + 2) > last + 2
+            await vcli("destroy", "tls4", "--host", c.host)
 
 
 async def test_force_refuses_a_plain_migration_and_lets_tls_through(

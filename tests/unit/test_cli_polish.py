@@ -110,3 +110,20 @@ async def test_errors_name_the_host_and_the_daemon_to_start() -> None:
         assert not await ctx.scheduler_answers()  # the CLI still falls back
     finally:
         await bus.close()
+
+
+def test_migrate_tls_flags_become_params() -> None:
+    """``virtbus migrate --tls [--tls-destination NAME]``: the typed params the scheduler
+    carries to both agents; a name without --tls is refused as the agents refuse it."""
+    from virtbus.cli.migrate import _params
+    from virtbus.errors import InvalidArgument
+    from virtbus.protocol.migration import MigrationParams
+
+    parser = build_parser()
+    args = parser.parse_args(["migrate", "web", "--to", "b", "--tls"])
+    assert _params(args) == MigrationParams(tls=True)
+    args = parser.parse_args(["migrate", "web", "--tls", "--tls-destination", "mig.example.net"])
+    assert _params(args) == MigrationParams(tls=True, tls_destination="mig.example.net")
+    assert _params(parser.parse_args(["migrate", "web"])) == MigrationParams()
+    with pytest.raises(InvalidArgument, match="without tls"):
+        _params(parser.parse_args(["migrate", "web", "--tls-destination", "x"]))
