@@ -102,15 +102,23 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 
 @dataclass(frozen=True, slots=True)
 class QemuPaths:
-    """Where a domain's runtime files live: ``<run_dir>/<uuid>.{qmp,pid,log,...}``."""
+    """Where a domain's runtime files live: ``<run_dir>/<uuid>.{qmp,pid,log,...}``, or,
+    ``private`` (each QEMU under a uid of its own, drivers/qemu/dac.py), what QEMU itself
+    creates (QMP socket, pidfile, the sockets the agent names) in the domain's own dir
+    ``<run_dir>/<uuid>/``, which is its uid's; the log stays the agent's."""
 
     run_dir: Path
+    private: bool = False
+
+    def socket_dir(self, uuid: str) -> Path | None:
+        """The dir of the domain's own sockets when private (None: the run dir)."""
+        return self.run_dir / uuid if self.private else None
 
     def qmp_socket(self, uuid: str) -> Path:
-        return self.run_dir / f"{uuid}.qmp"
+        return self.run_dir / uuid / "qmp.sock" if self.private else self.run_dir / f"{uuid}.qmp"
 
     def pidfile(self, uuid: str) -> Path:
-        return self.run_dir / f"{uuid}.pid"
+        return self.run_dir / uuid / "qemu.pid" if self.private else self.run_dir / f"{uuid}.pid"
 
     def logfile(self, uuid: str) -> Path:
         return self.run_dir / f"{uuid}.log"
@@ -228,6 +236,7 @@ def build_command(
     ctx = BuildContext(
         defn=defn,
         run_dir=paths.run_dir,
+        socket_dir=paths.socket_dir(defn.uuid),
         q35="q35" in machine,
         kvm=accel == "kvm",
         settings=settings,

@@ -175,6 +175,7 @@ class BuildContext:
 
     defn: DomainDefinition
     run_dir: Path
+    socket_dir: Path | None  # the domain's own sockets go here, not in run_dir (QemuPaths)
     q35: bool
     kvm: bool
     settings: ArgvSettings
@@ -237,9 +238,13 @@ class BuildContext:
             raise ConfigUnsupported(f"this QEMU has no device '{driver}'")
 
     def socket_path(self, suffix: str) -> Path:
-        """``<run_dir>/<uuid>.<suffix>``: a socket of our own, checked against the UNIX
-        socket path limit; a stale one is removed before start and it is removed after."""
-        path = self.run_dir / f"{self.defn.uuid}.{suffix}"
+        """``<run_dir>/<uuid>.<suffix>`` (or ``<socket_dir>/<suffix>``): a socket of our
+        own, checked against the UNIX socket path limit; a stale one is removed before
+        start and it is removed after."""
+        if self.socket_dir is not None:
+            path = self.socket_dir / suffix
+        else:
+            path = self.run_dir / f"{self.defn.uuid}.{suffix}"
         self.check_socket(path)
         return path
 

@@ -14,6 +14,20 @@ socket and pidfile there but not remove what is not its own.
 
 Read-only firmware (loader, NVRAM template) and kernels are never chowned: they must be
 readable by the user (a clear start error says which directory it cannot search).
+
+With ``qemu_uid_range`` (e.g. ``200000-200999``, instead of ``qemu_user``) each domain's
+QEMU gets a uid of its own from that range (:class:`UidPool`, kept in
+``<state_dir>/qemu-uids.json`` from its first start until it is undefined or migrated
+away), with the same number as its gid (a private group: a shared one would give every
+guest the group bits of every other guest's files) and the kvm group. Its files are
+chowned to ``uid:uid`` with their group and other bits cleared for the run (so one
+guest's QEMU cannot open another's images even if they were 0644; the mode is given back
+with the owner); a read-only or shareable disk, which several guests may use at once, is
+never chowned: each domain's uid gets its own POSIX ACL entry on it (read, or read-write
+when shareable; :mod:`drivers.qemu.acl`), taken off when that domain stops. The domain's
+run dir ``<run_dir>/<uuid>/`` is its uid's, mode 0700, and holds its QMP socket, pidfile
+and the sockets the agent names; the agent's run dir stays root's and unwritable to every
+QEMU (one guest cannot squat another's socket names there).
 """
 
 from __future__ import annotations
@@ -30,16 +44,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from drivers.qemu import confine
+from drivers.qemu import acl, confine
 from virtbus.domain import DomainDefinition
-from virtbus.errors import OperationFailed
-from virtbus.store import atomic_write
+from virtbus.errors import InvalidArgument, OperationFailed
+from virtbus.store import atomic_write, replace_file
 
 if TYPE_CHECKING:
     from drivers.qemu.launch import LaunchPlan
 
 log = logging.getLogger(__name__)
 SUFFIX = ".dac.json"
+UIDS_FILE = "qemu-uids.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +78,120 @@ def lookup(name: str) -> QemuUser:
             f"{name}) or unset qemu_user"
         ) from None
     groups = tuple(g for g in os.getgrouplist(name, pw.pw_gid) if g != pw.pw_gid)
-    with contextlib.suppress(KeyError):  # /dev/kvm's group, when this host has one
-        kvm = grp.getgrnam("kvm").gr_gid
-        groups = groups if kvm in groups else (*groups, kvm)
+    kvm = kvm_groups()
+    groups = groups if set(kvm) <= set(groups) else (*groups, *kvm)
     return QemuUser(name, pw.pw_uid, pw.pw_gid, groups)
+
+
+def kvm_groups() -> tuple[int, ...]:
+    """/dev/kvm's group, when this host has one."""
+    with contextlib.suppress(KeyError):
+        return (grp.getgrnam("kvm").gr_gid,)
+    return ()
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """``"MIN-MAX"`` of the qemu_uid_range setting; INVALID_ARG naming it otherwise."""
+    lo, sep, hi = text.partition("-")
+    try:
+        first, last = int(lo), int(hi)
+    except ValueError:
+        first = last = -1
+    if not sep or first < 1000 or last < first or last >= 2**31 - 1:
+        raise InvalidArgument(
+            f"QEMU driver option qemu_uid_range={text!r}: expected MIN-MAX, two uids with "
+            "1000 <= MIN <= MAX < 2147483647 that no account of this host uses "
+            "(e.g. 200000-200999)"
+        )
+    return first, last
+
+
+class UidPool:
+    """The per-domain uids of ``qemu_uid_range``: one per domain uuid, from its first start
+    until :meth:`free` (undefine, migrated away), kept in one JSON file of the state dir so
+    a restarted agent gives the same uid again and never hands it to a second domain."""
+
+    def __init__(self, path: Path, first: int, last: int) -> None:
+        self._path = path
+        self.first, self.last = first, last
+        self._uids: dict[str, int] | None = None
+
+    def _load(self) -> dict[str, int]:
+        if self._uids is None:
+            try:
+                doc = json.loads(self._path.read_bytes())
+                self._uids = {str(k): int(v) for k, v in dict(doc.get("uids", {})).items()}
+            except FileNotFoundError:
+                self._uids = {}
+            except (OSError, ValueError, TypeError, AttributeError) as exc:
+                # losing the file could hand a running guest's uid to another: refuse
+                raise OperationFailed(f"unreadable uid allocations {self._path}: {exc}") from exc
+        return self._uids
+
+    def _save(self) -> None:
+        doc = {"range": f"{self.first}-{self.last}", "uids": self._load()}
+        replace_file(self._path, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+    def get(self, uuid: str) -> int | None:
+        return self._load().get(uuid)
+
+    def allocate(self, uuid: str, domain: str) -> int:
+        """``uuid``'s uid (a new one the first time); OPERATION_FAILED naming the setting
+        when every uid of the range is taken."""
+        uids = self._load()
+        if uuid in uids:
+            return uids[uuid]
+        taken = set(uids.values())
+        for uid in range(self.first, self.last + 1):
+            if uid in taken:
+                continue
+            try:
+                pwd.getpwuid(uid)
+                continue  # an account of this host: never QEMU's
+            except KeyError:
+                pass
+            uids[uuid] = uid
+            self._save()
+            return uid
+        raise OperationFailed(
+            f"cannot start domain '{domain}': no free uid in QEMU driver option "
+            f"qemu_uid_range={self.first}-{self.last} ({len(uids)} domains hold one): "
+            "widen the range, or undefine a domain of this host"
+        )
+
+    def free(self, uuid: str) -> None:
+        uids = self._load()
+        if uids.pop(uuid, None) is not None:
+            self._save()
+
+    def prune(self, known: set[str]) -> None:
+        """Free the uids of domains this host no longer has (lost at an agent's crash)."""
+        uids = self._load()
+        gone = [uuid for uuid in uids if uuid not in known]
+        for uuid in gone:
+            log.info("freeing uid %d of domain %s: no longer on this host", uids.pop(uuid), uuid)
+        if gone:
+            self._save()
+
+
+def shared_paths(defn: DomainDefinition, volumes: dict[int, str]) -> dict[str, int]:
+    """The paths of ``defn``'s read-only (perm 4) and shareable (perm 6) disks, which other
+    guests may use at the same time: given by ACL, never by chown, with per-domain uids."""
+    out: dict[str, int] = {}
+    for disk in defn.disks:
+        el, index = disk.element, disk.index
+        if el.find("shareable") is not None:
+            perm = 6
+        elif el.find("readonly") is not None:
+            perm = 4
+        else:
+            continue
+        paths = [hp.path for hp in confine.host_paths(el) if hp.kind == confine.Kind.FILE]
+        if index in volumes:
+            paths.append(volumes[index])
+        for path in paths:
+            out[path] = max(out.get(path, 0), perm)
+    return out
 
 
 def label_paths(defn: DomainDefinition, volumes: dict[int, str]) -> list[tuple[str, bool]]:
@@ -87,43 +212,85 @@ def label_paths(defn: DomainDefinition, volumes: dict[int, str]) -> list[tuple[s
 
 
 class DacLabels:
-    """The launch step that gives a domain's files to the QEMU user (module docstring)."""
+    """The launch step that gives a domain's files to the QEMU user (module docstring):
+    one ``user_name`` for every domain, or a uid of its own per domain from ``uid_range``
+    (allocations kept under ``state_dir``); both empty, QEMU runs as the agent's user."""
 
-    def __init__(self, user_name: str, run_dir: Path) -> None:
+    def __init__(self, user_name: str, run_dir: Path, *, uid_range: str = "",
+                 state_dir: Path | None = None) -> None:  # fmt: skip
+        if user_name and uid_range:
+            raise InvalidArgument(
+                "QEMU driver options qemu_user and qemu_uid_range exclude each other: "
+                "qemu_uid_range gives each domain a uid (and group) of its own, a shared "
+                "qemu_user would let every guest reach the others' files; set one"
+            )
         self._name = user_name
         self._run_dir = run_dir
         self._user: QemuUser | None = None
+        self.pool: UidPool | None = None
+        if uid_range:
+            first, last = parse_range(uid_range)
+            self.pool = UidPool(Path(state_dir or run_dir) / UIDS_FILE, first, last)
 
-    def user(self) -> QemuUser | None:
-        """The QEMU user (looked up once), or None when QEMU runs as the agent's user."""
+    @property
+    def per_domain(self) -> bool:
+        """Each domain runs under a uid of its own (qemu_uid_range)."""
+        return self.pool is not None
+
+    def user(self, uuid: str) -> QemuUser | None:
+        """Who QEMU of domain ``uuid`` runs as (the shared user, looked up once, or its own
+        uid, allocated at its launch), or None when QEMU runs as the agent's user."""
+        if self.pool is not None:
+            uid = self.pool.get(uuid)
+            if uid is None:
+                raise OperationFailed(f"domain {uuid} has no uid of qemu_uid_range yet")
+            return QemuUser(f"uid {uid}", uid, uid, kvm_groups())
         if not self._name:
             return None
         if self._user is None:
             self._user = lookup(self._name)
         return self._user
 
+    def forget(self, uuid: str) -> None:
+        """The domain left this host (undefined, migrated away): its uid is free again."""
+        if self.pool is not None:
+            self.pool.free(uuid)
+
+    def prune(self, known: set[str]) -> None:
+        """Free the uids of domains this host does not have (at open)."""
+        if self.pool is not None:
+            self.pool.prune(known)
+
     def _record(self, uuid: str) -> Path:
         return self._run_dir / f"{uuid}{SUFFIX}"
 
     async def acquire(self, plan: LaunchPlan) -> None:
-        user = self.user()
+        live = plan.live
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.allocate, live.uuid, live.name)
+        user = self.user(live.uuid)
         if user is None:
             return
-        live = plan.live
         volumes = {i: v.path for i, v in (plan.volumes or {}).items() if v.kind != "network"}
         wanted = label_paths(live, volumes)
+        shared = shared_paths(live, volumes) if self.per_domain else {}
         own = confine.own_dir(self._run_dir, live.uuid)
         await asyncio.to_thread(self._prepare_dirs, user, own)
         originals: list[list[object]] = []
         record = self._record(live.uuid)
         for path, create in [(str(own), False), *wanted]:
+            if path in shared:
+                continue
             entry = await asyncio.to_thread(_original, path, create)
             if entry is not None:
                 originals.append(entry)
-        await atomic_write(record, json.dumps({"user": user.name, "uid": user.uid,
-                                               "files": originals}).encode())  # fmt: skip
+        doc = {"user": user.name, "uid": user.uid, "files": originals,
+               "acl": [[path, perm] for path, perm in sorted(shared.items())]}  # fmt: skip
+        await atomic_write(record, json.dumps(doc).encode())
         for entry in originals:
-            await asyncio.to_thread(_chown, str(entry[0]), user)
+            await asyncio.to_thread(_chown, str(entry[0]), user, self.per_domain)
+        for path, perm in shared.items():
+            await asyncio.to_thread(_grant, path, user, perm, live.name)
         # then every file QEMU opens must be reachable (a failed launch gives them back)
         readable = [hp.path for hp in confine.host_paths(live.root)
                     if hp.kind in (confine.Kind.FILE, confine.Kind.FIRMWARE)]  # fmt: skip
@@ -131,10 +298,20 @@ class DacLabels:
             await asyncio.to_thread(check_reachable, Path(path), user, live.name)
 
     def _prepare_dirs(self, user: QemuUser, own: Path) -> None:
-        """The agent's run dir: QEMU creates its QMP socket and pidfile there (sticky: it
-        cannot remove what it does not own); the domain's own dir exists."""
-        os.chown(self._run_dir, 0, user.gid)
-        os.chmod(self._run_dir, 0o1770)
+        """The agent's run dir and the domain's own dir (which exists afterwards).
+
+        One shared user: QEMU creates its QMP socket and pidfile in the agent's run dir,
+        made ``root:<gid>`` 1770 (sticky: it cannot remove what it does not own). Per-domain
+        uids: they are in the domain's own dir, and the agent's run dir is root's alone
+        (searchable, writable by no QEMU)."""
+        if self.per_domain:
+            info = os.stat(self._run_dir)
+            if info.st_gid != 0 or info.st_mode & 0o022 or info.st_mode & stat.S_ISVTX:
+                os.chown(self._run_dir, 0, 0)  # left by an earlier qemu_user
+            os.chmod(self._run_dir, 0o755)
+        else:
+            os.chown(self._run_dir, 0, user.gid)
+            os.chmod(self._run_dir, 0o1770)
         own.mkdir(mode=0o700, exist_ok=True)
 
     async def release(self, uuid: str) -> None:
@@ -147,14 +324,40 @@ class DacLabels:
             log.warning("domain %s: unreadable %s: %s", uuid, record, exc)
             return
         uid = int(doc.get("uid", -1))
-        for path, owner, group, *_ in doc.get("files", []):
-            await asyncio.to_thread(_restore, str(path), uid, int(owner), int(group))
+        for path, owner, group, *mode in doc.get("files", []):
+            await asyncio.to_thread(_restore, str(path), uid, int(owner), int(group),
+                                    int(mode[0]) if mode else None)  # fmt: skip
+        for path, _perm in doc.get("acl", []):
+            await asyncio.to_thread(_revoke, str(path), uid)
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(record.unlink)
 
 
+def _grant(path: str, user: QemuUser, perm: int, domain: str) -> None:
+    """An ACL entry of ``user`` on a file other guests may share (shared_paths)."""
+    try:
+        acl.add_user(path, user.uid, perm)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OperationFailed(
+            f"domain '{domain}': cannot give its QEMU (uid {user.uid}) access to the shared "
+            f"disk '{path}' by a POSIX ACL ({exc.strerror}): per-domain uids (qemu_uid_range) "
+            "need ACLs on the filesystems of read-only and shareable disks"
+        ) from exc
+
+
+def _revoke(path: str, uid: int) -> None:
+    try:
+        acl.remove_user(path, uid)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("cannot remove the ACL entry of uid %d from %s: %s", uid, path, exc)
+
+
 def _original(path: str, create: bool) -> list[object] | None:
-    """[path, uid, gid] now (a chardev output created empty first); None if absent."""
+    """[path, uid, gid, mode] now (a chardev output created empty first); None if absent."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -163,19 +366,28 @@ def _original(path: str, create: bool) -> list[object] | None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(fd)
         info = os.stat(path)
-    return [path, info.st_uid, info.st_gid]
+    return [path, info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)]
 
 
-def _chown(path: str, user: QemuUser) -> None:
+def _chown(path: str, user: QemuUser, private: bool) -> None:
+    """``path`` becomes the user's; ``private`` (a per-domain uid): the owner's alone too,
+    so no other guest's uid opens it whatever its mode was."""
     os.chown(path, user.uid, user.gid)
+    if private:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            os.chmod(path, mode & ~0o077)
 
 
-def _restore(path: str, uid: int, owner: int, group: int) -> None:
-    """Give ``path`` back, unless it is gone or no longer the QEMU user's."""
+def _restore(path: str, uid: int, owner: int, group: int, mode: int | None = None) -> None:
+    """Give ``path`` back (and its mode, when recorded), unless it is gone or no longer
+    the QEMU user's."""
     try:
         if os.stat(path).st_uid != uid:
             return  # changed since the launch: not ours to undo
         os.chown(path, owner, group)
+        if mode is not None:
+            os.chmod(path, mode)
     except FileNotFoundError:
         return
     except OSError as exc:

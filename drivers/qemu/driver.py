@@ -110,8 +110,9 @@ class QemuDriver:
         self._store = StateStore(Path(state_dir), Path(run_dir))
         self._volumes = VolumeLeases()  # <disk type='volume'>: the agent hands its pools in
         # after the volumes: their paths are given to the QEMU user too
-        self._dac = DacLabels(self._settings.qemu_user, Path(run_dir))
         state = Path(state_dir)
+        self._dac = DacLabels(self._settings.qemu_user, Path(run_dir),
+                              uid_range=self._settings.qemu_uid_range, state_dir=state)  # fmt: skip
         argv = self._settings.argv or ArgvSettings(
             nvram_dir=state / "nvram", memory_backing_dir=state / "ram",
             secrets_dir=state / "secrets", swtpm_state_dir=state / "swtpm",
@@ -155,6 +156,8 @@ class QemuDriver:
         await self._snapshot_store.load()
         await self._checkpoint_store.load()
         await self._reattacher.open()
+        # uids (qemu_uid_range) of domains lost while the agent was away are free again
+        await asyncio.to_thread(self._launcher.prune_uids, {d.defn.uuid for d in self._registry})
         await self._blockjobs.adopt()
         await self._backups.adopt()
 

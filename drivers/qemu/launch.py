@@ -151,7 +151,9 @@ class Launcher:
         self._settings = rt.settings
         self._registry = registry
         self._argv = argv
-        self._paths = QemuPaths(rt.store.run_dir)
+        # per-domain uids: QEMU's own files are in the domain's own dir, its uid's
+        self._paths = QemuPaths(rt.store.run_dir,
+                                private=dac is not None and dac.per_domain)  # fmt: skip
         self._kvm: bool | None = None
         self._caps: QemuCapabilities | None = caps
         self._firmware: tuple[Descriptor, ...] | None = None
@@ -246,8 +248,19 @@ class Launcher:
 
     def forget(self, uuid: str) -> None:
         """The domain is gone from this host (undefined, or migrated away): its persistent
-        helper state (a TPM's) goes too, as libvirt removes it."""
+        helper state (a TPM's) goes too, as libvirt removes it, and its uid is free."""
         comp.forget(self._argv, uuid)
+        self.free_uid(uuid)
+
+    def free_uid(self, uuid: str) -> None:
+        """The per-domain uid of ``uuid`` (qemu_uid_range) is free again."""
+        if self._dac is not None:
+            self._dac.forget(uuid)
+
+    def prune_uids(self, known: set[str]) -> None:
+        """Free the per-domain uids of every domain not in ``known`` (at open)."""
+        if self._dac is not None:
+            self._dac.prune(known)
 
     def _command(self, plan: LaunchPlan, *, kvm: bool, caps: QemuCapabilities | None,
                  completed: bool = False) -> QemuLaunch:  # fmt: skip
@@ -346,7 +359,7 @@ class Launcher:
             process = await spawn(
                 list(launch.argv), uuid=live.uuid, logfile=logfile, pass_fds=plan.pass_fds,
                 env=launch.env, cpus=preexec_affinity(launch.cpu_tuning),
-                user=self._dac.user() if self._dac is not None else None,
+                user=self._dac.user(live.uuid) if self._dac is not None else None,
             )  # fmt: skip
         except BaseException:
             if companions is not None:

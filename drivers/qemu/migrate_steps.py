@@ -163,6 +163,7 @@ class MigrationSteps:
             del self._jobs[dom.defn.uuid]
         if job.new_domain and dom.run is None:
             self._registry.remove(dom)  # transient: vanishes without `undefined`
+            self._launcher.free_uid(dom.defn.uuid)  # the uid its launch took here
 
     def _follow(self, dom: Domain, run: Run, job: mig.Job) -> None:
         """The source's job task: progress from QMP, published as ``migration`` events."""

@@ -208,11 +208,12 @@ class StateStore:
 
     # --- sockets ------------------------------------------------------------------------
     async def remove_own_sockets(self, paths: Iterable[Path]) -> None:
-        """Remove stale sockets the agent placed in its own run dir (QMP, default chardev
-        and VNC sockets). Anything else is left alone: a path outside the run dir (the
-        XML chose it) or a file there that is not a socket (someone else's)."""
+        """Remove stale sockets the agent placed in its own run dir or a domain's own dir
+        in it (QMP, default chardev and VNC sockets). Anything else is left alone: a path
+        outside the run dir (the XML chose it) or a file there that is not a socket
+        (someone else's)."""
         for path in paths:
-            if path.parent != self.run_dir:
+            if self.run_dir not in (path.parent, path.parent.parent):
                 log.debug("not removing %s: outside the run dir %s", path, self.run_dir)
                 continue
             try:
