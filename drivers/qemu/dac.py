@@ -7,9 +7,12 @@ anything as root). What it must open is handed to it by ownership, as libvirt's 
 does: at launch (:class:`DacLabels`, a launch step) the files of the definition (disk
 images and volumes, NVRAM, chardev files and logs, created empty if missing) and the
 domain's own run dir are chowned to the user, the original owners first written to
-``<run_dir>/<uuid>.dac.json``; when the run ends (or its launch fails), also in an agent
-restarted meanwhile, each is given back to its original owner unless someone changed it
-since. The agent's run dir becomes ``root:<gid>`` mode 1770 so QEMU can create its QMP
+``<run_dir>/<uuid>.dac.json`` and on the file itself (the ``trusted.virtbus.dac`` xattr,
+with a count of holders: libvirt's remember_owner); when the run ends (or its launch
+fails), also in an agent restarted meanwhile, each is given back to that owner by its last
+holder (so a migration's destination on shared storage, which takes a disk over from the
+source's QEMU, does not take the source's uid for its owner), or, on a filesystem without
+trusted xattrs, unless someone changed it since. The agent's run dir becomes ``root:<gid>`` mode 1770 so QEMU can create its QMP
 socket and pidfile there but not remove what is not its own.
 
 Read-only firmware (loader, NVRAM template) and kernels are never chowned: they must be
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import json
 import logging
@@ -42,7 +46,7 @@ import pwd
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from drivers.qemu import acl, confine
 from virtbus.domain import DomainDefinition
@@ -55,6 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 SUFFIX = ".dac.json"
 UIDS_FILE = "qemu-uids.json"
+#: on each file given away: its owner before the first holder and how many hold it
+REMEMBER = "trusted.virtbus.dac"
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,12 +284,17 @@ class DacLabels:
         await asyncio.to_thread(self._prepare_dirs, user, own)
         originals: list[list[object]] = []
         record = self._record(live.uuid)
-        for path, create in [(str(own), False), *wanted]:
-            if path in shared:
-                continue
-            entry = await asyncio.to_thread(_original, path, create)
-            if entry is not None:
-                originals.append(entry)
+        try:
+            for path, create in [(str(own), False), *wanted]:
+                if path in shared:
+                    continue
+                entry = await asyncio.to_thread(_original, path, create)
+                if entry is not None:
+                    originals.append(entry)
+        except BaseException:
+            for entry in originals:  # no record yet: count this launch out again
+                await asyncio.to_thread(_forget_holder, str(entry[0]), entry)
+            raise
         doc = {"user": user.name, "uid": user.uid, "files": originals,
                "acl": [[path, perm] for path, perm in sorted(shared.items())]}  # fmt: skip
         await atomic_write(record, json.dumps(doc).encode())
@@ -324,9 +335,8 @@ class DacLabels:
             log.warning("domain %s: unreadable %s: %s", uuid, record, exc)
             return
         uid = int(doc.get("uid", -1))
-        for path, owner, group, *mode in doc.get("files", []):
-            await asyncio.to_thread(_restore, str(path), uid, int(owner), int(group),
-                                    int(mode[0]) if mode else None)  # fmt: skip
+        for entry in doc.get("files", []):
+            await asyncio.to_thread(_restore, str(entry[0]), uid, list(entry))
         for path, _perm in doc.get("acl", []):
             await asyncio.to_thread(_revoke, str(path), uid)
         with contextlib.suppress(FileNotFoundError):
@@ -357,7 +367,11 @@ def _revoke(path: str, uid: int) -> None:
 
 
 def _original(path: str, create: bool) -> list[object] | None:
-    """[path, uid, gid, mode] now (a chardev output created empty first); None if absent."""
+    """[path, uid, gid, mode, remembered] of the owner before the first holder (a chardev
+    output created empty first); None if absent. ``remembered``: counted in the file's
+    :data:`REMEMBER` xattr (libvirt's remember_owner), so that a file another domain or
+    another host's QEMU holds already (a migration's destination on shared storage) gets
+    its real owner back when its last holder stops, not the uid the first one gave it."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -366,7 +380,51 @@ def _original(path: str, create: bool) -> list[object] | None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(fd)
         info = os.stat(path)
-    return [path, info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)]
+    now = {"uid": info.st_uid, "gid": info.st_gid, "mode": stat.S_IMODE(info.st_mode), "refs": 0}
+    try:
+        doc = _remembered(path) or now
+        doc["refs"] = int(doc.get("refs", 0)) + 1
+        os.setxattr(path, REMEMBER, json.dumps(doc).encode())
+    except OSError as exc:  # no trusted xattrs there (NFS, a FUSE): the owner now is it
+        log.debug("cannot remember the owner of %s in an xattr: %s", path, exc)
+        return [path, info.st_uid, info.st_gid, now["mode"], False]
+    return [path, int(doc["uid"]), int(doc["gid"]), int(doc["mode"]), True]
+
+
+def _remembered(path: str) -> dict[str, int] | None:
+    """The owner before the first holder and their count, from the file (None: none)."""
+    try:
+        doc = json.loads(os.getxattr(path, REMEMBER))
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            return None
+        raise
+    except ValueError:
+        return None  # not ours to read: counted afresh from the owner now
+    try:
+        return {k: int(doc[k]) for k in ("uid", "gid", "mode", "refs")}
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _forget_holder(path: str, entry: list[Any]) -> bool:
+    """One holder less on ``path``; True when it was the last (or nobody counted)."""
+    if len(entry) < 5 or not entry[4]:
+        return True
+    try:
+        doc = _remembered(path)
+        if doc is None:
+            return True
+        doc["refs"] -= 1
+        if doc["refs"] > 0:
+            os.setxattr(path, REMEMBER, json.dumps(doc).encode())
+            return False
+        os.removexattr(path, REMEMBER)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("cannot count a holder of %s out: %s", path, exc)
+    return True
 
 
 def _chown(path: str, user: QemuUser, private: bool) -> None:
@@ -379,12 +437,18 @@ def _chown(path: str, user: QemuUser, private: bool) -> None:
             os.chmod(path, mode & ~0o077)
 
 
-def _restore(path: str, uid: int, owner: int, group: int, mode: int | None = None) -> None:
-    """Give ``path`` back (and its mode, when recorded), unless it is gone or no longer
-    the QEMU user's."""
+def _restore(path: str, uid: int, entry: list[Any]) -> None:
+    """Give ``path`` back to its owner before the first holder (and its mode): when the
+    last holder stops if the owner is remembered on the file, else unless it is no longer
+    the QEMU user's (changed since the launch: not ours to undo)."""
+    owner, group = int(entry[1]), int(entry[2])
+    mode = int(entry[3]) if len(entry) > 3 else None
     try:
-        if os.stat(path).st_uid != uid:
-            return  # changed since the launch: not ours to undo
+        if not _forget_holder(path, entry):
+            return  # another domain (another host's, a migration's) holds it still
+        remembered = len(entry) >= 5 and bool(entry[4])
+        if not remembered and os.stat(path).st_uid != uid:
+            return
         os.chown(path, owner, group)
         if mode is not None:
             os.chmod(path, mode)

@@ -11,12 +11,14 @@ image paths on both "hosts").
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pwd
 import re
 import shutil
 import tempfile
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -32,7 +34,7 @@ from tests.integration.test_scheduler_cluster import (  # noqa: F401 - the vhost
     vhost,
     wait_hosts,
 )
-from tests.procs import cli
+from tests.procs import agent_process, cli, unique_host
 
 pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.slow]
 TICK = re.compile(rb"VIRTBUS-TICK (\d+)")
@@ -159,3 +161,85 @@ async def test_a_guest_of_the_unprivileged_qemu_user_migrates(
         for pid in qemu_pids_under(base):  # never leave a guest behind
             os.kill(pid, 9)
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_a_guest_with_its_own_uid_migrates_and_takes_one_of_the_destinations(
+    vhost: str,  # noqa: F811
+) -> None:
+    """Issue 13 item 5 under migration: two agents with disjoint ``qemu_uid_range``s; the
+    guest's QEMU runs as a uid of the source's range, its destination QEMU as one of the
+    destination's, the source's uid is free once it left, and its disk (shared storage)
+    moves from one uid to the other and back to its owner when the guest stops."""
+    guest = await ensure_test_guest()
+    base = Path(tempfile.mkdtemp(prefix="virtbus-miguid-"))  # searchable by every uid
+    try:
+        base.chmod(0o755)
+        kernel, initrd = base / "vmlinuz", base / "initrd"
+        shutil.copyfile(guest.kernel, kernel)
+        shutil.copyfile(guest.initramfs, initrd)
+        data = base / "data.img"
+        data.write_bytes(bytes(1 << 20))
+        data.chmod(0o644)
+        disk = (f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source "
+                f"file='{data}'/><target dev='vdb' bus='virtio'/></disk></devices>")  # fmt: skip
+        serial, dst_serial = base / "uid1-src.serial", base / "uid1-dst.serial"
+        xml = base / "uid1.xml"
+        xml.write_text(kernel_xml(kernel, initrd, guest.cmdline, serial)
+                       .replace("mig1", "uid1").replace("</devices>", disk))  # fmt: skip
+        ranges = ("232000-232009", "232100-232109")
+        async with AsyncExitStack() as stack:
+            procs = []
+            for uids in ranges:
+                host = unique_host("uid")
+                (base / host).mkdir()
+                procs.append(await stack.enter_async_context(agent_process(
+                    host, base / host, "--driver-option", f"qemu_uid_range={uids}",
+                    driver="qemu", bus=URL, keep_queue=True)))  # fmt: skip
+            a, b = procs
+            await stack.enter_async_context(scheduler_process(base / "sched"))
+            await wait_hosts(2)
+            await vcli("define", str(xml), "--host", a.host)
+            await vcli("start", "uid1", "--host", a.host)
+            (pid,) = qemu_pids_under(a.state_dir)
+            assert uid_of(pid) == 232000 and data.stat().st_uid == 232000
+            info = await cli("--json", "dominfo", "uid1", "--host", a.host, bus=URL)
+            uuid = info.json()["uuid"]
+            dst = kernel_xml(kernel, initrd, guest.cmdline, dst_serial, uuid)
+            dst = dst.replace("mig1", "uid1").replace("</devices>", disk)
+            (base / "uid1-dst.xml").write_text(dst)
+            await wait_tick(serial, 2)
+            r = await cli(
+                "migrate", "uid1", "--to", b.host, "--xml", str(base / "uid1-dst.xml"),
+                "--wait", bus=URL, timeout=120,
+            )  # fmt: skip
+            assert r.code == 0, r.err
+            assert await placed("uid1") == [(b.host, "running")]
+            (pid,) = qemu_pids_under(b.state_dir)
+            assert uid_of(pid) == 232100 and data.stat().st_uid == 232100
+            last = max_tick(serial)
+            assert await wait_tick(dst_serial, last + 2) > last + 2
+            async with asyncio.timeout(30):  # confirm quit the source's QEMU
+                while qemu_pids_under(a.state_dir):
+                    await asyncio.sleep(0.05)
+            assert allocations(a.state_dir) == {}  # the source's uid is free again
+            assert allocations(b.state_dir) == {uuid: 232100}
+            assert data.stat().st_uid == 232100  # the source's stop left it to the destination
+            await vcli("destroy", "uid1", "--host", b.host)
+            info_ = data.stat()
+            assert (info_.st_uid, info_.st_mode & 0o777) == (0, 0o644)
+    finally:
+        for pid in qemu_pids_under(base):  # never leave a guest behind
+            os.kill(pid, 9)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def uid_of(pid: int) -> int:
+    found = re.search(r"^Uid:\s+(.*)$", Path(f"/proc/{pid}/status").read_text(), re.M)
+    assert found is not None
+    (uid,) = {int(x) for x in found.group(1).split()}
+    return uid
+
+
+def allocations(state_dir: Path) -> dict[str, int]:
+    (path,) = state_dir.rglob("qemu-uids.json")
+    return {k: int(v) for k, v in json.loads(path.read_text())["uids"].items()}

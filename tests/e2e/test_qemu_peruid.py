@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shutil
 import stat
@@ -21,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from drivers.qemu import acl
+from drivers.qemu.dac import REMEMBER
 from tests.e2e.conftest import qemu_pids_under
-from tests.e2e.test_qemu_driver import kernel_xml, wait_serial
 from tests.e2e.test_qemu_dac import disk, status_ids
+from tests.e2e.test_qemu_driver import kernel_xml, wait_serial
 from tests.guests import READY_MARKER, TestGuest, build_test_guest
 from tests.procs import AgentProc, agent_process, cli, qemu_allowed_dirs, unique_host
 
@@ -62,8 +64,8 @@ def guest() -> TestGuest:
 async def host(request: pytest.FixtureRequest) -> AsyncIterator[Host]:
     size = int(getattr(request, "param", 2))
     for uid in range(FIRST, FIRST + size):
-        out = subprocess.run(["getent", "passwd", str(uid)], capture_output=True, check=False)
-        assert out.returncode != 0, f"uid {uid} belongs to an account of this host"
+        with pytest.raises(KeyError):  # no account of this host may hold it
+            pwd.getpwuid(uid)
     base = Path(tempfile.mkdtemp(prefix="virtbus-peruid-"))
     base.chmod(0o755)
     images = base / "images"
@@ -91,8 +93,8 @@ def guest_xml(host: Host, guest: TestGuest, name: str, devices: str) -> tuple[st
 
 
 def readonly_disk(path: Path, dev: str) -> str:
-    return (f"<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
-            f"<source file='{path}'/><target dev='{dev}' bus='sata'/><readonly/></disk>")  # fmt: skip
+    return (f"<disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source "
+            f"file='{path}'/><target dev='{dev}' bus='sata'/><readonly/></disk>")  # fmt: skip
 
 
 def pid_of(uuid: str) -> int:
@@ -145,6 +147,8 @@ async def test_two_guests_run_under_their_own_uids_and_cannot_open_each_others_d
             assert status_ids(pid) == ([uid] * 4, [uid] * 4)  # real, eff, saved, fs; gid = uid
         assert host.allocations() == {uuid_a: uid_a, uuid_b: uid_b}
         for path, uid in ((disk_a, uid_a), (disk_b, uid_b)):
+            assert json.loads(os.getxattr(path, REMEMBER)) == {"uid": 0, "gid": 0, "mode": 0o644,
+                                                               "refs": 1}  # fmt: skip
             info = path.stat()
             assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (uid, uid, 0o600)
         # the domain's run dir is its uid's and holds what its QEMU made; the agent's is root's
@@ -187,6 +191,7 @@ async def test_two_guests_run_under_their_own_uids_and_cannot_open_each_others_d
         for path in (disk_a, disk_b):
             info = path.stat()
             assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 0, 0o644)
+            assert REMEMBER not in os.listxattr(path)  # the last holder gone: forgotten
         info = iso.stat()  # the ACL gone with its last entry, the mode as it was
         assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o600)
         assert acl.XATTR not in os.listxattr(iso)
