@@ -12,8 +12,9 @@ with a count of holders: libvirt's remember_owner); when the run ends (or its la
 fails), also in an agent restarted meanwhile, each is given back to that owner by its last
 holder (so a migration's destination on shared storage, which takes a disk over from the
 source's QEMU, does not take the source's uid for its owner), or, on a filesystem without
-trusted xattrs, unless someone changed it since. The agent's run dir becomes ``root:<gid>`` mode 1770 so QEMU can create its QMP
-socket and pidfile there but not remove what is not its own.
+trusted xattrs, unless someone changed it since. The agent's run dir becomes
+``root:<gid>`` mode 1770 so QEMU can create its QMP socket and pidfile there but not
+remove what is not its own.
 
 Read-only firmware (loader, NVRAM template) and kernels are never chowned: they must be
 readable by the user (a clear start error says which directory it cannot search).
