@@ -45,6 +45,7 @@ import logging
 import os
 import pwd
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,6 +123,7 @@ class UidPool:
         self._path = path
         self.first, self.last = first, last
         self._uids: dict[str, int] | None = None
+        self._lock = threading.Lock()  # launches allocate in worker threads, concurrently
 
     def _load(self) -> dict[str, int]:
         if self._uids is None:
@@ -140,11 +142,16 @@ class UidPool:
         replace_file(self._path, json.dumps(doc, indent=1, sort_keys=True).encode())
 
     def get(self, uuid: str) -> int | None:
-        return self._load().get(uuid)
+        with self._lock:
+            return self._load().get(uuid)
 
     def allocate(self, uuid: str, domain: str) -> int:
         """``uuid``'s uid (a new one the first time); OPERATION_FAILED naming the setting
         when every uid of the range is taken."""
+        with self._lock:
+            return self._allocate(uuid, domain)
+
+    def _allocate(self, uuid: str, domain: str) -> int:
         uids = self._load()
         if uuid in uids:
             return uids[uuid]
@@ -167,18 +174,20 @@ class UidPool:
         )
 
     def free(self, uuid: str) -> None:
-        uids = self._load()
-        if uids.pop(uuid, None) is not None:
-            self._save()
+        with self._lock:
+            if self._load().pop(uuid, None) is not None:
+                self._save()
 
     def prune(self, known: set[str]) -> None:
         """Free the uids of domains this host no longer has (lost at an agent's crash)."""
-        uids = self._load()
-        gone = [uuid for uuid in uids if uuid not in known]
-        for uuid in gone:
-            log.info("freeing uid %d of domain %s: no longer on this host", uids.pop(uuid), uuid)
-        if gone:
-            self._save()
+        with self._lock:
+            uids = self._load()
+            gone = [uuid for uuid in uids if uuid not in known]
+            for uuid in gone:
+                log.info("freeing uid %d of domain %s: no longer on this host",
+                         uids.pop(uuid), uuid)  # fmt: skip
+            if gone:
+                self._save()
 
 
 def shared_paths(defn: DomainDefinition, volumes: dict[int, str]) -> dict[str, int]:

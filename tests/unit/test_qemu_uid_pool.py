@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pwd
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,22 @@ def test_an_acl_entry_per_uid_is_added_and_taken_off(tmp_path: Path) -> None:
     assert acl.XATTR not in os.listxattr(f)
     assert stat.S_IMODE(f.stat().st_mode) == 0o600  # as it was
     acl.remove_user(str(f), 200001)  # idempotent
+
+
+def test_concurrent_launches_never_get_the_same_uid(tmp_path: Path) -> None:
+    """Launches allocate in worker threads (asyncio.to_thread), several at once."""
+    pool = UidPool(tmp_path / "u.json", 200000, 200015)
+    barrier = threading.Barrier(16)
+    got: dict[str, int] = {}
+
+    def start(n: int) -> None:
+        barrier.wait()
+        got[f"d{n}"] = pool.allocate(f"d{n}", f"dom{n}")
+
+    threads = [threading.Thread(target=start, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got.values()) == list(range(200000, 200016))
+    assert UidPool(tmp_path / "u.json", 200000, 200015).get("d7") == got["d7"]
