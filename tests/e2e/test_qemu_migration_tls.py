@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import hashlib
 import json
 import os
+import pwd
+import shutil
 import socket
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -250,6 +254,48 @@ async def test_tls_migration_is_tls_on_the_wire_and_the_guest_runs_there(
             last = max_tick(dst_serial)
             assert await wait_tick(back_serial, last + 2) > last + 2
             await vcli("destroy", "tls1", "--host", a.host)
+
+
+async def test_tls_migration_of_the_unprivileged_qemu_user(vhost: str) -> None:  # noqa: F811
+    """Both agents run QEMU as ``virtbus-qemu`` (qemu_user): the certificate directory is
+    given to that group (keys 0640), as the README says, and the TLS migration works."""
+    group = grp.getgrnam("virtbus-qemu")  # made by deploy/setup-dev
+    guest = await ensure_test_guest()
+    base = Path(tempfile.mkdtemp(prefix="virtbus-mtlsdac-"))  # searchable by the QEMU user
+    try:
+        base.chmod(0o755)
+        kernel, initrd = base / "vmlinuz", base / "initrd"
+        shutil.copyfile(guest.kernel, kernel)
+        shutil.copyfile(guest.initramfs, initrd)
+        copied = TestGuest(kernel=kernel, initramfs=initrd, cmdline=guest.cmdline,
+                           disk=guest.disk)  # fmt: skip
+        hosts = (unique_host("da"), unique_host("db"))
+        dirs = ca_with_hosts(base / "pki", *hosts)
+        for d in dirs.values():
+            for path in (d.parent, d, *d.iterdir()):
+                os.chown(path, 0, group.gr_gid)
+                path.chmod(0o750 if path.is_dir() else 0o640)
+        user = ("--driver-option", "qemu_user=virtbus-qemu")
+        async with two_agents(base, hosts, tls_dir(dirs[hosts[0]], *user),
+                              tls_dir(dirs[hosts[1]], *user)) as (a, b):  # fmt: skip
+            serial, uuid = await boot(copied, base, "tls5", a.host)
+            xml, dst_serial = dest_xml(copied, base, "tls5", uuid, 1)
+            with Capture() as cap:
+                code, err = await migrate("tls5", b.host, xml, "--tls")
+            assert code == 0, err
+            flows = cap.to_port(migration_port(await last_migration("tls5")))
+            assert flows and all(client_hello(f[0]) for f in flows), flows
+            assert await placed("tls5") == [(b.host, "running")]
+            (pid,) = qemu_pids_under(b.state_dir)
+            uids = Path(f"/proc/{pid}/status").read_text().split("\nUid:")[1].split("\n")[0]
+            assert {int(x) for x in uids.split()} == {pwd.getpwnam("virtbus-qemu").pw_uid}
+            last = max_tick(serial)
+            assert await wait_tick(dst_serial, last + 2) > last + 2
+            await vcli("destroy", "tls5", "--host", b.host)
+    finally:
+        for pid in qemu_pids_under(base):  # never leave a guest behind
+            os.kill(pid, 9)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 async def test_a_source_of_another_ca_fails_and_the_guest_stays(
