@@ -298,12 +298,12 @@ class DacLabels:
             for path, create in [(str(own), False), *wanted]:
                 if path in shared:
                     continue
-                entry = await asyncio.to_thread(_original, path, create)
+                entry = await asyncio.to_thread(_original, path, create, user)
                 if entry is not None:
                     originals.append(entry)
         except BaseException:
             for entry in originals:  # no record yet: count this launch out again
-                await asyncio.to_thread(_forget_holder, str(entry[0]), entry)
+                await asyncio.to_thread(_forget_holder, str(entry[0]), entry, user.uid)
             raise
         doc = {"user": user.name, "uid": user.uid, "files": originals,
                "acl": [[path, perm] for path, perm in sorted(shared.items())]}  # fmt: skip
@@ -376,12 +376,14 @@ def _revoke(path: str, uid: int) -> None:
         log.warning("cannot remove the ACL entry of uid %d from %s: %s", uid, path, exc)
 
 
-def _original(path: str, create: bool) -> list[object] | None:
+def _original(path: str, create: bool, user: QemuUser) -> list[object] | None:
     """[path, uid, gid, mode, remembered] of the owner before the first holder (a chardev
     output created empty first); None if absent. ``remembered``: counted in the file's
     :data:`REMEMBER` xattr (libvirt's remember_owner), so that a file another domain or
     another host's QEMU holds already (a migration's destination on shared storage) gets
-    its real owner back when its last holder stops, not the uid the first one gave it."""
+    its real owner back when its last holder stops, not the uid the first one gave it; the
+    holders are listed too, so one stopping gives the file to the one before it (a failed
+    migration's destination gives the disk back to the source's QEMU)."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -390,18 +392,21 @@ def _original(path: str, create: bool) -> list[object] | None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(fd)
         info = os.stat(path)
-    now = {"uid": info.st_uid, "gid": info.st_gid, "mode": stat.S_IMODE(info.st_mode), "refs": 0}
+    mode = stat.S_IMODE(info.st_mode)
+    now: dict[str, Any] = {"uid": info.st_uid, "gid": info.st_gid, "mode": mode, "refs": 0,
+                           "holders": []}  # fmt: skip
     try:
         doc = _remembered(path) or now
-        doc["refs"] = int(doc.get("refs", 0)) + 1
+        doc["refs"] += 1
+        doc["holders"].append([user.uid, user.gid])
         os.setxattr(path, REMEMBER, json.dumps(doc).encode())
     except OSError as exc:  # no trusted xattrs there (NFS, a FUSE): the owner now is it
         log.debug("cannot remember the owner of %s in an xattr: %s", path, exc)
-        return [path, info.st_uid, info.st_gid, now["mode"], False]
+        return [path, info.st_uid, info.st_gid, mode, False]
     return [path, int(doc["uid"]), int(doc["gid"]), int(doc["mode"]), True]
 
 
-def _remembered(path: str) -> dict[str, int] | None:
+def _remembered(path: str) -> dict[str, Any] | None:
     """The owner before the first holder and their count, from the file (None: none)."""
     try:
         doc = json.loads(os.getxattr(path, REMEMBER))
@@ -412,13 +417,16 @@ def _remembered(path: str) -> dict[str, int] | None:
     except ValueError:
         return None  # not ours to read: counted afresh from the owner now
     try:
-        return {k: int(doc[k]) for k in ("uid", "gid", "mode", "refs")}
+        out: dict[str, Any] = {k: int(doc[k]) for k in ("uid", "gid", "mode", "refs")}
+        out["holders"] = [[int(u), int(g)] for u, g in doc.get("holders", [])]
     except (KeyError, TypeError, ValueError):
         return None
+    return out
 
 
-def _forget_holder(path: str, entry: list[Any]) -> bool:
-    """One holder less on ``path``; True when it was the last (or nobody counted)."""
+def _forget_holder(path: str, entry: list[Any], uid: int) -> bool:
+    """Holder ``uid`` less on ``path``; True when it was the last (or nobody counted).
+    Otherwise a file it still owns goes to the holder before it."""
     if len(entry) < 5 or not entry[4]:
         return True
     try:
@@ -426,8 +434,14 @@ def _forget_holder(path: str, entry: list[Any]) -> bool:
         if doc is None:
             return True
         doc["refs"] -= 1
+        holders = doc["holders"]
+        mine = [i for i, (u, _) in enumerate(holders) if u == uid]
+        if mine:
+            del holders[mine[-1]]
         if doc["refs"] > 0:
             os.setxattr(path, REMEMBER, json.dumps(doc).encode())
+            if holders and os.stat(path).st_uid == uid:
+                os.chown(path, holders[-1][0], holders[-1][1])
             return False
         os.removexattr(path, REMEMBER)
     except FileNotFoundError:
@@ -454,7 +468,7 @@ def _restore(path: str, uid: int, entry: list[Any]) -> None:
     owner, group = int(entry[1]), int(entry[2])
     mode = int(entry[3]) if len(entry) > 3 else None
     try:
-        if not _forget_holder(path, entry):
+        if not _forget_holder(path, entry, uid):
             return  # another domain (another host's, a migration's) holds it still
         remembered = len(entry) >= 5 and bool(entry[4])
         if not remembered and os.stat(path).st_uid != uid:

@@ -169,7 +169,8 @@ async def test_a_guest_with_its_own_uid_migrates_and_takes_one_of_the_destinatio
     """Issue 13 item 5 under migration: two agents with disjoint ``qemu_uid_range``s; the
     guest's QEMU runs as a uid of the source's range, its destination QEMU as one of the
     destination's, the source's uid is free once it left, and its disk (shared storage)
-    moves from one uid to the other and back to its owner when the guest stops."""
+    moves from one uid to the other and back to its owner when the guest stops; a failed
+    attempt first gives the disk back to the source's uid."""
     guest = await ensure_test_guest()
     base = Path(tempfile.mkdtemp(prefix="virtbus-miguid-"))  # searchable by every uid
     try:
@@ -208,6 +209,17 @@ async def test_a_guest_with_its_own_uid_migrates_and_takes_one_of_the_destinatio
             dst = dst.replace("mig1", "uid1").replace("</devices>", disk)
             (base / "uid1-dst.xml").write_text(dst)
             await wait_tick(serial, 2)
+            # a destination that fails after taking the disk over gives it back to the source
+            hidden = base / "hidden"
+            hidden.mkdir(mode=0o700)  # root's: the destination's uid cannot reach its console
+            (base / "uid1-bad.xml").write_text(dst.replace(str(dst_serial), str(hidden / "s")))
+            r = await cli(
+                "migrate", "uid1", "--to", b.host, "--xml", str(base / "uid1-bad.xml"),
+                "--wait", bus=URL, timeout=120,
+            )  # fmt: skip
+            assert r.code != 0 and "not searchable" in r.err, r.err
+            assert await placed("uid1") == [(a.host, "running")]
+            assert data.stat().st_uid == 232000 and allocations(b.state_dir) == {}
             r = await cli(
                 "migrate", "uid1", "--to", b.host, "--xml", str(base / "uid1-dst.xml"),
                 "--wait", bus=URL, timeout=120,

@@ -147,8 +147,8 @@ async def test_two_guests_run_under_their_own_uids_and_cannot_open_each_others_d
             assert status_ids(pid) == ([uid] * 4, [uid] * 4)  # real, eff, saved, fs; gid = uid
         assert host.allocations() == {uuid_a: uid_a, uuid_b: uid_b}
         for path, uid in ((disk_a, uid_a), (disk_b, uid_b)):
-            assert json.loads(os.getxattr(path, REMEMBER)) == {"uid": 0, "gid": 0, "mode": 0o644,
-                                                               "refs": 1}  # fmt: skip
+            assert json.loads(os.getxattr(path, REMEMBER)) == {
+                "uid": 0, "gid": 0, "mode": 0o644, "refs": 1, "holders": [[uid, uid]]}  # fmt: skip
             info = path.stat()
             assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (uid, uid, 0o600)
         # the domain's run dir is its uid's and holds what its QEMU made; the agent's is root's
