@@ -19,11 +19,12 @@ remove what is not its own.
 Read-only firmware (loader, NVRAM template) and kernels are never chowned: they must be
 readable by the user (a clear start error says which directory it cannot search).
 
-With ``qemu_uid_range`` (e.g. ``200000-200999``, instead of ``qemu_user``) each domain's
-QEMU gets a uid of its own from that range (:class:`UidPool`, kept in
-``<state_dir>/qemu-uids.json`` from its first start until it is undefined or migrated
-away), with the same number as its gid (a private group: a shared one would give every
-guest the group bits of every other guest's files) and the kvm group. Its files are
+With ``qemu_uid_range`` (e.g. ``200000-200999``) each domain's QEMU gets a uid of its own
+from that range (:class:`UidPool`, kept in ``<state_dir>/qemu-uids.json`` from its first
+start until it is undefined or migrated away), with the same number as its gid (a private
+group: as a primary group a shared one would own, with its group bits, the files QEMU
+creates) and the kvm group, or, with ``qemu_user`` set too, that user's groups as
+supplementary ones (for host-wide files such as the migration TLS credentials). Its files are
 chowned to ``uid:uid`` with their group and other bits cleared for the run (so one
 guest's QEMU cannot open another's images even if they were 0644; the mode is given back
 with the owner); a read-only or shareable disk, which several guests may use at once, is
@@ -234,12 +235,6 @@ class DacLabels:
 
     def __init__(self, user_name: str, run_dir: Path, *, uid_range: str = "",
                  state_dir: Path | None = None) -> None:  # fmt: skip
-        if user_name and uid_range:
-            raise InvalidArgument(
-                "QEMU driver options qemu_user and qemu_uid_range exclude each other: "
-                "qemu_uid_range gives each domain a uid (and group) of its own, a shared "
-                "qemu_user would let every guest reach the others' files; set one"
-            )
         self._name = user_name
         self._run_dir = run_dir
         self._user: QemuUser | None = None
@@ -255,12 +250,22 @@ class DacLabels:
 
     def user(self, uuid: str) -> QemuUser | None:
         """Who QEMU of domain ``uuid`` runs as (the shared user, looked up once, or its own
-        uid, allocated at its launch), or None when QEMU runs as the agent's user."""
+        uid, allocated at its launch), or None when QEMU runs as the agent's user.
+
+        A per-domain uid has its own number as gid, and, when ``qemu_user`` is set too,
+        that user's groups as supplementary ones: host-wide files every QEMU reads (the
+        migration TLS credentials) can be given to that group, while a domain's own files
+        are ``uid:uid`` with no group bits, so sharing it opens no guest's files to another."""
+        shared = self._shared_user()
         if self.pool is not None:
             uid = self.pool.get(uuid)
             if uid is None:
                 raise OperationFailed(f"domain {uuid} has no uid of qemu_uid_range yet")
-            return QemuUser(f"uid {uid}", uid, uid, kvm_groups())
+            groups = (shared.gid, *shared.groups) if shared is not None else kvm_groups()
+            return QemuUser(f"uid {uid}", uid, uid, groups)
+        return shared
+
+    def _shared_user(self) -> QemuUser | None:
         if not self._name:
             return None
         if self._user is None:

@@ -65,9 +65,10 @@ class QemuSettings:
     #: it) gives each QEMU that uid and chowns the domain's files to it for the run; empty:
     #: QEMU runs as the agent's user (root), as before
     qemu_user: str = ""
-    #: per-domain uids instead (drivers/qemu/dac.py): "200000-200999" gives each domain's
-    #: QEMU a uid (and gid) of its own from that range, from its first start until it is
-    #: undefined, so one guest's QEMU cannot open another's files; excludes qemu_user
+    #: per-domain uids (drivers/qemu/dac.py): "200000-200999" gives each domain's QEMU a
+    #: uid (and gid) of its own from that range, from its first start until it is
+    #: undefined, so one guest's QEMU cannot open another's files; with qemu_user set too,
+    #: that user's groups are every QEMU's supplementary groups (shared TLS credentials)
     qemu_uid_range: str = ""
     #: addresses besides loopback that displays, TCP chardevs and incoming migrations may
     #: listen on (``--driver-option listen_allowed=192.0.2.10,198.51.100.7``; "*": any)

@@ -298,6 +298,60 @@ async def test_tls_migration_of_the_unprivileged_qemu_user(vhost: str) -> None: 
         shutil.rmtree(base, ignore_errors=True)
 
 
+async def test_tls_migration_of_qemus_with_their_own_uids(vhost: str) -> None:  # noqa: F811
+    """Both agents give each QEMU a uid of its own (disjoint ``qemu_uid_range``s) and
+    ``qemu_user``'s group as a supplementary one: the certificate directory given to that
+    group is readable by every QEMU, and the TLS migration works, the destination's QEMU
+    under a uid of the destination's range."""
+    group = grp.getgrnam("virtbus-qemu")  # made by deploy/setup-dev
+    guest = await ensure_test_guest()
+    base = Path(tempfile.mkdtemp(prefix="virtbus-mtlsuid-"))  # searchable by every uid
+    try:
+        base.chmod(0o755)
+        kernel, initrd = base / "vmlinuz", base / "initrd"
+        shutil.copyfile(guest.kernel, kernel)
+        shutil.copyfile(guest.initramfs, initrd)
+        copied = TestGuest(kernel=kernel, initramfs=initrd, cmdline=guest.cmdline,
+                           disk=guest.disk)  # fmt: skip
+        hosts = (unique_host("ua"), unique_host("ub"))
+        dirs = ca_with_hosts(base / "pki", *hosts)
+        for d in dirs.values():
+            for path in (d.parent, d, *d.iterdir()):
+                os.chown(path, 0, group.gr_gid)
+                path.chmod(0o750 if path.is_dir() else 0o640)
+        ranges = ("233000-233009", "233100-233109")
+        options = [tls_dir(dirs[host], "--driver-option", "qemu_user=virtbus-qemu",
+                           "--driver-option", f"qemu_uid_range={uids}")
+                   for host, uids in zip(hosts, ranges, strict=True)]  # fmt: skip
+        async with two_agents(base, hosts, *options) as (a, b):
+            serial, uuid = await boot(copied, base, "tls6", a.host)
+            (pid,) = qemu_pids_under(a.state_dir)
+            assert ids(pid, "Uid") == ids(pid, "Gid") == {233000}
+            xml, dst_serial = dest_xml(copied, base, "tls6", uuid, 1)
+            with Capture() as cap:
+                code, err = await migrate("tls6", b.host, xml, "--tls")
+            assert code == 0, err
+            flows = cap.to_port(migration_port(await last_migration("tls6")))
+            assert flows and all(client_hello(f[0]) for f in flows), flows
+            assert await placed("tls6") == [(b.host, "running")]
+            (pid,) = qemu_pids_under(b.state_dir)
+            assert ids(pid, "Uid") == ids(pid, "Gid") == {233100}
+            assert group.gr_gid in ids(pid, "Groups")
+            last = max_tick(serial)
+            assert await wait_tick(dst_serial, last + 2) > last + 2
+            await vcli("destroy", "tls6", "--host", b.host)
+    finally:
+        for pid in qemu_pids_under(base):  # never leave a guest behind
+            os.kill(pid, 9)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def ids(pid: int, field: str) -> set[int]:
+    """The ids of a /proc/PID/status line (Uid, Gid: real, effective, saved, fs; Groups)."""
+    line = Path(f"/proc/{pid}/status").read_text().split(f"\n{field}:")[1].split("\n")[0]
+    return {int(x) for x in line.split()}
+
+
 async def test_a_source_of_another_ca_fails_and_the_guest_stays(
     vhost: str,  # noqa: F811
     e2e_root: Path,

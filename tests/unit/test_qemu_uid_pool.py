@@ -24,10 +24,18 @@ def test_the_range_parses_and_a_bad_one_names_the_setting() -> None:
             parse_range(bad)
 
 
-def test_qemu_user_and_a_range_exclude_each_other(tmp_path: Path) -> None:
-    with pytest.raises(InvalidArgument, match="qemu_user and qemu_uid_range exclude"):
-        DacLabels("virtbus-qemu", tmp_path, uid_range="200000-200001", state_dir=tmp_path)
-    assert DacLabels("", tmp_path, uid_range="200000-200001", state_dir=tmp_path).per_domain
+def test_with_qemu_user_too_its_groups_are_shared_but_never_the_uid_or_gid(
+    tmp_path: Path,
+) -> None:
+    shared = pwd.getpwnam("virtbus-qemu")  # made by deploy/setup-dev
+    labels = DacLabels("virtbus-qemu", tmp_path, uid_range="200000-200001", state_dir=tmp_path)
+    assert labels.per_domain and labels.pool is not None
+    labels.pool.allocate("a", "da")
+    user = labels.user("a")
+    assert user is not None and (user.uid, user.gid) == (200000, 200000)
+    assert shared.pw_gid in user.groups and shared.pw_uid != user.uid
+    alone = DacLabels("", tmp_path, uid_range="200000-200001", state_dir=tmp_path).user("a")
+    assert alone is not None and shared.pw_gid not in alone.groups
 
 
 def test_allocations_survive_a_new_pool_and_are_freed(tmp_path: Path) -> None:
