@@ -48,7 +48,7 @@ from drivers.qemu.argv import (
 from drivers.qemu.argv_common import ArgvSettings
 from drivers.qemu.capabilities import QemuCapabilities, probe
 from drivers.qemu.cputune import preexec_affinity
-from drivers.qemu.dac import DacLabels
+from drivers.qemu.dac import DacLabels, QemuUser
 from drivers.qemu.domain import Domain, Run, Runtime
 from drivers.qemu.firmware import Descriptor, load_descriptors
 from drivers.qemu.host import HostFacts
@@ -251,6 +251,13 @@ class Launcher:
         helper state (a TPM's) goes too, as libvirt removes it, and its uid is free."""
         comp.forget(self._argv, uuid)
         self.free_uid(uuid)
+
+    def qemu_user(self, uuid: str) -> QemuUser | None:
+        """Who the QEMU of ``uuid`` runs as (None: the agent's user) and its own run dir."""
+        return self._dac.user(uuid) if self._dac is not None else None
+
+    def own_dir(self, uuid: str) -> Path:
+        return confine.own_dir(self._rt.store.run_dir, uuid)
 
     def free_uid(self, uuid: str) -> None:
         """The per-domain uid of ``uuid`` (qemu_uid_range) is free again."""

@@ -15,7 +15,9 @@ import contextlib
 import functools
 import logging
 import os.path
+import shutil
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from drivers.qemu import copy_storage as cs
@@ -94,11 +96,27 @@ class MigrationSteps:
             )
 
     async def _tls_setup(self, execute: mig.Execute, params: MigrationParams,
-                         role: mig.Role) -> None:  # fmt: skip
-        if params.tls:
-            cfg = self._settings
+                         role: mig.Role, uuid: str) -> None:  # fmt: skip
+        """The side's credentials in its QEMU. A QEMU of an unprivileged user (qemu_user,
+        qemu_uid_range) cannot read the host's keys: it is handed a copy of the files its
+        side needs in its own run dir, owned by its uid, removed again once QEMU loaded
+        them (tls-creds-x509 reads its files once, when it is created)."""
+        if not params.tls:
+            return
+        cfg = self._settings
+        user = self._launcher.qemu_user(uuid)
+        if user is None:
             await mig.tls_setup(execute, role, cfg.migrate_tls_x509_cert_dir,
                                 cfg.migrate_tls_x509_verify)  # fmt: skip
+            return
+        source = Path(cfg.migrate_tls_x509_cert_dir)
+        copy = self._launcher.own_dir(uuid) / "migrate-tls"
+        await asyncio.to_thread(mig.tls_copy, source, role, copy, user.uid, user.gid)
+        try:
+            await mig.tls_setup(execute, role, str(copy), cfg.migrate_tls_x509_verify,
+                                shown=str(source))  # fmt: skip
+        finally:
+            await asyncio.to_thread(shutil.rmtree, copy, True)
 
     async def begin(self, ref: str) -> str:
         dom = self._registry.get(ref)
@@ -134,7 +152,7 @@ class MigrationSteps:
                 run = launched.run
                 run.migration = job
                 execute = functools.partial(dom.execute, run)
-                await self._tls_setup(execute, params, "destination")
+                await self._tls_setup(execute, params, "destination", defn.uuid)
                 await mig.configure(execute, params, "destination", self._migration)
                 uri = await mig.start_incoming(execute, params, self._migration)
                 await dom.save_status(run)
@@ -180,7 +198,7 @@ class MigrationSteps:
         self._check_idle(dom, run)
         execute = functools.partial(dom.execute, run)
         try:
-            await self._tls_setup(execute, params, "source")
+            await self._tls_setup(execute, params, "source", dom.defn.uuid)
             await mig.configure(execute, params, "source", self._migration,
                                 mig.tls_hostname(params, uri))  # fmt: skip
         except VirtbusError as exc:
@@ -282,7 +300,7 @@ class MigrationSteps:
         execute = functools.partial(dom.execute, run)
         hostname = mig.tls_hostname(params, uri)
         try:
-            await self._tls_setup(execute, params, "source")
+            await self._tls_setup(execute, params, "source", dom.defn.uuid)
             await mig.configure(execute, params, "source", self._migration, hostname)
         except VirtbusError as exc:
             if params.tls:

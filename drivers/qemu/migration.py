@@ -31,10 +31,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -125,15 +127,41 @@ def tls_object(role: Role, cert_dir: str, verify: bool) -> dict[str, Any]:
     }  # fmt: skip
 
 
-async def tls_setup(execute: Execute, role: Role, cert_dir: str, verify: bool) -> None:
+#: the files of tls-creds-x509's directory each side loads (if present: the optional ones)
+TLS_FILES = {"destination": ("ca-cert.pem", "server-cert.pem", "server-key.pem"),
+             "source": ("ca-cert.pem", "client-cert.pem", "client-key.pem")}  # fmt: skip
+TLS_OPTIONAL = ("ca-crl.pem", "dh-params.pem")
+
+
+def tls_copy(source: Path, role: Role, dest: Path, uid: int, gid: int) -> None:
+    """The side's credential files copied into ``dest`` (made 0700), owned by ``uid``:``gid``
+    and 0600: for a QEMU of an unprivileged user, which cannot read the host's keys. A
+    file QEMU requires but the directory lacks is left out: QEMU's error names it."""
+    dest.mkdir(mode=0o700, exist_ok=True)
+    os.chown(dest, uid, gid)
+    for name in (*TLS_FILES[role], *TLS_OPTIONAL):
+        try:
+            data = (source / name).read_bytes()
+        except FileNotFoundError:
+            continue
+        fd = os.open(dest / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            os.fchown(fh.fileno(), uid, gid)
+            fh.write(data)
+
+
+async def tls_setup(
+    execute: Execute, role: Role, cert_dir: str, verify: bool, shown: str | None = None
+) -> None:
     """The side's ``tls-creds-x509`` object (one an earlier attempt left is replaced);
-    MigrateFailed naming the directory when QEMU cannot load it."""
+    MigrateFailed naming the directory (``shown``: the one the files came from) when QEMU
+    cannot load it."""
     await tls_teardown(execute)
     try:
         await execute("object-add", tls_object(role, cert_dir, verify))
     except VirtbusError as exc:
         raise MigrateFailed(
-            f"cannot load the migration TLS credentials from {cert_dir} (ca-cert.pem,"
+            f"cannot load the migration TLS credentials from {shown or cert_dir} (ca-cert.pem,"
             f" {'server' if role == 'destination' else 'client'}-cert.pem and -key.pem): {exc}"
         ) from exc
 
