@@ -357,6 +357,42 @@ def ids(pid: int, field: str) -> set[int]:
     return {int(x) for x in line.split()}
 
 
+async def test_tls_with_multifd_and_postcopy(
+    vhost: str,  # noqa: F811
+    e2e_root: Path,
+) -> None:
+    """``--tls --parallel 2``: every multifd channel is a TLS connection of its own;
+    ``--tls --postcopy`` back (the return path inside the same TLS stream)."""
+    guest = await ensure_test_guest()
+    with workdir(e2e_root, "mmf") as base:
+        hosts = (unique_host("ma"), unique_host("mb"))
+        dirs = ca_with_hosts(base / "pki", *hosts)
+        async with two_agents(base, hosts, tls_dir(dirs[hosts[0]]),
+                              tls_dir(dirs[hosts[1]])) as (a, b):  # fmt: skip
+            serial, uuid = await boot(guest, base, "tls7", a.host)
+            xml, dst_serial = dest_xml(guest, base, "tls7", uuid, 1)
+            with Capture() as cap:
+                code, err = await migrate("tls7", b.host, xml, "--tls", "--parallel", "2")
+            assert code == 0, err
+            flows = cap.to_port(migration_port(await last_migration("tls7")))
+            assert len(flows) >= 3, flows  # the main channel and two multifd channels
+            assert all(client_hello(f[0]) for f in flows), [f[0][:8] for f in flows]
+            assert await placed("tls7") == [(b.host, "running")]
+            last = max_tick(serial)
+            assert await wait_tick(dst_serial, last + 2) > last + 2
+            xml, back_serial = dest_xml(guest, base, "tls7", uuid, 2)
+            with Capture() as cap:
+                code, err = await migrate("tls7", a.host, xml, "--tls", "--postcopy")
+            assert code == 0, err
+            rec = await last_migration("tls7")
+            flows = cap.to_port(migration_port(rec))
+            assert flows and all(client_hello(f[0]) for f in flows), [f[0][:8] for f in flows]
+            assert await placed("tls7") == [(a.host, "running")]
+            last = max_tick(dst_serial)
+            assert await wait_tick(back_serial, last + 2) > last + 2
+            await vcli("destroy", "tls7", "--host", a.host)
+
+
 async def test_a_source_of_another_ca_fails_and_the_guest_stays(
     vhost: str,  # noqa: F811
     e2e_root: Path,
