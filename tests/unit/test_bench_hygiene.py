@@ -92,3 +92,22 @@ def test_both_sides_define_the_same_guest() -> None:
     assert "<memballoon model='none'/>" in xml
     for side in ("vs_libvirt.py", "libvirt_side.py"):
         assert "firmware_guest_xml(" in (BENCH / side).read_text(), side
+
+
+def test_the_fleet_runs_shipped_agents_against_a_real_scheduler() -> None:
+    """tests/bench/fleet.py (issue 19's scale target): the shipped AgentService on the
+    shipped AMQP transport (connections shared, channels and queues each its own), one
+    virtbus-scheduler process, a private vhost of the real broker; no stand-in."""
+    text = (BENCH / "fleet.py").read_text()
+    tree = ast.parse(text)
+    called = _called(tree) | {
+        node.func.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
+    assert {"AgentService", "TestDriver", "private_vhost", "check_load", "add_force"} <= called
+    classes = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+    assert [ast.unparse(b) for b in classes["SharedConnectionBus"].bases] == ["AmqpBus"]
+    assert set(classes) == {"SharedConnectionBus"}  # no other stand-in
+    assert "SchedulerService" not in text and "SCHEDULER" in text  # the daemon, as shipped
+    assert "MemoryBus" not in text
