@@ -103,6 +103,8 @@ Req = TypeVar("Req", bound=Message)
 Res = TypeVar("Res", bound=Message)
 OpHandler = Callable[[Any], Awaitable[Message]]
 ACTIVE_STATES = frozenset({StateName.RUNNING, StateName.PAUSED, StateName.BLOCKED})
+# Hosts refreshed at once (see SchedulerService._refresh_slots).
+REFRESH_CONCURRENCY = 32
 # Ops answered before the journal is resolved (they touch no migration).
 _EARLY_OPS = frozenset({ops.SCHEDULER_PING, ops.SCHEDULER_HOSTS, ops.SCHEDULER_DOMAINS})
 
@@ -139,6 +141,13 @@ class SchedulerService:
         self._server: Server | None = None
         self._subs: list[Subscription] = []
         self._refreshing: set[str] = set()
+        # Hosts whose last refresh failed (a timeout in a cold start's stampede): asked
+        # again at their next heartbeat, which alone would not say that anything changed.
+        self._stale: set[str] = set()
+        # Refreshes at once: a cold start asks every host for its domains (domain.list,
+        # then domain.xml of each new one); unbounded, 1,000 hosts' calls queue at the
+        # agents past fanout_timeout and the view never converges.
+        self._refresh_slots = asyncio.Semaphore(REFRESH_CONCURRENCY)
         self._flagging: set[str] = set()  # hosts with a drain-flag call in flight
         self._ops: dict[str, OpHandler] = {
             ops.SCHEDULER_PING: self._ping,
@@ -259,7 +268,7 @@ class SchedulerService:
             if not self.authz.speaks_for(env.user, host):  # a forged heartbeat: never believed
                 log.warning("dropped a heartbeat of host %r sent by user %r", host, env.user)
                 continue
-            if self.view.observe_heartbeat(inv):
+            if self.view.observe_heartbeat(inv) or host in self._stale:
                 self._refresh_soon(host)
             self.coordinator.cleanups.host_alive(host)  # retry what it still owes at once
             if self.ready.is_set():
@@ -302,15 +311,21 @@ class SchedulerService:
         """Ask a host for its domains (and the metadata of new ones); None when it is silent."""
         t = self.settings.fanout_timeout
         try:
-            listing = await self._agent_call(host, ops.DOMAIN_LIST, DomainListRequest(), t)
-            domains = listing.domains
-            for uuid in self.view.observe_domains(host, domains):
-                reply = await self._agent_call(host, ops.DOMAIN_XML, DomainTarget(domain=uuid), t)
-                defn = parse_domain_xml(reply.xml)
-                self.view.observe_meta(DomainMeta(defn.name, uuid, anti_affinity_groups(defn)))
+            async with self._refresh_slots:
+                listing = await self._agent_call(host, ops.DOMAIN_LIST, DomainListRequest(), t)
+                domains = listing.domains
+                for uuid in self.view.observe_domains(host, domains):
+                    target = DomainTarget(domain=uuid)
+                    reply = await self._agent_call(host, ops.DOMAIN_XML, target, t)
+                    defn = parse_domain_xml(reply.xml)
+                    groups = anti_affinity_groups(defn)
+                    self.view.observe_meta(DomainMeta(defn.name, uuid, groups))
+            self._stale.discard(host)
             return domains
         except VirtbusError as exc:
-            log.info("host %s did not list its domains: %s", host, exc)
+            log.info("host %s did not list its domains: %s (asked again at its next"
+                     " heartbeat)", host, exc)  # fmt: skip
+            self._stale.add(host)
             return None
         finally:
             self._refreshing.discard(host)

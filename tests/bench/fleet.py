@@ -71,8 +71,9 @@ def host_name(i: int) -> str:
 # --- the worker: many agents in one event loop ------------------------------------------
 async def worker(args: argparse.Namespace) -> None:
     """Run agents ``args.first`` .. ``args.first + args.count - 1``; print ``ready`` when
-    all serve, ``converged T`` (monotonic) when each has answered the scheduler's
-    domain.list and domain.xml of its domains, and stop them all at SIGTERM."""
+    all serve and, after a ``watch`` on stdin, ``converged T`` (monotonic) when each has
+    answered the scheduler's domain.list and domain.xml of its domains; stop them all at
+    SIGTERM."""
     import aio_pika
 
     from agent.service import AgentService
@@ -172,18 +173,37 @@ async def worker(args: argparse.Namespace) -> None:
         await asyncio.gather(*(one(i) for i in hosts[start : start + 25]))
     print(f"ready {len(agents)}", flush=True)
 
-    async def watch() -> None:
-        names = {a.host for a in agents}
-        while True:
-            done = sum(1 for h in names if h in listed and xml_answers.get(h, 0) >= args.domains)
-            if done == len(names):
-                print(f"converged {time.monotonic():.6f}", flush=True)
-                return
-            await asyncio.sleep(0.05)
+    names = {a.host for a in agents}
 
-    watcher = asyncio.create_task(watch())
+    def answered() -> int:
+        return sum(1 for h in names if h in listed and xml_answers.get(h, 0) >= args.domains)
+
+    async def watch() -> None:
+        while answered() < len(names):
+            await asyncio.sleep(0.05)
+        print(f"converged {time.monotonic():.6f}", flush=True)
+
+    async def commands() -> None:
+        """``watch``: count the next scheduler's calls from zero; ``count``: how many of
+        this worker's agents it has asked for everything so far."""
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        watcher: asyncio.Task[None] | None = None
+        while line := (await reader.readline()).decode().strip():
+            if line == "watch":
+                if watcher is not None:
+                    watcher.cancel()
+                xml_answers.clear()
+                listed.clear()
+                watcher = asyncio.create_task(watch())
+            elif line == "count":
+                print(f"count {answered()}", flush=True)
+        if watcher is not None:
+            watcher.cancel()
+
+    reading = asyncio.create_task(commands())
     await stop.wait()
-    watcher.cancel()
+    reading.cancel()
     failed = [a.host for a in agents if a.failed.is_set()]
     for start in range(0, len(agents), 50):
         await asyncio.gather(*(a.stop() for a in agents[start : start + 50]))
@@ -235,7 +255,8 @@ async def start_worker(
         "--domains", str(args.domains), "--heartbeat", str(args.heartbeat),
         "--per-connection", str(args.per_connection), "--queue-type", args.queue_type,
         "--metrics-interval", str(args.metrics_interval),
-        stdout=asyncio.subprocess.PIPE, stderr=open(base / f"worker-{first}.log", "ab"),  # noqa: SIM115
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=open(base / f"worker-{first}.log", "ab"),  # noqa: SIM115
     )  # fmt: skip
     return proc
 
@@ -249,9 +270,10 @@ async def read_line(proc: asyncio.subprocess.Process, word: str, timeout: float)
 
 
 async def start_scheduler(
-    url: str, state: Path, profile: str | None
+    url: str, state: Path, profile: str | None, src: str | None = None
 ) -> tuple[asyncio.subprocess.Process, float]:
-    """A real scheduler at its defaults (tests.procs' short timeouts are not wanted here)."""
+    """A real scheduler at its defaults (tests.procs' short timeouts are not wanted here);
+    ``src``: the tree its code is imported from (PYTHONPATH), else this one."""
     from tests.procs import SCHEDULER, fresh_journal
 
     await fresh_journal(url)
@@ -265,6 +287,7 @@ async def start_scheduler(
     proc = await asyncio.create_subprocess_exec(
         *cmd, "--bus", url, "--state-dir", str(state), "--log-level", "WARNING",
         stdout=asyncio.subprocess.PIPE, stderr=open(state / "scheduler.log", "ab"),  # noqa: SIM115
+        env={**os.environ, "PYTHONPATH": src} if src else None,
     )  # fmt: skip
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 60)
@@ -298,6 +321,8 @@ async def run(args: argparse.Namespace, base: Path) -> None:
             await asyncio.sleep(args.heartbeat)  # every agent has beaten at least once
             print(f"a new broker connection (and its topology check) takes"
                   f" {await probe_connect(url):.2f} s now", flush=True)  # fmt: skip
+            if args.baseline:
+                await measure(args, url, base, workers, client, args.baseline)
             await measure(args, url, base, workers, client)
         finally:
             await client.close()
@@ -312,35 +337,68 @@ async def run(args: argparse.Namespace, base: Path) -> None:
                 await terminate(w, 30)
 
 
+async def converged_hosts(workers: list[asyncio.subprocess.Process]) -> int:
+    total = 0
+    for w in workers:
+        assert w.stdin is not None
+        w.stdin.write(b"count\n")
+        await w.stdin.drain()
+        while not (line := await read_line(w, "", 30)).startswith("count"):
+            pass  # a late "converged"
+        total += int(line.split()[1])
+    return total
+
+
 async def measure(
     args: argparse.Namespace,
     url: str,
     base: Path,
     workers: list[asyncio.subprocess.Process],
     client: Client,
+    src: str | None = None,
 ) -> None:
+    """One scheduler, cold-started against the running fleet: (a) and (b), then (c) and
+    (d) unless it is the ``src`` baseline."""
     from tests.procs import terminate
 
     n, d = args.hosts, args.domains
-    sched_proc, started = await start_scheduler(url, base / "scheduler", args.profile)
+    label = f"baseline scheduler ({src})" if src else "scheduler (this tree)"
+    print(f"--- {label}", flush=True)
+    for w in workers:
+        assert w.stdin is not None
+        w.stdin.write(b"watch\n")
+        await w.stdin.drain()
+    state = base / ("scheduler-baseline" if src else "scheduler")
+    sched_proc, started = await start_scheduler(url, state, None if src else args.profile, src)
     try:
         sched = client.scheduler
         # (a) convergence after a cold start
-        converged = [asyncio.create_task(read_line(w, "converged", 120 + n)) for w in workers]
+        converged = [asyncio.create_task(read_line(w, "converged", 3600)) for w in workers]
         hosts_at = None
-        async with asyncio.timeout(120 + n):
+        async with asyncio.timeout(args.converge_timeout):
             while hosts_at is None:
                 rows = await sched.hosts()
                 if sum(1 for h in rows if h.up and h.domains == d) >= n:
                     hosts_at = time.monotonic()
                 else:
                     await asyncio.sleep(0.2)
-        lines = await asyncio.gather(*converged)
-        domains_at = max(float(line.split()[1]) for line in lines)
         print(f"(a) convergence after a cold start: hosts {hosts_at - started:.2f} s"
-              f" (scheduler.hosts lists all {n} up with {d} domains), domains"
-              f" {domains_at - started:.2f} s (every host's domain.list and its {d}"
-              f" domain.xml answered: {n * (d + 1)} calls)", flush=True)  # fmt: skip
+              f" (scheduler.hosts lists all {n} up with {d} domains)", flush=True)  # fmt: skip
+        left = args.converge_timeout - (time.monotonic() - started)
+        done, pending = await asyncio.wait(converged, timeout=max(1.0, left))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            known = await converged_hosts(workers)
+            print(f"    domains: NOT converged after {time.monotonic() - started:.0f} s:"
+                  f" {n - known} of {n} hosts still have domains the scheduler did not"
+                  f" get (its domain.list or domain.xml timed out and was not asked"
+                  f" again)", flush=True)  # fmt: skip
+        else:
+            domains_at = max(float(t.result().split()[1]) for t in done)
+            print(f"    domains {domains_at - started:.2f} s (every host's domain.list and"
+                  f" its {d} domain.xml answered: {n * (d + 1)} calls)", flush=True)  # fmt: skip
 
         # (b) CPU at steady state
         await asyncio.sleep(min(5.0, 2 * args.heartbeat))
@@ -362,6 +420,8 @@ async def measure(
               f" broker (beam.smp) {share.get('broker', float('nan')):.1f}%;"
               f" load now {one:.2f} {five:.2f}", flush=True)  # fmt: skip
 
+        if src:
+            return
         # (c) placement latency through the bus
         probe = XML.format(name="fleet-probe", uuid=str(uuidlib.uuid4()))
         for _ in range(5):
@@ -405,8 +465,8 @@ async def measure(
     finally:
         code = await terminate(sched_proc, 60)
         if code not in (None, 0):
-            print(f"scheduler exited {code} (see {base}/scheduler/scheduler.log)")
-        if args.profile:
+            print(f"scheduler exited {code} (see {state}/scheduler.log)")
+        if args.profile and not src:
             print_profile(args.profile)
 
 
@@ -435,6 +495,18 @@ def main() -> None:
     parser.add_argument("--metrics-interval", type=float, default=3600.0,
                         help="agents' metrics passes (s; long: metrics off)")  # fmt: skip
     parser.add_argument("--profile", help="run the scheduler under cProfile, stats here")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="first cold-start a scheduler imported from DIR (another"
+        " checkout: before a change) against the same fleet: (a), (b)",
+    )
+    parser.add_argument(
+        "--converge-timeout",
+        type=float,
+        default=300.0,
+        help="give up waiting for convergence after this long (s)",
+    )
     add_force(parser)
     # the worker's own options (the parent passes them)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import scheduler.service
 from agent.service import AgentService
 from drivers.test import TestDriver, TestHostSpec
 from scheduler.journal import Journal, MigrationRecord
@@ -18,9 +19,11 @@ from scheduler.service import SchedulerService
 from scheduler.settings import SchedulerSettings
 from virtbus.bus.base import Bus
 from virtbus.bus.factory import open_bus
-from virtbus.bus.topology import SCHEDULER_ROUTE
+from virtbus.bus.topology import HEARTBEAT_KEY_SUFFIX, HOSTS_EXCHANGE, SCHEDULER_ROUTE
 from virtbus.errors import NoHostError, OperationInvalid
 from virtbus.protocol import ops
+from virtbus.protocol.base import to_wire
+from virtbus.protocol.envelope import Envelope, Kind
 from virtbus.settings import AgentSettings
 
 XML = """<domain type='test'><name>{name}</name><memory unit='MiB'>{mem}</memory><vcpu>1</vcpu>
@@ -248,3 +251,61 @@ async def test_restart_in_prepare_rolls_back(tmp_path: Path) -> None:
         done = await c.wait_migration("vm1")
         assert done["state"] == "failed"
         assert await c.where("vm1") == [("a", "running")]
+
+
+async def test_a_failed_refresh_is_asked_again_at_the_next_heartbeat(tmp_path: Path) -> None:
+    """A host whose domain list the scheduler could not get (a cold start's stampede of
+    calls timing out, tests/bench/fleet.py) is asked again: its later heartbeats say
+    nothing changed, yet the view must learn its domains and their groups."""
+    async with cluster(tmp_path, hosts=()) as c:
+        url = c.url
+        settings = AgentSettings(host="x", state_dir=tmp_path / "x", heartbeat_interval=0.05)
+        driver = TestDriver(SPEC)
+        await driver.start((await driver.define(xml("w0", group="web"))).uuid)
+        agent = AgentService(settings, open_bus(url, src="x"), driver)
+        # The heartbeat the agent will send, before its queue is served: the refresh fails.
+        early = open_bus(url, src="x")
+        await early.connect()
+        inv = await agent.inventory()
+        await early.publish(HOSTS_EXCHANGE, f"x.{HEARTBEAT_KEY_SUFFIX}", Envelope(
+            kind=Kind.HEARTBEAT, op=ops.HEARTBEAT, body=to_wire(inv), src="x"))  # fmt: skip
+        await early.close()
+        async with asyncio.timeout(5):
+            while "x" not in c.scheduler.view.hosts or "x" in c.scheduler._refreshing:
+                await asyncio.sleep(0.01)
+        assert not c.scheduler.view.hosts["x"].domains  # that refresh failed
+        await agent.start()
+        c.agents["x"] = agent  # stopped by the cluster
+        async with asyncio.timeout(5):
+            while not c.scheduler.view.hosts["x"].domains:
+                await asyncio.sleep(0.02)
+        with pytest.raises(NoHostError, match="anti-affinity removed 1"):
+            await c.call(ops.SCHEDULER_PLACE, {"xml": xml("w1", group="web")})
+
+
+async def test_refreshes_run_a_bounded_number_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold start asks every host for its domains; only REFRESH_CONCURRENCY at once,
+    so that the calls do not queue at the agents past their deadline."""
+    monkeypatch.setattr(scheduler.service, "REFRESH_CONCURRENCY", 1)
+    async with cluster(tmp_path) as c:
+        in_flight, peak = 0, 0
+        call = c.scheduler._agent_call
+
+        async def counting(host: str, op: Any, request: Any, timeout: float) -> Any:
+            nonlocal in_flight, peak
+            if op is not ops.DOMAIN_LIST:
+                return await call(host, op, request, timeout)
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                await asyncio.sleep(0.05)  # long enough for the others to overlap
+                return await call(host, op, request, timeout)
+            finally:
+                in_flight -= 1
+
+        c.scheduler._agent_call = counting  # type: ignore[method-assign]
+        answer = await c.call(ops.SCHEDULER_DOMAINS, {"all": True})  # refreshes all 3 hosts
+        assert answer["unreachable"] == []
+        assert peak == 1
