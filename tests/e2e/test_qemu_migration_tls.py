@@ -39,7 +39,7 @@ from qemu.qmp import QMPClient
 
 from tests.e2e.conftest import qemu_pids_under
 from tests.e2e.test_migration_qemu import kernel_xml, max_tick, wait_tick
-from tests.e2e.test_qemu_copy_storage import Guest, wait_pool, wait_text
+from tests.e2e.test_qemu_copy_storage import Guest, qmp_leftovers, wait_pool, wait_text
 from tests.e2e.test_qemu_copy_storage import guest_xml as disk_guest_xml
 from tests.guests import TestGuest, ensure_test_guest
 from tests.integration.test_scheduler_cluster import (  # noqa: F401 - the vhost fixture
@@ -521,8 +521,11 @@ async def test_copy_storage_over_tls_moves_the_disk_through_tls(
         args = (guest.kernel, guest.initramfs, guest.cmdline)
         serial, dst_serial = base / "cs1-src.serial", base / "cs1-dst.serial"
         (base / "cs1.xml").write_text(disk_guest_xml(*args, serial, "cs"))
-        async with two_agents(base, hosts, tls_dir(dirs[hosts[0]], *cfg),
-                              tls_dir(dirs[hosts[1]], *cfg)) as (a, b):  # fmt: skip
+        async with (
+            two_agents(base, hosts, tls_dir(dirs[hosts[0]], *cfg),
+                       tls_dir(dirs[hosts[1]], *cfg)) as (a, b),
+            contextlib.AsyncExitStack() as restarted,  # the source agent after its kill
+        ):  # fmt: skip
             for host, path in ((a.host, pool_a), (b.host, pool_b)):
                 await vcli("pool-create-as", "cs", "dir", "--target", str(path), "--host", host)
                 await wait_pool(host, "cs")
@@ -532,6 +535,23 @@ async def test_copy_storage_over_tls_moves_the_disk_through_tls(
             await wait_text(serial, "VIRTBUS-GUEST-READY")
             dst = base / "cs1-dst.xml"
             dst.write_text(disk_guest_xml(*args, dst_serial, "cs", uuid))
+            # a destination whose certificate does not carry the name asked: the NBD
+            # client's handshake fails, everything is rolled back, the guest stays
+            code, err = await migrate("cs1", b.host, dst, "--copy-storage-all", "--tls",
+                                      "--tls-destination", "not-" + b.host)  # fmt: skip
+            assert code == 1, err
+            assert await placed("cs1") == [(a.host, "running")]
+            assert os.listdir(pool_b) == []  # the volume made for the copy is gone
+            assert qemu_pids_under(b.state_dir) == []
+            a.proc.kill()  # the source QEMU keeps no credentials and no NBD node
+            await a.proc.wait()
+            objects, params = await qmp_tls_state(a.state_dir, uuid)
+            assert "virtbus-migrate-tls" not in objects and params.get("tls-creds") == ""
+            assert (await qmp_leftovers(a.state_dir, uuid)) == ([], [])
+            await restarted.enter_async_context(agent_process(
+                a.host, a.state_dir, *tls_dir(dirs[a.host], *cfg), driver="qemu", bus=URL,
+                keep_queue=True,
+            ))  # fmt: skip
             with Capture() as cap:
                 code, err = await migrate("cs1", b.host, dst, "--copy-storage-all", "--tls")
             assert code == 0, err
