@@ -60,6 +60,26 @@ def test_pki_init_and_issue_a_host_and_a_user_certificate(tmp_path: Path) -> Non
     assert bad.returncode == 1 and "INVALID_ARG" in bad.stderr
 
 
+def test_pki_issue_host_lays_out_a_qemu_tls_directory(tmp_path: Path) -> None:
+    """``--qemu-dir``: the migrate --tls layout (the qemu driver's migrate_tls_x509_cert_dir);
+    only for host certificates, refused before anything is issued otherwise."""
+    ca, qdir = tmp_path / "pki", tmp_path / "qemu"
+    assert virtbus("pki", "init", "--dir", str(ca)).returncode == 0
+    got = virtbus("--json", "pki", "issue", "host", "node1", "--dir", str(ca),
+                  "--qemu-dir", str(qdir))  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["qemu_dir"] == str(qdir)
+    assert sorted(p.name for p in qdir.iterdir()) == [
+        "ca-cert.pem", "client-cert.pem", "client-key.pem", "server-cert.pem", "server-key.pem",
+    ]  # fmt: skip
+    shown = virtbus("pki", "issue", "host", "node2", "--dir", str(ca), "--qemu-dir",
+                    str(tmp_path / "q2"))  # fmt: skip
+    assert shown.returncode == 0 and "QEMU TLS dir" in shown.stdout
+    user = virtbus("pki", "issue", "user", "oscar", "--dir", str(ca), "--qemu-dir", str(qdir))
+    assert user.returncode == 1 and "INVALID_ARG" in user.stderr and "host" in user.stderr
+    assert not (ca / "users" / "oscar.crt").exists()
+
+
 def test_cli_spellings_match_the_security_types() -> None:
     """The CLI spells pki kinds and policy owners itself (no heavy import at parse time)."""
     from virtbus.cli.acl import OWNERS
