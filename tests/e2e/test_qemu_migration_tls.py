@@ -39,7 +39,13 @@ from qemu.qmp import QMPClient
 
 from tests.e2e.conftest import qemu_pids_under
 from tests.e2e.test_migration_qemu import kernel_xml, max_tick, wait_tick
-from tests.e2e.test_qemu_copy_storage import Guest, qmp_leftovers, wait_pool, wait_text
+from tests.e2e.test_qemu_copy_storage import (
+    Guest,
+    qmp_leftovers,
+    until,
+    wait_pool,
+    wait_text,
+)
 from tests.e2e.test_qemu_copy_storage import guest_xml as disk_guest_xml
 from tests.guests import TestGuest, ensure_test_guest
 from tests.integration.test_scheduler_cluster import (  # noqa: F401 - the vhost fixture
@@ -391,6 +397,44 @@ async def test_tls_with_multifd_and_postcopy(
             last = max_tick(dst_serial)
             assert await wait_tick(back_serial, last + 2) > last + 2
             await vcli("destroy", "tls7", "--host", a.host)
+
+
+async def test_tls_migration_survives_a_source_agent_restart(
+    vhost: str,  # noqa: F811
+    e2e_root: Path,
+) -> None:
+    """The source agent SIGKILLed while memory is sent over TLS (``--bandwidth 4``): QEMU
+    keeps its TLS session and streams on; the restarted agent reattaches the job, the
+    scheduler completes the migration and the guest runs at the destination."""
+    guest = await ensure_test_guest()
+    with workdir(e2e_root, "mrs") as base:
+        hosts = (unique_host("ra"), unique_host("rb"))
+        dirs = ca_with_hosts(base / "pki", *hosts)
+        async with (
+            two_agents(base, hosts, tls_dir(dirs[hosts[0]]), tls_dir(dirs[hosts[1]])) as (a, b),
+            contextlib.AsyncExitStack() as restarted,
+        ):
+            serial, uuid = await boot(guest, base, "tls8", a.host)
+            xml, dst_serial = dest_xml(guest, base, "tls8", uuid, 1)
+            r = await cli("--json", "migrate", "tls8", "--to", b.host, "--xml", str(xml),
+                          "--tls", "--bandwidth", "4", bus=URL)  # fmt: skip
+            assert r.code == 0, r.err
+            mid = json.loads(r.out)["id"]
+            await until(mid, lambda m: m.phase == "progress"
+                        and m.progress.get("status") == "active")  # fmt: skip
+            a.proc.kill()
+            await a.proc.wait()
+            await restarted.enter_async_context(agent_process(
+                a.host, a.state_dir, *tls_dir(dirs[a.host]), driver="qemu", bus=URL,
+                keep_queue=True,
+            ))  # fmt: skip
+            rec = await until(mid, lambda m: m.state != "running", timeout=120)
+            assert rec.state == "completed", rec
+            assert rec.params.tls
+            assert await placed("tls8") == [(b.host, "running")]
+            last = max_tick(serial)
+            assert await wait_tick(dst_serial, last + 2) > last + 2
+            await vcli("destroy", "tls8", "--host", b.host)
 
 
 async def test_a_source_of_another_ca_fails_and_the_guest_stays(
