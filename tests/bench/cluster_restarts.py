@@ -57,14 +57,21 @@ async def run(restarts: int, rate: int, down: float, base: Path) -> None:
             await asyncio.sleep(down)
             await end_marker(bus, events, host)
             took = time.monotonic() - t0
+            # a second reader from the stream's start, once the cluster is whole, tells the
+            # broker's losses from the live reader's
+            async with history(url, [host]) as again:
+                await again.wait(host, f"tick-{host}", "stopped")
     seen = events.hosts[host]
     last = max(seen.by_seq)
     lost = sorted(set(range(1, last + 1)) - set(seen.by_seq))
+    missing = sorted(set(range(1, last + 1)) - set(again.hosts[host].by_seq))
     print(f"# 3-node cluster, {restarts * 3} node restarts ({restarts} times over),"
           f" {rate} events/s,"
           f" {took:.0f} s")  # fmt: skip
     print(f"  events published (last seq) {last}, delivered {seen.deliveries}")
     print(f"  lost {len(lost)} (target 0){f': {lost[:20]}' if lost else ''}")
+    print(f"  missing from a read of the whole stream afterwards: {len(missing)} (target 0)"
+          f"{f': {missing[:20]}' if missing else ''}")  # fmt: skip
     print(f"  duplicates delivered {seen.deliveries - len(seen.by_seq)} (deduplicated by seq)")
     print(f"  longest delivery gap {seen.gap:.2f} s")
 

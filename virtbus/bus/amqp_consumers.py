@@ -13,7 +13,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
@@ -30,7 +30,7 @@ from pamqp.commands import Basic
 
 from virtbus.aio import TaskGroup
 from virtbus.bus.base import BeforeAck, CallHandler
-from virtbus.bus.buffer import BoundedBuffer
+from virtbus.bus.buffer import Admit, BoundedBuffer, StreamWindow, stream_offset_of
 from virtbus.bus.rpc import body_from_exception, settle
 from virtbus.bus.topology import (
     DEADLINE_HEADER,
@@ -469,20 +469,22 @@ class AmqpSubscription:
         connection: AbstractRobustConnection,
         offset: str | datetime,
         stream: QueueSpec = EVENT_HISTORY,
-    ) -> AmqpSubscription:
+    ) -> HistorySubscription:
         """Consume a history stream from ``offset`` (streams need qos and acks)."""
         timeout = bus.settings.connect_timeout
         channel = await connection.channel(publisher_confirms=False)
         try:
             await channel.set_qos(prefetch_count=bus.settings.subscription_buffer, timeout=timeout)
-            queue = await channel.declare_queue(stream.name, passive=True, timeout=timeout)
-            sub = cls(bus, stream.name, ["#"], channel, queue)
-            sub._tag = await queue.consume(
-                sub._on_message, arguments={"x-stream-offset": offset}, timeout=timeout
-            )
+            # a plain queue object: a robust one would re-consume from ``offset`` itself
+            # after a reconnect; the subscription resumes from where it stands instead
+            queue = Queue(channel, stream.name, True, False, False, None, passive=True)
+            await queue.declare(timeout=timeout)
+            sub = HistorySubscription(bus, stream.name, channel, queue, offset)
+            await sub._consume()
         except BaseException:
             await _quietly(channel.close(), "closing a history channel")
             raise
+        channel.reopen_callbacks.add(sub._on_reopened)
         return sub
 
     @property
@@ -528,3 +530,114 @@ class AmqpSubscription:
         )
         if self.on_closed is not None:
             self.on_closed(self)
+
+
+class HistorySubscription(AmqpSubscription):
+    """A history stream read without a loss or a repeat (:class:`StreamWindow`).
+
+    RabbitMQ delivers a stream in whole chunks, past the channel's prefetch count; a
+    buffer that dropped its oldest entry lost hundreds of events in a fast read from the
+    start, and a reconnect re-consumed from the original start (the whole stream again).
+    Here a full buffer cancels the consumer and a half-read one starts a new consumer at
+    the first offset not kept; a reconnect resumes there as well.
+    """
+
+    def __init__(
+        self,
+        bus: AmqpBus,
+        stream: str,
+        channel: AbstractRobustChannel,
+        queue: AbstractQueue,
+        offset: str | datetime,
+    ) -> None:
+        super().__init__(bus, stream, ["#"], channel, queue)
+        self._window = StreamWindow(offset, bus.settings.subscription_buffer)
+        self._flow: asyncio.Task[None] | None = None  # the pause or the resume under way
+        self._consumers = 0  # consumers started so far (each tag is new)
+
+    async def _consume(self) -> None:
+        """A consumer with a tag of ours, known before its first delivery: deliveries of
+        a consumer already cancelled (or not yet confirmed cancelled) are told apart."""
+        assert self._queue is not None
+        self._consumers += 1
+        self._tag = tag = f"vb-history-{id(self):x}-{self._consumers}"
+        await self._queue.consume(
+            self._on_message,
+            arguments={"x-stream-offset": self._window.resume_from()},
+            consumer_tag=tag,
+            timeout=self._bus.settings.connect_timeout,
+        )
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self._buffer.closed:
+            return
+        if message.consumer_tag != self._tag:  # a cancelled consumer's late delivery
+            await _quietly(message.ack(), "ack of a cancelled consumer's message")
+            return
+        verdict = self._window.admit(stream_offset_of(message.headers), len(self._buffer))
+        if verdict is Admit.PAUSE:
+            self._switch(self._pause(), "pause")
+        if verdict is not Admit.KEEP:  # read again from its offset (PAUSE) or already kept
+            await _quietly(message.ack(), "ack of a message read again later")
+            return
+        await super()._on_message(message)
+
+    async def __anext__(self) -> Envelope:
+        envelope = await super().__anext__()
+        if self._window.may_resume(len(self._buffer)) and self._flow is None:
+            self._switch(self._resume(), "resume")
+        return envelope
+
+    def _switch(self, step: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+        """Consumer changes one at a time, in order: a pause must not run before the
+        consume it cancels has its tag, nor a resume before the pause."""
+        previous = self._flow
+
+        async def run() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            try:
+                await step
+            except AMQP_FAILURES as exc:  # the channel went: its reopen resumes the read
+                log.warning("history %s of %s: %s", what, self.exchange, exc)
+            finally:
+                if self._flow is task:
+                    self._flow = None
+
+        task = asyncio.create_task(run(), name=f"history-{what}:{self.exchange}")
+        self._flow = task
+        return task
+
+    async def _pause(self) -> None:
+        if self._tag is not None and self._queue is not None:
+            tag, self._tag = self._tag, None
+            await _cancel(self._bus, self._queue, tag)
+        # the reader may have emptied the buffer while the cancel was under way (it does
+        # not resume while a step runs): then nobody else would
+        if self._window.may_resume(len(self._buffer)):
+            await self._resume()
+
+    async def _resume(self) -> None:
+        if self._buffer.closed:
+            return
+        self._window.paused = False  # before consuming: its first deliveries are kept
+        await self._consume()
+
+    async def _on_reopened(self, _sender: object) -> None:
+        """The consumer went with the old channel: consume again from where the read is
+        (after the buffer has room, if it is full)."""
+        if self._buffer.closed:
+            return
+        if self._flow is not None:  # steps of the old channel: moot
+            self._flow.cancel()
+            self._flow = None
+        self._tag = None
+        if self._window.may_resume(len(self._buffer)) or not self._window.paused:
+            await self._switch(self._resume(), "reopen")
+        # else: paused with a full buffer; the reader's next take resumes it
+
+    async def close(self) -> None:
+        if self._flow is not None:
+            self._flow.cancel()
+            self._flow = None
+        await super().close()

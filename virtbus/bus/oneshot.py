@@ -37,7 +37,7 @@ from virtbus.bus.base import (
     bus_user,
     stream_offset,
 )
-from virtbus.bus.buffer import BoundedBuffer
+from virtbus.bus.buffer import Admit, BoundedBuffer, StreamWindow, stream_offset_of
 from virtbus.bus.nodes import bus_nodes
 from virtbus.bus.rpc import no_route, outgoing_call, result_from_reply
 from virtbus.bus.tls import TlsFiles, client_context, login_user, tls_files, tls_refusal
@@ -89,12 +89,56 @@ class _Delivery:
 
 
 class _Subscription:
-    """One consumer on a channel of its own; envelopes acked as they are read."""
+    """One consumer on a channel of its own; envelopes acked as they are read.
 
-    def __init__(self, bus: OneShotBus, channel: int, limit: int) -> None:
+    A history read (``window``) pauses and resumes its consumer by stream offset instead
+    of letting the buffer drop (a stream is delivered in whole chunks, past the prefetch):
+    see :class:`~virtbus.bus.buffer.StreamWindow`. Consumer tags are ours, so a cancelled
+    consumer's late deliveries are told apart; the broker's ConsumeOk/CancelOk need no
+    waiting (frames on a channel are handled in order)."""
+
+    def __init__(
+        self, bus: OneShotBus, channel: int, limit: int, stream: tuple[str, StreamWindow] | None
+    ) -> None:
         self._bus = bus
         self.channel = channel
         self.buffer: BoundedBuffer[_Delivery] = BoundedBuffer(limit)
+        self._stream = stream
+        self._consumers = 0
+        self.tag: str | None = None
+
+    def consume_frame(self, queue: str, arguments: dict[str, Any] | None) -> spec.Basic.Consume:
+        self._consumers += 1
+        self.tag = f"vb-{self.channel}-{self._consumers}" if self._stream is not None else ""
+        if self._stream is not None:
+            arguments = {"x-stream-offset": self._stream[1].resume_from()}
+        return spec.Basic.Consume(queue=queue, consumer_tag=self.tag, arguments=arguments or {})
+
+    def deliver(self, method: spec.Basic.Deliver, delivery: _Delivery) -> None:
+        if self.buffer.closed:
+            return
+        if self._stream is None:
+            self.buffer.push(delivery)
+            return
+        verdict = Admit.SKIP
+        if method.consumer_tag == self.tag:  # else: a cancelled consumer's late delivery
+            offset = stream_offset_of(delivery.properties.headers)
+            verdict = self._stream[1].admit(offset, len(self.buffer))
+        if verdict is Admit.KEEP:
+            self.buffer.push(delivery)
+            return
+        self._bus._send(self.channel, spec.Basic.Ack(delivery_tag=delivery.tag))
+        if verdict is Admit.PAUSE and self.tag:
+            self._bus._send(self.channel, spec.Basic.Cancel(consumer_tag=self.tag))
+            self.tag = None
+
+    def _maybe_resume(self) -> None:
+        if self._stream is None or not self._stream[1].may_resume(len(self.buffer)):
+            return
+        if self.buffer.closed or not self._bus.connected:
+            return
+        self._stream[1].paused = False
+        self._bus._send(self.channel, self.consume_frame(self._stream[0], None))
 
     def __aiter__(self) -> AsyncIterator[Envelope]:
         return self
@@ -103,6 +147,7 @@ class _Subscription:
         while True:
             delivery = await self.buffer.get()
             self._bus._send(self.channel, spec.Basic.Ack(delivery_tag=delivery.tag))
+            self._maybe_resume()
             try:
                 user = delivery.properties.user_id
                 return decode(delivery.body, self._bus.settings.limits, user)
@@ -359,8 +404,8 @@ class OneShotBus:
                 call.set_result(body)
             return
         sub = self._subscriptions.get(channel)
-        if sub is not None and not sub.buffer.closed:
-            sub.buffer.push(_Delivery(method.delivery_tag, properties, body))
+        if sub is not None and isinstance(method, spec.Basic.Deliver):
+            sub.deliver(method, _Delivery(method.delivery_tag or 0, properties, body))
 
     def _confirmed(self, frame: spec.Basic.Ack | spec.Basic.Nack) -> None:
         tags = (
@@ -523,13 +568,18 @@ class OneShotBus:
         stream = history_of(exchange)
         channel = await self._open_channel()
         offset = stream_offset(start)  # a name, or a datetime (an AMQP timestamp field)
-        return await self._consume(channel, stream.name, {"x-stream-offset": offset})
+        window = StreamWindow(offset, self.settings.subscription_buffer)
+        return await self._consume(channel, stream.name, None, window)
 
     async def _consume(
-        self, channel: int, queue: str, arguments: dict[str, Any] | None
+        self,
+        channel: int,
+        queue: str,
+        arguments: dict[str, Any] | None,
+        window: StreamWindow | None = None,
     ) -> _Subscription:
-        sub = _Subscription(self, channel, self.settings.subscription_buffer)
+        stream = (queue, window) if window is not None else None
+        sub = _Subscription(self, channel, self.settings.subscription_buffer, stream)
         self._subscriptions[channel] = sub
-        consume = spec.Basic.Consume(queue=queue, arguments=arguments or {})
-        await self._rpc(channel, consume, spec.Basic.ConsumeOk)
+        await self._rpc(channel, sub.consume_frame(queue, arguments), spec.Basic.ConsumeOk)
         return sub
