@@ -28,7 +28,7 @@ from aio_pika.abc import (
 )
 from pamqp.commands import Basic
 
-from virtbus.aio import TaskGroup
+from virtbus.aio import TaskGroup, backoff_delays
 from virtbus.bus.base import BeforeAck, CallHandler
 from virtbus.bus.buffer import Admit, BoundedBuffer, StreamWindow, stream_offset_of
 from virtbus.bus.rpc import body_from_exception, settle
@@ -554,6 +554,7 @@ class HistorySubscription(AmqpSubscription):
         self._window = StreamWindow(offset, bus.settings.subscription_buffer)
         self._flow: asyncio.Task[None] | None = None  # the pause or the resume under way
         self._consumers = 0  # consumers started so far (each tag is new)
+        self._restore_failures = 0  # consumes refused in a row (backoff)
 
     async def _consume(self) -> None:
         """A consumer with a tag of ours, known before its first delivery: deliveries of
@@ -561,6 +562,8 @@ class HistorySubscription(AmqpSubscription):
         assert self._queue is not None
         self._consumers += 1
         self._tag = tag = f"vb-history-{id(self):x}-{self._consumers}"
+        underlay = await self._channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)  # a set: once
         await self._queue.consume(
             self._on_message,
             arguments={"x-stream-offset": self._window.resume_from()},
@@ -624,17 +627,46 @@ class HistorySubscription(AmqpSubscription):
         await self._consume()
 
     async def _on_reopened(self, _sender: object) -> None:
-        """The consumer went with the old channel: consume again from where the read is
-        (after the buffer has room, if it is full)."""
+        """The consumer went with the old channel: consume again from where the read is,
+        once the channel's restore is over (a consume refused during the restore, e.g. a
+        node whose stream replica is not back yet, closes the channel where aio-pika does
+        not restore it again)."""
         if self._buffer.closed:
             return
         if self._flow is not None:  # steps of the old channel: moot
             self._flow.cancel()
-            self._flow = None
         self._tag = None
-        if self._window.may_resume(len(self._buffer)) or not self._window.paused:
-            await self._switch(self._resume(), "reopen")
-        # else: paused with a full buffer; the reader's next take resumes it
+        self._flow = None
+        self._switch(self._restore_read(), "restore")
+
+    def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
+        """The broker cancelled our consumer (the stream member it read from went away):
+        read on from where we are."""
+        if frame.consumer_tag == self._tag and not self._buffer.closed:
+            self._tag = None
+            self._switch(self._restore_read(), "restore")
+
+    async def _restore_read(self) -> None:
+        """Consume again from the first offset not kept, retrying with the bus's reconnect
+        backoff while the broker refuses (a refusal that closes the channel comes back
+        here through its restore)."""
+        delays = backoff_delays(self._bus.settings.reconnect)
+        await asyncio.sleep(next(delays) if self._restore_failures else 0)
+        while not self._buffer.closed:
+            await self._channel.ready()
+            if self._window.paused and not self._window.may_resume(len(self._buffer)):
+                return  # the reader's next take resumes it
+            try:
+                await self._resume()
+            except AMQP_FAILURES as exc:
+                self._restore_failures += 1
+                log.warning("cannot restore the history read of %s: %s", self.exchange, exc)
+                if self._channel.is_closed:
+                    return  # its restore calls us again
+                await asyncio.sleep(next(delays))
+                continue
+            self._restore_failures = 0
+            return
 
     async def close(self) -> None:
         if self._flow is not None:
