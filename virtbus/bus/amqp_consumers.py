@@ -552,7 +552,8 @@ class HistorySubscription(AmqpSubscription):
     ) -> None:
         super().__init__(bus, stream, ["#"], channel, queue)
         self._window = StreamWindow(offset, bus.settings.subscription_buffer)
-        self._flow: asyncio.Task[None] | None = None  # the pause or the resume under way
+        self._steps = TaskGroup(f"history:{stream}")  # consumer changes, supervised
+        self._flow: asyncio.Task[None] | None = None  # the last of them, still under way
         self._consumers = 0  # consumers started so far (each tag is new)
         self._restore_failures = 0  # consumes refused in a row (backoff)
 
@@ -591,7 +592,7 @@ class HistorySubscription(AmqpSubscription):
             self._switch(self._resume(), "resume")
         return envelope
 
-    def _switch(self, step: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+    def _switch(self, step: Coroutine[Any, Any, None], what: str) -> None:
         """Consumer changes one at a time, in order: a pause must not run before the
         consume it cancels has its tag, nor a resume before the pause."""
         previous = self._flow
@@ -607,9 +608,8 @@ class HistorySubscription(AmqpSubscription):
                 if self._flow is task:
                     self._flow = None
 
-        task = asyncio.create_task(run(), name=f"history-{what}:{self.exchange}")
+        task = self._steps.spawn(run(), what)
         self._flow = task
-        return task
 
     async def _pause(self) -> None:
         if self._tag is not None and self._queue is not None:
@@ -623,7 +623,7 @@ class HistorySubscription(AmqpSubscription):
     async def _resume(self) -> None:
         if self._buffer.closed:
             return
-        self._window.paused = False  # before consuming: its first deliveries are kept
+        self._window.resume()  # before consuming: its first deliveries are kept
         await self._consume()
 
     async def _on_reopened(self, _sender: object) -> None:
@@ -669,7 +669,6 @@ class HistorySubscription(AmqpSubscription):
             return
 
     async def close(self) -> None:
-        if self._flow is not None:
-            self._flow.cancel()
-            self._flow = None
+        self._flow = None
+        await self._steps.cancel_all()
         await super().close()

@@ -110,6 +110,10 @@ class StreamWindow:
     def may_resume(self, buffered: int) -> bool:
         return self.paused and buffered <= self._capacity // 2
 
+    def resume(self) -> None:
+        """The transport consumes again from :meth:`resume_from`."""
+        self.paused = False
+
 
 def stream_offset_of(headers: object) -> int | None:
     """The ``x-stream-offset`` RabbitMQ puts on each delivery from a stream."""

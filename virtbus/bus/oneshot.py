@@ -137,7 +137,7 @@ class _Subscription:
             return
         if self.buffer.closed or not self._bus.connected:
             return
-        self._stream[1].paused = False
+        self._stream[1].resume()
         self._bus._send(self.channel, self.consume_frame(self._stream[0], None))
 
     def __aiter__(self) -> AsyncIterator[Envelope]:
