@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -451,6 +452,22 @@ async def _read_numbered(sub: Any, host: str, count: int) -> list[int]:
     return got
 
 
+@contextlib.asynccontextmanager
+async def _history_reader(
+    transport: type[AmqpBus | OneShotBus], since: float
+) -> AsyncIterator[tuple[AmqpBus | OneShotBus, Any]]:
+    """A bus of its own with a 50-message subscription buffer, reading history from
+    ``since``: (the bus, its subscription)."""
+    reader = transport(URL, "test-history", BusSettings(url=URL, subscription_buffer=50))
+    await reader.connect()
+    try:
+        sub = await reader.history(since)
+        yield reader, sub
+        await sub.close()
+    finally:
+        await reader.close()
+
+
 @pytest.mark.parametrize("transport", [AmqpBus, OneShotBus])
 async def test_a_history_read_past_its_buffer_loses_and_repeats_nothing(
     env: Env, transport: type[AmqpBus | OneShotBus]
@@ -462,16 +479,10 @@ async def test_a_history_read_past_its_buffer_loses_and_repeats_nothing(
     host = f"h{uuid.uuid4().hex[:8]}"
     since = time.time() - 1
     await _publish_numbered(env.server, host, 1, 3000)
-    reader = transport(URL, "test-history", BusSettings(url=URL, subscription_buffer=50))
-    await reader.connect()
-    try:
-        sub = await reader.history(since)
+    async with _history_reader(transport, since) as (_, sub):
         assert await _read_numbered(sub, host, 3000) == list(range(1, 3001))
         await _publish_numbered(env.server, host, 3001, 3001)
         assert await _read_numbered(sub, host, 1) == [3001]  # nothing read twice before it
-        await sub.close()
-    finally:
-        await reader.close()
 
 
 async def test_a_history_read_resumes_where_it_stood_after_a_reconnect(env: Env) -> None:
@@ -481,10 +492,8 @@ async def test_a_history_read_resumes_where_it_stood_after_a_reconnect(env: Env)
     host = f"h{uuid.uuid4().hex[:8]}"
     since = time.time() - 1
     await _publish_numbered(env.server, host, 1, 600)
-    reader = AmqpBus(URL, "test-history", BusSettings(url=URL, subscription_buffer=50))
-    await reader.connect()
-    try:
-        sub = await reader.history(since)
+    async with _history_reader(AmqpBus, since) as (reader, sub):
+        assert isinstance(reader, AmqpBus)
         first = await _read_numbered(sub, host, 300)
         restored = asyncio.Event()
         reader.add_connection_listener(_set_when_up(restored))
@@ -495,9 +504,6 @@ async def test_a_history_read_resumes_where_it_stood_after_a_reconnect(env: Env)
         await _publish_numbered(env.server, host, 601, 700)
         rest = await _read_numbered(sub, host, 400)
         assert first + rest == list(range(1, 701))
-        await sub.close()
-    finally:
-        await reader.close()
 
 
 async def test_a_history_reader_that_empties_its_buffer_during_a_pause_still_resumes(
@@ -518,11 +524,5 @@ async def test_a_history_reader_that_empties_its_buffer_during_a_pause_still_res
     host = f"h{uuid.uuid4().hex[:8]}"
     since = time.time() - 1
     await _publish_numbered(env.server, host, 1, 500)
-    reader = AmqpBus(URL, "test-history", BusSettings(url=URL, subscription_buffer=50))
-    await reader.connect()
-    try:
-        sub = await reader.history(since)
+    async with _history_reader(AmqpBus, since) as (_, sub):
         assert await _read_numbered(sub, host, 500) == list(range(1, 501))
-        await sub.close()
-    finally:
-        await reader.close()
