@@ -700,11 +700,14 @@ class LxcDriver:
     def _figures(self, cs: list[Container]) -> list[tuple[cg.MemoryFigures | None, int]]:
         out: list[tuple[cg.MemoryFigures | None, int]] = []
         for c in cs:
-            if c.cgroups is None or not c.t.active:
+            # read once: this runs in a worker thread, and the loop sets c.cgroups to None
+            # when the container stops (a heartbeat then died on None.dir_for)
+            groups = c.cgroups
+            if groups is None or not c.t.active:
                 out.append((None, 0))
                 continue
-            cpu = cg.cpu_times(c.cgroups, self._mounts, 1).get("cpu.time", 0)
-            out.append((cg.memory(c.cgroups, self._mounts), cpu))
+            cpu = cg.cpu_times(groups, self._mounts, 1).get("cpu.time", 0)
+            out.append((cg.memory(groups, self._mounts), cpu))
         return out
 
     async def info(self, ref: str) -> DomainInfo:

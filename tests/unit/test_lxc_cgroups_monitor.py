@@ -216,3 +216,38 @@ async def test_reader_follows_and_reopens_a_replaced_fifo(tmp_path: Path) -> Non
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_figures_read_a_containers_cgroups_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_figures`` runs in a worker thread while the loop may set a stopping container's
+    ``cgroups`` to None: it must use what it read once (a heartbeat died on None before)."""
+    from types import SimpleNamespace
+
+    from drivers.lxc.driver import LxcDriver
+
+    groups = object()
+    seen: list[object] = []
+
+    class Stopping:
+        t = SimpleNamespace(active=True)
+        reads = 0
+
+        @property
+        def cgroups(self) -> object | None:  # gone after the first look
+            self.reads += 1
+            return groups if self.reads == 1 else None
+
+    def cpu_times(g: object, mounts: object, n: int) -> dict[str, int]:
+        seen.append(g)
+        return {"cpu.time": 7}
+
+    def memory(g: object, mounts: object) -> cg.MemoryFigures:
+        seen.append(g)
+        return cg.MemoryFigures(usage=1)
+
+    monkeypatch.setattr(cg, "cpu_times", cpu_times)
+    monkeypatch.setattr(cg, "memory", memory)
+    driver = LxcDriver.__new__(LxcDriver)
+    driver._mounts = None  # type: ignore[assignment]
+    assert driver._figures([Stopping()]) == [(cg.MemoryFigures(usage=1), 7)]  # type: ignore[list-item]
+    assert seen == [groups, groups]
