@@ -7,12 +7,18 @@ settings dataclass; every driver refuses a key it does not know.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from drivers.base import Driver
-from virtbus.config import options_into
+from virtbus.config import option_fields, options_into
 from virtbus.errors import InvalidArgument
 from virtbus.settings import AgentSettings
+
+if TYPE_CHECKING:
+    from drivers.qemu.settings import QemuSettings
 
 DRIVER_NAMES = ("test", "qemu", "xen", "lxc")
 
@@ -22,6 +28,27 @@ class TestDriverOptions:
     delay: float = 0.0  # simulated latency of every lifecycle op (s)
     migration_time: float = 0.0  # how long a simulated live migration lasts (s)
     event_rate: float = 0.0  # rtc_change events per second from the running domains (0: off)
+
+
+def qemu_settings(options: Mapping[str, str], state_dir: Path) -> QemuSettings:
+    """The QEMU driver's settings from driver options: its own fields and, by the same
+    flat names, those of its command line (``ArgvSettings``: ``vnc_tls``, ``vnc_tls_dir``,
+    ``spice_tls``, ``chardev_tls``, ``default_graphics_listen``, ...), as libvirt's
+    qemu.conf holds both."""
+    from drivers.qemu.argv_common import ArgvSettings
+    from drivers.qemu.settings import QemuSettings
+
+    own = option_fields(QemuSettings)
+    argv_keys = option_fields(ArgvSettings).keys() - own.keys()
+    unknown = sorted(options.keys() - own.keys() - argv_keys)
+    if unknown:
+        known = ", ".join(sorted([*own, *argv_keys]))
+        raise InvalidArgument(f"unknown qemu driver option {unknown[0]!r} (known: {known})")
+    argv_options = {key: text for key, text in options.items() if key in argv_keys}
+    parsed = options_into(ArgvSettings, argv_options, "qemu driver")  # converted, checked
+    argv = ArgvSettings.under(state_dir, **{key: getattr(parsed, key) for key in argv_options})
+    rest = {key: text for key, text in options.items() if key not in argv_keys}
+    return options_into(QemuSettings, rest, "qemu driver", argv=argv)
 
 
 def make_driver(settings: AgentSettings) -> Driver:
@@ -35,9 +62,8 @@ def make_driver(settings: AgentSettings) -> Driver:
         )
     if settings.driver == "qemu":
         from drivers.qemu import QemuDriver
-        from drivers.qemu.settings import QemuSettings
 
-        qemu = options_into(QemuSettings, options, "qemu driver")
+        qemu = qemu_settings(options, settings.state_dir)
         return QemuDriver(state_dir=settings.state_dir, run_dir=settings.runtime_dir, settings=qemu)
     if settings.driver == "xen":
         from drivers.xen import XenDriver, XenSettings

@@ -367,18 +367,22 @@ _KIND_NAMES = {tuple[Path, ...]: "a ':'-separated list of absolute paths",
                tuple[str, ...]: "a ','-separated list"}  # fmt: skip
 
 
+def option_fields(cls: type[Any]) -> dict[str, Any]:
+    """The fields of a settings dataclass that a ``KEY=VALUE`` option can set, with their
+    types: numbers, strings, paths, booleans and lists of those."""
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: hints[f.name] for f in dataclasses.fields(cls) if hints[f.name] in (*_CONVERT, bool)
+    }
+
+
 def options_into(cls: type[T], options: Mapping[str, str], what: str, **fixed: Any) -> T:
     """A driver's settings dataclass from ``--driver-option KEY=VALUE`` strings: each key
     must be a field of plain type (number, string, path, boolean), converted and checked;
     an unknown key or a bad value is refused naming it (INVALID_ARG), never ignored."""
     from virtbus.errors import InvalidArgument
 
-    hints = typing.get_type_hints(cls)
-    plain = {
-        f.name: hints[f.name]
-        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        if hints[f.name] in (*_CONVERT, bool) and f.name not in fixed
-    }
+    plain = {name: kind for name, kind in option_fields(cls).items() if name not in fixed}
     kwargs = dict(fixed)
     for key, text in options.items():
         kind = plain.get(key)

@@ -75,6 +75,18 @@ class ArgvSettings:
     #: where file-backed guest RAM (<memoryBacking><source type='file'/>) is created
     memory_backing_dir: Path = Path("/var/lib/virtbus/ram")
 
+    @classmethod
+    def under(cls, state_dir: Path, **options: Any) -> ArgvSettings:
+        """The agent's settings: the files QEMU needs kept (NVRAM, file-backed RAM, secrets,
+        swtpm state) live under the agent's state dir unless ``options`` say otherwise."""
+        kept = {
+            "nvram_dir": state_dir / "nvram",
+            "memory_backing_dir": state_dir / "ram",
+            "secrets_dir": state_dir / "secrets",
+            "swtpm_state_dir": state_dir / "swtpm",
+        }
+        return cls(**{**kept, **options})
+
 
 def secret_path(settings: ArgvSettings, key: str) -> Path:
     """The file holding a libvirt secret (by uuid or usage name), base64 as

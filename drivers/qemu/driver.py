@@ -113,10 +113,7 @@ class QemuDriver:
         state = Path(state_dir)
         self._dac = DacLabels(self._settings.qemu_user, Path(run_dir),
                               uid_range=self._settings.qemu_uid_range, state_dir=state)  # fmt: skip
-        argv = self._settings.argv or ArgvSettings(
-            nvram_dir=state / "nvram", memory_backing_dir=state / "ram",
-            secrets_dir=state / "secrets", swtpm_state_dir=state / "swtpm",
-        )  # fmt: skip
+        argv = self._settings.argv or ArgvSettings.under(state)
         self._taps = TapLeases(argv)  # <interface type='network'>: the agent hands its networks in
         self._rt = Runtime(
             self._settings, self._store,

@@ -200,6 +200,26 @@ def test_qemu_settings_come_from_driver_options(tmp_path: Path) -> None:
     assert driver._settings.emulator.startswith("/opt/qemu")  # type: ignore[attr-defined]
 
 
+def test_qemu_command_line_settings_come_from_driver_options(tmp_path: Path) -> None:
+    """VNC/SPICE/chardev TLS and the rest of ArgvSettings are driver options too (as in
+    libvirt's qemu.conf); what is not given keeps its default under the state dir."""
+    from agent.drivers import qemu_settings
+    from virtbus.errors import InvalidArgument
+
+    options = {"vnc_tls": "on", "vnc_tls_dir": "/etc/pki/vnc", "qmp_timeout": "2"}
+    settings = qemu_settings(options, tmp_path)
+    assert settings.argv is not None and settings.qmp_timeout == 2.0
+    assert (settings.argv.vnc_tls, settings.argv.vnc_tls_dir) == (True, "/etc/pki/vnc")
+    assert settings.argv.vnc_tls_verify is False  # not given: the default
+    assert settings.argv.nvram_dir == tmp_path / "nvram"  # kept under the state dir
+    moved = qemu_settings({"nvram_dir": "/srv/nvram"}, tmp_path).argv
+    assert moved is not None and moved.nvram_dir == Path("/srv/nvram")
+    with pytest.raises(InvalidArgument, match=r"option vnc_tls must be bool, got 'maybe'"):
+        qemu_settings({"vnc_tls": "maybe"}, tmp_path)
+    with pytest.raises(InvalidArgument, match=r"unknown qemu driver option 'vnc_tlss'.*vnc_tls"):
+        qemu_settings({"vnc_tlss": "on"}, tmp_path)
+
+
 def test_path_flags_reach_the_settings(tmp_path: Path) -> None:
     argv = ["--state-dir", str(tmp_path / "s"), "--run-dir", str(tmp_path / "r")]
     settings = agent_settings(argv)
