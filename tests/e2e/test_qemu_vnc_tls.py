@@ -49,8 +49,8 @@ class Host:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def host() -> AsyncIterator[Host]:
-    base = Path(tempfile.mkdtemp(prefix="vnctls-"))
+async def host(e2e_root: Path) -> AsyncIterator[Host]:
+    base = Path(tempfile.mkdtemp(prefix="vnctls-", dir=e2e_root))  # watched for leftover QEMUs
     name = unique_host("vnctls")
     pki.init_ca(base / "ca")
     issued = pki.issue(base / "ca", pki.Kind.HOST, name)
