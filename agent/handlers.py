@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
-
 from agent.admission import Demand
 from agent.table import HANDLERS, AgentContext
 from drivers.base import Affect, Driver, MemoryTuning
-from virtbus.domain import domain_name_of, owner_of, parse_domain_xml, without_secrets
+from virtbus.domain import domain_name_of, parse_domain_xml, without_secrets
 from virtbus.errors import InternalError, NoSupport
 from virtbus.protocol import ops
 from virtbus.protocol.base import Accepted, Empty
@@ -100,9 +98,9 @@ async def _shutdown(ctx: AgentContext, req: DomainShutdown) -> DomainStatus:
 
 @HANDLERS.on(ops.DOMAIN_INFO)
 async def _info(ctx: AgentContext, req: DomainTarget) -> DomainInfoMsg:
-    info = (await ctx.driver.info(req.domain)).to_wire()
-    owner = owner_of(await ctx.driver.xml(info.uuid))
-    return info if owner is None else msgspec.structs.replace(info, owner=owner)
+    # the owner comes with the driver's info, from its definition's tree: no XML is
+    # serialised and parsed again per call
+    return (await ctx.driver.info(req.domain)).to_wire(with_owner=True)
 
 
 @HANDLERS.on(ops.DOMAIN_STATE)

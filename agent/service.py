@@ -44,7 +44,7 @@ from virtbus.bus.topology import (
     HEARTBEAT_KEY_SUFFIX,
     HOSTS_EXCHANGE,
 )
-from virtbus.domain import owner_of, parse_domain_xml, with_owner
+from virtbus.domain import parse_domain_xml, with_owner
 from virtbus.errors import NoSupport, OperationInvalid, VirtbusError
 from virtbus.protocol import ops
 from virtbus.protocol.base import to_wire
@@ -298,7 +298,7 @@ class AgentService:
         owner: str | None = None
         if ref is not None:
             try:
-                owner = owner_of(await self.driver.xml(ref.uuid))
+                owner = (await self.driver.info(ref.uuid)).owner  # no XML round trip
             except VirtbusError as exc:
                 log.warning("domain %s: its owner not read: %s", ref.name, exc)
         if checks:

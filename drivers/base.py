@@ -73,8 +73,10 @@ class DomainInfo:
     id: int | None = None  # hypervisor id while active, None when shut off
     hv_type: str = ""
     managed_save: bool = False  # a managed save image waits for the next start
+    owner: str | None = None  # who defined it (its definition's virtbus metadata)
 
-    def to_wire(self) -> DomainInfoMessage:
+    def to_wire(self, *, with_owner: bool = False) -> DomainInfoMessage:
+        """``with_owner``: dominfo shows the owner; a domain list leaves it out (nil)."""
         return DomainInfoMessage(
             name=self.name,
             uuid=self.uuid,
@@ -90,6 +92,7 @@ class DomainInfo:
             autostart=self.autostart,
             type=self.hv_type,
             managed_save=self.managed_save,
+            owner=self.owner if with_owner else None,
         )
 
 

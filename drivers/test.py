@@ -1249,6 +1249,7 @@ class TestDriver:
             hv_type=defn.hv_type,
             persistent=dom.persistent,
             managed_save=dom.managed_save is not None,
+            owner=(dom.live or defn).owner,  # the definition xml() shows
         )
 
     async def info(self, ref: str) -> DomainInfo:

@@ -492,7 +492,7 @@ class QemuDriver:
             max_memory_kib=defn.memory_kib, memory_kib=memory, vcpus=defn.current_vcpus,
             cpu_time_ns=cpu, id=run.id if run else None, hv_type=defn.hv_type,
             persistent=not self._migrations.transient(dom),
-            managed_save=run is None and self._saves.has_managed(defn.uuid),
+            managed_save=run is None and self._saves.has_managed(defn.uuid), owner=defn.owner,
         )  # fmt: skip
 
     async def list_domains(self, include_inactive: bool = True) -> list[DomainInfo]:

@@ -399,6 +399,7 @@ class XenDriver:
             cpu_time_ns=int(row.cpu_time_s * 1e9) if live and row else 0,
             id=t.domid,
             hv_type=defn.hv_type,
+            owner=defn.owner,
         )
 
     async def info(self, ref: str) -> DomainInfo:

@@ -5,7 +5,7 @@ interfaces, ...) are read-only and keep their lxml element; change the tree with
 definition's setters or ``edit()``.
 """
 
-from virtbus.domain.definition import MAX_VCPUS, NON_DEVICE_TAGS, DomainDefinition
+from virtbus.domain.definition import MAX_VCPUS, NON_DEVICE_TAGS, OWNER_NS, DomainDefinition
 from virtbus.domain.model import (
     RNG,
     Capabilities,
@@ -44,7 +44,6 @@ from virtbus.domain.support import unknown_attributes, unknown_devices
 from virtbus.domain.units import UNIT_FACTORS, to_kib
 from virtbus.domain.views import normalize_mac
 from virtbus.domain.xml import (
-    OWNER_NS,
     XMLLimits,
     domain_name_of,
     owner_of,

@@ -31,6 +31,9 @@ NON_DEVICE_TAGS = frozenset({"emulator"})
 #: above every QEMU x86 machine type (pc 255, q35 288 in QEMU 7.2, which QEMU itself
 #: enforces at start); the agent checks the host's CPUs under its overcommit ratio
 MAX_VCPUS = 4096
+#: the namespace of virtbus's own metadata: ``<metadata><virtbus:owner xmlns:virtbus=...>``
+OWNER_NS = "https://virtbus.dev/xmlns/owner/1"
+OWNER_TAG = f"{{{OWNER_NS}}}owner"
 
 _T = TypeVar("_T")
 
@@ -113,6 +116,13 @@ class DomainDefinition:
     def devices_named(self, tag: str) -> tuple[m.Device, ...]:
         """Generic views of ``<devices>`` children with this tag (hostdev, tpm, redirdev...)."""
         return tuple(d for d in self.devices if d.tag == tag)
+
+    @property
+    def owner(self) -> str | None:
+        """The bus user that defined the domain (its virtbus metadata), or None: read from
+        the tree, so dominfo needs no serialisation and no second parse."""
+        el = self.metadata.find(OWNER_TAG) if self.metadata is not None else None
+        return (el.text or "").strip() or None if el is not None else None
 
     def has_feature(self, name: str) -> bool:
         """``<features><name/>`` present and not ``state='off'``."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from virtbus.domain.definition import DomainDefinition
+from virtbus.domain.definition import OWNER_NS, OWNER_TAG, DomainDefinition
 from virtbus.domain.names import check_domain_name
 from virtbus.errors import XMLError
 
@@ -130,17 +130,11 @@ def without_secrets(xml: str) -> str:
     return defn.to_xml() if hide_secrets(defn.root) else xml
 
 
-OWNER_NS = "https://virtbus.dev/xmlns/owner/1"  # <metadata><virtbus:owner xmlns:virtbus=...>
-_OWNER_TAG = f"{{{OWNER_NS}}}owner"
-
-
 def owner_of(xml: str) -> str | None:
     """The domain's owner (the bus user that defined it) from its virtbus metadata."""
     if OWNER_NS not in xml:  # the common fast path: no second parse
         return None
-    meta = parse_domain_xml(xml).root.find("metadata")
-    el = meta.find(_OWNER_TAG) if meta is not None else None
-    return (el.text or "").strip() or None if el is not None else None
+    return parse_domain_xml(xml).owner
 
 
 def with_owner(xml: str, owner: str) -> str:
@@ -158,8 +152,8 @@ def with_owner(xml: str, owner: str) -> str:
         anchor = root.find("uuid") if root.find("uuid") is not None else name
         if anchor is not None:
             anchor.addnext(meta)
-    for old in meta.findall(_OWNER_TAG):
+    for old in meta.findall(OWNER_TAG):
         meta.remove(old)
-    el = etree.SubElement(meta, _OWNER_TAG, nsmap={"virtbus": OWNER_NS})
+    el = etree.SubElement(meta, OWNER_TAG, nsmap={"virtbus": OWNER_NS})
     el.text = owner
     return defn.to_xml()
