@@ -33,6 +33,7 @@ from virtbus.bus.amqp_consumers import (
     AmqpServer,
     AmqpSubscription,
     deadline_header,
+    publish_queued,
 )
 from virtbus.bus.base import (
     BeforeAck,
@@ -410,7 +411,8 @@ class AmqpBus:
         pending.timer = loop.call_later(timeout, self._expire, call_id, op, route, timeout)
         try:
             try:
-                confirmation = await channel.basic_publish(
+                confirmation = await publish_queued(
+                    channel,
                     data,
                     exchange=RPC_EXCHANGE,
                     routing_key=route,
@@ -500,8 +502,8 @@ class AmqpBus:
         )
         try:
             async with asyncio.timeout(self.settings.confirm_timeout):
-                result = await channel.basic_publish(
-                    data, exchange=exchange, routing_key=routing_key, properties=properties
+                result = await publish_queued(
+                    channel, data, exchange=exchange, routing_key=routing_key, properties=properties
                 )
         except TimeoutError as exc:
             raise BusUnavailable(f"no publisher confirm for {envelope.op!r} in time") from exc
