@@ -30,6 +30,7 @@ from drivers.base import Affect, BlockInfo, ResolvedVolume, VolumeResolver
 from drivers.memory import check_live_memory, with_memory
 from drivers.qemu.argv import volume_disks
 from drivers.qemu.argv_storage import blockdev_nodes, device_id, hotplug_device
+from drivers.qemu.cgroup import DeviceCgroups, Rules, base_rules, element_rules
 from drivers.qemu.domain import Domain, Run
 from drivers.qemu.launch import LaunchPlan
 from drivers.qemu.nics import NicChanges, ensure_mac
@@ -122,7 +123,11 @@ class DeviceChanges:
     def __init__(
         self, registry: DomainRegistry, launcher: Launcher, store: StateStore,
         settings: QemuSettings, leases: VolumeLeases, nics: NicChanges,
+        cgroups: DeviceCgroups | None = None,
     ) -> None:  # fmt: skip
+        """``cgroups``: the domains' device cgroups (drivers/qemu/cgroup.py): a disk's
+        device is allowed before QEMU opens it and revoked after it is detached."""
+        self._cgroups = cgroups
         self._nics = nics
         self._registry = registry
         self._launcher = launcher
@@ -185,7 +190,14 @@ class DeviceChanges:
                 iter((await self._resolve_volumes(only_disk(trial, disk.element))).values())
             )
         added: list[str] = []
+        allowed: Rules = {}
         try:
+            if self._cgroups is not None and self._cgroups.enabled:
+                local = None
+                if resolved is not None and resolved.kind != "network":
+                    local = resolved.path
+                rules = await asyncio.to_thread(element_rules, disk.element, local)
+                allowed = await self._cgroups.allow(dom.defn.uuid, dom.defn.name, rules)
             nodes = blockdev_nodes(disk, storage, fmt, resolved)
             pci = await self._free_slot(dom, run, disk)
             props = hotplug_device(disk, fmt, pci)
@@ -197,6 +209,8 @@ class DeviceChanges:
             for name in reversed(added):
                 with contextlib.suppress(VirtbusError):
                     await dom.execute(run, "blockdev-del", {"node-name": name})
+            if self._cgroups is not None and allowed:  # new to the group: nobody else's
+                await self._cgroups.revoke(dom.defn.uuid, allowed, {})
             if resolved is not None:
                 self._leases.release_one(dom.defn.uuid, resolved.pool, resolved.volume)
             raise
@@ -242,7 +256,11 @@ class DeviceChanges:
             self._validate(persistent)
         if live:
             assert dom.run is not None
-            await self._nics.attach_live(dom, dom.run, with_device(dom.run.live, el))
+            trial = with_device(dom.run.live, el)
+            if self._cgroups is not None and self._cgroups.enabled:  # a tap QEMU opens
+                rules = await asyncio.to_thread(base_rules, trial, self._cgroups.extra)
+                await self._cgroups.allow(dom.defn.uuid, dom.defn.name, rules)
+            await self._nics.attach_live(dom, dom.run, trial)
         if persistent is not None:
             await self._persist(persistent)
             dom.defn = persistent
@@ -317,7 +335,9 @@ class DeviceChanges:
         remaining = without_disk(run.live, target, f"running domain '{dom.defn.name}'")
         disk = next(d for d in run.live.disks if d.target_dev == target)
         dev_id = device_id(disk)
-        node = await self._format_node(dom, run, dev_id)
+        entry = await self._block_entry(dom, run, dev_id)
+        inserted = (entry or {}).get("inserted") or {}
+        node = str(inserted["node-name"]) if inserted.get("node-name") else None
         run.deleted_devices.discard(dev_id)
         await dom.execute(run, "device_del", {"id": dev_id})
         limit = self._settings.detach_timeout
@@ -337,20 +357,41 @@ class DeviceChanges:
         run.live = remaining
         run.live_xml = None
         await dom.save_status(run)
+        await self._revoke(dom, run, disk, str(inserted.get("file", "")))
         if disk.type == "volume":
             src = disk.element.find("source")
             assert src is not None
             self._leases.release_one(dom.defn.uuid, src.get("pool"), src.get("volume"))
 
-    async def _format_node(self, dom: Domain, run: Run, dev_id: str) -> str | None:
-        """The format node behind a disk's device (query-block, before it goes away)."""
+    async def _block_entry(self, dom: Domain, run: Run, dev_id: str) -> dict[str, Any] | None:
+        """query-block's entry of a disk's device (its format node, the file QEMU opened),
+        read before it goes away."""
         for entry in await dom.execute(run, "query-block") or []:
             qdev = str(entry.get("qdev", ""))
             if qdev == dev_id or qdev.startswith(f"/machine/peripheral/{dev_id}/"):
-                inserted = entry.get("inserted") or {}
-                name = inserted.get("node-name")
-                return str(name) if name else None
+                return dict(entry)
         return None
+
+    async def _revoke(self, dom: Domain, run: Run, disk: Disk, opened: str) -> None:
+        """The detached disk's device leaves the domain's cgroup unless the run still uses
+        it: another disk (query-block's files: volumes too) or a device of the definition."""
+        if self._cgroups is None or not self._cgroups.enabled:
+            return
+        gone = await asyncio.to_thread(element_rules, disk.element, opened or None)
+        if not gone:
+            return
+        files = []
+        try:
+            for entry in await dom.execute(run, "query-block") or []:
+                inserted = entry.get("inserted") or {}
+                if inserted.get("file"):
+                    files.append((str(inserted["file"]), bool(inserted.get("ro"))))
+        except VirtbusError as exc:  # its rule stays: QEMU may still use the device
+            log.warning("domain %s: cannot tell which devices it still uses (%s): the "
+                        "rules of disk %s stay", dom.defn.name, exc, disk.target_dev)  # fmt: skip
+            return
+        keep = await self._cgroups.in_use(run.live, files)
+        await self._cgroups.revoke(dom.defn.uuid, gone, keep)
 
     # --- domblkinfo ---------------------------------------------------------------------
     # --- memory (setmem, setmaxmem) -----------------------------------------------------

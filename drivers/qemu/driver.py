@@ -54,6 +54,7 @@ from drivers.qemu.argv_common import ArgvSettings
 from drivers.qemu.backup import QemuBackups
 from drivers.qemu.blockjobs import QemuBlockJobs
 from drivers.qemu.capabilities import QemuCapabilities
+from drivers.qemu.cgroup import DeviceCgroups
 from drivers.qemu.dac import DacLabels
 from drivers.qemu.devices import DeviceChanges, VolumeLeases
 from drivers.qemu.domain import Domain, Run, Runtime
@@ -113,19 +114,23 @@ class QemuDriver:
         state = Path(state_dir)
         self._dac = DacLabels(self._settings.qemu_user, Path(run_dir),
                               uid_range=self._settings.qemu_uid_range, state_dir=state)  # fmt: skip
+        # last: the volumes are resolved, and a refused rule fails before QEMU exists
+        self._cgroups = DeviceCgroups(self._settings.cgroup_devices, Path(run_dir),
+                                      extra=self._settings.cgroup_devices_allow)  # fmt: skip
         argv = self._settings.argv or ArgvSettings.under(state)
         self._taps = TapLeases(argv)  # <interface type='network'>: the agent hands its networks in
         self._rt = Runtime(
             self._settings, self._store,
-            steps=(GraphicsPorts(), self._volumes, self._taps, self._dac, *steps),
+            steps=(GraphicsPorts(), self._volumes, self._taps, self._dac, self._cgroups, *steps),
         )  # fmt: skip
         self._registry = DomainRegistry(self._rt)
         self._launcher = Launcher(self._rt, self._registry, argv, caps=caps,
                                   pools=self._volumes.pool_targets, dac=self._dac,
+                                  cgroups=self._cgroups,
                                   tap_placeholders=self._taps.placeholders)  # fmt: skip
         self._devices = DeviceChanges(
             self._registry, self._launcher, self._store, self._settings, self._volumes,
-            NicChanges(self._taps, self._settings.detach_timeout),
+            NicChanges(self._taps, self._settings.detach_timeout), self._cgroups,
         )  # fmt: skip
         self._migrations = MigrationSteps(
             self._registry, self._launcher, self._store, self._settings,
@@ -149,6 +154,7 @@ class QemuDriver:
     # --- plumbing -----------------------------------------------------------------------
     async def open(self, sink: EventSink) -> None:
         """Load definitions, reattach every QEMU left running, reconcile (reattach.py)."""
+        self._cgroups.check()  # cgroup_devices=on needs the v1 hierarchy
         self._rt.sink = sink
         await self._snapshot_store.load()
         await self._checkpoint_store.load()

@@ -47,6 +47,7 @@ from drivers.qemu.argv import (
 )
 from drivers.qemu.argv_common import ArgvSettings
 from drivers.qemu.capabilities import QemuCapabilities, probe
+from drivers.qemu.cgroup import DeviceCgroups
 from drivers.qemu.cputune import preexec_affinity
 from drivers.qemu.dac import DacLabels, QemuUser
 from drivers.qemu.domain import Domain, Run, Runtime
@@ -136,14 +137,17 @@ class Launcher:
     def __init__(self, rt: Runtime, registry: DomainRegistry, argv: ArgvSettings, *,
                  caps: QemuCapabilities | None = None,
                  pools: Callable[[], tuple[Path, ...]] = tuple,
-                 dac: DacLabels | None = None,
+                 dac: DacLabels | None = None, cgroups: DeviceCgroups | None = None,
                  tap_placeholders: Callable[[DomainDefinition], dict[int, ResolvedTap]]
                  = lambda _defn: {}) -> None:  # fmt: skip
         """``argv``: the command line's settings; ``caps``: the emulator's capabilities
         when already known (None: probed once); ``pools``: the active storage pools'
         targets now (a domain's files may be inside one); ``dac``: the launch step that
         gives the domain's files to the QEMU user (:mod:`drivers.qemu.dac`), if any;
+        ``cgroups``: the launch step of the domains' device cgroups
+        (:mod:`drivers.qemu.cgroup`), whose group each QEMU joins before it is exec'd;
         ``tap_placeholders``: stand-ins for the taps a definition's NICs get at start."""
+        self._cgroups = cgroups
         self._tap_placeholders = tap_placeholders
         self._pools = pools
         self._dac = dac
@@ -367,6 +371,7 @@ class Launcher:
                 list(launch.argv), uuid=live.uuid, logfile=logfile, pass_fds=plan.pass_fds,
                 env=launch.env, cpus=preexec_affinity(launch.cpu_tuning),
                 user=self._dac.user(live.uuid) if self._dac is not None else None,
+                cgroup=self._cgroups.procs(live.uuid) if self._cgroups is not None else None,
             )  # fmt: skip
         except BaseException:
             if companions is not None:

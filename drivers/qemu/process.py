@@ -18,6 +18,7 @@ import contextlib
 import functools
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -135,20 +136,26 @@ async def log_tail(path: Path, limit: int) -> str:
 async def spawn(
     argv: list[str], *, uuid: str, logfile: Path, pass_fds: Sequence[int] = (),
     env: Mapping[str, str] | None = None, cpus: frozenset[int] | None = None,
-    user: QemuUser | None = None,
+    user: QemuUser | None = None, cgroup: Path | None = None,
 ) -> QemuProcess:  # fmt: skip
     """Start QEMU detached from the agent's session; output appended to ``logfile``.
 
     ``pass_fds`` are inherited under the same numbers (a launch step's tap or socket fds);
     ``env`` adds to the agent's environment (a guest clock's TZ); ``cpus`` is the CPU set
     QEMU starts on, so every thread it creates inherits it (libvirt's emulatorpin);
-    ``user``: QEMU is exec'd with that uid, gid and groups (drivers/qemu/dac.py).
+    ``user``: QEMU is exec'd with that uid, gid and groups (drivers/qemu/dac.py);
+    ``cgroup``: the ``cgroup.procs`` of the devices group it joins before exec
+    (drivers/qemu/cgroup.py). Python drops the identity before it runs ``preexec_fn``, so
+    with a group the child joins it first and then drops the identity itself, as Python
+    would (groups, gid, uid): QEMU's first instruction runs confined.
     """
     stamp = f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n"
     fd = await asyncio.to_thread(_open_log, logfile, stamp)
     pin = functools.partial(os.sched_setaffinity, 0, cpus) if cpus else None
     identity: dict[str, Any] = {}
-    if user is not None:
+    if cgroup is not None:
+        pin = functools.partial(_confined_child, cpus, str(cgroup), user)
+    elif user is not None:
         if not isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):
             os.close(fd)
             raise OperationFailed(
@@ -170,9 +177,30 @@ async def spawn(
         )
     except OSError as exc:
         raise OperationFailed(f"cannot execute {argv[0]}: {exc}") from exc
+    except subprocess.SubprocessError as exc:  # the child's preexec step failed
+        raise OperationFailed(
+            f"cannot execute {argv[0]}: joining the devices cgroup {cgroup} or dropping to "
+            f"the QEMU user failed in the child ({exc})"
+        ) from exc
     finally:
         os.close(fd)
     return QemuProcess(pid=proc.pid, uuid=uuid, proc=proc)
+
+
+def _confined_child(cpus: frozenset[int] | None, procs: str, user: QemuUser | None) -> None:
+    """In the forked child, before exec: pin, join the devices cgroup (still root), then
+    take the QEMU user's groups, gid and uid (the order of Python's own ``user=``)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+    finally:
+        os.close(fd)
+    if user is not None:
+        os.setgroups(list(user.groups))
+        os.setregid(user.gid, user.gid)
+        os.setreuid(user.uid, user.uid)
 
 
 def _open_log(logfile: Path, stamp: str) -> int:

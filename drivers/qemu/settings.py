@@ -70,6 +70,14 @@ class QemuSettings:
     #: undefined, so one guest's QEMU cannot open another's files; with qemu_user set too,
     #: that user's groups are every QEMU's supplementary groups (shared TLS credentials)
     qemu_uid_range: str = ""
+    #: device cgroups (drivers/qemu/cgroup.py): "on" puts each QEMU in a cgroup v1 devices
+    #: group of its own that denies every device but libvirt's default ACL and the nodes
+    #: its domain is given (the agent refuses to start without the v1 hierarchy); "auto":
+    #: on where the hierarchy exists; "off" (the default, like qemu_user: opt-in)
+    cgroup_devices: str = "off"
+    #: device nodes every domain's group allows besides the default ACL
+    #: (``--driver-option cgroup_devices_allow=/dev/sev,/dev/vhost-vsock``)
+    cgroup_devices_allow: tuple[str, ...] = ()
     #: addresses besides loopback that displays, TCP chardevs and incoming migrations may
     #: listen on (``--driver-option listen_allowed=192.0.2.10,198.51.100.7``; "*": any)
     listen_allowed: tuple[str, ...] = ()
