@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import select
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
 from drivers.qemu.cgroup import PARENT, agent_key, find_hierarchy
+from drivers.qemu.dac import REMEMBER
 from tests.e2e.conftest import qemu_pids_under
 from tests.e2e.test_qemu_dac import USER, status_ids
 from tests.e2e.test_qemu_driver import kernel_xml, wait_serial
@@ -87,6 +90,7 @@ def host() -> Iterator[Host]:
     images.mkdir(mode=0o755)
     pattern = bytes(range(256)) * (8 * MIB // 256)  # what the guest reads back
     loops: list[str] = []
+    nodes: dict[str, os.stat_result] = {}
     h = Host(unique_host("cgdev"), base, images, loops)
     try:
         for i in range(2):
@@ -95,10 +99,15 @@ def host() -> Iterator[Host]:
             loops.append(subprocess.run(["losetup", "--find", "--show", str(backing)],
                                         check=True, capture_output=True,
                                         text=True).stdout.strip())  # fmt: skip
+        nodes.update((loop, os.stat(loop)) for loop in loops)  # QEMU user's only for a run
         yield h
     finally:
         for pid in qemu_pids_under(base):  # never leave a guest behind
-            os.kill(pid, 9)
+            with suppress(ProcessLookupError):
+                exited = os.pidfd_open(pid)
+                os.kill(pid, 9)
+                select.select([exited], [], [], 10)  # gone: its group can be removed
+                os.close(exited)
         for group in h.groups():  # nor a group (asserted gone by the tests)
             with suppress(OSError):
                 group.rmdir()
@@ -106,6 +115,12 @@ def host() -> Iterator[Host]:
             (hierarchy() / PARENT).rmdir()
         for loop in loops:
             subprocess.run(["losetup", "-d", loop], check=False)
+            was = nodes.get(loop)
+            if was is not None:  # a guest killed above never gave its node back
+                os.chown(loop, was.st_uid, was.st_gid)
+                os.chmod(loop, stat.S_IMODE(was.st_mode))
+                with suppress(OSError):
+                    os.removexattr(loop, REMEMBER)
         shutil.rmtree(base, ignore_errors=True)
 
 
