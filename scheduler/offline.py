@@ -83,23 +83,20 @@ class OfflineMover:
                 f"offline migration of '{defn.name}' undone: the source did not let go of it"
                 f" ({exc})"
             ) from exc
-        moved = self._view.hosts.get(source)
-        row = moved.domains.pop(info.uuid, None) if moved is not None else None
-        there = self._view.hosts.get(destination)
-        if row is not None and there is not None:
-            there.domains[info.uuid] = row
+        self._view.domain_moved(info.uuid, source, destination, live=False)
         return OfflineMigration(domain=defn.name, uuid=info.uuid, source=source,
                                 destination=destination)  # fmt: skip
 
     def _place(self, defn: DomainDefinition, source: str, to: str | None) -> str:
-        candidates = self._view.candidates()
-        src = next((c for c in candidates if c.name == source), None)
+        src = self._view.candidate(source)
         if src is None:
             raise NoHostError(f"source host '{source}' has sent no heartbeat")
+        req = request_for(defn, source=src)
         if to is not None:
             if to == source:
                 raise InvalidArgument(f"domain '{defn.name}' is already defined on {to}")
             if to not in self._view.hosts:
                 raise NoHostError(f"unknown host '{to}'")
-            candidates = [c for c in candidates if c.name == to]
-        return place(request_for(defn, source=src), candidates, self._policy).name
+            there = self._view.candidate(to)
+            return place(req, [] if there is None else [there], self._policy).name
+        return self._view.place(req, self._policy).name

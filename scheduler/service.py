@@ -275,7 +275,7 @@ class SchedulerService:
                 self.networks.observe(inv)
             if (
                 self.active
-                and host in self.view.draining
+                and self.view.drain_intended(host)
                 and not inv.draining
                 and host not in self._flagging
             ):
@@ -402,13 +402,13 @@ class SchedulerService:
 
     async def _place(self, req: PlaceRequest) -> Placement:
         defn = parse_domain_xml(req.xml)
-        chosen = place(request_for(defn), self.view.candidates(), self.settings.placement)
+        chosen = self.view.place(request_for(defn), self.settings.placement)
         return Placement(host=chosen.name)
 
     async def _define(self, req: PlaceRequest) -> PlacedDomain:
         defn = parse_domain_xml(req.xml)
         groups = anti_affinity_groups(defn)
-        host = place(request_for(defn), self.view.candidates(), self.settings.placement).name
+        host = self.view.place(request_for(defn), self.settings.placement).name
         self._claim(host, defn.uuid, defn.name, defn.current_memory_kib, defn.current_vcpus, groups)
         try:
             result = await self._agent_call(
@@ -418,8 +418,8 @@ class SchedulerService:
             self.view.release(host, defn.uuid)
             raise
         self.view.observe_meta(DomainMeta(result.name, result.uuid, groups))
-        self.view.hosts[host].domains.setdefault(
-            result.uuid,
+        self.view.add_domain(
+            host,
             DomainInfo(
                 name=result.name, uuid=result.uuid, id=None, state=StateName.SHUTOFF,
                 state_code=5, reason="unknown", max_memory_kib=defn.memory_kib,
@@ -463,8 +463,7 @@ class SchedulerService:
         xml = defn.to_xml()
         if destination_xml is not None:
             xml = _destination_definition(defn.name, defn.uuid, destination_xml)
-        candidates = self.view.candidates()
-        src = next((c for c in candidates if c.name == source), None)
+        src = self.view.candidate(source)
         if src is None:
             raise NoHostError(f"source host '{source}' has sent no heartbeat")
         if defn.hv_type in CONTAINER_TYPES or src.driver in CONTAINER_TYPES:
@@ -478,8 +477,10 @@ class SchedulerService:
                 raise InvalidArgument(f"domain '{defn.name}' already runs on {to}")
             if to not in self.view.hosts:
                 raise NoHostError(f"unknown host '{to}'")
-            candidates = [c for c in candidates if c.name == to]
-        destination = place(req, candidates, self.settings.placement).name
+            there = self.view.candidate(to)
+            destination = place(req, [] if there is None else [there], self.settings.placement).name
+        else:
+            destination = self.view.place(req, self.settings.placement).name
         if params.listen_address is None:
             inv = self.view.hosts[destination].inventory
             address = inv.migration_address if inv is not None else ""
@@ -594,8 +595,8 @@ class SchedulerService:
 
     async def _drain(self, req: DrainRequest) -> DrainStatus:
         host = self._known_host(req.host)
-        self.view.draining.add(host)
-        await self.journal.save_draining(self.view.draining)
+        self.view.set_draining(host, True)
+        await self.journal.save_draining(set(self.view.draining))
         await self._tell_draining(host, True)
         listing = await self._agent_call(
             host, ops.DOMAIN_LIST, DomainListRequest(all=False), self.settings.fanout_timeout
@@ -620,12 +621,10 @@ class SchedulerService:
 
     async def _undrain(self, req: HostRequest) -> DrainFlag:
         host = self._known_host(req.host)
-        self.view.draining.discard(host)
-        await self.journal.save_draining(self.view.draining)
+        self.view.set_draining(host, False)
+        await self.journal.save_draining(set(self.view.draining))
         await self._tell_draining(host, False)
-        inv = self.view.hosts[host].inventory
-        if inv is not None:  # until its next heartbeat shows it
-            self.view.hosts[host].inventory = msgspec.structs.replace(inv, draining=False)
+        self.view.reported_not_draining(host)  # until its next heartbeat shows it
         return DrainFlag(host=host, draining=False)
 
 

@@ -282,7 +282,7 @@ async def test_one_drain_flag_call_in_flight_per_host(tmp_path: Path) -> None:
 
     sched._agent_call = agent_call  # type: ignore[method-assign]
     sched.active = True
-    sched.view.draining.add("h1")
+    sched.view.set_draining("h1", True)
 
     async def beats(n: int) -> AsyncIterator[Envelope]:
         for _ in range(n):
