@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import replace
 
 import pytest
@@ -191,7 +190,6 @@ def test_scale_1000_hosts_10000_domains() -> None:
     for h in hosts[30:50]:
         h.draining = True
     by_name = {h.name: h for h in hosts}
-    t0 = time.perf_counter()
     for n in range(10_000):
         r = PlacementRequest(
             name=f"d{n}", memory_kib=rng.choice((1, 2, 4, 8)) * GIB, vcpus=rng.choice((1, 2, 4)),
@@ -204,7 +202,6 @@ def test_scale_1000_hosts_10000_domains() -> None:
         chosen.memory_free_kib -= r.memory_kib
         chosen.allocated_vcpus += r.vcpus
         chosen.groups = chosen.groups | r.groups
-    elapsed = time.perf_counter() - t0
     for h in hosts:
         assert h.allocated_memory_kib <= h.memory_total_kib
         assert h.allocated_vcpus <= h.cpus * POLICY.cpu_overcommit
@@ -216,5 +213,4 @@ def test_scale_1000_hosts_10000_domains() -> None:
         for h in hosts[50:]
         if h.allocated_memory_kib and h not in cpu_bound
     ]
-    assert max(free) - min(used_free) <= 8 * GIB
-    assert elapsed < 30, f"10,000 placements took {elapsed:.1f} s"
+    assert max(free) - min(used_free) <= 8 * GIB  # (its time: tests/bench/placement.py)
