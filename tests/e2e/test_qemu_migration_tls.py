@@ -31,10 +31,12 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from qemu.qmp import QMPClient
 
 from tests.e2e.conftest import qemu_pids_under
@@ -222,44 +224,160 @@ async def migrate(name: str, to: str, xml: Path, *flags: str) -> tuple[int, str]
     return r.code, r.err
 
 
-async def test_tls_migration_is_tls_on_the_wire_and_the_guest_runs_there(
-    vhost: str,  # noqa: F811
-    e2e_root: Path,
-) -> None:
-    guest = await ensure_test_guest()
-    with workdir(e2e_root, "mtls") as base:
-        hosts = (unique_host("ta"), unique_host("tb"))
-        dirs = ca_with_hosts(base / "pki", *hosts)
-        async with two_agents(base, hosts, tls_dir(dirs[hosts[0]]),
-                              tls_dir(dirs[hosts[1]])) as (a, b):  # fmt: skip
-            serial, uuid = await boot(guest, base, "tls1", a.host)
-            xml, dst_serial = dest_xml(guest, base, "tls1", uuid, 1)
-            with Capture() as cap:
-                code, err = await migrate("tls1", b.host, xml, "--tls")
-            assert code == 0, err
-            rec = await last_migration("tls1")
-            assert rec["params"]["tls"] is True  # type: ignore[index]
-            flows = cap.to_port(migration_port(rec))
-            assert flows, f"nothing captured towards {rec['uri']}"
-            assert all(client_hello(f[0]) for f in flows), [f[0][:8] for f in flows]
-            assert await placed("tls1") == [(b.host, "running")]
-            last = max_tick(serial)
-            assert await wait_tick(dst_serial, last + 2) > last + 2  # it runs at B
-            async with asyncio.timeout(30):  # confirm quit the source's QEMU
-                while qemu_pids_under(a.state_dir):
-                    await asyncio.sleep(0.05)
+@dataclass
+class Pair:
+    """Two agents with certificates of one CA, the scheduler, and one guest that the tests
+    of :class:`TestOnePair` move back and forth: each finds it where the last one left it
+    (:meth:`ready` asserts that premise) instead of starting agents and a guest of its own."""
 
-            # the same capture of a plain migration back sees QEMU's stream in the clear
-            xml, back_serial = dest_xml(guest, base, "tls1", uuid, 2)
-            with Capture() as cap:
-                code, err = await migrate("tls1", a.host, xml)
-            assert code == 0, err
-            flows = cap.to_port(migration_port(await last_migration("tls1")))
-            assert flows and all(f[0].startswith(b"QEVM") for f in flows), flows
-            assert await placed("tls1") == [(a.host, "running")]
-            last = max_tick(dst_serial)
-            assert await wait_tick(back_serial, last + 2) > last + 2
-            await vcli("destroy", "tls1", "--host", a.host)
+    base: Path
+    guest: TestGuest
+    dirs: dict[str, Path]
+    agents: dict[str, AgentProc]
+    stack: contextlib.AsyncExitStack
+    uuid: str
+    at: str  # the host running the guest
+    serial: Path  # the console file of the QEMU running it
+    hops: int = 0  # destination definitions made
+    name = "tls1"
+
+    async def ready(self) -> tuple[AgentProc, AgentProc, Path]:
+        """The premise: the guest runs at ``at`` and nowhere else, ticking on its console.
+        (that host's agent, the other one's, that console)"""
+        where = await placed(self.name)
+        assert where == [(self.at, "running")], f"premise: {self.name} runs at {self.at}"
+        last = max_tick(self.serial)
+        assert await wait_tick(self.serial, last + 1) > last, "premise: it ticks"
+        assert len(qemu_pids_under(self.agents[self.at].state_dir)) == 1
+        (other,) = (h for h in self.agents if h != self.at)
+        async with asyncio.timeout(30):  # the last source's QEMU has quit (confirm)
+            while qemu_pids_under(self.agents[other].state_dir):
+                await asyncio.sleep(0.05)
+        return self.agents[self.at], self.agents[other], self.serial
+
+    def dest(self) -> tuple[Path, Path]:
+        """A destination definition with a console file of its own, and that file."""
+        self.hops += 1
+        return dest_xml(self.guest, self.base, self.name, self.uuid, self.hops)
+
+    def moved(self, host: str, serial: Path) -> None:
+        self.at, self.serial = host, serial
+
+    async def restart(self, host: str) -> AgentProc:
+        """A new agent process for ``host`` (its own state dir; the old one is dead)."""
+        self.agents[host] = await self.stack.enter_async_context(agent_process(
+            host, self.agents[host].state_dir, *tls_dir(self.dirs[host]), driver="qemu",
+            bus=URL, keep_queue=True,
+        ))  # fmt: skip
+        return self.agents[host]
+
+
+@pytest_asyncio.fixture(scope="class", loop_scope="class")
+async def pair(vhost: str, e2e_root: Path) -> AsyncIterator[Pair]:  # noqa: F811
+    """Class-scoped: torn down before the module's other tests start agents and a
+    scheduler of their own in the same vhost."""
+    guest = await ensure_test_guest()
+    with workdir(e2e_root, "mpair") as base:
+        hosts = (unique_host("pa"), unique_host("pb"))
+        dirs = ca_with_hosts(base / "pki", *hosts)
+        async with contextlib.AsyncExitStack() as stack:
+            a, b = await stack.enter_async_context(
+                two_agents(base, hosts, tls_dir(dirs[hosts[0]]), tls_dir(dirs[hosts[1]]))
+            )
+            serial, uuid = await boot(guest, base, Pair.name, a.host)
+            p = Pair(base, guest, dirs, {a.host: a, b.host: b}, stack, uuid, a.host, serial)
+            try:
+                yield p
+            finally:  # the QEMU is killed by workdir() if this cannot reach it
+                await cli("destroy", p.name, "--host", p.at, bus=URL)
+
+
+@pytest.mark.asyncio(loop_scope="class")  # the pair's loop
+class TestOnePair:
+    """TLS migrations that need nothing but two agents of one CA: one guest, moved on."""
+
+    async def test_tls_migration_is_tls_on_the_wire_and_the_guest_runs_there(
+        self, pair: Pair
+    ) -> None:
+        a, b, serial = await pair.ready()
+        xml, dst_serial = pair.dest()
+        with Capture() as cap:
+            code, err = await migrate(pair.name, b.host, xml, "--tls")
+        assert code == 0, err
+        rec = await last_migration(pair.name)
+        assert rec["params"]["tls"] is True  # type: ignore[index]
+        flows = cap.to_port(migration_port(rec))
+        assert flows, f"nothing captured towards {rec['uri']}"
+        assert all(client_hello(f[0]) for f in flows), [f[0][:8] for f in flows]
+        assert await placed(pair.name) == [(b.host, "running")]
+        pair.moved(b.host, dst_serial)
+        last = max_tick(serial)
+        assert await wait_tick(dst_serial, last + 2) > last + 2  # it runs at B
+        async with asyncio.timeout(30):  # confirm quit the source's QEMU
+            while qemu_pids_under(a.state_dir):
+                await asyncio.sleep(0.05)
+
+        # the same capture of a plain migration back sees QEMU's stream in the clear
+        xml, back_serial = pair.dest()
+        with Capture() as cap:
+            code, err = await migrate(pair.name, a.host, xml)
+        assert code == 0, err
+        flows = cap.to_port(migration_port(await last_migration(pair.name)))
+        assert flows and all(f[0].startswith(b"QEVM") for f in flows), flows
+        assert await placed(pair.name) == [(a.host, "running")]
+        pair.moved(a.host, back_serial)
+        last = max_tick(dst_serial)
+        assert await wait_tick(back_serial, last + 2) > last + 2
+
+    async def test_tls_with_multifd_and_postcopy(self, pair: Pair) -> None:
+        """``--tls --parallel 2``: every multifd channel is a TLS connection of its own;
+        ``--tls --postcopy`` back (the return path inside the same TLS stream)."""
+        a, b, serial = await pair.ready()
+        xml, dst_serial = pair.dest()
+        with Capture() as cap:
+            code, err = await migrate(pair.name, b.host, xml, "--tls", "--parallel", "2")
+        assert code == 0, err
+        flows = cap.to_port(migration_port(await last_migration(pair.name)))
+        assert len(flows) >= 3, flows  # the main channel and two multifd channels
+        assert all(client_hello(f[0]) for f in flows), [f[0][:8] for f in flows]
+        assert await placed(pair.name) == [(b.host, "running")]
+        pair.moved(b.host, dst_serial)
+        last = max_tick(serial)
+        assert await wait_tick(dst_serial, last + 2) > last + 2
+        xml, back_serial = pair.dest()
+        with Capture() as cap:
+            code, err = await migrate(pair.name, a.host, xml, "--tls", "--postcopy")
+        assert code == 0, err
+        rec = await last_migration(pair.name)
+        flows = cap.to_port(migration_port(rec))
+        assert flows and all(client_hello(f[0]) for f in flows), [f[0][:8] for f in flows]
+        assert await placed(pair.name) == [(a.host, "running")]
+        pair.moved(a.host, back_serial)
+        last = max_tick(dst_serial)
+        assert await wait_tick(back_serial, last + 2) > last + 2
+
+    async def test_tls_migration_survives_a_source_agent_restart(self, pair: Pair) -> None:
+        """The source agent SIGKILLed while memory is sent over TLS (``--bandwidth 4``):
+        QEMU keeps its TLS session and streams on; the restarted agent reattaches the job,
+        the scheduler completes the migration and the guest runs at the destination."""
+        a, b, serial = await pair.ready()
+        xml, dst_serial = pair.dest()
+        r = await cli("--json", "migrate", pair.name, "--to", b.host, "--xml", str(xml),
+                      "--tls", "--bandwidth", "4", bus=URL)  # fmt: skip
+        assert r.code == 0, r.err
+        mid = json.loads(r.out)["id"]
+        await until(mid, lambda m: m.phase == "progress"
+                    and m.progress.get("status") == "active")  # fmt: skip
+        a.proc.kill()
+        await a.proc.wait()
+        await pair.restart(a.host)
+        rec = await until(mid, lambda m: m.state != "running", timeout=120)
+        assert rec.state == "completed", rec
+        assert rec.params.tls
+        assert await placed(pair.name) == [(b.host, "running")]
+        pair.moved(b.host, dst_serial)
+        last = max_tick(serial)
+        assert await wait_tick(dst_serial, last + 2) > last + 2
 
 
 @pytest.mark.parametrize("user", ["qemu_user=virtbus-qemu", "qemu_uid_range=233000-233009"])
@@ -361,80 +479,6 @@ def ids(pid: int, field: str) -> set[int]:
     """The ids of a /proc/PID/status line (Uid, Gid: real, effective, saved, fs; Groups)."""
     line = Path(f"/proc/{pid}/status").read_text().split(f"\n{field}:")[1].split("\n")[0]
     return {int(x) for x in line.split()}
-
-
-async def test_tls_with_multifd_and_postcopy(
-    vhost: str,  # noqa: F811
-    e2e_root: Path,
-) -> None:
-    """``--tls --parallel 2``: every multifd channel is a TLS connection of its own;
-    ``--tls --postcopy`` back (the return path inside the same TLS stream)."""
-    guest = await ensure_test_guest()
-    with workdir(e2e_root, "mmf") as base:
-        hosts = (unique_host("ma"), unique_host("mb"))
-        dirs = ca_with_hosts(base / "pki", *hosts)
-        async with two_agents(base, hosts, tls_dir(dirs[hosts[0]]),
-                              tls_dir(dirs[hosts[1]])) as (a, b):  # fmt: skip
-            serial, uuid = await boot(guest, base, "tls7", a.host)
-            xml, dst_serial = dest_xml(guest, base, "tls7", uuid, 1)
-            with Capture() as cap:
-                code, err = await migrate("tls7", b.host, xml, "--tls", "--parallel", "2")
-            assert code == 0, err
-            flows = cap.to_port(migration_port(await last_migration("tls7")))
-            assert len(flows) >= 3, flows  # the main channel and two multifd channels
-            assert all(client_hello(f[0]) for f in flows), [f[0][:8] for f in flows]
-            assert await placed("tls7") == [(b.host, "running")]
-            last = max_tick(serial)
-            assert await wait_tick(dst_serial, last + 2) > last + 2
-            xml, back_serial = dest_xml(guest, base, "tls7", uuid, 2)
-            with Capture() as cap:
-                code, err = await migrate("tls7", a.host, xml, "--tls", "--postcopy")
-            assert code == 0, err
-            rec = await last_migration("tls7")
-            flows = cap.to_port(migration_port(rec))
-            assert flows and all(client_hello(f[0]) for f in flows), [f[0][:8] for f in flows]
-            assert await placed("tls7") == [(a.host, "running")]
-            last = max_tick(dst_serial)
-            assert await wait_tick(back_serial, last + 2) > last + 2
-            await vcli("destroy", "tls7", "--host", a.host)
-
-
-async def test_tls_migration_survives_a_source_agent_restart(
-    vhost: str,  # noqa: F811
-    e2e_root: Path,
-) -> None:
-    """The source agent SIGKILLed while memory is sent over TLS (``--bandwidth 4``): QEMU
-    keeps its TLS session and streams on; the restarted agent reattaches the job, the
-    scheduler completes the migration and the guest runs at the destination."""
-    guest = await ensure_test_guest()
-    with workdir(e2e_root, "mrs") as base:
-        hosts = (unique_host("ra"), unique_host("rb"))
-        dirs = ca_with_hosts(base / "pki", *hosts)
-        async with (
-            two_agents(base, hosts, tls_dir(dirs[hosts[0]]), tls_dir(dirs[hosts[1]])) as (a, b),
-            contextlib.AsyncExitStack() as restarted,
-        ):
-            serial, uuid = await boot(guest, base, "tls8", a.host)
-            xml, dst_serial = dest_xml(guest, base, "tls8", uuid, 1)
-            r = await cli("--json", "migrate", "tls8", "--to", b.host, "--xml", str(xml),
-                          "--tls", "--bandwidth", "4", bus=URL)  # fmt: skip
-            assert r.code == 0, r.err
-            mid = json.loads(r.out)["id"]
-            await until(mid, lambda m: m.phase == "progress"
-                        and m.progress.get("status") == "active")  # fmt: skip
-            a.proc.kill()
-            await a.proc.wait()
-            await restarted.enter_async_context(agent_process(
-                a.host, a.state_dir, *tls_dir(dirs[a.host]), driver="qemu", bus=URL,
-                keep_queue=True,
-            ))  # fmt: skip
-            rec = await until(mid, lambda m: m.state != "running", timeout=120)
-            assert rec.state == "completed", rec
-            assert rec.params.tls
-            assert await placed("tls8") == [(b.host, "running")]
-            last = max_tick(serial)
-            assert await wait_tick(dst_serial, last + 2) > last + 2
-            await vcli("destroy", "tls8", "--host", b.host)
 
 
 async def test_a_source_of_another_ca_fails_and_the_guest_stays(
