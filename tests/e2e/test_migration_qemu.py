@@ -18,13 +18,16 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from tests.e2e.conftest import qemu_pids_under
-from tests.guests import ensure_test_guest
+from tests.guests import TestGuest, ensure_test_guest
 from tests.integration.test_scheduler_cluster import (  # noqa: F401 - the vhost fixture
     URL,
     agents,
@@ -34,7 +37,7 @@ from tests.integration.test_scheduler_cluster import (  # noqa: F401 - the vhost
     vhost,
     wait_hosts,
 )
-from tests.procs import agent_process, cli, unique_host
+from tests.procs import AgentProc, agent_process, cli, unique_host
 
 pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.slow]
 TICK = re.compile(rb"VIRTBUS-TICK (\d+)")
@@ -69,38 +72,89 @@ async def wait_tick(path: Path, above: int, timeout: float = 60) -> int:
     raise AssertionError(f"no VIRTBUS-TICK above {above} on {path}")
 
 
-@pytest.mark.parametrize(
-    "options",
-    [(), ("--bandwidth", "64", "--auto-converge"), ("--postcopy",), ("--parallel", "2")],
-    ids=["plain", "bandwidth-autoconverge", "postcopy", "multifd"],
-)
-async def test_running_guest_moves_and_keeps_ticking(
-    vhost: str,  # noqa: F811
-    e2e_root: Path,
-    options: tuple[str, ...],
-) -> None:
+@dataclass
+class Pair:
+    """Two agents and the scheduler, and one guest (``mig1``) that the tests of
+    :class:`TestOnePair` move back and forth: each finds it where the last one left it
+    (:meth:`ready` asserts that premise) instead of starting agents and a guest of its own."""
+
+    base: Path
+    guest: TestGuest
+    agents: tuple[AgentProc, AgentProc]
+    uuid: str
+    at: AgentProc  # the host running the guest
+    serial: Path  # the console file of the QEMU running it
+    hops: int = 0
+
+    async def ready(self) -> tuple[AgentProc, AgentProc, Path]:
+        """The premise: the guest runs at ``at`` and nowhere else, ticking on its console.
+        (that host's agent, the other one's, that console)"""
+        assert await placed("mig1") == [(self.at.host, "running")], f"premise: at {self.at}"
+        last = max_tick(self.serial)
+        assert await wait_tick(self.serial, last) > last, "premise: it ticks"
+        assert len(qemu_pids_under(self.at.state_dir)) == 1
+        (other,) = (a for a in self.agents if a is not self.at)
+        async with asyncio.timeout(30):  # the last source's QEMU has quit (confirm)
+            while qemu_pids_under(other.state_dir):
+                await asyncio.sleep(0.05)
+        return self.at, other, self.serial
+
+    def dest(self) -> tuple[Path, Path]:
+        """A destination definition with a console file of its own, and that file."""
+        self.hops += 1
+        serial, xml = self.base / f"mig1-{self.hops}.serial", self.base / f"mig1-{self.hops}.xml"
+        g = self.guest
+        xml.write_text(kernel_xml(g.kernel, g.initramfs, g.cmdline, serial, self.uuid))
+        return xml, serial
+
+
+@pytest_asyncio.fixture(scope="class", loop_scope="class")
+async def pair(vhost: str, e2e_root: Path) -> AsyncIterator[Pair]:  # noqa: F811
+    """Class-scoped: torn down before the module's other tests start agents and a
+    scheduler of their own in the same vhost."""
     guest = await ensure_test_guest()
     base = e2e_root / f"mig-{time.monotonic_ns()}"
     base.mkdir()
-    serial, dst_serial = base / "mig1-src.serial", base / "mig1-dst.serial"
-    xml, dst_xml = base / "mig1.xml", base / "mig1-dst.xml"
+    serial, xml = base / "mig1-0.serial", base / "mig1.xml"
     xml.write_text(kernel_xml(guest.kernel, guest.initramfs, guest.cmdline, serial))
-    async with agents(base, 2, driver="qemu") as (a, b), scheduler_process(base / "sched"):
-        await wait_hosts(2)
-        await vcli("define", str(xml), "--host", a.host)
-        await vcli("start", "mig1", "--host", a.host)
-        uuid = (await cli("--json", "dominfo", "mig1", "--host", a.host, bus=URL)).json()["uuid"]
-        dst_xml.write_text(
-            kernel_xml(guest.kernel, guest.initramfs, guest.cmdline, dst_serial, uuid)
-        )
-        await wait_tick(serial, 2)
+    try:
+        async with agents(base, 2, driver="qemu") as (a, b), scheduler_process(base / "sched"):
+            await wait_hosts(2)
+            await vcli("define", str(xml), "--host", a.host)
+            await vcli("start", "mig1", "--host", a.host)
+            uuid = (await vcli("dominfo", "mig1", "--host", a.host))["uuid"]
+            await wait_tick(serial, 2)
+            p = Pair(base, guest, (a, b), uuid, a, serial)
+            try:
+                yield p
+            finally:  # the QEMU is killed below if this cannot reach it
+                await cli("destroy", "mig1", "--host", p.at.host, bus=URL)
+    finally:
+        for pid in qemu_pids_under(base):  # never leave a guest behind
+            os.kill(pid, 9)
+
+
+@pytest.mark.asyncio(loop_scope="class")  # the pair's loop
+class TestOnePair:
+    @pytest.mark.parametrize(
+        "options",
+        [(), ("--bandwidth", "64", "--auto-converge"), ("--postcopy",), ("--parallel", "2")],
+        ids=["plain", "bandwidth-autoconverge", "postcopy", "multifd"],
+    )
+    async def test_running_guest_moves_and_keeps_ticking(
+        self, pair: Pair, options: tuple[str, ...]
+    ) -> None:
+        a, b, serial = await pair.ready()
+        dst_xml, dst_serial = pair.dest()
         src_pids = set(qemu_pids_under(a.state_dir))
+        assert len(src_pids) == 1, src_pids
         r = await cli(
             "migrate", "mig1", "--to", b.host, "--xml", str(dst_xml), *options, "--wait",
             bus=URL, timeout=120,
         )  # fmt: skip
         assert r.code == 0, r.err
         assert await placed("mig1") == [(b.host, "running")]
+        pair.at, pair.serial = b, dst_serial
         last_at_source = max_tick(serial)
         async with asyncio.timeout(30):  # confirm quit the source's QEMU; it may still exit
             while src_pids & set(qemu_pids_under(a.state_dir)):
@@ -108,7 +162,6 @@ async def test_running_guest_moves_and_keeps_ticking(
         # only the destination writes this file, from where the source stopped
         assert await wait_tick(dst_serial, last_at_source + 2) > last_at_source + 2
         assert max_tick(serial) == last_at_source, "the source's console still counts"
-        await vcli("destroy", "mig1", "--host", b.host)
 
 
 async def test_a_guest_of_the_unprivileged_qemu_user_migrates(
