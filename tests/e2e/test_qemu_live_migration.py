@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from drivers.base import DriverEvent, MigrationParams
 from drivers.qemu import QemuDriver
@@ -91,18 +92,22 @@ class Cluster:
     hosts: tuple[str, str]
     bus: Any
     events: list[dict[str, Any]] = field(default_factory=list)
+    at: str = ""  # the host running the guest the tests of TestOneGuest share
+    serial: Path = Path()  # that guest's console file there
+    hops: int = 0
 
     async def call(
         self, host: str, op: str, body: dict[str, Any], timeout: float = CALL_TIMEOUT
     ) -> Any:
         return await self.bus.call(ops.agent_route(host), op, body, timeout=timeout)
 
-    def seen(self, host: str, name: str) -> list[tuple[str, str | None]]:
-        mine = [e for e in self.events if e["host"] == host and e["domain"] == name]
+    def seen(self, host: str, name: str, since: int = 0) -> list[tuple[str, str | None]]:
+        """The events of ``name`` at ``host`` (from the ``since``-th event of the two)."""
+        mine = [e for e in self.events[since:] if e["host"] == host and e["domain"] == name]
         return [(e["event"], e["detail"]) for e in mine if e["event"] != "migration"]
 
-    def progress(self, host: str, name: str) -> list[dict[str, Any]]:
-        mine = [e for e in self.events if e["host"] == host and e["domain"] == name]
+    def progress(self, host: str, name: str, since: int = 0) -> list[dict[str, Any]]:
+        mine = [e for e in self.events[since:] if e["host"] == host and e["domain"] == name]
         return [e["data"] for e in mine if e["event"] == "migration"]
 
     def qemus(self, host: str) -> list[int]:
@@ -149,6 +154,24 @@ class Cluster:
             assert time.monotonic() < deadline, "condition not reached"
             await asyncio.sleep(0.05)
 
+    async def ready(self) -> tuple[str, str, Path, int]:
+        """The premise of a test of :class:`TestOneGuest`: its guest runs at ``at`` (one
+        QEMU there, none at the other host, no definition there), ticking on its console.
+        (that host, the other one, that console, the number of events seen so far)"""
+        src = self.at
+        (dst,) = (h for h in self.hosts if h != src)
+        assert await self.state(src, GUEST) == "running", f"premise: {GUEST} runs at {src}"
+        assert await self.state(dst, GUEST) is None, f"premise: {GUEST} is not at {dst}"
+        assert len(self.qemus(src)) == 1 and not self.qemus(dst), "premise: one QEMU"
+        before = await wait_ticks(self.serial, -1)
+        assert await wait_ticks(self.serial, before) > before, "premise: it ticks"
+        return src, dst, self.serial, len(self.events)
+
+    def next_serial(self) -> Path:
+        """A console file for the guest's next destination."""
+        self.hops += 1
+        return self.root / f"{GUEST}-{self.hops}.serial"
+
 
 @asynccontextmanager
 async def cluster(e2e_root: Path) -> AsyncIterator[Cluster]:
@@ -184,40 +207,6 @@ async def cluster(e2e_root: Path) -> AsyncIterator[Cluster]:
                             await cl.call(host, ops.DOMAIN_DESTROY, {"domain": dom["name"]})
 
 
-async def test_live_migration_keeps_the_guest_running(
-    test_guest: TestGuest, e2e_root: Path
-) -> None:
-    async with cluster(e2e_root) as cl:
-        a, b = cl.hosts
-        serial_a = await cl.boot(test_guest, a, "mover")
-        source_pids = cl.qemus(a)
-        assert len(source_pids) == 1
-        serial_b = cl.root / "mover-1.serial"
-        status = await cl.migrate("mover", a, b, serial_b)
-        assert status["status"] == "completed", status
-        last_at_source = ticks(serial_a)[-1]
-        assert await wait_ticks(serial_b, last_at_source + 2) > last_at_source + 2
-        assert await cl.state(b, "mover") == "running"
-        assert await cl.state(a, "mover") is None  # definition removed at the source
-        await cl.settle(lambda: not cl.qemus(a))  # the source QEMU is gone
-        assert len(cl.qemus(b)) == 1
-        info = await cl.call(b, ops.DOMAIN_INFO, {"domain": "mover"})
-        assert (info["state"], info["reason"], info["persistent"]) == ("running", "migrated", True)
-        await cl.settle(lambda: ("undefined", "removed") in cl.seen(a, "mover"))
-        await cl.settle(lambda: ("resumed", "migrated") in cl.seen(b, "mover"))
-        src = cl.seen(a, "mover")
-        assert src[src.index(("started", "booted")) + 1 :] == [
-            ("suspended", "migrated"), ("stopped", "migrated"), ("undefined", "removed"),
-        ]  # fmt: skip
-        assert cl.seen(b, "mover") == [
-            ("started", "migrated"), ("defined", "added"), ("resumed", "migrated"),
-        ]  # fmt: skip
-        progress = cl.progress(a, "mover")
-        assert progress[-1]["status"] == "completed" and progress[-1]["remaining"] == 0
-        assert progress[-1]["total"] >= 256 * 1024 * 1024 and progress[-1]["passes"] >= 1
-        assert not cl.progress(b, "mover")  # progress is the source's to report
-
-
 MODES: list[tuple[str, dict[str, Any]]] = [
     ("bandwidth", {"bandwidth_mib_s": 50}),
     ("auto-converge", {"auto_converge": True, "bandwidth_mib_s": 50, "max_downtime_ms": 100}),
@@ -226,32 +215,8 @@ MODES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-async def test_migration_modes_ping_pong(test_guest: TestGuest, e2e_root: Path) -> None:
-    """One guest moves A->B->A->... once per mode, still counting after every hop."""
-    async with cluster(e2e_root) as cl:
-        hosts = cl.hosts
-        serial = await cl.boot(test_guest, hosts[0], "pingpong")
-        for hop, (mode, params) in enumerate(MODES, start=1):
-            src, dst = hosts[(hop - 1) % 2], hosts[hop % 2]
-            next_serial = cl.root / f"pingpong-{hop}.serial"
-            status = await cl.migrate("pingpong", src, dst, next_serial, params)
-            assert status["status"] == "completed", (mode, status)
-            before = ticks(serial)[-1]
-            assert await wait_ticks(next_serial, before + 1) > before, mode
-            assert await cl.state(dst, "pingpong") == "running", mode
-            assert await cl.state(src, "pingpong") is None, mode
-            await cl.settle(lambda src=src: not cl.qemus(src))
-            serial = next_serial
-        # the postcopy hop (the 4th, from hosts[1]) switches after the first pass unless the
-        # guest converged within it; it completed either way (above)
-        statuses = [p["status"] for p in cl.progress(hosts[1], "pingpong")]
-        print("statuses reported by", hosts[1], statuses)
-        assert statuses.count("completed") == 2
-
-
-async def _slow_migration(cl: Cluster, name: str, serial: Path) -> str:
-    """Start a bandwidth-limited migration A->B and wait until it is really streaming."""
-    a, b = cl.hosts
+async def _slow_migration(cl: Cluster, name: str, a: str, b: str, serial: Path) -> str:
+    """Start a bandwidth-limited migration a->b and wait until it is really streaming."""
     begun = await cl.call(a, ops.MIGRATION_BEGIN, {"domain": name})
     params = {"bandwidth_mib_s": 2}
     xml = with_serial(begun["xml"], serial)
@@ -268,45 +233,110 @@ async def _slow_migration(cl: Cluster, name: str, serial: Path) -> str:
         await asyncio.sleep(0.05)
 
 
-async def test_killed_destination_leaves_the_source_running(
-    test_guest: TestGuest, e2e_root: Path
-) -> None:
+GUEST = "mover"  # the guest the tests of TestOneGuest share
+
+
+@pytest_asyncio.fixture(scope="class", loop_scope="class")
+async def shared(test_guest: TestGuest, e2e_root: Path) -> AsyncIterator[Cluster]:
+    """Two agents and one guest, booted once, for the tests of :class:`TestOneGuest`:
+    each finds it where the test before left it (:meth:`Cluster.ready`)."""
     async with cluster(e2e_root) as cl:
-        a, b = cl.hosts
-        serial_a = await cl.boot(test_guest, a, "victim")
-        await _slow_migration(cl, "victim", cl.root / "victim-1.serial")
+        cl.at = cl.hosts[0]
+        cl.serial = await cl.boot(test_guest, cl.at, GUEST)
+        yield cl
+
+
+@pytest.mark.asyncio(loop_scope="class")  # the shared cluster's loop
+class TestOneGuest:
+    async def test_live_migration_keeps_the_guest_running(self, shared: Cluster) -> None:
+        cl = shared
+        a, b, serial_a, mark = await cl.ready()
+        serial_b = cl.next_serial()
+        status = await cl.migrate(GUEST, a, b, serial_b)
+        assert status["status"] == "completed", status
+        cl.at, cl.serial = b, serial_b
+        last_at_source = ticks(serial_a)[-1]
+        assert await wait_ticks(serial_b, last_at_source + 2) > last_at_source + 2
+        assert await cl.state(b, GUEST) == "running"
+        assert await cl.state(a, GUEST) is None  # definition removed at the source
+        await cl.settle(lambda: not cl.qemus(a))  # the source QEMU is gone
+        assert len(cl.qemus(b)) == 1
+        info = await cl.call(b, ops.DOMAIN_INFO, {"domain": GUEST})
+        assert (info["state"], info["reason"], info["persistent"]) == ("running", "migrated", True)
+        await cl.settle(lambda: ("undefined", "removed") in cl.seen(a, GUEST, mark))
+        await cl.settle(lambda: ("resumed", "migrated") in cl.seen(b, GUEST, mark))
+        assert cl.seen(a, GUEST, mark) == [
+            ("suspended", "migrated"), ("stopped", "migrated"), ("undefined", "removed"),
+        ]  # fmt: skip
+        assert cl.seen(b, GUEST, mark) == [
+            ("started", "migrated"), ("defined", "added"), ("resumed", "migrated"),
+        ]  # fmt: skip
+        progress = cl.progress(a, GUEST, mark)
+        assert progress[-1]["status"] == "completed" and progress[-1]["remaining"] == 0
+        assert progress[-1]["total"] >= 256 * 1024 * 1024 and progress[-1]["passes"] >= 1
+        assert not cl.progress(b, GUEST, mark)  # progress is the source's to report
+
+    async def test_migration_modes_ping_pong(self, shared: Cluster) -> None:
+        """One guest moves A->B->A->... once per mode, still counting after every hop."""
+        cl = shared
+        first, second, serial, mark = await cl.ready()
+        hosts = (first, second)
+        for hop, (mode, params) in enumerate(MODES, start=1):
+            src, dst = hosts[(hop - 1) % 2], hosts[hop % 2]
+            next_serial = cl.next_serial()
+            hop_mark = len(cl.events)
+            status = await cl.migrate(GUEST, src, dst, next_serial, params)
+            assert status["status"] == "completed", (mode, status)
+            cl.at, cl.serial = dst, next_serial
+            before = ticks(serial)[-1]
+            assert await wait_ticks(next_serial, before + 1) > before, mode
+            assert await cl.state(dst, GUEST) == "running", mode
+            assert await cl.state(src, GUEST) is None, mode
+            await cl.settle(lambda src=src: not cl.qemus(src))
+            await cl.settle(lambda src=src, m=hop_mark: ("undefined", "removed")
+                            in cl.seen(src, GUEST, m))  # fmt: skip
+            serial = next_serial
+        # the postcopy hop (the 4th, from hosts[1]) switches after the first pass unless the
+        # guest converged within it; it completed either way (above)
+        statuses = [p["status"] for p in cl.progress(hosts[1], GUEST, mark)]
+        print("statuses reported by", hosts[1], statuses)
+        assert statuses.count("completed") == 2
+
+    async def test_killed_destination_leaves_the_source_running(self, shared: Cluster) -> None:
+        cl = shared
+        a, b, serial_a, mark = await cl.ready()
+        await _slow_migration(cl, GUEST, a, b, cl.next_serial())
         (dest_pid,) = cl.qemus(b)
         os.kill(dest_pid, signal.SIGKILL)
-        status = await cl.wait_migration(a, "victim")
+        status = await cl.wait_migration(a, GUEST)
         assert status["status"] == "failed", status
-        finish = await cl.call(b, ops.MIGRATION_FINISH, {"domain": "victim", "success": False})
+        finish = await cl.call(b, ops.MIGRATION_FINISH, {"domain": GUEST, "success": False})
         assert finish["state"] == "absent"
-        await cl.call(a, ops.MIGRATION_CONFIRM, {"domain": "victim", "success": False})
-        assert await cl.state(a, "victim") == "running"
-        assert await cl.state(b, "victim") is None
+        await cl.call(a, ops.MIGRATION_CONFIRM, {"domain": GUEST, "success": False})
+        assert await cl.state(a, GUEST) == "running"
+        assert await cl.state(b, GUEST) is None
         before = ticks(serial_a)[-1]
         assert await wait_ticks(serial_a, before + 1) > before  # still counting at the source
-        await cl.settle(lambda: ("stopped", "failed") in cl.seen(b, "victim"))
+        await cl.settle(lambda: ("stopped", "failed") in cl.seen(b, GUEST, mark))
         assert not cl.qemus(b)
 
-
-async def test_cancel_mid_migration(test_guest: TestGuest, e2e_root: Path) -> None:
-    async with cluster(e2e_root) as cl:
-        a, b = cl.hosts
-        serial_a = await cl.boot(test_guest, a, "cancelled")
-        await _slow_migration(cl, "cancelled", cl.root / "cancelled-1.serial")
-        await cl.call(a, ops.MIGRATION_CANCEL, {"domain": "cancelled"})
-        status = await cl.call(a, ops.MIGRATION_STATUS, {"domain": "cancelled"})
+    async def test_cancel_mid_migration(self, shared: Cluster) -> None:
+        cl = shared
+        a, b, serial_a, mark = await cl.ready()
+        await _slow_migration(cl, GUEST, a, b, cl.next_serial())
+        await cl.call(a, ops.MIGRATION_CANCEL, {"domain": GUEST})
+        status = await cl.call(a, ops.MIGRATION_STATUS, {"domain": GUEST})
         assert status["status"] == "cancelled", status
-        finish = await cl.call(b, ops.MIGRATION_FINISH, {"domain": "cancelled", "success": False})
+        finish = await cl.call(b, ops.MIGRATION_FINISH, {"domain": GUEST, "success": False})
         assert finish["state"] == "absent"
-        await cl.call(a, ops.MIGRATION_CONFIRM, {"domain": "cancelled", "success": False})
-        assert await cl.state(a, "cancelled") == "running"
-        assert await cl.state(b, "cancelled") is None
+        await cl.call(a, ops.MIGRATION_CONFIRM, {"domain": GUEST, "success": False})
+        assert await cl.state(a, GUEST) == "running"
+        assert await cl.state(b, GUEST) is None
         await cl.settle(lambda: not cl.qemus(b))  # the destination QEMU is gone
         before = ticks(serial_a)[-1]
         assert await wait_ticks(serial_a, before + 1) > before
-        assert cl.seen(b, "cancelled") == [("started", "migrated"), ("stopped", "failed")]
+        await cl.settle(lambda: ("stopped", "failed") in cl.seen(b, GUEST, mark))
+        assert cl.seen(b, GUEST, mark) == [("started", "migrated"), ("stopped", "failed")]
 
 
 async def test_postcopy_switch_in_process(test_guest: TestGuest, e2e_root: Path) -> None:
