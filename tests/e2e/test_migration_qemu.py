@@ -82,29 +82,32 @@ class Pair:
     guest: TestGuest
     agents: tuple[AgentProc, AgentProc]
     uuid: str
-    at: AgentProc  # the host running the guest
-    serial: Path  # the console file of the QEMU running it
+    consoles: dict[str, Path]  # by host: the console file of its latest QEMU of the guest
     hops: int = 0
 
     async def ready(self) -> tuple[AgentProc, AgentProc, Path]:
-        """The premise: the guest runs at ``at`` and nowhere else, ticking on its console.
+        """The premise: the guest runs at one host of the pair and nowhere else (one QEMU
+        there, the last source's gone), ticking on that host's console.
         (that host's agent, the other one's, that console)"""
-        assert await placed("mig1") == [(self.at.host, "running")], f"premise: at {self.at}"
-        last = max_tick(self.serial)
-        assert await wait_tick(self.serial, last) > last, "premise: it ticks"
-        assert len(qemu_pids_under(self.at.state_dir)) == 1
-        (other,) = (a for a in self.agents if a is not self.at)
+        where = await placed("mig1")
+        assert len(where) == 1 and where[0][1] == "running", f"premise: {where}"
+        (at,) = (a for a in self.agents if a.host == where[0][0])
+        (other,) = (a for a in self.agents if a is not at)
+        last = max_tick(self.consoles[at.host])
+        assert await wait_tick(self.consoles[at.host], last) > last, "premise: it ticks"
+        assert len(qemu_pids_under(at.state_dir)) == 1
         async with asyncio.timeout(30):  # the last source's QEMU has quit (confirm)
             while qemu_pids_under(other.state_dir):
                 await asyncio.sleep(0.05)
-        return self.at, other, self.serial
+        return at, other, self.consoles[at.host]
 
-    def dest(self) -> tuple[Path, Path]:
-        """A destination definition with a console file of its own, and that file."""
+    def dest(self, host: str) -> tuple[Path, Path]:
+        """A definition for ``host`` with a console file of its own, and that file."""
         self.hops += 1
         serial, xml = self.base / f"mig1-{self.hops}.serial", self.base / f"mig1-{self.hops}.xml"
         g = self.guest
         xml.write_text(kernel_xml(g.kernel, g.initramfs, g.cmdline, serial, self.uuid))
+        self.consoles[host] = serial
         return xml, serial
 
 
@@ -124,11 +127,12 @@ async def pair(vhost: str, e2e_root: Path) -> AsyncIterator[Pair]:  # noqa: F811
             await vcli("start", "mig1", "--host", a.host)
             uuid = (await vcli("dominfo", "mig1", "--host", a.host))["uuid"]
             await wait_tick(serial, 2)
-            p = Pair(base, guest, (a, b), uuid, a, serial)
+            p = Pair(base, guest, (a, b), uuid, {a.host: serial})
             try:
                 yield p
             finally:  # the QEMU is killed below if this cannot reach it
-                await cli("destroy", "mig1", "--host", p.at.host, bus=URL)
+                for host in (a.host, b.host):
+                    await cli("destroy", "mig1", "--host", host, bus=URL)
     finally:
         for pid in qemu_pids_under(base):  # never leave a guest behind
             os.kill(pid, 9)
@@ -145,7 +149,7 @@ class TestOnePair:
         self, pair: Pair, options: tuple[str, ...]
     ) -> None:
         a, b, serial = await pair.ready()
-        dst_xml, dst_serial = pair.dest()
+        dst_xml, dst_serial = pair.dest(b.host)
         src_pids = set(qemu_pids_under(a.state_dir))
         assert len(src_pids) == 1, src_pids
         r = await cli(
@@ -154,7 +158,6 @@ class TestOnePair:
         )  # fmt: skip
         assert r.code == 0, r.err
         assert await placed("mig1") == [(b.host, "running")]
-        pair.at, pair.serial = b, dst_serial
         last_at_source = max_tick(serial)
         async with asyncio.timeout(30):  # confirm quit the source's QEMU; it may still exit
             while src_pids & set(qemu_pids_under(a.state_dir)):

@@ -236,32 +236,32 @@ class Pair:
     agents: dict[str, AgentProc]
     stack: contextlib.AsyncExitStack
     uuid: str
-    at: str  # the host running the guest
-    serial: Path  # the console file of the QEMU running it
+    consoles: dict[str, Path]  # by host: the console file of its latest QEMU of the guest
     hops: int = 0  # destination definitions made
     name = "tls1"
 
     async def ready(self) -> tuple[AgentProc, AgentProc, Path]:
-        """The premise: the guest runs at ``at`` and nowhere else, ticking on its console.
+        """The premise: the guest runs at one host of the pair and nowhere else (one QEMU
+        there, the last source's gone), ticking on that host's console.
         (that host's agent, the other one's, that console)"""
         where = await placed(self.name)
-        assert where == [(self.at, "running")], f"premise: {self.name} runs at {self.at}"
-        last = max_tick(self.serial)
-        assert await wait_tick(self.serial, last + 1) > last, "premise: it ticks"
-        assert len(qemu_pids_under(self.agents[self.at].state_dir)) == 1
-        (other,) = (h for h in self.agents if h != self.at)
+        assert len(where) == 1 and where[0][1] == "running", f"premise: {where}"
+        at = where[0][0]
+        (other,) = (h for h in self.agents if h != at)
+        last = max_tick(self.consoles[at])
+        assert await wait_tick(self.consoles[at], last) > last, "premise: it ticks"
+        assert len(qemu_pids_under(self.agents[at].state_dir)) == 1
         async with asyncio.timeout(30):  # the last source's QEMU has quit (confirm)
             while qemu_pids_under(self.agents[other].state_dir):
                 await asyncio.sleep(0.05)
-        return self.agents[self.at], self.agents[other], self.serial
+        return self.agents[at], self.agents[other], self.consoles[at]
 
-    def dest(self) -> tuple[Path, Path]:
-        """A destination definition with a console file of its own, and that file."""
+    def dest(self, host: str) -> tuple[Path, Path]:
+        """A definition for ``host`` with a console file of its own, and that file."""
         self.hops += 1
-        return dest_xml(self.guest, self.base, self.name, self.uuid, self.hops)
-
-    def moved(self, host: str, serial: Path) -> None:
-        self.at, self.serial = host, serial
+        xml, serial = dest_xml(self.guest, self.base, self.name, self.uuid, self.hops)
+        self.consoles[host] = serial
+        return xml, serial
 
     async def restart(self, host: str) -> AgentProc:
         """A new agent process for ``host`` (its own state dir; the old one is dead)."""
@@ -285,11 +285,12 @@ async def pair(vhost: str, e2e_root: Path) -> AsyncIterator[Pair]:  # noqa: F811
                 two_agents(base, hosts, tls_dir(dirs[hosts[0]]), tls_dir(dirs[hosts[1]]))
             )
             serial, uuid = await boot(guest, base, Pair.name, a.host)
-            p = Pair(base, guest, dirs, {a.host: a, b.host: b}, stack, uuid, a.host, serial)
+            p = Pair(base, guest, dirs, {a.host: a, b.host: b}, stack, uuid, {a.host: serial})
             try:
                 yield p
             finally:  # the QEMU is killed by workdir() if this cannot reach it
-                await cli("destroy", p.name, "--host", p.at, bus=URL)
+                for host in p.agents:
+                    await cli("destroy", p.name, "--host", host, bus=URL)
 
 
 @pytest.mark.asyncio(loop_scope="class")  # the pair's loop
@@ -300,7 +301,7 @@ class TestOnePair:
         self, pair: Pair
     ) -> None:
         a, b, serial = await pair.ready()
-        xml, dst_serial = pair.dest()
+        xml, dst_serial = pair.dest(b.host)
         with Capture() as cap:
             code, err = await migrate(pair.name, b.host, xml, "--tls")
         assert code == 0, err
@@ -310,7 +311,6 @@ class TestOnePair:
         assert flows, f"nothing captured towards {rec['uri']}"
         assert all(client_hello(f[0]) for f in flows), [f[0][:8] for f in flows]
         assert await placed(pair.name) == [(b.host, "running")]
-        pair.moved(b.host, dst_serial)
         last = max_tick(serial)
         assert await wait_tick(dst_serial, last + 2) > last + 2  # it runs at B
         async with asyncio.timeout(30):  # confirm quit the source's QEMU
@@ -318,14 +318,13 @@ class TestOnePair:
                 await asyncio.sleep(0.05)
 
         # the same capture of a plain migration back sees QEMU's stream in the clear
-        xml, back_serial = pair.dest()
+        xml, back_serial = pair.dest(a.host)
         with Capture() as cap:
             code, err = await migrate(pair.name, a.host, xml)
         assert code == 0, err
         flows = cap.to_port(migration_port(await last_migration(pair.name)))
         assert flows and all(f[0].startswith(b"QEVM") for f in flows), flows
         assert await placed(pair.name) == [(a.host, "running")]
-        pair.moved(a.host, back_serial)
         last = max_tick(dst_serial)
         assert await wait_tick(back_serial, last + 2) > last + 2
 
@@ -333,7 +332,7 @@ class TestOnePair:
         """``--tls --parallel 2``: every multifd channel is a TLS connection of its own;
         ``--tls --postcopy`` back (the return path inside the same TLS stream)."""
         a, b, serial = await pair.ready()
-        xml, dst_serial = pair.dest()
+        xml, dst_serial = pair.dest(b.host)
         with Capture() as cap:
             code, err = await migrate(pair.name, b.host, xml, "--tls", "--parallel", "2")
         assert code == 0, err
@@ -341,10 +340,9 @@ class TestOnePair:
         assert len(flows) >= 3, flows  # the main channel and two multifd channels
         assert all(client_hello(f[0]) for f in flows), [f[0][:8] for f in flows]
         assert await placed(pair.name) == [(b.host, "running")]
-        pair.moved(b.host, dst_serial)
         last = max_tick(serial)
         assert await wait_tick(dst_serial, last + 2) > last + 2
-        xml, back_serial = pair.dest()
+        xml, back_serial = pair.dest(a.host)
         with Capture() as cap:
             code, err = await migrate(pair.name, a.host, xml, "--tls", "--postcopy")
         assert code == 0, err
@@ -352,7 +350,6 @@ class TestOnePair:
         flows = cap.to_port(migration_port(rec))
         assert flows and all(client_hello(f[0]) for f in flows), [f[0][:8] for f in flows]
         assert await placed(pair.name) == [(a.host, "running")]
-        pair.moved(a.host, back_serial)
         last = max_tick(dst_serial)
         assert await wait_tick(back_serial, last + 2) > last + 2
 
@@ -361,7 +358,7 @@ class TestOnePair:
         QEMU keeps its TLS session and streams on; the restarted agent reattaches the job,
         the scheduler completes the migration and the guest runs at the destination."""
         a, b, serial = await pair.ready()
-        xml, dst_serial = pair.dest()
+        xml, dst_serial = pair.dest(b.host)
         r = await cli("--json", "migrate", pair.name, "--to", b.host, "--xml", str(xml),
                       "--tls", "--bandwidth", "4", bus=URL)  # fmt: skip
         assert r.code == 0, r.err
@@ -375,7 +372,6 @@ class TestOnePair:
         assert rec.state == "completed", rec
         assert rec.params.tls
         assert await placed(pair.name) == [(b.host, "running")]
-        pair.moved(b.host, dst_serial)
         last = max_tick(serial)
         assert await wait_tick(dst_serial, last + 2) > last + 2
 
