@@ -333,6 +333,29 @@ async def test_publish_confirm_and_topic_subscribe(env: Env) -> None:
     await sub.close()
 
 
+async def test_a_burst_past_the_prefetch_is_read_whole_with_batched_acks(env: Env) -> None:
+    """Acks are batched (``multiple``): the broker must still see them in time, or it
+    stops delivering at the prefetch count and the read stalls."""
+    reader = AmqpBus(URL, "test-burst", BusSettings(url=URL, subscription_buffer=4))
+    await reader.connect()
+    try:
+        host = f"h{uuid.uuid4().hex[:8]}"
+        sub = await reader.subscribe(EVENTS_EXCHANGE, [f"{host}.#"])
+        for rnd in range(2):  # the second burst after the reader had caught up and waited
+            await asyncio.gather(*(
+                env.server.publish(EVENTS_EXCHANGE, f"{host}.d.started",
+                                   Envelope(kind=Kind.EVENT, op="domain.event",
+                                            body={"n": rnd * 100 + n}, src=host),
+                                   confirm=True)
+                for n in range(40)
+            ))  # fmt: skip
+            got = [(await asyncio.wait_for(sub.__anext__(), 5)).body["n"] for _ in range(40)]
+            assert got == [rnd * 100 + n for n in range(40)]
+        await sub.close()
+    finally:
+        await reader.close()
+
+
 async def test_handler_called_in_delivery_order(env: Env) -> None:
     route = env.route()
     calls: list[Envelope] = []

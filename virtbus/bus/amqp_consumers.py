@@ -453,6 +453,8 @@ class AmqpSubscription:
             bus.settings.subscription_buffer
         )
         self.on_closed: Callable[[AmqpSubscription], None] | None = None
+        self._read_unacked = 0  # messages read since the last ack (see __anext__)
+        self._ack_every = max(1, bus.settings.subscription_buffer // 2)
 
     @classmethod
     async def start(
@@ -546,8 +548,17 @@ class AmqpSubscription:
         return self
 
     async def __anext__(self) -> Envelope:
+        """The next envelope. Its message is acked at once when nothing else is waiting
+        (the reader has caught up); in a burst one ``multiple`` ack covers what was read,
+        at most half the prefetch count apart, so the broker never stalls for want of
+        acks and the reader never waits holding an unacked message. One ack frame (a
+        socket write) per message was a third of a subscriber's CPU per event."""
         message, envelope = await self._buffer.get()
-        await _quietly(message.ack(), "ack of a read message")
+        self._read_unacked += 1
+        if not len(self._buffer) or self._read_unacked >= self._ack_every:
+            self._read_unacked = 0
+            # every message read before it is on the same channel, older, and read
+            await _quietly(message.ack(multiple=True), "ack of read messages")
         return envelope
 
     async def close(self) -> None:
