@@ -4,17 +4,23 @@ events with no gap and no duplicate, while the host keeps publishing through the
 A real agent (test driver) publishes suspend/resume events; a client keeps it busy while
 the real CLI subscribes. What the CLI prints must be exactly the host's events from the
 first one at or after ``--since``: consecutive sequence numbers, each once.
+
+A vhost of the test's own: ``--since SEQ`` reads the history from its first event (a
+host's sequence number names no stream offset), so on the shared broker the test would
+time how many events earlier runs and benches left there (654,000 once: over 120 s).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.procs import BUS_URL, VIRTBUS, agent_process, unique_host
+from tests.procs import VIRTBUS, agent_process, private_vhost, unique_host
 from virtbus.client import Client
 from virtbus.protocol.messages import DomainEvent
 
@@ -31,12 +37,18 @@ async def toggle(client: Client, host: str, pairs: int) -> None:
         await dom.resume()
 
 
+@pytest.fixture
+def bus_url() -> Iterator[str]:
+    with private_vhost(f"virtbus-replay-{os.getpid()}") as url:
+        yield url
+
+
 @pytest.mark.parametrize("since_kind", ["time", "seq"])
 async def test_replay_hands_over_to_live_without_gap_or_duplicate(
-    tmp_path: Path, since_kind: str
+    tmp_path: Path, since_kind: str, bus_url: str
 ) -> None:
     host = unique_host("rp")
-    async with agent_process(host, tmp_path), await Client.connect(BUS_URL) as client:
+    async with agent_process(host, tmp_path, bus=bus_url), await Client.connect(bus_url) as client:
         live = await client.subscribe(host=host)
         seen: list[DomainEvent] = []
         try:
@@ -58,7 +70,7 @@ async def test_replay_hands_over_to_live_without_gap_or_duplicate(
         wanted = len(seen) - len(seen) // 2 + 2 * DURING
         busy = asyncio.create_task(toggle(client, host, DURING))  # publishing through the seam
         proc = await asyncio.create_subprocess_exec(
-            *VIRTBUS, "--bus", BUS_URL, "--json", "event", "--host", host, "--since", since,
+            *VIRTBUS, "--bus", bus_url, "--json", "event", "--host", host, "--since", since,
             "--count", str(wanted), "--timeout", "120",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
