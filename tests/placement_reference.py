@@ -14,7 +14,6 @@ from scheduler.inventory import Claim, DomainMeta, HostRecord
 from scheduler.placement import HostCandidate, PlacementPolicy, PlacementRequest, place
 from virtbus.protocol.domain import DomainInfo, StateName
 from virtbus.protocol.host import HostInventory
-from virtbus.protocol.scheduler import HostView
 
 __all__ = ["Claim", "DomainMeta", "ReferenceView"]
 
@@ -95,26 +94,10 @@ class ReferenceView:
         return place(req, self.candidates(now), policy)
 
     # --- queries --------------------------------------------------------------------
-    def is_up(self, host: str, now: float | None = None) -> bool:
-        record = self.hosts.get(host)
-        if record is None or record.inventory is None:
-            return False
-        now = time.monotonic() if now is None else now
-        return now - record.last_seen <= self.host_down_after
-
     def is_draining(self, host: str) -> bool:
         record = self.hosts.get(host)
         reported = bool(record and record.inventory and record.inventory.draining)
         return host in self.draining or reported
-
-    def hosts_with(self, ref: str) -> list[tuple[str, DomainInfo]]:
-        """(host, DomainInfo) for every host that has a domain named or with uuid ``ref``."""
-        found = []
-        for name in sorted(self.hosts):
-            for info in self.hosts[name].domains.values():
-                if ref in (info.name, info.uuid):
-                    found.append((name, info))
-        return found
 
     def candidates(self, now: float | None = None) -> list[HostCandidate]:
         """Placement's input: every known host (down ones too, so NO_HOST can count them)."""
@@ -166,22 +149,3 @@ class ReferenceView:
         record = self.hosts.get(host)
         if record is not None:
             record.claims.pop(uuid, None)
-
-    def host_view(self, name: str, now: float | None = None) -> HostView | None:
-        """One row of ``virtbus hosts`` (``scheduler.hosts``); None before a heartbeat."""
-        record = self.hosts[name]
-        inv = record.inventory
-        if inv is None:
-            return None
-        now_m = time.monotonic() if now is None else now
-        claims = record.claims.values()
-        fields = msgspec.structs.asdict(inv)
-        fields.update(
-            running=[],
-            draining=self.is_draining(name),
-            up=self.is_up(name, now_m),
-            last_seen_s=round(now_m - record.last_seen, 3),
-            claimed_memory_kib=sum(c.memory_kib for c in claims),
-            claimed_vcpus=sum(c.vcpus for c in claims),
-        )
-        return HostView(**fields)
