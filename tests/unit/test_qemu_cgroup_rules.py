@@ -66,14 +66,14 @@ def test_a_domain_gets_the_default_acl_and_its_device_nodes(tmp_path: Path) -> N
 
 
 def test_tap_nics_get_the_tun_device_only_when_they_need_it() -> None:
-    if not os.path.exists("/dev/net/tun"):
-        pytest.skip("no /dev/net/tun on this host")
-    tun = os.stat("/dev/net/tun").st_rdev
-    dev = Device("c", os.major(tun), os.minor(tun))
+    dev = Device("c", 10, 200)  # /dev/net/tun: the kernel's fixed misc number
     user = domain("<interface type='user'/>")
     tap = domain("<interface type='ethernet'><target dev='t0'/></interface>")
     assert dev not in domain_rules(parse_domain_xml(user), {})
-    assert domain_rules(parse_domain_xml(tap), {})[dev] == "rw"
+    if os.path.exists("/dev/net/tun"):
+        assert domain_rules(parse_domain_xml(tap), {})[dev] == "rw"
+    else:  # a node the host lacks gets no rule (QEMU could not open it anyway)
+        assert dev not in domain_rules(parse_domain_xml(tap), {})
 
 
 def test_the_setting(tmp_path: Path) -> None:
