@@ -206,34 +206,11 @@ FILTERS: tuple[tuple[str, Filter], ...] = (
 
 
 def fits(req: PlacementRequest, h: HostCandidate, policy: PlacementPolicy) -> bool:
-    """Whether one host passes every filter of :data:`FILTERS` (their conjunction, for a
-    walk over hosts in the weigher's order: :meth:`scheduler.inventory.ClusterView.place`)."""
-    need, ratio = req.memory_kib, policy.memory_overcommit
-    if req.exclude and h.name in req.exclude:
-        return False
-    if not h.up or h.draining or h.driver not in req.drivers:
-        return False
-    if req.arch is not None and h.arch != req.arch:
-        return False
-    if h.memory_total_kib * ratio - h.allocated_memory_kib < need:
-        return False
-    if ratio <= 1.0 and h.memory_free_kib < need:
-        return False
-    if h.cpus * policy.cpu_overcommit - h.allocated_vcpus < req.vcpus:
-        return False
-    if req.groups and not req.groups.isdisjoint(h.groups):
-        return False
-    if req.same_cpu_as is not None and h.cpu_model != req.same_cpu_as:
-        return False
-    model = req.cpu_model
-    if model is not None and not (
-        h.cpu_model == model or not h.cpu_models or model in h.cpu_models
-    ):
-        return False
-    for pool, size in req.storage.items():
-        if pool not in h.pools or h.pools[pool] < size:
-            return False
-    return not req.networks or req.networks <= h.networks
+    """Whether one host passes every filter of :data:`FILTERS` (for a walk over hosts in
+    the weigher's order: :meth:`scheduler.inventory.ClusterView.place`). The filters
+    themselves decide, so the walk and the pipeline can never disagree."""
+    one = [h]
+    return all(keep(req, one, policy) for _name, keep in FILTERS)
 
 
 # --- weighers: pick one of the survivors (ties: the first, i.e. input order) ------------
