@@ -87,6 +87,8 @@ def test_scenario(xen_run: BootResult, name: str) -> None:
         rows += f"\nlast row per domid (at, name, state, cpu s): {json.dumps(rec['last_rows'])}"
     if "xl_list_s" in rec:
         rows += f"\nxl list -v took (s): {json.dumps(rec['xl_list_s'])}"
+    if "xen_log" in rec:
+        rows += "\n--- xl dmesg (end) ---\n" + "\n".join(rec["xen_log"])
     assert rec["ok"], (
         f"{name} failed: {rec['error']}\nevents: {json.dumps(rec['events'])}{rows}{logs}"
     )

@@ -324,8 +324,23 @@ async def run_one(
         during = sorted(sec for at, sec in LIST_SECONDS if at >= start - T0)
         median = during[len(during) // 2] if during else None
         record["xl_list_s"] = {"count": len(during), "median": median, "max": max(during or [0])}
+        record["xen_log"] = await _xen_log_tail()
     emit(record)
     return error is None
+
+
+async def _xen_log_tail(lines: int = 40) -> list[str]:
+    """The end of the hypervisor's own log (``xl dmesg``): a guest that Xen shut down itself
+    (a triple fault is a reboot by default for HVM/PVH) says so only there."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "xl", "dmesg", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        async with asyncio.timeout(60):
+            out, _ = await proc.communicate()
+    except (OSError, TimeoutError) as exc:
+        return [f"(xl dmesg: {exc})"]
+    return out.decode(errors="replace").splitlines()[-lines:]
 
 
 def _log_tails(name: str, chars: int = 2500) -> dict[str, str]:
