@@ -74,6 +74,7 @@ class DomainInfo:
     hv_type: str = ""
     managed_save: bool = False  # a managed save image waits for the next start
     owner: str | None = None  # who defined it (its definition's virtbus metadata)
+    groups: frozenset[str] = frozenset()  # its anti-affinity groups (placement metadata)
 
     def to_wire(self, *, with_owner: bool = False) -> DomainInfoMessage:
         """``with_owner``: dominfo shows the owner; a domain list leaves it out (nil)."""
@@ -93,6 +94,7 @@ class DomainInfo:
             type=self.hv_type,
             managed_save=self.managed_save,
             owner=self.owner if with_owner else None,
+            groups=sorted(self.groups),
         )
 
 

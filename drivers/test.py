@@ -1250,6 +1250,7 @@ class TestDriver:
             persistent=dom.persistent,
             managed_save=dom.managed_save is not None,
             owner=(dom.live or defn).owner,  # the definition xml() shows
+            groups=(dom.live or defn).placement_groups,
         )
 
     async def info(self, ref: str) -> DomainInfo:

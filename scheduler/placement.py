@@ -28,8 +28,6 @@ from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.domain.devices import volume_sources
 from virtbus.errors import InvalidArgument, NoHostError
 
-PLACEMENT_NS = "https://virtbus.dev/xmlns/placement/1"
-
 # Domain type -> host drivers that can run it (the test driver accepts every type).
 DRIVERS_FOR_TYPE: dict[str, frozenset[str]] = {
     "kvm": frozenset({"qemu", "test"}),
@@ -250,17 +248,6 @@ def place(
 
 
 # --- requests from domain XML -------------------------------------------------------------
-def anti_affinity_groups(defn: DomainDefinition) -> frozenset[str]:
-    """Groups from ``<metadata><virtbus:placement anti-affinity='a,b'/>``."""
-    if defn.metadata is None:
-        return frozenset()
-    groups: set[str] = set()
-    for el in defn.metadata.iter(f"{{{PLACEMENT_NS}}}placement"):
-        raw = el.get("anti-affinity") or ""
-        groups.update(g.strip() for g in raw.split(",") if g.strip())
-    return frozenset(groups)
-
-
 def storage_needs(
     defn: DomainDefinition, sizes: Mapping[tuple[str, str], int] | None = None
 ) -> dict[str, int]:
@@ -302,7 +289,7 @@ def request_for(
             arch=source.arch,
             cpu_model=custom_model,
             same_cpu_as=source.cpu_model if host_cpu else None,
-            groups=anti_affinity_groups(defn),
+            groups=defn.placement_groups,
             exclude=exclude | {source.name},
             storage=storage,
             networks=network_needs(defn),
@@ -314,7 +301,7 @@ def request_for(
         drivers=DRIVERS_FOR_TYPE.get(defn.hv_type, frozenset({defn.hv_type})),
         arch=defn.os.arch,
         cpu_model=custom_model,
-        groups=anti_affinity_groups(defn),
+        groups=defn.placement_groups,
         exclude=exclude,
         storage=storage,
         networks=network_needs(defn),

@@ -30,7 +30,7 @@ from scheduler.journal import BusJournal, Journal, MigrationRecord
 from scheduler.migration import MigrationCoordinator
 from scheduler.networks import ClusterNetworks
 from scheduler.offline import OfflineMover
-from scheduler.placement import anti_affinity_groups, place, request_for
+from scheduler.placement import place, request_for
 from scheduler.settings import SchedulerSettings
 from virtbus.aio import TaskGroup
 from virtbus.bus.base import Bus, Server, Subscription
@@ -314,12 +314,17 @@ class SchedulerService:
             async with self._refresh_slots:
                 listing = await self._agent_call(host, ops.DOMAIN_LIST, DomainListRequest(), t)
                 domains = listing.domains
-                for uuid in self.view.observe_domains(host, domains):
+                unknown = self.view.observe_domains(host, domains)
+                for d in domains:  # the agent says their groups: no definition to fetch
+                    if d.groups is not None:
+                        self.view.observe_meta(DomainMeta(d.name, d.uuid, frozenset(d.groups)))
+                for uuid in unknown:  # only from an agent too old to say: its definition
+                    if uuid in self.view.meta:
+                        continue
                     target = DomainTarget(domain=uuid)
                     reply = await self._agent_call(host, ops.DOMAIN_XML, target, t)
                     defn = parse_domain_xml(reply.xml)
-                    groups = anti_affinity_groups(defn)
-                    self.view.observe_meta(DomainMeta(defn.name, uuid, groups))
+                    self.view.observe_meta(DomainMeta(defn.name, uuid, defn.placement_groups))
             self._stale.discard(host)
             return domains
         except VirtbusError as exc:
@@ -407,7 +412,7 @@ class SchedulerService:
 
     async def _define(self, req: PlaceRequest) -> PlacedDomain:
         defn = parse_domain_xml(req.xml)
-        groups = anti_affinity_groups(defn)
+        groups = defn.placement_groups
         host = self.view.place(request_for(defn), self.settings.placement).name
         self._claim(host, defn.uuid, defn.name, defn.current_memory_kib, defn.current_vcpus, groups)
         try:

@@ -695,7 +695,7 @@ class LxcDriver:
             defn.current_memory_kib,
             vcpus=defn.current_vcpus, cpu_time_ns=cpu,
             id=c.init_pid if active else None, hv_type=defn.hv_type, autostart=c.autostart,
-            owner=defn.owner,
+            owner=defn.owner, groups=defn.placement_groups,
         )  # fmt: skip
 
     def _figures(self, cs: list[Container]) -> list[tuple[cg.MemoryFigures | None, int]]:

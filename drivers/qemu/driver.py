@@ -499,6 +499,7 @@ class QemuDriver:
             cpu_time_ns=cpu, id=run.id if run else None, hv_type=defn.hv_type,
             persistent=not self._migrations.transient(dom),
             managed_save=run is None and self._saves.has_managed(defn.uuid), owner=defn.owner,
+            groups=defn.placement_groups,
         )  # fmt: skip
 
     async def list_domains(self, include_inactive: bool = True) -> list[DomainInfo]:

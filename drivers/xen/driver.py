@@ -400,6 +400,7 @@ class XenDriver:
             id=t.domid,
             hv_type=defn.hv_type,
             owner=defn.owner,
+            groups=defn.placement_groups,
         )
 
     async def info(self, ref: str) -> DomainInfo:

@@ -12,7 +12,6 @@ from scheduler.placement import (
     HostCandidate,
     PlacementPolicy,
     PlacementRequest,
-    anti_affinity_groups,
     filter_anti_affinity,
     filter_arch,
     filter_cpu_model,
@@ -173,7 +172,7 @@ def test_request_for_migration_pins_driver_arch_and_host_cpu() -> None:
     assert r.drivers == frozenset({"qemu"}) and r.exclude == frozenset({"src"})
     assert r.same_cpu_as == "Skylake"
     plain = "<domain type='test'><name>x</name><memory>1</memory><os><type>hvm</type></os></domain>"
-    assert anti_affinity_groups(parse_domain_xml(plain)) == frozenset()
+    assert parse_domain_xml(plain).placement_groups == frozenset()
 
 
 def test_scale_1000_hosts_10000_domains() -> None:

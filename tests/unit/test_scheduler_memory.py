@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 import scheduler.service
@@ -309,3 +310,49 @@ async def test_refreshes_run_a_bounded_number_at_once(
         answer = await c.call(ops.SCHEDULER_DOMAINS, {"all": True})  # refreshes all 3 hosts
         assert answer["unreachable"] == []
         assert peak == 1
+
+
+async def _seen_ops(c: Cluster, monkeypatch: pytest.MonkeyPatch, strip: bool) -> list[str]:
+    """The ops the scheduler sends agents from now on (``strip``: their domain lists come
+    back without groups, as from an agent too old to say)."""
+    seen: list[str] = []
+    call = c.scheduler._agent_call
+
+    async def recording(host: str, op: Any, body: Any, timeout: float) -> Any:
+        seen.append(op.name)
+        reply = await call(host, op, body, timeout)
+        if strip and op is ops.DOMAIN_LIST:
+            reply.domains = [msgspec.structs.replace(d, groups=None) for d in reply.domains]
+        return reply
+
+    monkeypatch.setattr(c.scheduler, "_agent_call", recording)
+    return seen
+
+
+async def _groups_known(c: Cluster, names: set[str]) -> None:
+    async with asyncio.timeout(5):
+        while {m.name for m in c.scheduler.view.meta.values() if m.groups} != names:
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("old_agents", [False, True], ids=["lists-say-groups", "old-agents"])
+async def test_groups_of_domains_defined_behind_its_back_come_with_the_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old_agents: bool
+) -> None:
+    """A domain defined on a host directly still counts for anti-affinity: its groups come
+    in the host's domain list, with no definition fetched per domain (a cold start of a
+    large fleet was 10 ``domain.xml`` calls per host); an agent whose list does not carry
+    them is asked for the definition instead."""
+    async with cluster(tmp_path) as c:
+        seen = await _seen_ops(c, monkeypatch, strip=old_agents)
+        await c.agent("a", ops.DOMAIN_DEFINE, {"xml": xml("db1", group="db")})
+        await c.agent("b", ops.DOMAIN_DEFINE, {"xml": xml("db2", group="db")})
+        await c.agent("b", ops.DOMAIN_DEFINE, {"xml": xml("plain")})
+        await _groups_known(c, {"db1", "db2"})
+        assert ops.DOMAIN_LIST.name in seen  # the premise: the scheduler refreshed those hosts
+        fetched = seen.count(ops.DOMAIN_XML.name)
+        assert fetched == (3 if old_agents else 0), seen
+        placed = await c.call(ops.SCHEDULER_DEFINE, {"xml": xml("db3", group="db")})
+        assert placed["host"] == "c"
+        with pytest.raises(NoHostError, match="anti-affinity removed 3"):
+            await c.call(ops.SCHEDULER_PLACE, {"xml": xml("db4", group="db")})

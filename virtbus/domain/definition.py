@@ -34,6 +34,9 @@ MAX_VCPUS = 4096
 #: the namespace of virtbus's own metadata: ``<metadata><virtbus:owner xmlns:virtbus=...>``
 OWNER_NS = "https://virtbus.dev/xmlns/owner/1"
 OWNER_TAG = f"{{{OWNER_NS}}}owner"
+#: ``<metadata><virtbus:placement anti-affinity='a,b'/>``: the scheduler's placement hints
+PLACEMENT_NS = "https://virtbus.dev/xmlns/placement/1"
+PLACEMENT_TAG = f"{{{PLACEMENT_NS}}}placement"
 
 _T = TypeVar("_T")
 
@@ -123,6 +126,19 @@ class DomainDefinition:
         the tree, so dominfo needs no serialisation and no second parse."""
         el = self.metadata.find(OWNER_TAG) if self.metadata is not None else None
         return (el.text or "").strip() or None if el is not None else None
+
+    @property
+    def placement_groups(self) -> frozenset[str]:
+        """Anti-affinity groups from ``<virtbus:placement anti-affinity='a,b'/>``: read by
+        the agent that holds the domain, so a domain list carries them and the scheduler
+        needs no definition to place around it."""
+        if self.metadata is None:
+            return frozenset()
+        groups: set[str] = set()
+        for el in self.metadata.iter(PLACEMENT_TAG):
+            raw = el.get("anti-affinity") or ""
+            groups.update(g.strip() for g in raw.split(",") if g.strip())
+        return frozenset(groups)
 
     def has_feature(self, name: str) -> bool:
         """``<features><name/>`` present and not ``state='off'``."""

@@ -143,6 +143,8 @@ class DomainInfo(Message):
     type: str = ""
     managed_save: bool = False  # a managed save image waits for the next start
     owner: str | None = None  # the bus user that defined it (its virtbus metadata)
+    # its anti-affinity groups (virtbus placement metadata); None from an agent too old to say
+    groups: list[str] | None = None
 
 
 class DomainXml(Message):
