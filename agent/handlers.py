@@ -55,7 +55,11 @@ async def _undefine(ctx: AgentContext, req: DomainUndefine) -> Undefined:
     if req.remove_all_storage:
         volumes = ctx.storage.volumes_of(parse_domain_xml(await ctx.driver.xml(req.domain)))
     await ctx.driver.undefine(req.domain)
-    removed = await ctx.storage.remove_volumes(volumes)
+
+    async def may_delete(pool: str, volume: str) -> None:  # as a vol-delete of it would be
+        await ctx.authorize(ops.STORAGE_VOL_DELETE, f"{pool}/{volume}")
+
+    removed = await ctx.storage.remove_volumes(volumes, may_delete)
     return Undefined(volumes=[
         RemovedVolume(pool=p, volume=v, error=e.to_wire() if e is not None else None)
         for p, v, e in removed

@@ -8,8 +8,9 @@ supervision of each network's dnsmasq (restarted when it dies, within
 
 Files: ``<state-dir>/networks/<uuid>.xml`` (the definition, with what define generated;
 ``<uuid>.live.xml`` the running one while a net-update made them differ)
-and ``<uuid>.json`` ``{autostart, active, persistent, index}`` (``index``: the bridge's
-ifindex when it started, the mark that a bridge of that name is this network's);
+and ``<uuid>.json`` ``{autostart, active, persistent, index, owner}`` (``index``: the
+bridge's ifindex when it started, the mark that a bridge of that name is this network's;
+``owner``: the bus user that defined or created it, see :mod:`agent.owners`);
 ``<run-dir>/networks/<uuid>/`` dnsmasq's config, pid file, hosts files and leases, and
 ``ports.json`` the ports made by net-port-create (``{"ports": [<networkport> XML, ...]}``:
 they last while the network runs, across agent restarts, and go at net-destroy).
@@ -81,6 +82,7 @@ class Network:
     persistent: bool = True
     autostart: bool = False
     active: bool = False
+    owner: str | None = None  # the bus user that defined or created it (agent/owners.py)
     index: int | None = None  # the bridge's ifindex while active
     dhcp_pid: int | None = None
     leases: list[Lease] = field(default_factory=list)
@@ -143,6 +145,8 @@ class Networks:
             net.config = config
             net.persistent = bool(state.get("persistent", True))
             net.autostart = bool(state.get("autostart", False))
+            owner = state.get("owner")
+            net.owner = owner if isinstance(owner, str) and owner else None
             index = state.get("index")
             index = index if isinstance(index, int) else None
             await self._adopt(net, bool(state.get("active")), index)
@@ -220,7 +224,8 @@ class Networks:
 
     async def _save_state(self, net: Network) -> None:
         state = {"autostart": net.autostart, "active": net.active,
-                 "persistent": net.persistent, "index": net.index}  # fmt: skip
+                 "persistent": net.persistent, "index": net.index,
+                 "owner": net.owner}  # fmt: skip
         await atomic_write(self._path(net.defn.uuid, ".json"), json.dumps(state).encode())
 
     async def _forget(self, net: Network) -> None:
@@ -255,6 +260,11 @@ class Networks:
 
     def networks(self) -> list[Network]:
         return sorted(self._networks.values(), key=lambda n: n.name)
+
+    async def owner(self, ref: str) -> str | None:
+        """The owner lookup of networks (agent/owners.py): None for one not defined here."""
+        net = self._networks.get(ref) or self._networks.get(self._by_name.get(ref, ""))
+        return net.owner if net is not None else None
 
     def active_bridges(self) -> dict[str, str]:
         """bridge name -> network name, of the active networks."""
@@ -302,27 +312,30 @@ class Networks:
                 return name
         raise OperationFailed("no free bridge name virbr0..virbr4095")
 
-    async def define(self, xml: str) -> Network:
-        """net-define: a persistent network (or a new definition of one: an active network
-        keeps running with the old one until it is restarted, as in libvirt)."""
+    async def define(self, xml: str, owner: str | None = None) -> Network:
+        """net-define: a persistent network owned by ``owner`` (or a new definition of one,
+        which keeps its owner: an active network keeps running with the old one until it
+        is restarted, as in libvirt)."""
         defn, existing = await self._parse_new(xml)
         if existing is not None and existing.active:
             raise OperationInvalid(f"cannot redefine network '{existing.name}' while it is active")
         net = self._add(defn)
+        net.owner = owner
         if existing is not None:
             net.autostart = existing.autostart
+            net.owner = existing.owner or owner
         await self._save_definition(net)
         await self._save_state(net)
         self._emit(net, "defined")
         return net
 
-    async def create(self, xml: str) -> Network:
-        """net-create: a transient network, started at once."""
+    async def create(self, xml: str, owner: str | None = None) -> Network:
+        """net-create: a transient network owned by ``owner``, started at once."""
         defn, existing = await self._parse_new(xml)
         if existing is not None:
             raise OperationFailed(f"network '{defn.name}' already exists")
         net = self._add(defn)
-        net.persistent = False
+        net.persistent, net.owner = False, owner
         try:
             await self._start(net)
         except BaseException:
@@ -632,7 +645,7 @@ class Networks:
             "name": net.name, "uuid": net.defn.uuid, "active": net.active,
             "persistent": net.persistent, "autostart": net.autostart,
             "bridge": net.defn.bridge or net.defn.forward_dev, "forward": net.defn.mode,
-            "ports": ports, "supported": net.support is None,
+            "ports": ports, "supported": net.support is None, "owner": net.owner,
         }  # fmt: skip
 
     def dhcp_leases(self, ref: str, mac: str | None = None) -> list[Lease]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid as uuidlib
 
 from agent.network import Network
+from agent.owners import caller
 from agent.table import HANDLERS, AgentContext
 from drivers.base import Affect, InterfaceLinks, InterfaceTuning
 from virtbus.domain import parse_domain_xml
@@ -66,12 +67,12 @@ def _ref(net: Network) -> NetworkRef:
 
 @HANDLERS.on(ops.NETWORK_DEFINE)
 async def _define(ctx: AgentContext, req: NetworkXmlRequest) -> NetworkRef:
-    return _ref(await ctx.networks.define(req.xml))
+    return _ref(await ctx.networks.define(req.xml, owner=caller()))
 
 
 @HANDLERS.on(ops.NETWORK_CREATE)
 async def _create(ctx: AgentContext, req: NetworkXmlRequest) -> NetworkRef:
-    return _ref(await ctx.networks.create(req.xml))
+    return _ref(await ctx.networks.create(req.xml, owner=caller()))
 
 
 @HANDLERS.on(ops.NETWORK_START)

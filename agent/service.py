@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from enum import Enum
 from typing import Any
 
@@ -32,6 +33,7 @@ from agent.jobs import Job, JobManager
 from agent.metrics import AgentMetrics
 from agent.network import NetworkEvent, Networks
 from agent.outbox import EventOutbox
+from agent.owners import CALLER, Owners, relation
 from agent.statedisk import StateDisk
 from agent.storage import PoolEvent, StoragePools
 from agent.table import HANDLERS, AgentContext
@@ -47,7 +49,7 @@ from virtbus.bus.topology import (
 from virtbus.domain import parse_domain_xml, with_owner
 from virtbus.errors import NoSupport, OperationInvalid, VirtbusError
 from virtbus.protocol import ops
-from virtbus.protocol.base import to_wire
+from virtbus.protocol.base import Message, to_wire
 from virtbus.protocol.domain import DomainDefine
 from virtbus.protocol.envelope import Envelope, Kind
 from virtbus.protocol.events import (
@@ -136,7 +138,15 @@ class AgentService:
         self.context = AgentContext(
             host=self.host, driver=driver, inventory=self.inventory, storage=self.storage,
             jobs=self.jobs, networks=self.networks, admission=admission,
+            authorize=self._authorize,
         )  # fmt: skip
+        # Who owns each kind of object, for the policy's owner rules (agent/owners.py).
+        self.owners = Owners({
+            Target.DOMAIN: self._domain_owner,
+            Target.POOL: self.storage.pool_owner,
+            Target.VOLUME: self.storage.volume_owner,
+            Target.NETWORK: self.networks.owner,
+        })  # fmt: skip
         # Every call served or refused: on disk (JSON lines, rotated) and on virtbus.audit.
         self.audit = AuditTrail(
             settings.state_dir / "audit" / "audit.log",
@@ -260,12 +270,12 @@ class AgentService:
         # The op's own permission, and those its request's flags need as well (snapshot
         # XML with security_info: domain.read_secure), all on the same target.
         needed = (op, *op.required(request)) if op.flag_requires else (op,)
-        # A domain's owner (who defined it) is known only from its definition, read from
-        # the driver: only when the policy's decision depends on it (an owner rule) is the
-        # check put off until the call runs (in its domain's turn, so no define overtakes).
+        # An object's owner (who made it) is looked up (agent/owners.py) only when the
+        # policy's decision depends on it (an owner rule): the check is then put off until
+        # the call runs (in its object's turn, so no define overtakes it).
         deferred = (
             self.authz.enforcing
-            and op.target is Target.DOMAIN
+            and op.target in self.owners.kinds
             and any(
                 len({self.authz.decide(user, n, self.host, target, o).allowed for o in Owner}) > 1
                 for n in needed
@@ -278,10 +288,19 @@ class AgentService:
             self.state_disk.check()  # nothing new that it could not record
         if not deferred and op is not ops.DOMAIN_DEFINE:
             context = self.context
-            return Prepared(op, key, lambda: handler(context, request))
+            return Prepared(op, key, lambda: self._as_caller(user, handler(context, request)))
         return Prepared(
             op, key, lambda: self._as_owner(op, request, user, target, needed if deferred else ())
         )
+
+    async def _as_caller(self, user: str, run: Awaitable[Message]) -> Message:
+        """Run a handler with its caller known (agent.owners.CALLER): the handlers that make
+        a pool, volume or network record it as the owner."""
+        token = CALLER.set(user)
+        try:
+            return await run
+        finally:
+            CALLER.reset(token)
 
     async def _as_owner(
         self,
@@ -290,24 +309,31 @@ class AgentService:
         user: str,
         target: str | None,
         checks: tuple[Op[Any, Any], ...],
-    ) -> Any:
+    ) -> Message:
         """Run a call whose target's owner matters: the policy's owner rules are checked
-        (for each op of ``checks``), and a define records its owner in the definition's
-        virtbus metadata (the caller for a new domain; a redefined one keeps its owner)."""
-        ref = self.driver.lookup(target) if target is not None else None
-        owner: str | None = None
-        if ref is not None:
-            try:
-                owner = (await self.driver.info(ref.uuid)).owner  # no XML round trip
-            except VirtbusError as exc:
-                log.warning("domain %s: its owner not read: %s", ref.name, exc)
+        (for each op of ``checks``) against the owner of the target of the op's kind, and
+        a domain define records its owner in the definition's virtbus metadata (the
+        caller for a new domain; a redefined one keeps its owner)."""
+        owner = await self.owners.owner(op.target, target)
         if checks:
-            whose = Owner.UNKNOWN if owner is None else Owner.SELF if owner == user else Owner.OTHER
+            whose = relation(owner, user)
             for needed in checks:
                 self.authz.check(user, needed, self.host, target, whose)
         if op is ops.DOMAIN_DEFINE:
             request = DomainDefine(xml=with_owner(request.xml, owner or user))
-        return await HANDLERS[op](self.context, request)
+        return await self._as_caller(user, HANDLERS[op](self.context, request))
+
+    async def _authorize(self, op: Op[Any, Any], target: str | None) -> None:
+        """AgentContext.authorize: the policy's check of ``op`` on ``target`` for the
+        caller of the call being run, with the target's owner when it matters."""
+        user = CALLER.get()
+        owner = await self.owners.owner(op.target, target) if self.authz.enforcing else None
+        self.authz.check(user, op, self.host, target, relation(owner, user or ""))
+
+    async def _domain_owner(self, name: str) -> str | None:
+        """The owner lookup of domains: from the definition's virtbus metadata."""
+        ref = self.driver.lookup(name)
+        return (await self.driver.info(ref.uuid)).owner if ref is not None else None
 
     async def _ask_prepared(self, host: str, migration: str) -> str:
         """The URI ``host``'s prepare answered for ``migration`` (its agent answers)."""

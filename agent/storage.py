@@ -10,10 +10,12 @@ and the leases that keep a volume in use by a domain from being deleted. It is a
 Files under ``<state-dir>/storage/``, each written atomically:
 
 - ``pools/<uuid>.xml`` the definition; ``pools/<uuid>.json`` ``{autostart, active,
-  persistent}`` (a transient pool, from pool-create, is kept only while active);
-- ``volumes/<pool-uuid>/<digest>.json`` ``{name, format, xml}`` for each volume this
-  agent created: the format it was created with (never re-probed, so a guest cannot turn
-  its raw disk into a qcow2 with a backing file) and the definition vol-dumpxml extends.
+  persistent, owner}`` (a transient pool, from pool-create, is kept only while active;
+  ``owner``: the bus user that defined or created it, see :mod:`agent.owners`);
+- ``volumes/<pool-uuid>/<digest>.json`` ``{name, format, xml, owner}`` for each volume
+  this agent created: the format it was created with (never re-probed, so a guest cannot
+  turn its raw disk into a qcow2 with a backing file), the definition vol-dumpxml extends
+  and the user that created it (none for a volume found by a scan).
 
 At agent start every pool is re-adopted: an active pool that is still usable (mounted,
 present) stays active, an autostart pool is started, one that went away is marked
@@ -31,7 +33,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,7 @@ class Pool:
     autostart: bool = False
     active: bool = False
     stopping: bool = False
+    owner: str | None = None  # the bus user that defined or created it (agent/owners.py)
     sizes: PoolSizes = field(default_factory=PoolSizes)
     volumes: dict[str, VolumeFacts] = field(default_factory=dict)  # as of the last scan/op
     stored: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> metadata
@@ -116,6 +119,12 @@ class Pool:
     @property
     def state(self) -> str:
         return "running" if self.active else "inactive"
+
+    def volume_owner(self, name: str) -> str | None:
+        """Who created volume ``name`` (its record's owner; None: nobody's)."""
+        record = self.stored.get(name)
+        owner = record.get("owner") if record is not None else None
+        return owner if isinstance(owner, str) and owner else None
 
     def info(self) -> dict[str, Any]:
         """virsh pool-info."""
@@ -131,6 +140,7 @@ class Pool:
             "available": self.sizes.available if self.active else 0,
             "volumes": len(self.volumes) if self.active else 0,
             "supported": self.support is None,
+            "owner": self.owner,
         }
 
 
@@ -197,6 +207,8 @@ class StoragePools:
             pool = self._add(defn)
             pool.persistent = bool(state.get("persistent", True))
             pool.autostart = bool(state.get("autostart", False))
+            owner = state.get("owner")
+            pool.owner = owner if isinstance(owner, str) and owner else None
             pool.stored = await self._load_volume_records(defn.uuid)
             await self._adopt(pool, bool(state.get("active", False)))
 
@@ -243,7 +255,7 @@ class StoragePools:
 
     async def _save_state(self, pool: Pool) -> None:
         state = {"autostart": pool.autostart, "active": pool.active,
-                 "persistent": pool.persistent}  # fmt: skip
+                 "persistent": pool.persistent, "owner": pool.owner}  # fmt: skip
         await atomic_write(self._pool_path(pool.defn.uuid, ".json"), json.dumps(state).encode())
 
     async def _forget(self, pool: Pool) -> None:
@@ -278,8 +290,10 @@ class StoragePools:
                 await quarantine(path, f"unreadable volume record: {exc!r}")
         return out
 
-    async def _store_volume(self, pool: Pool, name: str, fmt: str, xml: str) -> None:
-        record = {"name": name, "format": fmt, "xml": xml}
+    async def _store_volume(
+        self, pool: Pool, name: str, fmt: str, xml: str, owner: str | None
+    ) -> None:
+        record = {"name": name, "format": fmt, "xml": xml, "owner": owner}
         path = self._volume_record_path(pool, name)
         await aiofiles.os.makedirs(path.parent, exist_ok=True)
         await atomic_write(path, json.dumps(record).encode(), fsync=False)  # refresh rebuilds
@@ -317,6 +331,22 @@ class StoragePools:
 
     def pools(self) -> list[Pool]:
         return sorted(self._pools.values(), key=lambda p: p.name)
+
+    async def pool_owner(self, ref: str) -> str | None:
+        """The owner lookup of pools (agent/owners.py): None for a pool not defined here."""
+        pool = self._pools.get(ref) or self._pools.get(self._by_name.get(ref, ""))
+        return pool.owner if pool is not None else None
+
+    async def volume_owner(self, target: str) -> str | None:
+        """The owner lookup of volumes, by the policy's ``pool/volume`` name. A volume
+        create names its pool alone (the volume is new: nobody's yet, so creating one in a
+        pool someone else made stays allowed, as it was); a volume this agent did not
+        create has no record, and no owner."""
+        pool_ref, slash, name = target.partition("/")
+        if not slash or not name:
+            return None
+        pool = self._pools.get(pool_ref) or self._pools.get(self._by_name.get(pool_ref, ""))
+        return pool.volume_owner(name) if pool is not None else None
 
     def _running(self, ref: str) -> Pool:
         pool = self.get(ref)
@@ -380,26 +410,31 @@ class StoragePools:
         self._check_place(defn)
         return defn, existing
 
-    async def define(self, xml: str) -> Pool:
-        """pool-define: a persistent, inactive pool (or a new definition of an inactive one)."""
+    async def define(self, xml: str, owner: str | None = None) -> Pool:
+        """pool-define: a persistent, inactive pool (or a new definition of an inactive one,
+        which keeps its owner; ``owner`` owns a new one, or one that had no owner)."""
         defn, existing = self._parse_new(xml)
         if existing is not None:
             self._inactive(existing, "redefine")
         pool = self._add(defn)
+        pool.owner = owner
         if existing is not None:
             pool.autostart, pool.stored = existing.autostart, existing.stored
+            pool.owner = existing.owner or owner
         await self._save_definition(pool)
         await self._save_state(pool)
         self._emit(pool, "defined")
         return pool
 
-    async def create(self, xml: str, *, build: bool = False, overwrite: bool | None = None) -> Pool:
-        """pool-create: a transient pool, started at once (built first with ``build``)."""
+    async def create(self, xml: str, *, build: bool = False, overwrite: bool | None = None,
+                     owner: str | None = None) -> Pool:  # fmt: skip
+        """pool-create: a transient pool, started at once (built first with ``build``),
+        owned by ``owner``."""
         defn, existing = self._parse_new(xml)
         if existing is not None:
             raise OperationFailed(f"storage pool '{defn.name}' already exists")
         pool = self._add(defn)
-        pool.persistent = False
+        pool.persistent, pool.owner = False, owner
         try:
             self._supported(pool)
             if build:
@@ -664,9 +699,10 @@ class StoragePools:
             vol.cluster_size, prealloc_metadata, perms.mode if perms else None,
         )  # fmt: skip
 
-    async def create_volume(self, pool_ref: str, xml: str, *,
-                            prealloc_metadata: bool = False) -> VolumeFacts:  # fmt: skip
-        """vol-create: a volume from its XML (qemu-img, sfdisk ...); all or nothing."""
+    async def create_volume(self, pool_ref: str, xml: str, *, prealloc_metadata: bool = False,
+                            owner: str | None = None) -> VolumeFacts:  # fmt: skip
+        """vol-create: a volume from its XML (qemu-img, sfdisk ...), owned by ``owner``;
+        all or nothing."""
         pool = self._running(pool_ref)
         self._supported(pool)
         vol = parse_volume_xml(xml)
@@ -681,7 +717,7 @@ class StoragePools:
                 need = spec.capacity if spec.allocation is None else spec.allocation
                 await self._check_space(pool, need, vol.name)
             facts = await pool.backend.create(pool.defn, spec, None)
-            await self._store_volume(pool, vol.name, facts.format, vol.to_xml())
+            await self._store_volume(pool, vol.name, facts.format, vol.to_xml(), owner)
             pool.volumes[vol.name] = facts
         finally:
             self._release(pool, vol.name)
@@ -689,10 +725,11 @@ class StoragePools:
         return facts
 
     async def clone_volume(
-        self, pool_ref: str, xml: str, source_pool: str, source: str,
+        self, pool_ref: str, xml: str, source_pool: str, source: str, owner: str | None = None,
     ) -> Job:  # fmt: skip
-        """vol-create-from / vol-clone as a job: ``qemu-img convert`` into a new volume,
-        also across pools. The source is leased (not deletable) while it is read."""
+        """vol-create-from / vol-clone as a job: ``qemu-img convert`` into a new volume
+        (owned by ``owner``), also across pools. The source is leased (not deletable) while
+        it is read."""
         pool = self._running(pool_ref)
         self._supported(pool)
         src_pool = self._running(source_pool)
@@ -729,7 +766,7 @@ class StoragePools:
             async def work(ctx: JobContext) -> dict[str, Any]:
                 try:
                     facts = await pool.backend.clone(pool.defn, spec, image, ctx.progress)
-                    await self._store_volume(pool, vol.name, facts.format, vol.to_xml())
+                    await self._store_volume(pool, vol.name, facts.format, vol.to_xml(), owner)
                     pool.volumes[vol.name] = facts
                     return facts.to_map()
                 finally:
@@ -807,7 +844,8 @@ class StoragePools:
                 record = pool.stored.get(name)
                 if pool.backend.files:
                     await self._store_volume(pool, name, "raw", record["xml"] if record
-                                             else volume_xml(name, None))  # fmt: skip
+                                             else volume_xml(name, None),
+                                             record.get("owner") if record else None)  # fmt: skip
                 return (await self.volume(pool.name, name)).to_map()
             finally:
                 self._release(pool, name)
@@ -1106,13 +1144,19 @@ class StoragePools:
         return out
 
     async def remove_volumes(
-        self, volumes: Iterable[tuple[str, str]]
+        self,
+        volumes: Iterable[tuple[str, str]],
+        may_delete: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> list[tuple[str, str, VirtbusError | None]]:
         """``undefine --remove-all-storage``, after the domain is undefined: delete each
-        volume, going on past failures (as virsh does), and say what happened to each."""
+        volume that ``may_delete`` lets go (it raises AUTH_DENIED for one the caller could
+        not vol-delete itself), going on past failures (as virsh does), and say what
+        happened to each."""
         done: list[tuple[str, str, VirtbusError | None]] = []
         for pool, volume in volumes:
             try:
+                if may_delete is not None:
+                    await may_delete(pool, volume)
                 await self.delete_volume(pool, volume)
             except VirtbusError as exc:
                 done.append((pool, volume, exc))

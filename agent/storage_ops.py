@@ -4,6 +4,7 @@ JobManager and the driver's Hotplug methods (see :mod:`agent.table`)."""
 from __future__ import annotations
 
 from agent.jobs import Job
+from agent.owners import caller
 from agent.storage import Pool
 from agent.table import HANDLERS, AgentContext
 from drivers.base import Affect, Hotplug
@@ -62,26 +63,28 @@ def pool_info(pool: Pool) -> PoolInfo:
     return PoolInfo(**pool.info())
 
 
-def volume_info(pool: str, facts: VolumeFacts) -> VolumeInfo:
+def volume_info(pool: Pool, facts: VolumeFacts) -> VolumeInfo:
     back = facts.backing
     return VolumeInfo(
-        pool=pool, name=facts.name, type=facts.type, path=facts.path, key=facts.key,
+        pool=pool.name, name=facts.name, type=facts.type, path=facts.path, key=facts.key,
         format=facts.format, capacity=facts.capacity, allocation=facts.allocation,
         physical=facts.physical,
         backing=Backing(path=back.path, format=back.format) if back is not None else None,
+        owner=pool.volume_owner(facts.name),
     )  # fmt: skip
 
 
 # --- pools ----------------------------------------------------------------------------
 @HANDLERS.on(ops.STORAGE_POOL_DEFINE)
 async def _pool_define(ctx: AgentContext, req: PoolXmlRequest) -> PoolRef:
-    pool = await ctx.storage.define(req.xml)
+    pool = await ctx.storage.define(req.xml, owner=caller())
     return PoolRef(name=pool.name, uuid=pool.defn.uuid)
 
 
 @HANDLERS.on(ops.STORAGE_POOL_CREATE)
 async def _pool_create(ctx: AgentContext, req: PoolCreate) -> PoolRef:
-    pool = await ctx.storage.create(req.xml, build=req.build, overwrite=req.overwrite)
+    pool = await ctx.storage.create(req.xml, build=req.build, overwrite=req.overwrite,
+                                    owner=caller())  # fmt: skip
     return PoolRef(name=pool.name, uuid=pool.defn.uuid)
 
 
@@ -143,14 +146,15 @@ async def _pool_xml(ctx: AgentContext, req: PoolTarget) -> PoolXml:
 # --- volumes --------------------------------------------------------------------------
 @HANDLERS.on(ops.STORAGE_VOL_CREATE)
 async def _vol_create(ctx: AgentContext, req: VolumeCreate) -> VolumeInfo:
-    facts = await ctx.storage.create_volume(req.pool, req.xml,
+    facts = await ctx.storage.create_volume(req.pool, req.xml, owner=caller(),
                                             prealloc_metadata=req.prealloc_metadata)  # fmt: skip
-    return volume_info(ctx.storage.get(req.pool).name, facts)
+    return volume_info(ctx.storage.get(req.pool), facts)
 
 
 @HANDLERS.on(ops.STORAGE_VOL_CREATE_FROM)
 async def _vol_create_from(ctx: AgentContext, req: VolumeCreateFrom) -> JobInfo:
-    job = await ctx.storage.clone_volume(req.pool, req.xml, req.source_pool, req.source)
+    job = await ctx.storage.clone_volume(req.pool, req.xml, req.source_pool, req.source,
+                                         owner=caller())  # fmt: skip
     return job_info(job)
 
 
@@ -171,19 +175,19 @@ async def _vol_resize(ctx: AgentContext, req: VolumeResize) -> VolumeInfo:
         req.pool, req.volume, req.capacity, delta=req.delta, shrink=req.shrink,
         allocate=req.allocate,
     )  # fmt: skip
-    return volume_info(ctx.storage.get(req.pool).name, facts)
+    return volume_info(ctx.storage.get(req.pool), facts)
 
 
 @HANDLERS.on(ops.STORAGE_VOL_INFO)
 async def _vol_info(ctx: AgentContext, req: VolumeTarget) -> VolumeInfo:
     facts = await ctx.storage.volume(req.pool, req.volume)
-    return volume_info(ctx.storage.get(req.pool).name, facts)
+    return volume_info(ctx.storage.get(req.pool), facts)
 
 
 @HANDLERS.on(ops.STORAGE_VOL_LIST)
 async def _vol_list(ctx: AgentContext, req: VolumePoolRequest) -> VolumeList:
-    name = ctx.storage.get(req.pool).name
-    return VolumeList(volumes=[volume_info(name, f) for f in ctx.storage.volumes(req.pool)])
+    pool = ctx.storage.get(req.pool)
+    return VolumeList(volumes=[volume_info(pool, f) for f in ctx.storage.volumes(req.pool)])
 
 
 @HANDLERS.on(ops.STORAGE_VOL_XML)
@@ -197,7 +201,7 @@ async def _vol_lookup(ctx: AgentContext, req: VolumeLookup) -> VolumeInfo:
     if found is None:
         raise NoStorageVol(f"no storage vol with matching path or key '{req.path}'")
     pool, facts = found
-    return volume_info(pool.name, facts)
+    return volume_info(pool, facts)
 
 
 @HANDLERS.on(ops.STORAGE_VOL_UPLOAD)
@@ -217,7 +221,7 @@ async def _vol_upload_chunk(ctx: AgentContext, req: UploadChunk) -> TransferAck:
 async def _vol_upload_finish(ctx: AgentContext, req: TransferTarget) -> VolumeInfo:
     job = ctx.jobs.get(req.job)
     facts = await ctx.storage.upload_finish(req.job)
-    return volume_info(job.target.get("pool", ""), facts)
+    return volume_info(ctx.storage.get(job.target.get("pool", "")), facts)
 
 
 @HANDLERS.on(ops.STORAGE_VOL_DOWNLOAD)

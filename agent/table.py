@@ -43,6 +43,10 @@ class AgentContext:
     storage: StoragePools  # the host's pools and volumes (agent/storage.py)
     jobs: JobManager  # long operations (agent/jobs.py)
     networks: Networks  # the host's virtual networks (agent/network.py)
+    #: AUTH_DENIED unless the call's caller may call this op on this target (its owner
+    #: rules included): for a handler that does another op's work on another object
+    #: (undefine --remove-all-storage deletes volumes, as vol-delete would)
+    authorize: Callable[[Op[Any, Any], str | None], Awaitable[None]]
     draining: bool = False
     extras: dict[str, Any] = field(default_factory=dict)  # managers of later rooms
 

@@ -32,6 +32,7 @@ from virtbus.bus.amqp import AmqpBus
 from virtbus.bus.definitions import password_hash
 from virtbus.bus.topology import EVENTS_EXCHANGE, HOSTS_EXCHANGE, RPC_EXCHANGE
 from virtbus.client import Client
+from virtbus.client.storage import Volume
 from virtbus.domain import OWNER_NS
 from virtbus.errors import AuthDenied, VirtbusError
 from virtbus.protocol import ops
@@ -44,6 +45,7 @@ from virtbus.protocol.migration import (
     MigrationPrepare,
 )
 from virtbus.security.audit import read_log
+from virtbus.storage import volume_xml
 
 pytestmark = pytest.mark.rabbitmq
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,6 +67,7 @@ class Cluster:
     admin: str
     operator: str
     oper2: str  # the built-in operator role (its owner rules)
+    oper3: str  # a second one (whose objects oper2 may not remove)
     viewer: str
     scheduler: str
     policy: Path
@@ -75,7 +78,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    roles = ("host", "host2", "admin", "operator", "oper2", "viewer", "scheduler")
+    roles = ("host", "host2", "admin", "operator", "oper2", "oper3", "viewer", "scheduler")
     names = {r: f"{r}-{TAG}" for r in roles}
     vhost, password = f"/virtbus-sec-{TAG}", uuid.uuid4().hex
     defs = {
@@ -106,6 +109,7 @@ def users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 {names["host2"]} = ["agent"]
 {names["admin"]} = ["admin"]
 {names["oper2"]} = ["operator"]
+{names["oper3"]} = ["operator"]
 {names["viewer"]} = ["viewer"]
 {names["scheduler"]} = ["scheduler"]
 
@@ -472,6 +476,166 @@ async def test_operators_may_not_define_over_or_undefine_others_domains(
             await admin.host(host).domain("own-admin").undefine()
         finally:
             await admin.close()
+
+
+def _pool_xml(name: str, root: Path) -> str:
+    return (
+        f"<pool type='dir'><name>{name}</name><uuid>{uuid.uuid5(uuid.NAMESPACE_DNS, name)}</uuid>"
+        f"<target><path>{root / name}</path></target></pool>"
+    )
+
+
+def _net_xml(name: str) -> str:
+    bridge = "vb" + name.replace("-", "")  # at most 15 characters
+    return (
+        f"<network><name>{name}</name><uuid>{uuid.uuid5(uuid.NAMESPACE_DNS, name)}</uuid>"
+        f"<bridge name='{bridge}'/></network>"
+    )
+
+
+def _forget_owner(record: Path) -> None:
+    """Rewrite a state record as an agent before owners were recorded wrote it."""
+    body = json.loads(record.read_text())
+    assert "owner" in body, record
+    del body["owner"]
+    record.write_text(json.dumps(body))
+
+
+def _network_state(state: Path, name: str) -> Path:
+    xml = next(p for p in (state / "networks").glob("*.xml") if f"<name>{name}<" in p.read_text())
+    return xml.with_suffix(".json")
+
+
+def _volume_record(state: Path, name: str) -> Path:
+    records = (state / "storage" / "volumes").glob("*/*.json")
+    return next(p for p in records if json.loads(p.read_text())["name"] == name)
+
+
+async def _wipe(volume: Volume) -> None:
+    await (await volume.wipe()).wait()
+
+
+async def test_operators_may_not_remove_others_pools_volumes_and_networks(
+    users: Cluster, tmp_path: Path
+) -> None:
+    """Pools, volumes and networks have owners as domains do (agent/owners.py): the user
+    that made one, kept in its state file or volume record across an agent restart. The
+    built-in operator removes only its own; what nobody owns (made before owners were
+    recorded) keeps the old rule: configurable, not removable; an admin removes all."""
+    alice, bob, admin_user = users.oper2, users.oper3, users.admin
+    root = tmp_path / "images"
+    root.mkdir()
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[storage]\nroots = ["{root}"]\n')
+    host, bus = users.host, users.url(users.host)
+    args = ("--policy", str(users.policy), "--config", str(config))
+    net, old_net, spare_net = f"on-{TAG}", f"oo-{TAG}", f"os-{TAG}"
+
+    async def connect(*names: str) -> list[Client]:
+        return [await Client.connect(users.url(n), oneshot=True) for n in names]
+
+    async with agent_process(host, tmp_path, *args, bus=bus):
+        ca, cb, cadm = await connect(alice, bob, admin_user)
+        try:
+            a, b, adm = ca.host(host), cb.host(host), cadm.host(host)
+            pool = await a.define_pool(_pool_xml("own-pool", root))
+            await pool.start(build=True)
+            for vol in ("v1", "v2", "v-old"):
+                assert (await pool.create_volume(volume_xml(vol, 1 << 20))).owner == alice
+            for name in (net, old_net, spare_net):
+                await a.define_network(_net_xml(name))
+            bp, bn = b.pool("own-pool"), b.network(net)
+            matrix: list[tuple[str, Any, str]] = [
+                ("bob", bp.volume("v1").delete(), "AUTH_DENIED"),
+                ("bob", bp.volume("v1").wipe(), "AUTH_DENIED"),
+                ("bob", bp.volume("v1").resize(2 << 20), "AUTH_DENIED"),
+                ("bob", bp.undefine(), "AUTH_DENIED"),
+                ("bob", bp.delete(), "AUTH_DENIED"),
+                ("bob", bp.set_autostart(True), "AUTH_DENIED"),
+                ("bob", b.define_pool(_pool_xml("own-pool", root)), "AUTH_DENIED"),  # redefine
+                ("bob", bn.undefine(), "AUTH_DENIED"),
+                ("bob", bn.set_autostart(True), "AUTH_DENIED"),
+                ("bob", b.define_network(_net_xml(net)), "AUTH_DENIED"),  # redefine
+                ("bob", bp.info(), "ok"),  # reading is not owning
+                ("bob", bp.create_volume(volume_xml("bobs", 1 << 20)), "ok"),  # a new volume
+                ("bob", bp.volume("bobs").delete(), "ok"),  # ... is his own
+                ("alice", a.define_network(_net_xml(net)), "ok"),  # redefining her own
+                ("admin", adm.define_network(_net_xml(net)), "ok"),  # hers still
+                ("alice", _wipe(a.pool("own-pool").volume("v2")), "ok"),  # hers still
+            ]
+            got = [(who, await _outcome(action)) for who, action, _ in matrix]
+            assert got == [(who, want) for who, _, want in matrix]
+            with pytest.raises(AuthDenied) as denied:
+                await bp.volume("v1").delete()
+            message = denied.value.message
+            assert bob in message and "'own-pool/v1'" in message
+            assert "owned by another user" in message
+            assert (await bp.info()).owner == alice and (await bn.info()).owner == alice
+            # undefine --remove-all-storage deletes only the volumes he could vol-delete
+            await bp.create_volume(volume_xml("bobs2", 1 << 20))
+            disks = "".join(
+                f"<disk type='volume' device='disk'><source pool='own-pool' volume='{v}'/>"
+                f"<target dev='vd{d}' bus='virtio'/></disk>"
+                for v, d in (("v1", "a"), ("bobs2", "b"))
+            )
+            await b.define(_xml("own-dom").replace("<devices>", f"<devices>{disks}"))
+            removed = await b.domain("own-dom").undefine(remove_all_storage=True)
+            assert [(r.volume, (r.error or {}).get("code")) for r in removed] == [
+                ("v1", "AUTH_DENIED"),
+                ("bobs2", None),
+            ]
+            assert (await bp.volume("v1").info()).owner == alice  # still there
+            assert await b.ping()  # the agent serves on after the denials
+        finally:
+            for c in (ca, cb, cadm):
+                await c.close()
+    # As an agent before owners were recorded left them: no owner in their records.
+    _forget_owner(_network_state(tmp_path, old_net))
+    _forget_owner(_volume_record(tmp_path, "v-old"))
+
+    async with agent_process(host, tmp_path, *args, bus=bus):  # restarted
+        info = await cli("pool-info", "--host", host, "own-pool", bus=users.url(users.viewer))
+        assert info.code == 0, info.err
+        assert [ln.split() for ln in info.out.splitlines() if ln.startswith("Owner")] == [
+            ["Owner:", alice]
+        ]
+        ca, cb, cadm = await connect(alice, bob, admin_user)
+        try:
+            a, b, adm = ca.host(host), cb.host(host), cadm.host(host)
+            ap, bp = a.pool("own-pool"), b.pool("own-pool")
+            assert (await bp.volume("v1").info()).owner == alice
+            assert (await b.network(net).info()).owner == alice
+            assert (await b.network(old_net).info()).owner is None
+            assert (await bp.volume("v-old").info()).owner is None
+            matrix = [
+                ("bob", bp.volume("v1").delete(), "AUTH_DENIED"),
+                ("bob", b.network(net).undefine(), "AUTH_DENIED"),
+                ("bob", bp.volume("v2").resize(2 << 20), "AUTH_DENIED"),  # wiped: still hers
+                ("bob", b.network(net).set_autostart(True), "AUTH_DENIED"),  # hers, restarted
+                # nobody's: configurable, not removable (the rules before owners)
+                ("bob", b.network(old_net).set_autostart(True), "ok"),
+                ("bob", b.network(old_net).undefine(), "AUTH_DENIED"),
+                ("bob", bp.volume("v-old").resize(2 << 20), "ok"),
+                ("bob", bp.volume("v-old").delete(), "AUTH_DENIED"),
+                # the owner removes her own, the admin anyone's
+                ("alice", ap.volume("v1").delete(), "ok"),
+                ("alice", a.network(net).undefine(), "ok"),
+                ("admin", adm.pool("own-pool").volume("v2").delete(), "ok"),
+                ("admin", adm.pool("own-pool").volume("v-old").delete(), "ok"),
+                ("admin", adm.network(spare_net).undefine(), "ok"),
+                ("admin", adm.network(old_net).undefine(), "ok"),
+                ("bob", bp.destroy(), "ok"),  # lifecycle: any operator's
+                ("admin", adm.define_pool(_pool_xml("own-pool", root)), "ok"),  # hers still
+            ]
+            got = [(who, await _outcome(action)) for who, action, _ in matrix]
+            assert got == [(who, want) for who, _, want in matrix]
+            assert (await bp.info()).owner == alice
+            assert await _outcome(bp.undefine()) == "AUTH_DENIED"
+            assert await _outcome(ap.undefine()) == "ok"
+            assert await b.ping()
+        finally:
+            for c in (ca, cb, cadm):
+                await c.close()
 
 
 async def _raw_call(url: str, host: str, **props: Any) -> dict[str, Any]:

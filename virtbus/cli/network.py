@@ -159,7 +159,8 @@ async def net_define(ctx: Context, args: argparse.Namespace) -> int:
 def _info_fields(info: NetworkInfo) -> str:
     return fields([("Name", info.name), ("UUID", info.uuid), ("Active", _yes(info.active)),
                    ("Persistent", _yes(info.persistent)), ("Autostart", _yes(info.autostart)),
-                   ("Bridge", info.bridge or ""), ("Forward", info.forward)])  # fmt: skip
+                   ("Bridge", info.bridge or ""), ("Forward", info.forward),
+                   ("Owner", info.owner or "-")])  # fmt: skip
 
 
 async def net_verb(ctx: Context, args: argparse.Namespace) -> int:

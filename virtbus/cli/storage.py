@@ -204,6 +204,7 @@ def _pool_fields(info: PoolInfo, in_bytes: bool) -> str:
         ("Persistent", "yes" if info.persistent else "no"),
         ("Autostart", "yes" if info.autostart else "no"), ("Capacity", size(info.capacity)),
         ("Allocation", size(info.allocation)), ("Available", size(info.available)),
+        ("Owner", info.owner or "-"),
     ])  # fmt: skip
 
 
@@ -369,6 +370,7 @@ def _vol_fields(info: VolumeInfo, in_bytes: bool) -> str:
     return fields([
         ("Name", info.name), ("Type", info.type), ("Capacity", size(info.capacity)),
         ("Allocation", size(info.allocation)), ("Physical", size(info.physical)),
+        ("Owner", info.owner or "-"),
     ])  # fmt: skip
 
 

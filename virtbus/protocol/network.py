@@ -80,6 +80,7 @@ class NetworkInfo(Message):
     forward: str = "isolated"  # nat, route, open, bridge, ... (isolated: no <forward>)
     ports: list[str] = default(default_factory=list)  # interfaces on the bridge
     supported: bool = True  # False: this host cannot run the forward mode (NO_SUPPORT)
+    owner: str | None = None  # the bus user that defined it (None: nobody's)
 
 
 class NetworkList(Message):

@@ -88,6 +88,7 @@ class PoolInfo(Message):
     available: Bytes = 0
     volumes: NonNegInt = 0
     supported: bool = True  # False: this host cannot run the pool's type (NO_SUPPORT)
+    owner: str | None = None  # the bus user that defined it (None: nobody's)
 
 
 class PoolList(Message):
@@ -171,6 +172,7 @@ class VolumeInfo(Message):
     allocation: Bytes
     physical: Bytes
     backing: Backing | None = None
+    owner: str | None = None  # the bus user that created it (None: nobody's)
 
 
 class VolumeList(Message):

@@ -16,8 +16,9 @@ users roles, and lists rules::
     effect = "allow"              # or "deny"
 
 The shipped roles (:data:`BUILTIN_RULES`) come first and can be extended: ``admin``
-(everything), ``operator`` (read, lifecycle and creating objects; no undefine/delete of
-objects it does not own unless a rule grants it), ``viewer`` (read-only ops),
+(everything), ``operator`` (read, lifecycle and creating objects; configuring only the
+domains, pools, volumes and networks it owns, or that nobody owns except to undefine or
+delete them, unless a rule grants it), ``viewer`` (read-only ops),
 ``scheduler`` (migration steps, drain flags, define on placement, reads, the
 definitions it moves with their secrets: ``domain.read_secure``, and the cluster
 networks it keeps on every host: ``network.define/start/set_peers/destroy/undefine``) and ``agent``
@@ -54,7 +55,8 @@ class Effect(StrEnum):
 
 
 class Owner(StrEnum):
-    """Who owns the target of a call (known to the agent that holds the object)."""
+    """Who owns the target of a call: a domain, pool, volume or network (known to the
+    agent that holds the object, agent/owners.py)."""
 
     SELF = "self"  # the caller defined it
     OTHER = "other"  # someone else did
