@@ -568,7 +568,7 @@ async def test_operators_may_not_remove_others_pools_volumes_and_networks(
             with pytest.raises(AuthDenied) as denied:
                 await bp.volume("v1").delete()
             message = denied.value.message
-            assert bob in message and "'own-pool/v1'" in message
+            assert bob in message and "volume 'own-pool/v1'" in message
             assert "owned by another user" in message
             assert (await bp.info()).owner == alice and (await bn.info()).owner == alice
             # undefine --remove-all-storage deletes only the volumes he could vol-delete

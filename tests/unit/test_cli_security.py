@@ -13,6 +13,7 @@ from cryptography.x509.oid import NameOID
 POLICY = """
 [users]
 vera = ["viewer"]
+olga = ["operator"]
 
 [[rules]]
 user = "oscar"
@@ -42,6 +43,39 @@ def test_acl_check_explains_allow_and_deny_with_exit_status(tmp_path: Path) -> N
     assert viewer.returncode == 2 and "scheduler role" in viewer.stdout
     bad = virtbus("acl", "check", "oscar", "domain.nope", "--policy", str(policy))
     assert bad.returncode == 1 and "NO_SUPPORT" in bad.stderr
+
+
+def test_acl_check_explains_the_owner_rules_for_pools_volumes_and_networks(
+    tmp_path: Path,
+) -> None:
+    """The built-in operator removes only what it owns: acl check names the target's kind
+    and the owner it was asked about, and a denial says whose the object is."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+
+    def check(op: str, target: str, owner: str) -> subprocess.CompletedProcess[str]:
+        return virtbus(
+            "acl", "check", "olga", op, target, "--owner", owner, "--policy", str(policy)
+        )
+
+    cases = [
+        ("storage.pool.undefine", "p1", "self", 0),
+        ("storage.pool.undefine", "p1", "other", 2),
+        ("storage.pool.undefine", "p1", "unknown", 2),  # nobody's: not removable
+        ("storage.pool.set_autostart", "p1", "unknown", 0),  # ... but configurable
+        ("storage.vol.delete", "p1/v1", "self", 0),
+        ("storage.vol.delete", "p1/v1", "other", 2),
+        ("network.undefine", "n1", "self", 0),
+        ("network.undefine", "n1", "other", 2),
+    ]
+    got = [(op, t, o, check(op, t, o).returncode) for op, t, o, _ in cases]
+    assert got == cases
+    denied = check("storage.vol.delete", "p1/v1", "other").stdout
+    assert "Target:   volume p1/v1 (owner: other)" in denied
+    assert "for volume 'p1/v1' (owned by another user)" in denied
+    shown = json.loads(virtbus("--json", "acl", "check", "olga", "network.undefine", "n1",
+                               "--owner", "self", "--policy", str(policy)).stdout)  # fmt: skip
+    assert (shown["kind"], shown["owner"], shown["allowed"]) == ("network", "self", True)
 
 
 def test_pki_init_and_issue_a_host_and_a_user_certificate(tmp_path: Path) -> None:

@@ -33,7 +33,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--owner",
         choices=OWNERS,
         default="unknown",
-        help="who defined the target: self, other, unknown (default)",
+        help="who made the target (a domain, pool, volume or network): self (USER), other"
+        " (another user), unknown (nobody recorded, or not made yet; the default)",
     )
     check.add_argument(
         "--policy",
@@ -61,11 +62,14 @@ def acl_check(args: argparse.Namespace) -> int:
         "access": str(op.access),
         "host": args.host,
         "target": args.target,
+        "kind": str(op.target),
+        "owner": args.owner if args.target is not None else None,
         "allowed": decision.allowed,
         "rule": decision.rule.describe() if decision.rule is not None else None,
         "reason": decision.reason,
         "policy": str(args.policy) if authz.enforcing else None,
     }
+    target = "-" if args.target is None else f"{op.target} {args.target} (owner: {args.owner})"
     if args.json:
         emit_json(answer)
     else:
@@ -76,7 +80,7 @@ def acl_check(args: argparse.Namespace) -> int:
                     ("User", f"{args.user} (roles: {', '.join(roles) or 'none'})"),
                     ("Op", f"{op.name} ({op.access})"),
                     ("Host", args.host),
-                    ("Target", args.target or "-"),
+                    ("Target", target),
                     ("Rule", answer["rule"] or "-"),
                     ("Reason", decision.reason),
                 ]

@@ -223,7 +223,9 @@ class Policy:
     def _why(self, req: Request, rule: Rule | None) -> str:
         what = f"{req.user!r} may not call {req.op} on host {req.host!r}"
         if req.target is not None:
-            what += f" for {req.target!r}"
+            declared = REGISTRY.get(req.op)
+            kind = f"{declared.target} " if declared is not None else ""
+            what += f" for {kind}{req.target!r}"  # "for pool 'p1'"
             if req.owner is not Owner.UNKNOWN:  # an owner rule may decide: say whose it is
                 what += " (owned by another user)" if req.owner is Owner.OTHER else " (its own)"
         if rule is not None:
