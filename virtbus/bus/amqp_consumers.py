@@ -77,7 +77,8 @@ AMQP_FAILURES: Final = (
 # NO_DRAIN_WAIT. aiormq's basic_publish(wait=True), its default, hands the frames to the
 # connection's writer task and then waits until that task has written them and drained the
 # socket: two more turns of the event loop and a future per message, ~40% of a publish's CPU
-# (about 65 of 160 us measured on the 2-core machine). virtbus publishes with wait=False:
+# (about 65 of 160 us measured on the 2-core machine). virtbus publishes, and acks calls
+# and read events (ack_queued), with wait=False:
 # the frames still go out in the order they were queued (one bounded write queue per
 # connection, one writer), so reply-then-ack and the outbox's in-order window are kept,
 # and what bounds the data in flight is what bounded it before: confirms (calls, events),
@@ -103,6 +104,18 @@ async def publish_queued(
         body, exchange=exchange, routing_key=routing_key, properties=properties,
         mandatory=mandatory, wait=False,
     )  # fmt: skip
+
+
+async def ack_queued(message: AbstractIncomingMessage, *, multiple: bool = False) -> None:
+    """``basic.ack`` that returns once its frame is queued (NO_DRAIN_WAIT), not once the
+    socket drained: aio-pika's ``message.ack()`` waits for the writer, two loop turns and a
+    future per call. The frame still leaves after the reply queued before it on the same
+    connection; an ack a failing socket loses is a redelivery, answered from the call
+    memory or the reply log, as an ack lost with the connection always was."""
+    tag = message.delivery_tag
+    if tag is None:  # a no-ack delivery: nothing to acknowledge
+        return
+    await message.channel.basic_ack(tag, multiple=multiple, wait=False)
 
 
 def deadline_header(epoch_seconds: float) -> int:
@@ -368,7 +381,7 @@ class AmqpServer:
     ) -> None:
         if self._before_ack is not None and awaitable is not None:
             await self._before_ack(call)  # e.g. the reply is on disk: a redelivery is answered
-        await _quietly(message.ack(), f"ack of call {call.id}")
+        await _quietly(ack_queued(message), f"ack of call {call.id}")
 
     async def _dead_letter(self, message: AbstractIncomingMessage, exc: VirtbusError) -> None:
         """Reject without requeue: the queue's dead-letter exchange keeps it for a human."""
@@ -558,7 +571,7 @@ class AmqpSubscription:
         if not len(self._buffer) or self._read_unacked >= self._ack_every:
             self._read_unacked = 0
             # every message read before it is on the same channel, older, and read
-            await _quietly(message.ack(multiple=True), "ack of read messages")
+            await _quietly(ack_queued(message, multiple=True), "ack of read messages")
         return envelope
 
     async def close(self) -> None:
