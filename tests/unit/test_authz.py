@@ -11,12 +11,16 @@ import pytest
 from agent.service import AgentService
 from drivers.test import TestDriver
 from virtbus.bus.memory import MemoryBus
+from virtbus.bus.topology import AUDIT_EXCHANGE
 from virtbus.client import Client
 from virtbus.errors import AuthDenied, InvalidArgument
 from virtbus.protocol import ops
+from virtbus.protocol.base import to_wire
 from virtbus.protocol.envelope import Envelope, Kind
+from virtbus.protocol.messages import AUDIT_CALL, AUDIT_CALLS, AuditRecord, audit_records
 from virtbus.protocol.registry import Access, Op, Service, Target
 from virtbus.protocol.snapshot import SnapshotXmlRequest
+from virtbus.security import audit as audit_module
 from virtbus.security.audit import AuditTrail, read_log
 from virtbus.security.authz import Authorizer
 from virtbus.security.trust import publisher_trusted
@@ -135,6 +139,62 @@ async def test_memory_bus_agent_audits_denials_on_the_stream(tmp_path: Path) -> 
         assert seen == [("ann", "OK", "m2"), ("bob", "AUTH_DENIED", "m2")]
         for c in (ann, bob):
             await c.close()
+    finally:
+        await agent.stop()
+
+
+async def test_a_flush_publishes_one_message_per_run_of_one_users_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published: list[tuple[str, Envelope]] = []
+
+    async def publish(key: str, env: Envelope) -> None:
+        published.append((key, env))
+
+    trail = AuditTrail(tmp_path / "audit.log", "h1", max_bytes=1 << 20, keep=2, publish=publish)
+    users = ["u1", "u1", "u2", "u2", "u1"]
+    for i, user in enumerate(users):
+        call = Envelope(kind=Kind.CALL, op="domain.info", body={}, user=user, id=f"c{i}")
+        trail.record(call, "web", {"ok": True}, 0.001)
+    await trail.flush()
+    assert [k for k, _ in published] == ["h1.u1", "h1.u2", "h1.u1"]  # call order kept
+    assert {env.op for _, env in published} == {AUDIT_CALLS}
+    runs = [[r.id for r in audit_records(env.op, env.body)] for _, env in published]
+    assert runs == [["c0", "c1"], ["c2", "c3"], ["c4"]]
+    assert [r.id for r in read_log(tmp_path / "audit.log")] == [f"c{i}" for i in range(5)]
+    # a run longer than BATCH is cut into messages of at most BATCH records
+    monkeypatch.setattr(audit_module, "BATCH", 2)
+    published.clear()
+    for i in range(5):
+        call = Envelope(kind=Kind.CALL, op="domain.info", body={}, user="u1", id=f"d{i}")
+        trail.record(call, "web", {"ok": True}, 0.001)
+    await trail.flush()
+    runs = [[r.id for r in audit_records(env.op, env.body)] for _, env in published]
+    assert runs == [["d0", "d1"], ["d2", "d3"], ["d4"]]
+
+
+async def test_the_client_reads_batched_and_older_single_audit_messages(tmp_path: Path) -> None:
+    agent = AgentService(
+        AgentSettings(host="m3", state_dir=tmp_path / "s"),
+        MemoryBus("memory://m3@audit2", "m3"),
+        TestDriver(),
+    )
+    await agent.start()
+    try:
+        ann = Client(MemoryBus("memory://ann@audit2", "ann"))
+        await ann.bus.connect()
+        old = AuditRecord(ts=1.0, daemon="m3", user="ann", op="host.ping", target=None,
+                          code="OK", ms=0.1, id="old-1")  # fmt: skip
+        await agent.bus.publish(
+            AUDIT_EXCHANGE, "m3.ann",
+            Envelope(kind=Kind.AUDIT, op=AUDIT_CALL, body=to_wire(old), src="m3"),
+        )  # fmt: skip
+        for _ in range(3):
+            await ann.host("m3").ping()
+        await agent.audit.flush()
+        seen = [(r.id == "old-1", r.op, by) async for r, by in ann.audit(idle=1.0)]
+        assert seen == [(True, "host.ping", "m3")] + [(False, "host.ping", "m3")] * 3
+        await ann.close()
     finally:
         await agent.stop()
 

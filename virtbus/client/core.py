@@ -82,7 +82,7 @@ from virtbus.protocol.domain import (
 )
 from virtbus.protocol.envelope import Kind, new_id
 from virtbus.protocol.host import DrainFlag, HostInventory, Pong, SetDraining
-from virtbus.protocol.messages import AuditRecord, DomainEvent
+from virtbus.protocol.messages import AuditRecord, DomainEvent, audit_records
 from virtbus.protocol.migration import TERMINAL_STATES, MigrationParams, MigrationRecord
 from virtbus.protocol.network import (
     InterfaceAddresses,
@@ -362,11 +362,14 @@ class Client:
                 if env.kind != Kind.AUDIT:
                     continue
                 try:
-                    rec = decode(env.body, AuditRecord)
+                    records = audit_records(env.op, env.body)  # or an older audit.call
                 except InvalidArgument:
                     continue  # any bus client can publish
-                if (user is None or rec.user == user) and (daemon is None or rec.daemon == daemon):
-                    yield rec, env.user
+                for rec in records:
+                    if (user is None or rec.user == user) and (
+                        daemon is None or rec.daemon == daemon
+                    ):
+                        yield rec, env.user
         finally:
             await sub.close()
 

@@ -8,8 +8,10 @@ write and one thread hop for many calls, not one each; then it appends the recor
 lines to the daemon's audit log (in a worker thread: the event loop never waits on the
 disk), rotating it by size (``audit.log`` -> ``audit.log.1`` ... ``.N``), and
 then publishes them on ``virtbus.audit``, whose stream ``virtbus.audit.history`` keeps
-them for ``virtbus audit``. The file is the record that survives a broker outage:
-publishing is best effort (a record the broker did not take is logged, not retried).
+them for ``virtbus audit``: one ``audit.calls`` message per run of consecutive records of
+the same user (at most ``BATCH`` records), not one per call. The file is the record that
+survives a broker outage: publishing is best effort (a record the broker did not take is
+logged, not retried).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from typing import Any
 import msgspec
 
 from virtbus.errors import VirtbusError
-from virtbus.protocol.base import to_wire
+from virtbus.protocol.base import decode, to_wire
 from virtbus.protocol.envelope import Envelope, Kind
-from virtbus.protocol.messages import AUDIT_CALL, MESSAGES, AuditRecord
+from virtbus.protocol.messages import AUDIT_CALLS, MESSAGES, AuditBatch, AuditRecord
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ BUFFER = 100_000  # records waiting for the writer; the oldest go first (counted
 # s the writer waits, once woken, for more records before it writes: a stop, or an explicit
 # flush(), writes what is pending at once, so no record is lost to the window.
 FLUSH_WINDOW = 0.05
+BATCH = 500  # records per audit.calls message (~150 bytes each: far below the message limit)
 
 
 def result_code(reply: dict[str, Any]) -> str:
@@ -116,17 +119,19 @@ class AuditTrail:
             except OSError as exc:  # a full disk must not stop the daemon serving
                 log.error("cannot write the audit log %s: %s", self.path, exc)
             if self._publish is not None:
-                for rec in batch:
-                    await self._send(rec)
+                for run in runs_of_one_user(batch):
+                    await self._send(run)
 
-    async def _send(self, rec: AuditRecord) -> None:
+    async def _send(self, run: list[AuditRecord]) -> None:
         assert self._publish is not None
-        key = MESSAGES[AUDIT_CALL].key(daemon=rec.daemon, user=rec.user or "-")
-        env = Envelope(kind=Kind.AUDIT, op=AUDIT_CALL, body=to_wire(rec), src=self.daemon)
+        first = run[0]
+        key = MESSAGES[AUDIT_CALLS].key(daemon=first.daemon, user=first.user or "-")
+        body = to_wire(AuditBatch(records=run))
+        env = Envelope(kind=Kind.AUDIT, op=AUDIT_CALLS, body=body, src=self.daemon)
         try:
             await self._publish(key, env)
         except VirtbusError as exc:
-            log.debug("audit record %s not published: %s", rec.id, exc)
+            log.debug("%d audit records from %s not published: %s", len(run), first.id, exc)
 
     def _append(self, data: bytes) -> None:
         """Append, rotating first when the file would pass ``max_bytes`` (worker thread)."""
@@ -148,10 +153,20 @@ class AuditTrail:
             os.close(fd)
 
 
+def runs_of_one_user(records: list[AuditRecord]) -> list[list[AuditRecord]]:
+    """``records`` cut where the user changes (or every ``BATCH``): each run is one message
+    under its user's routing key, and the runs in order keep the calls' order."""
+    runs: list[list[AuditRecord]] = []
+    for rec in records:
+        if runs and runs[-1][0].user == rec.user and len(runs[-1]) < BATCH:
+            runs[-1].append(rec)
+        else:
+            runs.append([rec])
+    return runs
+
+
 def read_log(path: Path) -> list[AuditRecord]:
     """The records of an audit log and its rotated files, oldest first (bad lines skipped)."""
-    from virtbus.protocol.base import decode
-
     files = sorted(
         path.parent.glob(f"{path.name}.*"),
         key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0,
