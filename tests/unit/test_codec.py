@@ -91,3 +91,39 @@ def test_error_reply_maps_back_to_typed_error() -> None:
     unknown = error_from_wire({"code": "FUTURE_CODE", "message": "m"})
     assert unknown.code == "FUTURE_CODE"
     assert error_from_wire("garbage").code == "RPC_ERROR"
+
+
+def _nested(levels: int) -> object:
+    inner: object = {}
+    for i in range(levels):
+        inner = {"a": inner} if i % 2 else {"l": [inner]}
+    return inner
+
+
+def test_depth_limit_is_exact() -> None:
+    """The envelope is level 1, its body level 2: a body whose deepest container is at
+    level 32 passes max_depth=32, one more level does not (maps and lists both count)."""
+    limits = DecodeLimits(max_depth=32)
+    # _nested(19): 10 maps each holding a list, 9 maps, the innermost map: 30 containers,
+    # at levels 3 to 32
+    decode(_raw(body={"x": _nested(19)}), limits)
+    with pytest.raises(ProtocolError, match="deeper"):
+        decode(_raw(body={"x": {"y": _nested(19)}}), limits)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"l": [1, "x", [msgpack.Timestamp(1, 0)]]}, "timestamp"),
+        ({"l": [{"ok": 1}, {2: "x"}]}, "keys must be strings"),
+        ({"m": {"n": {"o": [msgpack.Timestamp(0, 5)]}}}, "timestamp"),
+    ],
+)
+def test_bad_values_deep_inside_are_refused(body: dict[str, object], fragment: str) -> None:
+    data = msgpack.packb(
+        {"v": 1, "kind": "call", "op": "x", "id": "i", "src": "", "ts": 0.0, "body": body},
+        use_bin_type=True,
+        datetime=False,
+    )
+    with pytest.raises(ProtocolError, match=fragment):
+        decode(data)

@@ -45,23 +45,40 @@ def _check_depth(obj: Any, max_depth: int) -> None:
     It also refuses msgpack's timestamp extension (type -1): msgpack decodes that one
     natively (``timestamp=0`` leaves it a :class:`msgpack.Timestamp`) instead of calling
     the ext hook, and "no ext types" means none.
+
+    Level by level, and only containers (and timestamps) are kept for the next level:
+    every call and reply goes through this, and a walk that pushed each scalar cost more
+    than the msgpack decode itself. msgpack builds exact dicts and lists (no hooks here).
     """
-    stack: list[tuple[Any, int]] = [(obj, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, msgpack.Timestamp):
-            raise ProtocolError("msgpack ext type -1 (timestamp) is not allowed")
-        if isinstance(item, dict):
-            if depth > max_depth:
-                raise ProtocolError(f"message nests deeper than {max_depth} levels")
-            for key, value in item.items():
-                if not isinstance(key, str):
-                    raise ProtocolError("map keys must be strings")
-                stack.append((value, depth + 1))
-        elif isinstance(item, list):
-            if depth > max_depth:
-                raise ProtocolError(f"message nests deeper than {max_depth} levels")
-            stack.extend((value, depth + 1) for value in item)
+    level: list[Any] = [obj]
+    depth = 1
+    while level:
+        nested: list[Any] = []
+        for item in level:
+            kind = type(item)
+            if kind is dict:
+                if depth > max_depth:
+                    raise ProtocolError(f"message nests deeper than {max_depth} levels")
+                for key in item:
+                    if type(key) is not str:
+                        raise ProtocolError("map keys must be strings")
+                values = item.values()
+            elif kind is list:
+                if depth > max_depth:
+                    raise ProtocolError(f"message nests deeper than {max_depth} levels")
+                values = item
+            elif kind is msgpack.Timestamp:
+                raise ProtocolError("msgpack ext type -1 (timestamp) is not allowed")
+            else:
+                continue
+            for value in values:
+                if type(value) in _WALKED:
+                    nested.append(value)
+        level = nested
+        depth += 1
+
+
+_WALKED = frozenset({dict, list, msgpack.Timestamp})
 
 
 def decode_payload(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Any:
