@@ -43,12 +43,19 @@ def read_cmdline(pid: int) -> list[str]:
 
 
 def _stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the ``comm`` field (which may contain spaces)."""
+    """Fields of /proc/<pid>/stat after the ``comm`` field (which may contain spaces).
+
+    Read with os.open/os.read, not a text file object: every dominfo reads it, and the
+    Path/TextIOWrapper layers cost more than the read itself."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            raw = os.read(fd, 4096)  # one line, well under a page
+        finally:
+            os.close(fd)
     except OSError:
         return None
-    return raw[raw.rfind(")") + 2 :].split()
+    return raw[raw.rfind(b")") + 2 :].decode("ascii", "replace").split()
 
 
 def pid_alive(pid: int) -> bool:
