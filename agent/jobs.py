@@ -35,7 +35,13 @@ from typing import Any
 import aiofiles.os
 
 from virtbus.aio import TaskGroup
-from virtbus.errors import InvalidArgument, OperationFailed, OperationTimeout, VirtbusError
+from virtbus.errors import (
+    AuthDenied,
+    InvalidArgument,
+    OperationFailed,
+    OperationTimeout,
+    VirtbusError,
+)
 from virtbus.store import atomic_write, quarantine, read_bytes
 
 log = logging.getLogger(__name__)
@@ -71,6 +77,19 @@ class Job:
     error: dict[str, str] | None = None  # {"code", "message"}
     result: dict[str, Any] | None = None
     recovery: dict[str, Any] = field(default_factory=dict)  # what a recovery handler needs
+    owner: str | None = None  # the bus user whose call started it
+    bound: bool = False  # a transfer: only its owner may feed, finish or cancel it
+
+    def check_driver(self, user: str | None, verb: str) -> None:
+        """Refuse ``user`` driving a bound job (a transfer's chunks, finish, cancel) that
+        another user started: like libvirt's stream, which belongs to the connection that
+        opened it, a transfer belongs to its caller, whatever another user's role (an
+        admin too): a job id is seen in job.list and the job events."""
+        if self.bound and user != self.owner:
+            raise AuthDenied(
+                f"'{user}' may not {verb} job {self.id} ({self.kind}): "
+                "a transfer belongs to the user that began it"
+            )
 
     def to_map(self) -> dict[str, Any]:
         return {
@@ -84,10 +103,11 @@ class Job:
             "ended": self.ended,
             "error": self.error,
             "result": self.result,
+            "owner": self.owner,
         }
 
     def record(self) -> dict[str, Any]:
-        return {**self.to_map(), "recovery": self.recovery}
+        return {**self.to_map(), "recovery": self.recovery, "bound": self.bound}
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> Job:
@@ -103,6 +123,8 @@ class Job:
             error=data.get("error"),
             result=data.get("result"),
             recovery=dict(data.get("recovery") or {}),
+            owner=None if data.get("owner") is None else str(data["owner"]),
+            bound=bool(data.get("bound")),
         )
 
 
@@ -217,8 +239,12 @@ class JobManager:
         *,
         total: int = 0,
         recovery: dict[str, Any] | None = None,
+        owner: str | None = None,
+        bound: bool = False,
     ) -> Job:
-        """Record and start a job; returns at once (the work runs in its own task)."""
+        """Record and start a job; returns at once (the work runs in its own task).
+        ``owner`` is the caller that started it; a ``bound`` job (a transfer) is driven by
+        that caller only (:meth:`Job.check_driver`)."""
         if self._closing:
             raise OperationFailed("the agent is stopping: no new jobs")
         running = sum(1 for j in self._jobs.values() if j.state is JobState.RUNNING)
@@ -227,7 +253,7 @@ class JobManager:
                 f"{running} jobs are running on this host (the limit): try again later"
             )
         job = Job(secrets.token_hex(8), kind, dict(target), total=total,
-                  recovery=dict(recovery or {}))  # fmt: skip
+                  recovery=dict(recovery or {}), owner=owner, bound=bound)  # fmt: skip
         self._jobs[job.id] = job
         self._done[job.id] = asyncio.Event()
         await self.save(job)

@@ -777,7 +777,7 @@ class StoragePools:
             self._lease(holder, src_pool, src.name)
             leased = True
             return await self.jobs.start("vol.clone", target, work, total=image.capacity,
-                                         recovery=undo)  # fmt: skip
+                                         recovery=undo, owner=owner)  # fmt: skip
         except BaseException:
             self._release(pool, vol.name)
             if leased:
@@ -825,7 +825,9 @@ class StoragePools:
             self._release(pool, name)
         await self._update_sizes(pool)
 
-    async def wipe_volume(self, pool_ref: str, name: str, algorithm: str = "zero") -> Job:
+    async def wipe_volume(
+        self, pool_ref: str, name: str, algorithm: str = "zero", *, owner: str | None = None
+    ) -> Job:
         """vol-wipe as a job (zero, or scrub's patterns). As libvirt, the content is gone,
         format included: the volume is raw afterwards."""
         if algorithm not in WIPE_ALGORITHMS:
@@ -852,7 +854,7 @@ class StoragePools:
 
         try:
             return await self.jobs.start("vol.wipe", {"pool": pool.name, "volume": name}, work,
-                                         total=facts.physical)  # fmt: skip
+                                         total=facts.physical, owner=owner)  # fmt: skip
         except BaseException:
             self._release(pool, name)
             raise
@@ -894,11 +896,14 @@ class StoragePools:
         return facts
 
     # ================================================================== transfers
-    async def upload_begin(self, pool_ref: str, name: str, length: int) -> Job:
+    async def upload_begin(
+        self, pool_ref: str, name: str, length: int, *, owner: str | None = None
+    ) -> Job:
         """vol-upload: a job that takes ``length`` bytes in chunks (upload_chunk) and makes
         them the volume's content at upload_finish, atomically. A client that stops
         sending (killed) for ``transfer_idle_timeout`` fails the job: the volume keeps its
-        previous content and the temporary is removed."""
+        previous content and the temporary is removed. The job is bound to ``owner`` (the
+        caller): only it may send the chunks, finish or cancel it."""
         pool = self._running(pool_ref)
         self._supported(pool)
         if not isinstance(length, int) or isinstance(length, bool) or length < 0:
@@ -929,7 +934,7 @@ class StoragePools:
 
         try:
             job = await self.jobs.start("vol.upload", {"pool": pool.name, "volume": name}, work,
-                                        total=length)  # fmt: skip
+                                        total=length, owner=owner, bound=True)  # fmt: skip
         except BaseException:
             await sink.abort()
             self._release(pool, name)
@@ -961,19 +966,25 @@ class StoragePools:
         if transfer.error is not None:
             raise transfer.error
 
-    def _transfer(self, job_id: str, upload: bool) -> Transfer:
+    def _transfer(self, job_id: str, upload: bool, user: str | None, verb: str) -> Transfer:
+        """The transfer of job ``job_id``, for ``user`` (AUTH_DENIED unless it began it,
+        whatever the job's state: a job id is no capability)."""
+        job = self.jobs.get(job_id)
+        job.check_driver(user, verb)
         transfer = self._transfers.get(job_id)
         if transfer is None or transfer.upload != upload:
-            job = self.jobs.get(job_id)
             raise OperationInvalid(f"job {job_id} is {job.state.value}: no transfer to continue")
         if transfer.finished.is_set():
             raise OperationInvalid(f"the transfer of job {job_id} is over")
         return transfer
 
-    async def upload_chunk(self, job_id: str, offset: int, data: bytes) -> int:
-        """Write one chunk at ``offset``; returns the next offset expected. Chunks may
-        arrive out of order within the window; a repeated one is acknowledged again."""
-        transfer = self._transfer(job_id, upload=True)
+    async def upload_chunk(
+        self, job_id: str, offset: int, data: bytes, *, user: str | None = None
+    ) -> int:
+        """Write one chunk at ``offset`` for ``user`` (the upload's owner); returns the next
+        offset expected. Chunks may arrive out of order within the window; a repeated one
+        is acknowledged again."""
+        transfer = self._transfer(job_id, True, user, "send a chunk to")
         size = self.settings.chunk_size
         if not isinstance(data, bytes) or len(data) > size:
             raise InvalidArgument(f"a chunk must be bytes, at most {size}")
@@ -1005,8 +1016,8 @@ class StoragePools:
         transfer.activity.set()
         return transfer.offset
 
-    async def upload_finish(self, job_id: str) -> VolumeFacts:
-        transfer = self._transfer(job_id, upload=True)
+    async def upload_finish(self, job_id: str, *, user: str | None = None) -> VolumeFacts:
+        transfer = self._transfer(job_id, True, user, "finish")
         if transfer.offset != transfer.length:
             raise InvalidArgument(
                 f"upload incomplete: {transfer.offset} of {transfer.length} bytes received"
@@ -1019,8 +1030,11 @@ class StoragePools:
         await self.jobs.wait(job_id)
         return facts
 
-    async def download_begin(self, pool_ref: str, name: str) -> tuple[Job, int]:
-        """vol-download: a job serving the volume's bytes by chunks (download_chunk)."""
+    async def download_begin(
+        self, pool_ref: str, name: str, *, owner: str | None = None
+    ) -> tuple[Job, int]:
+        """vol-download: a job serving the volume's bytes by chunks (download_chunk), to
+        ``owner`` (the caller) only."""
         pool = self._running(pool_ref)
         self._supported(pool)
         facts = await self.volume(pool.name, name)
@@ -1041,14 +1055,15 @@ class StoragePools:
 
         try:
             job = await self.jobs.start("vol.download", {"pool": pool.name, "volume": name},
-                                        work, total=length)  # fmt: skip
+                                        work, total=length, owner=owner,
+                                        bound=True)  # fmt: skip
         except BaseException:
             self.release(holder, pool.name, name)
             raise
         return job, length
 
-    async def download_chunk(self, job_id: str, offset: int) -> bytes:
-        transfer = self._transfer(job_id, upload=False)
+    async def download_chunk(self, job_id: str, offset: int, *, user: str | None = None) -> bytes:
+        transfer = self._transfer(job_id, False, user, "read a chunk of")
         if offset < 0 or offset > transfer.length:
             raise InvalidArgument(
                 f"offset {offset} is outside the volume's {transfer.length} bytes"
@@ -1070,8 +1085,8 @@ class StoragePools:
         transfer.activity.set()
         return data
 
-    async def download_finish(self, job_id: str) -> None:
-        transfer = self._transfer(job_id, upload=False)
+    async def download_finish(self, job_id: str, *, user: str | None = None) -> None:
+        transfer = self._transfer(job_id, False, user, "finish")
         transfer.result = {}
         transfer.finished.set()
         await self.jobs.wait(job_id)

@@ -55,7 +55,7 @@ def job_info(job: Job) -> JobInfo:
     return JobInfo(
         id=job.id, kind=job.kind, target=dict(job.target), state=job.state.value,
         processed=job.processed, total=job.total, started=job.started, ended=job.ended,
-        error=job.error, result=job.result,
+        error=job.error, result=job.result, owner=job.owner,
     )  # fmt: skip
 
 
@@ -166,7 +166,8 @@ async def _vol_delete(ctx: AgentContext, req: VolumeTarget) -> Accepted:
 
 @HANDLERS.on(ops.STORAGE_VOL_WIPE)
 async def _vol_wipe(ctx: AgentContext, req: VolumeWipe) -> JobInfo:
-    return job_info(await ctx.storage.wipe_volume(req.pool, req.volume, req.algorithm))
+    job = await ctx.storage.wipe_volume(req.pool, req.volume, req.algorithm, owner=caller())
+    return job_info(job)
 
 
 @HANDLERS.on(ops.STORAGE_VOL_RESIZE)
@@ -206,7 +207,7 @@ async def _vol_lookup(ctx: AgentContext, req: VolumeLookup) -> VolumeInfo:
 
 @HANDLERS.on(ops.STORAGE_VOL_UPLOAD)
 async def _vol_upload(ctx: AgentContext, req: UploadRequest) -> TransferStart:
-    job = await ctx.storage.upload_begin(req.pool, req.volume, req.length)
+    job = await ctx.storage.upload_begin(req.pool, req.volume, req.length, owner=caller())
     cfg = ctx.storage.settings
     return TransferStart(job=job_info(job), length=req.length, chunk_size=cfg.chunk_size,
                          window=cfg.transfer_window)  # fmt: skip
@@ -214,19 +215,20 @@ async def _vol_upload(ctx: AgentContext, req: UploadRequest) -> TransferStart:
 
 @HANDLERS.on(ops.STORAGE_VOL_UPLOAD_CHUNK)
 async def _vol_upload_chunk(ctx: AgentContext, req: UploadChunk) -> TransferAck:
-    return TransferAck(offset=await ctx.storage.upload_chunk(req.job, req.offset, req.data))
+    offset = await ctx.storage.upload_chunk(req.job, req.offset, req.data, user=caller())
+    return TransferAck(offset=offset)
 
 
 @HANDLERS.on(ops.STORAGE_VOL_UPLOAD_FINISH)
 async def _vol_upload_finish(ctx: AgentContext, req: TransferTarget) -> VolumeInfo:
     job = ctx.jobs.get(req.job)
-    facts = await ctx.storage.upload_finish(req.job)
+    facts = await ctx.storage.upload_finish(req.job, user=caller())
     return volume_info(ctx.storage.get(job.target.get("pool", "")), facts)
 
 
 @HANDLERS.on(ops.STORAGE_VOL_DOWNLOAD)
 async def _vol_download(ctx: AgentContext, req: VolumeTarget) -> TransferStart:
-    job, length = await ctx.storage.download_begin(req.pool, req.volume)
+    job, length = await ctx.storage.download_begin(req.pool, req.volume, owner=caller())
     cfg = ctx.storage.settings
     return TransferStart(job=job_info(job), length=length, chunk_size=cfg.chunk_size,
                          window=cfg.transfer_window)  # fmt: skip
@@ -234,12 +236,13 @@ async def _vol_download(ctx: AgentContext, req: VolumeTarget) -> TransferStart:
 
 @HANDLERS.on(ops.STORAGE_VOL_DOWNLOAD_CHUNK)
 async def _vol_download_chunk(ctx: AgentContext, req: DownloadChunkRequest) -> DownloadChunk:
-    return DownloadChunk(data=await ctx.storage.download_chunk(req.job, req.offset))
+    data = await ctx.storage.download_chunk(req.job, req.offset, user=caller())
+    return DownloadChunk(data=data)
 
 
 @HANDLERS.on(ops.STORAGE_VOL_DOWNLOAD_FINISH)
 async def _vol_download_finish(ctx: AgentContext, req: TransferTarget) -> Accepted:
-    await ctx.storage.download_finish(req.job)
+    await ctx.storage.download_finish(req.job, user=caller())
     return Accepted()
 
 
@@ -264,6 +267,7 @@ async def _job_wait(ctx: AgentContext, req: JobWait) -> JobInfo:
 
 @HANDLERS.on(ops.JOB_CANCEL)
 async def _job_cancel(ctx: AgentContext, req: TransferTarget) -> JobInfo:
+    ctx.jobs.get(req.job).check_driver(caller(), "cancel")  # a transfer: its owner only
     return job_info(await ctx.jobs.cancel(req.job))
 
 

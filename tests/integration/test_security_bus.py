@@ -32,7 +32,8 @@ from virtbus.bus.amqp import AmqpBus
 from virtbus.bus.definitions import password_hash
 from virtbus.bus.topology import EVENTS_EXCHANGE, HOSTS_EXCHANGE, RPC_EXCHANGE
 from virtbus.client import Client
-from virtbus.client.storage import Volume
+from virtbus.client.core import Host
+from virtbus.client.storage import Volume, host_jobs
 from virtbus.domain import OWNER_NS
 from virtbus.errors import AuthDenied, VirtbusError
 from virtbus.protocol import ops
@@ -43,6 +44,13 @@ from virtbus.protocol.migration import (
     MigrationEnd,
     MigrationPerform,
     MigrationPrepare,
+)
+from virtbus.protocol.storage import (
+    DownloadChunkRequest,
+    TransferTarget,
+    UploadChunk,
+    UploadRequest,
+    VolumeTarget,
 )
 from virtbus.security.audit import read_log
 from virtbus.storage import volume_xml
@@ -633,6 +641,96 @@ async def test_operators_may_not_remove_others_pools_volumes_and_networks(
             assert await _outcome(bp.undefine()) == "AUTH_DENIED"
             assert await _outcome(ap.undefine()) == "ok"
             assert await b.ping()
+        finally:
+            for c in (ca, cb, cadm):
+                await c.close()
+
+
+async def test_a_transfer_is_driven_by_the_user_that_began_it_only(
+    users: Cluster, tmp_path: Path
+) -> None:
+    """vol-upload/vol-download chunks, finish and cancel name a job id, which every
+    user sees (job.list, job events): like libvirt's stream, which belongs to the
+    connection that opened it, a transfer is driven by the user that began it only (no
+    other operator, nor an admin), whatever the policy grants on the volume."""
+    alice, bob, admin_user = users.oper2, users.oper3, users.admin
+    root = tmp_path / "images"
+    root.mkdir()
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[storage]\nroots = ["{root}"]\n')
+    host, bus = users.host, users.url(users.host)
+    args = ("--policy", str(users.policy), "--config", str(config))
+    mib = 1 << 20
+    data = os.urandom(3 * mib + 77)
+    async with agent_process(host, tmp_path, *args, bus=bus):
+        ca, cb, cadm = [
+            await Client.connect(users.url(n), oneshot=True) for n in (alice, bob, admin_user)
+        ]
+        try:
+            a, b, adm = ca.host(host), cb.host(host), cadm.host(host)
+            pool = await a.define_pool(_pool_xml("xfer-pool", root))
+            await pool.start(build=True)
+            await pool.create_volume(volume_xml("up", mib, format="raw"))
+            start = await a.call(
+                ops.STORAGE_VOL_UPLOAD,
+                UploadRequest(pool="xfer-pool", volume="up", length=len(data)),
+            )
+            job, size = start.job.id, start.chunk_size
+            assert start.job.owner == alice
+            assert job in [j.id for j in await host_jobs(b)]  # the id is no secret
+            ack = await a.call(ops.STORAGE_VOL_UPLOAD_CHUNK,
+                               UploadChunk(job=job, offset=0, data=data[:size]))  # fmt: skip
+            assert ack.offset == size
+
+            def chunk(c: Host, offset: int) -> Any:
+                bad = UploadChunk(job=job, offset=offset, data=b"\xff" * size)
+                return c.call(ops.STORAGE_VOL_UPLOAD_CHUNK, bad)
+
+            finish = TransferTarget(job=job)
+            matrix: list[tuple[str, Any, str]] = [
+                ("bob", chunk(b, size), "AUTH_DENIED"),  # where alice's next one goes
+                ("bob", chunk(b, 0), "AUTH_DENIED"),  # over what she sent
+                ("admin", chunk(adm, size), "AUTH_DENIED"),  # the stream is not the admin's
+                ("bob", b.call(ops.STORAGE_VOL_UPLOAD_FINISH, finish), "AUTH_DENIED"),
+                ("bob", b.call(ops.JOB_CANCEL, finish), "AUTH_DENIED"),
+                ("admin", adm.call(ops.JOB_CANCEL, finish), "AUTH_DENIED"),
+                ("bob", b.call(ops.JOB_INFO, finish), "ok"),  # reading it is not driving it
+            ]
+            got = [(who, await _outcome(action)) for who, action, _ in matrix]
+            assert got == [(who, want) for who, _, want in matrix]
+            with pytest.raises(AuthDenied) as denied:
+                await chunk(b, size)
+            assert job in denied.value.message and bob in denied.value.message
+            assert (await a.call(ops.JOB_INFO, finish)).state == "running"
+            for offset in range(size, len(data), size):  # alice's upload goes on
+                await a.call(ops.STORAGE_VOL_UPLOAD_CHUNK,
+                             UploadChunk(job=job, offset=offset,
+                                         data=data[offset : offset + size]))  # fmt: skip
+            await a.call(ops.STORAGE_VOL_UPLOAD_FINISH, finish)
+            assert (await a.call(ops.JOB_INFO, finish)).state == "completed"
+            assert (root / "xfer-pool" / "up").read_bytes() == data  # byte-exact
+            # a download alike: bob reads no chunk of it, nor ends it
+            down = await a.call(ops.STORAGE_VOL_DOWNLOAD, VolumeTarget(pool="xfer-pool",
+                                                                       volume="up"))  # fmt: skip
+            read = DownloadChunkRequest(job=down.job.id, offset=0)
+            dfinish = TransferTarget(job=down.job.id)
+            matrix = [
+                ("bob", b.call(ops.STORAGE_VOL_DOWNLOAD_CHUNK, read), "AUTH_DENIED"),
+                ("admin", adm.call(ops.STORAGE_VOL_DOWNLOAD_CHUNK, read), "AUTH_DENIED"),
+                ("bob", b.call(ops.STORAGE_VOL_DOWNLOAD_FINISH, dfinish), "AUTH_DENIED"),
+                ("bob", b.call(ops.JOB_CANCEL, dfinish), "AUTH_DENIED"),
+            ]
+            got = [(who, await _outcome(action)) for who, action, _ in matrix]
+            assert got == [(who, want) for who, _, want in matrix]
+            assert (await a.call(ops.STORAGE_VOL_DOWNLOAD_CHUNK, read)).data == data[:size]
+            await a.call(ops.STORAGE_VOL_DOWNLOAD_FINISH, dfinish)
+            # bob's own upload into a volume he may configure is his to drive
+            await b.pool("xfer-pool").create_volume(volume_xml("bobs", mib, format="raw"))
+            src = tmp_path / "bobs.bin"
+            src.write_bytes(b"bob" * 1000)
+            await b.pool("xfer-pool").volume("bobs").upload(src)
+            assert (root / "xfer-pool" / "bobs").read_bytes() == b"bob" * 1000
+            assert await b.ping()  # the agent serves on after the denials
         finally:
             for c in (ca, cb, cadm):
                 await c.close()

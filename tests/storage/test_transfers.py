@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from agent.jobs import JobState
 from tests.storage.conftest import Storage, dir_pool_xml, need_tools, open_storage
-from virtbus.errors import InvalidArgument, OperationFailed, OperationInvalid
+from virtbus.errors import AuthDenied, InvalidArgument, OperationFailed, OperationInvalid
 from virtbus.storage import volume_xml
 
 MiB = 1 << 20
@@ -105,3 +106,31 @@ async def test_abort_and_bad_chunks(st: Storage) -> None:
     assert st.jobs.get(job.id).state is JobState.CANCELLED
     assert os.listdir(st.root / "p") == ["a.raw"]
     await st.pools.delete_volume("p", "a.raw")  # no longer busy
+
+
+async def test_a_transfer_is_bound_to_the_user_that_began_it(st: Storage) -> None:
+    vol = await st.pools.create_volume("p", volume_xml("b.raw", MiB, format="raw"))
+    data = os.urandom(2 * MiB)
+    job = await st.pools.upload_begin("p", "b.raw", len(data), owner="alice")
+    await st.pools.upload_chunk(job.id, 0, data[:MiB], user="alice")
+    for refused in (
+        st.pools.upload_chunk(job.id, MiB, bytes(MiB), user="bob"),
+        st.pools.upload_chunk(job.id, MiB, bytes(MiB)),  # no user is not the owner either
+        st.pools.upload_finish(job.id, user="bob"),
+    ):
+        with pytest.raises(AuthDenied, match=job.id):
+            await refused
+    await st.pools.upload_chunk(job.id, MiB, data[MiB:], user="alice")
+    await st.pools.upload_finish(job.id, user="alice")
+    assert Path(vol.path).read_bytes() == data
+    record = json.loads((st.jobs.directory / f"{job.id}.json").read_text())
+    assert (record["owner"], record["bound"]) == ("alice", True)  # kept across a restart
+    with pytest.raises(AuthDenied):  # over, and still not his
+        await st.pools.upload_chunk(job.id, 0, b"x", user="bob")
+    down, _ = await st.pools.download_begin("p", "b.raw", owner="alice")
+    with pytest.raises(AuthDenied, match=down.id):
+        await st.pools.download_chunk(down.id, 0, user="bob")
+    with pytest.raises(AuthDenied, match=down.id):
+        await st.pools.download_finish(down.id, user="bob")
+    assert await st.pools.download_chunk(down.id, 0, user="alice") == data[:MiB]
+    await st.pools.download_finish(down.id, user="alice")

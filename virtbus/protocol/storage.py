@@ -197,6 +197,7 @@ class JobInfo(Message):
     ended: float | None = None
     error: dict[str, str] | None = None
     result: dict[str, Any] | None = None
+    owner: str | None = None  # the user that started it (a transfer is driven by it only)
 
 
 class UploadRequest(VolumeTarget):
