@@ -163,6 +163,8 @@ class AmqpBus:
         self._confirm: AbstractRobustChannel | None = None
         self._fire: AbstractRobustChannel | None = None
         self._rpc_underlay: aiormq.abc.AbstractChannel | None = None
+        self._replies_on: aiormq.abc.AbstractChannel | None = None  # consumes direct reply-to
+        self._refreshing = asyncio.Lock()
         self._confirm_underlay: aiormq.abc.AbstractChannel | None = None
         self._fire_underlay: aiormq.abc.AbstractChannel | None = None
         self._pending: dict[str, _Pending] = {}
@@ -243,12 +245,24 @@ class AmqpBus:
         self._rpc.return_callbacks.add(self._on_returned)
         self._confirm = await connection.channel(publisher_confirms=True)
         self._fire = await connection.channel(publisher_confirms=False)
-        # Direct reply-to: consumed (no-ack) on the channel that publishes the calls.
-        replies = await self._rpc.declare_queue(REPLY_TO, passive=True, timeout=timeout)
-        await replies.consume(self._on_reply, no_ack=True, timeout=timeout)
+        # Direct reply-to: consumed (no-ack) on the channel that publishes the calls,
+        # before the first call is published on it (RabbitMQ requires that order).
+        underlay = await _open_underlay(self._rpc)
+        if underlay is None:
+            raise BusUnavailable("the RPC channel closed while it was set up")
+        await self._consume_replies(underlay, timeout)
         for channel in (self._rpc, self._confirm, self._fire):
             channel.reopen_callbacks.add(self._refresh_underlays)
         await self._refresh_underlays(None)
+
+    async def _consume_replies(self, underlay: aiormq.abc.AbstractChannel, timeout: float) -> None:
+        """Consume direct reply-to on the aiormq channel itself, not through an aio-pika
+        queue: a reply needs only its correlation id and body, and aio-pika built an
+        IncomingMessage (28 attribute sets) and a second task for each, about a tenth of
+        a caller's CPU per call. aio-pika does not restore this consumer, so a reopened
+        RPC channel consumes again (_refresh_underlays) before calls use it."""
+        await underlay.basic_consume(REPLY_TO, self._on_reply, no_ack=True, timeout=timeout)
+        self._replies_on = underlay
 
     async def _ensure_topology(self, connection: AbstractRobustConnection) -> None:
         """Check the shared topology with passive declares, and declare only what is missing.
@@ -312,8 +326,20 @@ class AmqpBus:
         and reconnect callbacks), and a connection that closed meanwhile is made ready
         again only by that very task (issue 18: an agent that never came back). A
         channel not open now is None (the call path says BUS_UNAVAILABLE) until its
-        reopen calls this again."""
-        self._rpc_underlay = await _open_underlay(self._rpc)
+        reopen calls this again. A reopened RPC channel consumes direct reply-to first:
+        one broker round trip on that open channel, bounded by the connect timeout, and a
+        failure leaves it None like a closed one."""
+        # One at a time (each channel's reopen calls this): a second consume on the same
+        # channel would close it, and no call may use a channel before its consume is done.
+        async with self._refreshing:
+            rpc = await _open_underlay(self._rpc)
+            if rpc is not None and rpc is not self._replies_on:  # a reopened RPC channel
+                try:
+                    await self._consume_replies(rpc, self.settings.connect_timeout)
+                except AMQP_FAILURES as exc:  # closed again: its next reopen comes back here
+                    log.warning("cannot consume the replies on the reopened RPC channel: %s", exc)
+                    rpc = None
+            self._rpc_underlay = rpc
         self._confirm_underlay = await _open_underlay(self._confirm)
         self._fire_underlay = await _open_underlay(self._fire)
 
@@ -364,6 +390,7 @@ class AmqpBus:
         connection, self._connection = self._connection, None
         self._rpc = self._confirm = self._fire = None
         self._rpc_underlay = self._confirm_underlay = self._fire_underlay = None
+        self._replies_on = None
         if connection is not None:
             try:
                 await connection.close()
@@ -457,8 +484,8 @@ class AmqpBus:
             call_id, exc=OperationTimeout(f"no reply to {op!r} on {route!r} within {timeout:g}s")
         )
 
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        call_id = message.correlation_id
+    async def _on_reply(self, message: aiormq.abc.DeliveredMessage) -> None:
+        call_id = message.header.properties.correlation_id
         if call_id is None or call_id not in self._pending:
             log.debug("reply %s arrived after its call was given up", call_id)
             return
