@@ -18,7 +18,9 @@ It reports:
 - convergence after a cold start: the scheduler is started after every agent is up, and
   the clock runs from its start until ``scheduler.hosts`` lists all N up with their domain
   counts (``hosts``), and until every agent has answered the scheduler's ``domain.list``
-  and its ``domain.xml`` of each of its domains (``domains``: the view placement uses);
+  (``domains``: the view placement uses; the list carries each domain's anti-affinity
+  groups) and, for a ``--baseline`` scheduler from before that, its ``domain.xml`` of each
+  of its domains;
 - the CPU share (of one core) at steady state over ``--window`` seconds, from
   /proc/PID/stat, of the scheduler, of the agents' worker processes and of the broker
   (beam.smp);
@@ -72,8 +74,9 @@ def host_name(i: int) -> str:
 async def worker(args: argparse.Namespace) -> None:
     """Run agents ``args.first`` .. ``args.first + args.count - 1``; print ``ready`` when
     all serve and, after a ``watch`` on stdin, ``converged T`` (monotonic) when each has
-    answered the scheduler's domain.list and domain.xml of its domains; stop them all at
-    SIGTERM."""
+    answered the scheduler's domain.list (``watch xml``: and its domain.xml of each of its
+    domains, as a scheduler that does not read the groups from the list asks); stop them all
+    at SIGTERM."""
     import aio_pika
 
     from agent.service import AgentService
@@ -175,8 +178,10 @@ async def worker(args: argparse.Namespace) -> None:
 
     names = {a.host for a in agents}
 
+    need_xml = args.domains
+
     def answered() -> int:
-        return sum(1 for h in names if h in listed and xml_answers.get(h, 0) >= args.domains)
+        return sum(1 for h in names if h in listed and xml_answers.get(h, 0) >= need_xml)
 
     async def watch() -> None:
         while answered() < len(names):
@@ -186,11 +191,13 @@ async def worker(args: argparse.Namespace) -> None:
     async def commands() -> None:
         """``watch``: count the next scheduler's calls from zero; ``count``: how many of
         this worker's agents it has asked for everything so far."""
+        nonlocal need_xml
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
         watcher: asyncio.Task[None] | None = None
         while line := (await reader.readline()).decode().strip():
-            if line == "watch":
+            if line in ("watch", "watch xml"):
+                need_xml = args.domains if line == "watch xml" else 0
                 if watcher is not None:
                     watcher.cancel()
                 xml_answers.clear()
@@ -366,7 +373,7 @@ async def measure(
     print(f"--- {label}", flush=True)
     for w in workers:
         assert w.stdin is not None
-        w.stdin.write(b"watch\n")
+        w.stdin.write(b"watch xml\n" if src else b"watch\n")
         await w.stdin.drain()
     state = base / ("scheduler-baseline" if src else "scheduler")
     sched_proc, started = await start_scheduler(url, state, None if src else args.profile, src)
@@ -397,8 +404,9 @@ async def measure(
                   f" again)", flush=True)  # fmt: skip
         else:
             domains_at = max(float(t.result().split()[1]) for t in done)
-            print(f"    domains {domains_at - started:.2f} s (every host's domain.list and"
-                  f" its {d} domain.xml answered: {n * (d + 1)} calls)", flush=True)  # fmt: skip
+            calls = f"and its {d} domain.xml answered: {n * (d + 1)}" if src else f"answered: {n}"
+            print(f"    domains {domains_at - started:.2f} s (every host's domain.list {calls}"
+                  f" calls)", flush=True)  # fmt: skip
 
         # (b) CPU at steady state
         await asyncio.sleep(min(5.0, 2 * args.heartbeat))
