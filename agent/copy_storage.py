@@ -11,6 +11,9 @@ source's allocation), else OPERATION_FAILED before anything is made. For
 ``--copy-storage-inc`` a disk's volume is made over the base the source names, which must
 be a volume of the same pool here already (NO_STORAGE_VOL).
 
+The volumes are owned by the migrated domain's owner (``DomainDefinition.owner``, its
+virtbus metadata), as the volumes its owner made on the source are.
+
 What was made is recorded on disk under the domain's uuid before it is made, so a
 rollback (``finish(success=false)``), also one after an agent restart, removes exactly
 those volumes and no others; a finished migration forgets the record (the volumes are
@@ -127,7 +130,9 @@ class CopiedVolumes:
                 self.made[defn.uuid].append((pool, volume))
                 await self._save()  # recorded before it exists: a crash still removes it
                 xml = volume_xml(volume, disk.capacity, format=disk.format, backing=backing)
-                await self.storage.create_volume(pool, xml)
+                # the domain's owner owns its disks here as on the source (its operator
+                # may remove them after the migration; another operator may not)
+                await self.storage.create_volume(pool, xml, owner=defn.owner)
         except BaseException:
             await self.remove(defn.uuid)
             raise

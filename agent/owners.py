@@ -7,9 +7,10 @@ already lives (so it survives an agent restart with the object):
 - a storage pool or a network: ``owner`` in its ``<uuid>.json`` state file;
 - a volume: ``owner`` in its volume record (``volumes/<pool-uuid>/<digest>.json``).
 
-A redefinition keeps the owner; an object made before owners were recorded, found on
-the storage (a volume a pool scan found) or made by the agent itself (a copy-storage
-migration's volumes) has none, and the owner rules treat it as nobody's.
+A redefinition keeps the owner; the volumes a copy-storage migration makes on its
+destination get the migrated domain's owner. An object made before owners were recorded
+or found on the storage (a volume a pool scan found) has none, and the owner rules treat
+it as nobody's.
 
 The caller of the call being run is :data:`CALLER` (set by the agent service around
 every handler), which the handlers that make objects record as their owner.

@@ -7,7 +7,8 @@ memory for ``migration_time`` s. The guest's disk is a 4 MiB raw volume of rando
 pool ``cs``, whose directory differs per agent. A cancel while the disk is copied (at
 1 MiB/s) and one while memory moves both leave the guest running on the source with its
 disk as it was and no volume on the destination; a migration that is let run delivers the
-same bytes. A writable disk that is no file or volume is CONFIG_UNSUPPORTED.
+same bytes, into a volume owned by the domain's owner. A writable disk that is no file or
+volume is CONFIG_UNSUPPORTED.
 """
 
 from __future__ import annotations
@@ -152,4 +153,9 @@ async def test_copy_storage_phases_cancel_and_bad_input(
         assert await placed("t1") == [(b.host, "running")]
         assert (pool_b / "t1.raw").read_bytes() == content
         assert (pool_a / "t1.raw").read_bytes() == content  # the source's copy stays
+        # the volume the destination made is the domain's owner's (here the bus user that
+        # defined it; the source's was found by a scan and is nobody's)
+        assert (await vcli("dominfo", "t1", "--host", b.host))["owner"] == "guest"
+        made = await vcli("vol-info", "t1.raw", "--pool", "cs", "--host", b.host)
+        assert made["owner"] == "guest", made
         await vcli("destroy", "t1", "--host", b.host)

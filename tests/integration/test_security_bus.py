@@ -42,6 +42,7 @@ from virtbus.protocol.migration import (
     MigrationBegin,
     MigrationDomain,
     MigrationEnd,
+    MigrationParams,
     MigrationPerform,
     MigrationPrepare,
 )
@@ -733,6 +734,82 @@ async def test_a_transfer_is_driven_by_the_user_that_began_it_only(
             assert await b.ping()  # the agent serves on after the denials
         finally:
             for c in (ca, cb, cadm):
+                await c.close()
+
+
+def _test_xml(name: str, pool: str) -> str:
+    """A test-driver domain whose one disk is volume ``NAME.raw`` of ``pool``."""
+    return (
+        f"<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64'>hvm</type></os><devices><disk type='volume' device='disk'>"
+        f"<driver name='qemu' type='raw'/><source pool='{pool}' volume='{name}.raw'/>"
+        "<target dev='vda' bus='virtio'/></disk></devices></domain>"
+    )
+
+
+async def test_volumes_a_copy_storage_migration_makes_are_the_domains_owners(
+    users: Cluster, tmp_path: Path
+) -> None:
+    """The destination's agent makes a copy-storage migration's volumes itself: they get
+    the migrated domain's owner (its definition's virtbus metadata), so its operator can
+    still remove them there, and another operator cannot."""
+    alice, bob = users.oper2, users.oper3
+    pool, dom = f"cs-{TAG}", f"mig-{TAG}"
+    policy = ("--policy", str(users.policy))
+    roots: dict[str, Path] = {}
+    for host, sub in ((users.host, "a"), (users.host2, "b")):
+        (tmp_path / sub / "images").mkdir(parents=True)
+        roots[host] = tmp_path / sub / "images"
+        (tmp_path / sub / "agent.toml").write_text(f'[storage]\nroots = ["{roots[host]}"]\n')
+    content = os.urandom(2 << 20)
+
+    def agent(host: str, sub: str) -> Any:
+        config = ("--config", str(tmp_path / sub / "agent.toml"))
+        return agent_process(host, tmp_path / sub, *policy, *config, bus=users.url(host))
+
+    async with agent(users.host, "a"), agent(users.host2, "b"):
+        admin, ca, cb = [
+            await Client.connect(users.url(n), oneshot=True) for n in (users.admin, alice, bob)
+        ]
+        try:
+            for host in (users.host, users.host2):
+                await (await admin.host(host).define_pool(_pool_xml(pool, roots[host]))).start(
+                    build=True
+                )
+            src = ca.host(users.host)
+            made = await src.pool(pool).create_volume(volume_xml(f"{dom}.raw", 2 << 20,
+                                                                 format="raw"))  # fmt: skip
+            Path(made.path).write_bytes(content)
+            await src.define(_test_xml(dom, pool))
+            await src.domain(dom).start()
+            sched_dir = tmp_path / "sched"
+            async with scheduler_process(sched_dir, *policy, bus=users.url(users.scheduler)):
+                async with asyncio.timeout(30):
+                    while True:  # both hosts up, the destination's pool in its heartbeat
+                        seen = {h.host: h for h in await admin.scheduler.hosts()}
+                        if users.host in seen and any(
+                            p.name == pool and p.state == "running"
+                            for p in getattr(seen.get(users.host2), "pools", [])
+                        ):
+                            break
+                        await asyncio.sleep(0.2)
+                    started = await admin.scheduler.migrate(
+                        dom, to=users.host2, params=MigrationParams(copy_storage_all=True)
+                    )
+                    record = [r async for r in admin.scheduler.follow(started.id)][-1]
+            assert (record.state, record.error) == ("completed", None)
+            dst_a, dst_b = ca.host(users.host2), cb.host(users.host2)
+            assert (await dst_a.domain(dom).info()).owner == alice  # premise: it migrated
+            moved = dst_b.pool(pool).volume(f"{dom}.raw")
+            assert (await moved.info()).owner == alice
+            assert (roots[users.host2] / pool / f"{dom}.raw").read_bytes() == content
+            await dst_a.domain(dom).destroy()
+            await dst_a.domain(dom).undefine()
+            assert await _outcome(moved.delete()) == "AUTH_DENIED"  # bob's it is not
+            await dst_a.pool(pool).volume(f"{dom}.raw").delete()  # alice's it is
+            assert await dst_b.ping()
+        finally:
+            for c in (admin, ca, cb):
                 await c.close()
 
 
