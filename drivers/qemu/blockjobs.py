@@ -203,22 +203,25 @@ class QemuBlockJobs:
         return job
 
     async def adopt(self) -> None:
-        """After an agent restart: follow every virtbus job QEMU still has."""
-        for dom in self._registry:
-            run = dom.run
-            if run is None or dom.state not in _ACTIVE:
-                continue
-            try:
-                jobs = await dom.execute(run, "query-jobs")
-            except VirtbusError as exc:
-                log.warning("domain %s: query-jobs failed: %s", dom.defn.name, exc)
-                continue
-            for job in jobs if isinstance(jobs, list) else []:
-                jid = str(job.get("id", ""))
-                if parse_job_id(jid) is not None:
-                    run.job_states[jid] = str(job.get("status", ""))
-                    log.info("domain %s: following block job %s again", dom.defn.name, jid)
-                    self._follow(dom, run, jid)
+        """After an agent restart: follow every virtbus job QEMU still has (each domain's
+        QEMU asked at once: one round trip for all, not one per domain in turn)."""
+        await asyncio.gather(*(self._adopt(dom) for dom in self._registry))
+
+    async def _adopt(self, dom: Domain) -> None:
+        run = dom.run
+        if run is None or dom.state not in _ACTIVE:
+            return
+        try:
+            jobs = await dom.execute(run, "query-jobs")
+        except VirtbusError as exc:
+            log.warning("domain %s: query-jobs failed: %s", dom.defn.name, exc)
+            return
+        for job in jobs if isinstance(jobs, list) else []:
+            jid = str(job.get("id", ""))
+            if parse_job_id(jid) is not None:
+                run.job_states[jid] = str(job.get("status", ""))
+                log.info("domain %s: following block job %s again", dom.defn.name, jid)
+                self._follow(dom, run, jid)
 
     async def _run(self, dom: Domain, run: Run, job: _Job) -> None:
         key = (dom.defn.uuid, job.target)

@@ -26,13 +26,13 @@ pytestmark = pytest.mark.rabbitmq
 MiB = 1 << 20
 
 
-def make_agent(host: str, base: Path) -> AgentService:
+def make_agent(host: str, base: Path, driver: TestDriver | None = None) -> AgentService:
     settings = AgentSettings(
         host=host, state_dir=base / "state", heartbeat_interval=30.0,
         storage=StorageSettings(roots=(base / "images",)),
     )  # fmt: skip
     bus = open_bus(BUS_URL, src=host, settings=BusSettings(url=BUS_URL))
-    return AgentService(settings, bus, TestDriver(), BusSettings(url=BUS_URL))
+    return AgentService(settings, bus, driver or TestDriver(), BusSettings(url=BUS_URL))
 
 
 async def collect_until(sub: object, last_domain: str, timeout: float = 20.0) -> list[Envelope]:
@@ -112,4 +112,37 @@ async def test_pool_and_job_events_heartbeat_and_restart(rabbitmq: None, tmp_pat
         await again.stop()
         await sub.close()
         await listener.close()
+        await delete_queues(f"virtbus.agent.{host}")
+
+
+async def test_a_restarted_agent_leases_the_volumes_of_running_domains_again(
+    rabbitmq: None, tmp_path: Path
+) -> None:
+    """A domain found running at agent start holds its volumes again (the start reads the
+    running domains' XML for that only when a pool is defined)."""
+    need_tools()
+    (tmp_path / "images").mkdir()
+    host = unique_host("lease")
+    driver = TestDriver()  # its domains outlive the first agent, as QEMUs do
+    agent = make_agent(host, tmp_path, driver)
+    await agent.start()
+    try:
+        await agent.storage.define(dir_pool_xml("p", tmp_path / "images" / "p"))
+        await agent.storage.start("p", build=True)
+        await agent.storage.set_autostart("p", True)
+        await agent.storage.create_volume("p", volume_xml("a.raw", 4 * MiB, format="raw"))
+        await driver.define(domain_xml("vm", "p", "a.raw"))
+        await driver.start("vm")
+    finally:
+        await agent.stop()
+    again = make_agent(host, tmp_path, driver)
+    await again.start()
+    try:
+        with pytest.raises(OperationInvalid, match="in use by domain"):
+            await again.storage.delete_volume("p", "a.raw")
+        await driver.destroy("vm")  # the lease goes with the run
+        await again.storage.delete_volume("p", "a.raw")
+        assert again.storage.volumes("p") == []
+    finally:
+        await again.stop()
         await delete_queues(f"virtbus.agent.{host}")
