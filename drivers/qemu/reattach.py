@@ -41,8 +41,8 @@ class Reattacher:
         for defn in await self._store.load_definitions():
             self._registry.add(defn)
         found: list[tuple[Domain, RunStatus]] = []
-        for uuid in await self._store.status_uuids():
-            status = await self._store.read_status(uuid)
+        uuids = await self._store.status_uuids()
+        for uuid, status in zip(uuids, await self._store.read_statuses(uuids), strict=True):
             if status is None:
                 continue
             dom = self._registry.by_uuid(uuid)

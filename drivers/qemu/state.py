@@ -39,7 +39,7 @@ import msgspec
 from virtbus.domain import DomainDefinition, parse_domain_xml
 from virtbus.errors import OperationFailed, VirtbusError
 from virtbus.protocol.events import DomainState
-from virtbus.store import atomic_write, quarantine, read_bytes
+from virtbus.store import atomic_write, quarantine, read_many
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +147,17 @@ class StateStore:
     async def load_definitions(self) -> list[DomainDefinition]:
         """Every valid definition; invalid files are quarantined (with a warning)."""
         found: list[DomainDefinition] = []
-        for entry in sorted(await aiofiles.os.listdir(self.defs_dir)):
-            if not entry.endswith(".xml") or entry.startswith("."):
-                continue
+        entries = [
+            entry
+            for entry in sorted(await aiofiles.os.listdir(self.defs_dir))
+            if entry.endswith(".xml") and not entry.startswith(".")
+        ]
+        datas = await read_many(self.defs_dir / entry for entry in entries)
+        for entry, data in zip(entries, datas, strict=True):
             path = self.defs_dir / entry
             try:
-                data = await read_bytes(path)
+                if isinstance(data, OSError):
+                    raise data
                 if data is None:
                     continue
                 defn = parse_domain_xml(data.decode("utf-8"))
@@ -181,13 +186,18 @@ class StateStore:
             if entry.endswith(STATUS_SUFFIX) and not entry.startswith(".")
         )
 
-    async def read_status(self, uuid: str) -> RunStatus | None:
-        """The status of ``uuid``; None when absent or corrupt (then it is quarantined)."""
+    async def read_statuses(self, uuids: list[str]) -> list[RunStatus | None]:
+        """The status of each of ``uuids``: None when absent or corrupt (then it is
+        quarantined). The files are read in one thread (one per domain at agent start)."""
+        datas = await read_many(self.status_path(uuid) for uuid in uuids)
+        return [
+            await self._status_from(uuid, data) for uuid, data in zip(uuids, datas, strict=True)
+        ]
+
+    async def _status_from(self, uuid: str, data: bytes | OSError | None) -> RunStatus | None:
         path = self.status_path(uuid)
-        try:
-            data = await read_bytes(path)
-        except OSError as exc:
-            await quarantine(path, f"unreadable status file: {exc}")
+        if isinstance(data, OSError):
+            await quarantine(path, f"unreadable status file: {data}")
             return None
         if data is None:
             return None
