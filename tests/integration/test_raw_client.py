@@ -48,6 +48,7 @@ INFO_FIELDS = {
     "managed_save": bool,
     "type": str,
     "owner": str,  # who defined it: domain.info says (here the login user), a list says nil
+    "groups": list,  # its anti-affinity groups (placement metadata): here none, []
 }
 
 
