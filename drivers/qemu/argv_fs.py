@@ -270,4 +270,5 @@ def _swtpm(ctx: BuildContext, tpm: Any, backend: Any, model: str, dev_id: str,
             setup = (*setup, (ctx.settings.swtpm_setup, "--tpm2", "--tpm-state", str(state),
                               "--logfile", str(log), "--pcr-banks", banks, *key))  # fmt: skip
     # an incoming migration brings the state in QEMU's stream: no setup (as libvirt)
-    return HelperSpec("swtpm", dev_id, tuple(argv), socket, setup, (), state, (log,), secrets)
+    return HelperSpec("swtpm", dev_id, tuple(argv), socket, setup, (), state, (log,), secrets,
+                      confined=True)  # fmt: skip

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from drivers.qemu.argv import QemuLaunch
     from drivers.qemu.argv_common import ArgvSettings
     from drivers.qemu.argv_net import IfScript
+    from drivers.qemu.dac import QemuUser
 
 log = logging.getLogger(__name__)
 Execute = Callable[..., Awaitable[Any]]
@@ -80,8 +81,10 @@ class Companions:
 
 
 async def prepare(launch: QemuLaunch, run_dir: Path, uuid: str, *, incoming: bool = False,
-                  settings: CompanionSettings = CompanionSettings()) -> Companions:  # fmt: skip
-    """Everything QEMU needs before it is spawned (see module docstring)."""
+                  settings: CompanionSettings = CompanionSettings(),
+                  user: QemuUser | None = None) -> Companions:  # fmt: skip
+    """Everything QEMU needs before it is spawned (see module docstring); ``user``: who
+    QEMU runs as, which its confined helpers (swtpm) run as too."""
     await asyncio.to_thread(_check_host, launch)
     comp = Companions(down_scripts=tuple((s.path, s.ifname) for s in launch.net_scripts if s.down))
     try:
@@ -92,7 +95,7 @@ async def prepare(launch: QemuLaunch, run_dir: Path, uuid: str, *, incoming: boo
             await _create_overlay(overlay.path, overlay.backing, overlay.backing_format, settings)
             comp.overlays = (*comp.overlays, overlay.path)
         comp.helpers = await hp.start(launch.helpers, run_dir, uuid, incoming=incoming,
-                                      settings=settings.helpers)  # fmt: skip
+                                      settings=settings.helpers, user=user)  # fmt: skip
     except BaseException:
         await release(comp, settings, scripts=False)
         raise

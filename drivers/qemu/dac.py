@@ -92,6 +92,38 @@ def lookup(name: str) -> QemuUser:
     return QemuUser(name, pw.pw_uid, pw.pw_gid, groups)
 
 
+def subprocess_identity(user: QemuUser | None, program: str) -> dict[str, Any]:
+    """The ``create_subprocess_exec`` keywords that exec ``program`` as ``user`` (none for
+    None): its uid, gid and groups are taken before the program runs a single instruction.
+    OPERATION_FAILED on uvloop, whose subprocesses take no user/group."""
+    if user is None:
+        return {}
+    if not isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):
+        raise OperationFailed(
+            f"{program} cannot be started as its own user (drivers/qemu/dac.py) on uvloop: "
+            "uvloop's subprocesses take no user/group; run the agent without --uvloop"
+        )
+    return {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
+
+
+def give_tree(path: Path, user: QemuUser) -> None:
+    """``path`` (a helper's state: a directory and what is in it, or one file) becomes
+    ``user``'s, for good (it is the domain's, removed at undefine), no group or other bits:
+    the keys of one guest's TPM are read by its own uid only. Symlinks are not followed."""
+    if not path.is_dir() or path.is_symlink():
+        os.chown(path, user.uid, user.gid, follow_symlinks=False)
+        os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & ~0o077)
+        return
+    for root, dirs, files in os.walk(path):
+        for name in (*dirs, *files):
+            entry = os.path.join(root, name)
+            os.chown(entry, user.uid, user.gid, follow_symlinks=False)
+            if not os.path.islink(entry):
+                os.chmod(entry, stat.S_IMODE(os.lstat(entry).st_mode) & ~0o077)
+    os.chown(path, user.uid, user.gid)
+    os.chmod(path, 0o700)
+
+
 def kvm_groups() -> tuple[int, ...]:
     """/dev/kvm's group, when this host has one."""
     with contextlib.suppress(KeyError):

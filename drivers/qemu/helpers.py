@@ -14,6 +14,14 @@ runs them. The small interface the driver calls:
 
 Helpers run in their own session (like QEMU) so they outlive an agent restart. Their
 output goes to ``<run_dir>/<uuid>.<name>.log``.
+
+A *confined* helper (swtpm) runs under the uid, gid and groups of the domain's QEMU when
+QEMU runs unprivileged (``qemu_user``/``qemu_uid_range``, :mod:`drivers.qemu.dac`), as
+libvirt runs swtpm as its ``swtpm_user``: its state becomes that uid's (for good: it is
+the domain's, removed at undefine), its own log and passphrase file too, and it creates
+its socket itself, so only that QEMU connects to it. Its setup (swtpm_setup) still runs
+as root: it signs the EK certificate with the host's local CA key, which no guest's uid
+may read; what it made is then given to the uid.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from drivers.qemu.dac import QemuUser, check_reachable, give_tree, subprocess_identity
 from virtbus.errors import OperationFailed
 
 log = logging.getLogger(__name__)
@@ -59,6 +68,8 @@ class HelperSpec:
     #: (secret file, base64 as virtbus stores secrets; raw copy the helper reads): the
     #: raw copy exists only while the helper starts (swtpm's state passphrase)
     secrets: tuple[tuple[Path, Path], ...] = ()
+    #: runs as the domain's QEMU user, not as root (see module docstring)
+    confined: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +177,22 @@ def _remove_secrets(pairs: tuple[tuple[Path, Path], ...]) -> None:
             raw.unlink()
 
 
+def _give(spec: HelperSpec, user: QemuUser, uuid: str) -> None:
+    """What a confined helper opens becomes ``user``'s: its state, its own log files
+    (created empty when missing) and its passphrase copy; a directory above them that the
+    user cannot search is a clear error (the helper would fail with a bare EACCES)."""
+    if spec.state is not None:
+        give_tree(spec.state, user)
+        check_reachable(spec.state, user, uuid)
+    for path in spec.files:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        os.chown(path, user.uid, user.gid)
+    for _source, raw in spec.secrets:
+        os.chown(raw, user.uid, user.gid)
+    check_reachable(spec.socket, user, uuid)
+
+
 def _prepare_state(state: Path) -> bool:
     """Create the state dir; True when it was empty (setup must run)."""
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -173,9 +200,11 @@ def _prepare_state(state: Path) -> bool:
 
 
 async def start(specs: tuple[HelperSpec, ...], run_dir: Path, uuid: str, *,
-                incoming: bool = False,
-                settings: HelperSettings = HelperSettings()) -> Running:  # fmt: skip
-    """Start every helper (see module docstring); all or none keep running."""
+                incoming: bool = False, settings: HelperSettings = HelperSettings(),
+                user: QemuUser | None = None) -> Running:  # fmt: skip
+    """Start every helper (see module docstring); all or none keep running. ``user``:
+    who the domain's QEMU runs as (None: the agent's user), which confined helpers run as
+    too."""
     running = Running()
     try:
         for spec in specs:
@@ -184,7 +213,8 @@ async def start(specs: tuple[HelperSpec, ...], run_dir: Path, uuid: str, *,
                 await asyncio.to_thread(spec.socket.unlink)
             await asyncio.to_thread(_write_secrets, spec.secrets)
             try:
-                await _start_one(spec, running, logfile, incoming, settings)
+                as_user = user if spec.confined else None
+                await _start_one(spec, running, logfile, incoming, settings, as_user, uuid)
             finally:
                 await asyncio.to_thread(_remove_secrets, spec.secrets)
     except BaseException:
@@ -194,18 +224,22 @@ async def start(specs: tuple[HelperSpec, ...], run_dir: Path, uuid: str, *,
 
 
 async def _start_one(spec: HelperSpec, running: Running, logfile: Path, incoming: bool,
-                     settings: HelperSettings) -> None:  # fmt: skip
+                     settings: HelperSettings, user: QemuUser | None,
+                     uuid: str) -> None:  # fmt: skip
     setup = spec.incoming_setup if incoming else spec.setup
     if spec.state is not None:
         empty = await asyncio.to_thread(_prepare_state, spec.state)
         if empty or incoming:
             for cmd in setup:
                 await _run_setup(cmd, logfile, settings)
+    if user is not None:
+        await asyncio.to_thread(_give, spec, user, uuid)
+    identity = subprocess_identity(user, spec.kind)
     fd = await asyncio.to_thread(_open_log, logfile, spec.argv)
     try:
         proc = await asyncio.create_subprocess_exec(
             *spec.argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd,
-            start_new_session=True,
+            start_new_session=True, **identity,
         )  # fmt: skip
     except OSError as exc:
         raise OperationFailed(f"cannot start {spec.kind} ({spec.argv[0]}): {exc}") from exc

@@ -364,13 +364,14 @@ class Launcher:
             await self._rt.store.check_bind_paths(launch.bind_paths)
             await self._rt.store.remove_own_sockets((*launch.sockets, qmp_socket))  # stale
             # an incoming swtpm starts empty: the TPM's state arrives in QEMU's stream
+            user = self._dac.user(live.uuid) if self._dac is not None else None
             companions = await comp.prepare(launch, self._rt.store.run_dir, live.uuid,
                                             incoming=plan.incoming is not None,
-                                            settings=self._settings.companions)  # fmt: skip
+                                            settings=self._settings.companions,
+                                            user=user)  # fmt: skip
             process = await spawn(
                 list(launch.argv), uuid=live.uuid, logfile=logfile, pass_fds=plan.pass_fds,
-                env=launch.env, cpus=preexec_affinity(launch.cpu_tuning),
-                user=self._dac.user(live.uuid) if self._dac is not None else None,
+                env=launch.env, cpus=preexec_affinity(launch.cpu_tuning), user=user,
                 cgroup=self._cgroups.procs(live.uuid) if self._cgroups is not None else None,
             )  # fmt: skip
         except BaseException:

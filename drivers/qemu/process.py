@@ -27,7 +27,7 @@ from typing import Any
 
 import aiofiles
 
-from drivers.qemu.dac import QemuUser
+from drivers.qemu.dac import QemuUser, subprocess_identity
 from drivers.qemu.settings import QemuSettings
 from virtbus.errors import OperationFailed
 
@@ -163,13 +163,11 @@ async def spawn(
     if cgroup is not None:
         pin = functools.partial(_confined_child, cpus, str(cgroup), user)
     elif user is not None:
-        if not isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):
+        try:
+            identity = subprocess_identity(user, "QEMU")
+        except OperationFailed:
             os.close(fd)
-            raise OperationFailed(
-                "QEMU cannot be started as its own user (drivers/qemu/dac.py) on uvloop: "
-                "uvloop's subprocesses take no user/group; run the agent without --uvloop"
-            )
-        identity = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
+            raise
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
