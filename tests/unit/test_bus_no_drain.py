@@ -1,5 +1,6 @@
 """NO_DRAIN_WAIT (virtbus/bus/amqp_consumers.py): publishes and acks return once their frames
-are queued on the connection's writer, not once the socket drained (wait=False)."""
+are queued on the connection's writer, not once the socket drained (wait=False); and the
+server's view of a delivered call (Delivery)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from typing import Any, cast
 
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
-from virtbus.bus.amqp_consumers import ack_queued, publish_queued
+from virtbus.bus.amqp_consumers import Delivery, ack_queued, publish_queued
 
 
 class FakeChannel:
@@ -60,3 +63,36 @@ async def test_a_publish_is_queued_not_drained() -> None:
         {"body": b"x", "exchange": "e", "routing_key": "k", "properties": props,
          "mandatory": False, "wait": False},
     ]  # fmt: skip
+
+
+class ServerChannel(FakeChannel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rejects: list[tuple[int, dict[str, Any]]] = []
+
+    async def basic_reject(self, delivery_tag: int, **kwargs: Any) -> None:
+        self.rejects.append((delivery_tag, kwargs))
+
+
+async def test_a_call_delivery_carries_what_the_server_reads_and_acks_queued() -> None:
+    props = Basic.Properties(
+        reply_to="amq.rabbitmq.reply-to.abc", correlation_id="c1", message_id="m1",
+        headers={"x-deadline": 5}, user_id="ann",
+    )  # fmt: skip
+    channel = ServerChannel()
+    delivered = DeliveredMessage(
+        delivery=Basic.Deliver(consumer_tag="t", delivery_tag=9, redelivered=True),
+        header=ContentHeader(properties=props, body_size=2),
+        body=b"hi",
+        channel=cast(aiormq.abc.AbstractChannel, channel),
+    )
+    call = Delivery(delivered)
+    assert (call.body, call.delivery_tag, call.redelivered) == (b"hi", 9, True)
+    assert (call.reply_to, call.correlation_id, call.message_id, call.user_id) == (
+        "amq.rabbitmq.reply-to.abc", "c1", "m1", "ann",
+    )  # fmt: skip
+    assert call.headers == {"x-deadline": 5}
+    await call.ack()
+    await call.reject(requeue=False)
+    assert channel.acks == [(9, {"wait": False})]
+    assert channel.rejects == [(9, {"requeue": False})]

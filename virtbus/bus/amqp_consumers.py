@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
+import aio_pika
 import aiormq
 from aio_pika import Queue
 from aio_pika.abc import (
@@ -140,13 +141,13 @@ def deadline_from_header(value: Any) -> float | None:
     return value / 1000 if value > 1e11 else float(value)
 
 
-def direct_reply_address(message: AbstractIncomingMessage) -> str | None:
-    """The call's reply address: None when absent, ProtocolError unless direct reply-to.
+def direct_reply_address(address: str | None) -> str | None:
+    """A call's reply address (its ``reply_to``): None when absent, ProtocolError unless
+    direct reply-to.
 
     A server publishes replies to the default exchange, so any other ``reply_to`` would let
     a caller make the agent publish into a queue of the caller's choosing.
     """
-    address = message.reply_to
     if not address:
         return None
     if not address.startswith(DIRECT_REPLY_TO):
@@ -251,8 +252,46 @@ def _current_type(exc: Exception) -> str:
     return match.group(1) if match else "classic"
 
 
+class Delivery:
+    """A call as the server reads it: the fields of aiormq's delivered message it uses.
+
+    The server consumes on the aiormq channel itself: aio-pika's consumer built an
+    IncomingMessage (28 attribute sets) and a second task for every call.
+    """
+
+    __slots__ = (
+        "body", "channel", "correlation_id", "delivery_tag", "headers", "message_id",
+        "redelivered", "reply_to", "user_id",
+    )  # fmt: skip
+
+    def __init__(self, message: aiormq.abc.DeliveredMessage) -> None:
+        frame = message.delivery
+        assert isinstance(frame, Basic.Deliver) and frame.delivery_tag is not None
+        props = message.header.properties
+        self.body = message.body
+        self.channel = message.channel
+        self.delivery_tag: int = frame.delivery_tag
+        self.redelivered = bool(frame.redelivered)
+        self.reply_to = props.reply_to
+        self.correlation_id = props.correlation_id
+        self.message_id = props.message_id
+        self.headers = props.headers
+        self.user_id = props.user_id
+
+    async def ack(self) -> None:
+        """Queued, not drained (NO_DRAIN_WAIT), like :func:`ack_queued`."""
+        await self.channel.basic_ack(self.delivery_tag, wait=False)
+
+    async def reject(self, *, requeue: bool) -> None:
+        await self.channel.basic_reject(self.delivery_tag, requeue=requeue)
+
+
 class AmqpServer:
-    """Consumes one call queue; see :class:`virtbus.bus.base.Server`."""
+    """Consumes one call queue; see :class:`virtbus.bus.base.Server`.
+
+    Its channel and queue are aio-pika's robust ones (a reopen restores the qos, the queue
+    and its binding); the consumer is on the aiormq channel under it (:class:`Delivery`),
+    consumed again by this server when the channel reopens."""
 
     def __init__(
         self,
@@ -270,6 +309,7 @@ class AmqpServer:
         self._channel = channel
         self._queue = queue
         self._tag: str | None = None
+        self._consuming_on: aiormq.abc.AbstractChannel | None = None  # the consumer's channel
         self._tasks = TaskGroup(f"amqp-server:{route}")
         self._stopping = False
         self.on_stopped: Callable[[AmqpServer], None] | None = None
@@ -295,7 +335,8 @@ class AmqpServer:
         try:
             await queue.bind(RPC_EXCHANGE, routing_key=route, timeout=timeout)
             server = cls(bus, route, handler, channel, queue, before_ack)
-            server._tag = await queue.consume(server._on_message, timeout=timeout)
+            await server._consume(await channel.get_underlay_channel())
+            channel.reopen_callbacks.add(server._on_reopened)
         except BaseException:
             await _quietly(channel.close(), "closing a server channel")
             raise
@@ -305,12 +346,35 @@ class AmqpServer:
     def queue_name(self) -> str:
         return self._queue.name
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _consume(self, underlay: aiormq.abc.AbstractChannel) -> None:
+        timeout = self._bus.settings.connect_timeout
+        ok = await underlay.basic_consume(self._queue.name, self._on_delivery, timeout=timeout)
+        self._tag, self._consuming_on = ok.consumer_tag, underlay
+
+    async def _on_reopened(self, _sender: object) -> None:
+        """aio-pika restored the channel (qos, the queue and its binding) but not this
+        consumer, which is not its own: consume again (once per new channel)."""
+        if self._stopping:
+            return
+        try:
+            # the base accessor: the robust one would wait for the connection, in the
+            # reconnect task that makes it ready (see AmqpBus._refresh_underlays)
+            assert isinstance(self._channel, aio_pika.Channel)
+            underlay = await aio_pika.Channel.get_underlay_channel(self._channel)
+            if underlay is not self._consuming_on:
+                await self._consume(underlay)
+        except AMQP_FAILURES as exc:  # closed again: its next reopen comes back here
+            log.warning("cannot consume %s again on its reopened channel: %s", self.route, exc)
+
+    async def _on_delivery(self, message: aiormq.abc.DeliveredMessage) -> None:
+        await self._on_message(Delivery(message))
+
+    async def _on_message(self, message: Delivery) -> None:
         # Everything up to the handler call is synchronous: handlers see delivery order.
         if self._stopping:
             return  # left unacked: requeued when the channel closes
         try:
-            address = direct_reply_address(message)
+            address = direct_reply_address(message.reply_to)
         except ProtocolError as exc:
             await self._dead_letter(message, exc)
             return
@@ -340,7 +404,7 @@ class AmqpServer:
 
     async def _answer(
         self,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         address: str | None,
         call: Envelope,
         awaitable: Awaitable[dict[str, Any]] | None,
@@ -361,7 +425,7 @@ class AmqpServer:
     async def _reply(
         self,
         address: str,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         call: Envelope,
         body: dict[str, Any],
     ) -> None:
@@ -375,24 +439,22 @@ class AmqpServer:
 
     async def _settle(
         self,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         call: Envelope,
         awaitable: Awaitable[dict[str, Any]] | None,
     ) -> None:
         if self._before_ack is not None and awaitable is not None:
             await self._before_ack(call)  # e.g. the reply is on disk: a redelivery is answered
-        await _quietly(ack_queued(message), f"ack of call {call.id}")
+        await _quietly(message.ack(), f"ack of call {call.id}")
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, exc: VirtbusError) -> None:
+    async def _dead_letter(self, message: Delivery, exc: VirtbusError) -> None:
         """Reject without requeue: the queue's dead-letter exchange keeps it for a human."""
         log.warning(
             "dead-lettering a message on %s (id %s): %s", self.route, message.message_id, exc
         )
         await _quietly(message.reject(requeue=False), "reject of a bad message")
 
-    async def _refuse(
-        self, message: AbstractIncomingMessage, address: str | None, exc: ProtocolError
-    ) -> None:
+    async def _refuse(self, message: Delivery, address: str | None, exc: ProtocolError) -> None:
         """A bad message gets an RPC_ERROR reply if it can be answered, else dead-lettering."""
         if address is None:
             await self._dead_letter(message, exc)
@@ -428,9 +490,12 @@ class AmqpServer:
         if self._stopping:
             return
         self._stopping = True
-        if self._tag is not None:
+        underlay = self._consuming_on
+        # unless the bus is down: then the consumer went with the connection
+        if self._tag is not None and underlay is not None and self._bus.connected:
             await _quietly(
-                _cancel(self._bus, self._queue, self._tag), f"cancel of {self.route} consumer"
+                _bounded(underlay.basic_cancel(self._tag), self._bus),
+                f"cancel of {self.route} consumer",
             )
         await self._tasks.stop(self._bus.settings.stop_grace)
         await _quietly(_bounded(self._channel.close(), self._bus), f"close of {self.route} channel")
