@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,29 @@ def xen_run(tmp_path_factory: pytest.TempPathFactory) -> BootResult:
     if keep:
         Path(keep).write_text(log.read_text())
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    _keep_run(result, load)
     print(f"nested Xen run: {result.seconds:.1f} s (load now {load}), console log {log}")
     return result
+
+
+RUNS = Path.home() / ".cache" / "virtbus" / "xen" / "runs"
+KEEP_RUNS = 10
+
+
+def _keep_run(result: BootResult, load: str) -> None:
+    """The last runs' records and console logs, kept outside the run's temp dir: a flaky
+    scenario's failure (an xfail prints no report) can be read after a CI run."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    RUNS.mkdir(parents=True, exist_ok=True)
+    lines = [
+        json.dumps({"load": load, "seconds": result.seconds}),
+        *map(json.dumps, result.records),
+    ]
+    (RUNS / f"{stamp}.jsonl").write_text("\n".join(lines) + "\n")
+    (RUNS / f"{stamp}.console.log").write_text("\n".join(result.log) + "\n")
+    for old in sorted(RUNS.glob("*.jsonl"))[:-KEEP_RUNS]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".console.log").unlink(missing_ok=True)
 
 
 def record(run: BootResult, name: str) -> dict[str, Any]:
