@@ -7,6 +7,7 @@ Everything runs in a RabbitMQ vhost of its own, so the scheduler sees only these
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -27,7 +28,7 @@ from tests.procs import (
 )
 from virtbus.bus.factory import open_bus
 from virtbus.bus.topology import SCHEDULER_ROUTE
-from virtbus.errors import InvalidArgument, OperationTimeout
+from virtbus.errors import InvalidArgument, NoDomainError, OperationTimeout, RetryableError
 from virtbus.protocol import ops
 
 pytestmark = pytest.mark.rabbitmq
@@ -60,28 +61,52 @@ async def vcli(*args: str, timeout: float = 60) -> Any:
     return r.json()
 
 
+async def scheduler_call(op: Any, body: dict[str, Any], timeout: float = 10) -> Any:
+    """One call to the scheduler over a bus of the test's own: the helpers below wait
+    with it rather than spawning a CLI process for every poll (a process costs about a
+    second of CPU on the loaded 2-core machine; the CLI itself is what the tests run)."""
+    bus = open_bus(URL, src="sched-test", oneshot=True)
+    await bus.connect()
+    try:
+        return await bus.call(SCHEDULER_ROUTE, op, body, timeout=timeout)
+    finally:
+        await bus.close()
+
+
 async def wait_hosts(n: int, timeout: float = 15) -> list[dict[str, Any]]:
+    """The scheduler's view once ``n`` hosts are up in it (heartbeats every 0.5 s: a
+    poll, there is no change to wait on)."""
     async with asyncio.timeout(timeout):
         while True:
-            hosts = await vcli("hosts")
-            if sum(h.get("up", False) for h in hosts) >= n:
-                return hosts  # type: ignore[no-any-return]
+            with contextlib.suppress(RetryableError):  # not active yet
+                hosts = (await scheduler_call(ops.SCHEDULER_HOSTS, {}, timeout=5))["hosts"]
+                if sum(h.get("up", False) for h in hosts) >= n:
+                    return sorted(hosts, key=lambda h: h["host"])  # type: ignore[no-any-return]
             await asyncio.sleep(0.3)
 
 
-async def wait_migration(domain: str, timeout: float = 30) -> dict[str, Any]:
+STREAMING = ("progress",)  # the source streams (the phase after perform answered)
+
+
+async def wait_migration(
+    domain: str, timeout: float = 30, until: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The domain's latest migration record once it is terminal (or, ``until``, in one
+    of these phases): long polls on the scheduler, answered as the record changes."""
+    seen: dict[str, Any] | None = None
     async with asyncio.timeout(timeout):
         while True:
-            rec = await _scheduler_migration(domain)
-            if rec is not None and rec["state"] in ("completed", "failed", "cancelled"):
-                return rec
-            await asyncio.sleep(0.3)
-
-
-async def _scheduler_migration(domain: str) -> dict[str, Any] | None:
-    recs = await vcli("migrations")
-    mine = [r for r in recs if r["domain"] == domain]
-    return mine[-1] if mine else None
+            query: dict[str, Any] = {"domain": domain, "wait": 5.0}
+            if seen is not None:
+                query["seen"] = seen
+            try:
+                seen = await scheduler_call(ops.SCHEDULER_MIGRATION, query)
+            except NoDomainError:  # not known (yet): a restarted scheduler replays
+                await asyncio.sleep(0.3)
+                continue
+            assert seen is not None
+            if seen["state"] in ("completed", "failed", "cancelled") or seen["phase"] in until:
+                return seen
 
 
 async def placed(domain: str) -> list[tuple[str, str]]:
@@ -165,16 +190,18 @@ async def test_cluster_view_placement_and_migration_events(vhost: str, tmp_path:
 
 
 async def test_failures_leave_the_guest_in_exactly_one_place(vhost: str, tmp_path: Path) -> None:
+    # Every migration here ends early (cancelled, timed out, destination killed): a long
+    # migration_time costs nothing and keeps the cancel and the kill mid-stream.
     async with (
-        agents(tmp_path, 2, "--driver-option", "migration_time=3") as ag,
+        agents(tmp_path, 2, "--driver-option", "migration_time=10") as ag,
         scheduler_process(tmp_path / "sched"),
     ):
         a, b = ag
         await wait_hosts(2)
         await define_running(tmp_path, "f1", a.host)
-        # cancel
+        # cancel, once the source streams
         await vcli("migrate", "f1", "--to", b.host)
-        await asyncio.sleep(1.0)
+        assert (await wait_migration("f1", until=STREAMING))["phase"] == "progress"
         await vcli("migrate-cancel", "f1")
         assert (await wait_migration("f1"))["state"] == "cancelled"
         assert await placed("f1") == [(a.host, "running")]
@@ -186,7 +213,7 @@ async def test_failures_leave_the_guest_in_exactly_one_place(vhost: str, tmp_pat
         assert await placed("f1") == [(a.host, "running")]
         # the destination agent is killed mid-migration
         await vcli("migrate", "f1", "--to", b.host)
-        await asyncio.sleep(1.0)
+        assert (await wait_migration("f1", until=STREAMING))["phase"] == "progress"
         b.proc.kill()
         await b.proc.wait()
         rec = await wait_migration("f1")
@@ -243,7 +270,7 @@ async def test_scheduler_killed_mid_migration_resolves_on_restart(
             await wait_hosts(2)
             await define_running(tmp_path, "k1", a.host)
             await vcli("migrate", "k1", "--to", b.host)
-            await asyncio.sleep(1.0)
+            assert (await wait_migration("k1", until=STREAMING))["phase"] == "progress"
             sched.kill()  # SIGKILL: no chance to clean up
             await sched.wait()
         journal = [json.loads(p.read_text()) for p in (state / "migrations").glob("*.json")]
@@ -262,8 +289,7 @@ async def test_drain_moves_five_guests_onto_two_others(vhost: str, tmp_path: Pat
     ):
         a, b, c = ag
         await wait_hosts(3)
-        for i in range(5):
-            await define_running(tmp_path, f"dr{i}", a.host)
+        await asyncio.gather(*(define_running(tmp_path, f"dr{i}", a.host) for i in range(5)))
         r = await cli("drain", a.host, bus=URL, timeout=60)
         assert r.code == 0, r.err
         assert all(f"dr{i}: completed" in r.out for i in range(5)), r.out

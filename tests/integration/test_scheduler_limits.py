@@ -20,6 +20,7 @@ from tests.integration.test_scheduler_cluster import (  # noqa: F401 - the vhost
     XML,
     agents,
     define_running,
+    scheduler_call,
     scheduler_process,
     vcli,
     vhost,
@@ -27,6 +28,7 @@ from tests.integration.test_scheduler_cluster import (  # noqa: F401 - the vhost
     wait_migration,
 )
 from tests.procs import cli
+from virtbus.protocol import ops
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -54,17 +56,19 @@ async def test_max_migrations_bounds_the_migrations_in_flight(
     limit: int,
 ) -> None:
     async with (
-        agents(tmp_path, 2, "--driver-option", "migration_time=2") as (a, b),
+        agents(tmp_path, 2, "--driver-option", "migration_time=1") as (a, b),
         scheduler_process(
             tmp_path / "sched", "--max-migrations", str(limit), "--max-outbound", "4"
         ),
     ):
         await wait_hosts(2)
         names = [f"mm{i}" for i in range(4)]
-        for name in names:
-            await define_running(tmp_path, name, a.host)
-        # all four at once: only the limit keeps them apart (one source allows four)
-        await asyncio.gather(*(vcli("migrate", name, "--to", b.host) for name in names))
+        await asyncio.gather(*(define_running(tmp_path, name, a.host) for name in names))
+        # all four at once: only the limit keeps them apart (one source allows four). Sent
+        # from this process, not four CLI processes: those start up staggered on a loaded
+        # machine, and a 1 s migration could end before the next one is even asked for.
+        migrate = ops.SCHEDULER_MIGRATE
+        await asyncio.gather(*(scheduler_call(migrate, {"domain": n, "to": b.host}) for n in names))
         records = [await wait_migration(name, timeout=60) for name in names]
         why = [(r["domain"], r["state"], r["error"], r["history"]) for r in records]
         assert [r["state"] for r in records] == ["completed"] * len(names), why
@@ -80,8 +84,7 @@ async def test_drain_no_wait_returns_at_once_and_the_drain_goes_on(
         scheduler_process(tmp_path / "sched", "--max-migrations", "1"),
     ):
         await wait_hosts(2)
-        for i in range(3):
-            await define_running(tmp_path, f"nw{i}", a.host)
+        await asyncio.gather(*(define_running(tmp_path, f"nw{i}", a.host) for i in range(3)))
         r = await cli("--json", "drain", a.host, "--no-wait", bus=URL, timeout=60)
         assert r.code == 0, r.err
         job = r.json()
