@@ -1,12 +1,13 @@
 """Many calls with unique ids to one agent (100,000 with VIRTBUS_MEMORY_CALLS): its memory settles.
 
-A real agent process (test driver, the real RabbitMQ) with ``call_memory = 2000`` gets
-``CALLS`` journaled calls (``domain.suspend`` of a shut-off domain: each is run, answered
-``OPERATION_INVALID``, remembered for redelivery and appended to the reply log), a window
-of them in flight. The agent's RSS after all of them may not have grown much over its RSS
-after the first quarter (the call memory and the reply log are bounded by ``call_memory``, not by
-the calls seen), the reply log on disk stays under twice ``call_memory`` records, and the
-agent still serves afterwards, answering a recent id from memory.
+A real agent process (test driver, the real RabbitMQ, a classic call queue) with
+``call_memory = 2000`` gets ``CALLS`` journaled calls (``domain.suspend`` of a shut-off
+domain: each is run, answered ``OPERATION_INVALID``, remembered for redelivery and
+appended to the reply log), a window of them in flight. The agent's RSS after all of
+them may not have grown much over its RSS after the first quarter (the call memory and
+the reply log are bounded by ``call_memory``, not by the calls seen), the reply log on
+disk stays under twice ``call_memory`` records, and the agent still serves afterwards,
+answering a recent id from memory.
 """
 
 from __future__ import annotations
@@ -101,8 +102,11 @@ async def test_rss_settles_after_many_calls_with_unique_ids(tmp_path: Path) -> N
     config = tmp_path / "agent.toml"
     config.write_text(f"call_memory = {CALL_MEMORY}\n")
     host = unique_host("mem")
+    # A classic call queue: what is measured is the agent's memory, not the queue's kind,
+    # and the broker's quorum log doubles the time the calls take here (2 shared cores).
     async with agent_process(host, tmp_path, "--config", str(config), "--log-level",
-                             "WARNING", "--heartbeat-interval", "5") as agent:  # fmt: skip
+                             "WARNING", "--heartbeat-interval", "5",
+                             "--call-queue-type", "classic") as agent:  # fmt: skip
         connection = await aio_pika.connect(BUS_URL)
         async with connection:
             channel = await connection.channel()
