@@ -10,9 +10,10 @@ pattern + marker + 0x5A: the bytes came through the NBD mirror, the guest's writ
 
 Before that, on the same guest: each bad input is refused with its code while the guest
 keeps running on the source and both agents keep serving; and the destination QEMU is
-killed while the disks are being copied (the mirror rate-limited to 1 MiB/s): the
-migration fails, the guest runs on the source with its disk as it was, and no volume is
-left on the destination; ``migrate-cancel`` in that phase ends the same way, cancelled,
+killed while the disks are being copied (the mirror rate-limited to 4 MiB/s; the error
+says the mirror failed and memory was never sent): the migration fails, the guest runs on
+the source with its disk as it was, and no volume is left on the destination;
+``migrate-cancel`` in that phase (1 MiB/s) ends the same way, cancelled,
 and so does one sent once the scheduler says memory is being sent (``--bandwidth 4``:
 the disks take 4 s, memory some more). The source agent is SIGKILLed while the disks are
 copied (QEMU keeps mirroring: its mirror job and NBD node are seen on its QMP socket) and
@@ -299,9 +300,11 @@ async def test_copy_storage_all_moves_the_guest_and_its_disk(
                 await vcli("pool-destroy", "tiny", "--host", b.host)
             await on_source_only()
 
-            # --- the destination QEMU dies while the disk is copied: rolled back ---
+            # --- the destination QEMU dies while the disk is copied: rolled back (the
+            # mirror, rate-limited, sees the lost target only after its pause: at 4 MiB/s
+            # that is the disk's 4 s, not 16 s at 1 MiB/s) ---
             r = await cli("--json", "migrate", "cs1", "--to", b.host, "--xml", str(dst_xml("cs")),
-                          "--copy-storage-all", "--bandwidth", "1", bus=URL)  # fmt: skip
+                          "--copy-storage-all", "--bandwidth", "4", bus=URL)  # fmt: skip
             assert r.code == 0, r.err
             await storage_phase()
             (dst_pid,) = qemu_pids_under(b.state_dir)
@@ -310,6 +313,10 @@ async def test_copy_storage_all_moves_the_guest_and_its_disk(
                 while (rec := await migration_of("cs1")).get("state") == "running":
                     await asyncio.sleep(0.2)
             assert rec["state"] == "failed", rec
+            # the premise: the kill landed in the disk copy (the mirror failed, memory was
+            # never being sent), not after it
+            assert "mirror of disk 'vda'" in (rec.get("error") or ""), rec
+            assert "progress" not in [p for p, _t in rec["history"]], rec["history"]
             await on_source_only()
             g = await Guest.connect(a.state_dir, uuid)
             try:
