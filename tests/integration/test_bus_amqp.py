@@ -395,6 +395,30 @@ async def test_stop_leaves_unprocessed_calls_queued(env: Env) -> None:
     assert await env.queue_depth(route) == 2
 
 
+async def _call_until_served(env: Env, route: str, body: dict[str, Any]) -> Any:
+    """Call until a server answers (bounded): NO_CONNECT while the route has no queue,
+    a timeout while its queue has no consumer."""
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                return await env.client.call(route, "host.ping", body, timeout=1)
+            except (NoConnect, OperationTimeout):
+                await asyncio.sleep(0.1)
+
+
+async def test_a_server_whose_consumer_the_broker_cancelled_consumes_again(env: Env) -> None:
+    """The broker cancels the consumer of a deleted call queue (an operator's delete, or
+    a classic queue's node gone): the server declares and binds it again and consumes,
+    once, as aio-pika's own consumer did, instead of going deaf on an open channel."""
+    route = env.route()
+    await env.server.serve(route, echo())
+    assert (await env.client.call(route, "host.ping", {"i": 0}, timeout=3))["body"] == {"i": 0}
+    await env.raw_channel.queue_delete(call_queue_for(route).name)
+    assert (await _call_until_served(env, route, {"i": 1}))["body"] == {"i": 1}
+    queue = await env.raw_channel.declare_queue(call_queue_for(route).name, passive=True)
+    assert queue.declaration_result.consumer_count == 1
+
+
 def _set_when_up(event: asyncio.Event) -> Callable[[bool], None]:
     def listener(up: bool) -> None:
         if up:

@@ -291,7 +291,9 @@ class AmqpServer:
 
     Its channel and queue are aio-pika's robust ones (a reopen restores the qos, the queue
     and its binding); the consumer is on the aiormq channel under it (:class:`Delivery`),
-    consumed again by this server when the channel reopens."""
+    consumed again by this server when the channel reopens, and when the broker cancels
+    it (its queue deleted, a classic queue's node gone): aio-pika restores only its own
+    consumers, so without that the server went deaf on an open channel."""
 
     def __init__(
         self,
@@ -311,6 +313,9 @@ class AmqpServer:
         self._tag: str | None = None
         self._consuming_on: aiormq.abc.AbstractChannel | None = None  # the consumer's channel
         self._tasks = TaskGroup(f"amqp-server:{route}")
+        self._restores = TaskGroup(f"amqp-server-restore:{route}")  # at most one, see _restore
+        self._restoring: asyncio.Task[None] | None = None
+        self._consume_lock = asyncio.Lock()  # one consume per channel: reopen and restore race
         self._stopping = False
         self.on_stopped: Callable[[AmqpServer], None] | None = None
 
@@ -347,9 +352,49 @@ class AmqpServer:
         return self._queue.name
 
     async def _consume(self, underlay: aiormq.abc.AbstractChannel) -> None:
+        """Consume on ``underlay`` unless this server already does (a reopen and a restore
+        may both get here for one channel: a second consumer would double the prefetch)."""
+        async with self._consume_lock:
+            if underlay is self._consuming_on or self._stopping:
+                return
+            timeout = self._bus.settings.connect_timeout
+            underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)  # a set: once
+            ok = await underlay.basic_consume(self._queue.name, self._on_delivery, timeout=timeout)
+            self._tag, self._consuming_on = ok.consumer_tag, underlay
+
+    def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
+        """The broker cancelled our consumer (its queue was deleted, or a classic queue's
+        node went away) on a channel that stays open: no reopen will consume again."""
+        if frame.consumer_tag != self._tag or self._stopping:
+            return
+        log.warning("the broker cancelled the consumer of %s: consuming again", self.route)
+        self._tag = self._consuming_on = None
+        self._spawn_restore()
+
+    def _spawn_restore(self) -> None:
+        if self._restoring is None or self._restoring.done():
+            self._restoring = self._restores.spawn(self._restore(), "restore consumer")
+
+    async def _restore(self) -> None:
+        """Declare and bind the call queue again (it may be gone) and consume, retrying
+        with the bus's reconnect backoff while the broker refuses. A channel that closes
+        meanwhile is restored by aio-pika, and its reopen consumes (then this ends)."""
+        delays = backoff_delays(self._bus.settings.reconnect)
         timeout = self._bus.settings.connect_timeout
-        ok = await underlay.basic_consume(self._queue.name, self._on_delivery, timeout=timeout)
-        self._tag, self._consuming_on = ok.consumer_tag, underlay
+        while not self._stopping:
+            await self._channel.ready()  # a task of its own: never in the reconnect task
+            try:
+                assert isinstance(self._channel, aio_pika.Channel)
+                underlay = await aio_pika.Channel.get_underlay_channel(self._channel)
+                if underlay is self._consuming_on:
+                    return  # the channel's reopen consumed meanwhile
+                await self._queue.declare(timeout=timeout)
+                await self._queue.bind(RPC_EXCHANGE, routing_key=self.route, timeout=timeout)
+                await self._consume(underlay)
+                return
+            except AMQP_FAILURES as exc:
+                log.warning("cannot consume %s again: %s", self.route, exc)
+            await asyncio.sleep(next(delays))
 
     async def _on_reopened(self, _sender: object) -> None:
         """aio-pika restored the channel (qos, the queue and its binding) but not this
@@ -361,10 +406,10 @@ class AmqpServer:
             # reconnect task that makes it ready (see AmqpBus._refresh_underlays)
             assert isinstance(self._channel, aio_pika.Channel)
             underlay = await aio_pika.Channel.get_underlay_channel(self._channel)
-            if underlay is not self._consuming_on:
-                await self._consume(underlay)
-        except AMQP_FAILURES as exc:  # closed again: its next reopen comes back here
+            await self._consume(underlay)
+        except AMQP_FAILURES as exc:  # e.g. a timeout: not left deaf, retried with backoff
             log.warning("cannot consume %s again on its reopened channel: %s", self.route, exc)
+            self._spawn_restore()
 
     async def _on_delivery(self, message: aiormq.abc.DeliveredMessage) -> None:
         await self._on_message(Delivery(message))
@@ -490,6 +535,7 @@ class AmqpServer:
         if self._stopping:
             return
         self._stopping = True
+        await self._restores.cancel_all()
         underlay = self._consuming_on
         # unless the bus is down: then the consumer went with the connection
         if self._tag is not None and underlay is not None and self._bus.connected:
