@@ -3,7 +3,9 @@
 Guests power themselves off while the agent cannot reach RabbitMQ — first through a TCP
 proxy of ours that we cut, then during a real broker restart (``rabbitmqctl
 stop_app``/``start_app``). A subscriber reading the event history must receive every
-event exactly once, in order, with consecutive sequence numbers.
+event exactly once, in order, with consecutive sequence numbers. The guests are told to
+power off (``poweroff`` on their control port, a virtio-serial channel: no bus involved)
+once the link is gone, not at a boot tick chosen to fall after it.
 
 The cut link is a proxy of ours in front of the shared broker (only our agent's link goes
 through it); the restarted broker is a node of the test's own (tests/rabbitnode.py: its own
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -28,7 +31,7 @@ from tests.conftest import RABBITMQ_PORT
 from tests.e2e.conftest import qemu_pids_under
 from tests.e2e.test_qemu_driver import kernel_xml, wait_serial
 from tests.faults import TcpProxy
-from tests.guests import TestGuest, build_test_guest
+from tests.guests import CONTROL_PORT_NAME, TestGuest, build_test_guest
 from tests.procs import BUS_URL, agent_process, cli, unique_host
 from tests.rabbitnode import RabbitNode, rabbit_node
 from virtbus.bus.factory import open_bus
@@ -36,6 +39,7 @@ from virtbus.store import RecordLog
 
 pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.slow]
 WAIT = 90.0
+CONTROL = f"<channel type='unix'><target type='virtio' name='{CONTROL_PORT_NAME}'/></channel>"
 
 
 class History:
@@ -117,16 +121,41 @@ async def wait_exit(base: Path, count: int) -> None:
 
 
 async def start_guests(
-    host: str, base: Path, guest: TestGuest, ticks: dict[str, int], bus: str
-) -> None:
-    for name, tick in ticks.items():
+    host: str, base: Path, guest: TestGuest, names: list[str], bus: str
+) -> dict[str, str]:
+    """Define and start ``names`` (at once: they boot together anyway) and wait until each
+    is ready; their uuids by name."""
+
+    async def one(name: str) -> str:
         xml = base / f"{name}.xml"
-        xml.write_text(kernel_xml(guest, name, base / f"{name}.serial", cmds=f"poweroff@{tick}"))
+        xml.write_text(kernel_xml(guest, name, base / f"{name}.serial", devices=CONTROL))
         for verb, arg in (("define", str(xml)), ("start", name)):
             r = await cli(verb, arg, "--host", host, bus=bus)
             assert r.code == 0, (verb, name, r.err)
-    for name in ticks:
         await wait_serial(base / f"{name}.serial", "VIRTBUS-GUEST-READY", timeout=WAIT)
+        found = re.search(r"<uuid>([^<]+)</uuid>", xml.read_text())
+        assert found is not None
+        return found[1]
+
+    uuids = await asyncio.gather(*(one(name) for name in names))
+    return dict(zip(names, uuids, strict=True))
+
+
+async def power_off(base: Path, uuid: str) -> None:
+    """``poweroff`` on the guest's control port (QEMU's socket, not the bus); returns once
+    the guest acknowledged it (``poweroff -f`` follows)."""
+    (sock,) = list(base.rglob(f"{uuid}.channel0.sock"))
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    try:
+        writer.write(b"poweroff\n")
+        await writer.drain()
+        async with asyncio.timeout(WAIT):
+            while b"VIRTBUS-ACK poweroff" not in (line := await reader.readline()):
+                assert line, "control port closed before the guest acknowledged poweroff"
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 def assert_complete(hist: History, names: list[str]) -> None:
@@ -154,13 +183,13 @@ async def _cut_link(host: str, hist: History, guest: TestGuest, e2e_root: Path) 
     await proxy.start()
     try:
         async with agent_process(host, base, driver="qemu", bus=proxy.url()):
-            # Ticks are 0.5 s: the guests power off 10-12 s after boot, after the cut.
-            await start_guests(host, base, guest, {"p1": 20, "p2": 22, "p3": 24}, BUS_URL)
+            uuids = await start_guests(host, base, guest, names, BUS_URL)
             proxy.cut()  # the guests power themselves off while the agent is cut off
             seen_at_cut = len(hist.raw)
             # the premise: all three were still running when the link went
             assert len(qemu_pids_under(base)) == 3, "a guest was gone before the cut"
             assert not {e["event"] for e in hist.raw} & {"shutdown", "stopped"}, hist.raw
+            await asyncio.gather(*(power_off(base, uuids[name]) for name in names))
             await wait_exit(base, 0)
             async with asyncio.timeout(WAIT):  # the driver saw them go: in the outbox
                 while len(held_power_offs(await unconfirmed(base), names)) < 2 * len(names):
@@ -187,10 +216,11 @@ async def _broker_restart(
     base = Path(tempfile.mkdtemp(prefix="r", dir=e2e_root))
     names = ["r1", "r2"]
     async with agent_process(host, base, driver="qemu", bus=node.url):
-        await start_guests(host, base, guest, {"r1": 40, "r2": 44}, node.url)  # after stop_app
+        uuids = await start_guests(host, base, guest, names, node.url)
         await node.stop_app()
         try:
             assert len(qemu_pids_under(base)) == 2, "a guest was gone before the broker"
+            await asyncio.gather(*(power_off(base, uuids[name]) for name in names))
             await wait_exit(base, 0)
             async with asyncio.timeout(WAIT):
                 while len(held_power_offs(await unconfirmed(base), names)) < 2 * len(names):

@@ -136,8 +136,9 @@ def firmware_xml(name: str, hv_type: str = "qemu", devices: str = "") -> str:
 
 def kernel_xml(
     guest: TestGuest, name: str, serial: Path, *, cmds: str = "", panic: bool = False,
-    on_crash: str = "destroy", on_reboot: str = "restart",
+    on_crash: str = "destroy", on_reboot: str = "restart", devices: str = "",
 ) -> str:  # fmt: skip
+    """The test guest's domain XML; ``devices``: more elements for <devices>."""
     cmdline = guest.cmdline + (f" virtbus.cmd={cmds}" if cmds else "")
     return f"""<domain type='qemu'>
   <name>{name}</name><uuid>{uuidlib.uuid4()}</uuid>
@@ -151,7 +152,7 @@ def kernel_xml(
   <on_reboot>{on_reboot}</on_reboot><on_crash>{on_crash}</on_crash>
   <devices>
     <serial type='file'><source path='{serial}'/><target port='0'/></serial>
-    {"<panic model='isa'/>" if panic else ""}
+    {"<panic model='isa'/>" if panic else ""}{devices}
   </devices>
 </domain>"""
 
