@@ -450,6 +450,21 @@ async def test_reconnect_fails_pending_then_restores_everything(env: Env) -> Non
     }
 
 
+async def test_an_unroutable_call_is_no_connect_after_a_reconnect(env: Env) -> None:
+    """The broker's basic.return of an unroutable call reaches the caller on a reopened
+    RPC channel too: NO_CONNECT, not the call's timeout (aio-pika hooks its return
+    callback to the first aiormq channel of a robust channel only)."""
+    restored = asyncio.Event()
+    env.client.add_connection_listener(_set_when_up(restored))
+    transport = env.client._connection.transport  # type: ignore[union-attr]
+    assert transport is not None
+    await transport.connection.close(ConnectionError("test: drop the connection"))
+    await asyncio.wait_for(restored.wait(), 10)
+    route = f"agent.absent-{uuid.uuid4().hex[:10]}"
+    with pytest.raises(NoConnect, match="nothing serves route"):
+        await env.client.call(route, "host.ping", {}, timeout=30)
+
+
 async def test_a_subscription_is_server_named_and_survives_a_reconnect(env: Env) -> None:
     """Clients may configure only server-named queues (amq.gen-*): aio-pika's robust queue
     would re-declare the old name (refused: amq.* is the broker's), so the subscription

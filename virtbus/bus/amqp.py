@@ -9,8 +9,8 @@ and re-consumes, after a reconnect.
 The call path is one publish and one future: no per-call declaration. Calls are
 published ``mandatory`` on a channel with publisher confirms, because RabbitMQ hands an
 unroutable message back (basic.return) before it confirms it, and aiormq passes returns
-to aio-pika's ``return_callbacks`` only on such a channel: the callback fails the call at
-once with ``NO_CONNECT``. The confirm arrives before any reply could, so waiting for it
+to a channel's ``on_return_callbacks`` only on such a channel: the callback fails the call
+at once with ``NO_CONNECT``. The confirm arrives before any reply could, so waiting for it
 costs the call no time.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from pamqp.commands import Basic
 from yarl import URL
 
@@ -242,7 +242,6 @@ class AmqpBus:
         timeout = self.settings.connect_timeout
         await self._ensure_topology(connection)
         self._rpc = await connection.channel(publisher_confirms=True)
-        self._rpc.return_callbacks.add(self._on_returned)
         self._confirm = await connection.channel(publisher_confirms=True)
         self._fire = await connection.channel(publisher_confirms=False)
         # Direct reply-to: consumed (no-ack) on the channel that publishes the calls,
@@ -260,7 +259,11 @@ class AmqpBus:
         queue: a reply needs only its correlation id and body, and aio-pika built an
         IncomingMessage (28 attribute sets) and a second task for each, about a tenth of
         a caller's CPU per call. aio-pika does not restore this consumer, so a reopened
-        RPC channel consumes again (_refresh_underlays) before calls use it."""
+        RPC channel consumes again (_refresh_underlays) before calls use it. The returns
+        of unroutable calls are hooked here too, on each new aiormq channel: aio-pika's
+        ``return_callbacks`` hear only the robust channel's first one, and after a
+        reconnect a call to a route nothing serves waited for its timeout."""
+        underlay.on_return_callbacks.add(self._on_returned)  # a set: once per channel
         await underlay.basic_consume(REPLY_TO, self._on_reply, no_ack=True, timeout=timeout)
         self._replies_on = underlay
 
@@ -472,9 +475,10 @@ class AmqpBus:
         elif result is not None:
             pending.future.set_result(result)
 
-    def _on_returned(self, _channel: object, message: AbstractIncomingMessage) -> None:
-        """aio-pika's return callback: the broker had no queue for a call's route."""
-        call_id = message.correlation_id or message.message_id
+    def _on_returned(self, message: aiormq.abc.DeliveredMessage) -> None:
+        """The RPC channel's return callback: the broker had no queue for a call's route."""
+        props = message.header.properties
+        call_id = props.correlation_id or props.message_id
         pending = self._pending.get(call_id) if call_id else None
         if pending is not None:
             self._settle(call_id, exc=no_route(pending.route))  # type: ignore[arg-type]
