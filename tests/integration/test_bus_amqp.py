@@ -465,6 +465,39 @@ async def test_an_unroutable_call_is_no_connect_after_a_reconnect(env: Env) -> N
         await env.client.call(route, "host.ping", {}, timeout=30)
 
 
+async def test_a_reply_consume_that_fails_on_a_reopened_channel_is_retried(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused or timed-out consume of direct reply-to on the reopened RPC channel (an
+    open channel: no reopen will come) is retried, not left as BUS_UNAVAILABLE for ever."""
+    route = env.route()
+    await env.server.serve(route, echo())
+    consume = env.client._consume_replies
+    failed = asyncio.Event()
+    restored = asyncio.Event()
+
+    async def fails_during_the_reconnect(underlay: Any, timeout: float) -> None:
+        if not restored.is_set():  # every consume of the reconnect: none of them is left
+            failed.set()
+            raise TimeoutError("test: the broker did not answer the consume")
+        await consume(underlay, timeout)
+
+    monkeypatch.setattr(env.client, "_consume_replies", fails_during_the_reconnect)
+    env.client.add_connection_listener(_set_when_up(restored))
+    transport = env.client._connection.transport  # type: ignore[union-attr]
+    assert transport is not None
+    await transport.connection.close(ConnectionError("test: drop the connection"))
+    await asyncio.wait_for(asyncio.gather(restored.wait(), failed.wait()), 10)
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                reply = await env.client.call(route, "host.ping", {"i": 1}, timeout=2)
+                break
+            except BusUnavailable:
+                await asyncio.sleep(0.1)
+    assert reply["body"] == {"i": 1}
+
+
 async def test_a_subscription_is_server_named_and_survives_a_reconnect(env: Env) -> None:
     """Clients may configure only server-named queues (amq.gen-*): aio-pika's robust queue
     would re-declare the old name (refused: amq.* is the broker's), so the subscription

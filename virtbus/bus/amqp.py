@@ -27,6 +27,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from pamqp.commands import Basic
 from yarl import URL
 
+from virtbus.aio import TaskGroup, backoff_delays
 from virtbus.bus.amqp_consumers import (
     AMQP_FAILURES,
     CONTENT_TYPE,
@@ -165,6 +166,8 @@ class AmqpBus:
         self._rpc_underlay: aiormq.abc.AbstractChannel | None = None
         self._replies_on: aiormq.abc.AbstractChannel | None = None  # consumes direct reply-to
         self._refreshing = asyncio.Lock()
+        self._tasks = TaskGroup(f"amqp-bus:{src}")  # the replies' consume retried, see below
+        self._reconsuming: asyncio.Task[None] | None = None
         self._confirm_underlay: aiormq.abc.AbstractChannel | None = None
         self._fire_underlay: aiormq.abc.AbstractChannel | None = None
         self._pending: dict[str, _Pending] = {}
@@ -339,12 +342,31 @@ class AmqpBus:
             if rpc is not None and rpc is not self._replies_on:  # a reopened RPC channel
                 try:
                     await self._consume_replies(rpc, self.settings.connect_timeout)
-                except AMQP_FAILURES as exc:  # closed again: its next reopen comes back here
+                except AMQP_FAILURES as exc:  # e.g. a timeout on a channel that stays open
                     log.warning("cannot consume the replies on the reopened RPC channel: %s", exc)
                     rpc = None
+                    self._reconsume_later()
             self._rpc_underlay = rpc
         self._confirm_underlay = await _open_underlay(self._confirm)
         self._fire_underlay = await _open_underlay(self._fire)
+
+    def _reconsume_later(self) -> None:
+        """A failed consume of the replies on an RPC channel that stays open: no reopen
+        would try again, and every call would be BUS_UNAVAILABLE for ever."""
+        if self._closing or (self._reconsuming is not None and not self._reconsuming.done()):
+            return
+        self._reconsuming = self._tasks.spawn(self._reconsume(), "consume replies again")
+
+    async def _reconsume(self) -> None:
+        """Retry with the reconnect backoff, in a task of its own (it may wait for the
+        connection, which the reconnect task must never do)."""
+        delays = backoff_delays(self.settings.reconnect)
+        while not self._closing and self._rpc is not None:
+            await asyncio.sleep(next(delays))
+            await self._rpc.ready()
+            await self._refresh_underlays(None)  # its failure does not spawn another
+            if self._rpc_underlay is not None:
+                return
 
     def _on_connection_lost(self, _sender: object, exc: BaseException | None = None) -> None:
         if self._closing:
@@ -390,6 +412,7 @@ class AmqpBus:
         await self._abandon()
 
     async def _abandon(self) -> None:
+        await self._tasks.cancel_all()
         connection, self._connection = self._connection, None
         self._rpc = self._confirm = self._fire = None
         self._rpc_underlay = self._confirm_underlay = self._fire_underlay = None
