@@ -191,10 +191,12 @@ async def test_cluster_view_placement_and_migration_events(vhost: str, tmp_path:
 
 async def test_failures_leave_the_guest_in_exactly_one_place(vhost: str, tmp_path: Path) -> None:
     # Every migration here ends early (cancelled, timed out, destination killed): a long
-    # migration_time costs nothing and keeps the cancel and the kill mid-stream.
+    # migration_time costs nothing and keeps the cancel and the kill mid-stream. The
+    # rollback after the kill waits one step timeout for the dead destination: 3 s, not
+    # the default 5 (the live agents' steps answer in well under a second).
     async with (
         agents(tmp_path, 2, "--driver-option", "migration_time=10") as ag,
-        scheduler_process(tmp_path / "sched"),
+        scheduler_process(tmp_path / "sched", "--step-timeout", "3", "--cleanup-timeout", "3"),
     ):
         a, b = ag
         await wait_hosts(2)
@@ -263,7 +265,7 @@ async def test_migration_params_the_agents_refuse_are_refused_at_submit(
 async def test_scheduler_killed_mid_migration_resolves_on_restart(
     vhost: str, tmp_path: Path
 ) -> None:
-    async with agents(tmp_path, 2, "--driver-option", "migration_time=3") as ag:
+    async with agents(tmp_path, 2, "--driver-option", "migration_time=1.5") as ag:
         a, b = ag
         state = tmp_path / "sched"
         async with scheduler_process(state) as sched:
