@@ -1,7 +1,8 @@
 """Agents killed (SIGKILL) mid-migration and restarted: the guest ends up in one place.
 
 Real QEMU TCG guests (the test kernel), two real agents and a real scheduler on a private
-vhost; the migration is slowed with ``--bandwidth`` so that it lasts seconds.
+vhost; the migration is slowed with ``--bandwidth`` so that it lasts seconds (~90 MiB
+are sent), and the agent is killed as soon as the scheduler says the source streams.
 
 - Destination killed: the source finishes streaming into the orphaned incoming QEMU, the
   scheduler cannot finish there and rolls back (the source stays paused: the destination
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -26,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from qemu.qmp import QMPClient
 
 from tests.e2e.conftest import qemu_pids_under
 from tests.e2e.test_migration_qemu import kernel_xml, wait_tick
 from tests.guests import ensure_test_guest
 from tests.integration.test_scheduler_cluster import (  # noqa: F401 - the vhost fixture
+    STREAMING,
     URL,
     placed,
     scheduler_process,
@@ -42,7 +46,15 @@ from tests.integration.test_scheduler_cluster import (  # noqa: F401 - the vhost
 from tests.procs import AgentProc, agent_process, unique_host
 
 pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.slow]
-BANDWIDTH = "4"  # MiB/s: a few seconds for the test guest's memory
+# MiB/s. The destination's agent is killed right after streaming starts: ~6 s of stream
+# are plenty (a stream over before the kill completes the migration: the test fails).
+DST_KILL_BANDWIDTH = "16"
+# The source's agent is killed, seen gone (its QEMU migrating on) and restarted while the
+# stream lasts (~11 s): the restarted agent must reattach an *active* job (checked).
+SRC_KILL_BANDWIDTH = "8"
+# The destination's agent is dead: finish, then the rollback's finish(success=false),
+# each waits out the step timeout. The calls to the live agents answer in well under it.
+SHORT_STEPS = ("--step-timeout", "3", "--cleanup-timeout", "3")
 
 
 @asynccontextmanager
@@ -85,6 +97,7 @@ class Guest:
 
     serials: dict[str, Path]
     dst_xml: Path
+    uuid: str
 
     async def ticks_on(self, host: str, base: Path) -> None:
         """The guest runs on ``host``: its console there counts on by two more ticks."""
@@ -119,8 +132,38 @@ async def boot(base: Path, src: str, dst: str) -> Guest:
     await vcli("start", "mig1", "--host", src)
     uuid = (await vcli("dominfo", "mig1", "--host", src))["uuid"]
     dst_xml.write_text(kernel_xml(guest.kernel, guest.initramfs, guest.cmdline, serials[dst], uuid))
-    await wait_tick(serials[src], 2)
-    return Guest(serials, dst_xml)
+    await wait_tick(serials[src], 0)  # it runs: two ticks seen
+    return Guest(serials, dst_xml, uuid)
+
+
+async def qmp_migration(state_dir: Path, uuid: str) -> dict[str, object]:
+    """``query-migrate`` on the QEMU's own QMP socket (its agent is gone: QEMU serves
+    one monitor client at a time)."""
+    status = json.loads(next(state_dir.rglob(f"{uuid}.status")).read_text())
+    client = QMPClient("restart-test")
+    await client.connect(status["qmp_socket"])
+    try:
+        answer = await client.execute("query-migrate")
+    finally:
+        await client.disconnect()
+    assert isinstance(answer, dict)
+    return answer
+
+
+async def migrating_on(state_dir: Path, uuid: str) -> None:
+    """The premise that QEMU keeps migrating without its agent: ``query-migrate`` says
+    active and the RAM sent grows between two looks."""
+    first = await qmp_migration(state_dir, uuid)
+    assert first.get("status") == "active", first
+    async with asyncio.timeout(30):
+        while True:
+            await asyncio.sleep(0.2)
+            now = await qmp_migration(state_dir, uuid)
+            assert now.get("status") == "active", now
+            ram, ram0 = now.get("ram"), first.get("ram")
+            assert isinstance(ram, dict) and isinstance(ram0, dict), now
+            if ram["transferred"] > ram0["transferred"]:
+                return
 
 
 async def test_destination_agent_killed_and_restarted(
@@ -131,15 +174,15 @@ async def test_destination_agent_killed_and_restarted(
     base.mkdir()
     a_host, b_host = unique_host("src"), unique_host("dst")
     dirs = {a_host: base / a_host, b_host: base / b_host}
-    async with qemu_agent(base, a_host), scheduler_process(base / "sched"):
+    async with qemu_agent(base, a_host), scheduler_process(base / "sched", *SHORT_STEPS):
         async with qemu_agent(base, b_host) as b:  # its exit is a no-op once killed
             await wait_hosts(2)
             guest = await boot(base, a_host, b_host)
             await vcli(
                 "migrate", "mig1", "--to", b_host, "--xml", str(guest.dst_xml),
-                "--bandwidth", BANDWIDTH,
+                "--bandwidth", DST_KILL_BANDWIDTH,
             )  # fmt: skip
-            await asyncio.sleep(1.5)
+            await wait_migration("mig1", until=STREAMING)
             assert qemu_pids_under(dirs[b_host]), "no incoming QEMU on the destination"
             await kill(b)
         rec = await wait_migration("mig1", timeout=90)
@@ -171,12 +214,14 @@ async def test_source_agent_killed_and_restarted(
             guest = await boot(base, a_host, b_host)
             await vcli(
                 "migrate", "mig1", "--to", b_host, "--xml", str(guest.dst_xml),
-                "--bandwidth", BANDWIDTH,
+                "--bandwidth", SRC_KILL_BANDWIDTH,
             )  # fmt: skip
-            await asyncio.sleep(1.5)
+            await wait_migration("mig1", until=STREAMING)
             await kill(a)
-        await asyncio.sleep(1.0)
+        await migrating_on(dirs[a_host], guest.uuid)  # QEMU goes on without its agent
         async with qemu_agent(base, a_host):
+            log = (dirs[a_host] / f"agent-{a_host}.log").read_text()
+            assert "outgoing migration reattached (active)" in log, "premise: still streaming"
             rec = await wait_migration("mig1", timeout=90)
             assert rec["state"] in ("completed", "failed"), rec
             where = await wait_one_place("mig1", dirs)
