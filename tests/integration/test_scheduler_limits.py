@@ -80,7 +80,7 @@ async def test_drain_no_wait_returns_at_once_and_the_drain_goes_on(
     tmp_path: Path,
 ) -> None:
     async with (
-        agents(tmp_path, 2, "--driver-option", "migration_time=1") as (a, b),
+        agents(tmp_path, 2, "--driver-option", "migration_time=0.5") as (a, b),
         scheduler_process(tmp_path / "sched", "--max-migrations", "1"),
     ):
         await wait_hosts(2)
