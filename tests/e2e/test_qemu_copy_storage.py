@@ -193,11 +193,6 @@ async def kill(agent: AgentProc) -> None:
     await agent.proc.wait()
 
 
-async def migration_of(domain: str) -> dict[str, Any]:
-    recs = [r for r in await vcli("migrations") if r["domain"] == domain]
-    return max(recs, key=lambda r: r["created"]) if recs else {}
-
-
 async def refused(dst_xml: Path, to: str, code: str, name: str = "cs1",
                   flag: str = "--copy-storage-all") -> None:  # fmt: skip
     """A copy-storage migration that must fail with ``code`` (CLI exit 1)."""
@@ -264,19 +259,15 @@ async def test_copy_storage_all_moves_the_guest_and_its_disk(
                 path.write_text(guest_xml(*args, dst_serial, pool, uuid))
                 return path
 
-            async def storage_phase() -> None:
-                """Wait until the disk copy is under way (some bytes sent, memory not yet)."""
-                async with asyncio.timeout(30):
-                    while True:
-                        rec = await migration_of("cs1")
-                        progress = rec.get("progress") or {}
-                        if (
-                            rec.get("phase") == "storage"
-                            and progress.get("disk_transferred", 0) > 0
-                        ):
-                            break
-                        assert rec.get("state") in (None, "queued", "running"), rec.get("error")
-                        await asyncio.sleep(0.1)
+            async def storage_phase(mid: str) -> None:
+                """Wait until the disk copy is under way (some bytes sent, memory not yet):
+                the scheduler's long poll, which fails if the migration ends first."""
+
+                def copying(m: MigrationRecord) -> bool:
+                    return m.phase == "storage" and m.progress.get("disk_transferred", 0) > 0
+
+                rec = await until(mid, copying, timeout=30)
+                progress = rec.progress
                 assert progress["phase"] == "disk" and progress["disk_total"] >= 16 * MIB, progress
 
             async def on_source_only() -> None:
@@ -306,17 +297,16 @@ async def test_copy_storage_all_moves_the_guest_and_its_disk(
             r = await cli("--json", "migrate", "cs1", "--to", b.host, "--xml", str(dst_xml("cs")),
                           "--copy-storage-all", "--bandwidth", "4", bus=URL)  # fmt: skip
             assert r.code == 0, r.err
-            await storage_phase()
+            mid = json.loads(r.out)["id"]
+            await storage_phase(mid)
             (dst_pid,) = qemu_pids_under(b.state_dir)
             os.kill(dst_pid, signal.SIGKILL)
-            async with asyncio.timeout(60):
-                while (rec := await migration_of("cs1")).get("state") == "running":
-                    await asyncio.sleep(0.2)
-            assert rec["state"] == "failed", rec
+            rec = await until(mid, lambda m: m.state != "running")
+            assert rec.state == "failed", rec
             # the premise: the kill landed in the disk copy (the mirror failed, memory was
             # never being sent), not after it
-            assert "mirror of disk 'vda'" in (rec.get("error") or ""), rec
-            assert "progress" not in [p for p, _t in rec["history"]], rec["history"]
+            assert "mirror of disk 'vda'" in (rec.error or ""), rec
+            assert "progress" not in [p for p, _t in rec.history], rec.history
             await on_source_only()
             g = await Guest.connect(a.state_dir, uuid)
             try:
@@ -326,15 +316,14 @@ async def test_copy_storage_all_moves_the_guest_and_its_disk(
                 await g.close()
 
             # --- migrate-cancel while the disk is copied: rolled back the same way ---
-            r = await cli("migrate", "cs1", "--to", b.host, "--xml", str(dst_xml("cs")),
+            r = await cli("--json", "migrate", "cs1", "--to", b.host, "--xml", str(dst_xml("cs")),
                           "--copy-storage-all", "--bandwidth", "1", bus=URL)  # fmt: skip
             assert r.code == 0, r.err
-            await storage_phase()
+            mid = json.loads(r.out)["id"]
+            await storage_phase(mid)
             await vcli("migrate-cancel", "cs1")
-            async with asyncio.timeout(60):
-                while (rec := await migration_of("cs1")).get("state") == "running":
-                    await asyncio.sleep(0.2)
-            assert rec["state"] == "cancelled", rec
+            rec = await until(mid, lambda m: m.state != "running")
+            assert rec.state == "cancelled", rec
             await on_source_only()
             assert qemu_pids_under(b.state_dir) == []
 
@@ -376,7 +365,7 @@ async def test_copy_storage_all_moves_the_guest_and_its_disk(
                           "--copy-storage-all", "--bandwidth", "1", bus=URL)  # fmt: skip
             assert r.code == 0, r.err
             mid = json.loads(r.out)["id"]
-            await storage_phase()
+            await storage_phase(mid)
             await kill(src)
             jobs, nbd_nodes = await qmp_leftovers(a.state_dir, uuid)  # premise: left running
             assert [(j["id"], j["status"]) for j in jobs] == [("virtbus-migrate-vda", "running")]
