@@ -12,12 +12,20 @@ from virtbus.protocol.envelope import Envelope, Kind
 from virtbus.settings import BusSettings
 
 
+class FakeChannel:
+    """The aiormq channel an ack goes to (``ack_queued``: ``basic_ack`` with wait=False)."""
+
+    def __init__(self, acks: list[tuple[int, bool]]) -> None:
+        self._acks = acks
+
+    async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
+        assert wait is False  # queued, not drained
+        self._acks.append((tag, multiple))
+
+
 class FakeMessage:
     def __init__(self, tag: int, acks: list[tuple[int, bool]]) -> None:
-        self.tag, self._acks = tag, acks
-
-    async def ack(self, multiple: bool = False) -> None:
-        self._acks.append((self.tag, multiple))
+        self.delivery_tag, self.channel = tag, FakeChannel(acks)
 
 
 def subscription(buffer: int) -> AmqpSubscription:
