@@ -330,8 +330,10 @@ async def run_one(
 
 
 async def _xen_log_tail(lines: int = 40) -> list[str]:
-    """The end of the hypervisor's own log (``xl dmesg``): a guest that Xen shut down itself
-    (a triple fault is a reboot by default for HVM/PVH) says so only there."""
+    """The hypervisor's own log (``xl dmesg``): a guest that Xen shut down itself (a triple
+    fault is a reboot by default for HVM/PVH) says so only there. Each fault or crash with
+    the register dump after it, then the end of the log without the save/restore lines a
+    migration writes by the dozen."""
     try:
         proc = await asyncio.create_subprocess_exec(
             "xl", "dmesg", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
@@ -340,7 +342,15 @@ async def _xen_log_tail(lines: int = 40) -> list[str]:
             out, _ = await proc.communicate()
     except (OSError, TimeoutError) as exc:
         return [f"(xl dmesg: {exc})"]
-    return out.decode(errors="replace").splitlines()[-lines:]
+    log = out.decode(errors="replace").splitlines()
+    faults = [
+        line
+        for i, at in enumerate(log)
+        if "fault" in at.lower() or "crash" in at.lower()
+        for line in log[i : i + 30]
+    ]
+    rest = [line for line in log if " save: " not in line and " restore: " not in line]
+    return [*faults[:120], "(end of xl dmesg:)", *rest[-lines:]]
 
 
 def _log_tails(name: str, chars: int = 2500) -> dict[str, str]:

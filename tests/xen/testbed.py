@@ -33,8 +33,11 @@ class BootSettings:
     dom0_mem: str = "1536M,max:1536M"
     timeout_s: float = 540.0  # the whole boot, all scenarios and power-off
     # guest_loglvl=all: what Xen does to a guest itself (a triple fault: "invoking HVM
-    # shutdown action") is logged at info level, which xl dmesg shows only with it
-    xen_args: str = "console=com1 com1=115200,8n1 dom0_max_vcpus=2 noreboot guest_loglvl=all"
+    # shutdown action") is logged at info level, which xl dmesg shows only with it; a
+    # larger ring (conring_size), or a migration's save/restore lines push it out
+    xen_args: str = (
+        "console=com1 com1=115200,8n1 dom0_max_vcpus=2 noreboot guest_loglvl=all conring_size=1M"
+    )
     dom0_args: str = "console=hvc0 earlyprintk=xen rdinit=/init quiet"
 
 
