@@ -83,8 +83,13 @@ SCENARIOS = [
 # anything, in 2 of 3 quiet runs (load < 2; it passed in the third and at load 4); the other
 # scenarios' idle guests boot. Flaky, so non-strict: an xpass is shown, not failed.
 # Marked, not retried: the failure report still prints in full with -rx.
+# The lifecycle scenario's idle guest g1 did the same in a full run on 2026-12-04 (load 3-5):
+# its first domain shut down with reason 1 soon after `xl create`, the xl monitor restarted
+# it, and the scenario's `info` right after start found no domid. Same signature, same mark;
+# a failed scenario's record now carries xl dmesg's faults, kept in ~/.cache/virtbus/xen/runs.
 KNOWN_BROKEN = {
     "contract": "issue 18: the idle guest c1 reboots itself early in its boot (cause not found)",
+    "lifecycle": "issue 18: the idle guest g1 reboots itself early in its boot (cause not found)",
 }
 
 
