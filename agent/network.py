@@ -37,6 +37,7 @@ from typing import Any
 
 import aiofiles.os
 
+from agent.owners import stored_owner
 from drivers.network import HostNet, NetworkBackend, backend_for, dnsmasq, dnsmasq_files, nft
 from drivers.network.dnsmasq import DnsmasqFiles
 from drivers.network.watch import ExitWatch, FileWatch
@@ -145,8 +146,7 @@ class Networks:
             net.config = config
             net.persistent = bool(state.get("persistent", True))
             net.autostart = bool(state.get("autostart", False))
-            owner = state.get("owner")
-            net.owner = owner if isinstance(owner, str) and owner else None
+            net.owner = stored_owner(state)
             index = state.get("index")
             index = index if isinstance(index, int) else None
             await self._adopt(net, bool(state.get("active")), index)
@@ -253,17 +253,21 @@ class Networks:
         """A network by name or uuid; NO_NETWORK naming it."""
         if not isinstance(ref, str) or not ref:
             raise InvalidArgument("a network name or uuid is required")
-        net = self._networks.get(ref) or self._networks.get(self._by_name.get(ref, ""))
+        net = self._find(ref)
         if net is None:
             raise NoNetwork(f"Network not found: no network with matching name '{ref}'")
         return net
+
+    def _find(self, ref: str) -> Network | None:
+        """A network by uuid or name, None when none is defined here."""
+        return self._networks.get(ref) or self._networks.get(self._by_name.get(ref, ""))
 
     def networks(self) -> list[Network]:
         return sorted(self._networks.values(), key=lambda n: n.name)
 
     async def owner(self, ref: str) -> str | None:
         """The owner lookup of networks (agent/owners.py): None for one not defined here."""
-        net = self._networks.get(ref) or self._networks.get(self._by_name.get(ref, ""))
+        net = self._find(ref)
         return net.owner if net is not None else None
 
     def active_bridges(self) -> dict[str, str]:

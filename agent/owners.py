@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
+from typing import Any
 
 from virtbus.errors import VirtbusError
 from virtbus.protocol.registry import Target
@@ -38,6 +39,13 @@ OwnerOf = Callable[[str], Awaitable[str | None]]
 def caller() -> str | None:
     """The user of the call being run: who owns what a handler makes."""
     return CALLER.get()
+
+
+def stored_owner(record: Mapping[str, Any]) -> str | None:
+    """The ``owner`` of a state file or volume record (None: nobody's, as in a record
+    written before owners were, or one whose owner is not a user name)."""
+    owner = record.get("owner")
+    return owner if isinstance(owner, str) and owner else None
 
 
 def relation(owner: str | None, user: str) -> Owner:

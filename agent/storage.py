@@ -41,6 +41,7 @@ from typing import Any
 import aiofiles.os
 
 from agent.jobs import Job, JobContext, JobManager
+from agent.owners import stored_owner
 from drivers.base import ResolvedVolume
 from drivers.storage import (
     WIPE_ALGORITHMS,
@@ -123,8 +124,7 @@ class Pool:
     def volume_owner(self, name: str) -> str | None:
         """Who created volume ``name`` (its record's owner; None: nobody's)."""
         record = self.stored.get(name)
-        owner = record.get("owner") if record is not None else None
-        return owner if isinstance(owner, str) and owner else None
+        return stored_owner(record) if record is not None else None
 
     def info(self) -> dict[str, Any]:
         """virsh pool-info."""
@@ -207,8 +207,7 @@ class StoragePools:
             pool = self._add(defn)
             pool.persistent = bool(state.get("persistent", True))
             pool.autostart = bool(state.get("autostart", False))
-            owner = state.get("owner")
-            pool.owner = owner if isinstance(owner, str) and owner else None
+            pool.owner = stored_owner(state)
             pool.stored = await self._load_volume_records(defn.uuid)
             await self._adopt(pool, bool(state.get("active", False)))
 
@@ -322,19 +321,23 @@ class StoragePools:
         """A pool by name or uuid; NO_STORAGE_POOL naming it."""
         if not isinstance(ref, str) or not ref:
             raise InvalidArgument("a pool name or uuid is required")
-        pool = self._pools.get(ref) or self._pools.get(self._by_name.get(ref, ""))
+        pool = self._find(ref)
         if pool is None:
             raise NoStoragePool(
                 f"storage pool not found: no storage pool with matching name '{ref}'"
             )
         return pool
 
+    def _find(self, ref: str) -> Pool | None:
+        """A pool by uuid or name, None when none is defined here."""
+        return self._pools.get(ref) or self._pools.get(self._by_name.get(ref, ""))
+
     def pools(self) -> list[Pool]:
         return sorted(self._pools.values(), key=lambda p: p.name)
 
     async def pool_owner(self, ref: str) -> str | None:
         """The owner lookup of pools (agent/owners.py): None for a pool not defined here."""
-        pool = self._pools.get(ref) or self._pools.get(self._by_name.get(ref, ""))
+        pool = self._find(ref)
         return pool.owner if pool is not None else None
 
     async def volume_owner(self, target: str) -> str | None:
@@ -345,7 +348,7 @@ class StoragePools:
         pool_ref, slash, name = target.partition("/")
         if not slash or not name:
             return None
-        pool = self._pools.get(pool_ref) or self._pools.get(self._by_name.get(pool_ref, ""))
+        pool = self._find(pool_ref)
         return pool.volume_owner(name) if pool is not None else None
 
     def _running(self, ref: str) -> Pool:
