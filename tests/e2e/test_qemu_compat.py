@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +148,22 @@ class Guest:
             await self.writer.wait_closed()
 
 
+async def migrate(src: QemuDriver, dst: QemuDriver, uuid: str, xml: Callable[[str], str]) -> None:
+    """The driver's migration steps from ``src`` to ``dst`` on 127.0.0.1, the definition
+    ``migrate_begin`` gives passed through ``xml`` (its paths moved to the destination's),
+    until the source confirms."""
+    params = MigrationParams(listen_address="127.0.0.1")
+    uri = await dst.migrate_prepare(xml(await src.migrate_begin(uuid)), params)
+    await src.migrate_perform(uuid, uri, params)
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while (status := await src.migrate_status(uuid)).status != "completed":
+        assert status.status not in ("failed", "cancelled"), status
+        assert time.monotonic() < deadline, status
+        await asyncio.sleep(0.2)
+    await dst.migrate_finish(uuid, True)
+    await src.migrate_confirm(uuid, True)
+
+
 async def boot(env: Env, xml: str, serial: Path) -> tuple[str, Guest]:
     """Define and start ``xml``; wait for READY; the uuid and a control connection."""
     ref = await env.driver.define(xml)
@@ -263,17 +279,8 @@ async def test_live_migration_carries_the_swtpm_state(e2e_root: Path, guest: Tes
             await tpm_extend_and_read(g)
         finally:
             await g.close()
-        params = MigrationParams(listen_address="127.0.0.1")
-        xml = (await src.driver.migrate_begin(uuid)).replace(str(serial), str(dst.base / "console"))
-        uri = await dst.driver.migrate_prepare(xml, params)
-        await src.driver.migrate_perform(uuid, uri, params)
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while (status := await src.driver.migrate_status(uuid)).status != "completed":
-            assert status.status not in ("failed", "cancelled"), status
-            assert time.monotonic() < deadline, status
-            await asyncio.sleep(0.2)
-        await dst.driver.migrate_finish(uuid, True)
-        await src.driver.migrate_confirm(uuid, True)
+        console = str(dst.base / "console")
+        await migrate(src.driver, dst.driver, uuid, lambda x: x.replace(str(serial), console))
         moved = await Guest.connect(dst.control_socket(uuid))
         try:
             pcr = await moved.ask("cat /sys/class/tpm/tpm0/pcr-sha256/16", "VIRTBUS-CAT")

@@ -7,14 +7,12 @@ through the real QEMU driver, real QEMU (TCG) and real swtpm. libvirt runs swtpm
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import pwd
 import shutil
 import signal
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from tests.e2e.test_qemu_compat import (
     TPM,
     Guest,
     guest_xml,
+    migrate,
     processes,
     tpm_extend_and_read,
     wait_gone,
@@ -38,7 +37,6 @@ from tests.e2e.test_qemu_driver import Recorder, wait_serial
 from tests.guests import READY_MARKER, TestGuest, build_test_guest
 from tests.procs import qemu_test_settings
 from virtbus.errors import VirtbusError
-from virtbus.protocol.migration import MigrationParams
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 USER = "virtbus-qemu"
@@ -172,17 +170,9 @@ async def test_a_migrated_tpm_runs_under_the_destinations_uid(guest: TestGuest) 
             await g.close()
         shutil.copyfile(src.images / "vmlinuz", dst.images / "vmlinuz")
         shutil.copyfile(src.images / "initrd", dst.images / "initrd")
-        params = MigrationParams(listen_address="127.0.0.1")
-        moved_xml = (await src.driver.migrate_begin(uuid)).replace(str(src.base), str(dst.base))
-        uri = await dst.driver.migrate_prepare(moved_xml, params)
-        await src.driver.migrate_perform(uuid, uri, params)
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while (status := await src.driver.migrate_status(uuid)).status != "completed":
-            assert status.status not in ("failed", "cancelled"), status
-            assert time.monotonic() < deadline, status
-            await asyncio.sleep(0.2)
-        await dst.driver.migrate_finish(uuid, True)
-        await src.driver.migrate_confirm(uuid, True)
+        await migrate(
+            src.driver, dst.driver, uuid, lambda x: x.replace(str(src.base), str(dst.base))
+        )
         await wait_gone("swtpm", str(src.run_dir))
         assert swtpm_ids(uuid) == ([FIRST + 1] * 4, [FIRST + 1] * 4)
         (control,) = list(dst.run_dir.rglob("*channel0.sock"))

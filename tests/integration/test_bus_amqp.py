@@ -427,6 +427,21 @@ def _set_when_up(event: asyncio.Event) -> Callable[[bool], None]:
     return listener
 
 
+async def _drop_connection(bus: AmqpBus) -> None:
+    """Close the bus's socket under it, as a lost network does (it reconnects by itself)."""
+    transport = bus._connection.transport  # type: ignore[union-attr]
+    assert transport is not None
+    await transport.connection.close(ConnectionError("test: drop the connection"))
+
+
+async def _drop_and_wait_back(bus: AmqpBus) -> None:
+    """Drop the bus's connection and wait until it says it is up again."""
+    restored = asyncio.Event()
+    bus.add_connection_listener(_set_when_up(restored))
+    await _drop_connection(bus)
+    await asyncio.wait_for(restored.wait(), 10)
+
+
 async def test_reconnect_fails_pending_then_restores_everything(env: Env) -> None:
     route = env.route()
     await env.server.serve(route, echo(delay=0.5))
@@ -438,9 +453,7 @@ async def test_reconnect_fails_pending_then_restores_everything(env: Env) -> Non
     pending = asyncio.create_task(env.client.call(route, "host.ping", {}, timeout=5))
     await asyncio.sleep(0.1)
     for bus in (env.client, env.server):  # drop both sockets: client and server recover
-        transport = bus._connection.transport  # type: ignore[union-attr]
-        assert transport is not None
-        await transport.connection.close(ConnectionError("test: drop the connection"))
+        await _drop_connection(bus)
     with pytest.raises(BusUnavailable):
         await pending
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in restored.values())), 10)
@@ -454,12 +467,7 @@ async def test_an_unroutable_call_is_no_connect_after_a_reconnect(env: Env) -> N
     """The broker's basic.return of an unroutable call reaches the caller on a reopened
     RPC channel too: NO_CONNECT, not the call's timeout (aio-pika hooks its return
     callback to the first aiormq channel of a robust channel only)."""
-    restored = asyncio.Event()
-    env.client.add_connection_listener(_set_when_up(restored))
-    transport = env.client._connection.transport  # type: ignore[union-attr]
-    assert transport is not None
-    await transport.connection.close(ConnectionError("test: drop the connection"))
-    await asyncio.wait_for(restored.wait(), 10)
+    await _drop_and_wait_back(env.client)
     route = f"agent.absent-{uuid.uuid4().hex[:10]}"
     with pytest.raises(NoConnect, match="nothing serves route"):
         await env.client.call(route, "host.ping", {}, timeout=30)
@@ -484,9 +492,7 @@ async def test_a_reply_consume_that_fails_on_a_reopened_channel_is_retried(
 
     monkeypatch.setattr(env.client, "_consume_replies", fails_during_the_reconnect)
     env.client.add_connection_listener(_set_when_up(restored))
-    transport = env.client._connection.transport  # type: ignore[union-attr]
-    assert transport is not None
-    await transport.connection.close(ConnectionError("test: drop the connection"))
+    await _drop_connection(env.client)
     await asyncio.wait_for(asyncio.gather(restored.wait(), failed.wait()), 10)
     async with asyncio.timeout(20):
         while True:
@@ -512,12 +518,7 @@ async def test_a_subscription_is_server_named_and_survives_a_reconnect(env: Env)
 
     await env.server.publish(EVENTS_EXCHANGE, f"{host}.d.started", ev(1), confirm=True)
     assert (await asyncio.wait_for(sub.__anext__(), 5)).body == {"n": 1}
-    restored = asyncio.Event()
-    env.client.add_connection_listener(_set_when_up(restored))
-    transport = env.client._connection.transport  # type: ignore[union-attr]
-    assert transport is not None
-    await transport.connection.close(ConnectionError("test: drop the connection"))
-    await asyncio.wait_for(restored.wait(), 10)
+    await _drop_and_wait_back(env.client)
     async with asyncio.timeout(10):  # the new queue is bound once the channel reopened
         while sub.queue_name == first:  # type: ignore[attr-defined]
             await asyncio.sleep(0.05)
@@ -590,12 +591,7 @@ async def test_a_history_read_resumes_where_it_stood_after_a_reconnect(env: Env)
     async with _history_reader(AmqpBus, since) as (reader, sub):
         assert isinstance(reader, AmqpBus)
         first = await _read_numbered(sub, host, 300)
-        restored = asyncio.Event()
-        reader.add_connection_listener(_set_when_up(restored))
-        transport = reader._connection.transport  # type: ignore[union-attr]
-        assert transport is not None
-        await transport.connection.close(ConnectionError("test: drop the connection"))
-        await asyncio.wait_for(restored.wait(), 10)
+        await _drop_and_wait_back(reader)
         await _publish_numbered(env.server, host, 601, 700)
         rest = await _read_numbered(sub, host, 400)
         assert first + rest == list(range(1, 701))

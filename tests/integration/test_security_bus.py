@@ -502,6 +502,15 @@ def _net_xml(name: str) -> str:
     )
 
 
+def _storage_agent(users: Cluster, tmp_path: Path) -> tuple[Path, tuple[str, ...]]:
+    """A directory storage may use and the agent options for it under the test's policy."""
+    root = tmp_path / "images"
+    root.mkdir()
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[storage]\nroots = ["{root}"]\n')
+    return root, ("--policy", str(users.policy), "--config", str(config))
+
+
 def _forget_owner(record: Path) -> None:
     """Rewrite a state record as an agent before owners were recorded wrote it."""
     body = json.loads(record.read_text())
@@ -532,12 +541,8 @@ async def test_operators_may_not_remove_others_pools_volumes_and_networks(
     built-in operator removes only its own; what nobody owns (made before owners were
     recorded) keeps the old rule: configurable, not removable; an admin removes all."""
     alice, bob, admin_user = users.oper2, users.oper3, users.admin
-    root = tmp_path / "images"
-    root.mkdir()
-    config = tmp_path / "agent.toml"
-    config.write_text(f'[storage]\nroots = ["{root}"]\n')
+    root, args = _storage_agent(users, tmp_path)
     host, bus = users.host, users.url(users.host)
-    args = ("--policy", str(users.policy), "--config", str(config))
     net, old_net, spare_net = f"on-{TAG}", f"oo-{TAG}", f"os-{TAG}"
 
     async def connect(*names: str) -> list[Client]:
@@ -655,12 +660,8 @@ async def test_a_transfer_is_driven_by_the_user_that_began_it_only(
     connection that opened it, a transfer is driven by the user that began it only (no
     other operator, nor an admin), whatever the policy grants on the volume."""
     alice, bob, admin_user = users.oper2, users.oper3, users.admin
-    root = tmp_path / "images"
-    root.mkdir()
-    config = tmp_path / "agent.toml"
-    config.write_text(f'[storage]\nroots = ["{root}"]\n')
+    root, args = _storage_agent(users, tmp_path)
     host, bus = users.host, users.url(users.host)
-    args = ("--policy", str(users.policy), "--config", str(config))
     mib = 1 << 20
     data = os.urandom(3 * mib + 77)
     async with agent_process(host, tmp_path, *args, bus=bus):
