@@ -76,18 +76,18 @@ def call_fingerprint(call: Envelope) -> str:
     its op alone: running it again is harmless, and hashing every chunk would cost more
     than writing it.
     """
+    # The caller is part of the call: another user reusing an id is refused, never given
+    # the first caller's answer (an idempotent op's too: its repeat skips the policy).
+    user = b"\0" + call.user.encode() if call.user else b""
     declared = REGISTRY.get(call.op)
     if declared is not None and declared.idempotent:
-        return f"{call.op}:idempotent"
+        return f"{call.op}:idempotent-{hashlib.blake2b(user, digest_size=8).hexdigest()}"
     try:
         packed = msgspec.msgpack.encode(call.body, order="sorted")
     except (TypeError, ValueError, OverflowError):  # only bodies built in-process
         packed = repr(call.body).encode()
-    # The caller is part of the call: another user reusing an id is refused, never given
-    # the first caller's answer.
     digest = hashlib.blake2b(packed, digest_size=16)
-    if call.user:
-        digest.update(b"\0" + call.user.encode())
+    digest.update(user)
     return f"{call.op}:{digest.hexdigest()}"
 
 

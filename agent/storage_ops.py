@@ -3,6 +3,8 @@ JobManager and the driver's Hotplug methods (see :mod:`agent.table`)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from agent.jobs import Job
 from agent.owners import caller
 from agent.storage import Pool
@@ -11,6 +13,7 @@ from drivers.base import Affect, Hotplug
 from virtbus.errors import NoStorageVol, NoSupport, OperationTimeout
 from virtbus.protocol import ops
 from virtbus.protocol.base import Accepted, Empty
+from virtbus.protocol.registry import Op
 from virtbus.protocol.storage import (
     Backing,
     BlockInfo,
@@ -265,9 +268,24 @@ async def _job_wait(ctx: AgentContext, req: JobWait) -> JobInfo:
         return job_info(ctx.jobs.get(req.job))  # still running: the caller asks again
 
 
+# What cancelling a job of this kind does to its volume, as the op that would do it: a
+# clone's cancel removes the volume it was making (vol-delete), a wipe's leaves the
+# volume part-wiped (vol-wipe). A user other than the job's starter needs that right on
+# the volume: job.cancel is a host op, and an operator must not undo another's work.
+_CANCEL_IS: dict[str, Op[Any, Any]] = {
+    "vol.clone": ops.STORAGE_VOL_DELETE,
+    "vol.wipe": ops.STORAGE_VOL_WIPE,
+}
+
+
 @HANDLERS.on(ops.JOB_CANCEL)
 async def _job_cancel(ctx: AgentContext, req: TransferTarget) -> JobInfo:
-    ctx.jobs.get(req.job).check_driver(caller(), "cancel")  # a transfer: its owner only
+    job = ctx.jobs.get(req.job)
+    user = caller()
+    job.check_driver(user, "cancel")  # a transfer: its owner only
+    acts_as = _CANCEL_IS.get(job.kind)
+    if acts_as is not None and user != job.owner:
+        await ctx.authorize(acts_as, f"{job.target.get('pool')}/{job.target.get('volume')}")
     return job_info(await ctx.jobs.cancel(req.job))
 
 

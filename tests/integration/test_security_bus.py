@@ -738,6 +738,68 @@ async def test_a_transfer_is_driven_by_the_user_that_began_it_only(
                 await c.close()
 
 
+async def test_a_clone_or_wipe_is_cancelled_by_its_starter_or_who_may_change_the_volume(
+    users: Cluster, tmp_path: Path
+) -> None:
+    """job.cancel is a host op, but cancelling a clone removes the volume it was making
+    and cancelling a wipe leaves the volume part-wiped: another operator needs the right
+    to do that to the volume (vol-delete, vol-wipe), which the built-in operator has on
+    its own volumes only; the job's starter and an admin may."""
+    alice, bob, admin_user = users.oper2, users.oper3, users.admin
+    root, args = _storage_agent(users, tmp_path)
+    host, bus = users.host, users.url(users.host)
+    mib = 1 << 20
+    async with agent_process(host, tmp_path, *args, bus=bus):
+        ca, cb, cadm = [
+            await Client.connect(users.url(n), oneshot=True) for n in (alice, bob, admin_user)
+        ]
+        try:
+            a, b, adm = ca.host(host), cb.host(host), cadm.host(host)
+            pool = await a.define_pool(_pool_xml("cancel-pool", root))
+            await pool.start(build=True)
+            # 35 passes over 4 GiB: running for minutes unless cancelled
+            for name in ("w1", "w2"):
+                await pool.create_volume(volume_xml(name, 4096 * mib, format="raw"))
+            src = await pool.create_volume(volume_xml("src", 256 * mib, format="raw"))
+            with open(src.path, "r+b") as fh:  # data everywhere: the convert takes a while
+                for i in range(0, 256, 4):
+                    fh.seek(i * mib)
+                    fh.write(os.urandom(mib))
+            wipe1 = await pool.volume("w1").wipe("gutmann")
+            wipe2 = await pool.volume("w2").wipe("gutmann")
+            clone = await pool.create_volume_from(
+                volume_xml("copy", None, format="qcow2"), "cancel-pool", "src"
+            )
+            assert {wipe1.last.owner, wipe2.last.owner, clone.last.owner} == {alice}
+
+            def cancel(c: Host, job: Any) -> Any:
+                return c.call(ops.JOB_CANCEL, TransferTarget(job=job.id))
+
+            matrix: list[tuple[str, Any, str]] = [
+                ("bob", cancel(b, wipe1), "AUTH_DENIED"),  # her volume, part-wiped
+                ("bob", cancel(b, clone), "AUTH_DENIED"),  # her copy, removed
+            ]
+            got = [(who, await _outcome(action)) for who, action, _ in matrix]
+            assert got == [(who, want) for who, _, want in matrix]
+            for job in (wipe1, wipe2, clone):  # the premise: the denials stopped nothing
+                assert (await job.info()).state == "running", job.last
+            with pytest.raises(AuthDenied) as denied:
+                await cancel(b, wipe1)
+            assert "storage.vol.wipe" in denied.value.message, denied.value.message
+            assert (await cancel(a, wipe1)).state == "cancelled"  # the starter's own
+            assert (await cancel(adm, wipe2)).state == "cancelled"  # an admin's right
+            assert (await cancel(a, clone)).state == "cancelled"
+            assert sorted(p.name for p in (root / "cancel-pool").iterdir()) == [
+                "src",
+                "w1",
+                "w2",
+            ]
+            assert await b.ping()  # the agent serves on after the denials
+        finally:
+            for c in (ca, cb, cadm):
+                await c.close()
+
+
 def _test_xml(name: str, pool: str) -> str:
     """A test-driver domain whose one disk is volume ``NAME.raw`` of ``pool``."""
     return (

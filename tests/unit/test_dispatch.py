@@ -148,6 +148,21 @@ async def test_fingerprint_ignores_map_order_but_not_values() -> None:
     assert call_fingerprint(a) != call_fingerprint(Envelope(Kind.CALL, "op2", a.body))
 
 
+async def test_fingerprint_holds_the_caller_for_every_op() -> None:
+    """Another user reusing a call id is another call (refused), never the first caller's
+    answer: an idempotent op (an upload chunk, fingerprinted without its body) included,
+    whose repeat is answered from memory without the policy check."""
+    from agent.dispatch import call_fingerprint
+
+    for op in ("op", ops.STORAGE_VOL_UPLOAD_CHUNK):
+        body = {"job": "j", "offset": 0, "data": b"x"}
+        alice = Envelope(Kind.CALL, op, body, id="c1", user="alice")
+        bob = Envelope(Kind.CALL, op, dict(body), id="c1", user="bob")
+        again = Envelope(Kind.CALL, op, dict(body), id="c1", user="alice")
+        assert call_fingerprint(alice) == call_fingerprint(again) != call_fingerprint(bob), op
+        assert call_fingerprint(alice).rpartition(":")[0] == op
+
+
 async def test_restored_replies_without_fingerprint_match_on_the_id() -> None:
     """Call logs written before fingerprints existed still answer their redeliveries."""
     rec = Recorder()
