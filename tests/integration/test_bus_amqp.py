@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -526,6 +527,75 @@ async def test_a_subscription_is_server_named_and_survives_a_reconnect(env: Env)
     await env.server.publish(EVENTS_EXCHANGE, f"{host}.d.stopped", ev(2), confirm=True)
     assert (await asyncio.wait_for(sub.__anext__(), 5)).body == {"n": 2}
     await sub.close()
+
+
+async def test_a_subscription_whose_queue_is_deleted_subscribes_again(env: Env) -> None:
+    """The broker cancels the consumer of a deleted queue (an operator's delete) on a
+    channel that stays open, so no reopen comes: the subscription declares a new queue
+    bound to the same keys and reads on, instead of waiting for ever."""
+    host = f"h{uuid.uuid4().hex[:8]}"
+    sub = await env.client.subscribe(EVENTS_EXCHANGE, [f"{host}.#"])
+    first = sub.queue_name  # type: ignore[attr-defined]
+
+    def ev(n: int) -> Envelope:
+        return Envelope(kind=Kind.EVENT, op="domain.event", body={"n": n}, src=host)
+
+    await env.server.publish(EVENTS_EXCHANGE, f"{host}.d.started", ev(1), confirm=True)
+    assert (await asyncio.wait_for(sub.__anext__(), 5)).body == {"n": 1}
+    # an exclusive queue: only its own connection or an operator may delete it
+    deleted = await asyncio.to_thread(
+        subprocess.run, ["rabbitmqctl", "-q", "delete_queue", first],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert deleted.returncode == 0, deleted.stderr
+    async with asyncio.timeout(10):  # the new queue is bound once the cancel came
+        while sub.queue_name == first:  # type: ignore[attr-defined]
+            await asyncio.sleep(0.05)
+    second = sub.queue_name  # type: ignore[attr-defined]
+    assert second.startswith("amq.gen-"), second
+    await env.server.publish(EVENTS_EXCHANGE, f"{host}.d.stopped", ev(2), confirm=True)
+    assert (await asyncio.wait_for(sub.__anext__(), 5)).body == {"n": 2}
+    listed = await asyncio.to_thread(
+        subprocess.run, ["rabbitmqctl", "-q", "list_queues", "name", "consumers"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    counts = dict(line.split() for line in listed.stdout.splitlines()[1:])
+    assert (first in counts, counts.get(second)) == (False, "1")  # one queue, one consumer
+    await sub.close()
+
+
+async def test_a_one_shot_subscription_whose_queue_is_deleted_fails_loudly(env: Env) -> None:
+    """The one-shot transport (the CLI's short reads) does not resubscribe: a read the
+    broker cut (its queue deleted) raises BusUnavailable once what it had is read, where
+    it used to wait for ever, and the transport serves on."""
+    host = f"h{uuid.uuid4().hex[:8]}"
+    reader = OneShotBus(URL, "test-oneshot")
+    await reader.connect()
+    try:
+        sub = await reader.subscribe(EVENTS_EXCHANGE, [f"{host}.#"])
+
+        def ev(n: int) -> Envelope:
+            return Envelope(kind=Kind.EVENT, op="domain.event", body={"n": n}, src=host)
+
+        await env.server.publish(EVENTS_EXCHANGE, f"{host}.d.started", ev(1), confirm=True)
+        assert (await asyncio.wait_for(sub.__anext__(), 5)).body == {"n": 1}
+        await env.server.publish(EVENTS_EXCHANGE, f"{host}.d.paused", ev(2), confirm=True)
+        assert sub.queue_name.startswith("amq.gen-"), sub.queue_name
+        deleted = await asyncio.to_thread(  # exclusive: only an operator may delete it
+            subprocess.run, ["rabbitmqctl", "-q", "delete_queue", sub.queue_name],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert deleted.returncode == 0, deleted.stderr
+        with pytest.raises(BusUnavailable, match="cancelled this subscription"):
+            async with asyncio.timeout(10):
+                while True:
+                    await sub.__anext__()
+        again = await reader.subscribe(EVENTS_EXCHANGE, [f"{host}.#"])  # serves on
+        await env.server.publish(EVENTS_EXCHANGE, f"{host}.d.stopped", ev(3), confirm=True)
+        assert (await asyncio.wait_for(again.__anext__(), 5)).body == {"n": 3}
+        await again.close()
+    finally:
+        await reader.close()
 
 
 async def _publish_numbered(bus: AmqpBus, host: str, first: int, last: int) -> None:

@@ -557,6 +557,12 @@ class AmqpSubscription:
     be re-declared by its old name after a reconnect (names under ``amq.`` are the
     broker's to give); instead the channel's reopen declares, binds and consumes a new
     one. A history subscription reads the admin's stream, declared passively.
+
+    When the broker cancels the consumer on a channel that stays open (the queue was
+    deleted: an operator's delete, a policy), a new queue is declared the same way, with
+    the reconnect backoff while the broker refuses: events published meanwhile are not
+    seen (a live subscription has no history; ``history`` has). Without it the
+    subscription waited for ever.
     """
 
     def __init__(
@@ -579,6 +585,10 @@ class AmqpSubscription:
         self.on_closed: Callable[[AmqpSubscription], None] | None = None
         self._read_unacked = 0  # messages read since the last ack (see __anext__)
         self._ack_every = max(1, bus.settings.subscription_buffer // 2)
+        self._consuming_on: aiormq.abc.AbstractChannel | None = None  # the consumer's channel
+        self._declare_lock = asyncio.Lock()  # a reopen and a restore may race: one queue
+        self._restores = TaskGroup(f"subscription:{exchange}")  # at most one, see _restore
+        self._restoring: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(
@@ -601,14 +611,21 @@ class AmqpSubscription:
         return sub
 
     async def _declare(self) -> None:
-        """A new server-named queue, bound to our keys and consumed."""
-        timeout = self._bus.settings.connect_timeout
-        queue = Queue(self._channel, None, False, True, True, None)  # exclusive, auto-delete
-        await queue.declare(timeout=timeout)
-        for key in self.binding_keys:
-            await queue.bind(self.exchange, routing_key=key, timeout=timeout)
-        self._queue = queue
-        self._tag = await queue.consume(self._on_message, timeout=timeout)
+        """A new server-named queue, bound to our keys and consumed, unless the channel
+        has a live consumer of ours already (a reopen and a restore both got here)."""
+        async with self._declare_lock:
+            underlay = await self._channel.get_underlay_channel()
+            if self._buffer.closed or (underlay is self._consuming_on and self._tag):
+                return
+            timeout = self._bus.settings.connect_timeout
+            queue = Queue(self._channel, None, False, True, True, None)  # exclusive, auto-del
+            await queue.declare(timeout=timeout)
+            for key in self.binding_keys:
+                await queue.bind(self.exchange, routing_key=key, timeout=timeout)
+            underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)  # a set: once
+            self._queue = queue
+            self._tag = await queue.consume(self._on_message, timeout=timeout)
+            self._consuming_on = underlay
 
     async def _on_reopened(self, _sender: object) -> None:
         """The old queue went with the old connection: declare a new one."""
@@ -618,6 +635,32 @@ class AmqpSubscription:
             await self._declare()
         except AMQP_FAILURES as exc:  # the connection went again: the next reopen retries
             log.warning("cannot restore the subscription to %s: %s", self.exchange, exc)
+
+    def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
+        """The broker cancelled our consumer (its queue was deleted) on a channel that
+        stays open, so no reopen will declare a new one: restore it here."""
+        if frame.consumer_tag != self._tag or self._buffer.closed:
+            return
+        log.warning("the broker cancelled the subscription to %s: subscribing again",
+                    self.exchange)  # fmt: skip
+        self._tag = None
+        if self._restoring is None or self._restoring.done():
+            self._restoring = self._restores.spawn(self._restore(), "restore subscription")
+
+    async def _restore(self) -> None:
+        """Declare a new queue, with the bus's reconnect backoff while the broker refuses;
+        a refusal that closes the channel ends here (its reopen declares one)."""
+        delays = backoff_delays(self._bus.settings.reconnect)
+        while not self._buffer.closed:
+            await self._channel.ready()
+            try:
+                await self._declare()
+                return
+            except AMQP_FAILURES as exc:
+                log.warning("cannot restore the subscription to %s: %s", self.exchange, exc)
+                if self._channel.is_closed:
+                    return
+            await asyncio.sleep(next(delays))
 
     @classmethod
     async def start_stream(
@@ -689,6 +732,7 @@ class AmqpSubscription:
         if self._buffer.closed:
             return
         self._buffer.close()
+        await self._restores.cancel_all()
         if self._tag is not None and self._queue is not None:
             await _quietly(_cancel(self._bus, self._queue, self._tag), "cancel of a subscription")
         await _quietly(

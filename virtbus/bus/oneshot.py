@@ -106,6 +106,8 @@ class _Subscription:
         self._stream = stream
         self._consumers = 0
         self.tag: str | None = None
+        self.error: BaseException | None = None  # why the broker or the link ended it
+        self.queue_name = ""  # what it consumes (a server-named queue, or a stream)
 
     def consume_frame(self, queue: str, arguments: dict[str, Any] | None) -> spec.Basic.Consume:
         self._consumers += 1
@@ -143,9 +145,33 @@ class _Subscription:
     def __aiter__(self) -> AsyncIterator[Envelope]:
         return self
 
+    def cancelled_by_broker(self, tag: str) -> bool:
+        """The broker cancelled a consumer on our channel (its queue deleted, a stream
+        member gone): True, and the read fails, when it is the live one. A one-shot read
+        is short: it reports the cut rather than resubscribe as the daemons' bus does."""
+        if self._stream is not None and tag != self.tag:
+            return False  # a consumer this read had cancelled itself
+        self.fail(BusUnavailable(
+            f"the broker cancelled this subscription (consumer {tag or '?'}): its queue "
+            "was deleted or the node serving it went away"
+        ))  # fmt: skip
+        return True
+
+    def fail(self, exc: BaseException) -> None:
+        """End the read with ``exc`` (raised once the buffer is drained), not as if the
+        reader had closed it: a history read cut short must not look complete."""
+        if not self.buffer.closed:
+            self.error = exc
+            self.buffer.close()
+
     async def __anext__(self) -> Envelope:
         while True:
-            delivery = await self.buffer.get()
+            try:
+                delivery = await self.buffer.get()
+            except StopAsyncIteration:
+                if self.error is not None:
+                    raise self.error from None
+                raise
             self._bus._send(self.channel, spec.Basic.Ack(delivery_tag=delivery.tag))
             self._maybe_resume()
             try:
@@ -381,7 +407,14 @@ class OneShotBus:
                     fut.set_exception(error)
             sub = self._subscriptions.pop(channel, None)
             if sub is not None:
-                sub.buffer.close()
+                sub.fail(error)
+            return
+        if isinstance(value, spec.Basic.Cancel):  # the broker's (consumer_cancel_notify)
+            sub = self._subscriptions.get(channel)
+            if sub is not None and sub.cancelled_by_broker(value.consumer_tag or ""):
+                self._subscriptions.pop(channel, None)
+                self._send(channel, spec.Channel.Close(reply_code=200, reply_text="cancelled",
+                                                       class_id=0, method_id=0))  # fmt: skip
             return
         waiter = self._waiting.pop((channel, type(value)), None)
         if waiter is not None and not waiter.done():
@@ -433,7 +466,7 @@ class OneShotBus:
         self._calls.clear()
         self._confirms.clear()
         for sub in self._subscriptions.values():
-            sub.buffer.close()
+            sub.fail(exc)
 
     async def _wait_for(self, channel: int, kind: type[Frame]) -> Frame:
         if self._closed is not None:
@@ -580,6 +613,7 @@ class OneShotBus:
     ) -> _Subscription:
         stream = (queue, window) if window is not None else None
         sub = _Subscription(self, channel, self.settings.subscription_buffer, stream)
+        sub.queue_name = queue
         self._subscriptions[channel] = sub
         await self._rpc(channel, sub.consume_frame(queue, arguments), spec.Basic.ConsumeOk)
         return sub
