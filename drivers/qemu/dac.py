@@ -16,6 +16,11 @@ trusted xattrs, unless someone changed it since. The agent's run dir becomes
 ``root:<gid>`` mode 1770 so QEMU can create its QMP socket and pidfile there but not
 remove what is not its own.
 
+A disk hot-plugged into a running domain is given the same way before QEMU opens it
+(:meth:`DacLabels.acquire_disk`, as libvirt relabels a hot-plugged image), added to the
+run's record, and given back at its detach (:meth:`DacLabels.release_disk`) unless the run
+still uses the file, or by the end of the run.
+
 Read-only firmware (loader, NVRAM template) and kernels are never chowned: they must be
 readable by the user (a clear start error says which directory it cannot search).
 
@@ -53,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from drivers.qemu import acl, confine
 from virtbus.domain import DomainDefinition
+from virtbus.domain.model import Element
 from virtbus.errors import InvalidArgument, OperationFailed
 from virtbus.store import atomic_write, replace_file
 
@@ -355,6 +361,81 @@ class DacLabels:
         for path in sorted({*readable, *(p for p, _ in wanted), str(own)}):
             await asyncio.to_thread(check_reachable, Path(path), user, live.name)
 
+    async def acquire_disk(self, live: DomainDefinition, el: Element, volume: str | None,
+                           ) -> list[str]:  # fmt: skip
+        """A disk hot-plugged into a running domain (``el``, its volume's path): its files
+        are given to the domain's QEMU user as a launch gives them (libvirt relabels a
+        hot-plugged image too), recorded in the run's record, so that its detach (or the
+        end of the run, also in a restarted agent) gives them back. A file the run holds
+        already (another disk of it) is left as it is. Returns the paths given."""
+        user = self.user(live.uuid)
+        if user is None:
+            return []
+        paths = [hp.path for hp in confine.host_paths(el) if hp.kind == confine.Kind.FILE]
+        if volume:
+            paths.append(volume)
+        perm = 0  # chowned; a disk other guests may share: an ACL entry (shared_paths)
+        if el.find("shareable") is not None:
+            perm = 6
+        elif el.find("readonly") is not None:
+            perm = 4
+        record = self._record(live.uuid)
+        doc = await asyncio.to_thread(_load_record, record, user)
+        held = {str(e[0]) for e in doc["files"]} | {str(p) for p, _ in doc["acl"]}
+        files: list[list[object]] = []
+        acls: list[str] = []
+        try:
+            for path in dict.fromkeys(paths):
+                if path in held:
+                    continue
+                if perm and self.per_domain:
+                    acls.append(path)
+                    continue
+                entry = await asyncio.to_thread(_original, path, False, user)
+                if entry is not None:
+                    files.append(entry)
+        except BaseException:
+            for entry in files:
+                await asyncio.to_thread(_forget_holder, str(entry[0]), entry, user.uid)
+            raise
+        doc["files"] += files
+        doc["acl"] += [[path, perm] for path in acls]
+        await atomic_write(record, json.dumps(doc).encode())
+        for entry in files:
+            await asyncio.to_thread(_chown, str(entry[0]), user, self.per_domain)
+        for path in acls:
+            await asyncio.to_thread(_grant, path, user, perm, live.name)
+        given = [str(e[0]) for e in files] + acls
+        try:
+            for path in given:
+                await asyncio.to_thread(check_reachable, Path(path), user, live.name)
+        except BaseException:
+            await self.release_disk(live.uuid, given)
+            raise
+        return given
+
+    async def release_disk(self, uuid: str, paths: list[str]) -> None:
+        """Give ``paths`` (what :meth:`acquire_disk` gave for a disk now detached, less
+        what the run still uses) back, and take them out of the run's record."""
+        record = self._record(uuid)
+        if not paths:
+            return
+        try:
+            doc = json.loads(await asyncio.to_thread(record.read_bytes))
+        except (OSError, ValueError) as exc:
+            log.warning("domain %s: unreadable %s: %s", uuid, record, exc)
+            return
+        uid, gone = int(doc.get("uid", -1)), set(paths)
+        files = [e for e in doc.get("files", []) if str(e[0]) in gone]
+        acls = [a for a in doc.get("acl", []) if str(a[0]) in gone]
+        doc["files"] = [e for e in doc.get("files", []) if str(e[0]) not in gone]
+        doc["acl"] = [a for a in doc.get("acl", []) if str(a[0]) not in gone]
+        await atomic_write(record, json.dumps(doc).encode())
+        for entry in files:
+            await asyncio.to_thread(_restore, str(entry[0]), uid, list(entry))
+        for path, _perm in acls:
+            await asyncio.to_thread(_revoke, str(path), uid)
+
     def _prepare_dirs(self, user: QemuUser, own: Path) -> None:
         """The agent's run dir and the domain's own dir (which exists afterwards).
 
@@ -388,6 +469,19 @@ class DacLabels:
             await asyncio.to_thread(_revoke, str(path), uid)
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(record.unlink)
+
+
+def _load_record(record: Path, user: QemuUser) -> dict[str, Any]:
+    """The run's record (what it gave, to give back), or a new one for ``user``."""
+    try:
+        doc: dict[str, Any] = json.loads(record.read_bytes())
+    except FileNotFoundError:
+        return {"user": user.name, "uid": user.uid, "files": [], "acl": []}
+    except ValueError as exc:
+        raise OperationFailed(f"unreadable {record}: {exc}") from exc
+    doc.setdefault("files", [])
+    doc.setdefault("acl", [])
+    return doc
 
 
 def _grant(path: str, user: QemuUser, perm: int, domain: str) -> None:

@@ -28,6 +28,7 @@ from lxml import etree
 
 from drivers.base import Affect, BlockInfo, ResolvedVolume, VolumeResolver
 from drivers.memory import check_live_memory, with_memory
+from drivers.qemu import confine
 from drivers.qemu.argv import volume_disks
 from drivers.qemu.argv_storage import blockdev_nodes, device_id, hotplug_device
 from drivers.qemu.cgroup import DeviceCgroups, Rules, base_rules, element_rules
@@ -191,13 +192,16 @@ class DeviceChanges:
             )
         added: list[str] = []
         allowed: Rules = {}
+        labeled: list[str] = []
+        local = None
+        if resolved is not None and resolved.kind != "network":
+            local = resolved.path
         try:
             if self._cgroups is not None and self._cgroups.enabled:
-                local = None
-                if resolved is not None and resolved.kind != "network":
-                    local = resolved.path
                 rules = await asyncio.to_thread(element_rules, disk.element, local)
                 allowed = await self._cgroups.allow(dom.defn.uuid, dom.defn.name, rules)
+            # its files become the QEMU user's before QEMU opens them (drivers/qemu/dac.py)
+            labeled = await self._launcher.label_disk(trial, disk.element, local)
             nodes = blockdev_nodes(disk, storage, fmt, resolved)
             pci = await self._free_slot(dom, run, disk)
             props = hotplug_device(disk, fmt, pci)
@@ -211,6 +215,7 @@ class DeviceChanges:
                     await dom.execute(run, "blockdev-del", {"node-name": name})
             if self._cgroups is not None and allowed:  # new to the group: nobody else's
                 await self._cgroups.revoke(dom.defn.uuid, allowed, {})
+            await self._launcher.unlabel_disk(dom.defn.uuid, labeled)  # held by nobody else
             if resolved is not None:
                 self._leases.release_one(dom.defn.uuid, resolved.pool, resolved.volume)
             raise
@@ -358,6 +363,7 @@ class DeviceChanges:
         run.live_xml = None
         await dom.save_status(run)
         await self._revoke(dom, run, disk, str(inserted.get("file", "")))
+        await self._unlabel(dom, run, disk, str(inserted.get("file", "")))
         if disk.type == "volume":
             src = disk.element.find("source")
             assert src is not None
@@ -392,6 +398,27 @@ class DeviceChanges:
             return
         keep = await self._cgroups.in_use(run.live, files)
         await self._cgroups.revoke(dom.defn.uuid, gone, keep)
+
+    async def _unlabel(self, dom: Domain, run: Run, disk: Disk, opened: str) -> None:
+        """The detached disk's files go back to their owners (drivers/qemu/dac.py) unless
+        the run still uses them: another disk (query-block's files: volumes too) or a
+        device of the live definition."""
+        if self._launcher.qemu_user(dom.defn.uuid) is None:
+            return
+        paths = {hp.path for hp in confine.host_paths(disk.element)
+                 if hp.kind == confine.Kind.FILE}  # fmt: skip
+        if opened:
+            paths.add(opened)
+        keep = {hp.path for hp in confine.host_paths(run.live.root)}
+        try:
+            for entry in await dom.execute(run, "query-block") or []:
+                keep.add(str((entry.get("inserted") or {}).get("file", "")))
+        except VirtbusError as exc:  # they stay the QEMU user's until the run ends
+            log.warning("domain %s: cannot tell which files it still uses (%s): disk %s's "
+                        "stay its QEMU's until it stops", dom.defn.name, exc,
+                        disk.target_dev)  # fmt: skip
+            return
+        await self._launcher.unlabel_disk(dom.defn.uuid, sorted(paths - keep))
 
     # --- domblkinfo ---------------------------------------------------------------------
     # --- memory (setmem, setmaxmem) -----------------------------------------------------

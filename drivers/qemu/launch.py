@@ -260,6 +260,19 @@ class Launcher:
         """Who the QEMU of ``uuid`` runs as (None: the agent's user) and its own run dir."""
         return self._dac.user(uuid) if self._dac is not None else None
 
+    async def label_disk(self, live: DomainDefinition, el: Element, volume: str | None,
+                         ) -> list[str]:  # fmt: skip
+        """Give a disk being hot-plugged to the domain's QEMU user (drivers/qemu/dac.py);
+        the paths given, for :meth:`unlabel_disk` (none when QEMU runs as the agent's)."""
+        if self._dac is None:
+            return []
+        return await self._dac.acquire_disk(live, el, volume)
+
+    async def unlabel_disk(self, uuid: str, paths: list[str]) -> None:
+        """Give back what :meth:`label_disk` gave (a detached or failed hot-plug)."""
+        if self._dac is not None and paths:
+            await self._dac.release_disk(uuid, paths)
+
     def own_dir(self, uuid: str) -> Path:
         return confine.own_dir(self._rt.store.run_dir, uuid)
 

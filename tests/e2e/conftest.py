@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from qemu.qmp import ExecuteError, QMPClient
 
 from tests.e2e.lxc_support import (
     LxcHost,
@@ -27,6 +28,28 @@ from tests.guests.lxc import LxcRootfs, build_lxc_rootfs
 from tests.procs import unique_host
 
 _LEFTOVER_KILL_WAIT = 5.0  # s, per leftover QEMU after SIGKILL
+
+
+PORTS = "<controller type='pci' index='0' model='pcie-root'/>" + "".join(
+    f"<controller type='pci' index='{i}' model='pcie-root-port'/>" for i in range(1, 5)
+)  # spare root ports: a disk is hot-plugged into one
+
+
+async def qmp(socket: Path, *commands: tuple[str, dict[str, object]]) -> list[object]:
+    """Each command's answer, or the ExecuteError it raised, over QEMU's own monitor
+    (the agent stopped: it holds the monitor otherwise)."""
+    client = QMPClient("e2e-test")
+    await client.connect(str(socket))
+    out: list[object] = []
+    try:
+        for cmd, args in commands:
+            try:
+                out.append(await client.execute(cmd, args))
+            except ExecuteError as exc:
+                out.append(exc)
+    finally:
+        await client.disconnect()
+    return out
 
 
 def qemu_pids_under(root: Path) -> list[int]:

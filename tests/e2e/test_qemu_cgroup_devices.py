@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError
 
 from drivers.qemu.cgroup import PARENT, agent_key, find_hierarchy
 from drivers.qemu.dac import REMEMBER
-from tests.e2e.conftest import qemu_pids_under
+from tests.e2e.conftest import PORTS, qemu_pids_under, qmp
 from tests.e2e.test_qemu_dac import USER, status_ids
 from tests.e2e.test_qemu_driver import kernel_xml, wait_serial
 from tests.guests import READY_MARKER, TestGuest, build_test_guest
@@ -39,9 +39,6 @@ MIB = 1 << 20
 #: libvirt's cgroup_device_acl, spelled out here (not imported: the test checks the list)
 ACL = ("/dev/null", "/dev/full", "/dev/zero", "/dev/random", "/dev/urandom", "/dev/ptmx",
        "/dev/kvm", "/dev/userfaultfd")  # fmt: skip
-PORTS = "<controller type='pci' index='0' model='pcie-root'/>" + "".join(
-    f"<controller type='pci' index='{i}' model='pcie-root-port'/>" for i in range(1, 5)
-)  # spare root ports: a disk is hot-plugged into one
 
 
 def hierarchy() -> Path:
@@ -150,23 +147,6 @@ def devices_group(pid: int) -> str:
         if "devices" in controllers.split(","):
             return path
     raise AssertionError(f"pid {pid} is in no devices cgroup")
-
-
-async def qmp(socket: Path, *commands: tuple[str, dict[str, object]]) -> list[object]:
-    """Each command's answer, or the ExecuteError it raised, over QEMU's own monitor
-    (the agent stopped: it holds the monitor otherwise)."""
-    client = QMPClient("cgroup-test")
-    await client.connect(str(socket))
-    out: list[object] = []
-    try:
-        for cmd, args in commands:
-            try:
-                out.append(await client.execute(cmd, args))
-            except ExecuteError as exc:
-                out.append(exc)
-    finally:
-        await client.disconnect()
-    return out
 
 
 async def test_qemu_opens_only_the_block_devices_it_is_given(host: Host, guest: TestGuest) -> None:

@@ -1,7 +1,8 @@
 """Issue 13, a confined QEMU (sVirt's DAC part) through a real agent, the real broker, the
 CLI and real QEMU: with ``qemu_user=virtbus-qemu`` the guest's QEMU runs as that uid
 (/proc/PID/status), owns its files only for the run (given back at destroy, also by an
-agent restarted meanwhile) and cannot open a root-owned 0600 file it was not given."""
+agent restarted meanwhile; a hot-plugged disk's from its attach to its detach) and cannot
+open a root-owned 0600 file it was not given."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from qemu.qmp import ExecuteError
 
-from tests.e2e.conftest import qemu_pids_under
+from tests.e2e.conftest import PORTS, qemu_pids_under, qmp
 from tests.e2e.test_qemu_driver import firmware_xml, kernel_xml, wait_serial
 from tests.guests import READY_MARKER, TestGuest, build_test_guest
 from tests.procs import AgentProc, agent_process, cli, qemu_allowed_dirs, unique_host
+from tests.storage.test_qemu_volumes import wait_blocks
 
 pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.slow]
 USER = "virtbus-qemu"
@@ -92,7 +95,7 @@ async def test_qemu_runs_unprivileged_and_owns_its_files_only_for_the_run(
     serial = own / "serial.log"
     xml = (xml.replace("/SERIAL", str(serial)).replace(str(guest.kernel), str(kernel))
            .replace(str(guest.initramfs), str(initrd))
-           .replace("</devices>", disk(data, "vdb") + "</devices>"))  # fmt: skip
+           .replace("</devices>", disk(data, "vdb") + PORTS + "</devices>"))  # fmt: skip
     (host.base / "dac.xml").write_text(xml)
     (host.base / "shadow.xml").write_text(firmware_xml("shadow", devices=disk("/etc/shadow",
                                                                            "vda")))  # fmt: skip
@@ -111,13 +114,29 @@ async def test_qemu_runs_unprivileged_and_owns_its_files_only_for_the_run(
         for f in (data, serial, own):
             assert f.stat().st_uid == user.pw_uid, f
         assert kernel.stat().st_uid == 0  # read-only boot files are not given away
-        # a root-owned 0600 file it was not given: QEMU itself cannot open it
+        # a root-owned 0600 file hot-plugged: given to the user before QEMU opens it (as
+        # libvirt relabels a hot-plugged image), seen by the guest, given back at detach
+        await wait_blocks(serial, "vda")  # the guest names its one disk (vdb) vda
         r = await cli("attach-device", "dac", str(host.base / "secret.xml"), "--live",
                       "--host", host.name)  # fmt: skip
-        assert r.code != 0 and "Permission denied" in r.err, r.err
-        assert secret.stat().st_uid == 0
+        assert r.code == 0, r.err
+        assert secret.stat().st_uid == user.pw_uid
+        await wait_blocks(serial, "vda vdb")
+        r = await cli("detach-device", "dac", str(host.base / "secret.xml"), "--live",
+                      "--host", host.name)  # fmt: skip
+        assert r.code == 0, r.err
+        await wait_blocks(serial, "vda")
+        assert (secret.stat().st_uid, secret.stat().st_mode & 0o777) == (0, 0o600)
+        assert data.stat().st_uid == user.pw_uid  # the run's own disk stays the user's
     # the agent stopped, the guest runs on; a new agent destroys it and gives the files back
     assert qemu_pids_under(host.base) == [pid]
+    # a root-owned 0600 file it was not given: QEMU itself cannot open it (its own
+    # monitor, as a hostile QEMU would ask)
+    monitor = host.base / "run" / f"{uuid}.qmp"
+    assert monitor.is_socket(), monitor
+    probe = {"driver": "file", "node-name": "probe", "filename": str(secret)}
+    (denied,) = await qmp(monitor, ("blockdev-add", probe))
+    assert isinstance(denied, ExecuteError) and "Permission denied" in str(denied), denied
     async with host.agent():
         assert (await cli("destroy", "dac", "--host", host.name)).code == 0
         for f in (data, serial, own):

@@ -23,11 +23,12 @@ import pytest
 
 from drivers.qemu import acl
 from drivers.qemu.dac import REMEMBER
-from tests.e2e.conftest import qemu_pids_under
+from tests.e2e.conftest import PORTS, qemu_pids_under
 from tests.e2e.test_qemu_dac import disk, status_ids
 from tests.e2e.test_qemu_driver import kernel_xml, wait_serial
 from tests.guests import READY_MARKER, TestGuest, build_test_guest
 from tests.procs import AgentProc, agent_process, cli, qemu_allowed_dirs, unique_host
+from tests.storage.test_qemu_volumes import wait_blocks
 
 pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.slow]
 FIRST = 231000  # no account of a test host uses these (checked below)
@@ -196,6 +197,56 @@ async def test_two_guests_run_under_their_own_uids_and_cannot_open_each_others_d
         assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o600)
         assert acl.XATTR not in os.listxattr(iso)
         assert host.allocations() == {uuid_a: uid_a, uuid_b: uid_b}  # defined: kept
+
+
+async def test_a_hot_plugged_disk_is_its_uids_from_attach_to_detach(
+    host: Host, guest: TestGuest
+) -> None:
+    """A disk attached live is labelled as a launch labels one (libvirt relabels a
+    hot-plugged image): a private disk chowned to the domain's uid and closed to the
+    others (0600), a read-only one given by an ACL entry; the detach gives both back, and
+    a hot-plug QEMU refuses gives back what it had been given."""
+    data = write(host.images / "hp.img", 0o644)
+    iso = write(host.images / "hp.iso", 0o600)
+    bad = write(host.images / "bad.img", 0o644)  # raw bytes, declared qcow2 below
+    more = "".join(f"<controller type='pci' index='{i}' model='pcie-root-port'/>"
+                   for i in (5, 6))  # fmt: skip
+    xml, uuid = guest_xml(host, guest, "ph", PORTS + more)
+    ro = disk(iso, "vdc").replace("</disk>", "<readonly/></disk>")
+    plugs = {"data": disk(data, "vdb"), "iso": ro,
+             "bad": disk(bad, "vdd").replace("type='raw'", "type='qcow2'")}  # fmt: skip
+    for name, device in plugs.items():
+        (host.base / f"{name}.xml").write_text(device)
+    serial = host.run / uuid / "serial.log"
+
+    async def plug(verb: str, name: str) -> tuple[int, str]:
+        r = await cli(verb, "ph", str(host.base / f"{name}.xml"), "--live", "--host", host.name)
+        return r.code, r.err
+
+    async with host.agent():
+        await define_start(host, "ph", xml)
+        await wait_blocks(serial, "")  # booted, no disk yet
+        (uid, *_), _ = status_ids(pid_of(uuid))
+        assert await plug("attach-device", "data") == (0, "")
+        assert await plug("attach-device", "iso") == (0, "")
+        await wait_blocks(serial, "vda vdb")
+        info = data.stat()
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (uid, uid, 0o600)
+        assert acl.user_perm(str(iso), uid) == 4 and iso.stat().st_uid == 0
+        assert opens_as(FIRST + 1, data).returncode != 0  # another guest's uid: shut out
+        code, err = await plug("attach-device", "bad")
+        assert code != 0 and "OPERATION_FAILED" in err, err
+        info = bad.stat()  # QEMU refused it: given back at once
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 0, 0o644)
+        assert REMEMBER not in os.listxattr(bad)
+        assert await plug("detach-device", "data") == (0, "")
+        assert await plug("detach-device", "iso") == (0, "")
+        await wait_blocks(serial, "")
+        info = data.stat()
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 0, 0o644)
+        assert REMEMBER not in os.listxattr(data)
+        assert acl.user_perm(str(iso), uid) is None
+        assert (await cli("destroy", "ph", "--host", host.name)).code == 0
 
 
 @pytest.mark.parametrize("host", [1], indirect=True)  # a range of one uid
