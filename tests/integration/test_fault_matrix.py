@@ -617,10 +617,14 @@ async def test_scheduler_killed_in_each_migration_phase(vhost: str, tmp_path: Pa
         row = judge("scheduler kill, 7 phases", load, events, await listings(bus, [a, b]),
                     moved)  # fmt: skip
     assert_clean(row)
-    # before ``perform`` nothing was streamed: rolled back; from ``finish`` on: forward
-    # (``perform`` is journaled before its step: the source never streamed)
+    # before ``perform`` nothing was streamed: rolled back; from ``progress`` on: forward
+    # (``perform`` is journaled before its step: the source never streamed; ``progress``
+    # is entered once the source streams, so the source's status sends it forward)
     assert all(outcomes[p] == "failed" for p in ("prepare", "perform", "rollback")), outcomes
-    assert all(outcomes[p] == "completed" for p in ("finish", "confirm", "done")), outcomes
+    assert all(
+        outcomes[p] == "completed" for p in ("progress", "finish", "confirm", "done")
+    ), outcomes
+    assert set(outcomes) == set(PHASES), outcomes
 
 
 @pytest.mark.asyncio(loop_scope="session")  # the shared cluster's (conftest.py)
