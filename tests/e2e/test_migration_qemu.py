@@ -26,7 +26,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from drivers.qemu.cgroup import PARENT
 from tests.e2e.conftest import qemu_pids_under
+from tests.e2e.test_qemu_cgroup_devices import devices_group, hierarchy
 from tests.guests import TestGuest, ensure_test_guest
 from tests.integration.test_scheduler_cluster import (  # noqa: F401 - the vhost fixture
     URL,
@@ -226,7 +228,9 @@ async def test_a_guest_with_its_own_uid_migrates_and_takes_one_of_the_destinatio
     guest's QEMU runs as a uid of the source's range, its destination QEMU as one of the
     destination's, the source's uid is free once it left, and its disk (shared storage)
     moves from one uid to the other and back to its owner when the guest stops; a failed
-    attempt first gives the disk back to the source's uid."""
+    attempt first gives the disk back to the source's uid. Both agents confine QEMU to a
+    device cgroup too (``cgroup_devices=on``): the destination's QEMU gets a group of its
+    own agent's through the same launch, and the source's goes with its QEMU."""
     guest = await ensure_test_guest()
     base = Path(tempfile.mkdtemp(prefix="virtbus-miguid-"))  # searchable by every uid
     try:
@@ -251,6 +255,7 @@ async def test_a_guest_with_its_own_uid_migrates_and_takes_one_of_the_destinatio
                 (base / host).mkdir()
                 procs.append(await stack.enter_async_context(agent_process(
                     host, base / host, "--driver-option", f"qemu_uid_range={uids}",
+                    "--driver-option", "cgroup_devices=on",
                     driver="qemu", bus=URL, keep_queue=True)))  # fmt: skip
             a, b = procs
             await stack.enter_async_context(scheduler_process(base / "sched"))
@@ -261,6 +266,9 @@ async def test_a_guest_with_its_own_uid_migrates_and_takes_one_of_the_destinatio
             assert uid_of(pid) == 232000 and data.stat().st_uid == 232000
             info = await cli("--json", "dominfo", "uid1", "--host", a.host, bus=URL)
             uuid = info.json()["uuid"]
+            src_group = devices_group(pid)
+            assert src_group.startswith(f"/{PARENT}/") and src_group.endswith(uuid), src_group
+            assert (hierarchy() / src_group.lstrip("/")).is_dir()
             dst = kernel_xml(kernel, initrd, guest.cmdline, dst_serial, uuid)
             dst = dst.replace("mig1", "uid1").replace("</devices>", disk)
             (base / "uid1-dst.xml").write_text(dst)
@@ -284,12 +292,15 @@ async def test_a_guest_with_its_own_uid_migrates_and_takes_one_of_the_destinatio
             assert await placed("uid1") == [(b.host, "running")]
             (pid,) = qemu_pids_under(b.state_dir)
             assert uid_of(pid) == 232100 and data.stat().st_uid == 232100
+            dst_group = devices_group(pid)  # the destination agent's, not the source's
+            assert dst_group.endswith(uuid) and dst_group != src_group, dst_group
             last = max_tick(serial)
             assert await wait_tick(dst_serial, last + 2) > last + 2
             async with asyncio.timeout(30):  # confirm quit the source's QEMU
                 while qemu_pids_under(a.state_dir):
                     await asyncio.sleep(0.05)
             assert allocations(a.state_dir) == {}  # the source's uid is free again
+            assert not (hierarchy() / src_group.lstrip("/")).exists()  # nor its group
             assert allocations(b.state_dir) == {uuid: 232100}
             assert data.stat().st_uid == 232100  # the source's stop left it to the destination
             await vcli("destroy", "uid1", "--host", b.host)
