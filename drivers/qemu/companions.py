@@ -233,3 +233,14 @@ async def watch(comp: Companions, domain: str) -> None:
 def forget(settings: ArgvSettings, uuid: str) -> None:
     """Remove a domain's persistent helper state kept under virtbus' own directories."""
     shutil.rmtree(settings.swtpm_state_dir / uuid, ignore_errors=True)
+
+
+def disown_logs(run_dir: Path, uuid: str) -> None:
+    """A gone domain's helper logs (``<run_dir>/<uuid>.<dev>-swtpm.log``), which its QEMU's
+    uid owned, become the agent's (its uid, group and mode 0640)."""
+    for log_file in run_dir.glob(f"{uuid}.*-swtpm.log"):
+        try:
+            os.chown(log_file, os.getuid(), os.getgid())
+            os.chmod(log_file, 0o640)
+        except OSError as exc:
+            log.warning("cannot take back %s: %s", log_file, exc)

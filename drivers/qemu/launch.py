@@ -252,8 +252,12 @@ class Launcher:
 
     def forget(self, uuid: str) -> None:
         """The domain is gone from this host (undefined, or migrated away): its persistent
-        helper state (a TPM's) goes too, as libvirt removes it, and its uid is free."""
+        helper state (a TPM's) goes too, as libvirt removes it, and its uid is free. The
+        helpers' logs stay (as libvirt's do), given back to the agent's user: a uid that
+        is free again may be the next domain's, which must not own this one's logs."""
         comp.forget(self._argv, uuid)
+        if self._dac is not None:
+            comp.disown_logs(self._rt.store.run_dir, uuid)
         self.free_uid(uuid)
 
     def qemu_user(self, uuid: str) -> QemuUser | None:

@@ -145,8 +145,12 @@ async def test_swtpm_runs_as_the_domains_qemu_and_the_tpm_works(env: Env, guest:
     await env.driver.destroy(uuid)
     await wait_gone("swtpm", uuid)
     assert any(state.iterdir()), "the TPM's state outlives a run"
+    logs = list(env.run_dir.glob(f"{uuid}.*-swtpm.log"))
+    assert logs and all(p.stat().st_uid == uid for p in logs), logs  # premise: the uid's
     await env.driver.undefine(uuid)
     assert not state.exists(), "undefine forgets the TPM state, as libvirt does"
+    for path in logs:  # kept, as libvirt keeps them, but no longer a (reusable) uid's
+        assert (path.stat().st_uid, path.stat().st_mode & 0o777) == (0, 0o640), path
 
 
 async def test_a_migrated_tpm_runs_under_the_destinations_uid(guest: TestGuest) -> None:
