@@ -45,6 +45,7 @@ from virtbus.bus.topology import (
 from virtbus.errors import OperationFailed, ProtocolError, VirtbusError
 from virtbus.protocol.codec import decode, encode
 from virtbus.protocol.envelope import Envelope, Kind, error_body, new_id, reply_to
+from virtbus.settings import Backoff
 
 if TYPE_CHECKING:
     from virtbus.bus.amqp import AmqpBus
@@ -87,6 +88,37 @@ AMQP_FAILURES: Final = (
 # that fails after the frames were queued fails the confirm (calls, events) or loses a
 # message that was best effort anyway (replies: the caller's timeout, then a retry answered
 # from the reply log; heartbeats, metrics and audit records: the next one).
+
+
+async def restore_with_backoff(
+    channel: AbstractRobustChannel,
+    step: Callable[[], Awaitable[None]],
+    *,
+    policy: Backoff,
+    what: str,
+    stopped: Callable[[], bool],
+    delay_first: bool = False,
+) -> bool:
+    """Run ``step`` (declare, bind, consume again) once ``channel`` is ready, retrying with
+    the reconnect ``policy`` while the broker refuses: the one loop the consumers that the
+    broker can cancel under an open channel share (a server, a subscription, a history
+    read). Always in a task of its own, never in the reconnect task (it waits for the
+    channel). False when it gave up: ``stopped()``, or a refusal that closed the channel,
+    whose restore by aio-pika consumes again instead."""
+    delays = backoff_delays(policy)
+    if delay_first:
+        await asyncio.sleep(next(delays))
+    while not stopped():
+        await channel.ready()
+        try:
+            await step()
+            return True
+        except AMQP_FAILURES as exc:
+            log.warning("cannot %s: %s", what, exc)
+            if channel.is_closed:
+                return False
+        await asyncio.sleep(next(delays))
+    return False
 
 
 async def publish_queued(
@@ -376,25 +408,23 @@ class AmqpServer:
             self._restoring = self._restores.spawn(self._restore(), "restore consumer")
 
     async def _restore(self) -> None:
-        """Declare and bind the call queue again (it may be gone) and consume, retrying
-        with the bus's reconnect backoff while the broker refuses. A channel that closes
-        meanwhile is restored by aio-pika, and its reopen consumes (then this ends)."""
-        delays = backoff_delays(self._bus.settings.reconnect)
+        """Declare and bind the call queue again (it may be gone) and consume, with the
+        bus's reconnect backoff while the broker refuses. A channel that closes meanwhile
+        is restored by aio-pika, and its reopen consumes."""
         timeout = self._bus.settings.connect_timeout
-        while not self._stopping:
-            await self._channel.ready()  # a task of its own: never in the reconnect task
-            try:
-                assert isinstance(self._channel, aio_pika.Channel)
-                underlay = await aio_pika.Channel.get_underlay_channel(self._channel)
-                if underlay is self._consuming_on:
-                    return  # the channel's reopen consumed meanwhile
-                await self._queue.declare(timeout=timeout)
-                await self._queue.bind(RPC_EXCHANGE, routing_key=self.route, timeout=timeout)
-                await self._consume(underlay)
-                return
-            except AMQP_FAILURES as exc:
-                log.warning("cannot consume %s again: %s", self.route, exc)
-            await asyncio.sleep(next(delays))
+
+        async def step() -> None:
+            assert isinstance(self._channel, aio_pika.Channel)
+            underlay = await aio_pika.Channel.get_underlay_channel(self._channel)
+            if underlay is self._consuming_on:
+                return  # the channel's reopen consumed meanwhile
+            await self._queue.declare(timeout=timeout)
+            await self._queue.bind(RPC_EXCHANGE, routing_key=self.route, timeout=timeout)
+            await self._consume(underlay)
+
+        await restore_with_backoff(self._channel, step, policy=self._bus.settings.reconnect,
+                                   what=f"consume {self.route} again",
+                                   stopped=lambda: self._stopping)  # fmt: skip
 
     async def _on_reopened(self, _sender: object) -> None:
         """aio-pika restored the channel (qos, the queue and its binding) but not this
@@ -648,19 +678,12 @@ class AmqpSubscription:
             self._restoring = self._restores.spawn(self._restore(), "restore subscription")
 
     async def _restore(self) -> None:
-        """Declare a new queue, with the bus's reconnect backoff while the broker refuses;
-        a refusal that closes the channel ends here (its reopen declares one)."""
-        delays = backoff_delays(self._bus.settings.reconnect)
-        while not self._buffer.closed:
-            await self._channel.ready()
-            try:
-                await self._declare()
-                return
-            except AMQP_FAILURES as exc:
-                log.warning("cannot restore the subscription to %s: %s", self.exchange, exc)
-                if self._channel.is_closed:
-                    return
-            await asyncio.sleep(next(delays))
+        """Declare a new queue, with the bus's reconnect backoff while the broker refuses
+        (a refusal that closes the channel: its reopen declares one)."""
+        await restore_with_backoff(self._channel, self._declare,
+                                   policy=self._bus.settings.reconnect,
+                                   what=f"restore the subscription to {self.exchange}",
+                                   stopped=lambda: self._buffer.closed)  # fmt: skip
 
     @classmethod
     async def start_stream(
@@ -860,23 +883,22 @@ class HistorySubscription(AmqpSubscription):
         """Consume again from the first offset not kept, retrying with the bus's reconnect
         backoff while the broker refuses (a refusal that closes the channel comes back
         here through its restore)."""
-        delays = backoff_delays(self._bus.settings.reconnect)
-        await asyncio.sleep(next(delays) if self._restore_failures else 0)
-        while not self._buffer.closed:
-            await self._channel.ready()
+
+        async def step() -> None:
             if self._window.paused and not self._window.may_resume(len(self._buffer)):
                 return  # the reader's next take resumes it
             try:
                 await self._resume()
-            except AMQP_FAILURES as exc:
+            except AMQP_FAILURES:
                 self._restore_failures += 1
-                log.warning("cannot restore the history read of %s: %s", self.exchange, exc)
-                if self._channel.is_closed:
-                    return  # its restore calls us again
-                await asyncio.sleep(next(delays))
-                continue
+                raise
+
+        if await restore_with_backoff(
+            self._channel, step, policy=self._bus.settings.reconnect,
+            what=f"restore the history read of {self.exchange}",
+            stopped=lambda: self._buffer.closed, delay_first=self._restore_failures > 0,
+        ):  # fmt: skip
             self._restore_failures = 0
-            return
 
     async def close(self) -> None:
         self._flow = None
