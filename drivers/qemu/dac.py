@@ -394,19 +394,21 @@ class DacLabels:
                 entry = await asyncio.to_thread(_original, path, False, user)
                 if entry is not None:
                     files.append(entry)
-        except BaseException:
+            doc["files"] += files
+            doc["acl"] += [[path, perm] for path in acls]
+            await atomic_write(record, json.dumps(doc).encode())
+        except BaseException:  # no record of them: count this hot-plug out again
             for entry in files:
                 await asyncio.to_thread(_forget_holder, str(entry[0]), entry, user.uid)
             raise
-        doc["files"] += files
-        doc["acl"] += [[path, perm] for path in acls]
-        await atomic_write(record, json.dumps(doc).encode())
-        for entry in files:
-            await asyncio.to_thread(_chown, str(entry[0]), user, self.per_domain)
-        for path in acls:
-            await asyncio.to_thread(_grant, path, user, perm, live.name)
         given = [str(e[0]) for e in files] + acls
+        # recorded first (a crash from here on is given back at the end of the run); a
+        # chown, an ACL or a reach that fails gives back now what this hot-plug took
         try:
+            for entry in files:
+                await asyncio.to_thread(_chown, str(entry[0]), user, self.per_domain)
+            for path in acls:
+                await asyncio.to_thread(_grant, path, user, perm, live.name)
             for path in given:
                 await asyncio.to_thread(check_reachable, Path(path), user, live.name)
         except BaseException:
@@ -428,13 +430,16 @@ class DacLabels:
         uid, gone = int(doc.get("uid", -1)), set(paths)
         files = [e for e in doc.get("files", []) if str(e[0]) in gone]
         acls = [a for a in doc.get("acl", []) if str(a[0]) in gone]
-        doc["files"] = [e for e in doc.get("files", []) if str(e[0]) not in gone]
-        doc["acl"] = [a for a in doc.get("acl", []) if str(a[0]) not in gone]
-        await atomic_write(record, json.dumps(doc).encode())
+        # given back first, then out of the record: a release cut short (its command's
+        # timeout, the agent stopping) leaves the rest to the end of the run, as release
+        # does, instead of owned by a uid nothing would ever take it back from
         for entry in files:
             await asyncio.to_thread(_restore, str(entry[0]), uid, list(entry))
         for path, _perm in acls:
             await asyncio.to_thread(_revoke, str(path), uid)
+        doc["files"] = [e for e in doc.get("files", []) if str(e[0]) not in gone]
+        doc["acl"] = [a for a in doc.get("acl", []) if str(a[0]) not in gone]
+        await atomic_write(record, json.dumps(doc).encode())
 
     def _prepare_dirs(self, user: QemuUser, own: Path) -> None:
         """The agent's run dir and the domain's own dir (which exists afterwards).

@@ -1,0 +1,113 @@
+"""What a hot-plug gives a confined QEMU and takes back (drivers/qemu/dac.py acquire_disk /
+release_disk) when a step fails or is cut short, on real files (the tests run as root).
+The end-to-end behaviour is in tests/e2e/test_qemu_peruid.py and test_qemu_dac.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from drivers.qemu import dac
+from drivers.qemu.dac import REMEMBER, SUFFIX, DacLabels
+from virtbus.domain import DomainDefinition
+from virtbus.domain.devices import parse_device
+from virtbus.domain.xml import parse_domain_xml
+
+UUID = "3b1f8a52-6c1e-4d0a-9d55-0a1b2c3d4e5f"
+FIRST = 233000  # a per-domain uid no account of a test host uses
+
+
+def _domain() -> DomainDefinition:
+    return parse_domain_xml(
+        f"<domain type='kvm'><name>hp</name><uuid>{UUID}</uuid><memory>65536</memory>"
+        "<os><type>hvm</type></os><devices/></domain>"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _reachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytest's tmp dirs are under a 0700 dir of root's: what QEMU could reach is not what
+    these tests are about."""
+    monkeypatch.setattr(dac, "check_reachable", lambda *_args: None)
+
+
+def _labels(tmp_path: Path) -> DacLabels:
+    run = tmp_path / "run"
+    run.mkdir()
+    labels = DacLabels("", run, uid_range=f"{FIRST}-{FIRST + 9}", state_dir=tmp_path)
+    assert labels.pool is not None
+    labels.pool.allocate(UUID, "hp")
+    return labels
+
+
+def _image(path: Path) -> Path:
+    path.write_bytes(b"\0" * 512)
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o644)
+    return path
+
+
+def _owner(path: Path) -> tuple[int, int, int]:
+    info = path.stat()
+    return info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)
+
+
+def _recorded(labels: DacLabels) -> set[str]:
+    doc = json.loads((labels._run_dir / f"{UUID}{SUFFIX}").read_bytes())
+    return {str(e[0]) for e in doc["files"]} | {str(a[0]) for a in doc["acl"]}
+
+
+async def test_a_hot_plug_whose_chown_fails_gives_back_what_it_had_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record is written before the chowns (a crash then still gives them back), but a
+    chown that fails must not leave the files chowned before it the QEMU's (nor in the
+    record) until the run ends: the hot-plug failed, QEMU never opens them."""
+    labels = _labels(tmp_path)
+    top, volume = _image(tmp_path / "top.img"), _image(tmp_path / "vol.img")
+    el = parse_device(f"<disk type='file' device='disk'><source file='{top}'/>"
+                      "<target dev='vdb' bus='virtio'/></disk>")  # fmt: skip
+    real = dac._chown
+
+    def chown(path: str, user: dac.QemuUser, private: bool) -> None:
+        if path == str(volume):
+            raise PermissionError(1, "Operation not permitted", path)
+        real(path, user, private)
+
+    monkeypatch.setattr(dac, "_chown", chown)
+    with pytest.raises(OSError, match="not permitted"):
+        await labels.acquire_disk(_domain(), el, str(volume))
+    for path in (top, volume):
+        assert _owner(path) == (0, 0, 0o644), path
+        assert REMEMBER not in os.listxattr(path), path
+    assert _recorded(labels) == set()
+
+
+async def test_a_detach_cut_short_leaves_what_it_did_not_give_back_in_the_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """release_disk takes a file out of the run's record only once it is given back: a
+    detach cancelled in between (its command timed out, the agent stopping) leaves it for
+    the end of the run, instead of owned by a uid that a later domain may get."""
+    labels = _labels(tmp_path)
+    image = _image(tmp_path / "data.img")
+    el = parse_device(f"<disk type='file' device='disk'><source file='{image}'/>"
+                      "<target dev='vdb' bus='virtio'/></disk>")  # fmt: skip
+    assert await labels.acquire_disk(_domain(), el, None) == [str(image)]
+    assert _owner(image) == (FIRST, FIRST, 0o600)
+
+    def cut(*_args: object) -> None:
+        raise KeyboardInterrupt  # stands for the cancel: nothing was given back
+
+    monkeypatch.setattr(dac, "_restore", cut)
+    with pytest.raises(KeyboardInterrupt):
+        await labels.release_disk(UUID, [str(image)])
+    assert _recorded(labels) == {str(image)}
+    monkeypatch.undo()
+    await labels.release(UUID)  # the end of the run
+    assert _owner(image) == (0, 0, 0o644)
+    assert REMEMBER not in os.listxattr(image)
