@@ -28,6 +28,7 @@ import contextlib
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,10 +238,26 @@ def forget(settings: ArgvSettings, uuid: str) -> None:
 
 def disown_logs(run_dir: Path, uuid: str) -> None:
     """A gone domain's helper logs (``<run_dir>/<uuid>.<dev>-swtpm.log``), which its QEMU's
-    uid owned, become the agent's (its uid, group and mode 0640)."""
+    uid owned, become the agent's (its uid, group and mode 0640).
+
+    Through the file itself, never its name: with one shared ``qemu_user`` the run dir is
+    the QEMU group's (1770) and the log the QEMU user's, which may have put a link (or a
+    hard link, a FIFO) in its place; a chown and chmod by name would have been the agent's
+    (root's) on whatever it points to. Anything but a plain file of one link is left."""
     for log_file in run_dir.glob(f"{uuid}.*-swtpm.log"):
         try:
-            os.chown(log_file, os.getuid(), os.getgid())
-            os.chmod(log_file, 0o640)
+            fd = os.open(log_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:  # a symlink (ELOOP), or gone meanwhile
+            log.warning("%s not taken back: %s", log_file, exc)
+            continue
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                log.warning("%s not taken back: not a plain file of one link", log_file)
+                continue
+            os.fchown(fd, os.getuid(), os.getgid())
+            os.fchmod(fd, 0o640)
         except OSError as exc:
             log.warning("cannot take back %s: %s", log_file, exc)
+        finally:
+            os.close(fd)

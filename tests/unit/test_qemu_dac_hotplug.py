@@ -1,6 +1,7 @@
 """What a hot-plug gives a confined QEMU and takes back (drivers/qemu/dac.py acquire_disk /
-release_disk) when a step fails or is cut short, on real files (the tests run as root).
-The end-to-end behaviour is in tests/e2e/test_qemu_peruid.py and test_qemu_dac.py."""
+release_disk) when a step fails or is cut short, and the helper logs taken back at undefine
+(drivers/qemu/companions.py disown_logs), on real files (the tests run as root). The
+end-to-end behaviour is in tests/e2e/test_qemu_peruid.py and test_qemu_dac.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.qemu import dac
+from drivers.qemu import companions, dac
 from drivers.qemu.dac import REMEMBER, SUFFIX, DacLabels
 from virtbus.domain import DomainDefinition
 from virtbus.domain.devices import parse_device
@@ -111,3 +112,25 @@ async def test_a_detach_cut_short_leaves_what_it_did_not_give_back_in_the_record
     await labels.release(UUID)  # the end of the run
     assert _owner(image) == (0, 0, 0o644)
     assert REMEMBER not in os.listxattr(image)
+
+
+def test_helper_logs_are_taken_back_without_following_a_link(tmp_path: Path) -> None:
+    """With one shared qemu_user the run dir is the QEMU group's (1770) and a swtpm log is
+    the QEMU user's: it may replace it with a link to any file, which the agent (root) must
+    not chown or chmod at undefine."""
+    run = tmp_path / "run"
+    run.mkdir()
+    log = run / f"{UUID}.tpm0-swtpm.log"
+    log.write_text("swtpm\n")
+    os.chown(log, FIRST, FIRST)
+    os.chmod(log, 0o600)
+    victim = tmp_path / "victim"
+    victim.write_text("someone else's\n")
+    os.chown(victim, FIRST + 5, FIRST + 5)
+    os.chmod(victim, 0o4755)
+    link = run / f"{UUID}.tpm1-swtpm.log"
+    link.symlink_to(victim)
+    companions.disown_logs(run, UUID)
+    assert _owner(log) == (os.getuid(), os.getgid(), 0o640)
+    assert _owner(victim) == (FIRST + 5, FIRST + 5, 0o4755)
+    assert link.is_symlink()
