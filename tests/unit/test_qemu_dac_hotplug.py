@@ -134,3 +134,42 @@ def test_helper_logs_are_taken_back_without_following_a_link(tmp_path: Path) -> 
     assert _owner(log) == (os.getuid(), os.getgid(), 0o640)
     assert _owner(victim) == (FIRST + 5, FIRST + 5, 0o4755)
     assert link.is_symlink()
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+@pytest.mark.parametrize("step", ["give", "log", "secret"])
+def test_a_helper_file_of_the_run_dir_is_never_opened_through_a_link(
+    tmp_path: Path, dangling: bool, step: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one shared qemu_user the run dir is the QEMU group's (1770), and the swtpm log
+    kept from an earlier run the QEMU user's: a link it put in place of a file the agent
+    (root) gives away, appends to or writes a passphrase to at a start must not give away,
+    write or create the file it points to."""
+    from drivers.qemu import helpers
+    from virtbus.errors import OperationFailed
+
+    monkeypatch.setattr(helpers, "check_reachable", lambda *_args: None)
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim"
+    if not dangling:
+        victim.write_text("root's\n")
+        os.chmod(victim, 0o600)
+    link = run / f"{UUID}.tpm0-swtpm.log"
+    link.symlink_to(victim)
+    secret = tmp_path / "secret.b64"
+    secret.write_text("aGVsbG8=")
+    user = dac.QemuUser("uid", FIRST, FIRST, ())
+    spec = helpers.HelperSpec("swtpm", "tpm0", ("swtpm",), run / "tpm0.sock", files=(link,))
+    with pytest.raises(OperationFailed, match="not a plain file"):
+        if step == "give":
+            helpers._give(spec, user, UUID)
+        elif step == "log":
+            os.close(helpers._open_log(link, ("swtpm",)))
+        else:
+            helpers._write_secrets(((secret, link),))
+    if dangling:
+        assert not victim.exists()
+    else:
+        assert (*_owner(victim), victim.read_text()) == (0, 0, 0o600, "root's\n")
+    assert link.is_symlink()
