@@ -111,6 +111,9 @@ class Pool:
     volumes: dict[str, VolumeFacts] = field(default_factory=dict)  # as of the last scan/op
     stored: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> metadata
     busy: dict[str, str] = field(default_factory=dict)  # volume name -> operation
+    # a volume still being made (a clone's job) -> who makes it: its owner before its
+    # record is written at the end, so the owner rules see it as theirs meanwhile
+    making: dict[str, str | None] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -122,9 +125,12 @@ class Pool:
         return "running" if self.active else "inactive"
 
     def volume_owner(self, name: str) -> str | None:
-        """Who created volume ``name`` (its record's owner; None: nobody's)."""
+        """Who created volume ``name`` (its record's owner, or who is making it; None:
+        nobody's)."""
         record = self.stored.get(name)
-        return stored_owner(record) if record is not None else None
+        if record is None:
+            return self.making.get(name)
+        return stored_owner(record)
 
     def info(self) -> dict[str, Any]:
         """virsh pool-info."""
@@ -599,6 +605,7 @@ class StoragePools:
 
     def _release(self, pool: Pool, name: str) -> None:
         pool.busy.pop(name, None)
+        pool.making.pop(name, None)
 
     async def _exists(self, pool: Pool, name: str) -> bool:
         try:
@@ -751,6 +758,7 @@ class StoragePools:
         if spec.capacity is None:
             spec = dataclasses.replace(spec, capacity=src.capacity)
         self._reserve(pool, vol.name, "cloning")
+        pool.making[vol.name] = owner
         holder = f"job:clone-{time.monotonic_ns()}"
         leased = False
         try:

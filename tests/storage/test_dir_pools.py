@@ -336,12 +336,16 @@ async def test_clone_cancel_leaves_nothing(st: Storage) -> None:
         for i in range(0, 512, 8):
             fh.seek(i * MiB)
             fh.write(os.urandom(MiB))
-    job = await pools.clone_volume("p", volume_xml("c.qcow2", None, format="qcow2"), "p", "big.raw")
+    job = await pools.clone_volume("p", volume_xml("c.qcow2", None, format="qcow2"), "p",
+                                   "big.raw", owner="alice")  # fmt: skip
     assert pools.get("p").busy == {"c.qcow2": "cloning"}
+    # the owner rules see the copy as its maker's before its record is written
+    assert await pools.volume_owner("p/c.qcow2") == "alice"
     await st.jobs.cancel(job.id)
     assert st.jobs.get(job.id).state is JobState.CANCELLED
     assert sorted(os.listdir(st.root / "p")) == ["big.raw"]
     assert pools.get("p").busy == {}
+    assert await pools.volume_owner("p/c.qcow2") is None
     await pools.delete_volume("p", "big.raw")
 
 
