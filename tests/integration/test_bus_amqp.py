@@ -529,6 +529,36 @@ async def test_a_subscription_is_server_named_and_survives_a_reconnect(env: Env)
     await sub.close()
 
 
+async def test_a_subscription_whose_declare_fails_on_its_reopened_channel_is_retried(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A timed-out declare of the new queue on the reopened channel (an open channel: no
+    reopen will come) is retried with backoff, not left deaf for ever."""
+    host = f"h{uuid.uuid4().hex[:8]}"
+    sub = await env.client.subscribe(EVENTS_EXCHANGE, [f"{host}.#"])
+    first = sub.queue_name  # type: ignore[attr-defined]
+    declare = sub._declare  # type: ignore[attr-defined]
+    failures = 0
+
+    async def fails_once() -> None:
+        nonlocal failures
+        if not failures:
+            failures += 1
+            raise TimeoutError("test: the broker did not answer the declare")
+        await declare()
+
+    monkeypatch.setattr(sub, "_declare", fails_once)
+    await _drop_and_wait_back(env.client)
+    async with asyncio.timeout(10):  # a new queue, once the retry declared it
+        while sub.queue_name == first:  # type: ignore[attr-defined]
+            await asyncio.sleep(0.05)
+    assert failures == 1  # premise: the reopen's declare failed
+    event = Envelope(kind=Kind.EVENT, op="domain.event", body={"n": 1}, src=host)
+    await env.server.publish(EVENTS_EXCHANGE, f"{host}.d.started", event, confirm=True)
+    assert (await asyncio.wait_for(sub.__anext__(), 5)).body == {"n": 1}
+    await sub.close()
+
+
 async def test_a_subscription_whose_queue_is_deleted_subscribes_again(env: Env) -> None:
     """The broker cancels the consumer of a deleted queue (an operator's delete) on a
     channel that stays open, so no reopen comes: the subscription declares a new queue

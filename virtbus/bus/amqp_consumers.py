@@ -663,8 +663,9 @@ class AmqpSubscription:
             return
         try:
             await self._declare()
-        except AMQP_FAILURES as exc:  # the connection went again: the next reopen retries
+        except AMQP_FAILURES as exc:  # e.g. a timeout: not left deaf, retried with backoff
             log.warning("cannot restore the subscription to %s: %s", self.exchange, exc)
+            self._spawn_restore()
 
     def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
         """The broker cancelled our consumer (its queue was deleted) on a channel that
@@ -674,6 +675,9 @@ class AmqpSubscription:
         log.warning("the broker cancelled the subscription to %s: subscribing again",
                     self.exchange)  # fmt: skip
         self._tag = None
+        self._spawn_restore()
+
+    def _spawn_restore(self) -> None:
         if self._restoring is None or self._restoring.done():
             self._restoring = self._restores.spawn(self._restore(), "restore subscription")
 
