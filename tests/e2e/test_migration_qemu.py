@@ -300,7 +300,9 @@ async def test_a_guest_with_its_own_uid_migrates_and_takes_one_of_the_destinatio
                 while qemu_pids_under(a.state_dir):
                     await asyncio.sleep(0.05)
             assert allocations(a.state_dir) == {}  # the source's uid is free again
-            assert not (hierarchy() / src_group.lstrip("/")).exists()  # nor its group
+            async with asyncio.timeout(30):  # nor its group: removed once QEMU is reaped
+                while (hierarchy() / src_group.lstrip("/")).exists():
+                    await asyncio.sleep(0.05)
             assert allocations(b.state_dir) == {uuid: 232100}
             assert data.stat().st_uid == 232100  # the source's stop left it to the destination
             await vcli("destroy", "uid1", "--host", b.host)
