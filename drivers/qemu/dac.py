@@ -277,6 +277,7 @@ class DacLabels:
         self._run_dir = run_dir
         self._user: QemuUser | None = None
         self.pool: UidPool | None = None
+        self._locks: dict[str, asyncio.Lock] = {}  # per domain, see _lock
         if uid_range:
             first, last = parse_range(uid_range)
             self.pool = UidPool(Path(state_dir or run_dir) / UIDS_FILE, first, last)
@@ -314,6 +315,15 @@ class DacLabels:
         """The domain left this host (undefined, migrated away): its uid is free again."""
         if self.pool is not None:
             self.pool.free(uuid)
+        lock = self._locks.get(uuid)
+        if lock is not None and not lock.locked():
+            del self._locks[uuid]
+
+    def _lock(self, uuid: str) -> asyncio.Lock:
+        """One record operation at a time per domain: a run's end (its QEMU exiting)
+        gives back everything while a hot-plug may be giving one more file; in turns, the
+        end sees the hot-plug's file in the record, or the hot-plug finds no run."""
+        return self._locks.setdefault(uuid, asyncio.Lock())
 
     def prune(self, known: set[str]) -> None:
         """Free the uids of domains this host does not have (at open)."""
@@ -324,6 +334,10 @@ class DacLabels:
         return self._run_dir / f"{uuid}{SUFFIX}"
 
     async def acquire(self, plan: LaunchPlan) -> None:
+        async with self._lock(plan.live.uuid):
+            await self._acquire(plan)
+
+    async def _acquire(self, plan: LaunchPlan) -> None:
         live = plan.live
         if self.pool is not None:
             await asyncio.to_thread(self.pool.allocate, live.uuid, live.name)
@@ -363,6 +377,11 @@ class DacLabels:
 
     async def acquire_disk(self, live: DomainDefinition, el: Element, volume: str | None,
                            ) -> list[str]:  # fmt: skip
+        async with self._lock(live.uuid):
+            return await self._acquire_disk(live, el, volume)
+
+    async def _acquire_disk(self, live: DomainDefinition, el: Element, volume: str | None,
+                            ) -> list[str]:  # fmt: skip
         """A disk hot-plugged into a running domain (``el``, its volume's path): its files
         are given to the domain's QEMU user as a launch gives them (libvirt relabels a
         hot-plugged image too), recorded in the run's record, so that its detach (or the
@@ -412,11 +431,15 @@ class DacLabels:
             for path in given:
                 await asyncio.to_thread(check_reachable, Path(path), user, live.name)
         except BaseException:
-            await self.release_disk(live.uuid, given)
+            await self._release_disk(live.uuid, given)
             raise
         return given
 
     async def release_disk(self, uuid: str, paths: list[str]) -> None:
+        async with self._lock(uuid):
+            await self._release_disk(uuid, paths)
+
+    async def _release_disk(self, uuid: str, paths: list[str]) -> None:
         """Give ``paths`` (what :meth:`acquire_disk` gave for a disk now detached, less
         what the run still uses) back, and take them out of the run's record."""
         record = self._record(uuid)
@@ -459,6 +482,10 @@ class DacLabels:
         own.mkdir(mode=0o700, exist_ok=True)
 
     async def release(self, uuid: str) -> None:
+        async with self._lock(uuid):
+            await self._release(uuid)
+
+    async def _release(self, uuid: str) -> None:
         record = self._record(uuid)
         try:
             doc = json.loads(await asyncio.to_thread(record.read_bytes))

@@ -5,9 +5,11 @@ end-to-end behaviour is in tests/e2e/test_qemu_peruid.py and test_qemu_dac.py.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,37 @@ def test_a_helper_file_of_the_run_dir_is_never_opened_through_a_link(
     else:
         assert (*_owner(victim), victim.read_text()) == (0, 0, 0o600, "root's\n")
     assert link.is_symlink()
+
+
+async def test_a_run_ending_during_a_hot_plug_gives_its_file_back_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's end (its QEMU exiting) gives back what the record holds while a hot-plug
+    may be giving one more file: one after the other per domain, so the end sees the
+    hot-plug's file in the record and gives it back too, never deletes the record under
+    it (the file then stayed the uid's, with no record left to say so)."""
+    labels = _labels(tmp_path)
+    image = _image(tmp_path / "late.img")
+    el = parse_device(f"<disk type='file' device='disk'><source file='{image}'/>"
+                      "<target dev='vdb' bus='virtio'/></disk>")  # fmt: skip
+    real = dac._original
+    inside, go_on = asyncio.Event(), threading.Event()
+
+    def original(path: str, create: bool, user: dac.QemuUser) -> list[object] | None:
+        loop.call_soon_threadsafe(inside.set)
+        go_on.wait(10)  # the hot-plug stands here, before its record write
+        return real(path, user=user, create=create)
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(dac, "_original", original)
+    plug = asyncio.create_task(labels.acquire_disk(_domain(), el, None))
+    await asyncio.wait_for(inside.wait(), 10)
+    end = asyncio.create_task(labels.release(UUID))  # the QEMU exited meanwhile
+    for _ in range(20):
+        await asyncio.sleep(0)
+    go_on.set()
+    assert await plug == [str(image)]
+    await end
+    assert _owner(image) == (0, 0, 0o644)
+    assert REMEMBER not in os.listxattr(image)
+    assert not (labels._run_dir / f"{UUID}{SUFFIX}").exists()
