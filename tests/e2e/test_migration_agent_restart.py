@@ -153,8 +153,13 @@ async def qmp_migration(state_dir: Path, uuid: str) -> dict[str, object]:
 
 async def migrating_on(state_dir: Path, uuid: str) -> None:
     """The premise that QEMU keeps migrating without its agent: ``query-migrate`` says
-    active and the RAM sent grows between two looks."""
+    active and the RAM sent grows between two looks. QEMU is in ``setup`` first (on a
+    loaded machine still when the agent is killed): that is waited out, bounded."""
     first = await qmp_migration(state_dir, uuid)
+    async with asyncio.timeout(30):
+        while first.get("status") == "setup":
+            await asyncio.sleep(0.1)
+            first = await qmp_migration(state_dir, uuid)
     assert first.get("status") == "active", first
     async with asyncio.timeout(30):
         while True:
