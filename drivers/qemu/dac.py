@@ -645,6 +645,26 @@ def _restore(path: str, uid: int, entry: list[Any]) -> None:
         log.warning("cannot restore the owner of %s: %s", path, exc)
 
 
+def open_plain(path: Path, flags: int, mode: int) -> int:
+    """``os.open`` of a file of the run dir, never through a link: with one shared
+    ``qemu_user`` the run dir is the QEMU group's (1770) and a file kept from an earlier run
+    (a helper's log) the QEMU user's, and any QEMU may have put a link (or a hard link, a
+    FIFO) in its place or ahead of it (a domain's QEMU log before its first start); the
+    agent (root) would have written, created or given away the file it points to.
+    OPERATION_FAILED for anything but a plain file of one link."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as exc:  # ELOOP: a symlink; ENXIO: a FIFO
+        raise OperationFailed(
+            f"{path} is not a plain file ({exc.strerror}): remove it and start again"
+        ) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise OperationFailed(f"{path} is not a plain file of one link: remove it and start again")
+    return fd
+
+
 def check_reachable(path: Path, user: QemuUser, domain: str) -> None:
     """OPERATION_FAILED naming the first directory above ``path`` the user cannot search
     (QEMU would fail with a bare "Permission denied")."""

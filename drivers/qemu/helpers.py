@@ -34,13 +34,18 @@ import logging
 import os
 import shutil
 import signal
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drivers.qemu.dac import QemuUser, check_reachable, give_tree, subprocess_identity
+from drivers.qemu.dac import (
+    QemuUser,
+    check_reachable,
+    give_tree,
+    open_plain,
+    subprocess_identity,
+)
 from virtbus.errors import OperationFailed
 
 log = logging.getLogger(__name__)
@@ -143,7 +148,7 @@ async def _run_setup(cmd: tuple[str, ...], logfile: Path, settings: HelperSettin
 
 def _open_log(logfile: Path, cmd: tuple[str, ...]) -> int:
     logfile.parent.mkdir(parents=True, exist_ok=True)
-    fd = _open_plain(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    fd = open_plain(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
     os.write(fd, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
     return fd
 
@@ -165,7 +170,7 @@ def _write_secrets(pairs: tuple[tuple[Path, Path], ...]) -> None:
         except (OSError, binascii.Error) as exc:
             raise OperationFailed(f"cannot read secret {source} (base64): {exc}") from None
         raw.parent.mkdir(parents=True, exist_ok=True)
-        fd = _open_plain(raw, os.O_WRONLY | os.O_CREAT, 0o600)  # truncated once checked
+        fd = open_plain(raw, os.O_WRONLY | os.O_CREAT, 0o600)  # truncated once checked
         try:
             os.ftruncate(fd, 0)
             os.write(fd, value)
@@ -193,28 +198,9 @@ def _give(spec: HelperSpec, user: QemuUser, uuid: str) -> None:
     check_reachable(spec.socket, user, uuid)
 
 
-def _open_plain(path: Path, flags: int, mode: int) -> int:
-    """``os.open`` of a file of the run dir, never through a link: with one shared
-    ``qemu_user`` the run dir is the QEMU group's (1770) and a file kept from an earlier run
-    (a helper's log) the QEMU user's, which may have put a link (or a hard link, a FIFO) in
-    its place or ahead of it; the agent (root) would have written, created or given away
-    the file it points to. OPERATION_FAILED for anything but a plain file of one link."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
-    except OSError as exc:  # ELOOP: a symlink; ENXIO: a FIFO
-        raise OperationFailed(
-            f"{path} is not a plain file ({exc.strerror}): remove it and start again"
-        ) from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-        os.close(fd)
-        raise OperationFailed(f"{path} is not a plain file of one link: remove it and start again")
-    return fd
-
-
 def _give_file(path: Path, user: QemuUser) -> None:
     """``path`` (created empty when missing) becomes ``user``'s, through the file itself."""
-    fd = _open_plain(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = open_plain(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.fchown(fd, user.uid, user.gid)
     finally:

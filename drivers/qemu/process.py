@@ -27,7 +27,7 @@ from typing import Any
 
 import aiofiles
 
-from drivers.qemu.dac import QemuUser, subprocess_identity
+from drivers.qemu.dac import QemuUser, open_plain, subprocess_identity
 from drivers.qemu.settings import QemuSettings
 from virtbus.errors import OperationFailed
 
@@ -211,7 +211,7 @@ def _confined_child(cpus: frozenset[int] | None, procs: str, user: QemuUser | No
 def _open_log(logfile: Path, stamp: str) -> int:
     """Open the log for appending (the fd QEMU inherits) and mark where this run starts."""
     logfile.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    fd = open_plain(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
     os.write(fd, stamp.encode())
     return fd
 

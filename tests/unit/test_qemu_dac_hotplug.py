@@ -19,6 +19,7 @@ from drivers.qemu.dac import REMEMBER, SUFFIX, DacLabels
 from virtbus.domain import DomainDefinition
 from virtbus.domain.devices import parse_device
 from virtbus.domain.xml import parse_domain_xml
+from virtbus.errors import OperationFailed
 
 UUID = "3b1f8a52-6c1e-4d0a-9d55-0a1b2c3d4e5f"
 FIRST = 233000  # a per-domain uid no account of a test host uses
@@ -209,3 +210,21 @@ async def test_a_run_ending_during_a_hot_plug_gives_its_file_back_too(
     assert _owner(image) == (0, 0, 0o644)
     assert REMEMBER not in os.listxattr(image)
     assert not (labels._run_dir / f"{UUID}{SUFFIX}").exists()
+
+
+def test_qemus_log_is_never_opened_through_a_link(tmp_path: Path) -> None:
+    """The agent (root) opens a domain's QEMU log in the run dir, which with one shared
+    qemu_user is the QEMU group's: any QEMU may put a link there before that domain's first
+    start. The start fails naming the log; the file the link points to is untouched."""
+    from drivers.qemu import process
+
+    victim = _image(tmp_path / "shadow")
+    log = tmp_path / f"{UUID}.log"
+    log.symlink_to(victim)
+    with pytest.raises(OperationFailed, match="not a plain file"):
+        process._open_log(log, "--- start ---\n")
+    assert victim.read_bytes() == b"\0" * 512 and _owner(victim) == (0, 0, 0o644)
+    log.unlink()
+    fd = process._open_log(log, "--- start ---\n")  # a plain file: opened, stamped
+    os.close(fd)
+    assert log.read_text() == "--- start ---\n"
