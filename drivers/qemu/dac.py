@@ -330,6 +330,13 @@ class DacLabels:
         if self.pool is not None:
             self.pool.prune(known)
 
+    def _plain(self, path: str) -> bool:
+        """Whether ``path`` is in a directory a QEMU may write (the agent's run dir, the
+        domain's own dir in it): labelled only as a plain file (:func:`_open_target`)."""
+        run = os.path.realpath(self._run_dir)
+        parent = os.path.realpath(os.path.dirname(path))
+        return parent == run or parent.startswith(run.rstrip("/") + "/")
+
     def _record(self, uuid: str) -> Path:
         return self._run_dir / f"{uuid}{SUFFIX}"
 
@@ -355,18 +362,20 @@ class DacLabels:
             for path, create in [(str(own), False), *wanted]:
                 if path in shared:
                     continue
-                entry = await asyncio.to_thread(_original, path, create, user)
+                entry = await asyncio.to_thread(_original, path, create, user, self._plain(path))
                 if entry is not None:
                     originals.append(entry)
         except BaseException:
             for entry in originals:  # no record yet: count this launch out again
-                await asyncio.to_thread(_forget_holder, str(entry[0]), entry, user.uid)
+                await asyncio.to_thread(_forget_holder, str(entry[0]), entry, user.uid,
+                                        self._plain(str(entry[0])))  # fmt: skip
             raise
         doc = {"user": user.name, "uid": user.uid, "files": originals,
                "acl": [[path, perm] for path, perm in sorted(shared.items())]}  # fmt: skip
         await atomic_write(record, json.dumps(doc).encode())
         for entry in originals:
-            await asyncio.to_thread(_chown, str(entry[0]), user, self.per_domain)
+            await asyncio.to_thread(_chown, str(entry[0]), user, self.per_domain,
+                                        self._plain(str(entry[0])))  # fmt: skip
         for path, perm in shared.items():
             await asyncio.to_thread(_grant, path, user, perm, live.name)
         # then every file QEMU opens must be reachable (a failed launch gives them back)
@@ -410,7 +419,7 @@ class DacLabels:
                 if perm and self.per_domain:
                     acls.append(path)
                     continue
-                entry = await asyncio.to_thread(_original, path, False, user)
+                entry = await asyncio.to_thread(_original, path, False, user, self._plain(path))
                 if entry is not None:
                     files.append(entry)
             doc["files"] += files
@@ -418,14 +427,16 @@ class DacLabels:
             await atomic_write(record, json.dumps(doc).encode())
         except BaseException:  # no record of them: count this hot-plug out again
             for entry in files:
-                await asyncio.to_thread(_forget_holder, str(entry[0]), entry, user.uid)
+                await asyncio.to_thread(_forget_holder, str(entry[0]), entry, user.uid,
+                                        self._plain(str(entry[0])))  # fmt: skip
             raise
         given = [str(e[0]) for e in files] + acls
         # recorded first (a crash from here on is given back at the end of the run); a
         # chown, an ACL or a reach that fails gives back now what this hot-plug took
         try:
             for entry in files:
-                await asyncio.to_thread(_chown, str(entry[0]), user, self.per_domain)
+                await asyncio.to_thread(_chown, str(entry[0]), user, self.per_domain,
+                                        self._plain(str(entry[0])))  # fmt: skip
             for path in acls:
                 await asyncio.to_thread(_grant, path, user, perm, live.name)
             for path in given:
@@ -457,7 +468,8 @@ class DacLabels:
         # timeout, the agent stopping) leaves the rest to the end of the run, as release
         # does, instead of owned by a uid nothing would ever take it back from
         for entry in files:
-            await asyncio.to_thread(_restore, str(entry[0]), uid, list(entry))
+            await asyncio.to_thread(_restore, str(entry[0]), uid, list(entry),
+                                        self._plain(str(entry[0])))  # fmt: skip
         for path, _perm in acls:
             await asyncio.to_thread(_revoke, str(path), uid)
         doc["files"] = [e for e in doc.get("files", []) if str(e[0]) not in gone]
@@ -496,7 +508,8 @@ class DacLabels:
             return
         uid = int(doc.get("uid", -1))
         for entry in doc.get("files", []):
-            await asyncio.to_thread(_restore, str(entry[0]), uid, list(entry))
+            await asyncio.to_thread(_restore, str(entry[0]), uid, list(entry),
+                                        self._plain(str(entry[0])))  # fmt: skip
         for path, _perm in doc.get("acl", []):
             await asyncio.to_thread(_revoke, str(path), uid)
         with contextlib.suppress(FileNotFoundError):
@@ -539,40 +552,76 @@ def _revoke(path: str, uid: int) -> None:
         log.warning("cannot remove the ACL entry of uid %d from %s: %s", uid, path, exc)
 
 
-def _original(path: str, create: bool, user: QemuUser) -> list[object] | None:
+def _open_target(path: str, *, create: bool = False, plain: bool = False) -> int:
+    """The file to label as an fd, through which every change goes (never its name
+    again: a QEMU that swaps the name for a link meanwhile changes nothing). ``plain``: a
+    file of a directory a QEMU may write (the run dir: a domain's own dir, the shared
+    user's 1770 one) is opened without following a link, and must be a plain file of one
+    link (a QEMU could have put a link to another guest's image there, or to a host file,
+    for the agent, root, to give away). Elsewhere (a pool's, an allowed dir's: root's
+    directories) links are followed, as libvirt labels a link's target. FileNotFoundError
+    when it is absent (and not ``create``)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    if not plain:
+        return os.open(path, flags, 0o600)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW, 0o600)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # ELOOP: a symlink
+        raise OperationFailed(
+            f"{path} is not a plain file ({exc.strerror}): a QEMU may have put a link there;"
+            " remove it and start again"
+        ) from None
+    info = os.fstat(fd)
+    if stat.S_ISDIR(info.st_mode):  # the domain's own dir (a link was refused above)
+        return fd
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise OperationFailed(
+            f"{path} is not a plain file of one link: a QEMU may have put it there; remove "
+            "it and start again"
+        )
+    return fd
+
+
+def _original(path: str, create: bool, user: QemuUser, plain: bool = False,
+              ) -> list[object] | None:  # fmt: skip
     """[path, uid, gid, mode, remembered] of the owner before the first holder (a chardev
     output created empty first); None if absent. ``remembered``: counted in the file's
     :data:`REMEMBER` xattr (libvirt's remember_owner), so that a file another domain or
     another host's QEMU holds already (a migration's destination on shared storage) gets
     its real owner back when its last holder stops, not the uid the first one gave it; the
     holders are listed too, so one stopping gives the file to the one before it (a failed
-    migration's destination gives the disk back to the source's QEMU)."""
+    migration's destination gives the disk back to the source's QEMU). ``plain``: see
+    :func:`_open_target`."""
     try:
-        info = os.stat(path)
+        fd = _open_target(path, create=create, plain=plain)
     except FileNotFoundError:
-        if not create:
-            return None
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return None
+    try:
+        info = os.fstat(fd)
+        mode = stat.S_IMODE(info.st_mode)
+        now: dict[str, Any] = {"uid": info.st_uid, "gid": info.st_gid, "mode": mode,
+                               "refs": 0, "holders": []}  # fmt: skip
+        try:
+            doc = _remembered(fd) or now
+            doc["refs"] += 1
+            doc["holders"].append([user.uid, user.gid])
+            os.setxattr(fd, REMEMBER, json.dumps(doc).encode())
+        except OSError as exc:  # no trusted xattrs there (NFS, a FUSE): the owner now is it
+            log.debug("cannot remember the owner of %s in an xattr: %s", path, exc)
+            return [path, info.st_uid, info.st_gid, mode, False]
+        return [path, int(doc["uid"]), int(doc["gid"]), int(doc["mode"]), True]
+    finally:
         os.close(fd)
-        info = os.stat(path)
-    mode = stat.S_IMODE(info.st_mode)
-    now: dict[str, Any] = {"uid": info.st_uid, "gid": info.st_gid, "mode": mode, "refs": 0,
-                           "holders": []}  # fmt: skip
-    try:
-        doc = _remembered(path) or now
-        doc["refs"] += 1
-        doc["holders"].append([user.uid, user.gid])
-        os.setxattr(path, REMEMBER, json.dumps(doc).encode())
-    except OSError as exc:  # no trusted xattrs there (NFS, a FUSE): the owner now is it
-        log.debug("cannot remember the owner of %s in an xattr: %s", path, exc)
-        return [path, info.st_uid, info.st_gid, mode, False]
-    return [path, int(doc["uid"]), int(doc["gid"]), int(doc["mode"]), True]
 
 
-def _remembered(path: str) -> dict[str, Any] | None:
-    """The owner before the first holder and their count, from the file (None: none)."""
+def _remembered(target: str | int) -> dict[str, Any] | None:
+    """The owner before the first holder and their count, from the file (a path or an fd;
+    None: none)."""
     try:
-        doc = json.loads(os.getxattr(path, REMEMBER))
+        doc = json.loads(os.getxattr(target, REMEMBER))
     except OSError as exc:
         if exc.errno == errno.ENODATA:
             return None
@@ -587,13 +636,24 @@ def _remembered(path: str) -> dict[str, Any] | None:
     return out
 
 
-def _forget_holder(path: str, entry: list[Any], uid: int) -> bool:
+def _forget_holder(path: str, entry: list[Any], uid: int, plain: bool = False) -> bool:
     """Holder ``uid`` less on ``path``; True when it was the last (or nobody counted).
     Otherwise a file it still owns goes to the holder before it."""
     if len(entry) < 5 or not entry[4]:
         return True
     try:
-        doc = _remembered(path)
+        fd = _open_target(path, plain=plain)
+    except FileNotFoundError:
+        return False
+    try:
+        return _forget_holder_of(fd, path, uid)
+    finally:
+        os.close(fd)
+
+
+def _forget_holder_of(fd: int, path: str, uid: int) -> bool:
+    try:
+        doc = _remembered(fd)
         if doc is None:
             return True
         doc["refs"] -= 1
@@ -602,47 +662,56 @@ def _forget_holder(path: str, entry: list[Any], uid: int) -> bool:
         if mine:
             del holders[mine[-1]]
         if doc["refs"] > 0:
-            os.setxattr(path, REMEMBER, json.dumps(doc).encode())
-            if holders and os.stat(path).st_uid == uid:
-                os.chown(path, holders[-1][0], holders[-1][1])
+            os.setxattr(fd, REMEMBER, json.dumps(doc).encode())
+            if holders and os.fstat(fd).st_uid == uid:
+                os.fchown(fd, holders[-1][0], holders[-1][1])
             return False
-        os.removexattr(path, REMEMBER)
-    except FileNotFoundError:
-        return False
+        os.removexattr(fd, REMEMBER)
     except OSError as exc:
         log.warning("cannot count a holder of %s out: %s", path, exc)
     return True
 
 
-def _chown(path: str, user: QemuUser, private: bool) -> None:
+def _chown(path: str, user: QemuUser, private: bool, plain: bool = False) -> None:
     """``path`` becomes the user's; ``private`` (a per-domain uid): the owner's alone too,
     so no other guest's uid opens it whatever its mode was."""
-    os.chown(path, user.uid, user.gid)
-    if private:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-        if mode & 0o077:
-            os.chmod(path, mode & ~0o077)
+    fd = _open_target(path, plain=plain)
+    try:
+        os.fchown(fd, user.uid, user.gid)
+        if private:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            if mode & 0o077:
+                os.fchmod(fd, mode & ~0o077)
+    finally:
+        os.close(fd)
 
 
-def _restore(path: str, uid: int, entry: list[Any]) -> None:
+def _restore(path: str, uid: int, entry: list[Any], plain: bool = False) -> None:
     """Give ``path`` back to its owner before the first holder (and its mode): when the
     last holder stops if the owner is remembered on the file, else unless it is no longer
     the QEMU user's (changed since the launch: not ours to undo)."""
     owner, group = int(entry[1]), int(entry[2])
     mode = int(entry[3]) if len(entry) > 3 else None
     try:
-        if not _forget_holder(path, entry, uid):
-            return  # another domain (another host's, a migration's) holds it still
-        remembered = len(entry) >= 5 and bool(entry[4])
-        if not remembered and os.stat(path).st_uid != uid:
-            return
-        os.chown(path, owner, group)
-        if mode is not None:
-            os.chmod(path, mode)
+        fd = _open_target(path, plain=plain)
     except FileNotFoundError:
         return
+    except (OSError, OperationFailed) as exc:
+        log.warning("cannot restore the owner of %s: %s", path, exc)
+        return
+    try:
+        counted = len(entry) >= 5 and bool(entry[4])
+        if counted and not _forget_holder_of(fd, path, uid):
+            return  # another domain (another host's, a migration's) holds it still
+        if not counted and os.fstat(fd).st_uid != uid:
+            return
+        os.fchown(fd, owner, group)
+        if mode is not None:
+            os.fchmod(fd, mode)
     except OSError as exc:
         log.warning("cannot restore the owner of %s: %s", path, exc)
+    finally:
+        os.close(fd)
 
 
 def open_plain(path: Path, flags: int, mode: int) -> int:

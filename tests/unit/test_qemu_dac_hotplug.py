@@ -77,10 +77,10 @@ async def test_a_hot_plug_whose_chown_fails_gives_back_what_it_had_given(
                       "<target dev='vdb' bus='virtio'/></disk>")  # fmt: skip
     real = dac._chown
 
-    def chown(path: str, user: dac.QemuUser, private: bool) -> None:
+    def chown(path: str, user: dac.QemuUser, private: bool, plain: bool = False) -> None:
         if path == str(volume):
             raise PermissionError(1, "Operation not permitted", path)
-        real(path, user, private)
+        real(path, user, private, plain)
 
     monkeypatch.setattr(dac, "_chown", chown)
     with pytest.raises(OSError, match="not permitted"):
@@ -192,10 +192,12 @@ async def test_a_run_ending_during_a_hot_plug_gives_its_file_back_too(
     real = dac._original
     inside, go_on = asyncio.Event(), threading.Event()
 
-    def original(path: str, create: bool, user: dac.QemuUser) -> list[object] | None:
+    def original(
+        path: str, create: bool, user: dac.QemuUser, plain: bool = False
+    ) -> list[object] | None:
         loop.call_soon_threadsafe(inside.set)
         go_on.wait(10)  # the hot-plug stands here, before its record write
-        return real(path, user=user, create=create)
+        return real(path, create, user, plain)
 
     loop = asyncio.get_running_loop()
     monkeypatch.setattr(dac, "_original", original)
@@ -228,3 +230,31 @@ def test_qemus_log_is_never_opened_through_a_link(tmp_path: Path) -> None:
     fd = process._open_log(log, "--- start ---\n")  # a plain file: opened, stamped
     os.close(fd)
     assert log.read_text() == "--- start ---\n"
+
+
+async def test_a_link_a_qemu_put_in_the_run_dir_is_never_labelled_through(
+    tmp_path: Path,
+) -> None:
+    """A domain's own dir is its QEMU's to write: a QEMU (compromised) that replaced a file
+    there (its console log) with a link to another guest's image would have had the agent,
+    root, give that image to its uid at the next start. A file of the run dir is labelled
+    only as a plain file; one elsewhere (a pool's) through its links, as libvirt does."""
+    labels = _labels(tmp_path)
+    other = _image(tmp_path / "other-guest.img")
+    own = labels._run_dir / UUID
+    own.mkdir()
+    (own / "serial.log").symlink_to(other)
+    el = parse_device(f"<disk type='file' device='disk'><source file='{own / 'serial.log'}'/>"
+                      "<target dev='vdb' bus='virtio'/></disk>")  # fmt: skip
+    with pytest.raises(OperationFailed, match="not a plain file"):
+        await labels.acquire_disk(_domain(), el, None)
+    assert _owner(other) == (0, 0, 0o644) and REMEMBER not in os.listxattr(other)
+    # a link outside the run dir (a pool's image named by a link) is followed
+    link = tmp_path / "pool-link.img"
+    link.symlink_to(other)
+    el = parse_device(f"<disk type='file' device='disk'><source file='{link}'/>"
+                      "<target dev='vdc' bus='virtio'/></disk>")  # fmt: skip
+    assert await labels.acquire_disk(_domain(), el, None) == [str(link)]
+    assert _owner(other) == (FIRST, FIRST, 0o600)
+    await labels.release_disk(UUID, [str(link)])
+    assert _owner(other) == (0, 0, 0o644)
