@@ -29,7 +29,13 @@ from virtbus.bus.topology import (
     RPC_EXCHANGE,
     call_queue_for,
 )
-from virtbus.errors import BusUnavailable, NoConnect, NoDomainError, OperationTimeout
+from virtbus.errors import (
+    BusUnavailable,
+    NoConnect,
+    NoDomainError,
+    OperationTimeout,
+    ProtocolError,
+)
 from virtbus.protocol.codec import DecodeLimits, decode, encode
 from virtbus.protocol.envelope import Envelope, Kind, ok_body
 from virtbus.settings import BusSettings
@@ -332,6 +338,76 @@ async def test_publish_confirm_and_topic_subscribe(env: Env) -> None:
     got = [await asyncio.wait_for(sub.__anext__(), 2) for _ in range(3)]
     assert [e.body["n"] for e in got] == [1, 3, 4]
     await sub.close()
+
+
+async def test_a_window_goes_as_one_write_confirmed_in_order_and_a_bad_message_fails_alone(
+    env: Env,
+) -> None:
+    """publish_window (the outbox's): one write-queue item for the window, one future per
+    message in order; a message that cannot go (its routing key is over AMQP's limit) fails
+    alone and is not sent; and the channel's confirm numbering stays right for a plain
+    confirmed publish after it (a tag off by one would leave that confirm unmatched)."""
+    host = f"h{uuid.uuid4().hex[:8]}"
+    sub = await env.client.subscribe(EVENTS_EXCHANGE, [f"{host}.#"])
+    channel = env.server._confirm_underlay
+    assert channel is not None
+    queue = channel.write_queue
+    puts: list[object] = []
+    put = queue.put
+
+    async def counted(item: object) -> None:
+        puts.append(item)
+        await put(item)
+
+    def ev(n: int) -> Envelope:
+        return Envelope(kind=Kind.EVENT, op="domain.event", body={"n": n}, src=host)
+
+    messages = [(f"{host}.d.x", ev(n)) for n in range(30)]
+    messages[10] = (f"{host}.{'y' * 300}", ev(10))
+    queue.put = counted  # type: ignore[method-assign]
+    try:
+        futures = await env.server.publish_window(EVENTS_EXCHANGE, messages)
+    finally:
+        del queue.put  # type: ignore[method-assign]
+    assert len(puts) == 1 and len(futures) == 30
+    outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
+    assert isinstance(outcomes[10], ProtocolError) and "255" in str(outcomes[10])
+    assert [o for i, o in enumerate(outcomes) if i != 10] == [None] * 29
+    await asyncio.wait_for(
+        env.server.publish(EVENTS_EXCHANGE, f"{host}.d.x", ev(30), confirm=True), 10
+    )
+    got = [await asyncio.wait_for(sub.__anext__(), 5) for _ in range(30)]
+    assert [e.body["n"] for e in got] == [n for n in range(31) if n != 10]
+    await sub.close()
+
+
+async def test_a_window_without_a_connection_or_past_its_confirm_timeout_fails_retryably(
+    env: Env,
+) -> None:
+    """Every message of a window fails with BUS_UNAVAILABLE (retryable: the outbox holds
+    them and tries again) when the bus is not connected, and when no confirm came within
+    ``confirm_timeout`` of the write."""
+    host = f"h{uuid.uuid4().hex[:8]}"
+    messages = [
+        (f"{host}.d.x", Envelope(kind=Kind.EVENT, op="domain.event", body={"n": n}))
+        for n in range(3)
+    ]
+    closed = AmqpBus(URL, "test-closed", BusSettings(url=URL))
+    await closed.connect()
+    await closed.close()
+    outcomes = await asyncio.gather(
+        *await closed.publish_window(EVENTS_EXCHANGE, messages), return_exceptions=True
+    )
+    assert all(isinstance(o, BusUnavailable) and o.retryable for o in outcomes), outcomes
+    # A timer that fires on the next turn of the loop: before any confirm can come back.
+    hasty = AmqpBus(URL, "test-hasty", BusSettings(url=URL, confirm_timeout=1e-9))
+    await hasty.connect()
+    try:
+        futures = await hasty.publish_window(EVENTS_EXCHANGE, messages)
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        await hasty.close()
+    assert all(isinstance(o, BusUnavailable) and "in time" in str(o) for o in outcomes), outcomes
 
 
 async def test_a_burst_past_the_prefetch_is_read_whole_with_batched_acks(env: Env) -> None:

@@ -17,8 +17,9 @@ costs the call no time.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aio_pika
@@ -34,6 +35,8 @@ from virtbus.bus.amqp_consumers import (
     AmqpServer,
     AmqpSubscription,
     deadline_header,
+    message_frames,
+    publish_confirmed_window,
     publish_queued,
 )
 from virtbus.bus.base import (
@@ -136,6 +139,13 @@ async def _open_underlay(
         return await aio_pika.Channel.get_underlay_channel(channel)
     except aiormq.exceptions.ChannelInvalidStateError:
         return None
+
+
+def _confirms_overdue(sent: list[tuple[str, asyncio.Future[None]]]) -> None:
+    """A window's confirm timeout: what is still unconfirmed fails, as publish's would."""
+    for op, result in sent:
+        if not result.done():
+            result.set_exception(BusUnavailable(f"no publisher confirm for {op!r} in time"))
 
 
 class _Pending:
@@ -565,6 +575,87 @@ class AmqpBus:
             raise BusUnavailable(f"cannot publish {envelope.op!r} to {exchange!r}: {exc}") from exc
         if confirm and not isinstance(result, Basic.Ack):
             raise BusUnavailable(f"broker did not confirm {envelope.op!r}: {result!r}")
+
+    async def publish_window(
+        self, exchange: str, messages: Sequence[tuple[str, Envelope]]
+    ) -> list[asyncio.Future[None]]:
+        """``publish(exchange, key, envelope, confirm=True)`` of each ``(key, envelope)``, in
+        order, all written at once (ONE WRITE PER WINDOW, amqp_consumers.py); returns once
+        they are queued, one future per message: done when the broker confirmed it, else
+        failed with what ``publish`` raises (BusUnavailable; ProtocolError for a message
+        that cannot go, which is not sent, the others are). Each has
+        ``confirm_timeout`` from the write. When none can be sent (not connected, the
+        channel closed) every future fails with BusUnavailable."""
+        loop = asyncio.get_running_loop()
+        results: list[asyncio.Future[None]] = [loop.create_future() for _ in messages]
+        if exchange not in _KNOWN_EXCHANGES:
+            raise InvalidArgument(f"unknown exchange {exchange!r}")
+        try:
+            self._require_connection()
+            channel = self._confirm_underlay
+            if channel is None or channel.is_closed:
+                raise BusUnavailable("the publishing channel is being restored")
+        except BusUnavailable as exc:
+            for result in results:
+                result.set_exception(exc)
+            return results
+        frames, sent, limit = [], [], self.settings.limits.max_bytes
+        for (routing_key, envelope), result in zip(messages, results, strict=True):
+            try:  # faults of this one message (ProtocolError, not retryable), before any I/O
+                check_routing_key(routing_key)
+                data = encode(envelope)
+                if len(data) > limit:
+                    raise ProtocolError(
+                        f"{envelope.op!r} of {len(data)} bytes exceeds the message limit "
+                        f"({limit}): no subscriber could decode it"
+                    )
+            except ProtocolError as exc:
+                result.set_exception(exc)
+                continue
+            properties = Basic.Properties(
+                content_type=CONTENT_TYPE, delivery_mode=2, message_id=envelope.id,
+                message_type=envelope.op, user_id=self.user,
+            )  # fmt: skip
+            assert isinstance(channel, aiormq.Channel)
+            frames.append(
+                message_frames(
+                    channel, data, exchange=exchange, routing_key=routing_key, properties=properties
+                )
+            )
+            sent.append((envelope.op, result))
+        if not sent:
+            return results
+        try:
+            confirms = await publish_confirmed_window(channel, frames)
+        except AMQP_FAILURES as exc:
+            failure = BusUnavailable(f"cannot publish to {exchange!r}: {exc}")
+            for _, result in sent:
+                result.set_exception(failure)
+            return results
+        timer = loop.call_later(self.settings.confirm_timeout, _confirms_overdue, sent)
+        pending = len(sent)
+
+        def settle(op: str, result: asyncio.Future[None], confirm: asyncio.Future[Any]) -> None:
+            nonlocal pending
+            pending -= 1
+            if not pending:
+                timer.cancel()
+            if result.done():  # overdue, or the caller gave up on it
+                return
+            if confirm.cancelled():
+                result.set_exception(BusUnavailable(f"the publish of {op!r} was abandoned"))
+            elif (exc := confirm.exception()) is not None:
+                if isinstance(exc, AMQP_FAILURES):
+                    exc = BusUnavailable(f"cannot publish {op!r} to {exchange!r}: {exc}")
+                result.set_exception(exc)
+            elif not isinstance(frame := confirm.result(), Basic.Ack):
+                result.set_exception(BusUnavailable(f"broker did not confirm {op!r}: {frame!r}"))
+            else:
+                result.set_result(None)
+
+        for (op, result), confirm in zip(sent, confirms, strict=True):
+            confirm.add_done_callback(functools.partial(settle, op, result))
+        return results
 
     async def history(
         self, start: HistoryStart, exchange: str = EVENTS_EXCHANGE

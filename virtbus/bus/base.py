@@ -15,7 +15,8 @@ A bus carries :class:`Envelope` values. It offers four things:
   done. Undecodable messages get an error reply or are rejected without requeue (dead-
   lettered); they never stop the consumer.
 - ``publish``: events, metrics, heartbeats; with ``confirm=True`` it returns only once the
-  broker confirmed the message.
+  broker confirmed the message. A bus that is also a :class:`WindowPublisher` (AMQP)
+  publishes a window of confirmed messages at once, one future per message.
 - ``subscribe``: a bounded async iterator of envelopes bound to topic keys.
 - ``history``: replay kept events from a start point, then follow live ones (a RabbitMQ
   stream; a bounded ring in memory://). Consumers dedup by ``(host, seq)``.
@@ -23,9 +24,10 @@ A bus carries :class:`Envelope` values. It offers four things:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 from virtbus.errors import AuthFailed, InvalidArgument
@@ -145,3 +147,16 @@ class Bus(Protocol):
     async def history(self, start: HistoryStart, exchange: str = ...) -> Subscription:
         """Every message of ``exchange`` (default: events) kept in its history stream from
         ``start`` (``topology.HISTORIES``), then live ones, in one stream."""
+
+
+@runtime_checkable
+class WindowPublisher(Protocol):
+    """A bus that publishes many confirmed messages at once (the event outbox's window)."""
+
+    async def publish_window(
+        self, exchange: str, messages: Sequence[tuple[str, Envelope]]
+    ) -> list[asyncio.Future[None]]:
+        """Each ``(routing_key, envelope)`` as ``publish(..., confirm=True)`` would, in
+        order; returns once all are on their way, one future per message, done when
+        the broker confirmed it or failed with what ``publish`` would have raised."""
+        ...
