@@ -10,7 +10,10 @@ Confirms are pipelined: up to ``window`` events are published before the first c
 awaited (aiormq writes a channel's publishes in the order they are made, and the broker
 routes them in that order), then their confirms are taken in order. One confirm round trip
 covers a window instead of one event: a backlog after an outage replays at the broker's
-pace, not at one round trip per event. When a publish of the window fails retryably, the
+pace, not at one round trip per event. With ``publish_window`` (the AMQP bus's
+``publish_window``) a window is handed over at once and goes out as one write, one future
+per event, instead of a publish task per event (virtbus/bus/amqp_consumers.py, ONE WRITE
+PER WINDOW); what follows is the same either way. When a publish of the window fails retryably, the
 events from that one on are published again, in order, after the backoff; some of them
 may have been confirmed meanwhile, so a subscriber can see a duplicate (it deduplicates by
 ``(host, seq)``, as after any redelivery), never a gap. While the broker is unreachable
@@ -63,6 +66,8 @@ from virtbus.store import RecordLog
 log = logging.getLogger(__name__)
 
 Publish = Callable[[Envelope], Awaitable[None]]
+# A window's events, in order -> one future per event, done when it was confirmed.
+PublishWindow = Callable[[list[Envelope]], Awaitable[list["asyncio.Future[None]"]]]
 COMPACT_AFTER = 10_000  # records in the log before it is rewritten (when nothing is pending)
 
 
@@ -127,8 +132,10 @@ class EventOutbox:
         rejected_max_bytes: int = 16 << 20,
         window: int = 256,
         disk: StateDisk | None = None,
+        publish_window: PublishWindow | None = None,
     ) -> None:
         self._publish = publish
+        self._publish_window = publish_window
         self._disk = disk
         if disk is not None:
             disk.on_recover(self.wake)  # write what it owes
@@ -336,8 +343,7 @@ class EventOutbox:
                 await self._wakeup.wait()
                 continue
             batch = list(itertools.islice(self._pending, self._window))
-            # Created in order, started in order: the publishes reach the channel in order.
-            flying = [asyncio.ensure_future(self._publish(e)) for e in batch]
+            flying = await self._start(batch)
             before, last, failed = _seq(batch[0]) - 1, 0, None
             try:
                 for envelope, publish in zip(batch, flying, strict=True):
@@ -372,6 +378,24 @@ class EventOutbox:
             log.warning("publishing event seq=%d failed (%s); retry in %.2fs",
                         _seq(stuck), error, delay)  # fmt: skip
             await self._wait_to_retry(delay)
+
+    async def _start(self, batch: list[Envelope]) -> list[asyncio.Future[None]]:
+        """Publish the window's events in order: one future per event, done when the
+        broker confirmed it."""
+        if self._publish_window is None:
+            # Created in order, started in order: the publishes reach the channel in order.
+            return [asyncio.ensure_future(self._publish(e)) for e in batch]
+        try:
+            flying = await self._publish_window(batch)
+        except Exception as exc:  # noqa: BLE001 - a bug must not wedge the outbox
+            flying = []
+            for _ in batch:
+                failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                failed.set_exception(exc)
+                flying.append(failed)
+        if len(flying) != len(batch):
+            raise AssertionError(f"{len(flying)} futures for a window of {len(batch)} events")
+        return flying
 
     async def _wait_to_retry(self, delay: float) -> None:
         """Sleep out the backoff, still saving new events to disk; a restored connection

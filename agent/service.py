@@ -39,7 +39,7 @@ from agent.storage import PoolEvent, StoragePools
 from agent.table import HANDLERS, AgentContext
 from drivers.base import Driver, DriverEvent, UsesNetworks, UsesVolumes
 from virtbus.aio import TaskGroup
-from virtbus.bus.base import Bus, Server
+from virtbus.bus.base import Bus, Server, WindowPublisher
 from virtbus.bus.topology import (
     AUDIT_EXCHANGE,
     EVENTS_EXCHANGE,
@@ -111,6 +111,9 @@ class AgentService:
             retry=self._bus_settings.reconnect,
             rejected_max_bytes=settings.rejected_events_max_bytes,
             window=settings.event_publish_window,
+            publish_window=(
+                self._publish_event_window if isinstance(bus, WindowPublisher) else None
+            ),
         )
         admission = Admission(
             driver,
@@ -236,17 +239,36 @@ class AgentService:
             Envelope(kind=Kind.EVENT, op=ops.EVENT_JOB, body=to_wire(body), src=self.host)
         )
 
-    async def _publish_event(self, envelope: Envelope) -> None:
+    def _event_key(self, envelope: Envelope) -> str:
         body = envelope.body
         if envelope.op == ops.EVENT_POOL:
-            key = pool_routing_key(self.host, body["pool"], body["event"])
-        elif envelope.op == ops.EVENT_NETWORK:
-            key = network_routing_key(self.host, body["network"], body["event"])
-        elif envelope.op == ops.EVENT_JOB:
-            key = job_routing_key(self.host, body["job"], body["event"])
-        else:
-            key = event_routing_key(self.host, body["domain"], body["event"])
-        await self.bus.publish(EVENTS_EXCHANGE, key, envelope, confirm=True)
+            return pool_routing_key(self.host, body["pool"], body["event"])
+        if envelope.op == ops.EVENT_NETWORK:
+            return network_routing_key(self.host, body["network"], body["event"])
+        if envelope.op == ops.EVENT_JOB:
+            return job_routing_key(self.host, body["job"], body["event"])
+        return event_routing_key(self.host, body["domain"], body["event"])
+
+    async def _publish_event(self, envelope: Envelope) -> None:
+        await self.bus.publish(EVENTS_EXCHANGE, self._event_key(envelope), envelope, confirm=True)
+
+    async def _publish_event_window(self, batch: list[Envelope]) -> list[asyncio.Future[None]]:
+        """The outbox's window as one write (a bus that is a WindowPublisher); an event
+        whose routing key cannot be made fails alone, as its own publish would."""
+        assert isinstance(self.bus, WindowPublisher)
+        loop = asyncio.get_running_loop()
+        faults: list[asyncio.Future[None] | None] = []
+        messages: list[tuple[str, Envelope]] = []
+        for envelope in batch:
+            try:
+                messages.append((self._event_key(envelope), envelope))
+                faults.append(None)
+            except Exception as exc:  # noqa: BLE001 - this event's own fault (poison)
+                fault: asyncio.Future[None] = loop.create_future()
+                fault.set_exception(exc)
+                faults.append(fault)
+        published = iter(await self.bus.publish_window(EVENTS_EXCHANGE, messages))
+        return [fault if fault is not None else next(published) for fault in faults]
 
     @property
     def last_seq(self) -> int:

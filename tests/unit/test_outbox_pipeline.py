@@ -1,5 +1,6 @@
 """The outbox pipelines its publisher confirms: a window of events is on the wire before the
-first confirm is awaited, in order; a failure inside a window loses nothing.
+first confirm is awaited, in order; a failure inside a window loses nothing. A bus that
+publishes whole windows (AMQP's publish_window) is handed each window at once.
 
 The broker here is a stand-in whose confirms arrive only when the test releases them, so
 the tests can see how many publishes are in flight without timing anything (the real
@@ -8,12 +9,17 @@ broker: tests/integration/test_outbox_pipeline_amqp.py)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 from agent.outbox import EventOutbox
+from agent.service import AgentService
+from drivers.test import TestDriver
+from virtbus.bus.memory import MemoryBus
 from virtbus.errors import BusUnavailable, ProtocolError
+from virtbus.protocol import ops
 from virtbus.protocol.envelope import Envelope, Kind
-from virtbus.settings import Backoff
+from virtbus.settings import AgentSettings, Backoff
 
 FAST = Backoff(initial=0.01, maximum=0.02)
 
@@ -161,3 +167,91 @@ async def test_durable_writes_new_events_while_a_window_waits_for_its_confirms(
     assert await box.flush(5)
     await stop(runner)
     assert broker.confirmed == [1, 2]
+
+
+class WindowBroker(HeldBroker):
+    """A publisher of whole windows (the AMQP bus's publish_window): records each window
+    it is handed and answers one future per event; ``raise_once``: the next window's call
+    itself raises (a bug)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.windows: list[list[int]] = []
+        self.raise_once: Exception | None = None
+
+    async def window(self, batch: list[Envelope]) -> list[asyncio.Future[None]]:
+        if self.raise_once is not None:
+            exc, self.raise_once = self.raise_once, None
+            raise exc
+        self.windows.append([e.body["seq"] for e in batch])
+        return [asyncio.ensure_future(self.publish(e)) for e in batch]
+
+
+async def unused(_: Envelope) -> None:
+    raise AssertionError("a window publisher's outbox publishes no event alone")
+
+
+async def test_a_window_publisher_is_handed_each_window_whole_and_a_failure_counts_per_event(
+    tmp_path: Path,
+) -> None:
+    broker = WindowBroker()
+    broker.gate.set()
+    broker.fail_once[10] = BusUnavailable("the channel went away")
+    broker.fail_once[20] = ProtocolError("routing key over the limit")
+    box = EventOutbox(unused, path=tmp_path / "e.log", capacity=100, retry=FAST, window=16,
+                      publish_window=broker.window)  # fmt: skip
+    runner = await run_box(box)
+    for _ in range(40):
+        box.put(event(box.next_seq()))
+    assert await box.flush(5)
+    await stop(runner)
+    # the first window whole; from the retryable failure on, again in order
+    assert broker.windows[0] == list(range(1, 17))
+    assert broker.windows[1][0] == 10 and all(w == sorted(w) for w in broker.windows)
+    assert set(broker.confirmed) == set(range(1, 41)) - {20}
+    assert box.rejected == 1 and box.published == 39 and len(box) == 0
+
+
+async def test_a_window_publisher_that_raises_sets_that_window_aside_and_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A bug in the window's publish must not wedge the outbox: its events are set aside
+    (rejected.log), as each one's own publish raising would, and the next ones go."""
+    broker = WindowBroker()
+    broker.gate.set()
+    broker.raise_once = RuntimeError("a bug")
+    box = EventOutbox(unused, path=tmp_path / "e.log", capacity=100, retry=FAST, window=4,
+                      publish_window=broker.window)  # fmt: skip
+    for _ in range(6):
+        box.put(event(box.next_seq()))
+    runner = await run_box(box)
+    assert await box.flush(5)
+    await stop(runner)
+    assert box.rejected == 4 and broker.confirmed == [5, 6]
+    assert len((tmp_path / "rejected.log").read_text().splitlines()) == 4
+
+
+async def test_the_agents_window_fails_an_event_without_its_routing_key_fields_alone(
+    tmp_path: Path,
+) -> None:
+    class WindowBus(MemoryBus):
+        async def publish_window(
+            self, exchange: str, messages: Sequence[tuple[str, Envelope]]
+        ) -> list[asyncio.Future[None]]:
+            return [
+                asyncio.ensure_future(self.publish(exchange, key, env, confirm=True))
+                for key, env in messages
+            ]
+
+    bus = WindowBus("memory://ann@window", src="h1")
+    await bus.connect()
+    settings = AgentSettings(host="h1", state_dir=tmp_path, heartbeat_interval=60)
+    service = AgentService(settings, bus, TestDriver())
+    assert service.outbox._publish_window is not None  # the bus's window is used
+    good = Envelope(Kind.EVENT, ops.EVENT_DOMAIN, {"seq": 1, "domain": "d", "event": "x"})
+    bad = Envelope(Kind.EVENT, ops.EVENT_DOMAIN, {"seq": 2, "event": "x"})  # no domain
+    futures = await service._publish_event_window([good, bad, good])
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], KeyError)
+    await bus.close()
