@@ -311,10 +311,9 @@ class EventOutbox:
         else:
             log.error("outbox: cannot write its log: %s", exc)
 
-    async def _confirmed(self, seq: int, before: int) -> None:
-        """Everything up to ``seq`` is confirmed (``before``: the last seq recorded so): the
+    async def _write_ack(self, seq: int, before: int) -> None:
+        """Everything up to ``seq`` was confirmed (``before``: the last seq recorded so): the
         log gets an ack when the outbox ran empty or ``seq`` crossed a multiple of 64."""
-        self._confirmed_upto = max(self._confirmed_upto, seq)
         if self._log is None:
             return
         try:
@@ -332,52 +331,74 @@ class EventOutbox:
     # --- publishing ----------------------------------------------------------------
     async def run(self) -> None:
         """Publish forever, in order, a window at a time; a failed publish is retried with
-        capped backoff, from that event on."""
+        capped backoff, from that event on.
+
+        A window's ack record (an fsynced append: milliseconds) is written once the next
+        window is on the wire, not before it is published: the broker works meanwhile.
+        It is written before the outbox reports itself idle or waits out a backoff, and
+        one still owed when the task ends is written by :meth:`save_unsent` (ack owed).
+        """
         delays = backoff_delays(self._retry)
-        while True:
-            if self._unsaved or self._dropped_upto or self._ack_owed:
-                await self._save()
-            if not self._pending:
-                self._idle.set()
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            batch = list(itertools.islice(self._pending, self._window))
-            flying = await self._start(batch)
-            before, last, failed = _seq(batch[0]) - 1, 0, None
-            try:
-                for envelope, publish in zip(batch, flying, strict=True):
-                    try:
-                        await publish
-                    except VirtbusError as exc:
-                        if exc.retryable:
-                            failed = (envelope, exc)
-                            break
-                        await self._reject(envelope, exc)  # this event's own fault
-                    except Exception as exc:  # noqa: BLE001 - a bug must not wedge the outbox
-                        await self._reject(envelope, exc)
-                    else:
-                        self.published += 1
-                    if self._pending and self._pending[0] is envelope:
-                        self._pending.popleft()
-                    last = _seq(envelope)
-            finally:
-                rest = [f for f in flying if not f.done()]
-                for f in rest:
-                    f.cancel()
-                await asyncio.gather(*flying, return_exceptions=True)
-            if last:
-                await self._confirmed(last, before)
-            if failed is None:
-                delays = backoff_delays(self._retry)
-                self._broker_away = False
-                continue
-            stuck, error = failed
-            self._broker_away = True
-            delay = next(delays)
-            log.warning("publishing event seq=%d failed (%s); retry in %.2fs",
-                        _seq(stuck), error, delay)  # fmt: skip
-            await self._wait_to_retry(delay)
+        ack: tuple[int, int] | None = None  # (last, before) of a confirmed window, not written
+        try:
+            while True:
+                if self._unsaved or self._dropped_upto or self._ack_owed:
+                    await self._save()
+                if not self._pending:
+                    if ack is not None:
+                        await self._write_ack(*ack)
+                        ack = None
+                        continue  # events may have come meanwhile
+                    self._idle.set()
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                batch = list(itertools.islice(self._pending, self._window))
+                flying = await self._start(batch)
+                if ack is not None:  # the last window's, while this one is on the wire
+                    await self._write_ack(*ack)
+                    ack = None
+                before, last, failed = _seq(batch[0]) - 1, 0, None
+                try:
+                    for envelope, publish in zip(batch, flying, strict=True):
+                        try:
+                            await publish
+                        except VirtbusError as exc:
+                            if exc.retryable:
+                                failed = (envelope, exc)
+                                break
+                            await self._reject(envelope, exc)  # this event's own fault
+                        except Exception as exc:  # noqa: BLE001 - a bug must not wedge the outbox
+                            await self._reject(envelope, exc)
+                        else:
+                            self.published += 1
+                        if self._pending and self._pending[0] is envelope:
+                            self._pending.popleft()
+                        last = _seq(envelope)
+                finally:
+                    rest = [f for f in flying if not f.done()]
+                    for f in rest:
+                        f.cancel()
+                    await asyncio.gather(*flying, return_exceptions=True)
+                if last:
+                    self._confirmed_upto = max(self._confirmed_upto, last)
+                    ack = (last, before)
+                if failed is None:
+                    delays = backoff_delays(self._retry)
+                    self._broker_away = False
+                    continue
+                if ack is not None:
+                    await self._write_ack(*ack)
+                    ack = None
+                stuck, error = failed
+                self._broker_away = True
+                delay = next(delays)
+                log.warning("publishing event seq=%d failed (%s); retry in %.2fs",
+                            _seq(stuck), error, delay)  # fmt: skip
+                await self._wait_to_retry(delay)
+        finally:
+            if ack is not None:
+                self._ack_owed = True  # the next save (save_unsent at stop) writes it
 
     async def _start(self, batch: list[Envelope]) -> list[asyncio.Future[None]]:
         """Publish the window's events in order: one future per event, done when the

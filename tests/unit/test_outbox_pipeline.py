@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from agent.outbox import EventOutbox
 from agent.service import AgentService
@@ -255,3 +256,71 @@ async def test_the_agents_window_fails_an_event_without_its_routing_key_fields_a
     assert outcomes[0] is None and outcomes[2] is None
     assert isinstance(outcomes[1], KeyError)
     await bus.close()
+
+
+async def test_a_windows_ack_is_written_while_the_next_window_is_on_the_wire(
+    tmp_path: Path,
+) -> None:
+    """The ack record (an fsynced append) of a confirmed window is written once the next
+    window was handed over, not before: the broker does not wait for the disk."""
+    broker = WindowBroker()
+    broker.gate.set()
+    path = tmp_path / "e.log"
+    box = EventOutbox(unused, path=path, capacity=200, retry=FAST, window=64,
+                      publish_window=broker.window)  # fmt: skip
+    await box.load()
+    assert box._log is not None
+    disk, blocked = asyncio.Event(), asyncio.Event()
+    append = box._log.append
+
+    async def slow_acks(records: Any, **kwargs: Any) -> None:
+        records = list(records)
+        if any("ack" in r for r in records) and not disk.is_set():
+            blocked.set()
+            await disk.wait()
+        await append(records, **kwargs)
+
+    box._log.append = slow_acks  # type: ignore[method-assign]
+    for _ in range(128):  # two windows; the first one's ack crosses a multiple of 64
+        box.put(event(box.next_seq()))
+    runner = asyncio.create_task(box.run())
+    await blocked.wait()  # the first window's ack is being written...
+    first, second = list(range(1, 65)), list(range(65, 129))
+    assert broker.windows == [first, second]  # ...with the second one on the wire
+    disk.set()
+    assert await box.flush(5)
+    await stop(runner)
+    reborn = EventOutbox(unused, path=path, capacity=200, retry=FAST)
+    await reborn.load()
+    assert reborn.restored == 0 and reborn.last_seq == 128
+
+
+async def test_an_ack_not_written_when_the_publisher_stops_is_written_by_save_unsent(
+    tmp_path: Path,
+) -> None:
+    """Stopped while handing over the next window, with the last window confirmed but its
+    ack not yet written: save_unsent (the agent's stop) writes it, so a restart does not
+    publish those events again."""
+    broker = WindowBroker()
+    broker.gate.set()
+    handed, never = asyncio.Event(), asyncio.Event()
+    window = broker.window
+
+    async def second_blocks(batch: list[Envelope]) -> list[asyncio.Future[None]]:
+        if broker.windows:
+            handed.set()
+            await never.wait()
+        return await window(batch)
+
+    path = tmp_path / "e.log"
+    box = EventOutbox(unused, path=path, capacity=100, retry=FAST, window=4,
+                      publish_window=second_blocks)  # fmt: skip
+    for _ in range(8):
+        box.put(event(box.next_seq()))
+    runner = await run_box(box)
+    await handed.wait()
+    await stop(runner)
+    assert await box.save_unsent()
+    reborn = EventOutbox(unused, path=path, capacity=100, retry=FAST)
+    await reborn.load()
+    assert [e.body["seq"] for e in reborn._pending] == [5, 6, 7, 8]
