@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
+import aiormq
 import msgpack
 import pytest
 from aio_pika.abc import (
@@ -408,6 +409,29 @@ async def test_a_window_without_a_connection_or_past_its_confirm_timeout_fails_r
     finally:
         await hasty.close()
     assert all(isinstance(o, BusUnavailable) and "in time" in str(o) for o in outcomes), outcomes
+
+
+async def test_a_window_whose_confirms_fail_fails_retryably_never_as_a_cancellation(
+    env: Env,
+) -> None:
+    """aiormq fails a closing channel's confirms with its close reason: a channel error, or
+    a cancellation (aio-pika closes with CancelledError). Either is BUS_UNAVAILABLE for
+    the message (retryable), never a cancellation that would end the outbox's task."""
+    host = f"h{uuid.uuid4().hex[:8]}"
+    messages = [
+        (f"{host}.d.x", Envelope(kind=Kind.EVENT, op="domain.event", body={"n": n}))
+        for n in range(2)
+    ]
+    channel = env.server._confirm_underlay
+    assert isinstance(channel, aiormq.Channel)
+    futures = await env.server.publish_window(EVENTS_EXCHANGE, messages)
+    # Before the loop turns: not even written yet, so no confirm can have come.
+    first, second = list(channel.confirmations.values())[-2:]
+    assert isinstance(first, asyncio.Future) and isinstance(second, asyncio.Future)
+    first.set_exception(aiormq.exceptions.ChannelInvalidStateError("closed"))
+    second.set_exception(asyncio.CancelledError())
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(o, BusUnavailable) and o.retryable for o in outcomes), outcomes
 
 
 async def test_a_burst_past_the_prefetch_is_read_whole_with_batched_acks(env: Env) -> None:

@@ -586,10 +586,10 @@ class AmqpBus:
         that cannot go, which is not sent, the others are). Each has
         ``confirm_timeout`` from the write. When none can be sent (not connected, the
         channel closed) every future fails with BusUnavailable."""
-        loop = asyncio.get_running_loop()
-        results: list[asyncio.Future[None]] = [loop.create_future() for _ in messages]
         if exchange not in _KNOWN_EXCHANGES:
             raise InvalidArgument(f"unknown exchange {exchange!r}")
+        loop = asyncio.get_running_loop()
+        results: list[asyncio.Future[None]] = [loop.create_future() for _ in messages]
         try:
             self._require_connection()
             channel = self._confirm_underlay
@@ -642,7 +642,10 @@ class AmqpBus:
                 timer.cancel()
             if result.done():  # overdue, or the caller gave up on it
                 return
-            if confirm.cancelled():
+            # aiormq fails a closing channel's confirms with its reason, which can be a
+            # cancellation (aio-pika closes with CancelledError): the message is not lost
+            # for that, only unconfirmed, and the outbox must not end with it.
+            if confirm.cancelled() or isinstance(confirm.exception(), asyncio.CancelledError):
                 result.set_exception(BusUnavailable(f"the publish of {op!r} was abandoned"))
             elif (exc := confirm.exception()) is not None:
                 if isinstance(exc, AMQP_FAILURES):
