@@ -599,7 +599,9 @@ class AmqpBus:
             for result in results:
                 result.set_exception(exc)
             return results
-        frames, sent, limit = [], [], self.settings.limits.max_bytes
+        frames: list[bytes] = []
+        sent: list[tuple[str, asyncio.Future[None]]] = []
+        limit = self.settings.limits.max_bytes
         for (routing_key, envelope), result in zip(messages, results, strict=True):
             try:  # faults of this one message (ProtocolError, not retryable), before any I/O
                 check_routing_key(routing_key)

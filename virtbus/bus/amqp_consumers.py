@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import aio_pika
 import aiormq
+import pamqp.frame
 from aio_pika import Queue
 from aio_pika.abc import (
     AbstractIncomingMessage,
@@ -157,6 +158,12 @@ async def publish_queued(
 # so aiormq's message-id-to-tag map (used only for returns) is not needed.
 
 
+# A window's method frames differ only by routing key: marshalled once per (channel
+# number, exchange, key), as pamqp validates and packs each field of every frame it builds.
+_PUBLISH_FRAMES: dict[tuple[int, str, str], bytes] = {}
+_PUBLISH_FRAMES_MAX = 4096
+
+
 def message_frames(
     channel: aiormq.Channel,
     body: bytes,
@@ -164,28 +171,35 @@ def message_frames(
     exchange: str,
     routing_key: str,
     properties: Basic.Properties,
-) -> list[Basic.Publish | ContentHeader | ContentBody]:
-    """basic.publish's method, header and body frames (the body cut at the frame size)."""
+) -> bytes:
+    """basic.publish's method, header and body frames, marshalled (the body cut at the
+    channel's frame size, as aiormq cuts it)."""
+    number = channel.number
+    method = _PUBLISH_FRAMES.get((number, exchange, routing_key))
+    if method is None:
+        if len(_PUBLISH_FRAMES) >= _PUBLISH_FRAMES_MAX:
+            _PUBLISH_FRAMES.clear()
+        method = pamqp.frame.marshal(
+            Basic.Publish(exchange=exchange, routing_key=routing_key), number
+        )
+        _PUBLISH_FRAMES[(number, exchange, routing_key)] = method
+    header = ContentHeader(properties=properties, body_size=len(body))
+    parts = [method, pamqp.frame.marshal(header, number)]
     size = channel.max_content_size
-    return [
-        Basic.Publish(exchange=exchange, routing_key=routing_key),
-        ContentHeader(properties=properties, body_size=len(body)),
-        *(ContentBody(body[i : i + size]) for i in range(0, len(body), size)),
-    ]
+    parts += (pamqp.frame.marshal(ContentBody(body[i : i + size]), number)
+              for i in range(0, len(body), size))  # fmt: skip
+    return b"".join(parts)
 
 
 async def publish_confirmed_window(
-    channel: aiormq.abc.AbstractChannel,
-    messages: Sequence[list[Basic.Publish | ContentHeader | ContentBody]],
+    channel: aiormq.abc.AbstractChannel, messages: Sequence[bytes]
 ) -> list[asyncio.Future[Basic.Ack | Basic.Nack | Basic.Reject]]:
     """Queue the messages' frames (:func:`message_frames`) in order as one write on a
     channel with publisher confirms (ONE WRITE PER WINDOW); returns their confirm futures
     once queued. Raises what the channel's lock raises when it is closed (nothing sent)."""
     assert isinstance(channel, aiormq.Channel)  # what aio-pika's channels are made of
     assert channel.publisher_confirms, "a window needs a channel with publisher confirms"
-    payload = ChannelFrame.marshall(
-        channel_number=channel.number, frames=[f for frames in messages for f in frames]
-    )
+    payload = ChannelFrame(payload=b"".join(messages), should_close=False)
     async with channel.lock:
         first = channel.delivery_tag + 1
         tags = range(first, first + len(messages))
