@@ -10,16 +10,16 @@ Confirms are pipelined: up to ``window`` events are published before the first c
 awaited (aiormq writes a channel's publishes in the order they are made, and the broker
 routes them in that order), then their confirms are taken in order. One confirm round trip
 covers a window instead of one event: a backlog after an outage replays at the broker's
-pace, not at one round trip per event. With ``publish_window`` (the AMQP bus's
-``publish_window``) a window is handed over at once and goes out as one write, one future
-per event, instead of a publish task per event (virtbus/bus/amqp_consumers.py, ONE WRITE
-PER WINDOW); what follows is the same either way. When a publish of the window fails retryably, the
-events from that one on are published again, in order, after the backoff; some of them
-may have been confirmed meanwhile, so a subscriber can see a duplicate (it deduplicates by
-``(host, seq)``, as after any redelivery), never a gap. While the broker is unreachable
-events keep accumulating on disk and in memory, and after a restart the log gives back
-both the unconfirmed events (with their original numbers) and the sequence counter, so
-numbers never repeat.
+pace, not at one round trip per event. With ``publish_window`` (the AMQP bus's) a window
+is handed over at once and goes out as one write, one future per event, instead of a
+publish task per event (virtbus/bus/amqp_consumers.py, ONE WRITE PER WINDOW); what follows
+is the same either way. When a publish of the window fails retryably, the events from that
+one on are published again, in order, after the backoff; some of them may have been
+confirmed meanwhile, so a subscriber can see a duplicate (it deduplicates by ``(host,
+seq)``, as after any redelivery), never a gap. While the broker is unreachable events keep
+accumulating on disk and in memory, and after a restart the log gives back both the
+unconfirmed events (with their original numbers) and the sequence counter, so numbers
+never repeat.
 
 Only what is in the log survives a killed agent, and the publisher appends new events only
 between windows: a call's events would wait for the confirms of the window in flight. So
