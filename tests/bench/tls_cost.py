@@ -6,12 +6,14 @@ from ``virtbus.security.pki``, certificate users from ``virtbus.bus.definitions`
 real ``virtbus-agent`` processes (test driver) serve the calls: one over plain AMQP as
 the dev broker's ``guest``, one over TLS with its host certificate; the caller uses the
 same transport as its agent (TLS: a user certificate). Event throughput: an agent-like
-publisher (publisher confirms, a window of 256 in flight, as the outbox) to one
-subscriber, timed from the first publish to the last event received. Rounds alternate
-plain and TLS (and which goes first), so machine noise hits both alike. Target: TLS
-costs <= 15% (pair p50, events/s).
+publisher (publisher confirms, a window of 256 in flight written at once, as the outbox
+sends it: ``--publish each`` for one publish call per event) to one subscriber, timed
+from the first publish to the last event received. Rounds alternate plain and TLS (and
+which goes first), so machine noise hits both alike. Target: TLS costs <= 15% (pair p50,
+events/s).
 
     .venv/bin/python -m tests.bench.tls_cost [-n 1000] [--events 20000] [--rounds 4]
+        [--publish window|each]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from urllib.parse import quote
 from tests.bench.common import add_force, check_load
 from tests.procs import agent_process
 from tests.rabbitnode import NodeTls, RabbitNode, rabbit_node
+from virtbus.bus.amqp import AmqpBus
 from virtbus.bus.base import Bus
 from virtbus.bus.definitions import definitions
 from virtbus.bus.factory import open_bus
@@ -118,8 +121,10 @@ async def pairs(side: Side, n: int) -> list[float]:
         await bus.close()
 
 
-async def events_per_second(side: Side, count: int) -> float:
-    """``count`` confirmed events from ``side.host``'s publisher to one subscriber."""
+async def events_per_second(side: Side, count: int, window: bool = True) -> float:
+    """``count`` confirmed events from ``side.host``'s publisher to one subscriber:
+    ``window``: each window of 256 written at once (AmqpBus.publish_window, as the agent's
+    outbox sends them), else one publish call per event."""
     publisher = await _connected(side.publisher_url, side.host)
     subscriber = await _connected(side.caller_url, "bench-subscriber")
     try:
@@ -136,9 +141,14 @@ async def events_per_second(side: Side, count: int) -> float:
         reader = asyncio.create_task(receive())
         start = time.perf_counter()
         for first in range(0, count, WINDOW):
+            numbers = range(first, min(first + WINDOW, count))
+            if window and isinstance(publisher, AmqpBus):  # as the outbox sends a window
+                messages = [(key, _event(side.host, i)) for i in numbers]
+                await asyncio.gather(*await publisher.publish_window(EVENTS_EXCHANGE, messages))
+                continue
             batch = [
                 publisher.publish(EVENTS_EXCHANGE, key, _event(side.host, i), confirm=True)
-                for i in range(first, min(first + WINDOW, count))
+                for i in numbers
             ]
             await asyncio.gather(*batch)
         await asyncio.wait_for(reader, 120)
@@ -159,7 +169,7 @@ def _p(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-async def main(n: int, events: int, rounds: int) -> None:
+async def main(n: int, events: int, rounds: int, window: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="virtbus-tls-bench-") as tmp:
         root = Path(tmp)
         async with (
@@ -185,7 +195,7 @@ async def main(n: int, events: int, rounds: int) -> None:
                 for side in order:
                     times = await pairs(side, n)
                     p50[side.label].append(_p(times, 0.5))
-                    per_s = await events_per_second(side, events)
+                    per_s = await events_per_second(side, events, window)
                     rate[side.label].append(per_s)
                     print(
                         f"round {r + 1} {side.label:5}: suspend+resume pair "
@@ -209,7 +219,10 @@ if __name__ == "__main__":
     parser.add_argument("-n", type=int, default=1000, help="suspend+resume pairs per round")
     parser.add_argument("--events", type=int, default=20000, help="events per round")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--publish", choices=("window", "each"), default="window",
+                        help="events: a window written at once as the outbox does (default), "
+                        "or one publish call per event")  # fmt: skip
     add_force(parser)
     args = parser.parse_args()
     check_load(args.force)
-    asyncio.run(main(args.n, args.events, args.rounds))
+    asyncio.run(main(args.n, args.events, args.rounds, args.publish == "window"))
