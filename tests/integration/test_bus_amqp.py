@@ -411,6 +411,31 @@ async def test_a_window_without_a_connection_or_past_its_confirm_timeout_fails_r
     assert all(isinstance(o, BusUnavailable) and "in time" in str(o) for o in outcomes), outcomes
 
 
+async def test_a_window_that_cannot_be_queued_in_time_fails_retryably(env: Env) -> None:
+    """A connection whose writer is gone with its write queue full (a broker that went
+    away): the window fails BUS_UNAVAILABLE after ``confirm_timeout``, instead of holding
+    the outbox for ever, and its numbers are given back to the channel."""
+    bus = AmqpBus(URL, "test-stuck", BusSettings(url=URL, confirm_timeout=0.2))
+    await bus.connect()
+    try:
+        channel = bus._confirm_underlay
+        assert isinstance(channel, aiormq.Channel)
+        tag = channel.delivery_tag
+        full: asyncio.Queue[object] = asyncio.Queue(maxsize=1)
+        full.put_nowait(object())  # nobody takes it
+        channel.write_queue, live = full, channel.write_queue
+        messages = [(f"h{uuid.uuid4().hex[:8]}.d.x", Envelope(Kind.EVENT, "domain.event", {}))]
+        try:
+            futures = await asyncio.wait_for(bus.publish_window(EVENTS_EXCHANGE, messages), 5)
+        finally:
+            channel.write_queue = live
+        (outcome,) = await asyncio.gather(*futures, return_exceptions=True)
+        assert isinstance(outcome, BusUnavailable) and "in time" in str(outcome), outcome
+        assert channel.delivery_tag == tag
+    finally:
+        await bus.close()
+
+
 async def test_a_window_whose_confirms_fail_fails_retryably_never_as_a_cancellation(
     env: Env,
 ) -> None:

@@ -628,7 +628,15 @@ class AmqpBus:
         if not sent:
             return results
         try:
-            confirms = await publish_confirmed_window(channel, frames)
+            # Bounded as publish is: a connection that died with its write queue full (its
+            # writer gone) would hold the window, and the outbox, for ever.
+            async with asyncio.timeout(self.settings.confirm_timeout):
+                confirms = await publish_confirmed_window(channel, frames)
+        except TimeoutError:
+            failure = BusUnavailable(f"could not queue a window for {exchange!r} in time")
+            for _, result in sent:
+                result.set_exception(failure)
+            return results
         except AMQP_FAILURES as exc:
             failure = BusUnavailable(f"cannot publish to {exchange!r}: {exc}")
             for _, result in sent:
