@@ -20,7 +20,7 @@ import msgspec
 from agent import copy_storage
 from agent.admission import Demand
 from agent.table import HANDLERS, AgentContext
-from drivers.base import CopyStorage, Driver, MigrationTls
+from drivers.base import CopyStorage, Driver, MigrationTls, MigrationWait
 from virtbus.domain import parse_domain_xml
 from virtbus.errors import AuthDenied, NoSupport, OperationInvalid, VirtbusError
 from virtbus.protocol import ops
@@ -37,6 +37,7 @@ from virtbus.protocol.migration import (
     MigrationRef,
     MigrationSource,
     MigrationStatus,
+    MigrationStatusQuery,
     MigrationTarget,
     PreparedUri,
 )
@@ -218,7 +219,10 @@ async def _perform(ctx: AgentContext, req: MigrationPerform) -> Accepted:
 
 
 @HANDLERS.on(ops.MIGRATION_STATUS)
-async def _status(ctx: AgentContext, req: MigrationDomain) -> MigrationStatus:
+async def _status(ctx: AgentContext, req: MigrationStatusQuery) -> MigrationStatus:
+    """With ``wait``: answered once the migration ended (or after ``wait``)."""
+    if req.wait and isinstance(ctx.driver, MigrationWait):
+        await ctx.driver.migrate_wait(req.domain, req.wait)
     return await ctx.driver.migrate_status(req.domain)
 
 

@@ -399,6 +399,16 @@ class MigrationTls(Protocol):
 
 
 @runtime_checkable
+class MigrationWait(Protocol):
+    """A driver that can tell the end of an outgoing migration as it happens. Optional:
+    without it ``migration.status`` with ``wait`` answers at once."""
+
+    async def migrate_wait(self, ref: str, timeout: float) -> None:
+        """Source: return once the migration of ``ref`` reached an end state (completed,
+        failed, cancelled), when there is none in progress, or after ``timeout``."""
+
+
+@runtime_checkable
 class UsesVolumes(Protocol):
     """A driver that can run ``<disk type='volume'>`` disks given the agent's resolver."""
 

@@ -1143,6 +1143,12 @@ class TestDriver:
             else MigrationStatus(status=MigrationState.NONE)
         )
 
+    async def migrate_wait(self, ref: str, timeout: float) -> None:
+        """Until the outgoing stream of ``ref`` ended, or ``timeout`` (MigrationWait)."""
+        out = self._get(ref).outgoing
+        if out is not None and out.active and out.task is not None:
+            await asyncio.wait([out.task], timeout=timeout)
+
     async def migrate_cancel(self, ref: str) -> None:
         dom = self._get(ref)
         out = dom.outgoing

@@ -2,10 +2,11 @@
 
 Forward: ``begin`` (source: check, XML) and ``prepare`` (destination: paused incoming
 instance, URI) *together* (the scheduler already holds the XML from placing it) →
-``perform`` (source: start streaming) → ``progress`` (the source's ``migration`` events
-carry the status, so the end is seen without polling; ``migration.status`` is asked at
-the start and every ``progress_poll`` without news) → ``finish`` (destination resumes
-and owns the definition) → ``confirm`` (source stops, drops its definition) → ``done``.
+``perform`` (source: start streaming) → ``progress`` (``migration.status`` is a long
+poll the source's agent answers as QEMU reports the end, so the end is seen without a
+polling interval; the source's ``migration`` events carry the progress meanwhile) →
+``finish`` (destination resumes and owns the definition) → ``confirm`` (source stops,
+drops its definition) → ``done``.
 
 Rollback, from any failure, timeout or cancel before ``finish`` succeeded: cancel on the
 source, ``finish(success=False)`` on the destination (its instance is killed),
@@ -37,6 +38,7 @@ import contextlib
 import logging
 import time
 from enum import Enum
+from typing import Any
 
 from scheduler.cleanup import AgentCall, CleanupRunner, Req, Res, cleanup_step, destination_owns
 from scheduler.inventory import ClusterView
@@ -58,6 +60,7 @@ from virtbus.protocol.base import to_wire
 from virtbus.protocol.domain import DomainTarget
 from virtbus.protocol.messages import DomainEvent
 from virtbus.protocol.migration import (
+    STATUS_WAIT_MAX,
     MigrationBegin,
     MigrationDomain,
     MigrationEnd,
@@ -66,6 +69,7 @@ from virtbus.protocol.migration import (
     MigrationPrepare,
     MigrationState,
     MigrationStatus,
+    MigrationStatusQuery,
     NbdTarget,
     RecordState,
 )
@@ -102,6 +106,19 @@ _GAVE_UP, _UNREACHABLE = _Unfinished.GAVE_UP, _Unfinished.UNREACHABLE
 _UNJOURNALED = frozenset({Phase.PROGRESS})  # recovered like the phase before: not written
 # the source is streaming: disks first (copy-storage), then memory
 _STREAMING = frozenset({Phase.PERFORM, Phase.STORAGE, Phase.PROGRESS})
+
+
+async def _first(wake: asyncio.Event, answer: asyncio.Future[Any] | None, limit: float) -> None:
+    """Until ``wake`` is set, ``answer`` is done or ``limit`` seconds passed."""
+    waiting: asyncio.Future[Any] = asyncio.ensure_future(wake.wait())
+    try:
+        await asyncio.wait(
+            {waiting} if answer is None else {waiting, answer},
+            timeout=limit,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        waiting.cancel()
 
 
 class _Rollback(Exception):
@@ -338,57 +355,75 @@ class MigrationCoordinator:
     async def _follow(self, record: MigrationRecord) -> None:
         """Wait for the source to report an end state; cancel on deadline or request.
 
-        The source's ``migration`` events (:meth:`on_event`) carry QEMU's status, so they
-        end the wait by themselves; ``migration.status`` is asked at the start (recovery
-        resumes here too) and whenever ``progress_poll`` passes without an event.
+        ``migration.status`` is a long poll (``wait``: ``progress_poll``): the source's
+        agent answers as soon as QEMU reports the end, or after ``progress_poll`` (then it
+        is asked again), so the end is heard without a polling interval; it is asked at
+        the start too (recovery resumes here). The source's ``migration`` events
+        (:meth:`on_event`) carry the progress, a cancel request or the deadline wake the
+        wait meanwhile. An agent that answers at once (an older one) is asked again only
+        after ``progress_poll``.
         """
         s, wake = self.settings, self._wake[record.id]
-        query = True
-        while True:
-            if query:
-                status: MigrationStatus | None
-                try:
-                    status = await self._call(
-                        record.source,
-                        ops.MIGRATION_STATUS,
-                        MigrationDomain(domain=record.uuid),
-                        s.step_timeout,
+        asking: asyncio.Future[MigrationStatus] | None = None
+        asked = next_ask = 0.0  # monotonic
+        poll = min(s.progress_poll, STATUS_WAIT_MAX)
+        query = MigrationStatusQuery(domain=record.uuid, wait=poll)
+        try:
+            while True:
+                if asking is None and time.monotonic() >= next_ask:
+                    asked = time.monotonic()
+                    asking = asyncio.ensure_future(
+                        self._call(record.source, ops.MIGRATION_STATUS, query,
+                                   s.step_timeout + poll)
+                    )  # fmt: skip
+                answered = asking is not None and asking.done()
+                if asking is not None and answered:
+                    status: MigrationStatus | None
+                    try:
+                        status = asking.result()
+                    except (RetryableError, ProtocolError) as exc:  # ask again later
+                        log.warning(
+                            "migration %s: status from %s: %s", record.id, record.source, exc
+                        )
+                        status = None
+                    except VirtbusError as exc:
+                        lost = f"source lost the migration: {exc}"
+                        raise _Rollback(RecordState.FAILED, lost) from None
+                    asking, next_ask = None, asked + poll
+                    if status is not None:
+                        record.progress = to_wire(status)
+                        self._notify(record)
+                if record.phase == Phase.STORAGE and record.progress.get("phase") == "memory":
+                    await self._enter(record, Phase.PROGRESS)  # the disks are copied
+                state = record.progress.get("status")
+                if state == "completed":
+                    return
+                if state in ("failed", "cancelled") or (
+                    answered and state == "none" and record.phase == Phase.PROGRESS
+                ):
+                    why = record.progress.get("error") or f"the source reports {state}"
+                    raise _Rollback(
+                        RecordState.CANCELLED if record.cancel_requested else RecordState.FAILED,
+                        why,
                     )
-                except (RetryableError, ProtocolError) as exc:  # ask again later
-                    log.warning("migration %s: status from %s: %s", record.id, record.source, exc)
-                    status = None
-                except VirtbusError as exc:
-                    lost = f"source lost the migration: {exc}"
-                    raise _Rollback(RecordState.FAILED, lost) from None
-                if status is not None:
-                    record.progress = to_wire(status)
-                    self._notify(record)
-            if record.phase == Phase.STORAGE and record.progress.get("phase") == "memory":
-                await self._enter(record, Phase.PROGRESS)  # the disks are copied
-            state = record.progress.get("status")
-            if state == "completed":
-                return
-            if state in ("failed", "cancelled") or (
-                query and state == "none" and record.phase == Phase.PROGRESS
-            ):
-                why = record.progress.get("error") or f"the source reports {state}"
-                raise _Rollback(
-                    RecordState.CANCELLED if record.cancel_requested else RecordState.FAILED, why
-                )
-            past_deadline = time.time() >= record.deadline
-            postcopy = record.progress.get("status") in POSTCOPY_STATUSES
-            if (record.cancel_requested or past_deadline) and not postcopy:
-                reason = RecordState.CANCELLED if record.cancel_requested else RecordState.FAILED
-                error = None if record.cancel_requested else f"timed out after {record.timeout:g} s"
-                raise _Rollback(reason, error)
-            wait = max(0.01, min(s.progress_poll, record.deadline - time.time()))
-            query = False
-            try:
-                async with asyncio.timeout(wait):
-                    await wake.wait()
-            except TimeoutError:
-                query = True  # no news for a while: ask
-            wake.clear()
+                past_deadline = time.time() >= record.deadline
+                postcopy = record.progress.get("status") in POSTCOPY_STATUSES
+                if (record.cancel_requested or past_deadline) and not postcopy:
+                    reason = (
+                        RecordState.CANCELLED if record.cancel_requested else RecordState.FAILED
+                    )
+                    error = (
+                        None if record.cancel_requested else f"timed out after {record.timeout:g} s"
+                    )
+                    raise _Rollback(reason, error)
+                limit = record.deadline - time.time()
+                if asking is None:
+                    limit = min(limit, next_ask - time.monotonic())
+                await _first(wake, asking, max(0.01, limit))
+                wake.clear()
+        finally:  # an answer still on its way is not needed any more
+            if asking is not None and not asking.cancel() and not asking.cancelled():
+                asking.exception()  # it ended meanwhile: retrieved, never logged as lost
 
     async def _guarded_rollback(
         self, record: MigrationRecord, state: RecordState, error: str | None
@@ -580,7 +615,7 @@ class MigrationCoordinator:
                 status = await self._call(
                     record.source,
                     ops.MIGRATION_STATUS,
-                    MigrationDomain(domain=record.uuid),
+                    MigrationStatusQuery(domain=record.uuid),
                     s.step_timeout,
                 )
                 state = status.status

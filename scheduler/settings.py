@@ -50,7 +50,8 @@ class SchedulerSettings:
                          positive=True, metavar="S"),
     )  # fmt: skip
     progress_poll: float = field(
-        default=0.5, metadata=setting("poll migration.status this often (s)", positive=True)
+        default=0.5,
+        metadata=setting("longest wait of one migration.status long poll (s)", positive=True),
     )
     cleanup_timeout: float = field(
         default=30.0,

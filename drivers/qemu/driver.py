@@ -453,6 +453,9 @@ class QemuDriver:
     async def migrate_status(self, ref: str) -> MigrationStatus:
         return await self._migrations.status(ref)
 
+    async def migrate_wait(self, ref: str, timeout: float) -> None:
+        await self._migrations.wait(ref, timeout)
+
     def migrate_check_tls(self, params: MigrationParams) -> None:
         self._migrations.check_tls(params)
 

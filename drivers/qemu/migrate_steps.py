@@ -346,6 +346,17 @@ class MigrationSteps:
                 return fresh
         return job.current() if job.mirrors is not None else job.status
 
+    async def wait(self, ref: str, timeout: float) -> None:
+        """Source: until the job reached an end state, or ``timeout``. The job notes QEMU's
+        ``MIGRATION`` event as the event task reads it, before its follower's
+        ``query-migrate`` and the ``migration`` event that follows: the end is told here
+        first."""
+        dom = self._registry.get(ref)
+        job = self._jobs.get(dom.defn.uuid)
+        if job is None or job.role != "source":
+            return
+        await job.wait_status(lambda st: st.status in mig.TERMINAL, timeout)
+
     async def cancel(self, ref: str) -> None:
         dom = self._registry.get(ref)
         job = self._jobs.get(dom.defn.uuid)

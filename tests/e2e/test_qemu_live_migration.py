@@ -338,6 +338,29 @@ class TestOneGuest:
         await cl.settle(lambda: ("stopped", "failed") in cl.seen(b, GUEST, mark))
         assert cl.seen(b, GUEST, mark) == [("started", "migrated"), ("stopped", "failed")]
 
+    async def test_status_with_wait_answers_when_the_migration_ends(self, shared: Cluster) -> None:
+        """``migration.status`` with ``wait`` is a long poll (what the scheduler follows a
+        migration with): asked right after perform, it answers with the end, as QEMU's
+        MIGRATION event reports it, not with the progress of that moment."""
+        cl = shared
+        a, b, _serial_a, _mark = await cl.ready()
+        serial_b = cl.next_serial()
+        begun = await cl.call(a, ops.MIGRATION_BEGIN, {"domain": GUEST})
+        params = {"bandwidth_mib_s": 20}  # the stream takes a while: not over at once
+        xml = with_serial(begun["xml"], serial_b)
+        prepared = await cl.call(b, ops.MIGRATION_PREPARE, {"xml": xml, "params": params})
+        body = {"domain": GUEST, "uri": prepared["uri"], "params": params}
+        await cl.call(a, ops.MIGRATION_PERFORM, body)
+        status = await cl.call(a, ops.MIGRATION_STATUS, {"domain": GUEST, "wait": 60},
+                               timeout=MIGRATION_TIMEOUT + CALL_TIMEOUT)  # fmt: skip
+        assert status["status"] == "completed", status
+        await cl.call(b, ops.MIGRATION_FINISH, {"domain": GUEST, "success": True})
+        await cl.call(a, ops.MIGRATION_CONFIRM, {"domain": GUEST, "success": True})
+        cl.at, cl.serial = b, serial_b
+        assert await cl.state(b, GUEST) == "running"
+        assert await cl.state(a, GUEST) is None
+        await cl.settle(lambda: not cl.qemus(a))
+
 
 async def test_postcopy_switch_in_process(test_guest: TestGuest, e2e_root: Path) -> None:
     """Driver level (two QemuDriver instances in this process): postcopy really engaged.

@@ -161,6 +161,22 @@ async def test_migrate_moves_the_guest_and_lists_it(tmp_path: Path) -> None:
         assert done["state"] == "completed" and done["destination"] in ("a", "c")
 
 
+async def test_the_end_is_heard_from_the_status_long_poll_not_a_poll_interval(
+    tmp_path: Path,
+) -> None:
+    """The source's agent answers ``migration.status`` (``wait``) as its stream ends: with
+    a poll interval far beyond the test's patience and the source's migration events
+    kept from the coordinator, the migration still completes, well within that interval."""
+    async with cluster(tmp_path, migration_time=0.5, progress_poll=60.0) as c:
+        c.scheduler.coordinator.on_event = lambda _event: None  # type: ignore[method-assign]
+        await c.agent("a", ops.DOMAIN_DEFINE, {"xml": xml("vm1")})
+        await c.agent("a", ops.DOMAIN_START, {"domain": "vm1"})
+        await c.call(ops.SCHEDULER_MIGRATE, {"domain": "vm1", "to": "b"})
+        done = await c.wait_migration("vm1", timeout=20)
+        assert done["state"] == "completed", done
+        assert await c.where("vm1") == [("b", "running")]
+
+
 async def test_cancel_and_timeout_roll_back_to_the_source(tmp_path: Path) -> None:
     async with cluster(tmp_path, migration_time=3.0) as c:
         await c.agent("a", ops.DOMAIN_DEFINE, {"xml": xml("vm1")})

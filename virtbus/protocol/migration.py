@@ -209,6 +209,19 @@ class MigrationDomain(Message):
     domain: Name
 
 
+STATUS_WAIT_MAX = 60.0  # s, the longest ``migration.status`` long poll
+
+
+class MigrationStatusQuery(Message):
+    """``wait`` (s): a long poll, answered once the migration reached an end state
+    (completed, failed, cancelled) or after ``wait``, whichever comes first, so that the
+    coordinator hears the end from QEMU's own event instead of a polling interval. A
+    driver that cannot wait, or an older agent (it ignores the field), answers at once."""
+
+    domain: Name
+    wait: Annotated[float, Meta(ge=0, le=STATUS_WAIT_MAX)] | None = None
+
+
 class MigrationBegin(Message):
     """``params``: what the migration will do; with copy_storage_all the source lists the
     disks it will copy (``MigrationSource.disks``) and refuses one it cannot."""
@@ -335,7 +348,7 @@ MIGRATION_PERFORM = _step(
     "migration.perform", MigrationPerform, Accepted, "source: start streaming to the URI"
 )
 MIGRATION_STATUS = _step(
-    "migration.status", MigrationDomain, MigrationStatus,
+    "migration.status", MigrationStatusQuery, MigrationStatus,
     "source: progress of the migration", serial=False,
 )  # fmt: skip  # overtakes a busy chain
 MIGRATION_CANCEL = _step(
