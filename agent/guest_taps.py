@@ -13,6 +13,10 @@ code) before the descriptor is handed over: HTB on the tap's egress (the guest's
 an nftables policer on its ingress (the guest's outbound). The policing table is named
 after the tap (``virtbus_bwtap_<tap>``), so a domain's tables are found by its prefix and
 dropped with its taps even when QEMU took the taps with it (the tables outlive them).
+Which of those tables exist is listed (``nft list tables``) once per agent, at the first
+release that needs it, and then kept up to date by this class, their only maker: a domain
+without a policed NIC stops without an nft process (one per stop, on its critical path:
+a migration's confirm waits for the source's stop).
 """
 
 from __future__ import annotations
@@ -53,6 +57,30 @@ class GuestTaps:
 
     def __init__(self, networks: Networks) -> None:
         self._networks = networks
+        # the taps' policing tables: as listed once (None: not yet) and made since; the
+        # union is never short of a table that exists (a dropped one may linger: its drop
+        # of an absent table is fine)
+        self._listed: set[str] | None = None
+        self._made: set[str] = set()
+
+    def _shaped(self, table: str, bandwidth: Bandwidth | None) -> None:
+        """``tc.apply`` with ``bandwidth`` made ``table`` (an outbound limit) or dropped it."""
+        if bandwidth is not None and bandwidth.outbound is not None:
+            self._made.add(table)
+        else:
+            self._dropped(table)
+
+    def _dropped(self, table: str) -> None:
+        self._made.discard(table)
+        if self._listed is not None:
+            self._listed.discard(table)
+
+    async def _tables(self) -> set[str]:
+        if self._listed is None:
+            prefix = tap_table("")
+            found = await tc.tables(self._networks.net)
+            self._listed = {t for t in found if t.startswith(prefix)}
+        return self._listed | self._made
 
     def has_network(self, name: str) -> bool:
         return any(n.name == name for n in self._networks.networks())
@@ -70,21 +98,28 @@ class GuestTaps:
         fd, ifname = await self._networks.net.open_tap(f"{tap_prefix(domain)}%d", bridge,
                                                        tap_mac(mac))  # fmt: skip
         if bandwidth is not None:
+            table = tap_table(ifname)
+            self._made.add(table)  # before nft runs: a failure may leave it half made
             try:
-                await tc.apply(self._networks.net, ifname, bandwidth, tap_table(ifname))
+                await tc.apply(self._networks.net, ifname, bandwidth, table)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.close(fd)  # the tap goes with it
                 with contextlib.suppress(VirtbusError):
-                    await tc.drop_table(self._networks.net, tap_table(ifname))
+                    await tc.drop_table(self._networks.net, table)
+                    self._dropped(table)
                 raise
+            self._shaped(table, bandwidth)
         return ResolvedTap(network=net.name, bridge=bridge, ifname=ifname, fd=fd)
 
     async def set_tap_bandwidth(self, domain: str, ifname: str,
                                 bandwidth: Bandwidth | None) -> None:  # fmt: skip
         if not ifname.startswith(tap_prefix(domain)):
             raise OperationInvalid(f"'{ifname}' is not a tap of this domain's")
-        await tc.apply(self._networks.net, ifname, bandwidth, tap_table(ifname))
+        table = tap_table(ifname)
+        self._made.add(table)
+        await tc.apply(self._networks.net, ifname, bandwidth, table)
+        self._shaped(table, bandwidth)
 
     async def release_taps(self, domain: str, ifname: str | None = None) -> None:
         prefix = tap_prefix(domain)
@@ -98,10 +133,12 @@ class GuestTaps:
         try:
             if ifname is not None:
                 await tc.drop_table(self._networks.net, tap_table(ifname))
+                self._dropped(tap_table(ifname))
                 return
             wanted = re.compile(re.escape(tap_table("")) + pattern)
-            for table in await tc.tables(self._networks.net):
+            for table in sorted(await self._tables()):
                 if wanted.fullmatch(table):
                     await tc.drop_table(self._networks.net, table)
+                    self._dropped(table)
         except VirtbusError as exc:  # a stale empty table is harmless: never fail a stop
             log.warning("domain %s: its taps' policing tables: %s", domain, exc)
