@@ -132,6 +132,10 @@ class Journal:
 
     async def save(self, record: MigrationRecord) -> None:
         record.updated = time.time()
+        await self.write(record)
+
+    async def write(self, record: MigrationRecord) -> None:
+        """:meth:`save` without stamping ``updated``."""
         data = json.dumps(record.to_map(), sort_keys=True).encode()
         async with self._lock:
             await asyncio.to_thread(
@@ -223,8 +227,16 @@ class BusJournal:
         await self.cache.open()
 
     async def save(self, record: MigrationRecord) -> None:
-        await self.cache.save(record)  # stamps record.updated
-        await self._append(JournalEntry(entry="migration", id=record.id, record=record.to_wire()))
+        """Appended to the stream and written to the cache at once; returns when both are
+        done (the coordinator's next step waits for it), raising what failed."""
+        record.updated = time.time()
+        entry = JournalEntry(entry="migration", id=record.id, record=record.to_wire())
+        written = await asyncio.gather(
+            self.cache.write(record), self._append(entry), return_exceptions=True
+        )
+        for outcome in written:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def remove(self, record: MigrationRecord) -> None:
         await self.cache.remove(record)

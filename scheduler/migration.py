@@ -534,6 +534,12 @@ class MigrationCoordinator:
 
     async def _enter(self, record: MigrationRecord, phase: Phase) -> None:
         record.enter(phase)
+        if phase == Phase.DONE:
+            # Decided and done: the destination runs and owns the guest, the source has
+            # confirmed (its copy is gone, or its confirm is in record.cleanup). Followers
+            # hear it now; the journal entry after only ends the record (a scheduler that
+            # stops before writing it resumes at the journaled confirm: idempotent).
+            self._notify(record)
         if phase not in _UNJOURNALED:
             await self.journal.save(record)
         faults.scheduler_exit_at(phase)  # the crash tests' fault point (off unless set)

@@ -6,6 +6,7 @@ a tombstone."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from scheduler.journal import BusJournal, Journal, MigrationRecord
@@ -134,3 +135,65 @@ async def test_cluster_networks_replay_newest_wins_tombstones_and_compaction(
         ("mark", after[0]["id"]), ("network", "cn"), ("draining", "draining")
     ]  # fmt: skip  # the live network re-appended: retention never drops it
     await bus.close()
+
+
+class SlowCache(Journal):
+    """A cache whose writes wait for ``go``: how far ``save`` got meanwhile is seen."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self.go = asyncio.Event()
+        self.writing = asyncio.Event()
+
+    async def write(self, record: MigrationRecord) -> None:
+        self.writing.set()
+        await self.go.wait()
+        await super().write(record)
+
+
+async def test_a_save_appends_while_the_cache_is_written_and_returns_after_both(
+    tmp_path: Path,
+) -> None:
+    bus = open_bus(f"memory://journal-{tmp_path.name}", src="s1")
+    await bus.connect()
+    cache = SlowCache(tmp_path / "one")
+    journal = BusJournal(bus, cache)
+    await journal.open()
+    assert isinstance(bus, MemoryBus)
+    rec = record("vm1", "prepare")
+    saving = asyncio.create_task(journal.save(rec))
+    await cache.writing.wait()
+    async with asyncio.timeout(5):  # on the stream while the cache write is held up
+        while not [e for e in journal_entries(bus) if e.get("entry") == "migration"]:
+            await asyncio.sleep(0.01)
+    assert not saving.done()  # the step it guards waits for the cache too
+    cache.go.set()
+    await saving
+    assert [r.id for r in await Journal(tmp_path / "one").load()] == [rec.id]
+    await bus.close()
+
+
+async def test_followers_hear_a_completed_migration_before_its_last_journal_entry(
+    tmp_path: Path,
+) -> None:
+    async with cluster(tmp_path) as c:
+        journal = c.scheduler.coordinator.journal
+        save, released = journal.save, asyncio.Event()
+
+        async def held_at_done(rec: MigrationRecord) -> None:
+            if rec.phase == "done":
+                await released.wait()
+            await save(rec)
+
+        journal.save = held_at_done  # type: ignore[method-assign]
+        await c.agent("a", ops.DOMAIN_DEFINE, {"xml": xml("vm1")})
+        await c.agent("a", ops.DOMAIN_START, {"domain": "vm1"})
+        rec = await c.call(ops.SCHEDULER_MIGRATE, {"domain": "vm1", "to": "b"})
+        async with asyncio.timeout(5):  # long polls of 10 s: answered by changes only
+            while rec["state"] != "completed":
+                query = {"id": rec["id"], "wait": 10.0, "seen": rec}
+                rec = await c.call(ops.SCHEDULER_MIGRATION, query, timeout=15)
+        assert rec["phase"] == "done" and await c.where("vm1") == [("b", "running")]
+        released.set()
+        done = await c.wait_migration("vm1")
+        assert done["state"] == "completed"
