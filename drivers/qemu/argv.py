@@ -209,6 +209,7 @@ def build_command(
     completed: bool = False,
     volumes: Mapping[int, ResolvedVolume] | None = None,
     taps: Mapping[int, ResolvedTap] | None = None,
+    monitor_fd: int | None = None,
 ) -> QemuLaunch:
     """The argv for ``defn``; ConfigUnsupported naming anything it cannot honour.
 
@@ -221,6 +222,9 @@ def build_command(
     hugepages, NUMA nodes, CPUs and firmware; without it they wait for start.
     ``volumes`` holds what each ``<disk type='volume'>`` resolved to (None: validating);
     ``taps`` the tap (its inherited fd) of each NIC on one of the agent's networks.
+    ``monitor_fd``: QEMU inherits the QMP socket already listening at ``qmp_socket``
+    under this number (as libvirt hands its monitor over), so the agent connects at once
+    instead of waiting for QEMU to create it; None: QEMU binds the path itself.
     ``completed``: ``defn`` was just completed at define; what libvirt assigns only at
     start (USB ports, console ports) is then left out too (define's own validation).
     """
@@ -277,7 +281,8 @@ def build_command(
     memory.build_numa(ctx, mem)
     misc.build_sysinfo(ctx)
     ctx.add("-uuid", defn.uuid, "-no-user-config", "-nodefaults")
-    ctx.add("-chardev", f"socket,id=charmonitor,path={kv_escape(str(qmp))},server=on,wait=off")
+    where = f"fd={monitor_fd}" if monitor_fd is not None else f"path={kv_escape(str(qmp))}"
+    ctx.add("-chardev", f"socket,id=charmonitor,{where},server=on,wait=off")
     ctx.add("-mon", "chardev=charmonitor,id=monitor,mode=control")
     mach.clock(ctx)
     _lifecycle(ctx)

@@ -378,6 +378,9 @@ class Domain:
         await self._rt.release(self.defn.uuid)  # before `ended`: a destroy returns after it
         if run.companions is not None:
             await comp.release(run.companions, self._settings.companions)
+        # before `ended` too: a start right after a destroy binds the same socket paths
+        # (the QMP socket before QEMU runs), which a removal after it would take away
+        await self._rt.store.remove_own_sockets((run.qmp_socket, *run.sockets))
         run.ended.set()
         self.notify(run)
         current = asyncio.current_task()
@@ -391,7 +394,6 @@ class Domain:
             await asyncio.wait([run.writing])  # else it would re-create the file
         await self._rt.store.remove_status(self.defn.uuid)
         await remove_files(run.pidfile)
-        await self._rt.store.remove_own_sockets((run.qmp_socket, *run.sockets))
 
     def helper(self, run: Run, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

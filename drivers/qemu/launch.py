@@ -94,6 +94,7 @@ class LaunchPlan:
     #: index; drivers/qemu/taps.py), its fd in ``pass_fds``; None while only validated
     taps: dict[int, ResolvedTap] | None = None
     host: HostFacts | None = None  # this host's hugepages, NUMA nodes, CPUs, firmware
+    monitor_fd: int | None = None  # the QMP socket QEMU inherits (in ``pass_fds``), not bound yet
 
     def close_fds(self) -> None:
         for fd in self.pass_fds:
@@ -296,7 +297,7 @@ class Launcher:
         return build_command(
             plan.live, self._paths, kvm_available=kvm, incoming=plan.incoming,
             emulator=self._settings.emulator, graphics_ports=plan.graphics_ports, caps=caps,
-            volumes=plan.volumes, taps=plan.taps,
+            volumes=plan.volumes, taps=plan.taps, monitor_fd=plan.monitor_fd,
             settings=self._argv, host=plan.host, completed=completed,
         )  # fmt: skip
 
@@ -367,6 +368,11 @@ class Launcher:
             for step in self._rt.steps:
                 await step.acquire(plan)
             plan.host = await host_probe(self._settings.firmware_dirs)  # it changes: read now
+            # QMP's socket: made here and inherited (bound below, once the stale one is gone),
+            # so the monitor answers as soon as QEMU runs: no waiting for QEMU to create it
+            monitor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            plan.monitor_fd = monitor.detach()
+            plan.pass_fds.append(plan.monitor_fd)
             launch = self._command(plan, kvm=self.kvm_usable(), caps=await self.capabilities())
             if plan.incoming is not None and launch.overlays:  # libvirt refuses it too
                 raise OperationInvalid(
@@ -380,6 +386,7 @@ class Launcher:
             qmp_socket, logfile = Path(launch.qmp_socket), Path(launch.logfile)
             await self._rt.store.check_bind_paths(launch.bind_paths)
             await self._rt.store.remove_own_sockets((*launch.sockets, qmp_socket))  # stale
+            _listen(plan.monitor_fd, qmp_socket)
             # an incoming swtpm starts empty: the TPM's state arrives in QEMU's stream
             user = self._dac.user(live.uuid) if self._dac is not None else None
             companions = await comp.prepare(launch, self._rt.store.run_dir, live.uuid,
@@ -446,6 +453,16 @@ class Launcher:
                 if name.startswith("pty:"):
                     live.set_chardev_source_path(cd.kind, cd.index, name[4:])
         run.live_xml = None  # runtime values written back: serialise it again
+
+
+def _listen(fd: int, path: Path) -> None:
+    """Bind and listen the (inherited) socket ``fd`` at ``path``; the fd stays open."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.bind(str(path))
+        sock.listen(8)
+    finally:
+        sock.detach()
 
 
 def free_tcp_port() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import statistics
 import tempfile
@@ -297,6 +298,24 @@ async def test_reattach_after_close(env: Env) -> None:
     await env.driver.destroy(name)
     assert rec.names(name) == [("suspended", "paused"), ("stopped", "destroyed")]
     assert env.pids() == []
+
+
+async def test_qemu_inherits_its_qmp_socket_listening_and_the_stop_removes_it(env: Env) -> None:
+    """QEMU gets its QMP socket already bound and listening (``fd=``, as libvirt hands its
+    monitor over): the agent connects as soon as QEMU runs, without waiting for QEMU to
+    create it. A restarted agent finds it by its path (test_reattach_after_close)."""
+    name = "fw-monitor-fd"
+    await env.driver.define(firmware_xml(name))
+    await env.driver.start(name)
+    (pid,) = env.pids()
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    (chardev,) = [a.decode() for a in argv if a.startswith(b"socket,id=charmonitor,")]
+    assert re.fullmatch(r"socket,id=charmonitor,fd=\d+,server=on,wait=off", chardev), chardev
+    run = env.driver._registry.get(name).run
+    assert run is not None and run.qmp_socket.is_socket()
+    await env.driver.suspend(name)  # the monitor answers through it
+    await env.driver.destroy(name)
+    assert not run.qmp_socket.exists()  # QEMU did not make it: the agent removes it
 
 
 async def test_monitor_loss_with_qemu_alive_reconnects(env: Env) -> None:

@@ -116,6 +116,10 @@ def test_basics_and_fixed_options() -> None:
     assert "-incoming" not in argv
     assert launch.sockets[0] == launch.qmp_socket
     assert launch.accel == "kvm"
+    # a launch hands QEMU the QMP socket already listening at that path
+    handed = build(domain(), kvm_available=True, monitor_fd=9)
+    assert values(handed.argv, "-chardev")[0] == "socket,id=charmonitor,fd=9,server=on,wait=off"
+    assert handed.qmp_socket == launch.qmp_socket and handed.sockets[0] == launch.qmp_socket
     # libvirt adds a virtio balloon when <memballoon> is absent
     assert dev(argv, "virtio-balloon-pci")["id"] == "balloon0"
 
