@@ -45,7 +45,7 @@ from scheduler.inventory import ClusterView
 from scheduler.journal import MigrationJournal, MigrationRecord
 from scheduler.settings import SchedulerSettings
 from virtbus import faults
-from virtbus.aio import TaskGroup
+from virtbus.aio import TaskGroup, forget
 from virtbus.errors import (
     MigrateFailed,
     NoConnect,
@@ -422,8 +422,7 @@ class MigrationCoordinator:
                 await _first(wake, asking, max(0.01, limit))
                 wake.clear()
         finally:  # an answer still on its way is not needed any more
-            if asking is not None and not asking.cancel() and not asking.cancelled():
-                asking.exception()  # it ended meanwhile: retrieved, never logged as lost
+            forget(asking)
 
     async def _guarded_rollback(
         self, record: MigrationRecord, state: RecordState, error: str | None

@@ -32,7 +32,7 @@ from scheduler.networks import ClusterNetworks
 from scheduler.offline import OfflineMover
 from scheduler.placement import place, request_for
 from scheduler.settings import SchedulerSettings
-from virtbus.aio import TaskGroup
+from virtbus.aio import TaskGroup, forget
 from virtbus.bus.base import Bus, Server, Subscription
 from virtbus.bus.rpc import settle
 from virtbus.bus.topology import (
@@ -61,6 +61,7 @@ from virtbus.protocol.domain import (
     DomainListRequest,
     DomainShutdown,
     DomainTarget,
+    DomainXml,
     StateName,
 )
 from virtbus.protocol.envelope import Envelope, Kind, ok_body
@@ -456,13 +457,29 @@ class SchedulerService:
     ) -> MigrationRecord:
         """Find the domain, place it (or check ``to``), claim, journal, start.
         ``destination_xml`` replaces the source's definition at the destination."""
-        source, info = await self._locate(ref)
-        if self.coordinator.busy(info.uuid):
-            raise OperationInvalid(f"domain '{info.name}' is already migrating")
         t = self.settings.step_timeout
         # With its secrets (graphics passwords): the destination starts this definition.
         secure = ops.DOMAIN_READ_SECURE
-        reply = await self._agent_call(source, secure, DomainTarget(domain=info.uuid), t)
+        known = [(h, i.uuid) for h, i in self.view.hosts_with(ref) if self.view.is_up(h)]
+        early: asyncio.Future[DomainXml] | None = None
+        if len(known) == 1:  # the usual case: its XML is read while its state is checked
+            early = asyncio.ensure_future(
+                self._agent_call(known[0][0], secure, DomainTarget(domain=known[0][1]), t)
+            )
+        try:
+            source, info = await self._locate(ref)
+            if self.coordinator.busy(info.uuid):
+                raise OperationInvalid(f"domain '{info.name}' is already migrating")
+        except BaseException:
+            forget(early)
+            raise
+        if early is not None and known[0] != (source, info.uuid):  # it was not that one
+            forget(early)
+            early = None
+        if early is not None:
+            reply = await early
+        else:
+            reply = await self._agent_call(source, secure, DomainTarget(domain=info.uuid), t)
         defn = parse_domain_xml(reply.xml)
         defn.root.attrib.pop("id", None)  # the running id: not part of a definition
         xml = defn.to_xml()

@@ -34,6 +34,13 @@ def log_task_failure(task: asyncio.Task[Any]) -> BaseException | None:
     return exc
 
 
+def forget(answer: asyncio.Future[Any] | None) -> None:
+    """An answer no longer wanted: cancelled, or, when it came meanwhile, its outcome
+    retrieved (so that an error in it is never logged as lost)."""
+    if answer is not None and not answer.cancel() and not answer.cancelled():
+        answer.exception()
+
+
 class TaskGroup:
     """Named background tasks that never fail into nowhere.
 

@@ -177,6 +177,33 @@ async def test_the_end_is_heard_from_the_status_long_poll_not_a_poll_interval(
         assert await c.where("vm1") == [("b", "running")]
 
 
+async def test_the_source_xml_is_read_while_the_domain_is_located(tmp_path: Path) -> None:
+    """One round trip, not two: the source's domain.read_secure goes while its
+    domain.info (is it running there?) is on its way."""
+    async with cluster(tmp_path) as c:
+        await c.agent("a", ops.DOMAIN_DEFINE, {"xml": xml("vm1")})
+        await c.agent("a", ops.DOMAIN_START, {"domain": "vm1"})
+        async with asyncio.timeout(10):  # the scheduler knows where it runs (a heartbeat)
+            while not (await c.call(ops.SCHEDULER_DOMAINS, {"all": True}))["domains"]:
+                await asyncio.sleep(0.02)
+        calls: list[tuple[str, str]] = []
+        agent_call = c.scheduler._agent_call
+
+        async def traced(host: str, op: Any, request: Any, timeout: float) -> Any:
+            calls.append(("sent", str(op)))
+            try:
+                return await agent_call(host, op, request, timeout)
+            finally:
+                calls.append(("answered", str(op)))
+
+        c.scheduler._agent_call = traced  # type: ignore[method-assign]
+        await c.call(ops.SCHEDULER_MIGRATE, {"domain": "vm1", "to": "b"})
+        first = calls[: calls.index(("answered", str(ops.DOMAIN_INFO)))]
+        assert ("sent", str(ops.DOMAIN_READ_SECURE)) in first, calls
+        done = await c.wait_migration("vm1")
+        assert done["state"] == "completed", done
+
+
 async def test_cancel_and_timeout_roll_back_to_the_source(tmp_path: Path) -> None:
     async with cluster(tmp_path, migration_time=3.0) as c:
         await c.agent("a", ops.DOMAIN_DEFINE, {"xml": xml("vm1")})
