@@ -13,10 +13,12 @@ code) before the descriptor is handed over: HTB on the tap's egress (the guest's
 an nftables policer on its ingress (the guest's outbound). The policing table is named
 after the tap (``virtbus_bwtap_<tap>``), so a domain's tables are found by its prefix and
 dropped with its taps even when QEMU took the taps with it (the tables outlive them).
-Which of those tables exist is listed (``nft list tables``) once per agent, at the first
-release that needs it, and then kept up to date by this class, their only maker: a domain
-without a policed NIC stops without an nft process (one per stop, on its critical path:
-a migration's confirm waits for the source's stop).
+Which of those tables, and which taps, exist is listed (``nft list tables``, a netlink
+dump) once per agent, at the first release, and then kept up to date by this class, their
+only maker: a domain without a NIC on the agent's networks stops without an nft process or
+a netlink dump (both were on every stop's path, and a migration's confirm waits for the
+source's stop). A tap is not persistent: it is gone with QEMU, and a known one that is
+gone only costs a dump that finds nothing.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class GuestTaps:
         # of an absent table is fine)
         self._listed: set[str] | None = None
         self._made: set[str] = set()
+        self._taps_listed: set[str] | None = None  # the same for the taps
+        self._taps_made: set[str] = set()
 
     def _shaped(self, table: str, bandwidth: Bandwidth | None) -> None:
         """``tc.apply`` with ``bandwidth`` made ``table`` (an outbound limit) or dropped it."""
@@ -82,6 +86,16 @@ class GuestTaps:
             self._listed = {t for t in found if t.startswith(prefix)}
         return self._listed | self._made
 
+    async def _taps(self) -> set[str]:
+        if self._taps_listed is None:
+            self._taps_listed = {link.name for link in await self._networks.net.links()}
+        return self._taps_listed | self._taps_made
+
+    def _taps_gone(self, names: set[str]) -> None:
+        self._taps_made -= names
+        if self._taps_listed is not None:
+            self._taps_listed -= names
+
     def has_network(self, name: str) -> bool:
         return any(n.name == name for n in self._networks.networks())
 
@@ -97,6 +111,7 @@ class GuestTaps:
             raise NoSupport(f"network '{net.name}' has no bridge for guest interfaces")
         fd, ifname = await self._networks.net.open_tap(f"{tap_prefix(domain)}%d", bridge,
                                                        tap_mac(mac))  # fmt: skip
+        self._taps_made.add(ifname)
         if bandwidth is not None:
             table = tap_table(ifname)
             self._made.add(table)  # before nft runs: a failure may leave it half made
@@ -129,7 +144,15 @@ class GuestTaps:
             pattern = re.escape(ifname)
         else:
             pattern = re.escape(prefix) + r"[0-9]+"
-        await self._networks.net.delete_links_matching(pattern)
+        wanted_tap = re.compile(pattern)
+        if ifname is not None:
+            await self._networks.net.delete_links_matching(pattern)
+            self._taps_gone({ifname})
+        else:
+            mine = {name for name in await self._taps() if wanted_tap.fullmatch(name)}
+            if mine:
+                await self._networks.net.delete_links_matching(pattern)
+                self._taps_gone(mine)
         try:
             if ifname is not None:
                 await tc.drop_table(self._networks.net, tap_table(ifname))

@@ -1,4 +1,5 @@
-"""The guests' taps' policing tables are found for a stop without an nft process per stop.
+"""The guests' taps and their policing tables are found for a stop without an nft process
+or a netlink dump per stop.
 
 The host side is a fake (it records the commands and keeps the tables an ``nft`` would):
 what is checked is which commands :class:`agent.guest_taps.GuestTaps` runs, not nft.
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,9 +24,11 @@ A, B, C, D = (f"{n}0000000-0000-4000-8000-000000000000" for n in "abcd")
 class FakeHostNet:
     """What GuestTaps uses of drivers.network.host.HostNet, with nft's tables kept."""
 
-    def __init__(self, tables: set[str]) -> None:
+    def __init__(self, tables: Iterable[str], taps: Iterable[str] = ()) -> None:
         self.tables = set(tables)
+        self.taps = set(taps)
         self.commands: list[list[str]] = []
+        self.netlink: list[str] = []  # what was asked of netlink: "links", "delete PATTERN"
         self.made = 0
 
     async def run(
@@ -42,12 +46,21 @@ class FakeHostNet:
             self.tables.add(stdin.decode().split()[2])  # "table netdev NAME ..."
         return 0, ""
 
+    async def links(self) -> list[Any]:
+        self.netlink.append("links")
+        return [SimpleNamespace(name=name) for name in sorted(self.taps)]
+
     async def delete_links_matching(self, pattern: str) -> list[str]:
-        return []
+        self.netlink.append(f"delete {pattern}")
+        gone = {name for name in self.taps if re.fullmatch(pattern, name)}
+        self.taps -= gone
+        return sorted(gone)
 
     async def open_tap(self, pattern: str, bridge: str, mac: str) -> tuple[int, str]:
         self.made += 1
-        return os.open(os.devnull, os.O_RDONLY), pattern.replace("%d", str(self.made - 1))
+        name = pattern.replace("%d", str(self.made - 1))
+        self.taps.add(name)
+        return os.open(os.devnull, os.O_RDONLY), name
 
     def nft(self, since: int = 0) -> list[list[str]]:
         return [c for c in self.commands[since:] if c[0] == "nft"]
@@ -81,6 +94,31 @@ async def test_stops_list_the_tables_once_and_drop_each_domains_own() -> None:
     await taps.release_taps(A)
     assert net.nft(mark) == []
     assert net.tables == {"virtbus_nat_gn"}  # no table of theirs left, nobody else's touched
+
+
+async def test_stops_dump_the_links_once_and_delete_each_domains_own_taps() -> None:
+    stray = tap_prefix(A) + "0"  # a tap of A's that outlived the agent before this one
+    net = FakeHostNet(set(), {stray, "br0", "eth0"})
+    taps = taps_on(net)
+    await taps.release_taps(B)  # the first stop dumps the links: A's tap is found
+    assert net.netlink == ["links"]
+    await taps.release_taps(A)
+    assert net.netlink[1:] == [f"delete {re.escape(tap_prefix(A))}[0-9]+"]
+    tap = await taps.open_tap("gn", C, "52:54:00:00:00:01")  # made after the dump
+    os.close(tap.fd)
+    await taps.release_taps(C)
+    assert net.netlink[2:] == [f"delete {re.escape(tap_prefix(C))}[0-9]+"]
+    mark = len(net.netlink)
+    await taps.release_taps(D)  # a domain with no tap: no netlink at all
+    await taps.release_taps(A)
+    await taps.release_taps(C)
+    assert net.netlink[mark:] == []
+    assert net.taps == {"br0", "eth0"}
+    tap = await taps.open_tap("gn", D, "52:54:00:00:00:02")
+    os.close(tap.fd)
+    await taps.release_taps(D, tap.ifname)  # one NIC unplugged: that tap, by its name
+    assert net.netlink[mark:] == [f"delete {re.escape(tap.ifname)}"]
+    assert net.taps == {"br0", "eth0"}
 
 
 async def test_a_limit_taken_off_live_is_not_dropped_again_and_one_put_on_is() -> None:
