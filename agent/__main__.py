@@ -23,11 +23,18 @@ def settings_from(argv: list[str] | None = None) -> AgentSettings:
     return build(AgentSettings, values, KEYS)
 
 
-async def run(settings: AgentSettings) -> int:
+def compose(settings: AgentSettings) -> AgentService:
+    """The agent the daemon runs, not yet started: its directories, its bus (unconnected),
+    its driver (agent/drivers.py) and the service. The nested-Xen bed's ``agent`` scenario
+    (tests/xen/scenarios.py) starts the same in dom0."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     settings.runtime_dir.mkdir(parents=True, exist_ok=True)
     bus = open_bus(settings.bus.url, src=settings.host, settings=settings.bus)
-    service = AgentService(settings, bus, make_driver(settings), settings.bus)
+    return AgentService(settings, bus, make_driver(settings), settings.bus)
+
+
+async def run(settings: AgentSettings) -> int:
+    service = compose(settings)
     return await serve(
         service, "agent", lambda: f"virtbus-agent {settings.host} ready (driver {settings.driver})"
     )
