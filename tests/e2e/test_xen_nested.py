@@ -74,6 +74,7 @@ SCENARIOS = [
     "guest_poweroff",
     "guest_poweroff_destroy",
     "migrate_localhost",
+    "agent",
     "xenstored_restart",
 ]
 
