@@ -100,9 +100,11 @@ def _on_shutdown_row(t: Tracked, row: XlDomain, out: list[Event]) -> None:
 
 
 def _on_live_row(t: Tracked, row: XlDomain, out: list[Event]) -> None:
-    if row.shutdown or row.dying:
+    if row.shutdown:
         _on_shutdown_row(t, row, out)
         return
+    if row.dying:  # an xl destroy (ours or not) of a domain that did not shut down: not a
+        return  # guest poweroff; it is reported (destroyed) when it vanishes
     t.seen_reason = None  # e.g. a failed migration resumed the source
     if row.paused and t.intent in TEARING_DOWN:
         return  # libxl pauses a domain before destroying it: not a guest suspend
@@ -167,7 +169,7 @@ def _adopt(t: Tracked, row: XlDomain, initial: bool, out: list[Event]) -> None:
         _set(t, DomainState.PAUSED, "user")
         if not initial:
             out.append(("suspended", "paused"))
-    if row.shutdown or row.dying:
+    if row.shutdown:
         _on_shutdown_row(t, row, out)
 
 

@@ -206,3 +206,21 @@ def test_the_pause_of_our_own_destroy_is_not_a_suspend() -> None:
     assert (r.domid, r.state, r.intent) == (6, DomainState.RUNNING, None)
     ext = started()  # nobody of ours is destroying: a pause is a pause
     assert feed(ext, [row(5, "--p---")]) == [("suspended", "paused")]
+
+
+def test_a_dying_domain_is_destroyed_not_shut_down() -> None:
+    # libxl's destroy kills a domain that did not shut down: while its pages and backends
+    # go it lists as dying without a shutdown reason (--p--d); the nested bed's `agent`
+    # scenario saw its own destroy reported as shutdown(guest) + stopped(shutdown), and
+    # the reap of the "poweroff" destroyed it a second time
+    t = started()
+    t.intent = "destroy"
+    assert feed(t, [row(5, "--p--d")], [row(5, "-----d")], []) == [("stopped", "destroyed")]
+    assert not t.reap and t.intent is None
+    ext = started()  # someone else's xl destroy: death -> destroyed, nothing to reap
+    assert feed(ext, [row(5, "--p--d")]) == [] and not ext.reap
+    assert feed(ext, []) == [("stopped", "destroyed")]
+    crash = started(on_crash="preserve")  # a shut-down one dying keeps its reason
+    assert feed(crash, [row(5, "---sc-")], [row(5, "--pscd")], []) == [
+        ("crashed", "panicked"), ("stopped", "crashed"),
+    ]  # fmt: skip
