@@ -502,6 +502,11 @@ def _net_xml(name: str) -> str:
     )
 
 
+async def _connect(users: Cluster, *names: str) -> list[Client]:
+    """One one-shot client per user name, in order (the caller closes them)."""
+    return [await Client.connect(users.url(n), oneshot=True) for n in names]
+
+
 def _storage_agent(users: Cluster, tmp_path: Path) -> tuple[Path, tuple[str, ...]]:
     """A directory storage may use and the agent options for it under the test's policy."""
     root = tmp_path / "images"
@@ -545,11 +550,8 @@ async def test_operators_may_not_remove_others_pools_volumes_and_networks(
     host, bus = users.host, users.url(users.host)
     net, old_net, spare_net = f"on-{TAG}", f"oo-{TAG}", f"os-{TAG}"
 
-    async def connect(*names: str) -> list[Client]:
-        return [await Client.connect(users.url(n), oneshot=True) for n in names]
-
     async with agent_process(host, tmp_path, *args, bus=bus):
-        ca, cb, cadm = await connect(alice, bob, admin_user)
+        ca, cb, cadm = await _connect(users, alice, bob, admin_user)
         try:
             a, b, adm = ca.host(host), cb.host(host), cadm.host(host)
             pool = await a.define_pool(_pool_xml("own-pool", root))
@@ -613,7 +615,7 @@ async def test_operators_may_not_remove_others_pools_volumes_and_networks(
         assert [ln.split() for ln in info.out.splitlines() if ln.startswith("Owner")] == [
             ["Owner:", alice]
         ]
-        ca, cb, cadm = await connect(alice, bob, admin_user)
+        ca, cb, cadm = await _connect(users, alice, bob, admin_user)
         try:
             a, b, adm = ca.host(host), cb.host(host), cadm.host(host)
             ap, bp = a.pool("own-pool"), b.pool("own-pool")
@@ -665,9 +667,7 @@ async def test_a_transfer_is_driven_by_the_user_that_began_it_only(
     mib = 1 << 20
     data = os.urandom(3 * mib + 77)
     async with agent_process(host, tmp_path, *args, bus=bus):
-        ca, cb, cadm = [
-            await Client.connect(users.url(n), oneshot=True) for n in (alice, bob, admin_user)
-        ]
+        ca, cb, cadm = await _connect(users, alice, bob, admin_user)
         try:
             a, b, adm = ca.host(host), cb.host(host), cadm.host(host)
             pool = await a.define_pool(_pool_xml("xfer-pool", root))
@@ -750,9 +750,7 @@ async def test_a_clone_or_wipe_is_cancelled_by_its_starter_or_who_may_change_the
     host, bus = users.host, users.url(users.host)
     mib = 1 << 20
     async with agent_process(host, tmp_path, *args, bus=bus):
-        ca, cb, cadm = [
-            await Client.connect(users.url(n), oneshot=True) for n in (alice, bob, admin_user)
-        ]
+        ca, cb, cadm = await _connect(users, alice, bob, admin_user)
         try:
             a, b, adm = ca.host(host), cb.host(host), cadm.host(host)
             pool = await a.define_pool(_pool_xml("cancel-pool", root))
