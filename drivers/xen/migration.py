@@ -53,7 +53,10 @@ class MigrationJob:
             await xl.migrate(self.domid, self.host, ssh, timeout)
             self.status = "completed"
         except VirtbusError as exc:
-            self.status, self.error = "failed", exc.message
+            # xl's last line ("Migration failed, failed to suspend at sender.") says where;
+            # libxl's own error lines before it say why, as libvirt's libxl driver reports
+            why = [ln.strip() for ln in getattr(exc, "stderr", "").splitlines() if "error" in ln]
+            self.status, self.error = "failed", "; ".join([exc.message, *why[:3]])
         except asyncio.CancelledError:
             self.status = "cancelled"
             raise
