@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from drivers.xen.migration import MigrationJob
 from drivers.xen.xl import XlError, parse_info, parse_list_verbose
 
 DATA = Path(__file__).parent / "data" / "xen"
@@ -57,3 +58,30 @@ def test_xl_info() -> None:
     info = parse_info((DATA / "xl-info.txt").read_text())
     assert info["xen_version"] == "4.17.7" and info["nr_cpus"] == "2"
     assert int(info["total_memory"]) == 3071 and "hvm" in info["virt_caps"]
+
+
+async def test_a_failed_migration_names_libxl_s_cause() -> None:
+    """xl's last line says where a migration failed; libxl's first error says why (stderr of a
+    PV guest's migration on the nested bed)."""
+    stderr = (
+        "migration target: Ready to receive domain.\n"
+        "xc: error: Failed to enable logdirty: 95,22,0 (22 = Invalid argument): Internal error\n"
+        "xc: error: Save failed (22 = Invalid argument): Internal error\n"
+        "libxl: error: libxl_stream_write.c:347:libxl__xc_domain_save_done: saving domain\n"
+        "libxl: error: libxl_domain.c:1137:domain_destroy_callback: Domain 2:Unable to destroy\n"
+        "Migration failed, failed to suspend at sender."
+    )
+
+    class FailingXl:
+        async def migrate(self, domid: int, host: str, ssh: str, timeout: float) -> None:
+            raise XlError(
+                "xl migrate failed: Migration failed, failed to suspend at sender.", stderr
+            )
+
+    job = MigrationJob(domid=3, host="localhost")
+    await job.run(FailingXl(), "", 10.0)  # type: ignore[arg-type]
+    assert job.status == "failed"
+    assert job.error is not None
+    assert job.error.startswith("xl migrate failed: Migration failed, failed to suspend")
+    assert "Failed to enable logdirty: 95" in job.error
+    assert "Unable to destroy" not in job.error  # the first three, not the aftermath
