@@ -29,6 +29,7 @@ Tree::
     ├── ProtocolError               RPC_ERROR           malformed / oversized / wrong version
     └── RetryableError                                  (transient: may succeed if retried)
         ├── OperationTimeout        OPERATION_TIMEOUT
+        │   └── NoReply             OPERATION_TIMEOUT   no reply within the caller's deadline
         └── BusUnavailable          BUS_UNAVAILABLE     broker unreachable
 """
 
@@ -149,6 +150,12 @@ class RetryableError(VirtbusError):
 
 class OperationTimeout(RetryableError):
     code = "OPERATION_TIMEOUT"
+
+
+class NoReply(OperationTimeout):
+    """The caller's own deadline passed with no reply at all (same wire code). A peer that
+    answered OPERATION_TIMEOUT (its QMP or job wait timed out) decodes as OperationTimeout:
+    only this one means the peer itself may be gone."""
 
 
 class BusUnavailable(RetryableError):

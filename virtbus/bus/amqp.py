@@ -70,7 +70,7 @@ from virtbus.errors import (
     AuthFailed,
     BusUnavailable,
     InvalidArgument,
-    OperationTimeout,
+    NoReply,
     ProtocolError,
 )
 from virtbus.protocol.codec import decode, encode
@@ -517,9 +517,7 @@ class AmqpBus:
             self._settle(call_id, exc=no_route(pending.route))  # type: ignore[arg-type]
 
     def _expire(self, call_id: str, op: str, route: str, timeout: float) -> None:
-        self._settle(
-            call_id, exc=OperationTimeout(f"no reply to {op!r} on {route!r} within {timeout:g}s")
-        )
+        self._settle(call_id, exc=NoReply(f"no reply to {op!r} on {route!r} within {timeout:g}s"))
 
     async def _on_reply(self, message: aiormq.abc.DeliveredMessage) -> None:
         call_id = message.header.properties.correlation_id

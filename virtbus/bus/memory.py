@@ -40,7 +40,7 @@ from virtbus.bus.topology import (
     check_routing_key,
     history_of,
 )
-from virtbus.errors import BusUnavailable, InvalidArgument, OperationTimeout, ProtocolError
+from virtbus.errors import BusUnavailable, InvalidArgument, NoReply, ProtocolError
 from virtbus.protocol.codec import decode, encode
 from virtbus.protocol.envelope import Envelope, Kind, error_body, reply_to
 from virtbus.settings import BusSettings
@@ -320,7 +320,7 @@ class MemoryBus:
             async with asyncio.timeout(timeout):
                 raw = await reply
         except TimeoutError:
-            raise OperationTimeout(f"no reply to {op!r} on {route!r} within {timeout:g}s") from None
+            raise NoReply(f"no reply to {op!r} on {route!r} within {timeout:g}s") from None
         finally:
             self._pending.discard(reply)
         return result_from_reply(decode(raw, self.settings.limits).body)

@@ -53,8 +53,8 @@ from virtbus.errors import (
     AuthFailed,
     BusUnavailable,
     InvalidArgument,
+    NoReply,
     NoSupport,
-    OperationTimeout,
     ProtocolError,
 )
 from virtbus.protocol.codec import decode, encode
@@ -541,7 +541,7 @@ class OneShotBus:
                     raise BusUnavailable(f"the broker refused the call {op!r} to {route!r}")
                 raw = await reply
         except TimeoutError:
-            raise OperationTimeout(f"no reply to {op!r} on {route!r} within {timeout:g}s") from None
+            raise NoReply(f"no reply to {op!r} on {route!r} within {timeout:g}s") from None
         finally:
             self._calls.pop(envelope.id, None)
         return result_from_reply(decode(raw, self.settings.limits).body)

@@ -39,6 +39,7 @@ from virtbus.errors import (
     InvalidArgument,
     NoConnect,
     NoDomainError,
+    NoReply,
     OperationTimeout,
 )
 from virtbus.protocol import ops
@@ -258,8 +259,8 @@ class Client:
                 f"no agent answers for host '{host}' — is virtbus-agent running there? "
                 "(`virtbus hosts` lists the hosts heard on the bus)"
             ) from None
-        except OperationTimeout:
-            raise OperationTimeout(
+        except NoReply:
+            raise NoReply(
                 f"host '{host}' did not answer {op} within {deadline:g} s — is "
                 f"virtbus-agent running on '{host}'? (`virtbus hosts` lists live hosts)"
             ) from None
@@ -283,8 +284,8 @@ class Client:
             raise NoConnect(
                 "no scheduler answers — is virtbus-scheduler running on this bus?"
             ) from None
-        except OperationTimeout:
-            raise OperationTimeout(
+        except NoReply:
+            raise NoReply(
                 f"the scheduler did not answer {op} within {deadline:g} s — is "
                 "virtbus-scheduler running on this bus?"
             ) from None
