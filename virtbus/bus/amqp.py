@@ -101,6 +101,16 @@ def login_refused(
     return None
 
 
+class TopologyUnavailable(BusUnavailable):
+    """A queue of the shared topology exists but does not work yet: its home node "is
+    down or inaccessible" (RabbitMQ's NOT_FOUND for a declare), as a history stream is
+    for a few hundred ms after the broker's listener opened (see _on_reconnected)."""
+
+
+def _home_node_down(exc: aiormq.exceptions.ChannelNotFoundEntity) -> bool:
+    return "down or inaccessible" in str(exc)
+
+
 async def _passive_exchange(channel: aiormq.abc.AbstractChannel, name: str, t: float) -> None:
     await channel.exchange_declare(name, passive=True, timeout=t)
 
@@ -178,6 +188,7 @@ class AmqpBus:
         self._refreshing = asyncio.Lock()
         self._tasks = TaskGroup(f"amqp-bus:{src}")  # the replies' consume retried, see below
         self._reconsuming: asyncio.Task[None] | None = None
+        self._restoring: asyncio.Task[None] | None = None  # waits for the topology, see below
         self._confirm_underlay: aiormq.abc.AbstractChannel | None = None
         self._fire_underlay: aiormq.abc.AbstractChannel | None = None
         self._pending: dict[str, _Pending] = {}
@@ -247,13 +258,16 @@ class AmqpBus:
         except AMQP_FAILURES as exc:
             await self._abandon()
             raise BusUnavailable(f"cannot set up the bus topology: {exc}") from exc
+        except BusUnavailable:
+            await self._abandon()
+            raise
         connection.close_callbacks.add(self._on_connection_lost)
         connection.reconnect_callbacks.add(self._on_reconnected)
         self._connected = True
 
     async def _open_channels(self, connection: AbstractRobustConnection) -> None:
         timeout = self.settings.connect_timeout
-        await self._ensure_topology(connection)
+        await self._topology_ready(connection, timeout)
         self._rpc = await connection.channel(publisher_confirms=True)
         self._confirm = await connection.channel(publisher_confirms=True)
         self._fire = await connection.channel(publisher_confirms=False)
@@ -321,7 +335,10 @@ class AmqpBus:
         channel = await amqp.channel(timeout=timeout)
         try:
             await action(channel, what, timeout)
-        except aiormq.exceptions.ChannelNotFoundEntity:
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            if _home_node_down(exc):
+                name = getattr(what, "name", None) or getattr(what[0], "name", what)
+                raise TopologyUnavailable(f"{name} is not available yet: {exc}") from exc
             return False
         except aiormq.exceptions.ChannelAccessRefused as exc:
             name = getattr(what, "name", None) or getattr(what[0], "name", what)
@@ -386,12 +403,65 @@ class AmqpBus:
             log.warning("bus connection lost (%s); reconnecting", exc)
             self._set_connected(False)
 
+    async def _topology_ready(self, connection: AbstractRobustConnection, patience: float) -> None:
+        """:meth:`_ensure_topology`, tried again with the reconnect backoff for up to
+        ``patience`` seconds while a queue of it is unavailable (a broker starting)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        delays = backoff_delays(self.settings.reconnect)
+        while True:
+            try:
+                await self._ensure_topology(connection)
+                return
+            except TopologyUnavailable:
+                delay = next(delays)
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+
     async def _on_reconnected(self, _sender: object) -> None:
+        """The connection is said restored (publishing and calls resume) only once the
+        topology answers. RabbitMQ (3.10) opens its listener a few hundred ms before the
+        stream coordinator has started the history streams' writers, and a publish routed
+        to a stream meanwhile is confirmed and dropped: the outbox, which reconnects at
+        once after a broker restart, lost the events it replayed then (the broker-restart
+        e2e test, tests/integration/test_stream_restart.py). A declare of such a stream
+        answers that its home node is down (TopologyUnavailable): the restore then waits
+        for it in a task of its own, not in aio-pika's reconnect task."""
+        if self._restoring is not None:
+            self._restoring.cancel()  # a restore of the connection before this one
+            self._restoring = None
         if self._connection is not None:
             try:
                 await self._ensure_topology(self._connection)
+            except TopologyUnavailable as exc:
+                log.warning("bus connection back, not restored until the topology is: %s", exc)
+                self._restoring = self._tasks.spawn(self._restore_later(), "restore when ready")
+                return
             except (*AMQP_FAILURES, BusUnavailable) as exc:
                 log.warning("checking the bus topology after a reconnect: %s", exc)
+        await self._restored()
+
+    async def _restore_later(self) -> None:
+        """Check the topology again with the reconnect backoff until it answers, then say
+        the connection is restored; given up when the connection is lost meanwhile (its
+        next reconnect checks again) or the bus closes."""
+        delays = backoff_delays(self.settings.reconnect)
+        while not self._closing and self._connection is not None:
+            await asyncio.sleep(next(delays))
+            transport = self._connection.transport
+            if transport is None or transport.connection.is_closed:
+                return
+            try:
+                await self._ensure_topology(self._connection)
+            except TopologyUnavailable:
+                continue
+            except (*AMQP_FAILURES, BusUnavailable) as exc:
+                log.warning("checking the bus topology after a reconnect: %s", exc)
+            await self._restored()
+            return
+
+    async def _restored(self) -> None:
         await self._refresh_underlays(None)
         transport = self._connection.transport if self._connection is not None else None
         if transport is None or transport.connection.is_closed:
