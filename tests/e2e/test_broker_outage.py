@@ -35,7 +35,7 @@ from tests.guests import CONTROL_PORT_NAME, TestGuest, build_test_guest
 from tests.procs import BUS_URL, agent_process, cli, unique_host
 from tests.rabbitnode import RabbitNode, rabbit_node
 from virtbus.bus.factory import open_bus
-from virtbus.store import RecordLog
+from virtbus.store import decode_records, read_bytes
 
 pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq, pytest.mark.slow]
 WAIT = 90.0
@@ -101,10 +101,14 @@ async def history_on(url: str) -> AsyncIterator[tuple[str, History]]:
 
 
 async def unconfirmed(base: Path) -> list[dict[str, Any]]:
-    """The outbox's events on disk that the broker has not confirmed (their bodies)."""
+    """The outbox's events on disk that the broker has not confirmed (their bodies).
+
+    Read, never loaded: ``RecordLog.load`` rewrites a log whose tail it finds torn, and a
+    read can meet the agent's append half done; the agent would then append to a file
+    no longer in the directory, and this poll never see what it waits for."""
     from virtbus.protocol.codec import decode
 
-    records = await RecordLog(base / "outbox" / "events.log").load()
+    records, _ = decode_records(await read_bytes(base / "outbox" / "events.log") or b"")
     acked = max((r["ack"] for r in records if isinstance(r.get("ack"), int)), default=0)
     events = [decode(r["event"]).body for r in records if isinstance(r.get("event"), bytes)]
     return [e for e in events if e["seq"] > acked]
