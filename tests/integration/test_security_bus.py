@@ -11,8 +11,10 @@ for a host it is not) are dropped by the client library and the scheduler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -751,6 +753,7 @@ async def test_a_clone_or_wipe_is_cancelled_by_its_starter_or_who_may_change_the
     mib = 1 << 20
     async with agent_process(host, tmp_path, *args, bus=bus):
         ca, cb, cadm = await _connect(users, alice, bob, admin_user)
+        held: int | None = None
         try:
             a, b, adm = ca.host(host), cb.host(host), cadm.host(host)
             pool = await a.define_pool(_pool_xml("cancel-pool", root))
@@ -760,14 +763,17 @@ async def test_a_clone_or_wipe_is_cancelled_by_its_starter_or_who_may_change_the
                 await pool.create_volume(volume_xml(name, 4096 * mib, format="raw"))
             src = await pool.create_volume(volume_xml("src", 256 * mib, format="raw"))
             with open(src.path, "r+b") as fh:  # data everywhere: the convert takes a while
-                for i in range(0, 256, 4):
-                    fh.seek(i * mib)
-                    fh.write(os.urandom(mib))
+                block = os.urandom(mib)
+                for _ in range(256):
+                    fh.write(block)
             wipe1 = await pool.volume("w1").wipe("gutmann")
             wipe2 = await pool.volume("w2").wipe("gutmann")
             clone = await pool.create_volume_from(
                 volume_xml("copy", None, format="qcow2"), "cancel-pool", "src"
             )
+            # the clone's qemu-img is held stopped until its cancel (which SIGKILLs it): on a
+            # quiet machine the 256 MiB convert finished before the denials were checked
+            held = await _stop_tool("convert", root / "cancel-pool")
             assert {wipe1.last.owner, wipe2.last.owner, clone.last.owner} == {alice}
 
             def cancel(c: Host, job: Any) -> Any:
@@ -787,6 +793,7 @@ async def test_a_clone_or_wipe_is_cancelled_by_its_starter_or_who_may_change_the
             assert (await cancel(a, wipe1)).state == "cancelled"  # the starter's own
             assert (await cancel(adm, wipe2)).state == "cancelled"  # an admin's right
             assert (await cancel(a, clone)).state == "cancelled"
+            held = None  # killed by the cancel
             assert sorted(p.name for p in (root / "cancel-pool").iterdir()) == [
                 "src",
                 "w1",
@@ -794,8 +801,34 @@ async def test_a_clone_or_wipe_is_cancelled_by_its_starter_or_who_may_change_the
             ]
             assert await b.ping()  # the agent serves on after the denials
         finally:
+            if held is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(held, signal.SIGCONT)
             for c in (ca, cb, cadm):
                 await c.close()
+
+
+async def _stop_tool(verb: str, under: Path, wait: float = 10.0) -> int:
+    """SIGSTOP the agent's ``qemu-img VERB`` that writes under ``under``, once it runs; its
+    pid. A stopped tool holds its job at 'running' for as long as a test needs."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while loop.time() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if (
+                len(argv) > 1
+                and os.path.basename(argv[0]) == b"qemu-img"
+                and argv[1] == verb.encode()
+                and any(a.startswith(str(under).encode()) for a in argv)
+            ):
+                os.kill(int(proc.name), signal.SIGSTOP)
+                return int(proc.name)
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"no qemu-img {verb} under {under} within {wait:g} s")
 
 
 def _test_xml(name: str, pool: str) -> str:
