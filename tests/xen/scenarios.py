@@ -487,6 +487,9 @@ SCENARIOS: dict[str, Callable[[XenDriver, Recorder], Awaitable[None]]] = {
     "agent": agent,
 }
 
+# Two waves of three guests: one wave of six PV guests ran slower (the runner's 162 s at load
+# 2.4, against 99-130 s in two waves at load 0.9-3.9, 2026-12-07): the nested machine's one TCG
+# thread serves every guest, and six at once starve dom0's xl and xenstored
 WAVES = (
     ("crash_preserve", "guest_poweroff_destroy", "migrate_localhost"),
     ("contract", "lifecycle", "guest_poweroff"),
