@@ -33,12 +33,15 @@ async def test_live_dhcp_host_range_and_dns_updates_reach_dnsmasq(env: Env) -> N
     uuid = (await env.ok("net-uuid", "upd")).strip()
     pid = env.dnsmasq_pid(uuid)
     bridge = str((await env.info("upd"))["bridge"])
+    # both clients are plugged now: a new bridge port's STP listening/learning (2 x 2 s)
+    # passes while the updates run, not before each one's first lease
+    client = env.topo.client(bridge, mac="02:00:00:aa:bb:01")
+    fresh = env.topo.client(bridge)
 
     # a reservation, live and persistent: dnsmasq re-reads its hosts file (same process)
     out = await env.ok("net-update", "upd", "add", "ip-dhcp-host", HOST, "--live", "--config")
     assert out.strip() == "Updated network upd persistent config and live state"
     assert env.dnsmasq_pid(uuid) == pid
-    client = env.topo.client(bridge, mac="02:00:00:aa:bb:01")
     assert await client.dhcp() == "10.91.0.20"
     xml = await env.ok("net-dumpxml", "upd")
     assert "name='pinned'" in xml and await validates(env.file("d.xml", xml)), xml
@@ -58,7 +61,6 @@ async def test_live_dhcp_host_range_and_dns_updates_reach_dnsmasq(env: Env) -> N
     xml = await env.ok("net-dumpxml", "upd")
     assert "10.91.0.200" in xml and "10.91.0.100" not in xml
     assert await validates(env.file("d2.xml", xml)), xml
-    fresh = env.topo.client(bridge)
     got = await fresh.dhcp()
     assert 200 <= last_octet(got) <= 210, got
 
