@@ -4,6 +4,7 @@ by PID, then reported)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -11,7 +12,9 @@ import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
@@ -28,6 +31,32 @@ from tests.guests.lxc import LxcRootfs, build_lxc_rootfs
 from tests.procs import unique_host
 
 _LEFTOVER_KILL_WAIT = 5.0  # s, per leftover QEMU after SIGKILL
+
+
+async def enter_together(
+    *entries: tuple[AsyncExitStack, AbstractAsyncContextManager[Any]],
+) -> list[Any]:
+    """Enter each context (an agent, the scheduler: processes that start on their own)
+    at once rather than one after another, each into its stack in the order given (so
+    they are left in the reverse order, as nested ``async with`` would); what each
+    yielded. Should one fail, the others are cancelled and those already entered are
+    left by their stacks."""
+    results: list[Any] = [None] * len(entries)
+    entered = [False] * len(entries)
+
+    async def enter(i: int) -> None:
+        results[i] = await entries[i][1].__aenter__()
+        entered[i] = True
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for i in range(len(entries)):
+                tg.create_task(enter(i))
+    finally:
+        for (stack, cm), done in zip(entries, entered, strict=True):
+            if done:
+                stack.push_async_exit(cm)
+    return results
 
 
 PORTS = "<controller type='pci' index='0' model='pcie-root'/>" + "".join(

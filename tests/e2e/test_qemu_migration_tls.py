@@ -39,7 +39,7 @@ import pytest
 import pytest_asyncio
 from qemu.qmp import QMPClient
 
-from tests.e2e.conftest import qemu_pids_under
+from tests.e2e.conftest import enter_together, qemu_pids_under
 from tests.e2e.test_migration_qemu import kernel_xml, max_tick, wait_tick
 from tests.e2e.test_qemu_copy_storage import (
     Guest,
@@ -171,14 +171,14 @@ async def some_agents(
     base: Path, hosts: tuple[str, ...], *options: tuple[str, ...]
 ) -> AsyncIterator[list[AgentProc]]:
     async with contextlib.AsyncExitStack() as stack:
-        started = []
-        for host, extra in zip(hosts, options, strict=True):
-            d = base / host
-            d.mkdir()
-            started.append(await stack.enter_async_context(
-                agent_process(host, d, *extra, driver="qemu", bus=URL, keep_queue=True)
-            ))  # fmt: skip
-        await stack.enter_async_context(scheduler_process(base / "sched"))
+        for host in hosts:
+            (base / host).mkdir()
+        *started, _sched = await enter_together(
+            *((stack, agent_process(host, base / host, *extra, driver="qemu", bus=URL,
+                                    keep_queue=True))
+              for host, extra in zip(hosts, options, strict=True)),
+            (stack, scheduler_process(base / "sched")),
+        )  # fmt: skip
         await wait_hosts(len(hosts))
         yield started
 
@@ -203,9 +203,8 @@ async def boot(guest: TestGuest, base: Path, name: str, host: str) -> tuple[Path
     xml = base / f"{name}.xml"
     xml.write_text(kernel_xml(guest.kernel, guest.initramfs, guest.cmdline, serial)
                    .replace("mig1", name))  # fmt: skip
-    await vcli("define", str(xml), "--host", host)
+    uuid = (await vcli("define", str(xml), "--host", host))["uuid"]
     await vcli("start", name, "--host", host)
-    uuid = (await vcli("dominfo", name, "--host", host))["uuid"]
     await wait_tick(serial, 2)
     return serial, uuid
 
@@ -354,20 +353,26 @@ class TestOnePair:
         assert await wait_tick(back_serial, last + 2) > last + 2
 
     async def test_tls_migration_survives_a_source_agent_restart(self, pair: Pair) -> None:
-        """The source agent SIGKILLed while memory is sent over TLS (``--bandwidth 4``):
-        QEMU keeps its TLS session and streams on; the restarted agent reattaches the job,
-        the scheduler completes the migration and the guest runs at the destination."""
+        """The source agent SIGKILLed while memory is sent over TLS (``--bandwidth 8``,
+        as in test_migration_agent_restart: the ~90 MiB last ~11 s): QEMU keeps its TLS
+        session and streams on; the restarted agent reattaches the job while it is still
+        active (checked), the scheduler completes the migration and the guest runs at the
+        destination."""
         a, b, serial = await pair.ready()
         xml, dst_serial = pair.dest(b.host)
         r = await cli("--json", "migrate", pair.name, "--to", b.host, "--xml", str(xml),
-                      "--tls", "--bandwidth", "4", bus=URL)  # fmt: skip
+                      "--tls", "--bandwidth", "8", bus=URL)  # fmt: skip
         assert r.code == 0, r.err
         mid = json.loads(r.out)["id"]
         await until(mid, lambda m: m.phase == "progress"
                     and m.progress.get("status") == "active")  # fmt: skip
         a.proc.kill()
         await a.proc.wait()
+        log_at = (a.state_dir / f"agent-{a.host}.log").stat().st_size
         await pair.restart(a.host)
+        with (a.state_dir / f"agent-{a.host}.log").open("rb") as log:
+            log.seek(log_at)  # the restarted agent's own lines
+            assert b"outgoing migration reattached (active)" in log.read(), "premise: streaming"
         rec = await until(mid, lambda m: m.state != "running", timeout=120)
         assert rec.state == "completed", rec
         assert rec.params.tls
