@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 from qemu.qmp import QMPClient
 
-from tests.e2e.conftest import qemu_pids_under
+from tests.e2e.conftest import enter_together, qemu_pids_under
 from tests.e2e.test_migration_qemu import kernel_xml, wait_tick
 from tests.guests import ensure_test_guest
 from tests.integration.test_scheduler_cluster import (  # noqa: F401 - the vhost fixture
@@ -129,9 +129,8 @@ async def boot(base: Path, src: str, dst: str) -> Guest:
     serials = {src: base / "mig1-src.serial", dst: base / "mig1-dst.serial"}
     xml, dst_xml = base / "mig1.xml", base / "mig1-dst.xml"
     xml.write_text(kernel_xml(guest.kernel, guest.initramfs, guest.cmdline, serials[src]))
-    await vcli("define", str(xml), "--host", src)
+    uuid = (await vcli("define", str(xml), "--host", src))["uuid"]
     await vcli("start", "mig1", "--host", src)
-    uuid = (await vcli("dominfo", "mig1", "--host", src))["uuid"]
     dst_xml.write_text(kernel_xml(guest.kernel, guest.initramfs, guest.cmdline, serials[dst], uuid))
     await wait_tick(serials[src], 0)  # it runs: two ticks seen
     return Guest(serials, dst_xml, uuid)
@@ -180,17 +179,22 @@ async def test_destination_agent_killed_and_restarted(
     base.mkdir()
     a_host, b_host = unique_host("src"), unique_host("dst")
     dirs = {a_host: base / a_host, b_host: base / b_host}
-    async with qemu_agent(base, a_host), scheduler_process(base / "sched", *SHORT_STEPS):
-        async with qemu_agent(base, b_host) as b:  # its exit is a no-op once killed
-            await wait_hosts(2)
-            guest = await boot(base, a_host, b_host)
-            await vcli(
-                "migrate", "mig1", "--to", b_host, "--xml", str(guest.dst_xml),
-                "--bandwidth", DST_KILL_BANDWIDTH,
-            )  # fmt: skip
-            await wait_migration("mig1", until=STREAMING)
-            assert qemu_pids_under(dirs[b_host]), "no incoming QEMU on the destination"
-            await kill(b)
+    async with contextlib.AsyncExitStack() as stack, contextlib.AsyncExitStack() as doomed:
+        _a, _sched, b = await enter_together(  # started at once; b's exit: no-op once killed
+            (stack, qemu_agent(base, a_host)),
+            (stack, scheduler_process(base / "sched", *SHORT_STEPS)),
+            (doomed, qemu_agent(base, b_host)),
+        )
+        await wait_hosts(2)
+        guest = await boot(base, a_host, b_host)
+        await vcli(
+            "migrate", "mig1", "--to", b_host, "--xml", str(guest.dst_xml),
+            "--bandwidth", DST_KILL_BANDWIDTH,
+        )  # fmt: skip
+        await wait_migration("mig1", until=STREAMING)
+        assert qemu_pids_under(dirs[b_host]), "no incoming QEMU on the destination"
+        await kill(b)
+        await doomed.aclose()
         rec = await wait_migration("mig1", timeout=90)
         assert rec["state"] == "failed", rec
         assert qemu_pids_under(dirs[b_host]), "the orphaned incoming QEMU should still run"
@@ -214,16 +218,21 @@ async def test_source_agent_killed_and_restarted(
     base.mkdir()
     a_host, b_host = unique_host("src"), unique_host("dst")
     dirs = {a_host: base / a_host, b_host: base / b_host}
-    async with qemu_agent(base, b_host), scheduler_process(base / "sched"):
-        async with qemu_agent(base, a_host) as a:  # its exit is a no-op once killed
-            await wait_hosts(2)
-            guest = await boot(base, a_host, b_host)
-            await vcli(
-                "migrate", "mig1", "--to", b_host, "--xml", str(guest.dst_xml),
-                "--bandwidth", SRC_KILL_BANDWIDTH,
-            )  # fmt: skip
-            await wait_migration("mig1", until=STREAMING)
-            await kill(a)
+    async with contextlib.AsyncExitStack() as stack, contextlib.AsyncExitStack() as doomed:
+        _b, _sched, a = await enter_together(  # started at once; a's exit: no-op once killed
+            (stack, qemu_agent(base, b_host)),
+            (stack, scheduler_process(base / "sched")),
+            (doomed, qemu_agent(base, a_host)),
+        )
+        await wait_hosts(2)
+        guest = await boot(base, a_host, b_host)
+        await vcli(
+            "migrate", "mig1", "--to", b_host, "--xml", str(guest.dst_xml),
+            "--bandwidth", SRC_KILL_BANDWIDTH,
+        )  # fmt: skip
+        await wait_migration("mig1", until=STREAMING)
+        await kill(a)
+        await doomed.aclose()
         await migrating_on(dirs[a_host], guest.uuid)  # QEMU goes on without its agent
         async with qemu_agent(base, a_host):
             log = (dirs[a_host] / f"agent-{a_host}.log").read_text()
