@@ -288,8 +288,8 @@ async def pair(vhost: str, e2e_root: Path) -> AsyncIterator[Pair]:  # noqa: F811
             try:
                 yield p
             finally:  # the QEMU is killed by workdir() if this cannot reach it
-                for host in p.agents:
-                    await cli("destroy", p.name, "--host", host, bus=URL)
+                await asyncio.gather(*(cli("destroy", p.name, "--host", host, bus=URL)
+                                       for host in p.agents))  # fmt: skip
 
 
 @pytest.mark.asyncio(loop_scope="class")  # the pair's loop
@@ -588,6 +588,12 @@ async def test_force_refuses_a_plain_migration_and_lets_tls_through(
             assert params.get("tls-creds") == "", params
 
 
+async def dir_pool(host: str, path: Path) -> None:
+    """Pool ``cs`` in ``path`` on ``host``, once the scheduler sees it running."""
+    await vcli("pool-create-as", "cs", "dir", "--target", str(path), "--host", host)
+    await wait_pool(host, "cs")
+
+
 async def test_copy_storage_over_tls_moves_the_disk_through_tls(
     vhost: str,  # noqa: F811
     e2e_root: Path,
@@ -615,12 +621,9 @@ async def test_copy_storage_over_tls_moves_the_disk_through_tls(
                        tls_dir(dirs[hosts[1]], *cfg)) as (a, b),
             contextlib.AsyncExitStack() as restarted,  # the source agent after its kill
         ):  # fmt: skip
-            for host, path in ((a.host, pool_a), (b.host, pool_b)):
-                await vcli("pool-create-as", "cs", "dir", "--target", str(path), "--host", host)
-                await wait_pool(host, "cs")
-            await vcli("define", str(base / "cs1.xml"), "--host", a.host)
+            await asyncio.gather(dir_pool(a.host, pool_a), dir_pool(b.host, pool_b))
+            uuid = (await vcli("define", str(base / "cs1.xml"), "--host", a.host))["uuid"]
             await vcli("start", "cs1", "--host", a.host)
-            uuid = (await vcli("dominfo", "cs1", "--host", a.host))["uuid"]
             await wait_text(serial, "VIRTBUS-GUEST-READY")
             dst = base / "cs1-dst.xml"
             dst.write_text(disk_guest_xml(*args, dst_serial, "cs", uuid))
