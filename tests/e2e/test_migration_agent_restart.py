@@ -171,6 +171,32 @@ async def migrating_on(state_dir: Path, uuid: str) -> None:
                 return
 
 
+@asynccontextmanager
+async def killed_while_streaming(
+    base: Path, src: str, dst: str, victim: str, bandwidth: str, *scheduler_options: str
+) -> AsyncIterator[Guest]:
+    """Both agents and the scheduler (started at once), mig1 booted on ``src`` and migrating
+    to ``dst`` at ``bandwidth``, and ``victim``'s agent SIGKILLed as soon as the scheduler
+    says the source streams; the survivors stop when the block ends."""
+    survivor = dst if victim == src else src
+    async with contextlib.AsyncExitStack() as stack, contextlib.AsyncExitStack() as doomed:
+        _kept, _sched, agent = await enter_together(  # the victim's exit: no-op once killed
+            (stack, qemu_agent(base, survivor)),
+            (stack, scheduler_process(base / "sched", *scheduler_options)),
+            (doomed, qemu_agent(base, victim)),
+        )
+        await wait_hosts(2)
+        guest = await boot(base, src, dst)
+        await vcli(
+            "migrate", "mig1", "--to", dst, "--xml", str(guest.dst_xml), "--bandwidth", bandwidth
+        )  # fmt: skip
+        await wait_migration("mig1", until=STREAMING)
+        assert qemu_pids_under(base / dst), "no incoming QEMU on the destination"
+        await kill(agent)
+        await doomed.aclose()
+        yield guest
+
+
 async def test_destination_agent_killed_and_restarted(
     vhost: str,  # noqa: F811
     e2e_root: Path,
@@ -179,22 +205,9 @@ async def test_destination_agent_killed_and_restarted(
     base.mkdir()
     a_host, b_host = unique_host("src"), unique_host("dst")
     dirs = {a_host: base / a_host, b_host: base / b_host}
-    async with contextlib.AsyncExitStack() as stack, contextlib.AsyncExitStack() as doomed:
-        _a, _sched, b = await enter_together(  # started at once; b's exit: no-op once killed
-            (stack, qemu_agent(base, a_host)),
-            (stack, scheduler_process(base / "sched", *SHORT_STEPS)),
-            (doomed, qemu_agent(base, b_host)),
-        )
-        await wait_hosts(2)
-        guest = await boot(base, a_host, b_host)
-        await vcli(
-            "migrate", "mig1", "--to", b_host, "--xml", str(guest.dst_xml),
-            "--bandwidth", DST_KILL_BANDWIDTH,
-        )  # fmt: skip
-        await wait_migration("mig1", until=STREAMING)
-        assert qemu_pids_under(dirs[b_host]), "no incoming QEMU on the destination"
-        await kill(b)
-        await doomed.aclose()
+    async with killed_while_streaming(
+        base, a_host, b_host, b_host, DST_KILL_BANDWIDTH, *SHORT_STEPS
+    ) as guest:
         rec = await wait_migration("mig1", timeout=90)
         assert rec["state"] == "failed", rec
         assert qemu_pids_under(dirs[b_host]), "the orphaned incoming QEMU should still run"
@@ -218,21 +231,7 @@ async def test_source_agent_killed_and_restarted(
     base.mkdir()
     a_host, b_host = unique_host("src"), unique_host("dst")
     dirs = {a_host: base / a_host, b_host: base / b_host}
-    async with contextlib.AsyncExitStack() as stack, contextlib.AsyncExitStack() as doomed:
-        _b, _sched, a = await enter_together(  # started at once; a's exit: no-op once killed
-            (stack, qemu_agent(base, b_host)),
-            (stack, scheduler_process(base / "sched")),
-            (doomed, qemu_agent(base, a_host)),
-        )
-        await wait_hosts(2)
-        guest = await boot(base, a_host, b_host)
-        await vcli(
-            "migrate", "mig1", "--to", b_host, "--xml", str(guest.dst_xml),
-            "--bandwidth", SRC_KILL_BANDWIDTH,
-        )  # fmt: skip
-        await wait_migration("mig1", until=STREAMING)
-        await kill(a)
-        await doomed.aclose()
+    async with killed_while_streaming(base, a_host, b_host, a_host, SRC_KILL_BANDWIDTH) as guest:
         await migrating_on(dirs[a_host], guest.uuid)  # QEMU goes on without its agent
         async with qemu_agent(base, a_host):
             log = (dirs[a_host] / f"agent-{a_host}.log").read_text()
